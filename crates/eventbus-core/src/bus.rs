@@ -1,0 +1,305 @@
+//! What every backend offers.
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::aggregate::AggregateIdConfig;
+use crate::envelope::Envelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::handler::{boxed, BoxHandler, Event, Handler};
+use crate::health::HealthReport;
+use crate::message::{Message, PublishReceipt, Record};
+use crate::policy::DeliveryPolicy;
+
+/// Longest accepted topic name (Kafka's limit).
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// Check a topic name: 1 to 249 characters of `A-Z a-z 0-9 . _ -`, and not `.` or `..`.
+pub fn validate_topic(topic: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("topic `{}` is invalid: {why}", topic.escape_debug()),
+        ))
+    };
+    if topic.is_empty() {
+        return bad("empty name");
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return bad("longer than 249 characters");
+    }
+    if topic == "." || topic == ".." {
+        return bad("`.` and `..` are reserved");
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return bad(&format!(
+            "character `{}` is not allowed (use A-Z a-z 0-9 . _ -)",
+            c.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// Build the record for an envelope: validated, JSON-encoded, keyed by aggregate id,
+/// with the aggregate id in header `id_header`.
+pub fn envelope_record(envelope: &Envelope, id_header: &str) -> Result<Record> {
+    let payload = envelope.encode()?;
+    Ok(Record::new(payload)
+        .with_key(envelope.aggregate_id.clone())
+        .with_header(id_header.to_owned(), envelope.aggregate_id.clone()))
+}
+
+/// The handler of a subscription.
+#[derive(Clone)]
+pub enum SubscriptionHandler {
+    /// Plain subscription: raw messages, at-most-once on failure.
+    Plain(BoxHandler<Message>),
+    /// Envelope subscription: decoded envelopes, at-least-once.
+    Envelope(BoxHandler<Event>),
+}
+
+impl fmt::Debug for SubscriptionHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SubscriptionHandler::Plain(_) => "Plain(..)",
+            SubscriptionHandler::Envelope(_) => "Envelope(..)",
+        })
+    }
+}
+
+/// Per-subscription overrides of the bus configuration.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SubscribeOptions {
+    /// Aggregate-id extraction chain for this subscription.
+    pub aggregate_id: Option<AggregateIdConfig>,
+    /// Retry policy for this subscription.
+    pub delivery: Option<DeliveryPolicy>,
+    /// Dead-letter topic for this subscription (default `<topic>` + `dead_letter.suffix`).
+    pub dead_letter_topic: Option<String>,
+}
+
+impl SubscribeOptions {
+    /// Set the extraction chain.
+    #[must_use]
+    pub fn aggregate_id(mut self, cfg: AggregateIdConfig) -> Self {
+        self.aggregate_id = Some(cfg);
+        self
+    }
+    /// Set the retry policy.
+    #[must_use]
+    pub fn delivery(mut self, policy: DeliveryPolicy) -> Self {
+        self.delivery = Some(policy);
+        self
+    }
+    /// Set the dead-letter topic.
+    #[must_use]
+    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter_topic = Some(topic.into());
+        self
+    }
+}
+
+/// A subscription request.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Subscription {
+    /// The topic.
+    pub topic: String,
+    /// The handler.
+    pub handler: SubscriptionHandler,
+    /// Overrides.
+    pub options: SubscribeOptions,
+}
+
+impl Subscription {
+    /// A plain subscription.
+    pub fn plain<H: Handler<Message>>(topic: impl Into<String>, handler: H) -> Self {
+        Self {
+            topic: topic.into(),
+            handler: SubscriptionHandler::Plain(boxed(handler)),
+            options: SubscribeOptions::default(),
+        }
+    }
+
+    /// An envelope subscription.
+    pub fn envelope<H: Handler<Event>>(topic: impl Into<String>, handler: H) -> Self {
+        Self {
+            topic: topic.into(),
+            handler: SubscriptionHandler::Envelope(boxed(handler)),
+            options: SubscribeOptions::default(),
+        }
+    }
+
+    /// Set the overrides.
+    #[must_use]
+    pub fn with_options(mut self, options: SubscribeOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
+/// Storage of a persistent topic (NATS JetStream stream storage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageKind {
+    /// On disk: survives a server restart.
+    #[default]
+    File,
+    /// In memory.
+    Memory,
+}
+
+/// Per-topic settings. Backends use the fields that apply to them and say which in
+/// their docs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TopicConfig {
+    /// Partitions (Kafka, memory). `None`: the backend's default.
+    pub partitions: Option<u32>,
+    /// Persistent (JetStream, at-least-once) or fire-and-forget (core NATS). Default true.
+    pub persistent: bool,
+    /// Storage of a persistent topic (NATS).
+    pub storage: StorageKind,
+    /// Retained messages per partition (memory) or per stream (NATS); `None`: backend default.
+    pub max_messages: Option<u64>,
+    /// Retained bytes (NATS); `None`: unlimited.
+    pub max_bytes: Option<u64>,
+    /// Oldest message kept (NATS); `None`: unlimited.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// Replicas (Kafka replication factor, NATS replicas).
+    pub replicas: Option<u32>,
+    /// Duplicate-detection window (NATS).
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Option<Duration>,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        Self {
+            partitions: None,
+            persistent: true,
+            storage: StorageKind::File,
+            max_messages: None,
+            max_bytes: None,
+            max_age: None,
+            replicas: None,
+            duplicate_window: None,
+        }
+    }
+}
+
+impl TopicConfig {
+    /// Set the partition count.
+    #[must_use]
+    pub fn partitions(mut self, n: u32) -> Self {
+        self.partitions = Some(n);
+        self
+    }
+    /// Make the topic fire-and-forget (or persistent again).
+    #[must_use]
+    pub fn persistent(mut self, persistent: bool) -> Self {
+        self.persistent = persistent;
+        self
+    }
+    /// Set the storage.
+    #[must_use]
+    pub fn storage(mut self, storage: StorageKind) -> Self {
+        self.storage = storage;
+        self
+    }
+    /// Set the retention in messages.
+    #[must_use]
+    pub fn max_messages(mut self, n: u64) -> Self {
+        self.max_messages = Some(n);
+        self
+    }
+}
+
+/// An event bus backend: publish, subscribe, health, close.
+///
+/// Object safe: a service holds an `Arc<dyn EventBus>` chosen at start-up. The
+/// generic conveniences live in [`EventBusExt`].
+pub trait EventBus: Send + Sync + fmt::Debug + 'static {
+    /// `memory`, `kafka` or `nats`.
+    fn backend(&self) -> &'static str;
+
+    /// Publish a record and wait until the broker has it.
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>>;
+
+    /// Validate and publish an envelope, keyed by its aggregate id with the
+    /// aggregate-id header set. An invalid envelope is an error before anything is sent.
+    fn publish_envelope<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<PublishReceipt>>;
+
+    /// Start consuming `subscription.topic` with its handler.
+    fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>>;
+
+    /// Stop consuming `topic`: stop fetching, drain in-flight work, commit.
+    fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// Create or check a topic with these settings.
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: TopicConfig,
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// Broker connection, consumers and pool, combined.
+    fn health(&self) -> BoxFuture<'_, HealthReport>;
+
+    /// Stop fetching, drain in-flight work within the drain timeout, commit, release.
+    fn close(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// Generic conveniences over any [`EventBus`], including `dyn EventBus`.
+pub trait EventBusExt: EventBus {
+    /// Plain subscription with a handler of any type.
+    fn subscribe<H: Handler<Message>>(&self, topic: &str, handler: H) -> BoxFuture<'_, Result<()>> {
+        self.subscribe_with(Subscription::plain(topic, handler))
+    }
+
+    /// Envelope subscription with a handler of any type.
+    fn subscribe_envelope<H: Handler<Event>>(
+        &self,
+        topic: &str,
+        handler: H,
+    ) -> BoxFuture<'_, Result<()>> {
+        self.subscribe_with(Subscription::envelope(topic, handler))
+    }
+}
+
+impl<B: EventBus + ?Sized> EventBusExt for B {}
+
+/// A shared bus.
+pub type SharedBus = Arc<dyn EventBus>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names() {
+        assert!(validate_topic("orders.v1-x_y").is_ok());
+        for bad in ["", ".", "..", "a b", "a*", "ü", &"x".repeat(250)] {
+            let e = validate_topic(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("topic"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! Configuration shared by every backend and pool.
+//!
+//! All structs deserialize with `#[serde(default)]`, durations are human-readable
+//! (`"500ms"`, `"10s"`), and [`EventBusConfig::validate`] names the key that is wrong.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::aggregate::AggregateIdConfig;
+use crate::error::Error;
+use crate::policy::DeliveryPolicy;
+
+/// Which worker pool handles messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolKind {
+    /// `KeyedWorkerPool`: hash(key) % N workers, a bounded queue each.
+    #[default]
+    Keyed,
+    /// `ActorPool`: N supervised ractor actors, a bounded inbox each.
+    Actor,
+}
+
+impl PoolKind {
+    /// `keyed` or `actor`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolKind::Keyed => "keyed",
+            PoolKind::Actor => "actor",
+        }
+    }
+}
+
+impl std::str::FromStr for PoolKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "keyed" => Ok(PoolKind::Keyed),
+            "actor" => Ok(PoolKind::Actor),
+            other => Err(format!("expected `keyed` or `actor`, got `{other}`")),
+        }
+    }
+}
+
+/// Settings of the keyed worker pool (`keyed_pool.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct KeyedPoolConfig {
+    /// Number of workers (`keyed_pool.workers`), default 256.
+    pub workers: usize,
+    /// Queue capacity of each worker (`keyed_pool.queue_size`), default 1000.
+    pub queue_size: usize,
+    /// How long a submission waits for room (`keyed_pool.wait_timeout`), default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+}
+
+impl Default for KeyedPoolConfig {
+    fn default() -> Self {
+        Self {
+            workers: 256,
+            queue_size: 1000,
+            wait_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+impl KeyedPoolConfig {
+    /// Set the number of workers.
+    #[must_use]
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+    /// Set the queue capacity of each worker.
+    #[must_use]
+    pub fn queue_size(mut self, n: usize) -> Self {
+        self.queue_size = n;
+        self
+    }
+    /// Set the submission wait timeout.
+    #[must_use]
+    pub fn wait_timeout(mut self, d: Duration) -> Self {
+        self.wait_timeout = d;
+        self
+    }
+    /// Check the values; the error names the key.
+    pub fn validate(&self) -> Result<(), Error> {
+        positive("keyed_pool.workers", self.workers)?;
+        positive("keyed_pool.queue_size", self.queue_size)
+    }
+}
+
+/// Settings of the actor pool (`actor_pool.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ActorPoolConfig {
+    /// Number of actors (`actor_pool.size`), default 256.
+    pub size: usize,
+    /// Inbox capacity of each actor (`actor_pool.inbox_size`), default 1000.
+    pub inbox_size: usize,
+    /// Restarts allowed per actor within `restart_window` (`actor_pool.max_restarts`), default 3.
+    pub max_restarts: u32,
+    /// Window over which restarts are counted (`actor_pool.restart_window`), default 60s.
+    #[serde(with = "humantime_serde")]
+    pub restart_window: Duration,
+    /// How long a submission waits for room (`actor_pool.wait_timeout`), default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Share of aggregate ids (by stable hash bucket, 0..=100) sent to the actor pool
+    /// while `pool = "keyed"` (`actor_pool.rollout_percent`), default 0.
+    pub rollout_percent: u8,
+}
+
+impl Default for ActorPoolConfig {
+    fn default() -> Self {
+        Self {
+            size: 256,
+            inbox_size: 1000,
+            max_restarts: 3,
+            restart_window: Duration::from_secs(60),
+            wait_timeout: Duration::from_millis(500),
+            rollout_percent: 0,
+        }
+    }
+}
+
+impl ActorPoolConfig {
+    /// Set the number of actors.
+    #[must_use]
+    pub fn size(mut self, n: usize) -> Self {
+        self.size = n;
+        self
+    }
+    /// Set the inbox capacity.
+    #[must_use]
+    pub fn inbox_size(mut self, n: usize) -> Self {
+        self.inbox_size = n;
+        self
+    }
+    /// Set the restart limit.
+    #[must_use]
+    pub fn max_restarts(mut self, n: u32) -> Self {
+        self.max_restarts = n;
+        self
+    }
+    /// Set the rollout percentage.
+    #[must_use]
+    pub fn rollout_percent(mut self, p: u8) -> Self {
+        self.rollout_percent = p;
+        self
+    }
+    /// Check the values; the error names the key.
+    pub fn validate(&self) -> Result<(), Error> {
+        positive("actor_pool.size", self.size)?;
+        positive("actor_pool.inbox_size", self.inbox_size)?;
+        if self.rollout_percent > 100 {
+            return Err(Error::config(format!(
+                "actor_pool.rollout_percent must be within 0..=100, got {}",
+                self.rollout_percent
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where a consumer starts when its group has no committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    /// From the oldest retained message.
+    #[default]
+    Earliest,
+    /// Only messages published after the subscription.
+    Latest,
+}
+
+/// Consumer settings (`consumer.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ConsumerConfig {
+    /// Consumer group (Kafka group id, NATS durable name), default `eventbus`.
+    pub group_id: String,
+    /// Messages of one partition in flight at once before it is paused, default 1000.
+    pub max_in_flight_per_partition: usize,
+    /// Messages in flight across all partitions, default 10000.
+    pub max_in_flight_total: usize,
+    /// How often the contiguous watermark is committed, default 1s.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// How long close / unsubscribe / revoke waits for in-flight work, default 10s.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Where to start without a committed offset, default `earliest`.
+    pub auto_offset_reset: OffsetReset,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            group_id: "eventbus".to_owned(),
+            max_in_flight_per_partition: 1000,
+            max_in_flight_total: 10_000,
+            commit_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+            auto_offset_reset: OffsetReset::Earliest,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// Set the group id.
+    #[must_use]
+    pub fn group_id(mut self, group: impl Into<String>) -> Self {
+        self.group_id = group.into();
+        self
+    }
+    /// Set the per-partition in-flight bound.
+    #[must_use]
+    pub fn max_in_flight_per_partition(mut self, n: usize) -> Self {
+        self.max_in_flight_per_partition = n;
+        self
+    }
+    /// Set the total in-flight bound.
+    #[must_use]
+    pub fn max_in_flight_total(mut self, n: usize) -> Self {
+        self.max_in_flight_total = n;
+        self
+    }
+    /// Set the drain timeout.
+    #[must_use]
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+    /// Check the values; the error names the key.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.group_id.trim().is_empty() {
+            return Err(Error::config("consumer.group_id must not be empty"));
+        }
+        positive(
+            "consumer.max_in_flight_per_partition",
+            self.max_in_flight_per_partition,
+        )?;
+        positive("consumer.max_in_flight_total", self.max_in_flight_total)?;
+        if self.commit_interval.is_zero() {
+            return Err(Error::config("consumer.commit_interval must be above zero"));
+        }
+        Ok(())
+    }
+}
+
+/// Dead-letter settings (`dead_letter.*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DeadLetterConfig {
+    /// Whether exhausted envelope messages go to a dead-letter topic, default true.
+    /// When false they are retried with capped backoff and reported stuck.
+    pub enabled: bool,
+    /// Suffix of the dead-letter topic, default `.dlq` (`orders` → `orders.dlq`).
+    pub suffix: String,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            suffix: ".dlq".to_owned(),
+        }
+    }
+}
+
+impl DeadLetterConfig {
+    /// The dead-letter topic of `topic`.
+    pub fn topic_for(&self, topic: &str) -> String {
+        format!("{topic}{}", self.suffix)
+    }
+}
+
+/// The whole bus configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct EventBusConfig {
+    /// Pool in force (`pool`), default `keyed`.
+    pub pool: PoolKind,
+    /// Keyed pool settings.
+    pub keyed_pool: KeyedPoolConfig,
+    /// Actor pool settings.
+    pub actor_pool: ActorPoolConfig,
+    /// Retry and backoff of envelope subscriptions.
+    pub delivery: DeliveryPolicy,
+    /// Consumer settings.
+    pub consumer: ConsumerConfig,
+    /// Aggregate-id extraction chain.
+    pub aggregate_id: AggregateIdConfig,
+    /// Dead-letter settings.
+    pub dead_letter: DeadLetterConfig,
+}
+
+impl EventBusConfig {
+    /// Check every section; the error names the key.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.keyed_pool.validate()?;
+        self.actor_pool.validate()?;
+        self.delivery.validate()?;
+        self.consumer.validate()?;
+        if self.aggregate_id.header.trim().is_empty() {
+            return Err(Error::config("aggregate_id.header must not be empty"));
+        }
+        if self.dead_letter.enabled && self.dead_letter.suffix.is_empty() {
+            return Err(Error::config("dead_letter.suffix must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+fn positive(key: &str, value: usize) -> Result<(), Error> {
+    if value == 0 {
+        Err(Error::config(format!("{key} must be at least 1, got 0")))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn zero_sizes_name_the_key() {
+        let mut c = EventBusConfig::default();
+        c.keyed_pool.workers = 0;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.to_string().contains("keyed_pool.workers"), "{e}");
+        let mut c = EventBusConfig::default();
+        c.keyed_pool.queue_size = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("keyed_pool.queue_size"));
+        let mut c = EventBusConfig::default();
+        c.actor_pool.inbox_size = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("actor_pool.inbox_size"));
+        let mut c = EventBusConfig::default();
+        c.delivery.max_attempts = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("delivery.max_attempts"));
+    }
+
+    #[test]
+    fn deserializes_with_defaults_and_durations() {
+        let c: EventBusConfig = serde_json::from_str(
+            r#"{"pool":"actor","keyed_pool":{"wait_timeout":"250ms"},"delivery":{"max_attempts":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.pool, PoolKind::Actor);
+        assert_eq!(c.keyed_pool.wait_timeout, Duration::from_millis(250));
+        assert_eq!(c.keyed_pool.workers, 256);
+        assert_eq!(c.delivery.max_attempts, 7);
+        let bad = serde_json::from_str::<EventBusConfig>(r#"{"keyed_pool":{"wokers":1}}"#);
+        assert!(bad.unwrap_err().to_string().contains("wokers"));
+    }
+}

@@ -1,0 +1,758 @@
+//! The broker-independent pipeline: aggregate-id extraction, routing, submission to
+//! the pool, retry with backoff, dead letter, and the ack decision.
+//!
+//! Backends feed consumed messages to [`Dispatcher::submit`] in delivery order and
+//! act on each [`Completion`]: ack / commit when [`Completion::should_ack`], leave the
+//! message for redelivery otherwise.
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::aggregate::AggregateIdConfig;
+use crate::bus::{Subscription, SubscriptionHandler};
+use crate::config::{DeadLetterConfig, EventBusConfig};
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::handler::{BoxHandler, Event};
+use crate::hash::stable_hash;
+use crate::job::{panic_message, FailureCause, Job, JobClass, Outcome, OutcomeReceiver};
+use crate::message::{Message, Record};
+use crate::metrics as m;
+use crate::policy::DeliveryPolicy;
+use crate::pool::{Pool, SubmitErrorKind};
+
+/// Header naming the original topic on a dead letter.
+pub const DLQ_TOPIC_HEADER: &str = "eventbus-original-topic";
+/// Header naming the original partition on a dead letter.
+pub const DLQ_PARTITION_HEADER: &str = "eventbus-original-partition";
+/// Header naming the original offset (or stream sequence) on a dead letter.
+pub const DLQ_OFFSET_HEADER: &str = "eventbus-original-offset";
+/// Header carrying the last error on a dead letter.
+pub const DLQ_ERROR_HEADER: &str = "eventbus-error";
+/// Header carrying the number of handler calls made on a dead letter.
+pub const DLQ_ATTEMPTS_HEADER: &str = "eventbus-attempts";
+
+/// A message that is given up on, with why.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Destination topic.
+    pub topic: String,
+    /// The original message.
+    pub message: Message,
+    /// The last error, in words.
+    pub error: String,
+    /// Handler calls made (0 when the payload could not be decoded).
+    pub attempts: u32,
+}
+
+impl DeadLetter {
+    /// The record to publish: original key, payload and headers, plus headers naming
+    /// the original topic, partition, offset, error and attempt count.
+    pub fn record(&self) -> Record {
+        let m = &self.message;
+        let mut headers = m.headers.clone();
+        headers.set(DLQ_TOPIC_HEADER, Bytes::from(m.topic.to_string()));
+        headers.set(DLQ_PARTITION_HEADER, Bytes::from(m.partition.to_string()));
+        headers.set(DLQ_OFFSET_HEADER, Bytes::from(m.offset.to_string()));
+        headers.set(DLQ_ERROR_HEADER, Bytes::from(truncate(&self.error, 1024)));
+        headers.set(DLQ_ATTEMPTS_HEADER, Bytes::from(self.attempts.to_string()));
+        Record {
+            key: m.key.clone(),
+            payload: m.payload.clone(),
+            headers,
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Where dead letters go: each backend publishes them to its broker.
+pub trait DeadLetterSink: Send + Sync + 'static {
+    /// Write the dead letter; `Ok` only once the broker has it.
+    fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, Result<()>>;
+}
+
+/// How a message ended, and so whether to acknowledge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    /// The handler succeeded.
+    Handled,
+    /// Envelope message written to the dead-letter topic.
+    DeadLettered,
+    /// Plain message whose handler failed or panicked: acknowledged, not retried.
+    Dropped,
+    /// Not finished (bus closing, pool aborted it): do not acknowledge; it is redelivered.
+    Abandoned,
+}
+
+/// A finished message.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Completion<T> {
+    /// Partition of the message.
+    pub partition: i32,
+    /// Offset or stream sequence of the message.
+    pub offset: i64,
+    /// How it ended.
+    pub disposition: Disposition,
+    /// What the backend attached at submission (an ack handle, say).
+    pub token: T,
+}
+
+impl<T> Completion<T> {
+    /// Whether the backend should acknowledge / commit past this message.
+    pub fn should_ack(&self) -> bool {
+        self.disposition != Disposition::Abandoned
+    }
+}
+
+/// A submitted message; resolves to its [`Completion`].
+#[must_use = "an in-flight message must be awaited to learn whether to ack it"]
+pub struct InFlight<T> {
+    partition: i32,
+    offset: i64,
+    token: Option<T>,
+    fut: BoxFuture<'static, Disposition>,
+}
+
+impl<T> fmt::Debug for InFlight<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlight")
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> InFlight<T> {
+    /// Partition of the message.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+    /// Offset of the message.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+}
+
+impl<T: Unpin> Future for InFlight<T> {
+    type Output = Completion<T>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T>> {
+        let disposition = futures::ready!(self.fut.as_mut().poll(cx));
+        Poll::Ready(Completion {
+            partition: self.partition,
+            offset: self.offset,
+            disposition,
+            token: self.token.take().expect("InFlight polled after completion"),
+        })
+    }
+}
+
+/// A subscription resolved against the bus configuration.
+#[derive(Debug)]
+pub struct PreparedSubscription {
+    topic: Arc<str>,
+    handler: SubscriptionHandler,
+    ids: AggregateIdConfig,
+    policy: DeliveryPolicy,
+    dead_letter_topic: Option<String>,
+}
+
+impl PreparedSubscription {
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    /// Whether this is an envelope (at-least-once) subscription.
+    pub fn is_envelope(&self) -> bool {
+        matches!(self.handler, SubscriptionHandler::Envelope(_))
+    }
+    /// The dead-letter topic, when dead letters are enabled.
+    pub fn dead_letter_topic(&self) -> Option<&str> {
+        self.dead_letter_topic.as_deref()
+    }
+}
+
+/// Counters of the pipeline, readable without a metrics recorder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DispatchStats {
+    /// Messages submitted to the pool.
+    pub submitted: u64,
+    /// Messages handled successfully.
+    pub handled: u64,
+    /// Plain messages whose handler failed (acknowledged).
+    pub failed: u64,
+    /// Handler panics (any class, any attempt).
+    pub panicked: u64,
+    /// Retries of envelope messages.
+    pub retries: u64,
+    /// Dead letters written.
+    pub dead_lettered: u64,
+    /// Aggregate ids stuck in retry now (no dead-letter destination).
+    pub stuck_keys: Vec<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    submitted: AtomicU64,
+    handled: AtomicU64,
+    failed: AtomicU64,
+    panicked: AtomicU64,
+    retries: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+struct Metrics {
+    sent: metrics::Counter,
+    ok: metrics::Counter,
+    failed: metrics::Counter,
+    panicked: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    retries: metrics::Counter,
+    dead_letters: metrics::Counter,
+    submit_retries: metrics::Counter,
+    duration: metrics::Histogram,
+    stuck: metrics::Gauge,
+}
+
+impl Metrics {
+    fn new(backend: &str, pool: &'static str) -> Self {
+        let processed = m::name(backend, m::MESSAGES_PROCESSED);
+        let result =
+            |r: &'static str| metrics::counter!(processed.clone(), "pool" => pool, "result" => r);
+        Self {
+            sent: metrics::counter!(m::name(backend, m::MESSAGES_SENT), "pool" => pool),
+            ok: result("ok"),
+            failed: result("failed"),
+            panicked: result("panicked"),
+            dead_lettered: result("dead_lettered"),
+            retries: metrics::counter!(m::name(backend, m::RETRIES)),
+            dead_letters: metrics::counter!(m::name(backend, m::DEAD_LETTERS)),
+            submit_retries: metrics::counter!(m::name(backend, m::SUBMIT_RETRIES), "pool" => pool),
+            duration: metrics::histogram!(m::name(backend, m::HANDLER_DURATION), "pool" => pool),
+            stuck: metrics::gauge!(m::name(backend, m::STUCK_KEYS)),
+        }
+    }
+}
+
+struct Inner {
+    pool: Arc<dyn Pool>,
+    config: EventBusConfig,
+    sink: Option<Arc<dyn DeadLetterSink>>,
+    round_robin: AtomicU64,
+    counters: Counters,
+    metrics: Metrics,
+    stuck: Mutex<HashMap<String, u32>>,
+    cancel: CancellationToken,
+}
+
+impl Inner {
+    fn mark_stuck(&self, key: &str) {
+        let mut stuck = self.stuck.lock().expect("stuck-key registry poisoned");
+        *stuck.entry(key.to_owned()).or_insert(0) += 1;
+        self.metrics.stuck.set(stuck.len() as f64);
+    }
+
+    fn clear_stuck(&self, key: &str) {
+        let mut stuck = self.stuck.lock().expect("stuck-key registry poisoned");
+        if let Some(n) = stuck.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                stuck.remove(key);
+            }
+            self.metrics.stuck.set(stuck.len() as f64);
+        }
+    }
+}
+
+/// The pipeline shared by every backend. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("pool", &self.inner.pool)
+            .field("dead_letters", &self.inner.sink.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Prepared {
+    Job(Job, OutcomeReceiver, Meta),
+    Poison(Meta, String),
+}
+
+struct Meta {
+    class: JobClass,
+    key: String,
+    message: Message,
+    dead_letter_topic: Option<String>,
+}
+
+impl Dispatcher {
+    /// A dispatcher submitting to `pool`, writing dead letters to `sink` (when
+    /// `config.dead_letter.enabled`), with metrics named for `backend`.
+    pub fn new(
+        backend: &str,
+        pool: Arc<dyn Pool>,
+        sink: Option<Arc<dyn DeadLetterSink>>,
+        config: EventBusConfig,
+    ) -> Self {
+        let sink = if config.dead_letter.enabled {
+            sink
+        } else {
+            None
+        };
+        let metrics = Metrics::new(backend, pool.kind());
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                sink,
+                round_robin: AtomicU64::new(0),
+                counters: Counters::default(),
+                metrics,
+                stuck: Mutex::new(HashMap::new()),
+                cancel: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<dyn Pool> {
+        &self.inner.pool
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EventBusConfig {
+        &self.inner.config
+    }
+
+    /// Resolve a subscription's options against the bus configuration.
+    pub fn prepare(&self, sub: Subscription) -> Result<Arc<PreparedSubscription>> {
+        crate::bus::validate_topic(&sub.topic)?;
+        let cfg = &self.inner.config;
+        let policy = sub.options.delivery.unwrap_or_else(|| cfg.delivery.clone());
+        policy.validate()?;
+        let dl: &DeadLetterConfig = &cfg.dead_letter;
+        let dead_letter_topic = if dl.enabled && self.inner.sink.is_some() {
+            let t = sub
+                .options
+                .dead_letter_topic
+                .unwrap_or_else(|| dl.topic_for(&sub.topic));
+            crate::bus::validate_topic(&t)?;
+            Some(t)
+        } else {
+            None
+        };
+        Ok(Arc::new(PreparedSubscription {
+            topic: Arc::from(sub.topic),
+            handler: sub.handler,
+            ids: sub
+                .options
+                .aggregate_id
+                .unwrap_or_else(|| cfg.aggregate_id.clone()),
+            policy,
+            dead_letter_topic,
+        }))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DispatchStats {
+        let c = &self.inner.counters;
+        let mut stuck_keys: Vec<String> = self
+            .inner
+            .stuck
+            .lock()
+            .expect("stuck-key registry poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        stuck_keys.sort();
+        DispatchStats {
+            submitted: c.submitted.load(Ordering::Relaxed),
+            handled: c.handled.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            panicked: c.panicked.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            stuck_keys,
+        }
+    }
+
+    /// Stop retry and dead-letter loops of messages still in flight: their
+    /// completions become [`Disposition::Abandoned`]. Called when the bus closes
+    /// after its drain timeout.
+    pub fn abandon_in_flight(&self) {
+        self.inner.cancel.cancel();
+    }
+
+    /// Submit a consumed message. Resolves once the pool accepted it (waiting,
+    /// pausing this caller, while the pool is full); the returned [`InFlight`]
+    /// resolves when the message is finished.
+    ///
+    /// Call in delivery order per partition: that order is the handling order per
+    /// aggregate. Fails only when the pool is closed or `stop` is cancelled; the
+    /// message is then not acknowledged and will be redelivered.
+    pub async fn submit<T: Send + Unpin + 'static>(
+        &self,
+        sub: &Arc<PreparedSubscription>,
+        message: Message,
+        token: T,
+        stop: &CancellationToken,
+    ) -> Result<InFlight<T>> {
+        let partition = message.partition;
+        let offset = message.offset;
+        let fut = match self.prepare_message(sub, message) {
+            Prepared::Job(job, rx, meta) => {
+                self.submit_job(job, stop).await?;
+                self.inner
+                    .counters
+                    .submitted
+                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.metrics.sent.increment(1);
+                let this = self.clone();
+                async move { this.finish(rx, meta).await }.boxed()
+            }
+            Prepared::Poison(meta, error) => {
+                let this = self.clone();
+                async move { this.poison(meta, error).await }.boxed()
+            }
+        };
+        Ok(InFlight {
+            partition,
+            offset,
+            token: Some(token),
+            fut,
+        })
+    }
+
+    fn prepare_message(&self, sub: &Arc<PreparedSubscription>, message: Message) -> Prepared {
+        match &sub.handler {
+            SubscriptionHandler::Envelope(handler) => match Envelope::decode(&message.payload) {
+                Ok(envelope) => {
+                    let key = sub
+                        .ids
+                        .extract(&message, Some(&envelope))
+                        .unwrap_or_else(|| envelope.aggregate_id.clone());
+                    let route = stable_hash(key.as_bytes());
+                    let task = self.envelope_task(
+                        sub,
+                        handler.clone(),
+                        Arc::new(envelope),
+                        message.clone(),
+                        key.clone(),
+                    );
+                    let (job, rx) = Job::new(
+                        route,
+                        JobClass::Envelope,
+                        Some(Arc::from(key.as_str())),
+                        task,
+                    );
+                    Prepared::Job(
+                        job,
+                        rx,
+                        Meta {
+                            class: JobClass::Envelope,
+                            key,
+                            message,
+                            dead_letter_topic: sub.dead_letter_topic.clone(),
+                        },
+                    )
+                }
+                Err(e) => {
+                    let key = sub.ids.extract(&message, None).unwrap_or_else(|| {
+                        format!("{}/{}/{}", message.topic, message.partition, message.offset)
+                    });
+                    Prepared::Poison(
+                        Meta {
+                            class: JobClass::Envelope,
+                            key,
+                            message,
+                            dead_letter_topic: sub.dead_letter_topic.clone(),
+                        },
+                        e.to_string(),
+                    )
+                }
+            },
+            SubscriptionHandler::Plain(handler) => {
+                let key = sub.ids.extract(&message, None);
+                let route = match &key {
+                    Some(k) => stable_hash(k.as_bytes()),
+                    None => self.inner.round_robin.fetch_add(1, Ordering::Relaxed),
+                };
+                let task = self.plain_task(handler.clone(), message.clone(), key.clone());
+                let (job, rx) =
+                    Job::new(route, JobClass::Plain, key.as_deref().map(Arc::from), task);
+                Prepared::Job(
+                    job,
+                    rx,
+                    Meta {
+                        class: JobClass::Plain,
+                        key: key.unwrap_or_default(),
+                        message,
+                        dead_letter_topic: None,
+                    },
+                )
+            }
+        }
+    }
+
+    async fn submit_job(&self, mut job: Job, stop: &CancellationToken) -> Result<()> {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.inner.pool.submit(job).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == SubmitErrorKind::Closed => {
+                    return Err(Error::closed("pool is closed; message left for redelivery"));
+                }
+                Err(e) => {
+                    tracing::debug!(kind = ?e.kind(), "pool refused a job; retrying submission");
+                    self.inner.metrics.submit_retries.increment(1);
+                    job = e.into_job();
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            return Err(Error::closed("consumer stopping; message left for redelivery"));
+                        }
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    fn plain_task(
+        &self,
+        handler: BoxHandler<Message>,
+        message: Message,
+        key: Option<String>,
+    ) -> BoxFuture<'static, Outcome> {
+        let inner = self.inner.clone();
+        let span = tracing::info_span!(
+            "eventbus.handle",
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            aggregate_id = key.as_deref().unwrap_or(""),
+            attempt = 1u32,
+            trace_id = tracing::field::Empty,
+        );
+        async move {
+            let started = Instant::now();
+            let result = AssertUnwindSafe(async { handler.call_boxed(message).await })
+                .catch_unwind()
+                .await;
+            inner
+                .metrics
+                .duration
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(Ok(())) => Outcome::Handled { attempts: 1 },
+                Ok(Err(e)) => Outcome::Failed {
+                    attempts: 1,
+                    cause: FailureCause::Error(e),
+                },
+                Err(p) => Outcome::Failed {
+                    attempts: 1,
+                    cause: FailureCause::Panic(panic_message(p.as_ref())),
+                },
+            }
+        }
+        .instrument(span)
+        .boxed()
+    }
+
+    fn envelope_task(
+        &self,
+        sub: &Arc<PreparedSubscription>,
+        handler: BoxHandler<Event>,
+        envelope: Arc<Envelope>,
+        message: Message,
+        key: String,
+    ) -> BoxFuture<'static, Outcome> {
+        let inner = self.inner.clone();
+        let policy = sub.policy.clone();
+        let can_dead_letter = sub.dead_letter_topic.is_some();
+        let span = tracing::info_span!(
+            "eventbus.handle",
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            aggregate_id = %key,
+            attempt = tracing::field::Empty,
+            trace_id = envelope.trace_id.as_deref().unwrap_or(""),
+        );
+        async move {
+            let mut attempt = 1u32;
+            let mut stuck = false;
+            loop {
+                tracing::Span::current().record("attempt", attempt);
+                let event = Event::new(envelope.clone(), message.clone(), attempt);
+                let started = Instant::now();
+                let result = AssertUnwindSafe(async { handler.call_boxed(event).await })
+                    .catch_unwind()
+                    .await;
+                inner.metrics.duration.record(started.elapsed().as_secs_f64());
+                let cause = match result {
+                    Ok(Ok(())) => {
+                        if stuck {
+                            inner.clear_stuck(&key);
+                        }
+                        return Outcome::Handled { attempts: attempt };
+                    }
+                    Ok(Err(e)) => FailureCause::Error(e),
+                    Err(p) => {
+                        inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
+                        inner.metrics.panicked.increment(1);
+                        FailureCause::Panic(panic_message(p.as_ref()))
+                    }
+                };
+                let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
+                let exhausted = permanent || attempt >= policy.max_attempts;
+                let wait = if exhausted {
+                    if can_dead_letter {
+                        return Outcome::Failed {
+                            attempts: attempt,
+                            cause,
+                        };
+                    }
+                    if !stuck {
+                        stuck = true;
+                        inner.mark_stuck(&key);
+                        tracing::error!(error = %cause, attempts = attempt,
+                            "no dead-letter destination: retrying with capped backoff, key is stuck");
+                    }
+                    policy.max_backoff
+                } else {
+                    tracing::warn!(error = %cause, attempt, "handler failed; retrying");
+                    policy.backoff_for(attempt)
+                };
+                inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                inner.metrics.retries.increment(1);
+                tokio::select! {
+                    _ = inner.cancel.cancelled() => {
+                        if stuck {
+                            inner.clear_stuck(&key);
+                        }
+                        return Outcome::Failed { attempts: attempt, cause };
+                    }
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                attempt = attempt.saturating_add(1);
+            }
+        }
+        .instrument(span)
+        .boxed()
+    }
+
+    async fn finish(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
+        let outcome = match rx.await {
+            Ok(o) => o,
+            Err(_) => return Disposition::Abandoned,
+        };
+        let inner = &self.inner;
+        match outcome {
+            Outcome::Handled { .. } => {
+                inner.counters.handled.fetch_add(1, Ordering::Relaxed);
+                inner.metrics.ok.increment(1);
+                Disposition::Handled
+            }
+            Outcome::Failed { attempts, cause } => match meta.class {
+                JobClass::Plain => {
+                    if let FailureCause::Panic(_) = cause {
+                        inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
+                        inner.metrics.panicked.increment(1);
+                    } else {
+                        inner.metrics.failed.increment(1);
+                    }
+                    inner.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(topic = %meta.message.topic, offset = meta.message.offset,
+                        error = %cause, "plain handler failed; message acknowledged (at-most-once)");
+                    Disposition::Dropped
+                }
+                JobClass::Envelope => {
+                    if inner.cancel.is_cancelled() && meta.dead_letter_topic.is_none() {
+                        return Disposition::Abandoned;
+                    }
+                    self.dead_letter(meta, cause.to_string(), attempts).await
+                }
+            },
+        }
+    }
+
+    async fn poison(&self, meta: Meta, error: String) -> Disposition {
+        if meta.dead_letter_topic.is_some() {
+            return self.dead_letter(meta, error, 0).await;
+        }
+        // No dead-letter destination: hold the message (never acknowledged, never
+        // dropped) and report its key stuck until the bus closes.
+        tracing::error!(topic = %meta.message.topic, offset = meta.message.offset, %error,
+            "invalid envelope and no dead-letter destination: message held, key stuck");
+        self.inner.mark_stuck(&meta.key);
+        self.inner.cancel.cancelled().await;
+        self.inner.clear_stuck(&meta.key);
+        Disposition::Abandoned
+    }
+
+    async fn dead_letter(&self, meta: Meta, error: String, attempts: u32) -> Disposition {
+        let inner = &self.inner;
+        let (Some(sink), Some(topic)) = (&inner.sink, meta.dead_letter_topic) else {
+            return Disposition::Abandoned;
+        };
+        let letter = DeadLetter {
+            topic,
+            message: meta.message,
+            error,
+            attempts,
+        };
+        let mut retry = 0u32;
+        loop {
+            match sink.dead_letter(&letter).await {
+                Ok(()) => break,
+                Err(e) => {
+                    retry += 1;
+                    tracing::warn!(dead_letter_topic = %letter.topic, error = %e,
+                        "dead-letter write failed; retrying");
+                    let wait = inner.config.delivery.backoff_for(retry);
+                    tokio::select! {
+                        _ = inner.cancel.cancelled() => return Disposition::Abandoned,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        tracing::warn!(topic = %letter.message.topic, offset = letter.message.offset,
+            dead_letter_topic = %letter.topic, attempts, error = %letter.error, "message dead-lettered");
+        inner.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        inner.metrics.dead_lettered.increment(1);
+        inner.metrics.dead_letters.increment(1);
+        Disposition::DeadLettered
+    }
+}

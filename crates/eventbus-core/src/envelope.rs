@@ -1,0 +1,237 @@
+//! The standard event envelope (JSON), with validation.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+
+use crate::error::{Error, ErrorKind};
+
+/// Longest accepted aggregate id, in bytes.
+pub const MAX_AGGREGATE_ID_LEN: usize = 1024;
+
+/// Longest accepted event type, in bytes.
+pub const MAX_EVENT_TYPE_LEN: usize = 256;
+
+/// The standard domain-event wrapper.
+///
+/// JSON form:
+/// `{"aggregate_id": "...", "event_type": "...", "event_version": 1,
+///   "occurred_at": "2026-01-01T00:00:00Z", "trace_id": "...", "correlation_id": "...",
+///   "payload": {...}}`.
+/// `aggregate_id` and `event_type` are required and non-empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Envelope {
+    /// Id of the aggregate the event belongs to; events of one aggregate are handled in order.
+    pub aggregate_id: String,
+    /// Event type name, e.g. `order.placed`.
+    pub event_type: String,
+    /// Schema version of the event type.
+    #[serde(default = "default_version")]
+    pub event_version: u32,
+    /// When the event happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occurred_at: Option<DateTime<Utc>>,
+    /// Trace id for distributed tracing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// Correlation id tying related events together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// The event body.
+    #[serde(default)]
+    pub payload: serde_json::Value,
+}
+
+fn default_version() -> u32 {
+    1
+}
+
+/// Why an envelope is invalid.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// The bytes are not a JSON envelope object (or a required field is missing or mistyped).
+    #[error("payload is not a valid JSON envelope: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// `aggregate_id` is empty or only white space.
+    #[error("field `aggregate_id` is empty")]
+    EmptyAggregateId,
+    /// `aggregate_id` is longer than [`MAX_AGGREGATE_ID_LEN`].
+    #[error("field `aggregate_id` is {len} bytes long, the limit is {max}")]
+    AggregateIdTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// `event_type` is empty or only white space.
+    #[error("field `event_type` is empty")]
+    EmptyEventType,
+    /// `event_type` is longer than [`MAX_EVENT_TYPE_LEN`].
+    #[error("field `event_type` is {len} bytes long, the limit is {max}")]
+    EventTypeTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl From<EnvelopeError> for Error {
+    fn from(e: EnvelopeError) -> Self {
+        Error::new(ErrorKind::InvalidEnvelope, "invalid envelope").with_source(e)
+    }
+}
+
+impl Envelope {
+    /// A new envelope for `aggregate_id` of `event_type`, version 1, occurred now.
+    pub fn new(
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Self {
+        Self {
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            event_version: 1,
+            occurred_at: Some(Utc::now()),
+            trace_id: None,
+            correlation_id: None,
+            payload,
+        }
+    }
+
+    /// Set the version.
+    #[must_use]
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.event_version = version;
+        self
+    }
+
+    /// Set the trace id.
+    #[must_use]
+    pub fn with_trace_id(mut self, trace_id: impl Into<String>) -> Self {
+        self.trace_id = Some(trace_id.into());
+        self
+    }
+
+    /// Set the correlation id.
+    #[must_use]
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Check the required fields.
+    pub fn validate(&self) -> Result<(), EnvelopeError> {
+        validate_aggregate_id(&self.aggregate_id)?;
+        if self.event_type.trim().is_empty() {
+            return Err(EnvelopeError::EmptyEventType);
+        }
+        if self.event_type.len() > MAX_EVENT_TYPE_LEN {
+            return Err(EnvelopeError::EventTypeTooLong {
+                len: self.event_type.len(),
+                max: MAX_EVENT_TYPE_LEN,
+            });
+        }
+        Ok(())
+    }
+
+    /// Decode and validate an envelope from JSON bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        let envelope: Envelope = serde_json::from_slice(bytes)?;
+        envelope.validate()?;
+        Ok(envelope)
+    }
+
+    /// Validate, then encode as JSON.
+    pub fn encode(&self) -> Result<Bytes, EnvelopeError> {
+        self.validate()?;
+        Ok(Bytes::from(serde_json::to_vec(self)?))
+    }
+}
+
+/// Check an aggregate id: non-empty and not longer than [`MAX_AGGREGATE_ID_LEN`].
+pub fn validate_aggregate_id(id: &str) -> Result<(), EnvelopeError> {
+    if id.trim().is_empty() {
+        return Err(EnvelopeError::EmptyAggregateId);
+    }
+    if id.len() > MAX_AGGREGATE_ID_LEN {
+        return Err(EnvelopeError::AggregateIdTooLong {
+            len: id.len(),
+            max: MAX_AGGREGATE_ID_LEN,
+        });
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow, default)]
+    aggregate_id: Option<Cow<'a, str>>,
+}
+
+/// Read only `aggregate_id` from a JSON envelope body, without decoding the rest.
+///
+/// Returns `None` when the bytes are not a JSON object or have no valid id.
+pub fn peek_aggregate_id(bytes: &[u8]) -> Option<String> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first != b'{' {
+        return None;
+    }
+    let id: IdOnly<'_> = serde_json::from_slice(bytes).ok()?;
+    let id = id.aggregate_id?;
+    validate_aggregate_id(&id).ok()?;
+    Some(id.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let e = Envelope::new("order-1", "order.placed", serde_json::json!({"n": 1}))
+            .with_trace_id("t1");
+        let bytes = e.encode().unwrap();
+        assert_eq!(Envelope::decode(&bytes).unwrap(), e);
+        assert_eq!(peek_aggregate_id(&bytes).as_deref(), Some("order-1"));
+    }
+
+    #[test]
+    fn rejects_bad_envelopes() {
+        assert!(matches!(
+            Envelope::decode(br#"{"aggregate_id":"","event_type":"x"}"#),
+            Err(EnvelopeError::EmptyAggregateId)
+        ));
+        assert!(matches!(
+            Envelope::decode(br#"{"aggregate_id":"a","event_type":" "}"#),
+            Err(EnvelopeError::EmptyEventType)
+        ));
+        assert!(matches!(
+            Envelope::decode(br#"{"event_type":"x"}"#),
+            Err(EnvelopeError::Malformed(_))
+        ));
+        assert!(matches!(
+            Envelope::decode(br#"{"aggregate_id":5,"event_type":"x"}"#),
+            Err(EnvelopeError::Malformed(_))
+        ));
+        assert!(matches!(
+            Envelope::decode(b""),
+            Err(EnvelopeError::Malformed(_))
+        ));
+        assert!(matches!(
+            Envelope::decode(b"\xff\xfe"),
+            Err(EnvelopeError::Malformed(_))
+        ));
+        let long = "x".repeat(MAX_AGGREGATE_ID_LEN + 1);
+        let e = Envelope::new(long, "t", serde_json::Value::Null);
+        assert!(matches!(
+            e.encode(),
+            Err(EnvelopeError::AggregateIdTooLong { .. })
+        ));
+        assert_eq!(peek_aggregate_id(b"not json"), None);
+    }
+}

@@ -1,0 +1,46 @@
+#![doc = include_str!("../README.md")]
+
+pub mod aggregate;
+pub mod bus;
+pub mod config;
+pub mod dispatcher;
+pub mod envelope;
+pub mod error;
+pub mod handler;
+pub mod hash;
+pub mod health;
+pub mod inflight;
+pub mod job;
+pub mod message;
+pub mod metrics;
+pub mod offset;
+pub mod policy;
+pub mod pool;
+
+pub use aggregate::{AggregateIdConfig, IdSource, DEFAULT_AGGREGATE_ID_HEADER};
+pub use bus::{
+    envelope_record, validate_topic, EventBus, EventBusExt, SharedBus, StorageKind,
+    SubscribeOptions, Subscription, SubscriptionHandler, TopicConfig,
+};
+pub use config::{
+    ActorPoolConfig, ConsumerConfig, DeadLetterConfig, EventBusConfig, KeyedPoolConfig,
+    OffsetReset, PoolKind,
+};
+pub use dispatcher::{
+    Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, InFlight,
+    PreparedSubscription,
+};
+pub use envelope::{Envelope, EnvelopeError};
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use handler::{
+    boxed, handler_fn, BoxHandler, DynHandler, Event, Failure, Handler, HandlerError, HandlerResult,
+};
+pub use hash::{rollout_bucket, slot, stable_hash};
+pub use health::{ComponentHealth, HealthReport, HealthStatus};
+pub use inflight::{InFlightLimit, InFlightSet, Settled};
+pub use job::{FailureCause, Job, JobClass, Outcome, OutcomeKind, OutcomeReceiver};
+pub use message::{Headers, Message, PublishReceipt, Record};
+pub use offset::OffsetTracker;
+pub use policy::DeliveryPolicy;
+pub use pool::{Pool, PoolStats, SubmitError, SubmitErrorKind};
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,190 @@
+//! Consumed messages and records to publish.
+
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Ordered message headers: name / value pairs, names may repeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, Bytes)>);
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Append a header, keeping any earlier one of the same name.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    /// Builder form of [`Headers::insert`].
+    #[must_use]
+    pub fn with(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.insert(name, value);
+        self
+    }
+
+    /// Replace every header of this name by one with `value`.
+    pub fn set(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
+        let name = name.into();
+        self.0.retain(|(n, _)| *n != name);
+        self.0.push((name, value.into()));
+    }
+
+    /// The last value of the header `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&Bytes> {
+        self.0.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// The last value of `name` as UTF-8 text, if present and valid.
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Iterate in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(String, Bytes)> for Headers {
+    fn from_iter<T: IntoIterator<Item = (String, Bytes)>>(iter: T) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+/// A message as consumed from a broker.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Message {
+    /// The topic (Kafka topic, NATS subject, memory topic).
+    pub topic: Arc<str>,
+    /// Kafka partition or memory partition; 0 where the broker has none.
+    pub partition: i32,
+    /// Offset (Kafka, memory) or stream sequence (JetStream).
+    pub offset: i64,
+    /// Record key.
+    pub key: Option<Bytes>,
+    /// Payload bytes.
+    pub payload: Bytes,
+    /// Headers in broker order.
+    pub headers: Headers,
+    /// Broker timestamp in milliseconds since the Unix epoch, when known.
+    pub timestamp_ms: Option<i64>,
+    /// How many times the broker has delivered this message, 1 for the first time.
+    pub delivery_attempt: u32,
+}
+
+impl Message {
+    /// A message with the given coordinates and payload, no key and no headers.
+    pub fn new(
+        topic: impl Into<Arc<str>>,
+        partition: i32,
+        offset: i64,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+            offset,
+            key: None,
+            payload: payload.into(),
+            headers: Headers::new(),
+            timestamp_ms: None,
+            delivery_attempt: 1,
+        }
+    }
+
+    /// Set the key.
+    #[must_use]
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Set the headers.
+    #[must_use]
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Set the broker timestamp.
+    #[must_use]
+    pub fn with_timestamp_ms(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp_ms = Some(timestamp_ms);
+        self
+    }
+
+    /// Set the broker's delivery attempt count.
+    #[must_use]
+    pub fn with_delivery_attempt(mut self, attempt: u32) -> Self {
+        self.delivery_attempt = attempt.max(1);
+        self
+    }
+}
+
+/// A record to publish.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Record {
+    /// Record key; brokers partition by it.
+    pub key: Option<Bytes>,
+    /// Payload bytes.
+    pub payload: Bytes,
+    /// Headers.
+    pub headers: Headers,
+}
+
+impl Record {
+    /// A record with this payload, no key and no headers.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Self {
+            key: None,
+            payload: payload.into(),
+            headers: Headers::new(),
+        }
+    }
+
+    /// Set the key.
+    #[must_use]
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Add a header.
+    #[must_use]
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+}
+
+/// Where a published record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishReceipt {
+    /// Partition (0 where the broker has none).
+    pub partition: i32,
+    /// Offset or stream sequence.
+    pub offset: i64,
+}
+
+impl PublishReceipt {
+    /// A receipt.
+    pub fn new(partition: i32, offset: i64) -> Self {
+        Self { partition, offset }
+    }
+}

@@ -1,0 +1,131 @@
+//! The pool contract both pools implement.
+
+use futures::future::BoxFuture;
+use std::fmt;
+use std::time::Duration;
+
+use crate::health::ComponentHealth;
+use crate::job::Job;
+
+/// Why a pool did not take a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SubmitErrorKind {
+    /// The worker's queue stayed full for the whole wait timeout.
+    Full,
+    /// The pool is closed.
+    Closed,
+    /// The worker for this route is out of service (for example past its restart limit).
+    Unavailable,
+}
+
+/// A refused submission. The job is handed back, never lost.
+pub struct SubmitError {
+    kind: SubmitErrorKind,
+    job: Job,
+}
+
+impl SubmitError {
+    /// A refusal of `kind`, handing back `job`.
+    pub fn new(kind: SubmitErrorKind, job: Job) -> Self {
+        Self { kind, job }
+    }
+
+    /// Why.
+    pub fn kind(&self) -> SubmitErrorKind {
+        self.kind
+    }
+
+    /// Take the job back.
+    pub fn into_job(self) -> Job {
+        self.job
+    }
+}
+
+impl fmt::Debug for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubmitError")
+            .field("kind", &self.kind)
+            .field("job", &self.job)
+            .finish()
+    }
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            SubmitErrorKind::Full => write!(f, "pool queue full for route {}", self.job.route()),
+            SubmitErrorKind::Closed => f.write_str("pool is closed"),
+            SubmitErrorKind::Unavailable => {
+                write!(
+                    f,
+                    "pool worker for route {} is out of service",
+                    self.job.route()
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+/// A snapshot of a pool's counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Workers or actors.
+    pub workers: usize,
+    /// Queue (inbox) capacity of each worker.
+    pub queue_capacity: usize,
+    /// Jobs waiting in queues now.
+    pub queued: usize,
+    /// Jobs accepted since start.
+    pub submitted: u64,
+    /// Jobs run to an outcome since start.
+    pub completed: u64,
+    /// Jobs whose outcome was a panic.
+    pub panicked: u64,
+    /// Submissions refused (full, closed or unavailable).
+    pub rejected: u64,
+    /// Worker restarts (actor pool).
+    pub restarts: u64,
+    /// Workers out of service.
+    pub unavailable_workers: usize,
+}
+
+impl PoolStats {
+    /// Queued jobs as a fraction of total queue capacity, 0..=1.
+    pub fn utilisation(&self) -> f64 {
+        let cap = self.workers.saturating_mul(self.queue_capacity);
+        if cap == 0 {
+            0.0
+        } else {
+            (self.queued as f64 / cap as f64).min(1.0)
+        }
+    }
+}
+
+/// A bounded worker pool.
+///
+/// Jobs with the same route run one at a time in submission order; jobs with
+/// different routes may run concurrently. Submission waits at most the pool's wait
+/// timeout for room, then hands the job back.
+pub trait Pool: Send + Sync + fmt::Debug + 'static {
+    /// `keyed` or `actor` (or a composite's name); used in logs and metric labels.
+    fn kind(&self) -> &'static str;
+
+    /// Number of workers (actors): a route runs on `slot(route, workers)`.
+    fn workers(&self) -> usize;
+
+    /// Queue a job behind earlier jobs of its route.
+    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>>;
+
+    /// Stop taking jobs, let queued jobs finish within `timeout`, then abort what is
+    /// left (aborted jobs' outcomes never arrive, so their messages are not acknowledged).
+    fn close(&self, timeout: Duration) -> BoxFuture<'_, ()>;
+
+    /// Counters.
+    fn stats(&self) -> PoolStats;
+
+    /// Health of the pool.
+    fn health(&self) -> ComponentHealth;
+}

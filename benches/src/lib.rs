@@ -1,0 +1,1 @@
+//! Criterion benchmarks of eventbus live in `benches/`.

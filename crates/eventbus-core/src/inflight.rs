@@ -155,12 +155,17 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
     }
 
     /// Wait for a permit of the shared total bound. Take it before submitting.
-    pub async fn reserve(&self) -> Result<OwnedSemaphorePermit> {
-        self.total
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::closed("in-flight limit closed"))
+    ///
+    /// The returned future does not borrow the set, so it can be awaited while the
+    /// set is used elsewhere (it is `Send` even though the set is not `Sync`).
+    pub fn reserve(&self) -> impl Future<Output = Result<OwnedSemaphorePermit>> + Send + 'static {
+        let total = self.total.clone();
+        async move {
+            total
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::closed("in-flight limit closed"))
+        }
     }
 
     /// Add a submitted message. Call in delivery order per partition.

@@ -28,7 +28,8 @@ pub use config::{
 };
 pub use dispatcher::{
     Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, InFlight,
-    PreparedSubscription,
+    PreparedSubscription, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
+    DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 pub use envelope::{Envelope, EnvelopeError};
 pub use error::{BoxError, Error, ErrorKind, Result};

@@ -1,0 +1,75 @@
+//! The pool contract and randomised workloads, on the keyed worker pool.
+
+use eventbus_core::{Error, ErrorKind, KeyedPoolConfig, Pool};
+use eventbus_keyed_pool::KeyedWorkerPool;
+use eventbus_testkit::pool_suite::{self, PoolFactory, PoolSpec, Step};
+use futures::FutureExt;
+use proptest::prelude::*;
+use std::sync::Arc;
+
+fn factory() -> PoolFactory {
+    Arc::new(|spec: PoolSpec| {
+        async move {
+            let cfg = KeyedPoolConfig::default()
+                .workers(spec.workers)
+                .queue_size(spec.queue)
+                .wait_timeout(spec.wait_timeout);
+            Arc::new(KeyedWorkerPool::new(&cfg).expect("valid config")) as Arc<dyn Pool>
+        }
+        .boxed()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_contract() {
+    pool_suite::run_all(&factory()).await;
+}
+
+#[tokio::test]
+async fn zero_sizes_are_config_errors_naming_the_key() {
+    let e: Error = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(0)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.to_string().contains("keyed_pool.workers"), "{e}");
+    let e = KeyedWorkerPool::new(&KeyedPoolConfig::default().queue_size(0)).unwrap_err();
+    assert!(e.to_string().contains("keyed_pool.queue_size"), "{e}");
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<KeyedWorkerPool>();
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (0usize..12, any::<bool>(), 0u64..300, 0u32..5, any::<bool>()).prop_map(
+        |(key, envelope, delay_us, fail, panics)| Step {
+            key,
+            envelope,
+            delay_us: if delay_us > 200 { delay_us } else { 0 },
+            // Most messages succeed first time; some fail a few times, some for good.
+            fail_times: if fail >= 3 { fail - 2 } else { 0 } + if fail == 4 { 2 } else { 0 },
+            panics,
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn random_delays_failures_and_panics_keep_every_promise(
+        steps in proptest::collection::vec(step(), 1..120),
+        workers in 1usize..6,
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let report = rt.block_on(async {
+            let pool: Arc<dyn Pool> = Arc::new(
+                KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(workers).queue_size(8)).unwrap(),
+            );
+            let r = pool_suite::random_workload(pool.clone(), &steps, 3).await;
+            pool.close(std::time::Duration::from_secs(5)).await;
+            r
+        });
+        prop_assert!(report.is_clean(), "{:?}", report);
+    }
+}

@@ -1,0 +1,716 @@
+//! Checks of the [`EventBus`] contract, run against every backend with every pool.
+
+use bytes::Bytes;
+use eventbus_core::{
+    DeliveryPolicy, Envelope, Error, ErrorKind, Event, EventBusConfig, EventBusExt, HandlerError,
+    Message, Record, SharedBus, TopicConfig, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER,
+    DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+};
+use futures::future::BoxFuture;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+
+use crate::checker::DeliveryChecker;
+use crate::pool_suite::{PoolFactory, PoolSpec};
+
+/// What a backend can do; a check needing a capability the backend lacks panics
+/// with a message saying so instead of passing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Topics have several partitions (Kafka, memory).
+    pub partitions: bool,
+    /// A second bus in the same group resumes from the first one's commits.
+    pub resume_in_group: bool,
+}
+
+impl Capabilities {
+    /// Every capability.
+    pub fn all() -> Self {
+        Self {
+            partitions: true,
+            resume_in_group: true,
+        }
+    }
+
+    /// Set whether topics have partitions.
+    #[must_use]
+    pub fn partitions(mut self, yes: bool) -> Self {
+        self.partitions = yes;
+        self
+    }
+}
+
+/// Makes buses of one backend, all on the same broker.
+pub trait BusFactory: Send + Sync {
+    /// Backend name, for messages.
+    fn name(&self) -> &str;
+
+    /// What the backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// A new bus on the shared broker, handling through `pool`.
+    fn bus(
+        &self,
+        pool: Arc<dyn eventbus_core::Pool>,
+        config: EventBusConfig,
+    ) -> BoxFuture<'_, Result<SharedBus, Error>>;
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A random topic name unique to this run.
+pub fn random_topic(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", fastrand::u64(..))
+}
+
+/// A configuration that retries quickly.
+pub fn quick_config() -> EventBusConfig {
+    let mut c = EventBusConfig::default();
+    c.delivery = DeliveryPolicy::default()
+        .max_attempts(3)
+        .backoff(Duration::from_millis(2), Duration::from_millis(20));
+    c.consumer.commit_interval = Duration::from_millis(50);
+    c.consumer.drain_timeout = Duration::from_secs(10);
+    c
+}
+
+async fn new_bus(bus: &dyn BusFactory, pools: &PoolFactory, config: EventBusConfig) -> SharedBus {
+    let pool = pools(PoolSpec::default()).await;
+    bus.bus(pool, config).await.expect("create bus")
+}
+
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for: {what}"))
+}
+
+fn partitions(factory: &dyn BusFactory, n: u32) -> TopicConfig {
+    if factory.capabilities().partitions {
+        TopicConfig::default().partitions(n)
+    } else {
+        TopicConfig::default()
+    }
+}
+
+fn env(key: &str, seq: u64) -> Envelope {
+    Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }))
+}
+
+fn seq_of(e: &Event) -> u64 {
+    e.envelope.payload["seq"].as_u64().expect("seq in payload")
+}
+
+/// A recorder of dead letters read back from `<topic>.dlq`.
+#[derive(Clone, Default)]
+struct Letters(Arc<Mutex<Vec<Message>>>, Arc<Notify>);
+
+impl Letters {
+    async fn subscribe(&self, bus: &SharedBus, topic: &str) {
+        let me = self.clone();
+        bus.subscribe(topic, move |m: Message| {
+            let me = me.clone();
+            async move {
+                me.0.lock().unwrap().push(m);
+                me.1.notify_waiters();
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .expect("subscribe to dead-letter topic");
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<Message> {
+        within(&format!("{n} dead letters"), async {
+            loop {
+                let notified = self.1.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let got = self.0.lock().unwrap().clone();
+                if got.len() >= n {
+                    return got;
+                }
+                notified.await;
+            }
+        })
+        .await
+    }
+}
+
+/// Envelopes for many aggregates over several partitions: all handled, each
+/// aggregate's in order.
+pub async fn envelopes_handled_in_order_per_aggregate(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let topic = random_topic("order");
+    b.configure_topic(&topic, partitions(bus, 4))
+        .await
+        .expect("configure topic");
+    let checker = DeliveryChecker::new();
+    let c = checker.clone();
+    b.subscribe_envelope(&topic, move |e: Event| {
+        let c = c.clone();
+        async move {
+            if seq_of(&e) % 5 == 0 {
+                tokio::task::yield_now().await;
+            }
+            c.handled(&e.envelope.aggregate_id, seq_of(&e));
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    for round in 0..20 {
+        for k in 0..25 {
+            let key = format!("agg-{k}");
+            let seq = checker.produce(&key);
+            assert_eq!(seq, round);
+            b.publish_envelope(&topic, &env(&key, seq))
+                .await
+                .expect("publish");
+        }
+    }
+    checker
+        .wait_all_handled(WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", bus.name()));
+    let r = checker.report();
+    assert!(r.is_clean(), "{}: {r}", bus.name());
+    within("close", b.close()).await.expect("close");
+}
+
+/// Plain subscriptions receive key, payload and headers as published.
+pub async fn plain_messages_arrive_intact(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let topic = random_topic("plain");
+    b.configure_topic(&topic, partitions(bus, 2))
+        .await
+        .expect("configure topic");
+    let (tx, rx) = oneshot::channel::<Message>();
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    b.subscribe(&topic, move |m: Message| {
+        let tx = tx.clone();
+        async move {
+            if let Some(tx) = tx.lock().unwrap().take() {
+                tx.send(m).ok();
+            }
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    let receipt = b
+        .publish(
+            &topic,
+            Record::new("hello").with_key("k1").with_header("h", "v"),
+        )
+        .await
+        .expect("publish");
+    let m = within("plain message", rx).await.expect("message");
+    assert_eq!(&*m.topic, topic.as_str());
+    assert_eq!(m.payload, Bytes::from_static(b"hello"));
+    assert_eq!(m.key.as_deref(), Some(&b"k1"[..]));
+    assert_eq!(m.headers.get_str("h"), Some("v"));
+    assert_eq!((m.partition, m.offset), (receipt.partition, receipt.offset));
+    within("close", b.close()).await.expect("close");
+}
+
+/// A transient failure is retried in place and later messages of the aggregate wait.
+pub async fn transient_failures_retried_in_order(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let topic = random_topic("retry");
+    b.configure_topic(&topic, partitions(bus, 1))
+        .await
+        .expect("configure topic");
+    let checker = DeliveryChecker::new();
+    let calls = Arc::new(AtomicU64::new(0));
+    let (c, n) = (checker.clone(), calls.clone());
+    b.subscribe_envelope(&topic, move |e: Event| {
+        let (c, n) = (c.clone(), n.clone());
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+            if seq_of(&e) == 0 && e.attempt < 3 {
+                return Err(HandlerError::transient("not yet"));
+            }
+            c.handled(&e.envelope.aggregate_id, seq_of(&e));
+            Ok(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    for _ in 0..5 {
+        let seq = checker.produce("a1");
+        b.publish_envelope(&topic, &env("a1", seq))
+            .await
+            .expect("publish");
+    }
+    checker.wait_all_handled(WAIT).await.unwrap();
+    let r = checker.report();
+    assert!(r.is_clean(), "{r}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        7,
+        "two failed attempts, then five successes"
+    );
+    within("close", b.close()).await.expect("close");
+}
+
+/// An envelope message failing every attempt goes to `<topic>.dlq` with headers
+/// naming its origin; later messages of the aggregate still run.
+pub async fn exhausted_envelope_is_dead_lettered(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let topic = random_topic("exhaust");
+    b.configure_topic(&topic, partitions(bus, 1))
+        .await
+        .expect("configure topic");
+    let dlq = format!("{topic}.dlq");
+    b.configure_topic(&dlq, partitions(bus, 1))
+        .await
+        .expect("configure dlq");
+    let letters = Letters::default();
+    letters.subscribe(&b, &dlq).await;
+    let checker = DeliveryChecker::new();
+    let calls = Arc::new(AtomicU64::new(0));
+    let (c, n) = (checker.clone(), calls.clone());
+    b.subscribe_envelope(&topic, move |e: Event| {
+        let (c, n) = (c.clone(), n.clone());
+        async move {
+            if seq_of(&e) == 0 {
+                n.fetch_add(1, Ordering::SeqCst);
+                return Err(HandlerError::transient("always fails"));
+            }
+            c.handled(&e.envelope.aggregate_id, seq_of(&e));
+            Ok(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    let first = checker.produce("a1");
+    let receipt = b
+        .publish_envelope(&topic, &env("a1", first))
+        .await
+        .expect("publish");
+    let second = checker.produce("a1");
+    b.publish_envelope(&topic, &env("a1", second))
+        .await
+        .expect("publish");
+    let got = letters.wait_for(1).await;
+    checker
+        .wait_until(WAIT, "message after the dead-lettered one", |c| {
+            c.handled_distinct() >= 1
+        })
+        .await
+        .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "max_attempts calls");
+    let m = &got[0];
+    assert_eq!(m.headers.get_str(DLQ_TOPIC_HEADER), Some(topic.as_str()));
+    assert_eq!(
+        m.headers.get_str(DLQ_PARTITION_HEADER),
+        Some(receipt.partition.to_string().as_str())
+    );
+    assert_eq!(
+        m.headers.get_str(DLQ_OFFSET_HEADER),
+        Some(receipt.offset.to_string().as_str())
+    );
+    assert_eq!(m.headers.get_str(DLQ_ATTEMPTS_HEADER), Some("3"));
+    assert!(m
+        .headers
+        .get_str(DLQ_ERROR_HEADER)
+        .unwrap_or("")
+        .contains("always fails"));
+    assert_eq!(
+        Envelope::decode(&m.payload)
+            .expect("original payload")
+            .aggregate_id,
+        "a1"
+    );
+    within("close", b.close()).await.expect("close");
+    assert_eq!(
+        letters.0.lock().unwrap().len(),
+        1,
+        "dead-lettered exactly once"
+    );
+}
+
+/// A payload that is not a valid envelope is dead-lettered at once, the handler is
+/// never called for it, and later messages flow.
+pub async fn invalid_envelope_dead_lettered_without_retry(
+    bus: &dyn BusFactory,
+    pools: &PoolFactory,
+) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let topic = random_topic("poison");
+    b.configure_topic(&topic, partitions(bus, 1))
+        .await
+        .expect("configure topic");
+    let dlq = format!("{topic}.dlq");
+    b.configure_topic(&dlq, partitions(bus, 1))
+        .await
+        .expect("configure dlq");
+    let letters = Letters::default();
+    letters.subscribe(&b, &dlq).await;
+    let checker = DeliveryChecker::new();
+    let c = checker.clone();
+    b.subscribe_envelope(&topic, move |e: Event| {
+        let c = c.clone();
+        async move {
+            c.handled(&e.envelope.aggregate_id, seq_of(&e));
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    let poison: Vec<Bytes> = vec![
+        Bytes::from_static(b"\x00\xff random bytes"),
+        Bytes::from_static(br#"{"aggregate_id":"a1","event_type":"#),
+        Bytes::new(),
+        Bytes::from_static(b"null"),
+        Bytes::from_static(br#"{"aggregate_id":"","event_type":"x"}"#),
+        Bytes::from_static(br#"{"aggregate_id":7,"event_type":"x"}"#),
+        Bytes::from(format!(
+            r#"{{"aggregate_id":"{}","event_type":"x"}}"#,
+            "k".repeat(5000)
+        )),
+    ];
+    for p in &poison {
+        b.publish(&topic, Record::new(p.clone()).with_key("a1"))
+            .await
+            .expect("publish poison");
+    }
+    let seq = checker.produce("a1");
+    b.publish_envelope(&topic, &env("a1", seq))
+        .await
+        .expect("publish");
+    let got = letters.wait_for(poison.len()).await;
+    checker.wait_all_handled(WAIT).await.unwrap();
+    let mut payloads: Vec<Bytes> = got.iter().map(|m| m.payload.clone()).collect();
+    payloads.sort();
+    let mut expected = poison.clone();
+    expected.sort();
+    assert_eq!(payloads, expected, "each poison message dead-lettered once");
+    for m in &got {
+        assert_eq!(
+            m.headers.get_str(DLQ_ATTEMPTS_HEADER),
+            Some("0"),
+            "never handed to the handler"
+        );
+    }
+    within("close", b.close()).await.expect("close");
+}
+
+/// A plain handler failure or panic is acknowledged and never retried.
+pub async fn plain_failures_not_retried(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let topic = random_topic("plainfail");
+    b.configure_topic(&topic, partitions(bus, 1))
+        .await
+        .expect("configure topic");
+    let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let done = Arc::new(Notify::new());
+    let (c, d) = (calls.clone(), done.clone());
+    b.subscribe(&topic, move |m: Message| {
+        let (c, d) = (c.clone(), d.clone());
+        async move {
+            let body = String::from_utf8_lossy(&m.payload).into_owned();
+            *c.lock().unwrap().entry(body.clone()).or_insert(0) += 1;
+            d.notify_waiters();
+            match body.as_str() {
+                "fail" => Err(HandlerError::transient("plain failure")),
+                "panic" => panic!("plain panic"),
+                _ => Ok(()),
+            }
+        }
+    })
+    .await
+    .expect("subscribe");
+    for body in ["fail", "panic", "ok"] {
+        b.publish(&topic, Record::new(body).with_key("p1"))
+            .await
+            .expect("publish");
+    }
+    within("three plain messages handled", async {
+        loop {
+            let n = done.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if calls.lock().unwrap().len() == 3 {
+                return;
+            }
+            n.await;
+        }
+    })
+    .await;
+    within("close", b.close()).await.expect("close");
+    let calls = calls.lock().unwrap();
+    for body in ["fail", "panic", "ok"] {
+        assert_eq!(calls.get(body), Some(&1), "{body} called once: {calls:?}");
+    }
+}
+
+/// A slow aggregate does not hold up other aggregates of the same partition.
+pub async fn slow_aggregate_does_not_block_others(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let pool = pools(PoolSpec::default()).await;
+    let workers = pool.workers();
+    let b = bus.bus(pool, quick_config()).await.expect("create bus");
+    let topic = random_topic("slow");
+    b.configure_topic(&topic, partitions(bus, 1))
+        .await
+        .expect("configure topic");
+    let slow_key = "slow-0".to_owned();
+    let slow_slot = eventbus_core::slot(eventbus_core::stable_hash(slow_key.as_bytes()), workers);
+    let others: Vec<String> = (0..)
+        .map(|i| format!("fast-{i}"))
+        .filter(|k| {
+            eventbus_core::slot(eventbus_core::stable_hash(k.as_bytes()), workers) != slow_slot
+        })
+        .take(20)
+        .collect();
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let release = Arc::new(tokio::sync::Mutex::new(Some(release_rx)));
+    let checker = DeliveryChecker::new();
+    let c = checker.clone();
+    let sk = slow_key.clone();
+    b.subscribe_envelope(&topic, move |e: Event| {
+        let (c, release, sk) = (c.clone(), release.clone(), sk.clone());
+        async move {
+            if e.envelope.aggregate_id == sk {
+                if let Some(rx) = release.lock().await.take() {
+                    let _ = rx.await;
+                }
+            }
+            c.handled(&e.envelope.aggregate_id, seq_of(&e));
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    let s = checker.produce(&slow_key);
+    b.publish_envelope(&topic, &env(&slow_key, s))
+        .await
+        .expect("publish");
+    for k in &others {
+        let s = checker.produce(k);
+        b.publish_envelope(&topic, &env(k, s))
+            .await
+            .expect("publish");
+    }
+    checker
+        .wait_until(
+            WAIT,
+            "other aggregates handled while the slow one is blocked",
+            |c| c.handled_distinct() >= others.len() as u64,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        checker.handled_distinct(),
+        others.len() as u64,
+        "slow message still running"
+    );
+    release_tx.send(()).ok();
+    checker.wait_all_handled(WAIT).await.unwrap();
+    within("close", b.close()).await.expect("close");
+}
+
+/// Invalid input to publish is a typed error before anything is sent.
+pub async fn invalid_publish_rejected(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let topic = random_topic("badpub");
+    let bad = Envelope::new("", "x", serde_json::Value::Null);
+    let e = b
+        .publish_envelope(&topic, &bad)
+        .await
+        .expect_err("empty aggregate id");
+    assert_eq!(e.kind(), ErrorKind::InvalidEnvelope, "{e}");
+    let bad = Envelope::new("a", "", serde_json::Value::Null);
+    let e = b
+        .publish_envelope(&topic, &bad)
+        .await
+        .expect_err("empty event type");
+    assert_eq!(e.kind(), ErrorKind::InvalidEnvelope, "{e}");
+    let e = b
+        .publish("bad topic!", Record::new("x"))
+        .await
+        .expect_err("bad topic");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("bad topic!"), "{e}");
+    let e = b
+        .subscribe("", |_m: Message| async { Ok::<(), HandlerError>(()) })
+        .await
+        .expect_err("empty topic");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    within("close", b.close()).await.expect("close");
+}
+
+/// A second bus in the same group picks up what the first left uncommitted: every
+/// envelope message handled at least once, in order per aggregate.
+pub async fn restart_resumes_without_loss(bus: &dyn BusFactory, pools: &PoolFactory) {
+    assert!(
+        bus.capabilities().resume_in_group,
+        "{}: restart_resumes_without_loss needs resume_in_group",
+        bus.name()
+    );
+    let mut config = quick_config();
+    config.consumer.group_id = random_topic("group");
+    config.consumer.drain_timeout = Duration::from_millis(200);
+    let topic = random_topic("restart");
+    let first = new_bus(bus, pools, config.clone()).await;
+    first
+        .configure_topic(&topic, partitions(bus, 2))
+        .await
+        .expect("configure topic");
+    let checker = DeliveryChecker::new();
+    for round in 0..30 {
+        for k in 0..10 {
+            let key = format!("r-{k}");
+            let seq = checker.produce(&key);
+            assert_eq!(seq, round);
+            first
+                .publish_envelope(&topic, &env(&key, seq))
+                .await
+                .expect("publish");
+        }
+    }
+    let total = checker.produced();
+    let gate = Arc::new(Notify::new());
+    let c = checker.clone();
+    let g = gate.clone();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    first
+        .subscribe_envelope(&topic, move |e: Event| {
+            let (c, g, s) = (c.clone(), g.clone(), s.clone());
+            async move {
+                // Handle about a third, then hang until the bus is torn down.
+                if s.fetch_add(1, Ordering::SeqCst) >= total / 3 {
+                    g.notified().await;
+                }
+                c.handled(&e.envelope.aggregate_id, seq_of(&e));
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .expect("subscribe first");
+    checker
+        .wait_until(WAIT, "first bus handles a third", |c| {
+            c.handled_distinct() >= total / 3
+        })
+        .await
+        .unwrap();
+    within("close first bus", first.close()).await.ok();
+    let before = checker.report();
+    assert!(before.order_violations.is_empty(), "{before}");
+    let second = new_bus(bus, pools, config).await;
+    let c = checker.clone();
+    second
+        .subscribe_envelope(&topic, move |e: Event| {
+            let c = c.clone();
+            async move {
+                c.handled(&e.envelope.aggregate_id, seq_of(&e));
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .expect("subscribe second");
+    checker
+        .wait_all_handled(WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", bus.name()));
+    let r = checker.report();
+    assert!(r.lost.is_empty() && r.unexpected.is_empty(), "{r}");
+    assert!(r.order_violations.is_empty(), "{r}");
+    within("close second bus", second.close())
+        .await
+        .expect("close");
+}
+
+/// After unsubscribe the handler sees no new message.
+pub async fn unsubscribe_stops_delivery(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let topic = random_topic("unsub");
+    b.configure_topic(&topic, partitions(bus, 1))
+        .await
+        .expect("configure topic");
+    let checker = DeliveryChecker::new();
+    let c = checker.clone();
+    b.subscribe_envelope(&topic, move |e: Event| {
+        let c = c.clone();
+        async move {
+            c.handled(&e.envelope.aggregate_id, seq_of(&e));
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    let s = checker.produce("u");
+    b.publish_envelope(&topic, &env("u", s))
+        .await
+        .expect("publish");
+    checker.wait_all_handled(WAIT).await.unwrap();
+    within("unsubscribe", b.unsubscribe(&topic))
+        .await
+        .expect("unsubscribe");
+    let e = b.unsubscribe(&topic).await.expect_err("second unsubscribe");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    b.publish_envelope(&topic, &env("u", 1))
+        .await
+        .expect("publish after unsubscribe");
+    // Subscribe a probe on another topic and publish to it after: once the probe
+    // sees its message, the bus has had every chance to deliver the first one.
+    let probe = random_topic("probe");
+    b.configure_topic(&probe, partitions(bus, 1))
+        .await
+        .expect("configure probe");
+    let (tx, rx) = oneshot::channel::<()>();
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    b.subscribe(&probe, move |_m: Message| {
+        let tx = tx.clone();
+        async move {
+            if let Some(tx) = tx.lock().unwrap().take() {
+                tx.send(()).ok();
+            }
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .expect("subscribe probe");
+    b.publish(&probe, Record::new("p"))
+        .await
+        .expect("publish probe");
+    within("probe message", rx).await.ok();
+    assert_eq!(checker.report().handled, 1, "no delivery after unsubscribe");
+    within("close", b.close()).await.expect("close");
+}
+
+/// Health reports healthy on a fresh bus, and close is clean.
+pub async fn health_and_close(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let h = b.health().await;
+    assert_eq!(h.status, eventbus_core::HealthStatus::Healthy, "{h:?}");
+    within("close", b.close()).await.expect("close");
+    let e = b
+        .publish("t", Record::new("x"))
+        .await
+        .expect_err("publish after close");
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+}
+
+/// Every check, in turn.
+pub async fn run_all(bus: &dyn BusFactory, pools: &PoolFactory) {
+    envelopes_handled_in_order_per_aggregate(bus, pools).await;
+    plain_messages_arrive_intact(bus, pools).await;
+    transient_failures_retried_in_order(bus, pools).await;
+    exhausted_envelope_is_dead_lettered(bus, pools).await;
+    invalid_envelope_dead_lettered_without_retry(bus, pools).await;
+    plain_failures_not_retried(bus, pools).await;
+    slow_aggregate_does_not_block_others(bus, pools).await;
+    invalid_publish_rejected(bus, pools).await;
+    unsubscribe_stops_delivery(bus, pools).await;
+    health_and_close(bus, pools).await;
+    if bus.capabilities().resume_in_group {
+        restart_resumes_without_loss(bus, pools).await;
+    }
+}

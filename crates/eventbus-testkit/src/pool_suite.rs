@@ -1,0 +1,475 @@
+//! Checks of the [`Pool`] contract, run against every pool, and a randomised
+//! workload through the real [`Dispatcher`] for property tests.
+
+use eventbus_core::{
+    DeadLetter, DeadLetterSink, DeliveryPolicy, Dispatcher, Disposition, Envelope, Error,
+    EventBusConfig, FailureCause, HandlerError, InFlightSet, Job, JobClass, Message, Outcome, Pool,
+    SubmitErrorKind, Subscription,
+};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, Semaphore};
+
+/// Pool size for a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Workers / actors.
+    pub workers: usize,
+    /// Queue / inbox capacity of each.
+    pub queue: usize,
+    /// Submission wait timeout.
+    pub wait_timeout: Duration,
+}
+
+impl Default for PoolSpec {
+    fn default() -> Self {
+        Self {
+            workers: 8,
+            queue: 64,
+            wait_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Makes a fresh pool of the given size.
+pub type PoolFactory = Arc<dyn Fn(PoolSpec) -> BoxFuture<'static, Arc<dyn Pool>> + Send + Sync>;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn job_with(route: u64, task: BoxFuture<'static, Outcome>) -> (Job, oneshot::Receiver<Outcome>) {
+    Job::new(route, JobClass::Envelope, None, task)
+}
+
+async fn expect<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for: {what}"))
+}
+
+/// Jobs of one route run one at a time, in submission order.
+pub async fn same_route_runs_in_order(factory: &PoolFactory) {
+    let pool = factory(PoolSpec::default()).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let running = Arc::new(AtomicU64::new(0));
+    let mut rxs = Vec::new();
+    for i in 0..200u64 {
+        let seen = seen.clone();
+        let running = running.clone();
+        let task = async move {
+            assert_eq!(
+                running.fetch_add(1, Ordering::SeqCst),
+                0,
+                "two jobs of one route ran at once"
+            );
+            if i % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+            seen.lock().unwrap().push(i);
+            running.fetch_sub(1, Ordering::SeqCst);
+            Outcome::Handled { attempts: 1 }
+        }
+        .boxed();
+        let (job, rx) = job_with(42, task);
+        pool.submit(job).await.expect("submit");
+        rxs.push(rx);
+    }
+    for rx in rxs {
+        let outcome = expect("job outcome", rx).await.expect("outcome delivered");
+        assert!(matches!(outcome, Outcome::Handled { .. }), "{outcome:?}");
+    }
+    assert_eq!(*seen.lock().unwrap(), (0..200).collect::<Vec<_>>());
+    pool.close(WAIT).await;
+}
+
+/// A job blocked on one worker does not hold up jobs of routes on other workers.
+pub async fn different_routes_run_concurrently(factory: &PoolFactory) {
+    let pool = factory(PoolSpec::default()).await;
+    let n = pool.workers();
+    assert!(n >= 2, "this check needs at least two workers");
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let (blocked, blocked_rx) = job_with(
+        0,
+        async move {
+            let _ = release_rx.await;
+            Outcome::Handled { attempts: 1 }
+        }
+        .boxed(),
+    );
+    pool.submit(blocked).await.expect("submit blocked job");
+    let mut others = Vec::new();
+    for route in 1..n as u64 {
+        let (job, rx) = job_with(route, async { Outcome::Handled { attempts: 1 } }.boxed());
+        pool.submit(job).await.expect("submit");
+        others.push(rx);
+    }
+    for rx in others {
+        expect(
+            "jobs on other workers to finish while one worker is blocked",
+            rx,
+        )
+        .await
+        .expect("outcome delivered");
+    }
+    release_tx.send(()).ok();
+    expect("blocked job after release", blocked_rx)
+        .await
+        .expect("outcome");
+    pool.close(WAIT).await;
+}
+
+/// A full queue waits, then hands the job back with kind `Full`.
+pub async fn full_queue_hands_job_back(factory: &PoolFactory) {
+    let pool = factory(PoolSpec {
+        workers: 1,
+        queue: 1,
+        wait_timeout: Duration::from_millis(50),
+    })
+    .await;
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let (started_tx, started_rx) = oneshot::channel::<()>();
+    let (blocker, blocker_rx) = job_with(
+        7,
+        async move {
+            started_tx.send(()).ok();
+            let _ = release_rx.await;
+            Outcome::Handled { attempts: 1 }
+        }
+        .boxed(),
+    );
+    pool.submit(blocker).await.expect("submit blocker");
+    expect("blocker to start", started_rx).await.ok();
+    // Fill whatever queue space there is, then one more must come back.
+    let mut queued = Vec::new();
+    let refused = loop {
+        let (job, rx) = job_with(7, async { Outcome::Handled { attempts: 1 } }.boxed());
+        match expect("submit to return", pool.submit(job)).await {
+            Ok(()) => {
+                queued.push(rx);
+                assert!(
+                    queued.len() <= 1024,
+                    "queue of capacity 1 took over 1024 jobs: unbounded"
+                );
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(refused.kind(), SubmitErrorKind::Full);
+    let job = refused.into_job();
+    assert_eq!(job.route(), 7, "the refused job is handed back intact");
+    release_tx.send(()).ok();
+    expect("blocker outcome", blocker_rx)
+        .await
+        .expect("outcome");
+    for rx in queued {
+        expect("queued outcome", rx).await.expect("outcome");
+    }
+    // The handed-back job still runs when resubmitted.
+    let (job_again, rx_again) = (job, ());
+    let _ = rx_again;
+    expect("resubmit", pool.submit(job_again))
+        .await
+        .expect("resubmit accepted");
+    pool.close(WAIT).await;
+}
+
+/// After close, submission hands the job back with kind `Closed`; queued jobs finished.
+pub async fn closed_pool_hands_job_back(factory: &PoolFactory) {
+    let pool = factory(PoolSpec::default()).await;
+    let mut rxs = Vec::new();
+    for route in 0..32u64 {
+        let (job, rx) = job_with(route, async { Outcome::Handled { attempts: 1 } }.boxed());
+        pool.submit(job).await.expect("submit");
+        rxs.push(rx);
+    }
+    expect("close", pool.close(WAIT)).await;
+    for rx in rxs {
+        rx.await
+            .expect("jobs queued before close are finished by close");
+    }
+    let (job, _rx) = job_with(1, async { Outcome::Handled { attempts: 1 } }.boxed());
+    let e = pool
+        .submit(job)
+        .await
+        .expect_err("submit after close must fail");
+    assert_eq!(e.kind(), SubmitErrorKind::Closed);
+}
+
+/// A job whose task panics yields a panicked outcome; the worker keeps working.
+pub async fn panic_becomes_outcome(factory: &PoolFactory) {
+    let pool = factory(PoolSpec::default()).await;
+    let (job, rx) = job_with(3, async { panic!("boom in a job") }.boxed());
+    pool.submit(job).await.expect("submit");
+    let outcome = expect("panicked outcome", rx)
+        .await
+        .expect("outcome delivered");
+    assert!(
+        matches!(outcome, Outcome::Failed { cause: FailureCause::Panic(ref m), .. } if m.contains("boom")),
+        "{outcome:?}"
+    );
+    let (job, rx) = job_with(3, async { Outcome::Handled { attempts: 1 } }.boxed());
+    pool.submit(job).await.expect("submit after panic");
+    let outcome = expect("outcome after panic", rx)
+        .await
+        .expect("outcome delivered");
+    assert!(matches!(outcome, Outcome::Handled { .. }));
+    assert!(pool.stats().panicked >= 1);
+    pool.close(WAIT).await;
+}
+
+/// Every pool check.
+pub async fn run_all(factory: &PoolFactory) {
+    same_route_runs_in_order(factory).await;
+    different_routes_run_concurrently(factory).await;
+    full_queue_hands_job_back(factory).await;
+    closed_pool_hands_job_back(factory).await;
+    panic_becomes_outcome(factory).await;
+}
+
+/// One message of a [`random_workload`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Aggregate id index.
+    pub key: usize,
+    /// Envelope (true) or plain message.
+    pub envelope: bool,
+    /// Handler delay in microseconds (async sleep).
+    pub delay_us: u64,
+    /// Calls that fail before one succeeds.
+    pub fail_times: u32,
+    /// Whether the failing calls panic instead of returning an error.
+    pub panics: bool,
+}
+
+/// What a [`random_workload`] observed.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadReport {
+    /// Per-key order violations of handler calls (a later message called before an
+    /// earlier one of the same key finished all its attempts).
+    pub order_violations: Vec<String>,
+    /// Envelope messages that ended neither handled nor dead-lettered, or ended the
+    /// wrong way for their failures.
+    pub wrong_endings: Vec<String>,
+    /// Plain messages whose handler was called more than once.
+    pub plain_retried: Vec<usize>,
+    /// Times the watermark passed an unfinished offset.
+    pub watermark_violations: Vec<String>,
+    /// Plain handler calls that panicked.
+    pub plain_panics: u64,
+    /// Messages handled successfully.
+    pub handled: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+}
+
+impl WorkloadReport {
+    /// Nothing wrong.
+    pub fn is_clean(&self) -> bool {
+        self.order_violations.is_empty()
+            && self.wrong_endings.is_empty()
+            && self.plain_retried.is_empty()
+            && self.watermark_violations.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct RecordingSink {
+    letters: Mutex<Vec<DeadLetter>>,
+}
+
+impl DeadLetterSink for RecordingSink {
+    fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, Result<(), Error>> {
+        self.letters.lock().unwrap().push(letter.clone());
+        async { Ok(()) }.boxed()
+    }
+}
+
+/// Run `steps` (one partition, offsets 0..) through a [`Dispatcher`] on `pool` with
+/// `max_attempts` and judge the run: per-key order of handler calls, each envelope
+/// message handled or dead-lettered as its failures say, no plain message retried,
+/// and the contiguous watermark never past an unfinished offset.
+pub async fn random_workload(
+    pool: Arc<dyn Pool>,
+    steps: &[Step],
+    max_attempts: u32,
+) -> WorkloadReport {
+    let mut config = EventBusConfig::default();
+    config.delivery = DeliveryPolicy::default()
+        .max_attempts(max_attempts)
+        .backoff(Duration::from_micros(200), Duration::from_millis(2));
+    let sink = Arc::new(RecordingSink::default());
+    let dispatcher = Dispatcher::new("test", pool, Some(sink.clone()), config);
+    let steps: Arc<Vec<Step>> = Arc::new(steps.to_vec());
+    // calls[i] = attempts made for message i; log = (key, index, attempt) in call order.
+    let calls: Arc<Vec<AtomicU64>> =
+        Arc::new((0..steps.len()).map(|_| AtomicU64::new(0)).collect());
+    let log: Arc<Mutex<Vec<(usize, usize, bool)>>> = Arc::new(Mutex::new(Vec::new()));
+    let plain_panics = Arc::new(AtomicU64::new(0));
+
+    let handle = {
+        let steps = steps.clone();
+        let calls = calls.clone();
+        let log = log.clone();
+        let plain_panics = plain_panics.clone();
+        move |index: usize| {
+            let steps = steps.clone();
+            let calls = calls.clone();
+            let log = log.clone();
+            let plain_panics = plain_panics.clone();
+            async move {
+                let step = &steps[index];
+                let call = calls[index].fetch_add(1, Ordering::SeqCst) as u32;
+                log.lock().unwrap().push((step.key, index, false));
+                if step.delay_us > 0 {
+                    tokio::time::sleep(Duration::from_micros(step.delay_us)).await;
+                }
+                let fail = call < step.fail_times;
+                log.lock().unwrap().push((step.key, index, true));
+                if fail {
+                    if step.panics {
+                        if !step.envelope {
+                            plain_panics.fetch_add(1, Ordering::SeqCst);
+                        }
+                        panic!("random panic in message {index}");
+                    }
+                    return Err(HandlerError::transient(format!(
+                        "random failure of message {index}"
+                    )));
+                }
+                Ok(())
+            }
+        }
+    };
+    let h_env = handle.clone();
+    let envelope_sub = dispatcher
+        .prepare(Subscription::envelope(
+            "workload",
+            move |e: eventbus_core::Event| {
+                let index = e.envelope.payload["index"].as_u64().expect("index") as usize;
+                h_env(index)
+            },
+        ))
+        .expect("prepare envelope subscription");
+    let h_plain = handle.clone();
+    let plain_sub = dispatcher
+        .prepare(Subscription::plain("workload", move |m: Message| {
+            let index: usize = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+            h_plain(index)
+        }))
+        .expect("prepare plain subscription");
+
+    let mut set: InFlightSet<usize> = InFlightSet::new(
+        steps.len().max(1),
+        Arc::new(Semaphore::new(steps.len().max(1))),
+    );
+    set.assign(0);
+    let stop = eventbus_core::CancellationToken::new();
+    let mut report = WorkloadReport::default();
+    let mut finished = vec![false; steps.len()];
+    for (i, step) in steps.iter().enumerate() {
+        let key = format!("agg-{}", step.key);
+        let msg = if step.envelope {
+            let env = Envelope::new(
+                key.clone(),
+                "workload.step",
+                serde_json::json!({ "index": i }),
+            );
+            Message::new(
+                "workload",
+                0,
+                i as i64,
+                env.encode().expect("valid envelope"),
+            )
+        } else {
+            Message::new("workload", 0, i as i64, i.to_string()).with_key(key.clone())
+        };
+        let sub = if step.envelope {
+            &envelope_sub
+        } else {
+            &plain_sub
+        };
+        let permit = set.reserve().await.expect("permit");
+        let inflight = expect("submission", dispatcher.submit(sub, msg, i, &stop))
+            .await
+            .expect("submit accepted");
+        set.push(inflight, permit).expect("push");
+    }
+    while let Some(settled) = expect("completions", set.next()).await {
+        let i = settled.completion.token;
+        finished[i] = true;
+        let step = &steps[i];
+        let d = settled.completion.disposition;
+        let attempts = calls[i].load(Ordering::SeqCst) as u32;
+        if step.envelope {
+            let should_fail = step.fail_times >= max_attempts;
+            match d {
+                Disposition::Handled if !should_fail && attempts == step.fail_times + 1 => report.handled += 1,
+                Disposition::DeadLettered if should_fail && attempts == max_attempts => report.dead_lettered += 1,
+                other => report.wrong_endings.push(format!(
+                    "envelope message {i} (fail_times {}, max_attempts {max_attempts}) ended {other:?} after {attempts} calls",
+                    step.fail_times
+                )),
+            }
+        } else {
+            if attempts != 1 {
+                report.plain_retried.push(i);
+            }
+            match d {
+                Disposition::Handled if step.fail_times == 0 => report.handled += 1,
+                Disposition::Dropped if step.fail_times > 0 => {}
+                other => report
+                    .wrong_endings
+                    .push(format!("plain message {i} ended {other:?}")),
+            }
+        }
+        if let Some(w) = settled.watermark {
+            if let Some(unfinished) = (0..(w as usize).min(steps.len())).find(|j| !finished[*j]) {
+                report.watermark_violations.push(format!(
+                    "watermark {w} passed unfinished offset {unfinished}"
+                ));
+            }
+        }
+    }
+    if let Some(i) = finished.iter().position(|f| !f) {
+        report
+            .wrong_endings
+            .push(format!("message {i} never completed"));
+    }
+    // Per-key order: every call of message i of a key (start to end) happens before any
+    // call of a later message of that key.
+    let log = log.lock().unwrap();
+    let mut last_done: HashMap<usize, usize> = HashMap::new();
+    let mut open: HashMap<usize, usize> = HashMap::new();
+    for &(key, index, end) in log.iter() {
+        if end {
+            open.remove(&key);
+            continue;
+        }
+        if let Some(other) = open.get(&key) {
+            report.order_violations.push(format!(
+                "key {key}: message {index} started while message {other} was running"
+            ));
+        }
+        if let Some(prev) = last_done.get(&key) {
+            if *prev > index {
+                report.order_violations.push(format!(
+                    "key {key}: message {index} called after message {prev}"
+                ));
+            }
+        }
+        open.insert(key, index);
+        last_done.insert(key, index);
+    }
+    let letters = sink.letters.lock().unwrap().len() as u64;
+    if letters != report.dead_lettered {
+        report.wrong_endings.push(format!(
+            "{letters} dead letters written for {} dead-lettered messages",
+            report.dead_lettered
+        ));
+    }
+    report.plain_panics = plain_panics.load(Ordering::SeqCst);
+    report
+}

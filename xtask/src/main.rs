@@ -1,2 +1,160 @@
-//! Project automation.
-fn main() {}
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! - `cargo xtask test`: install and start what the tests need (nats-server, the
+//!   tools librdkafka builds with), then fmt check, clippy, every test of the
+//!   workspace, docs; under `CI` also the benches' compile and a quick bench-compare.
+//! - `cargo xtask bench-compare [args]`: the pool / backend comparison (release build).
+
+// A command-line tool: it talks to the terminal.
+#![allow(clippy::print_stderr, clippy::print_stdout)]
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("bench-compare") => bench_compare(&args[1..]),
+        Some("install-deps") => install_deps(),
+        _ => {
+            eprintln!("usage: cargo xtask <test|bench-compare|install-deps> [args]");
+            eprintln!("  test            install what tests need, then fmt, clippy, tests, docs");
+            eprintln!("  bench-compare   compare the pools on the memory backend (see --help)");
+            eprintln!("  install-deps    install nats-server and build tools (Debian, as root)");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(project_root());
+    c
+}
+
+fn run(mut cmd: Command, what: &str) -> Result {
+    eprintln!("xtask: {what}: {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Debian packages the tests need, with the program that shows each is there.
+const PACKAGES: &[(&str, &str)] = &[
+    ("nats-server", "nats-server"),
+    ("cmake", "cmake"),
+    ("make", "make"),
+    ("g++", "g++"),
+    ("perl", "perl"),
+    ("python3", "python3"),
+    ("pkg-config", "pkg-config"),
+];
+
+fn install_deps() -> Result {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, program)| !have(program))
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !is_root || !have("apt-get") {
+        return Err(format!(
+            "missing {missing:?}; install them (Debian: apt-get install -y {}) and run again",
+            missing.join(" ")
+        ));
+    }
+    let mut update = Command::new("apt-get");
+    update.arg("update");
+    run(update, "apt-get update")?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(install, "install test prerequisites")?;
+    for (package, program) in PACKAGES {
+        if !have(program) {
+            return Err(format!("{package} was installed but `{program}` is still not on PATH"));
+        }
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result {
+    install_deps()?;
+    let ci = env::var_os("CI").is_some();
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    run(fmt, "format check")?;
+    let mut clippy = cargo();
+    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    run(clippy, "clippy")?;
+    let mut tests = cargo();
+    tests.args(["test", "--workspace"]).args(args);
+    run(tests, "tests")?;
+    let mut doc = cargo();
+    doc.args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    run(doc, "docs")?;
+    if ci {
+        let mut benches = cargo();
+        benches.args(["bench", "--workspace", "--no-run"]);
+        run(benches, "benches compile")?;
+        // A smoke run: it must complete and write its report; its verdict is printed,
+        // not enforced, on shared CI machines.
+        bench_compare(&["--quick".into(), "--no-fail".into()])?;
+    }
+    Ok(())
+}
+
+fn bench_compare(args: &[String]) -> Result {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "eventbus-benches",
+        "--bin",
+        "bench-compare",
+        "--",
+    ])
+    .args(args);
+    run(cmd, "bench-compare")
+}

@@ -1,1 +1,27 @@
 #![doc = include_str!("../README.md")]
+
+mod builder;
+pub mod config;
+mod pools;
+
+pub use builder::{Backend, EventBusBuilder};
+pub use pools::build_pool;
+
+pub use eventbus_core::{
+    aggregate, boxed, bus, dispatcher, envelope, handler, handler_fn, hash, health, job, message,
+    metrics as metric_names, offset, policy, pool, ActorPoolConfig, AggregateIdConfig,
+    BoxHandler, CancellationToken, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Dispatcher,
+    Envelope, EnvelopeError, Error, ErrorKind, Event, EventBus, EventBusConfig, EventBusExt,
+    Failure, Handler, HandlerError, HandlerResult, Headers, HealthReport, HealthStatus, IdSource,
+    KeyedPoolConfig, Message, OffsetReset, OffsetTracker, Pool, PoolKind, PoolStats,
+    PublishReceipt, Record, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
+};
+
+/// The core crate, for everything not re-exported here.
+pub use eventbus_core as core;
+
+#[cfg(feature = "keyed-pool")]
+pub use eventbus_keyed_pool::KeyedWorkerPool;
+
+#[cfg(feature = "memory")]
+pub use eventbus_memory::{BrokerConfig, MemoryBroker, MemoryEventBus};

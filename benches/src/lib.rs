@@ -70,7 +70,7 @@ impl KeyDist {
         match self {
             KeyDist::Uniform(n) => i % n,
             KeyDist::HotKey(n) => {
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     0
                 } else {
                     1 + (i / 2) % n

@@ -144,7 +144,7 @@ pub async fn full_queue_hands_job_back(factory: &PoolFactory) {
     expect("blocker to start", started_rx).await.ok();
     // Fill whatever queue space there is, then one more must come back.
     let mut queued = Vec::new();
-    let refused = loop {
+    let (refused, refused_rx) = loop {
         let (job, rx) = job_with(7, async { Outcome::Handled { attempts: 1 } }.boxed());
         match expect("submit to return", pool.submit(job)).await {
             Ok(()) => {
@@ -154,7 +154,7 @@ pub async fn full_queue_hands_job_back(factory: &PoolFactory) {
                     "queue of capacity 1 took over 1024 jobs: unbounded"
                 );
             }
-            Err(e) => break e,
+            Err(e) => break (e, rx),
         }
     };
     assert_eq!(refused.kind(), SubmitErrorKind::Full);
@@ -168,11 +168,13 @@ pub async fn full_queue_hands_job_back(factory: &PoolFactory) {
         expect("queued outcome", rx).await.expect("outcome");
     }
     // The handed-back job still runs when resubmitted.
-    let (job_again, rx_again) = (job, ());
-    let _ = rx_again;
-    expect("resubmit", pool.submit(job_again))
+    expect("resubmit", pool.submit(job))
         .await
         .expect("resubmit accepted");
+    let outcome = expect("resubmitted job outcome", refused_rx)
+        .await
+        .expect("outcome delivered");
+    assert!(matches!(outcome, Outcome::Handled { .. }), "{outcome:?}");
     pool.close(WAIT).await;
 }
 

@@ -122,8 +122,22 @@ pub struct Job {
     route: u64,
     class: JobClass,
     key: Option<Arc<str>>,
-    task: BoxFuture<'static, Outcome>,
-    reply: oneshot::Sender<Outcome>,
+    // Both are `Some` until the job runs; `Drop` needs to move them out.
+    task: Option<BoxFuture<'static, Outcome>>,
+    reply: Option<oneshot::Sender<Outcome>>,
+    done: Option<DoneHook>,
+}
+
+/// Called once when a job ends: with its outcome's kind after it ran, or with `None`
+/// when it was dropped without running (pool closed or aborted).
+pub type DoneHook = Box<dyn FnOnce(Option<OutcomeKind>) + Send + 'static>;
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(None);
+        }
+    }
 }
 
 impl fmt::Debug for Job {
@@ -151,8 +165,9 @@ impl Job {
                 route,
                 class,
                 key,
-                task,
-                reply,
+                task: Some(task),
+                reply: Some(reply),
+                done: None,
             },
             rx,
         )
@@ -177,8 +192,9 @@ impl Job {
     ///
     /// A panic escaping the task is caught and reported as
     /// [`OutcomeKind::Panicked`]; the caller (a worker) keeps running.
-    pub async fn run(self) -> OutcomeKind {
-        let outcome = match AssertUnwindSafe(self.task).catch_unwind().await {
+    pub async fn run(mut self) -> OutcomeKind {
+        let task = self.task.take().expect("a job runs once");
+        let outcome = match AssertUnwindSafe(task).catch_unwind().await {
             Ok(outcome) => outcome,
             Err(payload) => Outcome::Failed {
                 attempts: 1,
@@ -187,7 +203,23 @@ impl Job {
         };
         let kind = outcome.kind();
         // The waiter may be gone (bus closing); the outcome then has no reader.
-        let _ = self.reply.send(outcome);
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(outcome);
+        }
+        if let Some(done) = self.done.take() {
+            done(Some(kind));
+        }
         kind
+    }
+
+    /// Set the hook called when the job ends (see [`DoneHook`]), replacing any earlier
+    /// one. Used by composite pools to learn when a route has nothing in flight.
+    pub fn set_done_hook(&mut self, hook: DoneHook) {
+        self.done = Some(hook);
+    }
+
+    /// Remove the done hook without calling it.
+    pub fn take_done_hook(&mut self) -> Option<DoneHook> {
+        self.done.take()
     }
 }

@@ -39,7 +39,7 @@ pub use handler::{
 pub use hash::{rollout_bucket, slot, stable_hash};
 pub use health::{ComponentHealth, HealthReport, HealthStatus};
 pub use inflight::{InFlightLimit, InFlightSet, Settled};
-pub use job::{FailureCause, Job, JobClass, Outcome, OutcomeKind, OutcomeReceiver};
+pub use job::{DoneHook, FailureCause, Job, JobClass, Outcome, OutcomeKind, OutcomeReceiver};
 pub use message::{Headers, Message, PublishReceipt, Record};
 pub use offset::OffsetTracker;
 pub use policy::DeliveryPolicy;

@@ -3,7 +3,9 @@
 //!
 //! Run: `cargo run -p eventbus --example quickstart`
 
-use eventbus::{EventBusBuilder, EventBusExt, Envelope, Event, HandlerError, MemoryBroker, TopicConfig};
+use eventbus::{
+    Envelope, Event, EventBusBuilder, EventBusExt, HandlerError, MemoryBroker, TopicConfig,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,8 +16,12 @@ const EVENTS_PER_AGGREGATE: u64 = 40;
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<(), eventbus::Error> {
     tracing_subscriber::fmt().with_env_filter("info").init();
-    let bus = EventBusBuilder::new().memory(MemoryBroker::default()).build().await?;
-    bus.configure_topic("orders", TopicConfig::default().partitions(4)).await?;
+    let bus = EventBusBuilder::new()
+        .memory(MemoryBroker::default())
+        .build()
+        .await?;
+    bus.configure_topic("orders", TopicConfig::default().partitions(4))
+        .await?;
 
     // Last sequence seen per aggregate, and how many arrived out of order.
     let last: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
@@ -42,14 +48,23 @@ async fn main() -> Result<(), eventbus::Error> {
     let started = std::time::Instant::now();
     for seq in 0..EVENTS_PER_AGGREGATE {
         for a in 0..AGGREGATES {
-            let envelope = Envelope::new(format!("order-{a}"), "order.updated", serde_json::json!({ "seq": seq }));
+            let envelope = Envelope::new(
+                format!("order-{a}"),
+                "order.updated",
+                serde_json::json!({ "seq": seq }),
+            );
             bus.publish_envelope("orders", &envelope).await?;
         }
     }
     let expected = EVENTS_PER_AGGREGATE - 1;
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            let finished = last.lock().unwrap().values().filter(|s| **s == expected).count();
+            let finished = last
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|s| **s == expected)
+                .count();
             if finished == AGGREGATES {
                 break;
             }
@@ -57,7 +72,12 @@ async fn main() -> Result<(), eventbus::Error> {
         }
     })
     .await
-    .map_err(|_| eventbus::Error::new(eventbus::ErrorKind::Timeout, "events not all handled within 60s"))?;
+    .map_err(|_| {
+        eventbus::Error::new(
+            eventbus::ErrorKind::Timeout,
+            "events not all handled within 60s",
+        )
+    })?;
     let total = AGGREGATES as u64 * EVENTS_PER_AGGREGATE;
     let violations = *violations.lock().unwrap();
     tracing::info!(
@@ -72,6 +92,9 @@ async fn main() -> Result<(), eventbus::Error> {
     if violations == 0 {
         Ok(())
     } else {
-        Err(eventbus::Error::new(eventbus::ErrorKind::InvalidInput, "per-aggregate order broken"))
+        Err(eventbus::Error::new(
+            eventbus::ErrorKind::InvalidInput,
+            "per-aggregate order broken",
+        ))
     }
 }

@@ -1,6 +1,6 @@
 //! `EventBusBuilder`: backend + pool + configuration.
 
-use eventbus_core::{Error, EventBusConfig, SharedBus};
+use eventbus_core::{Error, EventBusConfig, Pool, SharedBus};
 use std::fmt;
 use std::sync::Arc;
 
@@ -19,6 +19,8 @@ pub enum Backend {
 pub struct EventBusBuilder {
     config: EventBusConfig,
     backend: Option<Backend>,
+    pool: Option<Arc<dyn Pool>>,
+    use_env: bool,
 }
 
 impl fmt::Debug for EventBusBuilder {
@@ -26,6 +28,8 @@ impl fmt::Debug for EventBusBuilder {
         f.debug_struct("EventBusBuilder")
             .field("config", &self.config)
             .field("backend", &self.backend)
+            .field("pool", &self.pool)
+            .field("use_env", &self.use_env)
             .finish()
     }
 }
@@ -42,6 +46,8 @@ impl EventBusBuilder {
         Self {
             config: EventBusConfig::default(),
             backend: None,
+            pool: None,
+            use_env: true,
         }
     }
 
@@ -49,6 +55,22 @@ impl EventBusBuilder {
     #[must_use]
     pub fn config(mut self, config: EventBusConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Handle through this pool instead of building the one the configuration names
+    /// (for example a [`PoolSwitch`](crate::PoolSwitch) kept to change on the running bus).
+    #[must_use]
+    pub fn pool(mut self, pool: Arc<dyn Pool>) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Do not apply the environment overrides (`EVENTBUS_POOL`,
+    /// `KAFKA_USE_ACTOR_POOL`, …; see [`crate::env`]). They are applied by default.
+    #[must_use]
+    pub fn ignore_env(mut self) -> Self {
+        self.use_env = false;
         self
     }
 
@@ -71,13 +93,20 @@ impl EventBusBuilder {
         &self.config
     }
 
-    /// Validate the configuration, build the pool it names and the bus.
-    pub async fn build(self) -> Result<SharedBus, Error> {
+    /// Apply the environment overrides (unless ignored), validate the configuration,
+    /// build the pool it names (unless one was given) and the bus.
+    pub async fn build(mut self) -> Result<SharedBus, Error> {
+        if self.use_env {
+            crate::env::apply_process_env(&mut self.config)?;
+        }
         self.config.validate()?;
         let backend = self
             .backend
             .ok_or_else(|| Error::config("no backend chosen: call .memory(..) or .backend(..)"))?;
-        let pool = build_pool(&self.config).await?;
+        let pool = match self.pool {
+            Some(pool) => pool,
+            None => build_pool(&self.config).await?,
+        };
         match backend {
             #[cfg(feature = "memory")]
             Backend::Memory(broker) => {

@@ -2,17 +2,22 @@
 
 mod builder;
 pub mod config;
+pub mod env;
 mod pools;
+mod switch;
 
 pub use builder::{Backend, EventBusBuilder};
 pub use pools::build_pool;
+#[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
+pub use pools::build_switch;
+pub use switch::{PoolSwitch, Side};
 
 pub use eventbus_core::{
     aggregate, boxed, bus, dispatcher, envelope, handler, handler_fn, hash, health, job, message,
-    metrics as metric_names, offset, policy, pool, ActorPoolConfig, AggregateIdConfig,
-    BoxHandler, CancellationToken, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Dispatcher,
-    Envelope, EnvelopeError, Error, ErrorKind, Event, EventBus, EventBusConfig, EventBusExt,
-    Failure, Handler, HandlerError, HandlerResult, Headers, HealthReport, HealthStatus, IdSource,
+    metrics as metric_names, offset, policy, pool, ActorPoolConfig, AggregateIdConfig, BoxHandler,
+    CancellationToken, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Dispatcher, Envelope,
+    EnvelopeError, Error, ErrorKind, Event, EventBus, EventBusConfig, EventBusExt, Failure,
+    Handler, HandlerError, HandlerResult, Headers, HealthReport, HealthStatus, IdSource,
     KeyedPoolConfig, Message, OffsetReset, OffsetTracker, Pool, PoolKind, PoolStats,
     PublishReceipt, Record, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
 };
@@ -22,6 +27,9 @@ pub use eventbus_core as core;
 
 #[cfg(feature = "keyed-pool")]
 pub use eventbus_keyed_pool::KeyedWorkerPool;
+
+#[cfg(feature = "actor-pool")]
+pub use eventbus_actor_pool::ActorPool;
 
 #[cfg(feature = "memory")]
 pub use eventbus_memory::{BrokerConfig, MemoryBroker, MemoryEventBus};

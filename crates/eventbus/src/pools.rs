@@ -3,32 +3,82 @@
 use eventbus_core::{Error, EventBusConfig, Pool, PoolKind};
 use std::sync::Arc;
 
-/// Build the pool named by `config.pool`, logging the choice in force.
+/// Build the pool the configuration names, logging the choice in force.
 ///
-/// Fails with a config error when the settings of that pool are invalid or when
-/// the pool's cargo feature is off.
+/// With both the `keyed-pool` and `actor-pool` features this is a
+/// [`PoolSwitch`](crate::PoolSwitch) holding both pools, with
+/// `actor_pool.rollout_percent` of the aggregate ids on the actor pool (100 when
+/// `pool = "actor"`), so the choice can change on a running bus. With one pool
+/// feature it is that pool; asking for the other is a config error naming the feature.
 pub async fn build_pool(config: &EventBusConfig) -> Result<Arc<dyn Pool>, Error> {
     config.validate()?;
-    let pool: Arc<dyn Pool> = match config.pool {
-        PoolKind::Keyed => keyed(config)?,
-        PoolKind::Actor => {
-            return Err(Error::config(
-                "pool = \"actor\" needs the `actor-pool` cargo feature of eventbus",
-            ))
-        }
-    };
-    tracing::info!(pool = pool.kind(), workers = pool.workers(), "worker pool in force");
+    let pool = build(config).await?;
+    tracing::info!(
+        pool = config.pool.as_str(),
+        rollout_percent = config.actor_pool.rollout_percent,
+        in_force = pool.kind(),
+        "worker pool in force"
+    );
     Ok(pool)
 }
 
-#[cfg(feature = "keyed-pool")]
-fn keyed(config: &EventBusConfig) -> Result<Arc<dyn Pool>, Error> {
-    Ok(Arc::new(eventbus_keyed_pool::KeyedWorkerPool::new(&config.keyed_pool)?))
+/// The actor share the configuration asks for.
+pub(crate) fn actor_percent(config: &EventBusConfig) -> u8 {
+    match config.pool {
+        PoolKind::Actor => 100,
+        PoolKind::Keyed => config.actor_pool.rollout_percent,
+    }
 }
 
-#[cfg(not(feature = "keyed-pool"))]
-fn keyed(_config: &EventBusConfig) -> Result<Arc<dyn Pool>, Error> {
+#[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
+async fn build(config: &EventBusConfig) -> Result<Arc<dyn Pool>, Error> {
+    Ok(build_switch(config).await?)
+}
+
+/// Build a [`PoolSwitch`](crate::PoolSwitch) with both pools started, the actor share
+/// set from the configuration.
+#[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
+pub async fn build_switch(config: &EventBusConfig) -> Result<Arc<crate::PoolSwitch>, Error> {
+    config.validate()?;
+    let keyed: Arc<dyn Pool> = Arc::new(eventbus_keyed_pool::KeyedWorkerPool::new(
+        &config.keyed_pool,
+    )?);
+    let actor: Arc<dyn Pool> =
+        Arc::new(eventbus_actor_pool::ActorPool::start(&config.actor_pool).await?);
+    Ok(Arc::new(crate::PoolSwitch::new(
+        keyed,
+        actor,
+        actor_percent(config),
+    )?))
+}
+
+#[cfg(all(feature = "keyed-pool", not(feature = "actor-pool")))]
+async fn build(config: &EventBusConfig) -> Result<Arc<dyn Pool>, Error> {
+    if actor_percent(config) > 0 {
+        return Err(Error::config(
+            "pool = \"actor\" or actor_pool.rollout_percent > 0 needs the `actor-pool` cargo feature of eventbus",
+        ));
+    }
+    Ok(Arc::new(eventbus_keyed_pool::KeyedWorkerPool::new(
+        &config.keyed_pool,
+    )?))
+}
+
+#[cfg(all(feature = "actor-pool", not(feature = "keyed-pool")))]
+async fn build(config: &EventBusConfig) -> Result<Arc<dyn Pool>, Error> {
+    if actor_percent(config) < 100 {
+        return Err(Error::config(
+            "pool = \"keyed\" (the default) needs the `keyed-pool` cargo feature of eventbus; set pool = \"actor\"",
+        ));
+    }
+    Ok(Arc::new(
+        eventbus_actor_pool::ActorPool::start(&config.actor_pool).await?,
+    ))
+}
+
+#[cfg(not(any(feature = "keyed-pool", feature = "actor-pool")))]
+async fn build(_config: &EventBusConfig) -> Result<Arc<dyn Pool>, Error> {
     Err(Error::config(
-        "pool = \"keyed\" needs the `keyed-pool` cargo feature of eventbus",
+        "no pool available: enable the `keyed-pool` or `actor-pool` cargo feature of eventbus",
     ))
 }

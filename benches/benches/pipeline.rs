@@ -5,21 +5,35 @@ use eventbus::{AggregateIdConfig, Envelope, Message, OffsetTracker, PoolKind};
 use eventbus_benches::{make_pool, pool_round_trip};
 
 fn envelope_decode(c: &mut Criterion) {
-    let bytes = Envelope::new("order-1234", "order.placed", serde_json::json!({"total": 42, "lines": [1, 2, 3]}))
-        .encode()
-        .expect("valid");
-    c.bench_function("envelope_decode", |b| b.iter(|| Envelope::decode(&bytes).expect("valid")));
+    let bytes = Envelope::new(
+        "order-1234",
+        "order.placed",
+        serde_json::json!({"total": 42, "lines": [1, 2, 3]}),
+    )
+    .encode()
+    .expect("valid");
+    c.bench_function("envelope_decode", |b| {
+        b.iter(|| Envelope::decode(&bytes).expect("valid"))
+    });
 }
 
 fn aggregate_id(c: &mut Criterion) {
     let cfg = AggregateIdConfig::default();
-    let body = Envelope::new("order-1234", "order.placed", serde_json::json!({"total": 42}))
-        .encode()
-        .expect("valid");
+    let body = Envelope::new(
+        "order-1234",
+        "order.placed",
+        serde_json::json!({"total": 42}),
+    )
+    .encode()
+    .expect("valid");
     let msg = Message::new("t", 0, 0, body).with_key("order-1234");
-    c.bench_function("aggregate_id_from_body", |b| b.iter(|| cfg.extract(&msg, None)));
+    c.bench_function("aggregate_id_from_body", |b| {
+        b.iter(|| cfg.extract(&msg, None))
+    });
     let key_first = AggregateIdConfig::with_chain([eventbus::IdSource::Key]);
-    c.bench_function("aggregate_id_from_key", |b| b.iter(|| key_first.extract(&msg, None)));
+    c.bench_function("aggregate_id_from_key", |b| {
+        b.iter(|| key_first.extract(&msg, None))
+    });
 }
 
 fn offset_tracker(c: &mut Criterion) {
@@ -43,7 +57,10 @@ fn offset_tracker(c: &mut Criterion) {
 }
 
 fn pool_submit_complete(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let mut g = c.benchmark_group("pool_submit_complete");
     g.sample_size(10);
     let n = 20_000;
@@ -62,5 +79,11 @@ fn pool_submit_complete(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, envelope_decode, aggregate_id, offset_tracker, pool_submit_complete);
+criterion_group!(
+    benches,
+    envelope_decode,
+    aggregate_id,
+    offset_tracker,
+    pool_submit_complete
+);
 criterion_main!(benches);

@@ -1,8 +1,8 @@
 //! Workloads shared by the criterion benches and the `bench-compare` tool.
 
 use eventbus::{
-    EventBus, EventBusConfig, EventBusExt, Envelope, Event, HandlerError, MemoryBroker, MemoryEventBus,
-    Pool, PoolKind, TopicConfig,
+    Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError, MemoryBroker,
+    MemoryEventBus, Pool, PoolKind, TopicConfig,
 };
 use eventbus_core::{Job, JobClass, Outcome};
 use futures::FutureExt;
@@ -157,22 +157,28 @@ pub async fn bus_workload(
     dist: KeyDist,
     messages: usize,
     partitions: u32,
+    prepublish: bool,
 ) -> RunResult {
     let pool_name = pool.kind().to_owned();
     let config = EventBusConfig::default();
-    let bus = MemoryEventBus::new(MemoryBroker::default(), pool, config).expect("bus");
+    let broker = MemoryBroker::new(
+        eventbus::BrokerConfig::default().retention_messages(messages as u64 + 1),
+    );
+    let bus = MemoryEventBus::new(broker, pool, config).expect("bus");
     bus.configure_topic("bench", TopicConfig::default().partitions(partitions))
         .await
         .expect("topic");
     let keys = dist.keys();
     let next_seq: Arc<Vec<AtomicU64>> = Arc::new((0..keys).map(|_| AtomicU64::new(0)).collect());
-    let latencies: Arc<Vec<AtomicU64>> = Arc::new((0..messages).map(|_| AtomicU64::new(0)).collect());
-    let seen: Arc<Vec<AtomicBool>> = Arc::new((0..messages).map(|_| AtomicBool::new(false)).collect());
+    let latencies: Arc<Vec<AtomicU64>> =
+        Arc::new((0..messages).map(|_| AtomicU64::new(0)).collect());
+    let seen: Arc<Vec<AtomicBool>> =
+        Arc::new((0..messages).map(|_| AtomicBool::new(false)).collect());
     let handled = Arc::new(AtomicU64::new(0));
     let violations = Arc::new(AtomicU64::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
     let origin = Instant::now();
-    {
+    let subscribe = || async {
         let (next_seq, latencies, seen, handled, violations, done) = (
             next_seq.clone(),
             latencies.clone(),
@@ -203,7 +209,10 @@ pub async fn bus_workload(
                 if next_seq[k].swap(s + 1, Ordering::AcqRel) != s {
                     violations.fetch_add(1, Ordering::Relaxed);
                 }
-                latencies[i].store((origin.elapsed().as_nanos() as u64).saturating_sub(t), Ordering::Relaxed);
+                latencies[i].store(
+                    (origin.elapsed().as_nanos() as u64).saturating_sub(t),
+                    Ordering::Relaxed,
+                );
                 if !seen[i].swap(true, Ordering::AcqRel)
                     && handled.fetch_add(1, Ordering::AcqRel) + 1 == total
                 {
@@ -214,10 +223,13 @@ pub async fn bus_workload(
         })
         .await
         .expect("subscribe");
+    };
+    if !prepublish {
+        subscribe().await;
     }
     reset_peak_rss();
     let mut seqs = vec![0u64; keys];
-    let start = Instant::now();
+    let mut start = Instant::now();
     for i in 0..messages {
         let k = dist.key(i);
         let s = seqs[k];
@@ -226,9 +238,18 @@ pub async fn bus_workload(
             "i": i, "k": k, "s": s, "t": origin.elapsed().as_nanos() as u64
         });
         let envelope = Envelope::new(format!("agg-{k}"), "bench.event", payload);
-        bus.publish_envelope("bench", &envelope).await.expect("publish");
+        bus.publish_envelope("bench", &envelope)
+            .await
+            .expect("publish");
     }
-    let finished = tokio::time::timeout(Duration::from_secs(300), done.notified()).await.is_ok()
+    if prepublish {
+        // Measure consumption alone: the backlog is all there when the subscription starts.
+        start = Instant::now();
+        subscribe().await;
+    }
+    let finished = tokio::time::timeout(Duration::from_secs(300), done.notified())
+        .await
+        .is_ok()
         || handled.load(Ordering::Acquire) == messages as u64;
     let elapsed = start.elapsed().as_secs_f64();
     let peak = peak_rss_kib();
@@ -298,7 +319,12 @@ pub async fn pool_round_trip(pool: &Arc<dyn Pool>, n: usize, keys: u64, window: 
             r.await.expect("outcome");
         }
         let route = eventbus_core::stable_hash(&(i as u64 % keys).to_le_bytes());
-        let (job, rx) = Job::new(route, JobClass::Plain, None, async { Outcome::Handled { attempts: 1 } }.boxed());
+        let (job, rx) = Job::new(
+            route,
+            JobClass::Plain,
+            None,
+            async { Outcome::Handled { attempts: 1 } }.boxed(),
+        );
         pool.submit(job).await.expect("submit");
         pending.push_back(rx);
     }

@@ -122,7 +122,11 @@ async fn main() -> ExitCode {
     let rounds = if args.quick { 1 } else { 3 };
     let mut workloads = Vec::new();
     for handler in [HandlerKind::Noop, HandlerKind::Cpu, HandlerKind::Io] {
-        for dist in [KeyDist::Uniform(1), KeyDist::Uniform(100), KeyDist::Uniform(10_000)] {
+        for dist in [
+            KeyDist::Uniform(1),
+            KeyDist::Uniform(100),
+            KeyDist::Uniform(10_000),
+        ] {
             workloads.push((handler, dist));
         }
     }
@@ -148,7 +152,7 @@ async fn main() -> ExitCode {
                     dist.name()
                 );
                 let pool = make_pool(kind).await.expect("pool");
-                runs.push(bus_workload(pool, *handler, *dist, n, 4).await);
+                runs.push(bus_workload(pool, *handler, *dist, n, 4, false).await);
             }
         }
     }
@@ -179,19 +183,47 @@ async fn main() -> ExitCode {
 
     let seq_n = if args.quick { 200 } else { 1_000 };
     let sequential = sequential_per_partition(seq_n, HandlerKind::Io).await;
-    baselines.push(("one-at-a-time per partition, 1 ms handler (msg/s)".to_owned(), sequential));
+    baselines.push((
+        "one-at-a-time per partition, 1 ms handler (msg/s)".to_owned(),
+        sequential,
+    ));
     let conc_n = if args.quick { 20_000 } else { 100_000 };
     let pool = make_pool(PoolKind::Keyed).await.expect("pool");
     let workers = pool.workers() as f64;
-    let conc = bus_workload(pool, HandlerKind::Io, KeyDist::Uniform(10_000), conc_n, 1).await;
-    baselines.push(("keyed pool, 1 partition, 10 000 keys, 1 ms handler (msg/s)".to_owned(), conc.throughput));
+    let conc = bus_workload(
+        pool,
+        HandlerKind::Io,
+        KeyDist::Uniform(10_000),
+        conc_n,
+        1,
+        true,
+    )
+    .await;
+    baselines.push((
+        "keyed pool, 1 partition, 10 000 keys, 1 ms handler (msg/s)".to_owned(),
+        conc.throughput,
+    ));
     let ideal = workers / 0.001;
     bars.push(Bar {
         name: "1 ms handler, 1 partition: ≥ 70% of workers ÷ handler time".into(),
-        measured: format!("{:.0} msg/s = {:.0}% of {:.0}", conc.throughput, 100.0 * conc.throughput / ideal, ideal),
+        measured: format!(
+            "{:.0} msg/s = {:.0}% of {:.0}",
+            conc.throughput,
+            100.0 * conc.throughput / ideal,
+            ideal
+        ),
         target: "≥ 70%".into(),
         pass: conc.throughput >= 0.7 * ideal,
     });
+    // A 1 ms tokio sleep lasts longer than 1 ms (timer granularity); the same bar
+    // against the handler time measured by the sequential baseline:
+    let measured_ideal = workers * sequential;
+    notes.push(format!(
+        "1 ms handler measured at {:.2} ms per call; against workers ÷ measured handler time ({:.0} msg/s) the pool reaches {:.0}%",
+        1000.0 / sequential,
+        measured_ideal,
+        100.0 * conc.throughput / measured_ideal
+    ));
     bars.push(Bar {
         name: "1 ms handler, 1 partition: ≥ 100× one-at-a-time per partition".into(),
         measured: format!("{:.0}×", conc.throughput / sequential),
@@ -199,7 +231,8 @@ async fn main() -> ExitCode {
         pass: conc.throughput >= 100.0 * sequential,
     });
 
-    let violations: u64 = runs.iter().map(|r| r.order_violations).sum::<u64>() + conc.order_violations;
+    let violations: u64 =
+        runs.iter().map(|r| r.order_violations).sum::<u64>() + conc.order_violations;
     let lost: u64 = runs.iter().map(|r| r.lost).sum::<u64>() + conc.lost;
     bars.push(Bar {
         name: "zero per-key order violations".into(),
@@ -215,7 +248,8 @@ async fn main() -> ExitCode {
     });
 
     if pools.contains(&PoolKind::Actor) {
-        let side = |kind: &str| -> Vec<&RunResult> { runs.iter().filter(|r| r.pool == kind).collect() };
+        let side =
+            |kind: &str| -> Vec<&RunResult> { runs.iter().filter(|r| r.pool == kind).collect() };
         let (k, a) = (side("keyed"), side("actor"));
         // Per workload ratios, then their geometric mean.
         let mut thr = Vec::new();
@@ -229,12 +263,17 @@ async fn main() -> ExitCode {
                     .collect()
             };
             let (kk, aa) = (pick(&k), pick(&a));
-            let (kr, ar): (Vec<&RunResult>, Vec<&RunResult>) = (kk.iter().collect(), aa.iter().collect());
+            let (kr, ar): (Vec<&RunResult>, Vec<&RunResult>) =
+                (kk.iter().collect(), aa.iter().collect());
             thr.push(mean(&ar, |r| r.throughput) / mean(&kr, |r| r.throughput));
             p99.push(mean(&ar, |r| r.p99_us) / mean(&kr, |r| r.p99_us).max(1.0));
-            mem.push(mean(&ar, |r| r.peak_rss_kib as f64) / mean(&kr, |r| r.peak_rss_kib as f64).max(1.0));
+            mem.push(
+                mean(&ar, |r| r.peak_rss_kib as f64)
+                    / mean(&kr, |r| r.peak_rss_kib as f64).max(1.0),
+            );
         }
-        let geo = |v: &[f64]| (v.iter().map(|x| x.max(1e-9).ln()).sum::<f64>() / v.len() as f64).exp();
+        let geo =
+            |v: &[f64]| (v.iter().map(|x| x.max(1e-9).ln()).sum::<f64>() / v.len() as f64).exp();
         let (t, p, m) = (geo(&thr), geo(&p99), geo(&mem));
         bars.push(Bar {
             name: "actor throughput ≥ keyed − 5% (geometric mean over workloads)".into(),
@@ -275,7 +314,10 @@ async fn main() -> ExitCode {
             )
         })
     {
-        eprintln!("bench-compare: cannot write the report to {}: {e}", args.out.display());
+        eprintln!(
+            "bench-compare: cannot write the report to {}: {e}",
+            args.out.display()
+        );
         return ExitCode::FAILURE;
     }
     eprintln!("bench-compare: report written to {}", args.out.display());

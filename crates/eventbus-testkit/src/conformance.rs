@@ -1,4 +1,4 @@
-//! Checks of the [`EventBus`] contract, run against every backend with every pool.
+//! Checks of the [`EventBus`](eventbus_core::EventBus) contract, run against every backend with every pool.
 
 use bytes::Bytes;
 use eventbus_core::{

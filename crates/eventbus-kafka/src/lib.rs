@@ -1,1 +1,30 @@
 #![doc = include_str!("../README.md")]
+
+mod bus;
+mod config;
+mod consumer;
+mod context;
+pub mod metrics;
+mod producer;
+mod secret;
+
+pub use bus::{KafkaEventBus, PartitionLag};
+pub use config::{
+    Acks, Compression, KafkaConfig, ProducerSettings, SecurityConfig, SecurityProtocol,
+};
+pub use producer::{Delivery, KafkaDeadLetterSink, KafkaProducer};
+pub use secret::Secret;
+
+#[cfg(test)]
+mod send_sync {
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn public_types_are_send_and_sync() {
+        assert_send_sync::<super::KafkaEventBus>();
+        assert_send_sync::<super::KafkaProducer>();
+        assert_send_sync::<super::KafkaConfig>();
+        assert_send_sync::<super::KafkaDeadLetterSink>();
+        assert_send_sync::<super::Delivery>();
+    }
+}

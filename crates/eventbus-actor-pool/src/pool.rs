@@ -1,0 +1,433 @@
+//! [`ActorPool`]: the pool handle, the state it shares with its actors, and the
+//! [`Pool`] implementation.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventbus_core::{
+    slot, ActorPoolConfig, CancellationToken, ComponentHealth, Error, ErrorKind, HealthStatus, Job,
+    OutcomeKind, Pool, PoolStats, SubmitError, SubmitErrorKind,
+};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorRef, ActorStatus};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{oneshot, Notify};
+
+use crate::slot::Slot;
+use crate::supervisor::{Supervisor, SupervisorMsg};
+
+/// Health component name of the pool.
+pub const HEALTH_COMPONENT: &str = "pool.actor";
+
+/// Largest accepted `actor_pool.size`.
+pub const MAX_SIZE: usize = 1 << 20;
+
+/// Largest accepted `actor_pool.inbox_size` (the bounded queue's permit limit).
+pub const MAX_INBOX_SIZE: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
+/// Inbox utilisation (queued jobs over total capacity) reported as degraded.
+const DEGRADED_UTILISATION: f64 = 0.9;
+
+/// At most this many out-of-service actors are named in a health reason.
+const NAMED_IN_HEALTH: usize = 8;
+
+#[derive(Default)]
+struct Counters {
+    submitted: AtomicU64,
+    completed: AtomicU64,
+    panicked: AtomicU64,
+    rejected: AtomicU64,
+    restarts: AtomicU64,
+}
+
+/// State shared by the pool handle, the supervisor and the workers.
+pub(crate) struct Shared {
+    pub(crate) config: ActorPoolConfig,
+    pub(crate) slots: Box<[Slot]>,
+    closing: AtomicBool,
+    /// Cancelled when the pool starts closing: actors then close their queues.
+    closing_token: CancellationToken,
+    /// Notified, while closing, when a slot runs out of pending work or leaves service.
+    idle: Notify,
+    unavailable: AtomicUsize,
+    counters: Counters,
+}
+
+impl Shared {
+    pub(crate) fn closing_token(&self) -> &CancellationToken {
+        &self.closing_token
+    }
+
+    /// A job popped from `slot` ran to an outcome of `kind`.
+    pub(crate) fn job_finished(&self, slot: &Slot, kind: OutcomeKind) {
+        self.counters.completed.fetch_add(1, Ordering::Relaxed);
+        if kind == OutcomeKind::Panicked {
+            self.counters.panicked.fetch_add(1, Ordering::Relaxed);
+        }
+        if slot.finished() && self.closing.load(Ordering::SeqCst) {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// The supervisor restarted an actor.
+    pub(crate) fn restarted(&self) {
+        self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The supervisor gave up on an actor.
+    pub(crate) fn take_out_of_service(&self, slot: &Slot) {
+        if slot.mark_unavailable() {
+            self.unavailable.fetch_add(1, Ordering::SeqCst);
+        }
+        self.idle.notify_waiters();
+    }
+
+    /// Every slot still in service has finished its work.
+    fn is_idle(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| s.is_unavailable() || s.pending() == 0)
+    }
+
+    /// Wait until [`Shared::is_idle`] or `deadline`; true when idle.
+    async fn wait_idle(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_idle() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                return self.is_idle();
+            }
+        }
+    }
+}
+
+/// An actor pool on [ractor]: `size` worker actors, each with a bounded queue of
+/// `inbox_size` jobs in front of it, linked to one supervisor that restarts a failed
+/// actor up to `max_restarts` times within `restart_window`.
+///
+/// A job runs on actor `slot(job.route(), size)`, so jobs of one aggregate run one at
+/// a time in submission order. See the crate documentation for the failure semantics.
+pub struct ActorPool {
+    shared: Arc<Shared>,
+    supervisor: ActorRef<SupervisorMsg>,
+    /// The supervisor's task; taken by the first `close`.
+    supervisor_task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for ActorPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ActorPool")
+            .field("size", &self.shared.config.size)
+            .field("inbox_size", &self.shared.config.inbox_size)
+            .field("max_restarts", &self.shared.config.max_restarts)
+            .field("restart_window", &self.shared.config.restart_window)
+            .field("wait_timeout", &self.shared.config.wait_timeout)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Check what [`ActorPoolConfig::validate`] does not: the window and the upper bounds.
+fn validate(config: &ActorPoolConfig) -> Result<(), Error> {
+    config.validate()?;
+    if config.size > MAX_SIZE {
+        return Err(Error::config(format!(
+            "actor_pool.size must be at most {MAX_SIZE}, got {}",
+            config.size
+        )));
+    }
+    if config.inbox_size > MAX_INBOX_SIZE {
+        return Err(Error::config(format!(
+            "actor_pool.inbox_size must be at most {MAX_INBOX_SIZE}, got {}",
+            config.inbox_size
+        )));
+    }
+    if config.restart_window.is_zero() {
+        return Err(Error::config(
+            "actor_pool.restart_window must be above zero",
+        ));
+    }
+    Ok(())
+}
+
+impl ActorPool {
+    /// Validate `config` (the error names the key, e.g. `actor_pool.size`), spawn the
+    /// supervisor and its `size` workers, and return once all of them are running.
+    ///
+    /// Must be called within a tokio runtime.
+    pub async fn start(config: &ActorPoolConfig) -> Result<ActorPool, Error> {
+        validate(config)?;
+        let slots: Box<[Slot]> = (0..config.size)
+            .map(|i| Slot::new(i, config.inbox_size))
+            .collect();
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            slots,
+            closing: AtomicBool::new(false),
+            closing_token: CancellationToken::new(),
+            idle: Notify::new(),
+            unavailable: AtomicUsize::new(0),
+            counters: Counters::default(),
+        });
+        let (supervisor, task) = Actor::spawn(None, Supervisor, shared.clone())
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::Unavailable, "actor pool failed to start").with_source(e)
+            })?;
+        tracing::info!(
+            size = config.size,
+            inbox_size = config.inbox_size,
+            max_restarts = config.max_restarts,
+            restart_window = ?config.restart_window,
+            wait_timeout = ?config.wait_timeout,
+            "actor pool started"
+        );
+        Ok(ActorPool {
+            shared,
+            supervisor,
+            supervisor_task: tokio::sync::Mutex::new(Some(task)),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ActorPoolConfig {
+        &self.shared.config
+    }
+
+    /// Whether [`Pool::close`] has been called.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closing.load(Ordering::SeqCst)
+    }
+
+    /// Actors (the supervisor and the workers) whose task has not ended. Zero once
+    /// [`Pool::close`] has returned.
+    pub fn live_actors(&self) -> usize {
+        let supervisor = usize::from(self.supervisor.get_status() != ActorStatus::Stopped);
+        supervisor + self.shared.slots.iter().filter(|s| s.actor_alive()).count()
+    }
+
+    fn supervisor_alive(&self) -> bool {
+        self.supervisor.get_status() <= ActorStatus::Running
+    }
+
+    fn reject(&self, kind: SubmitErrorKind, job: Job) -> Result<(), SubmitError> {
+        self.shared
+            .counters
+            .rejected
+            .fetch_add(1, Ordering::Relaxed);
+        Err(SubmitError::new(kind, job))
+    }
+
+    async fn submit_job(&self, job: Job) -> Result<(), SubmitError> {
+        let shared = &self.shared;
+        if shared.closing.load(Ordering::SeqCst) {
+            return self.reject(SubmitErrorKind::Closed, job);
+        }
+        let slot = &shared.slots[slot(job.route(), shared.slots.len())];
+        if slot.is_unavailable() || !self.supervisor_alive() {
+            return self.reject(SubmitErrorKind::Unavailable, job);
+        }
+        let permit = match slot.sender().try_reserve() {
+            Ok(permit) => permit,
+            Err(TrySendError::Closed(())) => return self.reject(SubmitErrorKind::Closed, job),
+            Err(TrySendError::Full(())) => {
+                let room =
+                    tokio::time::timeout(shared.config.wait_timeout, slot.sender().reserve());
+                tokio::select! {
+                    biased;
+                    () = shared.closing_token.cancelled() => {
+                        return self.reject(SubmitErrorKind::Closed, job);
+                    }
+                    room = room => match room {
+                        Ok(Ok(permit)) => permit,
+                        Ok(Err(_)) => return self.reject(SubmitErrorKind::Closed, job),
+                        Err(_) => return self.reject(SubmitErrorKind::Full, job),
+                    },
+                }
+            }
+        };
+        // The pool may have started closing, or the actor left service, meanwhile.
+        if shared.closing.load(Ordering::SeqCst) {
+            drop(permit);
+            return self.reject(SubmitErrorKind::Closed, job);
+        }
+        if slot.is_unavailable() {
+            drop(permit);
+            return self.reject(SubmitErrorKind::Unavailable, job);
+        }
+        slot.accepting();
+        permit.send(job);
+        shared.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn close_pool(&self, timeout: Duration) {
+        let mut task = self.supervisor_task.lock().await;
+        let Some(join) = task.take() else {
+            return;
+        };
+        let shared = &self.shared;
+        let deadline = Instant::now() + timeout;
+        shared.closing.store(true, Ordering::SeqCst);
+        shared.closing_token.cancel();
+        for slot in shared.slots.iter() {
+            slot.close_idle_queue();
+        }
+        let drained = shared.wait_idle(deadline).await;
+        if !drained {
+            tracing::warn!(
+                ?timeout,
+                "actor pool did not drain within the close timeout; stopping actors anyway"
+            );
+        }
+        let (reply, done) = oneshot::channel();
+        if self
+            .supervisor
+            .send_message(SupervisorMsg::Shutdown { deadline, reply })
+            .is_ok()
+        {
+            // An error means the supervisor died; its task join below still completes.
+            let _ = done.await;
+        }
+        let _ = join.await;
+        let dropped: usize = shared.slots.iter().map(Slot::drop_queued).sum();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "actor pool closed with queued jobs left; their messages are not acknowledged"
+            );
+        }
+        tracing::info!(drained, "actor pool closed");
+    }
+
+    fn health_now(&self) -> ComponentHealth {
+        let shared = &self.shared;
+        if shared.closing.load(Ordering::SeqCst) {
+            return ComponentHealth::with_status(
+                HEALTH_COMPONENT,
+                HealthStatus::Unhealthy,
+                "actor pool is closed",
+            );
+        }
+        if !self.supervisor_alive() {
+            return ComponentHealth::with_status(
+                HEALTH_COMPONENT,
+                HealthStatus::Unhealthy,
+                "actor pool supervisor has stopped; no actor is restarted",
+            );
+        }
+        let out: Vec<usize> = shared
+            .slots
+            .iter()
+            .filter(|s| s.is_unavailable())
+            .map(|s| s.index)
+            .collect();
+        let config = &shared.config;
+        if !out.is_empty() {
+            let mut names: Vec<String> = out
+                .iter()
+                .take(NAMED_IN_HEALTH)
+                .map(|i| format!("actor {i}"))
+                .collect();
+            if out.len() > NAMED_IN_HEALTH {
+                names.push(format!("and {} more", out.len() - NAMED_IN_HEALTH));
+            }
+            let queued: usize = out.iter().map(|i| shared.slots[*i].queued()).sum();
+            return ComponentHealth::with_status(
+                HEALTH_COMPONENT,
+                HealthStatus::Unhealthy,
+                format!(
+                    "{} failed more than {} times within {:?} and out of service ({queued} jobs held unacknowledged)",
+                    names.join(", "),
+                    config.max_restarts,
+                    config.restart_window,
+                ),
+            );
+        }
+        let now = Instant::now();
+        let recent: usize = shared
+            .slots
+            .iter()
+            .map(|s| s.recent_restarts(now, config.restart_window))
+            .sum();
+        let mut concerns = Vec::new();
+        if recent > 0 {
+            concerns.push(format!(
+                "{recent} actor restarts within the last {:?}",
+                config.restart_window
+            ));
+        }
+        let utilisation = self.stats().utilisation();
+        if utilisation >= DEGRADED_UTILISATION {
+            concerns.push(format!("inboxes {:.0}% full", utilisation * 100.0));
+        }
+        if concerns.is_empty() {
+            ComponentHealth::healthy(HEALTH_COMPONENT)
+        } else {
+            ComponentHealth::with_status(
+                HEALTH_COMPONENT,
+                HealthStatus::Degraded,
+                concerns.join("; "),
+            )
+        }
+    }
+}
+
+impl Pool for ActorPool {
+    fn kind(&self) -> &'static str {
+        "actor"
+    }
+
+    fn workers(&self) -> usize {
+        self.shared.slots.len()
+    }
+
+    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
+        self.submit_job(job).boxed()
+    }
+
+    fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        self.close_pool(timeout).boxed()
+    }
+
+    fn stats(&self) -> PoolStats {
+        let shared = &self.shared;
+        let c = &shared.counters;
+        let mut stats = PoolStats::default();
+        stats.workers = shared.slots.len();
+        stats.queue_capacity = shared.config.inbox_size;
+        stats.queued = shared.slots.iter().map(Slot::queued).sum();
+        stats.submitted = c.submitted.load(Ordering::Relaxed);
+        stats.completed = c.completed.load(Ordering::Relaxed);
+        stats.panicked = c.panicked.load(Ordering::Relaxed);
+        stats.rejected = c.rejected.load(Ordering::Relaxed);
+        stats.restarts = c.restarts.load(Ordering::Relaxed);
+        stats.unavailable_workers = shared.unavailable.load(Ordering::SeqCst);
+        stats
+    }
+
+    fn health(&self) -> ComponentHealth {
+        self.health_now()
+    }
+}
+
+impl Drop for ActorPool {
+    fn drop(&mut self) {
+        // Dropped without close: kill the supervisor, which kills its workers. Queued
+        // jobs are dropped with the queues, so their messages are not acknowledged.
+        if self.supervisor_task.get_mut().is_some() {
+            self.supervisor.kill();
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The worker actor: serves one slot, running its jobs one at a time in order.
+//!
+//! Jobs never travel through the actor's (unbounded) ractor mailbox. They wait in the
+//! slot's bounded queue, which the pool owns, and the actor pulls them from it. The
+//! mailbox carries one message per actor life: the `Serve` it sends itself on start.
+
+use std::sync::Arc;
+
+use eventbus_core::{JobClass, OutcomeKind};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::pool::Shared;
+use crate::slot::Slot;
+
+/// What a worker actor receives.
+#[derive(Debug)]
+pub(crate) enum WorkerMsg {
+    /// Serve the slot's queue until it is closed and empty.
+    Serve,
+}
+
+/// The worker actor.
+#[derive(Debug)]
+pub(crate) struct Worker;
+
+/// Start-up arguments and state of a worker.
+pub(crate) struct WorkerState {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) index: usize,
+}
+
+impl WorkerState {
+    fn slot(&self) -> &Slot {
+        &self.shared.slots[self.index]
+    }
+}
+
+impl Actor for Worker {
+    type Msg = WorkerMsg;
+    type State = WorkerState;
+    type Arguments = WorkerState;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        args: WorkerState,
+    ) -> Result<WorkerState, ActorProcessingErr> {
+        args.slot().register(myself);
+        Ok(args)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        _state: &mut WorkerState,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.send_message(WorkerMsg::Serve)?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<WorkerMsg>,
+        message: WorkerMsg,
+        state: &mut WorkerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            WorkerMsg::Serve => serve(state).await,
+        }
+    }
+}
+
+/// Run the slot's jobs in queue order until the queue is closed and empty.
+///
+/// A plain job whose handler panicked makes the actor fail (its outcome is already
+/// delivered); the supervisor restarts it and the successor takes over the queue,
+/// which outlives the actor, with every job still in it. A kill (close past its
+/// deadline) drops the running job, so its outcome never arrives.
+async fn serve(state: &WorkerState) -> Result<(), ActorProcessingErr> {
+    let slot = state.slot();
+    let mut rx = slot.receiver().await;
+    let closing = state.shared.closing_token().cancelled();
+    tokio::pin!(closing);
+    let mut closed = false;
+    loop {
+        let next = if closed {
+            rx.recv().await
+        } else {
+            tokio::select! {
+                biased;
+                job = rx.recv() => job,
+                () = &mut closing => {
+                    // Refuse new jobs; the ones queued are still served below.
+                    rx.close();
+                    closed = true;
+                    continue;
+                }
+            }
+        };
+        let Some(job) = next else {
+            return Ok(());
+        };
+        slot.popped();
+        let class = job.class();
+        let kind = job.run().await;
+        state.shared.job_finished(slot, kind);
+        if class == JobClass::Plain && kind == OutcomeKind::Panicked {
+            return Err(format!("actor {}: plain handler panicked", slot.index).into());
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The shared pool contract, the randomised dispatcher workload and the bus
+//! conformance suite (memory backend), all on the actor pool.
+
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use eventbus_actor_pool::ActorPool;
+use eventbus_core::{ActorPoolConfig, Error, EventBusConfig, Pool, SharedBus};
+use eventbus_memory::{MemoryBroker, MemoryEventBus};
+use eventbus_testkit::conformance::{self, BusFactory, Capabilities};
+use eventbus_testkit::pool_suite::{self, PoolFactory, PoolSpec, Step};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use proptest::prelude::*;
+
+/// Keep the suites' deliberate handler panics out of the test output.
+fn quiet_deliberate_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let text = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let deliberate =
+                text.starts_with("random panic in message ") || text == "boom in a job";
+            if !deliberate {
+                default(info);
+            }
+        }));
+    });
+}
+
+fn config(spec: PoolSpec) -> ActorPoolConfig {
+    let mut cfg = ActorPoolConfig::default()
+        .size(spec.workers)
+        .inbox_size(spec.queue);
+    cfg.wait_timeout = spec.wait_timeout;
+    cfg
+}
+
+fn actor_pools() -> PoolFactory {
+    Arc::new(|spec: PoolSpec| {
+        async move {
+            Arc::new(ActorPool::start(&config(spec)).await.expect("valid config")) as Arc<dyn Pool>
+        }
+        .boxed()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actor_pool_meets_the_pool_contract() {
+    quiet_deliberate_panics();
+    pool_suite::run_all(&actor_pools()).await;
+}
+
+struct Memory(MemoryBroker);
+
+impl BusFactory for Memory {
+    fn name(&self) -> &str {
+        "memory"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all()
+    }
+    fn bus(
+        &self,
+        pool: Arc<dyn Pool>,
+        config: EventBusConfig,
+    ) -> BoxFuture<'_, Result<SharedBus, Error>> {
+        let broker = self.0.clone();
+        async move { Ok(Arc::new(MemoryEventBus::new(broker, pool, config)?) as SharedBus) }.boxed()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bus_on_the_actor_pool_passes_the_conformance_suite() {
+    quiet_deliberate_panics();
+    conformance::run_all(&Memory(MemoryBroker::default()), &actor_pools()).await;
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (0usize..12, any::<bool>(), 0u64..300, 0u32..5, any::<bool>()).prop_map(
+        |(key, envelope, delay_us, fail, panics)| Step {
+            key,
+            envelope,
+            delay_us: if delay_us > 200 { delay_us } else { 0 },
+            fail_times: match fail {
+                3 => 1,
+                4 => 4,
+                _ => 0,
+            },
+            panics,
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_workload_keeps_every_promise_and_counts_each_restart(
+        steps in prop::collection::vec(step(), 1..100),
+        actors in 1usize..6,
+    ) {
+        quiet_deliberate_panics();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let (report, restarts) = rt.block_on(async {
+            let mut cfg = ActorPoolConfig::default()
+                .size(actors)
+                .inbox_size(8)
+                .max_restarts(u32::MAX);
+            cfg.wait_timeout = Duration::from_millis(5);
+            let pool = Arc::new(ActorPool::start(&cfg).await.expect("valid config"));
+            let report = pool_suite::random_workload(pool.clone(), &steps, 3).await;
+            // An actor fails right after delivering its panicking job's outcome, and
+            // the supervisor counts the restart after that: let it catch up.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while pool.stats().restarts < report.plain_panics
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let restarts = pool.stats().restarts;
+            pool.close(Duration::from_secs(5)).await;
+            assert_eq!(pool.live_actors(), 0, "actors left running after close");
+            assert_eq!(pool.stats().restarts, restarts, "no restart during close");
+            (report, restarts)
+        });
+        prop_assert!(report.is_clean(), "{:?}", report);
+        prop_assert_eq!(restarts, report.plain_panics, "one restart per plain panic");
+    }
+}

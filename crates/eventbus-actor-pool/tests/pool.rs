@@ -1,0 +1,559 @@
+//! Behaviour of the actor pool driven directly through the `Pool` trait.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use eventbus_actor_pool::{ActorPool, HEALTH_COMPONENT};
+use eventbus_core::{
+    ActorPoolConfig, ErrorKind, FailureCause, HealthStatus, Job, JobClass, Outcome,
+    OutcomeReceiver, Pool, SubmitErrorKind,
+};
+use futures::FutureExt;
+use tokio::sync::oneshot;
+
+/// Panics raised on purpose by these tests carry this marker.
+const INDUCED: &str = "induced panic";
+
+/// Keep induced panics out of the test output; every other panic is reported.
+fn quiet_induced_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let text = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            if text != INDUCED {
+                default(info);
+            }
+        }));
+    });
+}
+
+fn config(size: usize, inbox: usize) -> ActorPoolConfig {
+    let mut c = ActorPoolConfig::default().size(size).inbox_size(inbox);
+    c.wait_timeout = Duration::from_millis(20);
+    c
+}
+
+fn job<F>(route: u64, class: JobClass, key: &str, task: F) -> (Job, OutcomeReceiver)
+where
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    Job::new(route, class, Some(Arc::from(key)), task.boxed())
+}
+
+fn handled() -> Outcome {
+    Outcome::Handled { attempts: 1 }
+}
+
+/// A job that reports when it starts and then waits for the returned gate.
+fn gated(
+    route: u64,
+) -> (
+    Job,
+    OutcomeReceiver,
+    oneshot::Receiver<()>,
+    oneshot::Sender<()>,
+) {
+    let (started_tx, started_rx) = oneshot::channel();
+    let (gate_tx, gate_rx) = oneshot::channel::<()>();
+    let (job, rx) = job(route, JobClass::Plain, "gate", async move {
+        let _ = started_tx.send(());
+        let _ = gate_rx.await;
+        handled()
+    });
+    (job, rx, started_rx, gate_tx)
+}
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after 10s waiting for {what}"))
+}
+
+/// Poll `cond` until it holds; fail naming `what` after 10 s.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 10s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn outcome(what: &str, rx: OutcomeReceiver) -> Outcome {
+    within(what, rx)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: job dropped without an outcome"))
+}
+
+#[test]
+fn actor_pool_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<ActorPool>();
+    fn as_dyn(pool: Arc<ActorPool>) -> Arc<dyn Pool> {
+        pool
+    }
+    let _ = as_dyn;
+}
+
+#[tokio::test]
+async fn start_validates_the_config_naming_the_key() {
+    let cases = [
+        (ActorPoolConfig::default().size(0), "actor_pool.size"),
+        (
+            ActorPoolConfig::default().size(eventbus_actor_pool::MAX_SIZE + 1),
+            "actor_pool.size",
+        ),
+        (
+            ActorPoolConfig::default().inbox_size(0),
+            "actor_pool.inbox_size",
+        ),
+        (
+            ActorPoolConfig::default().rollout_percent(101),
+            "actor_pool.rollout_percent",
+        ),
+        (
+            {
+                let mut c = ActorPoolConfig::default();
+                c.restart_window = Duration::ZERO;
+                c
+            },
+            "actor_pool.restart_window",
+        ),
+    ];
+    for (cfg, key) in cases {
+        let err = ActorPool::start(&cfg).await.expect_err(key);
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(err.to_string().contains(key), "`{err}` should name {key}");
+    }
+}
+
+#[tokio::test]
+async fn reports_kind_size_and_health_and_closes_every_actor() {
+    let pool = ActorPool::start(&config(8, 5)).await.unwrap();
+    assert_eq!(pool.kind(), "actor");
+    assert_eq!(pool.workers(), 8);
+    assert_eq!(pool.live_actors(), 9, "8 workers and the supervisor");
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.workers, stats.queue_capacity, stats.queued),
+        (8, 5, 0)
+    );
+    let health = pool.health();
+    assert_eq!(health.name, HEALTH_COMPONENT);
+    assert_eq!(health.status, HealthStatus::Healthy);
+    pool.close(Duration::from_secs(5)).await;
+    assert_eq!(pool.live_actors(), 0);
+    assert_eq!(pool.health().status, HealthStatus::Unhealthy);
+    // A second close is a no-op.
+    pool.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_route_run_in_submission_order() {
+    let pool = ActorPool::start(&config(4, 8)).await.unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut receivers = Vec::new();
+    for i in 0..400u64 {
+        let route = i % 7; // 7 routes over 4 actors: routes share actors too
+        let log = log.clone();
+        let (mut j, rx) = job(route, JobClass::Envelope, "k", async move {
+            if i % 3 == 0 {
+                tokio::task::yield_now().await;
+            }
+            log.lock().unwrap().push((route, i));
+            handled()
+        });
+        // The queue is small: submission waits for room (the dispatcher retries Full).
+        loop {
+            match pool.submit(j).await {
+                Ok(()) => break,
+                Err(e) if e.kind() == SubmitErrorKind::Full => j = e.into_job(),
+                Err(e) => panic!("unexpected refusal: {e}"),
+            }
+        }
+        receivers.push(rx);
+    }
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let o = outcome(&format!("job {i}"), rx).await;
+        assert!(matches!(o, Outcome::Handled { .. }), "job {i}: {o:?}");
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 400);
+    for route in 0..7 {
+        let seen: Vec<u64> = log
+            .iter()
+            .filter(|(r, _)| *r == route)
+            .map(|(_, i)| *i)
+            .collect();
+        let expected: Vec<u64> = (0..400).filter(|i| i % 7 == route).collect();
+        assert_eq!(seen, expected, "route {route} ran out of order");
+    }
+    // Counters follow the outcome delivery.
+    eventually("400 completed jobs", || pool.stats().completed == 400).await;
+    assert_eq!(pool.stats().submitted, 400);
+    pool.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_actor_does_not_hold_up_another() {
+    let pool = ActorPool::start(&config(2, 4)).await.unwrap();
+    let (blocker, blocker_rx, started, gate) = gated(0);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    // Route 1 lives on actor 1; route 2 on actor 0, behind the blocker.
+    let (other, other_rx) = job(1, JobClass::Plain, "other", async { handled() });
+    let (behind, mut behind_rx) = job(2, JobClass::Plain, "behind", async { handled() });
+    pool.submit(other).await.unwrap();
+    pool.submit(behind).await.unwrap();
+    let o = outcome("the job on actor 1 while actor 0 is blocked", other_rx).await;
+    assert!(matches!(o, Outcome::Handled { .. }));
+    assert!(
+        behind_rx.try_recv().is_err(),
+        "a job queued behind the blocked job on actor 0 must wait for it"
+    );
+    gate.send(()).unwrap();
+    assert!(matches!(
+        outcome("the blocking job", blocker_rx).await,
+        Outcome::Handled { .. }
+    ));
+    assert!(matches!(
+        outcome("the job behind it", behind_rx).await,
+        Outcome::Handled { .. }
+    ));
+    pool.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_full_inbox_hands_the_job_back_after_the_wait() {
+    let pool = ActorPool::start(&config(1, 1)).await.unwrap();
+    let (blocker, blocker_rx, started, gate) = gated(0);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    let (second, second_rx) = job(0, JobClass::Plain, "second", async { handled() });
+    pool.submit(second).await.unwrap(); // fills the inbox of 1
+    let (third, third_rx) = job(7, JobClass::Plain, "third", async { handled() });
+    let err = pool.submit(third).await.expect_err("inbox is full");
+    assert_eq!(err.kind(), SubmitErrorKind::Full);
+    let back = err.into_job();
+    assert_eq!(back.route(), 7);
+    assert_eq!(back.key().map(|k| &**k), Some("third"));
+    let stats = pool.stats();
+    assert_eq!((stats.rejected, stats.queued, stats.submitted), (1, 1, 2));
+    let health = pool.health();
+    assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+    assert!(health
+        .reason
+        .unwrap_or_default()
+        .contains("inboxes 100% full"));
+
+    gate.send(()).unwrap();
+    // The handed-back job is intact: submitted again, it runs and reports.
+    let mut job = back;
+    loop {
+        match pool.submit(job).await {
+            Ok(()) => break,
+            Err(e) if e.kind() == SubmitErrorKind::Full => job = e.into_job(),
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+    }
+    for (what, rx) in [
+        ("blocker", blocker_rx),
+        ("second", second_rx),
+        ("third", third_rx),
+    ] {
+        assert!(matches!(outcome(what, rx).await, Outcome::Handled { .. }));
+    }
+    pool.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn an_envelope_panic_is_a_failed_outcome_and_the_actor_carries_on() {
+    quiet_induced_panics();
+    let pool = ActorPool::start(&config(1, 4)).await.unwrap();
+    let (bad, bad_rx) = job(0, JobClass::Envelope, "e", async { panic!("{INDUCED}") });
+    let (good, good_rx) = job(0, JobClass::Envelope, "e", async { handled() });
+    pool.submit(bad).await.unwrap();
+    pool.submit(good).await.unwrap();
+    let o = outcome("the panicking envelope job", bad_rx).await;
+    assert!(
+        matches!(&o, Outcome::Failed { cause: FailureCause::Panic(p), .. } if p.contains(INDUCED)),
+        "{o:?}"
+    );
+    assert!(matches!(
+        outcome("the next job", good_rx).await,
+        Outcome::Handled { .. }
+    ));
+    eventually("2 completed jobs", || pool.stats().completed == 2).await;
+    let stats = pool.stats();
+    assert_eq!((stats.panicked, stats.restarts), (1, 0));
+    assert_eq!(pool.health().status, HealthStatus::Healthy);
+    pool.close(Duration::from_secs(5)).await;
+    assert_eq!(pool.stats().restarts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_panic_restarts_the_actor_without_losing_its_queue() {
+    quiet_induced_panics();
+    let pool = ActorPool::start(&config(2, 16)).await.unwrap();
+    // Hold actor 0 so everything below is queued before the panic happens.
+    let (blocker, blocker_rx, started, gate) = gated(0);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    let (bad, bad_rx) = job(0, JobClass::Plain, "p", async { panic!("{INDUCED}") });
+    pool.submit(bad).await.unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut receivers = Vec::new();
+    for i in 0..10u64 {
+        let log = log.clone();
+        let (j, rx) = job(2 * i, JobClass::Plain, "p", async move {
+            log.lock().unwrap().push(i);
+            handled()
+        });
+        pool.submit(j).await.unwrap();
+        receivers.push(rx);
+    }
+    assert_eq!(pool.stats().queued, 11);
+    gate.send(()).unwrap();
+    assert!(matches!(
+        outcome("blocker", blocker_rx).await,
+        Outcome::Handled { .. }
+    ));
+    let o = outcome("the panicking plain job", bad_rx).await;
+    assert!(
+        matches!(
+            &o,
+            Outcome::Failed {
+                cause: FailureCause::Panic(_),
+                ..
+            }
+        ),
+        "{o:?}"
+    );
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let o = outcome(&format!("queued job {i} after the restart"), rx).await;
+        assert!(matches!(o, Outcome::Handled { .. }), "job {i}: {o:?}");
+    }
+    assert_eq!(*log.lock().unwrap(), (0..10).collect::<Vec<_>>());
+    eventually("the restart and 12 completed jobs to be counted", || {
+        let stats = pool.stats();
+        stats.restarts == 1 && stats.completed == 12
+    })
+    .await;
+    let stats = pool.stats();
+    assert_eq!((stats.panicked, stats.unavailable_workers), (1, 0));
+    let health = pool.health();
+    assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+    assert_eq!(pool.live_actors(), 3);
+    pool.close(Duration::from_secs(5)).await;
+    assert_eq!(pool.stats().restarts, 1);
+    assert_eq!(pool.live_actors(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_restart_limit_the_actor_is_out_of_service() {
+    quiet_induced_panics();
+    let cfg = config(2, 16).max_restarts(2);
+    let pool = ActorPool::start(&cfg).await.unwrap();
+    let (blocker, blocker_rx, started, gate) = gated(0);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    let mut panics = Vec::new();
+    for _ in 0..3 {
+        let (bad, rx) = job(0, JobClass::Plain, "p", async { panic!("{INDUCED}") });
+        pool.submit(bad).await.unwrap();
+        panics.push(rx);
+    }
+    let mut held = Vec::new();
+    for i in 0..2u64 {
+        let (j, rx) = job(2 * i, JobClass::Envelope, "held", async { handled() });
+        pool.submit(j).await.unwrap();
+        held.push(rx);
+    }
+    gate.send(()).unwrap();
+    outcome("blocker", blocker_rx).await;
+    for (i, rx) in panics.into_iter().enumerate() {
+        outcome(&format!("panicking job {i}"), rx).await;
+    }
+    eventually("actor 0 to be out of service", || {
+        pool.health().status == HealthStatus::Unhealthy
+    })
+    .await;
+    let health = pool.health();
+    let reason = health.reason.clone().unwrap_or_default();
+    assert!(reason.contains("actor 0"), "{reason}");
+    assert!(!reason.contains("actor 1"), "{reason}");
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.restarts, stats.unavailable_workers, stats.queued),
+        (2, 1, 2)
+    );
+
+    // Its route is refused with the job handed back; the other actor still works.
+    let (refused, _refused_rx) = job(4, JobClass::Envelope, "refused", async { handled() });
+    let err = pool
+        .submit(refused)
+        .await
+        .expect_err("actor 0 is out of service");
+    assert_eq!(err.kind(), SubmitErrorKind::Unavailable);
+    assert_eq!(err.into_job().key().map(|k| &**k), Some("refused"));
+    let (fine, fine_rx) = job(1, JobClass::Envelope, "fine", async { handled() });
+    pool.submit(fine).await.unwrap();
+    assert!(matches!(
+        outcome("a job on actor 1", fine_rx).await,
+        Outcome::Handled { .. }
+    ));
+
+    // The jobs queued for the dead actor stay queued (unacknowledged) ...
+    for rx in &mut held {
+        assert!(rx.try_recv().is_err(), "a held job must not have run");
+    }
+    pool.close(Duration::from_millis(200)).await;
+    // ... and are dropped at close without an outcome, so they are redelivered.
+    for rx in held {
+        assert!(within("held job to be dropped", rx).await.is_err());
+    }
+    assert_eq!(pool.live_actors(), 0);
+    assert_eq!(pool.stats().restarts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_drains_queued_jobs_then_refuses() {
+    let pool = Arc::new(ActorPool::start(&config(2, 16)).await.unwrap());
+    let (blocker, blocker_rx, started, gate) = gated(0);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    let mut receivers = Vec::new();
+    for i in 0..10u64 {
+        let (j, rx) = job(i, JobClass::Plain, "q", async { handled() });
+        pool.submit(j).await.unwrap();
+        receivers.push(rx);
+    }
+    let closing = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.close(Duration::from_secs(10)).await }
+    });
+    eventually("close to begin", || pool.is_closed()).await;
+    let (late, _late_rx) = job(1, JobClass::Plain, "late", async { handled() });
+    let err = pool.submit(late).await.expect_err("pool is closing");
+    assert_eq!(err.kind(), SubmitErrorKind::Closed);
+    assert_eq!(err.into_job().key().map(|k| &**k), Some("late"));
+
+    gate.send(()).unwrap();
+    within("close to finish", closing).await.unwrap();
+    assert!(matches!(
+        outcome("blocker", blocker_rx).await,
+        Outcome::Handled { .. }
+    ));
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let o = outcome(&format!("queued job {i}"), rx).await;
+        assert!(matches!(o, Outcome::Handled { .. }), "job {i}: {o:?}");
+    }
+    let stats = pool.stats();
+    assert_eq!(
+        (
+            stats.submitted,
+            stats.completed,
+            stats.queued,
+            stats.rejected
+        ),
+        (11, 11, 0, 1)
+    );
+    assert_eq!(pool.live_actors(), 0);
+    let (after, _after_rx) = job(0, JobClass::Plain, "after", async { handled() });
+    assert_eq!(
+        pool.submit(after).await.unwrap_err().kind(),
+        SubmitErrorKind::Closed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_stops_a_busy_actor_at_the_timeout_and_drops_its_queue() {
+    let pool = ActorPool::start(&config(1, 4)).await.unwrap();
+    let (blocker, blocker_rx, started, _gate) = gated(0);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    let (queued, queued_rx) = job(0, JobClass::Plain, "q", async { handled() });
+    pool.submit(queued).await.unwrap();
+    within("close", pool.close(Duration::from_millis(50))).await;
+    assert!(
+        within("blocker to be dropped", blocker_rx).await.is_err(),
+        "the busy job was aborted, so it has no outcome"
+    );
+    assert!(within("queued job to be dropped", queued_rx).await.is_err());
+    assert_eq!(pool.live_actors(), 0);
+    assert_eq!(pool.stats().queued, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_waiting_for_room_is_refused_when_close_begins() {
+    let mut cfg = config(1, 1);
+    cfg.wait_timeout = Duration::from_secs(60);
+    let pool = Arc::new(ActorPool::start(&cfg).await.unwrap());
+    let (blocker, blocker_rx, started, gate) = gated(0);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    let (filler, filler_rx) = job(0, JobClass::Plain, "filler", async { handled() });
+    pool.submit(filler).await.unwrap();
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let (j, _rx) = job(0, JobClass::Plain, "waiting", async { handled() });
+            pool.submit(j)
+                .await
+                .map_err(|e| (e.kind(), e.into_job().key().cloned()))
+        }
+    });
+    // Give the submission time to reach its wait; the result is the same either way.
+    tokio::task::yield_now().await;
+    let closing = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.close(Duration::from_secs(10)).await }
+    });
+    let refused = within("the waiting submission to be refused", waiting)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        Err((SubmitErrorKind::Closed, Some(Arc::from("waiting")))),
+        "a submission waiting for room while close begins is handed back as Closed"
+    );
+    gate.send(()).unwrap();
+    within("close to finish", closing).await.unwrap();
+    assert!(matches!(
+        outcome("blocker", blocker_rx).await,
+        Outcome::Handled { .. }
+    ));
+    assert!(matches!(
+        outcome("filler", filler_rx).await,
+        Outcome::Handled { .. }
+    ));
+    assert_eq!(pool.live_actors(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_pool_without_close_stops_its_actors() {
+    let pool = ActorPool::start(&config(2, 4)).await.unwrap();
+    let (blocker, blocker_rx, started, _gate) = gated(0);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    let (queued, queued_rx) = job(0, JobClass::Plain, "q", async { handled() });
+    pool.submit(queued).await.unwrap();
+    drop(pool);
+    // The running job is aborted with its actor and the queued one dropped with the
+    // queue: neither delivers an outcome, so their messages are not acknowledged.
+    assert!(within("the running job to be aborted", blocker_rx)
+        .await
+        .is_err());
+    assert!(within("the queued job to be dropped", queued_rx)
+        .await
+        .is_err());
+}

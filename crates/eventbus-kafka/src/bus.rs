@@ -1,0 +1,646 @@
+//! [`KafkaEventBus`]: the [`EventBus`] on Kafka.
+
+use eventbus_core::{
+    envelope_record, ComponentHealth, Dispatcher, Envelope, Error, ErrorKind, EventBus,
+    EventBusConfig, HealthReport, HealthStatus, Pool, PublishReceipt, Record, Result, Subscription,
+    TopicConfig,
+};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::Consumer;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::Offset;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Mutex, OnceCell, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaConfig;
+use crate::consumer::{consumer_gone, fetch_thread, ConsumeLoop, Control, KConsumer};
+use crate::context::{ConsumerCtx, ConsumerShared, TracingContext};
+use crate::metrics as km;
+use crate::producer::{Delivery, KafkaDeadLetterSink, KafkaProducer};
+
+/// Lag of one partition owned by this bus's consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionLag {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset after the last record in the partition.
+    pub high_watermark: i64,
+    /// The group's committed offset (next offset to consume), if any.
+    pub committed: Option<i64>,
+    /// `high_watermark - committed` (from the low watermark without a commit).
+    pub lag: i64,
+}
+
+struct Running {
+    consumer: Arc<KConsumer>,
+    shared: Arc<ConsumerShared>,
+    control: mpsc::Sender<Control>,
+    stop: CancellationToken,
+    fetch_stop: Arc<AtomicBool>,
+    loop_task: Option<JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A bus dropped without close still stops its loop and thread.
+        self.fetch_stop.store(true, Ordering::Release);
+        self.stop.cancel();
+    }
+}
+
+#[derive(Default)]
+struct ConsumerSlot {
+    running: Option<Running>,
+    topics: BTreeSet<String>,
+    joined: bool,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    bus_config: EventBusConfig,
+    pool: Arc<dyn Pool>,
+    dispatcher: Dispatcher,
+    producer: Arc<KafkaProducer>,
+    consumer: Mutex<ConsumerSlot>,
+    closed: AtomicBool,
+    pool_closed: Arc<AtomicBool>,
+    limit: Arc<Semaphore>,
+    admin: OnceCell<Arc<AdminClient<TracingContext>>>,
+}
+
+/// The Kafka backend: one producer, and one consumer (one group member) for every
+/// subscribed topic. See the crate docs.
+#[derive(Clone)]
+pub struct KafkaEventBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for KafkaEventBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaEventBus")
+            .field("config", &self.inner.config)
+            .field("group_id", &self.inner.bus_config.consumer.group_id)
+            .field("pool", &self.inner.pool)
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn gone<T>(_: T) -> Error {
+    consumer_gone()
+}
+
+impl KafkaEventBus {
+    /// A bus on the brokers of `config`, handling messages on `pool`, with group id,
+    /// in-flight bounds, commit interval, drain timeout, dead letters and delivery
+    /// policy from `bus_config`. Connects lazily; the consumer is created by the
+    /// first subscription.
+    pub fn new(
+        config: KafkaConfig,
+        bus_config: EventBusConfig,
+        pool: Arc<dyn Pool>,
+    ) -> Result<Self> {
+        config.validate()?;
+        bus_config.validate()?;
+        let producer = Arc::new(KafkaProducer::new(&config)?);
+        let sink = Arc::new(KafkaDeadLetterSink::new(producer.clone()));
+        let dispatcher = Dispatcher::new("kafka", pool.clone(), Some(sink), bus_config.clone());
+        let limit = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
+        tracing::info!(pool = pool.kind(), group_id = %bus_config.consumer.group_id,
+            brokers = %config.brokers, "kafka event bus created");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                bus_config,
+                pool,
+                dispatcher,
+                producer,
+                consumer: Mutex::new(ConsumerSlot::default()),
+                closed: AtomicBool::new(false),
+                pool_closed: Arc::new(AtomicBool::new(false)),
+                limit,
+                admin: OnceCell::new(),
+            }),
+        })
+    }
+
+    /// The producer, for batched publishing ([`KafkaProducer::enqueue`],
+    /// [`KafkaProducer::publish_batch`]).
+    pub fn producer(&self) -> &Arc<KafkaProducer> {
+        &self.inner.producer
+    }
+
+    /// The pipeline (counters: handled, dead-lettered, stuck keys, ...).
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.inner.dispatcher
+    }
+
+    /// Put a record in the producer queue and return its delivery, to await later.
+    pub async fn publish_async(&self, topic: &str, record: &Record) -> Result<Delivery> {
+        self.check_open()?;
+        self.inner.producer.enqueue(topic, record).await
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Error::closed("the Kafka event bus is closed"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn start_consumer(&self) -> Result<Running> {
+        let inner = &self.inner;
+        let consumer_cfg = &inner.bus_config.consumer;
+        let (ev_tx, ev_rx) = mpsc::channel(inner.config.fetch_buffer);
+        let shared = Arc::new(ConsumerShared::default());
+        let ctx = ConsumerCtx {
+            events: ev_tx.clone(),
+            shared: shared.clone(),
+            revoke_wait: consumer_cfg.drain_timeout + inner.config.operation_timeout,
+        };
+        let consumer: KConsumer = inner
+            .config
+            .consumer_config(&inner.bus_config)
+            .create_with_context(ctx)
+            .map_err(|e| {
+                Error::config(format!(
+                    "kafka: librdkafka refused the consumer configuration: {e}"
+                ))
+            })?;
+        let consumer = Arc::new(consumer);
+        let (ctl_tx, ctl_rx) = mpsc::channel(16);
+        let (done_tx, done_rx) = std_mpsc::sync_channel(1);
+        let stop = CancellationToken::new();
+        let fetch_stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let consumer = consumer.clone();
+            let shared = shared.clone();
+            let fetch_stop = fetch_stop.clone();
+            std::thread::Builder::new()
+                .name("eventbus-kafka-fetch".to_owned())
+                .spawn(move || fetch_thread(consumer, ev_tx, shared, fetch_stop, done_rx))
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Unavailable,
+                        "cannot start the Kafka fetching thread",
+                    )
+                    .with_source(e)
+                })?
+        };
+        let lp = ConsumeLoop::new(
+            consumer.clone(),
+            inner.dispatcher.clone(),
+            ev_rx,
+            ctl_rx,
+            stop.clone(),
+            inner.limit.clone(),
+            inner.config.fetch_buffer + 2,
+            inner.config.operation_timeout,
+            inner.pool_closed.clone(),
+            done_tx,
+        );
+        let loop_task = tokio::spawn(lp.run());
+        tracing::info!(group_id = %consumer_cfg.group_id, "kafka consumer started");
+        Ok(Running {
+            consumer,
+            shared,
+            control: ctl_tx,
+            stop,
+            fetch_stop,
+            loop_task: Some(loop_task),
+            thread: Some(thread),
+        })
+    }
+
+    /// Join the group now with the topics subscribed so far, even if some declared
+    /// topics (`kafka.topics`) have no handler yet.
+    pub async fn start(&self) -> Result<()> {
+        self.check_open()?;
+        let mut slot = self.inner.consumer.lock().await;
+        if slot.topics.is_empty() {
+            return Ok(());
+        }
+        slot.joined = true;
+        Self::resubscribe(&slot)
+    }
+
+    fn resubscribe(slot: &ConsumerSlot) -> Result<()> {
+        let Some(running) = &slot.running else {
+            return Err(consumer_gone());
+        };
+        let topics: Vec<&str> = slot.topics.iter().map(String::as_str).collect();
+        if topics.is_empty() {
+            running.consumer.unsubscribe();
+            return Ok(());
+        }
+        running.consumer.subscribe(&topics).map_err(|e| {
+            Error::new(
+                ErrorKind::Broker,
+                format!("cannot subscribe the consumer to topics {topics:?}"),
+            )
+            .with_source(e)
+        })?;
+        tracing::info!(?topics, "consumer subscribed");
+        Ok(())
+    }
+
+    /// Partitions this bus's consumer owns now.
+    pub async fn assignment(&self) -> Result<Vec<(String, i32)>> {
+        let slot = self.inner.consumer.lock().await;
+        let Some(running) = &slot.running else {
+            return Ok(Vec::new());
+        };
+        let tpl = running.consumer.assignment().map_err(|e| {
+            Error::new(ErrorKind::Broker, "cannot read the consumer assignment").with_source(e)
+        })?;
+        let mut out: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Failed offset commits so far (each is retried by the next commit).
+    pub async fn commit_errors(&self) -> u64 {
+        let slot = self.inner.consumer.lock().await;
+        slot.running
+            .as_ref()
+            .map_or(0, |r| r.shared.commit_errors.load(Ordering::Relaxed))
+    }
+
+    /// Lag of every owned partition: high watermark minus committed offset, asked
+    /// from the brokers. Also exported as the `kafka_eventbus_partition_lag` gauge.
+    pub async fn lag(&self) -> Result<Vec<PartitionLag>> {
+        let consumer = {
+            let slot = self.inner.consumer.lock().await;
+            match &slot.running {
+                Some(r) => r.consumer.clone(),
+                None => return Ok(Vec::new()),
+            }
+        };
+        let timeout = self.inner.config.operation_timeout;
+        let broker = |what: &str, e: rdkafka::error::KafkaError| {
+            Error::new(ErrorKind::Broker, format!("lag: cannot read {what}")).with_source(e)
+        };
+        tokio::task::spawn_blocking(move || {
+            let assignment = consumer
+                .assignment()
+                .map_err(|e| broker("the assignment", e))?;
+            if assignment.count() == 0 {
+                return Ok(Vec::new());
+            }
+            let committed = consumer
+                .committed_offsets(assignment, timeout)
+                .map_err(|e| broker("committed offsets", e))?;
+            let mut out = Vec::new();
+            for e in committed.elements() {
+                let (low, high) = consumer
+                    .fetch_watermarks(e.topic(), e.partition(), timeout)
+                    .map_err(|err| {
+                        broker(
+                            &format!("watermarks of {}/{}", e.topic(), e.partition()),
+                            err,
+                        )
+                    })?;
+                let committed = match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                };
+                let lag = (high - committed.unwrap_or(low)).max(0);
+                km::lag(e.topic(), e.partition(), lag);
+                out.push(PartitionLag {
+                    topic: e.topic().to_owned(),
+                    partition: e.partition(),
+                    high_watermark: high,
+                    committed,
+                    lag,
+                });
+            }
+            out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Unavailable, "lag task failed").with_source(e))?
+    }
+
+    async fn admin(&self) -> Result<Arc<AdminClient<TracingContext>>> {
+        self.inner
+            .admin
+            .get_or_try_init(|| async {
+                self.inner
+                    .config
+                    .admin_config()
+                    .create_with_context(TracingContext::new("admin"))
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        Error::config(format!(
+                            "kafka: librdkafka refused the admin configuration: {e}"
+                        ))
+                    })
+            })
+            .await
+            .cloned()
+    }
+
+    async fn do_configure_topic(&self, topic: &str, config: TopicConfig) -> Result<()> {
+        eventbus_core::validate_topic(topic)?;
+        if !config.persistent {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "topic `{topic}`: Kafka has no fire-and-forget topics (persistent = false)"
+                ),
+            ));
+        }
+        let admin = self.admin().await?;
+        let timeout = self.inner.config.operation_timeout;
+        let existing = {
+            let admin = admin.clone();
+            let name = topic.to_owned();
+            tokio::task::spawn_blocking(move || {
+                admin.inner().fetch_metadata(Some(&name), timeout).map(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == name && t.error().is_none())
+                        .map(|t| t.partitions().len())
+                })
+            })
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unavailable, "metadata task failed").with_source(e))?
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Broker,
+                    format!("topic `{topic}`: metadata request failed"),
+                )
+                .with_source(e)
+            })?
+        };
+        if let Some(found) = existing {
+            return match config.partitions {
+                Some(want) if want as usize != found => Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("topic `{topic}` exists with {found} partitions, {want} requested"),
+                )),
+                _ => Ok(()),
+            };
+        }
+        let partitions = config.partitions.map_or(-1, |p| p as i32);
+        let replicas = config.replicas.map_or(-1, |r| r as i32);
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
+        let opts = AdminOptions::new().operation_timeout(Some(timeout));
+        let results = admin.create_topics(&[new], &opts).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Broker,
+                format!("topic `{topic}`: create request failed"),
+            )
+            .with_source(e)
+        })?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(Error::new(
+                        ErrorKind::Broker,
+                        format!("topic `{topic}`: the broker refused to create it: {code}"),
+                    ))
+                }
+            }
+        }
+        tracing::info!(topic, partitions, replicas, "topic created");
+        Ok(())
+    }
+
+    async fn do_subscribe(&self, subscription: Subscription) -> Result<()> {
+        self.check_open()?;
+        let prepared = self.inner.dispatcher.prepare(subscription)?;
+        let topic = prepared.topic().to_owned();
+        let mut slot = self.inner.consumer.lock().await;
+        self.check_open()?;
+        if slot.topics.contains(&topic) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("topic `{topic}` is already subscribed on this bus"),
+            ));
+        }
+        if slot.running.is_none() {
+            slot.running = Some(self.start_consumer()?);
+        }
+        let control = slot
+            .running
+            .as_ref()
+            .map(|r| r.control.clone())
+            .ok_or_else(consumer_gone)?;
+        let (tx, rx) = oneshot::channel();
+        control
+            .send(Control::Subscribe(prepared, tx))
+            .await
+            .map_err(gone)?;
+        rx.await.map_err(gone)?;
+        slot.topics.insert(topic.clone());
+        let declared = &self.inner.config.topics;
+        if slot.joined || declared.iter().all(|t| slot.topics.contains(t)) {
+            slot.joined = true;
+            Self::resubscribe(&slot)?;
+        } else {
+            tracing::info!(%topic, "subscribed; joining the group once every declared topic has a handler");
+        }
+        Ok(())
+    }
+
+    async fn do_unsubscribe(&self, topic: &str) -> Result<()> {
+        let mut slot = self.inner.consumer.lock().await;
+        if !slot.topics.remove(topic) {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("topic `{topic}` is not subscribed on this bus"),
+            ));
+        }
+        let control = slot
+            .running
+            .as_ref()
+            .map(|r| r.control.clone())
+            .ok_or_else(consumer_gone)?;
+        let (tx, rx) = oneshot::channel();
+        control
+            .send(Control::Unsubscribe(topic.to_owned(), tx))
+            .await
+            .map_err(gone)?;
+        if slot.joined {
+            Self::resubscribe(&slot)?;
+        }
+        drop(slot);
+        let bound =
+            self.inner.bus_config.consumer.drain_timeout * 2 + self.inner.config.operation_timeout;
+        match tokio::time::timeout(bound, rx).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("unsubscribe of topic `{topic}`: its partitions were not released within {bound:?}"),
+            )),
+        }
+    }
+
+    async fn do_close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let running = self.inner.consumer.lock().await.running.take();
+        if let Some(mut r) = running {
+            r.fetch_stop.store(true, Ordering::Release);
+            r.stop.cancel();
+            if let Some(task) = r.loop_task.take() {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "kafka dispatch loop failed");
+                }
+            }
+            let thread = r.thread.take();
+            drop(r);
+            if let Some(t) = thread {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+        }
+        self.inner
+            .pool
+            .close(self.inner.bus_config.consumer.drain_timeout)
+            .await;
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.config.operation_timeout;
+        tokio::task::spawn_blocking(move || producer.flush_blocking(timeout))
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::Unavailable, "flush task failed").with_source(e)
+            })??;
+        tracing::info!("kafka event bus closed");
+        Ok(())
+    }
+
+    async fn do_health(&self) -> HealthReport {
+        let mut components = Vec::new();
+        let producer = self.inner.producer.clone();
+        let timeout = self
+            .inner
+            .config
+            .operation_timeout
+            .min(Duration::from_secs(5));
+        let ping = tokio::task::spawn_blocking(move || producer.ping_blocking(timeout)).await;
+        components.push(match ping {
+            Ok(Ok(n)) if n > 0 => ComponentHealth::healthy("broker"),
+            Ok(Ok(_)) => {
+                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, "no broker known")
+            }
+            Ok(Err(e)) => {
+                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
+            }
+            Err(e) => {
+                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
+            }
+        });
+        components.push(self.inner.pool.health());
+        let stats = self.inner.dispatcher.stats();
+        let consumer = if self.inner.closed.load(Ordering::Acquire) {
+            ComponentHealth::with_status("consumer", HealthStatus::Unhealthy, "bus closed")
+        } else if self.inner.pool_closed.load(Ordering::Acquire) {
+            ComponentHealth::with_status(
+                "consumer",
+                HealthStatus::Unhealthy,
+                "the pool refuses work; consumption halted",
+            )
+        } else if !stats.stuck_keys.is_empty() {
+            ComponentHealth::with_status(
+                "consumer",
+                HealthStatus::Degraded,
+                format!("{} aggregate id(s) stuck in retry", stats.stuck_keys.len()),
+            )
+        } else {
+            ComponentHealth::healthy("consumer")
+        };
+        components.push(consumer);
+        match self.lag().await {
+            Ok(lags) if !lags.is_empty() => {
+                let total: i64 = lags.iter().map(|l| l.lag).sum();
+                components.push(ComponentHealth::with_status(
+                    "consumer.lag",
+                    HealthStatus::Healthy,
+                    format!("total lag {total} over {} partition(s)", lags.len()),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => components.push(ComponentHealth::with_status(
+                "consumer.lag",
+                HealthStatus::Degraded,
+                e.to_string(),
+            )),
+        }
+        HealthReport::from_components(components)
+    }
+}
+
+impl EventBus for KafkaEventBus {
+    fn backend(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        async move {
+            self.check_open()?;
+            self.inner.producer.publish(topic, &record).await
+        }
+        .boxed()
+    }
+
+    fn publish_envelope<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        async move {
+            self.check_open()?;
+            let record = envelope_record(envelope, &self.inner.bus_config.aggregate_id.header)?;
+            self.inner.producer.publish(topic, &record).await
+        }
+        .boxed()
+    }
+
+    fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>> {
+        self.do_subscribe(subscription).boxed()
+    }
+
+    fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        self.do_unsubscribe(topic).boxed()
+    }
+
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: TopicConfig,
+    ) -> BoxFuture<'a, Result<()>> {
+        self.do_configure_topic(topic, config).boxed()
+    }
+
+    fn health(&self) -> BoxFuture<'_, HealthReport> {
+        self.do_health().boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.do_close().boxed()
+    }
+}

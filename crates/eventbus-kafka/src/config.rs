@@ -1,0 +1,653 @@
+//! Kafka settings (`kafka.*`): connection, consumer, producer, TLS / SASL, and raw
+//! librdkafka properties as an escape hatch.
+//!
+//! Group id, in-flight bounds, commit interval, drain timeout, dead letters and the
+//! delivery policy come from [`eventbus_core::EventBusConfig`]; everything that is
+//! Kafka-only lives here.
+
+use eventbus_core::{validate_topic, Error, EventBusConfig, OffsetReset};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::secret::{is_secret_key, Secret};
+
+/// Producer acknowledgements (`acks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Acks {
+    /// Every in-sync replica has the record (`acks=all`). Required by idempotence.
+    #[default]
+    All,
+    /// The partition leader has the record (`acks=1`).
+    Leader,
+    /// Fire and forget (`acks=0`).
+    None,
+}
+
+impl Acks {
+    fn as_str(self) -> &'static str {
+        match self {
+            Acks::All => "all",
+            Acks::Leader => "1",
+            Acks::None => "0",
+        }
+    }
+}
+
+/// Compression of produced batches (`compression.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// No compression.
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4.
+    Lz4,
+    /// zstd (needs the `zstd` feature of this crate).
+    Zstd,
+}
+
+impl Compression {
+    fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// How clients talk to brokers (`security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no SASL.
+    #[default]
+    Plaintext,
+    /// TLS (needs the `ssl` or `ssl-vendored` feature).
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS (needs the `ssl` or `ssl-vendored` feature).
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+/// TLS and SASL settings (`kafka.security.*`), passed through to librdkafka.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SecurityConfig {
+    /// `security.protocol`, default `plaintext`.
+    pub protocol: SecurityProtocol,
+    /// `ssl.ca.location`: CA bundle file or directory.
+    pub ssl_ca_location: Option<String>,
+    /// `ssl.ca.pem`: CA certificate(s) in PEM.
+    pub ssl_ca_pem: Option<String>,
+    /// `ssl.certificate.location`: client certificate file.
+    pub ssl_certificate_location: Option<String>,
+    /// `ssl.certificate.pem`: client certificate in PEM.
+    pub ssl_certificate_pem: Option<String>,
+    /// `ssl.key.location`: client private key file.
+    pub ssl_key_location: Option<String>,
+    /// `ssl.key.pem`: client private key in PEM (secret).
+    pub ssl_key_pem: Option<Secret>,
+    /// `ssl.key.password`: password of the private key (secret).
+    pub ssl_key_password: Option<Secret>,
+    /// `ssl.endpoint.identification.algorithm`: `https` (verify host name) or `none`.
+    pub ssl_endpoint_identification: Option<String>,
+    /// `sasl.mechanism`: `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER`, `GSSAPI`.
+    pub sasl_mechanism: Option<String>,
+    /// `sasl.username`.
+    pub sasl_username: Option<String>,
+    /// `sasl.password` (secret).
+    pub sasl_password: Option<Secret>,
+}
+
+impl SecurityConfig {
+    /// SASL/SCRAM or PLAIN over TLS with this user and password.
+    pub fn sasl_ssl(
+        mechanism: impl Into<String>,
+        username: impl Into<String>,
+        password: impl Into<Secret>,
+    ) -> Self {
+        Self {
+            protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(mechanism.into()),
+            sasl_username: Some(username.into()),
+            sasl_password: Some(password.into()),
+            ..Self::default()
+        }
+    }
+
+    fn apply(&self, c: &mut ClientConfig) {
+        c.set("security.protocol", self.protocol.as_str());
+        let plain = [
+            ("ssl.ca.location", &self.ssl_ca_location),
+            ("ssl.ca.pem", &self.ssl_ca_pem),
+            ("ssl.certificate.location", &self.ssl_certificate_location),
+            ("ssl.certificate.pem", &self.ssl_certificate_pem),
+            ("ssl.key.location", &self.ssl_key_location),
+            (
+                "ssl.endpoint.identification.algorithm",
+                &self.ssl_endpoint_identification,
+            ),
+            ("sasl.mechanism", &self.sasl_mechanism),
+            ("sasl.username", &self.sasl_username),
+        ];
+        for (key, value) in plain {
+            if let Some(v) = value {
+                c.set(key, v);
+            }
+        }
+        let secret = [
+            ("ssl.key.pem", &self.ssl_key_pem),
+            ("ssl.key.password", &self.ssl_key_password),
+            ("sasl.password", &self.sasl_password),
+        ];
+        for (key, value) in secret {
+            if let Some(v) = value {
+                c.set(key, v.expose());
+            }
+        }
+    }
+}
+
+/// Producer settings (`kafka.producer.*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ProducerSettings {
+    /// `acks`, default `all`.
+    pub acks: Acks,
+    /// `enable.idempotence`, default true (no duplicates or reordering on retry).
+    pub idempotence: bool,
+    /// `compression.type`, default `none`.
+    pub compression: Compression,
+    /// `linger.ms`: how long to wait to fill a batch, default 5ms.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// `batch.size`: most bytes in one batch, default 1 MB.
+    pub batch_size: u32,
+    /// `batch.num.messages`: most records in one batch, default 10000.
+    pub batch_num_messages: u32,
+    /// `message.timeout.ms`: how long a record may take to be delivered, retries
+    /// included, default 30s.
+    #[serde(with = "humantime_serde")]
+    pub message_timeout: Duration,
+    /// `request.timeout.ms`: one produce request, default 30s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// `queue.buffering.max.messages`: records waiting locally, default 100000.
+    pub queue_max_messages: u32,
+    /// `queue.buffering.max.kbytes`: bytes waiting locally, default 1 GB.
+    pub queue_max_kbytes: u32,
+    /// How long `publish` waits for room when the local queue is full before it
+    /// fails with a `Full` error, default 5s.
+    #[serde(with = "humantime_serde")]
+    pub enqueue_timeout: Duration,
+}
+
+impl Default for ProducerSettings {
+    fn default() -> Self {
+        Self {
+            acks: Acks::All,
+            idempotence: true,
+            compression: Compression::None,
+            linger: Duration::from_millis(5),
+            batch_size: 1_000_000,
+            batch_num_messages: 10_000,
+            message_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            queue_max_messages: 100_000,
+            queue_max_kbytes: 1_048_576,
+            enqueue_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Kafka settings (`kafka.*`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated `host:port` list. Required.
+    pub brokers: String,
+    /// `client.id`, default `eventbus`.
+    pub client_id: String,
+    /// Topics this service will subscribe. When not empty, the consumer joins its
+    /// group once every one of them has a handler (one join at start-up instead of
+    /// one per subscription). Topics subscribed later are added by re-subscribing.
+    pub topics: Vec<String>,
+    /// `session.timeout.ms`, default 45s.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// `heartbeat.interval.ms`, default 3s; must be below the session timeout.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// `max.poll.interval.ms`, default 5min.
+    #[serde(with = "humantime_serde")]
+    pub max_poll_interval: Duration,
+    /// `fetch.min.bytes`, default 1.
+    pub fetch_min_bytes: u32,
+    /// `fetch.max.bytes`, default 50 MB.
+    pub fetch_max_bytes: u32,
+    /// `max.partition.fetch.bytes`, default 1 MB.
+    pub max_partition_fetch_bytes: u32,
+    /// `fetch.wait.max.ms`, default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait_max: Duration,
+    /// `queued.max.messages.kbytes`: prefetched bytes kept per client, default 64 MB.
+    pub queued_max_kbytes: u32,
+    /// `auto.offset.reset`; `None` takes `consumer.auto_offset_reset` of the bus config.
+    pub auto_offset_reset: Option<OffsetReset>,
+    /// Producer settings.
+    pub producer: ProducerSettings,
+    /// TLS and SASL.
+    pub security: SecurityConfig,
+    /// Timeout of metadata, admin and synchronous commit calls, default 10s.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
+    /// Capacity of the queue between the fetching thread and the dispatch loop,
+    /// default 256 messages.
+    pub fetch_buffer: usize,
+    /// Raw librdkafka properties for every client, applied last (escape hatch).
+    pub properties: BTreeMap<String, String>,
+    /// Raw librdkafka properties for the consumer only, applied last.
+    pub consumer_properties: BTreeMap<String, String>,
+    /// Raw librdkafka properties for the producer only, applied last.
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            client_id: "eventbus".to_owned(),
+            topics: Vec::new(),
+            session_timeout: Duration::from_secs(45),
+            heartbeat_interval: Duration::from_secs(3),
+            max_poll_interval: Duration::from_secs(300),
+            fetch_min_bytes: 1,
+            fetch_max_bytes: 52_428_800,
+            max_partition_fetch_bytes: 1_048_576,
+            fetch_wait_max: Duration::from_millis(500),
+            queued_max_kbytes: 65_536,
+            auto_offset_reset: None,
+            producer: ProducerSettings::default(),
+            security: SecurityConfig::default(),
+            operation_timeout: Duration::from_secs(10),
+            fetch_buffer: 256,
+            properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+        }
+    }
+}
+
+fn redacted(map: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    map.iter()
+        .map(|(k, v)| {
+            let v = if is_secret_key(k) { "***" } else { v.as_str() };
+            (k.as_str(), v)
+        })
+        .collect()
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("topics", &self.topics)
+            .field("session_timeout", &self.session_timeout)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("max_poll_interval", &self.max_poll_interval)
+            .field("fetch_min_bytes", &self.fetch_min_bytes)
+            .field("fetch_max_bytes", &self.fetch_max_bytes)
+            .field("max_partition_fetch_bytes", &self.max_partition_fetch_bytes)
+            .field("fetch_wait_max", &self.fetch_wait_max)
+            .field("queued_max_kbytes", &self.queued_max_kbytes)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("producer", &self.producer)
+            .field("security", &self.security)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("fetch_buffer", &self.fetch_buffer)
+            .field("properties", &redacted(&self.properties))
+            .field("consumer_properties", &redacted(&self.consumer_properties))
+            .field("producer_properties", &redacted(&self.producer_properties))
+            .finish()
+    }
+}
+
+/// Properties the consumer must own for the delivery guarantee to hold.
+const RESERVED_CONSUMER_KEYS: &[&str] = &["enable.auto.offset.store", "group.id"];
+
+/// Properties the bus sets for the producer that a raw map must not contradict.
+const RESERVED_PRODUCER_KEYS: &[&str] = &[];
+
+impl KafkaConfig {
+    /// Settings for `brokers` with everything else at its default.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Set the client id.
+    #[must_use]
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = id.into();
+        self
+    }
+
+    /// Declare the topics to subscribe, so the consumer joins its group once.
+    #[must_use]
+    pub fn topics<I, S>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.topics = topics.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Set session timeout and heartbeat interval.
+    #[must_use]
+    pub fn session(mut self, session_timeout: Duration, heartbeat_interval: Duration) -> Self {
+        self.session_timeout = session_timeout;
+        self.heartbeat_interval = heartbeat_interval;
+        self
+    }
+
+    /// Set the producer settings.
+    #[must_use]
+    pub fn producer(mut self, producer: ProducerSettings) -> Self {
+        self.producer = producer;
+        self
+    }
+
+    /// Set TLS / SASL.
+    #[must_use]
+    pub fn security(mut self, security: SecurityConfig) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// Set a raw librdkafka property for every client.
+    #[must_use]
+    pub fn property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.insert(key.into(), value.into());
+        self
+    }
+
+    /// Set a raw librdkafka property for the consumer.
+    #[must_use]
+    pub fn consumer_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.consumer_properties.insert(key.into(), value.into());
+        self
+    }
+
+    /// Set a raw librdkafka property for the producer.
+    #[must_use]
+    pub fn producer_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.producer_properties.insert(key.into(), value.into());
+        self
+    }
+
+    /// Check the values; the error names the key.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.brokers.trim().is_empty() {
+            return Err(Error::config(
+                "kafka.brokers must name at least one broker (host:port)",
+            ));
+        }
+        if self.client_id.trim().is_empty() {
+            return Err(Error::config("kafka.client_id must not be empty"));
+        }
+        for topic in &self.topics {
+            validate_topic(topic)
+                .map_err(|e| Error::config(format!("kafka.topics: {}", e.message())))?;
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.session_timeout {
+            return Err(Error::config(format!(
+                "kafka.heartbeat_interval ({:?}) must be above zero and below kafka.session_timeout ({:?})",
+                self.heartbeat_interval, self.session_timeout
+            )));
+        }
+        if self.fetch_buffer == 0 {
+            return Err(Error::config(
+                "kafka.fetch_buffer must be at least 1, got 0",
+            ));
+        }
+        if self.operation_timeout.is_zero() {
+            return Err(Error::config("kafka.operation_timeout must be above zero"));
+        }
+        if self.producer.idempotence && self.producer.acks != Acks::All {
+            return Err(Error::config(
+                "kafka.producer.acks must be `all` while kafka.producer.idempotence is true",
+            ));
+        }
+        if self.producer.message_timeout.is_zero() {
+            return Err(Error::config(
+                "kafka.producer.message_timeout must be above zero",
+            ));
+        }
+        for (section, map, reserved) in [
+            ("kafka.properties", &self.properties, RESERVED_CONSUMER_KEYS),
+            (
+                "kafka.consumer_properties",
+                &self.consumer_properties,
+                RESERVED_CONSUMER_KEYS,
+            ),
+            (
+                "kafka.producer_properties",
+                &self.producer_properties,
+                RESERVED_PRODUCER_KEYS,
+            ),
+        ] {
+            for key in map.keys() {
+                if key.trim().is_empty() {
+                    return Err(Error::config(format!("{section} has an empty key")));
+                }
+                if reserved.contains(&key.as_str()) {
+                    return Err(Error::config(format!(
+                        "{section}.{key} is managed by eventbus and cannot be set \
+                         (group.id comes from consumer.group_id; offsets are stored \
+                         only from the contiguous watermark)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn common(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id);
+        self.security.apply(&mut c);
+        c
+    }
+
+    /// librdkafka configuration of the consumer.
+    pub(crate) fn consumer_config(&self, bus: &EventBusConfig) -> ClientConfig {
+        let mut c = self.common();
+        let reset = self
+            .auto_offset_reset
+            .unwrap_or(bus.consumer.auto_offset_reset);
+        c.set("group.id", &bus.consumer.group_id)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.commit.interval.ms",
+                ms(bus.consumer.commit_interval).max(1).to_string(),
+            )
+            .set(
+                "auto.offset.reset",
+                match reset {
+                    OffsetReset::Earliest => "earliest",
+                    OffsetReset::Latest => "latest",
+                },
+            )
+            .set("session.timeout.ms", ms(self.session_timeout).to_string())
+            .set(
+                "heartbeat.interval.ms",
+                ms(self.heartbeat_interval).to_string(),
+            )
+            .set(
+                "max.poll.interval.ms",
+                ms(self.max_poll_interval).to_string(),
+            )
+            .set("fetch.min.bytes", self.fetch_min_bytes.to_string())
+            .set("fetch.max.bytes", self.fetch_max_bytes.to_string())
+            .set(
+                "max.partition.fetch.bytes",
+                self.max_partition_fetch_bytes.to_string(),
+            )
+            .set("fetch.wait.max.ms", ms(self.fetch_wait_max).to_string())
+            .set(
+                "queued.max.messages.kbytes",
+                self.queued_max_kbytes.to_string(),
+            );
+        for (k, v) in self.properties.iter().chain(&self.consumer_properties) {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// librdkafka configuration of the producer.
+    pub(crate) fn producer_config(&self) -> ClientConfig {
+        let p = &self.producer;
+        let mut c = self.common();
+        c.set("acks", p.acks.as_str())
+            .set("enable.idempotence", p.idempotence.to_string())
+            .set("compression.type", p.compression.as_str())
+            .set("linger.ms", ms(p.linger).to_string())
+            .set("batch.size", p.batch_size.to_string())
+            .set("batch.num.messages", p.batch_num_messages.to_string())
+            .set("message.timeout.ms", ms(p.message_timeout).to_string())
+            .set("request.timeout.ms", ms(p.request_timeout).to_string())
+            .set(
+                "queue.buffering.max.messages",
+                p.queue_max_messages.to_string(),
+            )
+            .set("queue.buffering.max.kbytes", p.queue_max_kbytes.to_string());
+        for (k, v) in self.properties.iter().chain(&self.producer_properties) {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// librdkafka configuration of the admin client (topic creation, metadata).
+    pub(crate) fn admin_config(&self) -> ClientConfig {
+        let mut c = self.common();
+        c.set("allow.auto.create.topics", "false");
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_key() {
+        let e = KafkaConfig::default().validate().unwrap_err();
+        assert!(e.to_string().contains("kafka.brokers"), "{e}");
+        let mut c = KafkaConfig::new("localhost:9092");
+        c.producer.acks = Acks::Leader;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("kafka.producer.acks"));
+        let c = KafkaConfig::new("b:1").session(Duration::from_secs(3), Duration::from_secs(3));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("kafka.heartbeat_interval"));
+        let c = KafkaConfig::new("b:1").consumer_property("enable.auto.offset.store", "true");
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("kafka.consumer_properties.enable.auto.offset.store"));
+        let c = KafkaConfig::new("b:1").topics(["ok", "not ok"]);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("kafka.topics"));
+        assert!(KafkaConfig::new("b:1").validate().is_ok());
+    }
+
+    #[test]
+    fn secrets_never_in_debug() {
+        let c = KafkaConfig::new("b:1")
+            .security(SecurityConfig::sasl_ssl(
+                "SCRAM-SHA-512",
+                "svc",
+                "pa55-word-xyz",
+            ))
+            .property("sasl.oauthbearer.client.secret", "tok-secret-abc")
+            .producer_property("ssl.key.password", "key-pass-123");
+        let shown = format!("{c:?}");
+        for secret in ["pa55-word-xyz", "tok-secret-abc", "key-pass-123"] {
+            assert!(!shown.contains(secret), "{secret} leaked in {shown}");
+        }
+        assert!(shown.contains("svc"));
+        let pc = c.producer_config();
+        assert_eq!(pc.get("sasl.password"), Some("pa55-word-xyz"));
+        assert_eq!(pc.get("ssl.key.password"), Some("key-pass-123"));
+    }
+
+    #[test]
+    fn deserializes_with_durations() {
+        let c: KafkaConfig = serde_json::from_str(
+            r#"{"brokers":"a:1,b:2","session_timeout":"10s","heartbeat_interval":"1s",
+                "producer":{"compression":"lz4","linger":"20ms"},
+                "security":{"protocol":"sasl_ssl","sasl_password":"x"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.session_timeout, Duration::from_secs(10));
+        assert_eq!(c.producer.compression, Compression::Lz4);
+        assert_eq!(c.producer.linger, Duration::from_millis(20));
+        c.validate().unwrap();
+        let bus = EventBusConfig::default();
+        let cc = c.consumer_config(&bus);
+        assert_eq!(cc.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(cc.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(cc.get("group.id"), Some("eventbus"));
+        let bad = serde_json::from_str::<KafkaConfig>(r#"{"brokerz":"a"}"#);
+        assert!(bad.unwrap_err().to_string().contains("brokerz"));
+    }
+}

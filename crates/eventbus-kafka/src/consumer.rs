@@ -1,0 +1,632 @@
+//! The consumer: one librdkafka consumer (one group member) for every subscribed
+//! topic, a fetching thread, and one dispatch loop.
+//!
+//! The fetching thread owns the polling of the consumer. It turns records into
+//! [`Message`]s and hands them, with assign / revoke events, to the dispatch loop
+//! over one bounded channel, so the loop sees them in fetch order. Rebalance
+//! callbacks run on the fetching thread: a revoke blocks there until the loop has
+//! drained the revoked partitions (within the drain timeout) and stored their
+//! watermark, so librdkafka commits it before the partitions leave.
+//!
+//! The dispatch loop submits every message through the core [`Dispatcher`] without
+//! waiting for earlier messages of its partition, tracks offsets in one
+//! [`InFlightSet`] per topic, stores the contiguous watermark of each partition as it
+//! moves (librdkafka commits stored offsets every commit interval, on revoke and on
+//! close), and pauses a partition whose in-flight bound is reached.
+
+use eventbus_core::{
+    Dispatcher, Error, ErrorKind, InFlightSet, Message, PreparedSubscription, Settled,
+};
+use futures::future::poll_fn;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::task::Poll;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{ConsumerCtx, ConsumerShared, FetchEvent};
+use crate::metrics as km;
+
+pub(crate) type KConsumer = BaseConsumer<ConsumerCtx>;
+
+/// Requests from the bus to the dispatch loop.
+pub(crate) enum Control {
+    /// Start handling a topic (before the consumer subscribes to it).
+    Subscribe(Arc<PreparedSubscription>, oneshot::Sender<()>),
+    /// Stop handling a topic once its partitions are revoked.
+    Unsubscribe(String, oneshot::Sender<()>),
+}
+
+/// How long one poll of the consumer blocks the fetching thread.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The fetching thread: polls the consumer until `stop`, then waits for the dispatch
+/// loop to finish (`loop_done` disconnects) and closes the consumer on this thread.
+pub(crate) fn fetch_thread(
+    consumer: Arc<KConsumer>,
+    events: mpsc::Sender<FetchEvent>,
+    shared: Arc<ConsumerShared>,
+    stop: Arc<AtomicBool>,
+    loop_done: std_mpsc::Receiver<()>,
+) {
+    let mut names: HashMap<String, Arc<str>> = HashMap::new();
+    while !stop.load(Ordering::Acquire) {
+        match consumer.poll(POLL_INTERVAL) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            Some(Ok(m)) => {
+                let topic = match names.get(m.topic()) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t: Arc<str> = Arc::from(m.topic());
+                        names.insert(m.topic().to_owned(), t.clone());
+                        t
+                    }
+                };
+                let mut msg = Message::new(
+                    topic,
+                    m.partition(),
+                    m.offset(),
+                    bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                );
+                if let Some(k) = m.key() {
+                    msg = msg.with_key(bytes::Bytes::copy_from_slice(k));
+                }
+                if let Some(h) = m.headers() {
+                    let mut headers = eventbus_core::Headers::new();
+                    for header in h.iter() {
+                        headers.insert(
+                            header.key,
+                            bytes::Bytes::copy_from_slice(header.value.unwrap_or_default()),
+                        );
+                    }
+                    msg = msg.with_headers(headers);
+                }
+                if let Some(ts) = m.timestamp().to_millis() {
+                    msg = msg.with_timestamp_ms(ts);
+                }
+                drop(m);
+                if events.blocking_send(FetchEvent::Message(msg)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    // Stop fetching; let the loop drain and commit, then leave the group here.
+    drop(events);
+    let _ = loop_done.recv();
+    shared.closing.store(true, Ordering::Release);
+    drop(consumer);
+    tracing::debug!("consumer closed");
+}
+
+struct TopicState {
+    sub: Arc<PreparedSubscription>,
+    set: InFlightSet<()>,
+    paused: HashSet<i32>,
+    parked: HashMap<i32, VecDeque<Message>>,
+    removing: Vec<oneshot::Sender<()>>,
+}
+
+enum Step {
+    Stop,
+    Settled(Arc<str>, Settled<()>),
+    Event(Option<FetchEvent>),
+    Control(Option<Control>),
+    Tick,
+}
+
+/// The dispatch loop; see the module docs.
+pub(crate) struct ConsumeLoop {
+    pub(crate) consumer: Arc<KConsumer>,
+    pub(crate) dispatcher: Dispatcher,
+    pub(crate) events: mpsc::Receiver<FetchEvent>,
+    pub(crate) control: mpsc::Receiver<Control>,
+    /// Close requested: stop fetching, drain, commit.
+    pub(crate) stop: CancellationToken,
+    /// Passed to submissions: cancelled when close gives up waiting.
+    pub(crate) abort: CancellationToken,
+    pub(crate) limit: Arc<Semaphore>,
+    pub(crate) per_partition: usize,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) commit_interval: Duration,
+    pub(crate) operation_timeout: Duration,
+    /// Most messages parked for one paused partition (fetched before the pause took hold).
+    pub(crate) park_limit: usize,
+    pub(crate) pool_closed: Arc<AtomicBool>,
+    /// Disconnects when the loop ends.
+    pub(crate) _done: std_mpsc::SyncSender<()>,
+    topics: HashMap<Arc<str>, TopicState>,
+    rotate: usize,
+}
+
+/// Poll every topic's in-flight set once; the first completion wins.
+async fn next_settled(
+    topics: &mut HashMap<Arc<str>, TopicState>,
+    rotate: &mut usize,
+) -> (Arc<str>, Settled<()>) {
+    poll_fn(|cx| {
+        let n = topics.len();
+        if n == 0 {
+            return Poll::Pending;
+        }
+        *rotate = rotate.wrapping_add(1);
+        let start = *rotate % n;
+        for pass in 0..2 {
+            let (skip, take) = if pass == 0 {
+                (start, n - start)
+            } else {
+                (0, start)
+            };
+            for (name, ts) in topics.iter_mut().skip(skip).take(take) {
+                if ts.set.is_empty() {
+                    continue;
+                }
+                // `InFlightSet::next` keeps no state across polls: dropping it
+                // while pending loses nothing.
+                let fut = pin!(ts.set.next());
+                if let Poll::Ready(Some(s)) = fut.poll(cx) {
+                    return Poll::Ready((name.clone(), s));
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+fn tpl_of(topic: &str, partition: i32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    tpl
+}
+
+impl ConsumeLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        consumer: Arc<KConsumer>,
+        dispatcher: Dispatcher,
+        events: mpsc::Receiver<FetchEvent>,
+        control: mpsc::Receiver<Control>,
+        stop: CancellationToken,
+        limit: Arc<Semaphore>,
+        park_limit: usize,
+        operation_timeout: Duration,
+        pool_closed: Arc<AtomicBool>,
+        done: std_mpsc::SyncSender<()>,
+    ) -> Self {
+        let c = &dispatcher.config().consumer;
+        Self {
+            per_partition: c.max_in_flight_per_partition,
+            drain_timeout: c.drain_timeout,
+            commit_interval: c.commit_interval,
+            consumer,
+            events,
+            control,
+            stop,
+            abort: CancellationToken::new(),
+            limit,
+            park_limit,
+            operation_timeout,
+            pool_closed,
+            _done: done,
+            dispatcher,
+            topics: HashMap::new(),
+            rotate: 0,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.admit_parked().await;
+            let step = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => Step::Stop,
+                s = next_settled(&mut self.topics, &mut self.rotate) => Step::Settled(s.0, s.1),
+                c = self.control.recv() => Step::Control(c),
+                e = self.events.recv() => Step::Event(e),
+                _ = tick.tick() => Step::Tick,
+            };
+            match step {
+                Step::Stop => break,
+                Step::Settled(topic, s) => self.on_settled(&topic, s),
+                Step::Control(Some(c)) => self.on_control(c),
+                Step::Control(None) => {}
+                Step::Event(Some(FetchEvent::Message(m))) => self.on_message(m).await,
+                Step::Event(Some(FetchEvent::Assigned(parts))) => self.on_assigned(parts),
+                Step::Event(Some(FetchEvent::Revoke(parts, reply))) => {
+                    self.on_revoke(parts).await;
+                    let _ = reply.send(());
+                }
+                Step::Event(None) => {
+                    // The fetching thread stopped: nothing more will arrive.
+                    self.stop.cancelled().await;
+                    break;
+                }
+                Step::Tick => self.report_in_flight(),
+            }
+        }
+        self.shutdown().await;
+    }
+
+    fn on_control(&mut self, c: Control) {
+        match c {
+            Control::Subscribe(sub, reply) => {
+                let name: Arc<str> = Arc::from(sub.topic());
+                self.topics.insert(
+                    name,
+                    TopicState {
+                        sub,
+                        set: InFlightSet::new(self.per_partition, self.limit.clone()),
+                        paused: HashSet::new(),
+                        parked: HashMap::new(),
+                        removing: Vec::new(),
+                    },
+                );
+                let _ = reply.send(());
+            }
+            Control::Unsubscribe(topic, reply) => match self.topics.get_mut(topic.as_str()) {
+                Some(ts) if ts.set.partitions().next().is_some() => ts.removing.push(reply),
+                Some(_) => {
+                    self.topics.remove(topic.as_str());
+                    let _ = reply.send(());
+                }
+                None => {
+                    let _ = reply.send(());
+                }
+            },
+        }
+    }
+
+    fn on_assigned(&mut self, parts: Vec<(String, i32)>) {
+        let mut resume = TopicPartitionList::new();
+        for (topic, p) in parts {
+            let Some(ts) = self.topics.get_mut(topic.as_str()) else {
+                tracing::debug!(%topic, partition = p, "assigned a partition of a topic without handler");
+                continue;
+            };
+            ts.set.assign(p);
+            ts.paused.remove(&p);
+            ts.parked.remove(&p);
+            resume.add_partition(&topic, p);
+        }
+        // A partition paused under an earlier assignment must fetch again.
+        if resume.count() > 0 {
+            if let Err(e) = self.consumer.resume(&resume) {
+                tracing::debug!(error = %e, "resume of assigned partitions");
+            }
+        }
+    }
+
+    async fn on_revoke(&mut self, parts: Vec<(String, i32)>) {
+        let deadline = Instant::now() + self.drain_timeout;
+        loop {
+            let busy: usize = parts
+                .iter()
+                .map(|(t, p)| {
+                    self.topics
+                        .get(t.as_str())
+                        .map_or(0, |ts| ts.set.in_flight(*p))
+                })
+                .sum();
+            if busy == 0 {
+                break;
+            }
+            let settled = tokio::select! {
+                s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
+                _ = tokio::time::sleep_until(deadline) => None,
+            };
+            match settled {
+                Some((topic, s)) => self.on_settled(&topic, s),
+                None => {
+                    tracing::warn!(in_flight = busy, timeout = ?self.drain_timeout,
+                        "revoked partitions not drained in time; their unfinished messages will be redelivered");
+                    break;
+                }
+            }
+        }
+        let mut resume = TopicPartitionList::new();
+        for (topic, p) in &parts {
+            let Some(ts) = self.topics.get_mut(topic.as_str()) else {
+                continue;
+            };
+            if let Some(w) = ts.set.revoke(*p) {
+                store_offset(&self.consumer, topic, *p, w);
+            }
+            if ts.paused.remove(p) {
+                resume.add_partition(topic, *p);
+            }
+            ts.parked.remove(p);
+            km::in_flight(topic, *p, 0);
+        }
+        if resume.count() > 0 {
+            let _ = self.consumer.resume(&resume);
+        }
+        let done: Vec<Arc<str>> = self
+            .topics
+            .iter()
+            .filter(|(_, ts)| !ts.removing.is_empty() && ts.set.partitions().next().is_none())
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in done {
+            if let Some(ts) = self.topics.remove(&t) {
+                for r in ts.removing {
+                    let _ = r.send(());
+                }
+            }
+        }
+    }
+
+    fn store(&self, topic: &str, partition: i32, watermark: i64) {
+        store_offset(&self.consumer, topic, partition, watermark);
+    }
+}
+
+fn store_offset(consumer: &KConsumer, topic: &str, partition: i32, watermark: i64) {
+    {
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Offset(watermark))
+            .is_ok()
+        {
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                tracing::debug!(topic, partition, watermark, error = %e, "offset not stored");
+            }
+        }
+    }
+}
+
+impl ConsumeLoop {
+    fn on_settled(&mut self, topic: &str, s: Settled<()>) {
+        if let Some(w) = s.watermark {
+            self.store(topic, s.completion.partition, w);
+        }
+    }
+
+    async fn on_message(&mut self, msg: Message) {
+        let topic = msg.topic.clone();
+        let p = msg.partition;
+        let Some(ts) = self.topics.get_mut(&*topic) else {
+            tracing::debug!(%topic, "message of a topic without handler; left uncommitted");
+            return;
+        };
+        if !ts.set.owns(p) {
+            tracing::debug!(%topic, partition = p, "message of a partition not owned; dropped uncommitted");
+            return;
+        }
+        let parked = ts.parked.get(&p).map_or(0, VecDeque::len);
+        let blocked = ts.paused.contains(&p) || !ts.set.has_room(p) || parked > 0;
+        if !blocked && !self.pool_closed.load(Ordering::Acquire) {
+            self.admit(topic, msg).await;
+            return;
+        }
+        if parked < self.park_limit {
+            ts.parked.entry(p).or_default().push_back(msg);
+            if ts.paused.insert(p) {
+                if let Err(e) = self.consumer.pause(&tpl_of(&topic, p)) {
+                    tracing::warn!(%topic, partition = p, error = %e, "pause failed");
+                }
+                km::pause();
+                tracing::debug!(%topic, partition = p, "partition paused: in-flight bound reached");
+            }
+            return;
+        }
+        // Cannot happen while pause holds (at most the fetch buffer arrives after
+        // it); wait for room rather than grow the parking without bound.
+        self.wait_for_room(&topic, p).await;
+        if let Some(ts) = self.topics.get_mut(&*topic) {
+            ts.parked.entry(p).or_default().push_back(msg);
+        }
+    }
+
+    async fn wait_for_room(&mut self, topic: &Arc<str>, p: i32) {
+        while self
+            .topics
+            .get(&**topic)
+            .is_some_and(|ts| ts.set.owns(p) && !ts.set.has_room(p))
+        {
+            let s = tokio::select! {
+                s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
+                _ = self.stop.cancelled() => None,
+            };
+            match s {
+                Some((t, s)) => self.on_settled(&t, s),
+                None => return,
+            }
+        }
+    }
+
+    /// Submit parked messages of partitions that have room again, and resume
+    /// partitions whose parking is empty.
+    async fn admit_parked(&mut self) {
+        if self.pool_closed.load(Ordering::Acquire) || self.stop.is_cancelled() {
+            return;
+        }
+        loop {
+            let mut candidate = None;
+            'outer: for (t, ts) in &self.topics {
+                for &p in &ts.paused {
+                    if ts.set.has_room(p) {
+                        candidate = Some((t.clone(), p));
+                        break 'outer;
+                    }
+                }
+            }
+            let Some((topic, p)) = candidate else {
+                return;
+            };
+            let Some(ts) = self.topics.get_mut(&*topic) else {
+                return;
+            };
+            match ts.parked.get_mut(&p).and_then(VecDeque::pop_front) {
+                Some(msg) => {
+                    self.admit(topic, msg).await;
+                    if self.stop.is_cancelled() || self.pool_closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                }
+                None => {
+                    ts.paused.remove(&p);
+                    ts.parked.remove(&p);
+                    if let Err(e) = self.consumer.resume(&tpl_of(&topic, p)) {
+                        tracing::warn!(%topic, partition = p, error = %e, "resume failed");
+                    }
+                    tracing::debug!(%topic, partition = p, "partition resumed");
+                }
+            }
+        }
+    }
+
+    /// Reserve an in-flight permit, submit, and track the message. Completions keep
+    /// being processed while waiting.
+    async fn admit(&mut self, topic: Arc<str>, msg: Message) {
+        let p = msg.partition;
+        let Some(sub) = self.topics.get(&*topic).map(|ts| ts.sub.clone()) else {
+            return;
+        };
+        let permit = loop {
+            let r = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return,
+                permit = self.limit.clone().acquire_owned() => Ok(permit),
+                s = next_settled(&mut self.topics, &mut self.rotate) => Err(s),
+            };
+            match r {
+                Ok(Ok(permit)) => break permit,
+                Ok(Err(_)) => return,
+                Err((t, s)) => self.on_settled(&t, s),
+            }
+        };
+        let dispatcher = self.dispatcher.clone();
+        let abort = self.abort.clone();
+        let mut submit = pin!(dispatcher.submit(&sub, msg, (), &abort));
+        let submitted = loop {
+            let r = tokio::select! {
+                biased;
+                r = &mut submit => Ok(r),
+                s = next_settled(&mut self.topics, &mut self.rotate) => Err(s),
+            };
+            match r {
+                Ok(r) => break r,
+                Err((t, s)) => self.on_settled(&t, s),
+            }
+        };
+        let inflight = match submitted {
+            Ok(i) => i,
+            Err(e) => {
+                // Not tracked, so no watermark can pass it: stop admitting (the
+                // message and everything after it are redelivered).
+                if e.kind() == ErrorKind::Closed && !self.stop.is_cancelled() {
+                    tracing::error!(%topic, partition = p, error = %e,
+                        "pool refuses work; consumption halted, nothing more is committed");
+                    self.pool_closed.store(true, Ordering::Release);
+                }
+                return;
+            }
+        };
+        let Some(ts) = self.topics.get_mut(&*topic) else {
+            return;
+        };
+        if let Err(e) = ts.set.push(inflight, permit) {
+            tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
+        }
+    }
+
+    fn report_in_flight(&self) {
+        for (t, ts) in &self.topics {
+            for p in ts.set.partitions() {
+                km::in_flight(t, p, ts.set.in_flight(p));
+            }
+        }
+    }
+
+    fn total_in_flight(&self) -> usize {
+        self.topics
+            .values()
+            .map(|ts| {
+                ts.set
+                    .partitions()
+                    .map(|p| ts.set.in_flight(p))
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    async fn shutdown(&mut self) {
+        // Stop fetching: drop what was fetched but not submitted (uncommitted, so
+        // redelivered), then drain in-flight work within the bound.
+        self.events.close();
+        while let Ok(ev) = self.events.try_recv() {
+            if let FetchEvent::Revoke(_, reply) = ev {
+                let _ = reply.send(());
+            }
+        }
+        let deadline = Instant::now() + self.drain_timeout;
+        while self.total_in_flight() > 0 {
+            let s = tokio::select! {
+                s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
+                _ = tokio::time::sleep_until(deadline) => None,
+            };
+            match s {
+                Some((t, s)) => self.on_settled(&t, s),
+                None => {
+                    tracing::warn!(
+                        in_flight = self.total_in_flight(),
+                        "close: in-flight messages not finished within the drain timeout; \
+                         they stay uncommitted and will be redelivered"
+                    );
+                    self.dispatcher.abandon_in_flight();
+                    break;
+                }
+            }
+        }
+        // Final commit of the stored watermarks.
+        let consumer = self.consumer.clone();
+        let timeout = self.operation_timeout;
+        let result = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) => return Ok(()),
+                    Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => return Ok(()),
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "final commit failed; retrying");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => tracing::debug!("final offsets committed"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "final commit failed; uncommitted messages will be redelivered")
+            }
+            Err(e) => tracing::warn!(error = %e, "final commit task failed"),
+        }
+        for ts in self.topics.values_mut() {
+            for r in ts.removing.drain(..) {
+                let _ = r.send(());
+            }
+        }
+        self.topics.clear();
+    }
+}
+
+/// Error for a consumer that is gone.
+pub(crate) fn consumer_gone() -> Error {
+    Error::closed("the Kafka consumer is closed")
+}

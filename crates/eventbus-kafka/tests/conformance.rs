@@ -1,0 +1,126 @@
+//! The testkit conformance suite on Kafka, with the keyed pool and the actor pool.
+//!
+//! On the mock cluster `configure_topic` is answered by the mock's own topic
+//! creation (the mock implements no CreateTopics request); every other call goes
+//! to `KafkaEventBus` unchanged. With `KAFKA_BROKERS` set, the bus is used as is.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use cluster::Cluster;
+use eventbus_core::{
+    Envelope, Error, EventBus, EventBusConfig, HealthReport, Pool, PublishReceipt, Record,
+    SharedBus, Subscription, TopicConfig,
+};
+use eventbus_kafka::KafkaEventBus;
+use eventbus_testkit::conformance::{self, BusFactory, Capabilities};
+use eventbus_testkit::pool_suite::PoolFactory;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::sync::Arc;
+
+struct Kafka(Arc<Cluster>);
+
+#[derive(Debug)]
+struct OnMock {
+    bus: KafkaEventBus,
+    cluster: Arc<Cluster>,
+}
+
+impl std::fmt::Debug for Kafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kafka")
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cluster({})", self.brokers())
+    }
+}
+
+impl EventBus for OnMock {
+    fn backend(&self) -> &'static str {
+        self.bus.backend()
+    }
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt, Error>> {
+        self.bus.publish(topic, record)
+    }
+    fn publish_envelope<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<PublishReceipt, Error>> {
+        self.bus.publish_envelope(topic, envelope)
+    }
+    fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<(), Error>> {
+        self.bus.subscribe_with(subscription)
+    }
+    fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        self.bus.unsubscribe(topic)
+    }
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: TopicConfig,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        async move {
+            eventbus_core::validate_topic(topic)?;
+            self.cluster
+                .create_topic(topic, config.partitions.unwrap_or(1) as i32)
+                .await;
+            Ok(())
+        }
+        .boxed()
+    }
+    fn health(&self) -> BoxFuture<'_, HealthReport> {
+        self.bus.health()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
+        self.bus.close()
+    }
+}
+
+impl BusFactory for Kafka {
+    fn name(&self) -> &str {
+        "kafka"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all()
+    }
+    fn bus(
+        &self,
+        pool: Arc<dyn Pool>,
+        config: EventBusConfig,
+    ) -> BoxFuture<'_, Result<SharedBus, Error>> {
+        let cluster = self.0.clone();
+        async move {
+            let bus = KafkaEventBus::new(cluster.kafka_config(), config, pool)?;
+            if cluster.is_mock() {
+                Ok(Arc::new(OnMock { bus, cluster }) as SharedBus)
+            } else {
+                Ok(Arc::new(bus) as SharedBus)
+            }
+        }
+        .boxed()
+    }
+}
+
+async fn run(pools: PoolFactory) {
+    let cluster = Arc::new(Cluster::start());
+    conformance::run_all(&Kafka(cluster), &pools).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_with_keyed_pool_passes_the_conformance_suite() {
+    run(cluster::keyed()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_with_actor_pool_passes_the_conformance_suite() {
+    run(cluster::actor()).await;
+}

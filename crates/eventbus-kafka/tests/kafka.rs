@@ -1,0 +1,601 @@
+//! Kafka-specific behaviour: one group member, contiguous commit under a slow
+//! handler, restart mid-stream, in-flight bound, poison input, lag, and faults from
+//! the mock cluster. Runs on the mock cluster, or on `KAFKA_BROKERS` when set
+//! (fault injection always uses a mock cluster).
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use bytes::Bytes;
+use cluster::{bus_config, keyed_pool, random, wait_until, Cluster};
+use eventbus_core::{
+    Envelope, Event, EventBus, EventBusExt, HandlerError, Message, Record, DLQ_ATTEMPTS_HEADER,
+    DLQ_OFFSET_HEADER, DLQ_TOPIC_HEADER,
+};
+use eventbus_kafka::KafkaEventBus;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::ClientConfig;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn env(key: &str, seq: u64) -> Envelope {
+    Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }))
+}
+
+fn seq_of(e: &Event) -> u64 {
+    e.envelope.payload["seq"].as_u64().expect("seq")
+}
+
+type Log = Arc<Mutex<Vec<(String, u64, i32, i64)>>>;
+
+fn record(log: &Log, e: &Event) {
+    log.lock().unwrap().push((
+        e.envelope.aggregate_id.clone(),
+        seq_of(e),
+        e.message.partition,
+        e.message.offset,
+    ));
+}
+
+/// Per key, the sequence numbers of one run must only go up.
+fn assert_ordered(run: &str, log: &[(String, u64, i32, i64)]) {
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    for (k, s, _, _) in log {
+        if let Some(prev) = last.insert(k, *s) {
+            assert!(*s > prev, "{run}: key {k} handled {s} after {prev}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_group_member_for_all_topics_even_when_added_later() {
+    let cluster = Cluster::start();
+    let (a, b) = (random("multi-a"), random("multi-b"));
+    cluster.create_topic(&a, 6).await;
+    cluster.create_topic(&b, 6).await;
+    let cfg = bus_config();
+    let group = cfg.consumer.group_id.clone();
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(8)).unwrap();
+    let ok = |_m: Message| async { Ok::<(), HandlerError>(()) };
+    bus.subscribe(&a, ok).await.unwrap();
+    let all_a: Vec<(String, i32)> = (0..6).map(|p| (a.clone(), p)).collect();
+    let mut all: Vec<(String, i32)> = all_a
+        .iter()
+        .cloned()
+        .chain((0..6).map(|p| (b.clone(), p)))
+        .collect();
+    all.sort();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bus.assignment().await.unwrap() != all_a {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bus never owned all of {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Adding a topic re-subscribes the same consumer: it then owns every
+    // partition of both topics, which a second member would have taken.
+    bus.subscribe(&b, ok).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bus.assignment().await.unwrap() != all {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bus never owned all of {a} and {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A probe member joining the group gets half the partitions of each topic
+    // exactly when the bus is one member (range assignor: 6 = 3 + 3; with two
+    // bus members it would get 2).
+    let probe: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.brokers())
+        .set("group.id", &group)
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    probe.subscribe(&[a.as_str(), b.as_str()]).unwrap();
+    let probe = Arc::new(probe);
+    let p2 = probe.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let poller = tokio::spawn(async move {
+        while !s2.load(Ordering::Relaxed) {
+            let _ = tokio::time::timeout(Duration::from_millis(50), p2.recv()).await;
+        }
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let counts = loop {
+        let got = probe.assignment().unwrap();
+        let count = |t: &str| got.elements_for_topic(t).len();
+        let (ca, cb) = (count(&a), count(&b));
+        if ca + cb > 0 && bus.assignment().await.unwrap().len() + ca + cb == 12 {
+            break (ca, cb);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "group never settled with the probe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        counts,
+        (3, 3),
+        "probe share shows the bus is exactly one member"
+    );
+    if !cluster.is_mock() {
+        // A real broker also answers the group description.
+        let groups = probe
+            .fetch_group_list(Some(&group), Duration::from_secs(10))
+            .unwrap();
+        let members = groups.groups()[0].members().len();
+        assert_eq!(members, 2, "bus + probe");
+    }
+    stop.store(true, Ordering::Relaxed);
+    poller.await.unwrap();
+    drop(probe);
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_aggregate_does_not_stop_others_and_holds_the_commit() {
+    let cluster = Cluster::start();
+    let topic = random("slow");
+    cluster.create_topic(&topic, 1).await;
+    let cfg = bus_config();
+    let group = cfg.consumer.group_id.clone();
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(16)).unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let log: Log = Arc::default();
+    let (g, l) = (gate.clone(), log.clone());
+    bus.subscribe_envelope(&topic, move |e: Event| {
+        let (g, l) = (g.clone(), l.clone());
+        async move {
+            if e.envelope.aggregate_id == "slow" {
+                let _ = g.acquire().await.map(|p| p.forget());
+            }
+            record(&l, &e);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+    for i in 0..5 {
+        bus.publish_envelope(&topic, &env(&format!("warm-{i}"), 0))
+            .await
+            .unwrap();
+    }
+    wait_until("warm-up committed", WAIT, || {
+        cluster.committed(&group, &topic, 0) == Some(5)
+    })
+    .await;
+    let slow = bus.publish_envelope(&topic, &env("slow", 0)).await.unwrap();
+    assert_eq!(slow.offset, 5);
+    for i in 0..20 {
+        bus.publish_envelope(&topic, &env(&format!("fast-{i}"), 0))
+            .await
+            .unwrap();
+    }
+    wait_until(
+        "other aggregates handled while the slow one runs",
+        WAIT,
+        || log.lock().unwrap().len() == 25,
+    )
+    .await;
+    assert!(!log.lock().unwrap().iter().any(|(k, ..)| k == "slow"));
+    // While the slow message runs, every sample of the committed offset stays at it.
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(60));
+    for _ in 0..6 {
+        tick.tick().await;
+        samples.push(cluster.committed(&group, &topic, 0));
+    }
+    assert!(
+        samples.iter().all(|s| *s == Some(5)),
+        "committed passed the slow message: {samples:?}"
+    );
+    gate.add_permits(1);
+    wait_until(
+        "commit moves past everything once the slow one finishes",
+        WAIT,
+        || cluster.committed(&group, &topic, 0) == Some(26),
+    )
+    .await;
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_stream_redelivers_only_uncommitted_in_order() {
+    let cluster = Cluster::start();
+    let topic = random("restart");
+    cluster.create_topic(&topic, 2).await;
+    let mut cfg = bus_config();
+    cfg.consumer.drain_timeout = Duration::from_millis(300);
+    let group = cfg.consumer.group_id.clone();
+    let first = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(8)).unwrap();
+    let total = 300u64;
+    for round in 0..30 {
+        for k in 0..10 {
+            first
+                .publish_envelope(&topic, &env(&format!("r-{k}"), round))
+                .await
+                .unwrap();
+        }
+    }
+    let run1: Log = Arc::default();
+    let hang = Arc::new(Semaphore::new(0));
+    let (l, h) = (run1.clone(), hang.clone());
+    let seen = Arc::new(AtomicUsize::new(0));
+    first
+        .subscribe_envelope(&topic, move |e: Event| {
+            let (l, h, seen) = (l.clone(), h.clone(), seen.clone());
+            async move {
+                if seen.fetch_add(1, Ordering::SeqCst) >= 100 {
+                    let _ = h.acquire().await; // never released: close abandons it
+                }
+                record(&l, &e);
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    wait_until("first run handles 100", WAIT, || {
+        run1.lock().unwrap().len() >= 100
+    })
+    .await;
+    first.close().await.unwrap();
+    let committed: Vec<i64> = (0..2)
+        .map(|p| cluster.committed(&group, &topic, p).unwrap_or(0))
+        .collect();
+    let run1 = run1.lock().unwrap().clone();
+    assert_ordered("first run", &run1);
+    let mut offsets1: Vec<(i32, i64)> = run1.iter().map(|(_, _, p, o)| (*p, *o)).collect();
+    offsets1.sort();
+    offsets1.dedup();
+    assert_eq!(
+        offsets1.len(),
+        run1.len(),
+        "first run handled a message twice"
+    );
+    let second = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(8)).unwrap();
+    let run2: Log = Arc::default();
+    let l = run2.clone();
+    second
+        .subscribe_envelope(&topic, move |e: Event| {
+            let l = l.clone();
+            async move {
+                record(&l, &e);
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    let highs: Vec<i64> = (0..2).map(|p| cluster.high_watermark(&topic, p)).collect();
+    let expect2: i64 = (0..2).map(|p| highs[p] - committed[p]).sum();
+    wait_until("second run handles everything uncommitted", WAIT, || {
+        run2.lock().unwrap().len() as i64 >= expect2
+    })
+    .await;
+    second.close().await.unwrap();
+    let run2 = run2.lock().unwrap().clone();
+    assert_ordered("second run", &run2);
+    // The second run starts exactly at the committed offsets: nothing committed is
+    // handled again, nothing uncommitted is skipped.
+    let mut seen2: BTreeMap<(i32, i64), usize> = BTreeMap::new();
+    for (_, _, p, o) in &run2 {
+        assert!(
+            *o >= committed[*p as usize],
+            "committed message {p}/{o} handled again"
+        );
+        *seen2.entry((*p, *o)).or_default() += 1;
+    }
+    for p in 0..2 {
+        for o in committed[p as usize]..highs[p as usize] {
+            assert_eq!(
+                seen2.get(&(p, o)),
+                Some(&1),
+                "uncommitted {p}/{o} handled once in run 2"
+            );
+        }
+    }
+    // Everything below the commit was handled by the first run; duplicates are
+    // only messages at or above the commit (in flight or uncommitted at close).
+    let mut all: BTreeMap<(String, u64), usize> = BTreeMap::new();
+    for (k, s, p, o) in &run1 {
+        if *o < committed[*p as usize] {
+            *all.entry((k.clone(), *s)).or_default() += 1;
+        }
+    }
+    for (k, s, ..) in &run2 {
+        *all.entry((k.clone(), *s)).or_default() += 1;
+    }
+    assert_eq!(
+        all.len() as u64,
+        total,
+        "every envelope handled at least once"
+    );
+    assert!(
+        all.values().all(|n| *n == 1),
+        "a committed message was handled twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_bound_pauses_the_partition() {
+    let cluster = Cluster::start();
+    let topic = random("bound");
+    cluster.create_topic(&topic, 1).await;
+    let mut cfg = bus_config();
+    cfg.consumer.max_in_flight_per_partition = 4;
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(32)).unwrap();
+    for i in 0..40 {
+        bus.publish_envelope(&topic, &env(&format!("k-{i}"), 0))
+            .await
+            .unwrap();
+    }
+    let gate = Arc::new(Semaphore::new(0));
+    let running = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (g, r, m, d) = (gate.clone(), running.clone(), max.clone(), done.clone());
+    bus.subscribe_envelope(&topic, move |_e: Event| {
+        let (g, r, m, d) = (g.clone(), r.clone(), m.clone(), d.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            let _ = g.acquire().await.map(|p| p.forget());
+            r.fetch_sub(1, Ordering::SeqCst);
+            d.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+    wait_until("four handlers running", WAIT, || {
+        running.load(Ordering::SeqCst) == 4
+    })
+    .await;
+    gate.add_permits(1000);
+    wait_until("all 40 handled after resume", WAIT, || {
+        done.load(Ordering::SeqCst) == 40
+    })
+    .await;
+    assert!(
+        max.load(Ordering::SeqCst) <= 4,
+        "in flight reached {}",
+        max.load(Ordering::SeqCst)
+    );
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_input_dead_lettered_once_and_offset_moves_past() {
+    let cluster = Cluster::start();
+    let topic = random("poison");
+    let dlq = format!("{topic}.dlq");
+    cluster.create_topic(&topic, 1).await;
+    cluster.create_topic(&dlq, 1).await;
+    let cfg = bus_config();
+    let group = cfg.consumer.group_id.clone();
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(8)).unwrap();
+    let letters: Arc<Mutex<Vec<Message>>> = Arc::default();
+    let lt = letters.clone();
+    bus.subscribe(&dlq, move |m: Message| {
+        let lt = lt.clone();
+        async move {
+            lt.lock().unwrap().push(m);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    bus.subscribe_envelope(&topic, move |_e: Event| {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+    let mut big = vec![0u8; 900_000];
+    big.iter_mut().for_each(|b| *b = fastrand::u8(..));
+    let poison: Vec<Bytes> = vec![
+        Bytes::from((0..64).map(|_| fastrand::u8(..)).collect::<Vec<u8>>()),
+        Bytes::from_static(br#"{"aggregate_id":"a1","event_ty"#),
+        Bytes::new(),
+        Bytes::from(big),
+    ];
+    for p in &poison {
+        bus.publish(&topic, Record::new(p.clone()).with_key("a1"))
+            .await
+            .unwrap();
+    }
+    let last = bus.publish_envelope(&topic, &env("a1", 0)).await.unwrap();
+    wait_until("every poison message dead-lettered", WAIT, || {
+        letters.lock().unwrap().len() >= poison.len()
+    })
+    .await;
+    wait_until("the valid envelope handled", WAIT, || {
+        handled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    wait_until("offset committed past the poison", WAIT, || {
+        cluster.committed(&group, &topic, 0) == Some(last.offset + 1)
+    })
+    .await;
+    bus.close().await.unwrap();
+    let letters = letters.lock().unwrap();
+    assert_eq!(
+        letters.len(),
+        poison.len(),
+        "each dead-lettered exactly once"
+    );
+    let mut offsets: Vec<&str> = letters
+        .iter()
+        .map(|m| m.headers.get_str(DLQ_OFFSET_HEADER).unwrap())
+        .collect();
+    offsets.sort();
+    offsets.dedup();
+    assert_eq!(offsets.len(), poison.len());
+    for m in letters.iter() {
+        assert_eq!(m.headers.get_str(DLQ_TOPIC_HEADER), Some(topic.as_str()));
+        assert_eq!(m.headers.get_str(DLQ_ATTEMPTS_HEADER), Some("0"));
+        assert!(poison.contains(&m.payload), "payload kept intact");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_high_watermark_minus_committed() {
+    let cluster = Cluster::start();
+    let topic = random("lag");
+    cluster.create_topic(&topic, 1).await;
+    let bus = KafkaEventBus::new(cluster.kafka_config(), bus_config(), keyed_pool(4)).unwrap();
+    for i in 0..10 {
+        bus.publish_envelope(&topic, &env("one-key", i))
+            .await
+            .unwrap();
+    }
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    bus.subscribe_envelope(&topic, move |_e: Event| {
+        let g = g.clone();
+        async move {
+            let _ = g.acquire().await.map(|p| p.forget());
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let lag = bus.lag().await.unwrap();
+        if let Some(l) = lag.first() {
+            assert_eq!(
+                (l.topic.as_str(), l.partition, l.high_watermark),
+                (topic.as_str(), 0, 10)
+            );
+            assert_eq!(l.lag, 10, "nothing finished, nothing committed");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "partition never assigned"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.add_permits(100);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let lag = bus.lag().await.unwrap();
+        if lag
+            .first()
+            .is_some_and(|l| l.lag == 0 && l.committed == Some(10))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lag never reached 0: {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h = bus.health().await;
+    assert!(h.component("consumer.lag").is_some(), "{h:?}");
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_errors_and_broker_outage_lose_nothing() {
+    // Fault injection needs the mock cluster, also when KAFKA_BROKERS is set.
+    let cluster = Cluster::mock(1);
+    let topic = random("faults");
+    cluster.create_topic(&topic, 2).await;
+    let cfg = bus_config();
+    let group = cfg.consumer.group_id.clone();
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(8)).unwrap();
+    let log: Log = Arc::default();
+    let l = log.clone();
+    bus.subscribe_envelope(&topic, move |e: Event| {
+        let l = l.clone();
+        async move {
+            record(&l, &e);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+    use RDKafkaRespErr::*;
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[
+            RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+            RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+            RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        ],
+    );
+    for i in 0..100 {
+        bus.publish_envelope(&topic, &env(&format!("f-{}", i % 10), i / 10))
+            .await
+            .unwrap();
+    }
+    wait_until("first half handled", WAIT, || {
+        log.lock().unwrap().len() >= 100
+    })
+    .await;
+    cluster.broker_down(1);
+    // Publishing while the broker is down waits for it (bounded by the message
+    // timeout); the broker comes back while the records wait.
+    let publisher = {
+        let bus = bus.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            for i in 100..200 {
+                bus.publish_envelope(&topic, &env(&format!("f-{}", i % 10), i / 10))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    wait_until(
+        "records waiting in the producer while the broker is down",
+        WAIT,
+        || bus.producer().in_flight() > 0,
+    )
+    .await;
+    cluster.broker_up(1);
+    publisher.await.unwrap();
+    wait_until("second half handled", WAIT, || {
+        let got: std::collections::BTreeSet<(String, u64)> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, s, ..)| (k.clone(), *s))
+            .collect();
+        got.len() == 200
+    })
+    .await;
+    assert!(
+        bus.commit_errors().await > 0,
+        "injected commit errors were seen"
+    );
+    let highs: Vec<i64> = (0..2).map(|p| cluster.high_watermark(&topic, p)).collect();
+    wait_until(
+        "committed offsets reach the end of every partition",
+        WAIT,
+        || (0..2).all(|p| cluster.committed(&group, &topic, p) == Some(highs[p as usize])),
+    )
+    .await;
+    assert_eq!(highs.iter().sum::<i64>(), 200);
+    assert_ordered("faults", &log.lock().unwrap());
+    bus.close().await.unwrap();
+}

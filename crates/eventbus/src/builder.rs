@@ -13,6 +13,9 @@ pub enum Backend {
     /// The in-process broker.
     #[cfg(feature = "memory")]
     Memory(eventbus_memory::MemoryBroker),
+    /// Kafka, through rdkafka.
+    #[cfg(feature = "kafka")]
+    Kafka(Box<eventbus_kafka::KafkaConfig>),
 }
 
 /// Builds a bus: choose a backend, give a configuration, `build()`.
@@ -88,6 +91,13 @@ impl EventBusBuilder {
         self.backend(Backend::Memory(broker))
     }
 
+    /// Consume from Kafka.
+    #[cfg(feature = "kafka")]
+    #[must_use]
+    pub fn kafka(self, config: eventbus_kafka::KafkaConfig) -> Self {
+        self.backend(Backend::Kafka(Box::new(config)))
+    }
+
     /// The configuration as it stands.
     pub fn current_config(&self) -> &EventBusConfig {
         &self.config
@@ -95,14 +105,18 @@ impl EventBusBuilder {
 
     /// Apply the environment overrides (unless ignored), validate the configuration,
     /// build the pool it names (unless one was given) and the bus.
+    #[cfg_attr(
+        not(any(feature = "memory", feature = "kafka")),
+        allow(unused_variables)
+    )]
     pub async fn build(mut self) -> Result<SharedBus, Error> {
         if self.use_env {
             crate::env::apply_process_env(&mut self.config)?;
         }
         self.config.validate()?;
-        let backend = self
-            .backend
-            .ok_or_else(|| Error::config("no backend chosen: call .memory(..) or .backend(..)"))?;
+        let backend = self.backend.ok_or_else(|| {
+            Error::config("no backend chosen: call .memory(..), .kafka(..) or .backend(..)")
+        })?;
         let pool = match self.pool {
             Some(pool) => pool,
             None => build_pool(&self.config).await?,
@@ -111,6 +125,11 @@ impl EventBusBuilder {
             #[cfg(feature = "memory")]
             Backend::Memory(broker) => {
                 let bus = eventbus_memory::MemoryEventBus::new(broker, pool, self.config)?;
+                Ok(Arc::new(bus) as SharedBus)
+            }
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(kafka) => {
+                let bus = eventbus_kafka::KafkaEventBus::new(*kafka, self.config, pool)?;
                 Ok(Arc::new(bus) as SharedBus)
             }
         }

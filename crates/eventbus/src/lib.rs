@@ -33,3 +33,7 @@ pub use eventbus_actor_pool::ActorPool;
 
 #[cfg(feature = "memory")]
 pub use eventbus_memory::{BrokerConfig, MemoryBroker, MemoryEventBus};
+
+/// The Kafka backend.
+#[cfg(feature = "kafka")]
+pub use eventbus_kafka as kafka;

@@ -23,6 +23,10 @@ pub async fn build_pool(config: &EventBusConfig) -> Result<Arc<dyn Pool>, Error>
 }
 
 /// The actor share the configuration asks for.
+#[cfg_attr(
+    not(any(feature = "keyed-pool", feature = "actor-pool")),
+    allow(dead_code)
+)]
 pub(crate) fn actor_percent(config: &EventBusConfig) -> u8 {
     match config.pool {
         PoolKind::Actor => 100,

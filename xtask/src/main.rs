@@ -52,7 +52,9 @@ fn cargo() -> Command {
 
 fn run(mut cmd: Command, what: &str) -> Result {
     eprintln!("xtask: {what}: {cmd:?}");
-    let status = cmd.status().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{what}: cannot start: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -109,7 +111,9 @@ fn install_deps() -> Result {
     run(install, "install test prerequisites")?;
     for (package, program) in PACKAGES {
         if !have(program) {
-            return Err(format!("{package} was installed but `{program}` is still not on PATH"));
+            return Err(format!(
+                "{package} was installed but `{program}` is still not on PATH"
+            ));
         }
     }
     Ok(())
@@ -122,7 +126,14 @@ fn test(args: &[String]) -> Result {
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt, "format check")?;
     let mut clippy = cargo();
-    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     run(clippy, "clippy")?;
     let mut tests = cargo();
     tests.args(["test", "--workspace"]).args(args);

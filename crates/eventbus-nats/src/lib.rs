@@ -1,1 +1,34 @@
 #![doc = include_str!("../README.md")]
+
+mod bus;
+mod config;
+mod consumer;
+mod naming;
+mod publish;
+mod streams;
+
+pub use bus::{ConsumerPending, NatsEventBus};
+pub use config::{NatsAuth, NatsConfig, NatsTlsConfig, ReconnectConfig, Retention};
+pub use publish::{DLQ_STREAM_HEADER, DLQ_SUBJECT_HEADER, KEY_HEADER, MSG_ID_HEADER};
+
+/// Gauge: messages the server still holds for a consumer, by `topic`.
+pub const METRIC_CONSUMER_PENDING: &str = "nats_eventbus_consumer_pending";
+/// Gauge: messages of a consumer fetched and not yet settled, by `topic`.
+pub const METRIC_IN_FLIGHT: &str = "nats_eventbus_in_flight";
+/// Counter: deliveries the server marked as redeliveries, by `topic`.
+pub const METRIC_REDELIVERIES: &str = "nats_eventbus_redeliveries_total";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn public_types_are_send_and_sync() {
+        send_sync::<NatsEventBus>();
+        send_sync::<NatsConfig>();
+        send_sync::<NatsAuth>();
+        send_sync::<ConsumerPending>();
+    }
+}

@@ -16,6 +16,9 @@ pub enum Backend {
     /// Kafka, through rdkafka.
     #[cfg(feature = "kafka")]
     Kafka(Box<eventbus_kafka::KafkaConfig>),
+    /// NATS (JetStream and core NATS), through async-nats.
+    #[cfg(feature = "nats")]
+    Nats(Box<eventbus_nats::NatsConfig>),
 }
 
 /// Builds a bus: choose a backend, give a configuration, `build()`.
@@ -98,6 +101,13 @@ impl EventBusBuilder {
         self.backend(Backend::Kafka(Box::new(config)))
     }
 
+    /// Consume from NATS.
+    #[cfg(feature = "nats")]
+    #[must_use]
+    pub fn nats(self, config: eventbus_nats::NatsConfig) -> Self {
+        self.backend(Backend::Nats(Box::new(config)))
+    }
+
     /// The configuration as it stands.
     pub fn current_config(&self) -> &EventBusConfig {
         &self.config
@@ -115,7 +125,9 @@ impl EventBusBuilder {
         }
         self.config.validate()?;
         let backend = self.backend.ok_or_else(|| {
-            Error::config("no backend chosen: call .memory(..), .kafka(..) or .backend(..)")
+            Error::config(
+                "no backend chosen: call .memory(..), .kafka(..), .nats(..) or .backend(..)",
+            )
         })?;
         let pool = match self.pool {
             Some(pool) => pool,
@@ -130,6 +142,11 @@ impl EventBusBuilder {
             #[cfg(feature = "kafka")]
             Backend::Kafka(kafka) => {
                 let bus = eventbus_kafka::KafkaEventBus::new(*kafka, self.config, pool)?;
+                Ok(Arc::new(bus) as SharedBus)
+            }
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => {
+                let bus = eventbus_nats::NatsEventBus::connect(*nats, self.config, pool).await?;
                 Ok(Arc::new(bus) as SharedBus)
             }
         }

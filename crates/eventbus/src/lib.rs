@@ -37,3 +37,7 @@ pub use eventbus_memory::{BrokerConfig, MemoryBroker, MemoryEventBus};
 /// The Kafka backend.
 #[cfg(feature = "kafka")]
 pub use eventbus_kafka as kafka;
+
+/// The NATS backend.
+#[cfg(feature = "nats")]
+pub use eventbus_nats as nats;

@@ -1,0 +1,659 @@
+//! [`NatsEventBus`]: the `EventBus` of NATS.
+
+use async_nats::jetstream::{self, consumer};
+use async_nats::{ConnectOptions, Event as ClientEvent};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::{watch, Mutex, Semaphore};
+use tokio::task::JoinHandle;
+
+use eventbus_core::{
+    envelope_record, CancellationToken, ComponentHealth, DispatchStats, Dispatcher, Envelope,
+    Error, ErrorKind, EventBus, EventBusConfig, HealthReport, HealthStatus, OffsetReset, Pool,
+    PublishReceipt, Record, Result, Subscription, TopicConfig,
+};
+
+use crate::config::{NatsAuth, NatsConfig, Retention};
+use crate::consumer::{ConsumerState, CoreLoop, JsLoop};
+use crate::naming;
+use crate::publish::{bounded, NatsDeadLetterSink, Shared, TopicSettings};
+use crate::streams::{broker, validate_topic_config};
+
+/// Server-side counters of one durable consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerPending {
+    /// Messages in the stream not yet delivered to the consumer.
+    pub pending: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub ack_pending: u64,
+    /// Messages delivered more than once so far.
+    pub redelivered: u64,
+}
+
+struct Handle {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    state: Arc<ConsumerState>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    bus_config: EventBusConfig,
+    dispatcher: Dispatcher,
+    consumers: Mutex<HashMap<String, Handle>>,
+    total: Arc<Semaphore>,
+    reconnects: watch::Receiver<u64>,
+    closed: AtomicBool,
+}
+
+/// The NATS event bus: JetStream streams and durable pull consumers by default,
+/// core NATS subjects for topics configured as non-persistent.
+///
+/// Cheap to clone; clones share the connection and the consumers.
+#[derive(Clone)]
+pub struct NatsEventBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for NatsEventBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsEventBus")
+            .field("urls", &self.inner.shared.config.urls)
+            .field("group", &self.inner.bus_config.consumer.group_id)
+            .field("dispatcher", &self.inner.dispatcher)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn connect_options(cfg: &NatsConfig, tx: watch::Sender<u64>) -> Result<ConnectOptions> {
+    let opts = match &cfg.auth {
+        NatsAuth::None => ConnectOptions::new(),
+        NatsAuth::Token { token } => ConnectOptions::new().token(token.clone()),
+        NatsAuth::UserPassword { user, password } => {
+            ConnectOptions::new().user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::CredentialsFile { path } => ConnectOptions::new()
+            .credentials_file(path)
+            .await
+            .map_err(|e| {
+                Error::config(format!(
+                    "auth.path: cannot read credentials file `{}`",
+                    path.display()
+                ))
+                .with_source(e)
+            })?,
+        NatsAuth::NKey { seed } => ConnectOptions::new().nkey(seed.clone()),
+    };
+    let reconnect = cfg.reconnect.clone();
+    let mut opts = opts
+        .name(&cfg.name)
+        .connection_timeout(cfg.reconnect.connection_timeout)
+        .request_timeout(Some(cfg.request_timeout))
+        .max_reconnects(cfg.reconnect.max_reconnects)
+        .reconnect_delay_callback(move |attempt| reconnect.delay_for(attempt))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                match event {
+                    ClientEvent::Connected => {
+                        tracing::info!("connected to NATS");
+                        tx.send_modify(|n| *n += 1);
+                    }
+                    ClientEvent::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting")
+                    }
+                    ClientEvent::SlowConsumer(sid) => {
+                        tracing::warn!(sid, "slow consumer: core NATS messages were dropped")
+                    }
+                    other => tracing::info!(event = %other, "NATS connection event"),
+                }
+            }
+        });
+    if cfg.reconnect.retry_on_initial_connect {
+        opts = opts.retry_on_initial_connect();
+    }
+    let tls = &cfg.tls;
+    if tls.required {
+        opts = opts.require_tls(true);
+    }
+    if tls.first {
+        opts = opts.tls_first();
+    }
+    if let Some(ca) = &tls.ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(opts)
+}
+
+impl NatsEventBus {
+    /// Connect to NATS and build the bus: `config` holds the connection and
+    /// JetStream settings, `bus_config` the consumer group (durable name prefix),
+    /// in-flight bounds, drain timeout, delivery policy and dead letters, and `pool`
+    /// runs the handlers.
+    pub async fn connect(
+        config: NatsConfig,
+        bus_config: EventBusConfig,
+        pool: Arc<dyn Pool>,
+    ) -> Result<Self> {
+        config.validate()?;
+        bus_config.validate()?;
+        let (tx, reconnects) = watch::channel(0u64);
+        let opts = connect_options(&config, tx).await?;
+        tracing::info!(urls = ?config.urls, auth = config.auth.kind(), tls = config.tls.required,
+            group = %bus_config.consumer.group_id, pool = pool.kind(), "connecting to NATS");
+        let client = opts.connect(config.urls.clone()).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Broker,
+                format!("cannot connect to NATS at {:?}", config.urls),
+            )
+            .with_source(e)
+        })?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client.clone());
+        let shared = Arc::new(Shared::new(client, js, config));
+        let sink = Arc::new(NatsDeadLetterSink(shared.clone()));
+        let dispatcher = Dispatcher::new("nats", pool, Some(sink), bus_config.clone());
+        let total = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shared,
+                bus_config,
+                dispatcher,
+                consumers: Mutex::new(HashMap::new()),
+                total,
+                reconnects,
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.shared.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.shared.js
+    }
+
+    /// The subject of `topic` (subject prefix applied).
+    pub fn subject(&self, topic: &str) -> String {
+        self.inner.shared.subject(topic)
+    }
+
+    /// The stream of `topic`.
+    pub fn stream_name(&self, topic: &str) -> String {
+        self.inner.shared.stream_name(topic)
+    }
+
+    /// The durable consumer of this bus's group on `topic`.
+    pub fn durable_name(&self, topic: &str) -> String {
+        naming::durable_name(&self.inner.bus_config.consumer.group_id, topic)
+    }
+
+    /// Stream-create requests this bus has sent (each stream is created at most once
+    /// per bus, however many tasks publish to its new topic at the same moment).
+    pub fn stream_creations(&self) -> u64 {
+        self.inner.shared.streams.creations()
+    }
+
+    /// Counters of the delivery pipeline.
+    pub fn stats(&self) -> DispatchStats {
+        self.inner.dispatcher.stats()
+    }
+
+    /// `max_ack_pending` of the durable consumers, tied to the pool's capacity:
+    /// the smaller of the per-consumer in-flight bound and workers × queue capacity.
+    pub fn max_ack_pending(&self) -> usize {
+        let stats = self.inner.dispatcher.pool().stats();
+        let capacity = stats.workers.saturating_mul(stats.queue_capacity);
+        let bound = self.inner.bus_config.consumer.max_in_flight_per_partition;
+        if capacity == 0 {
+            bound
+        } else {
+            bound.min(capacity)
+        }
+        .max(1)
+    }
+
+    /// Publish and wait for the server's ack, with a message id for the stream's
+    /// duplicate window: a second publish with the same id within the window is
+    /// dropped by the server (the receipt then names the first one's sequence).
+    pub async fn publish_with_id(
+        &self,
+        topic: &str,
+        record: Record,
+        msg_id: &str,
+    ) -> Result<PublishReceipt> {
+        self.check_open()?;
+        self.inner.shared.publish(topic, record, Some(msg_id)).await
+    }
+
+    /// Publish many records at once: all are sent before any ack is awaited, then
+    /// every ack is awaited. Receipts come in input order; the first failure is
+    /// returned (records before it may be stored).
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<Vec<PublishReceipt>> {
+        self.check_open()?;
+        self.inner.shared.publish_batch(topic, records).await
+    }
+
+    /// Create or check `topic`'s stream with these settings and retention.
+    pub async fn configure_stream(
+        &self,
+        topic: &str,
+        config: TopicConfig,
+        retention: Retention,
+    ) -> Result<()> {
+        self.check_open()?;
+        naming::validate_nats_topic(topic)?;
+        validate_topic_config(topic, &config)?;
+        let persistent = config.persistent;
+        self.inner.shared.set_settings(
+            topic,
+            TopicSettings {
+                config,
+                retention,
+                explicit: true,
+            },
+        );
+        if persistent {
+            let spec = self.inner.shared.spec(topic);
+            self.inner.shared.streams.ensure_fresh(&spec).await?;
+        }
+        Ok(())
+    }
+
+    /// Messages the server still holds for this bus's consumer of `topic`, asked of
+    /// the server now.
+    pub async fn consumer_pending(&self, topic: &str) -> Result<ConsumerPending> {
+        let shared = &self.inner.shared;
+        let stream = shared.stream_name(topic);
+        let durable = self.durable_name(topic);
+        let info = bounded(
+            shared.config.request_timeout,
+            || format!("consumer info of `{durable}`"),
+            async {
+                shared
+                    .js
+                    .get_consumer_from_stream::<consumer::pull::Config, _, _>(&durable, &stream)
+                    .await
+                    .map_err(|e| {
+                        broker(format!("no consumer `{durable}` on stream `{stream}`"), e)
+                    })?
+                    .get_info()
+                    .await
+                    .map_err(|e| broker(format!("cannot read consumer `{durable}`"), e))
+            },
+        )
+        .await?;
+        let pending = ConsumerPending {
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        };
+        if let Some(h) = self.inner.consumers.lock().await.get(topic) {
+            h.state.set_pending(pending.pending);
+        }
+        Ok(pending)
+    }
+
+    /// The last known pending count of every subscribed topic (updated with each
+    /// delivery and by [`NatsEventBus::consumer_pending`]); also exported as the
+    /// `nats_eventbus_consumer_pending` gauge.
+    pub async fn pending(&self) -> Vec<(String, u64)> {
+        let consumers = self.inner.consumers.lock().await;
+        let mut v: Vec<_> = consumers
+            .iter()
+            .map(|(t, h)| (t.clone(), h.state.pending.load(Ordering::Relaxed)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Error::closed("the NATS event bus is closed"))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn create_consumer(
+        shared: Arc<Shared>,
+        topic: String,
+        durable: String,
+        max_ack_pending: usize,
+        reset: OffsetReset,
+    ) -> Result<consumer::PullConsumer> {
+        let stream_name = shared.stream_name(&topic);
+        shared.ensure_stream(&topic).await?;
+        let stream = shared.js.get_stream(&stream_name).await.map_err(|e| {
+            shared.streams.forget(&stream_name);
+            broker(
+                format!("cannot open stream `{stream_name}` of topic `{topic}`"),
+                e,
+            )
+        })?;
+        let config = consumer::pull::Config {
+            durable_name: Some(durable.clone()),
+            description: Some(format!("eventbus consumer of topic {topic}")),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: shared.config.ack_wait,
+            // Retries happen in place in the dispatcher; the server redelivers only
+            // what the bus gave back or lost, and must never give up on it.
+            max_deliver: -1,
+            max_ack_pending: max_ack_pending as i64,
+            deliver_policy: match reset {
+                OffsetReset::Earliest => consumer::DeliverPolicy::All,
+                OffsetReset::Latest => consumer::DeliverPolicy::New,
+            },
+            ..Default::default()
+        };
+        stream.create_consumer(config).await.map_err(|e| {
+            let text = e.to_string();
+            let conflict =
+                text.contains("exist") || text.contains("in use") || text.contains("update");
+            Error::new(
+                if conflict {
+                    ErrorKind::Conflict
+                } else {
+                    ErrorKind::Broker
+                },
+                format!(
+                    "cannot create durable consumer `{durable}` on stream `{stream_name}` \
+                     (an existing consumer with other settings is not changed)"
+                ),
+            )
+            .with_source(e)
+        })
+    }
+
+    async fn subscribe_inner(&self, sub: Subscription) -> Result<()> {
+        self.check_open()?;
+        naming::validate_nats_topic(&sub.topic)?;
+        let topic = sub.topic.clone();
+        let inner = &self.inner;
+        let mut consumers = inner.consumers.lock().await;
+        if consumers.contains_key(&topic) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("topic `{topic}` is already subscribed on this bus"),
+            ));
+        }
+        let prepared = inner.dispatcher.prepare(sub)?;
+        let shared = inner.shared.clone();
+        let stop = CancellationToken::new();
+        let cfg = &inner.bus_config.consumer;
+        let max_in_flight = self.max_ack_pending();
+        let persistent = shared.settings(&topic).config.persistent;
+        let handle = if persistent {
+            if let Some(dlq) = prepared.dead_letter_topic() {
+                naming::validate_nats_topic(dlq)?;
+                shared.ensure_stream(dlq).await?;
+            }
+            let durable = self.durable_name(&topic);
+            let reset = cfg.auto_offset_reset;
+            let consumer = Self::create_consumer(
+                shared.clone(),
+                topic.clone(),
+                durable.clone(),
+                max_in_flight,
+                reset,
+            )
+            .await?;
+            let state = Arc::new(ConsumerState::new(&topic));
+            let recreate = {
+                let shared = shared.clone();
+                let topic = topic.clone();
+                Arc::new(move || {
+                    let shared = shared.clone();
+                    let topic = topic.clone();
+                    let durable = durable.clone();
+                    async move {
+                        shared.streams.forget(&shared.stream_name(&topic));
+                        Self::create_consumer(shared, topic, durable, max_in_flight, reset).await
+                    }
+                    .boxed()
+                })
+            };
+            let run = JsLoop {
+                shared: shared.clone(),
+                dispatcher: inner.dispatcher.clone(),
+                prepared,
+                consumer,
+                stop: stop.clone(),
+                total: inner.total.clone(),
+                max_in_flight,
+                state: state.clone(),
+                drain_timeout: cfg.drain_timeout,
+                reconnects: inner.reconnects.clone(),
+                recreate,
+            };
+            tracing::info!(topic = %topic, stream = %shared.stream_name(&topic),
+                durable = %self.durable_name(&topic), max_ack_pending = max_in_flight,
+                "JetStream subscription started");
+            Handle {
+                stop,
+                task: tokio::spawn(run.run()),
+                state,
+            }
+        } else {
+            let subject = shared.subject(&topic);
+            let subscriber = shared
+                .client
+                .queue_subscribe(subject.clone(), cfg.group_id.clone())
+                .await
+                .map_err(|e| broker(format!("cannot subscribe to core NATS topic `{topic}`"), e))?;
+            // Make sure the server has the subscription before returning.
+            bounded(
+                shared.config.request_timeout,
+                || format!("subscription to `{subject}`"),
+                async {
+                    shared
+                        .client
+                        .flush()
+                        .await
+                        .map_err(|e| broker(format!("cannot flush subscription to `{subject}`"), e))
+                },
+            )
+            .await?;
+            let state = Arc::new(ConsumerState::new(&topic));
+            let run = CoreLoop {
+                dispatcher: inner.dispatcher.clone(),
+                prepared,
+                subscriber,
+                stop: stop.clone(),
+                total: inner.total.clone(),
+                max_in_flight,
+                state: state.clone(),
+                drain_timeout: cfg.drain_timeout,
+            };
+            tracing::info!(topic = %topic, subject = %subject,
+                "core NATS subscription started (at-most-once)");
+            Handle {
+                stop,
+                task: tokio::spawn(run.run()),
+                state,
+            }
+        };
+        consumers.insert(topic, handle);
+        Ok(())
+    }
+
+    async fn stop_consumer(handle: Handle) {
+        handle.stop.cancel();
+        if let Err(e) = handle.task.await {
+            tracing::error!(topic = %handle.state.topic, error = %e, "consume loop ended abnormally");
+        }
+    }
+
+    async fn health_inner(&self) -> HealthReport {
+        let inner = &self.inner;
+        let mut components = Vec::new();
+        components.push(match inner.shared.client.connection_state() {
+            async_nats::connection::State::Connected => ComponentHealth::healthy("broker"),
+            state => ComponentHealth::with_status(
+                "broker",
+                HealthStatus::Unhealthy,
+                format!("NATS connection is {state:?}; reconnecting"),
+            ),
+        });
+        if inner.closed.load(Ordering::Acquire) {
+            components.push(ComponentHealth::with_status(
+                "bus",
+                HealthStatus::Unhealthy,
+                "closed",
+            ));
+        }
+        components.push(inner.dispatcher.pool().health());
+        let stats = inner.dispatcher.stats();
+        if !stats.stuck_keys.is_empty() {
+            components.push(ComponentHealth::with_status(
+                "dispatcher",
+                HealthStatus::Degraded,
+                format!("stuck keys: {}", stats.stuck_keys.join(", ")),
+            ));
+        }
+        for (topic, h) in inner.consumers.lock().await.iter() {
+            let name = format!("consumer.{topic}");
+            let error = h
+                .state
+                .last_error
+                .lock()
+                .expect("consumer state poisoned")
+                .clone();
+            components.push(match error {
+                Some(e) => ComponentHealth::with_status(
+                    name,
+                    HealthStatus::Degraded,
+                    format!(
+                        "{e} (pending {}, in flight {})",
+                        h.state.pending.load(Ordering::Relaxed),
+                        h.state.in_flight.load(Ordering::Relaxed)
+                    ),
+                ),
+                None => ComponentHealth::healthy(name),
+            });
+        }
+        HealthReport::from_components(components)
+    }
+
+    async fn close_inner(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let handles: Vec<Handle> = self
+            .inner
+            .consumers
+            .lock()
+            .await
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        futures::future::join_all(handles.into_iter().map(Self::stop_consumer)).await;
+        self.inner.dispatcher.abandon_in_flight();
+        // The bus owns its pool, as every backend does: close it so no worker is
+        // left behind.
+        let dispatcher = &self.inner.dispatcher;
+        dispatcher
+            .pool()
+            .close(dispatcher.config().consumer.drain_timeout)
+            .await;
+        let shared = &self.inner.shared;
+        let flushed =
+            tokio::time::timeout(shared.config.request_timeout, shared.client.flush()).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!(
+                "could not flush the last acks before close; those messages will be redelivered"
+            );
+        }
+        tracing::info!("NATS event bus closed");
+        Ok(())
+    }
+}
+
+impl EventBus for NatsEventBus {
+    fn backend(&self) -> &'static str {
+        "nats"
+    }
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        async move {
+            self.check_open()?;
+            self.inner.shared.publish(topic, record, None).await
+        }
+        .boxed()
+    }
+
+    fn publish_envelope<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        async move {
+            self.check_open()?;
+            let record = envelope_record(envelope, &self.inner.bus_config.aggregate_id.header)?;
+            self.inner.shared.publish(topic, record, None).await
+        }
+        .boxed()
+    }
+
+    fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>> {
+        self.subscribe_inner(subscription).boxed()
+    }
+
+    fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let handle = self.inner.consumers.lock().await.remove(topic);
+            match handle {
+                Some(h) => {
+                    Self::stop_consumer(h).await;
+                    Ok(())
+                }
+                None => Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("topic `{topic}` is not subscribed on this bus"),
+                )),
+            }
+        }
+        .boxed()
+    }
+
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: TopicConfig,
+    ) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let retention = self.inner.shared.config.retention_of(topic);
+            self.configure_stream(topic, config, retention).await
+        }
+        .boxed()
+    }
+
+    fn health(&self) -> BoxFuture<'_, HealthReport> {
+        self.health_inner().boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.close_inner().boxed()
+    }
+}

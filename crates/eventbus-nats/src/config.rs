@@ -1,0 +1,437 @@
+//! Settings of the NATS backend: connection, authentication, TLS, reconnection,
+//! subjects, JetStream consumer timing and per-topic stream settings.
+//!
+//! Secrets (token, password, nkey seed) are never printed: the `Debug` output of
+//! [`NatsAuth`] redacts them, and the bus logs only which kind of authentication is
+//! in use.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use eventbus_core::{Error, TopicConfig};
+
+/// How the client authenticates.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum NatsAuth {
+    /// No authentication.
+    #[default]
+    None,
+    /// A token (`auth.token`).
+    Token {
+        /// The token.
+        token: String,
+    },
+    /// User name and password (`auth.user`, `auth.password`).
+    UserPassword {
+        /// User name.
+        user: String,
+        /// Password.
+        password: String,
+    },
+    /// A `.creds` file holding a user JWT and nkey seed (`auth.path`).
+    CredentialsFile {
+        /// Path of the credentials file.
+        path: PathBuf,
+    },
+    /// An nkey seed (`auth.seed`).
+    NKey {
+        /// The seed.
+        seed: String,
+    },
+}
+
+impl NatsAuth {
+    /// Name of the kind, safe to log.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NatsAuth::None => "none",
+            NatsAuth::Token { .. } => "token",
+            NatsAuth::UserPassword { .. } => "user_password",
+            NatsAuth::CredentialsFile { .. } => "credentials_file",
+            NatsAuth::NKey { .. } => "nkey",
+        }
+    }
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::Token { .. } => f.write_str("Token { token: <redacted> }"),
+            NatsAuth::UserPassword { user, .. } => f
+                .debug_struct("UserPassword")
+                .field("user", user)
+                .field("password", &"<redacted>")
+                .finish(),
+            NatsAuth::CredentialsFile { path } => f
+                .debug_struct("CredentialsFile")
+                .field("path", path)
+                .finish(),
+            NatsAuth::NKey { .. } => f.write_str("NKey { seed: <redacted> }"),
+        }
+    }
+}
+
+/// TLS settings (`tls.*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct NatsTlsConfig {
+    /// Refuse to connect without TLS (`tls.required`), default false. TLS is also used
+    /// whenever a URL has the `tls://` scheme or the server demands it.
+    pub required: bool,
+    /// PEM file of extra root certificates (`tls.ca_file`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (`tls.client_cert`); needs `tls.client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM client key for mutual TLS (`tls.client_key`); needs `tls.client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// Do the TLS handshake before the NATS protocol starts (`tls.first`).
+    pub first: bool,
+}
+
+/// Reconnection behaviour (`reconnect.*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ReconnectConfig {
+    /// Reconnect attempts before the client gives up (`reconnect.max_reconnects`);
+    /// `None` (the default): never give up.
+    pub max_reconnects: Option<usize>,
+    /// Wait before the first reconnect attempt (`reconnect.initial_delay`), default 100ms;
+    /// doubles per attempt up to `reconnect.max_delay`.
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Duration,
+    /// Longest wait between reconnect attempts (`reconnect.max_delay`), default 5s.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Time bound of one connection attempt (`reconnect.connection_timeout`), default 5s.
+    #[serde(with = "humantime_serde")]
+    pub connection_timeout: Duration,
+    /// Keep retrying when the server is unreachable at start-up instead of failing
+    /// (`reconnect.retry_on_initial_connect`), default false.
+    pub retry_on_initial_connect: bool,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            max_reconnects: None,
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(5),
+            retry_on_initial_connect: false,
+        }
+    }
+}
+
+impl ReconnectConfig {
+    /// Wait before reconnect attempt number `attempt` (1-based).
+    pub fn delay_for(&self, attempt: usize) -> Duration {
+        let shift = attempt.saturating_sub(1).min(20) as u32;
+        self.initial_delay
+            .saturating_mul(1u32 << shift)
+            .min(self.max_delay)
+    }
+}
+
+/// Retention policy of a JetStream stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// Keep messages up to the stream's limits (age, bytes, count). The default.
+    #[default]
+    Limits,
+    /// Keep a message while some consumer has not acknowledged it.
+    Interest,
+    /// Remove a message once one consumer acknowledged it.
+    WorkQueue,
+}
+
+/// Settings of the NATS backend.
+///
+/// Deserializes with defaults; durations are human-readable (`"30s"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct NatsConfig {
+    /// Server URLs (`urls`), default `["nats://127.0.0.1:4222"]`.
+    pub urls: Vec<String>,
+    /// Connection name shown by the server (`name`), default `eventbus`.
+    pub name: String,
+    /// Authentication (`auth`).
+    pub auth: NatsAuth,
+    /// TLS (`tls`).
+    pub tls: NatsTlsConfig,
+    /// Reconnection (`reconnect`).
+    pub reconnect: ReconnectConfig,
+    /// Prefix of every subject (`subject_prefix`): topic `orders` with prefix `app`
+    /// uses subject `app.orders` and stream `app_orders`. Default: none.
+    pub subject_prefix: Option<String>,
+    /// How long the server waits for an ack before redelivering (`ack_wait`), default 30s.
+    /// A handler running past half of it gets in-progress (`+WPI`) heartbeats.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Most messages asked for in one pull request (`fetch_batch`), default 256.
+    pub fetch_batch: usize,
+    /// How long an idle pull request waits on the server (`fetch_expires`), default 2s.
+    /// Closing or unsubscribing waits for the last one to run out (at most this long).
+    #[serde(with = "humantime_serde")]
+    pub fetch_expires: Duration,
+    /// Time bound of JetStream API calls and publish acks (`request_timeout`), default 5s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Per-topic settings (`topics.<topic>`), used when a topic's stream is created or
+    /// checked. Topics not listed get [`TopicConfig::default`] (file storage).
+    pub topics: HashMap<String, TopicConfig>,
+    /// Per-topic retention (`retention.<topic>`), default [`Retention::Limits`].
+    pub retention: HashMap<String, Retention>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec!["nats://127.0.0.1:4222".to_owned()],
+            name: "eventbus".to_owned(),
+            auth: NatsAuth::None,
+            tls: NatsTlsConfig::default(),
+            reconnect: ReconnectConfig::default(),
+            subject_prefix: None,
+            ack_wait: Duration::from_secs(30),
+            fetch_batch: 256,
+            fetch_expires: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            topics: HashMap::new(),
+            retention: HashMap::new(),
+        }
+    }
+}
+
+impl NatsConfig {
+    /// Defaults with these server URLs.
+    pub fn new(urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            urls: urls.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Set the authentication.
+    #[must_use]
+    pub fn auth(mut self, auth: NatsAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Set the TLS settings.
+    #[must_use]
+    pub fn tls(mut self, tls: NatsTlsConfig) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Set the reconnection behaviour.
+    #[must_use]
+    pub fn reconnect(mut self, reconnect: ReconnectConfig) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
+
+    /// Set the subject prefix.
+    #[must_use]
+    pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.subject_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Set the ack wait.
+    #[must_use]
+    pub fn ack_wait(mut self, d: Duration) -> Self {
+        self.ack_wait = d;
+        self
+    }
+
+    /// Set the pull batch size.
+    #[must_use]
+    pub fn fetch_batch(mut self, n: usize) -> Self {
+        self.fetch_batch = n;
+        self
+    }
+
+    /// Set the idle pull expiry.
+    #[must_use]
+    pub fn fetch_expires(mut self, d: Duration) -> Self {
+        self.fetch_expires = d;
+        self
+    }
+
+    /// Set the settings of one topic.
+    #[must_use]
+    pub fn topic(mut self, topic: impl Into<String>, config: TopicConfig) -> Self {
+        self.topics.insert(topic.into(), config);
+        self
+    }
+
+    /// Set the retention of one topic's stream.
+    #[must_use]
+    pub fn topic_retention(mut self, topic: impl Into<String>, retention: Retention) -> Self {
+        self.retention.insert(topic.into(), retention);
+        self
+    }
+
+    /// Check the values; the error names the key.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.urls.is_empty() {
+            return Err(Error::config("urls must list at least one server"));
+        }
+        if let Some(bad) = self.urls.iter().find(|u| u.trim().is_empty()) {
+            return Err(Error::config(format!(
+                "urls contains an empty entry: `{bad}`"
+            )));
+        }
+        if self.ack_wait < Duration::from_millis(100) {
+            return Err(Error::config(format!(
+                "ack_wait must be at least 100ms, got {:?}",
+                self.ack_wait
+            )));
+        }
+        if self.fetch_batch == 0 {
+            return Err(Error::config("fetch_batch must be at least 1, got 0"));
+        }
+        if self.fetch_expires < Duration::from_millis(100) {
+            return Err(Error::config(format!(
+                "fetch_expires must be at least 100ms, got {:?}",
+                self.fetch_expires
+            )));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(Error::config("request_timeout must be above zero"));
+        }
+        if self.reconnect.max_delay < self.reconnect.initial_delay {
+            return Err(Error::config(
+                "reconnect.max_delay must not be below reconnect.initial_delay",
+            ));
+        }
+        if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
+            return Err(Error::config(
+                "tls.client_cert and tls.client_key must be set together",
+            ));
+        }
+        if let Some(prefix) = &self.subject_prefix {
+            crate::naming::validate_prefix(prefix)?;
+        }
+        match &self.auth {
+            NatsAuth::Token { token } if token.is_empty() => {
+                return Err(Error::config("auth.token must not be empty"));
+            }
+            NatsAuth::UserPassword { user, .. } if user.is_empty() => {
+                return Err(Error::config("auth.user must not be empty"));
+            }
+            NatsAuth::NKey { seed } if seed.is_empty() => {
+                return Err(Error::config("auth.seed must not be empty"));
+            }
+            _ => {}
+        }
+        for (topic, cfg) in &self.topics {
+            crate::naming::validate_nats_topic(topic)
+                .map_err(|e| Error::config(format!("topics.{topic}: {}", e.message())))?;
+            crate::streams::validate_topic_config(topic, cfg)?;
+        }
+        Ok(())
+    }
+
+    /// The retention of `topic`'s stream.
+    pub fn retention_of(&self, topic: &str) -> Retention {
+        self.retention.get(topic).copied().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted() {
+        let a = NatsAuth::UserPassword {
+            user: "svc".into(),
+            password: "hunter2".into(),
+        };
+        let shown = format!("{a:?}");
+        assert!(
+            shown.contains("svc") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        let t = NatsAuth::Token {
+            token: "s3cr3t".into(),
+        };
+        assert!(!format!("{t:?}").contains("s3cr3t"));
+        let n = NatsAuth::NKey {
+            seed: "SUABC".into(),
+        };
+        assert!(!format!("{n:?}").contains("SUABC"));
+        let cfg = NatsConfig::default().auth(t);
+        assert!(!format!("{cfg:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let e = NatsConfig::default()
+            .ack_wait(Duration::from_millis(1))
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("ack_wait"), "{e}");
+        let e = NatsConfig::new(Vec::<String>::new())
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("urls"), "{e}");
+        let mut c = NatsConfig::default();
+        c.tls.client_cert = Some("c.pem".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tls.client_key"));
+        let e = NatsConfig::default()
+            .subject_prefix("a.*")
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("subject_prefix"), "{e}");
+        let e = NatsConfig::default()
+            .auth(NatsAuth::Token {
+                token: String::new(),
+            })
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("auth.token"), "{e}");
+    }
+
+    #[test]
+    fn deserializes() {
+        let c: NatsConfig = serde_json::from_str(
+            r#"{"urls":["nats://a:4222"],"ack_wait":"2s",
+                "auth":{"kind":"user_password","user":"u","password":"p"},
+                "topics":{"orders":{"storage":"memory"}},
+                "retention":{"orders":"work_queue"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ack_wait, Duration::from_secs(2));
+        assert_eq!(c.retention_of("orders"), Retention::WorkQueue);
+        assert_eq!(c.retention_of("other"), Retention::Limits);
+        assert!(c.validate().is_ok());
+        let bad = serde_json::from_str::<NatsConfig>(r#"{"ack_wiat":"2s"}"#).unwrap_err();
+        assert!(bad.to_string().contains("ack_wiat"));
+    }
+
+    #[test]
+    fn reconnect_backoff_caps() {
+        let r = ReconnectConfig::default();
+        assert_eq!(r.delay_for(1), Duration::from_millis(100));
+        assert_eq!(r.delay_for(2), Duration::from_millis(200));
+        assert_eq!(r.delay_for(100), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,542 @@
+//! The consume loop of one (group, topic): a durable JetStream pull consumer (or a
+//! core NATS subscription) feeding the core dispatcher, with acks, terms, naks and
+//! in-progress heartbeats.
+//!
+//! In-flight tracking is per stream sequence (not a contiguous watermark): JetStream
+//! acknowledges each message on its own, and a redelivery may carry a sequence lower
+//! than one already handed out, so every message in flight is kept in a registry
+//! keyed by its stream sequence, bounded by the consumer's in-flight limit.
+
+use async_nats::jetstream::consumer::pull::Batch;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::AckKind;
+use async_nats::{Client, Subject};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use eventbus_core::{
+    CancellationToken, Completion, Dispatcher, Disposition, InFlight, Message,
+    PreparedSubscription, Result,
+};
+
+use crate::publish::{from_header_map, Shared};
+
+/// What health and metrics read about one consumer.
+#[derive(Debug)]
+pub(crate) struct ConsumerState {
+    pub(crate) topic: String,
+    /// Messages the server still holds for this consumer (from the last delivery).
+    pub(crate) pending: AtomicU64,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) redeliveries: AtomicU64,
+    pub(crate) last_error: Mutex<Option<String>>,
+    pending_gauge: metrics::Gauge,
+    in_flight_gauge: metrics::Gauge,
+    redelivery_counter: metrics::Counter,
+}
+
+impl ConsumerState {
+    pub(crate) fn new(topic: &str) -> Self {
+        let t = topic.to_owned();
+        Self {
+            topic: t.clone(),
+            pending: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            redeliveries: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            pending_gauge: metrics::gauge!(crate::METRIC_CONSUMER_PENDING, "topic" => t.clone()),
+            in_flight_gauge: metrics::gauge!(crate::METRIC_IN_FLIGHT, "topic" => t.clone()),
+            redelivery_counter: metrics::counter!(crate::METRIC_REDELIVERIES, "topic" => t),
+        }
+    }
+
+    pub(crate) fn set_pending(&self, n: u64) {
+        self.pending.store(n, Ordering::Relaxed);
+        self.pending_gauge.set(n as f64);
+    }
+
+    fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n, Ordering::Relaxed);
+        self.in_flight_gauge.set(n as f64);
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().expect("consumer state poisoned") = e;
+    }
+}
+
+/// A message in flight: where to ack it, and when the server last heard of it.
+#[derive(Debug)]
+struct Tracked {
+    reply: Subject,
+    last_signal: Instant,
+}
+
+type Registry = Arc<Mutex<HashMap<u64, Tracked>>>;
+
+/// Everything a JetStream consume loop needs.
+pub(crate) struct JsLoop {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) dispatcher: Dispatcher,
+    pub(crate) prepared: Arc<PreparedSubscription>,
+    pub(crate) consumer: PullConsumer,
+    pub(crate) stop: CancellationToken,
+    pub(crate) total: Arc<Semaphore>,
+    pub(crate) max_in_flight: usize,
+    pub(crate) state: Arc<ConsumerState>,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) reconnects: watch::Receiver<u64>,
+    /// Re-creates the stream and durable consumer after fetch errors.
+    pub(crate) recreate: Arc<dyn Fn() -> BoxFuture<'static, Result<PullConsumer>> + Send + Sync>,
+}
+
+type Submitting = BoxFuture<'static, (u64, Result<InFlight<u64>>, OwnedSemaphorePermit)>;
+type Settling = BoxFuture<'static, (Completion<u64>, OwnedSemaphorePermit)>;
+
+impl JsLoop {
+    pub(crate) async fn run(mut self) {
+        let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
+        let beats_stop = CancellationToken::new();
+        let beats = tokio::spawn(heartbeats(
+            registry.clone(),
+            self.shared.client.clone(),
+            self.shared.config.ack_wait,
+            beats_stop.clone(),
+        ));
+        let client = self.shared.client.clone();
+        let fetch_expires = self.shared.config.fetch_expires;
+        let fetch_batch = self.shared.config.fetch_batch;
+
+        let mut queue: VecDeque<(Message, OwnedSemaphorePermit)> = VecDeque::new();
+        let mut submitting: Option<Submitting> = None;
+        let mut inflight: FuturesUnordered<Settling> = FuturesUnordered::new();
+        let mut batch: Option<(Batch, OwnedSemaphorePermit)> = None;
+        let mut backoff: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut failures = 0u32;
+        let mut needs_recreate = false;
+
+        loop {
+            if submitting.is_none() {
+                if let Some((msg, permit)) = queue.pop_front() {
+                    submitting = Some(self.submit(msg, permit));
+                }
+            }
+            let busy = inflight.len() + queue.len() + usize::from(submitting.is_some());
+            self.state.set_in_flight(busy);
+            let room = self.max_in_flight.saturating_sub(busy).min(fetch_batch);
+            let may_fetch = batch.is_none() && backoff.is_none() && queue.is_empty() && room > 0;
+
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                Some((completion, permit)) = inflight.next(), if !inflight.is_empty() => {
+                    settle(&client, &registry, completion).await;
+                    drop(permit);
+                }
+                (seq, result, permit) = async { submitting.as_mut().expect("guarded").await },
+                    if submitting.is_some() =>
+                {
+                    submitting = None;
+                    match result {
+                        Ok(fut) => inflight.push(
+                            async move { (fut.await, permit) }.boxed()
+                        ),
+                        Err(e) => {
+                            tracing::debug!(topic = %self.state.topic, seq, error = %e,
+                                "submission stopped; message left for redelivery");
+                            release(&client, &registry, seq).await;
+                        }
+                    }
+                }
+                _ = self.reconnects.changed() => {
+                    // A pull request does not survive a reconnect: ask again.
+                    tracing::debug!(topic = %self.state.topic, "reconnected; new pull request");
+                    batch = None;
+                }
+                item = async { batch.as_mut().expect("guarded").0.next().await }, if batch.is_some() => {
+                    match item {
+                        Some(Ok(m)) => {
+                            failures = 0;
+                            let permit = batch
+                                .as_mut()
+                                .and_then(|(_, p)| p.split(1))
+                                .or_else(|| self.total.clone().try_acquire_owned().ok());
+                            match permit {
+                                Some(permit) => {
+                                    if let Some(msg) = self.accept(m, &registry) {
+                                        queue.push_back((msg, permit));
+                                    }
+                                }
+                                None => {
+                                    // More than asked for: leave it for redelivery.
+                                    tracing::warn!(topic = %self.state.topic,
+                                        "server sent more messages than requested");
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(topic = %self.state.topic, error = %e, "pull request failed");
+                            self.state.set_error(Some(e.to_string()));
+                            batch = None;
+                            failures += 1;
+                            needs_recreate = true;
+                            backoff = Some(Box::pin(tokio::time::sleep(retry_delay(failures))));
+                        }
+                        None => {
+                            tracing::debug!(topic = %self.state.topic, "pull request done");
+                            batch = None;
+                        }
+                    }
+                }
+                _ = async { backoff.as_mut().expect("guarded").await }, if backoff.is_some() => {
+                    backoff = None;
+                    if needs_recreate {
+                        match (self.recreate)().await {
+                            Ok(c) => {
+                                self.consumer = c;
+                                needs_recreate = false;
+                                self.state.set_error(None);
+                            }
+                            Err(e) => {
+                                tracing::warn!(topic = %self.state.topic, error = %e,
+                                    "cannot re-create the durable consumer; retrying");
+                                self.state.set_error(Some(e.to_string()));
+                                failures += 1;
+                                backoff = Some(Box::pin(tokio::time::sleep(retry_delay(failures))));
+                            }
+                        }
+                    }
+                }
+                permits = acquire_up_to(&self.total, room), if may_fetch => {
+                    let Some(permits) = permits else { break };
+                    let n = permits.num_permits();
+                    let request = self
+                        .consumer
+                        .batch()
+                        .max_messages(n)
+                        .expires(fetch_expires)
+                        .messages();
+                    match tokio::time::timeout(self.shared.config.request_timeout, request).await {
+                        Ok(Ok(b)) => batch = Some((b, permits)),
+                        Ok(Err(e)) => {
+                            tracing::warn!(topic = %self.state.topic, error = %e, "cannot send pull request");
+                            self.state.set_error(Some(e.to_string()));
+                            failures += 1;
+                            needs_recreate = true;
+                            backoff = Some(Box::pin(tokio::time::sleep(retry_delay(failures))));
+                        }
+                        Err(_) => {
+                            failures += 1;
+                            backoff = Some(Box::pin(tokio::time::sleep(retry_delay(failures))));
+                        }
+                    }
+                }
+            }
+        }
+
+        // Stop fetching: no new pull request. Messages the open pull request still
+        // brings are registered (not dispatched) while in-flight work drains, so the
+        // final release hands them back in stream order instead of leaving them to
+        // redeliver after `ack_wait`, when later messages of the same aggregate could
+        // overtake them.
+        let mut open = batch.take().map(|(b, _permits)| b);
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        if let Some(b) = open.as_mut() {
+            // Everything the server sent before a flush round trip is in the inbox.
+            if let Ok(Ok(())) = tokio::time::timeout_at(deadline, client.flush()).await {
+                tokio::task::unconstrained(async {
+                    while let Some(Some(Ok(m))) = b.next().now_or_never() {
+                        let _ = self.accept(m, &registry);
+                    }
+                })
+                .await;
+            }
+        }
+        // What was fetched but not submitted stays registered (and kept alive by
+        // heartbeats) until the final release below.
+        queue.clear();
+        // Drain: finish the submission under way and wait for in-flight work.
+        if let Some(sub) = submitting.take() {
+            match tokio::time::timeout_at(deadline, sub).await {
+                Ok((_, Ok(fut), permit)) => {
+                    inflight.push(async move { (fut.await, permit) }.boxed())
+                }
+                // Not submitted: released with the rest below.
+                Ok((_, Err(_), _)) | Err(_) => {}
+            }
+        }
+        while !inflight.is_empty() {
+            tokio::select! {
+                biased;
+                Some((completion, permit)) = inflight.next() => {
+                    settle(&client, &registry, completion).await;
+                    drop(permit);
+                }
+                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
+                    match item {
+                        Some(Ok(m)) => {
+                            let _ = self.accept(m, &registry);
+                        }
+                        _ => open = None,
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(topic = %self.state.topic, left = inflight.len(),
+                        "drain timeout: messages still in flight are left for redelivery");
+                    break;
+                }
+            }
+        }
+        // The server keeps a pull request until it is filled or expires; a message
+        // handed back while one is still open could be delivered into it and, with
+        // nobody reading, wait `ack_wait` for its redelivery. Let it run out first
+        // (at most `fetch_expires`), registering whatever it still brings.
+        if let Some(mut b) = open.take() {
+            let bound = self.shared.config.fetch_expires + Duration::from_secs(1);
+            let ran_out = tokio::time::timeout(bound, async {
+                while let Some(item) = b.next().await {
+                    if let Ok(m) = item {
+                        let _ = self.accept(m, &registry);
+                    }
+                }
+            })
+            .await;
+            if ran_out.is_err() {
+                tracing::debug!(topic = %self.state.topic, "pull request still open at close");
+            }
+        }
+        beats_stop.cancel();
+        let _ = beats.await;
+        // Give back everything unfinished, lowest sequence first, so the server
+        // redelivers it in stream order.
+        let mut left: Vec<u64> = registry
+            .lock()
+            .expect("registry poisoned")
+            .keys()
+            .copied()
+            .collect();
+        left.sort_unstable();
+        tracing::debug!(topic = %self.state.topic, released = ?left, "handing back unfinished messages");
+        for seq in left {
+            release(&client, &registry, seq).await;
+        }
+        self.state.set_in_flight(0);
+    }
+
+    fn submit(&self, msg: Message, permit: OwnedSemaphorePermit) -> Submitting {
+        let dispatcher = self.dispatcher.clone();
+        let prepared = self.prepared.clone();
+        let stop = self.stop.clone();
+        let seq = msg.offset as u64;
+        async move {
+            let r = dispatcher.submit(&prepared, msg, seq, &stop).await;
+            (seq, r, permit)
+        }
+        .boxed()
+    }
+
+    /// Turn a delivery into a message to dispatch, or `None` when it is a
+    /// redelivery of a message still in flight (the original will be acked).
+    fn accept(&self, m: async_nats::jetstream::Message, registry: &Registry) -> Option<Message> {
+        let (seq, delivered, pending, published_ms) = match m.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                info.delivered,
+                info.pending,
+                (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
+            ),
+            Err(e) => {
+                tracing::error!(topic = %self.state.topic, error = %e,
+                    "JetStream message without valid ack metadata; skipped");
+                return None;
+            }
+        };
+        let reply = m.message.reply.clone()?;
+        self.state.set_pending(pending);
+        let attempt = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
+        if attempt > 1 {
+            self.state.redeliveries.fetch_add(1, Ordering::Relaxed);
+            self.state.redelivery_counter.increment(1);
+        }
+        {
+            let mut reg = registry.lock().expect("registry poisoned");
+            if let Some(t) = reg.get_mut(&seq) {
+                // The server redelivered a message we are still handling: never run
+                // it twice at once; ack the newest delivery when the original ends.
+                tracing::debug!(topic = %self.state.topic, seq, attempt,
+                    "redelivery of a message still in flight; not dispatched again");
+                t.reply = reply;
+                t.last_signal = Instant::now();
+                return None;
+            }
+            reg.insert(
+                seq,
+                Tracked {
+                    reply,
+                    last_signal: Instant::now(),
+                },
+            );
+        }
+        tracing::debug!(topic = %self.state.topic, seq, attempt, "delivery");
+        let (headers, key) = from_header_map(m.message.headers.as_ref());
+        let mut msg = Message::new(
+            self.prepared.topic().to_owned(),
+            0,
+            seq as i64,
+            m.message.payload.clone(),
+        )
+        .with_headers(headers)
+        .with_timestamp_ms(published_ms)
+        .with_delivery_attempt(attempt);
+        if let Some(k) = key {
+            msg = msg.with_key(k);
+        }
+        Some(msg)
+    }
+}
+
+/// Ack, term or nak a finished message.
+async fn settle(client: &Client, registry: &Registry, completion: Completion<u64>) {
+    let seq = completion.token;
+    let Some(tracked) = registry.lock().expect("registry poisoned").remove(&seq) else {
+        return;
+    };
+    let kind = match completion.disposition {
+        Disposition::Handled | Disposition::Dropped => AckKind::Ack,
+        // The dead letter is written: stop redelivery for good.
+        Disposition::DeadLettered => AckKind::Term,
+        Disposition::Abandoned => AckKind::Nak(None),
+    };
+    debug_assert_eq!(completion.should_ack(), !matches!(kind, AckKind::Nak(_)));
+    if let Err(e) = client.publish(tracked.reply, kind.into()).await {
+        tracing::warn!(seq, error = %e, "cannot send ack; the message will be redelivered");
+    }
+}
+
+/// Give a message back for prompt redelivery.
+async fn release(client: &Client, registry: &Registry, seq: u64) {
+    let tracked = registry.lock().expect("registry poisoned").remove(&seq);
+    if let Some(t) = tracked {
+        let _ = client.publish(t.reply, AckKind::Nak(None).into()).await;
+    }
+}
+
+/// Send `+WPI` for every message in flight longer than half of `ack_wait` since the
+/// server last heard of it, checking every quarter of `ack_wait`.
+async fn heartbeats(
+    registry: Registry,
+    client: Client,
+    ack_wait: Duration,
+    stop: CancellationToken,
+) {
+    let threshold = ack_wait / 2;
+    let mut tick = tokio::time::interval((ack_wait / 4).max(Duration::from_millis(20)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let due: Vec<Subject> = {
+            let mut reg = registry.lock().expect("registry poisoned");
+            reg.values_mut()
+                .filter(|t| now.duration_since(t.last_signal) >= threshold)
+                .map(|t| {
+                    t.last_signal = now;
+                    t.reply.clone()
+                })
+                .collect()
+        };
+        for reply in due {
+            if let Err(e) = client.publish(reply, AckKind::Progress.into()).await {
+                tracing::debug!(error = %e, "cannot send in-progress heartbeat");
+            }
+        }
+    }
+}
+
+/// Wait for one permit of `total`, then take up to `n` without waiting.
+/// `None` when the limit is closed.
+async fn acquire_up_to(total: &Arc<Semaphore>, n: usize) -> Option<OwnedSemaphorePermit> {
+    let mut permits = total.clone().acquire_owned().await.ok()?;
+    while permits.num_permits() < n {
+        match total.clone().try_acquire_owned() {
+            Ok(p) => permits.merge(p),
+            Err(_) => break,
+        }
+    }
+    Some(permits)
+}
+
+fn retry_delay(failures: u32) -> Duration {
+    let ms = 50u64.saturating_mul(1 << failures.min(6));
+    Duration::from_millis(ms.min(2_000))
+}
+
+/// Everything a core NATS consume loop needs.
+pub(crate) struct CoreLoop {
+    pub(crate) dispatcher: Dispatcher,
+    pub(crate) prepared: Arc<PreparedSubscription>,
+    pub(crate) subscriber: async_nats::Subscriber,
+    pub(crate) stop: CancellationToken,
+    pub(crate) total: Arc<Semaphore>,
+    pub(crate) max_in_flight: usize,
+    pub(crate) state: Arc<ConsumerState>,
+    pub(crate) drain_timeout: Duration,
+}
+
+impl CoreLoop {
+    /// At-most-once by nature: core NATS keeps nothing, so a message is handled at
+    /// most once whatever its outcome; nothing is acknowledged.
+    pub(crate) async fn run(mut self) {
+        let mut inflight: FuturesUnordered<BoxFuture<'static, Completion<u64>>> =
+            FuturesUnordered::new();
+        let mut counter = 0u64;
+        loop {
+            self.state.set_in_flight(inflight.len());
+            let room = inflight.len() < self.max_in_flight;
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                Some(c) = inflight.next(), if !inflight.is_empty() => {
+                    if c.disposition == Disposition::Abandoned {
+                        tracing::debug!(topic = %self.state.topic, "core NATS message abandoned");
+                    }
+                }
+                m = self.subscriber.next(), if room => {
+                    let Some(m) = m else { break };
+                    let Ok(permit) = self.total.clone().acquire_owned().await else { break };
+                    counter += 1;
+                    let (headers, key) = from_header_map(m.headers.as_ref());
+                    let mut msg = Message::new(self.prepared.topic().to_owned(), 0, counter as i64, m.payload)
+                        .with_headers(headers);
+                    if let Some(k) = key {
+                        msg = msg.with_key(k);
+                    }
+                    match self.dispatcher.submit(&self.prepared, msg, counter, &self.stop).await {
+                        Ok(fut) => inflight.push(async move {
+                            let c = fut.await;
+                            drop(permit);
+                            c
+                        }.boxed()),
+                        Err(e) => {
+                            tracing::debug!(topic = %self.state.topic, error = %e, "core NATS message not submitted");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let _ = self.subscriber.unsubscribe().await;
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, inflight.next()).await {}
+        self.state.set_in_flight(0);
+    }
+}

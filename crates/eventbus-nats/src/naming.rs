@@ -1,0 +1,93 @@
+//! How topics map to NATS subjects, stream names and durable consumer names.
+
+use eventbus_core::{validate_topic, Error, ErrorKind, Result};
+
+/// Check a topic for NATS: the common rules of [`validate_topic`], plus no empty
+/// subject token (`a..b`, `.a`, `a.` are refused).
+pub(crate) fn validate_nats_topic(topic: &str) -> Result<()> {
+    validate_topic(topic)?;
+    if topic.split('.').any(str::is_empty) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "topic `{topic}` is invalid for NATS: a subject token is empty \
+                 (no leading, trailing or doubled `.`)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Check a subject prefix: dot-separated tokens of `A-Z a-z 0-9 _ -`.
+pub(crate) fn validate_prefix(prefix: &str) -> Result<()> {
+    let ok = !prefix.is_empty()
+        && prefix.split('.').all(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "subject_prefix `{}` is invalid: use dot-separated tokens of A-Z a-z 0-9 _ -",
+            prefix.escape_debug()
+        )))
+    }
+}
+
+/// The subject of `topic`.
+pub(crate) fn subject(prefix: Option<&str>, topic: &str) -> String {
+    match prefix {
+        Some(p) => format!("{p}.{topic}"),
+        None => topic.to_owned(),
+    }
+}
+
+/// Replace characters not allowed in stream and consumer names.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '.' | '*' | '>' | '/' | '\\' => '_',
+            c if c.is_whitespace() || c.is_control() => '_',
+            c => c,
+        })
+        .collect()
+}
+
+/// The stream of `topic`: the subject with `.` replaced by `_`.
+pub(crate) fn stream_name(prefix: Option<&str>, topic: &str) -> String {
+    sanitize(&subject(prefix, topic))
+}
+
+/// The durable consumer of `group` on `topic`.
+pub(crate) fn durable_name(group: &str, topic: &str) -> String {
+    sanitize(&format!("{group}-{topic}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(subject(None, "orders.v1"), "orders.v1");
+        assert_eq!(subject(Some("app"), "orders.v1"), "app.orders.v1");
+        assert_eq!(stream_name(Some("app"), "orders.v1"), "app_orders_v1");
+        assert_eq!(durable_name("svc a", "orders.v1"), "svc_a-orders_v1");
+    }
+
+    #[test]
+    fn rejects_empty_tokens() {
+        for bad in ["a..b", ".a", "a.", "a b"] {
+            let e = validate_nats_topic(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("topic"), "{e}");
+        }
+        assert!(validate_nats_topic("a.b-c_d").is_ok());
+        assert!(validate_prefix("app.v1").is_ok());
+        for bad in ["", "a.", "a.*", "a b", "a.>"] {
+            assert!(validate_prefix(bad).is_err(), "{bad}");
+        }
+    }
+}

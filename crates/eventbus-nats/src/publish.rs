@@ -1,0 +1,415 @@
+//! Publishing: JetStream publish waiting for the server's ack, a batched variant,
+//! core NATS publish for non-persistent topics, and the dead-letter sink.
+
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::Client;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use eventbus_core::{
+    DeadLetter, DeadLetterSink, Error, ErrorKind, Headers, PublishReceipt, Record, Result,
+    TopicConfig,
+};
+
+use crate::config::{NatsConfig, Retention};
+use crate::naming;
+use crate::streams::{broker, StreamSpec, Streams};
+
+/// Header carrying the record key (NATS messages have no key of their own).
+pub const KEY_HEADER: &str = "eventbus-key";
+/// Header the server uses for duplicate detection within a stream's duplicate window.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// Header naming the original NATS subject on a dead letter.
+pub const DLQ_SUBJECT_HEADER: &str = "eventbus-original-subject";
+/// Header naming the original stream on a dead letter.
+pub const DLQ_STREAM_HEADER: &str = "eventbus-original-stream";
+
+/// Settings of one topic as the bus uses them.
+#[derive(Debug, Clone)]
+pub(crate) struct TopicSettings {
+    pub(crate) config: TopicConfig,
+    pub(crate) retention: Retention,
+    pub(crate) explicit: bool,
+}
+
+/// Connection, JetStream context, stream cache and topic settings, shared by the
+/// bus, its consumers and its dead-letter sink.
+pub(crate) struct Shared {
+    pub(crate) client: Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) config: NatsConfig,
+    pub(crate) streams: Streams,
+    topics: RwLock<HashMap<String, TopicSettings>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("streams", &self.streams)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(client: Client, js: jetstream::Context, config: NatsConfig) -> Self {
+        let topics = config
+            .topics
+            .iter()
+            .map(|(t, c)| {
+                (
+                    t.clone(),
+                    TopicSettings {
+                        config: c.clone(),
+                        retention: config.retention_of(t),
+                        explicit: true,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            streams: Streams::new(js.clone()),
+            client,
+            js,
+            config,
+            topics: RwLock::new(topics),
+        }
+    }
+
+    fn prefix(&self) -> Option<&str> {
+        self.config.subject_prefix.as_deref()
+    }
+
+    pub(crate) fn subject(&self, topic: &str) -> String {
+        naming::subject(self.prefix(), topic)
+    }
+
+    pub(crate) fn stream_name(&self, topic: &str) -> String {
+        naming::stream_name(self.prefix(), topic)
+    }
+
+    pub(crate) fn settings(&self, topic: &str) -> TopicSettings {
+        self.topics
+            .read()
+            .expect("topic settings poisoned")
+            .get(topic)
+            .cloned()
+            .unwrap_or_else(|| TopicSettings {
+                config: TopicConfig::default(),
+                retention: self.config.retention_of(topic),
+                explicit: self.config.retention.contains_key(topic),
+            })
+    }
+
+    pub(crate) fn set_settings(&self, topic: &str, settings: TopicSettings) {
+        self.topics
+            .write()
+            .expect("topic settings poisoned")
+            .insert(topic.to_owned(), settings);
+    }
+
+    pub(crate) fn spec(&self, topic: &str) -> StreamSpec {
+        let s = self.settings(topic);
+        StreamSpec {
+            topic: topic.to_owned(),
+            name: self.stream_name(topic),
+            subject: self.subject(topic),
+            config: s.config,
+            retention: s.retention,
+            explicit: s.explicit,
+        }
+    }
+
+    /// Make sure the stream of a persistent topic exists; `false` for a core NATS topic.
+    pub(crate) async fn ensure_stream(&self, topic: &str) -> Result<bool> {
+        let spec = self.spec(topic);
+        if !spec.config.persistent {
+            return Ok(false);
+        }
+        self.streams.ensure(&spec).await?;
+        Ok(true)
+    }
+
+    /// Publish `record` to `topic` and wait until the server has it.
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        record: Record,
+        msg_id: Option<&str>,
+    ) -> Result<PublishReceipt> {
+        naming::validate_nats_topic(topic)?;
+        let headers = to_header_map(topic, &record, msg_id)?;
+        if !self.ensure_stream(topic).await? {
+            return self.publish_core(topic, headers, record.payload).await;
+        }
+        let subject = self.subject(topic);
+        let mut retried = false;
+        loop {
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), record.payload.clone())
+                .await
+                .map_err(|e| publish_error(topic, e));
+            let ack = match ack {
+                Ok(fut) => self.await_ack(topic, fut).await,
+                Err(e) => Err(e),
+            };
+            match ack {
+                Ok(receipt) => return Ok(receipt),
+                Err(e) if !retried && e.kind() == ErrorKind::NotFound => {
+                    // The stream went away behind our back: create it again, once.
+                    retried = true;
+                    self.streams.forget(&self.stream_name(topic));
+                    self.ensure_stream(topic).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn await_ack(
+        &self,
+        topic: &str,
+        fut: jetstream::context::PublishAckFuture,
+    ) -> Result<PublishReceipt> {
+        let ack = tokio::time::timeout(self.config.request_timeout, fut.into_future())
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "no publish ack for topic `{topic}` within {:?}",
+                        self.config.request_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| publish_error(topic, e))?;
+        if ack.duplicate {
+            tracing::debug!(
+                topic,
+                sequence = ack.sequence,
+                "server dropped a duplicate publish"
+            );
+        }
+        Ok(PublishReceipt::new(0, ack.sequence as i64))
+    }
+
+    async fn publish_core(
+        &self,
+        topic: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<PublishReceipt> {
+        let subject = self.subject(topic);
+        self.client
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| broker(format!("cannot publish to core NATS topic `{topic}`"), e))?;
+        tokio::time::timeout(self.config.request_timeout, self.client.flush())
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("flush of core NATS topic `{topic}` timed out"),
+                )
+            })?
+            .map_err(|e| broker(format!("cannot flush core NATS topic `{topic}`"), e))?;
+        Ok(PublishReceipt::new(0, 0))
+    }
+
+    /// Publish many records: every message is sent before any ack is awaited.
+    /// Receipts come back in input order; the first failure is returned.
+    pub(crate) async fn publish_batch(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<Vec<PublishReceipt>> {
+        naming::validate_nats_topic(topic)?;
+        let mut prepared = Vec::with_capacity(records.len());
+        for r in records {
+            let headers = to_header_map(topic, &r, None)?;
+            prepared.push((headers, r.payload));
+        }
+        if !self.ensure_stream(topic).await? {
+            let mut receipts = Vec::with_capacity(prepared.len());
+            for (h, p) in prepared {
+                receipts.push(self.publish_core(topic, h, p).await?);
+            }
+            return Ok(receipts);
+        }
+        let subject = self.subject(topic);
+        let mut acks = Vec::with_capacity(prepared.len());
+        for (headers, payload) in prepared {
+            let fut = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload)
+                .await
+                .map_err(|e| publish_error(topic, e))?;
+            acks.push(self.await_ack(topic, fut));
+        }
+        futures::future::try_join_all(acks).await
+    }
+}
+
+/// Writes dead letters to `<topic>.dlq` (or the subscription's dead-letter topic).
+pub(crate) struct NatsDeadLetterSink(pub(crate) Arc<Shared>);
+
+impl DeadLetterSink for NatsDeadLetterSink {
+    fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let shared = &self.0;
+            let original = &letter.message.topic;
+            let mut record = letter.record();
+            // Header values may not hold line breaks.
+            let mut clean = Headers::new();
+            for (name, value) in record.headers.iter() {
+                let text = String::from_utf8_lossy(value).replace(['\r', '\n'], " ");
+                clean.insert(name.to_owned(), Bytes::from(text));
+            }
+            clean.set(DLQ_SUBJECT_HEADER, Bytes::from(shared.subject(original)));
+            clean.set(DLQ_STREAM_HEADER, Bytes::from(shared.stream_name(original)));
+            record.headers = clean;
+            // One dead letter per original message, even if this write is retried or
+            // the original is delivered again: the server drops duplicates by id.
+            let id = format!(
+                "dlq:{}:{}",
+                shared.stream_name(original),
+                letter.message.offset
+            );
+            shared
+                .publish(&letter.topic, record, Some(&id))
+                .await
+                .map(|_| ())
+        }
+        .boxed()
+    }
+}
+
+fn publish_error(topic: &str, e: jetstream::context::PublishError) -> Error {
+    let kind = match e.kind() {
+        PublishErrorKind::StreamNotFound => ErrorKind::NotFound,
+        PublishErrorKind::TimedOut => ErrorKind::Timeout,
+        PublishErrorKind::MaxPayloadExceeded => ErrorKind::InvalidInput,
+        _ => ErrorKind::Broker,
+    };
+    Error::new(kind, format!("publish to topic `{topic}` failed")).with_source(e)
+}
+
+fn header_error(topic: &str, name: &str, why: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "header `{}` of a record for topic `{topic}` is invalid for NATS: {why}",
+            name.escape_debug()
+        ),
+    )
+}
+
+/// Record headers and key as a NATS header map.
+fn to_header_map(topic: &str, record: &Record, msg_id: Option<&str>) -> Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    let mut add = |name: &str, value: &[u8]| -> Result<()> {
+        let n = HeaderName::from_str(name).map_err(|_| header_error(topic, name, "bad name"))?;
+        let text = std::str::from_utf8(value)
+            .map_err(|_| header_error(topic, name, "value is not UTF-8"))?;
+        let v = HeaderValue::from_str(text)
+            .map_err(|_| header_error(topic, name, "value holds a line break"))?;
+        map.append(n, v);
+        Ok(())
+    };
+    for (name, value) in record.headers.iter() {
+        add(name, value)?;
+    }
+    if let Some(key) = &record.key {
+        add(KEY_HEADER, key)?;
+    }
+    if let Some(id) = msg_id {
+        add(MSG_ID_HEADER, id.as_bytes())?;
+    }
+    Ok(map)
+}
+
+/// NATS headers as eventbus headers (sorted by name, values in order) and the key.
+pub(crate) fn from_header_map(map: Option<&HeaderMap>) -> (Headers, Option<Bytes>) {
+    let Some(map) = map else {
+        return (Headers::new(), None);
+    };
+    let mut names: Vec<_> = map.iter().collect();
+    names.sort_by(|a, b| AsRef::<str>::as_ref(a.0).cmp(AsRef::<str>::as_ref(b.0)));
+    let mut headers = Headers::new();
+    let mut key = None;
+    for (name, values) in names {
+        let name: &str = name.as_ref();
+        for v in values {
+            let bytes = Bytes::copy_from_slice(v.as_str().as_bytes());
+            if name == KEY_HEADER {
+                key = Some(bytes);
+            } else {
+                headers.insert(name.to_owned(), bytes);
+            }
+        }
+    }
+    (headers, key)
+}
+
+/// Bound a future by `d`, naming what timed out.
+pub(crate) async fn bounded<T>(
+    d: Duration,
+    what: impl FnOnce() -> String,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(d, fut).await.map_err(|_| {
+        Error::new(
+            ErrorKind::Timeout,
+            format!("{} timed out after {d:?}", what()),
+        )
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_with_key() {
+        let r = Record::new("x")
+            .with_key("k1")
+            .with_header("a", "1")
+            .with_header("a", "2")
+            .with_header("b", "3");
+        let map = to_header_map("t", &r, Some("id-1")).unwrap();
+        let (h, key) = from_header_map(Some(&map));
+        assert_eq!(key.as_deref(), Some(&b"k1"[..]));
+        let got: Vec<_> = h.iter().map(|(n, v)| (n.to_owned(), v.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("Nats-Msg-Id".to_owned(), Bytes::from("id-1")),
+                ("a".to_owned(), Bytes::from("1")),
+                ("a".to_owned(), Bytes::from("2")),
+                ("b".to_owned(), Bytes::from("3")),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_headers_are_typed_errors() {
+        let r = Record::new("x").with_header("a", "line\nbreak");
+        let e = to_header_map("orders", &r, None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(
+            e.to_string().contains("`a`") && e.to_string().contains("orders"),
+            "{e}"
+        );
+        let r = Record::new("x").with_header("a", Bytes::from_static(&[0xff, 0xfe]));
+        assert!(to_header_map("orders", &r, None).is_err());
+        let r = Record::new("x").with_header("bad name:", "v");
+        assert!(to_header_map("orders", &r, None).is_err());
+    }
+}

@@ -1,0 +1,90 @@
+//! Shared helpers of the NATS tests.
+
+use eventbus_core::{DeliveryPolicy, Envelope, EventBusConfig, KeyedPoolConfig, Pool};
+use eventbus_keyed_pool::KeyedWorkerPool;
+use eventbus_nats::{NatsConfig, NatsEventBus};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::server::NatsServer;
+
+/// Upper bound of every wait in these tests.
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
+
+pub(crate) fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub(crate) fn topic(prefix: &str) -> String {
+    format!("{prefix}-{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
+}
+
+pub(crate) fn keyed_pool(workers: usize, queue: usize) -> Arc<dyn Pool> {
+    let cfg = KeyedPoolConfig::default()
+        .workers(workers)
+        .queue_size(queue);
+    Arc::new(KeyedWorkerPool::new(&cfg).expect("keyed pool"))
+}
+
+/// Quick retries, a random group.
+pub(crate) fn bus_config() -> EventBusConfig {
+    let mut c = EventBusConfig::default();
+    c.delivery = DeliveryPolicy::default()
+        .max_attempts(3)
+        .backoff(Duration::from_millis(2), Duration::from_millis(20));
+    c.consumer.group_id = topic("group");
+    c.consumer.drain_timeout = Duration::from_secs(5);
+    c
+}
+
+pub(crate) fn nats_config(server: &NatsServer) -> NatsConfig {
+    NatsConfig::new([server.url()])
+        .ack_wait(Duration::from_secs(5))
+        .fetch_expires(Duration::from_secs(1))
+}
+
+pub(crate) async fn connect(
+    nats: NatsConfig,
+    bus: EventBusConfig,
+    pool: Arc<dyn Pool>,
+) -> NatsEventBus {
+    NatsEventBus::connect(nats, bus, pool)
+        .await
+        .expect("connect to the test nats-server")
+}
+
+pub(crate) fn env(key: &str, seq: u64) -> Envelope {
+    Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }))
+}
+
+/// Poll `cond` until it holds; fail naming `what` after [`WAIT`].
+pub(crate) async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "timed out after {WAIT:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Await `fut` for at most [`WAIT`], failing with `what`.
+pub(crate) async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for: {what}"))
+}

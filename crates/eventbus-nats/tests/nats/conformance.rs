@@ -1,0 +1,77 @@
+//! The shared conformance suite on NATS, with both pools.
+
+use eventbus_actor_pool::ActorPool;
+use eventbus_core::{ActorPoolConfig, Error, EventBusConfig, KeyedPoolConfig, Pool, SharedBus};
+use eventbus_keyed_pool::KeyedWorkerPool;
+use eventbus_nats::{NatsConfig, NatsEventBus};
+use eventbus_testkit::conformance::{self, BusFactory, Capabilities};
+use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::init_tracing;
+use crate::server::NatsServer;
+
+struct Nats(String);
+
+impl BusFactory for Nats {
+    fn name(&self) -> &str {
+        "nats"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all().partitions(false)
+    }
+    fn bus(
+        &self,
+        pool: Arc<dyn Pool>,
+        config: EventBusConfig,
+    ) -> BoxFuture<'_, Result<SharedBus, Error>> {
+        let nats = NatsConfig::new([self.0.clone()])
+            .ack_wait(Duration::from_secs(5))
+            .fetch_expires(Duration::from_secs(1));
+        async move { Ok(Arc::new(NatsEventBus::connect(nats, config, pool).await?) as SharedBus) }
+            .boxed()
+    }
+}
+
+fn keyed() -> PoolFactory {
+    Arc::new(|spec: PoolSpec| {
+        async move {
+            let cfg = KeyedPoolConfig::default()
+                .workers(spec.workers)
+                .queue_size(spec.queue)
+                .wait_timeout(spec.wait_timeout);
+            Arc::new(KeyedWorkerPool::new(&cfg).expect("valid config")) as Arc<dyn Pool>
+        }
+        .boxed()
+    })
+}
+
+fn actor() -> PoolFactory {
+    Arc::new(|spec: PoolSpec| {
+        async move {
+            let mut cfg = ActorPoolConfig::default()
+                .size(spec.workers)
+                .inbox_size(spec.queue);
+            cfg.wait_timeout = spec.wait_timeout;
+            Arc::new(ActorPool::start(&cfg).await.expect("valid config")) as Arc<dyn Pool>
+        }
+        .boxed()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_with_keyed_pool_passes_the_conformance_suite() {
+    init_tracing();
+    let server = NatsServer::start();
+    conformance::run_all(&Nats(server.url()), &keyed()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_with_actor_pool_passes_the_conformance_suite() {
+    init_tracing();
+    let server = NatsServer::start();
+    conformance::run_all(&Nats(server.url()), &actor()).await;
+}

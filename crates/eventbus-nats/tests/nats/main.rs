@@ -1,0 +1,11 @@
+//! Tests of the NATS backend against a real `nats-server` started per test.
+
+mod common;
+mod server;
+
+mod basics;
+mod conformance;
+mod dead_letters;
+mod heartbeats;
+mod restart;
+mod streams;

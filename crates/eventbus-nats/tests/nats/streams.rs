@@ -1,0 +1,117 @@
+//! Stream creation: once under concurrent first publishes, conflicts reported.
+
+use async_nats::jetstream::stream;
+use eventbus_core::{ErrorKind, EventBus, Record, StorageKind, TopicConfig};
+use futures::StreamExt;
+use std::time::Duration;
+
+use crate::common::*;
+use crate::server::NatsServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_publishes_create_the_stream_once() {
+    init_tracing();
+    let server = NatsServer::start();
+    let bus = connect(nats_config(&server), bus_config(), keyed_pool(2, 8)).await;
+    let topic = topic("burst");
+    // Watch the server's stream-create API from another connection.
+    let observer = async_nats::connect(server.url()).await.expect("observer");
+    let mut creates = observer
+        .subscribe(format!("$JS.API.STREAM.CREATE.{}", bus.stream_name(&topic)))
+        .await
+        .expect("observe stream creation");
+    observer.flush().await.expect("flush observer");
+
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let bus = bus.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move { bus.publish(&topic, Record::new(format!("m{i}"))).await })
+        })
+        .collect();
+    for t in tasks {
+        within("a first publish", t)
+            .await
+            .expect("task")
+            .expect("publish");
+    }
+    // Every request the server answered was routed to the observer first; a flush
+    // round trip makes sure the observer has read them.
+    observer.flush().await.expect("flush observer");
+    let mut seen = 0;
+    while let Some(Some(_)) = futures::FutureExt::now_or_never(creates.next()) {
+        seen += 1;
+    }
+    assert_eq!(seen, 1, "stream-create requests seen by the server");
+    assert_eq!(bus.stream_creations(), 1);
+    let mut s = bus
+        .jetstream()
+        .get_stream(bus.stream_name(&topic))
+        .await
+        .expect("stream");
+    assert_eq!(s.info().await.expect("info").state.messages, 32);
+    within("close", bus.close()).await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_stream_with_other_settings_is_reported_not_changed() {
+    init_tracing();
+    let server = NatsServer::start();
+    let bus = connect(nats_config(&server), bus_config(), keyed_pool(2, 8)).await;
+    let topic = topic("conflict");
+    bus.jetstream()
+        .create_stream(stream::Config {
+            name: bus.stream_name(&topic),
+            subjects: vec![bus.subject(&topic)],
+            storage: stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await
+        .expect("create the stream by hand");
+    let e = bus
+        .configure_topic(&topic, TopicConfig::default().storage(StorageKind::File))
+        .await
+        .expect_err("file storage wanted, memory found");
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    let text = e.to_string();
+    assert!(text.contains("storage") && text.contains(&topic), "{text}");
+    let mut s = bus
+        .jetstream()
+        .get_stream(bus.stream_name(&topic))
+        .await
+        .expect("stream");
+    assert_eq!(
+        s.info().await.expect("info").config.storage,
+        stream::StorageType::Memory,
+        "the stream was not changed"
+    );
+    // The matching settings are accepted, and so is a publish.
+    bus.configure_topic(&topic, TopicConfig::default().storage(StorageKind::Memory))
+        .await
+        .expect("matching settings");
+    bus.publish(&topic, Record::new("x"))
+        .await
+        .expect("publish");
+
+    // Per-topic options reach the stream.
+    let other = crate::common::topic("opts");
+    let mut cfg = TopicConfig::default()
+        .storage(StorageKind::Memory)
+        .max_messages(100);
+    cfg.max_bytes = Some(1 << 20);
+    cfg.max_age = Some(Duration::from_secs(3600));
+    cfg.duplicate_window = Some(Duration::from_secs(30));
+    bus.configure_topic(&other, cfg).await.expect("configure");
+    let mut s = bus
+        .jetstream()
+        .get_stream(bus.stream_name(&other))
+        .await
+        .expect("stream");
+    let c = s.info().await.expect("info").config.clone();
+    assert_eq!(c.storage, stream::StorageType::Memory);
+    assert_eq!(c.max_messages, 100);
+    assert_eq!(c.max_bytes, 1 << 20);
+    assert_eq!(c.max_age, Duration::from_secs(3600));
+    assert_eq!(c.duplicate_window, Duration::from_secs(30));
+    within("close", bus.close()).await.expect("close");
+}

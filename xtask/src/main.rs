@@ -62,12 +62,22 @@ fn run(mut cmd: Command, what: &str) -> Result {
     }
 }
 
+/// Where `program` is: on PATH, or in the sbin / bin folders Debian installs to
+/// (root's PATH may lack `/usr/sbin`, where Debian puts nats-server).
+fn find(program: &str) -> Option<PathBuf> {
+    let on_path = env::var_os("PATH")
+        .map(|p| env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let extra = ["/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/usr/local/bin"];
+    on_path
+        .into_iter()
+        .chain(extra.iter().map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
 fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    find(program).is_some()
 }
 
 /// Debian packages the tests need, with the program that shows each is there.
@@ -137,6 +147,10 @@ fn test(args: &[String]) -> Result {
     run(clippy, "clippy")?;
     let mut tests = cargo();
     tests.args(["test", "--workspace"]).args(args);
+    if env::var_os("NATS_SERVER_BIN").is_none() {
+        let nats = find("nats-server").ok_or("nats-server is not installed")?;
+        tests.env("NATS_SERVER_BIN", nats);
+    }
     run(tests, "tests")?;
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"])

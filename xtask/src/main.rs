@@ -68,7 +68,13 @@ fn find(program: &str) -> Option<PathBuf> {
     let on_path = env::var_os("PATH")
         .map(|p| env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();
-    let extra = ["/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/usr/local/bin"];
+    let extra = [
+        "/usr/sbin",
+        "/usr/local/sbin",
+        "/sbin",
+        "/usr/bin",
+        "/usr/local/bin",
+    ];
     on_path
         .into_iter()
         .chain(extra.iter().map(PathBuf::from))

@@ -5,12 +5,11 @@ use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use eventbus_actor_pool::ActorPool;
-use eventbus_core::{ActorPoolConfig, Error, EventBusConfig, Pool, SharedBus};
-use eventbus_memory::{MemoryBroker, MemoryEventBus};
-use eventbus_testkit::conformance::{self, BusFactory, Capabilities};
-use eventbus_testkit::pool_suite::{self, PoolFactory, PoolSpec, Step};
-use futures::future::BoxFuture;
-use futures::FutureExt;
+use eventbus_core::{ActorPoolConfig, Pool};
+use eventbus_memory::MemoryBroker;
+use eventbus_testkit::conformance;
+use eventbus_testkit::factories::{actor_pools, MemoryBuses};
+use eventbus_testkit::pool_suite::{self, Step};
 use proptest::prelude::*;
 
 /// Keep the suites' deliberate handler panics out of the test output.
@@ -34,52 +33,16 @@ fn quiet_deliberate_panics() {
     });
 }
 
-fn config(spec: PoolSpec) -> ActorPoolConfig {
-    let mut cfg = ActorPoolConfig::default()
-        .size(spec.workers)
-        .inbox_size(spec.queue);
-    cfg.wait_timeout = spec.wait_timeout;
-    cfg
-}
-
-fn actor_pools() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| {
-        async move {
-            Arc::new(ActorPool::start(&config(spec)).await.expect("valid config")) as Arc<dyn Pool>
-        }
-        .boxed()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actor_pool_meets_the_pool_contract() {
     quiet_deliberate_panics();
     pool_suite::run_all(&actor_pools()).await;
 }
 
-struct Memory(MemoryBroker);
-
-impl BusFactory for Memory {
-    fn name(&self) -> &str {
-        "memory"
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::all()
-    }
-    fn bus(
-        &self,
-        pool: Arc<dyn Pool>,
-        config: EventBusConfig,
-    ) -> BoxFuture<'_, Result<SharedBus, Error>> {
-        let broker = self.0.clone();
-        async move { Ok(Arc::new(MemoryEventBus::new(broker, pool, config)?) as SharedBus) }.boxed()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bus_on_the_actor_pool_passes_the_conformance_suite() {
     quiet_deliberate_panics();
-    conformance::run_all(&Memory(MemoryBroker::default()), &actor_pools()).await;
+    conformance::run_all(&MemoryBuses(MemoryBroker::default()), &actor_pools()).await;
 }
 
 fn step() -> impl Strategy<Value = Step> {

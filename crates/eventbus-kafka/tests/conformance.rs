@@ -14,6 +14,7 @@ use eventbus_core::{
 };
 use eventbus_kafka::KafkaEventBus;
 use eventbus_testkit::conformance::{self, BusFactory, Capabilities};
+use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::pool_suite::PoolFactory;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -117,10 +118,10 @@ async fn run(pools: PoolFactory) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_with_keyed_pool_passes_the_conformance_suite() {
-    run(cluster::keyed()).await;
+    run(keyed_pools()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_with_actor_pool_passes_the_conformance_suite() {
-    run(cluster::actor()).await;
+    run(actor_pools()).await;
 }

@@ -2,27 +2,14 @@
 
 use eventbus_core::{Error, ErrorKind, KeyedPoolConfig, Pool};
 use eventbus_keyed_pool::KeyedWorkerPool;
-use eventbus_testkit::pool_suite::{self, PoolFactory, PoolSpec, Step};
-use futures::FutureExt;
+use eventbus_testkit::factories::keyed_pools;
+use eventbus_testkit::pool_suite::{self, Step};
 use proptest::prelude::*;
 use std::sync::Arc;
 
-fn factory() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| {
-        async move {
-            let cfg = KeyedPoolConfig::default()
-                .workers(spec.workers)
-                .queue_size(spec.queue)
-                .wait_timeout(spec.wait_timeout);
-            Arc::new(KeyedWorkerPool::new(&cfg).expect("valid config")) as Arc<dyn Pool>
-        }
-        .boxed()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_contract() {
-    pool_suite::run_all(&factory()).await;
+    pool_suite::run_all(&keyed_pools()).await;
 }
 
 #[tokio::test]

@@ -2,6 +2,8 @@
 
 pub mod checker;
 pub mod conformance;
+#[cfg(any(feature = "keyed-pool", feature = "actor-pool", feature = "memory"))]
+pub mod factories;
 pub mod pool_suite;
 
 pub use checker::{DeliveryChecker, DeliveryReport};

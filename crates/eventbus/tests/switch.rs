@@ -2,80 +2,32 @@
 //! per-aggregate order and loses nothing; the conformance suite on both pools.
 
 use eventbus::{
-    ActorPoolConfig, Envelope, Error, Event, EventBus, EventBusConfig, EventBusExt, HandlerError,
-    KeyedPoolConfig, MemoryBroker, MemoryEventBus, Pool, PoolSwitch, SharedBus, TopicConfig,
+    Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError, MemoryBroker,
+    MemoryEventBus, Pool, PoolSwitch, TopicConfig,
 };
-use eventbus_actor_pool::ActorPool;
-use eventbus_keyed_pool::KeyedWorkerPool;
-use eventbus_testkit::conformance::{self, BusFactory, Capabilities};
-use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec};
+use eventbus_testkit::conformance;
+use eventbus_testkit::factories::{actor_pools, keyed_pools, MemoryBuses};
+use eventbus_testkit::pool_suite::PoolSpec;
 use eventbus_testkit::DeliveryChecker;
-use futures::future::BoxFuture;
-use futures::FutureExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-struct Memory(MemoryBroker);
-
-impl BusFactory for Memory {
-    fn name(&self) -> &str {
-        "memory"
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::all()
-    }
-    fn bus(
-        &self,
-        pool: Arc<dyn Pool>,
-        config: EventBusConfig,
-    ) -> BoxFuture<'_, Result<SharedBus, Error>> {
-        let broker = self.0.clone();
-        async move { Ok(Arc::new(MemoryEventBus::new(broker, pool, config)?) as SharedBus) }.boxed()
-    }
-}
-
-fn keyed_factory() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| {
-        async move {
-            let cfg = KeyedPoolConfig::default()
-                .workers(spec.workers)
-                .queue_size(spec.queue)
-                .wait_timeout(spec.wait_timeout);
-            Arc::new(KeyedWorkerPool::new(&cfg).expect("valid config")) as Arc<dyn Pool>
-        }
-        .boxed()
-    })
-}
-
-fn actor_factory() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| {
-        async move {
-            let mut cfg = ActorPoolConfig::default()
-                .size(spec.workers)
-                .inbox_size(spec.queue);
-            cfg.wait_timeout = spec.wait_timeout;
-            Arc::new(ActorPool::start(&cfg).await.expect("valid config")) as Arc<dyn Pool>
-        }
-        .boxed()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_passes_on_memory_with_both_pools() {
-    let memory = Memory(MemoryBroker::default());
-    conformance::run_all(&memory, &keyed_factory()).await;
-    conformance::run_all(&memory, &actor_factory()).await;
+    let memory = MemoryBuses(MemoryBroker::default());
+    conformance::run_all(&memory, &keyed_pools()).await;
+    conformance::run_all(&memory, &actor_pools()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_switch_under_load_keeps_order_and_loses_nothing() {
-    let keyed = keyed_factory()(PoolSpec {
+    let keyed = keyed_pools()(PoolSpec {
         workers: 16,
         queue: 64,
         wait_timeout: Duration::from_millis(500),
     })
     .await;
-    let actor = actor_factory()(PoolSpec {
+    let actor = actor_pools()(PoolSpec {
         workers: 16,
         queue: 64,
         wait_timeout: Duration::from_millis(500),
@@ -165,8 +117,8 @@ async fn live_switch_under_load_keeps_order_and_loses_nothing() {
 
 #[tokio::test]
 async fn out_of_range_share_is_a_config_error() {
-    let keyed = keyed_factory()(PoolSpec::default()).await;
-    let actor = actor_factory()(PoolSpec::default()).await;
+    let keyed = keyed_pools()(PoolSpec::default()).await;
+    let actor = actor_pools()(PoolSpec::default()).await;
     let e = PoolSwitch::new(keyed.clone(), actor.clone(), 101).unwrap_err();
     assert!(e.to_string().contains("rollout_percent"), "{e}");
     let s = PoolSwitch::new(keyed, actor, 0).unwrap();

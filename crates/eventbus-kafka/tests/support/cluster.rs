@@ -2,12 +2,9 @@
 //! a real broker when `KAFKA_BROKERS` is set; pools; helpers.
 #![allow(dead_code)]
 
-use eventbus_actor_pool::ActorPool;
-use eventbus_core::{ActorPoolConfig, EventBusConfig, KeyedPoolConfig, Pool};
+use eventbus_core::{EventBusConfig, KeyedPoolConfig, Pool};
 use eventbus_kafka::KafkaConfig;
 use eventbus_keyed_pool::KeyedWorkerPool;
-use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec};
-use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -231,32 +228,6 @@ pub(crate) fn keyed_pool(workers: usize) -> Arc<dyn Pool> {
         .queue_size(64)
         .wait_timeout(Duration::from_millis(200));
     Arc::new(KeyedWorkerPool::new(&cfg).expect("keyed pool"))
-}
-
-pub(crate) fn keyed() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| {
-        async move {
-            let cfg = KeyedPoolConfig::default()
-                .workers(spec.workers)
-                .queue_size(spec.queue)
-                .wait_timeout(spec.wait_timeout);
-            Arc::new(KeyedWorkerPool::new(&cfg).expect("keyed pool")) as Arc<dyn Pool>
-        }
-        .boxed()
-    })
-}
-
-pub(crate) fn actor() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| {
-        async move {
-            let mut cfg = ActorPoolConfig::default()
-                .size(spec.workers)
-                .inbox_size(spec.queue);
-            cfg.wait_timeout = spec.wait_timeout;
-            Arc::new(ActorPool::start(&cfg).await.expect("actor pool")) as Arc<dyn Pool>
-        }
-        .boxed()
-    })
 }
 
 /// Poll `cond` every few milliseconds until it holds; panic naming `what` after `limit`.

@@ -1,11 +1,9 @@
 //! The shared conformance suite on NATS, with both pools.
 
-use eventbus_actor_pool::ActorPool;
-use eventbus_core::{ActorPoolConfig, Error, EventBusConfig, KeyedPoolConfig, Pool, SharedBus};
-use eventbus_keyed_pool::KeyedWorkerPool;
+use eventbus_core::{Error, EventBusConfig, Pool, SharedBus};
 use eventbus_nats::{NatsConfig, NatsEventBus};
 use eventbus_testkit::conformance::{self, BusFactory, Capabilities};
-use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec};
+use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::sync::Arc;
@@ -36,42 +34,16 @@ impl BusFactory for Nats {
     }
 }
 
-fn keyed() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| {
-        async move {
-            let cfg = KeyedPoolConfig::default()
-                .workers(spec.workers)
-                .queue_size(spec.queue)
-                .wait_timeout(spec.wait_timeout);
-            Arc::new(KeyedWorkerPool::new(&cfg).expect("valid config")) as Arc<dyn Pool>
-        }
-        .boxed()
-    })
-}
-
-fn actor() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| {
-        async move {
-            let mut cfg = ActorPoolConfig::default()
-                .size(spec.workers)
-                .inbox_size(spec.queue);
-            cfg.wait_timeout = spec.wait_timeout;
-            Arc::new(ActorPool::start(&cfg).await.expect("valid config")) as Arc<dyn Pool>
-        }
-        .boxed()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_with_keyed_pool_passes_the_conformance_suite() {
     init_tracing();
     let server = NatsServer::start();
-    conformance::run_all(&Nats(server.url()), &keyed()).await;
+    conformance::run_all(&Nats(server.url()), &keyed_pools()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_with_actor_pool_passes_the_conformance_suite() {
     init_tracing();
     let server = NatsServer::start();
-    conformance::run_all(&Nats(server.url()), &actor()).await;
+    conformance::run_all(&Nats(server.url()), &actor_pools()).await;
 }

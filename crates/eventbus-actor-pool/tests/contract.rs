@@ -1,7 +1,8 @@
 //! The shared pool contract, the randomised dispatcher workload and the bus
 //! conformance suite (memory backend), all on the actor pool.
 
-use std::sync::{Arc, Once};
+use eventbus_testkit::quiet_deliberate_panics;
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus_actor_pool::ActorPool;
@@ -11,27 +12,6 @@ use eventbus_testkit::conformance;
 use eventbus_testkit::factories::{actor_pools, MemoryBuses};
 use eventbus_testkit::pool_suite::{self, Step};
 use proptest::prelude::*;
-
-/// Keep the suites' deliberate handler panics out of the test output.
-fn quiet_deliberate_panics() {
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let text = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            let deliberate =
-                text.starts_with("random panic in message ") || text == "boom in a job";
-            if !deliberate {
-                default(info);
-            }
-        }));
-    });
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actor_pool_meets_the_pool_contract() {

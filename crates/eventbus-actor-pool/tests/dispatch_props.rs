@@ -7,8 +7,9 @@
 //! skips nothing), per-key order holds across retries and restarts, and the pool
 //! counts one restart per plain panic, exactly.
 
+use eventbus_testkit::{quiet_deliberate_panics, INDUCED_PANIC as INDUCED};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventbus_actor_pool::ActorPool;
@@ -21,26 +22,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use proptest::prelude::*;
 
-const INDUCED: &str = "induced panic";
 const MAX_ATTEMPTS: u32 = 3;
-
-fn quiet_induced_panics() {
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let text = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            if text != INDUCED {
-                default(info);
-            }
-        }));
-    });
-}
 
 /// What the handler does with one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,7 +315,7 @@ proptest! {
     fn order_delivery_and_restarts_hold_under_random_failures(
         steps in prop::collection::vec(step(), 1..60)
     ) {
-        quiet_induced_panics();
+        quiet_deliberate_panics();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -1,7 +1,8 @@
 //! Behaviour of the actor pool driven directly through the `Pool` trait.
 
+use eventbus_testkit::{quiet_deliberate_panics, INDUCED_PANIC as INDUCED};
 use std::future::Future;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventbus_actor_pool::{ActorPool, HEALTH_COMPONENT};
@@ -11,28 +12,6 @@ use eventbus_core::{
 };
 use futures::FutureExt;
 use tokio::sync::oneshot;
-
-/// Panics raised on purpose by these tests carry this marker.
-const INDUCED: &str = "induced panic";
-
-/// Keep induced panics out of the test output; every other panic is reported.
-fn quiet_induced_panics() {
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let text = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            if text != INDUCED {
-                default(info);
-            }
-        }));
-    });
-}
 
 fn config(size: usize, inbox: usize) -> ActorPoolConfig {
     let mut c = ActorPoolConfig::default().size(size).inbox_size(inbox);
@@ -277,7 +256,7 @@ async fn a_full_inbox_hands_the_job_back_after_the_wait() {
 
 #[tokio::test]
 async fn an_envelope_panic_is_a_failed_outcome_and_the_actor_carries_on() {
-    quiet_induced_panics();
+    quiet_deliberate_panics();
     let pool = ActorPool::start(&config(1, 4)).await.unwrap();
     let (bad, bad_rx) = job(0, JobClass::Envelope, "e", async { panic!("{INDUCED}") });
     let (good, good_rx) = job(0, JobClass::Envelope, "e", async { handled() });
@@ -302,7 +281,7 @@ async fn an_envelope_panic_is_a_failed_outcome_and_the_actor_carries_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_panic_restarts_the_actor_without_losing_its_queue() {
-    quiet_induced_panics();
+    quiet_deliberate_panics();
     let pool = ActorPool::start(&config(2, 16)).await.unwrap();
     // Hold actor 0 so everything below is queued before the panic happens.
     let (blocker, blocker_rx, started, gate) = gated(0);
@@ -360,7 +339,7 @@ async fn a_plain_panic_restarts_the_actor_without_losing_its_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_restart_limit_the_actor_is_out_of_service() {
-    quiet_induced_panics();
+    quiet_deliberate_panics();
     let cfg = config(2, 16).max_restarts(2);
     let pool = ActorPool::start(&cfg).await.unwrap();
     let (blocker, blocker_rx, started, gate) = gated(0);

@@ -4,6 +4,8 @@ pub mod checker;
 pub mod conformance;
 #[cfg(any(feature = "keyed-pool", feature = "actor-pool", feature = "memory"))]
 pub mod factories;
+pub mod panics;
 pub mod pool_suite;
 
 pub use checker::{DeliveryChecker, DeliveryReport};
+pub use panics::{quiet_deliberate_panics, INDUCED_PANIC};

@@ -185,6 +185,10 @@ impl PreparedSubscription {
     pub fn topic(&self) -> &str {
         &self.topic
     }
+    /// The topic, shared: cloning it does not allocate.
+    pub fn shared_topic(&self) -> &Arc<str> {
+        &self.topic
+    }
     /// Whether this is an envelope (at-least-once) subscription.
     pub fn is_envelope(&self) -> bool {
         matches!(self.handler, SubscriptionHandler::Envelope(_))
@@ -308,11 +312,33 @@ enum Prepared {
     Poison(Meta, String),
 }
 
+/// What `finish` needs of a submitted message. The message itself is kept only
+/// where it may have to be dead-lettered, so other messages are not copied.
 struct Meta {
     class: JobClass,
-    key: String,
-    message: Message,
-    dead_letter_topic: Option<String>,
+    key: Option<Arc<str>>,
+    topic: Arc<str>,
+    offset: i64,
+    sub: Arc<PreparedSubscription>,
+    dead_letter: Option<Message>,
+}
+
+impl Meta {
+    fn new(
+        class: JobClass,
+        key: Option<Arc<str>>,
+        sub: &Arc<PreparedSubscription>,
+        message: &Message,
+    ) -> Self {
+        Self {
+            class,
+            key,
+            topic: message.topic.clone(),
+            offset: message.offset,
+            sub: sub.clone(),
+            dead_letter: None,
+        }
+    }
 }
 
 impl Dispatcher {
@@ -454,72 +480,47 @@ impl Dispatcher {
     }
 
     fn prepare_message(&self, sub: &Arc<PreparedSubscription>, message: Message) -> Prepared {
+        let can_dead_letter = sub.dead_letter_topic.is_some();
         match &sub.handler {
             SubscriptionHandler::Envelope(handler) => match Envelope::decode(&message.payload) {
                 Ok(envelope) => {
-                    let key = sub
+                    let key: Arc<str> = sub
                         .ids
                         .extract(&message, Some(&envelope))
-                        .unwrap_or_else(|| envelope.aggregate_id.clone());
+                        .unwrap_or_else(|| envelope.aggregate_id.clone())
+                        .into();
                     let route = stable_hash(key.as_bytes());
+                    let mut meta = Meta::new(JobClass::Envelope, Some(key.clone()), sub, &message);
+                    meta.dead_letter = can_dead_letter.then(|| message.clone());
                     let task = self.envelope_task(
                         sub,
                         handler.clone(),
                         Arc::new(envelope),
-                        message.clone(),
+                        message,
                         key.clone(),
                     );
-                    let (job, rx) = Job::new(
-                        route,
-                        JobClass::Envelope,
-                        Some(Arc::from(key.as_str())),
-                        task,
-                    );
-                    Prepared::Job(
-                        job,
-                        rx,
-                        Meta {
-                            class: JobClass::Envelope,
-                            key,
-                            message,
-                            dead_letter_topic: sub.dead_letter_topic.clone(),
-                        },
-                    )
+                    let (job, rx) = Job::new(route, JobClass::Envelope, Some(key), task);
+                    Prepared::Job(job, rx, meta)
                 }
                 Err(e) => {
                     let key = sub.ids.extract(&message, None).unwrap_or_else(|| {
                         format!("{}/{}/{}", message.topic, message.partition, message.offset)
                     });
-                    Prepared::Poison(
-                        Meta {
-                            class: JobClass::Envelope,
-                            key,
-                            message,
-                            dead_letter_topic: sub.dead_letter_topic.clone(),
-                        },
-                        e.to_string(),
-                    )
+                    let mut meta = Meta::new(JobClass::Envelope, Some(key.into()), sub, &message);
+                    meta.dead_letter = can_dead_letter.then_some(message);
+                    Prepared::Poison(meta, e.to_string())
                 }
             },
             SubscriptionHandler::Plain(handler) => {
-                let key = sub.ids.extract(&message, None);
+                let key: Option<Arc<str>> = sub.ids.extract(&message, None).map(Arc::from);
                 let route = match &key {
                     Some(k) => stable_hash(k.as_bytes()),
                     None => self.inner.round_robin.fetch_add(1, Ordering::Relaxed),
                 };
-                let task = self.plain_task(handler.clone(), message.clone(), key.clone());
-                let (job, rx) =
-                    Job::new(route, JobClass::Plain, key.as_deref().map(Arc::from), task);
-                Prepared::Job(
-                    job,
-                    rx,
-                    Meta {
-                        class: JobClass::Plain,
-                        key: key.unwrap_or_default(),
-                        message,
-                        dead_letter_topic: None,
-                    },
-                )
+                let meta = Meta::new(JobClass::Plain, key.clone(), sub, &message);
+                let task = self.plain_task(handler.clone(), message, key.clone());
+                let (job, rx) = Job::new(route, JobClass::Plain, key, task);
+                Prepared::Job(job, rx, meta)
             }
         }
     }
@@ -552,7 +553,7 @@ impl Dispatcher {
         &self,
         handler: BoxHandler<Message>,
         message: Message,
-        key: Option<String>,
+        key: Option<Arc<str>>,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
         let span = tracing::info_span!(
@@ -595,7 +596,7 @@ impl Dispatcher {
         handler: BoxHandler<Event>,
         envelope: Arc<Envelope>,
         message: Message,
-        key: String,
+        key: Arc<str>,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
         let policy = sub.policy.clone();
@@ -693,12 +694,12 @@ impl Dispatcher {
                         inner.metrics.failed.increment(1);
                     }
                     inner.counters.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(topic = %meta.message.topic, offset = meta.message.offset,
+                    tracing::warn!(topic = %meta.topic, offset = meta.offset,
                         error = %cause, "plain handler failed; message acknowledged (at-most-once)");
                     Disposition::Dropped
                 }
                 JobClass::Envelope => {
-                    if inner.cancel.is_cancelled() && meta.dead_letter_topic.is_none() {
+                    if inner.cancel.is_cancelled() && meta.dead_letter.is_none() {
                         return Disposition::Abandoned;
                     }
                     self.dead_letter(meta, cause.to_string(), attempts).await
@@ -708,27 +709,30 @@ impl Dispatcher {
     }
 
     async fn poison(&self, meta: Meta, error: String) -> Disposition {
-        if meta.dead_letter_topic.is_some() {
+        if meta.dead_letter.is_some() {
             return self.dead_letter(meta, error, 0).await;
         }
         // No dead-letter destination: hold the message (never acknowledged, never
         // dropped) and report its key stuck until the bus closes.
-        tracing::error!(topic = %meta.message.topic, offset = meta.message.offset, %error,
+        tracing::error!(topic = %meta.topic, offset = meta.offset, %error,
             "invalid envelope and no dead-letter destination: message held, key stuck");
-        self.inner.mark_stuck(&meta.key);
+        let key = meta.key.as_deref().unwrap_or_default();
+        self.inner.mark_stuck(key);
         self.inner.cancel.cancelled().await;
-        self.inner.clear_stuck(&meta.key);
+        self.inner.clear_stuck(key);
         Disposition::Abandoned
     }
 
     async fn dead_letter(&self, meta: Meta, error: String, attempts: u32) -> Disposition {
         let inner = &self.inner;
-        let (Some(sink), Some(topic)) = (&inner.sink, meta.dead_letter_topic) else {
+        let (Some(sink), Some(topic), Some(message)) =
+            (&inner.sink, &meta.sub.dead_letter_topic, meta.dead_letter)
+        else {
             return Disposition::Abandoned;
         };
         let letter = DeadLetter {
-            topic,
-            message: meta.message,
+            topic: topic.clone(),
+            message,
             error,
             attempts,
         };

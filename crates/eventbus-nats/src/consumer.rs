@@ -386,7 +386,7 @@ impl JsLoop {
         tracing::debug!(topic = %self.state.topic, seq, attempt, "delivery");
         let (headers, key) = from_header_map(m.message.headers.as_ref());
         let mut msg = Message::new(
-            self.prepared.topic().to_owned(),
+            self.prepared.shared_topic().clone(),
             0,
             seq as i64,
             m.message.payload.clone(),
@@ -515,7 +515,7 @@ impl CoreLoop {
                     let Ok(permit) = self.total.clone().acquire_owned().await else { break };
                     counter += 1;
                     let (headers, key) = from_header_map(m.headers.as_ref());
-                    let mut msg = Message::new(self.prepared.topic().to_owned(), 0, counter as i64, m.payload)
+                    let mut msg = Message::new(self.prepared.shared_topic().clone(), 0, counter as i64, m.payload)
                         .with_headers(headers);
                     if let Some(k) = key {
                         msg = msg.with_key(k);

@@ -239,13 +239,22 @@ pub trait EventBus: Send + Sync + fmt::Debug + 'static {
         record: Record,
     ) -> BoxFuture<'a, Result<PublishReceipt>>;
 
+    /// Header that carries the aggregate id on published envelopes
+    /// (`aggregate_id.header` of the bus configuration).
+    fn aggregate_id_header(&self) -> &str;
+
     /// Validate and publish an envelope, keyed by its aggregate id with the
     /// aggregate-id header set. An invalid envelope is an error before anything is sent.
     fn publish_envelope<'a>(
         &'a self,
         topic: &'a str,
         envelope: &'a Envelope,
-    ) -> BoxFuture<'a, Result<PublishReceipt>>;
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        Box::pin(async move {
+            let record = envelope_record(envelope, self.aggregate_id_header())?;
+            self.publish(topic, record).await
+        })
+    }
 
     /// Start consuming `subscription.topic` with its handler.
     fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>>;

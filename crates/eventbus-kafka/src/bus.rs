@@ -1,9 +1,8 @@
 //! [`KafkaEventBus`]: the [`EventBus`] on Kafka.
 
 use eventbus_core::{
-    envelope_record, ComponentHealth, Dispatcher, Envelope, Error, ErrorKind, EventBus,
-    EventBusConfig, HealthReport, HealthStatus, Pool, PublishReceipt, Record, Result, Subscription,
-    TopicConfig,
+    ComponentHealth, Dispatcher, Error, ErrorKind, EventBus, EventBusConfig, HealthReport,
+    HealthStatus, Pool, PublishReceipt, Record, Result, Subscription, TopicConfig,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -607,17 +606,8 @@ impl EventBus for KafkaEventBus {
         .boxed()
     }
 
-    fn publish_envelope<'a>(
-        &'a self,
-        topic: &'a str,
-        envelope: &'a Envelope,
-    ) -> BoxFuture<'a, Result<PublishReceipt>> {
-        async move {
-            self.check_open()?;
-            let record = envelope_record(envelope, &self.inner.bus_config.aggregate_id.header)?;
-            self.inner.producer.publish(topic, &record).await
-        }
-        .boxed()
+    fn aggregate_id_header(&self) -> &str {
+        &self.inner.bus_config.aggregate_id.header
     }
 
     fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>> {

@@ -9,8 +9,8 @@ mod cluster;
 
 use cluster::Cluster;
 use eventbus_core::{
-    Envelope, Error, EventBus, EventBusConfig, HealthReport, Pool, PublishReceipt, Record,
-    SharedBus, Subscription, TopicConfig,
+    Error, EventBus, EventBusConfig, HealthReport, Pool, PublishReceipt, Record, SharedBus,
+    Subscription, TopicConfig,
 };
 use eventbus_kafka::KafkaEventBus;
 use eventbus_testkit::conformance::{self, BusFactory, Capabilities};
@@ -51,12 +51,8 @@ impl EventBus for OnMock {
     ) -> BoxFuture<'a, Result<PublishReceipt, Error>> {
         self.bus.publish(topic, record)
     }
-    fn publish_envelope<'a>(
-        &'a self,
-        topic: &'a str,
-        envelope: &'a Envelope,
-    ) -> BoxFuture<'a, Result<PublishReceipt, Error>> {
-        self.bus.publish_envelope(topic, envelope)
+    fn aggregate_id_header(&self) -> &str {
+        self.bus.aggregate_id_header()
     }
     fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<(), Error>> {
         self.bus.subscribe_with(subscription)

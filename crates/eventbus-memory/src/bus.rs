@@ -2,9 +2,9 @@
 
 use eventbus_core::CancellationToken;
 use eventbus_core::{
-    envelope_record, validate_topic, ComponentHealth, DeadLetter, DeadLetterSink, Dispatcher,
-    Envelope, Error, ErrorKind, EventBus, EventBusConfig, HealthReport, HealthStatus, InFlightSet,
-    Pool, PreparedSubscription, PublishReceipt, Record, Settled, Subscription, TopicConfig,
+    validate_topic, ComponentHealth, DeadLetter, DeadLetterSink, Dispatcher, Error, ErrorKind,
+    EventBus, EventBusConfig, HealthReport, HealthStatus, InFlightSet, Pool, PreparedSubscription,
+    PublishReceipt, Record, Settled, Subscription, TopicConfig,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -249,16 +249,8 @@ impl EventBus for MemoryEventBus {
         .boxed()
     }
 
-    fn publish_envelope<'a>(
-        &'a self,
-        topic: &'a str,
-        envelope: &'a Envelope,
-    ) -> BoxFuture<'a, Result<PublishReceipt, Error>> {
-        async move {
-            let record = envelope_record(envelope, &self.inner.config.aggregate_id.header)?;
-            self.publish(topic, record).await
-        }
-        .boxed()
+    fn aggregate_id_header(&self) -> &str {
+        &self.inner.config.aggregate_id.header
     }
 
     fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<(), Error>> {

@@ -12,9 +12,9 @@ use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use eventbus_core::{
-    envelope_record, CancellationToken, ComponentHealth, DispatchStats, Dispatcher, Envelope,
-    Error, ErrorKind, EventBus, EventBusConfig, HealthReport, HealthStatus, OffsetReset, Pool,
-    PublishReceipt, Record, Result, Subscription, TopicConfig,
+    CancellationToken, ComponentHealth, DispatchStats, Dispatcher, Error, ErrorKind, EventBus,
+    EventBusConfig, HealthReport, HealthStatus, OffsetReset, Pool, PublishReceipt, Record, Result,
+    Subscription, TopicConfig,
 };
 
 use crate::config::{NatsAuth, NatsConfig, Retention};
@@ -603,17 +603,8 @@ impl EventBus for NatsEventBus {
         .boxed()
     }
 
-    fn publish_envelope<'a>(
-        &'a self,
-        topic: &'a str,
-        envelope: &'a Envelope,
-    ) -> BoxFuture<'a, Result<PublishReceipt>> {
-        async move {
-            self.check_open()?;
-            let record = envelope_record(envelope, &self.inner.bus_config.aggregate_id.header)?;
-            self.inner.shared.publish(topic, record, None).await
-        }
-        .boxed()
+    fn aggregate_id_header(&self) -> &str {
+        &self.inner.bus_config.aggregate_id.header
     }
 
     fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>> {

@@ -493,14 +493,19 @@ impl ConsumeLoop {
     /// being processed while waiting.
     async fn admit(&mut self, topic: Arc<str>, msg: Message) {
         let p = msg.partition;
-        let Some(sub) = self.topics.get(&*topic).map(|ts| ts.sub.clone()) else {
+        let Some((sub, reserve)) = self
+            .topics
+            .get(&*topic)
+            .map(|ts| (ts.sub.clone(), ts.set.reserve()))
+        else {
             return;
         };
+        let mut reserve = pin!(reserve);
         let permit = loop {
             let r = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return,
-                permit = self.limit.clone().acquire_owned() => Ok(permit),
+                permit = &mut reserve => Ok(permit),
                 s = next_settled(&mut self.topics, &mut self.rotate) => Err(s),
             };
             match r {

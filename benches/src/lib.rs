@@ -149,6 +149,42 @@ pub async fn make_pool(kind: PoolKind) -> Result<Arc<dyn Pool>, eventbus::Error>
     eventbus::build_pool(&config).await
 }
 
+/// What a bus workload's handler records, shared by every call.
+struct Tally {
+    next_seq: Vec<AtomicU64>,
+    latencies: Vec<AtomicU64>,
+    seen: Vec<AtomicBool>,
+    handled: AtomicU64,
+    violations: AtomicU64,
+    done: tokio::sync::Notify,
+    origin: Instant,
+    total: u64,
+}
+
+impl Tally {
+    fn record(&self, e: &Event) {
+        let p = &e.envelope.payload;
+        let (i, k, s, t) = (
+            p["i"].as_u64().unwrap_or(0) as usize,
+            p["k"].as_u64().unwrap_or(0) as usize,
+            p["s"].as_u64().unwrap_or(0),
+            p["t"].as_u64().unwrap_or(0),
+        );
+        if self.next_seq[k].swap(s + 1, Ordering::AcqRel) != s {
+            self.violations.fetch_add(1, Ordering::Relaxed);
+        }
+        self.latencies[i].store(
+            (self.origin.elapsed().as_nanos() as u64).saturating_sub(t),
+            Ordering::Relaxed,
+        );
+        if !self.seen[i].swap(true, Ordering::AcqRel)
+            && self.handled.fetch_add(1, Ordering::AcqRel) + 1 == self.total
+        {
+            self.done.notify_one();
+        }
+    }
+}
+
 /// Publish `messages` envelopes on a 4-partition memory topic while a subscription
 /// handles them through `pool`; measure throughput, latency, memory, order and loss.
 pub async fn bus_workload(
@@ -169,55 +205,24 @@ pub async fn bus_workload(
         .await
         .expect("topic");
     let keys = dist.keys();
-    let next_seq: Arc<Vec<AtomicU64>> = Arc::new((0..keys).map(|_| AtomicU64::new(0)).collect());
-    let latencies: Arc<Vec<AtomicU64>> =
-        Arc::new((0..messages).map(|_| AtomicU64::new(0)).collect());
-    let seen: Arc<Vec<AtomicBool>> =
-        Arc::new((0..messages).map(|_| AtomicBool::new(false)).collect());
-    let handled = Arc::new(AtomicU64::new(0));
-    let violations = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(tokio::sync::Notify::new());
-    let origin = Instant::now();
+    let tally = Arc::new(Tally {
+        next_seq: (0..keys).map(|_| AtomicU64::new(0)).collect(),
+        latencies: (0..messages).map(|_| AtomicU64::new(0)).collect(),
+        seen: (0..messages).map(|_| AtomicBool::new(false)).collect(),
+        handled: AtomicU64::new(0),
+        violations: AtomicU64::new(0),
+        done: tokio::sync::Notify::new(),
+        origin: Instant::now(),
+        total: messages as u64,
+    });
+    let origin = tally.origin;
     let subscribe = || async {
-        let (next_seq, latencies, seen, handled, violations, done) = (
-            next_seq.clone(),
-            latencies.clone(),
-            seen.clone(),
-            handled.clone(),
-            violations.clone(),
-            done.clone(),
-        );
-        let total = messages as u64;
+        let tally = tally.clone();
         bus.subscribe_envelope("bench", move |e: Event| {
-            let (next_seq, latencies, seen, handled, violations, done) = (
-                next_seq.clone(),
-                latencies.clone(),
-                seen.clone(),
-                handled.clone(),
-                violations.clone(),
-                done.clone(),
-            );
+            let tally = tally.clone();
             async move {
                 handler.run().await;
-                let p = &e.envelope.payload;
-                let (i, k, s, t) = (
-                    p["i"].as_u64().unwrap_or(0) as usize,
-                    p["k"].as_u64().unwrap_or(0) as usize,
-                    p["s"].as_u64().unwrap_or(0),
-                    p["t"].as_u64().unwrap_or(0),
-                );
-                if next_seq[k].swap(s + 1, Ordering::AcqRel) != s {
-                    violations.fetch_add(1, Ordering::Relaxed);
-                }
-                latencies[i].store(
-                    (origin.elapsed().as_nanos() as u64).saturating_sub(t),
-                    Ordering::Relaxed,
-                );
-                if !seen[i].swap(true, Ordering::AcqRel)
-                    && handled.fetch_add(1, Ordering::AcqRel) + 1 == total
-                {
-                    done.notify_one();
-                }
+                tally.record(&e);
                 Ok::<(), HandlerError>(())
             }
         })
@@ -247,17 +252,18 @@ pub async fn bus_workload(
         start = Instant::now();
         subscribe().await;
     }
-    let finished = tokio::time::timeout(Duration::from_secs(300), done.notified())
+    let finished = tokio::time::timeout(Duration::from_secs(300), tally.done.notified())
         .await
         .is_ok()
-        || handled.load(Ordering::Acquire) == messages as u64;
+        || tally.handled.load(Ordering::Acquire) == messages as u64;
     let elapsed = start.elapsed().as_secs_f64();
     let peak = peak_rss_kib();
-    let handled_n = handled.load(Ordering::Acquire);
+    let handled_n = tally.handled.load(Ordering::Acquire);
     bus.close().await.expect("close");
-    let mut lat: Vec<u64> = latencies
+    let mut lat: Vec<u64> = tally
+        .latencies
         .iter()
-        .zip(seen.iter())
+        .zip(tally.seen.iter())
         .filter(|(_, s)| s.load(Ordering::Relaxed))
         .map(|(l, _)| l.load(Ordering::Relaxed))
         .collect();
@@ -273,7 +279,7 @@ pub async fn bus_workload(
         p99_us: percentile(&lat, 0.99),
         p999_us: percentile(&lat, 0.999),
         peak_rss_kib: peak,
-        order_violations: violations.load(Ordering::Relaxed),
+        order_violations: tally.violations.load(Ordering::Relaxed),
         lost: messages as u64 - handled_n,
         success_rate: handled_n as f64 / messages as f64,
     }

@@ -7,7 +7,7 @@
 #[path = "support/cluster.rs"]
 mod cluster;
 
-use cluster::Cluster;
+use cluster::{Cluster, ClusterExt};
 use eventbus_core::{
     Error, EventBus, EventBusConfig, HealthReport, Pool, PublishReceipt, Record, SharedBus,
     Subscription, TopicConfig,
@@ -31,12 +31,6 @@ struct OnMock {
 impl std::fmt::Debug for Kafka {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Kafka")
-    }
-}
-
-impl std::fmt::Debug for Cluster {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Cluster({})", self.brokers())
     }
 }
 

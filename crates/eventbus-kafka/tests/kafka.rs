@@ -7,7 +7,7 @@
 mod cluster;
 
 use bytes::Bytes;
-use cluster::{bus_config, keyed_pool, random, wait_until, Cluster};
+use cluster::{bus_config, keyed_pool, random, wait_until, Cluster, ClusterExt};
 use eventbus_core::{
     Envelope, Event, EventBus, EventBusExt, HandlerError, Message, Record, DLQ_ATTEMPTS_HEADER,
     DLQ_OFFSET_HEADER, DLQ_TOPIC_HEADER,

@@ -43,12 +43,9 @@ use eventbus_core::{
 };
 use eventbus_keyed_pool::KeyedWorkerPool;
 use eventbus_nats::{NatsConfig, NatsEventBus};
+use eventbus_testkit::nats_server::NatsServer;
 use futures::StreamExt;
 use std::fmt;
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,8 +61,6 @@ const PAYLOAD_BYTES: usize = 100;
 const RUNS: usize = 3;
 /// Records per `publish_batch` call while pre-publishing.
 const PUBLISH_CHUNK: usize = 1_000;
-/// How long the server gets to accept connections.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the untimed checks after a run (all acked, close) may take.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -86,112 +81,6 @@ macro_rules! check {
     ($what:expr, $result:expr) => {
         $result.map_err(|e| fail($what)(&e))
     };
-}
-
-/// A `nats-server` with JetStream on a free port and a temporary store directory,
-/// killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    version: String,
-    _store: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start() -> Result<Self, Failure> {
-        let store = check!("temporary store directory", tempfile::tempdir())?;
-        let port = check!(
-            "no free local port",
-            TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
-        )?
-        .port();
-        let log_path = store.path().join("server.log");
-        let mut tried = Vec::new();
-        let candidates = match std::env::var("NATS_SERVER_BIN") {
-            Ok(bin) => vec![bin],
-            Err(_) => vec!["nats-server".to_owned(), "/usr/sbin/nats-server".to_owned()],
-        };
-        let mut spawned = None;
-        for bin in candidates {
-            let log = check!("server log file", File::create(&log_path))?;
-            match Command::new(&bin)
-                .args(["-js", "-a", "127.0.0.1", "-p"])
-                .arg(port.to_string())
-                .arg("-sd")
-                .arg(store.path().join("js"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log))
-                .spawn()
-            {
-                Ok(child) => {
-                    spawned = Some((bin, child));
-                    break;
-                }
-                Err(e) => tried.push(format!("`{bin}`: {e}")),
-            }
-        }
-        let Some((bin, child)) = spawned else {
-            return Err(Failure(format!(
-                "cannot start nats-server (tried {}); install it with \
-                 `apt-get install -y nats-server` or set NATS_SERVER_BIN",
-                tried.join(", ")
-            )));
-        };
-        let version = Command::new(&bin)
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default();
-        let mut server = Self {
-            child,
-            port,
-            version,
-            _store: store,
-        };
-        server.wait_ready(&log_path).await?;
-        Ok(server)
-    }
-
-    async fn wait_ready(&mut self, log: &Path) -> Result<(), Failure> {
-        let started = Instant::now();
-        let log_text = || std::fs::read_to_string(log).unwrap_or_default();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(Failure(format!(
-                    "nats-server exited with {status} before accepting connections on port {}; \
-                     log:\n{}",
-                    self.port,
-                    log_text()
-                )));
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return Ok(());
-            }
-            if started.elapsed() > START_TIMEOUT {
-                return Err(Failure(format!(
-                    "nats-server did not accept connections on port {} within \
-                     {START_TIMEOUT:?}; log:\n{}",
-                    self.port,
-                    log_text()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -466,7 +355,7 @@ async fn main() -> Result<(), Failure> {
         .with_writer(std::io::stderr)
         .init();
     let n = messages_arg()?;
-    let server = Server::start().await?;
+    let server = NatsServer::try_start().map_err(Failure)?;
     let publisher_pool = check!(
         "publisher pool",
         KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(1).queue_size(1))
@@ -498,10 +387,13 @@ async fn main() -> Result<(), Failure> {
     println!(
         "{} on {}; {n} messages per run over {AGGREGATES} aggregate ids, \
          {PAYLOAD_BYTES}-byte payload, file storage, max_ack_pending {max_ack_pending}",
-        if server.version.is_empty() {
-            "nats-server"
-        } else {
-            server.version.as_str()
+        {
+            let v = server.version();
+            if v.is_empty() {
+                "nats-server".to_owned()
+            } else {
+                v
+            }
         },
         server.url()
     );

@@ -4,6 +4,10 @@ pub mod checker;
 pub mod conformance;
 #[cfg(any(feature = "keyed-pool", feature = "actor-pool", feature = "memory"))]
 pub mod factories;
+#[cfg(feature = "kafka-mock")]
+pub mod kafka_cluster;
+#[cfg(feature = "nats-server")]
+pub mod nats_server;
 pub mod panics;
 pub mod pool_suite;
 

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::server::NatsServer;
+use eventbus_testkit::nats_server::NatsServer;
 
 /// Upper bound of every wait in these tests.
 pub(crate) const WAIT: Duration = Duration::from_secs(30);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::init_tracing;
-use crate::server::NatsServer;
+use eventbus_testkit::nats_server::NatsServer;
 
 struct Nats(String);
 

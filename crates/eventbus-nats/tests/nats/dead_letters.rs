@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::common::*;
-use crate::server::NatsServer;
+use eventbus_testkit::nats_server::NatsServer;
 
 /// Every message of `<topic>.dlq`, read with an ephemeral consumer.
 async fn dead_letters(bus: &NatsEventBus, topic: &str) -> Vec<async_nats::jetstream::Message> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::common::*;
-use crate::server::NatsServer;
+use eventbus_testkit::nats_server::NatsServer;
 
 /// Per-aggregate concurrency and per-sequence call counts, as seen by a handler.
 #[derive(Default)]

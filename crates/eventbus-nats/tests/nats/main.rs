@@ -1,7 +1,6 @@
 //! Tests of the NATS backend against a real `nats-server` started per test.
 
 mod common;
-mod server;
 
 mod basics;
 mod conformance;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::common::*;
-use crate::server::NatsServer;
+use eventbus_testkit::nats_server::NatsServer;
 
 const KEYS: u64 = 10;
 const PER_KEY: u64 = 30;

@@ -6,7 +6,7 @@ use futures::StreamExt;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::server::NatsServer;
+use eventbus_testkit::nats_server::NatsServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_publishes_create_the_stream_once() {

@@ -4,6 +4,8 @@
 //!   tools librdkafka builds with), then fmt check, clippy, every test of the
 //!   workspace, docs; under `CI` also the benches' compile and a quick bench-compare.
 //! - `cargo xtask bench-compare [args]`: the pool / backend comparison (release build).
+//! - `cargo xtask chaos [args]`: the long fault-injection run with the delivery
+//!   checker's report (release build).
 
 // A command-line tool: it talks to the terminal.
 #![allow(clippy::print_stderr, clippy::print_stdout)]
@@ -19,11 +21,13 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("bench-compare") => bench_compare(&args[1..]),
+        Some("chaos") => chaos(&args[1..]),
         Some("install-deps") => install_deps(),
         _ => {
-            eprintln!("usage: cargo xtask <test|bench-compare|install-deps> [args]");
+            eprintln!("usage: cargo xtask <test|bench-compare|chaos|install-deps> [args]");
             eprintln!("  test            install what tests need, then fmt, clippy, tests, docs");
             eprintln!("  bench-compare   compare the pools on the memory backend (see --help)");
+            eprintln!("  chaos           fault-injection run with the delivery report (see --help)");
             eprintln!("  install-deps    install nats-server and build tools (Debian, as root)");
             return ExitCode::from(2);
         }
@@ -153,10 +157,7 @@ fn test(args: &[String]) -> Result {
     run(clippy, "clippy")?;
     let mut tests = cargo();
     tests.args(["test", "--workspace"]).args(args);
-    if env::var_os("NATS_SERVER_BIN").is_none() {
-        let nats = find("nats-server").ok_or("nats-server is not installed")?;
-        tests.env("NATS_SERVER_BIN", nats);
-    }
+    point_at_nats_server(&mut tests)?;
     run(tests, "tests")?;
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"])
@@ -173,6 +174,42 @@ fn test(args: &[String]) -> Result {
     Ok(())
 }
 
+/// Tell `cmd` where nats-server is (root's PATH may lack `/usr/sbin`).
+fn point_at_nats_server(cmd: &mut Command) -> Result {
+    if env::var_os("NATS_SERVER_BIN").is_none() {
+        let nats = find("nats-server").ok_or("nats-server is not installed")?;
+        cmd.env("NATS_SERVER_BIN", nats);
+    }
+    Ok(())
+}
+
+/// Whether `args` ask for the NATS backend, which needs a local nats-server.
+fn wants_nats(args: &[String]) -> bool {
+    args.windows(2)
+        .any(|w| w[0] == "--backend" && w[1] == "nats")
+        || args.iter().any(|a| a == "--backend=nats")
+}
+
+fn chaos(args: &[String]) -> Result {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "eventbus-chaos",
+        "--bin",
+        "chaos",
+        "--",
+    ])
+    .args(args);
+    if wants_nats(args) {
+        install_deps()?;
+        point_at_nats_server(&mut cmd)?;
+    }
+    run(cmd, "chaos")
+}
+
 fn bench_compare(args: &[String]) -> Result {
     let mut cmd = cargo();
     cmd.args([
@@ -186,5 +223,9 @@ fn bench_compare(args: &[String]) -> Result {
         "--",
     ])
     .args(args);
+    if wants_nats(args) {
+        install_deps()?;
+        point_at_nats_server(&mut cmd)?;
+    }
     run(cmd, "bench-compare")
 }

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::aggregate::AggregateIdConfig;
+use crate::config::RateLimit;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{boxed, BoxHandler, Event, Handler};
 use crate::health::HealthReport;
 use crate::message::{Message, PublishReceipt, Record};
+use crate::ops::Recovery;
 use crate::policy::DeliveryPolicy;
 
 /// Longest accepted topic name (Kafka's limit).
@@ -83,6 +85,8 @@ pub struct SubscribeOptions {
     pub delivery: Option<DeliveryPolicy>,
     /// Dead-letter topic for this subscription (default `<topic>` + `dead_letter.suffix`).
     pub dead_letter_topic: Option<String>,
+    /// Token-bucket rate limit for this subscription (default `rate_limits.<topic>`).
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl SubscribeOptions {
@@ -102,6 +106,12 @@ impl SubscribeOptions {
     #[must_use]
     pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
         self.dead_letter_topic = Some(topic.into());
+        self
+    }
+    /// Limit this subscription's rate: consumption slows, nothing is dropped.
+    #[must_use]
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
         self
     }
 }
@@ -271,6 +281,9 @@ pub trait EventBus: Send + Sync + fmt::Debug + 'static {
 
     /// Broker connection, consumers and pool, combined.
     fn health(&self) -> BoxFuture<'_, HealthReport>;
+
+    /// Recovery mode: read it, or register callbacks on enter and leave.
+    fn recovery(&self) -> Arc<Recovery>;
 
     /// Stop fetching, drain in-flight work within the drain timeout, commit, release.
     fn close(&self) -> BoxFuture<'_, Result<()>>;

@@ -4,6 +4,8 @@
 //! (`"500ms"`, `"10s"`), and [`EventBusConfig::validate`] names the key that is wrong.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::aggregate::AggregateIdConfig;
@@ -281,6 +283,157 @@ impl DeadLetterConfig {
     }
 }
 
+/// Backlog thresholds of recovery mode (`operations.backlog.*`).
+///
+/// The bus enters recovery mode when the total lag is above `max_messages` or the
+/// oldest message dispatched in a check is older than `max_age`, and leaves it once
+/// both have stayed under for `leave_after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BacklogConfig {
+    /// Lag, in messages over every partition of every subscription, above which the
+    /// bus is recovering; default 10000, 0 turns the count check off.
+    pub max_messages: u64,
+    /// Age of the oldest message dispatched in a check above which the bus is
+    /// recovering; default 60s, 0 turns the age check off.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// How long the backlog must stay under both thresholds to leave; default 30s.
+    #[serde(with = "humantime_serde")]
+    pub leave_after: Duration,
+}
+
+impl Default for BacklogConfig {
+    fn default() -> Self {
+        Self {
+            max_messages: 10_000,
+            max_age: Duration::from_secs(60),
+            leave_after: Duration::from_secs(30),
+        }
+    }
+}
+
+impl BacklogConfig {
+    /// Set the lag threshold in messages (0: off).
+    #[must_use]
+    pub fn max_messages(mut self, n: u64) -> Self {
+        self.max_messages = n;
+        self
+    }
+    /// Set the age threshold (zero: off).
+    #[must_use]
+    pub fn max_age(mut self, d: Duration) -> Self {
+        self.max_age = d;
+        self
+    }
+    /// Set how long the backlog must stay under to leave recovery.
+    #[must_use]
+    pub fn leave_after(mut self, d: Duration) -> Self {
+        self.leave_after = d;
+        self
+    }
+}
+
+/// Operations settings (`operations.*`): sampling of lag, pool state and health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct OperationsConfig {
+    /// How often lag, pool state and health are sampled into metrics and the
+    /// recovery-mode check; default 5s.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Recovery-mode thresholds.
+    pub backlog: BacklogConfig,
+}
+
+impl Default for OperationsConfig {
+    fn default() -> Self {
+        Self {
+            check_interval: Duration::from_secs(5),
+            backlog: BacklogConfig::default(),
+        }
+    }
+}
+
+impl OperationsConfig {
+    /// Set the check interval.
+    #[must_use]
+    pub fn check_interval(mut self, d: Duration) -> Self {
+        self.check_interval = d;
+        self
+    }
+    /// Set the backlog thresholds.
+    #[must_use]
+    pub fn backlog(mut self, b: BacklogConfig) -> Self {
+        self.backlog = b;
+        self
+    }
+    /// Check the values; the error names the key.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.check_interval.is_zero() {
+            return Err(Error::config(
+                "operations.check_interval must be above zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Metrics export (`metrics.*`). The exporter itself lives in the `eventbus` facade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics on this address (`127.0.0.1:9464`, say); default
+    /// none: nothing is exported unless the application installs a recorder.
+    pub prometheus_listen: Option<SocketAddr>,
+}
+
+/// A token-bucket rate limit of one subscription (`rate_limits.<topic>`), applied
+/// before dispatch: consumption slows, nothing is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RateLimit {
+    /// Messages per second, at least 1.
+    pub per_second: u32,
+    /// Messages that may pass at once after a quiet spell; default `per_second`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+impl RateLimit {
+    /// `per_second` messages per second with a burst of as many.
+    pub fn per_second(per_second: u32) -> Self {
+        Self {
+            per_second,
+            burst: None,
+        }
+    }
+    /// Set the burst.
+    #[must_use]
+    pub fn burst(mut self, burst: u32) -> Self {
+        self.burst = Some(burst);
+        self
+    }
+    /// Check the values; `key` names where they came from.
+    pub fn validate(&self, key: &str) -> Result<(), Error> {
+        if self.per_second == 0 {
+            return Err(Error::config(format!(
+                "{key}.per_second must be at least 1, got 0"
+            )));
+        }
+        if self.burst == Some(0) {
+            return Err(Error::config(format!(
+                "{key}.burst must be at least 1, got 0"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The whole bus configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -300,6 +453,12 @@ pub struct EventBusConfig {
     pub aggregate_id: AggregateIdConfig,
     /// Dead-letter settings.
     pub dead_letter: DeadLetterConfig,
+    /// Lag sampling and recovery mode.
+    pub operations: OperationsConfig,
+    /// Metrics export.
+    pub metrics: MetricsConfig,
+    /// Rate limits by topic; a subscription's own option wins.
+    pub rate_limits: BTreeMap<String, RateLimit>,
 }
 
 impl EventBusConfig {
@@ -314,6 +473,10 @@ impl EventBusConfig {
         }
         if self.dead_letter.enabled && self.dead_letter.suffix.is_empty() {
             return Err(Error::config("dead_letter.suffix must not be empty"));
+        }
+        self.operations.validate()?;
+        for (topic, limit) in &self.rate_limits {
+            limit.validate(&format!("rate_limits.{topic}"))?;
         }
         Ok(())
     }

@@ -22,14 +22,16 @@ use tracing::Instrument;
 
 use crate::aggregate::AggregateIdConfig;
 use crate::bus::{Subscription, SubscriptionHandler};
-use crate::config::{DeadLetterConfig, EventBusConfig};
+use crate::config::{DeadLetterConfig, EventBusConfig, RateLimit};
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::handler::{BoxHandler, Event};
 use crate::hash::stable_hash;
+use crate::health::{ComponentHealth, HealthStatus};
 use crate::job::{panic_message, FailureCause, Job, JobClass, Outcome, OutcomeReceiver};
 use crate::message::{Message, Record};
 use crate::metrics as m;
+use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
 use crate::pool::{Pool, SubmitErrorKind};
 
@@ -178,6 +180,49 @@ pub struct PreparedSubscription {
     ids: AggregateIdConfig,
     policy: DeliveryPolicy,
     dead_letter_topic: Option<String>,
+    limiter: Option<Limiter>,
+}
+
+/// A subscription's token bucket, with its metrics.
+struct Limiter {
+    bucket: governor::DefaultDirectRateLimiter,
+    limited: metrics::Counter,
+    waited: metrics::Histogram,
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter").finish_non_exhaustive()
+    }
+}
+
+impl Limiter {
+    fn new(backend: &str, topic: &str, limit: RateLimit) -> Self {
+        let nz = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+        let quota = governor::Quota::per_second(nz(limit.per_second))
+            .allow_burst(nz(limit.burst.unwrap_or(limit.per_second)));
+        let topic = topic.to_owned();
+        Self {
+            bucket: governor::RateLimiter::direct(quota),
+            limited: metrics::counter!(m::name(backend, m::RATE_LIMITED), "topic" => topic.clone()),
+            waited: metrics::histogram!(m::name(backend, m::RATE_LIMIT_WAIT), "topic" => topic),
+        }
+    }
+
+    /// Wait for a token; `false` when `stop` fired first.
+    async fn acquire(&self, stop: &CancellationToken) -> bool {
+        if self.bucket.check().is_ok() {
+            return true;
+        }
+        self.limited.increment(1);
+        let started = Instant::now();
+        let acquired = tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = self.bucket.until_ready() => true,
+        };
+        self.waited.record(started.elapsed().as_secs_f64());
+        acquired
+    }
 }
 
 impl PreparedSubscription {
@@ -196,6 +241,10 @@ impl PreparedSubscription {
     /// The dead-letter topic, when dead letters are enabled.
     pub fn dead_letter_topic(&self) -> Option<&str> {
         self.dead_letter_topic.as_deref()
+    }
+    /// Whether a rate limit applies.
+    pub fn is_rate_limited(&self) -> bool {
+        self.limiter.is_some()
     }
 }
 
@@ -229,20 +278,19 @@ struct Counters {
     dead_lettered: AtomicU64,
 }
 
-struct Metrics {
+/// The pipeline's metrics of one pool (`pool` label).
+struct PoolMetrics {
     sent: metrics::Counter,
     ok: metrics::Counter,
     failed: metrics::Counter,
     panicked: metrics::Counter,
     dead_lettered: metrics::Counter,
     retries: metrics::Counter,
-    dead_letters: metrics::Counter,
     submit_retries: metrics::Counter,
     duration: metrics::Histogram,
-    stuck: metrics::Gauge,
 }
 
-impl Metrics {
+impl PoolMetrics {
     fn new(backend: &str, pool: &'static str) -> Self {
         let processed = m::name(backend, m::MESSAGES_PROCESSED);
         let result =
@@ -253,12 +301,45 @@ impl Metrics {
             failed: result("failed"),
             panicked: result("panicked"),
             dead_lettered: result("dead_lettered"),
-            retries: metrics::counter!(m::name(backend, m::RETRIES)),
-            dead_letters: metrics::counter!(m::name(backend, m::DEAD_LETTERS)),
+            retries: metrics::counter!(m::name(backend, m::RETRIES), "pool" => pool),
             submit_retries: metrics::counter!(m::name(backend, m::SUBMIT_RETRIES), "pool" => pool),
             duration: metrics::histogram!(m::name(backend, m::HANDLER_DURATION), "pool" => pool),
+        }
+    }
+}
+
+struct Metrics {
+    backend: String,
+    keyed: PoolMetrics,
+    actor: PoolMetrics,
+    /// The pool's own kind when it is neither (a pool of the application's).
+    other: Option<PoolMetrics>,
+    stuck: metrics::Gauge,
+}
+
+impl Metrics {
+    fn new(backend: &str, pool: &'static str) -> Self {
+        Self {
+            backend: backend.to_owned(),
+            keyed: PoolMetrics::new(backend, "keyed"),
+            actor: PoolMetrics::new(backend, "actor"),
+            other: (!matches!(pool, "keyed" | "actor" | "switch"))
+                .then(|| PoolMetrics::new(backend, pool)),
             stuck: metrics::gauge!(m::name(backend, m::STUCK_KEYS)),
         }
+    }
+
+    fn pool(&self, kind: &str) -> &PoolMetrics {
+        match kind {
+            "keyed" => &self.keyed,
+            "actor" => &self.actor,
+            _ => self.other.as_ref().unwrap_or(&self.keyed),
+        }
+    }
+
+    fn dead_letter(&self, topic: &str) {
+        metrics::counter!(m::name(&self.backend, m::DEAD_LETTERS), "topic" => topic.to_owned())
+            .increment(1);
     }
 }
 
@@ -271,6 +352,9 @@ struct Inner {
     metrics: Metrics,
     stuck: Mutex<HashMap<String, u32>>,
     cancel: CancellationToken,
+    recovery: Arc<Recovery>,
+    /// Age in ms of the oldest message dispatched since the monitor last looked.
+    oldest_age_ms: AtomicU64,
 }
 
 impl Inner {
@@ -316,6 +400,7 @@ enum Prepared {
 /// where it may have to be dead-lettered, so other messages are not copied.
 struct Meta {
     class: JobClass,
+    pool: &'static str,
     key: Option<Arc<str>>,
     topic: Arc<str>,
     offset: i64,
@@ -332,11 +417,94 @@ impl Meta {
     ) -> Self {
         Self {
             class,
+            pool: "",
             key,
             topic: message.topic.clone(),
             offset: message.offset,
             sub: sub.clone(),
             dead_letter: None,
+        }
+    }
+}
+
+/// The monitor task of a bus; aborted when dropped.
+#[derive(Debug)]
+pub struct MonitorHandle(Option<tokio::task::JoinHandle<()>>);
+
+impl MonitorHandle {
+    /// Stop the monitor and wait until its task has ended.
+    pub async fn stop(mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MonitorHandle {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Gauges the monitor sets.
+struct Sampler {
+    backend: String,
+    backlog: metrics::Gauge,
+    backlog_age: metrics::Gauge,
+    health: metrics::Gauge,
+    memory: metrics::Gauge,
+}
+
+impl Sampler {
+    fn new(backend: &str) -> Self {
+        Self {
+            backend: backend.to_owned(),
+            backlog: metrics::gauge!(m::name(backend, m::BACKLOG_MESSAGES)),
+            backlog_age: metrics::gauge!(m::name(backend, m::BACKLOG_AGE)),
+            health: metrics::gauge!(m::name(backend, m::HEALTH_STATUS)),
+            memory: metrics::gauge!(m::name(backend, m::RESIDENT_MEMORY)),
+        }
+    }
+
+    /// Per-partition gauges; returns the total lag.
+    fn lags(&self, lags: &[crate::ops::PartitionLag]) -> u64 {
+        let b = &self.backend;
+        let mut total = 0u64;
+        for l in lags {
+            let labels = [
+                ("topic", l.topic.clone()),
+                ("partition", l.partition.to_string()),
+            ];
+            metrics::gauge!(m::name(b, m::PARTITION_LAG), &labels).set(l.lag as f64);
+            if let Some(c) = l.committed {
+                metrics::gauge!(m::name(b, m::PARTITION_COMMITTED), &labels).set(c as f64);
+            }
+            if let Some(n) = l.in_flight {
+                metrics::gauge!(m::name(b, m::PARTITION_IN_FLIGHT), &labels).set(n as f64);
+            }
+            total = total.saturating_add(l.lag);
+        }
+        self.backlog.set(total as f64);
+        if let Some(rss) = crate::ops::resident_memory_bytes() {
+            self.memory.set(rss as f64);
+        }
+        total
+    }
+
+    fn pools(&self, pool: &dyn Pool) {
+        let b = &self.backend;
+        for share in pool.shares() {
+            let kind = share.kind;
+            let st = &share.stats;
+            metrics::gauge!(m::name(b, m::POOL_IN_FORCE), "pool" => kind).set(share.share);
+            metrics::gauge!(m::name(b, m::POOL_UTILISATION), "pool" => kind).set(st.utilisation());
+            metrics::gauge!(m::name(b, m::POOL_QUEUED), "pool" => kind).set(st.queued as f64);
+            metrics::gauge!(m::name(b, m::POOL_UNAVAILABLE), "pool" => kind)
+                .set(st.unavailable_workers as f64);
+            metrics::counter!(m::name(b, m::POOL_RESTARTS), "pool" => kind).absolute(st.restarts);
         }
     }
 }
@@ -356,6 +524,7 @@ impl Dispatcher {
             None
         };
         let metrics = Metrics::new(backend, pool.kind());
+        let recovery = Arc::new(Recovery::new(backend, config.operations.backlog.clone()));
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -366,8 +535,78 @@ impl Dispatcher {
                 metrics,
                 stuck: Mutex::new(HashMap::new()),
                 cancel: CancellationToken::new(),
+                recovery,
+                oldest_age_ms: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Recovery mode of this bus.
+    pub fn recovery(&self) -> &Arc<Recovery> {
+        &self.inner.recovery
+    }
+
+    /// The health components every backend reports: `dispatcher` (stuck keys), the
+    /// pool, and `backlog` (recovery mode).
+    pub fn health_components(&self) -> Vec<ComponentHealth> {
+        let stuck = self.stats().stuck_keys;
+        let dispatcher = if stuck.is_empty() {
+            ComponentHealth::healthy("dispatcher")
+        } else {
+            ComponentHealth::with_status(
+                "dispatcher",
+                HealthStatus::Degraded,
+                format!(
+                    "{} aggregate id(s) stuck in retry with no dead-letter destination: {}",
+                    stuck.len(),
+                    stuck.join(", ")
+                ),
+            )
+        };
+        vec![
+            dispatcher,
+            self.inner.pool.health(),
+            self.inner.recovery.health(),
+        ]
+    }
+
+    /// Sample `probe` every `operations.check_interval` into the metrics and the
+    /// recovery-mode check, until the probe is dropped or the task is aborted.
+    /// The probe is held weakly, so the monitor never keeps a bus alive.
+    pub fn spawn_monitor<P: Probe>(&self, probe: std::sync::Weak<P>) -> MonitorHandle {
+        let this = self.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no tokio runtime: lag, pool and health metrics are not sampled");
+            return MonitorHandle(None);
+        };
+        let task = runtime.spawn(async move {
+            let mut tick = tokio::time::interval(this.inner.config.operations.check_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let sampler = Sampler::new(&this.inner.metrics.backend);
+            loop {
+                tick.tick().await;
+                let Some(probe) = probe.upgrade() else { return };
+                this.check(&*probe, &sampler).await;
+            }
+        });
+        MonitorHandle(Some(task))
+    }
+
+    /// One check: lag, backlog and recovery mode, pool state, memory, health.
+    async fn check(&self, probe: &dyn Probe, sampler: &Sampler) {
+        let lags = probe.lag().await;
+        let total = sampler.lags(&lags);
+        let age_ms = self.inner.oldest_age_ms.swap(0, Ordering::Relaxed);
+        let oldest_age = (age_ms > 0).then(|| Duration::from_millis(age_ms));
+        sampler
+            .backlog_age
+            .set(oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+        self.inner
+            .recovery
+            .observe(Backlog::new(total, oldest_age), Instant::now());
+        sampler.pools(&*self.inner.pool);
+        let health = probe.health().await;
+        sampler.health.set(crate::ops::status_value(health.status));
     }
 
     /// The pool.
@@ -397,6 +636,17 @@ impl Dispatcher {
         } else {
             None
         };
+        let limit = sub
+            .options
+            .rate_limit
+            .or_else(|| cfg.rate_limits.get(&sub.topic).copied());
+        let limiter = match limit {
+            Some(l) => {
+                l.validate(&format!("rate limit of topic `{}`", sub.topic))?;
+                Some(Limiter::new(&self.inner.metrics.backend, &sub.topic, l))
+            }
+            None => None,
+        };
         Ok(Arc::new(PreparedSubscription {
             topic: Arc::from(sub.topic),
             handler: sub.handler,
@@ -406,6 +656,7 @@ impl Dispatcher {
                 .unwrap_or_else(|| cfg.aggregate_id.clone()),
             policy,
             dead_letter_topic,
+            limiter,
         }))
     }
 
@@ -453,16 +704,27 @@ impl Dispatcher {
         token: T,
         stop: &CancellationToken,
     ) -> Result<InFlight<T>> {
+        if let Some(limiter) = &sub.limiter {
+            if !limiter.acquire(stop).await {
+                return Err(Error::closed(
+                    "consumer stopping while rate limited; message left for redelivery",
+                ));
+            }
+        }
+        let mut message = message;
+        message.recovering = self.inner.recovery.is_recovering();
+        self.note_age(&message);
         let partition = message.partition;
         let offset = message.offset;
         let fut = match self.prepare_message(sub, message) {
             Prepared::Job(job, rx, meta) => {
-                self.submit_job(job, stop).await?;
+                let pool = meta.pool;
+                self.submit_job(job, pool, stop).await?;
                 self.inner
                     .counters
                     .submitted
                     .fetch_add(1, Ordering::Relaxed);
-                self.inner.metrics.sent.increment(1);
+                self.inner.metrics.pool(pool).sent.increment(1);
                 let this = self.clone();
                 async move { this.finish(rx, meta).await }.boxed()
             }
@@ -479,6 +741,23 @@ impl Dispatcher {
         })
     }
 
+    /// Remember how old the message is (now minus its broker timestamp) for the
+    /// backlog-age check.
+    fn note_age(&self, message: &Message) {
+        let Some(ts) = message.timestamp_ms else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let age = now.saturating_sub(ts);
+        if age > 0 {
+            self.inner
+                .oldest_age_ms
+                .fetch_max(age as u64, Ordering::Relaxed);
+        }
+    }
+
     fn prepare_message(&self, sub: &Arc<PreparedSubscription>, message: Message) -> Prepared {
         let can_dead_letter = sub.dead_letter_topic.is_some();
         match &sub.handler {
@@ -491,6 +770,7 @@ impl Dispatcher {
                         .into();
                     let route = stable_hash(key.as_bytes());
                     let mut meta = Meta::new(JobClass::Envelope, Some(key.clone()), sub, &message);
+                    meta.pool = self.inner.pool.kind_for(route);
                     meta.dead_letter = can_dead_letter.then(|| message.clone());
                     let task = self.envelope_task(
                         sub,
@@ -498,6 +778,7 @@ impl Dispatcher {
                         Arc::new(envelope),
                         message,
                         key.clone(),
+                        meta.pool,
                     );
                     let (job, rx) = Job::new(route, JobClass::Envelope, Some(key), task);
                     Prepared::Job(job, rx, meta)
@@ -507,6 +788,10 @@ impl Dispatcher {
                         format!("{}/{}/{}", message.topic, message.partition, message.offset)
                     });
                     let mut meta = Meta::new(JobClass::Envelope, Some(key.into()), sub, &message);
+                    meta.pool = self
+                        .inner
+                        .pool
+                        .kind_for(stable_hash(meta.key.as_deref().unwrap_or("").as_bytes()));
                     meta.dead_letter = can_dead_letter.then_some(message);
                     Prepared::Poison(meta, e.to_string())
                 }
@@ -517,15 +802,21 @@ impl Dispatcher {
                     Some(k) => stable_hash(k.as_bytes()),
                     None => self.inner.round_robin.fetch_add(1, Ordering::Relaxed),
                 };
-                let meta = Meta::new(JobClass::Plain, key.clone(), sub, &message);
-                let task = self.plain_task(handler.clone(), message, key.clone());
+                let mut meta = Meta::new(JobClass::Plain, key.clone(), sub, &message);
+                meta.pool = self.inner.pool.kind_for(route);
+                let task = self.plain_task(handler.clone(), message, key.clone(), meta.pool);
                 let (job, rx) = Job::new(route, JobClass::Plain, key, task);
                 Prepared::Job(job, rx, meta)
             }
         }
     }
 
-    async fn submit_job(&self, mut job: Job, stop: &CancellationToken) -> Result<()> {
+    async fn submit_job(
+        &self,
+        mut job: Job,
+        pool: &'static str,
+        stop: &CancellationToken,
+    ) -> Result<()> {
         let mut pause = Duration::from_millis(1);
         loop {
             match self.inner.pool.submit(job).await {
@@ -535,7 +826,7 @@ impl Dispatcher {
                 }
                 Err(e) => {
                     tracing::debug!(kind = ?e.kind(), "pool refused a job; retrying submission");
-                    self.inner.metrics.submit_retries.increment(1);
+                    self.inner.metrics.pool(pool).submit_retries.increment(1);
                     job = e.into_job();
                     tokio::select! {
                         _ = stop.cancelled() => {
@@ -554,6 +845,7 @@ impl Dispatcher {
         handler: BoxHandler<Message>,
         message: Message,
         key: Option<Arc<str>>,
+        pool: &'static str,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
         let span = tracing::info_span!(
@@ -572,6 +864,7 @@ impl Dispatcher {
                 .await;
             inner
                 .metrics
+                .pool(pool)
                 .duration
                 .record(started.elapsed().as_secs_f64());
             match result {
@@ -597,6 +890,7 @@ impl Dispatcher {
         envelope: Arc<Envelope>,
         message: Message,
         key: Arc<str>,
+        pool: &'static str,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
         let policy = sub.policy.clone();
@@ -620,7 +914,8 @@ impl Dispatcher {
                 let result = AssertUnwindSafe(async { handler.call_boxed(event).await })
                     .catch_unwind()
                     .await;
-                inner.metrics.duration.record(started.elapsed().as_secs_f64());
+                let metrics = inner.metrics.pool(pool);
+                metrics.duration.record(started.elapsed().as_secs_f64());
                 let cause = match result {
                     Ok(Ok(())) => {
                         if stuck {
@@ -631,7 +926,7 @@ impl Dispatcher {
                     Ok(Err(e)) => FailureCause::Error(e),
                     Err(p) => {
                         inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
-                        inner.metrics.panicked.increment(1);
+                        metrics.panicked.increment(1);
                         FailureCause::Panic(panic_message(p.as_ref()))
                     }
                 };
@@ -656,7 +951,7 @@ impl Dispatcher {
                     policy.backoff_for(attempt)
                 };
                 inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                inner.metrics.retries.increment(1);
+                metrics.retries.increment(1);
                 tokio::select! {
                     _ = inner.cancel.cancelled() => {
                         if stuck {
@@ -679,19 +974,20 @@ impl Dispatcher {
             Err(_) => return Disposition::Abandoned,
         };
         let inner = &self.inner;
+        let metrics = inner.metrics.pool(meta.pool);
         match outcome {
             Outcome::Handled { .. } => {
                 inner.counters.handled.fetch_add(1, Ordering::Relaxed);
-                inner.metrics.ok.increment(1);
+                metrics.ok.increment(1);
                 Disposition::Handled
             }
             Outcome::Failed { attempts, cause } => match meta.class {
                 JobClass::Plain => {
                     if let FailureCause::Panic(_) = cause {
                         inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
-                        inner.metrics.panicked.increment(1);
+                        metrics.panicked.increment(1);
                     } else {
-                        inner.metrics.failed.increment(1);
+                        metrics.failed.increment(1);
                     }
                     inner.counters.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(topic = %meta.topic, offset = meta.offset,
@@ -755,8 +1051,8 @@ impl Dispatcher {
         tracing::warn!(topic = %letter.message.topic, offset = letter.message.offset,
             dead_letter_topic = %letter.topic, attempts, error = %letter.error, "message dead-lettered");
         inner.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        inner.metrics.dead_lettered.increment(1);
-        inner.metrics.dead_letters.increment(1);
+        inner.metrics.pool(meta.pool).dead_lettered.increment(1);
+        inner.metrics.dead_letter(&meta.topic);
         Disposition::DeadLettered
     }
 }

@@ -14,6 +14,7 @@ pub mod job;
 pub mod message;
 pub mod metrics;
 pub mod offset;
+pub mod ops;
 pub mod policy;
 pub mod pool;
 
@@ -23,12 +24,12 @@ pub use bus::{
     SubscribeOptions, Subscription, SubscriptionHandler, TopicConfig,
 };
 pub use config::{
-    ActorPoolConfig, ConsumerConfig, DeadLetterConfig, EventBusConfig, KeyedPoolConfig,
-    OffsetReset, PoolKind,
+    ActorPoolConfig, BacklogConfig, ConsumerConfig, DeadLetterConfig, EventBusConfig,
+    KeyedPoolConfig, MetricsConfig, OffsetReset, OperationsConfig, PoolKind, RateLimit,
 };
 pub use dispatcher::{
     Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, InFlight,
-    PreparedSubscription, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
+    MonitorHandle, PreparedSubscription, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
     DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 pub use envelope::{Envelope, EnvelopeError};
@@ -42,6 +43,7 @@ pub use inflight::{InFlightLimit, InFlightSet, Settled};
 pub use job::{DoneHook, FailureCause, Job, JobClass, Outcome, OutcomeKind, OutcomeReceiver};
 pub use message::{Headers, Message, PublishReceipt, Record};
 pub use offset::OffsetTracker;
+pub use ops::{Backlog, PartitionLag, Probe, PublishMetrics, Recovery, RecoveryChange};
 pub use policy::DeliveryPolicy;
-pub use pool::{Pool, PoolStats, SubmitError, SubmitErrorKind};
+pub use pool::{Pool, PoolShare, PoolStats, SubmitError, SubmitErrorKind};
 pub use tokio_util::sync::CancellationToken;

@@ -84,6 +84,9 @@ pub struct Message {
     pub timestamp_ms: Option<i64>,
     /// How many times the broker has delivered this message, 1 for the first time.
     pub delivery_attempt: u32,
+    /// Whether the bus was in recovery mode (a backlog over its thresholds) when the
+    /// message was dispatched. Handlers may skip optional work while it is set.
+    pub recovering: bool,
 }
 
 impl Message {
@@ -103,6 +106,7 @@ impl Message {
             headers: Headers::new(),
             timestamp_ms: None,
             delivery_attempt: 1,
+            recovering: false,
         }
     }
 

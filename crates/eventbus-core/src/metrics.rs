@@ -1,20 +1,113 @@
 //! Metric names. Every name is prefixed by the backend: `memory_eventbus_…`,
-//! `kafka_eventbus_…`, `nats_eventbus_…`. `docs/metrics.md` lists them all.
+//! `kafka_eventbus_…`, `nats_eventbus_…` (see [`name`]). `docs/metrics.md` lists
+//! them all with their labels; a test keeps that list and [`ALL`] in step.
+//!
+//! Metrics go through the `metrics` facade: without an installed recorder they cost
+//! almost nothing. The `eventbus` facade installs a Prometheus exporter on request.
 
-/// Messages handled, by `result` (`ok`, `failed`, `panicked`, `dead_lettered`) and `pool`. Counter.
-pub const MESSAGES_PROCESSED: &str = "messages_processed_total";
+// --- the pipeline, per pool ---------------------------------------------------------
+
 /// Messages submitted to a pool, by `pool`. Counter.
 pub const MESSAGES_SENT: &str = "messages_sent_total";
+/// Messages finished, by `pool` and `result` (`ok`, `failed`, `panicked`,
+/// `dead_lettered`). Counter.
+pub const MESSAGES_PROCESSED: &str = "messages_processed_total";
 /// Handler call duration in seconds, by `pool`. Histogram.
 pub const HANDLER_DURATION: &str = "handler_duration_seconds";
-/// Handler retries of envelope messages. Counter.
+/// Handler retries of envelope messages, by `pool`. Counter.
 pub const RETRIES: &str = "retries_total";
-/// Messages written to a dead-letter topic. Counter.
+/// Messages written to a dead-letter topic, by `topic` (the original topic). Counter.
 pub const DEAD_LETTERS: &str = "dead_letters_total";
 /// Aggregate ids stuck in retry with no dead-letter destination. Gauge.
 pub const STUCK_KEYS: &str = "stuck_keys";
-/// Submissions refused by a full or unavailable pool, retried. Counter.
+/// Submissions refused by a full or unavailable pool, retried, by `pool`. Counter.
 pub const SUBMIT_RETRIES: &str = "pool_submit_retries_total";
+
+// --- pool state, sampled ------------------------------------------------------------
+
+/// Worker (actor) restarts, by `pool`. Counter.
+pub const POOL_RESTARTS: &str = "pool_restarts_total";
+/// Queued jobs as a fraction of queue (inbox) capacity, 0–1, by `pool`. Gauge.
+pub const POOL_UTILISATION: &str = "pool_utilisation";
+/// Jobs waiting in the pool's queues, by `pool`. Gauge.
+pub const POOL_QUEUED: &str = "pool_queued_jobs";
+/// Workers (actors) out of service, by `pool`. Gauge.
+pub const POOL_UNAVAILABLE: &str = "pool_unavailable_workers";
+/// Which pool is in force: the share (0–1) of aggregate ids routed to it, by `pool`.
+/// 1 for the only pool; with a rollout, the actor pool shows `rollout_percent / 100`.
+/// Gauge.
+pub const POOL_IN_FORCE: &str = "pool_in_force";
+
+// --- consumers ----------------------------------------------------------------------
+
+/// Messages not yet consumed and committed, by `topic` and `partition` (Kafka and
+/// memory: high watermark minus committed offset; NATS: consumer pending plus
+/// unacknowledged, partition `0`). Gauge.
+pub const PARTITION_LAG: &str = "partition_lag";
+/// Messages of a partition in flight (dispatched, not finished), by `topic` and
+/// `partition`. Gauge.
+pub const PARTITION_IN_FLIGHT: &str = "partition_in_flight";
+/// Last committed offset (Kafka, memory) of a partition, by `topic` and `partition`.
+/// Gauge.
+pub const PARTITION_COMMITTED: &str = "partition_committed_offset";
+/// Total lag over every partition of every subscription. Gauge.
+pub const BACKLOG_MESSAGES: &str = "backlog_messages";
+/// Age in seconds of the oldest message dispatched in the last check interval
+/// (now minus its broker timestamp). Gauge.
+pub const BACKLOG_AGE: &str = "backlog_age_seconds";
+/// 1 while the bus is in recovery mode, else 0. Gauge.
+pub const RECOVERING: &str = "recovering";
+/// Recovery-mode transitions, by `direction` (`enter`, `leave`). Counter.
+pub const RECOVERY_TRANSITIONS: &str = "recovery_transitions_total";
+/// Each wait for a subscription's rate limit, in seconds, by `topic`. Histogram.
+pub const RATE_LIMIT_WAIT: &str = "rate_limit_wait_seconds";
+/// Messages that had to wait for a subscription's rate limit, by `topic`. Counter.
+pub const RATE_LIMITED: &str = "rate_limited_total";
+/// Overall health: 0 healthy, 1 degraded, 2 unhealthy. Gauge.
+pub const HEALTH_STATUS: &str = "health_status";
+/// Resident memory of the process in bytes (Linux; absent elsewhere). Gauge.
+pub const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+
+// --- publishing ---------------------------------------------------------------------
+
+/// Messages published (broker acknowledged), by `topic`. Counter.
+pub const PUBLISHED: &str = "messages_published_total";
+/// Failed publishes, by `topic`. Counter.
+pub const PUBLISH_ERRORS: &str = "publish_errors_total";
+/// Publish duration until the broker's acknowledgement, in seconds, by `topic`.
+/// Histogram.
+pub const PUBLISH_DURATION: &str = "publish_duration_seconds";
+
+/// Every metric every backend records, without prefix. Backend-specific extras are
+/// named by their crates (`eventbus_kafka::metrics`, `eventbus_nats`).
+pub const ALL: &[&str] = &[
+    MESSAGES_SENT,
+    MESSAGES_PROCESSED,
+    HANDLER_DURATION,
+    RETRIES,
+    DEAD_LETTERS,
+    STUCK_KEYS,
+    SUBMIT_RETRIES,
+    POOL_RESTARTS,
+    POOL_UTILISATION,
+    POOL_QUEUED,
+    POOL_UNAVAILABLE,
+    POOL_IN_FORCE,
+    PARTITION_LAG,
+    PARTITION_IN_FLIGHT,
+    PARTITION_COMMITTED,
+    BACKLOG_MESSAGES,
+    BACKLOG_AGE,
+    RECOVERING,
+    RECOVERY_TRANSITIONS,
+    RATE_LIMIT_WAIT,
+    RATE_LIMITED,
+    HEALTH_STATUS,
+    RESIDENT_MEMORY,
+    PUBLISHED,
+    PUBLISH_ERRORS,
+    PUBLISH_DURATION,
+];
 
 /// The full metric name for `backend`, e.g. `kafka_eventbus_retries_total`.
 pub fn name(backend: &str, metric: &str) -> String {

@@ -128,4 +128,40 @@ pub trait Pool: Send + Sync + fmt::Debug + 'static {
 
     /// Health of the pool.
     fn health(&self) -> ComponentHealth;
+
+    /// The pool that runs a job of `route` submitted now: its [`kind`](Pool::kind)
+    /// labels the job's metrics. A composite (the pool switch) names the side.
+    fn kind_for(&self, route: u64) -> &'static str {
+        let _ = route;
+        self.kind()
+    }
+
+    /// The pools this pool is made of, each with the share of aggregate ids routed
+    /// to it and its counters: one entry with share 1 for a plain pool.
+    fn shares(&self) -> Vec<PoolShare> {
+        vec![PoolShare {
+            kind: self.kind(),
+            share: 1.0,
+            stats: self.stats(),
+        }]
+    }
+}
+
+/// One pool of a (possibly composite) pool, for metrics: see [`Pool::shares`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PoolShare {
+    /// `keyed` or `actor`.
+    pub kind: &'static str,
+    /// Share of aggregate ids routed to it, 0..=1.
+    pub share: f64,
+    /// Its counters.
+    pub stats: PoolStats,
+}
+
+impl PoolShare {
+    /// A share of `kind` with `stats`.
+    pub fn new(kind: &'static str, share: f64, stats: PoolStats) -> Self {
+        Self { kind, share, stats }
+    }
 }

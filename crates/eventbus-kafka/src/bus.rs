@@ -2,7 +2,7 @@
 
 use eventbus_core::{
     ComponentHealth, Dispatcher, Error, ErrorKind, EventBus, EventBusConfig, HealthReport,
-    HealthStatus, Pool, PublishReceipt, Record, Result, Subscription, TopicConfig,
+    HealthStatus, Pool, PublishReceipt, Record, Result, Subscription, TopicConfig, MonitorHandle, PartitionLag as CorePartitionLag, Probe, PublishMetrics, Recovery,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::KafkaConfig;
 use crate::consumer::{consumer_gone, fetch_thread, ConsumeLoop, Control, KConsumer};
 use crate::context::{ConsumerCtx, ConsumerShared, TracingContext};
-use crate::metrics as km;
 use crate::producer::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 
 /// Lag of one partition owned by this bus's consumer.
@@ -77,6 +76,137 @@ struct Inner {
     pool_closed: Arc<AtomicBool>,
     limit: Arc<Semaphore>,
     admin: OnceCell<Arc<AdminClient<TracingContext>>>,
+    monitor: std::sync::Mutex<Option<MonitorHandle>>,
+    publish_metrics: PublishMetrics,
+}
+
+impl Inner {
+    /// Lag of every owned partition: high watermark minus committed offset, asked
+    /// from the brokers. Also exported as the `kafka_eventbus_partition_lag` gauge.
+    async fn lag(&self) -> Result<Vec<PartitionLag>> {
+        let consumer = {
+            let slot = self.consumer.lock().await;
+            match &slot.running {
+                Some(r) => r.consumer.clone(),
+                None => return Ok(Vec::new()),
+            }
+        };
+        let timeout = self.config.operation_timeout;
+        let broker = |what: &str, e: rdkafka::error::KafkaError| {
+            Error::new(ErrorKind::Broker, format!("lag: cannot read {what}")).with_source(e)
+        };
+        tokio::task::spawn_blocking(move || {
+            let assignment = consumer
+                .assignment()
+                .map_err(|e| broker("the assignment", e))?;
+            if assignment.count() == 0 {
+                return Ok(Vec::new());
+            }
+            let committed = consumer
+                .committed_offsets(assignment, timeout)
+                .map_err(|e| broker("committed offsets", e))?;
+            let mut out = Vec::new();
+            for e in committed.elements() {
+                let (low, high) = consumer
+                    .fetch_watermarks(e.topic(), e.partition(), timeout)
+                    .map_err(|err| {
+                        broker(
+                            &format!("watermarks of {}/{}", e.topic(), e.partition()),
+                            err,
+                        )
+                    })?;
+                let committed = match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                };
+                let lag = (high - committed.unwrap_or(low)).max(0);
+                out.push(PartitionLag {
+                    topic: e.topic().to_owned(),
+                    partition: e.partition(),
+                    high_watermark: high,
+                    committed,
+                    lag,
+                });
+            }
+            out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Unavailable, "lag task failed").with_source(e))?
+    }
+
+    async fn health(&self) -> HealthReport {
+        let mut components = Vec::new();
+        let producer = self.producer.clone();
+        let timeout = self.config.operation_timeout.min(Duration::from_secs(5));
+        let ping = tokio::task::spawn_blocking(move || producer.ping_blocking(timeout)).await;
+        components.push(match ping {
+            Ok(Ok(n)) if n > 0 => ComponentHealth::healthy("broker"),
+            Ok(Ok(_)) => {
+                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, "no broker known")
+            }
+            Ok(Err(e)) => {
+                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
+            }
+            Err(e) => {
+                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
+            }
+        });
+        components.extend(self.dispatcher.health_components());
+        let consumer = if self.closed.load(Ordering::Acquire) {
+            ComponentHealth::with_status("consumer", HealthStatus::Unhealthy, "bus closed")
+        } else if self.pool_closed.load(Ordering::Acquire) {
+            ComponentHealth::with_status(
+                "consumer",
+                HealthStatus::Unhealthy,
+                "the pool refuses work; consumption halted",
+            )
+        } else {
+            ComponentHealth::healthy("consumer")
+        };
+        components.push(consumer);
+        match self.lag().await {
+            Ok(lags) if !lags.is_empty() => {
+                let total: i64 = lags.iter().map(|l| l.lag).sum();
+                components.push(ComponentHealth::with_status(
+                    "consumer.lag",
+                    HealthStatus::Healthy,
+                    format!("total lag {total} over {} partition(s)", lags.len()),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => components.push(ComponentHealth::with_status(
+                "consumer.lag",
+                HealthStatus::Degraded,
+                e.to_string(),
+            )),
+        }
+        HealthReport::from_components(components)
+    }
+}
+
+impl Probe for Inner {
+    fn lag(&self) -> BoxFuture<'_, Vec<CorePartitionLag>> {
+        async move {
+            match Inner::lag(self).await {
+                Ok(lags) => lags
+                    .into_iter()
+                    .map(|l| {
+                        CorePartitionLag::new(l.topic, l.partition, l.lag.max(0) as u64)
+                            .committed(l.committed)
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "lag check failed");
+                    Vec::new()
+                }
+            }
+        }
+        .boxed()
+    }
+    fn health(&self) -> BoxFuture<'_, HealthReport> {
+        Inner::health(self).boxed()
+    }
 }
 
 /// The Kafka backend: one producer, and one consumer (one group member) for every
@@ -119,20 +249,23 @@ impl KafkaEventBus {
         let limit = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
         tracing::info!(pool = pool.kind(), group_id = %bus_config.consumer.group_id,
             brokers = %config.brokers, "kafka event bus created");
-        Ok(Self {
-            inner: Arc::new(Inner {
-                config,
-                bus_config,
-                pool,
-                dispatcher,
-                producer,
-                consumer: Mutex::new(ConsumerSlot::default()),
-                closed: AtomicBool::new(false),
-                pool_closed: Arc::new(AtomicBool::new(false)),
-                limit,
-                admin: OnceCell::new(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            config,
+            bus_config,
+            pool,
+            dispatcher,
+            producer,
+            consumer: Mutex::new(ConsumerSlot::default()),
+            closed: AtomicBool::new(false),
+            pool_closed: Arc::new(AtomicBool::new(false)),
+            limit,
+            admin: OnceCell::new(),
+            monitor: std::sync::Mutex::new(None),
+            publish_metrics: PublishMetrics::new("kafka"),
+        });
+        let monitor = inner.dispatcher.spawn_monitor(Arc::downgrade(&inner));
+        *inner.monitor.lock().expect("monitor slot poisoned") = Some(monitor);
+        Ok(Self { inner })
     }
 
     /// The producer, for batched publishing ([`KafkaProducer::enqueue`],
@@ -285,56 +418,7 @@ impl KafkaEventBus {
     /// Lag of every owned partition: high watermark minus committed offset, asked
     /// from the brokers. Also exported as the `kafka_eventbus_partition_lag` gauge.
     pub async fn lag(&self) -> Result<Vec<PartitionLag>> {
-        let consumer = {
-            let slot = self.inner.consumer.lock().await;
-            match &slot.running {
-                Some(r) => r.consumer.clone(),
-                None => return Ok(Vec::new()),
-            }
-        };
-        let timeout = self.inner.config.operation_timeout;
-        let broker = |what: &str, e: rdkafka::error::KafkaError| {
-            Error::new(ErrorKind::Broker, format!("lag: cannot read {what}")).with_source(e)
-        };
-        tokio::task::spawn_blocking(move || {
-            let assignment = consumer
-                .assignment()
-                .map_err(|e| broker("the assignment", e))?;
-            if assignment.count() == 0 {
-                return Ok(Vec::new());
-            }
-            let committed = consumer
-                .committed_offsets(assignment, timeout)
-                .map_err(|e| broker("committed offsets", e))?;
-            let mut out = Vec::new();
-            for e in committed.elements() {
-                let (low, high) = consumer
-                    .fetch_watermarks(e.topic(), e.partition(), timeout)
-                    .map_err(|err| {
-                        broker(
-                            &format!("watermarks of {}/{}", e.topic(), e.partition()),
-                            err,
-                        )
-                    })?;
-                let committed = match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                };
-                let lag = (high - committed.unwrap_or(low)).max(0);
-                km::lag(e.topic(), e.partition(), lag);
-                out.push(PartitionLag {
-                    topic: e.topic().to_owned(),
-                    partition: e.partition(),
-                    high_watermark: high,
-                    committed,
-                    lag,
-                });
-            }
-            out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-            Ok(out)
-        })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Unavailable, "lag task failed").with_source(e))?
+        self.inner.lag().await
     }
 
     async fn admin(&self) -> Result<Arc<AdminClient<TracingContext>>> {
@@ -524,68 +608,21 @@ impl KafkaEventBus {
             .map_err(|e| {
                 Error::new(ErrorKind::Unavailable, "flush task failed").with_source(e)
             })??;
+        let monitor = self
+            .inner
+            .monitor
+            .lock()
+            .expect("monitor slot poisoned")
+            .take();
+        if let Some(monitor) = monitor {
+            monitor.stop().await;
+        }
         tracing::info!("kafka event bus closed");
         Ok(())
     }
 
     async fn do_health(&self) -> HealthReport {
-        let mut components = Vec::new();
-        let producer = self.inner.producer.clone();
-        let timeout = self
-            .inner
-            .config
-            .operation_timeout
-            .min(Duration::from_secs(5));
-        let ping = tokio::task::spawn_blocking(move || producer.ping_blocking(timeout)).await;
-        components.push(match ping {
-            Ok(Ok(n)) if n > 0 => ComponentHealth::healthy("broker"),
-            Ok(Ok(_)) => {
-                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, "no broker known")
-            }
-            Ok(Err(e)) => {
-                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
-            }
-            Err(e) => {
-                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
-            }
-        });
-        components.push(self.inner.pool.health());
-        let stats = self.inner.dispatcher.stats();
-        let consumer = if self.inner.closed.load(Ordering::Acquire) {
-            ComponentHealth::with_status("consumer", HealthStatus::Unhealthy, "bus closed")
-        } else if self.inner.pool_closed.load(Ordering::Acquire) {
-            ComponentHealth::with_status(
-                "consumer",
-                HealthStatus::Unhealthy,
-                "the pool refuses work; consumption halted",
-            )
-        } else if !stats.stuck_keys.is_empty() {
-            ComponentHealth::with_status(
-                "consumer",
-                HealthStatus::Degraded,
-                format!("{} aggregate id(s) stuck in retry", stats.stuck_keys.len()),
-            )
-        } else {
-            ComponentHealth::healthy("consumer")
-        };
-        components.push(consumer);
-        match self.lag().await {
-            Ok(lags) if !lags.is_empty() => {
-                let total: i64 = lags.iter().map(|l| l.lag).sum();
-                components.push(ComponentHealth::with_status(
-                    "consumer.lag",
-                    HealthStatus::Healthy,
-                    format!("total lag {total} over {} partition(s)", lags.len()),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => components.push(ComponentHealth::with_status(
-                "consumer.lag",
-                HealthStatus::Degraded,
-                e.to_string(),
-            )),
-        }
-        HealthReport::from_components(components)
+        self.inner.health().await
     }
 }
 
@@ -599,11 +636,13 @@ impl EventBus for KafkaEventBus {
         topic: &'a str,
         record: Record,
     ) -> BoxFuture<'a, Result<PublishReceipt>> {
-        async move {
-            self.check_open()?;
-            self.inner.producer.publish(topic, &record).await
-        }
-        .boxed()
+        self.inner
+            .publish_metrics
+            .observe(topic, async move {
+                self.check_open()?;
+                self.inner.producer.publish(topic, &record).await
+            })
+            .boxed()
     }
 
     fn aggregate_id_header(&self) -> &str {
@@ -628,6 +667,10 @@ impl EventBus for KafkaEventBus {
 
     fn health(&self) -> BoxFuture<'_, HealthReport> {
         self.do_health().boxed()
+    }
+
+    fn recovery(&self) -> Arc<Recovery> {
+        self.inner.dispatcher.recovery().clone()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

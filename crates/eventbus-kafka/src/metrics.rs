@@ -1,8 +1,9 @@
-//! Kafka-only metric names (the pipeline's own metrics are named in
-//! `eventbus_core::metrics`, prefixed `kafka_eventbus_`).
+//! Kafka metric names. The pipeline's metrics, and the per-partition gauges every
+//! backend has, are named in `eventbus_core::metrics` (prefixed `kafka_eventbus_`);
+//! the per-partition constants here are those names in full.
 
-/// Consumer lag per partition: high watermark minus committed offset. Gauge, by
-/// `topic` and `partition`.
+/// Consumer lag per partition: high watermark minus committed offset, sampled by
+/// the bus's monitor. Gauge, by `topic` and `partition`.
 pub const PARTITION_LAG: &str = "kafka_eventbus_partition_lag";
 /// Messages of a partition in flight. Gauge, by `topic` and `partition`.
 pub const PARTITION_IN_FLIGHT: &str = "kafka_eventbus_partition_in_flight";
@@ -16,11 +17,6 @@ pub const COMMIT_ERRORS: &str = "kafka_eventbus_commit_errors_total";
 pub(crate) fn committed_offset(topic: &str, partition: i32, offset: i64) {
     metrics::gauge!(PARTITION_COMMITTED, "topic" => topic.to_owned(), "partition" => partition.to_string())
         .set(offset as f64);
-}
-
-pub(crate) fn lag(topic: &str, partition: i32, lag: i64) {
-    metrics::gauge!(PARTITION_LAG, "topic" => topic.to_owned(), "partition" => partition.to_string())
-        .set(lag as f64);
 }
 
 pub(crate) fn in_flight(topic: &str, partition: i32, n: usize) {

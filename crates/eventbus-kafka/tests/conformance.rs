@@ -71,6 +71,9 @@ impl EventBus for OnMock {
     fn health(&self) -> BoxFuture<'_, HealthReport> {
         self.bus.health()
     }
+    fn recovery(&self) -> Arc<eventbus_core::Recovery> {
+        self.bus.recovery()
+    }
     fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
         self.bus.close()
     }

@@ -3,14 +3,15 @@
 use eventbus_core::CancellationToken;
 use eventbus_core::{
     validate_topic, ComponentHealth, DeadLetter, DeadLetterSink, Dispatcher, Error, ErrorKind,
-    EventBus, EventBusConfig, HealthReport, HealthStatus, InFlightSet, Pool, PreparedSubscription,
-    PublishReceipt, Record, Settled, Subscription, TopicConfig,
+    EventBus, EventBusConfig, HealthReport, HealthStatus, InFlightSet, MonitorHandle, PartitionLag,
+    Pool, PreparedSubscription, Probe, PublishMetrics, PublishReceipt, Record, Recovery, Settled,
+    Subscription, TopicConfig,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -33,9 +34,13 @@ impl DeadLetterSink for Sink {
     }
 }
 
+/// Messages in flight per partition of one subscription.
+type InFlightCounts = Arc<Vec<AtomicUsize>>;
+
 struct Consumer {
     cancel: CancellationToken,
     task: JoinHandle<()>,
+    in_flight: InFlightCounts,
 }
 
 struct Inner {
@@ -45,6 +50,52 @@ struct Inner {
     total: Arc<Semaphore>,
     consumers: Mutex<HashMap<String, Consumer>>,
     closed: AtomicBool,
+    monitor: Mutex<Option<MonitorHandle>>,
+    publish_metrics: PublishMetrics,
+}
+
+impl Inner {
+    fn health_now(&self) -> HealthReport {
+        let mut components = vec![ComponentHealth::healthy("broker")];
+        if self.closed.load(Ordering::Acquire) {
+            components.push(ComponentHealth::with_status(
+                "bus",
+                HealthStatus::Unhealthy,
+                "closed",
+            ));
+        }
+        components.extend(self.dispatcher.health_components());
+        HealthReport::from_components(components)
+    }
+
+    fn lag_now(&self) -> Vec<PartitionLag> {
+        let group = &self.config.consumer.group_id;
+        let consumers = self.consumers.lock().expect("consumer table poisoned");
+        let mut out = Vec::new();
+        for (topic, consumer) in consumers.iter() {
+            for (partition, lag) in self.broker.lag(topic, group) {
+                let in_flight = consumer
+                    .in_flight
+                    .get(partition as usize)
+                    .map_or(0, |n| n.load(Ordering::Relaxed));
+                out.push(
+                    PartitionLag::new(topic.clone(), partition, lag.max(0) as u64)
+                        .committed(self.broker.committed(topic, group, partition))
+                        .in_flight(in_flight),
+                );
+            }
+        }
+        out
+    }
+}
+
+impl Probe for Inner {
+    fn lag(&self) -> BoxFuture<'_, Vec<PartitionLag>> {
+        async move { self.lag_now() }.boxed()
+    }
+    fn health(&self) -> BoxFuture<'_, HealthReport> {
+        async move { self.health_now() }.boxed()
+    }
 }
 
 /// An [`EventBus`] on a [`MemoryBroker`].
@@ -79,16 +130,19 @@ impl MemoryEventBus {
         config.validate()?;
         let sink: Arc<dyn DeadLetterSink> = Arc::new(Sink(broker.clone()));
         let dispatcher = Dispatcher::new("memory", pool, Some(sink), config.clone());
-        Ok(Self {
-            inner: Arc::new(Inner {
-                broker,
-                dispatcher,
-                total: Arc::new(Semaphore::new(config.consumer.max_in_flight_total)),
-                config,
-                consumers: Mutex::new(HashMap::new()),
-                closed: AtomicBool::new(false),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            broker,
+            total: Arc::new(Semaphore::new(config.consumer.max_in_flight_total)),
+            config,
+            consumers: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            monitor: Mutex::new(None),
+            publish_metrics: PublishMetrics::new("memory"),
+            dispatcher,
+        });
+        let monitor = inner.dispatcher.spawn_monitor(Arc::downgrade(&inner));
+        *inner.monitor.lock().expect("monitor slot poisoned") = Some(monitor);
+        Ok(Self { inner })
     }
 
     /// The broker.
@@ -136,7 +190,13 @@ impl MemoryEventBus {
         let (member, positions) =
             topic.join(&group, self.inner.config.consumer.auto_offset_reset)?;
         let cancel = CancellationToken::new();
+        let in_flight: InFlightCounts = Arc::new(
+            (0..topic.partition_count())
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+        );
         let run = ConsumeLoop {
+            in_flight: in_flight.clone(),
             topic,
             group,
             member,
@@ -151,7 +211,14 @@ impl MemoryEventBus {
             drain_timeout: self.inner.config.consumer.drain_timeout,
         };
         let task = tokio::spawn(run.run());
-        consumers.insert(topic_name, Consumer { cancel, task });
+        consumers.insert(
+            topic_name,
+            Consumer {
+                cancel,
+                task,
+                in_flight,
+            },
+        );
         Ok(())
     }
 
@@ -200,34 +267,16 @@ impl MemoryEventBus {
             .pool()
             .close(self.inner.config.consumer.drain_timeout)
             .await;
+        let monitor = self
+            .inner
+            .monitor
+            .lock()
+            .expect("monitor slot poisoned")
+            .take();
+        if let Some(monitor) = monitor {
+            monitor.stop().await;
+        }
         Ok(())
-    }
-
-    fn health_now(&self) -> HealthReport {
-        let mut components = vec![ComponentHealth::healthy("broker")];
-        if self.inner.closed.load(Ordering::Acquire) {
-            components.push(ComponentHealth::with_status(
-                "bus",
-                HealthStatus::Unhealthy,
-                "closed",
-            ));
-        }
-        let stats = self.inner.dispatcher.stats();
-        if stats.stuck_keys.is_empty() {
-            components.push(ComponentHealth::healthy("consumer"));
-        } else {
-            components.push(ComponentHealth::with_status(
-                "consumer",
-                HealthStatus::Degraded,
-                format!(
-                    "{} aggregate id(s) stuck in retry: {:?}",
-                    stats.stuck_keys.len(),
-                    stats.stuck_keys
-                ),
-            ));
-        }
-        components.push(self.inner.dispatcher.pool().health());
-        HealthReport::from_components(components)
     }
 }
 
@@ -241,12 +290,14 @@ impl EventBus for MemoryEventBus {
         topic: &'a str,
         record: Record,
     ) -> BoxFuture<'a, Result<PublishReceipt, Error>> {
-        async move {
-            self.check_open()?;
-            validate_topic(topic)?;
-            self.inner.broker.publish(topic, record).await
-        }
-        .boxed()
+        self.inner
+            .publish_metrics
+            .observe(topic, async move {
+                self.check_open()?;
+                validate_topic(topic)?;
+                self.inner.broker.publish(topic, record).await
+            })
+            .boxed()
     }
 
     fn aggregate_id_header(&self) -> &str {
@@ -277,7 +328,11 @@ impl EventBus for MemoryEventBus {
     }
 
     fn health(&self) -> BoxFuture<'_, HealthReport> {
-        async move { self.health_now() }.boxed()
+        async move { self.inner.health_now() }.boxed()
+    }
+
+    fn recovery(&self) -> Arc<Recovery> {
+        self.inner.dispatcher.recovery().clone()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
@@ -296,6 +351,7 @@ struct ConsumeLoop {
     set: InFlightSet<()>,
     cancel: CancellationToken,
     drain_timeout: std::time::Duration,
+    in_flight: InFlightCounts,
 }
 
 impl ConsumeLoop {
@@ -347,6 +403,7 @@ impl ConsumeLoop {
                                 tracing::error!(error = %e, "in-flight tracking refused a message");
                                 break 'consume;
                             }
+                            self.in_flight[p].fetch_add(1, Ordering::Relaxed);
                             submitted_any = true;
                         }
                         Err(e) => {
@@ -382,8 +439,20 @@ impl ConsumeLoop {
     }
 
     fn settle(&mut self, s: Settled<()>) {
+        if let Some(n) = self.in_flight.get(s.completion.partition as usize) {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(w) = s.watermark {
             self.topic.commit(&self.group, s.completion.partition, w);
         }
+    }
+}
+
+impl Drop for ConsumeLoop {
+    fn drop(&mut self) {
+        // A consume task that is aborted (its runtime shut down, its process
+        // crashing) leaves the group too, as a dead Kafka member is expelled; else
+        // no new member could ever join. Leaving twice is harmless.
+        self.topic.leave(&self.group, self.member);
     }
 }

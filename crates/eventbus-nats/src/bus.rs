@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 use eventbus_core::{
     CancellationToken, ComponentHealth, DispatchStats, Dispatcher, Error, ErrorKind, EventBus,
     EventBusConfig, HealthReport, HealthStatus, OffsetReset, Pool, PublishReceipt, Record, Result,
-    Subscription, TopicConfig,
+    Subscription, TopicConfig, MonitorHandle, PartitionLag as CorePartitionLag, Probe,
+    PublishMetrics, Recovery,
 };
 
 use crate::config::{NatsAuth, NatsConfig, Retention};
@@ -49,6 +50,119 @@ struct Inner {
     total: Arc<Semaphore>,
     reconnects: watch::Receiver<u64>,
     closed: AtomicBool,
+    monitor: std::sync::Mutex<Option<MonitorHandle>>,
+    publish_metrics: PublishMetrics,
+}
+
+impl Inner {
+    /// Messages the server still holds for this bus's consumer of `topic`, asked of
+    /// the server now.
+    async fn consumer_pending(&self, topic: &str) -> Result<ConsumerPending> {
+        let shared = &self.shared;
+        let stream = shared.stream_name(topic);
+        let durable = naming::durable_name(&self.bus_config.consumer.group_id, topic);
+        let info = bounded(
+            shared.config.request_timeout,
+            || format!("consumer info of `{durable}`"),
+            async {
+                shared
+                    .js
+                    .get_consumer_from_stream::<consumer::pull::Config, _, _>(&durable, &stream)
+                    .await
+                    .map_err(|e| {
+                        broker(format!("no consumer `{durable}` on stream `{stream}`"), e)
+                    })?
+                    .get_info()
+                    .await
+                    .map_err(|e| broker(format!("cannot read consumer `{durable}`"), e))
+            },
+        )
+        .await?;
+        let pending = ConsumerPending {
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        };
+        if let Some(h) = self.consumers.lock().await.get(topic) {
+            h.state.set_pending(pending.pending);
+        }
+        Ok(pending)
+    }
+
+    async fn health(&self) -> HealthReport {
+        let inner = self;
+        let mut components = Vec::new();
+        components.push(match inner.shared.client.connection_state() {
+            async_nats::connection::State::Connected => ComponentHealth::healthy("broker"),
+            state => ComponentHealth::with_status(
+                "broker",
+                HealthStatus::Unhealthy,
+                format!("NATS connection is {state:?}; reconnecting"),
+            ),
+        });
+        if inner.closed.load(Ordering::Acquire) {
+            components.push(ComponentHealth::with_status(
+                "bus",
+                HealthStatus::Unhealthy,
+                "closed",
+            ));
+        }
+        components.extend(inner.dispatcher.health_components());
+        for (topic, h) in inner.consumers.lock().await.iter() {
+            let name = format!("consumer.{topic}");
+            let error = h
+                .state
+                .last_error
+                .lock()
+                .expect("consumer state poisoned")
+                .clone();
+            components.push(match error {
+                Some(e) => ComponentHealth::with_status(
+                    name,
+                    HealthStatus::Degraded,
+                    format!(
+                        "{e} (pending {}, in flight {})",
+                        h.state.pending.load(Ordering::Relaxed),
+                        h.state.in_flight.load(Ordering::Relaxed)
+                    ),
+                ),
+                None => ComponentHealth::healthy(name),
+            });
+        }
+        HealthReport::from_components(components)
+    }
+
+    /// Pending plus unacknowledged messages of every JetStream subscription.
+    async fn lag(&self) -> Vec<CorePartitionLag> {
+        let topics: Vec<(String, usize)> = {
+            let consumers = self.consumers.lock().await;
+            consumers
+                .iter()
+                .filter(|(t, _)| self.shared.settings(t).config.persistent)
+                .map(|(t, h)| (t.clone(), h.state.in_flight.load(Ordering::Relaxed)))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(topics.len());
+        for (topic, in_flight) in topics {
+            match self.consumer_pending(&topic).await {
+                Ok(p) => out.push(
+                    CorePartitionLag::new(topic, 0, p.pending.saturating_add(p.ack_pending))
+                        .in_flight(in_flight),
+                ),
+                Err(e) => tracing::warn!(%topic, error = %e, "lag check failed"),
+            }
+        }
+        out
+    }
+}
+
+impl Probe for Inner {
+    fn lag(&self) -> BoxFuture<'_, Vec<CorePartitionLag>> {
+        Inner::lag(self).boxed()
+    }
+    fn health(&self) -> BoxFuture<'_, HealthReport> {
+        Inner::health(self).boxed()
+    }
 }
 
 /// The NATS event bus: JetStream streams and durable pull consumers by default,
@@ -163,17 +277,20 @@ impl NatsEventBus {
         let sink = Arc::new(NatsDeadLetterSink(shared.clone()));
         let dispatcher = Dispatcher::new("nats", pool, Some(sink), bus_config.clone());
         let total = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
-        Ok(Self {
-            inner: Arc::new(Inner {
-                shared,
-                bus_config,
-                dispatcher,
-                consumers: Mutex::new(HashMap::new()),
-                total,
-                reconnects,
-                closed: AtomicBool::new(false),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            shared,
+            bus_config,
+            dispatcher,
+            consumers: Mutex::new(HashMap::new()),
+            total,
+            reconnects,
+            closed: AtomicBool::new(false),
+            monitor: std::sync::Mutex::new(None),
+            publish_metrics: PublishMetrics::new("nats"),
+        });
+        let monitor = inner.dispatcher.spawn_monitor(Arc::downgrade(&inner));
+        *inner.monitor.lock().expect("monitor slot poisoned") = Some(monitor);
+        Ok(Self { inner })
     }
 
     /// The NATS client.
@@ -280,35 +397,7 @@ impl NatsEventBus {
     /// Messages the server still holds for this bus's consumer of `topic`, asked of
     /// the server now.
     pub async fn consumer_pending(&self, topic: &str) -> Result<ConsumerPending> {
-        let shared = &self.inner.shared;
-        let stream = shared.stream_name(topic);
-        let durable = self.durable_name(topic);
-        let info = bounded(
-            shared.config.request_timeout,
-            || format!("consumer info of `{durable}`"),
-            async {
-                shared
-                    .js
-                    .get_consumer_from_stream::<consumer::pull::Config, _, _>(&durable, &stream)
-                    .await
-                    .map_err(|e| {
-                        broker(format!("no consumer `{durable}` on stream `{stream}`"), e)
-                    })?
-                    .get_info()
-                    .await
-                    .map_err(|e| broker(format!("cannot read consumer `{durable}`"), e))
-            },
-        )
-        .await?;
-        let pending = ConsumerPending {
-            pending: info.num_pending,
-            ack_pending: info.num_ack_pending as u64,
-            redelivered: info.num_redelivered as u64,
-        };
-        if let Some(h) = self.inner.consumers.lock().await.get(topic) {
-            h.state.set_pending(pending.pending);
-        }
-        Ok(pending)
+        self.inner.consumer_pending(topic).await
     }
 
     /// The last known pending count of every subscribed topic (updated with each
@@ -501,56 +590,6 @@ impl NatsEventBus {
         }
     }
 
-    async fn health_inner(&self) -> HealthReport {
-        let inner = &self.inner;
-        let mut components = Vec::new();
-        components.push(match inner.shared.client.connection_state() {
-            async_nats::connection::State::Connected => ComponentHealth::healthy("broker"),
-            state => ComponentHealth::with_status(
-                "broker",
-                HealthStatus::Unhealthy,
-                format!("NATS connection is {state:?}; reconnecting"),
-            ),
-        });
-        if inner.closed.load(Ordering::Acquire) {
-            components.push(ComponentHealth::with_status(
-                "bus",
-                HealthStatus::Unhealthy,
-                "closed",
-            ));
-        }
-        components.push(inner.dispatcher.pool().health());
-        let stats = inner.dispatcher.stats();
-        if !stats.stuck_keys.is_empty() {
-            components.push(ComponentHealth::with_status(
-                "dispatcher",
-                HealthStatus::Degraded,
-                format!("stuck keys: {}", stats.stuck_keys.join(", ")),
-            ));
-        }
-        for (topic, h) in inner.consumers.lock().await.iter() {
-            let name = format!("consumer.{topic}");
-            let error = h
-                .state
-                .last_error
-                .lock()
-                .expect("consumer state poisoned")
-                .clone();
-            components.push(match error {
-                Some(e) => ComponentHealth::with_status(
-                    name,
-                    HealthStatus::Degraded,
-                    format!(
-                        "{e} (pending {}, in flight {})",
-                        h.state.pending.load(Ordering::Relaxed),
-                        h.state.in_flight.load(Ordering::Relaxed)
-                    ),
-                ),
-                None => ComponentHealth::healthy(name),
-            });
-        }
-        HealthReport::from_components(components)
-    }
 
     async fn close_inner(&self) -> Result<()> {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
@@ -581,6 +620,15 @@ impl NatsEventBus {
                 "could not flush the last acks before close; those messages will be redelivered"
             );
         }
+        let monitor = self
+            .inner
+            .monitor
+            .lock()
+            .expect("monitor slot poisoned")
+            .take();
+        if let Some(monitor) = monitor {
+            monitor.stop().await;
+        }
         tracing::info!("NATS event bus closed");
         Ok(())
     }
@@ -596,11 +644,13 @@ impl EventBus for NatsEventBus {
         topic: &'a str,
         record: Record,
     ) -> BoxFuture<'a, Result<PublishReceipt>> {
-        async move {
-            self.check_open()?;
-            self.inner.shared.publish(topic, record, None).await
-        }
-        .boxed()
+        self.inner
+            .publish_metrics
+            .observe(topic, async move {
+                self.check_open()?;
+                self.inner.shared.publish(topic, record, None).await
+            })
+            .boxed()
     }
 
     fn aggregate_id_header(&self) -> &str {
@@ -641,7 +691,11 @@ impl EventBus for NatsEventBus {
     }
 
     fn health(&self) -> BoxFuture<'_, HealthReport> {
-        self.health_inner().boxed()
+        self.inner.health().boxed()
+    }
+
+    fn recovery(&self) -> Arc<Recovery> {
+        self.inner.dispatcher.recovery().clone()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

@@ -124,6 +124,9 @@ impl EventBusBuilder {
             crate::env::apply_process_env(&mut self.config)?;
         }
         self.config.validate()?;
+        if let Some(addr) = self.config.metrics.prometheus_listen {
+            crate::prometheus::install_prometheus(addr)?;
+        }
         let backend = self.backend.ok_or_else(|| {
             Error::config(
                 "no backend chosen: call .memory(..), .kafka(..), .nats(..) or .backend(..)",

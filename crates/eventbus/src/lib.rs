@@ -4,22 +4,25 @@ mod builder;
 pub mod config;
 pub mod env;
 mod pools;
+pub mod prometheus;
 mod switch;
 
 pub use builder::{Backend, EventBusBuilder};
 pub use pools::build_pool;
 #[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
 pub use pools::build_switch;
+pub use prometheus::{install_prometheus, install_prometheus_recorder};
 pub use switch::{PoolSwitch, Side};
 
 pub use eventbus_core::{
     aggregate, boxed, bus, dispatcher, envelope, handler, handler_fn, hash, health, job, message,
-    metrics as metric_names, offset, policy, pool, ActorPoolConfig, AggregateIdConfig, BoxHandler,
-    CancellationToken, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Dispatcher, Envelope,
-    EnvelopeError, Error, ErrorKind, Event, EventBus, EventBusConfig, EventBusExt, Failure,
-    Handler, HandlerError, HandlerResult, Headers, HealthReport, HealthStatus, IdSource,
-    KeyedPoolConfig, Message, OffsetReset, OffsetTracker, Pool, PoolKind, PoolStats,
-    PublishReceipt, Record, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
+    metrics as metric_names, offset, policy, pool, ActorPoolConfig, AggregateIdConfig,
+    BacklogConfig, BoxHandler, CancellationToken, ConsumerConfig, DeadLetterConfig, DeliveryPolicy,
+    Dispatcher, Envelope, EnvelopeError, Error, ErrorKind, Event, EventBus, EventBusConfig,
+    EventBusExt, Failure, Handler, HandlerError, HandlerResult, Headers, HealthReport,
+    HealthStatus, IdSource, KeyedPoolConfig, Message, MetricsConfig, OffsetReset, OffsetTracker,
+    OperationsConfig, Pool, PoolKind, PoolStats, PublishReceipt, RateLimit, Record, Recovery,
+    RecoveryChange, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
 };
 
 /// The core crate, for everything not re-exported here.

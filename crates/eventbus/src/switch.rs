@@ -7,7 +7,8 @@
 //! runs a route's jobs in order, so per-aggregate order holds across a switch.
 
 use eventbus_core::{
-    rollout_bucket, ComponentHealth, Error, HealthStatus, Job, Pool, PoolStats, SubmitError,
+    rollout_bucket, ComponentHealth, Error, HealthStatus, Job, Pool, PoolShare, PoolStats,
+    SubmitError,
 };
 use futures::future::BoxFuture;
 use std::collections::HashMap;
@@ -180,6 +181,25 @@ impl Pool for PoolSwitch {
             100 => self.actor.kind(),
             _ => "switch",
         }
+    }
+
+    fn kind_for(&self, route: u64) -> &'static str {
+        let pinned = self
+            .routes
+            .lock()
+            .expect("route table poisoned")
+            .get(&route)
+            .map(|p| p.side);
+        self.pool(pinned.unwrap_or_else(|| self.side_for(route)))
+            .kind()
+    }
+
+    fn shares(&self) -> Vec<PoolShare> {
+        let actor = f64::from(self.actor_percent()) / 100.0;
+        vec![
+            PoolShare::new(self.keyed.kind(), 1.0 - actor, self.keyed.stats()),
+            PoolShare::new(self.actor.kind(), actor, self.actor.stats()),
+        ]
     }
 
     fn workers(&self) -> usize {

@@ -1,9 +1,11 @@
 //! Project automation, run as `cargo xtask <command>`.
 //!
 //! - `cargo xtask test`: install and start what the tests need (nats-server, the
-//!   tools librdkafka builds with), then fmt check, clippy, every test of the
-//!   workspace, docs; under `CI` also the benches' compile and a quick bench-compare.
+//!   tools librdkafka builds with), then fmt check, clippy, `promtool check rules`
+//!   on the alert rules, every test of the workspace, docs; under `CI` also the
+//!   benches' compile and a quick bench-compare.
 //! - `cargo xtask bench-compare [args]`: the pool / backend comparison (release build).
+//! - `cargo xtask check-alerts`: `promtool check rules docs/alerts.yml` alone.
 //! - `cargo xtask chaos [args]`: the long fault-injection run with the delivery
 //!   checker's report (release build).
 
@@ -23,12 +25,18 @@ fn main() -> ExitCode {
         Some("bench-compare") => bench_compare(&args[1..]),
         Some("chaos") => chaos(&args[1..]),
         Some("install-deps") => install_deps(),
+        Some("check-alerts") => check_alert_rules(),
         _ => {
-            eprintln!("usage: cargo xtask <test|bench-compare|chaos|install-deps> [args]");
-            eprintln!("  test            install what tests need, then fmt, clippy, tests, docs");
+            eprintln!(
+                "usage: cargo xtask <test|bench-compare|chaos|install-deps|check-alerts> [args]"
+            );
+            eprintln!("  test            install what tests need, then fmt, clippy, alert rules, tests, docs");
             eprintln!("  bench-compare   compare the pools on the memory backend (see --help)");
-            eprintln!("  chaos           fault-injection run with the delivery report (see --help)");
+            eprintln!(
+                "  chaos           fault-injection run with the delivery report (see --help)"
+            );
             eprintln!("  install-deps    install nats-server and build tools (Debian, as root)");
+            eprintln!("  check-alerts    promtool check rules docs/alerts.yml (fetches promtool)");
             return ExitCode::from(2);
         }
     };
@@ -109,12 +117,7 @@ fn install_deps() -> Result {
     if missing.is_empty() {
         return Ok(());
     }
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if !is_root || !have("apt-get") {
+    if !is_root() || !have("apt-get") {
         return Err(format!(
             "missing {missing:?}; install them (Debian: apt-get install -y {}) and run again",
             missing.join(" ")
@@ -155,6 +158,7 @@ fn test(args: &[String]) -> Result {
         "warnings",
     ]);
     run(clippy, "clippy")?;
+    check_alert_rules()?;
     let mut tests = cargo();
     tests.args(["test", "--workspace"]).args(args);
     point_at_nats_server(&mut tests)?;
@@ -172,6 +176,115 @@ fn test(args: &[String]) -> Result {
         bench_compare(&["--quick".into(), "--no-fail".into()])?;
     }
     Ok(())
+}
+
+/// The Prometheus alert rules of the rollout kit.
+const ALERT_RULES: &str = "docs/alerts.yml";
+
+/// `promtool check rules docs/alerts.yml`: every rule and expression parses.
+fn check_alert_rules() -> Result {
+    let promtool = promtool()?;
+    let mut check = Command::new(promtool);
+    check
+        .args(["check", "rules"])
+        .arg(ALERT_RULES)
+        .current_dir(project_root());
+    run(check, "alert rules check")
+}
+
+/// How to get promtool when this tool cannot.
+const GET_PROMTOOL: &str =
+    "promtool is needed to check docs/alerts.yml; put it on PATH or name it \
+     with PROMTOOL=/path/to/promtool (Debian/Ubuntu: `apt-get install prometheus`, or only the \
+     binary: `apt-get download prometheus && dpkg-deb -x prometheus_*.deb dir`, then \
+     dir/usr/bin/promtool; macOS: `brew install prometheus`; elsewhere the release archive \
+     from https://prometheus.io/download/)";
+
+fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => project_root().join(dir),
+        None => project_root().join("target"),
+    }
+}
+
+/// promtool: `PROMTOOL`, on PATH, cached in `target/tools/`, or else taken out of
+/// Debian's `prometheus` package: downloaded and unpacked, not installed, so no
+/// Prometheus daemon or service comes with it.
+fn promtool() -> Result<PathBuf> {
+    if let Some(path) = env::var_os("PROMTOOL") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("PROMTOOL={} is not a file", path.display()))
+        };
+    }
+    if let Some(path) = find("promtool") {
+        return Ok(path);
+    }
+    let tools = target_dir().join("tools");
+    let cached = tools.join("promtool");
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    let (Some(apt_get), Some(dpkg_deb)) = (find("apt-get"), find("dpkg-deb")) else {
+        return Err(format!("no apt-get / dpkg-deb here: {GET_PROMTOOL}"));
+    };
+    let work = tools.join("prometheus-deb");
+    // A leftover of an interrupted run is no use.
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let download = || {
+        let mut cmd = Command::new(&apt_get);
+        cmd.args(["download", "prometheus"]).current_dir(&work);
+        run(cmd, "download Debian's prometheus package (for promtool)")
+    };
+    if download().is_err() {
+        // The package lists may be missing or stale; only root can refresh them.
+        if !is_root() {
+            return Err(format!(
+                "`apt-get download prometheus` failed and only root can run `apt-get update`: {GET_PROMTOOL}"
+            ));
+        }
+        let mut update = Command::new(&apt_get);
+        update.arg("update");
+        run(update, "apt-get update")?;
+        download().map_err(|e| format!("{e}: {GET_PROMTOOL}"))?;
+    }
+    let deb = std::fs::read_dir(&work)
+        .map_err(|e| format!("cannot read {}: {e}", work.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| format!("apt-get download left no .deb in {}", work.display()))?;
+    let unpacked = work.join("root");
+    let mut extract = Command::new(&dpkg_deb);
+    extract.arg("-x").arg(&deb).arg(&unpacked);
+    run(extract, "unpack the prometheus package")?;
+    let binary = unpacked.join("usr/bin/promtool");
+    if !binary.is_file() {
+        return Err(format!(
+            "{} has no usr/bin/promtool: {GET_PROMTOOL}",
+            deb.display()
+        ));
+    }
+    // Copy, then rename: a cached promtool is always a whole one.
+    let partial = tools.join("promtool.partial");
+    std::fs::copy(&binary, &partial)
+        .and_then(|_| std::fs::rename(&partial, &cached))
+        .map_err(|e| format!("cannot cache promtool in {}: {e}", cached.display()))?;
+    let _ = std::fs::remove_dir_all(&work);
+    let mut version = Command::new(&cached);
+    version.arg("--version");
+    run(version, "promtool --version")?;
+    Ok(cached)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// Tell `cmd` where nats-server is (root's PATH may lack `/usr/sbin`).

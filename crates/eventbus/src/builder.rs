@@ -113,6 +113,21 @@ impl EventBusBuilder {
         &self.config
     }
 
+    /// Like [`build`](Self::build), with both pools behind a
+    /// [`PoolSwitch`](crate::PoolSwitch) built from the configuration (after the
+    /// environment overrides), returned alongside the bus so the actor share can be
+    /// changed on the running bus (`set_actor_percent`, `use_actor_pool(false)`).
+    #[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
+    pub async fn build_with_switch(mut self) -> Result<(SharedBus, Arc<crate::PoolSwitch>), Error> {
+        if self.use_env {
+            crate::env::apply_process_env(&mut self.config)?;
+            self.use_env = false;
+        }
+        let switch = crate::pools::build_switch(&self.config).await?;
+        self.pool = Some(switch.clone());
+        Ok((self.build().await?, switch))
+    }
+
     /// Apply the environment overrides (unless ignored), validate the configuration,
     /// build the pool it names (unless one was given) and the bus.
     #[cfg_attr(

@@ -10,7 +10,12 @@
 //! | `EVENTBUS_ACTOR_ROLLOUT_PERCENT` | 0..=100 | `actor_pool.rollout_percent` |
 //!
 //! An unparsable value is an error naming the variable and the value; so is
-//! `EVENTBUS_POOL` disagreeing with `KAFKA_USE_ACTOR_POOL`.
+//! `EVENTBUS_POOL=keyed` with `KAFKA_USE_ACTOR_POOL=true`.
+//!
+//! `KAFKA_USE_ACTOR_POOL=false` is the rollback: it always wins. Whatever else the
+//! file or the environment says (`EVENTBUS_POOL=actor`,
+//! `EVENTBUS_ACTOR_ROLLOUT_PERCENT`), every aggregate id goes to the keyed pool,
+//! and the overridden variables are named in a warning.
 
 use eventbus_core::{Error, EventBusConfig, PoolKind};
 
@@ -37,32 +42,32 @@ pub fn apply_overrides(
     config: &mut EventBusConfig,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<(), Error> {
-    let mut pool_from: Option<(&str, PoolKind)> = None;
+    let rollback = match lookup("KAFKA_USE_ACTOR_POOL") {
+        Some(v) => Some((!parse_bool("KAFKA_USE_ACTOR_POOL", &v)?, v)),
+        None => None,
+    };
     if let Some(v) = lookup("EVENTBUS_POOL") {
         let kind = v
             .parse::<PoolKind>()
             .map_err(|_| bad("EVENTBUS_POOL", &v, "keyed or actor"))?;
-        pool_from = Some(("EVENTBUS_POOL", kind));
-        config.pool = kind;
-    }
-    if let Some(v) = lookup("KAFKA_USE_ACTOR_POOL") {
-        let kind = if parse_bool("KAFKA_USE_ACTOR_POOL", &v)? {
-            PoolKind::Actor
-        } else {
-            PoolKind::Keyed
-        };
-        if let Some((other, k)) = pool_from {
-            if k != kind {
+        match &rollback {
+            Some((true, _)) if kind == PoolKind::Actor => tracing::warn!(
+                "KAFKA_USE_ACTOR_POOL=false (rollback) overrides EVENTBUS_POOL=actor"
+            ),
+            Some((false, u)) if kind == PoolKind::Keyed => {
                 return Err(Error::config(format!(
-                    "environment variables disagree: {other} selects the {} pool, KAFKA_USE_ACTOR_POOL={v:?} the {} pool",
-                    k.as_str(),
-                    kind.as_str()
+                    "environment variables disagree: EVENTBUS_POOL selects the keyed pool, KAFKA_USE_ACTOR_POOL={u:?} the actor pool"
                 )));
             }
+            _ => config.pool = kind,
         }
-        config.pool = kind;
-        if kind == PoolKind::Keyed {
+    }
+    if let Some((is_rollback, _)) = rollback {
+        if is_rollback {
+            config.pool = PoolKind::Keyed;
             config.actor_pool.rollout_percent = 0;
+        } else {
+            config.pool = PoolKind::Actor;
         }
     }
     if let Some(v) = lookup("KAFKA_ACTOR_POOL_SIZE") {
@@ -95,14 +100,15 @@ pub fn apply_overrides(
                 "a whole number from 0 to 100",
             ));
         }
-        if lookup("KAFKA_USE_ACTOR_POOL").is_some_and(|u| parse_bool("", &u).ok() == Some(false))
-            && p > 0
-        {
-            return Err(Error::config(format!(
-                "environment variables disagree: KAFKA_USE_ACTOR_POOL=false rolls back to the keyed pool, EVENTBUS_ACTOR_ROLLOUT_PERCENT={v:?} asks for {p}% on the actor pool"
-            )));
+        if matches!(rollback, Some((true, _))) {
+            if p > 0 {
+                tracing::warn!(
+                    "KAFKA_USE_ACTOR_POOL=false (rollback) overrides EVENTBUS_ACTOR_ROLLOUT_PERCENT={p}"
+                );
+            }
+        } else {
+            config.actor_pool.rollout_percent = p;
         }
-        config.actor_pool.rollout_percent = p;
     }
     Ok(())
 }
@@ -220,15 +226,39 @@ mod tests {
             assert!(e.to_string().contains(var), "{var}: {e}");
             assert!(e.to_string().contains(value), "{var}: {e}");
         }
-        let e = with(&[
-            ("EVENTBUS_POOL", "actor"),
-            ("KAFKA_USE_ACTOR_POOL", "false"),
-        ])
-        .unwrap_err();
+        let e = with(&[("EVENTBUS_POOL", "keyed"), ("KAFKA_USE_ACTOR_POOL", "true")]).unwrap_err();
         assert!(
             e.to_string().contains("EVENTBUS_POOL")
                 && e.to_string().contains("KAFKA_USE_ACTOR_POOL"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn kafka_use_actor_pool_false_is_a_complete_rollback() {
+        for others in [
+            vec![("EVENTBUS_POOL", "actor")],
+            vec![("EVENTBUS_ACTOR_ROLLOUT_PERCENT", "50")],
+            vec![
+                ("EVENTBUS_POOL", "actor"),
+                ("EVENTBUS_ACTOR_ROLLOUT_PERCENT", "100"),
+            ],
+        ] {
+            let mut vars = others.clone();
+            vars.push(("KAFKA_USE_ACTOR_POOL", "false"));
+            let c = with(&vars).unwrap_or_else(|e| panic!("{others:?}: {e}"));
+            assert_eq!(c.pool, PoolKind::Keyed, "{others:?}");
+            assert_eq!(c.actor_pool.rollout_percent, 0, "{others:?}");
+        }
+        // Over a file that staged the actor pool, too.
+        let mut file = EventBusConfig::default();
+        file.pool = PoolKind::Actor;
+        file.actor_pool.rollout_percent = 50;
+        apply_overrides(&mut file, |n| {
+            (n == "KAFKA_USE_ACTOR_POOL").then(|| "false".to_owned())
+        })
+        .unwrap();
+        assert_eq!(file.pool, PoolKind::Keyed);
+        assert_eq!(file.actor_pool.rollout_percent, 0);
     }
 }

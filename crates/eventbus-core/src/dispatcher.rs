@@ -288,6 +288,7 @@ struct PoolMetrics {
     retries: metrics::Counter,
     submit_retries: metrics::Counter,
     duration: metrics::Histogram,
+    message_duration: metrics::Histogram,
 }
 
 impl PoolMetrics {
@@ -304,6 +305,7 @@ impl PoolMetrics {
             retries: metrics::counter!(m::name(backend, m::RETRIES), "pool" => pool),
             submit_retries: metrics::counter!(m::name(backend, m::SUBMIT_RETRIES), "pool" => pool),
             duration: metrics::histogram!(m::name(backend, m::HANDLER_DURATION), "pool" => pool),
+            message_duration: metrics::histogram!(m::name(backend, m::MESSAGE_DURATION), "pool" => pool),
         }
     }
 }
@@ -401,6 +403,7 @@ enum Prepared {
 struct Meta {
     class: JobClass,
     pool: &'static str,
+    submitted: Instant,
     key: Option<Arc<str>>,
     topic: Arc<str>,
     offset: i64,
@@ -418,6 +421,7 @@ impl Meta {
         Self {
             class,
             pool: "",
+            submitted: Instant::now(),
             key,
             topic: message.topic.clone(),
             offset: message.offset,
@@ -969,6 +973,19 @@ impl Dispatcher {
     }
 
     async fn finish(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
+        let (pool, submitted) = (meta.pool, meta.submitted);
+        let disposition = self.settle(rx, meta).await;
+        if disposition != Disposition::Abandoned {
+            self.inner
+                .metrics
+                .pool(pool)
+                .message_duration
+                .record(submitted.elapsed().as_secs_f64());
+        }
+        disposition
+    }
+
+    async fn settle(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
         let outcome = match rx.await {
             Ok(o) => o,
             Err(_) => return Disposition::Abandoned,

@@ -14,6 +14,10 @@ pub const MESSAGES_SENT: &str = "messages_sent_total";
 pub const MESSAGES_PROCESSED: &str = "messages_processed_total";
 /// Handler call duration in seconds, by `pool`. Histogram.
 pub const HANDLER_DURATION: &str = "handler_duration_seconds";
+/// Time from submission to the pool until the message is finished (queueing,
+/// every attempt and backoff, the dead-letter write), in seconds, by `pool`.
+/// Histogram.
+pub const MESSAGE_DURATION: &str = "message_duration_seconds";
 /// Handler retries of envelope messages, by `pool`. Counter.
 pub const RETRIES: &str = "retries_total";
 /// Messages written to a dead-letter topic, by `topic` (the original topic). Counter.
@@ -84,6 +88,7 @@ pub const ALL: &[&str] = &[
     MESSAGES_SENT,
     MESSAGES_PROCESSED,
     HANDLER_DURATION,
+    MESSAGE_DURATION,
     RETRIES,
     DEAD_LETTERS,
     STUCK_KEYS,

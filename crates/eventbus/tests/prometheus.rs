@@ -252,6 +252,11 @@ async fn every_documented_metric_is_served_with_the_counts_handled() {
         (ENVELOPES + 1 + PLAIN) as f64,
         "one handler call per message plus the retry"
     );
+    assert_eq!(
+        s.sum(&format!("{}_count", p(m::MESSAGE_DURATION)), &[]),
+        (ENVELOPES + PLAIN) as f64,
+        "one duration per finished message"
+    );
     assert_eq!(s.sum(&p(m::STUCK_KEYS), &[]), 0.0);
     // Both pools did work, each message counted once under the pool that ran it.
     for pool in ["keyed", "actor"] {

@@ -2,7 +2,8 @@
 
 use eventbus_core::{
     ComponentHealth, Dispatcher, Error, ErrorKind, EventBus, EventBusConfig, HealthReport,
-    HealthStatus, Pool, PublishReceipt, Record, Result, Subscription, TopicConfig, MonitorHandle, PartitionLag as CorePartitionLag, Probe, PublishMetrics, Recovery,
+    HealthStatus, MonitorHandle, PartitionLag as CorePartitionLag, Pool, Probe, PublishMetrics,
+    PublishReceipt, Record, Recovery, Result, Subscription, TopicConfig,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;

@@ -12,7 +12,19 @@
 //! waiting for earlier messages of its partition, tracks offsets in one
 //! [`InFlightSet`] per topic, stores the contiguous watermark of each partition as it
 //! moves (librdkafka commits stored offsets every commit interval, on revoke and on
-//! close), and pauses a partition whose in-flight bound is reached.
+//! close), and bounds each partition's in-flight messages.
+//!
+//! A message of a partition at its in-flight bound first waits, up to
+//! [`ROOM_WAIT`], for one of that partition's messages to finish; meanwhile the
+//! loop reads no further events, so the fetching thread and librdkafka's bounded
+//! prefetch queue hold the rest. Only a partition still full after that wait is
+//! paused: librdkafka discards what it prefetched for a paused partition and
+//! refetches it on resume, and the refetch can wait up to `fetch.wait.max.ms`
+//! behind a fetch already in flight, so pausing a partition that has room again a
+//! moment later is far dearer than waiting. A paused partition is resumed once its
+//! parked messages are submitted and its in-flight count is down to
+//! [`resume_threshold`] (half the bound), so a resume is followed by enough work to
+//! cover the refetch and a partition does not flap between paused and resumed.
 
 use eventbus_core::{
     Dispatcher, Error, ErrorKind, InFlightSet, Message, PreparedSubscription, Settled,
@@ -49,8 +61,28 @@ pub(crate) enum Control {
 /// How long one poll of the consumer blocks the fetching thread.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
+/// How long a message of a partition at its in-flight bound waits for room before
+/// the partition is paused (see the module docs).
+pub(crate) const ROOM_WAIT: Duration = Duration::from_millis(50);
+
+/// In-flight count of a paused partition at or below which it is resumed (once its
+/// parked messages are submitted): half the bound.
+pub(crate) fn resume_threshold(per_partition: usize) -> usize {
+    per_partition / 2
+}
+
+/// Most messages the fetching thread hands over at once. It polls without waiting
+/// while librdkafka has messages ready, so a batch only forms under load and a lone
+/// message is handed over at once; one hand-over per batch instead of per message
+/// spares the wake-ups between the thread and the loop.
+const FETCH_BATCH: usize = 64;
+
 /// The fetching thread: polls the consumer until `stop`, then waits for the dispatch
 /// loop to finish (`loop_done` disconnects) and closes the consumer on this thread.
+///
+/// Messages travel to the loop in batches of at most [`FETCH_BATCH`], and at most
+/// the channel's capacity of messages are between this thread and the loop at any
+/// time ([`ConsumerShared::fetch_room`]).
 pub(crate) fn fetch_thread(
     consumer: Arc<KConsumer>,
     events: mpsc::Sender<FetchEvent>,
@@ -58,56 +90,99 @@ pub(crate) fn fetch_thread(
     stop: Arc<AtomicBool>,
     loop_done: std_mpsc::Receiver<()>,
 ) {
+    let capacity = events.max_capacity();
+    shared.fetch_room.add_permits(capacity);
+    let batch_max = FETCH_BATCH.min(capacity).max(1);
     let mut names: HashMap<String, Arc<str>> = HashMap::new();
+    let mut pending = 0usize;
     while !stop.load(Ordering::Acquire) {
-        match consumer.poll(POLL_INTERVAL) {
-            None => {}
+        let wait = if pending == 0 {
+            POLL_INTERVAL
+        } else {
+            Duration::ZERO
+        };
+        match consumer.poll(wait) {
+            None => {
+                if pending > 0 {
+                    pending = 0;
+                    if !shared.flush_batch(&events) {
+                        break;
+                    }
+                }
+            }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             Some(Ok(m)) => {
-                let topic = match names.get(m.topic()) {
-                    Some(t) => t.clone(),
-                    None => {
-                        let t: Arc<str> = Arc::from(m.topic());
-                        names.insert(m.topic().to_owned(), t.clone());
-                        t
-                    }
-                };
-                let mut msg = Message::new(
-                    topic,
-                    m.partition(),
-                    m.offset(),
-                    bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-                );
-                if let Some(k) = m.key() {
-                    msg = msg.with_key(bytes::Bytes::copy_from_slice(k));
-                }
-                if let Some(h) = m.headers() {
-                    let mut headers = eventbus_core::Headers::new();
-                    for header in h.iter() {
-                        headers.insert(
-                            header.key,
-                            bytes::Bytes::copy_from_slice(header.value.unwrap_or_default()),
-                        );
-                    }
-                    msg = msg.with_headers(headers);
-                }
-                if let Some(ts) = m.timestamp().to_millis() {
-                    msg = msg.with_timestamp_ms(ts);
-                }
+                let msg = convert(&m, &mut names);
                 drop(m);
-                if events.blocking_send(FetchEvent::Message(msg)).is_err() {
-                    break;
+                let len = {
+                    let mut batch = shared.batch.lock().unwrap_or_else(|p| p.into_inner());
+                    if batch.capacity() == 0 {
+                        batch.reserve_exact(batch_max);
+                    }
+                    batch.push(msg);
+                    batch.len()
+                };
+                // A rebalance callback may have handed earlier messages over.
+                pending = len;
+                if len >= batch_max {
+                    pending = 0;
+                    if !shared.flush_batch(&events) {
+                        break;
+                    }
                 }
             }
         }
     }
     // Stop fetching; let the loop drain and commit, then leave the group here.
+    shared
+        .batch
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
     drop(events);
     let _ = loop_done.recv();
     shared.closing.store(true, Ordering::Release);
     drop(consumer);
     tracing::debug!("consumer closed");
+}
+
+/// A librdkafka record as a [`Message`] (payload, key and headers copied).
+fn convert(
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    names: &mut HashMap<String, Arc<str>>,
+) -> Message {
+    let topic = match names.get(m.topic()) {
+        Some(t) => t.clone(),
+        None => {
+            let t: Arc<str> = Arc::from(m.topic());
+            names.insert(m.topic().to_owned(), t.clone());
+            t
+        }
+    };
+    let mut msg = Message::new(
+        topic,
+        m.partition(),
+        m.offset(),
+        bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+    );
+    if let Some(k) = m.key() {
+        msg = msg.with_key(bytes::Bytes::copy_from_slice(k));
+    }
+    if let Some(h) = m.headers() {
+        let mut headers = eventbus_core::Headers::new();
+        for header in h.iter() {
+            headers.insert(
+                header.key,
+                bytes::Bytes::copy_from_slice(header.value.unwrap_or_default()),
+            );
+        }
+        msg = msg.with_headers(headers);
+    }
+    if let Some(ts) = m.timestamp().to_millis() {
+        msg = msg.with_timestamp_ms(ts);
+    }
+    msg
 }
 
 struct TopicState {
@@ -185,6 +260,14 @@ async fn next_settled(
     .await
 }
 
+/// Sleep until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn tpl_of(topic: &str, partition: i32) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
@@ -216,7 +299,9 @@ impl ConsumeLoop {
             stop,
             abort: CancellationToken::new(),
             limit,
-            park_limit,
+            // Messages a paused partition can still receive: the fetch buffer, plus
+            // the batch the fetching thread holds while waiting for room in it.
+            park_limit: park_limit + FETCH_BATCH,
             operation_timeout,
             pool_closed,
             _done: done,
@@ -244,7 +329,17 @@ impl ConsumeLoop {
                 Step::Settled(topic, s) => self.on_settled(&topic, s),
                 Step::Control(Some(c)) => self.on_control(c),
                 Step::Control(None) => {}
-                Step::Event(Some(FetchEvent::Message(m))) => self.on_message(m).await,
+                Step::Event(Some(FetchEvent::Messages(batch, permit))) => {
+                    for m in batch {
+                        if self.stop.is_cancelled() {
+                            break;
+                        }
+                        self.on_message(m).await;
+                    }
+                    // The batch counts against the fetch buffer until handled, so
+                    // what a pause leaves to park stays within the buffer.
+                    drop(permit);
+                }
                 Step::Event(Some(FetchEvent::Assigned(parts))) => self.on_assigned(parts),
                 Step::Event(Some(FetchEvent::Revoke(parts, reply))) => {
                     self.on_revoke(parts).await;
@@ -406,12 +501,30 @@ impl ConsumeLoop {
             tracing::debug!(%topic, partition = p, "message of a partition not owned; dropped uncommitted");
             return;
         }
-        let parked = ts.parked.get(&p).map_or(0, VecDeque::len);
-        let blocked = ts.paused.contains(&p) || !ts.set.has_room(p) || parked > 0;
+        let mut parked = ts.parked.get(&p).map_or(0, VecDeque::len);
+        let paused = ts.paused.contains(&p);
+        let mut full = !ts.set.has_room(p);
+        if full && !paused && parked == 0 && !self.pool_closed.load(Ordering::Acquire) {
+            // At the bound for now: wait a little for room rather than pause.
+            full = !self
+                .wait_for_room(&topic, p, Some(Instant::now() + ROOM_WAIT))
+                .await;
+            let Some(ts) = self.topics.get(&*topic) else {
+                return;
+            };
+            if !ts.set.owns(p) {
+                return;
+            }
+            parked = ts.parked.get(&p).map_or(0, VecDeque::len);
+        }
+        let blocked = paused || full || parked > 0;
         if !blocked && !self.pool_closed.load(Ordering::Acquire) {
             self.admit(topic, msg).await;
             return;
         }
+        let Some(ts) = self.topics.get_mut(&*topic) else {
+            return;
+        };
         if parked < self.park_limit {
             ts.parked.entry(p).or_default().push_back(msg);
             if ts.paused.insert(p) {
@@ -425,25 +538,32 @@ impl ConsumeLoop {
         }
         // Cannot happen while pause holds (at most the fetch buffer arrives after
         // it); wait for room rather than grow the parking without bound.
-        self.wait_for_room(&topic, p).await;
+        self.wait_for_room(&topic, p, None).await;
         if let Some(ts) = self.topics.get_mut(&*topic) {
             ts.parked.entry(p).or_default().push_back(msg);
         }
     }
 
-    async fn wait_for_room(&mut self, topic: &Arc<str>, p: i32) {
-        while self
-            .topics
-            .get(&**topic)
-            .is_some_and(|ts| ts.set.owns(p) && !ts.set.has_room(p))
-        {
+    /// Process completions until `p` of `topic` has room (returns true), is no
+    /// longer owned, the loop stops or `deadline` passes (false).
+    async fn wait_for_room(&mut self, topic: &Arc<str>, p: i32, deadline: Option<Instant>) -> bool {
+        loop {
+            match self.topics.get(&**topic) {
+                Some(ts) if ts.set.owns(p) => {
+                    if ts.set.has_room(p) {
+                        return true;
+                    }
+                }
+                _ => return false,
+            }
             let s = tokio::select! {
                 s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
                 _ = self.stop.cancelled() => None,
+                _ = sleep_until_some(deadline) => None,
             };
             match s {
                 Some((t, s)) => self.on_settled(&t, s),
-                None => return,
+                None => return false,
             }
         }
     }
@@ -454,11 +574,17 @@ impl ConsumeLoop {
         if self.pool_closed.load(Ordering::Acquire) || self.stop.is_cancelled() {
             return;
         }
+        let resume_at = resume_threshold(self.per_partition);
         loop {
             let mut candidate = None;
             'outer: for (t, ts) in &self.topics {
                 for &p in &ts.paused {
-                    if ts.set.has_room(p) {
+                    let ready = if ts.parked.get(&p).is_some_and(|q| !q.is_empty()) {
+                        ts.set.has_room(p)
+                    } else {
+                        ts.set.in_flight(p) <= resume_at
+                    };
+                    if ready {
                         candidate = Some((t.clone(), p));
                         break 'outer;
                     }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics as km;
 
@@ -58,8 +58,9 @@ impl ClientContext for TracingContext {
 
 /// What the fetching thread hands to the dispatch loop, in fetch order.
 pub(crate) enum FetchEvent {
-    /// A consumed message.
-    Message(Message),
+    /// Consumed messages, in fetch order. The permit holds one unit of the fetch
+    /// buffer per message until the loop has taken them.
+    Messages(Vec<Message>, Option<OwnedSemaphorePermit>),
     /// Partitions now owned by this member.
     Assigned(Vec<(String, i32)>),
     /// Partitions about to be taken away: drain, store the watermark, then reply.
@@ -67,7 +68,7 @@ pub(crate) enum FetchEvent {
 }
 
 /// State shared by the consumer callbacks, the dispatch loop and the bus.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ConsumerShared {
     /// Last offset the broker confirmed as committed, per topic-partition.
     pub(crate) committed: Mutex<HashMap<(String, i32), i64>>,
@@ -77,6 +78,46 @@ pub(crate) struct ConsumerShared {
     pub(crate) rebalances: AtomicU64,
     /// Set once the consumer is being closed: callbacks no longer wait on the loop.
     pub(crate) closing: AtomicBool,
+    /// Messages polled by the fetching thread and not yet handed to the loop. Only
+    /// the fetching thread touches it (the rebalance callbacks run on it too), so
+    /// the lock is never contended; it lets a callback hand them over before its
+    /// own event, keeping fetch order.
+    pub(crate) batch: Mutex<Vec<Message>>,
+    /// Messages between the fetching thread and the loop (polled or queued), in
+    /// units of one message; the fetching thread adds the buffer's capacity.
+    pub(crate) fetch_room: Arc<Semaphore>,
+}
+
+impl Default for ConsumerShared {
+    fn default() -> Self {
+        Self {
+            committed: Mutex::default(),
+            commit_errors: AtomicU64::default(),
+            rebalances: AtomicU64::default(),
+            closing: AtomicBool::default(),
+            batch: Mutex::default(),
+            fetch_room: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+impl ConsumerShared {
+    /// Hand the polled messages to the loop, first taking one unit of the fetch
+    /// buffer per message. Runs on the fetching thread. False when the loop is gone.
+    pub(crate) fn flush_batch(&self, events: &mpsc::Sender<FetchEvent>) -> bool {
+        let batch = std::mem::take(&mut *self.batch.lock().unwrap_or_else(|p| p.into_inner()));
+        if batch.is_empty() {
+            return true;
+        }
+        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        let Ok(permit) = futures::executor::block_on(self.fetch_room.clone().acquire_many_owned(n))
+        else {
+            return false;
+        };
+        events
+            .blocking_send(FetchEvent::Messages(batch, Some(permit)))
+            .is_ok()
+    }
 }
 
 /// Consumer callbacks.
@@ -115,6 +156,10 @@ impl ConsumerContext for ConsumerCtx {
                 }
                 let (tx, rx) = std_mpsc::sync_channel(1);
                 // Runs on the fetching thread, never inside the async runtime.
+                // Messages polled before the revoke go first.
+                if !self.shared.flush_batch(&self.events) {
+                    return;
+                }
                 if self
                     .events
                     .blocking_send(FetchEvent::Revoke(parts, tx))
@@ -141,7 +186,9 @@ impl ConsumerContext for ConsumerCtx {
             if self.shared.closing.load(Ordering::Acquire) {
                 return;
             }
-            let _ = self.events.blocking_send(FetchEvent::Assigned(parts));
+            if self.shared.flush_batch(&self.events) {
+                let _ = self.events.blocking_send(FetchEvent::Assigned(parts));
+            }
         }
     }
 

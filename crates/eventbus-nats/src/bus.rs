@@ -13,9 +13,9 @@ use tokio::task::JoinHandle;
 
 use eventbus_core::{
     CancellationToken, ComponentHealth, DispatchStats, Dispatcher, Error, ErrorKind, EventBus,
-    EventBusConfig, HealthReport, HealthStatus, OffsetReset, Pool, PublishReceipt, Record, Result,
-    Subscription, TopicConfig, MonitorHandle, PartitionLag as CorePartitionLag, Probe,
-    PublishMetrics, Recovery,
+    EventBusConfig, HealthReport, HealthStatus, MonitorHandle, OffsetReset,
+    PartitionLag as CorePartitionLag, Pool, Probe, PublishMetrics, PublishReceipt, Record,
+    Recovery, Result, Subscription, TopicConfig,
 };
 
 use crate::config::{NatsAuth, NatsConfig, Retention};
@@ -589,7 +589,6 @@ impl NatsEventBus {
             tracing::error!(topic = %handle.state.topic, error = %e, "consume loop ended abnormally");
         }
     }
-
 
     async fn close_inner(&self) -> Result<()> {
         if self.inner.closed.swap(true, Ordering::AcqRel) {

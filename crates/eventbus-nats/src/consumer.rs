@@ -130,7 +130,11 @@ impl JsLoop {
             let busy = inflight.len() + queue.len() + usize::from(submitting.is_some());
             self.state.set_in_flight(busy);
             let room = self.max_in_flight.saturating_sub(busy).min(fetch_batch);
-            let may_fetch = batch.is_none() && backoff.is_none() && queue.is_empty() && room > 0;
+            // The next pull request goes out as soon as the last one is done, while
+            // what it brought is still being submitted: its round trip overlaps that
+            // work. Messages waiting for submission hold their permits, so the
+            // bound on messages in flight is unchanged.
+            let may_fetch = batch.is_none() && backoff.is_none() && room > 0;
 
             tokio::select! {
                 biased;

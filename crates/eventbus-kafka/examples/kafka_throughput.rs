@@ -31,8 +31,8 @@
 //! naming it.
 //!
 //! ```text
-//! cargo run --release -p eventbus-kafka --example throughput            # N = 100000
-//! cargo run --release -p eventbus-kafka --example throughput -- 20000   # N = 20000
+//! cargo run --release -p eventbus-kafka --example kafka_throughput            # N = 100000
+//! cargo run --release -p eventbus-kafka --example kafka_throughput -- 20000   # N = 20000
 //! ```
 //!
 //! `RUST_LOG` (default `warn`) filters the log lines of the bus and librdkafka,

@@ -28,7 +28,7 @@
 //! Run (optionally with N as the first argument):
 //!
 //! ```text
-//! cargo run --release -p eventbus-nats --example throughput [-- 50000]
+//! cargo run --release -p eventbus-nats --example nats_throughput [-- 50000]
 //! ```
 //!
 //! Needs `nats-server` (2.9 or later) on `PATH`, at `/usr/sbin/nats-server`, or

@@ -1,8 +1,13 @@
 //! Criterion benches of the pipeline's parts.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use eventbus::{AggregateIdConfig, Envelope, Message, OffsetTracker, PoolKind};
+use eventbus::{
+    AggregateIdConfig, EventBusConfig, HandlerError, Message, OffsetTracker, PoolKind, Subscription,
+};
+use eventbus::{Envelope, Event};
 use eventbus_benches::{make_pool, pool_round_trip};
+use eventbus_core::{CancellationToken, Dispatcher};
+use std::collections::VecDeque;
 
 fn envelope_decode(c: &mut Criterion) {
     let bytes = Envelope::new(
@@ -71,11 +76,80 @@ fn pool_submit_complete(c: &mut Criterion) {
         };
         for keys in [1u64, 100, 10_000] {
             g.bench_with_input(BenchmarkId::new(kind.as_str(), keys), &keys, |b, keys| {
-                b.iter(|| rt.block_on(pool_round_trip(&pool, n, *keys, 1024)))
+                b.iter(|| {
+                    rt.block_on(pool_round_trip(&pool, n, *keys, 1024))
+                        .expect("round trip")
+                })
             });
         }
         rt.block_on(pool.close(std::time::Duration::from_secs(5)));
     }
+    g.finish();
+}
+
+/// The dispatcher's overhead: the same no-op work submitted straight to the keyed
+/// pool, and through the dispatcher as a plain and as an envelope message (id
+/// extraction, envelope decode, job and outcome bookkeeping).
+fn dispatcher(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut g = c.benchmark_group("dispatcher");
+    g.sample_size(10);
+    let n = 20_000usize;
+    let window = 1024;
+    g.throughput(Throughput::Elements(n as u64));
+    let pool = rt.block_on(make_pool(PoolKind::Keyed)).expect("keyed pool");
+    g.bench_function("pool_direct", |b| {
+        b.iter(|| {
+            rt.block_on(pool_round_trip(&pool, n, 10_000, window))
+                .expect("round trip")
+        })
+    });
+    let d = Dispatcher::new("bench", pool.clone(), None, EventBusConfig::default());
+    let plain = d
+        .prepare(Subscription::plain("bench", |_m: Message| async {
+            Ok::<(), HandlerError>(())
+        }))
+        .expect("plain subscription");
+    let envelope = d
+        .prepare(Subscription::envelope("bench", |_e: Event| async {
+            Ok::<(), HandlerError>(())
+        }))
+        .expect("envelope subscription");
+    let bodies: Vec<Message> = (0..n)
+        .map(|i| {
+            let id = format!("agg-{}", i % 10_000);
+            let body = Envelope::new(id.clone(), "bench.event", serde_json::json!({"i": i}))
+                .encode()
+                .expect("valid");
+            Message::new("bench", 0, i as i64, body).with_key(id)
+        })
+        .collect();
+    let stop = CancellationToken::new();
+    for (name, sub) in [("plain", &plain), ("envelope", &envelope)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut pending = VecDeque::with_capacity(window);
+                    for m in &bodies {
+                        if pending.len() == window {
+                            if let Some(f) = pending.pop_front() {
+                                let _ = f.await;
+                            }
+                        }
+                        let f = d.submit(sub, m.clone(), (), &stop).await.expect("submit");
+                        pending.push_back(f);
+                    }
+                    for f in pending {
+                        let _ = f.await;
+                    }
+                })
+            })
+        });
+    }
+    rt.block_on(pool.close(std::time::Duration::from_secs(5)));
     g.finish();
 }
 
@@ -84,6 +158,7 @@ criterion_group!(
     envelope_decode,
     aggregate_id,
     offset_tracker,
-    pool_submit_complete
+    pool_submit_complete,
+    dispatcher
 );
 criterion_main!(benches);

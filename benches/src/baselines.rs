@@ -1,0 +1,152 @@
+//! In-process baselines: the floor for dispatch (tokio mpsc + oneshot round trip),
+//! a pool's own submit-and-complete rate, and the one-message-at-a-time-per-partition
+//! design.
+
+use crate::workload::HandlerKind;
+use eventbus::Pool;
+use eventbus_core::{Job, JobClass, Outcome};
+use futures::FutureExt;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The floor for in-process dispatch: `n` requests through one bounded tokio mpsc to
+/// a task that answers each on a oneshot, with up to `window` outstanding. Messages per second.
+pub async fn baseline_mpsc_oneshot(n: usize, window: usize) -> f64 {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>(1000);
+    let server = tokio::spawn(async move {
+        while let Some(reply) = rx.recv().await {
+            let _ = reply.send(());
+        }
+    });
+    let start = Instant::now();
+    let mut pending = VecDeque::with_capacity(window);
+    for _ in 0..n {
+        if pending.len() == window {
+            if let Some(r) = pending.pop_front() {
+                let r: tokio::sync::oneshot::Receiver<()> = r;
+                let _ = r.await;
+            }
+        }
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        if tx.send(otx).await.is_err() {
+            break;
+        }
+        pending.push_back(orx);
+    }
+    for r in pending {
+        let _ = r.await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(tx);
+    let _ = server.await;
+    rate
+}
+
+/// Pool dispatch plus completion: `n` no-op jobs over `keys` routes with up to
+/// `window` outstanding. Messages per second, or why the pool refused a job.
+pub async fn pool_round_trip(
+    pool: &Arc<dyn Pool>,
+    n: usize,
+    keys: u64,
+    window: usize,
+) -> Result<f64, String> {
+    let start = Instant::now();
+    let mut pending = VecDeque::with_capacity(window);
+    for i in 0..n {
+        if pending.len() == window {
+            if let Some(r) = pending.pop_front() {
+                let r: eventbus_core::OutcomeReceiver = r;
+                r.await
+                    .map_err(|_| "a pool dropped a job's outcome".to_owned())?;
+            }
+        }
+        let route = eventbus_core::stable_hash(&(i as u64 % keys.max(1)).to_le_bytes());
+        let (job, rx) = Job::new(
+            route,
+            JobClass::Plain,
+            None,
+            async { Outcome::Handled { attempts: 1 } }.boxed(),
+        );
+        pool.submit(job)
+            .await
+            .map_err(|e| format!("{} pool refused a job: {e}", pool.kind()))?;
+        pending.push_back(rx);
+    }
+    for r in pending {
+        r.await
+            .map_err(|_| "a pool dropped a job's outcome".to_owned())?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The one-message-at-a-time-per-partition design: dispatch to a task, wait for it
+/// to finish, dispatch the next. Messages per second with `handler`.
+pub async fn sequential_per_partition(n: usize, handler: HandlerKind) -> f64 {
+    let start = Instant::now();
+    for _ in 0..n {
+        let _ = tokio::spawn(handler.run()).await;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The in-process baselines of one run, measured together in one process.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RoundTrips {
+    /// Bare tokio mpsc + oneshot round trip, msg/s (mean over rounds).
+    pub mpsc: f64,
+    /// Keyed pool submit + complete, msg/s.
+    pub keyed: f64,
+    /// Actor pool submit + complete, msg/s.
+    pub actor: f64,
+    /// `PoolSwitch` over both pools, all keyed, msg/s.
+    pub switch: f64,
+    /// One-at-a-time per partition with the 1 ms handler, msg/s.
+    pub sequential: f64,
+}
+
+/// Measure [`RoundTrips`]: `rounds` rounds of `n` round trips each, the four
+/// variants alternating their order from round to round; then `sequential_n`
+/// messages one at a time with the 1 ms handler.
+pub async fn round_trips(
+    n: usize,
+    rounds: usize,
+    sequential_n: usize,
+) -> Result<RoundTrips, String> {
+    let window = 1024;
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    for round in 0..rounds.max(1) {
+        let mut steps = [0usize, 1, 2, 3];
+        steps.rotate_left(round % 4);
+        for step in steps {
+            let rate = match step {
+                0 => baseline_mpsc_oneshot(n, window).await,
+                _ => {
+                    let kind = if step == 2 {
+                        eventbus::PoolKind::Actor
+                    } else {
+                        eventbus::PoolKind::Keyed
+                    };
+                    let pool = if step == 3 {
+                        crate::bus::make_switch(kind).await
+                    } else {
+                        crate::bus::make_pool(kind).await
+                    }
+                    .map_err(|e| format!("pool for the round trip: {e}"))?;
+                    let rate = pool_round_trip(&pool, n, 10_000, window).await?;
+                    pool.close(std::time::Duration::from_secs(5)).await;
+                    rate
+                }
+            };
+            rates[step].push(rate);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    Ok(RoundTrips {
+        mpsc: mean(&rates[0]),
+        keyed: mean(&rates[1]),
+        actor: mean(&rates[2]),
+        switch: mean(&rates[3]),
+        sequential: sequential_per_partition(sequential_n, HandlerKind::Io).await,
+    })
+}

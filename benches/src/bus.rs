@@ -1,0 +1,335 @@
+//! A pool on a workload through a whole event bus (memory, Kafka or NATS): publish
+//! envelopes carrying key, per-key sequence and publish time, handle them through
+//! an envelope subscription, and measure throughput, latency, memory, order and loss.
+
+use crate::rss::{peak_rss_kib, reset_peak_rss, rss_kib};
+use crate::workload::{percentile_us, HandlerKind, KeyDist, RunResult, Stamp, Tally};
+use eventbus::kafka::{KafkaConfig, KafkaEventBus};
+use eventbus::nats::{NatsConfig, NatsEventBus};
+use eventbus::{
+    ActorPool, Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError,
+    KeyedWorkerPool, MemoryBroker, MemoryEventBus, Pool, PoolKind, TopicConfig,
+};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the messages go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// The in-process memory broker.
+    Memory,
+    /// Kafka: librdkafka's mock cluster.
+    Kafka,
+    /// NATS JetStream: a local `nats-server`.
+    Nats,
+}
+
+impl Backend {
+    /// `memory`, `kafka` or `nats`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::Kafka => "kafka",
+            Backend::Nats => "nats",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(Backend::Memory),
+            "kafka" => Ok(Backend::Kafka),
+            "nats" => Ok(Backend::Nats),
+            other => Err(format!(
+                "--backend: expected `memory`, `kafka` or `nats`, got `{other}`"
+            )),
+        }
+    }
+}
+
+/// Build the bare pool `kind` with the default sizes (256 workers / actors, queue
+/// or inbox 1000 each), as a service with only that pool's feature gets it.
+pub async fn make_pool(kind: PoolKind) -> Result<Arc<dyn Pool>, eventbus::Error> {
+    let config = EventBusConfig::default();
+    Ok(match kind {
+        PoolKind::Keyed => Arc::new(KeyedWorkerPool::new(&config.keyed_pool)?),
+        PoolKind::Actor => Arc::new(ActorPool::start(&config.actor_pool).await?),
+    })
+}
+
+/// Build the pool a service with both pool features gets from
+/// [`eventbus::build_pool`]: a `PoolSwitch` over both pools, all traffic on `kind`.
+pub async fn make_switch(kind: PoolKind) -> Result<Arc<dyn Pool>, eventbus::Error> {
+    let mut config = EventBusConfig::default();
+    config.pool = kind;
+    eventbus::build_pool(&config).await
+}
+
+/// Kafka settings of every Kafka run, the bare client loop's included: the
+/// defaults with short fetch waits and producer linger, so latency reflects the
+/// bus rather than batching timers.
+pub fn kafka_config(brokers: &str) -> KafkaConfig {
+    let mut c = KafkaConfig::new(brokers.to_owned()).client_id("bench-compare");
+    c.fetch_wait_max = Duration::from_millis(10);
+    c.producer.linger = Duration::from_millis(1);
+    c.session_timeout = Duration::from_secs(10);
+    c.heartbeat_interval = Duration::from_millis(500);
+    c
+}
+
+/// NATS settings of every NATS run.
+pub fn nats_config(url: &str) -> NatsConfig {
+    NatsConfig::new([url.to_owned()])
+}
+
+/// One bus workload run, as handed to the process that runs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadSpec {
+    /// Backend.
+    pub backend: Backend,
+    /// Kafka bootstrap servers or NATS URL; empty for memory.
+    pub endpoint: String,
+    /// Topic (Kafka: created beforehand with `partitions` partitions).
+    pub topic: String,
+    /// Pool under test.
+    pub pool: PoolKind,
+    /// Handler.
+    pub handler: HandlerKind,
+    /// Key distribution.
+    pub dist: KeyDist,
+    /// Messages.
+    pub messages: usize,
+    /// Partitions (memory and Kafka).
+    pub partitions: u32,
+    /// Publish everything before subscribing and time consumption alone.
+    pub prepublish: bool,
+    /// Round of the alternation.
+    pub round: usize,
+    /// How long the handling may take before the rest count as lost.
+    pub limit_secs: u64,
+}
+
+/// An event bus of any backend, with the batched publishing each one offers.
+enum AnyBus {
+    Memory(MemoryEventBus),
+    Kafka(KafkaEventBus),
+    Nats(NatsEventBus),
+}
+
+impl AnyBus {
+    async fn open(spec: &WorkloadSpec, pool: Arc<dyn Pool>) -> Result<Self, String> {
+        let mut config = EventBusConfig::default();
+        config.consumer.group_id = format!("{}-group", spec.topic);
+        Ok(match spec.backend {
+            Backend::Memory => {
+                let broker = MemoryBroker::new(
+                    eventbus::BrokerConfig::default().retention_messages(spec.messages as u64 + 16),
+                );
+                let bus = MemoryEventBus::new(broker, pool, config)
+                    .map_err(|e| format!("memory bus: {e}"))?;
+                bus.configure_topic(
+                    &spec.topic,
+                    TopicConfig::default().partitions(spec.partitions),
+                )
+                .await
+                .map_err(|e| format!("memory topic `{}`: {e}", spec.topic))?;
+                AnyBus::Memory(bus)
+            }
+            Backend::Kafka => AnyBus::Kafka(
+                KafkaEventBus::new(kafka_config(&spec.endpoint), config, pool)
+                    .map_err(|e| format!("kafka bus on {}: {e}", spec.endpoint))?,
+            ),
+            Backend::Nats => AnyBus::Nats(
+                NatsEventBus::connect(nats_config(&spec.endpoint), config, pool)
+                    .await
+                    .map_err(|e| format!("nats bus on {}: {e}", spec.endpoint))?,
+            ),
+        })
+    }
+
+    fn bus(&self) -> &dyn EventBus {
+        match self {
+            AnyBus::Memory(b) => b,
+            AnyBus::Kafka(b) => b,
+            AnyBus::Nats(b) => b,
+        }
+    }
+
+    /// Publish `envelopes` in order and wait until the broker has them all.
+    async fn publish(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<(), String> {
+        let failed = |e: &dyn std::fmt::Display| format!("publish to `{topic}`: {e}");
+        match self {
+            AnyBus::Memory(b) => {
+                for e in &envelopes {
+                    b.publish_envelope(topic, e).await.map_err(|e| failed(&e))?;
+                }
+            }
+            AnyBus::Kafka(b) => {
+                let header = b.aggregate_id_header().to_owned();
+                let mut pending = Vec::with_capacity(envelopes.len());
+                for e in &envelopes {
+                    let record =
+                        eventbus::core::envelope_record(e, &header).map_err(|e| failed(&e))?;
+                    pending.push(
+                        b.publish_async(topic, &record)
+                            .await
+                            .map_err(|e| failed(&e))?,
+                    );
+                }
+                for d in pending {
+                    d.await.map_err(|e| failed(&e))?;
+                }
+            }
+            AnyBus::Nats(b) => {
+                let header = b.aggregate_id_header().to_owned();
+                let records = envelopes
+                    .iter()
+                    .map(|e| eventbus::core::envelope_record(e, &header))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| failed(&e))?;
+                b.publish_batch(topic, records)
+                    .await
+                    .map_err(|e| failed(&e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Messages per publish call: one at a time in process, batches on a broker (each
+/// message is stamped when its batch is built, so batching counts as latency).
+fn publish_chunk(backend: Backend) -> usize {
+    match backend {
+        Backend::Memory => 1,
+        Backend::Kafka | Backend::Nats => 200,
+    }
+}
+
+/// Run one workload in this process; the process should be fresh, so that its peak
+/// memory is this run's.
+pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
+    let pool = make_pool(spec.pool)
+        .await
+        .map_err(|e| format!("{} pool: {e}", spec.pool.as_str()))?;
+    let pool_name = pool.kind().to_owned();
+    let bus = AnyBus::open(spec, pool).await?;
+    let keys = spec.dist.keys();
+    let tally = Arc::new(Tally::new(keys, spec.messages));
+    let warm = Arc::new(AtomicU64::new(0));
+    let handler = spec.handler;
+    let subscribe = || async {
+        let (tally, warm) = (tally.clone(), warm.clone());
+        bus.bus()
+            .subscribe_envelope(&spec.topic, move |e: Event| {
+                let (tally, warm) = (tally.clone(), warm.clone());
+                async move {
+                    if e.envelope.payload.get("warmup").is_some() {
+                        warm.fetch_add(1, Ordering::AcqRel);
+                    } else {
+                        handler.run().await;
+                        tally.record(&e);
+                    }
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .await
+            .map_err(|e| format!("subscribe to `{}`: {e}", spec.topic))
+    };
+    if !spec.prepublish {
+        if spec.backend != Backend::Memory {
+            // Join the group / create the consumer before the clock starts: one
+            // warm-up message, handled, proves the subscription is live.
+            let w = Envelope::new(
+                "warmup",
+                "bench.warmup",
+                serde_json::json!({"warmup": true}),
+            );
+            bus.publish(&spec.topic, vec![w]).await?;
+        }
+        subscribe().await?;
+        if spec.backend != Backend::Memory {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while warm.load(Ordering::Acquire) == 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "the warm-up message on `{}` was not handled within 60 s",
+                        spec.topic
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    reset_peak_rss();
+    let rss_start = rss_kib();
+    let mut seqs = vec![0u64; keys];
+    let chunk = publish_chunk(spec.backend);
+    let start_ns = tally.now_ns();
+    let mut i = 0;
+    while i < spec.messages {
+        let end = (i + chunk).min(spec.messages);
+        let envelopes = (i..end)
+            .map(|i| {
+                let k = spec.dist.key(i);
+                let s = seqs[k];
+                seqs[k] += 1;
+                let stamp = Stamp {
+                    i,
+                    k,
+                    s,
+                    t: tally.now_ns(),
+                };
+                Envelope::new(format!("agg-{k}"), "bench.event", stamp.payload())
+            })
+            .collect();
+        bus.publish(&spec.topic, envelopes).await?;
+        i = end;
+    }
+    if spec.prepublish {
+        subscribe().await?;
+    }
+    tally.wait_all(Duration::from_secs(spec.limit_secs)).await;
+    let peak = peak_rss_kib();
+    let handled = tally.handled();
+    let elapsed = if spec.prepublish {
+        tally.handled_span()
+    } else {
+        tally.last_ns().saturating_sub(start_ns) as f64 / 1e9
+    };
+    let close = tokio::time::timeout(Duration::from_secs(60), bus.bus().close()).await;
+    let lat = tally.sorted_latencies();
+    let n = spec.messages as u64;
+    let result = RunResult {
+        pool: pool_name,
+        backend: spec.backend.as_str().to_owned(),
+        handler: spec.handler,
+        keys: spec.dist.name(),
+        round: spec.round,
+        messages: n,
+        throughput: if elapsed > 0.0 {
+            handled as f64 / elapsed
+        } else {
+            0.0
+        },
+        p50_us: percentile_us(&lat, 0.50),
+        p99_us: percentile_us(&lat, 0.99),
+        p999_us: percentile_us(&lat, 0.999),
+        peak_rss_kib: peak,
+        rss_growth_kib: peak.saturating_sub(rss_start),
+        order_violations: tally.violations(),
+        lost: n - handled,
+        duplicates: tally.duplicates(),
+        success_rate: handled as f64 / n.max(1) as f64,
+        error: match close {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("close: {e}")),
+            Err(_) => Some("close took longer than 60 s".to_owned()),
+        },
+    };
+    Ok(result)
+}

@@ -1,0 +1,499 @@
+//! The report of a `bench-compare` run: per-workload means, the verdict's bars,
+//! Markdown, and an SVG chart of throughput and p99 per workload, keyed against actor.
+
+use crate::drain::DrainResult;
+use crate::workload::{HandlerKind, RunResult};
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One bar of the verdict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bar {
+    /// What is compared.
+    pub name: String,
+    /// The measured figure, with its unit.
+    pub measured: String,
+    /// The target.
+    pub target: String,
+    /// Whether the bar is met.
+    pub pass: bool,
+    /// Why it is missed, or context for reading it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// A figure measured in the same run as the workloads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Baseline {
+    /// What was measured.
+    pub name: String,
+    /// The figure.
+    pub value: f64,
+    /// Its unit.
+    pub unit: String,
+}
+
+/// Means over a pool's rounds of one workload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Means {
+    /// Runs averaged.
+    pub runs: usize,
+    /// Messages per second.
+    pub throughput: f64,
+    /// Latency percentiles, µs.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Peak RSS, KiB.
+    pub peak_rss_kib: f64,
+    /// Order violations, summed over the runs.
+    pub order_violations: u64,
+    /// Lost messages, summed.
+    pub lost: u64,
+    /// Success rate, mean.
+    pub success_rate: f64,
+}
+
+impl Means {
+    fn of(runs: &[&RunResult]) -> Self {
+        let n = runs.len().max(1) as f64;
+        let mean = |f: fn(&RunResult) -> f64| runs.iter().map(|r| f(r)).sum::<f64>() / n;
+        Self {
+            runs: runs.len(),
+            throughput: mean(|r| r.throughput),
+            p50_us: mean(|r| r.p50_us),
+            p99_us: mean(|r| r.p99_us),
+            p999_us: mean(|r| r.p999_us),
+            peak_rss_kib: mean(|r| r.peak_rss_kib as f64),
+            order_violations: runs.iter().map(|r| r.order_violations).sum(),
+            lost: runs.iter().map(|r| r.lost).sum(),
+            success_rate: mean(|r| r.success_rate),
+        }
+    }
+}
+
+/// One workload, both pools, with the actor / keyed ratios.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadSummary {
+    /// Handler.
+    pub handler: HandlerKind,
+    /// Key distribution.
+    pub keys: String,
+    /// Keyed pool means.
+    pub keyed: Means,
+    /// Actor pool means.
+    pub actor: Means,
+    /// Actor throughput / keyed throughput.
+    pub throughput_ratio: f64,
+    /// Actor p99 / keyed p99.
+    pub p99_ratio: f64,
+    /// Actor peak RSS / keyed peak RSS.
+    pub memory_ratio: f64,
+}
+
+impl WorkloadSummary {
+    /// `noop / 100 keys`.
+    pub fn label(&self) -> String {
+        format!("{} / {}", self.handler.name(), self.keys)
+    }
+}
+
+/// Per-workload summaries of `runs`, in first-seen order.
+pub fn summarize(runs: &[RunResult]) -> Vec<WorkloadSummary> {
+    let mut order: Vec<(HandlerKind, String)> = Vec::new();
+    for r in runs {
+        if !order.iter().any(|(h, k)| *h == r.handler && *k == r.keys) {
+            order.push((r.handler, r.keys.clone()));
+        }
+    }
+    order
+        .into_iter()
+        .map(|(handler, keys)| {
+            let side = |pool: &str| -> Vec<&RunResult> {
+                runs.iter()
+                    .filter(|r| r.handler == handler && r.keys == keys && r.pool == pool)
+                    .collect()
+            };
+            let (keyed, actor) = (Means::of(&side("keyed")), Means::of(&side("actor")));
+            let ratio = |a: f64, k: f64| if k > 0.0 { a / k } else { f64::NAN };
+            WorkloadSummary {
+                handler,
+                throughput_ratio: ratio(actor.throughput, keyed.throughput),
+                p99_ratio: ratio(actor.p99_us, keyed.p99_us),
+                memory_ratio: ratio(actor.peak_rss_kib, keyed.peak_rss_kib),
+                keys,
+                keyed,
+                actor,
+            }
+        })
+        .collect()
+}
+
+/// Geometric mean of the finite, positive values (NaN when there are none).
+pub fn geomean(values: impl IntoIterator<Item = f64>) -> f64 {
+    let logs: Vec<f64> = values
+        .into_iter()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(f64::ln)
+        .collect();
+    if logs.is_empty() {
+        f64::NAN
+    } else {
+        (logs.iter().sum::<f64>() / logs.len() as f64).exp()
+    }
+}
+
+/// Everything a run found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// `memory`, `kafka` or `nats`.
+    pub backend: String,
+    /// Whether this was the `--quick` smoke run.
+    pub quick: bool,
+    /// Rounds per pool and workload.
+    pub rounds: usize,
+    /// Wall-clock seconds of the whole run.
+    pub seconds: f64,
+    /// Per-workload means and ratios.
+    pub workloads: Vec<WorkloadSummary>,
+    /// Every run.
+    pub runs: Vec<RunResult>,
+    /// Backlog drains (broker backends): bare client loop against the bus.
+    pub drains: Vec<DrainResult>,
+    /// Figures measured in the same run.
+    pub baselines: Vec<Baseline>,
+    /// The verdict.
+    pub bars: Vec<Bar>,
+    /// Context for reading the figures.
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    /// Bars missed.
+    pub fn missed(&self) -> Vec<&Bar> {
+        self.bars.iter().filter(|b| !b.pass).collect()
+    }
+
+    /// The per-workload table, as Markdown (also what the terminal shows).
+    pub fn summary_table(&self) -> String {
+        let mut s = String::new();
+        s.push_str(
+            "| workload | pool | msg/s | p50 µs | p99 µs | p999 µs | peak RSS MiB | order viol. | lost | success | actor/keyed msg/s | p99 | RSS |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for w in &self.workloads {
+            for (pool, m) in [("keyed", &w.keyed), ("actor", &w.actor)] {
+                if m.runs == 0 {
+                    continue;
+                }
+                let ratios = if pool == "actor" {
+                    format!(
+                        "{:.3} | {:.3} | {:.3}",
+                        w.throughput_ratio, w.p99_ratio, w.memory_ratio
+                    )
+                } else {
+                    " | | ".to_owned()
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {pool} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} | {:.1}% | {ratios} |",
+                    w.label(),
+                    m.throughput,
+                    m.p50_us,
+                    m.p99_us,
+                    m.p999_us,
+                    m.peak_rss_kib / 1024.0,
+                    m.order_violations,
+                    m.lost,
+                    m.success_rate * 100.0,
+                );
+            }
+        }
+        s
+    }
+
+    /// The verdict, as Markdown.
+    pub fn verdict_table(&self) -> String {
+        let mut s = String::from("| bar | measured | target | verdict |\n|---|---|---|---|\n");
+        for b in &self.bars {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                b.name,
+                b.measured,
+                b.target,
+                if b.pass { "pass" } else { "MISSED" }
+            );
+        }
+        let missed = self.missed();
+        let _ = writeln!(
+            s,
+            "\n**{}**",
+            if missed.is_empty() {
+                "Verdict: every bar met.".to_owned()
+            } else {
+                format!(
+                    "Verdict: {} of {} bars missed.",
+                    missed.len(),
+                    self.bars.len()
+                )
+            }
+        );
+        for b in missed {
+            if !b.note.is_empty() {
+                let _ = writeln!(s, "\n- missed: {}: {}", b.name, b.note);
+            }
+        }
+        s
+    }
+
+    /// The whole report as Markdown.
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "# bench-compare: {} backend{}\n\n{} round(s) per pool and workload, pools alternating; {:.0} s in all.\n\n## Keyed against actor (means over rounds)\n\n",
+            self.backend,
+            if self.quick { ", quick" } else { "" },
+            self.rounds,
+            self.seconds,
+        );
+        s.push_str(&self.summary_table());
+        if !self.drains.is_empty() {
+            s.push_str("\n## Backlog drain: bus against the bare client loop\n\n| round | side | messages | consumed | msg/s | first message s | error |\n|---:|---|---:|---:|---:|---:|---|\n");
+            for d in &self.drains {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {:.0} | {:.2} | {} |",
+                    d.round,
+                    d.side,
+                    d.messages,
+                    d.consumed,
+                    d.throughput,
+                    d.first_secs,
+                    d.error.as_deref().unwrap_or("")
+                );
+            }
+        }
+        s.push_str("\n## Baselines (same run)\n\n| baseline | value | unit |\n|---|---:|---|\n");
+        for b in &self.baselines {
+            let _ = writeln!(s, "| {} | {:.0} | {} |", b.name, b.value, b.unit);
+        }
+        s.push_str("\n## Verdict\n\n");
+        s.push_str(&self.verdict_table());
+        if !self.notes.is_empty() {
+            s.push_str("\n## Notes\n\n");
+            for n in &self.notes {
+                let _ = writeln!(s, "- {n}");
+            }
+        }
+        s.push_str("\n## Every run\n\n| round | pool | workload | messages | msg/s | p50 µs | p99 µs | p999 µs | peak RSS MiB | RSS growth MiB | order viol. | lost | dup. | success | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        for r in &self.runs {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} / {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {:.1}% | {} |",
+                r.round,
+                r.pool,
+                r.handler.name(),
+                r.keys,
+                r.messages,
+                r.throughput,
+                r.p50_us,
+                r.p99_us,
+                r.p999_us,
+                r.peak_rss_kib as f64 / 1024.0,
+                r.rss_growth_kib as f64 / 1024.0,
+                r.order_violations,
+                r.lost,
+                r.duplicates,
+                r.success_rate * 100.0,
+                r.error.as_deref().unwrap_or("")
+            );
+        }
+        s
+    }
+}
+
+/// A figure of a pool's means.
+type Metric = fn(&Means) -> f64;
+
+/// Draw throughput and p99 per workload, keyed against actor, into an SVG file.
+pub fn chart(report: &Report, path: &Path) -> Result<(), String> {
+    let ws = &report.workloads;
+    if ws.is_empty() {
+        return Err("no workload to chart".to_owned());
+    }
+    let root = SVGBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let title = format!(
+        "bench-compare, {} backend{}: keyed (blue) against actor (red)",
+        report.backend,
+        if report.quick { ", quick" } else { "" }
+    );
+    let root = root
+        .titled(&title, ("sans-serif", 20))
+        .map_err(|e| e.to_string())?;
+    let panels = root.split_evenly((1, 2));
+    let metrics: [(&str, Metric); 2] = [
+        ("throughput, msg/s (log)", |m| m.throughput),
+        ("p99 latency, µs (log)", |m| m.p99_us),
+    ];
+    for (panel, (caption, value)) in panels.iter().zip(metrics) {
+        let values: Vec<f64> = ws
+            .iter()
+            .flat_map(|w| [value(&w.keyed), value(&w.actor)])
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .collect();
+        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = values.iter().copied().fold(0.0, f64::max);
+        let (lo, hi) = if values.is_empty() {
+            (1.0, 10.0)
+        } else {
+            ((lo / 2.0).max(1e-3), hi * 2.0)
+        };
+        let labels: Vec<String> = ws.iter().map(WorkloadSummary::label).collect();
+        let mut chart = ChartBuilder::on(panel)
+            .caption(caption, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(150)
+            .y_label_area_size(70)
+            .build_cartesian_2d(-0.5f64..(ws.len() as f64 - 0.5), (lo..hi).log_scale())
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(ws.len())
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 {
+                    labels.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .x_label_style(
+                ("sans-serif", 11)
+                    .into_font()
+                    .transform(FontTransform::Rotate90),
+            )
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (side, color, offset) in [("keyed", BLUE, -0.2f64), ("actor", RED, 0.2)] {
+            let bars: Vec<Rectangle<(f64, f64)>> = ws
+                .iter()
+                .enumerate()
+                .filter_map(|(i, w)| {
+                    let m = if side == "keyed" { &w.keyed } else { &w.actor };
+                    let v = value(m);
+                    (m.runs > 0 && v.is_finite() && v > 0.0).then(|| {
+                        let x = i as f64 + offset;
+                        Rectangle::new([(x - 0.18, lo), (x + 0.18, v)], color.mix(0.7).filled())
+                    })
+                })
+                .collect();
+            chart
+                .draw_series(bars)
+                .map_err(|e| e.to_string())?
+                .label(side)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::KeyDist;
+
+    fn run(pool: &str, throughput: f64, p99: f64, rss: u64) -> RunResult {
+        let mut r = RunResult::failed(
+            pool,
+            "memory",
+            HandlerKind::Noop,
+            KeyDist::Uniform(1),
+            0,
+            10,
+            String::new(),
+        );
+        r.error = None;
+        r.lost = 0;
+        r.throughput = throughput;
+        r.p99_us = p99;
+        r.peak_rss_kib = rss;
+        r.success_rate = 1.0;
+        r
+    }
+
+    #[test]
+    fn summary_averages_rounds_and_divides_actor_by_keyed() {
+        let runs = vec![
+            run("keyed", 100.0, 10.0, 1000),
+            run("actor", 90.0, 12.0, 1100),
+            run("actor", 110.0, 8.0, 1100),
+            run("keyed", 100.0, 10.0, 1000),
+        ];
+        let s = summarize(&runs);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].keyed.runs, 2);
+        assert!((s[0].throughput_ratio - 1.0).abs() < 1e-9);
+        assert!((s[0].p99_ratio - 1.0).abs() < 1e-9);
+        assert!((s[0].memory_ratio - 1.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn geomean_skips_missing_ratios() {
+        assert!((geomean([2.0, 0.5]) - 1.0).abs() < 1e-12);
+        assert!((geomean([4.0, f64::NAN]) - 4.0).abs() < 1e-12);
+        assert!(geomean([]).is_nan());
+    }
+
+    #[test]
+    fn the_report_renders_and_charts() {
+        let runs = vec![
+            run("keyed", 100.0, 10.0, 1000),
+            run("actor", 95.0, 11.0, 1050),
+        ];
+        let report = Report {
+            backend: "memory".into(),
+            quick: true,
+            rounds: 1,
+            seconds: 1.0,
+            workloads: summarize(&runs),
+            runs,
+            drains: vec![],
+            baselines: vec![],
+            bars: vec![Bar {
+                name: "b".into(),
+                measured: "1".into(),
+                target: "0".into(),
+                pass: false,
+                note: "why".into(),
+            }],
+            notes: vec![],
+        };
+        let md = report.markdown();
+        assert!(md.contains("| noop / 1 keys | actor | 95 |"), "{md}");
+        assert!(
+            md.contains("MISSED") && md.contains("missed: b: why"),
+            "{md}"
+        );
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("chart.svg");
+        chart(&report, &path).expect("chart");
+        let svg = std::fs::read_to_string(&path).expect("chart written");
+        assert!(svg.starts_with("<svg") && svg.contains("noop / 1 keys"));
+    }
+}

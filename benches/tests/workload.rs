@@ -1,0 +1,43 @@
+//! A small real workload on the memory backend, through each pool: the tool's
+//! bookkeeping sees every message once, in order per key.
+
+use eventbus::PoolKind;
+use eventbus_benches::{run_workload, Backend, HandlerKind, KeyDist, WorkloadSpec};
+
+async fn small_run(pool: PoolKind, prepublish: bool) {
+    let spec = WorkloadSpec {
+        backend: Backend::Memory,
+        endpoint: String::new(),
+        topic: "bench-test".into(),
+        pool,
+        handler: HandlerKind::Cpu,
+        dist: KeyDist::HotKey(10),
+        messages: 500,
+        partitions: 4,
+        prepublish,
+        round: 0,
+        limit_secs: 60,
+    };
+    let r = run_workload(&spec).await.expect("workload runs");
+    assert_eq!(r.pool, pool.as_str());
+    assert_eq!(r.messages, 500);
+    assert_eq!(r.lost, 0, "{r:?}");
+    assert_eq!(r.duplicates, 0, "{r:?}");
+    assert_eq!(r.order_violations, 0, "{r:?}");
+    assert_eq!(r.success_rate, 1.0);
+    assert!(
+        r.throughput > 0.0 && r.p50_us > 0.0 && r.p99_us >= r.p50_us,
+        "{r:?}"
+    );
+    assert!(r.error.is_none(), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_pool_live() {
+    small_run(PoolKind::Keyed, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actor_pool_backlog() {
+    small_run(PoolKind::Actor, true).await;
+}

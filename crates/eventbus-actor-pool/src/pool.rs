@@ -2,19 +2,22 @@
 //! [`Pool`] implementation.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use eventbus_core::job::PushError;
 use eventbus_core::{
-    slot, ActorPoolConfig, CancellationToken, ComponentHealth, Error, ErrorKind, HealthStatus, Job,
-    OutcomeKind, Pool, PoolStats, SubmitError, SubmitErrorKind,
+    slot, ActorPoolConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Job, OutcomeKind, Pool,
+    PoolStats, SubmitError, SubmitErrorKind,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorRef, ActorStatus};
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{oneshot, Notify};
 
 use crate::slot::Slot;
@@ -35,11 +38,10 @@ const DEGRADED_UTILISATION: f64 = 0.9;
 /// At most this many out-of-service actors are named in a health reason.
 const NAMED_IN_HEALTH: usize = 8;
 
+/// Pool-wide counters of rare events. Per-job counts live in the slots, each written
+/// by one side only (see [`Slot`]).
 #[derive(Default)]
 struct Counters {
-    submitted: AtomicU64,
-    completed: AtomicU64,
-    panicked: AtomicU64,
     rejected: AtomicU64,
     restarts: AtomicU64,
 }
@@ -48,9 +50,10 @@ struct Counters {
 pub(crate) struct Shared {
     pub(crate) config: ActorPoolConfig,
     pub(crate) slots: Box<[Slot]>,
+    /// `size - 1` when `size` is a power of two (the default): then `route & mask`
+    /// is `slot(route, size)` without a division.
+    mask: Option<u64>,
     closing: AtomicBool,
-    /// Cancelled when the pool starts closing: actors then close their queues.
-    closing_token: CancellationToken,
     /// Notified, while closing, when a slot runs out of pending work or leaves service.
     idle: Notify,
     unavailable: AtomicUsize,
@@ -58,17 +61,24 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn closing_token(&self) -> &CancellationToken {
-        &self.closing_token
+    /// Whether the pool has started closing.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// The slot serving `route`: [`slot`]`(route, size)`.
+    fn slot_of(&self, route: u64) -> &Slot {
+        let index = match self.mask {
+            Some(mask) => (route & mask) as usize,
+            None => slot(route, self.slots.len()),
+        };
+        &self.slots[index]
     }
 
     /// A job popped from `slot` ran to an outcome of `kind`.
     pub(crate) fn job_finished(&self, slot: &Slot, kind: OutcomeKind) {
-        self.counters.completed.fetch_add(1, Ordering::Relaxed);
-        if kind == OutcomeKind::Panicked {
-            self.counters.panicked.fetch_add(1, Ordering::Relaxed);
-        }
-        if slot.finished() && self.closing.load(Ordering::SeqCst) {
+        slot.finished(kind);
+        if self.closing.load(Ordering::SeqCst) && slot.pending() == 0 {
             self.idle.notify_waiters();
         }
     }
@@ -83,6 +93,9 @@ impl Shared {
         if slot.mark_unavailable() {
             self.unavailable.fetch_add(1, Ordering::SeqCst);
         }
+        // No new jobs (a submission waiting for room gets its job back); the queued
+        // ones stay where they are.
+        slot.queue().close();
         self.idle.notify_waiters();
     }
 
@@ -109,6 +122,18 @@ impl Shared {
                 return self.is_idle();
             }
         }
+    }
+}
+
+/// The submit future of a job taken on the fast path: already queued, nothing left
+/// to do. Zero-sized, so boxing it allocates nothing.
+struct Accepted;
+
+impl Future for Accepted {
+    type Output = Result<(), SubmitError>;
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -174,8 +199,11 @@ impl ActorPool {
         let shared = Arc::new(Shared {
             config: config.clone(),
             slots,
+            mask: config
+                .size
+                .is_power_of_two()
+                .then(|| config.size as u64 - 1),
             closing: AtomicBool::new(false),
-            closing_token: CancellationToken::new(),
             idle: Notify::new(),
             unavailable: AtomicUsize::new(0),
             counters: Counters::default(),
@@ -221,55 +249,55 @@ impl ActorPool {
         self.supervisor.get_status() <= ActorStatus::Running
     }
 
-    fn reject(&self, kind: SubmitErrorKind, job: Job) -> Result<(), SubmitError> {
+    fn reject(&self, kind: SubmitErrorKind, job: Job) -> SubmitError {
         self.shared
             .counters
             .rejected
             .fetch_add(1, Ordering::Relaxed);
-        Err(SubmitError::new(kind, job))
+        SubmitError::new(kind, job)
     }
 
-    async fn submit_job(&self, job: Job) -> Result<(), SubmitError> {
+    /// Queue `job` if its actor's queue has room now. `Ok(None)`: queued;
+    /// `Ok(Some(job))`: the queue is full; `Err`: refused for good.
+    fn try_submit(&self, job: Job) -> Result<Option<Job>, SubmitError> {
         let shared = &self.shared;
-        if shared.closing.load(Ordering::SeqCst) {
-            return self.reject(SubmitErrorKind::Closed, job);
+        if shared.is_closing() {
+            return Err(self.reject(SubmitErrorKind::Closed, job));
         }
-        let slot = &shared.slots[slot(job.route(), shared.slots.len())];
+        let slot = shared.slot_of(job.route());
         if slot.is_unavailable() || !self.supervisor_alive() {
-            return self.reject(SubmitErrorKind::Unavailable, job);
+            return Err(self.reject(SubmitErrorKind::Unavailable, job));
         }
-        let permit = match slot.sender().try_reserve() {
-            Ok(permit) => permit,
-            Err(TrySendError::Closed(())) => return self.reject(SubmitErrorKind::Closed, job),
-            Err(TrySendError::Full(())) => {
-                let room =
-                    tokio::time::timeout(shared.config.wait_timeout, slot.sender().reserve());
-                tokio::select! {
-                    biased;
-                    () = shared.closing_token.cancelled() => {
-                        return self.reject(SubmitErrorKind::Closed, job);
-                    }
-                    room = room => match room {
-                        Ok(Ok(permit)) => permit,
-                        Ok(Err(_)) => return self.reject(SubmitErrorKind::Closed, job),
-                        Err(_) => return self.reject(SubmitErrorKind::Full, job),
-                    },
-                }
-            }
-        };
-        // The pool may have started closing, or the actor left service, meanwhile.
-        if shared.closing.load(Ordering::SeqCst) {
-            drop(permit);
-            return self.reject(SubmitErrorKind::Closed, job);
+        match slot.queue().try_push(job) {
+            Ok(()) => Ok(None),
+            Err(PushError::Full(job)) => Ok(Some(job)),
+            Err(PushError::Closed(job)) => Err(self.refused_by_closed_queue(slot, job)),
         }
-        if slot.is_unavailable() {
-            drop(permit);
-            return self.reject(SubmitErrorKind::Unavailable, job);
+    }
+
+    /// Wait up to the wait timeout for room in the queue of `job`'s actor. The wait
+    /// ends early when the pool starts closing or the actor leaves service.
+    async fn submit_waiting(&self, job: Job) -> Result<(), SubmitError> {
+        let shared = &self.shared;
+        let slot = shared.slot_of(job.route());
+        match slot
+            .queue()
+            .push_timeout(job, shared.config.wait_timeout)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(PushError::Full(job)) => Err(self.reject(SubmitErrorKind::Full, job)),
+            Err(PushError::Closed(job)) => Err(self.refused_by_closed_queue(slot, job)),
         }
-        slot.accepting();
-        permit.send(job);
-        shared.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+    }
+
+    /// A slot's queue is closed when the pool closes or the actor leaves service.
+    fn refused_by_closed_queue(&self, slot: &Slot, job: Job) -> SubmitError {
+        if slot.is_unavailable() && !self.shared.is_closing() {
+            self.reject(SubmitErrorKind::Unavailable, job)
+        } else {
+            self.reject(SubmitErrorKind::Closed, job)
+        }
     }
 
     async fn close_pool(&self, timeout: Duration) {
@@ -280,9 +308,9 @@ impl ActorPool {
         let shared = &self.shared;
         let deadline = Instant::now() + timeout;
         shared.closing.store(true, Ordering::SeqCst);
-        shared.closing_token.cancel();
+        // Queued jobs are still served; submissions (waiting ones too) are refused.
         for slot in shared.slots.iter() {
-            slot.close_idle_queue();
+            slot.queue().close();
         }
         let drained = shared.wait_idle(deadline).await;
         if !drained {
@@ -393,8 +421,14 @@ impl Pool for ActorPool {
         self.shared.slots.len()
     }
 
+    /// Queues the job at once when its actor has room (the returned future is then
+    /// already complete and allocates nothing); otherwise the future waits for room.
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
-        self.submit_job(job).boxed()
+        match self.try_submit(job) {
+            Ok(None) => Box::pin(Accepted),
+            Ok(Some(job)) => Box::pin(self.submit_waiting(job)),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
@@ -408,9 +442,9 @@ impl Pool for ActorPool {
         stats.workers = shared.slots.len();
         stats.queue_capacity = shared.config.inbox_size;
         stats.queued = shared.slots.iter().map(Slot::queued).sum();
-        stats.submitted = c.submitted.load(Ordering::Relaxed);
-        stats.completed = c.completed.load(Ordering::Relaxed);
-        stats.panicked = c.panicked.load(Ordering::Relaxed);
+        stats.submitted = shared.slots.iter().map(Slot::accepted).sum();
+        stats.completed = shared.slots.iter().map(Slot::completed).sum();
+        stats.panicked = shared.slots.iter().map(Slot::panicked).sum();
         stats.rejected = c.rejected.load(Ordering::Relaxed);
         stats.restarts = c.restarts.load(Ordering::Relaxed);
         stats.unavailable_workers = shared.unavailable.load(Ordering::SeqCst);

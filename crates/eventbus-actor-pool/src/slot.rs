@@ -2,13 +2,14 @@
 //! restart cannot lose it, plus the bookkeeping the supervisor and `close` need.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use eventbus_core::Job;
+use eventbus_core::job::JobQueue;
+use eventbus_core::OutcomeKind;
 use ractor::{ActorRef, ActorStatus};
-use tokio::sync::{mpsc, Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use crate::worker::WorkerMsg;
 
@@ -18,99 +19,123 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A value on a cache line of its own (two lines, for CPUs that fetch line pairs), so
+/// that what the serving actor writes does not share a line with what submitters use.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// Counts written only by whoever serves the slot (the serving actor, or `close`
+/// once no actor serves): the serving lock orders the writes, so each is a plain
+/// store, not a read-modify-write.
+#[derive(Debug, Default)]
+struct Served {
+    /// Jobs run to an outcome.
+    finished: AtomicU64,
+    /// Of those, outcomes that were panics.
+    panicked: AtomicU64,
+    /// Jobs dropped from the queue unrun when the pool closed.
+    dropped: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, order: Ordering) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, order);
+}
+
 /// The queue and state of one actor position (`slot(route, size)`).
 pub(crate) struct Slot {
     /// Position of the actor, as named in logs and health reasons.
     pub(crate) index: usize,
-    /// Submission side of the bounded queue.
-    tx: mpsc::Sender<Job>,
-    /// Receiving side. The actor serving the slot holds the lock while it serves;
-    /// a restart hands it to the successor together with every job still queued.
-    rx: Arc<AsyncMutex<mpsc::Receiver<Job>>>,
-    /// Jobs in the queue now.
-    queued: AtomicUsize,
-    /// Jobs accepted and not yet finished (queued plus the one running).
-    pending: AtomicUsize,
-    /// The actor currently serving the slot.
-    actor: Mutex<Option<ActorRef<WorkerMsg>>>,
+    /// The bounded queue. It outlives the actors: a restart hands it, with every job
+    /// still in it, to the successor. It counts the jobs it accepted.
+    queue: JobQueue,
+    /// Held by the actor serving the queue, so that at most one does, and so that
+    /// `close` knows when none does any more.
+    serving: Arc<AsyncMutex<()>>,
     /// Past the restart limit: takes no more work.
     unavailable: AtomicBool,
+    /// The actor currently serving the slot.
+    actor: Mutex<Option<ActorRef<WorkerMsg>>>,
     /// Restarts within the window, for the limit and for health.
     restarts: Mutex<RestartHistory>,
+    /// Written by the serving side only.
+    served: Padded<Served>,
 }
 
 impl Slot {
     pub(crate) fn new(index: usize, capacity: usize) -> Self {
-        let (tx, rx) = mpsc::channel(capacity);
         Self {
             index,
-            tx,
-            rx: Arc::new(AsyncMutex::new(rx)),
-            queued: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
-            actor: Mutex::new(None),
+            queue: JobQueue::new(capacity),
+            serving: Arc::new(AsyncMutex::new(())),
             unavailable: AtomicBool::new(false),
+            actor: Mutex::new(None),
             restarts: Mutex::new(RestartHistory::default()),
+            served: Padded::default(),
         }
     }
 
-    pub(crate) fn sender(&self) -> &mpsc::Sender<Job> {
-        &self.tx
+    pub(crate) fn queue(&self) -> &JobQueue {
+        &self.queue
     }
 
-    /// Account for a job about to be sent with a reserved permit. Called before the
-    /// send so the actor can never see the job before it is counted.
-    pub(crate) fn accepting(&self) {
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        self.queued.fetch_add(1, Ordering::SeqCst);
+    /// Become the slot's serving side; waits while a predecessor still serves.
+    pub(crate) async fn serve(&self) -> OwnedMutexGuard<()> {
+        self.serving.clone().lock_owned().await
     }
 
-    /// Take the queue's receiving side for serving it; waits while a predecessor
-    /// still holds it.
-    pub(crate) async fn receiver(&self) -> OwnedMutexGuard<mpsc::Receiver<Job>> {
-        self.rx.clone().lock_owned().await
+    /// A job taken from the queue has run to an outcome of `kind`. Only the serving
+    /// side calls it.
+    pub(crate) fn finished(&self, kind: OutcomeKind) {
+        if kind == OutcomeKind::Panicked {
+            bump(&self.served.0.panicked, Ordering::Release);
+        }
+        // Sequentially consistent, so that either this store is seen by a closing
+        // pool's idle check or this actor sees the pool closing (and notifies it).
+        bump(&self.served.0.finished, Ordering::SeqCst);
     }
 
-    /// A job was taken from the queue.
-    pub(crate) fn popped(&self) {
-        self.queued.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    /// A popped job has run to its outcome. Returns true when nothing is left
-    /// pending on this slot.
-    pub(crate) fn finished(&self) -> bool {
-        self.pending.fetch_sub(1, Ordering::SeqCst) == 1
-    }
-
+    /// Jobs in the queue now.
     pub(crate) fn queued(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
+        self.queue.len()
     }
 
+    /// Jobs accepted and not yet finished (queued plus the one running).
     pub(crate) fn pending(&self) -> usize {
-        self.pending.load(Ordering::SeqCst)
+        // Finished counts first: they never pass `accepted`, so the difference cannot
+        // go below zero.
+        let out = self.served.0.finished.load(Ordering::SeqCst)
+            + self.served.0.dropped.load(Ordering::SeqCst);
+        self.queue.accepted().saturating_sub(out) as usize
     }
 
-    /// Refuse further sends when no actor serves the queue (an actor serving it
-    /// closes it itself when the pool starts closing).
-    pub(crate) fn close_idle_queue(&self) {
-        if let Ok(mut rx) = self.rx.try_lock() {
-            rx.close();
-        }
+    /// Jobs accepted since start.
+    pub(crate) fn accepted(&self) -> u64 {
+        self.queue.accepted()
+    }
+
+    /// Jobs run to an outcome since start.
+    pub(crate) fn completed(&self) -> u64 {
+        self.served.0.finished.load(Ordering::Relaxed)
+    }
+
+    /// Jobs whose outcome was a panic.
+    pub(crate) fn panicked(&self) -> u64 {
+        self.served.0.panicked.load(Ordering::Relaxed)
     }
 
     /// Drop every job left in the queue (their outcomes never arrive, so their
-    /// messages are not acknowledged). Returns how many were dropped. Called once
-    /// no actor serves the queue any more.
+    /// messages are not acknowledged) and close it. Returns how many were dropped.
+    /// Called once no actor serves the queue any more; does nothing while one does.
     pub(crate) fn drop_queued(&self) -> usize {
-        let Ok(mut rx) = self.rx.try_lock() else {
+        let Ok(_serving) = self.serving.try_lock() else {
             return 0;
         };
-        rx.close();
+        self.queue.close();
         let mut dropped = 0;
-        while let Ok(job) = rx.try_recv() {
+        while let Some(job) = self.queue.try_pop() {
             drop(job);
-            self.popped();
-            self.pending.fetch_sub(1, Ordering::SeqCst);
+            bump(&self.served.0.dropped, Ordering::SeqCst);
             dropped += 1;
         }
         dropped
@@ -213,34 +238,38 @@ mod tests {
         assert!(!h.try_record(Instant::now(), 0, Duration::from_secs(1)));
     }
 
+    fn job() -> eventbus_core::Job {
+        eventbus_core::Job::new(
+            0,
+            eventbus_core::JobClass::Plain,
+            None,
+            Box::pin(async { eventbus_core::Outcome::Handled { attempts: 1 } }),
+        )
+        .0
+    }
+
     #[tokio::test]
     async fn queue_counts_and_drop() {
         let slot = Slot::new(0, 2);
         for _ in 0..2 {
-            let permit = slot.sender().try_reserve().expect("room in the queue");
-            slot.accepting();
-            let (job, _rx) = Job::new(
-                0,
-                eventbus_core::JobClass::Plain,
-                None,
-                Box::pin(async { eventbus_core::Outcome::Handled { attempts: 1 } }),
-            );
-            permit.send(job);
+            slot.queue().try_push(job()).expect("room in the queue");
         }
-        assert!(slot.sender().try_reserve().is_err(), "queue should be full");
+        assert!(
+            slot.queue().try_push(job()).is_err(),
+            "queue should be full"
+        );
         assert_eq!((slot.queued(), slot.pending()), (2, 2));
         {
-            let mut rx = slot.receiver().await;
+            let _serving = slot.serve().await;
             assert_eq!(slot.drop_queued(), 0, "the queue is being served");
-            let job = rx.try_recv().expect("a queued job");
-            slot.popped();
+            let job = slot.queue().try_pop().expect("a queued job");
             drop(job);
-            assert!(!slot.finished());
+            slot.finished(OutcomeKind::Handled);
         }
         assert_eq!((slot.queued(), slot.pending()), (1, 1));
-        slot.close_idle_queue();
-        assert!(slot.sender().try_reserve().is_err());
         assert_eq!(slot.drop_queued(), 1);
+        assert!(slot.queue().try_push(job()).is_err(), "closed");
         assert_eq!((slot.queued(), slot.pending()), (0, 0));
+        assert_eq!((slot.accepted(), slot.completed()), (2, 1));
     }
 }

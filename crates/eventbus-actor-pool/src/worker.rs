@@ -78,29 +78,8 @@ impl Actor for Worker {
 /// deadline) drops the running job, so its outcome never arrives.
 async fn serve(state: &WorkerState) -> Result<(), ActorProcessingErr> {
     let slot = state.slot();
-    let mut rx = slot.receiver().await;
-    let closing = state.shared.closing_token().cancelled();
-    tokio::pin!(closing);
-    let mut closed = false;
-    loop {
-        let next = if closed {
-            rx.recv().await
-        } else {
-            tokio::select! {
-                biased;
-                job = rx.recv() => job,
-                () = &mut closing => {
-                    // Refuse new jobs; the ones queued are still served below.
-                    rx.close();
-                    closed = true;
-                    continue;
-                }
-            }
-        };
-        let Some(job) = next else {
-            return Ok(());
-        };
-        slot.popped();
+    let _serving = slot.serve().await;
+    while let Some(job) = slot.queue().pop().await {
         let class = job.class();
         let kind = job.run().await;
         state.shared.job_finished(slot, kind);
@@ -108,4 +87,5 @@ async fn serve(state: &WorkerState) -> Result<(), ActorProcessingErr> {
             return Err(format!("actor {}: plain handler panicked", slot.index).into());
         }
     }
+    Ok(())
 }

@@ -536,3 +536,62 @@ async fn dropping_the_pool_without_close_stops_its_actors() {
         .await
         .is_err());
 }
+
+/// Close wakes actors idle on an empty queue: it returns as soon as they have
+/// finished, not at its timeout (here far beyond the test's 10 s bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_wakes_idle_actors_instead_of_waiting_for_its_timeout() {
+    let pool = ActorPool::start(&config(8, 4)).await.unwrap();
+    let mut receivers = Vec::new();
+    for route in 0..16u64 {
+        let (j, rx) = job(route, JobClass::Envelope, "idle", async { handled() });
+        pool.submit(j).await.unwrap();
+        receivers.push(rx);
+    }
+    for (i, rx) in receivers.into_iter().enumerate() {
+        outcome(&format!("job {i}"), rx).await;
+    }
+    within(
+        "close of an idle pool",
+        pool.close(Duration::from_secs(3600)),
+    )
+    .await;
+    assert_eq!(pool.live_actors(), 0);
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.submitted, stats.completed, stats.queued),
+        (16, 16, 0)
+    );
+}
+
+/// With its queue full at close (no room for the close marker), an actor sees the
+/// pool closing after its current job, runs what is queued and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_with_a_full_queue_still_runs_the_queued_jobs() {
+    let pool = Arc::new(ActorPool::start(&config(1, 2)).await.unwrap());
+    let (blocker, blocker_rx, started, gate) = gated(0);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    let mut receivers = Vec::new();
+    for i in 0..2u64 {
+        let (j, rx) = job(i, JobClass::Plain, "queued", async { handled() });
+        pool.submit(j).await.unwrap();
+        receivers.push(rx);
+    }
+    assert_eq!(pool.stats().queued, 2, "the queue is full");
+    let closing = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.close(Duration::from_secs(3600)).await }
+    });
+    eventually("close to begin", || pool.is_closed()).await;
+    gate.send(()).unwrap();
+    within("close to finish", closing).await.unwrap();
+    outcome("blocker", blocker_rx).await;
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let o = outcome(&format!("queued job {i}"), rx).await;
+        assert!(matches!(o, Outcome::Handled { .. }), "job {i}: {o:?}");
+    }
+    assert_eq!(pool.live_actors(), 0);
+    let stats = pool.stats();
+    assert_eq!((stats.submitted, stats.completed, stats.queued), (3, 3, 0));
+}

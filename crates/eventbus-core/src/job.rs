@@ -1,12 +1,18 @@
-//! A unit of work for a pool, and how it ended.
+//! A unit of work for a pool, how it ended, and the bounded queue it waits in.
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::any::Any;
+use std::collections::VecDeque;
 use std::fmt;
+use std::future::poll_fn;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use tokio::sync::oneshot;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Poll, Waker};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 
 use crate::handler::HandlerError;
 
@@ -221,5 +227,379 @@ impl Job {
     /// Remove the done hook without calling it.
     pub fn take_done_hook(&mut self) -> Option<DoneHook> {
         self.done.take()
+    }
+}
+
+/// Why a [`JobQueue`] did not take a job. The job comes back.
+#[derive(Debug)]
+pub enum PushError {
+    /// No room (or earlier submitters are waiting for it).
+    Full(Job),
+    /// The queue is closed.
+    Closed(Job),
+}
+
+impl PushError {
+    /// Take the job back.
+    pub fn into_job(self) -> Job {
+        match self {
+            PushError::Full(job) | PushError::Closed(job) => job,
+        }
+    }
+}
+
+/// An emptied queue whose buffer grew past this many jobs gives the rest back.
+const KEEP_SLOTS: usize = 64;
+
+/// A pool worker's bounded job queue, for one consumer (the worker) and any number
+/// of submitters.
+///
+/// A mutex-guarded ring of jobs with the consumer's waker next to it: queuing a job
+/// is one short critical section (plus a wake-up when the consumer waits), taking
+/// one is another. Submitters that find the queue full wait in turn for room, up to
+/// their timeout; while any waits, newcomers queue up behind them. The buffer grows
+/// with the backlog, up to the capacity, and shrinks again once the queue empties.
+///
+/// Aligned to a cache line pair: the submitters and the consumer of one queue share
+/// its lock, but not a line with other queues.
+#[repr(align(128))]
+pub struct JobQueue {
+    state: Mutex<State>,
+    /// Submitters waiting for room: one is woken per job taken out, all at close.
+    room: Notify,
+    capacity: usize,
+}
+
+struct State {
+    jobs: VecDeque<Job>,
+    /// The worker, while it waits on an empty queue.
+    worker: Option<Waker>,
+    closed: bool,
+    /// Submitters waiting for room.
+    waiting: usize,
+    /// Jobs accepted since start.
+    accepted: u64,
+}
+
+impl fmt::Debug for JobQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("JobQueue")
+            .field("capacity", &self.capacity)
+            .field("len", &state.jobs.len())
+            .field("closed", &state.closed)
+            .field("waiting", &state.waiting)
+            .finish()
+    }
+}
+
+impl JobQueue {
+    /// An empty, open queue of `capacity` jobs (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(State {
+                jobs: VecDeque::new(),
+                worker: None,
+                closed: false,
+                waiting: 0,
+                accepted: 0,
+            }),
+            room: Notify::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Every critical section leaves the state consistent, so a poisoned lock's data
+    /// is still good.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue `job` if there is room now and no earlier submitter waits for it.
+    pub fn try_push(&self, job: Job) -> Result<(), PushError> {
+        self.push(job, false)
+    }
+
+    /// Queue `job`, waiting up to `timeout` for room, in turn with other waiting
+    /// submitters. Closing the queue ends the wait.
+    pub async fn push_timeout(&self, job: Job, timeout: Duration) -> Result<(), PushError> {
+        let deadline = Instant::now() + timeout;
+        let _turn = Waiting::enter(self);
+        let mut job = job;
+        loop {
+            let mut room = pin!(self.room.notified());
+            // Registered before looking, so a job taken out meanwhile wakes it.
+            room.as_mut().enable();
+            job = match self.push(job, true) {
+                Err(PushError::Full(job)) => job,
+                done => return done,
+            };
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return self.push(job, true);
+            }
+        }
+    }
+
+    fn push(&self, job: Job, waiter: bool) -> Result<(), PushError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(PushError::Closed(job));
+        }
+        if state.jobs.len() >= self.capacity || (!waiter && state.waiting > 0) {
+            return Err(PushError::Full(job));
+        }
+        state.jobs.push_back(job);
+        state.accepted += 1;
+        let worker = state.worker.take();
+        drop(state);
+        if let Some(worker) = worker {
+            worker.wake();
+        }
+        Ok(())
+    }
+
+    /// The next job, in queue order; `None` once the queue is closed and empty.
+    /// Consumes the task's cooperative budget like a tokio channel does. For the one
+    /// consumer: a second waiting consumer would replace the first one's waker.
+    pub async fn pop(&self) -> Option<Job> {
+        poll_fn(|cx| {
+            let coop = ready!(tokio::task::coop::poll_proceed(cx));
+            let mut state = self.lock();
+            if let Some(job) = state.jobs.pop_front() {
+                if state.jobs.is_empty() && state.jobs.capacity() > KEEP_SLOTS {
+                    state.jobs.shrink_to(KEEP_SLOTS);
+                }
+                let waiter = state.waiting > 0;
+                drop(state);
+                coop.made_progress();
+                if waiter {
+                    self.room.notify_one();
+                }
+                return Poll::Ready(Some(job));
+            }
+            if state.closed {
+                coop.made_progress();
+                return Poll::Ready(None);
+            }
+            if !state
+                .worker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                state.worker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The next job if one is queued now.
+    pub fn try_pop(&self) -> Option<Job> {
+        let mut state = self.lock();
+        let job = state.jobs.pop_front()?;
+        let waiter = state.waiting > 0;
+        drop(state);
+        if waiter {
+            self.room.notify_one();
+        }
+        Some(job)
+    }
+
+    /// Refuse further jobs (waiting submitters get theirs back); the consumer still
+    /// takes out the queued ones, then gets `None`.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        let worker = state.worker.take();
+        drop(state);
+        if let Some(worker) = worker {
+            worker.wake();
+        }
+        self.room.notify_waiters();
+    }
+
+    /// Whether [`JobQueue::close`] has been called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Jobs in the queue now.
+    pub fn len(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    /// Whether no job is queued now.
+    pub fn is_empty(&self) -> bool {
+        self.lock().jobs.is_empty()
+    }
+
+    /// The most jobs it holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Jobs accepted since it was made.
+    pub fn accepted(&self) -> u64 {
+        self.lock().accepted
+    }
+}
+
+/// A submitter's place among those waiting for room in a [`JobQueue`], left on drop (also when the
+/// waiting future is dropped).
+struct Waiting<'a>(&'a JobQueue);
+
+impl<'a> Waiting<'a> {
+    fn enter(queue: &'a JobQueue) -> Self {
+        queue.lock().waiting += 1;
+        Waiting(queue)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting -= 1;
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn job(route: u64) -> Job {
+        Job::new(
+            route,
+            JobClass::Plain,
+            None,
+            async { Outcome::Handled { attempts: 1 } }.boxed(),
+        )
+        .0
+    }
+
+    fn route(r: Result<(), PushError>) -> (&'static str, u64) {
+        match r {
+            Ok(()) => ("ok", 0),
+            Err(PushError::Full(j)) => ("full", j.route()),
+            Err(PushError::Closed(j)) => ("closed", j.route()),
+        }
+    }
+
+    #[tokio::test]
+    async fn bounded_and_in_order() {
+        let q = JobQueue::new(3);
+        for r in 0..3 {
+            assert_eq!(route(q.try_push(job(r))), ("ok", 0));
+        }
+        assert_eq!(route(q.try_push(job(9))), ("full", 9), "the job comes back");
+        assert_eq!((q.len(), q.accepted()), (3, 3));
+        for r in 0..3 {
+            assert_eq!(q.pop().await.map(|j| j.route()), Some(r));
+        }
+        assert_eq!(q.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_worker_is_woken_by_a_job_and_by_close() {
+        let q = JobQueue::new(2);
+        let mut pop = pin!(q.pop());
+        assert!(futures::poll!(pop.as_mut()).is_pending());
+        q.try_push(job(5)).expect("room");
+        assert_eq!(pop.await.map(|j| j.route()), Some(5));
+        let mut pop = pin!(q.pop());
+        assert!(futures::poll!(pop.as_mut()).is_pending());
+        q.close();
+        assert!(pop.await.is_none());
+        assert_eq!(route(q.try_push(job(6))), ("closed", 6));
+    }
+
+    #[tokio::test]
+    async fn try_pop_takes_what_is_queued_now() {
+        let q = JobQueue::new(2);
+        assert!(q.try_pop().is_none());
+        q.try_push(job(7)).expect("room");
+        assert_eq!(q.try_pop().map(|j| j.route()), Some(7));
+        assert!(q.is_empty());
+        q.try_push(job(8)).expect("room");
+        q.close();
+        assert!(q.is_closed());
+        assert_eq!(q.try_pop().map(|j| j.route()), Some(8));
+        assert_eq!(
+            route(q.try_push(job(9))),
+            ("closed", 9),
+            "closed for submitters"
+        );
+    }
+
+    #[tokio::test]
+    async fn close_still_hands_out_what_is_queued() {
+        let q = JobQueue::new(4);
+        q.try_push(job(1)).expect("room");
+        q.try_push(job(2)).expect("room");
+        q.close();
+        assert_eq!(q.pop().await.map(|j| j.route()), Some(1));
+        assert_eq!(q.pop().await.map(|j| j.route()), Some(2));
+        assert!(q.pop().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_times_out_handing_the_job_back() {
+        let q = JobQueue::new(1);
+        q.try_push(job(1)).expect("room");
+        let r = q.push_timeout(job(2), Duration::from_millis(50)).await;
+        assert_eq!(route(r), ("full", 2));
+        assert_eq!(q.lock().waiting, 0, "the waiter left");
+    }
+
+    #[tokio::test]
+    async fn waiters_get_the_room_before_newcomers() {
+        let q = JobQueue::new(1);
+        q.try_push(job(1)).expect("room");
+        let mut waiter = pin!(q.push_timeout(job(2), Duration::from_secs(30)));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        assert_eq!(q.pop().await.map(|j| j.route()), Some(1));
+        // There is room now, but it is the waiter's.
+        assert_eq!(route(q.try_push(job(3))), ("full", 3));
+        assert_eq!(route(waiter.await), ("ok", 0));
+        assert_eq!(q.pop().await.map(|j| j.route()), Some(2));
+        assert_eq!(q.lock().waiting, 0);
+        assert_eq!(route(q.try_push(job(4))), ("ok", 0));
+    }
+
+    #[tokio::test]
+    async fn close_ends_a_wait_for_room() {
+        let q = JobQueue::new(1);
+        q.try_push(job(1)).expect("room");
+        let mut waiter = pin!(q.push_timeout(job(2), Duration::from_secs(30)));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        q.close();
+        assert_eq!(route(waiter.await), ("closed", 2));
+        assert_eq!(q.pop().await.map(|j| j.route()), Some(1));
+        assert!(q.pop().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_wait_gives_up_its_turn() {
+        let q = JobQueue::new(1);
+        q.try_push(job(1)).expect("room");
+        {
+            let mut waiter = pin!(q.push_timeout(job(2), Duration::from_secs(30)));
+            assert!(futures::poll!(waiter.as_mut()).is_pending());
+            assert_eq!(q.lock().waiting, 1);
+        }
+        assert_eq!(q.lock().waiting, 0);
+        assert_eq!(q.pop().await.map(|j| j.route()), Some(1));
+        assert_eq!(route(q.try_push(job(3))), ("ok", 0));
+    }
+
+    #[tokio::test]
+    async fn an_emptied_queue_gives_back_a_grown_buffer() {
+        let q = JobQueue::new(1000);
+        for r in 0..500 {
+            q.try_push(job(r)).expect("room");
+        }
+        for _ in 0..500 {
+            q.pop().await.expect("a job");
+        }
+        assert!(q.lock().jobs.capacity() <= 2 * KEEP_SLOTS);
     }
 }

@@ -117,6 +117,9 @@ pub trait Pool: Send + Sync + fmt::Debug + 'static {
     fn workers(&self) -> usize;
 
     /// Queue a job behind earlier jobs of its route.
+    ///
+    /// When there is room, a pool may queue the job in this call, before the returned
+    /// future is first polled; the future then only reports that it was accepted.
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>>;
 
     /// Stop taking jobs, let queued jobs finish within `timeout`, then abort what is

@@ -141,6 +141,13 @@ impl Envelope {
 
     /// Decode and validate an envelope from JSON bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        // Only the JSON object form: serde would also take a positional array
+        // (`["id","type"]`), which `peek_aggregate_id` (rightly) does not read.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(EnvelopeError::Malformed(serde::de::Error::custom(
+                "an envelope is a JSON object",
+            )));
+        }
         let envelope: Envelope = serde_json::from_slice(bytes)?;
         envelope.validate()?;
         Ok(envelope)
@@ -233,5 +240,9 @@ mod tests {
             Err(EnvelopeError::AggregateIdTooLong { .. })
         ));
         assert_eq!(peek_aggregate_id(b"not json"), None);
+        assert!(matches!(
+            Envelope::decode(br#"["a","x"]"#),
+            Err(EnvelopeError::Malformed(_))
+        ));
     }
 }

@@ -9,7 +9,13 @@ pub mod kafka_cluster;
 #[cfg(feature = "nats-server")]
 pub mod nats_server;
 pub mod panics;
+pub mod poison;
 pub mod pool_suite;
+pub mod resources;
+pub mod shutdown;
 
-pub use checker::{DeliveryChecker, DeliveryReport};
+pub use checker::{
+    Delivery, DeliveryChecker, DeliveryReport, LostSpread, MessageClass, MessageId, Stamp,
+    STAMP_HEADER,
+};
 pub use panics::{quiet_deliberate_panics, INDUCED_PANIC};

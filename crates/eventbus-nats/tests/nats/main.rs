@@ -6,5 +6,6 @@ mod basics;
 mod conformance;
 mod dead_letters;
 mod heartbeats;
+mod poison;
 mod restart;
 mod streams;

@@ -1,0 +1,160 @@
+//! Buses of each backend, set up the same way for the producer and every consumer.
+
+use eventbus_core::{
+    ActorPoolConfig, DeliveryPolicy, Error, EventBusConfig, KeyedPoolConfig, Pool, SharedBus,
+};
+use eventbus_kafka::{KafkaConfig, KafkaEventBus};
+use eventbus_memory::{MemoryBroker, MemoryEventBus};
+use eventbus_nats::{NatsConfig, NatsEventBus, ReconnectConfig};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which broker a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The in-process memory broker.
+    Memory,
+    /// librdkafka's mock cluster.
+    Kafka,
+    /// A local nats-server (JetStream, file storage).
+    Nats,
+}
+
+impl FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(Backend::Memory),
+            "kafka" => Ok(Backend::Kafka),
+            "nats" => Ok(Backend::Nats),
+            other => Err(format!(
+                "--backend: expected memory, kafka or nats, got `{}`",
+                other.escape_debug()
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Memory => "memory",
+            Backend::Kafka => "kafka",
+            Backend::Nats => "nats",
+        })
+    }
+}
+
+/// Where buses connect.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A shared in-process broker.
+    Memory(MemoryBroker),
+    /// Kafka bootstrap servers.
+    Kafka(String),
+    /// NATS server URL.
+    Nats(String),
+}
+
+/// Which pool a consumer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolChoice {
+    /// `KeyedWorkerPool`.
+    Keyed,
+    /// `ActorPool`.
+    Actor,
+}
+
+impl FromStr for PoolChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keyed" => Ok(PoolChoice::Keyed),
+            "actor" => Ok(PoolChoice::Actor),
+            other => Err(format!(
+                "--pool: expected keyed or actor, got `{}`",
+                other.escape_debug()
+            )),
+        }
+    }
+}
+
+impl fmt::Display for PoolChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoolChoice::Keyed => "keyed",
+            PoolChoice::Actor => "actor",
+        })
+    }
+}
+
+/// A pool of this kind, small enough for a 2-core machine.
+pub async fn pool(choice: PoolChoice) -> Result<Arc<dyn Pool>, Error> {
+    Ok(match choice {
+        PoolChoice::Keyed => Arc::new(eventbus_keyed_pool::KeyedWorkerPool::new(
+            &KeyedPoolConfig::default().workers(32).queue_size(64),
+        )?),
+        PoolChoice::Actor => Arc::new(
+            eventbus_actor_pool::ActorPool::start(
+                // Induced plain panics restart actors; the limit is not under test.
+                &ActorPoolConfig::default()
+                    .size(32)
+                    .inbox_size(64)
+                    .max_restarts(100_000),
+            )
+            .await?,
+        ),
+    })
+}
+
+/// Bus settings of every chaos bus: quick retries that never run out for the
+/// induced failures (they stop after the second attempt), frequent commits.
+pub fn bus_config(group: &str) -> EventBusConfig {
+    let mut c = EventBusConfig::default();
+    c.delivery = DeliveryPolicy::default()
+        .max_attempts(6)
+        .backoff(Duration::from_millis(5), Duration::from_millis(200));
+    c.consumer.group_id = group.to_owned();
+    c.consumer.commit_interval = Duration::from_millis(200);
+    c.consumer.drain_timeout = Duration::from_secs(5);
+    c.consumer.max_in_flight_per_partition = 200;
+    c.consumer.max_in_flight_total = 2000;
+    c
+}
+
+/// Kafka client settings for the mock cluster: short session, quick fetches.
+pub fn kafka_config(brokers: &str) -> KafkaConfig {
+    let mut c = KafkaConfig::new(brokers);
+    c.fetch_wait_max = Duration::from_millis(10);
+    c.producer.linger = Duration::from_millis(1);
+    c.session_timeout = Duration::from_secs(6);
+    c.heartbeat_interval = Duration::from_millis(500);
+    c.operation_timeout = Duration::from_secs(10);
+    c
+}
+
+/// NATS client settings: quick reconnects, an ack wait the stuck key outlasts.
+pub fn nats_config(url: &str) -> NatsConfig {
+    let mut reconnect = ReconnectConfig::default();
+    reconnect.initial_delay = Duration::from_millis(50);
+    reconnect.max_delay = Duration::from_millis(500);
+    reconnect.retry_on_initial_connect = true;
+    NatsConfig::new([url.to_owned()])
+        .ack_wait(Duration::from_secs(4))
+        .fetch_expires(Duration::from_secs(1))
+        .reconnect(reconnect)
+}
+
+/// A bus on `target` in `group` handling on `pool`.
+pub async fn bus(target: &Target, group: &str, pool: Arc<dyn Pool>) -> Result<SharedBus, Error> {
+    let config = bus_config(group);
+    Ok(match target {
+        Target::Memory(broker) => Arc::new(MemoryEventBus::new(broker.clone(), pool, config)?),
+        Target::Kafka(brokers) => {
+            Arc::new(KafkaEventBus::new(kafka_config(brokers), config, pool)?)
+        }
+        Target::Nats(url) => Arc::new(NatsEventBus::connect(nats_config(url), config, pool).await?),
+    })
+}

@@ -1,0 +1,300 @@
+//! The handlers of a chaos consumer: they record each delivery, fail and panic at
+//! set rates, and hold one key for a long time now and then.
+
+use eventbus_core::{
+    Envelope, Event, EventBusExt, HandlerError, Message, Record, SharedBus, SubscribeOptions,
+    Subscription,
+};
+use eventbus_testkit::{Delivery, DeliveryChecker, MessageClass, MessageId, Stamp, STAMP_HEADER};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The message of every panic a chaos handler raises on purpose.
+pub use eventbus_testkit::INDUCED_PANIC;
+
+/// Where handlers report what they did.
+pub trait Sink: Send + Sync + 'static {
+    /// A handler finished a message.
+    fn delivered(&self, d: Delivery);
+    /// A plain handler fails on purpose on `id` (it may never be seen again).
+    fn given_up(&self, id: MessageId);
+}
+
+impl Sink for DeliveryChecker {
+    fn delivered(&self, d: Delivery) {
+        DeliveryChecker::delivered(self, &d);
+    }
+    fn given_up(&self, id: MessageId) {
+        DeliveryChecker::given_up(self, id);
+    }
+}
+
+/// Reports as lines on standard output, written before the handler returns, so a
+/// process killed right after still told its parent: `D <id> <partition> <offset>
+/// <attempt> <worker>` and `G <id>`.
+#[derive(Debug, Default)]
+pub struct StdoutSink;
+
+impl Sink for StdoutSink {
+    fn delivered(&self, d: Delivery) {
+        let line = format!(
+            "D {} {} {} {} {}\n",
+            d.id, d.partition, d.offset, d.attempt, d.worker
+        );
+        write_line(&line);
+    }
+    fn given_up(&self, id: MessageId) {
+        write_line(&format!("G {id}\n"));
+    }
+}
+
+fn write_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    // The parent reading these lines is gone only when the run is over.
+    if out
+        .write_all(line.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        std::process::exit(3);
+    }
+}
+
+/// Parse one line of [`StdoutSink`]; `None` for other lines.
+pub fn parse_line(line: &str) -> Option<Result<Report, String>> {
+    let mut parts = line.split_whitespace();
+    let tag = parts.next()?;
+    let bad = || format!("bad consumer line `{line}`");
+    Some(match tag {
+        "D" => (|| {
+            let id = parts.next().ok_or_else(bad)?.parse()?;
+            let partition = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            let offset = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            let attempt = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            let worker = parts.next().ok_or_else(bad)?.to_owned();
+            Ok(Report::Delivered(Delivery {
+                id,
+                partition,
+                offset,
+                attempt,
+                worker,
+            }))
+        })(),
+        "G" => parts
+            .next()
+            .ok_or_else(bad)
+            .and_then(|id| id.parse::<MessageId>())
+            .map(Report::GivenUp),
+        _ => return None,
+    })
+}
+
+/// A parsed consumer line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// See [`Sink::delivered`].
+    Delivered(Delivery),
+    /// See [`Sink::given_up`].
+    GivenUp(MessageId),
+}
+
+/// How one consumer incarnation misbehaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// Name of this incarnation, recorded with each delivery.
+    pub worker: String,
+    /// Share of handler calls that fail (envelope: only on the first two attempts,
+    /// so nothing is dead-lettered; plain: the message is given up).
+    pub error_rate: f64,
+    /// Share of handler calls that panic (same rules).
+    pub panic_rate: f64,
+    /// The key that gets stuck now and then.
+    pub stuck_key: Option<String>,
+    /// How long it is held.
+    pub stuck_for: Duration,
+    /// Every how many messages of that key (by key sequence) it is held.
+    pub stuck_every: u64,
+}
+
+impl Profile {
+    /// A well-behaved handler.
+    pub fn calm(worker: impl Into<String>) -> Self {
+        Self {
+            worker: worker.into(),
+            error_rate: 0.0,
+            panic_rate: 0.0,
+            stuck_key: None,
+            stuck_for: Duration::ZERO,
+            stuck_every: 1,
+        }
+    }
+
+    /// As command-line arguments of `chaos-consumer`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--worker".into(),
+            self.worker.clone(),
+            "--error-rate".into(),
+            self.error_rate.to_string(),
+            "--panic-rate".into(),
+            self.panic_rate.to_string(),
+        ];
+        if let Some(k) = &self.stuck_key {
+            a.extend([
+                "--stuck-key".into(),
+                k.clone(),
+                "--stuck-ms".into(),
+                self.stuck_for.as_millis().to_string(),
+                "--stuck-every".into(),
+                self.stuck_every.max(1).to_string(),
+            ]);
+        }
+        a
+    }
+
+    /// What to do with this call: `Err` to fail, `Ok(true)` to panic.
+    fn roll(&self) -> Option<bool> {
+        let r = fastrand::f64();
+        if r < self.panic_rate {
+            Some(true)
+        } else if r < self.panic_rate + self.error_rate {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+/// The topics of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Envelope topic (at-least-once).
+    pub envelope: String,
+    /// Plain topic (at-most-once on failure).
+    pub plain: String,
+}
+
+/// The envelope of a stamped message.
+pub fn envelope_of(stamp: &Stamp) -> Envelope {
+    Envelope::new(&stamp.aggregate_id, "chaos.event", stamp.to_json())
+}
+
+/// The plain record of a stamped message.
+pub fn plain_record(stamp: &Stamp) -> Record {
+    Record::new(stamp.to_json().to_string())
+        .with_key(stamp.aggregate_id.clone())
+        .with_header(STAMP_HEADER, stamp.header_value())
+}
+
+/// Subscribe both topics of a run on `bus` with handlers behaving as `profile`.
+pub async fn subscribe(
+    bus: &SharedBus,
+    topics: &Topics,
+    profile: Profile,
+    sink: Arc<dyn Sink>,
+) -> Result<(), eventbus_core::Error> {
+    let profile = Arc::new(profile);
+    let (p, s) = (profile.clone(), sink.clone());
+    bus.subscribe_with(
+        Subscription::envelope(&topics.envelope, move |e: Event| {
+            let (p, s) = (p.clone(), s.clone());
+            async move { on_envelope(&p, &*s, e).await }
+        })
+        .with_options(SubscribeOptions::default()),
+    )
+    .await?;
+    let (p, s) = (profile, sink);
+    bus.subscribe(&topics.plain, move |m: Message| {
+        let (p, s) = (p.clone(), s.clone());
+        async move { on_plain(&p, &*s, m) }
+    })
+    .await
+}
+
+async fn on_envelope(p: &Profile, sink: &dyn Sink, e: Event) -> Result<(), HandlerError> {
+    let stamp = Stamp::from_json(&e.envelope.aggregate_id, &e.envelope.payload)
+        .map_err(HandlerError::permanent)?;
+    if p.stuck_key.as_deref() == Some(stamp.aggregate_id.as_str())
+        && stamp.key_seq % p.stuck_every.max(1) == 0
+        && e.attempt == 1
+        && e.message.delivery_attempt == 1
+    {
+        tokio::time::sleep(p.stuck_for).await;
+    }
+    if e.attempt <= 2 {
+        match p.roll() {
+            Some(true) => panic!("{INDUCED_PANIC}"),
+            Some(false) => return Err(HandlerError::transient("induced error")),
+            None => {}
+        }
+    }
+    sink.delivered(delivery(stamp.id, &e.message, &p.worker));
+    Ok(())
+}
+
+fn on_plain(p: &Profile, sink: &dyn Sink, m: Message) -> Result<(), HandlerError> {
+    let stamp = m
+        .headers
+        .get(STAMP_HEADER)
+        .ok_or_else(|| HandlerError::permanent(format!("header `{STAMP_HEADER}` missing")))
+        .and_then(|v| Stamp::parse_header(v).map_err(HandlerError::permanent))?;
+    debug_assert_eq!(stamp.class, MessageClass::Plain);
+    match p.roll() {
+        Some(true) => {
+            sink.given_up(stamp.id);
+            panic!("{INDUCED_PANIC}")
+        }
+        Some(false) => {
+            sink.given_up(stamp.id);
+            Err(HandlerError::transient("induced error"))
+        }
+        None => {
+            sink.delivered(delivery(stamp.id, &m, &p.worker));
+            Ok(())
+        }
+    }
+}
+
+fn delivery(id: MessageId, m: &Message, worker: &str) -> Delivery {
+    Delivery {
+        id,
+        partition: m.partition,
+        offset: m.offset,
+        attempt: m.delivery_attempt,
+        worker: worker.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_round_trip() {
+        let d = Delivery {
+            id: MessageId {
+                producer: 1,
+                seq: 9,
+            },
+            partition: 2,
+            offset: 77,
+            attempt: 3,
+            worker: "m4".into(),
+        };
+        let line = format!(
+            "D {} {} {} {} {}",
+            d.id, d.partition, d.offset, d.attempt, d.worker
+        );
+        assert_eq!(parse_line(&line), Some(Ok(Report::Delivered(d))));
+        assert_eq!(
+            parse_line("G 1.2"),
+            Some(Ok(Report::GivenUp(MessageId {
+                producer: 1,
+                seq: 2
+            })))
+        );
+        assert!(parse_line("D 1.2 x").unwrap().is_err());
+        assert_eq!(parse_line("something else"), None);
+    }
+}

@@ -1,0 +1,159 @@
+//! `chaos [--backend memory|kafka|nats] [--minutes N] [--seconds N] [--rate N]
+//! [--error-rate F] [--panic-rate F] [--quiet]`: the long fault-injection run. Prints
+//! the delivery checker's report; exits non-zero on a lost envelope message, an
+//! order violation or an unexpected message.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use eventbus_chaos::{run, Backend, Options};
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn usage() -> &'static str {
+    "usage: chaos [--backend memory|kafka|nats] [--minutes N | --seconds N] [--rate MSGS_PER_S] \
+     [--error-rate F] [--panic-rate F] [--faults kill,restart,member,commit-errors,fetch-errors,\
+     heartbeat-errors,broker-down,server-kill,server-pause] [--quiet]"
+}
+
+fn parse() -> Result<Options, String> {
+    let mut backend = Backend::Memory;
+    let mut duration = Duration::from_secs(5 * 60);
+    let mut rate = None;
+    let mut error_rate = None;
+    let mut panic_rate = None;
+    let mut verbose = true;
+    let mut faults: Option<Vec<eventbus_chaos::Fault>> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let (flag, inline) = match flag.split_once('=') {
+            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+            None => (flag, None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{flag}: a value is required"))
+        };
+        match flag.as_str() {
+            "--backend" => backend = value()?.parse()?,
+            "--minutes" | "--seconds" => {
+                let v = value()?;
+                let n: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|n: &f64| n.is_finite() && *n > 0.0)
+                    .ok_or_else(|| format!("{flag}: expected a positive number, got `{v}`"))?;
+                let secs = if flag == "--minutes" { n * 60.0 } else { n };
+                duration = Duration::from_secs_f64(secs);
+            }
+            "--rate" => {
+                let v = value()?;
+                rate =
+                    Some(v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        format!("--rate: expected messages per second, got `{v}`")
+                    })?);
+            }
+            "--error-rate" | "--panic-rate" => {
+                let v = value()?;
+                let f = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| (0.0..=0.5).contains(f))
+                    .ok_or_else(|| {
+                        format!("{flag}: expected a number within 0..=0.5, got `{v}`")
+                    })?;
+                if flag == "--error-rate" {
+                    error_rate = Some(f);
+                } else {
+                    panic_rate = Some(f);
+                }
+            }
+            "--faults" => {
+                faults = Some(
+                    value()?
+                        .split(',')
+                        .map(|f| f.trim().parse())
+                        .collect::<Result<_, _>>()?,
+                );
+            }
+            "--quiet" => verbose = false,
+            "-h" | "--help" => return Err(usage().into()),
+            other => return Err(format!("unknown argument `{other}`\n{}", usage())),
+        }
+    }
+    let mut o = Options::new(backend, duration);
+    if let Some(r) = rate {
+        o.rate = r;
+    }
+    if let Some(e) = error_rate {
+        o.error_rate = e;
+    }
+    if let Some(p) = panic_rate {
+        o.panic_rate = p;
+    }
+    o.verbose = verbose;
+    if let Some(f) = faults {
+        o.faults = f;
+    }
+    o.consumer_bin = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name("chaos-consumer"));
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    eventbus_testkit::quiet_deliberate_panics();
+    let opts = match parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("chaos: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(bin) = &opts.consumer_bin {
+        if !matches!(opts.backend, Backend::Memory) && !bin.is_file() {
+            eprintln!(
+                "chaos: {} is missing; build it with `cargo build --release -p eventbus-chaos`",
+                bin.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chaos: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "chaos: backend {} for {:?}, faults: {:?}",
+        opts.backend, opts.duration, opts.faults
+    );
+    match rt.block_on(run(opts)) {
+        Ok(outcome) => {
+            println!("{outcome}");
+            if outcome.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("chaos: the run could not complete: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

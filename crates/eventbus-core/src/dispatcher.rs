@@ -357,6 +357,7 @@ struct Inner {
     recovery: Arc<Recovery>,
     /// Age in ms of the oldest message dispatched since the monitor last looked.
     oldest_age_ms: AtomicU64,
+    monitor: Mutex<Option<MonitorHandle>>,
 }
 
 impl Inner {
@@ -541,6 +542,7 @@ impl Dispatcher {
                 cancel: CancellationToken::new(),
                 recovery,
                 oldest_age_ms: AtomicU64::new(0),
+                monitor: Mutex::new(None),
             }),
         }
     }
@@ -572,6 +574,33 @@ impl Dispatcher {
             self.inner.pool.health(),
             self.inner.recovery.health(),
         ]
+    }
+
+    /// Start sampling `probe` (see [`spawn_monitor`](Self::spawn_monitor)), owned by
+    /// this dispatcher until [`stop_monitor`](Self::stop_monitor).
+    pub fn start_monitor<P: Probe>(&self, probe: std::sync::Weak<P>) {
+        let handle = self.spawn_monitor(probe);
+        let old = self
+            .inner
+            .monitor
+            .lock()
+            .expect("monitor slot poisoned")
+            .replace(handle);
+        drop(old);
+    }
+
+    /// Stop the monitor started by [`start_monitor`](Self::start_monitor) and wait
+    /// for its task to end (a bus calls this on close).
+    pub async fn stop_monitor(&self) {
+        let handle = self
+            .inner
+            .monitor
+            .lock()
+            .expect("monitor slot poisoned")
+            .take();
+        if let Some(handle) = handle {
+            handle.stop().await;
+        }
     }
 
     /// Sample `probe` every `operations.check_interval` into the metrics and the

@@ -2,8 +2,8 @@
 
 use eventbus_core::{
     ComponentHealth, Dispatcher, Error, ErrorKind, EventBus, EventBusConfig, HealthReport,
-    HealthStatus, MonitorHandle, PartitionLag as CorePartitionLag, Pool, Probe, PublishMetrics,
-    PublishReceipt, Record, Recovery, Result, Subscription, TopicConfig,
+    HealthStatus, PartitionLag as CorePartitionLag, Pool, Probe, PublishMetrics, PublishReceipt,
+    Record, Recovery, Result, Subscription, TopicConfig,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -77,7 +77,6 @@ struct Inner {
     pool_closed: Arc<AtomicBool>,
     limit: Arc<Semaphore>,
     admin: OnceCell<Arc<AdminClient<TracingContext>>>,
-    monitor: std::sync::Mutex<Option<MonitorHandle>>,
     publish_metrics: PublishMetrics,
 }
 
@@ -261,11 +260,9 @@ impl KafkaEventBus {
             pool_closed: Arc::new(AtomicBool::new(false)),
             limit,
             admin: OnceCell::new(),
-            monitor: std::sync::Mutex::new(None),
             publish_metrics: PublishMetrics::new("kafka"),
         });
-        let monitor = inner.dispatcher.spawn_monitor(Arc::downgrade(&inner));
-        *inner.monitor.lock().expect("monitor slot poisoned") = Some(monitor);
+        inner.dispatcher.start_monitor(Arc::downgrade(&inner));
         Ok(Self { inner })
     }
 
@@ -609,15 +606,7 @@ impl KafkaEventBus {
             .map_err(|e| {
                 Error::new(ErrorKind::Unavailable, "flush task failed").with_source(e)
             })??;
-        let monitor = self
-            .inner
-            .monitor
-            .lock()
-            .expect("monitor slot poisoned")
-            .take();
-        if let Some(monitor) = monitor {
-            monitor.stop().await;
-        }
+        self.inner.dispatcher.stop_monitor().await;
         tracing::info!("kafka event bus closed");
         Ok(())
     }

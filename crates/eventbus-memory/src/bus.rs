@@ -3,8 +3,8 @@
 use eventbus_core::CancellationToken;
 use eventbus_core::{
     validate_topic, ComponentHealth, DeadLetter, DeadLetterSink, Dispatcher, Error, ErrorKind,
-    EventBus, EventBusConfig, HealthReport, HealthStatus, InFlightSet, MonitorHandle, PartitionLag,
-    Pool, PreparedSubscription, Probe, PublishMetrics, PublishReceipt, Record, Recovery, Settled,
+    EventBus, EventBusConfig, HealthReport, HealthStatus, InFlightSet, PartitionLag, Pool,
+    PreparedSubscription, Probe, PublishMetrics, PublishReceipt, Record, Recovery, Settled,
     Subscription, TopicConfig,
 };
 use futures::future::BoxFuture;
@@ -50,7 +50,6 @@ struct Inner {
     total: Arc<Semaphore>,
     consumers: Mutex<HashMap<String, Consumer>>,
     closed: AtomicBool,
-    monitor: Mutex<Option<MonitorHandle>>,
     publish_metrics: PublishMetrics,
 }
 
@@ -136,12 +135,10 @@ impl MemoryEventBus {
             config,
             consumers: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
-            monitor: Mutex::new(None),
             publish_metrics: PublishMetrics::new("memory"),
             dispatcher,
         });
-        let monitor = inner.dispatcher.spawn_monitor(Arc::downgrade(&inner));
-        *inner.monitor.lock().expect("monitor slot poisoned") = Some(monitor);
+        inner.dispatcher.start_monitor(Arc::downgrade(&inner));
         Ok(Self { inner })
     }
 
@@ -267,15 +264,7 @@ impl MemoryEventBus {
             .pool()
             .close(self.inner.config.consumer.drain_timeout)
             .await;
-        let monitor = self
-            .inner
-            .monitor
-            .lock()
-            .expect("monitor slot poisoned")
-            .take();
-        if let Some(monitor) = monitor {
-            monitor.stop().await;
-        }
+        self.inner.dispatcher.stop_monitor().await;
         Ok(())
     }
 }

@@ -13,9 +13,9 @@ use tokio::task::JoinHandle;
 
 use eventbus_core::{
     CancellationToken, ComponentHealth, DispatchStats, Dispatcher, Error, ErrorKind, EventBus,
-    EventBusConfig, HealthReport, HealthStatus, MonitorHandle, OffsetReset,
-    PartitionLag as CorePartitionLag, Pool, Probe, PublishMetrics, PublishReceipt, Record,
-    Recovery, Result, Subscription, TopicConfig,
+    EventBusConfig, HealthReport, HealthStatus, OffsetReset, PartitionLag as CorePartitionLag,
+    Pool, Probe, PublishMetrics, PublishReceipt, Record, Recovery, Result, Subscription,
+    TopicConfig,
 };
 
 use crate::config::{NatsAuth, NatsConfig, Retention};
@@ -50,7 +50,6 @@ struct Inner {
     total: Arc<Semaphore>,
     reconnects: watch::Receiver<u64>,
     closed: AtomicBool,
-    monitor: std::sync::Mutex<Option<MonitorHandle>>,
     publish_metrics: PublishMetrics,
 }
 
@@ -285,11 +284,9 @@ impl NatsEventBus {
             total,
             reconnects,
             closed: AtomicBool::new(false),
-            monitor: std::sync::Mutex::new(None),
             publish_metrics: PublishMetrics::new("nats"),
         });
-        let monitor = inner.dispatcher.spawn_monitor(Arc::downgrade(&inner));
-        *inner.monitor.lock().expect("monitor slot poisoned") = Some(monitor);
+        inner.dispatcher.start_monitor(Arc::downgrade(&inner));
         Ok(Self { inner })
     }
 
@@ -619,15 +616,7 @@ impl NatsEventBus {
                 "could not flush the last acks before close; those messages will be redelivered"
             );
         }
-        let monitor = self
-            .inner
-            .monitor
-            .lock()
-            .expect("monitor slot poisoned")
-            .take();
-        if let Some(monitor) = monitor {
-            monitor.stop().await;
-        }
+        self.inner.dispatcher.stop_monitor().await;
         tracing::info!("NATS event bus closed");
         Ok(())
     }

@@ -45,6 +45,9 @@ async fn recovery_mode_enters_over_the_lag_threshold_and_leaves_after_staying_un
                 .max_age(Duration::ZERO)
                 .leave_after(Duration::from_millis(150)),
         );
+    // Few in flight: most messages are dispatched after recovery mode is entered
+    // (while the lag is still far above the threshold), so their handlers see it.
+    config.consumer.max_in_flight_per_partition = 5;
     let bus = bus(config);
     let t = topic("recovery");
     bus.configure_topic(&t, TopicConfig::default().partitions(2))

@@ -402,7 +402,12 @@ impl Member {
                 // Every task of this consumer (fetch loop, pool workers, handlers)
                 // is dropped at its next await; nothing is committed any more. A
                 // runtime cannot be dropped on an async thread.
-                let _ = tokio::task::spawn_blocking(move || rt.shutdown_background()).await;
+                // Wait until the runtime has dropped them (as a killed process is gone
+                // before it is restarted): the consume loops leave the group on drop.
+                let _ = tokio::task::spawn_blocking(move || {
+                    rt.shutdown_timeout(std::time::Duration::from_secs(10))
+                })
+                .await;
                 drop(bus);
             }
             Member::Child {
@@ -426,7 +431,12 @@ impl Member {
                     .spawn(async move { bus.close().await })
                     .await
                     .map_err(|e| format!("close task: {e}"))?;
-                let _ = tokio::task::spawn_blocking(move || rt.shutdown_background()).await;
+                // Wait until the runtime has dropped them (as a killed process is gone
+                // before it is restarted): the consume loops leave the group on drop.
+                let _ = tokio::task::spawn_blocking(move || {
+                    rt.shutdown_timeout(std::time::Duration::from_secs(10))
+                })
+                .await;
                 closed.map_err(|e| format!("close: {e}"))
             }
             Member::Child {

@@ -1,4 +1,4 @@
-//! Ready-made factories: the two pools sized by a [`PoolSpec`], and buses on one
+//! Ready-made factories: the two pools sized by a [`PoolSpec`](crate::pool_suite::PoolSpec), and buses on one
 //! shared in-process broker. Each behind the cargo feature of the same name.
 
 #[cfg(feature = "memory")]

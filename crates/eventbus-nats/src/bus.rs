@@ -19,7 +19,7 @@ use eventbus_core::{
 };
 
 use crate::config::{NatsAuth, NatsConfig, Retention};
-use crate::consumer::{ConsumerState, CoreLoop, JsLoop};
+use crate::consumer::{ConsumerState, CoreLoop, JsLoop, Recreate};
 use crate::naming;
 use crate::publish::{bounded, NatsDeadLetterSink, Shared, TopicSettings};
 use crate::streams::{broker, validate_topic_config};
@@ -115,7 +115,25 @@ impl Inner {
                 .lock()
                 .expect("consumer state poisoned")
                 .clone();
+            let standby = self.shared.settings(topic).config.persistent
+                && !h.state.active.load(Ordering::Relaxed);
             components.push(match error {
+                None if standby => {
+                    let holder = h
+                        .state
+                        .holder
+                        .lock()
+                        .expect("consumer state poisoned")
+                        .clone();
+                    ComponentHealth::with_status(
+                        name,
+                        HealthStatus::Healthy,
+                        match holder {
+                            Some(m) => format!("standby: member `{m}` consumes this topic"),
+                            None => "standby: waiting for the consumer lease".to_owned(),
+                        },
+                    )
+                }
                 Some(e) => ComponentHealth::with_status(
                     name,
                     HealthStatus::Degraded,
@@ -410,6 +428,22 @@ impl NatsEventBus {
         v
     }
 
+    /// Whether this bus consumes `topic` now: `false` while another member of the
+    /// group holds the consumer's lease (this one stands by), or when `topic` is
+    /// not subscribed. Core NATS topics are always consumed.
+    pub async fn is_consuming(&self, topic: &str) -> bool {
+        let consumers = self.inner.consumers.lock().await;
+        consumers.get(topic).is_some_and(|h| {
+            !self.inner.shared.settings(topic).config.persistent
+                || h.state.active.load(Ordering::Relaxed)
+        })
+    }
+
+    /// This bus's name in consumer leases.
+    pub async fn member_name(&self) -> Result<String> {
+        Ok(self.inner.shared.leases().await?.member().to_owned())
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             Err(Error::closed("the NATS event bus is closed"))
@@ -418,22 +452,36 @@ impl NatsEventBus {
         }
     }
 
-    async fn create_consumer(
+    /// Open the durable consumer `durable` of `topic`, creating it when missing:
+    /// from the start (or the end) of the stream as `reset` says, or from stream
+    /// sequence `start` when given, in which case an existing one is deleted first.
+    /// An existing consumer whose settings differ in what the bus relies on is a
+    /// `Conflict` naming each field; it is never changed.
+    async fn open_consumer(
         shared: Arc<Shared>,
         topic: String,
         durable: String,
         max_ack_pending: usize,
         reset: OffsetReset,
+        start: Option<u64>,
     ) -> Result<consumer::PullConsumer> {
         let stream_name = shared.stream_name(&topic);
         shared.ensure_stream(&topic).await?;
-        let stream = shared.js.get_stream(&stream_name).await.map_err(|e| {
-            shared.streams.forget(&stream_name);
-            broker(
-                format!("cannot open stream `{stream_name}` of topic `{topic}`"),
-                e,
-            )
-        })?;
+        let timeout = shared.config.request_timeout;
+        let stream = bounded(
+            timeout,
+            || format!("opening stream `{stream_name}`"),
+            async {
+                shared.js.get_stream(&stream_name).await.map_err(|e| {
+                    shared.streams.forget(&stream_name);
+                    broker(
+                        format!("cannot open stream `{stream_name}` of topic `{topic}`"),
+                        e,
+                    )
+                })
+            },
+        )
+        .await?;
         let config = consumer::pull::Config {
             durable_name: Some(durable.clone()),
             description: Some(format!("eventbus consumer of topic {topic}")),
@@ -443,29 +491,106 @@ impl NatsEventBus {
             // what the bus gave back or lost, and must never give up on it.
             max_deliver: -1,
             max_ack_pending: max_ack_pending as i64,
-            deliver_policy: match reset {
-                OffsetReset::Earliest => consumer::DeliverPolicy::All,
-                OffsetReset::Latest => consumer::DeliverPolicy::New,
+            deliver_policy: match (start, reset) {
+                (Some(start_sequence), _) => {
+                    consumer::DeliverPolicy::ByStartSequence { start_sequence }
+                }
+                (None, OffsetReset::Earliest) => consumer::DeliverPolicy::All,
+                (None, OffsetReset::Latest) => consumer::DeliverPolicy::New,
             },
             ..Default::default()
         };
-        stream.create_consumer(config).await.map_err(|e| {
-            let text = e.to_string();
-            let conflict =
-                text.contains("exist") || text.contains("in use") || text.contains("update");
-            Error::new(
-                if conflict {
-                    ErrorKind::Conflict
-                } else {
-                    ErrorKind::Broker
+        if start.is_some() {
+            let deleted = bounded(
+                timeout,
+                || format!("deleting consumer `{durable}`"),
+                async {
+                    match stream.delete_consumer(&durable).await {
+                        Ok(_) => Ok(()),
+                        Err(e) if consumer_not_found(&e) => Ok(()),
+                        Err(e) => Err(broker(format!("cannot delete consumer `{durable}`"), e)),
+                    }
                 },
-                format!(
-                    "cannot create durable consumer `{durable}` on stream `{stream_name}` \
-                     (an existing consumer with other settings is not changed)"
-                ),
-            )
-            .with_source(e)
-        })
+            );
+            deleted.await?;
+        } else {
+            let existing = bounded(timeout, || format!("opening consumer `{durable}`"), async {
+                Ok(stream
+                    .get_consumer::<consumer::pull::Config>(&durable)
+                    .await
+                    .ok())
+            })
+            .await?;
+            if let Some(c) = existing {
+                let have = &c.cached_info().config;
+                let mut diffs = Vec::new();
+                if have.ack_policy != config.ack_policy {
+                    diffs.push(format!(
+                        "ack_policy is {:?}, wanted {:?}",
+                        have.ack_policy, config.ack_policy
+                    ));
+                }
+                if have.ack_wait != config.ack_wait {
+                    diffs.push(format!(
+                        "ack_wait is {:?}, configured {:?}",
+                        have.ack_wait, config.ack_wait
+                    ));
+                }
+                if have.max_ack_pending != config.max_ack_pending {
+                    diffs.push(format!(
+                        "max_ack_pending is {}, the pool's capacity gives {}",
+                        have.max_ack_pending, config.max_ack_pending
+                    ));
+                }
+                if have.max_deliver != config.max_deliver {
+                    diffs.push(format!(
+                        "max_deliver is {}, wanted {}",
+                        have.max_deliver, config.max_deliver
+                    ));
+                }
+                if have.filter_subject != config.filter_subject {
+                    diffs.push(format!(
+                        "filter_subject is `{}`, wanted none",
+                        have.filter_subject
+                    ));
+                }
+                if diffs.is_empty() {
+                    return Ok(c);
+                }
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "durable consumer `{durable}` on stream `{stream_name}` exists with other \
+                         settings (it is not changed): {}",
+                        diffs.join("; ")
+                    ),
+                ));
+            }
+        }
+        bounded(
+            timeout,
+            || format!("creating consumer `{durable}`"),
+            async {
+                stream.create_consumer(config).await.map_err(|e| {
+                    let text = e.to_string();
+                    let conflict = text.contains("exist")
+                        || text.contains("in use")
+                        || text.contains("update");
+                    Error::new(
+                        if conflict {
+                            ErrorKind::Conflict
+                        } else {
+                            ErrorKind::Broker
+                        },
+                        format!(
+                            "cannot create durable consumer `{durable}` on stream `{stream_name}`"
+                        ),
+                    )
+                    .with_source(e)
+                })
+            },
+        )
+        .await
     }
 
     async fn subscribe_inner(&self, sub: Subscription) -> Result<()> {
@@ -493,25 +618,29 @@ impl NatsEventBus {
             }
             let durable = self.durable_name(&topic);
             let reset = cfg.auto_offset_reset;
-            let consumer = Self::create_consumer(
+            let consumer = Self::open_consumer(
                 shared.clone(),
                 topic.clone(),
                 durable.clone(),
                 max_in_flight,
                 reset,
+                None,
             )
             .await?;
+            let leases = shared.leases().await?;
+            let lease_key = naming::lease_key(&shared.stream_name(&topic), &durable);
             let state = Arc::new(ConsumerState::new(&topic));
-            let recreate = {
+            let recreate: Recreate = {
                 let shared = shared.clone();
                 let topic = topic.clone();
-                Arc::new(move || {
+                Arc::new(move |start| {
                     let shared = shared.clone();
                     let topic = topic.clone();
                     let durable = durable.clone();
                     async move {
                         shared.streams.forget(&shared.stream_name(&topic));
-                        Self::create_consumer(shared, topic, durable, max_in_flight, reset).await
+                        Self::open_consumer(shared, topic, durable, max_in_flight, reset, start)
+                            .await
                     }
                     .boxed()
                 })
@@ -521,7 +650,10 @@ impl NatsEventBus {
                 dispatcher: inner.dispatcher.clone(),
                 prepared,
                 consumer,
-                stop: stop.clone(),
+                closing: stop.clone(),
+                stop: stop.child_token(),
+                leases,
+                lease_key,
                 total: inner.total.clone(),
                 max_in_flight,
                 state: state.clone(),
@@ -620,6 +752,11 @@ impl NatsEventBus {
         tracing::info!("NATS event bus closed");
         Ok(())
     }
+}
+
+fn consumer_not_found(e: &async_nats::jetstream::stream::ConsumerError) -> bool {
+    use async_nats::jetstream::{stream::ConsumerErrorKind, ErrorCode};
+    matches!(e.kind(), ConsumerErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND)
 }
 
 impl EventBus for NatsEventBus {

@@ -191,6 +191,18 @@ pub struct NatsConfig {
     pub topics: HashMap<String, TopicConfig>,
     /// Per-topic retention (`retention.<topic>`), default [`Retention::Limits`].
     pub retention: HashMap<String, Retention>,
+    /// Key-value bucket of the consumer leases (`lease_bucket`), default
+    /// `eventbus_leases`: one member of a group consumes a durable at a time, the
+    /// others wait as standbys (see `docs/nats.md`).
+    pub lease_bucket: String,
+    /// How long a lease lasts without a refresh (`lease_ttl`), default 10s: a
+    /// standby takes over this long after the holder crashed. At least
+    /// 2 × `fetch_expires` + 1s.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Replicas of the lease bucket when the bus creates it (`lease_replicas`),
+    /// default 1; use 3 on a clustered server.
+    pub lease_replicas: usize,
 }
 
 impl Default for NatsConfig {
@@ -208,6 +220,9 @@ impl Default for NatsConfig {
             request_timeout: Duration::from_secs(5),
             topics: HashMap::new(),
             retention: HashMap::new(),
+            lease_bucket: "eventbus_leases".to_owned(),
+            lease_ttl: Duration::from_secs(10),
+            lease_replicas: 1,
         }
     }
 }
@@ -270,6 +285,13 @@ impl NatsConfig {
         self
     }
 
+    /// Set the lease time to live.
+    #[must_use]
+    pub fn lease_ttl(mut self, d: Duration) -> Self {
+        self.lease_ttl = d;
+        self
+    }
+
     /// Set the settings of one topic.
     #[must_use]
     pub fn topic(mut self, topic: impl Into<String>, config: TopicConfig) -> Self {
@@ -311,6 +333,30 @@ impl NatsConfig {
         }
         if self.request_timeout.is_zero() {
             return Err(Error::config("request_timeout must be above zero"));
+        }
+        let least = self.fetch_expires * 2 + Duration::from_secs(1);
+        if self.lease_ttl < least {
+            return Err(Error::config(format!(
+                "lease_ttl must be at least 2 × fetch_expires + 1s ({least:?}), got {:?}",
+                self.lease_ttl
+            )));
+        }
+        let bucket_ok = !self.lease_bucket.is_empty()
+            && self
+                .lease_bucket
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+        if !bucket_ok {
+            return Err(Error::config(format!(
+                "lease_bucket `{}` is invalid: use A-Z a-z 0-9 _ -",
+                self.lease_bucket.escape_debug()
+            )));
+        }
+        if !(1..=5).contains(&self.lease_replicas) {
+            return Err(Error::config(format!(
+                "lease_replicas must be within 1..=5, got {}",
+                self.lease_replicas
+            )));
         }
         if self.reconnect.max_delay < self.reconnect.initial_delay {
             return Err(Error::config(
@@ -408,6 +454,25 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("auth.token"), "{e}");
+        let e = NatsConfig::default()
+            .lease_ttl(Duration::from_secs(3))
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("lease_ttl"), "{e}");
+        let mut c = NatsConfig::default();
+        c.lease_bucket = "a.b".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("lease_bucket"));
+        let mut c = NatsConfig::default();
+        c.lease_replicas = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("lease_replicas"));
     }
 
     #[test]

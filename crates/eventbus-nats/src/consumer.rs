@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -25,7 +25,9 @@ use eventbus_core::{
     PreparedSubscription, Result,
 };
 
-use crate::publish::{from_header_map, Shared};
+use crate::lease::{Lease, LeaseClock, Leases, Previous};
+use crate::publish::{bounded, from_header_map, Shared};
+use crate::streams::broker;
 
 /// What health and metrics read about one consumer.
 #[derive(Debug)]
@@ -36,7 +38,12 @@ pub(crate) struct ConsumerState {
     pub(crate) in_flight: AtomicUsize,
     pub(crate) redeliveries: AtomicU64,
     pub(crate) last_error: Mutex<Option<String>>,
+    /// Whether this member holds the lease and consumes.
+    pub(crate) active: AtomicBool,
+    /// While waiting as a standby: the member holding the lease, if known.
+    pub(crate) holder: Mutex<Option<String>>,
     pending_gauge: metrics::Gauge,
+    active_gauge: metrics::Gauge,
     in_flight_gauge: metrics::Gauge,
     redelivery_counter: metrics::Counter,
 }
@@ -50,7 +57,10 @@ impl ConsumerState {
             in_flight: AtomicUsize::new(0),
             redeliveries: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            active: AtomicBool::new(false),
+            holder: Mutex::new(None),
             pending_gauge: metrics::gauge!(crate::METRIC_CONSUMER_PENDING, "topic" => t.clone()),
+            active_gauge: metrics::gauge!(crate::METRIC_CONSUMER_ACTIVE, "topic" => t.clone()),
             in_flight_gauge: metrics::gauge!(crate::METRIC_IN_FLIGHT, "topic" => t.clone()),
             redelivery_counter: metrics::counter!(crate::METRIC_REDELIVERIES, "topic" => t),
         }
@@ -59,6 +69,15 @@ impl ConsumerState {
     pub(crate) fn set_pending(&self, n: u64) {
         self.pending.store(n, Ordering::Relaxed);
         self.pending_gauge.set(n as f64);
+    }
+
+    pub(crate) fn set_active(&self, yes: bool) {
+        self.active.store(yes, Ordering::Relaxed);
+        self.active_gauge.set(if yes { 1.0 } else { 0.0 });
+    }
+
+    fn set_holder(&self, holder: Option<&str>) {
+        *self.holder.lock().expect("consumer state poisoned") = holder.map(str::to_owned);
     }
 
     fn set_in_flight(&self, n: usize) {
@@ -86,21 +105,128 @@ pub(crate) struct JsLoop {
     pub(crate) dispatcher: Dispatcher,
     pub(crate) prepared: Arc<PreparedSubscription>,
     pub(crate) consumer: PullConsumer,
+    /// Fired when the subscription ends (unsubscribe or close).
+    pub(crate) closing: CancellationToken,
+    /// Fired when the current turn as lease holder ends: a child of `closing`,
+    /// also fired when the lease is lost.
     pub(crate) stop: CancellationToken,
+    pub(crate) leases: Arc<Leases>,
+    pub(crate) lease_key: String,
     pub(crate) total: Arc<Semaphore>,
     pub(crate) max_in_flight: usize,
     pub(crate) state: Arc<ConsumerState>,
     pub(crate) drain_timeout: Duration,
     pub(crate) reconnects: watch::Receiver<u64>,
-    /// Re-creates the stream and durable consumer after fetch errors.
-    pub(crate) recreate: Arc<dyn Fn() -> BoxFuture<'static, Result<PullConsumer>> + Send + Sync>,
+    /// Opens (or re-creates) the stream and durable consumer: after fetch errors
+    /// (`None`), or from a stream sequence when taking over from a member that
+    /// stopped without settling what it held (`Some(seq)`).
+    pub(crate) recreate: Recreate,
 }
+
+pub(crate) type Recreate =
+    Arc<dyn Fn(Option<u64>) -> BoxFuture<'static, Result<PullConsumer>> + Send + Sync>;
 
 type Submitting = BoxFuture<'static, (u64, Result<InFlight<u64>>, OwnedSemaphorePermit)>;
 type Settling = BoxFuture<'static, (Completion<u64>, OwnedSemaphorePermit)>;
 
 impl JsLoop {
+    /// Wait for the lease, consume while holding it, and wait again if it is lost,
+    /// until the subscription ends.
     pub(crate) async fn run(mut self) {
+        let fetch_expires = self.shared.config.fetch_expires;
+        loop {
+            self.state.set_active(false);
+            let state = self.state.clone();
+            let acquired = self
+                .leases
+                .acquire(&self.lease_key, &self.closing, |holder| {
+                    if let Some(h) = holder {
+                        tracing::info!(topic = %state.topic, holder = h,
+                            "another member consumes this topic for the group; standing by");
+                    }
+                    state.set_holder(holder);
+                })
+                .await;
+            let Some(mut lease) = acquired else { break };
+            self.state.set_holder(None);
+            if let Err(e) = self.take_over(&mut lease).await {
+                tracing::warn!(topic = %self.state.topic, error = %e,
+                    "cannot take over the durable consumer; trying again");
+                self.state.set_error(Some(e.to_string()));
+                tokio::select! {
+                    _ = self.closing.cancelled() => {
+                        lease.release().await;
+                        break;
+                    }
+                    _ = tokio::time::sleep(retry_delay(4)) => continue,
+                }
+            }
+            tracing::info!(topic = %self.state.topic, member = self.leases.member(),
+                previous = ?lease.previous, "holding the lease: consuming");
+            self.state.set_error(None);
+            self.state.set_active(true);
+            self.stop = self.closing.child_token();
+            let clock = lease.clock();
+            let keeper_stop = CancellationToken::new();
+            let keeper =
+                tokio::spawn(lease.keep(fetch_expires, keeper_stop.clone(), self.stop.clone()));
+            self.consume(&clock).await;
+            keeper_stop.cancel();
+            let kept = keeper.await.ok().flatten();
+            if self.closing.is_cancelled() {
+                if let Some(lease) = kept {
+                    lease.release().await;
+                }
+                break;
+            }
+            tracing::warn!(topic = %self.state.topic,
+                "lease lost: stopped consuming; waiting to hold it again");
+        }
+        self.state.set_active(false);
+    }
+
+    /// Make the durable consumer safe to consume after acquiring its lease.
+    ///
+    /// When the previous holder stopped without settling what it held (a crash, or
+    /// a member cut off from the server), those messages would come back only after
+    /// `ack_wait`, after later messages of their aggregates. Instead the consumer is
+    /// re-created from its ack floor, so every message not yet acknowledged in
+    /// order is delivered again in stream order. What was acknowledged above the
+    /// floor comes again too: duplicates of work that was in flight, never a gap.
+    async fn take_over(&mut self, lease: &mut Lease) -> Result<()> {
+        let timeout = self.shared.config.request_timeout;
+        let start = match lease.previous {
+            Previous::Released | Previous::Own => None,
+            Previous::Expired {
+                reset_from: Some(seq),
+            } => Some(seq),
+            Previous::Expired { reset_from: None } | Previous::Nobody => {
+                let topic = self.state.topic.clone();
+                let what = || format!("consumer info of topic `{topic}`");
+                let info = match bounded(timeout, what, consumer_info(&mut self.consumer)).await {
+                    Ok(info) => info,
+                    Err(_) => {
+                        // Gone (deleted, or the server lost it): open it again.
+                        self.consumer = (self.recreate)(None).await?;
+                        bounded(timeout, what, consumer_info(&mut self.consumer)).await?
+                    }
+                };
+                (info.num_ack_pending > 0).then(|| info.ack_floor.stream_sequence + 1)
+            }
+        };
+        let Some(seq) = start else { return Ok(()) };
+        tracing::info!(topic = %self.state.topic, from = seq,
+            "the previous member stopped without settling its messages: \
+             re-reading from the first one not acknowledged");
+        lease.refresh(Some(seq)).await?;
+        self.consumer = (self.recreate)(Some(seq)).await?;
+        lease.refresh(None).await?;
+        Ok(())
+    }
+
+    /// Consume while this member holds the lease (until `self.stop`), then drain
+    /// and hand back what is unfinished.
+    async fn consume(&mut self, clock: &LeaseClock) {
         let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
         let beats_stop = CancellationToken::new();
         let beats = tokio::spawn(heartbeats(
@@ -134,7 +260,9 @@ impl JsLoop {
             // what it brought is still being submitted: its round trip overlaps that
             // work. Messages waiting for submission hold their permits, so the
             // bound on messages in flight is unchanged.
-            let may_fetch = batch.is_none() && backoff.is_none() && room > 0;
+            // A pull request must run out while the lease still holds.
+            let may_fetch =
+                batch.is_none() && backoff.is_none() && room > 0 && clock.may_pull(fetch_expires);
 
             tokio::select! {
                 biased;
@@ -201,7 +329,7 @@ impl JsLoop {
                 _ = async { backoff.as_mut().expect("guarded").await }, if backoff.is_some() => {
                     backoff = None;
                     if needs_recreate {
-                        match (self.recreate)().await {
+                        match (self.recreate)(None).await {
                             Ok(c) => {
                                 self.consumer = c;
                                 needs_recreate = false;
@@ -403,6 +531,16 @@ impl JsLoop {
         }
         Some(msg)
     }
+}
+
+async fn consumer_info(
+    consumer: &mut PullConsumer,
+) -> Result<async_nats::jetstream::consumer::Info> {
+    consumer
+        .info()
+        .await
+        .cloned()
+        .map_err(|e| broker("cannot read the durable consumer".to_owned(), e))
 }
 
 /// Ack, term or nak a finished message.

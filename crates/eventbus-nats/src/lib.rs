@@ -3,6 +3,7 @@
 mod bus;
 mod config;
 mod consumer;
+mod lease;
 mod naming;
 mod publish;
 mod streams;
@@ -15,6 +16,9 @@ pub use publish::{DLQ_STREAM_HEADER, DLQ_SUBJECT_HEADER, KEY_HEADER, MSG_ID_HEAD
 pub const METRIC_CONSUMER_PENDING: &str = "nats_eventbus_consumer_pending";
 /// Gauge: messages of a consumer fetched and not yet settled, by `topic`.
 pub const METRIC_IN_FLIGHT: &str = "nats_eventbus_in_flight";
+/// Gauge: 1 while this member holds the lease of its group's consumer of
+/// `topic` and consumes it, 0 while it waits as a standby.
+pub const METRIC_CONSUMER_ACTIVE: &str = "nats_eventbus_consumer_active";
 /// Counter: deliveries the server marked as redeliveries, by `topic`.
 pub const METRIC_REDELIVERIES: &str = "nats_eventbus_redeliveries_total";
 

@@ -65,6 +65,26 @@ pub(crate) fn durable_name(group: &str, topic: &str) -> String {
     sanitize(&format!("{group}-{topic}"))
 }
 
+/// The lease key of a durable consumer: `<stream>.<durable>`, each part with every
+/// byte outside `A-Z a-z 0-9 _ -` written as `=XX` (key-value keys allow few
+/// characters; `=` itself is escaped, so distinct names stay distinct).
+pub(crate) fn lease_key(stream: &str, durable: &str) -> String {
+    fn escape(s: &str, out: &mut String) {
+        for b in s.bytes() {
+            if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("={b:02X}"));
+            }
+        }
+    }
+    let mut key = String::with_capacity(stream.len() + durable.len() + 1);
+    escape(stream, &mut key);
+    key.push('.');
+    escape(durable, &mut key);
+    key
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +95,7 @@ mod tests {
         assert_eq!(subject(Some("app"), "orders.v1"), "app.orders.v1");
         assert_eq!(stream_name(Some("app"), "orders.v1"), "app_orders_v1");
         assert_eq!(durable_name("svc a", "orders.v1"), "svc_a-orders_v1");
+        assert_eq!(lease_key("app_orders", "svc:a=b"), "app_orders.svc=3Aa=3Db");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use eventbus_core::{
 };
 
 use crate::config::{NatsConfig, Retention};
+use crate::lease::Leases;
 use crate::naming;
 use crate::streams::{broker, StreamSpec, Streams};
 
@@ -47,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) config: NatsConfig,
     pub(crate) streams: Streams,
     topics: RwLock<HashMap<String, TopicSettings>>,
+    /// The consumer lease bucket, opened with the first JetStream subscription.
+    leases: tokio::sync::OnceCell<Arc<Leases>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -79,7 +82,16 @@ impl Shared {
             js,
             config,
             topics: RwLock::new(topics),
+            leases: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The consumer lease bucket (opened or created on first use).
+    pub(crate) async fn leases(&self) -> Result<Arc<Leases>> {
+        self.leases
+            .get_or_try_init(|| Leases::open(&self.client, &self.js, &self.config))
+            .await
+            .cloned()
     }
 
     fn prefix(&self) -> Option<&str> {

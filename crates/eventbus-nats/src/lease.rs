@@ -1,0 +1,446 @@
+//! One active member per durable consumer: a lease in a JetStream key-value bucket.
+//!
+//! A JetStream pull consumer hands its messages to whichever member asks, with no
+//! regard to aggregate, so two members of a group on one durable would run one
+//! aggregate's messages side by side. The bus therefore lets one member at a time
+//! consume a durable: the holder of its lease. Other members wait as hot standbys
+//! and take over when the holder releases the lease (a clean close) or stops
+//! refreshing it (a crash, or a member cut off from the server).
+//!
+//! The lease is a key (`<stream>.<durable>`) whose value names the holder and its
+//! time to live. Every write is a compare-and-set on the key's revision, so at most
+//! one member wins a takeover. Expiry is judged on each member's own clock, never by
+//! comparing clocks:
+//! - the holder counts its lease from the moment it *sent* its last successful
+//!   refresh, and stops pulling early enough that every pull request it sent has
+//!   run out before `ttl` has passed since then;
+//! - a standby takes over only after it has seen the same revision for the
+//!   holder's whole `ttl`, which starts no earlier than that refresh was stored.
+
+use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
+use async_nats::jetstream::{self, stream, stream::StorageType};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eventbus_core::{CancellationToken, Error, ErrorKind, Result};
+
+use crate::config::NatsConfig;
+
+/// What a lease key holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Holder {
+    /// The holding member (unique per bus).
+    member: String,
+    /// How long the lease lasts without a refresh, in milliseconds.
+    ttl_ms: u64,
+    /// Set while the holder re-creates the durable consumer from this stream
+    /// sequence: a holder that dies in between leaves the next one where to start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reset_from: Option<u64>,
+}
+
+/// How the lease was found when it was acquired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Previous {
+    /// Nobody held it before.
+    Nobody,
+    /// The previous holder released it: it settled or handed back all it had.
+    Released,
+    /// This member held it before (it lost it by failing to refresh in time).
+    Own,
+    /// The previous holder stopped refreshing it (crashed or cut off); what it
+    /// was handed and did not acknowledge comes back only after `ack_wait`.
+    Expired {
+        /// The stream sequence it was re-creating the consumer from, if it died
+        /// doing so.
+        reset_from: Option<u64>,
+    },
+}
+
+/// The lease bucket of a bus, and who this bus is in it.
+pub(crate) struct Leases {
+    kv: kv::Store,
+    member: String,
+    ttl: Duration,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Leases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leases")
+            .field("member", &self.member)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lease_error(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(ErrorKind::Broker, what).with_source(e)
+}
+
+impl Leases {
+    /// Open (or create) the bucket named by `lease_bucket`.
+    pub(crate) async fn open(
+        client: &async_nats::Client,
+        js: &jetstream::Context,
+        config: &NatsConfig,
+    ) -> Result<Arc<Self>> {
+        let bucket = config.lease_bucket.clone();
+        // The bucket's stream is created directly, with the key-value conventions
+        // (`KV_<bucket>`, subjects `$KV.<bucket>.>`): the client's own bucket
+        // creation first asks for account details that a 2.9 server answers in a
+        // form it does not read.
+        let stream = stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("eventbus: which member consumes each durable consumer".into()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            storage: StorageType::File,
+            num_replicas: config.lease_replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        let timeout = config.request_timeout;
+        let opened = tokio::time::timeout(timeout, async {
+            // An existing bucket (perhaps with other replicas) is used as it is.
+            if let Ok(kv) = js.get_key_value(&bucket).await {
+                return Ok(kv);
+            }
+            js.get_or_create_stream(stream).await.map_err(|e| {
+                lease_error(
+                    format!("lease_bucket: cannot create key-value bucket `{bucket}`"),
+                    e,
+                )
+            })?;
+            js.get_key_value(&bucket).await.map_err(|e| {
+                lease_error(
+                    format!("lease_bucket: cannot open key-value bucket `{bucket}`"),
+                    e,
+                )
+            })
+        })
+        .await;
+        let kv = opened.unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "lease_bucket: opening key-value bucket `{bucket}` timed out after {timeout:?}"
+                ),
+            ))
+        })?;
+        // A new inbox name is unique (`_INBOX.<nuid>`).
+        let inbox = client.new_inbox();
+        let unique = inbox.rsplit('.').next().unwrap_or(&inbox);
+        let member = format!("{}-{}-{unique}", config.name, std::process::id());
+        Ok(Arc::new(Self {
+            kv,
+            member,
+            ttl: config.lease_ttl,
+            request_timeout: config.request_timeout,
+        }))
+    }
+
+    /// This member's name in lease values.
+    pub(crate) fn member(&self) -> &str {
+        &self.member
+    }
+
+    fn value(&self, reset_from: Option<u64>) -> bytes::Bytes {
+        serde_json::to_vec(&Holder {
+            member: self.member.clone(),
+            ttl_ms: self.ttl.as_millis() as u64,
+            reset_from,
+        })
+        .expect("a lease value serialises")
+        .into()
+    }
+
+    /// Compare-and-set `key` to this member at `revision` (0: the key must not
+    /// exist). `Ok(None)` when another write got there first.
+    async fn write(
+        &self,
+        key: &str,
+        revision: u64,
+        reset_from: Option<u64>,
+    ) -> Result<Option<u64>> {
+        let update = self.kv.update(key, self.value(reset_from), revision);
+        match tokio::time::timeout(self.request_timeout, update).await {
+            Ok(Ok(rev)) => Ok(Some(rev)),
+            Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+            Ok(Err(e)) => Err(lease_error(format!("cannot write lease `{key}`"), e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("writing lease `{key}` timed out"),
+            )),
+        }
+    }
+
+    /// Wait until this member holds `key`; `None` when `stop` fires first.
+    /// `waiting` is told (once per holder) who holds it meanwhile.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        key: &str,
+        stop: &CancellationToken,
+        waiting: impl Fn(Option<&str>),
+    ) -> Option<Lease> {
+        let poll = (self.ttl / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        // The holder's revision and when this member first saw it.
+        let mut seen: Option<(u64, Instant)> = None;
+        let mut told: Option<String> = None;
+        loop {
+            if stop.is_cancelled() {
+                return None;
+            }
+            match self.try_acquire(key, &mut seen).await {
+                Ok(Ok(lease)) => return Some(lease),
+                Ok(Err(holder)) => {
+                    if told.as_deref() != Some(holder.as_str()) {
+                        waiting(Some(&holder));
+                        told = Some(holder);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "lease check failed; trying again");
+                    waiting(None);
+                    told = None;
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// One look at `key`: the lease, or the name of the member holding it.
+    async fn try_acquire(
+        self: &Arc<Self>,
+        key: &str,
+        seen: &mut Option<(u64, Instant)>,
+    ) -> Result<std::result::Result<Lease, String>> {
+        let entry = tokio::time::timeout(self.request_timeout, self.kv.entry(key))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("reading lease `{key}` timed out"),
+                )
+            })?
+            .map_err(|e| lease_error(format!("cannot read lease `{key}`"), e))?;
+        let (revision, previous) = match entry {
+            None => (0, Previous::Nobody),
+            Some(e) if matches!(e.operation, Operation::Delete | Operation::Purge) => {
+                (e.revision, Previous::Released)
+            }
+            Some(e) => {
+                let holder: Option<Holder> = serde_json::from_slice(&e.value).ok();
+                match holder {
+                    Some(h) if h.member == self.member => (e.revision, Previous::Own),
+                    holder => {
+                        // A value this version cannot read counts as a holder with
+                        // this member's own time to live.
+                        let ttl = holder
+                            .as_ref()
+                            .map_or(self.ttl, |h| Duration::from_millis(h.ttl_ms));
+                        let name = holder
+                            .as_ref()
+                            .map_or_else(|| "an unknown member".to_owned(), |h| h.member.clone());
+                        let now = Instant::now();
+                        match *seen {
+                            Some((rev, since)) if rev == e.revision => {
+                                if now.duration_since(since) < ttl {
+                                    return Ok(Err(name));
+                                }
+                            }
+                            _ => {
+                                *seen = Some((e.revision, now));
+                                return Ok(Err(name));
+                            }
+                        }
+                        (
+                            e.revision,
+                            Previous::Expired {
+                                reset_from: holder.and_then(|h| h.reset_from),
+                            },
+                        )
+                    }
+                }
+            }
+        };
+        let sent = Instant::now();
+        match self.write(key, revision, None).await? {
+            Some(rev) => Ok(Ok(Lease {
+                leases: self.clone(),
+                key: key.to_owned(),
+                revision: rev,
+                clock: Arc::new(LeaseClock::new(sent + self.ttl)),
+                previous,
+            })),
+            None => {
+                *seen = None;
+                Ok(Err("another member".to_owned()))
+            }
+        }
+    }
+}
+
+/// Until when the holder may act on its lease.
+#[derive(Debug)]
+pub(crate) struct LeaseClock {
+    deadline: Mutex<Instant>,
+    margin: Duration,
+}
+
+impl LeaseClock {
+    fn new(deadline: Instant) -> Self {
+        Self {
+            deadline: Mutex::new(deadline),
+            margin: Duration::from_millis(200),
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        *self.deadline.lock().expect("lease clock poisoned")
+    }
+
+    /// The last moment a pull request lasting `expires` may be sent.
+    pub(crate) fn pull_cutoff(&self, expires: Duration) -> Instant {
+        self.deadline()
+            .checked_sub(expires + self.margin)
+            .unwrap_or_else(Instant::now)
+    }
+
+    /// Whether a pull request lasting `expires` sent now runs out in time.
+    pub(crate) fn may_pull(&self, expires: Duration) -> bool {
+        Instant::now() < self.pull_cutoff(expires)
+    }
+}
+
+/// A held lease.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    leases: Arc<Leases>,
+    key: String,
+    revision: u64,
+    clock: Arc<LeaseClock>,
+    pub(crate) previous: Previous,
+}
+
+/// Why a refresh did not extend the lease.
+#[derive(Debug)]
+pub(crate) enum RefreshError {
+    /// Another member holds it now.
+    Lost,
+    /// The server did not answer; the lease may still be ours.
+    Unavailable(Error),
+}
+
+impl From<RefreshError> for Error {
+    fn from(e: RefreshError) -> Self {
+        match e {
+            RefreshError::Lost => Error::new(
+                ErrorKind::Conflict,
+                "the consumer lease was taken over by another member",
+            ),
+            RefreshError::Unavailable(e) => e,
+        }
+    }
+}
+
+impl Lease {
+    pub(crate) fn clock(&self) -> Arc<LeaseClock> {
+        self.clock.clone()
+    }
+
+    /// Extend the lease, recording `reset_from` in it.
+    pub(crate) async fn refresh(
+        &mut self,
+        reset_from: Option<u64>,
+    ) -> std::result::Result<(), RefreshError> {
+        let sent = Instant::now();
+        match self
+            .leases
+            .write(&self.key, self.revision, reset_from)
+            .await
+        {
+            Ok(Some(rev)) => {
+                self.revision = rev;
+                *self.clock.deadline.lock().expect("lease clock poisoned") = sent + self.leases.ttl;
+                Ok(())
+            }
+            Ok(None) => Err(RefreshError::Lost),
+            Err(e) => Err(RefreshError::Unavailable(e)),
+        }
+    }
+
+    /// Keep the lease until `stop` fires, refreshing it every quarter of its time
+    /// to live; fire `lost` as soon as pulling on it is no longer safe (another
+    /// member took it, or refreshes failed until pull requests sent now could
+    /// outlive it). Returns the lease, or `None` when it was lost.
+    pub(crate) async fn keep(
+        mut self,
+        fetch_expires: Duration,
+        stop: CancellationToken,
+        lost: CancellationToken,
+    ) -> Option<Self> {
+        let every = self.leases.ttl / 4;
+        let mut next = tokio::time::Instant::now() + every;
+        loop {
+            let cutoff = tokio::time::Instant::from_std(self.clock.pull_cutoff(fetch_expires));
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Some(self),
+                _ = tokio::time::sleep_until(cutoff) => {
+                    tracing::warn!(key = %self.key,
+                        "lease not refreshed in time: this member stops consuming");
+                    lost.cancel();
+                    stop.cancelled().await;
+                    return Some(self);
+                }
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            let refreshed = tokio::select! {
+                biased;
+                _ = stop.cancelled() => None,
+                _ = tokio::time::sleep_until(cutoff) => Some(Err(RefreshError::Unavailable(
+                    Error::new(ErrorKind::Timeout, "lease refresh outlasted the pull cutoff"),
+                ))),
+                r = self.refresh(None) => Some(r),
+            };
+            let Some(refreshed) = refreshed else {
+                return Some(self);
+            };
+            match refreshed {
+                Ok(()) => next = tokio::time::Instant::now() + every,
+                Err(RefreshError::Lost) => {
+                    tracing::warn!(key = %self.key, "lease taken over by another member");
+                    lost.cancel();
+                    return None;
+                }
+                Err(RefreshError::Unavailable(e)) => {
+                    tracing::debug!(key = %self.key, error = %e, "lease refresh failed; retrying");
+                    next = tokio::time::Instant::now() + every.min(Duration::from_millis(250));
+                }
+            }
+        }
+    }
+
+    /// Give the lease up so a standby takes over at once.
+    pub(crate) async fn release(self) {
+        let delete = self
+            .leases
+            .kv
+            .delete_expect_revision(&self.key, Some(self.revision));
+        match tokio::time::timeout(self.leases.request_timeout, delete).await {
+            Ok(Ok(())) => tracing::debug!(key = %self.key, "lease released"),
+            Ok(Err(e)) => tracing::debug!(key = %self.key, error = %e,
+                "lease not released; a standby takes over when it expires"),
+            Err(_) => tracing::debug!(key = %self.key,
+                "releasing the lease timed out; a standby takes over when it expires"),
+        }
+    }
+}

@@ -135,7 +135,8 @@ pub fn kafka_config(brokers: &str) -> KafkaConfig {
     c
 }
 
-/// NATS client settings: quick reconnects, an ack wait the stuck key outlasts.
+/// NATS client settings: quick reconnects, an ack wait the stuck key outlasts, a
+/// short consumer lease so a standby takes over soon after a kill.
 pub fn nats_config(url: &str) -> NatsConfig {
     let mut reconnect = ReconnectConfig::default();
     reconnect.initial_delay = Duration::from_millis(50);
@@ -144,6 +145,7 @@ pub fn nats_config(url: &str) -> NatsConfig {
     NatsConfig::new([url.to_owned()])
         .ack_wait(Duration::from_secs(4))
         .fetch_expires(Duration::from_secs(1))
+        .lease_ttl(Duration::from_secs(3))
         .reconnect(reconnect)
 }
 

@@ -97,7 +97,8 @@ pub enum Fault {
     KillConsumer,
     /// The consumer closes cleanly and a new one joins.
     RestartConsumer,
-    /// A second member joins the group and leaves again (rebalance).
+    /// A second member joins the group; then it leaves again, or (every other
+    /// time) the first one leaves and the second carries on (rebalance).
     SecondMember,
     /// Mock cluster: commit requests fail.
     CommitErrors,
@@ -276,6 +277,8 @@ struct Ctx {
     group: String,
     target: Target,
     incarnation: AtomicU64,
+    /// How many times the second-member fault has been applied.
+    second_members: AtomicU64,
     bad_lines: Arc<Mutex<Vec<String>>>,
     /// Folder of the consumer processes' logs, kept after the run.
     logs: PathBuf,
@@ -601,9 +604,18 @@ async fn apply(
             pause(phase).await;
         }
         (Fault::SecondMember, _) => {
+            // Every other time the first member leaves instead, handing the group
+            // over to the second (on NATS: the standby takes the lease).
             let second = ctx.spawn().await?;
             pause(phase / 2).await;
-            second.leave(limit).await?;
+            if ctx.second_members.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                second.leave(limit).await?;
+            } else {
+                if let Some(first) = primary.take() {
+                    first.leave(limit).await?;
+                }
+                *primary = Some(second);
+            }
             pause(phase / 2).await;
         }
         (Fault::CommitErrors | Fault::FetchErrors | Fault::HeartbeatErrors, Broker::Kafka(c)) => {
@@ -684,6 +696,7 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         target: broker.target(),
         topics: topics.clone(),
         incarnation: AtomicU64::new(0),
+        second_members: AtomicU64::new(0),
         bad_lines: Arc::default(),
         logs: logs.clone(),
         opts,

@@ -5,7 +5,7 @@
 // The report is printed so a run shows every outcome.
 #![allow(clippy::print_stdout)]
 
-use eventbus_chaos::{run, Backend, Fault, Options};
+use eventbus_chaos::{run, Backend, Options};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,29 +16,17 @@ fn options(backend: Backend, seconds: u64) -> Options {
     o
 }
 
-async fn check(o: Options) {
-    check_with(o, true).await;
-}
-
 /// One run at a time: each starts brokers, runtimes and processes of its own, and
 /// on a small machine parallel runs would starve each other's sessions.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn check_with(o: Options, order: bool) {
+async fn check(o: Options) {
     let _one_at_a_time = SERIAL.lock().await;
     eventbus_testkit::quiet_deliberate_panics();
     let rotation = o.faults.clone();
     let outcome = run(o).await.unwrap_or_else(|e| panic!("chaos run: {e}"));
     println!("{outcome}");
-    if order {
-        assert!(outcome.passed(), "{outcome}");
-    } else {
-        let r = &outcome.report;
-        assert!(
-            r.lost.is_empty() && r.unexpected.is_empty() && outcome.bad_lines.is_empty(),
-            "{outcome}"
-        );
-    }
+    assert!(outcome.passed(), "{outcome}");
     assert!(outcome.settled, "not every message arrived: {outcome}");
     assert!(outcome.report.handled > 0, "{outcome}");
     for fault in rotation {
@@ -60,23 +48,6 @@ async fn kafka_survives_the_fault_rotation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_survives_server_faults_and_restarts() {
-    let mut o = options(Backend::Nats, 14);
-    o.faults = vec![
-        Fault::ServerKilled,
-        Fault::ServerPaused,
-        Fault::RestartConsumer,
-    ];
-    check(o).await;
-}
-
-/// A consumer killed, or a second member on the same durable consumer: nothing is
-/// lost, but per-key order is not promised on NATS (docs/nats.md, known limit:
-/// what the dead consumer held comes back after `ack_wait`, and two members share
-/// one durable consumer with no regard to aggregate). Violations are printed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_loses_nothing_when_a_consumer_dies_or_a_member_joins() {
-    let mut o = options(Backend::Nats, 10);
-    o.faults = vec![Fault::KillConsumer, Fault::SecondMember];
-    check_with(o, false).await;
+async fn nats_survives_the_fault_rotation() {
+    check(options(Backend::Nats, 24)).await;
 }

@@ -537,10 +537,12 @@ impl NatsEventBus {
                     ));
                 }
                 if have.max_ack_pending != config.max_ack_pending {
-                    diffs.push(format!(
-                        "max_ack_pending is {}, the pool's capacity gives {}",
-                        have.max_ack_pending, config.max_ack_pending
-                    ));
+                    // Members with other pools (a staged rollout) differ here. Each
+                    // asks only for what it has room for, so the server's bound is
+                    // a ceiling, not a promise: use the consumer as it is.
+                    tracing::info!(%durable, server = have.max_ack_pending,
+                        local = config.max_ack_pending,
+                        "durable consumer has another max_ack_pending; the local bound applies");
                 }
                 if have.max_deliver != config.max_deliver {
                     diffs.push(format!(

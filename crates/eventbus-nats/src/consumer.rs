@@ -126,6 +126,14 @@ pub(crate) struct JsLoop {
 pub(crate) type Recreate =
     Arc<dyn Fn(Option<u64>) -> BoxFuture<'static, Result<PullConsumer>> + Send + Sync>;
 
+/// Why a turn as lease holder ended.
+enum TurnEnd {
+    /// The subscription ends, or the lease was lost.
+    Stopped,
+    /// The connection came back: re-read from the ack floor under the same lease.
+    Reconnected,
+}
+
 type Submitting = BoxFuture<'static, (u64, Result<InFlight<u64>>, OwnedSemaphorePermit)>;
 type Settling = BoxFuture<'static, (Completion<u64>, OwnedSemaphorePermit)>;
 
@@ -134,21 +142,29 @@ impl JsLoop {
     /// until the subscription ends.
     pub(crate) async fn run(mut self) {
         let fetch_expires = self.shared.config.fetch_expires;
+        // A lease kept from the last turn (after a reconnect).
+        let mut kept: Option<Lease> = None;
         loop {
-            self.state.set_active(false);
-            let state = self.state.clone();
-            let acquired = self
-                .leases
-                .acquire(&self.lease_key, &self.closing, |holder| {
-                    if let Some(h) = holder {
-                        tracing::info!(topic = %state.topic, holder = h,
-                            "another member consumes this topic for the group; standing by");
-                    }
-                    state.set_holder(holder);
-                })
-                .await;
-            let Some(mut lease) = acquired else { break };
-            self.state.set_holder(None);
+            let mut lease = match kept.take() {
+                Some(lease) => lease,
+                None => {
+                    self.state.set_active(false);
+                    let state = self.state.clone();
+                    let acquired = self
+                        .leases
+                        .acquire(&self.lease_key, &self.closing, |holder| {
+                            if let Some(h) = holder {
+                                tracing::info!(topic = %state.topic, holder = h,
+                                    "another member consumes this topic for the group; standing by");
+                            }
+                            state.set_holder(holder);
+                        })
+                        .await;
+                    let Some(lease) = acquired else { break };
+                    self.state.set_holder(None);
+                    lease
+                }
+            };
             if let Err(e) = self.take_over(&mut lease).await {
                 tracing::warn!(topic = %self.state.topic, error = %e,
                     "cannot take over the durable consumer; trying again");
@@ -170,17 +186,23 @@ impl JsLoop {
             let keeper_stop = CancellationToken::new();
             let keeper =
                 tokio::spawn(lease.keep(fetch_expires, keeper_stop.clone(), self.stop.clone()));
-            self.consume(&clock).await;
+            let end = self.consume(&clock).await;
             keeper_stop.cancel();
-            let kept = keeper.await.ok().flatten();
+            let lease = keeper.await.ok().flatten();
             if self.closing.is_cancelled() {
-                if let Some(lease) = kept {
+                if let Some(lease) = lease {
                     lease.release().await;
                 }
                 break;
             }
-            tracing::warn!(topic = %self.state.topic,
-                "lease lost: stopped consuming; waiting to hold it again");
+            match (end, lease) {
+                (TurnEnd::Reconnected, Some(mut lease)) if clock.may_pull(fetch_expires) => {
+                    lease.previous = Previous::Reconnected;
+                    kept = Some(lease);
+                }
+                _ => tracing::warn!(topic = %self.state.topic,
+                    "lease lost: stopped consuming; waiting to hold it again"),
+            }
         }
         self.state.set_active(false);
     }
@@ -200,7 +222,7 @@ impl JsLoop {
             Previous::Expired {
                 reset_from: Some(seq),
             } => Some(seq),
-            Previous::Expired { reset_from: None } | Previous::Nobody => {
+            Previous::Expired { reset_from: None } | Previous::Nobody | Previous::Reconnected => {
                 let topic = self.state.topic.clone();
                 let what = || format!("consumer info of topic `{topic}`");
                 let info = match bounded(timeout, what, consumer_info(&mut self.consumer)).await {
@@ -215,9 +237,9 @@ impl JsLoop {
             }
         };
         let Some(seq) = start else { return Ok(()) };
-        tracing::info!(topic = %self.state.topic, from = seq,
-            "the previous member stopped without settling its messages: \
-             re-reading from the first one not acknowledged");
+        tracing::info!(topic = %self.state.topic, from = seq, previous = ?lease.previous,
+            "messages may have been left unsettled: re-reading from the first one not \
+             acknowledged");
         lease.refresh(Some(seq)).await?;
         self.consumer = (self.recreate)(Some(seq)).await?;
         lease.refresh(None).await?;
@@ -226,7 +248,10 @@ impl JsLoop {
 
     /// Consume while this member holds the lease (until `self.stop`), then drain
     /// and hand back what is unfinished.
-    async fn consume(&mut self, clock: &LeaseClock) {
+    async fn consume(&mut self, clock: &LeaseClock) -> TurnEnd {
+        let mut reconnected = false;
+        // Reconnects before this turn are behind us (the take-over checked).
+        self.reconnects.borrow_and_update();
         let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
         let beats_stop = CancellationToken::new();
         let beats = tokio::spawn(heartbeats(
@@ -287,9 +312,16 @@ impl JsLoop {
                     }
                 }
                 _ = self.reconnects.changed() => {
-                    // A pull request does not survive a reconnect: ask again.
-                    tracing::debug!(topic = %self.state.topic, "reconnected; new pull request");
+                    // A pull request does not survive a reconnect, and messages the
+                    // server sent into it while the connection was down are lost in
+                    // transit: they would come back only after `ack_wait`, after
+                    // later messages of their aggregates. End this turn (drain, hand
+                    // back) and re-read from the ack floor, as after a takeover.
+                    tracing::info!(topic = %self.state.topic,
+                        "reconnected: draining, then re-reading from the ack floor");
                     batch = None;
+                    reconnected = true;
+                    self.stop.cancel();
                 }
                 item = async { batch.as_mut().expect("guarded").0.next().await }, if batch.is_some() => {
                     match item {
@@ -459,6 +491,11 @@ impl JsLoop {
             release(&client, &registry, seq).await;
         }
         self.state.set_in_flight(0);
+        if reconnected {
+            TurnEnd::Reconnected
+        } else {
+            TurnEnd::Stopped
+        }
     }
 
     fn submit(&self, msg: Message, permit: OwnedSemaphorePermit) -> Submitting {

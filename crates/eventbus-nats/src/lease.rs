@@ -49,6 +49,9 @@ pub(crate) enum Previous {
     Released,
     /// This member held it before (it lost it by failing to refresh in time).
     Own,
+    /// This member keeps it after its connection came back: messages sent while
+    /// it was down may be lost in transit.
+    Reconnected,
     /// The previous holder stopped refreshing it (crashed or cut off); what it
     /// was handed and did not acknowledge comes back only after `ack_wait`.
     Expired {

@@ -6,6 +6,7 @@ mod basics;
 mod conformance;
 mod dead_letters;
 mod heartbeats;
+mod members;
 mod poison;
 mod restart;
 mod streams;

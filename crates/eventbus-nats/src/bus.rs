@@ -523,19 +523,6 @@ impl NatsEventBus {
             .await?;
             if let Some(c) = existing {
                 let have = &c.cached_info().config;
-                let mut diffs = Vec::new();
-                if have.ack_policy != config.ack_policy {
-                    diffs.push(format!(
-                        "ack_policy is {:?}, wanted {:?}",
-                        have.ack_policy, config.ack_policy
-                    ));
-                }
-                if have.ack_wait != config.ack_wait {
-                    diffs.push(format!(
-                        "ack_wait is {:?}, configured {:?}",
-                        have.ack_wait, config.ack_wait
-                    ));
-                }
                 if have.max_ack_pending != config.max_ack_pending {
                     // Members with other pools (a staged rollout) differ here. Each
                     // asks only for what it has room for, so the server's bound is
@@ -544,18 +531,36 @@ impl NatsEventBus {
                         local = config.max_ack_pending,
                         "durable consumer has another max_ack_pending; the local bound applies");
                 }
-                if have.max_deliver != config.max_deliver {
-                    diffs.push(format!(
-                        "max_deliver is {}, wanted {}",
-                        have.max_deliver, config.max_deliver
-                    ));
-                }
-                if have.filter_subject != config.filter_subject {
-                    diffs.push(format!(
-                        "filter_subject is `{}`, wanted none",
-                        have.filter_subject
-                    ));
-                }
+                let diffs: Vec<String> = [
+                    (
+                        "ack_policy",
+                        have.ack_policy != config.ack_policy,
+                        format!("{:?}", have.ack_policy),
+                        format!("{:?}", config.ack_policy),
+                    ),
+                    (
+                        "ack_wait",
+                        have.ack_wait != config.ack_wait,
+                        format!("{:?}", have.ack_wait),
+                        format!("{:?}", config.ack_wait),
+                    ),
+                    (
+                        "max_deliver",
+                        have.max_deliver != config.max_deliver,
+                        have.max_deliver.to_string(),
+                        config.max_deliver.to_string(),
+                    ),
+                    (
+                        "filter_subject",
+                        have.filter_subject != config.filter_subject,
+                        format!("`{}`", have.filter_subject),
+                        "none".to_owned(),
+                    ),
+                ]
+                .into_iter()
+                .filter(|(_, differs, _, _)| *differs)
+                .map(|(field, _, have, want)| format!("{field} is {have}, wanted {want}"))
+                .collect();
                 if diffs.is_empty() {
                     return Ok(c);
                 }

@@ -459,15 +459,19 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("lease_ttl"), "{e}");
-        let mut c = NatsConfig::default();
-        c.lease_bucket = "a.b".into();
+        let c = NatsConfig {
+            lease_bucket: "a.b".into(),
+            ..NatsConfig::default()
+        };
         assert!(c
             .validate()
             .unwrap_err()
             .to_string()
             .contains("lease_bucket"));
-        let mut c = NatsConfig::default();
-        c.lease_replicas = 0;
+        let c = NatsConfig {
+            lease_replicas: 0,
+            ..NatsConfig::default()
+        };
         assert!(c
             .validate()
             .unwrap_err()

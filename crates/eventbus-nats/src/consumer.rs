@@ -218,11 +218,17 @@ impl JsLoop {
     async fn take_over(&mut self, lease: &mut Lease) -> Result<()> {
         let timeout = self.shared.config.request_timeout;
         let start = match lease.previous {
-            Previous::Released | Previous::Own => None,
+            // A clean handover: everything was settled or handed back in order.
+            Previous::Released => None,
             Previous::Expired {
                 reset_from: Some(seq),
             } => Some(seq),
-            Previous::Expired { reset_from: None } | Previous::Nobody | Previous::Reconnected => {
+            // A crash, a first start over an unknown past, or this member's own
+            // lease regained after it lapsed or the connection came back.
+            Previous::Expired { reset_from: None }
+            | Previous::Nobody
+            | Previous::Own
+            | Previous::Reconnected => {
                 let topic = self.state.topic.clone();
                 let what = || format!("consumer info of topic `{topic}`");
                 let info = match bounded(timeout, what, consumer_info(&mut self.consumer)).await {

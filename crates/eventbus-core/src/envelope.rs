@@ -208,6 +208,25 @@ mod tests {
     }
 
     #[test]
+    fn payload_numbers_parse_to_the_nearest_double_and_round_trip() {
+        // A long decimal (the fuzzing seed `float-precision`) and a few awkward ones.
+        for n in [
+            "199999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999",
+            "0.1000000000000000055511151231257827021181583404541015625",
+            "2.2250738585072011e-308",
+            "1.7976931348623157e308",
+            "9007199254740993.0",
+        ] {
+            let raw = format!(r#"{{"aggregate_id":"a","event_type":"x","payload":[{n}]}}"#);
+            let e = Envelope::decode(raw.as_bytes()).unwrap();
+            let got = e.payload[0].as_f64().unwrap();
+            assert_eq!(got, n.parse::<f64>().unwrap(), "{n} parses to the nearest double");
+            let again = Envelope::decode(&e.encode().unwrap()).unwrap();
+            assert_eq!(again.payload, e.payload, "{n} round-trips exactly");
+        }
+    }
+
+    #[test]
     fn rejects_bad_envelopes() {
         assert!(matches!(
             Envelope::decode(br#"{"aggregate_id":"","event_type":"x"}"#),

@@ -64,6 +64,9 @@ pub(crate) enum Previous {
 /// The lease bucket of a bus, and who this bus is in it.
 pub(crate) struct Leases {
     kv: kv::Store,
+    js: jetstream::Context,
+    /// The bucket's stream, to create it again if it disappears.
+    stream: stream::Config,
     member: String,
     ttl: Duration,
     request_timeout: Duration,
@@ -113,7 +116,7 @@ impl Leases {
             if let Ok(kv) = js.get_key_value(&bucket).await {
                 return Ok(kv);
             }
-            js.get_or_create_stream(stream).await.map_err(|e| {
+            js.get_or_create_stream(stream.clone()).await.map_err(|e| {
                 lease_error(
                     format!("lease_bucket: cannot create key-value bucket `{bucket}`"),
                     e,
@@ -141,10 +144,26 @@ impl Leases {
         let member = format!("{}-{}-{unique}", config.name, std::process::id());
         Ok(Arc::new(Self {
             kv,
+            js: js.clone(),
+            stream,
             member,
             ttl: config.lease_ttl,
             request_timeout: config.request_timeout,
         }))
+    }
+
+    /// After a failed lease operation: create the bucket's stream again if it is
+    /// gone (deleted, or a server that lost its storage), so consumption resumes
+    /// instead of every member waiting for a lease that cannot be written.
+    async fn repair(&self) {
+        let create = self.js.get_or_create_stream(self.stream.clone());
+        match tokio::time::timeout(self.request_timeout, create).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(stream = %self.stream.name, error = %e,
+                "cannot check or create the lease bucket"),
+            Err(_) => tracing::debug!(stream = %self.stream.name,
+                "checking the lease bucket timed out"),
+        }
     }
 
     /// This member's name in lease values.
@@ -210,6 +229,7 @@ impl Leases {
                     tracing::debug!(key, error = %e, "lease check failed; trying again");
                     waiting(None);
                     told = None;
+                    self.repair().await;
                 }
             }
             tokio::select! {
@@ -426,6 +446,7 @@ impl Lease {
                 }
                 Err(RefreshError::Unavailable(e)) => {
                     tracing::debug!(key = %self.key, error = %e, "lease refresh failed; retrying");
+                    self.leases.repair().await;
                     next = tokio::time::Instant::now() + every.min(Duration::from_millis(250));
                 }
             }

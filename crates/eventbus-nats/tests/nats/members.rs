@@ -220,3 +220,43 @@ async fn after_a_crash_the_standby_rereads_what_was_not_acknowledged_in_order() 
         .await
         .expect("close");
 }
+
+/// The lease bucket is deleted under a running member (an operator's mistake, or
+/// a server that lost its storage): the bucket is created again and consumption
+/// goes on, nothing lost and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_lease_bucket_is_created_again_and_consumption_goes_on() {
+    init_tracing();
+    let server = NatsServer::start();
+    let nats = nats_config(&server).lease_ttl(Duration::from_secs(3));
+    let topic = topic("bucket");
+    let checker = DeliveryChecker::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicU64::new(0));
+    let bus = connect(nats, bus_config(), keyed_pool(4, 16)).await;
+    subscribe(&bus, &topic, &checker, &count, &seen).await;
+    eventually("the member consumes", || bus.is_consuming(&topic)).await;
+    publish_round(&bus, &topic, &checker, 100).await;
+    checker.wait_all_handled(WAIT).await.unwrap();
+
+    bus.jetstream()
+        .delete_stream("KV_eventbus_leases")
+        .await
+        .expect("delete the lease bucket");
+    publish_round(&bus, &topic, &checker, 100).await;
+    checker.wait_all_handled(WAIT).await.unwrap();
+    eventually("the lease bucket exists again", || async {
+        bus.jetstream()
+            .get_stream("KV_eventbus_leases")
+            .await
+            .is_ok()
+    })
+    .await;
+    eventually("the member consumes again", || bus.is_consuming(&topic)).await;
+    publish_round(&bus, &topic, &checker, 100).await;
+    checker.wait_all_handled(WAIT).await.unwrap();
+    let r = checker.report();
+    assert!(r.lost.is_empty() && r.unexpected.is_empty(), "{r}");
+    assert!(r.order_violations.is_empty(), "{r}");
+    within("close", bus.close()).await.expect("close");
+}

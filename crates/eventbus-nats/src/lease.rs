@@ -432,7 +432,15 @@ impl Lease {
                 _ = tokio::time::sleep_until(cutoff) => Some(Err(RefreshError::Unavailable(
                     Error::new(ErrorKind::Timeout, "lease refresh outlasted the pull cutoff"),
                 ))),
-                r = self.refresh(None) => Some(r),
+                // Repairing the bucket after a failure is bounded by the cutoff
+                // too: the keeper must never sleep through it.
+                r = async {
+                    let r = self.refresh(None).await;
+                    if matches!(r, Err(RefreshError::Unavailable(_))) {
+                        self.leases.repair().await;
+                    }
+                    r
+                } => Some(r),
             };
             let Some(refreshed) = refreshed else {
                 return Some(self);
@@ -446,7 +454,6 @@ impl Lease {
                 }
                 Err(RefreshError::Unavailable(e)) => {
                     tracing::debug!(key = %self.key, error = %e, "lease refresh failed; retrying");
-                    self.leases.repair().await;
                     next = tokio::time::Instant::now() + every.min(Duration::from_millis(250));
                 }
             }

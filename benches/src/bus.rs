@@ -15,42 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Where the messages go through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// The in-process memory broker.
-    Memory,
-    /// Kafka: librdkafka's mock cluster.
-    Kafka,
-    /// NATS JetStream: a local `nats-server`.
-    Nats,
-}
-
-impl Backend {
-    /// `memory`, `kafka` or `nats`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Memory => "memory",
-            Backend::Kafka => "kafka",
-            Backend::Nats => "nats",
-        }
-    }
-}
-
-impl std::str::FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "memory" => Ok(Backend::Memory),
-            "kafka" => Ok(Backend::Kafka),
-            "nats" => Ok(Backend::Nats),
-            other => Err(format!(
-                "--backend: expected `memory`, `kafka` or `nats`, got `{other}`"
-            )),
-        }
-    }
-}
+pub use eventbus_testkit::Backend;
 
 /// Build the bare pool `kind` with the default sizes (256 workers / actors, queue
 /// or inbox 1000 each), as a service with only that pool's feature gets it.

@@ -11,41 +11,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Which broker a run uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// The in-process memory broker.
-    Memory,
-    /// librdkafka's mock cluster.
-    Kafka,
-    /// A local nats-server (JetStream, file storage).
-    Nats,
-}
-
-impl FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "memory" => Ok(Backend::Memory),
-            "kafka" => Ok(Backend::Kafka),
-            "nats" => Ok(Backend::Nats),
-            other => Err(format!(
-                "--backend: expected memory, kafka or nats, got `{}`",
-                other.escape_debug()
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Backend::Memory => "memory",
-            Backend::Kafka => "kafka",
-            Backend::Nats => "nats",
-        })
-    }
-}
+pub use eventbus_testkit::Backend;
 
 /// Where buses connect.
 #[derive(Debug, Clone)]

@@ -24,3 +24,16 @@ pub mod run;
 
 pub use backend::Backend;
 pub use run::{run, Fault, Options, Outcome};
+
+/// What both binaries do first: log errors (or `RUST_LOG`) to standard error, and
+/// keep the handlers' deliberate panics out of it.
+pub fn init_process() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    eventbus_testkit::quiet_deliberate_panics();
+}

@@ -103,14 +103,7 @@ fn parse() -> Result<Options, String> {
 }
 
 fn main() -> ExitCode {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
-    eventbus_testkit::quiet_deliberate_panics();
+    eventbus_chaos::init_process();
     let opts = match parse() {
         Ok(o) => o,
         Err(e) => {

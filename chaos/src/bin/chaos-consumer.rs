@@ -113,14 +113,7 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
-    eventbus_testkit::quiet_deliberate_panics();
+    eventbus_chaos::init_process();
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {

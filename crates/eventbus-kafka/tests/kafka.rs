@@ -7,7 +7,7 @@
 mod cluster;
 
 use bytes::Bytes;
-use cluster::{bus_config, keyed_pool, random, wait_until, Cluster, ClusterExt};
+use cluster::{bus_config, eventually, keyed_pool, random, wait_until, Cluster, ClusterExt};
 use eventbus_core::{
     Envelope, Event, EventBus, EventBusExt, HandlerError, Message, Record, DLQ_ATTEMPTS_HEADER,
     DLQ_OFFSET_HEADER, DLQ_TOPIC_HEADER,
@@ -71,25 +71,17 @@ async fn one_group_member_for_all_topics_even_when_added_later() {
         .chain((0..6).map(|p| (b.clone(), p)))
         .collect();
     all.sort();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bus.assignment().await.unwrap() != all_a {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "bus never owned all of {a}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("bus owns all of {a}"), WAIT, || async {
+        bus.assignment().await.unwrap() == all_a
+    })
+    .await;
     // Adding a topic re-subscribes the same consumer: it then owns every
     // partition of both topics, which a second member would have taken.
     bus.subscribe(&b, ok).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bus.assignment().await.unwrap() != all {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "bus never owned all of {a} and {b}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("bus owns all of {a} and {b}"), WAIT, || async {
+        bus.assignment().await.unwrap() == all
+    })
+    .await;
     // A probe member joining the group gets half the partitions of each topic
     // exactly when the bus is one member (range assignor: 6 = 3 + 3; with two
     // bus members it would get 2).
@@ -593,14 +585,10 @@ async fn commit_errors_and_broker_outage_lose_nothing() {
     .await;
     // librdkafka retries a failed commit before it reports it: the report is
     // asynchronous, so wait for it (bounded) instead of reading it once.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bus.commit_errors().await == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "injected commit errors were seen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("injected commit errors seen", WAIT, || async {
+        bus.commit_errors().await > 0
+    })
+    .await;
     assert_eq!(highs.iter().sum::<i64>(), 200);
     assert_ordered("faults", &log.lock().unwrap());
     bus.close().await.unwrap();

@@ -371,21 +371,14 @@ impl fmt::Display for DeliveryReport {
         for (times, n) in &self.duplicates {
             writeln!(f, "    {times}x: {n}")?;
         }
-        if !self.workers.is_empty() {
-            let w: Vec<String> = self
-                .workers
-                .iter()
-                .map(|(w, n)| format!("{w}={n}"))
-                .collect();
-            writeln!(f, "  per worker: {}", w.join(" "))?;
-        }
-        if !self.violations_by_worker.is_empty() {
-            let w: Vec<String> = self
-                .violations_by_worker
-                .iter()
-                .map(|(w, n)| format!("{w}={n}"))
-                .collect();
-            writeln!(f, "  order violations per worker: {}", w.join(" "))?;
+        for (label, counts) in [
+            ("per worker", &self.workers),
+            ("order violations per worker", &self.violations_by_worker),
+        ] {
+            if !counts.is_empty() {
+                let w: Vec<String> = counts.iter().map(|(w, n)| format!("{w}={n}")).collect();
+                writeln!(f, "  {label}: {}", w.join(" "))?;
+            }
         }
         for l in self.lost.iter().take(10) {
             writeln!(f, "  lost {l}")?;

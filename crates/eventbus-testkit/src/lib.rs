@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod backend;
 pub mod checker;
 pub mod conformance;
 #[cfg(any(feature = "keyed-pool", feature = "actor-pool", feature = "memory"))]
@@ -14,6 +15,7 @@ pub mod pool_suite;
 pub mod resources;
 pub mod shutdown;
 
+pub use backend::Backend;
 pub use checker::{
     Delivery, DeliveryChecker, DeliveryReport, LostSpread, MessageClass, MessageId, Stamp,
     STAMP_HEADER,

@@ -88,3 +88,20 @@ pub(crate) async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
         .await
         .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for: {what}"))
 }
+
+/// The server's view of `bus`'s durable consumer of `topic`.
+pub(crate) async fn consumer_info(
+    bus: &NatsEventBus,
+    topic: &str,
+) -> async_nats::jetstream::consumer::Info {
+    bus.jetstream()
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            bus.durable_name(topic),
+            bus.stream_name(topic),
+        )
+        .await
+        .expect("consumer")
+        .get_info()
+        .await
+        .expect("info")
+}

@@ -98,17 +98,7 @@ async fn poison_input_is_dead_lettered_and_termed_once() {
         p.ack_pending == 0 && p.pending == 0
     })
     .await;
-    let info = bus
-        .jetstream()
-        .get_consumer_from_stream::<pull::Config, _, _>(
-            bus.durable_name(&topic),
-            bus.stream_name(&topic),
-        )
-        .await
-        .expect("consumer")
-        .get_info()
-        .await
-        .expect("info");
+    let info = consumer_info(&bus, &topic).await;
     assert_eq!(info.delivered.consumer_sequence, 3, "no redelivery loop");
     assert_eq!(
         info.ack_floor.stream_sequence, 3,

@@ -90,17 +90,7 @@ async fn handler_slower_than_ack_wait_is_not_redelivered() {
         p.ack_pending == 0 && p.pending == 0
     })
     .await;
-    let info = bus
-        .jetstream()
-        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-            bus.durable_name(&topic),
-            bus.stream_name(&topic),
-        )
-        .await
-        .expect("consumer")
-        .get_info()
-        .await
-        .expect("info");
+    let info = consumer_info(&bus, &topic).await;
     assert_eq!(
         info.delivered.consumer_sequence, 3,
         "three deliveries for three messages: the server never redelivered"

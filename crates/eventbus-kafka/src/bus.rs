@@ -367,6 +367,22 @@ impl KafkaEventBus {
         Self::resubscribe(&slot)
     }
 
+    /// Send the running consumer a control message; the receiver is told when it
+    /// has been carried out.
+    async fn send_control(
+        slot: &ConsumerSlot,
+        control: impl FnOnce(oneshot::Sender<()>) -> Control,
+    ) -> Result<oneshot::Receiver<()>> {
+        let sender = slot
+            .running
+            .as_ref()
+            .map(|r| r.control.clone())
+            .ok_or_else(consumer_gone)?;
+        let (tx, rx) = oneshot::channel();
+        sender.send(control(tx)).await.map_err(gone)?;
+        Ok(rx)
+    }
+
     fn resubscribe(slot: &ConsumerSlot) -> Result<()> {
         let Some(running) = &slot.running else {
             return Err(consumer_gone());
@@ -521,17 +537,10 @@ impl KafkaEventBus {
         if slot.running.is_none() {
             slot.running = Some(self.start_consumer()?);
         }
-        let control = slot
-            .running
-            .as_ref()
-            .map(|r| r.control.clone())
-            .ok_or_else(consumer_gone)?;
-        let (tx, rx) = oneshot::channel();
-        control
-            .send(Control::Subscribe(prepared, tx))
+        Self::send_control(&slot, |tx| Control::Subscribe(prepared, tx))
+            .await?
             .await
             .map_err(gone)?;
-        rx.await.map_err(gone)?;
         slot.topics.insert(topic.clone());
         let declared = &self.inner.config.topics;
         if slot.joined || declared.iter().all(|t| slot.topics.contains(t)) {
@@ -551,16 +560,7 @@ impl KafkaEventBus {
                 format!("topic `{topic}` is not subscribed on this bus"),
             ));
         }
-        let control = slot
-            .running
-            .as_ref()
-            .map(|r| r.control.clone())
-            .ok_or_else(consumer_gone)?;
-        let (tx, rx) = oneshot::channel();
-        control
-            .send(Control::Unsubscribe(topic.to_owned(), tx))
-            .await
-            .map_err(gone)?;
+        let rx = Self::send_control(&slot, |tx| Control::Unsubscribe(topic.to_owned(), tx)).await?;
         if slot.joined {
             Self::resubscribe(&slot)?;
         }

@@ -83,6 +83,21 @@ async fn new_bus(bus: &dyn BusFactory, pools: &PoolFactory, config: EventBusConf
     bus.bus(pool, config).await.expect("create bus")
 }
 
+/// A bus with [`quick_config`] and a fresh topic of `parts` partitions on it.
+async fn bus_with_topic(
+    bus: &dyn BusFactory,
+    pools: &PoolFactory,
+    prefix: &str,
+    parts: u32,
+) -> (SharedBus, String) {
+    let b = new_bus(bus, pools, quick_config()).await;
+    let topic = random_topic(prefix);
+    b.configure_topic(&topic, partitions(bus, parts))
+        .await
+        .expect("configure topic");
+    (b, topic)
+}
+
 async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, fut)
         .await
@@ -144,11 +159,7 @@ impl Letters {
 /// Envelopes for many aggregates over several partitions: all handled, each
 /// aggregate's in order.
 pub async fn envelopes_handled_in_order_per_aggregate(bus: &dyn BusFactory, pools: &PoolFactory) {
-    let b = new_bus(bus, pools, quick_config()).await;
-    let topic = random_topic("order");
-    b.configure_topic(&topic, partitions(bus, 4))
-        .await
-        .expect("configure topic");
+    let (b, topic) = bus_with_topic(bus, pools, "order", 4).await;
     let checker = DeliveryChecker::new();
     let c = checker.clone();
     b.subscribe_envelope(&topic, move |e: Event| {
@@ -184,11 +195,7 @@ pub async fn envelopes_handled_in_order_per_aggregate(bus: &dyn BusFactory, pool
 
 /// Plain subscriptions receive key, payload and headers as published.
 pub async fn plain_messages_arrive_intact(bus: &dyn BusFactory, pools: &PoolFactory) {
-    let b = new_bus(bus, pools, quick_config()).await;
-    let topic = random_topic("plain");
-    b.configure_topic(&topic, partitions(bus, 2))
-        .await
-        .expect("configure topic");
+    let (b, topic) = bus_with_topic(bus, pools, "plain", 2).await;
     let (tx, rx) = oneshot::channel::<Message>();
     let tx = Arc::new(Mutex::new(Some(tx)));
     b.subscribe(&topic, move |m: Message| {
@@ -220,11 +227,7 @@ pub async fn plain_messages_arrive_intact(bus: &dyn BusFactory, pools: &PoolFact
 
 /// A transient failure is retried in place and later messages of the aggregate wait.
 pub async fn transient_failures_retried_in_order(bus: &dyn BusFactory, pools: &PoolFactory) {
-    let b = new_bus(bus, pools, quick_config()).await;
-    let topic = random_topic("retry");
-    b.configure_topic(&topic, partitions(bus, 1))
-        .await
-        .expect("configure topic");
+    let (b, topic) = bus_with_topic(bus, pools, "retry", 1).await;
     let checker = DeliveryChecker::new();
     let calls = Arc::new(AtomicU64::new(0));
     let (c, n) = (checker.clone(), calls.clone());
@@ -261,11 +264,7 @@ pub async fn transient_failures_retried_in_order(bus: &dyn BusFactory, pools: &P
 /// An envelope message failing every attempt goes to `<topic>.dlq` with headers
 /// naming its origin; later messages of the aggregate still run.
 pub async fn exhausted_envelope_is_dead_lettered(bus: &dyn BusFactory, pools: &PoolFactory) {
-    let b = new_bus(bus, pools, quick_config()).await;
-    let topic = random_topic("exhaust");
-    b.configure_topic(&topic, partitions(bus, 1))
-        .await
-        .expect("configure topic");
+    let (b, topic) = bus_with_topic(bus, pools, "exhaust", 1).await;
     let dlq = format!("{topic}.dlq");
     b.configure_topic(&dlq, partitions(bus, 1))
         .await
@@ -341,11 +340,7 @@ pub async fn invalid_envelope_dead_lettered_without_retry(
     bus: &dyn BusFactory,
     pools: &PoolFactory,
 ) {
-    let b = new_bus(bus, pools, quick_config()).await;
-    let topic = random_topic("poison");
-    b.configure_topic(&topic, partitions(bus, 1))
-        .await
-        .expect("configure topic");
+    let (b, topic) = bus_with_topic(bus, pools, "poison", 1).await;
     let dlq = format!("{topic}.dlq");
     b.configure_topic(&dlq, partitions(bus, 1))
         .await
@@ -403,11 +398,7 @@ pub async fn invalid_envelope_dead_lettered_without_retry(
 
 /// A plain handler failure or panic is acknowledged and never retried.
 pub async fn plain_failures_not_retried(bus: &dyn BusFactory, pools: &PoolFactory) {
-    let b = new_bus(bus, pools, quick_config()).await;
-    let topic = random_topic("plainfail");
-    b.configure_topic(&topic, partitions(bus, 1))
-        .await
-        .expect("configure topic");
+    let (b, topic) = bus_with_topic(bus, pools, "plainfail", 1).await;
     let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let done = Arc::new(Notify::new());
     let (c, d) = (calls.clone(), done.clone());
@@ -629,11 +620,7 @@ pub async fn restart_resumes_without_loss(bus: &dyn BusFactory, pools: &PoolFact
 
 /// After unsubscribe the handler sees no new message.
 pub async fn unsubscribe_stops_delivery(bus: &dyn BusFactory, pools: &PoolFactory) {
-    let b = new_bus(bus, pools, quick_config()).await;
-    let topic = random_topic("unsub");
-    b.configure_topic(&topic, partitions(bus, 1))
-        .await
-        .expect("configure topic");
+    let (b, topic) = bus_with_topic(bus, pools, "unsub", 1).await;
     let checker = DeliveryChecker::new();
     let c = checker.clone();
     b.subscribe_envelope(&topic, move |e: Event| {

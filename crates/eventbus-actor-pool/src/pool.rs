@@ -20,6 +20,7 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorRef, ActorStatus};
 use tokio::sync::{oneshot, Notify};
 
+use crate::cool_down::CoolDown;
 use crate::slot::Slot;
 use crate::supervisor::{Supervisor, SupervisorMsg};
 
@@ -44,11 +45,16 @@ const NAMED_IN_HEALTH: usize = 8;
 struct Counters {
     rejected: AtomicU64,
     restarts: AtomicU64,
+    cool_downs: AtomicU64,
 }
 
 /// State shared by the pool handle, the supervisor and the workers.
 pub(crate) struct Shared {
     pub(crate) config: ActorPoolConfig,
+    pub(crate) cool_down: CoolDown,
+    /// Set while held jobs are released: an actor past its restart limit is replaced
+    /// at once, without a cool-down (see [`ActorPool::release_held`]).
+    releasing: AtomicBool,
     pub(crate) slots: Box<[Slot]>,
     /// `size - 1` when `size` is a power of two (the default): then `route & mask`
     /// is `slot(route, size)` without a division.
@@ -88,14 +94,27 @@ impl Shared {
         self.counters.restarts.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The supervisor gave up on an actor.
+    /// Whether held jobs are being released (no cool-down).
+    pub(crate) fn is_releasing(&self) -> bool {
+        self.releasing.load(Ordering::SeqCst)
+    }
+
+    /// The supervisor gave up on an actor: its slot cools down. The queue stays open
+    /// and keeps its jobs, in order, for the fresh actor.
     pub(crate) fn take_out_of_service(&self, slot: &Slot) {
-        if slot.mark_unavailable() {
+        if slot.set_unavailable(true) {
             self.unavailable.fetch_add(1, Ordering::SeqCst);
+            self.counters.cool_downs.fetch_add(1, Ordering::Relaxed);
         }
-        // No new jobs (a submission waiting for room gets its job back); the queued
-        // ones stay where they are.
-        slot.queue().close();
+        self.idle.notify_waiters();
+    }
+
+    /// A fresh actor took over a slot that was out of service; counted as a restart.
+    pub(crate) fn back_in_service(&self, slot: &Slot) {
+        if slot.set_unavailable(false) {
+            self.unavailable.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.restarted();
         self.idle.notify_waiters();
     }
 
@@ -139,7 +158,9 @@ impl Future for Accepted {
 
 /// An actor pool on [ractor]: `size` worker actors, each with a bounded queue of
 /// `inbox_size` jobs in front of it, linked to one supervisor that restarts a failed
-/// actor up to `max_restarts` times within `restart_window`.
+/// actor up to `max_restarts` times within `restart_window`. Past that limit the
+/// slot cools down (see [`CoolDown`]) and a fresh actor takes it over; the jobs
+/// queued for it wait, in order, for that actor.
 ///
 /// A job runs on actor `slot(job.route(), size)`, so jobs of one aggregate run one at
 /// a time in submission order. See the crate documentation for the failure semantics.
@@ -158,6 +179,7 @@ impl fmt::Debug for ActorPool {
             .field("max_restarts", &self.shared.config.max_restarts)
             .field("restart_window", &self.shared.config.restart_window)
             .field("wait_timeout", &self.shared.config.wait_timeout)
+            .field("cool_down", &self.shared.cool_down)
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
@@ -192,12 +214,24 @@ impl ActorPool {
     ///
     /// Must be called within a tokio runtime.
     pub async fn start(config: &ActorPoolConfig) -> Result<ActorPool, Error> {
+        Self::start_with_cool_down(config, CoolDown::default()).await
+    }
+
+    /// Like [`ActorPool::start`], with the cool-down schedule of actors past their
+    /// restart limit.
+    pub async fn start_with_cool_down(
+        config: &ActorPoolConfig,
+        cool_down: CoolDown,
+    ) -> Result<ActorPool, Error> {
         validate(config)?;
+        cool_down.validate()?;
         let slots: Box<[Slot]> = (0..config.size)
             .map(|i| Slot::new(i, config.inbox_size))
             .collect();
         let shared = Arc::new(Shared {
             config: config.clone(),
+            cool_down,
+            releasing: AtomicBool::new(false),
             slots,
             mask: config
                 .size
@@ -219,6 +253,8 @@ impl ActorPool {
             max_restarts = config.max_restarts,
             restart_window = ?config.restart_window,
             wait_timeout = ?config.wait_timeout,
+            cool_down_first = ?cool_down.first,
+            cool_down_max = ?cool_down.max,
             "actor pool started"
         );
         Ok(ActorPool {
@@ -231,6 +267,60 @@ impl ActorPool {
     /// The configuration in force.
     pub fn config(&self) -> &ActorPoolConfig {
         &self.shared.config
+    }
+
+    /// The cool-down schedule of actors past their restart limit.
+    pub fn cool_down(&self) -> CoolDown {
+        self.shared.cool_down
+    }
+
+    /// Whether the actor serving `route` is in service now: false while its slot
+    /// cools down after the actor went past its restart limit (jobs submitted for it
+    /// then wait for the fresh actor), once the pool is closing, or when the
+    /// supervisor has stopped.
+    ///
+    /// A composite pool uses it to send routes with nothing in flight elsewhere
+    /// (the [`PoolSwitch`](https://docs.rs/eventbus) sends them to the keyed pool).
+    pub fn in_service(&self, route: u64) -> bool {
+        !self.shared.is_closing()
+            && !self.shared.slot_of(route).is_unavailable()
+            && self.supervisor_alive()
+    }
+
+    /// Actors out of service now, cooling down before a fresh actor takes their slot.
+    pub fn cooling_down(&self) -> usize {
+        self.shared.unavailable.load(Ordering::SeqCst)
+    }
+
+    /// Cool-downs since start: times a slot went out of service (its actor past the
+    /// restart limit, or a restart that could not spawn a fresh actor).
+    pub fn cool_downs(&self) -> u64 {
+        self.shared.counters.cool_downs.load(Ordering::Relaxed)
+    }
+
+    /// Release held jobs (`true`): every slot cooling down gets a fresh actor now,
+    /// so the jobs held for it run at once, and until this is turned off again an
+    /// actor past its restart limit is replaced at once instead of after a
+    /// cool-down. Each actor life runs at least the job it failed on, so the held
+    /// jobs run out. `false` restores the cool-downs.
+    ///
+    /// The pool switch turns it on while no new route goes to the actor pool (a
+    /// rollback, actor share 0), so that no route stays held there.
+    pub fn release_held(&self, release: bool) {
+        let was = self.shared.releasing.swap(release, Ordering::SeqCst);
+        if release && !was {
+            let cooling = self.cooling_down();
+            if cooling > 0 {
+                tracing::info!(
+                    cooling,
+                    "actor pool: releasing held jobs; actors out of service are replaced now"
+                );
+            }
+            // An error means the supervisor has stopped; nothing is then revived.
+            let _ = self.supervisor.send_message(SupervisorMsg::ReviveAll);
+        } else if !release && was {
+            tracing::debug!("actor pool: cool-downs of actors past their restart limit restored");
+        }
     }
 
     /// Whether [`Pool::close`] has been called.
@@ -265,18 +355,20 @@ impl ActorPool {
             return Err(self.reject(SubmitErrorKind::Closed, job));
         }
         let slot = shared.slot_of(job.route());
-        if slot.is_unavailable() || !self.supervisor_alive() {
+        // A slot cooling down still takes jobs: they wait, in order, for its fresh
+        // actor. Only a stopped supervisor (no actor will ever serve) refuses.
+        if !self.supervisor_alive() {
             return Err(self.reject(SubmitErrorKind::Unavailable, job));
         }
         match slot.queue().try_push(job) {
             Ok(()) => Ok(None),
             Err(PushError::Full(job)) => Ok(Some(job)),
-            Err(PushError::Closed(job)) => Err(self.refused_by_closed_queue(slot, job)),
+            Err(PushError::Closed(job)) => Err(self.refused_by_closed_queue(job)),
         }
     }
 
     /// Wait up to the wait timeout for room in the queue of `job`'s actor. The wait
-    /// ends early when the pool starts closing or the actor leaves service.
+    /// ends early when the pool starts closing.
     async fn submit_waiting(&self, job: Job) -> Result<(), SubmitError> {
         let shared = &self.shared;
         let slot = shared.slot_of(job.route());
@@ -287,17 +379,13 @@ impl ActorPool {
         {
             Ok(()) => Ok(()),
             Err(PushError::Full(job)) => Err(self.reject(SubmitErrorKind::Full, job)),
-            Err(PushError::Closed(job)) => Err(self.refused_by_closed_queue(slot, job)),
+            Err(PushError::Closed(job)) => Err(self.refused_by_closed_queue(job)),
         }
     }
 
-    /// A slot's queue is closed when the pool closes or the actor leaves service.
-    fn refused_by_closed_queue(&self, slot: &Slot, job: Job) -> SubmitError {
-        if slot.is_unavailable() && !self.shared.is_closing() {
-            self.reject(SubmitErrorKind::Unavailable, job)
-        } else {
-            self.reject(SubmitErrorKind::Closed, job)
-        }
+    /// A slot's queue is closed only when the pool closes.
+    fn refused_by_closed_queue(&self, job: Job) -> SubmitError {
+        self.reject(SubmitErrorKind::Closed, job)
     }
 
     async fn close_pool(&self, timeout: Duration) {
@@ -355,41 +443,49 @@ impl ActorPool {
                 "actor pool supervisor has stopped; no actor is restarted",
             );
         }
-        let out: Vec<usize> = shared
+        let config = &shared.config;
+        let now = Instant::now();
+        let out: Vec<(usize, Option<Duration>)> = shared
             .slots
             .iter()
             .filter(|s| s.is_unavailable())
-            .map(|s| s.index)
+            .map(|s| (s.index, s.cool_down_left(now)))
             .collect();
-        let config = &shared.config;
+        let mut concerns = Vec::new();
         if !out.is_empty() {
             let mut names: Vec<String> = out
                 .iter()
                 .take(NAMED_IN_HEALTH)
-                .map(|i| format!("actor {i}"))
+                .map(|(i, left)| match left {
+                    Some(left) => format!("actor {i} (fresh actor in {left:.1?})"),
+                    None => format!("actor {i} (fresh actor starting)"),
+                })
                 .collect();
             if out.len() > NAMED_IN_HEALTH {
                 names.push(format!("and {} more", out.len() - NAMED_IN_HEALTH));
             }
-            let queued: usize = out.iter().map(|i| shared.slots[*i].queued()).sum();
-            return ComponentHealth::with_status(
-                HEALTH_COMPONENT,
-                HealthStatus::Unhealthy,
-                format!(
-                    "{} failed more than {} times within {:?} and out of service ({queued} jobs held unacknowledged)",
-                    names.join(", "),
-                    config.max_restarts,
-                    config.restart_window,
-                ),
+            let queued: usize = out.iter().map(|(i, _)| shared.slots[*i].queued()).sum();
+            let what = format!(
+                "{} failed more than {} times within {:?} and out of service, cooling down ({queued} jobs waiting for the fresh actors)",
+                names.join(", "),
+                config.max_restarts,
+                config.restart_window,
             );
+            if out.len() == shared.slots.len() {
+                // No route can make progress until a cool-down ends.
+                return ComponentHealth::with_status(
+                    HEALTH_COMPONENT,
+                    HealthStatus::Unhealthy,
+                    format!("every actor is out of service: {what}"),
+                );
+            }
+            concerns.push(what);
         }
-        let now = Instant::now();
         let recent: usize = shared
             .slots
             .iter()
             .map(|s| s.recent_restarts(now, config.restart_window))
             .sum();
-        let mut concerns = Vec::new();
         if recent > 0 {
             concerns.push(format!(
                 "{recent} actor restarts within the last {:?}",

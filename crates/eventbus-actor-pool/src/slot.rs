@@ -11,6 +11,7 @@ use eventbus_core::OutcomeKind;
 use ractor::{ActorRef, ActorStatus};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
+use crate::cool_down::{CoolDown, CoolState};
 use crate::worker::WorkerMsg;
 
 /// Lock a mutex, recovering the data if a panic poisoned it: every critical section
@@ -52,8 +53,11 @@ pub(crate) struct Slot {
     /// Held by the actor serving the queue, so that at most one does, and so that
     /// `close` knows when none does any more.
     serving: Arc<AsyncMutex<()>>,
-    /// Past the restart limit: takes no more work.
+    /// Past the restart limit and cooling down: no actor serves the queue, which
+    /// keeps (and still takes, up to its capacity) the jobs for the fresh actor.
     unavailable: AtomicBool,
+    /// The cool-down schedule position of this slot.
+    cool: Mutex<CoolState>,
     /// The actor currently serving the slot.
     actor: Mutex<Option<ActorRef<WorkerMsg>>>,
     /// Restarts within the window, for the limit and for health.
@@ -69,6 +73,7 @@ impl Slot {
             queue: JobQueue::new(capacity),
             serving: Arc::new(AsyncMutex::new(())),
             unavailable: AtomicBool::new(false),
+            cool: Mutex::new(CoolState::default()),
             actor: Mutex::new(None),
             restarts: Mutex::new(RestartHistory::default()),
             served: Padded::default(),
@@ -157,9 +162,40 @@ impl Slot {
         self.unavailable.load(Ordering::SeqCst)
     }
 
-    /// Take the slot out of service. Returns false when it already was.
-    pub(crate) fn mark_unavailable(&self) -> bool {
-        !self.unavailable.swap(true, Ordering::SeqCst)
+    /// Take the slot out of service (`true`) or put it back (`false`). Returns
+    /// whether that changed anything.
+    pub(crate) fn set_unavailable(&self, out: bool) -> bool {
+        self.unavailable.swap(out, Ordering::SeqCst) != out
+    }
+
+    /// Start a cool-down at `now`: how long it lasts and its epoch.
+    pub(crate) fn begin_cool_down(
+        &self,
+        now: Instant,
+        window: Duration,
+        schedule: &CoolDown,
+    ) -> (Duration, u64) {
+        lock(&self.cool).begin(now, window, schedule)
+    }
+
+    /// A fresh actor took the slot over at `now`.
+    pub(crate) fn end_cool_down(&self, now: Instant) {
+        lock(&self.cool).end(now);
+    }
+
+    /// The epoch of the current (or last) cool-down.
+    pub(crate) fn cool_down_epoch(&self) -> u64 {
+        lock(&self.cool).epoch()
+    }
+
+    /// Time left of the cool-down at `now`; `None` while in service.
+    pub(crate) fn cool_down_left(&self, now: Instant) -> Option<Duration> {
+        lock(&self.cool).left(now)
+    }
+
+    /// Forget the restarts counted so far: a fresh actor gets the whole limit.
+    pub(crate) fn clear_restarts(&self) {
+        lock(&self.restarts).times.clear();
     }
 
     /// Count a restart at `now` if the limit allows it.

@@ -1,9 +1,10 @@
 //! The supervisor actor: links the workers, restarts a failed one within the
-//! restart limit, takes it out of service past the limit, and stops them all on close.
+//! restart limit, past the limit takes its slot out of service for a cool-down and
+//! then starts a fresh actor on it, and stops them all on close.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
@@ -21,6 +22,11 @@ pub(crate) enum SupervisorMsg {
         deadline: Instant,
         reply: oneshot::Sender<()>,
     },
+    /// Start a fresh actor on slot `index`, out of service: at the end of cool-down
+    /// `epoch` (ignored when a later cool-down began since), or now when `None`.
+    Revive { index: usize, epoch: Option<u64> },
+    /// Start a fresh actor now on every slot out of service.
+    ReviveAll,
 }
 
 /// The supervisor actor.
@@ -32,11 +38,16 @@ struct Running {
     join: JoinHandle<()>,
 }
 
+/// A pending message to the supervisor (the end of a cool-down).
+type Timer = JoinHandle<Result<(), ractor::MessagingErr<SupervisorMsg>>>;
+
 /// The supervisor's state.
 pub(crate) struct SupervisorState {
     shared: Arc<Shared>,
     workers: Vec<Option<Running>>,
     by_id: HashMap<ActorId, usize>,
+    /// The pending end of each slot's cool-down; aborted on close.
+    timers: Vec<Option<Timer>>,
     shutting_down: bool,
 }
 
@@ -85,6 +96,7 @@ impl Actor for Supervisor {
             shared,
             workers,
             by_id,
+            timers: (0..size).map(|_| None).collect(),
             shutting_down: false,
         })
     }
@@ -100,6 +112,14 @@ impl Actor for Supervisor {
                 state.shutdown(deadline).await;
                 let _ = reply.send(());
                 myself.stop(Some("actor pool closed".to_owned()));
+            }
+            SupervisorMsg::Revive { index, epoch } => state.revive(&myself, index, epoch).await,
+            SupervisorMsg::ReviveAll => {
+                for index in 0..state.workers.len() {
+                    if state.shared.slots[index].is_unavailable() {
+                        state.revive(&myself, index, None).await;
+                    }
+                }
             }
         }
         Ok(())
@@ -148,14 +168,15 @@ impl SupervisorState {
         let config = &shared.config;
         let slot = &shared.slots[index];
         if !slot.try_restart(Instant::now(), config.max_restarts, config.restart_window) {
-            shared.take_out_of_service(slot);
+            let cool_down = self.cool_down(myself, index, true);
             tracing::error!(
                 actor = index,
                 max_restarts = config.max_restarts,
                 restart_window = ?config.restart_window,
                 reason = why,
                 queued = slot.queued(),
-                "actor failed past its restart limit; it is out of service and its queued jobs stay unacknowledged"
+                ?cool_down,
+                "actor failed past its restart limit; out of service until a fresh actor takes over after the cool-down (its queued jobs wait for it, in order)"
             );
             return;
         }
@@ -167,9 +188,81 @@ impl SupervisorState {
                 self.workers[index] = Some(running);
             }
             Err(e) => {
-                shared.take_out_of_service(slot);
-                tracing::error!(actor = index, reason = why, error = %e,
-                    "actor failed and could not be restarted; it is out of service");
+                let cool_down = self.cool_down(myself, index, false);
+                tracing::error!(actor = index, reason = why, error = %e, ?cool_down,
+                    "actor failed and could not be restarted; out of service until the cool-down ends");
+            }
+        }
+    }
+
+    /// Take slot `index` out of service and schedule its fresh actor at the end of
+    /// the cool-down, or at once while held jobs are released when `may_skip` (an
+    /// actor past its limit: each of its lives runs a job; not a failed spawn, which
+    /// would be retried in a busy loop). Returns the cool-down.
+    fn cool_down(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        index: usize,
+        may_skip: bool,
+    ) -> Duration {
+        let shared = &self.shared;
+        let slot = &shared.slots[index];
+        let (mut wait, epoch) = slot.begin_cool_down(
+            Instant::now(),
+            shared.config.restart_window,
+            &shared.cool_down,
+        );
+        shared.take_out_of_service(slot);
+        if may_skip && shared.is_releasing() {
+            wait = Duration::ZERO;
+        }
+        if let Some(old) = self.timers[index].take() {
+            old.abort();
+        }
+        let revive = SupervisorMsg::Revive {
+            index,
+            epoch: Some(epoch),
+        };
+        if wait.is_zero() {
+            // An error means the supervisor is stopping; nothing to revive then.
+            let _ = myself.send_message(revive);
+        } else {
+            self.timers[index] = Some(myself.send_after(wait, move || revive));
+        }
+        wait
+    }
+
+    /// Start a fresh actor on slot `index` if it is still out of service (and, for a
+    /// timer, still in the cool-down that set it). It gets the whole restart limit.
+    async fn revive(&mut self, myself: &ActorRef<SupervisorMsg>, index: usize, epoch: Option<u64>) {
+        let shared = self.shared.clone();
+        let slot = &shared.slots[index];
+        if self.shutting_down || self.workers[index].is_some() || !slot.is_unavailable() {
+            return;
+        }
+        if epoch.is_some_and(|e| e != slot.cool_down_epoch()) {
+            return;
+        }
+        if let Some(timer) = self.timers[index].take() {
+            timer.abort();
+        }
+        slot.clear_restarts();
+        match spawn_worker(&shared, index, myself.get_cell()).await {
+            Ok(running) => {
+                slot.end_cool_down(Instant::now());
+                shared.back_in_service(slot);
+                tracing::warn!(
+                    actor = index,
+                    queued = slot.queued(),
+                    "fresh actor took over after the cool-down"
+                );
+                self.by_id.insert(running.actor.get_id(), index);
+                self.workers[index] = Some(running);
+            }
+            Err(e) => {
+                let cool_down = self.cool_down(myself, index, false);
+                tracing::error!(actor = index, error = %e, ?cool_down,
+                    "fresh actor could not be started; trying again after the cool-down");
             }
         }
     }
@@ -178,6 +271,9 @@ impl SupervisorState {
     /// their tasks to end.
     async fn shutdown(&mut self, deadline: Instant) {
         self.shutting_down = true;
+        for timer in self.timers.iter_mut().filter_map(Option::take) {
+            timer.abort();
+        }
         let workers: Vec<Running> = self.workers.iter_mut().filter_map(Option::take).collect();
         self.by_id.clear();
         for w in &workers {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus_actor_pool::{ActorPool, HEALTH_COMPONENT};
+use eventbus_actor_pool::{ActorPool, CoolDown, HEALTH_COMPONENT};
 use eventbus_core::{
     ActorPoolConfig, ErrorKind, FailureCause, HealthStatus, Job, JobClass, Outcome,
     OutcomeReceiver, Pool, SubmitErrorKind,
@@ -337,23 +337,47 @@ async fn a_plain_panic_restarts_the_actor_without_losing_its_queue() {
     assert_eq!(pool.live_actors(), 0);
 }
 
+/// A cool-down no test outlives: the slot stays out of service until released.
+fn forever() -> CoolDown {
+    CoolDown::new(Duration::from_secs(3600), Duration::from_secs(3600))
+}
+
+/// A plain job that panics.
+fn poison(route: u64) -> (Job, OutcomeReceiver) {
+    job(route, JobClass::Plain, "poison", async {
+        panic!("{INDUCED}")
+    })
+}
+
+/// A job that appends `(route, i)` to `log` when it runs.
+fn logged(route: u64, i: u64, log: &Arc<Mutex<Vec<(u64, u64)>>>) -> (Job, OutcomeReceiver) {
+    let log = log.clone();
+    job(route, JobClass::Envelope, "logged", async move {
+        log.lock().unwrap().push((route, i));
+        handled()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn past_the_restart_limit_the_actor_is_out_of_service() {
+async fn past_the_restart_limit_the_actor_cools_down_holding_its_jobs_in_order() {
     quiet_deliberate_panics();
     let cfg = config(2, 16).max_restarts(2);
-    let pool = ActorPool::start(&cfg).await.unwrap();
+    let pool = ActorPool::start_with_cool_down(&cfg, forever())
+        .await
+        .unwrap();
     let (blocker, blocker_rx, started, gate) = gated(0);
     pool.submit(blocker).await.unwrap();
     within("the blocking job to start", started).await.unwrap();
     let mut panics = Vec::new();
     for _ in 0..3 {
-        let (bad, rx) = job(0, JobClass::Plain, "p", async { panic!("{INDUCED}") });
+        let (bad, rx) = poison(0);
         pool.submit(bad).await.unwrap();
         panics.push(rx);
     }
+    let log = Arc::new(Mutex::new(Vec::new()));
     let mut held = Vec::new();
     for i in 0..2u64 {
-        let (j, rx) = job(2 * i, JobClass::Envelope, "held", async { handled() });
+        let (j, rx) = logged(2 * i, i, &log);
         pool.submit(j).await.unwrap();
         held.push(rx);
     }
@@ -362,46 +386,176 @@ async fn past_the_restart_limit_the_actor_is_out_of_service() {
     for (i, rx) in panics.into_iter().enumerate() {
         outcome(&format!("panicking job {i}"), rx).await;
     }
-    eventually("actor 0 to be out of service", || {
-        pool.health().status == HealthStatus::Unhealthy
-    })
-    .await;
+    eventually("actor 0 to go out of service", || pool.cooling_down() == 1).await;
+    assert!(
+        !pool.in_service(0) && !pool.in_service(2),
+        "actor 0 cools down"
+    );
+    assert!(pool.in_service(1), "actor 1 is in service");
     let health = pool.health();
+    assert_eq!(
+        health.status,
+        HealthStatus::Degraded,
+        "one actor cooling down out of two: degraded, not unhealthy: {health:?}"
+    );
     let reason = health.reason.clone().unwrap_or_default();
-    assert!(reason.contains("actor 0"), "{reason}");
+    assert!(
+        reason.contains("actor 0") && reason.contains("cooling down"),
+        "{reason}"
+    );
     assert!(!reason.contains("actor 1"), "{reason}");
     let stats = pool.stats();
     assert_eq!(
         (stats.restarts, stats.unavailable_workers, stats.queued),
         (2, 1, 2)
     );
+    assert_eq!(pool.cool_downs(), 1);
 
-    // Its route is refused with the job handed back; the other actor still works.
-    let (refused, _refused_rx) = job(4, JobClass::Envelope, "refused", async { handled() });
-    let err = pool
-        .submit(refused)
+    // Its routes are still taken: the job waits behind the held ones.
+    let (later, later_rx) = logged(4, 2, &log);
+    pool.submit(later)
         .await
-        .expect_err("actor 0 is out of service");
-    assert_eq!(err.kind(), SubmitErrorKind::Unavailable);
-    assert_eq!(err.into_job().key().map(|k| &**k), Some("refused"));
+        .expect("a slot cooling down takes jobs for its fresh actor");
+    held.push(later_rx);
+    // The other actor still works.
     let (fine, fine_rx) = job(1, JobClass::Envelope, "fine", async { handled() });
     pool.submit(fine).await.unwrap();
     assert!(matches!(
         outcome("a job on actor 1", fine_rx).await,
         Outcome::Handled { .. }
     ));
-
-    // The jobs queued for the dead actor stay queued (unacknowledged) ...
     for rx in &mut held {
-        assert!(rx.try_recv().is_err(), "a held job must not have run");
+        assert!(rx.try_recv().is_err(), "a held job must not have run yet");
     }
-    pool.close(Duration::from_millis(200)).await;
-    // ... and are dropped at close without an outcome, so they are redelivered.
-    for rx in held {
-        assert!(within("held job to be dropped", rx).await.is_err());
+
+    // Releasing starts the fresh actor now: the held jobs run, in order.
+    pool.release_held(true);
+    for (i, rx) in held.into_iter().enumerate() {
+        let o = outcome(&format!("held job {i}"), rx).await;
+        assert!(matches!(o, Outcome::Handled { .. }), "held job {i}: {o:?}");
     }
+    assert_eq!(*log.lock().unwrap(), [(0, 0), (2, 1), (4, 2)]);
+    eventually("actor 0 back in service", || pool.in_service(0)).await;
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.restarts, stats.unavailable_workers, stats.queued),
+        (3, 0, 0),
+        "the fresh actor counts as a restart"
+    );
+    assert_eq!(pool.live_actors(), 3);
+    pool.close(Duration::from_secs(5)).await;
     assert_eq!(pool.live_actors(), 0);
-    assert_eq!(pool.stats().restarts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_actor_takes_over_after_the_cool_down_with_the_queue_intact() {
+    quiet_deliberate_panics();
+    // No restart allowed: every plain panic takes the actor out of service.
+    let cfg = config(1, 16).max_restarts(0);
+    let cool = CoolDown::new(Duration::from_millis(20), Duration::from_millis(40));
+    let pool = ActorPool::start_with_cool_down(&cfg, cool).await.unwrap();
+    assert_eq!(pool.cool_down(), cool);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut receivers = Vec::new();
+    let mut i = 0;
+    for _round in 0..3 {
+        let (bad, bad_rx) = poison(0);
+        pool.submit(bad).await.unwrap();
+        receivers.push(("poison", bad_rx));
+        for _ in 0..4 {
+            let (j, rx) = logged(0, i, &log);
+            i += 1;
+            pool.submit(j).await.unwrap();
+            receivers.push(("logged", rx));
+        }
+    }
+    for (n, (what, rx)) in receivers.into_iter().enumerate() {
+        let o = outcome(&format!("job {n} ({what})"), rx).await;
+        match what {
+            "poison" => assert!(
+                matches!(
+                    o,
+                    Outcome::Failed {
+                        cause: FailureCause::Panic(_),
+                        ..
+                    }
+                ),
+                "{o:?}"
+            ),
+            _ => assert!(matches!(o, Outcome::Handled { .. }), "job {n}: {o:?}"),
+        }
+    }
+    let expected: Vec<(u64, u64)> = (0..12).map(|i| (0, i)).collect();
+    assert_eq!(*log.lock().unwrap(), expected, "nothing lost or reordered");
+    eventually("three cool-downs, each ended by a fresh actor", || {
+        pool.cool_downs() == 3 && pool.stats().restarts == 3 && pool.in_service(0)
+    })
+    .await;
+    pool.close(Duration::from_secs(5)).await;
+    assert_eq!(pool.live_actors(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_releasing_an_actor_past_its_limit_is_replaced_at_once() {
+    quiet_deliberate_panics();
+    let cfg = config(1, 16).max_restarts(0);
+    let pool = ActorPool::start_with_cool_down(&cfg, forever())
+        .await
+        .unwrap();
+    pool.release_held(true);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut receivers = Vec::new();
+    for i in 0..3u64 {
+        let (bad, bad_rx) = poison(0);
+        pool.submit(bad).await.unwrap();
+        let (j, rx) = logged(0, i, &log);
+        pool.submit(j).await.unwrap();
+        receivers.push(bad_rx);
+        receivers.push(rx);
+    }
+    for (n, rx) in receivers.into_iter().enumerate() {
+        outcome(&format!("job {n}, despite a cool-down of an hour"), rx).await;
+    }
+    assert_eq!(*log.lock().unwrap(), [(0, 0), (0, 1), (0, 2)]);
+    eventually("the third fresh actor", || pool.stats().restarts == 3).await;
+    // Cool-downs are back once releasing ends.
+    pool.release_held(false);
+    let (bad, bad_rx) = poison(0);
+    pool.submit(bad).await.unwrap();
+    outcome("a panic after releasing ended", bad_rx).await;
+    eventually("actor 0 to cool down", || !pool.in_service(0)).await;
+    let health = pool.health();
+    assert_eq!(
+        health.status,
+        HealthStatus::Unhealthy,
+        "its only actor is out of service: no route makes progress: {health:?}"
+    );
+    assert!(
+        health
+            .reason
+            .unwrap_or_default()
+            .contains("every actor is out of service"),
+        "the reason says why"
+    );
+    let (held, held_rx) = logged(0, 3, &log);
+    pool.submit(held).await.unwrap();
+    // Close does not wait for a cool-down: the held job is dropped without an
+    // outcome (its message is not acknowledged and is delivered again).
+    within("close", pool.close(Duration::from_millis(100))).await;
+    assert!(within("held job to be dropped", held_rx).await.is_err());
+    assert_eq!(pool.live_actors(), 0);
+}
+
+#[tokio::test]
+async fn a_cool_down_shorter_than_its_first_step_is_a_config_error() {
+    let e = ActorPool::start_with_cool_down(
+        &config(1, 1),
+        CoolDown::new(Duration::from_secs(2), Duration::from_secs(1)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.to_string().contains("cool_down.max"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

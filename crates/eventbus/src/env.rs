@@ -9,15 +9,34 @@
 //! | `KAFKA_ACTOR_MAX_RESTARTS` | integer ≥ 0 | `actor_pool.max_restarts` |
 //! | `EVENTBUS_ACTOR_ROLLOUT_PERCENT` | 0..=100 | `actor_pool.rollout_percent` |
 //!
-//! An unparsable value is an error naming the variable and the value; so is
-//! `EVENTBUS_POOL=keyed` with `KAFKA_USE_ACTOR_POOL=true`.
+//! An unparsable value is an error naming the variable and the value; so is a
+//! variable set but empty (`KAFKA_USE_ACTOR_POOL=`), a value that is not UTF-8, and
+//! `EVENTBUS_POOL=keyed` with `KAFKA_USE_ACTOR_POOL=true`. A variable is either
+//! unset or means something: none is ever skipped silently.
 //!
 //! `KAFKA_USE_ACTOR_POOL=false` is the rollback: it always wins. Whatever else the
 //! file or the environment says (`EVENTBUS_POOL=actor`,
 //! `EVENTBUS_ACTOR_ROLLOUT_PERCENT`), every aggregate id goes to the keyed pool,
 //! and the overridden variables are named in a warning.
+//!
+//! `EVENTBUS_ACTOR_ROLLOUT_PERCENT` is the share of aggregate ids on the actor pool
+//! while `pool = "keyed"` (as `actor_pool.rollout_percent`). Set while the pool in
+//! force is `"actor"` (from the file, `EVENTBUS_POOL=actor` or
+//! `KAFKA_USE_ACTOR_POOL=true`) it has no effect, every aggregate id goes to the
+//! actor pool, and a warning names it.
 
 use eventbus_core::{Error, EventBusConfig, PoolKind};
+use std::ffi::{OsStr, OsString};
+
+/// The variables read, in the order they are applied.
+pub const VARIABLES: [&str; 6] = [
+    "KAFKA_USE_ACTOR_POOL",
+    "EVENTBUS_POOL",
+    "KAFKA_ACTOR_POOL_SIZE",
+    "KAFKA_ACTOR_INBOX_SIZE",
+    "KAFKA_ACTOR_MAX_RESTARTS",
+    "EVENTBUS_ACTOR_ROLLOUT_PERCENT",
+];
 
 fn bad(var: &str, value: &str, expected: &str) -> Error {
     Error::config(format!(
@@ -25,34 +44,104 @@ fn bad(var: &str, value: &str, expected: &str) -> Error {
     ))
 }
 
+/// What each variable accepts, for error messages.
+fn expected(var: &str) -> &'static str {
+    match var {
+        "KAFKA_USE_ACTOR_POOL" => "true or false",
+        "EVENTBUS_POOL" => "keyed or actor",
+        "KAFKA_ACTOR_POOL_SIZE" | "KAFKA_ACTOR_INBOX_SIZE" => "a whole number ≥ 1",
+        "KAFKA_ACTOR_MAX_RESTARTS" => "a whole number ≥ 0",
+        "EVENTBUS_ACTOR_ROLLOUT_PERCENT" => "a whole number from 0 to 100",
+        _ => "a value",
+    }
+}
+
+/// The value of `var` as text: `None` when unset; an error naming the variable when
+/// it is set but empty (or blank) or not UTF-8.
+fn text(var: &str, value: Option<OsString>) -> Result<Option<String>, Error> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let Some(value) = value.to_str() else {
+        return Err(Error::config(format!(
+            "environment variable {var}={} is not valid UTF-8: expected {}",
+            value.to_string_lossy().escape_debug(),
+            expected(var)
+        )));
+    };
+    if value.trim().is_empty() {
+        return Err(Error::config(format!(
+            "environment variable {var}={value:?} is set but empty: expected {}, or leave it unset",
+            expected(var)
+        )));
+    }
+    Ok(Some(value.to_owned()))
+}
+
 fn parse_bool(var: &str, value: &str) -> Result<bool, Error> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
-        _ => Err(bad(var, value, "true or false")),
+        _ => Err(bad(var, value, expected(var))),
     }
 }
 
-fn parse_num<T: std::str::FromStr>(var: &str, value: &str, expected: &str) -> Result<T, Error> {
-    value.trim().parse().map_err(|_| bad(var, value, expected))
+fn parse_num<T: std::str::FromStr>(var: &str, value: &str) -> Result<T, Error> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| bad(var, value, expected(var)))
 }
 
 /// Apply the overrides found through `lookup` (a variable name to its value).
+///
+/// A value given as `Some("")` is a variable set but empty: an error naming it.
 pub fn apply_overrides(
     config: &mut EventBusConfig,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<(), Error> {
-    let rollback = match lookup("KAFKA_USE_ACTOR_POOL") {
+    apply_os_overrides(config, |name| lookup(name).map(OsString::from))
+}
+
+/// Apply the overrides found through `lookup` (a variable name to its raw value, as
+/// [`std::env::var_os`] gives it): a value that is not UTF-8 or is empty is an error
+/// naming the variable.
+pub fn apply_os_overrides(
+    config: &mut EventBusConfig,
+    lookup: impl Fn(&str) -> Option<OsString>,
+) -> Result<(), Error> {
+    for warning in overrides(config, lookup)? {
+        tracing::warn!("{warning}");
+    }
+    Ok(())
+}
+
+/// Apply the overrides; returns the warnings to log.
+fn overrides(
+    config: &mut EventBusConfig,
+    lookup: impl Fn(&str) -> Option<OsString>,
+) -> Result<Vec<String>, Error> {
+    // Read (and check) every variable first: a bad one is an error even when
+    // another variable would override it.
+    let mut values = Vec::with_capacity(VARIABLES.len());
+    for var in VARIABLES {
+        values.push(text(var, lookup(var))?);
+    }
+    let [use_actor, pool, size, inbox, restarts, percent] =
+        <[Option<String>; 6]>::try_from(values).expect("one value per variable");
+    let mut warnings = Vec::new();
+    let rollback = match use_actor {
         Some(v) => Some((!parse_bool("KAFKA_USE_ACTOR_POOL", &v)?, v)),
         None => None,
     };
-    if let Some(v) = lookup("EVENTBUS_POOL") {
+    if let Some(v) = pool {
         let kind = v
+            .trim()
             .parse::<PoolKind>()
-            .map_err(|_| bad("EVENTBUS_POOL", &v, "keyed or actor"))?;
+            .map_err(|_| bad("EVENTBUS_POOL", &v, expected("EVENTBUS_POOL")))?;
         match &rollback {
-            Some((true, _)) if kind == PoolKind::Actor => tracing::warn!(
-                "KAFKA_USE_ACTOR_POOL=false (rollback) overrides EVENTBUS_POOL=actor"
+            Some((true, _)) if kind == PoolKind::Actor => warnings.push(
+                "KAFKA_USE_ACTOR_POOL=false (rollback) overrides EVENTBUS_POOL=actor".to_owned(),
             ),
             Some((false, u)) if kind == PoolKind::Keyed => {
                 return Err(Error::config(format!(
@@ -70,52 +159,57 @@ pub fn apply_overrides(
             config.pool = PoolKind::Actor;
         }
     }
-    if let Some(v) = lookup("KAFKA_ACTOR_POOL_SIZE") {
-        config.actor_pool.size = parse_num("KAFKA_ACTOR_POOL_SIZE", &v, "a whole number ≥ 1")?;
+    if let Some(v) = size {
+        config.actor_pool.size = parse_num("KAFKA_ACTOR_POOL_SIZE", &v)?;
         if config.actor_pool.size == 0 {
-            return Err(bad("KAFKA_ACTOR_POOL_SIZE", &v, "a whole number ≥ 1"));
-        }
-    }
-    if let Some(v) = lookup("KAFKA_ACTOR_INBOX_SIZE") {
-        config.actor_pool.inbox_size =
-            parse_num("KAFKA_ACTOR_INBOX_SIZE", &v, "a whole number ≥ 1")?;
-        if config.actor_pool.inbox_size == 0 {
-            return Err(bad("KAFKA_ACTOR_INBOX_SIZE", &v, "a whole number ≥ 1"));
-        }
-    }
-    if let Some(v) = lookup("KAFKA_ACTOR_MAX_RESTARTS") {
-        config.actor_pool.max_restarts =
-            parse_num("KAFKA_ACTOR_MAX_RESTARTS", &v, "a whole number ≥ 0")?;
-    }
-    if let Some(v) = lookup("EVENTBUS_ACTOR_ROLLOUT_PERCENT") {
-        let p: u8 = parse_num(
-            "EVENTBUS_ACTOR_ROLLOUT_PERCENT",
-            &v,
-            "a whole number from 0 to 100",
-        )?;
-        if p > 100 {
             return Err(bad(
-                "EVENTBUS_ACTOR_ROLLOUT_PERCENT",
+                "KAFKA_ACTOR_POOL_SIZE",
                 &v,
-                "a whole number from 0 to 100",
+                expected("KAFKA_ACTOR_POOL_SIZE"),
             ));
+        }
+    }
+    if let Some(v) = inbox {
+        config.actor_pool.inbox_size = parse_num("KAFKA_ACTOR_INBOX_SIZE", &v)?;
+        if config.actor_pool.inbox_size == 0 {
+            return Err(bad(
+                "KAFKA_ACTOR_INBOX_SIZE",
+                &v,
+                expected("KAFKA_ACTOR_INBOX_SIZE"),
+            ));
+        }
+    }
+    if let Some(v) = restarts {
+        config.actor_pool.max_restarts = parse_num("KAFKA_ACTOR_MAX_RESTARTS", &v)?;
+    }
+    if let Some(v) = percent {
+        let var = "EVENTBUS_ACTOR_ROLLOUT_PERCENT";
+        let p: u8 = parse_num(var, &v)?;
+        if p > 100 {
+            return Err(bad(var, &v, expected(var)));
         }
         if matches!(rollback, Some((true, _))) {
             if p > 0 {
-                tracing::warn!(
-                    "KAFKA_USE_ACTOR_POOL=false (rollback) overrides EVENTBUS_ACTOR_ROLLOUT_PERCENT={p}"
-                );
+                warnings.push(format!(
+                    "KAFKA_USE_ACTOR_POOL=false (rollback) overrides {var}={p}"
+                ));
             }
         } else {
+            if config.pool == PoolKind::Actor {
+                warnings.push(format!(
+                    "{var}={p} has no effect: the pool in force is \"actor\", so every aggregate id goes to the actor pool; the rollout share applies only while pool = \"keyed\""
+                ));
+            }
             config.actor_pool.rollout_percent = p;
         }
     }
-    Ok(())
+    Ok(warnings)
 }
 
-/// Apply the overrides from the process environment.
+/// Apply the overrides from the process environment (read with
+/// [`std::env::var_os`], so a value that is not UTF-8 is an error, not unset).
 pub fn apply_process_env(config: &mut EventBusConfig) -> Result<(), Error> {
-    apply_overrides(config, |name| std::env::var(name).ok())
+    apply_os_overrides(config, |name| std::env::var_os(OsStr::new(name)))
 }
 
 #[cfg(test)]
@@ -260,5 +354,137 @@ mod tests {
         .unwrap();
         assert_eq!(file.pool, PoolKind::Keyed);
         assert_eq!(file.actor_pool.rollout_percent, 0);
+    }
+
+    fn warnings(vars: &[(&str, &str)], file: EventBusConfig) -> (EventBusConfig, Vec<String>) {
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        let mut c = file;
+        let w =
+            overrides(&mut c, |n| map.get(n).cloned()).unwrap_or_else(|e| panic!("{vars:?}: {e}"));
+        (c, w)
+    }
+
+    #[test]
+    fn a_variable_set_but_empty_is_an_error_naming_it() {
+        for var in VARIABLES {
+            for value in ["", "  "] {
+                let e = with(&[(var, value)]).unwrap_err();
+                assert_eq!(e.kind(), eventbus_core::ErrorKind::Config);
+                let text = e.to_string();
+                assert!(
+                    text.contains(var) && text.contains("empty"),
+                    "{var}={value:?}: {text}"
+                );
+            }
+        }
+        // Even next to the rollback, which would override it.
+        let e = with(&[("KAFKA_USE_ACTOR_POOL", "false"), ("EVENTBUS_POOL", "")]).unwrap_err();
+        assert!(e.to_string().contains("EVENTBUS_POOL"), "{e}");
+        let e = with(&[("KAFKA_USE_ACTOR_POOL", "")]).unwrap_err();
+        assert!(e.to_string().contains("KAFKA_USE_ACTOR_POOL="), "{e}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_value_that_is_not_utf8_is_an_error_naming_the_variable() {
+        use std::os::unix::ffi::OsStringExt;
+        for var in VARIABLES {
+            let mut c = EventBusConfig::default();
+            let e = apply_os_overrides(&mut c, |n| {
+                (n == var).then(|| OsString::from_vec(vec![b't', 0xff, b'e']))
+            })
+            .unwrap_err();
+            let text = e.to_string();
+            assert_eq!(e.kind(), eventbus_core::ErrorKind::Config);
+            assert!(
+                text.contains(var) && text.contains("UTF-8"),
+                "{var}: {text}"
+            );
+            assert_eq!(c, EventBusConfig::default(), "{var}: nothing applied");
+        }
+    }
+
+    #[test]
+    fn rollout_percent_with_the_actor_pool_in_force_is_named_in_a_warning() {
+        // Through each way of choosing the actor pool.
+        let mut actor_file = EventBusConfig::default();
+        actor_file.pool = PoolKind::Actor;
+        for (vars, file) in [
+            (vec![("EVENTBUS_POOL", "actor")], EventBusConfig::default()),
+            (
+                vec![("KAFKA_USE_ACTOR_POOL", "true")],
+                EventBusConfig::default(),
+            ),
+            (vec![], actor_file.clone()),
+        ] {
+            let mut vars = vars.clone();
+            vars.push(("EVENTBUS_ACTOR_ROLLOUT_PERCENT", "30"));
+            let (c, w) = warnings(&vars, file);
+            assert_eq!(c.pool, PoolKind::Actor, "{vars:?}");
+            assert_eq!(w.len(), 1, "{vars:?}: {w:?}");
+            assert!(
+                w[0].contains("EVENTBUS_ACTOR_ROLLOUT_PERCENT=30") && w[0].contains("no effect"),
+                "{w:?}"
+            );
+        }
+        // With the keyed pool it is the share, and nothing is said.
+        let (c, w) = warnings(
+            &[("EVENTBUS_ACTOR_ROLLOUT_PERCENT", "30")],
+            EventBusConfig::default(),
+        );
+        assert_eq!(
+            (c.pool, c.actor_pool.rollout_percent),
+            (PoolKind::Keyed, 30)
+        );
+        assert!(w.is_empty(), "{w:?}");
+        // With the rollback the warning names the rollback instead.
+        let (c, w) = warnings(
+            &[
+                ("EVENTBUS_ACTOR_ROLLOUT_PERCENT", "30"),
+                ("KAFKA_USE_ACTOR_POOL", "false"),
+            ],
+            actor_file,
+        );
+        assert_eq!((c.pool, c.actor_pool.rollout_percent), (PoolKind::Keyed, 0));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("rollback"), "{w:?}");
+    }
+
+    #[test]
+    fn the_rollback_floor_holds_for_every_spelling_and_every_other_setting() {
+        let mut staged = EventBusConfig::default();
+        staged.pool = PoolKind::Actor;
+        staged.actor_pool.rollout_percent = 100;
+        for off in ["false", "FALSE", " false ", "0"] {
+            for others in [
+                vec![],
+                vec![("EVENTBUS_POOL", "actor")],
+                vec![("EVENTBUS_ACTOR_ROLLOUT_PERCENT", "100")],
+                vec![
+                    ("EVENTBUS_POOL", "ACTOR"),
+                    ("EVENTBUS_ACTOR_ROLLOUT_PERCENT", "99"),
+                    ("KAFKA_ACTOR_POOL_SIZE", "8"),
+                ],
+            ] {
+                let mut vars = others.clone();
+                vars.push(("KAFKA_USE_ACTOR_POOL", off));
+                let (c, w) = warnings(&vars, staged.clone());
+                assert_eq!(c.pool, PoolKind::Keyed, "{vars:?}");
+                assert_eq!(c.actor_pool.rollout_percent, 0, "{vars:?}");
+                assert_eq!(crate::pools::actor_percent(&c), 0, "{vars:?}");
+                assert_eq!(
+                    w.len(),
+                    others
+                        .iter()
+                        .filter(|(k, _)| k.starts_with("EVENTBUS_"))
+                        .count(),
+                    "{vars:?}: {w:?}"
+                );
+                assert!(w.iter().all(|w| w.contains("rollback")), "{w:?}");
+            }
+        }
     }
 }

@@ -47,9 +47,8 @@ pub async fn build_switch(config: &EventBusConfig) -> Result<Arc<crate::PoolSwit
     let keyed: Arc<dyn Pool> = Arc::new(eventbus_keyed_pool::KeyedWorkerPool::new(
         &config.keyed_pool,
     )?);
-    let actor: Arc<dyn Pool> =
-        Arc::new(eventbus_actor_pool::ActorPool::start(&config.actor_pool).await?);
-    Ok(Arc::new(crate::PoolSwitch::new(
+    let actor = Arc::new(eventbus_actor_pool::ActorPool::start(&config.actor_pool).await?);
+    Ok(Arc::new(crate::PoolSwitch::with_actor_pool(
         keyed,
         actor,
         actor_percent(config),

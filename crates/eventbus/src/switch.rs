@@ -5,10 +5,20 @@
 //! has a job queued or running in one of them: its next job goes where its last
 //! one is. Once it has nothing in flight it follows the current setting. Each pool
 //! runs a route's jobs in order, so per-aggregate order holds across a switch.
+//!
+//! Actors out of service. A route whose actor is out of service (past its restart
+//! limit, cooling down) and that has nothing in flight goes to the keyed pool at
+//! once; a route with jobs held for that actor stays where they are until they are
+//! done (they run, in order, on the fresh actor), then follows the same rule. Built
+//! with `PoolSwitch::with_actor_pool`, the switch asks the actor pool which actors
+//! are in service; with any other actor-side pool it learns it from an
+//! `Unavailable` refusal of a route with nothing in flight, which it then sends to
+//! the keyed pool. A rollback (actor share 0) makes the actor pool release what it
+//! holds (fresh actors at once, no cool-down), so no route stays held there.
 
 use eventbus_core::{
     rollout_bucket, ComponentHealth, Error, HealthStatus, Job, Pool, PoolShare, PoolStats,
-    SubmitError,
+    SubmitError, SubmitErrorKind,
 };
 use futures::future::BoxFuture;
 use std::collections::HashMap;
@@ -34,10 +44,31 @@ struct Pin {
 
 type Routes = Arc<Mutex<HashMap<u64, Pin>>>;
 
+/// What the switch asks of an actor pool beyond [`Pool`].
+trait ActorControl: Send + Sync {
+    /// Whether the actor serving `route` is in service now.
+    fn in_service(&self, route: u64) -> bool;
+    /// Release held jobs (no cool-downs) while `release` is true.
+    fn release_held(&self, release: bool);
+}
+
+#[cfg(feature = "actor-pool")]
+impl ActorControl for eventbus_actor_pool::ActorPool {
+    fn in_service(&self, route: u64) -> bool {
+        eventbus_actor_pool::ActorPool::in_service(self, route)
+    }
+
+    fn release_held(&self, release: bool) {
+        eventbus_actor_pool::ActorPool::release_held(self, release);
+    }
+}
+
 /// Two pools and the share of aggregate ids sent to the second.
 pub struct PoolSwitch {
     keyed: Arc<dyn Pool>,
     actor: Arc<dyn Pool>,
+    /// The actor pool itself, when the switch was built with it.
+    control: Option<Arc<dyn ActorControl>>,
     percent: AtomicU8,
     routes: Routes,
 }
@@ -48,6 +79,7 @@ impl fmt::Debug for PoolSwitch {
             .field("keyed", &self.keyed)
             .field("actor", &self.actor)
             .field("actor_percent", &self.actor_percent())
+            .field("actor_control", &self.control.is_some())
             .finish()
     }
 }
@@ -55,9 +87,37 @@ impl fmt::Debug for PoolSwitch {
 impl PoolSwitch {
     /// Route `actor_percent` of the stable hash buckets (0..100) to `actor`, the rest
     /// to `keyed`.
+    ///
+    /// A route with nothing in flight that `actor` refuses as `Unavailable` goes to
+    /// `keyed`. With an `ActorPool`, prefer `PoolSwitch::with_actor_pool` (feature
+    /// `actor-pool`): the switch then knows which actors are out of service before
+    /// submitting, and a rollback releases the jobs they hold.
     pub fn new(
         keyed: Arc<dyn Pool>,
         actor: Arc<dyn Pool>,
+        actor_percent: u8,
+    ) -> Result<Self, Error> {
+        Self::build(keyed, actor, None, actor_percent)
+    }
+
+    /// Like [`PoolSwitch::new`], with an actor pool: routes of an actor out of
+    /// service (cooling down past its restart limit) that have nothing in flight go
+    /// to the keyed pool, and an actor share of 0 (a rollback) makes the actor pool
+    /// release the jobs it holds ([`ActorPool::release_held`](eventbus_actor_pool::ActorPool::release_held)).
+    #[cfg(feature = "actor-pool")]
+    pub fn with_actor_pool(
+        keyed: Arc<dyn Pool>,
+        actor: Arc<eventbus_actor_pool::ActorPool>,
+        actor_percent: u8,
+    ) -> Result<Self, Error> {
+        let control: Arc<dyn ActorControl> = actor.clone();
+        Self::build(keyed, actor, Some(control), actor_percent)
+    }
+
+    fn build(
+        keyed: Arc<dyn Pool>,
+        actor: Arc<dyn Pool>,
+        control: Option<Arc<dyn ActorControl>>,
         actor_percent: u8,
     ) -> Result<Self, Error> {
         check_percent(actor_percent)?;
@@ -65,9 +125,13 @@ impl PoolSwitch {
             actor_percent,
             "pool switch: share of aggregate ids on the actor pool"
         );
+        if let Some(control) = &control {
+            control.release_held(actor_percent == 0);
+        }
         Ok(Self {
             keyed,
             actor,
+            control,
             percent: AtomicU8::new(actor_percent),
             routes: Arc::default(),
         })
@@ -80,10 +144,18 @@ impl PoolSwitch {
 
     /// Change the share on the running bus. Routes with work in flight move once
     /// that work is done.
+    ///
+    /// A share of 0 is a rollback: with an actor pool given to
+    /// `PoolSwitch::with_actor_pool`, the actors out of service are replaced at
+    /// once (no cool-down) so that the jobs they hold run and their routes are
+    /// released too; a share above 0 restores the cool-downs.
     pub fn set_actor_percent(&self, percent: u8) -> Result<(), Error> {
         check_percent(percent)?;
         let old = self.percent.swap(percent, Ordering::AcqRel);
         tracing::info!(from = old, to = percent, "pool switch: actor share changed");
+        if let Some(control) = &self.control {
+            control.release_held(percent == 0);
+        }
         Ok(())
     }
 
@@ -93,9 +165,13 @@ impl PoolSwitch {
             .expect("0 and 100 are valid");
     }
 
-    /// The side a route with nothing in flight goes to now.
+    /// The side a route with nothing in flight goes to now: the actor pool when its
+    /// stable hash bucket is below the actor share and (as far as the switch knows)
+    /// its actor is in service, otherwise the keyed pool.
     pub fn side_for(&self, route: u64) -> Side {
-        if rollout_bucket(route) < self.actor_percent() {
+        if rollout_bucket(route) < self.actor_percent()
+            && self.control.as_ref().is_none_or(|c| c.in_service(route))
+        {
             Side::Actor
         } else {
             Side::Keyed
@@ -140,16 +216,44 @@ impl PoolSwitch {
         };
         let routes = self.routes.clone();
         job.set_done_hook(Box::new(move |_| release(&routes, route)));
-        match self.pool(side).submit(job).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let kind = e.kind();
-                let mut job = e.into_job();
-                if let Some(done) = job.take_done_hook() {
-                    done(None);
-                }
-                Err(SubmitError::new(kind, job))
+        let refused = match self.pool(side).submit(job).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let refused = if side == Side::Actor
+            && refused.kind() == SubmitErrorKind::Unavailable
+            && self.repin_alone(route, Side::Keyed)
+        {
+            // The actor side cannot serve the route, which had nothing else in
+            // flight: the keyed pool takes it at once.
+            tracing::debug!(
+                route,
+                "pool switch: actor side unavailable for a route with nothing in flight; keyed pool takes it"
+            );
+            match self.keyed.submit(refused.into_job()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
             }
+        } else {
+            refused
+        };
+        let kind = refused.kind();
+        let mut job = refused.into_job();
+        if let Some(done) = job.take_done_hook() {
+            done(None);
+        }
+        Err(SubmitError::new(kind, job))
+    }
+
+    /// Move `route` to `side` if the job being submitted is its only one in flight.
+    fn repin_alone(&self, route: u64, side: Side) -> bool {
+        let mut routes = self.routes.lock().expect("route table poisoned");
+        match routes.get_mut(&route) {
+            Some(pin) if pin.in_flight == 1 => {
+                pin.side = side;
+                true
+            }
+            _ => false,
         }
     }
 }

@@ -126,3 +126,199 @@ async fn out_of_range_share_is_a_config_error() {
     assert_eq!(s.actor_percent(), 0);
     s.close(Duration::from_secs(5)).await;
 }
+
+/// A pool whose every worker is out of service: refuses each job as `Unavailable`.
+#[derive(Debug)]
+struct OutOfService;
+
+impl Pool for OutOfService {
+    fn kind(&self) -> &'static str {
+        "actor"
+    }
+
+    fn workers(&self) -> usize {
+        1
+    }
+
+    fn submit(
+        &self,
+        job: eventbus::core::Job,
+    ) -> futures::future::BoxFuture<'_, Result<(), eventbus::core::SubmitError>> {
+        Box::pin(std::future::ready(Err(eventbus::core::SubmitError::new(
+            eventbus::core::SubmitErrorKind::Unavailable,
+            job,
+        ))))
+    }
+
+    fn close(&self, _timeout: Duration) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    fn stats(&self) -> eventbus::PoolStats {
+        eventbus::PoolStats::default()
+    }
+
+    fn health(&self) -> eventbus::core::ComponentHealth {
+        eventbus::core::ComponentHealth::with_status(
+            "pool.actor",
+            eventbus::HealthStatus::Unhealthy,
+            "out of service",
+        )
+    }
+}
+
+fn plain_job(
+    route: u64,
+    log: &Arc<std::sync::Mutex<Vec<u64>>>,
+    i: u64,
+) -> (eventbus::core::Job, eventbus::core::OutcomeReceiver) {
+    let log = log.clone();
+    eventbus::core::Job::new(
+        route,
+        eventbus::core::JobClass::Envelope,
+        None,
+        Box::pin(async move {
+            log.lock().unwrap().push(i);
+            eventbus::core::Outcome::Handled { attempts: 1 }
+        }),
+    )
+}
+
+async fn outcome(what: &str, rx: eventbus::core::OutcomeReceiver) -> eventbus::core::Outcome {
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after 10s waiting for {what}"))
+        .unwrap_or_else(|_| panic!("{what}: dropped without an outcome"))
+}
+
+#[tokio::test]
+async fn an_actor_side_refusing_a_route_as_unavailable_sends_it_to_the_keyed_pool() {
+    let keyed = keyed_pools()(PoolSpec::default()).await;
+    let switch = PoolSwitch::new(keyed.clone(), Arc::new(OutOfService), 100).expect("switch");
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut receivers = Vec::new();
+    for i in 0..20 {
+        let (job, rx) = plain_job(i % 4, &log, i);
+        switch
+            .submit(job)
+            .await
+            .expect("the keyed pool takes a route the actor side refuses");
+        receivers.push(rx);
+    }
+    for (i, rx) in receivers.into_iter().enumerate() {
+        outcome(&format!("job {i} on the keyed pool"), rx).await;
+    }
+    assert_eq!(keyed.stats().submitted, 20);
+    let mut seen = log.lock().unwrap().clone();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
+    switch.close(Duration::from_secs(5)).await;
+    assert_eq!(switch.pinned(), (0, 0));
+}
+
+#[cfg(feature = "actor-pool")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_of_an_actor_out_of_service_go_keyed_unless_held_and_a_rollback_releases_them() {
+    use eventbus::hash::slot;
+    use eventbus::{ActorPool, ActorPoolConfig, Side};
+    use eventbus_actor_pool::CoolDown;
+    eventbus_testkit::quiet_deliberate_panics();
+
+    let keyed = keyed_pools()(PoolSpec::default()).await;
+    let forever = Duration::from_secs(3600);
+    let actor = Arc::new(
+        ActorPool::start_with_cool_down(
+            &ActorPoolConfig::default()
+                .size(2)
+                .inbox_size(16)
+                .max_restarts(0),
+            CoolDown::new(forever, forever),
+        )
+        .await
+        .expect("actor pool"),
+    );
+    let switch = PoolSwitch::with_actor_pool(keyed.clone(), actor.clone(), 100).expect("switch");
+    // Routes 0 and 2 share actor 0; route 1 is on actor 1.
+    assert_eq!((slot(0, 2), slot(2, 2), slot(1, 2)), (0, 0, 1));
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+
+    // A gate holds actor 0 while a plain panic and two jobs of route 0 queue behind it.
+    let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+    let (gate, gate_done) = eventbus::core::Job::new(
+        0,
+        eventbus::core::JobClass::Plain,
+        None,
+        Box::pin(async move {
+            let _ = gate_rx.await;
+            eventbus::core::Outcome::Handled { attempts: 1 }
+        }),
+    );
+    switch.submit(gate).await.expect("gate");
+    let (poison, poison_done) = eventbus::core::Job::new(
+        0,
+        eventbus::core::JobClass::Plain,
+        None,
+        Box::pin(async { panic!("{}", eventbus_testkit::INDUCED_PANIC) }),
+    );
+    switch.submit(poison).await.expect("poison");
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let (job, rx) = plain_job(0, &log, i);
+        switch.submit(job).await.expect("held job");
+        held.push(rx);
+    }
+    gate_tx.send(()).expect("gate open");
+    outcome("gate", gate_done).await;
+    outcome("poison", poison_done).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while actor.in_service(0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 10s waiting for actor 0 to go out of service"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(switch.pinned(), (0, 1), "route 0 is held on the actor side");
+
+    // Route 2 (same actor, nothing in flight) goes to the keyed pool at once.
+    assert_eq!(switch.side_for(2), Side::Keyed);
+    assert_eq!(switch.kind_for(2), "keyed");
+    let (job, rx) = plain_job(2, &log, 100);
+    switch.submit(job).await.expect("route 2");
+    outcome("route 2 on the keyed pool", rx).await;
+    assert_eq!(keyed.stats().submitted, 1);
+    // Route 1 (actor in service) stays on the actor pool.
+    assert_eq!(switch.side_for(1), Side::Actor);
+    // Route 0 has jobs held for actor 0: its next job queues behind them, in order.
+    assert_eq!(switch.kind_for(0), "actor");
+    let (job, rx) = plain_job(0, &log, 2);
+    switch.submit(job).await.expect("route 0");
+    held.push(rx);
+    assert_eq!(actor.stats().queued, 3);
+    assert_eq!(*log.lock().unwrap(), [100], "nothing of route 0 ran");
+
+    // The rollback releases the held jobs; route 0 then goes to the keyed pool.
+    switch.set_actor_percent(0).expect("rollback");
+    for (i, rx) in held.into_iter().enumerate() {
+        outcome(&format!("held job {i} of route 0"), rx).await;
+    }
+    assert_eq!(*log.lock().unwrap(), [100, 0, 1, 2], "route 0 in order");
+    // A job's route is released just after its outcome is delivered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while switch.pinned() != (0, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 10s waiting for every route to be released: {:?}",
+            switch.pinned()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (job, rx) = plain_job(0, &log, 3);
+    switch
+        .submit(job)
+        .await
+        .expect("route 0 after the rollback");
+    outcome("route 0 on the keyed pool", rx).await;
+    assert_eq!(keyed.stats().submitted, 2);
+    switch.close(Duration::from_secs(5)).await;
+}

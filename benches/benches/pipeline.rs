@@ -50,10 +50,10 @@ fn offset_tracker(c: &mut Criterion) {
         b.iter(|| {
             let mut t = OffsetTracker::new();
             for o in 0..1024 {
-                t.track(o).expect("increasing");
+                t.track(o);
             }
             for o in &order {
-                t.complete(*o);
+                t.complete(0, *o);
             }
             t.watermark()
         })
@@ -128,6 +128,7 @@ fn dispatcher(c: &mut Criterion) {
         })
         .collect();
     let stop = CancellationToken::new();
+    let scope = eventbus_core::Scope::new().current();
     for (name, sub) in [("plain", &plain), ("envelope", &envelope)] {
         g.bench_function(name, |b| {
             b.iter(|| {
@@ -139,7 +140,10 @@ fn dispatcher(c: &mut Criterion) {
                                 let _ = f.await;
                             }
                         }
-                        let f = d.submit(sub, m.clone(), (), &stop).await.expect("submit");
+                        let f = d
+                            .submit(sub, m.clone(), (), &scope, &stop)
+                            .await
+                            .expect("submit");
                         pending.push_back(f);
                     }
                     for f in pending {

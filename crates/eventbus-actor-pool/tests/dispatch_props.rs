@@ -195,6 +195,7 @@ async fn run_case(steps: Vec<Step>) {
     // Submit in delivery order, as a backend does; each message's offset is its
     // position in `steps`.
     let stop = CancellationToken::new();
+    let scope = eventbus_core::Scope::new().current();
     let mut in_flight = Vec::with_capacity(steps.len());
     for (i, s) in steps.iter().enumerate() {
         let seq = i as i64;
@@ -208,11 +209,15 @@ async fn run_case(steps: Vec<Step>) {
             .encode()
             .expect("valid envelope");
             let message = Message::new(envelope_sub.topic(), 0, seq, body);
-            dispatcher.submit(&envelope_sub, message, seq, &stop).await
+            dispatcher
+                .submit(&envelope_sub, message, seq, &scope, &stop)
+                .await
         } else {
             let message =
                 Message::new(plain_sub.topic(), 0, seq, format!("raw-{seq}")).with_key(key);
-            dispatcher.submit(&plain_sub, message, seq, &stop).await
+            dispatcher
+                .submit(&plain_sub, message, seq, &scope, &stop)
+                .await
         };
         in_flight.push(submitted.expect("the pool accepts every message"));
     }

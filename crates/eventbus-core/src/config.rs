@@ -196,6 +196,13 @@ pub struct ConsumerConfig {
     /// How long close / unsubscribe / revoke waits for in-flight work, default 10s.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// After the drain timeout, the work given up is fenced (no queued job of it
+    /// starts, running handlers are cancelled); how long the hand-over then waits
+    /// for its running handlers to return, default 5s. Only then is the final
+    /// commit made, the partition or lease released. A handler still running after
+    /// it is an overlap, counted in `handover_overruns_total`.
+    #[serde(with = "humantime_serde")]
+    pub handover_timeout: Duration,
     /// Where to start without a committed offset, default `earliest`.
     pub auto_offset_reset: OffsetReset,
 }
@@ -208,6 +215,7 @@ impl Default for ConsumerConfig {
             max_in_flight_total: 10_000,
             commit_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
+            handover_timeout: Duration::from_secs(5),
             auto_offset_reset: OffsetReset::Earliest,
         }
     }
@@ -237,6 +245,17 @@ impl ConsumerConfig {
     pub fn drain_timeout(mut self, d: Duration) -> Self {
         self.drain_timeout = d;
         self
+    }
+    /// Set the hand-over timeout.
+    #[must_use]
+    pub fn handover_timeout(mut self, d: Duration) -> Self {
+        self.handover_timeout = d;
+        self
+    }
+    /// The longest a hand-over (revoke, unsubscribe, close, lease release) waits
+    /// for the work it gives up: `drain_timeout + handover_timeout`.
+    pub fn handover_bound(&self) -> Duration {
+        self.drain_timeout.saturating_add(self.handover_timeout)
     }
     /// Check the values; the error names the key.
     pub fn validate(&self) -> Result<(), Error> {

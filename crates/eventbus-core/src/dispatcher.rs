@@ -24,8 +24,9 @@ use crate::aggregate::AggregateIdConfig;
 use crate::bus::{Subscription, SubscriptionHandler};
 use crate::config::{DeadLetterConfig, EventBusConfig, RateLimit};
 use crate::envelope::Envelope;
-use crate::error::{Error, Result};
-use crate::handler::{BoxHandler, Event};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fence::{Epoch, Scope};
+use crate::handler::{with_cancellation, BoxHandler, Event};
 use crate::hash::stable_hash;
 use crate::health::{ComponentHealth, HealthStatus};
 use crate::job::{panic_message, FailureCause, Job, JobClass, Outcome, OutcomeReceiver};
@@ -34,6 +35,13 @@ use crate::metrics as m;
 use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
 use crate::pool::{Pool, SubmitErrorKind};
+
+fn fenced() -> Error {
+    Error::new(
+        ErrorKind::Fenced,
+        "the message's partition, lease or subscription was given up; left for redelivery",
+    )
+}
 
 /// Header naming the original topic on a dead letter.
 pub const DLQ_TOPIC_HEADER: &str = "eventbus-original-topic";
@@ -642,6 +650,27 @@ impl Dispatcher {
         sampler.health.set(crate::ops::status_value(health.status));
     }
 
+    /// Count a hand-over of `topic`'s work that went on while one of its handlers
+    /// still ran past `consumer.handover_timeout`.
+    pub fn count_handover_overrun(&self, topic: &str) {
+        self.topic_counter(m::HANDOVER_OVERRUNS, topic);
+    }
+
+    /// Count partitions or a lease of `topic` lost without a hand-over.
+    pub fn count_assignment_lost(&self, topic: &str) {
+        self.topic_counter(m::ASSIGNMENTS_LOST, topic);
+    }
+
+    /// Count a broker rewind on `topic` (see [`crate::offset`]).
+    pub fn count_rewind(&self, topic: &str) {
+        self.topic_counter(m::REWINDS, topic);
+    }
+
+    fn topic_counter(&self, metric: &str, topic: &str) {
+        metrics::counter!(m::name(&self.inner.metrics.backend, metric), "topic" => topic.to_owned())
+            .increment(1);
+    }
+
     /// The pool.
     pub fn pool(&self) -> &Arc<dyn Pool> {
         &self.inner.pool
@@ -680,6 +709,11 @@ impl Dispatcher {
             }
             None => None,
         };
+        // The transition counters of the topic exist from the start, at zero.
+        for metric in [m::HANDOVER_OVERRUNS, m::ASSIGNMENTS_LOST, m::REWINDS] {
+            metrics::counter!(m::name(&self.inner.metrics.backend, metric), "topic" => sub.topic.clone())
+                .increment(0);
+        }
         Ok(Arc::new(PreparedSubscription {
             topic: Arc::from(sub.topic),
             handler: sub.handler,
@@ -728,17 +762,27 @@ impl Dispatcher {
     /// resolves when the message is finished.
     ///
     /// Call in delivery order per partition: that order is the handling order per
-    /// aggregate. Fails only when the pool is closed or `stop` is cancelled; the
-    /// message is then not acknowledged and will be redelivered.
+    /// aggregate. The job is fenced by `epoch` (see [`crate::fence`]): once its
+    /// scope is fenced at the message's offset it does not start.
+    ///
+    /// Fails when the pool is closed, `stop` is cancelled, or the scope is fenced
+    /// ([`ErrorKind::Fenced`]) before the pool took the job; the message is then not
+    /// acknowledged and will be redelivered.
     pub async fn submit<T: Send + Unpin + 'static>(
         &self,
         sub: &Arc<PreparedSubscription>,
         message: Message,
         token: T,
+        epoch: &Epoch,
         stop: &CancellationToken,
     ) -> Result<InFlight<T>> {
         if let Some(limiter) = &sub.limiter {
-            if !limiter.acquire(stop).await {
+            let fenced = epoch.scope().cancellation();
+            let acquired = tokio::select! {
+                a = limiter.acquire(stop) => a,
+                _ = fenced.cancelled() => false,
+            };
+            if !acquired {
                 return Err(Error::closed(
                     "consumer stopping while rate limited; message left for redelivery",
                 ));
@@ -749,10 +793,11 @@ impl Dispatcher {
         self.note_age(&message);
         let partition = message.partition;
         let offset = message.offset;
-        let fut = match self.prepare_message(sub, message) {
+        let fut = match self.prepare_message(sub, message, epoch) {
             Prepared::Job(job, rx, meta) => {
                 let pool = meta.pool;
-                self.submit_job(job, pool, stop).await?;
+                let job = job.fenced_by(epoch.clone(), offset);
+                self.submit_job(job, pool, epoch, offset, stop).await?;
                 self.inner
                     .counters
                     .submitted
@@ -791,7 +836,13 @@ impl Dispatcher {
         }
     }
 
-    fn prepare_message(&self, sub: &Arc<PreparedSubscription>, message: Message) -> Prepared {
+    fn prepare_message(
+        &self,
+        sub: &Arc<PreparedSubscription>,
+        message: Message,
+        epoch: &Epoch,
+    ) -> Prepared {
+        let scope = epoch.scope();
         let can_dead_letter = sub.dead_letter_topic.is_some();
         match &sub.handler {
             SubscriptionHandler::Envelope(handler) => match Envelope::decode(&message.payload) {
@@ -812,6 +863,7 @@ impl Dispatcher {
                         message,
                         key.clone(),
                         meta.pool,
+                        scope,
                     );
                     let (job, rx) = Job::new(route, JobClass::Envelope, Some(key), task);
                     Prepared::Job(job, rx, meta)
@@ -825,8 +877,17 @@ impl Dispatcher {
                         .inner
                         .pool
                         .kind_for(stable_hash(meta.key.as_deref().unwrap_or("").as_bytes()));
-                    meta.dead_letter = can_dead_letter.then_some(message);
-                    Prepared::Poison(meta, e.to_string())
+                    if can_dead_letter {
+                        meta.dead_letter = Some(message);
+                        return Prepared::Poison(meta, e.to_string());
+                    }
+                    // No dead-letter destination: the message is held, and so is its
+                    // key, by a job that waits on its worker until the scope ends.
+                    let key = meta.key.clone().unwrap_or_else(|| Arc::from(""));
+                    let task = self.held_task(key.clone(), e.to_string(), &message, scope);
+                    let route = stable_hash(key.as_bytes());
+                    let (job, rx) = Job::new(route, JobClass::Envelope, Some(key), task);
+                    Prepared::Job(job, rx, meta)
                 }
             },
             SubscriptionHandler::Plain(handler) => {
@@ -837,7 +898,7 @@ impl Dispatcher {
                 };
                 let mut meta = Meta::new(JobClass::Plain, key.clone(), sub, &message);
                 meta.pool = self.inner.pool.kind_for(route);
-                let task = self.plain_task(handler.clone(), message, key.clone(), meta.pool);
+                let task = self.plain_task(handler.clone(), message, key.clone(), meta.pool, scope);
                 let (job, rx) = Job::new(route, JobClass::Plain, key, task);
                 Prepared::Job(job, rx, meta)
             }
@@ -848,10 +909,20 @@ impl Dispatcher {
         &self,
         mut job: Job,
         pool: &'static str,
+        epoch: &Epoch,
+        offset: i64,
         stop: &CancellationToken,
     ) -> Result<()> {
         let mut pause = Duration::from_millis(1);
         loop {
+            if epoch.is_fenced(offset) {
+                return Err(fenced());
+            }
+            if stop.is_cancelled() {
+                return Err(Error::closed(
+                    "consumer stopping; message left for redelivery",
+                ));
+            }
             match self.inner.pool.submit(job).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == SubmitErrorKind::Closed => {
@@ -862,9 +933,8 @@ impl Dispatcher {
                     self.inner.metrics.pool(pool).submit_retries.increment(1);
                     job = e.into_job();
                     tokio::select! {
-                        _ = stop.cancelled() => {
-                            return Err(Error::closed("consumer stopping; message left for redelivery"));
-                        }
+                        _ = stop.cancelled() => {}
+                        _ = epoch.scope().cancellation().cancelled() => {}
                         _ = tokio::time::sleep(pause) => {}
                     }
                     pause = (pause * 2).min(Duration::from_millis(200));
@@ -879,8 +949,10 @@ impl Dispatcher {
         message: Message,
         key: Option<Arc<str>>,
         pool: &'static str,
+        scope: &Scope,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
+        let cancel = scope.cancellation().clone();
         let span = tracing::info_span!(
             "eventbus.handle",
             topic = %message.topic,
@@ -892,9 +964,8 @@ impl Dispatcher {
         );
         async move {
             let started = Instant::now();
-            let result = AssertUnwindSafe(async { handler.call_boxed(message).await })
-                .catch_unwind()
-                .await;
+            let call = with_cancellation(cancel, handler.call_boxed(message));
+            let result = AssertUnwindSafe(call).catch_unwind().await;
             inner
                 .metrics
                 .pool(pool)
@@ -916,6 +987,7 @@ impl Dispatcher {
         .boxed()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn envelope_task(
         &self,
         sub: &Arc<PreparedSubscription>,
@@ -924,8 +996,10 @@ impl Dispatcher {
         message: Message,
         key: Arc<str>,
         pool: &'static str,
+        scope: &Scope,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
+        let cancel = scope.cancellation().clone();
         let policy = sub.policy.clone();
         let can_dead_letter = sub.dead_letter_topic.is_some();
         let span = tracing::info_span!(
@@ -942,11 +1016,15 @@ impl Dispatcher {
             let mut stuck = false;
             loop {
                 tracing::Span::current().record("attempt", attempt);
-                let event = Event::new(envelope.clone(), message.clone(), attempt);
+                let event = Event::with_cancellation(
+                    envelope.clone(),
+                    message.clone(),
+                    attempt,
+                    cancel.clone(),
+                );
                 let started = Instant::now();
-                let result = AssertUnwindSafe(async { handler.call_boxed(event).await })
-                    .catch_unwind()
-                    .await;
+                let call = with_cancellation(cancel.clone(), handler.call_boxed(event));
+                let result = AssertUnwindSafe(call).catch_unwind().await;
                 let metrics = inner.metrics.pool(pool);
                 metrics.duration.record(started.elapsed().as_secs_f64());
                 let cause = match result {
@@ -955,6 +1033,13 @@ impl Dispatcher {
                             inner.clear_stuck(&key);
                         }
                         return Outcome::Handled { attempts: attempt };
+                    }
+                    Ok(Err(_)) | Err(_) if cancel.is_cancelled() => {
+                        // Handed over while it ran: not finished here.
+                        if stuck {
+                            inner.clear_stuck(&key);
+                        }
+                        return Outcome::Abandoned { attempts: attempt };
                     }
                     Ok(Err(e)) => FailureCause::Error(e),
                     Err(p) => {
@@ -986,13 +1071,16 @@ impl Dispatcher {
                 inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                 metrics.retries.increment(1);
                 tokio::select! {
-                    _ = inner.cancel.cancelled() => {
-                        if stuck {
-                            inner.clear_stuck(&key);
-                        }
-                        return Outcome::Failed { attempts: attempt, cause };
-                    }
+                    _ = inner.cancel.cancelled() => {}
+                    _ = cancel.cancelled() => {}
                     _ = tokio::time::sleep(wait) => {}
+                }
+                if inner.cancel.is_cancelled() || cancel.is_cancelled() {
+                    // Closing or handed over: the message is delivered again.
+                    if stuck {
+                        inner.clear_stuck(&key);
+                    }
+                    return Outcome::Abandoned { attempts: attempt };
                 }
                 attempt = attempt.saturating_add(1);
             }
@@ -1022,6 +1110,7 @@ impl Dispatcher {
         let inner = &self.inner;
         let metrics = inner.metrics.pool(meta.pool);
         match outcome {
+            Outcome::Abandoned { .. } => Disposition::Abandoned,
             Outcome::Handled { .. } => {
                 inner.counters.handled.fetch_add(1, Ordering::Relaxed);
                 metrics.ok.increment(1);
@@ -1040,29 +1129,40 @@ impl Dispatcher {
                         error = %cause, "plain handler failed; message acknowledged (at-most-once)");
                     Disposition::Dropped
                 }
-                JobClass::Envelope => {
-                    if inner.cancel.is_cancelled() && meta.dead_letter.is_none() {
-                        return Disposition::Abandoned;
-                    }
-                    self.dead_letter(meta, cause.to_string(), attempts).await
-                }
+                JobClass::Envelope => self.dead_letter(meta, cause.to_string(), attempts).await,
             },
         }
     }
 
     async fn poison(&self, meta: Meta, error: String) -> Disposition {
-        if meta.dead_letter.is_some() {
-            return self.dead_letter(meta, error, 0).await;
+        self.dead_letter(meta, error, 0).await
+    }
+
+    /// The job of an invalid envelope with no dead-letter destination: it holds
+    /// its worker, and so its key, never acknowledged and never dropped, reporting
+    /// the key stuck until its scope is given up or the bus closes.
+    fn held_task(
+        &self,
+        key: Arc<str>,
+        error: String,
+        message: &Message,
+        scope: &Scope,
+    ) -> BoxFuture<'static, Outcome> {
+        let inner = self.inner.clone();
+        let cancel = scope.cancellation().clone();
+        let (topic, offset) = (message.topic.clone(), message.offset);
+        async move {
+            tracing::error!(%topic, offset, %error,
+                "invalid envelope and no dead-letter destination: message held, key stuck");
+            inner.mark_stuck(&key);
+            tokio::select! {
+                _ = inner.cancel.cancelled() => {}
+                _ = cancel.cancelled() => {}
+            }
+            inner.clear_stuck(&key);
+            Outcome::Abandoned { attempts: 0 }
         }
-        // No dead-letter destination: hold the message (never acknowledged, never
-        // dropped) and report its key stuck until the bus closes.
-        tracing::error!(topic = %meta.topic, offset = meta.offset, %error,
-            "invalid envelope and no dead-letter destination: message held, key stuck");
-        let key = meta.key.as_deref().unwrap_or_default();
-        self.inner.mark_stuck(key);
-        self.inner.cancel.cancelled().await;
-        self.inner.clear_stuck(key);
-        Disposition::Abandoned
+        .boxed()
     }
 
     async fn dead_letter(&self, meta: Meta, error: String, attempts: u32) -> Disposition {

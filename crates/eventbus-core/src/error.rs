@@ -36,6 +36,9 @@ pub enum ErrorKind {
     Serialization,
     /// The backend does not support this operation.
     Unsupported,
+    /// The work's scope was given up (partition revoked, lease lost, unsubscribed,
+    /// closing): the message is left for redelivery.
+    Fenced,
 }
 
 impl ErrorKind {
@@ -54,6 +57,7 @@ impl ErrorKind {
             ErrorKind::Conflict => "conflict",
             ErrorKind::Serialization => "serialization",
             ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Fenced => "fenced",
         }
     }
 

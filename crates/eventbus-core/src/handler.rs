@@ -4,6 +4,7 @@ use futures::future::BoxFuture;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Envelope;
 use crate::error::BoxError;
@@ -99,17 +100,48 @@ pub struct Event {
     pub message: Message,
     /// Attempt number within this delivery, 1 for the first call.
     pub attempt: u32,
+    /// Cancelled when the work this event belongs to is handed over (partition
+    /// revoked, lease lost, unsubscribe, close): a long handler should stop soon
+    /// after, returning an error; the message is then delivered again.
+    pub cancellation: CancellationToken,
 }
 
 impl Event {
     /// Build an event (used by the dispatcher and by tests of handlers).
     pub fn new(envelope: Arc<Envelope>, message: Message, attempt: u32) -> Self {
+        Self::with_cancellation(envelope, message, attempt, CancellationToken::new())
+    }
+
+    /// Build an event whose handler is cancelled by `cancellation`.
+    pub fn with_cancellation(
+        envelope: Arc<Envelope>,
+        message: Message,
+        attempt: u32,
+        cancellation: CancellationToken,
+    ) -> Self {
         Self {
             envelope,
             message,
             attempt,
+            cancellation,
         }
     }
+}
+
+tokio::task_local! {
+    static CANCELLATION: CancellationToken;
+}
+
+/// The cancellation token of the handler running in this task, for plain handlers
+/// (envelope handlers also have [`Event::cancellation`]): cancelled when its work
+/// is handed over. `None` outside a handler the bus runs.
+pub fn cancellation() -> Option<CancellationToken> {
+    CANCELLATION.try_with(CancellationToken::clone).ok()
+}
+
+/// Run `fut` as a handler call cancelled by `token` (see [`cancellation`]).
+pub(crate) async fn with_cancellation<F: Future>(token: CancellationToken, fut: F) -> F::Output {
+    CANCELLATION.scope(token, fut).await
 }
 
 /// An async message handler.

@@ -1,10 +1,25 @@
 //! The in-flight set of a consumer: every submitted message until it completes,
-//! bounded per partition and in total, with one [`OffsetTracker`] per partition.
+//! bounded per partition and in total, with one [`OffsetTracker`] per partition and
+//! the [`Scope`]s its jobs are fenced by.
 //!
-//! A backend's consume loop pushes each submitted [`InFlight`] here in delivery
-//! order and reads [`Settled`] completions back; each carries the partition's new
-//! contiguous watermark when it moved. Completions for a partition that was revoked
-//! (or revoked and assigned again) since submission are dropped, never committed.
+//! A backend's consume loop, for each message in delivery order: [`begin`]s it
+//! (tracking its offset and getting the [`Ticket`] whose scope the job is submitted
+//! under), submits it, and [`push`]es the [`InFlight`] (or [`give_up`]s the ticket
+//! when the submission failed). It reads [`Settled`] completions back; each carries
+//! the partition's new watermark when it moved. Completions for a partition that was
+//! revoked (or revoked and assigned again) since submission are dropped, never
+//! committed.
+//!
+//! Giving a partition up: [`fence`] it (no queued job of it starts any more; running
+//! handlers are cancelled), wait until [`running`] is zero (bounded), then
+//! [`revoke`] it and commit the watermark that returns.
+//!
+//! [`begin`]: InFlightSet::begin
+//! [`push`]: InFlightSet::push
+//! [`give_up`]: InFlightSet::give_up
+//! [`fence`]: InFlightSet::fence
+//! [`running`]: InFlightSet::running
+//! [`revoke`]: InFlightSet::revoke
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
@@ -16,7 +31,8 @@ use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::dispatcher::{Completion, InFlight};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fence::{Epoch, Scope};
 use crate::offset::OffsetTracker;
 
 /// A shared bound on messages in flight across every consumer of a bus.
@@ -24,22 +40,53 @@ pub type InFlightLimit = Arc<Semaphore>;
 
 struct Tagged<T> {
     generation: u64,
+    epoch: u64,
     inner: InFlight<T>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl<T: Unpin> Future for Tagged<T> {
-    type Output = (u64, Completion<T>);
+    type Output = (u64, u64, Completion<T>);
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let generation = self.generation;
-        Pin::new(&mut self.inner).poll(cx).map(|c| (generation, c))
+        let (generation, epoch) = (self.generation, self.epoch);
+        Pin::new(&mut self.inner)
+            .poll(cx)
+            .map(|c| (generation, epoch, c))
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PartitionSlot {
     generation: u64,
     tracker: OffsetTracker,
+    /// The scope of this ownership; its epochs are the tracker's.
+    scope: Scope,
+}
+
+/// A message [`begin`](InFlightSet::begin)s to be tracked: submit its job under
+/// [`epoch`](Ticket::epoch), then [`push`](InFlightSet::push) or
+/// [`give_up`](InFlightSet::give_up) it.
+#[derive(Debug)]
+#[must_use = "a ticket must be pushed or given up, or its offset holds the watermark"]
+pub struct Ticket {
+    partition: i32,
+    offset: i64,
+    generation: u64,
+    epoch: Epoch,
+    rewound_from: Option<i64>,
+}
+
+impl Ticket {
+    /// The scope epoch to submit the job under (see [`crate::Job::fenced_by`]).
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    /// `Some(R)` when this message rewound its partition to `R` (the broker went
+    /// back): the partition's watermark may have moved down; commit it explicitly.
+    pub fn rewound_from(&self) -> Option<i64> {
+        self.rewound_from
+    }
 }
 
 /// A completion read from an [`InFlightSet`].
@@ -71,6 +118,13 @@ impl<T> fmt::Debug for InFlightSet<T> {
     }
 }
 
+fn not_assigned(partition: i32) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!("partition {partition} is not assigned to this consumer"),
+    )
+}
+
 impl<T: Send + Unpin + 'static> InFlightSet<T> {
     /// A set allowing `per_partition` messages of one partition in flight, and
     /// drawing one permit of `total` per message.
@@ -84,26 +138,58 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
         }
     }
 
-    /// Start owning `partition` with a fresh tracker. In-flight messages from an
-    /// earlier ownership of it will be dropped when they complete.
-    pub fn assign(&mut self, partition: i32) {
+    /// Start owning `partition` with a fresh tracker and a new scope. Work of an
+    /// earlier ownership of it is fenced, and its completions will be dropped.
+    pub fn assign(&mut self, partition: i32) -> Scope {
+        let scope = Scope::new();
+        self.assign_scoped(partition, scope.clone());
+        scope
+    }
+
+    /// [`assign`](Self::assign) under `scope`, made by whoever can fence it directly
+    /// (a rebalance callback, say).
+    pub fn assign_scoped(&mut self, partition: i32, scope: Scope) {
         let generation = self.next_generation;
         self.next_generation += 1;
-        self.partitions.insert(
+        let old = self.partitions.insert(
             partition,
             PartitionSlot {
                 generation,
                 tracker: OffsetTracker::new(),
+                scope,
             },
         );
+        if let Some(old) = old {
+            old.scope.fence();
+        }
     }
 
-    /// Stop owning `partition`; returns its last watermark. Messages of it still in
-    /// flight complete unseen.
-    pub fn revoke(&mut self, partition: i32) -> Option<i64> {
+    /// Fence `partition`: no queued job of it starts from now on, and its running
+    /// handlers are cancelled. Its completions still count until [`revoke`](Self::revoke).
+    pub fn fence(&self, partition: i32) {
+        if let Some(slot) = self.partitions.get(&partition) {
+            slot.scope.fence();
+        }
+    }
+
+    /// Handlers of `partition` running now.
+    pub fn running(&self, partition: i32) -> usize {
         self.partitions
-            .remove(&partition)
-            .and_then(|p| p.tracker.watermark())
+            .get(&partition)
+            .map_or(0, |p| p.scope.running())
+    }
+
+    /// The scope of `partition`'s ownership.
+    pub fn scope(&self, partition: i32) -> Option<&Scope> {
+        self.partitions.get(&partition).map(|p| &p.scope)
+    }
+
+    /// Stop owning `partition`; returns its last watermark. Its work is fenced;
+    /// messages of it still in flight complete unseen.
+    pub fn revoke(&mut self, partition: i32) -> Option<i64> {
+        let slot = self.partitions.remove(&partition)?;
+        slot.scope.fence();
+        slot.tracker.watermark()
     }
 
     /// Whether `partition` is owned.
@@ -168,28 +254,134 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
         }
     }
 
-    /// Add a submitted message. Call in delivery order per partition.
-    pub fn push(&mut self, inflight: InFlight<T>, permit: OwnedSemaphorePermit) -> Result<()> {
-        let partition = inflight.partition();
-        let slot = self.partitions.get_mut(&partition).ok_or_else(|| {
-            Error::new(
-                crate::error::ErrorKind::InvalidInput,
-                format!("partition {partition} is not assigned to this consumer"),
-            )
-        })?;
-        slot.tracker.track(inflight.offset())?;
-        self.pending.push(Tagged {
+    /// Track the message at `offset` of `partition`, in delivery order, before its
+    /// job is submitted. An offset at or below one tracked before in this ownership
+    /// is a rewind: earlier work at or above it is fenced (it will be delivered
+    /// again) and a new epoch, with a new scope, begins.
+    pub fn begin(&mut self, partition: i32, offset: i64) -> Result<Ticket> {
+        let slot = self
+            .partitions
+            .get_mut(&partition)
+            .ok_or_else(|| not_assigned(partition))?;
+        let tracked = slot.tracker.track(offset);
+        let epoch = match tracked.rewound_from {
+            Some(from) => {
+                tracing::warn!(
+                    partition,
+                    rewound_from = from,
+                    "the broker went back to an offset already tracked: messages at and \
+                     above it are read again, their queued copies fenced"
+                );
+                slot.scope.rewind(from)
+            }
+            None => slot.scope.current(),
+        };
+        debug_assert_eq!(epoch.id(), tracked.epoch, "scope and tracker epochs agree");
+        Ok(Ticket {
+            partition,
+            offset,
             generation: slot.generation,
+            epoch,
+            rewound_from: tracked.rewound_from,
+        })
+    }
+
+    /// The message of `ticket` was not submitted: it holds the watermark (it is
+    /// delivered again) but is not in flight.
+    pub fn give_up(&mut self, ticket: Ticket) {
+        if let Some(slot) = self.partitions.get_mut(&ticket.partition) {
+            if slot.generation == ticket.generation {
+                slot.tracker.abandon(ticket.epoch.id(), ticket.offset);
+            }
+        }
+    }
+
+    /// Add the submitted message of `ticket`.
+    pub fn push(
+        &mut self,
+        ticket: Ticket,
+        inflight: InFlight<T>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<()> {
+        if (inflight.partition(), inflight.offset()) != (ticket.partition, ticket.offset) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "in-flight message {}@{} pushed with the ticket of {}@{}",
+                    inflight.partition(),
+                    inflight.offset(),
+                    ticket.partition,
+                    ticket.offset
+                ),
+            ));
+        }
+        self.pending.push(Tagged {
+            generation: ticket.generation,
+            epoch: ticket.epoch.id(),
             inner: inflight,
             _permit: permit,
         });
         Ok(())
     }
 
+    /// Hand `partitions` over (revoke, unsubscribe, close): settle their in-flight
+    /// messages until `drain` (calling `on_settled` for every completion of the
+    /// set, so watermarks keep moving), then [`fence`](Self::fence) them and settle
+    /// until none of their handlers runs or `handover` has passed too. The caller
+    /// then [`revoke`](Self::revoke)s them and commits.
+    ///
+    /// Returns the partitions with a handler still running at the end (an overrun:
+    /// that handler may overlap the next owner's).
+    pub async fn hand_over(
+        &mut self,
+        partitions: &[i32],
+        drain: std::time::Duration,
+        handover: std::time::Duration,
+        mut on_settled: impl FnMut(Settled<T>),
+    ) -> Vec<i32> {
+        let drain_until = tokio::time::Instant::now() + drain;
+        while partitions.iter().any(|p| self.in_flight(*p) > 0) {
+            match tokio::time::timeout_at(drain_until, self.next()).await {
+                Ok(Some(s)) => on_settled(s),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        partitions.iter().for_each(|p| self.fence(*p));
+        let handover_until = tokio::time::Instant::now() + handover;
+        let scopes: Vec<Scope> = partitions
+            .iter()
+            .filter_map(|p| self.scope(*p).cloned())
+            .collect();
+        let all_idle = futures::future::join_all(scopes.iter().map(Scope::idle));
+        tokio::pin!(all_idle);
+        loop {
+            // Completions keep the watermarks moving while the running handlers end;
+            // a fenced queued job ends without its handler.
+            tokio::select! {
+                biased;
+                s = self.next(), if !self.is_empty() => match s {
+                    Some(s) => on_settled(s),
+                    None => continue,
+                },
+                _ = &mut all_idle => break,
+                _ = tokio::time::sleep_until(handover_until) => break,
+            }
+        }
+        // What finished as the last handlers returned still counts.
+        while let Some(Some(s)) = futures::FutureExt::now_or_never(self.next()) {
+            on_settled(s);
+        }
+        partitions
+            .iter()
+            .copied()
+            .filter(|p| self.running(*p) > 0)
+            .collect()
+    }
+
     /// The next completion of an owned partition; `None` when nothing is in flight.
     pub async fn next(&mut self) -> Option<Settled<T>> {
         loop {
-            let (generation, completion) = self.pending.next().await?;
+            let (generation, epoch, completion) = self.pending.next().await?;
             let Some(slot) = self.partitions.get_mut(&completion.partition) else {
                 continue;
             };
@@ -197,8 +389,9 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
                 continue;
             }
             let watermark = if completion.should_ack() {
-                slot.tracker.complete(completion.offset)
+                slot.tracker.complete(epoch, completion.offset)
             } else {
+                slot.tracker.abandon(epoch, completion.offset);
                 None
             };
             return Some(Settled {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
+use crate::fence::Epoch;
 use crate::handler::HandlerError;
 
 /// Which delivery promise the job belongs to.
@@ -59,6 +60,12 @@ pub enum Outcome {
         /// The last failure.
         cause: FailureCause,
     },
+    /// Not finished: its scope was fenced (handed over, closed) before or while it
+    /// ran. Never acknowledged: the message is delivered again.
+    Abandoned {
+        /// Calls made (0 when the handler never started).
+        attempts: u32,
+    },
 }
 
 /// The shape of an [`Outcome`], for pools and counters.
@@ -70,6 +77,8 @@ pub enum OutcomeKind {
     Failed,
     /// Failed with a panic.
     Panicked,
+    /// Not finished: its scope was fenced (see [`Outcome::Abandoned`]).
+    Abandoned,
 }
 
 impl OutcomeKind {
@@ -79,6 +88,7 @@ impl OutcomeKind {
             OutcomeKind::Handled => "ok",
             OutcomeKind::Failed => "failed",
             OutcomeKind::Panicked => "panicked",
+            OutcomeKind::Abandoned => "abandoned",
         }
     }
 }
@@ -96,13 +106,16 @@ impl Outcome {
                 cause: FailureCause::Panic(_),
                 ..
             } => OutcomeKind::Panicked,
+            Outcome::Abandoned { .. } => OutcomeKind::Abandoned,
         }
     }
 
     /// Calls made.
     pub fn attempts(&self) -> u32 {
         match self {
-            Outcome::Handled { attempts } | Outcome::Failed { attempts, .. } => *attempts,
+            Outcome::Handled { attempts }
+            | Outcome::Failed { attempts, .. }
+            | Outcome::Abandoned { attempts } => *attempts,
         }
     }
 }
@@ -132,6 +145,8 @@ pub struct Job {
     task: Option<BoxFuture<'static, Outcome>>,
     reply: Option<oneshot::Sender<Outcome>>,
     done: Option<DoneHook>,
+    /// The scope epoch the job was consumed under, and its offset there.
+    fence: Option<(Epoch, i64)>,
 }
 
 /// Called once when a job ends: with its outcome's kind after it ran, or with `None`
@@ -174,6 +189,7 @@ impl Job {
                 task: Some(task),
                 reply: Some(reply),
                 done: None,
+                fence: None,
             },
             rx,
         )
@@ -194,11 +210,36 @@ impl Job {
         self.key.as_ref()
     }
 
+    /// Tie the job to `epoch` at `offset`: once its scope is fenced there, the job
+    /// no longer starts (see [`Job::run`]).
+    #[must_use]
+    pub fn fenced_by(mut self, epoch: Epoch, offset: i64) -> Self {
+        self.fence = Some((epoch, offset));
+        self
+    }
+
+    /// Whether the job's scope is fenced at its offset: it would not start.
+    pub fn is_fenced(&self) -> bool {
+        self.fence.as_ref().is_some_and(|(e, o)| e.is_fenced(*o))
+    }
+
     /// Run the job to its end and deliver the outcome to whoever waits for it.
+    ///
+    /// A job whose scope is fenced does not start: its handler is not called, and it
+    /// ends [`OutcomeKind::Abandoned`] (the waiter sees it dropped, the done hook gets
+    /// `None`). While it runs it counts as running in its scope.
     ///
     /// A panic escaping the task is caught and reported as
     /// [`OutcomeKind::Panicked`]; the caller (a worker) keeps running.
     pub async fn run(mut self) -> OutcomeKind {
+        let running = match &self.fence {
+            Some((epoch, offset)) => match epoch.enter(*offset) {
+                Some(running) => Some(running),
+                // Dropping the job tells the waiter and the done hook it did not run.
+                None => return OutcomeKind::Abandoned,
+            },
+            None => None,
+        };
         let task = self.task.take().expect("a job runs once");
         let outcome = match AssertUnwindSafe(task).catch_unwind().await {
             Ok(outcome) => outcome,
@@ -208,6 +249,9 @@ impl Job {
             },
         };
         let kind = outcome.kind();
+        // No longer running once the waiter can learn the outcome: a hand-over that
+        // sees the completion sees the scope idle too.
+        drop(running);
         // The waiter may be gone (bus closing); the outcome then has no reader.
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(outcome);

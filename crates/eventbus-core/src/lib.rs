@@ -6,6 +6,7 @@ pub mod config;
 pub mod dispatcher;
 pub mod envelope;
 pub mod error;
+pub mod fence;
 pub mod handler;
 pub mod hash;
 pub mod health;
@@ -34,15 +35,16 @@ pub use dispatcher::{
 };
 pub use envelope::{Envelope, EnvelopeError};
 pub use error::{BoxError, Error, ErrorKind, Result};
+pub use fence::{Epoch, Scope};
 pub use handler::{
     boxed, handler_fn, BoxHandler, DynHandler, Event, Failure, Handler, HandlerError, HandlerResult,
 };
 pub use hash::{rollout_bucket, slot, stable_hash};
 pub use health::{ComponentHealth, HealthReport, HealthStatus};
-pub use inflight::{InFlightLimit, InFlightSet, Settled};
+pub use inflight::{InFlightLimit, InFlightSet, Settled, Ticket};
 pub use job::{DoneHook, FailureCause, Job, JobClass, Outcome, OutcomeKind, OutcomeReceiver};
 pub use message::{Headers, Message, PublishReceipt, Record};
-pub use offset::OffsetTracker;
+pub use offset::{OffsetTracker, Tracked};
 pub use ops::{Backlog, PartitionLag, Probe, PublishMetrics, Recovery, RecoveryChange};
 pub use policy::DeliveryPolicy;
 pub use pool::{Pool, PoolShare, PoolStats, SubmitError, SubmitErrorKind};

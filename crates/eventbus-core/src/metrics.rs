@@ -67,6 +67,17 @@ pub const RECOVERY_TRANSITIONS: &str = "recovery_transitions_total";
 pub const RATE_LIMIT_WAIT: &str = "rate_limit_wait_seconds";
 /// Messages that had to wait for a subscription's rate limit, by `topic`. Counter.
 pub const RATE_LIMITED: &str = "rate_limited_total";
+/// Hand-overs (revoke, unsubscribe, close, lease release) that went on while a
+/// handler of the work given up still ran past `consumer.handover_timeout`, by
+/// `topic`: that handler may overlap the next owner's. Counter.
+pub const HANDOVER_OVERRUNS: &str = "handover_overruns_total";
+/// Partitions or leases lost without a hand-over (session timeout, poll interval
+/// overrun, a stalled member), by `topic`: their work is fenced, nothing is
+/// committed. Counter.
+pub const ASSIGNMENTS_LOST: &str = "assignments_lost_total";
+/// Times the broker went back to an offset already tracked in the same assignment,
+/// by `topic`: messages at and above it are read again. Counter.
+pub const REWINDS: &str = "rewinds_total";
 /// Overall health: 0 healthy, 1 degraded, 2 unhealthy. Gauge.
 pub const HEALTH_STATUS: &str = "health_status";
 /// Resident memory of the process in bytes (Linux; absent elsewhere). Gauge.
@@ -107,6 +118,9 @@ pub const ALL: &[&str] = &[
     RECOVERY_TRANSITIONS,
     RATE_LIMIT_WAIT,
     RATE_LIMITED,
+    HANDOVER_OVERRUNS,
+    ASSIGNMENTS_LOST,
+    REWINDS,
     HEALTH_STATUS,
     RESIDENT_MEMORY,
     PUBLISHED,

@@ -243,6 +243,7 @@ impl KafkaEventBus {
     ) -> Result<Self> {
         config.validate()?;
         bus_config.validate()?;
+        check_handover_bound(&config, &bus_config)?;
         let producer = Arc::new(KafkaProducer::new(&config)?);
         let sink = Arc::new(KafkaDeadLetterSink::new(producer.clone()));
         let dispatcher = Dispatcher::new("kafka", pool.clone(), Some(sink), bus_config.clone());
@@ -299,7 +300,9 @@ impl KafkaEventBus {
         let ctx = ConsumerCtx {
             events: ev_tx.clone(),
             shared: shared.clone(),
-            revoke_wait: consumer_cfg.drain_timeout + inner.config.operation_timeout,
+            dispatcher: inner.dispatcher.clone(),
+            drain_timeout: consumer_cfg.drain_timeout,
+            handover_timeout: consumer_cfg.handover_timeout,
         };
         let consumer: KConsumer = inner
             .config
@@ -666,4 +669,20 @@ impl EventBus for KafkaEventBus {
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.do_close().boxed()
     }
+}
+
+/// A revoke runs inside librdkafka's rebalance callback, which holds up polling:
+/// the whole hand-over (`drain_timeout + handover_timeout`) must end well before
+/// `max_poll_interval`, or librdkafka evicts the member while it hands over.
+fn check_handover_bound(config: &KafkaConfig, bus: &EventBusConfig) -> Result<()> {
+    let bound = bus.consumer.handover_bound();
+    if bound.saturating_mul(2) > config.max_poll_interval {
+        return Err(Error::config(format!(
+            "consumer.drain_timeout + consumer.handover_timeout ({bound:?}) must be at most \
+             half of kafka.max_poll_interval ({:?}): a revoke waits that long inside the \
+             rebalance callback, while librdkafka is not polled",
+            config.max_poll_interval
+        )));
+    }
+    Ok(())
 }

@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{ConsumerCtx, ConsumerShared, FetchEvent};
+use crate::context::{ConsumerCtx, ConsumerShared, FetchEvent, Owned};
 use crate::metrics as km;
 
 pub(crate) type KConsumer = BaseConsumer<ConsumerCtx>;
@@ -207,13 +207,12 @@ pub(crate) struct ConsumeLoop {
     pub(crate) dispatcher: Dispatcher,
     pub(crate) events: mpsc::Receiver<FetchEvent>,
     pub(crate) control: mpsc::Receiver<Control>,
-    /// Close requested: stop fetching, drain, commit.
+    /// Close requested: stop fetching, drain, commit. Submissions observe it too.
     pub(crate) stop: CancellationToken,
-    /// Passed to submissions: cancelled when close gives up waiting.
-    pub(crate) abort: CancellationToken,
     pub(crate) limit: Arc<Semaphore>,
     pub(crate) per_partition: usize,
     pub(crate) drain_timeout: Duration,
+    pub(crate) handover_timeout: Duration,
     pub(crate) commit_interval: Duration,
     pub(crate) operation_timeout: Duration,
     /// Most messages parked for one paused partition (fetched before the pause took hold).
@@ -292,12 +291,12 @@ impl ConsumeLoop {
         Self {
             per_partition: c.max_in_flight_per_partition,
             drain_timeout: c.drain_timeout,
+            handover_timeout: c.handover_timeout,
             commit_interval: c.commit_interval,
             consumer,
             events,
             control,
             stop,
-            abort: CancellationToken::new(),
             limit,
             // Messages a paused partition can still receive: the fetch buffer, plus
             // the batch the fetching thread holds while waiting for room in it.
@@ -345,6 +344,7 @@ impl ConsumeLoop {
                     self.on_revoke(parts).await;
                     let _ = reply.send(());
                 }
+                Step::Event(Some(FetchEvent::Lost(parts))) => self.on_lost(parts),
                 Step::Event(None) => {
                     // The fetching thread stopped: nothing more will arrive.
                     self.stop.cancelled().await;
@@ -385,14 +385,14 @@ impl ConsumeLoop {
         }
     }
 
-    fn on_assigned(&mut self, parts: Vec<(String, i32)>) {
+    fn on_assigned(&mut self, parts: Vec<Owned>) {
         let mut resume = TopicPartitionList::new();
-        for (topic, p) in parts {
+        for (topic, p, scope) in parts {
             let Some(ts) = self.topics.get_mut(topic.as_str()) else {
                 tracing::debug!(%topic, partition = p, "assigned a partition of a topic without handler");
                 continue;
             };
-            ts.set.assign(p);
+            ts.set.assign_scoped(p, scope);
             ts.paused.remove(&p);
             ts.parked.remove(&p);
             resume.add_partition(&topic, p);
@@ -405,30 +405,92 @@ impl ConsumeLoop {
         }
     }
 
-    async fn on_revoke(&mut self, parts: Vec<(String, i32)>) {
-        let deadline = Instant::now() + self.drain_timeout;
-        loop {
-            let busy: usize = parts
-                .iter()
-                .map(|(t, p)| {
-                    self.topics
-                        .get(t.as_str())
-                        .map_or(0, |ts| ts.set.in_flight(*p))
+    /// Whether `topic`/`p` is still owned under `scope` (a revoke the callback gave
+    /// up waiting for may reach the loop after the partition came back).
+    fn owns_under(&self, topic: &str, p: i32, scope: &eventbus_core::Scope) -> bool {
+        self.topics
+            .get(topic)
+            .and_then(|ts| ts.set.scope(p))
+            .is_some_and(|s| s.same(scope))
+    }
+
+    /// Messages of `parts` in flight, or (`running`) their handlers running now.
+    fn busy(&self, parts: &[(String, i32)], running: bool) -> usize {
+        parts
+            .iter()
+            .map(|(t, p)| {
+                self.topics.get(t.as_str()).map_or(0, |ts| {
+                    if running {
+                        ts.set.running(*p)
+                    } else {
+                        ts.set.in_flight(*p)
+                    }
                 })
-                .sum();
-            if busy == 0 {
-                break;
+            })
+            .sum()
+    }
+
+    /// Settle completions until `parts` are no longer busy or `deadline` passes;
+    /// whether they are idle.
+    async fn settle_until(
+        &mut self,
+        parts: &[(String, i32)],
+        running: bool,
+        deadline: Instant,
+    ) -> bool {
+        loop {
+            if self.busy(parts, running) == 0 {
+                return true;
             }
             let settled = tokio::select! {
                 s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
                 _ = tokio::time::sleep_until(deadline) => None,
+                // A handler of a message superseded by a rewind ends with no
+                // completion to settle: look again now and then.
+                _ = tokio::time::sleep(Duration::from_millis(5)), if running => continue,
             };
             match settled {
                 Some((topic, s)) => self.on_settled(&topic, s),
-                None => {
-                    tracing::warn!(in_flight = busy, timeout = ?self.drain_timeout,
-                        "revoked partitions not drained in time; their unfinished messages will be redelivered");
-                    break;
+                None => return self.busy(parts, running) == 0,
+            }
+        }
+    }
+
+    /// The hand-over: drain within `drain_timeout`, fence (no queued job of the
+    /// partitions starts, running handlers are cancelled), wait for the running
+    /// handlers within `handover_timeout`, then store the watermarks for the
+    /// commit librdkafka makes before the partitions leave.
+    async fn on_revoke(&mut self, owned: Vec<Owned>) {
+        let parts: Vec<(String, i32)> = owned
+            .iter()
+            .filter(|(t, p, scope)| self.owns_under(t, *p, scope))
+            .map(|(t, p, _)| (t.clone(), *p))
+            .collect();
+        let drained = self
+            .settle_until(&parts, false, Instant::now() + self.drain_timeout)
+            .await;
+        if !drained {
+            tracing::warn!(in_flight = self.busy(&parts, false), timeout = ?self.drain_timeout,
+                "revoked partitions not drained in time; their queued work is fenced and redelivered");
+        }
+        for (t, p) in &parts {
+            if let Some(ts) = self.topics.get(t.as_str()) {
+                ts.set.fence(*p);
+            }
+        }
+        let idle = self
+            .settle_until(&parts, true, Instant::now() + self.handover_timeout)
+            .await;
+        if !idle {
+            tracing::warn!(running = self.busy(&parts, true), timeout = ?self.handover_timeout,
+                "a handler of revoked partitions still runs past the hand-over timeout");
+            for (t, p) in &parts {
+                if self
+                    .topics
+                    .get(t.as_str())
+                    .is_some_and(|ts| ts.set.running(*p) > 0)
+                {
+                    self.dispatcher.count_handover_overrun(t);
                 }
             }
         }
@@ -449,6 +511,30 @@ impl ConsumeLoop {
         if resume.count() > 0 {
             let _ = self.consumer.resume(&resume);
         }
+        self.finish_removals();
+    }
+
+    /// Partitions lost without a hand-over: their work is fenced already; forget
+    /// them and commit nothing (another member may own them now).
+    fn on_lost(&mut self, owned: Vec<Owned>) {
+        for (topic, p, scope) in owned {
+            if !self.owns_under(&topic, p, &scope) {
+                continue;
+            }
+            if let Some(ts) = self.topics.get_mut(topic.as_str()) {
+                ts.set.revoke(p);
+                if ts.paused.remove(&p) {
+                    let _ = self.consumer.resume(&tpl_of(&topic, p));
+                }
+                ts.parked.remove(&p);
+                km::in_flight(&topic, p, 0);
+            }
+        }
+        self.finish_removals();
+    }
+
+    /// Answer unsubscribes of topics that no longer own a partition.
+    fn finish_removals(&mut self) {
         let done: Vec<Arc<str>> = self
             .topics
             .iter()
@@ -640,9 +726,25 @@ impl ConsumeLoop {
                 Err((t, s)) => self.on_settled(&t, s),
             }
         };
+        let offset = msg.offset;
+        let ticket = match self
+            .topics
+            .get_mut(&*topic)
+            .map(|ts| ts.set.begin(p, offset))
+        {
+            Some(Ok(ticket)) => ticket,
+            Some(Err(e)) => {
+                tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
+                return;
+            }
+            None => return,
+        };
+        if ticket.rewound_from().is_some() {
+            self.on_rewind(&topic, p);
+        }
         let dispatcher = self.dispatcher.clone();
-        let abort = self.abort.clone();
-        let mut submit = pin!(dispatcher.submit(&sub, msg, (), &abort));
+        let (epoch, stop) = (ticket.epoch().clone(), self.stop.clone());
+        let mut submit = pin!(dispatcher.submit(&sub, msg, (), &epoch, &stop));
         let submitted = loop {
             let r = tokio::select! {
                 biased;
@@ -654,24 +756,48 @@ impl ConsumeLoop {
                 Err((t, s)) => self.on_settled(&t, s),
             }
         };
-        let inflight = match submitted {
-            Ok(i) => i,
+        let Some(ts) = self.topics.get_mut(&*topic) else {
+            return;
+        };
+        match submitted {
+            Ok(inflight) => {
+                if let Err(e) = ts.set.push(ticket, inflight, permit) {
+                    tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
+                }
+            }
             Err(e) => {
-                // Not tracked, so no watermark can pass it: stop admitting (the
-                // message and everything after it are redelivered).
+                // Tracked but not finished, so no watermark passes it: it and what
+                // follows are redelivered.
+                ts.set.give_up(ticket);
                 if e.kind() == ErrorKind::Closed && !self.stop.is_cancelled() {
                     tracing::error!(%topic, partition = p, error = %e,
                         "pool refuses work; consumption halted, nothing more is committed");
                     self.pool_closed.store(true, Ordering::Release);
                 }
-                return;
             }
-        };
-        let Some(ts) = self.topics.get_mut(&*topic) else {
+        }
+    }
+
+    /// The broker went back within this assignment (offset reset, truncation, a
+    /// seek): the watermark may have moved down, below what is stored or even
+    /// committed. librdkafka commits stored offsets only forwards, so commit it
+    /// explicitly: the committed offset never passes a message not finished.
+    fn on_rewind(&mut self, topic: &str, p: i32) {
+        self.dispatcher.count_rewind(topic);
+        let Some(w) = self.topics.get(topic).and_then(|ts| ts.set.watermark(p)) else {
             return;
         };
-        if let Err(e) = ts.set.push(inflight, permit) {
-            tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(topic, p, Offset::Offset(w))
+            .is_err()
+        {
+            return;
+        }
+        store_offset(&self.consumer, topic, p, w);
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::warn!(topic, partition = p, watermark = w, error = %e,
+                "commit after a rewind failed; the next commit retries it");
         }
     }
 
@@ -704,24 +830,42 @@ impl ConsumeLoop {
                 let _ = reply.send(());
             }
         }
-        let deadline = Instant::now() + self.drain_timeout;
-        while self.total_in_flight() > 0 {
-            let s = tokio::select! {
-                s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
-                _ = tokio::time::sleep_until(deadline) => None,
-            };
-            match s {
-                Some((t, s)) => self.on_settled(&t, s),
-                None => {
-                    tracing::warn!(
-                        in_flight = self.total_in_flight(),
-                        "close: in-flight messages not finished within the drain timeout; \
-                         they stay uncommitted and will be redelivered"
-                    );
-                    self.dispatcher.abandon_in_flight();
-                    break;
+        let parts: Vec<(String, i32)> = self
+            .topics
+            .iter()
+            .flat_map(|(t, ts)| ts.set.partitions().map(move |p| (t.to_string(), p)))
+            .collect();
+        if !self
+            .settle_until(&parts, false, Instant::now() + self.drain_timeout)
+            .await
+        {
+            tracing::warn!(
+                in_flight = self.total_in_flight(),
+                "close: in-flight messages not finished within the drain timeout; \
+                 their work is fenced, they stay uncommitted and will be redelivered"
+            );
+        }
+        for ts in self.topics.values() {
+            ts.set.partitions().for_each(|p| ts.set.fence(p));
+        }
+        if !self
+            .settle_until(&parts, true, Instant::now() + self.handover_timeout)
+            .await
+        {
+            tracing::warn!(running = self.busy(&parts, true), timeout = ?self.handover_timeout,
+                "close: a handler still runs past the hand-over timeout");
+            for (t, p) in &parts {
+                if self
+                    .topics
+                    .get(t.as_str())
+                    .is_some_and(|ts| ts.set.running(*p) > 0)
+                {
+                    self.dispatcher.count_handover_overrun(t);
                 }
             }
+        }
+        if self.total_in_flight() > 0 {
+            self.dispatcher.abandon_in_flight();
         }
         // Final commit of the stored watermarks.
         let consumer = self.consumer.clone();

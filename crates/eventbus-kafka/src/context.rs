@@ -1,16 +1,16 @@
 //! librdkafka callbacks: logs and errors to `tracing`, and the consumer's
 //! rebalance and commit callbacks.
 
-use eventbus_core::Message;
+use eventbus_core::{Message, Scope};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics as km;
@@ -61,11 +61,19 @@ pub(crate) enum FetchEvent {
     /// Consumed messages, in fetch order. The permit holds one unit of the fetch
     /// buffer per message until the loop has taken them.
     Messages(Vec<Message>, Option<OwnedSemaphorePermit>),
-    /// Partitions now owned by this member.
-    Assigned(Vec<(String, i32)>),
-    /// Partitions about to be taken away: drain, store the watermark, then reply.
-    Revoke(Vec<(String, i32)>, std_mpsc::SyncSender<()>),
+    /// Partitions now owned by this member, each with the scope its work is
+    /// fenced by.
+    Assigned(Vec<Owned>),
+    /// Partitions about to be taken away: drain, fence, wait for running handlers,
+    /// store the watermark, then reply.
+    Revoke(Vec<Owned>, std_mpsc::SyncSender<()>),
+    /// Partitions lost without a hand-over (the member was evicted): their scopes
+    /// are fenced already; forget them, commit nothing.
+    Lost(Vec<Owned>),
 }
+
+/// A partition owned by this member, and the scope of that ownership.
+pub(crate) type Owned = (String, i32, Scope);
 
 /// State shared by the consumer callbacks, the dispatch loop and the bus.
 #[derive(Debug)]
@@ -86,6 +94,13 @@ pub(crate) struct ConsumerShared {
     /// Messages between the fetching thread and the loop (polled or queued), in
     /// units of one message; the fetching thread adds the buffer's capacity.
     pub(crate) fetch_room: Arc<Semaphore>,
+    /// The scope of each owned partition: the rebalance callbacks fence them
+    /// directly, never through the loop's channel.
+    pub(crate) scopes: Mutex<HashMap<(String, i32), Scope>>,
+    /// Partitions lost without a hand-over.
+    pub(crate) assignments_lost: AtomicU64,
+    /// Revokes that went on while a handler of the revoked partitions still ran.
+    pub(crate) handover_overruns: AtomicU64,
 }
 
 impl Default for ConsumerShared {
@@ -97,9 +112,15 @@ impl Default for ConsumerShared {
             closing: AtomicBool::default(),
             batch: Mutex::default(),
             fetch_room: Arc::new(Semaphore::new(0)),
+            scopes: Mutex::default(),
+            assignments_lost: AtomicU64::default(),
+            handover_overruns: AtomicU64::default(),
         }
     }
 }
+
+/// How often a bounded hand-off from a rebalance callback looks again.
+const HAND_OFF_POLL: Duration = Duration::from_millis(1);
 
 impl ConsumerShared {
     /// Hand the polled messages to the loop, first taking one unit of the fetch
@@ -118,14 +139,99 @@ impl ConsumerShared {
             .blocking_send(FetchEvent::Messages(batch, Some(permit)))
             .is_ok()
     }
+
+    /// [`flush_batch`](Self::flush_batch), then send `event`, from a rebalance
+    /// callback: waiting at most until `deadline` (the loop may be stuck on a pool
+    /// that refuses work), never without bound. On time-out the polled messages of
+    /// `giving_up` partitions are dropped (uncommitted: the next owner reads them)
+    /// and the rest kept for later. Whether the event was sent.
+    fn hand_off(
+        &self,
+        events: &mpsc::Sender<FetchEvent>,
+        event: FetchEvent,
+        giving_up: &[Owned],
+        deadline: Instant,
+    ) -> bool {
+        let batch = std::mem::take(&mut *self.batch.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut event = Some(event);
+        let mut batch = Some(batch).filter(|b| !b.is_empty());
+        while Instant::now() < deadline {
+            if let Some(b) = batch.take() {
+                let n = u32::try_from(b.len()).unwrap_or(u32::MAX);
+                match self.fetch_room.clone().try_acquire_many_owned(n) {
+                    Ok(permit) => match events.try_send(FetchEvent::Messages(b, Some(permit))) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(FetchEvent::Messages(b, _))) => {
+                            batch = Some(b)
+                        }
+                        Err(_) => return false,
+                    },
+                    Err(tokio::sync::TryAcquireError::Closed) => return false,
+                    Err(tokio::sync::TryAcquireError::NoPermits) => batch = Some(b),
+                }
+            }
+            if batch.is_none() {
+                match events.try_send(event.take().expect("sent once")) {
+                    Ok(()) => return true,
+                    Err(mpsc::error::TrySendError::Full(e)) => event = Some(e),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            std::thread::sleep(HAND_OFF_POLL);
+        }
+        // Out of time: keep what belongs to partitions this member keeps.
+        if let Some(mut b) = batch {
+            b.retain(|m| {
+                !giving_up
+                    .iter()
+                    .any(|(t, p, _)| *p == m.partition && **t == *m.topic)
+            });
+            let mut kept = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+            b.append(&mut kept);
+            *kept = b;
+        }
+        false
+    }
+
+    /// Take the scopes of `parts` out of the registry (a revoke or a loss).
+    fn take_scopes(&self, parts: Vec<(String, i32)>) -> Vec<Owned> {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        parts
+            .into_iter()
+            .map(|(t, p)| {
+                let scope = scopes.remove(&(t.clone(), p)).unwrap_or_default();
+                (t, p, scope)
+            })
+            .collect()
+    }
+
+    /// Fence every scope of `owned` and wait, until `deadline`, for their running
+    /// handlers; whether none still runs.
+    fn fence_and_wait(owned: &[Owned], deadline: Instant) -> bool {
+        owned.iter().for_each(|(_, _, s)| s.fence());
+        loop {
+            if owned.iter().all(|(_, _, s)| s.running() == 0) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(HAND_OFF_POLL);
+        }
+    }
 }
 
 /// Consumer callbacks.
 pub(crate) struct ConsumerCtx {
     pub(crate) events: mpsc::Sender<FetchEvent>,
     pub(crate) shared: Arc<ConsumerShared>,
-    /// How long a revoke waits for the loop to drain the partitions.
-    pub(crate) revoke_wait: Duration,
+    /// Counts hand-over overruns and lost assignments in the bus's metrics.
+    pub(crate) dispatcher: eventbus_core::Dispatcher,
+    /// How long the loop may drain revoked partitions (`consumer.drain_timeout`).
+    pub(crate) drain_timeout: Duration,
+    /// How long a hand-over then waits for running handlers
+    /// (`consumer.handover_timeout`).
+    pub(crate) handover_timeout: Duration,
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -144,34 +250,78 @@ impl ClientContext for ConsumerCtx {
     }
 }
 
+impl ConsumerCtx {
+    /// Partitions taken away. Runs on the fetching thread (never inside the async
+    /// runtime), and returns within `drain_timeout + handover_timeout` whatever the
+    /// loop and the pool do: librdkafka is not polled meanwhile.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, parts: Vec<(String, i32)>) {
+        let owned = self.shared.take_scopes(parts);
+        if consumer.assignment_lost() {
+            // Evicted (session timeout, poll interval overrun): another member may
+            // own these already. Fence at once; commit nothing.
+            owned.iter().for_each(|(_, _, s)| s.fence());
+            self.shared
+                .assignments_lost
+                .fetch_add(owned.len() as u64, Ordering::Relaxed);
+            for (topic, _, _) in &owned {
+                self.dispatcher.count_assignment_lost(topic);
+            }
+            tracing::warn!(
+                partitions = owned.len(),
+                "assignment lost: work of these partitions fenced, nothing committed"
+            );
+            let deadline = Instant::now() + self.handover_timeout;
+            let event = FetchEvent::Lost(owned.clone());
+            self.shared.hand_off(&self.events, event, &owned, deadline);
+            return;
+        }
+        let started = Instant::now();
+        let deadline = started + self.drain_timeout + self.handover_timeout;
+        let (tx, rx) = std_mpsc::sync_channel(1);
+        // Messages polled before the revoke go first.
+        let event = FetchEvent::Revoke(owned.clone(), tx);
+        let answered = self.shared.hand_off(&self.events, event, &owned, deadline)
+            && rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_ok();
+        if answered {
+            return;
+        }
+        // The loop did not hand over in time (stuck on a refusing pool, say): raise
+        // the fence here, and give running handlers what is left of the bound.
+        let idle = ConsumerShared::fence_and_wait(&owned, deadline.max(Instant::now()));
+        if !idle {
+            self.shared
+                .handover_overruns
+                .fetch_add(1, Ordering::Relaxed);
+            for (topic, _, s) in &owned {
+                if s.running() > 0 {
+                    self.dispatcher.count_handover_overrun(topic);
+                }
+            }
+        }
+        tracing::warn!(partitions = owned.len(), waited = ?started.elapsed(), handlers_idle = idle,
+            "dispatch loop did not finish the revoke in time; work fenced, partitions released");
+    }
+}
+
 impl ConsumerContext for ConsumerCtx {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 self.shared.rebalances.fetch_add(1, Ordering::Relaxed);
                 let parts = partitions(tpl);
                 tracing::info!(partitions = parts.len(), "partitions revoked");
-                if parts.is_empty() || self.shared.closing.load(Ordering::Acquire) {
+                if parts.is_empty() {
                     return;
                 }
-                let (tx, rx) = std_mpsc::sync_channel(1);
-                // Runs on the fetching thread, never inside the async runtime.
-                // Messages polled before the revoke go first.
-                if !self.shared.flush_batch(&self.events) {
+                if self.shared.closing.load(Ordering::Acquire) {
+                    // The loop has ended and handed everything over already.
+                    let owned = self.shared.take_scopes(parts);
+                    owned.iter().for_each(|(_, _, s)| s.fence());
                     return;
                 }
-                if self
-                    .events
-                    .blocking_send(FetchEvent::Revoke(parts, tx))
-                    .is_err()
-                {
-                    return;
-                }
-                if rx.recv_timeout(self.revoke_wait).is_err() {
-                    tracing::warn!(
-                        "dispatch loop did not finish the revoke in time; partitions released"
-                    );
-                }
+                self.revoke(consumer, parts);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -183,11 +333,24 @@ impl ConsumerContext for ConsumerCtx {
             self.shared.rebalances.fetch_add(1, Ordering::Relaxed);
             let parts = partitions(tpl);
             tracing::info!(partitions = parts.len(), "partitions assigned");
-            if self.shared.closing.load(Ordering::Acquire) {
+            if parts.is_empty() || self.shared.closing.load(Ordering::Acquire) {
                 return;
             }
+            let owned: Vec<Owned> = {
+                let mut scopes = self.shared.scopes.lock().unwrap_or_else(|p| p.into_inner());
+                parts
+                    .into_iter()
+                    .map(|(t, p)| {
+                        let scope = Scope::new();
+                        if let Some(old) = scopes.insert((t.clone(), p), scope.clone()) {
+                            old.fence();
+                        }
+                        (t, p, scope)
+                    })
+                    .collect()
+            };
             if self.shared.flush_batch(&self.events) {
-                let _ = self.events.blocking_send(FetchEvent::Assigned(parts));
+                let _ = self.events.blocking_send(FetchEvent::Assigned(owned));
             }
         }
     }

@@ -206,6 +206,7 @@ impl MemoryEventBus {
             ),
             cancel: cancel.clone(),
             drain_timeout: self.inner.config.consumer.drain_timeout,
+            handover_timeout: self.inner.config.consumer.handover_timeout,
         };
         let task = tokio::spawn(run.run());
         consumers.insert(
@@ -340,6 +341,7 @@ struct ConsumeLoop {
     set: InFlightSet<()>,
     cancel: CancellationToken,
     drain_timeout: std::time::Duration,
+    handover_timeout: std::time::Duration,
     in_flight: InFlightCounts,
 }
 
@@ -382,13 +384,21 @@ impl ConsumeLoop {
                         _ = self.cancel.cancelled() => break 'consume,
                         p = self.set.reserve() => match p { Ok(p) => p, Err(_) => break 'consume },
                     };
+                    let ticket = match self.set.begin(partition, msg.offset) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(error = %e, "in-flight tracking refused a message");
+                            break 'consume;
+                        }
+                    };
+                    let epoch = ticket.epoch().clone();
                     match self
                         .dispatcher
-                        .submit(&self.sub, msg, (), &self.cancel)
+                        .submit(&self.sub, msg, (), &epoch, &self.cancel)
                         .await
                     {
                         Ok(inflight) => {
-                            if let Err(e) = self.set.push(inflight, permit) {
+                            if let Err(e) = self.set.push(ticket, inflight, permit) {
                                 tracing::error!(error = %e, "in-flight tracking refused a message");
                                 break 'consume;
                             }
@@ -396,6 +406,7 @@ impl ConsumeLoop {
                             submitted_any = true;
                         }
                         Err(e) => {
+                            self.set.give_up(ticket);
                             tracing::debug!(error = %e, topic = %self.topic.name(), "consumer stopping");
                             break 'consume;
                         }
@@ -413,27 +424,53 @@ impl ConsumeLoop {
                 _ = appended.changed() => {}
             }
         }
-        // Drain: wait for in-flight work within the bound, committing as it lands.
-        let drain_timeout = self.drain_timeout;
-        let drain = async {
-            while let Some(s) = self.set.next().await {
-                self.settle(s);
-            }
-        };
-        if tokio::time::timeout(drain_timeout, drain).await.is_err() {
-            tracing::warn!(topic = %self.topic.name(), in_flight = self.set.len(),
-                "drain timeout: unfinished messages left uncommitted for redelivery");
+        // Hand over: drain within the bound, committing as work lands; then fence
+        // what is left (no queued job of it starts) and wait, bounded, for its
+        // running handlers before leaving the group.
+        let partitions: Vec<i32> = (0..n as i32).collect();
+        let (topic, group, counts) = (
+            self.topic.clone(),
+            self.group.clone(),
+            self.in_flight.clone(),
+        );
+        let overruns = self
+            .set
+            .hand_over(
+                &partitions,
+                self.drain_timeout,
+                self.handover_timeout,
+                |s| settle(&topic, &group, &counts, s),
+            )
+            .await;
+        let unfinished: usize = partitions.iter().map(|p| self.set.in_flight(*p)).sum();
+        if unfinished > 0 {
+            tracing::warn!(topic = %self.topic.name(), in_flight = unfinished,
+                "drain timeout: unfinished messages fenced and left uncommitted for redelivery");
+        }
+        if !overruns.is_empty() {
+            tracing::warn!(topic = %self.topic.name(), partitions = ?overruns,
+                timeout = ?self.handover_timeout,
+                "hand-over timeout: a handler still runs while its partitions are released");
+            self.dispatcher.count_handover_overrun(self.topic.name());
+        }
+        for p in partitions {
+            self.set.revoke(p);
         }
         self.topic.leave(&self.group, self.member);
     }
 
     fn settle(&mut self, s: Settled<()>) {
-        if let Some(n) = self.in_flight.get(s.completion.partition as usize) {
-            n.fetch_sub(1, Ordering::Relaxed);
-        }
-        if let Some(w) = s.watermark {
-            self.topic.commit(&self.group, s.completion.partition, w);
-        }
+        settle(&self.topic, &self.group, &self.in_flight, s);
+    }
+}
+
+/// Count a completion out and commit the watermark it moved.
+fn settle(topic: &Topic, group: &str, in_flight: &InFlightCounts, s: Settled<()>) {
+    if let Some(n) = in_flight.get(s.completion.partition as usize) {
+        n.fetch_sub(1, Ordering::Relaxed);
+    }
+    if let Some(w) = s.watermark {
+        topic.commit(group, s.completion.partition, w);
     }
 }
 

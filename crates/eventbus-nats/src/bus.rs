@@ -665,6 +665,7 @@ impl NatsEventBus {
                 max_in_flight,
                 state: state.clone(),
                 drain_timeout: cfg.drain_timeout,
+                handover_timeout: cfg.handover_timeout,
                 reconnects: inner.reconnects.clone(),
                 recreate,
             };

@@ -141,15 +141,23 @@ impl ReconnectConfig {
 }
 
 /// Retention policy of a JetStream stream.
+///
+/// Every retention is supported by the consumer take-over (a standby replacing a
+/// crashed member, or a member after a reconnect) without losing a message; how
+/// the durable consumer is re-read on each is in the crate README and
+/// `docs/nats.md` ("Take-over by retention").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Retention {
     /// Keep messages up to the stream's limits (age, bytes, count). The default.
     #[default]
     Limits,
-    /// Keep a message while some consumer has not acknowledged it.
+    /// Keep a message while some consumer has not acknowledged it. A take-over
+    /// holds the stream's interest with a consumer `<durable>-takeover` while it
+    /// re-creates the durable.
     Interest,
-    /// Remove a message once one consumer acknowledged it.
+    /// Remove a message once one consumer acknowledged it. A take-over re-creates
+    /// the durable with deliver-all (the only policy the server allows here).
     WorkQueue,
 }
 

@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use eventbus_core::{
-    CancellationToken, Completion, Dispatcher, Disposition, InFlight, Message,
-    PreparedSubscription, Result,
+    CancellationToken, Completion, Dispatcher, Disposition, ErrorKind, InFlight, Message,
+    PreparedSubscription, Result, Scope,
 };
 
 use crate::lease::{Lease, LeaseClock, Leases, Previous};
 use crate::publish::{bounded, from_header_map, Shared};
-use crate::streams::broker;
+use crate::streams::{broker, pull_config_of, reread_durable};
 
 /// What health and metrics read about one consumer.
 #[derive(Debug)]
@@ -116,10 +116,12 @@ pub(crate) struct JsLoop {
     pub(crate) max_in_flight: usize,
     pub(crate) state: Arc<ConsumerState>,
     pub(crate) drain_timeout: Duration,
+    pub(crate) handover_timeout: Duration,
     pub(crate) reconnects: watch::Receiver<u64>,
-    /// Opens (or re-creates) the stream and durable consumer: after fetch errors
-    /// (`None`), or from a stream sequence when taking over from a member that
-    /// stopped without settling what it held (`Some(seq)`).
+    /// Opens (or re-creates) the stream and durable consumer: after fetch errors,
+    /// or when it is gone at a take-over (`None`). (`Some(seq)`, delete and create
+    /// from `seq`, is not used: a take-over re-reads by the stream's retention,
+    /// see [`reread_durable`].)
     pub(crate) recreate: Recreate,
 }
 
@@ -213,22 +215,25 @@ impl JsLoop {
     /// a member cut off from the server), those messages would come back only after
     /// `ack_wait`, after later messages of their aggregates. Instead the consumer is
     /// re-created from its ack floor, so every message not yet acknowledged in
-    /// order is delivered again in stream order. What was acknowledged above the
-    /// floor comes again too: duplicates of work that was in flight, never a gap.
+    /// order is delivered again in stream order, by the means the stream's
+    /// retention allows without losing a message ([`reread_durable`]). What was
+    /// acknowledged above the floor comes again too where the stream still holds it
+    /// (always on `Limits`, on `Interest` while another group still needs it, never
+    /// on `WorkQueue`): duplicates of work that was in flight, never a gap.
     async fn take_over(&mut self, lease: &mut Lease) -> Result<()> {
         let timeout = self.shared.config.request_timeout;
-        let start = match lease.previous {
+        let start = match (lease.reset_from, lease.previous) {
+            // A re-read that a holder (another member, or this one) started and did
+            // not finish: the consumer may be gone or half re-created.
+            (Some(seq), _) => Some(seq),
             // A clean handover: everything was settled or handed back in order.
-            Previous::Released => None,
-            Previous::Expired {
-                reset_from: Some(seq),
-            } => Some(seq),
+            (None, Previous::Released) => None,
             // A crash, a first start over an unknown past, or this member's own
             // lease regained after it lapsed or the connection came back.
-            Previous::Expired { reset_from: None }
-            | Previous::Nobody
-            | Previous::Own
-            | Previous::Reconnected => {
+            (
+                None,
+                Previous::Expired | Previous::Nobody | Previous::Own | Previous::Reconnected,
+            ) => {
                 let topic = self.state.topic.clone();
                 let what = || format!("consumer info of topic `{topic}`");
                 let info = match bounded(timeout, what, consumer_info(&mut self.consumer)).await {
@@ -247,7 +252,28 @@ impl JsLoop {
             "messages may have been left unsettled: re-reading from the first one not \
              acknowledged");
         lease.refresh(Some(seq)).await?;
-        self.consumer = (self.recreate)(Some(seq)).await?;
+        let topic = &self.state.topic;
+        let reread = reread_durable(
+            &self.shared.js,
+            &self.shared.stream_name(topic),
+            topic,
+            {
+                let mut config = pull_config_of(&self.consumer)?;
+                // This member's own bound, as when it opened the consumer.
+                config.max_ack_pending = self.max_in_flight as i64;
+                config
+            },
+            seq,
+            timeout,
+        )
+        .await;
+        self.consumer = match reread {
+            Ok(c) => c,
+            // The stream is gone (a memory stream lost in a server restart): there
+            // is nothing left to re-read; open stream and consumer again.
+            Err(e) if e.kind() == ErrorKind::NotFound => (self.recreate)(None).await?,
+            Err(e) => return Err(e),
+        };
         lease.refresh(None).await?;
         Ok(())
     }
@@ -255,9 +281,15 @@ impl JsLoop {
     /// Consume while this member holds the lease (until `self.stop`), then drain
     /// and hand back what is unfinished.
     async fn consume(&mut self, clock: &LeaseClock) -> TurnEnd {
+        // This turn's work: fenced before anything is handed back.
+        let scope = Scope::new();
         let mut reconnected = false;
         // Reconnects before this turn are behind us (the take-over checked).
         self.reconnects.borrow_and_update();
+        if self.reconnects.has_changed().is_err() {
+            tracing::debug!(topic = %self.state.topic,
+                "the NATS client is gone for good: no reconnect to watch for");
+        }
         let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
         let beats_stop = CancellationToken::new();
         let beats = tokio::spawn(heartbeats(
@@ -281,7 +313,7 @@ impl JsLoop {
         loop {
             if submitting.is_none() {
                 if let Some((msg, permit)) = queue.pop_front() {
-                    submitting = Some(self.submit(msg, permit));
+                    submitting = Some(self.submit(msg, permit, &scope));
                 }
             }
             let busy = inflight.len() + queue.len() + usize::from(submitting.is_some());
@@ -317,7 +349,7 @@ impl JsLoop {
                         }
                     }
                 }
-                _ = self.reconnects.changed() => {
+                () = next_reconnect(&mut self.reconnects) => {
                     // A pull request does not survive a reconnect, and messages the
                     // server sent into it while the connection was down are lost in
                     // transit: they would come back only after `ack_wait`, after
@@ -463,6 +495,26 @@ impl JsLoop {
                 }
             }
         }
+        // Fence this turn's work: no queued job of it starts any more; wait, bounded,
+        // for its running handlers before anything is handed back (-NAK, lease).
+        scope.fence();
+        let handover_until = tokio::time::Instant::now() + self.handover_timeout;
+        while scope.running() > 0 {
+            tokio::select! {
+                biased;
+                Some((completion, permit)) = inflight.next() => {
+                    settle(&client, &registry, completion).await;
+                    drop(permit);
+                }
+                _ = scope.idle() => break,
+                _ = tokio::time::sleep_until(handover_until) => break,
+            }
+        }
+        if scope.running() > 0 {
+            tracing::warn!(topic = %self.state.topic, timeout = ?self.handover_timeout,
+                "a handler still runs past the hand-over timeout; its message is handed back");
+            self.dispatcher.count_handover_overrun(&self.state.topic);
+        }
         // The server keeps a pull request until it is filled or expires; a message
         // handed back while one is still open could be delivered into it and, with
         // nobody reading, wait `ack_wait` for its redelivery. Let it run out first
@@ -504,13 +556,14 @@ impl JsLoop {
         }
     }
 
-    fn submit(&self, msg: Message, permit: OwnedSemaphorePermit) -> Submitting {
+    fn submit(&self, msg: Message, permit: OwnedSemaphorePermit, scope: &Scope) -> Submitting {
         let dispatcher = self.dispatcher.clone();
         let prepared = self.prepared.clone();
         let stop = self.stop.clone();
+        let epoch = scope.current();
         let seq = msg.offset as u64;
         async move {
-            let r = dispatcher.submit(&prepared, msg, seq, &stop).await;
+            let r = dispatcher.submit(&prepared, msg, seq, &epoch, &stop).await;
             (seq, r, permit)
         }
         .boxed()
@@ -573,6 +626,18 @@ impl JsLoop {
             msg = msg.with_key(k);
         }
         Some(msg)
+    }
+}
+
+/// The client's next reconnect. Once the watch is closed (its sender lives in the
+/// client's event callback, dropped when the connection handler ends for good:
+/// reconnects given up, or the client closed) no reconnect can come any more, and
+/// this never completes: a closed watch's `changed()` is ready at once on every
+/// poll, which would make the consume loop end its turn, re-take the consumer and
+/// come back, over and over.
+async fn next_reconnect(reconnects: &mut watch::Receiver<u64>) {
+    if reconnects.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -681,6 +746,8 @@ impl CoreLoop {
     /// At-most-once by nature: core NATS keeps nothing, so a message is handled at
     /// most once whatever its outcome; nothing is acknowledged.
     pub(crate) async fn run(mut self) {
+        // Core NATS has no redelivery: the subscription's work is one scope.
+        let epoch = Scope::new().current();
         let mut inflight: FuturesUnordered<BoxFuture<'static, Completion<u64>>> =
             FuturesUnordered::new();
         let mut counter = 0u64;
@@ -705,7 +772,7 @@ impl CoreLoop {
                     if let Some(k) = key {
                         msg = msg.with_key(k);
                     }
-                    match self.dispatcher.submit(&self.prepared, msg, counter, &self.stop).await {
+                    match self.dispatcher.submit(&self.prepared, msg, counter, &epoch, &self.stop).await {
                         Ok(fut) => inflight.push(async move {
                             let c = fut.await;
                             drop(permit);
@@ -723,5 +790,66 @@ impl CoreLoop {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
         while let Ok(Some(_)) = tokio::time::timeout_at(deadline, inflight.next()).await {}
         self.state.set_in_flight(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_reconnect_watch_never_fires() {
+        let (tx, mut rx) = watch::channel(0u64);
+        assert!(
+            next_reconnect(&mut rx).now_or_never().is_none(),
+            "no reconnect yet"
+        );
+        tx.send_modify(|n| *n += 1);
+        assert!(
+            next_reconnect(&mut rx).now_or_never().is_some(),
+            "a reconnect"
+        );
+        assert!(
+            next_reconnect(&mut rx).now_or_never().is_none(),
+            "already seen"
+        );
+        drop(tx);
+        // What the consume loop used to select on: ready at once, on every poll.
+        assert!(matches!(rx.clone().changed().now_or_never(), Some(Err(_))));
+        for _ in 0..3 {
+            assert!(
+                next_reconnect(&mut rx).now_or_never().is_none(),
+                "a closed watch must not wake the consume loop"
+            );
+        }
+    }
+
+    /// The consume loop's shape: a biased `select!` with the reconnect watch
+    /// beside the work. With the watch closed, the loop turns once per piece of
+    /// work and then parks, instead of turning on the watch without end.
+    #[tokio::test]
+    async fn a_select_loop_parks_on_a_closed_reconnect_watch() {
+        let (tx, mut rx) = watch::channel(0u64);
+        drop(tx);
+        let (work_tx, mut work_rx) = tokio::sync::mpsc::channel::<u32>(4);
+        for i in 0..3 {
+            work_tx.try_send(i).expect("room");
+        }
+        drop(work_tx);
+        let (mut turns, mut reconnects, mut handled) = (0u32, 0u32, 0u32);
+        loop {
+            // A spinning loop would never end without this bound.
+            assert!(turns < 100, "the loop spins: {reconnects} reconnects seen");
+            turns += 1;
+            tokio::select! {
+                biased;
+                () = next_reconnect(&mut rx) => reconnects += 1,
+                w = work_rx.recv() => match w {
+                    Some(_) => handled += 1,
+                    None => break,
+                },
+            }
+        }
+        assert_eq!((turns, reconnects, handled), (4, 0, 3));
     }
 }

@@ -35,7 +35,8 @@ struct Holder {
     /// How long the lease lasts without a refresh, in milliseconds.
     ttl_ms: u64,
     /// Set while the holder re-creates the durable consumer from this stream
-    /// sequence: a holder that dies in between leaves the next one where to start.
+    /// sequence: a holder that dies (or fails) in between leaves the next one
+    /// where to start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reset_from: Option<u64>,
 }
@@ -54,11 +55,7 @@ pub(crate) enum Previous {
     Reconnected,
     /// The previous holder stopped refreshing it (crashed or cut off); what it
     /// was handed and did not acknowledge comes back only after `ack_wait`.
-    Expired {
-        /// The stream sequence it was re-creating the consumer from, if it died
-        /// doing so.
-        reset_from: Option<u64>,
-    },
+    Expired,
 }
 
 /// The lease bucket of a bus, and who this bus is in it.
@@ -254,15 +251,15 @@ impl Leases {
                 )
             })?
             .map_err(|e| lease_error(format!("cannot read lease `{key}`"), e))?;
-        let (revision, previous) = match entry {
-            None => (0, Previous::Nobody),
+        let (revision, previous, reset_from) = match entry {
+            None => (0, Previous::Nobody, None),
             Some(e) if matches!(e.operation, Operation::Delete | Operation::Purge) => {
-                (e.revision, Previous::Released)
+                (e.revision, Previous::Released, None)
             }
             Some(e) => {
                 let holder: Option<Holder> = serde_json::from_slice(&e.value).ok();
                 match holder {
-                    Some(h) if h.member == self.member => (e.revision, Previous::Own),
+                    Some(h) if h.member == self.member => (e.revision, Previous::Own, h.reset_from),
                     holder => {
                         // A value this version cannot read counts as a holder with
                         // this member's own time to live.
@@ -286,22 +283,23 @@ impl Leases {
                         }
                         (
                             e.revision,
-                            Previous::Expired {
-                                reset_from: holder.and_then(|h| h.reset_from),
-                            },
+                            Previous::Expired,
+                            holder.and_then(|h| h.reset_from),
                         )
                     }
                 }
             }
         };
         let sent = Instant::now();
-        match self.write(key, revision, None).await? {
+        // An unfinished re-read stays recorded until this member finishes it.
+        match self.write(key, revision, reset_from).await? {
             Some(rev) => Ok(Ok(Lease {
                 leases: self.clone(),
                 key: key.to_owned(),
                 revision: rev,
                 clock: Arc::new(LeaseClock::new(sent + self.ttl)),
                 previous,
+                reset_from,
             })),
             None => {
                 *seen = None;
@@ -351,6 +349,10 @@ pub(crate) struct Lease {
     revision: u64,
     clock: Arc<LeaseClock>,
     pub(crate) previous: Previous,
+    /// A re-read of the durable consumer from this stream sequence that a holder
+    /// (another member, or this one) started and did not finish: the consumer may
+    /// be gone or half re-created, so the next take-over must re-read from here.
+    pub(crate) reset_from: Option<u64>,
 }
 
 /// Why a refresh did not extend the lease.
@@ -379,7 +381,8 @@ impl Lease {
         self.clock.clone()
     }
 
-    /// Extend the lease, recording `reset_from` in it.
+    /// Extend the lease, recording `reset_from` in it (and in `self.reset_from`
+    /// once the server stored it).
     pub(crate) async fn refresh(
         &mut self,
         reset_from: Option<u64>,
@@ -392,6 +395,7 @@ impl Lease {
         {
             Ok(Some(rev)) => {
                 self.revision = rev;
+                self.reset_from = reset_from;
                 *self.clock.deadline.lock().expect("lease clock poisoned") = sent + self.leases.ttl;
                 Ok(())
             }
@@ -460,8 +464,15 @@ impl Lease {
         }
     }
 
-    /// Give the lease up so a standby takes over at once.
+    /// Give the lease up so a standby takes over at once; unless a re-read of
+    /// the consumer is unfinished (a take-over that failed midway): then the lease
+    /// is left to expire, so the next holder sees where to re-read from.
     pub(crate) async fn release(self) {
+        if let Some(from) = self.reset_from {
+            tracing::info!(key = %self.key, from,
+                "lease not released: the next holder finishes the re-read from this sequence");
+            return;
+        }
         let delete = self
             .leases
             .kv

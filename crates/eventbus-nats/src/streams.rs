@@ -1,6 +1,10 @@
 //! One JetStream stream per topic, created once even when many tasks publish to a
 //! new topic at the same moment, and checked (never overwritten) when it exists.
+//!
+//! Also what re-reading a durable consumer from its ack floor takes on each
+//! retention (a take-over after a crash or a reconnect): see [`reread_durable`].
 
+use async_nats::jetstream::consumer::{self, FromConsumer, PullConsumer};
 use async_nats::jetstream::{self, stream};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +15,7 @@ use tokio::sync::OnceCell;
 use eventbus_core::{Error, ErrorKind, Result, StorageKind, TopicConfig};
 
 use crate::config::Retention;
+use crate::publish::bounded;
 
 /// Check per-topic settings; the error names the topic and the field.
 pub(crate) fn validate_topic_config(topic: &str, cfg: &TopicConfig) -> Result<()> {
@@ -164,6 +169,190 @@ fn retention_policy(r: Retention) -> stream::RetentionPolicy {
         Retention::Interest => stream::RetentionPolicy::Interest,
         Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
     }
+}
+
+/// The retention a stream has on the server (which, for a topic without explicit
+/// settings, may differ from the configured one: any existing stream is accepted).
+pub(crate) fn retention_of(config: &stream::Config) -> Retention {
+    match config.retention {
+        stream::RetentionPolicy::Limits => Retention::Limits,
+        stream::RetentionPolicy::Interest => Retention::Interest,
+        stream::RetentionPolicy::WorkQueue => Retention::WorkQueue,
+    }
+}
+
+/// The consumer that holds an interest stream's messages while durable `durable`
+/// is deleted and created again (see [`reread_durable`]).
+pub(crate) fn interest_anchor(durable: &str) -> String {
+    format!("{durable}-takeover")
+}
+
+/// Make durable consumer `config.durable_name` of `stream` deliver again, in
+/// stream order, everything from stream sequence `from` on (its ack floor + 1),
+/// without losing a message on any retention. nats-server 2.9 (checked by the
+/// `retention` tests):
+///
+/// - `Limits`: deleting the consumer removes no message; it is created again with
+///   `DeliverPolicy::ByStartSequence(from)`.
+/// - `Interest`: deleting the last consumer with interest removes every message
+///   it had not acknowledged, so first an anchor ([`interest_anchor`]: a durable
+///   from `from`, never pulled) holds the interest, then the consumer is deleted
+///   and created again from `from`, then the anchor is deleted. Interest in every
+///   message from `from` on never drops to zero, and the durable keeps its name.
+/// - `WorkQueue`: the server refuses any deliver policy but `All` (and a second
+///   unfiltered consumer, so no anchor either); deleting the consumer removes
+///   nothing, and acknowledged messages are already gone from the stream, so it
+///   is created again with `DeliverPolicy::All`: exactly the unacknowledged ones
+///   come again, no duplicate.
+///
+/// Every step can be repeated: a holder that dies midway leaves `from` in its
+/// lease, and the next one runs this again (an anchor left behind is reused, a
+/// consumer already deleted is fine). A stream that is gone is a `NotFound`
+/// error: there is nothing left to re-read.
+pub(crate) async fn reread_durable(
+    js: &jetstream::Context,
+    stream_name: &str,
+    topic: &str,
+    mut config: consumer::pull::Config,
+    from: u64,
+    timeout: Duration,
+) -> Result<PullConsumer> {
+    let durable = config.durable_name.clone().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Broker,
+            format!("the consumer of topic `{topic}` has no durable name"),
+        )
+    })?;
+    let stream = bounded(
+        timeout,
+        || format!("opening stream `{stream_name}`"),
+        async {
+            js.get_stream(stream_name).await.map_err(|e| {
+                let gone = matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
+                if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND);
+                let context = format!("cannot open stream `{stream_name}` of topic `{topic}`");
+                if gone {
+                    Error::new(ErrorKind::NotFound, context).with_source(e)
+                } else {
+                    broker(context, e)
+                }
+            })
+        },
+    )
+    .await?;
+    let retention = retention_of(&stream.cached_info().config);
+    tracing::info!(%topic, stream = %stream_name, %durable, ?retention, from,
+        "re-reading the durable consumer from its first unacknowledged message");
+    let anchor = interest_anchor(&durable);
+    config.deliver_policy = match retention {
+        Retention::Limits | Retention::Interest => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: from,
+        },
+        Retention::WorkQueue => consumer::DeliverPolicy::All,
+    };
+    if retention == Retention::Interest {
+        hold_interest(&stream, topic, &anchor, from, timeout).await?;
+    }
+    delete_consumer(&stream, &durable, timeout).await?;
+    let created = bounded(
+        timeout,
+        || format!("creating consumer `{durable}`"),
+        async {
+            stream.create_consumer(config).await.map_err(|e| {
+                broker(
+                    format!(
+                        "cannot create durable consumer `{durable}` on stream `{stream_name}` of \
+                     topic `{topic}` ({retention:?} retention)"
+                    ),
+                    e,
+                )
+            })
+        },
+    )
+    .await?;
+    if retention == Retention::Interest {
+        delete_consumer(&stream, &anchor, timeout).await?;
+    }
+    Ok(created)
+}
+
+/// The configuration to create `consumer` again with.
+pub(crate) fn pull_config_of(consumer: &PullConsumer) -> Result<consumer::pull::Config> {
+    let info = consumer.cached_info();
+    consumer::pull::Config::try_from_consumer_config(info.config.clone()).map_err(|e| {
+        Error::new(
+            ErrorKind::Broker,
+            format!("consumer `{}` is not a pull consumer", info.name),
+        )
+        .with_source(e)
+    })
+}
+
+/// Create (or keep) `anchor`: a durable pull consumer from `from`, never pulled,
+/// that keeps every message from `from` on in an interest stream.
+async fn hold_interest(
+    stream: &stream::Stream,
+    topic: &str,
+    anchor: &str,
+    from: u64,
+    timeout: Duration,
+) -> Result<()> {
+    let existing = bounded(timeout, || format!("reading consumer `{anchor}`"), async {
+        Ok(stream.consumer_info(anchor).await.ok())
+    })
+    .await?;
+    if let Some(info) = existing {
+        // Left by a holder that died (or failed) midway. It holds the interest
+        // from where that take-over started, which is `from` again (read from the
+        // lease) or below it: the durable's ack floor never falls below a start it
+        // was created with. Deleting it here could drop everything, as the durable
+        // may already be gone.
+        tracing::info!(%topic, %anchor, ack_floor = info.ack_floor.stream_sequence,
+            "reusing the interest anchor of an unfinished take-over");
+        return Ok(());
+    }
+    let config = consumer::pull::Config {
+        durable_name: Some(anchor.to_owned()),
+        description: Some(format!(
+            "eventbus: holds the interest of topic {topic} while its durable consumer is \
+             re-created; never consumed, deleted right after"
+        )),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: from,
+        },
+        ..Default::default()
+    };
+    bounded(timeout, || format!("creating consumer `{anchor}`"), async {
+        stream.create_consumer(config).await.map(drop).map_err(|e| {
+            broker(
+                format!(
+                    "cannot create the interest anchor `{anchor}` of topic `{topic}` on stream \
+                     `{}`",
+                    stream.cached_info().config.name
+                ),
+                e,
+            )
+        })
+    })
+    .await
+}
+
+/// Delete consumer `name` of `stream`; one that does not exist is fine.
+async fn delete_consumer(stream: &stream::Stream, name: &str, timeout: Duration) -> Result<()> {
+    bounded(timeout, || format!("deleting consumer `{name}`"), async {
+        match stream.delete_consumer(name).await {
+            Ok(_) => Ok(()),
+            Err(e) if consumer_not_found(&e) => Ok(()),
+            Err(e) => Err(broker(format!("cannot delete consumer `{name}`"), e)),
+        }
+    })
+    .await
+}
+
+fn consumer_not_found(e: &stream::ConsumerError) -> bool {
+    use jetstream::{stream::ConsumerErrorKind, ErrorCode};
+    matches!(e.kind(), ConsumerErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND)
 }
 
 /// The streams this bus made sure of, one cell per stream.

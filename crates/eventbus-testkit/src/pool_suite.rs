@@ -222,8 +222,70 @@ pub async fn panic_becomes_outcome(factory: &PoolFactory) {
     pool.close(WAIT).await;
 }
 
+/// After a scope is fenced and its running handlers have returned, no job of that
+/// scope starts, however deep the queues (handler starts counted per scope); a
+/// second scope on the same workers is untouched and runs every job.
+pub async fn no_job_of_a_fenced_scope_starts(factory: &PoolFactory) {
+    let pool = factory(PoolSpec {
+        workers: 4,
+        queue: 128,
+        wait_timeout: Duration::from_secs(5),
+    })
+    .await;
+    let (old, new) = (eventbus_core::Scope::new(), eventbus_core::Scope::new());
+    let starts = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let mut rxs = Vec::new();
+    for i in 0..400u64 {
+        let which = (i % 2) as usize;
+        let scope = if which == 0 { &old } else { &new };
+        let started = starts[which].clone();
+        let (job, rx) = job_with(
+            i % 16,
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_micros(300)).await;
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        );
+        let job = job.fenced_by(scope.current(), i as i64);
+        expect("submission", pool.submit(job))
+            .await
+            .expect("accepted");
+        rxs.push((which, rx));
+    }
+    old.fence();
+    expect("the fenced scope's running handlers return", old.idle()).await;
+    let at_fence = starts[0].load(Ordering::SeqCst);
+    let mut abandoned = 0;
+    for (which, rx) in rxs {
+        match expect("every job ends", rx).await {
+            Ok(_) => {}
+            Err(_) if which == 0 => abandoned += 1,
+            Err(_) => panic!("a job of the open scope was dropped"),
+        }
+    }
+    assert_eq!(
+        starts[0].load(Ordering::SeqCst),
+        at_fence,
+        "a handler of the fenced scope started after the fence"
+    );
+    assert_eq!(
+        at_fence + abandoned,
+        200,
+        "each fenced job ran or was abandoned"
+    );
+    assert_eq!(
+        starts[1].load(Ordering::SeqCst),
+        200,
+        "the open scope ran every job"
+    );
+    pool.close(Duration::from_secs(5)).await;
+}
+
 /// Every pool check.
 pub async fn run_all(factory: &PoolFactory) {
+    no_job_of_a_fenced_scope_starts(factory).await;
     same_route_runs_in_order(factory).await;
     different_routes_run_concurrently(factory).await;
     full_queue_hands_job_back(factory).await;
@@ -394,10 +456,14 @@ pub async fn random_workload(
             &plain_sub
         };
         let permit = set.reserve().await.expect("permit");
-        let inflight = expect("submission", dispatcher.submit(sub, msg, i, &stop))
-            .await
-            .expect("submit accepted");
-        set.push(inflight, permit).expect("push");
+        let ticket = set.begin(0, i as i64).expect("partition 0 is assigned");
+        let inflight = expect(
+            "submission",
+            dispatcher.submit(sub, msg, i, ticket.epoch(), &stop),
+        )
+        .await
+        .expect("submit accepted");
+        set.push(ticket, inflight, permit).expect("push");
     }
     while let Some(settled) = expect("completions", set.next()).await {
         let i = settled.completion.token;

@@ -9,4 +9,5 @@ mod heartbeats;
 mod members;
 mod poison;
 mod restart;
+mod retention;
 mod streams;

@@ -1,0 +1,233 @@
+//! Fences: what makes giving work up safe.
+//!
+//! Every job carries the [`Scope`] it was consumed under (a partition assignment, a
+//! NATS lease, a subscription; after a broker rewind, one epoch of it) and its
+//! offset. Giving a scope up first raises its fence: from that instant no queued job
+//! of the scope starts (a pool's worker takes it out and completes it as abandoned,
+//! without calling the handler), running handlers see their cancellation token
+//! cancelled, and [`Scope::idle`] tells when none of them runs any more. Only then
+//! does the backend hand the scope over (final commit, leaving the group, releasing
+//! the lease, `-NAK`).
+//!
+//! A scope also fences by offset at a rewind ([`Scope::rewind`]): a broker
+//! that rewinds the fetch position to `R` will deliver the messages at and above `R`
+//! again, so the copies already queued must not start, while the messages below `R`
+//! still run.
+//!
+//! The check is race-free: a job counts itself as running *before* it looks at the
+//! fence, and the fence is raised *before* anyone waits for the running count to
+//! reach zero, so once [`Scope::idle`] returns after a fence no handler of the
+//! fenced range runs or will start.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// One scope of work (a partition assignment, a lease, a subscription); cheap to
+/// clone (one `Arc`). Its epochs count the broker's rewinds within it.
+#[derive(Clone, Default)]
+pub struct Scope {
+    inner: Arc<ScopeInner>,
+}
+
+#[derive(Default)]
+struct ScopeInner {
+    /// The current epoch: jobs of it are fenced only by a whole-scope fence.
+    epoch: AtomicU64,
+    /// Each rewind: the epoch it started and the offset it went back to. Jobs of
+    /// an earlier epoch at or above that offset are fenced.
+    rewinds: Mutex<Vec<(u64, i64)>>,
+    /// Handlers of the scope running now.
+    running: AtomicUsize,
+    /// Notified when `running` drops to zero.
+    idle: Notify,
+    /// Cancelled when the whole scope is fenced: handlers and retry loops see it.
+    cancel: CancellationToken,
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scope")
+            .field("epoch", &self.inner.epoch.load(Ordering::SeqCst))
+            .field("fenced", &self.is_closed())
+            .field("running", &self.running())
+            .finish()
+    }
+}
+
+/// One epoch of a [`Scope`]: what a job is fenced by, with its offset.
+#[derive(Clone, Debug)]
+pub struct Epoch {
+    scope: Scope,
+    id: u64,
+}
+
+impl Epoch {
+    /// The scope.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The epoch's number within its scope, from 0.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether a job of this epoch at `offset` may no longer start.
+    pub fn is_fenced(&self, offset: i64) -> bool {
+        self.scope.is_fenced(self.id, offset)
+    }
+}
+
+impl Scope {
+    /// A new, open scope, in epoch 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current epoch, to submit jobs under.
+    pub fn current(&self) -> Epoch {
+        Epoch {
+            scope: self.clone(),
+            id: self.inner.epoch.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Fence the whole scope: no job of it starts from now on, and running handlers
+    /// get their cancellation token cancelled.
+    pub fn fence(&self) {
+        self.inner.cancel.cancel();
+    }
+
+    /// The broker went back to `offset`: jobs of earlier epochs at or above it do not
+    /// start (they are delivered again), jobs below it still run. Starts and
+    /// returns the next epoch.
+    pub fn rewind(&self, offset: i64) -> Epoch {
+        let mut rewinds = self.inner.rewinds.lock().unwrap_or_else(|p| p.into_inner());
+        let id = self.inner.epoch.load(Ordering::SeqCst) + 1;
+        rewinds.push((id, offset));
+        self.inner.epoch.store(id, Ordering::SeqCst);
+        Epoch {
+            scope: self.clone(),
+            id,
+        }
+    }
+
+    /// Whether a job of `epoch` at `offset` may no longer start.
+    pub fn is_fenced(&self, epoch: u64, offset: i64) -> bool {
+        if self.inner.cancel.is_cancelled() {
+            return true;
+        }
+        if epoch == self.inner.epoch.load(Ordering::SeqCst) {
+            return false;
+        }
+        let rewinds = self.inner.rewinds.lock().unwrap_or_else(|p| p.into_inner());
+        rewinds.iter().any(|&(e, from)| e > epoch && offset >= from)
+    }
+
+    /// Whether the whole scope is fenced.
+    pub fn is_closed(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Cancelled once the whole scope is fenced.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.inner.cancel
+    }
+
+    /// Handlers of this scope running now.
+    pub fn running(&self) -> usize {
+        self.inner.running.load(Ordering::SeqCst)
+    }
+
+    /// Wait until no handler of this scope runs. After [`fence`](Self::fence), no
+    /// handler starts again once this returns.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.inner.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.running() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// [`idle`](Self::idle), waiting at most `timeout`; whether it became idle.
+    pub async fn idle_within(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.idle()).await.is_ok()
+    }
+
+    /// Whether `self` and `other` are the same scope.
+    pub fn same(&self, other: &Scope) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl Epoch {
+    /// Count a job at `offset` as running unless it is fenced. The guard counts it
+    /// out again when dropped.
+    pub(crate) fn enter(&self, offset: i64) -> Option<Running> {
+        // Counted first, checked second: a fence raised after the check waits for it.
+        self.scope.inner.running.fetch_add(1, Ordering::SeqCst);
+        let running = Running(self.scope.clone());
+        (!self.is_fenced(offset)).then_some(running)
+    }
+}
+
+/// A running job of a scope; see [`Epoch::enter`].
+pub(crate) struct Running(Scope);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let inner = &self.0.inner;
+        if inner.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            inner.idle.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewind_fences_earlier_epochs_from_its_offset() {
+        let s = Scope::new();
+        let e0 = s.current();
+        assert!(!e0.is_fenced(100));
+        let e1 = s.rewind(10);
+        assert_eq!((e0.id(), e1.id()), (0, 1));
+        assert!(!e0.is_fenced(9) && e0.is_fenced(10) && e0.is_fenced(11));
+        assert!(!e1.is_fenced(10), "the new epoch reads them again");
+        let e2 = s.rewind(5);
+        assert!(e0.is_fenced(5) && e1.is_fenced(5) && !e1.is_fenced(4));
+        assert!(!e2.is_fenced(5));
+        assert!(!s.is_closed());
+        s.fence();
+        assert!(e2.is_fenced(i64::MIN) && s.is_closed());
+        assert!(s.cancellation().is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_running_jobs() {
+        let s = Scope::new();
+        let e = s.current();
+        let a = e.enter(1).expect("open");
+        let b = e.enter(2).expect("open");
+        s.fence();
+        assert!(e.enter(3).is_none(), "no job starts after the fence");
+        assert_eq!(s.running(), 2, "a refused entry counts itself out");
+        let mut idle = Box::pin(s.idle());
+        assert!(futures::poll!(idle.as_mut()).is_pending());
+        drop(a);
+        assert!(futures::poll!(idle.as_mut()).is_pending());
+        drop(b);
+        idle.await;
+        assert!(s.idle_within(Duration::from_millis(1)).await);
+    }
+}

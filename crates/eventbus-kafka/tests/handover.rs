@@ -1,0 +1,351 @@
+//! Transitions on Kafka: a broker that rewinds the fetch position within one
+//! assignment, members joining and leaving a group with deep per-key backlogs and
+//! timeouts far shorter than the backlog, and a pool that refuses every job. Every
+//! test asserts on what was committed, not only on what was handled. Fault injection
+//! needs librdkafka's mock cluster.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
+use eventbus_core::{
+    ComponentHealth, Envelope, Event, EventBus, EventBusExt, HandlerError, Job, Pool, PoolStats,
+    SubmitError, SubmitErrorKind,
+};
+use eventbus_kafka::KafkaEventBus;
+use eventbus_testkit::checker::DeliveryChecker;
+use eventbus_testkit::factories::{actor_pools, keyed_pools};
+use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn env(key: &str, seq: u64) -> Envelope {
+    Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }))
+}
+
+fn pools() -> [(&'static str, PoolFactory); 2] {
+    [("keyed", keyed_pools()), ("actor", actor_pools())]
+}
+
+/// Handled offsets of partition 0, shared by the handler and the test.
+type Handled = Arc<Mutex<HashSet<i64>>>;
+
+/// A subscription that records into `checker` and `handled`, waiting at `gate`
+/// while it is closed.
+async fn subscribe(
+    bus: &KafkaEventBus,
+    topic: &str,
+    checker: &DeliveryChecker,
+    handled: &Handled,
+    gate: &Arc<AtomicBool>,
+    work: Duration,
+) {
+    let (c, h, g) = (checker.clone(), handled.clone(), gate.clone());
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let (c, h, g) = (c.clone(), h.clone(), g.clone());
+        async move {
+            while !g.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if !work.is_zero() {
+                tokio::time::sleep(work).await;
+            }
+            let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+            c.handled(&e.envelope.aggregate_id, seq);
+            h.lock().unwrap().insert(e.message.offset);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// The broker makes the consumer read from the start again (an offset reset after
+/// `OFFSET_OUT_OF_RANGE`, as a real cluster does after log truncation or a stale
+/// high watermark) while everything was handled and committed. The re-read
+/// messages are unfinished in the new epoch, so the committed offset goes back with
+/// them (explicitly: librdkafka's stored-offset commit only moves forwards) and
+/// comes forward again as they finish; nothing is ever committed past a message of
+/// the new epoch that has not finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_is_read_again_and_the_commit_goes_back_with_it() {
+    let cluster = Cluster::mock(1);
+    let topic = random("rewind");
+    cluster.create_topic(&topic, 1).await;
+    let cfg = bus_config();
+    let group = cfg.consumer.group_id.clone();
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).unwrap();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let gate = Arc::new(AtomicBool::new(true));
+    subscribe(&bus, &topic, &checker, &handled, &gate, Duration::ZERO).await;
+    let n = 200u64;
+    for i in 0..n {
+        let key = format!("k{}", i % 10);
+        let seq = checker.produce(&key);
+        bus.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+    }
+    wait_until("everything committed", WAIT, || {
+        cluster.committed(&group, &topic, 0) == Some(n as i64)
+    })
+    .await;
+    // Hold the handlers, then make the broker send the consumer back to the start.
+    gate.store(false, Ordering::Release);
+    handled.lock().unwrap().clear();
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
+    );
+    wait_until(
+        "the committed offset goes back to the rewind point while the re-read messages wait",
+        WAIT,
+        || cluster.committed(&group, &topic, 0) == Some(0),
+    )
+    .await;
+    gate.store(true, Ordering::Release);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let committed = cluster.committed(&group, &topic, 0).unwrap_or(0);
+        let done = handled.lock().unwrap().clone();
+        if let Some(o) = (0..committed).find(|o| !done.contains(o)) {
+            panic!("committed {committed} passed offset {o}, not finished since the rewind");
+        }
+        if committed == n as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the commit to reach {n} again (at {committed})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    bus.close().await.unwrap();
+}
+
+/// Rewinds while messages are in flight: every message handled at least once, in
+/// order per key, and no sample of the committed offset ever passes an offset that
+/// was not handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewinds_mid_stream_never_commit_past_an_unfinished_message() {
+    let cluster = Cluster::mock(1);
+    let topic = random("rewind-mid");
+    cluster.create_topic(&topic, 1).await;
+    let mut cfg = bus_config();
+    cfg.consumer.commit_interval = Duration::from_millis(20);
+    let group = cfg.consumer.group_id.clone();
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).unwrap();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let gate = Arc::new(AtomicBool::new(true));
+    subscribe(
+        &bus,
+        &topic,
+        &checker,
+        &handled,
+        &gate,
+        Duration::from_millis(1),
+    )
+    .await;
+    let n = 1500u64;
+    let publisher = {
+        let (bus, topic, checker) = (bus.clone(), topic.clone(), checker.clone());
+        tokio::spawn(async move {
+            for i in 0..n {
+                let key = format!("k{}", i % 20);
+                let seq = checker.produce(&key);
+                bus.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+            }
+        })
+    };
+    let mut rewinds = 0;
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        let committed = cluster.committed(&group, &topic, 0).unwrap_or(0);
+        let done = handled.lock().unwrap().clone();
+        if let Some(o) = (0..committed).find(|o| !done.contains(o)) {
+            panic!("committed {committed} passed offset {o}, never handled");
+        }
+        if committed == n as i64 && publisher.is_finished() {
+            break;
+        }
+        // Three rewinds, while work is in flight.
+        if rewinds < 3 && done.len() as u64 > (rewinds + 1) * n / 5 {
+            rewinds += 1;
+            cluster.request_errors(
+                RDKafkaApiKey::Fetch,
+                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: committed {committed} of {n}, {} handled",
+            done.len()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(rewinds, 3);
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    bus.close().await.unwrap();
+}
+
+/// Members join and leave one group while per-key backlogs are deep and the drain
+/// and hand-over timeouts are far shorter than the backlog: queued work of revoked
+/// partitions is fenced (never runs after the hand-over), so no aggregate is
+/// handled by two members at once and none out of order; nothing is lost, and the
+/// group's committed offsets end at the end of every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_joining_and_leaving_with_deep_queues_keep_order() {
+    for (name, pools) in pools() {
+        members_join_and_leave(name, pools).await;
+    }
+}
+
+async fn members_join_and_leave(pool_name: &str, pools: PoolFactory) {
+    let cluster = Cluster::mock(1);
+    let topic = random("members");
+    let partitions = 4;
+    cluster.create_topic(&topic, partitions).await;
+    let mut cfg = bus_config();
+    cfg.consumer.drain_timeout = Duration::from_millis(50);
+    cfg.consumer.handover_timeout = Duration::from_millis(200);
+    let group = cfg.consumer.group_id.clone();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let gate = Arc::new(AtomicBool::new(true));
+    let spec = PoolSpec {
+        workers: 4,
+        queue: 256,
+        wait_timeout: Duration::from_millis(100),
+    };
+    let member = |cfg: eventbus_core::EventBusConfig| {
+        let (cluster, pools) = (&cluster, pools.clone());
+        let (topic, checker, handled, gate) = (&topic, &checker, &handled, &gate);
+        async move {
+            let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pools(spec).await).unwrap();
+            subscribe(
+                &bus,
+                topic,
+                checker,
+                handled,
+                gate,
+                Duration::from_millis(1),
+            )
+            .await;
+            bus
+        }
+    };
+    let a = member(cfg.clone()).await;
+    let total = 3000u64;
+    for i in 0..total {
+        let key = format!("k{}", i % 20);
+        let seq = checker.produce(&key);
+        a.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+    }
+    // Two more members join and leave, one after the other, while queues are deep.
+    for round in 0..2 {
+        let b = member(cfg.clone()).await;
+        let c = member(cfg.clone()).await;
+        let seen = checker.handled_distinct();
+        wait_until(
+            &format!("{pool_name}: progress with three members (round {round})"),
+            WAIT,
+            || checker.handled_distinct() > seen + 100 || checker.handled_distinct() == total,
+        )
+        .await;
+        b.close().await.unwrap();
+        c.close().await.unwrap();
+    }
+    wait_until(&format!("{pool_name}: every message handled"), WAIT, || {
+        checker.handled_distinct() == total
+    })
+    .await;
+    let highs: Vec<i64> = (0..partitions)
+        .map(|p| cluster.high_watermark(&topic, p))
+        .collect();
+    wait_until(
+        &format!("{pool_name}: committed offsets reach the end of every partition"),
+        WAIT,
+        || (0..partitions).all(|p| cluster.committed(&group, &topic, p) == Some(highs[p as usize])),
+    )
+    .await;
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{pool_name}: {report}");
+    assert!(report.order_violations.is_empty(), "{pool_name}: {report}");
+    a.close().await.unwrap();
+}
+
+/// A pool that refuses every job as out of service.
+#[derive(Debug)]
+struct Refusing;
+
+impl Pool for Refusing {
+    fn kind(&self) -> &'static str {
+        "refusing"
+    }
+    fn workers(&self) -> usize {
+        1
+    }
+    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
+        async move { Err(SubmitError::new(SubmitErrorKind::Unavailable, job)) }.boxed()
+    }
+    fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
+        async {}.boxed()
+    }
+    fn stats(&self) -> PoolStats {
+        PoolStats::default()
+    }
+    fn health(&self) -> ComponentHealth {
+        ComponentHealth::healthy("pool.refusing")
+    }
+}
+
+/// `close()` returns within its bound although the pool refuses every job, and
+/// nothing is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_returns_in_time_with_a_pool_that_refuses_every_job() {
+    let cluster = Cluster::mock(1);
+    let topic = random("refusing");
+    cluster.create_topic(&topic, 1).await;
+    let mut cfg = bus_config();
+    cfg.consumer.drain_timeout = Duration::from_millis(200);
+    cfg.consumer.handover_timeout = Duration::from_millis(200);
+    let group = cfg.consumer.group_id.clone();
+    let bound = cfg.consumer.handover_bound();
+    let kafka = cluster.kafka_config();
+    let operation = kafka.operation_timeout;
+    let bus = KafkaEventBus::new(kafka, cfg, Arc::new(Refusing)).unwrap();
+    bus.subscribe_envelope(&topic, |_e: Event| async { Ok::<(), HandlerError>(()) })
+        .await
+        .unwrap();
+    for i in 0..20 {
+        bus.publish_envelope(&topic, &env("k", i)).await.unwrap();
+    }
+    // Let the consumer reach the refusing pool before closing.
+    wait_until("a partition assigned", WAIT, || {
+        futures::executor::block_on(bus.assignment()).is_ok_and(|a| !a.is_empty())
+    })
+    .await;
+    tokio::time::timeout(bound + operation + Duration::from_secs(5), bus.close())
+        .await
+        .expect("close() returns within drain + hand-over + the final commit")
+        .unwrap();
+    assert_eq!(
+        cluster.committed(&group, &topic, 0).unwrap_or(0),
+        0,
+        "nothing was handled, so nothing is committed"
+    );
+}

@@ -456,6 +456,19 @@ impl ConsumeLoop {
         }
     }
 
+    /// Count an overrun for each topic of `parts` with a handler still running.
+    fn count_overruns(&self, parts: &[(String, i32)]) {
+        for (t, p) in parts {
+            if self
+                .topics
+                .get(t.as_str())
+                .is_some_and(|ts| ts.set.running(*p) > 0)
+            {
+                self.dispatcher.count_handover_overrun(t);
+            }
+        }
+    }
+
     /// The hand-over: drain within `drain_timeout`, fence (no queued job of the
     /// partitions starts, running handlers are cancelled), wait for the running
     /// handlers within `handover_timeout`, then store the watermarks for the
@@ -484,15 +497,7 @@ impl ConsumeLoop {
         if !idle {
             tracing::warn!(running = self.busy(&parts, true), timeout = ?self.handover_timeout,
                 "a handler of revoked partitions still runs past the hand-over timeout");
-            for (t, p) in &parts {
-                if self
-                    .topics
-                    .get(t.as_str())
-                    .is_some_and(|ts| ts.set.running(*p) > 0)
-                {
-                    self.dispatcher.count_handover_overrun(t);
-                }
-            }
+            self.count_overruns(&parts);
         }
         let mut resume = TopicPartitionList::new();
         for (topic, p) in &parts {
@@ -854,15 +859,7 @@ impl ConsumeLoop {
         {
             tracing::warn!(running = self.busy(&parts, true), timeout = ?self.handover_timeout,
                 "close: a handler still runs past the hand-over timeout");
-            for (t, p) in &parts {
-                if self
-                    .topics
-                    .get(t.as_str())
-                    .is_some_and(|ts| ts.set.running(*p) > 0)
-                {
-                    self.dispatcher.count_handover_overrun(t);
-                }
-            }
+            self.count_overruns(&parts);
         }
         if self.total_in_flight() > 0 {
             self.dispatcher.abandon_in_flight();

@@ -26,7 +26,7 @@ use crate::config::{DeadLetterConfig, EventBusConfig, RateLimit};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fence::{Epoch, Scope};
-use crate::handler::{with_cancellation, BoxHandler, Event};
+use crate::handler::{in_scope, BoxHandler, Event};
 use crate::hash::stable_hash;
 use crate::health::{ComponentHealth, HealthStatus};
 use crate::job::{panic_message, FailureCause, Job, JobClass, Outcome, OutcomeReceiver};
@@ -808,7 +808,7 @@ impl Dispatcher {
             }
             Prepared::Poison(meta, error) => {
                 let this = self.clone();
-                async move { this.poison(meta, error).await }.boxed()
+                async move { this.dead_letter(meta, error, 0).await }.boxed()
             }
         };
         Ok(InFlight {
@@ -952,7 +952,7 @@ impl Dispatcher {
         scope: &Scope,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
-        let cancel = scope.cancellation().clone();
+        let scope = scope.clone();
         let span = tracing::info_span!(
             "eventbus.handle",
             topic = %message.topic,
@@ -964,7 +964,7 @@ impl Dispatcher {
         );
         async move {
             let started = Instant::now();
-            let call = with_cancellation(cancel, handler.call_boxed(message));
+            let call = in_scope(scope, handler.call_boxed(message));
             let result = AssertUnwindSafe(call).catch_unwind().await;
             inner
                 .metrics
@@ -999,7 +999,7 @@ impl Dispatcher {
         scope: &Scope,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
-        let cancel = scope.cancellation().clone();
+        let scope = scope.clone();
         let policy = sub.policy.clone();
         let can_dead_letter = sub.dead_letter_topic.is_some();
         let span = tracing::info_span!(
@@ -1016,14 +1016,9 @@ impl Dispatcher {
             let mut stuck = false;
             loop {
                 tracing::Span::current().record("attempt", attempt);
-                let event = Event::with_cancellation(
-                    envelope.clone(),
-                    message.clone(),
-                    attempt,
-                    cancel.clone(),
-                );
+                let event = Event::scoped(envelope.clone(), message.clone(), attempt, scope.clone());
                 let started = Instant::now();
-                let call = with_cancellation(cancel.clone(), handler.call_boxed(event));
+                let call = in_scope(scope.clone(), handler.call_boxed(event));
                 let result = AssertUnwindSafe(call).catch_unwind().await;
                 let metrics = inner.metrics.pool(pool);
                 metrics.duration.record(started.elapsed().as_secs_f64());
@@ -1034,7 +1029,7 @@ impl Dispatcher {
                         }
                         return Outcome::Handled { attempts: attempt };
                     }
-                    Ok(Err(_)) | Err(_) if cancel.is_cancelled() => {
+                    Ok(Err(_)) | Err(_) if scope.is_closed() => {
                         // Handed over while it ran: not finished here.
                         if stuck {
                             inner.clear_stuck(&key);
@@ -1072,10 +1067,10 @@ impl Dispatcher {
                 metrics.retries.increment(1);
                 tokio::select! {
                     _ = inner.cancel.cancelled() => {}
-                    _ = cancel.cancelled() => {}
+                    _ = scope.cancellation().cancelled() => {}
                     _ = tokio::time::sleep(wait) => {}
                 }
-                if inner.cancel.is_cancelled() || cancel.is_cancelled() {
+                if inner.cancel.is_cancelled() || scope.is_closed() {
                     // Closing or handed over: the message is delivered again.
                     if stuck {
                         inner.clear_stuck(&key);
@@ -1134,10 +1129,6 @@ impl Dispatcher {
         }
     }
 
-    async fn poison(&self, meta: Meta, error: String) -> Disposition {
-        self.dead_letter(meta, error, 0).await
-    }
-
     /// The job of an invalid envelope with no dead-letter destination: it holds
     /// its worker, and so its key, never acknowledged and never dropped, reporting
     /// the key stuck until its scope is given up or the bus closes.
@@ -1149,7 +1140,7 @@ impl Dispatcher {
         scope: &Scope,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
-        let cancel = scope.cancellation().clone();
+        let scope = scope.clone();
         let (topic, offset) = (message.topic.clone(), message.offset);
         async move {
             tracing::error!(%topic, offset, %error,
@@ -1157,7 +1148,7 @@ impl Dispatcher {
             inner.mark_stuck(&key);
             tokio::select! {
                 _ = inner.cancel.cancelled() => {}
-                _ = cancel.cancelled() => {}
+                _ = scope.cancellation().cancelled() => {}
             }
             inner.clear_stuck(&key);
             Outcome::Abandoned { attempts: 0 }

@@ -171,18 +171,18 @@ impl Scope {
 impl Epoch {
     /// Count a job at `offset` as running unless it is fenced. The guard counts it
     /// out again when dropped.
-    pub(crate) fn enter(&self, offset: i64) -> Option<Running> {
+    pub(crate) fn enter(&self, offset: i64) -> Option<Running<'_>> {
         // Counted first, checked second: a fence raised after the check waits for it.
         self.scope.inner.running.fetch_add(1, Ordering::SeqCst);
-        let running = Running(self.scope.clone());
+        let running = Running(&self.scope);
         (!self.is_fenced(offset)).then_some(running)
     }
 }
 
 /// A running job of a scope; see [`Epoch::enter`].
-pub(crate) struct Running(Scope);
+pub(crate) struct Running<'a>(&'a Scope);
 
-impl Drop for Running {
+impl Drop for Running<'_> {
     fn drop(&mut self) {
         let inner = &self.0.inner;
         if inner.running.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -211,6 +211,19 @@ mod tests {
         s.fence();
         assert!(e2.is_fenced(i64::MIN) && s.is_closed());
         assert!(s.cancellation().is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_handler_sees_its_scope_cancelled_by_the_fence() {
+        use crate::handler::{cancellation, in_scope};
+        assert!(cancellation().is_none(), "no scope outside a handler");
+        let s = Scope::new();
+        let token = in_scope(s.clone(), async { cancellation() })
+            .await
+            .expect("a handler runs in its scope");
+        assert!(!token.is_cancelled());
+        s.fence();
+        assert!(token.is_cancelled());
     }
 
     #[tokio::test]

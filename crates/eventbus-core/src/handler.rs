@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Envelope;
 use crate::error::BoxError;
+use crate::fence::Scope;
 use crate::message::Message;
 
 /// Whether retrying a failed handler call can help.
@@ -100,48 +101,53 @@ pub struct Event {
     pub message: Message,
     /// Attempt number within this delivery, 1 for the first call.
     pub attempt: u32,
-    /// Cancelled when the work this event belongs to is handed over (partition
-    /// revoked, lease lost, unsubscribe, close): a long handler should stop soon
-    /// after, returning an error; the message is then delivered again.
-    pub cancellation: CancellationToken,
+    /// The scope of the work this event belongs to (see [`Event::cancellation`]).
+    scope: Scope,
 }
 
 impl Event {
     /// Build an event (used by the dispatcher and by tests of handlers).
     pub fn new(envelope: Arc<Envelope>, message: Message, attempt: u32) -> Self {
-        Self::with_cancellation(envelope, message, attempt, CancellationToken::new())
+        Self::scoped(envelope, message, attempt, Scope::new())
     }
 
-    /// Build an event whose handler is cancelled by `cancellation`.
-    pub fn with_cancellation(
+    /// Build an event of the work of `scope`.
+    pub(crate) fn scoped(
         envelope: Arc<Envelope>,
         message: Message,
         attempt: u32,
-        cancellation: CancellationToken,
+        scope: Scope,
     ) -> Self {
         Self {
             envelope,
             message,
             attempt,
-            cancellation,
+            scope,
         }
+    }
+
+    /// Cancelled when the work this event belongs to is handed over (partition
+    /// revoked, lease lost, unsubscribe, close): a long handler should stop soon
+    /// after, returning an error; the message is then delivered again.
+    pub fn cancellation(&self) -> &CancellationToken {
+        self.scope.cancellation()
     }
 }
 
 tokio::task_local! {
-    static CANCELLATION: CancellationToken;
+    static SCOPE: Scope;
 }
 
 /// The cancellation token of the handler running in this task, for plain handlers
 /// (envelope handlers also have [`Event::cancellation`]): cancelled when its work
 /// is handed over. `None` outside a handler the bus runs.
 pub fn cancellation() -> Option<CancellationToken> {
-    CANCELLATION.try_with(CancellationToken::clone).ok()
+    SCOPE.try_with(|s| s.cancellation().clone()).ok()
 }
 
-/// Run `fut` as a handler call cancelled by `token` (see [`cancellation`]).
-pub(crate) async fn with_cancellation<F: Future>(token: CancellationToken, fut: F) -> F::Output {
-    CANCELLATION.scope(token, fut).await
+/// Run `fut` as a handler call of the work of `scope` (see [`cancellation`]).
+pub(crate) async fn in_scope<F: Future>(scope: Scope, fut: F) -> F::Output {
+    SCOPE.scope(scope, fut).await
 }
 
 /// An async message handler.

@@ -232,7 +232,8 @@ impl Job {
     /// A panic escaping the task is caught and reported as
     /// [`OutcomeKind::Panicked`]; the caller (a worker) keeps running.
     pub async fn run(mut self) -> OutcomeKind {
-        let running = match &self.fence {
+        let fence = self.fence.take();
+        let running = match &fence {
             Some((epoch, offset)) => match epoch.enter(*offset) {
                 Some(running) => Some(running),
                 // Dropping the job tells the waiter and the done hook it did not run.

@@ -438,16 +438,26 @@ impl ConsumeLoop {
         running: bool,
         deadline: Instant,
     ) -> bool {
+        // A handler of a message superseded by a rewind ends with no completion to
+        // settle: while waiting for handlers, their scopes say when none runs.
+        let scopes: Vec<eventbus_core::Scope> = if running {
+            parts
+                .iter()
+                .filter_map(|(t, p)| self.topics.get(t.as_str())?.set.scope(*p).cloned())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let all_idle = futures::future::join_all(scopes.iter().map(|s| s.idle()));
+        let mut all_idle = pin!(all_idle);
         loop {
             if self.busy(parts, running) == 0 {
                 return true;
             }
             let settled = tokio::select! {
                 s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
+                _ = &mut all_idle, if running => return true,
                 _ = tokio::time::sleep_until(deadline) => None,
-                // A handler of a message superseded by a rewind ends with no
-                // completion to settle: look again now and then.
-                _ = tokio::time::sleep(Duration::from_millis(5)), if running => continue,
             };
             match settled {
                 Some((topic, s)) => self.on_settled(&topic, s),

@@ -20,9 +20,9 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -37,23 +37,41 @@ fn pools() -> [(&'static str, PoolFactory); 2] {
 /// Handled offsets of partition 0, shared by the handler and the test.
 type Handled = Arc<Mutex<HashSet<i64>>>;
 
-/// A subscription that records into `checker` and `handled`, waiting at `gate`
-/// while it is closed.
+/// Open (`true`) or closed: handlers wait while it is closed.
+type Gate = Arc<watch::Sender<bool>>;
+
+fn open_gate() -> Gate {
+    Arc::new(watch::Sender::new(true))
+}
+
+/// The committed offset of partition 0, after checking that it passes no offset
+/// missing from `handled`.
+fn committed_within_handled(cluster: &Cluster, group: &str, topic: &str, handled: &Handled) -> i64 {
+    let committed = cluster.committed(group, topic, 0).unwrap_or(0);
+    let done = handled.lock().unwrap();
+    if let Some(o) = (0..committed).find(|o| !done.contains(o)) {
+        panic!("committed {committed} passed offset {o}, not handled (since the last rewind)");
+    }
+    committed
+}
+
+/// A subscription that records into `checker` and `handled`, waiting while `gate`
+/// is closed.
 async fn subscribe(
     bus: &KafkaEventBus,
     topic: &str,
     checker: &DeliveryChecker,
     handled: &Handled,
-    gate: &Arc<AtomicBool>,
+    gate: &Gate,
     work: Duration,
 ) {
     let (c, h, g) = (checker.clone(), handled.clone(), gate.clone());
     bus.subscribe_envelope(topic, move |e: Event| {
-        let (c, h, g) = (c.clone(), h.clone(), g.clone());
+        let (c, h, mut g) = (c.clone(), h.clone(), g.subscribe());
         async move {
-            while !g.load(Ordering::Acquire) {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            g.wait_for(|open| *open)
+                .await
+                .expect("the gate lives as long as the test");
             if !work.is_zero() {
                 tokio::time::sleep(work).await;
             }
@@ -85,7 +103,7 @@ async fn a_rewind_is_read_again_and_the_commit_goes_back_with_it() {
     let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).unwrap();
     let checker = DeliveryChecker::new();
     let handled: Handled = Arc::default();
-    let gate = Arc::new(AtomicBool::new(true));
+    let gate = open_gate();
     subscribe(&bus, &topic, &checker, &handled, &gate, Duration::ZERO).await;
     let n = 200u64;
     for i in 0..n {
@@ -98,7 +116,7 @@ async fn a_rewind_is_read_again_and_the_commit_goes_back_with_it() {
     })
     .await;
     // Hold the handlers, then make the broker send the consumer back to the start.
-    gate.store(false, Ordering::Release);
+    gate.send_replace(false);
     handled.lock().unwrap().clear();
     cluster.request_errors(
         RDKafkaApiKey::Fetch,
@@ -110,14 +128,10 @@ async fn a_rewind_is_read_again_and_the_commit_goes_back_with_it() {
         || cluster.committed(&group, &topic, 0) == Some(0),
     )
     .await;
-    gate.store(true, Ordering::Release);
+    gate.send_replace(true);
     let deadline = Instant::now() + WAIT;
     loop {
-        let committed = cluster.committed(&group, &topic, 0).unwrap_or(0);
-        let done = handled.lock().unwrap().clone();
-        if let Some(o) = (0..committed).find(|o| !done.contains(o)) {
-            panic!("committed {committed} passed offset {o}, not finished since the rewind");
-        }
+        let committed = committed_within_handled(&cluster, &group, &topic, &handled);
         if committed == n as i64 {
             break;
         }
@@ -148,7 +162,7 @@ async fn rewinds_mid_stream_never_commit_past_an_unfinished_message() {
     let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).unwrap();
     let checker = DeliveryChecker::new();
     let handled: Handled = Arc::default();
-    let gate = Arc::new(AtomicBool::new(true));
+    let gate = open_gate();
     subscribe(
         &bus,
         &topic,
@@ -172,16 +186,13 @@ async fn rewinds_mid_stream_never_commit_past_an_unfinished_message() {
     let mut rewinds = 0;
     let deadline = Instant::now() + WAIT * 2;
     loop {
-        let committed = cluster.committed(&group, &topic, 0).unwrap_or(0);
-        let done = handled.lock().unwrap().clone();
-        if let Some(o) = (0..committed).find(|o| !done.contains(o)) {
-            panic!("committed {committed} passed offset {o}, never handled");
-        }
+        let committed = committed_within_handled(&cluster, &group, &topic, &handled);
+        let handled_now = handled.lock().unwrap().len() as u64;
         if committed == n as i64 && publisher.is_finished() {
             break;
         }
         // Three rewinds, while work is in flight.
-        if rewinds < 3 && done.len() as u64 > (rewinds + 1) * n / 5 {
+        if rewinds < 3 && handled_now > (rewinds + 1) * n / 5 {
             rewinds += 1;
             cluster.request_errors(
                 RDKafkaApiKey::Fetch,
@@ -190,8 +201,7 @@ async fn rewinds_mid_stream_never_commit_past_an_unfinished_message() {
         }
         assert!(
             Instant::now() < deadline,
-            "timed out: committed {committed} of {n}, {} handled",
-            done.len()
+            "timed out: committed {committed} of {n}, {handled_now} handled"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -225,7 +235,7 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory) {
     let group = cfg.consumer.group_id.clone();
     let checker = DeliveryChecker::new();
     let handled: Handled = Arc::default();
-    let gate = Arc::new(AtomicBool::new(true));
+    let gate = open_gate();
     let spec = PoolSpec {
         workers: 4,
         queue: 256,

@@ -456,7 +456,15 @@ impl ConsumeLoop {
             }
             let settled = tokio::select! {
                 s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
-                _ = &mut all_idle, if running => return true,
+                _ = &mut all_idle, if running => {
+                    // What finished as the last handlers returned still counts.
+                    while let Some((t, s)) =
+                        futures::FutureExt::now_or_never(next_settled(&mut self.topics, &mut self.rotate))
+                    {
+                        self.on_settled(&t, s);
+                    }
+                    return true;
+                }
                 _ = tokio::time::sleep_until(deadline) => None,
             };
             match settled {

@@ -365,7 +365,6 @@ struct Inner {
     recovery: Arc<Recovery>,
     /// Age in ms of the oldest message dispatched since the monitor last looked.
     oldest_age_ms: AtomicU64,
-    monitor: Mutex<Option<MonitorHandle>>,
 }
 
 impl Inner {
@@ -550,7 +549,6 @@ impl Dispatcher {
                 cancel: CancellationToken::new(),
                 recovery,
                 oldest_age_ms: AtomicU64::new(0),
-                monitor: Mutex::new(None),
             }),
         }
     }
@@ -584,36 +582,10 @@ impl Dispatcher {
         ]
     }
 
-    /// Start sampling `probe` (see [`spawn_monitor`](Self::spawn_monitor)), owned by
-    /// this dispatcher until [`stop_monitor`](Self::stop_monitor).
-    pub fn start_monitor<P: Probe>(&self, probe: std::sync::Weak<P>) {
-        let handle = self.spawn_monitor(probe);
-        let old = self
-            .inner
-            .monitor
-            .lock()
-            .expect("monitor slot poisoned")
-            .replace(handle);
-        drop(old);
-    }
-
-    /// Stop the monitor started by [`start_monitor`](Self::start_monitor) and wait
-    /// for its task to end (a bus calls this on close).
-    pub async fn stop_monitor(&self) {
-        let handle = self
-            .inner
-            .monitor
-            .lock()
-            .expect("monitor slot poisoned")
-            .take();
-        if let Some(handle) = handle {
-            handle.stop().await;
-        }
-    }
-
     /// Sample `probe` every `operations.check_interval` into the metrics and the
-    /// recovery-mode check, until the probe is dropped or the task is aborted.
-    /// The probe is held weakly, so the monitor never keeps a bus alive.
+    /// recovery-mode check, until the probe is dropped or the handle is stopped or
+    /// dropped. The probe is held weakly, so the monitor never keeps a bus alive.
+    /// [`Lifecycle`](crate::Lifecycle) starts one per bus and stops it on close.
     pub fn spawn_monitor<P: Probe>(&self, probe: std::sync::Weak<P>) -> MonitorHandle {
         let this = self.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

@@ -1,9 +1,9 @@
 //! Operations: backlog detection and recovery mode, and the periodic sampling of
 //! lag, pool state and health into metrics.
 //!
-//! Each backend gives the dispatcher a [`Probe`] (its lag per partition and its
-//! health); [`Dispatcher::spawn_monitor`](crate::Dispatcher::spawn_monitor) samples
-//! it every `operations.check_interval`.
+//! Each bus's [`Lifecycle`](crate::Lifecycle) is a [`Probe`] (its lag per partition
+//! and its health); [`Dispatcher::spawn_monitor`](crate::Dispatcher::spawn_monitor),
+//! started by the lifecycle, samples it every `operations.check_interval`.
 
 use futures::future::BoxFuture;
 use std::fmt;

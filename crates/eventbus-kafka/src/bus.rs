@@ -1,9 +1,9 @@
 //! [`KafkaEventBus`]: the [`EventBus`] on Kafka.
 
 use eventbus_core::{
-    ComponentHealth, Dispatcher, Error, ErrorKind, EventBus, EventBusConfig, HealthReport,
-    HealthStatus, PartitionLag as CorePartitionLag, Pool, Probe, PublishMetrics, PublishReceipt,
-    Record, Recovery, Result, Subscription, TopicConfig,
+    BusBackend, ComponentHealth, Consumers, Dispatcher, Error, ErrorKind, EventBus, EventBusConfig,
+    HealthReport, HealthStatus, Lifecycle, PartitionLag as CorePartitionLag, Pool,
+    PreparedSubscription, PublishReceipt, Record, Recovery, Result, Subscription, TopicConfig,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -66,24 +66,26 @@ struct ConsumerSlot {
     joined: bool,
 }
 
-struct Inner {
+/// The broker side of a [`KafkaEventBus`]: one producer, and one consumer (one
+/// group member) for every subscribed topic.
+struct Backend {
     config: KafkaConfig,
-    bus_config: EventBusConfig,
-    pool: Arc<dyn Pool>,
     dispatcher: Dispatcher,
     producer: Arc<KafkaProducer>,
-    consumer: Mutex<ConsumerSlot>,
-    closed: AtomicBool,
+    consumer: Arc<Mutex<ConsumerSlot>>,
     pool_closed: Arc<AtomicBool>,
     limit: Arc<Semaphore>,
     admin: OnceCell<Arc<AdminClient<TracingContext>>>,
-    publish_metrics: PublishMetrics,
 }
 
-impl Inner {
+fn gone<T>(_: T) -> Error {
+    consumer_gone()
+}
+
+impl Backend {
     /// Lag of every owned partition: high watermark minus committed offset, asked
     /// from the brokers. Also exported as the `kafka_eventbus_partition_lag` gauge.
-    async fn lag(&self) -> Result<Vec<PartitionLag>> {
+    async fn partition_lag(&self) -> Result<Vec<PartitionLag>> {
         let consumer = {
             let slot = self.consumer.lock().await;
             match &slot.running {
@@ -135,178 +137,20 @@ impl Inner {
         .map_err(|e| Error::new(ErrorKind::Unavailable, "lag task failed").with_source(e))?
     }
 
-    async fn health(&self) -> HealthReport {
-        let mut components = Vec::new();
-        let producer = self.producer.clone();
-        let timeout = self.config.operation_timeout.min(Duration::from_secs(5));
-        let ping = tokio::task::spawn_blocking(move || producer.ping_blocking(timeout)).await;
-        components.push(match ping {
-            Ok(Ok(n)) if n > 0 => ComponentHealth::healthy("broker"),
-            Ok(Ok(_)) => {
-                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, "no broker known")
-            }
-            Ok(Err(e)) => {
-                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
-            }
-            Err(e) => {
-                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
-            }
-        });
-        components.extend(self.dispatcher.health_components());
-        let consumer = if self.closed.load(Ordering::Acquire) {
-            ComponentHealth::with_status("consumer", HealthStatus::Unhealthy, "bus closed")
-        } else if self.pool_closed.load(Ordering::Acquire) {
-            ComponentHealth::with_status(
-                "consumer",
-                HealthStatus::Unhealthy,
-                "the pool refuses work; consumption halted",
-            )
-        } else {
-            ComponentHealth::healthy("consumer")
-        };
-        components.push(consumer);
-        match self.lag().await {
-            Ok(lags) if !lags.is_empty() => {
-                let total: i64 = lags.iter().map(|l| l.lag).sum();
-                components.push(ComponentHealth::with_status(
-                    "consumer.lag",
-                    HealthStatus::Healthy,
-                    format!("total lag {total} over {} partition(s)", lags.len()),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => components.push(ComponentHealth::with_status(
-                "consumer.lag",
-                HealthStatus::Degraded,
-                e.to_string(),
-            )),
-        }
-        HealthReport::from_components(components)
-    }
-}
-
-impl Probe for Inner {
-    fn lag(&self) -> BoxFuture<'_, Vec<CorePartitionLag>> {
-        async move {
-            match Inner::lag(self).await {
-                Ok(lags) => lags
-                    .into_iter()
-                    .map(|l| {
-                        CorePartitionLag::new(l.topic, l.partition, l.lag.max(0) as u64)
-                            .committed(l.committed)
-                    })
-                    .collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "lag check failed");
-                    Vec::new()
-                }
-            }
-        }
-        .boxed()
-    }
-    fn health(&self) -> BoxFuture<'_, HealthReport> {
-        Inner::health(self).boxed()
-    }
-}
-
-/// The Kafka backend: one producer, and one consumer (one group member) for every
-/// subscribed topic. See the crate docs.
-#[derive(Clone)]
-pub struct KafkaEventBus {
-    inner: Arc<Inner>,
-}
-
-impl fmt::Debug for KafkaEventBus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaEventBus")
-            .field("config", &self.inner.config)
-            .field("group_id", &self.inner.bus_config.consumer.group_id)
-            .field("pool", &self.inner.pool)
-            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
-    }
-}
-
-fn gone<T>(_: T) -> Error {
-    consumer_gone()
-}
-
-impl KafkaEventBus {
-    /// A bus on the brokers of `config`, handling messages on `pool`, with group id,
-    /// in-flight bounds, commit interval, drain timeout, dead letters and delivery
-    /// policy from `bus_config`. Connects lazily; the consumer is created by the
-    /// first subscription.
-    pub fn new(
-        config: KafkaConfig,
-        bus_config: EventBusConfig,
-        pool: Arc<dyn Pool>,
-    ) -> Result<Self> {
-        config.validate()?;
-        bus_config.validate()?;
-        check_handover_bound(&config, &bus_config)?;
-        let producer = Arc::new(KafkaProducer::new(&config)?);
-        let sink = Arc::new(KafkaDeadLetterSink::new(producer.clone()));
-        let dispatcher = Dispatcher::new("kafka", pool.clone(), Some(sink), bus_config.clone());
-        let limit = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
-        tracing::info!(pool = pool.kind(), group_id = %bus_config.consumer.group_id,
-            brokers = %config.brokers, "kafka event bus created");
-        let inner = Arc::new(Inner {
-            config,
-            bus_config,
-            pool,
-            dispatcher,
-            producer,
-            consumer: Mutex::new(ConsumerSlot::default()),
-            closed: AtomicBool::new(false),
-            pool_closed: Arc::new(AtomicBool::new(false)),
-            limit,
-            admin: OnceCell::new(),
-            publish_metrics: PublishMetrics::new("kafka"),
-        });
-        inner.dispatcher.start_monitor(Arc::downgrade(&inner));
-        Ok(Self { inner })
-    }
-
-    /// The producer, for batched publishing ([`KafkaProducer::enqueue`],
-    /// [`KafkaProducer::publish_batch`]).
-    pub fn producer(&self) -> &Arc<KafkaProducer> {
-        &self.inner.producer
-    }
-
-    /// The pipeline (counters: handled, dead-lettered, stuck keys, ...).
-    pub fn dispatcher(&self) -> &Dispatcher {
-        &self.inner.dispatcher
-    }
-
-    /// Put a record in the producer queue and return its delivery, to await later.
-    pub async fn publish_async(&self, topic: &str, record: &Record) -> Result<Delivery> {
-        self.check_open()?;
-        self.inner.producer.enqueue(topic, record).await
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            Err(Error::closed("the Kafka event bus is closed"))
-        } else {
-            Ok(())
-        }
-    }
-
     fn start_consumer(&self) -> Result<Running> {
-        let inner = &self.inner;
-        let consumer_cfg = &inner.bus_config.consumer;
-        let (ev_tx, ev_rx) = mpsc::channel(inner.config.fetch_buffer);
+        let consumer_cfg = &self.dispatcher.config().consumer;
+        let (ev_tx, ev_rx) = mpsc::channel(self.config.fetch_buffer);
         let shared = Arc::new(ConsumerShared::default());
         let ctx = ConsumerCtx {
             events: ev_tx.clone(),
             shared: shared.clone(),
-            dispatcher: inner.dispatcher.clone(),
+            dispatcher: self.dispatcher.clone(),
             drain_timeout: consumer_cfg.drain_timeout,
             handover_timeout: consumer_cfg.handover_timeout,
         };
-        let consumer: KConsumer = inner
+        let consumer: KConsumer = self
             .config
-            .consumer_config(&inner.bus_config)
+            .consumer_config(self.dispatcher.config())
             .create_with_context(ctx)
             .map_err(|e| {
                 Error::config(format!(
@@ -335,14 +179,14 @@ impl KafkaEventBus {
         };
         let lp = ConsumeLoop::new(
             consumer.clone(),
-            inner.dispatcher.clone(),
+            self.dispatcher.clone(),
             ev_rx,
             ctl_rx,
             stop.clone(),
-            inner.limit.clone(),
-            inner.config.fetch_buffer + 2,
-            inner.config.operation_timeout,
-            inner.pool_closed.clone(),
+            self.limit.clone(),
+            self.config.fetch_buffer + 2,
+            self.config.operation_timeout,
+            self.pool_closed.clone(),
             done_tx,
         );
         let loop_task = tokio::spawn(lp.run());
@@ -356,18 +200,6 @@ impl KafkaEventBus {
             loop_task: Some(loop_task),
             thread: Some(thread),
         })
-    }
-
-    /// Join the group now with the topics subscribed so far, even if some declared
-    /// topics (`kafka.topics`) have no handler yet.
-    pub async fn start(&self) -> Result<()> {
-        self.check_open()?;
-        let mut slot = self.inner.consumer.lock().await;
-        if slot.topics.is_empty() {
-            return Ok(());
-        }
-        slot.joined = true;
-        Self::resubscribe(&slot)
     }
 
     /// Send the running consumer a control message; the receiver is told when it
@@ -406,44 +238,10 @@ impl KafkaEventBus {
         Ok(())
     }
 
-    /// Partitions this bus's consumer owns now.
-    pub async fn assignment(&self) -> Result<Vec<(String, i32)>> {
-        let slot = self.inner.consumer.lock().await;
-        let Some(running) = &slot.running else {
-            return Ok(Vec::new());
-        };
-        let tpl = running.consumer.assignment().map_err(|e| {
-            Error::new(ErrorKind::Broker, "cannot read the consumer assignment").with_source(e)
-        })?;
-        let mut out: Vec<(String, i32)> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
-            .collect();
-        out.sort();
-        Ok(out)
-    }
-
-    /// Failed offset commits so far (each is retried by the next commit).
-    pub async fn commit_errors(&self) -> u64 {
-        let slot = self.inner.consumer.lock().await;
-        slot.running
-            .as_ref()
-            .map_or(0, |r| r.shared.commit_errors.load(Ordering::Relaxed))
-    }
-
-    /// Lag of every owned partition: high watermark minus committed offset, asked
-    /// from the brokers. Also exported as the `kafka_eventbus_partition_lag` gauge.
-    pub async fn lag(&self) -> Result<Vec<PartitionLag>> {
-        self.inner.lag().await
-    }
-
     async fn admin(&self) -> Result<Arc<AdminClient<TracingContext>>> {
-        self.inner
-            .admin
+        self.admin
             .get_or_try_init(|| async {
-                self.inner
-                    .config
+                self.config
                     .admin_config()
                     .create_with_context(TracingContext::new("admin"))
                     .map(Arc::new)
@@ -457,7 +255,8 @@ impl KafkaEventBus {
             .cloned()
     }
 
-    async fn do_configure_topic(&self, topic: &str, config: TopicConfig) -> Result<()> {
+    /// Create `topic` with `config`, or check the one that exists.
+    async fn configure_topic(&self, topic: &str, config: TopicConfig) -> Result<()> {
         eventbus_core::validate_topic(topic)?;
         if !config.persistent {
             return Err(Error::new(
@@ -468,7 +267,7 @@ impl KafkaEventBus {
             ));
         }
         let admin = self.admin().await?;
-        let timeout = self.inner.config.operation_timeout;
+        let timeout = self.config.operation_timeout;
         let existing = {
             let admin = admin.clone();
             let name = topic.to_owned();
@@ -524,104 +323,294 @@ impl KafkaEventBus {
         tracing::info!(topic, partitions, replicas, "topic created");
         Ok(())
     }
+}
 
-    async fn do_subscribe(&self, subscription: Subscription) -> Result<()> {
-        self.check_open()?;
-        let prepared = self.inner.dispatcher.prepare(subscription)?;
-        let topic = prepared.topic().to_owned();
-        let mut slot = self.inner.consumer.lock().await;
-        self.check_open()?;
-        if slot.topics.contains(&topic) {
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                format!("topic `{topic}` is already subscribed on this bus"),
-            ));
+impl BusBackend for Backend {
+    /// Topics share the one consumer: the table's entry is a marker.
+    type Consumer = ();
+    const NAME: &'static str = "kafka";
+
+    fn start(&self, prepared: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {
+        async move {
+            let topic = prepared.topic().to_owned();
+            let mut slot = self.consumer.lock().await;
+            if slot.running.is_none() {
+                slot.running = Some(self.start_consumer()?);
+            }
+            Self::send_control(&slot, |tx| Control::Subscribe(prepared, tx))
+                .await?
+                .await
+                .map_err(gone)?;
+            slot.topics.insert(topic.clone());
+            let declared = &self.config.topics;
+            if slot.joined || declared.iter().all(|t| slot.topics.contains(t)) {
+                slot.joined = true;
+                Self::resubscribe(&slot)?;
+            } else {
+                tracing::info!(%topic, "subscribed; joining the group once every declared topic has a handler");
+            }
+            Ok(())
         }
-        if slot.running.is_none() {
-            slot.running = Some(self.start_consumer()?);
-        }
-        Self::send_control(&slot, |tx| Control::Subscribe(prepared, tx))
-            .await?
-            .await
-            .map_err(gone)?;
-        slot.topics.insert(topic.clone());
-        let declared = &self.inner.config.topics;
-        if slot.joined || declared.iter().all(|t| slot.topics.contains(t)) {
-            slot.joined = true;
-            Self::resubscribe(&slot)?;
-        } else {
-            tracing::info!(%topic, "subscribed; joining the group once every declared topic has a handler");
-        }
-        Ok(())
+        .boxed()
     }
 
-    async fn do_unsubscribe(&self, topic: &str) -> Result<()> {
-        let mut slot = self.inner.consumer.lock().await;
-        if !slot.topics.remove(topic) {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("topic `{topic}` is not subscribed on this bus"),
-            ));
+    /// Stop handling `topic` once its partitions are revoked: the dispatch loop
+    /// hands their work over (drain, fence, wait, store the watermark) first.
+    fn stop(&self, topic: &Arc<str>, _: Arc<()>) -> BoxFuture<'static, Result<()>> {
+        let slot = self.consumer.clone();
+        let topic = topic.to_string();
+        async move {
+            let released = {
+                let mut slot = slot.lock().await;
+                slot.topics.remove(&topic);
+                let rx = Self::send_control(&slot, |tx| Control::Unsubscribe(topic, tx)).await?;
+                if slot.joined {
+                    Self::resubscribe(&slot)?;
+                }
+                rx
+            };
+            let _ = released.await;
+            Ok(())
         }
-        let rx = Self::send_control(&slot, |tx| Control::Unsubscribe(topic.to_owned(), tx)).await?;
-        if slot.joined {
-            Self::resubscribe(&slot)?;
-        }
-        drop(slot);
-        let bound =
-            self.inner.bus_config.consumer.drain_timeout * 2 + self.inner.config.operation_timeout;
-        match tokio::time::timeout(bound, rx).await {
-            Ok(_) => Ok(()),
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!("unsubscribe of topic `{topic}`: its partitions were not released within {bound:?}"),
-            )),
-        }
+        .boxed()
     }
 
-    async fn do_close(&self) -> Result<()> {
-        if self.inner.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let running = self.inner.consumer.lock().await.running.take();
-        if let Some(mut r) = running {
-            r.fetch_stop.store(true, Ordering::Release);
-            r.stop.cancel();
-            if let Some(task) = r.loop_task.take() {
-                if let Err(e) = task.await {
-                    tracing::error!(error = %e, "kafka dispatch loop failed");
+    /// Close the consumer: the dispatch loop drains, fences, waits and commits
+    /// every partition (see `consumer.rs`), then the fetching thread leaves the
+    /// group.
+    fn stop_all(&self, _: Vec<(Arc<str>, Arc<()>)>) -> BoxFuture<'_, ()> {
+        async move {
+            let running = self.consumer.lock().await.running.take();
+            if let Some(mut r) = running {
+                r.fetch_stop.store(true, Ordering::Release);
+                r.stop.cancel();
+                if let Some(task) = r.loop_task.take() {
+                    if let Err(e) = task.await {
+                        tracing::error!(error = %e, "kafka dispatch loop failed");
+                    }
+                }
+                let thread = r.thread.take();
+                drop(r);
+                if let Some(t) = thread {
+                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
                 }
             }
-            let thread = r.thread.take();
-            drop(r);
-            if let Some(t) = thread {
-                let _ = tokio::task::spawn_blocking(move || t.join()).await;
-            }
         }
-        self.inner
-            .pool
-            .close(self.inner.bus_config.consumer.drain_timeout)
-            .await;
-        let producer = self.inner.producer.clone();
-        let timeout = self.inner.config.operation_timeout;
-        tokio::task::spawn_blocking(move || producer.flush_blocking(timeout))
-            .await
-            .map_err(|e| {
-                Error::new(ErrorKind::Unavailable, "flush task failed").with_source(e)
-            })??;
-        self.inner.dispatcher.stop_monitor().await;
-        tracing::info!("kafka event bus closed");
-        Ok(())
+        .boxed()
     }
 
-    async fn do_health(&self) -> HealthReport {
-        self.inner.health().await
+    /// A partition release needs a rebalance: twice the drain timeout plus a
+    /// broker round trip.
+    fn unsubscribe_timeout(&self) -> Option<Duration> {
+        Some(self.dispatcher.config().consumer.drain_timeout * 2 + self.config.operation_timeout)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        let producer = self.producer.clone();
+        let timeout = self.config.operation_timeout;
+        async move {
+            tokio::task::spawn_blocking(move || producer.flush_blocking(timeout))
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Unavailable, "flush task failed").with_source(e)
+                })?
+        }
+        .boxed()
+    }
+
+    fn health<'a>(&'a self, _: &'a Consumers<()>) -> BoxFuture<'a, Vec<ComponentHealth>> {
+        async move {
+            let mut components = Vec::new();
+            let producer = self.producer.clone();
+            let timeout = self.config.operation_timeout.min(Duration::from_secs(5));
+            let ping = tokio::task::spawn_blocking(move || producer.ping_blocking(timeout)).await;
+            components.push(match ping {
+                Ok(Ok(n)) if n > 0 => ComponentHealth::healthy("broker"),
+                Ok(Ok(_)) => ComponentHealth::with_status(
+                    "broker",
+                    HealthStatus::Unhealthy,
+                    "no broker known",
+                ),
+                Ok(Err(e)) => {
+                    ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
+                }
+                Err(e) => {
+                    ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
+                }
+            });
+            components.push(if self.pool_closed.load(Ordering::Acquire) {
+                ComponentHealth::with_status(
+                    "consumer",
+                    HealthStatus::Unhealthy,
+                    "the pool refuses work; consumption halted",
+                )
+            } else {
+                ComponentHealth::healthy("consumer")
+            });
+            match self.partition_lag().await {
+                Ok(lags) if !lags.is_empty() => {
+                    let total: i64 = lags.iter().map(|l| l.lag).sum();
+                    components.push(ComponentHealth::with_status(
+                        "consumer.lag",
+                        HealthStatus::Healthy,
+                        format!("total lag {total} over {} partition(s)", lags.len()),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => components.push(ComponentHealth::with_status(
+                    "consumer.lag",
+                    HealthStatus::Degraded,
+                    e.to_string(),
+                )),
+            }
+            components
+        }
+        .boxed()
+    }
+
+    fn lag<'a>(&'a self, _: &'a Consumers<()>) -> BoxFuture<'a, Vec<CorePartitionLag>> {
+        async move {
+            match self.partition_lag().await {
+                Ok(lags) => lags
+                    .into_iter()
+                    .map(|l| {
+                        CorePartitionLag::new(l.topic, l.partition, l.lag.max(0) as u64)
+                            .committed(l.committed)
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "lag check failed");
+                    Vec::new()
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+/// The Kafka backend: one producer, and one consumer (one group member) for every
+/// subscribed topic. See the crate docs.
+#[derive(Clone)]
+pub struct KafkaEventBus {
+    inner: Arc<Lifecycle<Backend>>,
+}
+
+impl fmt::Debug for KafkaEventBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaEventBus")
+            .field("config", &self.kafka().config)
+            .field(
+                "group_id",
+                &self.inner.dispatcher().config().consumer.group_id,
+            )
+            .field("pool", self.inner.dispatcher().pool())
+            .field("closed", &self.inner.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaEventBus {
+    /// A bus on the brokers of `config`, handling messages on `pool`, with group id,
+    /// in-flight bounds, commit interval, drain timeout, dead letters and delivery
+    /// policy from `bus_config`. Connects lazily; the consumer is created by the
+    /// first subscription.
+    pub fn new(
+        config: KafkaConfig,
+        bus_config: EventBusConfig,
+        pool: Arc<dyn Pool>,
+    ) -> Result<Self> {
+        config.validate()?;
+        bus_config.validate()?;
+        check_handover_bound(&config, &bus_config)?;
+        let producer = Arc::new(KafkaProducer::new(&config)?);
+        let sink = Arc::new(KafkaDeadLetterSink::new(producer.clone()));
+        let limit = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
+        tracing::info!(pool = pool.kind(), group_id = %bus_config.consumer.group_id,
+            brokers = %config.brokers, "kafka event bus created");
+        let dispatcher = Dispatcher::new("kafka", pool, Some(sink), bus_config);
+        let backend = Backend {
+            config,
+            dispatcher: dispatcher.clone(),
+            producer,
+            consumer: Arc::new(Mutex::new(ConsumerSlot::default())),
+            pool_closed: Arc::new(AtomicBool::new(false)),
+            limit,
+            admin: OnceCell::new(),
+        };
+        Ok(Self {
+            inner: Lifecycle::new(backend, dispatcher),
+        })
+    }
+
+    fn kafka(&self) -> &Backend {
+        self.inner.backend()
+    }
+
+    /// The producer, for batched publishing ([`KafkaProducer::enqueue`],
+    /// [`KafkaProducer::publish_batch`]).
+    pub fn producer(&self) -> &Arc<KafkaProducer> {
+        &self.kafka().producer
+    }
+
+    /// The pipeline (counters: handled, dead-lettered, stuck keys, ...).
+    pub fn dispatcher(&self) -> &Dispatcher {
+        self.inner.dispatcher()
+    }
+
+    /// Put a record in the producer queue and return its delivery, to await later.
+    pub async fn publish_async(&self, topic: &str, record: &Record) -> Result<Delivery> {
+        self.inner.check_open()?;
+        self.kafka().producer.enqueue(topic, record).await
+    }
+
+    /// Join the group now with the topics subscribed so far, even if some declared
+    /// topics (`kafka.topics`) have no handler yet.
+    pub async fn start(&self) -> Result<()> {
+        self.inner.check_open()?;
+        let mut slot = self.kafka().consumer.lock().await;
+        if slot.topics.is_empty() {
+            return Ok(());
+        }
+        slot.joined = true;
+        Backend::resubscribe(&slot)
+    }
+
+    /// Partitions this bus's consumer owns now.
+    pub async fn assignment(&self) -> Result<Vec<(String, i32)>> {
+        let slot = self.kafka().consumer.lock().await;
+        let Some(running) = &slot.running else {
+            return Ok(Vec::new());
+        };
+        let tpl = running.consumer.assignment().map_err(|e| {
+            Error::new(ErrorKind::Broker, "cannot read the consumer assignment").with_source(e)
+        })?;
+        let mut out: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Failed offset commits so far (each is retried by the next commit).
+    pub async fn commit_errors(&self) -> u64 {
+        let slot = self.kafka().consumer.lock().await;
+        slot.running
+            .as_ref()
+            .map_or(0, |r| r.shared.commit_errors.load(Ordering::Relaxed))
+    }
+
+    /// Lag of every owned partition: high watermark minus committed offset, asked
+    /// from the brokers. Also exported as the `kafka_eventbus_partition_lag` gauge.
+    pub async fn lag(&self) -> Result<Vec<PartitionLag>> {
+        self.kafka().partition_lag().await
     }
 }
 
 impl EventBus for KafkaEventBus {
     fn backend(&self) -> &'static str {
-        "kafka"
+        Backend::NAME
     }
 
     fn publish<'a>(
@@ -630,24 +619,22 @@ impl EventBus for KafkaEventBus {
         record: Record,
     ) -> BoxFuture<'a, Result<PublishReceipt>> {
         self.inner
-            .publish_metrics
-            .observe(topic, async move {
-                self.check_open()?;
-                self.inner.producer.publish(topic, &record).await
+            .publish(topic, async move {
+                self.kafka().producer.publish(topic, &record).await
             })
             .boxed()
     }
 
     fn aggregate_id_header(&self) -> &str {
-        &self.inner.bus_config.aggregate_id.header
+        &self.inner.dispatcher().config().aggregate_id.header
     }
 
     fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>> {
-        self.do_subscribe(subscription).boxed()
+        self.inner.subscribe(subscription).boxed()
     }
 
     fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
-        self.do_unsubscribe(topic).boxed()
+        self.inner.unsubscribe(topic).boxed()
     }
 
     fn configure_topic<'a>(
@@ -655,19 +642,19 @@ impl EventBus for KafkaEventBus {
         topic: &'a str,
         config: TopicConfig,
     ) -> BoxFuture<'a, Result<()>> {
-        self.do_configure_topic(topic, config).boxed()
+        self.kafka().configure_topic(topic, config).boxed()
     }
 
     fn health(&self) -> BoxFuture<'_, HealthReport> {
-        self.do_health().boxed()
+        self.inner.health().boxed()
     }
 
     fn recovery(&self) -> Arc<Recovery> {
-        self.inner.dispatcher.recovery().clone()
+        self.inner.dispatcher().recovery().clone()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
-        self.do_close().boxed()
+        self.inner.close().boxed()
     }
 }
 

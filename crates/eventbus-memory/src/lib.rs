@@ -2,6 +2,7 @@
 
 mod broker;
 mod bus;
+mod consumer;
 
 pub use broker::{BrokerConfig, MemoryBroker};
 pub use bus::MemoryEventBus;

@@ -4,18 +4,17 @@ use async_nats::jetstream::{self, consumer};
 use async_nats::{ConnectOptions, Event as ClientEvent};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use tokio::sync::{watch, Mutex, Semaphore};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use eventbus_core::{
-    CancellationToken, ComponentHealth, DispatchStats, Dispatcher, Error, ErrorKind, EventBus,
-    EventBusConfig, HealthReport, HealthStatus, OffsetReset, PartitionLag as CorePartitionLag,
-    Pool, Probe, PublishMetrics, PublishReceipt, Record, Recovery, Result, Subscription,
-    TopicConfig,
+    BusBackend, CancellationToken, ComponentHealth, Consumers, DispatchStats, Dispatcher, Error,
+    ErrorKind, EventBus, EventBusConfig, HealthReport, HealthStatus, Lifecycle, OffsetReset,
+    PartitionLag as CorePartitionLag, Pool, PreparedSubscription, PublishReceipt, Record, Recovery,
+    Result, Subscription, TopicConfig,
 };
 
 use crate::config::{NatsAuth, NatsConfig, Retention};
@@ -36,30 +35,53 @@ pub struct ConsumerPending {
     pub redelivered: u64,
 }
 
-struct Handle {
+/// The consume loop of one topic.
+struct Consumer {
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: Mutex<Option<JoinHandle<()>>>,
     state: Arc<ConsumerState>,
 }
 
-struct Inner {
+/// The broker side of a [`NatsEventBus`].
+struct Backend {
     shared: Arc<Shared>,
-    bus_config: EventBusConfig,
     dispatcher: Dispatcher,
-    consumers: Mutex<HashMap<String, Handle>>,
     total: Arc<Semaphore>,
     reconnects: watch::Receiver<u64>,
-    closed: AtomicBool,
-    publish_metrics: PublishMetrics,
 }
 
-impl Inner {
+impl Backend {
+    fn config(&self) -> &EventBusConfig {
+        self.dispatcher.config()
+    }
+
+    fn durable_name(&self, topic: &str) -> String {
+        naming::durable_name(&self.config().consumer.group_id, topic)
+    }
+
+    /// `max_ack_pending` of the durable consumers: see [`NatsEventBus::max_ack_pending`].
+    fn max_ack_pending(&self) -> usize {
+        let stats = self.dispatcher.pool().stats();
+        let capacity = stats.workers.saturating_mul(stats.queue_capacity);
+        let bound = self.config().consumer.max_in_flight_per_partition;
+        if capacity == 0 {
+            bound
+        } else {
+            bound.min(capacity)
+        }
+        .max(1)
+    }
+
     /// Messages the server still holds for this bus's consumer of `topic`, asked of
-    /// the server now.
-    async fn consumer_pending(&self, topic: &str) -> Result<ConsumerPending> {
+    /// the server now; recorded in `state`.
+    async fn consumer_pending(
+        &self,
+        topic: &str,
+        state: Option<&ConsumerState>,
+    ) -> Result<ConsumerPending> {
         let shared = &self.shared;
         let stream = shared.stream_name(topic);
-        let durable = naming::durable_name(&self.bus_config.consumer.group_id, topic);
+        let durable = self.durable_name(topic);
         let info = bounded(
             shared.config.request_timeout,
             || format!("consumer info of `{durable}`"),
@@ -82,32 +104,175 @@ impl Inner {
             ack_pending: info.num_ack_pending as u64,
             redelivered: info.num_redelivered as u64,
         };
-        if let Some(h) = self.consumers.lock().await.get(topic) {
-            h.state.set_pending(pending.pending);
+        if let Some(state) = state {
+            state.set_pending(pending.pending);
         }
         Ok(pending)
     }
+}
 
-    async fn health(&self) -> HealthReport {
-        let inner = self;
-        let mut components = Vec::new();
-        components.push(match inner.shared.client.connection_state() {
+impl BusBackend for Backend {
+    type Consumer = Consumer;
+    const NAME: &'static str = "nats";
+
+    fn start(&self, prepared: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<Consumer>> {
+        async move {
+            let topic = prepared.topic().to_owned();
+            naming::validate_nats_topic(&topic)?;
+            let shared = self.shared.clone();
+            let stop = CancellationToken::new();
+            let cfg = &self.config().consumer;
+            let max_in_flight = self.max_ack_pending();
+            let persistent = shared.settings(&topic).config.persistent;
+            let consumer = if persistent {
+                if let Some(dlq) = prepared.dead_letter_topic() {
+                    naming::validate_nats_topic(dlq)?;
+                    shared.ensure_stream(dlq).await?;
+                }
+                let durable = self.durable_name(&topic);
+                let reset = cfg.auto_offset_reset;
+                let consumer = open_consumer(
+                    shared.clone(),
+                    topic.clone(),
+                    durable.clone(),
+                    max_in_flight,
+                    reset,
+                    None,
+                )
+                .await?;
+                let leases = shared.leases().await?;
+                let lease_key = naming::lease_key(&shared.stream_name(&topic), &durable);
+                let state = Arc::new(ConsumerState::new(&topic));
+                let recreate: Recreate = {
+                    let shared = shared.clone();
+                    let topic = topic.clone();
+                    Arc::new(move |start| {
+                        let shared = shared.clone();
+                        let topic = topic.clone();
+                        let durable = durable.clone();
+                        async move {
+                            shared.streams.forget(&shared.stream_name(&topic));
+                            open_consumer(shared, topic, durable, max_in_flight, reset, start).await
+                        }
+                        .boxed()
+                    })
+                };
+                let run = JsLoop {
+                    shared: shared.clone(),
+                    dispatcher: self.dispatcher.clone(),
+                    prepared,
+                    consumer,
+                    closing: stop.clone(),
+                    stop: stop.child_token(),
+                    leases,
+                    lease_key,
+                    total: self.total.clone(),
+                    max_in_flight,
+                    state: state.clone(),
+                    drain_timeout: cfg.drain_timeout,
+                    handover_timeout: cfg.handover_timeout,
+                    reconnects: self.reconnects.clone(),
+                    recreate,
+                };
+                tracing::info!(topic = %topic, stream = %shared.stream_name(&topic),
+                    durable = %self.durable_name(&topic), max_ack_pending = max_in_flight,
+                    "JetStream subscription started");
+                Consumer {
+                    stop,
+                    task: Mutex::new(Some(tokio::spawn(run.run()))),
+                    state,
+                }
+            } else {
+                let subject = shared.subject(&topic);
+                let subscriber = shared
+                    .client
+                    .queue_subscribe(subject.clone(), cfg.group_id.clone())
+                    .await
+                    .map_err(|e| {
+                        broker(format!("cannot subscribe to core NATS topic `{topic}`"), e)
+                    })?;
+                // Make sure the server has the subscription before returning.
+                bounded(
+                    shared.config.request_timeout,
+                    || format!("subscription to `{subject}`"),
+                    async {
+                        shared.client.flush().await.map_err(|e| {
+                            broker(format!("cannot flush subscription to `{subject}`"), e)
+                        })
+                    },
+                )
+                .await?;
+                let state = Arc::new(ConsumerState::new(&topic));
+                let run = CoreLoop {
+                    dispatcher: self.dispatcher.clone(),
+                    prepared,
+                    subscriber,
+                    stop: stop.clone(),
+                    total: self.total.clone(),
+                    max_in_flight,
+                    state: state.clone(),
+                    drain_timeout: cfg.drain_timeout,
+                };
+                tracing::info!(topic = %topic, subject = %subject,
+                    "core NATS subscription started (at-most-once)");
+                Consumer {
+                    stop,
+                    task: Mutex::new(Some(tokio::spawn(run.run()))),
+                    state,
+                }
+            };
+            Ok(consumer)
+        }
+        .boxed()
+    }
+
+    fn stop(&self, _: &Arc<str>, consumer: Arc<Consumer>) -> BoxFuture<'static, Result<()>> {
+        consumer.stop.cancel();
+        let task = consumer
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        async move {
+            if let Some(task) = task {
+                if let Err(e) = task.await {
+                    tracing::error!(topic = %consumer.state.topic, error = %e,
+                        "consume loop ended abnormally");
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        async move {
+            let shared = &self.shared;
+            let flushed =
+                tokio::time::timeout(shared.config.request_timeout, shared.client.flush()).await;
+            if !matches!(flushed, Ok(Ok(()))) {
+                tracing::warn!(
+                    "could not flush the last acks before close; those messages will be redelivered"
+                );
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn health<'a>(
+        &'a self,
+        consumers: &'a Consumers<Consumer>,
+    ) -> BoxFuture<'a, Vec<ComponentHealth>> {
+        let mut components = vec![match self.shared.client.connection_state() {
             async_nats::connection::State::Connected => ComponentHealth::healthy("broker"),
             state => ComponentHealth::with_status(
                 "broker",
                 HealthStatus::Unhealthy,
                 format!("NATS connection is {state:?}; reconnecting"),
             ),
-        });
-        if inner.closed.load(Ordering::Acquire) {
-            components.push(ComponentHealth::with_status(
-                "bus",
-                HealthStatus::Unhealthy,
-                "closed",
-            ));
-        }
-        components.extend(inner.dispatcher.health_components());
-        for (topic, h) in inner.consumers.lock().await.iter() {
+        }];
+        for (topic, h) in consumers {
             let name = format!("consumer.{topic}");
             let error = h
                 .state
@@ -146,39 +311,32 @@ impl Inner {
                 None => ComponentHealth::healthy(name),
             });
         }
-        HealthReport::from_components(components)
+        async move { components }.boxed()
     }
 
     /// Pending plus unacknowledged messages of every JetStream subscription.
-    async fn lag(&self) -> Vec<CorePartitionLag> {
-        let topics: Vec<(String, usize)> = {
-            let consumers = self.consumers.lock().await;
-            consumers
-                .iter()
-                .filter(|(t, _)| self.shared.settings(t).config.persistent)
-                .map(|(t, h)| (t.clone(), h.state.in_flight.load(Ordering::Relaxed)))
-                .collect()
-        };
-        let mut out = Vec::with_capacity(topics.len());
-        for (topic, in_flight) in topics {
-            match self.consumer_pending(&topic).await {
-                Ok(p) => out.push(
-                    CorePartitionLag::new(topic, 0, p.pending.saturating_add(p.ack_pending))
-                        .in_flight(in_flight),
-                ),
-                Err(e) => tracing::warn!(%topic, error = %e, "lag check failed"),
+    fn lag<'a>(
+        &'a self,
+        consumers: &'a Consumers<Consumer>,
+    ) -> BoxFuture<'a, Vec<CorePartitionLag>> {
+        async move {
+            let mut out = Vec::with_capacity(consumers.len());
+            for (topic, h) in consumers {
+                if !self.shared.settings(topic).config.persistent {
+                    continue;
+                }
+                let in_flight = h.state.in_flight.load(Ordering::Relaxed);
+                match self.consumer_pending(topic, Some(&h.state)).await {
+                    Ok(p) => out.push(
+                        CorePartitionLag::new(&**topic, 0, p.pending.saturating_add(p.ack_pending))
+                            .in_flight(in_flight),
+                    ),
+                    Err(e) => tracing::warn!(%topic, error = %e, "lag check failed"),
+                }
             }
+            out
         }
-        out
-    }
-}
-
-impl Probe for Inner {
-    fn lag(&self) -> BoxFuture<'_, Vec<CorePartitionLag>> {
-        Inner::lag(self).boxed()
-    }
-    fn health(&self) -> BoxFuture<'_, HealthReport> {
-        Inner::health(self).boxed()
+        .boxed()
     }
 }
 
@@ -188,15 +346,15 @@ impl Probe for Inner {
 /// Cheap to clone; clones share the connection and the consumers.
 #[derive(Clone)]
 pub struct NatsEventBus {
-    inner: Arc<Inner>,
+    inner: Arc<Lifecycle<Backend>>,
 }
 
 impl fmt::Debug for NatsEventBus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsEventBus")
-            .field("urls", &self.inner.shared.config.urls)
-            .field("group", &self.inner.bus_config.consumer.group_id)
-            .field("dispatcher", &self.inner.dispatcher)
+            .field("urls", &self.nats().shared.config.urls)
+            .field("group", &self.nats().config().consumer.group_id)
+            .field("dispatcher", self.inner.dispatcher())
             .finish_non_exhaustive()
     }
 }
@@ -292,70 +450,63 @@ impl NatsEventBus {
             .build(client.clone());
         let shared = Arc::new(Shared::new(client, js, config));
         let sink = Arc::new(NatsDeadLetterSink(shared.clone()));
-        let dispatcher = Dispatcher::new("nats", pool, Some(sink), bus_config.clone());
         let total = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
-        let inner = Arc::new(Inner {
+        let dispatcher = Dispatcher::new("nats", pool, Some(sink), bus_config);
+        let backend = Backend {
             shared,
-            bus_config,
-            dispatcher,
-            consumers: Mutex::new(HashMap::new()),
+            dispatcher: dispatcher.clone(),
             total,
             reconnects,
-            closed: AtomicBool::new(false),
-            publish_metrics: PublishMetrics::new("nats"),
-        });
-        inner.dispatcher.start_monitor(Arc::downgrade(&inner));
-        Ok(Self { inner })
+        };
+        Ok(Self {
+            inner: Lifecycle::new(backend, dispatcher),
+        })
+    }
+
+    fn nats(&self) -> &Backend {
+        self.inner.backend()
     }
 
     /// The NATS client.
     pub fn client(&self) -> &async_nats::Client {
-        &self.inner.shared.client
+        &self.nats().shared.client
     }
 
     /// The JetStream context.
     pub fn jetstream(&self) -> &jetstream::Context {
-        &self.inner.shared.js
+        &self.nats().shared.js
     }
 
     /// The subject of `topic` (subject prefix applied).
     pub fn subject(&self, topic: &str) -> String {
-        self.inner.shared.subject(topic)
+        self.nats().shared.subject(topic)
     }
 
     /// The stream of `topic`.
     pub fn stream_name(&self, topic: &str) -> String {
-        self.inner.shared.stream_name(topic)
+        self.nats().shared.stream_name(topic)
     }
 
     /// The durable consumer of this bus's group on `topic`.
     pub fn durable_name(&self, topic: &str) -> String {
-        naming::durable_name(&self.inner.bus_config.consumer.group_id, topic)
+        self.nats().durable_name(topic)
     }
 
     /// Stream-create requests this bus has sent (each stream is created at most once
     /// per bus, however many tasks publish to its new topic at the same moment).
     pub fn stream_creations(&self) -> u64 {
-        self.inner.shared.streams.creations()
+        self.nats().shared.streams.creations()
     }
 
     /// Counters of the delivery pipeline.
     pub fn stats(&self) -> DispatchStats {
-        self.inner.dispatcher.stats()
+        self.inner.dispatcher().stats()
     }
 
     /// `max_ack_pending` of the durable consumers, tied to the pool's capacity:
     /// the smaller of the per-consumer in-flight bound and workers × queue capacity.
     pub fn max_ack_pending(&self) -> usize {
-        let stats = self.inner.dispatcher.pool().stats();
-        let capacity = stats.workers.saturating_mul(stats.queue_capacity);
-        let bound = self.inner.bus_config.consumer.max_in_flight_per_partition;
-        if capacity == 0 {
-            bound
-        } else {
-            bound.min(capacity)
-        }
-        .max(1)
+        self.nats().max_ack_pending()
     }
 
     /// Publish and wait for the server's ack, with a message id for the stream's
@@ -367,8 +518,11 @@ impl NatsEventBus {
         record: Record,
         msg_id: &str,
     ) -> Result<PublishReceipt> {
-        self.check_open()?;
-        self.inner.shared.publish(topic, record, Some(msg_id)).await
+        self.inner.check_open()?;
+        self.nats()
+            .shared
+            .publish(topic, record, Some(msg_id))
+            .await
     }
 
     /// Publish many records at once: all are sent before any ack is awaited, then
@@ -379,8 +533,8 @@ impl NatsEventBus {
         topic: &str,
         records: Vec<Record>,
     ) -> Result<Vec<PublishReceipt>> {
-        self.check_open()?;
-        self.inner.shared.publish_batch(topic, records).await
+        self.inner.check_open()?;
+        self.nats().shared.publish_batch(topic, records).await
     }
 
     /// Create or check `topic`'s stream with these settings and retention.
@@ -390,11 +544,11 @@ impl NatsEventBus {
         config: TopicConfig,
         retention: Retention,
     ) -> Result<()> {
-        self.check_open()?;
+        self.inner.check_open()?;
         naming::validate_nats_topic(topic)?;
         validate_topic_config(topic, &config)?;
         let persistent = config.persistent;
-        self.inner.shared.set_settings(
+        self.nats().shared.set_settings(
             topic,
             TopicSettings {
                 config,
@@ -403,8 +557,8 @@ impl NatsEventBus {
             },
         );
         if persistent {
-            let spec = self.inner.shared.spec(topic);
-            self.inner.shared.streams.ensure_fresh(&spec).await?;
+            let spec = self.nats().shared.spec(topic);
+            self.nats().shared.streams.ensure_fresh(&spec).await?;
         }
         Ok(())
     }
@@ -412,354 +566,182 @@ impl NatsEventBus {
     /// Messages the server still holds for this bus's consumer of `topic`, asked of
     /// the server now.
     pub async fn consumer_pending(&self, topic: &str) -> Result<ConsumerPending> {
-        self.inner.consumer_pending(topic).await
+        let consumer = self.inner.consumer(topic);
+        self.nats()
+            .consumer_pending(topic, consumer.as_deref().map(|c| &*c.state))
+            .await
     }
 
     /// The last known pending count of every subscribed topic (updated with each
     /// delivery and by [`NatsEventBus::consumer_pending`]); also exported as the
     /// `nats_eventbus_consumer_pending` gauge.
     pub async fn pending(&self) -> Vec<(String, u64)> {
-        let consumers = self.inner.consumers.lock().await;
-        let mut v: Vec<_> = consumers
+        self.inner
+            .consumers()
             .iter()
-            .map(|(t, h)| (t.clone(), h.state.pending.load(Ordering::Relaxed)))
-            .collect();
-        v.sort();
-        v
+            .map(|(t, h)| (t.to_string(), h.state.pending.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Whether this bus consumes `topic` now: `false` while another member of the
     /// group holds the consumer's lease (this one stands by), or when `topic` is
     /// not subscribed. Core NATS topics are always consumed.
     pub async fn is_consuming(&self, topic: &str) -> bool {
-        let consumers = self.inner.consumers.lock().await;
-        consumers.get(topic).is_some_and(|h| {
-            !self.inner.shared.settings(topic).config.persistent
+        self.inner.consumer(topic).is_some_and(|h| {
+            !self.nats().shared.settings(topic).config.persistent
                 || h.state.active.load(Ordering::Relaxed)
         })
     }
 
     /// This bus's name in consumer leases.
     pub async fn member_name(&self) -> Result<String> {
-        Ok(self.inner.shared.leases().await?.member().to_owned())
+        Ok(self.nats().shared.leases().await?.member().to_owned())
     }
+}
 
-    fn check_open(&self) -> Result<()> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            Err(Error::closed("the NATS event bus is closed"))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Open the durable consumer `durable` of `topic`, creating it when missing:
-    /// from the start (or the end) of the stream as `reset` says, or from stream
-    /// sequence `start` when given, in which case an existing one is deleted first.
-    /// An existing consumer whose settings differ in what the bus relies on is a
-    /// `Conflict` naming each field; it is never changed.
-    async fn open_consumer(
-        shared: Arc<Shared>,
-        topic: String,
-        durable: String,
-        max_ack_pending: usize,
-        reset: OffsetReset,
-        start: Option<u64>,
-    ) -> Result<consumer::PullConsumer> {
-        let stream_name = shared.stream_name(&topic);
-        shared.ensure_stream(&topic).await?;
-        let timeout = shared.config.request_timeout;
-        let stream = bounded(
-            timeout,
-            || format!("opening stream `{stream_name}`"),
-            async {
-                shared.js.get_stream(&stream_name).await.map_err(|e| {
-                    shared.streams.forget(&stream_name);
-                    broker(
-                        format!("cannot open stream `{stream_name}` of topic `{topic}`"),
-                        e,
-                    )
-                })
-            },
-        )
-        .await?;
-        let config = consumer::pull::Config {
-            durable_name: Some(durable.clone()),
-            description: Some(format!("eventbus consumer of topic {topic}")),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: shared.config.ack_wait,
-            // Retries happen in place in the dispatcher; the server redelivers only
-            // what the bus gave back or lost, and must never give up on it.
-            max_deliver: -1,
-            max_ack_pending: max_ack_pending as i64,
-            deliver_policy: match (start, reset) {
-                (Some(start_sequence), _) => {
-                    consumer::DeliverPolicy::ByStartSequence { start_sequence }
-                }
-                (None, OffsetReset::Earliest) => consumer::DeliverPolicy::All,
-                (None, OffsetReset::Latest) => consumer::DeliverPolicy::New,
-            },
-            ..Default::default()
-        };
-        if start.is_some() {
-            let deleted = bounded(
-                timeout,
-                || format!("deleting consumer `{durable}`"),
-                async {
-                    match stream.delete_consumer(&durable).await {
-                        Ok(_) => Ok(()),
-                        Err(e) if consumer_not_found(&e) => Ok(()),
-                        Err(e) => Err(broker(format!("cannot delete consumer `{durable}`"), e)),
-                    }
-                },
-            );
-            deleted.await?;
-        } else {
-            let existing = bounded(timeout, || format!("opening consumer `{durable}`"), async {
-                Ok(stream
-                    .get_consumer::<consumer::pull::Config>(&durable)
-                    .await
-                    .ok())
+/// Open the durable consumer `durable` of `topic`, creating it when missing:
+/// from the start (or the end) of the stream as `reset` says, or from stream
+/// sequence `start` when given, in which case an existing one is deleted first.
+/// An existing consumer whose settings differ in what the bus relies on is a
+/// `Conflict` naming each field; it is never changed.
+async fn open_consumer(
+    shared: Arc<Shared>,
+    topic: String,
+    durable: String,
+    max_ack_pending: usize,
+    reset: OffsetReset,
+    start: Option<u64>,
+) -> Result<consumer::PullConsumer> {
+    let stream_name = shared.stream_name(&topic);
+    shared.ensure_stream(&topic).await?;
+    let timeout = shared.config.request_timeout;
+    let stream = bounded(
+        timeout,
+        || format!("opening stream `{stream_name}`"),
+        async {
+            shared.js.get_stream(&stream_name).await.map_err(|e| {
+                shared.streams.forget(&stream_name);
+                broker(
+                    format!("cannot open stream `{stream_name}` of topic `{topic}`"),
+                    e,
+                )
             })
-            .await?;
-            if let Some(c) = existing {
-                let have = &c.cached_info().config;
-                if have.max_ack_pending != config.max_ack_pending {
-                    // Members with other pools (a staged rollout) differ here. Each
-                    // asks only for what it has room for, so the server's bound is
-                    // a ceiling, not a promise: use the consumer as it is.
-                    tracing::info!(%durable, server = have.max_ack_pending,
-                        local = config.max_ack_pending,
-                        "durable consumer has another max_ack_pending; the local bound applies");
-                }
-                let diffs: Vec<String> = [
-                    (
-                        "ack_policy",
-                        have.ack_policy != config.ack_policy,
-                        format!("{:?}", have.ack_policy),
-                        format!("{:?}", config.ack_policy),
-                    ),
-                    (
-                        "ack_wait",
-                        have.ack_wait != config.ack_wait,
-                        format!("{:?}", have.ack_wait),
-                        format!("{:?}", config.ack_wait),
-                    ),
-                    (
-                        "max_deliver",
-                        have.max_deliver != config.max_deliver,
-                        have.max_deliver.to_string(),
-                        config.max_deliver.to_string(),
-                    ),
-                    (
-                        "filter_subject",
-                        have.filter_subject != config.filter_subject,
-                        format!("`{}`", have.filter_subject),
-                        "none".to_owned(),
-                    ),
-                ]
-                .into_iter()
-                .filter(|(_, differs, _, _)| *differs)
-                .map(|(field, _, have, want)| format!("{field} is {have}, wanted {want}"))
-                .collect();
-                if diffs.is_empty() {
-                    return Ok(c);
-                }
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!(
-                        "durable consumer `{durable}` on stream `{stream_name}` exists with other \
-                         settings (it is not changed): {}",
-                        diffs.join("; ")
-                    ),
-                ));
+        },
+    )
+    .await?;
+    let config = consumer::pull::Config {
+        durable_name: Some(durable.clone()),
+        description: Some(format!("eventbus consumer of topic {topic}")),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: shared.config.ack_wait,
+        // Retries happen in place in the dispatcher; the server redelivers only
+        // what the bus gave back or lost, and must never give up on it.
+        max_deliver: -1,
+        max_ack_pending: max_ack_pending as i64,
+        deliver_policy: match (start, reset) {
+            (Some(start_sequence), _) => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
             }
-        }
-        bounded(
+            (None, OffsetReset::Earliest) => consumer::DeliverPolicy::All,
+            (None, OffsetReset::Latest) => consumer::DeliverPolicy::New,
+        },
+        ..Default::default()
+    };
+    if start.is_some() {
+        let deleted = bounded(
             timeout,
-            || format!("creating consumer `{durable}`"),
+            || format!("deleting consumer `{durable}`"),
             async {
-                stream.create_consumer(config).await.map_err(|e| {
-                    let text = e.to_string();
-                    let conflict = text.contains("exist")
-                        || text.contains("in use")
-                        || text.contains("update");
-                    Error::new(
-                        if conflict {
-                            ErrorKind::Conflict
-                        } else {
-                            ErrorKind::Broker
-                        },
-                        format!(
-                            "cannot create durable consumer `{durable}` on stream `{stream_name}`"
-                        ),
-                    )
-                    .with_source(e)
-                })
+                match stream.delete_consumer(&durable).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if consumer_not_found(&e) => Ok(()),
+                    Err(e) => Err(broker(format!("cannot delete consumer `{durable}`"), e)),
+                }
             },
-        )
-        .await
-    }
-
-    async fn subscribe_inner(&self, sub: Subscription) -> Result<()> {
-        self.check_open()?;
-        naming::validate_nats_topic(&sub.topic)?;
-        let topic = sub.topic.clone();
-        let inner = &self.inner;
-        let mut consumers = inner.consumers.lock().await;
-        if consumers.contains_key(&topic) {
+        );
+        deleted.await?;
+    } else {
+        let existing = bounded(timeout, || format!("opening consumer `{durable}`"), async {
+            Ok(stream
+                .get_consumer::<consumer::pull::Config>(&durable)
+                .await
+                .ok())
+        })
+        .await?;
+        if let Some(c) = existing {
+            let have = &c.cached_info().config;
+            if have.max_ack_pending != config.max_ack_pending {
+                // Members with other pools (a staged rollout) differ here. Each
+                // asks only for what it has room for, so the server's bound is
+                // a ceiling, not a promise: use the consumer as it is.
+                tracing::info!(%durable, server = have.max_ack_pending,
+                    local = config.max_ack_pending,
+                    "durable consumer has another max_ack_pending; the local bound applies");
+            }
+            let diffs: Vec<String> = [
+                (
+                    "ack_policy",
+                    have.ack_policy != config.ack_policy,
+                    format!("{:?}", have.ack_policy),
+                    format!("{:?}", config.ack_policy),
+                ),
+                (
+                    "ack_wait",
+                    have.ack_wait != config.ack_wait,
+                    format!("{:?}", have.ack_wait),
+                    format!("{:?}", config.ack_wait),
+                ),
+                (
+                    "max_deliver",
+                    have.max_deliver != config.max_deliver,
+                    have.max_deliver.to_string(),
+                    config.max_deliver.to_string(),
+                ),
+                (
+                    "filter_subject",
+                    have.filter_subject != config.filter_subject,
+                    format!("`{}`", have.filter_subject),
+                    "none".to_owned(),
+                ),
+            ]
+            .into_iter()
+            .filter(|(_, differs, _, _)| *differs)
+            .map(|(field, _, have, want)| format!("{field} is {have}, wanted {want}"))
+            .collect();
+            if diffs.is_empty() {
+                return Ok(c);
+            }
             return Err(Error::new(
                 ErrorKind::Conflict,
-                format!("topic `{topic}` is already subscribed on this bus"),
+                format!(
+                    "durable consumer `{durable}` on stream `{stream_name}` exists with other \
+                     settings (it is not changed): {}",
+                    diffs.join("; ")
+                ),
             ));
         }
-        let prepared = inner.dispatcher.prepare(sub)?;
-        let shared = inner.shared.clone();
-        let stop = CancellationToken::new();
-        let cfg = &inner.bus_config.consumer;
-        let max_in_flight = self.max_ack_pending();
-        let persistent = shared.settings(&topic).config.persistent;
-        let handle = if persistent {
-            if let Some(dlq) = prepared.dead_letter_topic() {
-                naming::validate_nats_topic(dlq)?;
-                shared.ensure_stream(dlq).await?;
-            }
-            let durable = self.durable_name(&topic);
-            let reset = cfg.auto_offset_reset;
-            let consumer = Self::open_consumer(
-                shared.clone(),
-                topic.clone(),
-                durable.clone(),
-                max_in_flight,
-                reset,
-                None,
-            )
-            .await?;
-            let leases = shared.leases().await?;
-            let lease_key = naming::lease_key(&shared.stream_name(&topic), &durable);
-            let state = Arc::new(ConsumerState::new(&topic));
-            let recreate: Recreate = {
-                let shared = shared.clone();
-                let topic = topic.clone();
-                Arc::new(move |start| {
-                    let shared = shared.clone();
-                    let topic = topic.clone();
-                    let durable = durable.clone();
-                    async move {
-                        shared.streams.forget(&shared.stream_name(&topic));
-                        Self::open_consumer(shared, topic, durable, max_in_flight, reset, start)
-                            .await
-                    }
-                    .boxed()
-                })
-            };
-            let run = JsLoop {
-                shared: shared.clone(),
-                dispatcher: inner.dispatcher.clone(),
-                prepared,
-                consumer,
-                closing: stop.clone(),
-                stop: stop.child_token(),
-                leases,
-                lease_key,
-                total: inner.total.clone(),
-                max_in_flight,
-                state: state.clone(),
-                drain_timeout: cfg.drain_timeout,
-                handover_timeout: cfg.handover_timeout,
-                reconnects: inner.reconnects.clone(),
-                recreate,
-            };
-            tracing::info!(topic = %topic, stream = %shared.stream_name(&topic),
-                durable = %self.durable_name(&topic), max_ack_pending = max_in_flight,
-                "JetStream subscription started");
-            Handle {
-                stop,
-                task: tokio::spawn(run.run()),
-                state,
-            }
-        } else {
-            let subject = shared.subject(&topic);
-            let subscriber = shared
-                .client
-                .queue_subscribe(subject.clone(), cfg.group_id.clone())
-                .await
-                .map_err(|e| broker(format!("cannot subscribe to core NATS topic `{topic}`"), e))?;
-            // Make sure the server has the subscription before returning.
-            bounded(
-                shared.config.request_timeout,
-                || format!("subscription to `{subject}`"),
-                async {
-                    shared
-                        .client
-                        .flush()
-                        .await
-                        .map_err(|e| broker(format!("cannot flush subscription to `{subject}`"), e))
-                },
-            )
-            .await?;
-            let state = Arc::new(ConsumerState::new(&topic));
-            let run = CoreLoop {
-                dispatcher: inner.dispatcher.clone(),
-                prepared,
-                subscriber,
-                stop: stop.clone(),
-                total: inner.total.clone(),
-                max_in_flight,
-                state: state.clone(),
-                drain_timeout: cfg.drain_timeout,
-            };
-            tracing::info!(topic = %topic, subject = %subject,
-                "core NATS subscription started (at-most-once)");
-            Handle {
-                stop,
-                task: tokio::spawn(run.run()),
-                state,
-            }
-        };
-        consumers.insert(topic, handle);
-        Ok(())
     }
-
-    async fn stop_consumer(handle: Handle) {
-        handle.stop.cancel();
-        if let Err(e) = handle.task.await {
-            tracing::error!(topic = %handle.state.topic, error = %e, "consume loop ended abnormally");
-        }
-    }
-
-    async fn close_inner(&self) -> Result<()> {
-        if self.inner.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let handles: Vec<Handle> = self
-            .inner
-            .consumers
-            .lock()
-            .await
-            .drain()
-            .map(|(_, h)| h)
-            .collect();
-        futures::future::join_all(handles.into_iter().map(Self::stop_consumer)).await;
-        self.inner.dispatcher.abandon_in_flight();
-        // The bus owns its pool, as every backend does: close it so no worker is
-        // left behind.
-        let dispatcher = &self.inner.dispatcher;
-        dispatcher
-            .pool()
-            .close(dispatcher.config().consumer.drain_timeout)
-            .await;
-        let shared = &self.inner.shared;
-        let flushed =
-            tokio::time::timeout(shared.config.request_timeout, shared.client.flush()).await;
-        if !matches!(flushed, Ok(Ok(()))) {
-            tracing::warn!(
-                "could not flush the last acks before close; those messages will be redelivered"
-            );
-        }
-        self.inner.dispatcher.stop_monitor().await;
-        tracing::info!("NATS event bus closed");
-        Ok(())
-    }
+    bounded(
+        timeout,
+        || format!("creating consumer `{durable}`"),
+        async {
+            stream.create_consumer(config).await.map_err(|e| {
+                let text = e.to_string();
+                let conflict =
+                    text.contains("exist") || text.contains("in use") || text.contains("update");
+                Error::new(
+                    if conflict {
+                        ErrorKind::Conflict
+                    } else {
+                        ErrorKind::Broker
+                    },
+                    format!("cannot create durable consumer `{durable}` on stream `{stream_name}`"),
+                )
+                .with_source(e)
+            })
+        },
+    )
+    .await
 }
 
 fn consumer_not_found(e: &async_nats::jetstream::stream::ConsumerError) -> bool {
@@ -769,7 +751,7 @@ fn consumer_not_found(e: &async_nats::jetstream::stream::ConsumerError) -> bool 
 
 impl EventBus for NatsEventBus {
     fn backend(&self) -> &'static str {
-        "nats"
+        Backend::NAME
     }
 
     fn publish<'a>(
@@ -778,37 +760,20 @@ impl EventBus for NatsEventBus {
         record: Record,
     ) -> BoxFuture<'a, Result<PublishReceipt>> {
         self.inner
-            .publish_metrics
-            .observe(topic, async move {
-                self.check_open()?;
-                self.inner.shared.publish(topic, record, None).await
-            })
+            .publish(topic, self.nats().shared.publish(topic, record, None))
             .boxed()
     }
 
     fn aggregate_id_header(&self) -> &str {
-        &self.inner.bus_config.aggregate_id.header
+        &self.nats().config().aggregate_id.header
     }
 
     fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>> {
-        self.subscribe_inner(subscription).boxed()
+        self.inner.subscribe(subscription).boxed()
     }
 
     fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
-        async move {
-            let handle = self.inner.consumers.lock().await.remove(topic);
-            match handle {
-                Some(h) => {
-                    Self::stop_consumer(h).await;
-                    Ok(())
-                }
-                None => Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!("topic `{topic}` is not subscribed on this bus"),
-                )),
-            }
-        }
-        .boxed()
+        self.inner.unsubscribe(topic).boxed()
     }
 
     fn configure_topic<'a>(
@@ -817,7 +782,7 @@ impl EventBus for NatsEventBus {
         config: TopicConfig,
     ) -> BoxFuture<'a, Result<()>> {
         async move {
-            let retention = self.inner.shared.config.retention_of(topic);
+            let retention = self.nats().shared.config.retention_of(topic);
             self.configure_stream(topic, config, retention).await
         }
         .boxed()
@@ -828,10 +793,10 @@ impl EventBus for NatsEventBus {
     }
 
     fn recovery(&self) -> Arc<Recovery> {
-        self.inner.dispatcher.recovery().clone()
+        self.inner.dispatcher().recovery().clone()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
-        self.close_inner().boxed()
+        self.inner.close().boxed()
     }
 }

@@ -1,0 +1,89 @@
+//! A subscribe of a topic whose unsubscribe has not released its partitions yet
+//! waits for the hand-over (or is a `Conflict` naming the topic): the dispatch
+//! loop's state of the old subscription, with its messages in flight, is never
+//! replaced, and the in-flight message reaches the new subscription.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use cluster::{bus_config, random, Cluster, ClusterExt};
+use eventbus_core::{Envelope, Event, EventBus, EventBusExt, HandlerError};
+use eventbus_kafka::KafkaEventBus;
+use eventbus_testkit::factories::keyed_pools;
+use eventbus_testkit::pool_suite::PoolSpec;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribe_while_unsubscribing_waits_for_the_handover() {
+    let cluster = Cluster::mock(1);
+    let topic = random("resubscribe");
+    cluster.create_topic(&topic, 1).await;
+    let mut cfg = bus_config();
+    cfg.consumer.drain_timeout = Duration::from_millis(100);
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).expect("bus");
+
+    // The old subscription's handler holds the message until it is handed over.
+    let (started_tx, started_rx) = oneshot::channel::<()>();
+    let started_tx = Arc::new(Mutex::new(Some(started_tx)));
+    let old_ended = Arc::new(AtomicBool::new(false));
+    let ended = old_ended.clone();
+    bus.subscribe_envelope(&topic, move |e: Event| {
+        let (started_tx, ended) = (started_tx.clone(), ended.clone());
+        async move {
+            if let Some(tx) = started_tx.lock().unwrap().take() {
+                tx.send(()).ok();
+            }
+            e.cancellation().cancelled().await;
+            ended.store(true, Ordering::SeqCst);
+            Err(HandlerError::transient("handed over"))
+        }
+    })
+    .await
+    .expect("subscribe");
+    let envelope = Envelope::new("a", "created", serde_json::json!({"n": 1}));
+    bus.publish_envelope(&topic, &envelope)
+        .await
+        .expect("publish");
+    tokio::time::timeout(WAIT, started_rx)
+        .await
+        .expect("handler started")
+        .expect("sender kept");
+
+    // Start the unsubscribe (its hand-over runs on its own) and subscribe again.
+    let mut unsubscribe = pin!(bus.unsubscribe(&topic));
+    assert!(futures::poll!(&mut unsubscribe).is_pending());
+    let (tx, mut rx) = mpsc::channel::<String>(4);
+    let subscribe_new = |tx: mpsc::Sender<String>| {
+        bus.subscribe_envelope(&topic, move |e: Event| {
+            let tx = tx.clone();
+            async move {
+                tx.send(e.envelope.aggregate_id.clone()).await.ok();
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    // The hand-over ends well within the bound (`drain_timeout` 100 ms, the
+    // handler stops when cancelled; the bound is `drain_timeout +
+    // handover_timeout`, 5.1 s), so the subscribe waits for it and succeeds.
+    tokio::time::timeout(WAIT, subscribe_new(tx))
+        .await
+        .expect("subscribe returns")
+        .expect("subscribe after the hand-over");
+    assert!(
+        old_ended.load(Ordering::SeqCst),
+        "the new subscription started before the old one handed over"
+    );
+    unsubscribe.await.expect("unsubscribe");
+    let got = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("message redelivered to the new subscription");
+    assert_eq!(got.as_deref(), Some("a"));
+    bus.close().await.expect("close");
+}

@@ -1,0 +1,167 @@
+//! The consume loop of one memory subscription: every partition of one topic.
+
+use eventbus_core::{CancellationToken, Dispatcher, InFlightSet, PreparedSubscription, Settled};
+use futures::FutureExt;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::broker::Topic;
+
+const FETCH_BATCH: usize = 256;
+
+/// Messages in flight per partition of one subscription.
+pub(crate) type InFlightCounts = Arc<Vec<AtomicUsize>>;
+
+/// One subscription's consume loop: all partitions of one topic.
+pub(crate) struct ConsumeLoop {
+    pub(crate) topic: Arc<Topic>,
+    pub(crate) group: String,
+    pub(crate) member: u64,
+    pub(crate) positions: Vec<(i64, i64)>,
+    pub(crate) sub: Arc<PreparedSubscription>,
+    pub(crate) dispatcher: Dispatcher,
+    pub(crate) set: InFlightSet<()>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) drain_timeout: std::time::Duration,
+    pub(crate) handover_timeout: std::time::Duration,
+    pub(crate) in_flight: InFlightCounts,
+}
+
+impl ConsumeLoop {
+    pub(crate) async fn run(mut self) {
+        let n = self.topic.partition_count();
+        let mut next: Vec<i64> = self.positions.iter().map(|(start, _)| *start).collect();
+        let redeliver_below: Vec<i64> = self.positions.iter().map(|(_, d)| *d).collect();
+        let mut buffers: Vec<VecDeque<eventbus_core::Message>> =
+            (0..n).map(|_| VecDeque::new()).collect();
+        for p in 0..n {
+            self.set.assign(p as i32);
+        }
+        let mut appended = self.topic.appended();
+        'consume: loop {
+            appended.borrow_and_update();
+            // Submit whatever is ready on partitions with room.
+            let mut submitted_any = true;
+            while submitted_any {
+                submitted_any = false;
+                for p in 0..n {
+                    let partition = p as i32;
+                    if !self.set.has_room(partition) {
+                        continue;
+                    }
+                    if buffers[p].is_empty() {
+                        let (batch, after) =
+                            self.topic
+                                .fetch(partition, next[p], FETCH_BATCH, redeliver_below[p]);
+                        if !batch.is_empty() {
+                            self.topic.mark_delivered(&self.group, partition, after);
+                        }
+                        next[p] = after;
+                        buffers[p].extend(batch);
+                    }
+                    let Some(msg) = buffers[p].pop_front() else {
+                        continue;
+                    };
+                    let permit = tokio::select! {
+                        _ = self.cancel.cancelled() => break 'consume,
+                        p = self.set.reserve() => match p { Ok(p) => p, Err(_) => break 'consume },
+                    };
+                    let ticket = match self.set.begin(partition, msg.offset) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(error = %e, "in-flight tracking refused a message");
+                            break 'consume;
+                        }
+                    };
+                    let epoch = ticket.epoch().clone();
+                    match self
+                        .dispatcher
+                        .submit(&self.sub, msg, (), &epoch, &self.cancel)
+                        .await
+                    {
+                        Ok(inflight) => {
+                            if let Err(e) = self.set.push(ticket, inflight, permit) {
+                                tracing::error!(error = %e, "in-flight tracking refused a message");
+                                break 'consume;
+                            }
+                            self.in_flight[p].fetch_add(1, Ordering::Relaxed);
+                            submitted_any = true;
+                        }
+                        Err(e) => {
+                            self.set.give_up(ticket);
+                            tracing::debug!(error = %e, topic = %self.topic.name(), "consumer stopping");
+                            break 'consume;
+                        }
+                    }
+                    // Settle whatever finished meanwhile, without waiting.
+                    while let Some(Some(s)) = self.set.next().now_or_never() {
+                        self.settle(s);
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                Some(s) = self.set.next(), if !self.set.is_empty() => self.settle(s),
+                _ = appended.changed() => {}
+            }
+        }
+        // Hand over: drain within the bound, committing as work lands; then fence
+        // what is left (no queued job of it starts) and wait, bounded, for its
+        // running handlers before leaving the group.
+        let partitions: Vec<i32> = (0..n as i32).collect();
+        let (topic, group, counts) = (
+            self.topic.clone(),
+            self.group.clone(),
+            self.in_flight.clone(),
+        );
+        let overruns = self
+            .set
+            .hand_over(
+                &partitions,
+                self.drain_timeout,
+                self.handover_timeout,
+                |s| settle(&topic, &group, &counts, s),
+            )
+            .await;
+        let unfinished: usize = partitions.iter().map(|p| self.set.in_flight(*p)).sum();
+        if unfinished > 0 {
+            tracing::warn!(topic = %self.topic.name(), in_flight = unfinished,
+                "drain timeout: unfinished messages fenced and left uncommitted for redelivery");
+        }
+        if !overruns.is_empty() {
+            tracing::warn!(topic = %self.topic.name(), partitions = ?overruns,
+                timeout = ?self.handover_timeout,
+                "hand-over timeout: a handler still runs while its partitions are released");
+            self.dispatcher.count_handover_overrun(self.topic.name());
+        }
+        for p in partitions {
+            self.set.revoke(p);
+        }
+        self.topic.leave(&self.group, self.member);
+    }
+
+    fn settle(&mut self, s: Settled<()>) {
+        settle(&self.topic, &self.group, &self.in_flight, s);
+    }
+}
+
+/// Count a completion out and commit the watermark it moved.
+fn settle(topic: &Topic, group: &str, in_flight: &InFlightCounts, s: Settled<()>) {
+    if let Some(n) = in_flight.get(s.completion.partition as usize) {
+        n.fetch_sub(1, Ordering::Relaxed);
+    }
+    if let Some(w) = s.watermark {
+        topic.commit(group, s.completion.partition, w);
+    }
+}
+
+impl Drop for ConsumeLoop {
+    fn drop(&mut self) {
+        // A consume task that is aborted (its runtime shut down, its process
+        // crashing) leaves the group too, as a dead Kafka member is expelled; else
+        // no new member could ever join. Leaving twice is harmless.
+        self.topic.leave(&self.group, self.member);
+    }
+}

@@ -9,7 +9,7 @@ mod cluster;
 
 use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
 use eventbus_core::{Envelope, Event, EventBus, EventBusExt, HandlerError};
-use eventbus_kafka::KafkaEventBus;
+use eventbus_kafka::{AssignmentStrategy, KafkaEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec, RefusingPool};
@@ -214,12 +214,17 @@ async fn rewinds_mid_stream_never_commit_past_an_unfinished_message() {
 /// group's committed offsets end at the end of every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_joining_and_leaving_with_deep_queues_keep_order() {
-    for (name, pools) in pools() {
-        members_join_and_leave(name, pools).await;
+    for strategy in [
+        AssignmentStrategy::CooperativeSticky,
+        AssignmentStrategy::Eager,
+    ] {
+        for (name, pools) in pools() {
+            members_join_and_leave(&format!("{name}, {strategy:?}"), pools, strategy).await;
+        }
     }
 }
 
-async fn members_join_and_leave(pool_name: &str, pools: PoolFactory) {
+async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, strategy: AssignmentStrategy) {
     let cluster = Cluster::mock(1);
     let topic = random("members");
     let partitions = 4;
@@ -240,7 +245,9 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory) {
         let (cluster, pools) = (&cluster, pools.clone());
         let (topic, checker, handled, gate) = (&topic, &checker, &handled, &gate);
         async move {
-            let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pools(spec).await).unwrap();
+            let mut kafka = cluster.kafka_config();
+            kafka.assignment_strategy = strategy;
+            let bus = KafkaEventBus::new(kafka, cfg, pools(spec).await).unwrap();
             subscribe(
                 &bus,
                 topic,

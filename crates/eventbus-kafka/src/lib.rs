@@ -10,7 +10,8 @@ mod secret;
 
 pub use bus::{KafkaEventBus, PartitionLag};
 pub use config::{
-    Acks, Compression, KafkaConfig, ProducerSettings, SecurityConfig, SecurityProtocol,
+    Acks, AssignmentStrategy, Compression, KafkaConfig, ProducerSettings, SecurityConfig,
+    SecurityProtocol,
 };
 pub use producer::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 pub use secret::Secret;

@@ -8,16 +8,11 @@
 mod cluster;
 
 use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
-use eventbus_core::{
-    ComponentHealth, Envelope, Event, EventBus, EventBusExt, HandlerError, Job, Pool, PoolStats,
-    SubmitError, SubmitErrorKind,
-};
-use eventbus_kafka::KafkaEventBus;
+use eventbus_core::{Envelope, Event, EventBus, EventBusExt, HandlerError};
+use eventbus_kafka::{AssignmentStrategy, KafkaEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
-use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec};
-use futures::future::BoxFuture;
-use futures::FutureExt;
+use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec, RefusingPool};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -219,12 +214,17 @@ async fn rewinds_mid_stream_never_commit_past_an_unfinished_message() {
 /// group's committed offsets end at the end of every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_joining_and_leaving_with_deep_queues_keep_order() {
-    for (name, pools) in pools() {
-        members_join_and_leave(name, pools).await;
+    for strategy in [
+        AssignmentStrategy::CooperativeSticky,
+        AssignmentStrategy::Eager,
+    ] {
+        for (name, pools) in pools() {
+            members_join_and_leave(&format!("{name}, {strategy:?}"), pools, strategy).await;
+        }
     }
 }
 
-async fn members_join_and_leave(pool_name: &str, pools: PoolFactory) {
+async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, strategy: AssignmentStrategy) {
     let cluster = Cluster::mock(1);
     let topic = random("members");
     let partitions = 4;
@@ -245,7 +245,9 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory) {
         let (cluster, pools) = (&cluster, pools.clone());
         let (topic, checker, handled, gate) = (&topic, &checker, &handled, &gate);
         async move {
-            let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pools(spec).await).unwrap();
+            let mut kafka = cluster.kafka_config();
+            kafka.assignment_strategy = strategy;
+            let bus = KafkaEventBus::new(kafka, cfg, pools(spec).await).unwrap();
             subscribe(
                 &bus,
                 topic,
@@ -298,31 +300,6 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory) {
     a.close().await.unwrap();
 }
 
-/// A pool that refuses every job as out of service.
-#[derive(Debug)]
-struct Refusing;
-
-impl Pool for Refusing {
-    fn kind(&self) -> &'static str {
-        "refusing"
-    }
-    fn workers(&self) -> usize {
-        1
-    }
-    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
-        async move { Err(SubmitError::new(SubmitErrorKind::Unavailable, job)) }.boxed()
-    }
-    fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
-        async {}.boxed()
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn health(&self) -> ComponentHealth {
-        ComponentHealth::healthy("pool.refusing")
-    }
-}
-
 /// `close()` returns within its bound although the pool refuses every job, and
 /// nothing is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,7 +314,7 @@ async fn close_returns_in_time_with_a_pool_that_refuses_every_job() {
     let bound = cfg.consumer.handover_bound();
     let kafka = cluster.kafka_config();
     let operation = kafka.operation_timeout;
-    let bus = KafkaEventBus::new(kafka, cfg, Arc::new(Refusing)).unwrap();
+    let bus = KafkaEventBus::new(kafka, cfg, Arc::new(RefusingPool)).unwrap();
     bus.subscribe_envelope(&topic, |_e: Event| async { Ok::<(), HandlerError>(()) })
         .await
         .unwrap();

@@ -345,7 +345,13 @@ impl JsLoop {
                         Err(e) => {
                             tracing::debug!(topic = %self.state.topic, seq, error = %e,
                                 "submission stopped; message left for redelivery");
-                            release(&client, &registry, seq).await;
+                            // Stopping: it stays registered and is handed back with
+                            // the rest, in stream order, when the turn ends. Handed
+                            // back now, it would be redelivered ahead of earlier
+                            // messages still in flight.
+                            if !self.stop.is_cancelled() {
+                                release(&client, &registry, seq).await;
+                            }
                         }
                     }
                 }
@@ -505,6 +511,17 @@ impl JsLoop {
                 Some((completion, permit)) = inflight.next() => {
                     settle(&client, &registry, completion).await;
                     drop(permit);
+                }
+                // What the open pull request still brings is registered (kept
+                // alive by heartbeats, handed back in order below): left unread,
+                // it would come back after `ack_wait`, ahead of earlier messages.
+                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
+                    match item {
+                        Some(Ok(m)) => {
+                            let _ = self.accept(m, &registry);
+                        }
+                        _ => open = None,
+                    }
                 }
                 _ = scope.idle() => break,
                 _ = tokio::time::sleep_until(handover_until) => break,

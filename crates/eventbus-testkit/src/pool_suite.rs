@@ -541,3 +541,35 @@ pub async fn random_workload(
     report.plain_panics = plain_panics.load(Ordering::SeqCst);
     report
 }
+
+/// A pool that refuses every job as out of service (`Unavailable`), for the check
+/// that nothing waits without bound on a pool that never takes work.
+#[derive(Debug, Default)]
+pub struct RefusingPool;
+
+impl eventbus_core::Pool for RefusingPool {
+    fn kind(&self) -> &'static str {
+        "refusing"
+    }
+    fn workers(&self) -> usize {
+        1
+    }
+    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), eventbus_core::SubmitError>> {
+        async move {
+            Err(eventbus_core::SubmitError::new(
+                eventbus_core::SubmitErrorKind::Unavailable,
+                job,
+            ))
+        }
+        .boxed()
+    }
+    fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
+        async {}.boxed()
+    }
+    fn stats(&self) -> eventbus_core::PoolStats {
+        eventbus_core::PoolStats::default()
+    }
+    fn health(&self) -> eventbus_core::ComponentHealth {
+        eventbus_core::ComponentHealth::healthy("pool.refusing")
+    }
+}

@@ -5,6 +5,7 @@ mod common;
 mod basics;
 mod conformance;
 mod dead_letters;
+mod handover;
 mod heartbeats;
 mod members;
 mod poison;

@@ -1,0 +1,285 @@
+//! Hand-overs on the memory bus with deep per-key backlogs and drain / hand-over
+//! timeouts far shorter than the backlog: an unsubscribe or close fences the queued
+//! work (no handler of it starts after the call returns), commits only what
+//! finished, and the next consumer carries on in order, nothing lost. Also a stuck
+//! key with no dead-letter destination, and a pool that refuses every job. Each on
+//! both pools.
+
+use eventbus_core::{
+    Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError, Pool, TopicConfig,
+};
+use eventbus_memory::{MemoryBroker, MemoryEventBus};
+use eventbus_testkit::checker::DeliveryChecker;
+use eventbus_testkit::factories::{actor_pools, keyed_pools};
+use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec, RefusingPool};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+const PARTITIONS: i32 = 2;
+
+fn pools() -> [(&'static str, PoolFactory); 2] {
+    [("keyed", keyed_pools()), ("actor", actor_pools())]
+}
+
+fn spec() -> PoolSpec {
+    PoolSpec {
+        workers: 4,
+        queue: 512,
+        wait_timeout: Duration::from_millis(100),
+    }
+}
+
+fn config() -> EventBusConfig {
+    let mut c = eventbus_testkit::conformance::quick_config();
+    c.consumer.group_id = format!("group-{:x}", fastrand::u64(..));
+    c.consumer.drain_timeout = Duration::from_millis(30);
+    c.consumer.handover_timeout = Duration::from_millis(100);
+    c
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Handled (partition, offset) pairs.
+type Handled = Arc<Mutex<HashSet<(i32, i64)>>>;
+
+/// Subscribe, recording into `checker` and `handled`, counting handler starts.
+async fn subscribe(
+    bus: &MemoryEventBus,
+    topic: &str,
+    checker: &DeliveryChecker,
+    handled: &Handled,
+    starts: &Arc<AtomicU64>,
+) {
+    let (c, h, n) = (checker.clone(), handled.clone(), starts.clone());
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let (c, h, n) = (c.clone(), h.clone(), n.clone());
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+            c.handled(&e.envelope.aggregate_id, seq);
+            h.lock()
+                .unwrap()
+                .insert((e.message.partition, e.message.offset));
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Every committed offset of the group passes only handled messages.
+fn assert_commits_within_handled(
+    broker: &MemoryBroker,
+    topic: &str,
+    group: &str,
+    handled: &Handled,
+) {
+    let done = handled.lock().unwrap();
+    for p in 0..PARTITIONS {
+        let committed = broker.committed(topic, group, p).unwrap_or(0);
+        if let Some(o) = (0..committed).find(|o| !done.contains(&(p, *o))) {
+            panic!("partition {p}: committed {committed} passed offset {o}, never handled");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_overs_with_deep_queues_fence_queued_work_and_commit_only_what_finished() {
+    for (name, pools) in pools() {
+        let broker = MemoryBroker::default();
+        let topic = format!("handover-{name}");
+        let cfg = config();
+        let group = cfg.consumer.group_id.clone();
+        let checker = DeliveryChecker::new();
+        let handled: Handled = Arc::default();
+        let publisher =
+            MemoryEventBus::new(broker.clone(), pools(spec()).await, cfg.clone()).unwrap();
+        publisher
+            .configure_topic(&topic, TopicConfig::default().partitions(PARTITIONS as u32))
+            .await
+            .unwrap();
+        let total = 3000u64;
+        for i in 0..total {
+            let key = format!("k{}", i % 20);
+            let seq = checker.produce(&key);
+            let e = Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }));
+            publisher.publish_envelope(&topic, &e).await.unwrap();
+        }
+        // Consumers come and go, each leaving (by unsubscribe or close) while its
+        // queues are deep; each must have started no handler after it returned.
+        let mut round = 0;
+        while checker.handled_distinct() < total {
+            let starts = Arc::new(AtomicU64::new(0));
+            let bus =
+                MemoryEventBus::new(broker.clone(), pools(spec()).await, cfg.clone()).unwrap();
+            subscribe(&bus, &topic, &checker, &handled, &starts).await;
+            let seen = checker.handled_distinct();
+            wait_until(&format!("{name}: progress in round {round}"), || {
+                checker.handled_distinct() >= (seen + 400).min(total)
+            })
+            .await;
+            if round % 2 == 0 {
+                bus.unsubscribe(&topic).await.unwrap();
+            } else {
+                bus.close().await.unwrap();
+            }
+            let after = starts.load(Ordering::SeqCst);
+            assert_commits_within_handled(&broker, &topic, &group, &handled);
+            // Closing the bus closes its pool, which takes every queued job out:
+            // whatever was queued when the consumer left never starts.
+            bus.close().await.unwrap();
+            assert_eq!(
+                starts.load(Ordering::SeqCst),
+                after,
+                "{name}: a handler started after the hand-over returned (round {round})"
+            );
+            round += 1;
+        }
+        assert!(
+            round >= 3,
+            "{name}: the backlog outlasted several hand-overs"
+        );
+        let report = checker.report();
+        assert!(report.lost.is_empty(), "{name}: {report}");
+        assert!(report.order_violations.is_empty(), "{name}: {report}");
+        publisher.close().await.unwrap();
+    }
+}
+
+/// A key that always fails, with no dead-letter destination, holds its worker and
+/// its partition's commit across hand-overs; every other key's messages are
+/// handled in order, and the stuck message is never committed past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_key_without_dead_letters_holds_its_commit_across_hand_overs() {
+    for (name, pools) in pools() {
+        let broker = MemoryBroker::default();
+        let topic = format!("stuck-{name}");
+        let mut cfg = config();
+        cfg.dead_letter.enabled = false;
+        let group = cfg.consumer.group_id.clone();
+        let spec = PoolSpec {
+            workers: 16,
+            ..spec()
+        };
+        // Keys that never share the stuck key's worker (it holds that worker).
+        let stuck_slot = eventbus_core::slot(eventbus_core::stable_hash(b"stuck"), spec.workers);
+        let keys: Vec<String> = (0..200)
+            .map(|i| format!("k{i}"))
+            .filter(|k| {
+                eventbus_core::slot(eventbus_core::stable_hash(k.as_bytes()), spec.workers)
+                    != stuck_slot
+            })
+            .take(12)
+            .collect();
+        let checker = DeliveryChecker::new();
+        let handled: Handled = Arc::default();
+        let stuck_calls = Arc::new(AtomicU64::new(0));
+        let publisher =
+            MemoryEventBus::new(broker.clone(), pools(spec).await, cfg.clone()).unwrap();
+        publisher
+            .configure_topic(&topic, TopicConfig::default().partitions(1))
+            .await
+            .unwrap();
+        let stuck = Envelope::new("stuck", "test.event", serde_json::json!({ "seq": 0 }));
+        let stuck_offset = publisher
+            .publish_envelope(&topic, &stuck)
+            .await
+            .unwrap()
+            .offset;
+        for i in 0..1200u64 {
+            let key = &keys[i as usize % keys.len()];
+            let seq = checker.produce(key);
+            let e = Envelope::new(key.clone(), "test.event", serde_json::json!({ "seq": seq }));
+            publisher.publish_envelope(&topic, &e).await.unwrap();
+        }
+        for round in 0..3 {
+            let bus = MemoryEventBus::new(broker.clone(), pools(spec).await, cfg.clone()).unwrap();
+            let (c, h, s) = (checker.clone(), handled.clone(), stuck_calls.clone());
+            bus.subscribe_envelope(&topic, move |e: Event| {
+                let (c, h, s) = (c.clone(), h.clone(), s.clone());
+                async move {
+                    if e.envelope.aggregate_id == "stuck" {
+                        s.fetch_add(1, Ordering::SeqCst);
+                        return Err(HandlerError::transient("always fails"));
+                    }
+                    let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+                    c.handled(&e.envelope.aggregate_id, seq);
+                    h.lock()
+                        .unwrap()
+                        .insert((e.message.partition, e.message.offset));
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+            let calls = stuck_calls.load(Ordering::SeqCst);
+            wait_until(
+                &format!("{name}: the stuck key retried in round {round}"),
+                || stuck_calls.load(Ordering::SeqCst) > calls,
+            )
+            .await;
+            wait_until(
+                &format!("{name}: the stuck key reported in round {round}"),
+                || bus.dispatcher().stats().stuck_keys == vec!["stuck".to_owned()],
+            )
+            .await;
+            if round == 2 {
+                checker.wait_all_handled(WAIT).await.unwrap();
+            }
+            bus.close().await.unwrap();
+            assert_eq!(
+                broker.committed(&topic, &group, 0).unwrap_or(0),
+                stuck_offset,
+                "{name}: the commit passed the stuck message (round {round})"
+            );
+        }
+        let report = checker.report();
+        assert!(report.lost.is_empty(), "{name}: {report}");
+        assert!(report.order_violations.is_empty(), "{name}: {report}");
+        publisher.close().await.unwrap();
+    }
+}
+
+/// `close()` returns within its bound although the pool refuses every job, and
+/// nothing is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_returns_in_time_with_a_pool_that_refuses_every_job() {
+    let broker = MemoryBroker::default();
+    let cfg = config();
+    let group = cfg.consumer.group_id.clone();
+    let bound = cfg.consumer.handover_bound();
+    let pool: Arc<dyn Pool> = Arc::new(RefusingPool);
+    let bus = MemoryEventBus::new(broker.clone(), pool, cfg).unwrap();
+    bus.subscribe_envelope("refused", |_e: Event| async { Ok::<(), HandlerError>(()) })
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let e = Envelope::new("k", "test.event", serde_json::json!({ "seq": i }));
+        bus.publish_envelope("refused", &e).await.unwrap();
+    }
+    wait_until("the pool refused a job", || {
+        bus.dispatcher().stats().submitted == 0
+            && broker.lag("refused", &group).iter().any(|(_, l)| *l > 0)
+    })
+    .await;
+    tokio::time::timeout(bound + Duration::from_secs(5), bus.close())
+        .await
+        .expect("close() returns within drain + hand-over")
+        .unwrap();
+    for (p, _) in broker.lag("refused", &group) {
+        assert_eq!(broker.committed("refused", &group, p).unwrap_or(0), 0);
+    }
+}

@@ -115,9 +115,43 @@ pub fn nats_config(url: &str) -> NatsConfig {
         .reconnect(reconnect)
 }
 
+/// How long a consumer drains, then waits for its fenced handlers, when it gives
+/// work up (`consumer.drain_timeout`, `consumer.handover_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandoverTimeouts {
+    /// `consumer.drain_timeout`.
+    pub drain: Duration,
+    /// `consumer.handover_timeout`.
+    pub handover: Duration,
+}
+
+impl Default for HandoverTimeouts {
+    /// What [`bus_config`] sets: a 5 s drain and the library's default hand-over
+    /// wait.
+    fn default() -> Self {
+        let c = bus_config("default");
+        Self {
+            drain: c.consumer.drain_timeout,
+            handover: c.consumer.handover_timeout,
+        }
+    }
+}
+
 /// A bus on `target` in `group` handling on `pool`.
 pub async fn bus(target: &Target, group: &str, pool: Arc<dyn Pool>) -> Result<SharedBus, Error> {
-    let config = bus_config(group);
+    bus_with(target, group, pool, HandoverTimeouts::default()).await
+}
+
+/// [`bus`] with the given hand-over timeouts.
+pub async fn bus_with(
+    target: &Target,
+    group: &str,
+    pool: Arc<dyn Pool>,
+    timeouts: HandoverTimeouts,
+) -> Result<SharedBus, Error> {
+    let mut config = bus_config(group);
+    config.consumer.drain_timeout = timeouts.drain;
+    config.consumer.handover_timeout = timeouts.handover;
     Ok(match target {
         Target::Memory(broker) => Arc::new(MemoryEventBus::new(broker.clone(), pool, config)?),
         Target::Kafka(brokers) => {

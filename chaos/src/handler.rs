@@ -6,8 +6,9 @@ use eventbus_core::{
     Subscription,
 };
 use eventbus_testkit::{Delivery, DeliveryChecker, MessageClass, MessageId, Stamp, STAMP_HEADER};
+use std::fmt;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The message of every panic a chaos handler raises on purpose.
@@ -19,20 +20,75 @@ pub trait Sink: Send + Sync + 'static {
     fn delivered(&self, d: Delivery);
     /// A plain handler fails on purpose on `id` (it may never be seen again).
     fn given_up(&self, id: MessageId);
+    /// A handler call began while its scope (partition assignment, lease,
+    /// subscription) was already fenced: a queued job started after the hand-over
+    /// fence, which the hand-over protocol rules out (up to a race of a few
+    /// instructions between the pool's fence check and the handler's first line).
+    fn started_fenced(&self, f: FencedStart);
 }
 
-impl Sink for DeliveryChecker {
+/// A handler call that began with its scope already fenced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FencedStart {
+    /// What the call would report: the message, where it came from, the worker.
+    pub delivery: Delivery,
+    /// Its aggregate id (envelope) or key (plain).
+    pub key: String,
+}
+
+impl fmt::Display for FencedStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = &self.delivery;
+        write!(
+            f,
+            "{} key {} by {}, partition {} offset {}, broker attempt {}",
+            d.id, self.key, d.worker, d.partition, d.offset, d.attempt
+        )
+    }
+}
+
+/// Handler calls that began with their scope already fenced (see
+/// [`Sink::started_fenced`]), collected by the run.
+#[derive(Debug, Clone, Default)]
+pub struct FencedStarts(Arc<Mutex<Vec<FencedStart>>>);
+
+impl FencedStarts {
+    /// Record one.
+    pub fn push(&self, f: FencedStart) {
+        self.0.lock().expect("fenced starts").push(f);
+    }
+
+    /// Everything recorded so far.
+    pub fn all(&self) -> Vec<FencedStart> {
+        self.0.lock().expect("fenced starts").clone()
+    }
+}
+
+/// The sink of an in-process consumer: the run's checker and its fenced-start list.
+#[derive(Debug, Clone)]
+pub struct LocalSink {
+    /// Judges deliveries.
+    pub checker: DeliveryChecker,
+    /// Collects fenced starts.
+    pub fenced: FencedStarts,
+}
+
+impl Sink for LocalSink {
     fn delivered(&self, d: Delivery) {
-        DeliveryChecker::delivered(self, &d);
+        self.checker.delivered(&d);
     }
     fn given_up(&self, id: MessageId) {
-        DeliveryChecker::given_up(self, id);
+        self.checker.given_up(id);
+    }
+    fn started_fenced(&self, f: FencedStart) {
+        self.fenced.push(f);
     }
 }
 
 /// Reports as lines on standard output, written before the handler returns, so a
 /// process killed right after still told its parent: `D <id> <partition> <offset>
-/// <attempt> <worker>` and `G <id>`.
+/// <attempt> <worker>`, `G <id>`, and `F <id> <partition> <offset> <attempt>
+/// <worker> <key>` for a call that started fenced.
 #[derive(Debug, Default)]
 pub struct StdoutSink;
 
@@ -47,6 +103,20 @@ impl Sink for StdoutSink {
     fn given_up(&self, id: MessageId) {
         write_line(&format!("G {id}\n"));
     }
+    fn started_fenced(&self, f: FencedStart) {
+        let d = &f.delivery;
+        let line = format!(
+            "F {} {} {} {} {} {}\n",
+            d.id, d.partition, d.offset, d.attempt, d.worker, f.key
+        );
+        write_line(&line);
+    }
+}
+
+/// Tell the parent that the consumer has subscribed (`S`): it has joined its
+/// group, or stands by for the lease.
+pub fn report_subscribed() {
+    write_line("S\n");
 }
 
 fn write_line(line: &str) {
@@ -67,25 +137,32 @@ pub fn parse_line(line: &str) -> Option<Result<Report, String>> {
     let tag = parts.next()?;
     let bad = || format!("bad consumer line `{line}`");
     Some(match tag {
-        "D" => (|| {
+        "D" | "F" => (|| {
             let id = parts.next().ok_or_else(bad)?.parse()?;
             let partition = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
             let offset = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
             let attempt = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
             let worker = parts.next().ok_or_else(bad)?.to_owned();
-            Ok(Report::Delivered(Delivery {
+            let d = Delivery {
                 id,
                 partition,
                 offset,
                 attempt,
                 worker,
-            }))
+            };
+            Ok(if tag == "D" {
+                Report::Delivered(d)
+            } else {
+                let key = parts.next().ok_or_else(bad)?.to_owned();
+                Report::StartedFenced(FencedStart { delivery: d, key })
+            })
         })(),
         "G" => parts
             .next()
             .ok_or_else(bad)
             .and_then(|id| id.parse::<MessageId>())
             .map(Report::GivenUp),
+        "S" => Ok(Report::Subscribed),
         _ => return None,
     })
 }
@@ -97,6 +174,10 @@ pub enum Report {
     Delivered(Delivery),
     /// See [`Sink::given_up`].
     GivenUp(MessageId),
+    /// See [`Sink::started_fenced`].
+    StartedFenced(FencedStart),
+    /// See [`report_subscribed`].
+    Subscribed,
 }
 
 /// How one consumer incarnation misbehaves.
@@ -115,6 +196,13 @@ pub struct Profile {
     pub stuck_for: Duration,
     /// Every how many messages of that key (by key sequence) it is held.
     pub stuck_every: u64,
+    /// Envelope aggregates whose id starts with this are slow: each handler call
+    /// takes [`slow_for`](Self::slow_for), so their backlogs drain slowly (the
+    /// rolling-deploy bursts). Such a call gives up (returns an error) as soon as
+    /// its scope is fenced, as a well-behaved handler does.
+    pub slow_prefix: Option<String>,
+    /// How long a call on a slow aggregate takes.
+    pub slow_for: Duration,
 }
 
 impl Profile {
@@ -127,6 +215,8 @@ impl Profile {
             stuck_key: None,
             stuck_for: Duration::ZERO,
             stuck_every: 1,
+            slow_prefix: None,
+            slow_for: Duration::ZERO,
         }
     }
 
@@ -148,6 +238,14 @@ impl Profile {
                 self.stuck_for.as_millis().to_string(),
                 "--stuck-every".into(),
                 self.stuck_every.max(1).to_string(),
+            ]);
+        }
+        if let Some(p) = &self.slow_prefix {
+            a.extend([
+                "--slow-prefix".into(),
+                p.clone(),
+                "--slow-ms".into(),
+                self.slow_for.as_millis().to_string(),
             ]);
         }
         a
@@ -215,6 +313,23 @@ pub async fn subscribe(
 async fn on_envelope(p: &Profile, sink: &dyn Sink, e: Event) -> Result<(), HandlerError> {
     let stamp = Stamp::from_json(&e.envelope.aggregate_id, &e.envelope.payload)
         .map_err(HandlerError::permanent)?;
+    if e.cancellation().is_cancelled() {
+        sink.started_fenced(FencedStart {
+            delivery: delivery(stamp.id, &e.message, &p.worker),
+            key: stamp.aggregate_id.clone(),
+        });
+    }
+    if p.slow_prefix
+        .as_deref()
+        .is_some_and(|prefix| stamp.aggregate_id.starts_with(prefix))
+    {
+        tokio::select! {
+            _ = tokio::time::sleep(p.slow_for) => {}
+            _ = e.cancellation().cancelled() => {
+                return Err(HandlerError::transient("handed over while running"));
+            }
+        }
+    }
     if p.stuck_key.as_deref() == Some(stamp.aggregate_id.as_str())
         && stamp.key_seq % p.stuck_every.max(1) == 0
         && e.attempt == 1
@@ -240,6 +355,12 @@ fn on_plain(p: &Profile, sink: &dyn Sink, m: Message) -> Result<(), HandlerError
         .ok_or_else(|| HandlerError::permanent(format!("header `{STAMP_HEADER}` missing")))
         .and_then(|v| Stamp::parse_header(v).map_err(HandlerError::permanent))?;
     debug_assert_eq!(stamp.class, MessageClass::Plain);
+    if eventbus_core::handler::cancellation().is_some_and(|c| c.is_cancelled()) {
+        sink.started_fenced(FencedStart {
+            delivery: delivery(stamp.id, &m, &p.worker),
+            key: stamp.aggregate_id.clone(),
+        });
+    }
     match p.roll() {
         Some(true) => {
             sink.given_up(stamp.id);
@@ -286,7 +407,7 @@ mod tests {
             "D {} {} {} {} {}",
             d.id, d.partition, d.offset, d.attempt, d.worker
         );
-        assert_eq!(parse_line(&line), Some(Ok(Report::Delivered(d))));
+        assert_eq!(parse_line(&line), Some(Ok(Report::Delivered(d.clone()))));
         assert_eq!(
             parse_line("G 1.2"),
             Some(Ok(Report::GivenUp(MessageId {
@@ -294,6 +415,18 @@ mod tests {
                 seq: 2
             })))
         );
+        let f = format!(
+            "F {} {} {} {} {} k-3",
+            d.id, d.partition, d.offset, d.attempt, d.worker
+        );
+        assert_eq!(
+            parse_line(&f),
+            Some(Ok(Report::StartedFenced(FencedStart {
+                delivery: d,
+                key: "k-3".into()
+            })))
+        );
+        assert_eq!(parse_line("S"), Some(Ok(Report::Subscribed)));
         assert!(parse_line("D 1.2 x").unwrap().is_err());
         assert_eq!(parse_line("something else"), None);
     }

@@ -3,22 +3,25 @@
 //! `cargo xtask chaos [--backend memory|kafka|nats] [--minutes N]` runs the `chaos`
 //! binary: a producer publishes stamped envelope and plain messages while faults
 //! rotate (consumer killed and restarted in the same group, clean restarts, a
-//! second member joining and leaving, Kafka mock-cluster request errors and broker
+//! second member joining and leaving, a rolling deploy over deep backlogs with
+//! short hand-over timeouts, Kafka mock-cluster request errors and broker
 //! outages, nats-server killed / paused), handlers fail and panic at set rates and
 //! one key is stuck now and then. At the end every envelope message must have been
 //! handled, in order per aggregate; the report lists losses, the duplicate
 //! histogram and order violations. See `docs/reliability.md`.
 //!
-//! Kafka and NATS consumers are `chaos-consumer` child processes, so a kill is a
-//! real `SIGKILL`. The memory broker lives in the run's process: a memory consumer
-//! is a bus on its own tokio runtime, and "killed" means that runtime is shut down
-//! without `close()` (no drain, no commit) before a new bus joins the group.
+//! Kafka and NATS consumers are child processes (`chaos consumer`, the run's own
+//! executable, or `chaos-consumer`), so a kill is a real `SIGKILL`. The memory
+//! broker lives in the run's process: a memory consumer is a bus on its own tokio
+//! runtime, and "killed" means that runtime is shut down without `close()` (no
+//! drain, no commit) before a new bus joins the group.
 
 // The library behind the `chaos` binary: with `verbose` it prints the run's
 // progress to the terminal.
 #![allow(clippy::print_stderr)]
 
 pub mod backend;
+pub mod consumer;
 pub mod handler;
 pub mod run;
 

@@ -1,7 +1,11 @@
 //! `chaos [--backend memory|kafka|nats] [--minutes N] [--seconds N] [--rate N]
-//! [--error-rate F] [--panic-rate F] [--quiet]`: the long fault-injection run. Prints
-//! the delivery checker's report; exits non-zero on a lost envelope message, an
-//! order violation or an unexpected message.
+//! [--error-rate F] [--panic-rate F] [--faults LIST] [--quiet]`: the long
+//! fault-injection run. Prints the delivery checker's report; exits non-zero on a
+//! lost envelope message, an order violation or an unexpected message.
+//!
+//! `chaos consumer [args]` is one consumer process of a Kafka or NATS run (see
+//! `eventbus_chaos::consumer`); the run starts its own executable that way, so
+//! `cargo run --bin chaos` needs no separately built `chaos-consumer`.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -11,8 +15,21 @@ use std::time::Duration;
 
 fn usage() -> &'static str {
     "usage: chaos [--backend memory|kafka|nats] [--minutes N | --seconds N] [--rate MSGS_PER_S] \
-     [--error-rate F] [--panic-rate F] [--faults kill,restart,member,commit-errors,fetch-errors,\
-     heartbeat-errors,broker-down,server-kill,server-pause] [--quiet]"
+     [--error-rate F] [--panic-rate F] [--faults kill,restart,member,rolling,commit-errors,\
+     fetch-errors,heartbeat-errors,broker-down,server-kill,server-pause] [--quiet]\n\
+     \n\
+     faults (default: every one that applies to the backend, in turn, 15 s each):\n\
+     \x20 kill            consumer killed (SIGKILL; memory: runtime dropped) and restarted\n\
+     \x20 restart         consumer closed cleanly and restarted\n\
+     \x20 member          a second member joins, then one of the two leaves (kafka, nats)\n\
+     \x20 rolling         rolling deploy with deep queues, 3 steps: a burst deepens 4 slow\n\
+     \x20                 aggregates, a new member (drain 200 ms, hand-over 300 ms) joins,\n\
+     \x20                 and once it is ready the previous one closes cleanly (memory:\n\
+     \x20                 the previous one closes first, then the new one joins)\n\
+     \x20 commit-errors, fetch-errors, heartbeat-errors, broker-down   kafka mock cluster\n\
+     \x20 server-kill, server-pause                                    nats-server\n\
+     \n\
+     chaos consumer [args]: one consumer process (started by the run itself)"
 }
 
 fn parse() -> Result<Options, String> {
@@ -96,14 +113,18 @@ fn parse() -> Result<Options, String> {
     if let Some(f) = faults {
         o.faults = f;
     }
-    o.consumer_bin = std::env::current_exe()
-        .ok()
-        .map(|exe| exe.with_file_name("chaos-consumer"));
+    // The consumers are this executable (`chaos consumer ...`), always built from
+    // the same sources as the run.
+    o.consumer_bin = std::env::current_exe().ok();
+    o.consumer_args = vec!["consumer".into()];
     Ok(o)
 }
 
 fn main() -> ExitCode {
     eventbus_chaos::init_process();
+    if std::env::args().nth(1).as_deref() == Some("consumer") {
+        return eventbus_chaos::consumer::main(std::env::args().skip(2));
+    }
     let opts = match parse() {
         Ok(o) => o,
         Err(e) => {
@@ -111,14 +132,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(bin) = &opts.consumer_bin {
-        if !matches!(opts.backend, Backend::Memory) && !bin.is_file() {
-            eprintln!(
-                "chaos: {} is missing; build it with `cargo build --release -p eventbus-chaos`",
-                bin.display()
-            );
-            return ExitCode::FAILURE;
-        }
+    if opts.consumer_bin.is_none() && !matches!(opts.backend, Backend::Memory) {
+        eprintln!("chaos: cannot find this executable to start consumers from");
+        return ExitCode::FAILURE;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -5,7 +5,7 @@ use eventbus_core::{SharedBus, StorageKind, TopicConfig};
 use eventbus_memory::{BrokerConfig, MemoryBroker};
 use eventbus_testkit::kafka_cluster::{Cluster, RDKafkaApiKey, RDKafkaRespErr};
 use eventbus_testkit::nats_server::NatsServer;
-use eventbus_testkit::{DeliveryChecker, DeliveryReport, MessageClass};
+use eventbus_testkit::{DeliveryChecker, DeliveryReport, MessageClass, Stamp};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
@@ -16,8 +16,17 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 use tokio::task::JoinHandle;
 
-use crate::backend::{self, Backend, PoolChoice, Target};
-use crate::handler::{self, parse_line, Profile, Report, Sink, Topics};
+use crate::backend::{self, Backend, HandoverTimeouts, PoolChoice, Target};
+use crate::handler::{
+    self, parse_line, FencedStart, FencedStarts, LocalSink, Profile, Report, Sink, Topics,
+};
+
+/// Aggregate ids of the rolling deploy's bursts start with this; their handler
+/// calls are slow ([`Options::slow_for`]).
+pub const BURST_PREFIX: &str = "r-";
+
+/// The log filter of consumer processes when `RUST_LOG` is not set.
+const CONSUMER_LOG: &str = "error,eventbus_kafka=info,eventbus_nats=info";
 
 /// Settings of a run.
 #[derive(Debug, Clone)]
@@ -47,12 +56,27 @@ pub struct Options {
     pub stuck_every: u64,
     /// Longest wait for every message after the faults stop.
     pub settle: Duration,
-    /// The `chaos-consumer` binary (Kafka and NATS).
+    /// The consumer executable (Kafka and NATS): `chaos-consumer`, or the `chaos`
+    /// binary itself with [`consumer_args`](Self::consumer_args) `["consumer"]`.
     pub consumer_bin: Option<PathBuf>,
+    /// Arguments given to [`consumer_bin`](Self::consumer_bin) before the
+    /// consumer's own.
+    pub consumer_args: Vec<String>,
     /// Print progress to standard error.
     pub verbose: bool,
     /// The faults to rotate; default [`Fault::rotation`] of the backend.
     pub faults: Vec<Fault>,
+    /// Rolling deploy: members replaced one after the other in one phase.
+    pub rolling_steps: u32,
+    /// Rolling deploy: aggregates of each burst (`r-0`, `r-1`, …).
+    pub burst_keys: u32,
+    /// Rolling deploy: messages per aggregate and burst (one burst per step).
+    pub burst_per_key: u32,
+    /// How long each handler call on a burst aggregate takes, so its backlog
+    /// drains at `1 / slow_for` per aggregate.
+    pub slow_for: Duration,
+    /// Drain and hand-over timeouts of the members a rolling deploy starts.
+    pub rolling_timeouts: HandoverTimeouts,
 }
 
 impl Options {
@@ -72,8 +96,17 @@ impl Options {
             stuck_every: 300,
             settle: Duration::from_secs(120),
             consumer_bin: None,
+            consumer_args: Vec::new(),
             verbose: false,
             faults: Fault::rotation(backend),
+            rolling_steps: 3,
+            burst_keys: 4,
+            burst_per_key: 300,
+            slow_for: Duration::from_millis(10),
+            rolling_timeouts: HandoverTimeouts {
+                drain: Duration::from_millis(200),
+                handover: Duration::from_millis(300),
+            },
         }
     }
 
@@ -85,6 +118,8 @@ impl Options {
         o.stuck_for = Duration::from_secs(2);
         o.stuck_every = 100;
         o.settle = Duration::from_secs(60);
+        o.rolling_steps = 2;
+        o.burst_per_key = 150;
         o
     }
 }
@@ -112,6 +147,15 @@ pub enum Fault {
     ServerKilled,
     /// nats-server is frozen (`SIGSTOP`) and thawed (`SIGCONT`).
     ServerPaused,
+    /// Rolling deploy with deep queues: [`Options::rolling_steps`] times, a burst
+    /// deepens the backlogs of a few slow aggregates, a new member (short drain
+    /// and hand-over timeouts, [`Options::rolling_timeouts`]) joins, and once it
+    /// is ready (Kafka: it handles messages after the rebalance; NATS: it stands
+    /// by for the lease) the previous one closes cleanly while its queues are
+    /// still deep, so the hand-over fence, not the drain, ends its work. Memory
+    /// (one member per group): the old member closes first, then the new one
+    /// joins.
+    RollingDeploy,
 }
 
 impl Fault {
@@ -119,12 +163,13 @@ impl Fault {
     pub fn rotation(backend: Backend) -> Vec<Fault> {
         use Fault::*;
         match backend {
-            Backend::Memory => vec![KillConsumer, RestartConsumer],
+            Backend::Memory => vec![KillConsumer, RestartConsumer, RollingDeploy],
             Backend::Kafka => vec![
                 KillConsumer,
                 CommitErrors,
                 SecondMember,
                 FetchErrors,
+                RollingDeploy,
                 BrokerDown,
                 HeartbeatErrors,
                 RestartConsumer,
@@ -133,6 +178,7 @@ impl Fault {
                 KillConsumer,
                 ServerKilled,
                 SecondMember,
+                RollingDeploy,
                 ServerPaused,
                 RestartConsumer,
             ],
@@ -154,10 +200,11 @@ impl std::str::FromStr for Fault {
             "broker-down" => BrokerDown,
             "server-kill" => ServerKilled,
             "server-pause" => ServerPaused,
+            "rolling" => RollingDeploy,
             other => {
                 return Err(format!(
-                    "unknown fault `{}` (kill, restart, member, commit-errors, fetch-errors, \
-                     heartbeat-errors, broker-down, server-kill, server-pause)",
+                    "unknown fault `{}` (kill, restart, member, rolling, commit-errors, \
+                     fetch-errors, heartbeat-errors, broker-down, server-kill, server-pause)",
                     other.escape_debug()
                 ))
             }
@@ -177,6 +224,7 @@ impl fmt::Display for Fault {
             Fault::BrokerDown => "broker down and up",
             Fault::ServerKilled => "nats-server killed and restarted",
             Fault::ServerPaused => "nats-server paused and resumed",
+            Fault::RollingDeploy => "rolling deploy with deep queues",
         })
     }
 }
@@ -200,6 +248,9 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Whether every message that must arrive did, before the settle bound.
     pub settled: bool,
+    /// Handler calls that began with their scope already fenced (see
+    /// [`Sink::started_fenced`]).
+    pub fenced_starts: Vec<FencedStart>,
 }
 
 impl Outcome {
@@ -226,6 +277,14 @@ impl fmt::Display for Outcome {
         write!(f, "{}", self.report)?;
         for l in self.bad_lines.iter().take(5) {
             writeln!(f, "  unreadable consumer line: {l}")?;
+        }
+        writeln!(
+            f,
+            "fence: {} handler calls started with their scope already fenced",
+            self.fenced_starts.len()
+        )?;
+        for s in self.fenced_starts.iter().take(10) {
+            writeln!(f, "  started fenced: {s}")?;
         }
         writeln!(
             f,
@@ -259,15 +318,27 @@ impl Broker {
 enum Member {
     /// A bus on its own runtime in this process.
     Memory {
+        name: String,
         rt: tokio::runtime::Runtime,
         bus: SharedBus,
     },
-    /// A `chaos-consumer` process and the task reading its lines.
+    /// A consumer process and the task reading its lines.
     Child {
+        name: String,
+        progress: Arc<Progress>,
         child: tokio::process::Child,
         stdin: Option<tokio::process::ChildStdin>,
         reader: JoinHandle<()>,
     },
+}
+
+/// What a consumer process has reported so far.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Handler calls it reported done.
+    delivered: AtomicU64,
+    /// It has subscribed (joined its group, or stands by for the lease).
+    subscribed: AtomicBool,
 }
 
 struct Ctx {
@@ -280,6 +351,12 @@ struct Ctx {
     /// How many times the second-member fault has been applied.
     second_members: AtomicU64,
     bad_lines: Arc<Mutex<Vec<String>>>,
+    fenced: FencedStarts,
+    /// Publishes the rolling deploy's bursts.
+    publisher: SharedBus,
+    /// Publish calls that failed and were retried.
+    retries: Arc<AtomicU64>,
+    started: Instant,
     /// Folder of the consumer processes' logs, kept after the run.
     logs: PathBuf,
 }
@@ -293,15 +370,17 @@ impl Ctx {
             stuck_key: Some("k-0".into()),
             stuck_for: self.opts.stuck_for,
             stuck_every: self.opts.stuck_every,
+            slow_prefix: Some(BURST_PREFIX.into()),
+            slow_for: self.opts.slow_for,
         }
     }
 
-    fn say(&self, started: Instant, what: &str) {
+    fn say(&self, what: &str) {
         if self.opts.verbose {
             let r = self.checker.report();
             eprintln!(
                 "[{:>5.1}s] {what}; produced {} handled {} outstanding {}; last consumer m{}",
-                started.elapsed().as_secs_f64(),
+                self.started.elapsed().as_secs_f64(),
                 r.produced,
                 r.handled,
                 self.checker.outstanding(),
@@ -310,7 +389,43 @@ impl Ctx {
         }
     }
 
+    /// Publish a burst: [`Options::burst_per_key`] envelope messages on each of
+    /// the [`Options::burst_keys`] slow aggregates, one task per aggregate
+    /// publishing in stamp order (only bursts use these aggregates, and a burst
+    /// is awaited before the next one starts, so stamp order is broker order).
+    fn burst(&self) -> JoinHandle<Result<(), String>> {
+        let tasks: Vec<_> = (0..self.opts.burst_keys.max(1))
+            .map(|k| {
+                let (publisher, topics, checker, retries) = (
+                    self.publisher.clone(),
+                    self.topics.clone(),
+                    self.checker.clone(),
+                    self.retries.clone(),
+                );
+                let n = self.opts.burst_per_key;
+                tokio::spawn(async move {
+                    let key = format!("{BURST_PREFIX}{k}");
+                    for _ in 0..n {
+                        let stamp = checker.stamp(0, &key, MessageClass::Envelope);
+                        publish(&publisher, &topics, &stamp, &retries).await?;
+                    }
+                    Ok::<_, String>(())
+                })
+            })
+            .collect();
+        tokio::spawn(async move {
+            for t in tasks {
+                t.await.map_err(|e| format!("burst task: {e}"))??;
+            }
+            Ok(())
+        })
+    }
+
     async fn spawn(&self) -> Result<Member, String> {
+        self.spawn_with(HandoverTimeouts::default()).await
+    }
+
+    async fn spawn_with(&self, timeouts: HandoverTimeouts) -> Result<Member, String> {
         let n = self.incarnation.fetch_add(1, Ordering::SeqCst) + 1;
         let worker = format!("m{n}");
         // Alternate the pools so both see every fault.
@@ -330,11 +445,14 @@ impl Ctx {
                     .map_err(|e| format!("consumer runtime: {e}"))?;
                 let (target, group, topics) =
                     (self.target.clone(), self.group.clone(), self.topics.clone());
-                let sink: Arc<dyn Sink> = Arc::new(self.checker.clone());
+                let sink: Arc<dyn Sink> = Arc::new(LocalSink {
+                    checker: self.checker.clone(),
+                    fenced: self.fenced.clone(),
+                });
                 let bus = rt
                     .spawn(async move {
                         let pool = backend::pool(pool).await?;
-                        let bus = backend::bus(&target, &group, pool).await?;
+                        let bus = backend::bus_with(&target, &group, pool, timeouts).await?;
                         handler::subscribe(&bus, &topics, profile, sink).await?;
                         Ok::<_, eventbus_core::Error>(bus)
                     })
@@ -342,7 +460,11 @@ impl Ctx {
                     .map_err(|e| format!("consumer setup task: {e}"))
                     .and_then(|r| r.map_err(|e| format!("consumer {worker}: {e}")));
                 match bus {
-                    Ok(bus) => Ok(Member::Memory { rt, bus }),
+                    Ok(bus) => Ok(Member::Memory {
+                        name: worker,
+                        rt,
+                        bus,
+                    }),
                     Err(e) => {
                         let _ = tokio::task::spawn_blocking(move || drop(rt)).await;
                         Err(e)
@@ -354,11 +476,12 @@ impl Ctx {
                     .opts
                     .consumer_bin
                     .clone()
-                    .ok_or("the chaos-consumer binary is needed for kafka and nats")?;
+                    .ok_or("the consumer binary is needed for kafka and nats")?;
                 let log = std::fs::File::create(self.logs.join(format!("{worker}.log")))
                     .map_err(|e| format!("consumer log: {e}"))?;
                 let mut cmd = tokio::process::Command::new(&bin);
-                cmd.arg("--backend")
+                cmd.args(&self.opts.consumer_args)
+                    .arg("--backend")
                     .arg(self.opts.backend.to_string())
                     .args(["--target", t])
                     .args(["--envelope-topic", &self.topics.envelope])
@@ -366,28 +489,54 @@ impl Ctx {
                     .args(["--group", &self.group])
                     .args(["--pool", &pool.to_string()])
                     .args(profile.to_args())
+                    .args([
+                        "--drain-ms".to_owned(),
+                        timeouts.drain.as_millis().to_string(),
+                        "--handover-ms".to_owned(),
+                        timeouts.handover.as_millis().to_string(),
+                    ])
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::from(log))
                     .kill_on_drop(true);
+                if std::env::var_os("RUST_LOG").is_none() {
+                    // The log keeps the hand-overs: assignments, revokes, leases,
+                    // drains and fences that ran out of time.
+                    cmd.env("RUST_LOG", CONSUMER_LOG);
+                }
                 let mut child = cmd
                     .spawn()
                     .map_err(|e| format!("start {}: {e}", bin.display()))?;
                 let stdout = child.stdout.take().ok_or("consumer stdout")?;
                 let stdin = child.stdin.take();
-                let (checker, bad) = (self.checker.clone(), self.bad_lines.clone());
+                let (checker, bad, fenced) = (
+                    self.checker.clone(),
+                    self.bad_lines.clone(),
+                    self.fenced.clone(),
+                );
+                let progress = Arc::new(Progress::default());
+                let seen = progress.clone();
                 let reader = tokio::spawn(async move {
                     let mut lines = tokio::io::BufReader::new(stdout).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
                         match parse_line(&line) {
-                            Some(Ok(Report::Delivered(d))) => checker.delivered(&d),
+                            Some(Ok(Report::Delivered(d))) => {
+                                checker.delivered(&d);
+                                seen.delivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(Ok(Report::Subscribed)) => {
+                                seen.subscribed.store(true, Ordering::Relaxed);
+                            }
                             Some(Ok(Report::GivenUp(id))) => checker.given_up(id),
+                            Some(Ok(Report::StartedFenced(f))) => fenced.push(f),
                             Some(Err(e)) => bad.lock().expect("bad lines").push(e),
                             None => bad.lock().expect("bad lines").push(line),
                         }
                     }
                 });
                 Ok(Member::Child {
+                    name: worker,
+                    progress,
                     child,
                     stdin,
                     reader,
@@ -398,10 +547,42 @@ impl Ctx {
 }
 
 impl Member {
+    /// The worker name of this incarnation (`m<n>`).
+    fn name(&self) -> &str {
+        match self {
+            Member::Memory { name, .. } | Member::Child { name, .. } => name,
+        }
+    }
+
+    /// Wait until this member is ready to take work over, as a readiness probe
+    /// would before the old member of a rolling update is stopped: Kafka, it has
+    /// handled a message (the rebalance that let it in is over); NATS, it has
+    /// subscribed (it stands by for the lease, which moves only when the old
+    /// member leaves). Whether it became ready within `limit`.
+    async fn ready(&self, backend: Backend, limit: Duration) -> bool {
+        let Member::Child { progress, .. } = self else {
+            return true;
+        };
+        let deadline = Instant::now() + limit;
+        loop {
+            let ready = match backend {
+                Backend::Kafka => progress.delivered.load(Ordering::Relaxed) > 0,
+                _ => progress.subscribed.load(Ordering::Relaxed),
+            };
+            if ready {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            pause(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Crash: no close, no drain, no commit.
     async fn kill(self) {
         match self {
-            Member::Memory { rt, bus } => {
+            Member::Memory { rt, bus, .. } => {
                 // Every task of this consumer (fetch loop, pool workers, handlers)
                 // is dropped at its next await; nothing is committed any more. A
                 // runtime cannot be dropped on an async thread.
@@ -417,6 +598,7 @@ impl Member {
                 mut child,
                 stdin,
                 reader,
+                ..
             } => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
@@ -429,7 +611,7 @@ impl Member {
     /// Leave cleanly: close (drain, commit), then stop.
     async fn leave(self, limit: Duration) -> Result<(), String> {
         match self {
-            Member::Memory { rt, bus } => {
+            Member::Memory { rt, bus, .. } => {
                 let closed = rt
                     .spawn(async move { bus.close().await })
                     .await
@@ -446,6 +628,7 @@ impl Member {
                 mut child,
                 stdin,
                 reader,
+                ..
             } => {
                 drop(stdin);
                 let status = match tokio::time::timeout(limit, child.wait()).await {
@@ -550,30 +733,40 @@ fn produce(
                     MessageClass::Envelope,
                 )
             };
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                let r = if plain {
-                    publisher
-                        .publish(&topics.plain, handler::plain_record(&stamp))
-                        .await
-                } else {
-                    publisher
-                        .publish_envelope(&topics.envelope, &handler::envelope_of(&stamp))
-                        .await
-                };
-                match r {
-                    Ok(_) => break,
-                    Err(e) if Instant::now() < deadline => {
-                        retries.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(error = %e, "publish failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => return Err(format!("publish of {} failed for 120s: {e}", stamp.id)),
-                }
-            }
+            publish(&publisher, &topics, &stamp, &retries).await?;
         }
         Ok(())
     })
+}
+
+/// Publish one stamped message, retried until the broker takes it (120 s at most).
+async fn publish(
+    publisher: &SharedBus,
+    topics: &Topics,
+    stamp: &Stamp,
+    retries: &AtomicU64,
+) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = if stamp.class == MessageClass::Plain {
+            publisher
+                .publish(&topics.plain, handler::plain_record(stamp))
+                .await
+        } else {
+            publisher
+                .publish_envelope(&topics.envelope, &handler::envelope_of(stamp))
+                .await
+        };
+        match r {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "publish failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(format!("publish of {} failed for 120s: {e}", stamp.id)),
+        }
+    }
 }
 
 async fn pause(d: Duration) {
@@ -617,6 +810,54 @@ async fn apply(
                 *primary = Some(second);
             }
             pause(phase / 2).await;
+        }
+        (Fault::RollingDeploy, _) => {
+            // As a Kubernetes rolling update: start the new member, wait until it
+            // is ready (Kafka: a rebalance moved partitions off the old member,
+            // fencing their queued work, and the new one handles messages; NATS:
+            // it stands by for the lease), let both run a little, then close the
+            // old one while its queues are still deep. The memory broker takes one
+            // member per group and topic, so there the old member closes first and
+            // the new one joins after it.
+            let one_at_a_time = matches!(broker, Broker::Memory(_));
+            let steps = ctx.opts.rolling_steps.max(1);
+            let step = phase / steps;
+            for i in 1..=steps {
+                let started = Instant::now();
+                let burst = ctx.burst();
+                pause(step / 10).await;
+                let next = if one_at_a_time {
+                    None
+                } else {
+                    let joined = Instant::now();
+                    let next = ctx.spawn_with(ctx.opts.rolling_timeouts).await?;
+                    let ready = next.ready(ctx.opts.backend, limit).await;
+                    let waited = joined.elapsed();
+                    pause(step / 4).await;
+                    Some((next, ready, waited))
+                };
+                let joined = match &next {
+                    Some((n, true, waited)) => format!("{} ready after {waited:.1?}; ", n.name()),
+                    Some((n, false, waited)) => {
+                        format!("{} NOT ready after {waited:.1?}; ", n.name())
+                    }
+                    None => String::new(),
+                };
+                ctx.say(&format!(
+                    "rolling {i}/{steps}: {joined}closing {} with {} envelope messages outstanding",
+                    primary.as_ref().map_or("-", |m| m.name()),
+                    ctx.checker.envelope_outstanding()
+                ));
+                if let Some(old) = primary.take() {
+                    old.leave(limit).await?;
+                }
+                *primary = Some(match next {
+                    Some((next, ..)) => next,
+                    None => ctx.spawn_with(ctx.opts.rolling_timeouts).await?,
+                });
+                burst.await.map_err(|e| format!("burst: {e}"))??;
+                pause(step.saturating_sub(started.elapsed())).await;
+            }
         }
         (Fault::CommitErrors | Fault::FetchErrors | Fault::HeartbeatErrors, Broker::Kafka(c)) => {
             use RDKafkaRespErr::*;
@@ -688,6 +929,7 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     }
     let started = Instant::now();
     let (broker, publisher, topics) = setup(opts.backend).await?;
+    let retries = Arc::new(AtomicU64::new(0));
     let logs = std::env::temp_dir().join(format!("eventbus-chaos-{}", std::process::id()));
     std::fs::create_dir_all(&logs).map_err(|e| format!("log folder: {e}"))?;
     let ctx = Ctx {
@@ -698,6 +940,10 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         incarnation: AtomicU64::new(0),
         second_members: AtomicU64::new(0),
         bad_lines: Arc::default(),
+        fenced: FencedStarts::default(),
+        publisher: publisher.clone(),
+        retries: retries.clone(),
+        started,
         logs: logs.clone(),
         opts,
     };
@@ -706,7 +952,6 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     }
     let mut primary = Some(ctx.spawn().await?);
     let stop = Arc::new(AtomicBool::new(false));
-    let retries = Arc::new(AtomicU64::new(0));
     let producer = produce(
         &ctx.opts,
         publisher.clone(),
@@ -726,7 +971,7 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     while started.elapsed() < ctx.opts.duration {
         let fault = rotation[i % rotation.len()];
         i += 1;
-        ctx.say(started, &format!("fault: {fault}"));
+        ctx.say(&format!("fault: {fault}"));
         apply(fault, &ctx, &broker, &mut primary).await?;
         *faults.entry(fault.to_string()).or_insert(0) += 1;
     }
@@ -734,17 +979,18 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     producer
         .await
         .map_err(|e| format!("producer task: {e}"))??;
-    ctx.say(started, "faults over, producer stopped; settling");
+    ctx.say("faults over, producer stopped; settling");
     let settled = ctx.checker.wait_settled(ctx.opts.settle).await;
     if let Err(e) = &settled {
-        ctx.say(started, e);
+        ctx.say(e);
     }
     if let Some(m) = primary.take() {
         if let Err(e) = m.leave(Duration::from_secs(30)).await {
-            ctx.say(started, &format!("last consumer: {e}"));
+            ctx.say(&format!("last consumer: {e}"));
         }
     }
     let _ = publisher.close().await;
+    let fenced_starts = ctx.fenced.all();
     drop(broker);
     let bad_lines = ctx.bad_lines.lock().expect("bad lines").clone();
     Ok(Outcome {
@@ -756,5 +1002,6 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         bad_lines,
         elapsed: started.elapsed(),
         settled: settled.is_ok(),
+        fenced_starts,
     })
 }

@@ -39,15 +39,15 @@ async fn check(o: Options) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_survives_the_fault_rotation() {
-    check(options(Backend::Memory, 12)).await;
+    check(options(Backend::Memory, 18)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_survives_the_fault_rotation() {
-    check(options(Backend::Kafka, 30)).await;
+    check(options(Backend::Kafka, 55)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_survives_the_fault_rotation() {
-    check(options(Backend::Nats, 24)).await;
+    check(options(Backend::Nats, 30)).await;
 }

@@ -1,0 +1,155 @@
+//! One consumer process of a chaos run (Kafka or NATS): joins the group, handles
+//! both topics with the handlers of [`crate::handler`], reports each delivery as a
+//! line on standard output, and closes cleanly when standard input ends. The run
+//! kills it with `SIGKILL` to simulate a crash.
+//!
+//! Both binaries run it: `chaos-consumer [args]` and `chaos consumer [args]`. The
+//! run starts the second form of its own executable, so the consumer is always
+//! built from the same sources as the run (`cargo run --bin chaos`, which is what
+//! `cargo xtask chaos` does, builds only the `chaos` binary).
+//!
+//! ```text
+//! chaos-consumer --backend kafka|nats --target <brokers|url> --envelope-topic T
+//!     --plain-topic P --group G [--pool keyed|actor] [--worker NAME]
+//!     [--error-rate F] [--panic-rate F] [--stuck-key K --stuck-ms MS --stuck-every N]
+//!     [--slow-prefix PREFIX --slow-ms MS] [--drain-ms MS] [--handover-ms MS]
+//! ```
+
+use crate::backend::{self, Backend, HandoverTimeouts, PoolChoice, Target};
+use crate::handler::{self, Profile, StdoutSink, Topics};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+struct Args {
+    backend: Backend,
+    target: String,
+    topics: Topics,
+    group: String,
+    pool: PoolChoice,
+    profile: Profile,
+    timeouts: HandoverTimeouts,
+}
+
+fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
+    let mut backend = None;
+    let mut target = None;
+    let mut envelope = None;
+    let mut plain = None;
+    let mut group = None;
+    let mut pool = PoolChoice::Keyed;
+    let mut profile = Profile::calm("consumer");
+    let mut timeouts = HandoverTimeouts::default();
+    let mut args = args.into_iter();
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| format!("{flag}: a value is required"))
+        };
+        let float = |v: String, flag: &str| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|f| (0.0..=1.0).contains(f))
+                .ok_or_else(|| format!("{flag}: expected a number within 0..=1, got `{v}`"))
+        };
+        let millis = |v: String, flag: &str| {
+            v.parse()
+                .map(Duration::from_millis)
+                .map_err(|_| format!("{flag}: expected milliseconds, got `{v}`"))
+        };
+        match flag.as_str() {
+            "--backend" => backend = Some(value()?.parse()?),
+            "--target" => target = Some(value()?),
+            "--envelope-topic" => envelope = Some(value()?),
+            "--plain-topic" => plain = Some(value()?),
+            "--group" => group = Some(value()?),
+            "--pool" => pool = value()?.parse()?,
+            "--worker" => profile.worker = value()?,
+            "--error-rate" => profile.error_rate = float(value()?, "--error-rate")?,
+            "--panic-rate" => profile.panic_rate = float(value()?, "--panic-rate")?,
+            "--stuck-key" => profile.stuck_key = Some(value()?),
+            "--stuck-ms" => profile.stuck_for = millis(value()?, "--stuck-ms")?,
+            "--stuck-every" => {
+                let v = value()?;
+                profile.stuck_every = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("--stuck-every: expected a positive count, got `{v}`")
+                })?;
+            }
+            "--slow-prefix" => profile.slow_prefix = Some(value()?),
+            "--slow-ms" => profile.slow_for = millis(value()?, "--slow-ms")?,
+            "--drain-ms" => timeouts.drain = millis(value()?, "--drain-ms")?,
+            "--handover-ms" => timeouts.handover = millis(value()?, "--handover-ms")?,
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    let need = |v: Option<String>, flag: &str| v.ok_or_else(|| format!("{flag} is required"));
+    Ok(Args {
+        backend: backend.ok_or("--backend is required")?,
+        target: need(target, "--target")?,
+        topics: Topics {
+            envelope: need(envelope, "--envelope-topic")?,
+            plain: need(plain, "--plain-topic")?,
+        },
+        group: need(group, "--group")?,
+        pool,
+        profile,
+        timeouts,
+    })
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let target = match args.backend {
+        Backend::Kafka => Target::Kafka(args.target),
+        Backend::Nats => Target::Nats(args.target),
+        Backend::Memory => {
+            return Err(
+                "--backend memory runs in process; the consumer process is for kafka and nats"
+                    .into(),
+            )
+        }
+    };
+    let pool = backend::pool(args.pool).await.map_err(|e| e.to_string())?;
+    let bus = backend::bus_with(&target, &args.group, pool, args.timeouts)
+        .await
+        .map_err(|e| format!("create bus: {e}"))?;
+    handler::subscribe(&bus, &args.topics, args.profile, Arc::new(StdoutSink))
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    handler::report_subscribed();
+    // Run until standard input ends (the parent closed it: leave cleanly).
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while stdin.read(&mut buf).await.map(|n| n > 0).unwrap_or(false) {}
+    bus.close().await.map_err(|e| format!("close: {e}"))
+}
+
+/// Run a consumer process with `args` (the arguments after the program name, or
+/// after `chaos consumer`). Call [`crate::init_process`] first.
+pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
+    let args = match parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("chaos-consumer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chaos-consumer: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chaos-consumer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

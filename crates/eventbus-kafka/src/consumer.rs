@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{ConsumerCtx, ConsumerShared, FetchEvent, Owned};
+use crate::context::{ConsumerCtx, ConsumerShared, FetchEvent, Owned, Revoking};
 use crate::metrics as km;
 
 pub(crate) type KConsumer = BaseConsumer<ConsumerCtx>;
@@ -340,10 +340,7 @@ impl ConsumeLoop {
                     drop(permit);
                 }
                 Step::Event(Some(FetchEvent::Assigned(parts))) => self.on_assigned(parts),
-                Step::Event(Some(FetchEvent::Revoke(parts, reply))) => {
-                    self.on_revoke(parts).await;
-                    let _ = reply.send(());
-                }
+                Step::Event(Some(FetchEvent::Revoke(revoking))) => self.on_revoke(revoking).await,
                 Step::Event(Some(FetchEvent::Lost(parts))) => self.on_lost(parts),
                 Step::Event(None) => {
                     // The fetching thread stopped: nothing more will arrive.
@@ -491,15 +488,31 @@ impl ConsumeLoop {
     /// partitions starts, running handlers are cancelled), wait for the running
     /// handlers within `handover_timeout`, then store the watermarks for the
     /// commit librdkafka makes before the partitions leave.
-    async fn on_revoke(&mut self, owned: Vec<Owned>) {
+    async fn on_revoke(&mut self, revoking: Revoking) {
+        let Revoking {
+            owned,
+            drain_until,
+            until,
+            reply,
+        } = revoking;
+        self.hand_over(
+            owned,
+            Instant::from_std(drain_until),
+            Instant::from_std(until),
+        )
+        .await;
+        let _ = reply.send(());
+    }
+
+    /// [`on_revoke`](Self::on_revoke) on the callback's timeline: queued work may
+    /// start until `drain_until`, running handlers are waited for until `until`.
+    async fn hand_over(&mut self, owned: Vec<Owned>, drain_until: Instant, until: Instant) {
         let parts: Vec<(String, i32)> = owned
             .iter()
             .filter(|(t, p, scope)| self.owns_under(t, *p, scope))
             .map(|(t, p, _)| (t.clone(), *p))
             .collect();
-        let drained = self
-            .settle_until(&parts, false, Instant::now() + self.drain_timeout)
-            .await;
+        let drained = self.settle_until(&parts, false, drain_until).await;
         if !drained {
             tracing::warn!(in_flight = self.busy(&parts, false), timeout = ?self.drain_timeout,
                 "revoked partitions not drained in time; their queued work is fenced and redelivered");
@@ -509,9 +522,7 @@ impl ConsumeLoop {
                 ts.set.fence(*p);
             }
         }
-        let idle = self
-            .settle_until(&parts, true, Instant::now() + self.handover_timeout)
-            .await;
+        let idle = self.settle_until(&parts, true, until).await;
         if !idle {
             tracing::warn!(running = self.busy(&parts, true), timeout = ?self.handover_timeout,
                 "a handler of revoked partitions still runs past the hand-over timeout");
@@ -849,8 +860,8 @@ impl ConsumeLoop {
         // redelivered), then drain in-flight work within the bound.
         self.events.close();
         while let Ok(ev) = self.events.try_recv() {
-            if let FetchEvent::Revoke(_, reply) = ev {
-                let _ = reply.send(());
+            if let FetchEvent::Revoke(revoking) = ev {
+                let _ = revoking.reply.send(());
             }
         }
         let parts: Vec<(String, i32)> = self

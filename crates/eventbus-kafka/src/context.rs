@@ -66,7 +66,7 @@ pub(crate) enum FetchEvent {
     Assigned(Vec<Owned>),
     /// Partitions about to be taken away: drain, fence, wait for running handlers,
     /// store the watermark, then reply.
-    Revoke(Vec<Owned>, std_mpsc::SyncSender<()>),
+    Revoke(Revoking),
     /// Partitions lost without a hand-over (the member was evicted): their scopes
     /// are fenced already; forget them, commit nothing.
     Lost(Vec<Owned>),
@@ -74,6 +74,18 @@ pub(crate) enum FetchEvent {
 
 /// A partition owned by this member, and the scope of that ownership.
 pub(crate) type Owned = (String, i32, Scope);
+
+/// A revoke handed to the dispatch loop, with the callback's deadlines: the loop
+/// and the callback keep one timeline.
+pub(crate) struct Revoking {
+    pub(crate) owned: Vec<Owned>,
+    /// Until when queued work of the partitions may still start.
+    pub(crate) drain_until: Instant,
+    /// Until when the hand-over waits for running handlers.
+    pub(crate) until: Instant,
+    /// Told once the watermarks are stored.
+    pub(crate) reply: std_mpsc::SyncSender<()>,
+}
 
 /// State shared by the consumer callbacks, the dispatch loop and the bus.
 #[derive(Debug)]
@@ -204,21 +216,6 @@ impl ConsumerShared {
             })
             .collect()
     }
-
-    /// Fence every scope of `owned` and wait, until `deadline`, for their running
-    /// handlers; whether none still runs.
-    fn fence_and_wait(owned: &[Owned], deadline: Instant) -> bool {
-        owned.iter().for_each(|(_, _, s)| s.fence());
-        loop {
-            if owned.iter().all(|(_, _, s)| s.running() == 0) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(HAND_OFF_POLL);
-        }
-    }
 }
 
 /// Consumer callbacks.
@@ -276,20 +273,42 @@ impl ConsumerCtx {
             return;
         }
         let started = Instant::now();
-        let deadline = started + self.drain_timeout + self.handover_timeout;
-        let (tx, rx) = std_mpsc::sync_channel(1);
+        let drain_until = started + self.drain_timeout;
+        let until = drain_until + self.handover_timeout;
+        let (reply, rx) = std_mpsc::sync_channel(1);
         // Messages polled before the revoke go first.
-        let event = FetchEvent::Revoke(owned.clone(), tx);
-        let answered = self.shared.hand_off(&self.events, event, &owned, deadline)
+        let event = FetchEvent::Revoke(Revoking {
+            owned: owned.clone(),
+            drain_until,
+            until,
+            reply,
+        });
+        let sent = self
+            .shared
+            .hand_off(&self.events, event, &owned, drain_until);
+        if sent
             && rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .is_ok();
-        if answered {
+                .recv_timeout(drain_until.saturating_duration_since(Instant::now()))
+                .is_ok()
+        {
             return;
         }
-        // The loop did not hand over in time (stuck on a refusing pool, say): raise
-        // the fence here, and give running handlers what is left of the bound.
-        let idle = ConsumerShared::fence_and_wait(&owned, deadline.max(Instant::now()));
+        // The drain time is up. The loop fences too when it has the revoke; but it
+        // may still be admitting a batch (waiting for room in full worker queues)
+        // or stuck on a pool that refuses work: raise the fence here, on time.
+        owned.iter().for_each(|(_, _, s)| s.fence());
+        // Running handlers get the hand-over time; the loop, once it has the
+        // revoke, stores the watermarks and answers.
+        let idle = loop {
+            if sent && rx.try_recv().is_ok() {
+                return;
+            }
+            let idle = owned.iter().all(|(_, _, s)| s.running() == 0);
+            if (idle && !sent) || Instant::now() >= until {
+                break idle;
+            }
+            std::thread::sleep(HAND_OFF_POLL);
+        };
         if !idle {
             self.shared
                 .handover_overruns

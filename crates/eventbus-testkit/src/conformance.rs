@@ -685,6 +685,100 @@ pub async fn health_and_close(bus: &dyn BusFactory, pools: &PoolFactory) {
     assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
 }
 
+/// An aggregate whose handler always fails, with no dead-letter destination,
+/// across three hand-overs (each bus closes while the key is stuck, with short
+/// drain and hand-over timeouts): it holds its worker and is never acknowledged or
+/// committed past, so it comes back to every next bus and, once its handler
+/// succeeds, is handled; every other aggregate is handled in order, none lost.
+pub async fn stuck_key_without_dead_letters_survives_hand_overs(
+    bus: &dyn BusFactory,
+    pools: &PoolFactory,
+) {
+    let mut config = quick_config();
+    config.consumer.group_id = random_topic("group");
+    config.dead_letter.enabled = false;
+    config.consumer.drain_timeout = Duration::from_millis(100);
+    config.consumer.handover_timeout = Duration::from_millis(200);
+    let topic = random_topic("stuck");
+    let workers = PoolSpec::default().workers;
+    let slot_of = |k: &str| eventbus_core::slot(eventbus_core::stable_hash(k.as_bytes()), workers);
+    // Aggregates that never share the stuck one's worker (it holds that worker).
+    let keys: Vec<String> = (0..100)
+        .map(|i| format!("s-{i}"))
+        .filter(|k| slot_of(k) != slot_of("stuck"))
+        .take(6)
+        .collect();
+    let checker = DeliveryChecker::new();
+    let first = new_bus(bus, pools, config.clone()).await;
+    first
+        .configure_topic(&topic, partitions(bus, 1))
+        .await
+        .expect("configure topic");
+    first
+        .publish_envelope(&topic, &env("stuck", 0))
+        .await
+        .expect("publish");
+    for i in 0..120 {
+        let key = &keys[i % keys.len()];
+        let seq = checker.produce(key);
+        first
+            .publish_envelope(&topic, &env(key, seq))
+            .await
+            .expect("publish");
+    }
+    within("close the publishing bus", first.close())
+        .await
+        .expect("close");
+    let stuck_calls = Arc::new(AtomicU64::new(0));
+    for round in 0..4 {
+        // The last bus lets the stuck aggregate through.
+        let last = round == 3;
+        let b = new_bus(bus, pools, config.clone()).await;
+        let calls = stuck_calls.load(Ordering::SeqCst);
+        let (c, n) = (checker.clone(), stuck_calls.clone());
+        b.subscribe_envelope(&topic, move |e: Event| {
+            let (c, n) = (c.clone(), n.clone());
+            async move {
+                if e.envelope.aggregate_id == "stuck" {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    return if last {
+                        Ok(())
+                    } else {
+                        Err(HandlerError::transient("always fails"))
+                    };
+                }
+                c.handled(&e.envelope.aggregate_id, seq_of(&e));
+                Ok(())
+            }
+        })
+        .await
+        .expect("subscribe");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while stuck_calls.load(Ordering::SeqCst) <= calls {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: the stuck message did not come back to bus {round}",
+                bus.name()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if round == 2 {
+            checker
+                .wait_all_handled(WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", bus.name()));
+        }
+        within("close", b.close()).await.expect("close");
+    }
+    let r = checker.report();
+    assert!(
+        r.lost.is_empty() && r.unexpected.is_empty(),
+        "{}: {r}",
+        bus.name()
+    );
+    assert!(r.order_violations.is_empty(), "{}: {r}", bus.name());
+}
+
 /// Every check, in turn.
 pub async fn run_all(bus: &dyn BusFactory, pools: &PoolFactory) {
     envelopes_handled_in_order_per_aggregate(bus, pools).await;
@@ -699,5 +793,6 @@ pub async fn run_all(bus: &dyn BusFactory, pools: &PoolFactory) {
     health_and_close(bus, pools).await;
     if bus.capabilities().resume_in_group {
         restart_resumes_without_loss(bus, pools).await;
+        stuck_key_without_dead_letters_survives_hand_overs(bus, pools).await;
     }
 }

@@ -779,6 +779,89 @@ pub async fn stuck_key_without_dead_letters_survives_hand_overs(
     assert!(r.order_violations.is_empty(), "{}: {r}", bus.name());
 }
 
+/// With no dead-letter destination, a payload that is not a valid envelope is held,
+/// and so is its aggregate: later messages of it wait behind it, the key is
+/// reported stuck, and other aggregates go on.
+pub async fn invalid_envelope_without_dead_letters_holds_its_key(
+    bus: &dyn BusFactory,
+    pools: &PoolFactory,
+) {
+    let mut config = quick_config();
+    config.dead_letter.enabled = false;
+    // The held message never finishes: close hands it over after the drain.
+    config.consumer.drain_timeout = Duration::from_millis(200);
+    let b = new_bus(bus, pools, config).await;
+    let topic = random_topic("held");
+    b.configure_topic(&topic, partitions(bus, 1))
+        .await
+        .expect("configure topic");
+    let workers = PoolSpec::default().workers;
+    let slot_of = |k: &str| eventbus_core::slot(eventbus_core::stable_hash(k.as_bytes()), workers);
+    let others: Vec<String> = (0..100)
+        .map(|i| format!("o-{i}"))
+        .filter(|k| slot_of(k) != slot_of("held"))
+        .take(4)
+        .collect();
+    let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let s = seen.clone();
+    b.subscribe_envelope(&topic, move |e: Event| {
+        let s = s.clone();
+        async move {
+            s.lock()
+                .unwrap()
+                .push((e.envelope.aggregate_id.clone(), seq_of(&e)));
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    b.publish_envelope(&topic, &env("held", 0))
+        .await
+        .expect("publish");
+    b.publish(&topic, Record::new("not an envelope").with_key("held"))
+        .await
+        .expect("publish");
+    b.publish_envelope(&topic, &env("held", 1))
+        .await
+        .expect("publish");
+    for k in &others {
+        b.publish_envelope(&topic, &env(k, 0))
+            .await
+            .expect("publish");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let done = {
+            let seen = seen.lock().unwrap();
+            others.iter().all(|k| seen.contains(&(k.clone(), 0)))
+                && seen.contains(&("held".to_owned(), 0))
+        };
+        let health = b.health().await;
+        let stuck = health.component("dispatcher").is_some_and(|c| {
+            c.status == eventbus_core::HealthStatus::Degraded
+                && c.reason.as_deref().is_some_and(|r| r.contains("held"))
+        });
+        if done && stuck {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: other aggregates handled and `held` reported stuck (seen {:?}, health {health:?})",
+            bus.name(),
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Everything published after the invalid payload on other aggregates is done,
+    // so `held#1` would have run by now if the key were not held.
+    assert!(
+        !seen.lock().unwrap().contains(&("held".to_owned(), 1)),
+        "{}: a message of `held` ran behind its invalid payload",
+        bus.name()
+    );
+    within("close", b.close()).await.expect("close");
+}
+
 /// Every check, in turn.
 pub async fn run_all(bus: &dyn BusFactory, pools: &PoolFactory) {
     envelopes_handled_in_order_per_aggregate(bus, pools).await;
@@ -786,6 +869,7 @@ pub async fn run_all(bus: &dyn BusFactory, pools: &PoolFactory) {
     transient_failures_retried_in_order(bus, pools).await;
     exhausted_envelope_is_dead_lettered(bus, pools).await;
     invalid_envelope_dead_lettered_without_retry(bus, pools).await;
+    invalid_envelope_without_dead_letters_holds_its_key(bus, pools).await;
     plain_failures_not_retried(bus, pools).await;
     slow_aggregate_does_not_block_others(bus, pools).await;
     invalid_publish_rejected(bus, pools).await;

@@ -862,6 +862,75 @@ pub async fn invalid_envelope_without_dead_letters_holds_its_key(
     within("close", b.close()).await.expect("close");
 }
 
+/// A subscribe of a topic whose unsubscribe is still handing over waits for the
+/// hand-over (bounded, else a `Conflict`): the old consumer's in-flight message is
+/// never dropped by the new subscription taking its place, and it reaches the new
+/// subscription.
+pub async fn resubscribe_while_unsubscribing_waits_for_the_handover(
+    bus: &dyn BusFactory,
+    pools: &PoolFactory,
+) {
+    let mut config = quick_config();
+    config.consumer.group_id = random_topic("group");
+    config.consumer.drain_timeout = Duration::from_millis(100);
+    let b = new_bus(bus, pools, config).await;
+    let topic = random_topic("resubscribe");
+    b.configure_topic(&topic, partitions(bus, 1))
+        .await
+        .expect("configure topic");
+    // The old subscription's handler holds the message until it is handed over.
+    let (started_tx, started_rx) = oneshot::channel::<()>();
+    let started_tx = Arc::new(Mutex::new(Some(started_tx)));
+    let old_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended = old_ended.clone();
+    b.subscribe_envelope(&topic, move |e: Event| {
+        let (started_tx, ended) = (started_tx.clone(), ended.clone());
+        async move {
+            if let Some(tx) = started_tx.lock().unwrap().take() {
+                tx.send(()).ok();
+            }
+            e.cancellation().cancelled().await;
+            ended.store(true, Ordering::SeqCst);
+            Err(HandlerError::transient("handed over"))
+        }
+    })
+    .await
+    .expect("subscribe");
+    b.publish_envelope(&topic, &env("a", 0))
+        .await
+        .expect("publish");
+    within("the old handler starts", started_rx)
+        .await
+        .expect("sender kept");
+    // Start the unsubscribe (its hand-over runs on its own) and subscribe again.
+    let mut unsubscribe = std::pin::pin!(b.unsubscribe(&topic));
+    assert!(futures::poll!(&mut unsubscribe).is_pending());
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(4);
+    // The hand-over ends well within the bound (the drain is 100 ms and the handler
+    // stops when cancelled), so the subscribe waits for it and succeeds.
+    within(
+        "the subscribe returns",
+        b.subscribe_envelope(&topic, move |e: Event| {
+            let tx = tx.clone();
+            async move {
+                tx.send(e.envelope.aggregate_id.clone()).await.ok();
+                Ok::<(), HandlerError>(())
+            }
+        }),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}: subscribe after the hand-over: {e}", bus.name()));
+    assert!(
+        old_ended.load(Ordering::SeqCst),
+        "{}: the new subscription started before the old one handed over",
+        bus.name()
+    );
+    unsubscribe.await.expect("unsubscribe");
+    let got = within("the message reaches the new subscription", rx.recv()).await;
+    assert_eq!(got.as_deref(), Some("a"), "{}", bus.name());
+    within("close", b.close()).await.expect("close");
+}
+
 /// Every check, in turn.
 pub async fn run_all(bus: &dyn BusFactory, pools: &PoolFactory) {
     envelopes_handled_in_order_per_aggregate(bus, pools).await;
@@ -874,6 +943,7 @@ pub async fn run_all(bus: &dyn BusFactory, pools: &PoolFactory) {
     slow_aggregate_does_not_block_others(bus, pools).await;
     invalid_publish_rejected(bus, pools).await;
     unsubscribe_stops_delivery(bus, pools).await;
+    resubscribe_while_unsubscribing_waits_for_the_handover(bus, pools).await;
     health_and_close(bus, pools).await;
     if bus.capabilities().resume_in_group {
         restart_resumes_without_loss(bus, pools).await;

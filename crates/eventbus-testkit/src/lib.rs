@@ -9,6 +9,8 @@ pub mod factories;
 pub mod kafka_cluster;
 #[cfg(feature = "nats-server")]
 pub mod nats_server;
+#[cfg(feature = "out-of-service")]
+pub mod out_of_service;
 pub mod panics;
 pub mod poison;
 pub mod pool_suite;

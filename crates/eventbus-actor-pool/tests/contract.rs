@@ -1,5 +1,5 @@
-//! The shared pool contract, the randomised dispatcher workload and the bus
-//! conformance suite (memory backend), all on the actor pool.
+//! The shared pool contract and the randomised dispatcher workload on the actor
+//! pool (the bus conformance suite runs on it in each backend's tests).
 
 use eventbus_testkit::quiet_deliberate_panics;
 use std::sync::Arc;
@@ -7,22 +7,13 @@ use std::time::Duration;
 
 use eventbus_actor_pool::ActorPool;
 use eventbus_core::{ActorPoolConfig, Pool};
-use eventbus_memory::MemoryBroker;
-use eventbus_testkit::conformance;
-use eventbus_testkit::factories::{actor_pools, MemoryBuses};
+use eventbus_testkit::factories::actor_pools;
 use eventbus_testkit::pool_suite::{self, Step};
 use proptest::prelude::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn actor_pool_meets_the_pool_contract() {
-    quiet_deliberate_panics();
-    pool_suite::run_all(&actor_pools()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_bus_on_the_actor_pool_passes_the_conformance_suite() {
-    quiet_deliberate_panics();
-    conformance::run_all(&MemoryBuses(MemoryBroker::default()), &actor_pools()).await;
+mod contract {
+    use super::*;
+    eventbus_testkit::pool_tests!(actor_pools());
 }
 
 fn step() -> impl Strategy<Value = Step> {

@@ -1,4 +1,5 @@
-//! The testkit conformance suite on Kafka, with the keyed pool and the actor pool.
+//! The conformance suite on Kafka (the mock cluster, or `KAFKA_BROKERS`): one test
+//! per check and pool, each on a cluster of its own.
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -6,23 +7,7 @@ mod cluster;
 mod factory;
 
 use cluster::Cluster;
-use eventbus_testkit::conformance;
-use eventbus_testkit::factories::{actor_pools, keyed_pools};
-use eventbus_testkit::pool_suite::PoolFactory;
 use factory::Kafka;
 use std::sync::Arc;
 
-async fn run(pools: PoolFactory) {
-    let cluster = Arc::new(Cluster::start());
-    conformance::run_all(&Kafka(cluster), &pools).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_with_keyed_pool_passes_the_conformance_suite() {
-    run(keyed_pools()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_with_actor_pool_passes_the_conformance_suite() {
-    run(actor_pools()).await;
-}
+eventbus_testkit::conformance_tests!(Kafka(Arc::new(Cluster::start())));

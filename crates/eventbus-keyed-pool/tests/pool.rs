@@ -7,9 +7,9 @@ use eventbus_testkit::pool_suite::{self, Step};
 use proptest::prelude::*;
 use std::sync::Arc;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pool_contract() {
-    pool_suite::run_all(&keyed_pools()).await;
+mod contract {
+    use super::*;
+    eventbus_testkit::pool_tests!(keyed_pools());
 }
 
 #[tokio::test]

@@ -694,6 +694,11 @@ pub async fn stuck_key_without_dead_letters_survives_hand_overs(
     bus: &dyn BusFactory,
     pools: &PoolFactory,
 ) {
+    assert!(
+        bus.capabilities().resume_in_group,
+        "{}: stuck_key_without_dead_letters_survives_hand_overs needs resume_in_group",
+        bus.name()
+    );
     let mut config = quick_config();
     config.consumer.group_id = random_topic("group");
     config.dead_letter.enabled = false;
@@ -931,22 +936,60 @@ pub async fn resubscribe_while_unsubscribing_waits_for_the_handover(
     within("close", b.close()).await.expect("close");
 }
 
-/// Every check, in turn.
-pub async fn run_all(bus: &dyn BusFactory, pools: &PoolFactory) {
-    envelopes_handled_in_order_per_aggregate(bus, pools).await;
-    plain_messages_arrive_intact(bus, pools).await;
-    transient_failures_retried_in_order(bus, pools).await;
-    exhausted_envelope_is_dead_lettered(bus, pools).await;
-    invalid_envelope_dead_lettered_without_retry(bus, pools).await;
-    invalid_envelope_without_dead_letters_holds_its_key(bus, pools).await;
-    plain_failures_not_retried(bus, pools).await;
-    slow_aggregate_does_not_block_others(bus, pools).await;
-    invalid_publish_rejected(bus, pools).await;
-    unsubscribe_stops_delivery(bus, pools).await;
-    resubscribe_while_unsubscribing_waits_for_the_handover(bus, pools).await;
-    health_and_close(bus, pools).await;
-    if bus.capabilities().resume_in_group {
-        restart_resumes_without_loss(bus, pools).await;
-        stuck_key_without_dead_letters_survives_hand_overs(bus, pools).await;
-    }
+/// One `#[tokio::test]` per conformance check and pool, so each check passes or
+/// fails on its own in the test output, named `<pool>::<check>`.
+///
+/// `$factory` is evaluated afresh in every test (a new broker per check where the
+/// factory starts one) and must give a value implementing [`BusFactory`]. The pools
+/// default to both: `keyed_pool` ([`factories::keyed_pools`](crate::factories::keyed_pools))
+/// and `actor_pool` ([`factories::actor_pools`](crate::factories::actor_pools));
+/// name others as `module => pool_factory_expression`. The test crate needs
+/// `tokio` (with `macros` and `rt-multi-thread`).
+///
+/// ```ignore
+/// eventbus_testkit::conformance_tests!(eventbus_testkit::factories::MemoryBuses::default());
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(
+            $factory;
+            keyed_pool => $crate::factories::keyed_pools(),
+            actor_pool => $crate::factories::actor_pools()
+        );
+    };
+    ($factory:expr; $($pool:ident => $pools:expr),+ $(,)?) => {
+        $(
+            mod $pool {
+                #[allow(unused_imports)]
+                use super::*;
+                $crate::conformance_tests!(@checks $factory, $pools;
+                    envelopes_handled_in_order_per_aggregate,
+                    plain_messages_arrive_intact,
+                    transient_failures_retried_in_order,
+                    exhausted_envelope_is_dead_lettered,
+                    invalid_envelope_dead_lettered_without_retry,
+                    invalid_envelope_without_dead_letters_holds_its_key,
+                    plain_failures_not_retried,
+                    slow_aggregate_does_not_block_others,
+                    invalid_publish_rejected,
+                    unsubscribe_stops_delivery,
+                    resubscribe_while_unsubscribing_waits_for_the_handover,
+                    health_and_close,
+                    restart_resumes_without_loss,
+                    stuck_key_without_dead_letters_survives_hand_overs,
+                );
+            }
+        )+
+    };
+    (@checks $factory:expr, $pools:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                $crate::quiet_deliberate_panics();
+                let factory = $factory;
+                $crate::conformance::$check(&factory, &$pools).await;
+            }
+        )+
+    };
 }

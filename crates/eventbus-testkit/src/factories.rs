@@ -33,16 +33,35 @@ pub fn keyed_pools() -> PoolFactory {
 /// Actor pools of the requested size.
 #[cfg(feature = "actor-pool")]
 pub fn actor_pools() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| {
+    Arc::new(|spec: PoolSpec| async move { actor_pool(spec).await as Arc<dyn Pool> }.boxed())
+}
+
+#[cfg(feature = "actor-pool")]
+async fn actor_pool(spec: PoolSpec) -> Arc<eventbus_actor_pool::ActorPool> {
+    let mut cfg = eventbus_core::ActorPoolConfig::default()
+        .size(spec.workers)
+        .inbox_size(spec.queue);
+    cfg.wait_timeout = spec.wait_timeout;
+    Arc::new(
+        eventbus_actor_pool::ActorPool::start(&cfg)
+            .await
+            .expect("valid actor pool config"),
+    )
+}
+
+/// Pool switches over a keyed and an actor pool of the requested size each, with
+/// `actor_percent` of the routes on the actor pool.
+#[cfg(feature = "switch")]
+pub fn switched_pools(actor_percent: u8) -> PoolFactory {
+    let keyed = keyed_pools();
+    Arc::new(move |spec: PoolSpec| {
+        let keyed = keyed.clone();
         async move {
-            let mut cfg = eventbus_core::ActorPoolConfig::default()
-                .size(spec.workers)
-                .inbox_size(spec.queue);
-            cfg.wait_timeout = spec.wait_timeout;
+            let keyed = keyed(spec).await;
+            let actor = actor_pool(spec).await;
             Arc::new(
-                eventbus_actor_pool::ActorPool::start(&cfg)
-                    .await
-                    .expect("valid actor pool config"),
+                eventbus::PoolSwitch::with_actor_pool(keyed, actor, actor_percent)
+                    .expect("valid actor share"),
             ) as Arc<dyn Pool>
         }
         .boxed()

@@ -9,7 +9,7 @@ pub mod factories;
 pub mod kafka_cluster;
 #[cfg(feature = "nats-server")]
 pub mod nats_server;
-#[cfg(feature = "out-of-service")]
+#[cfg(feature = "switch")]
 pub mod out_of_service;
 pub mod panics;
 pub mod poison;

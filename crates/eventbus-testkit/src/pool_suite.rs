@@ -283,14 +283,34 @@ pub async fn no_job_of_a_fenced_scope_starts(factory: &PoolFactory) {
     pool.close(Duration::from_secs(5)).await;
 }
 
-/// Every pool check.
-pub async fn run_all(factory: &PoolFactory) {
-    no_job_of_a_fenced_scope_starts(factory).await;
-    same_route_runs_in_order(factory).await;
-    different_routes_run_concurrently(factory).await;
-    full_queue_hands_job_back(factory).await;
-    closed_pool_hands_job_back(factory).await;
-    panic_becomes_outcome(factory).await;
+/// One `#[tokio::test]` per pool check, so each passes or fails on its own in the
+/// test output. `$pools` is a [`PoolFactory`] expression, evaluated in every test.
+/// The test crate needs `tokio` (with `macros` and `rt-multi-thread`).
+///
+/// ```ignore
+/// eventbus_testkit::pool_tests!(eventbus_testkit::factories::keyed_pools());
+/// ```
+#[macro_export]
+macro_rules! pool_tests {
+    ($pools:expr) => {
+        $crate::pool_tests!(@checks $pools;
+            no_job_of_a_fenced_scope_starts,
+            same_route_runs_in_order,
+            different_routes_run_concurrently,
+            full_queue_hands_job_back,
+            closed_pool_hands_job_back,
+            panic_becomes_outcome,
+        );
+    };
+    (@checks $pools:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                $crate::quiet_deliberate_panics();
+                $crate::pool_suite::$check(&$pools).await;
+            }
+        )+
+    };
 }
 
 /// One message of a [`random_workload`].

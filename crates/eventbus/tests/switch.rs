@@ -5,19 +5,20 @@ use eventbus::{
     Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError, MemoryBroker,
     MemoryEventBus, Pool, PoolSwitch, TopicConfig,
 };
-use eventbus_testkit::conformance;
-use eventbus_testkit::factories::{actor_pools, keyed_pools, MemoryBuses};
+use eventbus_testkit::factories::{actor_pools, keyed_pools, switched_pools, MemoryBuses};
 use eventbus_testkit::pool_suite::PoolSpec;
 use eventbus_testkit::DeliveryChecker;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_suite_passes_on_memory_with_both_pools() {
-    let memory = MemoryBuses(MemoryBroker::default());
-    conformance::run_all(&memory, &keyed_pools()).await;
-    conformance::run_all(&memory, &actor_pools()).await;
-}
+// The conformance suite through the switch: every route on the keyed pool, half
+// of them, and all on the actor pool.
+eventbus_testkit::conformance_tests!(
+    MemoryBuses::default();
+    switch_at_0 => switched_pools(0),
+    switch_at_50 => switched_pools(50),
+    switch_at_100 => switched_pools(100),
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_switch_under_load_keeps_order_and_loses_nothing() {

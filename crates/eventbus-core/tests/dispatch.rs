@@ -1,0 +1,328 @@
+//! The dispatcher and the in-flight set over a fake pool the test steps by hand: it
+//! queues every job and runs one only when told, so each test decides exactly what
+//! has started when a partition is fenced, rewound or revoked.
+
+use eventbus_core::{
+    CancellationToken, ComponentHealth, Dispatcher, Disposition, ErrorKind, EventBusConfig,
+    HandlerError, InFlightSet, Job, Message, Pool, PoolStats, Settled, SubmitError, Subscription,
+};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+const TOPIC: &str = "orders";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A pool that queues jobs and runs them one at a time when the test says so.
+#[derive(Debug, Default)]
+struct SteppedPool {
+    queue: Mutex<VecDeque<Job>>,
+}
+
+impl SteppedPool {
+    fn queued(&self) -> usize {
+        self.queue.lock().expect("queue").len()
+    }
+
+    /// Run the oldest queued job to its end.
+    async fn run_next(&self) {
+        let job = self.queue.lock().expect("queue").pop_front();
+        job.expect("a queued job to run").run().await;
+    }
+}
+
+impl Pool for SteppedPool {
+    fn kind(&self) -> &'static str {
+        "keyed"
+    }
+
+    fn workers(&self) -> usize {
+        1
+    }
+
+    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
+        self.queue.lock().expect("queue").push_back(job);
+        async { Ok(()) }.boxed()
+    }
+
+    fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
+        async {}.boxed()
+    }
+
+    fn stats(&self) -> PoolStats {
+        PoolStats::default()
+    }
+
+    fn health(&self) -> ComponentHealth {
+        ComponentHealth::healthy("pool")
+    }
+}
+
+struct Rig {
+    pool: Arc<SteppedPool>,
+    dispatcher: Dispatcher,
+    sub: Arc<eventbus_core::PreparedSubscription>,
+    set: InFlightSet<()>,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
+    /// Offsets whose handler ran, in order.
+    ran: Arc<Mutex<Vec<i64>>>,
+    /// Handler calls.
+    calls: Arc<AtomicU64>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let pool = Arc::new(SteppedPool::default());
+        let dispatcher = Dispatcher::new("memory", pool.clone(), None, EventBusConfig::default());
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let calls = Arc::new(AtomicU64::new(0));
+        let (r, c) = (ran.clone(), calls.clone());
+        let sub = dispatcher
+            .prepare(Subscription::plain(TOPIC, move |m: Message| {
+                let (r, c) = (r.clone(), c.clone());
+                async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    r.lock().expect("ran").push(m.offset);
+                    Ok::<(), HandlerError>(())
+                }
+            }))
+            .expect("prepare");
+        let permits = Arc::new(Semaphore::new(100));
+        Self {
+            pool,
+            dispatcher,
+            sub,
+            set: InFlightSet::new(100, permits.clone()),
+            permits,
+            stop: CancellationToken::new(),
+            ran,
+            calls,
+        }
+    }
+
+    /// Deliver the message at `offset` of `partition` (key `k`) as a consumer does.
+    async fn deliver(&mut self, partition: i32, offset: i64) {
+        let permit = self.set.reserve().await.expect("permit");
+        let ticket = self.set.begin(partition, offset).expect("owned partition");
+        let message = Message::new(TOPIC, partition, offset, "{}").with_key("k");
+        let inflight = self
+            .dispatcher
+            .submit(&self.sub, message, (), ticket.epoch(), &self.stop)
+            .await
+            .expect("submitted");
+        self.set.push(ticket, inflight, permit).expect("push");
+    }
+
+    /// The next completion of the set.
+    async fn settled(&mut self) -> Settled<()> {
+        tokio::time::timeout(WAIT, self.set.next())
+            .await
+            .expect("a completion within the wait")
+            .expect("something in flight")
+    }
+
+    fn ran(&self) -> Vec<i64> {
+        self.ran.lock().expect("ran").clone()
+    }
+}
+
+#[tokio::test]
+async fn the_watermark_moves_only_over_contiguous_finished_offsets() {
+    let mut rig = Rig::new();
+    rig.set.assign(0);
+    for offset in 10..13 {
+        rig.deliver(0, offset).await;
+    }
+    assert_eq!(rig.pool.queued(), 3);
+    rig.pool.run_next().await;
+    let s = rig.settled().await;
+    assert_eq!(s.completion.offset, 10);
+    assert_eq!(s.completion.disposition, Disposition::Handled);
+    assert_eq!(
+        s.watermark,
+        Some(11),
+        "the offset after the last finished one"
+    );
+    rig.pool.run_next().await;
+    rig.pool.run_next().await;
+    let mut last = None;
+    for _ in 0..2 {
+        if let Some(w) = rig.settled().await.watermark {
+            last = Some(w);
+        }
+    }
+    assert_eq!(last, Some(13));
+    assert_eq!(rig.ran(), vec![10, 11, 12]);
+    assert!(rig.set.is_empty());
+}
+
+#[tokio::test]
+async fn a_fenced_partition_never_starts_its_queued_jobs() {
+    let mut rig = Rig::new();
+    rig.set.assign(0);
+    for offset in 0..3 {
+        rig.deliver(0, offset).await;
+    }
+    rig.pool.run_next().await;
+    rig.set.fence(0);
+    rig.pool.run_next().await;
+    rig.pool.run_next().await;
+    assert_eq!(rig.ran(), vec![0], "no job of the fenced partition started");
+    let mut dispositions = Vec::new();
+    for _ in 0..3 {
+        let s = rig.settled().await;
+        dispositions.push((s.completion.offset, s.completion.disposition));
+    }
+    dispositions.sort_by_key(|(o, _)| *o);
+    assert_eq!(
+        dispositions,
+        vec![
+            (0, Disposition::Handled),
+            (1, Disposition::Abandoned),
+            (2, Disposition::Abandoned)
+        ]
+    );
+    assert_eq!(
+        rig.set.watermark(0),
+        Some(1),
+        "abandoned offsets hold the watermark: they are delivered again"
+    );
+}
+
+#[tokio::test]
+async fn a_rewind_fences_the_copies_read_again_and_keeps_work_below_it() {
+    let mut rig = Rig::new();
+    rig.set.assign(0);
+    for offset in 0..4 {
+        rig.deliver(0, offset).await;
+    }
+    // The broker goes back to offset 2: the old copies of 2 and 3 are fenced, 0 and
+    // 1 still run; the new copies of 2 and 3 run after them.
+    rig.deliver(0, 2).await;
+    rig.deliver(0, 3).await;
+    while rig.pool.queued() > 0 {
+        rig.pool.run_next().await;
+    }
+    assert_eq!(
+        rig.ran(),
+        vec![0, 1, 2, 3],
+        "each offset ran once, in order"
+    );
+    let mut abandoned = Vec::new();
+    let mut watermark = None;
+    for _ in 0..6 {
+        let s = rig.settled().await;
+        if s.completion.disposition == Disposition::Abandoned {
+            abandoned.push(s.completion.offset);
+        }
+        if let Some(w) = s.watermark {
+            watermark = Some(w);
+        }
+    }
+    abandoned.sort_unstable();
+    assert_eq!(
+        abandoned,
+        vec![2, 3],
+        "the first copies of the re-read offsets"
+    );
+    assert_eq!(watermark, Some(4));
+    assert_eq!(rig.set.watermark(0), Some(4));
+}
+
+#[tokio::test]
+async fn the_watermark_never_passes_an_unfinished_message_below_a_rewind() {
+    let mut rig = Rig::new();
+    rig.set.assign(0);
+    for offset in 0..4 {
+        rig.deliver(0, offset).await;
+    }
+    rig.deliver(0, 2).await;
+    // Offset 0 stays queued (unfinished); everything else runs.
+    let first = rig
+        .pool
+        .queue
+        .lock()
+        .expect("queue")
+        .pop_front()
+        .expect("job 0");
+    while rig.pool.queued() > 0 {
+        rig.pool.run_next().await;
+    }
+    for _ in 0..4 {
+        let s = rig.settled().await;
+        assert!(
+            s.watermark.is_none_or(|w| w <= 0),
+            "the watermark passed unfinished offset 0: {:?}",
+            s.watermark
+        );
+    }
+    first.run().await;
+    let s = rig.settled().await;
+    assert_eq!(s.completion.offset, 0);
+    assert_eq!(
+        rig.set.watermark(0),
+        Some(3),
+        "up to the re-read 2, finished"
+    );
+}
+
+#[tokio::test]
+async fn revoking_a_partition_returns_the_permits_of_its_jobs() {
+    let mut rig = Rig::new();
+    rig.set.assign(0);
+    for offset in 0..5 {
+        rig.deliver(0, offset).await;
+    }
+    assert_eq!(rig.permits.available_permits(), 95);
+    rig.set.revoke(0);
+    // The fenced jobs complete (abandoned) and drop out of the set unseen.
+    while rig.pool.queued() > 0 {
+        rig.pool.run_next().await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), rig.set.next())
+            .await
+            .map_or(true, |s| s.is_none()),
+        "no completion of a revoked partition is reported"
+    );
+    assert_eq!(rig.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        rig.permits.available_permits(),
+        100,
+        "every permit came back after the revoke"
+    );
+}
+
+#[tokio::test]
+async fn submit_on_a_fenced_scope_or_after_stop_is_refused_before_the_pool() {
+    let mut rig = Rig::new();
+    let scope = rig.set.assign(0);
+    let ticket = rig.set.begin(0, 0).expect("owned");
+    scope.fence();
+    let message = || Message::new(TOPIC, 0, 0, "{}").with_key("k");
+    let e = rig
+        .dispatcher
+        .submit(&rig.sub, message(), (), ticket.epoch(), &rig.stop)
+        .await
+        .expect_err("a fenced scope refuses the job");
+    assert_eq!(e.kind(), ErrorKind::Fenced, "{e}");
+    rig.set.give_up(ticket);
+
+    rig.set.assign(1);
+    let ticket = rig.set.begin(1, 0).expect("owned");
+    rig.stop.cancel();
+    let e = rig
+        .dispatcher
+        .submit(&rig.sub, message(), (), ticket.epoch(), &rig.stop)
+        .await
+        .expect_err("a stopped consumer refuses the job");
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    rig.set.give_up(ticket);
+    assert_eq!(rig.pool.queued(), 0, "nothing reached the pool");
+    assert_eq!(rig.calls.load(Ordering::SeqCst), 0);
+}

@@ -1,18 +1,27 @@
-//! The shared conformance suite on NATS, with both pools.
+//! The shared conformance suite on NATS: one test per check and pool, each on a
+//! nats-server of its own.
 
 use eventbus_core::{Error, EventBusConfig, Pool, SharedBus};
 use eventbus_nats::{NatsConfig, NatsEventBus};
-use eventbus_testkit::conformance::{self, BusFactory, Capabilities};
-use eventbus_testkit::factories::{actor_pools, keyed_pools};
+use eventbus_testkit::conformance::{BusFactory, Capabilities};
+use eventbus_testkit::nats_server::NatsServer;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::init_tracing;
-use eventbus_testkit::nats_server::NatsServer;
 
-struct Nats(String);
+/// Buses on a nats-server of their own.
+pub(crate) struct Nats(NatsServer);
+
+impl Nats {
+    /// A new server.
+    pub(crate) fn start() -> Self {
+        init_tracing();
+        Nats(NatsServer::start())
+    }
+}
 
 impl BusFactory for Nats {
     fn name(&self) -> &str {
@@ -26,7 +35,7 @@ impl BusFactory for Nats {
         pool: Arc<dyn Pool>,
         config: EventBusConfig,
     ) -> BoxFuture<'_, Result<SharedBus, Error>> {
-        let nats = NatsConfig::new([self.0.clone()])
+        let nats = NatsConfig::new([self.0.url()])
             .ack_wait(Duration::from_secs(5))
             .fetch_expires(Duration::from_secs(1));
         async move { Ok(Arc::new(NatsEventBus::connect(nats, config, pool).await?) as SharedBus) }
@@ -34,16 +43,4 @@ impl BusFactory for Nats {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_with_keyed_pool_passes_the_conformance_suite() {
-    init_tracing();
-    let server = NatsServer::start();
-    conformance::run_all(&Nats(server.url()), &keyed_pools()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_with_actor_pool_passes_the_conformance_suite() {
-    init_tracing();
-    let server = NatsServer::start();
-    conformance::run_all(&Nats(server.url()), &actor_pools()).await;
-}
+eventbus_testkit::conformance_tests!(Nats::start());

@@ -54,30 +54,54 @@ async fn member(
     bus
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_joining_and_leaving_with_deep_queues_keep_order() {
+/// A member of the group and the count of handler starts on it.
+struct Member {
+    bus: NatsEventBus,
+    starts: Arc<AtomicU64>,
+}
+
+/// The member consuming `topic` (holding its lease), if any.
+async fn holder(members: &[Member], topic: &str) -> Option<usize> {
+    for (i, m) in members.iter().enumerate() {
+        if m.bus.is_consuming(topic).await {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// `size` members of one group at a time with deep per-key backlogs: in each round
+/// a new member joins, then one leaves cleanly: the lease holder with its queues
+/// deep (the next takes over), every third round a member standing by instead.
+async fn rolling_members(size: usize) {
     init_tracing();
     let server = NatsServer::start();
     for (name, pools) in [("keyed", keyed_pools()), ("actor", actor_pools())] {
+        let name = format!("{name}, {size} members");
         let config = short_config();
-        let topic = topic(&format!("handover-{name}"));
+        let topic = topic("handover");
         let checker = DeliveryChecker::new();
         let total = 3000u64;
-        let first_starts = Arc::new(AtomicU64::new(0));
-        let mut current = member(&server, &config, &pools, &topic, &checker, &first_starts).await;
-        eventually("the first member consumes", || current.is_consuming(&topic)).await;
+        let mut members = Vec::new();
+        for _ in 0..size {
+            let starts = Arc::new(AtomicU64::new(0));
+            let bus = member(&server, &config, &pools, &topic, &checker, &starts).await;
+            members.push(Member { bus, starts });
+        }
+        eventually(&format!("{name}: a member consumes"), || async {
+            holder(&members, &topic).await.is_some()
+        })
+        .await;
         for i in 0..total {
             let key = format!("k{}", i % 20);
             let seq = checker.produce(&key);
-            current
+            members[0]
+                .bus
                 .publish_envelope(&topic, &env(&key, seq))
                 .await
                 .expect("publish");
         }
-        let mut current_starts = first_starts;
         let mut round = 0;
-        // A rolling replacement: the next member joins (standing by), the current
-        // one closes with its queues deep, the next takes over.
         while checker.handled_distinct() < total || round < 3 {
             let seen = checker.handled_distinct();
             eventually(
@@ -85,24 +109,37 @@ async fn members_joining_and_leaving_with_deep_queues_keep_order() {
                 || async { checker.handled_distinct() >= (seen + 300).min(total) },
             )
             .await;
-            let next_starts = Arc::new(AtomicU64::new(0));
-            let next = member(&server, &config, &pools, &topic, &checker, &next_starts).await;
-            within(&format!("{name}: close of member {round}"), current.close())
-                .await
-                .expect("close");
-            let after = current_starts.load(Ordering::SeqCst);
-            eventually(&format!("{name}: member {} takes over", round + 1), || {
-                next.is_consuming(&topic)
-            })
+            let starts = Arc::new(AtomicU64::new(0));
+            let bus = member(&server, &config, &pools, &topic, &checker, &starts).await;
+            members.push(Member { bus, starts });
+            let leaving = match holder(&members, &topic).await {
+                Some(h) if round % 3 != 2 => h,
+                // A member standing by leaves (the newest is one).
+                Some(h) => (0..members.len())
+                    .rev()
+                    .find(|&i| i != h)
+                    .expect("a member standing by"),
+                None => members.len() - 1,
+            };
+            let gone = members.remove(leaving);
+            within(
+                &format!("{name}: close of a member in round {round}"),
+                gone.bus.close(),
+            )
+            .await
+            .expect("close");
+            let after = gone.starts.load(Ordering::SeqCst);
+            eventually(
+                &format!("{name}: a member consumes after round {round}"),
+                || async { holder(&members, &topic).await.is_some() },
+            )
             .await;
             // The closed member's pool is closed: nothing it had queued ever starts.
             assert_eq!(
-                current_starts.load(Ordering::SeqCst),
+                gone.starts.load(Ordering::SeqCst),
                 after,
-                "{name}: a handler of member {round} started after its close returned"
+                "{name}: a handler of the member closed in round {round} started after its close returned"
             );
-            current = next;
-            current_starts = next_starts;
             round += 1;
         }
         checker.wait_all_handled(WAIT).await.unwrap();
@@ -112,13 +149,25 @@ async fn members_joining_and_leaving_with_deep_queues_keep_order() {
         eventually(
             &format!("{name}: the durable is fully acknowledged"),
             || async {
-                let info = consumer_info(&current, &topic).await;
+                let info = consumer_info(&members[0].bus, &topic).await;
                 info.num_pending == 0 && info.num_ack_pending == 0
             },
         )
         .await;
-        current.close().await.expect("close");
+        for m in members {
+            m.bus.close().await.expect("close");
+        }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_joining_and_leaving_with_deep_queues_keep_order() {
+    rolling_members(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_joining_and_leaving_with_deep_queues_keep_order() {
+    rolling_members(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

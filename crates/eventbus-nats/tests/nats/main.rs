@@ -8,6 +8,7 @@ mod dead_letters;
 mod handover;
 mod heartbeats;
 mod members;
+mod out_of_service;
 mod poison;
 mod restart;
 mod retention;

@@ -36,15 +36,10 @@ pub async fn make_switch(kind: PoolKind) -> Result<Arc<dyn Pool>, eventbus::Erro
 }
 
 /// Kafka settings of every Kafka run, the bare client loop's included: the
-/// defaults with short fetch waits and producer linger, so latency reflects the
-/// bus rather than batching timers.
+/// testkit's (short fetch waits and producer linger, so latency reflects the bus
+/// rather than batching timers), named for the run.
 pub fn kafka_config(brokers: &str) -> KafkaConfig {
-    let mut c = KafkaConfig::new(brokers.to_owned()).client_id("bench-compare");
-    c.fetch_wait_max = Duration::from_millis(10);
-    c.producer.linger = Duration::from_millis(1);
-    c.session_timeout = Duration::from_secs(10);
-    c.heartbeat_interval = Duration::from_millis(500);
-    c
+    eventbus_testkit::factories::kafka_config(brokers).client_id("bench-compare")
 }
 
 /// NATS settings of every NATS run.

@@ -3,9 +3,9 @@
 use eventbus_core::{
     ActorPoolConfig, DeliveryPolicy, Error, EventBusConfig, KeyedPoolConfig, Pool, SharedBus,
 };
-use eventbus_kafka::{KafkaConfig, KafkaEventBus};
+use eventbus_kafka::KafkaEventBus;
 use eventbus_memory::{MemoryBroker, MemoryEventBus};
-use eventbus_nats::{NatsConfig, NatsEventBus, ReconnectConfig};
+use eventbus_nats::NatsEventBus;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -90,30 +90,7 @@ pub fn bus_config(group: &str) -> EventBusConfig {
     c
 }
 
-/// Kafka client settings for the mock cluster: short session, quick fetches.
-pub fn kafka_config(brokers: &str) -> KafkaConfig {
-    let mut c = KafkaConfig::new(brokers);
-    c.fetch_wait_max = Duration::from_millis(10);
-    c.producer.linger = Duration::from_millis(1);
-    c.session_timeout = Duration::from_secs(6);
-    c.heartbeat_interval = Duration::from_millis(500);
-    c.operation_timeout = Duration::from_secs(10);
-    c
-}
-
-/// NATS client settings: quick reconnects, an ack wait the stuck key outlasts, a
-/// short consumer lease so a standby takes over soon after a kill.
-pub fn nats_config(url: &str) -> NatsConfig {
-    let mut reconnect = ReconnectConfig::default();
-    reconnect.initial_delay = Duration::from_millis(50);
-    reconnect.max_delay = Duration::from_millis(500);
-    reconnect.retry_on_initial_connect = true;
-    NatsConfig::new([url.to_owned()])
-        .ack_wait(Duration::from_secs(4))
-        .fetch_expires(Duration::from_secs(1))
-        .lease_ttl(Duration::from_secs(3))
-        .reconnect(reconnect)
-}
+use eventbus_testkit::factories::{kafka_config, nats_config};
 
 /// How long a consumer drains, then waits for its fenced handlers, when it gives
 /// work up (`consumer.drain_timeout`, `consumer.handover_timeout`).

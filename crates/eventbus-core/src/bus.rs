@@ -249,6 +249,47 @@ pub trait EventBus: Send + Sync + fmt::Debug + 'static {
         record: Record,
     ) -> BoxFuture<'a, Result<PublishReceipt>>;
 
+    /// Publish `records` to `topic` and wait until the broker has them, or refused
+    /// them: one result per record, in the order given.
+    ///
+    /// Order per key (the record key): records of one key are handed to the
+    /// broker in the order given and stored in that order, the broker's own
+    /// retries included (Kafka's idempotent producer; NATS publishes on one
+    /// connection; in process). The batch never retries a failed record itself.
+    /// A record that cannot be handed over stops the rest of its key: they are not
+    /// sent, and their results are errors of the same kind naming the record that
+    /// failed first, so a key never skips ahead of a failure. Backends that
+    /// pipeline the batch (Kafka, NATS) may learn of a failure only at the
+    /// broker's acknowledgement, when later records of the key are already on
+    /// their way: those may be stored after the gap. To keep a key gap-free,
+    /// publish it again from its first failed record.
+    ///
+    /// The default publishes one record after the other with
+    /// [`publish`](EventBus::publish).
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        records: Vec<Record>,
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
+        Box::pin(async move {
+            let mut stopped = KeyStops::default();
+            let mut out = Vec::with_capacity(records.len());
+            for (i, record) in records.into_iter().enumerate() {
+                if let Some(skipped) = stopped.check(i, &record) {
+                    out.push(Err(skipped));
+                    continue;
+                }
+                let key = record.key.clone();
+                let result = self.publish(topic, record).await;
+                if let Err(e) = &result {
+                    stopped.stop(i, key, e);
+                }
+                out.push(result);
+            }
+            out
+        })
+    }
+
     /// Header that carries the aggregate id on published envelopes
     /// (`aggregate_id.header` of the bus configuration).
     fn aggregate_id_header(&self) -> &str;
@@ -287,6 +328,33 @@ pub trait EventBus: Send + Sync + fmt::Debug + 'static {
 
     /// Stop fetching, drain in-flight work within the drain timeout, commit, release.
     fn close(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// The keys of a batch stopped by a failed record (see
+/// [`EventBus::publish_batch`]): later records of such a key are not sent.
+#[derive(Debug, Default)]
+pub struct KeyStops {
+    stopped: std::collections::HashMap<bytes::Bytes, (usize, ErrorKind)>,
+}
+
+impl KeyStops {
+    /// The error for record `index` when an earlier record of its key failed.
+    pub fn check(&self, index: usize, record: &Record) -> Option<Error> {
+        let (first, kind) = record.key.as_ref().and_then(|k| self.stopped.get(k))?;
+        Some(Error::new(
+            *kind,
+            format!(
+                "record {index} of the batch not published: record {first} of the same key failed first"
+            ),
+        ))
+    }
+
+    /// Record `index` of `key` failed with `error`: stop its key.
+    pub fn stop(&mut self, index: usize, key: Option<bytes::Bytes>, error: &Error) {
+        if let Some(key) = key {
+            self.stopped.entry(key).or_insert((index, error.kind()));
+        }
+    }
 }
 
 /// Generic conveniences over any [`EventBus`], including `dyn EventBus`.

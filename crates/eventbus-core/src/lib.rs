@@ -22,7 +22,7 @@ pub mod pool;
 
 pub use aggregate::{AggregateIdConfig, IdSource, DEFAULT_AGGREGATE_ID_HEADER};
 pub use bus::{
-    envelope_record, validate_topic, EventBus, EventBusExt, SharedBus, StorageKind,
+    envelope_record, validate_topic, EventBus, EventBusExt, KeyStops, SharedBus, StorageKind,
     SubscribeOptions, Subscription, SubscriptionHandler, TopicConfig,
 };
 pub use config::{

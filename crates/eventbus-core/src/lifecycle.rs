@@ -300,6 +300,41 @@ impl<B: BusBackend> Lifecycle<B> {
             .await
     }
 
+    /// [`publish`](Self::publish) for a batch: `send` gives one result per record.
+    pub async fn publish_batch<F>(
+        &self,
+        topic: &str,
+        n: usize,
+        send: F,
+    ) -> Vec<Result<PublishReceipt>>
+    where
+        F: Future<Output = Vec<Result<PublishReceipt>>>,
+    {
+        let started = std::time::Instant::now();
+        let results = match self.check_open() {
+            Ok(()) => send.await,
+            Err(_) if n == 0 => Vec::new(),
+            Err(e) => {
+                let mut out = Vec::with_capacity(n);
+                out.push(Err(e));
+                out.extend((1..n).map(|i| {
+                    Err(Error::closed(format!(
+                        "record {i} of the batch not published: the bus is closed"
+                    )))
+                }));
+                out
+            }
+        };
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        self.publish_metrics.record_batch(
+            topic,
+            ok as u64,
+            (results.len() - ok) as u64,
+            started.elapsed(),
+        );
+        results
+    }
+
     /// The topics with a running consumer, sorted.
     pub fn topics(&self) -> Vec<Arc<str>> {
         self.consumers().into_iter().map(|(t, _)| t).collect()

@@ -301,6 +301,22 @@ impl PublishMetrics {
         metrics::histogram!(m::name(b, m::PUBLISH_DURATION), "topic" => topic)
             .record(elapsed.as_secs_f64());
     }
+
+    /// Record a batch to `topic`: `ok` records published, `failed` not, in
+    /// `elapsed` for the whole batch (one duration sample).
+    pub fn record_batch(&self, topic: &str, ok: u64, failed: u64, elapsed: Duration) {
+        let b = &*self.backend;
+        let topic = topic.to_owned();
+        if ok > 0 {
+            metrics::counter!(m::name(b, m::PUBLISHED), "topic" => topic.clone()).increment(ok);
+        }
+        if failed > 0 {
+            metrics::counter!(m::name(b, m::PUBLISH_ERRORS), "topic" => topic.clone())
+                .increment(failed);
+        }
+        metrics::histogram!(m::name(b, m::PUBLISH_DURATION), "topic" => topic)
+            .record(elapsed.as_secs_f64());
+    }
 }
 
 /// Resident memory of this process in bytes (Linux), for the memory-growth alert.

@@ -625,6 +625,19 @@ impl EventBus for KafkaEventBus {
             .boxed()
     }
 
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        records: Vec<Record>,
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
+        let n = records.len();
+        self.inner
+            .publish_batch(topic, n, async move {
+                self.kafka().producer.publish_batch(topic, records).await
+            })
+            .boxed()
+    }
+
     fn aggregate_id_header(&self) -> &str {
         &self.inner.dispatcher().config().aggregate_id.header
     }

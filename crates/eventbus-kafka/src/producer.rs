@@ -2,8 +2,8 @@
 //! [`Delivery`] to await later (batching), and the dead-letter sink.
 
 use eventbus_core::{
-    validate_topic, DeadLetter, DeadLetterSink, Error, ErrorKind, Headers, PublishReceipt, Record,
-    Result,
+    validate_topic, DeadLetter, DeadLetterSink, Error, ErrorKind, Headers, KeyStops,
+    PublishReceipt, Record, Result,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -138,14 +138,26 @@ impl KafkaProducer {
     }
 
     /// Publish every record of `records` to `topic`, batched, and wait for all
-    /// delivery reports. One result per record, in order.
+    /// delivery reports. One result per record, in order, under the order rule of
+    /// [`EventBus::publish_batch`](eventbus_core::EventBus::publish_batch): a record
+    /// that cannot be queued stops the rest of its key; a delivery that fails
+    /// after the later records of its key were queued may leave a gap before them.
     pub async fn publish_batch<I>(&self, topic: &str, records: I) -> Vec<Result<PublishReceipt>>
     where
         I: IntoIterator<Item = Record>,
     {
+        let mut stops = KeyStops::default();
         let mut pending = Vec::new();
-        for record in records {
-            pending.push(self.enqueue(topic, &record).await);
+        for (i, record) in records.into_iter().enumerate() {
+            if let Some(skipped) = stops.check(i, &record) {
+                pending.push(Err(skipped));
+                continue;
+            }
+            let queued = self.enqueue(topic, &record).await;
+            if let Err(e) = &queued {
+                stops.stop(i, record.key, e);
+            }
+            pending.push(queued);
         }
         let mut out = Vec::with_capacity(pending.len());
         for p in pending {

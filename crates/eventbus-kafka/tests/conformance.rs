@@ -1,13 +1,6 @@
 //! The conformance suite on Kafka (the mock cluster, or `KAFKA_BROKERS`): one test
 //! per check and pool, each on a cluster of its own.
 
-#[path = "support/cluster.rs"]
-mod cluster;
-#[path = "support/factory.rs"]
-mod factory;
+use eventbus_testkit::factories::KafkaBuses;
 
-use cluster::Cluster;
-use factory::Kafka;
-use std::sync::Arc;
-
-eventbus_testkit::conformance_tests!(Kafka(Arc::new(Cluster::start())));
+eventbus_testkit::conformance_tests!(KafkaBuses::start());

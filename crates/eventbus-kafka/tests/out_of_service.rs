@@ -1,18 +1,11 @@
 //! An actor past its restart limit under a live Kafka bus, with the actor pool
 //! directly and behind the pool switch: the testkit's out-of-service checks.
 
-#[path = "support/cluster.rs"]
-mod cluster;
-#[path = "support/factory.rs"]
-mod factory;
-
-use cluster::Cluster;
+use eventbus_testkit::factories::KafkaBuses;
 use eventbus_testkit::out_of_service::{self, Front};
-use factory::Kafka;
-use std::sync::Arc;
 
-fn kafka() -> Kafka {
-    Kafka(Arc::new(Cluster::start()))
+fn kafka() -> KafkaBuses {
+    KafkaBuses::start()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,10 @@ pub struct BrokerConfig {
     pub retention_messages: u64,
     /// How long `publish` waits for room in a full partition, default 5 s.
     pub publish_timeout: Duration,
+    /// Largest record accepted (payload, key and headers), default 1 MiB as on
+    /// the brokers (Kafka's `message.max.bytes`, NATS's `max_payload`): a larger
+    /// one is an `InvalidInput` error naming the topic and both sizes.
+    pub max_message_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -29,6 +33,7 @@ impl Default for BrokerConfig {
             default_partitions: 4,
             retention_messages: 100_000,
             publish_timeout: Duration::from_secs(5),
+            max_message_bytes: 1024 * 1024,
         }
     }
 }
@@ -50,6 +55,12 @@ impl BrokerConfig {
     #[must_use]
     pub fn publish_timeout(mut self, d: Duration) -> Self {
         self.publish_timeout = d;
+        self
+    }
+    /// Set the largest record accepted.
+    #[must_use]
+    pub fn max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n;
         self
     }
 }
@@ -403,6 +414,20 @@ impl MemoryBroker {
     /// Append a record; waits for room up to the publish timeout.
     pub async fn publish(&self, topic: &str, record: Record) -> Result<PublishReceipt, Error> {
         let t = self.topic(topic)?;
+        let size = record.payload.len()
+            + record.key.as_ref().map_or(0, |k| k.len())
+            + record
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        let max = self.inner.config.max_message_bytes;
+        if size > max {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("record of {size} bytes for topic `{topic}` is larger than the broker's limit of {max} bytes (max_message_bytes)"),
+            ));
+        }
         let n = t.partitions.len();
         let partition = match &record.key {
             Some(k) => slot(stable_hash(k), n),

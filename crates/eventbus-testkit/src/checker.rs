@@ -423,6 +423,14 @@ impl DeliveryChecker {
         self.lock().new_seq(key, MessageClass::Envelope)
     }
 
+    /// [`produce`](Self::produce) an envelope for `key`: event type `test.event`,
+    /// payload `{"seq": <its sequence>}`, as the checker's
+    /// [`Handler`](eventbus_core::Handler) reads it.
+    pub fn envelope(&self, key: &str) -> eventbus_core::Envelope {
+        let seq = self.produce(key);
+        eventbus_core::Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }))
+    }
+
     /// Produce a message of `class` for `key` from `producer`: its stamp, with the
     /// next id of that producer and the next sequence of that key.
     pub fn stamp(&self, producer: u32, key: &str, class: MessageClass) -> Stamp {
@@ -654,6 +662,31 @@ impl DeliveryChecker {
             }
         }
         r
+    }
+}
+
+/// The checker as an envelope handler: each event is recorded as handled by its
+/// aggregate id and the `seq` of its payload (the convention of
+/// [`DeliveryChecker::envelope`]); an event without one fails permanently.
+///
+/// ```ignore
+/// bus.subscribe_envelope(&topic, checker.clone()).await?;
+/// bus.publish_envelope(&topic, &checker.envelope("order-1")).await?;
+/// ```
+impl eventbus_core::Handler<eventbus_core::Event> for DeliveryChecker {
+    type Future = std::future::Ready<eventbus_core::HandlerResult>;
+
+    fn call(&self, e: eventbus_core::Event) -> Self::Future {
+        std::future::ready(match e.envelope.payload["seq"].as_u64() {
+            Some(seq) => {
+                self.handled(&e.envelope.aggregate_id, seq);
+                Ok(())
+            }
+            None => Err(eventbus_core::HandlerError::permanent(format!(
+                "event of aggregate `{}` has no `seq` in its payload",
+                e.envelope.aggregate_id
+            ))),
+        })
     }
 }
 

@@ -193,6 +193,76 @@ pub async fn envelopes_handled_in_order_per_aggregate(bus: &dyn BusFactory, pool
     within("close", b.close()).await.expect("close");
 }
 
+/// `publish_batch` through `Arc<dyn EventBus>`: one result per record, every
+/// record handled in order per key; a record the broker refuses (larger than its
+/// 1 MiB limit) stops the later records of its key, which fail naming it, while
+/// other keys go on.
+pub async fn publish_batch_keeps_order_per_key(bus: &dyn BusFactory, pools: &PoolFactory) {
+    let (b, topic) = bus_with_topic(bus, pools, "batch", 4).await;
+    let checker = DeliveryChecker::new();
+    b.subscribe_envelope(&topic, checker.clone())
+        .await
+        .expect("subscribe");
+    let header = b.aggregate_id_header().to_owned();
+    let record = |key: &str, seq: u64| {
+        eventbus_core::envelope_record(&env(key, seq), &header).expect("valid envelope")
+    };
+    let mut records = Vec::new();
+    for i in 0..200 {
+        let key = format!("agg-{}", i % 10);
+        let seq = checker.produce(&key);
+        records.push(record(&key, seq));
+    }
+    let results = within("a batch of 200", b.publish_batch(&topic, records)).await;
+    assert_eq!(results.len(), 200, "{}: one result per record", bus.name());
+    for (i, r) in results.iter().enumerate() {
+        assert!(r.is_ok(), "{}: record {i}: {:?}", bus.name(), r);
+    }
+
+    // Key `a`: two records, one too large for the broker, two more; key `b`
+    // throughout. The refused one stops `a`; `b` is all published.
+    let mut records = Vec::new();
+    let mut expect_ok = Vec::new();
+    for i in 0..8 {
+        let key = if i % 2 == 0 { "a" } else { "b" };
+        if i == 4 {
+            let mut big = Record::new(vec![b'x'; 2 * 1024 * 1024]);
+            big.key = Some(Bytes::from_static(b"a"));
+            records.push(big);
+            expect_ok.push(false);
+        } else if key == "a" && i > 4 {
+            records.push(record(key, 1_000 + i));
+            expect_ok.push(false);
+        } else {
+            let seq = checker.produce(key);
+            records.push(record(key, seq));
+            expect_ok.push(true);
+        }
+    }
+    let results = within(
+        "a batch with a refused record",
+        b.publish_batch(&topic, records),
+    )
+    .await;
+    assert_eq!(results.len(), 8, "{}: one result per record", bus.name());
+    for (i, (r, ok)) in results.iter().zip(&expect_ok).enumerate() {
+        assert_eq!(r.is_ok(), *ok, "{}: record {i}: {r:?}", bus.name());
+    }
+    let after = results[6].as_ref().expect_err("a later record of `a`");
+    assert!(
+        after.to_string().contains("record 4"),
+        "{}: names the record that failed first: {after}",
+        bus.name()
+    );
+    checker
+        .wait_all_handled(WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", bus.name()));
+    let r = checker.report();
+    assert!(r.is_clean(), "{}: {r}", bus.name());
+    within("close", b.close()).await.expect("close");
+}
+
 /// Plain subscriptions receive key, payload and headers as published.
 pub async fn plain_messages_arrive_intact(bus: &dyn BusFactory, pools: &PoolFactory) {
     let (b, topic) = bus_with_topic(bus, pools, "plain", 2).await;
@@ -348,16 +418,9 @@ pub async fn invalid_envelope_dead_lettered_without_retry(
     let letters = Letters::default();
     letters.subscribe(&b, &dlq).await;
     let checker = DeliveryChecker::new();
-    let c = checker.clone();
-    b.subscribe_envelope(&topic, move |e: Event| {
-        let c = c.clone();
-        async move {
-            c.handled(&e.envelope.aggregate_id, seq_of(&e));
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .expect("subscribe");
+    b.subscribe_envelope(&topic, checker.clone())
+        .await
+        .expect("subscribe");
     let poison: Vec<Bytes> = vec![
         Bytes::from_static(b"\x00\xff random bytes"),
         Bytes::from_static(br#"{"aggregate_id":"a1","event_type":"#),
@@ -595,15 +658,8 @@ pub async fn restart_resumes_without_loss(bus: &dyn BusFactory, pools: &PoolFact
     let before = checker.report();
     assert!(before.order_violations.is_empty(), "{before}");
     let second = new_bus(bus, pools, config).await;
-    let c = checker.clone();
     second
-        .subscribe_envelope(&topic, move |e: Event| {
-            let c = c.clone();
-            async move {
-                c.handled(&e.envelope.aggregate_id, seq_of(&e));
-                Ok::<(), HandlerError>(())
-            }
-        })
+        .subscribe_envelope(&topic, checker.clone())
         .await
         .expect("subscribe second");
     checker
@@ -622,16 +678,9 @@ pub async fn restart_resumes_without_loss(bus: &dyn BusFactory, pools: &PoolFact
 pub async fn unsubscribe_stops_delivery(bus: &dyn BusFactory, pools: &PoolFactory) {
     let (b, topic) = bus_with_topic(bus, pools, "unsub", 1).await;
     let checker = DeliveryChecker::new();
-    let c = checker.clone();
-    b.subscribe_envelope(&topic, move |e: Event| {
-        let c = c.clone();
-        async move {
-            c.handled(&e.envelope.aggregate_id, seq_of(&e));
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .expect("subscribe");
+    b.subscribe_envelope(&topic, checker.clone())
+        .await
+        .expect("subscribe");
     let s = checker.produce("u");
     b.publish_envelope(&topic, &env("u", s))
         .await
@@ -672,10 +721,18 @@ pub async fn unsubscribe_stops_delivery(bus: &dyn BusFactory, pools: &PoolFactor
     within("close", b.close()).await.expect("close");
 }
 
-/// Health reports healthy on a fresh bus, and close is clean.
+/// Health reports healthy on a fresh bus once it is connected (a client that
+/// connects in the background reports its broker unhealthy until then), and close
+/// is clean.
 pub async fn health_and_close(bus: &dyn BusFactory, pools: &PoolFactory) {
     let b = new_bus(bus, pools, quick_config()).await;
-    let h = b.health().await;
+    let mut h = b.health().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while h.status != eventbus_core::HealthStatus::Healthy && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        h = b.health().await;
+    }
     assert_eq!(h.status, eventbus_core::HealthStatus::Healthy, "{h:?}");
     within("close", b.close()).await.expect("close");
     let e = b
@@ -966,6 +1023,7 @@ macro_rules! conformance_tests {
                 $crate::conformance_tests!(@checks $factory, $pools;
                     envelopes_handled_in_order_per_aggregate,
                     plain_messages_arrive_intact,
+                    publish_batch_keeps_order_per_key,
                     transient_failures_retried_in_order,
                     exhausted_envelope_is_dead_lettered,
                     invalid_envelope_dead_lettered_without_retry,

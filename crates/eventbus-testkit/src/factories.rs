@@ -1,14 +1,17 @@
-//! Ready-made factories: the two pools sized by a [`PoolSpec`](crate::pool_suite::PoolSpec), and buses on one
-//! shared in-process broker. Each behind the cargo feature of the same name.
+//! Ready-made factories: the two pools sized by a [`PoolSpec`](crate::pool_suite::PoolSpec) (and the pool
+//! switch over both), and buses of each backend: on one shared in-process broker,
+//! on a Kafka cluster (the mock or `KAFKA_BROKERS`), on a nats-server of their own;
+//! with the client settings every suite, the chaos run and the benches share. Each
+//! behind the cargo feature of the same name.
 
-#[cfg(feature = "memory")]
+#[cfg(any(feature = "memory", feature = "kafka", feature = "nats"))]
 use crate::conformance::{BusFactory, Capabilities};
 #[cfg(any(feature = "keyed-pool", feature = "actor-pool"))]
 use crate::pool_suite::{PoolFactory, PoolSpec};
 use eventbus_core::Pool;
-#[cfg(feature = "memory")]
+#[cfg(any(feature = "memory", feature = "kafka", feature = "nats"))]
 use eventbus_core::{Error, EventBusConfig, SharedBus};
-#[cfg(feature = "memory")]
+#[cfg(any(feature = "memory", feature = "kafka", feature = "nats"))]
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::sync::Arc;
@@ -91,6 +94,184 @@ impl BusFactory for MemoryBuses {
         let broker = self.0.clone();
         async move {
             Ok(Arc::new(eventbus_memory::MemoryEventBus::new(broker, pool, config)?) as SharedBus)
+        }
+        .boxed()
+    }
+}
+
+/// Kafka client settings for tests and runs on a local cluster: short fetch
+/// waits and producer linger (latency reflects the bus, not batching timers), a
+/// short session so a dead member's partitions move soon.
+#[cfg(feature = "kafka")]
+pub fn kafka_config(brokers: &str) -> eventbus_kafka::KafkaConfig {
+    let mut c = eventbus_kafka::KafkaConfig::new(brokers);
+    c.fetch_wait_max = std::time::Duration::from_millis(10);
+    c.producer.linger = std::time::Duration::from_millis(1);
+    c.session_timeout = std::time::Duration::from_secs(6);
+    c.heartbeat_interval = std::time::Duration::from_millis(500);
+    c.operation_timeout = std::time::Duration::from_secs(10);
+    c
+}
+
+/// Buses on one Kafka cluster with [`kafka_config`]. On the mock cluster,
+/// `configure_topic` is answered by the mock's own topic creation (it implements
+/// no CreateTopics request); every other call goes to `KafkaEventBus` as is.
+#[cfg(feature = "kafka")]
+#[derive(Debug, Clone)]
+pub struct KafkaBuses(pub Arc<crate::kafka_cluster::Cluster>);
+
+#[cfg(feature = "kafka")]
+impl KafkaBuses {
+    /// Buses on a new cluster ([`Cluster::start`](crate::kafka_cluster::Cluster::start)).
+    pub fn start() -> Self {
+        Self(Arc::new(crate::kafka_cluster::Cluster::start()))
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl BusFactory for KafkaBuses {
+    fn name(&self) -> &str {
+        "kafka"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all()
+    }
+
+    fn bus(
+        &self,
+        pool: Arc<dyn Pool>,
+        config: EventBusConfig,
+    ) -> BoxFuture<'_, Result<SharedBus, Error>> {
+        let cluster = self.0.clone();
+        async move {
+            let bus =
+                eventbus_kafka::KafkaEventBus::new(kafka_config(&cluster.brokers()), config, pool)?;
+            if cluster.is_mock() {
+                Ok(Arc::new(OnMock { bus, cluster }) as SharedBus)
+            } else {
+                Ok(Arc::new(bus) as SharedBus)
+            }
+        }
+        .boxed()
+    }
+}
+
+/// A Kafka bus on the mock cluster, whose topics the mock creates.
+#[cfg(feature = "kafka")]
+#[derive(Debug)]
+struct OnMock {
+    bus: eventbus_kafka::KafkaEventBus,
+    cluster: Arc<crate::kafka_cluster::Cluster>,
+}
+
+#[cfg(feature = "kafka")]
+impl eventbus_core::EventBus for OnMock {
+    fn backend(&self) -> &'static str {
+        self.bus.backend()
+    }
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: eventbus_core::Record,
+    ) -> BoxFuture<'a, Result<eventbus_core::PublishReceipt, Error>> {
+        self.bus.publish(topic, record)
+    }
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        records: Vec<eventbus_core::Record>,
+    ) -> BoxFuture<'a, Vec<Result<eventbus_core::PublishReceipt, Error>>> {
+        self.bus.publish_batch(topic, records)
+    }
+    fn aggregate_id_header(&self) -> &str {
+        self.bus.aggregate_id_header()
+    }
+    fn subscribe_with(
+        &self,
+        subscription: eventbus_core::Subscription,
+    ) -> BoxFuture<'_, Result<(), Error>> {
+        self.bus.subscribe_with(subscription)
+    }
+    fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        self.bus.unsubscribe(topic)
+    }
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: eventbus_core::TopicConfig,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        async move {
+            eventbus_core::validate_topic(topic)?;
+            self.cluster
+                .create_topic(topic, config.partitions.unwrap_or(1) as i32)
+                .await;
+            Ok(())
+        }
+        .boxed()
+    }
+    fn health(&self) -> BoxFuture<'_, eventbus_core::HealthReport> {
+        self.bus.health()
+    }
+    fn recovery(&self) -> Arc<eventbus_core::Recovery> {
+        self.bus.recovery()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
+        self.bus.close()
+    }
+}
+
+/// NATS client settings for tests and runs on a local server: quick reconnects,
+/// an ack wait a test's stuck handler outlasts, short fetches, a short consumer
+/// lease so a standby takes over soon after a member dies.
+#[cfg(feature = "nats")]
+pub fn nats_config(url: &str) -> eventbus_nats::NatsConfig {
+    let mut reconnect = eventbus_nats::ReconnectConfig::default();
+    reconnect.initial_delay = std::time::Duration::from_millis(50);
+    reconnect.max_delay = std::time::Duration::from_millis(500);
+    reconnect.retry_on_initial_connect = true;
+    eventbus_nats::NatsConfig::new([url.to_owned()])
+        .ack_wait(std::time::Duration::from_secs(4))
+        .fetch_expires(std::time::Duration::from_secs(1))
+        .lease_ttl(std::time::Duration::from_secs(3))
+        .reconnect(reconnect)
+}
+
+/// Buses on a nats-server of their own (started with the factory, stopped with
+/// it), with [`nats_config`]. NATS topics have no partitions.
+#[cfg(feature = "nats")]
+#[derive(Debug)]
+pub struct NatsBuses(pub crate::nats_server::NatsServer);
+
+#[cfg(feature = "nats")]
+impl NatsBuses {
+    /// Buses on a new server.
+    pub fn start() -> Self {
+        Self(crate::nats_server::NatsServer::start())
+    }
+}
+
+#[cfg(feature = "nats")]
+impl BusFactory for NatsBuses {
+    fn name(&self) -> &str {
+        "nats"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all().partitions(false)
+    }
+
+    fn bus(
+        &self,
+        pool: Arc<dyn Pool>,
+        config: EventBusConfig,
+    ) -> BoxFuture<'_, Result<SharedBus, Error>> {
+        let nats = nats_config(&self.0.url());
+        async move {
+            Ok(
+                Arc::new(eventbus_nats::NatsEventBus::connect(nats, config, pool).await?)
+                    as SharedBus,
+            )
         }
         .boxed()
     }

@@ -3,7 +3,13 @@
 pub mod backend;
 pub mod checker;
 pub mod conformance;
-#[cfg(any(feature = "keyed-pool", feature = "actor-pool", feature = "memory"))]
+#[cfg(any(
+    feature = "keyed-pool",
+    feature = "actor-pool",
+    feature = "memory",
+    feature = "kafka",
+    feature = "nats"
+))]
 pub mod factories;
 #[cfg(feature = "kafka-mock")]
 pub mod kafka_cluster;

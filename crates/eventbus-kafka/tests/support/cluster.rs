@@ -17,13 +17,7 @@ pub(crate) trait ClusterExt {
 
 impl ClusterExt for Cluster {
     fn kafka_config(&self) -> KafkaConfig {
-        let mut c = KafkaConfig::new(self.brokers());
-        c.fetch_wait_max = Duration::from_millis(10);
-        c.producer.linger = Duration::from_millis(1);
-        c.session_timeout = Duration::from_secs(6);
-        c.heartbeat_interval = Duration::from_millis(500);
-        c.operation_timeout = Duration::from_secs(10);
-        c
+        eventbus_testkit::factories::kafka_config(&self.brokers())
     }
 }
 

@@ -342,8 +342,7 @@ impl BusBackend for Backend {
                 .await
                 .map_err(gone)?;
             slot.topics.insert(topic.clone());
-            let declared = &self.config.topics;
-            if slot.joined || declared.iter().all(|t| slot.topics.contains(t)) {
+            if slot.joined || self.config.topics_to_join().all(|t| slot.topics.contains(t)) {
                 slot.joined = true;
                 Self::resubscribe(&slot)?;
             } else {
@@ -564,7 +563,7 @@ impl KafkaEventBus {
     }
 
     /// Join the group now with the topics subscribed so far, even if some declared
-    /// topics (`kafka.topics`) have no handler yet.
+    /// topics (`kafka.join_topics`) have no handler yet.
     pub async fn start(&self) -> Result<()> {
         self.inner.check_open()?;
         let mut slot = self.kafka().consumer.lock().await;

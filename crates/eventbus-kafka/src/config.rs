@@ -264,10 +264,14 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// `client.id`, default `eventbus`.
     pub client_id: String,
-    /// Topics this service will subscribe. When not empty, the consumer joins its
-    /// group once every one of them has a handler (one join at start-up instead of
-    /// one per subscription). Topics subscribed later are added by re-subscribing.
-    pub topics: Vec<String>,
+    /// Topics the consumer joins its group with: when not empty, it joins once
+    /// every one of them has a handler (one join at start-up instead of one per
+    /// subscription). Topics subscribed later are added by re-subscribing.
+    /// `kafka.topics`, the earlier name, is still read, with a deprecation warning.
+    pub join_topics: Vec<String>,
+    /// `kafka.topics`, the deprecated name of [`join_topics`](Self::join_topics).
+    #[serde(rename = "topics", skip_serializing_if = "Vec::is_empty")]
+    legacy_topics: Vec<String>,
     /// `session.timeout.ms`, default 45s.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
@@ -315,7 +319,8 @@ impl Default for KafkaConfig {
         Self {
             brokers: String::new(),
             client_id: "eventbus".to_owned(),
-            topics: Vec::new(),
+            join_topics: Vec::new(),
+            legacy_topics: Vec::new(),
             session_timeout: Duration::from_secs(45),
             heartbeat_interval: Duration::from_secs(3),
             max_poll_interval: Duration::from_secs(300),
@@ -351,7 +356,7 @@ impl fmt::Debug for KafkaConfig {
         f.debug_struct("KafkaConfig")
             .field("brokers", &self.brokers)
             .field("client_id", &self.client_id)
-            .field("topics", &self.topics)
+            .field("join_topics", &self.join_topics)
             .field("session_timeout", &self.session_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("max_poll_interval", &self.max_poll_interval)
@@ -395,15 +400,25 @@ impl KafkaConfig {
         self
     }
 
-    /// Declare the topics to subscribe, so the consumer joins its group once.
+    /// Declare the topics to subscribe, so the consumer joins its group once
+    /// ([`join_topics`](Self::join_topics)).
     #[must_use]
-    pub fn topics<I, S>(mut self, topics: I) -> Self
+    pub fn join_topics<I, S>(mut self, topics: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.topics = topics.into_iter().map(Into::into).collect();
+        self.join_topics = topics.into_iter().map(Into::into).collect();
         self
+    }
+
+    /// The topics the consumer joins with: [`join_topics`](Self::join_topics) and
+    /// those given under the deprecated name `kafka.topics`.
+    pub fn topics_to_join(&self) -> impl Iterator<Item = &str> {
+        self.join_topics
+            .iter()
+            .chain(&self.legacy_topics)
+            .map(String::as_str)
     }
 
     /// Set session timeout and heartbeat interval.
@@ -459,9 +474,15 @@ impl KafkaConfig {
         if self.client_id.trim().is_empty() {
             return Err(Error::config("kafka.client_id must not be empty"));
         }
-        for topic in &self.topics {
+        if !self.legacy_topics.is_empty() {
+            tracing::warn!(
+                topics = ?self.legacy_topics,
+                "kafka.topics is deprecated: it is read as kafka.join_topics; rename it"
+            );
+        }
+        for topic in self.topics_to_join() {
             validate_topic(topic)
-                .map_err(|e| Error::config(format!("kafka.topics: {}", e.message())))?;
+                .map_err(|e| Error::config(format!("kafka.join_topics: {}", e.message())))?;
         }
         if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.session_timeout {
             return Err(Error::config(format!(
@@ -617,6 +638,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_deprecated_topics_key_is_read_as_join_topics() {
+        let c: KafkaConfig =
+            toml::from_str("brokers = \"b:1\"\ntopics = [\"a\"]\njoin_topics = [\"b\"]")
+                .expect("both names load");
+        assert_eq!(c.topics_to_join().collect::<Vec<_>>(), ["b", "a"]);
+        let c: KafkaConfig =
+            toml::from_str("brokers = \"b:1\"\ntopics = [\"not ok\"]").expect("loads");
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("kafka.join_topics"), "{e}");
+    }
+
+    #[test]
     fn validation_names_the_key() {
         let e = KafkaConfig::default().validate().unwrap_err();
         assert!(e.to_string().contains("kafka.brokers"), "{e}");
@@ -639,12 +672,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("kafka.consumer_properties.enable.auto.offset.store"));
-        let c = KafkaConfig::new("b:1").topics(["ok", "not ok"]);
+        let c = KafkaConfig::new("b:1").join_topics(["ok", "not ok"]);
         assert!(c
             .validate()
             .unwrap_err()
             .to_string()
-            .contains("kafka.topics"));
+            .contains("kafka.join_topics"));
         assert!(KafkaConfig::new("b:1").validate().is_ok());
     }
 

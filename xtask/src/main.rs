@@ -1,13 +1,18 @@
 //! Project automation, run as `cargo xtask <command>`.
 //!
 //! - `cargo xtask test`: install and start what the tests need (nats-server, the
-//!   tools librdkafka builds with), then fmt check, clippy, `promtool check rules`
-//!   on the alert rules, every test of the workspace, docs; under `CI` also the
-//!   benches' compile and a quick bench-compare.
+//!   tools librdkafka builds with), then fmt check, clippy, the Prometheus rules
+//!   (`promtool check rules` and their unit tests, `promtool test rules`), every
+//!   test of the workspace, docs; under `CI` also the benches' compile and a quick
+//!   bench-compare.
 //! - `cargo xtask bench-compare [args]`: the pool / backend comparison (release build).
-//! - `cargo xtask check-alerts`: `promtool check rules docs/alerts.yml` alone.
+//! - `cargo xtask public-api [--check]`: the public items of the facade and of
+//!   core, listed in `docs/public-api.md` (checked under `test`).
+//! - `cargo xtask check-alerts`: the Prometheus rules step alone (check and test).
 //! - `cargo xtask chaos [args]`: the long fault-injection run with the delivery
 //!   checker's report (release build).
+//! - `cargo xtask rollout [args]`: the staged rollout run, 0 -> 10 -> 50 -> 100 -> 0 %
+//!   through the operations server under steady load (release build).
 
 // A command-line tool: it talks to the terminal.
 #![allow(clippy::print_stderr, clippy::print_stdout)]
@@ -15,6 +20,8 @@
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+mod public_api;
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -24,19 +31,27 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench-compare") => bench_compare(&args[1..]),
         Some("chaos") => chaos(&args[1..]),
+        Some("rollout") => rollout(&args[1..]),
         Some("install-deps") => install_deps(),
         Some("check-alerts") => check_alert_rules(),
+        Some("public-api") => public_api::public_api(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|bench-compare|chaos|install-deps|check-alerts> [args]"
+                "usage: cargo xtask <test|bench-compare|chaos|install-deps|check-alerts|public-api> [args]"
             );
             eprintln!("  test            install what tests need, then fmt, clippy, alert rules, tests, docs");
             eprintln!("  bench-compare   compare the pools on the memory backend (see --help)");
             eprintln!(
                 "  chaos           fault-injection run with the delivery report (see --help)"
             );
+            eprintln!(
+                "  rollout         staged rollout run through the operations server (see --help)"
+            );
             eprintln!("  install-deps    install nats-server and build tools (Debian, as root)");
-            eprintln!("  check-alerts    promtool check rules docs/alerts.yml (fetches promtool)");
+            eprintln!("  public-api      list the public items in docs/public-api.md (--check: it is current)");
+            eprintln!(
+                "  check-alerts    promtool check and test the alert and recording rules (fetches promtool)"
+            );
             return ExitCode::from(2);
         }
     };
@@ -158,6 +173,7 @@ fn test(args: &[String]) -> Result {
         "warnings",
     ]);
     run(clippy, "clippy")?;
+    check_feature_sets()?;
     check_alert_rules()?;
     let mut tests = cargo();
     tests.args(["test", "--workspace"]).args(args);
@@ -167,6 +183,7 @@ fn test(args: &[String]) -> Result {
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
     run(doc, "docs")?;
+    public_api::public_api(&["--check".into()])?;
     if ci {
         let mut benches = cargo();
         benches.args(["bench", "--workspace", "--no-run"]);
@@ -178,23 +195,101 @@ fn test(args: &[String]) -> Result {
     Ok(())
 }
 
-/// The Prometheus alert rules of the rollout kit.
-const ALERT_RULES: &str = "docs/alerts.yml";
+/// Feature sets of the facade that matter beyond each one alone: a backend with
+/// each single pool, and both backends with both pools.
+const FEATURE_SETS: &[&str] = &[
+    "memory,actor-pool",
+    "kafka,keyed-pool",
+    "kafka,actor-pool",
+    "nats,keyed-pool",
+    "nats,actor-pool",
+    "kafka,nats,keyed-pool,actor-pool",
+];
 
-/// `promtool check rules docs/alerts.yml`: every rule and expression parses.
+/// The facade compiles with no feature, each feature alone (`cargo hack
+/// --each-feature`, installed when missing) and each of [`FEATURE_SETS`]. The
+/// workspace build turns every feature on, so nothing else would notice a `cfg`
+/// that only holds with the others.
+fn check_feature_sets() -> Result {
+    if !cargo_has("hack") {
+        let mut install = cargo();
+        install.args(["install", "cargo-hack", "--locked"]);
+        run(install, "install cargo-hack")?;
+    }
+    // Clippy with warnings denied: a `cfg` that leaves code unused under one
+    // feature set is found here too. Dev-dependencies do not add features to a
+    // library check (resolver 2), so the manifest is left as it is.
+    let mut each = cargo();
+    each.args([
+        "hack",
+        "clippy",
+        "-p",
+        "eventbus",
+        "--each-feature",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(each, "the facade with each feature alone")?;
+    for set in FEATURE_SETS {
+        let mut check = cargo();
+        check.args([
+            "clippy",
+            "-p",
+            "eventbus",
+            "--no-default-features",
+            "--features",
+            set,
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        run(check, &format!("the facade with features {set}"))?;
+    }
+    Ok(())
+}
+
+/// Whether `cargo <sub>` is installed (a `cargo-<sub>` program on PATH or in
+/// cargo's own bin directory).
+fn cargo_has(sub: &str) -> bool {
+    let program = format!("cargo-{sub}");
+    have(&program)
+        || env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+            .is_some_and(|home| home.join("bin").join(&program).is_file())
+}
+
+/// The Prometheus rule files: the alert rules of the rollout kit and the recording
+/// rules that provide the seed's metric names.
+const RULE_FILES: &[&str] = &["docs/alerts.yml", "docs/rules/seed-names.yml"];
+
+/// Their unit tests (input series, expected alerts and samples).
+const RULE_TESTS: &[&str] = &[
+    "docs/rules/alerts.test.yml",
+    "docs/rules/seed-names.test.yml",
+];
+
+/// `promtool check rules`: every rule and expression parses; then
+/// `promtool test rules`: every rule does what its tests expect.
 fn check_alert_rules() -> Result {
     let promtool = promtool()?;
-    let mut check = Command::new(promtool);
+    let mut check = Command::new(&promtool);
     check
         .args(["check", "rules"])
-        .arg(ALERT_RULES)
+        .args(RULE_FILES)
         .current_dir(project_root());
-    run(check, "alert rules check")
+    run(check, "Prometheus rules check")?;
+    let mut test = Command::new(&promtool);
+    test.args(["test", "rules"])
+        .args(RULE_TESTS)
+        .current_dir(project_root());
+    run(test, "Prometheus rules unit tests")
 }
 
 /// How to get promtool when this tool cannot.
 const GET_PROMTOOL: &str =
-    "promtool is needed to check docs/alerts.yml; put it on PATH or name it \
+    "promtool is needed to check and test docs/alerts.yml; put it on PATH or name it \
      with PROMTOOL=/path/to/promtool (Debian/Ubuntu: `apt-get install prometheus`, or only the \
      binary: `apt-get download prometheus && dpkg-deb -x prometheus_*.deb dir`, then \
      dir/usr/bin/promtool; macOS: `brew install prometheus`; elsewhere the release archive \
@@ -321,6 +416,29 @@ fn chaos(args: &[String]) -> Result {
         point_at_nats_server(&mut cmd)?;
     }
     run(cmd, "chaos")
+}
+
+/// `cargo xtask rollout [--backend memory|kafka|nats] [args]`: the staged rollout
+/// run (0 -> 10 -> 50 -> 100 -> 0 % through the operations server under steady
+/// load, with the delivery checker), release build; see `rollout/src/main.rs`.
+fn rollout(args: &[String]) -> Result {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "eventbus-rollout",
+        "--bin",
+        "rollout",
+        "--",
+    ])
+    .args(args);
+    if wants_nats(args) {
+        install_deps()?;
+        point_at_nats_server(&mut cmd)?;
+    }
+    run(cmd, "rollout")
 }
 
 fn bench_compare(args: &[String]) -> Result {

@@ -2,6 +2,7 @@
 
 mod cool_down;
 mod pool;
+mod shared;
 mod slot;
 mod supervisor;
 mod worker;

@@ -4,15 +4,15 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use eventbus_core::job::PushError;
 use eventbus_core::{
-    slot, ActorPoolConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Job, OutcomeKind, Pool,
-    PoolStats, SubmitError, SubmitErrorKind,
+    ActorPoolConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Job, Pool, PoolStats,
+    SubmitError, SubmitErrorKind,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -21,6 +21,7 @@ use ractor::{Actor, ActorRef, ActorStatus};
 use tokio::sync::{oneshot, Notify};
 
 use crate::cool_down::CoolDown;
+use crate::shared::{Counters, Shared};
 use crate::slot::Slot;
 use crate::supervisor::{Supervisor, SupervisorMsg};
 
@@ -38,111 +39,6 @@ const DEGRADED_UTILISATION: f64 = 0.9;
 
 /// At most this many out-of-service actors are named in a health reason.
 const NAMED_IN_HEALTH: usize = 8;
-
-/// Pool-wide counters of rare events. Per-job counts live in the slots, each written
-/// by one side only (see [`Slot`]).
-#[derive(Default)]
-struct Counters {
-    rejected: AtomicU64,
-    restarts: AtomicU64,
-    cool_downs: AtomicU64,
-}
-
-/// State shared by the pool handle, the supervisor and the workers.
-pub(crate) struct Shared {
-    pub(crate) config: ActorPoolConfig,
-    pub(crate) cool_down: CoolDown,
-    /// Set while held jobs are released: an actor past its restart limit is replaced
-    /// at once, without a cool-down (see [`ActorPool::release_held`]).
-    releasing: AtomicBool,
-    pub(crate) slots: Box<[Slot]>,
-    /// `size - 1` when `size` is a power of two (the default): then `route & mask`
-    /// is `slot(route, size)` without a division.
-    mask: Option<u64>,
-    closing: AtomicBool,
-    /// Notified, while closing, when a slot runs out of pending work or leaves service.
-    idle: Notify,
-    unavailable: AtomicUsize,
-    counters: Counters,
-}
-
-impl Shared {
-    /// Whether the pool has started closing.
-    pub(crate) fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::SeqCst)
-    }
-
-    /// The slot serving `route`: [`slot`]`(route, size)`.
-    fn slot_of(&self, route: u64) -> &Slot {
-        let index = match self.mask {
-            Some(mask) => (route & mask) as usize,
-            None => slot(route, self.slots.len()),
-        };
-        &self.slots[index]
-    }
-
-    /// A job popped from `slot` ran to an outcome of `kind`.
-    pub(crate) fn job_finished(&self, slot: &Slot, kind: OutcomeKind) {
-        slot.finished(kind);
-        if self.closing.load(Ordering::SeqCst) && slot.pending() == 0 {
-            self.idle.notify_waiters();
-        }
-    }
-
-    /// The supervisor restarted an actor.
-    pub(crate) fn restarted(&self) {
-        self.counters.restarts.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Whether held jobs are being released (no cool-down).
-    pub(crate) fn is_releasing(&self) -> bool {
-        self.releasing.load(Ordering::SeqCst)
-    }
-
-    /// The supervisor gave up on an actor: its slot cools down. The queue stays open
-    /// and keeps its jobs, in order, for the fresh actor.
-    pub(crate) fn take_out_of_service(&self, slot: &Slot) {
-        if slot.set_unavailable(true) {
-            self.unavailable.fetch_add(1, Ordering::SeqCst);
-            self.counters.cool_downs.fetch_add(1, Ordering::Relaxed);
-        }
-        self.idle.notify_waiters();
-    }
-
-    /// A fresh actor took over a slot that was out of service; counted as a restart.
-    pub(crate) fn back_in_service(&self, slot: &Slot) {
-        if slot.set_unavailable(false) {
-            self.unavailable.fetch_sub(1, Ordering::SeqCst);
-        }
-        self.restarted();
-        self.idle.notify_waiters();
-    }
-
-    /// Every slot still in service has finished its work.
-    fn is_idle(&self) -> bool {
-        self.slots
-            .iter()
-            .all(|s| s.is_unavailable() || s.pending() == 0)
-    }
-
-    /// Wait until [`Shared::is_idle`] or `deadline`; true when idle.
-    async fn wait_idle(&self, deadline: Instant) -> bool {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_idle() {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline.into(), notified)
-                .await
-                .is_err()
-            {
-                return self.is_idle();
-            }
-        }
-    }
-}
 
 /// The submit future of a job taken on the fast path: already queued, nothing left
 /// to do. Zero-sized, so boxing it allocates nothing.
@@ -537,7 +433,10 @@ impl Pool for ActorPool {
         let mut stats = PoolStats::default();
         stats.workers = shared.slots.len();
         stats.queue_capacity = shared.config.inbox_size;
-        stats.queued = shared.slots.iter().map(Slot::queued).sum();
+        for queued in shared.slots.iter().map(Slot::queued) {
+            stats.queued += queued;
+            stats.max_queued = stats.max_queued.max(queued);
+        }
         stats.submitted = shared.slots.iter().map(Slot::accepted).sum();
         stats.completed = shared.slots.iter().map(Slot::completed).sum();
         stats.panicked = shared.slots.iter().map(Slot::panicked).sum();

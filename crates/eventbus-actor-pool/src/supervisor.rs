@@ -10,8 +10,9 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 use tokio::sync::oneshot;
 
-use crate::pool::Shared;
-use crate::worker::{Worker, WorkerMsg, WorkerState};
+use crate::shared::Shared;
+use crate::slot::WorkerMsg;
+use crate::worker::{Worker, WorkerState};
 
 /// What the supervisor receives (besides supervision events).
 #[derive(Debug)]

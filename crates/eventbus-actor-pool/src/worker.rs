@@ -9,15 +9,8 @@ use std::sync::Arc;
 use eventbus_core::{JobClass, OutcomeKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::pool::Shared;
-use crate::slot::Slot;
-
-/// What a worker actor receives.
-#[derive(Debug)]
-pub(crate) enum WorkerMsg {
-    /// Serve the slot's queue until it is closed and empty.
-    Serve,
-}
+use crate::shared::Shared;
+use crate::slot::{Slot, WorkerMsg};
 
 /// The worker actor.
 #[derive(Debug)]

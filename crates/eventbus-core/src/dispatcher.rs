@@ -289,13 +289,19 @@ struct Counters {
 /// The pipeline's metrics of one pool (`pool` label).
 struct PoolMetrics {
     sent: metrics::Counter,
+    /// `messages_processed_total` by result: one per finished message.
     ok: metrics::Counter,
     failed: metrics::Counter,
     panicked: metrics::Counter,
     dead_lettered: metrics::Counter,
+    /// `handler_panics_total` by class: one per attempt that panicked.
+    envelope_panics: metrics::Counter,
+    plain_panics: metrics::Counter,
     retries: metrics::Counter,
     submit_retries: metrics::Counter,
     duration: metrics::Histogram,
+    queue_wait: metrics::Histogram,
+    first_attempt: metrics::Histogram,
     message_duration: metrics::Histogram,
 }
 
@@ -304,16 +310,51 @@ impl PoolMetrics {
         let processed = m::name(backend, m::MESSAGES_PROCESSED);
         let result =
             |r: &'static str| metrics::counter!(processed.clone(), "pool" => pool, "result" => r);
+        let panics_name = m::name(backend, m::HANDLER_PANICS);
+        let panics =
+            |c: &'static str| metrics::counter!(panics_name.clone(), "pool" => pool, "class" => c);
         Self {
             sent: metrics::counter!(m::name(backend, m::MESSAGES_SENT), "pool" => pool),
             ok: result("ok"),
             failed: result("failed"),
             panicked: result("panicked"),
             dead_lettered: result("dead_lettered"),
+            envelope_panics: panics("envelope"),
+            plain_panics: panics("plain"),
             retries: metrics::counter!(m::name(backend, m::RETRIES), "pool" => pool),
             submit_retries: metrics::counter!(m::name(backend, m::SUBMIT_RETRIES), "pool" => pool),
             duration: metrics::histogram!(m::name(backend, m::HANDLER_DURATION), "pool" => pool),
+            queue_wait: metrics::histogram!(m::name(backend, m::QUEUE_WAIT), "pool" => pool),
+            first_attempt: metrics::histogram!(m::name(backend, m::FIRST_ATTEMPT_LATENCY), "pool" => pool),
             message_duration: metrics::histogram!(m::name(backend, m::MESSAGE_DURATION), "pool" => pool),
+        }
+    }
+
+    /// A job submitted at `submitted` starts now: its wait for the pool.
+    fn started(&self, submitted: Instant) -> Instant {
+        let now = Instant::now();
+        self.queue_wait
+            .record(now.saturating_duration_since(submitted).as_secs_f64());
+        now
+    }
+
+    /// A handler call that began at `started` returned; `first` when it was the
+    /// message's first attempt, submitted to the pool at `submitted`.
+    fn called(&self, submitted: Instant, started: Instant, first: bool) {
+        let now = Instant::now();
+        self.duration
+            .record(now.saturating_duration_since(started).as_secs_f64());
+        if first {
+            self.first_attempt
+                .record(now.saturating_duration_since(submitted).as_secs_f64());
+        }
+    }
+
+    /// A handler of `class` panicked.
+    fn panic(&self, class: JobClass) {
+        match class {
+            JobClass::Envelope => self.envelope_panics.increment(1),
+            JobClass::Plain => self.plain_panics.increment(1),
         }
     }
 }
@@ -513,6 +554,8 @@ impl Sampler {
             let st = &share.stats;
             metrics::gauge!(m::name(b, m::POOL_IN_FORCE), "pool" => kind).set(share.share);
             metrics::gauge!(m::name(b, m::POOL_UTILISATION), "pool" => kind).set(st.utilisation());
+            metrics::gauge!(m::name(b, m::POOL_MAX_UTILISATION), "pool" => kind)
+                .set(st.max_utilisation());
             metrics::gauge!(m::name(b, m::POOL_QUEUED), "pool" => kind).set(st.queued as f64);
             metrics::gauge!(m::name(b, m::POOL_UNAVAILABLE), "pool" => kind)
                 .set(st.unavailable_workers as f64);
@@ -834,7 +877,7 @@ impl Dispatcher {
                         Arc::new(envelope),
                         message,
                         key.clone(),
-                        meta.pool,
+                        (meta.pool, meta.submitted),
                         scope,
                     );
                     let (job, rx) = Job::new(route, JobClass::Envelope, Some(key), task);
@@ -866,11 +909,26 @@ impl Dispatcher {
                 let key: Option<Arc<str>> = sub.ids.extract(&message, None).map(Arc::from);
                 let route = match &key {
                     Some(k) => stable_hash(k.as_bytes()),
-                    None => self.inner.round_robin.fetch_add(1, Ordering::Relaxed),
+                    // No id: a round-robin number, through the stable hash so its
+                    // high bits (the rollout bucket) are spread too and the actor
+                    // share is a true share of these messages.
+                    None => stable_hash(
+                        &self
+                            .inner
+                            .round_robin
+                            .fetch_add(1, Ordering::Relaxed)
+                            .to_le_bytes(),
+                    ),
                 };
                 let mut meta = Meta::new(JobClass::Plain, key.clone(), sub, &message);
                 meta.pool = self.inner.pool.kind_for(route);
-                let task = self.plain_task(handler.clone(), message, key.clone(), meta.pool, scope);
+                let task = self.plain_task(
+                    handler.clone(),
+                    message,
+                    key.clone(),
+                    (meta.pool, meta.submitted),
+                    scope,
+                );
                 let (job, rx) = Job::new(route, JobClass::Plain, key, task);
                 Prepared::Job(job, rx, meta)
             }
@@ -920,7 +978,7 @@ impl Dispatcher {
         handler: BoxHandler<Message>,
         message: Message,
         key: Option<Arc<str>>,
-        pool: &'static str,
+        (pool, submitted): (&'static str, Instant),
         scope: &Scope,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
@@ -935,24 +993,25 @@ impl Dispatcher {
             trace_id = tracing::field::Empty,
         );
         async move {
-            let started = Instant::now();
+            let metrics = inner.metrics.pool(pool);
+            let started = metrics.started(submitted);
             let call = in_scope(scope, handler.call_boxed(message));
             let result = AssertUnwindSafe(call).catch_unwind().await;
-            inner
-                .metrics
-                .pool(pool)
-                .duration
-                .record(started.elapsed().as_secs_f64());
+            metrics.called(submitted, started, true);
             match result {
                 Ok(Ok(())) => Outcome::Handled { attempts: 1 },
                 Ok(Err(e)) => Outcome::Failed {
                     attempts: 1,
                     cause: FailureCause::Error(e),
                 },
-                Err(p) => Outcome::Failed {
-                    attempts: 1,
-                    cause: FailureCause::Panic(panic_message(p.as_ref())),
-                },
+                Err(p) => {
+                    inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
+                    metrics.panic(JobClass::Plain);
+                    Outcome::Failed {
+                        attempts: 1,
+                        cause: FailureCause::Panic(panic_message(p.as_ref())),
+                    }
+                }
             }
         }
         .instrument(span)
@@ -967,7 +1026,7 @@ impl Dispatcher {
         envelope: Arc<Envelope>,
         message: Message,
         key: Arc<str>,
-        pool: &'static str,
+        (pool, submitted): (&'static str, Instant),
         scope: &Scope,
     ) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
@@ -984,16 +1043,24 @@ impl Dispatcher {
             trace_id = envelope.trace_id.as_deref().unwrap_or(""),
         );
         async move {
+            let metrics = inner.metrics.pool(pool);
+            let mut started = metrics.started(submitted);
             let mut attempt = 1u32;
             let mut stuck = false;
             loop {
                 tracing::Span::current().record("attempt", attempt);
                 let event = Event::scoped(envelope.clone(), message.clone(), attempt, scope.clone());
-                let started = Instant::now();
+                if attempt > 1 {
+                    started = Instant::now();
+                }
                 let call = in_scope(scope.clone(), handler.call_boxed(event));
                 let result = AssertUnwindSafe(call).catch_unwind().await;
-                let metrics = inner.metrics.pool(pool);
-                metrics.duration.record(started.elapsed().as_secs_f64());
+                metrics.called(submitted, started, attempt == 1);
+                if result.is_err() {
+                    // Every panic counts, that of a call handed over meanwhile too.
+                    inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
+                    metrics.panic(JobClass::Envelope);
+                }
                 let cause = match result {
                     Ok(Ok(())) => {
                         if stuck {
@@ -1009,11 +1076,7 @@ impl Dispatcher {
                         return Outcome::Abandoned { attempts: attempt };
                     }
                     Ok(Err(e)) => FailureCause::Error(e),
-                    Err(p) => {
-                        inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
-                        metrics.panicked.increment(1);
-                        FailureCause::Panic(panic_message(p.as_ref()))
-                    }
+                    Err(p) => FailureCause::Panic(panic_message(p.as_ref())),
                 };
                 let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
                 let exhausted = permanent || attempt >= policy.max_attempts;
@@ -1085,8 +1148,9 @@ impl Dispatcher {
             }
             Outcome::Failed { attempts, cause } => match meta.class {
                 JobClass::Plain => {
+                    // The panic itself was counted where it was caught; this is the
+                    // message's one outcome.
                     if let FailureCause::Panic(_) = cause {
-                        inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
                         metrics.panicked.increment(1);
                     } else {
                         metrics.failed.increment(1);

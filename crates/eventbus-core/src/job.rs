@@ -172,8 +172,8 @@ impl fmt::Debug for Job {
 }
 
 impl Job {
-    /// A job routed by `route` (the stable hash of its key, or a round-robin number
-    /// when it has none), running `task`.
+    /// A job routed by `route` (the stable hash of its key, or of a round-robin
+    /// number when it has none), running `task`.
     pub fn new(
         route: u64,
         class: JobClass,

@@ -9,11 +9,27 @@
 
 /// Messages submitted to a pool, by `pool`. Counter.
 pub const MESSAGES_SENT: &str = "messages_sent_total";
-/// Messages finished, by `pool` and `result` (`ok`, `failed`, `panicked`,
-/// `dead_lettered`). Counter.
+/// Messages finished, by `pool` and `result`: one outcome per message. A plain
+/// message ends `ok`, `failed` or `panicked`; an envelope message ends `ok` or
+/// `dead_lettered` (its failed attempts are retries, see [`RETRIES`] and
+/// [`HANDLER_PANICS`]). A message left for redelivery (bus closing, hand-over) has
+/// no outcome here. Counter.
 pub const MESSAGES_PROCESSED: &str = "messages_processed_total";
-/// Handler call duration in seconds, by `pool`. Histogram.
+/// Handler panics, every attempt that panicked, by `pool` and `class`
+/// (`envelope`, `plain`). Counter.
+pub const HANDLER_PANICS: &str = "handler_panics_total";
+/// Handler call duration in seconds, by `pool`: every call, retries counted one by
+/// one. Histogram.
 pub const HANDLER_DURATION: &str = "handler_duration_seconds";
+/// Time a job waited for the pool before its handler started, in seconds, by
+/// `pool`: from submission to the pool (a wait for room in a full queue included)
+/// until the worker starts it. One per message that started. Histogram.
+pub const QUEUE_WAIT: &str = "queue_wait_seconds";
+/// Queue wait plus the first handler call, in seconds, by `pool`: from submission
+/// to the pool until the first attempt returned, whatever it returned. One per
+/// message that started; retries and backoff are not in it. The latency the
+/// rollout compares pools by. Histogram.
+pub const FIRST_ATTEMPT_LATENCY: &str = "first_attempt_latency_seconds";
 /// Time from submission to the pool until the message is finished (queueing,
 /// every attempt and backoff, the dead-letter write), in seconds, by `pool`.
 /// Histogram.
@@ -31,8 +47,12 @@ pub const SUBMIT_RETRIES: &str = "pool_submit_retries_total";
 
 /// Worker (actor) restarts, by `pool`. Counter.
 pub const POOL_RESTARTS: &str = "pool_restarts_total";
-/// Queued jobs as a fraction of queue (inbox) capacity, 0–1, by `pool`. Gauge.
+/// Queued jobs as a fraction of queue (inbox) capacity, 0–1, by `pool`: the mean
+/// over the pool's queues. Gauge.
 pub const POOL_UTILISATION: &str = "pool_utilisation";
+/// The fullest queue (inbox) of the pool as a fraction of its capacity, 0–1, by
+/// `pool`: 1 when one queue is full, however empty the others. Gauge.
+pub const POOL_MAX_UTILISATION: &str = "pool_max_utilisation";
 /// Jobs waiting in the pool's queues, by `pool`. Gauge.
 pub const POOL_QUEUED: &str = "pool_queued_jobs";
 /// Workers (actors) out of service, by `pool`. Gauge.
@@ -98,7 +118,10 @@ pub const PUBLISH_DURATION: &str = "publish_duration_seconds";
 pub const ALL: &[&str] = &[
     MESSAGES_SENT,
     MESSAGES_PROCESSED,
+    HANDLER_PANICS,
     HANDLER_DURATION,
+    QUEUE_WAIT,
+    FIRST_ATTEMPT_LATENCY,
     MESSAGE_DURATION,
     RETRIES,
     DEAD_LETTERS,
@@ -106,6 +129,7 @@ pub const ALL: &[&str] = &[
     SUBMIT_RETRIES,
     POOL_RESTARTS,
     POOL_UTILISATION,
+    POOL_MAX_UTILISATION,
     POOL_QUEUED,
     POOL_UNAVAILABLE,
     POOL_IN_FORCE,

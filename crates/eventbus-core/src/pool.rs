@@ -78,6 +78,11 @@ pub struct PoolStats {
     pub queue_capacity: usize,
     /// Jobs waiting in queues now.
     pub queued: usize,
+    /// Jobs waiting in the fullest queue (inbox) now: with [`queue_capacity`]
+    /// it shows one full queue that the total hides.
+    ///
+    /// [`queue_capacity`]: PoolStats::queue_capacity
+    pub max_queued: usize,
     /// Jobs accepted since start.
     pub submitted: u64,
     /// Jobs run to an outcome since start.
@@ -100,6 +105,16 @@ impl PoolStats {
             0.0
         } else {
             (self.queued as f64 / cap as f64).min(1.0)
+        }
+    }
+
+    /// The fullest queue's jobs as a fraction of its capacity, 0..=1: 1 when one
+    /// queue is full, however empty the others.
+    pub fn max_utilisation(&self) -> f64 {
+        if self.queue_capacity == 0 {
+            0.0
+        } else {
+            (self.max_queued as f64 / self.queue_capacity as f64).min(1.0)
         }
     }
 }
@@ -166,5 +181,36 @@ impl PoolShare {
     /// A share of `kind` with `stats`.
     pub fn new(kind: &'static str, share: f64, stats: PoolStats) -> Self {
         Self { kind, share, stats }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(workers: usize, capacity: usize, queued: usize, max_queued: usize) -> PoolStats {
+        PoolStats {
+            workers,
+            queue_capacity: capacity,
+            queued,
+            max_queued,
+            ..PoolStats::default()
+        }
+    }
+
+    #[test]
+    fn one_full_queue_shows_in_the_maximum_not_in_the_mean() {
+        // 256 inboxes of 100, one of them full.
+        let s = stats(256, 100, 100, 100);
+        assert!(s.utilisation() < 0.004, "mean {}", s.utilisation());
+        assert_eq!(s.max_utilisation(), 1.0);
+        let half = stats(4, 10, 8, 5);
+        assert_eq!((half.utilisation(), half.max_utilisation()), (0.2, 0.5));
+    }
+
+    #[test]
+    fn no_capacity_is_no_utilisation() {
+        let s = PoolStats::default();
+        assert_eq!((s.utilisation(), s.max_utilisation()), (0.0, 0.0));
     }
 }

@@ -230,16 +230,19 @@ impl Pool for KeyedWorkerPool {
     }
 
     fn stats(&self) -> PoolStats {
-        let queued = if self.is_closed() {
-            0
-        } else {
-            self.queues.iter().map(|q| q.len()).sum()
-        };
+        let (mut queued, mut max_queued) = (0, 0);
+        if !self.is_closed() {
+            for len in self.queues.iter().map(|q| q.len()) {
+                queued += len;
+                max_queued = max_queued.max(len);
+            }
+        }
         let c = &self.counters;
         let mut stats = PoolStats::default();
         stats.workers = self.config.workers;
         stats.queue_capacity = self.config.queue_size;
         stats.queued = queued;
+        stats.max_queued = max_queued;
         stats.submitted = self.queues.iter().map(|q| q.accepted()).sum();
         stats.completed = c
             .workers
@@ -426,6 +429,44 @@ mod tests {
         for rx in rxs {
             rx.await.expect("outcome");
         }
+        pool.close(Duration::from_secs(5)).await;
+    }
+
+    /// One full queue among empty ones: the mean utilisation hides it, the fullest
+    /// queue shows it.
+    #[tokio::test]
+    async fn stats_show_the_fullest_queue_beside_the_mean() {
+        let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(4).queue_size(3))
+            .expect("pool");
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let (blocker, blocker_rx) = job(
+            0,
+            async move {
+                let _ = started_tx.send(());
+                let _ = release_rx.await;
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        );
+        pool.submit(blocker).await.expect("blocker accepted");
+        started_rx.await.expect("blocker started");
+        let mut rxs = vec![blocker_rx];
+        for _ in 0..3 {
+            let (j, rx) = noop(0);
+            pool.submit(j).await.expect("room in the queue of route 0");
+            rxs.push(rx);
+        }
+        let stats = pool.stats();
+        assert_eq!((stats.queued, stats.max_queued), (3, 3));
+        assert_eq!(stats.max_utilisation(), 1.0, "the queue of route 0 is full");
+        assert_eq!(stats.utilisation(), 0.25, "3 of 4 × 3 places");
+        release_tx.send(()).expect("blocker waiting");
+        for rx in rxs {
+            rx.await.expect("outcome");
+        }
+        let stats = pool.stats();
+        assert_eq!((stats.queued, stats.max_queued), (0, 0));
         pool.close(Duration::from_secs(5)).await;
     }
 

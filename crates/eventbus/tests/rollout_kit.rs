@@ -21,7 +21,7 @@ const HISTOGRAM_SUFFIXES: &[&str] = &["_bucket", "_sum", "_count"];
 /// The rollback triggers: the `rollback_trigger` label, the threshold the rule
 /// compares with (`> threshold`), and the metrics its expression must name.
 const TRIGGERS: &[(&str, f64, &[&str])] = &[
-    ("p99_latency", 1.2, &["handler_duration_seconds"]),
+    ("p99_latency", 1.2, &["first_attempt_latency_seconds"]),
     (
         "restart_rate",
         0.05,
@@ -34,9 +34,11 @@ const TRIGGERS: &[(&str, f64, &[&str])] = &[
 const DASHBOARD_MUST_SHOW: &[&str] = &[
     "pool_in_force",
     "messages_processed_total",
-    "handler_duration_seconds",
+    "first_attempt_latency_seconds",
+    "queue_wait_seconds",
     "pool_restarts_total",
     "pool_utilisation",
+    "pool_max_utilisation",
     "partition_lag",
     "process_resident_memory_bytes",
 ];
@@ -613,7 +615,8 @@ fn dashboard() -> Json {
 }
 
 fn rules(text: &str) -> Yaml {
-    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("docs/alerts.yml is not valid YAML: {e}"))
+    serde_yaml::from_str(text)
+        .unwrap_or_else(|e| panic!("docs/alerts.yml is not valid YAML: {e}"))
 }
 
 fn runbook_anchors() -> BTreeSet<String> {

@@ -1,0 +1,116 @@
+//! The state the pool handle, the supervisor and the workers share: the slots
+//! (one per actor: queue, actor, service state) and the pool-wide counters.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use eventbus_core::{slot, ActorPoolConfig, OutcomeKind};
+use tokio::sync::Notify;
+
+use crate::cool_down::CoolDown;
+use crate::slot::Slot;
+
+/// Pool-wide counters of rare events. Per-job counts live in the slots, each written
+/// by one side only (see [`Slot`]).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) rejected: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    pub(crate) cool_downs: AtomicU64,
+}
+
+/// State shared by the pool handle, the supervisor and the workers.
+pub(crate) struct Shared {
+    pub(crate) config: ActorPoolConfig,
+    pub(crate) cool_down: CoolDown,
+    /// Set while held jobs are released: an actor past its restart limit is replaced
+    /// at once, without a cool-down (see [`ActorPool::release_held`]).
+    pub(crate) releasing: AtomicBool,
+    pub(crate) slots: Box<[Slot]>,
+    /// `size - 1` when `size` is a power of two (the default): then `route & mask`
+    /// is `slot(route, size)` without a division.
+    pub(crate) mask: Option<u64>,
+    pub(crate) closing: AtomicBool,
+    /// Notified, while closing, when a slot runs out of pending work or leaves service.
+    pub(crate) idle: Notify,
+    pub(crate) unavailable: AtomicUsize,
+    pub(crate) counters: Counters,
+}
+
+impl Shared {
+    /// Whether the pool has started closing.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// The slot serving `route`: [`slot`]`(route, size)`.
+    pub(crate) fn slot_of(&self, route: u64) -> &Slot {
+        let index = match self.mask {
+            Some(mask) => (route & mask) as usize,
+            None => slot(route, self.slots.len()),
+        };
+        &self.slots[index]
+    }
+
+    /// A job popped from `slot` ran to an outcome of `kind`.
+    pub(crate) fn job_finished(&self, slot: &Slot, kind: OutcomeKind) {
+        slot.finished(kind);
+        if self.closing.load(Ordering::SeqCst) && slot.pending() == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// The supervisor restarted an actor.
+    pub(crate) fn restarted(&self) {
+        self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether held jobs are being released (no cool-down).
+    pub(crate) fn is_releasing(&self) -> bool {
+        self.releasing.load(Ordering::SeqCst)
+    }
+
+    /// The supervisor gave up on an actor: its slot cools down. The queue stays open
+    /// and keeps its jobs, in order, for the fresh actor.
+    pub(crate) fn take_out_of_service(&self, slot: &Slot) {
+        if slot.set_unavailable(true) {
+            self.unavailable.fetch_add(1, Ordering::SeqCst);
+            self.counters.cool_downs.fetch_add(1, Ordering::Relaxed);
+        }
+        self.idle.notify_waiters();
+    }
+
+    /// A fresh actor took over a slot that was out of service; counted as a restart.
+    pub(crate) fn back_in_service(&self, slot: &Slot) {
+        if slot.set_unavailable(false) {
+            self.unavailable.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.restarted();
+        self.idle.notify_waiters();
+    }
+
+    /// Every slot still in service has finished its work.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| s.is_unavailable() || s.pending() == 0)
+    }
+
+    /// Wait until [`Shared::is_idle`] or `deadline`; true when idle.
+    pub(crate) async fn wait_idle(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_idle() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                return self.is_idle();
+            }
+        }
+    }
+}

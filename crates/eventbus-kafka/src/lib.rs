@@ -4,7 +4,7 @@ mod bus;
 mod config;
 mod consumer;
 mod context;
-pub mod metrics;
+mod metrics;
 mod producer;
 mod secret;
 

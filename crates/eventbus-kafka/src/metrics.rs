@@ -1,33 +1,30 @@
-//! Kafka metric names. The pipeline's metrics, and the per-partition gauges every
-//! backend has, are named in `eventbus_core::metrics` (prefixed `kafka_eventbus_`);
-//! the per-partition constants here are those names in full.
+//! Kafka metric names, in full: the names of [`eventbus_core::metrics`] with the
+//! `kafka_eventbus_` prefix, built once. Every name is defined there.
 
-/// Consumer lag per partition: high watermark minus committed offset, sampled by
-/// the bus's monitor. Gauge, by `topic` and `partition`.
-pub const PARTITION_LAG: &str = "kafka_eventbus_partition_lag";
-/// Messages of a partition in flight. Gauge, by `topic` and `partition`.
-pub const PARTITION_IN_FLIGHT: &str = "kafka_eventbus_partition_in_flight";
-/// Last committed offset of a partition. Gauge, by `topic` and `partition`.
-pub const PARTITION_COMMITTED: &str = "kafka_eventbus_partition_committed_offset";
-/// Partitions paused because their in-flight bound was reached. Counter.
-pub const PARTITION_PAUSES: &str = "kafka_eventbus_partition_pauses_total";
-/// Failed offset commits (retried by the next commit). Counter.
-pub const COMMIT_ERRORS: &str = "kafka_eventbus_commit_errors_total";
+use eventbus_core::metrics as m;
+use std::sync::LazyLock;
+
+static PARTITION_IN_FLIGHT: LazyLock<String> =
+    LazyLock::new(|| m::name("kafka", m::PARTITION_IN_FLIGHT));
+static PARTITION_COMMITTED: LazyLock<String> =
+    LazyLock::new(|| m::name("kafka", m::PARTITION_COMMITTED));
+static PARTITION_PAUSES: LazyLock<String> = LazyLock::new(|| m::name("kafka", m::PARTITION_PAUSES));
+static COMMIT_ERRORS: LazyLock<String> = LazyLock::new(|| m::name("kafka", m::COMMIT_ERRORS));
 
 pub(crate) fn committed_offset(topic: &str, partition: i32, offset: i64) {
-    metrics::gauge!(PARTITION_COMMITTED, "topic" => topic.to_owned(), "partition" => partition.to_string())
+    metrics::gauge!(PARTITION_COMMITTED.as_str(), "topic" => topic.to_owned(), "partition" => partition.to_string())
         .set(offset as f64);
 }
 
 pub(crate) fn in_flight(topic: &str, partition: i32, n: usize) {
-    metrics::gauge!(PARTITION_IN_FLIGHT, "topic" => topic.to_owned(), "partition" => partition.to_string())
+    metrics::gauge!(PARTITION_IN_FLIGHT.as_str(), "topic" => topic.to_owned(), "partition" => partition.to_string())
         .set(n as f64);
 }
 
 pub(crate) fn pause() {
-    metrics::counter!(PARTITION_PAUSES).increment(1);
+    metrics::counter!(PARTITION_PAUSES.as_str()).increment(1);
 }
 
 pub(crate) fn commit_error() {
-    metrics::counter!(COMMIT_ERRORS).increment(1);
+    metrics::counter!(COMMIT_ERRORS.as_str()).increment(1);
 }

@@ -1,6 +1,12 @@
 //! The broker-independent pipeline: aggregate-id extraction, routing, submission to
 //! the pool, retry with backoff, dead letter, and the ack decision.
 //!
+//! By concern: this module prepares subscriptions and messages and submits them;
+//! `task` runs a message's attempts (retry with backoff, settling the outcome),
+//! `dead_letter` writes what is given up, `limiter` is a subscription's rate
+//! limit, `instruments` the pipeline's metrics, `monitor` the periodic check of lag,
+//! pools and health.
+//!
 //! Backends feed consumed messages to [`Dispatcher::submit`] in delivery order and
 //! act on each [`Completion`]: ack / commit when [`Completion::should_ack`], leave the
 //! message for redelivery otherwise.
@@ -36,72 +42,25 @@ use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
 use crate::pool::{Pool, SubmitErrorKind};
 
+mod dead_letter;
+mod instruments;
+mod limiter;
+mod monitor;
+mod task;
+
+pub use dead_letter::{
+    DeadLetter, DeadLetterSink, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
+    DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+};
+use instruments::Metrics;
+use limiter::Limiter;
+pub use monitor::MonitorHandle;
+
 fn fenced() -> Error {
     Error::new(
         ErrorKind::Fenced,
         "the message's partition, lease or subscription was given up; left for redelivery",
     )
-}
-
-/// Header naming the original topic on a dead letter.
-pub const DLQ_TOPIC_HEADER: &str = "eventbus-original-topic";
-/// Header naming the original partition on a dead letter.
-pub const DLQ_PARTITION_HEADER: &str = "eventbus-original-partition";
-/// Header naming the original offset (or stream sequence) on a dead letter.
-pub const DLQ_OFFSET_HEADER: &str = "eventbus-original-offset";
-/// Header carrying the last error on a dead letter.
-pub const DLQ_ERROR_HEADER: &str = "eventbus-error";
-/// Header carrying the number of handler calls made on a dead letter.
-pub const DLQ_ATTEMPTS_HEADER: &str = "eventbus-attempts";
-
-/// A message that is given up on, with why.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct DeadLetter {
-    /// Destination topic.
-    pub topic: String,
-    /// The original message.
-    pub message: Message,
-    /// The last error, in words.
-    pub error: String,
-    /// Handler calls made (0 when the payload could not be decoded).
-    pub attempts: u32,
-}
-
-impl DeadLetter {
-    /// The record to publish: original key, payload and headers, plus headers naming
-    /// the original topic, partition, offset, error and attempt count.
-    pub fn record(&self) -> Record {
-        let m = &self.message;
-        let mut headers = m.headers.clone();
-        headers.set(DLQ_TOPIC_HEADER, Bytes::from(m.topic.to_string()));
-        headers.set(DLQ_PARTITION_HEADER, Bytes::from(m.partition.to_string()));
-        headers.set(DLQ_OFFSET_HEADER, Bytes::from(m.offset.to_string()));
-        headers.set(DLQ_ERROR_HEADER, Bytes::from(truncate(&self.error, 1024)));
-        headers.set(DLQ_ATTEMPTS_HEADER, Bytes::from(self.attempts.to_string()));
-        Record {
-            key: m.key.clone(),
-            payload: m.payload.clone(),
-            headers,
-        }
-    }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
-}
-
-/// Where dead letters go: each backend publishes them to its broker.
-pub trait DeadLetterSink: Send + Sync + 'static {
-    /// Write the dead letter; `Ok` only once the broker has it.
-    fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, Result<()>>;
 }
 
 /// How a message ended, and so whether to acknowledge it.
@@ -191,48 +150,6 @@ pub struct PreparedSubscription {
     limiter: Option<Limiter>,
 }
 
-/// A subscription's token bucket, with its metrics.
-struct Limiter {
-    bucket: governor::DefaultDirectRateLimiter,
-    limited: metrics::Counter,
-    waited: metrics::Histogram,
-}
-
-impl fmt::Debug for Limiter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Limiter").finish_non_exhaustive()
-    }
-}
-
-impl Limiter {
-    fn new(backend: &str, topic: &str, limit: RateLimit) -> Self {
-        let nz = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
-        let quota = governor::Quota::per_second(nz(limit.per_second))
-            .allow_burst(nz(limit.burst.unwrap_or(limit.per_second)));
-        let topic = topic.to_owned();
-        Self {
-            bucket: governor::RateLimiter::direct(quota),
-            limited: metrics::counter!(m::name(backend, m::RATE_LIMITED), "topic" => topic.clone()),
-            waited: metrics::histogram!(m::name(backend, m::RATE_LIMIT_WAIT), "topic" => topic),
-        }
-    }
-
-    /// Wait for a token; `false` when `stop` fired first.
-    async fn acquire(&self, stop: &CancellationToken) -> bool {
-        if self.bucket.check().is_ok() {
-            return true;
-        }
-        self.limited.increment(1);
-        let started = Instant::now();
-        let acquired = tokio::select! {
-            _ = stop.cancelled() => false,
-            _ = self.bucket.until_ready() => true,
-        };
-        self.waited.record(started.elapsed().as_secs_f64());
-        acquired
-    }
-}
-
 impl PreparedSubscription {
     /// The topic.
     pub fn topic(&self) -> &str {
@@ -284,114 +201,6 @@ struct Counters {
     panicked: AtomicU64,
     retries: AtomicU64,
     dead_lettered: AtomicU64,
-}
-
-/// The pipeline's metrics of one pool (`pool` label).
-struct PoolMetrics {
-    sent: metrics::Counter,
-    /// `messages_processed_total` by result: one per finished message.
-    ok: metrics::Counter,
-    failed: metrics::Counter,
-    panicked: metrics::Counter,
-    dead_lettered: metrics::Counter,
-    /// `handler_panics_total` by class: one per attempt that panicked.
-    envelope_panics: metrics::Counter,
-    plain_panics: metrics::Counter,
-    retries: metrics::Counter,
-    submit_retries: metrics::Counter,
-    duration: metrics::Histogram,
-    queue_wait: metrics::Histogram,
-    first_attempt: metrics::Histogram,
-    message_duration: metrics::Histogram,
-}
-
-impl PoolMetrics {
-    fn new(backend: &str, pool: &'static str) -> Self {
-        let processed = m::name(backend, m::MESSAGES_PROCESSED);
-        let result =
-            |r: &'static str| metrics::counter!(processed.clone(), "pool" => pool, "result" => r);
-        let panics_name = m::name(backend, m::HANDLER_PANICS);
-        let panics =
-            |c: &'static str| metrics::counter!(panics_name.clone(), "pool" => pool, "class" => c);
-        Self {
-            sent: metrics::counter!(m::name(backend, m::MESSAGES_SENT), "pool" => pool),
-            ok: result("ok"),
-            failed: result("failed"),
-            panicked: result("panicked"),
-            dead_lettered: result("dead_lettered"),
-            envelope_panics: panics("envelope"),
-            plain_panics: panics("plain"),
-            retries: metrics::counter!(m::name(backend, m::RETRIES), "pool" => pool),
-            submit_retries: metrics::counter!(m::name(backend, m::SUBMIT_RETRIES), "pool" => pool),
-            duration: metrics::histogram!(m::name(backend, m::HANDLER_DURATION), "pool" => pool),
-            queue_wait: metrics::histogram!(m::name(backend, m::QUEUE_WAIT), "pool" => pool),
-            first_attempt: metrics::histogram!(m::name(backend, m::FIRST_ATTEMPT_LATENCY), "pool" => pool),
-            message_duration: metrics::histogram!(m::name(backend, m::MESSAGE_DURATION), "pool" => pool),
-        }
-    }
-
-    /// A job submitted at `submitted` starts now: its wait for the pool.
-    fn started(&self, submitted: Instant) -> Instant {
-        let now = Instant::now();
-        self.queue_wait
-            .record(now.saturating_duration_since(submitted).as_secs_f64());
-        now
-    }
-
-    /// A handler call that began at `started` returned; `first` when it was the
-    /// message's first attempt, submitted to the pool at `submitted`.
-    fn called(&self, submitted: Instant, started: Instant, first: bool) {
-        let now = Instant::now();
-        self.duration
-            .record(now.saturating_duration_since(started).as_secs_f64());
-        if first {
-            self.first_attempt
-                .record(now.saturating_duration_since(submitted).as_secs_f64());
-        }
-    }
-
-    /// A handler of `class` panicked.
-    fn panic(&self, class: JobClass) {
-        match class {
-            JobClass::Envelope => self.envelope_panics.increment(1),
-            JobClass::Plain => self.plain_panics.increment(1),
-        }
-    }
-}
-
-struct Metrics {
-    backend: String,
-    keyed: PoolMetrics,
-    actor: PoolMetrics,
-    /// The pool's own kind when it is neither (a pool of the application's).
-    other: Option<PoolMetrics>,
-    stuck: metrics::Gauge,
-}
-
-impl Metrics {
-    fn new(backend: &str, pool: &'static str) -> Self {
-        Self {
-            backend: backend.to_owned(),
-            keyed: PoolMetrics::new(backend, "keyed"),
-            actor: PoolMetrics::new(backend, "actor"),
-            other: (!matches!(pool, "keyed" | "actor" | "switch"))
-                .then(|| PoolMetrics::new(backend, pool)),
-            stuck: metrics::gauge!(m::name(backend, m::STUCK_KEYS)),
-        }
-    }
-
-    fn pool(&self, kind: &str) -> &PoolMetrics {
-        match kind {
-            "keyed" => &self.keyed,
-            "actor" => &self.actor,
-            _ => self.other.as_ref().unwrap_or(&self.keyed),
-        }
-    }
-
-    fn dead_letter(&self, topic: &str) {
-        metrics::counter!(m::name(&self.backend, m::DEAD_LETTERS), "topic" => topic.to_owned())
-            .increment(1);
-    }
 }
 
 struct Inner {
@@ -480,90 +289,6 @@ impl Meta {
     }
 }
 
-/// The monitor task of a bus; aborted when dropped.
-#[derive(Debug)]
-pub struct MonitorHandle(Option<tokio::task::JoinHandle<()>>);
-
-impl MonitorHandle {
-    /// Stop the monitor and wait until its task has ended.
-    pub async fn stop(mut self) {
-        if let Some(task) = self.0.take() {
-            task.abort();
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for MonitorHandle {
-    fn drop(&mut self) {
-        if let Some(task) = &self.0 {
-            task.abort();
-        }
-    }
-}
-
-/// Gauges the monitor sets.
-struct Sampler {
-    backend: String,
-    backlog: metrics::Gauge,
-    backlog_age: metrics::Gauge,
-    health: metrics::Gauge,
-    memory: metrics::Gauge,
-}
-
-impl Sampler {
-    fn new(backend: &str) -> Self {
-        Self {
-            backend: backend.to_owned(),
-            backlog: metrics::gauge!(m::name(backend, m::BACKLOG_MESSAGES)),
-            backlog_age: metrics::gauge!(m::name(backend, m::BACKLOG_AGE)),
-            health: metrics::gauge!(m::name(backend, m::HEALTH_STATUS)),
-            memory: metrics::gauge!(m::name(backend, m::RESIDENT_MEMORY)),
-        }
-    }
-
-    /// Per-partition gauges; returns the total lag.
-    fn lags(&self, lags: &[crate::ops::PartitionLag]) -> u64 {
-        let b = &self.backend;
-        let mut total = 0u64;
-        for l in lags {
-            let labels = [
-                ("topic", l.topic.clone()),
-                ("partition", l.partition.to_string()),
-            ];
-            metrics::gauge!(m::name(b, m::PARTITION_LAG), &labels).set(l.lag as f64);
-            if let Some(c) = l.committed {
-                metrics::gauge!(m::name(b, m::PARTITION_COMMITTED), &labels).set(c as f64);
-            }
-            if let Some(n) = l.in_flight {
-                metrics::gauge!(m::name(b, m::PARTITION_IN_FLIGHT), &labels).set(n as f64);
-            }
-            total = total.saturating_add(l.lag);
-        }
-        self.backlog.set(total as f64);
-        if let Some(rss) = crate::ops::resident_memory_bytes() {
-            self.memory.set(rss as f64);
-        }
-        total
-    }
-
-    fn pools(&self, pool: &dyn Pool) {
-        let b = &self.backend;
-        for share in pool.shares() {
-            let kind = share.kind;
-            let st = &share.stats;
-            metrics::gauge!(m::name(b, m::POOL_IN_FORCE), "pool" => kind).set(share.share);
-            metrics::gauge!(m::name(b, m::POOL_UTILISATION), "pool" => kind).set(st.utilisation());
-            metrics::gauge!(m::name(b, m::POOL_MAX_UTILISATION), "pool" => kind)
-                .set(st.max_utilisation());
-            metrics::gauge!(m::name(b, m::POOL_QUEUED), "pool" => kind).set(st.queued as f64);
-            metrics::gauge!(m::name(b, m::POOL_UNAVAILABLE), "pool" => kind)
-                .set(st.unavailable_workers as f64);
-            metrics::counter!(m::name(b, m::POOL_RESTARTS), "pool" => kind).absolute(st.restarts);
-        }
-    }
-}
-
 impl Dispatcher {
     /// A dispatcher submitting to `pool`, writing dead letters to `sink` (when
     /// `config.dead_letter.enabled`), with metrics named for `backend`.
@@ -599,70 +324,6 @@ impl Dispatcher {
     /// Recovery mode of this bus.
     pub fn recovery(&self) -> &Arc<Recovery> {
         &self.inner.recovery
-    }
-
-    /// The health components every backend reports: `dispatcher` (stuck keys), the
-    /// pool, and `backlog` (recovery mode).
-    pub fn health_components(&self) -> Vec<ComponentHealth> {
-        let stuck = self.stats().stuck_keys;
-        let dispatcher = if stuck.is_empty() {
-            ComponentHealth::healthy("dispatcher")
-        } else {
-            ComponentHealth::with_status(
-                "dispatcher",
-                HealthStatus::Degraded,
-                format!(
-                    "{} aggregate id(s) stuck in retry with no dead-letter destination: {}",
-                    stuck.len(),
-                    stuck.join(", ")
-                ),
-            )
-        };
-        vec![
-            dispatcher,
-            self.inner.pool.health(),
-            self.inner.recovery.health(),
-        ]
-    }
-
-    /// Sample `probe` every `operations.check_interval` into the metrics and the
-    /// recovery-mode check, until the probe is dropped or the handle is stopped or
-    /// dropped. The probe is held weakly, so the monitor never keeps a bus alive.
-    /// [`Lifecycle`](crate::Lifecycle) starts one per bus and stops it on close.
-    pub fn spawn_monitor<P: Probe>(&self, probe: std::sync::Weak<P>) -> MonitorHandle {
-        let this = self.clone();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!("no tokio runtime: lag, pool and health metrics are not sampled");
-            return MonitorHandle(None);
-        };
-        let task = runtime.spawn(async move {
-            let mut tick = tokio::time::interval(this.inner.config.operations.check_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let sampler = Sampler::new(&this.inner.metrics.backend);
-            loop {
-                tick.tick().await;
-                let Some(probe) = probe.upgrade() else { return };
-                this.check(&*probe, &sampler).await;
-            }
-        });
-        MonitorHandle(Some(task))
-    }
-
-    /// One check: lag, backlog and recovery mode, pool state, memory, health.
-    async fn check(&self, probe: &dyn Probe, sampler: &Sampler) {
-        let lags = probe.lag().await;
-        let total = sampler.lags(&lags);
-        let age_ms = self.inner.oldest_age_ms.swap(0, Ordering::Relaxed);
-        let oldest_age = (age_ms > 0).then(|| Duration::from_millis(age_ms));
-        sampler
-            .backlog_age
-            .set(oldest_age.map_or(0.0, |a| a.as_secs_f64()));
-        self.inner
-            .recovery
-            .observe(Backlog::new(total, oldest_age), Instant::now());
-        sampler.pools(&*self.inner.pool);
-        let health = probe.health().await;
-        sampler.health.set(crate::ops::status_value(health.status));
     }
 
     /// Count a hand-over of `topic`'s work that went on while one of its handlers
@@ -971,261 +632,5 @@ impl Dispatcher {
                 }
             }
         }
-    }
-
-    fn plain_task(
-        &self,
-        handler: BoxHandler<Message>,
-        message: Message,
-        key: Option<Arc<str>>,
-        (pool, submitted): (&'static str, Instant),
-        scope: &Scope,
-    ) -> BoxFuture<'static, Outcome> {
-        let inner = self.inner.clone();
-        let scope = scope.clone();
-        let span = tracing::info_span!(
-            "eventbus.handle",
-            topic = %message.topic,
-            partition = message.partition,
-            offset = message.offset,
-            aggregate_id = key.as_deref().unwrap_or(""),
-            attempt = 1u32,
-            trace_id = tracing::field::Empty,
-        );
-        async move {
-            let metrics = inner.metrics.pool(pool);
-            let started = metrics.started(submitted);
-            let call = in_scope(scope, handler.call_boxed(message));
-            let result = AssertUnwindSafe(call).catch_unwind().await;
-            metrics.called(submitted, started, true);
-            match result {
-                Ok(Ok(())) => Outcome::Handled { attempts: 1 },
-                Ok(Err(e)) => Outcome::Failed {
-                    attempts: 1,
-                    cause: FailureCause::Error(e),
-                },
-                Err(p) => {
-                    inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
-                    metrics.panic(JobClass::Plain);
-                    Outcome::Failed {
-                        attempts: 1,
-                        cause: FailureCause::Panic(panic_message(p.as_ref())),
-                    }
-                }
-            }
-        }
-        .instrument(span)
-        .boxed()
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn envelope_task(
-        &self,
-        sub: &Arc<PreparedSubscription>,
-        handler: BoxHandler<Event>,
-        envelope: Arc<Envelope>,
-        message: Message,
-        key: Arc<str>,
-        (pool, submitted): (&'static str, Instant),
-        scope: &Scope,
-    ) -> BoxFuture<'static, Outcome> {
-        let inner = self.inner.clone();
-        let scope = scope.clone();
-        let policy = sub.policy.clone();
-        let can_dead_letter = sub.dead_letter_topic.is_some();
-        let span = tracing::info_span!(
-            "eventbus.handle",
-            topic = %message.topic,
-            partition = message.partition,
-            offset = message.offset,
-            aggregate_id = %key,
-            attempt = tracing::field::Empty,
-            trace_id = envelope.trace_id.as_deref().unwrap_or(""),
-        );
-        async move {
-            let metrics = inner.metrics.pool(pool);
-            let mut started = metrics.started(submitted);
-            let mut attempt = 1u32;
-            let mut stuck = false;
-            loop {
-                tracing::Span::current().record("attempt", attempt);
-                let event = Event::scoped(envelope.clone(), message.clone(), attempt, scope.clone());
-                if attempt > 1 {
-                    started = Instant::now();
-                }
-                let call = in_scope(scope.clone(), handler.call_boxed(event));
-                let result = AssertUnwindSafe(call).catch_unwind().await;
-                metrics.called(submitted, started, attempt == 1);
-                if result.is_err() {
-                    // Every panic counts, that of a call handed over meanwhile too.
-                    inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
-                    metrics.panic(JobClass::Envelope);
-                }
-                let cause = match result {
-                    Ok(Ok(())) => {
-                        if stuck {
-                            inner.clear_stuck(&key);
-                        }
-                        return Outcome::Handled { attempts: attempt };
-                    }
-                    Ok(Err(_)) | Err(_) if scope.is_closed() => {
-                        // Handed over while it ran: not finished here.
-                        if stuck {
-                            inner.clear_stuck(&key);
-                        }
-                        return Outcome::Abandoned { attempts: attempt };
-                    }
-                    Ok(Err(e)) => FailureCause::Error(e),
-                    Err(p) => FailureCause::Panic(panic_message(p.as_ref())),
-                };
-                let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
-                let exhausted = permanent || attempt >= policy.max_attempts;
-                let wait = if exhausted {
-                    if can_dead_letter {
-                        return Outcome::Failed {
-                            attempts: attempt,
-                            cause,
-                        };
-                    }
-                    if !stuck {
-                        stuck = true;
-                        inner.mark_stuck(&key);
-                        tracing::error!(error = %cause, attempts = attempt,
-                            "no dead-letter destination: retrying with capped backoff, key is stuck");
-                    }
-                    policy.max_backoff
-                } else {
-                    tracing::warn!(error = %cause, attempt, "handler failed; retrying");
-                    policy.backoff_for(attempt)
-                };
-                inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                metrics.retries.increment(1);
-                tokio::select! {
-                    _ = inner.cancel.cancelled() => {}
-                    _ = scope.cancellation().cancelled() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                if inner.cancel.is_cancelled() || scope.is_closed() {
-                    // Closing or handed over: the message is delivered again.
-                    if stuck {
-                        inner.clear_stuck(&key);
-                    }
-                    return Outcome::Abandoned { attempts: attempt };
-                }
-                attempt = attempt.saturating_add(1);
-            }
-        }
-        .instrument(span)
-        .boxed()
-    }
-
-    async fn finish(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
-        let (pool, submitted) = (meta.pool, meta.submitted);
-        let disposition = self.settle(rx, meta).await;
-        if disposition != Disposition::Abandoned {
-            self.inner
-                .metrics
-                .pool(pool)
-                .message_duration
-                .record(submitted.elapsed().as_secs_f64());
-        }
-        disposition
-    }
-
-    async fn settle(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
-        let outcome = match rx.await {
-            Ok(o) => o,
-            Err(_) => return Disposition::Abandoned,
-        };
-        let inner = &self.inner;
-        let metrics = inner.metrics.pool(meta.pool);
-        match outcome {
-            Outcome::Abandoned { .. } => Disposition::Abandoned,
-            Outcome::Handled { .. } => {
-                inner.counters.handled.fetch_add(1, Ordering::Relaxed);
-                metrics.ok.increment(1);
-                Disposition::Handled
-            }
-            Outcome::Failed { attempts, cause } => match meta.class {
-                JobClass::Plain => {
-                    // The panic itself was counted where it was caught; this is the
-                    // message's one outcome.
-                    if let FailureCause::Panic(_) = cause {
-                        metrics.panicked.increment(1);
-                    } else {
-                        metrics.failed.increment(1);
-                    }
-                    inner.counters.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(topic = %meta.topic, offset = meta.offset,
-                        error = %cause, "plain handler failed; message acknowledged (at-most-once)");
-                    Disposition::Dropped
-                }
-                JobClass::Envelope => self.dead_letter(meta, cause.to_string(), attempts).await,
-            },
-        }
-    }
-
-    /// The job of an invalid envelope with no dead-letter destination: it holds
-    /// its worker, and so its key, never acknowledged and never dropped, reporting
-    /// the key stuck until its scope is given up or the bus closes.
-    fn held_task(
-        &self,
-        key: Arc<str>,
-        error: String,
-        message: &Message,
-        scope: &Scope,
-    ) -> BoxFuture<'static, Outcome> {
-        let inner = self.inner.clone();
-        let scope = scope.clone();
-        let (topic, offset) = (message.topic.clone(), message.offset);
-        async move {
-            tracing::error!(%topic, offset, %error,
-                "invalid envelope and no dead-letter destination: message held, key stuck");
-            inner.mark_stuck(&key);
-            tokio::select! {
-                _ = inner.cancel.cancelled() => {}
-                _ = scope.cancellation().cancelled() => {}
-            }
-            inner.clear_stuck(&key);
-            Outcome::Abandoned { attempts: 0 }
-        }
-        .boxed()
-    }
-
-    async fn dead_letter(&self, meta: Meta, error: String, attempts: u32) -> Disposition {
-        let inner = &self.inner;
-        let (Some(sink), Some(topic), Some(message)) =
-            (&inner.sink, &meta.sub.dead_letter_topic, meta.dead_letter)
-        else {
-            return Disposition::Abandoned;
-        };
-        let letter = DeadLetter {
-            topic: topic.clone(),
-            message,
-            error,
-            attempts,
-        };
-        let mut retry = 0u32;
-        loop {
-            match sink.dead_letter(&letter).await {
-                Ok(()) => break,
-                Err(e) => {
-                    retry += 1;
-                    tracing::warn!(dead_letter_topic = %letter.topic, error = %e,
-                        "dead-letter write failed; retrying");
-                    let wait = inner.config.delivery.backoff_for(retry);
-                    tokio::select! {
-                        _ = inner.cancel.cancelled() => return Disposition::Abandoned,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
-        tracing::warn!(topic = %letter.message.topic, offset = letter.message.offset,
-            dead_letter_topic = %letter.topic, attempts, error = %letter.error, "message dead-lettered");
-        inner.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        inner.metrics.pool(meta.pool).dead_lettered.increment(1);
-        inner.metrics.dead_letter(&meta.topic);
-        Disposition::DeadLettered
     }
 }

@@ -1,0 +1,110 @@
+//! Dead letters: the headers, the record, the sink each backend implements, and
+//! writing a message that is given up.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+/// Header naming the original topic on a dead letter.
+pub const DLQ_TOPIC_HEADER: &str = "eventbus-original-topic";
+/// Header naming the original partition on a dead letter.
+pub const DLQ_PARTITION_HEADER: &str = "eventbus-original-partition";
+/// Header naming the original offset (or stream sequence) on a dead letter.
+pub const DLQ_OFFSET_HEADER: &str = "eventbus-original-offset";
+/// Header carrying the last error on a dead letter.
+pub const DLQ_ERROR_HEADER: &str = "eventbus-error";
+/// Header carrying the number of handler calls made on a dead letter.
+pub const DLQ_ATTEMPTS_HEADER: &str = "eventbus-attempts";
+
+/// A message that is given up on, with why.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Destination topic.
+    pub topic: String,
+    /// The original message.
+    pub message: Message,
+    /// The last error, in words.
+    pub error: String,
+    /// Handler calls made (0 when the payload could not be decoded).
+    pub attempts: u32,
+}
+
+impl DeadLetter {
+    /// The record to publish: original key, payload and headers, plus headers naming
+    /// the original topic, partition, offset, error and attempt count.
+    pub fn record(&self) -> Record {
+        let m = &self.message;
+        let mut headers = m.headers.clone();
+        headers.set(DLQ_TOPIC_HEADER, Bytes::from(m.topic.to_string()));
+        headers.set(DLQ_PARTITION_HEADER, Bytes::from(m.partition.to_string()));
+        headers.set(DLQ_OFFSET_HEADER, Bytes::from(m.offset.to_string()));
+        headers.set(DLQ_ERROR_HEADER, Bytes::from(truncate(&self.error, 1024)));
+        headers.set(DLQ_ATTEMPTS_HEADER, Bytes::from(self.attempts.to_string()));
+        Record {
+            key: m.key.clone(),
+            payload: m.payload.clone(),
+            headers,
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Where dead letters go: each backend publishes them to its broker.
+pub trait DeadLetterSink: Send + Sync + 'static {
+    /// Write the dead letter; `Ok` only once the broker has it.
+    fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, Result<()>>;
+}
+
+impl Dispatcher {
+    pub(super) async fn dead_letter(
+        &self,
+        meta: Meta,
+        error: String,
+        attempts: u32,
+    ) -> Disposition {
+        let inner = &self.inner;
+        let (Some(sink), Some(topic), Some(message)) =
+            (&inner.sink, &meta.sub.dead_letter_topic, meta.dead_letter)
+        else {
+            return Disposition::Abandoned;
+        };
+        let letter = DeadLetter {
+            topic: topic.clone(),
+            message,
+            error,
+            attempts,
+        };
+        let mut retry = 0u32;
+        loop {
+            match sink.dead_letter(&letter).await {
+                Ok(()) => break,
+                Err(e) => {
+                    retry += 1;
+                    tracing::warn!(dead_letter_topic = %letter.topic, error = %e,
+                        "dead-letter write failed; retrying");
+                    let wait = inner.config.delivery.backoff_for(retry);
+                    tokio::select! {
+                        _ = inner.cancel.cancelled() => return Disposition::Abandoned,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        tracing::warn!(topic = %letter.message.topic, offset = letter.message.offset,
+            dead_letter_topic = %letter.topic, attempts, error = %letter.error, "message dead-lettered");
+        inner.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        inner.metrics.pool(meta.pool).dead_lettered.increment(1);
+        inner.metrics.dead_letter(&meta.topic);
+        Disposition::DeadLettered
+    }
+}

@@ -1,0 +1,226 @@
+//! A message's attempts: the handler call, retry with backoff, and the outcome
+//! settled into a disposition.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+impl Dispatcher {
+    pub(super) fn plain_task(
+        &self,
+        handler: BoxHandler<Message>,
+        message: Message,
+        key: Option<Arc<str>>,
+        (pool, submitted): (&'static str, Instant),
+        scope: &Scope,
+    ) -> BoxFuture<'static, Outcome> {
+        let inner = self.inner.clone();
+        let scope = scope.clone();
+        let span = tracing::info_span!(
+            "eventbus.handle",
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            aggregate_id = key.as_deref().unwrap_or(""),
+            attempt = 1u32,
+            trace_id = tracing::field::Empty,
+        );
+        async move {
+            let metrics = inner.metrics.pool(pool);
+            let started = metrics.started(submitted);
+            let call = in_scope(scope, handler.call_boxed(message));
+            let result = AssertUnwindSafe(call).catch_unwind().await;
+            metrics.called(submitted, started, true);
+            match result {
+                Ok(Ok(())) => Outcome::Handled { attempts: 1 },
+                Ok(Err(e)) => Outcome::Failed {
+                    attempts: 1,
+                    cause: FailureCause::Error(e),
+                },
+                Err(p) => {
+                    inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
+                    metrics.panic(JobClass::Plain);
+                    Outcome::Failed {
+                        attempts: 1,
+                        cause: FailureCause::Panic(panic_message(p.as_ref())),
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .boxed()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn envelope_task(
+        &self,
+        sub: &Arc<PreparedSubscription>,
+        handler: BoxHandler<Event>,
+        envelope: Arc<Envelope>,
+        message: Message,
+        key: Arc<str>,
+        (pool, submitted): (&'static str, Instant),
+        scope: &Scope,
+    ) -> BoxFuture<'static, Outcome> {
+        let inner = self.inner.clone();
+        let scope = scope.clone();
+        let policy = sub.policy.clone();
+        let can_dead_letter = sub.dead_letter_topic.is_some();
+        let span = tracing::info_span!(
+            "eventbus.handle",
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            aggregate_id = %key,
+            attempt = tracing::field::Empty,
+            trace_id = envelope.trace_id.as_deref().unwrap_or(""),
+        );
+        async move {
+            let metrics = inner.metrics.pool(pool);
+            let mut started = metrics.started(submitted);
+            let mut attempt = 1u32;
+            let mut stuck = false;
+            loop {
+                tracing::Span::current().record("attempt", attempt);
+                let event = Event::scoped(envelope.clone(), message.clone(), attempt, scope.clone());
+                if attempt > 1 {
+                    started = Instant::now();
+                }
+                let call = in_scope(scope.clone(), handler.call_boxed(event));
+                let result = AssertUnwindSafe(call).catch_unwind().await;
+                metrics.called(submitted, started, attempt == 1);
+                if result.is_err() {
+                    // Every panic counts, that of a call handed over meanwhile too.
+                    inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
+                    metrics.panic(JobClass::Envelope);
+                }
+                let cause = match result {
+                    Ok(Ok(())) => {
+                        if stuck {
+                            inner.clear_stuck(&key);
+                        }
+                        return Outcome::Handled { attempts: attempt };
+                    }
+                    Ok(Err(_)) | Err(_) if scope.is_closed() => {
+                        // Handed over while it ran: not finished here.
+                        if stuck {
+                            inner.clear_stuck(&key);
+                        }
+                        return Outcome::Abandoned { attempts: attempt };
+                    }
+                    Ok(Err(e)) => FailureCause::Error(e),
+                    Err(p) => FailureCause::Panic(panic_message(p.as_ref())),
+                };
+                let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
+                let exhausted = permanent || attempt >= policy.max_attempts;
+                let wait = if exhausted {
+                    if can_dead_letter {
+                        return Outcome::Failed {
+                            attempts: attempt,
+                            cause,
+                        };
+                    }
+                    if !stuck {
+                        stuck = true;
+                        inner.mark_stuck(&key);
+                        tracing::error!(error = %cause, attempts = attempt,
+                            "no dead-letter destination: retrying with capped backoff, key is stuck");
+                    }
+                    policy.max_backoff
+                } else {
+                    tracing::warn!(error = %cause, attempt, "handler failed; retrying");
+                    policy.backoff_for(attempt)
+                };
+                inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                metrics.retries.increment(1);
+                tokio::select! {
+                    _ = inner.cancel.cancelled() => {}
+                    _ = scope.cancellation().cancelled() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                if inner.cancel.is_cancelled() || scope.is_closed() {
+                    // Closing or handed over: the message is delivered again.
+                    if stuck {
+                        inner.clear_stuck(&key);
+                    }
+                    return Outcome::Abandoned { attempts: attempt };
+                }
+                attempt = attempt.saturating_add(1);
+            }
+        }
+        .instrument(span)
+        .boxed()
+    }
+
+    pub(super) async fn finish(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
+        let (pool, submitted) = (meta.pool, meta.submitted);
+        let disposition = self.settle(rx, meta).await;
+        if disposition != Disposition::Abandoned {
+            self.inner
+                .metrics
+                .pool(pool)
+                .message_duration
+                .record(submitted.elapsed().as_secs_f64());
+        }
+        disposition
+    }
+
+    pub(super) async fn settle(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
+        let outcome = match rx.await {
+            Ok(o) => o,
+            Err(_) => return Disposition::Abandoned,
+        };
+        let inner = &self.inner;
+        let metrics = inner.metrics.pool(meta.pool);
+        match outcome {
+            Outcome::Abandoned { .. } => Disposition::Abandoned,
+            Outcome::Handled { .. } => {
+                inner.counters.handled.fetch_add(1, Ordering::Relaxed);
+                metrics.ok.increment(1);
+                Disposition::Handled
+            }
+            Outcome::Failed { attempts, cause } => match meta.class {
+                JobClass::Plain => {
+                    // The panic itself was counted where it was caught; this is the
+                    // message's one outcome.
+                    if let FailureCause::Panic(_) = cause {
+                        metrics.panicked.increment(1);
+                    } else {
+                        metrics.failed.increment(1);
+                    }
+                    inner.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(topic = %meta.topic, offset = meta.offset,
+                        error = %cause, "plain handler failed; message acknowledged (at-most-once)");
+                    Disposition::Dropped
+                }
+                JobClass::Envelope => self.dead_letter(meta, cause.to_string(), attempts).await,
+            },
+        }
+    }
+
+    /// The job of an invalid envelope with no dead-letter destination: it holds
+    /// its worker, and so its key, never acknowledged and never dropped, reporting
+    /// the key stuck until its scope is given up or the bus closes.
+    pub(super) fn held_task(
+        &self,
+        key: Arc<str>,
+        error: String,
+        message: &Message,
+        scope: &Scope,
+    ) -> BoxFuture<'static, Outcome> {
+        let inner = self.inner.clone();
+        let scope = scope.clone();
+        let (topic, offset) = (message.topic.clone(), message.offset);
+        async move {
+            tracing::error!(%topic, offset, %error,
+                "invalid envelope and no dead-letter destination: message held, key stuck");
+            inner.mark_stuck(&key);
+            tokio::select! {
+                _ = inner.cancel.cancelled() => {}
+                _ = scope.cancellation().cancelled() => {}
+            }
+            inner.clear_stuck(&key);
+            Outcome::Abandoned { attempts: 0 }
+        }
+        .boxed()
+    }
+}

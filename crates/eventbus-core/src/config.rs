@@ -321,6 +321,10 @@ pub struct BacklogConfig {
     /// How long the backlog must stay under both thresholds to leave; default 30s.
     #[serde(with = "humantime_serde")]
     pub leave_after: Duration,
+    /// Start in recovery mode (`operations.backlog.start_recovering`), default
+    /// false: the bus leaves it like any other time, once the backlog has stayed
+    /// under both thresholds for `leave_after`.
+    pub start_recovering: bool,
 }
 
 impl Default for BacklogConfig {
@@ -329,6 +333,7 @@ impl Default for BacklogConfig {
             max_messages: 10_000,
             max_age: Duration::from_secs(60),
             leave_after: Duration::from_secs(30),
+            start_recovering: false,
         }
     }
 }
@@ -350,6 +355,12 @@ impl BacklogConfig {
     #[must_use]
     pub fn leave_after(mut self, d: Duration) -> Self {
         self.leave_after = d;
+        self
+    }
+    /// Start in recovery mode (left once the backlog stays under for `leave_after`).
+    #[must_use]
+    pub fn start_recovering(mut self, yes: bool) -> Self {
+        self.start_recovering = yes;
         self
     }
 }

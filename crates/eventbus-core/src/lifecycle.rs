@@ -257,6 +257,8 @@ impl<B: BusBackend> Lifecycle<B> {
             publish_metrics: PublishMetrics::new(B::NAME),
             dispatcher,
         });
+        let probe: std::sync::Weak<dyn Probe> = Arc::downgrade(&this) as std::sync::Weak<Self>;
+        this.dispatcher.recovery().set_probe(probe);
         let monitor = this.dispatcher.spawn_monitor(Arc::downgrade(&this));
         *this.monitor.lock().unwrap_or_else(|p| p.into_inner()) = Some(monitor);
         this

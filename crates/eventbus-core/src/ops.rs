@@ -8,10 +8,11 @@
 use futures::future::BoxFuture;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::config::BacklogConfig;
+use crate::error::{Error, ErrorKind};
 use crate::health::{ComponentHealth, HealthReport, HealthStatus};
 use crate::metrics as m;
 
@@ -101,17 +102,25 @@ struct State {
     under_since: Option<Instant>,
     last: Backlog,
     reason: Option<String>,
+    /// Entered by hand ([`Recovery::enter`]): only [`Recovery::leave`] ends it.
+    held: bool,
 }
 
 /// Recovery mode: whether the bus is working through a backlog. Shared by the
 /// dispatcher (which stamps [`Message::recovering`](crate::Message::recovering)),
-/// the monitor (which updates it) and the application (which reads it and
-/// registers callbacks).
+/// the monitor (which updates it) and the application (which reads it, registers
+/// callbacks, enters and leaves it by hand and asks whether anything is behind).
+///
+/// Three ways in: the backlog crossing a threshold (left once it stays under both
+/// for `leave_after`); `operations.backlog.start_recovering` (the same way out);
+/// [`Recovery::enter`] by hand, which holds it until [`Recovery::leave`].
 pub struct Recovery {
     config: BacklogConfig,
     flag: AtomicBool,
     state: Mutex<State>,
     callbacks: Mutex<Vec<Callback>>,
+    /// The bus, for the lag on demand ([`Recovery::is_no_backlog`]).
+    probe: Mutex<Option<Weak<dyn Probe>>>,
     gauge: metrics::Gauge,
     entered: metrics::Counter,
     left: metrics::Counter,
@@ -131,22 +140,115 @@ impl Recovery {
     pub fn new(backend: &str, config: BacklogConfig) -> Self {
         let transitions = m::name(backend, m::RECOVERY_TRANSITIONS);
         let gauge = metrics::gauge!(m::name(backend, m::RECOVERING));
-        gauge.set(0.0);
+        let start = config.start_recovering;
+        gauge.set(if start { 1.0 } else { 0.0 });
+        let entered = metrics::counter!(transitions.clone(), "direction" => "enter");
+        if start {
+            entered.increment(1);
+            tracing::warn!("starting in recovery mode (operations.backlog.start_recovering)");
+        }
         Self {
             config,
-            flag: AtomicBool::new(false),
+            flag: AtomicBool::new(start),
             state: Mutex::new(State {
                 under_since: None,
                 last: Backlog::default(),
-                reason: None,
+                reason: start.then(|| {
+                    "started in recovery mode (operations.backlog.start_recovering)".to_owned()
+                }),
+                held: false,
             }),
             callbacks: Mutex::new(Vec::new()),
+            probe: Mutex::new(None),
             gauge,
-            entered: metrics::counter!(transitions.clone(), "direction" => "enter"),
+            entered,
             left: metrics::counter!(transitions, "direction" => "leave"),
         }
     }
 
+    /// The bus whose lag [`is_no_backlog`](Self::is_no_backlog) asks for (the
+    /// lifecycle registers itself; held weakly).
+    pub fn set_probe(&self, probe: Weak<dyn Probe>) {
+        *self.probe.lock().expect("recovery probe poisoned") = Some(probe);
+    }
+
+    /// Enter recovery mode by hand, for `reason` (shown in health and the log). It
+    /// holds until [`leave`](Self::leave): the backlog check does not end it.
+    /// Returns the transition, `None` when the bus was recovering already (it is
+    /// held from now on all the same).
+    pub fn enter(&self, reason: impl Into<String>) -> Option<RecoveryChange> {
+        let reason = reason.into();
+        let change = {
+            let mut st = self.state.lock().expect("recovery state poisoned");
+            st.held = true;
+            st.under_since = None;
+            st.reason = Some(format!("entered by hand: {reason}"));
+            (!self.flag.swap(true, Ordering::AcqRel)).then_some(RecoveryChange::Entered(st.last))
+        };
+        tracing::warn!(reason = %reason, "recovery mode entered by hand");
+        if let Some(change) = change {
+            self.announce(change);
+        }
+        change
+    }
+
+    /// Leave recovery mode now, however it was entered. If the backlog is still
+    /// over a threshold, the next check enters it again. Returns the transition,
+    /// `None` when the bus was not recovering.
+    pub fn leave(&self) -> Option<RecoveryChange> {
+        let change = {
+            let mut st = self.state.lock().expect("recovery state poisoned");
+            st.held = false;
+            st.under_since = None;
+            st.reason = None;
+            self.flag
+                .swap(false, Ordering::AcqRel)
+                .then_some(RecoveryChange::Left(st.last))
+        };
+        tracing::info!(
+            was_recovering = change.is_some(),
+            "recovery mode left by hand"
+        );
+        if let Some(change) = change {
+            self.announce(change);
+        }
+        change
+    }
+
+    /// Whether recovery mode was entered by hand and is held until
+    /// [`leave`](Self::leave).
+    pub fn is_held(&self) -> bool {
+        self.state.lock().expect("recovery state poisoned").held
+    }
+
+    /// The lag now, in messages over every partition of every subscription, asked
+    /// of the broker at the call (not the last check's figure). An error of kind
+    /// `Closed` when the bus is gone, `Unsupported` when this recovery mode belongs
+    /// to no bus.
+    pub async fn lag_now(&self) -> Result<u64, Error> {
+        let probe = self
+            .probe
+            .lock()
+            .expect("recovery probe poisoned")
+            .clone()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    "this recovery mode belongs to no bus: there is no lag to ask for",
+                )
+            })?;
+        let probe = probe
+            .upgrade()
+            .ok_or_else(|| Error::closed("the bus is gone: there is no lag to ask for"))?;
+        Ok(probe.lag().await.iter().map(|l| l.lag).sum())
+    }
+
+    /// Whether nothing is behind now: the lag, asked of the broker at the call, is
+    /// 0 on every partition of every subscription (every message consumed and its
+    /// offset committed or acknowledged). Errors as [`lag_now`](Self::lag_now).
+    pub async fn is_no_backlog(&self) -> Result<bool, Error> {
+        Ok(self.lag_now().await? == 0)
+    }
     /// Whether the bus is in recovery mode now.
     pub fn is_recovering(&self) -> bool {
         self.flag.load(Ordering::Acquire)
@@ -190,6 +292,10 @@ impl Recovery {
             let mut st = self.state.lock().expect("recovery state poisoned");
             st.last = backlog;
             let recovering = self.is_recovering();
+            if st.held {
+                // Held by hand: only `leave` ends it; the last backlog is kept.
+                return None;
+            }
             match (recovering, over) {
                 (false, Some(reason)) => {
                     st.under_since = None;
@@ -218,28 +324,37 @@ impl Recovery {
         };
         if let Some(change) = change {
             match change {
-                RecoveryChange::Entered(b) => {
-                    self.entered.increment(1);
-                    self.gauge.set(1.0);
-                    tracing::warn!(lag = b.messages, oldest_age = ?b.oldest_age,
-                        "backlog over threshold: entering recovery mode");
-                }
+                RecoveryChange::Entered(b) => tracing::warn!(lag = b.messages,
+                    oldest_age = ?b.oldest_age, "backlog over threshold: entering recovery mode"),
                 RecoveryChange::Left(b) => {
-                    self.left.increment(1);
-                    self.gauge.set(0.0);
                     tracing::info!(lag = b.messages, "backlog cleared: leaving recovery mode");
                 }
             }
-            let callbacks = self
-                .callbacks
-                .lock()
-                .expect("recovery callbacks poisoned")
-                .clone();
-            for cb in callbacks {
-                cb(change);
-            }
+            self.announce(change);
         }
         change
+    }
+
+    /// Metrics and callbacks of a transition.
+    fn announce(&self, change: RecoveryChange) {
+        match change {
+            RecoveryChange::Entered(_) => {
+                self.entered.increment(1);
+                self.gauge.set(1.0);
+            }
+            RecoveryChange::Left(_) => {
+                self.left.increment(1);
+                self.gauge.set(0.0);
+            }
+        }
+        let callbacks = self
+            .callbacks
+            .lock()
+            .expect("recovery callbacks poisoned")
+            .clone();
+        for cb in callbacks {
+            cb(change);
+        }
     }
 
     /// The `backlog` health component: Degraded while recovering, with the reason.
@@ -348,6 +463,86 @@ mod tests {
                 .max_age(Duration::from_secs(10))
                 .leave_after(Duration::from_secs(30)),
         )
+    }
+
+    #[test]
+    fn entered_by_hand_it_holds_until_left_by_hand() {
+        let r = recovery();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        r.on_change(move |c| s.lock().unwrap().push(c));
+        let t0 = Instant::now();
+        assert!(matches!(
+            r.enter("replaying yesterday's events"),
+            Some(RecoveryChange::Entered(_))
+        ));
+        assert!(r.is_recovering() && r.is_held());
+        let health = r.health();
+        assert_eq!(health.status, HealthStatus::Degraded);
+        assert!(
+            health
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("replaying yesterday's events"),
+            "{health:?}"
+        );
+        // Under the thresholds for far longer than leave_after: still held.
+        assert_eq!(r.observe(Backlog::new(0, None), t0), None);
+        assert_eq!(
+            r.observe(Backlog::new(0, None), t0 + Duration::from_secs(3600)),
+            None
+        );
+        assert!(r.is_recovering());
+        assert_eq!(
+            r.last_backlog(),
+            Backlog::new(0, None),
+            "checks still recorded"
+        );
+        // Entering again changes nothing but the reason.
+        assert_eq!(r.enter("again"), None);
+        assert!(matches!(r.leave(), Some(RecoveryChange::Left(_))));
+        assert!(!r.is_recovering() && !r.is_held());
+        assert_eq!(r.leave(), None, "leaving twice is no transition");
+        assert_eq!(seen.lock().unwrap().len(), 2, "one enter, one leave");
+        // Left by hand over a threshold: the next check enters again.
+        r.enter("x");
+        r.leave();
+        let over = Backlog::new(1000, None);
+        assert_eq!(r.observe(over, t0), Some(RecoveryChange::Entered(over)));
+    }
+
+    #[test]
+    fn started_recovering_it_leaves_like_any_other_time() {
+        let r = Recovery::new(
+            "test",
+            BacklogConfig::default()
+                .max_messages(100)
+                .leave_after(Duration::from_secs(30))
+                .start_recovering(true),
+        );
+        assert!(r.is_recovering());
+        assert!(!r.is_held());
+        assert!(r
+            .health()
+            .reason
+            .unwrap()
+            .contains("operations.backlog.start_recovering"));
+        let t0 = Instant::now();
+        assert_eq!(r.observe(Backlog::new(0, None), t0), None);
+        assert!(r.is_recovering(), "not under for leave_after yet");
+        let b = Backlog::new(0, None);
+        assert_eq!(
+            r.observe(b, t0 + Duration::from_secs(30)),
+            Some(RecoveryChange::Left(b))
+        );
+    }
+
+    #[tokio::test]
+    async fn lag_on_demand_needs_a_bus() {
+        let r = recovery();
+        let e = r.is_no_backlog().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
     }
 
     #[test]

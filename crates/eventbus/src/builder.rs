@@ -1,6 +1,7 @@
 //! `EventBusBuilder`: backend + pool + configuration.
 
 use eventbus_core::{Error, EventBusConfig, Pool, SharedBus};
+use std::ffi::OsString;
 use std::fmt;
 use std::sync::Arc;
 
@@ -21,12 +22,24 @@ pub enum Backend {
     Nats(Box<eventbus_nats::NatsConfig>),
 }
 
+/// Where the environment overrides are read from.
+type EnvLookup = Arc<dyn Fn(&str) -> Option<OsString> + Send + Sync>;
+
 /// Builds a bus: choose a backend, give a configuration, `build()`.
+///
+/// `build()` applies the environment overrides of [`crate::env`]
+/// (`KAFKA_USE_ACTOR_POOL`, `EVENTBUS_POOL`, …) over the configuration unless
+/// [`ignore_env`](Self::ignore_env) is called, so the rollback variable is never
+/// silently ignored. It installs no metrics exporter: call
+/// [`install_prometheus`](crate::install_prometheus) (or
+/// [`prometheus::install_from_config`](crate::prometheus::install_from_config)), or
+/// serve `/metrics` through the operations server (feature `ops-server`).
 pub struct EventBusBuilder {
     config: EventBusConfig,
     backend: Option<Backend>,
     pool: Option<Arc<dyn Pool>>,
     use_env: bool,
+    env: Option<EnvLookup>,
 }
 
 impl fmt::Debug for EventBusBuilder {
@@ -36,6 +49,7 @@ impl fmt::Debug for EventBusBuilder {
             .field("backend", &self.backend)
             .field("pool", &self.pool)
             .field("use_env", &self.use_env)
+            .field("env", &self.env.as_ref().map_or("process", |_| "given"))
             .finish()
     }
 }
@@ -54,6 +68,7 @@ impl EventBusBuilder {
             backend: None,
             pool: None,
             use_env: true,
+            env: None,
         }
     }
 
@@ -78,6 +93,34 @@ impl EventBusBuilder {
     pub fn ignore_env(mut self) -> Self {
         self.use_env = false;
         self
+    }
+
+    /// Read the environment overrides through `lookup` (a variable name to its raw
+    /// value) instead of the process environment: for tests, or a service that
+    /// keeps its settings elsewhere. Has no effect after
+    /// [`ignore_env`](Self::ignore_env).
+    #[must_use]
+    pub fn env_from(
+        mut self,
+        lookup: impl Fn(&str) -> Option<OsString> + Send + Sync + 'static,
+    ) -> Self {
+        self.env = Some(Arc::new(lookup));
+        self
+    }
+
+    fn apply_env(&mut self) -> Result<(), Error> {
+        match &self.env {
+            Some(lookup) => crate::env::apply_os_overrides(&mut self.config, |n| lookup(n)),
+            None => crate::env::apply_process_env(&mut self.config),
+        }
+    }
+
+    #[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
+    fn lookup_env(&self, name: &str) -> Option<OsString> {
+        match &self.env {
+            Some(lookup) => lookup(name),
+            None => std::env::var_os(name),
+        }
     }
 
     /// Consume from this backend.
@@ -116,14 +159,24 @@ impl EventBusBuilder {
     /// Like [`build`](Self::build), with both pools behind a
     /// [`PoolSwitch`](crate::PoolSwitch) built from the configuration (after the
     /// environment overrides), returned alongside the bus so the actor share can be
-    /// changed on the running bus (`set_actor_percent`, `use_actor_pool(false)`).
+    /// changed on the running bus (`set_actor_percent`, `use_actor_pool(false)`, or
+    /// the operations server's `PUT /rollout`).
+    ///
+    /// With `KAFKA_USE_ACTOR_POOL=false` in the environment (unless ignored) the
+    /// switch is built with its floor set ([`PoolSwitch::set_floor`](crate::PoolSwitch::set_floor)):
+    /// its actor share stays 0 until the process restarts.
     #[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
     pub async fn build_with_switch(mut self) -> Result<(SharedBus, Arc<crate::PoolSwitch>), Error> {
+        let mut floor = false;
         if self.use_env {
-            crate::env::apply_process_env(&mut self.config)?;
+            self.apply_env()?;
+            floor = crate::env::rollback_floor(|n| self.lookup_env(n))?;
             self.use_env = false;
         }
         let switch = crate::pools::build_switch(&self.config).await?;
+        if floor {
+            switch.set_floor(format!("{}=false", crate::env::ROLLBACK_VARIABLE));
+        }
         self.pool = Some(switch.clone());
         Ok((self.build().await?, switch))
     }
@@ -136,12 +189,10 @@ impl EventBusBuilder {
     )]
     pub async fn build(mut self) -> Result<SharedBus, Error> {
         if self.use_env {
-            crate::env::apply_process_env(&mut self.config)?;
+            self.apply_env()?;
         }
         self.config.validate()?;
-        if let Some(addr) = self.config.metrics.prometheus_listen {
-            crate::prometheus::install_prometheus(addr)?;
-        }
+        crate::prometheus::warn_if_not_installed(&self.config.metrics);
         let backend = self.backend.ok_or_else(|| {
             Error::config(
                 "no backend chosen: call .memory(..), .kafka(..), .nats(..) or .backend(..)",

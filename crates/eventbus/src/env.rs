@@ -206,6 +206,24 @@ fn overrides(
     Ok(warnings)
 }
 
+/// The rollback variable: `KAFKA_USE_ACTOR_POOL=false` at start-up holds the actor
+/// share at 0 for the life of the process (see [`rollback_floor`]).
+pub const ROLLBACK_VARIABLE: &str = "KAFKA_USE_ACTOR_POOL";
+
+/// Whether the rollback variable is set to `false` (or `0`) in what `lookup` finds:
+/// then a [`PoolSwitch`](crate::PoolSwitch) built from this environment keeps its
+/// actor share at 0 until the process restarts, whatever is asked of it at run time
+/// (the operations server's `PUT /rollout` answers 409 naming the variable).
+///
+/// A value that is empty, not UTF-8 or not a boolean is the same error as in
+/// [`apply_os_overrides`].
+pub fn rollback_floor(lookup: impl Fn(&str) -> Option<OsString>) -> Result<bool, Error> {
+    match text(ROLLBACK_VARIABLE, lookup(ROLLBACK_VARIABLE))? {
+        Some(v) => Ok(!parse_bool(ROLLBACK_VARIABLE, &v)?),
+        None => Ok(false),
+    }
+}
+
 /// Apply the overrides from the process environment (read with
 /// [`std::env::var_os`], so a value that is not UTF-8 is an error, not unset).
 pub fn apply_process_env(config: &mut EventBusConfig) -> Result<(), Error> {

@@ -3,11 +3,16 @@
 mod builder;
 pub mod config;
 pub mod env;
+#[cfg(feature = "ops-server")]
+pub mod ops_server;
 mod pools;
 pub mod prometheus;
 mod switch;
 
 pub use builder::{Backend, EventBusBuilder};
+pub use config::{FileConfig, OpsServerConfig};
+#[cfg(feature = "ops-server")]
+pub use ops_server::{OpsServer, OpsServerHandle};
 pub use pools::build_pool;
 #[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
 pub use pools::build_switch;

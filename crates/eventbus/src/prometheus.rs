@@ -1,10 +1,16 @@
 //! The Prometheus exporter: the `metrics` recorder the bus's metrics go to, served
 //! over HTTP (`metrics.prometheus_listen`) or rendered by the application.
 //!
+//! Installing it is always an explicit step, never a side effect of building a bus:
+//! [`install_prometheus`] (its own listener), [`install_from_config`] (the listener
+//! `metrics.prometheus_listen` names), [`install_prometheus_recorder`] (no listener:
+//! the application renders), or the operations server (feature `ops-server`), which
+//! installs the recorder and serves it at its own `/metrics`.
+//!
 //! One recorder serves the whole process. Installing it again with the same address
 //! returns the same handle; a second, different address is a configuration error.
 
-use eventbus_core::Error;
+use eventbus_core::{Error, MetricsConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -87,7 +93,47 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<PrometheusHandle, Error> {
 }
 
 /// Install the Prometheus recorder without a listener: the application serves
-/// [`PrometheusHandle::render`] itself (see `examples/operations.rs`).
+/// [`PrometheusHandle::render`] itself, or the operations server does. When a
+/// recorder of this module is installed already (with or without a listener), its
+/// handle is returned.
 pub fn install_prometheus_recorder() -> Result<PrometheusHandle, Error> {
     install(None)
+}
+
+/// Install what `config` asks for: the exporter listening on
+/// `metrics.prometheus_listen` when it is set (returning its handle), nothing
+/// otherwise.
+pub fn install_from_config(config: &MetricsConfig) -> Result<Option<PrometheusHandle>, Error> {
+    config.prometheus_listen.map(install_prometheus).transpose()
+}
+
+/// The handle of the recorder this module installed, if any.
+pub fn installed() -> Option<PrometheusHandle> {
+    INSTALLED
+        .lock()
+        .expect("exporter slot poisoned")
+        .as_ref()
+        .map(|(_, handle)| handle.clone())
+}
+
+/// `build()` installs nothing; a listen address in the configuration with no
+/// exporter on it is named in a warning, so it is not ignored silently.
+pub(crate) fn warn_if_not_installed(config: &MetricsConfig) {
+    let Some(addr) = config.prometheus_listen else {
+        return;
+    };
+    let on = INSTALLED
+        .lock()
+        .expect("exporter slot poisoned")
+        .as_ref()
+        .map(|(listen, _)| *listen);
+    if on != Some(Some(addr)) {
+        tracing::warn!(
+            %addr,
+            "metrics.prometheus_listen = {addr} is set but no exporter listens there: \
+             building a bus installs none; call eventbus::prometheus::install_from_config \
+             (or eventbus::install_prometheus) first, or serve /metrics through the \
+             operations server"
+        );
+    }
 }

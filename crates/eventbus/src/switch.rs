@@ -15,10 +15,20 @@
 //! `Unavailable` refusal of a route with nothing in flight, which it then sends to
 //! the keyed pool. A rollback (actor share 0) makes the actor pool release what it
 //! holds (fresh actors at once, no cool-down), so no route stays held there.
+//!
+//! Messages without an aggregate id have a route too: the stable hash of a
+//! round-robin number (see the dispatcher), so their rollout buckets are spread like
+//! those of aggregate ids and the actor share is a true share of them.
+//!
+//! The rollback floor. A switch built by
+//! [`EventBusBuilder::build_with_switch`](crate::EventBusBuilder::build_with_switch)
+//! while `KAFKA_USE_ACTOR_POOL=false` is set holds its share at 0 for the life of the
+//! process ([`PoolSwitch::set_floor`]): raising it is a `Conflict` error naming the
+//! variable.
 
 use eventbus_core::{
-    rollout_bucket, ComponentHealth, Error, HealthStatus, Job, Pool, PoolShare, PoolStats,
-    SubmitError, SubmitErrorKind,
+    rollout_bucket, ComponentHealth, Error, ErrorKind, HealthStatus, Job, Pool, PoolShare,
+    PoolStats, SubmitError, SubmitErrorKind,
 };
 use futures::future::BoxFuture;
 use std::collections::HashMap;
@@ -71,6 +81,8 @@ pub struct PoolSwitch {
     control: Option<Arc<dyn ActorControl>>,
     percent: AtomicU8,
     routes: Routes,
+    /// Why the share is held at 0, when it is (the rollback variable).
+    floor: Mutex<Option<String>>,
 }
 
 impl fmt::Debug for PoolSwitch {
@@ -134,6 +146,7 @@ impl PoolSwitch {
             control,
             percent: AtomicU8::new(actor_percent),
             routes: Arc::default(),
+            floor: Mutex::new(None),
         })
     }
 
@@ -149,20 +162,66 @@ impl PoolSwitch {
     /// `PoolSwitch::with_actor_pool`, the actors out of service are replaced at
     /// once (no cool-down) so that the jobs they hold run and their routes are
     /// released too; a share above 0 restores the cool-downs.
+    ///
+    /// Above 0 while a floor is set ([`PoolSwitch::set_floor`]) it is an error of
+    /// kind `Conflict` naming the floor's reason, and nothing changes.
     pub fn set_actor_percent(&self, percent: u8) -> Result<(), Error> {
+        self.replace_actor_percent(percent).map(drop)
+    }
+
+    /// Like [`set_actor_percent`](Self::set_actor_percent), returning the share
+    /// before the change.
+    pub fn replace_actor_percent(&self, percent: u8) -> Result<u8, Error> {
         check_percent(percent)?;
+        // The floor lock is held across the change so that a floor set at the same
+        // time cannot be overtaken.
+        let floor = self.floor.lock().expect("floor poisoned");
+        if let (Some(reason), true) = (floor.as_deref(), percent > 0) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "actor share {percent}% refused: {reason} holds the actor share at 0 \
+                     until the process restarts"
+                ),
+            ));
+        }
         let old = self.percent.swap(percent, Ordering::AcqRel);
         tracing::info!(from = old, to = percent, "pool switch: actor share changed");
         if let Some(control) = &self.control {
             control.release_held(percent == 0);
         }
-        Ok(())
+        Ok(old)
     }
 
     /// Everything to the actor pool (`true`) or to the keyed pool (`false`).
-    pub fn use_actor_pool(&self, yes: bool) {
+    /// `true` under a floor is the [`set_actor_percent`](Self::set_actor_percent)
+    /// error.
+    pub fn use_actor_pool(&self, yes: bool) -> Result<(), Error> {
         self.set_actor_percent(if yes { 100 } else { 0 })
-            .expect("0 and 100 are valid");
+    }
+
+    /// Hold the actor share at 0 from now until the process ends, for `reason`
+    /// (named in the error a raise gets, e.g. `"KAFKA_USE_ACTOR_POOL=false"`).
+    /// Sets the share to 0 (a rollback) if it was not.
+    pub fn set_floor(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        let mut floor = self.floor.lock().expect("floor poisoned");
+        let old = self.percent.swap(0, Ordering::AcqRel);
+        tracing::warn!(
+            from = old,
+            to = 0,
+            reason = %reason,
+            "pool switch: actor share held at 0 until the process restarts"
+        );
+        if let Some(control) = &self.control {
+            control.release_held(true);
+        }
+        *floor = Some(reason);
+    }
+
+    /// Why the actor share is held at 0, when it is.
+    pub fn floor(&self) -> Option<String> {
+        self.floor.lock().expect("floor poisoned").clone()
     }
 
     /// The side a route with nothing in flight goes to now: the actor pool when its

@@ -10,8 +10,7 @@ use eventbus::{
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::pool_suite::PoolSpec;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,51 +63,25 @@ fn free_addr() -> SocketAddr {
         .expect("free port")
 }
 
-/// GET /metrics over plain HTTP/1.1 (chunked or not).
-fn scrape(addr: SocketAddr) -> Scrape {
-    let mut s = TcpStream::connect(addr).expect("connect to the exporter");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the scrape");
-    let raw = String::from_utf8(raw).expect("utf-8 scrape");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Scrape::parse(&body)
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").expect("chunk size line");
-        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
+/// GET /metrics with a real HTTP client.
+async fn scrape(addr: SocketAddr) -> Scrape {
+    let r = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("HTTP client")
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("scrape http://{addr}/metrics: {e}"));
+    assert_eq!(r.status(), reqwest::StatusCode::OK, "{r:?}");
+    Scrape::parse(&r.text().await.expect("the scrape's body"))
 }
 
 /// Scrape until `cond` holds; fail naming `what`, with the last scrape.
 async fn scrape_until(addr: SocketAddr, what: &str, cond: impl Fn(&Scrape) -> bool) -> Scrape {
     let deadline = Instant::now() + WAIT;
     loop {
-        let s = tokio::task::spawn_blocking(move || scrape(addr))
-            .await
-            .unwrap();
+        let s = scrape(addr).await;
         if cond(&s) {
             return s;
         }
@@ -144,6 +117,10 @@ async fn every_documented_metric_is_served_with_the_counts_handled() {
         .delivery
         .max_attempts(3)
         .backoff(Duration::from_millis(1), Duration::from_millis(5));
+    // Installing the exporter is explicit: building the bus installs nothing.
+    eventbus::prometheus::install_from_config(&config.metrics)
+        .expect("exporter on the configured address")
+        .expect("an address is configured");
     let bus = EventBusBuilder::new()
         .ignore_env()
         .config(config)

@@ -10,7 +10,7 @@
 //! (`kafka_eventbus_commit_errors_total`) are checked as they stand.
 
 use serde_json::Value as Json;
-use serde_yaml::Value as Yaml;
+use serde_norway::Value as Yaml;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -615,7 +615,7 @@ fn dashboard() -> Json {
 }
 
 fn rules(text: &str) -> Yaml {
-    serde_yaml::from_str(text)
+    serde_norway::from_str(text)
         .unwrap_or_else(|e| panic!("docs/alerts.yml is not valid YAML: {e}"))
 }
 

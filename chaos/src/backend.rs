@@ -66,8 +66,8 @@ pub async fn pool(choice: PoolChoice) -> Result<Arc<dyn Pool>, Error> {
             eventbus_actor_pool::ActorPool::start(
                 // Induced plain panics restart actors; the limit is not under test.
                 &ActorPoolConfig::default()
-                    .size(32)
-                    .inbox_size(64)
+                    .workers(32)
+                    .queue_size(64)
                     .max_restarts(100_000),
             )
             .await?,

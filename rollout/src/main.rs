@@ -149,8 +149,8 @@ async fn build_bus(
     config.consumer.commit_interval = Duration::from_millis(200);
     config.keyed_pool.workers = 32;
     config.keyed_pool.queue_size = 64;
-    config.actor_pool.size = 32;
-    config.actor_pool.inbox_size = 64;
+    config.actor_pool.workers = 32;
+    config.actor_pool.queue_size = 64;
     config.consumer.max_in_flight_per_partition = 500;
     let builder = EventBusBuilder::new().ignore_env().config(config);
     let builder = match broker {

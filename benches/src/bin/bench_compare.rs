@@ -689,7 +689,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
         let thr = mean(&rs);
         let workers = match kind {
             PoolKind::Keyed => defaults.keyed_pool.workers,
-            PoolKind::Actor => defaults.actor_pool.size,
+            PoolKind::Actor => defaults.actor_pool.workers,
         } as f64;
         baselines.push(Baseline {
             name: format!(

@@ -28,10 +28,10 @@ use crate::supervisor::{Supervisor, SupervisorMsg};
 /// Health component name of the pool.
 pub const HEALTH_COMPONENT: &str = "pool.actor";
 
-/// Largest accepted `actor_pool.size`.
+/// Largest accepted `actor_pool.workers`.
 pub const MAX_SIZE: usize = 1 << 20;
 
-/// Largest accepted `actor_pool.inbox_size` (the bounded queue's permit limit).
+/// Largest accepted `actor_pool.queue_size` (the bounded queue's permit limit).
 pub const MAX_INBOX_SIZE: usize = tokio::sync::Semaphore::MAX_PERMITS;
 
 /// Inbox utilisation (queued jobs over total capacity) reported as degraded.
@@ -70,8 +70,8 @@ pub struct ActorPool {
 impl fmt::Debug for ActorPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ActorPool")
-            .field("size", &self.shared.config.size)
-            .field("inbox_size", &self.shared.config.inbox_size)
+            .field("size", &self.shared.config.workers)
+            .field("queue_size", &self.shared.config.queue_size)
             .field("max_restarts", &self.shared.config.max_restarts)
             .field("restart_window", &self.shared.config.restart_window)
             .field("wait_timeout", &self.shared.config.wait_timeout)
@@ -84,16 +84,16 @@ impl fmt::Debug for ActorPool {
 /// Check what [`ActorPoolConfig::validate`] does not: the window and the upper bounds.
 fn validate(config: &ActorPoolConfig) -> Result<(), Error> {
     config.validate()?;
-    if config.size > MAX_SIZE {
+    if config.workers > MAX_SIZE {
         return Err(Error::config(format!(
-            "actor_pool.size must be at most {MAX_SIZE}, got {}",
-            config.size
+            "actor_pool.workers must be at most {MAX_SIZE}, got {}",
+            config.workers
         )));
     }
-    if config.inbox_size > MAX_INBOX_SIZE {
+    if config.queue_size > MAX_INBOX_SIZE {
         return Err(Error::config(format!(
-            "actor_pool.inbox_size must be at most {MAX_INBOX_SIZE}, got {}",
-            config.inbox_size
+            "actor_pool.queue_size must be at most {MAX_INBOX_SIZE}, got {}",
+            config.queue_size
         )));
     }
     if config.restart_window.is_zero() {
@@ -105,7 +105,7 @@ fn validate(config: &ActorPoolConfig) -> Result<(), Error> {
 }
 
 impl ActorPool {
-    /// Validate `config` (the error names the key, e.g. `actor_pool.size`), spawn the
+    /// Validate `config` (the error names the key, e.g. `actor_pool.workers`), spawn the
     /// supervisor and its `size` workers, and return once all of them are running.
     ///
     /// Must be called within a tokio runtime.
@@ -121,8 +121,8 @@ impl ActorPool {
     ) -> Result<ActorPool, Error> {
         validate(config)?;
         cool_down.validate()?;
-        let slots: Box<[Slot]> = (0..config.size)
-            .map(|i| Slot::new(i, config.inbox_size))
+        let slots: Box<[Slot]> = (0..config.workers)
+            .map(|i| Slot::new(i, config.queue_size))
             .collect();
         let shared = Arc::new(Shared {
             config: config.clone(),
@@ -130,9 +130,9 @@ impl ActorPool {
             releasing: AtomicBool::new(false),
             slots,
             mask: config
-                .size
+                .workers
                 .is_power_of_two()
-                .then(|| config.size as u64 - 1),
+                .then(|| config.workers as u64 - 1),
             closing: AtomicBool::new(false),
             idle: Notify::new(),
             unavailable: AtomicUsize::new(0),
@@ -144,8 +144,8 @@ impl ActorPool {
                 Error::new(ErrorKind::Unavailable, "actor pool failed to start").with_source(e)
             })?;
         tracing::info!(
-            size = config.size,
-            inbox_size = config.inbox_size,
+            size = config.workers,
+            queue_size = config.queue_size,
             max_restarts = config.max_restarts,
             restart_window = ?config.restart_window,
             wait_timeout = ?config.wait_timeout,
@@ -432,7 +432,7 @@ impl Pool for ActorPool {
         let c = &shared.counters;
         let mut stats = PoolStats::default();
         stats.workers = shared.slots.len();
-        stats.queue_capacity = shared.config.inbox_size;
+        stats.queue_capacity = shared.config.queue_size;
         for queued in shared.slots.iter().map(Slot::queued) {
             stats.queued += queued;
             stats.max_queued = stats.max_queued.max(queued);

@@ -48,8 +48,8 @@ proptest! {
             .expect("tokio runtime");
         let (report, restarts) = rt.block_on(async {
             let mut cfg = ActorPoolConfig::default()
-                .size(actors)
-                .inbox_size(8)
+                .workers(actors)
+                .queue_size(8)
                 .max_restarts(u32::MAX);
             cfg.wait_timeout = Duration::from_millis(5);
             let pool = Arc::new(ActorPool::start(&cfg).await.expect("valid config"));

@@ -120,8 +120,8 @@ fn act(behaviour: Behaviour, attempt: u32) -> Result<(), HandlerError> {
 
 async fn run_case(steps: Vec<Step>) {
     let mut pool_config = ActorPoolConfig::default()
-        .size(3)
-        .inbox_size(4)
+        .workers(3)
+        .queue_size(4)
         .max_restarts(u32::MAX);
     pool_config.wait_timeout = Duration::from_millis(5);
     let pool = Arc::new(ActorPool::start(&pool_config).await.expect("pool starts"));

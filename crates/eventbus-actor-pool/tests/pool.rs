@@ -14,7 +14,7 @@ use futures::FutureExt;
 use tokio::sync::oneshot;
 
 fn config(size: usize, inbox: usize) -> ActorPoolConfig {
-    let mut c = ActorPoolConfig::default().size(size).inbox_size(inbox);
+    let mut c = ActorPoolConfig::default().workers(size).queue_size(inbox);
     c.wait_timeout = Duration::from_millis(20);
     c
 }
@@ -86,14 +86,14 @@ fn actor_pool_is_send_and_sync() {
 #[tokio::test]
 async fn start_validates_the_config_naming_the_key() {
     let cases = [
-        (ActorPoolConfig::default().size(0), "actor_pool.size"),
+        (ActorPoolConfig::default().workers(0), "actor_pool.workers"),
         (
-            ActorPoolConfig::default().size(eventbus_actor_pool::MAX_SIZE + 1),
-            "actor_pool.size",
+            ActorPoolConfig::default().workers(eventbus_actor_pool::MAX_SIZE + 1),
+            "actor_pool.workers",
         ),
         (
-            ActorPoolConfig::default().inbox_size(0),
-            "actor_pool.inbox_size",
+            ActorPoolConfig::default().queue_size(0),
+            "actor_pool.queue_size",
         ),
         (
             ActorPoolConfig::default().rollout_percent(101),

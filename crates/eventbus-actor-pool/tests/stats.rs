@@ -26,7 +26,7 @@ async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
 
 #[tokio::test]
 async fn stats_show_the_fullest_inbox_beside_the_mean() {
-    let config = ActorPoolConfig::default().size(4).inbox_size(3);
+    let config = ActorPoolConfig::default().workers(4).queue_size(3);
     let pool = ActorPool::start(&config).await.expect("pool starts");
 
     // The actor of route 0 runs a job that waits for the gate...

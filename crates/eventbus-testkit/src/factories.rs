@@ -42,8 +42,8 @@ pub fn actor_pools() -> PoolFactory {
 #[cfg(feature = "actor-pool")]
 async fn actor_pool(spec: PoolSpec) -> Arc<eventbus_actor_pool::ActorPool> {
     let mut cfg = eventbus_core::ActorPoolConfig::default()
-        .size(spec.workers)
-        .inbox_size(spec.queue);
+        .workers(spec.workers)
+        .queue_size(spec.queue);
     cfg.wait_timeout = spec.wait_timeout;
     Arc::new(
         eventbus_actor_pool::ActorPool::start(&cfg)

@@ -95,8 +95,8 @@ impl Rig {
     async fn start(factory: &dyn BusFactory, mode: Front, cool_down: CoolDown) -> Rig {
         quiet_deliberate_panics();
         let mut actor_config = ActorPoolConfig::default()
-            .size(ACTORS)
-            .inbox_size(64)
+            .workers(ACTORS)
+            .queue_size(64)
             .max_restarts(3);
         actor_config.wait_timeout = Duration::from_millis(50);
         let pool = Arc::new(

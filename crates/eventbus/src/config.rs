@@ -30,8 +30,8 @@
 //! kafka:
 //!   actor_pool:
 //!     enabled: true      # pool = "actor"
-//!     pool_size: 64      # actor_pool.size
-//!     inbox_size: 500    # actor_pool.inbox_size
+//!     pool_size: 64      # actor_pool.workers
+//!     inbox_size: 500    # actor_pool.queue_size
 //!     max_restarts: 3    # actor_pool.max_restarts
 //! ```
 //!
@@ -200,7 +200,7 @@ fn parse_toml(text: &str) -> Result<Parsed, Error> {
     let has = |k: &str| actor.is_some_and(|t| t.contains_key(k));
     let explicit = Explicit {
         pool: table.contains_key("pool"),
-        actor_size: has("size") || has("workers"),
+        actor_size: has("workers") || has("size") || has("pool_size"),
         actor_inbox_size: has("inbox_size") || has("queue_size"),
         actor_max_restarts: has("max_restarts"),
     };
@@ -235,7 +235,7 @@ fn parse_yaml(text: &str) -> Result<Parsed, Error> {
     let has = |k: &str| actor.is_some_and(|t| t.contains_key(k));
     let explicit = Explicit {
         pool: map.contains_key("pool"),
-        actor_size: has("size") || has("workers"),
+        actor_size: has("workers") || has("size") || has("pool_size"),
         actor_inbox_size: has("inbox_size") || has("queue_size"),
         actor_max_restarts: has("max_restarts"),
     };
@@ -265,7 +265,8 @@ fn seed_hint(e: impl fmt::Display) -> String {
 
 /// Fold the original service's `kafka.actor_pool` block into `bus`: `enabled` is
 /// `pool = "actor"` (true) or `pool = "keyed"` (false), `pool_size` is
-/// `actor_pool.size`, `inbox_size` and `max_restarts` keep their names. A key set
+/// `actor_pool.workers`, `inbox_size` is `actor_pool.queue_size`, `max_restarts`
+/// keeps its name. A key set
 /// both ways with different values is an error naming both.
 fn apply_seed(
     bus: &mut EventBusConfig,
@@ -297,17 +298,17 @@ fn apply_seed(
     let sizes = [
         (
             "pool_size",
-            "actor_pool.size",
+            "actor_pool.workers",
             seed.pool_size,
             explicit.actor_size,
-            &mut bus.actor_pool.size,
+            &mut bus.actor_pool.workers,
         ),
         (
             "inbox_size",
-            "actor_pool.inbox_size",
+            "actor_pool.queue_size",
             seed.inbox_size,
             explicit.actor_inbox_size,
-            &mut bus.actor_pool.inbox_size,
+            &mut bus.actor_pool.queue_size,
         ),
     ];
     for (seed_key, key, value, set, field) in sizes {
@@ -393,7 +394,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.pool, PoolKind::Actor);
         assert_eq!(c.keyed_pool.wait_timeout, Duration::from_millis(250));
-        assert_eq!(c.actor_pool.size, 8);
+        assert_eq!(c.actor_pool.workers, 8);
         assert_eq!(c.consumer.group_id, "svc");
     }
 
@@ -498,8 +499,8 @@ kafka:
 "#;
         let c = from_yaml_str(seed).unwrap();
         assert_eq!(c.pool, PoolKind::Actor, "enabled: the actor pool");
-        assert_eq!(c.actor_pool.size, 64, "pool_size: the number of actors");
-        assert_eq!(c.actor_pool.inbox_size, 500);
+        assert_eq!(c.actor_pool.workers, 64, "pool_size: the number of actors");
+        assert_eq!(c.actor_pool.queue_size, 500);
         assert_eq!(c.actor_pool.max_restarts, 5);
         assert_eq!(crate::pools::actor_percent(&c), 100);
 
@@ -510,7 +511,7 @@ kafka:
             PoolKind::Keyed,
             "enabled: false is the keyed pool"
         );
-        assert_eq!(off.actor_pool.size, 8);
+        assert_eq!(off.actor_pool.workers, 8);
         assert_eq!(crate::pools::actor_percent(&off), 0);
 
         // The same block in TOML.
@@ -525,7 +526,7 @@ kafka:
             "pool: actor\nactor_pool:\n  size: 64\nkafka:\n  actor_pool:\n    enabled: true\n    pool_size: 64\n",
         )
         .unwrap();
-        assert_eq!(ok.actor_pool.size, 64);
+        assert_eq!(ok.actor_pool.workers, 64);
         for (text, keys) in [
             (
                 "pool: keyed\nkafka:\n  actor_pool:\n    enabled: true\n",
@@ -533,7 +534,7 @@ kafka:
             ),
             (
                 "actor_pool:\n  size: 32\nkafka:\n  actor_pool:\n    pool_size: 64\n",
-                ["kafka.actor_pool.pool_size", "actor_pool.size"],
+                ["kafka.actor_pool.pool_size", "actor_pool.workers"],
             ),
             (
                 "actor_pool:\n  max_restarts: 1\nkafka:\n  actor_pool:\n    max_restarts: 5\n",

@@ -4,8 +4,8 @@
 //! |---|---|---|
 //! | `EVENTBUS_POOL` | `keyed` \| `actor` | `pool` |
 //! | `KAFKA_USE_ACTOR_POOL` | `true` \| `false` (`1` \| `0`) | `pool = "actor"` / `pool = "keyed"` and `actor_pool.rollout_percent = 0` (the rollback switch) |
-//! | `KAFKA_ACTOR_POOL_SIZE` | integer ≥ 1 | `actor_pool.size` |
-//! | `KAFKA_ACTOR_INBOX_SIZE` | integer ≥ 1 | `actor_pool.inbox_size` |
+//! | `KAFKA_ACTOR_POOL_SIZE` | integer ≥ 1 | `actor_pool.workers` |
+//! | `KAFKA_ACTOR_INBOX_SIZE` | integer ≥ 1 | `actor_pool.queue_size` |
 //! | `KAFKA_ACTOR_MAX_RESTARTS` | integer ≥ 0 | `actor_pool.max_restarts` |
 //! | `EVENTBUS_ACTOR_ROLLOUT_PERCENT` | 0..=100 | `actor_pool.rollout_percent` |
 //!
@@ -160,8 +160,8 @@ fn overrides(
         }
     }
     if let Some(v) = size {
-        config.actor_pool.size = parse_num("KAFKA_ACTOR_POOL_SIZE", &v)?;
-        if config.actor_pool.size == 0 {
+        config.actor_pool.workers = parse_num("KAFKA_ACTOR_POOL_SIZE", &v)?;
+        if config.actor_pool.workers == 0 {
             return Err(bad(
                 "KAFKA_ACTOR_POOL_SIZE",
                 &v,
@@ -170,8 +170,8 @@ fn overrides(
         }
     }
     if let Some(v) = inbox {
-        config.actor_pool.inbox_size = parse_num("KAFKA_ACTOR_INBOX_SIZE", &v)?;
-        if config.actor_pool.inbox_size == 0 {
+        config.actor_pool.queue_size = parse_num("KAFKA_ACTOR_INBOX_SIZE", &v)?;
+        if config.actor_pool.queue_size == 0 {
             return Err(bad(
                 "KAFKA_ACTOR_INBOX_SIZE",
                 &v,
@@ -267,14 +267,14 @@ mod tests {
             with(&[("KAFKA_ACTOR_POOL_SIZE", "16")])
                 .unwrap()
                 .actor_pool
-                .size,
+                .workers,
             16
         );
         assert_eq!(
             with(&[("KAFKA_ACTOR_INBOX_SIZE", "32")])
                 .unwrap()
                 .actor_pool
-                .inbox_size,
+                .queue_size,
             32
         );
         assert_eq!(
@@ -312,7 +312,10 @@ mod tests {
             c.actor_pool.rollout_percent, 0,
             "rollback clears the rollout share"
         );
-        assert_eq!(c.actor_pool.size, 4, "untouched keys keep the file's value");
+        assert_eq!(
+            c.actor_pool.workers, 4,
+            "untouched keys keep the file's value"
+        );
         let mut c = crate::config::from_toml_str("pool = \"keyed\"\n").unwrap();
         apply_overrides(&mut c, |n| {
             (n == "EVENTBUS_POOL").then(|| "actor".to_owned())

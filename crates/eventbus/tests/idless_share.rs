@@ -20,7 +20,7 @@ async fn run_at(percent: u8) -> (u64, u64) {
     let keyed =
         Arc::new(KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(8)).expect("keyed pool"));
     let mut actor_config = ActorPoolConfig::default();
-    actor_config.size = 8;
+    actor_config.workers = 8;
     let actor = Arc::new(ActorPool::start(&actor_config).await.expect("actor pool"));
     let switch = Arc::new(PoolSwitch::with_actor_pool(keyed, actor, percent).expect("share"));
     let bus = MemoryEventBus::new(

@@ -230,8 +230,8 @@ async fn routes_of_an_actor_out_of_service_go_keyed_unless_held_and_a_rollback_r
     let actor = Arc::new(
         ActorPool::start_with_cool_down(
             &ActorPoolConfig::default()
-                .size(2)
-                .inbox_size(16)
+                .workers(2)
+                .queue_size(16)
                 .max_restarts(0),
             CoolDown::new(forever, forever),
         )

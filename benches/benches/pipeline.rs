@@ -1,12 +1,10 @@
 //! Criterion benches of the pipeline's parts.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use eventbus::{
-    AggregateIdConfig, EventBusConfig, HandlerError, Message, OffsetTracker, PoolKind, Subscription,
-};
+use eventbus::{AggregateIdConfig, EventBusConfig, HandlerError, Message, PoolKind, Subscription};
 use eventbus::{Envelope, Event};
 use eventbus_benches::{make_pool, pool_round_trip};
-use eventbus_core::{CancellationToken, Dispatcher};
+use eventbus_core::{CancellationToken, Dispatcher, OffsetTracker};
 use std::collections::VecDeque;
 
 fn envelope_decode(c: &mut Criterion) {

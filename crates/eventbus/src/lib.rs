@@ -19,15 +19,19 @@ pub use pools::build_switch;
 pub use prometheus::{install_prometheus, install_prometheus_recorder};
 pub use switch::{PoolSwitch, Side};
 
+/// What a service uses: messages and envelopes, handlers, the bus, its
+/// configuration, health and recovery mode, the pool trait and its counters, the
+/// dead-letter headers. Backend and pool implementers use [`core`] (its `raw`
+/// module).
 pub use eventbus_core::{
-    aggregate, boxed, bus, dispatcher, envelope, handler, handler_fn, hash, health, job, message,
-    metrics as metric_names, offset, policy, pool, ActorPoolConfig, AggregateIdConfig,
-    BacklogConfig, BoxHandler, CancellationToken, ConsumerConfig, DeadLetterConfig, DeliveryPolicy,
-    Dispatcher, Envelope, EnvelopeError, Error, ErrorKind, Event, EventBus, EventBusConfig,
-    EventBusExt, Failure, Handler, HandlerError, HandlerResult, Headers, HealthReport,
-    HealthStatus, IdSource, KeyedPoolConfig, Message, MetricsConfig, OffsetReset, OffsetTracker,
-    OperationsConfig, Pool, PoolKind, PoolStats, PublishReceipt, RateLimit, Record, Recovery,
-    RecoveryChange, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
+    handler_fn, metrics as metric_names, ActorPoolConfig, AggregateIdConfig, BacklogConfig,
+    CancellationToken, ComponentHealth, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Envelope,
+    EnvelopeError, Error, ErrorKind, Event, EventBus, EventBusConfig, EventBusExt, Failure,
+    Handler, HandlerError, HandlerResult, Headers, HealthReport, HealthStatus, IdSource,
+    KeyedPoolConfig, Message, MetricsConfig, OffsetReset, OperationsConfig, Pool, PoolKind,
+    PoolStats, PublishReceipt, RateLimit, Record, Recovery, RecoveryChange, Result, SharedBus,
+    StorageKind, SubscribeOptions, Subscription, TopicConfig, DLQ_ATTEMPTS_HEADER,
+    DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 
 /// The core crate, for everything not re-exported here.

@@ -220,7 +220,7 @@ async fn an_actor_side_refusing_a_route_as_unavailable_sends_it_to_the_keyed_poo
 #[cfg(feature = "actor-pool")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_of_an_actor_out_of_service_go_keyed_unless_held_and_a_rollback_releases_them() {
-    use eventbus::hash::slot;
+    use eventbus::core::hash::slot;
     use eventbus::{ActorPool, ActorPoolConfig, Side};
     use eventbus_actor_pool::CoolDown;
     eventbus_testkit::quiet_deliberate_panics();

@@ -92,7 +92,7 @@ async fn bus_with_topic(
 ) -> (SharedBus, String) {
     let b = new_bus(bus, pools, quick_config()).await;
     let topic = random_topic(prefix);
-    b.configure_topic(&topic, partitions(bus, parts))
+    b.configure_topic(&topic, topic_config(bus, parts))
         .await
         .expect("configure topic");
     (b, topic)
@@ -104,7 +104,8 @@ async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for: {what}"))
 }
 
-fn partitions(factory: &dyn BusFactory, n: u32) -> TopicConfig {
+/// Settings of a test topic: `n` partitions where the backend has partitions.
+pub fn topic_config(factory: &dyn BusFactory, n: u32) -> TopicConfig {
     if factory.capabilities().partitions {
         TopicConfig::default().partitions(n)
     } else {
@@ -336,7 +337,7 @@ pub async fn transient_failures_retried_in_order(bus: &dyn BusFactory, pools: &P
 pub async fn exhausted_envelope_is_dead_lettered(bus: &dyn BusFactory, pools: &PoolFactory) {
     let (b, topic) = bus_with_topic(bus, pools, "exhaust", 1).await;
     let dlq = format!("{topic}.dlq");
-    b.configure_topic(&dlq, partitions(bus, 1))
+    b.configure_topic(&dlq, topic_config(bus, 1))
         .await
         .expect("configure dlq");
     let letters = Letters::default();
@@ -412,7 +413,7 @@ pub async fn invalid_envelope_dead_lettered_without_retry(
 ) {
     let (b, topic) = bus_with_topic(bus, pools, "poison", 1).await;
     let dlq = format!("{topic}.dlq");
-    b.configure_topic(&dlq, partitions(bus, 1))
+    b.configure_topic(&dlq, topic_config(bus, 1))
         .await
         .expect("configure dlq");
     let letters = Letters::default();
@@ -510,7 +511,7 @@ pub async fn slow_aggregate_does_not_block_others(bus: &dyn BusFactory, pools: &
     let workers = pool.workers();
     let b = bus.bus(pool, quick_config()).await.expect("create bus");
     let topic = random_topic("slow");
-    b.configure_topic(&topic, partitions(bus, 1))
+    b.configure_topic(&topic, topic_config(bus, 1))
         .await
         .expect("configure topic");
     let slow_key = "slow-0".to_owned();
@@ -613,7 +614,7 @@ pub async fn restart_resumes_without_loss(bus: &dyn BusFactory, pools: &PoolFact
     let topic = random_topic("restart");
     let first = new_bus(bus, pools, config.clone()).await;
     first
-        .configure_topic(&topic, partitions(bus, 2))
+        .configure_topic(&topic, topic_config(bus, 2))
         .await
         .expect("configure topic");
     let checker = DeliveryChecker::new();
@@ -697,7 +698,7 @@ pub async fn unsubscribe_stops_delivery(bus: &dyn BusFactory, pools: &PoolFactor
     // Subscribe a probe on another topic and publish to it after: once the probe
     // sees its message, the bus has had every chance to deliver the first one.
     let probe = random_topic("probe");
-    b.configure_topic(&probe, partitions(bus, 1))
+    b.configure_topic(&probe, topic_config(bus, 1))
         .await
         .expect("configure probe");
     let (tx, rx) = oneshot::channel::<()>();
@@ -773,7 +774,7 @@ pub async fn stuck_key_without_dead_letters_survives_hand_overs(
     let checker = DeliveryChecker::new();
     let first = new_bus(bus, pools, config.clone()).await;
     first
-        .configure_topic(&topic, partitions(bus, 1))
+        .configure_topic(&topic, topic_config(bus, 1))
         .await
         .expect("configure topic");
     first
@@ -854,7 +855,7 @@ pub async fn invalid_envelope_without_dead_letters_holds_its_key(
     config.consumer.drain_timeout = Duration::from_millis(200);
     let b = new_bus(bus, pools, config).await;
     let topic = random_topic("held");
-    b.configure_topic(&topic, partitions(bus, 1))
+    b.configure_topic(&topic, topic_config(bus, 1))
         .await
         .expect("configure topic");
     let workers = PoolSpec::default().workers;
@@ -937,7 +938,7 @@ pub async fn resubscribe_while_unsubscribing_waits_for_the_handover(
     config.consumer.drain_timeout = Duration::from_millis(100);
     let b = new_bus(bus, pools, config).await;
     let topic = random_topic("resubscribe");
-    b.configure_topic(&topic, partitions(bus, 1))
+    b.configure_topic(&topic, topic_config(bus, 1))
         .await
         .expect("configure topic");
     // The old subscription's handler holds the message until it is handed over.

@@ -7,6 +7,8 @@
 //! a valid envelope with odd metadata, one normal handling), never a panic, a hang
 //! or a retry loop. The outcome of every case is returned so a test can print it.
 
+use crate::conformance::{quick_config, random_topic, topic_config, BusFactory};
+use crate::pool_suite::{PoolFactory, PoolSpec};
 use bytes::Bytes;
 use eventbus_core::{
     Envelope, ErrorKind, Event, EventBusExt, HandlerError, Message, Record, SharedBus,
@@ -385,6 +387,37 @@ fn describe(e: Expect) -> String {
     }
 }
 
+/// Try every case on a bus of `factory` (a pool of `pools`): three fresh topics
+/// (the corpus's, its dead-letter topic, and one for plain messages) are
+/// configured, the corpus runs ([`run_corpus_on`]), the bus is closed. `wait`
+/// bounds each wait.
+pub async fn run_corpus(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+    wait: Duration,
+) -> CorpusReport {
+    let mut config = quick_config();
+    config.consumer.group_id = random_topic("poison-group");
+    let pool = pools(PoolSpec::default()).await;
+    let bus = factory
+        .bus(pool, config)
+        .await
+        .unwrap_or_else(|e| panic!("{}: bus: {e}", factory.name()));
+    let topic = random_topic("poison");
+    let dlq = format!("{topic}.dlq");
+    let plain = random_topic("poison-plain");
+    for t in [&topic, &dlq, &plain] {
+        bus.configure_topic(t, topic_config(factory, 1))
+            .await
+            .unwrap_or_else(|e| panic!("{}: topic {t}: {e}", factory.name()));
+    }
+    let report = run_corpus_on(&bus, &topic, &dlq, &plain, wait).await;
+    bus.close()
+        .await
+        .unwrap_or_else(|e| panic!("{}: close: {e}", factory.name()));
+    report
+}
+
 /// Try every case on `bus`.
 ///
 /// `topic` and `dlq` (its dead-letter topic) must exist already; the corpus is
@@ -393,7 +426,7 @@ fn describe(e: Expect) -> String {
 /// plain handler exactly once). Then the bad topic names are tried on publish,
 /// subscribe and unsubscribe, and an unknown-but-valid topic is unsubscribed.
 /// `wait` bounds each wait.
-pub async fn run_corpus(
+pub async fn run_corpus_on(
     bus: &SharedBus,
     topic: &str,
     dlq: &str,

@@ -3,15 +3,18 @@
 
 use eventbus_core::{Envelope, Event, EventBusExt, HandlerError, SharedBus};
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::checker::DeliveryChecker;
+use crate::conformance::{quick_config, random_topic, topic_config, BusFactory};
+use crate::pool_suite::{PoolFactory, PoolSpec};
 use crate::resources::Resources;
 
 /// Makes a bus of the backend under test, in the same consumer group each time.
-pub type MakeBus<'a> = &'a (dyn Fn() -> BoxFuture<'static, SharedBus> + Send + Sync);
+type MakeBus<'a> = &'a (dyn Fn() -> BoxFuture<'a, SharedBus> + Send + Sync);
 
 /// Aggregates and messages per aggregate of the load.
 const KEYS: u64 = 40;
@@ -23,8 +26,43 @@ async fn within<T>(limit: Duration, what: &str, fut: impl std::future::Future<Ou
         .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for: {what}"))
 }
 
-/// Run the check; `topic` must exist. Panics naming what went wrong; returns a
-/// line describing the resources before, after the first and after the second close.
+/// Run the check on buses of `factory` (each with a pool of `pools`, all in one
+/// group) over a fresh topic of 4 partitions. Panics naming what went wrong;
+/// returns a line describing the resources before, after the first and after the
+/// second close. Run it alone in its test binary, so no other test's tasks,
+/// threads or sockets are counted.
+pub async fn close_under_load(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+    wait: Duration,
+) -> String {
+    let mut config = quick_config();
+    config.consumer.group_id = random_topic("close-group");
+    let topic = random_topic("close");
+    let make = || {
+        let config = config.clone();
+        async move {
+            let pool = pools(PoolSpec::default()).await;
+            factory
+                .bus(pool, config)
+                .await
+                .unwrap_or_else(|e| panic!("{}: bus: {e}", factory.name()))
+        }
+        .boxed()
+    };
+    let setup = make().await;
+    setup
+        .configure_topic(&topic, topic_config(factory, 4))
+        .await
+        .unwrap_or_else(|e| panic!("{}: topic {topic}: {e}", factory.name()));
+    within(wait, "close of the set-up bus", setup.close())
+        .await
+        .expect("close");
+    drop(setup);
+    close_under_load_with(&make, &topic, wait).await
+}
+
+/// [`close_under_load`] with buses from `make`; `topic` must exist.
 ///
 /// 1. Snapshot tasks, threads and sockets.
 /// 2. A bus handles part of a published backlog with a slow handler and is closed
@@ -33,7 +71,7 @@ async fn within<T>(limit: Duration, what: &str, fut: impl std::future::Future<Ou
 /// 4. A second bus in the same group handles the rest: nothing lost, no order
 ///    violation, and nothing handled twice: close drained and committed.
 /// 5. After its close the process is back to the snapshot again.
-pub async fn close_under_load(make: MakeBus<'_>, topic: &str, wait: Duration) -> String {
+async fn close_under_load_with(make: MakeBus<'_>, topic: &str, wait: Duration) -> String {
     let baseline = Resources::now();
     let checker = DeliveryChecker::new();
     let first = make().await;

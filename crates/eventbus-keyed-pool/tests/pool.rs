@@ -3,7 +3,7 @@
 use eventbus_core::{Error, ErrorKind, KeyedPoolConfig, Pool};
 use eventbus_keyed_pool::KeyedWorkerPool;
 use eventbus_testkit::factories::keyed_pools;
-use eventbus_testkit::pool_suite::{self, Step};
+use eventbus_testkit::pool_suite;
 use proptest::prelude::*;
 use std::sync::Arc;
 
@@ -27,25 +27,12 @@ fn public_types_are_send_and_sync() {
     assert_send_sync::<KeyedWorkerPool>();
 }
 
-fn step() -> impl Strategy<Value = Step> {
-    (0usize..12, any::<bool>(), 0u64..300, 0u32..5, any::<bool>()).prop_map(
-        |(key, envelope, delay_us, fail, panics)| Step {
-            key,
-            envelope,
-            delay_us: if delay_us > 200 { delay_us } else { 0 },
-            // Most messages succeed first time; some fail a few times, some for good.
-            fail_times: if fail >= 3 { fail - 2 } else { 0 } + if fail == 4 { 2 } else { 0 },
-            panics,
-        },
-    )
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
     #[test]
     fn random_delays_failures_and_panics_keep_every_promise(
-        steps in proptest::collection::vec(step(), 1..120),
+        steps in proptest::collection::vec(pool_suite::workload_step(), 1..120),
         workers in 1usize..6,
     ) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

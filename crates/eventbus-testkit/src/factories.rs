@@ -36,15 +36,25 @@ pub fn keyed_pools() -> PoolFactory {
 /// Actor pools of the requested size.
 #[cfg(feature = "actor-pool")]
 pub fn actor_pools() -> PoolFactory {
-    Arc::new(|spec: PoolSpec| async move { actor_pool(spec).await as Arc<dyn Pool> }.boxed())
+    actor_pools_with_restarts(eventbus_core::ActorPoolConfig::default().max_restarts)
+}
+
+/// Actor pools of the requested size whose actors may restart `max_restarts`
+/// times in a window (`u32::MAX`: never past the limit, for runs that panic often).
+#[cfg(feature = "actor-pool")]
+pub fn actor_pools_with_restarts(max_restarts: u32) -> PoolFactory {
+    Arc::new(move |spec: PoolSpec| {
+        async move { actor_pool(spec, max_restarts).await as Arc<dyn Pool> }.boxed()
+    })
 }
 
 #[cfg(feature = "actor-pool")]
-async fn actor_pool(spec: PoolSpec) -> Arc<eventbus_actor_pool::ActorPool> {
-    let mut cfg = eventbus_core::ActorPoolConfig::default()
+async fn actor_pool(spec: PoolSpec, max_restarts: u32) -> Arc<eventbus_actor_pool::ActorPool> {
+    let cfg = eventbus_core::ActorPoolConfig::default()
         .workers(spec.workers)
-        .queue_size(spec.queue);
-    cfg.wait_timeout = spec.wait_timeout;
+        .queue_size(spec.queue)
+        .wait_timeout(spec.wait_timeout)
+        .max_restarts(max_restarts);
     Arc::new(
         eventbus_actor_pool::ActorPool::start(&cfg)
             .await
@@ -61,7 +71,8 @@ pub fn switched_pools(actor_percent: u8) -> PoolFactory {
         let keyed = keyed.clone();
         async move {
             let keyed = keyed(spec).await;
-            let actor = actor_pool(spec).await;
+            let actor =
+                actor_pool(spec, eventbus_core::ActorPoolConfig::default().max_restarts).await;
             Arc::new(
                 eventbus::PoolSwitch::with_actor_pool(keyed, actor, actor_percent)
                     .expect("valid actor share"),

@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod checker;
 pub mod conformance;
+pub mod dispatch_props;
 #[cfg(any(
     feature = "keyed-pool",
     feature = "actor-pool",

@@ -301,6 +301,11 @@ macro_rules! pool_tests {
             closed_pool_hands_job_back,
             panic_becomes_outcome,
         );
+        /// The dispatcher's promises on this pool, under random failures and panics.
+        #[test]
+        fn dispatcher_keeps_every_promise_under_random_failures() {
+            $crate::dispatch_props::check($pools, 64);
+        }
     };
     (@checks $pools:expr; $($check:ident),+ $(,)?) => {
         $(
@@ -311,6 +316,26 @@ macro_rules! pool_tests {
             }
         )+
     };
+}
+
+/// A random [`Step`] of a [`random_workload`]: a dozen keys, envelope or plain,
+/// some with a short delay, most succeeding at once, some failing once, some for
+/// good (more calls than any retry budget), some panicking instead.
+pub fn workload_step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    (0usize..12, any::<bool>(), 0u64..300, 0u32..5, any::<bool>()).prop_map(
+        |(key, envelope, delay_us, fail, panics)| Step {
+            key,
+            envelope,
+            delay_us: if delay_us > 200 { delay_us } else { 0 },
+            fail_times: match fail {
+                3 => 1,
+                4 => 4,
+                _ => 0,
+            },
+            panics,
+        },
+    )
 }
 
 /// One message of a [`random_workload`].

@@ -1,32 +1,34 @@
-//! Property tests: the actor pool behind the real `Dispatcher`, with random handler
-//! failures and panics over many keys, envelope and plain subscriptions mixed.
+//! Property tests of the dispatcher on any pool: random handler failures and
+//! panics over many keys, envelope and plain subscriptions mixed, through the real
+//! [`Dispatcher`].
 //!
 //! Checked per case: every message ends as expected (handled, dead-lettered or
 //! dropped; never abandoned, so no envelope message is lost), the handler runs each
 //! message exactly as many times as its behaviour implies (a restart re-runs and
 //! skips nothing), per-key order holds across retries and restarts, and the pool
-//! counts one restart per plain panic, exactly.
+//! counts its panics, and (the actor pool) one restart per plain panic, exactly.
+//! [`pool_tests!`](crate::pool_tests) runs it on every pool.
 
-use eventbus_testkit::{quiet_deliberate_panics, INDUCED_PANIC as INDUCED};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use eventbus_actor_pool::ActorPool;
+use crate::pool_suite::{PoolFactory, PoolSpec};
+use crate::INDUCED_PANIC as INDUCED;
 use eventbus_core::{
-    handler_fn, ActorPoolConfig, CancellationToken, DeadLetter, DeadLetterSink, DeliveryPolicy,
-    Dispatcher, Disposition, Envelope, Event, EventBusConfig, HandlerError, HealthStatus, Message,
-    Pool, Subscription,
+    handler_fn, CancellationToken, DeadLetter, DeadLetterSink, DeliveryPolicy, Dispatcher,
+    Disposition, Envelope, Event, EventBusConfig, HandlerError, HealthStatus, Message,
+    Subscription,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 const MAX_ATTEMPTS: u32 = 3;
 
 /// What the handler does with one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Behaviour {
+pub enum Behaviour {
     /// Succeeds.
     Ok,
     /// Fails transiently on the first attempt (envelope: retried; plain: dropped).
@@ -39,14 +41,20 @@ enum Behaviour {
     Permanent,
 }
 
+/// One message of a case: its aggregate, kind and handler behaviour.
 #[derive(Debug, Clone, Copy)]
-struct Step {
-    key: u8,
-    envelope: bool,
-    behaviour: Behaviour,
+pub struct Step {
+    /// Aggregate index.
+    pub key: u8,
+    /// Envelope (true) or plain message.
+    pub envelope: bool,
+    /// What its handler does.
+    pub behaviour: Behaviour,
 }
 
-fn step() -> impl Strategy<Value = Step> {
+/// A random [`Step`]: behaviours weighted towards success; envelope-only ones
+/// only on envelopes.
+pub fn step() -> impl Strategy<Value = Step> {
     let envelope = prop_oneof![
         4 => Just(Behaviour::Ok),
         1 => Just(Behaviour::FailOnce),
@@ -118,13 +126,16 @@ fn act(behaviour: Behaviour, attempt: u32) -> Result<(), HandlerError> {
     }
 }
 
-async fn run_case(steps: Vec<Step>) {
-    let mut pool_config = ActorPoolConfig::default()
-        .workers(3)
-        .queue_size(4)
-        .max_restarts(u32::MAX);
-    pool_config.wait_timeout = Duration::from_millis(5);
-    let pool = Arc::new(ActorPool::start(&pool_config).await.expect("pool starts"));
+/// Run one case on a pool of `pools` (3 workers, queues of 4) behind the real
+/// [`Dispatcher`]; panics naming the first broken promise.
+pub async fn run_case(pools: &PoolFactory, steps: Vec<Step>) {
+    let pool = pools(PoolSpec {
+        workers: 3,
+        queue: 4,
+        wait_timeout: Duration::from_millis(5),
+    })
+    .await;
+    let is_actor = pool.kind() == "actor";
     let mut config = EventBusConfig::default();
     config.delivery = DeliveryPolicy::default()
         .max_attempts(MAX_ATTEMPTS)
@@ -133,7 +144,7 @@ async fn run_case(steps: Vec<Step>) {
     let sink = Arc::new(Recorder::default());
     let dispatcher = Dispatcher::new(
         "test",
-        pool.clone() as Arc<dyn Pool>,
+        pool.clone(),
         Some(sink.clone() as Arc<dyn DeadLetterSink>),
         config,
     );
@@ -276,29 +287,31 @@ async fn run_case(steps: Vec<Step>) {
         );
     }
 
-    // One restart per plain panic, no more and no fewer.
+    // The actor pool restarts an actor once per plain panic, no more and no
+    // fewer; the keyed pool restarts nothing.
     let plain_panics = steps.iter().filter(|s| s.is_plain_panic()).count() as u64;
+    let restarts = if is_actor { plain_panics } else { 0 };
     let envelope_panics_exhausted = steps
         .iter()
         .filter(|s| s.envelope && s.behaviour == Behaviour::PanicAlways)
         .count() as u64;
-    // The pool counts a job after delivering its outcome, and a restart after that:
+    // A pool counts a job after delivering its outcome, and a restart after that:
     // wait for the counters to catch up with the completions seen above.
     let n = steps.len() as u64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let stats = pool.stats();
-        if stats.completed >= n && stats.restarts >= plain_panics {
+        if stats.completed >= n && stats.restarts >= restarts {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for {n} completed jobs and {plain_panics} restarts: {stats:?}"
+            "timed out waiting for {n} completed jobs and {restarts} restarts: {stats:?}"
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let stats = pool.stats();
-    assert_eq!(stats.restarts, plain_panics, "restarts");
+    assert_eq!(stats.restarts, restarts, "restarts");
     assert_eq!(
         stats.panicked,
         plain_panics + envelope_panics_exhausted,
@@ -309,23 +322,27 @@ async fn run_case(steps: Vec<Step>) {
     assert_ne!(pool.health().status, HealthStatus::Unhealthy);
 
     pool.close(Duration::from_secs(5)).await;
-    assert_eq!(pool.stats().restarts, plain_panics, "restarts after close");
-    assert_eq!(pool.live_actors(), 0, "actors left running after close");
+    assert_eq!(pool.stats().restarts, restarts, "restarts after close");
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-
-    #[test]
-    fn order_delivery_and_restarts_hold_under_random_failures(
-        steps in prop::collection::vec(step(), 1..60)
-    ) {
-        quiet_deliberate_panics();
+/// Run `cases` random cases of up to 60 messages on pools of `pools` (a fresh
+/// runtime each); panics with the smallest failing case proptest finds.
+pub fn check(pools: PoolFactory, cases: u32) {
+    crate::quiet_deliberate_panics();
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&prop::collection::vec(step(), 1..60), |steps| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("tokio runtime");
-        runtime.block_on(run_case(steps));
+        runtime.block_on(run_case(&pools, steps));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("the dispatcher broke a promise: {e}");
     }
 }

@@ -4,7 +4,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use eventbus::{AggregateIdConfig, EventBusConfig, HandlerError, Message, PoolKind, Subscription};
 use eventbus::{Envelope, Event};
 use eventbus_benches::{make_pool, pool_round_trip};
-use eventbus_core::{CancellationToken, Dispatcher, OffsetTracker};
+use eventbus_core::raw::{Dispatcher, OffsetTracker};
+use eventbus_core::CancellationToken;
 use std::collections::VecDeque;
 
 fn envelope_decode(c: &mut Criterion) {
@@ -126,7 +127,7 @@ fn dispatcher(c: &mut Criterion) {
         })
         .collect();
     let stop = CancellationToken::new();
-    let scope = eventbus_core::Scope::new().current();
+    let scope = eventbus_core::raw::Scope::new().current();
     for (name, sub) in [("plain", &plain), ("envelope", &envelope)] {
         g.bench_function(name, |b| {
             b.iter(|| {

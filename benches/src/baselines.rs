@@ -4,7 +4,7 @@
 
 use crate::workload::HandlerKind;
 use eventbus::Pool;
-use eventbus_core::{Job, JobClass, Outcome};
+use eventbus_core::raw::{Job, JobClass, Outcome};
 use futures::FutureExt;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -56,12 +56,12 @@ pub async fn pool_round_trip(
     for i in 0..n {
         if pending.len() == window {
             if let Some(r) = pending.pop_front() {
-                let r: eventbus_core::OutcomeReceiver = r;
+                let r: eventbus_core::raw::OutcomeReceiver = r;
                 r.await
                     .map_err(|_| "a pool dropped a job's outcome".to_owned())?;
             }
         }
-        let route = eventbus_core::stable_hash(&(i as u64 % keys.max(1)).to_le_bytes());
+        let route = eventbus_core::raw::stable_hash(&(i as u64 % keys.max(1)).to_le_bytes());
         let (job, rx) = Job::new(
             route,
             JobClass::Plain,

@@ -134,7 +134,7 @@ impl AnyBus {
                 let mut pending = Vec::with_capacity(envelopes.len());
                 for e in &envelopes {
                     let record =
-                        eventbus::core::envelope_record(e, &header).map_err(|e| failed(&e))?;
+                        eventbus::core::raw::envelope_record(e, &header).map_err(|e| failed(&e))?;
                     pending.push(
                         b.publish_async(topic, &record)
                             .await
@@ -149,7 +149,7 @@ impl AnyBus {
                 let header = b.aggregate_id_header().to_owned();
                 let records = envelopes
                     .iter()
-                    .map(|e| eventbus::core::envelope_record(e, &header))
+                    .map(|e| eventbus::core::raw::envelope_record(e, &header))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| failed(&e))?;
                 b.publish_batch(topic, records)

@@ -98,7 +98,7 @@ fn records(n: u64, header: &str) -> Result<Vec<Record>, String> {
                 "bench.tick",
                 serde_json::json!({ "seq": seq }),
             );
-            eventbus::core::envelope_record(&envelope, header).map_err(|e| e.to_string())
+            eventbus::core::raw::envelope_record(&envelope, header).map_err(|e| e.to_string())
         })
         .collect()
 }

@@ -355,7 +355,7 @@ fn on_plain(p: &Profile, sink: &dyn Sink, m: Message) -> Result<(), HandlerError
         .ok_or_else(|| HandlerError::permanent(format!("header `{STAMP_HEADER}` missing")))
         .and_then(|v| Stamp::parse_header(v).map_err(HandlerError::permanent))?;
     debug_assert_eq!(stamp.class, MessageClass::Plain);
-    if eventbus_core::handler::cancellation().is_some_and(|c| c.is_cancelled()) {
+    if eventbus_core::cancellation().is_some_and(|c| c.is_cancelled()) {
         sink.started_fenced(FencedStart {
             delivery: delivery(stamp.id, &m, &p.worker),
             key: stamp.aggregate_id.clone(),

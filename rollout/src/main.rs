@@ -20,7 +20,7 @@
 // A command-line tool: it talks to the terminal.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use eventbus::core::hash::{rollout_bucket, stable_hash};
+use eventbus::core::raw::{rollout_bucket, stable_hash};
 use eventbus::{
     Envelope, Event, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError, MemoryBroker,
     OpsServer, OpsServerConfig, Pool, PoolSwitch, SharedBus, TopicConfig,

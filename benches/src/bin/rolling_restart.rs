@@ -94,7 +94,8 @@ async fn round(strategy: AssignmentStrategy, messages: u64) -> Round {
         let key = format!("k{}", i % KEYS);
         let seq = checker.produce(&key);
         let e = Envelope::new(key, "bench.event", serde_json::json!({ "seq": seq }));
-        let record = eventbus_core::envelope_record(&e, "aggregate-id").expect("valid envelope");
+        let record =
+            eventbus_core::raw::envelope_record(&e, "aggregate-id").expect("valid envelope");
         sent.push(
             publisher
                 .publish_async(&topic, &record)

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use eventbus_core::job::PushError;
+use eventbus_core::raw::PushError;
+use eventbus_core::raw::{Job, SubmitError, SubmitErrorKind};
 use eventbus_core::{
-    ActorPoolConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Job, Pool, PoolStats,
-    SubmitError, SubmitErrorKind,
+    ActorPoolConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;

@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use eventbus_core::{slot, ActorPoolConfig, OutcomeKind};
+use eventbus_core::ActorPoolConfig;
+
+use eventbus_core::raw::{slot, OutcomeKind};
 use tokio::sync::Notify;
 
 use crate::cool_down::CoolDown;

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use eventbus_core::job::JobQueue;
-use eventbus_core::OutcomeKind;
+use eventbus_core::raw::JobQueue;
+use eventbus_core::raw::OutcomeKind;
 use ractor::{ActorRef, ActorStatus};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
@@ -280,12 +280,12 @@ mod tests {
         assert!(!h.try_record(Instant::now(), 0, Duration::from_secs(1)));
     }
 
-    fn job() -> eventbus_core::Job {
-        eventbus_core::Job::new(
+    fn job() -> eventbus_core::raw::Job {
+        eventbus_core::raw::Job::new(
             0,
-            eventbus_core::JobClass::Plain,
+            eventbus_core::raw::JobClass::Plain,
             None,
-            Box::pin(async { eventbus_core::Outcome::Handled { attempts: 1 } }),
+            Box::pin(async { eventbus_core::raw::Outcome::Handled { attempts: 1 } }),
         )
         .0
     }

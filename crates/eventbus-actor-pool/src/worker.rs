@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use eventbus_core::{JobClass, OutcomeKind};
+use eventbus_core::raw::{JobClass, OutcomeKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::shared::Shared;

@@ -6,10 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventbus_actor_pool::{ActorPool, CoolDown, HEALTH_COMPONENT};
-use eventbus_core::{
-    ActorPoolConfig, ErrorKind, FailureCause, HealthStatus, Job, JobClass, Outcome,
-    OutcomeReceiver, Pool, SubmitErrorKind,
-};
+use eventbus_core::raw::{FailureCause, Job, JobClass, Outcome, OutcomeReceiver, SubmitErrorKind};
+use eventbus_core::{ActorPoolConfig, ErrorKind, HealthStatus, Pool};
 use futures::FutureExt;
 use tokio::sync::oneshot;
 

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus_actor_pool::ActorPool;
-use eventbus_core::{ActorPoolConfig, Job, JobClass, Outcome, OutcomeReceiver, Pool};
+use eventbus_core::raw::{Job, JobClass, Outcome, OutcomeReceiver};
+use eventbus_core::{ActorPoolConfig, Pool};
 use futures::FutureExt;
 use tokio::sync::oneshot;
 

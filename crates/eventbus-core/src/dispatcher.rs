@@ -31,7 +31,6 @@ use crate::bus::{Subscription, SubscriptionHandler};
 use crate::config::{DeadLetterConfig, EventBusConfig, RateLimit};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
-use crate::fence::{Epoch, Scope};
 use crate::handler::{in_scope, BoxHandler, Event};
 use crate::hash::stable_hash;
 use crate::health::{ComponentHealth, HealthStatus};
@@ -41,6 +40,7 @@ use crate::metrics as m;
 use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
 use crate::pool::{Pool, SubmitErrorKind};
+use crate::raw::fence::{Epoch, Scope};
 
 mod dead_letter;
 mod instruments;
@@ -337,7 +337,7 @@ impl Dispatcher {
         self.topic_counter(m::ASSIGNMENTS_LOST, topic);
     }
 
-    /// Count a broker rewind on `topic` (see [`crate::offset`]).
+    /// Count a broker rewind on `topic` (see [`crate::raw::offset`]).
     pub fn count_rewind(&self, topic: &str) {
         self.topic_counter(m::REWINDS, topic);
     }
@@ -438,7 +438,7 @@ impl Dispatcher {
     /// resolves when the message is finished.
     ///
     /// Call in delivery order per partition: that order is the handling order per
-    /// aggregate. The job is fenced by `epoch` (see [`crate::fence`]): once its
+    /// aggregate. The job is fenced by `epoch` (see [`crate::raw::fence`]): once its
     /// scope is fenced at the message's offset it does not start.
     ///
     /// Fails when the pool is closed, `stop` is cancelled, or the scope is fenced

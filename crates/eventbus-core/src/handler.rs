@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Envelope;
 use crate::error::BoxError;
-use crate::fence::Scope;
 use crate::message::Message;
+use crate::raw::fence::Scope;
 
 /// Whether retrying a failed handler call can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

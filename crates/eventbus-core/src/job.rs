@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::fence::Epoch;
 use crate::handler::HandlerError;
+use crate::raw::fence::Epoch;
 
 /// Which delivery promise the job belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,53 +1,75 @@
 #![doc = include_str!("../README.md")]
 
-pub mod aggregate;
-pub mod bus;
-pub mod config;
-pub mod dispatcher;
-pub mod envelope;
-pub mod error;
-pub mod fence;
-pub mod handler;
-pub mod hash;
-pub mod health;
-pub mod inflight;
-pub mod job;
-pub mod lifecycle;
-pub mod message;
+mod aggregate;
+mod bus;
+mod config;
+mod dispatcher;
+mod envelope;
+mod error;
+mod handler;
+mod hash;
+mod health;
+mod job;
+mod message;
 pub mod metrics;
-pub mod offset;
-pub mod ops;
-pub mod policy;
-pub mod pool;
+mod ops;
+mod policy;
+mod pool;
 
+// What a service uses: messages and envelopes, handlers, the bus and its
+// configuration, health, recovery mode, the pool trait and its counters.
 pub use aggregate::{AggregateIdConfig, IdSource, DEFAULT_AGGREGATE_ID_HEADER};
 pub use bus::{
-    envelope_record, validate_topic, EventBus, EventBusExt, KeyStops, SharedBus, StorageKind,
-    SubscribeOptions, Subscription, SubscriptionHandler, TopicConfig,
+    EventBus, EventBusExt, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
+    MAX_TOPIC_LEN,
 };
 pub use config::{
     ActorPoolConfig, BacklogConfig, ConsumerConfig, DeadLetterConfig, EventBusConfig,
     KeyedPoolConfig, MetricsConfig, OffsetReset, OperationsConfig, PoolKind, RateLimit,
 };
 pub use dispatcher::{
-    Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, InFlight,
-    MonitorHandle, PreparedSubscription, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
-    DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+    DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
+    DLQ_TOPIC_HEADER,
 };
-pub use envelope::{Envelope, EnvelopeError};
+pub use envelope::{Envelope, EnvelopeError, MAX_AGGREGATE_ID_LEN, MAX_EVENT_TYPE_LEN};
 pub use error::{BoxError, Error, ErrorKind, Result};
-pub use fence::{Epoch, Scope};
-pub use handler::{
-    boxed, handler_fn, BoxHandler, DynHandler, Event, Failure, Handler, HandlerError, HandlerResult,
-};
-pub use hash::{rollout_bucket, slot, stable_hash};
+pub use handler::{cancellation, handler_fn, Event, Failure, Handler, HandlerError, HandlerResult};
 pub use health::{ComponentHealth, HealthReport, HealthStatus};
-pub use inflight::{InFlightLimit, InFlightSet, Settled, Ticket};
-pub use job::{DoneHook, FailureCause, Job, JobClass, Outcome, OutcomeKind, OutcomeReceiver};
-pub use lifecycle::{BusBackend, Consumers, Lifecycle};
 pub use message::{Headers, Message, PublishReceipt, Record};
-pub use offset::{OffsetTracker, Tracked};
-pub use ops::{Backlog, PartitionLag, Probe, PublishMetrics, Recovery, RecoveryChange};
+pub use ops::{Recovery, RecoveryChange};
 pub use policy::DeliveryPolicy;
-pub use pool::{Pool, PoolShare, PoolStats, SubmitError, SubmitErrorKind};
+pub use pool::{Pool, PoolStats};
 pub use tokio_util::sync::CancellationToken;
+
+/// For backend and pool implementers: the pipeline ([`raw::Dispatcher`]), the
+/// in-flight set and offset tracker, the lifecycle a backend plugs into, jobs and
+/// their queue, the fence, the stable hash. A service needs none of it.
+pub mod raw {
+    pub mod fence;
+    pub mod inflight;
+    pub mod lifecycle;
+    pub mod offset;
+
+    pub use crate::bus::{envelope_record, validate_topic, KeyStops, SubscriptionHandler};
+    pub use crate::dispatcher::{
+        Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, InFlight,
+        MonitorHandle, PreparedSubscription,
+    };
+    pub use crate::envelope::{peek_aggregate_id, validate_aggregate_id};
+    pub use crate::handler::{boxed, BoxHandler, DynHandler};
+    pub use crate::hash::{rollout_bucket, slot, stable_hash};
+    pub use crate::job::{
+        panic_message, DoneHook, FailureCause, Job, JobClass, JobQueue, Outcome, OutcomeKind,
+        OutcomeReceiver, PushError,
+    };
+    pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
+    pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};
+    pub use fence::{Epoch, Scope};
+    pub use inflight::{InFlightLimit, InFlightSet, Settled, Ticket};
+    pub use lifecycle::{BusBackend, Consumers, Lifecycle};
+    pub use offset::{OffsetTracker, Tracked};
+}
+
+// Until every crate names them through `raw`.
+#[doc(hidden)]
+pub use raw::*;

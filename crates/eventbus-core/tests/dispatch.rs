@@ -3,9 +3,11 @@
 //! has started when a partition is fenced, rewound or revoked.
 
 use eventbus_core::{
-    CancellationToken, ComponentHealth, Dispatcher, Disposition, ErrorKind, EventBusConfig,
-    HandlerError, InFlightSet, Job, Message, Pool, PoolStats, Settled, SubmitError, Subscription,
+    CancellationToken, ComponentHealth, ErrorKind, EventBusConfig, HandlerError, Message, Pool,
+    PoolStats, Subscription,
 };
+
+use eventbus_core::raw::{Dispatcher, Disposition, InFlightSet, Job, Settled, SubmitError};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::VecDeque;
@@ -65,7 +67,7 @@ impl Pool for SteppedPool {
 struct Rig {
     pool: Arc<SteppedPool>,
     dispatcher: Dispatcher,
-    sub: Arc<eventbus_core::PreparedSubscription>,
+    sub: Arc<eventbus_core::raw::PreparedSubscription>,
     set: InFlightSet<()>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,

@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use eventbus_core::metrics as m;
+use eventbus_core::raw::{
+    DeadLetter, DeadLetterSink, Dispatcher, Disposition, Job, Scope, SubmitError,
+};
 use eventbus_core::{
-    handler_fn, CancellationToken, ComponentHealth, DeadLetter, DeadLetterSink, DeliveryPolicy,
-    Dispatcher, Disposition, Envelope, Event, EventBusConfig, HandlerError, Job, Message, Pool,
-    PoolStats, Scope, SubmitError, Subscription,
+    handler_fn, CancellationToken, ComponentHealth, DeliveryPolicy, Envelope, Event,
+    EventBusConfig, HandlerError, Message, Pool, PoolStats, Subscription,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -101,7 +103,7 @@ struct Rig {
     dispatcher: Dispatcher,
     pool: Arc<HeldPool>,
     snapshotter: Snapshotter,
-    scope: eventbus_core::Epoch,
+    scope: eventbus_core::raw::Epoch,
     stop: CancellationToken,
 }
 
@@ -176,7 +178,7 @@ impl Rig {
 
     async fn run(
         &self,
-        sub: &Arc<eventbus_core::PreparedSubscription>,
+        sub: &Arc<eventbus_core::raw::PreparedSubscription>,
         message: Message,
     ) -> Disposition {
         let in_flight = self

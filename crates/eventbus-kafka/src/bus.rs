@@ -1,9 +1,13 @@
 //! [`KafkaEventBus`]: the [`EventBus`] on Kafka.
 
 use eventbus_core::{
-    BusBackend, ComponentHealth, Consumers, Dispatcher, Error, ErrorKind, EventBus, EventBusConfig,
-    HealthReport, HealthStatus, Lifecycle, PartitionLag as CorePartitionLag, Pool,
-    PreparedSubscription, PublishReceipt, Record, Recovery, Result, Subscription, TopicConfig,
+    ComponentHealth, Error, ErrorKind, EventBus, EventBusConfig, HealthReport, HealthStatus, Pool,
+    PublishReceipt, Record, Recovery, Result, Subscription, TopicConfig,
+};
+
+use eventbus_core::raw::{
+    BusBackend, Consumers, Dispatcher, Lifecycle, PartitionLag as CorePartitionLag,
+    PreparedSubscription,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -257,7 +261,7 @@ impl Backend {
 
     /// Create `topic` with `config`, or check the one that exists.
     async fn configure_topic(&self, topic: &str, config: TopicConfig) -> Result<()> {
-        eventbus_core::validate_topic(topic)?;
+        eventbus_core::raw::validate_topic(topic)?;
         if !config.persistent {
             return Err(Error::new(
                 ErrorKind::Unsupported,

@@ -5,7 +5,9 @@
 //! delivery policy come from [`eventbus_core::EventBusConfig`]; everything that is
 //! Kafka-only lives here.
 
-use eventbus_core::{validate_topic, Error, EventBusConfig, OffsetReset};
+use eventbus_core::{Error, EventBusConfig, OffsetReset};
+
+use eventbus_core::raw::validate_topic;
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

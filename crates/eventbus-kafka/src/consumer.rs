@@ -26,9 +26,9 @@
 //! [`resume_threshold`] (half the bound), so a resume is followed by enough work to
 //! cover the refetch and a partition does not flap between paused and resumed.
 
-use eventbus_core::{
-    Dispatcher, Error, ErrorKind, InFlightSet, Message, PreparedSubscription, Settled,
-};
+use eventbus_core::{Error, ErrorKind, Message};
+
+use eventbus_core::raw::{Dispatcher, InFlightSet, PreparedSubscription, Settled};
 use futures::future::poll_fn;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -404,7 +404,7 @@ impl ConsumeLoop {
 
     /// Whether `topic`/`p` is still owned under `scope` (a revoke the callback gave
     /// up waiting for may reach the loop after the partition came back).
-    fn owns_under(&self, topic: &str, p: i32, scope: &eventbus_core::Scope) -> bool {
+    fn owns_under(&self, topic: &str, p: i32, scope: &eventbus_core::raw::Scope) -> bool {
         self.topics
             .get(topic)
             .and_then(|ts| ts.set.scope(p))
@@ -437,7 +437,7 @@ impl ConsumeLoop {
     ) -> bool {
         // A handler of a message superseded by a rewind ends with no completion to
         // settle: while waiting for handlers, their scopes say when none runs.
-        let scopes: Vec<eventbus_core::Scope> = if running {
+        let scopes: Vec<eventbus_core::raw::Scope> = if running {
             parts
                 .iter()
                 .filter_map(|(t, p)| self.topics.get(t.as_str())?.set.scope(*p).cloned())

@@ -1,7 +1,9 @@
 //! librdkafka callbacks: logs and errors to `tracing`, and the consumer's
 //! rebalance and commit callbacks.
 
-use eventbus_core::{Message, Scope};
+use eventbus_core::Message;
+
+use eventbus_core::raw::Scope;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -223,7 +225,7 @@ pub(crate) struct ConsumerCtx {
     pub(crate) events: mpsc::Sender<FetchEvent>,
     pub(crate) shared: Arc<ConsumerShared>,
     /// Counts hand-over overruns and lost assignments in the bus's metrics.
-    pub(crate) dispatcher: eventbus_core::Dispatcher,
+    pub(crate) dispatcher: eventbus_core::raw::Dispatcher,
     /// How long the loop may drain revoked partitions (`consumer.drain_timeout`).
     pub(crate) drain_timeout: Duration,
     /// How long a hand-over then waits for running handlers

@@ -1,10 +1,9 @@
 //! The producer: `publish` waits for the delivery report, `enqueue` returns a
 //! [`Delivery`] to await later (batching), and the dead-letter sink.
 
-use eventbus_core::{
-    validate_topic, DeadLetter, DeadLetterSink, Error, ErrorKind, Headers, KeyStops,
-    PublishReceipt, Record, Result,
-};
+use eventbus_core::{Error, ErrorKind, Headers, PublishReceipt, Record, Result};
+
+use eventbus_core::raw::{validate_topic, DeadLetter, DeadLetterSink, KeyStops};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};

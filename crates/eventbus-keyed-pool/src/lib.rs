@@ -1,10 +1,8 @@
 #![doc = include_str!("../README.md")]
 
-use eventbus_core::job::{JobQueue, PushError};
-use eventbus_core::{
-    slot, ComponentHealth, Error, HealthStatus, Job, KeyedPoolConfig, OutcomeKind, Pool, PoolStats,
-    SubmitError, SubmitErrorKind,
-};
+use eventbus_core::raw::{slot, Job, OutcomeKind, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{JobQueue, PushError};
+use eventbus_core::{ComponentHealth, Error, HealthStatus, KeyedPoolConfig, Pool, PoolStats};
 use futures::future::BoxFuture;
 use std::fmt;
 use std::future::Future;
@@ -293,7 +291,7 @@ impl Drop for KeyedWorkerPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eventbus_core::{JobClass, Outcome, OutcomeReceiver};
+    use eventbus_core::raw::{JobClass, Outcome, OutcomeReceiver};
     use futures::FutureExt;
     use tokio::sync::oneshot;
 

@@ -1,9 +1,8 @@
 //! The in-process broker: partitioned topics, bounded retention, group offsets.
 
-use eventbus_core::{
-    slot, stable_hash, validate_topic, Error, ErrorKind, Headers, Message, OffsetReset,
-    PublishReceipt, Record,
-};
+use eventbus_core::{Error, ErrorKind, Headers, Message, OffsetReset, PublishReceipt, Record};
+
+use eventbus_core::raw::{slot, stable_hash, validate_topic};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,10 +1,13 @@
 //! `MemoryEventBus`: the core pipeline and lifecycle over the in-process broker.
 
 use eventbus_core::{
-    validate_topic, BusBackend, CancellationToken, ComponentHealth, Consumers, DeadLetter,
-    DeadLetterSink, Dispatcher, Error, EventBus, EventBusConfig, HealthReport, InFlightSet,
-    Lifecycle, PartitionLag, Pool, PreparedSubscription, PublishReceipt, Record, Recovery,
-    Subscription, TopicConfig,
+    CancellationToken, ComponentHealth, Error, EventBus, EventBusConfig, HealthReport, Pool,
+    PublishReceipt, Record, Recovery, Subscription, TopicConfig,
+};
+
+use eventbus_core::raw::{
+    validate_topic, BusBackend, Consumers, DeadLetter, DeadLetterSink, Dispatcher, InFlightSet,
+    Lifecycle, PartitionLag, PreparedSubscription,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;

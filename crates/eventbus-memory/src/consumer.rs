@@ -1,6 +1,8 @@
 //! The consume loop of one memory subscription: every partition of one topic.
 
-use eventbus_core::{CancellationToken, Dispatcher, InFlightSet, PreparedSubscription, Settled};
+use eventbus_core::CancellationToken;
+
+use eventbus_core::raw::{Dispatcher, InFlightSet, PreparedSubscription, Settled};
 use futures::FutureExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -175,12 +175,15 @@ async fn a_stuck_key_without_dead_letters_holds_its_commit_across_hand_overs() {
             ..spec()
         };
         // Keys that never share the stuck key's worker (it holds that worker).
-        let stuck_slot = eventbus_core::slot(eventbus_core::stable_hash(b"stuck"), spec.workers);
+        let stuck_slot =
+            eventbus_core::raw::slot(eventbus_core::raw::stable_hash(b"stuck"), spec.workers);
         let keys: Vec<String> = (0..200)
             .map(|i| format!("k{i}"))
             .filter(|k| {
-                eventbus_core::slot(eventbus_core::stable_hash(k.as_bytes()), spec.workers)
-                    != stuck_slot
+                eventbus_core::raw::slot(
+                    eventbus_core::raw::stable_hash(k.as_bytes()),
+                    spec.workers,
+                ) != stuck_slot
             })
             .take(12)
             .collect();

@@ -206,7 +206,7 @@ pub async fn publish_batch_keeps_order_per_key(bus: &dyn BusFactory, pools: &Poo
         .expect("subscribe");
     let header = b.aggregate_id_header().to_owned();
     let record = |key: &str, seq: u64| {
-        eventbus_core::envelope_record(&env(key, seq), &header).expect("valid envelope")
+        eventbus_core::raw::envelope_record(&env(key, seq), &header).expect("valid envelope")
     };
     let mut records = Vec::new();
     for i in 0..200 {
@@ -515,11 +515,15 @@ pub async fn slow_aggregate_does_not_block_others(bus: &dyn BusFactory, pools: &
         .await
         .expect("configure topic");
     let slow_key = "slow-0".to_owned();
-    let slow_slot = eventbus_core::slot(eventbus_core::stable_hash(slow_key.as_bytes()), workers);
+    let slow_slot = eventbus_core::raw::slot(
+        eventbus_core::raw::stable_hash(slow_key.as_bytes()),
+        workers,
+    );
     let others: Vec<String> = (0..)
         .map(|i| format!("fast-{i}"))
         .filter(|k| {
-            eventbus_core::slot(eventbus_core::stable_hash(k.as_bytes()), workers) != slow_slot
+            eventbus_core::raw::slot(eventbus_core::raw::stable_hash(k.as_bytes()), workers)
+                != slow_slot
         })
         .take(20)
         .collect();
@@ -764,7 +768,8 @@ pub async fn stuck_key_without_dead_letters_survives_hand_overs(
     config.consumer.handover_timeout = Duration::from_millis(200);
     let topic = random_topic("stuck");
     let workers = PoolSpec::default().workers;
-    let slot_of = |k: &str| eventbus_core::slot(eventbus_core::stable_hash(k.as_bytes()), workers);
+    let slot_of =
+        |k: &str| eventbus_core::raw::slot(eventbus_core::raw::stable_hash(k.as_bytes()), workers);
     // Aggregates that never share the stuck one's worker (it holds that worker).
     let keys: Vec<String> = (0..100)
         .map(|i| format!("s-{i}"))
@@ -859,7 +864,8 @@ pub async fn invalid_envelope_without_dead_letters_holds_its_key(
         .await
         .expect("configure topic");
     let workers = PoolSpec::default().workers;
-    let slot_of = |k: &str| eventbus_core::slot(eventbus_core::stable_hash(k.as_bytes()), workers);
+    let slot_of =
+        |k: &str| eventbus_core::raw::slot(eventbus_core::raw::stable_hash(k.as_bytes()), workers);
     let others: Vec<String> = (0..100)
         .map(|i| format!("o-{i}"))
         .filter(|k| slot_of(k) != slot_of("held"))

@@ -11,10 +11,10 @@
 
 use crate::pool_suite::{PoolFactory, PoolSpec};
 use crate::INDUCED_PANIC as INDUCED;
+use eventbus_core::raw::{DeadLetter, DeadLetterSink, Dispatcher, Disposition};
 use eventbus_core::{
-    handler_fn, CancellationToken, DeadLetter, DeadLetterSink, DeliveryPolicy, Dispatcher,
-    Disposition, Envelope, Event, EventBusConfig, HandlerError, HealthStatus, Message,
-    Subscription,
+    handler_fn, CancellationToken, DeliveryPolicy, Envelope, Event, EventBusConfig, HandlerError,
+    HealthStatus, Message, Subscription,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -206,7 +206,7 @@ pub async fn run_case(pools: &PoolFactory, steps: Vec<Step>) {
     // Submit in delivery order, as a backend does; each message's offset is its
     // position in `steps`.
     let stop = CancellationToken::new();
-    let scope = eventbus_core::Scope::new().current();
+    let scope = eventbus_core::raw::Scope::new().current();
     let mut in_flight = Vec::with_capacity(steps.len());
     for (i, s) in steps.iter().enumerate() {
         let seq = i as i64;

@@ -213,7 +213,7 @@ impl eventbus_core::EventBus for OnMock {
         config: eventbus_core::TopicConfig,
     ) -> BoxFuture<'a, Result<(), Error>> {
         async move {
-            eventbus_core::validate_topic(topic)?;
+            eventbus_core::raw::validate_topic(topic)?;
             self.cluster
                 .create_topic(topic, config.partitions.unwrap_or(1) as i32)
                 .await;

@@ -16,7 +16,7 @@ use crate::{
 };
 use eventbus::PoolSwitch;
 use eventbus_actor_pool::{ActorPool, CoolDown};
-use eventbus_core::hash::{slot, stable_hash};
+use eventbus_core::raw::{slot, stable_hash};
 use eventbus_core::{
     ActorPoolConfig, DeliveryPolicy, EventBusExt, HandlerError, HealthStatus, KeyedPoolConfig,
     Message, Pool, Record, SharedBus, TopicConfig,

@@ -628,7 +628,7 @@ pub async fn run_corpus_on(
         outcome,
     ));
     let oversized_envelope = Envelope::new(
-        "e".repeat(eventbus_core::envelope::MAX_AGGREGATE_ID_LEN + 1),
+        "e".repeat(eventbus_core::MAX_AGGREGATE_ID_LEN + 1),
         "x",
         serde_json::Value::Null,
     );

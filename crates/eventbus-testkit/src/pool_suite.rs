@@ -2,9 +2,12 @@
 //! workload through the real [`Dispatcher`] for property tests.
 
 use eventbus_core::{
-    DeadLetter, DeadLetterSink, DeliveryPolicy, Dispatcher, Disposition, Envelope, Error,
-    EventBusConfig, FailureCause, HandlerError, InFlightSet, Job, JobClass, Message, Outcome, Pool,
-    SubmitErrorKind, Subscription,
+    DeliveryPolicy, Envelope, Error, EventBusConfig, HandlerError, Message, Pool, Subscription,
+};
+
+use eventbus_core::raw::{
+    DeadLetter, DeadLetterSink, Dispatcher, Disposition, FailureCause, InFlightSet, Job, JobClass,
+    Outcome, SubmitErrorKind,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -232,7 +235,10 @@ pub async fn no_job_of_a_fenced_scope_starts(factory: &PoolFactory) {
         wait_timeout: Duration::from_secs(5),
     })
     .await;
-    let (old, new) = (eventbus_core::Scope::new(), eventbus_core::Scope::new());
+    let (old, new) = (
+        eventbus_core::raw::Scope::new(),
+        eventbus_core::raw::Scope::new(),
+    );
     let starts = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
     let mut rxs = Vec::new();
     for i in 0..400u64 {
@@ -599,10 +605,10 @@ impl eventbus_core::Pool for RefusingPool {
     fn workers(&self) -> usize {
         1
     }
-    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), eventbus_core::SubmitError>> {
+    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), eventbus_core::raw::SubmitError>> {
         async move {
-            Err(eventbus_core::SubmitError::new(
-                eventbus_core::SubmitErrorKind::Unavailable,
+            Err(eventbus_core::raw::SubmitError::new(
+                eventbus_core::raw::SubmitErrorKind::Unavailable,
                 job,
             ))
         }

@@ -26,10 +26,9 @@
 //! process ([`PoolSwitch::set_floor`]): raising it is a `Conflict` error naming the
 //! variable.
 
-use eventbus_core::{
-    rollout_bucket, ComponentHealth, Error, ErrorKind, HealthStatus, Job, Pool, PoolShare,
-    PoolStats, SubmitError, SubmitErrorKind,
-};
+use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats};
+
+use eventbus_core::raw::{rollout_bucket, Job, PoolShare, SubmitError, SubmitErrorKind};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::fmt;

@@ -143,12 +143,14 @@ impl Pool for OutOfService {
 
     fn submit(
         &self,
-        job: eventbus::core::Job,
-    ) -> futures::future::BoxFuture<'_, Result<(), eventbus::core::SubmitError>> {
-        Box::pin(std::future::ready(Err(eventbus::core::SubmitError::new(
-            eventbus::core::SubmitErrorKind::Unavailable,
-            job,
-        ))))
+        job: eventbus::core::raw::Job,
+    ) -> futures::future::BoxFuture<'_, Result<(), eventbus::core::raw::SubmitError>> {
+        Box::pin(std::future::ready(Err(
+            eventbus::core::raw::SubmitError::new(
+                eventbus::core::raw::SubmitErrorKind::Unavailable,
+                job,
+            ),
+        )))
     }
 
     fn close(&self, _timeout: Duration) -> futures::future::BoxFuture<'_, ()> {
@@ -172,20 +174,26 @@ fn plain_job(
     route: u64,
     log: &Arc<std::sync::Mutex<Vec<u64>>>,
     i: u64,
-) -> (eventbus::core::Job, eventbus::core::OutcomeReceiver) {
+) -> (
+    eventbus::core::raw::Job,
+    eventbus::core::raw::OutcomeReceiver,
+) {
     let log = log.clone();
-    eventbus::core::Job::new(
+    eventbus::core::raw::Job::new(
         route,
-        eventbus::core::JobClass::Envelope,
+        eventbus::core::raw::JobClass::Envelope,
         None,
         Box::pin(async move {
             log.lock().unwrap().push(i);
-            eventbus::core::Outcome::Handled { attempts: 1 }
+            eventbus::core::raw::Outcome::Handled { attempts: 1 }
         }),
     )
 }
 
-async fn outcome(what: &str, rx: eventbus::core::OutcomeReceiver) -> eventbus::core::Outcome {
+async fn outcome(
+    what: &str,
+    rx: eventbus::core::raw::OutcomeReceiver,
+) -> eventbus::core::raw::Outcome {
     tokio::time::timeout(Duration::from_secs(10), rx)
         .await
         .unwrap_or_else(|_| panic!("timed out after 10s waiting for {what}"))
@@ -220,7 +228,7 @@ async fn an_actor_side_refusing_a_route_as_unavailable_sends_it_to_the_keyed_poo
 #[cfg(feature = "actor-pool")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_of_an_actor_out_of_service_go_keyed_unless_held_and_a_rollback_releases_them() {
-    use eventbus::core::hash::slot;
+    use eventbus::core::raw::slot;
     use eventbus::{ActorPool, ActorPoolConfig, Side};
     use eventbus_actor_pool::CoolDown;
     eventbus_testkit::quiet_deliberate_panics();
@@ -245,19 +253,19 @@ async fn routes_of_an_actor_out_of_service_go_keyed_unless_held_and_a_rollback_r
 
     // A gate holds actor 0 while a plain panic and two jobs of route 0 queue behind it.
     let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
-    let (gate, gate_done) = eventbus::core::Job::new(
+    let (gate, gate_done) = eventbus::core::raw::Job::new(
         0,
-        eventbus::core::JobClass::Plain,
+        eventbus::core::raw::JobClass::Plain,
         None,
         Box::pin(async move {
             let _ = gate_rx.await;
-            eventbus::core::Outcome::Handled { attempts: 1 }
+            eventbus::core::raw::Outcome::Handled { attempts: 1 }
         }),
     );
     switch.submit(gate).await.expect("gate");
-    let (poison, poison_done) = eventbus::core::Job::new(
+    let (poison, poison_done) = eventbus::core::raw::Job::new(
         0,
-        eventbus::core::JobClass::Plain,
+        eventbus::core::raw::JobClass::Plain,
         None,
         Box::pin(async { panic!("{}", eventbus_testkit::INDUCED_PANIC) }),
     );

@@ -8,7 +8,7 @@
 //! assignment: an offset reset after out-of-range, log truncation after a leader
 //! change, a seek. That starts a new *epoch* at the rewind point `R`. Messages of
 //! earlier epochs at or above `R` will be delivered again, so they stop counting
-//! (the caller fences them: see [`crate::fence::Scope::rewind`]); messages below
+//! (the caller fences them: see [`crate::raw::fence::Scope::rewind`]); messages below
 //! `R` still count until they finish. The watermark is the lowest unfinished offset
 //! of any epoch, or one past the last tracked offset when nothing is unfinished; it
 //! can move down at a rewind, and the caller then commits backwards explicitly.

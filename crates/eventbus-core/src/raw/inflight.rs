@@ -32,8 +32,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::dispatcher::{Completion, InFlight};
 use crate::error::{Error, ErrorKind, Result};
-use crate::fence::{Epoch, Scope};
-use crate::offset::OffsetTracker;
+use crate::raw::fence::{Epoch, Scope};
+use crate::raw::offset::OffsetTracker;
 
 /// A shared bound on messages in flight across every consumer of a bus.
 pub type InFlightLimit = Arc<Semaphore>;

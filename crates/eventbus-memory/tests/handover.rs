@@ -40,15 +40,8 @@ fn config() -> EventBusConfig {
     c
 }
 
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    eventbus_testkit::wait_until(what, WAIT, cond).await
 }
 
 /// Handled (partition, offset) pairs.

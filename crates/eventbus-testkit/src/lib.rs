@@ -23,6 +23,7 @@ pub mod poison;
 pub mod pool_suite;
 pub mod resources;
 pub mod shutdown;
+pub mod wait;
 
 pub use backend::Backend;
 pub use checker::{
@@ -30,3 +31,4 @@ pub use checker::{
     STAMP_HEADER,
 };
 pub use panics::{quiet_deliberate_panics, INDUCED_PANIC};
+pub use wait::{eventually, wait_until};

@@ -24,7 +24,7 @@ use eventbus_core::{
 use eventbus_keyed_pool::KeyedWorkerPool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
 /// What the bus under test runs on.
@@ -54,15 +54,8 @@ enum Action {
 }
 
 /// Poll `cond` until it holds; fail naming `what` after [`WAIT`].
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    crate::wait_until(what, WAIT, cond).await
 }
 
 fn route(key: &str) -> u64 {

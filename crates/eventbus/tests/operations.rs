@@ -13,16 +13,8 @@ use tokio::sync::Semaphore;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Poll `cond` until it holds; fail naming `what` after [`WAIT`].
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    eventbus_testkit::wait_until(what, WAIT, cond).await
 }
 
 fn topic(prefix: &str) -> String {

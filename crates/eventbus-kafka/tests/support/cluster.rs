@@ -40,27 +40,5 @@ pub(crate) fn keyed_pool(workers: usize) -> Arc<dyn Pool> {
     Arc::new(KeyedWorkerPool::new(&cfg).expect("keyed pool"))
 }
 
-/// Poll `cond` every few milliseconds until it holds; panic naming `what` after `limit`.
-pub(crate) async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    eventually(what, limit, || std::future::ready(cond())).await
-}
-
-/// [`wait_until`] for a condition that must be awaited.
-pub(crate) async fn eventually<F: std::future::Future<Output = bool>>(
-    what: &str,
-    limit: Duration,
-    mut cond: impl FnMut() -> F,
-) {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tick.tick().await;
-    }
-}
+#[allow(unused_imports)] // not every test binary waits on both
+pub(crate) use eventbus_testkit::{eventually, wait_until};

@@ -18,7 +18,8 @@ use eventbus_core::{
 };
 
 use crate::config::{NatsAuth, NatsConfig, Retention};
-use crate::consumer::{ConsumerState, CoreLoop, JsLoop, Recreate};
+use crate::consumer::{ConsumerState, CoreLoop, JsLoop, Recreate, Role};
+use crate::group::{Coordinator, Group, Slot};
 use crate::naming;
 use crate::publish::{bounded, NatsDeadLetterSink, Shared, TopicSettings};
 use crate::streams::{broker, validate_topic_config};
@@ -35,11 +36,36 @@ pub struct ConsumerPending {
     pub redelivered: u64,
 }
 
+/// One partition of a partitioned topic, as this member sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionStatus {
+    /// The partition, from 0.
+    pub partition: u32,
+    /// Its subject, `<subject>.<partition>`.
+    pub subject: String,
+    /// Its durable consumer, `<group>-<topic>-p<partition>`.
+    pub durable: String,
+    /// The member holding its lease, as last seen (`None`: nobody, or not known
+    /// yet).
+    pub owner: Option<String>,
+    /// Whether this member consumes it now.
+    pub owned: bool,
+    /// Messages the server holds for its consumer, not yet delivered.
+    pub pending: u64,
+    /// Messages delivered and not acknowledged.
+    pub ack_pending: u64,
+    /// Its ack floor: the stream sequence up to which everything is acknowledged.
+    pub ack_floor: u64,
+}
+
 /// The consume loop of one topic.
 struct Consumer {
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
     state: Arc<ConsumerState>,
+    /// The partitions of a partitioned topic.
+    group: Option<Arc<Group>>,
 }
 
 /// The broker side of a [`NatsEventBus`].
@@ -79,10 +105,41 @@ impl Backend {
         topic: &str,
         state: Option<&ConsumerState>,
     ) -> Result<ConsumerPending> {
+        if let Some(p) = self.shared.partitions(topic) {
+            let mut sum = ConsumerPending {
+                pending: 0,
+                ack_pending: 0,
+                redelivered: 0,
+            };
+            for n in 0..p {
+                let durable = naming::partition_durable(&self.durable_name(topic), n);
+                let info = self.durable_info(topic, &durable).await?;
+                sum.pending += info.num_pending;
+                sum.ack_pending += info.num_ack_pending as u64;
+                sum.redelivered += info.num_redelivered as u64;
+            }
+            if let Some(state) = state {
+                state.set_pending(sum.pending);
+            }
+            return Ok(sum);
+        }
+        let info = self.durable_info(topic, &self.durable_name(topic)).await?;
+        let pending = ConsumerPending {
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        };
+        if let Some(state) = state {
+            state.set_pending(pending.pending);
+        }
+        Ok(pending)
+    }
+
+    /// The server's view of durable consumer `durable` of `topic`, asked now.
+    async fn durable_info(&self, topic: &str, durable: &str) -> Result<consumer::Info> {
         let shared = &self.shared;
         let stream = shared.stream_name(topic);
-        let durable = self.durable_name(topic);
-        let info = bounded(
+        bounded(
             shared.config.request_timeout,
             || format!("consumer info of `{durable}`"),
             async {
@@ -98,16 +155,128 @@ impl Backend {
                     .map_err(|e| broker(format!("cannot read consumer `{durable}`"), e))
             },
         )
-        .await?;
-        let pending = ConsumerPending {
-            pending: info.num_pending,
-            ack_pending: info.num_ack_pending as u64,
-            redelivered: info.num_redelivered as u64,
-        };
-        if let Some(state) = state {
-            state.set_pending(pending.pending);
+        .await
+    }
+
+    /// Start a partitioned topic's consumers: one durable, one lease and one
+    /// consume loop per partition, shared with the group by a [`Coordinator`].
+    async fn start_partitioned(
+        &self,
+        prepared: Arc<PreparedSubscription>,
+        partitions: u32,
+        stop: CancellationToken,
+    ) -> Result<Consumer> {
+        let topic = prepared.topic().to_owned();
+        let shared = self.shared.clone();
+        let cfg = &self.config().consumer;
+        // Each partition's share of what the pool can hold: a member owning
+        // every partition holds no more than an unpartitioned consumer would.
+        let share = self.max_ack_pending().div_ceil(partitions as usize).max(1);
+        let reset = cfg.auto_offset_reset;
+        let base = self.durable_name(&topic);
+        let stream = shared.stream_name(&topic);
+        let subject = shared.subject(&topic);
+        let leases = shared.leases().await?;
+        let prefix = naming::group_prefix(&stream, &base);
+        let topic_state = Arc::new(ConsumerState::new(&topic));
+        let (mut loops, mut slots, mut grants) = (Vec::new(), Vec::new(), Vec::new());
+        for n in 0..partitions {
+            let durable = naming::partition_durable(&base, n);
+            let filter = crate::partition::partition_subject(&subject, n);
+            let consumer = open_consumer(
+                shared.clone(),
+                topic.clone(),
+                durable.clone(),
+                share,
+                reset,
+                None,
+                Some(filter.clone()),
+            )
+            .await?;
+            let state = Arc::new(ConsumerState::for_partition(&topic, n));
+            let slot = Arc::new(Slot::new(n, state.clone()));
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let recreate: Recreate = {
+                let (shared, topic) = (shared.clone(), topic.clone());
+                Arc::new(move |start| {
+                    let (shared, topic, durable, filter) = (
+                        shared.clone(),
+                        topic.clone(),
+                        durable.clone(),
+                        filter.clone(),
+                    );
+                    async move {
+                        shared.streams.forget(&shared.stream_name(&topic));
+                        open_consumer(shared, topic, durable, share, reset, start, Some(filter))
+                            .await
+                    }
+                    .boxed()
+                })
+            };
+            loops.push(JsLoop {
+                shared: shared.clone(),
+                dispatcher: self.dispatcher.clone(),
+                prepared: prepared.clone(),
+                consumer,
+                closing: stop.clone(),
+                stop: stop.child_token(),
+                leases: leases.clone(),
+                lease_key: naming::partition_lease_key(&prefix, n),
+                total: self.total.clone(),
+                max_in_flight: share,
+                state,
+                drain_timeout: cfg.drain_timeout,
+                handover_timeout: cfg.handover_timeout,
+                reconnects: self.reconnects.clone(),
+                recreate,
+                partition: n as i32,
+                role: Role::Partition {
+                    slot: slot.clone(),
+                    grants: rx,
+                },
+                handed_back: true,
+            });
+            slots.push(slot);
+            grants.push(tx);
         }
-        Ok(pending)
+        let group = Arc::new(Group::new(topic_state.clone(), slots));
+        let coordinator = Coordinator::new(group.clone(), leases, prefix, grants, stop.clone());
+        tracing::info!(topic = %topic, stream = %stream, partitions, durable = %base,
+            max_ack_pending = share, "partitioned JetStream subscription started");
+        Ok(Consumer {
+            stop,
+            task: Mutex::new(Some(tokio::spawn(coordinator.run(loops)))),
+            state: topic_state,
+            group: Some(group),
+        })
+    }
+
+    /// Every partition of `topic` as this member sees it, counters asked of the
+    /// server now.
+    async fn partition_status(&self, topic: &str, group: &Group) -> Result<Vec<PartitionStatus>> {
+        let view = group.view();
+        let owned = group.owned();
+        let base = self.durable_name(topic);
+        let subject = self.shared.subject(topic);
+        let mut out = Vec::with_capacity(group.slots.len());
+        for slot in &group.slots {
+            let n = slot.partition;
+            let durable = naming::partition_durable(&base, n);
+            let info = self.durable_info(topic, &durable).await?;
+            slot.state.set_pending(info.num_pending);
+            slot.state.set_ack_floor(info.ack_floor.stream_sequence);
+            out.push(PartitionStatus {
+                partition: n,
+                subject: crate::partition::partition_subject(&subject, n),
+                durable,
+                owner: view.owners.get(n as usize).cloned().flatten(),
+                owned: owned.contains(&n),
+                pending: info.num_pending,
+                ack_pending: info.num_ack_pending as u64,
+                ack_floor: info.ack_floor.stream_sequence,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -124,6 +293,13 @@ impl BusBackend for Backend {
             let cfg = &self.config().consumer;
             let max_in_flight = self.max_ack_pending();
             let persistent = shared.settings(&topic).config.persistent;
+            if let (true, Some(p)) = (persistent, shared.partitions(&topic)) {
+                if let Some(dlq) = prepared.dead_letter_topic() {
+                    naming::validate_nats_topic(dlq)?;
+                    shared.ensure_stream(dlq).await?;
+                }
+                return self.start_partitioned(prepared, p, stop).await;
+            }
             let consumer = if persistent {
                 if let Some(dlq) = prepared.dead_letter_topic() {
                     naming::validate_nats_topic(dlq)?;
@@ -137,6 +313,7 @@ impl BusBackend for Backend {
                     durable.clone(),
                     max_in_flight,
                     reset,
+                    None,
                     None,
                 )
                 .await?;
@@ -152,7 +329,8 @@ impl BusBackend for Backend {
                         let durable = durable.clone();
                         async move {
                             shared.streams.forget(&shared.stream_name(&topic));
-                            open_consumer(shared, topic, durable, max_in_flight, reset, start).await
+                            open_consumer(shared, topic, durable, max_in_flight, reset, start, None)
+                                .await
                         }
                         .boxed()
                     })
@@ -173,6 +351,9 @@ impl BusBackend for Backend {
                     handover_timeout: cfg.handover_timeout,
                     reconnects: self.reconnects.clone(),
                     recreate,
+                    partition: 0,
+                    role: Role::Standby,
+                    handed_back: true,
                 };
                 tracing::info!(topic = %topic, stream = %shared.stream_name(&topic),
                     durable = %self.durable_name(&topic), max_ack_pending = max_in_flight,
@@ -181,6 +362,7 @@ impl BusBackend for Backend {
                     stop,
                     task: Mutex::new(Some(tokio::spawn(run.run()))),
                     state,
+                    group: None,
                 }
             } else {
                 let subject = shared.subject(&topic);
@@ -219,6 +401,7 @@ impl BusBackend for Backend {
                     stop,
                     task: Mutex::new(Some(tokio::spawn(run.run()))),
                     state,
+                    group: None,
                 }
             };
             Ok(consumer)
@@ -274,6 +457,10 @@ impl BusBackend for Backend {
         }];
         for (topic, h) in consumers {
             let name = format!("consumer.{topic}");
+            if let Some(group) = &h.group {
+                components.extend(partition_health(&name, group));
+                continue;
+            }
             let error = h
                 .state
                 .last_error
@@ -323,6 +510,38 @@ impl BusBackend for Backend {
             let mut out = Vec::with_capacity(consumers.len());
             for (topic, h) in consumers {
                 if !self.shared.settings(topic).config.persistent {
+                    continue;
+                }
+                if let Some(group) = &h.group {
+                    let base = self.durable_name(topic);
+                    let mut pending = 0u64;
+                    for slot in group
+                        .slots
+                        .iter()
+                        .filter(|s| s.state.active.load(Ordering::Relaxed))
+                    {
+                        let durable = naming::partition_durable(&base, slot.partition);
+                        match self.durable_info(topic, &durable).await {
+                            Ok(info) => {
+                                slot.state.set_pending(info.num_pending);
+                                slot.state.set_ack_floor(info.ack_floor.stream_sequence);
+                                pending += info.num_pending;
+                                out.push(
+                                    CorePartitionLag::new(
+                                        &**topic,
+                                        slot.partition as i32,
+                                        info.num_pending
+                                            .saturating_add(info.num_ack_pending as u64),
+                                    )
+                                    .committed(Some(info.ack_floor.stream_sequence as i64))
+                                    .in_flight(slot.state.in_flight.load(Ordering::Relaxed)),
+                                );
+                            }
+                            Err(e) => tracing::warn!(%topic, partition = slot.partition,
+                                error = %e, "lag check failed"),
+                        }
+                    }
+                    h.state.set_pending(pending);
                     continue;
                 }
                 let in_flight = h.state.in_flight.load(Ordering::Relaxed);
@@ -448,7 +667,12 @@ impl NatsEventBus {
         let js = jetstream::ContextBuilder::new()
             .timeout(config.request_timeout)
             .build(client.clone());
-        let shared = Arc::new(Shared::new(client, js, config));
+        let shared = Arc::new(Shared::new(
+            client,
+            js,
+            config,
+            bus_config.aggregate_id.clone(),
+        ));
         let sink = Arc::new(NatsDeadLetterSink(shared.clone()));
         let total = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
         let dispatcher = Dispatcher::new("nats", pool, Some(sink), bus_config);
@@ -505,6 +729,7 @@ impl NatsEventBus {
 
     /// `max_ack_pending` of the durable consumers, tied to the pool's capacity:
     /// the smaller of the per-consumer in-flight bound and workers × queue capacity.
+    /// Each of a partitioned topic's P consumers gets ⌈this / P⌉.
     pub fn max_ack_pending(&self) -> usize {
         self.nats().max_ack_pending()
     }
@@ -564,7 +789,8 @@ impl NatsEventBus {
     }
 
     /// Messages the server still holds for this bus's consumer of `topic`, asked of
-    /// the server now.
+    /// the server now. For a partitioned topic: the sums over every partition's
+    /// durable consumer (see [`NatsEventBus::partition_status`] for each).
     pub async fn consumer_pending(&self, topic: &str) -> Result<ConsumerPending> {
         let consumer = self.inner.consumer(topic);
         self.nats()
@@ -586,11 +812,46 @@ impl NatsEventBus {
     /// Whether this bus consumes `topic` now: `false` while another member of the
     /// group holds the consumer's lease (this one stands by), or when `topic` is
     /// not subscribed. Core NATS topics are always consumed.
+    /// A partitioned topic is consumed while this member owns one of its
+    /// partitions.
     pub async fn is_consuming(&self, topic: &str) -> bool {
         self.inner.consumer(topic).is_some_and(|h| {
             !self.nats().shared.settings(topic).config.persistent
                 || h.state.active.load(Ordering::Relaxed)
         })
+    }
+
+    /// The partition count of `topic` when it is partitioned
+    /// (`NatsConfig::partitions`).
+    pub fn partitions(&self, topic: &str) -> Option<u32> {
+        self.nats().shared.partitions(topic)
+    }
+
+    /// The partitions of `topic` this member consumes now (empty when `topic`
+    /// is not a subscribed partitioned topic).
+    pub fn owned_partitions(&self, topic: &str) -> Vec<u32> {
+        self.inner
+            .consumer(topic)
+            .and_then(|h| h.group.as_ref().map(|g| g.owned()))
+            .unwrap_or_default()
+    }
+
+    /// Every partition of subscribed partitioned `topic`: owner, whether this
+    /// member consumes it, and its consumer's pending count and ack floor, asked
+    /// of the server now. `NotFound` when `topic` is not a subscribed
+    /// partitioned topic.
+    pub async fn partition_status(&self, topic: &str) -> Result<Vec<PartitionStatus>> {
+        let group = self
+            .inner
+            .consumer(topic)
+            .and_then(|h| h.group.clone())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("topic `{topic}` is not a subscribed partitioned topic"),
+                )
+            })?;
+        self.nats().partition_status(topic, &group).await
     }
 
     /// This bus's name in consumer leases.
@@ -611,6 +872,7 @@ async fn open_consumer(
     max_ack_pending: usize,
     reset: OffsetReset,
     start: Option<u64>,
+    filter_subject: Option<String>,
 ) -> Result<consumer::PullConsumer> {
     let stream_name = shared.stream_name(&topic);
     shared.ensure_stream(&topic).await?;
@@ -645,6 +907,7 @@ async fn open_consumer(
             (None, OffsetReset::Earliest) => consumer::DeliverPolicy::All,
             (None, OffsetReset::Latest) => consumer::DeliverPolicy::New,
         },
+        filter_subject: filter_subject.unwrap_or_default(),
         ..Default::default()
     };
     if start.is_some() {
@@ -701,7 +964,11 @@ async fn open_consumer(
                     "filter_subject",
                     have.filter_subject != config.filter_subject,
                     format!("`{}`", have.filter_subject),
-                    "none".to_owned(),
+                    if config.filter_subject.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        format!("`{}`", config.filter_subject)
+                    },
                 ),
             ]
             .into_iter()
@@ -742,6 +1009,67 @@ async fn open_consumer(
         },
     )
     .await
+}
+
+/// Health of a partitioned topic: `consumer.<topic>` with this member's share,
+/// and `consumer.<topic>.<n>` per partition with its owner, pending count and
+/// ack floor (as of the last delivery or lag check).
+fn partition_health(name: &str, group: &Group) -> Vec<ComponentHealth> {
+    let view = group.view();
+    let owned = group.owned();
+    let mut out = Vec::with_capacity(group.slots.len() + 1);
+    out.push(ComponentHealth::with_status(
+        name.to_owned(),
+        HealthStatus::Healthy,
+        format!(
+            "owns partitions {owned:?} of {} ({} live members)",
+            group.partitions,
+            view.members.len()
+        ),
+    ));
+    for slot in &group.slots {
+        let s = &slot.state;
+        let n = slot.partition;
+        let counters = format!(
+            "pending {}, in flight {}, ack floor {}",
+            s.pending.load(Ordering::Relaxed),
+            s.in_flight.load(Ordering::Relaxed),
+            s.ack_floor.load(Ordering::Relaxed)
+        );
+        let owner = view.owners.get(n as usize).cloned().flatten();
+        let elsewhere = owner.is_some() && !owned.contains(&n);
+        // A failure here is moot while another member consumes the partition.
+        let error = s
+            .last_error
+            .lock()
+            .expect("consumer state poisoned")
+            .clone()
+            .filter(|_| !elsewhere);
+        let component = format!("{name}.{n}");
+        out.push(match error {
+            Some(e) => ComponentHealth::with_status(
+                component,
+                HealthStatus::Degraded,
+                format!("{e} ({counters})"),
+            ),
+            None => {
+                let owner = if owned.contains(&n) {
+                    "owner: this member".to_owned()
+                } else {
+                    match owner {
+                        Some(m) => format!("owner: member `{m}`"),
+                        None => "no owner yet".to_owned(),
+                    }
+                };
+                ComponentHealth::with_status(
+                    component,
+                    HealthStatus::Healthy,
+                    format!("{owner}; {counters}"),
+                )
+            }
+        });
+    }
+    out
 }
 
 fn consumer_not_found(e: &async_nats::jetstream::stream::ConsumerError) -> bool {

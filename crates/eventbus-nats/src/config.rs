@@ -199,6 +199,15 @@ pub struct NatsConfig {
     pub topics: HashMap<String, TopicConfig>,
     /// Per-topic retention (`retention.<topic>`), default [`Retention::Limits`].
     pub retention: HashMap<String, Retention>,
+    /// Topics consumed in partitions (`partitions.<topic> = P`, 1..=1024): the
+    /// topic is published to the P subjects `<subject>.0` … `<subject>.{P-1}` by
+    /// a hash of the aggregate id, and its P durable consumers are shared by the
+    /// group's live members (see `docs/nats.md`, "Partitioned topics"). This is the
+    /// NATS opt-in; [`TopicConfig::partitions`] is not read by this backend. Every
+    /// publisher and subscriber of the topic must be configured alike: a stream of
+    /// the other layout, or of another P, is a `Conflict`. Topics not listed keep
+    /// one subject and one consumer, consumed by one member at a time.
+    pub partitions: HashMap<String, u32>,
     /// Key-value bucket of the consumer leases (`lease_bucket`), default
     /// `eventbus_leases`: one member of a group consumes a durable at a time, the
     /// others wait as standbys (see `docs/nats.md`).
@@ -228,6 +237,7 @@ impl Default for NatsConfig {
             request_timeout: Duration::from_secs(5),
             topics: HashMap::new(),
             retention: HashMap::new(),
+            partitions: HashMap::new(),
             lease_bucket: "eventbus_leases".to_owned(),
             lease_ttl: Duration::from_secs(10),
             lease_replicas: 1,
@@ -314,6 +324,18 @@ impl NatsConfig {
         self
     }
 
+    /// Consume `topic` in `partitions` partitions (see [`NatsConfig::partitions`]).
+    #[must_use]
+    pub fn topic_partitions(mut self, topic: impl Into<String>, partitions: u32) -> Self {
+        self.partitions.insert(topic.into(), partitions);
+        self
+    }
+
+    /// The partition count of `topic`, when it opted in to partitions.
+    pub fn partitions_of(&self, topic: &str) -> Option<u32> {
+        self.partitions.get(topic).copied()
+    }
+
     /// Check the values; the error names the key.
     pub fn validate(&self) -> Result<(), Error> {
         if self.urls.is_empty() {
@@ -395,6 +417,22 @@ impl NatsConfig {
             crate::naming::validate_nats_topic(topic)
                 .map_err(|e| Error::config(format!("topics.{topic}: {}", e.message())))?;
             crate::streams::validate_topic_config(topic, cfg)?;
+        }
+        for (topic, &p) in &self.partitions {
+            crate::naming::validate_nats_topic(topic)
+                .map_err(|e| Error::config(format!("partitions.{topic}: {}", e.message())))?;
+            if !(1..=crate::partition::MAX_PARTITIONS).contains(&p) {
+                return Err(Error::config(format!(
+                    "partitions.{topic} must be within 1..={}, got {p}",
+                    crate::partition::MAX_PARTITIONS
+                )));
+            }
+            if self.topics.get(topic).is_some_and(|c| !c.persistent) {
+                return Err(Error::config(format!(
+                    "partitions.{topic} needs a persistent topic, but topics.{topic}.persistent \
+                     is false (core NATS topics have no consumers to partition)"
+                )));
+            }
         }
         Ok(())
     }
@@ -485,6 +523,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("lease_replicas"));
+        for bad in [0, 5000] {
+            let e = NatsConfig::default()
+                .topic_partitions("orders", bad)
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().contains("partitions.orders"), "{e}");
+        }
+        let e = NatsConfig::default()
+            .topic_partitions("orders", 4)
+            .topic("orders", TopicConfig::default().persistent(false))
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("partitions.orders"), "{e}");
+        let e = NatsConfig::default()
+            .topic_partitions("a..b", 4)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("partitions.a..b"), "{e}");
     }
 
     #[test]
@@ -500,6 +556,9 @@ mod tests {
         assert_eq!(c.retention_of("orders"), Retention::WorkQueue);
         assert_eq!(c.retention_of("other"), Retention::Limits);
         assert!(c.validate().is_ok());
+        let c: NatsConfig = serde_json::from_str(r#"{"partitions":{"orders":12}}"#).unwrap();
+        assert_eq!(c.partitions_of("orders"), Some(12));
+        assert_eq!(c.partitions_of("other"), None);
         let bad = serde_json::from_str::<NatsConfig>(r#"{"ack_wiat":"2s"}"#).unwrap_err();
         assert!(bad.to_string().contains("ack_wiat"));
     }

@@ -18,13 +18,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use eventbus_core::{
     CancellationToken, Completion, Dispatcher, Disposition, ErrorKind, InFlight, Message,
     PreparedSubscription, Result, Scope,
 };
 
+use crate::group::Slot;
 use crate::lease::{Lease, LeaseClock, Leases, Previous};
 use crate::publish::{bounded, from_header_map, Shared};
 use crate::streams::{broker, pull_config_of, reread_durable};
@@ -33,6 +34,10 @@ use crate::streams::{broker, pull_config_of, reread_durable};
 #[derive(Debug)]
 pub(crate) struct ConsumerState {
     pub(crate) topic: String,
+    /// The partition, for a partition of a partitioned topic.
+    pub(crate) partition: Option<u32>,
+    /// The consumer's ack floor (stream sequence) as last read from the server.
+    pub(crate) ack_floor: AtomicU64,
     /// Messages the server still holds for this consumer (from the last delivery).
     pub(crate) pending: AtomicU64,
     pub(crate) in_flight: AtomicUsize,
@@ -50,20 +55,39 @@ pub(crate) struct ConsumerState {
 
 impl ConsumerState {
     pub(crate) fn new(topic: &str) -> Self {
-        let t = topic.to_owned();
+        Self::with_partition(topic, None)
+    }
+
+    /// The state of partition `n` of `topic`: its series carry a `partition`
+    /// label beside `topic`.
+    pub(crate) fn for_partition(topic: &str, n: u32) -> Self {
+        Self::with_partition(topic, Some(n))
+    }
+
+    fn with_partition(topic: &str, partition: Option<u32>) -> Self {
+        let mut labels = vec![metrics::Label::new("topic", topic.to_owned())];
+        if let Some(n) = partition {
+            labels.push(metrics::Label::new("partition", n.to_string()));
+        }
         Self {
-            topic: t.clone(),
+            topic: topic.to_owned(),
+            partition,
+            ack_floor: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             redeliveries: AtomicU64::new(0),
             last_error: Mutex::new(None),
             active: AtomicBool::new(false),
             holder: Mutex::new(None),
-            pending_gauge: metrics::gauge!(crate::METRIC_CONSUMER_PENDING, "topic" => t.clone()),
-            active_gauge: metrics::gauge!(crate::METRIC_CONSUMER_ACTIVE, "topic" => t.clone()),
-            in_flight_gauge: metrics::gauge!(crate::METRIC_IN_FLIGHT, "topic" => t.clone()),
-            redelivery_counter: metrics::counter!(crate::METRIC_REDELIVERIES, "topic" => t),
+            pending_gauge: metrics::gauge!(crate::METRIC_CONSUMER_PENDING, labels.clone()),
+            active_gauge: metrics::gauge!(crate::METRIC_CONSUMER_ACTIVE, labels.clone()),
+            in_flight_gauge: metrics::gauge!(crate::METRIC_IN_FLIGHT, labels.clone()),
+            redelivery_counter: metrics::counter!(crate::METRIC_REDELIVERIES, labels),
         }
+    }
+
+    pub(crate) fn set_ack_floor(&self, seq: u64) {
+        self.ack_floor.store(seq, Ordering::Relaxed);
     }
 
     pub(crate) fn set_pending(&self, n: u64) {
@@ -76,7 +100,7 @@ impl ConsumerState {
         self.active_gauge.set(if yes { 1.0 } else { 0.0 });
     }
 
-    fn set_holder(&self, holder: Option<&str>) {
+    pub(crate) fn set_holder(&self, holder: Option<&str>) {
         *self.holder.lock().expect("consumer state poisoned") = holder.map(str::to_owned);
     }
 
@@ -85,7 +109,7 @@ impl ConsumerState {
         self.in_flight_gauge.set(n as f64);
     }
 
-    fn set_error(&self, e: Option<String>) {
+    pub(crate) fn set_error(&self, e: Option<String>) {
         *self.last_error.lock().expect("consumer state poisoned") = e;
     }
 }
@@ -123,6 +147,25 @@ pub(crate) struct JsLoop {
     /// from `seq`, is not used: a take-over re-reads by the stream's retention,
     /// see [`reread_durable`].)
     pub(crate) recreate: Recreate,
+    /// The partition (`Message::partition`): 0 for an unpartitioned topic.
+    pub(crate) partition: i32,
+    /// How this loop comes by its lease.
+    pub(crate) role: Role,
+    /// Whether the server confirmed every message the last turn handed back.
+    pub(crate) handed_back: bool,
+}
+
+/// How a consume loop comes by the lease of its durable consumer.
+pub(crate) enum Role {
+    /// One member at a time per durable: wait for the lease as a hot standby.
+    Standby,
+    /// A partition of a partitioned topic: the group's coordinator claims the
+    /// lease and grants it here, and asks for it back (through `slot`) when the
+    /// partition moves to another member.
+    Partition {
+        slot: Arc<Slot>,
+        grants: mpsc::Receiver<Lease>,
+    },
 }
 
 pub(crate) type Recreate =
@@ -151,26 +194,26 @@ impl JsLoop {
                 Some(lease) => lease,
                 None => {
                     self.state.set_active(false);
-                    let state = self.state.clone();
-                    let acquired = self
-                        .leases
-                        .acquire(&self.lease_key, &self.closing, |holder| {
-                            if let Some(h) = holder {
-                                tracing::info!(topic = %state.topic, holder = h,
-                                    "another member consumes this topic for the group; standing by");
-                            }
-                            state.set_holder(holder);
-                        })
-                        .await;
-                    let Some(lease) = acquired else { break };
-                    self.state.set_holder(None);
+                    let Some(lease) = self.next_lease().await else {
+                        break;
+                    };
                     lease
                 }
             };
             if let Err(e) = self.take_over(&mut lease).await {
-                tracing::warn!(topic = %self.state.topic, error = %e,
-                    "cannot take over the durable consumer; trying again");
+                tracing::warn!(topic = %self.state.topic, partition = ?self.state.partition,
+                    error = %e, "cannot take over the durable consumer; trying again");
                 self.state.set_error(Some(e.to_string()));
+                if let Role::Partition { slot, .. } = &self.role {
+                    // Give it back to the group's coordinator, which grants it
+                    // again (an unfinished re-read keeps the lease recorded).
+                    lease.release().await;
+                    slot.end_hold();
+                    tokio::select! {
+                        _ = self.closing.cancelled() => break,
+                        _ = tokio::time::sleep(retry_delay(4)) => continue,
+                    }
+                }
                 tokio::select! {
                     _ = self.closing.cancelled() => {
                         lease.release().await;
@@ -179,11 +222,15 @@ impl JsLoop {
                     _ = tokio::time::sleep(retry_delay(4)) => continue,
                 }
             }
-            tracing::info!(topic = %self.state.topic, member = self.leases.member(),
-                previous = ?lease.previous, "holding the lease: consuming");
+            tracing::info!(topic = %self.state.topic, partition = ?self.state.partition,
+                member = self.leases.member(), previous = ?lease.previous,
+                "holding the lease: consuming");
             self.state.set_error(None);
             self.state.set_active(true);
-            self.stop = self.closing.child_token();
+            self.stop = match &self.role {
+                Role::Standby => self.closing.child_token(),
+                Role::Partition { slot, .. } => slot.begin_turn(&self.closing),
+            };
             let clock = lease.clock();
             let keeper_stop = CancellationToken::new();
             let keeper =
@@ -193,20 +240,92 @@ impl JsLoop {
             let lease = keeper.await.ok().flatten();
             if self.closing.is_cancelled() {
                 if let Some(lease) = lease {
-                    lease.release().await;
+                    self.release_settled(lease).await;
                 }
                 break;
+            }
+            if let Role::Partition { slot, .. } = &self.role {
+                if slot.yield_requested() {
+                    let slot = slot.clone();
+                    // The group moves this partition to another member: what
+                    // finished is acknowledged and the rest handed back in order;
+                    // release now so the next owner starts at once, with no re-read.
+                    tracing::info!(topic = %self.state.topic, partition = ?self.state.partition,
+                        "partition handed over to the group");
+                    if let Some(lease) = lease {
+                        self.release_settled(lease).await;
+                    }
+                    self.state.set_active(false);
+                    slot.end_hold();
+                    continue;
+                }
             }
             match (end, lease) {
                 (TurnEnd::Reconnected, Some(mut lease)) if clock.may_pull(fetch_expires) => {
                     lease.previous = Previous::Reconnected;
                     kept = Some(lease);
                 }
-                _ => tracing::warn!(topic = %self.state.topic,
-                    "lease lost: stopped consuming; waiting to hold it again"),
+                _ => {
+                    tracing::warn!(topic = %self.state.topic, partition = ?self.state.partition,
+                        "lease lost: stopped consuming; waiting to hold it again");
+                    if let Role::Partition { slot, .. } = &self.role {
+                        self.dispatcher.count_assignment_lost(&self.state.topic);
+                        slot.end_hold();
+                    }
+                }
             }
         }
         self.state.set_active(false);
+        if let Role::Partition { slot, grants } = &mut self.role {
+            // A lease granted as the subscription ended: give it back at once.
+            grants.close();
+            while let Ok(lease) = grants.try_recv() {
+                lease.release().await;
+            }
+            slot.end_hold();
+        }
+    }
+
+    /// Release the lease after a turn that handed everything back, unless the
+    /// server did not confirm the messages given back ([`hand_back`]): then the
+    /// lease is left to expire and the next holder re-reads from the ack floor
+    /// (duplicates, in order) instead of pulling before a `-NAK` is applied.
+    async fn release_settled(&mut self, lease: Lease) {
+        if self.handed_back {
+            lease.release().await;
+        } else {
+            tracing::warn!(topic = %self.state.topic, partition = ?self.state.partition,
+                "lease left to expire: the next holder re-reads from the ack floor");
+        }
+    }
+
+    /// The next lease to consume under: waited for as a standby, or granted by
+    /// the group's coordinator for a partition. `None` when the subscription ends.
+    async fn next_lease(&mut self) -> Option<Lease> {
+        match &mut self.role {
+            Role::Standby => {
+                let state = self.state.clone();
+                let acquired = self
+                    .leases
+                    .acquire(&self.lease_key, &self.closing, |holder| {
+                        if let Some(h) = holder {
+                            tracing::info!(topic = %state.topic, holder = h,
+                                "another member consumes this topic for the group; standing by");
+                        }
+                        state.set_holder(holder);
+                    })
+                    .await;
+                self.state.set_holder(None);
+                acquired
+            }
+            Role::Partition { grants, .. } => {
+                tokio::select! {
+                    biased;
+                    _ = self.closing.cancelled() => None,
+                    lease = grants.recv() => lease,
+                }
+            }
+        }
     }
 
     /// Make the durable consumer safe to consume after acquiring its lease.
@@ -244,12 +363,13 @@ impl JsLoop {
                         bounded(timeout, what, consumer_info(&mut self.consumer)).await?
                     }
                 };
+                self.state.set_ack_floor(info.ack_floor.stream_sequence);
                 (info.num_ack_pending > 0).then(|| info.ack_floor.stream_sequence + 1)
             }
         };
         let Some(seq) = start else { return Ok(()) };
-        tracing::info!(topic = %self.state.topic, from = seq, previous = ?lease.previous,
-            "messages may have been left unsettled: re-reading from the first one not \
+        tracing::info!(topic = %self.state.topic, partition = ?self.state.partition, from = seq,
+            previous = ?lease.previous, "messages may have been left unsettled: re-reading from the first one not \
              acknowledged");
         lease.refresh(Some(seq)).await?;
         let topic = &self.state.topic;
@@ -331,7 +451,7 @@ impl JsLoop {
                 biased;
                 _ = self.stop.cancelled() => break,
                 Some((completion, permit)) = inflight.next(), if !inflight.is_empty() => {
-                    settle(&client, &registry, completion).await;
+                    settle(&client, &registry, completion, false).await;
                     drop(permit);
                 }
                 (seq, result, permit) = async { submitting.as_mut().expect("guarded").await },
@@ -454,10 +574,27 @@ impl JsLoop {
         // redeliver after `ack_wait`, when later messages of the same aggregate could
         // overtake them.
         let mut open = batch.take().map(|(b, _permits)| b);
-        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        let started = tokio::time::Instant::now();
+        // A partition moving to another member is not drained: its queued jobs
+        // are fenced at once (they do not start here) and handed back in order
+        // for the next owner, so a move waits only for running handlers.
+        let moving = matches!(&self.role, Role::Partition { slot, .. } if slot.yield_requested())
+            && !self.closing.is_cancelled();
+        let deadline = started
+            + if moving {
+                Duration::ZERO
+            } else {
+                self.drain_timeout
+            };
+        let flush_by = started
+            + if moving {
+                self.drain_timeout.min(self.shared.config.request_timeout)
+            } else {
+                self.drain_timeout
+            };
         if let Some(b) = open.as_mut() {
             // Everything the server sent before a flush round trip is in the inbox.
-            if let Ok(Ok(())) = tokio::time::timeout_at(deadline, client.flush()).await {
+            if let Ok(Ok(())) = tokio::time::timeout_at(flush_by, client.flush()).await {
                 tokio::task::unconstrained(async {
                     while let Some(Some(Ok(m))) = b.next().now_or_never() {
                         let _ = self.accept(m, &registry);
@@ -483,7 +620,7 @@ impl JsLoop {
             tokio::select! {
                 biased;
                 Some((completion, permit)) = inflight.next() => {
-                    settle(&client, &registry, completion).await;
+                    settle(&client, &registry, completion, true).await;
                     drop(permit);
                 }
                 item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
@@ -509,7 +646,7 @@ impl JsLoop {
             tokio::select! {
                 biased;
                 Some((completion, permit)) = inflight.next() => {
-                    settle(&client, &registry, completion).await;
+                    settle(&client, &registry, completion, true).await;
                     drop(permit);
                 }
                 // What the open pull request still brings is registered (kept
@@ -562,8 +699,11 @@ impl JsLoop {
             .collect();
         left.sort_unstable();
         tracing::debug!(topic = %self.state.topic, released = ?left, "handing back unfinished messages");
-        for seq in left {
-            release(&client, &registry, seq).await;
+        let bound = self.shared.config.request_timeout;
+        self.handed_back = hand_back(&client, &registry, &left, bound).await;
+        if !self.handed_back {
+            tracing::warn!(topic = %self.state.topic, partition = ?self.state.partition,
+                "the server did not confirm every message handed back in time");
         }
         self.state.set_in_flight(0);
         if reconnected {
@@ -632,7 +772,7 @@ impl JsLoop {
         let (headers, key) = from_header_map(m.message.headers.as_ref());
         let mut msg = Message::new(
             self.prepared.shared_topic().clone(),
-            0,
+            self.partition,
             seq as i64,
             m.message.payload.clone(),
         )
@@ -668,9 +808,19 @@ async fn consumer_info(
         .map_err(|e| broker("cannot read the durable consumer".to_owned(), e))
 }
 
-/// Ack, term or nak a finished message.
-async fn settle(client: &Client, registry: &Registry, completion: Completion<u64>) {
+/// Ack, term or nak a finished message. With `hand_back_later`, an abandoned
+/// message stays registered, to be handed back with the rest at the end of the
+/// turn, lowest sequence first and confirmed ([`hand_back`]).
+async fn settle(
+    client: &Client,
+    registry: &Registry,
+    completion: Completion<u64>,
+    hand_back_later: bool,
+) {
     let seq = completion.token;
+    if hand_back_later && completion.disposition == Disposition::Abandoned {
+        return;
+    }
     let Some(tracked) = registry.lock().expect("registry poisoned").remove(&seq) else {
         return;
     };
@@ -692,6 +842,50 @@ async fn release(client: &Client, registry: &Registry, seq: u64) {
     if let Some(t) = tracked {
         let _ = client.publish(t.reply, AckKind::Nak(None).into()).await;
     }
+}
+
+/// Give every message of `seqs` back (`-NAK`, in this order) and wait, at most
+/// `timeout`, until the server confirms it applied each (JetStream answers an
+/// ack that carries a reply subject once it processed it). Whether all were
+/// confirmed.
+///
+/// The server applies acks on its own schedule, after later requests of the
+/// same connection: without the confirmation, the next holder of the lease
+/// could pull before a `-NAK` is applied and get later messages of an aggregate
+/// ahead of the one given back.
+async fn hand_back(client: &Client, registry: &Registry, seqs: &[u64], timeout: Duration) -> bool {
+    let replies: Vec<Subject> = {
+        let mut reg = registry.lock().expect("registry poisoned");
+        seqs.iter()
+            .filter_map(|seq| reg.remove(seq).map(|t| t.reply))
+            .collect()
+    };
+    if replies.is_empty() {
+        return true;
+    }
+    let confirmed = async {
+        let inbox = client.new_inbox();
+        let mut answers = client.subscribe(format!("{inbox}.*")).await.ok()?;
+        for (i, reply) in replies.iter().enumerate() {
+            client
+                .publish_with_reply(
+                    reply.clone(),
+                    format!("{inbox}.{i}"),
+                    AckKind::Nak(None).into(),
+                )
+                .await
+                .ok()?;
+        }
+        client.flush().await.ok()?;
+        let mut left = replies.len();
+        while left > 0 {
+            answers.next().await?;
+            left -= 1;
+        }
+        let _ = answers.unsubscribe().await;
+        Some(())
+    };
+    matches!(tokio::time::timeout(timeout, confirmed).await, Ok(Some(())))
 }
 
 /// Send `+WPI` for every message in flight longer than half of `ack_wait` since the

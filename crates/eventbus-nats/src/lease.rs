@@ -27,18 +27,30 @@ use eventbus_core::{CancellationToken, Error, ErrorKind, Result};
 
 use crate::config::NatsConfig;
 
-/// What a lease key holds.
+/// What a lease key (or a member's heartbeat key) holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Holder {
+pub(crate) struct Holder {
     /// The holding member (unique per bus).
-    member: String,
+    pub(crate) member: String,
     /// How long the lease lasts without a refresh, in milliseconds.
-    ttl_ms: u64,
+    pub(crate) ttl_ms: u64,
     /// Set while the holder re-creates the durable consumer from this stream
     /// sequence: a holder that dies (or fails) in between leaves the next one
     /// where to start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    reset_from: Option<u64>,
+    pub(crate) reset_from: Option<u64>,
+}
+
+impl Holder {
+    /// Read a value; `None` when this version cannot read it.
+    pub(crate) fn parse(value: &[u8]) -> Option<Self> {
+        serde_json::from_slice(value).ok()
+    }
+
+    /// How long the holder's lease (or membership) lasts without a refresh.
+    pub(crate) fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms)
+    }
 }
 
 /// How the lease was found when it was acquired.
@@ -152,7 +164,7 @@ impl Leases {
     /// After a failed lease operation: create the bucket's stream again if it is
     /// gone (deleted, or a server that lost its storage), so consumption resumes
     /// instead of every member waiting for a lease that cannot be written.
-    async fn repair(&self) {
+    pub(crate) async fn repair(&self) {
         let create = self.js.get_or_create_stream(self.stream.clone());
         match tokio::time::timeout(self.request_timeout, create).await {
             Ok(Ok(_)) => {}
@@ -166,6 +178,95 @@ impl Leases {
     /// This member's name in lease values.
     pub(crate) fn member(&self) -> &str {
         &self.member
+    }
+
+    /// How long a lease of this member lasts without a refresh.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The bucket.
+    pub(crate) fn kv(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    /// Time bound of one bucket operation.
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Write this member's heartbeat (its name and time to live) to `key`.
+    pub(crate) async fn heartbeat(&self, key: &str) -> Result<()> {
+        let put = self.kv.put(key, self.value(None));
+        match tokio::time::timeout(self.request_timeout, put).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(lease_error(format!("cannot write heartbeat `{key}`"), e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("writing heartbeat `{key}` timed out"),
+            )),
+        }
+    }
+
+    /// Delete `key` (a heartbeat at leave); failures are logged: the key then
+    /// expires by the readers' clocks.
+    pub(crate) async fn delete(&self, key: &str) {
+        match tokio::time::timeout(self.request_timeout, self.kv.delete(key)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(key, error = %e, "cannot delete key"),
+            Err(_) => tracing::debug!(key, "deleting key timed out"),
+        }
+    }
+
+    /// Delete `key` if it is still at `revision` (a dead member's heartbeat);
+    /// failures are left for the next look.
+    pub(crate) async fn delete_at(&self, key: &str, revision: u64) {
+        let delete = self.kv.delete_expect_revision(key, Some(revision));
+        if let Ok(Err(e)) = tokio::time::timeout(self.request_timeout, delete).await {
+            tracing::debug!(key, error = %e, "stale key not deleted");
+        }
+    }
+
+    /// How many keys (deleted ones included) match `filter` (`<prefix>.>`) now.
+    pub(crate) async fn count_keys(&self, filter: &str) -> Result<usize> {
+        use futures::TryStreamExt;
+        let subject = format!("{}{filter}", self.kv.prefix);
+        let count = async {
+            let info = self.kv.stream.info_with_subjects(&subject).await?;
+            info.try_fold(0usize, |n, _| async move { Ok(n + 1) }).await
+        };
+        match tokio::time::timeout(self.request_timeout, count).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(lease_error(format!("cannot count keys `{filter}`"), e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("counting keys `{filter}` timed out"),
+            )),
+        }
+    }
+
+    /// Take `key`, last seen at `revision` (0: never written) in the state
+    /// `previous` says, keeping an unfinished re-read `reset_from`. `Ok(None)`
+    /// when another write got there first.
+    pub(crate) async fn claim(
+        self: &Arc<Self>,
+        key: &str,
+        revision: u64,
+        previous: Previous,
+        reset_from: Option<u64>,
+    ) -> Result<Option<Lease>> {
+        let sent = Instant::now();
+        Ok(self
+            .write(key, revision, reset_from)
+            .await?
+            .map(|rev| Lease {
+                leases: self.clone(),
+                key: key.to_owned(),
+                revision: rev,
+                clock: Arc::new(LeaseClock::new(sent + self.ttl)),
+                previous,
+                reset_from,
+            }))
     }
 
     fn value(&self, reset_from: Option<u64>) -> bytes::Bytes {
@@ -290,17 +391,9 @@ impl Leases {
                 }
             }
         };
-        let sent = Instant::now();
         // An unfinished re-read stays recorded until this member finishes it.
-        match self.write(key, revision, reset_from).await? {
-            Some(rev) => Ok(Ok(Lease {
-                leases: self.clone(),
-                key: key.to_owned(),
-                revision: rev,
-                clock: Arc::new(LeaseClock::new(sent + self.ttl)),
-                previous,
-                reset_from,
-            })),
+        match self.claim(key, revision, previous, reset_from).await? {
+            Some(lease) => Ok(Ok(lease)),
             None => {
                 *seen = None;
                 Ok(Err("another member".to_owned()))

@@ -3,13 +3,16 @@
 mod bus;
 mod config;
 mod consumer;
+mod group;
 mod lease;
 mod naming;
+mod partition;
 mod publish;
 mod streams;
 
-pub use bus::{ConsumerPending, NatsEventBus};
+pub use bus::{ConsumerPending, NatsEventBus, PartitionStatus};
 pub use config::{NatsAuth, NatsConfig, NatsTlsConfig, ReconnectConfig, Retention};
+pub use partition::{partition_hash, partition_of, MAX_PARTITIONS};
 pub use publish::{DLQ_STREAM_HEADER, DLQ_SUBJECT_HEADER, KEY_HEADER, MSG_ID_HEADER};
 
 /// Gauge: messages the server still holds for a consumer, by `topic`.
@@ -21,6 +24,10 @@ pub const METRIC_IN_FLIGHT: &str = "nats_eventbus_in_flight";
 pub const METRIC_CONSUMER_ACTIVE: &str = "nats_eventbus_consumer_active";
 /// Counter: deliveries the server marked as redeliveries, by `topic`.
 pub const METRIC_REDELIVERIES: &str = "nats_eventbus_redeliveries_total";
+/// Gauge: partitions of a partitioned `topic` this member consumes now.
+/// (The per-topic gauges above carry a `partition` label as well for the
+/// partitions of a partitioned topic.)
+pub const METRIC_PARTITIONS_OWNED: &str = "nats_eventbus_partitions_owned";
 
 #[cfg(test)]
 mod tests {
@@ -34,5 +41,6 @@ mod tests {
         send_sync::<NatsConfig>();
         send_sync::<NatsAuth>();
         send_sync::<ConsumerPending>();
+        send_sync::<PartitionStatus>();
     }
 }

@@ -65,23 +65,49 @@ pub(crate) fn durable_name(group: &str, topic: &str) -> String {
     sanitize(&format!("{group}-{topic}"))
 }
 
+/// The durable consumer of partition `n` of a partitioned topic whose
+/// unpartitioned durable would be `base`.
+pub(crate) fn partition_durable(base: &str, n: u32) -> String {
+    format!("{base}-p{n}")
+}
+
+/// The key-value key prefix of a partitioned (group, topic): `<stream>.<base
+/// durable>`, escaped as in [`lease_key`]. Partition `n`'s lease is `<prefix>.<n>`;
+/// each member's heartbeat is `<prefix>.members.<member>`.
+pub(crate) fn group_prefix(stream: &str, base_durable: &str) -> String {
+    lease_key(stream, base_durable)
+}
+
+/// The lease key of partition `n` under `prefix` ([`group_prefix`]).
+pub(crate) fn partition_lease_key(prefix: &str, n: u32) -> String {
+    format!("{prefix}.{n}")
+}
+
+/// The heartbeat key of `member` under `prefix` ([`group_prefix`]).
+pub(crate) fn member_key(prefix: &str, member: &str) -> String {
+    let mut key = format!("{prefix}.members.");
+    escape_key(member, &mut key);
+    key
+}
+
+fn escape_key(s: &str, out: &mut String) {
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+}
+
 /// The lease key of a durable consumer: `<stream>.<durable>`, each part with every
 /// byte outside `A-Z a-z 0-9 _ -` written as `=XX` (key-value keys allow few
 /// characters; `=` itself is escaped, so distinct names stay distinct).
 pub(crate) fn lease_key(stream: &str, durable: &str) -> String {
-    fn escape(s: &str, out: &mut String) {
-        for b in s.bytes() {
-            if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-                out.push(b as char);
-            } else {
-                out.push_str(&format!("={b:02X}"));
-            }
-        }
-    }
     let mut key = String::with_capacity(stream.len() + durable.len() + 1);
-    escape(stream, &mut key);
+    escape_key(stream, &mut key);
     key.push('.');
-    escape(durable, &mut key);
+    escape_key(durable, &mut key);
     key
 }
 
@@ -96,6 +122,13 @@ mod tests {
         assert_eq!(stream_name(Some("app"), "orders.v1"), "app_orders_v1");
         assert_eq!(durable_name("svc a", "orders.v1"), "svc_a-orders_v1");
         assert_eq!(lease_key("app_orders", "svc:a=b"), "app_orders.svc=3Aa=3Db");
+        assert_eq!(partition_durable("svc-orders", 3), "svc-orders-p3");
+        let prefix = group_prefix("orders", "svc-orders");
+        assert_eq!(partition_lease_key(&prefix, 11), "orders.svc-orders.11");
+        assert_eq!(
+            member_key(&prefix, "api-1.x"),
+            "orders.svc-orders.members.api-1=2Ex"
+        );
     }
 
     #[test]

@@ -14,9 +14,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use eventbus_core::{
-    DeadLetter, DeadLetterSink, Error, ErrorKind, Headers, PublishReceipt, Record, Result,
-    TopicConfig,
+    AggregateIdConfig, DeadLetter, DeadLetterSink, Error, ErrorKind, Headers, Message,
+    PublishReceipt, Record, Result, TopicConfig,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{NatsConfig, Retention};
 use crate::lease::Leases;
@@ -50,6 +51,11 @@ pub(crate) struct Shared {
     topics: RwLock<HashMap<String, TopicSettings>>,
     /// The consumer lease bucket, opened with the first JetStream subscription.
     leases: tokio::sync::OnceCell<Arc<Leases>>,
+    /// Where a record's aggregate id is found when it is published to a
+    /// partitioned topic (the bus's `aggregate_id` chain).
+    aggregate_id: AggregateIdConfig,
+    /// Round-robin of records without an aggregate id over partitions.
+    round_robin: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -61,7 +67,12 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(client: Client, js: jetstream::Context, config: NatsConfig) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        js: jetstream::Context,
+        config: NatsConfig,
+        aggregate_id: AggregateIdConfig,
+    ) -> Self {
         let topics = config
             .topics
             .iter()
@@ -83,7 +94,35 @@ impl Shared {
             config,
             topics: RwLock::new(topics),
             leases: tokio::sync::OnceCell::new(),
+            aggregate_id,
+            round_robin: AtomicU64::new(0),
         }
+    }
+
+    /// The partition count of `topic`, when it is partitioned.
+    pub(crate) fn partitions(&self, topic: &str) -> Option<u32> {
+        self.config.partitions_of(topic)
+    }
+
+    /// The subject `record` is published to: the topic's subject, or for a
+    /// partitioned topic the subject of the partition of its aggregate id (found
+    /// by the bus's `aggregate_id` chain, as a subscriber finds it), round-robin
+    /// when it has none.
+    fn subject_for(&self, topic: &str, record: &Record) -> String {
+        let subject = self.subject(topic);
+        let Some(p) = self.partitions(topic) else {
+            return subject;
+        };
+        let mut probe =
+            Message::new(topic, 0, 0, record.payload.clone()).with_headers(record.headers.clone());
+        if let Some(k) = &record.key {
+            probe = probe.with_key(k.clone());
+        }
+        let n = match self.aggregate_id.extract(&probe, None) {
+            Some(id) => crate::partition::partition_of(&id, p),
+            None => (self.round_robin.fetch_add(1, Ordering::Relaxed) % u64::from(p)) as u32,
+        };
+        crate::partition::partition_subject(&subject, n)
     }
 
     /// The consumer lease bucket (opened or created on first use).
@@ -135,6 +174,7 @@ impl Shared {
             config: s.config,
             retention: s.retention,
             explicit: s.explicit,
+            partitions: self.partitions(topic),
         }
     }
 
@@ -160,7 +200,7 @@ impl Shared {
         if !self.ensure_stream(topic).await? {
             return self.publish_core(topic, headers, record.payload).await;
         }
-        let subject = self.subject(topic);
+        let subject = self.subject_for(topic, &record);
         let mut retried = false;
         loop {
             let ack = self
@@ -246,21 +286,21 @@ impl Shared {
         let mut prepared = Vec::with_capacity(records.len());
         for r in records {
             let headers = to_header_map(topic, &r, None)?;
-            prepared.push((headers, r.payload));
+            let subject = self.subject_for(topic, &r);
+            prepared.push((subject, headers, r.payload));
         }
         if !self.ensure_stream(topic).await? {
             let mut receipts = Vec::with_capacity(prepared.len());
-            for (h, p) in prepared {
+            for (_, h, p) in prepared {
                 receipts.push(self.publish_core(topic, h, p).await?);
             }
             return Ok(receipts);
         }
-        let subject = self.subject(topic);
         let mut acks = Vec::with_capacity(prepared.len());
-        for (headers, payload) in prepared {
+        for (subject, headers, payload) in prepared {
             let fut = self
                 .js
-                .publish_with_headers(subject.clone(), headers, payload)
+                .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|e| publish_error(topic, e))?;
             acks.push(self.await_ack(topic, fut));
@@ -284,7 +324,14 @@ impl DeadLetterSink for NatsDeadLetterSink {
                 let text = String::from_utf8_lossy(value).replace(['\r', '\n'], " ");
                 clean.insert(name.to_owned(), Bytes::from(text));
             }
-            clean.set(DLQ_SUBJECT_HEADER, Bytes::from(shared.subject(original)));
+            let subject = match shared.partitions(original) {
+                Some(_) => crate::partition::partition_subject(
+                    &shared.subject(original),
+                    letter.message.partition.max(0) as u32,
+                ),
+                None => shared.subject(original),
+            };
+            clean.set(DLQ_SUBJECT_HEADER, Bytes::from(subject));
             clean.set(DLQ_STREAM_HEADER, Bytes::from(shared.stream_name(original)));
             record.headers = clean;
             // One dead letter per original message, even if this write is retried or

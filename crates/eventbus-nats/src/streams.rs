@@ -61,14 +61,25 @@ pub(crate) struct StreamSpec {
     /// with other settings is a conflict) or are defaults (then any existing stream
     /// holding the subject is accepted).
     pub(crate) explicit: bool,
+    /// Partitions of a partitioned topic: the stream holds the literal subjects
+    /// `<subject>.0` … `<subject>.{P-1}` instead of `<subject>`.
+    pub(crate) partitions: Option<u32>,
 }
 
 impl StreamSpec {
+    /// The subjects the stream holds.
+    fn subjects(&self) -> Vec<String> {
+        match self.partitions {
+            Some(p) => crate::partition::partition_subjects(&self.subject, p),
+            None => vec![self.subject.clone()],
+        }
+    }
+
     fn to_stream_config(&self) -> stream::Config {
         let c = &self.config;
         stream::Config {
             name: self.name.clone(),
-            subjects: vec![self.subject.clone()],
+            subjects: self.subjects(),
             storage: storage_type(c.storage),
             retention: retention_policy(self.retention),
             max_bytes: c.max_bytes.map_or(-1, |v| v as i64),
@@ -84,7 +95,32 @@ impl StreamSpec {
     /// The differences between the existing stream and this spec, in words.
     fn differences(&self, existing: &stream::Config) -> Vec<String> {
         let mut diffs = Vec::new();
-        if !existing.subjects.iter().any(|s| s == &self.subject) {
+        let want = self.subjects();
+        let mut have = existing.subjects.clone();
+        have.sort_unstable();
+        let mut wanted = want.clone();
+        wanted.sort_unstable();
+        let other_layout = match self.partitions {
+            // Exactly the P partition subjects: a stream that also holds the plain
+            // subject, or another P, would route messages past the consumers.
+            Some(_) => have != wanted,
+            None => {
+                !existing.subjects.iter().any(|s| s == &self.subject)
+                    && crate::partition::describe_layout(&self.subject, &existing.subjects)
+                        .starts_with("partitioned")
+            }
+        };
+        if other_layout {
+            diffs.push(format!(
+                "its layout is {}, configured {} (partitions.{}; to change it, drain the \
+                 topic, then delete and re-create the stream: see docs/nats.md)",
+                crate::partition::describe_layout(&self.subject, &existing.subjects),
+                crate::partition::describe_layout(&self.subject, &want),
+                self.topic
+            ));
+            return diffs;
+        }
+        if self.partitions.is_none() && !existing.subjects.iter().any(|s| s == &self.subject) {
             diffs.push(format!(
                 "subjects {:?} do not include `{}`",
                 existing.subjects, self.subject
@@ -510,7 +546,36 @@ mod tests {
             config: cfg,
             retention: Retention::Limits,
             explicit,
+            partitions: None,
         }
+    }
+
+    #[test]
+    fn another_layout_is_named_with_both() {
+        let mut plain = spec(TopicConfig::default(), false);
+        let existing_plain = plain.to_stream_config();
+        plain.partitions = Some(12);
+        let d = plain.differences(&existing_plain);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(
+            d[0].contains("unpartitioned (subject `orders`)")
+                && d[0].contains("partitioned into 12 (subjects `orders.0` … `orders.11`)"),
+            "{d:?}"
+        );
+        let twelve = plain.to_stream_config();
+        assert!(plain.differences(&twelve).is_empty());
+        plain.partitions = Some(4);
+        let d = plain.differences(&twelve);
+        assert!(
+            d[0].contains("partitioned into 12") && d[0].contains("partitioned into 4"),
+            "{d:?}"
+        );
+        plain.partitions = None;
+        let d = plain.differences(&twelve);
+        assert!(
+            d[0].contains("partitioned into 12") && d[0].contains("unpartitioned"),
+            "{d:?}"
+        );
     }
 
     #[test]

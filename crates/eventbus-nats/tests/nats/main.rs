@@ -9,6 +9,7 @@ mod handover;
 mod heartbeats;
 mod members;
 mod out_of_service;
+mod partitioned;
 mod poison;
 mod restart;
 mod retention;

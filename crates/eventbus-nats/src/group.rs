@@ -1,0 +1,605 @@
+//! Partitioned topics: the live members of a group share the partitions.
+//!
+//! Each partition of a partitioned topic has its own durable consumer and its own
+//! lease (`<stream>.<durable>.<n>` in the lease bucket), consumed by the loop of
+//! [`crate::consumer::JsLoop`] exactly as an unpartitioned topic's single durable
+//! is. What differs is who decides which member holds which lease: instead of
+//! every member waiting for every lease as a standby, one coordinator per member
+//! and subscription
+//!
+//! - heartbeats the member under `<stream>.<durable>.members.<member>` every
+//!   quarter of `lease_ttl` (deleted at a clean leave);
+//! - watches every key under `<stream>.<durable>.` (heartbeats and partition
+//!   leases), judging liveness on its own clock as the leases do: a key is live
+//!   until its revision has stayed the same for its writer's `ttl`;
+//! - computes this member's fair share: with `m` live members and `P`
+//!   partitions, `P / m` each, and the `P % m` members that own the most now
+//!   (ties by name) one more, so nobody holds more than ⌈P / m⌉ and a join or a
+//!   leave moves only what it must;
+//! - above its share, asks the loops of its highest partitions to give them back
+//!   (the hand-over: stop fetching, drain, fence, wait for running handlers up to
+//!   `handover_timeout`, settle and `-NAK` in order, release the lease);
+//! - below its share, claims free partitions (never written, released, held by
+//!   itself, or expired) with a compare-and-set on the lease and grants each to its
+//!   loop, which re-reads from the ack floor when the previous holder did not
+//!   release it cleanly.
+//!
+//! Members may see the group at slightly different moments; the leases keep that
+//! safe (a partition is consumed only under its lease) and every member
+//! re-evaluates on each change, so the shares settle.
+
+use async_nats::jetstream::kv::{Entry, Operation, Watch};
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use eventbus_core::{CancellationToken, Error, ErrorKind, Result};
+
+use crate::consumer::{ConsumerState, JsLoop};
+use crate::lease::{Holder, Lease, Leases, Previous};
+use crate::naming;
+
+/// One partition as its consume loop and the coordinator share it.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) partition: u32,
+    pub(crate) state: Arc<ConsumerState>,
+    turn: Mutex<Turn>,
+}
+
+#[derive(Debug, Default)]
+struct Turn {
+    /// A lease was granted to the loop and not given up yet.
+    holding: bool,
+    /// The coordinator asked for the partition back.
+    yield_requested: bool,
+    /// The current turn's stop token.
+    token: Option<CancellationToken>,
+}
+
+impl Slot {
+    pub(crate) fn new(partition: u32, state: Arc<ConsumerState>) -> Self {
+        Self {
+            partition,
+            state,
+            turn: Mutex::new(Turn::default()),
+        }
+    }
+
+    fn turn(&self) -> std::sync::MutexGuard<'_, Turn> {
+        self.turn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start a turn under a granted lease: its stop token, already cancelled if
+    /// the partition was asked back meanwhile.
+    pub(crate) fn begin_turn(&self, closing: &CancellationToken) -> CancellationToken {
+        let mut t = self.turn();
+        let token = closing.child_token();
+        if t.yield_requested {
+            token.cancel();
+        }
+        t.token = Some(token.clone());
+        token
+    }
+
+    /// Whether the coordinator asked for the partition back.
+    pub(crate) fn yield_requested(&self) -> bool {
+        self.turn().yield_requested
+    }
+
+    /// The loop gave its lease up (released, lost, or never taken over).
+    pub(crate) fn end_hold(&self) {
+        *self.turn() = Turn::default();
+    }
+
+    fn grant(&self) {
+        *self.turn() = Turn {
+            holding: true,
+            ..Turn::default()
+        };
+    }
+
+    /// Held and not being given back: counts towards this member's share.
+    fn owns(&self) -> bool {
+        let t = self.turn();
+        t.holding && !t.yield_requested
+    }
+
+    /// Held, perhaps being given back.
+    fn busy(&self) -> bool {
+        self.turn().holding
+    }
+
+    fn request_yield(&self) {
+        let mut t = self.turn();
+        t.yield_requested = true;
+        if let Some(token) = &t.token {
+            token.cancel();
+        }
+    }
+}
+
+/// Who holds what, as this member last saw it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct View {
+    /// Live members, sorted.
+    pub(crate) members: Vec<String>,
+    /// The holder of each partition's lease, if live.
+    pub(crate) owners: Vec<Option<String>>,
+}
+
+/// A partitioned subscription: its partitions and the group as seen from here.
+#[derive(Debug)]
+pub(crate) struct Group {
+    pub(crate) partitions: u32,
+    pub(crate) slots: Vec<Arc<Slot>>,
+    view: Mutex<View>,
+    /// The topic's own state: active while this member owns a partition.
+    topic_state: Arc<ConsumerState>,
+    owned_gauge: metrics::Gauge,
+}
+
+impl Group {
+    pub(crate) fn new(topic_state: Arc<ConsumerState>, slots: Vec<Arc<Slot>>) -> Self {
+        let owned_gauge =
+            metrics::gauge!(crate::METRIC_PARTITIONS_OWNED, "topic" => topic_state.topic.clone());
+        owned_gauge.set(0.0);
+        Self {
+            partitions: slots.len() as u32,
+            view: Mutex::new(View {
+                members: Vec::new(),
+                owners: vec![None; slots.len()],
+            }),
+            slots,
+            topic_state,
+            owned_gauge,
+        }
+    }
+
+    /// The partitions this member consumes now.
+    pub(crate) fn owned(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .filter(|s| s.state.active.load(Ordering::Relaxed))
+            .map(|s| s.partition)
+            .collect()
+    }
+
+    /// The group as last seen.
+    pub(crate) fn view(&self) -> View {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_owned(&self, n: usize) {
+        self.owned_gauge.set(n as f64);
+        self.topic_state.set_active(n > 0);
+    }
+}
+
+/// A key of the group as seen by this member.
+#[derive(Debug, Clone)]
+struct Seen {
+    revision: u64,
+    /// When this member first saw this revision (on its own clock).
+    since: Instant,
+    holder: Option<Holder>,
+    deleted: bool,
+}
+
+impl Seen {
+    /// Whether the writer may still be alive: its revision is younger than its
+    /// time to live on this member's clock (`fallback` for a value this version
+    /// cannot read).
+    fn live(&self, now: Instant, fallback: Duration) -> bool {
+        let ttl = self.holder.as_ref().map_or(fallback, Holder::ttl);
+        !self.deleted && now.duration_since(self.since) < ttl
+    }
+}
+
+/// The share of `me` among the live members `counts` (each with the partitions
+/// it owns now; `me` among them) of `p` partitions: `p / m` each, and one more
+/// for the `p % m` members owning the most now (ties by name), so the members
+/// already holding an extra partition keep it and no more moves than must.
+fn share_of(me: &str, counts: &BTreeMap<String, usize>, p: usize) -> usize {
+    let m = counts.len().max(1);
+    let mut ranked: Vec<(&String, usize)> = counts.iter().map(|(k, v)| (k, *v)).collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let rank = ranked.iter().position(|(k, _)| *k == me).unwrap_or(0);
+    p / m + usize::from(rank < p % m)
+}
+
+/// The coordinator of one member's partitioned subscription (see the module docs).
+pub(crate) struct Coordinator {
+    pub(crate) group: Arc<Group>,
+    pub(crate) leases: Arc<Leases>,
+    /// `<stream>.<durable>`: every key of the group is under it.
+    pub(crate) prefix: String,
+    pub(crate) grants: Vec<mpsc::Sender<Lease>>,
+    /// Fired when the subscription ends.
+    pub(crate) closing: CancellationToken,
+    members: HashMap<String, Seen>,
+    partitions: Vec<Option<Seen>>,
+}
+
+impl Coordinator {
+    pub(crate) fn new(
+        group: Arc<Group>,
+        leases: Arc<Leases>,
+        prefix: String,
+        grants: Vec<mpsc::Sender<Lease>>,
+        closing: CancellationToken,
+    ) -> Self {
+        let p = group.slots.len();
+        Self {
+            group,
+            leases,
+            prefix,
+            grants,
+            closing,
+            members: HashMap::new(),
+            partitions: vec![None; p],
+        }
+    }
+
+    fn member_key(&self) -> String {
+        naming::member_key(&self.prefix, self.leases.member())
+    }
+
+    /// Run the partitions' loops and share the partitions with the group until
+    /// the subscription ends; then leave the group and wait for every loop to
+    /// hand its partition over.
+    pub(crate) async fn run(mut self, loops: Vec<JsLoop>) {
+        let loops: Vec<JoinHandle<()>> = loops.into_iter().map(|l| tokio::spawn(l.run())).collect();
+        let ttl = self.leases.ttl();
+        let poll = (ttl / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + ttl / 4, ttl / 4);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let member_key = self.member_key();
+        // The heartbeat goes first, so the watch opened next always has at least
+        // this member's own key to report when it has caught up.
+        if let Err(e) = self.leases.heartbeat(&member_key).await {
+            tracing::debug!(error = %e, "first heartbeat failed; retrying");
+        }
+        let mut watch: Option<Watch> = None;
+        // When the watch was opened, how many keys its history holds (counted
+        // just before), the keys it delivered since, and whether it caught up.
+        let mut opened = Instant::now();
+        let mut expected: Option<usize> = None;
+        let mut delivered: HashSet<String> = HashSet::new();
+        let mut synced = false;
+        let mut last_entry = Instant::now();
+        let mut retry_at = Instant::now();
+        loop {
+            if watch.is_none() && Instant::now() >= retry_at {
+                let filter = format!("{}.>", self.prefix);
+                expected = self.leases.count_keys(&filter).await.ok();
+                match self.open_watch().await {
+                    Ok(w) => {
+                        watch = Some(w);
+                        opened = Instant::now();
+                        last_entry = opened;
+                        delivered.clear();
+                        synced = expected == Some(0);
+                    }
+                    Err(e) => {
+                        tracing::debug!(topic = %self.group.topic_state.topic, error = %e,
+                            "cannot watch the partition group; retrying");
+                        self.leases.repair().await;
+                        retry_at = Instant::now() + poll * 4;
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.closing.cancelled() => break,
+                _ = beat.tick() => {
+                    if let Err(e) = self.leases.heartbeat(&member_key).await {
+                        tracing::debug!(error = %e, "heartbeat failed; retrying");
+                        self.leases.repair().await;
+                    }
+                }
+                entry = async { watch.as_mut().expect("guarded").next().await }, if watch.is_some() => {
+                    match entry {
+                        Some(Ok(e)) => {
+                            last_entry = Instant::now();
+                            if !synced {
+                                delivered.insert(e.key.clone());
+                                // Keys are never removed (a delete leaves a
+                                // marker), so the history holds at least the
+                                // keys counted before the watch was opened.
+                                synced = e.seen_current
+                                    || expected.is_some_and(|n| delivered.len() >= n);
+                            }
+                            self.apply(e);
+                        }
+                        other => {
+                            tracing::debug!(topic = %self.group.topic_state.topic,
+                                error = ?other.and_then(|r| r.err()).map(|e| e.to_string()),
+                                "partition group watch ended; opening it again");
+                            watch = None;
+                            retry_at = Instant::now() + poll;
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    // This member's own heartbeat comes through the watch every
+                    // quarter of `lease_ttl`: a watch silent for a whole
+                    // `lease_ttl` has stalled. Open it again.
+                    if watch.is_some() && last_entry.elapsed() > ttl {
+                        tracing::debug!(topic = %self.group.topic_state.topic,
+                            "partition group watch silent; opening it again");
+                        watch = None;
+                    }
+                }
+            }
+            // Decide only on a complete picture: after the watch caught up with
+            // the group's history (or had ample time to: deciding on a partial
+            // view is safe, the leases see to that, but may move partitions
+            // twice).
+            if synced || opened.elapsed() >= poll * 4 {
+                self.rebalance().await;
+            }
+        }
+        // Leave: the others' shares grow at once, and they claim each partition
+        // as its loop releases it below.
+        self.leases.delete(&member_key).await;
+        for l in loops {
+            if let Err(e) = l.await {
+                tracing::error!(topic = %self.group.topic_state.topic, error = %e,
+                    "partition consume loop ended abnormally");
+            }
+        }
+        self.group.set_owned(0);
+    }
+
+    async fn open_watch(&self) -> Result<Watch> {
+        let timeout = self.leases.request_timeout();
+        let watch = self
+            .leases
+            .kv()
+            .watch_with_history(format!("{}.>", self.prefix));
+        match tokio::time::timeout(timeout, watch).await {
+            Ok(Ok(w)) => Ok(w),
+            Ok(Err(e)) => Err(Error::new(
+                ErrorKind::Broker,
+                format!("cannot watch keys `{}.>`", self.prefix),
+            )
+            .with_source(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("watching keys `{}.>` timed out", self.prefix),
+            )),
+        }
+    }
+
+    /// Record a key of the group.
+    fn apply(&mut self, e: Entry) {
+        let Some(rest) = e
+            .key
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            return;
+        };
+        let deleted = matches!(e.operation, Operation::Delete | Operation::Purge);
+        tracing::trace!(key = %e.key, revision = e.revision, deleted, delta = e.delta,
+            seen_current = e.seen_current, "partition group key");
+        let seen = |old: Option<&Seen>| Seen {
+            revision: e.revision,
+            since: match old {
+                Some(o) if o.revision == e.revision => o.since,
+                _ => Instant::now(),
+            },
+            holder: if deleted {
+                None
+            } else {
+                Holder::parse(&e.value)
+            },
+            deleted,
+        };
+        if rest.starts_with("members.") {
+            let s = seen(self.members.get(&e.key));
+            self.members.insert(e.key.clone(), s);
+        } else if let Ok(n) = rest.parse::<usize>() {
+            if let Some(slot) = self.partitions.get_mut(n) {
+                *slot = Some(seen(slot.as_ref()));
+            }
+        }
+    }
+
+    /// Take or give back partitions until this member holds its share.
+    async fn rebalance(&mut self) {
+        let now = Instant::now();
+        let ttl = self.leases.ttl();
+        let me = self.leases.member().to_owned();
+        let p = self.group.slots.len();
+
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        counts.insert(me.clone(), 0);
+        let mut dead = Vec::new();
+        for (key, s) in &mut self.members {
+            match (s.live(now, ttl), &s.holder) {
+                (true, Some(h)) => {
+                    counts.entry(h.member.clone()).or_insert(0);
+                }
+                (false, h) if !s.deleted && h.as_ref().is_none_or(|h| h.member != me) => {
+                    // A member gone without leaving (a crash): tidy its key up.
+                    dead.push((key.clone(), s.revision));
+                    s.deleted = true;
+                }
+                _ => {}
+            }
+        }
+        for (key, revision) in dead {
+            tracing::info!(topic = %self.group.topic_state.topic, %key,
+                "a member stopped heartbeating: it left the group");
+            self.leases.delete_at(&key, revision).await;
+        }
+        let mut owners: Vec<Option<String>> = Vec::with_capacity(p);
+        for (n, slot) in self.group.slots.iter().enumerate() {
+            let owner = if slot.owns() {
+                Some(me.clone())
+            } else {
+                match &self.partitions[n] {
+                    Some(s) if s.live(now, ttl) => match &s.holder {
+                        Some(h) if h.member == me => None,
+                        Some(h) => Some(h.member.clone()),
+                        None => Some("an unknown member".to_owned()),
+                    },
+                    _ => None,
+                }
+            };
+            if let Some(o) = &owner {
+                if let Some(c) = counts.get_mut(o) {
+                    *c += 1;
+                }
+            }
+            owners.push(owner);
+        }
+        let members: Vec<String> = counts.keys().cloned().collect();
+        let m = members.len();
+        let target = share_of(&me, &counts, p);
+        let mine = counts[&me];
+
+        if mine > target {
+            let excess = mine - target;
+            for slot in self
+                .group
+                .slots
+                .iter()
+                .rev()
+                .filter(|s| s.owns())
+                .take(excess)
+            {
+                tracing::info!(topic = %self.group.topic_state.topic, partition = slot.partition,
+                    members = m, share = target, "handing a partition over to the group");
+                slot.request_yield();
+                owners[slot.partition as usize] = None;
+            }
+        } else if mine < target {
+            let mut want = target - mine;
+            // Start looking at a point of this member's own, so members claiming at
+            // the same moment mostly go for different partitions.
+            let offset = (eventbus_core::stable_hash(me.as_bytes()) % p as u64) as usize;
+            for i in 0..p {
+                if want == 0 || self.closing.is_cancelled() {
+                    break;
+                }
+                let n = (offset + i) % p;
+                let slot = &self.group.slots[n];
+                if slot.busy() {
+                    continue;
+                }
+                let (revision, previous, reset_from) = match &self.partitions[n] {
+                    None => (0, Previous::Nobody, None),
+                    Some(s) if s.deleted => (s.revision, Previous::Released, None),
+                    Some(s) => match &s.holder {
+                        Some(h) if h.member == me => (s.revision, Previous::Own, h.reset_from),
+                        h if !s.live(now, ttl) => (
+                            s.revision,
+                            Previous::Expired,
+                            h.as_ref().and_then(|h| h.reset_from),
+                        ),
+                        _ => continue,
+                    },
+                };
+                let key = naming::partition_lease_key(&self.prefix, n as u32);
+                match self
+                    .leases
+                    .claim(&key, revision, previous, reset_from)
+                    .await
+                {
+                    Ok(Some(lease)) => {
+                        tracing::info!(topic = %self.group.topic_state.topic, partition = n,
+                            ?previous, members = m, share = target, "partition claimed");
+                        slot.grant();
+                        if let Err(e) = self.grants[n].try_send(lease) {
+                            // The loop is gone (the subscription ends): give it back.
+                            slot.end_hold();
+                            let lease = match e {
+                                mpsc::error::TrySendError::Full(l)
+                                | mpsc::error::TrySendError::Closed(l) => l,
+                            };
+                            lease.release().await;
+                            continue;
+                        }
+                        owners[n] = Some(me.clone());
+                        want -= 1;
+                    }
+                    // Someone else got there first; the watch will tell who.
+                    Ok(None) => {
+                        tracing::debug!(%key, revision, "partition taken by another member first");
+                    }
+                    Err(e) => {
+                        tracing::debug!(%key, error = %e, "cannot claim a partition; retrying");
+                        break;
+                    }
+                }
+            }
+        }
+        let owned = self.group.slots.iter().filter(|s| s.owns()).count();
+        self.group.set_owned(owned);
+        for (slot, owner) in self.group.slots.iter().zip(&owners) {
+            slot.state
+                .set_holder(owner.as_deref().filter(|o| *o != me.as_str()));
+        }
+        *self.group.view.lock().unwrap_or_else(|p| p.into_inner()) = View { members, owners };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(of: &[(&str, usize)]) -> BTreeMap<String, usize> {
+        of.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
+
+    /// Every member's share, as each computes it from the same view.
+    fn shares(of: &[(&str, usize)], p: usize) -> Vec<usize> {
+        let c = counts(of);
+        of.iter().map(|(k, _)| share_of(k, &c, p)).collect()
+    }
+
+    #[test]
+    fn shares_are_fair_and_add_up() {
+        assert_eq!(shares(&[("a", 0)], 12), [12]);
+        assert_eq!(shares(&[("a", 12), ("b", 0)], 12), [6, 6]);
+        assert_eq!(shares(&[("a", 6), ("b", 6), ("c", 0)], 12), [4, 4, 4]);
+        for m in 1..=13 {
+            for p in [1usize, 5, 12, 64] {
+                let names: Vec<String> = (0..m).map(|i| format!("m{i:02}")).collect();
+                let view: Vec<(&str, usize)> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n.as_str(), i % 3))
+                    .collect();
+                let s = shares(&view, p);
+                assert_eq!(
+                    s.iter().sum::<usize>(),
+                    p,
+                    "{m} members, {p} partitions: {s:?}"
+                );
+                assert!(s.iter().all(|&x| x <= p.div_ceil(m)), "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_extra_partitions_stay_with_those_holding_them() {
+        // 10 partitions on 2 members (5/5); a third joins: 4/3/3 with the extra
+        // for a member that already has more, whatever the names.
+        assert_eq!(shares(&[("a", 5), ("b", 5), ("0-new", 0)], 10), [4, 3, 3]);
+        // A leave: 4/3/3 -> the two left keep theirs and share the leaver's.
+        assert_eq!(shares(&[("b", 3), ("c", 3)], 10), [5, 5]);
+        assert_eq!(shares(&[("a", 4), ("c", 3)], 10), [5, 5]);
+        // An extra holder keeps its extra: 11 on 3 after a member joined with 0.
+        assert_eq!(shares(&[("a", 6), ("b", 5), ("c", 0)], 11), [4, 4, 3]);
+    }
+}

@@ -69,7 +69,3 @@ pub mod raw {
     pub use lifecycle::{BusBackend, Consumers, Lifecycle};
     pub use offset::{OffsetTracker, Tracked};
 }
-
-// Until every crate names them through `raw`.
-#[doc(hidden)]
-pub use raw::*;

@@ -1,8 +1,8 @@
 //! Operations: backlog detection and recovery mode, and the periodic sampling of
 //! lag, pool state and health into metrics.
 //!
-//! Each bus's [`Lifecycle`](crate::Lifecycle) is a [`Probe`] (its lag per partition
-//! and its health); [`Dispatcher::spawn_monitor`](crate::Dispatcher::spawn_monitor),
+//! Each bus's [`Lifecycle`](crate::raw::Lifecycle) is a [`Probe`] (its lag per partition
+//! and its health); [`Dispatcher::spawn_monitor`](crate::raw::Dispatcher::spawn_monitor),
 //! started by the lifecycle, samples it every `operations.check_interval`.
 
 use futures::future::BoxFuture;

@@ -11,10 +11,14 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use eventbus_core::{
-    BusBackend, CancellationToken, ComponentHealth, Consumers, DispatchStats, Dispatcher, Error,
-    ErrorKind, EventBus, EventBusConfig, HealthReport, HealthStatus, Lifecycle, OffsetReset,
-    PartitionLag as CorePartitionLag, Pool, PreparedSubscription, PublishReceipt, Record, Recovery,
-    Result, Subscription, TopicConfig,
+    CancellationToken, ComponentHealth, Error, ErrorKind, EventBus, EventBusConfig, HealthReport,
+    HealthStatus, OffsetReset, Pool, PublishReceipt, Record, Recovery, Result, Subscription,
+    TopicConfig,
+};
+
+use eventbus_core::raw::{
+    BusBackend, Consumers, DispatchStats, Dispatcher, Lifecycle, PartitionLag as CorePartitionLag,
+    PreparedSubscription,
 };
 
 use crate::config::{NatsAuth, NatsConfig, Retention};

@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use eventbus_core::{
-    CancellationToken, Completion, Dispatcher, Disposition, ErrorKind, InFlight, Message,
-    PreparedSubscription, Result, Scope,
+use eventbus_core::{CancellationToken, ErrorKind, Message, Result};
+
+use eventbus_core::raw::{
+    Completion, Dispatcher, Disposition, InFlight, PreparedSubscription, Scope,
 };
 
 use crate::group::Slot;

@@ -486,7 +486,7 @@ impl Coordinator {
             let mut want = target - mine;
             // Start looking at a point of this member's own, so members claiming at
             // the same moment mostly go for different partitions.
-            let offset = (eventbus_core::stable_hash(me.as_bytes()) % p as u64) as usize;
+            let offset = (eventbus_core::raw::stable_hash(me.as_bytes()) % p as u64) as usize;
             for i in 0..p {
                 if want == 0 || self.closing.is_cancelled() {
                     break;

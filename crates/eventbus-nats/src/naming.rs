@@ -1,6 +1,8 @@
 //! How topics map to NATS subjects, stream names and durable consumer names.
 
-use eventbus_core::{validate_topic, Error, ErrorKind, Result};
+use eventbus_core::{Error, ErrorKind, Result};
+
+use eventbus_core::raw::validate_topic;
 
 /// Check a topic for NATS: the common rules of [`validate_topic`], plus no empty
 /// subject token (`a..b`, `.a`, `a.` are refused).

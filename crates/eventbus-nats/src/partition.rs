@@ -13,7 +13,7 @@
 //!
 //! ```text
 //! h = FNV-1a-64(utf8(aggregate_id))          offset 0xcbf29ce484222325, prime 0x100000001b3
-//! h = fmix64(h)                              = eventbus_core::stable_hash(id)
+//! h = fmix64(h)                              = eventbus_core::raw::stable_hash(id)
 //! p = fmix64(h ^ 0x9e3779b97f4a7c15) % P
 //! fmix64(k): k ^= k >> 33; k *= 0xff51afd7ed558ccd; k ^= k >> 33;
 //!            k *= 0xc4ceb9fe1a85ec53; k ^= k >> 33   (wrapping 64-bit multiplies)
@@ -21,7 +21,7 @@
 //!
 //! `docs/nats.md` gives test vectors; the unit tests below assert them.
 
-use eventbus_core::stable_hash;
+use eventbus_core::raw::stable_hash;
 
 /// Most partitions a topic may have.
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -94,7 +94,7 @@ pub(crate) fn describe_layout(subject: &str, subjects: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eventbus_core::{rollout_bucket, slot};
+    use eventbus_core::raw::{rollout_bucket, slot};
 
     /// The vectors of `docs/nats.md` ("Publishing from another client"): part of
     /// the contract with publishers outside this library.

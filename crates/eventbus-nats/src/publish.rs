@@ -14,9 +14,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use eventbus_core::{
-    AggregateIdConfig, DeadLetter, DeadLetterSink, Error, ErrorKind, Headers, Message,
-    PublishReceipt, Record, Result, TopicConfig,
+    AggregateIdConfig, Error, ErrorKind, Headers, Message, PublishReceipt, Record, Result,
+    TopicConfig,
 };
+
+use eventbus_core::raw::{DeadLetter, DeadLetterSink};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{NatsConfig, Retention};

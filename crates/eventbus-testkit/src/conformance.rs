@@ -1005,8 +1005,8 @@ pub async fn resubscribe_while_unsubscribing_waits_for_the_handover(
 ///
 /// `$factory` is evaluated afresh in every test (a new broker per check where the
 /// factory starts one) and must give a value implementing [`BusFactory`]. The pools
-/// default to both: `keyed_pool` ([`factories::keyed_pools`](crate::factories::keyed_pools))
-/// and `actor_pool` ([`factories::actor_pools`](crate::factories::actor_pools));
+/// default to both: `keyed_pool` (`factories::keyed_pools`) and `actor_pool`
+/// (`factories::actor_pools`), with the features of those names;
 /// name others as `module => pool_factory_expression`. The test crate needs
 /// `tokio` (with `macros` and `rt-multi-thread`).
 ///

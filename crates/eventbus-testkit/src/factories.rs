@@ -1,4 +1,4 @@
-//! Ready-made factories: the two pools sized by a [`PoolSpec`](crate::pool_suite::PoolSpec) (and the pool
+//! Ready-made factories: the two pools sized by a [`PoolSpec`] (and the pool
 //! switch over both), and buses of each backend: on one shared in-process broker,
 //! on a Kafka cluster (the mock or `KAFKA_BROKERS`), on a nats-server of their own;
 //! with the client settings every suite, the chaos run and the benches share. Each

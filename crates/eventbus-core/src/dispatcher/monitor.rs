@@ -115,7 +115,7 @@ impl Dispatcher {
     /// Sample `probe` every `operations.check_interval` into the metrics and the
     /// recovery-mode check, until the probe is dropped or the handle is stopped or
     /// dropped. The probe is held weakly, so the monitor never keeps a bus alive.
-    /// [`Lifecycle`](crate::Lifecycle) starts one per bus and stops it on close.
+    /// [`Lifecycle`](crate::raw::Lifecycle) starts one per bus and stops it on close.
     pub fn spawn_monitor<P: Probe>(&self, probe: std::sync::Weak<P>) -> MonitorHandle {
         let this = self.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

@@ -77,7 +77,7 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// The scope epoch to submit the job under (see [`crate::Job::fenced_by`]).
+    /// The scope epoch to submit the job under (see [`crate::raw::Job::fenced_by`]).
     pub fn epoch(&self) -> &Epoch {
         &self.epoch
     }

@@ -8,7 +8,7 @@ use eventbus::kafka::{KafkaConfig, KafkaEventBus};
 use eventbus::nats::{NatsConfig, NatsEventBus};
 use eventbus::{
     ActorPool, Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError,
-    KeyedWorkerPool, MemoryBroker, MemoryEventBus, Pool, PoolKind, TopicConfig,
+    KeyedWorkerPool, MemoryBroker, MemoryEventBus, Pool, PoolKind, SharedBus, TopicConfig,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,90 +74,56 @@ pub struct WorkloadSpec {
     pub limit_secs: u64,
 }
 
-/// An event bus of any backend, with the batched publishing each one offers.
-enum AnyBus {
-    Memory(MemoryEventBus),
-    Kafka(KafkaEventBus),
-    Nats(NatsEventBus),
+/// A bus of the spec's backend (its topic created on memory; Kafka topics are
+/// created beforehand by the caller, NATS streams by the first publish).
+async fn open_bus(spec: &WorkloadSpec, pool: Arc<dyn Pool>) -> Result<SharedBus, String> {
+    let mut config = EventBusConfig::default();
+    config.consumer.group_id = format!("{}-group", spec.topic);
+    Ok(match spec.backend {
+        Backend::Memory => {
+            let broker = MemoryBroker::new(
+                eventbus::BrokerConfig::default().retention_messages(spec.messages as u64 + 16),
+            );
+            let bus = MemoryEventBus::new(broker, pool, config)
+                .map_err(|e| format!("memory bus: {e}"))?;
+            bus.configure_topic(
+                &spec.topic,
+                TopicConfig::default().partitions(spec.partitions),
+            )
+            .await
+            .map_err(|e| format!("memory topic `{}`: {e}", spec.topic))?;
+            Arc::new(bus)
+        }
+        Backend::Kafka => Arc::new(
+            KafkaEventBus::new(kafka_config(&spec.endpoint), config, pool)
+                .map_err(|e| format!("kafka bus on {}: {e}", spec.endpoint))?,
+        ),
+        Backend::Nats => Arc::new(
+            NatsEventBus::connect(nats_config(&spec.endpoint), config, pool)
+                .await
+                .map_err(|e| format!("nats bus on {}: {e}", spec.endpoint))?,
+        ),
+    })
 }
 
-impl AnyBus {
-    async fn open(spec: &WorkloadSpec, pool: Arc<dyn Pool>) -> Result<Self, String> {
-        let mut config = EventBusConfig::default();
-        config.consumer.group_id = format!("{}-group", spec.topic);
-        Ok(match spec.backend {
-            Backend::Memory => {
-                let broker = MemoryBroker::new(
-                    eventbus::BrokerConfig::default().retention_messages(spec.messages as u64 + 16),
-                );
-                let bus = MemoryEventBus::new(broker, pool, config)
-                    .map_err(|e| format!("memory bus: {e}"))?;
-                bus.configure_topic(
-                    &spec.topic,
-                    TopicConfig::default().partitions(spec.partitions),
-                )
-                .await
-                .map_err(|e| format!("memory topic `{}`: {e}", spec.topic))?;
-                AnyBus::Memory(bus)
-            }
-            Backend::Kafka => AnyBus::Kafka(
-                KafkaEventBus::new(kafka_config(&spec.endpoint), config, pool)
-                    .map_err(|e| format!("kafka bus on {}: {e}", spec.endpoint))?,
-            ),
-            Backend::Nats => AnyBus::Nats(
-                NatsEventBus::connect(nats_config(&spec.endpoint), config, pool)
-                    .await
-                    .map_err(|e| format!("nats bus on {}: {e}", spec.endpoint))?,
-            ),
-        })
-    }
-
-    fn bus(&self) -> &dyn EventBus {
-        match self {
-            AnyBus::Memory(b) => b,
-            AnyBus::Kafka(b) => b,
-            AnyBus::Nats(b) => b,
-        }
-    }
-
-    /// Publish `envelopes` in order and wait until the broker has them all.
-    async fn publish(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<(), String> {
-        let failed = |e: &dyn std::fmt::Display| format!("publish to `{topic}`: {e}");
-        match self {
-            AnyBus::Memory(b) => {
-                for e in &envelopes {
-                    b.publish_envelope(topic, e).await.map_err(|e| failed(&e))?;
-                }
-            }
-            AnyBus::Kafka(b) => {
-                let header = b.aggregate_id_header().to_owned();
-                let mut pending = Vec::with_capacity(envelopes.len());
-                for e in &envelopes {
-                    let record =
-                        eventbus::core::raw::envelope_record(e, &header).map_err(|e| failed(&e))?;
-                    pending.push(
-                        b.publish_async(topic, &record)
-                            .await
-                            .map_err(|e| failed(&e))?,
-                    );
-                }
-                for d in pending {
-                    d.await.map_err(|e| failed(&e))?;
-                }
-            }
-            AnyBus::Nats(b) => {
-                let header = b.aggregate_id_header().to_owned();
-                let records = envelopes
-                    .iter()
-                    .map(|e| eventbus::core::raw::envelope_record(e, &header))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| failed(&e))?;
-                b.publish_batch(topic, records)
-                    .await
-                    .map_err(|e| failed(&e))?;
-            }
-        }
-        Ok(())
+/// Publish `envelopes` in order, as one batch, and wait until the broker has them
+/// all (each backend's batch publish: pipelined on Kafka and NATS).
+async fn publish(bus: &SharedBus, topic: &str, envelopes: Vec<Envelope>) -> Result<(), String> {
+    let failed = |e: &dyn std::fmt::Display| format!("publish to `{topic}`: {e}");
+    let header = bus.aggregate_id_header().to_owned();
+    let records = envelopes
+        .iter()
+        .map(|e| eventbus::core::raw::envelope_record(e, &header))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| failed(&e))?;
+    match bus
+        .publish_batch(topic, records)
+        .await
+        .into_iter()
+        .find(Result::is_err)
+    {
+        Some(Err(e)) => Err(failed(&e)),
+        _ => Ok(()),
     }
 }
 
@@ -177,28 +143,27 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
         .await
         .map_err(|e| format!("{} pool: {e}", spec.pool.as_str()))?;
     let pool_name = pool.kind().to_owned();
-    let bus = AnyBus::open(spec, pool).await?;
+    let bus = open_bus(spec, pool).await?;
     let keys = spec.dist.keys();
     let tally = Arc::new(Tally::new(keys, spec.messages));
     let warm = Arc::new(AtomicU64::new(0));
     let handler = spec.handler;
     let subscribe = || async {
         let (tally, warm) = (tally.clone(), warm.clone());
-        bus.bus()
-            .subscribe_envelope(&spec.topic, move |e: Event| {
-                let (tally, warm) = (tally.clone(), warm.clone());
-                async move {
-                    if e.envelope.payload.get("warmup").is_some() {
-                        warm.fetch_add(1, Ordering::AcqRel);
-                    } else {
-                        handler.run().await;
-                        tally.record(&e);
-                    }
-                    Ok::<(), HandlerError>(())
+        bus.subscribe_envelope(&spec.topic, move |e: Event| {
+            let (tally, warm) = (tally.clone(), warm.clone());
+            async move {
+                if e.envelope.payload.get("warmup").is_some() {
+                    warm.fetch_add(1, Ordering::AcqRel);
+                } else {
+                    handler.run().await;
+                    tally.record(&e);
                 }
-            })
-            .await
-            .map_err(|e| format!("subscribe to `{}`: {e}", spec.topic))
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .map_err(|e| format!("subscribe to `{}`: {e}", spec.topic))
     };
     if !spec.prepublish {
         if spec.backend != Backend::Memory {
@@ -209,7 +174,7 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
                 "bench.warmup",
                 serde_json::json!({"warmup": true}),
             );
-            bus.publish(&spec.topic, vec![w]).await?;
+            publish(&bus, &spec.topic, vec![w]).await?;
         }
         subscribe().await?;
         if spec.backend != Backend::Memory {
@@ -247,7 +212,7 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
                 Envelope::new(format!("agg-{k}"), "bench.event", stamp.payload())
             })
             .collect();
-        bus.publish(&spec.topic, envelopes).await?;
+        publish(&bus, &spec.topic, envelopes).await?;
         i = end;
     }
     if spec.prepublish {
@@ -261,7 +226,7 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
     } else {
         tally.last_ns().saturating_sub(start_ns) as f64 / 1e9
     };
-    let close = tokio::time::timeout(Duration::from_secs(60), bus.bus().close()).await;
+    let close = tokio::time::timeout(Duration::from_secs(60), bus.close()).await;
     let lat = tally.sorted_latencies();
     let n = spec.messages as u64;
     let result = RunResult {

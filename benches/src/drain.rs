@@ -140,10 +140,14 @@ pub async fn publish_nats_backlog(url: &str, topic: &str, n: u64) -> Result<Stri
     let header = publisher.aggregate_id_header().to_owned();
     let all = records(n, &header)?;
     for chunk in all.chunks(1000) {
-        publisher
+        if let Some(Err(e)) = publisher
             .publish_batch(topic, chunk.to_vec())
             .await
-            .map_err(|e| format!("publish to `{topic}`: {e}"))?;
+            .into_iter()
+            .find(Result::is_err)
+        {
+            return Err(format!("publish to `{topic}`: {e}"));
+        }
     }
     let stream = publisher.stream_name(topic);
     let _ = publisher.close().await;

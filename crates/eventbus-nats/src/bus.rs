@@ -754,18 +754,6 @@ impl NatsEventBus {
             .await
     }
 
-    /// Publish many records at once: all are sent before any ack is awaited, then
-    /// every ack is awaited. Receipts come in input order; the first failure is
-    /// returned (records before it may be stored).
-    pub async fn publish_batch(
-        &self,
-        topic: &str,
-        records: Vec<Record>,
-    ) -> Result<Vec<PublishReceipt>> {
-        self.inner.check_open()?;
-        self.nats().shared.publish_batch(topic, records).await
-    }
-
     /// Create or check `topic`'s stream with these settings and retention.
     pub async fn configure_stream(
         &self,
@@ -1093,6 +1081,21 @@ impl EventBus for NatsEventBus {
     ) -> BoxFuture<'a, Result<PublishReceipt>> {
         self.inner
             .publish(topic, self.nats().shared.publish(topic, record, None))
+            .boxed()
+    }
+
+    /// Every record is sent before any acknowledgement is awaited (see
+    /// [`EventBus::publish_batch`] for the order rule).
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        records: Vec<Record>,
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
+        let n = records.len();
+        self.inner
+            .publish_batch(topic, n, async move {
+                self.nats().shared.publish_batch(topic, records).await
+            })
             .boxed()
     }
 

@@ -80,10 +80,22 @@ impl ConsumerState {
             last_error: Mutex::new(None),
             active: AtomicBool::new(false),
             holder: Mutex::new(None),
-            pending_gauge: metrics::gauge!(crate::METRIC_CONSUMER_PENDING, labels.clone()),
-            active_gauge: metrics::gauge!(crate::METRIC_CONSUMER_ACTIVE, labels.clone()),
-            in_flight_gauge: metrics::gauge!(crate::METRIC_IN_FLIGHT, labels.clone()),
-            redelivery_counter: metrics::counter!(crate::METRIC_REDELIVERIES, labels),
+            pending_gauge: metrics::gauge!(
+                crate::metric_names::CONSUMER_PENDING.as_str(),
+                labels.clone()
+            ),
+            active_gauge: metrics::gauge!(
+                crate::metric_names::CONSUMER_ACTIVE.as_str(),
+                labels.clone()
+            ),
+            in_flight_gauge: metrics::gauge!(
+                crate::metric_names::IN_FLIGHT.as_str(),
+                labels.clone()
+            ),
+            redelivery_counter: metrics::counter!(
+                crate::metric_names::REDELIVERIES.as_str(),
+                labels
+            ),
         }
     }
 

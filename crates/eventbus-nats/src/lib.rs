@@ -15,19 +15,22 @@ pub use config::{NatsAuth, NatsConfig, NatsTlsConfig, ReconnectConfig, Retention
 pub use partition::{partition_hash, partition_of, MAX_PARTITIONS};
 pub use publish::{DLQ_STREAM_HEADER, DLQ_SUBJECT_HEADER, KEY_HEADER, MSG_ID_HEADER};
 
-/// Gauge: messages the server still holds for a consumer, by `topic`.
-pub const METRIC_CONSUMER_PENDING: &str = "nats_eventbus_consumer_pending";
-/// Gauge: messages of a consumer fetched and not yet settled, by `topic`.
-pub const METRIC_IN_FLIGHT: &str = "nats_eventbus_in_flight";
-/// Gauge: 1 while this member holds the lease of its group's consumer of
-/// `topic` and consumes it, 0 while it waits as a standby.
-pub const METRIC_CONSUMER_ACTIVE: &str = "nats_eventbus_consumer_active";
-/// Counter: deliveries the server marked as redeliveries, by `topic`.
-pub const METRIC_REDELIVERIES: &str = "nats_eventbus_redeliveries_total";
-/// Gauge: partitions of a partitioned `topic` this member consumes now.
-/// (The per-topic gauges above carry a `partition` label as well for the
-/// partitions of a partitioned topic.)
-pub const METRIC_PARTITIONS_OWNED: &str = "nats_eventbus_partitions_owned";
+/// NATS metric names in full: the names of [`eventbus_core::metrics`] (the NATS-only
+/// ones in `NATS_ONLY`) with the `nats_eventbus_` prefix, built once.
+mod metric_names {
+    use eventbus_core::metrics as m;
+    use std::sync::LazyLock;
+
+    pub(crate) static CONSUMER_PENDING: LazyLock<String> =
+        LazyLock::new(|| m::name("nats", m::CONSUMER_PENDING));
+    pub(crate) static IN_FLIGHT: LazyLock<String> = LazyLock::new(|| m::name("nats", m::IN_FLIGHT));
+    pub(crate) static CONSUMER_ACTIVE: LazyLock<String> =
+        LazyLock::new(|| m::name("nats", m::CONSUMER_ACTIVE));
+    pub(crate) static REDELIVERIES: LazyLock<String> =
+        LazyLock::new(|| m::name("nats", m::REDELIVERIES));
+    pub(crate) static PARTITIONS_OWNED: LazyLock<String> =
+        LazyLock::new(|| m::name("nats", m::PARTITIONS_OWNED));
+}
 
 #[cfg(test)]
 mod tests {

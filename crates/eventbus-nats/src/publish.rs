@@ -13,6 +13,7 @@ use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use eventbus_core::raw::KeyStops;
 use eventbus_core::{
     AggregateIdConfig, Error, ErrorKind, Headers, Message, PublishReceipt, Record, Result,
     TopicConfig,
@@ -283,31 +284,67 @@ impl Shared {
         &self,
         topic: &str,
         records: Vec<Record>,
-    ) -> Result<Vec<PublishReceipt>> {
-        naming::validate_nats_topic(topic)?;
-        let mut prepared = Vec::with_capacity(records.len());
-        for r in records {
-            let headers = to_header_map(topic, &r, None)?;
-            let subject = self.subject_for(topic, &r);
-            prepared.push((subject, headers, r.payload));
+    ) -> Vec<Result<PublishReceipt>> {
+        let n = records.len();
+        let all = |e: Error| {
+            let mut out = Vec::with_capacity(n);
+            out.push(Err(e));
+            out.extend((1..n).map(|i| {
+                Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("record {i} of the batch not published: the batch to `{topic}` failed"),
+                ))
+            }));
+            out
+        };
+        if let Err(e) = naming::validate_nats_topic(topic) {
+            return if n == 0 { Vec::new() } else { all(e) };
         }
-        if !self.ensure_stream(topic).await? {
-            let mut receipts = Vec::with_capacity(prepared.len());
-            for (_, h, p) in prepared {
-                receipts.push(self.publish_core(topic, h, p).await?);
+        let persistent = match self.ensure_stream(topic).await {
+            Ok(p) => p,
+            Err(e) if n > 0 => return all(e),
+            Err(_) => return Vec::new(),
+        };
+        // Send every record before awaiting any acknowledgement; a record that
+        // cannot be sent stops the rest of its key (see `EventBus::publish_batch`).
+        let mut stops = KeyStops::default();
+        let mut pending: Vec<futures::future::BoxFuture<'_, Result<PublishReceipt>>> =
+            Vec::with_capacity(n);
+        for (i, r) in records.into_iter().enumerate() {
+            if let Some(skipped) = stops.check(i, &r) {
+                pending.push(futures::future::ready(Err(skipped)).boxed());
+                continue;
             }
-            return Ok(receipts);
+            let key = r.key.clone();
+            let sent = match to_header_map(topic, &r, None) {
+                Err(e) => Err(e),
+                Ok(headers) if !persistent => {
+                    match self.publish_core(topic, headers, r.payload).await {
+                        Ok(receipt) => Ok(futures::future::ready(Ok(receipt)).boxed()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(headers) => {
+                    let subject = self.subject_for(topic, &r);
+                    match self
+                        .js
+                        .publish_with_headers(subject, headers, r.payload)
+                        .await
+                    {
+                        Ok(ack) => Ok(self.await_ack(topic, ack).boxed()),
+                        Err(e) => Err(publish_error(topic, e)),
+                    }
+                }
+            };
+            match sent {
+                Ok(fut) => pending.push(fut),
+                Err(e) => {
+                    stops.stop(i, key, &e);
+                    pending.push(futures::future::ready(Err(e)).boxed());
+                }
+            }
         }
-        let mut acks = Vec::with_capacity(prepared.len());
-        for (subject, headers, payload) in prepared {
-            let fut = self
-                .js
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(|e| publish_error(topic, e))?;
-            acks.push(self.await_ack(topic, fut));
-        }
-        futures::future::try_join_all(acks).await
+        futures::future::join_all(pending).await
     }
 }
 

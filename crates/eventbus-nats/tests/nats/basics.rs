@@ -132,11 +132,11 @@ async fn batch_publish_and_message_ids() {
     let bus = connect(nats_config(&server), bus_config(), keyed_pool(2, 8)).await;
     let topic = topic("batch");
     let records: Vec<Record> = (0..50).map(|i| Record::new(format!("m{i}"))).collect();
-    let receipts = bus
-        .publish_batch(&topic, records)
-        .await
-        .expect("batch publish");
-    let seqs: Vec<i64> = receipts.iter().map(|r| r.offset).collect();
+    let receipts = bus.publish_batch(&topic, records).await;
+    let seqs: Vec<i64> = receipts
+        .iter()
+        .map(|r| r.as_ref().expect("batch publish").offset)
+        .collect();
     assert_eq!(seqs, (1..=50).collect::<Vec<i64>>());
 
     let first = bus

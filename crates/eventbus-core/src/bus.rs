@@ -166,23 +166,25 @@ pub enum StorageKind {
     Memory,
 }
 
-/// Per-topic settings. Backends use the fields that apply to them and say which in
-/// their docs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Per-topic settings. Every field is optional: unset means the backend's default.
+/// A field a backend cannot honour is an `Unsupported` error naming it when it is
+/// set (see [`TopicConfig::refuse`]); each backend says in its docs which it honours.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct TopicConfig {
-    /// Partitions (Kafka, memory). `None`: the backend's default.
+    /// Partitions (Kafka, memory).
     pub partitions: Option<u32>,
-    /// Persistent (JetStream, at-least-once) or fire-and-forget (core NATS). Default true.
-    pub persistent: bool,
-    /// Storage of a persistent topic (NATS).
-    pub storage: StorageKind,
-    /// Retained messages per partition (memory) or per stream (NATS); `None`: backend default.
+    /// Persistent (JetStream, at-least-once) or fire-and-forget (core NATS);
+    /// unset: persistent.
+    pub persistent: Option<bool>,
+    /// Storage of a persistent topic (NATS); unset: file.
+    pub storage: Option<StorageKind>,
+    /// Retained messages per partition (memory) or per stream (NATS).
     pub max_messages: Option<u64>,
-    /// Retained bytes (NATS); `None`: unlimited.
+    /// Retained bytes (NATS).
     pub max_bytes: Option<u64>,
-    /// Oldest message kept (NATS); `None`: unlimited.
+    /// Oldest message kept (NATS; Kafka `retention.ms` when it creates the topic).
     #[serde(with = "humantime_serde")]
     pub max_age: Option<Duration>,
     /// Replicas (Kafka replication factor, NATS replicas).
@@ -190,21 +192,6 @@ pub struct TopicConfig {
     /// Duplicate-detection window (NATS).
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Option<Duration>,
-}
-
-impl Default for TopicConfig {
-    fn default() -> Self {
-        Self {
-            partitions: None,
-            persistent: true,
-            storage: StorageKind::File,
-            max_messages: None,
-            max_bytes: None,
-            max_age: None,
-            replicas: None,
-            duplicate_window: None,
-        }
-    }
 }
 
 impl TopicConfig {
@@ -217,13 +204,13 @@ impl TopicConfig {
     /// Make the topic fire-and-forget (or persistent again).
     #[must_use]
     pub fn persistent(mut self, persistent: bool) -> Self {
-        self.persistent = persistent;
+        self.persistent = Some(persistent);
         self
     }
     /// Set the storage.
     #[must_use]
     pub fn storage(mut self, storage: StorageKind) -> Self {
-        self.storage = storage;
+        self.storage = Some(storage);
         self
     }
     /// Set the retention in messages.
@@ -231,6 +218,50 @@ impl TopicConfig {
     pub fn max_messages(mut self, n: u64) -> Self {
         self.max_messages = Some(n);
         self
+    }
+    /// Set the oldest message kept.
+    #[must_use]
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+    /// Whether the topic is persistent (unset: yes).
+    pub fn is_persistent(&self) -> bool {
+        self.persistent.unwrap_or(true)
+    }
+    /// The storage of a persistent topic (unset: file).
+    pub fn storage_kind(&self) -> StorageKind {
+        self.storage.unwrap_or_default()
+    }
+    /// The names of the fields that are set.
+    pub fn set_fields(&self) -> Vec<&'static str> {
+        [
+            ("partitions", self.partitions.is_some()),
+            ("persistent", self.persistent.is_some()),
+            ("storage", self.storage.is_some()),
+            ("max_messages", self.max_messages.is_some()),
+            ("max_bytes", self.max_bytes.is_some()),
+            ("max_age", self.max_age.is_some()),
+            ("replicas", self.replicas.is_some()),
+            ("duplicate_window", self.duplicate_window.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+    /// An `Unsupported` error naming the first of `fields` that is set, for
+    /// `topic` on `backend`; `why` says what to do instead (may be empty).
+    pub fn refuse(&self, backend: &str, topic: &str, fields: &[&str], why: &str) -> Result<()> {
+        match self.set_fields().into_iter().find(|f| fields.contains(f)) {
+            None => Ok(()),
+            Some(field) => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "topic `{topic}`: {backend} cannot honour `{field}`{}{why}",
+                    if why.is_empty() { "" } else { ": " }
+                ),
+            )),
+        }
     }
 }
 

@@ -262,7 +262,7 @@ impl Backend {
     /// Create `topic` with `config`, or check the one that exists.
     async fn configure_topic(&self, topic: &str, config: TopicConfig) -> Result<()> {
         eventbus_core::raw::validate_topic(topic)?;
-        if !config.persistent {
+        if !config.is_persistent() {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
@@ -270,6 +270,12 @@ impl Backend {
                 ),
             ));
         }
+        config.refuse(
+            "Kafka",
+            topic,
+            &["storage", "max_messages", "max_bytes", "duplicate_window"],
+            "set them on the broker (retention.bytes is per partition there)",
+        )?;
         let admin = self.admin().await?;
         let timeout = self.config.operation_timeout;
         let existing = {
@@ -304,7 +310,11 @@ impl Backend {
         }
         let partitions = config.partitions.map_or(-1, |p| p as i32);
         let replicas = config.replicas.map_or(-1, |r| r as i32);
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
+        let retention_ms = config.max_age.map(|age| age.as_millis().to_string());
+        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
+        if let Some(ms) = &retention_ms {
+            new = new.set("retention.ms", ms);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(timeout));
         let results = admin.create_topics(&[new], &opts).await.map_err(|e| {
             Error::new(

@@ -597,3 +597,33 @@ async fn commit_errors_and_broker_outage_lose_nothing() {
     assert_ordered("faults", &log.lock().unwrap());
     bus.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_settings_kafka_cannot_honour_are_unsupported_errors_naming_the_field() {
+    let cluster = Cluster::start();
+    let bus = KafkaEventBus::new(cluster.kafka_config(), bus_config(), keyed_pool(2)).unwrap();
+    let topic = random("unsupported");
+    for (config, field) in [
+        (
+            eventbus_core::TopicConfig::default().storage(eventbus_core::StorageKind::Memory),
+            "storage",
+        ),
+        (
+            eventbus_core::TopicConfig::default().max_messages(10),
+            "max_messages",
+        ),
+        (
+            eventbus_core::TopicConfig::default().persistent(false),
+            "persistent",
+        ),
+    ] {
+        let e = bus
+            .configure_topic(&topic, config)
+            .await
+            .expect_err("a setting Kafka cannot honour");
+        assert_eq!(e.kind(), eventbus_core::ErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains(field), "{field}: {e}");
+        assert!(e.to_string().contains(&topic), "{e}");
+    }
+    bus.close().await.unwrap();
+}

@@ -1,8 +1,8 @@
 //! `MemoryEventBus`: the core pipeline and lifecycle over the in-process broker.
 
 use eventbus_core::{
-    CancellationToken, ComponentHealth, Error, EventBus, EventBusConfig, HealthReport, Pool,
-    PublishReceipt, Record, Recovery, Subscription, TopicConfig,
+    CancellationToken, ComponentHealth, Error, ErrorKind, EventBus, EventBusConfig, HealthReport,
+    Pool, PublishReceipt, Record, Recovery, Subscription, TopicConfig,
 };
 
 use eventbus_core::raw::{
@@ -232,6 +232,18 @@ impl EventBus for MemoryEventBus {
     ) -> BoxFuture<'a, Result<(), Error>> {
         async move {
             self.inner.check_open()?;
+            if !config.is_persistent() {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("topic `{topic}`: the memory broker has no fire-and-forget topics (persistent = false)"),
+                ));
+            }
+            config.refuse(
+                "the memory broker",
+                topic,
+                &["storage", "max_bytes", "max_age", "replicas", "duplicate_window"],
+                "it keeps max_messages per partition in process",
+            )?;
             self.broker()
                 .create_topic(topic, config.partitions, config.max_messages)
                 .map(|_| ())

@@ -296,7 +296,7 @@ impl BusBackend for Backend {
             let stop = CancellationToken::new();
             let cfg = &self.config().consumer;
             let max_in_flight = self.max_ack_pending();
-            let persistent = shared.settings(&topic).config.persistent;
+            let persistent = shared.settings(&topic).config.is_persistent();
             if let (true, Some(p)) = (persistent, shared.partitions(&topic)) {
                 if let Some(dlq) = prepared.dead_letter_topic() {
                     naming::validate_nats_topic(dlq)?;
@@ -471,7 +471,7 @@ impl BusBackend for Backend {
                 .lock()
                 .expect("consumer state poisoned")
                 .clone();
-            let standby = self.shared.settings(topic).config.persistent
+            let standby = self.shared.settings(topic).config.is_persistent()
                 && !h.state.active.load(Ordering::Relaxed);
             components.push(match error {
                 None if standby => {
@@ -513,7 +513,7 @@ impl BusBackend for Backend {
         async move {
             let mut out = Vec::with_capacity(consumers.len());
             for (topic, h) in consumers {
-                if !self.shared.settings(topic).config.persistent {
+                if !self.shared.settings(topic).config.is_persistent() {
                     continue;
                 }
                 if let Some(group) = &h.group {
@@ -764,7 +764,7 @@ impl NatsEventBus {
         self.inner.check_open()?;
         naming::validate_nats_topic(topic)?;
         validate_topic_config(topic, &config)?;
-        let persistent = config.persistent;
+        let persistent = config.is_persistent();
         self.nats().shared.set_settings(
             topic,
             TopicSettings {
@@ -808,7 +808,7 @@ impl NatsEventBus {
     /// partitions.
     pub async fn is_consuming(&self, topic: &str) -> bool {
         self.inner.consumer(topic).is_some_and(|h| {
-            !self.nats().shared.settings(topic).config.persistent
+            !self.nats().shared.settings(topic).config.is_persistent()
                 || h.state.active.load(Ordering::Relaxed)
         })
     }

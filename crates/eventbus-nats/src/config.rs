@@ -427,7 +427,7 @@ impl NatsConfig {
                     crate::partition::MAX_PARTITIONS
                 )));
             }
-            if self.topics.get(topic).is_some_and(|c| !c.persistent) {
+            if self.topics.get(topic).is_some_and(|c| !c.is_persistent()) {
                 return Err(Error::config(format!(
                     "partitions.{topic} needs a persistent topic, but topics.{topic}.persistent \
                      is false (core NATS topics have no consumers to partition)"

@@ -184,7 +184,7 @@ impl Shared {
     /// Make sure the stream of a persistent topic exists; `false` for a core NATS topic.
     pub(crate) async fn ensure_stream(&self, topic: &str) -> Result<bool> {
         let spec = self.spec(topic);
-        if !spec.config.persistent {
+        if !spec.config.is_persistent() {
             return Ok(false);
         }
         self.streams.ensure(&spec).await?;

@@ -19,6 +19,12 @@ use crate::publish::bounded;
 
 /// Check per-topic settings; the error names the topic and the field.
 pub(crate) fn validate_topic_config(topic: &str, cfg: &TopicConfig) -> Result<()> {
+    cfg.refuse(
+        "NATS",
+        topic,
+        &["partitions"],
+        &format!("partitioned consumption is opted into with the NATS setting partitions.{topic}"),
+    )?;
     if let Some(r) = cfg.replicas {
         if !(1..=5).contains(&r) {
             return Err(Error::config(format!(
@@ -80,7 +86,7 @@ impl StreamSpec {
         stream::Config {
             name: self.name.clone(),
             subjects: self.subjects(),
-            storage: storage_type(c.storage),
+            storage: storage_type(c.storage_kind()),
             retention: retention_policy(self.retention),
             max_bytes: c.max_bytes.map_or(-1, |v| v as i64),
             max_messages: c.max_messages.map_or(-1, |v| v as i64),

@@ -115,3 +115,22 @@ async fn existing_stream_with_other_settings_is_reported_not_changed() {
     assert_eq!(c.duplicate_window, Duration::from_secs(30));
     within("close", bus.close()).await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_in_topic_settings_are_unsupported_naming_the_nats_opt_in() {
+    init_tracing();
+    let server = NatsServer::start();
+    let bus = connect(nats_config(&server), bus_config(), keyed_pool(2, 8)).await;
+    let topic = topic("parts");
+    let e = bus
+        .configure_topic(&topic, TopicConfig::default().partitions(4))
+        .await
+        .expect_err("NATS partitions are opted into in the NATS settings");
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("`partitions`") && text.contains(&format!("partitions.{topic}")),
+        "{text}"
+    );
+    bus.close().await.expect("close");
+}

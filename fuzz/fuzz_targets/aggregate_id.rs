@@ -3,7 +3,8 @@
 //! chain a decodable envelope's own id wins.
 #![no_main]
 
-use eventbus_core::envelope::{validate_aggregate_id, Envelope};
+use eventbus_core::raw::validate_aggregate_id;
+use eventbus_core::Envelope;
 use eventbus_core::{AggregateIdConfig, Headers, IdSource, Message};
 use libfuzzer_sys::fuzz_target;
 

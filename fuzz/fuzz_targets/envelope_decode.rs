@@ -7,7 +7,8 @@
 //! `float-precision` is that case).
 #![no_main]
 
-use eventbus_core::envelope::{peek_aggregate_id, validate_aggregate_id, Envelope};
+use eventbus_core::raw::{peek_aggregate_id, validate_aggregate_id};
+use eventbus_core::Envelope;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -88,6 +88,10 @@ pub struct Completion<T> {
     pub disposition: Disposition,
     /// What the backend attached at submission (an ack handle, say).
     pub token: T,
+    /// The partition's new watermark (the offset to commit) when this completion
+    /// moved it; set by the [`InFlightSet`](crate::raw::InFlightSet) that tracks the
+    /// message, `None` from an [`InFlight`] awaited on its own.
+    pub watermark: Option<i64>,
 }
 
 impl<T> Completion<T> {
@@ -135,6 +139,7 @@ impl<T: Unpin> Future for InFlight<T> {
             offset: self.offset,
             disposition,
             token: self.token.take().expect("InFlight polled after completion"),
+            watermark: None,
         })
     }
 }

@@ -7,7 +7,7 @@ use eventbus_core::{
     PoolStats, Subscription,
 };
 
-use eventbus_core::raw::{Dispatcher, Disposition, InFlightSet, Job, Settled, SubmitError};
+use eventbus_core::raw::{Completion, Dispatcher, Disposition, InFlightSet, Job, SubmitError};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::VecDeque;
@@ -121,7 +121,7 @@ impl Rig {
     }
 
     /// The next completion of the set.
-    async fn settled(&mut self) -> Settled<()> {
+    async fn settled(&mut self) -> Completion<()> {
         tokio::time::timeout(WAIT, self.set.next())
             .await
             .expect("a completion within the wait")
@@ -143,8 +143,8 @@ async fn the_watermark_moves_only_over_contiguous_finished_offsets() {
     assert_eq!(rig.pool.queued(), 3);
     rig.pool.run_next().await;
     let s = rig.settled().await;
-    assert_eq!(s.completion.offset, 10);
-    assert_eq!(s.completion.disposition, Disposition::Handled);
+    assert_eq!(s.offset, 10);
+    assert_eq!(s.disposition, Disposition::Handled);
     assert_eq!(
         s.watermark,
         Some(11),
@@ -178,7 +178,7 @@ async fn a_fenced_partition_never_starts_its_queued_jobs() {
     let mut dispositions = Vec::new();
     for _ in 0..3 {
         let s = rig.settled().await;
-        dispositions.push((s.completion.offset, s.completion.disposition));
+        dispositions.push((s.offset, s.disposition));
     }
     dispositions.sort_by_key(|(o, _)| *o);
     assert_eq!(
@@ -219,8 +219,8 @@ async fn a_rewind_fences_the_copies_read_again_and_keeps_work_below_it() {
     let mut watermark = None;
     for _ in 0..6 {
         let s = rig.settled().await;
-        if s.completion.disposition == Disposition::Abandoned {
-            abandoned.push(s.completion.offset);
+        if s.disposition == Disposition::Abandoned {
+            abandoned.push(s.offset);
         }
         if let Some(w) = s.watermark {
             watermark = Some(w);
@@ -265,7 +265,7 @@ async fn the_watermark_never_passes_an_unfinished_message_below_a_rewind() {
     }
     first.run().await;
     let s = rig.settled().await;
-    assert_eq!(s.completion.offset, 0);
+    assert_eq!(s.offset, 0);
     assert_eq!(
         rig.set.watermark(0),
         Some(3),

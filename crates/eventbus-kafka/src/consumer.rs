@@ -28,7 +28,7 @@
 
 use eventbus_core::{Error, ErrorKind, Message};
 
-use eventbus_core::raw::{Dispatcher, InFlightSet, PreparedSubscription, Settled};
+use eventbus_core::raw::{Completion, Dispatcher, InFlightSet, PreparedSubscription};
 use futures::future::poll_fn;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -195,7 +195,7 @@ struct TopicState {
 
 enum Step {
     Stop,
-    Settled(Arc<str>, Settled<()>),
+    Settled(Arc<str>, Completion<()>),
     Event(Option<FetchEvent>),
     Control(Option<Control>),
     Tick,
@@ -228,7 +228,7 @@ pub(crate) struct ConsumeLoop {
 async fn next_settled(
     topics: &mut HashMap<Arc<str>, TopicState>,
     rotate: &mut usize,
-) -> (Arc<str>, Settled<()>) {
+) -> (Arc<str>, Completion<()>) {
     poll_fn(|cx| {
         let n = topics.len();
         if n == 0 {
@@ -604,9 +604,9 @@ fn store_offset(consumer: &KConsumer, topic: &str, partition: i32, watermark: i6
 }
 
 impl ConsumeLoop {
-    fn on_settled(&mut self, topic: &str, s: Settled<()>) {
+    fn on_settled(&mut self, topic: &str, s: Completion<()>) {
         if let Some(w) = s.watermark {
-            self.store(topic, s.completion.partition, w);
+            self.store(topic, s.partition, w);
         }
     }
 

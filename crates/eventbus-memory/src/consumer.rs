@@ -2,7 +2,7 @@
 
 use eventbus_core::CancellationToken;
 
-use eventbus_core::raw::{Dispatcher, InFlightSet, PreparedSubscription, Settled};
+use eventbus_core::raw::{Completion, Dispatcher, InFlightSet, PreparedSubscription};
 use futures::FutureExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -144,18 +144,18 @@ impl ConsumeLoop {
         self.topic.leave(&self.group, self.member);
     }
 
-    fn settle(&mut self, s: Settled<()>) {
+    fn settle(&mut self, s: Completion<()>) {
         settle(&self.topic, &self.group, &self.in_flight, s);
     }
 }
 
 /// Count a completion out and commit the watermark it moved.
-fn settle(topic: &Topic, group: &str, in_flight: &InFlightCounts, s: Settled<()>) {
-    if let Some(n) = in_flight.get(s.completion.partition as usize) {
+fn settle(topic: &Topic, group: &str, in_flight: &InFlightCounts, s: Completion<()>) {
+    if let Some(n) = in_flight.get(s.partition as usize) {
         n.fetch_sub(1, Ordering::Relaxed);
     }
     if let Some(w) = s.watermark {
-        topic.commit(group, s.completion.partition, w);
+        topic.commit(group, s.partition, w);
     }
 }
 

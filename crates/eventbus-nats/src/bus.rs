@@ -21,12 +21,12 @@ use eventbus_core::raw::{
     PreparedSubscription,
 };
 
-use crate::config::{NatsAuth, NatsConfig, Retention};
-use crate::consumer::{ConsumerState, CoreLoop, JsLoop, Recreate, Role};
-use crate::group::{Coordinator, Group, Slot};
+use crate::config::{validate_topic_config, NatsAuth, NatsConfig, Retention};
+use crate::consumer::{ConsumerState, CoreLoop, JsLoop, Recreate, Role, Slot};
+use crate::group::{Coordinator, Group};
 use crate::naming;
-use crate::publish::{bounded, NatsDeadLetterSink, Shared, TopicSettings};
-use crate::streams::{broker, validate_topic_config};
+use crate::publish::{NatsDeadLetterSink, Shared, TopicSettings};
+use crate::streams::{bounded, broker};
 
 /// Server-side counters of one durable consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -416,7 +416,7 @@ impl NatsConfig {
         for (topic, cfg) in &self.topics {
             crate::naming::validate_nats_topic(topic)
                 .map_err(|e| Error::config(format!("topics.{topic}: {}", e.message())))?;
-            crate::streams::validate_topic_config(topic, cfg)?;
+            validate_topic_config(topic, cfg)?;
         }
         for (topic, &p) in &self.partitions {
             crate::naming::validate_nats_topic(topic)
@@ -441,6 +441,44 @@ impl NatsConfig {
     pub fn retention_of(&self, topic: &str) -> Retention {
         self.retention.get(topic).copied().unwrap_or_default()
     }
+}
+
+/// Check per-topic settings; the error names the topic and the field.
+pub(crate) fn validate_topic_config(topic: &str, cfg: &TopicConfig) -> eventbus_core::Result<()> {
+    cfg.refuse(
+        "NATS",
+        topic,
+        &["partitions"],
+        &format!("partitioned consumption is opted into with the NATS setting partitions.{topic}"),
+    )?;
+    if let Some(r) = cfg.replicas {
+        if !(1..=5).contains(&r) {
+            return Err(Error::config(format!(
+                "topics.{topic}.replicas must be within 1..=5, got {r}"
+            )));
+        }
+    }
+    for (field, value) in [
+        ("max_bytes", cfg.max_bytes),
+        ("max_messages", cfg.max_messages),
+    ] {
+        if let Some(v) = value {
+            if v == 0 || v > i64::MAX as u64 {
+                return Err(Error::config(format!(
+                    "topics.{topic}.{field} must be within 1..={}, got {v}",
+                    i64::MAX
+                )));
+            }
+        }
+    }
+    if let (Some(window), Some(age)) = (cfg.duplicate_window, cfg.max_age) {
+        if !age.is_zero() && window > age {
+            return Err(Error::config(format!(
+                "topics.{topic}.duplicate_window ({window:?}) must not exceed max_age ({age:?})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

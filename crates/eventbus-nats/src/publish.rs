@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use eventbus_core::raw::KeyStops;
 use eventbus_core::{
@@ -454,20 +453,6 @@ pub(crate) fn from_header_map(map: Option<&HeaderMap>) -> (Headers, Option<Bytes
         }
     }
     (headers, key)
-}
-
-/// Bound a future by `d`, naming what timed out.
-pub(crate) async fn bounded<T>(
-    d: Duration,
-    what: impl FnOnce() -> String,
-    fut: impl std::future::Future<Output = Result<T>>,
-) -> Result<T> {
-    tokio::time::timeout(d, fut).await.map_err(|_| {
-        Error::new(
-            ErrorKind::Timeout,
-            format!("{} timed out after {d:?}", what()),
-        )
-    })?
 }
 
 #[cfg(test)]

@@ -15,45 +15,6 @@ use tokio::sync::OnceCell;
 use eventbus_core::{Error, ErrorKind, Result, StorageKind, TopicConfig};
 
 use crate::config::Retention;
-use crate::publish::bounded;
-
-/// Check per-topic settings; the error names the topic and the field.
-pub(crate) fn validate_topic_config(topic: &str, cfg: &TopicConfig) -> Result<()> {
-    cfg.refuse(
-        "NATS",
-        topic,
-        &["partitions"],
-        &format!("partitioned consumption is opted into with the NATS setting partitions.{topic}"),
-    )?;
-    if let Some(r) = cfg.replicas {
-        if !(1..=5).contains(&r) {
-            return Err(Error::config(format!(
-                "topics.{topic}.replicas must be within 1..=5, got {r}"
-            )));
-        }
-    }
-    for (field, value) in [
-        ("max_bytes", cfg.max_bytes),
-        ("max_messages", cfg.max_messages),
-    ] {
-        if let Some(v) = value {
-            if v == 0 || v > i64::MAX as u64 {
-                return Err(Error::config(format!(
-                    "topics.{topic}.{field} must be within 1..={}, got {v}",
-                    i64::MAX
-                )));
-            }
-        }
-    }
-    if let (Some(window), Some(age)) = (cfg.duplicate_window, cfg.max_age) {
-        if !age.is_zero() && window > age {
-            return Err(Error::config(format!(
-                "topics.{topic}.duplicate_window ({window:?}) must not exceed max_age ({age:?})"
-            )));
-        }
-    }
-    Ok(())
-}
 
 /// What a topic's stream must look like.
 #[derive(Debug, Clone)]
@@ -540,9 +501,24 @@ pub(crate) fn broker(
     Error::new(ErrorKind::Broker, context.into()).with_source(e)
 }
 
+/// Bound a future by `d`, naming what timed out.
+pub(crate) async fn bounded<T>(
+    d: Duration,
+    what: impl FnOnce() -> String,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(d, fut).await.map_err(|_| {
+        Error::new(
+            ErrorKind::Timeout,
+            format!("{} timed out after {d:?}", what()),
+        )
+    })?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::validate_topic_config;
 
     fn spec(cfg: TopicConfig, explicit: bool) -> StreamSpec {
         StreamSpec {

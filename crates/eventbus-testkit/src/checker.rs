@@ -669,7 +669,7 @@ impl DeliveryChecker {
 /// aggregate id and the `seq` of its payload (the convention of
 /// [`DeliveryChecker::envelope`]); an event without one fails permanently.
 ///
-/// ```ignore
+/// ```text
 /// bus.subscribe_envelope(&topic, checker.clone()).await?;
 /// bus.publish_envelope(&topic, &checker.envelope("order-1")).await?;
 /// ```

@@ -1010,7 +1010,7 @@ pub async fn resubscribe_while_unsubscribing_waits_for_the_handover(
 /// name others as `module => pool_factory_expression`. The test crate needs
 /// `tokio` (with `macros` and `rt-multi-thread`).
 ///
-/// ```ignore
+/// ```text
 /// eventbus_testkit::conformance_tests!(eventbus_testkit::factories::MemoryBuses::default());
 /// ```
 #[macro_export]

@@ -293,7 +293,7 @@ pub async fn no_job_of_a_fenced_scope_starts(factory: &PoolFactory) {
 /// test output. `$pools` is a [`PoolFactory`] expression, evaluated in every test.
 /// The test crate needs `tokio` (with `macros` and `rt-multi-thread`).
 ///
-/// ```ignore
+/// ```text
 /// eventbus_testkit::pool_tests!(eventbus_testkit::factories::keyed_pools());
 /// ```
 #[macro_export]
@@ -517,10 +517,10 @@ pub async fn random_workload(
         set.push(ticket, inflight, permit).expect("push");
     }
     while let Some(settled) = expect("completions", set.next()).await {
-        let i = settled.completion.token;
+        let i = settled.token;
         finished[i] = true;
         let step = &steps[i];
-        let d = settled.completion.disposition;
+        let d = settled.disposition;
         let attempts = calls[i].load(Ordering::SeqCst) as u32;
         if step.envelope {
             let should_fail = step.fail_times >= max_attempts;

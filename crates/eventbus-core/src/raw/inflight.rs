@@ -5,7 +5,7 @@
 //! A backend's consume loop, for each message in delivery order: [`begin`]s it
 //! (tracking its offset and getting the [`Ticket`] whose scope the job is submitted
 //! under), submits it, and [`push`]es the [`InFlight`] (or [`give_up`]s the ticket
-//! when the submission failed). It reads [`Settled`] completions back; each carries
+//! when the submission failed). It reads the [`Completion`]s back; each carries
 //! the partition's new watermark when it moved. Completions for a partition that was
 //! revoked (or revoked and assigned again) since submission are dropped, never
 //! committed.
@@ -87,16 +87,6 @@ impl Ticket {
     pub fn rewound_from(&self) -> Option<i64> {
         self.rewound_from
     }
-}
-
-/// A completion read from an [`InFlightSet`].
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct Settled<T> {
-    /// The completion.
-    pub completion: Completion<T>,
-    /// The partition's new watermark (offset to commit), when it moved.
-    pub watermark: Option<i64>,
 }
 
 /// Messages in flight, bounded per partition and in total.
@@ -337,7 +327,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
         partitions: &[i32],
         drain: std::time::Duration,
         handover: std::time::Duration,
-        mut on_settled: impl FnMut(Settled<T>),
+        mut on_settled: impl FnMut(Completion<T>),
     ) -> Vec<i32> {
         let drain_until = tokio::time::Instant::now() + drain;
         while partitions.iter().any(|p| self.in_flight(*p) > 0) {
@@ -379,7 +369,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
     }
 
     /// The next completion of an owned partition; `None` when nothing is in flight.
-    pub async fn next(&mut self) -> Option<Settled<T>> {
+    pub async fn next(&mut self) -> Option<Completion<T>> {
         loop {
             let (generation, epoch, completion) = self.pending.next().await?;
             let Some(slot) = self.partitions.get_mut(&completion.partition) else {
@@ -388,16 +378,14 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             if slot.generation != generation {
                 continue;
             }
-            let watermark = if completion.should_ack() {
+            let mut completion = completion;
+            completion.watermark = if completion.should_ack() {
                 slot.tracker.complete(epoch, completion.offset)
             } else {
                 slot.tracker.abandon(epoch, completion.offset);
                 None
             };
-            return Some(Settled {
-                completion,
-                watermark,
-            });
+            return Some(completion);
         }
     }
 }

@@ -5,7 +5,7 @@ use eventbus_keyed_pool::KeyedWorkerPool;
 use eventbus_nats::{NatsConfig, NatsEventBus};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use eventbus_testkit::nats_server::NatsServer;
 
@@ -43,10 +43,10 @@ pub(crate) fn bus_config() -> EventBusConfig {
     c
 }
 
+/// The testkit's settings for a local server (quick reconnects, short fetches, a
+/// short consumer lease).
 pub(crate) fn nats_config(server: &NatsServer) -> NatsConfig {
-    NatsConfig::new([server.url()])
-        .ack_wait(Duration::from_secs(5))
-        .fetch_expires(Duration::from_secs(1))
+    eventbus_testkit::factories::nats_config(&server.url())
 }
 
 pub(crate) async fn connect(
@@ -64,22 +64,12 @@ pub(crate) fn env(key: &str, seq: u64) -> Envelope {
 }
 
 /// Poll `cond` until it holds; fail naming `what` after [`WAIT`].
-pub(crate) async fn eventually<F, Fut>(what: &str, mut cond: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let started = Instant::now();
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            started.elapsed() < WAIT,
-            "timed out after {WAIT:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventbus_testkit::eventually(what, WAIT, cond).await
 }
 
 /// Await `fut` for at most [`WAIT`], failing with `what`.

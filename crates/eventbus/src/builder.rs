@@ -181,8 +181,13 @@ impl EventBusBuilder {
         Ok((self.build().await?, switch))
     }
 
-    /// Apply the environment overrides (unless ignored), validate the configuration,
-    /// build the pool it names (unless one was given) and the bus.
+    /// Apply the environment overrides, validate the configuration, build the pool
+    /// it names (unless one was given) and the bus.
+    ///
+    /// The overrides are on by default: `KAFKA_USE_ACTOR_POOL`, `EVENTBUS_POOL`,
+    /// `KAFKA_ACTOR_POOL_SIZE`, `KAFKA_ACTOR_INBOX_SIZE`, `KAFKA_ACTOR_MAX_RESTARTS`
+    /// (see [`crate::env`]) win over the configuration, and an unparsable value is an
+    /// error naming the variable; only [`ignore_env`](Self::ignore_env) turns them off.
     #[cfg_attr(
         not(any(feature = "memory", feature = "kafka")),
         allow(unused_variables)

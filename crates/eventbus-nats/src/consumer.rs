@@ -216,23 +216,10 @@ impl JsLoop {
                 tracing::warn!(topic = %self.state.topic, partition = ?self.state.partition,
                     error = %e, "cannot take over the durable consumer; trying again");
                 self.state.set_error(Some(e.to_string()));
-                if let Role::Partition { slot, .. } = &self.role {
-                    // Give it back to the group's coordinator, which grants it
-                    // again (an unfinished re-read keeps the lease recorded).
-                    lease.release().await;
-                    slot.end_hold();
-                    tokio::select! {
-                        _ = self.closing.cancelled() => break,
-                        _ = tokio::time::sleep(retry_delay(4)) => continue,
-                    }
+                if self.pause_after_failed_take_over(lease).await {
+                    continue;
                 }
-                tokio::select! {
-                    _ = self.closing.cancelled() => {
-                        lease.release().await;
-                        break;
-                    }
-                    _ = tokio::time::sleep(retry_delay(4)) => continue,
-                }
+                break;
             }
             tracing::info!(topic = %self.state.topic, partition = ?self.state.partition,
                 member = self.leases.member(), previous = ?lease.previous,
@@ -288,8 +275,37 @@ impl JsLoop {
             }
         }
         self.state.set_active(false);
+        self.return_grants().await;
+    }
+
+    /// After a failed take-over: give a partition's lease back to the group's
+    /// coordinator, then wait a moment before trying again. Whether to try again
+    /// (`false` when the subscription ends meanwhile; a standby's lease is then
+    /// released).
+    async fn pause_after_failed_take_over(&mut self, lease: Lease) -> bool {
+        if let Role::Partition { slot, .. } = &self.role {
+            // Give it back to the group's coordinator, which grants it
+            // again (an unfinished re-read keeps the lease recorded).
+            lease.release().await;
+            slot.end_hold();
+            return tokio::select! {
+                _ = self.closing.cancelled() => false,
+                _ = tokio::time::sleep(retry_delay(4)) => true,
+            };
+        }
+        tokio::select! {
+            _ = self.closing.cancelled() => {
+                lease.release().await;
+                false
+            }
+            _ = tokio::time::sleep(retry_delay(4)) => true,
+        }
+    }
+
+    /// At the end of the subscription: a partition's lease granted as it ended
+    /// is given back at once.
+    async fn return_grants(&mut self) {
         if let Role::Partition { slot, grants } = &mut self.role {
-            // A lease granted as the subscription ended: give it back at once.
             grants.close();
             while let Ok(lease) = grants.try_recv() {
                 lease.release().await;
@@ -411,318 +427,11 @@ impl JsLoop {
     }
 
     /// Consume while this member holds the lease (until `self.stop`), then drain
-    /// and hand back what is unfinished.
+    /// and hand back what is unfinished: one [`ConsumeTurn`].
     async fn consume(&mut self, clock: &LeaseClock) -> TurnEnd {
-        // This turn's work: fenced before anything is handed back.
-        let scope = Scope::new();
-        let mut reconnected = false;
-        // Reconnects before this turn are behind us (the take-over checked).
-        self.reconnects.borrow_and_update();
-        if self.reconnects.has_changed().is_err() {
-            tracing::debug!(topic = %self.state.topic,
-                "the NATS client is gone for good: no reconnect to watch for");
-        }
-        let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
-        let beats_stop = CancellationToken::new();
-        let beats = tokio::spawn(heartbeats(
-            registry.clone(),
-            self.shared.client.clone(),
-            self.shared.config.ack_wait,
-            beats_stop.clone(),
-        ));
-        let client = self.shared.client.clone();
-        let fetch_expires = self.shared.config.fetch_expires;
-        let fetch_batch = self.shared.config.fetch_batch;
-
-        let mut queue: VecDeque<(Message, OwnedSemaphorePermit)> = VecDeque::new();
-        let mut submitting: Option<Submitting> = None;
-        let mut inflight: FuturesUnordered<Settling> = FuturesUnordered::new();
-        let mut batch: Option<(Batch, OwnedSemaphorePermit)> = None;
-        let mut backoff: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        let mut failures = 0u32;
-        let mut needs_recreate = false;
-
-        loop {
-            if submitting.is_none() {
-                if let Some((msg, permit)) = queue.pop_front() {
-                    submitting = Some(self.submit(msg, permit, &scope));
-                }
-            }
-            let busy = inflight.len() + queue.len() + usize::from(submitting.is_some());
-            self.state.set_in_flight(busy);
-            let room = self.max_in_flight.saturating_sub(busy).min(fetch_batch);
-            // The next pull request goes out as soon as the last one is done, while
-            // what it brought is still being submitted: its round trip overlaps that
-            // work. Messages waiting for submission hold their permits, so the
-            // bound on messages in flight is unchanged.
-            // A pull request must run out while the lease still holds.
-            let may_fetch =
-                batch.is_none() && backoff.is_none() && room > 0 && clock.may_pull(fetch_expires);
-
-            tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                Some((completion, permit)) = inflight.next(), if !inflight.is_empty() => {
-                    settle(&client, &registry, completion, false).await;
-                    drop(permit);
-                }
-                (seq, result, permit) = async { submitting.as_mut().expect("guarded").await },
-                    if submitting.is_some() =>
-                {
-                    submitting = None;
-                    match result {
-                        Ok(fut) => inflight.push(
-                            async move { (fut.await, permit) }.boxed()
-                        ),
-                        Err(e) => {
-                            tracing::debug!(topic = %self.state.topic, seq, error = %e,
-                                "submission stopped; message left for redelivery");
-                            // Stopping: it stays registered and is handed back with
-                            // the rest, in stream order, when the turn ends. Handed
-                            // back now, it would be redelivered ahead of earlier
-                            // messages still in flight.
-                            if !self.stop.is_cancelled() {
-                                release(&client, &registry, seq).await;
-                            }
-                        }
-                    }
-                }
-                () = next_reconnect(&mut self.reconnects) => {
-                    // A pull request does not survive a reconnect, and messages the
-                    // server sent into it while the connection was down are lost in
-                    // transit: they would come back only after `ack_wait`, after
-                    // later messages of their aggregates. End this turn (drain, hand
-                    // back) and re-read from the ack floor, as after a takeover.
-                    tracing::info!(topic = %self.state.topic,
-                        "reconnected: draining, then re-reading from the ack floor");
-                    batch = None;
-                    reconnected = true;
-                    self.stop.cancel();
-                }
-                item = async { batch.as_mut().expect("guarded").0.next().await }, if batch.is_some() => {
-                    match item {
-                        Some(Ok(m)) => {
-                            failures = 0;
-                            let permit = batch
-                                .as_mut()
-                                .and_then(|(_, p)| p.split(1))
-                                .or_else(|| self.total.clone().try_acquire_owned().ok());
-                            match permit {
-                                Some(permit) => {
-                                    if let Some(msg) = self.accept(m, &registry) {
-                                        queue.push_back((msg, permit));
-                                    }
-                                }
-                                None => {
-                                    // More than asked for: leave it for redelivery.
-                                    tracing::warn!(topic = %self.state.topic,
-                                        "server sent more messages than requested");
-                                }
-                            }
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(topic = %self.state.topic, error = %e, "pull request failed");
-                            self.state.set_error(Some(e.to_string()));
-                            batch = None;
-                            failures += 1;
-                            needs_recreate = true;
-                            backoff = Some(Box::pin(tokio::time::sleep(retry_delay(failures))));
-                        }
-                        None => {
-                            tracing::debug!(topic = %self.state.topic, "pull request done");
-                            batch = None;
-                        }
-                    }
-                }
-                _ = async { backoff.as_mut().expect("guarded").await }, if backoff.is_some() => {
-                    backoff = None;
-                    if needs_recreate {
-                        match (self.recreate)(None).await {
-                            Ok(c) => {
-                                self.consumer = c;
-                                needs_recreate = false;
-                                self.state.set_error(None);
-                            }
-                            Err(e) => {
-                                tracing::warn!(topic = %self.state.topic, error = %e,
-                                    "cannot re-create the durable consumer; retrying");
-                                self.state.set_error(Some(e.to_string()));
-                                failures += 1;
-                                backoff = Some(Box::pin(tokio::time::sleep(retry_delay(failures))));
-                            }
-                        }
-                    }
-                }
-                permits = acquire_up_to(&self.total, room), if may_fetch => {
-                    let Some(permits) = permits else { break };
-                    let n = permits.num_permits();
-                    let request = self
-                        .consumer
-                        .batch()
-                        .max_messages(n)
-                        .expires(fetch_expires)
-                        .messages();
-                    match tokio::time::timeout(self.shared.config.request_timeout, request).await {
-                        Ok(Ok(b)) => batch = Some((b, permits)),
-                        Ok(Err(e)) => {
-                            tracing::warn!(topic = %self.state.topic, error = %e, "cannot send pull request");
-                            self.state.set_error(Some(e.to_string()));
-                            failures += 1;
-                            needs_recreate = true;
-                            backoff = Some(Box::pin(tokio::time::sleep(retry_delay(failures))));
-                        }
-                        Err(_) => {
-                            failures += 1;
-                            backoff = Some(Box::pin(tokio::time::sleep(retry_delay(failures))));
-                        }
-                    }
-                }
-            }
-        }
-
-        // Stop fetching: no new pull request. Messages the open pull request still
-        // brings are registered (not dispatched) while in-flight work drains, so the
-        // final release hands them back in stream order instead of leaving them to
-        // redeliver after `ack_wait`, when later messages of the same aggregate could
-        // overtake them.
-        let mut open = batch.take().map(|(b, _permits)| b);
-        let started = tokio::time::Instant::now();
-        // A partition moving to another member is not drained: its queued jobs
-        // are fenced at once (they do not start here) and handed back in order
-        // for the next owner, so a move waits only for running handlers.
-        let moving = matches!(&self.role, Role::Partition { slot, .. } if slot.yield_requested())
-            && !self.closing.is_cancelled();
-        let deadline = started
-            + if moving {
-                Duration::ZERO
-            } else {
-                self.drain_timeout
-            };
-        let flush_by = started
-            + if moving {
-                self.drain_timeout.min(self.shared.config.request_timeout)
-            } else {
-                self.drain_timeout
-            };
-        if let Some(b) = open.as_mut() {
-            // Everything the server sent before a flush round trip is in the inbox.
-            if let Ok(Ok(())) = tokio::time::timeout_at(flush_by, client.flush()).await {
-                tokio::task::unconstrained(async {
-                    while let Some(Some(Ok(m))) = b.next().now_or_never() {
-                        let _ = self.accept(m, &registry);
-                    }
-                })
-                .await;
-            }
-        }
-        // What was fetched but not submitted stays registered (and kept alive by
-        // heartbeats) until the final release below.
-        queue.clear();
-        // Drain: finish the submission under way and wait for in-flight work.
-        if let Some(sub) = submitting.take() {
-            match tokio::time::timeout_at(deadline, sub).await {
-                Ok((_, Ok(fut), permit)) => {
-                    inflight.push(async move { (fut.await, permit) }.boxed())
-                }
-                // Not submitted: released with the rest below.
-                Ok((_, Err(_), _)) | Err(_) => {}
-            }
-        }
-        while !inflight.is_empty() {
-            tokio::select! {
-                biased;
-                Some((completion, permit)) = inflight.next() => {
-                    settle(&client, &registry, completion, true).await;
-                    drop(permit);
-                }
-                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
-                    match item {
-                        Some(Ok(m)) => {
-                            let _ = self.accept(m, &registry);
-                        }
-                        _ => open = None,
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(topic = %self.state.topic, left = inflight.len(),
-                        "drain timeout: messages still in flight are left for redelivery");
-                    break;
-                }
-            }
-        }
-        // Fence this turn's work: no queued job of it starts any more; wait, bounded,
-        // for its running handlers before anything is handed back (-NAK, lease).
-        scope.fence();
-        let handover_until = tokio::time::Instant::now() + self.handover_timeout;
-        while scope.running() > 0 {
-            tokio::select! {
-                biased;
-                Some((completion, permit)) = inflight.next() => {
-                    settle(&client, &registry, completion, true).await;
-                    drop(permit);
-                }
-                // What the open pull request still brings is registered (kept
-                // alive by heartbeats, handed back in order below): left unread,
-                // it would come back after `ack_wait`, ahead of earlier messages.
-                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
-                    match item {
-                        Some(Ok(m)) => {
-                            let _ = self.accept(m, &registry);
-                        }
-                        _ => open = None,
-                    }
-                }
-                _ = scope.idle() => break,
-                _ = tokio::time::sleep_until(handover_until) => break,
-            }
-        }
-        if scope.running() > 0 {
-            tracing::warn!(topic = %self.state.topic, timeout = ?self.handover_timeout,
-                "a handler still runs past the hand-over timeout; its message is handed back");
-            self.dispatcher.count_handover_overrun(&self.state.topic);
-        }
-        // The server keeps a pull request until it is filled or expires; a message
-        // handed back while one is still open could be delivered into it and, with
-        // nobody reading, wait `ack_wait` for its redelivery. Let it run out first
-        // (at most `fetch_expires`), registering whatever it still brings.
-        if let Some(mut b) = open.take() {
-            let bound = self.shared.config.fetch_expires + Duration::from_secs(1);
-            let ran_out = tokio::time::timeout(bound, async {
-                while let Some(item) = b.next().await {
-                    if let Ok(m) = item {
-                        let _ = self.accept(m, &registry);
-                    }
-                }
-            })
-            .await;
-            if ran_out.is_err() {
-                tracing::debug!(topic = %self.state.topic, "pull request still open at close");
-            }
-        }
-        beats_stop.cancel();
-        let _ = beats.await;
-        // Give back everything unfinished, lowest sequence first, so the server
-        // redelivers it in stream order.
-        let mut left: Vec<u64> = registry
-            .lock()
-            .expect("registry poisoned")
-            .keys()
-            .copied()
-            .collect();
-        left.sort_unstable();
-        tracing::debug!(topic = %self.state.topic, released = ?left, "handing back unfinished messages");
-        let bound = self.shared.config.request_timeout;
-        self.handed_back = hand_back(&client, &registry, &left, bound).await;
-        if !self.handed_back {
-            tracing::warn!(topic = %self.state.topic, partition = ?self.state.partition,
-                "the server did not confirm every message handed back in time");
-        }
-        self.state.set_in_flight(0);
-        if reconnected {
-            TurnEnd::Reconnected
-        } else {
-            TurnEnd::Stopped
-        }
+        let mut turn = ConsumeTurn::start(self, clock);
+        turn.run().await;
+        turn.finish().await
     }
 
     fn submit(&self, msg: Message, permit: OwnedSemaphorePermit, scope: &Scope) -> Submitting {
@@ -795,6 +504,526 @@ impl JsLoop {
             msg = msg.with_key(k);
         }
         Some(msg)
+    }
+}
+
+/// One item of a pull request: a delivery, or why the request failed.
+type Delivery = std::result::Result<async_nats::jetstream::Message, async_nats::Error>;
+
+/// What woke a turn's consume loop, in the order the loop checks for it.
+// Held on the stack for one wake-up: boxing the delivery would cost an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    /// The turn ends: its stop token fired, or the in-flight limit is closed.
+    Stop,
+    /// A submitted message finished.
+    Settled(Completion<u64>, OwnedSemaphorePermit),
+    /// The submission under way is done (accepted by the pool, or not).
+    Submitted(u64, Result<InFlight<u64>>, OwnedSemaphorePermit),
+    /// The connection to the server came back.
+    Reconnected,
+    /// The open pull request brought a message, failed, or ran out (`None`).
+    Fetched(Option<Delivery>),
+    /// The wait after a failure is over.
+    BackedOff,
+    /// Room for a pull request: the permits of the messages to ask for.
+    Room(OwnedSemaphorePermit),
+}
+
+/// What woke a turn's wind-down (after the stop).
+#[allow(clippy::large_enum_variant)] // as `Step`
+enum Wind {
+    /// A message in flight finished.
+    Settled(Completion<u64>, OwnedSemaphorePermit),
+    /// The pull request still open brought a message, or ended (`None`, error).
+    Late(Option<Delivery>),
+    /// Nothing more to wait for: idle, or out of time.
+    Done,
+}
+
+/// One turn as lease holder: the consume loop's state from the first pull request
+/// to the last message handed back. [`run`](Self::run) maps each wake-up to a
+/// [`Step`] and hands it to its method; [`finish`](Self::finish) winds the turn
+/// down (drain, fence, hand back).
+struct ConsumeTurn<'a> {
+    js: &'a mut JsLoop,
+    clock: &'a LeaseClock,
+    /// This turn's work: fenced before anything is handed back.
+    scope: Scope,
+    client: Client,
+    /// Every message of the turn not yet settled, by stream sequence.
+    registry: Registry,
+    /// Stops `beats`, the task sending `+WPI` for what is in `registry`.
+    beats_stop: CancellationToken,
+    beats: tokio::task::JoinHandle<()>,
+    /// Fetched and registered, waiting for submission, each with its permit.
+    queue: VecDeque<(Message, OwnedSemaphorePermit)>,
+    /// The submission under way: one at a time, in stream order.
+    submitting: Option<Submitting>,
+    /// Submitted messages, until they settle.
+    inflight: FuturesUnordered<Settling>,
+    /// The open pull request, with the permits of the messages it asked for.
+    batch: Option<(Batch, OwnedSemaphorePermit)>,
+    /// The wait before the next pull request after a failure.
+    backoff: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Failures in a row, for the length of `backoff`.
+    failures: u32,
+    /// A pull request failed: re-create the durable consumer after `backoff`.
+    needs_recreate: bool,
+    /// The connection came back during the turn.
+    reconnected: bool,
+    /// After the stop: the pull request still open, read until it runs out.
+    open: Option<Batch>,
+}
+
+impl<'a> ConsumeTurn<'a> {
+    /// Begin a turn: a new scope, the reconnects before it seen, and the heartbeat
+    /// task for its messages.
+    fn start(js: &'a mut JsLoop, clock: &'a LeaseClock) -> Self {
+        // Reconnects before this turn are behind us (the take-over checked).
+        js.reconnects.borrow_and_update();
+        if js.reconnects.has_changed().is_err() {
+            tracing::debug!(topic = %js.state.topic,
+                "the NATS client is gone for good: no reconnect to watch for");
+        }
+        let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
+        let beats_stop = CancellationToken::new();
+        let beats = tokio::spawn(heartbeats(
+            registry.clone(),
+            js.shared.client.clone(),
+            js.shared.config.ack_wait,
+            beats_stop.clone(),
+        ));
+        let client = js.shared.client.clone();
+        Self {
+            js,
+            clock,
+            scope: Scope::new(),
+            client,
+            registry,
+            beats_stop,
+            beats,
+            queue: VecDeque::new(),
+            submitting: None,
+            inflight: FuturesUnordered::new(),
+            batch: None,
+            backoff: None,
+            failures: 0,
+            needs_recreate: false,
+            reconnected: false,
+            open: None,
+        }
+    }
+
+    /// Consume until the turn stops: each wake-up to its method.
+    async fn run(&mut self) {
+        loop {
+            match self.next_step().await {
+                Step::Stop => break,
+                Step::Settled(completion, permit) => {
+                    self.on_settled(completion, permit, false).await;
+                }
+                Step::Submitted(seq, result, permit) => {
+                    self.on_submitted(seq, result, permit).await;
+                }
+                Step::Reconnected => self.on_reconnect(),
+                Step::Fetched(item) => self.on_fetched(item),
+                Step::BackedOff => self.on_backed_off().await,
+                Step::Room(permits) => self.on_room(permits).await,
+            }
+        }
+    }
+
+    /// Start the next submission if none is under way, then wait for the next
+    /// wake-up. The `select!` only names what woke the loop.
+    async fn next_step(&mut self) -> Step {
+        if self.submitting.is_none() {
+            if let Some((msg, permit)) = self.queue.pop_front() {
+                self.submitting = Some(self.js.submit(msg, permit, &self.scope));
+            }
+        }
+        let busy = self.inflight.len() + self.queue.len() + usize::from(self.submitting.is_some());
+        self.js.state.set_in_flight(busy);
+        let fetch_expires = self.js.shared.config.fetch_expires;
+        let room = self
+            .js
+            .max_in_flight
+            .saturating_sub(busy)
+            .min(self.js.shared.config.fetch_batch);
+        // The next pull request goes out as soon as the last one is done, while
+        // what it brought is still being submitted: its round trip overlaps that
+        // work. Messages waiting for submission hold their permits, so the
+        // bound on messages in flight is unchanged.
+        // A pull request must run out while the lease still holds.
+        let may_fetch = self.batch.is_none()
+            && self.backoff.is_none()
+            && room > 0
+            && self.clock.may_pull(fetch_expires);
+        let submitting = &mut self.submitting;
+        let batch = &mut self.batch;
+        let backoff = &mut self.backoff;
+        tokio::select! {
+            biased;
+            _ = self.js.stop.cancelled() => Step::Stop,
+            Some((completion, permit)) = self.inflight.next(), if !self.inflight.is_empty() => {
+                Step::Settled(completion, permit)
+            }
+            (seq, result, permit) = async { submitting.as_mut().expect("guarded").await },
+                if submitting.is_some() => Step::Submitted(seq, result, permit),
+            () = next_reconnect(&mut self.js.reconnects) => Step::Reconnected,
+            item = async { batch.as_mut().expect("guarded").0.next().await }, if batch.is_some() => {
+                Step::Fetched(item)
+            }
+            _ = async { backoff.as_mut().expect("guarded").await }, if backoff.is_some() => {
+                Step::BackedOff
+            }
+            permits = acquire_up_to(&self.js.total, room), if may_fetch => match permits {
+                Some(permits) => Step::Room(permits),
+                // The in-flight limit is closed: the bus is closing.
+                None => Step::Stop,
+            },
+        }
+    }
+
+    /// A message finished: ack, term or nak it (`hand_back_later`: an abandoned
+    /// one stays registered for the final hand-back) and free its permit.
+    async fn on_settled(
+        &mut self,
+        completion: Completion<u64>,
+        permit: OwnedSemaphorePermit,
+        hand_back_later: bool,
+    ) {
+        settle(&self.client, &self.registry, completion, hand_back_later).await;
+        drop(permit);
+    }
+
+    /// The submission under way is done: track the job until it settles, or, if
+    /// the pool did not take it, give the message back (unless stopping).
+    async fn on_submitted(
+        &mut self,
+        seq: u64,
+        result: Result<InFlight<u64>>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        self.submitting = None;
+        match result {
+            Ok(fut) => self
+                .inflight
+                .push(async move { (fut.await, permit) }.boxed()),
+            Err(e) => {
+                tracing::debug!(topic = %self.js.state.topic, seq, error = %e,
+                    "submission stopped; message left for redelivery");
+                // Stopping: it stays registered and is handed back with
+                // the rest, in stream order, when the turn ends. Handed
+                // back now, it would be redelivered ahead of earlier
+                // messages still in flight.
+                if !self.js.stop.is_cancelled() {
+                    release(&self.client, &self.registry, seq).await;
+                }
+            }
+        }
+    }
+
+    /// The connection came back: end the turn, to re-read from the ack floor.
+    fn on_reconnect(&mut self) {
+        // A pull request does not survive a reconnect, and messages the
+        // server sent into it while the connection was down are lost in
+        // transit: they would come back only after `ack_wait`, after
+        // later messages of their aggregates. End this turn (drain, hand
+        // back) and re-read from the ack floor, as after a takeover.
+        tracing::info!(topic = %self.js.state.topic,
+            "reconnected: draining, then re-reading from the ack floor");
+        self.batch = None;
+        self.reconnected = true;
+        self.js.stop.cancel();
+    }
+
+    /// The open pull request brought a message (registered and queued for
+    /// submission under one of the request's permits), failed (back off, then
+    /// re-create the consumer), or ran out.
+    fn on_fetched(&mut self, item: Option<Delivery>) {
+        match item {
+            Some(Ok(m)) => {
+                self.failures = 0;
+                let permit = self
+                    .batch
+                    .as_mut()
+                    .and_then(|(_, p)| p.split(1))
+                    .or_else(|| self.js.total.clone().try_acquire_owned().ok());
+                match permit {
+                    Some(permit) => {
+                        if let Some(msg) = self.js.accept(m, &self.registry) {
+                            self.queue.push_back((msg, permit));
+                        }
+                    }
+                    None => {
+                        // More than asked for: leave it for redelivery.
+                        tracing::warn!(topic = %self.js.state.topic,
+                            "server sent more messages than requested");
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(topic = %self.js.state.topic, error = %e, "pull request failed");
+                self.js.state.set_error(Some(e.to_string()));
+                self.batch = None;
+                self.needs_recreate = true;
+                self.back_off();
+            }
+            None => {
+                tracing::debug!(topic = %self.js.state.topic, "pull request done");
+                self.batch = None;
+            }
+        }
+    }
+
+    /// The wait after a failure is over: re-create the durable consumer if a pull
+    /// request failed (backing off again if that fails too).
+    async fn on_backed_off(&mut self) {
+        self.backoff = None;
+        if !self.needs_recreate {
+            return;
+        }
+        match (self.js.recreate)(None).await {
+            Ok(c) => {
+                self.js.consumer = c;
+                self.needs_recreate = false;
+                self.js.state.set_error(None);
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.js.state.topic, error = %e,
+                    "cannot re-create the durable consumer; retrying");
+                self.js.state.set_error(Some(e.to_string()));
+                self.back_off();
+            }
+        }
+    }
+
+    /// Room for messages: send a pull request for as many as `permits` allow,
+    /// bounded by the request timeout (backing off if it fails).
+    async fn on_room(&mut self, permits: OwnedSemaphorePermit) {
+        let n = permits.num_permits();
+        let request = self
+            .js
+            .consumer
+            .batch()
+            .max_messages(n)
+            .expires(self.js.shared.config.fetch_expires)
+            .messages();
+        match tokio::time::timeout(self.js.shared.config.request_timeout, request).await {
+            Ok(Ok(b)) => self.batch = Some((b, permits)),
+            Ok(Err(e)) => {
+                tracing::warn!(topic = %self.js.state.topic, error = %e, "cannot send pull request");
+                self.js.state.set_error(Some(e.to_string()));
+                self.needs_recreate = true;
+                self.back_off();
+            }
+            Err(_) => self.back_off(),
+        }
+    }
+
+    /// One more failure in a row: wait longer before the next pull request.
+    fn back_off(&mut self) {
+        self.failures += 1;
+        self.backoff = Some(Box::pin(tokio::time::sleep(retry_delay(self.failures))));
+    }
+
+    /// Wind the turn down after the stop: register what the open pull request
+    /// still brings, drain, fence, and hand back everything unfinished in order.
+    async fn finish(mut self) -> TurnEnd {
+        let (deadline, flush_by) = self.stop_fetching();
+        self.read_inbox(flush_by).await;
+        // What was fetched but not submitted stays registered (and kept alive by
+        // heartbeats) until the final hand-back.
+        self.queue.clear();
+        self.drain(deadline).await;
+        self.fence().await;
+        self.let_pull_run_out().await;
+        self.hand_back_all().await;
+        self.js.state.set_in_flight(0);
+        if self.reconnected {
+            TurnEnd::Reconnected
+        } else {
+            TurnEnd::Stopped
+        }
+    }
+
+    /// Stop fetching: no new pull request; the open one is kept to read what it
+    /// still brings. The drain deadline and the bound of the inbox flush.
+    fn stop_fetching(&mut self) -> (tokio::time::Instant, tokio::time::Instant) {
+        // Messages the open pull request still brings are registered (not
+        // dispatched) while in-flight work drains, so the final release hands them
+        // back in stream order instead of leaving them to redeliver after
+        // `ack_wait`, when later messages of the same aggregate could overtake them.
+        self.open = self.batch.take().map(|(b, _permits)| b);
+        let started = tokio::time::Instant::now();
+        // A partition moving to another member is not drained: its queued jobs
+        // are fenced at once (they do not start here) and handed back in order
+        // for the next owner, so a move waits only for running handlers.
+        let moving = matches!(&self.js.role, Role::Partition { slot, .. } if slot.yield_requested())
+            && !self.js.closing.is_cancelled();
+        let drain_timeout = self.js.drain_timeout;
+        let deadline = started
+            + if moving {
+                Duration::ZERO
+            } else {
+                drain_timeout
+            };
+        let flush_by = started
+            + if moving {
+                drain_timeout.min(self.js.shared.config.request_timeout)
+            } else {
+                drain_timeout
+            };
+        (deadline, flush_by)
+    }
+
+    /// Register what the open pull request already brought: everything the
+    /// server sent before a flush round trip (bounded by `flush_by`) is in the
+    /// inbox.
+    async fn read_inbox(&mut self, flush_by: tokio::time::Instant) {
+        let (js, registry) = (&*self.js, &self.registry);
+        let Some(b) = self.open.as_mut() else { return };
+        if let Ok(Ok(())) = tokio::time::timeout_at(flush_by, self.client.flush()).await {
+            tokio::task::unconstrained(async {
+                while let Some(Some(Ok(m))) = b.next().now_or_never() {
+                    let _ = js.accept(m, registry);
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Finish the submission under way and wait, until `deadline`, for the work
+    /// in flight, registering what the open pull request still brings.
+    async fn drain(&mut self, deadline: tokio::time::Instant) {
+        if let Some(sub) = self.submitting.take() {
+            match tokio::time::timeout_at(deadline, sub).await {
+                Ok((_, Ok(fut), permit)) => self
+                    .inflight
+                    .push(async move { (fut.await, permit) }.boxed()),
+                // Not submitted: handed back with the rest.
+                Ok((_, Err(_), _)) | Err(_) => {}
+            }
+        }
+        while !self.inflight.is_empty() {
+            let open = &mut self.open;
+            let wind = tokio::select! {
+                biased;
+                Some((completion, permit)) = self.inflight.next() => Wind::Settled(completion, permit),
+                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
+                    Wind::Late(item)
+                }
+                _ = tokio::time::sleep_until(deadline) => Wind::Done,
+            };
+            match wind {
+                Wind::Settled(completion, permit) => {
+                    self.on_settled(completion, permit, true).await;
+                }
+                Wind::Late(item) => self.on_late(item),
+                Wind::Done => {
+                    tracing::warn!(topic = %self.js.state.topic, left = self.inflight.len(),
+                        "drain timeout: messages still in flight are left for redelivery");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Fence this turn's work: no queued job of it starts any more; wait, bounded
+    /// by the hand-over timeout, for its running handlers before anything is
+    /// handed back (-NAK, lease).
+    async fn fence(&mut self) {
+        self.scope.fence();
+        let handover_until = tokio::time::Instant::now() + self.js.handover_timeout;
+        while self.scope.running() > 0 {
+            let open = &mut self.open;
+            let wind = tokio::select! {
+                biased;
+                Some((completion, permit)) = self.inflight.next() => Wind::Settled(completion, permit),
+                // What the open pull request still brings is registered (kept
+                // alive by heartbeats, handed back in order): left unread, it
+                // would come back after `ack_wait`, ahead of earlier messages.
+                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
+                    Wind::Late(item)
+                }
+                _ = self.scope.idle() => Wind::Done,
+                _ = tokio::time::sleep_until(handover_until) => Wind::Done,
+            };
+            match wind {
+                Wind::Settled(completion, permit) => {
+                    self.on_settled(completion, permit, true).await;
+                }
+                Wind::Late(item) => self.on_late(item),
+                Wind::Done => break,
+            }
+        }
+        if self.scope.running() > 0 {
+            tracing::warn!(topic = %self.js.state.topic, timeout = ?self.js.handover_timeout,
+                "a handler still runs past the hand-over timeout; its message is handed back");
+            self.js
+                .dispatcher
+                .count_handover_overrun(&self.js.state.topic);
+        }
+    }
+
+    /// The open pull request brought a message after the stop (registered, to be
+    /// handed back in order), or it ended.
+    fn on_late(&mut self, item: Option<Delivery>) {
+        match item {
+            Some(Ok(m)) => {
+                let _ = self.js.accept(m, &self.registry);
+            }
+            _ => self.open = None,
+        }
+    }
+
+    /// Let the open pull request run out (at most `fetch_expires`), registering
+    /// whatever it still brings.
+    async fn let_pull_run_out(&mut self) {
+        // The server keeps a pull request until it is filled or expires; a message
+        // handed back while one is still open could be delivered into it and, with
+        // nobody reading, wait `ack_wait` for its redelivery.
+        let Some(mut b) = self.open.take() else {
+            return;
+        };
+        let (js, registry) = (&*self.js, &self.registry);
+        let bound = js.shared.config.fetch_expires + Duration::from_secs(1);
+        let ran_out = tokio::time::timeout(bound, async {
+            while let Some(item) = b.next().await {
+                if let Ok(m) = item {
+                    let _ = js.accept(m, registry);
+                }
+            }
+        })
+        .await;
+        if ran_out.is_err() {
+            tracing::debug!(topic = %js.state.topic, "pull request still open at close");
+        }
+    }
+
+    /// Stop the heartbeats and give back everything unfinished, lowest sequence
+    /// first so the server redelivers it in stream order, waiting (bounded) for
+    /// the server to confirm it: the lease is released only after that.
+    async fn hand_back_all(&mut self) {
+        self.beats_stop.cancel();
+        let _ = (&mut self.beats).await;
+        let mut left: Vec<u64> = self
+            .registry
+            .lock()
+            .expect("registry poisoned")
+            .keys()
+            .copied()
+            .collect();
+        left.sort_unstable();
+        tracing::debug!(topic = %self.js.state.topic, released = ?left, "handing back unfinished messages");
+        let bound = self.js.shared.config.request_timeout;
+        self.js.handed_back = hand_back(&self.client, &self.registry, &left, bound).await;
+        if !self.js.handed_back {
+            tracing::warn!(topic = %self.js.state.topic, partition = ?self.js.state.partition,
+                "the server did not confirm every message handed back in time");
+        }
     }
 }
 

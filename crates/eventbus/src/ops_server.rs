@@ -507,13 +507,11 @@ async fn put_rollout(
     }
 }
 
-/// Byte comparison whose time does not depend on where the inputs differ.
+/// Whether the two tokens are equal, in time that does not depend on where they
+/// differ (`subtle`).
 fn same(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, x) in a.iter().enumerate() {
-        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
-    }
-    diff == 0
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
 }
 
 /// What a `PUT /rollout` body asks for.

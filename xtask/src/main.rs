@@ -163,16 +163,7 @@ fn test(args: &[String]) -> Result {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt, "format check")?;
-    let mut clippy = cargo();
-    clippy.args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]);
-    run(clippy, "clippy")?;
+    run(clippy(&["--workspace", "--all-targets"]), "clippy")?;
     check_feature_sets()?;
     check_alert_rules()?;
     let mut tests = cargo();
@@ -232,21 +223,17 @@ fn check_feature_sets() -> Result {
     ]);
     run(each, "the facade with each feature alone")?;
     for set in FEATURE_SETS {
-        let mut check = cargo();
-        check.args([
-            "clippy",
-            "-p",
-            "eventbus",
-            "--no-default-features",
-            "--features",
-            set,
-            "--",
-            "-D",
-            "warnings",
-        ]);
+        let check = clippy(&["-p", "eventbus", "--no-default-features", "--features", set]);
         run(check, &format!("the facade with features {set}"))?;
     }
     Ok(())
+}
+
+/// `cargo clippy <args> -- -D warnings`.
+fn clippy(args: &[&str]) -> Command {
+    let mut c = cargo();
+    c.arg("clippy").args(args).args(["--", "-D", "warnings"]);
+    c
 }
 
 /// Whether `cargo <sub>` is installed (a `cargo-<sub>` program on PATH or in

@@ -388,6 +388,25 @@ impl KeyStops {
     }
 }
 
+/// The results of a batch of `n` records none of which was published: `first`
+/// for the first record, and for each other one an error of the same kind
+/// saying `why` the batch failed.
+pub fn batch_failed<T>(n: usize, first: Error, why: &str) -> Vec<Result<T>> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let kind = first.kind();
+    let mut out = Vec::with_capacity(n);
+    out.push(Err(first));
+    out.extend((1..n).map(|i| {
+        Err(Error::new(
+            kind,
+            format!("record {i} of the batch not published: {why}"),
+        ))
+    }));
+    out
+}
+
 /// Generic conveniences over any [`EventBus`], including `dyn EventBus`.
 pub trait EventBusExt: EventBus {
     /// Plain subscription with a handler of any type.

@@ -50,7 +50,9 @@ pub mod raw {
     pub mod lifecycle;
     pub mod offset;
 
-    pub use crate::bus::{envelope_record, validate_topic, KeyStops, SubscriptionHandler};
+    pub use crate::bus::{
+        batch_failed, envelope_record, validate_topic, KeyStops, SubscriptionHandler,
+    };
     pub use crate::dispatcher::{
         Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, InFlight,
         MonitorHandle, PreparedSubscription,

@@ -5,14 +5,14 @@ use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use async_nats::Client;
 use bytes::Bytes;
-use futures::future::BoxFuture;
+use futures::future::{ready, BoxFuture, Either};
 use futures::FutureExt;
 use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
-use eventbus_core::raw::KeyStops;
+use eventbus_core::raw::{batch_failed, KeyStops};
 use eventbus_core::{
     AggregateIdConfig, Error, ErrorKind, Headers, Message, PublishReceipt, Record, Result,
     TopicConfig,
@@ -285,63 +285,43 @@ impl Shared {
         records: Vec<Record>,
     ) -> Vec<Result<PublishReceipt>> {
         let n = records.len();
-        let all = |e: Error| {
-            let mut out = Vec::with_capacity(n);
-            out.push(Err(e));
-            out.extend((1..n).map(|i| {
-                Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("record {i} of the batch not published: the batch to `{topic}` failed"),
-                ))
-            }));
-            out
-        };
         if let Err(e) = naming::validate_nats_topic(topic) {
-            return if n == 0 { Vec::new() } else { all(e) };
+            return batch_failed(n, e, "the topic is invalid");
         }
         let persistent = match self.ensure_stream(topic).await {
             Ok(p) => p,
-            Err(e) if n > 0 => return all(e),
-            Err(_) => return Vec::new(),
+            Err(e) => return batch_failed(n, e, "the topic's stream is unavailable"),
         };
         // Send every record before awaiting any acknowledgement; a record that
         // cannot be sent stops the rest of its key (see `EventBus::publish_batch`).
+        // Each entry is settled now (`Left`) or awaits its acknowledgement (`Right`).
         let mut stops = KeyStops::default();
-        let mut pending: Vec<futures::future::BoxFuture<'_, Result<PublishReceipt>>> =
-            Vec::with_capacity(n);
+        let mut pending = Vec::with_capacity(n);
         for (i, r) in records.into_iter().enumerate() {
             if let Some(skipped) = stops.check(i, &r) {
-                pending.push(futures::future::ready(Err(skipped)).boxed());
+                pending.push(Either::Left(ready(Err(skipped))));
                 continue;
             }
             let key = r.key.clone();
             let sent = match to_header_map(topic, &r, None) {
                 Err(e) => Err(e),
-                Ok(headers) if !persistent => {
-                    match self.publish_core(topic, headers, r.payload).await {
-                        Ok(receipt) => Ok(futures::future::ready(Ok(receipt)).boxed()),
-                        Err(e) => Err(e),
-                    }
-                }
+                Ok(headers) if !persistent => self
+                    .publish_core(topic, headers, r.payload)
+                    .await
+                    .map(|receipt| Either::Left(ready(Ok(receipt)))),
                 Ok(headers) => {
                     let subject = self.subject_for(topic, &r);
-                    match self
-                        .js
+                    self.js
                         .publish_with_headers(subject, headers, r.payload)
                         .await
-                    {
-                        Ok(ack) => Ok(self.await_ack(topic, ack).boxed()),
-                        Err(e) => Err(publish_error(topic, e)),
-                    }
+                        .map(|ack| Either::Right(self.await_ack(topic, ack)))
+                        .map_err(|e| publish_error(topic, e))
                 }
             };
-            match sent {
-                Ok(fut) => pending.push(fut),
-                Err(e) => {
-                    stops.stop(i, key, &e);
-                    pending.push(futures::future::ready(Err(e)).boxed());
-                }
-            }
+            pending.push(sent.unwrap_or_else(|e| {
+                stops.stop(i, key, &e);
+                Either::Left(ready(Err(e)))
+            }));
         }
         futures::future::join_all(pending).await
     }

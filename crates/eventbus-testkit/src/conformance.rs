@@ -113,6 +113,25 @@ pub fn topic_config(factory: &dyn BusFactory, n: u32) -> TopicConfig {
     }
 }
 
+/// `n` keys named `<prefix>-<i>` that run on the worker of `anchor` (`same`) or
+/// never do, among `workers` workers (the stable hash's slot).
+pub fn keys_by_worker(
+    anchor: &str,
+    prefix: &str,
+    same: bool,
+    n: usize,
+    workers: usize,
+) -> Vec<String> {
+    use eventbus_core::raw::{slot, stable_hash};
+    let slot_of = |k: &str| slot(stable_hash(k.as_bytes()), workers);
+    let target = slot_of(anchor);
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .filter(|k| (slot_of(k) == target) == same)
+        .take(n)
+        .collect()
+}
+
 fn env(key: &str, seq: u64) -> Envelope {
     Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }))
 }
@@ -731,13 +750,13 @@ pub async fn unsubscribe_stops_delivery(bus: &dyn BusFactory, pools: &PoolFactor
 /// is clean.
 pub async fn health_and_close(bus: &dyn BusFactory, pools: &PoolFactory) {
     let b = new_bus(bus, pools, quick_config()).await;
-    let mut h = b.health().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while h.status != eventbus_core::HealthStatus::Healthy && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        h = b.health().await;
-    }
+    crate::eventually(
+        &format!("{}: a fresh bus reports healthy", bus.name()),
+        WAIT,
+        || async { b.health().await.status == eventbus_core::HealthStatus::Healthy },
+    )
+    .await;
+    let h = b.health().await;
     assert_eq!(h.status, eventbus_core::HealthStatus::Healthy, "{h:?}");
     within("close", b.close()).await.expect("close");
     let e = b
@@ -767,15 +786,8 @@ pub async fn stuck_key_without_dead_letters_survives_hand_overs(
     config.consumer.drain_timeout = Duration::from_millis(100);
     config.consumer.handover_timeout = Duration::from_millis(200);
     let topic = random_topic("stuck");
-    let workers = PoolSpec::default().workers;
-    let slot_of =
-        |k: &str| eventbus_core::raw::slot(eventbus_core::raw::stable_hash(k.as_bytes()), workers);
     // Aggregates that never share the stuck one's worker (it holds that worker).
-    let keys: Vec<String> = (0..100)
-        .map(|i| format!("s-{i}"))
-        .filter(|k| slot_of(k) != slot_of("stuck"))
-        .take(6)
-        .collect();
+    let keys = keys_by_worker("stuck", "s", false, 6, PoolSpec::default().workers);
     let checker = DeliveryChecker::new();
     let first = new_bus(bus, pools, config.clone()).await;
     first
@@ -821,15 +833,15 @@ pub async fn stuck_key_without_dead_letters_survives_hand_overs(
         })
         .await
         .expect("subscribe");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while stuck_calls.load(Ordering::SeqCst) <= calls {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{}: the stuck message did not come back to bus {round}",
+        crate::wait_until(
+            &format!(
+                "{}: the stuck message to come back to bus {round}",
                 bus.name()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            ),
+            WAIT,
+            || stuck_calls.load(Ordering::SeqCst) > calls,
+        )
+        .await;
         if round == 2 {
             checker
                 .wait_all_handled(WAIT)
@@ -863,14 +875,7 @@ pub async fn invalid_envelope_without_dead_letters_holds_its_key(
     b.configure_topic(&topic, topic_config(bus, 1))
         .await
         .expect("configure topic");
-    let workers = PoolSpec::default().workers;
-    let slot_of =
-        |k: &str| eventbus_core::raw::slot(eventbus_core::raw::stable_hash(k.as_bytes()), workers);
-    let others: Vec<String> = (0..100)
-        .map(|i| format!("o-{i}"))
-        .filter(|k| slot_of(k) != slot_of("held"))
-        .take(4)
-        .collect();
+    let others = keys_by_worker("held", "o", false, 4, PoolSpec::default().workers);
     let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
     let s = seen.clone();
     b.subscribe_envelope(&topic, move |e: Event| {

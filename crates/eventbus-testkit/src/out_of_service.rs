@@ -10,13 +10,13 @@
 //! every run: 10 plain messages that panic (each fails the actor: restarts 1-3,
 //! the 4th panic goes past the limit of 3) and 5 that succeed.
 
-use crate::conformance::{quick_config, random_topic, BusFactory};
+use crate::conformance::{keys_by_worker, quick_config, random_topic, BusFactory};
 use crate::{
     quiet_deliberate_panics, Delivery, DeliveryChecker, MessageClass, Stamp, INDUCED_PANIC,
 };
 use eventbus::PoolSwitch;
 use eventbus_actor_pool::{ActorPool, CoolDown};
-use eventbus_core::raw::{slot, stable_hash};
+use eventbus_core::raw::stable_hash;
 use eventbus_core::{
     ActorPoolConfig, DeliveryPolicy, EventBusExt, HandlerError, HealthStatus, KeyedPoolConfig,
     Message, Pool, Record, SharedBus, TopicConfig,
@@ -64,12 +64,7 @@ fn route(key: &str) -> u64 {
 
 /// `n` keys named `<prefix>-<i>` whose actor is (or is not) the poison key's.
 fn keys(prefix: &str, same_actor: bool, n: usize) -> Vec<String> {
-    let poison = slot(route(POISON_KEY), ACTORS);
-    (0..)
-        .map(|i| format!("{prefix}-{i}"))
-        .filter(|k| (slot(route(k), ACTORS) == poison) == same_actor)
-        .take(n)
-        .collect()
+    keys_by_worker(POISON_KEY, prefix, same_actor, n, ACTORS)
 }
 
 struct Rig {

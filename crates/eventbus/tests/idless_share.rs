@@ -9,7 +9,7 @@ use eventbus::{
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const N: usize = 2_000;
 const WAIT: Duration = Duration::from_secs(30);
@@ -49,15 +49,12 @@ async fn run_at(percent: u8) -> (u64, u64) {
             .await
             .expect("publish");
     }
-    let deadline = Instant::now() + WAIT;
-    while handled.load(Ordering::SeqCst) < N {
-        assert!(
-            Instant::now() < deadline,
-            "at {percent}%: only {} of {N} id-less messages handled after {WAIT:?}",
-            handled.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventbus_testkit::wait_until(
+        &format!("at {percent}%: all {N} id-less messages handled"),
+        WAIT,
+        || handled.load(Ordering::SeqCst) >= N,
+    )
+    .await;
     bus.close().await.expect("close");
     (
         switch.keyed().stats().completed,

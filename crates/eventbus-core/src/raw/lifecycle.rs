@@ -315,17 +315,7 @@ impl<B: BusBackend> Lifecycle<B> {
         let started = std::time::Instant::now();
         let results = match self.check_open() {
             Ok(()) => send.await,
-            Err(_) if n == 0 => Vec::new(),
-            Err(e) => {
-                let mut out = Vec::with_capacity(n);
-                out.push(Err(e));
-                out.extend((1..n).map(|i| {
-                    Err(Error::closed(format!(
-                        "record {i} of the batch not published: the bus is closed"
-                    )))
-                }));
-                out
-            }
+            Err(e) => crate::bus::batch_failed(n, e, "the bus is closed"),
         };
         let ok = results.iter().filter(|r| r.is_ok()).count();
         self.publish_metrics.record_batch(

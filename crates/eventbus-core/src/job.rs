@@ -5,17 +5,17 @@ use futures::FutureExt;
 use std::any::Any;
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::handler::HandlerError;
-use crate::raw::fence::Epoch;
+use crate::raw::fence::{Epoch, Running};
 
 /// Which delivery promise the job belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -133,7 +133,39 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 
 /// Receives a job's outcome. Resolves to an error when the pool dropped the job
 /// without running it (closed or aborted).
-pub type OutcomeReceiver = oneshot::Receiver<Outcome>;
+///
+/// A fenced job (see [`crate::raw::fence`]) counts as running in its scope until
+/// its outcome is taken from here: a hand-over waiting for the scope to be idle
+/// waits for the waiter too, so it cannot give back a message whose handler ran.
+#[derive(Debug)]
+pub struct OutcomeReceiver {
+    rx: oneshot::Receiver<(Outcome, Option<Running>)>,
+}
+
+impl OutcomeReceiver {
+    /// The outcome if the job has ended: `Empty` while it has not, `Closed` when it
+    /// was dropped without running.
+    pub fn try_recv(&mut self) -> Result<Outcome, oneshot::error::TryRecvError> {
+        self.rx.try_recv().map(|(outcome, _running)| outcome)
+    }
+
+    /// The outcome with the job's place among its scope's running jobs, to be
+    /// dropped once the outcome is settled.
+    pub(crate) async fn settling(
+        self,
+    ) -> Result<(Outcome, Option<Running>), oneshot::error::RecvError> {
+        self.rx.await
+    }
+}
+
+impl Future for OutcomeReceiver {
+    type Output = Result<Outcome, oneshot::error::RecvError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.map(|(outcome, _running)| outcome))
+    }
+}
 
 /// A unit of work: the handler call (with its retries) for one message, plus where
 /// its outcome goes. The job carries its handler, so one pool serves every topic.
@@ -143,7 +175,7 @@ pub struct Job {
     key: Option<Arc<str>>,
     // Both are `Some` until the job runs; `Drop` needs to move them out.
     task: Option<BoxFuture<'static, Outcome>>,
-    reply: Option<oneshot::Sender<Outcome>>,
+    reply: Option<oneshot::Sender<(Outcome, Option<Running>)>>,
     done: Option<DoneHook>,
     /// The scope epoch the job was consumed under, and its offset there.
     fence: Option<(Epoch, i64)>,
@@ -191,7 +223,7 @@ impl Job {
                 done: None,
                 fence: None,
             },
-            rx,
+            OutcomeReceiver { rx },
         )
     }
 
@@ -250,12 +282,11 @@ impl Job {
             },
         };
         let kind = outcome.kind();
-        // No longer running once the waiter can learn the outcome: a hand-over that
-        // sees the completion sees the scope idle too.
-        drop(running);
-        // The waiter may be gone (bus closing); the outcome then has no reader.
+        // The job still counts as running in its scope until its waiter has settled
+        // the outcome: the waiter gets the guard with it. The waiter may be gone
+        // (bus closing); the outcome and the guard are then dropped here.
         if let Some(reply) = self.reply.take() {
-            let _ = reply.send(outcome);
+            let _ = reply.send((outcome, running));
         }
         if let Some(done) = self.done.take() {
             done(Some(kind));

@@ -454,7 +454,9 @@ impl ConsumeLoop {
             let settled = tokio::select! {
                 s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
                 _ = &mut all_idle, if running => {
-                    // What finished as the last handlers returned still counts.
+                    // Every job that ran was settled before its scope went idle (a
+                    // job counts as running until then); what is still ready here
+                    // is fenced jobs ending abandoned.
                     while let Some((t, s)) =
                         futures::FutureExt::now_or_never(next_settled(&mut self.topics, &mut self.rotate))
                     {

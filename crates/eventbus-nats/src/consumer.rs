@@ -861,8 +861,7 @@ impl<'a> ConsumeTurn<'a> {
         // A partition moving to another member is not drained: its queued jobs
         // are fenced at once (they do not start here) and handed back in order
         // for the next owner, so a move waits only for running handlers.
-        let moving = matches!(&self.js.role, Role::Partition { slot, .. } if slot.yield_requested())
-            && !self.js.closing.is_cancelled();
+        let moving = self.moving();
         let drain_timeout = self.js.drain_timeout;
         let deadline = started
             + if moving {
@@ -877,6 +876,13 @@ impl<'a> ConsumeTurn<'a> {
                 drain_timeout
             };
         (deadline, flush_by)
+    }
+
+    /// Whether this turn ends because its partition moves to another member (not
+    /// because the subscription or the bus closes).
+    fn moving(&self) -> bool {
+        matches!(&self.js.role, Role::Partition { slot, .. } if slot.yield_requested())
+            && !self.js.closing.is_cancelled()
     }
 
     /// Register what the open pull request already brought: everything the
@@ -923,8 +929,15 @@ impl<'a> ConsumeTurn<'a> {
                 }
                 Wind::Late(item) => self.on_late(item),
                 Wind::Done => {
-                    tracing::warn!(topic = %self.js.state.topic, left = self.inflight.len(),
-                        "drain timeout: messages still in flight are left for redelivery");
+                    if self.js.drain_timeout.is_zero() || self.moving() {
+                        // A move does not drain: the fence waits for running
+                        // handlers, the rest is handed back in order.
+                        tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
+                            "moving: queued messages are handed back");
+                    } else {
+                        tracing::warn!(topic = %self.js.state.topic, left = self.inflight.len(),
+                            "drain timeout: messages still in flight are left for redelivery");
+                    }
                     break;
                 }
             }
@@ -933,7 +946,9 @@ impl<'a> ConsumeTurn<'a> {
 
     /// Fence this turn's work: no queued job of it starts any more; wait, bounded
     /// by the hand-over timeout, for its running handlers before anything is
-    /// handed back (-NAK, lease).
+    /// handed back (-NAK, lease). A job counts as running until its completion is
+    /// settled here (see [`Scope::running`]): once the scope is idle, every message
+    /// whose handler ran is acknowledged, and only the others are handed back.
     async fn fence(&mut self) {
         self.scope.fence();
         let handover_until = tokio::time::Instant::now() + self.js.handover_timeout;

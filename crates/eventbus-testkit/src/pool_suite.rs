@@ -7,7 +7,7 @@ use eventbus_core::{
 
 use eventbus_core::raw::{
     DeadLetter, DeadLetterSink, Dispatcher, Disposition, FailureCause, InFlightSet, Job, JobClass,
-    Outcome, SubmitErrorKind,
+    Outcome, OutcomeReceiver, SubmitErrorKind,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -43,7 +43,7 @@ pub type PoolFactory = Arc<dyn Fn(PoolSpec) -> BoxFuture<'static, Arc<dyn Pool>>
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn job_with(route: u64, task: BoxFuture<'static, Outcome>) -> (Job, oneshot::Receiver<Outcome>) {
+fn job_with(route: u64, task: BoxFuture<'static, Outcome>) -> (Job, OutcomeReceiver) {
     Job::new(route, JobClass::Envelope, None, task)
 }
 
@@ -260,12 +260,21 @@ pub async fn no_job_of_a_fenced_scope_starts(factory: &PoolFactory) {
             .expect("accepted");
         rxs.push((which, rx));
     }
+    // The waiter takes the outcomes meanwhile: a job counts as running in its
+    // scope until its outcome is taken.
+    let outcomes = tokio::spawn(futures::future::join_all(
+        rxs.into_iter()
+            .map(|(which, rx)| async move { (which, rx.await) }),
+    ));
     old.fence();
     expect("the fenced scope's running handlers return", old.idle()).await;
     let at_fence = starts[0].load(Ordering::SeqCst);
     let mut abandoned = 0;
-    for (which, rx) in rxs {
-        match expect("every job ends", rx).await {
+    let outcomes = expect("every job ends", outcomes)
+        .await
+        .expect("the waiter");
+    for (which, outcome) in outcomes {
+        match outcome {
             Ok(_) => {}
             Err(_) if which == 0 => abandoned += 1,
             Err(_) => panic!("a job of the open scope was dropped"),

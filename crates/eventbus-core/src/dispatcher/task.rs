@@ -165,7 +165,10 @@ impl Dispatcher {
     }
 
     pub(super) async fn settle(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
-        let outcome = match rx.await {
+        // The job counts as running in its scope until `_running` drops, after the
+        // disposition is settled (a dead letter written): a hand-over that waits for
+        // the scope to be idle cannot give the message back meanwhile.
+        let (outcome, _running) = match rx.settling().await {
             Ok(o) => o,
             Err(_) => return Disposition::Abandoned,
         };

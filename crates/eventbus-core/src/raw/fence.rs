@@ -17,7 +17,10 @@
 //! The check is race-free: a job counts itself as running *before* it looks at the
 //! fence, and the fence is raised *before* anyone waits for the running count to
 //! reach zero, so once [`Scope::idle`] returns after a fence no handler of the
-//! fenced range runs or will start.
+//! fenced range runs or will start. A job counts as running until its waiter has
+//! settled its outcome, not only until its handler returns: when the scope is idle,
+//! every message whose handler ran is settled (acknowledged, stored for the commit,
+//! dead-lettered), so the hand-over gives back only messages no handler finished.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -40,7 +43,7 @@ struct ScopeInner {
     /// Each rewind: the epoch it started and the offset it went back to. Jobs of
     /// an earlier epoch at or above that offset are fenced.
     rewinds: Mutex<Vec<(u64, i64)>>,
-    /// Handlers of the scope running now.
+    /// Jobs of the scope started and not yet settled.
     running: AtomicUsize,
     /// Notified when `running` drops to zero.
     idle: Notify,
@@ -138,13 +141,20 @@ impl Scope {
         &self.inner.cancel
     }
 
-    /// Handlers of this scope running now.
+    /// Jobs of this scope started and not yet settled: a handler running, or one
+    /// that returned and whose outcome its waiter has not settled yet (a dead
+    /// letter being written, or an [`InFlight`](crate::raw::InFlight) not yet
+    /// polled). A job counts from its start until the backend has its completion,
+    /// so a hand-over that waits for none to run cannot give back a message whose
+    /// handler already ran.
     pub fn running(&self) -> usize {
         self.inner.running.load(Ordering::SeqCst)
     }
 
-    /// Wait until no handler of this scope runs. After [`fence`](Self::fence), no
-    /// handler starts again once this returns.
+    /// Wait until no job of this scope runs or waits to be settled
+    /// ([`running`](Self::running) is zero). After [`fence`](Self::fence), no handler
+    /// starts again once this returns. The waiters must be polled meanwhile: an
+    /// outcome is settled when its waiter takes it.
     pub async fn idle(&self) {
         loop {
             let notified = self.inner.idle.notified();
@@ -170,19 +180,21 @@ impl Scope {
 
 impl Epoch {
     /// Count a job at `offset` as running unless it is fenced. The guard counts it
-    /// out again when dropped.
-    pub(crate) fn enter(&self, offset: i64) -> Option<Running<'_>> {
+    /// out again when dropped: the job hands it to its waiter with its outcome, so
+    /// the job counts until its outcome is settled (see [`Scope::running`]).
+    pub(crate) fn enter(&self, offset: i64) -> Option<Running> {
         // Counted first, checked second: a fence raised after the check waits for it.
         self.scope.inner.running.fetch_add(1, Ordering::SeqCst);
-        let running = Running(&self.scope);
+        let running = Running(self.scope.clone());
         (!self.is_fenced(offset)).then_some(running)
     }
 }
 
-/// A running job of a scope; see [`Epoch::enter`].
-pub(crate) struct Running<'a>(&'a Scope);
+/// A started job of a scope, until its outcome is settled; see [`Epoch::enter`].
+#[derive(Debug)]
+pub(crate) struct Running(Scope);
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         let inner = &self.0.inner;
         if inner.running.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -242,5 +254,44 @@ mod tests {
         drop(b);
         idle.await;
         assert!(s.idle_within(Duration::from_millis(1)).await);
+    }
+
+    /// A job whose handler returned still counts until its waiter takes the
+    /// outcome: a hand-over waiting for the scope cannot give its message back.
+    #[tokio::test]
+    async fn a_job_counts_as_running_until_its_outcome_is_taken() {
+        use crate::job::{Job, JobClass, Outcome};
+        use futures::FutureExt;
+        let s = Scope::new();
+        let (job, mut rx) = Job::new(
+            7,
+            JobClass::Envelope,
+            None,
+            async { Outcome::Handled { attempts: 1 } }.boxed(),
+        );
+        job.fenced_by(s.current(), 0).run().await;
+        s.fence();
+        assert_eq!(
+            s.running(),
+            1,
+            "the handler returned, its outcome is unread"
+        );
+        let mut idle = Box::pin(s.idle());
+        assert!(futures::poll!(idle.as_mut()).is_pending());
+        assert!(matches!(rx.try_recv(), Ok(Outcome::Handled { .. })));
+        assert_eq!(s.running(), 0);
+        idle.await;
+
+        // A waiter that is gone does not hold the scope.
+        let (job, rx) = Job::new(
+            8,
+            JobClass::Envelope,
+            None,
+            async { Outcome::Handled { attempts: 1 } }.boxed(),
+        );
+        drop(rx);
+        let s = Scope::new();
+        job.fenced_by(s.current(), 0).run().await;
+        assert_eq!(s.running(), 0);
     }
 }

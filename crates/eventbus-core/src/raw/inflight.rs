@@ -357,7 +357,8 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
                 _ = tokio::time::sleep_until(handover_until) => break,
             }
         }
-        // What finished as the last handlers returned still counts.
+        // Every job that ran was settled before its scope went idle (a job counts
+        // as running until then); what is still ready is fenced jobs abandoned.
         while let Some(Some(s)) = futures::FutureExt::now_or_never(self.next()) {
             on_settled(s);
         }

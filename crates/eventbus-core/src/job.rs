@@ -15,7 +15,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::handler::HandlerError;
-use crate::raw::fence::{Epoch, Running};
+use crate::raw::fence::{Epoch, Settling};
 
 /// Which delivery promise the job belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,12 +134,12 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// Receives a job's outcome. Resolves to an error when the pool dropped the job
 /// without running it (closed or aborted).
 ///
-/// A fenced job (see [`crate::raw::fence`]) counts as running in its scope until
+/// A fenced job (see [`crate::raw::fence`]) counts as unsettled in its scope until
 /// its outcome is taken from here: a hand-over waiting for the scope to be idle
 /// waits for the waiter too, so it cannot give back a message whose handler ran.
 #[derive(Debug)]
 pub struct OutcomeReceiver {
-    rx: oneshot::Receiver<(Outcome, Option<Running>)>,
+    rx: oneshot::Receiver<(Outcome, Option<Settling>)>,
 }
 
 impl OutcomeReceiver {
@@ -149,11 +149,11 @@ impl OutcomeReceiver {
         self.rx.try_recv().map(|(outcome, _running)| outcome)
     }
 
-    /// The outcome with the job's place among its scope's running jobs, to be
+    /// The outcome with the job's place among its scope's unsettled jobs, to be
     /// dropped once the outcome is settled.
     pub(crate) async fn settling(
         self,
-    ) -> Result<(Outcome, Option<Running>), oneshot::error::RecvError> {
+    ) -> Result<(Outcome, Option<Settling>), oneshot::error::RecvError> {
         self.rx.await
     }
 }
@@ -175,7 +175,7 @@ pub struct Job {
     key: Option<Arc<str>>,
     // Both are `Some` until the job runs; `Drop` needs to move them out.
     task: Option<BoxFuture<'static, Outcome>>,
-    reply: Option<oneshot::Sender<(Outcome, Option<Running>)>>,
+    reply: Option<oneshot::Sender<(Outcome, Option<Settling>)>>,
     done: Option<DoneHook>,
     /// The scope epoch the job was consumed under, and its offset there.
     fence: Option<(Epoch, i64)>,
@@ -282,11 +282,12 @@ impl Job {
             },
         };
         let kind = outcome.kind();
-        // The job still counts as running in its scope until its waiter has settled
-        // the outcome: the waiter gets the guard with it. The waiter may be gone
-        // (bus closing); the outcome and the guard are then dropped here.
+        // The handler returned, but the job counts as unsettled in its scope until
+        // its waiter has settled the outcome: the waiter gets the guard with it.
+        // The waiter may be gone (bus closing); outcome and guard are dropped here.
+        let settling = running.map(|r| r.returned());
         if let Some(reply) = self.reply.take() {
-            let _ = reply.send((outcome, running));
+            let _ = reply.send((outcome, settling));
         }
         if let Some(done) = self.done.take() {
             done(Some(kind));

@@ -411,14 +411,15 @@ impl ConsumeLoop {
             .is_some_and(|s| s.same(scope))
     }
 
-    /// Messages of `parts` in flight, or (`running`) their handlers running now.
+    /// Messages of `parts` in flight, or (`running`) their jobs started and not yet
+    /// settled (handlers running, or returned with the completion not yet taken).
     fn busy(&self, parts: &[(String, i32)], running: bool) -> usize {
         parts
             .iter()
             .map(|(t, p)| {
                 self.topics.get(t.as_str()).map_or(0, |ts| {
                     if running {
-                        ts.set.running(*p)
+                        ts.set.unsettled(*p)
                     } else {
                         ts.set.in_flight(*p)
                     }
@@ -455,7 +456,7 @@ impl ConsumeLoop {
                 s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
                 _ = &mut all_idle, if running => {
                     // Every job that ran was settled before its scope went idle (a
-                    // job counts as running until then); what is still ready here
+                    // job counts as unsettled until then); what is still ready here
                     // is fenced jobs ending abandoned.
                     while let Some((t, s)) =
                         futures::FutureExt::now_or_never(next_settled(&mut self.topics, &mut self.rotate))

@@ -946,13 +946,13 @@ impl<'a> ConsumeTurn<'a> {
 
     /// Fence this turn's work: no queued job of it starts any more; wait, bounded
     /// by the hand-over timeout, for its running handlers before anything is
-    /// handed back (-NAK, lease). A job counts as running until its completion is
-    /// settled here (see [`Scope::running`]): once the scope is idle, every message
-    /// whose handler ran is acknowledged, and only the others are handed back.
+    /// handed back (-NAK, lease). A job counts until its completion is settled here
+    /// (see [`Scope::unsettled`]): once the scope is idle, every message whose
+    /// handler ran is acknowledged, and only the others are handed back.
     async fn fence(&mut self) {
         self.scope.fence();
         let handover_until = tokio::time::Instant::now() + self.js.handover_timeout;
-        while self.scope.running() > 0 {
+        while self.scope.unsettled() > 0 {
             let open = &mut self.open;
             let wind = tokio::select! {
                 biased;
@@ -974,7 +974,7 @@ impl<'a> ConsumeTurn<'a> {
                 Wind::Done => break,
             }
         }
-        if self.scope.running() > 0 {
+        if self.scope.unsettled() > 0 {
             tracing::warn!(topic = %self.js.state.topic, timeout = ?self.js.handover_timeout,
                 "a handler still runs past the hand-over timeout; its message is handed back");
             self.js

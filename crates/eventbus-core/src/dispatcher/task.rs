@@ -165,10 +165,10 @@ impl Dispatcher {
     }
 
     pub(super) async fn settle(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
-        // The job counts as running in its scope until `_running` drops, after the
-        // disposition is settled (a dead letter written): a hand-over that waits for
-        // the scope to be idle cannot give the message back meanwhile.
-        let (outcome, _running) = match rx.settling().await {
+        // The job counts as unsettled in its scope until `_settling` drops, after
+        // the disposition is settled (a dead letter written): a hand-over that waits
+        // for the scope to be idle cannot give the message back meanwhile.
+        let (outcome, _settling) = match rx.settling().await {
             Ok(o) => o,
             Err(_) => return Disposition::Abandoned,
         };

@@ -17,8 +17,9 @@
 //! The check is race-free: a job counts itself as running *before* it looks at the
 //! fence, and the fence is raised *before* anyone waits for the running count to
 //! reach zero, so once [`Scope::idle`] returns after a fence no handler of the
-//! fenced range runs or will start. A job counts as running until its waiter has
-//! settled its outcome, not only until its handler returns: when the scope is idle,
+//! fenced range runs or will start. A job counts as unsettled until its waiter has
+//! settled its outcome, not only until its handler returns, and `idle` waits for
+//! that: when the scope is idle,
 //! every message whose handler ran is settled (acknowledged, stored for the commit,
 //! dead-lettered), so the hand-over gives back only messages no handler finished.
 
@@ -43,9 +44,11 @@ struct ScopeInner {
     /// Each rewind: the epoch it started and the offset it went back to. Jobs of
     /// an earlier epoch at or above that offset are fenced.
     rewinds: Mutex<Vec<(u64, i64)>>,
-    /// Jobs of the scope started and not yet settled.
+    /// Handlers of the scope running now.
     running: AtomicUsize,
-    /// Notified when `running` drops to zero.
+    /// Jobs of the scope started and not yet settled (`running` included).
+    unsettled: AtomicUsize,
+    /// Notified when `unsettled` drops to zero.
     idle: Notify,
     /// Cancelled when the whole scope is fenced: handlers and retry loops see it.
     cancel: CancellationToken,
@@ -57,6 +60,7 @@ impl fmt::Debug for Scope {
             .field("epoch", &self.inner.epoch.load(Ordering::SeqCst))
             .field("fenced", &self.is_closed())
             .field("running", &self.running())
+            .field("unsettled", &self.unsettled())
             .finish()
     }
 }
@@ -141,26 +145,31 @@ impl Scope {
         &self.inner.cancel
     }
 
-    /// Jobs of this scope started and not yet settled: a handler running, or one
-    /// that returned and whose outcome its waiter has not settled yet (a dead
-    /// letter being written, or an [`InFlight`](crate::raw::InFlight) not yet
-    /// polled). A job counts from its start until the backend has its completion,
-    /// so a hand-over that waits for none to run cannot give back a message whose
-    /// handler already ran.
+    /// Handlers of this scope running now.
     pub fn running(&self) -> usize {
         self.inner.running.load(Ordering::SeqCst)
     }
 
+    /// Jobs of this scope started and not yet settled: a handler running, or one
+    /// that returned and whose outcome its waiter has not settled yet (a dead
+    /// letter being written, or an [`InFlight`](crate::raw::InFlight) not yet
+    /// polled). A job counts from its start until the backend has its completion,
+    /// so a hand-over that waits for none cannot give back a message whose handler
+    /// already ran.
+    pub fn unsettled(&self) -> usize {
+        self.inner.unsettled.load(Ordering::SeqCst)
+    }
+
     /// Wait until no job of this scope runs or waits to be settled
-    /// ([`running`](Self::running) is zero). After [`fence`](Self::fence), no handler
-    /// starts again once this returns. The waiters must be polled meanwhile: an
-    /// outcome is settled when its waiter takes it.
+    /// ([`unsettled`](Self::unsettled) is zero). After [`fence`](Self::fence), no
+    /// handler starts again once this returns. The waiters must be polled
+    /// meanwhile: an outcome is settled when its waiter takes it.
     pub async fn idle(&self) {
         loop {
             let notified = self.inner.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.running() == 0 {
+            if self.unsettled() == 0 {
                 return;
             }
             notified.await;
@@ -179,25 +188,52 @@ impl Scope {
 }
 
 impl Epoch {
-    /// Count a job at `offset` as running unless it is fenced. The guard counts it
-    /// out again when dropped: the job hands it to its waiter with its outcome, so
-    /// the job counts until its outcome is settled (see [`Scope::running`]).
-    pub(crate) fn enter(&self, offset: i64) -> Option<Running> {
+    /// Count a job at `offset` as started (running, and unsettled) unless it is
+    /// fenced. The guard counts it out of the running handlers when its handler
+    /// returns ([`Started::returned`]); the job then hands the [`Settling`] guard to
+    /// its waiter with its outcome, so it counts as unsettled until the outcome is
+    /// settled (see [`Scope::unsettled`]).
+    pub(crate) fn enter(&self, offset: i64) -> Option<Started> {
         // Counted first, checked second: a fence raised after the check waits for it.
-        self.scope.inner.running.fetch_add(1, Ordering::SeqCst);
-        let running = Running(self.scope.clone());
-        (!self.is_fenced(offset)).then_some(running)
+        let inner = &self.scope.inner;
+        inner.unsettled.fetch_add(1, Ordering::SeqCst);
+        inner.running.fetch_add(1, Ordering::SeqCst);
+        let started = Started(Some(self.scope.clone()));
+        (!self.is_fenced(offset)).then_some(started)
     }
 }
 
-/// A started job of a scope, until its outcome is settled; see [`Epoch::enter`].
+/// A job of a scope whose handler runs; see [`Epoch::enter`].
 #[derive(Debug)]
-pub(crate) struct Running(Scope);
+pub(crate) struct Started(Option<Scope>);
 
-impl Drop for Running {
+impl Started {
+    /// The handler returned: no longer running, still unsettled.
+    pub(crate) fn returned(mut self) -> Settling {
+        let scope = self.0.take().expect("a started job returns once");
+        scope.inner.running.fetch_sub(1, Ordering::SeqCst);
+        Settling(scope)
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // Refused at the fence, or dropped while running (its pool aborted).
+        if let Some(scope) = self.0.take() {
+            scope.inner.running.fetch_sub(1, Ordering::SeqCst);
+            drop(Settling(scope));
+        }
+    }
+}
+
+/// A job of a scope whose handler returned and whose outcome is not settled yet.
+#[derive(Debug)]
+pub(crate) struct Settling(Scope);
+
+impl Drop for Settling {
     fn drop(&mut self) {
         let inner = &self.0.inner;
-        if inner.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if inner.unsettled.fetch_sub(1, Ordering::SeqCst) == 1 {
             inner.idle.notify_waiters();
         }
     }
@@ -247,6 +283,7 @@ mod tests {
         s.fence();
         assert!(e.enter(3).is_none(), "no job starts after the fence");
         assert_eq!(s.running(), 2, "a refused entry counts itself out");
+        assert_eq!(s.unsettled(), 2);
         let mut idle = Box::pin(s.idle());
         assert!(futures::poll!(idle.as_mut()).is_pending());
         drop(a);
@@ -256,10 +293,10 @@ mod tests {
         assert!(s.idle_within(Duration::from_millis(1)).await);
     }
 
-    /// A job whose handler returned still counts until its waiter takes the
-    /// outcome: a hand-over waiting for the scope cannot give its message back.
+    /// A job whose handler returned still counts as unsettled until its waiter
+    /// takes the outcome: a hand-over waiting for the scope cannot give its message back.
     #[tokio::test]
-    async fn a_job_counts_as_running_until_its_outcome_is_taken() {
+    async fn a_job_counts_as_unsettled_until_its_outcome_is_taken() {
         use crate::job::{Job, JobClass, Outcome};
         use futures::FutureExt;
         let s = Scope::new();
@@ -271,15 +308,12 @@ mod tests {
         );
         job.fenced_by(s.current(), 0).run().await;
         s.fence();
-        assert_eq!(
-            s.running(),
-            1,
-            "the handler returned, its outcome is unread"
-        );
+        assert_eq!(s.running(), 0, "the handler returned");
+        assert_eq!(s.unsettled(), 1, "its outcome is unread");
         let mut idle = Box::pin(s.idle());
         assert!(futures::poll!(idle.as_mut()).is_pending());
         assert!(matches!(rx.try_recv(), Ok(Outcome::Handled { .. })));
-        assert_eq!(s.running(), 0);
+        assert_eq!(s.unsettled(), 0);
         idle.await;
 
         // A waiter that is gone does not hold the scope.
@@ -292,6 +326,6 @@ mod tests {
         drop(rx);
         let s = Scope::new();
         job.fenced_by(s.current(), 0).run().await;
-        assert_eq!(s.running(), 0);
+        assert_eq!((s.running(), s.unsettled()), (0, 0));
     }
 }

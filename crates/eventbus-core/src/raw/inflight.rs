@@ -169,6 +169,13 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             .map_or(0, |p| p.scope.running())
     }
 
+    /// Jobs of `partition` started and not yet settled (see [`Scope::unsettled`]).
+    pub fn unsettled(&self, partition: i32) -> usize {
+        self.partitions
+            .get(&partition)
+            .map_or(0, |p| p.scope.unsettled())
+    }
+
     /// The scope of `partition`'s ownership.
     pub fn scope(&self, partition: i32) -> Option<&Scope> {
         self.partitions.get(&partition).map(|p| &p.scope)
@@ -358,7 +365,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             }
         }
         // Every job that ran was settled before its scope went idle (a job counts
-        // as running until then); what is still ready is fenced jobs abandoned.
+        // as unsettled until then); what is still ready is fenced jobs abandoned.
         while let Some(Some(s)) = futures::FutureExt::now_or_never(self.next()) {
             on_settled(s);
         }

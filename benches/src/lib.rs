@@ -4,6 +4,8 @@
 //! - [`workload`]: handler kinds, key distributions, the per-run measurements;
 //! - [`bus`]: a pool on a workload through a whole bus (memory, Kafka, NATS);
 //! - [`drain`]: a pre-published backlog drained by the bus or a bare client loop;
+//! - [`members`]: NATS scale-out, a backlog on a partitioned topic handled by
+//!   one or more members of a group;
 //! - [`baselines`]: the in-process floors (mpsc + oneshot, pool round trip,
 //!   one-at-a-time per partition);
 //! - [`report`]: the verdict's bars, the Markdown table and the SVG chart;
@@ -12,6 +14,7 @@
 pub mod baselines;
 pub mod bus;
 pub mod drain;
+pub mod members;
 pub mod report;
 pub mod rss;
 pub mod workload;

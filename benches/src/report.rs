@@ -2,7 +2,9 @@
 //! Markdown, and an SVG chart of throughput and p99 per workload, keyed against actor.
 
 use crate::drain::DrainResult;
+use crate::members::MembersResult;
 use crate::workload::{HandlerKind, RunResult};
+use eventbus::StorageKind;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -147,6 +149,26 @@ pub fn geomean(values: impl IntoIterator<Item = f64>) -> f64 {
     }
 }
 
+/// Mean of `f` over the completed scale-out runs of `pool` with `members`
+/// members (NaN when there is none).
+pub fn members_mean(
+    runs: &[MembersResult],
+    pool: &str,
+    members: usize,
+    f: fn(&MembersResult) -> f64,
+) -> f64 {
+    let xs: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.pool == pool && r.members == members && r.error.is_none())
+        .map(f)
+        .collect();
+    if xs.is_empty() {
+        f64::NAN
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
 /// Everything a run found.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -164,6 +186,10 @@ pub struct Report {
     pub runs: Vec<RunResult>,
     /// Backlog drains (broker backends): bare client loop against the bus.
     pub drains: Vec<DrainResult>,
+    /// NATS scale-out runs (`--members`): a backlog on a partitioned topic
+    /// handled by one or more members of a group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MembersResult>,
     /// Figures measured in the same run.
     pub baselines: Vec<Baseline>,
     /// The verdict.
@@ -251,16 +277,112 @@ impl Report {
         s
     }
 
+    /// The scale-out runs, as Markdown: per pool and member count, the means
+    /// over rounds and the ratio to one member of the same pool.
+    pub fn members_table(&self) -> String {
+        let mut s = String::from(
+            "| pool | members | runs | msg/s | × one member | per member msg/s | settle s | prefetched | CPU µs/msg (bus + server) | partitions moved | order viol. | lost | dup. |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for pool in ["keyed", "actor"] {
+            let mut counts: Vec<usize> = self
+                .members
+                .iter()
+                .filter(|r| r.pool == pool)
+                .map(|r| r.members)
+                .collect();
+            counts.sort_unstable();
+            counts.dedup();
+            let one = members_mean(&self.members, pool, 1, |r| r.throughput);
+            for m in counts {
+                let these: Vec<&MembersResult> = self
+                    .members
+                    .iter()
+                    .filter(|r| r.pool == pool && r.members == m)
+                    .collect();
+                let thr = members_mean(&self.members, pool, m, |r| r.throughput);
+                let ratio = if one > 0.0 {
+                    format!("{:.2}×", thr / one)
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    s,
+                    "| {pool} | {m} | {} | {thr:.0} | {ratio} | {:.0} | {:.2} | {:.0} | {:.1} | {} | {} | {} | {} |",
+                    these.len(),
+                    thr / m as f64,
+                    members_mean(&self.members, pool, m, |r| r.settle_secs),
+                    members_mean(&self.members, pool, m, |r| r.prefetched as f64),
+                    members_mean(&self.members, pool, m, MembersResult::cpu_us_per_message),
+                    these.iter().map(|r| r.moved).sum::<usize>(),
+                    these.iter().map(|r| r.order_violations).sum::<u64>(),
+                    these.iter().map(|r| r.lost).sum::<u64>(),
+                    these.iter().map(|r| r.duplicates).sum::<u64>(),
+                );
+            }
+        }
+        s
+    }
+
     /// The whole report as Markdown.
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "# bench-compare: {} backend{}\n\n{} round(s) per pool and workload, pools alternating; {:.0} s in all.\n\n## Keyed against actor (means over rounds)\n\n",
+            "# bench-compare: {} backend{}\n\n{} round(s) per pool and workload, pools alternating; {:.0} s in all.\n\n",
             self.backend,
             if self.quick { ", quick" } else { "" },
             self.rounds,
             self.seconds,
         );
-        s.push_str(&self.summary_table());
+        if !self.workloads.is_empty() {
+            s.push_str("## Keyed against actor (means over rounds)\n\n");
+            s.push_str(&self.summary_table());
+        }
+        if !self.members.is_empty() {
+            let storage = match self.members[0].storage {
+                StorageKind::Memory => "memory",
+                StorageKind::File => "file",
+            };
+            let _ = write!(
+                s,
+                "\n## NATS scale-out: members of one group on a partitioned backlog, {storage} storage (means over rounds)\n\n"
+            );
+            s.push_str(&self.members_table());
+            s.push_str("\n| round | pool | members | messages | handled | msg/s | s | settle s | publish s | prefetched | shares | per member handled | per member last s | CPU s (bus) | CPU s (server) | moved | order viol. | lost | dup. | error |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|\n");
+            for r in &self.members {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {:?} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+                    r.round,
+                    r.pool,
+                    r.members,
+                    r.messages,
+                    r.handled,
+                    r.throughput,
+                    r.seconds,
+                    r.settle_secs,
+                    r.publish_secs,
+                    r.prefetched,
+                    r.shares
+                        .iter()
+                        .map(|o| format!("{o:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    r.member_handled,
+                    r.member_secs
+                        .iter()
+                        .map(|t| format!("{t:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    r.cpu_secs,
+                    r.server_cpu_secs,
+                    r.moved,
+                    r.order_violations,
+                    r.lost,
+                    r.duplicates,
+                    r.error.as_deref().unwrap_or("")
+                );
+            }
+        }
         if !self.drains.is_empty() {
             s.push_str("\n## Backlog drain: bus against the bare client loop\n\n| round | side | messages | consumed | msg/s | first message s | error |\n|---:|---|---:|---:|---:|---:|---|\n");
             for d in &self.drains {
@@ -289,28 +411,30 @@ impl Report {
                 let _ = writeln!(s, "- {n}");
             }
         }
-        s.push_str("\n## Every run\n\n| round | pool | workload | messages | msg/s | p50 µs | p99 µs | p999 µs | peak RSS MiB | RSS growth MiB | order viol. | lost | dup. | success | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
-        for r in &self.runs {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} / {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {:.1}% | {} |",
-                r.round,
-                r.pool,
-                r.handler.name(),
-                r.keys,
-                r.messages,
-                r.throughput,
-                r.p50_us,
-                r.p99_us,
-                r.p999_us,
-                r.peak_rss_kib as f64 / 1024.0,
-                r.rss_growth_kib as f64 / 1024.0,
-                r.order_violations,
-                r.lost,
-                r.duplicates,
-                r.success_rate * 100.0,
-                r.error.as_deref().unwrap_or("")
-            );
+        if !self.runs.is_empty() {
+            s.push_str("\n## Every run\n\n| round | pool | workload | messages | msg/s | p50 µs | p99 µs | p999 µs | peak RSS MiB | RSS growth MiB | order viol. | lost | dup. | success | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+            for r in &self.runs {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} / {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {:.1}% | {} |",
+                    r.round,
+                    r.pool,
+                    r.handler.name(),
+                    r.keys,
+                    r.messages,
+                    r.throughput,
+                    r.p50_us,
+                    r.p99_us,
+                    r.p999_us,
+                    r.peak_rss_kib as f64 / 1024.0,
+                    r.rss_growth_kib as f64 / 1024.0,
+                    r.order_violations,
+                    r.lost,
+                    r.duplicates,
+                    r.success_rate * 100.0,
+                    r.error.as_deref().unwrap_or("")
+                );
+            }
         }
         s
     }
@@ -461,6 +585,41 @@ mod tests {
     }
 
     #[test]
+    fn the_members_section_gives_the_ratio_to_one_member() {
+        let result = |members: usize, throughput: f64| MembersResult {
+            pool: "keyed".into(),
+            members,
+            messages: 100,
+            handled: 100,
+            throughput,
+            ..MembersResult::default()
+        };
+        let report = Report {
+            backend: "nats".into(),
+            quick: true,
+            rounds: 1,
+            seconds: 1.0,
+            workloads: vec![],
+            runs: vec![],
+            drains: vec![],
+            members: vec![result(1, 1000.0), result(2, 1900.0)],
+            baselines: vec![],
+            bars: vec![],
+            notes: vec![],
+        };
+        let table = report.members_table();
+        assert!(
+            table.contains("| keyed | 2 | 1 | 1900 | 1.90× | 950 |"),
+            "{table}"
+        );
+        let md = report.markdown();
+        assert!(
+            md.contains("NATS scale-out") && !md.contains("Keyed against actor"),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn the_report_renders_and_charts() {
         let runs = vec![
             run("keyed", 100.0, 10.0, 1000),
@@ -474,6 +633,7 @@ mod tests {
             workloads: summarize(&runs),
             runs,
             drains: vec![],
+            members: vec![],
             baselines: vec![],
             bars: vec![Bar {
                 name: "b".into(),

@@ -7,10 +7,13 @@
 // A command-line tool: it prints its table.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use eventbus::{EventBusConfig, PoolKind};
+use eventbus::{EventBusConfig, PoolKind, StorageKind};
 use eventbus_benches::bus::Backend;
 use eventbus_benches::drain::{publish_kafka_backlog, publish_nats_backlog};
-use eventbus_benches::report::{chart, geomean, summarize, Bar, Baseline, Report};
+use eventbus_benches::members::{
+    run_members, MembersResult, MembersSpec, MEMBER_KEYS, MEMBER_PARTITIONS, MEMBER_WORKERS,
+};
+use eventbus_benches::report::{chart, geomean, members_mean, summarize, Bar, Baseline, Report};
 use eventbus_benches::{
     ChildJob, ChildOutput, DrainResult, DrainSide, DrainSpec, HandlerKind, KeyDist, RoundTrips,
     RunResult, WorkloadSpec,
@@ -25,6 +28,7 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 bench-compare [--quick] [--backend memory|kafka|nats] [--rounds N] [--out DIR] [--no-fail]
+              [--members LIST [--storage memory|file]]
 
 Runs the keyed and the actor pool on the same workloads in one run, alternating
 which goes first, each run in a fresh process; measures the baselines of the
@@ -39,6 +43,15 @@ writes DIR/report.json, DIR/report.md and DIR/chart.svg
   --rounds N       rounds per pool and workload (default 3, quick 1)
   --out DIR        where the report goes
   --no-fail        exit 0 even when a bar is missed (the verdict is still printed)
+  --members LIST   NATS scale-out instead of the pool comparison (needs
+                   --backend nats): a backlog on a topic of 12 partitions,
+                   1 ms handler, 16 workers per member, handled by groups of
+                   each size in LIST (comma-separated, such as 1,2), both pools;
+                   the clock starts once the partitions' assignment has settled
+  --storage S      the scale-out topic's stream storage: memory (default) or
+                   file (nats-server 2.9.10 to 2.9.14 recount a filtered
+                   consumer's pending messages per delivery on file storage,
+                   which distorts the figures; see docs/benchmarks.md)
 
 Exit status: 0 every bar met, 1 a bar missed, 2 bad arguments or setup failure.";
 
@@ -49,6 +62,32 @@ struct Args {
     backend: Backend,
     rounds: Option<usize>,
     out: PathBuf,
+    /// Group sizes of the NATS scale-out (`--members`).
+    members: Option<Vec<usize>>,
+    /// Stream storage of the scale-out topic (`--storage`).
+    storage: Option<StorageKind>,
+}
+
+/// The group sizes of `--members`: comma-separated counts from 1 to the
+/// partitions of the scale-out topic, each once.
+fn parse_members(v: &str) -> Result<Vec<usize>, String> {
+    let bad = || {
+        format!(
+            "--members: expected a comma-separated list of member counts from 1 to {MEMBER_PARTITIONS} (such as 1,2), got `{v}`"
+        )
+    };
+    let mut counts = Vec::new();
+    for part in v.split(',') {
+        match part.trim().parse::<usize>() {
+            Ok(n) if (1..=MEMBER_PARTITIONS as usize).contains(&n) => {
+                if !counts.contains(&n) {
+                    counts.push(n);
+                }
+            }
+            _ => return Err(bad()),
+        }
+    }
+    Ok(counts)
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -61,6 +100,8 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             .parent()
             .unwrap_or(Path::new("."))
             .join("target/bench-compare"),
+        members: None,
+        storage: None,
     };
     let mut it = argv.iter();
     while let Some(a) = it.next() {
@@ -86,8 +127,26 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 });
             }
             "--out" => args.out = value("--out")?.into(),
+            "--members" => args.members = Some(parse_members(&value("--members")?)?),
+            "--storage" => {
+                let v = value("--storage")?;
+                args.storage = Some(match v.as_str() {
+                    "memory" => StorageKind::Memory,
+                    "file" => StorageKind::File,
+                    _ => return Err(format!("--storage: expected memory or file, got `{v}`")),
+                });
+            }
             other => return Err(format!("unknown argument `{other}` (see --help)")),
         }
+    }
+    if args.storage.is_some() && args.members.is_none() {
+        return Err("--storage applies to the NATS scale-out: use it with --members".to_owned());
+    }
+    if args.members.is_some() && args.backend != Backend::Nats {
+        return Err(format!(
+            "--members needs --backend nats (the scale-out runs on a partitioned NATS topic), not `{}`",
+            args.backend.as_str()
+        ));
     }
     Ok(args)
 }
@@ -98,8 +157,10 @@ fn main() -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    if argv.first().map(String::as_str) == Some("--child") {
-        return child(argv.get(1).map(String::as_str).unwrap_or(""));
+    match argv.first().map(String::as_str) {
+        Some("--child") => return child(argv.get(1).map(String::as_str).unwrap_or("")),
+        Some(MEMBERS_CHILD) => return members_child(argv.get(1).map(String::as_str).unwrap_or("")),
+        _ => {}
     }
     let args = match parse_args(&argv) {
         Ok(a) => a,
@@ -118,7 +179,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(compare(&args)) {
+    let run = async {
+        if args.members.is_some() {
+            scale_out(&args).await
+        } else {
+            compare(&args).await
+        }
+    };
+    match runtime.block_on(run) {
         Ok(report) => {
             let missed = report.missed().len();
             if missed > 0 && !args.no_fail {
@@ -134,8 +202,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Run one job (the JSON of a [`ChildJob`]) and print its [`ChildOutput`] as JSON.
-fn child(job: &str) -> ExitCode {
+/// The hidden first argument of a scale-out run process.
+const MEMBERS_CHILD: &str = "--members-child";
+
+/// Logs of a run process: to stderr (the run log), `RUST_LOG` or `warn`.
+fn child_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -143,6 +214,45 @@ fn child(job: &str) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Print `output` as the one JSON line a run process answers with.
+fn print_output(output: &impl serde::Serialize) -> ExitCode {
+    match serde_json::to_string(output) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench-compare: cannot encode the result: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Run one scale-out measurement (the JSON of a [`MembersSpec`]) and print its
+/// [`MembersResult`] as JSON.
+fn members_child(spec: &str) -> ExitCode {
+    child_tracing();
+    let output = match serde_json::from_str::<MembersSpec>(spec) {
+        Err(e) => MembersResult {
+            error: Some(format!("{MEMBERS_CHILD}: not a run description: {e}")),
+            ..MembersResult::default()
+        },
+        Ok(spec) => match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(run_members(&spec)),
+            Err(e) => MembersResult::failed(&spec, format!("tokio runtime: {e}")),
+        },
+    };
+    print_output(&output)
+}
+
+/// Run one job (the JSON of a [`ChildJob`]) and print its [`ChildOutput`] as JSON.
+fn child(job: &str) -> ExitCode {
+    child_tracing();
     let output = match serde_json::from_str::<ChildJob>(job) {
         Err(e) => ChildOutput::Failed(format!("--child: not a job description: {e}")),
         Ok(job) => match tokio::runtime::Builder::new_multi_thread()
@@ -153,16 +263,7 @@ fn child(job: &str) -> ExitCode {
             Err(e) => ChildOutput::Failed(format!("tokio runtime: {e}")),
         },
     };
-    match serde_json::to_string(&output) {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("bench-compare --child: cannot encode the result: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    print_output(&output)
 }
 
 /// Run `job` in a fresh process of this binary; its stderr goes to `log`.
@@ -171,6 +272,38 @@ async fn run_child(job: &ChildJob, limit: Duration, log: &Path) -> ChildOutput {
         Ok(j) => j,
         Err(e) => return ChildOutput::Failed(format!("cannot encode the job: {e}")),
     };
+    run_process("--child", job, limit, log)
+        .await
+        .and_then(|line| {
+            serde_json::from_str::<ChildOutput>(&line)
+                .map_err(|e| format!("the run process answered `{line}`: {e}"))
+        })
+        .unwrap_or_else(ChildOutput::Failed)
+}
+
+/// Run the scale-out measurement `spec` in a fresh process of this binary.
+async fn run_members_child(spec: &MembersSpec, limit: Duration, log: &Path) -> MembersResult {
+    let job = match serde_json::to_string(spec) {
+        Ok(j) => j,
+        Err(e) => return MembersResult::failed(spec, format!("cannot encode the run: {e}")),
+    };
+    run_process(MEMBERS_CHILD, job, limit, log)
+        .await
+        .and_then(|line| {
+            serde_json::from_str::<MembersResult>(&line)
+                .map_err(|e| format!("the run process answered `{line}`: {e}"))
+        })
+        .unwrap_or_else(|e| MembersResult::failed(spec, e))
+}
+
+/// Run this binary with `flag job` in a fresh process, its stderr going to
+/// `log`, killed after `limit`; the last line it printed.
+async fn run_process(
+    flag: &'static str,
+    job: String,
+    limit: Duration,
+    log: &Path,
+) -> Result<String, String> {
     let log = log.to_owned();
     tokio::task::spawn_blocking(move || {
         // `/proc/self/exe` is this very binary even if the file was rebuilt or
@@ -185,7 +318,7 @@ async fn run_child(job: &ChildJob, limit: Duration, log: &Path) -> ChildOutput {
             .open(&log)
             .map_err(|e| format!("{}: {e}", log.display()))?;
         let mut child = Command::new(exe)
-            .args(["--child", &job])
+            .args([flag, &job])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -217,10 +350,9 @@ async fn run_child(job: &ChildJob, limit: Duration, log: &Path) -> ChildOutput {
             }
         };
         let out = reader.join().unwrap_or_default();
-        let line = out.lines().rev().find(|l| !l.trim().is_empty());
-        match line.map(serde_json::from_str::<ChildOutput>) {
-            Some(Ok(o)) => Ok(o),
-            _ => Err(format!(
+        match out.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(line) => Ok(line.to_owned()),
+            None => Err(format!(
                 "the run process ended ({status}) without a result (log: {})",
                 log.display()
             )),
@@ -228,7 +360,6 @@ async fn run_child(job: &ChildJob, limit: Duration, log: &Path) -> ChildOutput {
     })
     .await
     .unwrap_or_else(|e| Err(format!("run thread: {e}")))
-    .unwrap_or_else(ChildOutput::Failed)
 }
 
 /// The broker a run talks to, alive for the whole run.
@@ -262,6 +393,14 @@ impl Broker {
     async fn prepare(&self, topic: &str, partitions: u32) {
         if let Broker::Kafka(c) = self {
             c.create_topic(topic, partitions as i32).await;
+        }
+    }
+
+    /// The broker's process id, when it is a process of its own.
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Broker::Nats(s) => s.pid(),
+            _ => None,
         }
     }
 
@@ -512,6 +651,8 @@ async fn compare(args: &Args) -> Result<Report, String> {
             backend,
             rounds: Some(rounds),
             out: args.out.clone(),
+            members: None,
+            storage: None,
         },
         broker,
         progress,
@@ -879,11 +1020,244 @@ async fn compare(args: &Args) -> Result<Report, String> {
         workloads: workload_summaries,
         runs: runs.into_iter().chain(conc).collect(),
         drains,
+        members: Vec::new(),
         baselines,
         bars,
         notes,
     };
     drop(run);
+    write_report(&report, &args.out)?;
+    Ok(report)
+}
+
+/// Messages of a scale-out backlog.
+fn scale_out_messages(quick: bool) -> usize {
+    if quick {
+        20_000
+    } else {
+        80_000
+    }
+}
+
+/// How long `tokio::time::sleep(1 ms)` lasts here, ms (mean of 200, one at a time).
+async fn measured_sleep_ms() -> f64 {
+    let n = 200;
+    let t = Instant::now();
+    for _ in 0..n {
+        HandlerKind::Io.run().await;
+    }
+    t.elapsed().as_secs_f64() * 1000.0 / f64::from(n)
+}
+
+/// The NATS scale-out (`--members`): for each pool and group size, a fresh
+/// partitioned topic, a backlog, that many members of one group; member counts
+/// alternate their order from round to round, and so do the pools.
+async fn scale_out(args: &Args) -> Result<Report, String> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("--out {}: {e}", args.out.display()))?;
+    let log = args.out.join("runs.log");
+    let _ = std::fs::write(&log, "");
+    let counts = args.members.clone().unwrap_or_default();
+    let broker = Broker::start(args.backend)?;
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
+    let messages = scale_out_messages(args.quick);
+    let storage = args.storage.unwrap_or(StorageKind::Memory);
+    let storage_name = match storage {
+        StorageKind::Memory => "memory",
+        StorageKind::File => "file",
+    };
+    let sleep_ms = measured_sleep_ms().await;
+    let progress = ProgressBar::new((rounds * 2 * counts.len()) as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .map_err(|e| e.to_string())?,
+    );
+    progress.enable_steady_tick(Duration::from_millis(200));
+    say(
+        &progress,
+        format!(
+            "bench-compare: NATS scale-out, groups of {counts:?} member(s) x 2 pools x {rounds} round(s) on the {}; a backlog of {messages} over {MEMBER_KEYS} aggregates on {MEMBER_PARTITIONS} partitions ({storage_name} storage), io-1ms handler, {MEMBER_WORKERS} workers per member; each run in a fresh process",
+            broker.describe()
+        ),
+    );
+    let limit_secs = 60 + messages as u64 / 500;
+    let mut results: Vec<MembersResult> = Vec::new();
+    for round in 0..rounds {
+        let mut sizes = counts.clone();
+        if round % 2 == 1 {
+            sizes.reverse();
+        }
+        for kind in order(round) {
+            for &members in &sizes {
+                progress.set_message(format!(
+                    "{} pool, {members} member(s), round {}",
+                    kind.as_str(),
+                    round + 1
+                ));
+                let spec = MembersSpec {
+                    endpoint: broker.endpoint(),
+                    topic: topic_name(&format!("scale-{}-{members}", kind.as_str())),
+                    pool: kind,
+                    members,
+                    messages,
+                    partitions: MEMBER_PARTITIONS,
+                    keys: MEMBER_KEYS,
+                    workers: MEMBER_WORKERS,
+                    storage,
+                    handler: HandlerKind::Io,
+                    round,
+                    limit_secs,
+                    server_pid: broker.pid(),
+                };
+                let r = run_members_child(&spec, Duration::from_secs(limit_secs + 180), &log).await;
+                progress.inc(1);
+                say(
+                    &progress,
+                    format!(
+                        "  {} pool, {members} member(s), round {}: {:.0} msg/s{}",
+                        r.pool,
+                        round + 1,
+                        r.throughput,
+                        r.error
+                            .as_ref()
+                            .map(|e| format!("  error: {e}"))
+                            .unwrap_or_default()
+                    ),
+                );
+                results.push(r);
+            }
+        }
+    }
+    progress.finish_and_clear();
+
+    let mut baselines = Vec::new();
+    let mut bars = Vec::new();
+    let mut notes = Vec::new();
+    for kind in [PoolKind::Keyed, PoolKind::Actor] {
+        let pool = kind.as_str();
+        let one = members_mean(&results, pool, 1, |r| r.throughput);
+        for &m in &counts {
+            let thr = members_mean(&results, pool, m, |r| r.throughput);
+            let ceiling = (m * MEMBER_WORKERS) as f64 * 1000.0 / sleep_ms;
+            baselines.push(Baseline {
+                name: format!(
+                    "nats scale-out, {pool} pool, {m} member(s) x {MEMBER_WORKERS} workers, io-1ms, backlog of {messages}, {storage_name} storage ({:.0}% of {m} x {MEMBER_WORKERS} workers ÷ the measured sleep)",
+                    100.0 * thr / ceiling
+                ),
+                value: thr,
+                unit: "msg/s".into(),
+            });
+            if m == 1 || !counts.contains(&1) {
+                continue;
+            }
+            let target = 0.9 * m as f64;
+            let per_round: Vec<String> = (0..rounds)
+                .filter_map(|round| {
+                    let rate = |n: usize| {
+                        results
+                            .iter()
+                            .find(|r| {
+                                r.pool == pool
+                                    && r.members == n
+                                    && r.round == round
+                                    && r.error.is_none()
+                            })
+                            .map(|r| r.throughput)
+                    };
+                    Some(format!("{:.2}×", rate(m)? / rate(1)?))
+                })
+                .collect();
+            bars.push(Bar {
+                name: format!(
+                    "nats scale-out ({pool} pool): {m} members ≥ {target:.1}× one member (io-1ms, {MEMBER_WORKERS} workers each)"
+                ),
+                measured: format!("{:.2}× ({thr:.0} against {one:.0} msg/s)", thr / one),
+                target: format!("≥ {target:.2}×"),
+                pass: thr >= target * one,
+                note: format!(
+                    "per round: {}; one member reaches {:.0}% of {MEMBER_WORKERS} workers ÷ {sleep_ms:.2} ms, {m} members {:.0}% of {m} x {MEMBER_WORKERS} workers ÷ {sleep_ms:.2} ms",
+                    per_round.join(", "),
+                    100.0 * one * sleep_ms / (MEMBER_WORKERS as f64 * 1000.0),
+                    100.0 * thr * sleep_ms / ((m * MEMBER_WORKERS) as f64 * 1000.0),
+                ),
+            });
+        }
+    }
+    let violations: u64 = results.iter().map(|r| r.order_violations).sum();
+    let lost: u64 = results.iter().map(|r| r.lost).sum();
+    let moved: usize = results.iter().map(|r| r.moved).sum();
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| {
+            r.error.as_ref().map(|e| {
+                format!(
+                    "{} pool, {} member(s), round {}: {e}",
+                    r.pool,
+                    r.members,
+                    r.round + 1
+                )
+            })
+        })
+        .collect();
+    bars.push(Bar {
+        name: "zero per-key order violations".into(),
+        measured: violations.to_string(),
+        target: "0".into(),
+        pass: violations == 0,
+        note: String::new(),
+    });
+    bars.push(Bar {
+        name: "zero lost envelope messages".into(),
+        measured: lost.to_string(),
+        target: "0".into(),
+        pass: lost == 0,
+        note: String::new(),
+    });
+    bars.push(Bar {
+        name: "no partition changed owner while the clock ran".into(),
+        measured: moved.to_string(),
+        target: "0".into(),
+        pass: moved == 0,
+        note: String::new(),
+    });
+    bars.push(Bar {
+        name: "every run completed".into(),
+        measured: format!("{} failed", errors.len()),
+        target: "0 failed".into(),
+        pass: errors.is_empty(),
+        note: errors.join("; "),
+    });
+    notes.push(format!(
+        "scale-out: each run is a fresh process holding a publisher and the group's members, each member a bus of its own (its own NATS connection, pool of {MEMBER_WORKERS} and tokio runtime of 2 threads) in one consumer group on a fresh topic of {MEMBER_PARTITIONS} partitions ({storage_name} storage); the members subscribe, the run waits until every member owns its fair share of the partitions (each partition owned once) for {} ms, then publishes the backlog ({messages} envelopes round-robin over {MEMBER_KEYS} aggregates) while the handlers wait at a closed gate; the clock starts when the gate opens and stops at the last message handled",
+        eventbus_benches::members::SETTLED_FOR.as_millis()
+    ));
+    if storage == StorageKind::File {
+        notes.push(
+            "file storage: nats-server 2.9.10 to 2.9.14 re-scan a message block on every delivery to a filtered consumer sitting in the first half of the block (to recount its pending messages), and every partition's durable is a filtered consumer on one stream of interleaved subjects; the server's CPU per message then depends on where the durables sit in the 8 MB blocks, not on the bus, and the ratio measures the server (docs/benchmarks.md, \"NATS scale-out\")".into(),
+        );
+    }
+    notes.push(format!(
+        "tokio's 1 ms sleep lasts {sleep_ms:.2} ms on this machine: a member of {MEMBER_WORKERS} workers handles at most {:.0} msg/s",
+        MEMBER_WORKERS as f64 * 1000.0 / sleep_ms
+    ));
+    notes.push(format!(
+        "the members, the publisher and the nats-server share this machine's {} CPU(s); CPU µs/msg counts the run process (every member) and the server while the clock ran",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    let report = Report {
+        backend: args.backend.as_str().to_owned(),
+        quick: args.quick,
+        rounds,
+        seconds: started.elapsed().as_secs_f64(),
+        workloads: Vec::new(),
+        runs: Vec::new(),
+        drains: Vec::new(),
+        members: results,
+        baselines,
+        bars,
+        notes,
+    };
+    drop(broker);
     write_report(&report, &args.out)?;
     Ok(report)
 }
@@ -898,7 +1272,37 @@ fn write_report(report: &Report, out: &Path) -> Result<(), String> {
         report.seconds
     );
     println!();
-    println!("{}", report.summary_table());
+    if !report.workloads.is_empty() {
+        println!("{}", report.summary_table());
+    }
+    if !report.members.is_empty() {
+        println!("NATS scale-out (means over rounds):");
+        println!();
+        println!("{}", report.members_table());
+        for r in &report.members {
+            println!(
+                "scale-out round {} {:<5} {} member(s) {:>8.0} msg/s  ({} of {} in {:.2} s; shares {}){}",
+                r.round,
+                r.pool,
+                r.members,
+                r.throughput,
+                r.handled,
+                r.messages,
+                r.seconds,
+                r.shares
+                    .iter()
+                    .map(Vec::len)
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                r.error
+                    .as_ref()
+                    .map(|e| format!("  error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        println!();
+    }
     if !report.drains.is_empty() {
         for d in &report.drains {
             println!(
@@ -933,11 +1337,13 @@ fn write_report(report: &Report, out: &Path) -> Result<(), String> {
     std::fs::write(out.join("report.json"), json)
         .and_then(|_| std::fs::write(out.join("report.md"), report.markdown()))
         .map_err(|e| format!("cannot write the report to {}: {e}", out.display()))?;
-    chart(report, &out.join("chart.svg")).map_err(|e| format!("chart.svg: {e}"))?;
-    println!(
-        "\nbench-compare: report.json, report.md and chart.svg written to {}",
-        out.display()
-    );
+    let written = if report.workloads.is_empty() {
+        "report.json and report.md"
+    } else {
+        chart(report, &out.join("chart.svg")).map_err(|e| format!("chart.svg: {e}"))?;
+        "report.json, report.md and chart.svg"
+    };
+    println!("\nbench-compare: {written} written to {}", out.display());
     Ok(())
 }
 
@@ -971,5 +1377,50 @@ mod tests {
         assert!(e.contains("--out needs a value"), "{e}");
         let e = parse(&["--fast"]).err().expect("rejected");
         assert!(e.contains("--fast"), "{e}");
+    }
+
+    #[test]
+    fn members_take_a_list_of_group_sizes_on_nats() {
+        let a = parse(&["--backend", "nats", "--members", "1,2"]).expect("valid");
+        assert_eq!(a.members, Some(vec![1, 2]));
+        let a = parse(&["--members=2, 1,2", "--backend=nats"]).expect("valid");
+        assert_eq!(a.members, Some(vec![2, 1]));
+        assert_eq!(parse(&["--backend", "nats"]).expect("valid").members, None);
+    }
+
+    #[test]
+    fn bad_members_name_the_flag() {
+        for bad in ["", "0", "1,,2", "two", "1;2", "-1", "13"] {
+            let e = parse(&["--backend", "nats", "--members", bad])
+                .err()
+                .unwrap_or_else(|| panic!("`{bad}` rejected"));
+            assert!(
+                e.contains("--members") && e.contains(&format!("`{bad}`")),
+                "{e}"
+            );
+        }
+        let e = parse(&["--backend", "nats", "--members"])
+            .err()
+            .expect("rejected");
+        assert!(e.contains("--members needs a value"), "{e}");
+        let e = parse(&["--members", "1,2"]).err().expect("rejected");
+        assert!(
+            e.contains("--members") && e.contains("--backend nats"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn storage_goes_with_members() {
+        let a = parse(&["--backend=nats", "--members=1,2", "--storage=file"]).expect("valid");
+        assert_eq!(a.storage, Some(StorageKind::File));
+        let e = parse(&["--backend=nats", "--members=1,2", "--storage=disk"])
+            .err()
+            .expect("rejected");
+        assert!(e.contains("--storage") && e.contains("`disk`"), "{e}");
+        let e = parse(&["--backend=nats", "--storage=memory"])
+            .err()
+            .expect("rejected");
+        assert!(e.contains("--storage") && e.contains("--members"), "{e}");
     }
 }

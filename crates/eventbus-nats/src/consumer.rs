@@ -976,7 +976,7 @@ impl<'a> ConsumeTurn<'a> {
         }
         if self.scope.unsettled() > 0 {
             tracing::warn!(topic = %self.js.state.topic, timeout = ?self.js.handover_timeout,
-                "a handler still runs past the hand-over timeout; its message is handed back");
+                "a job is unsettled past the hand-over timeout (its handler runs, or its dead letter is being written); its message is handed back");
             self.js
                 .dispatcher
                 .count_handover_overrun(&self.js.state.topic);

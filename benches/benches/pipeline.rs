@@ -1,12 +1,16 @@
 //! Criterion benches of the pipeline's parts.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use eventbus::{AggregateIdConfig, EventBusConfig, HandlerError, Message, PoolKind, Subscription};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use eventbus::{
+    ActorPool, AggregateIdConfig, EventBusConfig, HandlerError, KeyedWorkerPool, Message, Pool,
+    PoolKind, PoolSwitch, Subscription,
+};
 use eventbus::{Envelope, Event};
 use eventbus_benches::{make_pool, pool_round_trip};
 use eventbus_core::raw::{Dispatcher, OffsetTracker};
 use eventbus_core::CancellationToken;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 fn envelope_decode(c: &mut Criterion) {
     let bytes = Envelope::new(
@@ -86,6 +90,139 @@ fn pool_submit_complete(c: &mut Criterion) {
     g.finish();
 }
 
+/// A keyed and an actor pool with the default sizes, and `PoolSwitch`es over those
+/// same two pools (as `build_pool` makes them with both pool features) with 0, 100
+/// and 50% of the aggregate ids on the actor pool.
+fn switch_variants(rt: &tokio::runtime::Runtime) -> [(&'static str, Arc<dyn Pool>); 5] {
+    rt.block_on(async {
+        let config = EventBusConfig::default();
+        let keyed: Arc<dyn Pool> =
+            Arc::new(KeyedWorkerPool::new(&config.keyed_pool).expect("keyed pool"));
+        let actor = Arc::new(
+            ActorPool::start(&config.actor_pool)
+                .await
+                .expect("actor pool"),
+        );
+        let switch = |percent: u8| -> Arc<dyn Pool> {
+            let switch = PoolSwitch::with_actor_pool(keyed.clone(), actor.clone(), percent);
+            Arc::new(switch.expect("valid share"))
+        };
+        [
+            ("keyed", keyed.clone()),
+            ("switch_0", switch(0)),
+            ("actor", actor.clone()),
+            ("switch_100", switch(100)),
+            ("switch_50", switch(50)),
+        ]
+    })
+}
+
+/// The rollout path against the pools it wraps: the round trip of
+/// `pool_submit_complete` (20 000 no-op jobs, 1024 outstanding) straight to each
+/// bare pool and through the switches of [`switch_variants`]. The bar: `switch_0`
+/// at least 0.9x `keyed`, `switch_100` at least 0.9x `actor`; on a busy machine the
+/// ratios of [`pool_switch_paired`] are the ones to read.
+fn pool_switch(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut g = c.benchmark_group("pool_switch");
+    g.sample_size(20);
+    let n = 20_000;
+    g.throughput(Throughput::Elements(n as u64));
+    let variants = switch_variants(&rt);
+    for keys in [100u64, 10_000] {
+        for (name, pool) in &variants {
+            g.bench_with_input(BenchmarkId::new(*name, keys), &keys, |b, keys| {
+                b.iter(|| {
+                    rt.block_on(pool_round_trip(pool, n, *keys, 1024))
+                        .expect("round trip")
+                })
+            });
+        }
+    }
+    for (_, pool) in &variants[..3] {
+        rt.block_on(pool.close(std::time::Duration::from_secs(5)));
+    }
+    g.finish();
+}
+
+/// `pool_switch` in pairs. Criterion measures each variant in a window of its own,
+/// and on a shared machine the load moves between windows by more than the 10% the
+/// bar allows. Here every round runs one round trip of each variant, in an order
+/// that rotates from round to round, and the figure is the median over rounds of
+/// each switch's rate divided by its bare pool's rate in the same round (with the
+/// quartiles). Runs with the criterion benches when the filter selects
+/// `pool_switch/paired` (or there is none).
+#[allow(clippy::print_stdout)]
+fn pool_switch_paired() {
+    const ROUNDS: usize = 150;
+    let n = 20_000;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let variants = switch_variants(&rt);
+    for keys in [100u64, 10_000] {
+        let mut rates = vec![Vec::with_capacity(ROUNDS); variants.len()];
+        for round in 0..=ROUNDS {
+            let mut order: Vec<usize> = (0..variants.len()).collect();
+            order.rotate_left(round % variants.len());
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let rate = rt
+                    .block_on(pool_round_trip(&variants[i].1, n, keys, 1024))
+                    .expect("round trip");
+                // Round 0 warms up.
+                if round > 0 {
+                    rates[i].push(rate);
+                }
+            }
+        }
+        let quartiles = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            [v[v.len() / 4], v[v.len() / 2], v[v.len() * 3 / 4]]
+        };
+        println!("pool_switch/paired/{keys}: {ROUNDS} rounds of {n} jobs, 1024 outstanding");
+        for (i, (name, _)) in variants.iter().enumerate() {
+            let [_, median, _] = quartiles(rates[i].clone());
+            println!("  {name:<10} median {:>6.2} M msg/s", median / 1e6);
+        }
+        for (switch, bare) in [(1, 0), (3, 2), (4, 0)] {
+            let ratios = rates[switch]
+                .iter()
+                .zip(&rates[bare])
+                .map(|(s, b)| s / b)
+                .collect();
+            let [q1, median, q3] = quartiles(ratios);
+            println!(
+                "  {} / {}: median {median:.3} (quartiles {q1:.3} .. {q3:.3})",
+                variants[switch].0, variants[bare].0
+            );
+        }
+    }
+    for (_, pool) in &variants[..3] {
+        rt.block_on(pool.close(std::time::Duration::from_secs(5)));
+    }
+}
+
+/// Whether the command line asks for `pool_switch/paired`: no filter, or one that
+/// it contains; not when criterion only lists or tests the benches.
+fn paired_wanted() -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list" || a == "--test") {
+        return false;
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| "pool_switch/paired".contains(f.as_str()))
+}
+
 /// The dispatcher's overhead: the same no-op work submitted straight to the keyed
 /// pool, and through the dispatcher as a plain and as an envelope message (id
 /// extraction, envelope decode, job and outcome bookkeeping).
@@ -162,6 +299,14 @@ criterion_group!(
     aggregate_id,
     offset_tracker,
     pool_submit_complete,
+    pool_switch,
     dispatcher
 );
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    if paired_wanted() {
+        pool_switch_paired();
+    }
+    Criterion::default().configure_from_args().final_summary();
+}

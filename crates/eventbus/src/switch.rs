@@ -3,17 +3,26 @@
 //!
 //! A route (the stable hash of an aggregate id) never moves between pools while it
 //! has a job queued or running in one of them: its next job goes where its last
-//! one is. Once it has nothing in flight it follows the current setting. Each pool
-//! runs a route's jobs in order, so per-aggregate order holds across a switch.
+//! one is. Each pool runs a route's jobs in order, so per-aggregate order holds
+//! across a switch.
+//!
+//! The route table has no lock shared by all routes. Routes share a pin per *cell*
+//! (2^14 cells, chosen by a hash of the route independent of its rollout bucket): a
+//! cell's atomic word holds the side its jobs run on and how many are in flight.
+//! While a cell has jobs in flight all of its routes go to its side; once it has
+//! none, its next job follows the current setting. Cells are fine enough that under
+//! load most of them empty often, so a new share takes effect promptly (pins on the
+//! 100 rollout buckets would never empty under load). Submitting costs one
+//! compare-and-swap on the route's cell and the job's end one atomic subtraction.
 //!
 //! Actors out of service. A route whose actor is out of service (past its restart
-//! limit, cooling down) and that has nothing in flight goes to the keyed pool at
-//! once; a route with jobs held for that actor stays where they are until they are
-//! done (they run, in order, on the fresh actor), then follows the same rule. Built
-//! with `PoolSwitch::with_actor_pool`, the switch asks the actor pool which actors
-//! are in service; with any other actor-side pool it learns it from an
-//! `Unavailable` refusal of a route with nothing in flight, which it then sends to
-//! the keyed pool. A rollback (actor share 0) makes the actor pool release what it
+//! limit, cooling down) and whose cell has nothing in flight goes to the keyed pool
+//! at once; a route with jobs held for that actor stays where they are until they
+//! are done (they run, in order, on the fresh actor), then follows the same rule.
+//! Built with `PoolSwitch::with_actor_pool`, the switch asks the actor pool which
+//! actors are in service; with any other actor-side pool it learns it from an
+//! `Unavailable` refusal of a job whose cell has nothing else in flight, which it
+//! then sends to the keyed pool. A rollback (actor share 0) makes the actor pool release what it
 //! holds (fresh actors at once, no cool-down), so no route stays held there.
 //!
 //! Messages without an aggregate id have a route too: the stable hash of a
@@ -30,11 +39,18 @@ use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolS
 
 use eventbus_core::raw::{rollout_bucket, Job, PoolShare, SubmitError, SubmitErrorKind};
 use futures::future::BoxFuture;
-use std::collections::HashMap;
+use pins::{cell_of, Pins};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+mod pins;
+#[cfg(test)]
+mod tests;
 
 /// Which side of the switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,14 +60,6 @@ pub enum Side {
     /// The actor pool.
     Actor,
 }
-
-#[derive(Debug)]
-struct Pin {
-    side: Side,
-    in_flight: u32,
-}
-
-type Routes = Arc<Mutex<HashMap<u64, Pin>>>;
 
 /// What the switch asks of an actor pool beyond [`Pool`].
 trait ActorControl: Send + Sync {
@@ -79,7 +87,8 @@ pub struct PoolSwitch {
     /// The actor pool itself, when the switch was built with it.
     control: Option<Arc<dyn ActorControl>>,
     percent: AtomicU8,
-    routes: Routes,
+    /// The route table: a pin per cell of routes.
+    pins: Pins,
     /// Why the share is held at 0, when it is (the rollback variable).
     floor: Mutex<Option<String>>,
 }
@@ -144,7 +153,7 @@ impl PoolSwitch {
             actor,
             control,
             percent: AtomicU8::new(actor_percent),
-            routes: Arc::default(),
+            pins: Pins::new(),
             floor: Mutex::new(None),
         })
     }
@@ -155,7 +164,9 @@ impl PoolSwitch {
     }
 
     /// Change the share on the running bus. Routes with work in flight move once
-    /// that work is done.
+    /// that work is done: a route follows the new share as soon as its pin cell
+    /// (shared with a few other routes, see [`pinned`](Self::pinned)) has nothing
+    /// in flight.
     ///
     /// A share of 0 is a rollback: with an actor pool given to
     /// `PoolSwitch::with_actor_pool`, the actors out of service are replaced at
@@ -223,9 +234,11 @@ impl PoolSwitch {
         self.floor.lock().expect("floor poisoned").clone()
     }
 
-    /// The side a route with nothing in flight goes to now: the actor pool when its
-    /// stable hash bucket is below the actor share and (as far as the switch knows)
-    /// its actor is in service, otherwise the keyed pool.
+    /// The side a route goes to now when nothing of its pin cell is in flight: the
+    /// actor pool when its stable hash bucket is below the actor share and (as far
+    /// as the switch knows) its actor is in service, otherwise the keyed pool. (While
+    /// its cell has work in flight, a route goes to the cell's side:
+    /// [`Pool::kind_for`] names the side a job submitted now goes to.)
     pub fn side_for(&self, route: u64) -> Side {
         if rollout_bucket(route) < self.actor_percent()
             && self.control.as_ref().is_none_or(|c| c.in_service(route))
@@ -236,11 +249,15 @@ impl PoolSwitch {
         }
     }
 
-    /// Routes with work in flight on each side.
+    /// Pins with work in flight on each side: (keyed, actor).
+    ///
+    /// Routes share a pin per cell (2^14 cells, by a hash of the route): a pin is
+    /// counted while any route of its cell has a job queued or running, and every
+    /// route of that cell goes to the pin's side meanwhile. With few routes in
+    /// flight (fewer than a few hundred) this is the number of routes in flight on
+    /// each side; `(0, 0)` when nothing is in flight. It reads every cell.
     pub fn pinned(&self) -> (usize, usize) {
-        let routes = self.routes.lock().expect("route table poisoned");
-        let actor = routes.values().filter(|p| p.side == Side::Actor).count();
-        (routes.len() - actor, actor)
+        self.pins.pinned()
     }
 
     /// The keyed side.
@@ -260,29 +277,50 @@ impl PoolSwitch {
         }
     }
 
-    async fn submit_inner(&self, mut job: Job) -> Result<(), SubmitError> {
+    /// Pin the job's cell, send the job to the cell's side, and poll that side's
+    /// submission once here: a pool with room queues the job in the call and
+    /// returns a future that is already complete, so such a submission needs no
+    /// future of the switch's own (and allocates none). A submission that waits
+    /// (a full queue) was polled with a no-op waker; the caller's polls go on with
+    /// it, and a future wakes the waker of its latest poll, so no wake-up is lost.
+    fn submit_job(&self, mut job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         let route = job.route();
-        let side = {
-            let mut routes = self.routes.lock().expect("route table poisoned");
-            let desired = self.side_for(route);
-            let pin = routes.entry(route).or_insert(Pin {
-                side: desired,
-                in_flight: 0,
-            });
-            pin.in_flight += 1;
-            pin.side
-        };
-        let routes = self.routes.clone();
-        job.set_done_hook(Box::new(move |_| release(&routes, route)));
-        let refused = match self.pool(side).submit(job).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
+        let cell = cell_of(route);
+        let side = self.pins.pin(cell, || self.side_for(route));
+        let pins = self.pins.clone();
+        job.set_done_hook(Box::new(move |_| pins.release(cell)));
+        let mut submitted = self.pool(side).submit(job);
+        match submitted
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(Ok(())) => Box::pin(Accepted),
+            Poll::Ready(Err(refused)) => Box::pin(self.refused(route, side, cell, refused)),
+            // A full queue: the caller's polls go on with the waiting submission.
+            Poll::Pending => Box::pin(async move {
+                match submitted.await {
+                    Ok(()) => Ok(()),
+                    Err(refused) => self.refused(route, side, cell, refused).await,
+                }
+            }),
+        }
+    }
+
+    /// `side` refused a job of `cell`: an actor side that cannot serve it hands it
+    /// to the keyed pool when nothing else of the cell is in flight; otherwise the
+    /// cell is released and the job handed back.
+    async fn refused(
+        &self,
+        route: u64,
+        side: Side,
+        cell: usize,
+        refused: SubmitError,
+    ) -> Result<(), SubmitError> {
         let refused = if side == Side::Actor
             && refused.kind() == SubmitErrorKind::Unavailable
-            && self.repin_alone(route, Side::Keyed)
+            && self.pins.repin_alone(cell, Side::Keyed)
         {
-            // The actor side cannot serve the route, which had nothing else in
+            // The actor side cannot serve the route, whose cell had nothing else in
             // flight: the keyed pool takes it at once.
             tracing::debug!(
                 route,
@@ -302,27 +340,16 @@ impl PoolSwitch {
         }
         Err(SubmitError::new(kind, job))
     }
-
-    /// Move `route` to `side` if the job being submitted is its only one in flight.
-    fn repin_alone(&self, route: u64, side: Side) -> bool {
-        let mut routes = self.routes.lock().expect("route table poisoned");
-        match routes.get_mut(&route) {
-            Some(pin) if pin.in_flight == 1 => {
-                pin.side = side;
-                true
-            }
-            _ => false,
-        }
-    }
 }
 
-fn release(routes: &Routes, route: u64) {
-    let mut routes = routes.lock().expect("route table poisoned");
-    if let Some(pin) = routes.get_mut(&route) {
-        pin.in_flight -= 1;
-        if pin.in_flight == 0 {
-            routes.remove(&route);
-        }
+/// A submission that was accepted in the call: complete, and no allocation.
+struct Accepted;
+
+impl Future for Accepted {
+    type Output = Result<(), SubmitError>;
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -346,12 +373,7 @@ impl Pool for PoolSwitch {
     }
 
     fn kind_for(&self, route: u64) -> &'static str {
-        let pinned = self
-            .routes
-            .lock()
-            .expect("route table poisoned")
-            .get(&route)
-            .map(|p| p.side);
+        let pinned = self.pins.side(cell_of(route));
         self.pool(pinned.unwrap_or_else(|| self.side_for(route)))
             .kind()
     }
@@ -372,7 +394,7 @@ impl Pool for PoolSwitch {
     }
 
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
-        Box::pin(self.submit_inner(job))
+        self.submit_job(job)
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

@@ -182,13 +182,56 @@ pub struct Job {
 }
 
 /// Called once when a job ends: with its outcome's kind after it ran, or with `None`
-/// when it was dropped without running (pool closed or aborted).
-pub type DoneHook = Box<dyn FnOnce(Option<OutcomeKind>) + Send + 'static>;
+/// when it was dropped without running (pool closed or aborted). A closure
+/// ([`DoneHook::new`], one allocation) or a shared [`DoneSink`] with a token
+/// ([`DoneHook::sink`], none: for a hook on every job of a hot path).
+pub struct DoneHook(Hook);
+
+enum Hook {
+    Fn(Box<dyn FnOnce(Option<OutcomeKind>) + Send + 'static>),
+    Sink(Arc<dyn DoneSink>, u32),
+}
+
+/// Told when jobs end, each by the token it was given ([`DoneHook::sink`]).
+pub trait DoneSink: Send + Sync + 'static {
+    /// The job given `token` ended: `Some(kind)` after it ran, `None` when it was
+    /// dropped without running.
+    fn done(&self, token: u32, kind: Option<OutcomeKind>);
+}
+
+impl DoneHook {
+    /// A hook that calls `f`.
+    pub fn new(f: impl FnOnce(Option<OutcomeKind>) + Send + 'static) -> Self {
+        Self(Hook::Fn(Box::new(f)))
+    }
+
+    /// A hook that tells `sink` with `token`; allocates nothing.
+    pub fn sink(sink: Arc<dyn DoneSink>, token: u32) -> Self {
+        Self(Hook::Sink(sink, token))
+    }
+
+    /// Call the hook.
+    pub fn call(self, kind: Option<OutcomeKind>) {
+        match self.0 {
+            Hook::Fn(f) => f(kind),
+            Hook::Sink(sink, token) => sink.done(token, kind),
+        }
+    }
+}
+
+impl fmt::Debug for DoneHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Hook::Fn(_) => f.write_str("DoneHook(fn)"),
+            Hook::Sink(_, token) => write!(f, "DoneHook(sink, {token})"),
+        }
+    }
+}
 
 impl Drop for Job {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
-            done(None);
+            done.call(None);
         }
     }
 }
@@ -290,7 +333,7 @@ impl Job {
             let _ = reply.send((outcome, settling));
         }
         if let Some(done) = self.done.take() {
-            done(Some(kind));
+            done.call(Some(kind));
         }
         kind
     }

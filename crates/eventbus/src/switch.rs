@@ -287,8 +287,7 @@ impl PoolSwitch {
         let route = job.route();
         let cell = cell_of(route);
         let side = self.pins.pin(cell, || self.side_for(route));
-        let pins = self.pins.clone();
-        job.set_done_hook(Box::new(move |_| pins.release(cell)));
+        job.set_done_hook(self.pins.done_hook(cell));
         let mut submitted = self.pool(side).submit(job);
         match submitted
             .as_mut()
@@ -336,7 +335,7 @@ impl PoolSwitch {
         let kind = refused.kind();
         let mut job = refused.into_job();
         if let Some(done) = job.take_done_hook() {
-            done(None);
+            done.call(None);
         }
         Err(SubmitError::new(kind, job))
     }

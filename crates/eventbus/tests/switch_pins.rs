@@ -3,7 +3,9 @@
 //! with the share changing all the time, no key ever has jobs on both pools at once
 //! and every key's jobs run in order.
 
-use eventbus::core::raw::{stable_hash, Job, JobClass, Outcome, OutcomeReceiver, SubmitError};
+use eventbus::core::raw::{
+    stable_hash, DoneHook, Job, JobClass, Outcome, OutcomeReceiver, SubmitError,
+};
 use eventbus::core::ComponentHealth;
 use eventbus::{Pool, PoolStats, PoolSwitch};
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
@@ -153,7 +155,7 @@ impl Pool for Booked {
         // Off the books before the switch's own hook releases the route.
         let switch_hook = job.take_done_hook();
         let ledger = self.ledger.clone();
-        job.set_done_hook(Box::new(move |kind| {
+        job.set_done_hook(DoneHook::new(move |kind| {
             ledger
                 .in_flight
                 .lock()
@@ -161,7 +163,7 @@ impl Pool for Booked {
                 .get_mut(&route)
                 .expect("booked")[side] -= 1;
             if let Some(hook) = switch_hook {
-                hook(kind);
+                hook.call(kind);
             }
         }));
         self.inner.submit(job)

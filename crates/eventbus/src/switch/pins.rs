@@ -18,6 +18,7 @@
 //! docs/benchmarks.md).
 
 use super::Side;
+use eventbus_core::raw::{DoneHook, DoneSink, OutcomeKind};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -68,7 +69,25 @@ fn word(side: Side, count: u32) -> u32 {
 /// The pin cells. Cloning shares them (done hooks hold a clone).
 #[derive(Clone)]
 pub(super) struct Pins {
-    cells: Arc<[AtomicU32]>,
+    cells: Arc<Cells>,
+}
+
+/// The cells themselves: also the sink of the done hooks, each job's token its
+/// cell, so a job's hook allocates nothing.
+struct Cells(Box<[AtomicU32]>);
+
+impl std::ops::Deref for Cells {
+    type Target = [AtomicU32];
+    fn deref(&self) -> &[AtomicU32] {
+        &self.0
+    }
+}
+
+impl DoneSink for Cells {
+    fn done(&self, cell: u32, _: Option<OutcomeKind>) {
+        let before = self[cell as usize].fetch_sub(1, Ordering::Release);
+        debug_assert!(before & COUNT > 0, "pin cell released more than pinned");
+    }
 }
 
 impl fmt::Debug for Pins {
@@ -82,7 +101,7 @@ impl fmt::Debug for Pins {
 impl Pins {
     pub(super) fn new() -> Self {
         Self {
-            cells: (0..CELLS).map(|_| AtomicU32::new(0)).collect(),
+            cells: Arc::new(Cells((0..CELLS).map(|_| AtomicU32::new(0)).collect())),
         }
     }
 
@@ -111,11 +130,16 @@ impl Pins {
         }
     }
 
-    /// One job of `cell` ended (ran, was dropped, or was handed back).
-    #[inline]
+    /// One job of `cell` ended (ran, was dropped, or was handed back); in the
+    /// switch, a job's [`done_hook`](Self::done_hook) does this.
+    #[cfg(test)]
     pub(super) fn release(&self, cell: usize) {
-        let before = self.cells[cell].fetch_sub(1, Ordering::Release);
-        debug_assert!(before & COUNT > 0, "pin cell released more than pinned");
+        self.cells.done(cell as u32, None);
+    }
+
+    /// The hook that releases `cell` when a job of it ends; allocates nothing.
+    pub(super) fn done_hook(&self, cell: usize) -> DoneHook {
+        DoneHook::sink(self.cells.clone(), cell as u32)
     }
 
     /// Pin `cell` to `side` if exactly one job is in flight in it (the one being

@@ -2,7 +2,7 @@
 //! a pool's own submit-and-complete rate, and the one-message-at-a-time-per-partition
 //! design.
 
-use crate::workload::HandlerKind;
+use crate::workload::{own_cpu_secs, HandlerKind};
 use eventbus::Pool;
 use eventbus_core::raw::{Job, JobClass, Outcome};
 use futures::FutureExt;
@@ -101,8 +101,12 @@ pub struct RoundTrips {
     pub actor: f64,
     /// `PoolSwitch` over both pools, all keyed, msg/s.
     pub switch: f64,
-    /// One-at-a-time per partition with the 1 ms handler, msg/s.
+    /// One-at-a-time per partition with the 1 ms (`io-1ms`) handler, msg/s.
     pub sequential: f64,
+    /// CPU µs of the process per round trip: mpsc, keyed, actor, switch (in
+    /// the order of the rates above), means over rounds.
+    #[serde(default)]
+    pub cpu_us: [f64; 4],
 }
 
 /// Measure [`RoundTrips`]: `rounds` rounds of `n` round trips each, the four
@@ -115,10 +119,12 @@ pub async fn round_trips(
 ) -> Result<RoundTrips, String> {
     let window = 1024;
     let mut rates: [Vec<f64>; 4] = Default::default();
+    let mut cpu: [Vec<f64>; 4] = Default::default();
     for round in 0..rounds.max(1) {
         let mut steps = [0usize, 1, 2, 3];
         steps.rotate_left(round % 4);
         for step in steps {
+            let cpu0 = own_cpu_secs();
             let rate = match step {
                 0 => baseline_mpsc_oneshot(n, window).await,
                 _ => {
@@ -133,11 +139,16 @@ pub async fn round_trips(
                         crate::bus::make_pool(kind).await
                     }
                     .map_err(|e| format!("pool for the round trip: {e}"))?;
+                    let cpu0 = own_cpu_secs();
                     let rate = pool_round_trip(&pool, n, 10_000, window).await?;
+                    cpu[step].push((own_cpu_secs() - cpu0) * 1e6 / n.max(1) as f64);
                     pool.close(std::time::Duration::from_secs(5)).await;
                     rate
                 }
             };
+            if step == 0 {
+                cpu[step].push((own_cpu_secs() - cpu0) * 1e6 / n.max(1) as f64);
+            }
             rates[step].push(rate);
         }
     }
@@ -147,6 +158,7 @@ pub async fn round_trips(
         keyed: mean(&rates[1]),
         actor: mean(&rates[2]),
         switch: mean(&rates[3]),
-        sequential: sequential_per_partition(sequential_n, HandlerKind::Io).await,
+        sequential: sequential_per_partition(sequential_n, HandlerKind::IoSim).await,
+        cpu_us: [mean(&cpu[0]), mean(&cpu[1]), mean(&cpu[2]), mean(&cpu[3])],
     })
 }

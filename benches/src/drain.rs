@@ -10,6 +10,7 @@
 //! consumer-group join (about 3 s on the mock cluster) counts on neither side.
 
 use crate::bus::{kafka_config, make_pool, nats_config, Backend};
+use crate::workload::own_cpu_secs;
 use async_nats::jetstream::{self, consumer};
 use eventbus::kafka::{KafkaConfig, KafkaEventBus, KafkaProducer};
 use eventbus::nats::NatsEventBus;
@@ -87,6 +88,21 @@ pub struct DrainResult {
     /// Why the drain failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// CPU seconds of the drain process (every thread, the client library's
+    /// included) from the consumer's creation to the last message.
+    #[serde(default)]
+    pub cpu_secs: f64,
+}
+
+impl DrainResult {
+    /// CPU µs per message consumed (NaN when unknown).
+    pub fn cpu_us_per_message(&self) -> f64 {
+        if self.consumed == 0 || !self.cpu_secs.is_finite() || self.cpu_secs <= 0.0 {
+            f64::NAN
+        } else {
+            self.cpu_secs * 1e6 / self.consumed as f64
+        }
+    }
 }
 
 /// `n` envelope records keyed by [`DRAIN_AGGREGATES`] aggregate ids.
@@ -188,6 +204,9 @@ fn bare_kafka_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
 struct Clock {
     start: Instant,
     count: AtomicU64,
+    cpu0: f64,
+    /// CPU seconds of the process when the last message came.
+    cpu_at_last: std::sync::Mutex<f64>,
     first_ns: AtomicU64,
     last_ns: AtomicU64,
     done: tokio::sync::Notify,
@@ -199,6 +218,8 @@ impl Clock {
         Self {
             start: Instant::now(),
             count: AtomicU64::new(0),
+            cpu0: own_cpu_secs(),
+            cpu_at_last: std::sync::Mutex::new(f64::NAN),
             first_ns: AtomicU64::new(u64::MAX),
             last_ns: AtomicU64::new(0),
             done: tokio::sync::Notify::new(),
@@ -211,6 +232,9 @@ impl Clock {
         self.first_ns.fetch_min(now, Ordering::AcqRel);
         self.last_ns.fetch_max(now, Ordering::AcqRel);
         if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            if let Ok(mut cpu) = self.cpu_at_last.lock() {
+                *cpu = own_cpu_secs();
+            }
             self.done.notify_one();
         }
     }
@@ -238,6 +262,7 @@ impl Clock {
                 0.0
             },
             first_secs: if f == u64::MAX { 0.0 } else { f as f64 / 1e9 },
+            cpu_secs: self.cpu_at_last.lock().map_or(f64::NAN, |c| *c) - self.cpu0,
             error: error.or_else(|| {
                 (consumed < spec.messages).then(|| {
                     format!(

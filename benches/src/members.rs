@@ -32,7 +32,7 @@
 //! server rather than the bus (`docs/benchmarks.md`, "NATS scale-out").
 
 use crate::bus::nats_config;
-use crate::workload::{HandlerKind, Stamp, Tally};
+use crate::workload::{cpu_secs, HandlerKind, Stamp, Tally};
 use eventbus::nats::{NatsConfig, NatsEventBus, Retention};
 use eventbus::{
     ActorPool, Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError,
@@ -185,18 +185,6 @@ pub fn settled(owned: &[Vec<u32>], partitions: u32) -> bool {
         }
     }
     large == extra && seen.iter().all(|s| *s)
-}
-
-/// CPU seconds (user + system, every thread) of process `pid` (`self` for this
-/// one), from `/proc/<pid>/stat` in clock ticks of 1/100 s.
-fn cpu_secs(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces: count from its closing paren.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
 }
 
 /// One member: a bus of its own on a runtime of its own.

@@ -58,6 +58,9 @@ pub struct Means {
     pub lost: u64,
     /// Success rate, mean.
     pub success_rate: f64,
+    /// CPU µs of the run process per message, mean over the runs that know it.
+    #[serde(default)]
+    pub cpu_us: f64,
 }
 
 impl Means {
@@ -74,6 +77,7 @@ impl Means {
             order_violations: runs.iter().map(|r| r.order_violations).sum(),
             lost: runs.iter().map(|r| r.lost).sum(),
             success_rate: mean(|r| r.success_rate),
+            cpu_us: finite_mean(runs.iter().map(|r| r.cpu_us_per_message())),
         }
     }
 }
@@ -135,6 +139,65 @@ pub fn summarize(runs: &[RunResult]) -> Vec<WorkloadSummary> {
         .collect()
 }
 
+/// Mean of the finite values (NaN when there are none).
+pub fn finite_mean(values: impl IntoIterator<Item = f64>) -> f64 {
+    let xs: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+    if xs.is_empty() {
+        f64::NAN
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+/// Median of the finite values (NaN when there are none; the mean of the two
+/// middle ones for an even count).
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut xs: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        (xs[m - 1] + xs[m]) / 2.0
+    }
+}
+
+/// The paced rates of `runs`, in first-seen order.
+pub fn paced_rates(runs: &[RunResult]) -> Vec<f64> {
+    let mut rates: Vec<f64> = Vec::new();
+    for r in runs {
+        if r.rate > 0.0 && !rates.contains(&r.rate) {
+            rates.push(r.rate);
+        }
+    }
+    rates
+}
+
+/// The completed paced runs of `pool` at `rate`, in round order.
+pub fn paced_runs<'a>(runs: &'a [RunResult], pool: &str, rate: f64) -> Vec<&'a RunResult> {
+    let mut rs: Vec<&RunResult> = runs
+        .iter()
+        .filter(|r| r.rate == rate && r.pool == pool && r.error.is_none() && r.lost == 0)
+        .collect();
+    rs.sort_by_key(|r| r.round);
+    rs
+}
+
+/// Actor p99 ÷ keyed p99 of each round at `rate` where both pools completed.
+pub fn paced_p99_ratios(runs: &[RunResult], rate: f64) -> Vec<f64> {
+    let keyed = paced_runs(runs, "keyed", rate);
+    paced_runs(runs, "actor", rate)
+        .into_iter()
+        .filter_map(|a| {
+            let k = keyed.iter().find(|k| k.round == a.round)?;
+            (k.p99_us > 0.0).then(|| a.p99_us / k.p99_us)
+        })
+        .collect()
+}
+
 /// Geometric mean of the finite, positive values (NaN when there are none).
 pub fn geomean(values: impl IntoIterator<Item = f64>) -> f64 {
     let logs: Vec<f64> = values
@@ -190,6 +253,10 @@ pub struct Report {
     /// handled by one or more members of a group.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MembersResult>,
+    /// The paced phase: both pools at fixed rates, latency from each
+    /// message's intended send time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paced: Vec<RunResult>,
     /// Figures measured in the same run.
     pub baselines: Vec<Baseline>,
     /// The verdict.
@@ -208,8 +275,8 @@ impl Report {
     pub fn summary_table(&self) -> String {
         let mut s = String::new();
         s.push_str(
-            "| workload | pool | msg/s | p50 µs | p99 µs | p999 µs | peak RSS MiB | order viol. | lost | success | actor/keyed msg/s | p99 | RSS |\n\
-             |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| workload | pool | msg/s | CPU µs/msg | p50 µs | p99 µs | p999 µs | peak RSS MiB | order viol. | lost | success | actor/keyed msg/s | p99 | RSS |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for w in &self.workloads {
             for (pool, m) in [("keyed", &w.keyed), ("actor", &w.actor)] {
@@ -226,9 +293,10 @@ impl Report {
                 };
                 let _ = writeln!(
                     s,
-                    "| {} | {pool} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} | {:.1}% | {ratios} |",
+                    "| {} | {pool} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} | {:.1}% | {ratios} |",
                     w.label(),
                     m.throughput,
+                    m.cpu_us,
                     m.p50_us,
                     m.p99_us,
                     m.p999_us,
@@ -272,6 +340,45 @@ impl Report {
         for b in missed {
             if !b.note.is_empty() {
                 let _ = writeln!(s, "\n- missed: {}: {}", b.name, b.note);
+            }
+        }
+        s
+    }
+
+    /// The paced phase, as Markdown: per rate and pool, the medians over
+    /// rounds, then actor p99 ÷ keyed p99 per round and its median.
+    pub fn paced_table(&self) -> String {
+        let mut s = String::from(
+            "| rate msg/s | pool | rounds | msg/s | CPU µs/msg | p50 µs | p99 µs | p999 µs | actor/keyed p99 per round | median |\n\
+             |---:|---|---:|---:|---:|---:|---:|---:|---|---:|\n",
+        );
+        for rate in paced_rates(&self.paced) {
+            for pool in ["keyed", "actor"] {
+                let rs = paced_runs(&self.paced, pool, rate);
+                let med = |f: fn(&RunResult) -> f64| median(rs.iter().map(|r| f(r)));
+                let ratios = if pool == "actor" {
+                    let rs = paced_p99_ratios(&self.paced, rate);
+                    format!(
+                        "{} | {:.3}",
+                        rs.iter()
+                            .map(|r| format!("{r:.3}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        median(rs.iter().copied())
+                    )
+                } else {
+                    " | ".to_owned()
+                };
+                let _ = writeln!(
+                    s,
+                    "| {rate:.0} | {pool} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {ratios} |",
+                    rs.len(),
+                    med(|r| r.throughput),
+                    med(RunResult::cpu_us_per_message),
+                    med(|r| r.p50_us),
+                    med(|r| r.p99_us),
+                    med(|r| r.p999_us),
+                );
             }
         }
         s
@@ -337,6 +444,10 @@ impl Report {
             s.push_str("## Keyed against actor (means over rounds)\n\n");
             s.push_str(&self.summary_table());
         }
+        if !self.paced.is_empty() {
+            s.push_str("\n## Paced rate: latency from each message's intended send time (medians over rounds)\n\n");
+            s.push_str(&self.paced_table());
+        }
         if !self.members.is_empty() {
             let storage = match self.members[0].storage {
                 StorageKind::Memory => "memory",
@@ -384,16 +495,17 @@ impl Report {
             }
         }
         if !self.drains.is_empty() {
-            s.push_str("\n## Backlog drain: bus against the bare client loop\n\n| round | side | messages | consumed | msg/s | first message s | error |\n|---:|---|---:|---:|---:|---:|---|\n");
+            s.push_str("\n## Backlog drain: bus against the bare client loop\n\n| round | side | messages | consumed | msg/s | CPU µs/msg | first message s | error |\n|---:|---|---:|---:|---:|---:|---:|---|\n");
             for d in &self.drains {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {:.0} | {:.2} | {} |",
+                    "| {} | {} | {} | {} | {:.0} | {:.1} | {:.2} | {} |",
                     d.round,
                     d.side,
                     d.messages,
                     d.consumed,
                     d.throughput,
+                    d.cpu_us_per_message(),
                     d.first_secs,
                     d.error.as_deref().unwrap_or("")
                 );
@@ -412,17 +524,28 @@ impl Report {
             }
         }
         if !self.runs.is_empty() {
-            s.push_str("\n## Every run\n\n| round | pool | workload | messages | msg/s | p50 µs | p99 µs | p999 µs | peak RSS MiB | RSS growth MiB | order viol. | lost | dup. | success | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
-            for r in &self.runs {
+            s.push_str("\n## Every run\n\n| round | pool | workload | messages | msg/s | CPU µs/msg | handler µs | p50 µs | p99 µs | p999 µs | peak RSS MiB | RSS growth MiB | order viol. | lost | dup. | success | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+            for r in self.runs.iter().chain(&self.paced) {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} / {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {:.1}% | {} |",
+                    "| {} | {} | {} / {}{} | {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {:.1}% | {} |",
                     r.round,
                     r.pool,
                     r.handler.name(),
                     r.keys,
+                    if r.rate > 0.0 {
+                        format!(" / paced {:.0} msg/s", r.rate)
+                    } else {
+                        String::new()
+                    },
                     r.messages,
                     r.throughput,
+                    r.cpu_us_per_message(),
+                    if r.handler == HandlerKind::IoSim && r.io.completed > 0 {
+                        format!("{:.0}", r.io.io_mean_us())
+                    } else {
+                        String::new()
+                    },
                     r.p50_us,
                     r.p99_us,
                     r.p999_us,
@@ -578,6 +701,49 @@ mod tests {
     }
 
     #[test]
+    fn the_paced_bar_is_the_median_of_each_rounds_ratio() {
+        let paced = |pool: &str, round: usize, rate: f64, p99: f64| {
+            let mut r = run(pool, rate, p99, 1000);
+            r.round = round;
+            r.rate = rate;
+            r
+        };
+        let runs = vec![
+            paced("keyed", 0, 500.0, 100.0),
+            paced("actor", 0, 500.0, 300.0),
+            paced("actor", 1, 500.0, 90.0),
+            paced("keyed", 1, 500.0, 100.0),
+            paced("keyed", 2, 500.0, 100.0),
+            paced("actor", 2, 500.0, 100.0),
+            paced("keyed", 0, 800.0, 200.0),
+            paced("actor", 0, 800.0, 100.0),
+        ];
+        assert_eq!(paced_rates(&runs), vec![500.0, 800.0]);
+        let ratios = paced_p99_ratios(&runs, 500.0);
+        assert_eq!(ratios, vec![3.0, 0.9, 1.0]);
+        assert_eq!(median(ratios), 1.0);
+        assert_eq!(median([1.0, 2.0, f64::NAN, 4.0, 3.0]), 2.5);
+        assert!(median([]).is_nan());
+        let report = Report {
+            backend: "memory".into(),
+            quick: false,
+            rounds: 3,
+            seconds: 1.0,
+            workloads: vec![],
+            runs: vec![],
+            drains: vec![],
+            members: vec![],
+            paced: runs,
+            baselines: vec![],
+            bars: vec![],
+            notes: vec![],
+        };
+        let table = report.paced_table();
+        assert!(table.contains("| 3.000, 0.900, 1.000 | 1.000 |"), "{table}");
+        assert!(report.markdown().contains("Paced rate"));
+    }
+
+    #[test]
     fn geomean_skips_missing_ratios() {
         assert!((geomean([2.0, 0.5]) - 1.0).abs() < 1e-12);
         assert!((geomean([4.0, f64::NAN]) - 4.0).abs() < 1e-12);
@@ -603,6 +769,7 @@ mod tests {
             runs: vec![],
             drains: vec![],
             members: vec![result(1, 1000.0), result(2, 1900.0)],
+            paced: vec![],
             baselines: vec![],
             bars: vec![],
             notes: vec![],
@@ -634,6 +801,7 @@ mod tests {
             runs,
             drains: vec![],
             members: vec![],
+            paced: vec![],
             baselines: vec![],
             bars: vec![Bar {
                 name: "b".into(),

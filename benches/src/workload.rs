@@ -2,7 +2,11 @@
 
 use eventbus::Event;
 use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// What the handler does per message.
@@ -13,8 +17,12 @@ pub enum HandlerKind {
     Noop,
     /// Spins the CPU for about 10 µs.
     Cpu,
-    /// Sleeps 1 ms asynchronously (I/O-like).
+    /// Sleeps 1 ms on tokio's timer (I/O-like; the timer wheel's rounding makes
+    /// it last about 2 ms).
     Io,
+    /// Waits for a completion of the [`IoSim`] 1 ms after the call (I/O-like,
+    /// independent of tokio's timer).
+    IoSim,
 }
 
 impl HandlerKind {
@@ -23,7 +31,8 @@ impl HandlerKind {
         match self {
             HandlerKind::Noop => "noop",
             HandlerKind::Cpu => "cpu-10us",
-            HandlerKind::Io => "io-1ms",
+            HandlerKind::Io => "sleep-1ms",
+            HandlerKind::IoSim => "io-1ms",
         }
     }
 
@@ -38,7 +47,301 @@ impl HandlerKind {
                 }
             }
             HandlerKind::Io => tokio::time::sleep(Duration::from_millis(1)).await,
+            HandlerKind::IoSim => IoSim::global().after(Duration::from_millis(1)).await,
         }
+    }
+
+    /// Whether the handler waits about 1 ms per message.
+    pub fn is_io(self) -> bool {
+        matches!(self, HandlerKind::Io | HandlerKind::IoSim)
+    }
+}
+
+/// CPU seconds (user + system, every thread) of process `pid` (`self` for this
+/// one), from `/proc/<pid>/stat` in clock ticks of 1/100 s.
+pub fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from its closing paren.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// CPU seconds of this process so far (every thread, to the nanosecond:
+/// `CLOCK_PROCESS_CPUTIME_ID`; [`cpu_secs`] counts 10 ms ticks).
+pub fn own_cpu_secs() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
+/// Requests the [`IoSim`] channel holds before a caller has to wait.
+const IO_SIM_QUEUE: usize = 4096;
+/// Requests the [`IoSim`] thread holds in its heap at most; beyond it stops
+/// taking requests off the channel, so callers wait (no unbounded queue).
+const IO_SIM_PENDING: usize = 1 << 16;
+/// The [`IoSim`] thread sleeps until this long before a batch's time, then
+/// spins to it: a sleep overshoots by up to the timer slack (50 µs). Short, so
+/// the thread stays cheap (it spins at most a fifth of the time) and the
+/// scheduler keeps waking it promptly.
+const IO_SIM_SPIN: Duration = Duration::from_micros(20);
+/// At most one batch of completions per tick of this length: a completion is
+/// late by less than a tick (never early), and the thread wakes at most
+/// 10 000 times a second however many requests there are.
+const IO_SIM_TICK: Duration = Duration::from_micros(100);
+
+/// One request to the [`IoSim`]: complete `done` at `deadline`.
+struct IoRequest {
+    deadline: Instant,
+    requested: Instant,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+impl PartialEq for IoRequest {
+    fn eq(&self, other: &Self) -> bool {
+        self.deadline == other.deadline
+    }
+}
+impl Eq for IoRequest {}
+impl PartialOrd for IoRequest {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for IoRequest {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.deadline.cmp(&other.deadline)
+    }
+}
+
+/// Counters of an [`IoSim`], shared by its thread and its callers.
+#[derive(Debug, Default)]
+struct IoCounters {
+    completed: AtomicU64,
+    io_ns: AtomicU64,
+    io_max_ns: AtomicU64,
+    batches: AtomicU64,
+    resumed: AtomicU64,
+    handler_ns: AtomicU64,
+    waited_for_room: AtomicU64,
+}
+
+/// What an [`IoSim`] did, as counted so far (subtract two to get an interval).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct IoStats {
+    /// Requests completed.
+    pub completed: u64,
+    /// Sum over them of request → completion, ns (the simulated I/O's duration).
+    pub io_ns: u64,
+    /// The longest request → completion, ns.
+    pub io_max_ns: u64,
+    /// Batches of completions (thread wake-ups that completed something).
+    pub batches: u64,
+    /// Callers resumed after their completion.
+    pub resumed: u64,
+    /// Sum over them of call → resumed, ns (the handler's wait as the handler
+    /// sees it: the I/O plus the runtime's delay in polling it again).
+    pub handler_ns: u64,
+    /// Requests that found the channel full and waited for room.
+    pub waited_for_room: u64,
+}
+
+impl IoStats {
+    /// The counts of `self` since `earlier`.
+    pub fn since(&self, earlier: &IoStats) -> IoStats {
+        IoStats {
+            completed: self.completed - earlier.completed,
+            io_ns: self.io_ns - earlier.io_ns,
+            io_max_ns: self.io_max_ns,
+            batches: self.batches - earlier.batches,
+            resumed: self.resumed - earlier.resumed,
+            handler_ns: self.handler_ns - earlier.handler_ns,
+            waited_for_room: self.waited_for_room - earlier.waited_for_room,
+        }
+    }
+
+    /// Mean request → completion, µs (NaN with no completion).
+    pub fn io_mean_us(&self) -> f64 {
+        if self.completed == 0 {
+            f64::NAN
+        } else {
+            self.io_ns as f64 / self.completed as f64 / 1000.0
+        }
+    }
+
+    /// Mean call → resumed, µs (NaN with none).
+    pub fn handler_mean_us(&self) -> f64 {
+        if self.resumed == 0 {
+            f64::NAN
+        } else {
+            self.handler_ns as f64 / self.resumed as f64 / 1000.0
+        }
+    }
+}
+
+/// An I/O simulator: one dedicated thread holding a deadline-ordered heap of
+/// requests, each completed (a tokio oneshot) at its deadline, never before.
+/// The thread sleeps until shortly before the earliest deadline, spins the
+/// rest of the way, then completes every request due in one batch; batches are
+/// at least `IO_SIM_TICK` (100 µs) apart. Requests come through a bounded channel.
+///
+/// Unlike `tokio::time::sleep`, which ends on the timer wheel's next tick after
+/// the duration (about 2 ms for 1 ms on Linux), a 1 ms wait lasts 1 ms plus
+/// less than a tick.
+#[derive(Debug, Clone)]
+pub struct IoSim {
+    tx: SyncSender<IoRequest>,
+    counters: Arc<IoCounters>,
+}
+
+impl std::fmt::Debug for IoRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoRequest")
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IoSim {
+    /// Start a simulator with its own thread; the thread ends once every
+    /// handle is dropped and its last request completed.
+    pub fn start() -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(IO_SIM_QUEUE);
+        let counters = Arc::new(IoCounters::default());
+        let c = counters.clone();
+        std::thread::Builder::new()
+            .name("io-sim".into())
+            .spawn(move || io_sim_thread(&rx, &c))?;
+        Ok(Self { tx, counters })
+    }
+
+    /// The process's simulator, started on first use.
+    ///
+    /// # Panics
+    ///
+    /// When its thread cannot be started.
+    pub fn global() -> &'static IoSim {
+        static SIM: OnceLock<IoSim> = OnceLock::new();
+        SIM.get_or_init(|| IoSim::start().expect("cannot start the I/O simulator thread"))
+    }
+
+    /// Complete `d` after the call (never sooner).
+    pub async fn after(&self, d: Duration) {
+        let requested = Instant::now();
+        self.until_from(requested, requested + d).await;
+    }
+
+    /// Complete at `deadline` (never sooner).
+    pub async fn until(&self, deadline: Instant) {
+        self.until_from(Instant::now(), deadline).await;
+    }
+
+    async fn until_from(&self, requested: Instant, deadline: Instant) {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let mut request = IoRequest {
+            deadline,
+            requested,
+            done,
+        };
+        loop {
+            match self.tx.try_send(request) {
+                Ok(()) => break,
+                Err(TrySendError::Full(r)) => {
+                    // The thread is behind: give it a moment (a bounded wait
+                    // rather than an unbounded queue).
+                    self.counters
+                        .waited_for_room
+                        .fetch_add(1, Ordering::Relaxed);
+                    request = r;
+                    tokio::task::yield_now().await;
+                    std::thread::yield_now();
+                }
+                // The thread is gone (it panicked): fall back to the timer.
+                Err(TrySendError::Disconnected(r)) => {
+                    tokio::time::sleep_until(r.deadline.into()).await;
+                    return;
+                }
+            }
+        }
+        if rx.await.is_err() {
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+        self.counters.resumed.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .handler_ns
+            .fetch_add(requested.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn stats(&self) -> IoStats {
+        let c = &self.counters;
+        IoStats {
+            completed: c.completed.load(Ordering::Acquire),
+            io_ns: c.io_ns.load(Ordering::Acquire),
+            io_max_ns: c.io_max_ns.load(Ordering::Acquire),
+            batches: c.batches.load(Ordering::Acquire),
+            resumed: c.resumed.load(Ordering::Acquire),
+            handler_ns: c.handler_ns.load(Ordering::Acquire),
+            waited_for_room: c.waited_for_room.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// The simulator's thread: take requests, complete them in batches when due.
+///
+/// While requests wait it does not block on the channel (a wake-up per request
+/// would cost more than the completions): it naps at most a tick at a time,
+/// takes what came meanwhile, and blocks on the channel only when it holds
+/// nothing. A request due before the current target therefore waits at most a
+/// tick more; none is ever completed early.
+fn io_sim_thread(rx: &Receiver<IoRequest>, c: &IoCounters) {
+    let mut heap: BinaryHeap<Reverse<IoRequest>> = BinaryHeap::new();
+    let mut open = true;
+    let mut last_batch: Option<Instant> = None;
+    loop {
+        while open && heap.len() < IO_SIM_PENDING {
+            match rx.try_recv() {
+                Ok(r) => heap.push(Reverse(r)),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        let Some(earliest) = heap.peek().map(|r| r.0.deadline) else {
+            if !open {
+                return;
+            }
+            match rx.recv() {
+                Ok(r) => heap.push(Reverse(r)),
+                Err(_) => return,
+            }
+            continue;
+        };
+        let target = match last_batch {
+            Some(t) => earliest.max(t + IO_SIM_TICK),
+            None => earliest,
+        };
+        let now = Instant::now();
+        if target > now + IO_SIM_SPIN {
+            std::thread::sleep((target - now - IO_SIM_SPIN).min(IO_SIM_TICK));
+            continue;
+        }
+        while Instant::now() < target {
+            std::hint::spin_loop();
+        }
+        let now = Instant::now();
+        let mut completed = 0u64;
+        while heap.peek().is_some_and(|r| r.0.deadline <= now) {
+            let Some(Reverse(r)) = heap.pop() else { break };
+            let io = now.duration_since(r.requested).as_nanos() as u64;
+            c.io_ns.fetch_add(io, Ordering::Relaxed);
+            c.io_max_ns.fetch_max(io, Ordering::Relaxed);
+            let _ = r.done.send(());
+            completed += 1;
+        }
+        c.completed.fetch_add(completed, Ordering::Release);
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        last_batch = Some(now);
     }
 }
 
@@ -123,9 +426,30 @@ pub struct RunResult {
     /// Why the run failed, when it did (its figures are then zeros).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The publisher's fixed rate, msg/s (0: unpaced, as fast as the bus takes
+    /// them). Paced, latency runs from each message's intended send time.
+    #[serde(default)]
+    pub rate: f64,
+    /// CPU seconds of the run process (every thread) from the first publish to
+    /// the last message handled.
+    #[serde(default)]
+    pub cpu_secs: f64,
+    /// What the I/O simulator did during the run (`io-1ms` handler).
+    #[serde(default)]
+    pub io: IoStats,
 }
 
 impl RunResult {
+    /// CPU µs of the run process per message handled (NaN when unknown).
+    pub fn cpu_us_per_message(&self) -> f64 {
+        let handled = self.messages - self.lost.min(self.messages);
+        if handled == 0 || !self.cpu_secs.is_finite() || self.cpu_secs <= 0.0 {
+            f64::NAN
+        } else {
+            self.cpu_secs * 1e6 / handled as f64
+        }
+    }
+
     /// A run that produced no measurement: every message counts as lost.
     pub fn failed(
         pool: &str,
@@ -154,8 +478,27 @@ impl RunResult {
             duplicates: 0,
             success_rate: 0.0,
             error: Some(error),
+            rate: 0.0,
+            cpu_secs: f64::NAN,
+            io: IoStats::default(),
         }
     }
+}
+
+/// p50, p99 and p999 of nanosecond samples, in microseconds, from an HDR
+/// histogram (3 significant digits; zeros when there is no sample).
+pub fn hdr_percentiles_us(samples: &[u64]) -> (f64, f64, f64) {
+    let Ok(mut h) = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3) else {
+        return (0.0, 0.0, 0.0);
+    };
+    for &ns in samples {
+        h.saturating_record(ns.max(1));
+    }
+    if h.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    (q(0.50), q(0.99), q(0.999))
 }
 
 /// The `p` quantile of sorted nanosecond samples, in microseconds.
@@ -220,6 +563,11 @@ impl Tally {
             origin: Instant::now(),
             total: messages as u64,
         }
+    }
+
+    /// The instant `ns` nanoseconds after the tally was made.
+    pub fn instant_at(&self, ns: u64) -> Instant {
+        self.origin + Duration::from_nanos(ns)
     }
 
     /// Nanoseconds since the tally was made.
@@ -370,6 +718,60 @@ mod tests {
         t.record(&event(s(3, 1, 1)));
         assert_eq!(t.handled(), 4);
         assert_eq!(t.sorted_latencies().len(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_io_simulator_completes_every_request_and_none_early() {
+        let sim = IoSim::start().expect("simulator thread");
+        // More requests than the channel holds, at once, with deadlines in any
+        // order (some already past).
+        let n = IO_SIM_QUEUE + 500;
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let sim = sim.clone();
+                tokio::spawn(async move {
+                    let d = Duration::from_micros((i as u64 * 7919) % 3000);
+                    let t = Instant::now();
+                    sim.after(d).await;
+                    (d, t.elapsed())
+                })
+            })
+            .collect();
+        let all = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(tasks))
+            .await
+            .expect("every request completes");
+        for r in all {
+            let (asked, took) = r.expect("task");
+            assert!(took >= asked, "completed after {took:?}, asked {asked:?}");
+        }
+        let stats = sim.stats();
+        assert_eq!(stats.completed, n as u64);
+        assert_eq!(stats.resumed, n as u64);
+        assert!(stats.batches >= 1 && stats.batches <= stats.completed);
+        assert!(stats.io_mean_us() >= 0.0 && stats.io_max_ns >= stats.io_ns / stats.completed);
+        // The thread ends once every handle is gone.
+        drop(sim);
+    }
+
+    #[test]
+    fn process_cpu_time_is_read_and_grows() {
+        let a = own_cpu_secs();
+        let until = Instant::now() + Duration::from_millis(20);
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        assert!(a >= 0.0 && own_cpu_secs() > a);
+        assert!(cpu_secs("self").is_some_and(|s| s >= 0.0));
+    }
+
+    #[test]
+    fn hdr_percentiles_come_from_every_sample() {
+        let ns: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        let (p50, p99, p999) = hdr_percentiles_us(&ns);
+        assert!((p50 - 500.0).abs() <= 1.0, "{p50}");
+        assert!((p99 - 990.0).abs() <= 1.0, "{p99}");
+        assert!((p999 - 999.0).abs() <= 1.0, "{p999}");
+        assert_eq!(hdr_percentiles_us(&[]), (0.0, 0.0, 0.0));
     }
 
     #[test]

@@ -17,6 +17,7 @@ async fn small_run(pool: PoolKind, prepublish: bool) {
         prepublish,
         round: 0,
         limit_secs: 60,
+        rate: 0.0,
     };
     let r = run_workload(&spec).await.expect("workload runs");
     assert_eq!(r.pool, pool.as_str());

@@ -13,7 +13,10 @@ use eventbus_benches::drain::{publish_kafka_backlog, publish_nats_backlog};
 use eventbus_benches::members::{
     run_members, MembersResult, MembersSpec, MEMBER_KEYS, MEMBER_PARTITIONS, MEMBER_WORKERS,
 };
-use eventbus_benches::report::{chart, geomean, members_mean, summarize, Bar, Baseline, Report};
+use eventbus_benches::report::{
+    chart, finite_mean, geomean, median, members_mean, paced_p99_ratios, paced_rates, paced_runs,
+    summarize, Bar, Baseline, Report,
+};
 use eventbus_benches::{
     ChildJob, ChildOutput, DrainResult, DrainSide, DrainSpec, HandlerKind, KeyDist, RoundTrips,
     RunResult, WorkloadSpec,
@@ -418,9 +421,9 @@ impl Broker {
 fn messages_for(backend: Backend, handler: HandlerKind, dist: KeyDist, quick: bool) -> usize {
     let base = match (handler, dist) {
         // One key runs strictly one at a time (about 2 ms per message).
-        (HandlerKind::Io, KeyDist::Uniform(1)) => 1_000,
+        (HandlerKind::Io | HandlerKind::IoSim, KeyDist::Uniform(1)) => 1_000,
         (HandlerKind::Noop, _) => 40_000,
-        (HandlerKind::Cpu | HandlerKind::Io, _) => 20_000,
+        (HandlerKind::Cpu | HandlerKind::Io | HandlerKind::IoSim, _) => 20_000,
     };
     let base = if backend == Backend::Memory {
         base
@@ -437,7 +440,7 @@ fn messages_for(backend: Backend, handler: HandlerKind, dist: KeyDist, quick: bo
 /// How long a run of `messages` may take before the rest count as lost.
 fn limit_for(handler: HandlerKind, messages: usize) -> u64 {
     let per_message_us: u64 = match handler {
-        HandlerKind::Io => 5_000,
+        HandlerKind::Io | HandlerKind::IoSim => 5_000,
         _ => 500,
     };
     60 + messages as u64 * per_message_us / 1_000_000
@@ -446,6 +449,29 @@ fn limit_for(handler: HandlerKind, messages: usize) -> u64 {
 fn topic_name(prefix: &str) -> String {
     format!("bench-{prefix}-{:08x}", fastrand::u32(..))
 }
+
+/// How a workload run publishes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// While the subscription consumes, as fast as the bus takes them.
+    Live,
+    /// Everything first, then the subscription drains the backlog.
+    Backlog,
+    /// While the subscription consumes, at this fixed rate (msg/s).
+    Paced(f64),
+}
+
+/// Partitions of a Kafka drain's topic: the backlog spreads over them, so it
+/// can be long (one mock-cluster partition holds at most 5 MiB, about 25 000
+/// of these records) and the drain outlasts the fetch timers.
+const KAFKA_DRAIN_PARTITIONS: u32 = 8;
+
+/// The paced rates, as fractions of the slower pool's maximum on the paced
+/// workload.
+const PACED_FRACTIONS: [f64; 2] = [0.5, 0.8];
+
+/// The workload of the paced phase.
+const PACED_WORKLOAD: (HandlerKind, KeyDist) = (HandlerKind::Cpu, KeyDist::Uniform(100));
 
 /// Everything measured so far, and the progress bar.
 struct Run {
@@ -464,7 +490,7 @@ impl Run {
         (handler, dist): (HandlerKind, KeyDist),
         messages: usize,
         partitions: u32,
-        prepublish: bool,
+        mode: Mode,
         round: usize,
     ) -> RunResult {
         let backend = self.args.backend;
@@ -487,9 +513,13 @@ impl Run {
             dist,
             messages,
             partitions,
-            prepublish,
+            prepublish: mode == Mode::Backlog,
             round,
             limit_secs: limit,
+            rate: match mode {
+                Mode::Paced(rate) => rate,
+                _ => 0.0,
+            },
         };
         let out = run_child(
             &ChildJob::Workload(spec),
@@ -531,9 +561,10 @@ impl Run {
             throughput: 0.0,
             first_secs: 0.0,
             error: Some(e),
+            cpu_secs: f64::NAN,
         };
-        // Pre-publish, untimed: four partitions on Kafka, one stream on NATS.
-        self.broker.prepare(&topic, 4).await;
+        // Pre-publish, untimed: several partitions on Kafka, one stream on NATS.
+        self.broker.prepare(&topic, KAFKA_DRAIN_PARTITIONS).await;
         let published = match &self.broker {
             Broker::Kafka(c) => publish_kafka_backlog(&c.brokers(), &topic, messages).await,
             Broker::Nats(s) => publish_nats_backlog(&s.url(), &topic, messages)
@@ -606,7 +637,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
 
     let mut workloads = Vec::new();
-    for handler in [HandlerKind::Noop, HandlerKind::Cpu, HandlerKind::Io] {
+    for handler in [HandlerKind::Noop, HandlerKind::Cpu, HandlerKind::IoSim] {
         for dist in [
             KeyDist::Uniform(1),
             KeyDist::Uniform(100),
@@ -619,8 +650,9 @@ async fn compare(args: &Args) -> Result<Report, String> {
     workloads.push((HandlerKind::Cpu, KeyDist::HotKey(100)));
     let drain_n: u64 = match (backend, args.quick) {
         (Backend::Memory, _) => 0,
+        (Backend::Kafka, true) => 20_000,
         (_, true) => 5_000,
-        (Backend::Kafka, false) => 50_000,
+        (Backend::Kafka, false) => 120_000,
         (Backend::Nats, false) => 20_000,
     };
     let conc_n = match (backend, args.quick) {
@@ -632,6 +664,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
     let steps = workloads.len() * rounds * 2
         + rounds * 2 // concurrency, both pools
         + if drain_n > 0 { rounds * 3 } else { 0 }
+        + paced_rounds(args.quick, rounds) * 2 * PACED_FRACTIONS.len()
         + 2; // in-process baselines
     let progress = ProgressBar::new(steps as u64);
     progress.set_style(
@@ -668,7 +701,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
             for kind in order(round) {
                 let partitions = 4;
                 let r = run
-                    .workload(kind, (*handler, *dist), n, partitions, false, round)
+                    .workload(kind, (*handler, *dist), n, partitions, Mode::Live, round)
                     .await;
                 if let Some(e) = &r.error {
                     say(
@@ -704,7 +737,62 @@ async fn compare(args: &Args) -> Result<Report, String> {
         );
     }
 
-    // 2. Concurrency inside a partition: 1 ms handler, 1 partition, 10 000 keys,
+    // 2. Paced: both pools at one fixed absolute rate (each fraction of the
+    // slower pool's maximum on that workload, measured above), alternating.
+    let mut paced: Vec<RunResult> = Vec::new();
+    let (p_handler, p_dist) = PACED_WORKLOAD;
+    let max_rate = [PoolKind::Keyed, PoolKind::Actor]
+        .map(|kind| {
+            mean(
+                &runs
+                    .iter()
+                    .filter(|r| {
+                        r.handler == p_handler
+                            && r.keys == p_dist.name()
+                            && r.pool == kind.as_str()
+                            && r.error.is_none()
+                            && r.lost == 0
+                    })
+                    .map(|r| r.throughput)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .into_iter()
+        .fold(f64::INFINITY, f64::min);
+    let p_rounds = paced_rounds(args.quick, run.rounds);
+    if max_rate.is_finite() && max_rate > 0.0 {
+        let secs = if args.quick { 0.3 } else { 1.0 };
+        for fraction in PACED_FRACTIONS {
+            let rate = (fraction * max_rate).round();
+            let n = ((rate * secs) as usize).clamp(500, 200_000);
+            for round in 0..p_rounds {
+                for kind in order(round) {
+                    let r = run
+                        .workload(kind, PACED_WORKLOAD, n, 4, Mode::Paced(rate), round)
+                        .await;
+                    if let Some(e) = &r.error {
+                        say(&run.progress, format!("  paced {} {rate:.0}: {e}", r.pool));
+                    }
+                    paced.push(r);
+                }
+            }
+            let p99 = |p: &str| median(paced_runs(&paced, p, rate).iter().map(|r| r.p99_us));
+            say(
+                &run.progress,
+                format!(
+                    "  paced {:>3.0}% ({rate:.0} msg/s) p99 keyed {:.0} µs  actor {:.0} µs  (median of {p_rounds} rounds)",
+                    fraction * 100.0,
+                    p99("keyed"),
+                    p99("actor")
+                ),
+            );
+        }
+    } else {
+        run.progress
+            .inc((p_rounds * 2 * PACED_FRACTIONS.len()) as u64);
+    }
+
+    // 3. Concurrency inside a partition: 1 ms handler, 1 partition, 10 000 keys,
     // a pre-published backlog; both pools, alternating.
     let mut conc: Vec<RunResult> = Vec::new();
     for round in 0..run.rounds {
@@ -712,10 +800,10 @@ async fn compare(args: &Args) -> Result<Report, String> {
             conc.push(
                 run.workload(
                     kind,
-                    (HandlerKind::Io, KeyDist::Uniform(10_000)),
+                    (HandlerKind::IoSim, KeyDist::Uniform(10_000)),
                     conc_n,
                     1,
-                    true,
+                    Mode::Backlog,
                     round,
                 )
                 .await,
@@ -723,7 +811,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
         }
     }
 
-    // 3. Backlog drains against the bare client loop (broker backends).
+    // 4. Backlog drains against the bare client loop (broker backends).
     let mut drains: Vec<DrainResult> = Vec::new();
     if drain_n > 0 {
         for round in 0..run.rounds {
@@ -739,7 +827,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
         }
     }
 
-    // 4. In-process baselines, in a process of their own: mpsc + oneshot against
+    // 5. In-process baselines, in a process of their own: mpsc + oneshot against
     // the pools' own round trip, alternating within each round; then the
     // one-at-a-time-per-partition design with the 1 ms handler.
     run.progress
@@ -768,28 +856,41 @@ async fn compare(args: &Args) -> Result<Report, String> {
         actor: actor_rt,
         switch: switch_rt,
         sequential,
+        cpu_us: rt_cpu,
     } = rt;
     run.progress.finish_and_clear();
 
     // The verdict.
     let mut baselines = vec![
         Baseline {
-            name: "tokio mpsc + oneshot round trip".into(),
+            name: format!(
+                "tokio mpsc + oneshot round trip (CPU {:.2} µs/msg)",
+                rt_cpu[0]
+            ),
             value: mpsc,
             unit: "msg/s".into(),
         },
         Baseline {
-            name: "keyed pool submit + complete (10 000 keys, 1024 outstanding)".into(),
+            name: format!(
+                "keyed pool submit + complete (10 000 keys, 1024 outstanding; CPU {:.2} µs/msg)",
+                rt_cpu[1]
+            ),
             value: keyed_rt,
             unit: "msg/s".into(),
         },
         Baseline {
-            name: "actor pool submit + complete (10 000 keys, 1024 outstanding)".into(),
+            name: format!(
+                "actor pool submit + complete (10 000 keys, 1024 outstanding; CPU {:.2} µs/msg)",
+                rt_cpu[2]
+            ),
             value: actor_rt,
             unit: "msg/s".into(),
         },
         Baseline {
-            name: "PoolSwitch over both pools, all keyed (what build_pool returns with both pool features)".into(),
+            name: format!(
+                "PoolSwitch over both pools, all keyed (what build_pool returns with both pool features; CPU {:.2} µs/msg)",
+                rt_cpu[3]
+            ),
             value: switch_rt,
             unit: "msg/s".into(),
         },
@@ -819,43 +920,78 @@ async fn compare(args: &Args) -> Result<Report, String> {
         switch_rt / mpsc
     ));
 
+    // The bare loop's drain rate (broker backends): the ceiling of the 1 ms bar
+    // there when it is below workers ÷ handler time.
+    let drain_rate = |side: &str| {
+        mean(
+            &drains
+                .iter()
+                .filter(|d| d.side == side && d.error.is_none())
+                .map(|d| d.throughput)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let bare_rate = drain_rate("bare");
     let defaults = EventBusConfig::default();
-    let handler_ms_measured = 1000.0 / sequential;
+    let mut io_ms_all = Vec::new();
     for kind in [PoolKind::Keyed, PoolKind::Actor] {
-        let rs: Vec<f64> = conc
-            .iter()
-            .filter(|r| r.pool == kind.as_str())
-            .map(|r| r.throughput)
-            .collect();
-        let thr = mean(&rs);
+        let these: Vec<&RunResult> = conc.iter().filter(|r| r.pool == kind.as_str()).collect();
+        let thr = mean(&these.iter().map(|r| r.throughput).collect::<Vec<_>>());
+        // The handler's measured duration: the simulator's request → completion,
+        // over every message of these runs (under the load they put on it).
+        let io_ms = finite_mean(these.iter().map(|r| r.io.io_mean_us() / 1000.0));
+        let resumed_ms = finite_mean(these.iter().map(|r| r.io.handler_mean_us() / 1000.0));
+        let batch = finite_mean(
+            these
+                .iter()
+                .map(|r| r.io.completed as f64 / r.io.batches.max(1) as f64),
+        );
+        io_ms_all.push(io_ms);
         let workers = match kind {
             PoolKind::Keyed => defaults.keyed_pool.workers,
             PoolKind::Actor => defaults.actor_pool.workers,
         } as f64;
         baselines.push(Baseline {
             name: format!(
-                "{} pool, 1 partition, 10 000 keys, 1 ms handler, backlog of {conc_n}",
-                kind.as_str()
+                "{} pool, 1 partition, 10 000 keys, 1 ms I/O-like handler (measured {io_ms:.3} ms), backlog of {conc_n} (CPU {:.1} µs/msg)",
+                kind.as_str(),
+                finite_mean(these.iter().map(|r| r.cpu_us_per_message()))
             ),
             value: thr,
             unit: "msg/s".into(),
         });
-        let ideal = workers / 0.001;
-        let measured_ideal = workers * sequential;
+        let ideal = workers * 1000.0 / io_ms;
+        let (ceiling, against) = if backend != Backend::Memory && bare_rate < ideal {
+            (
+                bare_rate,
+                format!("the bare loop's {bare_rate:.0} msg/s (below workers ÷ handler time, {ideal:.0})"),
+            )
+        } else {
+            (
+                ideal,
+                format!("{workers:.0} workers ÷ {io_ms:.3} ms = {ideal:.0} msg/s"),
+            )
+        };
         bars.push(Bar {
             name: format!(
-                "{}: 1 ms handler, 1 partition ≥ 70% of workers ÷ handler time",
-                kind.as_str()
+                "{}: 1 ms I/O-like handler, 1 partition, 10 000 keys ≥ 80% of workers ÷ measured handler time{}",
+                kind.as_str(),
+                if backend == Backend::Memory {
+                    ""
+                } else {
+                    " (or of the bare loop, if lower)"
+                }
             ),
             measured: format!(
-                "{:.0}% ({thr:.0} of {ideal:.0} msg/s)",
-                100.0 * thr / ideal
+                "{:.0}% ({thr:.0} of {ceiling:.0} msg/s)",
+                100.0 * thr / ceiling
             ),
-            target: "≥ 70%".into(),
-            pass: thr >= 0.7 * ideal,
+            target: "≥ 80%".into(),
+            pass: thr >= 0.8 * ceiling,
             note: format!(
-                "the 1 ms sleep measures {handler_ms_measured:.2} ms here; against {workers:.0} workers ÷ {handler_ms_measured:.2} ms = {measured_ideal:.0} msg/s the pool reaches {:.0}%",
-                100.0 * thr / measured_ideal
+                "against {against}; the handler's I/O (the simulator's request → completion) measured {io_ms:.3} ms, the handler saw {resumed_ms:.3} ms from call to resumed (the runtime's delay in polling it again included), {batch:.1} completions per batch; against the nominal 1 ms ({:.0} msg/s) the pool reaches {:.0}%",
+                workers * 1000.0,
+                100.0 * thr / (workers * 1000.0)
             ),
         });
         bars.push(Bar {
@@ -870,10 +1006,12 @@ async fn compare(args: &Args) -> Result<Report, String> {
         });
     }
     notes.push(format!(
-        "tokio's 1 ms sleep lasts {handler_ms_measured:.2} ms on this machine (timer granularity); the bars above use the nominal 1 ms, as the design states, and give the figure against the measured time in their notes"
+        "the 1 ms handler waits for a completion from a dedicated I/O-simulator thread (deadline heap, a batch of completions per tick of 100 µs at most, sleep then spin for the last 20 µs), not tokio's timer, whose 1 ms sleep lasts about 2 ms; measured {:.3} ms in the concurrency runs, {:.3} ms per message one at a time (the one-at-a-time baseline, spawn included)",
+        finite_mean(io_ms_all),
+        1000.0 / sequential
     ));
 
-    let all: Vec<&RunResult> = runs.iter().chain(conc.iter()).collect();
+    let all: Vec<&RunResult> = runs.iter().chain(conc.iter()).chain(paced.iter()).collect();
     let violations: u64 = all.iter().map(|r| r.order_violations).sum();
     let lost: u64 = all.iter().map(|r| r.lost).sum();
     let errors: Vec<String> = all
@@ -939,13 +1077,53 @@ async fn compare(args: &Args) -> Result<Report, String> {
         pass: t >= 0.95,
         note: outside(|w| w.throughput_ratio < 0.95),
     });
-    bars.push(Bar {
-        name: "actor p99 ≤ keyed + 5% (geometric mean)".into(),
-        measured: format!("{p:.3}×"),
-        target: "≤ 1.05×".into(),
-        pass: p <= 1.05,
-        note: outside(|w| w.p99_ratio > 1.05),
-    });
+    let rates = paced_rates(&paced);
+    for (i, rate) in rates.iter().enumerate() {
+        let ratios = paced_p99_ratios(&paced, *rate);
+        let med = median(ratios.iter().copied());
+        let fraction = PACED_FRACTIONS.get(i).copied().unwrap_or(f64::NAN);
+        bars.push(Bar {
+            name: format!(
+                "actor p99 ≤ keyed + 5% at a paced {:.0}% of the slower pool's maximum ({rate:.0} msg/s, {} / {}; median of rounds)",
+                fraction * 100.0,
+                p_handler.name(),
+                p_dist.name()
+            ),
+            measured: format!("{med:.3}×"),
+            target: "≤ 1.05×".into(),
+            pass: med <= 1.05,
+            note: format!(
+                "per round: {}; p99 median keyed {:.0} µs, actor {:.0} µs (latency from each message's intended send time)",
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.3}×"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                median(paced_runs(&paced, "keyed", *rate).iter().map(|r| r.p99_us)),
+                median(paced_runs(&paced, "actor", *rate).iter().map(|r| r.p99_us)),
+            ),
+        });
+    }
+    if rates.is_empty() {
+        bars.push(Bar {
+            name: "actor p99 ≤ keyed + 5% at a paced rate (median of rounds)".into(),
+            measured: "not measured".into(),
+            target: "≤ 1.05×".into(),
+            pass: false,
+            note: format!(
+                "the paced phase needs both pools' maximum on {} / {}, and a run of it failed",
+                p_handler.name(),
+                p_dist.name()
+            ),
+        });
+    }
+    notes.push(format!(
+        "unpaced burst p99, actor ÷ keyed (geometric mean over workloads; not the bar: under a burst the tail tracks how fast the backlog drains): {p:.3}×{}",
+        match outside(|w| w.p99_ratio > 1.05) {
+            o if o.is_empty() => String::new(),
+            o => format!("; {o}"),
+        }
+    ));
     bars.push(Bar {
         name: "actor peak memory ≤ keyed + 10% (geometric mean)".into(),
         measured: format!("{m:.3}×"),
@@ -955,22 +1133,23 @@ async fn compare(args: &Args) -> Result<Report, String> {
     });
 
     if !drains.is_empty() {
-        let rate = |side: &str| {
-            mean(
-                &drains
+        let rate = drain_rate;
+        let cpu = |side: &str| {
+            finite_mean(
+                drains
                     .iter()
                     .filter(|d| d.side == side && d.error.is_none())
-                    .map(|d| d.throughput)
-                    .collect::<Vec<_>>(),
+                    .map(DrainResult::cpu_us_per_message),
             )
         };
         let bare = rate("bare");
+        let bare_cpu = cpu("bare");
         let client = match backend {
             Backend::Kafka => "bare rdkafka consume-and-store loop",
             _ => "bare async-nats pull-consume-and-ack loop",
         };
         baselines.push(Baseline {
-            name: format!("{client}, backlog of {drain_n}"),
+            name: format!("{client}, backlog of {drain_n} (CPU {bare_cpu:.2} µs/msg)"),
             value: bare,
             unit: "msg/s".into(),
         });
@@ -978,8 +1157,9 @@ async fn compare(args: &Args) -> Result<Report, String> {
             let bus = rate(kind.as_str());
             baselines.push(Baseline {
                 name: format!(
-                    "{backend} bus, {} pool, no-op plain handler, backlog of {drain_n}",
+                    "{backend} bus, {} pool, no-op plain handler, backlog of {drain_n} (CPU {:.2} µs/msg)",
                     kind.as_str(),
+                    cpu(kind.as_str()),
                     backend = backend.as_str()
                 ),
                 value: bus,
@@ -994,8 +1174,27 @@ async fn compare(args: &Args) -> Result<Report, String> {
                 measured: format!("{:.2}×", bus / bare),
                 target: "≥ 0.80×".into(),
                 pass: bus >= 0.8 * bare,
-                note: String::new(),
+                note: format!(
+                    "CPU per message: bus {:.2} µs, bare loop {bare_cpu:.2} µs (process CPU ÷ messages)",
+                    cpu(kind.as_str())
+                ),
             });
+            if backend == Backend::Kafka {
+                let extra = cpu(kind.as_str()) - bare_cpu;
+                bars.push(Bar {
+                    name: format!(
+                        "kafka bus ({} pool) adds ≤ 1 core-µs per message over the {client}",
+                        kind.as_str()
+                    ),
+                    measured: format!("{extra:+.2} µs"),
+                    target: "≤ +1.00 µs".into(),
+                    pass: extra <= 1.0,
+                    note: format!(
+                        "bus {:.2} µs/msg, bare loop {bare_cpu:.2} µs/msg, process CPU (every thread, librdkafka's included) from consumer creation to the last message ÷ messages",
+                        cpu(kind.as_str())
+                    ),
+                });
+            }
         }
     }
     if backend != Backend::Memory {
@@ -1021,6 +1220,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
         runs: runs.into_iter().chain(conc).collect(),
         drains,
         members: Vec::new(),
+        paced,
         baselines,
         bars,
         notes,
@@ -1028,6 +1228,17 @@ async fn compare(args: &Args) -> Result<Report, String> {
     drop(run);
     write_report(&report, &args.out)?;
     Ok(report)
+}
+
+/// Rounds of the paced phase: at least five (the bar is the median of
+/// rounds, and one stall of a shared machine can wreck a round's p99), three in
+/// `--quick`.
+fn paced_rounds(quick: bool, rounds: usize) -> usize {
+    if quick {
+        3
+    } else {
+        rounds.max(5)
+    }
 }
 
 /// Messages of a scale-out backlog.
@@ -1076,7 +1287,7 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
     say(
         &progress,
         format!(
-            "bench-compare: NATS scale-out, groups of {counts:?} member(s) x 2 pools x {rounds} round(s) on the {}; a backlog of {messages} over {MEMBER_KEYS} aggregates on {MEMBER_PARTITIONS} partitions ({storage_name} storage), io-1ms handler, {MEMBER_WORKERS} workers per member; each run in a fresh process",
+            "bench-compare: NATS scale-out, groups of {counts:?} member(s) x 2 pools x {rounds} round(s) on the {}; a backlog of {messages} over {MEMBER_KEYS} aggregates on {MEMBER_PARTITIONS} partitions ({storage_name} storage), sleep-1ms handler (tokio::time::sleep), {MEMBER_WORKERS} workers per member; each run in a fresh process",
             broker.describe()
         ),
     );
@@ -1141,7 +1352,7 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
             let ceiling = (m * MEMBER_WORKERS) as f64 * 1000.0 / sleep_ms;
             baselines.push(Baseline {
                 name: format!(
-                    "nats scale-out, {pool} pool, {m} member(s) x {MEMBER_WORKERS} workers, io-1ms, backlog of {messages}, {storage_name} storage ({:.0}% of {m} x {MEMBER_WORKERS} workers ÷ the measured sleep)",
+                    "nats scale-out, {pool} pool, {m} member(s) x {MEMBER_WORKERS} workers, sleep-1ms, backlog of {messages}, {storage_name} storage ({:.0}% of {m} x {MEMBER_WORKERS} workers ÷ the measured sleep)",
                     100.0 * thr / ceiling
                 ),
                 value: thr,
@@ -1169,7 +1380,7 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
                 .collect();
             bars.push(Bar {
                 name: format!(
-                    "nats scale-out ({pool} pool): {m} members ≥ {target:.1}× one member (io-1ms, {MEMBER_WORKERS} workers each)"
+                    "nats scale-out ({pool} pool): {m} members ≥ {target:.1}× one member (sleep-1ms, {MEMBER_WORKERS} workers each)"
                 ),
                 measured: format!("{:.2}× ({thr:.0} against {one:.0} msg/s)", thr / one),
                 target: format!("≥ {target:.2}×"),
@@ -1253,6 +1464,7 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
         runs: Vec::new(),
         drains: Vec::new(),
         members: results,
+        paced: Vec::new(),
         baselines,
         bars,
         notes,

@@ -134,6 +134,25 @@ pub async fn bus_with(
         Target::Kafka(brokers) => {
             Arc::new(KafkaEventBus::new(kafka_config(brokers), config, pool)?)
         }
-        Target::Nats(url) => Arc::new(NatsEventBus::connect(nats_config(url), config, pool).await?),
+        Target::Nats(url) => Arc::new(nats_bus(url, group, pool, timeouts, &[]).await?),
     })
+}
+
+/// A NATS bus as [`bus_with`] makes it, with `partitioned` topics consumed in
+/// partitions (`partitions.<topic> = P`, see `docs/nats.md`). Every bus that
+/// publishes to or subscribes to such a topic needs the same setting.
+pub async fn nats_bus(
+    url: &str,
+    group: &str,
+    pool: Arc<dyn Pool>,
+    timeouts: HandoverTimeouts,
+    partitioned: &[(String, u32)],
+) -> Result<NatsEventBus, Error> {
+    let mut config = bus_config(group);
+    config.consumer.drain_timeout = timeouts.drain;
+    config.consumer.handover_timeout = timeouts.handover;
+    let nats = partitioned.iter().fold(nats_config(url), |c, (topic, p)| {
+        c.topic_partitions(topic, *p)
+    });
+    NatsEventBus::connect(nats, config, pool).await
 }

@@ -3,6 +3,11 @@
 //! line on standard output, and closes cleanly when standard input ends. The run
 //! kills it with `SIGKILL` to simulate a crash.
 //!
+//! A member of the partitioned rotation (NATS) gets `--partitions P` and no
+//! `--plain-topic`: it consumes only the envelope topic, configured as
+//! partitioned into `P` (`partitions.<topic> = P`), and reports the partitions it
+//! owns each time they change (`O` lines, [`handler::report_owned`]).
+//!
 //! Both binaries run it: `chaos-consumer [args]` and `chaos consumer [args]`. The
 //! run starts the second form of its own executable, so the consumer is always
 //! built from the same sources as the run (`cargo run --bin chaos`, which is what
@@ -10,13 +15,14 @@
 //!
 //! ```text
 //! chaos-consumer --backend kafka|nats --target <brokers|url> --envelope-topic T
-//!     --plain-topic P --group G [--pool keyed|actor] [--worker NAME]
+//!     [--plain-topic P] [--partitions N] --group G [--pool keyed|actor] [--worker NAME]
 //!     [--error-rate F] [--panic-rate F] [--stuck-key K --stuck-ms MS --stuck-every N]
 //!     [--slow-prefix PREFIX --slow-ms MS] [--drain-ms MS] [--handover-ms MS]
 //! ```
 
 use crate::backend::{self, Backend, HandoverTimeouts, PoolChoice, Target};
-use crate::handler::{self, Profile, StdoutSink, Topics};
+use crate::handler::{self, Profile, Sink, StdoutSink, Topics};
+use eventbus_core::SharedBus;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +31,11 @@ use tokio::io::AsyncReadExt;
 struct Args {
     backend: Backend,
     target: String,
-    topics: Topics,
+    envelope: String,
+    /// No plain topic: only the envelope topic is subscribed.
+    plain: Option<String>,
+    /// The envelope topic is partitioned into this many partitions (NATS).
+    partitions: Option<u32>,
     group: String,
     pool: PoolChoice,
     profile: Profile,
@@ -37,6 +47,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let mut target = None;
     let mut envelope = None;
     let mut plain = None;
+    let mut partitions = None;
     let mut group = None;
     let mut pool = PoolChoice::Keyed;
     let mut profile = Profile::calm("consumer");
@@ -63,6 +74,12 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
             "--target" => target = Some(value()?),
             "--envelope-topic" => envelope = Some(value()?),
             "--plain-topic" => plain = Some(value()?),
+            "--partitions" => {
+                let v = value()?;
+                partitions = Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("--partitions: expected a positive count, got `{v}`")
+                })?);
+            }
             "--group" => group = Some(value()?),
             "--pool" => pool = value()?.parse()?,
             "--worker" => profile.worker = value()?,
@@ -84,13 +101,16 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
         }
     }
     let need = |v: Option<String>, flag: &str| v.ok_or_else(|| format!("{flag} is required"));
+    let backend: Backend = backend.ok_or("--backend is required")?;
+    if partitions.is_some() && backend != Backend::Nats {
+        return Err("--partitions: partitioned topics are a NATS setting".into());
+    }
     Ok(Args {
-        backend: backend.ok_or("--backend is required")?,
+        backend,
         target: need(target, "--target")?,
-        topics: Topics {
-            envelope: need(envelope, "--envelope-topic")?,
-            plain: need(plain, "--plain-topic")?,
-        },
+        envelope: need(envelope, "--envelope-topic")?,
+        plain,
+        partitions,
         group: need(group, "--group")?,
         pool,
         profile,
@@ -110,19 +130,65 @@ async fn run(args: Args) -> Result<(), String> {
         }
     };
     let pool = backend::pool(args.pool).await.map_err(|e| e.to_string())?;
-    let bus = backend::bus_with(&target, &args.group, pool, args.timeouts)
-        .await
-        .map_err(|e| format!("create bus: {e}"))?;
-    handler::subscribe(&bus, &args.topics, args.profile, Arc::new(StdoutSink))
-        .await
-        .map_err(|e| format!("subscribe: {e}"))?;
+    let (bus, nats): (SharedBus, _) = match (&target, args.partitions) {
+        (Target::Nats(url), Some(p)) => {
+            let partitioned = [(args.envelope.clone(), p)];
+            let nats = backend::nats_bus(url, &args.group, pool, args.timeouts, &partitioned)
+                .await
+                .map_err(|e| format!("create bus: {e}"))?;
+            (Arc::new(nats.clone()), Some(nats))
+        }
+        _ => (
+            backend::bus_with(&target, &args.group, pool, args.timeouts)
+                .await
+                .map_err(|e| format!("create bus: {e}"))?,
+            None,
+        ),
+    };
+    let sink: Arc<dyn Sink> = Arc::new(StdoutSink);
+    match args.plain {
+        Some(plain) => {
+            let topics = Topics {
+                envelope: args.envelope.clone(),
+                plain,
+            };
+            handler::subscribe(&bus, &topics, args.profile, sink).await
+        }
+        None => {
+            handler::subscribe_envelope(&bus, &args.envelope, Arc::new(args.profile), sink).await
+        }
+    }
+    .map_err(|e| format!("subscribe: {e}"))?;
     handler::report_subscribed();
+    // A partitioned member tells the run what it owns, each time that changes.
+    let reporter = nats.map(|nats| {
+        let topic = args.envelope.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            let mut tick = tokio::time::interval(OWNED_POLL);
+            loop {
+                tick.tick().await;
+                let owned = nats.owned_partitions(&topic);
+                if last.as_ref() != Some(&owned) {
+                    handler::report_owned(&owned);
+                    last = Some(owned);
+                }
+            }
+        })
+    });
     // Run until standard input ends (the parent closed it: leave cleanly).
     let mut stdin = tokio::io::stdin();
     let mut buf = [0u8; 64];
     while stdin.read(&mut buf).await.map(|n| n > 0).unwrap_or(false) {}
-    bus.close().await.map_err(|e| format!("close: {e}"))
+    let closed = bus.close().await.map_err(|e| format!("close: {e}"));
+    if let Some(r) = reporter {
+        r.abort();
+    }
+    closed
 }
+
+/// How often a partitioned member looks at the partitions it owns.
+const OWNED_POLL: Duration = Duration::from_millis(100);
 
 /// Run a consumer process with `args` (the arguments after the program name, or
 /// after `chaos consumer`). Call [`crate::init_process`] first.

@@ -119,6 +119,20 @@ pub fn report_subscribed() {
     write_line("S\n");
 }
 
+/// Tell the parent which partitions of the partitioned topic this consumer
+/// owns now (`O 0,4,7`; `O -` for none), each time that changes.
+pub fn report_owned(partitions: &[u32]) {
+    write_line(&owned_line(partitions));
+}
+
+fn owned_line(partitions: &[u32]) -> String {
+    if partitions.is_empty() {
+        return "O -\n".to_owned();
+    }
+    let list: Vec<String> = partitions.iter().map(u32::to_string).collect();
+    format!("O {}\n", list.join(","))
+}
+
 fn write_line(line: &str) {
     let mut out = std::io::stdout().lock();
     // The parent reading these lines is gone only when the run is over.
@@ -163,6 +177,15 @@ pub fn parse_line(line: &str) -> Option<Result<Report, String>> {
             .and_then(|id| id.parse::<MessageId>())
             .map(Report::GivenUp),
         "S" => Ok(Report::Subscribed),
+        "O" => match parts.next() {
+            Some("-") => Ok(Report::Owned(Vec::new())),
+            Some(list) => list
+                .split(',')
+                .map(|p| p.parse::<u32>().map_err(|_| bad()))
+                .collect::<Result<Vec<u32>, String>>()
+                .map(Report::Owned),
+            None => Err(bad()),
+        },
         _ => return None,
     })
 }
@@ -178,6 +201,8 @@ pub enum Report {
     StartedFenced(FencedStart),
     /// See [`report_subscribed`].
     Subscribed,
+    /// See [`report_owned`]: the partitions owned now, ascending.
+    Owned(Vec<u32>),
 }
 
 /// How one consumer incarnation misbehaves.
@@ -293,20 +318,30 @@ pub async fn subscribe(
     sink: Arc<dyn Sink>,
 ) -> Result<(), eventbus_core::Error> {
     let profile = Arc::new(profile);
-    let (p, s) = (profile.clone(), sink.clone());
-    bus.subscribe_with(
-        Subscription::envelope(&topics.envelope, move |e: Event| {
-            let (p, s) = (p.clone(), s.clone());
-            async move { on_envelope(&p, &*s, e).await }
-        })
-        .with_options(SubscribeOptions::default()),
-    )
-    .await?;
+    subscribe_envelope(bus, &topics.envelope, profile.clone(), sink.clone()).await?;
     let (p, s) = (profile, sink);
     bus.subscribe(&topics.plain, move |m: Message| {
         let (p, s) = (p.clone(), s.clone());
         async move { on_plain(&p, &*s, m) }
     })
+    .await
+}
+
+/// Subscribe the envelope topic `topic` only (the partitioned rotation's
+/// members), with the handler of [`subscribe`].
+pub async fn subscribe_envelope(
+    bus: &SharedBus,
+    topic: &str,
+    profile: Arc<Profile>,
+    sink: Arc<dyn Sink>,
+) -> Result<(), eventbus_core::Error> {
+    bus.subscribe_with(
+        Subscription::envelope(topic, move |e: Event| {
+            let (p, s) = (profile.clone(), sink.clone());
+            async move { on_envelope(&p, &*s, e).await }
+        })
+        .with_options(SubscribeOptions::default()),
+    )
     .await
 }
 
@@ -427,6 +462,16 @@ mod tests {
             })))
         );
         assert_eq!(parse_line("S"), Some(Ok(Report::Subscribed)));
+        assert_eq!(
+            parse_line(owned_line(&[0, 4, 11]).trim_end()),
+            Some(Ok(Report::Owned(vec![0, 4, 11])))
+        );
+        assert_eq!(
+            parse_line(owned_line(&[]).trim_end()),
+            Some(Ok(Report::Owned(Vec::new())))
+        );
+        assert!(parse_line("O 1,x").unwrap().is_err());
+        assert!(parse_line("O").unwrap().is_err());
         assert!(parse_line("D 1.2 x").unwrap().is_err());
         assert_eq!(parse_line("something else"), None);
     }

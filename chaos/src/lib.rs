@@ -5,7 +5,8 @@
 //! rotate (consumer killed and restarted in the same group, clean restarts, a
 //! second member joining and leaving, a rolling deploy over deep backlogs with
 //! short hand-over timeouts, Kafka mock-cluster request errors and broker
-//! outages, nats-server killed / paused), handlers fail and panic at set rates and
+//! outages, nats-server killed / paused, members of a partitioned NATS topic
+//! killed, restarted, joining and leaving), handlers fail and panic at set rates and
 //! one key is stuck now and then. At the end every envelope message must have been
 //! handled, in order per aggregate; the report lists losses, the duplicate
 //! histogram and order violations. See `docs/reliability.md`.
@@ -26,7 +27,7 @@ pub mod handler;
 pub mod run;
 
 pub use backend::Backend;
-pub use run::{run, Fault, Options, Outcome};
+pub use run::{run, Fault, Options, Outcome, PhaseDuplicates, RotationStep, RotationStepKind};
 
 /// What both binaries do first: log errors (or `RUST_LOG`) to standard error, and
 /// keep the handlers' deliberate panics out of it.
@@ -37,6 +38,8 @@ pub fn init_process() {
                 .unwrap_or_else(|_| "error".into()),
         )
         .with_writer(std::io::stderr)
+        // Consumer processes write to log files: no colour codes there.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     eventbus_testkit::quiet_deliberate_panics();
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 fn usage() -> &'static str {
     "usage: chaos [--backend memory|kafka|nats] [--minutes N | --seconds N] [--rate MSGS_PER_S] \
-     [--error-rate F] [--panic-rate F] [--faults kill,restart,member,rolling,commit-errors,\
-     fetch-errors,heartbeat-errors,broker-down,server-kill,server-pause] [--quiet]\n\
+     [--error-rate F] [--panic-rate F] [--faults kill,restart,member,rolling,partitioned,\
+     commit-errors,fetch-errors,heartbeat-errors,broker-down,server-kill,server-pause] [--quiet]\n\
      \n\
      faults (default: every one that applies to the backend, in turn, 15 s each):\n\
      \x20 kill            consumer killed (SIGKILL; memory: runtime dropped) and restarted\n\
@@ -26,6 +26,12 @@ fn usage() -> &'static str {
      \x20                 aggregates, a new member (drain 200 ms, hand-over 300 ms) joins,\n\
      \x20                 and once it is ready the previous one closes cleanly (memory:\n\
      \x20                 the previous one closes first, then the new one joins)\n\
+     \x20 partitioned     (nats) a topic in 12 partitions shared by 3 member processes of\n\
+     \x20                 its own, with 40% of the envelope messages; 4 steps, each followed\n\
+     \x20                 by a wait (30 s at most) until the live members own every partition\n\
+     \x20                 in fair shares: one killed (SIGKILL) and replaced (its partitions\n\
+     \x20                 move when its 3 s leases expire), one closed and restarted, a\n\
+     \x20                 fourth joins (3/3/3/3), one leaves cleanly (4/4/4)\n\
      \x20 commit-errors, fetch-errors, heartbeat-errors, broker-down   kafka mock cluster\n\
      \x20 server-kill, server-pause                                    nats-server\n\
      \n\

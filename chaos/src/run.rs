@@ -5,8 +5,8 @@ use eventbus_core::{SharedBus, StorageKind, TopicConfig};
 use eventbus_memory::{BrokerConfig, MemoryBroker};
 use eventbus_testkit::kafka_cluster::{Cluster, RDKafkaApiKey, RDKafkaRespErr};
 use eventbus_testkit::nats_server::NatsServer;
-use eventbus_testkit::{DeliveryChecker, DeliveryReport, MessageClass, Stamp};
-use std::collections::BTreeMap;
+use eventbus_testkit::{Delivery, DeliveryChecker, DeliveryReport, MessageClass, MessageId, Stamp};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -24,6 +24,10 @@ use crate::handler::{
 /// Aggregate ids of the rolling deploy's bursts start with this; their handler
 /// calls are slow ([`Options::slow_for`]).
 pub const BURST_PREFIX: &str = "r-";
+
+/// Aggregate ids of the partitioned topic's messages start with this (the
+/// partitioned rotation, [`Fault::PartitionedRotation`]).
+pub const PARTITIONED_PREFIX: &str = "q-";
 
 /// The log filter of consumer processes when `RUST_LOG` is not set.
 const CONSUMER_LOG: &str = "error,eventbus_kafka=info,eventbus_nats=info";
@@ -77,6 +81,17 @@ pub struct Options {
     pub slow_for: Duration,
     /// Drain and hand-over timeouts of the members a rolling deploy starts.
     pub rolling_timeouts: HandoverTimeouts,
+    /// Partitioned rotation: partitions of its topic (`partitions.<topic>`).
+    pub partitions: u32,
+    /// Partitioned rotation: members sharing its topic between the steps.
+    pub partitioned_members: u32,
+    /// Partitioned rotation: share of the envelope messages published to its
+    /// topic (aggregates `q-0` … over the same number of ids as
+    /// [`keys`](Self::keys)) rather than to the run's envelope topic.
+    pub partitioned_share: f64,
+    /// Partitioned rotation: longest wait, after a step, for the live members
+    /// to own every partition between them in fair shares.
+    pub partitioned_settle: Duration,
 }
 
 impl Options {
@@ -107,6 +122,10 @@ impl Options {
                 drain: Duration::from_millis(200),
                 handover: Duration::from_millis(300),
             },
+            partitions: 12,
+            partitioned_members: 3,
+            partitioned_share: 0.4,
+            partitioned_settle: Duration::from_secs(30),
         }
     }
 
@@ -156,6 +175,14 @@ pub enum Fault {
     /// (one member per group): the old member closes first, then the new one
     /// joins.
     RollingDeploy,
+    /// NATS, a partitioned topic ([`Options::partitions`] partitions) shared by
+    /// [`Options::partitioned_members`] member processes of its own, started
+    /// with the run: in one phase, four steps, each followed by a wait until the
+    /// live members own every partition in fair shares: a member is killed
+    /// (`SIGKILL`) and a replacement starts (the dead member's partitions move
+    /// once its leases expire); a member closes cleanly and is started again; a
+    /// fourth member joins; a member leaves cleanly, back to three.
+    PartitionedRotation,
 }
 
 impl Fault {
@@ -181,6 +208,7 @@ impl Fault {
                 RollingDeploy,
                 ServerPaused,
                 RestartConsumer,
+                PartitionedRotation,
             ],
         }
     }
@@ -201,10 +229,12 @@ impl std::str::FromStr for Fault {
             "server-kill" => ServerKilled,
             "server-pause" => ServerPaused,
             "rolling" => RollingDeploy,
+            "partitioned" => PartitionedRotation,
             other => {
                 return Err(format!(
-                    "unknown fault `{}` (kill, restart, member, rolling, commit-errors, \
-                     fetch-errors, heartbeat-errors, broker-down, server-kill, server-pause)",
+                    "unknown fault `{}` (kill, restart, member, rolling, partitioned, \
+                     commit-errors, fetch-errors, heartbeat-errors, broker-down, server-kill, \
+                     server-pause)",
                     other.escape_debug()
                 ))
             }
@@ -225,7 +255,105 @@ impl fmt::Display for Fault {
             Fault::ServerKilled => "nats-server killed and restarted",
             Fault::ServerPaused => "nats-server paused and resumed",
             Fault::RollingDeploy => "rolling deploy with deep queues",
+            Fault::PartitionedRotation => "partitioned rotation (kill, restart, join, leave)",
         })
+    }
+}
+
+/// A step of the partitioned rotation ([`Fault::PartitionedRotation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RotationStepKind {
+    /// No change: the members started with the run, or those a fault of
+    /// another kind (a server restart, say) left, settle before the steps.
+    Settle,
+    /// A member is killed (`SIGKILL`) and a replacement starts.
+    Kill,
+    /// A member closes cleanly and is started again.
+    Restart,
+    /// One more member joins.
+    Join,
+    /// A member leaves cleanly.
+    Leave,
+}
+
+impl fmt::Display for RotationStepKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RotationStepKind::Settle => "settle",
+            RotationStepKind::Kill => "kill",
+            RotationStepKind::Restart => "restart",
+            RotationStepKind::Join => "join",
+            RotationStepKind::Leave => "leave",
+        })
+    }
+}
+
+/// One step of the partitioned rotation and how the partitions settled after it.
+#[derive(Debug, Clone)]
+pub struct RotationStep {
+    /// What was done.
+    pub kind: RotationStepKind,
+    /// To whom (`q2 killed, q5 started`).
+    pub detail: String,
+    /// Live members after the step.
+    pub members: usize,
+    /// How long after the step (from its first action) the live members owned
+    /// every partition in fair shares; `None` when they did not within
+    /// [`Options::partitioned_settle`].
+    pub settled_after: Option<Duration>,
+    /// Who owned what at the end of the wait (`q2 0,1,2,3; q4 …`).
+    pub shares: String,
+}
+
+/// Messages reported handled again (duplicates) during one phase of a run
+/// whose consumers are processes (Kafka, NATS), by the topic they came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PhaseDuplicates {
+    /// `start` (before the first fault), the fault with its ordinal
+    /// (`nats-server killed and restarted #2`), or `settle` (after the faults).
+    pub phase: String,
+    /// Duplicates on the run's envelope and plain topics.
+    pub topics: u64,
+    /// Duplicates on the partitioned rotation's topic.
+    pub partitioned: u64,
+    /// The partitioned topic's duplicates by partition: how many, and the
+    /// lowest and highest stream sequence among them.
+    pub by_partition: BTreeMap<i32, (u64, i64, i64)>,
+}
+
+/// Which messages the consumer processes have reported, to count duplicates by
+/// phase.
+#[derive(Debug, Default)]
+struct Duplicates {
+    seen: HashSet<MessageId>,
+    phases: Vec<PhaseDuplicates>,
+}
+
+impl Duplicates {
+    fn begin(&mut self, phase: String) {
+        self.phases.push(PhaseDuplicates {
+            phase,
+            ..PhaseDuplicates::default()
+        });
+    }
+
+    fn delivered(&mut self, d: &Delivery) {
+        if self.seen.insert(d.id) {
+            return;
+        }
+        if let Some(p) = self.phases.last_mut() {
+            // Only the partitioned members (`q<n>`) consume the partitioned topic.
+            if d.worker.starts_with('q') {
+                p.partitioned += 1;
+                let e = p
+                    .by_partition
+                    .entry(d.partition)
+                    .or_insert((0, d.offset, d.offset));
+                *e = (e.0 + 1, e.1.min(d.offset), e.2.max(d.offset));
+            } else {
+                p.topics += 1;
+            }
+        }
     }
 }
 
@@ -240,8 +368,17 @@ pub struct Outcome {
     pub faults: BTreeMap<String, u32>,
     /// Publish calls that failed and were retried.
     pub publish_retries: u64,
-    /// Consumer incarnations started.
+    /// Consumer incarnations started (the partitioned rotation's members not
+    /// included).
     pub incarnations: u32,
+    /// Members of the partitioned rotation started.
+    pub partitioned_incarnations: u32,
+    /// Partitions of the partitioned rotation's topic (0 without it).
+    pub partitions: u32,
+    /// The partitioned rotation's steps, in order.
+    pub rotation: Vec<RotationStep>,
+    /// Duplicates by phase (consumer processes only: Kafka and NATS).
+    pub duplicates_by_phase: Vec<PhaseDuplicates>,
     /// Consumer output lines that could not be read.
     pub bad_lines: Vec<String>,
     /// Wall time.
@@ -255,9 +392,19 @@ pub struct Outcome {
 
 impl Outcome {
     /// No envelope message lost, no order violation, nothing unexpected, every
-    /// consumer line readable.
+    /// consumer line readable, and the partitioned rotation's members shared the
+    /// partitions fairly again after each step.
     pub fn passed(&self) -> bool {
-        self.report.is_clean() && self.bad_lines.is_empty()
+        self.report.is_clean() && self.bad_lines.is_empty() && self.unsettled_steps() == 0
+    }
+
+    /// Steps of the partitioned rotation after which the members did not share
+    /// the partitions fairly in time.
+    pub fn unsettled_steps(&self) -> usize {
+        self.rotation
+            .iter()
+            .filter(|s| s.settled_after.is_none())
+            .count()
     }
 }
 
@@ -274,7 +421,74 @@ impl fmt::Display for Outcome {
             .map(|(k, n)| format!("{k} x{n}"))
             .collect();
         writeln!(f, "faults: {}", faults.join(", "))?;
+        if !self.rotation.is_empty() {
+            let mut by_kind: BTreeMap<RotationStepKind, Vec<Duration>> = BTreeMap::new();
+            for s in &self.rotation {
+                let times = by_kind.entry(s.kind).or_default();
+                times.extend(s.settled_after);
+            }
+            let kinds: Vec<String> = by_kind
+                .iter()
+                .map(|(k, t)| {
+                    let n = self.rotation.iter().filter(|s| s.kind == *k).count();
+                    match (t.iter().min(), t.iter().max()) {
+                        (Some(lo), Some(hi)) => {
+                            format!("{k} x{n} settled in {lo:.1?}..{hi:.1?}")
+                        }
+                        _ => format!("{k} x{n}"),
+                    }
+                })
+                .collect();
+            writeln!(
+                f,
+                "partitioned rotation ({} partitions, {} members started): {}; \
+                 {} steps not settled",
+                self.partitions,
+                self.partitioned_incarnations,
+                kinds.join(", "),
+                self.unsettled_steps()
+            )?;
+            for s in self.rotation.iter().filter(|s| s.settled_after.is_none()) {
+                writeln!(
+                    f,
+                    "  not settled after {} ({}), {} members: {}",
+                    s.kind, s.detail, s.members, s.shares
+                )?;
+            }
+        }
         write!(f, "{}", self.report)?;
+        let dup_phases: Vec<String> = self
+            .duplicates_by_phase
+            .iter()
+            .filter(|p| p.topics + p.partitioned > 0)
+            .map(|p| match self.partitions {
+                0 => format!("{} {}", p.phase, p.topics),
+                _ => format!("{} {}/{}", p.phase, p.topics, p.partitioned),
+            })
+            .collect();
+        if !dup_phases.is_empty() {
+            let what = match self.partitions {
+                0 => "",
+                _ => " (run topics / partitioned topic)",
+            };
+            writeln!(f, "  duplicates by phase{what}: {}", dup_phases.join(", "))?;
+        }
+        for p in &self.duplicates_by_phase {
+            if p.by_partition.is_empty() {
+                continue;
+            }
+            let each: Vec<String> = p
+                .by_partition
+                .iter()
+                .map(|(n, (c, lo, hi))| format!("p{n} {c} (seq {lo}..={hi})"))
+                .collect();
+            writeln!(
+                f,
+                "    partitioned duplicates in {}: {}",
+                p.phase,
+                each.join(", ")
+            )?;
+        }
         for l in self.bad_lines.iter().take(5) {
             writeln!(f, "  unreadable consumer line: {l}")?;
         }
@@ -288,10 +502,12 @@ impl fmt::Display for Outcome {
         }
         writeln!(
             f,
-            "verdict: lost envelope {} order violations {} unexpected {} -> {}",
+            "verdict: lost envelope {} order violations {} unexpected {} unsettled \
+             partition steps {} -> {}",
             self.report.lost.len(),
             self.report.order_violations.len(),
             self.report.unexpected.len(),
+            self.unsettled_steps(),
             if self.passed() { "PASS" } else { "FAIL" }
         )
     }
@@ -339,6 +555,8 @@ struct Progress {
     delivered: AtomicU64,
     /// It has subscribed (joined its group, or stands by for the lease).
     subscribed: AtomicBool,
+    /// A partitioned member: the partitions it last reported owning.
+    owned: Mutex<Option<Vec<u32>>>,
 }
 
 struct Ctx {
@@ -359,6 +577,26 @@ struct Ctx {
     started: Instant,
     /// Folder of the consumer processes' logs, kept after the run.
     logs: PathBuf,
+    /// The partitioned rotation's topic, when the rotation is on.
+    partitioned: Option<String>,
+    /// Members of the partitioned rotation started so far.
+    partitioned_incarnation: AtomicU64,
+    /// Bumped each time a partitioned member reports what it owns.
+    owned_changed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The partitioned rotation's steps so far.
+    rotation: Mutex<Vec<RotationStep>>,
+    /// Duplicates reported by the consumer processes, by phase.
+    duplicates: Arc<Mutex<Duplicates>>,
+}
+
+/// What a consumer process consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The run's envelope and plain topics (one member consumes each at a time).
+    Primary,
+    /// The partitioned topic only, sharing its partitions with the other
+    /// partitioned members.
+    Partitioned,
 }
 
 impl Ctx {
@@ -407,7 +645,7 @@ impl Ctx {
                     let key = format!("{BURST_PREFIX}{k}");
                     for _ in 0..n {
                         let stamp = checker.stamp(0, &key, MessageClass::Envelope);
-                        publish(&publisher, &topics, &stamp, &retries).await?;
+                        publish(&publisher, &topics.envelope, &stamp, &retries).await?;
                     }
                     Ok::<_, String>(())
                 })
@@ -425,16 +663,109 @@ impl Ctx {
         self.spawn_with(HandoverTimeouts::default()).await
     }
 
+    /// Wait (up to [`Options::partitioned_settle`]) until the partitioned
+    /// `members` own every partition between them in fair shares, and record
+    /// the step `kind` that began at `since`.
+    async fn settle_partitioned(
+        &self,
+        kind: RotationStepKind,
+        detail: String,
+        members: &[Member],
+        since: Instant,
+    ) {
+        let mut changed = self.owned_changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.opts.partitioned_settle;
+        let settled_after = loop {
+            let owned: Vec<Option<Vec<u32>>> = members.iter().map(Member::owned).collect();
+            if fair_shares(&owned, self.opts.partitions) {
+                break Some(since.elapsed());
+            }
+            // Each report of a member bumps the watch; the sender lives as long
+            // as the run, so only the deadline ends the wait.
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => break None,
+            }
+        };
+        let shares = shares_text(members);
+        match settled_after {
+            Some(d) => self.say(&format!(
+                "partitioned {kind}: {detail}; {} members share {} partitions after {d:.1?} \
+                 ({shares})",
+                members.len(),
+                self.opts.partitions
+            )),
+            None => self.say(&format!(
+                "partitioned {kind}: {detail}; {} members do NOT share {} partitions fairly \
+                 after {:.1?} ({shares})",
+                members.len(),
+                self.opts.partitions,
+                since.elapsed()
+            )),
+        }
+        self.rotation
+            .lock()
+            .expect("rotation steps")
+            .push(RotationStep {
+                kind,
+                detail,
+                members: members.len(),
+                settled_after,
+                shares,
+            });
+    }
+
     async fn spawn_with(&self, timeouts: HandoverTimeouts) -> Result<Member, String> {
-        let n = self.incarnation.fetch_add(1, Ordering::SeqCst) + 1;
-        let worker = format!("m{n}");
+        self.spawn_role(Role::Primary, timeouts).await
+    }
+
+    /// Start a member of the partitioned rotation (`q<n>`).
+    async fn spawn_partitioned(&self) -> Result<Member, String> {
+        self.spawn_role(Role::Partitioned, HandoverTimeouts::default())
+            .await
+    }
+
+    async fn spawn_role(&self, role: Role, timeouts: HandoverTimeouts) -> Result<Member, String> {
+        let (n, worker) = match role {
+            Role::Primary => {
+                let n = self.incarnation.fetch_add(1, Ordering::SeqCst) + 1;
+                (n, format!("m{n}"))
+            }
+            Role::Partitioned => {
+                let n = self.partitioned_incarnation.fetch_add(1, Ordering::SeqCst) + 1;
+                (n, format!("q{n}"))
+            }
+        };
         // Alternate the pools so both see every fault.
         let pool = if n % 2 == 1 {
             PoolChoice::Keyed
         } else {
             PoolChoice::Actor
         };
-        let profile = self.profile(&worker);
+        let mut profile = self.profile(&worker);
+        let topics: Vec<String> = match (role, &self.partitioned) {
+            (Role::Primary, _) => vec![
+                "--envelope-topic".into(),
+                self.topics.envelope.clone(),
+                "--plain-topic".into(),
+                self.topics.plain.clone(),
+            ],
+            (Role::Partitioned, Some(topic)) => {
+                // A stuck aggregate on the partitioned topic too: its hold
+                // ignores the cancellation, so a move past the hand-over
+                // timeout is exercised now and then.
+                profile.stuck_key = Some(format!("{PARTITIONED_PREFIX}0"));
+                vec![
+                    "--envelope-topic".into(),
+                    topic.clone(),
+                    "--partitions".into(),
+                    self.opts.partitions.to_string(),
+                ]
+            }
+            (Role::Partitioned, None) => {
+                return Err("the partitioned rotation has no topic in this run".into())
+            }
+        };
         match &self.target {
             Target::Memory(_) => {
                 let rt = tokio::runtime::Builder::new_multi_thread()
@@ -484,8 +815,7 @@ impl Ctx {
                     .arg("--backend")
                     .arg(self.opts.backend.to_string())
                     .args(["--target", t])
-                    .args(["--envelope-topic", &self.topics.envelope])
-                    .args(["--plain-topic", &self.topics.plain])
+                    .args(&topics)
                     .args(["--group", &self.group])
                     .args(["--pool", &pool.to_string()])
                     .args(profile.to_args())
@@ -516,16 +846,23 @@ impl Ctx {
                 );
                 let progress = Arc::new(Progress::default());
                 let seen = progress.clone();
+                let owned_changed = self.owned_changed.clone();
+                let duplicates = self.duplicates.clone();
                 let reader = tokio::spawn(async move {
                     let mut lines = tokio::io::BufReader::new(stdout).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
                         match parse_line(&line) {
                             Some(Ok(Report::Delivered(d))) => {
                                 checker.delivered(&d);
+                                duplicates.lock().expect("duplicates").delivered(&d);
                                 seen.delivered.fetch_add(1, Ordering::Relaxed);
                             }
                             Some(Ok(Report::Subscribed)) => {
                                 seen.subscribed.store(true, Ordering::Relaxed);
+                            }
+                            Some(Ok(Report::Owned(p))) => {
+                                *seen.owned.lock().expect("owned partitions") = Some(p);
+                                owned_changed.send_modify(|n| *n += 1);
                             }
                             Some(Ok(Report::GivenUp(id))) => checker.given_up(id),
                             Some(Ok(Report::StartedFenced(f))) => fenced.push(f),
@@ -576,6 +913,17 @@ impl Member {
                 return false;
             }
             pause(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A partitioned member: the partitions it last reported owning (`None`
+    /// before its first report).
+    fn owned(&self) -> Option<Vec<u32>> {
+        match self {
+            Member::Child { progress, .. } => {
+                progress.owned.lock().expect("owned partitions").clone()
+            }
+            Member::Memory { .. } => None,
         }
     }
 
@@ -651,12 +999,62 @@ impl Member {
     }
 }
 
-async fn setup(backend: Backend) -> Result<(Broker, SharedBus, Topics), String> {
+/// Whether `owned` (the partitions each live member reports, `None` before its
+/// first report) has every partition of `0..partitions` exactly once, each
+/// member holding ⌊P / m⌋ or ⌈P / m⌉ of them (`docs/nats.md`, fair share).
+fn fair_shares(owned: &[Option<Vec<u32>>], partitions: u32) -> bool {
+    let (p, m) = (partitions as usize, owned.len());
+    if m == 0 {
+        return false;
+    }
+    let (low, high) = (p / m, p.div_ceil(m));
+    let mut seen = vec![false; p];
+    for o in owned {
+        let Some(o) = o else {
+            return false;
+        };
+        if o.len() < low || o.len() > high {
+            return false;
+        }
+        for &n in o {
+            match seen.get_mut(n as usize) {
+                Some(s) if !*s => *s = true,
+                _ => return false,
+            }
+        }
+    }
+    seen.iter().all(|s| *s)
+}
+
+/// Who owns what, as the partitioned members last reported: `q2 0,1,2,3; q5 -`.
+fn shares_text(members: &[Member]) -> String {
+    let each: Vec<String> = members
+        .iter()
+        .map(|m| match m.owned() {
+            Some(o) if o.is_empty() => format!("{} -", m.name()),
+            Some(o) => {
+                let list: Vec<String> = o.iter().map(u32::to_string).collect();
+                format!("{} {}", m.name(), list.join(","))
+            }
+            None => format!("{} (no report yet)", m.name()),
+        })
+        .collect();
+    each.join("; ")
+}
+
+/// The broker, the publisher and the topics of a run; with `partitions`, also
+/// the partitioned rotation's topic (NATS), which the publisher is configured
+/// to publish into that many partitions.
+async fn setup(
+    backend: Backend,
+    partitions: Option<u32>,
+) -> Result<(Broker, SharedBus, Topics, Option<String>), String> {
     let topics = Topics {
         envelope: format!("chaos-env-{:08x}", fastrand::u32(..)),
         plain: format!("chaos-plain-{:08x}", fastrand::u32(..)),
     };
     let dlq = format!("{}.dlq", topics.envelope);
+    let partitioned = partitions.map(|p| (format!("chaos-part-{:08x}", fastrand::u32(..)), p));
     let broker = match backend {
         Backend::Memory => Broker::Memory(MemoryBroker::new(
             BrokerConfig::default().retention_messages(1_000_000),
@@ -673,9 +1071,23 @@ async fn setup(backend: Backend) -> Result<(Broker, SharedBus, Topics), String> 
     let pool = backend::pool(PoolChoice::Keyed)
         .await
         .map_err(|e| e.to_string())?;
-    let publisher = backend::bus(&broker.target(), "chaos-publisher", pool)
-        .await
-        .map_err(|e| format!("publisher bus: {e}"))?;
+    let publisher: SharedBus = match (broker.target(), &partitioned) {
+        (Target::Nats(url), Some((topic, p))) => Arc::new(
+            backend::nats_bus(
+                &url,
+                "chaos-publisher",
+                pool,
+                HandoverTimeouts::default(),
+                &[(topic.clone(), *p)],
+            )
+            .await
+            .map_err(|e| format!("publisher bus: {e}"))?,
+        ),
+        (_, Some(_)) => return Err("the partitioned rotation needs the NATS backend".into()),
+        (target, None) => backend::bus(&target, "chaos-publisher", pool)
+            .await
+            .map_err(|e| format!("publisher bus: {e}"))?,
+    };
     match backend {
         Backend::Memory => {
             for (t, p) in [(&topics.envelope, 4), (&topics.plain, 2), (&dlq, 1)] {
@@ -686,7 +1098,14 @@ async fn setup(backend: Backend) -> Result<(Broker, SharedBus, Topics), String> 
             }
         }
         Backend::Nats => {
-            for t in [&topics.envelope, &topics.plain, &dlq] {
+            let part: Vec<String> = partitioned
+                .iter()
+                .flat_map(|(t, _)| [t.clone(), format!("{t}.dlq")])
+                .collect();
+            for t in [&topics.envelope, &topics.plain, &dlq]
+                .into_iter()
+                .chain(&part)
+            {
                 publisher
                     .configure_topic(t, TopicConfig::default().storage(StorageKind::File))
                     .await
@@ -695,66 +1114,73 @@ async fn setup(backend: Backend) -> Result<(Broker, SharedBus, Topics), String> 
         }
         Backend::Kafka => {}
     }
-    Ok((broker, publisher, topics))
+    Ok((broker, publisher, topics, partitioned.map(|(t, _)| t)))
 }
 
 /// The producer: stamped envelope and plain messages at `rate`, each publish
-/// retried until the broker takes it.
+/// retried until the broker takes it; with a `partitioned` topic, a share of
+/// the envelope messages ([`Options::partitioned_share`]) goes there, on
+/// aggregates of their own (`q-…`).
 fn produce(
     opts: &Options,
     publisher: SharedBus,
     topics: Topics,
+    partitioned: Option<String>,
     checker: DeliveryChecker,
     stop: Arc<AtomicBool>,
     retries: Arc<AtomicU64>,
 ) -> JoinHandle<Result<(), String>> {
-    let (rate, keys, plain_keys, plain_share) = (
+    let (rate, keys, plain_keys, plain_share, partitioned_share) = (
         opts.rate.max(1),
         opts.keys.max(1),
         opts.plain_keys.max(1),
         opts.plain_share,
+        opts.partitioned_share,
     );
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !stop.load(Ordering::Relaxed) {
             tick.tick().await;
-            let plain = fastrand::f64() < plain_share;
-            let stamp = if plain {
-                checker.stamp(
-                    0,
-                    &format!("p-{}", fastrand::u32(..plain_keys)),
-                    MessageClass::Plain,
-                )
+            let (topic, stamp) = if fastrand::f64() < plain_share {
+                let key = format!("p-{}", fastrand::u32(..plain_keys));
+                (&topics.plain, checker.stamp(0, &key, MessageClass::Plain))
             } else {
-                checker.stamp(
-                    0,
-                    &format!("k-{}", fastrand::u32(..keys)),
-                    MessageClass::Envelope,
-                )
+                match &partitioned {
+                    Some(t) if fastrand::f64() < partitioned_share => {
+                        let key = format!("{PARTITIONED_PREFIX}{}", fastrand::u32(..keys));
+                        (t, checker.stamp(0, &key, MessageClass::Envelope))
+                    }
+                    _ => {
+                        let key = format!("k-{}", fastrand::u32(..keys));
+                        (
+                            &topics.envelope,
+                            checker.stamp(0, &key, MessageClass::Envelope),
+                        )
+                    }
+                }
             };
-            publish(&publisher, &topics, &stamp, &retries).await?;
+            publish(&publisher, topic, &stamp, &retries).await?;
         }
         Ok(())
     })
 }
 
-/// Publish one stamped message, retried until the broker takes it (120 s at most).
+/// Publish one stamped message to `topic` (a plain record or an envelope, as
+/// its class says), retried until the broker takes it (120 s at most).
 async fn publish(
     publisher: &SharedBus,
-    topics: &Topics,
+    topic: &str,
     stamp: &Stamp,
     retries: &AtomicU64,
 ) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let r = if stamp.class == MessageClass::Plain {
-            publisher
-                .publish(&topics.plain, handler::plain_record(stamp))
-                .await
+            publisher.publish(topic, handler::plain_record(stamp)).await
         } else {
             publisher
-                .publish_envelope(&topics.envelope, &handler::envelope_of(stamp))
+                .publish_envelope(topic, &handler::envelope_of(stamp))
                 .await
         };
         match r {
@@ -778,6 +1204,7 @@ async fn apply(
     ctx: &Ctx,
     broker: &Broker,
     primary: &mut Option<Member>,
+    partitioned: &mut Vec<Member>,
 ) -> Result<(), String> {
     let phase = ctx.opts.phase;
     let limit = Duration::from_secs(30);
@@ -913,6 +1340,67 @@ async fn apply(
             s.lock().expect("server lock").resume();
             pause(phase.saturating_sub(Duration::from_secs(3))).await;
         }
+        (Fault::PartitionedRotation, Broker::Nats(_)) => {
+            // Whatever the previous fault did (a server restart, say), the
+            // members share the partitions fairly before the first step.
+            ctx.settle_partitioned(
+                RotationStepKind::Settle,
+                "before the steps".into(),
+                partitioned,
+                Instant::now(),
+            )
+            .await;
+            let step = phase / 4;
+            for kind in [
+                RotationStepKind::Kill,
+                RotationStepKind::Restart,
+                RotationStepKind::Join,
+                RotationStepKind::Leave,
+            ] {
+                let started = Instant::now();
+                // The oldest member goes: over the rotation every member is
+                // replaced in turn.
+                let detail = match kind {
+                    RotationStepKind::Join => {
+                        let next = ctx.spawn_partitioned().await?;
+                        let detail = format!("{} joined", next.name());
+                        partitioned.push(next);
+                        detail
+                    }
+                    _ if partitioned.is_empty() => {
+                        return Err("the partitioned rotation has no member left".into())
+                    }
+                    RotationStepKind::Kill => {
+                        let victim = partitioned.remove(0);
+                        let name = victim.name().to_owned();
+                        victim.kill().await;
+                        let next = ctx.spawn_partitioned().await?;
+                        let detail = format!("{name} killed, {} started", next.name());
+                        partitioned.push(next);
+                        detail
+                    }
+                    RotationStepKind::Restart => {
+                        let victim = partitioned.remove(0);
+                        let name = victim.name().to_owned();
+                        victim.leave(limit).await?;
+                        let next = ctx.spawn_partitioned().await?;
+                        let detail = format!("{name} closed, {} started", next.name());
+                        partitioned.push(next);
+                        detail
+                    }
+                    RotationStepKind::Leave | RotationStepKind::Settle => {
+                        let victim = partitioned.remove(0);
+                        let name = victim.name().to_owned();
+                        victim.leave(limit).await?;
+                        format!("{name} left")
+                    }
+                };
+                ctx.settle_partitioned(kind, detail, partitioned, started)
+                    .await;
+                // Messages flow for a while under the new shares.
+                pause(step.saturating_sub(started.elapsed()).max(step / 4)).await;
+            }
+        }
         (f, _) => return Err(format!("fault `{f}` does not apply to this backend")),
     }
     Ok(())
@@ -928,7 +1416,9 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         ));
     }
     let started = Instant::now();
-    let (broker, publisher, topics) = setup(opts.backend).await?;
+    let rotating = opts.faults.contains(&Fault::PartitionedRotation);
+    let (broker, publisher, topics, partitioned_topic) =
+        setup(opts.backend, rotating.then_some(opts.partitions)).await?;
     let retries = Arc::new(AtomicU64::new(0));
     let logs = std::env::temp_dir().join(format!("eventbus-chaos-{}", std::process::id()));
     std::fs::create_dir_all(&logs).map_err(|e| format!("log folder: {e}"))?;
@@ -945,17 +1435,41 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         retries: retries.clone(),
         started,
         logs: logs.clone(),
+        partitioned: partitioned_topic.clone(),
+        partitioned_incarnation: AtomicU64::new(0),
+        owned_changed: Arc::new(tokio::sync::watch::Sender::new(0)),
+        rotation: Mutex::default(),
+        duplicates: Arc::default(),
         opts,
     };
+    ctx.duplicates
+        .lock()
+        .expect("duplicates")
+        .begin("start".into());
     if ctx.opts.verbose && !matches!(ctx.opts.backend, Backend::Memory) {
         eprintln!("consumer logs in {}", logs.display());
     }
     let mut primary = Some(ctx.spawn().await?);
+    let mut partitioned = Vec::new();
+    if rotating {
+        let started = Instant::now();
+        for _ in 0..ctx.opts.partitioned_members.max(1) {
+            partitioned.push(ctx.spawn_partitioned().await?);
+        }
+        ctx.settle_partitioned(
+            RotationStepKind::Settle,
+            format!("{} members started", partitioned.len()),
+            &partitioned,
+            started,
+        )
+        .await;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let producer = produce(
         &ctx.opts,
         publisher.clone(),
         topics,
+        partitioned_topic,
         ctx.checker.clone(),
         stop.clone(),
         retries.clone(),
@@ -972,7 +1486,12 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         let fault = rotation[i % rotation.len()];
         i += 1;
         ctx.say(&format!("fault: {fault}"));
-        apply(fault, &ctx, &broker, &mut primary).await?;
+        let n = faults.get(&fault.to_string()).copied().unwrap_or(0) + 1;
+        ctx.duplicates
+            .lock()
+            .expect("duplicates")
+            .begin(format!("{fault} #{n}"));
+        apply(fault, &ctx, &broker, &mut primary, &mut partitioned).await?;
         *faults.entry(fault.to_string()).or_insert(0) += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -980,6 +1499,10 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         .await
         .map_err(|e| format!("producer task: {e}"))??;
     ctx.say("faults over, producer stopped; settling");
+    ctx.duplicates
+        .lock()
+        .expect("duplicates")
+        .begin("settle".into());
     let settled = ctx.checker.wait_settled(ctx.opts.settle).await;
     if let Err(e) = &settled {
         ctx.say(e);
@@ -989,19 +1512,68 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
             ctx.say(&format!("last consumer: {e}"));
         }
     }
+    let leaves = partitioned
+        .drain(..)
+        .map(|m| async move { (m.name().to_owned(), m.leave(Duration::from_secs(30)).await) });
+    for (name, left) in futures::future::join_all(leaves).await {
+        if let Err(e) = left {
+            ctx.say(&format!("partitioned member {name}: {e}"));
+        }
+    }
     let _ = publisher.close().await;
     let fenced_starts = ctx.fenced.all();
     drop(broker);
     let bad_lines = ctx.bad_lines.lock().expect("bad lines").clone();
+    let rotation = ctx.rotation.lock().expect("rotation steps").clone();
+    let duplicates_by_phase =
+        std::mem::take(&mut ctx.duplicates.lock().expect("duplicates").phases);
     Ok(Outcome {
         backend: ctx.opts.backend,
         report: ctx.checker.report(),
         faults,
         publish_retries: retries.load(Ordering::Relaxed),
         incarnations: ctx.incarnation.load(Ordering::SeqCst) as u32,
+        partitioned_incarnations: ctx.partitioned_incarnation.load(Ordering::SeqCst) as u32,
+        partitions: if rotating { ctx.opts.partitions } else { 0 },
+        rotation,
+        duplicates_by_phase,
         bad_lines,
         elapsed: started.elapsed(),
         settled: settled.is_ok(),
         fenced_starts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fair_shares;
+
+    #[test]
+    fn fair_shares_cover_every_partition_once_within_one_of_each_other() {
+        let v = |p: &[u32]| Some(p.to_vec());
+        assert!(fair_shares(
+            &[v(&[0, 1, 2, 3]), v(&[4, 5, 6, 7]), v(&[8, 9, 10, 11])],
+            12
+        ));
+        assert!(fair_shares(
+            &[v(&[0, 1, 2]), v(&[3, 4, 5]), v(&[6, 7, 8]), v(&[9, 10, 11])],
+            12
+        ));
+        assert!(fair_shares(&[v(&[0, 1, 2]), v(&[3, 4])], 5));
+        // 5/4/3: everything owned, but not fairly.
+        assert!(!fair_shares(
+            &[v(&[0, 1, 2, 3, 4]), v(&[5, 6, 7, 8]), v(&[9, 10, 11])],
+            12
+        ));
+        // A partition owned twice (its old owner has not reported the move yet).
+        assert!(!fair_shares(
+            &[v(&[0, 1, 2, 3]), v(&[3, 5, 6, 7]), v(&[8, 9, 10, 11])],
+            12
+        ));
+        // One partition owned by nobody, one out of range, a member not heard of.
+        assert!(!fair_shares(&[v(&[0, 1, 2, 3]), v(&[4, 5, 6, 7, 12])], 9));
+        assert!(!fair_shares(&[v(&[0, 1, 2, 3]), v(&[4, 5, 6])], 8));
+        assert!(!fair_shares(&[v(&[0, 1, 2, 3]), None], 4));
+        assert!(!fair_shares(&[], 12));
+    }
 }

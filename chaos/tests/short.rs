@@ -1,11 +1,12 @@
 //! Short versions of the chaos run, one per backend, as ordinary tests: the same
-//! fault rotation with short phases. Each must lose no envelope message and keep
-//! per-key order; the report is printed.
+//! fault rotation with short phases, and on NATS the partitioned rotation alone
+//! too. Each must lose no envelope message and keep per-key order; the report is
+//! printed.
 
 // The report is printed so a run shows every outcome.
 #![allow(clippy::print_stdout)]
 
-use eventbus_chaos::{run, Backend, Options};
+use eventbus_chaos::{run, Backend, Fault, Options, Outcome, RotationStepKind};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ fn options(backend: Backend, seconds: u64) -> Options {
 /// on a small machine parallel runs would starve each other's sessions.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn check(o: Options) {
+async fn check(o: Options) -> Outcome {
     let _one_at_a_time = SERIAL.lock().await;
     eventbus_testkit::quiet_deliberate_panics();
     let rotation = o.faults.clone();
@@ -35,6 +36,7 @@ async fn check(o: Options) {
             "fault `{fault}` never applied: {outcome}"
         );
     }
+    outcome
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,5 +51,39 @@ async fn kafka_survives_the_fault_rotation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_survives_the_fault_rotation() {
-    check(options(Backend::Nats, 30)).await;
+    // Seven faults of 4 s (the partitioned rotation's steps take about 8 s) after
+    // the first consumer's 4 s.
+    check(options(Backend::Nats, 36)).await;
+}
+
+/// Three members of a partitioned topic: one killed and replaced, one closed and
+/// restarted, a fourth joining, one leaving; after each step the live members
+/// own the 12 partitions in fair shares (a kill only once the dead member's
+/// leases expired), and nothing is lost or out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_partitioned_members_survive_kill_restart_join_and_leave() {
+    let mut o = options(Backend::Nats, 12);
+    o.faults = vec![Fault::PartitionedRotation];
+    let outcome = check(o).await;
+    for kind in [
+        RotationStepKind::Kill,
+        RotationStepKind::Restart,
+        RotationStepKind::Join,
+        RotationStepKind::Leave,
+    ] {
+        let steps: Vec<_> = outcome.rotation.iter().filter(|s| s.kind == kind).collect();
+        assert!(!steps.is_empty(), "no {kind} step: {outcome}");
+        for s in steps {
+            assert!(
+                s.settled_after.is_some(),
+                "{kind} did not settle: {outcome}"
+            );
+            let members = if kind == RotationStepKind::Join { 4 } else { 3 };
+            assert_eq!(s.members, members, "{outcome}");
+        }
+    }
+    assert!(
+        outcome.report.workers.keys().any(|w| w.starts_with('q')),
+        "the partitioned members handled messages: {outcome}"
+    );
 }

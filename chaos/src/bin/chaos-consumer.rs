@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! chaos-consumer --backend kafka|nats --target <brokers|url> --envelope-topic T
-//!     --plain-topic P --group G [--pool keyed|actor] [--worker NAME]
+//!     [--plain-topic P] [--partitions N] --group G [--pool keyed|actor] [--worker NAME]
 //!     [--error-rate F] [--panic-rate F] [--stuck-key K --stuck-ms MS --stuck-every N]
 //!     [--slow-prefix PREFIX --slow-ms MS] [--drain-ms MS] [--handover-ms MS]
 //! ```

@@ -146,7 +146,7 @@ impl OutcomeReceiver {
     /// The outcome if the job has ended: `Empty` while it has not, `Closed` when it
     /// was dropped without running.
     pub fn try_recv(&mut self) -> Result<Outcome, oneshot::error::TryRecvError> {
-        self.rx.try_recv().map(|(outcome, _running)| outcome)
+        self.rx.try_recv().map(|(outcome, _settling)| outcome)
     }
 
     /// The outcome with the job's place among its scope's unsettled jobs, to be
@@ -163,7 +163,7 @@ impl Future for OutcomeReceiver {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.rx)
             .poll(cx)
-            .map(|r| r.map(|(outcome, _running)| outcome))
+            .map(|r| r.map(|(outcome, _settling)| outcome))
     }
 }
 

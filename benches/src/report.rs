@@ -26,6 +26,19 @@ pub struct Bar {
     pub note: String,
 }
 
+impl Bar {
+    /// A bar met when `count` (of what `name` says there must be none of) is zero.
+    pub fn zero(name: &str, count: u64) -> Self {
+        Self {
+            name: name.into(),
+            measured: count.to_string(),
+            target: "0".into(),
+            pass: count == 0,
+            note: String::new(),
+        }
+    }
+}
+
 /// A figure measured in the same run as the workloads.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Baseline {

@@ -1027,20 +1027,8 @@ async fn compare(args: &Args) -> Result<Report, String> {
                 .filter_map(|d| d.error.as_ref().map(|e| format!("drain {}: {e}", d.side))),
         )
         .collect();
-    bars.push(Bar {
-        name: "zero per-key order violations".into(),
-        measured: violations.to_string(),
-        target: "0".into(),
-        pass: violations == 0,
-        note: String::new(),
-    });
-    bars.push(Bar {
-        name: "zero lost envelope messages".into(),
-        measured: lost.to_string(),
-        target: "0".into(),
-        pass: lost == 0,
-        note: String::new(),
-    });
+    bars.push(Bar::zero("zero per-key order violations", violations));
+    bars.push(Bar::zero("zero lost envelope messages", lost));
     bars.push(Bar {
         name: "every run completed".into(),
         measured: format!("{} failed", errors.len()),
@@ -1396,7 +1384,7 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
     }
     let violations: u64 = results.iter().map(|r| r.order_violations).sum();
     let lost: u64 = results.iter().map(|r| r.lost).sum();
-    let moved: usize = results.iter().map(|r| r.moved).sum();
+    let moved = results.iter().map(|r| r.moved as u64).sum();
     let errors: Vec<String> = results
         .iter()
         .filter_map(|r| {
@@ -1410,27 +1398,12 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
             })
         })
         .collect();
-    bars.push(Bar {
-        name: "zero per-key order violations".into(),
-        measured: violations.to_string(),
-        target: "0".into(),
-        pass: violations == 0,
-        note: String::new(),
-    });
-    bars.push(Bar {
-        name: "zero lost envelope messages".into(),
-        measured: lost.to_string(),
-        target: "0".into(),
-        pass: lost == 0,
-        note: String::new(),
-    });
-    bars.push(Bar {
-        name: "no partition changed owner while the clock ran".into(),
-        measured: moved.to_string(),
-        target: "0".into(),
-        pass: moved == 0,
-        note: String::new(),
-    });
+    bars.push(Bar::zero("zero per-key order violations", violations));
+    bars.push(Bar::zero("zero lost envelope messages", lost));
+    bars.push(Bar::zero(
+        "no partition changed owner while the clock ran",
+        moved,
+    ));
     bars.push(Bar {
         name: "every run completed".into(),
         measured: format!("{} failed", errors.len()),

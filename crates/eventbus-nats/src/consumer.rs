@@ -13,7 +13,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::{Future, FutureExt, StreamExt};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -913,33 +913,16 @@ impl<'a> ConsumeTurn<'a> {
                 Ok((_, Err(_), _)) | Err(_) => {}
             }
         }
-        while !self.inflight.is_empty() {
-            let open = &mut self.open;
-            let wind = tokio::select! {
-                biased;
-                Some((completion, permit)) = self.inflight.next() => Wind::Settled(completion, permit),
-                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
-                    Wind::Late(item)
-                }
-                _ = tokio::time::sleep_until(deadline) => Wind::Done,
-            };
-            match wind {
-                Wind::Settled(completion, permit) => {
-                    self.on_settled(completion, permit, true).await;
-                }
-                Wind::Late(item) => self.on_late(item),
-                Wind::Done => {
-                    if self.js.drain_timeout.is_zero() || self.moving() {
-                        // A move does not drain: the fence waits for running
-                        // handlers, the rest is handed back in order.
-                        tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
-                            "moving: queued messages are handed back");
-                    } else {
-                        tracing::warn!(topic = %self.js.state.topic, left = self.inflight.len(),
-                            "drain timeout: messages still in flight are left for redelivery");
-                    }
-                    break;
-                }
+        let deadline = tokio::time::sleep_until(deadline);
+        if self.wind(|t| !t.inflight.is_empty(), deadline).await {
+            if self.js.drain_timeout.is_zero() || self.moving() {
+                // A move does not drain: the fence waits for running handlers,
+                // the rest is handed back in order.
+                tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
+                    "moving: queued messages are handed back");
+            } else {
+                tracing::warn!(topic = %self.js.state.topic, left = self.inflight.len(),
+                    "drain timeout: messages still in flight are left for redelivery");
             }
         }
     }
@@ -952,28 +935,14 @@ impl<'a> ConsumeTurn<'a> {
     async fn fence(&mut self) {
         self.scope.fence();
         let handover_until = tokio::time::Instant::now() + self.js.handover_timeout;
-        while self.scope.unsettled() > 0 {
-            let open = &mut self.open;
-            let wind = tokio::select! {
-                biased;
-                Some((completion, permit)) = self.inflight.next() => Wind::Settled(completion, permit),
-                // What the open pull request still brings is registered (kept
-                // alive by heartbeats, handed back in order): left unread, it
-                // would come back after `ack_wait`, ahead of earlier messages.
-                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
-                    Wind::Late(item)
-                }
-                _ = self.scope.idle() => Wind::Done,
-                _ = tokio::time::sleep_until(handover_until) => Wind::Done,
-            };
-            match wind {
-                Wind::Settled(completion, permit) => {
-                    self.on_settled(completion, permit, true).await;
-                }
-                Wind::Late(item) => self.on_late(item),
-                Wind::Done => break,
+        let scope = self.scope.clone();
+        let idle = async move {
+            tokio::select! {
+                () = scope.idle() => {}
+                () = tokio::time::sleep_until(handover_until) => {}
             }
-        }
+        };
+        self.wind(|t| t.scope.unsettled() > 0, idle).await;
         if self.scope.unsettled() > 0 {
             tracing::warn!(topic = %self.js.state.topic, timeout = ?self.js.handover_timeout,
                 "a job is unsettled past the hand-over timeout (its handler runs, or its dead letter is being written); its message is handed back");
@@ -981,6 +950,33 @@ impl<'a> ConsumeTurn<'a> {
                 .dispatcher
                 .count_handover_overrun(&self.js.state.topic);
         }
+    }
+
+    /// While `busy` holds and until `until` completes, settle what finishes and
+    /// register what the open pull request still brings (kept alive by
+    /// heartbeats, handed back in order: left unread, it would come back after
+    /// `ack_wait`, ahead of earlier messages). Whether `until` ended the wait.
+    async fn wind(&mut self, busy: fn(&Self) -> bool, until: impl Future<Output = ()>) -> bool {
+        let mut until = std::pin::pin!(until);
+        while busy(self) {
+            let open = &mut self.open;
+            let wind = tokio::select! {
+                biased;
+                Some((completion, permit)) = self.inflight.next() => Wind::Settled(completion, permit),
+                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
+                    Wind::Late(item)
+                }
+                () = &mut until => Wind::Done,
+            };
+            match wind {
+                Wind::Settled(completion, permit) => {
+                    self.on_settled(completion, permit, true).await;
+                }
+                Wind::Late(item) => self.on_late(item),
+                Wind::Done => return true,
+            }
+        }
+        false
     }
 
     /// The open pull request brought a message after the stop (registered, to be

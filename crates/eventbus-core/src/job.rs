@@ -307,9 +307,8 @@ impl Job {
     /// A panic escaping the task is caught and reported as
     /// [`OutcomeKind::Panicked`]; the caller (a worker) keeps running.
     pub async fn run(mut self) -> OutcomeKind {
-        let fence = self.fence.take();
-        let running = match &fence {
-            Some((epoch, offset)) => match epoch.enter(*offset) {
+        let running = match self.fence.take() {
+            Some((epoch, offset)) => match epoch.enter(offset) {
                 Some(running) => Some(running),
                 // Dropping the job tells the waiter and the done hook it did not run.
                 None => return OutcomeKind::Abandoned,

@@ -193,13 +193,15 @@ impl Epoch {
     /// returns ([`Started::returned`]); the job then hands the [`Settling`] guard to
     /// its waiter with its outcome, so it counts as unsettled until the outcome is
     /// settled (see [`Scope::unsettled`]).
-    pub(crate) fn enter(&self, offset: i64) -> Option<Started> {
+    /// Takes the epoch: the guard keeps its scope (no second reference).
+    pub(crate) fn enter(self, offset: i64) -> Option<Started> {
         // Counted first, checked second: a fence raised after the check waits for it.
         let inner = &self.scope.inner;
         inner.unsettled.fetch_add(1, Ordering::SeqCst);
         inner.running.fetch_add(1, Ordering::SeqCst);
-        let started = Started(Some(self.scope.clone()));
-        (!self.is_fenced(offset)).then_some(started)
+        let open = !self.is_fenced(offset);
+        let started = Started(Some(self.scope));
+        open.then_some(started)
     }
 }
 
@@ -278,10 +280,13 @@ mod tests {
     async fn idle_waits_for_running_jobs() {
         let s = Scope::new();
         let e = s.current();
-        let a = e.enter(1).expect("open");
-        let b = e.enter(2).expect("open");
+        let a = e.clone().enter(1).expect("open");
+        let b = e.clone().enter(2).expect("open");
         s.fence();
-        assert!(e.enter(3).is_none(), "no job starts after the fence");
+        assert!(
+            e.clone().enter(3).is_none(),
+            "no job starts after the fence"
+        );
         assert_eq!(s.running(), 2, "a refused entry counts itself out");
         assert_eq!(s.unsettled(), 2);
         let mut idle = Box::pin(s.idle());

@@ -289,6 +289,33 @@ fn dispatcher(c: &mut Criterion) {
             })
         });
     }
+    // The same messages submitted in batches of 64 (`submit_batch`, as the memory
+    // consume loop does): one pool call and at most one wake per worker a batch.
+    for (name, sub) in [("plain_batch", &plain), ("envelope_batch", &envelope)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut pending = VecDeque::with_capacity(window);
+                    let mut out = Vec::with_capacity(64);
+                    for chunk in bodies.chunks(64) {
+                        while pending.len() + chunk.len() > window {
+                            if let Some(f) = pending.pop_front() {
+                                let _ = f.await;
+                            }
+                        }
+                        let batch = chunk.iter().map(|m| (m.clone(), (), scope.clone()));
+                        d.submit_batch(sub, batch, &stop, &mut out)
+                            .await
+                            .expect("submit");
+                        pending.extend(out.drain(..));
+                    }
+                    for f in pending {
+                        let _ = f.await;
+                    }
+                })
+            })
+        });
+    }
     rt.block_on(pool.close(std::time::Duration::from_secs(5)));
     g.finish();
 }

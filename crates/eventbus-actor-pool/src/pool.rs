@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use eventbus_core::raw::PushError;
+use eventbus_core::raw::{push_batch, PushError};
 use eventbus_core::raw::{Job, SubmitError, SubmitErrorKind};
 use eventbus_core::{
     ActorPoolConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats,
@@ -421,6 +421,20 @@ impl Pool for ActorPool {
             Ok(Some(job)) => Box::pin(self.submit_waiting(job)),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
+    }
+
+    /// Queues what fits now and wakes each actor's queue consumer at most once,
+    /// after the whole batch (see `push_batch`). A closing pool, or one whose
+    /// supervisor stopped, takes none: the one-by-one submission says why.
+    fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        let shared = &self.shared;
+        if shared.is_closing() || !self.supervisor_alive() {
+            return;
+        }
+        push_batch(jobs, shared.slots.len(), |route| {
+            let index = shared.index_of(route);
+            (index, shared.slots[index].queue())
+        });
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

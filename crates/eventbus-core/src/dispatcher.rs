@@ -130,6 +130,18 @@ impl<T> InFlight<T> {
     }
 }
 
+impl<T> InFlight<T> {
+    /// A message that was not submitted: it resolves [`Disposition::Abandoned`].
+    fn abandoned(partition: i32, offset: i64, token: T) -> Self {
+        Self {
+            partition,
+            offset,
+            token: Some(token),
+            fut: std::future::ready(Disposition::Abandoned).boxed(),
+        }
+    }
+}
+
 impl<T: Unpin> Future for InFlight<T> {
     type Output = Completion<T>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T>> {
@@ -280,16 +292,60 @@ impl Meta {
         key: Option<Arc<str>>,
         sub: &Arc<PreparedSubscription>,
         message: &Message,
+        submitted: Instant,
     ) -> Self {
         Self {
             class,
             pool: "",
-            submitted: Instant::now(),
+            submitted,
             key,
             topic: message.topic.clone(),
             offset: message.offset,
             sub: sub.clone(),
             dead_letter: None,
+        }
+    }
+}
+
+/// The clocks read once for a submission: when its messages were dispatched, and
+/// the wall clock in ms since the Unix epoch (for message ages).
+struct Now {
+    instant: Instant,
+    wall_ms: i64,
+}
+
+impl Now {
+    fn new() -> Self {
+        Self {
+            instant: Instant::now(),
+            wall_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        }
+    }
+}
+
+/// Jobs prepared for one submission to the pool, and how many go to each pool
+/// kind (counted as sent once submitted).
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+    sent: Vec<(&'static str, u64)>,
+}
+
+impl Batch {
+    fn push(&mut self, job: Job, pool: &'static str) {
+        self.jobs.push(job);
+        match self.sent.iter_mut().find(|(p, _)| *p == pool) {
+            Some((_, n)) => *n += 1,
+            None => self.sent.push((pool, 1)),
+        }
+    }
+
+    /// A job of `pool` was dropped unsubmitted.
+    fn unsent(&mut self, pool: &'static str) {
+        if let Some((_, n)) = self.sent.iter_mut().find(|(p, _)| *p == pool) {
+            *n = n.saturating_sub(1);
         }
     }
 }
@@ -457,40 +513,18 @@ impl Dispatcher {
         epoch: &Epoch,
         stop: &CancellationToken,
     ) -> Result<InFlight<T>> {
-        if let Some(limiter) = &sub.limiter {
-            let fenced = epoch.scope().cancellation();
-            let acquired = tokio::select! {
-                a = limiter.acquire(stop) => a,
-                _ = fenced.cancelled() => false,
-            };
-            if !acquired {
-                return Err(Error::closed(
-                    "consumer stopping while rate limited; message left for redelivery",
-                ));
-            }
-        }
-        let mut message = message;
-        message.recovering = self.inner.recovery.is_recovering();
-        self.note_age(&message);
-        let partition = message.partition;
-        let offset = message.offset;
-        let fut = match self.prepare_message(sub, message, epoch) {
+        self.admit(sub, epoch, stop).await?;
+        let (partition, offset) = (message.partition, message.offset);
+        let now = Now::new();
+        let fut = match self.prepare_message(sub, self.stamp(message, &now), epoch, now.instant) {
             Prepared::Job(job, rx, meta) => {
                 let pool = meta.pool;
                 let job = job.fenced_by(epoch.clone(), offset);
-                self.submit_job(job, pool, epoch, offset, stop).await?;
-                self.inner
-                    .counters
-                    .submitted
-                    .fetch_add(1, Ordering::Relaxed);
-                self.inner.metrics.pool(pool).sent.increment(1);
-                let this = self.clone();
-                async move { this.finish(rx, meta).await }.boxed()
+                self.submit_waiting(job, pool, stop).await?;
+                self.count_sent(pool, 1);
+                self.finishing(rx, meta)
             }
-            Prepared::Poison(meta, error) => {
-                let this = self.clone();
-                async move { this.dead_letter(meta, error, 0).await }.boxed()
-            }
+            Prepared::Poison(meta, error) => self.poisoned(meta, error),
         };
         Ok(InFlight {
             partition,
@@ -500,16 +534,160 @@ impl Dispatcher {
         })
     }
 
+    /// Submit consumed messages of one subscription, in delivery order, each with
+    /// its token and the epoch it was consumed under: each as [`submit`] would, but
+    /// the pool takes the batch in one call ([`Pool::submit_batch`], waking each
+    /// worker at most once), and only the jobs it had no room for then wait for
+    /// room, one by one in order. A rate-limited subscription submits one at a time.
+    ///
+    /// Every message gets its [`InFlight`], pushed to `out` in order. When the
+    /// submission stops short (the pool closed, `stop` cancelled, or a message's
+    /// scope fenced before the pool took its job) the error says why, and the
+    /// messages not taken resolve [`Disposition::Abandoned`]: not acknowledged,
+    /// delivered again. So do the later messages of their routes, so a route's
+    /// handling order holds.
+    ///
+    /// [`submit`]: Dispatcher::submit
+    pub async fn submit_batch<T: Send + Unpin + 'static>(
+        &self,
+        sub: &Arc<PreparedSubscription>,
+        messages: impl IntoIterator<Item = (Message, T, Epoch)>,
+        stop: &CancellationToken,
+        out: &mut Vec<InFlight<T>>,
+    ) -> Result<()> {
+        let mut batch = Batch::default();
+        let mut failed: Option<Error> = None;
+        // One reading of the clocks serves the batch: its messages are dispatched
+        // within microseconds of each other.
+        let mut now = Now::new();
+        for (message, token, epoch) in messages {
+            let (partition, offset) = (message.partition, message.offset);
+            if failed.is_none() {
+                if sub.limiter.is_some() {
+                    // One at a time: the limiter's wait must not hold back jobs
+                    // already prepared, and the clocks are read after it.
+                    failed = self.submit_jobs(&mut batch, stop).await.err();
+                    if failed.is_none() {
+                        failed = self.admit(sub, &epoch, stop).await.err();
+                        now = Now::new();
+                    }
+                }
+                if failed.is_none() && epoch.is_fenced(offset) {
+                    failed = Some(fenced());
+                }
+            }
+            if failed.is_some() {
+                out.push(InFlight::abandoned(partition, offset, token));
+                continue;
+            }
+            let fut =
+                match self.prepare_message(sub, self.stamp(message, &now), &epoch, now.instant) {
+                    Prepared::Job(job, rx, meta) => {
+                        batch.push(job.fenced_by(epoch, offset), meta.pool);
+                        self.finishing(rx, meta)
+                    }
+                    Prepared::Poison(meta, error) => self.poisoned(meta, error),
+                };
+            out.push(InFlight {
+                partition,
+                offset,
+                token: Some(token),
+                fut,
+            });
+        }
+        let flushed = self.submit_jobs(&mut batch, stop).await;
+        match failed {
+            Some(e) => Err(e),
+            None => flushed,
+        }
+    }
+
+    /// Submit the jobs of `batch`: what the pool takes at once, then the rest one
+    /// by one, waiting for room. At the first that cannot be submitted the rest are
+    /// dropped (their messages resolve abandoned) and the error returned.
+    async fn submit_jobs(&self, batch: &mut Batch, stop: &CancellationToken) -> Result<()> {
+        if batch.jobs.is_empty() {
+            return Ok(());
+        }
+        if !stop.is_cancelled() {
+            self.inner.pool.submit_batch(&mut batch.jobs);
+        }
+        let mut result = Ok(());
+        for job in std::mem::take(&mut batch.jobs) {
+            if result.is_err() {
+                batch.unsent(self.inner.pool.kind_for(job.route()));
+                continue;
+            }
+            let route = job.route();
+            let pool = self.inner.pool.kind_for(route);
+            if let Err(e) = self.submit_waiting(job, pool, stop).await {
+                batch.unsent(pool);
+                result = Err(e);
+            }
+        }
+        for (pool, n) in batch.sent.drain(..) {
+            self.count_sent(pool, n);
+        }
+        result
+    }
+
+    /// Wait for the rate limit of `sub`, if any, unless `stop` is cancelled or the
+    /// epoch's scope fenced meanwhile.
+    async fn admit(
+        &self,
+        sub: &PreparedSubscription,
+        epoch: &Epoch,
+        stop: &CancellationToken,
+    ) -> Result<()> {
+        let Some(limiter) = &sub.limiter else {
+            return Ok(());
+        };
+        let fenced = epoch.scope().cancellation();
+        let acquired = tokio::select! {
+            a = limiter.acquire(stop) => a,
+            _ = fenced.cancelled() => false,
+        };
+        if acquired {
+            Ok(())
+        } else {
+            Err(Error::closed(
+                "consumer stopping while rate limited; message left for redelivery",
+            ))
+        }
+    }
+
+    /// The message as dispatched: marked when the bus is recovering, its age noted.
+    fn stamp(&self, mut message: Message, now: &Now) -> Message {
+        message.recovering = self.inner.recovery.is_recovering();
+        self.note_age(&message, now.wall_ms);
+        message
+    }
+
+    fn count_sent(&self, pool: &'static str, n: u64) {
+        self.inner
+            .counters
+            .submitted
+            .fetch_add(n, Ordering::Relaxed);
+        self.inner.metrics.pool(pool).sent.increment(n);
+    }
+
+    fn finishing(&self, rx: OutcomeReceiver, meta: Meta) -> BoxFuture<'static, Disposition> {
+        let this = self.clone();
+        async move { this.finish(rx, meta).await }.boxed()
+    }
+
+    fn poisoned(&self, meta: Meta, error: String) -> BoxFuture<'static, Disposition> {
+        let this = self.clone();
+        async move { this.dead_letter(meta, error, 0).await }.boxed()
+    }
+
     /// Remember how old the message is (now minus its broker timestamp) for the
     /// backlog-age check.
-    fn note_age(&self, message: &Message) {
+    fn note_age(&self, message: &Message, now_ms: i64) {
         let Some(ts) = message.timestamp_ms else {
             return;
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let age = now.saturating_sub(ts);
+        let age = now_ms.saturating_sub(ts);
         if age > 0 {
             self.inner
                 .oldest_age_ms
@@ -522,6 +700,7 @@ impl Dispatcher {
         sub: &Arc<PreparedSubscription>,
         message: Message,
         epoch: &Epoch,
+        now: Instant,
     ) -> Prepared {
         let scope = epoch.scope();
         let can_dead_letter = sub.dead_letter_topic.is_some();
@@ -534,7 +713,8 @@ impl Dispatcher {
                         .unwrap_or_else(|| envelope.aggregate_id.clone())
                         .into();
                     let route = stable_hash(key.as_bytes());
-                    let mut meta = Meta::new(JobClass::Envelope, Some(key.clone()), sub, &message);
+                    let mut meta =
+                        Meta::new(JobClass::Envelope, Some(key.clone()), sub, &message, now);
                     meta.pool = self.inner.pool.kind_for(route);
                     meta.dead_letter = can_dead_letter.then(|| message.clone());
                     let task = self.envelope_task(
@@ -553,7 +733,8 @@ impl Dispatcher {
                     let key = sub.ids.extract(&message, None).unwrap_or_else(|| {
                         format!("{}/{}/{}", message.topic, message.partition, message.offset)
                     });
-                    let mut meta = Meta::new(JobClass::Envelope, Some(key.into()), sub, &message);
+                    let mut meta =
+                        Meta::new(JobClass::Envelope, Some(key.into()), sub, &message, now);
                     meta.pool = self
                         .inner
                         .pool
@@ -586,7 +767,7 @@ impl Dispatcher {
                             .to_le_bytes(),
                     ),
                 };
-                let mut meta = Meta::new(JobClass::Plain, key.clone(), sub, &message);
+                let mut meta = Meta::new(JobClass::Plain, key.clone(), sub, &message, now);
                 meta.pool = self.inner.pool.kind_for(route);
                 let task = self.plain_task(
                     handler.clone(),
@@ -601,17 +782,18 @@ impl Dispatcher {
         }
     }
 
-    async fn submit_job(
+    /// Submit `job` (fenced by its epoch), waiting for room; a refusal other than a
+    /// closed pool is retried with backoff until the job's scope is fenced at its
+    /// offset or `stop` is cancelled.
+    async fn submit_waiting(
         &self,
         mut job: Job,
         pool: &'static str,
-        epoch: &Epoch,
-        offset: i64,
         stop: &CancellationToken,
     ) -> Result<()> {
         let mut pause = Duration::from_millis(1);
         loop {
-            if epoch.is_fenced(offset) {
+            if job.is_fenced() {
                 return Err(fenced());
             }
             if stop.is_cancelled() {
@@ -628,9 +810,16 @@ impl Dispatcher {
                     tracing::debug!(kind = ?e.kind(), "pool refused a job; retrying submission");
                     self.inner.metrics.pool(pool).submit_retries.increment(1);
                     job = e.into_job();
+                    let fenced = job.epoch().map(|e| e.scope().cancellation());
+                    let fenced = async {
+                        match fenced {
+                            Some(token) => token.cancelled().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = stop.cancelled() => {}
-                        _ = epoch.scope().cancellation().cancelled() => {}
+                        _ = fenced => {}
                         _ = tokio::time::sleep(pause) => {}
                     }
                     pause = (pause * 2).min(Duration::from_millis(200));

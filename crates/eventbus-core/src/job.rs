@@ -293,6 +293,11 @@ impl Job {
         self
     }
 
+    /// The epoch the job is fenced by, if any.
+    pub(crate) fn epoch(&self) -> Option<&Epoch> {
+        self.fence.as_ref().map(|(epoch, _)| epoch)
+    }
+
     /// Whether the job's scope is fenced at its offset: it would not start.
     pub fn is_fenced(&self) -> bool {
         self.fence.as_ref().is_some_and(|(e, o)| e.is_fenced(*o))
@@ -460,6 +465,15 @@ impl JobQueue {
     }
 
     fn push(&self, job: Job, waiter: bool) -> Result<(), PushError> {
+        if let Some(worker) = self.push_deferred(job, waiter)? {
+            worker.wake();
+        }
+        Ok(())
+    }
+
+    /// Queue `job` without waking the consumer: its waker, when it waits, comes back
+    /// to be woken by the caller (once, after the rest of a batch is queued).
+    fn push_deferred(&self, job: Job, waiter: bool) -> Result<Option<Waker>, PushError> {
         let mut state = self.lock();
         if state.closed {
             return Err(PushError::Closed(job));
@@ -469,12 +483,7 @@ impl JobQueue {
         }
         state.jobs.push_back(job);
         state.accepted += 1;
-        let worker = state.worker.take();
-        drop(state);
-        if let Some(worker) = worker {
-            worker.wake();
-        }
-        Ok(())
+        Ok(state.worker.take())
     }
 
     /// The next job, in queue order; `None` once the queue is closed and empty.
@@ -560,6 +569,50 @@ impl JobQueue {
     /// Jobs accepted since it was made.
     pub fn accepted(&self) -> u64 {
         self.lock().accepted
+    }
+}
+
+/// Queue a batch of jobs into their workers' queues, in order and without waiting:
+/// `queue_of(route)` names a job's queue (its index among `queues`, and the queue).
+///
+/// Each job is queued if its queue has room now (and no submitter waits for it);
+/// the others stay in `jobs`, in order. Once a queue has left a job, the later jobs
+/// of that queue are left too, so what stays is, for every route, the tail of its
+/// jobs in the batch: submitting it again, in order, keeps each route's order.
+///
+/// Consumers are woken after the whole batch is queued, each at most once, instead
+/// of once per job.
+pub fn push_batch<'q>(
+    jobs: &mut Vec<Job>,
+    queues: usize,
+    queue_of: impl Fn(u64) -> (usize, &'q JobQueue),
+) {
+    let batch = std::mem::take(jobs);
+    let mut wake: Vec<Waker> = Vec::new();
+    // Queues that left a job: allocated at the first one.
+    let mut shut: Vec<bool> = Vec::new();
+    for job in batch {
+        let (index, queue) = queue_of(job.route());
+        if shut.get(index).copied().unwrap_or(false) {
+            jobs.push(job);
+            continue;
+        }
+        match queue.push_deferred(job, false) {
+            Ok(Some(worker)) => wake.push(worker),
+            Ok(None) => {}
+            Err(left) => {
+                if shut.is_empty() {
+                    shut = vec![false; queues];
+                }
+                if let Some(s) = shut.get_mut(index) {
+                    *s = true;
+                }
+                jobs.push(left.into_job());
+            }
+        }
+    }
+    for worker in wake {
+        worker.wake();
     }
 }
 
@@ -708,6 +761,75 @@ mod queue_tests {
         assert_eq!(q.lock().waiting, 0);
         assert_eq!(q.pop().await.map(|j| j.route()), Some(1));
         assert_eq!(route(q.try_push(job(3))), ("ok", 0));
+    }
+
+    fn routes(jobs: &[Job]) -> Vec<u64> {
+        jobs.iter().map(Job::route).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_leaves_each_full_queue_s_tail_in_order() {
+        let queues = [JobQueue::new(2), JobQueue::new(3)];
+        let mut jobs: Vec<Job> = (0..8).map(job).collect();
+        push_batch(&mut jobs, 2, |r| {
+            ((r % 2) as usize, &queues[(r % 2) as usize])
+        });
+        assert_eq!(routes(&jobs), [4, 6, 7], "the tails, in batch order");
+        for (q, expected) in queues.iter().zip([vec![0, 2], vec![1, 3, 5]]) {
+            let mut got = Vec::new();
+            while let Some(j) = q.try_pop() {
+                got.push(j.route());
+            }
+            assert_eq!(got, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queue_that_left_a_job_takes_no_later_job_of_the_batch() {
+        // A submitter waits for room in queue 0: newcomers queue behind it, so
+        // the batch leaves its first job there, and must leave every later one of
+        // that queue too, although the waiter's turn may come meanwhile.
+        let queues = [JobQueue::new(1), JobQueue::new(8)];
+        queues[0].try_push(job(100)).expect("room");
+        let mut waiter = pin!(queues[0].push_timeout(job(102), Duration::from_secs(30)));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        assert_eq!(queues[0].try_pop().map(|j| j.route()), Some(100));
+        let mut jobs: Vec<Job> = [0, 1, 2, 3].into_iter().map(job).collect();
+        push_batch(&mut jobs, 2, |r| {
+            ((r % 2) as usize, &queues[(r % 2) as usize])
+        });
+        assert_eq!(routes(&jobs), [0, 2]);
+        assert_eq!(route(waiter.await), ("ok", 0));
+        assert_eq!(queues[1].len(), 2);
+        queues[0].close();
+        let mut closed: Vec<Job> = [4, 5].into_iter().map(job).collect();
+        push_batch(&mut closed, 2, |r| {
+            ((r % 2) as usize, &queues[(r % 2) as usize])
+        });
+        assert_eq!(routes(&closed), [4], "a closed queue leaves its jobs");
+    }
+
+    #[tokio::test]
+    async fn a_batch_wakes_a_waiting_worker_once_after_the_last_job() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let q = JobQueue::new(16);
+        let mut pop = pin!(q.pop());
+        assert!(pop
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        let mut jobs: Vec<Job> = (0..10).map(job).collect();
+        push_batch(&mut jobs, 1, |_| (0, &q));
+        assert!(jobs.is_empty());
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(q.len(), 10);
     }
 
     #[tokio::test]

@@ -61,8 +61,8 @@ pub mod raw {
     pub use crate::handler::{boxed, BoxHandler, DynHandler};
     pub use crate::hash::{rollout_bucket, slot, stable_hash};
     pub use crate::job::{
-        panic_message, DoneHook, DoneSink, FailureCause, Job, JobClass, JobQueue, Outcome,
-        OutcomeKind, OutcomeReceiver, PushError,
+        panic_message, push_batch, DoneHook, DoneSink, FailureCause, Job, JobClass, JobQueue,
+        Outcome, OutcomeKind, OutcomeReceiver, PushError,
     };
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
     pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};

@@ -137,6 +137,18 @@ pub trait Pool: Send + Sync + fmt::Debug + 'static {
     /// future is first polled; the future then only reports that it was accepted.
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>>;
 
+    /// Queue, in order and without waiting, each job of `jobs` whose worker has room
+    /// now; the jobs not taken stay in `jobs`, in order, for the caller to
+    /// [`submit`](Pool::submit) one by one (which waits for room, or says why not).
+    ///
+    /// A job is never taken after an earlier job of its route in the batch was left,
+    /// so what stays is, for every route, the tail of its jobs: submitting it in order
+    /// keeps each route's order. A pool wakes each worker at most once per call
+    /// (see [`push_batch`](crate::raw::push_batch)). The default takes none.
+    fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        let _ = jobs;
+    }
+
     /// Stop taking jobs, let queued jobs finish within `timeout`, then abort what is
     /// left (aborted jobs' outcomes never arrive, so their messages are not acknowledged).
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()>;

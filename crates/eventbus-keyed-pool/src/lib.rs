@@ -1,7 +1,7 @@
 #![doc = include_str!("../README.md")]
 
+use eventbus_core::raw::{push_batch, JobQueue, PushError};
 use eventbus_core::raw::{slot, Job, OutcomeKind, SubmitError, SubmitErrorKind};
-use eventbus_core::raw::{JobQueue, PushError};
 use eventbus_core::{ComponentHealth, Error, HealthStatus, KeyedPoolConfig, Pool, PoolStats};
 use futures::future::BoxFuture;
 use std::fmt;
@@ -221,6 +221,18 @@ impl Pool for KeyedWorkerPool {
             Ok(Some((index, job))) => Box::pin(self.submit_waiting(index, job)),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
+    }
+
+    /// Queues what fits now, each job under its worker's lock, and wakes each worker
+    /// at most once, after the whole batch (see `push_batch`).
+    fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        if self.is_closed() {
+            return;
+        }
+        push_batch(jobs, self.queues.len(), |route| {
+            let index = self.worker_of(route);
+            (index, &*self.queues[index])
+        });
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

@@ -12,6 +12,9 @@ use crate::broker::Topic;
 
 const FETCH_BATCH: usize = 256;
 
+/// Messages of one partition submitted to the pool in one batch, at most.
+const SUBMIT_BATCH: usize = 64;
+
 /// Messages in flight per partition of one subscription.
 pub(crate) type InFlightCounts = Arc<Vec<AtomicUsize>>;
 
@@ -62,40 +65,62 @@ impl ConsumeLoop {
                         next[p] = after;
                         buffers[p].extend(batch);
                     }
-                    let Some(msg) = buffers[p].pop_front() else {
+                    if buffers[p].is_empty() {
                         continue;
-                    };
-                    let permit = tokio::select! {
+                    }
+                    // A batch of the partition's buffered messages, as many as its
+                    // room and the shared bound allow (one permit waited for, the
+                    // rest taken if free).
+                    let first = tokio::select! {
                         _ = self.cancel.cancelled() => break 'consume,
                         p = self.set.reserve() => match p { Ok(p) => p, Err(_) => break 'consume },
                     };
-                    let ticket = match self.set.begin(partition, msg.offset) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            tracing::error!(error = %e, "in-flight tracking refused a message");
-                            break 'consume;
+                    let room = self
+                        .set
+                        .room(partition)
+                        .min(buffers[p].len())
+                        .min(SUBMIT_BATCH);
+                    let mut permits = vec![first];
+                    while permits.len() < room {
+                        match self.set.try_reserve() {
+                            Some(permit) => permits.push(permit),
+                            None => break,
                         }
-                    };
-                    let epoch = ticket.epoch().clone();
-                    match self
-                        .dispatcher
-                        .submit(&self.sub, msg, (), &epoch, &self.cancel)
-                        .await
-                    {
-                        Ok(inflight) => {
-                            if let Err(e) = self.set.push(ticket, inflight, permit) {
+                    }
+                    let mut tickets = Vec::with_capacity(permits.len());
+                    let mut messages = Vec::with_capacity(permits.len());
+                    for msg in buffers[p].drain(..permits.len()) {
+                        let ticket = match self.set.begin(partition, msg.offset) {
+                            Ok(t) => t,
+                            Err(e) => {
                                 tracing::error!(error = %e, "in-flight tracking refused a message");
                                 break 'consume;
                             }
-                            self.in_flight[p].fetch_add(1, Ordering::Relaxed);
-                            submitted_any = true;
-                        }
-                        Err(e) => {
-                            self.set.give_up(ticket);
-                            tracing::debug!(error = %e, topic = %self.topic.name(), "consumer stopping");
+                        };
+                        messages.push((msg, (), ticket.epoch().clone()));
+                        tickets.push(ticket);
+                    }
+                    let mut inflights = Vec::with_capacity(tickets.len());
+                    let submitted = self
+                        .dispatcher
+                        .submit_batch(&self.sub, messages, &self.cancel, &mut inflights)
+                        .await;
+                    // Every message has its in-flight entry, submitted or abandoned
+                    // (then not committed, delivered again).
+                    for ((ticket, inflight), permit) in
+                        tickets.into_iter().zip(inflights).zip(permits)
+                    {
+                        if let Err(e) = self.set.push(ticket, inflight, permit) {
+                            tracing::error!(error = %e, "in-flight tracking refused a message");
                             break 'consume;
                         }
+                        self.in_flight[p].fetch_add(1, Ordering::Relaxed);
                     }
+                    if let Err(e) = submitted {
+                        tracing::debug!(error = %e, topic = %self.topic.name(), "consumer stopping");
+                        break 'consume;
+                    }
+                    submitted_any = true;
                     // Settle whatever finished meanwhile, without waiting.
                     while let Some(Some(s)) = self.set.next().now_or_never() {
                         self.settle(s);

@@ -396,6 +396,37 @@ impl Pool for PoolSwitch {
         self.submit_job(job)
     }
 
+    /// Pins each job's cell and hands each side its share of the batch in one call.
+    /// A route's jobs share a cell, so they all go to one side; the jobs a side
+    /// leaves release their cells and stay in `jobs`, keyed side's first (each
+    /// route's jobs stay in order, which is all the contract promises).
+    fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        let mut actor = Vec::new();
+        let mut keyed = Vec::with_capacity(jobs.len());
+        for mut job in jobs.drain(..) {
+            let route = job.route();
+            let cell = cell_of(route);
+            let side = self.pins.pin(cell, || self.side_for(route));
+            job.set_done_hook(self.pins.done_hook(cell));
+            match side {
+                Side::Keyed => keyed.push(job),
+                Side::Actor => actor.push(job),
+            }
+        }
+        if !keyed.is_empty() {
+            self.keyed.submit_batch(&mut keyed);
+        }
+        if !actor.is_empty() {
+            self.actor.submit_batch(&mut actor);
+        }
+        for mut job in keyed.into_iter().chain(actor) {
+            if let Some(done) = job.take_done_hook() {
+                done.call(None);
+            }
+            jobs.push(job);
+        }
+    }
+
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             futures::future::join(self.keyed.close(timeout), self.actor.close(timeout)).await;

@@ -251,6 +251,18 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
         }
     }
 
+    /// A permit of the shared total bound if one is free now.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.total.clone().try_acquire_owned().ok()
+    }
+
+    /// How many more messages `partition` may take now (0 when not owned).
+    pub fn room(&self, partition: i32) -> usize {
+        self.partitions.get(&partition).map_or(0, |p| {
+            self.per_partition.saturating_sub(p.tracker.in_flight())
+        })
+    }
+
     /// Track the message at `offset` of `partition`, in delivery order, before its
     /// job is submitted. An offset at or below one tracked before in this ownership
     /// is a rewind: earlier work at or above it is fenced (it will be delivered

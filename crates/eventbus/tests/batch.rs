@@ -1,0 +1,253 @@
+//! Batch submission (`Dispatcher::submit_batch` over `Pool::submit_batch`) on the
+//! real pools and the pool switch, at its transitions: queues far shorter than the
+//! batch with a wait timeout shorter than the backlog takes, and a fence while the
+//! batch still waits for room.
+
+use eventbus::core::raw::{Dispatcher, Disposition, InFlight, Scope};
+use eventbus::{
+    CancellationToken, ErrorKind, EventBusConfig, HandlerError, Message, Pool, PoolSwitch,
+    Subscription,
+};
+use eventbus_testkit::factories::{actor_pools, keyed_pools, switched_pools};
+use eventbus_testkit::pool_suite::PoolSpec;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+const TOPIC: &str = "batch";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Two workers with two queued jobs each, and a wait for room of 20 ms: far less
+/// than a batch of 64 held back by a closed gate needs.
+fn tight() -> PoolSpec {
+    PoolSpec {
+        workers: 2,
+        queue: 2,
+        wait_timeout: Duration::from_millis(20),
+    }
+}
+
+/// A plain subscription whose handler waits for a permit of `gate`, then records
+/// (key, offset).
+struct Rig {
+    dispatcher: Dispatcher,
+    sub: Arc<eventbus::core::raw::PreparedSubscription>,
+    gate: Arc<Semaphore>,
+    handled: Arc<Mutex<Vec<(String, i64)>>>,
+}
+
+impl Rig {
+    fn new(pool: Arc<dyn Pool>) -> Self {
+        let dispatcher = Dispatcher::new("memory", pool, None, EventBusConfig::default());
+        let gate = Arc::new(Semaphore::new(0));
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let (g, h) = (gate.clone(), handled.clone());
+        let sub = dispatcher
+            .prepare(Subscription::plain(TOPIC, move |m: Message| {
+                let (g, h) = (g.clone(), h.clone());
+                async move {
+                    g.acquire().await.expect("gate open").forget();
+                    let key =
+                        String::from_utf8(m.key.clone().expect("key").to_vec()).expect("utf8");
+                    h.lock().expect("handled").push((key, m.offset));
+                    Ok::<(), HandlerError>(())
+                }
+            }))
+            .expect("prepare");
+        Self {
+            dispatcher,
+            sub,
+            gate,
+            handled,
+        }
+    }
+
+    fn messages(
+        &self,
+        n: i64,
+        keys: i64,
+        scope: &Scope,
+    ) -> Vec<(Message, (), eventbus::core::raw::Epoch)> {
+        (0..n)
+            .map(|offset| {
+                let message =
+                    Message::new(TOPIC, 0, offset, "{}").with_key(format!("k{}", offset % keys));
+                (message, (), scope.current())
+            })
+            .collect()
+    }
+}
+
+/// Wait, bounded, until the pool has refused a job for want of room at least once.
+async fn until_refused(pool: &Arc<dyn Pool>) {
+    tokio::time::timeout(WAIT, async {
+        while pool.stats().rejected == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the pool never refused a job of the batch for want of room");
+}
+
+async fn dispositions(out: Vec<InFlight<()>>) -> Vec<(i64, Disposition)> {
+    let mut got = Vec::new();
+    for f in out {
+        let c = tokio::time::timeout(WAIT, f)
+            .await
+            .expect("every message of the batch completes");
+        got.push((c.offset, c.disposition));
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_past_full_queues_keeps_each_key_in_order_and_loses_nothing() {
+    for (name, factory) in [
+        ("keyed", keyed_pools()),
+        ("actor", actor_pools()),
+        ("switch at 50%", switched_pools(50)),
+    ] {
+        let pool = factory(tight()).await;
+        let rig = Rig::new(pool.clone());
+        let scope = Scope::new();
+        let stop = CancellationToken::new();
+        let mut out = Vec::new();
+        let submit =
+            rig.dispatcher
+                .submit_batch(&rig.sub, rig.messages(64, 5, &scope), &stop, &mut out);
+        let open = async {
+            // The pool took what fitted; the rest waited past the wait timeout
+            // and was refused, and is retried: now let the handlers go.
+            until_refused(&pool).await;
+            rig.gate.add_permits(1_000);
+        };
+        let (submitted, ()) = tokio::join!(submit, open);
+        submitted.unwrap_or_else(|e| panic!("{name}: the batch was not submitted: {e}"));
+        assert_eq!(out.len(), 64, "{name}: one in-flight entry per message");
+        for (offset, d) in dispositions(out).await {
+            assert_eq!(d, Disposition::Handled, "{name}: offset {offset}");
+        }
+        let handled = rig.handled.lock().expect("handled").clone();
+        assert_eq!(handled.len(), 64, "{name}: each message handled once");
+        let mut last: HashMap<String, i64> = HashMap::new();
+        for (key, offset) in handled {
+            if let Some(prev) = last.insert(key.clone(), offset) {
+                assert!(
+                    prev < offset,
+                    "{name}: key {key} handled {offset} after {prev}"
+                );
+            }
+        }
+        pool.close(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_while_the_batch_waits_for_room_abandons_what_the_pool_did_not_take() {
+    for (name, factory) in [("keyed", keyed_pools()), ("actor", actor_pools())] {
+        let pool = factory(PoolSpec {
+            workers: 1,
+            ..tight()
+        })
+        .await;
+        let rig = Rig::new(pool.clone());
+        let scope = Scope::new();
+        let stop = CancellationToken::new();
+        let mut out = Vec::new();
+        let submit =
+            rig.dispatcher
+                .submit_batch(&rig.sub, rig.messages(10, 1, &scope), &stop, &mut out);
+        let fence = async {
+            until_refused(&pool).await;
+            scope.fence();
+        };
+        let (submitted, ()) = tokio::join!(submit, fence);
+        let e = submitted.expect_err(&format!("{name}: a fenced batch stops short"));
+        assert_eq!(e.kind(), ErrorKind::Fenced, "{name}: {e}");
+        assert_eq!(out.len(), 10, "{name}: one in-flight entry per message");
+        rig.gate.add_permits(1_000);
+        let got = dispositions(out).await;
+        // One worker: at most one job running and two queued when the fence came.
+        for (offset, d) in &got {
+            assert!(
+                matches!(d, Disposition::Handled | Disposition::Abandoned),
+                "{name}: offset {offset} ended {d:?}"
+            );
+            if *offset >= 3 {
+                assert_eq!(
+                    *d,
+                    Disposition::Abandoned,
+                    "{name}: offset {offset} was never taken"
+                );
+            }
+        }
+        let handled: Vec<i64> = got
+            .iter()
+            .filter(|(_, d)| *d == Disposition::Handled)
+            .map(|(o, _)| *o)
+            .collect();
+        assert_eq!(
+            handled,
+            (0..handled.len() as i64).collect::<Vec<_>>(),
+            "{name}: what was handled is a prefix of the key's messages"
+        );
+        pool.close(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_switch_releases_the_cells_of_the_jobs_a_side_left() {
+    let spec = tight();
+    let keyed = keyed_pools()(spec).await;
+    let actor = actor_pools()(spec).await;
+    let switch = Arc::new(PoolSwitch::new(keyed, actor, 50).expect("valid share"));
+    let pool: Arc<dyn Pool> = switch.clone();
+    let rig = Rig::new(pool.clone());
+    let scope = Scope::new();
+    let stop = CancellationToken::new();
+    let mut out = Vec::new();
+    let submit =
+        rig.dispatcher
+            .submit_batch(&rig.sub, rig.messages(200, 50, &scope), &stop, &mut out);
+    let open = async {
+        until_refused(switch.keyed()).await;
+        rig.gate.add_permits(10_000);
+    };
+    let (submitted, ()) = tokio::join!(submit, open);
+    submitted.expect("the batch was submitted");
+    for (offset, d) in dispositions(out).await {
+        assert_eq!(d, Disposition::Handled, "offset {offset}");
+    }
+    tokio::time::timeout(WAIT, async {
+        while switch.pinned() != (0, 0) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("pins left after every job ended: {:?}", switch.pinned()));
+    pool.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_consumer_s_batch_reaches_no_pool_and_is_all_abandoned() {
+    let pool = keyed_pools()(tight()).await;
+    let rig = Rig::new(pool.clone());
+    let scope = Scope::new();
+    let stop = CancellationToken::new();
+    stop.cancel();
+    let mut out = Vec::new();
+    let e = rig
+        .dispatcher
+        .submit_batch(&rig.sub, rig.messages(8, 3, &scope), &stop, &mut out)
+        .await
+        .expect_err("a stopped consumer submits nothing");
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    rig.gate.add_permits(100);
+    for (offset, d) in dispositions(out).await {
+        assert_eq!(d, Disposition::Abandoned, "offset {offset}");
+    }
+    assert_eq!(pool.stats().submitted, 0, "nothing reached the pool");
+    assert_eq!(rig.dispatcher.stats().submitted, 0);
+    pool.close(Duration::from_secs(5)).await;
+}

@@ -1,12 +1,17 @@
-//! End-to-end consumption of a pre-published backlog on a broker: the bus (no-op
-//! plain handler) against a bare client loop on the same broker, same settings.
+//! End-to-end consumption of a pre-published backlog: on a broker, the bus (no-op
+//! plain handler) against a bare client loop on the same broker, same settings;
+//! on the memory backend, the bus alone (there is no bare client), judged by the
+//! caller against the pool's own round trip.
 //!
 //! - Kafka: a bare rdkafka `BaseConsumer` polled on its own thread, storing every
 //!   offset and letting librdkafka auto-commit (the bus's commit mode);
 //! - NATS: a bare async-nats durable pull consumer (`messages()`), acking each
-//!   message, with the bus's `max_ack_pending`.
+//!   message, with the bus's `max_ack_pending`;
+//! - memory (bus only): the drain process builds its own in-process broker and
+//!   bus (the broker lives in that process), publishes the backlog through the
+//!   bus, then subscribes.
 //!
-//! Both are timed from the first message read (or handled) to the last, so the
+//! All are timed from the first message read (or handled) to the last, so the
 //! consumer-group join (about 3 s on the mock cluster) counts on neither side.
 
 use crate::bus::{kafka_config, make_pool, nats_config, Backend};
@@ -15,8 +20,8 @@ use async_nats::jetstream::{self, consumer};
 use eventbus::kafka::{KafkaConfig, KafkaEventBus, KafkaProducer};
 use eventbus::nats::NatsEventBus;
 use eventbus::{
-    Envelope, EventBus, EventBusConfig, EventBusExt, HandlerError, KeyedWorkerPool, Message, Pool,
-    PoolKind, Record,
+    BrokerConfig, Envelope, EventBus, EventBusConfig, EventBusExt, HandlerError, KeyedWorkerPool,
+    MemoryBroker, MemoryEventBus, Message, Pool, PoolKind, Record, TopicConfig,
 };
 use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -52,12 +57,15 @@ impl DrainSide {
 /// One backlog drain, as handed to the process that runs it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrainSpec {
-    /// Kafka or NATS.
+    /// Memory, Kafka or NATS.
     pub backend: Backend,
-    /// Bootstrap servers or URL.
+    /// Bootstrap servers or URL; empty for memory.
     pub endpoint: String,
-    /// Topic holding the backlog.
+    /// Topic holding the backlog (memory: created and filled by the drain).
     pub topic: String,
+    /// Partitions of the topic: memory, the drain creates it with these many;
+    /// Kafka, the caller created it with these many; NATS, unused (one stream).
+    pub partitions: u32,
     /// Who consumes.
     pub side: DrainSide,
     /// Messages in the backlog.
@@ -71,7 +79,7 @@ pub struct DrainSpec {
 /// One measured drain.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrainResult {
-    /// `kafka` or `nats`.
+    /// `memory`, `kafka` or `nats`.
     pub backend: String,
     /// `bare`, `keyed` or `actor`.
     pub side: String,
@@ -83,13 +91,15 @@ pub struct DrainResult {
     pub consumed: u64,
     /// Messages per second from the first to the last.
     pub throughput: f64,
-    /// Seconds from start (consumer creation or subscribe) to the first message.
+    /// Seconds from start (consumer creation, or the subscribe after the memory
+    /// backlog is published) to the first message.
     pub first_secs: f64,
     /// Why the drain failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// CPU seconds of the drain process (every thread, the client library's
-    /// included) from the consumer's creation to the last message.
+    /// included) from the consumer's creation (memory: from the subscribe, the
+    /// backlog already published) to the last message.
     #[serde(default)]
     pub cpu_secs: f64,
 }
@@ -168,6 +178,36 @@ pub async fn publish_nats_backlog(url: &str, topic: &str, n: u64) -> Result<Stri
     let stream = publisher.stream_name(topic);
     let _ = publisher.close().await;
     Ok(stream)
+}
+
+/// A memory bus on a broker of its own holding a backlog of `spec.messages`
+/// records on `spec.topic` (`spec.partitions` partitions), published through the
+/// bus before anyone subscribes. Built as [`crate::bus`] builds the memory bus of a workload: a
+/// broker retaining the whole backlog, the topic configured on the bus.
+async fn memory_backlog_bus(
+    spec: &DrainSpec,
+    config: EventBusConfig,
+    pool: Arc<dyn Pool>,
+) -> Result<MemoryEventBus, String> {
+    let broker = MemoryBroker::new(BrokerConfig::default().retention_messages(spec.messages + 16));
+    let bus = MemoryEventBus::new(broker, pool, config).map_err(|e| format!("memory bus: {e}"))?;
+    let topic = spec.topic.as_str();
+    bus.configure_topic(topic, TopicConfig::default().partitions(spec.partitions))
+        .await
+        .map_err(|e| format!("memory topic `{topic}`: {e}"))?;
+    let header = bus.aggregate_id_header().to_owned();
+    let all = records(spec.messages, &header)?;
+    for chunk in all.chunks(1000) {
+        if let Some(Err(e)) = bus
+            .publish_batch(topic, chunk.to_vec())
+            .await
+            .into_iter()
+            .find(Result::is_err)
+        {
+            return Err(format!("publish to `{topic}`: {e}"));
+        }
+    }
+    Ok(bus)
 }
 
 /// The librdkafka consumer settings the bus derives from [`kafka_config`] (the
@@ -280,7 +320,9 @@ pub async fn run_drain(spec: &DrainSpec) -> Result<DrainResult, String> {
     let limit = Duration::from_secs(spec.limit_secs);
     let group = format!("{}-{}-{}", spec.topic, spec.side.name(), spec.round);
     match (spec.backend, spec.side) {
-        (Backend::Memory, _) => Err("the memory backend has no bare client loop".to_owned()),
+        (Backend::Memory, DrainSide::Bare) => {
+            Err("the memory backend has no bare client loop".to_owned())
+        }
         (Backend::Kafka, DrainSide::Bare) => {
             let config = bare_kafka_config(&kafka_config(&spec.endpoint), &group);
             let clock = Arc::new(Clock::new(spec.messages));
@@ -327,11 +369,13 @@ pub async fn run_drain(spec: &DrainSpec) -> Result<DrainResult, String> {
             let mut config = EventBusConfig::default();
             config.consumer.group_id = group;
             let bus: Box<dyn EventBus> = match backend {
+                // The backlog is published here, before the clock starts.
+                Backend::Memory => Box::new(memory_backlog_bus(spec, config, pool).await?),
                 Backend::Kafka => Box::new(
                     KafkaEventBus::new(kafka_config(&spec.endpoint), config, pool)
                         .map_err(|e| format!("kafka bus: {e}"))?,
                 ),
-                _ => Box::new(
+                Backend::Nats => Box::new(
                     NatsEventBus::connect(nats_config(&spec.endpoint), config, pool)
                         .await
                         .map_err(|e| format!("nats bus: {e}"))?,
@@ -414,4 +458,44 @@ async fn bare_nats(spec: &DrainSpec, group: &str, clock: &Clock) -> Result<(), S
     drop(messages);
     let _ = client.drain().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory_spec(side: DrainSide, messages: u64) -> DrainSpec {
+        DrainSpec {
+            backend: Backend::Memory,
+            endpoint: String::new(),
+            topic: "drain-test".into(),
+            partitions: 8,
+            side,
+            messages,
+            round: 0,
+            limit_secs: 60,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_bus_drains_the_whole_backlog() {
+        for kind in [PoolKind::Keyed, PoolKind::Actor] {
+            let d = run_drain(&memory_spec(DrainSide::Bus(kind), 2_000))
+                .await
+                .expect("the drain runs");
+            assert_eq!(d.backend, "memory");
+            assert_eq!(d.side, kind.as_str());
+            assert_eq!(d.consumed, 2_000, "{d:?}");
+            assert!(d.error.is_none(), "{d:?}");
+            assert!(d.throughput > 0.0, "{d:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_has_no_bare_loop() {
+        let e = run_drain(&memory_spec(DrainSide::Bare, 10))
+            .await
+            .expect_err("no bare client on memory");
+        assert!(e.contains("no bare client loop"), "{e}");
+    }
 }

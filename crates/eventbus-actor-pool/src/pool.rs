@@ -431,10 +431,7 @@ impl Pool for ActorPool {
         if shared.is_closing() || !self.supervisor_alive() {
             return;
         }
-        push_batch(jobs, shared.slots.len(), |route| {
-            let index = shared.index_of(route);
-            (index, shared.slots[index].queue())
-        });
+        push_batch(jobs, |route| shared.slot_of(route).queue());
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

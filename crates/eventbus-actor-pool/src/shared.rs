@@ -47,15 +47,11 @@ impl Shared {
 
     /// The slot serving `route`: [`slot`]`(route, size)`.
     pub(crate) fn slot_of(&self, route: u64) -> &Slot {
-        &self.slots[self.index_of(route)]
-    }
-
-    /// The index of `route`'s slot.
-    pub(crate) fn index_of(&self, route: u64) -> usize {
-        match self.mask {
+        let index = match self.mask {
             Some(mask) => (route & mask) as usize,
             None => slot(route, self.slots.len()),
-        }
+        };
+        &self.slots[index]
     }
 
     /// A job popped from `slot` ran to an outcome of `kind`.

@@ -2,7 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::{peek_aggregate_id, validate_aggregate_id, Envelope};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use crate::envelope::{peek_id, validate_aggregate_id, Envelope};
 use crate::message::Message;
 
 /// Default header carrying the aggregate id.
@@ -62,20 +65,31 @@ impl AggregateIdConfig {
     /// `envelope` is the decoded body, when the caller has it; otherwise the body is
     /// peeked for an `aggregate_id` field. Ids that are empty or too long are skipped.
     pub fn extract(&self, msg: &Message, envelope: Option<&Envelope>) -> Option<String> {
+        self.find(msg, envelope).map(Cow::into_owned)
+    }
+
+    /// [`extract`](Self::extract) into a shared string, copying the id once.
+    pub(crate) fn extract_shared(
+        &self,
+        msg: &Message,
+        envelope: Option<&Envelope>,
+    ) -> Option<Arc<str>> {
+        self.find(msg, envelope).map(|id| Arc::from(&*id))
+    }
+
+    /// The id, borrowed from the message or the envelope where it can be.
+    fn find<'a>(&self, msg: &'a Message, envelope: Option<&'a Envelope>) -> Option<Cow<'a, str>> {
         for source in &self.chain {
             let found = match source {
                 IdSource::Envelope => match envelope {
-                    Some(e) => Some(e.aggregate_id.clone()),
-                    None => peek_aggregate_id(&msg.payload),
+                    Some(e) => Some(Cow::Borrowed(e.aggregate_id.as_str())),
+                    None => peek_id(&msg.payload),
                 },
                 IdSource::Header => msg
                     .headers
                     .get(&self.header)
-                    .map(|v| String::from_utf8_lossy(v).into_owned()),
-                IdSource::Key => msg
-                    .key
-                    .as_ref()
-                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                    .map(|v| String::from_utf8_lossy(v)),
+                IdSource::Key => msg.key.as_ref().map(|k| String::from_utf8_lossy(k)),
             };
             if let Some(id) = found {
                 if validate_aggregate_id(&id).is_ok() {

@@ -107,7 +107,65 @@ pub struct InFlight<T> {
     partition: i32,
     offset: i64,
     token: Option<T>,
-    fut: BoxFuture<'static, Disposition>,
+    fut: Finishing,
+}
+
+/// How an in-flight message comes to its disposition. The large variant is the
+/// common one: boxing its meta would cost the allocation it exists to avoid.
+#[allow(clippy::large_enum_variant)]
+enum Finishing {
+    /// Its job's outcome, settled when it arrives: at once, unless it must be
+    /// dead-lettered. No future of its own, so no allocation.
+    Outcome(OutcomeReceiver, Option<(Meta, Dispatcher)>),
+    /// Anything that waits (a dead letter being written, say).
+    Boxed(BoxFuture<'static, Disposition>),
+}
+
+/// An outcome settled at once, or what its dead letter needs: the message's meta,
+/// the failure and the calls made (moved, not boxed: it is handed on at once).
+#[allow(clippy::large_enum_variant)]
+enum Settled {
+    Now(Disposition),
+    DeadLetter(Meta, String, u32),
+}
+
+impl Finishing {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Disposition> {
+        loop {
+            match self {
+                Finishing::Boxed(fut) => return fut.as_mut().poll(cx),
+                Finishing::Outcome(rx, job) => {
+                    let received = futures::ready!(rx.poll_settling(cx));
+                    let (meta, dispatcher) = job.take().expect("polled after completion");
+                    // The job counts as unsettled in its scope until `settling`
+                    // drops, after the disposition is settled (a dead letter
+                    // written): a hand-over that waits for the scope to be idle
+                    // cannot give the message back meanwhile.
+                    let Ok((outcome, settling)) = received else {
+                        return Poll::Ready(Disposition::Abandoned);
+                    };
+                    match dispatcher.settle_now(outcome, meta) {
+                        Settled::Now(disposition) => {
+                            drop(settling);
+                            return Poll::Ready(disposition);
+                        }
+                        Settled::DeadLetter(meta, cause, attempts) => {
+                            *self = Finishing::Boxed(
+                                async move {
+                                    let (pool, submitted) = (meta.pool, meta.submitted);
+                                    let d = dispatcher.dead_letter(meta, cause, attempts).await;
+                                    dispatcher.finished(pool, submitted, d);
+                                    drop(settling);
+                                    d
+                                }
+                                .boxed(),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl<T> fmt::Debug for InFlight<T> {
@@ -137,7 +195,7 @@ impl<T> InFlight<T> {
             partition,
             offset,
             token: Some(token),
-            fut: std::future::ready(Disposition::Abandoned).boxed(),
+            fut: Finishing::Boxed(std::future::ready(Disposition::Abandoned).boxed()),
         }
     }
 }
@@ -145,7 +203,7 @@ impl<T> InFlight<T> {
 impl<T: Unpin> Future for InFlight<T> {
     type Output = Completion<T>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T>> {
-        let disposition = futures::ready!(self.fut.as_mut().poll(cx));
+        let disposition = futures::ready!(self.fut.poll(cx));
         Poll::Ready(Completion {
             partition: self.partition,
             offset: self.offset,
@@ -671,14 +729,13 @@ impl Dispatcher {
         self.inner.metrics.pool(pool).sent.increment(n);
     }
 
-    fn finishing(&self, rx: OutcomeReceiver, meta: Meta) -> BoxFuture<'static, Disposition> {
-        let this = self.clone();
-        async move { this.finish(rx, meta).await }.boxed()
+    fn finishing(&self, rx: OutcomeReceiver, meta: Meta) -> Finishing {
+        Finishing::Outcome(rx, Some((meta, self.clone())))
     }
 
-    fn poisoned(&self, meta: Meta, error: String) -> BoxFuture<'static, Disposition> {
+    fn poisoned(&self, meta: Meta, error: String) -> Finishing {
         let this = self.clone();
-        async move { this.dead_letter(meta, error, 0).await }.boxed()
+        Finishing::Boxed(async move { this.dead_letter(meta, error, 0).await }.boxed())
     }
 
     /// Remember how old the message is (now minus its broker timestamp) for the
@@ -709,9 +766,8 @@ impl Dispatcher {
                 Ok(envelope) => {
                     let key: Arc<str> = sub
                         .ids
-                        .extract(&message, Some(&envelope))
-                        .unwrap_or_else(|| envelope.aggregate_id.clone())
-                        .into();
+                        .extract_shared(&message, Some(&envelope))
+                        .unwrap_or_else(|| Arc::from(envelope.aggregate_id.as_str()));
                     let route = stable_hash(key.as_bytes());
                     let mut meta =
                         Meta::new(JobClass::Envelope, Some(key.clone()), sub, &message, now);
@@ -753,7 +809,7 @@ impl Dispatcher {
                 }
             },
             SubscriptionHandler::Plain(handler) => {
-                let key: Option<Arc<str>> = sub.ids.extract(&message, None).map(Arc::from);
+                let key: Option<Arc<str>> = sub.ids.extract_shared(&message, None);
                 let route = match &key {
                     Some(k) => stable_hash(k.as_bytes()),
                     // No id: a round-robin number, through the stable hash so its

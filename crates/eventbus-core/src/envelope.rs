@@ -184,6 +184,11 @@ struct IdOnly<'a> {
 ///
 /// Returns `None` when the bytes are not a JSON object or have no valid id.
 pub fn peek_aggregate_id(bytes: &[u8]) -> Option<String> {
+    peek_id(bytes).map(Cow::into_owned)
+}
+
+/// [`peek_aggregate_id`], borrowing the id from `bytes` when it has no escapes.
+pub(crate) fn peek_id(bytes: &[u8]) -> Option<Cow<'_, str>> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
     if *first != b'{' {
         return None;
@@ -191,7 +196,7 @@ pub fn peek_aggregate_id(bytes: &[u8]) -> Option<String> {
     let id: IdOnly<'_> = serde_json::from_slice(bytes).ok()?;
     let id = id.aggregate_id?;
     validate_aggregate_id(&id).ok()?;
-    Some(id.into_owned())
+    Some(id)
 }
 
 #[cfg(test)]

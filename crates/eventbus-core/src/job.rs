@@ -151,10 +151,11 @@ impl OutcomeReceiver {
 
     /// The outcome with the job's place among its scope's unsettled jobs, to be
     /// dropped once the outcome is settled.
-    pub(crate) async fn settling(
-        self,
-    ) -> Result<(Outcome, Option<Settling>), oneshot::error::RecvError> {
-        self.rx.await
+    pub(crate) fn poll_settling(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(Outcome, Option<Settling>), oneshot::error::RecvError>> {
+        Pin::new(&mut self.rx).poll(cx)
     }
 }
 
@@ -573,44 +574,29 @@ impl JobQueue {
 }
 
 /// Queue a batch of jobs into their workers' queues, in order and without waiting:
-/// `queue_of(route)` names a job's queue (its index among `queues`, and the queue).
+/// `queue_of(route)` names a job's queue.
 ///
-/// Each job is queued if its queue has room now (and no submitter waits for it);
-/// the others stay in `jobs`, in order. Once a queue has left a job, the later jobs
-/// of that queue are left too, so what stays is, for every route, the tail of its
-/// jobs in the batch: submitting it again, in order, keeps each route's order.
+/// Jobs are queued while each finds room in its queue now (and no submitter waits
+/// for it there); from the first that does not, the rest of the batch stays in
+/// `jobs`, in order. So what was taken is a prefix of the batch: submitting the
+/// rest in order keeps every route's order, and a consumer that stops there has
+/// nothing taken above what it did not submit.
 ///
-/// Consumers are woken after the whole batch is queued, each at most once, instead
-/// of once per job.
-pub fn push_batch<'q>(
-    jobs: &mut Vec<Job>,
-    queues: usize,
-    queue_of: impl Fn(u64) -> (usize, &'q JobQueue),
-) {
-    let batch = std::mem::take(jobs);
+/// Consumers are woken after the batch is queued, each at most once, instead of
+/// once per job.
+pub fn push_batch<'q>(jobs: &mut Vec<Job>, queue_of: impl Fn(u64) -> &'q JobQueue) {
     let mut wake: Vec<Waker> = Vec::new();
-    // Queues that left a job: allocated at the first one.
-    let mut shut: Vec<bool> = Vec::new();
-    for job in batch {
-        let (index, queue) = queue_of(job.route());
-        if shut.get(index).copied().unwrap_or(false) {
-            jobs.push(job);
-            continue;
-        }
-        match queue.push_deferred(job, false) {
-            Ok(Some(worker)) => wake.push(worker),
-            Ok(None) => {}
+    let mut batch = std::mem::take(jobs).into_iter();
+    for job in batch.by_ref() {
+        match queue_of(job.route()).push_deferred(job, false) {
+            Ok(worker) => wake.extend(worker),
             Err(left) => {
-                if shut.is_empty() {
-                    shut = vec![false; queues];
-                }
-                if let Some(s) = shut.get_mut(index) {
-                    *s = true;
-                }
                 jobs.push(left.into_job());
+                break;
             }
         }
     }
+    jobs.extend(batch);
     for worker in wake {
         worker.wake();
     }
@@ -768,14 +754,16 @@ mod queue_tests {
     }
 
     #[tokio::test]
-    async fn a_batch_leaves_each_full_queue_s_tail_in_order() {
-        let queues = [JobQueue::new(2), JobQueue::new(3)];
+    async fn a_batch_stops_at_the_first_job_without_room() {
+        let queues = [JobQueue::new(2), JobQueue::new(8)];
         let mut jobs: Vec<Job> = (0..8).map(job).collect();
-        push_batch(&mut jobs, 2, |r| {
-            ((r % 2) as usize, &queues[(r % 2) as usize])
-        });
-        assert_eq!(routes(&jobs), [4, 6, 7], "the tails, in batch order");
-        for (q, expected) in queues.iter().zip([vec![0, 2], vec![1, 3, 5]]) {
+        push_batch(&mut jobs, |r| &queues[(r % 2) as usize]);
+        assert_eq!(
+            routes(&jobs),
+            [4, 5, 6, 7],
+            "the rest of the batch, in order"
+        );
+        for (q, expected) in queues.iter().zip([vec![0, 2], vec![1, 3]]) {
             let mut got = Vec::new();
             while let Some(j) = q.try_pop() {
                 got.push(j.route());
@@ -785,28 +773,23 @@ mod queue_tests {
     }
 
     #[tokio::test]
-    async fn a_queue_that_left_a_job_takes_no_later_job_of_the_batch() {
+    async fn a_batch_queues_nothing_past_a_queue_with_waiters_or_closed() {
         // A submitter waits for room in queue 0: newcomers queue behind it, so
-        // the batch leaves its first job there, and must leave every later one of
-        // that queue too, although the waiter's turn may come meanwhile.
+        // the batch stops at its first job there, though queue 1 has room.
         let queues = [JobQueue::new(1), JobQueue::new(8)];
         queues[0].try_push(job(100)).expect("room");
         let mut waiter = pin!(queues[0].push_timeout(job(102), Duration::from_secs(30)));
         assert!(futures::poll!(waiter.as_mut()).is_pending());
         assert_eq!(queues[0].try_pop().map(|j| j.route()), Some(100));
-        let mut jobs: Vec<Job> = [0, 1, 2, 3].into_iter().map(job).collect();
-        push_batch(&mut jobs, 2, |r| {
-            ((r % 2) as usize, &queues[(r % 2) as usize])
-        });
-        assert_eq!(routes(&jobs), [0, 2]);
+        let mut jobs: Vec<Job> = [1, 0, 3, 2].into_iter().map(job).collect();
+        push_batch(&mut jobs, |r| &queues[(r % 2) as usize]);
+        assert_eq!(routes(&jobs), [0, 3, 2]);
         assert_eq!(route(waiter.await), ("ok", 0));
-        assert_eq!(queues[1].len(), 2);
+        assert_eq!(queues[1].len(), 1);
         queues[0].close();
-        let mut closed: Vec<Job> = [4, 5].into_iter().map(job).collect();
-        push_batch(&mut closed, 2, |r| {
-            ((r % 2) as usize, &queues[(r % 2) as usize])
-        });
-        assert_eq!(routes(&closed), [4], "a closed queue leaves its jobs");
+        let mut closed: Vec<Job> = [5, 4, 7].into_iter().map(job).collect();
+        push_batch(&mut closed, |r| &queues[(r % 2) as usize]);
+        assert_eq!(routes(&closed), [4, 7], "a closed queue stops the batch");
     }
 
     #[tokio::test]
@@ -826,7 +809,7 @@ mod queue_tests {
             .poll(&mut Context::from_waker(&waker))
             .is_pending());
         let mut jobs: Vec<Job> = (0..10).map(job).collect();
-        push_batch(&mut jobs, 1, |_| (0, &q));
+        push_batch(&mut jobs, |_| &q);
         assert!(jobs.is_empty());
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(q.len(), 10);

@@ -137,14 +137,14 @@ pub trait Pool: Send + Sync + fmt::Debug + 'static {
     /// future is first polled; the future then only reports that it was accepted.
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>>;
 
-    /// Queue, in order and without waiting, each job of `jobs` whose worker has room
-    /// now; the jobs not taken stay in `jobs`, in order, for the caller to
-    /// [`submit`](Pool::submit) one by one (which waits for room, or says why not).
+    /// Queue jobs of `jobs` in order, without waiting, while each finds room; from
+    /// the first that does not, the rest stays in `jobs`, in order, for the caller
+    /// to [`submit`](Pool::submit) one by one (which waits for room, or says why
+    /// not). What a pool takes is always a prefix of the batch, so a caller that
+    /// stops short has nothing taken above what it did not submit.
     ///
-    /// A job is never taken after an earlier job of its route in the batch was left,
-    /// so what stays is, for every route, the tail of its jobs: submitting it in order
-    /// keeps each route's order. A pool wakes each worker at most once per call
-    /// (see [`push_batch`](crate::raw::push_batch)). The default takes none.
+    /// A pool wakes each worker at most once per call (see
+    /// [`push_batch`](crate::raw::push_batch)). The default takes none.
     fn submit_batch(&self, jobs: &mut Vec<Job>) {
         let _ = jobs;
     }

@@ -229,10 +229,7 @@ impl Pool for KeyedWorkerPool {
         if self.is_closed() {
             return;
         }
-        push_batch(jobs, self.queues.len(), |route| {
-            let index = self.worker_of(route);
-            (index, &*self.queues[index])
-        });
+        push_batch(jobs, |route| &*self.queues[self.worker_of(route)]);
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

@@ -396,35 +396,43 @@ impl Pool for PoolSwitch {
         self.submit_job(job)
     }
 
-    /// Pins each job's cell and hands each side its share of the batch in one call.
-    /// A route's jobs share a cell, so they all go to one side; the jobs a side
-    /// leaves release their cells and stay in `jobs`, keyed side's first (each
-    /// route's jobs stay in order, which is all the contract promises).
+    /// Pins each job's cell and hands the batch to the sides in runs of consecutive
+    /// jobs of one side, one call a run; at the first run a side does not take
+    /// whole, the rest of the batch stays in `jobs` (releasing the cells of the
+    /// pinned jobs among it), so what is taken is a prefix of the batch.
     fn submit_batch(&self, jobs: &mut Vec<Job>) {
-        let mut actor = Vec::new();
-        let mut keyed = Vec::with_capacity(jobs.len());
-        for mut job in jobs.drain(..) {
+        let mut batch = std::mem::take(jobs).into_iter();
+        let mut run: Vec<Job> = Vec::new();
+        let mut run_side = Side::Keyed;
+        let mut stopped = false;
+        for mut job in batch.by_ref() {
             let route = job.route();
             let cell = cell_of(route);
             let side = self.pins.pin(cell, || self.side_for(route));
             job.set_done_hook(self.pins.done_hook(cell));
-            match side {
-                Side::Keyed => keyed.push(job),
-                Side::Actor => actor.push(job),
+            if side != run_side && !run.is_empty() {
+                self.pool(run_side).submit_batch(&mut run);
+                if !run.is_empty() {
+                    // Left short: this job and the rest stay.
+                    run.push(job);
+                    stopped = true;
+                    break;
+                }
             }
+            run_side = side;
+            run.push(job);
         }
-        if !keyed.is_empty() {
-            self.keyed.submit_batch(&mut keyed);
+        if !stopped && !run.is_empty() {
+            self.pool(run_side).submit_batch(&mut run);
         }
-        if !actor.is_empty() {
-            self.actor.submit_batch(&mut actor);
-        }
-        for mut job in keyed.into_iter().chain(actor) {
-            if let Some(done) = job.take_done_hook() {
+        // What is left of the last run submitted, then the rest of the batch.
+        for mut left in run {
+            if let Some(done) = left.take_done_hook() {
                 done.call(None);
             }
-            jobs.push(job);
+            jobs.push(left);
         }
+        jobs.extend(batch);
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

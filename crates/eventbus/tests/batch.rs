@@ -251,3 +251,48 @@ async fn a_stopped_consumer_s_batch_reaches_no_pool_and_is_all_abandoned() {
     assert_eq!(rig.dispatcher.stats().submitted, 0);
     pool.close(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_the_batch_waits_for_room_leaves_nothing_handled_above_a_gap() {
+    // Keys on both workers: the pool must not take a later message of a worker
+    // with room once an earlier one found none, or a clean stop would handle a
+    // message above one it never submitted (and could not commit past the gap).
+    for (name, factory) in [
+        ("keyed", keyed_pools()),
+        ("actor", actor_pools()),
+        ("switch at 50%", switched_pools(50)),
+    ] {
+        let pool = factory(tight()).await;
+        let rig = Rig::new(pool.clone());
+        let scope = Scope::new();
+        let stop = CancellationToken::new();
+        let mut out = Vec::new();
+        let submit =
+            rig.dispatcher
+                .submit_batch(&rig.sub, rig.messages(40, 7, &scope), &stop, &mut out);
+        let halt = async {
+            until_refused(&pool).await;
+            stop.cancel();
+        };
+        let (submitted, ()) = tokio::join!(submit, halt);
+        let e = submitted.expect_err(&format!("{name}: a stopped batch stops short"));
+        assert_eq!(e.kind(), ErrorKind::Closed, "{name}: {e}");
+        rig.gate.add_permits(1_000);
+        let got = dispositions(out).await;
+        let first_gap = got
+            .iter()
+            .find(|(_, d)| *d != Disposition::Handled)
+            .map(|(o, _)| *o)
+            .expect("something was left unsubmitted");
+        for (offset, d) in &got {
+            if *offset > first_gap {
+                assert_eq!(
+                    *d,
+                    Disposition::Abandoned,
+                    "{name}: offset {offset} above the gap at {first_gap}"
+                );
+            }
+        }
+        pool.close(Duration::from_secs(5)).await;
+    }
+}

@@ -151,31 +151,12 @@ impl Dispatcher {
         .boxed()
     }
 
-    pub(super) async fn finish(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
-        let (pool, submitted) = (meta.pool, meta.submitted);
-        let disposition = self.settle(rx, meta).await;
-        if disposition != Disposition::Abandoned {
-            self.inner
-                .metrics
-                .pool(pool)
-                .message_duration
-                .record(submitted.elapsed().as_secs_f64());
-        }
-        disposition
-    }
-
-    pub(super) async fn settle(&self, rx: OutcomeReceiver, meta: Meta) -> Disposition {
-        // The job counts as unsettled in its scope until `_settling` drops, after
-        // the disposition is settled (a dead letter written): a hand-over that waits
-        // for the scope to be idle cannot give the message back meanwhile.
-        let (outcome, _settling) = match rx.settling().await {
-            Ok(o) => o,
-            Err(_) => return Disposition::Abandoned,
-        };
+    /// Settle `outcome` of the message of `meta` where it needs no wait.
+    pub(super) fn settle_now(&self, outcome: Outcome, meta: Meta) -> Settled {
         let inner = &self.inner;
         let metrics = inner.metrics.pool(meta.pool);
-        match outcome {
-            Outcome::Abandoned { .. } => Disposition::Abandoned,
+        let disposition = match outcome {
+            Outcome::Abandoned { .. } => return Settled::Now(Disposition::Abandoned),
             Outcome::Handled { .. } => {
                 inner.counters.handled.fetch_add(1, Ordering::Relaxed);
                 metrics.ok.increment(1);
@@ -195,8 +176,29 @@ impl Dispatcher {
                         error = %cause, "plain handler failed; message acknowledged (at-most-once)");
                     Disposition::Dropped
                 }
-                JobClass::Envelope => self.dead_letter(meta, cause.to_string(), attempts).await,
+                JobClass::Envelope => {
+                    return Settled::DeadLetter(meta, cause.to_string(), attempts)
+                }
             },
+        };
+        self.finished(meta.pool, meta.submitted, disposition);
+        Settled::Now(disposition)
+    }
+
+    /// A message submitted to `pool` at `submitted` ended `disposition`: record how
+    /// long it took.
+    pub(super) fn finished(
+        &self,
+        pool: &'static str,
+        submitted: Instant,
+        disposition: Disposition,
+    ) {
+        if disposition != Disposition::Abandoned {
+            self.inner
+                .metrics
+                .pool(pool)
+                .message_duration
+                .record(submitted.elapsed().as_secs_f64());
         }
     }
 

@@ -329,11 +329,30 @@ impl ConsumeLoop {
                 Step::Control(Some(c)) => self.on_control(c),
                 Step::Control(None) => {}
                 Step::Event(Some(FetchEvent::Messages(batch, permit))) => {
-                    for m in batch {
+                    let mut batch = batch.into_iter().peekable();
+                    while let Some(m) = batch.next() {
                         if self.stop.is_cancelled() {
                             break;
                         }
-                        self.on_message(m).await;
+                        // A run of one partition's messages that has room now
+                        // goes to the pool as one batch; anything else takes
+                        // the one-message path (wait for room, park, pause).
+                        let room = self.room_now(&m.topic, m.partition);
+                        if room == 0 {
+                            self.on_message(m).await;
+                            continue;
+                        }
+                        let mut run = vec![m];
+                        while run.len() < room {
+                            match batch.next_if(|n| {
+                                n.partition == run[0].partition && n.topic == run[0].topic
+                            }) {
+                                Some(n) => run.push(n),
+                                None => break,
+                            }
+                        }
+                        let topic = run[0].topic.clone();
+                        self.admit_run(topic, run).await;
                     }
                     // The batch counts against the fetch buffer until handled, so
                     // what a pause leaves to park stays within the buffer.
@@ -741,76 +760,119 @@ impl ConsumeLoop {
     /// Reserve an in-flight permit, submit, and track the message. Completions keep
     /// being processed while waiting.
     async fn admit(&mut self, topic: Arc<str>, msg: Message) {
-        let p = msg.partition;
-        let Some((sub, reserve)) = self
-            .topics
-            .get(&*topic)
-            .map(|ts| (ts.sub.clone(), ts.set.reserve()))
-        else {
-            return;
-        };
+        self.admit_run(topic, vec![msg]).await;
+    }
+
+    /// How many messages of `topic`/`p` can go to the pool at once now: its room
+    /// when it is owned, neither paused nor parking, and the pool takes work; 0
+    /// otherwise (then each message takes [`on_message`](Self::on_message)'s path).
+    fn room_now(&self, topic: &str, p: i32) -> usize {
+        if self.pool_closed.load(Ordering::Acquire) {
+            return 0;
+        }
+        match self.topics.get(topic) {
+            Some(ts) if !ts.paused.contains(&p) && !ts.parked.contains_key(&p) => ts.set.room(p),
+            _ => 0,
+        }
+    }
+
+    /// Wait for a permit of the shared in-flight bound, settling completions
+    /// meanwhile; `None` when the loop stops.
+    async fn permit(&mut self, topic: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let reserve = self.topics.get(topic)?.set.reserve();
         let mut reserve = pin!(reserve);
-        let permit = loop {
+        loop {
             let r = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => return,
+                _ = self.stop.cancelled() => return None,
                 permit = &mut reserve => Ok(permit),
                 s = next_settled(&mut self.topics, &mut self.rotate) => Err(s),
             };
             match r {
-                Ok(Ok(permit)) => break permit,
-                Ok(Err(_)) => return,
+                Ok(permit) => return permit.ok(),
                 Err((t, s)) => self.on_settled(&t, s),
             }
+        }
+    }
+
+    /// Submit `run`, consecutive messages of one partition of `topic` in fetch
+    /// order, as one batch ([`Dispatcher::submit_batch`]), and track them. Each
+    /// takes a permit of the shared bound (waited for, settling completions, when
+    /// none is free).
+    async fn admit_run(&mut self, topic: Arc<str>, run: Vec<Message>) {
+        let Some(p) = run.first().map(|m| m.partition) else {
+            return;
         };
-        let offset = msg.offset;
-        let ticket = match self
-            .topics
-            .get_mut(&*topic)
-            .map(|ts| ts.set.begin(p, offset))
-        {
-            Some(Ok(ticket)) => ticket,
-            Some(Err(e)) => {
-                tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
-                return;
+        let Some(sub) = self.topics.get(&*topic).map(|ts| ts.sub.clone()) else {
+            return;
+        };
+        let mut permits = Vec::with_capacity(run.len());
+        let mut tickets = Vec::with_capacity(run.len());
+        let mut messages = Vec::with_capacity(run.len());
+        for msg in run {
+            let free = self.topics.get(&*topic).and_then(|ts| ts.set.try_reserve());
+            let permit = match free {
+                Some(permit) => permit,
+                None => match self.permit(&topic).await {
+                    Some(permit) => permit,
+                    None => break,
+                },
+            };
+            let ticket = match self
+                .topics
+                .get_mut(&*topic)
+                .map(|ts| ts.set.begin(p, msg.offset))
+            {
+                Some(Ok(ticket)) => ticket,
+                Some(Err(e)) => {
+                    tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
+                    break;
+                }
+                None => break,
+            };
+            if ticket.rewound_from().is_some() {
+                self.on_rewind(&topic, p);
             }
-            None => return,
-        };
-        if ticket.rewound_from().is_some() {
-            self.on_rewind(&topic, p);
+            messages.push((msg, (), ticket.epoch().clone()));
+            tickets.push(ticket);
+            permits.push(permit);
+        }
+        if tickets.is_empty() {
+            return;
         }
         let dispatcher = self.dispatcher.clone();
-        let (epoch, stop) = (ticket.epoch().clone(), self.stop.clone());
-        let mut submit = pin!(dispatcher.submit(&sub, msg, (), &epoch, &stop));
-        let submitted = loop {
-            let r = tokio::select! {
-                biased;
-                r = &mut submit => Ok(r),
-                s = next_settled(&mut self.topics, &mut self.rotate) => Err(s),
-            };
-            match r {
-                Ok(r) => break r,
-                Err((t, s)) => self.on_settled(&t, s),
+        let stop = self.stop.clone();
+        let mut inflights = Vec::with_capacity(tickets.len());
+        let submitted = {
+            let mut submit = pin!(dispatcher.submit_batch(&sub, messages, &stop, &mut inflights));
+            loop {
+                let r = tokio::select! {
+                    biased;
+                    r = &mut submit => Ok(r),
+                    s = next_settled(&mut self.topics, &mut self.rotate) => Err(s),
+                };
+                match r {
+                    Ok(r) => break r,
+                    Err((t, s)) => self.on_settled(&t, s),
+                }
             }
         };
         let Some(ts) = self.topics.get_mut(&*topic) else {
             return;
         };
-        match submitted {
-            Ok(inflight) => {
-                if let Err(e) = ts.set.push(ticket, inflight, permit) {
-                    tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
-                }
+        // Every message has its in-flight entry: those not submitted resolve
+        // abandoned, so no watermark passes them; they and what follows are
+        // redelivered.
+        for ((ticket, inflight), permit) in tickets.into_iter().zip(inflights).zip(permits) {
+            if let Err(e) = ts.set.push(ticket, inflight, permit) {
+                tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
             }
-            Err(e) => {
-                // Tracked but not finished, so no watermark passes it: it and what
-                // follows are redelivered.
-                ts.set.give_up(ticket);
-                if e.kind() == ErrorKind::Closed && !self.stop.is_cancelled() {
-                    tracing::error!(%topic, partition = p, error = %e,
-                        "pool refuses work; consumption halted, nothing more is committed");
-                    self.pool_closed.store(true, Ordering::Release);
-                }
+        }
+        if let Err(e) = submitted {
+            if e.kind() == ErrorKind::Closed && !self.stop.is_cancelled() {
+                tracing::error!(%topic, partition = p, error = %e,
+                    "pool refuses work; consumption halted, nothing more is committed");
+                self.pool_closed.store(true, Ordering::Release);
             }
         }
     }

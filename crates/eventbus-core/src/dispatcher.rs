@@ -119,6 +119,8 @@ enum Finishing {
     Outcome(OutcomeReceiver, Option<(Meta, Dispatcher)>),
     /// Anything that waits (a dead letter being written, say).
     Boxed(BoxFuture<'static, Disposition>),
+    /// Not submitted (see [`Dispatcher::submit_batch`]): abandoned.
+    NotSubmitted,
 }
 
 /// An outcome settled at once, or what its dead letter needs: the message's meta,
@@ -133,6 +135,7 @@ impl Finishing {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Disposition> {
         loop {
             match self {
+                Finishing::NotSubmitted => return Poll::Ready(Disposition::Abandoned),
                 Finishing::Boxed(fut) => return fut.as_mut().poll(cx),
                 Finishing::Outcome(rx, job) => {
                     let received = futures::ready!(rx.poll_settling(cx));
@@ -190,12 +193,31 @@ impl<T> InFlight<T> {
 
 impl<T> InFlight<T> {
     /// A message that was not submitted: it resolves [`Disposition::Abandoned`].
-    fn abandoned(partition: i32, offset: i64, token: T) -> Self {
+    fn abandoned(partition: i32, offset: i64, token: Option<T>) -> Self {
         Self {
             partition,
             offset,
-            token: Some(token),
-            fut: Finishing::Boxed(std::future::ready(Disposition::Abandoned).boxed()),
+            token,
+            fut: Finishing::NotSubmitted,
+        }
+    }
+
+    /// Whether the message was submitted. An entry [`Dispatcher::submit_batch`]
+    /// made for a message it did not submit is not, and resolves
+    /// [`Disposition::Abandoned`] at once: a consumer treats it as a failed
+    /// [`Dispatcher::submit`] (gives the message back, or leaves it for
+    /// redelivery).
+    pub fn submitted(&self) -> bool {
+        !matches!(self.fut, Finishing::NotSubmitted)
+    }
+}
+
+/// Turn the entries of `out` from `from` on into entries of messages not submitted:
+/// their jobs were never queued, and nothing else of theirs (a dead letter) may run.
+fn abandon_from<T>(out: &mut [InFlight<T>], from: usize) {
+    for entry in out.iter_mut().skip(from) {
+        if entry.submitted() {
+            *entry = InFlight::abandoned(entry.partition, entry.offset, entry.token.take());
         }
     }
 }
@@ -388,12 +410,15 @@ impl Now {
 #[derive(Default)]
 struct Batch {
     jobs: Vec<Job>,
+    /// Where each job's message is in the caller's in-flight entries.
+    slots: Vec<usize>,
     sent: Vec<(&'static str, u64)>,
 }
 
 impl Batch {
-    fn push(&mut self, job: Job, pool: &'static str) {
+    fn push(&mut self, job: Job, pool: &'static str, slot: usize) {
         self.jobs.push(job);
+        self.slots.push(slot);
         match self.sent.iter_mut().find(|(p, _)| *p == pool) {
             Some((_, n)) => *n += 1,
             None => self.sent.push((pool, 1)),
@@ -595,15 +620,18 @@ impl Dispatcher {
     /// Submit consumed messages of one subscription, in delivery order, each with
     /// its token and the epoch it was consumed under: each as [`submit`] would, but
     /// the pool takes the batch in one call ([`Pool::submit_batch`], waking each
-    /// worker at most once), and only the jobs it had no room for then wait for
-    /// room, one by one in order. A rate-limited subscription submits one at a time.
+    /// worker at most once), and from the first job it has no room for on, the
+    /// jobs wait for room one by one, in order. A rate-limited subscription
+    /// submits one at a time.
     ///
     /// Every message gets its [`InFlight`], pushed to `out` in order. When the
     /// submission stops short (the pool closed, `stop` cancelled, or a message's
-    /// scope fenced before the pool took its job) the error says why, and the
-    /// messages not taken resolve [`Disposition::Abandoned`]: not acknowledged,
-    /// delivered again. So do the later messages of their routes, so a route's
-    /// handling order holds.
+    /// scope fenced before the pool took its job) the error says why, and from the
+    /// first message not submitted on, none of the batch is: their entries are not
+    /// [`submitted`](InFlight::submitted) and resolve [`Disposition::Abandoned`]
+    /// (the consumer gives them back or leaves them for redelivery, as after a
+    /// failed [`submit`]). As with [`submit`], nothing is submitted above a message
+    /// that was not, so a clean stop leaves nothing handled above what it commits.
     ///
     /// [`submit`]: Dispatcher::submit
     pub async fn submit_batch<T: Send + Unpin + 'static>(
@@ -624,7 +652,7 @@ impl Dispatcher {
                 if sub.limiter.is_some() {
                     // One at a time: the limiter's wait must not hold back jobs
                     // already prepared, and the clocks are read after it.
-                    failed = self.submit_jobs(&mut batch, stop).await.err();
+                    failed = self.submit_jobs(&mut batch, stop, out).await.err();
                     if failed.is_none() {
                         failed = self.admit(sub, &epoch, stop).await.err();
                         now = Now::new();
@@ -635,13 +663,13 @@ impl Dispatcher {
                 }
             }
             if failed.is_some() {
-                out.push(InFlight::abandoned(partition, offset, token));
+                out.push(InFlight::abandoned(partition, offset, Some(token)));
                 continue;
             }
             let fut =
                 match self.prepare_message(sub, self.stamp(message, &now), &epoch, now.instant) {
                     Prepared::Job(job, rx, meta) => {
-                        batch.push(job.fenced_by(epoch, offset), meta.pool);
+                        batch.push(job.fenced_by(epoch, offset), meta.pool, out.len());
                         self.finishing(rx, meta)
                     }
                     Prepared::Poison(meta, error) => self.poisoned(meta, error),
@@ -653,36 +681,45 @@ impl Dispatcher {
                 fut,
             });
         }
-        let flushed = self.submit_jobs(&mut batch, stop).await;
+        let flushed = self.submit_jobs(&mut batch, stop, out).await;
         match failed {
             Some(e) => Err(e),
             None => flushed,
         }
     }
 
-    /// Submit the jobs of `batch`: what the pool takes at once, then the rest one
-    /// by one, waiting for room. At the first that cannot be submitted the rest are
-    /// dropped (their messages resolve abandoned) and the error returned.
-    async fn submit_jobs(&self, batch: &mut Batch, stop: &CancellationToken) -> Result<()> {
+    /// Submit the jobs of `batch`: what the pool takes at once (a prefix), then
+    /// the rest one by one, waiting for room. At the first that cannot be
+    /// submitted, it and every later entry of `out` become entries of messages not
+    /// submitted, and the error is returned.
+    async fn submit_jobs<T>(
+        &self,
+        batch: &mut Batch,
+        stop: &CancellationToken,
+        out: &mut [InFlight<T>],
+    ) -> Result<()> {
         if batch.jobs.is_empty() {
             return Ok(());
         }
+        let total = batch.jobs.len();
         if !stop.is_cancelled() {
             self.inner.pool.submit_batch(&mut batch.jobs);
         }
+        let taken = total - batch.jobs.len();
         let mut result = Ok(());
-        for job in std::mem::take(&mut batch.jobs) {
+        for (k, job) in std::mem::take(&mut batch.jobs).into_iter().enumerate() {
+            let pool = self.inner.pool.kind_for(job.route());
             if result.is_err() {
-                batch.unsent(self.inner.pool.kind_for(job.route()));
+                batch.unsent(pool);
                 continue;
             }
-            let route = job.route();
-            let pool = self.inner.pool.kind_for(route);
             if let Err(e) = self.submit_waiting(job, pool, stop).await {
                 batch.unsent(pool);
+                abandon_from(out, batch.slots[taken + k]);
                 result = Err(e);
             }
         }
+        batch.slots.clear();
         for (pool, n) in batch.sent.drain(..) {
             self.count_sent(pool, n);
         }

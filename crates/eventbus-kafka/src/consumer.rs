@@ -860,10 +860,14 @@ impl ConsumeLoop {
         let Some(ts) = self.topics.get_mut(&*topic) else {
             return;
         };
-        // Every message has its in-flight entry: those not submitted resolve
-        // abandoned, so no watermark passes them; they and what follows are
-        // redelivered.
+        // Every message has its in-flight entry. One not submitted is given up:
+        // tracked but not finished, so no watermark passes it; it and what
+        // follows are redelivered.
         for ((ticket, inflight), permit) in tickets.into_iter().zip(inflights).zip(permits) {
+            if !inflight.submitted() {
+                ts.set.give_up(ticket);
+                continue;
+            }
             if let Err(e) = ts.set.push(ticket, inflight, permit) {
                 tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
             }

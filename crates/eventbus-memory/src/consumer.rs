@@ -105,11 +105,15 @@ impl ConsumeLoop {
                         .dispatcher
                         .submit_batch(&self.sub, messages, &self.cancel, &mut inflights)
                         .await;
-                    // Every message has its in-flight entry, submitted or abandoned
-                    // (then not committed, delivered again).
+                    // Every message has its in-flight entry; one not submitted is
+                    // given up (not committed, delivered again).
                     for ((ticket, inflight), permit) in
                         tickets.into_iter().zip(inflights).zip(permits)
                     {
+                        if !inflight.submitted() {
+                            self.set.give_up(ticket);
+                            continue;
+                        }
                         if let Err(e) = self.set.push(ticket, inflight, permit) {
                             tracing::error!(error = %e, "in-flight tracking refused a message");
                             break 'consume;

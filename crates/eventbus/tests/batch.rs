@@ -93,12 +93,32 @@ async fn until_refused(pool: &Arc<dyn Pool>) {
 async fn dispositions(out: Vec<InFlight<()>>) -> Vec<(i64, Disposition)> {
     let mut got = Vec::new();
     for f in out {
+        let submitted = f.submitted();
         let c = tokio::time::timeout(WAIT, f)
             .await
             .expect("every message of the batch completes");
+        if !submitted {
+            assert_eq!(
+                c.disposition,
+                Disposition::Abandoned,
+                "offset {} was not submitted",
+                c.offset
+            );
+        }
         got.push((c.offset, c.disposition));
     }
     got
+}
+
+/// The offset of the first entry of `out` not submitted; every later one is not
+/// submitted either.
+fn first_not_submitted(out: &[InFlight<()>]) -> Option<i64> {
+    let first = out.iter().position(|f| !f.submitted())?;
+    assert!(
+        out[first..].iter().all(|f| !f.submitted()),
+        "a message submitted above one that was not"
+    );
+    Some(out[first].offset())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,6 +185,11 @@ async fn a_fence_while_the_batch_waits_for_room_abandons_what_the_pool_did_not_t
         let (submitted, ()) = tokio::join!(submit, fence);
         let e = submitted.expect_err(&format!("{name}: a fenced batch stops short"));
         assert_eq!(e.kind(), ErrorKind::Fenced, "{name}: {e}");
+        let gap = first_not_submitted(&out).expect("a message left unsubmitted");
+        assert!(
+            gap <= 3,
+            "{name}: one worker holds at most 3 jobs, first not submitted {gap}"
+        );
         assert_eq!(out.len(), 10, "{name}: one in-flight entry per message");
         rig.gate.add_permits(1_000);
         let got = dispositions(out).await;
@@ -243,6 +268,7 @@ async fn a_stopped_consumer_s_batch_reaches_no_pool_and_is_all_abandoned() {
         .await
         .expect_err("a stopped consumer submits nothing");
     assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    assert_eq!(first_not_submitted(&out), Some(0));
     rig.gate.add_permits(100);
     for (offset, d) in dispositions(out).await {
         assert_eq!(d, Disposition::Abandoned, "offset {offset}");
@@ -277,21 +303,19 @@ async fn a_stop_while_the_batch_waits_for_room_leaves_nothing_handled_above_a_ga
         let (submitted, ()) = tokio::join!(submit, halt);
         let e = submitted.expect_err(&format!("{name}: a stopped batch stops short"));
         assert_eq!(e.kind(), ErrorKind::Closed, "{name}: {e}");
+        let gap = first_not_submitted(&out).expect("a message left unsubmitted");
         rig.gate.add_permits(1_000);
         let got = dispositions(out).await;
-        let first_gap = got
-            .iter()
-            .find(|(_, d)| *d != Disposition::Handled)
-            .map(|(o, _)| *o)
-            .expect("something was left unsubmitted");
         for (offset, d) in &got {
-            if *offset > first_gap {
-                assert_eq!(
-                    *d,
-                    Disposition::Abandoned,
-                    "{name}: offset {offset} above the gap at {first_gap}"
-                );
-            }
+            let expected = if *offset < gap {
+                Disposition::Handled
+            } else {
+                Disposition::Abandoned
+            };
+            assert_eq!(
+                *d, expected,
+                "{name}: offset {offset}, first not submitted {gap}"
+            );
         }
         pool.close(Duration::from_secs(5)).await;
     }

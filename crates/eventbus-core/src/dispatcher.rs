@@ -212,6 +212,14 @@ impl<T> InFlight<T> {
     }
 }
 
+/// Resolves when the scope of `epoch` is fenced; never without an epoch.
+async fn fence_of(epoch: Option<&Epoch>) {
+    match epoch {
+        Some(epoch) => epoch.scope().cancellation().cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Turn the entries of `out` from `from` on into entries of messages not submitted:
 /// their jobs were never queued, and nothing else of theirs (a dead letter) may run.
 fn abandon_from<T>(out: &mut [InFlight<T>], from: usize) {
@@ -894,7 +902,18 @@ impl Dispatcher {
                     "consumer stopping; message left for redelivery",
                 ));
             }
-            match self.inner.pool.submit(job).await {
+            // A stop or fence while the pool waits for room ends the wait: the job
+            // is dropped with the pool's submission, never queued.
+            let epoch = job.epoch().cloned();
+            let submitted = tokio::select! {
+                biased;
+                r = self.inner.pool.submit(job) => r,
+                _ = stop.cancelled() => {
+                    return Err(Error::closed("consumer stopping; message left for redelivery"));
+                }
+                _ = fence_of(epoch.as_ref()) => return Err(fenced()),
+            };
+            match submitted {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == SubmitErrorKind::Closed => {
                     return Err(Error::closed("pool is closed; message left for redelivery"));
@@ -903,16 +922,9 @@ impl Dispatcher {
                     tracing::debug!(kind = ?e.kind(), "pool refused a job; retrying submission");
                     self.inner.metrics.pool(pool).submit_retries.increment(1);
                     job = e.into_job();
-                    let fenced = job.epoch().map(|e| e.scope().cancellation());
-                    let fenced = async {
-                        match fenced {
-                            Some(token) => token.cancelled().await,
-                            None => std::future::pending().await,
-                        }
-                    };
                     tokio::select! {
                         _ = stop.cancelled() => {}
-                        _ = fenced => {}
+                        _ = fence_of(epoch.as_ref()) => {}
                         _ = tokio::time::sleep(pause) => {}
                     }
                     pause = (pause * 2).min(Duration::from_millis(200));

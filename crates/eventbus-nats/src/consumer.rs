@@ -191,8 +191,40 @@ enum TurnEnd {
     Reconnected,
 }
 
-type Submitting = BoxFuture<'static, (u64, Result<InFlight<u64>>, OwnedSemaphorePermit)>;
-type Settling = BoxFuture<'static, (Completion<u64>, OwnedSemaphorePermit)>;
+type Submitting = BoxFuture<'static, Submitted>;
+
+/// Messages of one turn submitted to the pool at once, at most.
+const SUBMIT_BATCH: usize = 64;
+
+/// A batch submission done: each message's entry (see
+/// [`InFlight::submitted`]) with its permit, and why the batch stopped short.
+struct Submitted {
+    inflights: Vec<InFlight<u64>>,
+    permits: Vec<OwnedSemaphorePermit>,
+    result: Result<()>,
+}
+
+/// A submitted message until it settles, holding its permit.
+struct Settling {
+    inflight: InFlight<u64>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Future for Settling {
+    type Output = (Completion<u64>, OwnedSemaphorePermit);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let completion = futures::ready!(std::pin::Pin::new(&mut self.inflight).poll(cx));
+        let permit = self
+            .permit
+            .take()
+            .expect("Settling polled after completion");
+        std::task::Poll::Ready((completion, permit))
+    }
+}
 
 impl JsLoop {
     /// Wait for the lease, consume while holding it, and wait again if it is lost,
@@ -434,15 +466,30 @@ impl JsLoop {
         turn.finish().await
     }
 
-    fn submit(&self, msg: Message, permit: OwnedSemaphorePermit, scope: &Scope) -> Submitting {
+    /// Submit `batch` (fetched messages in stream order, each with its permit) as
+    /// one batch under `scope`.
+    fn submit(&self, batch: Vec<(Message, OwnedSemaphorePermit)>, scope: &Scope) -> Submitting {
         let dispatcher = self.dispatcher.clone();
         let prepared = self.prepared.clone();
         let stop = self.stop.clone();
         let epoch = scope.current();
-        let seq = msg.offset as u64;
         async move {
-            let r = dispatcher.submit(&prepared, msg, seq, &epoch, &stop).await;
-            (seq, r, permit)
+            let mut permits = Vec::with_capacity(batch.len());
+            let mut messages = Vec::with_capacity(batch.len());
+            for (msg, permit) in batch {
+                let seq = msg.offset as u64;
+                messages.push((msg, seq, epoch.clone()));
+                permits.push(permit);
+            }
+            let mut inflights = Vec::with_capacity(permits.len());
+            let result = dispatcher
+                .submit_batch(&prepared, messages, &stop, &mut inflights)
+                .await;
+            Submitted {
+                inflights,
+                permits,
+                result,
+            }
         }
         .boxed()
     }
@@ -520,7 +567,7 @@ enum Step {
     /// A submitted message finished.
     Settled(Completion<u64>, OwnedSemaphorePermit),
     /// The submission under way is done (accepted by the pool, or not).
-    Submitted(u64, Result<InFlight<u64>>, OwnedSemaphorePermit),
+    Submitted(Submitted),
     /// The connection to the server came back.
     Reconnected,
     /// The open pull request brought a message, failed, or ran out (`None`).
@@ -559,8 +606,11 @@ struct ConsumeTurn<'a> {
     beats: tokio::task::JoinHandle<()>,
     /// Fetched and registered, waiting for submission, each with its permit.
     queue: VecDeque<(Message, OwnedSemaphorePermit)>,
-    /// The submission under way: one at a time, in stream order.
+    /// The submission under way (a batch of queued messages): one at a time, in
+    /// stream order.
     submitting: Option<Submitting>,
+    /// Messages in the submission under way.
+    submitting_len: usize,
     /// Submitted messages, until they settle.
     inflight: FuturesUnordered<Settling>,
     /// The open pull request, with the permits of the messages it asked for.
@@ -606,6 +656,7 @@ impl<'a> ConsumeTurn<'a> {
             beats,
             queue: VecDeque::new(),
             submitting: None,
+            submitting_len: 0,
             inflight: FuturesUnordered::new(),
             batch: None,
             backoff: None,
@@ -624,9 +675,7 @@ impl<'a> ConsumeTurn<'a> {
                 Step::Settled(completion, permit) => {
                     self.on_settled(completion, permit, false).await;
                 }
-                Step::Submitted(seq, result, permit) => {
-                    self.on_submitted(seq, result, permit).await;
-                }
+                Step::Submitted(submitted) => self.on_submitted(submitted).await,
                 Step::Reconnected => self.on_reconnect(),
                 Step::Fetched(item) => self.on_fetched(item),
                 Step::BackedOff => self.on_backed_off().await,
@@ -638,12 +687,13 @@ impl<'a> ConsumeTurn<'a> {
     /// Start the next submission if none is under way, then wait for the next
     /// wake-up. The `select!` only names what woke the loop.
     async fn next_step(&mut self) -> Step {
-        if self.submitting.is_none() {
-            if let Some((msg, permit)) = self.queue.pop_front() {
-                self.submitting = Some(self.js.submit(msg, permit, &self.scope));
-            }
+        if self.submitting.is_none() && !self.queue.is_empty() {
+            let n = self.queue.len().min(SUBMIT_BATCH);
+            let batch: Vec<_> = self.queue.drain(..n).collect();
+            self.submitting_len = n;
+            self.submitting = Some(self.js.submit(batch, &self.scope));
         }
-        let busy = self.inflight.len() + self.queue.len() + usize::from(self.submitting.is_some());
+        let busy = self.inflight.len() + self.queue.len() + self.submitting_len;
         self.js.state.set_in_flight(busy);
         let fetch_expires = self.js.shared.config.fetch_expires;
         let room = self
@@ -669,8 +719,8 @@ impl<'a> ConsumeTurn<'a> {
             Some((completion, permit)) = self.inflight.next(), if !self.inflight.is_empty() => {
                 Step::Settled(completion, permit)
             }
-            (seq, result, permit) = async { submitting.as_mut().expect("guarded").await },
-                if submitting.is_some() => Step::Submitted(seq, result, permit),
+            submitted = async { submitting.as_mut().expect("guarded").await },
+                if submitting.is_some() => Step::Submitted(submitted),
             () = next_reconnect(&mut self.js.reconnects) => Step::Reconnected,
             item = async { batch.as_mut().expect("guarded").0.next().await }, if batch.is_some() => {
                 Step::Fetched(item)
@@ -698,31 +748,35 @@ impl<'a> ConsumeTurn<'a> {
         drop(permit);
     }
 
-    /// The submission under way is done: track the job until it settles, or, if
-    /// the pool did not take it, give the message back (unless stopping).
-    async fn on_submitted(
-        &mut self,
-        seq: u64,
-        result: Result<InFlight<u64>>,
-        permit: OwnedSemaphorePermit,
-    ) {
+    /// The submission under way is done: track each submitted job until it
+    /// settles; give back each message the pool did not take (unless stopping).
+    async fn on_submitted(&mut self, submitted: Submitted) {
         self.submitting = None;
-        match result {
-            Ok(fut) => self
-                .inflight
-                .push(async move { (fut.await, permit) }.boxed()),
-            Err(e) => {
-                tracing::debug!(topic = %self.js.state.topic, seq, error = %e,
-                    "submission stopped; message left for redelivery");
-                // Stopping: it stays registered and is handed back with
-                // the rest, in stream order, when the turn ends. Handed
-                // back now, it would be redelivered ahead of earlier
-                // messages still in flight.
-                if !self.js.stop.is_cancelled() {
-                    release(&self.client, &self.registry, seq).await;
-                }
+        self.submitting_len = 0;
+        if let Err(e) = &submitted.result {
+            tracing::debug!(topic = %self.js.state.topic, error = %e,
+                "submission stopped; messages left for redelivery");
+        }
+        for (inflight, permit) in submitted.inflights.into_iter().zip(submitted.permits) {
+            if inflight.submitted() {
+                self.track(inflight, permit);
+                continue;
+            }
+            // Stopping: it stays registered and is handed back with the rest,
+            // in stream order, when the turn ends. Handed back now, it would be
+            // redelivered ahead of earlier messages still in flight.
+            if !self.js.stop.is_cancelled() {
+                release(&self.client, &self.registry, inflight.offset() as u64).await;
             }
         }
+    }
+
+    /// Track a submitted message until it settles.
+    fn track(&mut self, inflight: InFlight<u64>, permit: OwnedSemaphorePermit) {
+        self.inflight.push(Settling {
+            inflight,
+            permit: Some(permit),
+        });
     }
 
     /// The connection came back: end the turn, to re-read from the ack floor.
@@ -905,12 +959,16 @@ impl<'a> ConsumeTurn<'a> {
     /// in flight, registering what the open pull request still brings.
     async fn drain(&mut self, deadline: tokio::time::Instant) {
         if let Some(sub) = self.submitting.take() {
-            match tokio::time::timeout_at(deadline, sub).await {
-                Ok((_, Ok(fut), permit)) => self
-                    .inflight
-                    .push(async move { (fut.await, permit) }.boxed()),
-                // Not submitted: handed back with the rest.
-                Ok((_, Err(_), _)) | Err(_) => {}
+            self.submitting_len = 0;
+            // The turn has stopped, so the submission ends at once: the pool's
+            // wait for room ends on the stop. Messages not submitted are handed
+            // back with the rest.
+            if let Ok(submitted) = tokio::time::timeout_at(deadline, sub).await {
+                for (inflight, permit) in submitted.inflights.into_iter().zip(submitted.permits) {
+                    if inflight.submitted() {
+                        self.track(inflight, permit);
+                    }
+                }
             }
         }
         let deadline = tokio::time::sleep_until(deadline);

@@ -320,3 +320,48 @@ async fn a_stop_while_the_batch_waits_for_room_leaves_nothing_handled_above_a_ga
         pool.close(Duration::from_secs(5)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_a_wait_for_room_long_before_the_pool_s_wait_timeout() {
+    // One worker, one queued job, and a wait for room of a minute: the stop must
+    // end the batch's wait at once, dropping the job it waited with.
+    let pool = keyed_pools()(PoolSpec {
+        workers: 1,
+        queue: 1,
+        wait_timeout: Duration::from_secs(60),
+    })
+    .await;
+    let rig = Rig::new(pool.clone());
+    let scope = Scope::new();
+    let stop = CancellationToken::new();
+    let mut out = Vec::new();
+    let submit = rig
+        .dispatcher
+        .submit_batch(&rig.sub, rig.messages(5, 1, &scope), &stop, &mut out);
+    let halt = async {
+        // Two taken (one running, one queued); the third waits for room.
+        tokio::time::timeout(WAIT, async {
+            while pool.stats().submitted < 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the pool took the first two jobs");
+        stop.cancel();
+    };
+    let (submitted, ()) = tokio::time::timeout(WAIT, async { tokio::join!(submit, halt) })
+        .await
+        .expect("the stop ended the wait for room");
+    let e = submitted.expect_err("a stopped batch stops short");
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    assert_eq!(first_not_submitted(&out), Some(2));
+    rig.gate.add_permits(100);
+    let got = dispositions(out).await;
+    assert_eq!(
+        got.iter()
+            .filter(|(_, d)| *d == Disposition::Handled)
+            .count(),
+        2
+    );
+    pool.close(Duration::from_secs(5)).await;
+}

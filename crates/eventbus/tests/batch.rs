@@ -63,6 +63,23 @@ impl Rig {
         }
     }
 
+    /// Submit a batch of `n` messages over `keys` keys while `during` runs.
+    async fn submit_while(
+        &self,
+        n: i64,
+        keys: i64,
+        scope: &Scope,
+        stop: &CancellationToken,
+        during: impl std::future::Future<Output = ()>,
+    ) -> (eventbus::Result<()>, Vec<InFlight<()>>) {
+        let mut out = Vec::new();
+        let submit =
+            self.dispatcher
+                .submit_batch(&self.sub, self.messages(n, keys, scope), stop, &mut out);
+        let (submitted, ()) = tokio::join!(submit, during);
+        (submitted, out)
+    }
+
     fn messages(
         &self,
         n: i64,
@@ -77,6 +94,15 @@ impl Rig {
             })
             .collect()
     }
+}
+
+/// The keyed pool, the actor pool and the switch over both at 50%.
+fn every_pool() -> [(&'static str, eventbus_testkit::pool_suite::PoolFactory); 3] {
+    [
+        ("keyed", keyed_pools()),
+        ("actor", actor_pools()),
+        ("switch at 50%", switched_pools(50)),
+    ]
 }
 
 /// Wait, bounded, until the pool has refused a job for want of room at least once.
@@ -123,26 +149,18 @@ fn first_not_submitted(out: &[InFlight<()>]) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_past_full_queues_keeps_each_key_in_order_and_loses_nothing() {
-    for (name, factory) in [
-        ("keyed", keyed_pools()),
-        ("actor", actor_pools()),
-        ("switch at 50%", switched_pools(50)),
-    ] {
+    for (name, factory) in every_pool() {
         let pool = factory(tight()).await;
         let rig = Rig::new(pool.clone());
         let scope = Scope::new();
         let stop = CancellationToken::new();
-        let mut out = Vec::new();
-        let submit =
-            rig.dispatcher
-                .submit_batch(&rig.sub, rig.messages(64, 5, &scope), &stop, &mut out);
         let open = async {
             // The pool took what fitted; the rest waited past the wait timeout
             // and was refused, and is retried: now let the handlers go.
             until_refused(&pool).await;
             rig.gate.add_permits(1_000);
         };
-        let (submitted, ()) = tokio::join!(submit, open);
+        let (submitted, out) = rig.submit_while(64, 5, &scope, &stop, open).await;
         submitted.unwrap_or_else(|e| panic!("{name}: the batch was not submitted: {e}"));
         assert_eq!(out.len(), 64, "{name}: one in-flight entry per message");
         for (offset, d) in dispositions(out).await {
@@ -174,15 +192,11 @@ async fn a_fence_while_the_batch_waits_for_room_abandons_what_the_pool_did_not_t
         let rig = Rig::new(pool.clone());
         let scope = Scope::new();
         let stop = CancellationToken::new();
-        let mut out = Vec::new();
-        let submit =
-            rig.dispatcher
-                .submit_batch(&rig.sub, rig.messages(10, 1, &scope), &stop, &mut out);
         let fence = async {
             until_refused(&pool).await;
             scope.fence();
         };
-        let (submitted, ()) = tokio::join!(submit, fence);
+        let (submitted, out) = rig.submit_while(10, 1, &scope, &stop, fence).await;
         let e = submitted.expect_err(&format!("{name}: a fenced batch stops short"));
         assert_eq!(e.kind(), ErrorKind::Fenced, "{name}: {e}");
         let gap = first_not_submitted(&out).expect("a message left unsubmitted");
@@ -231,15 +245,11 @@ async fn the_switch_releases_the_cells_of_the_jobs_a_side_left() {
     let rig = Rig::new(pool.clone());
     let scope = Scope::new();
     let stop = CancellationToken::new();
-    let mut out = Vec::new();
-    let submit =
-        rig.dispatcher
-            .submit_batch(&rig.sub, rig.messages(200, 50, &scope), &stop, &mut out);
     let open = async {
         until_refused(switch.keyed()).await;
         rig.gate.add_permits(10_000);
     };
-    let (submitted, ()) = tokio::join!(submit, open);
+    let (submitted, out) = rig.submit_while(200, 50, &scope, &stop, open).await;
     submitted.expect("the batch was submitted");
     for (offset, d) in dispositions(out).await {
         assert_eq!(d, Disposition::Handled, "offset {offset}");
@@ -283,24 +293,16 @@ async fn a_stop_while_the_batch_waits_for_room_leaves_nothing_handled_above_a_ga
     // Keys on both workers: the pool must not take a later message of a worker
     // with room once an earlier one found none, or a clean stop would handle a
     // message above one it never submitted (and could not commit past the gap).
-    for (name, factory) in [
-        ("keyed", keyed_pools()),
-        ("actor", actor_pools()),
-        ("switch at 50%", switched_pools(50)),
-    ] {
+    for (name, factory) in every_pool() {
         let pool = factory(tight()).await;
         let rig = Rig::new(pool.clone());
         let scope = Scope::new();
         let stop = CancellationToken::new();
-        let mut out = Vec::new();
-        let submit =
-            rig.dispatcher
-                .submit_batch(&rig.sub, rig.messages(40, 7, &scope), &stop, &mut out);
         let halt = async {
             until_refused(&pool).await;
             stop.cancel();
         };
-        let (submitted, ()) = tokio::join!(submit, halt);
+        let (submitted, out) = rig.submit_while(40, 7, &scope, &stop, halt).await;
         let e = submitted.expect_err(&format!("{name}: a stopped batch stops short"));
         assert_eq!(e.kind(), ErrorKind::Closed, "{name}: {e}");
         let gap = first_not_submitted(&out).expect("a message left unsubmitted");
@@ -334,10 +336,6 @@ async fn a_stop_ends_a_wait_for_room_long_before_the_pool_s_wait_timeout() {
     let rig = Rig::new(pool.clone());
     let scope = Scope::new();
     let stop = CancellationToken::new();
-    let mut out = Vec::new();
-    let submit = rig
-        .dispatcher
-        .submit_batch(&rig.sub, rig.messages(5, 1, &scope), &stop, &mut out);
     let halt = async {
         // Two taken (one running, one queued); the third waits for room.
         tokio::time::timeout(WAIT, async {
@@ -349,7 +347,7 @@ async fn a_stop_ends_a_wait_for_room_long_before_the_pool_s_wait_timeout() {
         .expect("the pool took the first two jobs");
         stop.cancel();
     };
-    let (submitted, ()) = tokio::time::timeout(WAIT, async { tokio::join!(submit, halt) })
+    let (submitted, out) = tokio::time::timeout(WAIT, rig.submit_while(5, 1, &scope, &stop, halt))
         .await
         .expect("the stop ended the wait for room");
     let e = submitted.expect_err("a stopped batch stops short");

@@ -10,6 +10,7 @@ use eventbus::{
 };
 use eventbus_testkit::factories::{actor_pools, keyed_pools, switched_pools};
 use eventbus_testkit::pool_suite::PoolSpec;
+use eventbus_testkit::wait::wait_until;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,13 +108,12 @@ fn every_pool() -> [(&'static str, eventbus_testkit::pool_suite::PoolFactory); 3
 
 /// Wait, bounded, until the pool has refused a job for want of room at least once.
 async fn until_refused(pool: &Arc<dyn Pool>) {
-    tokio::time::timeout(WAIT, async {
-        while pool.stats().rejected == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the pool never refused a job of the batch for want of room");
+    wait_until(
+        "the pool refusing a job of the batch for want of room",
+        WAIT,
+        || pool.stats().rejected > 0,
+    )
+    .await;
 }
 
 async fn dispositions(out: Vec<InFlight<()>>) -> Vec<(i64, Disposition)> {
@@ -254,13 +254,10 @@ async fn the_switch_releases_the_cells_of_the_jobs_a_side_left() {
     for (offset, d) in dispositions(out).await {
         assert_eq!(d, Disposition::Handled, "offset {offset}");
     }
-    tokio::time::timeout(WAIT, async {
-        while switch.pinned() != (0, 0) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+    wait_until("no pin left after every job ended", WAIT, || {
+        switch.pinned() == (0, 0)
     })
-    .await
-    .unwrap_or_else(|_| panic!("pins left after every job ended: {:?}", switch.pinned()));
+    .await;
     pool.close(Duration::from_secs(5)).await;
 }
 
@@ -338,13 +335,10 @@ async fn a_stop_ends_a_wait_for_room_long_before_the_pool_s_wait_timeout() {
     let stop = CancellationToken::new();
     let halt = async {
         // Two taken (one running, one queued); the third waits for room.
-        tokio::time::timeout(WAIT, async {
-            while pool.stats().submitted < 2 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+        wait_until("the pool taking the first two jobs", WAIT, || {
+            pool.stats().submitted >= 2
         })
-        .await
-        .expect("the pool took the first two jobs");
+        .await;
         stop.cancel();
     };
     let (submitted, out) = tokio::time::timeout(WAIT, rig.submit_while(5, 1, &scope, &stop, halt))

@@ -1,21 +1,36 @@
 //! Consumed messages and records to publish.
 
 use bytes::Bytes;
+use std::fmt;
 use std::sync::Arc;
 
 /// Ordered message headers: name / value pairs, names may repeat.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(String, Bytes)>);
+///
+/// Cloning is cheap: the pairs are shared, and copied only when a clone is
+/// changed. A consumed message is cloned on its way through the bus (out of a
+/// broker's buffer, for each handler attempt, for its dead letter), and none of
+/// those copies allocates.
+#[derive(Clone, Default)]
+pub struct Headers(Option<Arc<Vec<(String, Bytes)>>>);
 
 impl Headers {
     /// No headers.
     pub fn new() -> Self {
-        Self(Vec::new())
+        Self(None)
+    }
+
+    /// The pairs, to change: copied first when a clone shares them.
+    fn pairs_mut(&mut self) -> &mut Vec<(String, Bytes)> {
+        Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    }
+
+    fn pairs(&self) -> &[(String, Bytes)] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// Append a header, keeping any earlier one of the same name.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
-        self.0.push((name.into(), value.into()));
+        self.pairs_mut().push((name.into(), value.into()));
     }
 
     /// Builder form of [`Headers::insert`].
@@ -28,13 +43,18 @@ impl Headers {
     /// Replace every header of this name by one with `value`.
     pub fn set(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
         let name = name.into();
-        self.0.retain(|(n, _)| *n != name);
-        self.0.push((name, value.into()));
+        let pairs = self.pairs_mut();
+        pairs.retain(|(n, _)| *n != name);
+        pairs.push((name, value.into()));
     }
 
     /// The last value of the header `name`, if any.
     pub fn get(&self, name: &str) -> Option<&Bytes> {
-        self.0.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.pairs()
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
     }
 
     /// The last value of `name` as UTF-8 text, if present and valid.
@@ -44,23 +64,38 @@ impl Headers {
 
     /// Iterate in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v))
+        self.pairs().iter().map(|(n, v)| (n.as_str(), v))
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.pairs().len()
     }
 
     /// Whether there are no headers.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.pairs().is_empty()
+    }
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.pairs() == other.pairs()
+    }
+}
+
+impl Eq for Headers {}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.pairs()).finish()
     }
 }
 
 impl FromIterator<(String, Bytes)> for Headers {
     fn from_iter<T: IntoIterator<Item = (String, Bytes)>>(iter: T) -> Self {
-        Self(iter.into_iter().collect())
+        let pairs: Vec<_> = iter.into_iter().collect();
+        Self((!pairs.is_empty()).then(|| Arc::new(pairs)))
     }
 }
 
@@ -190,5 +225,39 @@ impl PublishReceipt {
     /// A receipt.
     pub fn new(partition: i32, offset: i64) -> Self {
         Self { partition, offset }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_clone_of_headers_leaves_the_original_alone() {
+        let original = Headers::new().with("a", "1").with("b", "2");
+        let mut copy = original.clone();
+        copy.set("a", "3");
+        copy.insert("c", "4");
+        assert_eq!(original.get_str("a"), Some("1"));
+        assert_eq!(original.len(), 2);
+        assert_eq!(copy.get_str("a"), Some("3"));
+        assert_eq!(
+            copy.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            ["b", "a", "c"]
+        );
+        assert_ne!(original, copy);
+        assert_eq!(original, original.clone());
+    }
+
+    #[test]
+    fn empty_headers_are_equal_however_made() {
+        let collected: Headers = std::iter::empty().collect();
+        assert_eq!(collected, Headers::new());
+        assert_eq!(Headers::default(), Headers::new());
+        assert!(collected.is_empty());
+        assert_eq!(
+            format!("{:?}", Headers::new().with("a", "1")),
+            r#"[("a", b"1")]"#
+        );
     }
 }

@@ -170,14 +170,14 @@ fn convert(
         msg = msg.with_key(bytes::Bytes::copy_from_slice(k));
     }
     if let Some(h) = m.headers() {
-        let mut headers = eventbus_core::Headers::new();
-        for header in h.iter() {
-            headers.insert(
-                header.key,
-                bytes::Bytes::copy_from_slice(header.value.unwrap_or_default()),
-            );
-        }
-        msg = msg.with_headers(headers);
+        msg = msg.with_headers(
+            h.iter()
+                .map(|header| {
+                    let value = header.value.unwrap_or_default();
+                    (header.key.to_owned(), bytes::Bytes::copy_from_slice(value))
+                })
+                .collect(),
+        );
     }
     if let Some(ts) = m.timestamp().to_millis() {
         msg = msg.with_timestamp_ms(ts);

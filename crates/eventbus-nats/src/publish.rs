@@ -419,7 +419,7 @@ pub(crate) fn from_header_map(map: Option<&HeaderMap>) -> (Headers, Option<Bytes
     };
     let mut names: Vec<_> = map.iter().collect();
     names.sort_by(|a, b| AsRef::<str>::as_ref(a.0).cmp(AsRef::<str>::as_ref(b.0)));
-    let mut headers = Headers::new();
+    let mut headers = Vec::new();
     let mut key = None;
     for (name, values) in names {
         let name: &str = name.as_ref();
@@ -428,11 +428,11 @@ pub(crate) fn from_header_map(map: Option<&HeaderMap>) -> (Headers, Option<Bytes
             if name == KEY_HEADER {
                 key = Some(bytes);
             } else {
-                headers.insert(name.to_owned(), bytes);
+                headers.push((name.to_owned(), bytes));
             }
         }
     }
-    (headers, key)
+    (headers.into_iter().collect(), key)
 }
 
 #[cfg(test)]

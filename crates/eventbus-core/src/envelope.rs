@@ -174,29 +174,124 @@ pub fn validate_aggregate_id(id: &str) -> Result<(), EnvelopeError> {
     Ok(())
 }
 
-#[derive(Deserialize)]
-struct IdOnly<'a> {
-    #[serde(borrow, default)]
-    aggregate_id: Option<Cow<'a, str>>,
-}
-
 /// Read only `aggregate_id` from a JSON envelope body, without decoding the rest.
 ///
-/// Returns `None` when the bytes are not a JSON object or have no valid id.
+/// Reads the object up to its first `aggregate_id` member and no further: what
+/// follows that member is neither decoded nor checked. So every body that
+/// [`Envelope::decode`] accepts gives its own id, and a body cut short or corrupt
+/// after its id still gives that id, as a routing key should.
+///
+/// Returns `None` when the bytes do not begin as a JSON object, the object has no
+/// `aggregate_id` member before it ends or breaks off, or its first one is not a
+/// valid id (a string, non-empty, at most [`MAX_AGGREGATE_ID_LEN`] bytes).
 pub fn peek_aggregate_id(bytes: &[u8]) -> Option<String> {
     peek_id(bytes).map(Cow::into_owned)
 }
 
 /// [`peek_aggregate_id`], borrowing the id from `bytes` when it has no escapes.
 pub(crate) fn peek_id(bytes: &[u8]) -> Option<Cow<'_, str>> {
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
-    if *first != b'{' {
-        return None;
-    }
-    let id: IdOnly<'_> = serde_json::from_slice(bytes).ok()?;
-    let id = id.aggregate_id?;
+    let id = match leading_id(bytes) {
+        Some(id) => Cow::Borrowed(id),
+        None => scan_id(bytes)?,
+    };
     validate_aggregate_id(&id).ok()?;
     Some(id)
+}
+
+/// The shape every encoder of [`Envelope`] writes: `aggregate_id` as the
+/// object's first member, a string without escapes. Read without a parser;
+/// anything else is left to [`scan_id`].
+fn leading_id(bytes: &[u8]) -> Option<&str> {
+    fn after<'b>(bytes: &'b [u8], token: &[u8]) -> Option<&'b [u8]> {
+        // JSON's whitespace, which is narrower than ASCII's.
+        let start = bytes
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+        bytes[start..].strip_prefix(token)
+    }
+    let rest = after(bytes, b"{")?;
+    let rest = after(rest, b"\"aggregate_id\"")?;
+    let rest = after(rest, b":")?;
+    let rest = after(rest, b"\"")?;
+    let end = rest
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
+/// The first `aggregate_id` member of the object `bytes` begins with, read by
+/// the JSON parser up to that member (the members before it are checked and
+/// skipped); `None` when there is none, or it is not a string.
+fn scan_id(bytes: &[u8]) -> Option<Cow<'_, str>> {
+    use serde::de::{self, DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+    /// Visits the object; parks the id in `found` and stops the parser there.
+    struct Members<'s, 'de> {
+        found: &'s mut Option<Cow<'de, str>>,
+    }
+    /// Tells whether a member name is `aggregate_id`.
+    struct IsId;
+    /// A string member's value, borrowed where it has no escapes.
+    struct Text;
+
+    impl<'de> Visitor<'de> for IsId {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a member name")
+        }
+        fn visit_str<E: de::Error>(self, name: &str) -> Result<bool, E> {
+            Ok(name == "aggregate_id")
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for IsId {
+        type Value = bool;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Text {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(v))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v.to_owned()))
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Text {
+        type Value = Cow<'de, str>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Members<'_, 'de> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+            while let Some(is_id) = map.next_key_seed(IsId)? {
+                if is_id {
+                    *self.found = Some(map.next_value_seed(Text)?);
+                    // Found: the rest of the body is not read.
+                    return Err(de::Error::custom("aggregate_id found"));
+                }
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(())
+        }
+    }
+
+    let mut found = None;
+    let mut parser = serde_json::Deserializer::from_slice(bytes);
+    let _ = parser.deserialize_map(Members { found: &mut found });
+    found
 }
 
 #[cfg(test)]
@@ -268,5 +363,53 @@ mod tests {
             Envelope::decode(br#"["a","x"]"#),
             Err(EnvelopeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn peek_reads_the_object_up_to_its_first_aggregate_id() {
+        let peek = |body: &str| peek_aggregate_id(body.as_bytes());
+        // The encoders' shape, and the same with whitespace.
+        assert_eq!(
+            peek(r#"{"aggregate_id":"a-1","event_type":"x"}"#).as_deref(),
+            Some("a-1")
+        );
+        assert_eq!(
+            peek(" {\n \"aggregate_id\" :\t\"a-1\" }").as_deref(),
+            Some("a-1")
+        );
+        // Not first; an escaped id or name; a nested id is not the envelope's.
+        assert_eq!(
+            peek(r#"{"event_type":"x","payload":{"aggregate_id":"inner"},"aggregate_id":"b"}"#)
+                .as_deref(),
+            Some("b")
+        );
+        assert_eq!(peek(r#"{"aggregate_id":"a\"q"}"#).as_deref(), Some("a\"q"));
+        assert_eq!(peek(r#"{"aggregate\u005fid":"c"}"#).as_deref(), Some("c"));
+        // What follows the id is not read; the first of two ids is the id.
+        assert_eq!(
+            peek(r#"{"aggregate_id":"d", garbage"#).as_deref(),
+            Some("d")
+        );
+        assert_eq!(peek(r#"{"x":1,"aggregate_id":"d","#).as_deref(), Some("d"));
+        assert_eq!(
+            peek(r#"{"aggregate_id":"e","aggregate_id":"f"}"#).as_deref(),
+            Some("e")
+        );
+        // What comes before it is.
+        assert_eq!(peek(r#"{"x":tru,"aggregate_id":"g"}"#), None);
+        assert_eq!(peek(r#"{"x":1}"#), None);
+        assert_eq!(peek(r#"{"x":1"#), None);
+        // Not a valid id: not a string, empty, too long, or not an object at all.
+        assert_eq!(peek(r#"{"aggregate_id":null,"event_type":"x"}"#), None);
+        assert_eq!(peek(r#"{"aggregate_id":7}"#), None);
+        assert_eq!(peek(r#"{"aggregate_id":"  "}"#), None);
+        let long = "x".repeat(MAX_AGGREGATE_ID_LEN + 1);
+        assert_eq!(peek(&format!(r#"{{"aggregate_id":"{long}"}}"#)), None);
+        assert_eq!(peek(r#"["a","x"]"#), None);
+        assert_eq!(peek(r#""aggregate_id""#), None);
+        assert_eq!(peek(""), None);
+        assert_eq!(peek("\u{c}{\"aggregate_id\":\"a\"}"), None);
+        // A control character inside the string is not JSON.
+        assert_eq!(peek("{\"aggregate_id\":\"a\u{1}b\"}"), None);
     }
 }

@@ -77,6 +77,10 @@ pub(crate) fn resume_threshold(per_partition: usize) -> usize {
 /// spares the wake-ups between the thread and the loop.
 const FETCH_BATCH: usize = 64;
 
+/// Most completions settled in one step of the loop; their watermarks are stored
+/// once per partition.
+const SETTLE_BATCH: usize = 256;
+
 /// The fetching thread: polls the consumer until `stop`, then waits for the dispatch
 /// loop to finish (`loop_done` disconnects) and closes the consumer on this thread.
 ///
@@ -222,6 +226,9 @@ pub(crate) struct ConsumeLoop {
     pub(crate) _done: std_mpsc::SyncSender<()>,
     topics: HashMap<Arc<str>, TopicState>,
     rotate: usize,
+    /// Watermarks to store at the end of one [`ConsumeLoop::on_settled`] (kept to
+    /// reuse its allocation).
+    stores: Vec<(Arc<str>, i32, i64)>,
 }
 
 /// Poll every topic's in-flight set once; the first completion wins.
@@ -307,6 +314,7 @@ impl ConsumeLoop {
             dispatcher,
             topics: HashMap::new(),
             rotate: 0,
+            stores: Vec::new(),
         }
     }
 
@@ -611,6 +619,23 @@ impl ConsumeLoop {
     }
 }
 
+/// Keep `watermark`, if any, as the latest of `topic`'s `partition` in `stores`.
+fn note_watermark(
+    stores: &mut Vec<(Arc<str>, i32, i64)>,
+    topic: &Arc<str>,
+    partition: i32,
+    watermark: Option<i64>,
+) {
+    let Some(w) = watermark else { return };
+    match stores
+        .iter_mut()
+        .find(|(t, p, _)| *p == partition && t == topic)
+    {
+        Some(entry) => entry.2 = w,
+        None => stores.push((topic.clone(), partition, w)),
+    }
+}
+
 fn store_offset(consumer: &KConsumer, topic: &str, partition: i32, watermark: i64) {
     {
         let mut tpl = TopicPartitionList::new();
@@ -626,10 +651,25 @@ fn store_offset(consumer: &KConsumer, topic: &str, partition: i32, watermark: i6
 }
 
 impl ConsumeLoop {
-    fn on_settled(&mut self, topic: &str, s: Completion<()>) {
-        if let Some(w) = s.watermark {
-            self.store(topic, s.partition, w);
+    /// Settle `first` and the completions ready after it, [`SETTLE_BATCH`] at most
+    /// in all, storing each partition's last new watermark once. Nothing else runs
+    /// within the call: a rewind (a message) or a revoke (a control) comes between
+    /// two calls, so the last watermark of a partition here is what storing each in
+    /// turn would have left stored. A completion of a revoked ownership carries none.
+    fn on_settled(&mut self, topic: &Arc<str>, first: Completion<()>) {
+        let mut stores = std::mem::take(&mut self.stores);
+        note_watermark(&mut stores, topic, first.partition, first.watermark);
+        for _ in 1..SETTLE_BATCH {
+            match futures::FutureExt::now_or_never(next_settled(&mut self.topics, &mut self.rotate))
+            {
+                Some((t, s)) => note_watermark(&mut stores, &t, s.partition, s.watermark),
+                None => break,
+            }
         }
+        for (t, p, w) in stores.drain(..) {
+            self.store(&t, p, w);
+        }
+        self.stores = stores;
     }
 
     async fn on_message(&mut self, msg: Message) {
@@ -999,4 +1039,31 @@ impl ConsumeLoop {
 /// Error for a consumer that is gone.
 pub(crate) fn consumer_gone() -> Error {
     Error::closed("the Kafka consumer is closed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_settling_step_stores_each_partitions_last_watermark_once() {
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let mut stores = Vec::new();
+        for (topic, partition, watermark) in [
+            (&a, 0, Some(3)),
+            (&a, 1, Some(7)),
+            (&b, 0, Some(1)),
+            (&a, 0, None),
+            (&a, 0, Some(5)),
+            (&b, 0, Some(2)),
+            (&b, 1, None),
+        ] {
+            note_watermark(&mut stores, topic, partition, watermark);
+        }
+        assert_eq!(
+            stores,
+            [(a.clone(), 0, 5), (a, 1, 7), (b, 0, 2)],
+            "one entry per partition with a new watermark, its last one"
+        );
+    }
 }

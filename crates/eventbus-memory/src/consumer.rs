@@ -43,6 +43,8 @@ impl ConsumeLoop {
         for p in 0..n {
             self.set.assign(p as i32);
         }
+        // Each partition's last new watermark within one settling pass.
+        let mut marks: Vec<Option<i64>> = vec![None; n];
         let mut appended = self.topic.appended();
         'consume: loop {
             appended.borrow_and_update();
@@ -126,15 +128,15 @@ impl ConsumeLoop {
                     }
                     submitted_any = true;
                     // Settle whatever finished meanwhile, without waiting.
-                    while let Some(Some(s)) = self.set.next().now_or_never() {
-                        self.settle(s);
-                    }
+                    self.settle_ready(None, &mut marks);
                 }
             }
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
-                Some(s) = self.set.next(), if !self.set.is_empty() => self.settle(s),
+                Some(s) = self.set.next(), if !self.set.is_empty() => {
+                    self.settle_ready(Some(s), &mut marks);
+                }
                 _ = appended.changed() => {}
             }
         }
@@ -173,16 +175,40 @@ impl ConsumeLoop {
         self.topic.leave(&self.group, self.member);
     }
 
-    fn settle(&mut self, s: Completion<()>) {
-        settle(&self.topic, &self.group, &self.in_flight, s);
+    /// Settle `first`, if any, and every completion ready after it, then commit
+    /// each partition's last new watermark once: one lock of the group table and
+    /// one wake of waiting publishers per partition, not per message. Nothing else
+    /// moves a watermark meanwhile (no await), so what is committed is what
+    /// committing each in turn would have left.
+    fn settle_ready(&mut self, first: Option<Completion<()>>, marks: &mut [Option<i64>]) {
+        let mut next = first.or_else(|| self.set.next().now_or_never().flatten());
+        while let Some(s) = next {
+            count_out(&self.in_flight, &s);
+            if let Some(mark) = marks.get_mut(s.partition as usize) {
+                if s.watermark.is_some() {
+                    *mark = s.watermark;
+                }
+            }
+            next = self.set.next().now_or_never().flatten();
+        }
+        for (p, mark) in marks.iter_mut().enumerate() {
+            if let Some(w) = mark.take() {
+                self.topic.commit(&self.group, p as i32, w);
+            }
+        }
+    }
+}
+
+/// Count a completion's message out of its partition's in-flight count.
+fn count_out(in_flight: &InFlightCounts, s: &Completion<()>) {
+    if let Some(n) = in_flight.get(s.partition as usize) {
+        n.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Count a completion out and commit the watermark it moved.
 fn settle(topic: &Topic, group: &str, in_flight: &InFlightCounts, s: Completion<()>) {
-    if let Some(n) = in_flight.get(s.partition as usize) {
-        n.fetch_sub(1, Ordering::Relaxed);
-    }
+    count_out(in_flight, &s);
     if let Some(w) = s.watermark {
         topic.commit(group, s.partition, w);
     }

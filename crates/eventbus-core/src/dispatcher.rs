@@ -29,6 +29,7 @@ use tracing::Instrument;
 use crate::aggregate::AggregateIdConfig;
 use crate::bus::{Subscription, SubscriptionHandler};
 use crate::config::{DeadLetterConfig, EventBusConfig, RateLimit};
+use crate::envelope::peek_id;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{in_scope, BoxHandler, Event};
@@ -358,7 +359,6 @@ impl fmt::Debug for Dispatcher {
 
 enum Prepared {
     Job(Job, OutcomeReceiver, Meta),
-    Poison(Meta, String),
 }
 
 /// What `finish` needs of a submitted message. The message itself is kept only
@@ -367,7 +367,6 @@ struct Meta {
     class: JobClass,
     pool: &'static str,
     submitted: Instant,
-    key: Option<Arc<str>>,
     topic: Arc<str>,
     offset: i64,
     sub: Arc<PreparedSubscription>,
@@ -377,7 +376,6 @@ struct Meta {
 impl Meta {
     fn new(
         class: JobClass,
-        key: Option<Arc<str>>,
         sub: &Arc<PreparedSubscription>,
         message: &Message,
         submitted: Instant,
@@ -386,7 +384,6 @@ impl Meta {
             class,
             pool: "",
             submitted,
-            key,
             topic: message.topic.clone(),
             offset: message.offset,
             sub: sub.clone(),
@@ -615,7 +612,6 @@ impl Dispatcher {
                 self.count_sent(pool, 1);
                 self.finishing(rx, meta)
             }
-            Prepared::Poison(meta, error) => self.poisoned(meta, error),
         };
         Ok(InFlight {
             partition,
@@ -680,7 +676,6 @@ impl Dispatcher {
                         batch.push(job.fenced_by(epoch, offset), meta.pool, out.len());
                         self.finishing(rx, meta)
                     }
-                    Prepared::Poison(meta, error) => self.poisoned(meta, error),
                 };
             out.push(InFlight {
                 partition,
@@ -778,11 +773,6 @@ impl Dispatcher {
         Finishing::Outcome(rx, Some((meta, self.clone())))
     }
 
-    fn poisoned(&self, meta: Meta, error: String) -> Finishing {
-        let this = self.clone();
-        Finishing::Boxed(async move { this.dead_letter(meta, error, 0).await }.boxed())
-    }
-
     /// Remember how old the message is (now minus its broker timestamp) for the
     /// backlog-age check.
     fn note_age(&self, message: &Message, now_ms: i64) {
@@ -807,52 +797,35 @@ impl Dispatcher {
         let scope = epoch.scope();
         let can_dead_letter = sub.dead_letter_topic.is_some();
         match &sub.handler {
-            SubscriptionHandler::Envelope(handler) => match Envelope::decode(&message.payload) {
-                Ok(envelope) => {
-                    let key: Arc<str> = sub
-                        .ids
-                        .extract_shared(&message, Some(&envelope))
-                        .unwrap_or_else(|| Arc::from(envelope.aggregate_id.as_str()));
-                    let route = stable_hash(key.as_bytes());
-                    let mut meta =
-                        Meta::new(JobClass::Envelope, Some(key.clone()), sub, &message, now);
-                    meta.pool = self.inner.pool.kind_for(route);
-                    meta.dead_letter = can_dead_letter.then(|| message.clone());
-                    let task = self.envelope_task(
-                        sub,
-                        handler.clone(),
-                        Arc::new(envelope),
-                        message,
-                        key.clone(),
-                        (meta.pool, meta.submitted),
-                        scope,
-                    );
-                    let (job, rx) = Job::new(route, JobClass::Envelope, Some(key), task);
-                    Prepared::Job(job, rx, meta)
-                }
-                Err(e) => {
-                    let key = sub.ids.extract(&message, None).unwrap_or_else(|| {
-                        format!("{}/{}/{}", message.topic, message.partition, message.offset)
+            SubscriptionHandler::Envelope(handler) => {
+                // Routed by the id the chain finds without decoding the body: for
+                // an envelope that decodes, the envelope source reads its own id.
+                // The decode runs on the worker, in parallel, off this loop.
+                let key: Arc<str> = sub
+                    .ids
+                    .extract_shared(&message, None)
+                    .or_else(|| peek_id(&message.payload).map(|id| Arc::from(&*id)))
+                    .unwrap_or_else(|| {
+                        Arc::from(format!(
+                            "{}/{}/{}",
+                            message.topic, message.partition, message.offset
+                        ))
                     });
-                    let mut meta =
-                        Meta::new(JobClass::Envelope, Some(key.into()), sub, &message, now);
-                    meta.pool = self
-                        .inner
-                        .pool
-                        .kind_for(stable_hash(meta.key.as_deref().unwrap_or("").as_bytes()));
-                    if can_dead_letter {
-                        meta.dead_letter = Some(message);
-                        return Prepared::Poison(meta, e.to_string());
-                    }
-                    // No dead-letter destination: the message is held, and so is its
-                    // key, by a job that waits on its worker until the scope ends.
-                    let key = meta.key.clone().unwrap_or_else(|| Arc::from(""));
-                    let task = self.held_task(key.clone(), e.to_string(), &message, scope);
-                    let route = stable_hash(key.as_bytes());
-                    let (job, rx) = Job::new(route, JobClass::Envelope, Some(key), task);
-                    Prepared::Job(job, rx, meta)
-                }
-            },
+                let route = stable_hash(key.as_bytes());
+                let mut meta = Meta::new(JobClass::Envelope, sub, &message, now);
+                meta.pool = self.inner.pool.kind_for(route);
+                meta.dead_letter = can_dead_letter.then(|| message.clone());
+                let task = self.envelope_task(
+                    sub,
+                    handler.clone(),
+                    message,
+                    key.clone(),
+                    (meta.pool, meta.submitted),
+                    scope,
+                );
+                let (job, rx) = Job::new(route, JobClass::Envelope, Some(key), task);
+                Prepared::Job(job, rx, meta)
+            }
             SubscriptionHandler::Plain(handler) => {
                 let key: Option<Arc<str>> = sub.ids.extract_shared(&message, None);
                 let route = match &key {
@@ -868,7 +841,7 @@ impl Dispatcher {
                             .to_le_bytes(),
                     ),
                 };
-                let mut meta = Meta::new(JobClass::Plain, key.clone(), sub, &message, now);
+                let mut meta = Meta::new(JobClass::Plain, sub, &message, now);
                 meta.pool = self.inner.pool.kind_for(route);
                 let task = self.plain_task(
                     handler.clone(),

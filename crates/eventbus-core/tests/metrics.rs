@@ -105,6 +105,7 @@ struct Rig {
     snapshotter: Snapshotter,
     scope: eventbus_core::raw::Epoch,
     stop: CancellationToken,
+    letters: Arc<Letters>,
 }
 
 impl Rig {
@@ -118,7 +119,8 @@ impl Rig {
             .max_attempts(MAX_ATTEMPTS)
             .backoff(Duration::from_millis(1), Duration::from_millis(1))
             .jitter(0.0);
-        let sink: Arc<dyn DeadLetterSink> = Arc::new(Letters::default());
+        let letters = Arc::new(Letters::default());
+        let sink: Arc<dyn DeadLetterSink> = letters.clone();
         let dispatcher = metrics::with_local_recorder(&recorder, || {
             Dispatcher::new(BACKEND, pool.clone() as Arc<dyn Pool>, Some(sink), config)
         });
@@ -128,6 +130,7 @@ impl Rig {
             snapshotter,
             scope: Scope::new().current(),
             stop: CancellationToken::new(),
+            letters,
         }
     }
 
@@ -313,6 +316,47 @@ async fn an_envelope_message_that_always_panics_ends_dead_lettered_with_a_panic_
     );
     assert_eq!(s.observed(m::FIRST_ATTEMPT_LATENCY).len(), 1);
     assert_eq!(s.observed(m::HANDLER_DURATION).len(), MAX_ATTEMPTS as usize);
+}
+
+#[tokio::test]
+async fn an_envelope_that_does_not_decode_is_dead_lettered_by_its_job_without_a_handler_call() {
+    let rig = Rig::new();
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = calls.clone();
+    let sub = rig
+        .dispatcher
+        .prepare(Subscription::envelope(
+            "orders",
+            handler_fn(move |_: Event| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Ok(()) }
+            }),
+        ))
+        .expect("envelope subscription");
+    let body = r#"{"aggregate_id":"order-1","event_type":7}"#;
+    let decode_error = Envelope::decode(body.as_bytes())
+        .expect_err("event_type must be a string")
+        .to_string();
+    // Decoded on the worker: the job goes through the pool like any other.
+    let ended = rig
+        .run(&sub, Message::new("orders", 0, 0, body).with_key("k"))
+        .await;
+    assert_eq!(ended, Disposition::DeadLettered);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0, "no handler call");
+
+    let letters = rig.letters.0.lock().unwrap();
+    assert_eq!(letters.len(), 1, "one dead letter");
+    assert_eq!(letters[0].attempts, 0);
+    assert_eq!(letters[0].error, decode_error, "the decode error, as it reads");
+    assert_eq!(letters[0].message.payload, body.as_bytes());
+    drop(letters);
+
+    let s = rig.snapshot();
+    assert_eq!(
+        s.counted(m::MESSAGES_PROCESSED),
+        labels(&[("pool=held,result=dead_lettered", 1)])
+    );
+    assert!(s.observed(m::HANDLER_DURATION).is_empty(), "no handler ran");
 }
 
 #[tokio::test]

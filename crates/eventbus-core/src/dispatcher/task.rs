@@ -3,6 +3,7 @@
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
+use crate::handler::HandlerError;
 
 impl Dispatcher {
     pub(super) fn plain_task(
@@ -50,12 +51,15 @@ impl Dispatcher {
         .boxed()
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The job of an envelope message: decode it here, on the worker (the consume
+    /// loop only peeked its id, see `prepare_message`), then call the handler with
+    /// retries. An envelope that does not decode never reaches the handler: it ends
+    /// `Failed` after 0 attempts, to be dead-lettered, or with no dead-letter
+    /// destination it is held ([`hold`]).
     pub(super) fn envelope_task(
         &self,
         sub: &Arc<PreparedSubscription>,
         handler: BoxHandler<Event>,
-        envelope: Arc<Envelope>,
         message: Message,
         key: Arc<str>,
         (pool, submitted): (&'static str, Instant),
@@ -72,9 +76,21 @@ impl Dispatcher {
             offset = message.offset,
             aggregate_id = %key,
             attempt = tracing::field::Empty,
-            trace_id = envelope.trace_id.as_deref().unwrap_or(""),
+            trace_id = tracing::field::Empty,
         );
         async move {
+            let envelope = match Envelope::decode(&message.payload) {
+                Ok(envelope) => Arc::new(envelope),
+                Err(e) if can_dead_letter => {
+                    return Outcome::Failed {
+                        attempts: 0,
+                        cause: FailureCause::Error(HandlerError::permanent(e)),
+                    }
+                }
+                Err(e) => return hold(&inner, &scope, &key, &message, e.to_string()).await,
+            };
+            tracing::Span::current()
+                .record("trace_id", envelope.trace_id.as_deref().unwrap_or(""));
             let metrics = inner.metrics.pool(pool);
             let mut started = metrics.started(submitted);
             let mut attempt = 1u32;
@@ -177,7 +193,13 @@ impl Dispatcher {
                     Disposition::Dropped
                 }
                 JobClass::Envelope => {
-                    return Settled::DeadLetter(meta, cause.to_string(), attempts)
+                    let error = match &cause {
+                        // 0 attempts: the envelope did not decode; its error is
+                        // the reason, as it reads.
+                        FailureCause::Error(e) if attempts == 0 => e.source().to_string(),
+                        _ => cause.to_string(),
+                    };
+                    return Settled::DeadLetter(meta, error, attempts);
                 }
             },
         };
@@ -201,31 +223,25 @@ impl Dispatcher {
                 .record(submitted.elapsed().as_secs_f64());
         }
     }
+}
 
-    /// The job of an invalid envelope with no dead-letter destination: it holds
-    /// its worker, and so its key, never acknowledged and never dropped, reporting
-    /// the key stuck until its scope is given up or the bus closes.
-    pub(super) fn held_task(
-        &self,
-        key: Arc<str>,
-        error: String,
-        message: &Message,
-        scope: &Scope,
-    ) -> BoxFuture<'static, Outcome> {
-        let inner = self.inner.clone();
-        let scope = scope.clone();
-        let (topic, offset) = (message.topic.clone(), message.offset);
-        async move {
-            tracing::error!(%topic, offset, %error,
-                "invalid envelope and no dead-letter destination: message held, key stuck");
-            inner.mark_stuck(&key);
-            tokio::select! {
-                _ = inner.cancel.cancelled() => {}
-                _ = scope.cancellation().cancelled() => {}
-            }
-            inner.clear_stuck(&key);
-            Outcome::Abandoned { attempts: 0 }
-        }
-        .boxed()
+/// An invalid envelope with no dead-letter destination: its job holds its worker,
+/// and so its key, never acknowledged and never dropped, reporting the key stuck
+/// until its scope is given up or the bus closes.
+async fn hold(
+    inner: &Inner,
+    scope: &Scope,
+    key: &str,
+    message: &Message,
+    error: String,
+) -> Outcome {
+    tracing::error!(topic = %message.topic, offset = message.offset, %error,
+        "invalid envelope and no dead-letter destination: message held, key stuck");
+    inner.mark_stuck(key);
+    tokio::select! {
+        _ = inner.cancel.cancelled() => {}
+        _ = scope.cancellation().cancelled() => {}
     }
+    inner.clear_stuck(key);
+    Outcome::Abandoned { attempts: 0 }
 }

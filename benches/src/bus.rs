@@ -114,6 +114,30 @@ async fn open_bus(spec: &WorkloadSpec, pool: Arc<dyn Pool>) -> Result<SharedBus,
     })
 }
 
+/// The aggregate id of a workload's key `k`.
+pub fn aggregate_id(k: usize) -> String {
+    format!("agg-{k}")
+}
+
+/// How routing by stable hash (`slot(stable_hash(id), workers)`, both pools)
+/// spreads a backlog of `messages` over `workers`, message `i` of key
+/// `i % keys` (the uniform workload): the busiest worker's messages, and the
+/// mean. No schedule drains the backlog faster than the busiest worker, so none
+/// beats `mean ÷ busiest` of the workers' combined rate.
+pub fn routing_spread(keys: usize, messages: usize, workers: usize) -> (usize, f64) {
+    let (keys, workers) = (keys.max(1), workers.max(1));
+    let mut load = vec![0usize; workers];
+    for k in 0..keys.min(messages) {
+        let route = eventbus::core::raw::stable_hash(aggregate_id(k).as_bytes());
+        // Message i has key i % keys: key k has one per full round, and one more
+        // when k falls within the last, partial round.
+        load[eventbus::core::raw::slot(route, workers)] +=
+            messages / keys + usize::from(k < messages % keys);
+    }
+    let busiest = load.iter().copied().max().unwrap_or(0);
+    (busiest, messages as f64 / workers as f64)
+}
+
 /// Publish `envelopes` in order, as one batch, and wait until the broker has them
 /// all (each backend's batch publish: pipelined on Kafka and NATS).
 async fn publish(bus: &SharedBus, topic: &str, envelopes: Vec<Envelope>) -> Result<(), String> {
@@ -222,7 +246,7 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
                     s,
                     t: tally.now_ns(),
                 };
-                Envelope::new(format!("agg-{k}"), "bench.event", stamp.payload())
+                Envelope::new(aggregate_id(k), "bench.event", stamp.payload())
             })
             .collect();
         publish(&bus, &spec.topic, envelopes).await?;
@@ -311,11 +335,29 @@ async fn publish_paced(
                     s,
                     t: intended(i),
                 };
-                Envelope::new(format!("agg-{k}"), "bench.event", stamp.payload())
+                Envelope::new(aggregate_id(k), "bench.event", stamp.payload())
             })
             .collect();
         publish(bus, &spec.topic, envelopes).await?;
         i = due;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::routing_spread;
+
+    #[test]
+    fn the_routing_spread_counts_every_message_once() {
+        // One worker holds everything; a partial last round counts its keys once more.
+        assert_eq!(routing_spread(10_000, 25_000, 1), (25_000, 25_000.0));
+        assert_eq!(routing_spread(4, 6, 1), (6, 6.0));
+        // Many workers: the busiest holds at least the mean, at most everything.
+        let (busiest, mean) = routing_spread(10_000, 50_000, 256);
+        assert!((mean - 50_000.0 / 256.0).abs() < 1e-9);
+        assert!(busiest as f64 >= mean && busiest <= 50_000, "{busiest}");
+        // Fewer messages than keys: each message is its own key.
+        assert_eq!(routing_spread(10_000, 3, 1).0, 3);
+    }
 }

@@ -421,6 +421,14 @@ struct Batch {
 }
 
 impl Batch {
+    fn with_capacity(jobs: usize) -> Self {
+        Self {
+            jobs: Vec::with_capacity(jobs),
+            slots: Vec::with_capacity(jobs),
+            sent: Vec::new(),
+        }
+    }
+
     fn push(&mut self, job: Job, pool: &'static str, slot: usize) {
         self.jobs.push(job);
         self.slots.push(slot);
@@ -645,7 +653,8 @@ impl Dispatcher {
         stop: &CancellationToken,
         out: &mut Vec<InFlight<T>>,
     ) -> Result<()> {
-        let mut batch = Batch::default();
+        let messages = messages.into_iter();
+        let mut batch = Batch::with_capacity(messages.size_hint().0);
         let mut failed: Option<Error> = None;
         // One reading of the clocks serves the batch: its messages are dispatched
         // within microseconds of each other.

@@ -82,7 +82,8 @@ impl ConsumeLoop {
                         .room(partition)
                         .min(buffers[p].len())
                         .min(SUBMIT_BATCH);
-                    let mut permits = vec![first];
+                    let mut permits = Vec::with_capacity(room.max(1));
+                    permits.push(first);
                     while permits.len() < room {
                         match self.set.try_reserve() {
                             Some(permit) => permits.push(permit),

@@ -342,12 +342,19 @@ async fn an_envelope_that_does_not_decode_is_dead_lettered_by_its_job_without_a_
         .run(&sub, Message::new("orders", 0, 0, body).with_key("k"))
         .await;
     assert_eq!(ended, Disposition::DeadLettered);
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0, "no handler call");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no handler call"
+    );
 
     let letters = rig.letters.0.lock().unwrap();
     assert_eq!(letters.len(), 1, "one dead letter");
     assert_eq!(letters[0].attempts, 0);
-    assert_eq!(letters[0].error, decode_error, "the decode error, as it reads");
+    assert_eq!(
+        letters[0].error, decode_error,
+        "the decode error, as it reads"
+    );
     assert_eq!(letters[0].message.payload, body.as_bytes());
     drop(letters);
 

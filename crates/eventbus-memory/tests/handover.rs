@@ -1,12 +1,13 @@
 //! Hand-overs on the memory bus with deep per-key backlogs and drain / hand-over
 //! timeouts far shorter than the backlog: an unsubscribe or close fences the queued
 //! work (no handler of it starts after the call returns), commits only what
-//! finished, and the next consumer carries on in order, nothing lost. Also a stuck
-//! key with no dead-letter destination, and a pool that refuses every job. Each on
-//! both pools.
+//! finished, and the next consumer carries on in order, nothing lost. Also invalid
+//! envelopes among the backlog, a stuck key with no dead-letter destination, and a
+//! pool that refuses every job. Each on both pools.
 
 use eventbus_core::{
-    Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError, Pool, TopicConfig,
+    Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError, Message, Pool, Record,
+    TopicConfig,
 };
 use eventbus_memory::{MemoryBroker, MemoryEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
@@ -148,6 +149,127 @@ async fn hand_overs_with_deep_queues_fence_queued_work_and_commit_only_what_fini
         let report = checker.report();
         assert!(report.lost.is_empty(), "{name}: {report}");
         assert!(report.order_violations.is_empty(), "{name}: {report}");
+        publisher.close().await.unwrap();
+    }
+}
+
+/// Envelopes that do not decode, among deep per-key backlogs, across hand-overs
+/// with timeouts far shorter than the backlog. Their jobs decode on the worker, in
+/// their key's queue, so a hand-over fences them with the rest: each is
+/// dead-lettered by whichever consumer runs it (at least once), no commit passes
+/// a message neither handled nor dead-lettered, and the valid messages are handled
+/// in order, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_envelopes_in_deep_queues_are_dead_lettered_across_hand_overs() {
+    for (name, pools) in pools() {
+        let broker = MemoryBroker::default();
+        let topic = format!("poison-handover-{name}");
+        let cfg = config();
+        let group = cfg.consumer.group_id.clone();
+        let checker = DeliveryChecker::new();
+        let handled: Handled = Arc::default();
+        let publisher =
+            MemoryEventBus::new(broker.clone(), pools(spec()).await, cfg.clone()).unwrap();
+        publisher
+            .configure_topic(&topic, TopicConfig::default().partitions(PARTITIONS as u32))
+            .await
+            .unwrap();
+        // The dead letters, by the original's (partition, offset).
+        let lettered: Handled = Arc::default();
+        let mut reader_cfg = config();
+        reader_cfg.consumer.drain_timeout = Duration::from_secs(5);
+        let reader = MemoryEventBus::new(broker.clone(), pools(spec()).await, reader_cfg).unwrap();
+        let l = lettered.clone();
+        reader
+            .subscribe(&format!("{topic}.dlq"), move |m: Message| {
+                let l = l.clone();
+                async move {
+                    let at = |h: &str| m.headers.get_str(h).and_then(|v| v.parse().ok());
+                    let original = at("eventbus-original-partition")
+                        .zip(at("eventbus-original-offset"))
+                        .map(|(p, o): (i64, i64)| (p as i32, o));
+                    l.lock()
+                        .unwrap()
+                        .insert(original.expect("original's place"));
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .await
+            .unwrap();
+
+        let mut valid = 0u64;
+        let mut invalid = HashSet::new();
+        for i in 0..3000u64 {
+            let key = format!("k{}", i % 20);
+            if i % 50 == 7 {
+                // Its id peeks as the key's (routed with the key's messages), its
+                // event_type is not a string: it does not decode.
+                let body = format!(r#"{{"aggregate_id":"{key}","event_type":7}}"#);
+                let at = publisher
+                    .publish(&topic, Record::new(body).with_key(key))
+                    .await
+                    .unwrap();
+                invalid.insert((at.partition, at.offset));
+                continue;
+            }
+            let seq = checker.produce(&key);
+            let e = Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }));
+            publisher.publish_envelope(&topic, &e).await.unwrap();
+            valid += 1;
+        }
+        let all_lettered = || invalid.iter().all(|m| lettered.lock().unwrap().contains(m));
+        let mut round = 0;
+        while checker.handled_distinct() < valid || !all_lettered() {
+            let starts = Arc::new(AtomicU64::new(0));
+            let bus =
+                MemoryEventBus::new(broker.clone(), pools(spec()).await, cfg.clone()).unwrap();
+            subscribe(&bus, &topic, &checker, &handled, &starts).await;
+            let seen = checker.handled_distinct();
+            wait_until(&format!("{name}: progress in round {round}"), || {
+                checker.handled_distinct() >= (seen + 400).min(valid)
+                    && (seen + 400 < valid || all_lettered())
+            })
+            .await;
+            if round % 2 == 0 {
+                bus.unsubscribe(&topic).await.unwrap();
+            } else {
+                bus.close().await.unwrap();
+            }
+            let after = starts.load(Ordering::SeqCst);
+            bus.close().await.unwrap();
+            assert_eq!(
+                starts.load(Ordering::SeqCst),
+                after,
+                "{name}: a handler started after the hand-over returned (round {round})"
+            );
+            round += 1;
+        }
+        assert!(
+            round >= 3,
+            "{name}: the backlog outlasted several hand-overs"
+        );
+        // A dead letter is written before its original is committed past: every
+        // committed offset is handled or dead-lettered.
+        {
+            let done = handled.lock().unwrap();
+            let letters = lettered.lock().unwrap();
+            for p in 0..PARTITIONS {
+                let committed = broker.committed(&topic, &group, p).unwrap_or(0);
+                if let Some(o) =
+                    (0..committed).find(|o| !done.contains(&(p, *o)) && !letters.contains(&(p, *o)))
+                {
+                    panic!("{name}: partition {p}: committed {committed} passed offset {o}, neither handled nor dead-lettered");
+                }
+            }
+            assert!(
+                letters.iter().all(|m| invalid.contains(m)),
+                "{name}: only the invalid envelopes are dead-lettered"
+            );
+        }
+        let report = checker.report();
+        assert!(report.lost.is_empty(), "{name}: {report}");
+        assert!(report.order_violations.is_empty(), "{name}: {report}");
+        reader.close().await.unwrap();
         publisher.close().await.unwrap();
     }
 }

@@ -90,6 +90,66 @@ fn assert_commits_within_handled(
     }
 }
 
+/// Consumers of one topic coming and going.
+struct Handovers<'a> {
+    name: &'a str,
+    broker: &'a MemoryBroker,
+    topic: &'a str,
+    config: &'a EventBusConfig,
+    pools: &'a PoolFactory,
+    checker: &'a DeliveryChecker,
+    handled: &'a Handled,
+}
+
+impl Handovers<'_> {
+    /// Consumers come and go until `total` messages are handled and `finished`
+    /// holds, each leaving (by unsubscribe or close, in turn) while its queues are
+    /// deep, once it has handled 400 more (or the rest); `left` runs after each
+    /// leaves. Each must have started no handler after it returned. The rounds.
+    async fn until(
+        &self,
+        total: u64,
+        finished: impl Fn() -> bool,
+        mut left: impl FnMut(),
+    ) -> usize {
+        let (name, checker) = (self.name, self.checker);
+        let mut round = 0;
+        while checker.handled_distinct() < total || !finished() {
+            let starts = Arc::new(AtomicU64::new(0));
+            let bus = MemoryEventBus::new(
+                self.broker.clone(),
+                (self.pools)(spec()).await,
+                self.config.clone(),
+            )
+            .unwrap();
+            subscribe(&bus, self.topic, checker, self.handled, &starts).await;
+            let seen = checker.handled_distinct();
+            wait_until(&format!("{name}: progress in round {round}"), || {
+                checker.handled_distinct() >= (seen + 400).min(total)
+                    && (seen + 400 < total || finished())
+            })
+            .await;
+            if round % 2 == 0 {
+                bus.unsubscribe(self.topic).await.unwrap();
+            } else {
+                bus.close().await.unwrap();
+            }
+            let after = starts.load(Ordering::SeqCst);
+            left();
+            // Closing the bus closes its pool, which takes every queued job out:
+            // whatever was queued when the consumer left never starts.
+            bus.close().await.unwrap();
+            assert_eq!(
+                starts.load(Ordering::SeqCst),
+                after,
+                "{name}: a handler started after the hand-over returned (round {round})"
+            );
+            round += 1;
+        }
+        round
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_overs_with_deep_queues_fence_queued_work_and_commit_only_what_finished() {
     for (name, pools) in pools() {
@@ -112,36 +172,21 @@ async fn hand_overs_with_deep_queues_fence_queued_work_and_commit_only_what_fini
             let e = Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }));
             publisher.publish_envelope(&topic, &e).await.unwrap();
         }
-        // Consumers come and go, each leaving (by unsubscribe or close) while its
-        // queues are deep; each must have started no handler after it returned.
-        let mut round = 0;
-        while checker.handled_distinct() < total {
-            let starts = Arc::new(AtomicU64::new(0));
-            let bus =
-                MemoryEventBus::new(broker.clone(), pools(spec()).await, cfg.clone()).unwrap();
-            subscribe(&bus, &topic, &checker, &handled, &starts).await;
-            let seen = checker.handled_distinct();
-            wait_until(&format!("{name}: progress in round {round}"), || {
-                checker.handled_distinct() >= (seen + 400).min(total)
-            })
-            .await;
-            if round % 2 == 0 {
-                bus.unsubscribe(&topic).await.unwrap();
-            } else {
-                bus.close().await.unwrap();
-            }
-            let after = starts.load(Ordering::SeqCst);
-            assert_commits_within_handled(&broker, &topic, &group, &handled);
-            // Closing the bus closes its pool, which takes every queued job out:
-            // whatever was queued when the consumer left never starts.
-            bus.close().await.unwrap();
-            assert_eq!(
-                starts.load(Ordering::SeqCst),
-                after,
-                "{name}: a handler started after the hand-over returned (round {round})"
-            );
-            round += 1;
+        let round = Handovers {
+            name,
+            broker: &broker,
+            topic: &topic,
+            config: &cfg,
+            pools: &pools,
+            checker: &checker,
+            handled: &handled,
         }
+        .until(
+            total,
+            || true,
+            || assert_commits_within_handled(&broker, &topic, &group, &handled),
+        )
+        .await;
         assert!(
             round >= 3,
             "{name}: the backlog outlasted several hand-overs"
@@ -218,32 +263,17 @@ async fn invalid_envelopes_in_deep_queues_are_dead_lettered_across_hand_overs() 
             valid += 1;
         }
         let all_lettered = || invalid.iter().all(|m| lettered.lock().unwrap().contains(m));
-        let mut round = 0;
-        while checker.handled_distinct() < valid || !all_lettered() {
-            let starts = Arc::new(AtomicU64::new(0));
-            let bus =
-                MemoryEventBus::new(broker.clone(), pools(spec()).await, cfg.clone()).unwrap();
-            subscribe(&bus, &topic, &checker, &handled, &starts).await;
-            let seen = checker.handled_distinct();
-            wait_until(&format!("{name}: progress in round {round}"), || {
-                checker.handled_distinct() >= (seen + 400).min(valid)
-                    && (seen + 400 < valid || all_lettered())
-            })
-            .await;
-            if round % 2 == 0 {
-                bus.unsubscribe(&topic).await.unwrap();
-            } else {
-                bus.close().await.unwrap();
-            }
-            let after = starts.load(Ordering::SeqCst);
-            bus.close().await.unwrap();
-            assert_eq!(
-                starts.load(Ordering::SeqCst),
-                after,
-                "{name}: a handler started after the hand-over returned (round {round})"
-            );
-            round += 1;
+        let round = Handovers {
+            name,
+            broker: &broker,
+            topic: &topic,
+            config: &cfg,
+            pools: &pools,
+            checker: &checker,
+            handled: &handled,
         }
+        .until(valid, all_lettered, || {})
+        .await;
         assert!(
             round >= 3,
             "{name}: the backlog outlasted several hand-overs"

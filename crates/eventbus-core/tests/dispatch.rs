@@ -10,7 +10,7 @@ use eventbus_core::{
 use eventbus_core::raw::{Completion, Dispatcher, Disposition, InFlightSet, Job, SubmitError};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -161,6 +161,54 @@ async fn the_watermark_moves_only_over_contiguous_finished_offsets() {
     assert_eq!(last, Some(13));
     assert_eq!(rig.ran(), vec![10, 11, 12]);
     assert!(rig.set.is_empty());
+}
+
+#[tokio::test]
+async fn settling_what_is_ready_leaves_each_partitions_last_watermark_once() {
+    let mut rig = Rig::new();
+    rig.set.assign(0);
+    rig.set.assign(1);
+    for offset in 10..13 {
+        rig.deliver(0, offset).await;
+    }
+    for offset in 20..22 {
+        rig.deliver(1, offset).await;
+    }
+    for _ in 0..5 {
+        rig.pool.run_next().await;
+    }
+    // Two passes: `max` 3, then the rest. Each leaves one mark per partition it
+    // moved (a stale mark from before is cleared), its last.
+    let (mut marks, mut seen, mut last) = (vec![(7, 7)], Vec::new(), HashMap::new());
+    for max in [3, usize::MAX] {
+        let first = rig.settled().await;
+        let before = seen.len();
+        rig.set.settle_ready(first, max, &mut marks, |c| {
+            seen.push((c.partition, c.offset))
+        });
+        assert!(seen.len() - before <= max, "at most `max` settled");
+        let mut partitions: Vec<i32> = marks.iter().map(|(p, _)| *p).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        assert_eq!(
+            partitions.len(),
+            marks.len(),
+            "one mark per partition: {marks:?}"
+        );
+        last.extend(marks.iter().copied());
+    }
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [(0, 10), (0, 11), (0, 12), (1, 20), (1, 21)],
+        "each settled once"
+    );
+    assert!(rig.set.is_empty());
+    assert_eq!(
+        last,
+        HashMap::from([(0, 13), (1, 22)]),
+        "the last marks are the watermarks"
+    );
 }
 
 #[tokio::test]

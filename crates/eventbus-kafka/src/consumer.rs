@@ -228,7 +228,7 @@ pub(crate) struct ConsumeLoop {
     rotate: usize,
     /// Watermarks to store at the end of one [`ConsumeLoop::on_settled`] (kept to
     /// reuse its allocation).
-    stores: Vec<(Arc<str>, i32, i64)>,
+    marks: Vec<(i32, i64)>,
 }
 
 /// Poll every topic's in-flight set once; the first completion wins.
@@ -314,7 +314,7 @@ impl ConsumeLoop {
             dispatcher,
             topics: HashMap::new(),
             rotate: 0,
-            stores: Vec::new(),
+            marks: Vec::new(),
         }
     }
 
@@ -619,23 +619,6 @@ impl ConsumeLoop {
     }
 }
 
-/// Keep `watermark`, if any, as the latest of `topic`'s `partition` in `stores`.
-fn note_watermark(
-    stores: &mut Vec<(Arc<str>, i32, i64)>,
-    topic: &Arc<str>,
-    partition: i32,
-    watermark: Option<i64>,
-) {
-    let Some(w) = watermark else { return };
-    match stores
-        .iter_mut()
-        .find(|(t, p, _)| *p == partition && t == topic)
-    {
-        Some(entry) => entry.2 = w,
-        None => stores.push((topic.clone(), partition, w)),
-    }
-}
-
 fn store_offset(consumer: &KConsumer, topic: &str, partition: i32, watermark: i64) {
     {
         let mut tpl = TopicPartitionList::new();
@@ -651,25 +634,20 @@ fn store_offset(consumer: &KConsumer, topic: &str, partition: i32, watermark: i6
 }
 
 impl ConsumeLoop {
-    /// Settle `first` and the completions ready after it, [`SETTLE_BATCH`] at most
-    /// in all, storing each partition's last new watermark once. Nothing else runs
-    /// within the call: a rewind (a message) or a revoke (a control) comes between
-    /// two calls, so the last watermark of a partition here is what storing each in
-    /// turn would have left stored. A completion of a revoked ownership carries none.
+    /// Settle `first` and the completions of its topic ready after it,
+    /// [`SETTLE_BATCH`] at most in all, storing each partition's last new
+    /// watermark once ([`InFlightSet::settle_ready`]). A completion of a revoked
+    /// ownership carries none.
     fn on_settled(&mut self, topic: &Arc<str>, first: Completion<()>) {
-        let mut stores = std::mem::take(&mut self.stores);
-        note_watermark(&mut stores, topic, first.partition, first.watermark);
-        for _ in 1..SETTLE_BATCH {
-            match futures::FutureExt::now_or_never(next_settled(&mut self.topics, &mut self.rotate))
-            {
-                Some((t, s)) => note_watermark(&mut stores, &t, s.partition, s.watermark),
-                None => break,
-            }
+        let mut marks = std::mem::take(&mut self.marks);
+        match self.topics.get_mut(&**topic) {
+            Some(ts) => ts.set.settle_ready(first, SETTLE_BATCH, &mut marks, |_| {}),
+            None => marks.extend(first.watermark.map(|w| (first.partition, w))),
         }
-        for (t, p, w) in stores.drain(..) {
-            self.store(&t, p, w);
+        for (p, w) in marks.drain(..) {
+            self.store(topic, p, w);
         }
-        self.stores = stores;
+        self.marks = marks;
     }
 
     async fn on_message(&mut self, msg: Message) {
@@ -1039,31 +1017,4 @@ impl ConsumeLoop {
 /// Error for a consumer that is gone.
 pub(crate) fn consumer_gone() -> Error {
     Error::closed("the Kafka consumer is closed")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_settling_step_stores_each_partitions_last_watermark_once() {
-        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
-        let mut stores = Vec::new();
-        for (topic, partition, watermark) in [
-            (&a, 0, Some(3)),
-            (&a, 1, Some(7)),
-            (&b, 0, Some(1)),
-            (&a, 0, None),
-            (&a, 0, Some(5)),
-            (&b, 0, Some(2)),
-            (&b, 1, None),
-        ] {
-            note_watermark(&mut stores, topic, partition, watermark);
-        }
-        assert_eq!(
-            stores,
-            [(a.clone(), 0, 5), (a, 1, 7), (b, 0, 2)],
-            "one entry per partition with a new watermark, its last one"
-        );
-    }
 }

@@ -44,7 +44,7 @@ impl ConsumeLoop {
             self.set.assign(p as i32);
         }
         // Each partition's last new watermark within one settling pass.
-        let mut marks: Vec<Option<i64>> = vec![None; n];
+        let mut marks = Vec::with_capacity(n);
         let mut appended = self.topic.appended();
         'consume: loop {
             appended.borrow_and_update();
@@ -177,25 +177,18 @@ impl ConsumeLoop {
     }
 
     /// Settle `first`, if any, and every completion ready after it, then commit
-    /// each partition's last new watermark once: one lock of the group table and
-    /// one wake of waiting publishers per partition, not per message. Nothing else
-    /// moves a watermark meanwhile (no await), so what is committed is what
-    /// committing each in turn would have left.
-    fn settle_ready(&mut self, first: Option<Completion<()>>, marks: &mut [Option<i64>]) {
-        let mut next = first.or_else(|| self.set.next().now_or_never().flatten());
-        while let Some(s) = next {
-            count_out(&self.in_flight, &s);
-            if let Some(mark) = marks.get_mut(s.partition as usize) {
-                if s.watermark.is_some() {
-                    *mark = s.watermark;
-                }
-            }
-            next = self.set.next().now_or_never().flatten();
-        }
-        for (p, mark) in marks.iter_mut().enumerate() {
-            if let Some(w) = mark.take() {
-                self.topic.commit(&self.group, p as i32, w);
-            }
+    /// each partition's last new watermark once
+    /// ([`InFlightSet::settle_ready`]): one lock of the group table and one wake
+    /// of waiting publishers per partition, not per message.
+    fn settle_ready(&mut self, first: Option<Completion<()>>, marks: &mut Vec<(i32, i64)>) {
+        let Some(first) = first.or_else(|| self.set.next().now_or_never().flatten()) else {
+            return;
+        };
+        let in_flight = &self.in_flight;
+        self.set
+            .settle_ready(first, usize::MAX, marks, |s| count_out(in_flight, &s));
+        for (p, w) in marks.drain(..) {
+            self.topic.commit(&self.group, p, w);
         }
     }
 }

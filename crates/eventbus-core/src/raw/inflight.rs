@@ -408,4 +408,38 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             return Some(completion);
         }
     }
+
+    /// Settle `first` (a completion [`next`](Self::next) gave) and the completions
+    /// ready after it, `max` at most in all, without waiting: each goes to `each`,
+    /// and `marks` (emptied first) is left with each partition's last new
+    /// watermark among them, to commit or store once per partition instead of once
+    /// per message. Nothing else moves a watermark during the call (a rewind, a
+    /// revoke or an assignment needs `&mut self`), so a partition's last watermark
+    /// here is what committing each in turn would have left.
+    pub fn settle_ready(
+        &mut self,
+        first: Completion<T>,
+        max: usize,
+        marks: &mut Vec<(i32, i64)>,
+        mut each: impl FnMut(Completion<T>),
+    ) {
+        marks.clear();
+        let mut next = Some(first);
+        let mut settled = 0;
+        while let Some(completion) = next {
+            if let Some(w) = completion.watermark {
+                match marks.iter_mut().find(|(p, _)| *p == completion.partition) {
+                    Some(mark) => mark.1 = w,
+                    None => marks.push((completion.partition, w)),
+                }
+            }
+            each(completion);
+            settled += 1;
+            next = if settled < max {
+                futures::FutureExt::now_or_never(self.next()).flatten()
+            } else {
+                None
+            };
+        }
+    }
 }

@@ -412,7 +412,6 @@ impl Now {
 
 /// Jobs prepared for one submission to the pool, and how many go to each pool
 /// kind (counted as sent once submitted).
-#[derive(Default)]
 struct Batch {
     jobs: Vec<Job>,
     /// Where each job's message is in the caller's in-flight entries.

@@ -35,13 +35,14 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{in_scope, BoxHandler, Event};
 use crate::hash::stable_hash;
 use crate::health::{ComponentHealth, HealthStatus};
-use crate::job::{panic_message, FailureCause, Job, JobClass, Outcome, OutcomeReceiver};
+use crate::job::{panic_message, FailureCause, Job, JobClass, Outcome, OutcomeReceiver, PostTo};
 use crate::message::{Message, Record};
 use crate::metrics as m;
 use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
 use crate::pool::{Pool, SubmitErrorKind};
-use crate::raw::fence::{Epoch, Scope};
+use crate::raw::fence::{Epoch, Scope, Settling};
+use crate::raw::inflight::Target;
 
 mod dead_letter;
 mod instruments;
@@ -120,6 +121,10 @@ enum Finishing {
     Outcome(OutcomeReceiver, Option<(Meta, Dispatcher)>),
     /// Anything that waits (a dead letter being written, say).
     Boxed(BoxFuture<'static, Disposition>),
+    /// Its job posts the outcome to the mailbox of the
+    /// [`InFlightSet`](crate::raw::InFlightSet) it was submitted for (at `slot`, in
+    /// its use `tag`); the set settles it ([`InFlight::settle_posted`]).
+    Posted(u32, u32, Option<(Meta, Dispatcher)>),
     /// Not submitted (see [`Dispatcher::submit_batch`]): abandoned.
     NotSubmitted,
 }
@@ -138,35 +143,59 @@ impl Finishing {
             match self {
                 Finishing::NotSubmitted => return Poll::Ready(Disposition::Abandoned),
                 Finishing::Boxed(fut) => return fut.as_mut().poll(cx),
-                Finishing::Outcome(rx, job) => {
+                Finishing::Outcome(rx, _) => {
                     let received = futures::ready!(rx.poll_settling(cx));
-                    let (meta, dispatcher) = job.take().expect("polled after completion");
-                    // The job counts as unsettled in its scope until `settling`
-                    // drops, after the disposition is settled (a dead letter
-                    // written): a hand-over that waits for the scope to be idle
-                    // cannot give the message back meanwhile.
-                    let Ok((outcome, settling)) = received else {
-                        return Poll::Ready(Disposition::Abandoned);
-                    };
-                    match dispatcher.settle_now(outcome, meta) {
-                        Settled::Now(disposition) => {
-                            drop(settling);
-                            return Poll::Ready(disposition);
-                        }
-                        Settled::DeadLetter(meta, cause, attempts) => {
-                            *self = Finishing::Boxed(
-                                async move {
-                                    let (pool, submitted) = (meta.pool, meta.submitted);
-                                    let d = dispatcher.dead_letter(meta, cause, attempts).await;
-                                    dispatcher.finished(pool, submitted, d);
-                                    drop(settling);
-                                    d
-                                }
-                                .boxed(),
-                            );
-                        }
+                    if let Some((d, settling)) = self.settle(received.ok()) {
+                        drop(settling);
+                        return Poll::Ready(d);
                     }
                 }
+                // Only its set hears the outcome: awaited on its own, the message
+                // is left unacknowledged, for redelivery.
+                Finishing::Posted(..) => {
+                    debug_assert!(false, "a posted in-flight message awaited outside its set");
+                    return Poll::Ready(Disposition::Abandoned);
+                }
+            }
+        }
+    }
+
+    /// Settle what the job delivered (`None`: it was dropped without running):
+    /// the disposition, or `None` when a dead letter is to be written first (this
+    /// becomes the future that writes it).
+    ///
+    /// The disposition comes with the job's [`Settling`] guard: the job counts as
+    /// unsettled in its scope until the caller drops it, once the completion is
+    /// taken.
+    fn settle(
+        &mut self,
+        received: Option<(Outcome, Option<Settling>)>,
+    ) -> Option<(Disposition, Option<Settling>)> {
+        let job = match self {
+            Finishing::Outcome(_, job) | Finishing::Posted(_, _, job) => job.take(),
+            Finishing::Boxed(_) | Finishing::NotSubmitted => None,
+        };
+        let (meta, dispatcher) = job.expect("settled once, while its outcome is awaited");
+        // The job counts as unsettled in its scope until `settling` drops, after
+        // the disposition is settled (a dead letter written): a hand-over that
+        // waits for the scope to be idle cannot give the message back meanwhile.
+        let Some((outcome, settling)) = received else {
+            return Some((Disposition::Abandoned, None));
+        };
+        match dispatcher.settle_now(outcome, meta) {
+            Settled::Now(disposition) => Some((disposition, settling)),
+            Settled::DeadLetter(meta, cause, attempts) => {
+                *self = Finishing::Boxed(
+                    async move {
+                        let (pool, submitted) = (meta.pool, meta.submitted);
+                        let d = dispatcher.dead_letter(meta, cause, attempts).await;
+                        dispatcher.finished(pool, submitted, d);
+                        drop(settling);
+                        d
+                    }
+                    .boxed(),
+                );
+                None
             }
         }
     }
@@ -211,6 +240,36 @@ impl<T> InFlight<T> {
     pub fn submitted(&self) -> bool {
         !matches!(self.fut, Finishing::NotSubmitted)
     }
+
+    /// The mailbox slot and tag its job posts to, when it posts to one.
+    pub(crate) fn posted_to(&self) -> Option<(u32, u32)> {
+        match self.fut {
+            Finishing::Posted(slot, tag, _) => Some((slot, tag)),
+            _ => None,
+        }
+    }
+
+    /// Settle the outcome its job posted (`None`: dropped without running): the
+    /// completion, with the job's guard to drop once the completion is taken (see
+    /// [`Finishing::settle`]), or `None` when it still has to write a dead letter
+    /// (it is then a future to await like any other).
+    pub(crate) fn settle_posted(
+        &mut self,
+        received: Option<(Outcome, Option<Settling>)>,
+    ) -> Option<(Completion<T>, Option<Settling>)> {
+        let (disposition, settling) = self.fut.settle(received)?;
+        Some((self.complete(disposition), settling))
+    }
+
+    fn complete(&mut self, disposition: Disposition) -> Completion<T> {
+        Completion {
+            partition: self.partition,
+            offset: self.offset,
+            disposition,
+            token: self.token.take().expect("InFlight polled after completion"),
+            watermark: None,
+        }
+    }
 }
 
 /// Resolves when the scope of `epoch` is fenced; never without an epoch.
@@ -235,13 +294,7 @@ impl<T: Unpin> Future for InFlight<T> {
     type Output = Completion<T>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T>> {
         let disposition = futures::ready!(self.fut.poll(cx));
-        Poll::Ready(Completion {
-            partition: self.partition,
-            offset: self.offset,
-            disposition,
-            token: self.token.take().expect("InFlight polled after completion"),
-            watermark: None,
-        })
+        Poll::Ready(self.complete(disposition))
     }
 }
 
@@ -357,8 +410,12 @@ impl fmt::Debug for Dispatcher {
     }
 }
 
-enum Prepared {
-    Job(Job, OutcomeReceiver, Meta),
+/// A job prepared for submission, how its message finishes, and the pool kind
+/// it goes to.
+struct Prepared {
+    job: Job,
+    finishing: Finishing,
+    pool: &'static str,
 }
 
 /// What `finish` needs of a submitted message. The message itself is kept only
@@ -611,25 +668,22 @@ impl Dispatcher {
         self.admit(sub, epoch, stop).await?;
         let (partition, offset) = (message.partition, message.offset);
         let now = Now::new();
-        let fut = match self.prepare_message(sub, self.stamp(message, &now), epoch, now.instant) {
-            Prepared::Job(job, rx, meta) => {
-                let pool = meta.pool;
-                let job = job.fenced_by(epoch.clone(), offset);
-                self.submit_waiting(job, pool, stop).await?;
-                self.count_sent(pool, 1);
-                self.finishing(rx, meta)
-            }
-        };
+        let prepared =
+            self.prepare_message(sub, self.stamp(message, &now), epoch, None, now.instant);
+        let job = prepared.job.fenced_by(epoch.clone(), offset);
+        self.submit_waiting(job, prepared.pool, stop).await?;
+        self.count_sent(prepared.pool, 1);
         Ok(InFlight {
             partition,
             offset,
             token: Some(token),
-            fut,
+            fut: prepared.finishing,
         })
     }
 
     /// Submit consumed messages of one subscription, in delivery order, each with
-    /// its token and the epoch it was consumed under: each as [`submit`] would, but
+    /// its token and the epoch it was consumed under (or the [`Target`] of its
+    /// [`Ticket`], which carries that epoch): each as [`submit`] would, but
     /// the pool takes the batch in one call ([`Pool::submit_batch`], waking each
     /// worker at most once), and from the first job it has no room for on, the
     /// jobs wait for room one by one, in order. A rate-limited subscription
@@ -644,11 +698,18 @@ impl Dispatcher {
     /// failed [`submit`]). As with [`submit`], nothing is submitted above a message
     /// that was not, so a clean stop leaves nothing handled above what it commits.
     ///
+    /// An entry submitted with a ticket's [`Target`] resolves only through the
+    /// [`InFlightSet`] that gave the ticket ([`InFlightSet::push`] it there): its
+    /// job posts its outcome to the set, with no channel or wake-up of its own.
+    ///
     /// [`submit`]: Dispatcher::submit
+    /// [`Ticket`]: crate::raw::Ticket
+    /// [`InFlightSet`]: crate::raw::InFlightSet
+    /// [`InFlightSet::push`]: crate::raw::InFlightSet::push
     pub async fn submit_batch<T: Send + Unpin + 'static>(
         &self,
         sub: &Arc<PreparedSubscription>,
-        messages: impl IntoIterator<Item = (Message, T, Epoch)>,
+        messages: impl IntoIterator<Item = (Message, T, impl Into<Target>)>,
         stop: &CancellationToken,
         out: &mut Vec<InFlight<T>>,
     ) -> Result<()> {
@@ -658,7 +719,8 @@ impl Dispatcher {
         // One reading of the clocks serves the batch: its messages are dispatched
         // within microseconds of each other.
         let mut now = Now::new();
-        for (message, token, epoch) in messages {
+        for (message, token, target) in messages {
+            let Target { epoch, post } = target.into();
             let (partition, offset) = (message.partition, message.offset);
             if failed.is_none() {
                 if sub.limiter.is_some() {
@@ -678,18 +740,18 @@ impl Dispatcher {
                 out.push(InFlight::abandoned(partition, offset, Some(token)));
                 continue;
             }
-            let fut =
-                match self.prepare_message(sub, self.stamp(message, &now), &epoch, now.instant) {
-                    Prepared::Job(job, rx, meta) => {
-                        batch.push(job.fenced_by(epoch, offset), meta.pool, out.len());
-                        self.finishing(rx, meta)
-                    }
-                };
+            let prepared =
+                self.prepare_message(sub, self.stamp(message, &now), &epoch, post, now.instant);
+            batch.push(
+                prepared.job.fenced_by(epoch, offset),
+                prepared.pool,
+                out.len(),
+            );
             out.push(InFlight {
                 partition,
                 offset,
                 token: Some(token),
-                fut,
+                fut: prepared.finishing,
             });
         }
         let flushed = self.submit_jobs(&mut batch, stop, out).await;
@@ -777,8 +839,33 @@ impl Dispatcher {
         self.inner.metrics.pool(pool).sent.increment(n);
     }
 
-    fn finishing(&self, rx: OutcomeReceiver, meta: Meta) -> Finishing {
-        Finishing::Outcome(rx, Some((meta, self.clone())))
+    /// The job running `task`, replying on a channel of its own or posting to
+    /// `post`, and how its message finishes.
+    fn prepared(
+        &self,
+        (route, class, key): (u64, JobClass, Option<Arc<str>>),
+        task: BoxFuture<'static, Outcome>,
+        post: Option<PostTo>,
+        meta: Meta,
+    ) -> Prepared {
+        let pool = meta.pool;
+        let settle = Some((meta, self.clone()));
+        let (job, finishing) = match post {
+            Some(to) => {
+                let (slot, tag) = (to.slot, to.tag);
+                let job = Job::posting(route, class, key, task, to);
+                (job, Finishing::Posted(slot, tag, settle))
+            }
+            None => {
+                let (job, rx) = Job::new(route, class, key, task);
+                (job, Finishing::Outcome(rx, settle))
+            }
+        };
+        Prepared {
+            job,
+            finishing,
+            pool,
+        }
     }
 
     /// Remember how old the message is (now minus its broker timestamp) for the
@@ -800,6 +887,7 @@ impl Dispatcher {
         sub: &Arc<PreparedSubscription>,
         message: Message,
         epoch: &Epoch,
+        post: Option<PostTo>,
         now: Instant,
     ) -> Prepared {
         let scope = epoch.scope();
@@ -831,8 +919,7 @@ impl Dispatcher {
                     (meta.pool, meta.submitted),
                     scope,
                 );
-                let (job, rx) = Job::new(route, JobClass::Envelope, Some(key), task);
-                Prepared::Job(job, rx, meta)
+                self.prepared((route, JobClass::Envelope, Some(key)), task, post, meta)
             }
             SubscriptionHandler::Plain(handler) => {
                 let key: Option<Arc<str>> = sub.ids.extract_shared(&message, None);
@@ -858,8 +945,7 @@ impl Dispatcher {
                     (meta.pool, meta.submitted),
                     scope,
                 );
-                let (job, rx) = Job::new(route, JobClass::Plain, key, task);
-                Prepared::Job(job, rx, meta)
+                self.prepared((route, JobClass::Plain, key), task, post, meta)
             }
         }
     }

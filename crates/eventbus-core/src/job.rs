@@ -176,7 +176,7 @@ pub struct Job {
     key: Option<Arc<str>>,
     // Both are `Some` until the job runs; `Drop` needs to move them out.
     task: Option<BoxFuture<'static, Outcome>>,
-    reply: Option<oneshot::Sender<(Outcome, Option<Settling>)>>,
+    reply: Option<Reply>,
     done: Option<DoneHook>,
     /// The scope epoch the job was consumed under, and its offset there.
     fence: Option<(Epoch, i64)>,
@@ -229,10 +229,91 @@ impl fmt::Debug for DoneHook {
     }
 }
 
+/// Where a job's outcome goes: its own channel, or a slot of its consumer's
+/// [`Mailbox`].
+enum Reply {
+    Oneshot(oneshot::Sender<(Outcome, Option<Settling>)>),
+    Post(PostTo),
+}
+
+impl Reply {
+    /// Deliver the outcome (`None`: the job was dropped without running).
+    fn send(self, outcome: Option<(Outcome, Option<Settling>)>) {
+        match self {
+            Reply::Oneshot(tx) => {
+                if let Some(outcome) = outcome {
+                    let _ = tx.send(outcome);
+                }
+            }
+            Reply::Post(to) => to.mailbox.post(Post {
+                slot: to.slot,
+                tag: to.tag,
+                outcome,
+            }),
+        }
+    }
+}
+
+/// A slot of a [`Mailbox`] a job posts its outcome to: the slot and the tag of its
+/// current use, so a post for an earlier use of the slot is told apart.
+pub(crate) struct PostTo {
+    pub(crate) mailbox: Arc<Mailbox>,
+    pub(crate) slot: u32,
+    pub(crate) tag: u32,
+}
+
+/// An outcome posted to a [`Mailbox`]: `None` when the job was dropped without
+/// running (its pool closed or aborted it).
+pub(crate) struct Post {
+    pub(crate) slot: u32,
+    pub(crate) tag: u32,
+    pub(crate) outcome: Option<(Outcome, Option<Settling>)>,
+}
+
+/// Where the jobs of one consumer post their outcomes, instead of one channel per
+/// job: a short critical section per outcome, and one wake-up of the consumer per
+/// batch of them (the first posted after it last emptied the mailbox).
+///
+/// Bounded by its consumer: each job posts once, and every job is one of the
+/// consumer's in-flight messages, each holding a permit of its in-flight bound.
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    posts: Mutex<Vec<Post>>,
+    consumer: futures::task::AtomicWaker,
+}
+
+impl Mailbox {
+    fn post(&self, post: Post) {
+        let first = {
+            let mut posts = self.posts.lock().unwrap_or_else(|p| p.into_inner());
+            posts.push(post);
+            posts.len() == 1
+        };
+        if first {
+            self.consumer.wake();
+        }
+    }
+
+    /// Move what was posted into `into` (emptied first), and have the consumer of
+    /// `cx` woken by the next post.
+    pub(crate) fn take(&self, cx: &Context<'_>, into: &mut Vec<Post>) {
+        into.clear();
+        // Registered before looking: a post after the look finds the mailbox
+        // empty and wakes this waker.
+        self.consumer.register(cx.waker());
+        let mut posts = self.posts.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut *posts, into);
+    }
+}
+
 impl Drop for Job {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
             done.call(None);
+        }
+        // After the hook, as a dropped channel would tell its receiver.
+        if let Some(reply) = self.reply.take() {
+            reply.send(None);
         }
     }
 }
@@ -258,17 +339,38 @@ impl Job {
     ) -> (Job, OutcomeReceiver) {
         let (reply, rx) = oneshot::channel();
         (
-            Job {
-                route,
-                class,
-                key,
-                task: Some(task),
-                reply: Some(reply),
-                done: None,
-                fence: None,
-            },
+            Self::replying(route, class, key, task, Reply::Oneshot(reply)),
             OutcomeReceiver { rx },
         )
+    }
+
+    /// A job posting its outcome to `to` (a slot of its consumer's mailbox).
+    pub(crate) fn posting(
+        route: u64,
+        class: JobClass,
+        key: Option<Arc<str>>,
+        task: BoxFuture<'static, Outcome>,
+        to: PostTo,
+    ) -> Job {
+        Self::replying(route, class, key, task, Reply::Post(to))
+    }
+
+    fn replying(
+        route: u64,
+        class: JobClass,
+        key: Option<Arc<str>>,
+        task: BoxFuture<'static, Outcome>,
+        reply: Reply,
+    ) -> Job {
+        Job {
+            route,
+            class,
+            key,
+            task: Some(task),
+            reply: Some(reply),
+            done: None,
+            fence: None,
+        }
     }
 
     /// The routing hash: pools pick the worker as `slot(route, n)`.
@@ -335,7 +437,7 @@ impl Job {
         // The waiter may be gone (bus closing); outcome and guard are dropped here.
         let settling = running.map(|r| r.returned());
         if let Some(reply) = self.reply.take() {
-            let _ = reply.send((outcome, settling));
+            reply.send(Some((outcome, settling)));
         }
         if let Some(done) = self.done.take() {
             done.call(Some(kind));

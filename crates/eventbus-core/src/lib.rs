@@ -67,7 +67,7 @@ pub mod raw {
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
     pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};
     pub use fence::{Epoch, Scope};
-    pub use inflight::{InFlightLimit, InFlightSet, Ticket};
+    pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};
     pub use lifecycle::{BusBackend, Consumers, Lifecycle};
     pub use offset::{OffsetTracker, Tracked};
 }

@@ -21,13 +21,17 @@ pub enum SubmitErrorKind {
 /// A refused submission. The job is handed back, never lost.
 pub struct SubmitError {
     kind: SubmitErrorKind,
-    job: Job,
+    /// Boxed: a refusal is the rare path, and keeps results of submissions small.
+    job: Box<Job>,
 }
 
 impl SubmitError {
     /// A refusal of `kind`, handing back `job`.
     pub fn new(kind: SubmitErrorKind, job: Job) -> Self {
-        Self { kind, job }
+        Self {
+            kind,
+            job: Box::new(job),
+        }
     }
 
     /// Why.
@@ -37,7 +41,7 @@ impl SubmitError {
 
     /// Take the job back.
     pub fn into_job(self) -> Job {
-        self.job
+        *self.job
     }
 }
 

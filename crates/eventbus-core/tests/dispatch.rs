@@ -1,13 +1,19 @@
 //! The dispatcher and the in-flight set over a fake pool the test steps by hand: it
 //! queues every job and runs one only when told, so each test decides exactly what
 //! has started when a partition is fenced, rewound or revoked.
+//!
+//! Each test runs both ways a consumer submits: with the ticket's target (the job
+//! posts its outcome to the set's mailbox, as the memory and Kafka consumers do)
+//! and with the epoch alone (a channel per job, as the NATS consumer does).
 
 use eventbus_core::{
     CancellationToken, ComponentHealth, ErrorKind, EventBusConfig, HandlerError, Message, Pool,
     PoolStats, Subscription,
 };
 
-use eventbus_core::raw::{Completion, Dispatcher, Disposition, InFlightSet, Job, SubmitError};
+use eventbus_core::raw::{
+    Completion, Dispatcher, Disposition, InFlight, InFlightSet, Job, SubmitError, Ticket,
+};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::{HashMap, VecDeque};
@@ -64,7 +70,25 @@ impl Pool for SteppedPool {
     }
 }
 
+/// Two tests of `$name(rig)`: one submitting with targets, one with epochs.
+macro_rules! both_ways {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn posted() {
+                super::$name(super::Rig::new(true)).await
+            }
+            #[tokio::test]
+            async fn channels() {
+                super::$name(super::Rig::new(false)).await
+            }
+        }
+    };
+}
+
 struct Rig {
+    /// Submit with the ticket's target (the set's mailbox), not the epoch alone.
+    posted: bool,
     pool: Arc<SteppedPool>,
     dispatcher: Dispatcher,
     sub: Arc<eventbus_core::raw::PreparedSubscription>,
@@ -78,7 +102,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn new() -> Self {
+    fn new(posted: bool) -> Self {
         let pool = Arc::new(SteppedPool::default());
         let dispatcher = Dispatcher::new("memory", pool.clone(), None, EventBusConfig::default());
         let ran = Arc::new(Mutex::new(Vec::new()));
@@ -96,6 +120,7 @@ impl Rig {
             .expect("prepare");
         let permits = Arc::new(Semaphore::new(100));
         Self {
+            posted,
             pool,
             dispatcher,
             sub,
@@ -112,11 +137,20 @@ impl Rig {
         let permit = self.set.reserve().await.expect("permit");
         let ticket = self.set.begin(partition, offset).expect("owned partition");
         let message = Message::new(TOPIC, partition, offset, "{}").with_key("k");
-        let inflight = self
-            .dispatcher
-            .submit(&self.sub, message, (), ticket.epoch(), &self.stop)
-            .await
-            .expect("submitted");
+        let inflight = if self.posted {
+            let mut out = Vec::new();
+            let target = self.set.target(&ticket);
+            self.dispatcher
+                .submit_batch(&self.sub, [(message, (), target)], &self.stop, &mut out)
+                .await
+                .expect("submitted");
+            out.pop().expect("an entry per message")
+        } else {
+            self.dispatcher
+                .submit(&self.sub, message, (), ticket.epoch(), &self.stop)
+                .await
+                .expect("submitted")
+        };
         self.set.push(ticket, inflight, permit).expect("push");
     }
 
@@ -133,9 +167,8 @@ impl Rig {
     }
 }
 
-#[tokio::test]
-async fn the_watermark_moves_only_over_contiguous_finished_offsets() {
-    let mut rig = Rig::new();
+both_ways!(the_watermark_moves_only_over_contiguous_finished_offsets);
+async fn the_watermark_moves_only_over_contiguous_finished_offsets(mut rig: Rig) {
     rig.set.assign(0);
     for offset in 10..13 {
         rig.deliver(0, offset).await;
@@ -163,9 +196,8 @@ async fn the_watermark_moves_only_over_contiguous_finished_offsets() {
     assert!(rig.set.is_empty());
 }
 
-#[tokio::test]
-async fn settling_what_is_ready_leaves_each_partitions_last_watermark_once() {
-    let mut rig = Rig::new();
+both_ways!(settling_what_is_ready_leaves_each_partitions_last_watermark_once);
+async fn settling_what_is_ready_leaves_each_partitions_last_watermark_once(mut rig: Rig) {
     rig.set.assign(0);
     rig.set.assign(1);
     for offset in 10..13 {
@@ -211,9 +243,8 @@ async fn settling_what_is_ready_leaves_each_partitions_last_watermark_once() {
     );
 }
 
-#[tokio::test]
-async fn a_fenced_partition_never_starts_its_queued_jobs() {
-    let mut rig = Rig::new();
+both_ways!(a_fenced_partition_never_starts_its_queued_jobs);
+async fn a_fenced_partition_never_starts_its_queued_jobs(mut rig: Rig) {
     rig.set.assign(0);
     for offset in 0..3 {
         rig.deliver(0, offset).await;
@@ -244,9 +275,8 @@ async fn a_fenced_partition_never_starts_its_queued_jobs() {
     );
 }
 
-#[tokio::test]
-async fn a_rewind_fences_the_copies_read_again_and_keeps_work_below_it() {
-    let mut rig = Rig::new();
+both_ways!(a_rewind_fences_the_copies_read_again_and_keeps_work_below_it);
+async fn a_rewind_fences_the_copies_read_again_and_keeps_work_below_it(mut rig: Rig) {
     rig.set.assign(0);
     for offset in 0..4 {
         rig.deliver(0, offset).await;
@@ -284,9 +314,8 @@ async fn a_rewind_fences_the_copies_read_again_and_keeps_work_below_it() {
     assert_eq!(rig.set.watermark(0), Some(4));
 }
 
-#[tokio::test]
-async fn the_watermark_never_passes_an_unfinished_message_below_a_rewind() {
-    let mut rig = Rig::new();
+both_ways!(the_watermark_never_passes_an_unfinished_message_below_a_rewind);
+async fn the_watermark_never_passes_an_unfinished_message_below_a_rewind(mut rig: Rig) {
     rig.set.assign(0);
     for offset in 0..4 {
         rig.deliver(0, offset).await;
@@ -321,9 +350,8 @@ async fn the_watermark_never_passes_an_unfinished_message_below_a_rewind() {
     );
 }
 
-#[tokio::test]
-async fn revoking_a_partition_returns_the_permits_of_its_jobs() {
-    let mut rig = Rig::new();
+both_ways!(revoking_a_partition_returns_the_permits_of_its_jobs);
+async fn revoking_a_partition_returns_the_permits_of_its_jobs(mut rig: Rig) {
     rig.set.assign(0);
     for offset in 0..5 {
         rig.deliver(0, offset).await;
@@ -350,7 +378,7 @@ async fn revoking_a_partition_returns_the_permits_of_its_jobs() {
 
 #[tokio::test]
 async fn submit_on_a_fenced_scope_or_after_stop_is_refused_before_the_pool() {
-    let mut rig = Rig::new();
+    let mut rig = Rig::new(false);
     let scope = rig.set.assign(0);
     let ticket = rig.set.begin(0, 0).expect("owned");
     scope.fence();
@@ -375,4 +403,121 @@ async fn submit_on_a_fenced_scope_or_after_stop_is_refused_before_the_pool() {
     rig.set.give_up(ticket);
     assert_eq!(rig.pool.queued(), 0, "nothing reached the pool");
     assert_eq!(rig.calls.load(Ordering::SeqCst), 0);
+}
+
+both_ways!(a_job_counts_unsettled_until_its_completion_is_taken);
+async fn a_job_counts_unsettled_until_its_completion_is_taken(mut rig: Rig) {
+    rig.set.assign(0);
+    for offset in 0..2 {
+        rig.deliver(0, offset).await;
+    }
+    rig.pool.run_next().await;
+    rig.pool.run_next().await;
+    assert_eq!(
+        rig.set.unsettled(0),
+        2,
+        "both handlers returned, neither taken"
+    );
+    let first = rig.settled().await;
+    assert_eq!(
+        rig.set.unsettled(0),
+        1,
+        "the second stays unsettled until it is taken (a hand-over waits for it)"
+    );
+    let second = rig.settled().await;
+    assert_eq!(rig.set.unsettled(0), 0);
+    assert_eq!(
+        [
+            (first.offset, first.watermark),
+            (second.offset, second.watermark)
+        ],
+        [(0, Some(1)), (1, Some(2))]
+    );
+    assert!(rig.set.is_empty());
+}
+
+/// Submit the message at `offset` of `partition` with `ticket`'s target, without
+/// pushing its entry: the submission's result and the entry.
+async fn submit_for(
+    rig: &mut Rig,
+    ticket: &Ticket,
+    (partition, offset): (i32, i64),
+    stop: &CancellationToken,
+) -> (eventbus_core::Result<()>, InFlight<()>) {
+    let message = Message::new(TOPIC, partition, offset, "{}").with_key("k");
+    let mut out = Vec::new();
+    let target = rig.set.target(ticket);
+    let r = rig
+        .dispatcher
+        .submit_batch(&rig.sub, [(message, (), target)], stop, &mut out)
+        .await;
+    (r, out.pop().expect("an entry per message"))
+}
+
+#[tokio::test]
+async fn an_outcome_posted_before_its_entry_is_pushed_is_settled_at_the_push() {
+    let mut rig = Rig::new(true);
+    rig.set.assign(0);
+    let permit = rig.set.reserve().await.expect("permit");
+    let ticket = rig.set.begin(0, 5).expect("owned");
+    let stop = rig.stop.clone();
+    let (submitted, inflight) = submit_for(&mut rig, &ticket, (0, 5), &stop).await;
+    submitted.expect("submitted");
+    rig.pool.run_next().await;
+    // A consumer settling other work while it submits reads the set before this
+    // entry is pushed: nothing of it is in flight yet.
+    assert!(
+        rig.set
+            .next()
+            .now_or_never()
+            .expect("nothing in flight: no wait")
+            .is_none(),
+        "no completion before the entry is pushed"
+    );
+    assert_eq!(rig.set.unsettled(0), 1, "its job is unsettled until taken");
+    rig.set.push(ticket, inflight, permit).expect("push");
+    let c = rig.settled().await;
+    assert_eq!(
+        (c.offset, c.disposition, c.watermark),
+        (5, Disposition::Handled, Some(6))
+    );
+    assert_eq!(rig.set.unsettled(0), 0);
+    assert!(rig.set.is_empty());
+    assert_eq!(rig.permits.available_permits(), 100, "its permit came back");
+}
+
+#[tokio::test]
+async fn a_late_post_of_a_dropped_job_is_not_taken_for_the_next_use_of_its_slot() {
+    let mut rig = Rig::new(true);
+    rig.set.assign(0);
+    rig.set.assign(1);
+    // Submitted as the consumer stops: the job is dropped, never queued, and posts
+    // that it did not run; its ticket is given up before the set reads the post.
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    let ticket = rig.set.begin(0, 0).expect("owned");
+    let (submitted, inflight) = submit_for(&mut rig, &ticket, (0, 0), &stopped).await;
+    let e = submitted.expect_err("a stopped consumer submits nothing");
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    assert!(!inflight.submitted());
+    rig.set.give_up(ticket);
+    // The next message takes the freed slot.
+    rig.deliver(1, 0).await;
+    assert!(
+        rig.set.next().now_or_never().is_none(),
+        "the dropped job's post completes nothing: the next use of its slot waits"
+    );
+    rig.pool.run_next().await;
+    let c = rig.settled().await;
+    assert_eq!(
+        (c.partition, c.offset, c.disposition, c.watermark),
+        (1, 0, Disposition::Handled, Some(1))
+    );
+    assert_eq!(rig.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        rig.set.watermark(0),
+        None,
+        "the given-up message holds partition 0"
+    );
+    assert!(rig.set.is_empty());
 }

@@ -836,12 +836,13 @@ impl ConsumeLoop {
                     None => break,
                 },
             };
-            let ticket = match self
-                .topics
-                .get_mut(&*topic)
-                .map(|ts| ts.set.begin(p, msg.offset))
-            {
-                Some(Ok(ticket)) => ticket,
+            let begun = self.topics.get_mut(&*topic).map(|ts| {
+                let ticket = ts.set.begin(p, msg.offset)?;
+                let target = ts.set.target(&ticket);
+                Ok::<_, eventbus_core::Error>((ticket, target))
+            });
+            let (ticket, target) = match begun {
+                Some(Ok(begun)) => begun,
                 Some(Err(e)) => {
                     tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
                     break;
@@ -851,7 +852,7 @@ impl ConsumeLoop {
             if ticket.rewound_from().is_some() {
                 self.on_rewind(&topic, p);
             }
-            messages.push((msg, (), ticket.epoch().clone()));
+            messages.push((msg, (), target));
             tickets.push(ticket);
             permits.push(permit);
         }

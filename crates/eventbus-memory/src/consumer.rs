@@ -100,7 +100,7 @@ impl ConsumeLoop {
                                 break 'consume;
                             }
                         };
-                        messages.push((msg, (), ticket.epoch().clone()));
+                        messages.push((msg, (), self.set.target(&ticket)));
                         tickets.push(ticket);
                     }
                     let mut inflights = Vec::with_capacity(tickets.len());

@@ -35,7 +35,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{in_scope, BoxHandler, Event};
 use crate::hash::stable_hash;
 use crate::health::{ComponentHealth, HealthStatus};
-use crate::job::{panic_message, FailureCause, Job, JobClass, Outcome, OutcomeReceiver, PostTo};
+use crate::job::{
+    panic_message, FailureCause, Job, JobClass, Outcome, OutcomeReceiver, PostTo, Task,
+};
 use crate::message::{Message, Record};
 use crate::metrics as m;
 use crate::ops::{Backlog, Probe, Recovery};
@@ -49,6 +51,8 @@ mod instruments;
 mod limiter;
 mod monitor;
 mod task;
+
+pub(crate) use task::{EnvelopeTask, PlainTask};
 
 pub use dead_letter::{
     DeadLetter, DeadLetterSink, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
@@ -427,7 +431,9 @@ struct Meta {
     topic: Arc<str>,
     offset: i64,
     sub: Arc<PreparedSubscription>,
-    dead_letter: Option<Message>,
+    /// Boxed: most messages keep none, and the meta is moved with its in-flight
+    /// entry, several times per message.
+    dead_letter: Option<Box<Message>>,
 }
 
 impl Meta {
@@ -668,10 +674,15 @@ impl Dispatcher {
         self.admit(sub, epoch, stop).await?;
         let (partition, offset) = (message.partition, message.offset);
         let now = Now::new();
-        let prepared =
-            self.prepare_message(sub, self.stamp(message, &now), epoch, None, now.instant);
-        let job = prepared.job.fenced_by(epoch.clone(), offset);
-        self.submit_waiting(job, prepared.pool, stop).await?;
+        let prepared = self.prepare_message(
+            sub,
+            self.stamp(message, &now),
+            epoch.clone(),
+            None,
+            now.instant,
+        );
+        self.submit_waiting(prepared.job, prepared.pool, stop)
+            .await?;
         self.count_sent(prepared.pool, 1);
         Ok(InFlight {
             partition,
@@ -741,12 +752,8 @@ impl Dispatcher {
                 continue;
             }
             let prepared =
-                self.prepare_message(sub, self.stamp(message, &now), &epoch, post, now.instant);
-            batch.push(
-                prepared.job.fenced_by(epoch, offset),
-                prepared.pool,
-                out.len(),
-            );
+                self.prepare_message(sub, self.stamp(message, &now), epoch, post, now.instant);
+            batch.push(prepared.job, prepared.pool, out.len());
             out.push(InFlight {
                 partition,
                 offset,
@@ -839,25 +846,27 @@ impl Dispatcher {
         self.inner.metrics.pool(pool).sent.increment(n);
     }
 
-    /// The job running `task`, replying on a channel of its own or posting to
-    /// `post`, and how its message finishes.
+    /// The job running `task`, fenced by `epoch` at the message's offset (see
+    /// [`Job::fenced_by`]), replying on a channel of its own or posting to `post`,
+    /// and how its message finishes.
     fn prepared(
         &self,
         (route, class, key): (u64, JobClass, Option<Arc<str>>),
-        task: BoxFuture<'static, Outcome>,
-        post: Option<PostTo>,
+        task: Task,
+        (epoch, post): (Epoch, Option<PostTo>),
         meta: Meta,
     ) -> Prepared {
         let pool = meta.pool;
+        let fence = (epoch, meta.offset);
         let settle = Some((meta, self.clone()));
         let (job, finishing) = match post {
             Some(to) => {
                 let (slot, tag) = (to.slot, to.tag);
-                let job = Job::posting(route, class, key, task, to);
+                let job = Job::posting((route, class, key), task, fence, to);
                 (job, Finishing::Posted(slot, tag, settle))
             }
             None => {
-                let (job, rx) = Job::new(route, class, key, task);
+                let (job, rx) = Job::of_task((route, class, key), task, fence);
                 (job, Finishing::Outcome(rx, settle))
             }
         };
@@ -886,7 +895,7 @@ impl Dispatcher {
         &self,
         sub: &Arc<PreparedSubscription>,
         message: Message,
-        epoch: &Epoch,
+        epoch: Epoch,
         post: Option<PostTo>,
         now: Instant,
     ) -> Prepared {
@@ -910,7 +919,7 @@ impl Dispatcher {
                 let route = stable_hash(key.as_bytes());
                 let mut meta = Meta::new(JobClass::Envelope, sub, &message, now);
                 meta.pool = self.inner.pool.kind_for(route);
-                meta.dead_letter = can_dead_letter.then(|| message.clone());
+                meta.dead_letter = can_dead_letter.then(|| Box::new(message.clone()));
                 let task = self.envelope_task(
                     sub,
                     handler.clone(),
@@ -919,7 +928,12 @@ impl Dispatcher {
                     (meta.pool, meta.submitted),
                     scope,
                 );
-                self.prepared((route, JobClass::Envelope, Some(key)), task, post, meta)
+                self.prepared(
+                    (route, JobClass::Envelope, Some(key)),
+                    task,
+                    (epoch, post),
+                    meta,
+                )
             }
             SubscriptionHandler::Plain(handler) => {
                 let key: Option<Arc<str>> = sub.ids.extract_shared(&message, None);
@@ -945,7 +959,7 @@ impl Dispatcher {
                     (meta.pool, meta.submitted),
                     scope,
                 );
-                self.prepared((route, JobClass::Plain, key), task, post, meta)
+                self.prepared((route, JobClass::Plain, key), task, (epoch, post), meta)
             }
         }
     }

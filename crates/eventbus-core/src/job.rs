@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
+use crate::dispatcher::{EnvelopeTask, PlainTask};
 use crate::handler::HandlerError;
 use crate::raw::fence::{Epoch, Settling};
 
@@ -175,7 +176,7 @@ pub struct Job {
     class: JobClass,
     key: Option<Arc<str>>,
     // Both are `Some` until the job runs; `Drop` needs to move them out.
-    task: Option<BoxFuture<'static, Outcome>>,
+    task: Option<Task>,
     reply: Option<Reply>,
     done: Option<DoneHook>,
     /// The scope epoch the job was consumed under, and its offset there.
@@ -225,6 +226,26 @@ impl fmt::Debug for DoneHook {
         match &self.0 {
             Hook::Fn(_) => f.write_str("DoneHook(fn)"),
             Hook::Sink(_, token) => write!(f, "DoneHook(sink, {token})"),
+        }
+    }
+}
+
+/// What a job runs: a future made by whoever made the job, or the dispatcher's
+/// description of a message's handling, whose future is made where the job runs
+/// (inside the worker's own future: no allocation made on the consume loop and
+/// freed on the worker per message).
+pub(crate) enum Task {
+    Boxed(BoxFuture<'static, Outcome>),
+    Plain(PlainTask),
+    Envelope(EnvelopeTask),
+}
+
+impl Task {
+    async fn run(self) -> Outcome {
+        match self {
+            Task::Boxed(task) => task.await,
+            Task::Plain(task) => task.run().await,
+            Task::Envelope(task) => task.run().await,
         }
     }
 }
@@ -338,28 +359,43 @@ impl Job {
         task: BoxFuture<'static, Outcome>,
     ) -> (Job, OutcomeReceiver) {
         let (reply, rx) = oneshot::channel();
-        (
-            Self::replying(route, class, key, task, Reply::Oneshot(reply)),
-            OutcomeReceiver { rx },
-        )
+        let job = Self::replying(
+            (route, class, key),
+            Task::Boxed(task),
+            None,
+            Reply::Oneshot(reply),
+        );
+        (job, OutcomeReceiver { rx })
     }
 
-    /// A job posting its outcome to `to` (a slot of its consumer's mailbox).
+    /// A job running `task`, fenced by `fence` (see [`Job::fenced_by`]), replying
+    /// on a channel of its own.
+    pub(crate) fn of_task(
+        id: (u64, JobClass, Option<Arc<str>>),
+        task: Task,
+        fence: (Epoch, i64),
+    ) -> (Job, OutcomeReceiver) {
+        let (reply, rx) = oneshot::channel();
+        let job = Self::replying(id, task, Some(fence), Reply::Oneshot(reply));
+        (job, OutcomeReceiver { rx })
+    }
+
+    /// A job running `task`, fenced by `fence`, posting its outcome to `to` (a
+    /// slot of its consumer's mailbox).
     pub(crate) fn posting(
-        route: u64,
-        class: JobClass,
-        key: Option<Arc<str>>,
-        task: BoxFuture<'static, Outcome>,
+        id: (u64, JobClass, Option<Arc<str>>),
+        task: Task,
+        fence: (Epoch, i64),
         to: PostTo,
     ) -> Job {
-        Self::replying(route, class, key, task, Reply::Post(to))
+        Self::replying(id, task, Some(fence), Reply::Post(to))
     }
 
+    /// Built in place: a job is large, and each move of it is a copy.
     fn replying(
-        route: u64,
-        class: JobClass,
-        key: Option<Arc<str>>,
-        task: BoxFuture<'static, Outcome>,
+        (route, class, key): (u64, JobClass, Option<Arc<str>>),
+        task: Task,
+        fence: Option<(Epoch, i64)>,
         reply: Reply,
     ) -> Job {
         Job {
@@ -369,7 +405,7 @@ impl Job {
             task: Some(task),
             reply: Some(reply),
             done: None,
-            fence: None,
+            fence,
         }
     }
 
@@ -424,7 +460,7 @@ impl Job {
             None => None,
         };
         let task = self.task.take().expect("a job runs once");
-        let outcome = match AssertUnwindSafe(task).catch_unwind().await {
+        let outcome = match AssertUnwindSafe(task.run()).catch_unwind().await {
             Ok(outcome) => outcome,
             Err(payload) => Outcome::Failed {
                 attempts: 1,
@@ -520,6 +556,9 @@ impl fmt::Debug for JobQueue {
     }
 }
 
+// A job that does not fit comes back by value: boxing it would allocate on the
+// path of a full queue, where a backlog spends its time.
+#[allow(clippy::result_large_err)]
 impl JobQueue {
     /// An empty, open queue of `capacity` jobs (at least 1).
     pub fn new(capacity: usize) -> Self {

@@ -80,7 +80,7 @@ impl Dispatcher {
         };
         let letter = DeadLetter {
             topic: topic.clone(),
-            message,
+            message: *message,
             error,
             attempts,
         };

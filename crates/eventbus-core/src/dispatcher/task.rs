@@ -5,6 +5,35 @@
 use super::*;
 use crate::handler::HandlerError;
 
+/// The job of a plain message: one handler call. A description, not a future:
+/// the future is made where the job runs, inside the worker's own, so a message
+/// costs no allocation for it on the consume loop (freed on the worker).
+pub(crate) struct PlainTask {
+    inner: Arc<Inner>,
+    handler: BoxHandler<Message>,
+    message: Message,
+    key: Option<Arc<str>>,
+    pool: &'static str,
+    submitted: Instant,
+    scope: Scope,
+}
+
+/// The job of an envelope message: decode it on the worker (the consume loop only
+/// peeked its id, see `prepare_message`), then call the handler with retries. An
+/// envelope that does not decode never reaches the handler: it ends `Failed` after
+/// 0 attempts, to be dead-lettered, or with no dead-letter destination it is held
+/// ([`hold`]). A description, like [`PlainTask`].
+pub(crate) struct EnvelopeTask {
+    inner: Arc<Inner>,
+    sub: Arc<PreparedSubscription>,
+    handler: BoxHandler<Event>,
+    message: Message,
+    key: Arc<str>,
+    pool: &'static str,
+    submitted: Instant,
+    scope: Scope,
+}
+
 impl Dispatcher {
     pub(super) fn plain_task(
         &self,
@@ -13,9 +42,51 @@ impl Dispatcher {
         key: Option<Arc<str>>,
         (pool, submitted): (&'static str, Instant),
         scope: &Scope,
-    ) -> BoxFuture<'static, Outcome> {
-        let inner = self.inner.clone();
-        let scope = scope.clone();
+    ) -> Task {
+        Task::Plain(PlainTask {
+            inner: self.inner.clone(),
+            handler,
+            message,
+            key,
+            pool,
+            submitted,
+            scope: scope.clone(),
+        })
+    }
+
+    pub(super) fn envelope_task(
+        &self,
+        sub: &Arc<PreparedSubscription>,
+        handler: BoxHandler<Event>,
+        message: Message,
+        key: Arc<str>,
+        (pool, submitted): (&'static str, Instant),
+        scope: &Scope,
+    ) -> Task {
+        Task::Envelope(EnvelopeTask {
+            inner: self.inner.clone(),
+            sub: sub.clone(),
+            handler,
+            message,
+            key,
+            pool,
+            submitted,
+            scope: scope.clone(),
+        })
+    }
+}
+
+impl PlainTask {
+    pub(crate) async fn run(self) -> Outcome {
+        let PlainTask {
+            inner,
+            handler,
+            message,
+            key,
+            pool,
+            submitted,
+            scope,
+        } = self;
         let span = tracing::info_span!(
             "eventbus.handle",
             topic = %message.topic,
@@ -48,26 +119,23 @@ impl Dispatcher {
             }
         }
         .instrument(span)
-        .boxed()
+        .await
     }
+}
 
-    /// The job of an envelope message: decode it here, on the worker (the consume
-    /// loop only peeked its id, see `prepare_message`), then call the handler with
-    /// retries. An envelope that does not decode never reaches the handler: it ends
-    /// `Failed` after 0 attempts, to be dead-lettered, or with no dead-letter
-    /// destination it is held ([`hold`]).
-    pub(super) fn envelope_task(
-        &self,
-        sub: &Arc<PreparedSubscription>,
-        handler: BoxHandler<Event>,
-        message: Message,
-        key: Arc<str>,
-        (pool, submitted): (&'static str, Instant),
-        scope: &Scope,
-    ) -> BoxFuture<'static, Outcome> {
-        let inner = self.inner.clone();
-        let scope = scope.clone();
-        let policy = sub.policy.clone();
+impl EnvelopeTask {
+    pub(crate) async fn run(self) -> Outcome {
+        let EnvelopeTask {
+            inner,
+            sub,
+            handler,
+            message,
+            key,
+            pool,
+            submitted,
+            scope,
+        } = self;
+        let policy = &sub.policy;
         let can_dead_letter = sub.dead_letter_topic.is_some();
         let span = tracing::info_span!(
             "eventbus.handle",
@@ -164,9 +232,11 @@ impl Dispatcher {
             }
         }
         .instrument(span)
-        .boxed()
+        .await
     }
+}
 
+impl Dispatcher {
     /// Settle `outcome` of the message of `meta` where it needs no wait.
     pub(super) fn settle_now(&self, outcome: Outcome, meta: Meta) -> Settled {
         let inner = &self.inner;

@@ -1,7 +1,7 @@
 //! The standard event envelope (JSON), with validation.
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 
@@ -31,7 +31,11 @@ pub struct Envelope {
     #[serde(default = "default_version")]
     pub event_version: u32,
     /// When the event happened.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "occurred_at"
+    )]
     pub occurred_at: Option<DateTime<Utc>>,
     /// Trace id for distributed tracing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,6 +50,39 @@ pub struct Envelope {
 
 fn default_version() -> u32 {
     1
+}
+
+/// `occurred_at` read as chrono reads a `DateTime<Utc>` (RFC 3339, relaxed: a space
+/// for the `T`, say), or `null`. The strict form the encoders write is tried first
+/// with chrono's dedicated RFC 3339 parser, several times faster than the relaxed
+/// one and giving the same instant for every string it accepts; anything else
+/// goes to the relaxed parser, which accepts or refuses it as before.
+fn occurred_at<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<DateTime<Utc>>, D::Error> {
+    struct Rfc3339;
+    impl<'de> serde::de::Visitor<'de> for Rfc3339 {
+        type Value = Option<DateTime<Utc>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an RFC 3339 formatted date and time string, or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            DateTime::parse_from_rfc3339(s)
+                .or_else(|_| s.parse::<DateTime<FixedOffset>>())
+                .map(|t| Some(t.with_timezone(&Utc)))
+                .map_err(E::custom)
+        }
+    }
+    deserializer.deserialize_option(Rfc3339)
 }
 
 /// Why an envelope is invalid.
@@ -297,6 +334,41 @@ fn scan_id(bytes: &[u8]) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn occurred_at_reads_as_chrono_reads_it() {
+        let with =
+            |at: &str| format!(r#"{{"aggregate_id":"a","event_type":"x","occurred_at":{at}}}"#);
+        // Strict RFC 3339 (the fast parser) and chrono's relaxed forms (the fallback)
+        // give what chrono's own `DateTime<Utc>` parse gives.
+        for at in [
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T01:30:00.123456789+01:30",
+            "2026-01-01t00:00:00z",
+            "2026-01-01 00:00:00Z",
+            "2026-01-01T00:00:00 +02:00",
+        ] {
+            let expected: DateTime<Utc> = at.parse().expect("chrono reads it");
+            let e = Envelope::decode(with(&format!("\"{at}\"")).as_bytes()).expect(at);
+            assert_eq!(e.occurred_at, Some(expected), "{at}");
+        }
+        for absent in [
+            with("null"),
+            r#"{"aggregate_id":"a","event_type":"x"}"#.to_owned(),
+        ] {
+            let e = Envelope::decode(absent.as_bytes()).expect(&absent);
+            assert_eq!(e.occurred_at, None, "{absent}");
+        }
+        for bad in [
+            "\"yesterday\"",
+            "\"2026-13-01T00:00:00Z\"",
+            "1767225600",
+            "{}",
+        ] {
+            let e = Envelope::decode(with(bad).as_bytes()).expect_err(bad);
+            assert!(matches!(e, EnvelopeError::Malformed(_)), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn round_trip() {

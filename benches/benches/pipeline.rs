@@ -7,7 +7,7 @@ use eventbus::{
 };
 use eventbus::{Envelope, Event};
 use eventbus_benches::{make_pool, pool_round_trip};
-use eventbus_core::raw::{Dispatcher, OffsetTracker};
+use eventbus_core::raw::{Dispatcher, InFlightSet, OffsetTracker};
 use eventbus_core::CancellationToken;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -312,6 +312,52 @@ fn dispatcher(c: &mut Criterion) {
                     for f in pending {
                         let _ = f.await;
                     }
+                })
+            })
+        });
+    }
+    // The consumers' path (memory, Kafka): each message begun in an in-flight set
+    // under a permit of its bound, submitted in batches of 64 with its ticket's
+    // target (the job posts its outcome to the set's mailbox), its completion
+    // settled from the set, watermark and all.
+    for (name, sub) in [("plain_set", &plain), ("envelope_set", &envelope)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let limit = Arc::new(tokio::sync::Semaphore::new(window));
+                    let mut set = InFlightSet::<()>::new(window, limit);
+                    set.assign(0);
+                    let mut out = Vec::with_capacity(64);
+                    for chunk in bodies.chunks(64) {
+                        let mut permits = Vec::with_capacity(chunk.len());
+                        while permits.len() < chunk.len() {
+                            match set.try_reserve() {
+                                Some(permit) => permits.push(permit),
+                                None => {
+                                    set.next().await.expect("a message in flight");
+                                }
+                            }
+                        }
+                        let tickets: Vec<_> = chunk
+                            .iter()
+                            .map(|m| set.begin(0, m.offset).expect("owned partition"))
+                            .collect();
+                        let batch: Vec<_> = chunk
+                            .iter()
+                            .zip(&tickets)
+                            .map(|(m, t)| (m.clone(), (), set.target(t)))
+                            .collect();
+                        d.submit_batch(sub, batch, &stop, &mut out)
+                            .await
+                            .expect("submit");
+                        for ((ticket, inflight), permit) in
+                            tickets.into_iter().zip(out.drain(..)).zip(permits)
+                        {
+                            set.push(ticket, inflight, permit).expect("push");
+                        }
+                    }
+                    while set.next().await.is_some() {}
+                    assert_eq!(set.watermark(0), Some(n as i64), "every message settled");
                 })
             })
         });

@@ -36,7 +36,7 @@ use crate::handler::{in_scope, BoxHandler, Event};
 use crate::hash::stable_hash;
 use crate::health::{ComponentHealth, HealthStatus};
 use crate::job::{
-    panic_message, FailureCause, Job, JobClass, Outcome, OutcomeReceiver, PostTo, Task,
+    panic_message, Described, FailureCause, Job, JobClass, Outcome, OutcomeReceiver, Task,
 };
 use crate::message::{Message, Record};
 use crate::metrics as m;
@@ -674,13 +674,8 @@ impl Dispatcher {
         self.admit(sub, epoch, stop).await?;
         let (partition, offset) = (message.partition, message.offset);
         let now = Now::new();
-        let prepared = self.prepare_message(
-            sub,
-            self.stamp(message, &now),
-            epoch.clone(),
-            None,
-            now.instant,
-        );
+        let target = Target::from(epoch.clone());
+        let prepared = self.prepare_message(sub, self.stamp(message, &now), target, now.instant);
         self.submit_waiting(prepared.job, prepared.pool, stop)
             .await?;
         self.count_sent(prepared.pool, 1);
@@ -731,7 +726,8 @@ impl Dispatcher {
         // within microseconds of each other.
         let mut now = Now::new();
         for (message, token, target) in messages {
-            let Target { epoch, post } = target.into();
+            let target: Target = target.into();
+            let epoch = &target.epoch;
             let (partition, offset) = (message.partition, message.offset);
             if failed.is_none() {
                 if sub.limiter.is_some() {
@@ -739,7 +735,7 @@ impl Dispatcher {
                     // already prepared, and the clocks are read after it.
                     failed = self.submit_jobs(&mut batch, stop, out).await.err();
                     if failed.is_none() {
-                        failed = self.admit(sub, &epoch, stop).await.err();
+                        failed = self.admit(sub, epoch, stop).await.err();
                         now = Now::new();
                     }
                 }
@@ -752,7 +748,7 @@ impl Dispatcher {
                 continue;
             }
             let prepared =
-                self.prepare_message(sub, self.stamp(message, &now), epoch, post, now.instant);
+                self.prepare_message(sub, self.stamp(message, &now), target, now.instant);
             batch.push(prepared.job, prepared.pool, out.len());
             out.push(InFlight {
                 partition,
@@ -846,16 +842,21 @@ impl Dispatcher {
         self.inner.metrics.pool(pool).sent.increment(n);
     }
 
-    /// The job running `task`, fenced by `epoch` at the message's offset (see
-    /// [`Job::fenced_by`]), replying on a channel of its own or posting to `post`,
-    /// and how its message finishes.
+    /// The job running the `described` task (in the target's spare task box, or a
+    /// new one), fenced by the target's epoch at the message's offset (see
+    /// [`Job::fenced_by`]), replying on a channel of its own or posting to the
+    /// target's mailbox, and how its message finishes.
     fn prepared(
         &self,
         (route, class, key): (u64, JobClass, Option<Arc<str>>),
-        task: Task,
-        (epoch, post): (Epoch, Option<PostTo>),
+        described: Described,
+        target: Target,
         meta: Meta,
     ) -> Prepared {
+        let Target { epoch, post, cell } = target;
+        let mut cell = cell.unwrap_or_default();
+        *cell = Some(described);
+        let task = Task::Described(cell);
         let pool = meta.pool;
         let fence = (epoch, meta.offset);
         let settle = Some((meta, self.clone()));
@@ -895,11 +896,10 @@ impl Dispatcher {
         &self,
         sub: &Arc<PreparedSubscription>,
         message: Message,
-        epoch: Epoch,
-        post: Option<PostTo>,
+        target: Target,
         now: Instant,
     ) -> Prepared {
-        let scope = epoch.scope();
+        let scope = target.epoch.scope();
         let can_dead_letter = sub.dead_letter_topic.is_some();
         match &sub.handler {
             SubscriptionHandler::Envelope(handler) => {
@@ -928,12 +928,7 @@ impl Dispatcher {
                     (meta.pool, meta.submitted),
                     scope,
                 );
-                self.prepared(
-                    (route, JobClass::Envelope, Some(key)),
-                    task,
-                    (epoch, post),
-                    meta,
-                )
+                self.prepared((route, JobClass::Envelope, Some(key)), task, target, meta)
             }
             SubscriptionHandler::Plain(handler) => {
                 let key: Option<Arc<str>> = sub.ids.extract_shared(&message, None);
@@ -959,7 +954,7 @@ impl Dispatcher {
                     (meta.pool, meta.submitted),
                     scope,
                 );
-                self.prepared((route, JobClass::Plain, key), task, (epoch, post), meta)
+                self.prepared((route, JobClass::Plain, key), task, target, meta)
             }
         }
     }

@@ -42,8 +42,8 @@ impl Dispatcher {
         key: Option<Arc<str>>,
         (pool, submitted): (&'static str, Instant),
         scope: &Scope,
-    ) -> Task {
-        Task::Plain(PlainTask {
+    ) -> Described {
+        Described::Plain(PlainTask {
             inner: self.inner.clone(),
             handler,
             message,
@@ -62,8 +62,8 @@ impl Dispatcher {
         key: Arc<str>,
         (pool, submitted): (&'static str, Instant),
         scope: &Scope,
-    ) -> Task {
-        Task::Envelope(EnvelopeTask {
+    ) -> Described {
+        Described::Envelope(EnvelopeTask {
             inner: self.inner.clone(),
             sub: sub.clone(),
             handler,

@@ -38,7 +38,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::dispatcher::{Completion, InFlight};
 use crate::error::{Error, ErrorKind, Result};
-use crate::job::{Mailbox, Outcome, Post, PostTo};
+use crate::job::{Mailbox, Outcome, Post, PostTo, TaskBox};
 use crate::raw::fence::{Epoch, Scope, Settling};
 use crate::raw::offset::OffsetTracker;
 
@@ -102,6 +102,8 @@ struct Ready<T> {
 pub struct Target {
     pub(crate) epoch: Epoch,
     pub(crate) post: Option<PostTo>,
+    /// A task box a job of the set gave back, to carry this one's task.
+    pub(crate) cell: Option<TaskBox>,
 }
 
 impl fmt::Debug for Target {
@@ -115,7 +117,11 @@ impl fmt::Debug for Target {
 
 impl From<Epoch> for Target {
     fn from(epoch: Epoch) -> Self {
-        Self { epoch, post: None }
+        Self {
+            epoch,
+            post: None,
+            cell: None,
+        }
     }
 }
 
@@ -173,6 +179,9 @@ pub struct InFlightSet<T> {
     ready: VecDeque<Ready<T>>,
     /// The buffer the mailbox is emptied into, kept between reads.
     posts: Vec<Post>,
+    /// Task boxes the set's jobs gave back, for the next messages' tasks (at most
+    /// one per slot).
+    spares: Vec<TaskBox>,
     partitions: HashMap<i32, PartitionSlot>,
     next_generation: u64,
     per_partition: usize,
@@ -211,6 +220,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             waiting: 0,
             ready: VecDeque::new(),
             posts: Vec::new(),
+            spares: Vec::new(),
             partitions: HashMap::new(),
             next_generation: 1,
             per_partition: per_partition.max(1),
@@ -393,7 +403,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
     /// ([`Dispatcher::submit_batch`](crate::raw::Dispatcher::submit_batch)): fenced
     /// by its epoch, posting its outcome to this set. Its in-flight entry then
     /// resolves only by being [`push`](Self::push)ed here with the ticket.
-    pub fn target(&self, ticket: &Ticket) -> Target {
+    pub fn target(&mut self, ticket: &Ticket) -> Target {
         Target {
             epoch: ticket.epoch.clone(),
             post: Some(PostTo {
@@ -401,6 +411,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
                 slot: ticket.slot,
                 tag: ticket.tag,
             }),
+            cell: self.spares.pop(),
         }
     }
 
@@ -536,7 +547,12 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
     fn read_mailbox(&mut self, cx: &Context<'_>) {
         let mut posts = std::mem::take(&mut self.posts);
         self.mailbox.take(cx, &mut posts);
-        for post in posts.drain(..) {
+        for mut post in posts.drain(..) {
+            if let Some(spare) = post.spare.take() {
+                if self.spares.len() < self.slots.len() {
+                    self.spares.push(spare);
+                }
+            }
             let Some(cell) = self.slots.get_mut(post.slot as usize) else {
                 continue;
             };

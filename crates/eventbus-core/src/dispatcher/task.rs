@@ -22,10 +22,13 @@ pub(crate) struct PlainTask {
 /// peeked its id, see `prepare_message`), then call the handler with retries. An
 /// envelope that does not decode never reaches the handler: it ends `Failed` after
 /// 0 attempts, to be dead-lettered, or with no dead-letter destination it is held
-/// ([`hold`]). A description, like [`PlainTask`].
+/// ([`hold`]). A description, like [`PlainTask`]. It copies the subscription's
+/// retry policy rather than sharing the subscription: a shared count would be
+/// raised on the consume loop's core and lowered on the worker's, per message.
 pub(crate) struct EnvelopeTask {
     inner: Arc<Inner>,
-    sub: Arc<PreparedSubscription>,
+    policy: DeliveryPolicy,
+    can_dead_letter: bool,
     handler: BoxHandler<Event>,
     message: Message,
     key: Arc<str>,
@@ -56,7 +59,7 @@ impl Dispatcher {
 
     pub(super) fn envelope_task(
         &self,
-        sub: &Arc<PreparedSubscription>,
+        sub: &PreparedSubscription,
         handler: BoxHandler<Event>,
         message: Message,
         key: Arc<str>,
@@ -65,7 +68,8 @@ impl Dispatcher {
     ) -> Described {
         Described::Envelope(EnvelopeTask {
             inner: self.inner.clone(),
-            sub: sub.clone(),
+            policy: sub.policy.clone(),
+            can_dead_letter: sub.dead_letter_topic.is_some(),
             handler,
             message,
             key,
@@ -127,7 +131,8 @@ impl EnvelopeTask {
     pub(crate) async fn run(self) -> Outcome {
         let EnvelopeTask {
             inner,
-            sub,
+            policy,
+            can_dead_letter,
             handler,
             message,
             key,
@@ -135,8 +140,6 @@ impl EnvelopeTask {
             submitted,
             scope,
         } = self;
-        let policy = &sub.policy;
-        let can_dead_letter = sub.dead_letter_topic.is_some();
         let span = tracing::info_span!(
             "eventbus.handle",
             topic = %message.topic,

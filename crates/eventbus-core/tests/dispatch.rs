@@ -4,7 +4,11 @@
 //!
 //! Each test runs both ways a consumer submits: with the ticket's target (the job
 //! posts its outcome to the set's mailbox, as the memory and Kafka consumers do)
-//! and with the epoch alone (a channel per job, as the NATS consumer does).
+//! and with the epoch alone (a channel per job, as `Dispatcher::submit` and the
+//! core NATS consumer do). The last tests drive [`Completions`] on their own, as
+//! the JetStream consumer does.
+//!
+//! [`Completions`]: eventbus_core::raw::Completions
 
 use eventbus_core::{
     CancellationToken, ComponentHealth, ErrorKind, EventBusConfig, HandlerError, Message, Pool,
@@ -12,7 +16,8 @@ use eventbus_core::{
 };
 
 use eventbus_core::raw::{
-    Completion, Dispatcher, Disposition, InFlight, InFlightSet, Job, SubmitError, Ticket,
+    Claim, Completion, Completions, Dispatcher, Disposition, InFlight, InFlightSet, Job, Scope,
+    SubmitError, Ticket,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -520,4 +525,154 @@ async fn a_late_post_of_a_dropped_job_is_not_taken_for_the_next_use_of_its_slot(
         "the given-up message holds partition 0"
     );
     assert!(rig.set.is_empty());
+}
+
+/// Submit the message at sequence `seq` with `claim`'s target in `completions`,
+/// under `scope`, without pushing its entry.
+async fn submit_claimed(
+    rig: &Rig,
+    completions: &mut Completions<u64>,
+    claim: &Claim,
+    scope: &Scope,
+    seq: u64,
+) -> InFlight<u64> {
+    let message = Message::new(TOPIC, 0, seq as i64, "{}").with_key("k");
+    let target = completions.target(scope.current(), claim);
+    let mut out = Vec::new();
+    rig.dispatcher
+        .submit_batch(&rig.sub, [(message, seq, target)], &rig.stop, &mut out)
+        .await
+        .expect("submitted");
+    out.pop().expect("an entry per message")
+}
+
+#[tokio::test]
+async fn completions_without_offsets_give_each_message_its_own_outcome() {
+    let rig = Rig::new(true);
+    let scope = Scope::new();
+    let mut completions: Completions<u64> = Completions::new();
+    let mut claims = Vec::new();
+    let mut entries = Vec::new();
+    // Sequences out of order (a redelivery among new messages): no offset is
+    // tracked, so nothing is a rewind and nothing is fenced.
+    for seq in [7u64, 3, 9] {
+        let claim = completions.claim();
+        entries.push(submit_claimed(&rig, &mut completions, &claim, &scope, seq).await);
+        claims.push(claim);
+    }
+    for (claim, inflight) in claims.into_iter().zip(entries) {
+        let permit = rig.permits.clone().acquire_owned().await.expect("permit");
+        completions.push(claim, (), inflight, permit).expect("push");
+    }
+    assert_eq!(completions.len(), 3);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        rig.pool.run_next().await;
+        let ((), c) = tokio::time::timeout(WAIT, completions.next())
+            .await
+            .expect("a completion after its job ran")
+            .expect("in flight");
+        assert_eq!(c.disposition, Disposition::Handled);
+        assert_eq!(
+            c.token as i64, c.offset,
+            "the token comes back with its message"
+        );
+        seen.push(c.token);
+    }
+    assert_eq!(seen, [7, 3, 9]);
+    assert!(completions.is_empty());
+    assert_eq!(rig.permits.available_permits(), 100, "every permit freed");
+    assert_eq!(scope.unsettled(), 0);
+}
+
+#[tokio::test]
+async fn a_claim_given_up_while_its_job_runs_does_not_hold_its_scope() {
+    // The JetStream consumer's drain gives up the claims of a submission it
+    // stopped waiting for: a job of it may be running then, and post later. Its
+    // outcome is nobody's, and its guard must not keep the scope unsettled, or the
+    // fence before the hand-back would wait out the hand-over timeout.
+    let rig = Rig::new(true);
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let sub = rig
+        .dispatcher
+        .prepare(Subscription::plain(TOPIC, move |_: Message| {
+            let g = g.clone();
+            async move {
+                let _open = g.acquire().await.expect("gate");
+                Ok::<(), HandlerError>(())
+            }
+        }))
+        .expect("prepare");
+    let scope = Scope::new();
+    let mut completions: Completions<u64> = Completions::new();
+    let claim = completions.claim();
+    let target = completions.target(scope.current(), &claim);
+    let mut out = Vec::new();
+    let message = Message::new(TOPIC, 0, 1, "{}").with_key("k");
+    rig.dispatcher
+        .submit_batch(&sub, [(message, 1u64, target)], &rig.stop, &mut out)
+        .await
+        .expect("submitted");
+    drop(out);
+    let mut run = std::pin::pin!(rig.pool.run_next());
+    assert!(
+        futures::poll!(run.as_mut()).is_pending(),
+        "the handler waits at its gate"
+    );
+    assert_eq!(scope.unsettled(), 1, "the job has started");
+    completions.give_up(claim);
+    assert!(completions.is_empty());
+    let wait_idle = async {
+        tokio::select! {
+            _ = completions.settled() => panic!("a given-up claim completes nothing"),
+            () = scope.idle() => {}
+        }
+    };
+    let finish = async {
+        gate.add_permits(1);
+        run.await;
+    };
+    tokio::time::timeout(WAIT, async { tokio::join!(wait_idle, finish) })
+        .await
+        .expect("the scope went idle once the late post was read");
+    assert_eq!(scope.unsettled(), 0);
+
+    // The freed slot serves the next message, whose own outcome is taken.
+    let claim = completions.claim();
+    let inflight = submit_claimed(&rig, &mut completions, &claim, &scope, 2).await;
+    let permit = rig.permits.clone().acquire_owned().await.expect("permit");
+    completions.push(claim, (), inflight, permit).expect("push");
+    rig.pool.run_next().await;
+    let ((), c) = tokio::time::timeout(WAIT, completions.settled())
+        .await
+        .expect("the next message's completion");
+    assert_eq!((c.token, c.disposition), (2, Disposition::Handled));
+    assert!(completions.is_empty());
+}
+
+#[tokio::test]
+async fn a_claim_given_up_after_its_outcome_arrived_releases_its_guard() {
+    // The mailbox was read (settling other work) after the job posted and before
+    // its entry was pushed: the outcome waits in the slot with the job's guard.
+    // Giving the claim up drops both.
+    let rig = Rig::new(true);
+    let scope = Scope::new();
+    let mut completions: Completions<u64> = Completions::new();
+    let claim = completions.claim();
+    let inflight = submit_claimed(&rig, &mut completions, &claim, &scope, 4).await;
+    rig.pool.run_next().await;
+    assert!(
+        completions
+            .next()
+            .now_or_never()
+            .expect("nothing pushed: no wait")
+            .is_none(),
+        "no completion before the entry is pushed"
+    );
+    assert_eq!(scope.unsettled(), 1, "the outcome holds its job's guard");
+    drop(inflight);
+    completions.give_up(claim);
+    assert_eq!(scope.unsettled(), 0, "giving the claim up drops the guard");
+    assert!(completions.is_empty());
 }

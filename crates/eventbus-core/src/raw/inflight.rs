@@ -12,7 +12,8 @@
 //!
 //! Submitted with the ticket's [`target`], a job posts its outcome to the set's
 //! mailbox: no channel and no task node per message, and one wake-up of the
-//! consumer per batch of outcomes, which it takes in one short critical section.
+//! consumer per batch of outcomes, which it takes in one short critical section
+//! (the set's [`Completions`]).
 //!
 //! [`target`]: InFlightSet::target
 //!
@@ -27,103 +28,21 @@
 //! [`running`]: InFlightSet::running
 //! [`revoke`]: InFlightSet::revoke
 
-use futures::stream::{FuturesUnordered, StreamExt};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
-use std::future::{poll_fn, Future};
-use std::pin::Pin;
+use std::future::Future;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::dispatcher::{Completion, InFlight};
 use crate::error::{Error, ErrorKind, Result};
-use crate::job::{Mailbox, Outcome, Post, PostTo, TaskBox};
-use crate::raw::fence::{Epoch, Scope, Settling};
+pub use crate::raw::completions::Target;
+use crate::raw::completions::{Claim, Completions};
+use crate::raw::fence::{Epoch, Scope};
 use crate::raw::offset::OffsetTracker;
 
 /// A shared bound on messages in flight across every consumer of a bus.
 pub type InFlightLimit = Arc<Semaphore>;
-
-struct Tagged<T> {
-    generation: u64,
-    epoch: u64,
-    inner: InFlight<T>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl<T: Unpin> Future for Tagged<T> {
-    type Output = (u64, u64, Completion<T>);
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (generation, epoch) = (self.generation, self.epoch);
-        Pin::new(&mut self.inner)
-            .poll(cx)
-            .map(|c| (generation, epoch, c))
-    }
-}
-
-/// One use of a slot of the set's mailbox, from [`InFlightSet::begin`] to the
-/// completion. The slots are the entries' storage: boxing the large variant would
-/// cost the allocation per message the mailbox exists to avoid.
-#[allow(clippy::large_enum_variant)]
-enum Slot<T> {
-    Vacant,
-    /// Given to a ticket; its entry not pushed yet.
-    Claimed,
-    /// Pushed; its job has not posted yet.
-    Waiting(Entry<T>),
-    /// Its job posted before the entry was pushed (the set was read meanwhile).
-    Arrived(Option<(Outcome, Option<Settling>)>),
-}
-
-/// A pushed message whose job posts its outcome to the mailbox.
-struct Entry<T> {
-    generation: u64,
-    epoch: u64,
-    inflight: InFlight<T>,
-    permit: OwnedSemaphorePermit,
-}
-
-/// A completion settled from the mailbox, waiting to be taken: with the permit it
-/// holds and its job's guard (the job counts as unsettled in its scope until the
-/// completion is taken).
-struct Ready<T> {
-    generation: u64,
-    epoch: u64,
-    completion: Completion<T>,
-    _permit: OwnedSemaphorePermit,
-    _settling: Option<Settling>,
-}
-
-/// Where a job is fenced and where its outcome goes: for
-/// [`Dispatcher::submit_batch`](crate::raw::Dispatcher::submit_batch). An
-/// [`Epoch`] alone is a target whose job replies on a channel of its own; the
-/// [`target`](InFlightSet::target) of a [`Ticket`] posts to its set's mailbox.
-pub struct Target {
-    pub(crate) epoch: Epoch,
-    pub(crate) post: Option<PostTo>,
-    /// A task box a job of the set gave back, to carry this one's task.
-    pub(crate) cell: Option<TaskBox>,
-}
-
-impl fmt::Debug for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Target")
-            .field("epoch", &self.epoch)
-            .field("posted", &self.post.is_some())
-            .finish()
-    }
-}
-
-impl From<Epoch> for Target {
-    fn from(epoch: Epoch) -> Self {
-        Self {
-            epoch,
-            post: None,
-            cell: None,
-        }
-    }
-}
 
 #[derive(Debug)]
 struct PartitionSlot {
@@ -144,9 +63,8 @@ pub struct Ticket {
     generation: u64,
     epoch: Epoch,
     rewound_from: Option<i64>,
-    /// The mailbox slot its job posts to, and the tag of this use of it.
-    slot: u32,
-    tag: u32,
+    /// The mailbox slot its job posts to.
+    claim: Claim,
 }
 
 impl Ticket {
@@ -164,24 +82,9 @@ impl Ticket {
 
 /// Messages in flight, bounded per partition and in total.
 pub struct InFlightSet<T> {
-    /// Messages whose completion is a future of its own: submitted without a
-    /// ticket's target, or writing a dead letter.
-    pending: FuturesUnordered<Tagged<T>>,
-    /// Where jobs submitted with a ticket's target post their outcomes.
-    mailbox: Arc<Mailbox>,
-    /// Each mailbox slot: the tag of its current use, and its state.
-    slots: Vec<(u32, Slot<T>)>,
-    /// Vacant slots.
-    free: Vec<u32>,
-    /// Slots [`Slot::Waiting`].
-    waiting: usize,
-    /// Completions settled from the mailbox, not taken yet.
-    ready: VecDeque<Ready<T>>,
-    /// The buffer the mailbox is emptied into, kept between reads.
-    posts: Vec<Post>,
-    /// Task boxes the set's jobs gave back, for the next messages' tasks (at most
-    /// one per slot).
-    spares: Vec<TaskBox>,
+    /// The submitted messages' completions, labelled with their partition's
+    /// generation and their epoch.
+    completions: Completions<T, (u64, u64)>,
     partitions: HashMap<i32, PartitionSlot>,
     next_generation: u64,
     per_partition: usize,
@@ -191,10 +94,7 @@ pub struct InFlightSet<T> {
 impl<T> fmt::Debug for InFlightSet<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InFlightSet")
-            .field(
-                "in_flight",
-                &(self.pending.len() + self.waiting + self.ready.len()),
-            )
+            .field("in_flight", &self.completions.len())
             .field("partitions", &self.partitions.len())
             .field("per_partition", &self.per_partition)
             .finish()
@@ -213,14 +113,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
     /// drawing one permit of `total` per message.
     pub fn new(per_partition: usize, total: InFlightLimit) -> Self {
         Self {
-            pending: FuturesUnordered::new(),
-            mailbox: Arc::default(),
-            slots: Vec::new(),
-            free: Vec::new(),
-            waiting: 0,
-            ready: VecDeque::new(),
-            posts: Vec::new(),
-            spares: Vec::new(),
+            completions: Completions::new(),
             partitions: HashMap::new(),
             next_generation: 1,
             per_partition: per_partition.max(1),
@@ -329,7 +222,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
 
     /// Messages in flight in total (this set).
     pub fn len(&self) -> usize {
-        self.pending.len() + self.waiting + self.ready.len()
+        self.completions.len()
     }
 
     /// Whether nothing is in flight.
@@ -387,15 +280,13 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
         };
         debug_assert_eq!(epoch.id(), tracked.epoch, "scope and tracker epochs agree");
         let generation = slot.generation;
-        let (slot, tag) = self.claim();
         Ok(Ticket {
             partition,
             offset,
             generation,
             epoch,
             rewound_from: tracked.rewound_from,
-            slot,
-            tag,
+            claim: self.completions.claim(),
         })
     }
 
@@ -404,46 +295,13 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
     /// by its epoch, posting its outcome to this set. Its in-flight entry then
     /// resolves only by being [`push`](Self::push)ed here with the ticket.
     pub fn target(&mut self, ticket: &Ticket) -> Target {
-        Target {
-            epoch: ticket.epoch.clone(),
-            post: Some(PostTo {
-                mailbox: self.mailbox.clone(),
-                slot: ticket.slot,
-                tag: ticket.tag,
-            }),
-            cell: self.spares.pop(),
-        }
-    }
-
-    /// A vacant mailbox slot, claimed for a new use: the slot and that use's tag.
-    fn claim(&mut self) -> (u32, u32) {
-        let slot = self.free.pop().unwrap_or_else(|| {
-            self.slots.push((0, Slot::Vacant));
-            u32::try_from(self.slots.len() - 1).expect("in-flight messages fit in u32")
-        });
-        let cell = &mut self.slots[slot as usize];
-        cell.0 = cell.0.wrapping_add(1);
-        cell.1 = Slot::Claimed;
-        (slot, cell.0)
-    }
-
-    /// End the use `tag` of `slot` (a later post for it is ignored).
-    fn release(&mut self, slot: u32, tag: u32) {
-        if let Some(cell) = self.slots.get_mut(slot as usize) {
-            if cell.0 == tag && !matches!(cell.1, Slot::Vacant) {
-                if matches!(cell.1, Slot::Waiting(_)) {
-                    self.waiting -= 1;
-                }
-                cell.1 = Slot::Vacant;
-                self.free.push(slot);
-            }
-        }
+        self.completions.target(ticket.epoch.clone(), &ticket.claim)
     }
 
     /// The message of `ticket` was not submitted: it holds the watermark (it is
     /// delivered again) but is not in flight.
     pub fn give_up(&mut self, ticket: Ticket) {
-        self.release(ticket.slot, ticket.tag);
+        self.completions.give_up(ticket.claim);
         if let Some(slot) = self.partitions.get_mut(&ticket.partition) {
             if slot.generation == ticket.generation {
                 slot.tracker.abandon(ticket.epoch.id(), ticket.offset);
@@ -470,125 +328,8 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
                 ),
             ));
         }
-        let (generation, epoch) = (ticket.generation, ticket.epoch.id());
-        let Some((slot, tag)) = inflight.posted_to() else {
-            // Its completion is a future of its own.
-            self.release(ticket.slot, ticket.tag);
-            self.pending.push(Tagged {
-                generation,
-                epoch,
-                inner: inflight,
-                _permit: permit,
-            });
-            return Ok(());
-        };
-        let cell = self
-            .slots
-            .get_mut(slot as usize)
-            .filter(|cell| (slot, tag) == (ticket.slot, ticket.tag) && cell.0 == tag);
-        let Some(cell) = cell else {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "in-flight message {}@{} was submitted for another ticket or set",
-                    ticket.partition, ticket.offset
-                ),
-            ));
-        };
-        let entry = Entry {
-            generation,
-            epoch,
-            inflight,
-            permit,
-        };
-        match std::mem::replace(&mut cell.1, Slot::Vacant) {
-            Slot::Arrived(received) => {
-                self.free.push(slot);
-                self.settle_entry(entry, received);
-            }
-            Slot::Claimed => {
-                cell.1 = Slot::Waiting(entry);
-                self.waiting += 1;
-            }
-            // A ticket's slot stays claimed until it is pushed or given up.
-            Slot::Vacant | Slot::Waiting(_) => unreachable!("a ticket is pushed once"),
-        }
-        Ok(())
-    }
-
-    /// Settle the outcome `entry`'s job posted: ready to be taken, or a future
-    /// while its dead letter is written.
-    fn settle_entry(&mut self, entry: Entry<T>, received: Option<(Outcome, Option<Settling>)>) {
-        let Entry {
-            generation,
-            epoch,
-            mut inflight,
-            permit,
-        } = entry;
-        match inflight.settle_posted(received) {
-            Some((completion, settling)) => self.ready.push_back(Ready {
-                generation,
-                epoch,
-                completion,
-                _permit: permit,
-                _settling: settling,
-            }),
-            None => self.pending.push(Tagged {
-                generation,
-                epoch,
-                inner: inflight,
-                _permit: permit,
-            }),
-        }
-    }
-
-    /// Take what the mailbox holds (registering `cx` for the next post) and settle
-    /// it. A post for an earlier use of its slot (a job given up) is dropped.
-    fn read_mailbox(&mut self, cx: &Context<'_>) {
-        let mut posts = std::mem::take(&mut self.posts);
-        self.mailbox.take(cx, &mut posts);
-        for mut post in posts.drain(..) {
-            if let Some(spare) = post.spare.take() {
-                if self.spares.len() < self.slots.len() {
-                    self.spares.push(spare);
-                }
-            }
-            let Some(cell) = self.slots.get_mut(post.slot as usize) else {
-                continue;
-            };
-            if cell.0 != post.tag {
-                continue;
-            }
-            match std::mem::replace(&mut cell.1, Slot::Vacant) {
-                Slot::Waiting(entry) => {
-                    self.waiting -= 1;
-                    self.free.push(post.slot);
-                    self.settle_entry(entry, post.outcome);
-                }
-                Slot::Claimed => cell.1 = Slot::Arrived(post.outcome),
-                // A job posts once.
-                other => cell.1 = other,
-            }
-        }
-        self.posts = posts;
-    }
-
-    /// The next completion of the set, whatever its partition's state, with its
-    /// generation and epoch.
-    fn poll_completion(&mut self, cx: &mut Context<'_>) -> Poll<Option<(u64, u64, Completion<T>)>> {
-        loop {
-            if let Some(ready) = self.ready.pop_front() {
-                return Poll::Ready(Some((ready.generation, ready.epoch, ready.completion)));
-            }
-            self.read_mailbox(cx);
-            if !self.ready.is_empty() {
-                continue;
-            }
-            return match self.pending.poll_next_unpin(cx) {
-                Poll::Ready(None) if self.waiting > 0 => Poll::Pending,
-                polled => polled,
-            };
-        }
+        let label = (ticket.generation, ticket.epoch.id());
+        self.completions.push(ticket.claim, label, inflight, permit)
     }
 
     /// Hand `partitions` over (revoke, unsubscribe, close): settle their in-flight
@@ -649,7 +390,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
     /// The next completion of an owned partition; `None` when nothing is in flight.
     pub async fn next(&mut self) -> Option<Completion<T>> {
         loop {
-            let (generation, epoch, completion) = poll_fn(|cx| self.poll_completion(cx)).await?;
+            let ((generation, epoch), completion) = self.completions.next().await?;
             let Some(slot) = self.partitions.get_mut(&completion.partition) else {
                 continue;
             };

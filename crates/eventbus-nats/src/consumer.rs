@@ -23,7 +23,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use eventbus_core::{CancellationToken, ErrorKind, Message, Result};
 
 use eventbus_core::raw::{
-    Completion, Dispatcher, Disposition, InFlight, PreparedSubscription, Scope,
+    Claim, Completion, Completions, Dispatcher, Disposition, InFlight, PreparedSubscription, Scope,
+    Target,
 };
 
 use crate::lease::{Lease, LeaseClock, Leases, Previous};
@@ -202,28 +203,6 @@ struct Submitted {
     inflights: Vec<InFlight<u64>>,
     permits: Vec<OwnedSemaphorePermit>,
     result: Result<()>,
-}
-
-/// A submitted message until it settles, holding its permit.
-struct Settling {
-    inflight: InFlight<u64>,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Future for Settling {
-    type Output = (Completion<u64>, OwnedSemaphorePermit);
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let completion = futures::ready!(std::pin::Pin::new(&mut self.inflight).poll(cx));
-        let permit = self
-            .permit
-            .take()
-            .expect("Settling polled after completion");
-        std::task::Poll::Ready((completion, permit))
-    }
 }
 
 impl JsLoop {
@@ -466,19 +445,18 @@ impl JsLoop {
         turn.finish().await
     }
 
-    /// Submit `batch` (fetched messages in stream order, each with its permit) as
-    /// one batch under `scope`.
-    fn submit(&self, batch: Vec<(Message, OwnedSemaphorePermit)>, scope: &Scope) -> Submitting {
+    /// Submit `batch` (fetched messages in stream order, each with its permit and
+    /// the target its job posts its outcome to) as one batch.
+    fn submit(&self, batch: Vec<(Message, OwnedSemaphorePermit, Target)>) -> Submitting {
         let dispatcher = self.dispatcher.clone();
         let prepared = self.prepared.clone();
         let stop = self.stop.clone();
-        let epoch = scope.current();
         async move {
             let mut permits = Vec::with_capacity(batch.len());
             let mut messages = Vec::with_capacity(batch.len());
-            for (msg, permit) in batch {
+            for (msg, permit, target) in batch {
                 let seq = msg.offset as u64;
-                messages.push((msg, seq, epoch.clone()));
+                messages.push((msg, seq, target));
                 permits.push(permit);
             }
             let mut inflights = Vec::with_capacity(permits.len());
@@ -565,7 +543,7 @@ enum Step {
     /// The turn ends: its stop token fired, or the in-flight limit is closed.
     Stop,
     /// A submitted message finished.
-    Settled(Completion<u64>, OwnedSemaphorePermit),
+    Settled(Completion<u64>),
     /// The submission under way is done (accepted by the pool, or not).
     Submitted(Submitted),
     /// The connection to the server came back.
@@ -582,7 +560,7 @@ enum Step {
 #[allow(clippy::large_enum_variant)] // as `Step`
 enum Wind {
     /// A message in flight finished.
-    Settled(Completion<u64>, OwnedSemaphorePermit),
+    Settled(Completion<u64>),
     /// The pull request still open brought a message, or ended (`None`, error).
     Late(Option<Delivery>),
     /// Nothing more to wait for: idle, or out of time.
@@ -609,10 +587,12 @@ struct ConsumeTurn<'a> {
     /// The submission under way (a batch of queued messages): one at a time, in
     /// stream order.
     submitting: Option<Submitting>,
-    /// Messages in the submission under way.
-    submitting_len: usize,
-    /// Submitted messages, until they settle.
-    inflight: FuturesUnordered<Settling>,
+    /// The mailbox slots of the messages in the submission under way, in its
+    /// order.
+    claims: Vec<Claim>,
+    /// Submitted messages, until they settle: their jobs post their outcomes to
+    /// its mailbox, read in batches.
+    inflight: Completions<u64>,
     /// The open pull request, with the permits of the messages it asked for.
     batch: Option<(Batch, OwnedSemaphorePermit)>,
     /// The wait before the next pull request after a failure.
@@ -656,8 +636,8 @@ impl<'a> ConsumeTurn<'a> {
             beats,
             queue: VecDeque::new(),
             submitting: None,
-            submitting_len: 0,
-            inflight: FuturesUnordered::new(),
+            claims: Vec::new(),
+            inflight: Completions::new(),
             batch: None,
             backoff: None,
             failures: 0,
@@ -672,9 +652,7 @@ impl<'a> ConsumeTurn<'a> {
         loop {
             match self.next_step().await {
                 Step::Stop => break,
-                Step::Settled(completion, permit) => {
-                    self.on_settled(completion, permit, false).await;
-                }
+                Step::Settled(completion) => self.on_settled(completion, false).await,
                 Step::Submitted(submitted) => self.on_submitted(submitted).await,
                 Step::Reconnected => self.on_reconnect(),
                 Step::Fetched(item) => self.on_fetched(item),
@@ -689,11 +667,22 @@ impl<'a> ConsumeTurn<'a> {
     async fn next_step(&mut self) -> Step {
         if self.submitting.is_none() && !self.queue.is_empty() {
             let n = self.queue.len().min(SUBMIT_BATCH);
-            let batch: Vec<_> = self.queue.drain(..n).collect();
-            self.submitting_len = n;
-            self.submitting = Some(self.js.submit(batch, &self.scope));
+            let epoch = self.scope.current();
+            let inflight = &mut self.inflight;
+            let claims = &mut self.claims;
+            let batch: Vec<_> = self
+                .queue
+                .drain(..n)
+                .map(|(msg, permit)| {
+                    let claim = inflight.claim();
+                    let target = inflight.target(epoch.clone(), &claim);
+                    claims.push(claim);
+                    (msg, permit, target)
+                })
+                .collect();
+            self.submitting = Some(self.js.submit(batch));
         }
-        let busy = self.inflight.len() + self.queue.len() + self.submitting_len;
+        let busy = self.inflight.len() + self.queue.len() + self.claims.len();
         self.js.state.set_in_flight(busy);
         let fetch_expires = self.js.shared.config.fetch_expires;
         let room = self
@@ -716,8 +705,8 @@ impl<'a> ConsumeTurn<'a> {
         tokio::select! {
             biased;
             _ = self.js.stop.cancelled() => Step::Stop,
-            Some((completion, permit)) = self.inflight.next(), if !self.inflight.is_empty() => {
-                Step::Settled(completion, permit)
+            Some(((), completion)) = self.inflight.next(), if !self.inflight.is_empty() => {
+                Step::Settled(completion)
             }
             submitted = async { submitting.as_mut().expect("guarded").await },
                 if submitting.is_some() => Step::Submitted(submitted),
@@ -736,47 +725,60 @@ impl<'a> ConsumeTurn<'a> {
         }
     }
 
-    /// A message finished: ack, term or nak it (`hand_back_later`: an abandoned
-    /// one stays registered for the final hand-back) and free its permit.
-    async fn on_settled(
-        &mut self,
-        completion: Completion<u64>,
-        permit: OwnedSemaphorePermit,
-        hand_back_later: bool,
-    ) {
+    /// A message finished (its permit freed as it was taken): ack, term or nak it
+    /// (`hand_back_later`: an abandoned one stays registered for the final
+    /// hand-back).
+    async fn on_settled(&mut self, completion: Completion<u64>, hand_back_later: bool) {
         settle(&self.client, &self.registry, completion, hand_back_later).await;
-        drop(permit);
     }
 
     /// The submission under way is done: track each submitted job until it
     /// settles; give back each message the pool did not take (unless stopping).
     async fn on_submitted(&mut self, submitted: Submitted) {
         self.submitting = None;
-        self.submitting_len = 0;
         if let Err(e) = &submitted.result {
             tracing::debug!(topic = %self.js.state.topic, error = %e,
                 "submission stopped; messages left for redelivery");
         }
-        for (inflight, permit) in submitted.inflights.into_iter().zip(submitted.permits) {
-            if inflight.submitted() {
-                self.track(inflight, permit);
-                continue;
-            }
+        for seq in self.track_submitted(submitted) {
             // Stopping: it stays registered and is handed back with the rest,
             // in stream order, when the turn ends. Handed back now, it would be
             // redelivered ahead of earlier messages still in flight.
             if !self.js.stop.is_cancelled() {
-                release(&self.client, &self.registry, inflight.offset() as u64).await;
+                release(&self.client, &self.registry, seq).await;
             }
         }
     }
 
+    /// Track each message of a finished submission that the pool took; give up
+    /// the slots of the others and return their sequences.
+    fn track_submitted(&mut self, submitted: Submitted) -> Vec<u64> {
+        let claims = std::mem::take(&mut self.claims);
+        let mut left = Vec::new();
+        for ((inflight, permit), claim) in submitted
+            .inflights
+            .into_iter()
+            .zip(submitted.permits)
+            .zip(claims)
+        {
+            if inflight.submitted() {
+                self.track(claim, inflight, permit);
+            } else {
+                left.push(inflight.offset() as u64);
+                self.inflight.give_up(claim);
+            }
+        }
+        left
+    }
+
     /// Track a submitted message until it settles.
-    fn track(&mut self, inflight: InFlight<u64>, permit: OwnedSemaphorePermit) {
-        self.inflight.push(Settling {
-            inflight,
-            permit: Some(permit),
-        });
+    fn track(&mut self, claim: Claim, inflight: InFlight<u64>, permit: OwnedSemaphorePermit) {
+        if let Err(e) = self.inflight.push(claim, (), inflight, permit) {
+            // Not reachable: the claim is the one its job was submitted with. The
+            // message stays registered and is handed back at the end of the turn.
+            tracing::error!(topic = %self.js.state.topic, error = %e,
+                "in-flight tracking refused a message");
+        }
     }
 
     /// The connection came back: end the turn, to re-read from the ack floor.
@@ -959,14 +961,17 @@ impl<'a> ConsumeTurn<'a> {
     /// in flight, registering what the open pull request still brings.
     async fn drain(&mut self, deadline: tokio::time::Instant) {
         if let Some(sub) = self.submitting.take() {
-            self.submitting_len = 0;
             // The turn has stopped, so the submission ends at once: the pool's
             // wait for room ends on the stop. Messages not submitted are handed
             // back with the rest.
-            if let Ok(submitted) = tokio::time::timeout_at(deadline, sub).await {
-                for (inflight, permit) in submitted.inflights.into_iter().zip(submitted.permits) {
-                    if inflight.submitted() {
-                        self.track(inflight, permit);
+            match tokio::time::timeout_at(deadline, sub).await {
+                Ok(submitted) => {
+                    self.track_submitted(submitted);
+                }
+                // Its jobs' outcomes are ignored; their messages stay registered.
+                Err(_) => {
+                    for claim in std::mem::take(&mut self.claims) {
+                        self.inflight.give_up(claim);
                     }
                 }
             }
@@ -1020,16 +1025,16 @@ impl<'a> ConsumeTurn<'a> {
             let open = &mut self.open;
             let wind = tokio::select! {
                 biased;
-                Some((completion, permit)) = self.inflight.next() => Wind::Settled(completion, permit),
+                // Also takes the late posts of jobs whose submission was dropped,
+                // so their guards do not hold the scope busy.
+                ((), completion) = self.inflight.settled() => Wind::Settled(completion),
                 item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
                     Wind::Late(item)
                 }
                 () = &mut until => Wind::Done,
             };
             match wind {
-                Wind::Settled(completion, permit) => {
-                    self.on_settled(completion, permit, true).await;
-                }
+                Wind::Settled(completion) => self.on_settled(completion, true).await,
                 Wind::Late(item) => self.on_late(item),
                 Wind::Done => return true,
             }

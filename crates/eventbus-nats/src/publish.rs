@@ -417,21 +417,26 @@ pub(crate) fn from_header_map(map: Option<&HeaderMap>) -> (Headers, Option<Bytes
     let Some(map) = map else {
         return (Headers::new(), None);
     };
-    let mut names: Vec<_> = map.iter().collect();
-    names.sort_by(|a, b| AsRef::<str>::as_ref(a.0).cmp(AsRef::<str>::as_ref(b.0)));
-    let mut headers = Vec::new();
+    let mut headers = Vec::with_capacity(map.len());
     let mut key = None;
-    for (name, values) in names {
+    for (name, values) in map.iter() {
         let name: &str = name.as_ref();
+        if name == KEY_HEADER {
+            key = values
+                .last()
+                .map(|v| Bytes::copy_from_slice(v.as_str().as_bytes()));
+            continue;
+        }
         for v in values {
-            let bytes = Bytes::copy_from_slice(v.as_str().as_bytes());
-            if name == KEY_HEADER {
-                key = Some(bytes);
-            } else {
-                headers.push((name.to_owned(), bytes));
-            }
+            headers.push((
+                name.to_owned(),
+                Bytes::copy_from_slice(v.as_str().as_bytes()),
+            ));
         }
     }
+    // The map's order is a hash's: sort by name. The sort is stable, so a name's
+    // values keep their order.
+    headers.sort_by(|a, b| a.0.cmp(&b.0));
     (headers.into_iter().collect(), key)
 }
 

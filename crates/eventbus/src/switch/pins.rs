@@ -74,6 +74,12 @@ pub(super) struct Pins {
 
 /// The cells themselves: also the sink of the done hooks, each job's token its
 /// cell, so a job's hook allocates nothing.
+///
+/// Aligned to two cache lines so that, inside its `Arc`, the table's pointer
+/// does not share a line with the reference counts: every job's hook clones the
+/// `Arc` on the submitting core and drops it on a worker's, and each submission
+/// reads the pointer.
+#[repr(align(128))]
 struct Cells(Box<[AtomicU32]>);
 
 impl std::ops::Deref for Cells {

@@ -91,15 +91,7 @@ impl PlainTask {
             submitted,
             scope,
         } = self;
-        let span = tracing::info_span!(
-            "eventbus.handle",
-            topic = %message.topic,
-            partition = message.partition,
-            offset = message.offset,
-            aggregate_id = key.as_deref().unwrap_or(""),
-            attempt = 1u32,
-            trace_id = tracing::field::Empty,
-        );
+        let span = handle_span(&message, key.as_deref().unwrap_or(""), Some(1));
         async move {
             let metrics = inner.metrics.pool(pool);
             let started = metrics.started(submitted);
@@ -140,15 +132,8 @@ impl EnvelopeTask {
             submitted,
             scope,
         } = self;
-        let span = tracing::info_span!(
-            "eventbus.handle",
-            topic = %message.topic,
-            partition = message.partition,
-            offset = message.offset,
-            aggregate_id = %key,
-            attempt = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-        );
+        // Its attempts and trace id are recorded as they become known.
+        let span = handle_span(&message, &key, None);
         async move {
             let envelope = match Envelope::decode(&message.payload) {
                 Ok(envelope) => Arc::new(envelope),
@@ -237,6 +222,20 @@ impl EnvelopeTask {
         .instrument(span)
         .await
     }
+}
+
+/// The span a message's handling runs in: its coordinates, its aggregate id, and
+/// the attempt when known up front (`None`: recorded later, or never).
+fn handle_span(message: &Message, aggregate_id: &str, attempt: Option<u32>) -> tracing::Span {
+    tracing::info_span!(
+        "eventbus.handle",
+        topic = %message.topic,
+        partition = message.partition,
+        offset = message.offset,
+        aggregate_id,
+        attempt,
+        trace_id = tracing::field::Empty,
+    )
 }
 
 impl Dispatcher {

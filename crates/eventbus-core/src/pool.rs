@@ -179,6 +179,28 @@ pub trait Pool: Send + Sync + fmt::Debug + 'static {
             stats: self.stats(),
         }]
     }
+
+    /// Jobs each worker has taken so far, in worker order (worker `i` runs the
+    /// routes with `slot(route, workers) == i`), for a pool whose every worker ends
+    /// its jobs one at a time in the order it took them. `None` (the default): the
+    /// pool does not count them.
+    ///
+    /// With [`ended`](Pool::ended) this tells a composite pool when every job a
+    /// worker had taken at one moment is done, without a hook on each job: the
+    /// pool switch uses it to stop counting jobs while every route goes to one side.
+    fn taken(&self) -> Option<Vec<u64>> {
+        None
+    }
+
+    /// Jobs worker `worker` is done with: run to an outcome, or found fenced and
+    /// dropped unrun. Once it reaches what [`taken`](Pool::taken) read for that
+    /// worker, every job the worker had taken then is done, and everything those
+    /// jobs did happens before the caller's next step. `None` (the default) when the
+    /// pool does not count them; a job aborted when the pool closes never counts.
+    fn ended(&self, worker: usize) -> Option<u64> {
+        let _ = worker;
+        None
+    }
 }
 
 /// One pool of a (possibly composite) pool, for metrics: see [`Pool::shares`].

@@ -196,7 +196,8 @@ async fn worker(queue: Arc<JobQueue>, counters: Arc<Counters>, index: usize) {
     while let Some(job) = queue.pop().await {
         let kind = job.run().await;
         completed += 1;
-        mine.completed.store(completed, Ordering::Relaxed);
+        // Release: a reader of `ended` that sees the count sees what the job did.
+        mine.completed.store(completed, Ordering::Release);
         if kind == OutcomeKind::Panicked {
             panicked += 1;
             mine.panicked.store(panicked, Ordering::Relaxed);
@@ -234,6 +235,19 @@ impl Pool for KeyedWorkerPool {
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
         Box::pin(self.close_inner(timeout))
+    }
+
+    /// Each queue's count of jobs accepted, taken under its lock.
+    fn taken(&self) -> Option<Vec<u64>> {
+        Some(self.queues.iter().map(|q| q.accepted()).collect())
+    }
+
+    /// The worker's count of jobs run (a fenced job counts: it ends unrun).
+    fn ended(&self, worker: usize) -> Option<u64> {
+        self.counters
+            .workers
+            .get(worker)
+            .map(|w| w.completed.load(Ordering::Acquire))
     }
 
     fn stats(&self) -> PoolStats {

@@ -466,6 +466,7 @@ fn rollout_state(name: &str, switch: &PoolSwitch) -> Value {
         "actor_percent": switch.actor_percent(),
         "pool_in_force": switch.kind(),
         "pinned_routes": { "keyed": keyed, "actor": actor },
+        "counts_jobs": switch.counts_jobs(),
         "floor": switch.floor(),
     })
 }

@@ -7,13 +7,20 @@
 //! across a switch.
 //!
 //! The route table has no lock shared by all routes. Routes share a pin per *cell*
-//! (2^14 cells, chosen by a hash of the route independent of its rollout bucket): a
-//! cell's atomic word holds the side its jobs run on and how many are in flight.
+//! (about 2^14 cells, grouped by keyed worker, chosen within the group by a hash of
+//! the route independent of its rollout bucket): a cell's atomic word holds the side
+//! its jobs run on and how many are in flight.
 //! While a cell has jobs in flight all of its routes go to its side; once it has
 //! none, its next job follows the current setting. Cells are fine enough that under
 //! load most of them empty often, so a new share takes effect promptly (pins on the
 //! 100 rollout buckets would never empty under load). Submitting costs one
 //! compare-and-swap on the route's cell and the job's end one atomic subtraction.
+//!
+//! At share 0 over a keyed pool that reports what its workers took and ended
+//! ([`Pool::taken`], [`Pool::ended`]), nothing can move and the switch counts
+//! nothing: each job goes to the keyed pool with no pin and no done hook. When the
+//! share rises, a route follows the cells once its keyed worker has ended what it
+//! had taken at the rise (see `mode.rs`).
 //!
 //! Actors out of service. A route whose actor is out of service (past its restart
 //! limit, cooling down) and whose cell has nothing in flight goes to the keyed pool
@@ -39,15 +46,17 @@ use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolS
 
 use eventbus_core::raw::{rollout_bucket, Job, PoolShare, SubmitError, SubmitErrorKind};
 use futures::future::BoxFuture;
-use pins::{cell_of, Pins};
+use mode::{Drain, Kind, Mode, Steady, SteadyGuard};
+use pins::Pins;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+mod mode;
 mod pins;
 #[cfg(test)]
 mod tests;
@@ -86,11 +95,29 @@ pub struct PoolSwitch {
     actor: Arc<dyn Pool>,
     /// The actor pool itself, when the switch was built with it.
     control: Option<Arc<dyn ActorControl>>,
-    percent: AtomicU8,
+    /// The actor share and the [`Mode`]: whether jobs are counted in pin cells.
+    mode: AtomicU64,
+    /// Held while the mode word changes.
+    transition: Mutex<()>,
     /// The route table: a pin per cell of routes.
     pins: Pins,
+    /// Steady submissions under way.
+    steady: Steady,
+    /// The keyed pool's workers at the start of the current drain.
+    drain: Drain,
+    /// Whether the keyed pool counts what its workers took and ended, so that the
+    /// switch may stop counting jobs at share 0 (see `mode.rs`).
+    can_stop_counting: bool,
     /// Why the share is held at 0, when it is (the rollback variable).
     floor: Mutex<Option<String>>,
+}
+
+/// Where a job goes, and how it is counted.
+enum Routed<'a> {
+    /// To the keyed pool, uncounted, while the guard is held.
+    Steady(SteadyGuard<'a>),
+    /// To `side`, counted in `cell`.
+    Pinned { side: Side, cell: usize },
 }
 
 impl fmt::Debug for PoolSwitch {
@@ -99,6 +126,7 @@ impl fmt::Debug for PoolSwitch {
             .field("keyed", &self.keyed)
             .field("actor", &self.actor)
             .field("actor_percent", &self.actor_percent())
+            .field("mode", &self.current().kind())
             .field("actor_control", &self.control.is_some())
             .finish()
     }
@@ -148,19 +176,106 @@ impl PoolSwitch {
         if let Some(control) = &control {
             control.release_held(actor_percent == 0);
         }
+        let workers = keyed.workers().max(1);
+        let can_stop_counting =
+            keyed.taken().is_some_and(|t| t.len() == workers) && keyed.ended(0).is_some();
+        let kind = if can_stop_counting && actor_percent == 0 {
+            Kind::Steady
+        } else {
+            Kind::Pinned
+        };
         Ok(Self {
             keyed,
             actor,
             control,
-            percent: AtomicU8::new(actor_percent),
-            pins: Pins::new(),
+            mode: AtomicU64::new(Mode::new(actor_percent, kind).bits()),
+            transition: Mutex::new(()),
+            pins: Pins::new(workers),
+            steady: Steady::new(),
+            drain: Drain::new(workers),
+            can_stop_counting,
             floor: Mutex::new(None),
         })
     }
 
     /// Share of aggregate ids on the actor pool, 0..=100.
     pub fn actor_percent(&self) -> u8 {
-        self.percent.load(Ordering::Acquire)
+        self.current().percent()
+    }
+
+    /// The mode word now.
+    fn current(&self) -> Mode {
+        Mode::from_bits(self.mode.load(Ordering::SeqCst))
+    }
+
+    /// Set the share to `percent` (the caller holds the floor's lock): a rise from
+    /// 0 starts counting jobs again (see `mode.rs`).
+    fn change_percent(&self, percent: u8) -> u8 {
+        let _transition = self.transition.lock().expect("transition poisoned");
+        let mode = self.current();
+        let kind = match mode.kind() {
+            Kind::Steady if percent > 0 => Kind::Waiting,
+            kind => kind,
+        };
+        self.mode
+            .store(mode.next(percent, kind).bits(), Ordering::SeqCst);
+        self.advance_locked();
+        mode.percent()
+    }
+
+    /// Try to take the mode a step further, from a submission: skipped when another
+    /// thread is at it.
+    fn advance(&self) {
+        if let Ok(_transition) = self.transition.try_lock() {
+            self.advance_locked();
+        }
+    }
+
+    /// Take the mode as far as it can go now (see `mode.rs`). Holds `transition`.
+    fn advance_locked(&self) {
+        loop {
+            let mode = self.current();
+            let next = match mode.kind() {
+                Kind::Steady => return,
+                Kind::Waiting => {
+                    if !self.steady.quiescent() {
+                        return;
+                    }
+                    let Some(taken) = self.keyed.taken() else {
+                        return;
+                    };
+                    self.drain.start(&taken);
+                    Kind::Draining
+                }
+                Kind::Draining => {
+                    if !self.drain.all_past(mode, &*self.keyed) {
+                        return;
+                    }
+                    Kind::Pinned
+                }
+                Kind::Pinned => {
+                    if mode.percent() != 0 || !self.can_stop_counting || self.pins.any_on_actor() {
+                        return;
+                    }
+                    Kind::Steady
+                }
+            };
+            self.mode
+                .store(mode.next(mode.percent(), next).bits(), Ordering::SeqCst);
+        }
+    }
+
+    /// Every so many submissions in a mode that is waiting for something, try to
+    /// take it further.
+    fn tick(&self, mode: Mode) {
+        let every = match mode.kind() {
+            Kind::Waiting | Kind::Draining => 64,
+            Kind::Pinned if mode.percent() == 0 && self.can_stop_counting => 1024,
+            _ => return,
+        };
+        if mode::due(every) {
+            self.advance();
+        }
     }
 
     /// Change the share on the running bus. Routes with work in flight move once
@@ -195,7 +310,7 @@ impl PoolSwitch {
                 ),
             ));
         }
-        let old = self.percent.swap(percent, Ordering::AcqRel);
+        let old = self.change_percent(percent);
         tracing::info!(from = old, to = percent, "pool switch: actor share changed");
         if let Some(control) = &self.control {
             control.release_held(percent == 0);
@@ -216,7 +331,7 @@ impl PoolSwitch {
     pub fn set_floor(&self, reason: impl Into<String>) {
         let reason = reason.into();
         let mut floor = self.floor.lock().expect("floor poisoned");
-        let old = self.percent.swap(0, Ordering::AcqRel);
+        let old = self.change_percent(0);
         tracing::warn!(
             from = old,
             to = 0,
@@ -237,10 +352,16 @@ impl PoolSwitch {
     /// The side a route goes to now when nothing of its pin cell is in flight: the
     /// actor pool when its stable hash bucket is below the actor share and (as far
     /// as the switch knows) its actor is in service, otherwise the keyed pool. (While
-    /// its cell has work in flight, a route goes to the cell's side:
-    /// [`Pool::kind_for`] names the side a job submitted now goes to.)
+    /// its cell has work in flight, a route goes to the cell's side, and just after
+    /// a rise from share 0 a route stays keyed until its keyed worker has run what
+    /// it had: [`Pool::kind_for`] names the side a job submitted now goes to.)
     pub fn side_for(&self, route: u64) -> Side {
-        if rollout_bucket(route) < self.actor_percent()
+        self.side_at(self.actor_percent(), route)
+    }
+
+    /// [`side_for`](Self::side_for) at share `percent`.
+    fn side_at(&self, percent: u8, route: u64) -> Side {
+        if rollout_bucket(route) < percent
             && self.control.as_ref().is_none_or(|c| c.in_service(route))
         {
             Side::Actor
@@ -249,13 +370,28 @@ impl PoolSwitch {
         }
     }
 
+    /// Whether the switch counts each job in its route's pin cell now.
+    ///
+    /// It does not at share 0 over a keyed pool that reports what its workers took
+    /// and ended ([`Pool::taken`], [`Pool::ended`], as `KeyedWorkerPool` does): every
+    /// job then goes to the keyed pool, nothing can move, and the count would only
+    /// cost each job. When the share rises, a route follows it once its keyed
+    /// worker has ended every job it had taken at the rise (and its cell has nothing
+    /// in flight); back at 0, the switch stops counting once no cell has a job in
+    /// flight on the actor side.
+    pub fn counts_jobs(&self) -> bool {
+        self.current().kind() != Kind::Steady
+    }
+
     /// Pins with work in flight on each side: (keyed, actor).
     ///
     /// Routes share a pin per cell (2^14 cells, by a hash of the route): a pin is
     /// counted while any route of its cell has a job queued or running, and every
     /// route of that cell goes to the pin's side meanwhile. With few routes in
     /// flight (fewer than a few hundred) this is the number of routes in flight on
-    /// each side; `(0, 0)` when nothing is in flight. It reads every cell.
+    /// each side; `(0, 0)` when nothing is in flight. Jobs submitted while the
+    /// switch does not [count them](Self::counts_jobs) are not in it. It reads
+    /// every cell.
     pub fn pinned(&self) -> (usize, usize) {
         self.pins.pinned()
     }
@@ -277,29 +413,79 @@ impl PoolSwitch {
         }
     }
 
-    /// Pin the job's cell, send the job to the cell's side, and poll that side's
-    /// submission once here: a pool with room queues the job in the call and
-    /// returns a future that is already complete, so such a submission needs no
-    /// future of the switch's own (and allocates none). A submission that waits
-    /// (a full queue) was polled with a no-op waker; the caller's polls go on with
-    /// it, and a future wakes the waker of its latest poll, so no wake-up is lost.
+    /// The side a job of `route` whose cell has nothing in flight goes to in `mode`.
+    fn choose(&self, mode: Mode, route: u64) -> Side {
+        match mode.kind() {
+            Kind::Steady | Kind::Waiting => Side::Keyed,
+            Kind::Draining
+                if !self
+                    .drain
+                    .is_past(self.pins.layout().worker_of(route), mode, &*self.keyed) =>
+            {
+                Side::Keyed
+            }
+            Kind::Draining | Kind::Pinned => self.side_at(mode.percent(), route),
+        }
+    }
+
+    /// Route a job of `route`: in steady mode uncounted to the keyed pool;
+    /// otherwise pin its cell and go to the cell's side. The mode word is read
+    /// before and after; if it changed meanwhile, the pin is given back and the job
+    /// routed again (see `mode.rs`).
+    fn route(&self, route: u64) -> Routed<'_> {
+        loop {
+            let mode = self.current();
+            if mode.kind() == Kind::Steady {
+                let guard = self.steady.enter();
+                if self.current() == mode {
+                    return Routed::Steady(guard);
+                }
+                continue;
+            }
+            let cell = self.pins.cell_of(route);
+            let side = self.pins.pin(cell, || self.choose(mode, route));
+            if self.current() == mode {
+                self.tick(mode);
+                return Routed::Pinned { side, cell };
+            }
+            self.pins.release(cell);
+        }
+    }
+
+    /// Route the job (counting it in its cell unless steady), send it to its side,
+    /// and poll that side's submission once here: a pool with room queues the job
+    /// in the call and returns a future that is already complete, so such a
+    /// submission needs no future of the switch's own (and allocates none). A
+    /// submission that waits (a full queue) was polled with a no-op waker; the
+    /// caller's polls go on with it, and a future wakes the waker of its latest
+    /// poll, so no wake-up is lost. A steady submission that waits stays counted
+    /// as under way until it ends.
     fn submit_job(&self, mut job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         let route = job.route();
-        let cell = cell_of(route);
-        let side = self.pins.pin(cell, || self.side_for(route));
-        job.set_done_hook(self.pins.done_hook(cell));
+        let (side, cell, steady) = match self.route(route) {
+            Routed::Steady(guard) => (Side::Keyed, None, Some(guard)),
+            Routed::Pinned { side, cell } => {
+                job.set_done_hook(self.pins.done_hook(cell));
+                (side, Some(cell), None)
+            }
+        };
         let mut submitted = self.pool(side).submit(job);
         match submitted
             .as_mut()
             .poll(&mut Context::from_waker(Waker::noop()))
         {
             Poll::Ready(Ok(())) => Box::pin(Accepted),
-            Poll::Ready(Err(refused)) => Box::pin(self.refused(route, side, cell, refused)),
+            Poll::Ready(Err(refused)) => match cell {
+                Some(cell) => Box::pin(self.refused(route, side, cell, refused)),
+                None => Box::pin(std::future::ready(Err(refused))),
+            },
             // A full queue: the caller's polls go on with the waiting submission.
             Poll::Pending => Box::pin(async move {
-                match submitted.await {
-                    Ok(()) => Ok(()),
-                    Err(refused) => self.refused(route, side, cell, refused).await,
+                let _steady = steady;
+                match (submitted.await, cell) {
+                    (Ok(()), _) => Ok(()),
+                    (Err(refused), Some(cell)) => self.refused(route, side, cell, refused).await,
+                    (Err(refused), None) => Err(refused),
                 }
             }),
         }
@@ -372,9 +558,15 @@ impl Pool for PoolSwitch {
     }
 
     fn kind_for(&self, route: u64) -> &'static str {
-        let pinned = self.pins.side(cell_of(route));
-        self.pool(pinned.unwrap_or_else(|| self.side_for(route)))
-            .kind()
+        let mode = self.current();
+        let side = match mode.kind() {
+            Kind::Steady => Side::Keyed,
+            _ => self
+                .pins
+                .side(self.pins.cell_of(route))
+                .unwrap_or_else(|| self.choose(mode, route)),
+        };
+        self.pool(side).kind()
     }
 
     fn shares(&self) -> Vec<PoolShare> {
@@ -400,16 +592,28 @@ impl Pool for PoolSwitch {
     /// jobs of one side, one call a run; at the first run a side does not take
     /// whole, the rest of the batch stays in `jobs` (releasing the cells of the
     /// pinned jobs among it), so what is taken is a prefix of the batch.
+    ///
+    /// In steady mode the whole batch goes to the keyed pool, uncounted; the batch
+    /// counts as one steady submission under way until the call returns.
     fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        let _steady = self.steady.enter();
+        if self.current().kind() == Kind::Steady {
+            self.keyed.submit_batch(jobs);
+            return;
+        }
         let mut batch = std::mem::take(jobs).into_iter();
         let mut run: Vec<Job> = Vec::new();
         let mut run_side = Side::Keyed;
         let mut stopped = false;
         for mut job in batch.by_ref() {
-            let route = job.route();
-            let cell = cell_of(route);
-            let side = self.pins.pin(cell, || self.side_for(route));
-            job.set_done_hook(self.pins.done_hook(cell));
+            let side = match self.route(job.route()) {
+                // The mode became steady: covered by this call's count.
+                Routed::Steady(_) => Side::Keyed,
+                Routed::Pinned { side, cell } => {
+                    job.set_done_hook(self.pins.done_hook(cell));
+                    side
+                }
+            };
             if side != run_side && !run.is_empty() {
                 self.pool(run_side).submit_batch(&mut run);
                 if !run.is_empty() {

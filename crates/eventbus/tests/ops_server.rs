@@ -140,6 +140,7 @@ async fn put_rollout_needs_the_token_checks_the_body_and_changes_the_share() {
     assert_eq!(state["actor_percent"], 0);
     assert_eq!(state["pool_in_force"], "keyed");
     assert_eq!(state["pinned_routes"], json!({ "keyed": 0, "actor": 0 }));
+    assert_eq!(state["counts_jobs"], false, "share 0 over the keyed pool");
     assert_eq!(state["floor"], Value::Null);
 
     // No token, a wrong one, another scheme: 401, nothing changes.
@@ -200,6 +201,7 @@ async fn put_rollout_needs_the_token_checks_the_body_and_changes_the_share() {
     assert_eq!(switch.actor_percent(), 10);
     let (_, state) = c.get("/rollout/default").await;
     assert_eq!(state["actor_percent"], 10);
+    assert_eq!(state["counts_jobs"], true, "above 0 every job is counted");
 
     let (status, answer) = c
         .put(

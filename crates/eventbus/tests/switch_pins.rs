@@ -4,7 +4,7 @@
 //! and every key's jobs run in order.
 
 use eventbus::core::raw::{
-    stable_hash, DoneHook, Job, JobClass, Outcome, OutcomeReceiver, SubmitError,
+    slot, stable_hash, DoneHook, Job, JobClass, Outcome, OutcomeReceiver, SubmitError,
 };
 use eventbus::core::ComponentHealth;
 use eventbus::{Pool, PoolStats, PoolSwitch};
@@ -63,9 +63,12 @@ async fn a_new_share_moves_idle_routes_at_once_and_a_busy_route_once_it_drains()
         .boxed(),
     );
     switch.submit(gate).await.expect("gate");
-    assert_eq!(switch.pinned(), (1, 0));
+    // At share 0 the switch does not count jobs: nothing can move.
+    assert!(!switch.counts_jobs());
+    assert_eq!(switch.pinned(), (0, 0));
 
     switch.set_actor_percent(100).expect("share");
+    assert!(switch.counts_jobs());
     // The busy route stays on the keyed pool, queued behind its gate.
     assert_eq!(switch.kind_for(busy), "keyed");
     let (job, busy_1) = logged(busy, &log, "busy-1".to_owned());
@@ -73,11 +76,16 @@ async fn a_new_share_moves_idle_routes_at_once_and_a_busy_route_once_it_drains()
     assert_eq!(keyed.stats().submitted, 2);
 
     // Routes with nothing in flight take the new share at once, and run there.
-    // (These keys' pin cells differ from the busy route's; a route sharing its
-    // cell would wait with it.)
+    // (These keys are on other keyed workers than the busy route: a route of its
+    // worker waits until that worker has run what it had at the rise, see the
+    // next test.)
+    let workers = keyed.workers();
+    let idle_routes = (0..)
+        .map(|i| stable_hash(format!("idle-{i}").as_bytes()))
+        .filter(|r| slot(*r, workers) != slot(busy, workers))
+        .take(20);
     let mut idle = Vec::new();
-    for i in 0..20 {
-        let route = stable_hash(format!("idle-{i}").as_bytes());
+    for (i, route) in idle_routes.enumerate() {
         assert_eq!(switch.kind_for(route), "actor", "idle-{i}");
         let (job, rx) = logged(route, &log, format!("idle-{i}"));
         switch.submit(job).await.expect("idle route");
@@ -114,6 +122,103 @@ async fn a_new_share_moves_idle_routes_at_once_and_a_busy_route_once_it_drains()
         .cloned()
         .collect();
     assert_eq!(busy_order, ["busy-0", "busy-1", "busy-2"]);
+    switch.close(Duration::from_secs(5)).await;
+}
+
+/// Leaving share 0, where the switch counted nothing, a route waits for its keyed
+/// worker to run every job it had at the rise, even with nothing of its own pinned:
+/// here a route whose two uncounted jobs sit behind another route's gate on the
+/// same worker. A route of another worker moves at once. Back at 0 with nothing in
+/// flight on the actor side, the switch stops counting again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_share_0_a_route_waits_for_its_keyed_worker_to_run_what_it_had() {
+    const WORKERS: usize = 4;
+    let spec = PoolSpec {
+        workers: WORKERS,
+        ..PoolSpec::default()
+    };
+    let keyed = keyed_pools()(spec).await;
+    let actor = actor_pools()(spec).await;
+    let switch = PoolSwitch::new(keyed.clone(), actor.clone(), 0).expect("switch");
+    assert!(!switch.counts_jobs(), "share 0 over a keyed pool: steady");
+    let log = Arc::new(Mutex::new(Vec::new()));
+
+    let gated = stable_hash(b"gated-aggregate");
+    let worker = slot(gated, WORKERS);
+    let routes_of = |on_worker: bool| {
+        (0u32..)
+            .map(|i| stable_hash(format!("other-{i}").as_bytes()))
+            .find(move |r| (slot(*r, WORKERS) == worker) == on_worker && *r != gated)
+            .expect("a route")
+    };
+    let (mate, elsewhere) = (routes_of(true), routes_of(false));
+
+    let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+    let (gate, gate_done) = Job::new(
+        gated,
+        JobClass::Plain,
+        None,
+        async move {
+            let _ = gate_rx.await;
+            Outcome::Handled { attempts: 1 }
+        }
+        .boxed(),
+    );
+    switch.submit(gate).await.expect("gate");
+    let mut mate_done = Vec::new();
+    for i in 0..2 {
+        let (job, rx) = logged(mate, &log, format!("mate-{i}"));
+        switch.submit(job).await.expect("mate before the rise");
+        mate_done.push(rx);
+    }
+    assert_eq!(switch.pinned(), (0, 0), "nothing counted at share 0");
+
+    switch.set_actor_percent(100).expect("share");
+    assert!(switch.counts_jobs());
+    // The mate has nothing pinned, but its worker has not run what it had.
+    assert_eq!(switch.kind_for(mate), "keyed");
+    let (job, rx) = logged(mate, &log, "mate-2".to_owned());
+    switch.submit(job).await.expect("mate after the rise");
+    mate_done.push(rx);
+    // A route of an idle worker moves at once.
+    assert_eq!(switch.kind_for(elsewhere), "actor");
+    let (job, rx) = logged(elsewhere, &log, "elsewhere".to_owned());
+    switch.submit(job).await.expect("elsewhere");
+    outcome("the route of another worker, on the actor pool", rx).await;
+    assert_eq!(
+        (keyed.stats().submitted, actor.stats().submitted),
+        (4, 1),
+        "the mate's third job stays keyed"
+    );
+
+    gate_tx.send(()).expect("gate open");
+    outcome("gate", gate_done).await;
+    for (i, rx) in mate_done.into_iter().enumerate() {
+        outcome(&format!("mate-{i}"), rx).await;
+    }
+    eventbus_testkit::wait_until("every route released", LIMIT, || switch.pinned() == (0, 0)).await;
+    assert_eq!(switch.kind_for(mate), "actor", "its worker ran what it had");
+    let (job, rx) = logged(mate, &log, "mate-3".to_owned());
+    switch.submit(job).await.expect("mate on the actor pool");
+    outcome("mate-3", rx).await;
+    assert_eq!((keyed.stats().submitted, actor.stats().submitted), (4, 2));
+    let order: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.starts_with("mate"))
+        .cloned()
+        .collect();
+    assert_eq!(order, ["mate-0", "mate-1", "mate-2", "mate-3"]);
+
+    // Back to 0 with nothing in flight on the actor side: uncounted again.
+    eventbus_testkit::wait_until("the actor side released", LIMIT, || {
+        switch.pinned() == (0, 0)
+    })
+    .await;
+    switch.set_actor_percent(0).expect("share");
+    assert!(!switch.counts_jobs(), "steady again at share 0");
+    assert_eq!(switch.kind_for(mate), "keyed");
     switch.close(Duration::from_secs(5)).await;
 }
 
@@ -180,6 +285,14 @@ impl Pool for Booked {
     fn health(&self) -> ComponentHealth {
         self.inner.health()
     }
+
+    fn taken(&self) -> Option<Vec<u64>> {
+        self.inner.taken()
+    }
+
+    fn ended(&self, worker: usize) -> Option<u64> {
+        self.inner.ended(worker)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -214,17 +327,19 @@ async fn under_load_and_constant_share_changes_no_key_is_on_both_pools_and_order
         let (switch, stop) = (switch.clone(), stop.clone());
         tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(17);
-            let mut flips = 0u64;
+            let (mut flips, mut steady) = (0u64, 0u64);
             while !stop.load(Ordering::SeqCst) {
-                switch
-                    .set_actor_percent(rng.u8(..=100))
-                    .expect("valid share");
+                // Share 0 a third of the time: the switch stops counting jobs there
+                // and starts again on the next rise.
+                let share = if rng.u8(..3) == 0 { 0 } else { rng.u8(..=100) };
+                switch.set_actor_percent(share).expect("valid share");
                 flips += 1;
+                steady += u64::from(!switch.counts_jobs());
                 for _ in 0..rng.u32(1..8) {
                     tokio::task::yield_now().await;
                 }
             }
-            flips
+            (flips, steady)
         })
     };
 
@@ -280,7 +395,7 @@ async fn under_load_and_constant_share_changes_no_key_is_on_both_pools_and_order
         );
     }
     stop.store(true, Ordering::SeqCst);
-    let flips = flipper.await.expect("flipper");
+    let (flips, steady) = flipper.await.expect("flipper");
 
     eventbus_testkit::wait_until("every route released", LIMIT, || switch.pinned() == (0, 0)).await;
     assert_eq!(
@@ -300,5 +415,9 @@ async fn under_load_and_constant_share_changes_no_key_is_on_both_pools_and_order
     assert_eq!(k + a, (SUBMITTERS * JOBS_EACH) as u64);
     assert!(k > 0 && a > 0, "both pools ran jobs: keyed {k}, actor {a}");
     assert!(flips > 10, "the share changed {flips} times");
+    assert!(
+        steady > 0,
+        "the switch never stopped counting jobs in {flips} changes"
+    );
     switch.close(Duration::from_secs(5)).await;
 }

@@ -1,9 +1,10 @@
 //! The switch's route table: a fixed array of pin cells, one atomic word each, and
 //! no lock shared by all routes.
 //!
-//! A route belongs to one cell, chosen by a hash of the route that is independent of
-//! its rollout bucket (and of the worker slot), so a cell holds a few routes of
-//! scattered buckets. A cell's word packs the side its jobs run on and how many jobs
+//! A route belongs to one cell: cells are grouped by the keyed pool's worker, and
+//! within its worker's group a route's cell is chosen by a hash of the route that is
+//! independent of its rollout bucket, so a cell holds a few routes of scattered
+//! buckets, all of one keyed worker (see [`Layout`]). A cell's word packs the side its jobs run on and how many jobs
 //! of its routes are in flight. While that count is above zero every route of the
 //! cell goes to the cell's side; at zero the next job pins the cell to the side the
 //! current share gives its own route. A route's jobs therefore never sit on both
@@ -18,16 +19,16 @@
 //! docs/benchmarks.md).
 
 use super::Side;
-use eventbus_core::raw::{DoneHook, DoneSink, OutcomeKind};
+use eventbus_core::raw::{slot, DoneHook, DoneSink, OutcomeKind};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-/// Cells: 2^14 words of 4 bytes (64 KiB). Even with 10 000 jobs of distinct routes
-/// in flight (the bus's default bound), about 0.6 per cell, more than half of the
-/// cells are empty at any moment.
+/// Cells: about 2^14 words of 4 bytes (64 KiB). Even with 10 000 jobs of distinct
+/// routes in flight (the bus's default bound), about 0.6 per cell, more than half of
+/// the cells are empty at any moment.
 pub(super) const CELL_BITS: u32 = 14;
-/// Number of cells.
+/// Number of cells (rounded down to a multiple of the keyed pool's workers).
 pub(super) const CELLS: usize = 1 << CELL_BITS;
 
 /// Set in a cell's word when it is pinned to the actor side.
@@ -35,18 +36,61 @@ const ACTOR: u32 = 1 << 31;
 /// The in-flight count in a cell's word.
 const COUNT: u32 = ACTOR - 1;
 
-/// The cell of `route`: the top bits of a multiply-xorshift-multiply mix of it.
+/// Where a route's cell is: cells are grouped by the keyed pool's worker, and
+/// within its worker's group a route's cell is chosen by the top bits of a
+/// multiply-xorshift-multiply mix of it.
 ///
 /// The rollout bucket is `(route >> 32) % 100` and a worker slot `route % n`; the
-/// mix's top bits depend on every bit of the route, so the routes of one bucket (or
-/// one worker) spread over all cells and a cell holds routes of scattered buckets,
-/// even for routes that are not themselves hashes (small integers in tests).
-#[inline]
-pub(super) fn cell_of(route: u64) -> usize {
-    let mut h = route.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^= h >> 32;
-    h = h.wrapping_mul(0xd6e8_feb8_6659_fd93);
-    (h >> (64 - CELL_BITS)) as usize
+/// mix depends on every bit of the route, so the routes of one bucket spread over
+/// all cells of their worker and a cell holds routes of scattered buckets, even for
+/// routes that are not themselves hashes (small integers in tests). All routes of
+/// a cell share one keyed worker: when that worker has ended every job it had taken
+/// at some moment, none of the cell's routes has a job of before that moment left
+/// (the switch relies on it when it leaves the all-keyed share, see `switch.rs`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Layout {
+    /// The keyed pool's workers.
+    workers: usize,
+    /// `workers - 1` when `workers` is a power of two (the default): then
+    /// `route & mask` is `slot(route, workers)` without a division.
+    mask: Option<u64>,
+    /// Cells per worker.
+    per: usize,
+}
+
+impl Layout {
+    pub(super) fn new(workers: usize) -> Self {
+        let workers = workers.max(1);
+        Self {
+            workers,
+            mask: workers.is_power_of_two().then(|| workers as u64 - 1),
+            per: (CELLS / workers).max(1),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.workers * self.per
+    }
+
+    /// The keyed worker of `route` (`slot(route, workers)`).
+    #[inline]
+    pub(super) fn worker_of(&self, route: u64) -> usize {
+        match self.mask {
+            Some(mask) => (route & mask) as usize,
+            None => slot(route, self.workers),
+        }
+    }
+
+    /// The cell of `route`.
+    #[inline]
+    pub(super) fn cell_of(&self, route: u64) -> usize {
+        let mut h = route.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 32;
+        h = h.wrapping_mul(0xd6e8_feb8_6659_fd93);
+        // The top 32 bits scaled to 0..per (a multiply, not a division).
+        let within = ((h >> 32) * self.per as u64) >> 32;
+        self.worker_of(route) * self.per + within as usize
+    }
 }
 
 #[inline]
@@ -70,6 +114,7 @@ fn word(side: Side, count: u32) -> u32 {
 #[derive(Clone)]
 pub(super) struct Pins {
     cells: Arc<Cells>,
+    layout: Layout,
 }
 
 /// The cells themselves: also the sink of the done hooks, each job's token its
@@ -105,10 +150,26 @@ impl fmt::Debug for Pins {
 }
 
 impl Pins {
-    pub(super) fn new() -> Self {
+    /// Cells for routes over a keyed pool of `workers`.
+    pub(super) fn new(workers: usize) -> Self {
+        let layout = Layout::new(workers);
         Self {
-            cells: Arc::new(Cells((0..CELLS).map(|_| AtomicU32::new(0)).collect())),
+            cells: Arc::new(Cells(
+                (0..layout.len()).map(|_| AtomicU32::new(0)).collect(),
+            )),
+            layout,
         }
+    }
+
+    /// Where routes' cells are.
+    pub(super) fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The cell of `route`.
+    #[inline]
+    pub(super) fn cell_of(&self, route: u64) -> usize {
+        self.layout.cell_of(route)
     }
 
     /// Count one more job in flight in `cell` and return the side it goes to: the
@@ -117,6 +178,8 @@ impl Pins {
     ///
     /// Acquire on success: a job that finds the cell empty and goes to the other
     /// side happens after the last job of the cell ended (its [`release`](Self::release)).
+    /// Sequentially consistent, so that a scan ([`any_on_actor`](Self::any_on_actor))
+    /// and the switch's mode word order against it (see `switch.rs`).
     #[inline]
     pub(super) fn pin(&self, cell: usize, choose: impl Fn() -> Side) -> Side {
         let c = &self.cells[cell];
@@ -129,16 +192,16 @@ impl Pins {
                 debug_assert!(current & COUNT < COUNT, "pin cell count overflow");
                 current + 1
             };
-            match c.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+            match c.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Acquire) {
                 Ok(_) => return side_of(next),
                 Err(seen) => current = seen,
             }
         }
     }
 
-    /// One job of `cell` ended (ran, was dropped, or was handed back); in the
-    /// switch, a job's [`done_hook`](Self::done_hook) does this.
-    #[cfg(test)]
+    /// One job of `cell` ended (ran, was dropped, or was handed back), or a pin
+    /// was taken back before its job was submitted; a job's
+    /// [`done_hook`](Self::done_hook) does this when it ends.
     pub(super) fn release(&self, cell: usize) {
         self.cells.done(cell as u32, None);
     }
@@ -182,6 +245,15 @@ impl Pins {
         self.cells[cell].load(Ordering::Acquire) & COUNT
     }
 
+    /// Whether some cell is pinned to the actor side with jobs in flight. A scan
+    /// of every cell, each read on its own.
+    pub(super) fn any_on_actor(&self) -> bool {
+        self.cells.iter().any(|c| {
+            let current = c.load(Ordering::SeqCst);
+            current & COUNT != 0 && side_of(current) == Side::Actor
+        })
+    }
+
     /// Cells with jobs in flight: (keyed, actor). A scan of every cell, each read
     /// on its own (not one snapshot).
     pub(super) fn pinned(&self) -> (usize, usize) {
@@ -202,28 +274,35 @@ impl Pins {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eventbus_core::raw::{rollout_bucket, slot, stable_hash};
+    use eventbus_core::raw::{rollout_bucket, stable_hash};
 
     #[test]
     fn small_routes_land_in_distinct_cells() {
         // Tests use small integers as routes; they must not all share cell 0.
-        let mut cells: Vec<usize> = (0..64u64).map(cell_of).collect();
-        cells.sort_unstable();
-        cells.dedup();
-        assert_eq!(cells.len(), 64);
+        for workers in [1, 3, 256] {
+            let layout = Layout::new(workers);
+            let mut cells: Vec<usize> = (0..64u64).map(|r| layout.cell_of(r)).collect();
+            assert!(cells.iter().all(|c| *c < layout.len()));
+            cells.sort_unstable();
+            cells.dedup();
+            assert_eq!(cells.len(), 64, "{workers} workers");
+        }
     }
 
     #[test]
-    fn cells_are_independent_of_buckets_and_slots() {
-        // Routes of one bucket, or of one worker slot, spread over the cells like any
-        // routes; and a cell's routes come from many buckets.
+    fn cells_keep_to_one_worker_and_spread_buckets() {
+        // Routes of one bucket spread over the cells like any routes; a cell's routes
+        // come from many buckets; every route of a cell has the same keyed worker,
+        // and a worker's routes spread over all of its cells.
+        let layout = Layout::new(256);
+        assert_eq!(layout.len(), CELLS);
         let routes: Vec<u64> = (0..400_000u64)
             .map(|i| stable_hash(format!("k{i}").as_bytes()))
             .collect();
         let per_cell = |pick: &dyn Fn(u64) -> bool| {
-            let mut seen = vec![0u32; CELLS];
+            let mut seen = vec![0u32; layout.len()];
             for r in routes.iter().copied().filter(|r| pick(*r)) {
-                seen[cell_of(r)] += 1;
+                seen[layout.cell_of(r)] += 1;
             }
             seen.iter().filter(|n| **n > 0).count()
         };
@@ -231,31 +310,43 @@ mod tests {
         // chance (birthday bound), not thousands.
         let bucket7 = routes.iter().filter(|r| rollout_bucket(**r) == 7).count();
         assert!(per_cell(&|r| rollout_bucket(r) == 7) + 700 > bucket7);
-        // About 1 560 routes of worker 3 of 256: some 75 by chance.
-        let slot3 = routes.iter().filter(|r| slot(**r, 256) == 3).count();
-        assert!(per_cell(&|r| slot(r, 256) == 3) + 150 > slot3);
-        // A cell's ~24 routes come from ~21 distinct buckets.
-        let mut buckets: Vec<Vec<u8>> = vec![Vec::new(); 16];
+        // About 1 560 routes of worker 3 of 256, over all 64 cells of that worker.
+        assert_eq!(per_cell(&|r| slot(r, 256) == 3), CELLS / 256);
+        let mut worker_of_cell = vec![None; layout.len()];
         for r in &routes {
-            let c = cell_of(*r);
-            if c < 16 {
+            let w = worker_of_cell[layout.cell_of(*r)].get_or_insert(slot(*r, 256));
+            assert_eq!(*w, slot(*r, 256), "a cell's routes share their worker");
+        }
+        // A cell's ~24 routes come from ~21 distinct buckets (as many as routes
+        // drawn at random would: 100 * (1 - e^(-24/100))), over the first 256 cells.
+        let mut buckets: Vec<Vec<u8>> = vec![Vec::new(); 256];
+        for r in &routes {
+            let c = layout.cell_of(*r);
+            if c < 256 {
                 buckets[c].push(rollout_bucket(*r));
             }
         }
+        let (mut routes_seen, mut distinct) = (0, 0);
         for b in &mut buckets {
             let n = b.len();
             b.sort_unstable();
             b.dedup();
             assert!(
-                4 * b.len() >= 3 * n,
+                3 * b.len() >= 2 * n,
                 "a cell's routes share buckets: {b:?} of {n}"
             );
+            routes_seen += n;
+            distinct += b.len();
         }
+        assert!(
+            100 * distinct >= 85 * routes_seen,
+            "{distinct} distinct buckets for {routes_seen} routes"
+        );
     }
 
     #[test]
     fn a_cell_follows_its_pin_until_it_empties() {
-        let pins = Pins::new();
+        let pins = Pins::new(1);
         assert_eq!(pins.pin(5, || Side::Keyed), Side::Keyed);
         // Pinned while in flight: a job wanting the other side stays.
         assert_eq!(pins.pin(5, || Side::Actor), Side::Keyed);
@@ -285,7 +376,7 @@ mod tests {
         // a shadow count per cell and side, raised after the pin and lowered before
         // the release, must never show both sides of a cell at once.
         use std::sync::atomic::AtomicU32;
-        let pins = Pins::new();
+        let pins = Pins::new(1);
         let shadow: Vec<[AtomicU32; 2]> = (0..8).map(|_| Default::default()).collect();
         let moves = AtomicU32::new(0);
         let index = |side| usize::from(side == Side::Actor);

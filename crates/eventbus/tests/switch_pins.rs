@@ -40,6 +40,39 @@ fn logged(route: u64, log: &Arc<Mutex<Vec<String>>>, entry: String) -> (Job, Out
     )
 }
 
+/// A job of `route` that holds its worker until the returned sender fires (or is
+/// dropped), then logs `entry`.
+fn gate(
+    route: u64,
+    log: &Arc<Mutex<Vec<String>>>,
+    entry: &str,
+) -> (Job, OutcomeReceiver, tokio::sync::oneshot::Sender<()>) {
+    let (open, opened) = tokio::sync::oneshot::channel::<()>();
+    let (log, entry) = (log.clone(), entry.to_owned());
+    let (job, done) = Job::new(
+        route,
+        JobClass::Plain,
+        None,
+        async move {
+            let _ = opened.await;
+            log.lock().unwrap().push(entry);
+            Outcome::Handled { attempts: 1 }
+        }
+        .boxed(),
+    );
+    (job, done, open)
+}
+
+/// The entries of `log` that start with `prefix`, in order.
+fn entries(log: &Mutex<Vec<String>>, prefix: &str) -> Vec<String> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.starts_with(prefix))
+        .cloned()
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_share_moves_idle_routes_at_once_and_a_busy_route_once_it_drains() {
     let keyed = keyed_pools()(PoolSpec::default()).await;
@@ -49,19 +82,7 @@ async fn a_new_share_moves_idle_routes_at_once_and_a_busy_route_once_it_drains()
 
     // A job of the busy route holds its keyed worker until the gate opens.
     let busy = stable_hash(b"busy-aggregate");
-    let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
-    let gate_log = log.clone();
-    let (gate, gate_done) = Job::new(
-        busy,
-        JobClass::Plain,
-        None,
-        async move {
-            let _ = gate_rx.await;
-            gate_log.lock().unwrap().push("busy-0".to_owned());
-            Outcome::Handled { attempts: 1 }
-        }
-        .boxed(),
-    );
+    let (gate, gate_done, gate_tx) = gate(busy, &log, "busy-0");
     switch.submit(gate).await.expect("gate");
     // At share 0 the switch does not count jobs: nothing can move.
     assert!(!switch.counts_jobs());
@@ -114,14 +135,7 @@ async fn a_new_share_moves_idle_routes_at_once_and_a_busy_route_once_it_drains()
         .expect("busy route after the drain");
     outcome("busy-2 on the actor pool", rx).await;
     assert_eq!((keyed.stats().submitted, actor.stats().submitted), (2, 21));
-    let busy_order: Vec<String> = log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.starts_with("busy"))
-        .cloned()
-        .collect();
-    assert_eq!(busy_order, ["busy-0", "busy-1", "busy-2"]);
+    assert_eq!(entries(&log, "busy"), ["busy-0", "busy-1", "busy-2"]);
     switch.close(Duration::from_secs(5)).await;
 }
 
@@ -153,17 +167,7 @@ async fn leaving_share_0_a_route_waits_for_its_keyed_worker_to_run_what_it_had()
     };
     let (mate, elsewhere) = (routes_of(true), routes_of(false));
 
-    let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
-    let (gate, gate_done) = Job::new(
-        gated,
-        JobClass::Plain,
-        None,
-        async move {
-            let _ = gate_rx.await;
-            Outcome::Handled { attempts: 1 }
-        }
-        .boxed(),
-    );
+    let (gate, gate_done, gate_tx) = gate(gated, &log, "gate");
     switch.submit(gate).await.expect("gate");
     let mut mate_done = Vec::new();
     for i in 0..2 {
@@ -202,14 +206,10 @@ async fn leaving_share_0_a_route_waits_for_its_keyed_worker_to_run_what_it_had()
     switch.submit(job).await.expect("mate on the actor pool");
     outcome("mate-3", rx).await;
     assert_eq!((keyed.stats().submitted, actor.stats().submitted), (4, 2));
-    let order: Vec<String> = log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.starts_with("mate"))
-        .cloned()
-        .collect();
-    assert_eq!(order, ["mate-0", "mate-1", "mate-2", "mate-3"]);
+    assert_eq!(
+        entries(&log, "mate"),
+        ["mate-0", "mate-1", "mate-2", "mate-3"]
+    );
 
     // Back to 0 with nothing in flight on the actor side: uncounted again.
     eventbus_testkit::wait_until("the actor side released", LIMIT, || {

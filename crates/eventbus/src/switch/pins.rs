@@ -4,15 +4,15 @@
 //! A route belongs to one cell: cells are grouped by the keyed pool's worker, and
 //! within its worker's group a route's cell is chosen by a hash of the route that is
 //! independent of its rollout bucket, so a cell holds a few routes of scattered
-//! buckets, all of one keyed worker (see [`Layout`]). A cell's word packs the side its jobs run on and how many jobs
-//! of its routes are in flight. While that count is above zero every route of the
-//! cell goes to the cell's side; at zero the next job pins the cell to the side the
-//! current share gives its own route. A route's jobs therefore never sit on both
-//! pools at once, and with 2^14 cells most cells empty often under load, so a new
-//! share takes effect promptly.
+//! buckets, all of one keyed worker (see [`Layout`]). A cell's word packs the side
+//! its jobs run on and how many jobs of its routes are in flight. While that count
+//! is above zero every route of the cell goes to the cell's side; at zero the next
+//! job pins the cell to the side the current share gives its own route. A route's
+//! jobs therefore never sit on both pools at once, and with 2^14 cells most cells
+//! empty often under load, so a new share takes effect promptly.
 //!
-//! Submitting a job costs one compare-and-swap on its cell's word, its end one
-//! atomic subtraction. The table is kept small (64 KiB) because each of those
+//! Submitting a counted job costs one compare-and-swap on its cell's word, its end
+//! one atomic subtraction (at share 0 the switch counts nothing, see `mode.rs`). The table is kept small (64 KiB) because each of those
 //! touches a cache line that the other side (submitter or worker) wrote last: a
 //! table four times larger measured slower, and so did two counters per cell
 //! (submitted and ended, on separate lines) and a `parking_lot` mutex per cell (see
@@ -28,7 +28,7 @@ use std::sync::Arc;
 /// routes in flight (the bus's default bound), about 0.6 per cell, more than half of
 /// the cells are empty at any moment.
 pub(super) const CELL_BITS: u32 = 14;
-/// Number of cells (rounded down to a multiple of the keyed pool's workers).
+/// Cells aimed at; a table has `CELLS / workers` per keyed worker (at least one).
 pub(super) const CELLS: usize = 1 << CELL_BITS;
 
 /// Set in a cell's word when it is pinned to the actor side.

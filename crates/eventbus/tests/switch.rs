@@ -331,3 +331,127 @@ async fn routes_of_an_actor_out_of_service_go_keyed_unless_held_and_a_rollback_r
     assert_eq!(keyed.stats().submitted, 2);
     switch.close(Duration::from_secs(5)).await;
 }
+
+/// A bus on `broker` over a new switch at `share`, handling topic `switch-close`
+/// (2 partitions) with a 2 ms handler that records each message's partition and offset and its
+/// key's sequence number.
+async fn recording_bus(
+    broker: &MemoryBroker,
+    share: u8,
+    checker: &DeliveryChecker,
+    ran: &Arc<std::sync::Mutex<std::collections::HashSet<(i32, i64)>>>,
+) -> (MemoryEventBus, Arc<PoolSwitch>) {
+    let spec = PoolSpec {
+        workers: 8,
+        queue: 256,
+        wait_timeout: Duration::from_millis(500),
+    };
+    let switch = Arc::new(
+        PoolSwitch::new(keyed_pools()(spec).await, actor_pools()(spec).await, share)
+            .expect("valid share"),
+    );
+    let mut config = EventBusConfig::default();
+    config.consumer.max_in_flight_per_partition = 500;
+    config.consumer.commit_interval = Duration::from_millis(20);
+    // Far shorter than the backlog a close finds.
+    config.consumer.drain_timeout = Duration::from_millis(50);
+    config.consumer.handover_timeout = Duration::from_millis(500);
+    let bus = MemoryEventBus::new(broker.clone(), switch.clone(), config).expect("bus");
+    bus.configure_topic("switch-close", TopicConfig::default().partitions(2))
+        .await
+        .expect("topic");
+    let (c, ran) = (checker.clone(), ran.clone());
+    bus.subscribe_envelope("switch-close", move |e: Event| {
+        let (c, ran) = (c.clone(), ran.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            c.handled(
+                &e.envelope.aggregate_id,
+                e.envelope.payload["seq"].as_u64().expect("seq"),
+            );
+            ran.lock()
+                .unwrap()
+                .insert((e.message.partition, e.message.offset));
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    (bus, switch)
+}
+
+/// The share rises from 0 (where the switch counts no job) while the queues are
+/// deep, and the bus then closes with a drain timeout far shorter than what is
+/// left: the commit covers only messages that ran, no key runs out of order, and
+/// a second bus on the same group (back at 0, as after a rollback and restart)
+/// handles the rest and commits every partition to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rise_from_0_with_deep_queues_then_a_short_close_commits_only_what_ran() {
+    const KEYS: usize = 24;
+    const PER_KEY: usize = 40;
+    let broker = MemoryBroker::default();
+    let checker = DeliveryChecker::new();
+    let ran = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let (bus, switch) = recording_bus(&broker, 0, &checker, &ran).await;
+    assert!(!switch.counts_jobs(), "share 0: no job counted");
+    for _ in 0..PER_KEY {
+        for k in 0..KEYS {
+            let key = format!("close-{k}");
+            let seq = checker.produce(&key);
+            let env = Envelope::new(key, "switch.close", serde_json::json!({ "seq": seq }));
+            bus.publish_envelope("switch-close", &env)
+                .await
+                .expect("publish");
+        }
+    }
+    let total = (KEYS * PER_KEY) as u64;
+    checker
+        .wait_until(Duration::from_secs(30), "a first part handled", |c| {
+            c.handled_distinct() >= total / 8
+        })
+        .await
+        .unwrap();
+    switch.set_actor_percent(100).expect("valid share");
+    assert!(switch.counts_jobs(), "above 0 every job is counted");
+    checker
+        .wait_until(
+            Duration::from_secs(30),
+            "part handled after the rise",
+            |c| c.handled_distinct() >= total / 4,
+        )
+        .await
+        .unwrap();
+    bus.close().await.expect("close");
+    assert!(
+        checker.handled_distinct() < total,
+        "the close found no backlog: {} of {total} handled",
+        checker.handled_distinct()
+    );
+    {
+        let ran = ran.lock().unwrap();
+        for (partition, lag) in broker.lag("switch-close", "eventbus") {
+            let committed = broker
+                .committed("switch-close", "eventbus", partition)
+                .unwrap_or(0);
+            assert!(
+                (0..committed).all(|offset| ran.contains(&(partition, offset))),
+                "partition {partition}: committed {committed} past a message that never ran"
+            );
+            assert!(lag >= 0, "partition {partition}: lag {lag}");
+        }
+    }
+    let report = checker.report();
+    assert!(report.order_violations.is_empty(), "{report}");
+
+    let (bus, _switch) = recording_bus(&broker, 0, &checker, &ran).await;
+    checker
+        .wait_all_handled(Duration::from_secs(60))
+        .await
+        .unwrap();
+    bus.close().await.expect("close");
+    let report = checker.report();
+    assert!(report.is_clean(), "{report}");
+    for (partition, lag) in broker.lag("switch-close", "eventbus") {
+        assert_eq!(lag, 0, "partition {partition} committed to its end");
+    }
+}

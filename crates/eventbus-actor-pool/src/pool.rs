@@ -52,11 +52,12 @@ impl Future for Accepted {
     }
 }
 
-/// An actor pool on [ractor]: `size` worker actors, each with a bounded queue of
-/// `inbox_size` jobs in front of it, linked to one supervisor that restarts a failed
-/// actor up to `max_restarts` times within `restart_window`. Past that limit the
-/// slot cools down (see [`CoolDown`]) and a fresh actor takes it over; the jobs
-/// queued for it wait, in order, for that actor.
+/// An actor pool on [ractor]: `size` worker actors, each started with the first job
+/// routed to it, each with a bounded queue of `inbox_size` jobs in front of it,
+/// linked to one supervisor that restarts a failed actor up to `max_restarts` times
+/// within `restart_window`. Past that limit the slot cools down (see [`CoolDown`])
+/// and a fresh actor takes it over; the jobs queued for it wait, in order, for that
+/// actor.
 ///
 /// A job runs on actor `slot(job.route(), size)`, so jobs of one aggregate run one at
 /// a time in submission order. See the crate documentation for the failure semantics.
@@ -106,7 +107,8 @@ fn validate(config: &ActorPoolConfig) -> Result<(), Error> {
 
 impl ActorPool {
     /// Validate `config` (the error names the key, e.g. `actor_pool.workers`), spawn the
-    /// supervisor and its `size` workers, and return once all of them are running.
+    /// supervisor, and return once it is running. Each worker actor starts with the
+    /// first job routed to its slot, so a slot no aggregate maps to costs no actor.
     ///
     /// Must be called within a tokio runtime.
     pub async fn start(config: &ActorPoolConfig) -> Result<ActorPool, Error> {
@@ -253,7 +255,7 @@ impl ActorPool {
         let slot = shared.slot_of(job.route());
         // A slot cooling down still takes jobs: they wait, in order, for its fresh
         // actor. Only a stopped supervisor (no actor will ever serve) refuses.
-        if !self.supervisor_alive() {
+        if !self.supervisor_alive() || !self.start_actor(slot) {
             return Err(self.reject(SubmitErrorKind::Unavailable, job));
         }
         match slot.queue().try_push(job) {
@@ -261,6 +263,23 @@ impl ActorPool {
             Err(PushError::Full(job)) => Ok(Some(job)),
             Err(PushError::Closed(job)) => Err(self.refused_by_closed_queue(job)),
         }
+    }
+
+    /// Make sure `slot`'s first actor has been asked for: the first job routed to a
+    /// slot asks the supervisor to start it (the job waits in the queue meanwhile).
+    /// False when the supervisor could not be asked (it has stopped).
+    fn start_actor(&self, slot: &Slot) -> bool {
+        if slot.start_asked() {
+            return true;
+        }
+        let asked = self
+            .supervisor
+            .send_message(SupervisorMsg::Start { index: slot.index })
+            .is_ok();
+        if !asked {
+            slot.unask_start();
+        }
+        asked
     }
 
     /// Wait up to the wait timeout for room in the queue of `job`'s actor. The wait
@@ -431,7 +450,14 @@ impl Pool for ActorPool {
         if shared.is_closing() || !self.supervisor_alive() {
             return;
         }
-        push_batch(jobs, |route| shared.slot_of(route).queue());
+        push_batch(jobs, |route| {
+            let slot = shared.slot_of(route);
+            // Should the supervisor stop meanwhile, the job waits in the queue, as
+            // every job queued for a supervisor that stopped does; the pool then
+            // reports unhealthy.
+            self.start_actor(slot);
+            slot.queue()
+        });
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

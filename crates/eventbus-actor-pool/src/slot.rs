@@ -56,6 +56,9 @@ pub(crate) struct Slot {
     /// The bounded queue. It outlives the actors: a restart hands it, with every job
     /// still in it, to the successor. It counts the jobs it accepted.
     queue: JobQueue,
+    /// Set by the first submission to the slot, which asks the supervisor to start
+    /// its first actor: a slot no job was ever routed to has none.
+    started: AtomicBool,
     /// Held by the actor serving the queue, so that at most one does, and so that
     /// `close` knows when none does any more.
     serving: Arc<AsyncMutex<()>>,
@@ -77,6 +80,7 @@ impl Slot {
         Self {
             index,
             queue: JobQueue::new(capacity),
+            started: AtomicBool::new(false),
             serving: Arc::new(AsyncMutex::new(())),
             unavailable: AtomicBool::new(false),
             cool: Mutex::new(CoolState::default()),
@@ -88,6 +92,19 @@ impl Slot {
 
     pub(crate) fn queue(&self) -> &JobQueue {
         &self.queue
+    }
+
+    /// Whether the slot's first actor has been asked for: `false` once, for the
+    /// first caller, who must then ask the supervisor to start it.
+    pub(crate) fn start_asked(&self) -> bool {
+        // A plain load first: every submission but the slot's first stops here,
+        // without writing the line.
+        self.started.load(Ordering::Acquire) || self.started.swap(true, Ordering::AcqRel)
+    }
+
+    /// Forget that the first actor was asked for (the request could not be sent).
+    pub(crate) fn unask_start(&self) {
+        self.started.store(false, Ordering::Release);
     }
 
     /// Become the slot's serving side; waits while a predecessor still serves.

@@ -1,6 +1,7 @@
-//! The supervisor actor: links the workers, restarts a failed one within the
-//! restart limit, past the limit takes its slot out of service for a cool-down and
-//! then starts a fresh actor on it, and stops them all on close.
+//! The supervisor actor: starts each slot's first worker when the slot's first job
+//! arrives, links the workers, restarts a failed one within the restart limit, past
+//! the limit takes its slot out of service for a cool-down and then starts a fresh
+//! actor on it, and stops them all on close.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub(crate) enum SupervisorMsg {
     Revive { index: usize, epoch: Option<u64> },
     /// Start a fresh actor now on every slot out of service.
     ReviveAll,
+    /// Start the first actor of slot `index`, asked for by the first job routed to it.
+    Start { index: usize },
 }
 
 /// The supervisor actor.
@@ -72,31 +75,16 @@ impl Actor for Supervisor {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<SupervisorMsg>,
+        _myself: ActorRef<SupervisorMsg>,
         shared: Arc<Shared>,
     ) -> Result<SupervisorState, ActorProcessingErr> {
+        // No worker yet: each slot's first actor starts with the first job routed
+        // to it (`SupervisorMsg::Start`).
         let size = shared.slots.len();
-        let mut workers = Vec::with_capacity(size);
-        let mut by_id = HashMap::with_capacity(size);
-        for index in 0..size {
-            match spawn_worker(&shared, index, myself.get_cell()).await {
-                Ok(running) => {
-                    by_id.insert(running.actor.get_id(), index);
-                    workers.push(Some(running));
-                }
-                Err(e) => {
-                    for running in workers.into_iter().flatten() {
-                        running.actor.kill();
-                        let _ = running.join.await;
-                    }
-                    return Err(format!("actor {index} failed to start: {e}").into());
-                }
-            }
-        }
         Ok(SupervisorState {
             shared,
-            workers,
-            by_id,
+            workers: (0..size).map(|_| None).collect(),
+            by_id: HashMap::new(),
             timers: (0..size).map(|_| None).collect(),
             shutting_down: false,
         })
@@ -115,6 +103,7 @@ impl Actor for Supervisor {
                 myself.stop(Some("actor pool closed".to_owned()));
             }
             SupervisorMsg::Revive { index, epoch } => state.revive(&myself, index, epoch).await,
+            SupervisorMsg::Start { index } => state.start(&myself, index).await,
             SupervisorMsg::ReviveAll => {
                 for index in 0..state.workers.len() {
                     if state.shared.slots[index].is_unavailable() {
@@ -264,6 +253,28 @@ impl SupervisorState {
                 let cool_down = self.cool_down(myself, index, false);
                 tracing::error!(actor = index, error = %e, ?cool_down,
                     "fresh actor could not be started; trying again after the cool-down");
+            }
+        }
+    }
+
+    /// Start the first actor of slot `index`. A spawn that fails takes the slot out
+    /// of service, as a failed restart does: its jobs wait, in order, for the fresh
+    /// actor at the end of the cool-down.
+    async fn start(&mut self, myself: &ActorRef<SupervisorMsg>, index: usize) {
+        let shared = self.shared.clone();
+        let slot = &shared.slots[index];
+        if self.shutting_down || self.workers[index].is_some() || slot.is_unavailable() {
+            return;
+        }
+        match spawn_worker(&shared, index, myself.get_cell()).await {
+            Ok(running) => {
+                self.by_id.insert(running.actor.get_id(), index);
+                self.workers[index] = Some(running);
+            }
+            Err(e) => {
+                let cool_down = self.cool_down(myself, index, false);
+                tracing::error!(actor = index, error = %e, ?cool_down,
+                    "actor could not be started; out of service until the cool-down ends (its queued jobs wait for it, in order)");
             }
         }
     }

@@ -118,7 +118,11 @@ async fn reports_kind_size_and_health_and_closes_every_actor() {
     let pool = ActorPool::start(&config(8, 5)).await.unwrap();
     assert_eq!(pool.kind(), "actor");
     assert_eq!(pool.workers(), 8);
-    assert_eq!(pool.live_actors(), 9, "8 workers and the supervisor");
+    assert_eq!(
+        pool.live_actors(),
+        1,
+        "only the supervisor: a worker starts with its slot's first job"
+    );
     let stats = pool.stats();
     assert_eq!(
         (stats.workers, stats.queue_capacity, stats.queued),
@@ -127,6 +131,25 @@ async fn reports_kind_size_and_health_and_closes_every_actor() {
     let health = pool.health();
     assert_eq!(health.name, HEALTH_COMPONENT);
     assert_eq!(health.status, HealthStatus::Healthy);
+    // Routes 3 and 11 share slot 3 of 8: its first job starts its actor, the
+    // others start no other.
+    for route in [3, 11, 3] {
+        let (j, rx) = job(route, JobClass::Plain, "k", async { handled() });
+        pool.submit(j).await.unwrap();
+        outcome("a job of slot 3", rx).await;
+    }
+    assert_eq!(pool.live_actors(), 2, "the supervisor and slot 3's actor");
+    // A batch over every slot starts the rest.
+    let (mut jobs, receivers): (Vec<Job>, Vec<OutcomeReceiver>) = (0..8)
+        .map(|route| job(route, JobClass::Plain, "k", async { handled() }))
+        .unzip();
+    pool.submit_batch(&mut jobs);
+    assert!(jobs.is_empty(), "every queue had room");
+    for rx in receivers {
+        outcome("a job of the batch", rx).await;
+    }
+    assert_eq!(pool.live_actors(), 9, "8 workers and the supervisor");
+    assert_eq!(pool.health().status, HealthStatus::Healthy);
     pool.close(Duration::from_secs(5)).await;
     assert_eq!(pool.live_actors(), 0);
     assert_eq!(pool.health().status, HealthStatus::Unhealthy);
@@ -329,7 +352,11 @@ async fn a_plain_panic_restarts_the_actor_without_losing_its_queue() {
     assert_eq!((stats.panicked, stats.unavailable_workers), (1, 0));
     let health = pool.health();
     assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
-    assert_eq!(pool.live_actors(), 3);
+    assert_eq!(
+        pool.live_actors(),
+        2,
+        "the supervisor and slot 0's restarted actor; slot 1 never had a job"
+    );
     pool.close(Duration::from_secs(5)).await;
     assert_eq!(pool.stats().restarts, 1);
     assert_eq!(pool.live_actors(), 0);
@@ -554,6 +581,36 @@ async fn a_cool_down_shorter_than_its_first_step_is_a_config_error() {
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config);
     assert!(e.to_string().contains("cool_down.max"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_right_after_the_first_jobs_runs_them_on_actors_it_starts() {
+    // Deep queues on slots that have no actor yet when close begins: the actors
+    // asked for start and drain them, in order, within the close.
+    let pool = ActorPool::start(&config(64, 64)).await.unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (mut jobs, receivers): (Vec<Job>, Vec<OutcomeReceiver>) =
+        (0..64 * 50u64).map(|i| logged(i % 64, i, &log)).unzip();
+    pool.submit_batch(&mut jobs);
+    assert!(jobs.is_empty(), "every queue had room");
+    within("close", pool.close(Duration::from_secs(10))).await;
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let o = outcome(&format!("job {i}"), rx).await;
+        assert!(matches!(o, Outcome::Handled { .. }), "job {i}: {o:?}");
+    }
+    let log = log.lock().unwrap().clone();
+    for route in 0..64 {
+        let seen: Vec<u64> = log
+            .iter()
+            .filter(|(r, _)| *r == route)
+            .map(|(_, i)| *i)
+            .collect();
+        let expected: Vec<u64> = (0..64 * 50).filter(|i| i % 64 == route).collect();
+        assert_eq!(seen, expected, "route {route} ran out of order");
+    }
+    let stats = pool.stats();
+    assert_eq!((stats.submitted, stats.completed), (3200, 3200));
+    assert_eq!(pool.live_actors(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1184,9 +1184,11 @@ async fn compare(args: &Args) -> Result<Report, String> {
         let cpu = drain_cpu;
         let bare = rate("bare");
         let bare_cpu = cpu("bare");
-        let client = match backend {
-            Backend::Kafka => "bare rdkafka consume-and-store loop",
-            _ => "bare async-nats pull-consume-and-ack loop",
+        // The design's bars: on Kafka at least half the bare loop (and at most one
+        // core-µs more per message, below); on NATS at least 0.9 of it.
+        let (client, least) = match backend {
+            Backend::Kafka => ("bare rdkafka consume-and-store loop", 0.5),
+            _ => ("bare async-nats pull-consume-and-ack loop", 0.9),
         };
         baselines.push(Baseline {
             name: format!("{client}, backlog of {drain_n} (CPU {bare_cpu:.2} µs/msg)"),
@@ -1207,13 +1209,13 @@ async fn compare(args: &Args) -> Result<Report, String> {
             });
             bars.push(Bar {
                 name: format!(
-                    "{} bus ({} pool) ≥ 80% of the {client}",
+                    "{} bus ({} pool) ≥ {least:.1}× the {client}",
                     backend.as_str(),
                     kind.as_str()
                 ),
                 measured: format!("{:.2}×", bus / bare),
-                target: "≥ 0.80×".into(),
-                pass: bus >= 0.8 * bare,
+                target: format!("≥ {least:.2}×"),
+                pass: bus >= least * bare,
                 note: format!(
                     "CPU per message: bus {:.2} µs, bare loop {bare_cpu:.2} µs (process CPU ÷ messages)",
                     cpu(kind.as_str())

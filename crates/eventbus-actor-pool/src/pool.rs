@@ -226,8 +226,9 @@ impl ActorPool {
         self.shared.closing.load(Ordering::SeqCst)
     }
 
-    /// Actors (the supervisor and the workers) whose task has not ended. Zero once
-    /// [`Pool::close`] has returned.
+    /// Actors (the supervisor and the workers started so far: a worker starts with
+    /// its slot's first job) whose task has not ended. Zero once [`Pool::close`] has
+    /// returned.
     pub fn live_actors(&self) -> usize {
         let supervisor = usize::from(self.supervisor.get_status() != ActorStatus::Stopped);
         supervisor + self.shared.slots.iter().filter(|s| s.actor_alive()).count()

@@ -3,7 +3,6 @@
 use serde::{Deserialize, Serialize};
 
 use std::borrow::Cow;
-use std::sync::Arc;
 
 use crate::envelope::{peek_id, validate_aggregate_id, Envelope};
 use crate::message::Message;
@@ -68,17 +67,12 @@ impl AggregateIdConfig {
         self.find(msg, envelope).map(Cow::into_owned)
     }
 
-    /// [`extract`](Self::extract) into a shared string, copying the id once.
-    pub(crate) fn extract_shared(
-        &self,
-        msg: &Message,
-        envelope: Option<&Envelope>,
-    ) -> Option<Arc<str>> {
-        self.find(msg, envelope).map(|id| Arc::from(&*id))
-    }
-
     /// The id, borrowed from the message or the envelope where it can be.
-    fn find<'a>(&self, msg: &'a Message, envelope: Option<&'a Envelope>) -> Option<Cow<'a, str>> {
+    pub(crate) fn find<'a>(
+        &self,
+        msg: &'a Message,
+        envelope: Option<&'a Envelope>,
+    ) -> Option<Cow<'a, str>> {
         for source in &self.chain {
             let found = match source {
                 IdSource::Envelope => match envelope {

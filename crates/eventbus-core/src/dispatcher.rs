@@ -52,6 +52,7 @@ mod limiter;
 mod monitor;
 mod task;
 
+use task::{envelope_key, plain_key, TaskShared};
 pub(crate) use task::{EnvelopeTask, PlainTask};
 
 pub use dead_letter::{
@@ -306,11 +307,24 @@ impl<T: Unpin> Future for InFlight<T> {
 #[derive(Debug)]
 pub struct PreparedSubscription {
     topic: Arc<str>,
-    handler: SubscriptionHandler,
-    ids: AggregateIdConfig,
-    policy: DeliveryPolicy,
+    tasks: SubTasks,
     dead_letter_topic: Option<String>,
     limiter: Option<Limiter>,
+}
+
+/// What the tasks of a subscription's messages share, by kind of handler.
+enum SubTasks {
+    Plain(Arc<TaskShared<Message>>),
+    Envelope(Arc<TaskShared<Event>>),
+}
+
+impl fmt::Debug for SubTasks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SubTasks::Plain(_) => "Plain(..)",
+            SubTasks::Envelope(_) => "Envelope(..)",
+        })
+    }
 }
 
 impl PreparedSubscription {
@@ -324,7 +338,7 @@ impl PreparedSubscription {
     }
     /// Whether this is an envelope (at-least-once) subscription.
     pub fn is_envelope(&self) -> bool {
-        matches!(self.handler, SubscriptionHandler::Envelope(_))
+        matches!(self.tasks, SubTasks::Envelope(_))
     }
     /// The dead-letter topic, when dead letters are enabled.
     pub fn dead_letter_topic(&self) -> Option<&str> {
@@ -609,14 +623,30 @@ impl Dispatcher {
             metrics::counter!(m::name(&self.inner.metrics.backend, metric), "topic" => sub.topic.clone())
                 .increment(0);
         }
+        let ids = sub
+            .options
+            .aggregate_id
+            .unwrap_or_else(|| cfg.aggregate_id.clone());
+        let (inner, can_dead_letter) = (self.inner.clone(), dead_letter_topic.is_some());
+        let tasks = match sub.handler {
+            SubscriptionHandler::Plain(handler) => SubTasks::Plain(TaskShared::new(
+                inner,
+                handler,
+                ids,
+                policy,
+                can_dead_letter,
+            )),
+            SubscriptionHandler::Envelope(handler) => SubTasks::Envelope(TaskShared::new(
+                inner,
+                handler,
+                ids,
+                policy,
+                can_dead_letter,
+            )),
+        };
         Ok(Arc::new(PreparedSubscription {
             topic: Arc::from(sub.topic),
-            handler: sub.handler,
-            ids: sub
-                .options
-                .aggregate_id
-                .unwrap_or_else(|| cfg.aggregate_id.clone()),
-            policy,
+            tasks,
             dead_letter_topic,
             limiter,
         }))
@@ -846,9 +876,12 @@ impl Dispatcher {
     /// new one), fenced by the target's epoch at the message's offset (see
     /// [`Job::fenced_by`]), replying on a channel of its own or posting to the
     /// target's mailbox, and how its message finishes.
+    ///
+    /// The job carries no key: its task reads the id from the message where the
+    /// worker needs it (see `TaskShared`).
     fn prepared(
         &self,
-        (route, class, key): (u64, JobClass, Option<Arc<str>>),
+        (route, class): (u64, JobClass),
         described: Described,
         target: Target,
         meta: Meta,
@@ -863,11 +896,11 @@ impl Dispatcher {
         let (job, finishing) = match post {
             Some(to) => {
                 let (slot, tag) = (to.slot, to.tag);
-                let job = Job::posting((route, class, key), task, fence, to);
+                let job = Job::posting((route, class, None), task, fence, to);
                 (job, Finishing::Posted(slot, tag, settle))
             }
             None => {
-                let (job, rx) = Job::of_task((route, class, key), task, fence);
+                let (job, rx) = Job::of_task((route, class, None), task, fence);
                 (job, Finishing::Outcome(rx, settle))
             }
         };
@@ -900,39 +933,21 @@ impl Dispatcher {
         now: Instant,
     ) -> Prepared {
         let scope = target.epoch.scope();
-        let can_dead_letter = sub.dead_letter_topic.is_some();
-        match &sub.handler {
-            SubscriptionHandler::Envelope(handler) => {
+        match &sub.tasks {
+            SubTasks::Envelope(shared) => {
                 // Routed by the id the chain finds without decoding the body: for
                 // an envelope that decodes, the envelope source reads its own id.
                 // The decode runs on the worker, in parallel, off this loop.
-                let key: Arc<str> = sub
-                    .ids
-                    .extract_shared(&message, None)
-                    .or_else(|| peek_id(&message.payload).map(|id| Arc::from(&*id)))
-                    .unwrap_or_else(|| {
-                        Arc::from(format!(
-                            "{}/{}/{}",
-                            message.topic, message.partition, message.offset
-                        ))
-                    });
-                let route = stable_hash(key.as_bytes());
+                let route = stable_hash(envelope_key(&shared.ids, &message).as_bytes());
                 let mut meta = Meta::new(JobClass::Envelope, sub, &message, now);
                 meta.pool = self.inner.pool.kind_for(route);
-                meta.dead_letter = can_dead_letter.then(|| Box::new(message.clone()));
-                let task = self.envelope_task(
-                    sub,
-                    handler.clone(),
-                    message,
-                    key.clone(),
-                    (meta.pool, meta.submitted),
-                    scope,
-                );
-                self.prepared((route, JobClass::Envelope, Some(key)), task, target, meta)
+                meta.dead_letter = shared.can_dead_letter.then(|| Box::new(message.clone()));
+                let task =
+                    EnvelopeTask::described(shared, message, (meta.pool, meta.submitted), scope);
+                self.prepared((route, JobClass::Envelope), task, target, meta)
             }
-            SubscriptionHandler::Plain(handler) => {
-                let key: Option<Arc<str>> = sub.ids.extract_shared(&message, None);
-                let route = match &key {
+            SubTasks::Plain(shared) => {
+                let route = match plain_key(&shared.ids, &message) {
                     Some(k) => stable_hash(k.as_bytes()),
                     // No id: a round-robin number, through the stable hash so its
                     // high bits (the rollout bucket) are spread too and the actor
@@ -947,14 +962,9 @@ impl Dispatcher {
                 };
                 let mut meta = Meta::new(JobClass::Plain, sub, &message, now);
                 meta.pool = self.inner.pool.kind_for(route);
-                let task = self.plain_task(
-                    handler.clone(),
-                    message,
-                    key.clone(),
-                    (meta.pool, meta.submitted),
-                    scope,
-                );
-                self.prepared((route, JobClass::Plain, key), task, target, meta)
+                let task =
+                    PlainTask::described(shared, message, (meta.pool, meta.submitted), scope);
+                self.prepared((route, JobClass::Plain), task, target, meta)
             }
         }
     }

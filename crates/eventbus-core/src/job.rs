@@ -456,7 +456,9 @@ impl Job {
         self.class
     }
 
-    /// The aggregate id, when the message has one.
+    /// The key the job was built with, if any. Jobs the dispatcher builds carry
+    /// none: their task reads the aggregate id from its message where the worker
+    /// needs it, rather than carrying a copy made per message.
     pub fn key(&self) -> Option<&Arc<str>> {
         self.key.as_ref()
     }

@@ -4,15 +4,66 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 use crate::handler::HandlerError;
+use std::borrow::Cow;
+
+/// What every task of one subscription shares, behind one count: a message's task
+/// clones this once (a count raised on the consume loop's core and lowered on the
+/// worker's) rather than the dispatcher and the handler one by one, and it carries
+/// no copy of the aggregate id. The worker reads the id again from the message,
+/// where the subscription's chain finds it, only when a span or a stuck key needs
+/// it: the copy was an allocation made on the consume loop and freed on the worker,
+/// per message.
+pub(crate) struct TaskShared<T> {
+    inner: Arc<Inner>,
+    handler: BoxHandler<T>,
+    pub(super) ids: AggregateIdConfig,
+    policy: DeliveryPolicy,
+    pub(super) can_dead_letter: bool,
+}
+
+impl<T> TaskShared<T> {
+    pub(super) fn new(
+        inner: Arc<Inner>,
+        handler: BoxHandler<T>,
+        ids: AggregateIdConfig,
+        policy: DeliveryPolicy,
+        can_dead_letter: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            handler,
+            ids,
+            policy,
+            can_dead_letter,
+        })
+    }
+}
+
+/// The aggregate id a plain message is routed by, if it has one.
+pub(super) fn plain_key<'m>(ids: &AggregateIdConfig, message: &'m Message) -> Option<Cow<'m, str>> {
+    ids.find(message, None)
+}
+
+/// The aggregate id an envelope message is routed by: the chain's, else the body's
+/// `aggregate_id` (the chain may not name the envelope), else the message's
+/// coordinates, so that it still has a key of its own.
+pub(super) fn envelope_key<'m>(ids: &AggregateIdConfig, message: &'m Message) -> Cow<'m, str> {
+    ids.find(message, None)
+        .or_else(|| peek_id(&message.payload))
+        .unwrap_or_else(|| {
+            Cow::Owned(format!(
+                "{}/{}/{}",
+                message.topic, message.partition, message.offset
+            ))
+        })
+}
 
 /// The job of a plain message: one handler call. A description, not a future:
 /// the future is made where the job runs, inside the worker's own, so a message
 /// costs no allocation for it on the consume loop (freed on the worker).
 pub(crate) struct PlainTask {
-    inner: Arc<Inner>,
-    handler: BoxHandler<Message>,
+    shared: Arc<TaskShared<Message>>,
     message: Message,
-    key: Option<Arc<str>>,
     pool: &'static str,
     submitted: Instant,
     scope: Scope,
@@ -22,57 +73,44 @@ pub(crate) struct PlainTask {
 /// peeked its id, see `prepare_message`), then call the handler with retries. An
 /// envelope that does not decode never reaches the handler: it ends `Failed` after
 /// 0 attempts, to be dead-lettered, or with no dead-letter destination it is held
-/// ([`hold`]). A description, like [`PlainTask`]. It copies the subscription's
-/// retry policy rather than sharing the subscription: a shared count would be
-/// raised on the consume loop's core and lowered on the worker's, per message.
+/// ([`hold`]). A description, like [`PlainTask`].
 pub(crate) struct EnvelopeTask {
-    inner: Arc<Inner>,
-    policy: DeliveryPolicy,
-    can_dead_letter: bool,
-    handler: BoxHandler<Event>,
+    shared: Arc<TaskShared<Event>>,
     message: Message,
-    key: Arc<str>,
     pool: &'static str,
     submitted: Instant,
     scope: Scope,
 }
 
-impl Dispatcher {
-    pub(super) fn plain_task(
-        &self,
-        handler: BoxHandler<Message>,
+impl PlainTask {
+    /// The task of a plain `message`, described.
+    pub(super) fn described(
+        shared: &Arc<TaskShared<Message>>,
         message: Message,
-        key: Option<Arc<str>>,
         (pool, submitted): (&'static str, Instant),
         scope: &Scope,
     ) -> Described {
         Described::Plain(PlainTask {
-            inner: self.inner.clone(),
-            handler,
+            shared: shared.clone(),
             message,
-            key,
             pool,
             submitted,
             scope: scope.clone(),
         })
     }
+}
 
-    pub(super) fn envelope_task(
-        &self,
-        sub: &PreparedSubscription,
-        handler: BoxHandler<Event>,
+impl EnvelopeTask {
+    /// The task of an envelope `message`, described.
+    pub(super) fn described(
+        shared: &Arc<TaskShared<Event>>,
         message: Message,
-        key: Arc<str>,
         (pool, submitted): (&'static str, Instant),
         scope: &Scope,
     ) -> Described {
         Described::Envelope(EnvelopeTask {
-            inner: self.inner.clone(),
-            policy: sub.policy.clone(),
-            can_dead_letter: sub.dead_letter_topic.is_some(),
-            handler,
+            shared: shared.clone(),
             message,
-            key,
             pool,
             submitted,
             scope: scope.clone(),
@@ -83,19 +121,22 @@ impl Dispatcher {
 impl PlainTask {
     pub(crate) async fn run(self) -> Outcome {
         let PlainTask {
-            inner,
-            handler,
+            shared,
             message,
-            key,
             pool,
             submitted,
             scope,
         } = self;
-        let span = handle_span(&message, key.as_deref().unwrap_or(""), Some(1));
+        let span = handle_span(
+            &message,
+            || plain_key(&shared.ids, &message).unwrap_or_default(),
+            Some(1),
+        );
         async move {
+            let inner = &shared.inner;
             let metrics = inner.metrics.pool(pool);
             let started = metrics.started(submitted);
-            let call = in_scope(scope, handler.call_boxed(message));
+            let call = in_scope(scope, shared.handler.call_boxed(message));
             let result = AssertUnwindSafe(call).catch_unwind().await;
             metrics.called(submitted, started, true);
             match result {
@@ -122,19 +163,23 @@ impl PlainTask {
 impl EnvelopeTask {
     pub(crate) async fn run(self) -> Outcome {
         let EnvelopeTask {
-            inner,
-            policy,
-            can_dead_letter,
-            handler,
+            shared,
             message,
-            key,
             pool,
             submitted,
             scope,
         } = self;
         // Its attempts and trace id are recorded as they become known.
-        let span = handle_span(&message, &key, None);
+        let span = handle_span(&message, || envelope_key(&shared.ids, &message), None);
         async move {
+            let TaskShared {
+                inner,
+                handler,
+                ids,
+                policy,
+                can_dead_letter,
+            } = &*shared;
+            let can_dead_letter = *can_dead_letter;
             let envelope = match Envelope::decode(&message.payload) {
                 Ok(envelope) => Arc::new(envelope),
                 Err(e) if can_dead_letter => {
@@ -143,14 +188,18 @@ impl EnvelopeTask {
                         cause: FailureCause::Error(HandlerError::permanent(e)),
                     }
                 }
-                Err(e) => return hold(&inner, &scope, &key, &message, e.to_string()).await,
+                Err(e) => {
+                    let key = envelope_key(ids, &message);
+                    return hold(inner, &scope, &key, &message, e.to_string()).await;
+                }
             };
             tracing::Span::current()
                 .record("trace_id", envelope.trace_id.as_deref().unwrap_or(""));
             let metrics = inner.metrics.pool(pool);
             let mut started = metrics.started(submitted);
             let mut attempt = 1u32;
-            let mut stuck = false;
+            // The key, once this message made it stuck (read from the message then).
+            let mut stuck: Option<String> = None;
             loop {
                 tracing::Span::current().record("attempt", attempt);
                 let event = Event::scoped(envelope.clone(), message.clone(), attempt, scope.clone());
@@ -167,15 +216,15 @@ impl EnvelopeTask {
                 }
                 let cause = match result {
                     Ok(Ok(())) => {
-                        if stuck {
-                            inner.clear_stuck(&key);
+                        if let Some(key) = &stuck {
+                            inner.clear_stuck(key);
                         }
                         return Outcome::Handled { attempts: attempt };
                     }
                     Ok(Err(_)) | Err(_) if scope.is_closed() => {
                         // Handed over while it ran: not finished here.
-                        if stuck {
-                            inner.clear_stuck(&key);
+                        if let Some(key) = &stuck {
+                            inner.clear_stuck(key);
                         }
                         return Outcome::Abandoned { attempts: attempt };
                     }
@@ -191,9 +240,10 @@ impl EnvelopeTask {
                             cause,
                         };
                     }
-                    if !stuck {
-                        stuck = true;
+                    if stuck.is_none() {
+                        let key = envelope_key(ids, &message).into_owned();
                         inner.mark_stuck(&key);
+                        stuck = Some(key);
                         tracing::error!(error = %cause, attempts = attempt,
                             "no dead-letter destination: retrying with capped backoff, key is stuck");
                     }
@@ -211,8 +261,8 @@ impl EnvelopeTask {
                 }
                 if inner.cancel.is_cancelled() || scope.is_closed() {
                     // Closing or handed over: the message is delivered again.
-                    if stuck {
-                        inner.clear_stuck(&key);
+                    if let Some(key) = &stuck {
+                        inner.clear_stuck(key);
                     }
                     return Outcome::Abandoned { attempts: attempt };
                 }
@@ -226,13 +276,19 @@ impl EnvelopeTask {
 
 /// The span a message's handling runs in: its coordinates, its aggregate id, and
 /// the attempt when known up front (`None`: recorded later, or never).
-fn handle_span(message: &Message, aggregate_id: &str, attempt: Option<u32>) -> tracing::Span {
+///
+/// The id is read (`aggregate_id`) only when the span is enabled.
+fn handle_span<'m>(
+    message: &Message,
+    aggregate_id: impl FnOnce() -> Cow<'m, str>,
+    attempt: Option<u32>,
+) -> tracing::Span {
     tracing::info_span!(
         "eventbus.handle",
         topic = %message.topic,
         partition = message.partition,
         offset = message.offset,
-        aggregate_id,
+        aggregate_id = &*aggregate_id(),
         attempt,
         trace_id = tracing::field::Empty,
     )

@@ -174,8 +174,7 @@ impl SupervisorState {
             Ok(running) => {
                 shared.restarted();
                 tracing::warn!(actor = index, reason = why, "actor failed; restarted");
-                self.by_id.insert(running.actor.get_id(), index);
-                self.workers[index] = Some(running);
+                self.serve_with(index, running);
             }
             Err(e) => {
                 let cool_down = self.cool_down(myself, index, false);
@@ -246,8 +245,7 @@ impl SupervisorState {
                     queued = slot.queued(),
                     "fresh actor took over after the cool-down"
                 );
-                self.by_id.insert(running.actor.get_id(), index);
-                self.workers[index] = Some(running);
+                self.serve_with(index, running);
             }
             Err(e) => {
                 let cool_down = self.cool_down(myself, index, false);
@@ -268,8 +266,7 @@ impl SupervisorState {
         }
         match spawn_worker(&shared, index, myself.get_cell()).await {
             Ok(running) => {
-                self.by_id.insert(running.actor.get_id(), index);
-                self.workers[index] = Some(running);
+                self.serve_with(index, running);
             }
             Err(e) => {
                 let cool_down = self.cool_down(myself, index, false);
@@ -277,6 +274,12 @@ impl SupervisorState {
                     "actor could not be started; out of service until the cool-down ends (its queued jobs wait for it, in order)");
             }
         }
+    }
+
+    /// `running` now serves slot `index`.
+    fn serve_with(&mut self, index: usize, running: Running) {
+        self.by_id.insert(running.actor.get_id(), index);
+        self.workers[index] = Some(running);
     }
 
     /// Stop every worker, gracefully until `deadline`, then by force, and wait for

@@ -65,6 +65,20 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `log` holds `(route, i)` for jobs `0..n`, job `i` of route `i % routes`: each
+/// route ran all of its jobs, in submission order.
+fn assert_each_route_in_order(log: &[(u64, u64)], routes: u64, n: u64) {
+    for route in 0..routes {
+        let seen: Vec<u64> = log
+            .iter()
+            .filter(|(r, _)| *r == route)
+            .map(|(_, i)| *i)
+            .collect();
+        let expected: Vec<u64> = (0..n).filter(|i| i % routes == route).collect();
+        assert_eq!(seen, expected, "route {route} ran out of order");
+    }
+}
+
 async fn outcome(what: &str, rx: OutcomeReceiver) -> Outcome {
     within(what, rx)
         .await
@@ -188,15 +202,7 @@ async fn jobs_of_a_route_run_in_submission_order() {
     }
     let log = log.lock().unwrap().clone();
     assert_eq!(log.len(), 400);
-    for route in 0..7 {
-        let seen: Vec<u64> = log
-            .iter()
-            .filter(|(r, _)| *r == route)
-            .map(|(_, i)| *i)
-            .collect();
-        let expected: Vec<u64> = (0..400).filter(|i| i % 7 == route).collect();
-        assert_eq!(seen, expected, "route {route} ran out of order");
-    }
+    assert_each_route_in_order(&log, 7, 400);
     // Counters follow the outcome delivery.
     eventually("400 completed jobs", || pool.stats().completed == 400).await;
     assert_eq!(pool.stats().submitted, 400);
@@ -598,16 +604,7 @@ async fn close_right_after_the_first_jobs_runs_them_on_actors_it_starts() {
         let o = outcome(&format!("job {i}"), rx).await;
         assert!(matches!(o, Outcome::Handled { .. }), "job {i}: {o:?}");
     }
-    let log = log.lock().unwrap().clone();
-    for route in 0..64 {
-        let seen: Vec<u64> = log
-            .iter()
-            .filter(|(r, _)| *r == route)
-            .map(|(_, i)| *i)
-            .collect();
-        let expected: Vec<u64> = (0..64 * 50).filter(|i| i % 64 == route).collect();
-        assert_eq!(seen, expected, "route {route} ran out of order");
-    }
+    assert_each_route_in_order(&log.lock().unwrap(), 64, 64 * 50);
     let stats = pool.stats();
     assert_eq!((stats.submitted, stats.completed), (3200, 3200));
     assert_eq!(pool.live_actors(), 0);

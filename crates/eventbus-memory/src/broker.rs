@@ -82,9 +82,9 @@ struct Log {
     records: VecDeque<Stored>,
     /// Room for the keys and payloads of the next records: each is copied here, and
     /// a record's bytes are a slice of a chunk shared by the records around it, as
-    /// in a broker's log segment. A fetch then raises one count per chunk's worth
-    /// of records, on a line it just touched, instead of a count of its own per
-    /// record (each a cache miss on a cold backlog, and again where it is dropped).
+    /// in a broker's log segment. A fetch then raises the one count the records of
+    /// a chunk share, on a line it just touched, instead of a count of each record's
+    /// own (each a cache miss on a cold backlog, and again where it is dropped).
     chunk: BytesMut,
 }
 

@@ -1,6 +1,7 @@
 //! A message's attempts: the handler call, retry with backoff, and the outcome
 //! settled into a disposition.
 
+use super::instruments::PoolMetrics;
 #[allow(clippy::wildcard_imports)]
 use super::*;
 use crate::handler::HandlerError;
@@ -119,7 +120,9 @@ impl EnvelopeTask {
 }
 
 impl PlainTask {
-    pub(crate) async fn run(self) -> Outcome {
+    /// The handling's future: the span around the body's own future, with no
+    /// layer of state around them (the task's fields move into the body).
+    pub(crate) fn run(self) -> impl Future<Output = Outcome> + Send {
         let PlainTask {
             shared,
             message,
@@ -156,12 +159,12 @@ impl PlainTask {
             }
         }
         .instrument(span)
-        .await
     }
 }
 
 impl EnvelopeTask {
-    pub(crate) async fn run(self) -> Outcome {
+    /// The handling's future, as [`PlainTask::run`]'s.
+    pub(crate) fn run(self) -> impl Future<Output = Outcome> + Send {
         let EnvelopeTask {
             shared,
             message,
@@ -174,10 +177,9 @@ impl EnvelopeTask {
         async move {
             let TaskShared {
                 inner,
-                handler,
                 ids,
-                policy,
                 can_dead_letter,
+                ..
             } = &*shared;
             let can_dead_letter = *can_dead_letter;
             let envelope = match Envelope::decode(&message.payload) {
@@ -190,87 +192,135 @@ impl EnvelopeTask {
                 }
                 Err(e) => {
                     let key = envelope_key(ids, &message);
-                    return hold(inner, &scope, &key, &message, e.to_string()).await;
+                    // Boxed, as the retries below: a rare path's state.
+                    return Box::pin(hold(inner, &scope, &key, &message, e.to_string())).await;
                 }
             };
-            tracing::Span::current()
-                .record("trace_id", envelope.trace_id.as_deref().unwrap_or(""));
+            tracing::Span::current().record("trace_id", envelope.trace_id.as_deref().unwrap_or(""));
             let metrics = inner.metrics.pool(pool);
-            let mut started = metrics.started(submitted);
-            let mut attempt = 1u32;
-            // The key, once this message made it stuck (read from the message then).
-            let mut stuck: Option<String> = None;
-            loop {
-                tracing::Span::current().record("attempt", attempt);
-                let event = Event::scoped(envelope.clone(), message.clone(), attempt, scope.clone());
-                if attempt > 1 {
-                    started = Instant::now();
-                }
-                let call = in_scope(scope.clone(), handler.call_boxed(event));
-                let result = AssertUnwindSafe(call).catch_unwind().await;
-                metrics.called(submitted, started, attempt == 1);
-                if result.is_err() {
-                    // Every panic counts, that of a call handed over meanwhile too.
-                    inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
-                    metrics.panic(JobClass::Envelope);
-                }
-                let cause = match result {
-                    Ok(Ok(())) => {
-                        if let Some(key) = &stuck {
-                            inner.clear_stuck(key);
-                        }
-                        return Outcome::Handled { attempts: attempt };
-                    }
-                    Ok(Err(_)) | Err(_) if scope.is_closed() => {
-                        // Handed over while it ran: not finished here.
-                        if let Some(key) = &stuck {
-                            inner.clear_stuck(key);
-                        }
-                        return Outcome::Abandoned { attempts: attempt };
-                    }
-                    Ok(Err(e)) => FailureCause::Error(e),
-                    Err(p) => FailureCause::Panic(panic_message(p.as_ref())),
-                };
-                let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
-                let exhausted = permanent || attempt >= policy.max_attempts;
-                let wait = if exhausted {
-                    if can_dead_letter {
-                        return Outcome::Failed {
-                            attempts: attempt,
-                            cause,
-                        };
-                    }
-                    if stuck.is_none() {
-                        let key = envelope_key(ids, &message).into_owned();
-                        inner.mark_stuck(&key);
-                        stuck = Some(key);
-                        tracing::error!(error = %cause, attempts = attempt,
-                            "no dead-letter destination: retrying with capped backoff, key is stuck");
-                    }
-                    policy.max_backoff
-                } else {
-                    tracing::warn!(error = %cause, attempt, "handler failed; retrying");
-                    policy.backoff_for(attempt)
-                };
-                inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                metrics.retries.increment(1);
-                tokio::select! {
-                    _ = inner.cancel.cancelled() => {}
-                    _ = scope.cancellation().cancelled() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                if inner.cancel.is_cancelled() || scope.is_closed() {
-                    // Closing or handed over: the message is delivered again.
-                    if let Some(key) = &stuck {
-                        inner.clear_stuck(key);
-                    }
-                    return Outcome::Abandoned { attempts: attempt };
-                }
-                attempt = attempt.saturating_add(1);
+            let started = metrics.started(submitted);
+            let call = EnvelopeCall {
+                shared: &shared,
+                envelope: &envelope,
+                message: &message,
+                scope: &scope,
+                metrics,
+                submitted,
+            };
+            match call.attempt(1, started).await {
+                Ok(outcome) => outcome,
+                // The retries, with their backoff timer, are a future of their
+                // own, boxed only when a first attempt fails: the future every
+                // message's job carries stays small.
+                Err(cause) => Box::pin(call.retry(cause)).await,
             }
         }
         .instrument(span)
-        .await
+    }
+}
+
+/// What each handler call of an envelope message reads.
+struct EnvelopeCall<'a> {
+    shared: &'a TaskShared<Event>,
+    envelope: &'a Arc<Envelope>,
+    message: &'a Message,
+    scope: &'a Scope,
+    metrics: &'a PoolMetrics,
+    submitted: Instant,
+}
+
+impl EnvelopeCall<'_> {
+    /// Call the handler, attempt `attempt` (begun at `started`): the outcome when
+    /// the call settles the message (handled, or handed over while it ran), else
+    /// why it failed.
+    async fn attempt(&self, attempt: u32, started: Instant) -> Result<Outcome, FailureCause> {
+        let inner = &self.shared.inner;
+        tracing::Span::current().record("attempt", attempt);
+        let event = Event::scoped(
+            self.envelope.clone(),
+            self.message.clone(),
+            attempt,
+            self.scope.clone(),
+        );
+        let call = in_scope(self.scope.clone(), self.shared.handler.call_boxed(event));
+        let result = AssertUnwindSafe(call).catch_unwind().await;
+        self.metrics.called(self.submitted, started, attempt == 1);
+        if result.is_err() {
+            // Every panic counts, that of a call handed over meanwhile too.
+            inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
+            self.metrics.panic(JobClass::Envelope);
+        }
+        match result {
+            Ok(Ok(())) => Ok(Outcome::Handled { attempts: attempt }),
+            // Handed over while it ran: not finished here.
+            Ok(Err(_)) | Err(_) if self.scope.is_closed() => {
+                Ok(Outcome::Abandoned { attempts: attempt })
+            }
+            Ok(Err(e)) => Err(FailureCause::Error(e)),
+            Err(p) => Err(FailureCause::Panic(panic_message(p.as_ref()))),
+        }
+    }
+
+    /// After the first attempt failed with `cause`: back off and call again until
+    /// an attempt settles the message, the policy's attempts run out (with a
+    /// dead-letter destination: `Failed`; without one the key is stuck and the
+    /// retries go on at the capped backoff), or the work is closed or handed over
+    /// (`Abandoned`: the message is delivered again).
+    async fn retry(&self, mut cause: FailureCause) -> Outcome {
+        let TaskShared {
+            inner,
+            ids,
+            policy,
+            can_dead_letter,
+            ..
+        } = self.shared;
+        let scope = self.scope;
+        let mut attempt = 1u32;
+        // The key, once this message made it stuck (read from the message then).
+        let mut stuck: Option<String> = None;
+        let outcome = loop {
+            let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
+            let exhausted = permanent || attempt >= policy.max_attempts;
+            let wait = if exhausted {
+                if *can_dead_letter {
+                    return Outcome::Failed {
+                        attempts: attempt,
+                        cause,
+                    };
+                }
+                if stuck.is_none() {
+                    let key = envelope_key(ids, self.message).into_owned();
+                    inner.mark_stuck(&key);
+                    stuck = Some(key);
+                    tracing::error!(error = %cause, attempts = attempt,
+                        "no dead-letter destination: retrying with capped backoff, key is stuck");
+                }
+                policy.max_backoff
+            } else {
+                tracing::warn!(error = %cause, attempt, "handler failed; retrying");
+                policy.backoff_for(attempt)
+            };
+            inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+            self.metrics.retries.increment(1);
+            tokio::select! {
+                _ = inner.cancel.cancelled() => {}
+                _ = scope.cancellation().cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if inner.cancel.is_cancelled() || scope.is_closed() {
+                // Closing or handed over: the message is delivered again.
+                break Outcome::Abandoned { attempts: attempt };
+            }
+            attempt = attempt.saturating_add(1);
+            match self.attempt(attempt, Instant::now()).await {
+                Ok(outcome) => break outcome,
+                Err(c) => cause = c,
+            }
+        };
+        if let Some(key) = &stuck {
+            inner.clear_stuck(key);
+        }
+        outcome
     }
 }
 

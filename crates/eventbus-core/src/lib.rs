@@ -45,6 +45,7 @@ pub use tokio_util::sync::CancellationToken;
 /// in-flight set and offset tracker, the lifecycle a backend plugs into, jobs and
 /// their queue, the fence, the stable hash. A service needs none of it.
 pub mod raw {
+    pub mod chunks;
     pub mod completions;
     pub mod fence;
     pub mod inflight;
@@ -67,6 +68,7 @@ pub mod raw {
     };
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
     pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};
+    pub use chunks::ByteChunks;
     pub use completions::{Claim, Completions};
     pub use fence::{Epoch, Scope};
     pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};

@@ -2,8 +2,8 @@
 
 use eventbus_core::{Error, ErrorKind, Headers, Message, OffsetReset, PublishReceipt, Record};
 
-use bytes::{Bytes, BytesMut};
-use eventbus_core::raw::{slot, stable_hash, validate_topic};
+use bytes::Bytes;
+use eventbus_core::raw::{slot, stable_hash, validate_topic, ByteChunks};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,33 +73,21 @@ struct Stored {
     timestamp_ms: i64,
 }
 
-/// Bytes of the chunk a partition's log copies keys and payloads into.
-const CHUNK: usize = 16 * 1024;
-
 #[derive(Debug, Default)]
 struct Log {
     base: i64,
     records: VecDeque<Stored>,
-    /// Room for the keys and payloads of the next records: each is copied here, and
-    /// a record's bytes are a slice of a chunk shared by the records around it, as
-    /// in a broker's log segment. A fetch then raises the one count the records of
-    /// a chunk share, on a line it just touched, instead of a count of each record's
+    /// Where the keys and payloads of the next records are copied: a record's
+    /// bytes are a slice of a chunk shared by the records around it, as in a
+    /// broker's log segment. A fetch then raises the one count the records of a
+    /// chunk share, on a line it just touched, instead of a count of each record's
     /// own (each a cache miss on a cold backlog, and again where it is dropped).
-    chunk: BytesMut,
+    chunks: ByteChunks,
 }
 
 impl Log {
     fn end(&self) -> i64 {
         self.base + self.records.len() as i64
-    }
-
-    /// `bytes` as a slice of the log's current chunk (a new chunk when it is full).
-    fn copy(&mut self, bytes: &[u8]) -> Bytes {
-        if self.chunk.capacity() - self.chunk.len() < bytes.len() {
-            self.chunk = BytesMut::with_capacity(CHUNK.max(bytes.len()));
-        }
-        self.chunk.extend_from_slice(bytes);
-        self.chunk.split().freeze()
     }
 }
 
@@ -316,8 +304,8 @@ impl Topic {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        let key = record.key.as_deref().map(|k| log.copy(k));
-        let payload = log.copy(&record.payload);
+        let key = record.key.as_deref().map(|k| log.chunks.copy(k));
+        let payload = log.chunks.copy(&record.payload);
         log.records.push_back(Stored {
             key,
             payload,
@@ -517,35 +505,5 @@ impl MemoryBroker {
             .expect("topic table poisoned")
             .get(topic)
             .map(|t| t.partition_count())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_log_copies_records_into_shared_chunks_byte_for_byte() {
-        let mut log = Log::default();
-        let sizes = [0, 1, 100, CHUNK - 1, CHUNK + 5, 3, 7];
-        let bodies: Vec<Vec<u8>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (0..*n).map(|b| (b + i) as u8).collect())
-            .collect();
-        let copies: Vec<Bytes> = bodies.iter().map(|b| log.copy(b)).collect();
-        for (copy, body) in copies.iter().zip(&bodies) {
-            assert_eq!(&copy[..], &body[..], "a copy of {} bytes", body.len());
-        }
-        // Records that fit follow each other in one chunk.
-        let (a, b) = (&copies[5], &copies[6]);
-        assert_eq!(
-            a.as_ptr().wrapping_add(a.len()),
-            b.as_ptr(),
-            "consecutive small records share a chunk"
-        );
-        // Dropping the log's handle leaves every copy intact.
-        drop(log);
-        assert_eq!(&copies[4][..], &bodies[4][..]);
     }
 }

@@ -11,69 +11,21 @@
 //! [`Completions`]: eventbus_core::raw::Completions
 
 use eventbus_core::{
-    CancellationToken, ComponentHealth, ErrorKind, EventBusConfig, HandlerError, Message, Pool,
-    PoolStats, Subscription,
+    CancellationToken, ErrorKind, EventBusConfig, HandlerError, Message, Subscription,
 };
 
 use eventbus_core::raw::{
-    Claim, Completion, Completions, Dispatcher, Disposition, InFlight, InFlightSet, Job, Scope,
-    SubmitError, Ticket,
+    Claim, Completion, Completions, Dispatcher, Disposition, InFlight, InFlightSet, Scope, Ticket,
 };
-use futures::future::BoxFuture;
 use futures::FutureExt;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
-const TOPIC: &str = "orders";
-const WAIT: Duration = Duration::from_secs(10);
-
-/// A pool that queues jobs and runs them one at a time when the test says so.
-#[derive(Debug, Default)]
-struct SteppedPool {
-    queue: Mutex<VecDeque<Job>>,
-}
-
-impl SteppedPool {
-    fn queued(&self) -> usize {
-        self.queue.lock().expect("queue").len()
-    }
-
-    /// Run the oldest queued job to its end.
-    async fn run_next(&self) {
-        let job = self.queue.lock().expect("queue").pop_front();
-        job.expect("a queued job to run").run().await;
-    }
-}
-
-impl Pool for SteppedPool {
-    fn kind(&self) -> &'static str {
-        "keyed"
-    }
-
-    fn workers(&self) -> usize {
-        1
-    }
-
-    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
-        self.queue.lock().expect("queue").push_back(job);
-        async { Ok(()) }.boxed()
-    }
-
-    fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
-        async {}.boxed()
-    }
-
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-
-    fn health(&self) -> ComponentHealth {
-        ComponentHealth::healthy("pool")
-    }
-}
+mod support;
+use support::{SteppedPool, TOPIC, WAIT};
 
 /// Two tests of `$name(rig)`: one submitting with targets, one with epochs.
 macro_rules! both_ways {
@@ -675,112 +627,4 @@ async fn a_claim_given_up_after_its_outcome_arrived_releases_its_guard() {
     completions.give_up(claim);
     assert_eq!(scope.unsettled(), 0, "giving the claim up drops the guard");
     assert!(completions.is_empty());
-}
-
-/// Records the `aggregate_id` of each `eventbus.handle` span opened while it is the
-/// thread's subscriber (`""` for a span without one).
-struct HandleSpans(Arc<Mutex<Vec<String>>>);
-
-impl tracing::Subscriber for HandleSpans {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        struct AggregateId(Option<String>);
-        impl tracing::field::Visit for AggregateId {
-            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-                if field.name() == "aggregate_id" {
-                    self.0 = Some(value.to_owned());
-                }
-            }
-            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
-        }
-        if span.metadata().name() == "eventbus.handle" {
-            let mut id = AggregateId(None);
-            span.record(&mut id);
-            self.0.lock().expect("spans").push(id.0.unwrap_or_default());
-        }
-        tracing::span::Id::from_u64(1)
-    }
-
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, _: &tracing::Event<'_>) {}
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
-/// A task carries no copy of its message's aggregate id: the worker reads it from
-/// the message, where the subscription's chain finds it, for the handling span.
-#[tokio::test]
-async fn the_handling_span_names_the_aggregate_id_the_message_is_routed_by() {
-    let spans = Arc::new(Mutex::new(Vec::new()));
-    let _thread = tracing::subscriber::set_default(HandleSpans(spans.clone()));
-    let pool = Arc::new(SteppedPool::default());
-    let dispatcher = Dispatcher::new("memory", pool.clone(), None, EventBusConfig::default());
-    let plain = dispatcher
-        .prepare(Subscription::plain(TOPIC, |_: Message| async {
-            Ok::<(), HandlerError>(())
-        }))
-        .expect("plain subscription");
-    let envelope = dispatcher
-        .prepare(Subscription::envelope(
-            "events",
-            |_: eventbus_core::Event| async { Ok::<(), HandlerError>(()) },
-        ))
-        .expect("envelope subscription");
-    // Routed by the record key first: the body's id is not the one.
-    let by_key = dispatcher
-        .prepare(
-            Subscription::envelope("by-key", |_: eventbus_core::Event| async {
-                Ok::<(), HandlerError>(())
-            })
-            .with_options(eventbus_core::SubscribeOptions::default().aggregate_id(
-                eventbus_core::AggregateIdConfig::with_chain([
-                    eventbus_core::IdSource::Key,
-                    eventbus_core::IdSource::Envelope,
-                ]),
-            )),
-        )
-        .expect("envelope subscription routed by key");
-    let body = eventbus_core::Envelope::new("order-7", "order.placed", serde_json::json!({}))
-        .encode()
-        .expect("a valid envelope");
-    let deliveries = [
-        // Plain, the id in the default header.
-        (
-            &plain,
-            Message::new(TOPIC, 0, 0, "{}").with_headers(
-                [("aggregate-id".to_owned(), "cust-1".into())]
-                    .into_iter()
-                    .collect(),
-            ),
-        ),
-        // Plain, no id anywhere: routed round-robin, the span names none.
-        (&plain, Message::new(TOPIC, 0, 1, "no id")),
-        // An envelope: the id in its body.
-        (&envelope, Message::new("events", 0, 0, body.clone())),
-        // An envelope of a subscription whose chain reads the record key first.
-        (
-            &by_key,
-            Message::new("by-key", 0, 0, body.clone()).with_key("key-9"),
-        ),
-    ];
-    let (stop, epoch) = (CancellationToken::new(), Scope::new().current());
-    for (sub, message) in deliveries {
-        let inflight = dispatcher
-            .submit(sub, message, (), &epoch, &stop)
-            .await
-            .expect("submitted");
-        pool.run_next().await;
-        tokio::time::timeout(WAIT, inflight)
-            .await
-            .expect("a completion within the wait");
-    }
-    assert_eq!(
-        *spans.lock().expect("spans"),
-        ["cust-1", "", "order-7", "key-9"],
-        "the handling spans' aggregate ids"
-    );
 }

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use eventbus_core::{CancellationToken, ErrorKind, Message, Result};
+use std::pin::Pin;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use eventbus_core::raw::{
     Claim, Completion, Completions, Dispatcher, Disposition, InFlight, PreparedSubscription, Scope,
@@ -196,6 +198,11 @@ type Submitting = BoxFuture<'static, Submitted>;
 
 /// Messages of one turn submitted to the pool at once, at most.
 const SUBMIT_BATCH: usize = 64;
+
+/// Deliveries, or outcomes, taken in one wake-up of a turn's loop, at most: those
+/// already there behind the one that woke it. Bounded, so a steady stream of one
+/// kind cannot hold off the others (a stop, a submission to start).
+const READY_BURST: usize = 64;
 
 /// A batch submission done: each message's entry (see
 /// [`InFlight::submitted`]) with its permit, and why the batch stopped short.
@@ -605,6 +612,12 @@ struct ConsumeTurn<'a> {
     reconnected: bool,
     /// After the stop: the pull request still open, read until it runs out.
     open: Option<Batch>,
+    /// The turn's stop, as one wait for the whole turn: a wait made anew on
+    /// every pass of the loop would join and leave the token's waiters (a lock
+    /// each way) once per message.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The next reconnect of the connection, likewise one wait for the turn.
+    reconnect: BoxFuture<'static, ()>,
 }
 
 impl<'a> ConsumeTurn<'a> {
@@ -626,6 +639,10 @@ impl<'a> ConsumeTurn<'a> {
             beats_stop.clone(),
         ));
         let client = js.shared.client.clone();
+        let stopped = Box::pin(js.stop.clone().cancelled_owned());
+        // A clone has seen what `js.reconnects` has seen (all of it, above).
+        let mut reconnects = js.reconnects.clone();
+        let reconnect = async move { next_reconnect(&mut reconnects).await }.boxed();
         Self {
             js,
             clock,
@@ -644,20 +661,56 @@ impl<'a> ConsumeTurn<'a> {
             needs_recreate: false,
             reconnected: false,
             open: None,
+            stopped,
+            reconnect,
         }
     }
 
-    /// Consume until the turn stops: each wake-up to its method.
+    /// Consume until the turn stops: each wake-up to its method. A wake-up for
+    /// a delivery or an outcome also takes those that are ready behind it, up to
+    /// [`READY_BURST`], before the loop looks at everything again.
     async fn run(&mut self) {
         loop {
             match self.next_step().await {
                 Step::Stop => break,
-                Step::Settled(completion) => self.on_settled(completion, false).await,
+                Step::Settled(completion) => {
+                    self.on_settled(completion, false).await;
+                    self.settle_ready().await;
+                }
                 Step::Submitted(submitted) => self.on_submitted(submitted).await,
                 Step::Reconnected => self.on_reconnect(),
-                Step::Fetched(item) => self.on_fetched(item),
+                Step::Fetched(item) => {
+                    self.on_fetched(item);
+                    self.accept_ready();
+                }
                 Step::BackedOff => self.on_backed_off().await,
                 Step::Room(permits) => self.on_room(permits).await,
+            }
+        }
+    }
+
+    /// Settle the outcomes already in the mailbox, up to [`READY_BURST`] less the
+    /// one that woke the loop.
+    async fn settle_ready(&mut self) {
+        for _ in 1..READY_BURST {
+            let inflight = &mut self.inflight;
+            match std::future::poll_fn(|cx| inflight.poll_next(cx)).now_or_never() {
+                Some(Some(((), completion))) => self.on_settled(completion, false).await,
+                _ => return,
+            }
+        }
+    }
+
+    /// Take the deliveries of the open pull request already received, up to
+    /// [`READY_BURST`] less the one that woke the loop.
+    fn accept_ready(&mut self) {
+        for _ in 1..READY_BURST {
+            let Some((batch, _)) = self.batch.as_mut() else {
+                return;
+            };
+            match batch.next().now_or_never() {
+                Some(item) => self.on_fetched(item),
+                None => return,
             }
         }
     }
@@ -704,13 +757,13 @@ impl<'a> ConsumeTurn<'a> {
         let backoff = &mut self.backoff;
         tokio::select! {
             biased;
-            _ = self.js.stop.cancelled() => Step::Stop,
+            _ = self.stopped.as_mut() => Step::Stop,
             Some(((), completion)) = self.inflight.next(), if !self.inflight.is_empty() => {
                 Step::Settled(completion)
             }
             submitted = async { submitting.as_mut().expect("guarded").await },
                 if submitting.is_some() => Step::Submitted(submitted),
-            () = next_reconnect(&mut self.js.reconnects) => Step::Reconnected,
+            () = self.reconnect.as_mut() => Step::Reconnected,
             item = async { batch.as_mut().expect("guarded").0.next().await }, if batch.is_some() => {
                 Step::Fetched(item)
             }

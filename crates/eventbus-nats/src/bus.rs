@@ -17,8 +17,8 @@ use eventbus_core::{
 };
 
 use eventbus_core::raw::{
-    BusBackend, Consumers, DispatchStats, Dispatcher, Lifecycle, PartitionLag as CorePartitionLag,
-    PreparedSubscription,
+    BusBackend, ByteChunks, Consumers, DispatchStats, Dispatcher, Lifecycle,
+    PartitionLag as CorePartitionLag, PreparedSubscription,
 };
 
 use crate::config::{validate_topic_config, NatsAuth, NatsConfig, Retention};
@@ -239,6 +239,7 @@ impl Backend {
                     grants: rx,
                 },
                 handed_back: true,
+                chunks: ByteChunks::default(),
             });
             slots.push(slot);
             grants.push(tx);
@@ -358,6 +359,7 @@ impl BusBackend for Backend {
                     partition: 0,
                     role: Role::Standby,
                     handed_back: true,
+                    chunks: ByteChunks::default(),
                 };
                 tracing::info!(topic = %topic, stream = %shared.stream_name(&topic),
                     durable = %self.durable_name(&topic), max_ack_pending = max_in_flight,

@@ -7,7 +7,6 @@
 //! than one already handed out, so every message in flight is kept in a registry
 //! keyed by its stream sequence, bounded by the consumer's in-flight limit.
 
-use async_nats::jetstream::consumer::pull::Batch;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
@@ -25,12 +24,13 @@ use std::pin::Pin;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use eventbus_core::raw::{
-    Claim, Completion, Completions, Dispatcher, Disposition, InFlight, PreparedSubscription, Scope,
-    Target,
+    ByteChunks, Claim, Completion, Completions, Dispatcher, Disposition, InFlight,
+    PreparedSubscription, Scope, Target,
 };
 
 use crate::lease::{Lease, LeaseClock, Leases, Previous};
 use crate::publish::{from_header_map, Shared};
+use crate::pull::{AckInfo, Delivery, Inbox, Pull};
 use crate::streams::{bounded, broker, pull_config_of, reread_durable};
 
 /// What health and metrics read about one consumer.
@@ -168,6 +168,8 @@ pub(crate) struct JsLoop {
     pub(crate) role: Role,
     /// Whether the server confirmed every message the last turn handed back.
     pub(crate) handed_back: bool,
+    /// Where deliveries' header values and keys are copied.
+    pub(crate) chunks: ByteChunks,
 }
 
 /// How a consume loop comes by the lease of its durable consumer.
@@ -481,21 +483,21 @@ impl JsLoop {
 
     /// Turn a delivery into a message to dispatch, or `None` when it is a
     /// redelivery of a message still in flight (the original will be acked).
-    fn accept(&self, m: async_nats::jetstream::Message, registry: &Registry) -> Option<Message> {
-        let (seq, delivered, pending, published_ms) = match m.info() {
-            Ok(info) => (
-                info.stream_sequence,
-                info.delivered,
-                info.pending,
-                (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
-            ),
-            Err(e) => {
-                tracing::error!(topic = %self.state.topic, error = %e,
-                    "JetStream message without valid ack metadata; skipped");
-                return None;
-            }
+    fn accept(&mut self, m: async_nats::Message, registry: &Registry) -> Option<Message> {
+        let Some((reply, info)) = m
+            .reply
+            .and_then(|reply| AckInfo::parse(&reply).map(|info| (reply, info)))
+        else {
+            tracing::error!(topic = %self.state.topic, subject = %m.subject,
+                "JetStream message without valid ack metadata; skipped");
+            return None;
         };
-        let reply = m.message.reply.clone()?;
+        let AckInfo {
+            stream_sequence: seq,
+            delivered,
+            pending,
+            published_ns,
+        } = info;
         self.state.set_pending(pending);
         let attempt = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
         if attempt > 1 {
@@ -522,15 +524,15 @@ impl JsLoop {
             );
         }
         tracing::debug!(topic = %self.state.topic, seq, attempt, "delivery");
-        let (headers, key) = from_header_map(m.message.headers.as_ref());
+        let (headers, key) = from_header_map(m.headers.as_ref(), &mut self.chunks);
         let mut msg = Message::new(
             self.prepared.shared_topic().clone(),
             self.partition,
             seq as i64,
-            m.message.payload.clone(),
+            m.payload,
         )
         .with_headers(headers)
-        .with_timestamp_ms(published_ms)
+        .with_timestamp_ms(published_ns.div_euclid(1_000_000))
         .with_delivery_attempt(attempt);
         if let Some(k) = key {
             msg = msg.with_key(k);
@@ -538,9 +540,6 @@ impl JsLoop {
         Some(msg)
     }
 }
-
-/// One item of a pull request: a delivery, or why the request failed.
-type Delivery = std::result::Result<async_nats::jetstream::Message, async_nats::Error>;
 
 /// What woke a turn's consume loop, in the order the loop checks for it.
 // Held on the stack for one wake-up: boxing the delivery would cost an
@@ -601,7 +600,9 @@ struct ConsumeTurn<'a> {
     /// its mailbox, read in batches.
     inflight: Completions<u64>,
     /// The open pull request, with the permits of the messages it asked for.
-    batch: Option<(Batch, OwnedSemaphorePermit)>,
+    batch: Option<(Pull, OwnedSemaphorePermit)>,
+    /// The inbox of the last pull request, once it ended: the next one's.
+    inbox: Option<Inbox>,
     /// The wait before the next pull request after a failure.
     backoff: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Failures in a row, for the length of `backoff`.
@@ -611,7 +612,7 @@ struct ConsumeTurn<'a> {
     /// The connection came back during the turn.
     reconnected: bool,
     /// After the stop: the pull request still open, read until it runs out.
-    open: Option<Batch>,
+    open: Option<Pull>,
     /// The turn's stop, as one wait for the whole turn: a wait made anew on
     /// every pass of the loop would join and leave the token's waiters (a lock
     /// each way) once per message.
@@ -656,6 +657,7 @@ impl<'a> ConsumeTurn<'a> {
             claims: Vec::new(),
             inflight: Completions::new(),
             batch: None,
+            inbox: None,
             backoff: None,
             failures: 0,
             needs_recreate: false,
@@ -844,6 +846,7 @@ impl<'a> ConsumeTurn<'a> {
         tracing::info!(topic = %self.js.state.topic,
             "reconnected: draining, then re-reading from the ack floor");
         self.batch = None;
+        self.inbox = None;
         self.reconnected = true;
         self.js.stop.cancel();
     }
@@ -882,7 +885,7 @@ impl<'a> ConsumeTurn<'a> {
             }
             None => {
                 tracing::debug!(topic = %self.js.state.topic, "pull request done");
-                self.batch = None;
+                self.inbox = self.batch.take().and_then(|(pull, _)| pull.into_inbox());
             }
         }
     }
@@ -913,13 +916,13 @@ impl<'a> ConsumeTurn<'a> {
     /// bounded by the request timeout (backing off if it fails).
     async fn on_room(&mut self, permits: OwnedSemaphorePermit) {
         let n = permits.num_permits();
-        let request = self
-            .js
-            .consumer
-            .batch()
-            .max_messages(n)
-            .expires(self.js.shared.config.fetch_expires)
-            .messages();
+        let request = Pull::request(
+            &self.client,
+            &self.js.consumer,
+            self.inbox.take(),
+            n,
+            self.js.shared.config.fetch_expires,
+        );
         match tokio::time::timeout(self.js.shared.config.request_timeout, request).await {
             Ok(Ok(b)) => self.batch = Some((b, permits)),
             Ok(Err(e)) => {
@@ -998,7 +1001,7 @@ impl<'a> ConsumeTurn<'a> {
     /// server sent before a flush round trip (bounded by `flush_by`) is in the
     /// inbox.
     async fn read_inbox(&mut self, flush_by: tokio::time::Instant) {
-        let (js, registry) = (&*self.js, &self.registry);
+        let (js, registry) = (&mut *self.js, &self.registry);
         let Some(b) = self.open.as_mut() else { return };
         if let Ok(Ok(())) = tokio::time::timeout_at(flush_by, self.client.flush()).await {
             tokio::task::unconstrained(async {
@@ -1115,7 +1118,7 @@ impl<'a> ConsumeTurn<'a> {
         let Some(mut b) = self.open.take() else {
             return;
         };
-        let (js, registry) = (&*self.js, &self.registry);
+        let (js, registry) = (&mut *self.js, &self.registry);
         let bound = js.shared.config.fetch_expires + Duration::from_secs(1);
         let ran_out = tokio::time::timeout(bound, async {
             while let Some(item) = b.next().await {
@@ -1327,6 +1330,7 @@ impl CoreLoop {
     pub(crate) async fn run(mut self) {
         // Core NATS has no redelivery: the subscription's work is one scope.
         let epoch = Scope::new().current();
+        let mut chunks = ByteChunks::default();
         let mut inflight: FuturesUnordered<BoxFuture<'static, Completion<u64>>> =
             FuturesUnordered::new();
         let mut counter = 0u64;
@@ -1345,7 +1349,7 @@ impl CoreLoop {
                     let Some(m) = m else { break };
                     let Ok(permit) = self.total.clone().acquire_owned().await else { break };
                     counter += 1;
-                    let (headers, key) = from_header_map(m.headers.as_ref());
+                    let (headers, key) = from_header_map(m.headers.as_ref(), &mut chunks);
                     let mut msg = Message::new(self.prepared.shared_topic().clone(), 0, counter as i64, m.payload)
                         .with_headers(headers);
                     if let Some(k) = key {

@@ -8,6 +8,7 @@ mod lease;
 mod naming;
 mod partition;
 mod publish;
+mod pull;
 mod streams;
 
 pub use bus::{ConsumerPending, NatsEventBus, PartitionStatus};

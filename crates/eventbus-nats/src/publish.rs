@@ -12,7 +12,7 @@ use std::future::IntoFuture;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
-use eventbus_core::raw::{batch_failed, KeyStops};
+use eventbus_core::raw::{batch_failed, ByteChunks, KeyStops};
 use eventbus_core::{
     AggregateIdConfig, Error, ErrorKind, Headers, Message, PublishReceipt, Record, Result,
     TopicConfig,
@@ -413,7 +413,14 @@ fn to_header_map(topic: &str, record: &Record, msg_id: Option<&str>) -> Result<H
 }
 
 /// NATS headers as eventbus headers (sorted by name, values in order) and the key.
-pub(crate) fn from_header_map(map: Option<&HeaderMap>) -> (Headers, Option<Bytes>) {
+///
+/// Values and the key are copied into `chunks`: a message's copies share a
+/// chunk with its neighbours' instead of an allocation each, made on the
+/// consume loop and freed on a worker.
+pub(crate) fn from_header_map(
+    map: Option<&HeaderMap>,
+    chunks: &mut ByteChunks,
+) -> (Headers, Option<Bytes>) {
     let Some(map) = map else {
         return (Headers::new(), None);
     };
@@ -422,16 +429,11 @@ pub(crate) fn from_header_map(map: Option<&HeaderMap>) -> (Headers, Option<Bytes
     for (name, values) in map.iter() {
         let name: &str = name.as_ref();
         if name == KEY_HEADER {
-            key = values
-                .last()
-                .map(|v| Bytes::copy_from_slice(v.as_str().as_bytes()));
+            key = values.last().map(|v| chunks.copy(v.as_str().as_bytes()));
             continue;
         }
         for v in values {
-            headers.push((
-                name.to_owned(),
-                Bytes::copy_from_slice(v.as_str().as_bytes()),
-            ));
+            headers.push((name.to_owned(), chunks.copy(v.as_str().as_bytes())));
         }
     }
     // The map's order is a hash's: sort by name. The sort is stable, so a name's
@@ -452,7 +454,7 @@ mod tests {
             .with_header("a", "2")
             .with_header("b", "3");
         let map = to_header_map("t", &r, Some("id-1")).unwrap();
-        let (h, key) = from_header_map(Some(&map));
+        let (h, key) = from_header_map(Some(&map), &mut ByteChunks::default());
         assert_eq!(key.as_deref(), Some(&b"k1"[..]));
         let got: Vec<_> = h.iter().map(|(n, v)| (n.to_owned(), v.clone())).collect();
         assert_eq!(

@@ -498,20 +498,25 @@ impl DeliveryChecker {
     /// Note that a handler failed on purpose on plain message `id` (at-most-once: it
     /// may then never be handled). Call before the handler returns.
     pub fn given_up(&self, id: MessageId) {
-        let mut s = self.lock();
-        let Some(entry) = s.ids.get(&id) else {
-            return;
-        };
-        if entry.class != MessageClass::Plain {
-            return;
-        }
-        let (key, seq) = (entry.key.clone(), entry.key_seq as usize);
-        if let Some(k) = s.keys.get_mut(&key) {
-            if let Some(g) = k.given_up.get_mut(seq) {
-                *g = true;
-                k.advance_low();
+        {
+            let mut s = self.lock();
+            let Some(entry) = s.ids.get(&id) else {
+                return;
+            };
+            if entry.class != MessageClass::Plain {
+                return;
+            }
+            let (key, seq) = (entry.key.clone(), entry.key_seq as usize);
+            if let Some(k) = s.keys.get_mut(&key) {
+                if let Some(g) = k.given_up.get_mut(seq) {
+                    *g = true;
+                    k.advance_low();
+                }
             }
         }
+        // Giving up on the last outstanding message settles the run as much as
+        // handling it does: a waiter must re-check.
+        self.changed.notify_waiters();
     }
 
     fn distinct(&self, class: Option<MessageClass>) -> u64 {
@@ -836,5 +841,20 @@ mod tests {
         assert!(c.wait_settled(Duration::from_millis(20)).await.is_err());
         c.given_up(p.id);
         c.wait_settled(Duration::from_secs(1)).await.unwrap();
+    }
+
+    /// A waiter parked on an outstanding plain message wakes when the handler gives
+    /// up on it, as when it is handled. With the clock paused, a waiter that is
+    /// never woken times out at once and the test fails with its report.
+    #[tokio::test(start_paused = true)]
+    async fn giving_up_on_the_last_outstanding_message_wakes_a_waiter() {
+        let c = DeliveryChecker::new();
+        let p = c.stamp(0, "p", MessageClass::Plain);
+        let (settled, ()) = tokio::join!(c.wait_settled(Duration::from_secs(60)), async {
+            // The waiter, polled first, has checked and parked by now.
+            tokio::task::yield_now().await;
+            c.given_up(p.id);
+        });
+        settled.unwrap();
     }
 }

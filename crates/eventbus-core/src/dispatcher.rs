@@ -280,7 +280,7 @@ impl<T> InFlight<T> {
 /// Resolves when the scope of `epoch` is fenced; never without an epoch.
 async fn fence_of(epoch: Option<&Epoch>) {
     match epoch {
-        Some(epoch) => epoch.scope().cancellation().cancelled().await,
+        Some(epoch) => epoch.scope().fenced().await,
         None => std::future::pending().await,
     }
 }
@@ -843,10 +843,9 @@ impl Dispatcher {
         let Some(limiter) = &sub.limiter else {
             return Ok(());
         };
-        let fenced = epoch.scope().cancellation();
         let acquired = tokio::select! {
             a = limiter.acquire(stop) => a,
-            _ = fenced.cancelled() => false,
+            _ = epoch.scope().fenced() => false,
         };
         if acquired {
             Ok(())

@@ -304,7 +304,7 @@ impl EnvelopeCall<'_> {
             self.metrics.retries.increment(1);
             tokio::select! {
                 _ = inner.cancel.cancelled() => {}
-                _ = scope.cancellation().cancelled() => {}
+                _ = scope.fenced() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
             if inner.cancel.is_cancelled() || scope.is_closed() {
@@ -418,7 +418,7 @@ async fn hold(
     inner.mark_stuck(key);
     tokio::select! {
         _ = inner.cancel.cancelled() => {}
-        _ = scope.cancellation().cancelled() => {}
+        _ = scope.fenced() => {}
     }
     inner.clear_stuck(key);
     Outcome::Abandoned { attempts: 0 }

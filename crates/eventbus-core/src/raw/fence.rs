@@ -24,7 +24,7 @@
 //! dead-lettered), so the hand-over gives back only messages no handler finished.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -37,7 +37,6 @@ pub struct Scope {
     inner: Arc<ScopeInner>,
 }
 
-#[derive(Default)]
 struct ScopeInner {
     /// The current epoch: jobs of it are fenced only by a whole-scope fence.
     epoch: AtomicU64,
@@ -50,8 +49,32 @@ struct ScopeInner {
     unsettled: AtomicUsize,
     /// Notified when `unsettled` drops to zero.
     idle: Notify,
-    /// Cancelled when the whole scope is fenced: handlers and retry loops see it.
+    /// Set when the whole scope is fenced, before `cancel` is cancelled: what the
+    /// checks on every job read (a load, where the token's state is behind a
+    /// mutex that the consume loop and every worker would share).
+    closed: AtomicBool,
+    /// Cancelled when the whole scope is fenced, and only then: the bus's own waits
+    /// (retry back-off, rate limit, a held message, room in the pool) see it.
     cancel: CancellationToken,
+    /// A child of `cancel`, the token handlers see. A handler that cancels it
+    /// neither fences the scope nor cuts the bus's waits short.
+    handlers: CancellationToken,
+}
+
+impl Default for ScopeInner {
+    fn default() -> Self {
+        let cancel = CancellationToken::new();
+        Self {
+            epoch: AtomicU64::new(0),
+            rewinds: Mutex::default(),
+            running: AtomicUsize::new(0),
+            unsettled: AtomicUsize::new(0),
+            idle: Notify::new(),
+            closed: AtomicBool::new(false),
+            handlers: cancel.child_token(),
+            cancel,
+        }
+    }
 }
 
 impl fmt::Debug for Scope {
@@ -106,6 +129,7 @@ impl Scope {
     /// Fence the whole scope: no job of it starts from now on, and running handlers
     /// get their cancellation token cancelled.
     pub fn fence(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.cancel.cancel();
     }
 
@@ -125,7 +149,7 @@ impl Scope {
 
     /// Whether a job of `epoch` at `offset` may no longer start.
     pub fn is_fenced(&self, epoch: u64, offset: i64) -> bool {
-        if self.inner.cancel.is_cancelled() {
+        if self.is_closed() {
             return true;
         }
         if epoch == self.inner.epoch.load(Ordering::SeqCst) {
@@ -137,12 +161,19 @@ impl Scope {
 
     /// Whether the whole scope is fenced.
     pub fn is_closed(&self) -> bool {
-        self.inner.cancel.is_cancelled()
+        self.inner.closed.load(Ordering::SeqCst)
     }
 
-    /// Cancelled once the whole scope is fenced.
+    /// Cancelled once the whole scope is fenced: the token its handlers see.
+    /// Cancelling it does not fence the scope ([`fence`](Self::fence) does).
     pub fn cancellation(&self) -> &CancellationToken {
-        &self.inner.cancel
+        &self.inner.handlers
+    }
+
+    /// Resolves once the whole scope is fenced, and only then: for the bus's own
+    /// waits, which a handler cancelling its token must not end.
+    pub(crate) async fn fenced(&self) {
+        self.inner.cancel.cancelled().await
     }
 
     /// Handlers of this scope running now.
@@ -274,6 +305,21 @@ mod tests {
         assert!(!token.is_cancelled());
         s.fence();
         assert!(token.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_cancelling_its_token_does_not_fence_the_scope() {
+        let s = Scope::new();
+        s.cancellation().cancel();
+        assert!(!s.is_closed() && !s.current().is_fenced(0));
+        let e = s.current().enter(0).expect("still open: jobs start");
+        drop(e);
+        // The bus's own waits do not end: with the clock paused, the timeout fires.
+        let waited = tokio::time::timeout(Duration::from_secs(1), s.fenced()).await;
+        assert!(waited.is_err(), "the bus saw a fence no one raised");
+        s.fence();
+        s.fenced().await;
+        assert!(s.is_closed() && s.current().enter(1).is_none());
     }
 
     #[tokio::test]

@@ -483,7 +483,12 @@ impl JsLoop {
 
     /// Turn a delivery into a message to dispatch, or `None` when it is a
     /// redelivery of a message still in flight (the original will be acked).
-    fn accept(&mut self, m: async_nats::Message, registry: &Registry) -> Option<Message> {
+    fn accept(
+        &mut self,
+        m: async_nats::Message,
+        registry: &Registry,
+        now: Instant,
+    ) -> Option<Message> {
         let Some((reply, info)) = m
             .reply
             .and_then(|reply| AckInfo::parse(&reply).map(|info| (reply, info)))
@@ -512,14 +517,14 @@ impl JsLoop {
                 tracing::debug!(topic = %self.state.topic, seq, attempt,
                     "redelivery of a message still in flight; not dispatched again");
                 t.reply = reply;
-                t.last_signal = Instant::now();
+                t.last_signal = now;
                 return None;
             }
             reg.insert(
                 seq,
                 Tracked {
                     reply,
-                    last_signal: Instant::now(),
+                    last_signal: now,
                 },
             );
         }
@@ -682,8 +687,11 @@ impl<'a> ConsumeTurn<'a> {
                 Step::Submitted(submitted) => self.on_submitted(submitted).await,
                 Step::Reconnected => self.on_reconnect(),
                 Step::Fetched(item) => {
-                    self.on_fetched(item);
-                    self.accept_ready();
+                    // One reading of the clock for the burst: the heartbeats
+                    // need the time of a delivery to within their tick.
+                    let now = Instant::now();
+                    self.on_fetched(item, now);
+                    self.accept_ready(now);
                 }
                 Step::BackedOff => self.on_backed_off().await,
                 Step::Room(permits) => self.on_room(permits).await,
@@ -705,13 +713,13 @@ impl<'a> ConsumeTurn<'a> {
 
     /// Take the deliveries of the open pull request already received, up to
     /// [`READY_BURST`] less the one that woke the loop.
-    fn accept_ready(&mut self) {
+    fn accept_ready(&mut self, now: Instant) {
         for _ in 1..READY_BURST {
             let Some((batch, _)) = self.batch.as_mut() else {
                 return;
             };
             match batch.next().now_or_never() {
-                Some(item) => self.on_fetched(item),
+                Some(item) => self.on_fetched(item, now),
                 None => return,
             }
         }
@@ -854,7 +862,7 @@ impl<'a> ConsumeTurn<'a> {
     /// The open pull request brought a message (registered and queued for
     /// submission under one of the request's permits), failed (back off, then
     /// re-create the consumer), or ran out.
-    fn on_fetched(&mut self, item: Option<Delivery>) {
+    fn on_fetched(&mut self, item: Option<Delivery>, now: Instant) {
         match item {
             Some(Ok(m)) => {
                 self.failures = 0;
@@ -865,7 +873,7 @@ impl<'a> ConsumeTurn<'a> {
                     .or_else(|| self.js.total.clone().try_acquire_owned().ok());
                 match permit {
                     Some(permit) => {
-                        if let Some(msg) = self.js.accept(m, &self.registry) {
+                        if let Some(msg) = self.js.accept(m, &self.registry, now) {
                             self.queue.push_back((msg, permit));
                         }
                     }
@@ -1006,7 +1014,7 @@ impl<'a> ConsumeTurn<'a> {
         if let Ok(Ok(())) = tokio::time::timeout_at(flush_by, self.client.flush()).await {
             tokio::task::unconstrained(async {
                 while let Some(Some(Ok(m))) = b.next().now_or_never() {
-                    let _ = js.accept(m, registry);
+                    let _ = js.accept(m, registry, Instant::now());
                 }
             })
             .await;
@@ -1103,7 +1111,7 @@ impl<'a> ConsumeTurn<'a> {
     fn on_late(&mut self, item: Option<Delivery>) {
         match item {
             Some(Ok(m)) => {
-                let _ = self.js.accept(m, &self.registry);
+                let _ = self.js.accept(m, &self.registry, Instant::now());
             }
             _ => self.open = None,
         }
@@ -1123,7 +1131,7 @@ impl<'a> ConsumeTurn<'a> {
         let ran_out = tokio::time::timeout(bound, async {
             while let Some(item) = b.next().await {
                 if let Ok(m) = item {
-                    let _ = js.accept(m, registry);
+                    let _ = js.accept(m, registry, Instant::now());
                 }
             }
         })

@@ -4,7 +4,8 @@
 
 use crate::rss::{peak_rss_kib, reset_peak_rss, rss_kib};
 use crate::workload::{
-    hdr_percentiles_us, own_cpu_secs, HandlerKind, IoSim, KeyDist, RunResult, Stamp, Tally,
+    hdr_percentiles_us, longest_pause_ns, own_cpu_secs, HandlerKind, IoSim, KeyDist, RunResult,
+    Stamp, Tally,
 };
 use eventbus::kafka::{KafkaConfig, KafkaEventBus};
 use eventbus::nats::{NatsConfig, NatsEventBus};
@@ -267,6 +268,18 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
     };
     let close = tokio::time::timeout(Duration::from_secs(60), bus.close()).await;
     let (p50_us, p99_us, p999_us) = hdr_percentiles_us(&tally.sorted_latencies());
+    let longest_pause_us = if spec.rate > 0.0 {
+        let mut handled: Vec<(u64, u64)> = tally
+            .handled_latencies()
+            .map(|(i, latency)| {
+                let due = intended_ns(start_ns, spec.rate, i);
+                (due, due + latency)
+            })
+            .collect();
+        longest_pause_ns(&mut handled) as f64 / 1e3
+    } else {
+        0.0
+    };
     let n = spec.messages as u64;
     let result = RunResult {
         pool: pool_name,
@@ -297,8 +310,14 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
         rate: spec.rate,
         cpu_secs,
         io,
+        longest_pause_us,
     };
     Ok(result)
+}
+
+/// When message `i` of a run paced at `rate` msg/s from `start_ns` is due.
+fn intended_ns(start_ns: u64, rate: f64, i: usize) -> u64 {
+    start_ns + (i as f64 * 1e9 / rate) as u64
 }
 
 /// Publish the spec's messages at `spec.rate`: message `i` is due at
@@ -314,7 +333,7 @@ async fn publish_paced(
     start_ns: u64,
 ) -> Result<(), String> {
     let interval_ns = 1e9 / spec.rate;
-    let intended = |i: usize| start_ns + (i as f64 * interval_ns) as u64;
+    let intended = |i: usize| intended_ns(start_ns, spec.rate, i);
     let mut i = 0;
     while i < spec.messages {
         let now = tally.now_ns();

@@ -362,8 +362,8 @@ impl Report {
     /// rounds, then actor p99 ÷ keyed p99 per round and its median.
     pub fn paced_table(&self) -> String {
         let mut s = String::from(
-            "| rate msg/s | pool | rounds | msg/s | CPU µs/msg | p50 µs | p99 µs | p999 µs | actor/keyed p99 per round | median |\n\
-             |---:|---|---:|---:|---:|---:|---:|---:|---|---:|\n",
+            "| rate msg/s | pool | rounds | msg/s | CPU µs/msg | p50 µs | p99 µs | p999 µs | longest pause µs | actor/keyed p99 per round | median |\n\
+             |---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
         );
         for rate in paced_rates(&self.paced) {
             for pool in ["keyed", "actor"] {
@@ -384,13 +384,14 @@ impl Report {
                 };
                 let _ = writeln!(
                     s,
-                    "| {rate:.0} | {pool} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {ratios} |",
+                    "| {rate:.0} | {pool} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {ratios} |",
                     rs.len(),
                     med(|r| r.throughput),
                     med(RunResult::cpu_us_per_message),
                     med(|r| r.p50_us),
                     med(|r| r.p99_us),
                     med(|r| r.p999_us),
+                    med(|r| r.longest_pause_us),
                 );
             }
         }

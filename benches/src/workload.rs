@@ -437,6 +437,10 @@ pub struct RunResult {
     /// What the I/O simulator did during the run (`io-1ms` handler).
     #[serde(default)]
     pub io: IoStats,
+    /// Paced runs: the longest pause, µs ([`longest_pause_ns`]); 0 unpaced,
+    /// where intended send times are not known.
+    #[serde(default)]
+    pub longest_pause_us: f64,
 }
 
 impl RunResult {
@@ -481,8 +485,36 @@ impl RunResult {
             rate: 0.0,
             cpu_secs: f64::NAN,
             io: IoStats::default(),
+            longest_pause_us: 0.0,
         }
     }
+}
+
+/// The longest pause of a run, ns: the longest stretch of time in which at
+/// least one message was due (its intended send time had passed, and it was
+/// not handled yet) and none was handled. `handled` holds each handled
+/// message's intended send time and the time it was handled (ns, one clock);
+/// it is sorted in place by the latter.
+///
+/// A pause stops every key at once, so it is what one stall of the whole
+/// process (or of the machine under it) costs, whatever the pool; a late
+/// message that others overtook meanwhile is not a pause.
+pub fn longest_pause_ns(handled: &mut [(u64, u64)]) -> u64 {
+    handled.sort_unstable_by_key(|&(_, at)| at);
+    let mut longest = 0;
+    // The earliest intended time of the messages handled from position `j` on:
+    // what waited from then until `handled[j]` ended the gap before it.
+    let mut earliest_due = u64::MAX;
+    for j in (0..handled.len()).rev() {
+        let (due, at) = handled[j];
+        earliest_due = earliest_due.min(due);
+        let waiting_since = match j.checked_sub(1) {
+            Some(before) => handled[before].1.max(earliest_due),
+            None => earliest_due,
+        };
+        longest = longest.max(at.saturating_sub(waiting_since));
+    }
+    longest
 }
 
 /// p50, p99 and p999 of nanosecond samples, in microseconds, from an HDR
@@ -653,15 +685,19 @@ impl Tally {
 
     /// Sorted latencies (ns) of the handled messages.
     pub fn sorted_latencies(&self) -> Vec<u64> {
-        let mut lat: Vec<u64> = self
-            .latencies
-            .iter()
-            .zip(self.seen.iter())
-            .filter(|(_, s)| s.load(Ordering::Relaxed))
-            .map(|(l, _)| l.load(Ordering::Relaxed))
-            .collect();
+        let mut lat: Vec<u64> = self.handled_latencies().map(|(_, l)| l).collect();
         lat.sort_unstable();
         lat
+    }
+
+    /// Index and latency (ns) of each handled message, in index order.
+    pub fn handled_latencies(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.latencies
+            .iter()
+            .zip(self.seen.iter())
+            .enumerate()
+            .filter(|(_, (_, s))| s.load(Ordering::Relaxed))
+            .map(|(i, (l, _))| (i, l.load(Ordering::Relaxed)))
     }
 
     /// Order violations so far.
@@ -702,6 +738,33 @@ mod tests {
         assert_eq!(percentile_us(&ns, 0.5), 501.0);
         assert_eq!(percentile_us(&ns, 0.99), 990.0);
         assert_eq!(percentile_us(&[], 0.99), 0.0);
+    }
+
+    #[test]
+    fn the_longest_pause_counts_only_time_with_a_message_waiting() {
+        // (intended, handled): steady handling, then nothing from 30 to 90
+        // while the message due at 40 waited: a pause of 50 (40 to 90).
+        let mut steady = vec![(0, 5), (10, 15), (20, 25), (40, 90), (50, 95)];
+        assert_eq!(longest_pause_ns(&mut steady), 50);
+        // Idle time with nothing due is no pause: the message due at 80 came
+        // at 82, and the one before it was handled at 25.
+        let mut idle = vec![(0, 5), (20, 25), (80, 82)];
+        assert_eq!(longest_pause_ns(&mut idle), 5);
+        // A message handled late while later ones were handled meanwhile: its
+        // latency (40) is no pause, only the gaps between handlings are (the
+        // longest, 6, before the first). Input order does not matter.
+        let mut overtaken = vec![
+            (35, 36),
+            (0, 40),
+            (5, 6),
+            (10, 11),
+            (20, 21),
+            (15, 16),
+            (30, 31),
+            (25, 26),
+        ];
+        assert_eq!(longest_pause_ns(&mut overtaken), 6);
+        assert_eq!(longest_pause_ns(&mut []), 0);
     }
 
     #[test]

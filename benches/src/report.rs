@@ -199,6 +199,11 @@ pub fn paced_runs<'a>(runs: &'a [RunResult], pool: &str, rate: f64) -> Vec<&'a R
     rs
 }
 
+/// The median over rounds of `f` of the completed paced runs of `pool` at `rate`.
+pub fn paced_median(runs: &[RunResult], pool: &str, rate: f64, f: fn(&RunResult) -> f64) -> f64 {
+    median(paced_runs(runs, pool, rate).into_iter().map(f))
+}
+
 /// Actor p99 ÷ keyed p99 of each round at `rate` where both pools completed.
 pub fn paced_p99_ratios(runs: &[RunResult], rate: f64) -> Vec<f64> {
     let keyed = paced_runs(runs, "keyed", rate);
@@ -368,7 +373,7 @@ impl Report {
         for rate in paced_rates(&self.paced) {
             for pool in ["keyed", "actor"] {
                 let rs = paced_runs(&self.paced, pool, rate);
-                let med = |f: fn(&RunResult) -> f64| median(rs.iter().map(|r| f(r)));
+                let med = |f: fn(&RunResult) -> f64| paced_median(&self.paced, pool, rate, f);
                 let ratios = if pool == "actor" {
                     let rs = paced_p99_ratios(&self.paced, rate);
                     format!(

@@ -14,7 +14,7 @@ use eventbus_benches::members::{
     run_members, MembersResult, MembersSpec, MEMBER_KEYS, MEMBER_PARTITIONS, MEMBER_WORKERS,
 };
 use eventbus_benches::report::{
-    chart, finite_mean, geomean, median, members_mean, paced_p99_ratios, paced_rates, paced_runs,
+    chart, finite_mean, geomean, median, members_mean, paced_median, paced_p99_ratios, paced_rates,
     summarize, Bar, Baseline, Report,
 };
 use eventbus_benches::{
@@ -801,9 +801,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
                     paced.push(r);
                 }
             }
-            let med = |p: &str, f: fn(&RunResult) -> f64| {
-                median(paced_runs(&paced, p, rate).iter().map(|r| f(r)))
-            };
+            let med = |p: &str, f: fn(&RunResult) -> f64| paced_median(&paced, p, rate, f);
             say(
                 &run.progress,
                 format!(
@@ -1113,10 +1111,10 @@ async fn compare(args: &Args) -> Result<Report, String> {
                     .map(|r| format!("{r:.3}×"))
                     .collect::<Vec<_>>()
                     .join(", "),
-                median(paced_runs(&paced, "keyed", *rate).iter().map(|r| r.p99_us)),
-                median(paced_runs(&paced, "actor", *rate).iter().map(|r| r.p99_us)),
-                median(paced_runs(&paced, "keyed", *rate).iter().map(|r| r.longest_pause_us)),
-                median(paced_runs(&paced, "actor", *rate).iter().map(|r| r.longest_pause_us)),
+                paced_median(&paced, "keyed", *rate, |r| r.p99_us),
+                paced_median(&paced, "actor", *rate, |r| r.p99_us),
+                paced_median(&paced, "keyed", *rate, |r| r.longest_pause_us),
+                paced_median(&paced, "actor", *rate, |r| r.longest_pause_us),
             ),
         });
     }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
 use crate::consumer::{consumer_gone, fetch_thread, ConsumeLoop, Control, KConsumer};
-use crate::context::{ConsumerCtx, ConsumerShared, TracingContext};
+use crate::context::{is_cooperative, ConsumerCtx, ConsumerShared, TracingContext};
 use crate::producer::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 
 /// Lag of one partition owned by this bus's consumer.
@@ -145,22 +145,23 @@ impl Backend {
         let consumer_cfg = &self.dispatcher.config().consumer;
         let (ev_tx, ev_rx) = mpsc::channel(self.config.fetch_buffer);
         let shared = Arc::new(ConsumerShared::default());
+        let client_config = self.config.consumer_config(self.dispatcher.config());
         let ctx = ConsumerCtx {
             events: ev_tx.clone(),
             shared: shared.clone(),
             dispatcher: self.dispatcher.clone(),
             drain_timeout: consumer_cfg.drain_timeout,
             handover_timeout: consumer_cfg.handover_timeout,
+            // The raw properties may have replaced the configured strategy.
+            cooperative: client_config
+                .get("partition.assignment.strategy")
+                .is_some_and(is_cooperative),
         };
-        let consumer: KConsumer = self
-            .config
-            .consumer_config(self.dispatcher.config())
-            .create_with_context(ctx)
-            .map_err(|e| {
-                Error::config(format!(
-                    "kafka: librdkafka refused the consumer configuration: {e}"
-                ))
-            })?;
+        let consumer: KConsumer = client_config.create_with_context(ctx).map_err(|e| {
+            Error::config(format!(
+                "kafka: librdkafka refused the consumer configuration: {e}"
+            ))
+        })?;
         let consumer = Arc::new(consumer);
         let (ctl_tx, ctl_rx) = mpsc::channel(16);
         let (done_tx, done_rx) = std_mpsc::sync_channel(1);

@@ -8,6 +8,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -231,6 +232,18 @@ pub(crate) struct ConsumerCtx {
     /// How long a hand-over then waits for running handlers
     /// (`consumer.handover_timeout`).
     pub(crate) handover_timeout: Duration,
+    /// The group's rebalance protocol is cooperative (incremental assign and
+    /// unassign), read from the consumer's final configuration.
+    pub(crate) cooperative: bool,
+}
+
+/// Whether a `partition.assignment.strategy` value makes the rebalance
+/// protocol cooperative: librdkafka's one cooperative assignor is
+/// `cooperative-sticky`, and it refuses to mix it with eager ones.
+pub(crate) fn is_cooperative(strategy: &str) -> bool {
+    strategy
+        .split(',')
+        .any(|s| s.trim() == "cooperative-sticky")
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -327,6 +340,42 @@ impl ConsumerCtx {
 }
 
 impl ConsumerContext for ConsumerCtx {
+    /// rdkafka's default, with two differences. The protocol comes from the
+    /// configuration instead of a request to the group. And nothing is asked of
+    /// a group that has terminated: librdkafka drops every request to it
+    /// unanswered, while its assign calls and its protocol query wait for the
+    /// answer without a bound (librdkafka issues #4041 and #4884). A rebalance
+    /// event still queued when `close` ended the group would otherwise block
+    /// the closing thread for good.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            _ => Rebalance::Error(KafkaError::Rebalance(err.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        if consumer.closed() {
+            tracing::debug!("rebalance event after the group ended; nothing to assign");
+        } else {
+            let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+            let changed = match (assign, self.cooperative) {
+                (true, true) => consumer.incremental_assign(tpl),
+                (true, false) => consumer.assign(tpl),
+                (false, true) => consumer.incremental_unassign(tpl),
+                (false, false) => consumer.unassign(),
+            };
+            if let Err(e) = changed {
+                tracing::warn!(error = %e, assign, "rebalance: the assignment change failed");
+            }
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
@@ -400,5 +449,23 @@ impl ConsumerContext for ConsumerCtx {
                 tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_cooperative;
+    use crate::config::AssignmentStrategy;
+
+    #[test]
+    fn the_rebalance_protocol_follows_the_assignment_strategy() {
+        assert!(is_cooperative(
+            AssignmentStrategy::CooperativeSticky.as_str()
+        ));
+        assert!(!is_cooperative(AssignmentStrategy::Eager.as_str()));
+        // As a raw property may spell it.
+        assert!(is_cooperative(" cooperative-sticky "));
+        assert!(!is_cooperative("range"));
+        assert!(!is_cooperative(""));
     }
 }

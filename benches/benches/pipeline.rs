@@ -23,6 +23,76 @@ fn envelope_decode(c: &mut Criterion) {
     c.bench_function("envelope_decode", |b| {
         b.iter(|| Envelope::decode(&bytes).expect("valid"))
     });
+    // An order-sized event (about 450 bytes of payload, nested objects and a
+    // list): the envelope alone, and the envelope plus the handler's typed event.
+    let order = Envelope::new("order-1234", "order.placed", order_payload())
+        .encode()
+        .expect("valid");
+    c.bench_function("envelope_decode_order", |b| {
+        b.iter(|| Envelope::decode(&order).expect("valid"))
+    });
+    c.bench_function("envelope_decode_order_typed", |b| {
+        b.iter(|| {
+            let e = Envelope::decode(&order).expect("valid");
+            let placed: OrderPlaced = e.payload.decode().expect("an order");
+            placed
+        })
+    });
+}
+
+/// The handler's type for [`order_payload`].
+#[derive(serde::Deserialize)]
+#[allow(dead_code)] // read by the decoder only
+struct OrderPlaced {
+    order_id: String,
+    customer: Customer,
+    lines: Vec<Line>,
+    currency: String,
+    total: f64,
+    placed: bool,
+    tags: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Customer {
+    id: String,
+    name: String,
+    email: String,
+    address: Address,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Address {
+    street: String,
+    city: String,
+    zip: String,
+    country: String,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Line {
+    sku: String,
+    qty: u32,
+    price: f64,
+}
+
+fn order_payload() -> serde_json::Value {
+    serde_json::json!({
+        "order_id": "ord-000123456",
+        "customer": {
+            "id": "cus-9981", "name": "Ada Lovelace", "email": "ada@example.com",
+            "address": {"street": "12 Analytical Row", "city": "London", "zip": "NW1 2AB", "country": "GB"}
+        },
+        "lines": [
+            {"sku": "SKU-1", "qty": 2, "price": 12.5},
+            {"sku": "SKU-2", "qty": 1, "price": 99.99},
+            {"sku": "SKU-3", "qty": 5, "price": 1.25}
+        ],
+        "currency": "EUR", "total": 131.24, "placed": true, "tags": ["web", "promo", "first-order"]
+    })
 }
 
 fn aggregate_id(c: &mut Criterion) {

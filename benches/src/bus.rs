@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The event type of the warm-up message that proves a broker subscription live.
+const WARMUP_TYPE: &str = "bench.warmup";
+
 pub use eventbus_testkit::Backend;
 
 /// Build the bare pool `kind` with the default sizes (256 workers / actors, queue
@@ -186,7 +189,7 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
         bus.subscribe_envelope(&spec.topic, move |e: Event| {
             let (tally, warm) = (tally.clone(), warm.clone());
             async move {
-                if e.envelope.payload.get("warmup").is_some() {
+                if e.envelope.event_type == WARMUP_TYPE {
                     warm.fetch_add(1, Ordering::AcqRel);
                 } else {
                     handler.run().await;
@@ -202,11 +205,7 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
         if spec.backend != Backend::Memory {
             // Join the group / create the consumer before the clock starts: one
             // warm-up message, handled, proves the subscription is live.
-            let w = Envelope::new(
-                "warmup",
-                "bench.warmup",
-                serde_json::json!({"warmup": true}),
-            );
+            let w = Envelope::new("warmup", WARMUP_TYPE, serde_json::json!({"warmup": true}));
             publish(&bus, &spec.topic, vec![w]).await?;
         }
         subscribe().await?;

@@ -1,6 +1,6 @@
 //! What a run does (handler, key distribution) and what it measures.
 
-use eventbus::Event;
+use eventbus::{Event, Payload};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -560,7 +560,7 @@ pub struct Tally {
 }
 
 /// The fields a workload message carries in its envelope payload.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Stamp {
     /// Message index.
     pub i: usize,
@@ -573,9 +573,10 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    /// The envelope payload.
-    pub fn payload(&self) -> serde_json::Value {
-        serde_json::json!({ "i": self.i, "k": self.k, "s": self.s, "t": self.t })
+    /// The envelope payload: `{"i":…,"k":…,"s":…,"t":…}`.
+    pub fn payload(&self) -> Payload {
+        // Four integer fields always encode.
+        Payload::new(self).unwrap_or_default()
     }
 }
 
@@ -609,16 +610,9 @@ impl Tally {
 
     /// Record a handled event; events without the workload's fields (warm-up) are ignored.
     pub fn record(&self, e: &Event) {
-        let p = &e.envelope.payload;
-        let (Some(i), Some(k), Some(s), Some(t)) = (
-            p["i"].as_u64(),
-            p["k"].as_u64(),
-            p["s"].as_u64(),
-            p["t"].as_u64(),
-        ) else {
+        let Ok(Stamp { i, k, s, t }) = e.envelope.payload.decode::<Stamp>() else {
             return;
         };
-        let (i, k) = (i as usize, k as usize);
         if i >= self.seen.len() || k >= self.next_seq.len() {
             return;
         }

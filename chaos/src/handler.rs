@@ -346,8 +346,13 @@ pub async fn subscribe_envelope(
 }
 
 async fn on_envelope(p: &Profile, sink: &dyn Sink, e: Event) -> Result<(), HandlerError> {
-    let stamp = Stamp::from_json(&e.envelope.aggregate_id, &e.envelope.payload)
+    let payload = e
+        .envelope
+        .payload
+        .decode::<serde_json::Value>()
         .map_err(HandlerError::permanent)?;
+    let stamp =
+        Stamp::from_json(&e.envelope.aggregate_id, &payload).map_err(HandlerError::permanent)?;
     if e.cancellation().is_cancelled() {
         sink.started_fenced(FencedStart {
             delivery: delivery(stamp.id, &e.message, &p.worker),

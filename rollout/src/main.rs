@@ -23,12 +23,13 @@
 use eventbus::core::raw::{rollout_bucket, stable_hash};
 use eventbus::{
     Envelope, Event, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError, MemoryBroker,
-    OpsServer, OpsServerConfig, Pool, PoolSwitch, SharedBus, TopicConfig,
+    OpsServer, OpsServerConfig, Payload, Pool, PoolSwitch, SharedBus, TopicConfig,
 };
 use eventbus_testkit::factories::{kafka_config, nats_config};
 use eventbus_testkit::kafka_cluster::Cluster;
 use eventbus_testkit::nats_server::NatsServer;
 use eventbus_testkit::{Backend, DeliveryChecker};
+use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,15 @@ use std::time::{Duration, Instant};
 const STAGES: [u8; 5] = [0, 10, 50, 100, 0];
 /// The longest a side may take to let go of its routes before the run says so.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// The payload of a `rollout.tick` event.
+#[derive(Serialize, Deserialize)]
+struct Sent {
+    /// The event's place in its aggregate's sequence.
+    seq: u64,
+    /// When it was published, µs since the run's start.
+    sent_us: u64,
+}
 
 fn usage() -> &'static str {
     "usage: rollout [--backend memory|kafka|nats] [--stage-seconds S] [--rate MSGS_PER_S] \
@@ -257,9 +267,11 @@ async fn run(o: Options) -> Result<bool, String> {
                 if !handler.is_zero() {
                     tokio::time::sleep(handler).await;
                 }
-                let seq = e.envelope.payload["seq"].as_u64().unwrap_or(u64::MAX);
-                let sent =
-                    Duration::from_micros(e.envelope.payload["sent_us"].as_u64().unwrap_or(0));
+                let Sent { seq, sent_us } = e.envelope.payload.decode().unwrap_or(Sent {
+                    seq: u64::MAX,
+                    sent_us: 0,
+                });
+                let sent = Duration::from_micros(sent_us);
                 checker.handled(key, seq);
                 samples.record(side, start.elapsed().saturating_sub(sent));
                 Ok::<(), HandlerError>(())
@@ -292,10 +304,14 @@ async fn run(o: Options) -> Result<bool, String> {
                 while sent < due {
                     let key = &keys[(sent % keys.len() as u64) as usize];
                     let seq = checker.produce(key);
+                    let payload = Sent {
+                        seq,
+                        sent_us: start.elapsed().as_micros() as u64,
+                    };
                     let e = Envelope::new(
                         key.as_str(),
                         "rollout.tick",
-                        serde_json::json!({ "seq": seq, "sent_us": start.elapsed().as_micros() as u64 }),
+                        Payload::new(&payload).map_err(|e| format!("payload: {e}"))?,
                     );
                     bus.publish_envelope(&topic, &e)
                         .await

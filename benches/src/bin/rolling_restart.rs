@@ -65,7 +65,7 @@ async fn member(
         async move {
             n.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(1)).await;
-            let seq = e.envelope.payload["seq"].as_u64().unwrap_or_default();
+            let seq = eventbus_testkit::seq_of(&e).unwrap_or_default();
             c.handled(&e.envelope.aggregate_id, seq);
             Ok::<(), HandlerError>(())
         }

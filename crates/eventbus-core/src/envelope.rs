@@ -7,6 +7,9 @@ use std::borrow::Cow;
 
 use crate::error::{Error, ErrorKind};
 
+mod payload;
+pub use payload::{Payload, MAX_PAYLOAD_DEPTH};
+
 /// Longest accepted aggregate id, in bytes.
 pub const MAX_AGGREGATE_ID_LEN: usize = 1024;
 
@@ -43,9 +46,10 @@ pub struct Envelope {
     /// Correlation id tying related events together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
-    /// The event body.
+    /// The event body: any JSON value, kept as text until the handler decodes
+    /// it ([`Payload::decode`]); `null` when the envelope has none.
     #[serde(default)]
-    pub payload: serde_json::Value,
+    pub payload: Payload,
 }
 
 fn default_version() -> u32 {
@@ -103,6 +107,12 @@ pub enum EnvelopeError {
         /// The limit.
         max: usize,
     },
+    /// `payload` nests arrays and objects deeper than [`MAX_PAYLOAD_DEPTH`].
+    #[error("field `payload` nests arrays and objects deeper than {max} levels")]
+    PayloadTooDeep {
+        /// The limit.
+        max: usize,
+    },
     /// `event_type` is empty or only white space.
     #[error("field `event_type` is empty")]
     EmptyEventType,
@@ -124,10 +134,13 @@ impl From<EnvelopeError> for Error {
 
 impl Envelope {
     /// A new envelope for `aggregate_id` of `event_type`, version 1, occurred now.
+    ///
+    /// `payload` is a [`serde_json::Value`] or a [`Payload`] (for a typed event,
+    /// [`Payload::new`]).
     pub fn new(
         aggregate_id: impl Into<String>,
         event_type: impl Into<String>,
-        payload: serde_json::Value,
+        payload: impl Into<Payload>,
     ) -> Self {
         Self {
             aggregate_id: aggregate_id.into(),
@@ -136,7 +149,7 @@ impl Envelope {
             occurred_at: Some(Utc::now()),
             trace_id: None,
             correlation_id: None,
-            payload,
+            payload: payload.into(),
         }
     }
 
@@ -161,8 +174,22 @@ impl Envelope {
         self
     }
 
-    /// Check the required fields.
+    /// Check the required fields, and that the payload nests no deeper than
+    /// [`MAX_PAYLOAD_DEPTH`] (a payload built from a `serde_json::Value` is not
+    /// checked until here).
     pub fn validate(&self) -> Result<(), EnvelopeError> {
+        self.validate_fields()?;
+        if !payload::within_depth(self.payload.as_str()) {
+            return Err(EnvelopeError::PayloadTooDeep {
+                max: MAX_PAYLOAD_DEPTH,
+            });
+        }
+        Ok(())
+    }
+
+    /// The checks of [`Envelope::validate`] but the payload's, which decoding
+    /// has made.
+    fn validate_fields(&self) -> Result<(), EnvelopeError> {
         validate_aggregate_id(&self.aggregate_id)?;
         if self.event_type.trim().is_empty() {
             return Err(EnvelopeError::EmptyEventType);
@@ -185,8 +212,9 @@ impl Envelope {
                 "an envelope is a JSON object",
             )));
         }
+        // The payload's depth is checked as it is read.
         let envelope: Envelope = serde_json::from_slice(bytes)?;
-        envelope.validate()?;
+        envelope.validate_fields()?;
         Ok(envelope)
     }
 
@@ -391,10 +419,43 @@ mod tests {
         ] {
             let raw = format!(r#"{{"aggregate_id":"a","event_type":"x","payload":[{n}]}}"#);
             let e = Envelope::decode(raw.as_bytes()).unwrap();
-            let got = e.payload[0].as_f64().unwrap();
+            let got = e.payload.decode::<[f64; 1]>().unwrap()[0];
             assert_eq!(got, n.parse::<f64>().unwrap(), "{n} parses to the nearest double");
             let again = Envelope::decode(&e.encode().unwrap()).unwrap();
             assert_eq!(again.payload, e.payload, "{n} round-trips exactly");
+        }
+    }
+
+    #[test]
+    fn the_payload_is_checked_and_kept_as_it_came() {
+        let body =
+            r#"{"aggregate_id":"a","event_type":"x","payload":{"b":1, "a":[1.50,"\u00e9"]}}"#;
+        let e = Envelope::decode(body.as_bytes()).unwrap();
+        assert_eq!(e.payload.as_str(), r#"{"b":1, "a":[1.50,"\u00e9"]}"#);
+        let again = e.encode().unwrap();
+        let text = std::str::from_utf8(&again).unwrap();
+        assert!(
+            text.ends_with(r#""payload":{"b":1, "a":[1.50,"\u00e9"]}}"#),
+            "{text}"
+        );
+        // Absent or null: a `null` payload.
+        for body in [
+            r#"{"aggregate_id":"a","event_type":"x"}"#,
+            r#"{"aggregate_id":"a","event_type":"x","payload":null}"#,
+        ] {
+            let e = Envelope::decode(body.as_bytes()).unwrap();
+            assert_eq!(e.payload.as_str(), "null", "{body}");
+        }
+        // A payload that is not JSON makes the envelope malformed, as before.
+        for bad in [r#"{"a":}"#, "[1,]", "tru", r#""\u12""#] {
+            let body = format!(r#"{{"aggregate_id":"a","event_type":"x","payload":{bad}}}"#);
+            assert!(
+                matches!(
+                    Envelope::decode(body.as_bytes()),
+                    Err(EnvelopeError::Malformed(_))
+                ),
+                "{bad}"
+            );
         }
     }
 
@@ -429,6 +490,16 @@ mod tests {
         assert!(matches!(
             e.encode(),
             Err(EnvelopeError::AggregateIdTooLong { .. })
+        ));
+        let mut deep = serde_json::json!(1);
+        for _ in 0..=MAX_PAYLOAD_DEPTH {
+            deep = serde_json::json!([deep]);
+        }
+        assert!(matches!(
+            Envelope::new("a", "t", deep).encode(),
+            Err(EnvelopeError::PayloadTooDeep {
+                max: MAX_PAYLOAD_DEPTH
+            })
         ));
         assert_eq!(peek_aggregate_id(b"not json"), None);
         assert!(matches!(

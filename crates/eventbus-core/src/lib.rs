@@ -31,7 +31,9 @@ pub use dispatcher::{
     DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
     DLQ_TOPIC_HEADER,
 };
-pub use envelope::{Envelope, EnvelopeError, MAX_AGGREGATE_ID_LEN, MAX_EVENT_TYPE_LEN};
+pub use envelope::{
+    Envelope, EnvelopeError, Payload, MAX_AGGREGATE_ID_LEN, MAX_EVENT_TYPE_LEN, MAX_PAYLOAD_DEPTH,
+};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use handler::{cancellation, handler_fn, Event, Failure, Handler, HandlerError, HandlerResult};
 pub use health::{ComponentHealth, HealthReport, HealthStatus};

@@ -70,7 +70,7 @@ async fn subscribe(
             if !work.is_zero() {
                 tokio::time::sleep(work).await;
             }
-            let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+            let seq = eventbus_testkit::seq_of(&e).expect("seq");
             c.handled(&e.envelope.aggregate_id, seq);
             h.lock().unwrap().insert(e.message.offset);
             Ok::<(), HandlerError>(())

@@ -29,7 +29,7 @@ fn env(key: &str, seq: u64) -> Envelope {
 }
 
 fn seq_of(e: &Event) -> u64 {
-    e.envelope.payload["seq"].as_u64().expect("seq")
+    eventbus_testkit::seq_of(e).expect("seq")
 }
 
 type Log = Arc<Mutex<Vec<(String, u64, i32, i64)>>>;

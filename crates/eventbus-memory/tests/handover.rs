@@ -62,7 +62,7 @@ async fn subscribe(
         async move {
             n.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(1)).await;
-            let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+            let seq = eventbus_testkit::seq_of(&e).expect("seq");
             c.handled(&e.envelope.aggregate_id, seq);
             h.lock()
                 .unwrap()
@@ -363,7 +363,7 @@ async fn a_stuck_key_without_dead_letters_holds_its_commit_across_hand_overs() {
                         s.fetch_add(1, Ordering::SeqCst);
                         return Err(HandlerError::transient("always fails"));
                     }
-                    let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+                    let seq = eventbus_testkit::seq_of(&e).expect("seq");
                     c.handled(&e.envelope.aggregate_id, seq);
                     h.lock()
                         .unwrap()

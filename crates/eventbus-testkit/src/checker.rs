@@ -678,11 +678,21 @@ impl DeliveryChecker {
 /// bus.subscribe_envelope(&topic, checker.clone()).await?;
 /// bus.publish_envelope(&topic, &checker.envelope("order-1")).await?;
 /// ```
+/// The `seq` of an event whose payload is an object with a `seq` number (as the
+/// suites publish), read from the payload without decoding the rest of it.
+pub fn seq_of(e: &eventbus_core::Event) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    e.envelope.payload.decode::<Seq>().ok().map(|s| s.seq)
+}
+
 impl eventbus_core::Handler<eventbus_core::Event> for DeliveryChecker {
     type Future = std::future::Ready<eventbus_core::HandlerResult>;
 
     fn call(&self, e: eventbus_core::Event) -> Self::Future {
-        std::future::ready(match e.envelope.payload["seq"].as_u64() {
+        std::future::ready(match seq_of(&e) {
             Some(seq) => {
                 self.handled(&e.envelope.aggregate_id, seq);
                 Ok(())

@@ -137,7 +137,7 @@ fn env(key: &str, seq: u64) -> Envelope {
 }
 
 fn seq_of(e: &Event) -> u64 {
-    e.envelope.payload["seq"].as_u64().expect("seq in payload")
+    crate::seq_of(e).expect("seq in payload")
 }
 
 /// A recorder of dead letters read back from `<topic>.dlq`.

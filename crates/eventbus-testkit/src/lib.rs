@@ -27,7 +27,7 @@ pub mod wait;
 
 pub use backend::Backend;
 pub use checker::{
-    Delivery, DeliveryChecker, DeliveryReport, LostSpread, MessageClass, MessageId, Stamp,
+    seq_of, Delivery, DeliveryChecker, DeliveryReport, LostSpread, MessageClass, MessageId, Stamp,
     STAMP_HEADER,
 };
 pub use panics::{quiet_deliberate_panics, INDUCED_PANIC};

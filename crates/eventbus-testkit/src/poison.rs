@@ -449,10 +449,13 @@ pub async fn run_corpus_on(
     bus.subscribe_envelope(topic, move |e: Event| {
         let s = s.clone();
         async move {
-            let case = e.envelope.payload["case"]
-                .as_str()
-                .unwrap_or("<no case>")
-                .to_owned();
+            let case = e
+                .envelope
+                .payload
+                .decode::<serde_json::Value>()
+                .ok()
+                .and_then(|p| p["case"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "<no case>".to_owned());
             *s.handled.lock().expect("handled").entry(case).or_insert(0) += 1;
             s.changed.notify_waiters();
             Ok::<(), HandlerError>(())

@@ -472,7 +472,13 @@ pub async fn random_workload(
         .prepare(Subscription::envelope(
             "workload",
             move |e: eventbus_core::Event| {
-                let index = e.envelope.payload["index"].as_u64().expect("index") as usize;
+                let index = e
+                    .envelope
+                    .payload
+                    .decode::<serde_json::Value>()
+                    .expect("JSON")["index"]
+                    .as_u64()
+                    .expect("index") as usize;
                 h_env(index)
             },
         ))

@@ -102,7 +102,7 @@ async fn close_under_load_with(make: MakeBus<'_>, topic: &str, wait: Duration) -
                     if slow {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
-                    let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+                    let seq = crate::seq_of(&e).expect("seq");
                     c.handled(&e.envelope.aggregate_id, seq);
                     Ok::<(), HandlerError>(())
                 }

@@ -11,6 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const AGGREGATES: usize = 50;
+
+/// The payload of an `order.updated` event.
+#[derive(serde::Deserialize)]
+struct OrderUpdated {
+    seq: u64,
+}
 const EVENTS_PER_AGGREGATE: u64 = 40;
 
 #[tokio::main(flavor = "multi_thread")]
@@ -31,7 +37,13 @@ async fn main() -> Result<(), eventbus::Error> {
     bus.subscribe_envelope("orders", move |e: Event| {
         let (l, v, d) = (l.clone(), v.clone(), d.clone());
         async move {
-            let seq = e.envelope.payload["seq"].as_u64().unwrap_or_default();
+            // The payload is decoded here, once, straight into the handler's type;
+            // one that does not fit is a permanent error (dead letter, no retry).
+            let OrderUpdated { seq } = e
+                .envelope
+                .payload
+                .decode()
+                .map_err(HandlerError::permanent)?;
             // Pretend to do some I/O.
             tokio::time::sleep(Duration::from_micros(200)).await;
             let mut last = l.lock().unwrap();

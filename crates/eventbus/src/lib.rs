@@ -28,9 +28,9 @@ pub use eventbus_core::{
     CancellationToken, ComponentHealth, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Envelope,
     EnvelopeError, Error, ErrorKind, Event, EventBus, EventBusConfig, EventBusExt, Failure,
     Handler, HandlerError, HandlerResult, Headers, HealthReport, HealthStatus, IdSource,
-    KeyedPoolConfig, Message, MetricsConfig, OffsetReset, OperationsConfig, Pool, PoolKind,
-    PoolStats, PublishReceipt, RateLimit, Record, Recovery, RecoveryChange, Result, SharedBus,
-    StorageKind, SubscribeOptions, Subscription, TopicConfig, DLQ_ATTEMPTS_HEADER,
+    KeyedPoolConfig, Message, MetricsConfig, OffsetReset, OperationsConfig, Payload, Pool,
+    PoolKind, PoolStats, PublishReceipt, RateLimit, Record, Recovery, RecoveryChange, Result,
+    SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig, DLQ_ATTEMPTS_HEADER,
     DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 

@@ -46,13 +46,19 @@ async fn live_switch_under_load_keeps_order_and_loses_nothing() {
     bus.subscribe_envelope("switch", move |e: Event| {
         let c = c.clone();
         async move {
-            let delay = e.envelope.payload["delay_us"].as_u64().unwrap_or(0);
+            let delay = e
+                .envelope
+                .payload
+                .decode::<serde_json::Value>()
+                .expect("JSON payload")["delay_us"]
+                .as_u64()
+                .unwrap_or(0);
             if delay > 0 {
                 tokio::time::sleep(Duration::from_micros(delay)).await;
             }
             c.handled(
                 &e.envelope.aggregate_id,
-                e.envelope.payload["seq"].as_u64().expect("seq"),
+                eventbus_testkit::seq_of(&e).expect("seq"),
             );
             Ok::<(), HandlerError>(())
         }
@@ -367,7 +373,7 @@ async fn recording_bus(
             tokio::time::sleep(Duration::from_millis(2)).await;
             c.handled(
                 &e.envelope.aggregate_id,
-                e.envelope.payload["seq"].as_u64().expect("seq"),
+                eventbus_testkit::seq_of(&e).expect("seq"),
             );
             ran.lock()
                 .unwrap()

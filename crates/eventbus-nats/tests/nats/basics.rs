@@ -57,7 +57,7 @@ async fn envelopes_are_consumed_and_acked() {
             "aggregate-id header"
         );
         assert_eq!(m.key.as_deref(), Some(e.envelope.aggregate_id.as_bytes()));
-        let seq = e.envelope.payload["seq"].as_u64().unwrap();
+        let seq = eventbus_testkit::seq_of(&e).unwrap();
         assert_eq!(m.offset, seq as i64 + 1, "offset is the stream sequence");
         got.entry(e.envelope.aggregate_id.clone())
             .or_default()

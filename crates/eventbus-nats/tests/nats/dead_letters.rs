@@ -62,7 +62,7 @@ async fn poison_input_is_dead_lettered_and_termed_once() {
     bus.subscribe_envelope(&topic, move |e: Event| {
         let tx = tx.clone();
         async move {
-            let seq = e.envelope.payload["seq"].as_u64().unwrap();
+            let seq = eventbus_testkit::seq_of(&e).unwrap();
             tx.send(seq).await.ok();
             if e.envelope.event_type == "always-fails" {
                 return Err(HandlerError::transient("database down"));

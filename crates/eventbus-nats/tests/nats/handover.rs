@@ -44,7 +44,7 @@ async fn member(
         async move {
             n.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(1)).await;
-            let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+            let seq = eventbus_testkit::seq_of(&e).expect("seq");
             c.handled(&e.envelope.aggregate_id, seq);
             Ok::<(), HandlerError>(())
         }

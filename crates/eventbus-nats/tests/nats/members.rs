@@ -25,7 +25,7 @@ async fn subscribe(
     bus.subscribe_envelope(topic, move |e: Event| {
         let (checker, count, seen) = (checker.clone(), count.clone(), seen.clone());
         async move {
-            let seq = e.envelope.payload["seq"].as_u64().expect("seq in payload");
+            let seq = eventbus_testkit::seq_of(&e).expect("seq in payload");
             count.fetch_add(1, Ordering::SeqCst);
             seen.lock()
                 .unwrap()
@@ -146,7 +146,7 @@ async fn after_a_crash_the_standby_rereads_what_was_not_acknowledged_in_order() 
             a.subscribe_envelope(&topic, move |e: Event| {
                 let (checker, x_started) = (checker.clone(), x_started.clone());
                 async move {
-                    let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+                    let seq = eventbus_testkit::seq_of(&e).expect("seq");
                     if e.envelope.aggregate_id == "x" {
                         // Hangs: this member dies before it finishes.
                         let _ = x_started.send(()).await;

@@ -32,7 +32,7 @@ async fn subscribe(
     bus.subscribe_envelope(topic, move |e: Event| {
         let (checker, count) = (checker.clone(), count.clone());
         async move {
-            let seq = e.envelope.payload["seq"].as_u64().expect("seq in payload");
+            let seq = eventbus_testkit::seq_of(&e).expect("seq in payload");
             // Like I/O: work is queued and running when partitions move. A
             // handler cancelled by a hand-over's fence ends here, before its
             // effect, and its message is handled again by the next owner.
@@ -266,7 +266,7 @@ async fn a_killed_member_loses_its_partitions_when_the_leases_expire() {
             c.subscribe_envelope(&topic, move |e: Event| {
                 let (checker, doomed, hung) = (checker.clone(), doomed.clone(), hung.clone());
                 async move {
-                    let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+                    let seq = eventbus_testkit::seq_of(&e).expect("seq");
                     if doomed.lock().unwrap().contains(&e.envelope.aggregate_id) {
                         let _ = hung.try_send(());
                         std::future::pending::<()>().await;

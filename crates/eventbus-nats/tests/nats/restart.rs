@@ -57,7 +57,7 @@ async fn server_killed_and_restarted_mid_stream() {
                     .await
                     .expect("gate sender alive");
             }
-            let seq = e.envelope.payload["seq"].as_u64().unwrap();
+            let seq = eventbus_testkit::seq_of(&e).unwrap();
             h.lock()
                 .unwrap()
                 .push((e.envelope.aggregate_id.clone(), seq));

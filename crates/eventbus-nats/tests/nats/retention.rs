@@ -257,7 +257,7 @@ async fn a_standby_takes_over_from_a_dead_member(retention: Retention) {
             a.subscribe_envelope(&topic, move |e: Event| {
                 let (checker, x_started) = (checker.clone(), x_started.clone());
                 async move {
-                    let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+                    let seq = eventbus_testkit::seq_of(&e).expect("seq");
                     if e.envelope.aggregate_id == "x" {
                         let _ = x_started.send(()).await;
                         std::future::pending::<()>().await;
@@ -282,7 +282,7 @@ async fn a_standby_takes_over_from_a_dead_member(retention: Retention) {
         b.subscribe_envelope(&topic, move |e: Event| {
             let (checker, seen) = (checker.clone(), seen.clone());
             async move {
-                let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+                let seq = eventbus_testkit::seq_of(&e).expect("seq");
                 seen.lock()
                     .unwrap()
                     .push((e.envelope.aggregate_id.clone(), seq));
@@ -431,7 +431,7 @@ async fn a_reconnect_rereads_without_losing_messages(retention: Retention) {
                 if checker.handled_distinct() >= KEYS * PER_KEY / 3 {
                     gate.wait_for(|open| *open).await.expect("gate");
                 }
-                let seq = e.envelope.payload["seq"].as_u64().expect("seq");
+                let seq = eventbus_testkit::seq_of(&e).expect("seq");
                 checker.handled(&e.envelope.aggregate_id, seq);
                 Ok::<(), HandlerError>(())
             }

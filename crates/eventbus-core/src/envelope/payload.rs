@@ -38,13 +38,15 @@ use serde_json::value::RawValue;
 /// Equality is the equality of the JSON values (`{"a":1,"b":2}` equals
 /// `{"b":2,"a":1}`); text that reads the same compares without parsing.
 ///
-/// A payload nests arrays and objects at most [`MAX_PAYLOAD_DEPTH`] deep, so
-/// every payload the bus accepts decodes into a [`serde_json::Value`].
+/// A payload nests arrays and objects at most [`MAX_PAYLOAD_DEPTH`] deep, no
+/// deeper than serde_json decodes. Its numbers are checked for form only: a
+/// number beyond `f64`'s range (`1e400`) is well-formed JSON and is accepted,
+/// and decoding it into a float, or into a `Value`, is the handler's error.
 #[derive(Clone)]
 pub struct Payload(Box<RawValue>);
 
 /// Deepest nesting of arrays and objects in a payload: serde_json's own
-/// recursion limit, so every accepted payload decodes into a [`serde_json::Value`].
+/// recursion limit, so no accepted payload is too deep to decode.
 pub const MAX_PAYLOAD_DEPTH: usize = 127;
 
 /// Whether the well-formed JSON `json` nests arrays and objects at most
@@ -268,6 +270,26 @@ mod tests {
             deep = json!([deep]);
         }
         assert!(Payload::new(&deep).is_err());
+    }
+
+    #[test]
+    fn numbers_are_checked_for_form_not_range() {
+        let p = Payload::from_json(r#"{"big":1e400,"n":1}"#).unwrap();
+        assert!(
+            p.decode::<serde_json::Value>().is_err(),
+            "out of f64's range"
+        );
+        #[derive(Deserialize)]
+        struct JustN {
+            n: u8,
+        }
+        assert_eq!(
+            p.decode::<JustN>().unwrap().n,
+            1,
+            "a field not read is not decoded"
+        );
+        assert!(Payload::from_json("[01]").is_err());
+        assert!(Payload::from_json("[1.]").is_err());
     }
 
     #[test]

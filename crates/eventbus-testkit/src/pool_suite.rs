@@ -472,13 +472,11 @@ pub async fn random_workload(
         .prepare(Subscription::envelope(
             "workload",
             move |e: eventbus_core::Event| {
-                let index = e
-                    .envelope
-                    .payload
-                    .decode::<serde_json::Value>()
-                    .expect("JSON")["index"]
-                    .as_u64()
-                    .expect("index") as usize;
+                #[derive(serde::Deserialize)]
+                struct Indexed {
+                    index: usize,
+                }
+                let Indexed { index } = e.envelope.payload.decode().expect("index");
                 h_env(index)
             },
         ))

@@ -46,20 +46,17 @@ async fn live_switch_under_load_keeps_order_and_loses_nothing() {
     bus.subscribe_envelope("switch", move |e: Event| {
         let c = c.clone();
         async move {
-            let delay = e
-                .envelope
-                .payload
-                .decode::<serde_json::Value>()
-                .expect("JSON payload")["delay_us"]
-                .as_u64()
-                .unwrap_or(0);
-            if delay > 0 {
-                tokio::time::sleep(Duration::from_micros(delay)).await;
+            #[derive(serde::Deserialize)]
+            struct Tick {
+                seq: u64,
+                #[serde(default)]
+                delay_us: u64,
             }
-            c.handled(
-                &e.envelope.aggregate_id,
-                eventbus_testkit::seq_of(&e).expect("seq"),
-            );
+            let Tick { seq, delay_us } = e.envelope.payload.decode().expect("seq");
+            if delay_us > 0 {
+                tokio::time::sleep(Duration::from_micros(delay_us)).await;
+            }
+            c.handled(&e.envelope.aggregate_id, seq);
             Ok::<(), HandlerError>(())
         }
     })

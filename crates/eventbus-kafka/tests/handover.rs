@@ -1,8 +1,10 @@
-//! Transitions on Kafka: a broker that rewinds the fetch position within one
-//! assignment, members joining and leaving a group with deep per-key backlogs and
-//! timeouts far shorter than the backlog, and a pool that refuses every job. Every
-//! test asserts on what was committed, not only on what was handled. Fault injection
-//! needs librdkafka's mock cluster.
+//! Hand-overs on Kafka: members joining and leaving a group with deep per-key
+//! backlogs, a producer still publishing and timeouts far shorter than the
+//! backlog, partitions coming back to the member that gave them up, and a pool
+//! that refuses every job. Every test asserts on what was committed, not only on
+//! what was handled. They run on the mock cluster and, in the real-broker tier of
+//! `cargo xtask test`, on a real broker (`KAFKA_BROKERS`); the injected rewinds are
+//! in `rewind.rs`.
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -13,10 +15,9 @@ use eventbus_kafka::{AssignmentStrategy, KafkaEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec, RefusingPool};
-use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -37,17 +38,6 @@ type Gate = Arc<watch::Sender<bool>>;
 
 fn open_gate() -> Gate {
     Arc::new(watch::Sender::new(true))
-}
-
-/// The committed offset of partition 0, after checking that it passes no offset
-/// missing from `handled`.
-fn committed_within_handled(cluster: &Cluster, group: &str, topic: &str, handled: &Handled) -> i64 {
-    let committed = cluster.committed(group, topic, 0).unwrap_or(0);
-    let done = handled.lock().unwrap();
-    if let Some(o) = (0..committed).find(|o| !done.contains(o)) {
-        panic!("committed {committed} passed offset {o}, not handled (since the last rewind)");
-    }
-    committed
 }
 
 /// A subscription that records into `checker` and `handled`, waiting while `gate`
@@ -80,133 +70,6 @@ async fn subscribe(
     .unwrap();
 }
 
-/// The broker makes the consumer read from the start again (an offset reset after
-/// `OFFSET_OUT_OF_RANGE`, as a real cluster does after log truncation or a stale
-/// high watermark) while everything was handled and committed. The re-read
-/// messages are unfinished in the new epoch, so the committed offset goes back with
-/// them (explicitly: librdkafka's stored-offset commit only moves forwards) and
-/// comes forward again as they finish; nothing is ever committed past a message of
-/// the new epoch that has not finished.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rewind_is_read_again_and_the_commit_goes_back_with_it() {
-    let cluster = Cluster::mock(1);
-    let topic = random("rewind");
-    cluster.create_topic(&topic, 1).await;
-    let cfg = bus_config();
-    let group = cfg.consumer.group_id.clone();
-    let pool = keyed_pools()(PoolSpec::default()).await;
-    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).unwrap();
-    let checker = DeliveryChecker::new();
-    let handled: Handled = Arc::default();
-    let gate = open_gate();
-    subscribe(&bus, &topic, &checker, &handled, &gate, Duration::ZERO).await;
-    let n = 200u64;
-    for i in 0..n {
-        let key = format!("k{}", i % 10);
-        let seq = checker.produce(&key);
-        bus.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
-    }
-    wait_until("everything committed", WAIT, || {
-        cluster.committed(&group, &topic, 0) == Some(n as i64)
-    })
-    .await;
-    // Hold the handlers, then make the broker send the consumer back to the start.
-    gate.send_replace(false);
-    handled.lock().unwrap().clear();
-    cluster.request_errors(
-        RDKafkaApiKey::Fetch,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
-    );
-    wait_until(
-        "the committed offset goes back to the rewind point while the re-read messages wait",
-        WAIT,
-        || cluster.committed(&group, &topic, 0) == Some(0),
-    )
-    .await;
-    gate.send_replace(true);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let committed = committed_within_handled(&cluster, &group, &topic, &handled);
-        if committed == n as i64 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for the commit to reach {n} again (at {committed})"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let report = checker.report();
-    assert!(report.lost.is_empty(), "{report}");
-    assert!(report.order_violations.is_empty(), "{report}");
-    bus.close().await.unwrap();
-}
-
-/// Rewinds while messages are in flight: every message handled at least once, in
-/// order per key, and no sample of the committed offset ever passes an offset that
-/// was not handled.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rewinds_mid_stream_never_commit_past_an_unfinished_message() {
-    let cluster = Cluster::mock(1);
-    let topic = random("rewind-mid");
-    cluster.create_topic(&topic, 1).await;
-    let mut cfg = bus_config();
-    cfg.consumer.commit_interval = Duration::from_millis(20);
-    let group = cfg.consumer.group_id.clone();
-    let pool = keyed_pools()(PoolSpec::default()).await;
-    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).unwrap();
-    let checker = DeliveryChecker::new();
-    let handled: Handled = Arc::default();
-    let gate = open_gate();
-    subscribe(
-        &bus,
-        &topic,
-        &checker,
-        &handled,
-        &gate,
-        Duration::from_millis(1),
-    )
-    .await;
-    let n = 1500u64;
-    let publisher = {
-        let (bus, topic, checker) = (bus.clone(), topic.clone(), checker.clone());
-        tokio::spawn(async move {
-            for i in 0..n {
-                let key = format!("k{}", i % 20);
-                let seq = checker.produce(&key);
-                bus.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
-            }
-        })
-    };
-    let mut rewinds = 0;
-    let deadline = Instant::now() + WAIT * 2;
-    loop {
-        let committed = committed_within_handled(&cluster, &group, &topic, &handled);
-        let handled_now = handled.lock().unwrap().len() as u64;
-        if committed == n as i64 && publisher.is_finished() {
-            break;
-        }
-        // Three rewinds, while work is in flight.
-        if rewinds < 3 && handled_now > (rewinds + 1) * n / 5 {
-            rewinds += 1;
-            cluster.request_errors(
-                RDKafkaApiKey::Fetch,
-                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out: committed {committed} of {n}, {handled_now} handled"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(rewinds, 3);
-    let report = checker.report();
-    assert!(report.lost.is_empty(), "{report}");
-    assert!(report.order_violations.is_empty(), "{report}");
-    bus.close().await.unwrap();
-}
-
 /// Members join and leave one group while per-key backlogs are deep and the drain
 /// and hand-over timeouts are far shorter than the backlog: queued work of revoked
 /// partitions is fenced (never runs after the hand-over), so no aggregate is
@@ -225,7 +88,7 @@ async fn members_joining_and_leaving_with_deep_queues_keep_order() {
 }
 
 async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, strategy: AssignmentStrategy) {
-    let cluster = Cluster::mock(1);
+    let cluster = Cluster::start();
     let topic = random("members");
     let partitions = 4;
     cluster.create_topic(&topic, partitions).await;
@@ -262,10 +125,15 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, strategy: A
     };
     let a = member(cfg.clone()).await;
     let total = 3000u64;
+    // One past the last offset of each partition, from the publish receipts (a
+    // real broker's reported high watermark may lag its log end).
+    let mut ends: HashMap<i32, i64> = HashMap::new();
     for i in 0..total {
         let key = format!("k{}", i % 20);
         let seq = checker.produce(&key);
-        a.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+        let r = a.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+        let end = ends.entry(r.partition).or_default();
+        *end = (*end).max(r.offset + 1);
     }
     // Two more members join and leave, one after the other, while queues are deep.
     for round in 0..2 {
@@ -285,13 +153,15 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, strategy: A
         checker.handled_distinct() == total
     })
     .await;
-    let highs: Vec<i64> = (0..partitions)
-        .map(|p| cluster.high_watermark(&topic, p))
-        .collect();
     wait_until(
         &format!("{pool_name}: committed offsets reach the end of every partition"),
         WAIT,
-        || (0..partitions).all(|p| cluster.committed(&group, &topic, p) == Some(highs[p as usize])),
+        || {
+            (0..partitions).all(|p| {
+                cluster.committed(&group, &topic, p).unwrap_or(0)
+                    == ends.get(&p).copied().unwrap_or(0)
+            })
+        },
     )
     .await;
     let report = checker.report();
@@ -304,7 +174,7 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, strategy: A
 /// nothing is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_returns_in_time_with_a_pool_that_refuses_every_job() {
-    let cluster = Cluster::mock(1);
+    let cluster = Cluster::start();
     let topic = random("refusing");
     cluster.create_topic(&topic, 1).await;
     let mut cfg = bus_config();
@@ -335,4 +205,209 @@ async fn close_returns_in_time_with_a_pool_that_refuses_every_job() {
         0,
         "nothing was handled, so nothing is committed"
     );
+}
+
+/// Handled offsets per partition, shared by the handlers and the test.
+type HandledAt = Arc<Mutex<HashMap<i32, HashSet<i64>>>>;
+
+/// How big a rotation run is: the default runs in well under a minute; with
+/// `EVENTBUS_LONG` set, the full scenario (60,000 envelopes, five rotations).
+fn rotation_size() -> (u64, usize) {
+    if std::env::var_os("EVENTBUS_LONG").is_some() {
+        (60_000, 5)
+    } else {
+        (8_000, 2)
+    }
+}
+
+/// Members rotate (a new one joins, then the oldest closes cleanly) while an
+/// outside producer still publishes and every member's per-key queues are deep,
+/// with a drain timeout far shorter than the backlog: a partition often comes back
+/// to the member that just gave it up, its fenced work still tracked. Every
+/// half-second sample of the group's committed offsets must stay at or below the
+/// lowest offset not yet handled; at the end every envelope was handled, in order
+/// per key, and the committed offsets stand one past the last offset of every
+/// partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_members_under_a_live_producer_never_commit_past_unhandled_work() {
+    for strategy in [
+        AssignmentStrategy::CooperativeSticky,
+        AssignmentStrategy::Eager,
+    ] {
+        for (name, pools) in pools() {
+            rotate_members(&format!("{name}, {strategy:?}"), pools, strategy).await;
+        }
+    }
+}
+
+async fn rotate_members(label: &str, pools: PoolFactory, strategy: AssignmentStrategy) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let (total, rotations) = rotation_size();
+    let cluster = Arc::new(Cluster::start());
+    let topic = random("rotate");
+    let partitions = 4;
+    cluster.create_topic(&topic, partitions).await;
+    let mut cfg = bus_config();
+    cfg.consumer.drain_timeout = Duration::from_millis(500);
+    cfg.consumer.handover_timeout = Duration::from_millis(200);
+    let group = cfg.consumer.group_id.clone();
+    let checker = DeliveryChecker::new();
+    let handled: HandledAt = Arc::default();
+    let spec = PoolSpec {
+        workers: 8,
+        queue: 256,
+        wait_timeout: Duration::from_millis(100),
+    };
+    let member = || {
+        let (cluster, pools, cfg) = (&cluster, pools.clone(), cfg.clone());
+        let (topic, checker, handled) = (&topic, &checker, &handled);
+        async move {
+            let mut kafka = cluster.kafka_config();
+            kafka.assignment_strategy = strategy;
+            let bus = KafkaEventBus::new(kafka, cfg, pools(spec).await).unwrap();
+            let (c, h) = (checker.clone(), handled.clone());
+            bus.subscribe_envelope(topic, move |e: Event| {
+                let (c, h) = (c.clone(), h.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let seq = eventbus_testkit::seq_of(&e).expect("seq");
+                    c.handled(&e.envelope.aggregate_id, seq);
+                    h.lock()
+                        .unwrap()
+                        .entry(e.message.partition)
+                        .or_default()
+                        .insert(e.message.offset);
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .await
+            .unwrap();
+            bus
+        }
+    };
+    // The outside producer: a bus of its own that only publishes, in batches.
+    let producer_bus = {
+        let mut producer_cfg = bus_config();
+        producer_cfg.consumer.group_id = random("producer");
+        let pool = keyed_pools()(PoolSpec::default()).await;
+        KafkaEventBus::new(cluster.kafka_config(), producer_cfg, pool).unwrap()
+    };
+    let ends: Arc<Mutex<HashMap<i32, i64>>> = Arc::default();
+    let producer = {
+        let (bus, topic, checker, ends) = (
+            producer_bus.clone(),
+            topic.clone(),
+            checker.clone(),
+            ends.clone(),
+        );
+        tokio::spawn(async move {
+            let header = bus.aggregate_id_header().to_owned();
+            let mut i = 0;
+            while i < total {
+                let records: Vec<_> = (i..(i + 200).min(total))
+                    .map(|j| {
+                        let key = format!("k{}", j % 20);
+                        let seq = checker.produce(&key);
+                        eventbus_core::raw::envelope_record(&env(&key, seq), &header).unwrap()
+                    })
+                    .collect();
+                i += records.len() as u64;
+                for r in bus.publish_batch(&topic, records).await {
+                    let r = r.expect("publish");
+                    let mut ends = ends.lock().unwrap();
+                    let end = ends.entry(r.partition).or_default();
+                    *end = (*end).max(r.offset + 1);
+                }
+                // A live producer, not a backlog published up front.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Samples the committed offsets against what was handled, off the runtime's
+    // workers (each read is a blocking request to the broker).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sampler = {
+        let (cluster, group, topic, handled, stop, violations) = (
+            cluster.clone(),
+            group.clone(),
+            topic.clone(),
+            handled.clone(),
+            stop.clone(),
+            violations.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                for p in 0..partitions {
+                    let Some(committed) = cluster.committed(&group, &topic, p) else {
+                        continue;
+                    };
+                    let lowest_unhandled = {
+                        let handled = handled.lock().unwrap();
+                        let done = handled.get(&p);
+                        (0..committed).find(|o| !done.is_some_and(|d| d.contains(o)))
+                    };
+                    if let Some(o) = lowest_unhandled {
+                        violations.lock().unwrap().push(format!(
+                            "partition {p}: committed {committed} while offset {o} was never handled"
+                        ));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let sampled = |violations: &Mutex<Vec<String>>| violations.lock().unwrap().join("\n");
+    let mut members = std::collections::VecDeque::new();
+    members.push_back(member().await);
+    for round in 0..rotations {
+        members.push_back(member().await);
+        let seen = checker.handled_distinct();
+        wait_until(
+            &format!("{label}: progress after member {} joined", round + 2),
+            WAIT,
+            || checker.handled_distinct() > seen + 200 || checker.handled_distinct() == total,
+        )
+        .await;
+        members.pop_front().unwrap().close().await.unwrap();
+        let seen = checker.handled_distinct();
+        wait_until(
+            &format!("{label}: progress after member {} left", round + 1),
+            WAIT,
+            || checker.handled_distinct() > seen + 200 || checker.handled_distinct() == total,
+        )
+        .await;
+    }
+    producer.await.unwrap();
+    if let Err(e) = checker.wait_all_handled(WAIT * 2).await {
+        panic!(
+            "{label}: {e}\ncommitted-offset samples past unhandled work:\n{}",
+            sampled(&violations)
+        );
+    }
+    let last = members.pop_front().unwrap();
+    last.close().await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    sampler.join().unwrap();
+    assert!(
+        violations.lock().unwrap().is_empty(),
+        "{label}: the committed offset passed unhandled messages:\n{}",
+        sampled(&violations)
+    );
+    let ends = ends.lock().unwrap().clone();
+    for p in 0..partitions {
+        let end = ends.get(&p).copied().unwrap_or(0);
+        assert_eq!(
+            cluster.committed(&group, &topic, p).unwrap_or(0),
+            end,
+            "{label}: partition {p}: the committed offset stands one past its last offset"
+        );
+    }
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{label}: {report}");
+    assert!(report.order_violations.is_empty(), "{label}: {report}");
+    producer_bus.close().await.unwrap();
 }

@@ -1,0 +1,203 @@
+//! Rewinds on Kafka: a broker that sends the fetch position back within one
+//! assignment. Every test asserts on what was committed, not only on what was
+//! handled. The rewinds are injected, so these run on librdkafka's mock cluster
+//! only (the member changes are in `handover.rs`, which also runs on a real broker).
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
+use eventbus_core::{Envelope, Event, EventBus, EventBusExt, HandlerError};
+use eventbus_kafka::KafkaEventBus;
+use eventbus_testkit::checker::DeliveryChecker;
+use eventbus_testkit::factories::keyed_pools;
+use eventbus_testkit::pool_suite::PoolSpec;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn env(key: &str, seq: u64) -> Envelope {
+    Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }))
+}
+
+/// Handled offsets of partition 0, shared by the handler and the test.
+type Handled = Arc<Mutex<HashSet<i64>>>;
+
+/// Open (`true`) or closed: handlers wait while it is closed.
+type Gate = Arc<watch::Sender<bool>>;
+
+fn open_gate() -> Gate {
+    Arc::new(watch::Sender::new(true))
+}
+
+/// The committed offset of partition 0, after checking that it passes no offset
+/// missing from `handled`.
+fn committed_within_handled(cluster: &Cluster, group: &str, topic: &str, handled: &Handled) -> i64 {
+    let committed = cluster.committed(group, topic, 0).unwrap_or(0);
+    let done = handled.lock().unwrap();
+    if let Some(o) = (0..committed).find(|o| !done.contains(o)) {
+        panic!("committed {committed} passed offset {o}, not handled (since the last rewind)");
+    }
+    committed
+}
+
+/// A subscription that records into `checker` and `handled`, waiting while `gate`
+/// is closed.
+async fn subscribe(
+    bus: &KafkaEventBus,
+    topic: &str,
+    checker: &DeliveryChecker,
+    handled: &Handled,
+    gate: &Gate,
+    work: Duration,
+) {
+    let (c, h, g) = (checker.clone(), handled.clone(), gate.clone());
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let (c, h, mut g) = (c.clone(), h.clone(), g.subscribe());
+        async move {
+            g.wait_for(|open| *open)
+                .await
+                .expect("the gate lives as long as the test");
+            if !work.is_zero() {
+                tokio::time::sleep(work).await;
+            }
+            let seq = eventbus_testkit::seq_of(&e).expect("seq");
+            c.handled(&e.envelope.aggregate_id, seq);
+            h.lock().unwrap().insert(e.message.offset);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// The broker makes the consumer read from the start again (an offset reset after
+/// `OFFSET_OUT_OF_RANGE`, as a real cluster does after log truncation or a stale
+/// high watermark) while everything was handled and committed. The re-read
+/// messages are unfinished in the new epoch, so the committed offset goes back with
+/// them (explicitly: librdkafka's stored-offset commit only moves forwards) and
+/// comes forward again as they finish; nothing is ever committed past a message of
+/// the new epoch that has not finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_is_read_again_and_the_commit_goes_back_with_it() {
+    let cluster = Cluster::mock(1);
+    let topic = random("rewind");
+    cluster.create_topic(&topic, 1).await;
+    let cfg = bus_config();
+    let group = cfg.consumer.group_id.clone();
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).unwrap();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let gate = open_gate();
+    subscribe(&bus, &topic, &checker, &handled, &gate, Duration::ZERO).await;
+    let n = 200u64;
+    for i in 0..n {
+        let key = format!("k{}", i % 10);
+        let seq = checker.produce(&key);
+        bus.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+    }
+    wait_until("everything committed", WAIT, || {
+        cluster.committed(&group, &topic, 0) == Some(n as i64)
+    })
+    .await;
+    // Hold the handlers, then make the broker send the consumer back to the start.
+    gate.send_replace(false);
+    handled.lock().unwrap().clear();
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
+    );
+    wait_until(
+        "the committed offset goes back to the rewind point while the re-read messages wait",
+        WAIT,
+        || cluster.committed(&group, &topic, 0) == Some(0),
+    )
+    .await;
+    gate.send_replace(true);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let committed = committed_within_handled(&cluster, &group, &topic, &handled);
+        if committed == n as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the commit to reach {n} again (at {committed})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    bus.close().await.unwrap();
+}
+
+/// Rewinds while messages are in flight: every message handled at least once, in
+/// order per key, and no sample of the committed offset ever passes an offset that
+/// was not handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewinds_mid_stream_never_commit_past_an_unfinished_message() {
+    let cluster = Cluster::mock(1);
+    let topic = random("rewind-mid");
+    cluster.create_topic(&topic, 1).await;
+    let mut cfg = bus_config();
+    cfg.consumer.commit_interval = Duration::from_millis(20);
+    let group = cfg.consumer.group_id.clone();
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).unwrap();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let gate = open_gate();
+    subscribe(
+        &bus,
+        &topic,
+        &checker,
+        &handled,
+        &gate,
+        Duration::from_millis(1),
+    )
+    .await;
+    let n = 1500u64;
+    let publisher = {
+        let (bus, topic, checker) = (bus.clone(), topic.clone(), checker.clone());
+        tokio::spawn(async move {
+            for i in 0..n {
+                let key = format!("k{}", i % 20);
+                let seq = checker.produce(&key);
+                bus.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+            }
+        })
+    };
+    let mut rewinds = 0;
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        let committed = committed_within_handled(&cluster, &group, &topic, &handled);
+        let handled_now = handled.lock().unwrap().len() as u64;
+        if committed == n as i64 && publisher.is_finished() {
+            break;
+        }
+        // Three rewinds, while work is in flight.
+        if rewinds < 3 && handled_now > (rewinds + 1) * n / 5 {
+            rewinds += 1;
+            cluster.request_errors(
+                RDKafkaApiKey::Fetch,
+                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: committed {committed} of {n}, {handled_now} handled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(rewinds, 3);
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    bus.close().await.unwrap();
+}

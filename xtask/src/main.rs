@@ -3,8 +3,13 @@
 //! - `cargo xtask test`: install and start what the tests need (nats-server, the
 //!   tools librdkafka builds with), then fmt check, clippy, the Prometheus rules
 //!   (`promtool check rules` and their unit tests, `promtool test rules`), every
-//!   test of the workspace, docs; under `CI` also the benches' compile and a quick
-//!   bench-compare.
+//!   test of the workspace, then the real-broker tier, docs; under `CI` also the
+//!   benches' compile and a quick bench-compare.
+//! - `cargo xtask test-real-broker [cargo test args]`: the real-broker tier alone:
+//!   the Kafka tests `conformance` and `handover` once more against a
+//!   real Kafka-protocol broker, `KAFKA_BROKERS` or else a tansu started on a free
+//!   port (`TANSU_BIN`, `../shared/bin/tansu`, on PATH or in `~/.cargo/bin`).
+//!   Without either it is skipped, with a notice, or under `CI` an error.
 //! - `cargo xtask bench-compare [args]`: the pool / backend comparison (release build).
 //! - `cargo xtask public-api [--check]`: the public items of the facade and of
 //!   core, listed in `docs/public-api.md` (checked under `test`).
@@ -22,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod public_api;
+mod tansu;
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -29,6 +35,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
+        Some("test-real-broker") => tansu::real_broker_tier(&args[1..]),
         Some("bench-compare") => bench_compare(&args[1..]),
         Some("chaos") => chaos(&args[1..]),
         Some("rollout") => rollout(&args[1..]),
@@ -37,9 +44,12 @@ fn main() -> ExitCode {
         Some("public-api") => public_api::public_api(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|bench-compare|chaos|install-deps|check-alerts|public-api> [args]"
+                "usage: cargo xtask <test|test-real-broker|bench-compare|chaos|rollout|install-deps|check-alerts|public-api> [args]"
             );
-            eprintln!("  test            install what tests need, then fmt, clippy, alert rules, tests, docs");
+            eprintln!("  test            install what tests need, then fmt, clippy, alert rules, tests, real-broker tier, docs");
+            eprintln!(
+                "  test-real-broker  the Kafka tests on a real broker: KAFKA_BROKERS, or a tansu started here ([cargo test args])"
+            );
             eprintln!("  bench-compare   compare the pools on the memory backend (see --help)");
             eprintln!(
                 "  chaos           fault-injection run with the delivery report (see --help)"
@@ -170,6 +180,8 @@ fn test(args: &[String]) -> Result {
     tests.args(["test", "--workspace"]).args(args);
     point_at_nats_server(&mut tests)?;
     run(tests, "tests")?;
+    // The user's arguments were for the workspace run, not for this one.
+    tansu::real_broker_tier(&[])?;
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
@@ -240,11 +252,16 @@ fn clippy(args: &[&str]) -> Command {
 /// cargo's own bin directory).
 fn cargo_has(sub: &str) -> bool {
     let program = format!("cargo-{sub}");
-    have(&program)
-        || env::var_os("CARGO_HOME")
-            .map(PathBuf::from)
-            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-            .is_some_and(|home| home.join("bin").join(&program).is_file())
+    have(&program) || cargo_bin_dir().is_some_and(|bin| bin.join(&program).is_file())
+}
+
+/// Cargo's bin directory, where `cargo install` puts programs: `$CARGO_HOME/bin`,
+/// else `~/.cargo/bin`.
+fn cargo_bin_dir() -> Option<PathBuf> {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|home| home.join("bin"))
 }
 
 /// The Prometheus rule files: the alert rules of the rollout kit and the recording

@@ -950,11 +950,16 @@ impl ConsumeLoop {
 
     async fn shutdown(&mut self) {
         // Stop fetching: drop what was fetched but not submitted (uncommitted, so
-        // redelivered), then drain in-flight work within the bound.
+        // redelivered). A revoke or a loss that came in meanwhile is carried out
+        // first, on the callback's own deadlines: answering a revoke before its
+        // partitions are fenced would let their queued work start here while the
+        // next owner reads them. Then drain in-flight work within the bound.
         self.events.close();
         while let Ok(ev) = self.events.try_recv() {
-            if let FetchEvent::Revoke(revoking) = ev {
-                let _ = revoking.reply.send(());
+            match ev {
+                FetchEvent::Revoke(revoking) => self.on_revoke(revoking).await,
+                FetchEvent::Lost(parts) => self.on_lost(parts),
+                FetchEvent::Messages(..) | FetchEvent::Assigned(_) => {}
             }
         }
         let parts: Vec<(String, i32)> = self

@@ -628,3 +628,56 @@ async fn a_claim_given_up_after_its_outcome_arrived_releases_its_guard() {
     assert_eq!(scope.unsettled(), 0, "giving the claim up drops the guard");
     assert!(completions.is_empty());
 }
+
+/// A plain handler that honours its cancellation token returns an error when its
+/// scope is fenced while it runs: the bus took the message away, the handler did
+/// not fail it, so it is given back (abandoned: it holds the watermark and is read
+/// again by the next owner), never acknowledged as an at-most-once failure.
+#[tokio::test]
+async fn a_plain_handler_cancelled_by_a_fence_is_given_back_not_acknowledged() {
+    let pool = Arc::new(SteppedPool::default());
+    let dispatcher = Dispatcher::new("memory", pool.clone(), None, EventBusConfig::default());
+    let sub = dispatcher
+        .prepare(Subscription::plain(TOPIC, |_m: Message| async {
+            let token = eventbus_core::cancellation().expect("inside a handler");
+            token.cancelled().await;
+            Err::<(), _>(HandlerError::transient("cancelled: work handed over"))
+        }))
+        .expect("prepare");
+    let permits = Arc::new(Semaphore::new(10));
+    let mut set = InFlightSet::new(10, permits);
+    let scope = set.assign(0);
+    let stop = CancellationToken::new();
+    let permit = set.reserve().await.expect("permit");
+    let ticket = set.begin(0, 0).expect("owned");
+    let message = Message::new(TOPIC, 0, 0, "{}").with_key("k");
+    let inflight = dispatcher
+        .submit(&sub, message, (), ticket.epoch(), &stop)
+        .await
+        .expect("submitted");
+    set.push(ticket, inflight, permit).expect("push");
+    let running = pool.run_next();
+    tokio::pin!(running);
+    // The handler starts and waits for its token; then the scope is fenced.
+    assert!(
+        futures::poll!(&mut running).is_pending(),
+        "the handler waits for its cancellation"
+    );
+    assert_eq!(scope.running(), 1, "the handler runs");
+    scope.fence();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("the handler returns once cancelled");
+    let s = tokio::time::timeout(WAIT, set.next())
+        .await
+        .expect("a completion within the wait")
+        .expect("something in flight");
+    assert_eq!(
+        s.disposition,
+        Disposition::Abandoned,
+        "given back, not acknowledged"
+    );
+    assert_eq!(s.watermark, None, "nothing to commit past it");
+    assert_eq!(set.watermark(0), None);
+    assert_eq!(set.lowest_pending(0), Some(0), "it holds the watermark");
+}

@@ -271,6 +271,31 @@ async fn next_settled(
     .await
 }
 
+/// `first` and the messages after it in `batch` that continue its run, `room` at
+/// most: the same partition, each further on than the one before. A fetch that goes
+/// back within one batch (a rewind) starts a new run, so a rewind is only ever seen
+/// at the first message of a run: the run before it is submitted as it is (its
+/// copies at or above the rewind point are then fenced as superseded), and the
+/// re-read messages are not abandoned with it.
+fn take_run<I: Iterator<Item = Message>>(
+    first: Message,
+    batch: &mut std::iter::Peekable<I>,
+    room: usize,
+) -> Vec<Message> {
+    let mut run = vec![first];
+    while run.len() < room {
+        let last = run.last().expect("a run starts with one message");
+        let next = batch.next_if(|n| {
+            n.partition == last.partition && n.offset > last.offset && n.topic == last.topic
+        });
+        match next {
+            Some(n) => run.push(n),
+            None => break,
+        }
+    }
+    run
+}
+
 /// Sleep until `deadline`, or forever without one.
 async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
@@ -355,15 +380,7 @@ impl ConsumeLoop {
                             self.on_message(m).await;
                             continue;
                         }
-                        let mut run = vec![m];
-                        while run.len() < room {
-                            match batch.next_if(|n| {
-                                n.partition == run[0].partition && n.topic == run[0].topic
-                            }) {
-                                Some(n) => run.push(n),
-                                None => break,
-                            }
-                        }
+                        let run = take_run(m, &mut batch, room);
                         let topic = run[0].topic.clone();
                         self.admit_run(topic, run).await;
                     }
@@ -1028,4 +1045,44 @@ impl ConsumeLoop {
 /// Error for a consumer that is gone.
 pub(crate) fn consumer_gone() -> Error {
     Error::closed("the Kafka consumer is closed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_run;
+    use eventbus_core::Message;
+
+    fn offsets(run: &[Message]) -> Vec<(i32, i64)> {
+        run.iter().map(|m| (m.partition, m.offset)).collect()
+    }
+
+    /// A fetched batch that goes back within one partition (`p0@100, 101, 50, 51`)
+    /// is two runs: the rewind starts the second, so its messages are tracked in
+    /// the new epoch and never abandoned with the superseded copies before them.
+    #[test]
+    fn a_batch_that_goes_back_is_split_at_the_rewind() {
+        let m = |p: i32, o: i64| Message::new("t", p, o, "{}");
+        let mut batch = vec![m(0, 101), m(0, 50), m(0, 51), m(1, 7), m(0, 52)]
+            .into_iter()
+            .peekable();
+        let first = take_run(m(0, 100), &mut batch, 10);
+        assert_eq!(offsets(&first), [(0, 100), (0, 101)]);
+        let second = take_run(batch.next().unwrap(), &mut batch, 10);
+        assert_eq!(
+            offsets(&second),
+            [(0, 50), (0, 51)],
+            "the rewind starts a run"
+        );
+        let third = take_run(batch.next().unwrap(), &mut batch, 10);
+        assert_eq!(offsets(&third), [(1, 7)], "another partition starts a run");
+        let fourth = take_run(batch.next().unwrap(), &mut batch, 1);
+        assert_eq!(offsets(&fourth), [(0, 52)]);
+        assert!(batch.next().is_none());
+        let mut batch = vec![m(0, 2), m(0, 3)].into_iter().peekable();
+        assert_eq!(
+            offsets(&take_run(m(0, 1), &mut batch, 2)),
+            [(0, 1), (0, 2)],
+            "at most `room`"
+        );
+    }
 }

@@ -313,12 +313,15 @@ impl ConsumerCtx {
         // or stuck on a pool that refuses work: raise the fence here, on time.
         owned.iter().for_each(|(_, _, s)| s.fence());
         // Running handlers get the hand-over time; the loop, once it has the
-        // revoke, stores the watermarks and answers.
+        // revoke, stores the watermarks and answers. Idle as in the hand-over's
+        // step 3: no job of the partitions started and not yet settled, so a
+        // message whose handler returned is stored, not read again by the next
+        // owner.
         let idle = loop {
             if sent && rx.try_recv().is_ok() {
                 return;
             }
-            let idle = owned.iter().all(|(_, _, s)| s.running() == 0);
+            let idle = owned.iter().all(|(_, _, s)| s.unsettled() == 0);
             if (idle && !sent) || Instant::now() >= until {
                 break idle;
             }

@@ -6,7 +6,7 @@
 //!   test of the workspace, then the real-broker tier, docs; under `CI` also the
 //!   benches' compile and a quick bench-compare.
 //! - `cargo xtask test-real-broker [cargo test args]`: the real-broker tier alone:
-//!   the Kafka tests `conformance` and `handover` once more against a
+//!   the Kafka tests `conformance`, `handover` and `shutdown` once more against a
 //!   real Kafka-protocol broker, `KAFKA_BROKERS` or else a tansu started on a free
 //!   port (`TANSU_BIN`, `../shared/bin/tansu`, on PATH or in `~/.cargo/bin`).
 //!   Without either it is skipped, with a notice, or under `CI` an error.

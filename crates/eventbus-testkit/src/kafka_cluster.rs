@@ -39,11 +39,9 @@ enum Inner {
         tx: Option<mpsc::SyncSender<Cmd>>,
         thread: Option<std::thread::JoinHandle<()>>,
     },
-    /// A real broker (`KAFKA_BROKERS`).
-    Real {
-        brokers: String,
-        admin: AdminClient<DefaultClientContext>,
-    },
+    /// A real broker (`KAFKA_BROKERS`). It keeps no client between calls: a test
+    /// that counts the process's sockets and threads sees only the bus's own.
+    Real { brokers: String },
 }
 
 impl Drop for Cluster {
@@ -110,11 +108,7 @@ impl Cluster {
     }
 
     fn real(brokers: String) -> Self {
-        let admin = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .expect("admin client");
-        Cluster(Inner::Real { brokers, admin })
+        Cluster(Inner::Real { brokers })
     }
 
     /// Whether this is the mock cluster (fault injection works only there).
@@ -148,7 +142,12 @@ impl Cluster {
             Inner::Mock { .. } => self
                 .cmd(|r| Cmd::CreateTopic(topic.to_owned(), partitions, r))
                 .unwrap_or_else(|e| panic!("create topic {topic}: {e}")),
-            Inner::Real { admin, .. } => {
+            Inner::Real { brokers } => {
+                // A client for this call only (see `Inner::Real`).
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", brokers)
+                    .create()
+                    .expect("admin client");
                 let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
                 let res = admin
                     .create_topics(&[t], &AdminOptions::new())

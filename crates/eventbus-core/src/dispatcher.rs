@@ -193,7 +193,8 @@ impl Finishing {
                 *self = Finishing::Boxed(
                     async move {
                         let (pool, submitted) = (meta.pool, meta.submitted);
-                        let d = dispatcher.dead_letter(meta, cause, attempts).await;
+                        let scope = settling.as_ref().map(|s| s.scope());
+                        let d = dispatcher.dead_letter(meta, cause, attempts, scope).await;
                         dispatcher.finished(pool, submitted, d);
                         drop(settling);
                         d
@@ -941,8 +942,12 @@ impl Dispatcher {
                 let mut meta = Meta::new(JobClass::Envelope, sub, &message, now);
                 meta.pool = self.inner.pool.kind_for(route);
                 meta.dead_letter = shared.can_dead_letter.then(|| Box::new(message.clone()));
-                let task =
-                    EnvelopeTask::described(shared, message, (meta.pool, meta.submitted), scope);
+                let task = EnvelopeTask::described(
+                    shared,
+                    message,
+                    (meta.pool, meta.submitted),
+                    &target.epoch,
+                );
                 self.prepared((route, JobClass::Envelope), task, target, meta)
             }
             SubTasks::Plain(shared) => {

@@ -681,3 +681,140 @@ async fn a_plain_handler_cancelled_by_a_fence_is_given_back_not_acknowledged() {
     assert_eq!(set.watermark(0), None);
     assert_eq!(set.lowest_pending(0), Some(0), "it holds the watermark");
 }
+
+/// An envelope message delivered as a consumer does, in `set`, at `offset` of
+/// partition 0, through `dispatcher`'s `sub`.
+async fn deliver_envelope(
+    dispatcher: &Dispatcher,
+    sub: &Arc<eventbus_core::raw::PreparedSubscription>,
+    set: &mut InFlightSet<()>,
+    offset: i64,
+) {
+    let permit = set.reserve().await.expect("permit");
+    let ticket = set.begin(0, offset).expect("owned");
+    let body = eventbus_core::Envelope::new("k", "t", serde_json::json!({}))
+        .encode()
+        .expect("a valid envelope");
+    let message = Message::new(TOPIC, 0, offset, body).with_key("k");
+    let inflight = dispatcher
+        .submit(sub, message, (), ticket.epoch(), &CancellationToken::new())
+        .await
+        .expect("submitted");
+    set.push(ticket, inflight, permit).expect("push");
+}
+
+/// A dead letter still being written (its sink failing, retried) when the
+/// message's scope is handed over is not written after the fence: the next owner
+/// has the message then, so it is given back rather than dead-lettered beside
+/// that owner's handling of it.
+#[tokio::test]
+async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
+    #[derive(Default)]
+    struct DownSink {
+        tries: AtomicU64,
+        tried: tokio::sync::Notify,
+    }
+    impl eventbus_core::raw::DeadLetterSink for DownSink {
+        fn dead_letter<'a>(
+            &'a self,
+            _letter: &'a eventbus_core::raw::DeadLetter,
+        ) -> futures::future::BoxFuture<'a, eventbus_core::Result<()>> {
+            self.tries.fetch_add(1, Ordering::SeqCst);
+            self.tried.notify_one();
+            Box::pin(async {
+                Err(eventbus_core::Error::new(
+                    ErrorKind::Broker,
+                    "dead-letter topic unreachable",
+                ))
+            })
+        }
+    }
+    let pool = Arc::new(SteppedPool::default());
+    let sink = Arc::new(DownSink::default());
+    let mut config = EventBusConfig::default();
+    config.delivery.initial_backoff = Duration::from_millis(5);
+    let dispatcher = Dispatcher::new("memory", pool.clone(), Some(sink.clone()), config);
+    let sub = dispatcher
+        .prepare(Subscription::envelope(
+            TOPIC,
+            |_e: eventbus_core::Event| async { Err::<(), _>(HandlerError::permanent("rejected")) },
+        ))
+        .expect("prepare");
+    let mut set = InFlightSet::new(10, Arc::new(Semaphore::new(10)));
+    let scope = set.assign(0);
+    deliver_envelope(&dispatcher, &sub, &mut set, 0).await;
+    pool.run_next().await;
+    let next = set.next();
+    tokio::pin!(next);
+    // The completion writes the dead letter; the sink keeps failing.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sink.tries.load(Ordering::SeqCst) < 2 {
+        tokio::select! {
+            _ = &mut next => panic!("the dead letter cannot be written, so the message does not settle"),
+            _ = tokio::time::sleep_until(deadline) => panic!("the dead-letter write was not retried"),
+            _ = sink.tried.notified() => {}
+        }
+    }
+    scope.fence();
+    let s = tokio::time::timeout(WAIT, next)
+        .await
+        .expect("the write stops at the fence")
+        .expect("a completion");
+    assert_eq!(s.disposition, Disposition::Abandoned, "given back");
+    assert_eq!(s.watermark, None, "nothing to commit past it");
+}
+
+/// An envelope message retrying in place that a broker rewind supersedes (its
+/// offset is read again in a new epoch) stops retrying and is given back: its
+/// copy read again is the one handled, never both, and a superseded copy is never
+/// dead-lettered while the re-read one succeeds.
+#[tokio::test]
+async fn a_rewind_ends_the_retries_of_the_copy_it_supersedes() {
+    let pool = Arc::new(SteppedPool::default());
+    let mut config = EventBusConfig::default();
+    config.delivery.initial_backoff = Duration::from_millis(5);
+    config.delivery.max_backoff = Duration::from_millis(20);
+    config.delivery.max_attempts = u32::MAX;
+    let dispatcher = Dispatcher::new("memory", pool.clone(), None, config);
+    let calls = Arc::new(AtomicU64::new(0));
+    let called = Arc::new(tokio::sync::Notify::new());
+    let (c, n) = (calls.clone(), called.clone());
+    let sub = dispatcher
+        .prepare(Subscription::envelope(
+            TOPIC,
+            move |_e: eventbus_core::Event| {
+                c.fetch_add(1, Ordering::SeqCst);
+                n.notify_one();
+                async { Err::<(), _>(HandlerError::transient("not yet")) }
+            },
+        ))
+        .expect("prepare");
+    let mut set = InFlightSet::new(10, Arc::new(Semaphore::new(10)));
+    set.assign(0);
+    deliver_envelope(&dispatcher, &sub, &mut set, 5).await;
+    let job = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.run_next().await }
+    });
+    // Retrying in place.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while calls.load(Ordering::SeqCst) < 2 {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => panic!("the handler was not called again"),
+            _ = called.notified() => {}
+        }
+    }
+    // The broker goes back to 3: offset 5 will be read again.
+    let ticket = set.begin(0, 3).expect("owned");
+    assert_eq!(ticket.rewound_from(), Some(3));
+    set.give_up(ticket);
+    tokio::time::timeout(WAIT, job)
+        .await
+        .expect("the superseded copy stops retrying")
+        .expect("the job ran");
+    let s = tokio::time::timeout(WAIT, set.next())
+        .await
+        .expect("a completion within the wait")
+        .expect("something in flight");
+    assert_eq!((s.offset, s.disposition), (5, Disposition::Abandoned));
+}

@@ -66,13 +66,22 @@ pub trait DeadLetterSink: Send + Sync + 'static {
 }
 
 impl Dispatcher {
+    /// Write the dead letter of the message of `meta`, retrying until the sink
+    /// has it. Not once its `scope` is fenced (handed over): the next owner has
+    /// the message then, so it is given back (`Abandoned`) rather than written
+    /// beside that owner's handling of it.
     pub(super) async fn dead_letter(
         &self,
         meta: Meta,
         error: String,
         attempts: u32,
+        scope: Option<&Scope>,
     ) -> Disposition {
         let inner = &self.inner;
+        let fenced = || scope.is_some_and(Scope::is_closed);
+        if fenced() {
+            return Disposition::Abandoned;
+        }
         let (Some(sink), Some(topic), Some(message)) =
             (&inner.sink, &meta.sub.dead_letter_topic, meta.dead_letter)
         else {
@@ -93,8 +102,15 @@ impl Dispatcher {
                     tracing::warn!(dead_letter_topic = %letter.topic, error = %e,
                         "dead-letter write failed; retrying");
                     let wait = inner.config.delivery.backoff_for(retry);
+                    let handed_over = async {
+                        match scope {
+                            Some(scope) => scope.fenced().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = inner.cancel.cancelled() => return Disposition::Abandoned,
+                        _ = handed_over => return Disposition::Abandoned,
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }

@@ -80,7 +80,9 @@ pub(crate) struct EnvelopeTask {
     message: Message,
     pool: &'static str,
     submitted: Instant,
-    scope: Scope,
+    /// The epoch of its scope it was consumed in: a rewind past its offset
+    /// supersedes it, which ends its retries.
+    epoch: Epoch,
 }
 
 impl PlainTask {
@@ -107,14 +109,14 @@ impl EnvelopeTask {
         shared: &Arc<TaskShared<Event>>,
         message: Message,
         (pool, submitted): (&'static str, Instant),
-        scope: &Scope,
+        epoch: &Epoch,
     ) -> Described {
         Described::Envelope(EnvelopeTask {
             shared: shared.clone(),
             message,
             pool,
             submitted,
-            scope: scope.clone(),
+            epoch: epoch.clone(),
         })
     }
 }
@@ -175,7 +177,7 @@ impl EnvelopeTask {
             message,
             pool,
             submitted,
-            scope,
+            epoch,
         } = self;
         // Its attempts and trace id are recorded as they become known.
         let span = handle_span(&message, || envelope_key(&shared.ids, &message), None);
@@ -198,7 +200,8 @@ impl EnvelopeTask {
                 Err(e) => {
                     let key = envelope_key(ids, &message);
                     // Boxed, as the retries below: a rare path's state.
-                    return Box::pin(hold(inner, &scope, &key, &message, e.to_string())).await;
+                    return Box::pin(hold(inner, epoch.scope(), &key, &message, e.to_string()))
+                        .await;
                 }
             };
             tracing::Span::current().record("trace_id", envelope.trace_id.as_deref().unwrap_or(""));
@@ -208,7 +211,8 @@ impl EnvelopeTask {
                 shared: &shared,
                 envelope: &envelope,
                 message: &message,
-                scope: &scope,
+                scope: epoch.scope(),
+                epoch: &epoch,
                 metrics,
                 submitted,
             };
@@ -230,6 +234,7 @@ struct EnvelopeCall<'a> {
     envelope: &'a Arc<Envelope>,
     message: &'a Message,
     scope: &'a Scope,
+    epoch: &'a Epoch,
     metrics: &'a PoolMetrics,
     submitted: Instant,
 }
@@ -312,8 +317,9 @@ impl EnvelopeCall<'_> {
                 _ = scope.fenced() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
-            if inner.cancel.is_cancelled() || scope.is_closed() {
-                // Closing or handed over: the message is delivered again.
+            if inner.cancel.is_cancelled() || self.epoch.is_fenced(self.message.offset) {
+                // Closing, handed over, or superseded by a rewind (its copy read
+                // again is handled instead): the message is delivered again.
                 break Outcome::Abandoned { attempts: attempt };
             }
             attempt = attempt.saturating_add(1);

@@ -263,6 +263,13 @@ impl Drop for Started {
 #[derive(Debug)]
 pub(crate) struct Settling(Scope);
 
+impl Settling {
+    /// The scope of the job being settled.
+    pub(crate) fn scope(&self) -> &Scope {
+        &self.0
+    }
+}
+
 impl Drop for Settling {
     fn drop(&mut self) {
         let inner = &self.0.inner;

@@ -171,9 +171,12 @@ impl Backend {
             let consumer = consumer.clone();
             let shared = shared.clone();
             let fetch_stop = fetch_stop.clone();
+            let close_timeout = self.config.operation_timeout;
             std::thread::Builder::new()
                 .name("eventbus-kafka-fetch".to_owned())
-                .spawn(move || fetch_thread(consumer, ev_tx, shared, fetch_stop, done_rx))
+                .spawn(move || {
+                    fetch_thread(consumer, ev_tx, shared, fetch_stop, done_rx, close_timeout)
+                })
                 .map_err(|e| {
                     Error::new(
                         ErrorKind::Unavailable,

@@ -302,7 +302,8 @@ pub struct KafkaConfig {
     pub producer: ProducerSettings,
     /// TLS and SASL.
     pub security: SecurityConfig,
-    /// Timeout of metadata, admin and synchronous commit calls, default 10s.
+    /// Timeout of metadata and admin calls, of the final commit at close (its
+    /// confirmation) and of the group leave after it, default 10s.
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
     /// Capacity of the queue between the fetching thread and the dispatch loop,

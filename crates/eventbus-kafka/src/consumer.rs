@@ -93,6 +93,7 @@ pub(crate) fn fetch_thread(
     shared: Arc<ConsumerShared>,
     stop: Arc<AtomicBool>,
     loop_done: std_mpsc::Receiver<()>,
+    close_timeout: Duration,
 ) {
     let capacity = events.max_capacity();
     shared.fetch_room.add_permits(capacity);
@@ -148,8 +149,42 @@ pub(crate) fn fetch_thread(
     drop(events);
     let _ = loop_done.recv();
     shared.closing.store(true, Ordering::Release);
-    drop(consumer);
-    tracing::debug!("consumer closed");
+    leave_group(consumer, close_timeout);
+}
+
+/// Close the consumer (revoke, librdkafka's last commit, leave the group) within
+/// `timeout`: its close runs on its queue, polled here, instead of in the
+/// consumer's drop, which polls until it is done however long that takes (with the
+/// coordinator gone, until librdkafka gives the group up: the session timeout).
+/// A close not done in time is left to finish on a thread of its own, so `close()`
+/// returns on time; that thread ends when librdkafka does.
+fn leave_group(consumer: Arc<KConsumer>, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    match consumer.close_queue() {
+        Ok(()) => {
+            while !consumer.closed() && std::time::Instant::now() < deadline {
+                // Anything still fetched is dropped uncommitted: redelivered.
+                let _ = consumer.poll(POLL_INTERVAL);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot start the consumer's close"),
+    }
+    if consumer.closed() {
+        drop(consumer);
+        tracing::debug!("consumer closed");
+        return;
+    }
+    tracing::warn!(
+        ?timeout,
+        "the consumer did not leave its group within the operation timeout (the \
+         coordinator is unreachable); librdkafka finishes on a thread of its own"
+    );
+    let spawned = std::thread::Builder::new()
+        .name("eventbus-kafka-leave".to_owned())
+        .spawn(move || drop(consumer));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the thread to finish the consumer's close");
+    }
 }
 
 /// A librdkafka record as a [`Message`]: payload, key and header values copied
@@ -1008,30 +1043,23 @@ impl ConsumeLoop {
         if self.total_in_flight() > 0 {
             self.dispatcher.abandon_in_flight();
         }
-        // Final commit of the stored watermarks.
-        let consumer = self.consumer.clone();
-        let timeout = self.operation_timeout;
-        let result = tokio::task::spawn_blocking(move || {
-            let deadline = std::time::Instant::now() + timeout;
-            loop {
-                match consumer.commit_consumer_state(CommitMode::Sync) {
-                    Ok(()) => return Ok(()),
-                    Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => return Ok(()),
-                    Err(e) if std::time::Instant::now() < deadline => {
-                        tracing::debug!(error = %e, "final commit failed; retrying");
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        })
-        .await;
-        match result {
-            Ok(Ok(())) => tracing::debug!("final offsets committed"),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "final commit failed; uncommitted messages will be redelivered")
-            }
-            Err(e) => tracing::warn!(error = %e, "final commit task failed"),
+        // Final commit of the stored watermarks, confirmed within the operation
+        // timeout: a commit to a coordinator that is gone would otherwise wait
+        // until librdkafka gives the group up (the session timeout).
+        let marks: Vec<(String, i32, i64)> = self
+            .topics
+            .iter()
+            .flat_map(|(t, ts)| {
+                ts.set
+                    .partitions()
+                    .filter_map(|p| Some((t.to_string(), p, ts.set.watermark(p)?)))
+            })
+            .collect();
+        match final_commit(self.consumer.clone(), self.operation_timeout).await {
+            Ok(()) => tracing::debug!("final offsets committed"),
+            Err(e) => tracing::warn!(error = %e, uncommitted = ?marks,
+                "final commit not confirmed; messages past the group's committed offsets \
+                 will be redelivered"),
         }
         for ts in self.topics.values_mut() {
             for r in ts.removing.drain(..) {
@@ -1039,6 +1067,43 @@ impl ConsumeLoop {
             }
         }
         self.topics.clear();
+    }
+}
+
+/// Commit the stored offsets, retrying what fails, and wait at most `timeout`
+/// for the outcome. librdkafka's synchronous commit has no timeout of its own
+/// (with the coordinator gone it returns when librdkafka gives the group up, after
+/// the session timeout), so it runs on a thread of its own that is left to finish
+/// when the time is up.
+async fn final_commit(consumer: Arc<KConsumer>, timeout: Duration) -> Result<(), String> {
+    let (tx, rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("eventbus-kafka-commit".to_owned())
+        .spawn(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            let result = loop {
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+                        break Ok(())
+                    }
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "final commit failed; retrying");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => break Err(e.to_string()),
+                }
+            };
+            let _ = tx.send(result);
+        });
+    if let Err(e) = spawned {
+        return Err(format!("cannot start the commit thread: {e}"));
+    }
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err("the commit thread ended without an outcome".to_owned()),
+        Err(_) => Err(format!(
+            "no answer from the group coordinator within {timeout:?}"
+        )),
     }
 }
 

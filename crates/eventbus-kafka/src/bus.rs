@@ -401,13 +401,16 @@ impl BusBackend for Backend {
             if let Some(mut r) = running {
                 r.fetch_stop.store(true, Ordering::Release);
                 r.stop.cancel();
-                if let Some(task) = r.loop_task.take() {
+                let (task, thread) = (r.loop_task.take(), r.thread.take());
+                // The bus's handle of the consumer goes first: the last one, whose
+                // drop closes the consumer, is then the fetching thread's, which
+                // bounds that close (never this task, which must not block).
+                drop(r);
+                if let Some(task) = task {
                     if let Err(e) = task.await {
                         tracing::error!(error = %e, "kafka dispatch loop failed");
                     }
                 }
-                let thread = r.thread.take();
-                drop(r);
                 if let Some(t) = thread {
                     let _ = tokio::task::spawn_blocking(move || t.join()).await;
                 }

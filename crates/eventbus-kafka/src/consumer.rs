@@ -152,38 +152,31 @@ pub(crate) fn fetch_thread(
     leave_group(consumer, close_timeout);
 }
 
-/// Close the consumer (revoke, librdkafka's last commit, leave the group) within
-/// `timeout`: its close runs on its queue, polled here, instead of in the
-/// consumer's drop, which polls until it is done however long that takes (with the
-/// coordinator gone, until librdkafka gives the group up: the session timeout).
-/// A close not done in time is left to finish on a thread of its own, so `close()`
-/// returns on time; that thread ends when librdkafka does.
+/// Close the consumer (revoke, librdkafka's last commit, leave the group) and wait
+/// for it at most `timeout`. Dropping the last handle closes it, polling until it
+/// is closed however long that takes (with the coordinator gone, until librdkafka
+/// gives the group up: the session timeout); so the drop runs on a thread of its
+/// own, and one not done in time is left to finish there: `close()` returns on
+/// time, and that thread ends when librdkafka does.
 fn leave_group(consumer: Arc<KConsumer>, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    match consumer.close_queue() {
-        Ok(()) => {
-            while !consumer.closed() && std::time::Instant::now() < deadline {
-                // Anything still fetched is dropped uncommitted: redelivered.
-                let _ = consumer.poll(POLL_INTERVAL);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot start the consumer's close"),
-    }
-    if consumer.closed() {
-        drop(consumer);
-        tracing::debug!("consumer closed");
-        return;
-    }
-    tracing::warn!(
-        ?timeout,
-        "the consumer did not leave its group within the operation timeout (the \
-         coordinator is unreachable); librdkafka finishes on a thread of its own"
-    );
+    let (done, closed) = std_mpsc::sync_channel::<()>(1);
     let spawned = std::thread::Builder::new()
         .name("eventbus-kafka-leave".to_owned())
-        .spawn(move || drop(consumer));
+        .spawn(move || {
+            drop(consumer);
+            let _ = done.send(());
+        });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the thread to finish the consumer's close");
+        tracing::warn!(error = %e, "cannot start the thread that closes the consumer");
+        return;
+    }
+    match closed.recv_timeout(timeout) {
+        Ok(()) => tracing::debug!("consumer closed"),
+        Err(_) => tracing::warn!(
+            ?timeout,
+            "the consumer did not leave its group within the operation timeout (the \
+             coordinator is unreachable); librdkafka finishes on a thread of its own"
+        ),
     }
 }
 

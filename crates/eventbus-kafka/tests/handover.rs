@@ -8,66 +8,24 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/gated.rs"]
+mod gated;
 
 use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
-use eventbus_core::{Envelope, Event, EventBus, EventBusExt, HandlerError};
+use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
 use eventbus_kafka::{AssignmentStrategy, KafkaEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec, RefusingPool};
+use gated::{env, open_gate, subscribe, Handled};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn env(key: &str, seq: u64) -> Envelope {
-    Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }))
-}
-
 fn pools() -> [(&'static str, PoolFactory); 2] {
     [("keyed", keyed_pools()), ("actor", actor_pools())]
-}
-
-/// Handled offsets of partition 0, shared by the handler and the test.
-type Handled = Arc<Mutex<HashSet<i64>>>;
-
-/// Open (`true`) or closed: handlers wait while it is closed.
-type Gate = Arc<watch::Sender<bool>>;
-
-fn open_gate() -> Gate {
-    Arc::new(watch::Sender::new(true))
-}
-
-/// A subscription that records into `checker` and `handled`, waiting while `gate`
-/// is closed.
-async fn subscribe(
-    bus: &KafkaEventBus,
-    topic: &str,
-    checker: &DeliveryChecker,
-    handled: &Handled,
-    gate: &Gate,
-    work: Duration,
-) {
-    let (c, h, g) = (checker.clone(), handled.clone(), gate.clone());
-    bus.subscribe_envelope(topic, move |e: Event| {
-        let (c, h, mut g) = (c.clone(), h.clone(), g.subscribe());
-        async move {
-            g.wait_for(|open| *open)
-                .await
-                .expect("the gate lives as long as the test");
-            if !work.is_zero() {
-                tokio::time::sleep(work).await;
-            }
-            let seq = eventbus_testkit::seq_of(&e).expect("seq");
-            c.handled(&e.envelope.aggregate_id, seq);
-            h.lock().unwrap().insert(e.message.offset);
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .unwrap();
 }
 
 /// Members join and leave one group while per-key backlogs are deep and the drain

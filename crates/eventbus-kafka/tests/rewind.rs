@@ -5,34 +5,21 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/gated.rs"]
+mod gated;
 
 use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
-use eventbus_core::{Envelope, Event, EventBus, EventBusExt, HandlerError};
+use eventbus_core::EventBus;
 use eventbus_kafka::KafkaEventBus;
 use eventbus_testkit::checker::DeliveryChecker;
 use eventbus_testkit::factories::keyed_pools;
 use eventbus_testkit::pool_suite::PoolSpec;
+use gated::{env, open_gate, subscribe, Handled};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn env(key: &str, seq: u64) -> Envelope {
-    Envelope::new(key, "test.event", serde_json::json!({ "seq": seq }))
-}
-
-/// Handled offsets of partition 0, shared by the handler and the test.
-type Handled = Arc<Mutex<HashSet<i64>>>;
-
-/// Open (`true`) or closed: handlers wait while it is closed.
-type Gate = Arc<watch::Sender<bool>>;
-
-fn open_gate() -> Gate {
-    Arc::new(watch::Sender::new(true))
-}
 
 /// The committed offset of partition 0, after checking that it passes no offset
 /// missing from `handled`.
@@ -43,36 +30,6 @@ fn committed_within_handled(cluster: &Cluster, group: &str, topic: &str, handled
         panic!("committed {committed} passed offset {o}, not handled (since the last rewind)");
     }
     committed
-}
-
-/// A subscription that records into `checker` and `handled`, waiting while `gate`
-/// is closed.
-async fn subscribe(
-    bus: &KafkaEventBus,
-    topic: &str,
-    checker: &DeliveryChecker,
-    handled: &Handled,
-    gate: &Gate,
-    work: Duration,
-) {
-    let (c, h, g) = (checker.clone(), handled.clone(), gate.clone());
-    bus.subscribe_envelope(topic, move |e: Event| {
-        let (c, h, mut g) = (c.clone(), h.clone(), g.subscribe());
-        async move {
-            g.wait_for(|open| *open)
-                .await
-                .expect("the gate lives as long as the test");
-            if !work.is_zero() {
-                tokio::time::sleep(work).await;
-            }
-            let seq = eventbus_testkit::seq_of(&e).expect("seq");
-            c.handled(&e.envelope.aggregate_id, seq);
-            h.lock().unwrap().insert(e.message.offset);
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .unwrap();
 }
 
 /// The broker makes the consumer read from the start again (an offset reset after

@@ -32,7 +32,7 @@ use crate::config::{DeadLetterConfig, EventBusConfig, RateLimit};
 use crate::envelope::peek_id;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
-use crate::handler::{in_scope, BoxHandler, Event};
+use crate::handler::{in_scope, in_scope_fenced, BoxHandler, Event};
 use crate::hash::stable_hash;
 use crate::health::{ComponentHealth, HealthStatus};
 use crate::job::{

@@ -150,6 +150,17 @@ pub(crate) async fn in_scope<F: Future>(scope: Scope, fut: F) -> F::Output {
     SCOPE.scope(scope, fut).await
 }
 
+/// [`in_scope`], also telling whether the scope was fenced when `fut` ended: read
+/// from the task-local, so the caller needs no second handle of the scope.
+pub(crate) async fn in_scope_fenced<F: Future>(scope: Scope, fut: F) -> (F::Output, bool) {
+    SCOPE
+        .scope(scope, async move {
+            let output = fut.await;
+            (output, SCOPE.with(Scope::is_closed))
+        })
+        .await
+}
+
 /// An async message handler.
 ///
 /// Closures `Fn(T) -> impl Future<Output = HandlerResult>` and `Arc<H>` are handlers.

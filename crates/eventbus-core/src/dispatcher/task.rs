@@ -141,17 +141,17 @@ impl PlainTask {
             let inner = &shared.inner;
             let metrics = inner.metrics.pool(pool);
             let started = metrics.started(submitted);
-            let call = in_scope(scope.clone(), shared.handler.call_boxed(message));
+            let call = in_scope_fenced(scope, shared.handler.call_boxed(message));
             let result = AssertUnwindSafe(call).catch_unwind().await;
             metrics.called(submitted, started, true);
             match result {
-                Ok(Ok(())) => Outcome::Handled { attempts: 1 },
+                Ok((Ok(()), _)) => Outcome::Handled { attempts: 1 },
                 // Handed over while it ran (a handler honouring its cancellation
                 // returns an error): the bus took the message away, the handler
                 // did not fail it. At-most-once is for the handler's own failures,
                 // so it is given back and read again by the next owner.
-                Ok(Err(_)) if scope.is_closed() => Outcome::Abandoned { attempts: 1 },
-                Ok(Err(e)) => Outcome::Failed {
+                Ok((Err(_), true)) => Outcome::Abandoned { attempts: 1 },
+                Ok((Err(e), false)) => Outcome::Failed {
                     attempts: 1,
                     cause: FailureCause::Error(e),
                 },

@@ -159,6 +159,9 @@ pub(crate) fn fetch_thread(
 /// own, and one not done in time is left to finish there: `close()` returns on
 /// time, and that thread ends when librdkafka does.
 fn leave_group(consumer: Arc<KConsumer>, timeout: Duration) {
+    // Another holder (a final commit still waiting on its thread) closes it when
+    // it lets go; dropping this handle then only counts it down.
+    let last = Arc::strong_count(&consumer) == 1;
     let (done, closed) = std_mpsc::sync_channel::<()>(1);
     let spawned = std::thread::Builder::new()
         .name("eventbus-kafka-leave".to_owned())
@@ -171,7 +174,8 @@ fn leave_group(consumer: Arc<KConsumer>, timeout: Duration) {
         return;
     }
     match closed.recv_timeout(timeout) {
-        Ok(()) => tracing::debug!("consumer closed"),
+        Ok(()) if last => tracing::debug!("consumer closed"),
+        Ok(()) => tracing::debug!("consumer handle released; its last holder closes it"),
         Err(_) => tracing::warn!(
             ?timeout,
             "the consumer did not leave its group within the operation timeout (the \

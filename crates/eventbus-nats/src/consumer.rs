@@ -252,11 +252,35 @@ impl JsLoop {
             };
             let clock = lease.clock();
             let keeper_stop = CancellationToken::new();
-            let keeper =
-                tokio::spawn(lease.keep(fetch_expires, keeper_stop.clone(), self.stop.clone()));
-            let end = self.consume(&clock).await;
+            // Fired by the keeper when the lease is lost, just before the turn's
+            // stop: the turn then fences at once and acknowledges nothing more.
+            let lost = CancellationToken::new();
+            let keeper = tokio::spawn(lease.keep(
+                fetch_expires,
+                keeper_stop.clone(),
+                lost.clone(),
+                self.stop.clone(),
+            ));
+            let end = self.consume(&clock, &lost).await;
             keeper_stop.cancel();
             let lease = keeper.await.ok().flatten();
+            if lost.is_cancelled() {
+                // Another member may hold it already: nothing was settled after the
+                // loss, and the lease is not released (a release would tell the
+                // next holder that everything was settled; it must re-read from
+                // the ack floor instead).
+                tracing::warn!(topic = %self.state.topic, partition = ?self.state.partition,
+                    "lease lost: work fenced, nothing more acknowledged; waiting to hold it again");
+                self.dispatcher.count_assignment_lost(&self.state.topic);
+                self.state.set_active(false);
+                if let Role::Partition { slot, .. } = &self.role {
+                    slot.end_hold();
+                }
+                if self.closing.is_cancelled() {
+                    break;
+                }
+                continue;
+            }
             if self.closing.is_cancelled() {
                 if let Some(lease) = lease {
                     self.release_settled(lease).await;
@@ -447,9 +471,10 @@ impl JsLoop {
     }
 
     /// Consume while this member holds the lease (until `self.stop`), then drain
-    /// and hand back what is unfinished: one [`ConsumeTurn`].
-    async fn consume(&mut self, clock: &LeaseClock) -> TurnEnd {
-        let mut turn = ConsumeTurn::start(self, clock);
+    /// and hand back what is unfinished: one [`ConsumeTurn`]. When `lost` fires,
+    /// the turn fences at once and settles nothing more.
+    async fn consume(&mut self, clock: &LeaseClock, lost: &CancellationToken) -> TurnEnd {
+        let mut turn = ConsumeTurn::start(self, clock, lost.clone());
         turn.run().await;
         turn.finish().await
     }
@@ -585,6 +610,9 @@ enum Wind {
 struct ConsumeTurn<'a> {
     js: &'a mut JsLoop,
     clock: &'a LeaseClock,
+    /// Fired when the lease is lost: from then on nothing is acknowledged, given
+    /// back or kept alive; the work is fenced at once.
+    lost: CancellationToken,
     /// This turn's work: fenced before anything is handed back.
     scope: Scope,
     client: Client,
@@ -629,7 +657,7 @@ struct ConsumeTurn<'a> {
 impl<'a> ConsumeTurn<'a> {
     /// Begin a turn: a new scope, the reconnects before it seen, and the heartbeat
     /// task for its messages.
-    fn start(js: &'a mut JsLoop, clock: &'a LeaseClock) -> Self {
+    fn start(js: &'a mut JsLoop, clock: &'a LeaseClock, lost: CancellationToken) -> Self {
         // Reconnects before this turn are behind us (the take-over checked).
         js.reconnects.borrow_and_update();
         if js.reconnects.has_changed().is_err() {
@@ -652,6 +680,7 @@ impl<'a> ConsumeTurn<'a> {
         Self {
             js,
             clock,
+            lost,
             scope: Scope::new(),
             client,
             registry,
@@ -792,6 +821,14 @@ impl<'a> ConsumeTurn<'a> {
     /// (`hand_back_later`: an abandoned one stays registered for the final
     /// hand-back).
     async fn on_settled(&mut self, completion: Completion<u64>, hand_back_later: bool) {
+        if self.lost.is_cancelled() {
+            // A lost lease commits nothing: the next holder re-reads it.
+            self.registry
+                .lock()
+                .expect("registry poisoned")
+                .remove(&completion.token);
+            return;
+        }
         settle(&self.client, &self.registry, completion, hand_back_later).await;
     }
 
@@ -952,6 +989,10 @@ impl<'a> ConsumeTurn<'a> {
     /// Wind the turn down after the stop: register what the open pull request
     /// still brings, drain, fence, and hand back everything unfinished in order.
     async fn finish(mut self) -> TurnEnd {
+        if self.lost.is_cancelled() {
+            // Nothing is kept alive for a lease that is gone.
+            self.beats_stop.cancel();
+        }
         let (deadline, flush_by) = self.stop_fetching();
         self.read_inbox(flush_by).await;
         // What was fetched but not submitted stays registered (and kept alive by
@@ -981,7 +1022,7 @@ impl<'a> ConsumeTurn<'a> {
         // A partition moving to another member is not drained: its queued jobs
         // are fenced at once (they do not start here) and handed back in order
         // for the next owner, so a move waits only for running handlers.
-        let moving = self.moving();
+        let moving = self.moving() || self.lost.is_cancelled();
         let drain_timeout = self.js.drain_timeout;
         let deadline = started
             + if moving {
@@ -1040,9 +1081,19 @@ impl<'a> ConsumeTurn<'a> {
                 }
             }
         }
-        let deadline = tokio::time::sleep_until(deadline);
-        if self.wind(|t| !t.inflight.is_empty(), deadline).await {
-            if self.js.drain_timeout.is_zero() || self.moving() {
+        // A lease lost during the drain ends it at once: the fence goes up.
+        let lost = self.lost.clone();
+        let until = async move {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                () = lost.cancelled() => {}
+            }
+        };
+        if self.wind(|t| !t.inflight.is_empty(), until).await {
+            if self.lost.is_cancelled() {
+                tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
+                    "lease lost: queued messages are fenced, not acknowledged");
+            } else if self.js.drain_timeout.is_zero() || self.moving() {
                 // A move does not drain: the fence waits for running handlers,
                 // the rest is handed back in order.
                 tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
@@ -1147,6 +1198,17 @@ impl<'a> ConsumeTurn<'a> {
     async fn hand_back_all(&mut self) {
         self.beats_stop.cancel();
         let _ = (&mut self.beats).await;
+        if self.lost.is_cancelled() {
+            // Another member may consume these already (re-read from the ack
+            // floor): a `-NAK` now could redeliver one of them beside its copy
+            // there. Nothing is given back; the lease is not released.
+            let mut reg = self.registry.lock().expect("registry poisoned");
+            tracing::debug!(topic = %self.js.state.topic, left = reg.len(),
+                "lease lost: unfinished messages left to the next holder");
+            reg.clear();
+            self.js.handed_back = false;
+            return;
+        }
         let mut left: Vec<u64> = self
             .registry
             .lock()

@@ -498,14 +498,17 @@ impl Lease {
     }
 
     /// Keep the lease until `stop` fires, refreshing it every quarter of its time
-    /// to live; fire `lost` as soon as pulling on it is no longer safe (another
-    /// member took it, or refreshes failed until pull requests sent now could
-    /// outlive it). Returns the lease, or `None` when it was lost.
+    /// to live. As soon as acting on it is no longer safe (another member took
+    /// it, or refreshes failed until pull requests sent now could outlive it),
+    /// fire `lost`, then `turn` (the turn's stop): the turn sees the loss when it
+    /// sees its stop, and fences at once without acknowledging anything more.
+    /// Returns the lease, or `None` when another member took it.
     pub(crate) async fn keep(
         mut self,
         fetch_expires: Duration,
         stop: CancellationToken,
         lost: CancellationToken,
+        turn: CancellationToken,
     ) -> Option<Self> {
         let every = self.leases.ttl / 4;
         let mut next = tokio::time::Instant::now() + every;
@@ -518,6 +521,7 @@ impl Lease {
                     tracing::warn!(key = %self.key,
                         "lease not refreshed in time: this member stops consuming");
                     lost.cancel();
+                    turn.cancel();
                     stop.cancelled().await;
                     return Some(self);
                 }
@@ -547,6 +551,7 @@ impl Lease {
                 Err(RefreshError::Lost) => {
                     tracing::warn!(key = %self.key, "lease taken over by another member");
                     lost.cancel();
+                    turn.cancel();
                     return None;
                 }
                 Err(RefreshError::Unavailable(e)) => {

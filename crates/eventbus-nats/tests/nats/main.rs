@@ -7,6 +7,7 @@ mod conformance;
 mod dead_letters;
 mod handover;
 mod heartbeats;
+mod lease_loss;
 mod members;
 mod out_of_service;
 mod partitioned;

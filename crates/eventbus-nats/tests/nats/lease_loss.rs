@@ -1,0 +1,130 @@
+//! A lease taken away from a live member: the member fences its work at once (no
+//! drain: no queued job starts) and acknowledges nothing more; the next holder
+//! re-reads from the ack floor, so nothing is lost and every aggregate stays in
+//! order.
+
+use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
+use eventbus_testkit::nats_server::NatsServer;
+use eventbus_testkit::DeliveryChecker;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_while_alive_fences_at_once_and_acknowledges_nothing_more() {
+    init_tracing();
+    let server = NatsServer::start();
+    let mut config = bus_config();
+    // Long enough that a drain would let the handlers finish and be acknowledged.
+    config.consumer.drain_timeout = Duration::from_secs(8);
+    config.consumer.handover_timeout = Duration::from_secs(5);
+    let nats = nats_config(&server)
+        .lease_ttl(Duration::from_secs(3))
+        .ack_wait(Duration::from_secs(120));
+    let topic = topic("leaselost");
+    let checker = DeliveryChecker::new();
+    let holding = Arc::new(AtomicBool::new(true));
+    let starts = Arc::new(AtomicU64::new(0));
+    let bus = connect(nats.clone(), config.clone(), keyed_pool(8, 64)).await;
+    {
+        let (checker, holding, starts) = (checker.clone(), holding.clone(), starts.clone());
+        bus.subscribe_envelope(&topic, move |e: Event| {
+            let (checker, holding, starts) = (checker.clone(), holding.clone(), starts.clone());
+            async move {
+                starts.fetch_add(1, Ordering::SeqCst);
+                if holding.load(Ordering::SeqCst) {
+                    // Work that finishes once the bus takes it away: its outcome
+                    // must not be acknowledged after the lease is gone.
+                    let _ = tokio::time::timeout(WAIT, e.cancellation().cancelled()).await;
+                    return Ok::<(), HandlerError>(());
+                }
+                let seq = eventbus_testkit::seq_of(&e).expect("seq");
+                checker.handled(&e.envelope.aggregate_id, seq);
+                Ok(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    }
+    eventually("the member consumes", || bus.is_consuming(&topic)).await;
+    // Three aggregates, ten messages each: one running, nine queued behind it.
+    let total = 30u64;
+    for i in 0..total {
+        let key = format!("k{}", i % 3);
+        let seq = checker.produce(&key);
+        bus.publish_envelope(&topic, &env(&key, seq))
+            .await
+            .expect("publish");
+    }
+    eventually("every message was delivered to the member", || async {
+        consumer_info(&bus, &topic).await.num_ack_pending as u64 == total
+    })
+    .await;
+    eventually("a handler runs", || async {
+        starts.load(Ordering::SeqCst) > 0
+    })
+    .await;
+
+    // Take the lease away: another member's value, kept fresh until released.
+    let kv = bus
+        .jetstream()
+        .get_key_value("eventbus_leases")
+        .await
+        .expect("lease bucket");
+    let key = format!("{}.{}", bus.stream_name(&topic), bus.durable_name(&topic));
+    let intruder = serde_json::json!({ "member": "intruder", "ttl_ms": 3000 }).to_string();
+    kv.put(&key, intruder.clone().into())
+        .await
+        .expect("take the lease");
+    let keep = eventbus_core::CancellationToken::new();
+    let refresher = {
+        let (kv, key, keep) = (kv.clone(), key.clone(), keep.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(300));
+            loop {
+                tokio::select! {
+                    _ = keep.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let _ = kv.put(&key, intruder.clone().into()).await;
+            }
+        })
+    };
+    eventually(
+        "the member stops consuming once its lease is taken",
+        || async { !bus.is_consuming(&topic).await },
+    )
+    .await;
+    let running = starts.load(Ordering::SeqCst);
+    let info = consumer_info(&bus, &topic).await;
+    assert_eq!(
+        info.ack_floor.stream_sequence, 0,
+        "the member acknowledged messages after its lease was taken: {info:?}"
+    );
+    assert_eq!(
+        info.num_ack_pending as u64, total,
+        "the member acknowledged or gave back messages after its lease was taken"
+    );
+    assert!(
+        running <= 3,
+        "a queued job started after the lease was lost: {running} handler starts"
+    );
+
+    // The other holder goes away; the member takes the lease over as expired
+    // and re-reads from the ack floor: everything, in order.
+    holding.store(false, Ordering::SeqCst);
+    keep.cancel();
+    refresher.await.expect("refresher");
+    checker.wait_all_handled(WAIT).await.unwrap();
+    let r = checker.report();
+    assert!(r.lost.is_empty() && r.unexpected.is_empty(), "{r}");
+    assert!(r.order_violations.is_empty(), "{r}");
+    eventually("the durable is fully acknowledged", || async {
+        let info = consumer_info(&bus, &topic).await;
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+    within("close", bus.close()).await.expect("close");
+}

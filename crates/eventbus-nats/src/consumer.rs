@@ -305,7 +305,7 @@ impl JsLoop {
             }
             match (end, lease) {
                 (TurnEnd::Reconnected, Some(mut lease)) if clock.may_pull(fetch_expires) => {
-                    lease.previous = Previous::Reconnected;
+                    lease.reconnected();
                     kept = Some(lease);
                 }
                 _ => {
@@ -328,8 +328,9 @@ impl JsLoop {
     /// released).
     async fn pause_after_failed_take_over(&mut self, lease: Lease) -> bool {
         if let Role::Partition { slot, .. } = &self.role {
-            // Give it back to the group's coordinator, which grants it
-            // again (an unfinished re-read keeps the lease recorded).
+            // Give it back to the group's coordinator, which grants it again:
+            // the lease is not released (the take-over did not finish), so the
+            // next claim, this member's or another's, re-reads from the ack floor.
             lease.release().await;
             slot.end_hold();
             return tokio::select! {
@@ -439,7 +440,10 @@ impl JsLoop {
                 (info.num_ack_pending > 0).then(|| info.ack_floor.stream_sequence + 1)
             }
         };
-        let Some(seq) = start else { return Ok(()) };
+        let Some(seq) = start else {
+            lease.mark_settled();
+            return Ok(());
+        };
         tracing::info!(topic = %self.state.topic, partition = ?self.state.partition, from = seq,
             previous = ?lease.previous, "messages may have been left unsettled: re-reading from the first one not \
              acknowledged");
@@ -467,6 +471,7 @@ impl JsLoop {
             Err(e) => return Err(e),
         };
         lease.refresh(None).await?;
+        lease.mark_settled();
         Ok(())
     }
 

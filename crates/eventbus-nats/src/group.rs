@@ -439,7 +439,9 @@ impl Coordinator {
                             ?previous, members = m, share = target, "partition claimed");
                         slot.grant();
                         if let Err(e) = self.grants[n].try_send(lease) {
-                            // The loop is gone (the subscription ends): give it back.
+                            // The loop is gone (the subscription ends): give it back
+                            // (released only if it needs no re-read: see
+                            // `Lease::release`).
                             slot.end_hold();
                             let lease = match e {
                                 mpsc::error::TrySendError::Full(l)

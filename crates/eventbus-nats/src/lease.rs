@@ -266,6 +266,7 @@ impl Leases {
                 clock: Arc::new(LeaseClock::new(sent + self.ttl)),
                 previous,
                 reset_from,
+                settled: previous == Previous::Released && reset_from.is_none(),
             }))
     }
 
@@ -446,6 +447,11 @@ pub(crate) struct Lease {
     /// (another member, or this one) started and did not finish: the consumer may
     /// be gone or half re-created, so the next take-over must re-read from here.
     pub(crate) reset_from: Option<u64>,
+    /// Whether the durable is known to be safe for the next holder to read on
+    /// from (the previous holder released it cleanly, or this holder's take-over
+    /// finished). Until then the lease is never released: a deleted lease tells
+    /// the next holder to skip the re-read from the ack floor.
+    settled: bool,
 }
 
 /// Why a refresh did not extend the lease.
@@ -472,6 +478,18 @@ impl From<RefreshError> for Error {
 impl Lease {
     pub(crate) fn clock(&self) -> Arc<LeaseClock> {
         self.clock.clone()
+    }
+
+    /// The take-over finished: the durable is safe to read on from.
+    pub(crate) fn mark_settled(&mut self) {
+        self.settled = true;
+    }
+
+    /// Kept across a reconnect: messages may have been lost in transit, so the
+    /// durable needs the re-read check again before the lease may be released.
+    pub(crate) fn reconnected(&mut self) {
+        self.previous = Previous::Reconnected;
+        self.settled = false;
     }
 
     /// Extend the lease, recording `reset_from` in it (and in `self.reset_from`
@@ -562,13 +580,15 @@ impl Lease {
         }
     }
 
-    /// Give the lease up so a standby takes over at once; unless a re-read of
-    /// the consumer is unfinished (a take-over that failed midway): then the lease
-    /// is left to expire, so the next holder sees where to re-read from.
+    /// Give the lease up so a standby takes over at once; unless the durable is
+    /// not known to be settled (a take-over that failed, or never ran: a grant
+    /// that could not be delivered): then the lease is left as it is, so the
+    /// next holder (this member, or another once it expires) re-reads from the
+    /// ack floor, or from the unfinished re-read's start it records.
     pub(crate) async fn release(self) {
-        if let Some(from) = self.reset_from {
-            tracing::info!(key = %self.key, from,
-                "lease not released: the next holder finishes the re-read from this sequence");
+        if !self.settled {
+            tracing::info!(key = %self.key, previous = ?self.previous, reset_from = ?self.reset_from,
+                "lease not released: the next holder re-reads from the ack floor");
             return;
         }
         let delete = self

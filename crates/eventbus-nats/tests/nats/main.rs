@@ -15,3 +15,4 @@ mod poison;
 mod restart;
 mod retention;
 mod streams;
+mod takeover_failure;

@@ -194,6 +194,10 @@ enum TurnEnd {
     Stopped,
     /// The connection came back: re-read from the ack floor under the same lease.
     Reconnected,
+    /// The pool refused a message for good, or dropped one unrun: the turn
+    /// handed everything unfinished back in order and starts again under the
+    /// same lease.
+    GaveBack,
 }
 
 type Submitting = BoxFuture<'static, Submitted>;
@@ -219,8 +223,10 @@ impl JsLoop {
     /// until the subscription ends.
     pub(crate) async fn run(mut self) {
         let fetch_expires = self.shared.config.fetch_expires;
-        // A lease kept from the last turn (after a reconnect).
+        // A lease kept from the last turn (after a reconnect or a give-back).
         let mut kept: Option<Lease> = None;
+        // Turns in a row that ended giving back: the pause before the next grows.
+        let mut give_backs = 0u32;
         loop {
             let mut lease = match kept.take() {
                 Some(lease) => lease,
@@ -303,9 +309,30 @@ impl JsLoop {
                     continue;
                 }
             }
+            if !matches!(end, TurnEnd::GaveBack) {
+                give_backs = 0;
+            }
             match (end, lease) {
                 (TurnEnd::Reconnected, Some(mut lease)) if clock.may_pull(fetch_expires) => {
                     lease.reconnected();
+                    kept = Some(lease);
+                }
+                (TurnEnd::GaveBack, Some(mut lease)) if clock.may_pull(fetch_expires) => {
+                    if !self.handed_back {
+                        // Not every -NAK confirmed: check the ack floor again.
+                        lease.reconnected();
+                    }
+                    give_backs += 1;
+                    let pause = retry_delay(give_backs);
+                    tracing::info!(topic = %self.state.topic, partition = ?self.state.partition,
+                        ?pause, "messages given back in order; consuming again");
+                    tokio::select! {
+                        _ = self.closing.cancelled() => {
+                            self.release_settled(lease).await;
+                            break;
+                        }
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                     kept = Some(lease);
                 }
                 _ => {
@@ -649,6 +676,8 @@ struct ConsumeTurn<'a> {
     needs_recreate: bool,
     /// The connection came back during the turn.
     reconnected: bool,
+    /// The turn ends giving its work back (see [`ConsumeTurn::give_back`]).
+    gave_back: bool,
     /// After the stop: the pull request still open, read until it runs out.
     open: Option<Pull>,
     /// The turn's stop, as one wait for the whole turn: a wait made anew on
@@ -701,6 +730,7 @@ impl<'a> ConsumeTurn<'a> {
             failures: 0,
             needs_recreate: false,
             reconnected: false,
+            gave_back: false,
             open: None,
             stopped,
             reconnect,
@@ -826,6 +856,15 @@ impl<'a> ConsumeTurn<'a> {
     /// (`hand_back_later`: an abandoned one stays registered for the final
     /// hand-back).
     async fn on_settled(&mut self, completion: Completion<u64>, hand_back_later: bool) {
+        if !hand_back_later && completion.disposition == Disposition::Abandoned {
+            // Dropped unrun by the pool while the turn goes on: later messages of
+            // its aggregate may be queued behind it. It stays registered and the
+            // turn gives everything back in order.
+            tracing::warn!(topic = %self.js.state.topic, partition = ?self.js.state.partition,
+                seq = completion.token, "the pool dropped a message unrun: giving the turn's work back in order");
+            self.give_back();
+            return;
+        }
         if self.lost.is_cancelled() {
             // A lost lease commits nothing: the next holder re-reads it.
             self.registry
@@ -845,14 +884,25 @@ impl<'a> ConsumeTurn<'a> {
             tracing::debug!(topic = %self.js.state.topic, error = %e,
                 "submission stopped; messages left for redelivery");
         }
-        for seq in self.track_submitted(submitted) {
-            // Stopping: it stays registered and is handed back with the rest,
-            // in stream order, when the turn ends. Handed back now, it would be
-            // redelivered ahead of earlier messages still in flight.
-            if !self.js.stop.is_cancelled() {
-                release(&self.client, &self.registry, seq).await;
-            }
+        let left = self.track_submitted(submitted);
+        // What the pool did not take stays registered and is handed back with
+        // the rest, in stream order, when the turn ends. Handed back now, it
+        // would be overtaken by later messages of its aggregate still queued in
+        // this turn (and would overtake earlier ones still in flight).
+        if !left.is_empty() && !self.js.stop.is_cancelled() {
+            tracing::warn!(topic = %self.js.state.topic, partition = ?self.js.state.partition,
+                refused = left.len(), "the pool refused messages: giving the turn's work back in order");
+            self.give_back();
         }
+    }
+
+    /// End the turn because a message of it cannot run in order any more (the
+    /// pool refused it, or dropped it unrun): the hand-over's fence at once, then
+    /// everything unfinished given back, lowest sequence first, and a new turn
+    /// under the same lease.
+    fn give_back(&mut self) {
+        self.gave_back = true;
+        self.js.stop.cancel();
     }
 
     /// Track each message of a finished submission that the pool took; give up
@@ -1010,6 +1060,8 @@ impl<'a> ConsumeTurn<'a> {
         self.js.state.set_in_flight(0);
         if self.reconnected {
             TurnEnd::Reconnected
+        } else if self.gave_back {
+            TurnEnd::GaveBack
         } else {
             TurnEnd::Stopped
         }
@@ -1044,11 +1096,14 @@ impl<'a> ConsumeTurn<'a> {
         (deadline, flush_by)
     }
 
-    /// Whether this turn ends because its partition moves to another member (not
-    /// because the subscription or the bus closes).
+    /// Whether this turn ends without a drain: its partition moves to another
+    /// member (not because the subscription or the bus closes), or it gives its
+    /// work back (a later message of an aggregate must not run before the one
+    /// given back).
     fn moving(&self) -> bool {
-        matches!(&self.js.role, Role::Partition { slot, .. } if slot.yield_requested())
-            && !self.js.closing.is_cancelled()
+        self.gave_back
+            || (matches!(&self.js.role, Role::Partition { slot, .. } if slot.yield_requested())
+                && !self.js.closing.is_cancelled())
     }
 
     /// Register what the open pull request already brought: everything the
@@ -1279,14 +1334,6 @@ async fn settle(
     debug_assert_eq!(completion.should_ack(), !matches!(kind, AckKind::Nak(_)));
     if let Err(e) = client.publish(tracked.reply, kind.into()).await {
         tracing::warn!(seq, error = %e, "cannot send ack; the message will be redelivered");
-    }
-}
-
-/// Give a message back for prompt redelivery.
-async fn release(client: &Client, registry: &Registry, seq: u64) {
-    let tracked = registry.lock().expect("registry poisoned").remove(&seq);
-    if let Some(t) = tracked {
-        let _ = client.publish(t.reply, AckKind::Nak(None).into()).await;
     }
 }
 

@@ -5,6 +5,7 @@ mod common;
 mod basics;
 mod conformance;
 mod dead_letters;
+mod given_back;
 mod handover;
 mod heartbeats;
 mod lease_loss;

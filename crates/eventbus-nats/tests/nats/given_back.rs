@@ -1,0 +1,138 @@
+//! A message the pool refuses, or takes and drops unrun, while later messages of
+//! its aggregate are queued behind it in the same turn: it is given back with
+//! them, in order, so its redelivery is not overtaken.
+
+use eventbus_core::raw::{stable_hash, Job, SubmitError, SubmitErrorKind};
+use eventbus_core::{Event, EventBus, EventBusExt, HandlerError, Pool};
+use eventbus_testkit::nats_server::NatsServer;
+use eventbus_testkit::DeliveryChecker;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+use crate::common::*;
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Hand the job back as refused for good (`Closed`: the dispatcher retries
+    /// every other refusal itself, so this is the one the consumer sees).
+    Refuse,
+    /// Take the job and drop it unrun (its message is abandoned).
+    Drop,
+}
+
+/// A keyed pool that, once `open` is set, does `fault` to the second job of
+/// aggregate `x` (and only to it); that job's submission waits for `open`.
+#[derive(Debug)]
+struct OneFault {
+    inner: Arc<dyn Pool>,
+    fault: Fault,
+    x_jobs: AtomicU64,
+    open: watch::Receiver<bool>,
+}
+
+impl Pool for OneFault {
+    fn kind(&self) -> &'static str {
+        "one-fault"
+    }
+    fn workers(&self) -> usize {
+        self.inner.workers()
+    }
+    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
+        async move {
+            if job.route() == stable_hash(b"x") && self.x_jobs.fetch_add(1, Ordering::SeqCst) == 1 {
+                let mut open = self.open.clone();
+                within("the test opens the fault", open.wait_for(|o| *o))
+                    .await
+                    .expect("gate");
+                match self.fault {
+                    Fault::Refuse => {
+                        return Err(SubmitError::new(SubmitErrorKind::Closed, job));
+                    }
+                    Fault::Drop => {
+                        drop(job);
+                        return Ok(());
+                    }
+                }
+            }
+            self.inner.submit(job).await
+        }
+        .boxed()
+    }
+    fn close(&self, timeout: std::time::Duration) -> BoxFuture<'_, ()> {
+        self.inner.close(timeout)
+    }
+    fn stats(&self) -> eventbus_core::PoolStats {
+        self.inner.stats()
+    }
+    fn health(&self) -> eventbus_core::ComponentHealth {
+        self.inner.health()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_or_dropped_message_is_given_back_with_the_later_ones_of_its_aggregate() {
+    init_tracing();
+    let server = NatsServer::start();
+    for fault in [Fault::Refuse, Fault::Drop] {
+        let topic = topic("givenback");
+        let checker = DeliveryChecker::new();
+        let (open_tx, open) = watch::channel(false);
+        let pool: Arc<dyn Pool> = Arc::new(OneFault {
+            inner: keyed_pool(4, 128),
+            fault,
+            x_jobs: AtomicU64::new(0),
+            open,
+        });
+        let bus = connect(nats_config(&server), bus_config(), pool).await;
+        {
+            let checker = checker.clone();
+            bus.subscribe_envelope(&topic, move |e: Event| {
+                let checker = checker.clone();
+                async move {
+                    let seq = eventbus_testkit::seq_of(&e).expect("seq");
+                    checker.handled(&e.envelope.aggregate_id, seq);
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .await
+            .expect("subscribe");
+        }
+        eventually("the member consumes", || bus.is_consuming(&topic)).await;
+        // More than one submission's worth: later messages of `x` are queued in
+        // the turn behind the one the pool fails.
+        let total = 100u64;
+        for _ in 0..total {
+            let seq = checker.produce("x");
+            bus.publish_envelope(&topic, &env("x", seq))
+                .await
+                .expect("publish");
+        }
+        eventually(&format!("{fault:?}: every message delivered"), || async {
+            consumer_info(&bus, &topic).await.delivered.stream_sequence == total
+        })
+        .await;
+        open_tx.send_replace(true);
+        checker
+            .wait_all_handled(WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+        let r = checker.report();
+        assert!(
+            r.lost.is_empty() && r.unexpected.is_empty(),
+            "{fault:?}: {r}"
+        );
+        assert!(r.order_violations.is_empty(), "{fault:?}: {r}");
+        eventually(
+            &format!("{fault:?}: the durable is fully acknowledged"),
+            || async {
+                let info = consumer_info(&bus, &topic).await;
+                info.num_pending == 0 && info.num_ack_pending == 0
+            },
+        )
+        .await;
+        within("close", bus.close()).await.expect("close");
+    }
+}

@@ -47,6 +47,7 @@ use crate::raw::fence::{Epoch, Scope, Settling};
 use crate::raw::inflight::Target;
 
 mod dead_letter;
+mod held;
 mod instruments;
 mod limiter;
 mod monitor;
@@ -59,6 +60,7 @@ pub use dead_letter::{
     DeadLetter, DeadLetterSink, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
     DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
+pub use held::Held;
 use instruments::Metrics;
 use limiter::Limiter;
 pub use monitor::MonitorHandle;
@@ -752,6 +754,90 @@ impl Dispatcher {
     ) -> Result<()> {
         let messages = messages.into_iter();
         let mut batch = Batch::with_capacity(messages.size_hint().0);
+        let failed = self
+            .prepare_batch(sub, messages, stop, out, &mut batch, true)
+            .await;
+        let flushed = self.submit_jobs(&mut batch, stop, out).await;
+        match failed {
+            Some(e) => Err(e),
+            None => flushed,
+        }
+    }
+
+    /// Offer consumed messages of one subscription to the pool without waiting
+    /// for room: as [`submit_batch`](Self::submit_batch) prepares them (each with
+    /// its [`InFlight`] pushed to `out`, in order), but what the pool has no room
+    /// for now is handed back, in order, as [`Held`] jobs for the caller to keep
+    /// and drive ([`Held::poll_submit`]) while it goes on with other work: a
+    /// consume loop never waits on the pool (a hung handler fills its worker's
+    /// queue; the loop must still read rebalance events and other partitions).
+    ///
+    /// The entries of held jobs are submitted ones: each resolves when its job
+    /// has run, or [`Disposition::Abandoned`] when the job is dropped unrun (its
+    /// scope fenced at its offset, `stop` cancelled, the pool closed, or the
+    /// [`Held`] dropped). Until the held jobs are taken, the caller submits no
+    /// later message of their partition (it parks them), so per-partition order
+    /// holds.
+    ///
+    /// A rate-limited subscription still waits for its limit here, message by
+    /// message (the wait ends when `stop` is cancelled or a message's scope is
+    /// fenced). When preparing stops short that way, nothing of the batch is
+    /// submitted: every entry resolves `Abandoned` and the error says why.
+    pub async fn offer_batch<T: Send + Unpin + 'static>(
+        &self,
+        sub: &Arc<PreparedSubscription>,
+        messages: impl IntoIterator<Item = (Message, T, impl Into<Target>)>,
+        stop: &CancellationToken,
+        out: &mut Vec<InFlight<T>>,
+    ) -> Result<Option<Held>> {
+        let start = out.len();
+        let messages = messages.into_iter();
+        let mut batch = Batch::with_capacity(messages.size_hint().0);
+        if let Some(e) = self
+            .prepare_batch(sub, messages, stop, out, &mut batch, false)
+            .await
+        {
+            abandon_from(out, start);
+            return Err(e);
+        }
+        if !stop.is_cancelled() {
+            self.inner.pool.submit_batch(&mut batch.jobs);
+        }
+        let unsent: Vec<&'static str> = batch
+            .jobs
+            .iter()
+            .map(|job| self.inner.pool.kind_for(job.route()))
+            .collect();
+        unsent.into_iter().for_each(|pool| batch.unsent(pool));
+        for (pool, n) in batch.sent.drain(..) {
+            self.count_sent(pool, n);
+        }
+        if batch.jobs.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Held {
+            dispatcher: self.clone(),
+            stop: stop.clone(),
+            waiting: batch.jobs.into(),
+            head: None,
+        }))
+    }
+
+    /// Prepare the jobs of `messages` into `batch`, pushing each message's entry
+    /// to `out`. A rate-limited subscription waits for its limit message by
+    /// message, and (`flush_each`) first submits what was prepared before, so
+    /// the limiter's wait holds back no job already prepared. At the first message
+    /// that cannot go (stop, fence), it and the rest get entries not submitted,
+    /// and the error is returned.
+    async fn prepare_batch<T: Send + Unpin + 'static>(
+        &self,
+        sub: &Arc<PreparedSubscription>,
+        messages: impl Iterator<Item = (Message, T, impl Into<Target>)>,
+        stop: &CancellationToken,
+        out: &mut Vec<InFlight<T>>,
+        batch: &mut Batch,
+        flush_each: bool,
+    ) -> Option<Error> {
         let mut failed: Option<Error> = None;
         // One reading of the clocks serves the batch: its messages are dispatched
         // within microseconds of each other.
@@ -762,9 +848,9 @@ impl Dispatcher {
             let (partition, offset) = (message.partition, message.offset);
             if failed.is_none() {
                 if sub.limiter.is_some() {
-                    // One at a time: the limiter's wait must not hold back jobs
-                    // already prepared, and the clocks are read after it.
-                    failed = self.submit_jobs(&mut batch, stop, out).await.err();
+                    if flush_each {
+                        failed = self.submit_jobs(batch, stop, out).await.err();
+                    }
                     if failed.is_none() {
                         failed = self.admit(sub, epoch, stop).await.err();
                         now = Now::new();
@@ -788,11 +874,7 @@ impl Dispatcher {
                 fut: prepared.finishing,
             });
         }
-        let flushed = self.submit_jobs(&mut batch, stop, out).await;
-        match failed {
-            Some(e) => Err(e),
-            None => flushed,
-        }
+        failed
     }
 
     /// Submit the jobs of `batch`: what the pool takes at once (a prefix), then

@@ -58,8 +58,8 @@ pub mod raw {
         batch_failed, envelope_record, validate_topic, KeyStops, SubscriptionHandler,
     };
     pub use crate::dispatcher::{
-        Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, InFlight,
-        MonitorHandle, PreparedSubscription,
+        Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, Held,
+        InFlight, MonitorHandle, PreparedSubscription,
     };
     pub use crate::envelope::{peek_aggregate_id, validate_aggregate_id};
     pub use crate::handler::{boxed, BoxHandler, DynHandler};

@@ -195,6 +195,7 @@ impl Backend {
             self.config.fetch_buffer + 2,
             self.config.operation_timeout,
             self.pool_closed.clone(),
+            shared.clone(),
             done_tx,
         );
         let loop_task = tokio::spawn(lp.run());

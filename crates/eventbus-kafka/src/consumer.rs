@@ -2,11 +2,19 @@
 //! topic, a fetching thread, and one dispatch loop.
 //!
 //! The fetching thread owns the polling of the consumer. It turns records into
-//! [`Message`]s and hands them, with assign / revoke events, to the dispatch loop
-//! over one bounded channel, so the loop sees them in fetch order. Rebalance
-//! callbacks run on the fetching thread: a revoke blocks there until the loop has
-//! drained the revoked partitions (within the drain timeout) and stored their
-//! watermark, so librdkafka commits it before the partitions leave.
+//! [`Message`]s and hands them, with assignments, to the dispatch loop over one
+//! bounded channel, so the loop sees them in fetch order. Rebalance callbacks run
+//! on the fetching thread: a revoke blocks there until the loop has drained the
+//! revoked partitions (within the drain timeout) and stored their watermark, so
+//! librdkafka commits it before the partitions leave.
+//!
+//! The dispatch loop never waits on the pool: it offers each run of a partition's
+//! messages to the pool ([`Dispatcher::offer_batch`]) and keeps the jobs the pool
+//! has no room for as that partition's [`Held`] jobs, pausing the partition and
+//! parking what follows until the pool takes them; it polls them beside its
+//! completions. Revokes and losses reach it out of band
+//! ([`ConsumerShared::push_transition`]) and are carried out before anything else,
+//! so a hung handler stalls its partition only, never a rebalance or `close`.
 //!
 //! The dispatch loop submits every message through the core [`Dispatcher`] without
 //! waiting for earlier messages of its partition, tracks offsets in one
@@ -28,7 +36,9 @@
 
 use eventbus_core::{Error, ErrorKind, Message};
 
-use eventbus_core::raw::{ByteChunks, Completion, Dispatcher, InFlightSet, PreparedSubscription};
+use eventbus_core::raw::{
+    ByteChunks, Completion, Dispatcher, Held, InFlightSet, PreparedSubscription,
+};
 use futures::future::poll_fn;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -45,7 +55,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{ConsumerCtx, ConsumerShared, FetchEvent, Owned, Revoking};
+use crate::context::{ConsumerCtx, ConsumerShared, FetchEvent, Owned, Revoking, Transition};
 use crate::metrics as km;
 
 pub(crate) type KConsumer = BaseConsumer<ConsumerCtx>;
@@ -231,12 +241,23 @@ struct TopicState {
     set: InFlightSet<()>,
     paused: HashSet<i32>,
     parked: HashMap<i32, VecDeque<Message>>,
+    /// Per partition, jobs offered to the pool that it had no room for yet: the
+    /// partition is paused, and its later messages are parked behind them.
+    held: HashMap<i32, Held>,
     removing: Vec<oneshot::Sender<()>>,
+}
+
+/// What the loop waits for besides events: a completion, or held jobs of a
+/// partition all taken by the pool (or dropped: `Err`).
+enum Progress {
+    Settled(Arc<str>, Completion<()>),
+    Held(Arc<str>, i32, eventbus_core::Result<()>),
 }
 
 enum Step {
     Stop,
-    Settled(Arc<str>, Completion<()>),
+    Transitions,
+    Progress(Progress),
     Event(Option<FetchEvent>),
     Control(Option<Control>),
     Tick,
@@ -259,6 +280,8 @@ pub(crate) struct ConsumeLoop {
     /// Most messages parked for one paused partition (fetched before the pause took hold).
     pub(crate) park_limit: usize,
     pub(crate) pool_closed: Arc<AtomicBool>,
+    /// Revokes and losses come from here, out of band, before any event.
+    pub(crate) shared: Arc<ConsumerShared>,
     /// Disconnects when the loop ends.
     pub(crate) _done: std_mpsc::SyncSender<()>,
     topics: HashMap<Arc<str>, TopicState>,
@@ -268,12 +291,17 @@ pub(crate) struct ConsumeLoop {
     marks: Vec<(i32, i64)>,
 }
 
-/// Poll every topic's in-flight set once; the first completion wins.
-async fn next_settled(
-    topics: &mut HashMap<Arc<str>, TopicState>,
-    rotate: &mut usize,
-) -> (Arc<str>, Completion<()>) {
+/// Poll every partition's held jobs and every topic's in-flight set once; the
+/// first that is ready wins.
+async fn next_progress(topics: &mut HashMap<Arc<str>, TopicState>, rotate: &mut usize) -> Progress {
     poll_fn(|cx| {
+        for (name, ts) in topics.iter_mut() {
+            for (p, held) in ts.held.iter_mut() {
+                if let Poll::Ready(r) = held.poll_submit(cx) {
+                    return Poll::Ready(Progress::Held(name.clone(), *p, r));
+                }
+            }
+        }
         let n = topics.len();
         if n == 0 {
             return Poll::Pending;
@@ -294,7 +322,7 @@ async fn next_settled(
                 // while pending loses nothing.
                 let fut = pin!(ts.set.next());
                 if let Poll::Ready(Some(s)) = fut.poll(cx) {
-                    return Poll::Ready((name.clone(), s));
+                    return Poll::Ready(Progress::Settled(name.clone(), s));
                 }
             }
         }
@@ -328,14 +356,6 @@ fn take_run<I: Iterator<Item = Message>>(
     run
 }
 
-/// Sleep until `deadline`, or forever without one.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
 fn tpl_of(topic: &str, partition: i32) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
@@ -354,6 +374,7 @@ impl ConsumeLoop {
         park_limit: usize,
         operation_timeout: Duration,
         pool_closed: Arc<AtomicBool>,
+        shared: Arc<ConsumerShared>,
         done: std_mpsc::SyncSender<()>,
     ) -> Self {
         let c = &dispatcher.config().consumer;
@@ -372,6 +393,7 @@ impl ConsumeLoop {
             park_limit: park_limit + FETCH_BATCH,
             operation_timeout,
             pool_closed,
+            shared,
             _done: done,
             dispatcher,
             topics: HashMap::new(),
@@ -384,18 +406,21 @@ impl ConsumeLoop {
         let mut tick = tokio::time::interval(self.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.run_transitions().await;
             self.admit_parked().await;
             let step = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => Step::Stop,
-                s = next_settled(&mut self.topics, &mut self.rotate) => Step::Settled(s.0, s.1),
+                _ = self.shared.transition_ready.notified() => Step::Transitions,
+                pr = next_progress(&mut self.topics, &mut self.rotate) => Step::Progress(pr),
                 c = self.control.recv() => Step::Control(c),
                 e = self.events.recv() => Step::Event(e),
                 _ = tick.tick() => Step::Tick,
             };
             match step {
                 Step::Stop => break,
-                Step::Settled(topic, s) => self.on_settled(&topic, s),
+                Step::Transitions => self.run_transitions().await,
+                Step::Progress(pr) => self.on_progress(pr),
                 Step::Control(Some(c)) => self.on_control(c),
                 Step::Control(None) => {}
                 Step::Event(Some(FetchEvent::Messages(batch, permit))) => {
@@ -421,8 +446,6 @@ impl ConsumeLoop {
                     drop(permit);
                 }
                 Step::Event(Some(FetchEvent::Assigned(parts))) => self.on_assigned(parts),
-                Step::Event(Some(FetchEvent::Revoke(revoking))) => self.on_revoke(revoking).await,
-                Step::Event(Some(FetchEvent::Lost(parts))) => self.on_lost(parts),
                 Step::Event(None) => {
                     // The fetching thread stopped: nothing more will arrive.
                     self.stop.cancelled().await;
@@ -445,6 +468,7 @@ impl ConsumeLoop {
                         set: InFlightSet::new(self.per_partition, self.limit.clone()),
                         paused: HashSet::new(),
                         parked: HashMap::new(),
+                        held: HashMap::new(),
                         removing: Vec::new(),
                     },
                 );
@@ -466,6 +490,12 @@ impl ConsumeLoop {
     fn on_assigned(&mut self, parts: Vec<Owned>) {
         let mut resume = TopicPartitionList::new();
         for (topic, p, scope) in parts {
+            if scope.is_closed() {
+                // Revoked or lost before the loop got here (transitions are
+                // carried out first): this ownership is over already.
+                tracing::debug!(%topic, partition = p, "assignment already revoked; ignored");
+                continue;
+            }
             let Some(ts) = self.topics.get_mut(topic.as_str()) else {
                 tracing::debug!(%topic, partition = p, "assigned a partition of a topic without handler");
                 continue;
@@ -473,6 +503,7 @@ impl ConsumeLoop {
             ts.set.assign_scoped(p, scope);
             ts.paused.remove(&p);
             ts.parked.remove(&p);
+            ts.held.remove(&p);
             resume.add_partition(&topic, p);
         }
         // A partition paused under an earlier assignment must fetch again.
@@ -533,23 +564,24 @@ impl ConsumeLoop {
             if self.busy(parts, running) == 0 {
                 return true;
             }
-            let settled = tokio::select! {
-                s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
+            let progress = tokio::select! {
+                pr = next_progress(&mut self.topics, &mut self.rotate) => Some(pr),
                 _ = &mut all_idle, if running => {
                     // Every job that ran was settled before its scope went idle (a
                     // job counts as unsettled until then); what is still ready here
                     // is fenced jobs ending abandoned.
-                    while let Some((t, s)) =
-                        futures::FutureExt::now_or_never(next_settled(&mut self.topics, &mut self.rotate))
-                    {
-                        self.on_settled(&t, s);
+                    while let Some(pr) = futures::FutureExt::now_or_never(next_progress(
+                        &mut self.topics,
+                        &mut self.rotate,
+                    )) {
+                        self.on_progress(pr);
                     }
                     return true;
                 }
                 _ = tokio::time::sleep_until(deadline) => None,
             };
-            match settled {
-                Some((topic, s)) => self.on_settled(&topic, s),
+            match progress {
+                Some(pr) => self.on_progress(pr),
                 None => return self.busy(parts, running) == 0,
             }
         }
@@ -591,6 +623,14 @@ impl ConsumeLoop {
     /// [`on_revoke`](Self::on_revoke) on the callback's timeline: queued work may
     /// start until `drain_until`, running handlers are waited for until `until`.
     async fn hand_over(&mut self, owned: Vec<Owned>, drain_until: Instant, until: Instant) {
+        // An ownership the loop never took up (its assignment is still to be
+        // read, behind this revoke) or has left already: fence it, so that an
+        // assignment read later is known to be over.
+        for (t, p, scope) in &owned {
+            if !self.owns_under(t, *p, scope) {
+                scope.fence();
+            }
+        }
         let parts: Vec<(String, i32)> = owned
             .iter()
             .filter(|(t, p, scope)| self.owns_under(t, *p, scope))
@@ -602,8 +642,10 @@ impl ConsumeLoop {
                 "revoked partitions not drained in time; their queued work is fenced and redelivered");
         }
         for (t, p) in &parts {
-            if let Some(ts) = self.topics.get(t.as_str()) {
+            if let Some(ts) = self.topics.get_mut(t.as_str()) {
                 ts.set.fence(*p);
+                // Held jobs are dropped unrun: their entries settle abandoned.
+                ts.held.remove(p);
             }
         }
         let idle = self.settle_until(&parts, true, until).await;
@@ -624,6 +666,7 @@ impl ConsumeLoop {
                 resume.add_partition(topic, *p);
             }
             ts.parked.remove(p);
+            ts.held.remove(p);
             km::in_flight(topic, *p, 0);
         }
         if resume.count() > 0 {
@@ -645,6 +688,7 @@ impl ConsumeLoop {
                     let _ = self.consumer.resume(&tpl_of(&topic, p));
                 }
                 ts.parked.remove(&p);
+                ts.held.remove(&p);
                 km::in_flight(&topic, p, 0);
             }
         }
@@ -717,11 +761,12 @@ impl ConsumeLoop {
         }
         let mut parked = ts.parked.get(&p).map_or(0, VecDeque::len);
         let paused = ts.paused.contains(&p);
+        let held = ts.held.contains_key(&p);
         let mut full = !ts.set.has_room(p);
-        if full && !paused && parked == 0 && !self.pool_closed.load(Ordering::Acquire) {
+        if full && !paused && !held && parked == 0 && !self.pool_closed.load(Ordering::Acquire) {
             // At the bound for now: wait a little for room rather than pause.
             full = !self
-                .wait_for_room(&topic, p, Some(Instant::now() + ROOM_WAIT))
+                .wait_for_room(&topic, p, Instant::now() + ROOM_WAIT)
                 .await;
             let Some(ts) = self.topics.get(&*topic) else {
                 return;
@@ -731,7 +776,7 @@ impl ConsumeLoop {
             }
             parked = ts.parked.get(&p).map_or(0, VecDeque::len);
         }
-        let blocked = paused || full || parked > 0;
+        let blocked = paused || held || full || parked > 0;
         if !blocked && !self.pool_closed.load(Ordering::Acquire) {
             self.admit(topic, msg).await;
             return;
@@ -739,28 +784,20 @@ impl ConsumeLoop {
         let Some(ts) = self.topics.get_mut(&*topic) else {
             return;
         };
-        if parked < self.park_limit {
-            ts.parked.entry(p).or_default().push_back(msg);
-            if ts.paused.insert(p) {
-                if let Err(e) = self.consumer.pause(&tpl_of(&topic, p)) {
-                    tracing::warn!(%topic, partition = p, error = %e, "pause failed");
-                }
-                km::pause();
-                tracing::debug!(%topic, partition = p, "partition paused: in-flight bound reached");
-            }
-            return;
+        if parked >= self.park_limit {
+            // Cannot happen while the pause holds: at most the fetch buffer
+            // arrives after it. Never wait here: the loop must go on reading
+            // rebalance events.
+            tracing::warn!(%topic, partition = p, parked,
+                "more messages parked for a paused partition than the fetch buffer holds");
         }
-        // Cannot happen while pause holds (at most the fetch buffer arrives after
-        // it); wait for room rather than grow the parking without bound.
-        self.wait_for_room(&topic, p, None).await;
-        if let Some(ts) = self.topics.get_mut(&*topic) {
-            ts.parked.entry(p).or_default().push_back(msg);
-        }
+        ts.parked.entry(p).or_default().push_back(msg);
+        self.pause(&topic, p, "in-flight bound reached");
     }
 
     /// Process completions until `p` of `topic` has room (returns true), is no
     /// longer owned, the loop stops or `deadline` passes (false).
-    async fn wait_for_room(&mut self, topic: &Arc<str>, p: i32, deadline: Option<Instant>) -> bool {
+    async fn wait_for_room(&mut self, topic: &Arc<str>, p: i32, deadline: Instant) -> bool {
         loop {
             match self.topics.get(&**topic) {
                 Some(ts) if ts.set.owns(p) => {
@@ -770,13 +807,13 @@ impl ConsumeLoop {
                 }
                 _ => return false,
             }
-            let s = tokio::select! {
-                s = next_settled(&mut self.topics, &mut self.rotate) => Some(s),
+            let progress = tokio::select! {
+                pr = next_progress(&mut self.topics, &mut self.rotate) => Some(pr),
                 _ = self.stop.cancelled() => None,
-                _ = sleep_until_some(deadline) => None,
+                _ = tokio::time::sleep_until(deadline) => None,
             };
-            match s {
-                Some((t, s)) => self.on_settled(&t, s),
+            match progress {
+                Some(pr) => self.on_progress(pr),
                 None => return false,
             }
         }
@@ -791,10 +828,13 @@ impl ConsumeLoop {
         let resume_at = resume_threshold(self.per_partition);
         loop {
             let mut candidate = None;
+            let permits = self.limit.available_permits() > 0;
             'outer: for (t, ts) in &self.topics {
                 for &p in &ts.paused {
-                    let ready = if ts.parked.get(&p).is_some_and(|q| !q.is_empty()) {
-                        ts.set.has_room(p)
+                    let ready = if ts.held.contains_key(&p) {
+                        false
+                    } else if ts.parked.get(&p).is_some_and(|q| !q.is_empty()) {
+                        permits && ts.set.has_room(p)
                     } else {
                         ts.set.in_flight(p) <= resume_at
                     };
@@ -843,34 +883,22 @@ impl ConsumeLoop {
             return 0;
         }
         match self.topics.get(topic) {
-            Some(ts) if !ts.paused.contains(&p) && !ts.parked.contains_key(&p) => ts.set.room(p),
+            Some(ts)
+                if !ts.paused.contains(&p)
+                    && !ts.parked.contains_key(&p)
+                    && !ts.held.contains_key(&p) =>
+            {
+                ts.set.room(p)
+            }
             _ => 0,
         }
     }
 
-    /// Wait for a permit of the shared in-flight bound, settling completions
-    /// meanwhile; `None` when the loop stops.
-    async fn permit(&mut self, topic: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let reserve = self.topics.get(topic)?.set.reserve();
-        let mut reserve = pin!(reserve);
-        loop {
-            let r = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => return None,
-                permit = &mut reserve => Ok(permit),
-                s = next_settled(&mut self.topics, &mut self.rotate) => Err(s),
-            };
-            match r {
-                Ok(permit) => return permit.ok(),
-                Err((t, s)) => self.on_settled(&t, s),
-            }
-        }
-    }
-
-    /// Submit `run`, consecutive messages of one partition of `topic` in fetch
-    /// order, as one batch ([`Dispatcher::submit_batch`]), and track them. Each
-    /// takes a permit of the shared bound (waited for, settling completions, when
-    /// none is free).
+    /// Offer `run`, consecutive messages of one partition of `topic` in fetch
+    /// order, to the pool as one batch ([`Dispatcher::offer_batch`]), and track
+    /// them; never waiting on the pool. Each takes a permit of the shared bound;
+    /// from the first without one, the rest is parked. Jobs the pool has no room
+    /// for are held, and the partition is paused until they are taken.
     async fn admit_run(&mut self, topic: Arc<str>, run: Vec<Message>) {
         let Some(p) = run.first().map(|m| m.partition) else {
             return;
@@ -881,54 +909,41 @@ impl ConsumeLoop {
         let mut permits = Vec::with_capacity(run.len());
         let mut tickets = Vec::with_capacity(run.len());
         let mut messages = Vec::with_capacity(run.len());
-        for msg in run {
-            let free = self.topics.get(&*topic).and_then(|ts| ts.set.try_reserve());
-            let permit = match free {
-                Some(permit) => permit,
-                None => match self.permit(&topic).await {
-                    Some(permit) => permit,
-                    None => break,
-                },
+        let mut run = run.into_iter();
+        let mut no_permit = Vec::new();
+        let mut rewound = false;
+        while let Some(msg) = run.next() {
+            let Some(ts) = self.topics.get_mut(&*topic) else {
+                return;
             };
-            let begun = self.topics.get_mut(&*topic).map(|ts| {
-                let ticket = ts.set.begin(p, msg.offset)?;
-                let target = ts.set.target(&ticket);
-                Ok::<_, eventbus_core::Error>((ticket, target))
-            });
-            let (ticket, target) = match begun {
-                Some(Ok(begun)) => begun,
-                Some(Err(e)) => {
-                    tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
-                    break;
+            let Some(permit) = ts.set.try_reserve() else {
+                no_permit.push(msg);
+                no_permit.extend(run.by_ref());
+                break;
+            };
+            let ticket = match ts.set.begin(p, msg.offset) {
+                Ok(ticket) => ticket,
+                Err(e) => {
+                    // Not owned (any more): this run is not ours to handle.
+                    tracing::debug!(%topic, partition = p, error = %e, "message not tracked");
+                    return;
                 }
-                None => break,
             };
-            if ticket.rewound_from().is_some() {
-                self.on_rewind(&topic, p);
-            }
-            messages.push((msg, (), target));
+            rewound |= ticket.rewound_from().is_some();
+            messages.push((msg, (), ts.set.target(&ticket)));
             tickets.push(ticket);
             permits.push(permit);
         }
-        if tickets.is_empty() {
-            return;
+        if rewound {
+            self.on_rewind(&topic, p);
         }
-        let dispatcher = self.dispatcher.clone();
-        let stop = self.stop.clone();
         let mut inflights = Vec::with_capacity(tickets.len());
-        let submitted = {
-            let mut submit = pin!(dispatcher.submit_batch(&sub, messages, &stop, &mut inflights));
-            loop {
-                let r = tokio::select! {
-                    biased;
-                    r = &mut submit => Ok(r),
-                    s = next_settled(&mut self.topics, &mut self.rotate) => Err(s),
-                };
-                match r {
-                    Ok(r) => break r,
-                    Err((t, s)) => self.on_settled(&t, s),
-                }
-            }
+        let offered = if tickets.is_empty() {
+            Ok(None)
+        } else {
+            self.dispatcher
+                .offer_batch(&sub, messages, &self.stop, &mut inflights)
+                .await
         };
         let Some(ts) = self.topics.get_mut(&*topic) else {
             return;
@@ -945,11 +960,74 @@ impl ConsumeLoop {
                 tracing::warn!(%topic, partition = p, error = %e, "message not tracked");
             }
         }
-        if let Err(e) = submitted {
-            if e.kind() == ErrorKind::Closed && !self.stop.is_cancelled() {
-                tracing::error!(%topic, partition = p, error = %e,
-                    "pool refuses work; consumption halted, nothing more is committed");
-                self.pool_closed.store(true, Ordering::Release);
+        let mut hold = !no_permit.is_empty();
+        match offered {
+            Ok(None) => {}
+            Ok(Some(held)) => {
+                ts.held.insert(p, held);
+                hold = true;
+            }
+            Err(e) => {
+                if e.kind() == ErrorKind::Closed && !self.stop.is_cancelled() {
+                    tracing::error!(%topic, partition = p, error = %e,
+                        "pool refuses work; consumption halted, nothing more is committed");
+                    self.pool_closed.store(true, Ordering::Release);
+                }
+            }
+        }
+        if !no_permit.is_empty() {
+            let queue = ts.parked.entry(p).or_default();
+            for msg in no_permit.into_iter().rev() {
+                queue.push_front(msg);
+            }
+        }
+        if hold {
+            self.pause(&topic, p, "the pool or the in-flight bound has no room");
+        }
+    }
+
+    /// Pause `p` of `topic` (once), for `why`.
+    fn pause(&mut self, topic: &str, p: i32, why: &'static str) {
+        let Some(ts) = self.topics.get_mut(topic) else {
+            return;
+        };
+        if ts.paused.insert(p) {
+            if let Err(e) = self.consumer.pause(&tpl_of(topic, p)) {
+                tracing::warn!(%topic, partition = p, error = %e, "pause failed");
+            }
+            km::pause();
+            tracing::debug!(%topic, partition = p, why, "partition paused");
+        }
+    }
+
+    /// Carry out the revokes and losses the rebalance callbacks handed over.
+    async fn run_transitions(&mut self) {
+        while let Some(t) = self.shared.take_transition() {
+            match t {
+                Transition::Revoke(revoking) => self.on_revoke(revoking).await,
+                Transition::Lost(parts) => self.on_lost(parts),
+            }
+        }
+    }
+
+    fn on_progress(&mut self, progress: Progress) {
+        match progress {
+            Progress::Settled(topic, s) => self.on_settled(&topic, s),
+            Progress::Held(topic, p, result) => {
+                if let Some(ts) = self.topics.get_mut(&*topic) {
+                    ts.held.remove(&p);
+                }
+                match result {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::Closed && !self.stop.is_cancelled() => {
+                        tracing::error!(%topic, partition = p, error = %e,
+                            "pool refuses work; consumption halted, nothing more is committed");
+                        self.pool_closed.store(true, Ordering::Release);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%topic, partition = p, error = %e, "held jobs dropped")
+                    }
+                }
             }
         }
     }
@@ -1004,13 +1082,8 @@ impl ConsumeLoop {
         // partitions are fenced would let their queued work start here while the
         // next owner reads them. Then drain in-flight work within the bound.
         self.events.close();
-        while let Ok(ev) = self.events.try_recv() {
-            match ev {
-                FetchEvent::Revoke(revoking) => self.on_revoke(revoking).await,
-                FetchEvent::Lost(parts) => self.on_lost(parts),
-                FetchEvent::Messages(..) | FetchEvent::Assigned(_) => {}
-            }
-        }
+        while self.events.try_recv().is_ok() {}
+        self.run_transitions().await;
         let parts: Vec<(String, i32)> = self
             .topics
             .iter()
@@ -1026,8 +1099,9 @@ impl ConsumeLoop {
                  their work is fenced, they stay uncommitted and will be redelivered"
             );
         }
-        for ts in self.topics.values() {
+        for ts in self.topics.values_mut() {
             ts.set.partitions().for_each(|p| ts.set.fence(p));
+            ts.held.clear();
         }
         if !self
             .settle_until(&parts, true, Instant::now() + self.handover_timeout)

@@ -10,11 +10,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics as km;
 
@@ -67,12 +67,39 @@ pub(crate) enum FetchEvent {
     /// Partitions now owned by this member, each with the scope its work is
     /// fenced by.
     Assigned(Vec<Owned>),
+}
+
+/// A partition leaving this member, handed from a rebalance callback to the
+/// dispatch loop out of band ([`ConsumerShared::push_transition`]): the loop
+/// reads these before anything else, and the callback never waits on a channel
+/// the loop may be slow to read.
+pub(crate) enum Transition {
     /// Partitions about to be taken away: drain, fence, wait for running handlers,
     /// store the watermark, then reply.
     Revoke(Revoking),
     /// Partitions lost without a hand-over (the member was evicted): their scopes
     /// are fenced already; forget them, commit nothing.
     Lost(Vec<Owned>),
+}
+
+impl std::fmt::Debug for Transition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, owned) = match self {
+            Transition::Revoke(r) => ("Revoke", &r.owned),
+            Transition::Lost(owned) => ("Lost", owned),
+        };
+        let parts: Vec<(&str, i32)> = owned.iter().map(|(t, p, _)| (t.as_str(), *p)).collect();
+        f.debug_tuple(kind).field(&parts).finish()
+    }
+}
+
+impl Transition {
+    fn owned_mut(&mut self) -> &mut Vec<Owned> {
+        match self {
+            Transition::Revoke(r) => &mut r.owned,
+            Transition::Lost(owned) => owned,
+        }
+    }
 }
 
 /// A partition owned by this member, and the scope of that ownership.
@@ -116,6 +143,12 @@ pub(crate) struct ConsumerShared {
     pub(crate) assignments_lost: AtomicU64,
     /// Revokes that went on while a handler of the revoked partitions still ran.
     pub(crate) handover_overruns: AtomicU64,
+    /// Revokes and losses not yet taken by the loop, oldest first: at most one
+    /// per partition (a newer one for a partition replaces it), so bounded by the
+    /// partition count.
+    transitions: Mutex<VecDeque<Transition>>,
+    /// Woken when a transition is pushed.
+    pub(crate) transition_ready: Notify,
 }
 
 impl Default for ConsumerShared {
@@ -130,11 +163,14 @@ impl Default for ConsumerShared {
             scopes: Mutex::default(),
             assignments_lost: AtomicU64::default(),
             handover_overruns: AtomicU64::default(),
+            transitions: Mutex::default(),
+            transition_ready: Notify::new(),
         }
     }
 }
 
-/// How often a bounded hand-off from a rebalance callback looks again.
+/// How often a revoke callback that stopped waiting for the loop looks again
+/// whether the revoked partitions' handlers are idle.
 const HAND_OFF_POLL: Duration = Duration::from_millis(1);
 
 impl ConsumerShared {
@@ -155,57 +191,52 @@ impl ConsumerShared {
             .is_ok()
     }
 
-    /// [`flush_batch`](Self::flush_batch), then send `event`, from a rebalance
-    /// callback: waiting at most until `deadline` (the loop may be stuck on a pool
-    /// that refuses work), never without bound. On time-out the polled messages of
-    /// `giving_up` partitions are dropped (uncommitted: the next owner reads them)
-    /// and the rest kept for later. Whether the event was sent.
-    fn hand_off(
-        &self,
-        events: &mpsc::Sender<FetchEvent>,
-        event: FetchEvent,
-        giving_up: &[Owned],
-        deadline: Instant,
-    ) -> bool {
-        let batch = std::mem::take(&mut *self.batch.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut event = Some(event);
-        let mut batch = Some(batch).filter(|b| !b.is_empty());
-        while Instant::now() < deadline {
-            if let Some(b) = batch.take() {
-                let n = u32::try_from(b.len()).unwrap_or(u32::MAX);
-                match self.fetch_room.clone().try_acquire_many_owned(n) {
-                    Ok(permit) => match events.try_send(FetchEvent::Messages(b, Some(permit))) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(FetchEvent::Messages(b, _))) => {
-                            batch = Some(b)
-                        }
-                        Err(_) => return false,
-                    },
-                    Err(tokio::sync::TryAcquireError::Closed) => return false,
-                    Err(tokio::sync::TryAcquireError::NoPermits) => batch = Some(b),
-                }
-            }
-            if batch.is_none() {
-                match events.try_send(event.take().expect("sent once")) {
-                    Ok(()) => return true,
-                    Err(mpsc::error::TrySendError::Full(e)) => event = Some(e),
-                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
-                }
-            }
-            std::thread::sleep(HAND_OFF_POLL);
+    /// Hand a revoke or a loss to the loop, without waiting. The callbacks run
+    /// one at a time, and each has fenced its partitions' scopes before a later
+    /// one runs (a revoke when the loop did not answer in time, a loss at once),
+    /// so a queued transition of a partition that a newer one names again has
+    /// nothing left to do for it: it is dropped, and the queue holds at most one
+    /// per partition.
+    pub(crate) fn push_transition(&self, transition: Transition) {
+        let mut names: Vec<(String, i32)> = Vec::new();
+        let mut transition = transition;
+        names.extend(
+            transition
+                .owned_mut()
+                .iter()
+                .map(|(t, p, _)| (t.clone(), *p)),
+        );
+        let mut queue = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        for queued in queue.iter_mut() {
+            queued
+                .owned_mut()
+                .retain(|(t, p, _)| !names.iter().any(|(nt, np)| nt == t && np == p));
         }
-        // Out of time: keep what belongs to partitions this member keeps.
-        if let Some(mut b) = batch {
-            b.retain(|m| {
-                !giving_up
+        queue.retain_mut(|queued| !queued.owned_mut().is_empty());
+        queue.push_back(transition);
+        drop(queue);
+        self.transition_ready.notify_one();
+    }
+
+    /// The oldest revoke or loss the loop has not taken.
+    pub(crate) fn take_transition(&self) -> Option<Transition> {
+        self.transitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+
+    /// Forget the polled messages of `parts` not yet handed to the loop: they
+    /// stay uncommitted, and whoever owns the partitions next reads them again.
+    fn drop_polled(&self, parts: &[Owned]) {
+        self.batch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|m| {
+                !parts
                     .iter()
                     .any(|(t, p, _)| *p == m.partition && **t == *m.topic)
             });
-            let mut kept = self.batch.lock().unwrap_or_else(|p| p.into_inner());
-            b.append(&mut kept);
-            *kept = b;
-        }
-        false
     }
 
     /// Take the scopes of `parts` out of the registry (a revoke or a loss).
@@ -268,6 +299,7 @@ impl ConsumerCtx {
     /// loop and the pool do: librdkafka is not polled meanwhile.
     fn revoke(&self, consumer: &BaseConsumer<Self>, parts: Vec<(String, i32)>) {
         let owned = self.shared.take_scopes(parts);
+        self.shared.drop_polled(&owned);
         if consumer.assignment_lost() {
             // Evicted (session timeout, poll interval overrun): another member may
             // own these already. Fence at once; commit nothing.
@@ -282,25 +314,24 @@ impl ConsumerCtx {
                 partitions = owned.len(),
                 "assignment lost: work of these partitions fenced, nothing committed"
             );
-            let deadline = Instant::now() + self.handover_timeout;
-            let event = FetchEvent::Lost(owned.clone());
-            self.shared.hand_off(&self.events, event, &owned, deadline);
+            self.shared.push_transition(Transition::Lost(owned));
             return;
         }
         let started = Instant::now();
         let drain_until = started + self.drain_timeout;
         let until = drain_until + self.handover_timeout;
         let (reply, rx) = std_mpsc::sync_channel(1);
-        // Messages polled before the revoke go first.
-        let event = FetchEvent::Revoke(Revoking {
-            owned: owned.clone(),
-            drain_until,
-            until,
-            reply,
-        });
-        let sent = self
-            .shared
-            .hand_off(&self.events, event, &owned, drain_until);
+        // The loop reads transitions before anything else and never waits on the
+        // pool, so it takes this one at once; it is gone only once it has ended.
+        let sent = !self.events.is_closed();
+        if sent {
+            self.shared.push_transition(Transition::Revoke(Revoking {
+                owned: owned.clone(),
+                drain_until,
+                until,
+                reply,
+            }));
+        }
         if sent
             && rx
                 .recv_timeout(drain_until.saturating_duration_since(Instant::now()))
@@ -308,9 +339,8 @@ impl ConsumerCtx {
         {
             return;
         }
-        // The drain time is up. The loop fences too when it has the revoke; but it
-        // may still be admitting a batch (waiting for room in full worker queues)
-        // or stuck on a pool that refuses work: raise the fence here, on time.
+        // The drain time is up. The loop fences too when it carries the revoke
+        // out; raise the fence here, on time, whatever the loop is doing.
         owned.iter().for_each(|(_, _, s)| s.fence());
         // Running handlers get the hand-over time; the loop, once it has the
         // revoke, stores the watermarks and answers. Idle as in the hand-over's

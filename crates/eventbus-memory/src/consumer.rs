@@ -2,11 +2,15 @@
 
 use eventbus_core::CancellationToken;
 
-use eventbus_core::raw::{Completion, Dispatcher, InFlightSet, PreparedSubscription};
+use eventbus_core::raw::{Completion, Dispatcher, Held, InFlightSet, PreparedSubscription};
+use futures::future::poll_fn;
 use futures::FutureExt;
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use crate::broker::Topic;
 
@@ -17,6 +21,13 @@ const SUBMIT_BATCH: usize = 64;
 
 /// Messages in flight per partition of one subscription.
 pub(crate) type InFlightCounts = Arc<Vec<AtomicUsize>>;
+
+/// What the loop waits for besides new records: a completion, or the held jobs
+/// of a partition all taken by the pool (or dropped: `Err`).
+enum Progress {
+    Settled(Completion<()>),
+    Held(usize, eventbus_core::Result<()>),
+}
 
 /// One subscription's consume loop: all partitions of one topic.
 pub(crate) struct ConsumeLoop {
@@ -46,6 +57,9 @@ impl ConsumeLoop {
         // Each partition's last new watermark within one settling pass.
         let mut marks = Vec::with_capacity(n);
         let mut appended = self.topic.appended();
+        // Per partition, jobs the pool had no room for yet: the partition takes
+        // nothing more until they are in. The loop never waits on the pool.
+        let mut held: Vec<Option<Held>> = (0..n).map(|_| None).collect();
         'consume: loop {
             appended.borrow_and_update();
             // Submit whatever is ready on partitions with room.
@@ -54,7 +68,7 @@ impl ConsumeLoop {
                 submitted_any = false;
                 for p in 0..n {
                     let partition = p as i32;
-                    if !self.set.has_room(partition) {
+                    if held[p].is_some() || !self.set.has_room(partition) {
                         continue;
                     }
                     if buffers[p].is_empty() {
@@ -71,24 +85,22 @@ impl ConsumeLoop {
                         continue;
                     }
                     // A batch of the partition's buffered messages, as many as its
-                    // room and the shared bound allow (one permit waited for, the
-                    // rest taken if free).
-                    let first = tokio::select! {
-                        _ = self.cancel.cancelled() => break 'consume,
-                        p = self.set.reserve() => match p { Ok(p) => p, Err(_) => break 'consume },
-                    };
+                    // room and the shared bound allow now.
                     let room = self
                         .set
                         .room(partition)
                         .min(buffers[p].len())
                         .min(SUBMIT_BATCH);
-                    let mut permits = Vec::with_capacity(room.max(1));
-                    permits.push(first);
+                    let mut permits = Vec::with_capacity(room);
                     while permits.len() < room {
                         match self.set.try_reserve() {
                             Some(permit) => permits.push(permit),
                             None => break,
                         }
+                    }
+                    if permits.is_empty() {
+                        // The shared bound is full: a completion frees a permit.
+                        break;
                     }
                     let mut tickets = Vec::with_capacity(permits.len());
                     let mut messages = Vec::with_capacity(permits.len());
@@ -104,9 +116,9 @@ impl ConsumeLoop {
                         tickets.push(ticket);
                     }
                     let mut inflights = Vec::with_capacity(tickets.len());
-                    let submitted = self
+                    let offered = self
                         .dispatcher
-                        .submit_batch(&self.sub, messages, &self.cancel, &mut inflights)
+                        .offer_batch(&self.sub, messages, &self.cancel, &mut inflights)
                         .await;
                     // Every message has its in-flight entry; one not submitted is
                     // given up (not committed, delivered again).
@@ -123,24 +135,49 @@ impl ConsumeLoop {
                         }
                         self.in_flight[p].fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Err(e) = submitted {
-                        tracing::debug!(error = %e, topic = %self.topic.name(), "consumer stopping");
-                        break 'consume;
+                    match offered {
+                        Ok(h) => held[p] = h,
+                        Err(e) => {
+                            tracing::debug!(error = %e, topic = %self.topic.name(), "consumer stopping");
+                            break 'consume;
+                        }
                     }
                     submitted_any = true;
                     // Settle whatever finished meanwhile, without waiting.
                     self.settle_ready(None, &mut marks);
                 }
             }
+            let progress = poll_fn(|cx| {
+                for (p, h) in held.iter_mut().enumerate() {
+                    if let Some(Poll::Ready(r)) = h.as_mut().map(|h| h.poll_submit(cx)) {
+                        return Poll::Ready(Progress::Held(p, r));
+                    }
+                }
+                if self.set.is_empty() {
+                    return Poll::Pending;
+                }
+                match pin!(self.set.next()).poll(cx) {
+                    Poll::Ready(Some(s)) => Poll::Ready(Progress::Settled(s)),
+                    _ => Poll::Pending,
+                }
+            });
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
-                Some(s) = self.set.next(), if !self.set.is_empty() => {
-                    self.settle_ready(Some(s), &mut marks);
-                }
+                pr = progress => match pr {
+                    Progress::Settled(s) => self.settle_ready(Some(s), &mut marks),
+                    Progress::Held(p, Ok(())) => held[p] = None,
+                    Progress::Held(_, Err(e)) => {
+                        tracing::debug!(error = %e, topic = %self.topic.name(), "consumer stopping");
+                        break;
+                    }
+                },
                 _ = appended.changed() => {}
             }
         }
+        // Jobs the pool never took are dropped unrun: their entries settle
+        // abandoned, uncommitted.
+        held.clear();
         // Hand over: drain within the bound, committing as work lands; then fence
         // what is left (no queued job of it starts) and wait, bounded, for its
         // running handlers before leaving the group.

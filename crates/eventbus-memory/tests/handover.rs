@@ -431,3 +431,113 @@ async fn close_returns_in_time_with_a_pool_that_refuses_every_job() {
         assert_eq!(broker.committed("refused", &group, p).unwrap_or(0), 0);
     }
 }
+
+/// One key's handler hangs (ignoring its cancellation token) with its worker's
+/// queue full behind it: the loop never waits on the pool, so every other
+/// partition keeps being handled and committed, and `close()` returns within its
+/// bound with the handler still hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_handler_with_a_full_queue_stalls_only_its_partition() {
+    for (name, pools) in pools() {
+        let broker = MemoryBroker::default();
+        let topic = format!("hung-{name}");
+        let cfg = config();
+        let group = cfg.consumer.group_id.clone();
+        let bound = cfg.consumer.handover_bound();
+        let spec = PoolSpec {
+            workers: 4,
+            queue: 1,
+            wait_timeout: Duration::from_millis(100),
+        };
+        let stuck_slot =
+            eventbus_core::raw::slot(eventbus_core::raw::stable_hash(b"stuck"), spec.workers);
+        let keys: Vec<String> = (0..200)
+            .map(|i| format!("k{i}"))
+            .filter(|k| {
+                eventbus_core::raw::slot(
+                    eventbus_core::raw::stable_hash(k.as_bytes()),
+                    spec.workers,
+                ) != stuck_slot
+            })
+            .take(12)
+            .collect();
+        let bus = MemoryEventBus::new(broker.clone(), pools(spec).await, cfg).unwrap();
+        bus.configure_topic(&topic, TopicConfig::default().partitions(4))
+            .await
+            .unwrap();
+        let release = Arc::new(tokio::sync::watch::Sender::new(false));
+        let handled: Handled = Arc::default();
+        let (h, r) = (handled.clone(), release.clone());
+        bus.subscribe_envelope(&topic, move |e: Event| {
+            let (h, mut r) = (h.clone(), r.subscribe());
+            async move {
+                if e.envelope.aggregate_id == "stuck" {
+                    let _ = r.wait_for(|released| *released).await;
+                    return Ok::<(), HandlerError>(());
+                }
+                h.lock()
+                    .unwrap()
+                    .insert((e.message.partition, e.message.offset));
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+        let mut published = Vec::new();
+        for _ in 0..5 {
+            let e = Envelope::new("stuck", "test.event", serde_json::json!({}));
+            let r = bus.publish_envelope(&topic, &e).await.unwrap();
+            published.push((r.partition, r.offset));
+        }
+        let stuck_partition = published[0].0;
+        for i in 0..240usize {
+            let e = Envelope::new(
+                keys[i % keys.len()].clone(),
+                "test.event",
+                serde_json::json!({}),
+            );
+            let r = bus.publish_envelope(&topic, &e).await.unwrap();
+            published.push((r.partition, r.offset));
+        }
+        let others: Vec<(i32, i64)> = published
+            .iter()
+            .copied()
+            .filter(|(p, _)| *p != stuck_partition)
+            .collect();
+        wait_until(
+            &format!("{name}: the partitions other than the hung key's handled"),
+            || {
+                let handled = handled.lock().unwrap();
+                others.iter().all(|m| handled.contains(m))
+            },
+        )
+        .await;
+        wait_until(
+            &format!("{name}: the other partitions committed to their end"),
+            || {
+                (0..4).filter(|p| *p != stuck_partition).all(|p| {
+                    let end = others
+                        .iter()
+                        .filter(|(q, _)| *q == p)
+                        .map(|(_, o)| o + 1)
+                        .max()
+                        .unwrap_or(0);
+                    broker.committed(&topic, &group, p).unwrap_or(0) == end
+                })
+            },
+        )
+        .await;
+        tokio::time::timeout(bound + Duration::from_secs(5), bus.close())
+            .await
+            .unwrap_or_else(|_| panic!("{name}: close() returns within its bound"))
+            .unwrap();
+        assert_eq!(
+            broker
+                .committed(&topic, &group, stuck_partition)
+                .unwrap_or(0),
+            published[0].1,
+            "{name}: nothing of the hung key's partition is committed past the hung message"
+        );
+        release.send_replace(true);
+    }
+}

@@ -1,0 +1,103 @@
+//! Jobs a pool had no room for when they were offered, kept by the consume loop
+//! that offered them and fed to the pool as room appears.
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::VecDeque;
+use std::fmt;
+use std::task::{Context, Poll};
+use tokio_util::sync::CancellationToken;
+
+use super::Dispatcher;
+use crate::error::Result;
+use crate::job::Job;
+
+/// Jobs prepared by [`Dispatcher::offer_batch`] that the pool had no room for, in
+/// submission order. [`poll_submit`](Held::poll_submit) feeds them to the pool,
+/// the first waiting for room and those after it taken at once while room lasts,
+/// until all are taken or one cannot be (its scope fenced at its offset, the
+/// consumer stopping, the pool closed): that one and the rest are then dropped
+/// unrun, and their in-flight entries resolve
+/// [`Disposition::Abandoned`](super::Disposition::Abandoned). Dropping a `Held`
+/// does the same to every job still in it.
+///
+/// Polling it is the only wait on the pool: a consume loop polls it beside its
+/// other events and never blocks on a full worker queue.
+pub struct Held {
+    pub(super) dispatcher: Dispatcher,
+    pub(super) stop: CancellationToken,
+    /// Jobs not yet offered again, in order.
+    pub(super) waiting: VecDeque<Job>,
+    /// The submission of the first job, waiting for room.
+    pub(super) head: Option<BoxFuture<'static, Result<()>>>,
+}
+
+impl Held {
+    /// Jobs not yet taken by the pool.
+    pub fn len(&self) -> usize {
+        self.waiting.len() + usize::from(self.head.is_some())
+    }
+
+    /// Whether every job was taken.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Feed the jobs to the pool: `Ready(Ok(()))` once the pool took them all,
+    /// `Ready(Err(_))` when one could not be submitted (the rest are then dropped
+    /// unrun), `Pending` while the pool has no room. Cancel-safe: a job waiting
+    /// for room stays in `self` between polls.
+    pub fn poll_submit(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            if let Some(head) = &mut self.head {
+                let submitted = std::task::ready!(head.poll_unpin(cx));
+                self.head = None;
+                if let Err(e) = submitted {
+                    self.waiting.clear();
+                    return Poll::Ready(Err(e));
+                }
+            }
+            if self.waiting.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let d = &self.dispatcher;
+            let mut jobs: Vec<Job> = self.waiting.drain(..).collect();
+            if !self.stop.is_cancelled() {
+                let kinds: Vec<&'static str> = jobs
+                    .iter()
+                    .map(|j| d.inner.pool.kind_for(j.route()))
+                    .collect();
+                d.inner.pool.submit_batch(&mut jobs);
+                for pool in &kinds[..kinds.len() - jobs.len()] {
+                    d.count_sent(pool, 1);
+                }
+            }
+            let mut rest = jobs.into_iter();
+            let Some(first) = rest.next() else {
+                return Poll::Ready(Ok(()));
+            };
+            self.waiting.extend(rest);
+            let (d, stop) = (d.clone(), self.stop.clone());
+            let pool = d.inner.pool.kind_for(first.route());
+            self.head = Some(
+                async move {
+                    d.submit_waiting(first, pool, &stop).await?;
+                    d.count_sent(pool, 1);
+                    Ok(())
+                }
+                .boxed(),
+            );
+        }
+    }
+
+    /// [`poll_submit`](Held::poll_submit) as a future.
+    pub async fn submitted(&mut self) -> Result<()> {
+        futures::future::poll_fn(|cx| self.poll_submit(cx)).await
+    }
+}
+
+impl fmt::Debug for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held").field("jobs", &self.len()).finish()
+    }
+}

@@ -459,11 +459,33 @@ impl BusBackend for Backend {
                     ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
                 }
             });
+            let unconfirmed: Vec<String> = {
+                let slot = self.consumer.lock().await;
+                slot.running.as_ref().map_or_else(Vec::new, |r| {
+                    r.shared
+                        .unconfirmed_rewinds
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .map(|((t, p), o)| format!("{t}[{p}] to {o}"))
+                        .collect()
+                })
+            };
             components.push(if self.pool_closed.load(Ordering::Acquire) {
                 ComponentHealth::with_status(
                     "consumer",
                     HealthStatus::Unhealthy,
                     "the pool refuses work; consumption halted",
+                )
+            } else if !unconfirmed.is_empty() {
+                ComponentHealth::with_status(
+                    "consumer",
+                    HealthStatus::Degraded,
+                    format!(
+                        "the group's offset is not back at the rewind point of {} (retrying; \
+                         these partitions stay paused)",
+                        unconfirmed.join(", ")
+                    ),
                 )
             } else {
                 ComponentHealth::healthy("consumer")

@@ -46,7 +46,7 @@ use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::task::Poll;
@@ -244,7 +244,19 @@ struct TopicState {
     /// Per partition, jobs offered to the pool that it had no room for yet: the
     /// partition is paused, and its later messages are parked behind them.
     held: HashMap<i32, Held>,
+    /// Per partition, the backward commit after a rewind, until the group
+    /// confirms it: the partition stays paused meanwhile.
+    rewound: HashMap<i32, BackCommit>,
     removing: Vec<oneshot::Sender<()>>,
+}
+
+/// A backward commit after a rewind: the offset the group must go back to, and
+/// the answer of the commit under way (none between a failure and the retry).
+struct BackCommit {
+    to: i64,
+    answer: Option<oneshot::Receiver<Result<(), String>>>,
+    /// Until when it may stay unconfirmed before the consumer reports Degraded.
+    deadline: Instant,
 }
 
 /// What the loop waits for besides events: a completion, or held jobs of a
@@ -252,6 +264,8 @@ struct TopicState {
 enum Progress {
     Settled(Arc<str>, Completion<()>),
     Held(Arc<str>, i32, eventbus_core::Result<()>),
+    /// The answer to a backward commit after a rewind.
+    BackCommit(Arc<str>, i32, Result<(), String>),
 }
 
 enum Step {
@@ -299,6 +313,16 @@ async fn next_progress(topics: &mut HashMap<Arc<str>, TopicState>, rotate: &mut 
             for (p, held) in ts.held.iter_mut() {
                 if let Poll::Ready(r) = held.poll_submit(cx) {
                     return Poll::Ready(Progress::Held(name.clone(), *p, r));
+                }
+            }
+            for (p, back) in ts.rewound.iter_mut() {
+                let Some(answer) = back.answer.as_mut() else {
+                    continue;
+                };
+                if let Poll::Ready(r) = Pin::new(answer).poll(cx) {
+                    back.answer = None;
+                    let r = r.unwrap_or_else(|_| Err("the commit thread ended".to_owned()));
+                    return Poll::Ready(Progress::BackCommit(name.clone(), *p, r));
                 }
             }
         }
@@ -451,7 +475,10 @@ impl ConsumeLoop {
                     self.stop.cancelled().await;
                     break;
                 }
-                Step::Tick => self.report_in_flight(),
+                Step::Tick => {
+                    self.report_in_flight();
+                    self.retry_back_commits();
+                }
             }
         }
         self.shutdown().await;
@@ -469,6 +496,7 @@ impl ConsumeLoop {
                         paused: HashSet::new(),
                         parked: HashMap::new(),
                         held: HashMap::new(),
+                        rewound: HashMap::new(),
                         removing: Vec::new(),
                     },
                 );
@@ -504,6 +532,7 @@ impl ConsumeLoop {
             ts.paused.remove(&p);
             ts.parked.remove(&p);
             ts.held.remove(&p);
+            ts.rewound.remove(&p);
             resume.add_partition(&topic, p);
         }
         // A partition paused under an earlier assignment must fetch again.
@@ -655,12 +684,17 @@ impl ConsumeLoop {
             self.count_overruns(&parts);
         }
         let mut resume = TopicPartitionList::new();
+        let mut back: Vec<(String, i32, i64)> = Vec::new();
         for (topic, p) in &parts {
             let Some(ts) = self.topics.get_mut(topic.as_str()) else {
                 continue;
             };
+            let rewound = ts.rewound.remove(p);
             if let Some(w) = ts.set.revoke(*p) {
                 store_offset(&self.consumer, topic, *p, w);
+                if rewound.is_some() {
+                    back.push((topic.clone(), *p, w));
+                }
             }
             if ts.paused.remove(p) {
                 resume.add_partition(topic, *p);
@@ -672,6 +706,7 @@ impl ConsumeLoop {
         if resume.count() > 0 {
             let _ = self.consumer.resume(&resume);
         }
+        commit_back_before_leaving(self.consumer.clone(), &self.shared, &back, until).await;
         self.finish_removals();
     }
 
@@ -689,6 +724,8 @@ impl ConsumeLoop {
                 }
                 ts.parked.remove(&p);
                 ts.held.remove(&p);
+                ts.rewound.remove(&p);
+                self.shared.rewind_confirmed(&topic, p);
                 km::in_flight(&topic, p, 0);
             }
         }
@@ -831,7 +868,7 @@ impl ConsumeLoop {
             let permits = self.limit.available_permits() > 0;
             'outer: for (t, ts) in &self.topics {
                 for &p in &ts.paused {
-                    let ready = if ts.held.contains_key(&p) {
+                    let ready = if ts.held.contains_key(&p) || ts.rewound.contains_key(&p) {
                         false
                     } else if ts.parked.get(&p).is_some_and(|q| !q.is_empty()) {
                         permits && ts.set.has_room(p)
@@ -1013,6 +1050,7 @@ impl ConsumeLoop {
     fn on_progress(&mut self, progress: Progress) {
         match progress {
             Progress::Settled(topic, s) => self.on_settled(&topic, s),
+            Progress::BackCommit(topic, p, result) => self.on_back_commit(&topic, p, result),
             Progress::Held(topic, p, result) => {
                 if let Some(ts) = self.topics.get_mut(&*topic) {
                     ts.held.remove(&p);
@@ -1034,24 +1072,88 @@ impl ConsumeLoop {
 
     /// The broker went back within this assignment (offset reset, truncation, a
     /// seek): the watermark may have moved down, below what is stored or even
-    /// committed. librdkafka commits stored offsets only forwards, so commit it
-    /// explicitly: the committed offset never passes a message not finished.
+    /// committed. librdkafka commits stored offsets only forwards, so the group's
+    /// offset is taken back explicitly, and the partition stays paused until the
+    /// group confirms it: were the member to crash or lose the partition first,
+    /// the next owner would start at the old committed offset and never handle
+    /// the re-read messages below it. Not confirmed within the operation timeout,
+    /// it is retried every commit interval and the consumer reports Degraded.
     fn on_rewind(&mut self, topic: &str, p: i32) {
         self.dispatcher.count_rewind(topic);
         let Some(w) = self.topics.get(topic).and_then(|ts| ts.set.watermark(p)) else {
             return;
         };
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(topic, p, Offset::Offset(w))
-            .is_err()
-        {
-            return;
-        }
         store_offset(&self.consumer, topic, p, w);
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-            tracing::warn!(topic, partition = p, watermark = w, error = %e,
-                "commit after a rewind failed; the next commit retries it");
+        let Some(tpl) = offsets(&[(topic, p, w)]) else {
+            return;
+        };
+        let answer = commit_on_thread(self.consumer.clone(), Some(tpl), self.operation_timeout);
+        let Some(ts) = self.topics.get_mut(topic) else {
+            return;
+        };
+        ts.rewound.insert(
+            p,
+            BackCommit {
+                to: w,
+                answer: Some(answer),
+                deadline: Instant::now() + self.operation_timeout,
+            },
+        );
+        self.pause(
+            topic,
+            p,
+            "a backward commit after a rewind is not confirmed yet",
+        );
+    }
+
+    /// The group answered a backward commit: confirmed, the partition goes on;
+    /// failed, it is retried at the next tick, and past its deadline the consumer
+    /// reports Degraded.
+    fn on_back_commit(&mut self, topic: &str, p: i32, result: Result<(), String>) {
+        let Some(ts) = self.topics.get_mut(topic) else {
+            return;
+        };
+        let Some(back) = ts.rewound.get(&p) else {
+            return;
+        };
+        let to = back.to;
+        match result {
+            Ok(()) => {
+                ts.rewound.remove(&p);
+                self.shared.rewind_confirmed(topic, p);
+                tracing::info!(
+                    topic,
+                    partition = p,
+                    offset = to,
+                    "the group's offset went back to the rewind point"
+                );
+            }
+            Err(e) if Instant::now() >= back.deadline => {
+                self.shared.rewind_unconfirmed(topic, p, to);
+                tracing::error!(topic, partition = p, offset = to, error = %e,
+                    "backward commit after a rewind not confirmed; the partition stays \
+                     paused and the commit is retried");
+            }
+            Err(e) => tracing::warn!(topic, partition = p, offset = to, error = %e,
+                "backward commit after a rewind failed; retrying"),
+        }
+    }
+
+    /// Send again the backward commits whose last try failed.
+    fn retry_back_commits(&mut self) {
+        for (topic, ts) in self.topics.iter_mut() {
+            for (p, back) in ts.rewound.iter_mut() {
+                if back.answer.is_some() {
+                    continue;
+                }
+                if let Some(tpl) = offsets(&[(topic, *p, back.to)]) {
+                    back.answer = Some(commit_on_thread(
+                        self.consumer.clone(),
+                        Some(tpl),
+                        self.operation_timeout,
+                    ));
+                }
+            }
         }
     }
 
@@ -1126,7 +1228,31 @@ impl ConsumeLoop {
                     .filter_map(|p| Some((t.to_string(), p, ts.set.watermark(p)?)))
             })
             .collect();
-        match final_commit(self.consumer.clone(), self.operation_timeout).await {
+        // Partitions still to go back after a rewind: explicitly, as the stored
+        // offsets are committed only forwards.
+        let back: Vec<(&str, i32, i64)> = marks
+            .iter()
+            .filter(|(t, p, _)| {
+                self.topics
+                    .get(t.as_str())
+                    .is_some_and(|ts| ts.rewound.contains_key(p))
+            })
+            .map(|(t, p, w)| (t.as_str(), *p, *w))
+            .collect();
+        let answer = commit_on_thread(
+            self.consumer.clone(),
+            offsets(&back),
+            self.operation_timeout,
+        );
+        let result = match tokio::time::timeout(self.operation_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("the commit thread ended without an outcome".to_owned()),
+            Err(_) => Err(format!(
+                "no answer from the group coordinator within {:?}",
+                self.operation_timeout
+            )),
+        };
+        match result {
             Ok(()) => tracing::debug!("final offsets committed"),
             Err(e) => tracing::warn!(error = %e, uncommitted = ?marks,
                 "final commit not confirmed; messages past the group's committed offsets \
@@ -1141,24 +1267,39 @@ impl ConsumeLoop {
     }
 }
 
-/// Commit the stored offsets, retrying what fails, and wait at most `timeout`
-/// for the outcome. librdkafka's synchronous commit has no timeout of its own
-/// (with the coordinator gone it returns when librdkafka gives the group up, after
-/// the session timeout), so it runs on a thread of its own that is left to finish
-/// when the time is up.
-async fn final_commit(consumer: Arc<KConsumer>, timeout: Duration) -> Result<(), String> {
+/// Commit `explicit` offsets when given (a backward commit), then the stored
+/// offsets, on a thread of its own, retrying what fails for at most `timeout`;
+/// the outcome comes on the returned channel. librdkafka's synchronous commit has
+/// no timeout of its own (with the coordinator gone it returns when librdkafka
+/// gives the group up, after the session timeout): the caller waits for the
+/// answer with its own deadline, and a thread still waiting then is left to
+/// finish. (An asynchronous commit's answer comes through the consumer's poll,
+/// which the fetching thread does not reach while a rebalance callback waits for
+/// the loop; a synchronous one on a thread of its own needs no poll.)
+fn commit_on_thread(
+    consumer: Arc<KConsumer>,
+    explicit: Option<TopicPartitionList>,
+    timeout: Duration,
+) -> oneshot::Receiver<Result<(), String>> {
     let (tx, rx) = oneshot::channel();
     let spawned = std::thread::Builder::new()
         .name("eventbus-kafka-commit".to_owned())
         .spawn(move || {
             let deadline = std::time::Instant::now() + timeout;
+            let mut explicit = explicit;
             let result = loop {
-                match consumer.commit_consumer_state(CommitMode::Sync) {
+                let r = match &explicit {
+                    Some(tpl) => consumer.commit(tpl, CommitMode::Sync),
+                    None => consumer.commit_consumer_state(CommitMode::Sync),
+                };
+                match r {
                     Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
-                        break Ok(())
+                        if explicit.take().is_none() {
+                            break Ok(());
+                        }
                     }
                     Err(e) if std::time::Instant::now() < deadline => {
-                        tracing::debug!(error = %e, "final commit failed; retrying");
+                        tracing::debug!(error = %e, "commit failed; retrying");
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     Err(e) => break Err(e.to_string()),
@@ -1167,15 +1308,55 @@ async fn final_commit(consumer: Arc<KConsumer>, timeout: Duration) -> Result<(),
             let _ = tx.send(result);
         });
     if let Err(e) = spawned {
-        return Err(format!("cannot start the commit thread: {e}"));
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Err(format!("cannot start the commit thread: {e}")));
+        return rx;
     }
-    match tokio::time::timeout(timeout, rx).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Err("the commit thread ended without an outcome".to_owned()),
-        Err(_) => Err(format!(
-            "no answer from the group coordinator within {timeout:?}"
-        )),
+    rx
+}
+
+/// Partitions leaving this member while their group offset is still above
+/// their watermark (a rewind not confirmed): the commit librdkafka makes as
+/// they leave only goes forwards, so take the group's offset back here,
+/// waiting at most until `deadline`. A failure is loud: the next owner will
+/// start above messages that were read again and not handled.
+async fn commit_back_before_leaving(
+    consumer: Arc<KConsumer>,
+    shared: &ConsumerShared,
+    back: &[(String, i32, i64)],
+    deadline: Instant,
+) {
+    let marks: Vec<(&str, i32, i64)> = back.iter().map(|(t, p, w)| (t.as_str(), *p, *w)).collect();
+    let Some(tpl) = offsets(&marks) else {
+        return;
+    };
+    let timeout = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    let answer = commit_on_thread(consumer, Some(tpl), timeout);
+    let result = tokio::time::timeout(timeout, answer)
+        .await
+        .map_err(|_| format!("no answer from the group coordinator within {timeout:?}"))
+        .and_then(|r| r.unwrap_or_else(|_| Err("the commit thread ended".to_owned())));
+    for (t, p, _) in back {
+        shared.rewind_confirmed(t, *p);
     }
+    match result {
+        Ok(()) => tracing::info!(partitions = ?back,
+            "the group's offsets went back to the rewind points before the hand-over"),
+        Err(e) => tracing::error!(partitions = ?back, error = %e,
+            "the group's offsets could not be taken back to the rewind points before \
+             the hand-over: the next owner starts above messages read again"),
+    }
+}
+
+/// `marks` as a partition list for a commit; `None` when empty.
+fn offsets(marks: &[(&str, i32, i64)]) -> Option<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p, w) in marks {
+        tpl.add_partition_offset(t, *p, Offset::Offset(*w)).ok()?;
+    }
+    (tpl.count() > 0).then_some(tpl)
 }
 
 /// Error for a consumer that is gone.

@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -149,6 +149,9 @@ pub(crate) struct ConsumerShared {
     transitions: Mutex<VecDeque<Transition>>,
     /// Woken when a transition is pushed.
     pub(crate) transition_ready: Notify,
+    /// Partitions whose group offset could not be taken back to a rewind point
+    /// in time, with that offset: while any is left, the consumer is Degraded.
+    pub(crate) unconfirmed_rewinds: Mutex<BTreeMap<(String, i32), i64>>,
 }
 
 impl Default for ConsumerShared {
@@ -165,6 +168,7 @@ impl Default for ConsumerShared {
             handover_overruns: AtomicU64::default(),
             transitions: Mutex::default(),
             transition_ready: Notify::new(),
+            unconfirmed_rewinds: Mutex::default(),
         }
     }
 }
@@ -216,6 +220,23 @@ impl ConsumerShared {
         queue.push_back(transition);
         drop(queue);
         self.transition_ready.notify_one();
+    }
+
+    /// The group's offset of `topic`/`p` is not back at the rewind point `to`
+    /// within the operation timeout.
+    pub(crate) fn rewind_unconfirmed(&self, topic: &str, p: i32, to: i64) {
+        self.unconfirmed_rewinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((topic.to_owned(), p), to);
+    }
+
+    /// The group's offset of `topic`/`p` went back (or the partition left).
+    pub(crate) fn rewind_confirmed(&self, topic: &str, p: i32) {
+        self.unconfirmed_rewinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(topic.to_owned(), p));
     }
 
     /// The oldest revoke or loss the loop has not taken.

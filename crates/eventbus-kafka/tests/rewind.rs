@@ -9,7 +9,7 @@ mod cluster;
 mod gated;
 
 use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
-use eventbus_core::EventBus;
+use eventbus_core::{EventBus, HealthStatus};
 use eventbus_kafka::KafkaEventBus;
 use eventbus_testkit::checker::DeliveryChecker;
 use eventbus_testkit::factories::keyed_pools;
@@ -92,6 +92,96 @@ async fn a_rewind_is_read_again_and_the_commit_goes_back_with_it() {
     assert!(report.lost.is_empty(), "{report}");
     assert!(report.order_violations.is_empty(), "{report}");
     bus.close().await.unwrap();
+}
+
+/// A rewind below the committed offset whose backward commit keeps failing
+/// (injected): the partition stays paused and the consumer reports Degraded, and
+/// a hand-over before the re-read messages are handled still takes the group's
+/// offset back, so the next member reads from the rewind point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_below_the_committed_offset_is_durable_across_a_hand_over() {
+    let cluster = Cluster::mock(1);
+    let topic = random("rewind-durable");
+    cluster.create_topic(&topic, 1).await;
+    let mut cfg = bus_config();
+    cfg.consumer.drain_timeout = Duration::from_millis(100);
+    cfg.consumer.handover_timeout = Duration::from_millis(500);
+    let group = cfg.consumer.group_id.clone();
+    let mut kafka = cluster.kafka_config();
+    kafka.operation_timeout = Duration::from_secs(1);
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let a = KafkaEventBus::new(kafka.clone(), cfg.clone(), pool).unwrap();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let gate = open_gate();
+    subscribe(&a, &topic, &checker, &handled, &gate, Duration::ZERO).await;
+    let n = 100u64;
+    for i in 0..n {
+        let key = format!("k{}", i % 10);
+        let seq = checker.produce(&key);
+        a.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+    }
+    wait_until("everything committed", WAIT, || {
+        cluster.committed(&group, &topic, 0) == Some(n as i64)
+    })
+    .await;
+    // Hold the handlers; make every commit fail for a long while; then send the
+    // consumer back to the start.
+    gate.send_replace(false);
+    handled.lock().unwrap().clear();
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 5000],
+    );
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
+    );
+    wait_until(
+        "the consumer reports Degraded: the group's offset is not back at the rewind point",
+        WAIT,
+        || {
+            let report = futures::executor::block_on(a.health());
+            report.components.iter().any(|c| {
+                c.name == "consumer"
+                    && c.status == HealthStatus::Degraded
+                    && c.reason.as_deref().is_some_and(|r| r.contains(&topic))
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        cluster.committed(&group, &topic, 0),
+        Some(n as i64),
+        "the injected errors keep the group's offset where it was"
+    );
+    // The member leaves before handling the re-read messages; the coordinator
+    // takes commits again.
+    cluster.clear_errors(RDKafkaApiKey::OffsetCommit);
+    a.close().await.unwrap();
+    assert_eq!(
+        cluster.committed(&group, &topic, 0),
+        Some(0),
+        "the hand-over took the group's offset back to the rewind point"
+    );
+    gate.send_replace(true);
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let b = KafkaEventBus::new(kafka, cfg, pool).unwrap();
+    subscribe(&b, &topic, &checker, &handled, &gate, Duration::ZERO).await;
+    wait_until(
+        "the next member reads from the rewind point and handles everything again",
+        WAIT,
+        || handled.lock().unwrap().len() == n as usize,
+    )
+    .await;
+    wait_until("everything committed again", WAIT, || {
+        cluster.committed(&group, &topic, 0) == Some(n as i64)
+    })
+    .await;
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    b.close().await.unwrap();
 }
 
 /// Rewinds while messages are in flight: every message handled at least once, in

@@ -185,38 +185,20 @@ impl Backend {
         let topic_state = Arc::new(ConsumerState::new(&topic));
         let (mut loops, mut slots, mut grants) = (Vec::new(), Vec::new(), Vec::new());
         for n in 0..partitions {
-            let durable = naming::partition_durable(&base, n);
-            let filter = crate::partition::partition_subject(&subject, n);
-            let consumer = open_consumer(
-                shared.clone(),
-                topic.clone(),
-                durable.clone(),
-                share,
-                reset,
-                None,
-                Some(filter.clone()),
-            )
-            .await?;
             let state = Arc::new(ConsumerState::for_partition(&topic, n));
+            let spec = Arc::new(DurableSpec {
+                topic: topic.clone(),
+                durable: naming::partition_durable(&base, n),
+                max_ack_pending: share,
+                reset,
+                filter_subject: Some(crate::partition::partition_subject(&subject, n)),
+                lease_key: naming::partition_lease_key(&prefix, n),
+                state: state.clone(),
+            });
+            let consumer = open_consumer(shared.clone(), &spec, None).await?;
             let slot = Arc::new(Slot::new(n, state.clone()));
             let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let recreate: Recreate = {
-                let (shared, topic) = (shared.clone(), topic.clone());
-                Arc::new(move |start| {
-                    let (shared, topic, durable, filter) = (
-                        shared.clone(),
-                        topic.clone(),
-                        durable.clone(),
-                        filter.clone(),
-                    );
-                    async move {
-                        shared.streams.forget(&shared.stream_name(&topic));
-                        open_consumer(shared, topic, durable, share, reset, start, Some(filter))
-                            .await
-                    }
-                    .boxed()
-                })
-            };
+            let recreate = recreate_of(&shared, &spec);
             loops.push(JsLoop {
                 shared: shared.clone(),
                 dispatcher: self.dispatcher.clone(),
@@ -311,35 +293,20 @@ impl BusBackend for Backend {
                     shared.ensure_stream(dlq).await?;
                 }
                 let durable = self.durable_name(&topic);
-                let reset = cfg.auto_offset_reset;
-                let consumer = open_consumer(
-                    shared.clone(),
-                    topic.clone(),
-                    durable.clone(),
-                    max_in_flight,
-                    reset,
-                    None,
-                    None,
-                )
-                .await?;
-                let leases = shared.leases().await?;
                 let lease_key = naming::lease_key(&shared.stream_name(&topic), &durable);
                 let state = Arc::new(ConsumerState::new(&topic));
-                let recreate: Recreate = {
-                    let shared = shared.clone();
-                    let topic = topic.clone();
-                    Arc::new(move |start| {
-                        let shared = shared.clone();
-                        let topic = topic.clone();
-                        let durable = durable.clone();
-                        async move {
-                            shared.streams.forget(&shared.stream_name(&topic));
-                            open_consumer(shared, topic, durable, max_in_flight, reset, start, None)
-                                .await
-                        }
-                        .boxed()
-                    })
-                };
+                let spec = Arc::new(DurableSpec {
+                    topic: topic.clone(),
+                    durable,
+                    max_ack_pending: max_in_flight,
+                    reset: cfg.auto_offset_reset,
+                    filter_subject: None,
+                    lease_key: lease_key.clone(),
+                    state: state.clone(),
+                });
+                let consumer = open_consumer(shared.clone(), &spec, None).await?;
+                let leases = shared.leases().await?;
+                let recreate = recreate_of(&shared, &spec);
                 let run = JsLoop {
                     shared: shared.clone(),
                     dispatcher: self.dispatcher.clone(),
@@ -854,22 +821,139 @@ impl NatsEventBus {
     }
 }
 
-/// Open the durable consumer `durable` of `topic`, creating it when missing:
-/// from the start (or the end) of the stream as `reset` says, or from stream
-/// sequence `start` when given, in which case an existing one is deleted first.
-/// An existing consumer whose settings differ in what the bus relies on is a
-/// `Conflict` naming each field; it is never changed.
-async fn open_consumer(
-    shared: Arc<Shared>,
+/// What opening (or creating again) one durable consumer needs.
+struct DurableSpec {
     topic: String,
     durable: String,
     max_ack_pending: usize,
     reset: OffsetReset,
-    start: Option<u64>,
     filter_subject: Option<String>,
+    /// The durable's lease key: a key there, even a deleted one, means a member
+    /// of the group consumed this durable before.
+    lease_key: String,
+    /// Where the durable's last known position is kept.
+    state: Arc<ConsumerState>,
+}
+
+/// How a consume loop opens its durable again (after fetch errors, or when it
+/// is gone at a take-over).
+fn recreate_of(shared: &Arc<Shared>, spec: &Arc<DurableSpec>) -> Recreate {
+    let (shared, spec) = (shared.clone(), spec.clone());
+    Arc::new(move |start| {
+        let (shared, spec) = (shared.clone(), spec.clone());
+        async move {
+            shared.streams.forget(&shared.stream_name(&spec.topic));
+            open_consumer(shared, &spec, start).await
+        }
+        .boxed()
+    })
+}
+
+/// Where a missing durable starts (see `docs/nats.md`, "auto_offset_reset"):
+/// - this bus knew its position on this same stream: from its ack floor + 1
+///   (all of a work-queue stream), whatever `reset` says: the group has a
+///   position, and `reset` is for a group without one;
+/// - this bus knew it on a stream since created again: from the start;
+/// - unknown here, `earliest`: from the start;
+/// - unknown here, `latest`: from the end only if no member of the group ever
+///   held the durable's lease; otherwise a `Conflict` naming the stream and the
+///   durable, rather than skipping the backlog without a word.
+async fn start_of_missing(
+    shared: &Shared,
+    spec: &DurableSpec,
+    stream: &async_nats::jetstream::stream::Stream,
+) -> Result<consumer::DeliverPolicy> {
+    let info = stream.cached_info();
+    let stream_name = &info.config.name;
+    let created = info.created.unix_timestamp_nanos();
+    let recreated = |from: &'static str| {
+        metrics::counter!(crate::metric_names::DURABLES_RECREATED.as_str(),
+            "topic" => spec.topic.clone(), "durable" => spec.durable.clone(), "from" => from)
+        .increment(1);
+    };
+    match spec.state.position() {
+        Some((floor, on)) if on == created => {
+            tracing::warn!(topic = %spec.topic, stream = %stream_name, durable = %spec.durable,
+                from = floor + 1, "durable consumer gone: creating it again from its last known \
+                 ack floor (messages acknowledged above it come again)");
+            recreated("ack_floor");
+            Ok(match crate::streams::retention_of(&info.config) {
+                Retention::WorkQueue => consumer::DeliverPolicy::All,
+                _ => consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: floor + 1,
+                },
+            })
+        }
+        Some(_) => {
+            tracing::warn!(topic = %spec.topic, stream = %stream_name, durable = %spec.durable,
+                "durable consumer gone with its stream: creating it from the start of the new stream");
+            recreated("stream_start");
+            Ok(consumer::DeliverPolicy::All)
+        }
+        None => {
+            let past = group_consumed_before(shared, spec).await?;
+            match (spec.reset, past) {
+                (OffsetReset::Latest, false) => Ok(consumer::DeliverPolicy::New),
+                (OffsetReset::Latest, true) => Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "durable consumer `{}` of topic `{}` is gone from stream `{stream_name}`, \
+                         but its group consumed this stream before (lease key `{}` in bucket \
+                         `{}`): consumer.auto_offset_reset = latest would skip the backlog it \
+                         has not read. Create the durable from the sequence to resume at, or \
+                         set auto_offset_reset = earliest, or delete that lease key to start \
+                         at the end on purpose",
+                        spec.durable, spec.topic, spec.lease_key, shared.config.lease_bucket
+                    ),
+                )),
+                (OffsetReset::Earliest, past) => {
+                    if past {
+                        tracing::warn!(topic = %spec.topic, stream = %stream_name,
+                            durable = %spec.durable, "durable consumer of a group that consumed \
+                             this stream before is gone: creating it from the start of the stream");
+                        recreated("stream_start");
+                    }
+                    Ok(consumer::DeliverPolicy::All)
+                }
+            }
+        }
+    }
+}
+
+/// Whether a member of the group ever held the lease of `spec`'s durable (its
+/// key, or the marker its release left, is in the lease bucket).
+async fn group_consumed_before(shared: &Shared, spec: &DurableSpec) -> Result<bool> {
+    let leases = shared.leases().await?;
+    let key = spec.lease_key.clone();
+    bounded(
+        shared.config.request_timeout,
+        || format!("reading lease `{key}`"),
+        async {
+            leases
+                .kv()
+                .entry(&spec.lease_key)
+                .await
+                .map(|e| e.is_some())
+                .map_err(|e| broker(format!("cannot read lease `{}`", spec.lease_key), e))
+        },
+    )
+    .await
+}
+
+/// Open the durable consumer of `spec`, creating it when missing (where
+/// [`start_of_missing`] says), or from stream sequence `start` when given, in
+/// which case an existing one is deleted first. An existing consumer whose
+/// settings differ in what the bus relies on is a `Conflict` naming each field;
+/// it is never changed. The durable's position is recorded in `spec.state`.
+async fn open_consumer(
+    shared: Arc<Shared>,
+    spec: &DurableSpec,
+    start: Option<u64>,
 ) -> Result<consumer::PullConsumer> {
-    let stream_name = shared.stream_name(&topic);
-    shared.ensure_stream(&topic).await?;
+    let topic = &spec.topic;
+    let durable = spec.durable.clone();
+    let stream_name = shared.stream_name(topic);
+    shared.ensure_stream(topic).await?;
     let timeout = shared.config.request_timeout;
     let stream = bounded(
         timeout,
@@ -885,7 +969,8 @@ async fn open_consumer(
         },
     )
     .await?;
-    let config = consumer::pull::Config {
+    let stream_created = stream.cached_info().created.unix_timestamp_nanos();
+    let mut config = consumer::pull::Config {
         durable_name: Some(durable.clone()),
         description: Some(format!("eventbus consumer of topic {topic}")),
         ack_policy: consumer::AckPolicy::Explicit,
@@ -893,15 +978,13 @@ async fn open_consumer(
         // Retries happen in place in the dispatcher; the server redelivers only
         // what the bus gave back or lost, and must never give up on it.
         max_deliver: -1,
-        max_ack_pending: max_ack_pending as i64,
-        deliver_policy: match (start, reset) {
-            (Some(start_sequence), _) => {
-                consumer::DeliverPolicy::ByStartSequence { start_sequence }
-            }
-            (None, OffsetReset::Earliest) => consumer::DeliverPolicy::All,
-            (None, OffsetReset::Latest) => consumer::DeliverPolicy::New,
+        max_ack_pending: spec.max_ack_pending as i64,
+        // Decided below when the durable is created.
+        deliver_policy: match start {
+            Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+            None => consumer::DeliverPolicy::All,
         },
-        filter_subject: filter_subject.unwrap_or_default(),
+        filter_subject: spec.filter_subject.clone().unwrap_or_default(),
         ..Default::default()
     };
     if start.is_some() {
@@ -970,6 +1053,8 @@ async fn open_consumer(
             .map(|(field, _, have, want)| format!("{field} is {have}, wanted {want}"))
             .collect();
             if diffs.is_empty() {
+                spec.state
+                    .set_position(c.cached_info().ack_floor.stream_sequence, stream_created);
                 return Ok(c);
             }
             return Err(Error::new(
@@ -981,8 +1066,9 @@ async fn open_consumer(
                 ),
             ));
         }
+        config.deliver_policy = start_of_missing(&shared, spec, &stream).await?;
     }
-    bounded(
+    let created = bounded(
         timeout,
         || format!("creating consumer `{durable}`"),
         async {
@@ -1002,7 +1088,12 @@ async fn open_consumer(
             })
         },
     )
-    .await
+    .await?;
+    spec.state.set_position(
+        created.cached_info().ack_floor.stream_sequence,
+        stream_created,
+    );
+    Ok(created)
 }
 
 /// Health of a partitioned topic: `consumer.<topic>` with this member's share,

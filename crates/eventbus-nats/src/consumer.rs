@@ -50,6 +50,11 @@ pub(crate) struct ConsumerState {
     pub(crate) active: AtomicBool,
     /// While waiting as a standby: the member holding the lease, if known.
     pub(crate) holder: Mutex<Option<String>>,
+    /// The durable's position as this bus last knew it: its ack floor and the
+    /// creation time (Unix nanoseconds) of the stream it was on. Kept so a
+    /// durable that disappears is created again from there, never from the end
+    /// of the stream (see `docs/nats.md`, "auto_offset_reset").
+    position: Mutex<Option<(u64, i128)>>,
     pending_gauge: metrics::Gauge,
     active_gauge: metrics::Gauge,
     in_flight_gauge: metrics::Gauge,
@@ -82,6 +87,7 @@ impl ConsumerState {
             last_error: Mutex::new(None),
             active: AtomicBool::new(false),
             holder: Mutex::new(None),
+            position: Mutex::new(None),
             pending_gauge: metrics::gauge!(
                 crate::metric_names::CONSUMER_PENDING.as_str(),
                 labels.clone()
@@ -103,6 +109,26 @@ impl ConsumerState {
 
     pub(crate) fn set_ack_floor(&self, seq: u64) {
         self.ack_floor.store(seq, Ordering::Relaxed);
+        if let Some((floor, _)) = self
+            .position
+            .lock()
+            .expect("consumer state poisoned")
+            .as_mut()
+        {
+            *floor = seq;
+        }
+    }
+
+    /// The durable was opened (or created) with ack floor `floor` on the stream
+    /// created at `stream_created` (Unix nanoseconds).
+    pub(crate) fn set_position(&self, floor: u64, stream_created: i128) {
+        self.ack_floor.store(floor, Ordering::Relaxed);
+        *self.position.lock().expect("consumer state poisoned") = Some((floor, stream_created));
+    }
+
+    /// The durable's last known ack floor and its stream's creation time.
+    pub(crate) fn position(&self) -> Option<(u64, i128)> {
+        *self.position.lock().expect("consumer state poisoned")
     }
 
     pub(crate) fn set_pending(&self, n: u64) {

@@ -31,6 +31,10 @@ mod metric_names {
         LazyLock::new(|| m::name("nats", m::REDELIVERIES));
     pub(crate) static PARTITIONS_OWNED: LazyLock<String> =
         LazyLock::new(|| m::name("nats", m::PARTITIONS_OWNED));
+    /// Durable consumers this bus found gone and created again (labels `topic`,
+    /// `durable`, `from`: `ack_floor` or `stream_start`).
+    pub(crate) static DURABLES_RECREATED: LazyLock<String> =
+        LazyLock::new(|| m::name("nats", "durables_recreated_total"));
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 mod common;
 
+mod auth_server;
 mod basics;
 mod conformance;
 mod dead_letters;
@@ -10,6 +11,7 @@ mod handover;
 mod heartbeats;
 mod lease_loss;
 mod members;
+mod offset_reset;
 mod out_of_service;
 mod partitioned;
 mod poison;

@@ -10,6 +10,7 @@ mod given_back;
 mod handover;
 mod heartbeats;
 mod lease_loss;
+mod liveness;
 mod members;
 mod offset_reset;
 mod out_of_service;

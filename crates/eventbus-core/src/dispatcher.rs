@@ -779,10 +779,11 @@ impl Dispatcher {
     /// later message of their partition (it parks them), so per-partition order
     /// holds.
     ///
-    /// A rate-limited subscription still waits for its limit here, message by
-    /// message (the wait ends when `stop` is cancelled or a message's scope is
-    /// fenced). When preparing stops short that way, nothing of the batch is
-    /// submitted: every entry resolves `Abandoned` and the error says why.
+    /// A rate-limited subscription's jobs are all held: each takes its token of
+    /// the limit as the held jobs are fed to the pool, so handlers start at the
+    /// limit's pace. A message whose scope is fenced, or `stop` cancelled, before
+    /// it is prepared stops the preparation: nothing of the batch is submitted,
+    /// every entry resolves `Abandoned` and the error says why.
     pub async fn offer_batch<T: Send + Unpin + 'static>(
         &self,
         sub: &Arc<PreparedSubscription>,
@@ -800,7 +801,8 @@ impl Dispatcher {
             abandon_from(out, start);
             return Err(e);
         }
-        if !stop.is_cancelled() {
+        let limited = sub.limiter.is_some();
+        if !stop.is_cancelled() && !limited {
             self.inner.pool.submit_batch(&mut batch.jobs);
         }
         let unsent: Vec<&'static str> = batch
@@ -818,15 +820,17 @@ impl Dispatcher {
         Ok(Some(Held {
             dispatcher: self.clone(),
             stop: stop.clone(),
+            limited: limited.then(|| sub.clone()),
             waiting: batch.jobs.into(),
             head: None,
         }))
     }
 
     /// Prepare the jobs of `messages` into `batch`, pushing each message's entry
-    /// to `out`. A rate-limited subscription waits for its limit message by
-    /// message, and (`flush_each`) first submits what was prepared before, so
-    /// the limiter's wait holds back no job already prepared. At the first message
+    /// to `out`. With `flush_each`, a rate-limited subscription waits for its
+    /// limit message by message, first submitting what was prepared before, so
+    /// the limiter's wait holds back no job already prepared (without it, the
+    /// caller takes each job's token as it submits it). At the first message
     /// that cannot go (stop, fence), it and the rest get entries not submitted,
     /// and the error is returned.
     async fn prepare_batch<T: Send + Unpin + 'static>(
@@ -847,10 +851,8 @@ impl Dispatcher {
             let epoch = &target.epoch;
             let (partition, offset) = (message.partition, message.offset);
             if failed.is_none() {
-                if sub.limiter.is_some() {
-                    if flush_each {
-                        failed = self.submit_jobs(batch, stop, out).await.err();
-                    }
+                if flush_each && sub.limiter.is_some() {
+                    failed = self.submit_jobs(batch, stop, out).await.err();
                     if failed.is_none() {
                         failed = self.admit(sub, epoch, stop).await.err();
                         now = Now::new();

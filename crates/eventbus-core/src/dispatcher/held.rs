@@ -8,13 +8,15 @@ use std::fmt;
 use std::task::{Context, Poll};
 use tokio_util::sync::CancellationToken;
 
-use super::Dispatcher;
+use super::{Dispatcher, PreparedSubscription};
 use crate::error::Result;
 use crate::job::Job;
+use std::sync::Arc;
 
 /// Jobs prepared by [`Dispatcher::offer_batch`] that the pool had no room for, in
 /// submission order. [`poll_submit`](Held::poll_submit) feeds them to the pool,
-/// the first waiting for room and those after it taken at once while room lasts,
+/// the first waiting for room and those after it taken at once while room lasts
+/// (one at a time, each after its token, for a rate-limited subscription),
 /// until all are taken or one cannot be (its scope fenced at its offset, the
 /// consumer stopping, the pool closed): that one and the rest are then dropped
 /// unrun, and their in-flight entries resolve
@@ -26,6 +28,9 @@ use crate::job::Job;
 pub struct Held {
     pub(super) dispatcher: Dispatcher,
     pub(super) stop: CancellationToken,
+    /// A rate-limited subscription: each job takes its token before it is
+    /// submitted, one at a time.
+    pub(super) limited: Option<Arc<PreparedSubscription>>,
     /// Jobs not yet offered again, in order.
     pub(super) waiting: VecDeque<Job>,
     /// The submission of the first job, waiting for room.
@@ -62,7 +67,7 @@ impl Held {
             }
             let d = &self.dispatcher;
             let mut jobs: Vec<Job> = self.waiting.drain(..).collect();
-            if !self.stop.is_cancelled() {
+            if !self.stop.is_cancelled() && self.limited.is_none() {
                 let kinds: Vec<&'static str> = jobs
                     .iter()
                     .map(|j| d.inner.pool.kind_for(j.route()))
@@ -77,10 +82,13 @@ impl Held {
                 return Poll::Ready(Ok(()));
             };
             self.waiting.extend(rest);
-            let (d, stop) = (d.clone(), self.stop.clone());
+            let (d, stop, limited) = (d.clone(), self.stop.clone(), self.limited.clone());
             let pool = d.inner.pool.kind_for(first.route());
             self.head = Some(
                 async move {
+                    if let (Some(sub), Some(epoch)) = (limited, first.epoch().cloned()) {
+                        d.admit(&sub, &epoch, &stop).await?;
+                    }
                     d.submit_waiting(first, pool, &stop).await?;
                     d.count_sent(pool, 1);
                     Ok(())

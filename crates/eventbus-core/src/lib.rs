@@ -50,6 +50,7 @@ pub mod raw {
     pub mod chunks;
     pub mod completions;
     pub mod fence;
+    pub mod handover;
     pub mod inflight;
     pub mod lifecycle;
     pub mod offset;
@@ -73,6 +74,7 @@ pub mod raw {
     pub use chunks::ByteChunks;
     pub use completions::{Claim, Completions};
     pub use fence::{Epoch, Scope};
+    pub use handover::{hand_over, HandOver, HandedOver};
     pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};
     pub use lifecycle::{BusBackend, Consumers, Lifecycle};
     pub use offset::{OffsetTracker, Tracked};

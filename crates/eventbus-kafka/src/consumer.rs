@@ -37,7 +37,8 @@
 use eventbus_core::{Error, ErrorKind, Message};
 
 use eventbus_core::raw::{
-    ByteChunks, Completion, Dispatcher, Held, InFlightSet, PreparedSubscription,
+    hand_over, ByteChunks, Completion, Dispatcher, HandOver, Held, InFlightSet,
+    PreparedSubscription, Scope,
 };
 use futures::future::poll_fn;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -569,53 +570,6 @@ impl ConsumeLoop {
             .sum()
     }
 
-    /// Settle completions until `parts` are no longer busy or `deadline` passes;
-    /// whether they are idle.
-    async fn settle_until(
-        &mut self,
-        parts: &[(String, i32)],
-        running: bool,
-        deadline: Instant,
-    ) -> bool {
-        // A handler of a message superseded by a rewind ends with no completion to
-        // settle: while waiting for handlers, their scopes say when none runs.
-        let scopes: Vec<eventbus_core::raw::Scope> = if running {
-            parts
-                .iter()
-                .filter_map(|(t, p)| self.topics.get(t.as_str())?.set.scope(*p).cloned())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let all_idle = futures::future::join_all(scopes.iter().map(|s| s.idle()));
-        let mut all_idle = pin!(all_idle);
-        loop {
-            if self.busy(parts, running) == 0 {
-                return true;
-            }
-            let progress = tokio::select! {
-                pr = next_progress(&mut self.topics, &mut self.rotate) => Some(pr),
-                _ = &mut all_idle, if running => {
-                    // Every job that ran was settled before its scope went idle (a
-                    // job counts as unsettled until then); what is still ready here
-                    // is fenced jobs ending abandoned.
-                    while let Some(pr) = futures::FutureExt::now_or_never(next_progress(
-                        &mut self.topics,
-                        &mut self.rotate,
-                    )) {
-                        self.on_progress(pr);
-                    }
-                    return true;
-                }
-                _ = tokio::time::sleep_until(deadline) => None,
-            };
-            match progress {
-                Some(pr) => self.on_progress(pr),
-                None => return self.busy(parts, running) == 0,
-            }
-        }
-    }
-
     /// Count an overrun for each topic of `parts` with a handler still running.
     fn count_overruns(&self, parts: &[(String, i32)]) {
         for (t, p) in parts {
@@ -665,20 +619,20 @@ impl ConsumeLoop {
             .filter(|(t, p, scope)| self.owns_under(t, *p, scope))
             .map(|(t, p, _)| (t.clone(), *p))
             .collect();
-        let drained = self.settle_until(&parts, false, drain_until).await;
-        if !drained {
+        let ended = hand_over(
+            &mut Leaving {
+                lp: self,
+                parts: &parts,
+            },
+            tokio::time::sleep_until(drain_until),
+            tokio::time::sleep_until(until),
+        )
+        .await;
+        if !ended.drained {
             tracing::warn!(in_flight = self.busy(&parts, false), timeout = ?self.drain_timeout,
                 "revoked partitions not drained in time; their queued work is fenced and redelivered");
         }
-        for (t, p) in &parts {
-            if let Some(ts) = self.topics.get_mut(t.as_str()) {
-                ts.set.fence(*p);
-                // Held jobs are dropped unrun: their entries settle abandoned.
-                ts.held.remove(p);
-            }
-        }
-        let idle = self.settle_until(&parts, true, until).await;
-        if !idle {
+        if !ended.idle {
             tracing::warn!(running = self.busy(&parts, true), timeout = ?self.handover_timeout,
                 "a handler of revoked partitions still runs past the hand-over timeout");
             self.count_overruns(&parts);
@@ -1191,24 +1145,25 @@ impl ConsumeLoop {
             .iter()
             .flat_map(|(t, ts)| ts.set.partitions().map(move |p| (t.to_string(), p)))
             .collect();
-        if !self
-            .settle_until(&parts, false, Instant::now() + self.drain_timeout)
-            .await
-        {
+        let (drain_timeout, handover_timeout) = (self.drain_timeout, self.handover_timeout);
+        let ended = hand_over(
+            &mut Leaving {
+                lp: self,
+                parts: &parts,
+            },
+            tokio::time::sleep(drain_timeout),
+            // Measured from the fence: the sleep starts when first polled.
+            async move { tokio::time::sleep(handover_timeout).await },
+        )
+        .await;
+        if !ended.drained {
             tracing::warn!(
                 in_flight = self.total_in_flight(),
                 "close: in-flight messages not finished within the drain timeout; \
                  their work is fenced, they stay uncommitted and will be redelivered"
             );
         }
-        for ts in self.topics.values_mut() {
-            ts.set.partitions().for_each(|p| ts.set.fence(p));
-            ts.held.clear();
-        }
-        if !self
-            .settle_until(&parts, true, Instant::now() + self.handover_timeout)
-            .await
-        {
+        if !ended.idle {
             tracing::warn!(running = self.busy(&parts, true), timeout = ?self.handover_timeout,
                 "close: a handler still runs past the hand-over timeout");
             self.count_overruns(&parts);
@@ -1264,6 +1219,51 @@ impl ConsumeLoop {
             }
         }
         self.topics.clear();
+    }
+}
+
+/// Partitions of the loop being handed over (revoke, close), driven through
+/// core's hand-over ([`hand_over`]).
+struct Leaving<'a> {
+    lp: &'a mut ConsumeLoop,
+    parts: &'a [(String, i32)],
+}
+
+impl HandOver for Leaving<'_> {
+    fn in_flight(&self) -> usize {
+        self.lp.busy(self.parts, false)
+    }
+
+    fn unsettled(&self) -> usize {
+        self.lp.busy(self.parts, true)
+    }
+
+    fn fence(&mut self) {
+        for (t, p) in self.parts {
+            if let Some(ts) = self.lp.topics.get_mut(t.as_str()) {
+                ts.set.fence(*p);
+                // Held jobs are dropped unrun: their entries settle abandoned.
+                ts.held.remove(p);
+            }
+        }
+    }
+
+    fn idle(&self) -> impl Future<Output = ()> + Send + 'static {
+        // A handler of a message superseded by a rewind ends with no completion
+        // to settle: the scopes say when none runs.
+        let scopes: Vec<Scope> = self
+            .parts
+            .iter()
+            .filter_map(|(t, p)| self.lp.topics.get(t.as_str())?.set.scope(*p).cloned())
+            .collect();
+        async move {
+            futures::future::join_all(scopes.iter().map(Scope::idle)).await;
+        }
+    }
+
+    async fn progress(&mut self) {
+        let pr = next_progress(&mut self.lp.topics, &mut self.lp.rotate).await;
+        self.lp.on_progress(pr);
     }
 }
 

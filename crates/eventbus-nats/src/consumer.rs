@@ -24,8 +24,8 @@ use std::pin::Pin;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use eventbus_core::raw::{
-    ByteChunks, Claim, Completion, Completions, Dispatcher, Disposition, InFlight,
-    PreparedSubscription, Scope, Target,
+    hand_over, ByteChunks, Claim, Completion, Completions, Dispatcher, Disposition, HandOver,
+    InFlight, PreparedSubscription, Scope, Target,
 };
 
 use crate::lease::{Lease, LeaseClock, Leases, Previous};
@@ -657,8 +657,6 @@ enum Wind {
     Settled(Completion<u64>),
     /// The pull request still open brought a message, or ended (`None`, error).
     Late(Option<Delivery>),
-    /// Nothing more to wait for: idle, or out of time.
-    Done,
 }
 
 /// One turn as lease holder: the consume loop's state from the first pull request
@@ -1079,8 +1077,32 @@ impl<'a> ConsumeTurn<'a> {
         // What was fetched but not submitted stays registered (and kept alive by
         // heartbeats) until the final hand-back.
         self.queue.clear();
-        self.drain(deadline).await;
-        self.fence().await;
+        self.end_submission(deadline).await;
+        // The hand-over's steps 1 to 3, as every backend takes them: drain until
+        // the deadline (a lease lost meanwhile ends it at once), fence, wait for
+        // running handlers within the hand-over timeout.
+        let lost = self.lost.clone();
+        let handover_timeout = self.js.handover_timeout;
+        let ended = hand_over(
+            &mut self,
+            async move {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    () = lost.cancelled() => {}
+                }
+            },
+            // Measured from the fence: the sleep starts when first polled.
+            async move { tokio::time::sleep(handover_timeout).await },
+        )
+        .await;
+        self.after_drain(ended.drained);
+        if !ended.idle {
+            tracing::warn!(topic = %self.js.state.topic, timeout = ?self.js.handover_timeout,
+                "a job is unsettled past the hand-over timeout (its handler runs, or its dead letter is being written); its message is handed back");
+            self.js
+                .dispatcher
+                .count_handover_overrun(&self.js.state.topic);
+        }
         self.let_pull_run_out().await;
         self.hand_back_all().await;
         self.js.state.set_in_flight(0);
@@ -1148,9 +1170,8 @@ impl<'a> ConsumeTurn<'a> {
         }
     }
 
-    /// Finish the submission under way and wait, until `deadline`, for the work
-    /// in flight, registering what the open pull request still brings.
-    async fn drain(&mut self, deadline: tokio::time::Instant) {
+    /// Finish the submission under way, waiting at most until `deadline`.
+    async fn end_submission(&mut self, deadline: tokio::time::Instant) {
         if let Some(sub) = self.submitting.take() {
             // The turn has stopped, so the submission ends at once: the pool's
             // wait for room ends on the stop. Messages not submitted are handed
@@ -1167,80 +1188,25 @@ impl<'a> ConsumeTurn<'a> {
                 }
             }
         }
-        // A lease lost during the drain ends it at once: the fence goes up.
-        let lost = self.lost.clone();
-        let until = async move {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => {}
-                () = lost.cancelled() => {}
-            }
-        };
-        if self.wind(|t| !t.inflight.is_empty(), until).await {
-            if self.lost.is_cancelled() {
-                tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
-                    "lease lost: queued messages are fenced, not acknowledged");
-            } else if self.js.drain_timeout.is_zero() || self.moving() {
-                // A move does not drain: the fence waits for running handlers,
-                // the rest is handed back in order.
-                tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
-                    "moving: queued messages are handed back");
-            } else {
-                tracing::warn!(topic = %self.js.state.topic, left = self.inflight.len(),
-                    "drain timeout: messages still in flight are left for redelivery");
-            }
-        }
     }
 
-    /// Fence this turn's work: no queued job of it starts any more; wait, bounded
-    /// by the hand-over timeout, for its running handlers before anything is
-    /// handed back (-NAK, lease). A job counts until its completion is settled here
-    /// (see [`Scope::unsettled`]): once the scope is idle, every message whose
-    /// handler ran is acknowledged, and only the others are handed back.
-    async fn fence(&mut self) {
-        self.scope.fence();
-        let handover_until = tokio::time::Instant::now() + self.js.handover_timeout;
-        let scope = self.scope.clone();
-        let idle = async move {
-            tokio::select! {
-                () = scope.idle() => {}
-                () = tokio::time::sleep_until(handover_until) => {}
-            }
-        };
-        self.wind(|t| t.scope.unsettled() > 0, idle).await;
-        if self.scope.unsettled() > 0 {
-            tracing::warn!(topic = %self.js.state.topic, timeout = ?self.js.handover_timeout,
-                "a job is unsettled past the hand-over timeout (its handler runs, or its dead letter is being written); its message is handed back");
-            self.js
-                .dispatcher
-                .count_handover_overrun(&self.js.state.topic);
+    /// Say why work was left in flight when the drain ended (`drained`: none was).
+    fn after_drain(&self, drained: bool) {
+        if drained {
+            return;
         }
-    }
-
-    /// While `busy` holds and until `until` completes, settle what finishes and
-    /// register what the open pull request still brings (kept alive by
-    /// heartbeats, handed back in order: left unread, it would come back after
-    /// `ack_wait`, ahead of earlier messages). Whether `until` ended the wait.
-    async fn wind(&mut self, busy: fn(&Self) -> bool, until: impl Future<Output = ()>) -> bool {
-        let mut until = std::pin::pin!(until);
-        while busy(self) {
-            let open = &mut self.open;
-            let wind = tokio::select! {
-                biased;
-                // Also takes the late posts of jobs whose submission was dropped,
-                // so their guards do not hold the scope busy.
-                ((), completion) = self.inflight.settled() => Wind::Settled(completion),
-                item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
-                    Wind::Late(item)
-                }
-                () = &mut until => Wind::Done,
-            };
-            match wind {
-                Wind::Settled(completion) => self.on_settled(completion, true).await,
-                Wind::Late(item) => self.on_late(item),
-                Wind::Done => return true,
-            }
+        if self.lost.is_cancelled() {
+            tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
+                "lease lost: queued messages are fenced, not acknowledged");
+        } else if self.js.drain_timeout.is_zero() || self.moving() {
+            // A move does not drain: the fence waits for running handlers,
+            // the rest is handed back in order.
+            tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
+                "moving: queued messages are handed back");
+        } else {
+            tracing::warn!(topic = %self.js.state.topic, left = self.inflight.len(),
+                "drain timeout: messages still in flight are left for redelivery");
         }
-        false
     }
 
     /// The open pull request brought a message after the stop (registered, to be
@@ -1319,6 +1285,50 @@ impl<'a> ConsumeTurn<'a> {
 /// this never completes: a closed watch's `changed()` is ready at once on every
 /// poll, which would make the consume loop end its turn, re-take the consumer and
 /// come back, over and over.
+/// A turn's work handed over (a move, a lease loss, a give-back, a close),
+/// through core's hand-over: what finishes meanwhile is settled, and what the
+/// open pull request still brings is registered, to be handed back in order
+/// (left unread, it would come back after `ack_wait`, ahead of earlier
+/// messages).
+impl HandOver for ConsumeTurn<'_> {
+    fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// A job counts until its completion is settled here (see
+    /// [`Scope::unsettled`]): once none is, every message whose handler ran is
+    /// acknowledged, and only the others are handed back.
+    fn unsettled(&self) -> usize {
+        self.scope.unsettled()
+    }
+
+    fn fence(&mut self) {
+        self.scope.fence();
+    }
+
+    fn idle(&self) -> impl Future<Output = ()> + Send + 'static {
+        let scope = self.scope.clone();
+        async move { scope.idle().await }
+    }
+
+    async fn progress(&mut self) {
+        let open = &mut self.open;
+        let wind = tokio::select! {
+            biased;
+            // Also takes the late posts of jobs whose submission was dropped,
+            // so their guards do not hold the scope busy.
+            ((), completion) = self.inflight.settled() => Wind::Settled(completion),
+            item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
+                Wind::Late(item)
+            }
+        };
+        match wind {
+            Wind::Settled(completion) => self.on_settled(completion, true).await,
+            Wind::Late(item) => self.on_late(item),
+        }
+    }
+}
+
 async fn next_reconnect(reconnects: &mut watch::Receiver<u64>) {
     if reconnects.changed().await.is_err() {
         std::future::pending::<()>().await;

@@ -345,41 +345,21 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
         partitions: &[i32],
         drain: std::time::Duration,
         handover: std::time::Duration,
-        mut on_settled: impl FnMut(Completion<T>),
+        on_settled: impl FnMut(Completion<T>) + Send,
     ) -> Vec<i32> {
+        let mut leaving = Leaving {
+            set: self,
+            partitions,
+            on_settled,
+        };
         let drain_until = tokio::time::Instant::now() + drain;
-        while partitions.iter().any(|p| self.in_flight(*p) > 0) {
-            match tokio::time::timeout_at(drain_until, self.next()).await {
-                Ok(Some(s)) => on_settled(s),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        partitions.iter().for_each(|p| self.fence(*p));
-        let handover_until = tokio::time::Instant::now() + handover;
-        let scopes: Vec<Scope> = partitions
-            .iter()
-            .filter_map(|p| self.scope(*p).cloned())
-            .collect();
-        let all_idle = futures::future::join_all(scopes.iter().map(Scope::idle));
-        tokio::pin!(all_idle);
-        loop {
-            // Completions keep the watermarks moving while the running handlers end;
-            // a fenced queued job ends without its handler.
-            tokio::select! {
-                biased;
-                s = self.next(), if !self.is_empty() => match s {
-                    Some(s) => on_settled(s),
-                    None => continue,
-                },
-                _ = &mut all_idle => break,
-                _ = tokio::time::sleep_until(handover_until) => break,
-            }
-        }
-        // Every job that ran was settled before its scope went idle (a job counts
-        // as unsettled until then); what is still ready is fenced jobs abandoned.
-        while let Some(Some(s)) = futures::FutureExt::now_or_never(self.next()) {
-            on_settled(s);
-        }
+        crate::raw::hand_over(
+            &mut leaving,
+            tokio::time::sleep_until(drain_until),
+            // Measured from the fence: the sleep starts when first polled.
+            async move { tokio::time::sleep(handover).await },
+        )
+        .await;
         partitions
             .iter()
             .copied()
@@ -439,6 +419,50 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             } else {
                 None
             };
+        }
+    }
+}
+
+/// Partitions of an [`InFlightSet`] being handed over ([`InFlightSet::hand_over`]).
+struct Leaving<'a, T, F> {
+    set: &'a mut InFlightSet<T>,
+    partitions: &'a [i32],
+    on_settled: F,
+}
+
+impl<T: Send + Unpin + 'static, F: FnMut(Completion<T>) + Send> crate::raw::HandOver
+    for Leaving<'_, T, F>
+{
+    fn in_flight(&self) -> usize {
+        self.partitions.iter().map(|p| self.set.in_flight(*p)).sum()
+    }
+
+    fn unsettled(&self) -> usize {
+        self.partitions.iter().map(|p| self.set.unsettled(*p)).sum()
+    }
+
+    fn fence(&mut self) {
+        self.partitions.iter().for_each(|p| self.set.fence(*p));
+    }
+
+    fn idle(&self) -> impl Future<Output = ()> + Send + 'static {
+        let scopes: Vec<Scope> = self
+            .partitions
+            .iter()
+            .filter_map(|p| self.set.scope(*p).cloned())
+            .collect();
+        async move {
+            futures::future::join_all(scopes.iter().map(Scope::idle)).await;
+        }
+    }
+
+    async fn progress(&mut self) {
+        if self.set.is_empty() {
+            return std::future::pending().await;
+        }
+        match self.set.next().await {
+            Some(s) => (self.on_settled)(s),
+            None => std::future::pending().await,
         }
     }
 }

@@ -130,8 +130,9 @@ pub(crate) struct ConsumerShared {
     pub(crate) closing: AtomicBool,
     /// Messages polled by the fetching thread and not yet handed to the loop. Only
     /// the fetching thread touches it (the rebalance callbacks run on it too), so
-    /// the lock is never contended; it lets a callback hand them over before its
-    /// own event, keeping fetch order.
+    /// the lock is never contended; it lets the assignment callback hand them
+    /// over before its own event, keeping fetch order, and the revoke callback
+    /// drop those of the partitions leaving.
     pub(crate) batch: Mutex<Vec<Message>>,
     /// Messages between the fetching thread and the loop (polled or queued), in
     /// units of one message; the fetching thread adds the buffer's capacity.

@@ -10,10 +10,10 @@ mod cluster;
 mod gated;
 
 use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
-use eventbus_core::raw::{slot, stable_hash};
 use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
 use eventbus_kafka::{AssignmentStrategy, KafkaEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
+use eventbus_testkit::conformance::keys_by_worker;
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec};
 use gated::env;
@@ -78,12 +78,7 @@ async fn stuck_key(label: &str, pools: PoolFactory, strategy: AssignmentStrategy
     // Keys whose worker is not the hung key's: a keyed pool runs each worker's
     // jobs one after the other, so keys sharing the hung key's worker wait
     // with it whatever the loop does.
-    let stuck_worker = slot(stable_hash(STUCK.as_bytes()), WORKERS);
-    let keys: Vec<String> = (0..)
-        .map(|i| format!("k{i}"))
-        .filter(|k| slot(stable_hash(k.as_bytes()), WORKERS) != stuck_worker)
-        .take(12)
-        .collect();
+    let keys = keys_by_worker(STUCK, "k", false, 12, WORKERS);
     let checker = DeliveryChecker::new();
     let seen: Seen = Arc::default();
     // The first handler call of the hung key waits for this, ignoring its

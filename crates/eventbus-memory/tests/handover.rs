@@ -449,18 +449,8 @@ async fn a_hung_handler_with_a_full_queue_stalls_only_its_partition() {
             queue: 1,
             wait_timeout: Duration::from_millis(100),
         };
-        let stuck_slot =
-            eventbus_core::raw::slot(eventbus_core::raw::stable_hash(b"stuck"), spec.workers);
-        let keys: Vec<String> = (0..200)
-            .map(|i| format!("k{i}"))
-            .filter(|k| {
-                eventbus_core::raw::slot(
-                    eventbus_core::raw::stable_hash(k.as_bytes()),
-                    spec.workers,
-                ) != stuck_slot
-            })
-            .take(12)
-            .collect();
+        let keys =
+            eventbus_testkit::conformance::keys_by_worker("stuck", "k", false, 12, spec.workers);
         let bus = MemoryEventBus::new(broker.clone(), pools(spec).await, cfg).unwrap();
         bus.configure_topic(&topic, TopicConfig::default().partitions(4))
             .await

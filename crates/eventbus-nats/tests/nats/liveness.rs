@@ -3,9 +3,9 @@
 //! partitions keep being handled, a member joining gets its share within the
 //! hand-over bound, and `close()` keeps its bound.
 
-use eventbus_core::raw::{slot, stable_hash};
 use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
 use eventbus_nats::{partition_of, NatsEventBus};
+use eventbus_testkit::conformance::keys_by_worker;
 use eventbus_testkit::nats_server::NatsServer;
 use eventbus_testkit::DeliveryChecker;
 use std::collections::HashSet;
@@ -62,16 +62,11 @@ async fn a_hung_handler_with_a_full_queue_stalls_only_its_partition() {
     config.consumer.drain_timeout = Duration::from_millis(200);
     config.consumer.handover_timeout = Duration::from_millis(300);
     let bound = config.consumer.handover_bound();
-    let stuck_worker = slot(stable_hash(STUCK.as_bytes()), WORKERS);
     let stuck_partition = partition_of(STUCK, PARTITIONS);
     // Keys that share neither the hung key's worker (a keyed pool runs a
     // worker's jobs one after the other) nor its partition, and one that
     // shares its partition only: it waits behind the hung key, in order.
-    let keys: Vec<String> = (0..)
-        .map(|i| format!("k{i}"))
-        .filter(|k| slot(stable_hash(k.as_bytes()), WORKERS) != stuck_worker)
-        .take(16)
-        .collect();
+    let keys = keys_by_worker(STUCK, "k", false, 16, WORKERS);
     let checker = DeliveryChecker::new();
     let seen: Seen = Arc::default();
     let release = Arc::new(watch::Sender::new(false));

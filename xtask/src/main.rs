@@ -14,8 +14,9 @@
 //! - `cargo xtask public-api [--check]`: the public items of the facade and of
 //!   core, listed in `docs/public-api.md` (checked under `test`).
 //! - `cargo xtask check-alerts`: the Prometheus rules step alone (check and test).
-//! - `cargo xtask chaos [args]`: the long fault-injection run with the delivery
-//!   checker's report (release build).
+//! - `cargo xtask chaos [--tansu] [args]`: the long fault-injection run with the
+//!   delivery checker's report (release build); `--tansu` runs Kafka on a real
+//!   broker (`KAFKA_BROKERS`, or a tansu started here).
 //! - `cargo xtask rollout [args]`: the staged rollout run, 0 -> 10 -> 50 -> 100 -> 0 %
 //!   through the operations server under steady load (release build).
 
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
             );
             eprintln!("  bench-compare   compare the pools on the memory backend (see --help)");
             eprintln!(
-                "  chaos           fault-injection run with the delivery report (see --help)"
+                "  chaos           fault-injection run with the delivery report ([--tansu], see --help)"
             );
             eprintln!(
                 "  rollout         staged rollout run through the operations server (see --help)"
@@ -402,7 +403,17 @@ fn wants_nats(args: &[String]) -> bool {
         || args.iter().any(|a| a == "--backend=nats")
 }
 
+/// `cargo xtask chaos [--tansu] [args]`: the chaos binary; with `--tansu` its
+/// Kafka runs go to a real broker (`KAFKA_BROKERS`, or a tansu started here).
 fn chaos(args: &[String]) -> Result {
+    let tansu = args.iter().any(|a| a == "--tansu");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--tansu").cloned().collect();
+    let args = &args[..];
+    let broker = if tansu {
+        Some(tansu::RealBroker::find("chaos")?.ok_or_else(tansu::no_tansu_for_chaos)?)
+    } else {
+        None
+    };
     let mut cmd = cargo();
     cmd.args([
         "run",
@@ -418,6 +429,9 @@ fn chaos(args: &[String]) -> Result {
     if wants_nats(args) {
         install_deps()?;
         point_at_nats_server(&mut cmd)?;
+    }
+    if let Some(b) = &broker {
+        b.point(&mut cmd);
     }
     run(cmd, "chaos")
 }

@@ -17,7 +17,7 @@
 //! chaos-consumer --backend kafka|nats --target <brokers|url> --envelope-topic T
 //!     [--plain-topic P] [--partitions N] --group G [--pool keyed|actor] [--worker NAME]
 //!     [--error-rate F] [--panic-rate F] [--stuck-key K --stuck-ms MS --stuck-every N]
-//!     [--slow-prefix PREFIX --slow-ms MS] [--drain-ms MS] [--handover-ms MS]
+//!     [--slow-prefix PREFIX --slow-ms MS] [--hang-ms MS] [--drain-ms MS] [--handover-ms MS]
 //! ```
 
 use crate::backend::{self, Backend, HandoverTimeouts, PoolChoice, Target};
@@ -95,6 +95,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
             }
             "--slow-prefix" => profile.slow_prefix = Some(value()?),
             "--slow-ms" => profile.slow_for = millis(value()?, "--slow-ms")?,
+            "--hang-ms" => profile.hang_for = millis(value()?, "--hang-ms")?,
             "--drain-ms" => timeouts.drain = millis(value()?, "--drain-ms")?,
             "--handover-ms" => timeouts.handover = millis(value()?, "--handover-ms")?,
             other => return Err(format!("unknown argument `{other}`")),
@@ -118,7 +119,74 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     })
 }
 
+/// Counts the bus's hand-over overruns and lost assignments (every topic) and
+/// reports them to the run each time they change ([`handler::report_counters`]).
+struct CounterReporter {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CounterReporter {
+    /// Install the process's metrics recorder and start reporting; `None` when a
+    /// recorder is installed already.
+    fn start(worker: String) -> Option<Self> {
+        use metrics_util::debugging::DebuggingRecorder;
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().ok()?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut counted = handler::Counters::default();
+            let mut tick = tokio::time::interval(COUNTERS_POLL);
+            loop {
+                let last = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = &mut stopped => true,
+                };
+                let now = add_counts(counted, &snapshotter);
+                if now != counted {
+                    handler::report_counters(&worker, now);
+                    counted = now;
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+        Some(Self { stop, task })
+    }
+
+    /// Report what the bus counted up to now (its close included), and stop.
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// `counted` plus what the recorder counted since its last snapshot (a snapshot
+/// takes the counts).
+fn add_counts(
+    mut counted: handler::Counters,
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) -> handler::Counters {
+    use eventbus_core::metrics::{ASSIGNMENTS_LOST, HANDOVER_OVERRUNS};
+    use metrics_util::debugging::DebugValue;
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let DebugValue::Counter(n) = value else {
+            continue;
+        };
+        let name = key.key().name();
+        if name.ends_with(HANDOVER_OVERRUNS) {
+            counted.overruns += n;
+        } else if name.ends_with(ASSIGNMENTS_LOST) {
+            counted.lost += n;
+        }
+    }
+    counted
+}
+
 async fn run(args: Args) -> Result<(), String> {
+    let counters = CounterReporter::start(args.profile.worker.clone());
     let target = match args.backend {
         Backend::Kafka => Target::Kafka(args.target),
         Backend::Nats => Target::Nats(args.target),
@@ -180,12 +248,20 @@ async fn run(args: Args) -> Result<(), String> {
     let mut stdin = tokio::io::stdin();
     let mut buf = [0u8; 64];
     while stdin.read(&mut buf).await.map(|n| n > 0).unwrap_or(false) {}
+    let closing = std::time::Instant::now();
     let closed = bus.close().await.map_err(|e| format!("close: {e}"));
+    tracing::info!(took = ?closing.elapsed(), ok = closed.is_ok(), "bus closed");
     if let Some(r) = reporter {
         r.abort();
     }
+    if let Some(c) = counters {
+        c.finish().await;
+    }
     closed
 }
+
+/// How often a consumer looks at its overrun and lost-assignment counts.
+const COUNTERS_POLL: Duration = Duration::from_millis(100);
 
 /// How often a partitioned member looks at the partitions it owns.
 const OWNED_POLL: Duration = Duration::from_millis(100);

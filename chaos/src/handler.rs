@@ -25,6 +25,50 @@ pub trait Sink: Send + Sync + 'static {
     /// fence, which the hand-over protocol rules out (up to a race of a few
     /// instructions between the pool's fence check and the handler's first line).
     fn started_fenced(&self, f: FencedStart);
+    /// A hung call on a stuck aggregate began or ended (see [`Profile::hang_for`]).
+    fn hang(&self, h: Hang);
+}
+
+/// Aggregates whose id starts with this hang on their first message (see
+/// [`Profile::hang_for`]) and give up as soon as their scope is fenced, as a
+/// well-behaved handler does.
+pub const HANG_PREFIX: &str = "h-";
+
+/// Aggregates whose id starts with this hang on their first message and ignore
+/// their cancellation token: they run past the hand-over fence.
+pub const HANG_DEAF_PREFIX: &str = "hd-";
+
+/// Whether `key` is an aggregate whose first message hangs (either kind).
+pub fn is_hang_key(key: &str) -> bool {
+    key.starts_with(HANG_PREFIX) || key.starts_with(HANG_DEAF_PREFIX)
+}
+
+/// One event of a hung handler call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hang {
+    /// The incarnation it ran on.
+    pub worker: String,
+    /// The stuck aggregate.
+    pub key: String,
+    /// What happened.
+    pub event: HangEvent,
+}
+
+/// What a hung call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HangEvent {
+    /// It began.
+    Began,
+    /// Its scope was fenced while it hung (its token fired): a call that
+    /// honours the token gives up now, a deaf one goes on (and reports
+    /// [`RanOut`](Self::RanOut) if its process lives long enough).
+    Fenced,
+    /// It hung for its whole time; `past_token` is how long it went on after its
+    /// scope was fenced (`None`: not fenced while it ran).
+    RanOut {
+        /// Time run after the token fired.
+        past_token: Option<Duration>,
+    },
 }
 
 /// A handler call that began with its scope already fenced.
@@ -83,12 +127,15 @@ impl Sink for LocalSink {
     fn started_fenced(&self, f: FencedStart) {
         self.fenced.push(f);
     }
+    // The memory rotation has no stuck-key fault: one member per group.
+    fn hang(&self, _h: Hang) {}
 }
 
 /// Reports as lines on standard output, written before the handler returns, so a
 /// process killed right after still told its parent: `D <id> <partition> <offset>
-/// <attempt> <worker>`, `G <id>`, and `F <id> <partition> <offset> <attempt>
-/// <worker> <key>` for a call that started fenced.
+/// <attempt> <worker>`, `G <id>`, `F <id> <partition> <offset> <attempt>
+/// <worker> <key>` for a call that started fenced, and `H <worker> <key>
+/// began|fenced|ran [<ms past the token>]` for a hung call.
 #[derive(Debug, Default)]
 pub struct StdoutSink;
 
@@ -111,6 +158,37 @@ impl Sink for StdoutSink {
         );
         write_line(&line);
     }
+    fn hang(&self, h: Hang) {
+        write_line(&hang_line(&h));
+    }
+}
+
+fn hang_line(h: &Hang) -> String {
+    let event = match h.event {
+        HangEvent::Began => "began".to_owned(),
+        HangEvent::Fenced => "fenced".to_owned(),
+        HangEvent::RanOut { past_token: None } => "ran".to_owned(),
+        HangEvent::RanOut {
+            past_token: Some(d),
+        } => format!("ran {}", d.as_millis()),
+    };
+    format!("H {} {} {event}\n", h.worker, h.key)
+}
+
+/// Tell the parent how many hand-over overruns and lost assignments this
+/// process's bus has counted so far (`M <worker> <overruns> <lost>`), each time
+/// that changes.
+pub fn report_counters(worker: &str, c: Counters) {
+    write_line(&format!("M {worker} {} {}\n", c.overruns, c.lost));
+}
+
+/// What a consumer process's bus has counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// `handover_overruns_total`, every topic.
+    pub overruns: u64,
+    /// `assignments_lost_total`, every topic.
+    pub lost: u64,
 }
 
 /// Tell the parent that the consumer has subscribed (`S`): it has joined its
@@ -177,6 +255,26 @@ pub fn parse_line(line: &str) -> Option<Result<Report, String>> {
             .and_then(|id| id.parse::<MessageId>())
             .map(Report::GivenUp),
         "S" => Ok(Report::Subscribed),
+        "H" => (|| {
+            let worker = parts.next().ok_or_else(bad)?.to_owned();
+            let key = parts.next().ok_or_else(bad)?.to_owned();
+            let event = match (parts.next(), parts.next()) {
+                (Some("began"), None) => HangEvent::Began,
+                (Some("fenced"), None) => HangEvent::Fenced,
+                (Some("ran"), None) => HangEvent::RanOut { past_token: None },
+                (Some("ran"), Some(ms)) => HangEvent::RanOut {
+                    past_token: Some(Duration::from_millis(ms.parse().map_err(|_| bad())?)),
+                },
+                _ => return Err(bad()),
+            };
+            Ok(Report::Hang(Hang { worker, key, event }))
+        })(),
+        "M" => (|| {
+            let worker = parts.next().ok_or_else(bad)?.to_owned();
+            let overruns = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            let lost = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            Ok(Report::Counters(worker, Counters { overruns, lost }))
+        })(),
         "O" => match parts.next() {
             Some("-") => Ok(Report::Owned(Vec::new())),
             Some(list) => list
@@ -203,6 +301,10 @@ pub enum Report {
     Subscribed,
     /// See [`report_owned`]: the partitions owned now, ascending.
     Owned(Vec<u32>),
+    /// See [`Sink::hang`].
+    Hang(Hang),
+    /// See [`report_counters`]: the worker and its counts so far.
+    Counters(String, Counters),
 }
 
 /// How one consumer incarnation misbehaves.
@@ -228,6 +330,9 @@ pub struct Profile {
     pub slow_prefix: Option<String>,
     /// How long a call on a slow aggregate takes.
     pub slow_for: Duration,
+    /// How long the first message of each stuck aggregate ([`HANG_PREFIX`],
+    /// [`HANG_DEAF_PREFIX`]) hangs, on every delivery of it; zero for never.
+    pub hang_for: Duration,
 }
 
 impl Profile {
@@ -242,6 +347,7 @@ impl Profile {
             stuck_every: 1,
             slow_prefix: None,
             slow_for: Duration::ZERO,
+            hang_for: Duration::ZERO,
         }
     }
 
@@ -272,6 +378,9 @@ impl Profile {
                 "--slow-ms".into(),
                 self.slow_for.as_millis().to_string(),
             ]);
+        }
+        if !self.hang_for.is_zero() {
+            a.extend(["--hang-ms".into(), self.hang_for.as_millis().to_string()]);
         }
         a
     }
@@ -370,6 +479,9 @@ async fn on_envelope(p: &Profile, sink: &dyn Sink, e: Event) -> Result<(), Handl
             }
         }
     }
+    if stamp.key_seq == 0 && !p.hang_for.is_zero() && is_hang_key(&stamp.aggregate_id) {
+        hang(p, sink, &stamp.aggregate_id, e.cancellation()).await?;
+    }
     if p.stuck_key.as_deref() == Some(stamp.aggregate_id.as_str())
         && stamp.key_seq % p.stuck_every.max(1) == 0
         && e.attempt == 1
@@ -385,6 +497,44 @@ async fn on_envelope(p: &Profile, sink: &dyn Sink, e: Event) -> Result<(), Handl
         }
     }
     sink.delivered(delivery(stamp.id, &e.message, &p.worker));
+    Ok(())
+}
+
+/// Hang for [`Profile::hang_for`]: on a [`HANG_PREFIX`] aggregate give up as soon
+/// as `token` fires; on a [`HANG_DEAF_PREFIX`] one run on regardless, noting how
+/// long after the token.
+async fn hang(
+    p: &Profile,
+    sink: &dyn Sink,
+    key: &str,
+    token: &eventbus_core::CancellationToken,
+) -> Result<(), HandlerError> {
+    let report = |event| {
+        sink.hang(Hang {
+            worker: p.worker.clone(),
+            key: key.to_owned(),
+            event,
+        })
+    };
+    report(HangEvent::Began);
+    let sleep = tokio::time::sleep(p.hang_for);
+    tokio::pin!(sleep);
+    tokio::select! {
+        _ = &mut sleep => {
+            report(HangEvent::RanOut { past_token: None });
+            return Ok(());
+        }
+        _ = token.cancelled() => {}
+    }
+    report(HangEvent::Fenced);
+    if key.starts_with(HANG_PREFIX) {
+        return Err(HandlerError::transient("handed over while hung"));
+    }
+    let fired = tokio::time::Instant::now();
+    sleep.await;
+    report(HangEvent::RanOut {
+        past_token: Some(fired.elapsed()),
+    });
     Ok(())
 }
 
@@ -467,6 +617,35 @@ mod tests {
             })))
         );
         assert_eq!(parse_line("S"), Some(Ok(Report::Subscribed)));
+        for event in [
+            HangEvent::Began,
+            HangEvent::Fenced,
+            HangEvent::RanOut { past_token: None },
+            HangEvent::RanOut {
+                past_token: Some(Duration::from_millis(1500)),
+            },
+        ] {
+            let h = Hang {
+                worker: "m2".into(),
+                key: "hd-1-0".into(),
+                event,
+            };
+            assert_eq!(
+                parse_line(hang_line(&h).trim_end()),
+                Some(Ok(Report::Hang(h)))
+            );
+        }
+        assert_eq!(
+            parse_line("M m3 2 0"),
+            Some(Ok(Report::Counters(
+                "m3".into(),
+                Counters {
+                    overruns: 2,
+                    lost: 0
+                }
+            )))
+        );
+        assert!(parse_line("H m2 h-0 sideways").unwrap().is_err());
         assert_eq!(
             parse_line(owned_line(&[0, 4, 11]).trim_end()),
             Some(Ok(Report::Owned(vec![0, 4, 11])))

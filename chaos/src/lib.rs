@@ -27,7 +27,9 @@ pub mod handler;
 pub mod run;
 
 pub use backend::Backend;
-pub use run::{run, Fault, Options, Outcome, PhaseDuplicates, RotationStep, RotationStepKind};
+pub use run::{
+    run, Fault, Options, Outcome, PhaseDuplicates, RotationStep, RotationStepKind, StuckPhase,
+};
 
 /// What both binaries do first: log errors (or `RUST_LOG`) to standard error, and
 /// keep the handlers' deliberate panics out of it.

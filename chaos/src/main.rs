@@ -16,7 +16,11 @@ use std::time::Duration;
 fn usage() -> &'static str {
     "usage: chaos [--backend memory|kafka|nats] [--minutes N | --seconds N] [--rate MSGS_PER_S] \
      [--error-rate F] [--panic-rate F] [--faults kill,restart,member,rolling,partitioned,\
-     commit-errors,fetch-errors,heartbeat-errors,broker-down,server-kill,server-pause] [--quiet]\n\
+     stuck-key,stuck-key-deaf,commit-errors,fetch-errors,heartbeat-errors,broker-down,\
+     server-kill,server-pause] [--quiet]\n\
+     \n\
+     kafka runs use KAFKA_BROKERS when it is set (`cargo xtask chaos --tansu` starts a\n\
+     tansu broker and sets it), else librdkafka's mock cluster\n\
      \n\
      faults (default: every one that applies to the backend, in turn, 15 s each):\n\
      \x20 kill            consumer killed (SIGKILL; memory: runtime dropped) and restarted\n\
@@ -32,7 +36,17 @@ fn usage() -> &'static str {
      \x20                 in fair shares: one killed (SIGKILL) and replaced (its partitions\n\
      \x20                 move when its 3 s leases expire), one closed and restarted, a\n\
      \x20                 fourth joins (3/3/3/3), one leaves cleanly (4/4/4)\n\
+     \x20 stuck-key       (kafka, nats) a stuck key during a rebalance: aggregates (2 at a\n\
+     \x20                 time, 10 messages each) whose first message hangs 12 s, past the\n\
+     \x20                 5 s drain and hand-over, on every delivery, honouring the\n\
+     \x20                 cancellation token; once one hangs, a second member joins; once\n\
+     \x20                 one hangs again on the first member, it leaves. Other keys must\n\
+     \x20                 go on, and nobody may lose an assignment\n\
+     \x20 stuck-key-deaf  the same with handlers that ignore the token: the hand-over\n\
+     \x20                 overruns counted are reported, those aggregates are left out of\n\
+     \x20                 the order figure\n\
      \x20 commit-errors, fetch-errors, heartbeat-errors, broker-down   kafka mock cluster\n\
+     \x20                 (left out on a real broker, KAFKA_BROKERS)\n\
      \x20 server-kill, server-pause                                    nats-server\n\
      \n\
      chaos consumer [args]: one consumer process (started by the run itself)"

@@ -18,7 +18,8 @@ use tokio::task::JoinHandle;
 
 use crate::backend::{self, Backend, HandoverTimeouts, PoolChoice, Target};
 use crate::handler::{
-    self, parse_line, FencedStart, FencedStarts, LocalSink, Profile, Report, Sink, Topics,
+    self, parse_line, Counters, FencedStart, FencedStarts, Hang, HangEvent, LocalSink, Profile,
+    Report, Sink, Topics, HANG_DEAF_PREFIX, HANG_PREFIX,
 };
 
 /// Aggregate ids of the rolling deploy's bursts start with this; their handler
@@ -29,8 +30,12 @@ pub const BURST_PREFIX: &str = "r-";
 /// partitioned rotation, [`Fault::PartitionedRotation`]).
 pub const PARTITIONED_PREFIX: &str = "q-";
 
+/// The producer id of the stuck-key faults' messages ([`Fault::StuckKey`]): the
+/// run's producer and its bursts publish as producer 0.
+const HANG_PRODUCER: u32 = 1;
+
 /// The log filter of consumer processes when `RUST_LOG` is not set.
-const CONSUMER_LOG: &str = "error,eventbus_kafka=info,eventbus_nats=info";
+const CONSUMER_LOG: &str = "error,eventbus_kafka=info,eventbus_nats=info,eventbus_chaos=info";
 
 /// Settings of a run.
 #[derive(Debug, Clone)]
@@ -38,7 +43,8 @@ const CONSUMER_LOG: &str = "error,eventbus_kafka=info,eventbus_nats=info";
 pub struct Options {
     /// The backend.
     pub backend: Backend,
-    /// How long faults rotate (the settle phase comes after).
+    /// How long faults rotate (the settle phase comes after); each fault of
+    /// [`faults`](Self::faults) is applied at least once, however long that takes.
     pub duration: Duration,
     /// How long each fault phase lasts.
     pub phase: Duration,
@@ -92,6 +98,17 @@ pub struct Options {
     /// Partitioned rotation: longest wait, after a step, for the live members
     /// to own every partition between them in fair shares.
     pub partitioned_settle: Duration,
+    /// Stuck-key faults: how long the first message of each stuck aggregate
+    /// hangs, on every delivery of it. Longer than the members' drain and
+    /// hand-over timeouts together, so a hand-over always finds it running.
+    pub hang_for: Duration,
+    /// Stuck-key faults: stuck aggregates published each time (before the
+    /// join, and before the leave until one hangs on the leaving member). Few,
+    /// so that their queues take a small part of a partition's in-flight bound.
+    pub hang_keys: u32,
+    /// Stuck-key faults: messages per stuck aggregate, queued behind its hung
+    /// first one.
+    pub hang_queue: u32,
 }
 
 impl Options {
@@ -113,7 +130,7 @@ impl Options {
             consumer_bin: None,
             consumer_args: Vec::new(),
             verbose: false,
-            faults: Fault::rotation(backend),
+            faults: Fault::rotation_on(backend, backend == Backend::Kafka && real_kafka()),
             rolling_steps: 3,
             burst_keys: 4,
             burst_per_key: 300,
@@ -126,6 +143,12 @@ impl Options {
             partitioned_members: 3,
             partitioned_share: 0.4,
             partitioned_settle: Duration::from_secs(30),
+            hang_for: {
+                let t = HandoverTimeouts::default();
+                t.drain + t.handover + Duration::from_secs(2)
+            },
+            hang_keys: 2,
+            hang_queue: 10,
         }
     }
 
@@ -183,6 +206,22 @@ pub enum Fault {
     /// once its leases expire); a member closes cleanly and is started again; a
     /// fourth member joins; a member leaves cleanly, back to three.
     PartitionedRotation,
+    /// A stuck key during a rebalance, its handler honouring its cancellation
+    /// token (Kafka, NATS): [`Options::hang_keys`] aggregates (`h-…`) whose first
+    /// message hangs for [`Options::hang_for`], longer than the drain, are
+    /// published; once one hangs on the member, a second member joins (Kafka:
+    /// partitions move), more stuck aggregates are published, and once one hangs
+    /// on the first member again it leaves cleanly, handing everything to the
+    /// second. The hung calls give up at the fence. The phase passes when the
+    /// other keys were handled meanwhile, the joining member became ready, no
+    /// member lost its assignment and a fence reached a hung call.
+    StuckKey,
+    /// [`StuckKey`](Self::StuckKey) with handlers that ignore their token
+    /// (`hd-…`): they run past the fence; the run reports the hand-over overruns
+    /// the members counted, and leaves those aggregates out of the order figure
+    /// (a call running past its fence is the overlap the hand-over timeout
+    /// bounds, not a defect).
+    StuckKeyDeaf,
 }
 
 impl Fault {
@@ -195,9 +234,11 @@ impl Fault {
                 KillConsumer,
                 CommitErrors,
                 SecondMember,
+                StuckKey,
                 FetchErrors,
                 RollingDeploy,
                 BrokerDown,
+                StuckKeyDeaf,
                 HeartbeatErrors,
                 RestartConsumer,
             ],
@@ -205,13 +246,40 @@ impl Fault {
                 KillConsumer,
                 ServerKilled,
                 SecondMember,
+                StuckKey,
                 RollingDeploy,
                 ServerPaused,
+                StuckKeyDeaf,
                 RestartConsumer,
                 PartitionedRotation,
             ],
         }
     }
+
+    /// The rotation of `backend` on a real Kafka broker when `real_kafka`: the
+    /// faults that need the mock cluster left out.
+    pub fn rotation_on(backend: Backend, real_kafka: bool) -> Vec<Fault> {
+        let mut faults = Self::rotation(backend);
+        if real_kafka {
+            faults.retain(|f| !f.needs_mock_cluster());
+        }
+        faults
+    }
+
+    /// Kafka faults injected by librdkafka's mock cluster (request errors, a
+    /// broker down), which a real broker cannot be asked for.
+    pub fn needs_mock_cluster(self) -> bool {
+        matches!(
+            self,
+            Fault::CommitErrors | Fault::FetchErrors | Fault::HeartbeatErrors | Fault::BrokerDown
+        )
+    }
+}
+
+/// Whether the Kafka runs go to a real broker: `KAFKA_BROKERS` is set (as the
+/// testkit's [`Cluster::start`] reads it).
+pub fn real_kafka() -> bool {
+    std::env::var("KAFKA_BROKERS").is_ok_and(|b| !b.trim().is_empty())
 }
 
 impl std::str::FromStr for Fault {
@@ -230,11 +298,13 @@ impl std::str::FromStr for Fault {
             "server-pause" => ServerPaused,
             "rolling" => RollingDeploy,
             "partitioned" => PartitionedRotation,
+            "stuck-key" => StuckKey,
+            "stuck-key-deaf" => StuckKeyDeaf,
             other => {
                 return Err(format!(
                     "unknown fault `{}` (kill, restart, member, rolling, partitioned, \
-                     commit-errors, fetch-errors, heartbeat-errors, broker-down, server-kill, \
-                     server-pause)",
+                     stuck-key, stuck-key-deaf, commit-errors, fetch-errors, heartbeat-errors, \
+                     broker-down, server-kill, server-pause)",
                     other.escape_debug()
                 ))
             }
@@ -256,6 +326,8 @@ impl fmt::Display for Fault {
             Fault::ServerPaused => "nats-server paused and resumed",
             Fault::RollingDeploy => "rolling deploy with deep queues",
             Fault::PartitionedRotation => "partitioned rotation (kill, restart, join, leave)",
+            Fault::StuckKey => "stuck key during a rebalance (honours its token)",
+            Fault::StuckKeyDeaf => "stuck key during a rebalance (ignores its token)",
         })
     }
 }
@@ -303,6 +375,116 @@ pub struct RotationStep {
     pub settled_after: Option<Duration>,
     /// Who owned what at the end of the wait (`q2 0,1,2,3; q4 …`).
     pub shares: String,
+}
+
+/// One stuck-key phase ([`Fault::StuckKey`], [`Fault::StuckKeyDeaf`]) and what
+/// it found.
+#[derive(Debug, Clone, Default)]
+pub struct StuckPhase {
+    /// The handlers ignored their token ([`Fault::StuckKeyDeaf`]).
+    pub deaf: bool,
+    /// The members: who hung, who joined, who left.
+    pub detail: String,
+    /// A call hung on the first member before the second joined.
+    pub hung_at_join: bool,
+    /// How long the joining member took to become ready; `None`: not within
+    /// the bound.
+    pub joined_ready_after: Option<Duration>,
+    /// A call hung on the first member when it was asked to leave.
+    pub hung_at_leave: bool,
+    /// How long the leaving member's close took.
+    pub close_took: Duration,
+    /// Hung calls on the phase's own stuck aggregates that began during it
+    /// (this and the next two counts leave earlier phases' out).
+    pub hangs_began: u32,
+    /// Hung calls whose scope was fenced while they hung (their token fired):
+    /// honouring it, they gave up; deaf, they went on.
+    pub fenced: u32,
+    /// Hung calls that were seen to finish after their scope was fenced (a
+    /// deaf call whose process outlived it).
+    pub ran_past_token: u32,
+    /// The longest time a hung call ran after its scope was fenced.
+    pub longest_past_token: Duration,
+    /// Messages of the other keys handled from the first hang to the phase's
+    /// end.
+    pub others_handled: u64,
+    /// Hand-over overruns the members counted during the phase.
+    pub overruns: u64,
+    /// Assignments (Kafka partitions, NATS leases) the members counted lost
+    /// during the phase.
+    pub assignments_lost: u64,
+    /// The broker is tansu, whose group coordinator completes a cooperative
+    /// rebalance without a member still in its revoke callback, so a joiner
+    /// gets nothing while a revoke waits for a hung call (`docs/kafka.md`):
+    /// the joiner's readiness is reported, not required.
+    pub joiner_starved_by_broker: bool,
+}
+
+impl StuckPhase {
+    /// The phase did what it is for and the bus held: the transitions found
+    /// calls hanging, the other keys were handled meanwhile, the joining member
+    /// became ready, nobody lost an assignment, and a fence reached a hung call
+    /// (a token-honouring call gave up; a deaf one ran on past it).
+    pub fn passed(&self) -> bool {
+        // A call honouring its token never runs past it.
+        let fence_held = self.fenced > 0 && (self.deaf || self.ran_past_token == 0);
+        self.hung_at_join
+            && self.hung_at_leave
+            && (self.joined_ready_after.is_some() || self.joiner_starved_by_broker)
+            && self.others_handled > 0
+            && self.assignments_lost == 0
+            && fence_held
+    }
+}
+
+impl fmt::Display for StuckPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ready = match self.joined_ready_after {
+            Some(d) => format!("ready after {d:.1?}"),
+            None if self.joiner_starved_by_broker => {
+                "NOT ready (tansu: a slow revoke starves a joiner)".to_owned()
+            }
+            None => "NOT ready".to_owned(),
+        };
+        write!(
+            f,
+            "{} ({}): hung at join {}, joiner {ready}, hung at leave {}, close took {:.1?}; \
+             hangs {} (fenced {}, seen to run past the fence {}, longest {:.1?}); other \
+             keys handled meanwhile {}; overruns counted {}; assignments lost {} -> {}",
+            if self.deaf { "deaf" } else { "honours token" },
+            self.detail,
+            self.hung_at_join,
+            self.hung_at_leave,
+            self.close_took,
+            self.hangs_began,
+            self.fenced,
+            self.ran_past_token,
+            self.longest_past_token,
+            self.others_handled,
+            self.overruns,
+            self.assignments_lost,
+            if self.passed() { "ok" } else { "FAILED" }
+        )
+    }
+}
+
+/// The hung calls the consumer processes reported, in arrival order.
+#[derive(Debug, Default)]
+struct HangLog {
+    events: Vec<Hang>,
+}
+
+impl HangLog {
+    /// Whether `worker` has a hung call on an aggregate starting with `keys`
+    /// that has not ended.
+    fn hanging(&self, worker: &str, keys: &str) -> bool {
+        let mut open = 0i64;
+        let mine = |h: &Hang| h.worker == worker && h.key.starts_with(keys);
+        for h in self.events.iter().filter(|h| mine(h)) {
+            open += if h.event == HangEvent::Began { 1 } else { -1 };
+        }
+        open > 0
+    }
 }
 
 /// Messages reported handled again (duplicates) during one phase of a run
@@ -388,14 +570,36 @@ pub struct Outcome {
     /// Handler calls that began with their scope already fenced (see
     /// [`Sink::started_fenced`]).
     pub fenced_starts: Vec<FencedStart>,
+    /// The stuck-key phases, in order.
+    pub stuck: Vec<StuckPhase>,
+    /// The broker: `memory`, `kafka mock cluster`, `kafka at <brokers>`,
+    /// `nats-server`.
+    pub broker: String,
 }
 
 impl Outcome {
-    /// No envelope message lost, no order violation, nothing unexpected, every
-    /// consumer line readable, and the partitioned rotation's members shared the
-    /// partitions fairly again after each step.
+    /// No envelope message lost, no order violation (on the aggregates of
+    /// token-ignoring stuck keys they are expected, see
+    /// [`Fault::StuckKeyDeaf`]), nothing unexpected, every consumer line
+    /// readable, the partitioned rotation's members shared the partitions fairly
+    /// again after each step, and every stuck-key phase passed.
     pub fn passed(&self) -> bool {
-        self.report.is_clean() && self.bad_lines.is_empty() && self.unsettled_steps() == 0
+        self.report.lost.is_empty()
+            && self.report.unexpected.is_empty()
+            && self.order_violations().is_empty()
+            && self.bad_lines.is_empty()
+            && self.unsettled_steps() == 0
+            && self.stuck.iter().all(StuckPhase::passed)
+    }
+
+    /// The order violations that count: those on aggregates of token-ignoring
+    /// stuck keys ([`HANG_DEAF_PREFIX`]) left out.
+    pub fn order_violations(&self) -> Vec<&String> {
+        self.report
+            .order_violations
+            .iter()
+            .filter(|v| !on_deaf_key(v))
+            .collect()
     }
 
     /// Steps of the partitioned rotation after which the members did not share
@@ -412,8 +616,14 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "chaos run on {}: {:.0?}, {} consumer incarnations, {} publish retries, settled {}",
-            self.backend, self.elapsed, self.incarnations, self.publish_retries, self.settled
+            "chaos run on {} ({}): {:.0?}, {} consumer incarnations, {} publish retries, \
+             settled {}",
+            self.backend,
+            self.broker,
+            self.elapsed,
+            self.incarnations,
+            self.publish_retries,
+            self.settled
         )?;
         let faults: Vec<String> = self
             .faults
@@ -500,17 +710,36 @@ impl fmt::Display for Outcome {
         for s in self.fenced_starts.iter().take(10) {
             writeln!(f, "  started fenced: {s}")?;
         }
+        for s in &self.stuck {
+            writeln!(f, "stuck key: {s}")?;
+        }
+        let deaf = self.report.order_violations.len() - self.order_violations().len();
+        if deaf > 0 {
+            writeln!(
+                f,
+                "  order violations on token-ignoring stuck keys, left out of the verdict: {deaf}"
+            )?;
+        }
         writeln!(
             f,
             "verdict: lost envelope {} order violations {} unexpected {} unsettled \
-             partition steps {} -> {}",
+             partition steps {} stuck-key phases failed {} -> {}",
             self.report.lost.len(),
-            self.report.order_violations.len(),
+            self.order_violations().len(),
             self.report.unexpected.len(),
             self.unsettled_steps(),
+            self.stuck.iter().filter(|s| !s.passed()).count(),
             if self.passed() { "PASS" } else { "FAIL" }
         )
     }
+}
+
+/// Whether an order violation of the checker's report (`key <id>: …`) is on a
+/// token-ignoring stuck aggregate.
+fn on_deaf_key(violation: &str) -> bool {
+    violation
+        .strip_prefix("key ")
+        .is_some_and(|rest| rest.starts_with(HANG_DEAF_PREFIX))
 }
 
 /// The broker of a run and what can be done to it.
@@ -587,6 +816,19 @@ struct Ctx {
     rotation: Mutex<Vec<RotationStep>>,
     /// Duplicates reported by the consumer processes, by phase.
     duplicates: Arc<Mutex<Duplicates>>,
+    /// Hung calls reported by the consumer processes.
+    hangs: Arc<Mutex<HangLog>>,
+    /// Bumped each time a hung call is reported.
+    hang_changed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Each consumer process's overrun and lost-assignment counts, as last
+    /// reported.
+    counters: Arc<Mutex<BTreeMap<String, Counters>>>,
+    /// Deliveries reported of messages other than the stuck keys'.
+    others_delivered: Arc<AtomicU64>,
+    /// How many stuck-key phases have begun (it names their aggregates).
+    hang_rounds: AtomicU64,
+    /// The stuck-key phases so far.
+    stuck: Mutex<Vec<StuckPhase>>,
 }
 
 /// What a consumer process consumes.
@@ -610,6 +852,7 @@ impl Ctx {
             stuck_every: self.opts.stuck_every,
             slow_prefix: Some(BURST_PREFIX.into()),
             slow_for: self.opts.slow_for,
+            hang_for: self.opts.hang_for,
         }
     }
 
@@ -632,19 +875,29 @@ impl Ctx {
     /// publishing in stamp order (only bursts use these aggregates, and a burst
     /// is awaited before the next one starts, so stamp order is broker order).
     fn burst(&self) -> JoinHandle<Result<(), String>> {
-        let tasks: Vec<_> = (0..self.opts.burst_keys.max(1))
-            .map(|k| {
+        let keys = (0..self.opts.burst_keys.max(1)).map(|k| format!("{BURST_PREFIX}{k}"));
+        self.publish_keys(keys, self.opts.burst_per_key, 0)
+    }
+
+    /// Publish `per_key` envelope messages on each of `keys` to the envelope
+    /// topic, as `producer`, the keys side by side.
+    fn publish_keys(
+        &self,
+        keys: impl Iterator<Item = String>,
+        per_key: u32,
+        producer: u32,
+    ) -> JoinHandle<Result<(), String>> {
+        let tasks: Vec<_> = keys
+            .map(|key| {
                 let (publisher, topics, checker, retries) = (
                     self.publisher.clone(),
                     self.topics.clone(),
                     self.checker.clone(),
                     self.retries.clone(),
                 );
-                let n = self.opts.burst_per_key;
                 tokio::spawn(async move {
-                    let key = format!("{BURST_PREFIX}{k}");
-                    for _ in 0..n {
-                        let stamp = checker.stamp(0, &key, MessageClass::Envelope);
+                    for _ in 0..per_key {
+                        let stamp = checker.stamp(producer, &key, MessageClass::Envelope);
                         publish(&publisher, &topics.envelope, &stamp, &retries).await?;
                     }
                     Ok::<_, String>(())
@@ -661,6 +914,148 @@ impl Ctx {
 
     async fn spawn(&self) -> Result<Member, String> {
         self.spawn_with(HandoverTimeouts::default()).await
+    }
+
+    /// Publish the stuck aggregates of step `step` of stuck-key phase `round`;
+    /// their ids start with what this returns.
+    async fn publish_stuck(&self, deaf: bool, round: u64, step: u32) -> Result<String, String> {
+        let prefix = if deaf { HANG_DEAF_PREFIX } else { HANG_PREFIX };
+        let step = format!("{prefix}{round}.{step}-");
+        let keys = (0..self.opts.hang_keys.max(1)).map(|k| format!("{step}{k}"));
+        self.publish_keys(keys, self.opts.hang_queue.max(1), HANG_PRODUCER)
+            .await
+            .map_err(|e| format!("stuck keys: {e}"))??;
+        Ok(step)
+    }
+
+    /// Wait until `worker` has a hung call on an aggregate starting with `keys`,
+    /// at most `limit`; whether it had.
+    async fn wait_hanging(&self, worker: &str, keys: &str, limit: Duration) -> bool {
+        let mut changed = self.hang_changed.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.hangs.lock().expect("hang log").hanging(worker, keys) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return false,
+            }
+        }
+    }
+
+    /// The overrun and lost-assignment counts of every consumer process so far.
+    fn counted(&self) -> Counters {
+        let counters = self.counters.lock().expect("counters");
+        counters
+            .values()
+            .fold(Counters::default(), |a, c| Counters {
+                overruns: a.overruns + c.overruns,
+                lost: a.lost + c.lost,
+            })
+    }
+
+    /// The stuck-key fault: see [`Fault::StuckKey`].
+    async fn stuck_key(
+        &self,
+        deaf: bool,
+        primary: &mut Option<Member>,
+        limit: Duration,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let round = self.hang_rounds.fetch_add(1, Ordering::SeqCst);
+        let counted_before = self.counted();
+        let first = primary.take().ok_or("no member to get stuck")?;
+        let hangs_from = self.hangs.lock().expect("hang log").events.len();
+        let keys = self.publish_stuck(deaf, round, 0).await?;
+        // The member may have a deep backlog to work through first (after a
+        // server pause, say).
+        let hung_at_join = self.wait_hanging(first.name(), &keys, limit * 3).await;
+        let others_before = self.others_delivered.load(Ordering::Relaxed);
+        let joining = Instant::now();
+        let second = match self.spawn().await {
+            Ok(m) => m,
+            Err(e) => {
+                *primary = Some(first);
+                return Err(e);
+            }
+        };
+        let joined_ready_after = second
+            .ready(self.opts.backend, limit)
+            .await
+            .then(|| joining.elapsed());
+        pause(self.opts.phase / 3).await;
+        // Kafka: the new aggregates may all land on the second member's
+        // partitions; publish more until one hangs on the first. A new
+        // aggregate can wait behind a hung call (one sharing its worker), so
+        // each wait outlasts a hang.
+        let mut hung_at_leave = false;
+        for step in 1..=4 {
+            let keys = self.publish_stuck(deaf, round, step).await?;
+            let wait = self.opts.hang_for + Duration::from_secs(5);
+            if self.wait_hanging(first.name(), &keys, wait).await {
+                hung_at_leave = true;
+                break;
+            }
+        }
+        let detail = format!(
+            "{} hung, {} joined, {} left",
+            first.name(),
+            second.name(),
+            first.name()
+        );
+        self.say(&format!(
+            "stuck key: {detail} (hung at join {hung_at_join}, at leave {hung_at_leave})"
+        ));
+        let closing = Instant::now();
+        *primary = Some(second);
+        first.leave(limit).await?;
+        let close_took = closing.elapsed();
+        pause(
+            self.opts
+                .phase
+                .saturating_sub(started.elapsed())
+                .max(self.opts.phase / 3),
+        )
+        .await;
+        let counted = self.counted();
+        let mut phase = StuckPhase {
+            deaf,
+            detail,
+            hung_at_join,
+            joined_ready_after,
+            hung_at_leave,
+            close_took,
+            others_handled: self.others_delivered.load(Ordering::Relaxed) - others_before,
+            overruns: counted.overruns - counted_before.overruns,
+            assignments_lost: counted.lost - counted_before.lost,
+            joiner_starved_by_broker: self.opts.backend == Backend::Kafka
+                && eventbus_testkit::factories::tansu_broker(),
+            ..StuckPhase::default()
+        };
+        // This phase's own stuck aggregates: calls of earlier phases' may still
+        // hang (and a deaf one run past its fence) in this one.
+        let prefix = format!(
+            "{}{round}.",
+            if deaf { HANG_DEAF_PREFIX } else { HANG_PREFIX }
+        );
+        let events = &self.hangs.lock().expect("hang log").events[hangs_from..];
+        for h in events.iter().filter(|h| h.key.starts_with(&prefix)) {
+            match h.event {
+                HangEvent::Began => phase.hangs_began += 1,
+                HangEvent::Fenced => phase.fenced += 1,
+                HangEvent::RanOut {
+                    past_token: Some(d),
+                } => {
+                    phase.ran_past_token += 1;
+                    phase.longest_past_token = phase.longest_past_token.max(d);
+                }
+                HangEvent::RanOut { past_token: None } => {}
+            }
+        }
+        self.say(&format!("stuck key: {phase}"));
+        self.stuck.lock().expect("stuck phases").push(phase);
+        Ok(())
     }
 
     /// Wait (up to [`Options::partitioned_settle`]) until the partitioned
@@ -848,6 +1243,12 @@ impl Ctx {
                 let seen = progress.clone();
                 let owned_changed = self.owned_changed.clone();
                 let duplicates = self.duplicates.clone();
+                let (hangs, hang_changed, counters, others) = (
+                    self.hangs.clone(),
+                    self.hang_changed.clone(),
+                    self.counters.clone(),
+                    self.others_delivered.clone(),
+                );
                 let reader = tokio::spawn(async move {
                     let mut lines = tokio::io::BufReader::new(stdout).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
@@ -856,6 +1257,16 @@ impl Ctx {
                                 checker.delivered(&d);
                                 duplicates.lock().expect("duplicates").delivered(&d);
                                 seen.delivered.fetch_add(1, Ordering::Relaxed);
+                                if d.id.producer != HANG_PRODUCER {
+                                    others.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            Some(Ok(Report::Hang(h))) => {
+                                hangs.lock().expect("hang log").events.push(h);
+                                hang_changed.send_modify(|n| *n += 1);
+                            }
+                            Some(Ok(Report::Counters(worker, c))) => {
+                                counters.lock().expect("counters").insert(worker, c);
                             }
                             Some(Ok(Report::Subscribed)) => {
                                 seen.subscribed.store(true, Ordering::Relaxed);
@@ -1060,7 +1471,8 @@ async fn setup(
             BrokerConfig::default().retention_messages(1_000_000),
         )),
         Backend::Kafka => {
-            let c = Cluster::mock(1);
+            // `KAFKA_BROKERS` names a real broker; else the mock cluster.
+            let c = Cluster::start();
             c.create_topic(&topics.envelope, 4).await;
             c.create_topic(&topics.plain, 2).await;
             c.create_topic(&dlq, 1).await;
@@ -1286,6 +1698,13 @@ async fn apply(
                 pause(step.saturating_sub(started.elapsed())).await;
             }
         }
+        (Fault::StuckKey | Fault::StuckKeyDeaf, Broker::Kafka(_) | Broker::Nats(_)) => {
+            ctx.stuck_key(fault == Fault::StuckKeyDeaf, primary, limit)
+                .await?;
+        }
+        (_, Broker::Kafka(c)) if fault.needs_mock_cluster() && !c.is_mock() => {
+            return Err(format!("fault `{fault}` needs the mock cluster"));
+        }
         (Fault::CommitErrors | Fault::FetchErrors | Fault::HeartbeatErrors, Broker::Kafka(c)) => {
             use RDKafkaRespErr::*;
             let (api, errs) = match fault {
@@ -1408,10 +1827,16 @@ async fn apply(
 
 /// Run the faults for `opts.duration`, then settle and judge.
 pub async fn run(opts: Options) -> Result<Outcome, String> {
-    let possible = Fault::rotation(opts.backend);
+    let real = opts.backend == Backend::Kafka && real_kafka();
+    let possible = Fault::rotation_on(opts.backend, real);
     if let Some(f) = opts.faults.iter().find(|f| !possible.contains(f)) {
+        let on = if real {
+            "a real Kafka broker"
+        } else {
+            "this backend"
+        };
         return Err(format!(
-            "--faults: `{f}` does not apply to the {} backend",
+            "--faults: `{f}` does not apply to the {} backend on {on}",
             opts.backend
         ));
     }
@@ -1420,11 +1845,13 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     let (broker, publisher, topics, partitioned_topic) =
         setup(opts.backend, rotating.then_some(opts.partitions)).await?;
     let retries = Arc::new(AtomicU64::new(0));
-    let logs = std::env::temp_dir().join(format!("eventbus-chaos-{}", std::process::id()));
+    let group = format!("chaos-{:08x}", fastrand::u32(..));
+    // One folder per run: a test binary makes several runs.
+    let logs = std::env::temp_dir().join(format!("eventbus-{group}"));
     std::fs::create_dir_all(&logs).map_err(|e| format!("log folder: {e}"))?;
     let ctx = Ctx {
         checker: DeliveryChecker::new(),
-        group: format!("chaos-{:08x}", fastrand::u32(..)),
+        group,
         target: broker.target(),
         topics: topics.clone(),
         incarnation: AtomicU64::new(0),
@@ -1440,6 +1867,12 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         owned_changed: Arc::new(tokio::sync::watch::Sender::new(0)),
         rotation: Mutex::default(),
         duplicates: Arc::default(),
+        hangs: Arc::default(),
+        hang_changed: Arc::new(tokio::sync::watch::Sender::new(0)),
+        counters: Arc::default(),
+        others_delivered: Arc::default(),
+        hang_rounds: AtomicU64::new(0),
+        stuck: Mutex::default(),
         opts,
     };
     ctx.duplicates
@@ -1481,8 +1914,9 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     }
     // Let the first consumer get going before the first fault.
     pause(ctx.opts.phase).await;
+    // Each fault of the rotation at least once, however long its phases take.
     let mut i = 0;
-    while started.elapsed() < ctx.opts.duration {
+    while started.elapsed() < ctx.opts.duration || i < rotation.len() {
         let fault = rotation[i % rotation.len()];
         i += 1;
         ctx.say(&format!("fault: {fault}"));
@@ -1522,6 +1956,13 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     }
     let _ = publisher.close().await;
     let fenced_starts = ctx.fenced.all();
+    let stuck = std::mem::take(&mut *ctx.stuck.lock().expect("stuck phases"));
+    let broker_name = match &broker {
+        Broker::Memory(_) => "memory".to_owned(),
+        Broker::Kafka(c) if c.is_mock() => "kafka mock cluster".to_owned(),
+        Broker::Kafka(c) => format!("kafka at {}", c.brokers()),
+        Broker::Nats(_) => "nats-server".to_owned(),
+    };
     drop(broker);
     let bad_lines = ctx.bad_lines.lock().expect("bad lines").clone();
     let rotation = ctx.rotation.lock().expect("rotation steps").clone();
@@ -1541,6 +1982,8 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         elapsed: started.elapsed(),
         settled: settled.is_ok(),
         fenced_starts,
+        stuck,
+        broker: broker_name,
     })
 }
 

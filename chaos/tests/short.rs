@@ -14,7 +14,33 @@ fn options(backend: Backend, seconds: u64) -> Options {
     let mut o = Options::short(backend, Duration::from_secs(seconds));
     o.consumer_bin = Some(PathBuf::from(env!("CARGO_BIN_EXE_chaos-consumer")));
     o.verbose = true;
+    // The stuck-key faults have tests of their own: their phases are long (a
+    // hung call outlasts the drain and the hand-over timeout).
+    o.faults
+        .retain(|f| !matches!(f, Fault::StuckKey | Fault::StuckKeyDeaf));
     o
+}
+
+/// The stuck-key faults alone: a stuck key, honouring its token, then one
+/// ignoring it, each across a member joining and one leaving.
+fn stuck_options(backend: Backend) -> Options {
+    // A run applies each fault at least once, however long it takes.
+    let mut o = options(backend, 5);
+    o.faults = vec![Fault::StuckKey, Fault::StuckKeyDeaf];
+    o
+}
+
+fn assert_stuck_phases(outcome: &Outcome) {
+    assert_eq!(outcome.stuck.len(), 2, "{outcome}");
+    for phase in &outcome.stuck {
+        assert!(phase.passed(), "stuck-key phase failed: {phase}\n{outcome}");
+    }
+    let deaf = outcome.stuck.iter().find(|p| p.deaf).expect("a deaf phase");
+    assert!(
+        deaf.overruns > 0,
+        "a hung call that ignores its token ran through a hand-over, and no member \
+         counted an overrun: {deaf}\n{outcome}"
+    );
 }
 
 /// One run at a time: each starts brokers, runtimes and processes of its own, and
@@ -54,6 +80,16 @@ async fn nats_survives_the_fault_rotation() {
     // Seven faults of 4 s (the partitioned rotation's steps take about 8 s) after
     // the first consumer's 4 s.
     check(options(Backend::Nats, 36)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_stuck_key_during_a_rebalance() {
+    assert_stuck_phases(&check(stuck_options(Backend::Kafka)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_stuck_key_during_a_rebalance() {
+    assert_stuck_phases(&check(stuck_options(Backend::Nats)).await);
 }
 
 /// Three members of a partitioned topic: one killed and replaced, one closed and

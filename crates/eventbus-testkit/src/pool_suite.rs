@@ -88,6 +88,91 @@ pub async fn same_route_runs_in_order(factory: &PoolFactory) {
     pool.close(WAIT).await;
 }
 
+/// Random key sets and handler times: no route ever has two jobs running at
+/// once, and each route's jobs run in the order they were submitted. What a
+/// pool's routing may change (which worker runs a route, and when) must keep
+/// both; `cases` random workloads, each on a fresh pool.
+pub fn routes_run_alone_and_in_order(factory: &PoolFactory, cases: u32) {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    // A workload: how many routes, then each job's route and how long it runs
+    // (microseconds; a quarter of them yield without sleeping).
+    let workload =
+        (1u64..48).prop_flat_map(|routes| prop::collection::vec((0..routes, 0u64..400), 1..240));
+    let mut runner = TestRunner::new(Config {
+        cases,
+        ..Config::default()
+    });
+    let result = runner.run(&workload, |jobs| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        runtime.block_on(run_alone_and_in_order(factory, &jobs))
+    });
+    if let Err(e) = result {
+        panic!("a route ran two jobs at once or out of order: {e}");
+    }
+}
+
+async fn run_alone_and_in_order(
+    factory: &PoolFactory,
+    jobs: &[(u64, u64)],
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    let pool = factory(PoolSpec::default()).await;
+    let running: Arc<HashMap<u64, AtomicU64>> = Arc::new(
+        jobs.iter()
+            .map(|(route, _)| (*route, AtomicU64::new(0)))
+            .collect(),
+    );
+    let overlaps = Arc::new(AtomicU64::new(0));
+    let seen: Arc<Mutex<HashMap<u64, Vec<usize>>>> = Arc::default();
+    let mut rxs = Vec::new();
+    for (i, (route, micros)) in jobs.iter().copied().enumerate() {
+        let (running, overlaps, seen) = (running.clone(), overlaps.clone(), seen.clone());
+        let task = async move {
+            let mine = &running[&route];
+            if mine.fetch_add(1, Ordering::SeqCst) != 0 {
+                overlaps.fetch_add(1, Ordering::SeqCst);
+            }
+            seen.lock().unwrap().entry(route).or_default().push(i);
+            if micros % 4 == 0 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_micros(micros)).await;
+            }
+            mine.fetch_sub(1, Ordering::SeqCst);
+            Outcome::Handled { attempts: 1 }
+        }
+        .boxed();
+        let (job, rx) = job_with(route, task);
+        pool.submit(job).await.expect("submit");
+        rxs.push(rx);
+    }
+    for rx in rxs {
+        let outcome = expect("job outcome", rx).await.expect("outcome delivered");
+        proptest::prop_assert!(matches!(outcome, Outcome::Handled { .. }), "{:?}", outcome);
+    }
+    pool.close(WAIT).await;
+    proptest::prop_assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "jobs that started while another job of their route ran"
+    );
+    let seen = seen.lock().unwrap();
+    for (route, order) in seen.iter() {
+        let submitted: Vec<usize> = jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, (r, _))| r == route)
+            .map(|(i, _)| i)
+            .collect();
+        proptest::prop_assert_eq!(order, &submitted, "route {} ran out of order", route);
+    }
+    Ok(())
+}
+
 /// A job blocked on one worker does not hold up jobs of routes on other workers.
 pub async fn different_routes_run_concurrently(factory: &PoolFactory) {
     let pool = factory(PoolSpec::default()).await;
@@ -320,6 +405,12 @@ macro_rules! pool_tests {
         #[test]
         fn dispatcher_keeps_every_promise_under_random_failures() {
             $crate::dispatch_props::check($pools, 64);
+        }
+        /// Under random key sets and handler times, a route runs one job at a
+        /// time, in submission order.
+        #[test]
+        fn routes_run_alone_and_in_order_under_random_times() {
+            $crate::pool_suite::routes_run_alone_and_in_order(&$pools, 32);
         }
     };
     (@checks $pools:expr; $($check:ident),+ $(,)?) => {

@@ -20,6 +20,13 @@ eventbus_testkit::conformance_tests!(
     switch_at_100 => switched_pools(100),
 );
 
+/// Random key sets and handler times through the switch, half the routes on
+/// each pool: a route runs one job at a time, in submission order.
+#[test]
+fn routes_run_alone_and_in_order_through_the_switch() {
+    eventbus_testkit::pool_suite::routes_run_alone_and_in_order(&switched_pools(50), 32);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_switch_under_load_keeps_order_and_loses_nothing() {
     let keyed = keyed_pools()(PoolSpec {

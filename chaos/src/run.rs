@@ -276,10 +276,10 @@ impl Fault {
     }
 }
 
-/// Whether the Kafka runs go to a real broker: `KAFKA_BROKERS` is set (as the
+/// Whether the Kafka runs go to a real broker (`KAFKA_BROKERS`, as the
 /// testkit's [`Cluster::start`] reads it).
 pub fn real_kafka() -> bool {
-    std::env::var("KAFKA_BROKERS").is_ok_and(|b| !b.trim().is_empty())
+    eventbus_testkit::kafka_cluster::real_brokers().is_some()
 }
 
 impl std::str::FromStr for Fault {

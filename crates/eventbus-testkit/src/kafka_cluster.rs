@@ -19,6 +19,14 @@ enum Cmd {
     BrokerUp(i32, mpsc::SyncSender<Result<(), String>>),
 }
 
+/// `KAFKA_BROKERS`, when set and not blank: the real broker [`Cluster::start`]
+/// uses instead of a mock cluster.
+pub fn real_brokers() -> Option<String> {
+    std::env::var("KAFKA_BROKERS")
+        .ok()
+        .filter(|b| !b.trim().is_empty())
+}
+
 /// Where the tests run: an in-process mock cluster or a real broker.
 pub struct Cluster(Inner);
 
@@ -58,9 +66,9 @@ impl Drop for Cluster {
 impl Cluster {
     /// The real broker when `KAFKA_BROKERS` is set, else a mock cluster.
     pub fn start() -> Self {
-        match std::env::var("KAFKA_BROKERS") {
-            Ok(b) if !b.trim().is_empty() => Self::real(b),
-            _ => Self::mock(1),
+        match real_brokers() {
+            Some(b) => Self::real(b),
+            None => Self::mock(1),
         }
     }
 

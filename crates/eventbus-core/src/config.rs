@@ -44,6 +44,36 @@ impl std::str::FromStr for PoolKind {
     }
 }
 
+/// How a pool chooses the worker of a job (`keyed_pool.routing`,
+/// `actor_pool.routing`).
+///
+/// Either way a route's jobs run one at a time, in submission order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Routing {
+    /// A route with a job queued or running sends its next job to the same worker;
+    /// a route with nothing in flight goes to a less-loaded worker (see
+    /// `docs/pools.md`). No worker idles while another holds work that could
+    /// run, and one slow key holds no key but itself. The default.
+    #[default]
+    WorkConserving,
+    /// Worker `slot(route, workers)` for ever: keys sharing a worker wait behind
+    /// each other, and the busiest worker bounds throughput. For comparison, or
+    /// for a handler that keeps state per worker.
+    Fixed,
+}
+
+impl Routing {
+    /// `work-conserving` or `fixed`, as in a configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::WorkConserving => "work-conserving",
+            Routing::Fixed => "fixed",
+        }
+    }
+}
+
 /// Settings of the keyed worker pool (`keyed_pool.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -56,6 +86,9 @@ pub struct KeyedPoolConfig {
     /// How long a submission waits for room (`keyed_pool.wait_timeout`), default 500ms.
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
+    /// How a job's worker is chosen (`keyed_pool.routing`), default
+    /// `work-conserving`.
+    pub routing: Routing,
 }
 
 impl Default for KeyedPoolConfig {
@@ -64,6 +97,7 @@ impl Default for KeyedPoolConfig {
             workers: 256,
             queue_size: 1000,
             wait_timeout: Duration::from_millis(500),
+            routing: Routing::WorkConserving,
         }
     }
 }
@@ -85,6 +119,12 @@ impl KeyedPoolConfig {
     #[must_use]
     pub fn wait_timeout(mut self, d: Duration) -> Self {
         self.wait_timeout = d;
+        self
+    }
+    /// Set how a job's worker is chosen.
+    #[must_use]
+    pub fn routing(mut self, routing: Routing) -> Self {
+        self.routing = routing;
         self
     }
     /// Check the values; the error names the key.
@@ -119,6 +159,9 @@ pub struct ActorPoolConfig {
     /// Share of aggregate ids (by stable hash bucket, 0..=100) sent to the actor pool
     /// while `pool = "keyed"` (`actor_pool.rollout_percent`), default 0.
     pub rollout_percent: u8,
+    /// How a job's actor is chosen (`actor_pool.routing`), default
+    /// `work-conserving`.
+    pub routing: Routing,
 }
 
 impl Default for ActorPoolConfig {
@@ -130,6 +173,7 @@ impl Default for ActorPoolConfig {
             restart_window: Duration::from_secs(60),
             wait_timeout: Duration::from_millis(500),
             rollout_percent: 0,
+            routing: Routing::WorkConserving,
         }
     }
 }
@@ -152,6 +196,7 @@ struct ActorPoolFile {
     #[serde(with = "humantime_serde")]
     wait_timeout: Option<Duration>,
     rollout_percent: Option<u8>,
+    routing: Option<Routing>,
 }
 
 /// The one value of a setting given under `names` (today's first), warning for
@@ -200,6 +245,7 @@ impl TryFrom<ActorPoolFile> for ActorPoolConfig {
             restart_window: f.restart_window.unwrap_or(d.restart_window),
             wait_timeout: f.wait_timeout.unwrap_or(d.wait_timeout),
             rollout_percent: f.rollout_percent.unwrap_or(d.rollout_percent),
+            routing: f.routing.unwrap_or(d.routing),
         })
     }
 }
@@ -235,6 +281,12 @@ impl ActorPoolConfig {
         self.rollout_percent = p;
         self
     }
+    /// Set how a job's actor is chosen.
+    #[must_use]
+    pub fn routing(mut self, routing: Routing) -> Self {
+        self.routing = routing;
+        self
+    }
     /// Check the values; the error names the key.
     pub fn validate(&self) -> Result<(), Error> {
         positive("actor_pool.workers", self.workers)?;
@@ -260,6 +312,10 @@ pub enum OffsetReset {
     Latest,
 }
 
+/// The default of `consumer.max_tracked_per_partition`: see
+/// [`ConsumerConfig::max_tracked_per_partition`].
+pub(crate) const DEFAULT_MAX_TRACKED_PER_PARTITION: usize = 1_000_000;
+
 /// Consumer settings (`consumer.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -271,6 +327,26 @@ pub struct ConsumerConfig {
     pub max_in_flight_per_partition: usize,
     /// Messages in flight across all partitions, default 10000.
     pub max_in_flight_total: usize,
+    /// Offsets one partition's tracker may span, from its lowest unfinished
+    /// message (which holds the commit) to the newest delivered, before the
+    /// partition is paused; default 1,000,000.
+    ///
+    /// `max_in_flight_per_partition` counts unfinished messages only. Behind one
+    /// slow message, everything delivered after it stays tracked, finished or
+    /// not, until it finishes; with a work-conserving pool that is thousands of
+    /// messages per slow second. Size this bound for the partition's throughput
+    /// times the longest a message may hold the commit: at the default pool's
+    /// peak (256 workers running 1 ms handlers, some 256,000 messages a second)
+    /// the default covers about 4 s, so a handler taking seconds where the
+    /// others take a millisecond, or an envelope message going through its
+    /// retries at the default backoff (0.1 + 0.2 + 0.4 + 0.8 s, plus jitter) to
+    /// its dead letter, holds up no other key. It costs little: about a bit per
+    /// offset, 128 KiB per partition at the bound. What it bounds besides is what a
+    /// crash redelivers: everything above the commit is read again. Lower it
+    /// for fewer duplicates after a crash; raise it for slower handlers or
+    /// faster partitions. A gap of more than 128 offsets (compaction) counts as
+    /// 128.
+    pub max_tracked_per_partition: usize,
     /// How often the contiguous watermark is committed, default 1s.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
@@ -294,6 +370,7 @@ impl Default for ConsumerConfig {
             group_id: "eventbus".to_owned(),
             max_in_flight_per_partition: 1000,
             max_in_flight_total: 10_000,
+            max_tracked_per_partition: DEFAULT_MAX_TRACKED_PER_PARTITION,
             commit_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             handover_timeout: Duration::from_secs(5),
@@ -319,6 +396,12 @@ impl ConsumerConfig {
     #[must_use]
     pub fn max_in_flight_total(mut self, n: usize) -> Self {
         self.max_in_flight_total = n;
+        self
+    }
+    /// Set the per-partition tracked bound.
+    #[must_use]
+    pub fn max_tracked_per_partition(mut self, n: usize) -> Self {
+        self.max_tracked_per_partition = n;
         self
     }
     /// Set the drain timeout.
@@ -348,6 +431,10 @@ impl ConsumerConfig {
             self.max_in_flight_per_partition,
         )?;
         positive("consumer.max_in_flight_total", self.max_in_flight_total)?;
+        positive(
+            "consumer.max_tracked_per_partition",
+            self.max_tracked_per_partition,
+        )?;
         if self.commit_interval.is_zero() {
             return Err(Error::config("consumer.commit_interval must be above zero"));
         }
@@ -673,5 +760,28 @@ mod tests {
         assert_eq!(c.delivery.max_attempts, 7);
         let bad = serde_json::from_str::<EventBusConfig>(r#"{"keyed_pool":{"wokers":1}}"#);
         assert!(bad.unwrap_err().to_string().contains("wokers"));
+    }
+
+    #[test]
+    fn the_tracked_bound_is_read_validated_and_named() {
+        assert_eq!(
+            ConsumerConfig::default().max_tracked_per_partition,
+            1_000_000
+        );
+        let c: EventBusConfig =
+            serde_json::from_str(r#"{"consumer":{"max_tracked_per_partition":5000}}"#).unwrap();
+        assert_eq!(c.consumer.max_tracked_per_partition, 5000);
+        assert_eq!(
+            c.consumer.max_in_flight_per_partition, 1000,
+            "the other bound apart"
+        );
+        let mut c = EventBusConfig::default();
+        c.consumer = c.consumer.max_tracked_per_partition(0);
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(
+            e.to_string().contains("consumer.max_tracked_per_partition"),
+            "{e}"
+        );
     }
 }

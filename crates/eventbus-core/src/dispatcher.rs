@@ -280,6 +280,25 @@ impl<T> InFlight<T> {
     }
 }
 
+#[cfg(test)]
+impl<T> InFlight<T> {
+    /// A message whose disposition is `fut`'s: for tests of what consumes
+    /// in-flight messages, without a pool.
+    pub(crate) fn resolving(
+        partition: i32,
+        offset: i64,
+        token: T,
+        fut: BoxFuture<'static, Disposition>,
+    ) -> Self {
+        Self {
+            partition,
+            offset,
+            token: Some(token),
+            fut: Finishing::Boxed(fut),
+        }
+    }
+}
+
 /// Resolves when the scope of `epoch` is fenced; never without an epoch.
 async fn fence_of(epoch: Option<&Epoch>) {
     match epoch {

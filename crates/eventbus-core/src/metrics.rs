@@ -98,6 +98,13 @@ pub const ASSIGNMENTS_LOST: &str = "assignments_lost_total";
 /// Times the broker went back to an offset already tracked in the same assignment,
 /// by `topic`: messages at and above it are read again. Counter.
 pub const REWINDS: &str = "rewinds_total";
+/// Times a partition reached its tracked bound (`consumer.max_tracked_per_partition`),
+/// by `topic` and `partition`: its offset tracker spanned that many offsets from
+/// the lowest unfinished message, which holds the commit, and the partition takes
+/// no more messages until that one finishes. One per episode; a warning names the
+/// offset. Kafka and memory (NATS acknowledges each message and tracks no
+/// offsets). Counter.
+pub const TRACKED_BOUND_HITS: &str = "tracked_bound_hits_total";
 /// Overall health: 0 healthy, 1 degraded, 2 unhealthy. Gauge.
 pub const HEALTH_STATUS: &str = "health_status";
 /// Resident memory of the process in bytes (Linux; absent elsewhere). Gauge.
@@ -175,6 +182,7 @@ pub const ALL: &[&str] = &[
     HANDOVER_OVERRUNS,
     ASSIGNMENTS_LOST,
     REWINDS,
+    TRACKED_BOUND_HITS,
     HEALTH_STATUS,
     RESIDENT_MEMORY,
     PUBLISHED,

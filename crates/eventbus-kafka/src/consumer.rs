@@ -33,6 +33,10 @@
 //! parked messages are submitted and its in-flight count is down to
 //! [`resume_threshold`] (half the bound), so a resume is followed by enough work to
 //! cover the refetch and a partition does not flap between paused and resumed.
+//! The same goes for a partition at its tracked bound
+//! (`consumer.max_tracked_per_partition`: offsets held behind its lowest
+//! unfinished one, see [`InFlightSet`]): it waits and pauses the same way, and
+//! resumes only once under that bound too.
 
 use eventbus_core::{Error, ErrorKind, Message};
 
@@ -288,6 +292,8 @@ pub(crate) struct ConsumeLoop {
     pub(crate) stop: CancellationToken,
     pub(crate) limit: Arc<Semaphore>,
     pub(crate) per_partition: usize,
+    /// Offsets a partition's tracker may span (`consumer.max_tracked_per_partition`).
+    pub(crate) max_tracked: usize,
     pub(crate) drain_timeout: Duration,
     pub(crate) handover_timeout: Duration,
     pub(crate) commit_interval: Duration,
@@ -405,6 +411,7 @@ impl ConsumeLoop {
         let c = &dispatcher.config().consumer;
         Self {
             per_partition: c.max_in_flight_per_partition,
+            max_tracked: c.max_tracked_per_partition,
             drain_timeout: c.drain_timeout,
             handover_timeout: c.handover_timeout,
             commit_interval: c.commit_interval,
@@ -489,11 +496,14 @@ impl ConsumeLoop {
         match c {
             Control::Subscribe(sub, reply) => {
                 let name: Arc<str> = Arc::from(sub.topic());
+                let set = InFlightSet::new(self.per_partition, self.limit.clone())
+                    .max_tracked(self.max_tracked)
+                    .labelled("kafka", &name);
                 self.topics.insert(
                     name,
                     TopicState {
                         sub,
-                        set: InFlightSet::new(self.per_partition, self.limit.clone()),
+                        set,
                         paused: HashSet::new(),
                         parked: HashMap::new(),
                         held: HashMap::new(),
@@ -783,7 +793,7 @@ impl ConsumeLoop {
                 "more messages parked for a paused partition than the fetch buffer holds");
         }
         ts.parked.entry(p).or_default().push_back(msg);
-        self.pause(&topic, p, "in-flight bound reached");
+        self.pause(&topic, p, "in-flight or tracked bound reached");
     }
 
     /// Process completions until `p` of `topic` has room (returns true), is no
@@ -827,7 +837,9 @@ impl ConsumeLoop {
                     } else if ts.parked.get(&p).is_some_and(|q| !q.is_empty()) {
                         permits && ts.set.has_room(p)
                     } else {
-                        ts.set.in_flight(p) <= resume_at
+                        // Under the tracked bound too: a resume at once paused
+                        // again costs a refetch.
+                        ts.set.in_flight(p) <= resume_at && ts.set.has_room(p)
                     };
                     if ready {
                         candidate = Some((t.clone(), p));

@@ -70,6 +70,9 @@ impl BusBackend for Backend {
                     .map(|_| AtomicUsize::new(0))
                     .collect(),
             );
+            let set = InFlightSet::new(cfg.max_in_flight_per_partition, self.total.clone())
+                .max_tracked(cfg.max_tracked_per_partition)
+                .labelled(Self::NAME, sub.topic());
             let run = ConsumeLoop {
                 in_flight: in_flight.clone(),
                 topic,
@@ -78,7 +81,7 @@ impl BusBackend for Backend {
                 positions,
                 sub,
                 dispatcher: self.dispatcher.clone(),
-                set: InFlightSet::new(cfg.max_in_flight_per_partition, self.total.clone()),
+                set,
                 cancel: cancel.clone(),
                 drain_timeout: cfg.drain_timeout,
                 handover_timeout: cfg.handover_timeout,

@@ -21,12 +21,30 @@
 //! handlers are cancelled), wait until [`running`] is zero (bounded), then
 //! [`revoke`] it and commit the watermark that returns.
 //!
+//! # Two bounds per partition
+//!
+//! A partition has room ([`has_room`], [`room`]) while it has fewer than
+//! `consumer.max_in_flight_per_partition` messages in flight *and* its tracker
+//! spans fewer than `consumer.max_tracked_per_partition` offsets
+//! ([`OffsetTracker::tracked`]): one slow message holds the commit, and every
+//! message delivered after it stays tracked, finished or not, until it finishes.
+//! The in-flight bound alone does not see those: with a work-conserving pool
+//! they finish fast and leave room, so a partition could run arbitrarily far
+//! ahead of its commit, each finished offset held in memory and redelivered
+//! after a crash. Over either bound the backend pauses the partition. The second
+//! bound is reported once per episode, when a message takes the partition to it:
+//! a warning naming the topic, the partition, the lowest unfinished offset and
+//! the bound, and the counter [`TRACKED_BOUND_HITS`](crate::metrics::TRACKED_BOUND_HITS)
+//! (for a set [`labelled`](InFlightSet::labelled) with its backend and topic).
+//!
 //! [`begin`]: InFlightSet::begin
 //! [`push`]: InFlightSet::push
 //! [`give_up`]: InFlightSet::give_up
 //! [`fence`]: InFlightSet::fence
 //! [`running`]: InFlightSet::running
 //! [`revoke`]: InFlightSet::revoke
+//! [`has_room`]: InFlightSet::has_room
+//! [`room`]: InFlightSet::room
 
 use std::collections::HashMap;
 use std::fmt;
@@ -34,8 +52,10 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::DEFAULT_MAX_TRACKED_PER_PARTITION;
 use crate::dispatcher::{Completion, InFlight};
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics as m;
 pub use crate::raw::completions::Target;
 use crate::raw::completions::{Claim, Completions};
 use crate::raw::fence::{Epoch, Scope};
@@ -50,6 +70,11 @@ struct PartitionSlot {
     tracker: OffsetTracker,
     /// The scope of this ownership; its epochs are the tracker's.
     scope: Scope,
+    /// Counts the times the partition reached its tracked bound (a no-op counter
+    /// in a set not [`labelled`](InFlightSet::labelled)).
+    bound_hits: metrics::Counter,
+    /// Whether its tracker spans its tracked bound now: reported when it starts.
+    at_tracked_bound: bool,
 }
 
 /// A message [`begin`](InFlightSet::begin)s to be tracked: submit its job under
@@ -88,6 +113,12 @@ pub struct InFlightSet<T> {
     partitions: HashMap<i32, PartitionSlot>,
     next_generation: u64,
     per_partition: usize,
+    /// Offsets a partition's tracker may span ([`OffsetTracker::tracked`]).
+    max_tracked: usize,
+    /// The topic, for the tracked bound's warning.
+    topic: String,
+    /// The full name of the tracked bound's counter, once labelled.
+    bound_hits: Option<String>,
     total: InFlightLimit,
 }
 
@@ -97,6 +128,7 @@ impl<T> fmt::Debug for InFlightSet<T> {
             .field("in_flight", &self.completions.len())
             .field("partitions", &self.partitions.len())
             .field("per_partition", &self.per_partition)
+            .field("max_tracked", &self.max_tracked)
             .finish()
     }
 }
@@ -110,15 +142,40 @@ fn not_assigned(partition: i32) -> Error {
 
 impl<T: Send + Unpin + 'static> InFlightSet<T> {
     /// A set allowing `per_partition` messages of one partition in flight, and
-    /// drawing one permit of `total` per message.
+    /// drawing one permit of `total` per message. Its partitions' trackers may
+    /// span the default of `consumer.max_tracked_per_partition`; see
+    /// [`max_tracked`](Self::max_tracked).
     pub fn new(per_partition: usize, total: InFlightLimit) -> Self {
         Self {
             completions: Completions::new(),
             partitions: HashMap::new(),
             next_generation: 1,
             per_partition: per_partition.max(1),
+            max_tracked: DEFAULT_MAX_TRACKED_PER_PARTITION,
+            topic: String::new(),
+            bound_hits: None,
             total,
         }
+    }
+
+    /// Bound each partition's tracker to span fewer than `max_tracked` offsets
+    /// before the partition takes another message
+    /// (`consumer.max_tracked_per_partition`; see the module docs).
+    #[must_use]
+    pub fn max_tracked(mut self, max_tracked: usize) -> Self {
+        self.max_tracked = max_tracked.max(1);
+        self
+    }
+
+    /// Name the set's topic in the tracked bound's warning, and count its hits
+    /// in [`TRACKED_BOUND_HITS`](crate::metrics::TRACKED_BOUND_HITS) with
+    /// `backend`'s prefix, by topic and partition. The counter of a partition
+    /// exists, at zero, from its assignment on.
+    #[must_use]
+    pub fn labelled(mut self, backend: &str, topic: &str) -> Self {
+        self.topic = topic.to_owned();
+        self.bound_hits = Some(m::name(backend, m::TRACKED_BOUND_HITS));
+        self
     }
 
     /// Start owning `partition` with a fresh tracker and a new scope. Work of an
@@ -134,12 +191,26 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
     pub fn assign_scoped(&mut self, partition: i32, scope: Scope) {
         let generation = self.next_generation;
         self.next_generation += 1;
+        let bound_hits = match &self.bound_hits {
+            Some(name) => {
+                let counter = metrics::counter!(
+                    name.clone(),
+                    "topic" => self.topic.clone(),
+                    "partition" => partition.to_string()
+                );
+                counter.increment(0);
+                counter
+            }
+            None => metrics::Counter::noop(),
+        };
         let old = self.partitions.insert(
             partition,
             PartitionSlot {
                 generation,
                 tracker: OffsetTracker::new(),
                 scope,
+                bound_hits,
+                at_tracked_bound: false,
             },
         );
         if let Some(old) = old {
@@ -192,11 +263,20 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
         self.partitions.keys().copied()
     }
 
-    /// Whether `partition` may take another message now (owned and under its bound).
+    /// Whether `partition` may take another message now: owned, under its
+    /// in-flight bound, and its tracker under its tracked bound (see the module
+    /// docs).
     pub fn has_room(&self, partition: i32) -> bool {
+        self.partitions.get(&partition).is_some_and(|p| {
+            p.tracker.in_flight() < self.per_partition && p.tracker.tracked() < self.max_tracked
+        })
+    }
+
+    /// Offsets `partition`'s tracker spans now ([`OffsetTracker::tracked`]).
+    pub fn tracked(&self, partition: i32) -> usize {
         self.partitions
             .get(&partition)
-            .is_some_and(|p| p.tracker.in_flight() < self.per_partition)
+            .map_or(0, |p| p.tracker.tracked())
     }
 
     /// Messages of `partition` in flight.
@@ -249,10 +329,16 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
         self.total.clone().try_acquire_owned().ok()
     }
 
-    /// How many more messages `partition` may take now (0 when not owned).
+    /// How many more messages `partition` may take now (0 when not owned): the
+    /// lesser of its room under the in-flight bound and under the tracked bound.
+    /// Each message takes at least one offset of the tracked bound, and a gap
+    /// before it up to 128 more, so a batch this size may pass the tracked bound
+    /// by those gaps; the partition then takes nothing more until it is back
+    /// under.
     pub fn room(&self, partition: i32) -> usize {
         self.partitions.get(&partition).map_or(0, |p| {
-            self.per_partition.saturating_sub(p.tracker.in_flight())
+            let in_flight = self.per_partition.saturating_sub(p.tracker.in_flight());
+            in_flight.min(self.max_tracked.saturating_sub(p.tracker.tracked()))
         })
     }
 
@@ -266,6 +352,7 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             .get_mut(&partition)
             .ok_or_else(|| not_assigned(partition))?;
         let tracked = slot.tracker.track(offset);
+        at_tracked_bound(slot, partition, &self.topic, self.max_tracked);
         let epoch = match tracked.rewound_from {
             Some(from) => {
                 tracing::warn!(
@@ -384,6 +471,9 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
                 slot.tracker.abandon(epoch, completion.offset);
                 None
             };
+            if slot.at_tracked_bound {
+                at_tracked_bound(slot, completion.partition, &self.topic, self.max_tracked);
+            }
             return Some(completion);
         }
     }
@@ -420,6 +510,40 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
                 None
             };
         }
+    }
+}
+
+/// Note whether `slot`'s tracker spans `max_tracked` offsets now. An episode at
+/// the bound is reported when it starts (a warning and a count); its end, a
+/// debug line.
+fn at_tracked_bound(slot: &mut PartitionSlot, partition: i32, topic: &str, max_tracked: usize) {
+    let tracked = slot.tracker.tracked();
+    let at = tracked >= max_tracked;
+    if at == slot.at_tracked_bound {
+        return;
+    }
+    slot.at_tracked_bound = at;
+    if at {
+        slot.bound_hits.increment(1);
+        let lowest_unfinished = slot.tracker.lowest_pending();
+        tracing::warn!(
+            topic,
+            partition,
+            lowest_unfinished,
+            tracked,
+            bound = max_tracked,
+            "partition at its tracked bound (consumer.max_tracked_per_partition): it takes \
+             no more messages until its lowest unfinished one, which holds the commit, \
+             finishes"
+        );
+    } else {
+        tracing::debug!(
+            topic,
+            partition,
+            tracked,
+            bound = max_tracked,
+            "partition back under its tracked bound"
+        );
     }
 }
 
@@ -464,5 +588,163 @@ impl<T: Send + Unpin + 'static, F: FnMut(Completion<T>) + Send> crate::raw::Hand
             Some(s) => (self.on_settled)(s),
             None => std::future::pending().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatcher::Disposition;
+    use futures::FutureExt;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use tokio::sync::oneshot;
+
+    /// Partition 0 of `orders` as a consumer sees it: each message begun and
+    /// pushed in delivery order, finishing when the test says.
+    struct Partition {
+        set: InFlightSet<()>,
+        finishing: HashMap<i64, oneshot::Sender<Disposition>>,
+    }
+
+    impl Partition {
+        fn new(per_partition: usize, max_tracked: usize) -> Self {
+            let mut set = InFlightSet::new(per_partition, Arc::new(Semaphore::new(100_000)))
+                .max_tracked(max_tracked)
+                .labelled("memory", "orders");
+            set.assign(0);
+            Self {
+                set,
+                finishing: HashMap::new(),
+            }
+        }
+
+        fn deliver(&mut self, offset: i64) {
+            let permit = self.set.try_reserve().expect("a permit");
+            let ticket = self.set.begin(0, offset).expect("partition 0 is owned");
+            let (done, finished) = oneshot::channel();
+            let finished = finished
+                .map(|d| d.unwrap_or(Disposition::Abandoned))
+                .boxed();
+            let inflight = InFlight::resolving(0, offset, (), finished);
+            self.set.push(ticket, inflight, permit).expect("pushed");
+            self.finishing.insert(offset, done);
+        }
+
+        /// Finish `offset` and settle its completion: the watermark it moved.
+        fn finish(&mut self, offset: i64) -> Option<i64> {
+            let done = self.finishing.remove(&offset).expect("delivered");
+            done.send(Disposition::Handled).expect("awaited");
+            let settled = self.set.next().now_or_never().flatten();
+            let settled = settled.expect("the completion is ready");
+            assert_eq!(settled.offset, offset);
+            settled.watermark
+        }
+    }
+
+    /// Tracked-bound hits of partition 0 counted since the last look (a look
+    /// takes the count).
+    fn hits(snapshotter: &Snapshotter) -> u64 {
+        let name = m::name("memory", m::TRACKED_BOUND_HITS);
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find_map(|(key, _, _, value)| {
+                let key = key.key();
+                let labels: Vec<_> = key.labels().map(|l| (l.key(), l.value())).collect();
+                let ours = key.name() == name
+                    && labels.contains(&("topic", "orders"))
+                    && labels.contains(&("partition", "0"));
+                match value {
+                    DebugValue::Counter(n) if ours => Some(n),
+                    _ => None,
+                }
+            })
+            .expect("the partition's counter exists from its assignment")
+    }
+
+    /// One slow message and many finished behind it: only one message is in
+    /// flight, far under the in-flight bound, but the partition's tracker spans
+    /// every offset since the slow one, so at the tracked bound the partition has
+    /// no room; the slow one finishing gives it room again. Each episode at the
+    /// bound is counted once.
+    #[test]
+    fn a_slow_message_and_the_finished_ones_behind_it_reach_the_tracked_bound() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let mut p = metrics::with_local_recorder(&recorder, || Partition::new(1000, 100));
+        assert_eq!(hits(&snapshotter), 0);
+        p.deliver(0);
+        for o in 1..99 {
+            p.deliver(o);
+            assert_eq!(p.finish(o), None, "0 holds the commit");
+        }
+        assert_eq!((p.set.in_flight(0), p.set.tracked(0)), (1, 99));
+        assert!(p.set.has_room(0));
+        assert_eq!(
+            p.set.room(0),
+            1,
+            "the tracked bound's room, not the in-flight one's"
+        );
+        p.deliver(99);
+        p.finish(99);
+        assert_eq!((p.set.in_flight(0), p.set.tracked(0)), (1, 100));
+        assert!(
+            p.set.in_flight(0) < p.set.per_partition,
+            "the in-flight bound alone has room"
+        );
+        assert!(!p.set.has_room(0), "at the tracked bound");
+        assert_eq!(p.set.room(0), 0);
+        assert_eq!(p.set.lowest_pending(0), Some(0));
+        assert_eq!(hits(&snapshotter), 1);
+
+        // The slow one finishes: the watermark passes everything, room again.
+        assert_eq!(p.finish(0), Some(100));
+        assert_eq!(p.set.tracked(0), 0);
+        assert!(p.set.has_room(0));
+        assert_eq!(p.set.room(0), 100);
+
+        // A second episode is counted once, however far past the bound it goes
+        // (a consumer may have had a batch's room when it began).
+        p.deliver(100);
+        for o in 101..250 {
+            p.deliver(o);
+            p.finish(o);
+        }
+        assert!(!p.set.has_room(0));
+        assert_eq!(p.set.tracked(0), 150);
+        assert_eq!(hits(&snapshotter), 1);
+        assert_eq!(p.finish(100), Some(250));
+        assert!(p.set.has_room(0));
+        assert_eq!(hits(&snapshotter), 0);
+    }
+
+    /// The in-flight bound still holds on its own, and a partition under both has
+    /// the lesser room.
+    #[test]
+    fn either_bound_leaves_a_partition_without_room() {
+        let mut p = Partition::new(3, 1000);
+        for o in 0..3 {
+            p.deliver(o * 10);
+        }
+        assert_eq!((p.set.in_flight(0), p.set.tracked(0)), (3, 21));
+        assert!(!p.set.has_room(0), "at the in-flight bound");
+        p.finish(10);
+        assert_eq!(p.set.room(0), 1);
+        // A rewind below the slow message drops what it spanned.
+        let mut p = Partition::new(1000, 50);
+        p.deliver(5);
+        for o in 6..60 {
+            p.deliver(o);
+            p.finish(o);
+        }
+        assert!(!p.set.has_room(0));
+        let permit = p.set.try_reserve().expect("a permit");
+        let ticket = p.set.begin(0, 3).expect("owned");
+        assert_eq!(ticket.rewound_from(), Some(3));
+        assert_eq!(p.set.tracked(0), 1, "only 3, read again");
+        assert!(p.set.has_room(0));
+        p.set.give_up(ticket);
+        drop(permit);
     }
 }

@@ -12,26 +12,304 @@
 //! `R` still count until they finish. The watermark is the lowest unfinished offset
 //! of any epoch, or one past the last tracked offset when nothing is unfinished; it
 //! can move down at a rewind, and the caller then commits backwards explicitly.
+//!
+//! # About a bit per offset
+//!
+//! Everything delivered after a slow message may finish before it, and must be
+//! remembered until it does: with a work-conserving pool (256 workers running
+//! 1 ms handlers) some 25,000 offsets finish behind one 100 ms handler. So an
+//! epoch keeps no entry per message but a bitmap over its offsets, from the lowest
+//! unfinished one to the highest tracked: bit set, the offset is *unfinished*
+//! (pending, or given up). The words are a ring (`VecDeque<u64>`) whose first word
+//! holds the lowest unfinished offset. Completing an offset clears its bit;
+//! completing the lowest one also drops the words that became zero in front, and
+//! the next unfinished offset is the first set bit: the contiguous commit costs a
+//! `trailing_zeros`, amortised one word per 64 offsets.
+//!
+//! Offsets within an epoch increase but may skip some (compacted topics,
+//! transaction markers). A skipped offset is a zero bit, finished from the start,
+//! like a completed one: it never holds the watermark, and completing it changes
+//! nothing. A given-up offset (abandoned: it holds the watermark but is not in
+//! flight) is a set bit in a second bitmap of the same layout, which exists only
+//! while the epoch holds one, so the steady state costs one bit per offset.
+//!
+//! A gap of more than `GAP_BITS` (128) offsets, an offset jumping by millions
+//! after compaction say, is not stored as zero bits: the epoch starts a new
+//! *segment* after it, a 16-byte record of the segment's first offset and the bit
+//! it maps to, so any gap costs at most what 128 bits cost. Within a segment the
+//! bit of an offset is a subtraction; an offset is found by its segment, the last
+//! one or a binary search.
+//!
+//! [`OffsetTracker::tracked`] counts that storage in offsets: from each epoch's
+//! lowest unfinished offset to its highest tracked one, each gap counted as at
+//! most 128. The consumer bounds a partition by it
+//! (`consumer.max_tracked_per_partition`), so a partition's tracker holds about
+//! an eighth of a byte per offset of that bound, whatever the offsets look like:
+//! 128 KiB for a million. (Twice that while it holds a given-up offset, and the
+//! deques' spare room: at most as much again while a span grows, three times as
+//! much while it shrinks.)
+//!
+//! Nothing is allocated per message: the words and segments live in `VecDeque`s
+//! that keep their room. When everything an epoch tracked has finished they are
+//! emptied and the next offset starts again at the first bit, and a deque using
+//! under a quarter of its room gives half of it back, so a partition that spanned
+//! a million offsets behind one slow message does not keep their 128 KiB for ever.
 
 use std::collections::VecDeque;
 
-/// One tracked message: finished or not.
+/// The longest run of skipped offsets stored as zero bits; a longer gap starts a
+/// new segment. 128 bits take the 16 bytes a segment record takes, so a gap costs
+/// at most that either way.
+const GAP_BITS: u64 = 128;
+
+/// Room, in words, a bitmap keeps however far it shrinks: 1,024 offsets.
+const MIN_WORDS: usize = 16;
+
+/// Room the segment list keeps however far it shrinks.
+const MIN_SEGMENTS: usize = 4;
+
+/// How a pending offset settles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Pending,
+enum Settle {
     Done,
     /// Will not finish in this epoch (its job was given up): holds the watermark,
     /// but is not in flight.
     Abandoned,
 }
 
-/// Messages tracked between two rewinds, in increasing offset order.
+/// Where a run of offsets without a long gap starts: `offset` has bit `bit`, each
+/// later offset the next bit, up to the next segment's first bit (or the end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    offset: i64,
+    bit: u64,
+}
+
+/// The offsets tracked between two rewinds, from the lowest unfinished one to the
+/// highest tracked; see the module docs.
 #[derive(Debug, Clone)]
 struct Epoch {
     id: u64,
-    entries: VecDeque<(i64, State)>,
-    /// Finished entries still in `entries` (behind an unfinished one).
-    done: usize,
+    /// The bit that bit 0 of `unfinished[0]` stands for: a multiple of 64.
+    base: u64,
+    /// Bit `b` is bit `b % 64` of word `(b - base) / 64`; set, its offset is
+    /// pending or given up. While anything is unfinished the first word is not
+    /// zero (it holds the lowest unfinished offset) and the words reach `end`.
+    unfinished: VecDeque<u64>,
+    /// The given-up bits among them, in the same layout; missing words are zero,
+    /// and it is empty while none is given up.
+    abandoned: VecDeque<u64>,
+    /// Increasing in offset and in bit; the first holds the lowest unfinished
+    /// offset. Empty while nothing is unfinished.
+    segments: VecDeque<Segment>,
+    /// One past the bit of the highest tracked offset.
+    end: u64,
+    /// Bits set in `unfinished`.
+    open: usize,
+    /// Bits set in `abandoned`.
+    given_up: usize,
+}
+
+/// Give back half the room of `deque` when it uses under a quarter of it (never
+/// below `min`): amortised, a shrink costs no more than the pops that led to it.
+fn give_back<T>(deque: &mut VecDeque<T>, min: usize) {
+    if deque.capacity() > min && deque.len() * 4 < deque.capacity() {
+        deque.shrink_to((deque.len() * 2).max(min));
+    }
+}
+
+/// Clear the bits from bit `shift` of word `k` on (the words after `k` dropped);
+/// returns how many were set.
+fn cut_words(words: &mut VecDeque<u64>, k: usize, shift: u64) -> usize {
+    let low = (1u64 << shift) - 1;
+    let mut set = 0;
+    if let Some(w) = words.get_mut(k) {
+        set += (*w & !low).count_ones() as usize;
+        *w &= low;
+    }
+    set += words
+        .iter()
+        .skip(k + 1)
+        .map(|w| w.count_ones() as usize)
+        .sum::<usize>();
+    words.truncate(k + usize::from(shift > 0));
+    set
+}
+
+impl Epoch {
+    fn new(id: u64) -> Self {
+        Self {
+            id,
+            base: 0,
+            unfinished: VecDeque::new(),
+            abandoned: VecDeque::new(),
+            segments: VecDeque::new(),
+            end: 0,
+            open: 0,
+            given_up: 0,
+        }
+    }
+
+    /// The bit of the lowest unfinished offset.
+    fn lowest_bit(&self) -> Option<u64> {
+        if self.open == 0 {
+            return None;
+        }
+        let first = self.unfinished.front()?;
+        Some(self.base + u64::from(first.trailing_zeros()))
+    }
+
+    /// The lowest unfinished offset.
+    fn lowest(&self) -> Option<i64> {
+        let bit = self.lowest_bit()?;
+        let s = self.segments.front()?;
+        Some(s.offset + (bit - s.bit) as i64)
+    }
+
+    /// Offsets held: see [`OffsetTracker::tracked`].
+    fn tracked(&self) -> usize {
+        self.lowest_bit().map_or(0, |lowest| {
+            let gaps = (self.segments.len() as u64).saturating_sub(1) * GAP_BITS;
+            usize::try_from(self.end - lowest + gaps).unwrap_or(usize::MAX)
+        })
+    }
+
+    /// The word of `bit`, and its mask there.
+    fn word(&self, bit: u64) -> (usize, u64) {
+        (((bit - self.base) / 64) as usize, 1 << (bit % 64))
+    }
+
+    /// Track `offset`, `gap` offsets skipped since the one tracked before it in
+    /// this epoch (`None`: the first).
+    fn push(&mut self, offset: i64, gap: Option<u64>) {
+        let bit = match gap {
+            Some(gap) if self.open > 0 => {
+                if gap <= GAP_BITS {
+                    self.end + gap
+                } else {
+                    self.segments.push_back(Segment {
+                        offset,
+                        bit: self.end,
+                    });
+                    self.end
+                }
+            }
+            _ => {
+                // Nothing unfinished (so nothing stored): start at the first bit.
+                debug_assert!(self.unfinished.is_empty() && self.segments.is_empty());
+                self.base = 0;
+                self.segments.push_back(Segment { offset, bit: 0 });
+                0
+            }
+        };
+        let (k, mask) = self.word(bit);
+        while self.unfinished.len() <= k {
+            self.unfinished.push_back(0);
+        }
+        self.unfinished[k] |= mask;
+        self.end = bit + 1;
+        self.open += 1;
+    }
+
+    /// The bit of `offset` when it is tracked here and at or above the first word.
+    fn bit_of(&self, offset: i64) -> Option<u64> {
+        let last = self.segments.back()?;
+        let (s, limit) = if offset >= last.offset {
+            (*last, self.end)
+        } else {
+            let i = self
+                .segments
+                .partition_point(|s| s.offset <= offset)
+                .checked_sub(1)?;
+            // `i` is not the last segment: `offset` is below the last one's.
+            (self.segments[i], self.segments[i + 1].bit)
+        };
+        let bit = s.bit.checked_add(offset.abs_diff(s.offset))?;
+        (bit >= self.base && bit < limit).then_some(bit)
+    }
+
+    /// The first bit of an offset at or above `from` (`end` when there is none).
+    fn first_bit_from(&self, from: i64) -> u64 {
+        let i = self.segments.partition_point(|s| s.offset <= from);
+        let Some(s) = i.checked_sub(1).map(|i| self.segments[i]) else {
+            return self.segments.front().map_or(self.end, |s| s.bit);
+        };
+        let limit = self.segments.get(i).map_or(self.end, |n| n.bit);
+        s.bit.saturating_add(from.abs_diff(s.offset)).min(limit)
+    }
+
+    fn give_up(&mut self, k: usize, mask: u64) {
+        if self.abandoned.len() <= k {
+            self.abandoned.resize(k + 1, 0);
+        }
+        self.abandoned[k] |= mask;
+        self.given_up += 1;
+    }
+
+    /// The lowest unfinished offset finished: drop the words and segments now
+    /// wholly behind the next one, or everything when nothing is unfinished.
+    fn advance(&mut self) {
+        if self.open == 0 {
+            self.clear();
+            return;
+        }
+        while self.unfinished.front() == Some(&0) {
+            self.unfinished.pop_front();
+            self.abandoned.pop_front();
+            self.base += 64;
+        }
+        let lowest = self.lowest_bit().expect("an unfinished bit is left");
+        while self.segments.get(1).is_some_and(|s| s.bit <= lowest) {
+            self.segments.pop_front();
+        }
+        give_back(&mut self.unfinished, MIN_WORDS);
+        give_back(&mut self.abandoned, MIN_WORDS);
+        give_back(&mut self.segments, MIN_SEGMENTS);
+    }
+
+    /// Hold nothing (keeping a little room for what comes next).
+    fn clear(&mut self) {
+        self.unfinished.clear();
+        self.segments.clear();
+        if self.abandoned.capacity() > 0 {
+            self.abandoned = VecDeque::new();
+        }
+        (self.base, self.end, self.open, self.given_up) = (0, 0, 0, 0);
+        give_back(&mut self.unfinished, MIN_WORDS);
+        give_back(&mut self.segments, MIN_SEGMENTS);
+    }
+
+    /// Drop the offsets at and above `from`: they will be delivered again. Returns
+    /// how many of them were pending.
+    fn cut(&mut self, from: i64) -> usize {
+        let Some(lowest) = self.lowest_bit() else {
+            return 0;
+        };
+        let cut = self.first_bit_from(from);
+        if cut >= self.end {
+            return 0;
+        }
+        if cut <= lowest {
+            let pending = self.open - self.given_up;
+            self.clear();
+            return pending;
+        }
+        let (k, shift) = (((cut - self.base) / 64) as usize, cut % 64);
+        let open = cut_words(&mut self.unfinished, k, shift);
+        let given_up = cut_words(&mut self.abandoned, k, shift);
+        self.open -= open;
+        self.given_up -= given_up;
+        if self.given_up == 0 {
+            self.abandoned = VecDeque::new();
+        }
+        while self.segments.back().is_some_and(|s| s.bit >= cut) {
+            self.segments.pop_back();
+        }
+        self.end = cut;
+        give_back(&mut self.unfinished, MIN_WORDS);
+        give_back(&mut self.segments, MIN_SEGMENTS);
+        open - given_up
+    }
 }
 
 /// What [`OffsetTracker::track`] did.
@@ -46,19 +324,36 @@ pub struct Tracked {
 }
 
 /// Tracks the offsets of one partition that are in flight; see the module docs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OffsetTracker {
-    /// Oldest first; the last one is the current epoch. Older epochs stay while
-    /// they hold an unfinished message.
-    epochs: VecDeque<Epoch>,
+    /// The current epoch (empty before the first offset).
+    current: Epoch,
+    /// Earlier epochs, oldest first, while they hold an unfinished offset. Kept
+    /// apart from the current one: the hot path never looks at them when there
+    /// are none, as there mostly are not.
+    older: Vec<Epoch>,
     next_epoch: u64,
     /// Highest offset tracked in the current epoch.
     last_tracked: Option<i64>,
     watermark: Option<i64>,
-    /// Pending entries across epochs.
+    /// Pending offsets across epochs.
     pending: usize,
     /// Whether a first tracked offset finished: the watermark exists from then on.
     started: bool,
+}
+
+impl Default for OffsetTracker {
+    fn default() -> Self {
+        Self {
+            current: Epoch::new(0),
+            older: Vec::new(),
+            next_epoch: 0,
+            last_tracked: None,
+            watermark: None,
+            pending: 0,
+            started: false,
+        }
+    }
 }
 
 impl OffsetTracker {
@@ -71,46 +366,45 @@ impl OffsetTracker {
     /// new epoch (see the module docs).
     pub fn track(&mut self, offset: i64) -> Tracked {
         let mut rewound_from = None;
-        if self.last_tracked.is_some_and(|last| offset <= last) || self.epochs.is_empty() {
-            if !self.epochs.is_empty() {
+        let mut gap = None;
+        match self.last_tracked {
+            None => self.start_epoch(),
+            Some(last) if offset <= last => {
                 rewound_from = Some(offset);
                 self.supersede_from(offset);
+                self.start_epoch();
             }
-            let id = self.next_epoch;
-            self.next_epoch += 1;
-            self.epochs.push_back(Epoch {
-                id,
-                entries: VecDeque::new(),
-                done: 0,
-            });
+            Some(last) => gap = Some(offset.abs_diff(last) - 1),
         }
         self.last_tracked = Some(offset);
-        let current = self.epochs.back_mut().expect("an epoch was just ensured");
-        current.entries.push_back((offset, State::Pending));
+        self.current.push(offset, gap);
         self.pending += 1;
-        let epoch = current.id;
         if rewound_from.is_some() && self.watermark.is_some() {
             self.watermark = Some(self.commit_point());
         }
         Tracked {
-            epoch,
+            epoch: self.current.id,
             rewound_from,
         }
     }
 
-    /// Entries at or above `from` in every epoch will be delivered again: drop them.
-    fn supersede_from(&mut self, from: i64) {
-        for epoch in &mut self.epochs {
-            let cut = epoch.entries.partition_point(|(o, _)| *o < from);
-            for (_, state) in epoch.entries.drain(cut..) {
-                match state {
-                    State::Pending => self.pending -= 1,
-                    State::Done => epoch.done -= 1,
-                    State::Abandoned => {}
-                }
-            }
+    /// Begin a new current epoch; the one before stays while it holds an
+    /// unfinished offset.
+    fn start_epoch(&mut self) {
+        let id = self.next_epoch;
+        self.next_epoch += 1;
+        let before = std::mem::replace(&mut self.current, Epoch::new(id));
+        if before.open > 0 {
+            self.older.push(before);
         }
-        self.epochs.retain(|e| !e.entries.is_empty());
+    }
+
+    /// Offsets at or above `from` in every epoch will be delivered again: drop them.
+    fn supersede_from(&mut self, from: i64) {
+        for epoch in self.older.iter_mut().chain([&mut self.current]) {
+            self.pending -= epoch.cut(from);
+        }
+        self.older.retain(|e| e.open > 0);
     }
 
     /// Mark `offset` of `epoch` finished. Returns the new watermark when it moved.
@@ -118,42 +412,52 @@ impl OffsetTracker {
     /// Completing an offset that is not tracked (already completed, superseded by a
     /// rewind, or never tracked) changes nothing and returns `None`.
     pub fn complete(&mut self, epoch: u64, offset: i64) -> Option<i64> {
-        self.settle(epoch, offset, State::Done)
+        self.settle(epoch, offset, Settle::Done)
     }
 
     /// Mark `offset` of `epoch` given up: it will not finish in this epoch (its job
     /// was abandoned or never submitted). It holds the watermark but no longer
     /// counts as in flight.
     pub fn abandon(&mut self, epoch: u64, offset: i64) {
-        self.settle(epoch, offset, State::Abandoned);
+        self.settle(epoch, offset, Settle::Abandoned);
     }
 
-    fn settle(&mut self, epoch: u64, offset: i64, to: State) -> Option<i64> {
-        let ei = self.epochs.iter().position(|e| e.id == epoch)?;
-        let e = &mut self.epochs[ei];
-        let idx = e.entries.binary_search_by_key(&offset, |(o, _)| *o).ok()?;
-        let entry = &mut e.entries[idx].1;
-        if *entry != State::Pending {
+    fn settle(&mut self, epoch: u64, offset: i64, to: Settle) -> Option<i64> {
+        // `None`: the current epoch; else where it is among the older ones.
+        let older = if self.current.id == epoch {
+            None
+        } else {
+            Some(self.older.iter().position(|e| e.id == epoch)?)
+        };
+        let e = match older {
+            None => &mut self.current,
+            Some(i) => &mut self.older[i],
+        };
+        let bit = e.bit_of(offset)?;
+        let (k, mask) = e.word(bit);
+        let given_up = e.given_up > 0 && e.abandoned.get(k).is_some_and(|w| w & mask != 0);
+        let word = e.unfinished.get_mut(k)?;
+        if *word & mask == 0 || given_up {
             return None;
         }
-        *entry = to;
         self.pending -= 1;
-        if to != State::Done {
+        if to == Settle::Abandoned {
+            e.give_up(k, mask);
             return None;
         }
-        e.done += 1;
-        while let Some(&(_, State::Done)) = e.entries.front() {
-            e.entries.pop_front();
-            e.done -= 1;
+        // The lowest unfinished offset is the first set bit of the first word.
+        let front = k == 0 && *word & (mask - 1) == 0;
+        *word &= !mask;
+        e.open -= 1;
+        if front {
+            e.advance();
             self.started = true;
         }
         if !self.started {
             return None;
         }
-        let emptied = e.entries.is_empty();
-        let current = ei + 1 == self.epochs.len();
-        if emptied && !current {
-            self.epochs.remove(ei);
+        if let Some(i) = older.filter(|i| self.older[*i].open == 0) {
+            self.older.remove(i);
         }
         let w = self.commit_point();
         if self.watermark == Some(w) {
@@ -165,10 +469,7 @@ impl OffsetTracker {
 
     /// The lowest unfinished offset of any epoch, or one past the last tracked.
     fn commit_point(&self) -> i64 {
-        self.epochs
-            .iter()
-            .filter_map(|e| e.entries.front().map(|(o, _)| *o))
-            .min()
+        self.lowest_pending()
             .unwrap_or_else(|| self.last_tracked.map_or(0, |l| l + 1))
     }
 
@@ -185,15 +486,52 @@ impl OffsetTracker {
 
     /// The lowest offset not yet finished (pending or given up), in any epoch.
     pub fn lowest_pending(&self) -> Option<i64> {
-        self.epochs
+        let current = self.current.lowest();
+        if self.older.is_empty() {
+            return current;
+        }
+        self.older
             .iter()
-            .filter_map(|e| e.entries.front().map(|(o, _)| *o))
+            .filter_map(Epoch::lowest)
+            .chain(current)
             .min()
+    }
+
+    /// How many offsets the tracker holds a flag for now: in each epoch, from its
+    /// lowest unfinished offset to its highest tracked one, finished or not,
+    /// skipped offsets included but a gap longer than 128 offsets counted as 128
+    /// (it costs what 128 flags cost; see the module docs). 0 when nothing is
+    /// unfinished.
+    ///
+    /// This is what a consumer bounds besides [`in_flight`](Self::in_flight): one
+    /// slow message holds the commit, and everything delivered after it counts
+    /// here until it finishes, however little is in flight. The tracker's memory
+    /// is about an eighth of a byte per offset counted. An epoch cut by a rewind
+    /// may count up to 128 skipped offsets below the rewind point besides.
+    pub fn tracked(&self) -> usize {
+        self.older
+            .iter()
+            .map(Epoch::tracked)
+            .fold(self.current.tracked(), usize::saturating_add)
     }
 
     /// Forget everything (partition revoked).
     pub fn reset(&mut self) {
         *self = Self::default();
+    }
+
+    /// Words and segment records the tracker has room for (tests of its memory).
+    #[cfg(test)]
+    fn room(&self) -> (usize, usize) {
+        self.older
+            .iter()
+            .chain([&self.current])
+            .fold((0, 0), |(w, s), e| {
+                (
+                    w + e.unfinished.capacity() + e.abandoned.capacity(),
+                    s + e.segments.capacity(),
+                )
+            })
     }
 }
 
@@ -326,6 +664,437 @@ mod tests {
             }
             if let (Some(l), Some(_)) = (last, t.watermark()) {
                 prop_assert_eq!(t.watermark(), Some(l + 1));
+            }
+        }
+    }
+
+    // --- the bitmap ------------------------------------------------------------------
+
+    #[test]
+    fn skipped_offsets_are_finished_and_cannot_be_completed() {
+        let mut t = OffsetTracker::new();
+        for o in [0, 5, 63, 64, 130] {
+            t.track(o);
+        }
+        assert_eq!(t.tracked(), 131, "0 to 130, the skipped offsets included");
+        for skipped in [1, 4, 62, 65, 129, 131, -1] {
+            assert_eq!(
+                t.complete(0, skipped),
+                None,
+                "{skipped} was never delivered"
+            );
+        }
+        assert_eq!(t.in_flight(), 5);
+        assert_eq!(t.complete(0, 5), None);
+        assert_eq!(t.complete(0, 0), Some(63), "1..4 skipped, 5 finished");
+        assert_eq!(t.tracked(), 68);
+        assert_eq!(t.complete(0, 64), None);
+        assert_eq!(t.complete(0, 63), Some(130));
+        assert_eq!(t.lowest_pending(), Some(130));
+        assert_eq!(t.tracked(), 1);
+        assert_eq!(t.complete(0, 130), Some(131));
+        assert_eq!(
+            (t.tracked(), t.in_flight(), t.lowest_pending()),
+            (0, 0, None)
+        );
+        assert_eq!(t.complete(0, 130), None, "finished already");
+    }
+
+    #[test]
+    fn a_long_gap_starts_a_segment_and_costs_no_bits() {
+        let mut t = OffsetTracker::new();
+        let far = 10_000_000_000i64;
+        t.track(7);
+        t.track(7 + GAP_BITS as i64 + 1); // a gap of exactly GAP_BITS: bits
+        t.track(far); // a gap of billions: a segment
+        t.track(far + 1);
+        t.track(2 * far);
+        assert_eq!(
+            t.tracked(),
+            (GAP_BITS as usize + 2) + (GAP_BITS as usize + 2) + (GAP_BITS as usize + 1),
+            "each long gap counts as GAP_BITS"
+        );
+        let (words, segments) = t.room();
+        assert!(
+            words <= MIN_WORDS && segments <= MIN_SEGMENTS,
+            "{words} words, {segments} segments"
+        );
+        for inside in [far - 1, far + 2, far / 2, 2 * far - 1, 2 * far + 1] {
+            assert_eq!(t.complete(0, inside), None, "{inside} is in a gap");
+        }
+        assert_eq!(t.complete(0, far + 1), None);
+        assert_eq!(t.complete(0, 7), Some(7 + GAP_BITS as i64 + 1));
+        assert_eq!(t.complete(0, 7 + GAP_BITS as i64 + 1), Some(far));
+        assert_eq!(t.tracked(), 2 + GAP_BITS as usize + 1);
+        assert_eq!(
+            t.complete(0, far),
+            Some(2 * far),
+            "far + 1 finished already"
+        );
+        assert_eq!(t.tracked(), 1);
+        assert_eq!(t.complete(0, 2 * far), Some(2 * far + 1));
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn offsets_are_found_in_any_of_many_segments() {
+        let mut t = OffsetTracker::new();
+        let offsets: Vec<i64> = (0..200).map(|i| i * 1_000 + i % 7).collect();
+        for o in &offsets {
+            t.track(*o);
+        }
+        assert_eq!(t.tracked(), 1 + 199 * (GAP_BITS as usize + 1));
+        // Every other one first, in a scrambled order: the watermark stays put.
+        for i in (0..200).map(|i| (i * 89) % 200).filter(|i| i % 2 == 1) {
+            assert_eq!(t.complete(0, offsets[i]), None);
+            assert_eq!(t.complete(0, offsets[i] + 1), None, "never delivered");
+        }
+        for i in (0..200).step_by(2) {
+            let next = offsets.get(i + 2).copied().unwrap_or(offsets[199] + 1);
+            assert_eq!(t.complete(0, offsets[i]), Some(next));
+        }
+        assert_eq!((t.in_flight(), t.tracked()), (0, 0));
+    }
+
+    #[test]
+    fn the_span_behind_a_slow_offset_is_counted_and_given_back() {
+        let mut t = OffsetTracker::new();
+        let n = 200_000i64;
+        for o in 0..n {
+            t.track(o);
+            if o > 0 {
+                t.complete(0, o);
+            }
+        }
+        assert_eq!((t.in_flight(), t.tracked()), (1, n as usize));
+        let (words, _) = t.room();
+        assert!(words >= n as usize / 64, "{words} words");
+        // A second slow one near the end: what is behind it is freed.
+        t.track(n);
+        t.track(n + 1);
+        assert_eq!(t.complete(0, 0), Some(n));
+        assert_eq!(t.tracked(), 2);
+        let (words, _) = t.room();
+        assert!(words <= MIN_WORDS, "shrunk back: {words} words");
+        t.complete(0, n + 1);
+        assert_eq!(t.complete(0, n), Some(n + 2));
+        assert_eq!(t.tracked(), 0);
+        // The same again: the tracker grows and shrinks as often as it must.
+        for o in n + 2..2 * n {
+            t.track(o);
+            if o > n + 2 {
+                t.complete(0, o);
+            }
+        }
+        assert_eq!(t.tracked(), (n - 2) as usize);
+        assert_eq!(t.complete(0, n + 2), Some(2 * n));
+        let (words, segments) = t.room();
+        assert!(words <= MIN_WORDS && segments <= MIN_SEGMENTS);
+    }
+
+    #[test]
+    fn given_up_offsets_hold_the_watermark_in_a_bitmap_of_their_own() {
+        let mut t = OffsetTracker::new();
+        for o in 0..300 {
+            t.track(o);
+        }
+        for o in [70, 71, 200] {
+            t.abandon(0, o);
+        }
+        t.abandon(0, 70);
+        assert_eq!(t.in_flight(), 297, "given up once");
+        assert_eq!(t.complete(0, 70), None, "given up: it will not finish here");
+        for o in (0..300).filter(|o| ![70, 71, 200].contains(o)) {
+            t.complete(0, o);
+        }
+        assert_eq!((t.watermark(), t.lowest_pending()), (Some(70), Some(70)));
+        assert_eq!((t.in_flight(), t.tracked()), (0, 230));
+        // Read again from 71: 70 still holds, 71 and 200 are dropped.
+        assert_eq!(t.track(71).rewound_from, Some(71));
+        assert_eq!(t.watermark(), Some(70));
+        assert_eq!((t.in_flight(), t.tracked()), (1, 2));
+        t.track(72);
+        assert_eq!(t.complete(1, 71), None, "70 holds");
+        // Read again from 70: the given-up offset is gone.
+        assert_eq!(t.track(70).rewound_from, Some(70));
+        assert_eq!((t.in_flight(), t.tracked()), (1, 1));
+        assert_eq!(t.complete(2, 70), Some(71));
+    }
+
+    #[test]
+    fn a_rewind_into_a_gap_keeps_what_is_below_it() {
+        let mut t = OffsetTracker::new();
+        let far = 1_000_000i64;
+        for o in [10, 20, 30, far, far + 10] {
+            t.track(o);
+        }
+        t.complete(0, 20);
+        // Into a short gap: 30 and what follows are read again.
+        assert_eq!(t.track(25).rewound_from, Some(25));
+        assert_eq!(t.in_flight(), 2, "10 of the old epoch and 25 of the new");
+        assert_eq!(t.complete(0, 30), None, "superseded");
+        assert_eq!(t.complete(0, far), None, "superseded");
+        assert_eq!(t.lowest_pending(), Some(10));
+        // 10..=20 and 21..=24 skipped below the rewind point, then 25.
+        assert_eq!(t.tracked(), 15 + 1);
+        assert_eq!(t.complete(0, 10), Some(25));
+        assert_eq!(t.tracked(), 1);
+        // Into a long gap: the segment before it stays whole.
+        let mut t = OffsetTracker::new();
+        for o in [10, 11, far, far + 1] {
+            t.track(o);
+        }
+        assert_eq!(t.track(far / 2).rewound_from, Some(far / 2));
+        assert_eq!(t.in_flight(), 3);
+        assert_eq!(t.tracked(), 2 + 1);
+        assert_eq!(t.complete(0, 11), None);
+        assert_eq!(t.complete(1, far / 2), Some(10), "10 holds it");
+        assert_eq!(t.complete(0, 10), Some(far / 2 + 1));
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn a_rewind_below_everything_drops_the_old_epoch() {
+        let mut t = OffsetTracker::new();
+        for o in 100..400 {
+            t.track(o);
+        }
+        t.complete(0, 100);
+        t.abandon(0, 150);
+        assert_eq!(t.track(5).rewound_from, Some(5));
+        assert_eq!((t.in_flight(), t.tracked()), (1, 1));
+        assert_eq!(t.watermark(), Some(5));
+        for o in 100..400 {
+            assert_eq!(t.complete(0, o), None);
+        }
+        assert_eq!(t.complete(1, 5), Some(6));
+        let (words, segments) = t.room();
+        assert!(words <= MIN_WORDS && segments <= MIN_SEGMENTS);
+    }
+
+    #[test]
+    fn reset_forgets_everything() {
+        let mut t = OffsetTracker::new();
+        for o in 0..1000 {
+            t.track(o * 3);
+        }
+        t.reset();
+        assert_eq!((t.in_flight(), t.tracked(), t.watermark()), (0, 0, None));
+        assert_eq!(t.track(0).epoch, 0);
+    }
+
+    /// The tracker as it was, an entry per offset: what the bitmap must agree with.
+    #[derive(Debug, Default)]
+    struct Model {
+        /// Each epoch's unfinished offsets: `true` pending, `false` given up. A
+        /// finished offset is removed at once (the old tracker kept it until
+        /// everything below it had finished; no answer depends on it).
+        epochs: Vec<(u64, std::collections::BTreeMap<i64, bool>)>,
+        next_epoch: u64,
+        last: Option<i64>,
+        watermark: Option<i64>,
+        started: bool,
+    }
+
+    impl Model {
+        fn track(&mut self, offset: i64) -> Tracked {
+            let mut rewound_from = None;
+            if self.last.is_some_and(|l| offset <= l) || self.epochs.is_empty() {
+                if !self.epochs.is_empty() {
+                    rewound_from = Some(offset);
+                    for (_, entries) in &mut self.epochs {
+                        entries.retain(|o, _| *o < offset);
+                    }
+                    self.epochs.retain(|(_, e)| !e.is_empty());
+                }
+                self.epochs.push((self.next_epoch, Default::default()));
+                self.next_epoch += 1;
+            }
+            self.last = Some(offset);
+            let (epoch, entries) = self.epochs.last_mut().expect("an epoch");
+            entries.insert(offset, true);
+            let epoch = *epoch;
+            if rewound_from.is_some() && self.watermark.is_some() {
+                self.watermark = Some(self.commit_point());
+            }
+            Tracked {
+                epoch,
+                rewound_from,
+            }
+        }
+
+        /// `done`: completed, else given up.
+        fn settle(&mut self, epoch: u64, offset: i64, done: bool) -> Option<i64> {
+            let ei = self.epochs.iter().position(|(id, _)| *id == epoch)?;
+            let entries = &mut self.epochs[ei].1;
+            if entries.get(&offset) != Some(&true) {
+                return None;
+            }
+            if !done {
+                entries.insert(offset, false);
+                return None;
+            }
+            let front = entries.keys().next() == Some(&offset);
+            entries.remove(&offset);
+            if front {
+                self.started = true;
+            }
+            if !self.started {
+                return None;
+            }
+            if entries.is_empty() && ei + 1 != self.epochs.len() {
+                self.epochs.remove(ei);
+            }
+            let w = self.commit_point();
+            if self.watermark == Some(w) {
+                return None;
+            }
+            self.watermark = Some(w);
+            Some(w)
+        }
+
+        fn lowest(&self) -> Option<i64> {
+            self.epochs
+                .iter()
+                .filter_map(|(_, e)| e.keys().next().copied())
+                .min()
+        }
+
+        fn commit_point(&self) -> i64 {
+            self.lowest()
+                .unwrap_or_else(|| self.last.map_or(0, |l| l + 1))
+        }
+
+        fn in_flight(&self) -> usize {
+            self.epochs
+                .iter()
+                .map(|(_, e)| e.values().filter(|p| **p).count())
+                .sum()
+        }
+
+        fn pending(&self) -> Vec<(u64, i64)> {
+            self.epochs
+                .iter()
+                .flat_map(|(id, e)| e.iter().filter(|(_, p)| **p).map(|(o, _)| (*id, *o)))
+                .collect()
+        }
+
+        /// Offsets held, from each epoch's lowest unfinished one to its highest
+        /// tracked one (finished ones included, as the bitmap holds them), each gap
+        /// counted as `GAP_BITS` at most.
+        fn tracked(&self, delivered: &[std::collections::BTreeSet<i64>]) -> usize {
+            self.epochs
+                .iter()
+                .map(|(id, e)| {
+                    let Some(lowest) = e.keys().next() else {
+                        return 0;
+                    };
+                    let mut held = delivered[*id as usize].range(lowest..);
+                    let mut prev = *held.next().expect("the lowest was delivered");
+                    let mut n = 1;
+                    for o in held {
+                        n += 1 + (o - prev - 1).min(GAP_BITS as i64) as usize;
+                        prev = *o;
+                    }
+                    n
+                })
+                .sum()
+        }
+    }
+
+    /// Gaps between deliveries: mostly none or short, sometimes around
+    /// `GAP_BITS`, sometimes huge.
+    const GAPS: [i64; 12] = [0, 0, 0, 0, 1, 2, 63, 127, 128, 129, 5_000, 1 << 40];
+
+    proptest! {
+        /// Random deliveries (with gaps of every size), completions, give-ups,
+        /// stray completions and rewinds (into tracked offsets, short gaps and long
+        /// ones): the bitmap answers exactly as an entry per offset did, and
+        /// counts what it holds as that model says.
+        #[test]
+        fn the_bitmap_agrees_with_an_entry_per_offset(
+            steps in proptest::collection::vec(
+                (0u8..16, 0usize..GAPS.len(), any::<proptest::sample::Index>(), any::<proptest::sample::Index>()),
+                1..400,
+            ),
+        ) {
+            let mut t = OffsetTracker::new();
+            let mut m = Model::default();
+            // Offsets delivered in each epoch (still superseded ones included).
+            let mut delivered: Vec<std::collections::BTreeSet<i64>> = Vec::new();
+            let mut rewinds = 0;
+            for (kind, gap, a, b) in steps {
+                let pending = m.pending();
+                match kind {
+                    0..=6 => {
+                        let offset = m.last.map_or(GAPS[gap], |l| l + 1 + GAPS[gap]);
+                        let tr = t.track(offset);
+                        prop_assert_eq!(tr, m.track(offset));
+                        if tr.epoch as usize == delivered.len() {
+                            delivered.push(Default::default());
+                        }
+                        delivered[tr.epoch as usize].insert(offset);
+                    }
+                    7 if m.last.is_some() => {
+                        // A rewind to a random point at or below the last offset.
+                        let last = m.last.unwrap_or(0);
+                        let low = (last - GAPS[gap] - 300).max(0);
+                        let offset = low + a.index((last - low + 1) as usize) as i64;
+                        let tr = t.track(offset);
+                        prop_assert_eq!(tr, m.track(offset));
+                        for d in &mut delivered {
+                            d.retain(|o| *o < offset);
+                        }
+                        delivered.push([offset].into());
+                        rewinds += 1;
+                    }
+                    8..=11 if !pending.is_empty() => {
+                        let (epoch, offset) = pending[a.index(pending.len())];
+                        prop_assert_eq!(t.complete(epoch, offset), m.settle(epoch, offset, true));
+                    }
+                    12 if !pending.is_empty() => {
+                        let (epoch, offset) = pending[a.index(pending.len())];
+                        t.abandon(epoch, offset);
+                        m.settle(epoch, offset, false);
+                    }
+                    13 | 14 => {
+                        // A stray completion: any epoch, near any tracked offset.
+                        let epoch = b.index(m.next_epoch as usize + 1) as u64;
+                        let near = m.last.unwrap_or(0);
+                        let offset = near - a.index(400) as i64 + 2;
+                        prop_assert_eq!(t.complete(epoch, offset), m.settle(epoch, offset, true));
+                    }
+                    15 if a.index(8) == 0 => {
+                        t.reset();
+                        m = Model::default();
+                        delivered.clear();
+                    }
+                    _ => {}
+                }
+                prop_assert_eq!(t.watermark(), m.watermark);
+                prop_assert_eq!(t.in_flight(), m.in_flight());
+                prop_assert_eq!(t.lowest_pending(), m.lowest());
+                let held = m.tracked(&delivered);
+                if m.epochs.len() <= 1 {
+                    prop_assert_eq!(t.tracked(), held);
+                } else {
+                    // An epoch cut by a rewind may hold skipped offsets up to the
+                    // rewind point.
+                    let slack = (m.epochs.len() - 1) * GAP_BITS as usize;
+                    prop_assert!(held <= t.tracked() && t.tracked() <= held + slack,
+                        "tracked {} for {} held ({} rewinds)", t.tracked(), held, rewinds);
+                }
+            }
+            for (epoch, offset) in m.pending() {
+                prop_assert_eq!(t.complete(epoch, offset), m.settle(epoch, offset, true));
+            }
+            prop_assert_eq!(t.in_flight(), 0);
+            prop_assert_eq!(t.lowest_pending(), m.lowest());
+            if m.lowest().is_none() {
+                prop_assert_eq!(t.tracked(), 0);
+                let (words, segments) = t.room();
+                prop_assert!(words <= MIN_WORDS && segments <= MIN_SEGMENTS,
+                    "{} words, {} segments kept", words, segments);
             }
         }
     }

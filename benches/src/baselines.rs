@@ -101,15 +101,18 @@ pub struct RoundTrips {
     pub actor: f64,
     /// `PoolSwitch` over both pools, all keyed, msg/s.
     pub switch: f64,
+    /// Keyed pool under fixed routing (`keyed_pool.routing = "fixed"`), msg/s.
+    #[serde(default)]
+    pub keyed_fixed: f64,
     /// One-at-a-time per partition with the 1 ms (`io-1ms`) handler, msg/s.
     pub sequential: f64,
-    /// CPU µs of the process per round trip: mpsc, keyed, actor, switch (in
-    /// the order of the rates above), means over rounds.
+    /// CPU µs of the process per round trip: mpsc, keyed, actor, switch, keyed
+    /// under fixed routing (in the order of the rates above), means over rounds.
     #[serde(default)]
-    pub cpu_us: [f64; 4],
+    pub cpu_us: [f64; 5],
 }
 
-/// Measure [`RoundTrips`]: `rounds` rounds of `n` round trips each, the four
+/// Measure [`RoundTrips`]: `rounds` rounds of `n` round trips each, the five
 /// variants alternating their order from round to round; then `sequential_n`
 /// messages one at a time with the 1 ms handler.
 pub async fn round_trips(
@@ -118,11 +121,11 @@ pub async fn round_trips(
     sequential_n: usize,
 ) -> Result<RoundTrips, String> {
     let window = 1024;
-    let mut rates: [Vec<f64>; 4] = Default::default();
-    let mut cpu: [Vec<f64>; 4] = Default::default();
+    let mut rates: [Vec<f64>; 5] = Default::default();
+    let mut cpu: [Vec<f64>; 5] = Default::default();
     for round in 0..rounds.max(1) {
-        let mut steps = [0usize, 1, 2, 3];
-        steps.rotate_left(round % 4);
+        let mut steps = [0usize, 1, 2, 3, 4];
+        steps.rotate_left(round % 5);
         for step in steps {
             let cpu0 = own_cpu_secs();
             let rate = match step {
@@ -133,10 +136,10 @@ pub async fn round_trips(
                     } else {
                         eventbus::PoolKind::Keyed
                     };
-                    let pool = if step == 3 {
-                        crate::bus::make_switch(kind).await
-                    } else {
-                        crate::bus::make_pool(kind).await
+                    let pool = match step {
+                        3 => crate::bus::make_switch(kind).await,
+                        4 => crate::bus::make_fixed_keyed(),
+                        _ => crate::bus::make_pool(kind).await,
                     }
                     .map_err(|e| format!("pool for the round trip: {e}"))?;
                     let cpu0 = own_cpu_secs();
@@ -158,7 +161,14 @@ pub async fn round_trips(
         keyed: mean(&rates[1]),
         actor: mean(&rates[2]),
         switch: mean(&rates[3]),
+        keyed_fixed: mean(&rates[4]),
         sequential: sequential_per_partition(sequential_n, HandlerKind::IoSim).await,
-        cpu_us: [mean(&cpu[0]), mean(&cpu[1]), mean(&cpu[2]), mean(&cpu[3])],
+        cpu_us: [
+            mean(&cpu[0]),
+            mean(&cpu[1]),
+            mean(&cpu[2]),
+            mean(&cpu[3]),
+            mean(&cpu[4]),
+        ],
     })
 }

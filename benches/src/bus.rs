@@ -5,7 +5,7 @@
 use crate::rss::{peak_rss_kib, reset_peak_rss, rss_kib};
 use crate::workload::{
     hdr_percentiles_us, longest_pause_ns, own_cpu_secs, HandlerKind, IoSim, KeyDist, RunResult,
-    Stamp, Tally,
+    Stamp, Tally, SLOW_HANDLER,
 };
 use eventbus::kafka::{KafkaConfig, KafkaEventBus};
 use eventbus::nats::{NatsConfig, NatsEventBus};
@@ -30,6 +30,31 @@ pub async fn make_pool(kind: PoolKind) -> Result<Arc<dyn Pool>, eventbus::Error>
     Ok(match kind {
         PoolKind::Keyed => Arc::new(KeyedWorkerPool::new(&config.keyed_pool)?),
         PoolKind::Actor => Arc::new(ActorPool::start(&config.actor_pool).await?),
+    })
+}
+
+/// The keyed pool with the default sizes under fixed routing (each route on worker
+/// `slot(route, workers)`), the comparison for work-conserving routing.
+pub fn make_fixed_keyed() -> Result<Arc<dyn Pool>, eventbus::Error> {
+    let config = EventBusConfig::default()
+        .keyed_pool
+        .routing(eventbus::Routing::Fixed);
+    Ok(Arc::new(KeyedWorkerPool::new(&config)?))
+}
+
+/// [`make_pool`], under fixed routing when `fixed`.
+pub async fn make_pool_routed(
+    kind: PoolKind,
+    fixed: bool,
+) -> Result<Arc<dyn Pool>, eventbus::Error> {
+    if !fixed {
+        return make_pool(kind).await;
+    }
+    let config = EventBusConfig::default();
+    let routing = eventbus::Routing::Fixed;
+    Ok(match kind {
+        PoolKind::Keyed => Arc::new(KeyedWorkerPool::new(&config.keyed_pool.routing(routing))?),
+        PoolKind::Actor => Arc::new(ActorPool::start(&config.actor_pool.routing(routing)).await?),
     })
 }
 
@@ -84,6 +109,13 @@ pub struct WorkloadSpec {
     /// publisher held up by the bus does not hide the wait it caused.
     #[serde(default)]
     pub rate: f64,
+    /// Route each key to its fixed worker (`Routing::Fixed`) instead of
+    /// work-conserving routing.
+    #[serde(default)]
+    pub fixed_routing: bool,
+    /// Record the pool's queue wait (every message) for its 99th percentile.
+    #[serde(default)]
+    pub record_queue_wait: bool,
 }
 
 /// A bus of the spec's backend (its topic created on memory; Kafka topics are
@@ -175,15 +207,26 @@ fn publish_chunk(backend: Backend) -> usize {
 /// Run one workload in this process; the process should be fresh, so that its peak
 /// memory is this run's.
 pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
-    let pool = make_pool(spec.pool)
+    // Installed before the bus, whose instruments register on creation.
+    let queue_waits = spec.record_queue_wait.then(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _ = recorder.install();
+        snapshotter
+    });
+    let pool = make_pool_routed(spec.pool, spec.fixed_routing)
         .await
         .map_err(|e| format!("{} pool: {e}", spec.pool.as_str()))?;
     let pool_name = pool.kind().to_owned();
     let bus = open_bus(spec, pool).await?;
     let keys = spec.dist.keys();
-    let tally = Arc::new(Tally::new(keys, spec.messages));
+    let slow_from = match spec.dist {
+        KeyDist::SlowKeys(fast, _) => fast.max(1),
+        _ => keys,
+    };
+    let tally = Arc::new(Tally::with_slow_keys(keys, spec.messages, slow_from));
     let warm = Arc::new(AtomicU64::new(0));
-    let handler = spec.handler;
+    let (handler, dist) = (spec.handler, spec.dist);
     let subscribe = || async {
         let (tally, warm) = (tally.clone(), warm.clone());
         bus.subscribe_envelope(&spec.topic, move |e: Event| {
@@ -192,7 +235,16 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
                 if e.envelope.event_type == WARMUP_TYPE {
                     warm.fetch_add(1, Ordering::AcqRel);
                 } else {
-                    handler.run().await;
+                    let slow = slow_from < keys
+                        && e.envelope
+                            .payload
+                            .decode::<Stamp>()
+                            .is_ok_and(|s| dist.is_slow(s.k));
+                    if slow {
+                        IoSim::global().after(SLOW_HANDLER).await;
+                    } else {
+                        handler.run().await;
+                    }
                     tally.record(&e);
                 }
                 Ok::<(), HandlerError>(())
@@ -310,8 +362,36 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
         cpu_secs,
         io,
         longest_pause_us,
+        fast_throughput: tally.fast_throughput().0,
+        fast_throughput_all: tally.fast_throughput().1,
+        queue_wait_p99_us: queue_waits.map_or(0.0, |s| queue_wait_p99_us(&s)),
     };
     Ok(result)
+}
+
+/// The 99th percentile, µs, of every queue wait the bus recorded
+/// (`…queue_wait_seconds`, all pools).
+fn queue_wait_p99_us(snapshotter: &metrics_util::debugging::Snapshotter) -> f64 {
+    use metrics_util::debugging::DebugValue;
+    let mut waits: Vec<u64> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| {
+            key.key()
+                .name()
+                .ends_with(eventbus::metric_names::QUEUE_WAIT)
+        })
+        .flat_map(|(.., value)| match value {
+            DebugValue::Histogram(values) => values
+                .into_iter()
+                .map(|v| (v.into_inner() * 1e9) as u64)
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    waits.sort_unstable();
+    hdr_percentiles_us(&waits).1
 }
 
 /// When message `i` of a run paced at `rate` msg/s from `start_ns` is due.

@@ -18,6 +18,8 @@ async fn small_run(pool: PoolKind, prepublish: bool) {
         round: 0,
         limit_secs: 60,
         rate: 0.0,
+        fixed_routing: false,
+        record_queue_wait: false,
     };
     let r = run_workload(&spec).await.expect("workload runs");
     assert_eq!(r.pool, pool.as_str());
@@ -41,4 +43,31 @@ async fn keyed_pool_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actor_pool_backlog() {
     small_run(PoolKind::Actor, true).await;
+}
+
+/// The slow-key workload: two slow keys among a hundred fast ones, every message
+/// handled once and in order, the fast keys' rate and the queue wait measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_keys_are_measured_apart() {
+    let spec = WorkloadSpec {
+        backend: Backend::Memory,
+        endpoint: String::new(),
+        topic: "bench-slow".into(),
+        pool: PoolKind::Keyed,
+        handler: HandlerKind::IoSim,
+        dist: KeyDist::SlowKeys(100, 2),
+        messages: 4_100,
+        partitions: 1,
+        prepublish: true,
+        round: 0,
+        limit_secs: 60,
+        rate: 0.0,
+        fixed_routing: false,
+        record_queue_wait: true,
+    };
+    let r = run_workload(&spec).await.expect("workload runs");
+    assert_eq!((r.lost, r.duplicates, r.order_violations), (0, 0, 0), "{r:?}");
+    assert!(r.fast_throughput > 0.0 && r.fast_throughput_all > 0.0, "{r:?}");
+    assert!(r.queue_wait_p99_us > 0.0, "the queue wait was recorded: {r:?}");
+    assert_eq!(r.keys, "100 keys + 2 slow");
 }

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use eventbus_core::raw::{push_batch, PushError};
+use eventbus_core::raw::routes::Router;
+use eventbus_core::raw::{push_batch, Placement, PushError, RouteTable};
 use eventbus_core::raw::{Job, SubmitError, SubmitErrorKind};
 use eventbus_core::{
-    ActorPoolConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats,
+    ActorPoolConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats, Routing,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -59,8 +60,12 @@ impl Future for Accepted {
 /// and a fresh actor takes it over; the jobs queued for it wait, in order, for that
 /// actor.
 ///
-/// A job runs on actor `slot(job.route(), size)`, so jobs of one aggregate run one at
-/// a time in submission order. See the crate documentation for the failure semantics.
+/// Routing is work-conserving: a route with a job queued or running sends its next
+/// job to the same actor, behind it; a route with nothing in flight goes to the
+/// shorter queue of two actors in service drawn at random (see
+/// [`eventbus_core::raw::routes`]; `actor_pool.routing = "fixed"`: actor
+/// `slot(route, size)`). So jobs of one aggregate run one at a time in submission
+/// order. See the crate documentation for the failure semantics.
 pub struct ActorPool {
     shared: Arc<Shared>,
     supervisor: ActorRef<SupervisorMsg>,
@@ -131,10 +136,7 @@ impl ActorPool {
             cool_down,
             releasing: AtomicBool::new(false),
             slots,
-            mask: config
-                .workers
-                .is_power_of_two()
-                .then(|| config.workers as u64 - 1),
+            router: Router::new(config.workers, config.routing == Routing::WorkConserving),
             closing: AtomicBool::new(false),
             idle: Notify::new(),
             unavailable: AtomicUsize::new(0),
@@ -172,17 +174,20 @@ impl ActorPool {
         self.shared.cool_down
     }
 
-    /// Whether the actor serving `route` is in service now: false while its slot
-    /// cools down after the actor went past its restart limit (jobs submitted for it
-    /// then wait for the fresh actor), once the pool is closing, or when the
-    /// supervisor has stopped.
-    ///
-    /// A composite pool uses it to send routes with nothing in flight elsewhere
-    /// (the [`PoolSwitch`](https://docs.rs/eventbus) sends them to the keyed pool).
+    /// Whether a job of `route` submitted now would be served by an actor in
+    /// service: the actor holding the route's jobs while it has some in flight
+    /// (false while that actor's slot cools down past its restart limit: the jobs
+    /// wait for the fresh actor), otherwise whether any actor takes new routes
+    /// (under fixed routing, the route's own actor). False once the pool is
+    /// closing, or when the supervisor has stopped. Jobs a composite placed on an
+    /// actor ([`Placement`]) are counted by the composite, not here.
     pub fn in_service(&self, route: u64) -> bool {
-        !self.shared.is_closing()
-            && !self.shared.slot_of(route).is_unavailable()
-            && self.supervisor_alive()
+        let shared = &self.shared;
+        let available = match shared.held_slot(route) {
+            Some(slot) => !slot.is_unavailable(),
+            None => shared.pick(None).is_some(),
+        };
+        available && !shared.is_closing() && self.supervisor_alive()
     }
 
     /// Actors out of service now, cooling down before a fresh actor takes their slot.
@@ -247,22 +252,35 @@ impl ActorPool {
     }
 
     /// Queue `job` if its actor's queue has room now. `Ok(None)`: queued;
-    /// `Ok(Some(job))`: the queue is full; `Err`: refused for good.
-    fn try_submit(&self, job: Job) -> Result<Option<Job>, SubmitError> {
+    /// `Ok(Some(job))`: the queue is full (the job stays counted in its cell, the
+    /// second value, while it waits for room); `Err`: refused for good.
+    #[allow(clippy::type_complexity)]
+    fn try_submit(&self, job: Job) -> Result<Option<(usize, Option<usize>, Job)>, SubmitError> {
         let shared = &self.shared;
         if shared.is_closing() {
             return Err(self.reject(SubmitErrorKind::Closed, job));
         }
-        let slot = shared.slot_of(job.route());
-        // A slot cooling down still takes jobs: they wait, in order, for its fresh
-        // actor. Only a stopped supervisor (no actor will ever serve) refuses.
-        if !self.supervisor_alive() || !self.start_actor(slot) {
+        // Only a stopped supervisor (no actor will ever serve) refuses.
+        if !self.supervisor_alive() {
             return Err(self.reject(SubmitErrorKind::Unavailable, job));
         }
-        match slot.queue().try_push(job) {
+        // A slot cooling down still takes the jobs of the routes it holds: they
+        // wait, in order, for its fresh actor.
+        let (index, cell) = shared.route(&job);
+        if !self.start_actor(&shared.slots[index]) {
+            shared.router.leave(cell);
+            return Err(self.reject(SubmitErrorKind::Unavailable, job));
+        }
+        match shared
+            .router
+            .try_push(index, job, |i| shared.slots[i].queue())
+        {
             Ok(()) => Ok(None),
-            Err(PushError::Full(job)) => Ok(Some(job)),
-            Err(PushError::Closed(job)) => Err(self.refused_by_closed_queue(job)),
+            Err((index, PushError::Full(job))) => Ok(Some((index, cell, job))),
+            Err((_, e)) => {
+                shared.router.leave(cell);
+                Err(self.refused_by_closed_queue(e.into_job()))
+            }
         }
     }
 
@@ -283,20 +301,29 @@ impl ActorPool {
         asked
     }
 
-    /// Wait up to the wait timeout for room in the queue of `job`'s actor. The wait
-    /// ends early when the pool starts closing.
-    async fn submit_waiting(&self, job: Job) -> Result<(), SubmitError> {
+    /// Wait up to the wait timeout for room in `slot`'s queue; the job stays
+    /// counted in `cell` meanwhile, so later jobs of its route follow it there. The
+    /// wait ends early when the pool starts closing.
+    async fn submit_waiting(
+        &self,
+        index: usize,
+        cell: Option<usize>,
+        job: Job,
+    ) -> Result<(), SubmitError> {
         let shared = &self.shared;
-        let slot = shared.slot_of(job.route());
-        match slot
-            .queue()
-            .push_timeout(job, shared.config.wait_timeout)
+        let refused = match shared
+            .router
+            .push_waiting(index, job, shared.config.wait_timeout, |i| {
+                shared.slots[i].queue()
+            })
             .await
         {
-            Ok(()) => Ok(()),
-            Err(PushError::Full(job)) => Err(self.reject(SubmitErrorKind::Full, job)),
-            Err(PushError::Closed(job)) => Err(self.refused_by_closed_queue(job)),
-        }
+            Ok(()) => return Ok(()),
+            Err(PushError::Full(job)) => self.reject(SubmitErrorKind::Full, job),
+            Err(e) => self.refused_by_closed_queue(e.into_job()),
+        };
+        shared.router.leave(cell);
+        Err(refused)
     }
 
     /// A slot's queue is closed only when the pool closes.
@@ -438,7 +465,7 @@ impl Pool for ActorPool {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         match self.try_submit(job) {
             Ok(None) => Box::pin(Accepted),
-            Ok(Some(job)) => Box::pin(self.submit_waiting(job)),
+            Ok(Some((index, cell, job))) => Box::pin(self.submit_waiting(index, cell, job)),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }
@@ -451,14 +478,30 @@ impl Pool for ActorPool {
         if shared.is_closing() || !self.supervisor_alive() {
             return;
         }
-        push_batch(jobs, |route| {
-            let slot = shared.slot_of(route);
+        // The job the batch stopped at was counted in its cell: take it back.
+        let mut last = None;
+        push_batch(jobs, |job| {
+            let (index, cell) = shared.route(job);
+            let slot = &shared.slots[index];
+            last = cell;
             // Should the supervisor stop meanwhile, the job waits in the queue, as
             // every job queued for a supervisor that stopped does; the pool then
             // reports unhealthy.
             self.start_actor(slot);
-            slot.queue()
+            (slot.queue(), shared.router.expect(job, index))
         });
+        if !jobs.is_empty() {
+            shared.router.leave(last);
+        }
+    }
+
+    /// Under work-conserving routing; under fixed routing a composite leaves every
+    /// job to the pool.
+    fn placement(&self) -> Option<&dyn Placement> {
+        self.shared
+            .router
+            .work_conserving()
+            .then_some(self as &dyn Placement)
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
@@ -486,6 +529,25 @@ impl Pool for ActorPool {
 
     fn health(&self) -> ComponentHealth {
         self.health_now()
+    }
+}
+
+/// A composite pool (the pool switch) places jobs on the actors itself: never a
+/// new route on an actor out of service.
+impl Placement for ActorPool {
+    fn counted_in(&self, table: &Arc<RouteTable>) -> bool {
+        self.shared.router.counted_in(table)
+    }
+
+    fn pick(&self) -> Option<usize> {
+        if self.shared.is_closing() || !self.supervisor_alive() {
+            return None;
+        }
+        self.shared.pick(None)
+    }
+
+    fn routes(&self) -> &Arc<RouteTable> {
+        self.shared.router.table()
     }
 }
 

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use eventbus_core::ActorPoolConfig;
 
-use eventbus_core::raw::{slot, OutcomeKind};
+use eventbus_core::raw::routes::Router;
+use eventbus_core::raw::{less_loaded, Job, OutcomeKind, RouteTable};
 use tokio::sync::Notify;
 
 use crate::cool_down::CoolDown;
@@ -29,9 +30,8 @@ pub(crate) struct Shared {
     /// at once, without a cool-down (see [`ActorPool::release_held`]).
     pub(crate) releasing: AtomicBool,
     pub(crate) slots: Box<[Slot]>,
-    /// `size - 1` when `size` is a power of two (the default): then `route & mask`
-    /// is `slot(route, size)` without a division.
-    pub(crate) mask: Option<u64>,
+    /// Where routes go (see [`eventbus_core::raw::routes`]).
+    pub(crate) router: Router,
     pub(crate) closing: AtomicBool,
     /// Notified, while closing, when a slot runs out of pending work or leaves service.
     pub(crate) idle: Notify,
@@ -45,13 +45,50 @@ impl Shared {
         self.closing.load(Ordering::SeqCst)
     }
 
-    /// The slot serving `route`: [`slot`]`(route, size)`.
-    pub(crate) fn slot_of(&self, route: u64) -> &Slot {
-        let index = match self.mask {
-            Some(mask) => (route & mask) as usize,
-            None => slot(route, self.slots.len()),
+    /// An actor for a route with nothing in flight, other than `not`: the shorter
+    /// queue of two drawn at random among the actors in service with room in their
+    /// queue (when every such queue is full, among the actors in service: the job
+    /// waits for room); `None` when none is in service.
+    pub(crate) fn pick(&self, not: Option<usize>) -> Option<usize> {
+        let n = self.slots.len();
+        let in_service = |i: usize| Some(i) != not && !self.slots[i].is_unavailable();
+        let rank = |room: bool| {
+            move |i: usize| {
+                in_service(i)
+                    .then(|| self.slots[i].queue().rank(room))
+                    .flatten()
+            }
         };
-        &self.slots[index]
+        less_loaded(n, rank(true)).or_else(|| less_loaded(n, rank(false)))
+    }
+
+    /// An actor to hand queued routes to from actor `from`: one in service whose
+    /// actor has been started (a hand-back starts none).
+    pub(crate) fn pick_started(&self, from: usize) -> Option<usize> {
+        self.pick(Some(from))
+            .filter(|i| self.slots[*i].is_started())
+    }
+
+    /// The slot of `job`, and the cell it was counted in when the pool placed it
+    /// (see [`Router::route`]; when every actor is out of service, any: the job
+    /// waits for a fresh one).
+    #[inline]
+    pub(crate) fn route(&self, job: &Job) -> (usize, Option<usize>) {
+        let n = self.slots.len();
+        self.router.route(job, || {
+            let any = || less_loaded(n, |i| self.slots[i].queue().rank(false));
+            self.pick(None).or_else(any).unwrap_or(0)
+        })
+    }
+
+    /// The slot a job of `route` submitted now would go to, when the pool knows it:
+    /// its fixed slot, or the slot holding its cell's jobs.
+    pub(crate) fn held_slot(&self, route: u64) -> Option<&Slot> {
+        if !self.router.work_conserving() {
+            return Some(&self.slots[self.router.fixed(route)]);
+        }
+        let place = self.router.table().place(RouteTable::cell_of(route))?;
+        Some(&self.slots[place.worker()? % self.slots.len()])
     }
 
     /// A job popped from `slot` ran to an outcome of `kind`.

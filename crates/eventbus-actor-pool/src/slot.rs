@@ -102,6 +102,11 @@ impl Slot {
         self.started.load(Ordering::Acquire) || self.started.swap(true, Ordering::AcqRel)
     }
 
+    /// Whether the slot's first actor has been asked for.
+    pub(crate) fn is_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
     /// Forget that the first actor was asked for (the request could not be sent).
     pub(crate) fn unask_start(&self) {
         self.started.store(false, Ordering::Release);

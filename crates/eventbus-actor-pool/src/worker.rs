@@ -74,8 +74,18 @@ async fn serve(state: &WorkerState) -> Result<(), ActorProcessingErr> {
     let _serving = slot.serve().await;
     while let Some(job) = slot.queue().pop().await {
         let class = job.class();
-        let kind = job.run().await;
-        state.shared.job_finished(slot, kind);
+        let shared = &state.shared;
+        let kind = shared
+            .router
+            .run(
+                job,
+                state.index,
+                slot.queue(),
+                || shared.pick_started(state.index),
+                |i| shared.slots[i].queue(),
+            )
+            .await;
+        shared.job_finished(slot, kind);
         if class == JobClass::Plain && kind == OutcomeKind::Panicked {
             return Err(format!("actor {}: plain handler panicked", slot.index).into());
         }

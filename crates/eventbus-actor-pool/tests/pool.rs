@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use eventbus_actor_pool::{ActorPool, CoolDown, HEALTH_COMPONENT};
 use eventbus_core::raw::{FailureCause, Job, JobClass, Outcome, OutcomeReceiver, SubmitErrorKind};
-use eventbus_core::{ActorPoolConfig, ErrorKind, HealthStatus, Pool};
+use eventbus_core::{ActorPoolConfig, ErrorKind, HealthStatus, Pool, Routing};
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
@@ -15,6 +15,13 @@ fn config(size: usize, inbox: usize) -> ActorPoolConfig {
     let mut c = ActorPoolConfig::default().workers(size).queue_size(inbox);
     c.wait_timeout = Duration::from_millis(20);
     c
+}
+
+/// [`config`] with each route on actor `slot(route, size)`: for the tests of what
+/// happens to one actor's queue (starts, restarts, cool-downs, close), which
+/// place several routes on one actor.
+fn fixed(size: usize, inbox: usize) -> ActorPoolConfig {
+    config(size, inbox).routing(Routing::Fixed)
 }
 
 fn job<F>(route: u64, class: JobClass, key: &str, task: F) -> (Job, OutcomeReceiver)
@@ -129,7 +136,7 @@ async fn start_validates_the_config_naming_the_key() {
 
 #[tokio::test]
 async fn reports_kind_size_and_health_and_closes_every_actor() {
-    let pool = ActorPool::start(&config(8, 5)).await.unwrap();
+    let pool = ActorPool::start(&fixed(8, 5)).await.unwrap();
     assert_eq!(pool.kind(), "actor");
     assert_eq!(pool.workers(), 8);
     assert_eq!(
@@ -215,16 +222,18 @@ async fn a_blocked_actor_does_not_hold_up_another() {
     let (blocker, blocker_rx, started, gate) = gated(0);
     pool.submit(blocker).await.unwrap();
     within("the blocking job to start", started).await.unwrap();
-    // Route 1 lives on actor 1; route 2 on actor 0, behind the blocker.
-    let (other, other_rx) = job(1, JobClass::Plain, "other", async { handled() });
-    let (behind, mut behind_rx) = job(2, JobClass::Plain, "behind", async { handled() });
-    pool.submit(other).await.unwrap();
+    // Route 0's next job waits behind the blocker, on its actor; route 2, which
+    // shared that actor under fixed routing, has nothing in flight and goes to the
+    // idle one.
+    let (behind, mut behind_rx) = job(0, JobClass::Plain, "behind", async { handled() });
+    let (other, other_rx) = job(2, JobClass::Plain, "other", async { handled() });
     pool.submit(behind).await.unwrap();
-    let o = outcome("the job on actor 1 while actor 0 is blocked", other_rx).await;
+    pool.submit(other).await.unwrap();
+    let o = outcome("a free route's job while actor 0 is blocked", other_rx).await;
     assert!(matches!(o, Outcome::Handled { .. }));
     assert!(
         behind_rx.try_recv().is_err(),
-        "a job queued behind the blocked job on actor 0 must wait for it"
+        "a job of the blocked route must wait for it"
     );
     gate.send(()).unwrap();
     assert!(matches!(
@@ -309,7 +318,7 @@ async fn an_envelope_panic_is_a_failed_outcome_and_the_actor_carries_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_panic_restarts_the_actor_without_losing_its_queue() {
     quiet_deliberate_panics();
-    let pool = ActorPool::start(&config(2, 16)).await.unwrap();
+    let pool = ActorPool::start(&fixed(2, 16)).await.unwrap();
     // Hold actor 0 so everything below is queued before the panic happens.
     let (blocker, blocker_rx, started, gate) = gated(0);
     pool.submit(blocker).await.unwrap();
@@ -392,7 +401,7 @@ fn logged(route: u64, i: u64, log: &Arc<Mutex<Vec<(u64, u64)>>>) -> (Job, Outcom
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_restart_limit_the_actor_cools_down_holding_its_jobs_in_order() {
     quiet_deliberate_panics();
-    let cfg = config(2, 16).max_restarts(2);
+    let cfg = fixed(2, 16).max_restarts(2);
     let pool = ActorPool::start_with_cool_down(&cfg, forever())
         .await
         .unwrap();
@@ -593,7 +602,7 @@ async fn a_cool_down_shorter_than_its_first_step_is_a_config_error() {
 async fn close_right_after_the_first_jobs_runs_them_on_actors_it_starts() {
     // Deep queues on slots that have no actor yet when close begins: the actors
     // asked for start and drain them, in order, within the close.
-    let pool = ActorPool::start(&config(64, 64)).await.unwrap();
+    let pool = ActorPool::start(&fixed(64, 64)).await.unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     let (mut jobs, receivers): (Vec<Job>, Vec<OutcomeReceiver>) =
         (0..64 * 50u64).map(|i| logged(i % 64, i, &log)).unzip();

@@ -1,13 +1,17 @@
 //! A unit of work for a pool, how it ended, and the bounded queue it waits in.
 
+use crate::raw::routes::RouteTable;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::any::Any;
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -173,6 +177,9 @@ impl Future for OutcomeReceiver {
 /// its outcome goes. The job carries its handler, so one pool serves every topic.
 pub struct Job {
     route: u64,
+    /// The worker a composite pool placed the job on ([`Job::place`]);
+    /// `NOT_PLACED` when the pool places it itself.
+    placed: u32,
     class: JobClass,
     key: Option<Arc<str>>,
     // Both are `Some` until the job runs; `Drop` needs to move them out.
@@ -182,6 +189,9 @@ pub struct Job {
     /// The scope epoch the job was consumed under, and its offset there.
     fence: Option<(Epoch, i64)>,
 }
+
+/// [`Job::placed`] of a job no composite placed.
+const NOT_PLACED: u32 = u32::MAX;
 
 /// Called once when a job ends: with its outcome's kind after it ran, or with `None`
 /// when it was dropped without running (pool closed or aborted). A closure
@@ -439,6 +449,7 @@ impl Job {
     ) -> Job {
         Job {
             route,
+            placed: NOT_PLACED,
             class,
             key,
             task: Some(task),
@@ -448,9 +459,30 @@ impl Job {
         }
     }
 
-    /// The routing hash: pools pick the worker as `slot(route, n)`.
+    /// The routing hash (the stable hash of the aggregate id): jobs of one route
+    /// run one at a time, in submission order (see [`crate::raw::routes`]).
     pub fn route(&self) -> u64 {
         self.route
+    }
+
+    /// Run on worker `worker` of the pool it is submitted to: set by a composite
+    /// pool that chose the worker (see [`crate::raw::Placement`]) and counts the job
+    /// in flight itself, until its done hook. A pool that offers no placement
+    /// ignores it.
+    pub fn place(&mut self, worker: usize) {
+        debug_assert!(worker < NOT_PLACED as usize, "worker {worker} out of range");
+        self.placed = worker as u32;
+    }
+
+    /// Leave the choice of worker to the pool the job is submitted to.
+    pub fn unplace(&mut self) {
+        self.placed = NOT_PLACED;
+    }
+
+    /// The worker a composite pool placed the job on; `None` when the pool it is
+    /// submitted to places it.
+    pub fn placed(&self) -> Option<usize> {
+        (self.placed != NOT_PLACED).then_some(self.placed as usize)
     }
 
     /// Envelope or plain.
@@ -541,14 +573,44 @@ pub enum PushError {
     Full(Job),
     /// The queue is closed.
     Closed(Job),
+    /// The job's route cell no longer places its jobs on this queue's worker (its
+    /// queued jobs were handed back to another, see [`JobQueue::hand_back`]): push
+    /// it where the cell places them now.
+    Moved(Job),
 }
 
 impl PushError {
     /// Take the job back.
     pub fn into_job(self) -> Job {
         match self {
-            PushError::Full(job) | PushError::Closed(job) => job,
+            PushError::Full(job) | PushError::Closed(job) | PushError::Moved(job) => job,
         }
+    }
+}
+
+/// What a push checks under a queue's lock: that route cell `cell` of `table`
+/// still places its jobs on worker `worker`, the queue's. A worker handing its
+/// queue back moves a cell's jobs and changes its place under that same lock, so a
+/// job checked there never lands behind a move it would have to follow.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect<'a> {
+    table: &'a RouteTable,
+    cell: usize,
+    worker: usize,
+}
+
+impl<'a> Expect<'a> {
+    /// Expect `cell` of `table` to place its jobs on `worker`.
+    pub fn new(table: &'a RouteTable, cell: usize, worker: usize) -> Self {
+        Self {
+            table,
+            cell,
+            worker,
+        }
+    }
+
+    fn holds(&self) -> bool {
+        self.table.place(self.cell).and_then(|p| p.worker()) == Some(self.worker)
     }
 }
 
@@ -572,6 +634,20 @@ pub struct JobQueue {
     /// Submitters waiting for room: one is woken per job taken out, all at close.
     room: Notify,
     capacity: usize,
+    /// Jobs in the queue (times two) plus one while its consumer runs a job, written
+    /// under the lock and read without it: what a submitter compares when it
+    /// chooses a worker (see [`JobQueue::load`]).
+    load: AtomicUsize,
+    /// When the consumer took its current job ([`coarse_ms`]): a job that has run
+    /// long shows as an early start (see [`JobQueue::rank`]).
+    started: AtomicU32,
+}
+
+/// Milliseconds since the first call in this process, wrapping: stamps compared
+/// only with each other.
+fn coarse_ms() -> u32 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u32
 }
 
 struct State {
@@ -583,6 +659,25 @@ struct State {
     waiting: usize,
     /// Jobs accepted since start.
     accepted: u64,
+    /// The consumer took a job with [`JobQueue::pop`] and has not come back for
+    /// another: it is running it.
+    busy: bool,
+    /// The job it runs has run long ([`JobQueue::set_stalled`]): no new routes.
+    stalled: bool,
+}
+
+/// The load word's flags: the consumer runs a job, and that job has run long.
+const BUSY: usize = 1;
+const STALLED: usize = 2;
+const QUEUED_SHIFT: u32 = 2;
+
+impl State {
+    /// The load word: queued jobs, and the [`BUSY`] and [`STALLED`] flags.
+    fn load(&self) -> usize {
+        (self.jobs.len() << QUEUED_SHIFT)
+            | (usize::from(self.busy) * BUSY)
+            | (usize::from(self.stalled) * STALLED)
+    }
 }
 
 impl fmt::Debug for JobQueue {
@@ -610,9 +705,13 @@ impl JobQueue {
                 closed: false,
                 waiting: 0,
                 accepted: 0,
+                busy: false,
+                stalled: false,
             }),
             room: Notify::new(),
             capacity: capacity.max(1),
+            load: AtomicUsize::new(0),
+            started: AtomicU32::new(0),
         }
     }
 
@@ -624,12 +723,33 @@ impl JobQueue {
 
     /// Queue `job` if there is room now and no earlier submitter waits for it.
     pub fn try_push(&self, job: Job) -> Result<(), PushError> {
-        self.push(job, false)
+        self.push(job, false, None)
+    }
+
+    /// [`try_push`](Self::try_push), checking `expect` under the lock
+    /// ([`PushError::Moved`] when it no longer holds).
+    pub fn try_push_expecting(
+        &self,
+        job: Job,
+        expect: Option<Expect<'_>>,
+    ) -> Result<(), PushError> {
+        self.push(job, false, expect)
     }
 
     /// Queue `job`, waiting up to `timeout` for room, in turn with other waiting
     /// submitters. Closing the queue ends the wait.
     pub async fn push_timeout(&self, job: Job, timeout: Duration) -> Result<(), PushError> {
+        self.push_timeout_expecting(job, timeout, None).await
+    }
+
+    /// [`push_timeout`](Self::push_timeout), checking `expect` under the lock at
+    /// each try ([`PushError::Moved`] when it no longer holds).
+    pub async fn push_timeout_expecting(
+        &self,
+        job: Job,
+        timeout: Duration,
+        expect: Option<Expect<'_>>,
+    ) -> Result<(), PushError> {
         let deadline = Instant::now() + timeout;
         let _turn = Waiting::enter(self);
         let mut job = job;
@@ -637,18 +757,18 @@ impl JobQueue {
             let mut room = pin!(self.room.notified());
             // Registered before looking, so a job taken out meanwhile wakes it.
             room.as_mut().enable();
-            job = match self.push(job, true) {
+            job = match self.push(job, true, expect) {
                 Err(PushError::Full(job)) => job,
                 done => return done,
             };
             if tokio::time::timeout_at(deadline, room).await.is_err() {
-                return self.push(job, true);
+                return self.push(job, true, expect);
             }
         }
     }
 
-    fn push(&self, job: Job, waiter: bool) -> Result<(), PushError> {
-        if let Some(worker) = self.push_deferred(job, waiter)? {
+    fn push(&self, job: Job, waiter: bool, expect: Option<Expect<'_>>) -> Result<(), PushError> {
+        if let Some(worker) = self.push_deferred(job, waiter, expect)? {
             worker.wake();
         }
         Ok(())
@@ -656,16 +776,25 @@ impl JobQueue {
 
     /// Queue `job` without waking the consumer: its waker, when it waits, comes back
     /// to be woken by the caller (once, after the rest of a batch is queued).
-    fn push_deferred(&self, job: Job, waiter: bool) -> Result<Option<Waker>, PushError> {
+    fn push_deferred(
+        &self,
+        job: Job,
+        waiter: bool,
+        expect: Option<Expect<'_>>,
+    ) -> Result<Option<Waker>, PushError> {
         let mut state = self.lock();
         if state.closed {
             return Err(PushError::Closed(job));
+        }
+        if expect.is_some_and(|e| !e.holds()) {
+            return Err(PushError::Moved(job));
         }
         if state.jobs.len() >= self.capacity || (!waiter && state.waiting > 0) {
             return Err(PushError::Full(job));
         }
         state.jobs.push_back(job);
         state.accepted += 1;
+        self.load.store(state.load(), Ordering::Relaxed);
         Ok(state.worker.take())
     }
 
@@ -677,6 +806,10 @@ impl JobQueue {
             let coop = ready!(tokio::task::coop::poll_proceed(cx));
             let mut state = self.lock();
             if let Some(job) = state.jobs.pop_front() {
+                state.busy = true;
+                state.stalled = false;
+                self.load.store(state.load(), Ordering::Relaxed);
+                self.started.store(coarse_ms(), Ordering::Relaxed);
                 if state.jobs.is_empty() && state.jobs.capacity() > KEEP_SLOTS {
                     state.jobs.shrink_to(KEEP_SLOTS);
                 }
@@ -687,6 +820,11 @@ impl JobQueue {
                     self.room.notify_one();
                 }
                 return Poll::Ready(Some(job));
+            }
+            if state.busy {
+                state.busy = false;
+                state.stalled = false;
+                self.load.store(state.load(), Ordering::Relaxed);
             }
             if state.closed {
                 coop.made_progress();
@@ -708,6 +846,7 @@ impl JobQueue {
     pub fn try_pop(&self) -> Option<Job> {
         let mut state = self.lock();
         let job = state.jobs.pop_front()?;
+        self.load.store(state.load(), Ordering::Relaxed);
         let waiter = state.waiting > 0;
         drop(state);
         if waiter {
@@ -739,6 +878,46 @@ impl JobQueue {
         self.lock().jobs.len()
     }
 
+    /// Jobs in the queue plus the one its consumer is running (taken with
+    /// [`pop`](Self::pop), until it comes back for another and finds none), read
+    /// without the lock as the last push or pop wrote it: what a submitter
+    /// compares when it chooses a worker.
+    #[inline]
+    pub fn load(&self) -> usize {
+        let word = self.load.load(Ordering::Relaxed);
+        (word >> QUEUED_SHIFT) + (word & BUSY)
+    }
+
+    /// The job the consumer runs has run long (a slow or hung handler): until it
+    /// takes its next job, the queue takes no new route ([`rank`](Self::rank)).
+    pub fn set_stalled(&self) {
+        let mut state = self.lock();
+        if state.busy && !state.stalled {
+            state.stalled = true;
+            self.load.store(state.load(), Ordering::Relaxed);
+        }
+    }
+
+    /// How good a worker this queue's consumer is for a route with nothing in
+    /// flight, lower is better: its [`load`](Self::load), then, at equal load, the
+    /// later start of the job it runs (a job that has run long, perhaps stuck,
+    /// makes its worker the worse choice). With `room`, `None` when the queue is
+    /// full or its job has run long ([`set_stalled`](Self::set_stalled)): a new
+    /// route there would wait behind jobs that may be stuck, while another queue
+    /// may take it at once; without, such a queue ranks last.
+    #[inline]
+    pub fn rank(&self, room: bool) -> Option<usize> {
+        let word = self.load.load(Ordering::Relaxed);
+        let stalled = word & STALLED != 0;
+        if room && (stalled || (word >> QUEUED_SHIFT) >= self.capacity) {
+            return None;
+        }
+        let load = (word >> QUEUED_SHIFT) + (word & BUSY) + usize::from(stalled) * (1 << 30);
+        // Later starts rank lower; an idle consumer's stamp does not matter.
+        let age = u32::MAX - self.started.load(Ordering::Relaxed);
+        Some(load << 32 | age as usize)
+    }
+
     /// Whether no job is queued now.
     pub fn is_empty(&self) -> bool {
         self.lock().jobs.is_empty()
@@ -749,14 +928,89 @@ impl JobQueue {
         self.capacity
     }
 
-    /// Jobs accepted since it was made.
+    /// Jobs accepted since it was made (less those handed back to other queues,
+    /// plus those handed to it).
     pub fn accepted(&self) -> u64 {
         self.lock().accepted
+    }
+
+    /// Hand the queued jobs of every route cell but `keep` to other workers: for the
+    /// worker `from` of this queue while it runs a job of cell `keep` that has run
+    /// long (a slow or hung handler). None of those jobs has started and each
+    /// cell's jobs are all here (the cell places them on `from`), so a cell may
+    /// move: its jobs go, in order, to the worker `target()` names (none: they
+    /// stay), whose queue takes them all within its capacity and whose lock is free
+    /// now, and the cell's place becomes that worker under both locks; a push that
+    /// checks its place ([`Expect`]) then goes there, behind them. Jobs
+    /// `table_of` counts in no table (fixed routing) stay. Returns how many moved.
+    pub fn hand_back<'q>(
+        &self,
+        from: usize,
+        keep: usize,
+        table_of: impl Fn(&Job) -> Option<&'q RouteTable>,
+        mut target: impl FnMut() -> Option<usize>,
+        queue: impl Fn(usize) -> &'q JobQueue,
+    ) -> usize {
+        let mut state = self.lock();
+        if state.closed || state.jobs.is_empty() {
+            return 0;
+        }
+        // The queued jobs by (table, cell), each group in queue order.
+        let mut kept = VecDeque::new();
+        let mut groups: Vec<(&RouteTable, usize, Vec<Job>)> = Vec::new();
+        let mut index: HashMap<(usize, usize), usize> = HashMap::new();
+        for job in state.jobs.drain(..) {
+            let cell = RouteTable::cell_of(job.route());
+            match table_of(&job) {
+                Some(table) if cell != keep => {
+                    let key = (table as *const RouteTable as usize, cell);
+                    let i = *index.entry(key).or_insert_with(|| {
+                        groups.push((table, cell, Vec::new()));
+                        groups.len() - 1
+                    });
+                    groups[i].2.push(job);
+                }
+                _ => kept.push_back(job),
+            }
+        }
+        let (mut moved, mut wake) = (0, Vec::new());
+        for (table, cell, mut jobs) in groups {
+            if let Some(t) = target().filter(|t| *t != from) {
+                let dst = queue(t);
+                if let Ok(mut other) = dst.state.try_lock() {
+                    if !other.closed
+                        && other.jobs.len() + jobs.len() <= dst.capacity
+                        && table.move_worker(cell, from, t)
+                    {
+                        let n = jobs.len();
+                        other.jobs.extend(jobs.drain(..));
+                        other.accepted += n as u64;
+                        dst.load.store(other.load(), Ordering::Relaxed);
+                        wake.extend(other.worker.take());
+                        state.accepted -= n as u64;
+                        moved += n;
+                        continue;
+                    }
+                }
+            }
+            kept.extend(jobs);
+        }
+        state.jobs = kept;
+        self.load.store(state.load(), Ordering::Relaxed);
+        drop(state);
+        for worker in wake {
+            worker.wake();
+        }
+        if moved > 0 {
+            self.room.notify_waiters();
+        }
+        moved
     }
 }
 
 /// Queue a batch of jobs into their workers' queues, in order and without waiting:
-/// `queue_of(route)` names a job's queue.
+/// `queue_of(job)` names a job's queue and what to check there (called once per job
+/// tried, in order).
 ///
 /// Jobs are queued while each finds room in its queue now (and no submitter waits
 /// for it there); from the first that does not, the rest of the batch stays in
@@ -766,11 +1020,15 @@ impl JobQueue {
 ///
 /// Consumers are woken after the batch is queued, each at most once, instead of
 /// once per job.
-pub fn push_batch<'q>(jobs: &mut Vec<Job>, queue_of: impl Fn(u64) -> &'q JobQueue) {
+pub fn push_batch<'q>(
+    jobs: &mut Vec<Job>,
+    mut queue_of: impl FnMut(&Job) -> (&'q JobQueue, Option<Expect<'q>>),
+) {
     let mut wake: Vec<Waker> = Vec::new();
     let mut batch = std::mem::take(jobs).into_iter();
     for job in batch.by_ref() {
-        match queue_of(job.route()).push_deferred(job, false) {
+        let (queue, expect) = queue_of(&job);
+        match queue.push_deferred(job, false, expect) {
             Ok(worker) => wake.extend(worker),
             Err(left) => {
                 jobs.push(left.into_job());
@@ -821,6 +1079,7 @@ mod queue_tests {
             Ok(()) => ("ok", 0),
             Err(PushError::Full(j)) => ("full", j.route()),
             Err(PushError::Closed(j)) => ("closed", j.route()),
+            Err(PushError::Moved(j)) => ("moved", j.route()),
         }
     }
 
@@ -939,7 +1198,7 @@ mod queue_tests {
     async fn a_batch_stops_at_the_first_job_without_room() {
         let queues = [JobQueue::new(2), JobQueue::new(8)];
         let mut jobs: Vec<Job> = (0..8).map(job).collect();
-        push_batch(&mut jobs, |r| &queues[(r % 2) as usize]);
+        push_batch(&mut jobs, |j| (&queues[(j.route() % 2) as usize], None));
         assert_eq!(
             routes(&jobs),
             [4, 5, 6, 7],
@@ -964,13 +1223,13 @@ mod queue_tests {
         assert!(futures::poll!(waiter.as_mut()).is_pending());
         assert_eq!(queues[0].try_pop().map(|j| j.route()), Some(100));
         let mut jobs: Vec<Job> = [1, 0, 3, 2].into_iter().map(job).collect();
-        push_batch(&mut jobs, |r| &queues[(r % 2) as usize]);
+        push_batch(&mut jobs, |j| (&queues[(j.route() % 2) as usize], None));
         assert_eq!(routes(&jobs), [0, 3, 2]);
         assert_eq!(route(waiter.await), ("ok", 0));
         assert_eq!(queues[1].len(), 1);
         queues[0].close();
         let mut closed: Vec<Job> = [5, 4, 7].into_iter().map(job).collect();
-        push_batch(&mut closed, |r| &queues[(r % 2) as usize]);
+        push_batch(&mut closed, |j| (&queues[(j.route() % 2) as usize], None));
         assert_eq!(routes(&closed), [4, 7], "a closed queue stops the batch");
     }
 
@@ -991,7 +1250,7 @@ mod queue_tests {
             .poll(&mut Context::from_waker(&waker))
             .is_pending());
         let mut jobs: Vec<Job> = (0..10).map(job).collect();
-        push_batch(&mut jobs, |_| &q);
+        push_batch(&mut jobs, |_| (&q, None));
         assert!(jobs.is_empty());
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(q.len(), 10);

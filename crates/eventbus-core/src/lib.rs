@@ -25,7 +25,7 @@ pub use bus::{
 };
 pub use config::{
     ActorPoolConfig, BacklogConfig, ConsumerConfig, DeadLetterConfig, EventBusConfig,
-    KeyedPoolConfig, MetricsConfig, OffsetReset, OperationsConfig, PoolKind, RateLimit,
+    KeyedPoolConfig, MetricsConfig, OffsetReset, OperationsConfig, PoolKind, RateLimit, Routing,
 };
 pub use dispatcher::{
     DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
@@ -54,6 +54,7 @@ pub mod raw {
     pub mod inflight;
     pub mod lifecycle;
     pub mod offset;
+    pub mod routes;
 
     pub use crate::bus::{
         batch_failed, envelope_record, validate_topic, KeyStops, SubscriptionHandler,
@@ -66,8 +67,8 @@ pub mod raw {
     pub use crate::handler::{boxed, BoxHandler, DynHandler};
     pub use crate::hash::{rollout_bucket, slot, stable_hash};
     pub use crate::job::{
-        panic_message, push_batch, DoneHook, DoneSink, FailureCause, Job, JobClass, JobQueue,
-        Outcome, OutcomeKind, OutcomeReceiver, PushError,
+        panic_message, push_batch, DoneHook, DoneSink, Expect, FailureCause, Job, JobClass,
+        JobQueue, Outcome, OutcomeKind, OutcomeReceiver, PushError,
     };
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
     pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};
@@ -78,4 +79,5 @@ pub mod raw {
     pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};
     pub use lifecycle::{BusBackend, Consumers, Lifecycle};
     pub use offset::{OffsetTracker, Tracked};
+    pub use routes::{less_loaded, Place, Placement, RouteTable};
 }

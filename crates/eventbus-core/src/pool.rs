@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::health::ComponentHealth;
 use crate::job::Job;
+use crate::raw::Placement;
 
 /// Why a pool did not take a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -132,7 +133,12 @@ pub trait Pool: Send + Sync + fmt::Debug + 'static {
     /// `keyed` or `actor` (or a composite's name); used in logs and metric labels.
     fn kind(&self) -> &'static str;
 
-    /// Number of workers (actors): a route runs on `slot(route, workers)`.
+    /// Number of workers (actors).
+    ///
+    /// Routing is work-conserving: a route with a job queued or running sends its
+    /// next job to the same worker, behind it; a route with nothing in flight goes to
+    /// a less-loaded worker. So a route's jobs run one at a time, in order, without a
+    /// fixed worker, and one slow route holds no other (see [`crate::raw::routes`]).
     fn workers(&self) -> usize;
 
     /// Queue a job behind earlier jobs of its route.
@@ -180,25 +186,11 @@ pub trait Pool: Send + Sync + fmt::Debug + 'static {
         }]
     }
 
-    /// Jobs each worker has taken so far, in worker order (worker `i` runs the
-    /// routes with `slot(route, workers) == i`), for a pool whose every worker ends
-    /// its jobs one at a time in the order it took them. `None` (the default): the
-    /// pool does not count them.
-    ///
-    /// With [`ended`](Pool::ended) this tells a composite pool when every job a
-    /// worker had taken at one moment is done, without a hook on each job: the
-    /// pool switch uses it to stop counting jobs while every route goes to one side.
-    fn taken(&self) -> Option<Vec<u64>> {
-        None
-    }
-
-    /// Jobs worker `worker` is done with: run to an outcome, or found fenced and
-    /// dropped unrun. Once it reaches what [`taken`](Pool::taken) read for that
-    /// worker, every job the worker had taken then is done, and everything those
-    /// jobs did happens before the caller's next step. `None` (the default) when the
-    /// pool does not count them; a job aborted when the pool closes never counts.
-    fn ended(&self, worker: usize) -> Option<u64> {
-        let _ = worker;
+    /// What the pool offers a composite pool that chooses workers itself (the pool
+    /// switch): see [`Placement`]. A pool that returns it runs a job placed with
+    /// [`Job::place`](crate::raw::Job::place) on that worker and counts it
+    /// nowhere. `None` (the default): the composite leaves every job to the pool.
+    fn placement(&self) -> Option<&dyn Placement> {
         None
     }
 }

@@ -1,8 +1,11 @@
 #![doc = include_str!("../README.md")]
 
-use eventbus_core::raw::{push_batch, JobQueue, PushError};
-use eventbus_core::raw::{slot, Job, OutcomeKind, SubmitError, SubmitErrorKind};
-use eventbus_core::{ComponentHealth, Error, HealthStatus, KeyedPoolConfig, Pool, PoolStats};
+use eventbus_core::raw::routes::{Router, MAX_WORKERS};
+use eventbus_core::raw::{less_loaded, push_batch, JobQueue, Placement, PushError, RouteTable};
+use eventbus_core::raw::{Job, OutcomeKind, SubmitError, SubmitErrorKind};
+use eventbus_core::{
+    ComponentHealth, Error, HealthStatus, KeyedPoolConfig, Pool, PoolStats, Routing,
+};
 use futures::future::BoxFuture;
 use std::fmt;
 use std::future::Future;
@@ -46,16 +49,48 @@ struct Counters {
     rejected: Padded<AtomicU64>,
 }
 
-/// A pool of workers with a bounded queue each; a job's route picks its worker.
-pub struct KeyedWorkerPool {
+/// What the pool handle and its workers share.
+#[derive(Debug)]
+struct Shared {
     /// One queue per worker.
-    queues: Box<[Arc<JobQueue>]>,
-    /// `workers - 1` when `workers` is a power of two (the default): then
-    /// `route & mask` is `slot(route, workers)` without a division.
-    mask: Option<u64>,
+    queues: Box<[JobQueue]>,
+    /// Where routes go (see [`eventbus_core::raw::routes`]).
+    router: Router,
+    counters: Counters,
+}
+
+impl Shared {
+    /// The shorter queue of two drawn at random among those with room, other than
+    /// `not` (when every queue is full, among all: the job waits for room); see
+    /// [`JobQueue::rank`].
+    fn pick(&self, not: Option<usize>) -> Option<usize> {
+        let n = self.queues.len();
+        let rank = |room| {
+            move |w: usize| {
+                (Some(w) != not)
+                    .then(|| self.queues[w].rank(room))
+                    .flatten()
+            }
+        };
+        less_loaded(n, rank(true)).or_else(|| less_loaded(n, rank(false)))
+    }
+
+    /// The worker of `job` and the cell of the pool's table it was counted in.
+    fn route(&self, job: &Job) -> (usize, Option<usize>) {
+        self.router.route(job, || self.pick(None).unwrap_or(0))
+    }
+}
+
+/// A pool of workers with a bounded queue each. A route with a job queued or
+/// running sends its next job to that job's worker; a route with nothing in flight
+/// goes to the shorter queue of two drawn at random (see
+/// [`eventbus_core::raw::routes`]), or with [`Routing::Fixed`] to worker
+/// `slot(route, workers)`. A worker whose job runs long hands the routes queued
+/// behind it to other workers.
+pub struct KeyedWorkerPool {
+    shared: Arc<Shared>,
     closed: AtomicBool,
     workers: Mutex<Vec<JoinHandle<()>>>,
-    counters: Arc<Counters>,
     config: KeyedPoolConfig,
 }
 
@@ -65,6 +100,7 @@ impl fmt::Debug for KeyedWorkerPool {
             .field("workers", &self.config.workers)
             .field("queue_size", &self.config.queue_size)
             .field("wait_timeout", &self.config.wait_timeout)
+            .field("routing", &self.config.routing)
             .field("closed", &self.is_closed())
             .finish()
     }
@@ -89,26 +125,29 @@ impl KeyedWorkerPool {
     /// `keyed_pool.queue_size` when either is zero.
     pub fn new(config: &KeyedPoolConfig) -> Result<Self, Error> {
         config.validate()?;
-        let counters = Arc::new(Counters {
-            workers: (0..config.workers).map(|_| Padded::default()).collect(),
-            rejected: Padded::default(),
-        });
-        let mut queues = Vec::with_capacity(config.workers);
-        let mut handles = Vec::with_capacity(config.workers);
-        for index in 0..config.workers {
-            let queue = Arc::new(JobQueue::new(config.queue_size));
-            queues.push(queue.clone());
-            handles.push(tokio::spawn(worker(queue, counters.clone(), index)));
+        if config.workers > MAX_WORKERS {
+            return Err(Error::config(format!(
+                "keyed_pool.workers must be at most {MAX_WORKERS}, got {}",
+                config.workers
+            )));
         }
+        let shared = Arc::new(Shared {
+            queues: (0..config.workers)
+                .map(|_| JobQueue::new(config.queue_size))
+                .collect(),
+            router: Router::new(config.workers, config.routing == Routing::WorkConserving),
+            counters: Counters {
+                workers: (0..config.workers).map(|_| Padded::default()).collect(),
+                rejected: Padded::default(),
+            },
+        });
+        let handles = (0..config.workers)
+            .map(|index| tokio::spawn(worker(shared.clone(), index)))
+            .collect();
         Ok(Self {
-            queues: queues.into(),
-            mask: config
-                .workers
-                .is_power_of_two()
-                .then(|| config.workers as u64 - 1),
+            shared,
             closed: AtomicBool::new(false),
             workers: Mutex::new(handles),
-            counters,
             config: config.clone(),
         })
     }
@@ -123,49 +162,60 @@ impl KeyedWorkerPool {
     }
 
     fn reject(&self, kind: SubmitErrorKind, job: Job) -> SubmitError {
-        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .rejected
+            .fetch_add(1, Ordering::Relaxed);
         SubmitError::new(kind, job)
     }
 
-    /// The worker of `route`: [`slot`]`(route, workers)`.
-    fn worker_of(&self, route: u64) -> usize {
-        match self.mask {
-            Some(mask) => (route & mask) as usize,
-            None => slot(route, self.queues.len()),
-        }
-    }
-
     /// Queue `job` if its worker's queue has room now. `Ok(None)`: queued;
-    /// `Ok(Some(job))`: the queue is full; `Err`: refused for good.
-    fn try_submit(&self, job: Job) -> Result<Option<(usize, Job)>, SubmitError> {
+    /// `Ok(Some(..))`: the queue of that worker is full (the job stays counted in
+    /// its cell, the second value, while it waits for room); `Err`: refused for good.
+    #[allow(clippy::type_complexity)]
+    fn try_submit(&self, job: Job) -> Result<Option<(usize, Option<usize>, Job)>, SubmitError> {
         if self.is_closed() {
             return Err(self.reject(SubmitErrorKind::Closed, job));
         }
-        let index = self.worker_of(job.route());
-        match self.queues[index].try_push(job) {
+        let (index, cell) = self.shared.route(&job);
+        let shared = &self.shared;
+        match shared.router.try_push(index, job, |w| &shared.queues[w]) {
             Ok(()) => Ok(None),
-            Err(PushError::Full(job)) => Ok(Some((index, job))),
-            Err(PushError::Closed(job)) => Err(self.reject(SubmitErrorKind::Closed, job)),
+            Err((index, PushError::Full(job))) => Ok(Some((index, cell, job))),
+            Err((_, e)) => {
+                self.shared.router.leave(cell);
+                Err(self.reject(SubmitErrorKind::Closed, e.into_job()))
+            }
         }
     }
 
-    /// Wait up to the wait timeout for room in worker `index`'s queue.
-    async fn submit_waiting(&self, index: usize, job: Job) -> Result<(), SubmitError> {
-        match self.queues[index]
-            .push_timeout(job, self.config.wait_timeout)
+    /// Wait up to the wait timeout for room in worker `index`'s queue; the job stays
+    /// counted in `cell` meanwhile, so later jobs of its route follow it there.
+    async fn submit_waiting(
+        &self,
+        index: usize,
+        cell: Option<usize>,
+        job: Job,
+    ) -> Result<(), SubmitError> {
+        let shared = &self.shared;
+        let refused = match shared
+            .router
+            .push_waiting(index, job, self.config.wait_timeout, |w| &shared.queues[w])
             .await
         {
-            Ok(()) => Ok(()),
-            Err(PushError::Full(job)) => Err(self.reject(SubmitErrorKind::Full, job)),
-            Err(PushError::Closed(job)) => Err(self.reject(SubmitErrorKind::Closed, job)),
-        }
+            Ok(()) => return Ok(()),
+            Err(PushError::Full(job)) => self.reject(SubmitErrorKind::Full, job),
+            Err(e) => self.reject(SubmitErrorKind::Closed, e.into_job()),
+        };
+        self.shared.router.leave(cell);
+        Err(refused)
     }
 
     async fn close_inner(&self, timeout: Duration) {
         // Submissions are refused from now on, those waiting for room included; the
         // workers run what is queued, then end.
         self.closed.store(true, Ordering::Release);
-        for queue in self.queues.iter() {
+        for queue in self.shared.queues.iter() {
             queue.close();
         }
         let handles = std::mem::take(&mut *self.workers.lock().expect("worker list poisoned"));
@@ -188,15 +238,27 @@ impl KeyedWorkerPool {
     }
 }
 
-/// Serve one queue: run its jobs one at a time, in order, until it is closed and empty.
-async fn worker(queue: Arc<JobQueue>, counters: Arc<Counters>, index: usize) {
-    let mine = &counters.workers[index];
+/// Serve one queue: run its jobs one at a time, in order, until it is closed and
+/// empty. A job the pool placed itself leaves its route cell once it has run; a
+/// job that runs long hands the routes queued behind it to other workers.
+async fn worker(shared: Arc<Shared>, index: usize) {
+    let queue = &shared.queues[index];
+    let mine = &shared.counters.workers[index];
     // This task is the only writer of its counters: plain stores, no read-modify-write.
     let (mut completed, mut panicked) = (0u64, 0u64);
     while let Some(job) = queue.pop().await {
-        let kind = job.run().await;
+        let kind = shared
+            .router
+            .run(
+                job,
+                index,
+                queue,
+                || shared.pick(Some(index)),
+                |w| &shared.queues[w],
+            )
+            .await;
         completed += 1;
-        // Release: a reader of `ended` that sees the count sees what the job did.
+        // Release: a reader of the counters that sees the count sees what the job did.
         mine.completed.store(completed, Ordering::Release);
         if kind == OutcomeKind::Panicked {
             panicked += 1;
@@ -219,7 +281,7 @@ impl Pool for KeyedWorkerPool {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         match self.try_submit(job) {
             Ok(None) => Box::pin(Accepted),
-            Ok(Some((index, job))) => Box::pin(self.submit_waiting(index, job)),
+            Ok(Some((index, cell, job))) => Box::pin(self.submit_waiting(index, cell, job)),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }
@@ -230,41 +292,45 @@ impl Pool for KeyedWorkerPool {
         if self.is_closed() {
             return;
         }
-        push_batch(jobs, |route| &*self.queues[self.worker_of(route)]);
+        let shared = &self.shared;
+        // The job the batch stopped at was counted in its cell: take it back.
+        let mut last = None;
+        push_batch(jobs, |job| {
+            let (index, cell) = shared.route(job);
+            last = cell;
+            (&shared.queues[index], shared.router.expect(job, index))
+        });
+        if !jobs.is_empty() {
+            shared.router.leave(last);
+        }
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
         Box::pin(self.close_inner(timeout))
     }
 
-    /// Each queue's count of jobs accepted, taken under its lock.
-    fn taken(&self) -> Option<Vec<u64>> {
-        Some(self.queues.iter().map(|q| q.accepted()).collect())
-    }
-
-    /// The worker's count of jobs run (a fenced job counts: it ends unrun).
-    fn ended(&self, worker: usize) -> Option<u64> {
-        self.counters
-            .workers
-            .get(worker)
-            .map(|w| w.completed.load(Ordering::Acquire))
+    /// Under work-conserving routing; under fixed routing a composite leaves every
+    /// job to the pool.
+    fn placement(&self) -> Option<&dyn Placement> {
+        (self.config.routing == Routing::WorkConserving).then_some(self as &dyn Placement)
     }
 
     fn stats(&self) -> PoolStats {
         let (mut queued, mut max_queued) = (0, 0);
+        let shared = &self.shared;
         if !self.is_closed() {
-            for len in self.queues.iter().map(|q| q.len()) {
+            for len in shared.queues.iter().map(|q| q.len()) {
                 queued += len;
                 max_queued = max_queued.max(len);
             }
         }
-        let c = &self.counters;
+        let c = &shared.counters;
         let mut stats = PoolStats::default();
         stats.workers = self.config.workers;
         stats.queue_capacity = self.config.queue_size;
         stats.queued = queued;
         stats.max_queued = max_queued;
-        stats.submitted = self.queues.iter().map(|q| q.accepted()).sum();
+        stats.submitted = shared.queues.iter().map(|q| q.accepted()).sum();
         stats.completed = c
             .workers
             .iter()
@@ -301,6 +367,21 @@ impl Pool for KeyedWorkerPool {
     }
 }
 
+/// A composite pool (the pool switch) places jobs on the keyed workers itself.
+impl Placement for KeyedWorkerPool {
+    fn counted_in(&self, table: &Arc<RouteTable>) -> bool {
+        self.shared.router.counted_in(table)
+    }
+
+    fn pick(&self) -> Option<usize> {
+        self.shared.pick(None)
+    }
+
+    fn routes(&self) -> &Arc<RouteTable> {
+        self.shared.router.table()
+    }
+}
+
 impl Drop for KeyedWorkerPool {
     fn drop(&mut self) {
         if let Ok(handles) = self.workers.get_mut() {
@@ -314,6 +395,7 @@ impl Drop for KeyedWorkerPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use eventbus_core::raw::{slot, Place};
     use eventbus_core::raw::{JobClass, Outcome, OutcomeReceiver};
     use futures::FutureExt;
     use tokio::sync::oneshot;
@@ -327,20 +409,161 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn routes_pick_the_worker_slot_picks() {
+    async fn fixed_routing_picks_the_slot() {
         for workers in [1, 2, 3, 7, 64, 100, 256] {
-            let pool =
-                KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(workers)).expect("pool");
+            let config = KeyedPoolConfig::default()
+                .workers(workers)
+                .routing(Routing::Fixed);
+            let pool = KeyedWorkerPool::new(&config).expect("pool");
+            assert!(pool.placement().is_none(), "a composite leaves jobs to it");
             for route in (0..2000u64).chain([u64::MAX, u64::MAX - 1, 1 << 63]) {
                 let route = route.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let (j, _rx) = noop(route);
                 assert_eq!(
-                    pool.worker_of(route),
+                    pool.shared.route(&j).0,
                     slot(route, workers),
                     "{workers} workers"
                 );
             }
             pool.close(Duration::from_secs(5)).await;
         }
+    }
+
+    /// A route with a job running keeps its worker for its next job; routes with
+    /// nothing in flight go to the idle worker meanwhile, and run.
+    #[tokio::test]
+    async fn a_busy_route_keeps_its_worker_and_free_routes_go_to_the_idle_one() {
+        let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(2)).expect("pool");
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let slow = 7u64;
+        let (blocker, blocker_rx) = job(
+            slow,
+            async move {
+                let _ = started_tx.send(());
+                let _ = release_rx.await;
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        );
+        pool.submit(blocker).await.expect("blocker accepted");
+        started_rx.await.expect("blocker started");
+        let cell = RouteTable::cell_of(slow);
+        assert!(
+            pool.shared
+                .router
+                .table()
+                .place(cell)
+                .and_then(Place::worker)
+                .is_some(),
+            "held"
+        );
+        let (next, mut next_rx) = noop(slow);
+        pool.submit(next).await.expect("queued behind the blocker");
+        assert_eq!(pool.shared.router.table().in_flight(cell), 2);
+        // Routes of other cells, one at a time: each finds the busy worker's load
+        // above the idle one's and runs there while the blocker holds its worker.
+        for route in (100..150u64).filter(|r| RouteTable::cell_of(*r) != cell) {
+            let (j, rx) = noop(route);
+            pool.submit(j).await.expect("submit");
+            let outcome = tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .unwrap_or_else(|_| panic!("route {route} waited behind the blocker"))
+                .expect("outcome");
+            assert!(matches!(outcome, Outcome::Handled { .. }), "{outcome:?}");
+        }
+        assert!(
+            next_rx.try_recv().is_err(),
+            "the route's next job waits its turn"
+        );
+        release_tx.send(()).expect("blocker waiting");
+        blocker_rx.await.expect("blocker outcome");
+        next_rx.await.expect("next outcome");
+        pool.close(Duration::from_secs(5)).await;
+        assert!(pool.shared.router.table().is_empty(), "every cell left");
+    }
+
+    /// A job that holds its worker until released; tells when it started.
+    fn gated(
+        route: u64,
+    ) -> (
+        Job,
+        OutcomeReceiver,
+        oneshot::Receiver<()>,
+        oneshot::Sender<()>,
+    ) {
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let (j, rx) = job(
+            route,
+            async move {
+                let _ = started_tx.send(());
+                let _ = release_rx.await;
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        );
+        (j, rx, started_rx, release_tx)
+    }
+
+    /// A route placed behind a job that then hangs is handed to another worker once
+    /// that job has run past `HAND_BACK_AFTER`, and runs there; the hung route's
+    /// own next job stays behind it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_route_queued_behind_a_hung_job_is_handed_to_another_worker() {
+        let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(2)).expect("pool");
+        let distinct = |n: usize| {
+            let mut seen = std::collections::HashSet::new();
+            (0u64..)
+                .filter(|r| seen.insert(RouteTable::cell_of(*r)))
+                .take(n)
+                .collect::<Vec<_>>()
+        };
+        let [hung, busy, late] = distinct(3)[..] else {
+            unreachable!()
+        };
+        let (g1, g1_rx, g1_started, g1_release) = gated(hung);
+        pool.submit(g1).await.expect("hung");
+        g1_started.await.expect("hung job started");
+        // The other worker runs a job of `busy` with another queued behind it: its
+        // load is 2, the hung worker's 1, so `late` goes behind the hung job.
+        let (g2, g2_rx, g2_started, g2_release) = gated(busy);
+        pool.submit(g2).await.expect("busy");
+        g2_started.await.expect("busy job started");
+        let (behind_busy, behind_busy_rx) = noop(busy);
+        pool.submit(behind_busy).await.expect("behind busy");
+        let table = pool.shared.router.table().clone();
+        let worker_of = |r: u64| table.place(RouteTable::cell_of(r)).and_then(|p| p.worker());
+        assert_ne!(worker_of(hung), worker_of(busy));
+        let (j, late_rx) = noop(late);
+        pool.submit(j).await.expect("late");
+        assert_eq!(
+            worker_of(late),
+            worker_of(hung),
+            "placed behind the hung job"
+        );
+        let (hung_next, mut hung_next_rx) = noop(hung);
+        pool.submit(hung_next)
+            .await
+            .expect("the hung route's next job");
+        g2_release.send(()).expect("release busy");
+        g2_rx.await.expect("busy outcome");
+        behind_busy_rx.await.expect("behind busy outcome");
+        tokio::time::timeout(Duration::from_secs(10), late_rx)
+            .await
+            .expect("the late route ran elsewhere while the hung job holds its worker")
+            .expect("late outcome");
+        assert!(
+            hung_next_rx.try_recv().is_err(),
+            "the hung route waits for it"
+        );
+        g1_release.send(()).expect("release hung");
+        g1_rx.await.expect("hung outcome");
+        hung_next_rx.await.expect("its next job");
+        pool.close(Duration::from_secs(5)).await;
+        assert!(table.is_empty(), "every cell left");
+        let stats = pool.stats();
+        assert_eq!((stats.submitted, stats.completed), (5, 5));
     }
 
     #[tokio::test]

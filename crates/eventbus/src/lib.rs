@@ -30,8 +30,9 @@ pub use eventbus_core::{
     Handler, HandlerError, HandlerResult, Headers, HealthReport, HealthStatus, IdSource,
     KeyedPoolConfig, Message, MetricsConfig, OffsetReset, OperationsConfig, Payload, Pool,
     PoolKind, PoolStats, PublishReceipt, RateLimit, Record, Recovery, RecoveryChange, Result,
-    SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig, DLQ_ATTEMPTS_HEADER,
-    DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+    Routing, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
+    DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
+    DLQ_TOPIC_HEADER,
 };
 
 /// The core crate, for everything not re-exported here.

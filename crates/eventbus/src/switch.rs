@@ -7,29 +7,32 @@
 //! across a switch.
 //!
 //! The route table has no lock shared by all routes. Routes share a pin per *cell*
-//! (about 2^14 cells, grouped by keyed worker, chosen within the group by a hash of
-//! the route independent of its rollout bucket): a cell's atomic word holds the side
-//! its jobs run on and how many are in flight.
-//! While a cell has jobs in flight all of its routes go to its side; once it has
-//! none, its next job follows the current setting. Cells are fine enough that under
-//! load most of them empty often, so a new share takes effect promptly (pins on the
-//! 100 rollout buckets would never empty under load). Submitting costs one
-//! compare-and-swap on the route's cell and the job's end one atomic subtraction.
+//! (2^14 cells, by a mix of the route independent of its rollout bucket): a cell's
+//! atomic word holds the side its jobs run on, the worker there, and how many are
+//! in flight ([`eventbus_core::raw::routes`]). While a cell has jobs in flight all
+//! of its routes go to its side and worker; once it has none, its next job follows
+//! the current share, to a less-loaded worker of that side. So one lookup per job
+//! chooses both, the pools' routing stays work-conserving, and cells are fine
+//! enough that under load most of them empty often, so a new share takes effect
+//! promptly (pins on the 100 rollout buckets would never empty under load).
+//! Submitting costs one compare-and-swap on the route's cell and the job's end one
+//! atomic subtraction.
 //!
-//! At share 0 over a keyed pool that reports what its workers took and ended
-//! ([`Pool::taken`], [`Pool::ended`]), nothing can move and the switch counts
-//! nothing: each job goes to the keyed pool with no pin and no done hook. When the
-//! share rises, a route follows the cells once its keyed worker has ended what it
-//! had taken at the rise (see `mode.rs`).
+//! At share 0 over a keyed pool that offers placement ([`Pool::placement`]), the
+//! switch pins in the keyed pool's own route table and counts nothing itself: each
+//! job goes to the keyed pool unplaced, which places and counts it there. When the
+//! share rises, a route follows its cell as soon as every steady submission under
+//! way has reached that table (see `mode.rs`).
 //!
-//! Actors out of service. A route whose actor is out of service (past its restart
-//! limit, cooling down) and whose cell has nothing in flight goes to the keyed pool
-//! at once; a route with jobs held for that actor stays where they are until they
+//! Actors out of service. A route with nothing in flight never goes to an actor out
+//! of service (past its restart limit, cooling down): the actor pool's placement
+//! picks among the actors in service, and when none is the route goes to the keyed
+//! pool. A route with jobs held for such an actor stays where they are until they
 //! are done (they run, in order, on the fresh actor), then follows the same rule.
-//! Built with `PoolSwitch::with_actor_pool`, the switch asks the actor pool which
-//! actors are in service; with any other actor-side pool it learns it from an
-//! `Unavailable` refusal of a job whose cell has nothing else in flight, which it
-//! then sends to the keyed pool. A rollback (actor share 0) makes the actor pool release what it
+//! With an actor-side pool that offers no placement, the switch asks
+//! `ActorPool::in_service` when built with `PoolSwitch::with_actor_pool`, and
+//! otherwise learns it from an `Unavailable` refusal of a job whose cell has
+//! nothing else in flight, which it then sends to the keyed pool. A rollback (actor share 0) makes the actor pool release what it
 //! holds (fresh actors at once, no cool-down), so no route stays held there.
 //!
 //! Messages without an aggregate id have a route too: the stable hash of a
@@ -44,9 +47,9 @@
 
 use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats};
 
-use eventbus_core::raw::{rollout_bucket, Job, PoolShare, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{rollout_bucket, Job, Place, PoolShare, SubmitError, SubmitErrorKind};
 use futures::future::BoxFuture;
-use mode::{Drain, Kind, Mode, Steady, SteadyGuard};
+use mode::{Kind, Mode, Steady, SteadyGuard};
 use pins::Pins;
 use std::fmt;
 use std::future::Future;
@@ -72,7 +75,8 @@ pub enum Side {
 
 /// What the switch asks of an actor pool beyond [`Pool`].
 trait ActorControl: Send + Sync {
-    /// Whether the actor serving `route` is in service now.
+    /// Whether a job of `route` submitted now would be served by an actor in
+    /// service (asked only of an actor pool that offers no placement).
     fn in_service(&self, route: u64) -> bool;
     /// Release held jobs (no cool-downs) while `release` is true.
     fn release_held(&self, release: bool);
@@ -99,14 +103,13 @@ pub struct PoolSwitch {
     mode: AtomicU64,
     /// Held while the mode word changes.
     transition: Mutex<()>,
-    /// The route table: a pin per cell of routes.
+    /// The route table: a pin per cell of routes (the keyed pool's own table when
+    /// it offers placement).
     pins: Pins,
     /// Steady submissions under way.
     steady: Steady,
-    /// The keyed pool's workers at the start of the current drain.
-    drain: Drain,
-    /// Whether the keyed pool counts what its workers took and ended, so that the
-    /// switch may stop counting jobs at share 0 (see `mode.rs`).
+    /// Whether the switch pins in the keyed pool's own table, so that it may stop
+    /// counting jobs at share 0 (see `mode.rs`).
     can_stop_counting: bool,
     /// Why the share is held at 0, when it is (the rollback variable).
     floor: Mutex<Option<String>>,
@@ -114,10 +117,11 @@ pub struct PoolSwitch {
 
 /// Where a job goes, and how it is counted.
 enum Routed<'a> {
-    /// To the keyed pool, uncounted, while the guard is held.
+    /// To the keyed pool, unplaced (it places and counts the job itself), while
+    /// the guard is held.
     Steady(SteadyGuard<'a>),
-    /// To `side`, counted in `cell`.
-    Pinned { side: Side, cell: usize },
+    /// To `place`, counted in `cell`.
+    Pinned { place: Place, cell: usize },
 }
 
 impl fmt::Debug for PoolSwitch {
@@ -176,9 +180,20 @@ impl PoolSwitch {
         if let Some(control) = &control {
             control.release_held(actor_percent == 0);
         }
-        let workers = keyed.workers().max(1);
-        let can_stop_counting =
-            keyed.taken().is_some_and(|t| t.len() == workers) && keyed.ended(0).is_some();
+        let shared = keyed.placement().map(|p| p.routes().clone());
+        let can_stop_counting = shared.is_some();
+        let pins = Pins::new(shared);
+        // The pools check and move the places of the jobs the switch places on
+        // them in the switch's table (a worker handing its queue back).
+        for (side, pool) in [("keyed", &keyed), ("actor", &actor)] {
+            if let Some(placement) = pool.placement() {
+                if !placement.counted_in(pins.table()) {
+                    return Err(Error::config(format!(
+                        "pool switch: the {side} pool already serves another pool switch"
+                    )));
+                }
+            }
+        }
         let kind = if can_stop_counting && actor_percent == 0 {
             Kind::Steady
         } else {
@@ -190,9 +205,8 @@ impl PoolSwitch {
             control,
             mode: AtomicU64::new(Mode::new(actor_percent, kind).bits()),
             transition: Mutex::new(()),
-            pins: Pins::new(workers),
+            pins,
             steady: Steady::new(),
-            drain: Drain::new(workers),
             can_stop_counting,
             floor: Mutex::new(None),
         })
@@ -241,16 +255,6 @@ impl PoolSwitch {
                     if !self.steady.quiescent() {
                         return;
                     }
-                    let Some(taken) = self.keyed.taken() else {
-                        return;
-                    };
-                    self.drain.start(&taken);
-                    Kind::Draining
-                }
-                Kind::Draining => {
-                    if !self.drain.all_past(mode, &*self.keyed) {
-                        return;
-                    }
                     Kind::Pinned
                 }
                 Kind::Pinned => {
@@ -269,7 +273,7 @@ impl PoolSwitch {
     /// take it further.
     fn tick(&self, mode: Mode) {
         let every = match mode.kind() {
-            Kind::Waiting | Kind::Draining => 64,
+            Kind::Waiting => 64,
             Kind::Pinned if mode.percent() == 0 && self.can_stop_counting => 1024,
             _ => return,
         };
@@ -351,34 +355,51 @@ impl PoolSwitch {
 
     /// The side a route goes to now when nothing of its pin cell is in flight: the
     /// actor pool when its stable hash bucket is below the actor share and (as far
-    /// as the switch knows) its actor is in service, otherwise the keyed pool. (While
-    /// its cell has work in flight, a route goes to the cell's side, and just after
-    /// a rise from share 0 a route stays keyed until its keyed worker has run what
-    /// it had: [`Pool::kind_for`] names the side a job submitted now goes to.)
+    /// as the switch knows) an actor in service can take it, otherwise the keyed
+    /// pool. (While its cell has work in flight, a route goes to the cell's side,
+    /// and just after a rise from share 0 a route stays keyed until the steady
+    /// submissions under way have ended: [`Pool::kind_for`] names the side a job
+    /// submitted now goes to.)
     pub fn side_for(&self, route: u64) -> Side {
-        self.side_at(self.actor_percent(), route)
+        Side::of(self.fresh(self.actor_percent(), route))
     }
 
-    /// [`side_for`](Self::side_for) at share `percent`.
-    fn side_at(&self, percent: u8, route: u64) -> Side {
-        if rollout_bucket(route) < percent
-            && self.control.as_ref().is_none_or(|c| c.in_service(route))
-        {
-            Side::Actor
-        } else {
-            Side::Keyed
+    /// Where a job of `route` whose cell has nothing in flight goes at share
+    /// `percent`: the actor side when its bucket is below the share and an actor
+    /// in service takes it (to the worker the actor pool picks, when it offers
+    /// placement), otherwise the keyed side.
+    fn fresh(&self, percent: u8, route: u64) -> Place {
+        if rollout_bucket(route) < percent {
+            match self.actor.placement() {
+                Some(actors) => {
+                    if let Some(worker) = actors.pick() {
+                        return Side::Actor.place(Some(worker));
+                    }
+                }
+                None if self.control.as_ref().is_none_or(|c| c.in_service(route)) => {
+                    return Side::Actor.place(None);
+                }
+                None => {}
+            }
         }
+        self.keyed_place()
+    }
+
+    /// A keyed worker for a route with nothing in flight, when the keyed pool
+    /// offers placement; otherwise the keyed pool places the job.
+    fn keyed_place(&self) -> Place {
+        Side::Keyed.place(self.keyed.placement().and_then(|p| p.pick()))
     }
 
     /// Whether the switch counts each job in its route's pin cell now.
     ///
-    /// It does not at share 0 over a keyed pool that reports what its workers took
-    /// and ended ([`Pool::taken`], [`Pool::ended`], as `KeyedWorkerPool` does): every
-    /// job then goes to the keyed pool, nothing can move, and the count would only
-    /// cost each job. When the share rises, a route follows it once its keyed
-    /// worker has ended every job it had taken at the rise (and its cell has nothing
-    /// in flight); back at 0, the switch stops counting once no cell has a job in
-    /// flight on the actor side.
+    /// It does not at share 0 over a keyed pool that offers placement
+    /// ([`Pool::placement`], as `KeyedWorkerPool` does under work-conserving
+    /// routing): every job then goes to the keyed pool unplaced, nothing can move,
+    /// and the keyed pool counts each job in its own route table, which is also the
+    /// switch's. When the share rises, routes follow it once the steady
+    /// submissions under way have ended; back at 0, the switch stops counting once
+    /// no cell has a job in flight on the actor side.
     pub fn counts_jobs(&self) -> bool {
         self.current().kind() != Kind::Steady
     }
@@ -387,11 +408,11 @@ impl PoolSwitch {
     ///
     /// Routes share a pin per cell (2^14 cells, by a hash of the route): a pin is
     /// counted while any route of its cell has a job queued or running, and every
-    /// route of that cell goes to the pin's side meanwhile. With few routes in
-    /// flight (fewer than a few hundred) this is the number of routes in flight on
-    /// each side; `(0, 0)` when nothing is in flight. Jobs submitted while the
-    /// switch does not [count them](Self::counts_jobs) are not in it. It reads
-    /// every cell.
+    /// route of that cell goes to the pin's side and worker meanwhile. With few
+    /// routes in flight (fewer than a few hundred) this is the number of routes in
+    /// flight on each side; `(0, 0)` when nothing is in flight. Jobs the keyed pool
+    /// placed itself while the switch did not [count them](Self::counts_jobs) are
+    /// in it when the switch pins in the keyed pool's table. It reads every cell.
     pub fn pinned(&self) -> (usize, usize) {
         self.pins.pinned()
     }
@@ -413,18 +434,11 @@ impl PoolSwitch {
         }
     }
 
-    /// The side a job of `route` whose cell has nothing in flight goes to in `mode`.
-    fn choose(&self, mode: Mode, route: u64) -> Side {
+    /// Where a job of `route` whose cell has nothing in flight goes in `mode`.
+    fn choose(&self, mode: Mode, route: u64) -> Place {
         match mode.kind() {
-            Kind::Steady | Kind::Waiting => Side::Keyed,
-            Kind::Draining
-                if !self
-                    .drain
-                    .is_past(self.pins.layout().worker_of(route), mode, &*self.keyed) =>
-            {
-                Side::Keyed
-            }
-            Kind::Draining | Kind::Pinned => self.side_at(mode.percent(), route),
+            Kind::Steady | Kind::Waiting => self.keyed_place(),
+            Kind::Pinned => self.fresh(mode.percent(), route),
         }
     }
 
@@ -443,10 +457,10 @@ impl PoolSwitch {
                 continue;
             }
             let cell = self.pins.cell_of(route);
-            let side = self.pins.pin(cell, || self.choose(mode, route));
+            let place = self.pins.pin(cell, || self.choose(mode, route));
             if self.current() == mode {
                 self.tick(mode);
-                return Routed::Pinned { side, cell };
+                return Routed::Pinned { place, cell };
             }
             self.pins.release(cell);
         }
@@ -464,9 +478,10 @@ impl PoolSwitch {
         let route = job.route();
         let (side, cell, steady) = match self.route(route) {
             Routed::Steady(guard) => (Side::Keyed, None, Some(guard)),
-            Routed::Pinned { side, cell } => {
+            Routed::Pinned { place, cell } => {
+                place_job(&mut job, place);
                 job.set_done_hook(self.pins.done_hook(cell));
-                (side, Some(cell), None)
+                (Side::of(place), Some(cell), None)
             }
         };
         let mut submitted = self.pool(side).submit(job);
@@ -501,9 +516,10 @@ impl PoolSwitch {
         cell: usize,
         refused: SubmitError,
     ) -> Result<(), SubmitError> {
+        let keyed = self.keyed_place();
         let refused = if side == Side::Actor
             && refused.kind() == SubmitErrorKind::Unavailable
-            && self.pins.repin_alone(cell, Side::Keyed)
+            && self.pins.repin_alone(cell, keyed)
         {
             // The actor side cannot serve the route, whose cell had nothing else in
             // flight: the keyed pool takes it at once.
@@ -511,7 +527,9 @@ impl PoolSwitch {
                 route,
                 "pool switch: actor side unavailable for a route with nothing in flight; keyed pool takes it"
             );
-            match self.keyed.submit(refused.into_job()).await {
+            let mut job = refused.into_job();
+            place_job(&mut job, keyed);
+            match self.keyed.submit(job).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             }
@@ -524,6 +542,14 @@ impl PoolSwitch {
             done.call(None);
         }
         Err(SubmitError::new(kind, job))
+    }
+}
+
+/// Give `job` the worker of `place`, or none (its pool places it).
+fn place_job(job: &mut Job, place: Place) {
+    match place.worker() {
+        Some(worker) => job.place(worker),
+        None => job.unplace(),
     }
 }
 
@@ -561,10 +587,11 @@ impl Pool for PoolSwitch {
         let mode = self.current();
         let side = match mode.kind() {
             Kind::Steady => Side::Keyed,
-            _ => self
-                .pins
-                .side(self.pins.cell_of(route))
-                .unwrap_or_else(|| self.choose(mode, route)),
+            _ => Side::of(
+                self.pins
+                    .place(self.pins.cell_of(route))
+                    .unwrap_or_else(|| self.choose(mode, route)),
+            ),
         };
         self.pool(side).kind()
     }
@@ -609,9 +636,10 @@ impl Pool for PoolSwitch {
             let side = match self.route(job.route()) {
                 // The mode became steady: covered by this call's count.
                 Routed::Steady(_) => Side::Keyed,
-                Routed::Pinned { side, cell } => {
+                Routed::Pinned { place, cell } => {
+                    place_job(&mut job, place);
                     job.set_done_hook(self.pins.done_hook(cell));
-                    side
+                    Side::of(place)
                 }
             };
             if side != run_side && !run.is_empty() {

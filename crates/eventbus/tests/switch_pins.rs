@@ -4,7 +4,8 @@
 //! and every key's jobs run in order.
 
 use eventbus::core::raw::{
-    slot, stable_hash, DoneHook, Job, JobClass, Outcome, OutcomeReceiver, SubmitError,
+    rollout_bucket, stable_hash, DoneHook, Job, JobClass, Outcome, OutcomeReceiver, Placement,
+    RouteTable, SubmitError,
 };
 use eventbus::core::ComponentHealth;
 use eventbus::{Pool, PoolStats, PoolSwitch};
@@ -13,7 +14,7 @@ use eventbus_testkit::pool_suite::PoolSpec;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,9 +85,10 @@ async fn a_new_share_moves_idle_routes_at_once_and_a_busy_route_once_it_drains()
     let busy = stable_hash(b"busy-aggregate");
     let (gate, gate_done, gate_tx) = gate(busy, &log, "busy-0");
     switch.submit(gate).await.expect("gate");
-    // At share 0 the switch does not count jobs: nothing can move.
+    // At share 0 the switch does not count jobs: nothing can move. The keyed pool
+    // counts the job in its own route table, which the switch shares.
     assert!(!switch.counts_jobs());
-    assert_eq!(switch.pinned(), (0, 0));
+    assert_eq!(switch.pinned(), (1, 0));
 
     switch.set_actor_percent(100).expect("share");
     assert!(switch.counts_jobs());
@@ -97,13 +99,9 @@ async fn a_new_share_moves_idle_routes_at_once_and_a_busy_route_once_it_drains()
     assert_eq!(keyed.stats().submitted, 2);
 
     // Routes with nothing in flight take the new share at once, and run there.
-    // (These keys are on other keyed workers than the busy route: a route of its
-    // worker waits until that worker has run what it had at the rise, see the
-    // next test.)
-    let workers = keyed.workers();
     let idle_routes = (0..)
         .map(|i| stable_hash(format!("idle-{i}").as_bytes()))
-        .filter(|r| slot(*r, workers) != slot(busy, workers))
+        .filter(|r| RouteTable::cell_of(*r) != RouteTable::cell_of(busy))
         .take(20);
     let mut idle = Vec::new();
     for (i, route) in idle_routes.enumerate() {
@@ -139,86 +137,57 @@ async fn a_new_share_moves_idle_routes_at_once_and_a_busy_route_once_it_drains()
     switch.close(Duration::from_secs(5)).await;
 }
 
-/// Leaving share 0, where the switch counted nothing, a route waits for its keyed
-/// worker to run every job it had at the rise, even with nothing of its own pinned:
-/// here a route whose two uncounted jobs sit behind another route's gate on the
-/// same worker. A route of another worker moves at once. Back at 0 with nothing in
-/// flight on the actor side, the switch stops counting again.
+/// Back at share 0 the switch stops counting at once, with a job it placed on a
+/// keyed worker still running: the keyed pool places the route's next job itself,
+/// from the same route table, behind it on that worker, while routes with nothing
+/// in flight go to idle workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leaving_share_0_a_route_waits_for_its_keyed_worker_to_run_what_it_had() {
-    const WORKERS: usize = 4;
+async fn back_at_share_0_the_keyed_pool_places_a_route_behind_the_job_the_switch_placed() {
     let spec = PoolSpec {
-        workers: WORKERS,
+        workers: 4,
         ..PoolSpec::default()
     };
     let keyed = keyed_pools()(spec).await;
     let actor = actor_pools()(spec).await;
-    let switch = PoolSwitch::new(keyed.clone(), actor.clone(), 0).expect("switch");
-    assert!(!switch.counts_jobs(), "share 0 over a keyed pool: steady");
+    let switch = PoolSwitch::new(keyed.clone(), actor.clone(), 1).expect("switch");
+    assert!(switch.counts_jobs(), "share 1: every job counted");
     let log = Arc::new(Mutex::new(Vec::new()));
-
-    let gated = stable_hash(b"gated-aggregate");
-    let worker = slot(gated, WORKERS);
-    let routes_of = |on_worker: bool| {
-        (0u32..)
-            .map(|i| stable_hash(format!("other-{i}").as_bytes()))
-            .find(move |r| (slot(*r, WORKERS) == worker) == on_worker && *r != gated)
-            .expect("a route")
-    };
-    let (mate, elsewhere) = (routes_of(true), routes_of(false));
-
-    let (gate, gate_done, gate_tx) = gate(gated, &log, "gate");
+    let held = (0u32..)
+        .map(|i| stable_hash(format!("held-{i}").as_bytes()))
+        .find(|r| rollout_bucket(*r) >= 1)
+        .expect("a keyed route");
+    let (gate, gate_done, gate_tx) = gate(held, &log, "held-0");
     switch.submit(gate).await.expect("gate");
-    let mut mate_done = Vec::new();
-    for i in 0..2 {
-        let (job, rx) = logged(mate, &log, format!("mate-{i}"));
-        switch.submit(job).await.expect("mate before the rise");
-        mate_done.push(rx);
-    }
-    assert_eq!(switch.pinned(), (0, 0), "nothing counted at share 0");
-
-    switch.set_actor_percent(100).expect("share");
-    assert!(switch.counts_jobs());
-    // The mate has nothing pinned, but its worker has not run what it had.
-    assert_eq!(switch.kind_for(mate), "keyed");
-    let (job, rx) = logged(mate, &log, "mate-2".to_owned());
-    switch.submit(job).await.expect("mate after the rise");
-    mate_done.push(rx);
-    // A route of an idle worker moves at once.
-    assert_eq!(switch.kind_for(elsewhere), "actor");
-    let (job, rx) = logged(elsewhere, &log, "elsewhere".to_owned());
-    switch.submit(job).await.expect("elsewhere");
-    outcome("the route of another worker, on the actor pool", rx).await;
     assert_eq!(
-        (keyed.stats().submitted, actor.stats().submitted),
-        (4, 1),
-        "the mate's third job stays keyed"
+        switch.pinned(),
+        (1, 0),
+        "the switch placed it on a keyed worker"
     );
 
+    switch.set_actor_percent(0).expect("share");
+    assert!(
+        !switch.counts_jobs(),
+        "nothing on the actor side: steady at once"
+    );
+    let (job, held_1) = logged(held, &log, "held-1".to_owned());
+    switch.submit(job).await.expect("the held route at share 0");
+    assert_eq!(switch.pinned(), (1, 0), "one cell, two jobs");
+    // Other routes run meanwhile, on the other workers.
+    for i in 0..20 {
+        let route = stable_hash(format!("free-{i}").as_bytes());
+        if RouteTable::cell_of(route) == RouteTable::cell_of(held) {
+            continue;
+        }
+        let (job, rx) = logged(route, &log, format!("free-{i}"));
+        switch.submit(job).await.expect("a free route");
+        outcome(&format!("free-{i} while the held route waits"), rx).await;
+    }
+    assert_eq!(entries(&log, "held"), Vec::<String>::new(), "held-1 waits");
     gate_tx.send(()).expect("gate open");
     outcome("gate", gate_done).await;
-    for (i, rx) in mate_done.into_iter().enumerate() {
-        outcome(&format!("mate-{i}"), rx).await;
-    }
+    outcome("held-1", held_1).await;
+    assert_eq!(entries(&log, "held"), ["held-0", "held-1"]);
     eventbus_testkit::wait_until("every route released", LIMIT, || switch.pinned() == (0, 0)).await;
-    assert_eq!(switch.kind_for(mate), "actor", "its worker ran what it had");
-    let (job, rx) = logged(mate, &log, "mate-3".to_owned());
-    switch.submit(job).await.expect("mate on the actor pool");
-    outcome("mate-3", rx).await;
-    assert_eq!((keyed.stats().submitted, actor.stats().submitted), (4, 2));
-    assert_eq!(
-        entries(&log, "mate"),
-        ["mate-0", "mate-1", "mate-2", "mate-3"]
-    );
-
-    // Back to 0 with nothing in flight on the actor side: uncounted again.
-    eventbus_testkit::wait_until("the actor side released", LIMIT, || {
-        switch.pinned() == (0, 0)
-    })
-    .await;
-    switch.set_actor_percent(0).expect("share");
-    assert!(!switch.counts_jobs(), "steady again at share 0");
-    assert_eq!(switch.kind_for(mate), "keyed");
     switch.close(Duration::from_secs(5)).await;
 }
 
@@ -286,15 +255,15 @@ impl Pool for Booked {
         self.inner.health()
     }
 
-    fn taken(&self) -> Option<Vec<u64>> {
-        self.inner.taken()
-    }
-
-    fn ended(&self, worker: usize) -> Option<u64> {
-        self.inner.ended(worker)
+    fn placement(&self) -> Option<&dyn Placement> {
+        self.inner.placement()
     }
 }
 
+/// The routing property under random handler times (0–2 scheduler turns), random
+/// keys and random share changes (a third of them to 0, where the switch stops
+/// counting): no key ever has jobs on both pools at once, nor two jobs running at
+/// once, and every key's jobs run in submission order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_load_and_constant_share_changes_no_key_is_on_both_pools_and_order_holds() {
     const SUBMITTERS: usize = 4;
@@ -320,6 +289,9 @@ async fn under_load_and_constant_share_changes_no_key_is_on_both_pools_and_order
     let switch = Arc::new(PoolSwitch::new(keyed.clone(), actor.clone(), 0).expect("switch"));
     let keys = SUBMITTERS * KEYS_EACH;
     let logs: Arc<Vec<Mutex<Vec<usize>>>> = Arc::new((0..keys).map(|_| Mutex::default()).collect());
+    // Jobs of each key running now, and times one started beside another.
+    let running: Arc<Vec<AtomicU32>> = Arc::new((0..keys).map(|_| AtomicU32::new(0)).collect());
+    let overlapped = Arc::new(AtomicU64::new(0));
 
     // The share changes to a random value after every few scheduler turns.
     let stop = Arc::new(AtomicBool::new(false));
@@ -348,6 +320,7 @@ async fn under_load_and_constant_share_changes_no_key_is_on_both_pools_and_order
     let submitters: Vec<_> = (0..SUBMITTERS)
         .map(|s| {
             let (switch, logs) = (switch.clone(), logs.clone());
+            let (running, overlapped) = (running.clone(), overlapped.clone());
             tokio::spawn(async move {
                 let mut rng = fastrand::Rng::with_seed(s as u64);
                 let mut next = vec![0usize; KEYS_EACH];
@@ -362,15 +335,20 @@ async fn under_load_and_constant_share_changes_no_key_is_on_both_pools_and_order
                     let seq = next[mine];
                     next[mine] += 1;
                     let (logs, turns) = (logs.clone(), rng.u32(0..3));
+                    let (running, overlapped) = (running.clone(), overlapped.clone());
                     let (job, rx) = Job::new(
                         stable_hash(format!("stress-{key}").as_bytes()),
                         JobClass::Plain,
                         None,
                         async move {
+                            if running[key].fetch_add(1, Ordering::SeqCst) > 0 {
+                                overlapped.fetch_add(1, Ordering::SeqCst);
+                            }
                             for _ in 0..turns {
                                 tokio::task::yield_now().await;
                             }
                             logs[key].lock().unwrap().push(seq);
+                            running[key].fetch_sub(1, Ordering::SeqCst);
                             Outcome::Handled { attempts: 1 }
                         }
                         .boxed(),
@@ -402,6 +380,11 @@ async fn under_load_and_constant_share_changes_no_key_is_on_both_pools_and_order
         ledger.overlaps.load(Ordering::SeqCst),
         0,
         "a key had jobs on both pools at once"
+    );
+    assert_eq!(
+        overlapped.load(Ordering::SeqCst),
+        0,
+        "a key had two jobs running at once"
     );
     for (key, n) in submitted.iter().enumerate() {
         let log = logs[key].lock().unwrap();

@@ -1,28 +1,27 @@
-//! Whether the switch counts jobs in its pin cells, and how it stops and starts.
+//! Whether the switch counts jobs itself, and how it stops and starts.
 //!
 //! Pins are what let a route move between pools without running out of order, and
 //! they cost each job a compare-and-swap on the submitting core and a subtraction on
-//! the worker's, on a line the other side wrote last. While the actor share is 0
-//! nothing moves, so the switch can send every job to the keyed pool as it is,
-//! uncounted (*steady*), provided that when the share next rises it learns when
-//! those uncounted jobs are done. The keyed pool tells it: per worker, the jobs it
-//! has taken ([`Pool::taken`]) and the jobs it has ended ([`Pool::ended`]), and each
-//! worker ends its jobs in the order it took them.
+//! the worker's, on a line the other side wrote last, plus a done hook. While the
+//! actor share is 0 nothing moves, so the switch can hand every job to the keyed
+//! pool as it is (*steady*), and the keyed pool places it itself, counting it in
+//! its own route table. Over a keyed pool that offers placement the switch pins in
+//! that same table (see `pins.rs`), so a route's place is one count whichever of
+//! them placed its jobs, and the switch can stop and start counting without
+//! waiting for jobs to finish.
 //!
 //! The modes, in the order the switch goes through them:
 //!
-//! - **Steady** (share 0): every job to the keyed pool, no pin, no done hook. A
-//!   submission under way is counted in a stripe of [`Steady`] (written by the
-//!   submitting thread, so it stays in that core's cache).
-//! - **Waiting** (the share rose): every job to the keyed pool, pinned. Once no
-//!   steady submission is under way, the keyed pool's `taken` counts are the mark.
-//! - **Draining**: a route whose keyed worker has ended everything it had taken at
-//!   the mark has no uncounted job left, so it follows its pin cell and the share;
-//!   a route whose worker has not stays on the keyed pool, pinned. Cells are grouped
-//!   by keyed worker, so a cell never holds routes of both kinds.
-//! - **Pinned** (every worker past the mark): every job is counted; the cells alone
-//!   decide. Back at share 0, once no cell has a job in flight on the actor side,
-//!   the switch is steady again.
+//! - **Steady** (share 0): every job to the keyed pool unplaced, no pin, no done
+//!   hook. A submission under way is counted in a stripe of [`Steady`] (written by
+//!   the submitting thread, so it stays in that core's cache) until the keyed pool
+//!   has counted the job in its table.
+//! - **Waiting** (the share rose): every job pinned, and a cell with nothing in
+//!   flight goes to the keyed pool. Once no steady submission is under way, every
+//!   job the keyed pool placed itself is in the table, and the cells alone decide.
+//! - **Pinned**: every job counted; a cell with nothing in flight goes to the side
+//!   the share gives its route. Back at share 0, once no cell has a job in flight
+//!   on the actor side, the switch is steady again.
 //!
 //! The mode word holds the share, the mode and a generation that every change
 //! raises. A submission reads it, takes its pin (or enters its stripe), and reads it
@@ -32,9 +31,8 @@
 //! previous mode is still being placed. Every access to the word, the stripes and
 //! the pins' compare-and-swap is sequentially consistent for that.
 
-use eventbus_core::Pool;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// What the switch does with a job's pin (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,8 +43,6 @@ pub(super) enum Kind {
     Steady,
     /// Left steady; waiting for the steady submissions under way to end.
     Waiting,
-    /// Left steady; waiting for each keyed worker to end what it had taken.
-    Draining,
 }
 
 const KIND_SHIFT: u32 = 8;
@@ -77,14 +73,8 @@ impl Mode {
         match (self.0 >> KIND_SHIFT) & 3 {
             0 => Kind::Pinned,
             1 => Kind::Steady,
-            2 => Kind::Waiting,
-            _ => Kind::Draining,
+            _ => Kind::Waiting,
         }
-    }
-
-    /// The generation: raised by every change.
-    pub(super) fn generation(self) -> u64 {
-        self.0 >> GEN_SHIFT
     }
 
     /// The next generation, with `percent` and `kind`.
@@ -157,53 +147,4 @@ pub(super) fn due(every: u32) -> bool {
         t.set(n);
         n % every == 0
     })
-}
-
-/// The keyed pool's workers at the start of a drain: what each had taken, and
-/// whether it has ended all of that since.
-#[derive(Debug)]
-pub(super) struct Drain {
-    marks: Box<[AtomicU64]>,
-    /// One more than the generation of the mode word in which the worker was seen
-    /// past its mark (0: not seen). Keyed by generation, so that a late write from
-    /// an earlier drain cannot mark a worker past in a later one.
-    past: Box<[AtomicU64]>,
-}
-
-impl Drain {
-    pub(super) fn new(workers: usize) -> Self {
-        Self {
-            marks: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-            past: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// Start a drain at `taken` (one count per worker). Called before the mode
-    /// word says `Draining`, which publishes it.
-    pub(super) fn start(&self, taken: &[u64]) {
-        for (mark, taken) in self.marks.iter().zip(taken) {
-            mark.store(*taken, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether keyed worker `worker` has ended every job it had taken at the mark,
-    /// read in the drain's mode word `mode`.
-    pub(super) fn is_past(&self, worker: usize, mode: Mode, keyed: &dyn Pool) -> bool {
-        let seen = mode.generation().wrapping_add(1);
-        if self.past[worker].load(Ordering::Acquire) == seen {
-            return true;
-        }
-        let past = keyed
-            .ended(worker)
-            .is_some_and(|ended| ended >= self.marks[worker].load(Ordering::Relaxed));
-        if past {
-            self.past[worker].store(seen, Ordering::Release);
-        }
-        past
-    }
-
-    /// Whether every worker is past the mark.
-    pub(super) fn all_past(&self, mode: Mode, keyed: &dyn Pool) -> bool {
-        (0..self.marks.len()).all(|w| self.is_past(w, mode, keyed))
-    }
 }

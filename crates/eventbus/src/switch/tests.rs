@@ -1,6 +1,5 @@
 //! The pin cells through the switch, on pools whose jobs run only when the test says.
 
-use super::pins::Layout;
 use super::{PoolSwitch, Side};
 use eventbus_core::raw::{rollout_bucket, Job, JobClass, Outcome, SubmitError, SubmitErrorKind};
 use eventbus_core::{ComponentHealth, Pool, PoolStats};
@@ -95,7 +94,7 @@ fn job(route: u64) -> Job {
 
 /// The cell of `route` in a switch over a `Manual` keyed side (one worker).
 fn cell_of(route: u64) -> usize {
-    Layout::new(1).cell_of(route)
+    eventbus_core::raw::RouteTable::cell_of(route)
 }
 
 /// A route in `bucket` (`rollout_bucket` takes the high 32 bits).

@@ -1,0 +1,774 @@
+//! Work-conserving routing: which worker runs a route's next job.
+//!
+//! Per-aggregate order needs only that a route's jobs run one at a time, in the
+//! order they were submitted. It does not need a fixed worker. So a pool keeps,
+//! per *cell* of routes, one atomic word: the worker the cell's jobs were sent to
+//! and how many of them are in flight (queued or running). A job whose cell has
+//! jobs in flight goes to that worker, behind them; a job whose cell has none goes
+//! to a less-loaded worker ([`less_loaded`]: the shorter queue of two drawn at
+//! random). Submitting counts the job in its cell before it is queued
+//! ([`RouteTable::enter`]); its worker takes the count back after the job has run
+//! ([`RouteTable::leave`]). A cell at zero therefore has no job anywhere, and its
+//! next job may start on any worker without overtaking one of its own.
+//!
+//! One slow route (a handler taking 100 ms, a retry backing off) thus holds only
+//! the routes of its own cell, never the keys that merely shared a fixed worker with
+//! it, and no worker idles while another holds a queue of routes that could run.
+//!
+//! **Cells.** [`CELLS`] = 2^14 cells of 8 bytes (128 KiB). A route's cell is chosen
+//! by a mix of every bit of its hash, so routes that are not themselves hashes
+//! (small integers in tests) and the routes of one rollout bucket spread over all
+//! cells. Keys share a cell's stickiness: with 20 slow keys among 10 000, about
+//! 20 × 10 000 / 16 384 ≈ 12 fast keys share a cell with a slow one, 0.1% of the
+//! fast keys, well under the 1% a p99 allows; with the bus's default of at most
+//! 10 000 jobs in flight, more than half of the cells are empty at any moment, so
+//! most jobs choose their worker afresh. A larger table costs every job a cache
+//! miss more often (each job touches its cell's line on the submitting core and
+//! again on the worker's).
+//!
+//! A composite pool (the pool switch) keeps a table of its own with the same cells,
+//! tagging each with the pool its jobs went to, and hands each job to that pool
+//! already placed ([`Job::place`](crate::raw::Job::place)): one lookup per job for
+//! both choices. A pool counts in its own table only the jobs it placed itself;
+//! [`Placement`] is what it offers a composite.
+
+use crate::job::{DoneSink, Expect, Job, JobQueue, OutcomeKind, PushError};
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+use std::time::Duration;
+
+/// Bits of a cell index.
+pub const CELL_BITS: u32 = 14;
+/// Cells in a [`RouteTable`]; every table has as many, so that a route has the same
+/// cell in every table.
+pub const CELLS: usize = 1 << CELL_BITS;
+
+/// The most workers a table can name: worker indexes take 24 bits of a cell's word.
+pub const MAX_WORKERS: usize = (1 << 24) - 1;
+
+const COUNT_BITS: u32 = 32;
+const COUNT: u64 = (1 << COUNT_BITS) - 1;
+const WORKER_SHIFT: u32 = COUNT_BITS;
+const WORKER: u64 = (1 << 24) - 1;
+const TAG_SHIFT: u32 = 56;
+/// The worker of a place that names none (the job was not placed).
+const NO_WORKER: u32 = WORKER as u32;
+
+/// Where the jobs of a cell go: a worker (or none: the pool places them itself),
+/// and a tag a composite pool uses to name which of its pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Place {
+    tag: u8,
+    worker: u32,
+}
+
+impl Place {
+    /// Worker `worker` (below [`MAX_WORKERS`]) of the pool tagged `tag`.
+    pub fn new(tag: u8, worker: usize) -> Self {
+        debug_assert!(worker < MAX_WORKERS, "worker {worker} out of range");
+        Self {
+            tag,
+            worker: worker as u32,
+        }
+    }
+
+    /// The pool tagged `tag`, leaving the worker to it.
+    pub const fn unplaced(tag: u8) -> Self {
+        Self {
+            tag,
+            worker: NO_WORKER,
+        }
+    }
+
+    /// The tag.
+    pub fn tag(self) -> u8 {
+        self.tag
+    }
+
+    /// The worker, when the place names one.
+    pub fn worker(self) -> Option<usize> {
+        (self.worker != NO_WORKER).then_some(self.worker as usize)
+    }
+
+    fn bits(self) -> u64 {
+        u64::from(self.tag) << TAG_SHIFT | u64::from(self.worker) << WORKER_SHIFT
+    }
+
+    fn of(word: u64) -> Self {
+        Self {
+            tag: (word >> TAG_SHIFT) as u8,
+            worker: ((word >> WORKER_SHIFT) & WORKER) as u32,
+        }
+    }
+}
+
+/// The cells: per cell, its [`Place`] and its jobs in flight, in one atomic word.
+///
+/// Aligned to two cache lines so that the table does not share a line with its
+/// owner's other fields.
+#[repr(align(128))]
+pub struct RouteTable {
+    cells: Box<[AtomicU64]>,
+}
+
+impl fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteTable")
+            .field("cells", &self.cells.len())
+            .field("held", &self.held().count())
+            .finish()
+    }
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RouteTable {
+    /// A table of [`CELLS`] empty cells.
+    pub fn new() -> Self {
+        Self {
+            cells: (0..CELLS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The cell of `route`: the top bits of a multiply-xorshift-multiply mix of
+    /// it, so that every bit of the route counts (the rollout bucket uses its high
+    /// half, a fixed slot its low bits).
+    #[inline]
+    pub fn cell_of(route: u64) -> usize {
+        let mut h = route.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 32;
+        h = h.wrapping_mul(0xd6e8_feb8_6659_fd93);
+        (h >> (64 - CELL_BITS)) as usize
+    }
+
+    /// Count one more job in flight in `cell` and return where it goes: the cell's
+    /// place while it has jobs in flight, otherwise `choose()`, which becomes the
+    /// cell's place. `choose` is called at most once, and only when the cell is
+    /// empty.
+    ///
+    /// Sequentially consistent on success: a job that finds the cell empty and
+    /// goes elsewhere happens after the last job of the cell ended (its
+    /// [`leave`](Self::leave)), and a composite's scans order against it.
+    #[inline]
+    pub fn enter(&self, cell: usize, choose: impl FnOnce() -> Place) -> Place {
+        let c = &self.cells[cell];
+        let mut current = c.load(Ordering::Acquire);
+        let mut choose = Some(choose);
+        let mut chosen: Option<Place> = None;
+        loop {
+            let next = if current & COUNT == 0 {
+                let place = *chosen.get_or_insert_with(|| (choose.take().expect("chosen once"))());
+                place.bits() | 1
+            } else {
+                debug_assert!(current & COUNT < COUNT, "route cell count overflow");
+                current + 1
+            };
+            match c.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Acquire) {
+                Ok(_) => return Place::of(next),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Count one more job in flight in `cell` if it has some already, and return
+    /// the cell's place; `None` (nothing counted) when it has none.
+    #[inline]
+    pub fn join(&self, cell: usize) -> Option<Place> {
+        let c = &self.cells[cell];
+        let mut current = c.load(Ordering::Acquire);
+        loop {
+            if current & COUNT == 0 {
+                return None;
+            }
+            match c.compare_exchange_weak(current, current + 1, Ordering::SeqCst, Ordering::Acquire)
+            {
+                Ok(_) => return Some(Place::of(current)),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// One job of `cell` ended (ran, was dropped, or was handed back), or a count
+    /// was taken back before its job was queued.
+    #[inline]
+    pub fn leave(&self, cell: usize) {
+        let before = self.cells[cell].fetch_sub(1, Ordering::Release);
+        debug_assert!(before & COUNT > 0, "route cell left more than entered");
+    }
+
+    /// Make `place` the place of `cell` if exactly one job is in flight in it (the
+    /// one being submitted): then no other job of any of its routes is anywhere.
+    pub fn move_alone(&self, cell: usize, place: Place) -> bool {
+        let c = &self.cells[cell];
+        let mut current = c.load(Ordering::Acquire);
+        loop {
+            if current & COUNT != 1 {
+                return false;
+            }
+            match c.compare_exchange_weak(
+                current,
+                place.bits() | 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Change the worker of `cell` from `from` to `to`, keeping its tag and count,
+    /// if it has jobs in flight placed on `from`: for a worker handing the cell's
+    /// queued jobs to another (see [`JobQueue::hand_back`](crate::raw::JobQueue::hand_back)).
+    pub fn move_worker(&self, cell: usize, from: usize, to: usize) -> bool {
+        let c = &self.cells[cell];
+        let mut current = c.load(Ordering::Acquire);
+        loop {
+            let place = Place::of(current);
+            if current & COUNT == 0 || place.worker() != Some(from) {
+                return false;
+            }
+            let next = Place::new(place.tag(), to).bits() | (current & COUNT);
+            match c.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// The place of `cell`, while it has jobs in flight.
+    #[inline]
+    pub fn place(&self, cell: usize) -> Option<Place> {
+        let current = self.cells[cell].load(Ordering::Acquire);
+        (current & COUNT != 0).then(|| Place::of(current))
+    }
+
+    /// Jobs in flight in `cell`.
+    pub fn in_flight(&self, cell: usize) -> u32 {
+        (self.cells[cell].load(Ordering::Acquire) & COUNT) as u32
+    }
+
+    /// The places of the cells with jobs in flight: a scan of every cell, each read
+    /// on its own (sequentially consistent), not one snapshot.
+    pub fn held(&self) -> impl Iterator<Item = Place> + '_ {
+        self.cells.iter().filter_map(|c| {
+            let current = c.load(Ordering::SeqCst);
+            (current & COUNT != 0).then(|| Place::of(current))
+        })
+    }
+
+    /// Whether no cell has a job in flight (a scan, see [`held`](Self::held)).
+    pub fn is_empty(&self) -> bool {
+        self.held().next().is_none()
+    }
+}
+
+/// The less loaded of two workers drawn at random among `n`, by `load` (its queue
+/// length, say); `None` from `load` means the worker takes no new routes (out of
+/// service). When both draws take none, the first worker from a random start that
+/// takes new routes; `None` when none does.
+///
+/// Two random choices rather than the least loaded of all: the maximum queue stays
+/// within a small constant of the mean (the "power of two choices"), at the cost
+/// of reading two workers' load, not `n`.
+#[inline]
+pub fn less_loaded(n: usize, load: impl Fn(usize) -> Option<usize>) -> Option<usize> {
+    debug_assert!(n > 0, "no workers");
+    let a = fastrand::usize(..n);
+    if n == 1 {
+        return load(a).map(|_| a);
+    }
+    // A second draw among the others.
+    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+    match (load(a), load(b)) {
+        (Some(la), Some(lb)) => Some(if lb < la { b } else { a }),
+        (Some(_), None) => Some(a),
+        (None, Some(_)) => Some(b),
+        (None, None) => (1..n).map(|i| (b + i) % n).find(|w| load(*w).is_some()),
+    }
+}
+
+/// How long a worker's job runs before the worker hands the rest of its queue back
+/// ([`Router::run`]): a handler slower than this (a 100 ms call, a retry backing
+/// off, a hung one) no longer holds the routes queued behind it that have nothing
+/// running. Long enough that a job of a few milliseconds never pays for it (the
+/// watch starts only when a job does not finish on its first poll).
+pub const HAND_BACK_AFTER: Duration = Duration::from_millis(5);
+
+/// A pool's routing, written once for both pools: its route table, where the jobs a
+/// composite places on it are counted, and whether it routes at all
+/// (work-conserving) or sends each route to its fixed slot.
+#[derive(Debug)]
+pub struct Router {
+    /// The pool's own table: the jobs it places itself.
+    own: Arc<RouteTable>,
+    /// Where a composite counts the jobs it places on this pool (the composite's
+    /// table; the pool's own until told, see [`Placement::counted_in`]).
+    placed: OnceLock<Arc<RouteTable>>,
+    workers: usize,
+    /// `workers - 1` when `workers` is a power of two.
+    mask: Option<u64>,
+    work_conserving: bool,
+}
+
+impl Router {
+    /// Routing over `workers` workers, work-conserving or fixed.
+    pub fn new(workers: usize, work_conserving: bool) -> Self {
+        let workers = workers.max(1);
+        Self {
+            own: Arc::new(RouteTable::new()),
+            placed: OnceLock::new(),
+            workers,
+            mask: workers.is_power_of_two().then(|| workers as u64 - 1),
+            work_conserving,
+        }
+    }
+
+    /// Whether routes go to a less-loaded worker (or to their fixed slot).
+    pub fn work_conserving(&self) -> bool {
+        self.work_conserving
+    }
+
+    /// The pool's own table.
+    pub fn table(&self) -> &Arc<RouteTable> {
+        &self.own
+    }
+
+    /// Count the jobs a composite places on this pool in `table` (once; a second,
+    /// different table is refused with `false`).
+    pub fn counted_in(&self, table: &Arc<RouteTable>) -> bool {
+        Arc::ptr_eq(self.placed.get_or_init(|| table.clone()), table)
+    }
+
+    /// The fixed slot of `route`: [`slot`](crate::raw::slot)`(route, workers)`.
+    #[inline]
+    pub fn fixed(&self, route: u64) -> usize {
+        match self.mask {
+            Some(mask) => (route & mask) as usize,
+            None => crate::hash::slot(route, self.workers),
+        }
+    }
+
+    /// The table `job` is counted in: a composite's when it was placed, the pool's
+    /// own under work-conserving routing, none under fixed routing.
+    #[inline]
+    pub fn table_of(&self, job: &Job) -> Option<&RouteTable> {
+        if job.placed().is_some() {
+            Some(self.placed.get().unwrap_or(&self.own))
+        } else if self.work_conserving {
+            Some(&self.own)
+        } else {
+            None
+        }
+    }
+
+    /// The worker of `job` and the cell it was counted in when the pool placed it:
+    /// the worker a composite placed it on; under fixed routing its slot; otherwise
+    /// the worker holding its cell's jobs, or `pick()`'s.
+    #[inline]
+    pub fn route(&self, job: &Job, pick: impl FnOnce() -> usize) -> (usize, Option<usize>) {
+        if let Some(worker) = job.placed() {
+            return (worker % self.workers, None);
+        }
+        if !self.work_conserving {
+            return (self.fixed(job.route()), None);
+        }
+        let cell = RouteTable::cell_of(job.route());
+        let place = self.own.enter(cell, || Place::new(0, pick()));
+        (place.worker().unwrap_or(0) % self.workers, Some(cell))
+    }
+
+    /// What a push of `job` to `worker` checks under the queue's lock.
+    #[inline]
+    pub fn expect(&self, job: &Job, worker: usize) -> Option<Expect<'_>> {
+        self.table_of(job)
+            .map(|t| Expect::new(t, RouteTable::cell_of(job.route()), worker))
+    }
+
+    /// Where `job`'s cell places its jobs now (after [`PushError::Moved`](crate::raw::PushError::Moved)).
+    pub fn moved_to(&self, job: &mut Job) -> Option<usize> {
+        let worker = self
+            .table_of(job)?
+            .place(RouteTable::cell_of(job.route()))?
+            .worker()?
+            % self.workers;
+        if job.placed().is_some() {
+            job.place(worker);
+        }
+        Some(worker)
+    }
+
+    /// Queue `job` on worker `index` (queues by `queue_of`) if it has room now,
+    /// following its cell wherever a hand-back moved it; on failure, the worker it
+    /// was last tried on. (The job comes back by value, as from
+    /// [`JobQueue::try_push`]: boxing it would allocate on the path of a full
+    /// queue.)
+    #[allow(clippy::result_large_err)]
+    pub fn try_push<'q>(
+        &self,
+        mut index: usize,
+        mut job: Job,
+        queue_of: impl Fn(usize) -> &'q JobQueue,
+    ) -> Result<(), (usize, PushError)> {
+        loop {
+            let expect = self.expect(&job, index);
+            match queue_of(index).try_push_expecting(job, expect) {
+                Ok(()) => return Ok(()),
+                Err(PushError::Moved(mut moved)) => {
+                    index = self.moved_to(&mut moved).unwrap_or(index);
+                    job = moved;
+                }
+                Err(e) => return Err((index, e)),
+            }
+        }
+    }
+
+    /// Queue `job` on worker `index`, waiting up to `timeout` for room, following
+    /// its cell wherever a hand-back moved it.
+    pub async fn push_waiting<'q>(
+        &self,
+        mut index: usize,
+        mut job: Job,
+        timeout: Duration,
+        queue_of: impl Fn(usize) -> &'q JobQueue,
+    ) -> Result<(), PushError> {
+        loop {
+            let expect = self.expect(&job, index);
+            match queue_of(index)
+                .push_timeout_expecting(job, timeout, expect)
+                .await
+            {
+                Err(PushError::Moved(mut moved)) => {
+                    index = self.moved_to(&mut moved).unwrap_or(index);
+                    job = moved;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// A job counted in `cell` of the pool's own table was not queued, or has run:
+    /// take its count back.
+    #[inline]
+    pub fn leave(&self, cell: Option<usize>) {
+        if let Some(cell) = cell {
+            self.own.leave(cell);
+        }
+    }
+
+    /// The cell of the pool's own table a job taken from a queue is counted in.
+    #[inline]
+    pub fn counted(&self, job: &Job) -> Option<usize> {
+        (self.work_conserving && job.placed().is_none()).then(|| RouteTable::cell_of(job.route()))
+    }
+
+    /// Run `job` on worker `worker` (whose queue is `queue`), taking its count back
+    /// when it has run. A job still running [`HAND_BACK_AFTER`] after it started
+    /// (and every such period after) hands the queued jobs of other cells to other
+    /// workers ([`JobQueue::hand_back`], to `target()`, queues by `queue_of`): they
+    /// have nothing running, so they may move, and a slow or hung handler holds only
+    /// its own cell.
+    pub async fn run<'q>(
+        &'q self,
+        job: Job,
+        worker: usize,
+        queue: &'q JobQueue,
+        mut target: impl FnMut() -> Option<usize>,
+        queue_of: impl Fn(usize) -> &'q JobQueue,
+    ) -> OutcomeKind {
+        let cell = RouteTable::cell_of(job.route());
+        let counted = self.counted(&job);
+        let watch = self.work_conserving || self.placed.get().is_some();
+        let mut run = pin!(job.run());
+        let mut timer = pin!(None::<tokio::time::Sleep>);
+        let kind = poll_fn(|cx| {
+            if let Poll::Ready(kind) = run.as_mut().poll(cx) {
+                return Poll::Ready(kind);
+            }
+            if !watch {
+                return Poll::Pending;
+            }
+            loop {
+                if timer.is_none() {
+                    timer.set(Some(tokio::time::sleep(HAND_BACK_AFTER)));
+                }
+                let sleeping = timer.as_mut().as_pin_mut().expect("armed");
+                if sleeping.poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                queue.set_stalled();
+                let moved = queue.hand_back(
+                    worker,
+                    cell,
+                    |j| self.table_of(j),
+                    &mut target,
+                    &queue_of,
+                );
+                if moved > 0 {
+                    tracing::debug!(
+                        worker,
+                        moved,
+                        "a job ran past {HAND_BACK_AFTER:?}: its worker handed the routes queued behind it to other workers"
+                    );
+                }
+                timer.set(None);
+            }
+        })
+        .await;
+        self.leave(counted);
+        kind
+    }
+}
+
+/// What a pool offers a composite pool that places jobs itself (see the module
+/// docs): a pool that returns it from [`Pool::placement`](crate::Pool::placement)
+/// runs a job given a worker ([`Job::place`](crate::raw::Job::place)) on that
+/// worker and counts it nowhere; the composite counts it until its done hook, in
+/// the table it names with [`counted_in`](Placement::counted_in).
+pub trait Placement: Send + Sync {
+    /// The composite counts the jobs it places on this pool in `table`: the pool
+    /// checks and moves their places there (a worker handing its queue back).
+    /// Once per pool; `false` when another table was named before.
+    fn counted_in(&self, table: &Arc<RouteTable>) -> bool;
+
+    /// A worker for a route with nothing in flight: a less-loaded one among those
+    /// that take new routes ([`less_loaded`]); `None` when none does (every actor
+    /// out of service, say).
+    fn pick(&self) -> Option<usize>;
+
+    /// The pool's route table, where it counts the jobs it places itself, tagged
+    /// 0. A composite may count the jobs it places in this same table (the pool
+    /// switch does, over its keyed pool), so that a route has one place whether
+    /// the pool or the composite placed its jobs.
+    fn routes(&self) -> &Arc<RouteTable>;
+}
+
+/// A job's done hook on a table ([`DoneHook::sink`](crate::raw::DoneHook::sink)
+/// with the job's cell as token) takes the job's count back when it ends.
+impl DoneSink for RouteTable {
+    fn done(&self, cell: u32, _: Option<OutcomeKind>) {
+        self.leave(cell as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::{rollout_bucket, stable_hash};
+
+    #[test]
+    fn small_routes_land_in_distinct_cells() {
+        let mut cells: Vec<usize> = (0..64u64).map(RouteTable::cell_of).collect();
+        assert!(cells.iter().all(|c| *c < CELLS));
+        cells.sort_unstable();
+        cells.dedup();
+        assert_eq!(cells.len(), 64);
+    }
+
+    #[test]
+    fn a_bucket_spreads_over_the_cells() {
+        // About 4 000 routes of one rollout bucket over 2^14 cells: some 450 share
+        // a cell by chance (birthday bound), not thousands.
+        let routes: Vec<u64> = (0..400_000u64)
+            .map(|i| stable_hash(format!("k{i}").as_bytes()))
+            .filter(|r| rollout_bucket(*r) == 7)
+            .collect();
+        let mut cells: Vec<usize> = routes.iter().map(|r| RouteTable::cell_of(*r)).collect();
+        cells.sort_unstable();
+        cells.dedup();
+        assert!(
+            cells.len() + 700 > routes.len(),
+            "{} of {}",
+            cells.len(),
+            routes.len()
+        );
+    }
+
+    #[test]
+    fn a_cell_keeps_its_place_until_it_empties() {
+        let t = RouteTable::new();
+        let (a, b) = (Place::new(0, 3), Place::new(1, 7));
+        assert_eq!(t.enter(5, || a), a);
+        assert_eq!(t.enter(5, || unreachable!("the cell is held")), a);
+        assert_eq!(t.join(5), Some(a));
+        assert_eq!((t.place(5), t.in_flight(5)), (Some(a), 3));
+        for _ in 0..3 {
+            t.leave(5);
+        }
+        assert_eq!((t.place(5), t.join(5)), (None, None));
+        assert!(t.is_empty());
+        assert_eq!(t.enter(5, || b), b);
+        assert_eq!(t.held().collect::<Vec<_>>(), vec![b]);
+        assert!(t.move_alone(5, a), "alone in flight: it may move");
+        assert_eq!(t.enter(5, || b), a);
+        assert!(!t.move_alone(5, b), "two in flight");
+        t.leave(5);
+        t.leave(5);
+        assert!(!t.move_alone(5, b), "none in flight");
+        assert_eq!(Place::unplaced(1).worker(), None);
+        assert_eq!(
+            Place::new(1, MAX_WORKERS - 1).worker(),
+            Some(MAX_WORKERS - 1)
+        );
+    }
+
+    #[test]
+    fn the_less_loaded_of_two_and_never_one_out_of_service() {
+        for _ in 0..1000 {
+            let w = less_loaded(8, |w| Some(if w == 2 { 0 } else { 10 })).expect("a worker");
+            // Worker 2 wins whenever drawn; the others tie.
+            assert!(w < 8);
+            let w = less_loaded(8, |w| (w == 5).then_some(10)).expect("worker 5 serves");
+            assert_eq!(w, 5);
+        }
+        assert_eq!(less_loaded(8, |_| None), None);
+        assert_eq!(less_loaded(1, |_| Some(3)), Some(0));
+        assert_eq!(less_loaded(1, |_| None), None);
+        // Over many draws the least loaded worker is picked most.
+        let mut picks = [0u32; 4];
+        for _ in 0..4000 {
+            picks[less_loaded(4, Some).expect("a worker")] += 1;
+        }
+        assert!(
+            picks[0] > picks[1] && picks[1] > picks[2] && picks[3] == 0,
+            "{picks:?}"
+        );
+    }
+
+    fn noop(route: u64) -> Job {
+        use futures::FutureExt;
+        Job::new(
+            route,
+            crate::raw::JobClass::Plain,
+            None,
+            async { crate::raw::Outcome::Handled { attempts: 1 } }.boxed(),
+        )
+        .0
+    }
+
+    /// Routes with distinct cells.
+    fn routes(n: usize) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        (0u64..)
+            .filter(|r| seen.insert(RouteTable::cell_of(*r)))
+            .take(n)
+            .collect()
+    }
+
+    #[test]
+    fn a_hand_back_moves_whole_cells_in_order_and_their_places_with_them() {
+        let router = Router::new(3, true);
+        let queues: Vec<JobQueue> = (0..3).map(|_| JobQueue::new(8)).collect();
+        let [keep, moving, other] = routes(3)[..] else {
+            unreachable!()
+        };
+        // Worker 0 runs a job of `keep` and holds jobs of three cells.
+        let mut jobs = Vec::new();
+        for route in [keep, moving, other, moving, keep, other] {
+            let job = noop(route);
+            let (worker, cell) = router.route(&job, || 0);
+            assert_eq!(worker, 0);
+            assert!(cell.is_some());
+            jobs.push(job);
+        }
+        for job in jobs {
+            queues[0].try_push_expecting(job, None).expect("room");
+        }
+        let table = router.table().clone();
+        let moved = queues[0].hand_back(
+            0,
+            RouteTable::cell_of(keep),
+            |j| router.table_of(j),
+            || Some(1),
+            |w| &queues[w],
+        );
+        assert_eq!(moved, 4, "both jobs of each of the two other cells");
+        assert_eq!((queues[0].len(), queues[1].len()), (2, 4));
+        assert_eq!((queues[0].accepted(), queues[1].accepted()), (2, 4));
+        let order: Vec<u64> = std::iter::from_fn(|| queues[1].try_pop())
+            .map(|j| j.route())
+            .collect();
+        assert_eq!(
+            order,
+            [moving, moving, other, other],
+            "each cell in its order"
+        );
+        for (route, worker) in [(keep, 0), (moving, 1), (other, 1)] {
+            let place = table.place(RouteTable::cell_of(route)).expect("in flight");
+            assert_eq!(place.worker(), Some(worker));
+        }
+        // A push that expected the old place follows the cell.
+        let mut late = noop(moving);
+        let expect = router.expect(&late, 0);
+        late = match queues[0].try_push_expecting(late, expect) {
+            Err(PushError::Moved(job)) => job,
+            other => panic!("expected Moved, got {other:?}"),
+        };
+        assert_eq!(router.moved_to(&mut late), Some(1));
+        // A full target takes nothing: the jobs stay, in place.
+        let full = JobQueue::new(1);
+        full.try_push(noop(other)).expect("room for one");
+        queues[2].try_push(noop(moving)).expect("room");
+        let q = [&queues[2], &full];
+        let staying = noop(routes(4)[3]);
+        let cell = RouteTable::cell_of(staying.route());
+        table.enter(cell, || Place::new(0, 0));
+        queues[2].try_push(staying).expect("room");
+        let moved =
+            queues[2].hand_back(0, usize::MAX, |j| router.table_of(j), || Some(1), |w| q[w]);
+        assert_eq!((moved, queues[2].len()), (0, 2));
+    }
+
+    #[test]
+    fn concurrent_jobs_of_a_cell_are_never_in_two_places() {
+        // Threads enter and leave jobs on 8 cells, each job wanting a random place;
+        // a shadow count per cell and place, raised after the entry and lowered
+        // before the leave, must never show two places of a cell at once.
+        use std::sync::atomic::AtomicU32;
+        let t = RouteTable::new();
+        let shadow: Vec<[AtomicU32; 4]> = (0..8).map(|_| Default::default()).collect();
+        std::thread::scope(|s| {
+            for seed in 0..4u64 {
+                let (t, shadow) = (&t, &shadow);
+                s.spawn(move || {
+                    let mut rng = fastrand::Rng::with_seed(seed);
+                    let mut held: Vec<(usize, usize)> = Vec::new();
+                    for _ in 0..100_000 {
+                        if held.len() < 4 && rng.bool() {
+                            let cell = rng.usize(..8);
+                            let wanted = rng.usize(..4);
+                            let got = t.enter(cell, || Place::new(0, wanted));
+                            let w = got.worker().expect("placed");
+                            shadow[cell][w].fetch_add(1, Ordering::SeqCst);
+                            for other in (0..4).filter(|o| *o != w) {
+                                assert_eq!(
+                                    shadow[cell][other].load(Ordering::SeqCst),
+                                    0,
+                                    "cell {cell} in two places"
+                                );
+                            }
+                            held.push((cell, w));
+                        } else if !held.is_empty() {
+                            let (cell, w) = held.swap_remove(rng.usize(..held.len()));
+                            shadow[cell][w].fetch_sub(1, Ordering::SeqCst);
+                            t.leave(cell);
+                        }
+                    }
+                    for (cell, w) in held {
+                        shadow[cell][w].fetch_sub(1, Ordering::SeqCst);
+                        t.leave(cell);
+                    }
+                });
+            }
+        });
+        assert!(t.is_empty());
+    }
+}

@@ -42,6 +42,15 @@ pub fn make_fixed_keyed() -> Result<Arc<dyn Pool>, eventbus::Error> {
     Ok(Arc::new(KeyedWorkerPool::new(&config)?))
 }
 
+/// The pool switch [`eventbus::build_pool`] builds with both pools and
+/// `percent` of aggregate ids on the actor pool.
+pub async fn make_switch_at(percent: u8) -> Result<Arc<dyn Pool>, eventbus::Error> {
+    let mut config = EventBusConfig::default();
+    config.pool = PoolKind::Keyed;
+    config.actor_pool.rollout_percent = percent;
+    eventbus::build_pool(&config).await
+}
+
 /// [`make_pool`], under fixed routing when `fixed`.
 pub async fn make_pool_routed(
     kind: PoolKind,
@@ -116,6 +125,11 @@ pub struct WorkloadSpec {
     /// Record the pool's queue wait (every message) for its 99th percentile.
     #[serde(default)]
     pub record_queue_wait: bool,
+    /// Serve through a pool switch over both pools with this share of aggregate
+    /// ids on the actor pool (`pool` is then ignored), and measure each side's
+    /// latency apart ([`RunResult::side_p99_us`]).
+    #[serde(default)]
+    pub switch_percent: Option<u8>,
 }
 
 /// A bus of the spec's backend (its topic created on memory; Kafka topics are
@@ -214,10 +228,18 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
         let _ = recorder.install();
         snapshotter
     });
-    let pool = make_pool_routed(spec.pool, spec.fixed_routing)
-        .await
-        .map_err(|e| format!("{} pool: {e}", spec.pool.as_str()))?;
-    let pool_name = pool.kind().to_owned();
+    let pool = match spec.switch_percent {
+        Some(percent) => make_switch_at(percent)
+            .await
+            .map_err(|e| format!("pool switch at {percent}%: {e}"))?,
+        None => make_pool_routed(spec.pool, spec.fixed_routing)
+            .await
+            .map_err(|e| format!("{} pool: {e}", spec.pool.as_str()))?,
+    };
+    let pool_name = match spec.switch_percent {
+        Some(_) => "switch".to_owned(),
+        None => pool.kind().to_owned(),
+    };
     let bus = open_bus(spec, pool).await?;
     let keys = spec.dist.keys();
     let slow_from = match spec.dist {
@@ -365,8 +387,32 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
         fast_throughput: tally.fast_throughput().0,
         fast_throughput_all: tally.fast_throughput().1,
         queue_wait_p99_us: queue_waits.map_or(0.0, |s| queue_wait_p99_us(&s)),
+        side_p99_us: spec
+            .switch_percent
+            .map(|percent| side_p99_us(&tally, spec.dist, percent)),
     };
     Ok(result)
+}
+
+/// Each side's p99 latency, µs, of a run through a pool switch at `percent`:
+/// (keyed, actor), each from an HDR histogram of its own messages' latencies
+/// (from each message's intended send time to its handler's return), a message's
+/// side being its aggregate id's rollout bucket against the share.
+fn side_p99_us(tally: &Tally, dist: KeyDist, percent: u8) -> [f64; 2] {
+    let on_actor: Vec<bool> = (0..dist.keys())
+        .map(|k| {
+            let route = eventbus::core::raw::stable_hash(aggregate_id(k).as_bytes());
+            eventbus::core::raw::rollout_bucket(route) < percent
+        })
+        .collect();
+    let mut sides: [Vec<u64>; 2] = Default::default();
+    for (i, latency) in tally.handled_latencies() {
+        sides[usize::from(on_actor[dist.key(i)])].push(latency);
+    }
+    sides.map(|mut lat| {
+        lat.sort_unstable();
+        hdr_percentiles_us(&lat).1
+    })
 }
 
 /// The 99th percentile, µs, of every queue wait the bus recorded

@@ -52,6 +52,8 @@ pub enum ChildJob {
 /// What a child process prints (one JSON line on stdout).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// One value per child process, printed once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ChildOutput {
     /// A workload's result.
     Workload(RunResult),

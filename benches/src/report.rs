@@ -204,16 +204,25 @@ pub fn paced_median(runs: &[RunResult], pool: &str, rate: f64, f: fn(&RunResult)
     median(paced_runs(runs, pool, rate).into_iter().map(f))
 }
 
-/// Actor p99 ÷ keyed p99 of each round at `rate` where both pools completed.
+/// Actor p99 ÷ keyed p99 of each completed round at `rate`, both pools serving
+/// in the same run (a pool switch at 50%, each side measured apart).
 pub fn paced_p99_ratios(runs: &[RunResult], rate: f64) -> Vec<f64> {
-    let keyed = paced_runs(runs, "keyed", rate);
-    paced_runs(runs, "actor", rate)
+    paced_runs(runs, "switch", rate)
         .into_iter()
-        .filter_map(|a| {
-            let k = keyed.iter().find(|k| k.round == a.round)?;
-            (k.p99_us > 0.0).then(|| a.p99_us / k.p99_us)
-        })
+        .filter_map(|r| r.side_p99_us)
+        .filter(|[keyed, _]| *keyed > 0.0)
+        .map(|[keyed, actor]| actor / keyed)
         .collect()
+}
+
+/// The median over the completed rounds at `rate` of side `side`'s p99 (0 keyed,
+/// 1 actor), µs.
+pub fn paced_side_median(runs: &[RunResult], rate: f64, side: usize) -> f64 {
+    median(
+        paced_runs(runs, "switch", rate)
+            .into_iter()
+            .filter_map(|r| r.side_p99_us.map(|s| s[side])),
+    )
 }
 
 /// Geometric mean of the finite, positive values (NaN when there are none).
@@ -363,42 +372,35 @@ impl Report {
         s
     }
 
-    /// The paced phase, as Markdown: per rate and pool, the medians over
-    /// rounds, then actor p99 ÷ keyed p99 per round and its median.
+    /// The paced phase, as Markdown: per rate, both pools serving at once through
+    /// a pool switch at 50%, the medians over rounds, each side's p99, then actor
+    /// p99 ÷ keyed p99 per round and its median.
     pub fn paced_table(&self) -> String {
         let mut s = String::from(
-            "| rate msg/s | pool | rounds | msg/s | CPU µs/msg | p50 µs | p99 µs | p999 µs | longest pause µs | actor/keyed p99 per round | median |\n\
-             |---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
+            "| rate msg/s | rounds | msg/s | CPU µs/msg | p50 µs | keyed p99 µs | actor p99 µs | longest pause µs | actor/keyed p99 per round | median |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
         );
         for rate in paced_rates(&self.paced) {
-            for pool in ["keyed", "actor"] {
-                let rs = paced_runs(&self.paced, pool, rate);
-                let med = |f: fn(&RunResult) -> f64| paced_median(&self.paced, pool, rate, f);
-                let ratios = if pool == "actor" {
-                    let rs = paced_p99_ratios(&self.paced, rate);
-                    format!(
-                        "{} | {:.3}",
-                        rs.iter()
-                            .map(|r| format!("{r:.3}"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        median(rs.iter().copied())
-                    )
-                } else {
-                    " | ".to_owned()
-                };
-                let _ = writeln!(
-                    s,
-                    "| {rate:.0} | {pool} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {ratios} |",
-                    rs.len(),
-                    med(|r| r.throughput),
-                    med(RunResult::cpu_us_per_message),
-                    med(|r| r.p50_us),
-                    med(|r| r.p99_us),
-                    med(|r| r.p999_us),
-                    med(|r| r.longest_pause_us),
-                );
-            }
+            let rs = paced_runs(&self.paced, "switch", rate);
+            let med = |f: fn(&RunResult) -> f64| paced_median(&self.paced, "switch", rate, f);
+            let ratios = paced_p99_ratios(&self.paced, rate);
+            let _ = writeln!(
+                s,
+                "| {rate:.0} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.3} |",
+                rs.len(),
+                med(|r| r.throughput),
+                med(RunResult::cpu_us_per_message),
+                med(|r| r.p50_us),
+                paced_side_median(&self.paced, rate, 0),
+                paced_side_median(&self.paced, rate, 1),
+                med(|r| r.longest_pause_us),
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                median(ratios.iter().copied()),
+            );
         }
         s
     }
@@ -721,21 +723,18 @@ mod tests {
 
     #[test]
     fn the_paced_bar_is_the_median_of_each_rounds_ratio() {
-        let paced = |pool: &str, round: usize, rate: f64, p99: f64| {
-            let mut r = run(pool, rate, p99, 1000);
+        let paced = |round: usize, rate: f64, keyed: f64, actor: f64| {
+            let mut r = run("switch", rate, keyed.max(actor), 1000);
             r.round = round;
             r.rate = rate;
+            r.side_p99_us = Some([keyed, actor]);
             r
         };
         let runs = vec![
-            paced("keyed", 0, 500.0, 100.0),
-            paced("actor", 0, 500.0, 300.0),
-            paced("actor", 1, 500.0, 90.0),
-            paced("keyed", 1, 500.0, 100.0),
-            paced("keyed", 2, 500.0, 100.0),
-            paced("actor", 2, 500.0, 100.0),
-            paced("keyed", 0, 800.0, 200.0),
-            paced("actor", 0, 800.0, 100.0),
+            paced(0, 500.0, 100.0, 300.0),
+            paced(1, 500.0, 100.0, 90.0),
+            paced(2, 500.0, 100.0, 100.0),
+            paced(0, 800.0, 200.0, 100.0),
         ];
         assert_eq!(paced_rates(&runs), vec![500.0, 800.0]);
         let ratios = paced_p99_ratios(&runs, 500.0);

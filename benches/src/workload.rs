@@ -475,6 +475,9 @@ pub struct RunResult {
     /// The same, first to last of them.
     #[serde(default)]
     pub fast_throughput_all: f64,
+    /// Through a pool switch: each side's p99 latency, µs, (keyed, actor).
+    #[serde(default)]
+    pub side_p99_us: Option<[f64; 2]>,
     /// 99th percentile of the pool's queue wait (submission to start, every
     /// message), µs, when the run recorded it.
     #[serde(default)]
@@ -527,6 +530,7 @@ impl RunResult {
             fast_throughput: 0.0,
             fast_throughput_all: 0.0,
             queue_wait_p99_us: 0.0,
+            side_p99_us: None,
         }
     }
 }

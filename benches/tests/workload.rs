@@ -20,6 +20,7 @@ async fn small_run(pool: PoolKind, prepublish: bool) {
         rate: 0.0,
         fixed_routing: false,
         record_queue_wait: false,
+        switch_percent: None,
     };
     let r = run_workload(&spec).await.expect("workload runs");
     assert_eq!(r.pool, pool.as_str());
@@ -64,10 +65,52 @@ async fn slow_keys_are_measured_apart() {
         rate: 0.0,
         fixed_routing: false,
         record_queue_wait: true,
+        switch_percent: None,
     };
     let r = run_workload(&spec).await.expect("workload runs");
-    assert_eq!((r.lost, r.duplicates, r.order_violations), (0, 0, 0), "{r:?}");
-    assert!(r.fast_throughput > 0.0 && r.fast_throughput_all > 0.0, "{r:?}");
-    assert!(r.queue_wait_p99_us > 0.0, "the queue wait was recorded: {r:?}");
+    assert_eq!(
+        (r.lost, r.duplicates, r.order_violations),
+        (0, 0, 0),
+        "{r:?}"
+    );
+    assert!(
+        r.fast_throughput > 0.0 && r.fast_throughput_all > 0.0,
+        "{r:?}"
+    );
+    assert!(
+        r.queue_wait_p99_us > 0.0,
+        "the queue wait was recorded: {r:?}"
+    );
     assert_eq!(r.keys, "100 keys + 2 slow");
+}
+
+/// Through the pool switch at 50%, paced: both sides serve, and each side's p99
+/// is measured from its own messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_run_through_the_switch_measures_each_side() {
+    let spec = WorkloadSpec {
+        backend: Backend::Memory,
+        endpoint: String::new(),
+        topic: "bench-switch".into(),
+        pool: PoolKind::Keyed,
+        handler: HandlerKind::Cpu,
+        dist: KeyDist::Uniform(100),
+        messages: 2_000,
+        partitions: 4,
+        prepublish: false,
+        round: 0,
+        limit_secs: 60,
+        rate: 20_000.0,
+        fixed_routing: false,
+        record_queue_wait: false,
+        switch_percent: Some(50),
+    };
+    let r = run_workload(&spec).await.expect("workload runs");
+    assert_eq!(
+        (r.pool.as_str(), r.lost, r.order_violations),
+        ("switch", 0, 0),
+        "{r:?}"
+    );
+    let [keyed, actor] = r.side_p99_us.expect("both sides measured");
+    assert!(keyed > 0.0 && actor > 0.0, "{r:?}");
 }

@@ -393,7 +393,7 @@ impl Router {
             .map(|t| Expect::new(t, RouteTable::cell_of(job.route()), worker))
     }
 
-    /// Where `job`'s cell places its jobs now (after [`PushError::Moved`](crate::raw::PushError::Moved)).
+    /// Where `job`'s cell places its jobs now (after [`PushError::Moved`]).
     pub fn moved_to(&self, job: &mut Job) -> Option<usize> {
         let worker = self
             .table_of(job)?

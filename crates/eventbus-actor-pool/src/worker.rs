@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use eventbus_core::raw::routes::victim;
 use eventbus_core::raw::{JobClass, OutcomeKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -72,9 +73,22 @@ impl Actor for Worker {
 async fn serve(state: &WorkerState) -> Result<(), ActorProcessingErr> {
     let slot = state.slot();
     let _serving = slot.serve().await;
-    while let Some(job) = slot.queue().pop().await {
+    let shared = &state.shared;
+    loop {
+        if slot.queue().queued() == 0 {
+            // Only from actors in service: the jobs held for one out of service
+            // wait for its fresh actor.
+            let victim = victim(shared.slots.len(), state.index, |i| {
+                !shared.slots[i].is_unavailable()
+            });
+            shared
+                .router
+                .steal(state.index, victim, |i| shared.slots[i].queue());
+        }
+        let Some(job) = slot.queue().pop().await else {
+            break;
+        };
         let class = job.class();
-        let shared = &state.shared;
         let kind = shared
             .router
             .run(

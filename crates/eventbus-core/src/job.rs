@@ -10,8 +10,7 @@ use std::fmt;
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -638,16 +637,6 @@ pub struct JobQueue {
     /// under the lock and read without it: what a submitter compares when it
     /// chooses a worker (see [`JobQueue::load`]).
     load: AtomicUsize,
-    /// When the consumer took its current job ([`coarse_ms`]): a job that has run
-    /// long shows as an early start (see [`JobQueue::rank`]).
-    started: AtomicU32,
-}
-
-/// Milliseconds since the first call in this process, wrapping: stamps compared
-/// only with each other.
-fn coarse_ms() -> u32 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_millis() as u32
 }
 
 struct State {
@@ -664,6 +653,8 @@ struct State {
     busy: bool,
     /// The job it runs has run long ([`JobQueue::set_stalled`]): no new routes.
     stalled: bool,
+    /// The route cell of the job it runs: its jobs stay in a hand-back.
+    running: Option<usize>,
 }
 
 /// The load word's flags: the consumer runs a job, and that job has run long.
@@ -707,11 +698,11 @@ impl JobQueue {
                 accepted: 0,
                 busy: false,
                 stalled: false,
+                running: None,
             }),
             room: Notify::new(),
             capacity: capacity.max(1),
             load: AtomicUsize::new(0),
-            started: AtomicU32::new(0),
         }
     }
 
@@ -808,8 +799,8 @@ impl JobQueue {
             if let Some(job) = state.jobs.pop_front() {
                 state.busy = true;
                 state.stalled = false;
+                state.running = Some(RouteTable::cell_of(job.route()));
                 self.load.store(state.load(), Ordering::Relaxed);
-                self.started.store(coarse_ms(), Ordering::Relaxed);
                 if state.jobs.is_empty() && state.jobs.capacity() > KEEP_SLOTS {
                     state.jobs.shrink_to(KEEP_SLOTS);
                 }
@@ -824,6 +815,7 @@ impl JobQueue {
             if state.busy {
                 state.busy = false;
                 state.stalled = false;
+                state.running = None;
                 self.load.store(state.load(), Ordering::Relaxed);
             }
             if state.closed {
@@ -899,9 +891,10 @@ impl JobQueue {
     }
 
     /// How good a worker this queue's consumer is for a route with nothing in
-    /// flight, lower is better: its [`load`](Self::load), then, at equal load, the
-    /// later start of the job it runs (a job that has run long, perhaps stuck,
-    /// makes its worker the worse choice). With `room`, `None` when the queue is
+    /// flight, lower is better: its [`load`](Self::load). (A stamp of when the
+    /// running job started, to break ties, cost a clock read per job, a tenth of
+    /// a no-op round trip; a job that has run long is caught by the stall flag
+    /// instead.) With `room`, `None` when the queue is
     /// full or its job has run long ([`set_stalled`](Self::set_stalled)): a new
     /// route there would wait behind jobs that may be stuck, while another queue
     /// may take it at once; without, such a queue ranks last.
@@ -912,10 +905,13 @@ impl JobQueue {
         if room && (stalled || (word >> QUEUED_SHIFT) >= self.capacity) {
             return None;
         }
-        let load = (word >> QUEUED_SHIFT) + (word & BUSY) + usize::from(stalled) * (1 << 30);
-        // Later starts rank lower; an idle consumer's stamp does not matter.
-        let age = u32::MAX - self.started.load(Ordering::Relaxed);
-        Some(load << 32 | age as usize)
+        Some((word >> QUEUED_SHIFT) + (word & BUSY) + usize::from(stalled) * (1 << 30))
+    }
+
+    /// Jobs in the queue, read without its lock (see [`load`](Self::load)).
+    #[inline]
+    pub fn queued(&self) -> usize {
+        self.load.load(Ordering::Relaxed) >> QUEUED_SHIFT
     }
 
     /// Whether no job is queued now.
@@ -934,19 +930,21 @@ impl JobQueue {
         self.lock().accepted
     }
 
-    /// Hand the queued jobs of every route cell but `keep` to other workers: for the
-    /// worker `from` of this queue while it runs a job of cell `keep` that has run
-    /// long (a slow or hung handler). None of those jobs has started and each
-    /// cell's jobs are all here (the cell places them on `from`), so a cell may
-    /// move: its jobs go, in order, to the worker `target()` names (none: they
-    /// stay), whose queue takes them all within its capacity and whose lock is free
-    /// now, and the cell's place becomes that worker under both locks; a push that
-    /// checks its place ([`Expect`]) then goes there, behind them. Jobs
-    /// `table_of` counts in no table (fixed routing) stay. Returns how many moved.
+    /// Hand the queued jobs of route cells other than the running job's to other
+    /// workers, whole cells at a time until at least `limit` jobs moved: for the
+    /// worker `from` of this queue while its job has run long (a slow or hung
+    /// handler), or for an idle worker taking half of a long queue. None of those
+    /// jobs has started and each cell's jobs are all here (the cell places them on
+    /// `from`), so a cell may move: its jobs go, in order, to the worker `target()`
+    /// names (none: they stay), whose queue takes them all within its capacity and
+    /// whose lock is free now, and the cell's place becomes that worker under both
+    /// locks; a push that checks its place ([`Expect`]) then goes there, behind
+    /// them. Jobs `table_of` counts in no table (fixed routing) stay. Returns how
+    /// many moved.
     pub fn hand_back<'q>(
         &self,
         from: usize,
-        keep: usize,
+        limit: usize,
         table_of: impl Fn(&Job) -> Option<&'q RouteTable>,
         mut target: impl FnMut() -> Option<usize>,
         queue: impl Fn(usize) -> &'q JobQueue,
@@ -955,6 +953,7 @@ impl JobQueue {
         if state.closed || state.jobs.is_empty() {
             return 0;
         }
+        let keep = state.running;
         // The queued jobs by (table, cell), each group in queue order.
         let mut kept = VecDeque::new();
         let mut groups: Vec<(&RouteTable, usize, Vec<Job>)> = Vec::new();
@@ -962,7 +961,7 @@ impl JobQueue {
         for job in state.jobs.drain(..) {
             let cell = RouteTable::cell_of(job.route());
             match table_of(&job) {
-                Some(table) if cell != keep => {
+                Some(table) if Some(cell) != keep => {
                     let key = (table as *const RouteTable as usize, cell);
                     let i = *index.entry(key).or_insert_with(|| {
                         groups.push((table, cell, Vec::new()));
@@ -975,6 +974,10 @@ impl JobQueue {
         }
         let (mut moved, mut wake) = (0, Vec::new());
         for (table, cell, mut jobs) in groups {
+            if moved >= limit {
+                kept.extend(jobs);
+                continue;
+            }
             if let Some(t) = target().filter(|t| *t != from) {
                 let dst = queue(t);
                 if let Ok(mut other) = dst.state.try_lock() {

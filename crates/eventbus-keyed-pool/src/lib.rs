@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+use eventbus_core::raw::routes::victim;
 use eventbus_core::raw::routes::{Router, MAX_WORKERS};
 use eventbus_core::raw::{less_loaded, push_batch, JobQueue, Placement, PushError, RouteTable};
 use eventbus_core::raw::{Job, OutcomeKind, SubmitError, SubmitErrorKind};
@@ -246,7 +247,14 @@ async fn worker(shared: Arc<Shared>, index: usize) {
     let mine = &shared.counters.workers[index];
     // This task is the only writer of its counters: plain stores, no read-modify-write.
     let (mut completed, mut panicked) = (0u64, 0u64);
-    while let Some(job) = queue.pop().await {
+    loop {
+        if queue.queued() == 0 {
+            let victim = victim(shared.queues.len(), index, |_| true);
+            shared.router.steal(index, victim, |w| &shared.queues[w]);
+        }
+        let Some(job) = queue.pop().await else {
+            break;
+        };
         let kind = shared
             .router
             .run(

@@ -271,29 +271,74 @@ impl RouteTable {
     }
 }
 
-/// The less loaded of two workers drawn at random among `n`, by `load` (its queue
-/// length, say); `None` from `load` means the worker takes no new routes (out of
-/// service). When both draws take none, the first worker from a random start that
-/// takes new routes; `None` when none does.
+/// A victim for [`Router::steal`] by worker `me` among `n`: on one call in
+/// [`STEAL_EVERY`] of a thread, a worker drawn at random other than `me` that
+/// `eligible` allows; otherwise none. An idle worker looks this seldom, at one
+/// other worker, because it goes idle very often where every queue is short
+/// (where looking costs a cache miss and finds nothing); where some queue is long,
+/// other workers go idle often too, and one of them soon draws it.
+pub fn victim(n: usize, me: usize, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+    if n < 2 {
+        return None;
+    }
+    let due = IDLE.with(|idle| {
+        let k = idle.get().wrapping_add(1);
+        idle.set(k);
+        k % STEAL_EVERY == 0
+    });
+    if !due {
+        return None;
+    }
+    let v = me + 1 + fastrand::usize(..n - 1);
+    let v = if v >= n { v - n } else { v };
+    eligible(v).then_some(v)
+}
+
+/// See [`victim`].
+pub const STEAL_EVERY: u32 = 4;
+
+/// A worker among `n` for a route with nothing in flight, by `load` (its queue
+/// length plus the job it runs, say; `None`: it takes no new routes, out of
+/// service or stalled): the next worker of this thread's round-robin when its load
+/// is at most 1 (idle, or running one job with nothing queued), otherwise the
+/// less loaded of it and one drawn at random. When neither takes new routes, the
+/// first that does from there; `None` when none does.
 ///
-/// Two random choices rather than the least loaded of all: the maximum queue stays
-/// within a small constant of the mean (the "power of two choices"), at the cost
-/// of reading two workers' load, not `n`.
+/// Two choices rather than the least loaded of all: the longest queue stays within
+/// a small constant of the mean (the "power of two choices") at the cost of
+/// reading two workers' load, not `n`; and the round-robin candidate is read first
+/// because it is where the job then goes most of the time, so its line is the one
+/// the push needs anyway: a second worker is read only when the first is busy.
 #[inline]
 pub fn less_loaded(n: usize, load: impl Fn(usize) -> Option<usize>) -> Option<usize> {
     debug_assert!(n > 0, "no workers");
-    let a = fastrand::usize(..n);
-    if n == 1 {
-        return load(a).map(|_| a);
+    let a = NEXT.with(|next| {
+        let a = next.get();
+        let a = if a >= n { 0 } else { a };
+        next.set(a + 1);
+        a
+    });
+    let la = load(a);
+    if n == 1 || la.is_some_and(|l| l <= 1) {
+        return la.map(|_| a);
     }
-    // A second draw among the others.
-    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-    match (load(a), load(b)) {
+    // A second draw among the others; no division on this path: a + 1 + r < 2n.
+    let b = a + 1 + fastrand::usize(..n - 1);
+    let b = if b >= n { b - n } else { b };
+    match (la, load(b)) {
         (Some(la), Some(lb)) => Some(if lb < la { b } else { a }),
         (Some(_), None) => Some(a),
         (None, Some(_)) => Some(b),
         (None, None) => (1..n).map(|i| (b + i) % n).find(|w| load(*w).is_some()),
     }
+}
+
+thread_local! {
+    /// This thread's round-robin position for [`less_loaded`] (taken modulo each
+    /// call's `n` by wrapping, without a division).
+    static NEXT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Times this thread's workers went idle, for [`victim`].
+    static IDLE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// How long a worker's job runs before the worker hands the rest of its queue back
@@ -376,14 +421,18 @@ impl Router {
     #[inline]
     pub fn route(&self, job: &Job, pick: impl FnOnce() -> usize) -> (usize, Option<usize>) {
         if let Some(worker) = job.placed() {
-            return (worker % self.workers, None);
+            return (worker.min(self.workers - 1), None);
         }
         if !self.work_conserving {
             return (self.fixed(job.route()), None);
         }
         let cell = RouteTable::cell_of(job.route());
         let place = self.own.enter(cell, || Place::new(0, pick()));
-        (place.worker().unwrap_or(0) % self.workers, Some(cell))
+        // The pool's own table names only its workers: no division.
+        (
+            place.worker().unwrap_or(0).min(self.workers - 1),
+            Some(cell),
+        )
     }
 
     /// What a push of `job` to `worker` checks under the queue's lock.
@@ -470,6 +519,38 @@ impl Router {
         (self.work_conserving && job.placed().is_none()).then(|| RouteTable::cell_of(job.route()))
     }
 
+    /// Worker `me`, whose queue is empty, takes half of the queue of `victim` (see
+    /// [`victim`]) when it holds at least two jobs,
+    /// whole route cells at a time ([`JobQueue::hand_back`]): so a worker whose
+    /// routes keep it busy (each route's next job arriving while its last one
+    /// waits, which holds the route there) sheds them to idle workers, and no
+    /// worker idles while another holds queued routes. Returns how many it took.
+    pub fn steal<'q>(
+        &'q self,
+        me: usize,
+        victim: Option<usize>,
+        queue_of: impl Fn(usize) -> &'q JobQueue,
+    ) -> usize {
+        if !self.work_conserving && self.placed.get().is_none() {
+            return 0;
+        }
+        let Some(victim) = victim.filter(|v| *v != me) else {
+            return 0;
+        };
+        let queue = queue_of(victim);
+        let queued = queue.queued();
+        if queued < 2 {
+            return 0;
+        }
+        queue.hand_back(
+            victim,
+            queued / 2,
+            |j| self.table_of(j),
+            || Some(me),
+            &queue_of,
+        )
+    }
+
     /// Run `job` on worker `worker` (whose queue is `queue`), taking its count back
     /// when it has run. A job still running [`HAND_BACK_AFTER`] after it started
     /// (and every such period after) hands the queued jobs of other cells to other
@@ -484,7 +565,6 @@ impl Router {
         mut target: impl FnMut() -> Option<usize>,
         queue_of: impl Fn(usize) -> &'q JobQueue,
     ) -> OutcomeKind {
-        let cell = RouteTable::cell_of(job.route());
         let counted = self.counted(&job);
         let watch = self.work_conserving || self.placed.get().is_some();
         let mut run = pin!(job.run());
@@ -507,7 +587,7 @@ impl Router {
                 queue.set_stalled();
                 let moved = queue.hand_back(
                     worker,
-                    cell,
+                    usize::MAX,
                     |j| self.table_of(j),
                     &mut target,
                     &queue_of,
@@ -632,13 +712,15 @@ mod tests {
         assert_eq!(less_loaded(8, |_| None), None);
         assert_eq!(less_loaded(1, |_| Some(3)), Some(0));
         assert_eq!(less_loaded(1, |_| None), None);
-        // Over many draws the least loaded worker is picked most.
+        // Loads 0, 1, 2, 3: the round-robin candidate is taken when its load is
+        // at most 1, otherwise the less loaded of it and another; the most loaded
+        // never wins, and the busier workers are picked least.
         let mut picks = [0u32; 4];
         for _ in 0..4000 {
             picks[less_loaded(4, Some).expect("a worker")] += 1;
         }
         assert!(
-            picks[0] > picks[1] && picks[1] > picks[2] && picks[3] == 0,
+            picks[3] == 0 && picks[2] < picks[0] && picks[2] < picks[1],
             "{picks:?}"
         );
     }
@@ -663,8 +745,8 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_hand_back_moves_whole_cells_in_order_and_their_places_with_them() {
+    #[tokio::test]
+    async fn a_hand_back_moves_whole_cells_in_order_and_their_places_with_them() {
         let router = Router::new(3, true);
         let queues: Vec<JobQueue> = (0..3).map(|_| JobQueue::new(8)).collect();
         let [keep, moving, other] = routes(3)[..] else {
@@ -682,16 +764,18 @@ mod tests {
         for job in jobs {
             queues[0].try_push_expecting(job, None).expect("room");
         }
+        let running = queues[0].pop().await.expect("the first job");
+        assert_eq!(running.route(), keep);
         let table = router.table().clone();
         let moved = queues[0].hand_back(
             0,
-            RouteTable::cell_of(keep),
+            usize::MAX,
             |j| router.table_of(j),
             || Some(1),
             |w| &queues[w],
         );
         assert_eq!(moved, 4, "both jobs of each of the two other cells");
-        assert_eq!((queues[0].len(), queues[1].len()), (2, 4));
+        assert_eq!((queues[0].len(), queues[1].len()), (1, 4));
         assert_eq!((queues[0].accepted(), queues[1].accepted()), (2, 4));
         let order: Vec<u64> = std::iter::from_fn(|| queues[1].try_pop())
             .map(|j| j.route())
@@ -725,6 +809,46 @@ mod tests {
         let moved =
             queues[2].hand_back(0, usize::MAX, |j| router.table_of(j), || Some(1), |w| q[w]);
         assert_eq!((moved, queues[2].len()), (0, 2));
+    }
+
+    #[test]
+    fn an_idle_worker_steals_half_of_a_queue_whole_cells_at_a_time() {
+        let router = Router::new(2, true);
+        let queues: Vec<JobQueue> = (0..2).map(|_| JobQueue::new(16)).collect();
+        let cells = routes(4);
+        // Worker 0 holds two jobs each of four cells, and runs none of them.
+        for _ in 0..2 {
+            for route in &cells {
+                let job = noop(*route);
+                router.route(&job, || 0);
+                queues[0].try_push(job).expect("room");
+            }
+        }
+        assert_eq!(
+            router.steal(1, Some(1), |w| &queues[w]),
+            0,
+            "not from itself"
+        );
+        assert_eq!(router.steal(1, None, |w| &queues[w]), 0, "no victim drawn");
+        assert_eq!(
+            router.steal(1, Some(0), |w| &queues[w]),
+            4,
+            "half, in whole cells"
+        );
+        assert_eq!((queues[0].len(), queues[1].len()), (4, 4));
+        let workers: Vec<Option<usize>> = cells
+            .iter()
+            .map(|r| {
+                router
+                    .table()
+                    .place(RouteTable::cell_of(*r))
+                    .and_then(Place::worker)
+            })
+            .collect();
+        assert_eq!(workers, [Some(1), Some(1), Some(0), Some(0)]);
+        // Under fixed routing nothing moves.
+        let fixed = Router::new(2, false);
+        assert_eq!(fixed.steal(1, Some(0), |w| &queues[w]), 0);
     }
 
     #[test]

@@ -284,21 +284,10 @@ impl ActorPool {
         }
     }
 
-    /// Make sure `slot`'s first actor has been asked for: the first job routed to a
-    /// slot asks the supervisor to start it (the job waits in the queue meanwhile).
-    /// False when the supervisor could not be asked (it has stopped).
+    /// Make sure `slot`'s first actor has been asked for (see
+    /// [`Shared::start_actor`]).
     fn start_actor(&self, slot: &Slot) -> bool {
-        if slot.start_asked() {
-            return true;
-        }
-        let asked = self
-            .supervisor
-            .send_message(SupervisorMsg::Start { index: slot.index })
-            .is_ok();
-        if !asked {
-            slot.unask_start();
-        }
-        asked
+        self.shared.start_actor(slot.index, &self.supervisor)
     }
 
     /// Wait up to the wait timeout for room in `slot`'s queue; the job stays

@@ -8,10 +8,12 @@ use eventbus_core::ActorPoolConfig;
 
 use eventbus_core::raw::routes::Router;
 use eventbus_core::raw::{less_loaded, Job, OutcomeKind, RouteTable};
+use ractor::ActorCell;
 use tokio::sync::Notify;
 
 use crate::cool_down::CoolDown;
 use crate::slot::Slot;
+use crate::supervisor::SupervisorMsg;
 
 /// Pool-wide counters of rare events. Per-job counts live in the slots, each written
 /// by one side only (see [`Slot`]).
@@ -62,11 +64,38 @@ impl Shared {
         less_loaded(n, rank(true)).or_else(|| less_loaded(n, rank(false)))
     }
 
-    /// An actor to hand queued routes to from actor `from`: one in service whose
-    /// actor has been started (a hand-back starts none).
-    pub(crate) fn pick_started(&self, from: usize) -> Option<usize> {
-        self.pick(Some(from))
-            .filter(|i| self.slots[*i].is_started())
+    /// An actor to hand queued routes to from actor `from` (a job there has run
+    /// long): one in service, other than `from`, asking `supervisor` to start its
+    /// first actor when it has none yet (actors start with the first job routed to
+    /// them, so a pool that has seen few routes has few: with none but `from`
+    /// started, the routes queued behind a hung job would wait for it). `None`
+    /// when none is in service, or the start cannot be asked for.
+    pub(crate) fn pick_for_hand_back(
+        &self,
+        from: usize,
+        supervisor: Option<&ActorCell>,
+    ) -> Option<usize> {
+        let to = self.pick(Some(from))?;
+        supervisor
+            .is_some_and(|s| self.start_actor(to, s))
+            .then_some(to)
+    }
+
+    /// Make sure the first actor of slot `index` has been asked for: the first job
+    /// routed to a slot asks `supervisor` to start it (the job waits in the queue
+    /// meanwhile). False when the supervisor could not be asked (it has stopped).
+    pub(crate) fn start_actor(&self, index: usize, supervisor: &ActorCell) -> bool {
+        let slot = &self.slots[index];
+        if slot.start_asked() {
+            return true;
+        }
+        let asked = supervisor
+            .send_message(SupervisorMsg::Start { index })
+            .is_ok();
+        if !asked {
+            slot.unask_start();
+        }
+        asked
     }
 
     /// The slot of `job`, and the cell it was counted in when the pool placed it

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use eventbus_core::raw::routes::victim;
 use eventbus_core::raw::{JobClass, OutcomeKind};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 
 use crate::shared::Shared;
 use crate::slot::{Slot, WorkerMsg};
@@ -54,12 +54,12 @@ impl Actor for Worker {
 
     async fn handle(
         &self,
-        _myself: ActorRef<WorkerMsg>,
+        myself: ActorRef<WorkerMsg>,
         message: WorkerMsg,
         state: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            WorkerMsg::Serve => serve(state).await,
+            WorkerMsg::Serve => serve(state, myself.try_get_supervisor()).await,
         }
     }
 }
@@ -70,20 +70,30 @@ impl Actor for Worker {
 /// delivered); the supervisor restarts it and the successor takes over the queue,
 /// which outlives the actor, with every job still in it. A kill (close past its
 /// deadline) drops the running job, so its outcome never arrives.
-async fn serve(state: &WorkerState) -> Result<(), ActorProcessingErr> {
+async fn serve(
+    state: &WorkerState,
+    supervisor: Option<ActorCell>,
+) -> Result<(), ActorProcessingErr> {
     let slot = state.slot();
     let _serving = slot.serve().await;
     let shared = &state.shared;
     loop {
+        // Only from actors in service (the jobs held for one out of service wait
+        // for its fresh actor), and only to actors serving already.
         if slot.queue().queued() == 0 {
-            // Only from actors in service: the jobs held for one out of service
-            // wait for its fresh actor.
-            let victim = victim(shared.slots.len(), state.index, |i| {
-                !shared.slots[i].is_unavailable()
-            });
+            let in_service = |i: usize| !shared.slots[i].is_unavailable();
+            let victim = victim(shared.slots.len(), state.index, in_service);
             shared
                 .router
                 .steal(state.index, victim, |i| shared.slots[i].queue());
+        } else {
+            let serving = |i: usize| {
+                let slot = &shared.slots[i];
+                slot.is_started() && !slot.is_unavailable()
+            };
+            shared
+                .router
+                .share(state.index, serving, |i| shared.slots[i].queue());
         }
         let Some(job) = slot.queue().pop().await else {
             break;
@@ -95,7 +105,7 @@ async fn serve(state: &WorkerState) -> Result<(), ActorProcessingErr> {
                 job,
                 state.index,
                 slot.queue(),
-                || shared.pick_started(state.index),
+                || shared.pick_for_hand_back(state.index, supervisor.as_ref()),
                 |i| shared.slots[i].queue(),
             )
             .await;

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventbus_actor_pool::{ActorPool, CoolDown, HEALTH_COMPONENT};
-use eventbus_core::raw::{FailureCause, Job, JobClass, Outcome, OutcomeReceiver, SubmitErrorKind};
+use eventbus_core::raw::{
+    FailureCause, Job, JobClass, Outcome, OutcomeReceiver, Place, RouteTable, SubmitErrorKind,
+};
 use eventbus_core::{ActorPoolConfig, ErrorKind, HealthStatus, Pool, Routing};
 use futures::FutureExt;
 use tokio::sync::oneshot;
@@ -242,6 +244,44 @@ async fn a_blocked_actor_does_not_hold_up_another() {
     ));
     assert!(matches!(
         outcome("the job behind it", behind_rx).await,
+        Outcome::Handled { .. }
+    ));
+    pool.close(Duration::from_secs(5)).await;
+}
+
+/// Actors start with the first job routed to them. A job queued behind a hung
+/// one on the only actor started so far still moves when the hung job has run
+/// long: the hand-back starts the actor it hands the job to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_starts_the_actor_it_hands_routes_to() {
+    let pool = ActorPool::start(&config(4, 4)).await.unwrap();
+    // A composite (the pool switch) places jobs itself, counting them in its table.
+    let table = Arc::new(RouteTable::new());
+    assert!(pool
+        .placement()
+        .expect("work-conserving")
+        .counted_in(&table));
+    let place = |job: &mut Job| {
+        table.enter(RouteTable::cell_of(job.route()), || Place::new(0, 0));
+        job.place(0);
+    };
+    let (mut blocker, blocker_rx, started, gate) = gated(0);
+    place(&mut blocker);
+    pool.submit(blocker).await.unwrap();
+    within("the blocking job to start", started).await.unwrap();
+    assert_eq!(pool.live_actors(), 2, "the supervisor and actor 0 only");
+    let (mut behind, behind_rx) = job(1, JobClass::Plain, "behind", async { handled() });
+    place(&mut behind);
+    pool.submit(behind).await.unwrap();
+    let o = outcome(
+        "a job queued behind a hung one, on another actor",
+        behind_rx,
+    )
+    .await;
+    assert!(matches!(o, Outcome::Handled { .. }));
+    gate.send(()).unwrap();
+    assert!(matches!(
+        outcome("the blocking job", blocker_rx).await,
         Outcome::Handled { .. }
     ));
     pool.close(Duration::from_secs(5)).await;

@@ -248,9 +248,13 @@ async fn worker(shared: Arc<Shared>, index: usize) {
     // This task is the only writer of its counters: plain stores, no read-modify-write.
     let (mut completed, mut panicked) = (0u64, 0u64);
     loop {
+        // An idle worker looks for a queue to take half of; one with a backlog
+        // looks for an idle worker to give half to.
         if queue.queued() == 0 {
             let victim = victim(shared.queues.len(), index, |_| true);
             shared.router.steal(index, victim, |w| &shared.queues[w]);
+        } else {
+            shared.router.share(index, |_| true, |w| &shared.queues[w]);
         }
         let Some(job) = queue.pop().await else {
             break;

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod cool_down;
+mod messages;
 mod pool;
 mod shared;
 mod slot;

@@ -22,9 +22,10 @@ use ractor::{Actor, ActorRef, ActorStatus};
 use tokio::sync::{oneshot, Notify};
 
 use crate::cool_down::CoolDown;
+use crate::messages::SupervisorMsg;
 use crate::shared::{Counters, Shared};
 use crate::slot::Slot;
-use crate::supervisor::{Supervisor, SupervisorMsg};
+use crate::supervisor::Supervisor;
 
 /// Health component name of the pool.
 pub const HEALTH_COMPONENT: &str = "pool.actor";

@@ -12,8 +12,8 @@ use ractor::ActorCell;
 use tokio::sync::Notify;
 
 use crate::cool_down::CoolDown;
+use crate::messages::SupervisorMsg;
 use crate::slot::Slot;
-use crate::supervisor::SupervisorMsg;
 
 /// Pool-wide counters of rare events. Per-job counts live in the slots, each written
 /// by one side only (see [`Slot`]).

@@ -12,13 +12,7 @@ use ractor::{ActorRef, ActorStatus};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use crate::cool_down::{CoolDown, CoolState};
-
-/// What a worker actor receives.
-#[derive(Debug)]
-pub(crate) enum WorkerMsg {
-    /// Serve the slot's queue until it is closed and empty.
-    Serve,
-}
+use crate::messages::WorkerMsg;
 
 /// Lock a mutex, recovering the data if a panic poisoned it: every critical section
 /// in this crate leaves its data consistent.

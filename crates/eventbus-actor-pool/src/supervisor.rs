@@ -9,29 +9,10 @@ use std::time::{Duration, Instant};
 
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
-use tokio::sync::oneshot;
 
+use crate::messages::{SupervisorMsg, WorkerMsg};
 use crate::shared::Shared;
-use crate::slot::WorkerMsg;
 use crate::worker::{Worker, WorkerState};
-
-/// What the supervisor receives (besides supervision events).
-#[derive(Debug)]
-pub(crate) enum SupervisorMsg {
-    /// Stop every worker: gracefully until `deadline`, then by force. Replies once
-    /// all of them have exited; the supervisor then stops.
-    Shutdown {
-        deadline: Instant,
-        reply: oneshot::Sender<()>,
-    },
-    /// Start a fresh actor on slot `index`, out of service: at the end of cool-down
-    /// `epoch` (ignored when a later cool-down began since), or now when `None`.
-    Revive { index: usize, epoch: Option<u64> },
-    /// Start a fresh actor now on every slot out of service.
-    ReviveAll,
-    /// Start the first actor of slot `index`, asked for by the first job routed to it.
-    Start { index: usize },
-}
 
 /// The supervisor actor.
 #[derive(Debug)]

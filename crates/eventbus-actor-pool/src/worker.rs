@@ -10,8 +10,9 @@ use eventbus_core::raw::routes::victim;
 use eventbus_core::raw::{JobClass, OutcomeKind};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 
+use crate::messages::WorkerMsg;
 use crate::shared::Shared;
-use crate::slot::{Slot, WorkerMsg};
+use crate::slot::Slot;
 
 /// The worker actor.
 #[derive(Debug)]

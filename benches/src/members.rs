@@ -143,7 +143,9 @@ impl MembersResult {
             storage: spec.storage,
             round: spec.round,
             messages: spec.messages as u64,
-            lost: spec.messages as u64,
+            // A run that failed (a member that could not start, say) lost
+            // nothing: it is reported as the failure it is, not as messages lost.
+            lost: 0,
             error: Some(error),
             ..Self::default()
         }
@@ -189,10 +191,37 @@ pub fn settled(owned: &[Vec<u32>], partitions: u32) -> bool {
 
 /// One member: a bus of its own on a runtime of its own.
 struct Member {
-    runtime: tokio::runtime::Runtime,
+    runtime: MemberRuntime,
     bus: NatsEventBus,
     handled: Arc<AtomicU64>,
     last_ns: Arc<AtomicU64>,
+}
+
+/// A member's runtime, shut down without waiting wherever it is dropped: a member
+/// is dropped inside the run's own async context (one that failed to start, and
+/// every member at the end), where dropping a runtime that waits for its tasks
+/// would panic.
+struct MemberRuntime(Option<tokio::runtime::Runtime>);
+
+impl MemberRuntime {
+    fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0
+            .as_ref()
+            .expect("a member's runtime lives as long as the member")
+            .spawn(f)
+    }
+}
+
+impl Drop for MemberRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Member {
@@ -243,12 +272,14 @@ async fn start_member(
     tally: &Arc<Tally>,
     gate: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Member, String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name(format!("member-{index}"))
-        .enable_all()
-        .build()
-        .map_err(|e| format!("member {index} runtime: {e}"))?;
+    let runtime = MemberRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("member-{index}"))
+            .enable_all()
+            .build()
+            .map_err(|e| format!("member {index} runtime: {e}"))?,
+    ));
     let mut config = EventBusConfig::default();
     config.consumer.group_id = format!("{}-group", spec.topic);
     let nats = member_nats(spec, format!("bench-member-{index}"));
@@ -275,7 +306,7 @@ async fn start_member(
         member.last_ns.clone(),
     );
     let (topic, handler) = (spec.topic.clone(), spec.handler);
-    member
+    let subscribed = member
         .on(move |bus| async move {
             bus.subscribe_envelope(&topic, move |e: Event| {
                 let (tally, mut gate, handled, last_ns) = (
@@ -300,7 +331,18 @@ async fn start_member(
             .await
             .map_err(|e| format!("member {index} subscribe to `{topic}`: {e}"))
         })
-        .await??;
+        .await
+        .and_then(|r| r);
+    if let Err(e) = subscribed {
+        // Its bus is connected: close it before its runtime goes.
+        let _ =
+            member
+                .on(|bus| async move {
+                    tokio::time::timeout(Duration::from_secs(30), bus.close()).await
+                })
+                .await;
+        return Err(e);
+    }
     Ok(member)
 }
 
@@ -422,9 +464,7 @@ pub async fn run_members(spec: &MembersSpec) -> MembersResult {
     if let Some(p) = publisher {
         let _ = tokio::time::timeout(Duration::from_secs(30), p.close()).await;
     }
-    for m in members {
-        m.runtime.shutdown_background();
-    }
+    drop(members);
     match result {
         Ok(mut r) => {
             if r.error.is_none() {

@@ -302,23 +302,9 @@ pub trait EventBus: Send + Sync + fmt::Debug + 'static {
         topic: &'a str,
         records: Vec<Record>,
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
-        Box::pin(async move {
-            let mut stopped = KeyStops::default();
-            let mut out = Vec::with_capacity(records.len());
-            for (i, record) in records.into_iter().enumerate() {
-                if let Some(skipped) = stopped.check(i, &record) {
-                    out.push(Err(skipped));
-                    continue;
-                }
-                let key = record.key.clone();
-                let result = self.publish(topic, record).await;
-                if let Err(e) = &result {
-                    stopped.stop(i, key, e);
-                }
-                out.push(result);
-            }
-            out
-        })
+        Box::pin(publish_one_by_one(records, move |record| {
+            self.publish(topic, record)
+        }))
     }
 
     /// Header that carries the aggregate id on published envelopes
@@ -359,6 +345,33 @@ pub trait EventBus: Send + Sync + fmt::Debug + 'static {
 
     /// Stop fetching, drain in-flight work within the drain timeout, commit, release.
     fn close(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// Publish `records` one after the other with `publish`, in the order given; a
+/// record whose key failed before is not sent (see [`EventBus::publish_batch`]).
+pub async fn publish_one_by_one<F, Fut>(
+    records: Vec<Record>,
+    mut publish: F,
+) -> Vec<Result<PublishReceipt>>
+where
+    F: FnMut(Record) -> Fut,
+    Fut: std::future::Future<Output = Result<PublishReceipt>>,
+{
+    let mut stopped = KeyStops::default();
+    let mut out = Vec::with_capacity(records.len());
+    for (i, record) in records.into_iter().enumerate() {
+        if let Some(skipped) = stopped.check(i, &record) {
+            out.push(Err(skipped));
+            continue;
+        }
+        let key = record.key.clone();
+        let result = publish(record).await;
+        if let Err(e) = &result {
+            stopped.stop(i, key, e);
+        }
+        out.push(result);
+    }
+    out
 }
 
 /// The keys of a batch stopped by a failed record (see

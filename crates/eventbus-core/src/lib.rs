@@ -57,7 +57,8 @@ pub mod raw {
     pub mod routes;
 
     pub use crate::bus::{
-        batch_failed, envelope_record, validate_topic, KeyStops, SubscriptionHandler,
+        batch_failed, envelope_record, publish_one_by_one, validate_topic, KeyStops,
+        SubscriptionHandler,
     };
     pub use crate::dispatcher::{
         Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, Held,
@@ -77,7 +78,7 @@ pub mod raw {
     pub use fence::{Epoch, Scope};
     pub use handover::{hand_over, HandOver, HandedOver};
     pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};
-    pub use lifecycle::{BusBackend, Consumers, Lifecycle};
+    pub use lifecycle::{BusBackend, Consumers, Lifecycle, LifecycleBus};
     pub use offset::{OffsetTracker, Tracked};
     pub use routes::{less_loaded, Place, Placement, RouteTable};
 }

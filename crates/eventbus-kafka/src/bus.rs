@@ -1,12 +1,12 @@
 //! [`KafkaEventBus`]: the [`EventBus`] on Kafka.
 
 use eventbus_core::{
-    ComponentHealth, Error, ErrorKind, EventBus, EventBusConfig, HealthReport, HealthStatus, Pool,
-    PublishReceipt, Record, Recovery, Result, Subscription, TopicConfig,
+    ComponentHealth, Error, ErrorKind, EventBusConfig, HealthStatus, Pool, PublishReceipt, Record,
+    Result, TopicConfig,
 };
 
 use eventbus_core::raw::{
-    BusBackend, Consumers, Dispatcher, Lifecycle, PartitionLag as CorePartitionLag,
+    BusBackend, Consumers, Dispatcher, Lifecycle, LifecycleBus, PartitionLag as CorePartitionLag,
     PreparedSubscription,
 };
 use futures::future::BoxFuture;
@@ -71,8 +71,9 @@ struct ConsumerSlot {
 }
 
 /// The broker side of a [`KafkaEventBus`]: one producer, and one consumer (one
-/// group member) for every subscribed topic.
-struct Backend {
+/// group member) for every subscribed topic. Public to name the bus's
+/// [`LifecycleBus::Backend`], in a private module: not reachable.
+pub struct Backend {
     config: KafkaConfig,
     dispatcher: Dispatcher,
     producer: Arc<KafkaProducer>,
@@ -80,6 +81,12 @@ struct Backend {
     pool_closed: Arc<AtomicBool>,
     limit: Arc<Semaphore>,
     admin: OnceCell<Arc<AdminClient<TracingContext>>>,
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("kafka::Backend").finish_non_exhaustive()
+    }
 }
 
 fn gone<T>(_: T) -> Error {
@@ -265,7 +272,7 @@ impl Backend {
     }
 
     /// Create `topic` with `config`, or check the one that exists.
-    async fn configure_topic(&self, topic: &str, config: TopicConfig) -> Result<()> {
+    async fn create_or_check_topic(&self, topic: &str, config: TopicConfig) -> Result<()> {
         eventbus_core::raw::validate_topic(topic)?;
         if !config.is_persistent() {
             return Err(Error::new(
@@ -348,6 +355,30 @@ impl BusBackend for Backend {
     /// Topics share the one consumer: the table's entry is a marker.
     type Consumer = ();
     const NAME: &'static str = "kafka";
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        async move { self.producer.publish(topic, &record).await }.boxed()
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        records: Vec<Record>,
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
+        self.producer.publish_batch(topic, records).boxed()
+    }
+
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: TopicConfig,
+    ) -> BoxFuture<'a, Result<()>> {
+        self.create_or_check_topic(topic, config).boxed()
+    }
 
     fn start(&self, prepared: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {
         async move {
@@ -651,66 +682,11 @@ impl KafkaEventBus {
     }
 }
 
-impl EventBus for KafkaEventBus {
-    fn backend(&self) -> &'static str {
-        Backend::NAME
-    }
+impl LifecycleBus for KafkaEventBus {
+    type Backend = Backend;
 
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt>> {
-        self.inner
-            .publish(topic, async move {
-                self.kafka().producer.publish(topic, &record).await
-            })
-            .boxed()
-    }
-
-    fn publish_batch<'a>(
-        &'a self,
-        topic: &'a str,
-        records: Vec<Record>,
-    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
-        let n = records.len();
-        self.inner
-            .publish_batch(topic, n, async move {
-                self.kafka().producer.publish_batch(topic, records).await
-            })
-            .boxed()
-    }
-
-    fn aggregate_id_header(&self) -> &str {
-        &self.inner.dispatcher().config().aggregate_id.header
-    }
-
-    fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>> {
-        self.inner.subscribe(subscription).boxed()
-    }
-
-    fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
-        self.inner.unsubscribe(topic).boxed()
-    }
-
-    fn configure_topic<'a>(
-        &'a self,
-        topic: &'a str,
-        config: TopicConfig,
-    ) -> BoxFuture<'a, Result<()>> {
-        self.kafka().configure_topic(topic, config).boxed()
-    }
-
-    fn health(&self) -> BoxFuture<'_, HealthReport> {
-        self.inner.health().boxed()
-    }
-
-    fn recovery(&self) -> Arc<Recovery> {
-        self.inner.dispatcher().recovery().clone()
-    }
-
-    fn close(&self) -> BoxFuture<'_, Result<()>> {
-        self.inner.close().boxed()
+    fn lifecycle(&self) -> &Lifecycle<Backend> {
+        &self.inner
     }
 }
 

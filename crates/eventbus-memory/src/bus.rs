@@ -1,13 +1,13 @@
 //! `MemoryEventBus`: the core pipeline and lifecycle over the in-process broker.
 
 use eventbus_core::{
-    CancellationToken, ComponentHealth, Error, ErrorKind, EventBus, EventBusConfig, HealthReport,
-    Pool, PublishReceipt, Record, Recovery, Subscription, TopicConfig,
+    CancellationToken, ComponentHealth, Error, ErrorKind, EventBusConfig, Pool, PublishReceipt,
+    Record, TopicConfig,
 };
 
 use eventbus_core::raw::{
     validate_topic, BusBackend, Consumers, DeadLetter, DeadLetterSink, Dispatcher, InFlightSet,
-    Lifecycle, PartitionLag, PreparedSubscription,
+    Lifecycle, LifecycleBus, PartitionLag, PreparedSubscription,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -35,14 +35,17 @@ impl DeadLetterSink for Sink {
 }
 
 /// The consume loop of one topic.
-struct Consumer {
+#[derive(Debug)]
+pub struct Consumer {
     cancel: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
     in_flight: InFlightCounts,
 }
 
-/// The broker side of a [`MemoryEventBus`].
-struct Backend {
+/// The broker side of a [`MemoryEventBus`] (public to name the bus's
+/// [`LifecycleBus::Backend`], in a private module: not reachable).
+#[derive(Debug)]
+pub struct Backend {
     broker: MemoryBroker,
     dispatcher: Dispatcher,
     total: Arc<Semaphore>,
@@ -57,6 +60,43 @@ impl Backend {
 impl BusBackend for Backend {
     type Consumer = Consumer;
     const NAME: &'static str = "memory";
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt, Error>> {
+        async move {
+            validate_topic(topic)?;
+            self.broker.publish(topic, record).await
+        }
+        .boxed()
+    }
+
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: TopicConfig,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        async move {
+            if !config.is_persistent() {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("topic `{topic}`: the memory broker has no fire-and-forget topics (persistent = false)"),
+                ));
+            }
+            config.refuse(
+                "the memory broker",
+                topic,
+                &["storage", "max_bytes", "max_age", "replicas", "duplicate_window"],
+                "it keeps max_messages per partition in process",
+            )?;
+            self.broker
+                .create_topic(topic, config.partitions, config.max_messages)
+                .map(|_| ())
+        }
+        .boxed()
+    }
 
     fn start(&self, sub: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<Consumer, Error>> {
         async move {
@@ -198,71 +238,10 @@ impl MemoryEventBus {
     }
 }
 
-impl EventBus for MemoryEventBus {
-    fn backend(&self) -> &'static str {
-        Backend::NAME
-    }
+impl LifecycleBus for MemoryEventBus {
+    type Backend = Backend;
 
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt, Error>> {
-        self.inner
-            .publish(topic, async move {
-                validate_topic(topic)?;
-                self.broker().publish(topic, record).await
-            })
-            .boxed()
-    }
-
-    fn aggregate_id_header(&self) -> &str {
-        &self.dispatcher().config().aggregate_id.header
-    }
-
-    fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<(), Error>> {
-        self.inner.subscribe(subscription).boxed()
-    }
-
-    fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), Error>> {
-        self.inner.unsubscribe(topic).boxed()
-    }
-
-    fn configure_topic<'a>(
-        &'a self,
-        topic: &'a str,
-        config: TopicConfig,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        async move {
-            self.inner.check_open()?;
-            if !config.is_persistent() {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("topic `{topic}`: the memory broker has no fire-and-forget topics (persistent = false)"),
-                ));
-            }
-            config.refuse(
-                "the memory broker",
-                topic,
-                &["storage", "max_bytes", "max_age", "replicas", "duplicate_window"],
-                "it keeps max_messages per partition in process",
-            )?;
-            self.broker()
-                .create_topic(topic, config.partitions, config.max_messages)
-                .map(|_| ())
-        }
-        .boxed()
-    }
-
-    fn health(&self) -> BoxFuture<'_, HealthReport> {
-        self.inner.health().boxed()
-    }
-
-    fn recovery(&self) -> Arc<Recovery> {
-        self.dispatcher().recovery().clone()
-    }
-
-    fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
-        self.inner.close().boxed()
+    fn lifecycle(&self) -> &Lifecycle<Backend> {
+        &self.inner
     }
 }

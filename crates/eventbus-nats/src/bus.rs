@@ -11,13 +11,12 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use eventbus_core::{
-    CancellationToken, ComponentHealth, Error, ErrorKind, EventBus, EventBusConfig, HealthReport,
-    HealthStatus, OffsetReset, Pool, PublishReceipt, Record, Recovery, Result, Subscription,
-    TopicConfig,
+    CancellationToken, ComponentHealth, Error, ErrorKind, EventBusConfig, HealthStatus,
+    OffsetReset, Pool, PublishReceipt, Record, Result, TopicConfig,
 };
 
 use eventbus_core::raw::{
-    BusBackend, ByteChunks, Consumers, DispatchStats, Dispatcher, Lifecycle,
+    BusBackend, ByteChunks, Consumers, DispatchStats, Dispatcher, Lifecycle, LifecycleBus,
     PartitionLag as CorePartitionLag, PreparedSubscription,
 };
 
@@ -64,7 +63,7 @@ pub struct PartitionStatus {
 }
 
 /// The consume loop of one topic.
-struct Consumer {
+pub struct Consumer {
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
     state: Arc<ConsumerState>,
@@ -72,17 +71,56 @@ struct Consumer {
     group: Option<Arc<Group>>,
 }
 
-/// The broker side of a [`NatsEventBus`].
-struct Backend {
+/// The broker side of a [`NatsEventBus`]. Public to name the bus's
+/// [`LifecycleBus::Backend`], in a private module: not reachable.
+pub struct Backend {
     shared: Arc<Shared>,
     dispatcher: Dispatcher,
     total: Arc<Semaphore>,
     reconnects: watch::Receiver<u64>,
 }
 
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("nats::Backend").finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("nats::Consumer").finish_non_exhaustive()
+    }
+}
+
 impl Backend {
     fn config(&self) -> &EventBusConfig {
         self.dispatcher.config()
+    }
+
+    /// Create or update `topic`'s stream with `config` and `retention`, and keep
+    /// them as the topic's settings.
+    async fn configure_stream(
+        &self,
+        topic: &str,
+        config: TopicConfig,
+        retention: Retention,
+    ) -> Result<()> {
+        naming::validate_nats_topic(topic)?;
+        validate_topic_config(topic, &config)?;
+        let persistent = config.is_persistent();
+        self.shared.set_settings(
+            topic,
+            TopicSettings {
+                config,
+                retention,
+                explicit: true,
+            },
+        );
+        if persistent {
+            let spec = self.shared.spec(topic);
+            self.shared.streams.ensure_fresh(&spec).await?;
+        }
+        Ok(())
     }
 
     fn durable_name(&self, topic: &str) -> String {
@@ -270,6 +308,33 @@ impl Backend {
 impl BusBackend for Backend {
     type Consumer = Consumer;
     const NAME: &'static str = "nats";
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        self.shared.publish(topic, record, None).boxed()
+    }
+
+    /// Every record is sent before any acknowledgement is awaited (see
+    /// [`EventBus::publish_batch`] for the order rule).
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        records: Vec<Record>,
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
+        self.shared.publish_batch(topic, records).boxed()
+    }
+
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: TopicConfig,
+    ) -> BoxFuture<'a, Result<()>> {
+        let retention = self.shared.config.retention_of(topic);
+        self.configure_stream(topic, config, retention).boxed()
+    }
 
     fn start(&self, prepared: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<Consumer>> {
         async move {
@@ -731,22 +796,7 @@ impl NatsEventBus {
         retention: Retention,
     ) -> Result<()> {
         self.inner.check_open()?;
-        naming::validate_nats_topic(topic)?;
-        validate_topic_config(topic, &config)?;
-        let persistent = config.is_persistent();
-        self.nats().shared.set_settings(
-            topic,
-            TopicSettings {
-                config,
-                retention,
-                explicit: true,
-            },
-        );
-        if persistent {
-            let spec = self.nats().shared.spec(topic);
-            self.nats().shared.streams.ensure_fresh(&spec).await?;
-        }
-        Ok(())
+        self.nats().configure_stream(topic, config, retention).await
     }
 
     /// Messages the server still holds for this bus's consumer of `topic`, asked of
@@ -1162,69 +1212,10 @@ fn consumer_not_found(e: &async_nats::jetstream::stream::ConsumerError) -> bool 
     matches!(e.kind(), ConsumerErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND)
 }
 
-impl EventBus for NatsEventBus {
-    fn backend(&self) -> &'static str {
-        Backend::NAME
-    }
+impl LifecycleBus for NatsEventBus {
+    type Backend = Backend;
 
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt>> {
-        self.inner
-            .publish(topic, self.nats().shared.publish(topic, record, None))
-            .boxed()
-    }
-
-    /// Every record is sent before any acknowledgement is awaited (see
-    /// [`EventBus::publish_batch`] for the order rule).
-    fn publish_batch<'a>(
-        &'a self,
-        topic: &'a str,
-        records: Vec<Record>,
-    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
-        let n = records.len();
-        self.inner
-            .publish_batch(topic, n, async move {
-                self.nats().shared.publish_batch(topic, records).await
-            })
-            .boxed()
-    }
-
-    fn aggregate_id_header(&self) -> &str {
-        &self.nats().config().aggregate_id.header
-    }
-
-    fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>> {
-        self.inner.subscribe(subscription).boxed()
-    }
-
-    fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
-        self.inner.unsubscribe(topic).boxed()
-    }
-
-    fn configure_topic<'a>(
-        &'a self,
-        topic: &'a str,
-        config: TopicConfig,
-    ) -> BoxFuture<'a, Result<()>> {
-        async move {
-            let retention = self.nats().shared.config.retention_of(topic);
-            self.configure_stream(topic, config, retention).await
-        }
-        .boxed()
-    }
-
-    fn health(&self) -> BoxFuture<'_, HealthReport> {
-        self.inner.health().boxed()
-    }
-
-    fn recovery(&self) -> Arc<Recovery> {
-        self.inner.dispatcher().recovery().clone()
-    }
-
-    fn close(&self) -> BoxFuture<'_, Result<()>> {
-        self.inner.close().boxed()
+    fn lifecycle(&self) -> &Lifecycle<Backend> {
+        &self.inner
     }
 }

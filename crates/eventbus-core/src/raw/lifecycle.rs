@@ -44,12 +44,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::Subscription;
+use crate::bus::{publish_one_by_one, EventBus, Subscription, TopicConfig};
 use crate::dispatcher::{Dispatcher, MonitorHandle, PreparedSubscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::health::{ComponentHealth, HealthReport, HealthStatus};
-use crate::message::PublishReceipt;
-use crate::ops::{PartitionLag, Probe, PublishMetrics};
+use crate::message::{PublishReceipt, Record};
+use crate::ops::{PartitionLag, Probe, PublishMetrics, Recovery};
 
 /// The running consumers of a bus, by topic (sorted by topic).
 pub type Consumers<C> = [(Arc<str>, Arc<C>)];
@@ -125,6 +125,110 @@ pub trait BusBackend: Send + Sync + 'static {
         &'a self,
         consumers: &'a Consumers<Self::Consumer>,
     ) -> BoxFuture<'a, Vec<PartitionLag>>;
+
+    /// Publish a record to `topic` and wait until the broker has it (see
+    /// [`EventBus::publish`]). The lifecycle has checked that the bus is open, and
+    /// records the outcome in the publish metrics.
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>>;
+
+    /// Publish `records` to `topic`, one result per record in the order given, by
+    /// the order rule of [`EventBus::publish_batch`]. The default publishes one
+    /// record after the other with [`publish`](Self::publish).
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        records: Vec<Record>,
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
+        publish_one_by_one(records, move |record| self.publish(topic, record)).boxed()
+    }
+
+    /// Create or check `topic` with these settings (see
+    /// [`EventBus::configure_topic`]); the lifecycle has checked that the bus is
+    /// open.
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: TopicConfig,
+    ) -> BoxFuture<'a, Result<()>>;
+}
+
+/// A bus type made of a [`Lifecycle`]: its [`EventBus`] implementation is written
+/// once, here, for every backend. A backend's bus type names its lifecycle; its
+/// own methods (Kafka's `lag`, NATS's `partition_status`) stay on that type.
+pub trait LifecycleBus: Send + Sync + fmt::Debug + 'static {
+    /// The backend under the lifecycle.
+    type Backend: BusBackend;
+
+    /// The bus's lifecycle.
+    fn lifecycle(&self) -> &Lifecycle<Self::Backend>;
+}
+
+impl<T: LifecycleBus> EventBus for T {
+    fn backend(&self) -> &'static str {
+        T::Backend::NAME
+    }
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        let life = self.lifecycle();
+        life.publish(topic, life.backend().publish(topic, record))
+            .boxed()
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        topic: &'a str,
+        records: Vec<Record>,
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
+        let life = self.lifecycle();
+        let n = records.len();
+        life.publish_batch(topic, n, life.backend().publish_batch(topic, records))
+            .boxed()
+    }
+
+    fn aggregate_id_header(&self) -> &str {
+        &self.lifecycle().dispatcher().config().aggregate_id.header
+    }
+
+    fn subscribe_with(&self, subscription: Subscription) -> BoxFuture<'_, Result<()>> {
+        self.lifecycle().subscribe(subscription).boxed()
+    }
+
+    fn unsubscribe<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<()>> {
+        self.lifecycle().unsubscribe(topic).boxed()
+    }
+
+    fn configure_topic<'a>(
+        &'a self,
+        topic: &'a str,
+        config: TopicConfig,
+    ) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let life = self.lifecycle();
+            life.check_open()?;
+            life.backend().configure_topic(topic, config).await
+        }
+        .boxed()
+    }
+
+    fn health(&self) -> BoxFuture<'_, HealthReport> {
+        self.lifecycle().health().boxed()
+    }
+
+    fn recovery(&self) -> Arc<Recovery> {
+        self.lifecycle().dispatcher().recovery().clone()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.lifecycle().close().boxed()
+    }
 }
 
 /// One topic in the subscription table.
@@ -645,6 +749,14 @@ mod tests {
         type Consumer = ();
         const NAME: &'static str = "fake";
 
+        fn publish<'a>(&'a self, _: &'a str, _: Record) -> BoxFuture<'a, Result<PublishReceipt>> {
+            async { Err(Error::new(ErrorKind::Unsupported, "fake: no publishing")) }.boxed()
+        }
+
+        fn configure_topic<'a>(&'a self, _: &'a str, _: TopicConfig) -> BoxFuture<'a, Result<()>> {
+            async { Ok(()) }.boxed()
+        }
+
         fn start(&self, sub: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {
             self.log
                 .lock()
@@ -780,6 +892,20 @@ mod tests {
         impl BusBackend for Slow {
             type Consumer = ();
             const NAME: &'static str = "slow";
+            fn publish<'a>(
+                &'a self,
+                topic: &'a str,
+                record: Record,
+            ) -> BoxFuture<'a, Result<PublishReceipt>> {
+                self.0.publish(topic, record)
+            }
+            fn configure_topic<'a>(
+                &'a self,
+                topic: &'a str,
+                config: TopicConfig,
+            ) -> BoxFuture<'a, Result<()>> {
+                self.0.configure_topic(topic, config)
+            }
             fn start(&self, sub: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {
                 self.0.start(sub)
             }

@@ -12,7 +12,7 @@ use eventbus_core::raw::{
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -102,30 +102,21 @@ impl BusBackend for Backend {
         async move {
             let cfg = &self.config().consumer;
             let topic = self.broker.topic(sub.topic())?;
-            let group = cfg.group_id.clone();
-            let (member, positions) = topic.join(&group, cfg.auto_offset_reset)?;
+            let (member, positions) = topic.join(&cfg.group_id, cfg.auto_offset_reset)?;
             let cancel = CancellationToken::new();
-            let in_flight: InFlightCounts = Arc::new(
-                (0..topic.partition_count())
-                    .map(|_| AtomicUsize::new(0))
-                    .collect(),
-            );
             let set = InFlightSet::new(cfg.max_in_flight_per_partition, self.total.clone())
                 .max_tracked(cfg.max_tracked_per_partition)
                 .labelled(Self::NAME, sub.topic());
-            let run = ConsumeLoop {
-                in_flight: in_flight.clone(),
+            let run = ConsumeLoop::new(
                 topic,
-                group,
                 member,
                 positions,
                 sub,
-                dispatcher: self.dispatcher.clone(),
+                self.dispatcher.clone(),
                 set,
-                cancel: cancel.clone(),
-                drain_timeout: cfg.drain_timeout,
-                handover_timeout: cfg.handover_timeout,
-            };
+                cancel.clone(),
+            );
+            let in_flight = run.in_flight().clone();
             Ok(Consumer {
                 cancel,
                 task: Mutex::new(Some(tokio::spawn(run.run()))),

@@ -35,9 +35,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{in_scope, in_scope_fenced, BoxHandler, Event};
 use crate::hash::stable_hash;
 use crate::health::{ComponentHealth, HealthStatus};
-use crate::job::{
-    panic_message, Described, FailureCause, Job, JobClass, Outcome, OutcomeReceiver, Task,
-};
 use crate::message::{Message, Record};
 use crate::metrics as m;
 use crate::ops::{Backlog, Probe, Recovery};
@@ -45,6 +42,10 @@ use crate::policy::DeliveryPolicy;
 use crate::pool::{Pool, SubmitErrorKind};
 use crate::raw::fence::{Epoch, Scope, Settling};
 use crate::raw::inflight::Target;
+use crate::raw::job::{Job, JobClass};
+use crate::raw::mailbox::OutcomeReceiver;
+use crate::raw::outcome::{panic_message, FailureCause, Outcome};
+use crate::raw::task::{Described, Task};
 
 mod dead_letter;
 mod held;

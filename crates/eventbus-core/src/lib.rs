@@ -9,7 +9,6 @@ mod error;
 mod handler;
 mod hash;
 mod health;
-mod job;
 mod message;
 pub mod metrics;
 mod ops;
@@ -52,9 +51,14 @@ pub mod raw {
     pub mod fence;
     pub mod handover;
     pub mod inflight;
+    pub(crate) mod job;
     pub mod lifecycle;
+    pub(crate) mod mailbox;
     pub mod offset;
+    pub(crate) mod outcome;
+    pub(crate) mod queue;
     pub mod routes;
+    pub(crate) mod task;
 
     pub use crate::bus::{
         batch_failed, envelope_record, validate_topic, KeyStops, SubscriptionHandler,
@@ -66,10 +70,6 @@ pub mod raw {
     pub use crate::envelope::{peek_aggregate_id, validate_aggregate_id};
     pub use crate::handler::{boxed, BoxHandler, DynHandler};
     pub use crate::hash::{rollout_bucket, slot, stable_hash};
-    pub use crate::job::{
-        panic_message, push_batch, DoneHook, DoneSink, Expect, FailureCause, Job, JobClass,
-        JobQueue, Outcome, OutcomeKind, OutcomeReceiver, PushError,
-    };
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
     pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};
     pub use chunks::ByteChunks;
@@ -77,7 +77,11 @@ pub mod raw {
     pub use fence::{Epoch, Scope};
     pub use handover::{hand_over, HandOver, HandedOver};
     pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};
+    pub use job::{DoneHook, DoneSink, Job, JobClass};
     pub use lifecycle::{BusBackend, Consumers, Lifecycle};
+    pub use mailbox::OutcomeReceiver;
     pub use offset::{OffsetTracker, Tracked};
+    pub use outcome::{panic_message, FailureCause, Outcome, OutcomeKind};
+    pub use queue::{push_batch, Expect, JobQueue, PushError};
     pub use routes::{less_loaded, Place, Placement, RouteTable};
 }

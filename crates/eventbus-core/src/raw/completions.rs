@@ -27,8 +27,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::dispatcher::{Completion, InFlight};
 use crate::error::{Error, ErrorKind, Result};
-use crate::job::{Mailbox, Outcome, Post, PostTo, TaskBox};
 use crate::raw::fence::{Epoch, Settling};
+use crate::raw::mailbox::{Mailbox, Post, PostTo};
+use crate::raw::outcome::Outcome;
+use crate::raw::task::TaskBox;
 
 /// Where a job is fenced and where its outcome goes: for
 /// [`Dispatcher::submit_batch`](crate::raw::Dispatcher::submit_batch). An

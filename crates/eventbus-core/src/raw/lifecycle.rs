@@ -598,8 +598,8 @@ impl<B: BusBackend> Probe for Lifecycle<B> {
 mod tests {
     use super::*;
     use crate::config::EventBusConfig;
-    use crate::job::Job;
     use crate::pool::{Pool, PoolStats, SubmitError, SubmitErrorKind};
+    use crate::raw::job::Job;
     use crate::{HandlerError, Message};
     use std::pin::pin;
     use tokio::sync::Semaphore;

@@ -109,7 +109,7 @@ impl Drop for Job {
         if let Some(reply) = self.reply.take() {
             let spare = match self.task.take() {
                 Some(Task::Described(mut cell)) => {
-                    *cell = None;
+                    cell.clear();
                     Some(cell)
                 }
                 _ => None,

@@ -41,9 +41,9 @@ use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
 use crate::pool::{Pool, SubmitErrorKind};
 use crate::raw::fence::{Epoch, Scope, Settling};
-use crate::raw::inflight::Target;
 use crate::raw::job::{Job, JobClass};
 use crate::raw::mailbox::OutcomeReceiver;
+use crate::raw::mailbox::Target;
 use crate::raw::outcome::{panic_message, FailureCause, Outcome};
 use crate::raw::task::Task;
 

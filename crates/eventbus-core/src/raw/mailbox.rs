@@ -10,14 +10,18 @@
 //!
 //! Either way the outcome comes with the job's [`Settling`] guard: a fenced job
 //! counts as unsettled in its scope until its outcome is taken.
+//!
+//! A submission says which of the two a job gets by its [`Target`]: an epoch
+//! alone (a channel), or an epoch with a mailbox slot and a spare task box.
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
-use super::fence::Settling;
+use super::fence::{Epoch, Settling};
 use super::outcome::Outcome;
 use super::task::TaskBox;
 
@@ -142,5 +146,38 @@ impl Mailbox {
         self.consumer.register(cx.waker());
         let mut posts = self.posts.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::swap(&mut *posts, into);
+    }
+}
+
+/// Where a job is fenced and where its outcome goes: for
+/// [`Dispatcher::submit_batch`](crate::raw::Dispatcher::submit_batch). An
+/// [`Epoch`] alone is a target whose job replies on a channel of its own; the
+/// [`target`](crate::raw::completions::Completions::target) of a
+/// [`Claim`](crate::raw::completions::Claim) (or
+/// [`InFlightSet::target`](crate::raw::InFlightSet::target) of a ticket) posts to
+/// a mailbox.
+pub struct Target {
+    pub(crate) epoch: Epoch,
+    pub(crate) post: Option<PostTo>,
+    /// A task box a job of the set gave back, to carry this one's task.
+    pub(crate) cell: Option<TaskBox>,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("epoch", &self.epoch)
+            .field("posted", &self.post.is_some())
+            .finish()
+    }
+}
+
+impl From<Epoch> for Target {
+    fn from(epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            post: None,
+            cell: None,
+        }
     }
 }

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::dispatcher::{Completion, InFlight};
 use crate::error::{Error, ErrorKind, Result};
+use crate::raw::dispatcher::{Completion, InFlight};
 use crate::raw::fence::{Epoch, Settling};
 pub use crate::raw::mailbox::Target;
 use crate::raw::mailbox::{Mailbox, Post, PostTo};

@@ -45,11 +45,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Subscription;
-use crate::dispatcher::{Dispatcher, MonitorHandle, PreparedSubscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::health::{ComponentHealth, HealthReport, HealthStatus};
 use crate::message::PublishReceipt;
 use crate::ops::{PartitionLag, Probe, PublishMetrics};
+use crate::raw::dispatcher::{Dispatcher, MonitorHandle, PreparedSubscription};
 
 /// The running consumers of a bus, by topic (sorted by topic).
 pub type Consumers<C> = [(Arc<str>, Arc<C>)];

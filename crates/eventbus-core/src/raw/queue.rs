@@ -352,11 +352,9 @@ impl JobQueue {
     }
 
     /// How good a worker this queue's consumer is for a route with nothing in
-    /// flight, lower is better: its [`load`](Self::load). (A stamp of when the
-    /// running job started, to break ties, cost a clock read per job, a tenth of
-    /// a no-op round trip; a job that has run long is caught by the stall flag
-    /// instead.) With `room`, `None` when the queue is
-    /// full or its job has run long ([`set_stalled`](Self::set_stalled)): a new
+    /// flight, lower is better: its [`load`](Self::load), with no tie-break by
+    /// start time (`docs/benchmarks.md`, "The job's pieces"). With `room`, `None`
+    /// when the queue is full or its job has run long ([`set_stalled`](Self::set_stalled)): a new
     /// route there would wait behind jobs that may be stuck, while another queue
     /// may take it at once; without, such a queue ranks last.
     #[inline]

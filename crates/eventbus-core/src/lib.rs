@@ -3,13 +3,11 @@
 mod aggregate;
 mod bus;
 mod config;
-mod dispatcher;
 mod envelope;
 mod error;
 mod handler;
 mod hash;
 mod health;
-mod job;
 mod message;
 pub mod metrics;
 mod ops;
@@ -27,10 +25,6 @@ pub use config::{
     ActorPoolConfig, BacklogConfig, ConsumerConfig, DeadLetterConfig, EventBusConfig,
     KeyedPoolConfig, MetricsConfig, OffsetReset, OperationsConfig, PoolKind, RateLimit, Routing,
 };
-pub use dispatcher::{
-    DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
-    DLQ_TOPIC_HEADER,
-};
 pub use envelope::{
     Envelope, EnvelopeError, Payload, MAX_AGGREGATE_ID_LEN, MAX_EVENT_TYPE_LEN, MAX_PAYLOAD_DEPTH,
 };
@@ -41,6 +35,10 @@ pub use message::{Headers, Message, PublishReceipt, Record};
 pub use ops::{Recovery, RecoveryChange};
 pub use policy::DeliveryPolicy;
 pub use pool::{Pool, PoolStats};
+pub use raw::dispatcher::{
+    DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
+    DLQ_TOPIC_HEADER,
+};
 pub use tokio_util::sync::CancellationToken;
 
 /// For backend and pool implementers: the pipeline ([`raw::Dispatcher`]), the
@@ -49,36 +47,42 @@ pub use tokio_util::sync::CancellationToken;
 pub mod raw {
     pub mod chunks;
     pub mod completions;
+    pub(crate) mod dispatcher;
     pub mod fence;
     pub mod handover;
     pub mod inflight;
+    pub(crate) mod job;
     pub mod lifecycle;
+    pub(crate) mod mailbox;
     pub mod offset;
+    pub(crate) mod outcome;
+    pub(crate) mod queue;
     pub mod routes;
+    pub(crate) mod task;
 
     pub use crate::bus::{
         batch_failed, envelope_record, publish_one_by_one, validate_topic, KeyStops,
         SubscriptionHandler,
     };
-    pub use crate::dispatcher::{
-        Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, Held,
-        InFlight, MonitorHandle, PreparedSubscription,
-    };
     pub use crate::envelope::{peek_aggregate_id, validate_aggregate_id};
     pub use crate::handler::{boxed, BoxHandler, DynHandler};
     pub use crate::hash::{rollout_bucket, slot, stable_hash};
-    pub use crate::job::{
-        panic_message, push_batch, DoneHook, DoneSink, Expect, FailureCause, Job, JobClass,
-        JobQueue, Outcome, OutcomeKind, OutcomeReceiver, PushError,
-    };
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
     pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};
     pub use chunks::ByteChunks;
     pub use completions::{Claim, Completions};
+    pub use dispatcher::{
+        Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, Held,
+        InFlight, MonitorHandle, PreparedSubscription,
+    };
     pub use fence::{Epoch, Scope};
     pub use handover::{hand_over, HandOver, HandedOver};
     pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};
+    pub use job::{DoneHook, DoneSink, Job, JobClass};
     pub use lifecycle::{BusBackend, Consumers, Lifecycle, LifecycleBus};
+    pub use mailbox::OutcomeReceiver;
     pub use offset::{OffsetTracker, Tracked};
+    pub use outcome::{panic_message, FailureCause, Outcome, OutcomeKind};
+    pub use queue::{push_batch, Expect, JobQueue, PushError};
     pub use routes::{less_loaded, Place, Placement, RouteTable};
 }

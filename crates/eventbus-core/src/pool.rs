@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::health::ComponentHealth;
-use crate::job::Job;
+use crate::raw::job::Job;
 use crate::raw::Placement;
 
 /// Why a pool did not take a job.

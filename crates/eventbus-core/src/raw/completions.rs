@@ -25,42 +25,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::dispatcher::{Completion, InFlight};
 use crate::error::{Error, ErrorKind, Result};
-use crate::job::{Mailbox, Outcome, Post, PostTo, TaskBox};
+use crate::raw::dispatcher::{Completion, InFlight};
 use crate::raw::fence::{Epoch, Settling};
-
-/// Where a job is fenced and where its outcome goes: for
-/// [`Dispatcher::submit_batch`](crate::raw::Dispatcher::submit_batch). An
-/// [`Epoch`] alone is a target whose job replies on a channel of its own; the
-/// [`target`](Completions::target) of a [`Claim`] (or
-/// [`InFlightSet::target`](crate::raw::InFlightSet::target) of a ticket) posts to
-/// a mailbox.
-pub struct Target {
-    pub(crate) epoch: Epoch,
-    pub(crate) post: Option<PostTo>,
-    /// A task box a job of the set gave back, to carry this one's task.
-    pub(crate) cell: Option<TaskBox>,
-}
-
-impl fmt::Debug for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Target")
-            .field("epoch", &self.epoch)
-            .field("posted", &self.post.is_some())
-            .finish()
-    }
-}
-
-impl From<Epoch> for Target {
-    fn from(epoch: Epoch) -> Self {
-        Self {
-            epoch,
-            post: None,
-            cell: None,
-        }
-    }
-}
+pub use crate::raw::mailbox::Target;
+use crate::raw::mailbox::{Mailbox, Post, PostTo};
+use crate::raw::outcome::Outcome;
+use crate::raw::task::TaskBox;
 
 /// A mailbox slot claimed for one message: [`push`](Completions::push) it with
 /// the message's [`InFlight`], or [`give_up`](Completions::give_up) it.

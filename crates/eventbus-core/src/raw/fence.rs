@@ -355,7 +355,8 @@ mod tests {
     /// takes the outcome: a hand-over waiting for the scope cannot give its message back.
     #[tokio::test]
     async fn a_job_counts_as_unsettled_until_its_outcome_is_taken() {
-        use crate::job::{Job, JobClass, Outcome};
+        use crate::raw::job::{Job, JobClass};
+        use crate::raw::outcome::Outcome;
         use futures::FutureExt;
         let s = Scope::new();
         let (job, mut rx) = Job::new(

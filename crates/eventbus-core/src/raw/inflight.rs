@@ -53,11 +53,11 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::DEFAULT_MAX_TRACKED_PER_PARTITION;
-use crate::dispatcher::{Completion, InFlight};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics as m;
 pub use crate::raw::completions::Target;
 use crate::raw::completions::{Claim, Completions};
+use crate::raw::dispatcher::{Completion, InFlight};
 use crate::raw::fence::{Epoch, Scope};
 use crate::raw::offset::OffsetTracker;
 
@@ -594,7 +594,7 @@ impl<T: Send + Unpin + 'static, F: FnMut(Completion<T>) + Send> crate::raw::Hand
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatcher::Disposition;
+    use crate::raw::dispatcher::Disposition;
     use futures::FutureExt;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
     use tokio::sync::oneshot;

@@ -45,11 +45,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{publish_one_by_one, EventBus, Subscription, TopicConfig};
-use crate::dispatcher::{Dispatcher, MonitorHandle, PreparedSubscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::health::{ComponentHealth, HealthReport, HealthStatus};
 use crate::message::{PublishReceipt, Record};
 use crate::ops::{PartitionLag, Probe, PublishMetrics, Recovery};
+use crate::raw::dispatcher::{Dispatcher, MonitorHandle, PreparedSubscription};
 
 /// The running consumers of a bus, by topic (sorted by topic).
 pub type Consumers<C> = [(Arc<str>, Arc<C>)];
@@ -702,8 +702,8 @@ impl<B: BusBackend> Probe for Lifecycle<B> {
 mod tests {
     use super::*;
     use crate::config::EventBusConfig;
-    use crate::job::Job;
     use crate::pool::{Pool, PoolStats, SubmitError, SubmitErrorKind};
+    use crate::raw::job::Job;
     use crate::{HandlerError, Message};
     use std::pin::pin;
     use tokio::sync::Semaphore;

@@ -32,7 +32,9 @@
 //! both choices. A pool counts in its own table only the jobs it placed itself;
 //! [`Placement`] is what it offers a composite.
 
-use crate::job::{DoneSink, Expect, Job, JobQueue, OutcomeKind, PushError};
+use crate::raw::job::{DoneSink, Job};
+use crate::raw::outcome::OutcomeKind;
+use crate::raw::queue::{Expect, JobQueue, PushError};
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::pin;

@@ -5,6 +5,8 @@ use super::instruments::PoolMetrics;
 #[allow(clippy::wildcard_imports)]
 use super::*;
 use crate::handler::HandlerError;
+use crate::raw::task::{DescribedTask, TaskBox};
+use std::any::Any;
 use std::borrow::Cow;
 
 /// What every task of one subscription shares, behind one count: a message's task
@@ -62,7 +64,7 @@ pub(super) fn envelope_key<'m>(ids: &AggregateIdConfig, message: &'m Message) ->
 /// The job of a plain message: one handler call. A description, not a future:
 /// the future is made where the job runs, inside the worker's own, so a message
 /// costs no allocation for it on the consume loop (freed on the worker).
-pub(crate) struct PlainTask {
+pub(super) struct PlainTask {
     shared: Arc<TaskShared<Message>>,
     message: Message,
     pool: &'static str,
@@ -75,7 +77,7 @@ pub(crate) struct PlainTask {
 /// envelope that does not decode never reaches the handler: it ends `Failed` after
 /// 0 attempts, to be dead-lettered, or with no dead-letter destination it is held
 /// ([`hold`]). A description, like [`PlainTask`].
-pub(crate) struct EnvelopeTask {
+pub(super) struct EnvelopeTask {
     shared: Arc<TaskShared<Event>>,
     message: Message,
     pool: &'static str,
@@ -83,6 +85,48 @@ pub(crate) struct EnvelopeTask {
     /// The epoch of its scope it was consumed in: a rewind past its offset
     /// supersedes it, which ends its retries.
     epoch: Epoch,
+}
+
+/// The dispatcher's description of a message's handling, carried by its job in a
+/// [`TaskBox`].
+pub(super) enum Described {
+    Plain(PlainTask),
+    Envelope(EnvelopeTask),
+}
+
+impl Described {
+    /// This description in `spare` (a box an earlier task of this dispatcher came
+    /// in, given back emptied), or in a new box.
+    pub(super) fn boxed_in(self, spare: Option<TaskBox>) -> TaskBox {
+        if let Some(mut cell) = spare {
+            if let Some(slot) = cell.contents().downcast_mut::<Option<Described>>() {
+                *slot = Some(self);
+                return cell;
+            }
+        }
+        Box::new(Some(self))
+    }
+}
+
+impl DescribedTask for Option<Described> {
+    /// The task's future, boxed where the job runs: allocated and freed by one
+    /// thread, and not carried in a worker's own future. It holds only what a
+    /// first attempt needs (`docs/benchmarks.md`, "A task's future holds what a
+    /// first attempt needs").
+    fn start(&mut self) -> BoxFuture<'static, Outcome> {
+        match self.take().expect("a described task runs once") {
+            Described::Plain(task) => Box::pin(task.run()),
+            Described::Envelope(task) => Box::pin(task.run()),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = None;
+    }
+
+    fn contents(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 impl PlainTask {
@@ -124,7 +168,7 @@ impl EnvelopeTask {
 impl PlainTask {
     /// The handling's future: the span around the body's own future, with no
     /// layer of state around them (the task's fields move into the body).
-    pub(crate) fn run(self) -> impl Future<Output = Outcome> + Send {
+    pub(super) fn run(self) -> impl Future<Output = Outcome> + Send {
         let PlainTask {
             shared,
             message,
@@ -171,7 +215,7 @@ impl PlainTask {
 
 impl EnvelopeTask {
     /// The handling's future, as [`PlainTask::run`]'s.
-    pub(crate) fn run(self) -> impl Future<Output = Outcome> + Send {
+    pub(super) fn run(self) -> impl Future<Output = Outcome> + Send {
         let EnvelopeTask {
             shared,
             message,

@@ -35,16 +35,17 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{in_scope, in_scope_fenced, BoxHandler, Event};
 use crate::hash::stable_hash;
 use crate::health::{ComponentHealth, HealthStatus};
-use crate::job::{
-    panic_message, Described, FailureCause, Job, JobClass, Outcome, OutcomeReceiver, Task,
-};
 use crate::message::{Message, Record};
 use crate::metrics as m;
 use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
 use crate::pool::{Pool, SubmitErrorKind};
 use crate::raw::fence::{Epoch, Scope, Settling};
-use crate::raw::inflight::Target;
+use crate::raw::job::{Job, JobClass};
+use crate::raw::mailbox::OutcomeReceiver;
+use crate::raw::mailbox::Target;
+use crate::raw::outcome::{panic_message, FailureCause, Outcome};
+use crate::raw::task::Task;
 
 mod dead_letter;
 mod held;
@@ -53,8 +54,7 @@ mod limiter;
 mod monitor;
 mod task;
 
-use task::{envelope_key, plain_key, TaskShared};
-pub(crate) use task::{EnvelopeTask, PlainTask};
+use task::{envelope_key, plain_key, Described, EnvelopeTask, PlainTask, TaskShared};
 
 pub use dead_letter::{
     DeadLetter, DeadLetterSink, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
@@ -990,9 +990,7 @@ impl Dispatcher {
         meta: Meta,
     ) -> Prepared {
         let Target { epoch, post, cell } = target;
-        let mut cell = cell.unwrap_or_default();
-        *cell = Some(described);
-        let task = Task::Described(cell);
+        let task = Task::Described(described.boxed_in(cell));
         let pool = meta.pool;
         let fence = (epoch, meta.offset);
         let settle = Some((meta, self.clone()));

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Dispatcher, PreparedSubscription};
 use crate::error::Result;
-use crate::job::Job;
+use crate::raw::job::Job;
 use std::sync::Arc;
 
 /// Jobs prepared by [`Dispatcher::offer_batch`] that the pool had no room for, in

@@ -1,0 +1,292 @@
+//! A unit of work for a pool: the [`Job`], its [`JobClass`], and the hook told
+//! when it ends ([`DoneHook`]).
+//!
+//! A job carries its task (the handler call, with its retries, for one message;
+//! see `task`) and where its outcome goes (see `mailbox`), so one pool serves every
+//! topic. It is routed by the stable hash of its key: a pool runs one route's jobs
+//! one at a time, in submission order (see [`crate::raw::routes`]). A job fenced
+//! by a scope's epoch (see [`crate::raw::fence`]) no longer starts once the scope
+//! is fenced at its offset, and ends abandoned. A composite pool may place a job on
+//! a worker of the pool it hands it to, and learns when it ends by its done hook.
+//!
+//! A job moves by value through the queues, so it is kept small: its task's
+//! description travels in a box of its own, and a hook on every job of a hot path
+//! is a shared [`DoneSink`] with a token rather than a boxed closure.
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use super::fence::Epoch;
+use super::mailbox::{OutcomeReceiver, PostTo, Reply};
+use super::outcome::{panic_message, FailureCause, Outcome, OutcomeKind};
+use super::task::Task;
+
+/// Which delivery promise the job belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobClass {
+    /// Envelope subscription: at-least-once; failures retried, then dead-lettered.
+    Envelope,
+    /// Plain subscription: at-most-once on failure.
+    Plain,
+}
+
+/// A unit of work: the handler call (with its retries) for one message, plus where
+/// its outcome goes. The job carries its handler, so one pool serves every topic.
+pub struct Job {
+    route: u64,
+    /// The worker a composite pool placed the job on ([`Job::place`]);
+    /// `NOT_PLACED` when the pool places it itself.
+    placed: u32,
+    class: JobClass,
+    key: Option<Arc<str>>,
+    // Both are `Some` until the job runs; `Drop` needs to move them out.
+    task: Option<Task>,
+    reply: Option<Reply>,
+    done: Option<DoneHook>,
+    /// The scope epoch the job was consumed under, and its offset there.
+    fence: Option<(Epoch, i64)>,
+}
+
+/// [`Job::placed`] of a job no composite placed.
+const NOT_PLACED: u32 = u32::MAX;
+
+/// Called once when a job ends: with its outcome's kind after it ran, or with `None`
+/// when it was dropped without running (pool closed or aborted). A closure
+/// ([`DoneHook::new`], one allocation) or a shared [`DoneSink`] with a token
+/// ([`DoneHook::sink`], none: for a hook on every job of a hot path).
+pub struct DoneHook(Hook);
+
+enum Hook {
+    Fn(Box<dyn FnOnce(Option<OutcomeKind>) + Send + 'static>),
+    Sink(Arc<dyn DoneSink>, u32),
+}
+
+/// Told when jobs end, each by the token it was given ([`DoneHook::sink`]).
+pub trait DoneSink: Send + Sync + 'static {
+    /// The job given `token` ended: `Some(kind)` after it ran, `None` when it was
+    /// dropped without running.
+    fn done(&self, token: u32, kind: Option<OutcomeKind>);
+}
+
+impl DoneHook {
+    /// A hook that calls `f`.
+    pub fn new(f: impl FnOnce(Option<OutcomeKind>) + Send + 'static) -> Self {
+        Self(Hook::Fn(Box::new(f)))
+    }
+
+    /// A hook that tells `sink` with `token`; allocates nothing.
+    pub fn sink(sink: Arc<dyn DoneSink>, token: u32) -> Self {
+        Self(Hook::Sink(sink, token))
+    }
+
+    /// Call the hook.
+    pub fn call(self, kind: Option<OutcomeKind>) {
+        match self.0 {
+            Hook::Fn(f) => f(kind),
+            Hook::Sink(sink, token) => sink.done(token, kind),
+        }
+    }
+}
+
+impl fmt::Debug for DoneHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Hook::Fn(_) => f.write_str("DoneHook(fn)"),
+            Hook::Sink(_, token) => write!(f, "DoneHook(sink, {token})"),
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done.call(None);
+        }
+        // After the hook, as a dropped channel would tell its receiver.
+        if let Some(reply) = self.reply.take() {
+            let spare = match self.task.take() {
+                Some(Task::Described(mut cell)) => {
+                    cell.clear();
+                    Some(cell)
+                }
+                _ => None,
+            };
+            reply.send(None, spare);
+        }
+    }
+}
+
+impl fmt::Debug for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Job")
+            .field("route", &self.route)
+            .field("class", &self.class)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Job {
+    /// A job routed by `route` (the stable hash of its key, or of a round-robin
+    /// number when it has none), running `task`.
+    pub fn new(
+        route: u64,
+        class: JobClass,
+        key: Option<Arc<str>>,
+        task: BoxFuture<'static, Outcome>,
+    ) -> (Job, OutcomeReceiver) {
+        let (reply, rx) = Reply::channel();
+        let job = Self::replying((route, class, key), Task::Boxed(task), None, reply);
+        (job, rx)
+    }
+
+    /// A job running `task`, fenced by `fence` (see [`Job::fenced_by`]), replying
+    /// on a channel of its own.
+    pub(crate) fn of_task(
+        id: (u64, JobClass, Option<Arc<str>>),
+        task: Task,
+        fence: (Epoch, i64),
+    ) -> (Job, OutcomeReceiver) {
+        let (reply, rx) = Reply::channel();
+        let job = Self::replying(id, task, Some(fence), reply);
+        (job, rx)
+    }
+
+    /// A job running `task`, fenced by `fence`, posting its outcome to `to` (a
+    /// slot of its consumer's mailbox).
+    pub(crate) fn posting(
+        id: (u64, JobClass, Option<Arc<str>>),
+        task: Task,
+        fence: (Epoch, i64),
+        to: PostTo,
+    ) -> Job {
+        Self::replying(id, task, Some(fence), Reply::Post(to))
+    }
+
+    fn replying(
+        (route, class, key): (u64, JobClass, Option<Arc<str>>),
+        task: Task,
+        fence: Option<(Epoch, i64)>,
+        reply: Reply,
+    ) -> Job {
+        Job {
+            route,
+            placed: NOT_PLACED,
+            class,
+            key,
+            task: Some(task),
+            reply: Some(reply),
+            done: None,
+            fence,
+        }
+    }
+
+    /// The routing hash (the stable hash of the aggregate id): jobs of one route
+    /// run one at a time, in submission order (see [`crate::raw::routes`]).
+    pub fn route(&self) -> u64 {
+        self.route
+    }
+
+    /// Run on worker `worker` of the pool it is submitted to: set by a composite
+    /// pool that chose the worker (see [`crate::raw::Placement`]) and counts the job
+    /// in flight itself, until its done hook. A pool that offers no placement
+    /// ignores it.
+    pub fn place(&mut self, worker: usize) {
+        debug_assert!(worker < NOT_PLACED as usize, "worker {worker} out of range");
+        self.placed = worker as u32;
+    }
+
+    /// Leave the choice of worker to the pool the job is submitted to.
+    pub fn unplace(&mut self) {
+        self.placed = NOT_PLACED;
+    }
+
+    /// The worker a composite pool placed the job on; `None` when the pool it is
+    /// submitted to places it.
+    pub fn placed(&self) -> Option<usize> {
+        (self.placed != NOT_PLACED).then_some(self.placed as usize)
+    }
+
+    /// Envelope or plain.
+    pub fn class(&self) -> JobClass {
+        self.class
+    }
+
+    /// The key the job was built with, if any. Jobs the dispatcher builds carry
+    /// none: their task reads the aggregate id from its message where the worker
+    /// needs it, rather than carrying a copy made per message.
+    pub fn key(&self) -> Option<&Arc<str>> {
+        self.key.as_ref()
+    }
+
+    /// Tie the job to `epoch` at `offset`: once its scope is fenced there, the job
+    /// no longer starts (see [`Job::run`]).
+    #[must_use]
+    pub fn fenced_by(mut self, epoch: Epoch, offset: i64) -> Self {
+        self.fence = Some((epoch, offset));
+        self
+    }
+
+    /// The epoch the job is fenced by, if any.
+    pub(crate) fn epoch(&self) -> Option<&Epoch> {
+        self.fence.as_ref().map(|(epoch, _)| epoch)
+    }
+
+    /// Whether the job's scope is fenced at its offset: it would not start.
+    pub fn is_fenced(&self) -> bool {
+        self.fence.as_ref().is_some_and(|(e, o)| e.is_fenced(*o))
+    }
+
+    /// Run the job to its end and deliver the outcome to whoever waits for it.
+    ///
+    /// A job whose scope is fenced does not start: its handler is not called, and it
+    /// ends [`OutcomeKind::Abandoned`] (the waiter sees it dropped, the done hook gets
+    /// `None`). While it runs it counts as running in its scope.
+    ///
+    /// A panic escaping the task is caught and reported as
+    /// [`OutcomeKind::Panicked`]; the caller (a worker) keeps running.
+    pub async fn run(mut self) -> OutcomeKind {
+        let running = match self.fence.take() {
+            Some((epoch, offset)) => match epoch.enter(offset) {
+                Some(running) => Some(running),
+                // Dropping the job tells the waiter and the done hook it did not run.
+                None => return OutcomeKind::Abandoned,
+            },
+            None => None,
+        };
+        let (task, spare) = self.task.take().expect("a job runs once").start();
+        let outcome = match AssertUnwindSafe(task).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(payload) => Outcome::Failed {
+                attempts: 1,
+                cause: FailureCause::Panic(panic_message(payload.as_ref())),
+            },
+        };
+        let kind = outcome.kind();
+        // The handler returned, but the job counts as unsettled in its scope until
+        // its waiter has settled the outcome: the waiter gets the guard with it.
+        // The waiter may be gone (bus closing); outcome and guard are dropped here.
+        let settling = running.map(|r| r.returned());
+        if let Some(reply) = self.reply.take() {
+            reply.send(Some((outcome, settling)), spare);
+        }
+        if let Some(done) = self.done.take() {
+            done.call(Some(kind));
+        }
+        kind
+    }
+
+    /// Set the hook called when the job ends (see [`DoneHook`]), replacing any earlier
+    /// one. Used by composite pools to learn when a route has nothing in flight.
+    pub fn set_done_hook(&mut self, hook: DoneHook) {
+        self.done = Some(hook);
+    }
+
+    /// Remove the done hook without calling it.
+    pub fn take_done_hook(&mut self) -> Option<DoneHook> {
+        self.done.take()
+    }
+}

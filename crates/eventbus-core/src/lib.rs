@@ -57,6 +57,7 @@ pub mod raw {
     pub mod offset;
     pub(crate) mod outcome;
     pub(crate) mod queue;
+    pub(crate) mod route_table;
     pub mod routes;
     pub(crate) mod task;
 

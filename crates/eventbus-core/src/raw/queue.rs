@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::job::Job;
-use super::routes::RouteTable;
+use super::route_table::RouteTable;
 
 /// Why a [`JobQueue`] did not take a job. The job comes back.
 #[derive(Debug)]

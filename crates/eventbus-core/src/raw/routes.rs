@@ -32,246 +32,15 @@
 //! both choices. A pool counts in its own table only the jobs it placed itself;
 //! [`Placement`] is what it offers a composite.
 
-use crate::raw::job::{DoneSink, Job};
+use crate::raw::job::Job;
 use crate::raw::outcome::OutcomeKind;
 use crate::raw::queue::{Expect, JobQueue, PushError};
-use std::fmt;
+pub use crate::raw::route_table::{Place, RouteTable, CELLS, CELL_BITS, MAX_WORKERS};
 use std::future::{poll_fn, Future};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
-
-/// Bits of a cell index.
-pub const CELL_BITS: u32 = 14;
-/// Cells in a [`RouteTable`]; every table has as many, so that a route has the same
-/// cell in every table.
-pub const CELLS: usize = 1 << CELL_BITS;
-
-/// The most workers a table can name: worker indexes take 24 bits of a cell's word.
-pub const MAX_WORKERS: usize = (1 << 24) - 1;
-
-const COUNT_BITS: u32 = 32;
-const COUNT: u64 = (1 << COUNT_BITS) - 1;
-const WORKER_SHIFT: u32 = COUNT_BITS;
-const WORKER: u64 = (1 << 24) - 1;
-const TAG_SHIFT: u32 = 56;
-/// The worker of a place that names none (the job was not placed).
-const NO_WORKER: u32 = WORKER as u32;
-
-/// Where the jobs of a cell go: a worker (or none: the pool places them itself),
-/// and a tag a composite pool uses to name which of its pools.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Place {
-    tag: u8,
-    worker: u32,
-}
-
-impl Place {
-    /// Worker `worker` (below [`MAX_WORKERS`]) of the pool tagged `tag`.
-    pub fn new(tag: u8, worker: usize) -> Self {
-        debug_assert!(worker < MAX_WORKERS, "worker {worker} out of range");
-        Self {
-            tag,
-            worker: worker as u32,
-        }
-    }
-
-    /// The pool tagged `tag`, leaving the worker to it.
-    pub const fn unplaced(tag: u8) -> Self {
-        Self {
-            tag,
-            worker: NO_WORKER,
-        }
-    }
-
-    /// The tag.
-    pub fn tag(self) -> u8 {
-        self.tag
-    }
-
-    /// The worker, when the place names one.
-    pub fn worker(self) -> Option<usize> {
-        (self.worker != NO_WORKER).then_some(self.worker as usize)
-    }
-
-    fn bits(self) -> u64 {
-        u64::from(self.tag) << TAG_SHIFT | u64::from(self.worker) << WORKER_SHIFT
-    }
-
-    fn of(word: u64) -> Self {
-        Self {
-            tag: (word >> TAG_SHIFT) as u8,
-            worker: ((word >> WORKER_SHIFT) & WORKER) as u32,
-        }
-    }
-}
-
-/// The cells: per cell, its [`Place`] and its jobs in flight, in one atomic word.
-///
-/// Aligned to two cache lines so that the table does not share a line with its
-/// owner's other fields.
-#[repr(align(128))]
-pub struct RouteTable {
-    cells: Box<[AtomicU64]>,
-}
-
-impl fmt::Debug for RouteTable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RouteTable")
-            .field("cells", &self.cells.len())
-            .field("held", &self.held().count())
-            .finish()
-    }
-}
-
-impl Default for RouteTable {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl RouteTable {
-    /// A table of [`CELLS`] empty cells.
-    pub fn new() -> Self {
-        Self {
-            cells: (0..CELLS).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// The cell of `route`: the top bits of a multiply-xorshift-multiply mix of
-    /// it, so that every bit of the route counts (the rollout bucket uses its high
-    /// half, a fixed slot its low bits).
-    #[inline]
-    pub fn cell_of(route: u64) -> usize {
-        let mut h = route.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^= h >> 32;
-        h = h.wrapping_mul(0xd6e8_feb8_6659_fd93);
-        (h >> (64 - CELL_BITS)) as usize
-    }
-
-    /// Count one more job in flight in `cell` and return where it goes: the cell's
-    /// place while it has jobs in flight, otherwise `choose()`, which becomes the
-    /// cell's place. `choose` is called at most once, and only when the cell is
-    /// empty.
-    ///
-    /// Sequentially consistent on success: a job that finds the cell empty and
-    /// goes elsewhere happens after the last job of the cell ended (its
-    /// [`leave`](Self::leave)), and a composite's scans order against it.
-    #[inline]
-    pub fn enter(&self, cell: usize, choose: impl FnOnce() -> Place) -> Place {
-        let c = &self.cells[cell];
-        let mut current = c.load(Ordering::Acquire);
-        let mut choose = Some(choose);
-        let mut chosen: Option<Place> = None;
-        loop {
-            let next = if current & COUNT == 0 {
-                let place = *chosen.get_or_insert_with(|| (choose.take().expect("chosen once"))());
-                place.bits() | 1
-            } else {
-                debug_assert!(current & COUNT < COUNT, "route cell count overflow");
-                current + 1
-            };
-            match c.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Acquire) {
-                Ok(_) => return Place::of(next),
-                Err(seen) => current = seen,
-            }
-        }
-    }
-
-    /// Count one more job in flight in `cell` if it has some already, and return
-    /// the cell's place; `None` (nothing counted) when it has none.
-    #[inline]
-    pub fn join(&self, cell: usize) -> Option<Place> {
-        let c = &self.cells[cell];
-        let mut current = c.load(Ordering::Acquire);
-        loop {
-            if current & COUNT == 0 {
-                return None;
-            }
-            match c.compare_exchange_weak(current, current + 1, Ordering::SeqCst, Ordering::Acquire)
-            {
-                Ok(_) => return Some(Place::of(current)),
-                Err(seen) => current = seen,
-            }
-        }
-    }
-
-    /// One job of `cell` ended (ran, was dropped, or was handed back), or a count
-    /// was taken back before its job was queued.
-    #[inline]
-    pub fn leave(&self, cell: usize) {
-        let before = self.cells[cell].fetch_sub(1, Ordering::Release);
-        debug_assert!(before & COUNT > 0, "route cell left more than entered");
-    }
-
-    /// Make `place` the place of `cell` if exactly one job is in flight in it (the
-    /// one being submitted): then no other job of any of its routes is anywhere.
-    pub fn move_alone(&self, cell: usize, place: Place) -> bool {
-        let c = &self.cells[cell];
-        let mut current = c.load(Ordering::Acquire);
-        loop {
-            if current & COUNT != 1 {
-                return false;
-            }
-            match c.compare_exchange_weak(
-                current,
-                place.bits() | 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return true,
-                Err(seen) => current = seen,
-            }
-        }
-    }
-
-    /// Change the worker of `cell` from `from` to `to`, keeping its tag and count,
-    /// if it has jobs in flight placed on `from`: for a worker handing the cell's
-    /// queued jobs to another (see [`JobQueue::hand_back`](crate::raw::JobQueue::hand_back)).
-    pub fn move_worker(&self, cell: usize, from: usize, to: usize) -> bool {
-        let c = &self.cells[cell];
-        let mut current = c.load(Ordering::Acquire);
-        loop {
-            let place = Place::of(current);
-            if current & COUNT == 0 || place.worker() != Some(from) {
-                return false;
-            }
-            let next = Place::new(place.tag(), to).bits() | (current & COUNT);
-            match c.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Acquire) {
-                Ok(_) => return true,
-                Err(seen) => current = seen,
-            }
-        }
-    }
-
-    /// The place of `cell`, while it has jobs in flight.
-    #[inline]
-    pub fn place(&self, cell: usize) -> Option<Place> {
-        let current = self.cells[cell].load(Ordering::Acquire);
-        (current & COUNT != 0).then(|| Place::of(current))
-    }
-
-    /// Jobs in flight in `cell`.
-    pub fn in_flight(&self, cell: usize) -> u32 {
-        (self.cells[cell].load(Ordering::Acquire) & COUNT) as u32
-    }
-
-    /// The places of the cells with jobs in flight: a scan of every cell, each read
-    /// on its own (sequentially consistent), not one snapshot.
-    pub fn held(&self) -> impl Iterator<Item = Place> + '_ {
-        self.cells.iter().filter_map(|c| {
-            let current = c.load(Ordering::SeqCst);
-            (current & COUNT != 0).then(|| Place::of(current))
-        })
-    }
-
-    /// Whether no cell has a job in flight (a scan, see [`held`](Self::held)).
-    pub fn is_empty(&self) -> bool {
-        self.held().next().is_none()
-    }
-}
 
 /// A victim for [`Router::steal`] by worker `me` among `n`: on one call in
 /// [`STEAL_EVERY`] of a thread, a worker drawn at random other than `me` that
@@ -685,17 +454,10 @@ pub trait Placement: Send + Sync {
     fn routes(&self) -> &Arc<RouteTable>;
 }
 
-/// A job's done hook on a table ([`DoneHook::sink`](crate::raw::DoneHook::sink)
-/// with the job's cell as token) takes the job's count back when it ends.
-impl DoneSink for RouteTable {
-    fn done(&self, cell: u32, _: Option<OutcomeKind>) {
-        self.leave(cell as usize);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use crate::hash::{rollout_bucket, stable_hash};
 
     #[test]

@@ -457,8 +457,8 @@ pub trait Placement: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
     use crate::hash::{rollout_bucket, stable_hash};
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn small_routes_land_in_distinct_cells() {

@@ -27,12 +27,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::KafkaConfig;
 use crate::consumer::{consumer_gone, fetch_thread, ConsumeLoop, Control, KConsumer};
 use crate::context::{is_cooperative, ConsumerCtx, ConsumerShared, TracingContext};
-use crate::producer::{Delivery, KafkaDeadLetterSink, KafkaProducer};
+use crate::publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 
 /// Lag of one partition owned by this bus's consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct PartitionLag {
+pub struct KafkaPartitionLag {
     /// Topic.
     pub topic: String,
     /// Partition.
@@ -44,6 +44,11 @@ pub struct PartitionLag {
     /// `high_watermark - committed` (from the low watermark without a commit).
     pub lag: i64,
 }
+
+/// The former name of [`KafkaPartitionLag`], which the bus-wide
+/// `eventbus_core::raw::PartitionLag` shared.
+#[deprecated(note = "renamed KafkaPartitionLag: core has a PartitionLag of its own")]
+pub type PartitionLag = KafkaPartitionLag;
 
 struct Running {
     consumer: Arc<KConsumer>,
@@ -96,7 +101,7 @@ fn gone<T>(_: T) -> Error {
 impl Backend {
     /// Lag of every owned partition: high watermark minus committed offset, asked
     /// from the brokers. Also exported as the `kafka_eventbus_partition_lag` gauge.
-    async fn partition_lag(&self) -> Result<Vec<PartitionLag>> {
+    async fn partition_lag(&self) -> Result<Vec<KafkaPartitionLag>> {
         let consumer = {
             let slot = self.consumer.lock().await;
             match &slot.running {
@@ -133,7 +138,7 @@ impl Backend {
                     _ => None,
                 };
                 let lag = (high - committed.unwrap_or(low)).max(0);
-                out.push(PartitionLag {
+                out.push(KafkaPartitionLag {
                     topic: e.topic().to_owned(),
                     partition: e.partition(),
                     high_watermark: high,
@@ -677,7 +682,7 @@ impl KafkaEventBus {
 
     /// Lag of every owned partition: high watermark minus committed offset, asked
     /// from the brokers. Also exported as the `kafka_eventbus_partition_lag` gauge.
-    pub async fn lag(&self) -> Result<Vec<PartitionLag>> {
+    pub async fn lag(&self) -> Result<Vec<KafkaPartitionLag>> {
         self.kafka().partition_lag().await
     }
 }

@@ -5,15 +5,16 @@ mod config;
 mod consumer;
 mod context;
 mod metrics;
-mod producer;
+mod publish;
 mod secret;
 
-pub use bus::{KafkaEventBus, PartitionLag};
+#[allow(deprecated)]
+pub use bus::{KafkaEventBus, KafkaPartitionLag, PartitionLag};
 pub use config::{
     Acks, AssignmentStrategy, Compression, KafkaConfig, ProducerSettings, SecurityConfig,
     SecurityProtocol,
 };
-pub use producer::{Delivery, KafkaDeadLetterSink, KafkaProducer};
+pub use publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 pub use secret::Secret;
 
 #[cfg(test)]

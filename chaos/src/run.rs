@@ -752,9 +752,9 @@ enum Broker {
 impl Broker {
     fn target(&self) -> Target {
         match self {
-            Broker::Memory(b) => Target::Memory(b.clone()),
-            Broker::Kafka(c) => Target::Kafka(c.brokers()),
-            Broker::Nats(s) => Target::Nats(s.lock().expect("server lock").url()),
+            Broker::Memory(b) => Target::memory(b.clone()),
+            Broker::Kafka(c) => Target::new(Backend::Kafka, &c.brokers()),
+            Broker::Nats(s) => Target::new(Backend::Nats, &s.lock().expect("server lock").url()),
         }
     }
 }
@@ -1161,135 +1161,133 @@ impl Ctx {
                 return Err("the partitioned rotation has no topic in this run".into())
             }
         };
-        match &self.target {
-            Target::Memory(_) => {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name(format!("chaos-{worker}"))
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("consumer runtime: {e}"))?;
-                let (target, group, topics) =
-                    (self.target.clone(), self.group.clone(), self.topics.clone());
-                let sink: Arc<dyn Sink> = Arc::new(LocalSink {
-                    checker: self.checker.clone(),
-                    fenced: self.fenced.clone(),
-                });
-                let bus = rt
-                    .spawn(async move {
-                        let pool = backend::pool(pool).await?;
-                        let bus = backend::bus_with(&target, &group, pool, timeouts).await?;
-                        handler::subscribe(&bus, &topics, profile, sink).await?;
-                        Ok::<_, eventbus_core::Error>(bus)
-                    })
-                    .await
-                    .map_err(|e| format!("consumer setup task: {e}"))
-                    .and_then(|r| r.map_err(|e| format!("consumer {worker}: {e}")));
-                match bus {
-                    Ok(bus) => Ok(Member::Memory {
-                        name: worker,
-                        rt,
-                        bus,
-                    }),
-                    Err(e) => {
-                        let _ = tokio::task::spawn_blocking(move || drop(rt)).await;
-                        Err(e)
-                    }
-                }
-            }
-            Target::Kafka(t) | Target::Nats(t) => {
-                let bin = self
-                    .opts
-                    .consumer_bin
-                    .clone()
-                    .ok_or("the consumer binary is needed for kafka and nats")?;
-                let log = std::fs::File::create(self.logs.join(format!("{worker}.log")))
-                    .map_err(|e| format!("consumer log: {e}"))?;
-                let mut cmd = tokio::process::Command::new(&bin);
-                cmd.args(&self.opts.consumer_args)
-                    .arg("--backend")
-                    .arg(self.opts.backend.to_string())
-                    .args(["--target", t])
-                    .args(&topics)
-                    .args(["--group", &self.group])
-                    .args(["--pool", &pool.to_string()])
-                    .args(profile.to_args())
-                    .args([
-                        "--drain-ms".to_owned(),
-                        timeouts.drain.as_millis().to_string(),
-                        "--handover-ms".to_owned(),
-                        timeouts.handover.as_millis().to_string(),
-                    ])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::from(log))
-                    .kill_on_drop(true);
-                if std::env::var_os("RUST_LOG").is_none() {
-                    // The log keeps the hand-overs: assignments, revokes, leases,
-                    // drains and fences that ran out of time.
-                    cmd.env("RUST_LOG", CONSUMER_LOG);
-                }
-                let mut child = cmd
-                    .spawn()
-                    .map_err(|e| format!("start {}: {e}", bin.display()))?;
-                let stdout = child.stdout.take().ok_or("consumer stdout")?;
-                let stdin = child.stdin.take();
-                let (checker, bad, fenced) = (
-                    self.checker.clone(),
-                    self.bad_lines.clone(),
-                    self.fenced.clone(),
-                );
-                let progress = Arc::new(Progress::default());
-                let seen = progress.clone();
-                let owned_changed = self.owned_changed.clone();
-                let duplicates = self.duplicates.clone();
-                let (hangs, hang_changed, counters, others) = (
-                    self.hangs.clone(),
-                    self.hang_changed.clone(),
-                    self.counters.clone(),
-                    self.others_delivered.clone(),
-                );
-                let reader = tokio::spawn(async move {
-                    let mut lines = tokio::io::BufReader::new(stdout).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        match parse_line(&line) {
-                            Some(Ok(Report::Delivered(d))) => {
-                                checker.delivered(&d);
-                                duplicates.lock().expect("duplicates").delivered(&d);
-                                seen.delivered.fetch_add(1, Ordering::Relaxed);
-                                if d.id.producer != HANG_PRODUCER {
-                                    others.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            Some(Ok(Report::Hang(h))) => {
-                                hangs.lock().expect("hang log").events.push(h);
-                                hang_changed.send_modify(|n| *n += 1);
-                            }
-                            Some(Ok(Report::Counters(worker, c))) => {
-                                counters.lock().expect("counters").insert(worker, c);
-                            }
-                            Some(Ok(Report::Subscribed)) => {
-                                seen.subscribed.store(true, Ordering::Relaxed);
-                            }
-                            Some(Ok(Report::Owned(p))) => {
-                                *seen.owned.lock().expect("owned partitions") = Some(p);
-                                owned_changed.send_modify(|n| *n += 1);
-                            }
-                            Some(Ok(Report::GivenUp(id))) => checker.given_up(id),
-                            Some(Ok(Report::StartedFenced(f))) => fenced.push(f),
-                            Some(Err(e)) => bad.lock().expect("bad lines").push(e),
-                            None => bad.lock().expect("bad lines").push(line),
-                        }
-                    }
-                });
-                Ok(Member::Child {
-                    name: worker,
-                    progress,
-                    child,
-                    stdin,
-                    reader,
+        if self.target.backend().in_process() {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name(format!("chaos-{worker}"))
+                .enable_all()
+                .build()
+                .map_err(|e| format!("consumer runtime: {e}"))?;
+            let (target, group, topics) =
+                (self.target.clone(), self.group.clone(), self.topics.clone());
+            let sink: Arc<dyn Sink> = Arc::new(LocalSink {
+                checker: self.checker.clone(),
+                fenced: self.fenced.clone(),
+            });
+            let bus = rt
+                .spawn(async move {
+                    let pool = backend::pool(pool).await?;
+                    let bus = backend::bus_with(&target, &group, pool, timeouts).await?;
+                    handler::subscribe(&bus, &topics, profile, sink).await?;
+                    Ok::<_, eventbus_core::Error>(bus)
                 })
+                .await
+                .map_err(|e| format!("consumer setup task: {e}"))
+                .and_then(|r| r.map_err(|e| format!("consumer {worker}: {e}")));
+            match bus {
+                Ok(bus) => Ok(Member::Memory {
+                    name: worker,
+                    rt,
+                    bus,
+                }),
+                Err(e) => {
+                    let _ = tokio::task::spawn_blocking(move || drop(rt)).await;
+                    Err(e)
+                }
             }
+        } else {
+            let t = self.target.endpoint();
+            let bin = self
+                .opts
+                .consumer_bin
+                .clone()
+                .ok_or("the consumer binary is needed for kafka and nats")?;
+            let log = std::fs::File::create(self.logs.join(format!("{worker}.log")))
+                .map_err(|e| format!("consumer log: {e}"))?;
+            let mut cmd = tokio::process::Command::new(&bin);
+            cmd.args(&self.opts.consumer_args)
+                .arg("--backend")
+                .arg(self.opts.backend.to_string())
+                .args(["--target", t])
+                .args(&topics)
+                .args(["--group", &self.group])
+                .args(["--pool", &pool.to_string()])
+                .args(profile.to_args())
+                .args([
+                    "--drain-ms".to_owned(),
+                    timeouts.drain.as_millis().to_string(),
+                    "--handover-ms".to_owned(),
+                    timeouts.handover.as_millis().to_string(),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(log))
+                .kill_on_drop(true);
+            if std::env::var_os("RUST_LOG").is_none() {
+                // The log keeps the hand-overs: assignments, revokes, leases,
+                // drains and fences that ran out of time.
+                cmd.env("RUST_LOG", CONSUMER_LOG);
+            }
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("start {}: {e}", bin.display()))?;
+            let stdout = child.stdout.take().ok_or("consumer stdout")?;
+            let stdin = child.stdin.take();
+            let (checker, bad, fenced) = (
+                self.checker.clone(),
+                self.bad_lines.clone(),
+                self.fenced.clone(),
+            );
+            let progress = Arc::new(Progress::default());
+            let seen = progress.clone();
+            let owned_changed = self.owned_changed.clone();
+            let duplicates = self.duplicates.clone();
+            let (hangs, hang_changed, counters, others) = (
+                self.hangs.clone(),
+                self.hang_changed.clone(),
+                self.counters.clone(),
+                self.others_delivered.clone(),
+            );
+            let reader = tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match parse_line(&line) {
+                        Some(Ok(Report::Delivered(d))) => {
+                            checker.delivered(&d);
+                            duplicates.lock().expect("duplicates").delivered(&d);
+                            seen.delivered.fetch_add(1, Ordering::Relaxed);
+                            if d.id.producer != HANG_PRODUCER {
+                                others.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Some(Ok(Report::Hang(h))) => {
+                            hangs.lock().expect("hang log").events.push(h);
+                            hang_changed.send_modify(|n| *n += 1);
+                        }
+                        Some(Ok(Report::Counters(worker, c))) => {
+                            counters.lock().expect("counters").insert(worker, c);
+                        }
+                        Some(Ok(Report::Subscribed)) => {
+                            seen.subscribed.store(true, Ordering::Relaxed);
+                        }
+                        Some(Ok(Report::Owned(p))) => {
+                            *seen.owned.lock().expect("owned partitions") = Some(p);
+                            owned_changed.send_modify(|n| *n += 1);
+                        }
+                        Some(Ok(Report::GivenUp(id))) => checker.given_up(id),
+                        Some(Ok(Report::StartedFenced(f))) => fenced.push(f),
+                        Some(Err(e)) => bad.lock().expect("bad lines").push(e),
+                        None => bad.lock().expect("bad lines").push(line),
+                    }
+                }
+            });
+            Ok(Member::Child {
+                name: worker,
+                progress,
+                child,
+                stdin,
+                reader,
+            })
         }
     }
 }
@@ -1483,10 +1481,11 @@ async fn setup(
     let pool = backend::pool(PoolChoice::Keyed)
         .await
         .map_err(|e| e.to_string())?;
-    let publisher: SharedBus = match (broker.target(), &partitioned) {
-        (Target::Nats(url), Some((topic, p))) => Arc::new(
+    let target = broker.target();
+    let publisher: SharedBus = match (target.backend(), &partitioned) {
+        (Backend::Nats, Some((topic, p))) => Arc::new(
             backend::nats_bus(
-                &url,
+                target.endpoint(),
                 "chaos-publisher",
                 pool,
                 HandoverTimeouts::default(),
@@ -1496,7 +1495,7 @@ async fn setup(
             .map_err(|e| format!("publisher bus: {e}"))?,
         ),
         (_, Some(_)) => return Err("the partitioned rotation needs the NATS backend".into()),
-        (target, None) => backend::bus(&target, "chaos-publisher", pool)
+        (_, None) => backend::bus(&target, "chaos-publisher", pool)
             .await
             .map_err(|e| format!("publisher bus: {e}"))?,
     };
@@ -1879,7 +1878,7 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         .lock()
         .expect("duplicates")
         .begin("start".into());
-    if ctx.opts.verbose && !matches!(ctx.opts.backend, Backend::Memory) {
+    if ctx.opts.verbose && !ctx.opts.backend.in_process() {
         eprintln!("consumer logs in {}", logs.display());
     }
     let mut primary = Some(ctx.spawn().await?);

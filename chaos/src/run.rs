@@ -1610,6 +1610,10 @@ async fn pause(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
+/// How long a member may take to leave, or to become ready, during a fault.
+const MEMBER_LIMIT: Duration = Duration::from_secs(30);
+
+/// Inject `fault` for one phase.
 async fn apply(
     fault: Fault,
     ctx: &Ctx,
@@ -1617,209 +1621,262 @@ async fn apply(
     primary: &mut Option<Member>,
     partitioned: &mut Vec<Member>,
 ) -> Result<(), String> {
-    let phase = ctx.opts.phase;
-    let limit = Duration::from_secs(30);
     match (fault, broker) {
-        (Fault::KillConsumer, _) => {
-            if let Some(m) = primary.take() {
-                m.kill().await;
-            }
-            *primary = Some(ctx.spawn().await?);
-            pause(phase).await;
-        }
-        (Fault::RestartConsumer, _) => {
-            if let Some(m) = primary.take() {
-                m.leave(limit).await?;
-            }
-            *primary = Some(ctx.spawn().await?);
-            pause(phase).await;
-        }
-        (Fault::SecondMember, _) => {
-            // Every other time the first member leaves instead, handing the group
-            // over to the second (on NATS: the standby takes the lease).
-            let second = ctx.spawn().await?;
-            pause(phase / 2).await;
-            if ctx.second_members.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
-                second.leave(limit).await?;
-            } else {
-                if let Some(first) = primary.take() {
-                    first.leave(limit).await?;
-                }
-                *primary = Some(second);
-            }
-            pause(phase / 2).await;
-        }
+        (Fault::KillConsumer, _) => kill_consumer(ctx, primary).await,
+        (Fault::RestartConsumer, _) => restart_consumer(ctx, primary).await,
+        (Fault::SecondMember, _) => second_member(ctx, primary).await,
         (Fault::RollingDeploy, _) => {
-            // As a Kubernetes rolling update: start the new member, wait until it
-            // is ready (Kafka: a rebalance moved partitions off the old member,
-            // fencing their queued work, and the new one handles messages; NATS:
-            // it stands by for the lease), let both run a little, then close the
-            // old one while its queues are still deep. The memory broker takes one
-            // member per group and topic, so there the old member closes first and
-            // the new one joins after it.
-            let one_at_a_time = matches!(broker, Broker::Memory(_));
-            let steps = ctx.opts.rolling_steps.max(1);
-            let step = phase / steps;
-            for i in 1..=steps {
-                let started = Instant::now();
-                let burst = ctx.burst();
-                pause(step / 10).await;
-                let next = if one_at_a_time {
-                    None
-                } else {
-                    let joined = Instant::now();
-                    let next = ctx.spawn_with(ctx.opts.rolling_timeouts).await?;
-                    let ready = next.ready(ctx.opts.backend, limit).await;
-                    let waited = joined.elapsed();
-                    pause(step / 4).await;
-                    Some((next, ready, waited))
-                };
-                let joined = match &next {
-                    Some((n, true, waited)) => format!("{} ready after {waited:.1?}; ", n.name()),
-                    Some((n, false, waited)) => {
-                        format!("{} NOT ready after {waited:.1?}; ", n.name())
-                    }
-                    None => String::new(),
-                };
-                ctx.say(&format!(
-                    "rolling {i}/{steps}: {joined}closing {} with {} envelope messages outstanding",
-                    primary.as_ref().map_or("-", |m| m.name()),
-                    ctx.checker.envelope_outstanding()
-                ));
-                if let Some(old) = primary.take() {
-                    old.leave(limit).await?;
-                }
-                *primary = Some(match next {
-                    Some((next, ..)) => next,
-                    None => ctx.spawn_with(ctx.opts.rolling_timeouts).await?,
-                });
-                burst.await.map_err(|e| format!("burst: {e}"))??;
-                pause(step.saturating_sub(started.elapsed())).await;
-            }
+            rolling_deploy(ctx, matches!(broker, Broker::Memory(_)), primary).await
         }
         (Fault::StuckKey | Fault::StuckKeyDeaf, Broker::Kafka(_) | Broker::Nats(_)) => {
-            ctx.stuck_key(fault == Fault::StuckKeyDeaf, primary, limit)
-                .await?;
+            ctx.stuck_key(fault == Fault::StuckKeyDeaf, primary, MEMBER_LIMIT)
+                .await
         }
         (_, Broker::Kafka(c)) if fault.needs_mock_cluster() && !c.is_mock() => {
-            return Err(format!("fault `{fault}` needs the mock cluster"));
+            Err(format!("fault `{fault}` needs the mock cluster"))
         }
         (Fault::CommitErrors | Fault::FetchErrors | Fault::HeartbeatErrors, Broker::Kafka(c)) => {
-            use RDKafkaRespErr::*;
-            let (api, errs) = match fault {
-                Fault::CommitErrors => (
-                    RDKafkaApiKey::OffsetCommit,
-                    vec![
-                        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
-                        RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
-                        RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
-                    ],
-                ),
-                Fault::FetchErrors => (
-                    RDKafkaApiKey::Fetch,
-                    vec![
-                        RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
-                        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
-                        RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
-                    ],
-                ),
-                _ => (
-                    RDKafkaApiKey::Heartbeat,
-                    vec![
-                        RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
-                        RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
-                        RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
-                    ],
-                ),
-            };
-            let burst: Vec<RDKafkaRespErr> = errs.iter().copied().cycle().take(12).collect();
-            c.request_errors(api, &burst);
-            pause(phase).await;
-            c.clear_errors(api);
+            request_errors(fault, ctx, c).await
         }
-        (Fault::BrokerDown, Broker::Kafka(c)) => {
-            c.broker_down(1);
-            pause(Duration::from_secs(3).min(phase)).await;
-            c.broker_up(1);
-            pause(phase.saturating_sub(Duration::from_secs(3))).await;
-        }
-        (Fault::ServerKilled, Broker::Nats(s)) => {
-            s.lock().expect("server lock").kill();
-            pause(Duration::from_secs(2).min(phase)).await;
-            let s = s.clone();
-            tokio::task::spawn_blocking(move || s.lock().expect("server lock").restart())
-                .await
-                .map_err(|e| format!("restart nats-server: {e}"))?;
-            pause(phase.saturating_sub(Duration::from_secs(2))).await;
-        }
-        (Fault::ServerPaused, Broker::Nats(s)) => {
-            s.lock().expect("server lock").pause();
-            pause(Duration::from_secs(3).min(phase)).await;
-            s.lock().expect("server lock").resume();
-            pause(phase.saturating_sub(Duration::from_secs(3))).await;
-        }
+        (Fault::BrokerDown, Broker::Kafka(c)) => broker_down(ctx, c).await,
+        (Fault::ServerKilled, Broker::Nats(s)) => server_killed(ctx, s).await,
+        (Fault::ServerPaused, Broker::Nats(s)) => server_paused(ctx, s).await,
         (Fault::PartitionedRotation, Broker::Nats(_)) => {
-            // Whatever the previous fault did (a server restart, say), the
-            // members share the partitions fairly before the first step.
-            ctx.settle_partitioned(
-                RotationStepKind::Settle,
-                "before the steps".into(),
-                partitioned,
-                Instant::now(),
-            )
-            .await;
-            let step = phase / 4;
-            for kind in [
-                RotationStepKind::Kill,
-                RotationStepKind::Restart,
-                RotationStepKind::Join,
-                RotationStepKind::Leave,
-            ] {
-                let started = Instant::now();
-                // The oldest member goes: over the rotation every member is
-                // replaced in turn.
-                let detail = match kind {
-                    RotationStepKind::Join => {
-                        let next = ctx.spawn_partitioned().await?;
-                        let detail = format!("{} joined", next.name());
-                        partitioned.push(next);
-                        detail
-                    }
-                    _ if partitioned.is_empty() => {
-                        return Err("the partitioned rotation has no member left".into())
-                    }
-                    RotationStepKind::Kill => {
-                        let victim = partitioned.remove(0);
-                        let name = victim.name().to_owned();
-                        victim.kill().await;
-                        let next = ctx.spawn_partitioned().await?;
-                        let detail = format!("{name} killed, {} started", next.name());
-                        partitioned.push(next);
-                        detail
-                    }
-                    RotationStepKind::Restart => {
-                        let victim = partitioned.remove(0);
-                        let name = victim.name().to_owned();
-                        victim.leave(limit).await?;
-                        let next = ctx.spawn_partitioned().await?;
-                        let detail = format!("{name} closed, {} started", next.name());
-                        partitioned.push(next);
-                        detail
-                    }
-                    RotationStepKind::Leave | RotationStepKind::Settle => {
-                        let victim = partitioned.remove(0);
-                        let name = victim.name().to_owned();
-                        victim.leave(limit).await?;
-                        format!("{name} left")
-                    }
-                };
-                ctx.settle_partitioned(kind, detail, partitioned, started)
-                    .await;
-                // Messages flow for a while under the new shares.
-                pause(step.saturating_sub(started.elapsed()).max(step / 4)).await;
-            }
+            partitioned_rotation(ctx, partitioned).await
         }
-        (f, _) => return Err(format!("fault `{f}` does not apply to this backend")),
+        (f, _) => Err(format!("fault `{f}` does not apply to this backend")),
+    }
+}
+
+/// [`Fault::KillConsumer`].
+async fn kill_consumer(ctx: &Ctx, primary: &mut Option<Member>) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    if let Some(m) = primary.take() {
+        m.kill().await;
+    }
+    *primary = Some(ctx.spawn().await?);
+    pause(phase).await;
+    Ok(())
+}
+
+/// [`Fault::RestartConsumer`].
+async fn restart_consumer(ctx: &Ctx, primary: &mut Option<Member>) -> Result<(), String> {
+    let (phase, limit) = (ctx.opts.phase, MEMBER_LIMIT);
+    if let Some(m) = primary.take() {
+        m.leave(limit).await?;
+    }
+    *primary = Some(ctx.spawn().await?);
+    pause(phase).await;
+    Ok(())
+}
+
+/// [`Fault::SecondMember`].
+async fn second_member(ctx: &Ctx, primary: &mut Option<Member>) -> Result<(), String> {
+    let (phase, limit) = (ctx.opts.phase, MEMBER_LIMIT);
+    // Every other time the first member leaves instead, handing the group
+    // over to the second (on NATS: the standby takes the lease).
+    let second = ctx.spawn().await?;
+    pause(phase / 2).await;
+    if ctx.second_members.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+        second.leave(limit).await?;
+    } else {
+        if let Some(first) = primary.take() {
+            first.leave(limit).await?;
+        }
+        *primary = Some(second);
+    }
+    pause(phase / 2).await;
+    Ok(())
+}
+
+/// [`Fault::RollingDeploy`]; `one_at_a_time` on a broker that takes one member
+/// per group and topic.
+async fn rolling_deploy(
+    ctx: &Ctx,
+    one_at_a_time: bool,
+    primary: &mut Option<Member>,
+) -> Result<(), String> {
+    // As a Kubernetes rolling update: start the new member, wait until it
+    // is ready (Kafka: a rebalance moved partitions off the old member,
+    // fencing their queued work, and the new one handles messages; NATS:
+    // it stands by for the lease), let both run a little, then close the
+    // old one while its queues are still deep. The memory broker takes one
+    // member per group and topic, so there the old member closes first and
+    // the new one joins after it.
+    let (phase, limit) = (ctx.opts.phase, MEMBER_LIMIT);
+    let steps = ctx.opts.rolling_steps.max(1);
+    let step = phase / steps;
+    for i in 1..=steps {
+        let started = Instant::now();
+        let burst = ctx.burst();
+        pause(step / 10).await;
+        let next = if one_at_a_time {
+            None
+        } else {
+            let joined = Instant::now();
+            let next = ctx.spawn_with(ctx.opts.rolling_timeouts).await?;
+            let ready = next.ready(ctx.opts.backend, limit).await;
+            let waited = joined.elapsed();
+            pause(step / 4).await;
+            Some((next, ready, waited))
+        };
+        let joined = match &next {
+            Some((n, true, waited)) => format!("{} ready after {waited:.1?}; ", n.name()),
+            Some((n, false, waited)) => {
+                format!("{} NOT ready after {waited:.1?}; ", n.name())
+            }
+            None => String::new(),
+        };
+        ctx.say(&format!(
+            "rolling {i}/{steps}: {joined}closing {} with {} envelope messages outstanding",
+            primary.as_ref().map_or("-", |m| m.name()),
+            ctx.checker.envelope_outstanding()
+        ));
+        if let Some(old) = primary.take() {
+            old.leave(limit).await?;
+        }
+        *primary = Some(match next {
+            Some((next, ..)) => next,
+            None => ctx.spawn_with(ctx.opts.rolling_timeouts).await?,
+        });
+        burst.await.map_err(|e| format!("burst: {e}"))??;
+        pause(step.saturating_sub(started.elapsed())).await;
+    }
+    Ok(())
+}
+
+/// [`Fault::CommitErrors`], [`Fault::FetchErrors`] or [`Fault::HeartbeatErrors`]:
+/// a burst of errors on that request of the mock cluster, for one phase.
+async fn request_errors(fault: Fault, ctx: &Ctx, c: &Cluster) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    use RDKafkaRespErr::*;
+    let (api, errs) = match fault {
+        Fault::CommitErrors => (
+            RDKafkaApiKey::OffsetCommit,
+            vec![
+                RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+                RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+            ],
+        ),
+        Fault::FetchErrors => (
+            RDKafkaApiKey::Fetch,
+            vec![
+                RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+            ],
+        ),
+        _ => (
+            RDKafkaApiKey::Heartbeat,
+            vec![
+                RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+                RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+                RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+            ],
+        ),
+    };
+    let burst: Vec<RDKafkaRespErr> = errs.iter().copied().cycle().take(12).collect();
+    c.request_errors(api, &burst);
+    pause(phase).await;
+    c.clear_errors(api);
+    Ok(())
+}
+
+/// [`Fault::BrokerDown`].
+async fn broker_down(ctx: &Ctx, c: &Cluster) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    c.broker_down(1);
+    pause(Duration::from_secs(3).min(phase)).await;
+    c.broker_up(1);
+    pause(phase.saturating_sub(Duration::from_secs(3))).await;
+    Ok(())
+}
+
+/// [`Fault::ServerKilled`].
+async fn server_killed(ctx: &Ctx, s: &Arc<Mutex<NatsServer>>) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    s.lock().expect("server lock").kill();
+    pause(Duration::from_secs(2).min(phase)).await;
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || s.lock().expect("server lock").restart())
+        .await
+        .map_err(|e| format!("restart nats-server: {e}"))?;
+    pause(phase.saturating_sub(Duration::from_secs(2))).await;
+    Ok(())
+}
+
+/// [`Fault::ServerPaused`].
+async fn server_paused(ctx: &Ctx, s: &Arc<Mutex<NatsServer>>) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    s.lock().expect("server lock").pause();
+    pause(Duration::from_secs(3).min(phase)).await;
+    s.lock().expect("server lock").resume();
+    pause(phase.saturating_sub(Duration::from_secs(3))).await;
+    Ok(())
+}
+
+/// [`Fault::PartitionedRotation`].
+async fn partitioned_rotation(ctx: &Ctx, partitioned: &mut Vec<Member>) -> Result<(), String> {
+    let (phase, limit) = (ctx.opts.phase, MEMBER_LIMIT);
+    // Whatever the previous fault did (a server restart, say), the
+    // members share the partitions fairly before the first step.
+    ctx.settle_partitioned(
+        RotationStepKind::Settle,
+        "before the steps".into(),
+        partitioned,
+        Instant::now(),
+    )
+    .await;
+    let step = phase / 4;
+    for kind in [
+        RotationStepKind::Kill,
+        RotationStepKind::Restart,
+        RotationStepKind::Join,
+        RotationStepKind::Leave,
+    ] {
+        let started = Instant::now();
+        // The oldest member goes: over the rotation every member is
+        // replaced in turn.
+        let detail = match kind {
+            RotationStepKind::Join => {
+                let next = ctx.spawn_partitioned().await?;
+                let detail = format!("{} joined", next.name());
+                partitioned.push(next);
+                detail
+            }
+            _ if partitioned.is_empty() => {
+                return Err("the partitioned rotation has no member left".into())
+            }
+            RotationStepKind::Kill => {
+                let victim = partitioned.remove(0);
+                let name = victim.name().to_owned();
+                victim.kill().await;
+                let next = ctx.spawn_partitioned().await?;
+                let detail = format!("{name} killed, {} started", next.name());
+                partitioned.push(next);
+                detail
+            }
+            RotationStepKind::Restart => {
+                let victim = partitioned.remove(0);
+                let name = victim.name().to_owned();
+                victim.leave(limit).await?;
+                let next = ctx.spawn_partitioned().await?;
+                let detail = format!("{name} closed, {} started", next.name());
+                partitioned.push(next);
+                detail
+            }
+            RotationStepKind::Leave | RotationStepKind::Settle => {
+                let victim = partitioned.remove(0);
+                let name = victim.name().to_owned();
+                victim.leave(limit).await?;
+                format!("{name} left")
+            }
+        };
+        ctx.settle_partitioned(kind, detail, partitioned, started)
+            .await;
+        // Messages flow for a while under the new shares.
+        pause(step.saturating_sub(started.elapsed()).max(step / 4)).await;
     }
     Ok(())
 }

@@ -7,12 +7,14 @@ use crate::workload::{
     hdr_percentiles_us, longest_pause_ns, own_cpu_secs, HandlerKind, IoSim, KeyDist, RunResult,
     Stamp, Tally, SLOW_HANDLER,
 };
-use eventbus::kafka::{KafkaConfig, KafkaEventBus};
-use eventbus::nats::{NatsConfig, NatsEventBus};
+use eventbus::kafka::KafkaConfig;
+use eventbus::nats::NatsConfig;
 use eventbus::{
-    ActorPool, Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError,
-    KeyedWorkerPool, MemoryBroker, MemoryEventBus, Pool, PoolKind, SharedBus, TopicConfig,
+    ActorPool, Envelope, Event, EventBusConfig, EventBusExt, HandlerError, KeyedWorkerPool,
+    MemoryBroker, Pool, PoolKind, SharedBus, TopicConfig,
 };
+use eventbus_testkit::conformance::BusFactory;
+use eventbus_testkit::factories::BusesAt;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -132,36 +134,40 @@ pub struct WorkloadSpec {
     pub switch_percent: Option<u8>,
 }
 
+/// The buses of a run on `backend` at `endpoint`, with the client settings of
+/// every run ([`kafka_config`], [`nats_config`]); on memory, on a broker of their
+/// own that retains `retain` messages.
+pub fn buses(backend: Backend, endpoint: &str, retain: u64) -> BusesAt {
+    backend
+        .factory(endpoint)
+        .memory(MemoryBroker::new(
+            eventbus::BrokerConfig::default().retention_messages(retain),
+        ))
+        .kafka(|_| kafka_config(endpoint))
+        .nats(|_| nats_config(endpoint))
+}
+
 /// A bus of the spec's backend (its topic created on memory; Kafka topics are
 /// created beforehand by the caller, NATS streams by the first publish).
 async fn open_bus(spec: &WorkloadSpec, pool: Arc<dyn Pool>) -> Result<SharedBus, String> {
     let mut config = EventBusConfig::default();
     config.consumer.group_id = format!("{}-group", spec.topic);
-    Ok(match spec.backend {
-        Backend::Memory => {
-            let broker = MemoryBroker::new(
-                eventbus::BrokerConfig::default().retention_messages(spec.messages as u64 + 16),
-            );
-            let bus = MemoryEventBus::new(broker, pool, config)
-                .map_err(|e| format!("memory bus: {e}"))?;
-            bus.configure_topic(
-                &spec.topic,
-                TopicConfig::default().partitions(spec.partitions),
-            )
-            .await
-            .map_err(|e| format!("memory topic `{}`: {e}", spec.topic))?;
-            Arc::new(bus)
-        }
-        Backend::Kafka => Arc::new(
-            KafkaEventBus::new(kafka_config(&spec.endpoint), config, pool)
-                .map_err(|e| format!("kafka bus on {}: {e}", spec.endpoint))?,
-        ),
-        Backend::Nats => Arc::new(
-            NatsEventBus::connect(nats_config(&spec.endpoint), config, pool)
-                .await
-                .map_err(|e| format!("nats bus on {}: {e}", spec.endpoint))?,
-        ),
-    })
+    let bus = buses(spec.backend, &spec.endpoint, spec.messages as u64 + 16)
+        .bus(pool, config)
+        .await
+        .map_err(|e| match spec.backend.in_process() {
+            true => format!("{} bus: {e}", spec.backend),
+            false => format!("{} bus on {}: {e}", spec.backend, spec.endpoint),
+        })?;
+    if spec.backend.in_process() {
+        bus.configure_topic(
+            &spec.topic,
+            TopicConfig::default().partitions(spec.partitions),
+        )
+        .await
+        .map_err(|e| format!("memory topic `{}`: {e}", spec.topic))?;
+    }
+    Ok(bus)
 }
 
 /// The aggregate id of a workload's key `k`.
@@ -212,9 +218,10 @@ async fn publish(bus: &SharedBus, topic: &str, envelopes: Vec<Envelope>) -> Resu
 /// Messages per publish call: one at a time in process, batches on a broker (each
 /// message is stamped when its batch is built, so batching counts as latency).
 fn publish_chunk(backend: Backend) -> usize {
-    match backend {
-        Backend::Memory => 1,
-        Backend::Kafka | Backend::Nats => 200,
+    if backend.in_process() {
+        1
+    } else {
+        200
     }
 }
 
@@ -276,14 +283,14 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
         .map_err(|e| format!("subscribe to `{}`: {e}", spec.topic))
     };
     if !spec.prepublish {
-        if spec.backend != Backend::Memory {
+        if !spec.backend.in_process() {
             // Join the group / create the consumer before the clock starts: one
             // warm-up message, handled, proves the subscription is live.
             let w = Envelope::new("warmup", WARMUP_TYPE, serde_json::json!({"warmup": true}));
             publish(&bus, &spec.topic, vec![w]).await?;
         }
         subscribe().await?;
-        if spec.backend != Backend::Memory {
+        if !spec.backend.in_process() {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             while warm.load(Ordering::Acquire) == 0 {
                 if tokio::time::Instant::now() >= deadline {

@@ -14,15 +14,16 @@
 //! All are timed from the first message read (or handled) to the last, so the
 //! consumer-group join (about 3 s on the mock cluster) counts on neither side.
 
-use crate::bus::{kafka_config, make_pool, nats_config, Backend};
+use crate::bus::{buses, kafka_config, make_pool, nats_config, Backend};
 use crate::workload::own_cpu_secs;
 use async_nats::jetstream::{self, consumer};
-use eventbus::kafka::{KafkaConfig, KafkaEventBus, KafkaProducer};
+use eventbus::kafka::{KafkaConfig, KafkaProducer};
 use eventbus::nats::NatsEventBus;
 use eventbus::{
-    BrokerConfig, Envelope, EventBus, EventBusConfig, EventBusExt, HandlerError, KeyedWorkerPool,
-    MemoryBroker, MemoryEventBus, Message, Pool, PoolKind, Record, TopicConfig,
+    Envelope, EventBus, EventBusConfig, EventBusExt, HandlerError, KeyedWorkerPool, Message, Pool,
+    PoolKind, Record, SharedBus, TopicConfig,
 };
+use eventbus_testkit::conformance::BusFactory;
 use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
@@ -180,17 +181,11 @@ pub async fn publish_nats_backlog(url: &str, topic: &str, n: u64) -> Result<Stri
     Ok(stream)
 }
 
-/// A memory bus on a broker of its own holding a backlog of `spec.messages`
-/// records on `spec.topic` (`spec.partitions` partitions), published through the
-/// bus before anyone subscribes. Built as [`crate::bus`] builds the memory bus of a workload: a
-/// broker retaining the whole backlog, the topic configured on the bus.
-async fn memory_backlog_bus(
-    spec: &DrainSpec,
-    config: EventBusConfig,
-    pool: Arc<dyn Pool>,
-) -> Result<MemoryEventBus, String> {
-    let broker = MemoryBroker::new(BrokerConfig::default().retention_messages(spec.messages + 16));
-    let bus = MemoryEventBus::new(broker, pool, config).map_err(|e| format!("memory bus: {e}"))?;
+/// Publish a backlog of `spec.messages` records on `spec.topic` (`spec.partitions`
+/// partitions) through a memory bus on a broker of its own, before anyone
+/// subscribes. The topic is configured as [`crate::bus`] configures the memory
+/// topic of a workload, on a broker retaining the whole backlog.
+async fn publish_memory_backlog(spec: &DrainSpec, bus: &SharedBus) -> Result<(), String> {
     let topic = spec.topic.as_str();
     bus.configure_topic(topic, TopicConfig::default().partitions(spec.partitions))
         .await
@@ -207,7 +202,7 @@ async fn memory_backlog_bus(
             return Err(format!("publish to `{topic}`: {e}"));
         }
     }
-    Ok(bus)
+    Ok(())
 }
 
 /// The librdkafka consumer settings the bus derives from [`kafka_config`] (the
@@ -368,19 +363,14 @@ pub async fn run_drain(spec: &DrainSpec) -> Result<DrainResult, String> {
                 .map_err(|e| format!("{} pool: {e}", kind.as_str()))?;
             let mut config = EventBusConfig::default();
             config.consumer.group_id = group;
-            let bus: Box<dyn EventBus> = match backend {
+            let bus = buses(backend, &spec.endpoint, spec.messages + 16)
+                .bus(pool, config)
+                .await
+                .map_err(|e| format!("{backend} bus: {e}"))?;
+            if backend.in_process() {
                 // The backlog is published here, before the clock starts.
-                Backend::Memory => Box::new(memory_backlog_bus(spec, config, pool).await?),
-                Backend::Kafka => Box::new(
-                    KafkaEventBus::new(kafka_config(&spec.endpoint), config, pool)
-                        .map_err(|e| format!("kafka bus: {e}"))?,
-                ),
-                Backend::Nats => Box::new(
-                    NatsEventBus::connect(nats_config(&spec.endpoint), config, pool)
-                        .await
-                        .map_err(|e| format!("nats bus: {e}"))?,
-                ),
-            };
+                publish_memory_backlog(spec, &bus).await?;
+            }
             let clock = Arc::new(Clock::new(spec.messages));
             let c = clock.clone();
             bus.subscribe(&spec.topic, move |_m: Message| {

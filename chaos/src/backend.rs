@@ -3,9 +3,10 @@
 use eventbus_core::{
     ActorPoolConfig, DeliveryPolicy, Error, EventBusConfig, KeyedPoolConfig, Pool, SharedBus,
 };
-use eventbus_kafka::KafkaEventBus;
-use eventbus_memory::{MemoryBroker, MemoryEventBus};
+use eventbus_memory::MemoryBroker;
 use eventbus_nats::NatsEventBus;
+use eventbus_testkit::conformance::BusFactory;
+use eventbus_testkit::factories::BusesAt;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -13,15 +14,41 @@ use std::time::Duration;
 
 pub use eventbus_testkit::Backend;
 
-/// Where buses connect.
+/// Where buses connect: the buses of the backend, and the address a consumer
+/// process is given.
 #[derive(Debug, Clone)]
-pub enum Target {
-    /// A shared in-process broker.
-    Memory(MemoryBroker),
-    /// Kafka bootstrap servers.
-    Kafka(String),
-    /// NATS server URL.
-    Nats(String),
+pub struct Target {
+    buses: BusesAt,
+    endpoint: String,
+}
+
+impl Target {
+    /// Buses of `backend` on the broker at `endpoint` (Kafka bootstrap servers
+    /// or a NATS URL).
+    pub fn new(backend: Backend, endpoint: &str) -> Self {
+        Self {
+            buses: backend.factory(endpoint),
+            endpoint: endpoint.to_owned(),
+        }
+    }
+
+    /// Buses on a shared in-process broker.
+    pub fn memory(broker: MemoryBroker) -> Self {
+        Self {
+            buses: BusesAt::Memory(broker),
+            endpoint: String::new(),
+        }
+    }
+
+    /// The backend of the buses.
+    pub fn backend(&self) -> Backend {
+        self.buses.backend()
+    }
+
+    /// Kafka bootstrap servers or the NATS URL; empty for memory.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
 }
 
 /// Which pool a consumer uses.
@@ -90,7 +117,7 @@ pub fn bus_config(group: &str) -> EventBusConfig {
     c
 }
 
-use eventbus_testkit::factories::{kafka_config, nats_config};
+use eventbus_testkit::factories::nats_config;
 
 /// How long a consumer drains, then waits for its fenced handlers, when it gives
 /// work up (`consumer.drain_timeout`, `consumer.handover_timeout`).
@@ -129,13 +156,7 @@ pub async fn bus_with(
     let mut config = bus_config(group);
     config.consumer.drain_timeout = timeouts.drain;
     config.consumer.handover_timeout = timeouts.handover;
-    Ok(match target {
-        Target::Memory(broker) => Arc::new(MemoryEventBus::new(broker.clone(), pool, config)?),
-        Target::Kafka(brokers) => {
-            Arc::new(KafkaEventBus::new(kafka_config(brokers), config, pool)?)
-        }
-        Target::Nats(url) => Arc::new(nats_bus(url, group, pool, timeouts, &[]).await?),
-    })
+    target.buses.bus(pool, config).await
 }
 
 /// A NATS bus as [`bus_with`] makes it, with `partitioned` topics consumed in

@@ -187,26 +187,29 @@ fn add_counts(
 
 async fn run(args: Args) -> Result<(), String> {
     let counters = CounterReporter::start(args.profile.worker.clone());
-    let target = match args.backend {
-        Backend::Kafka => Target::Kafka(args.target),
-        Backend::Nats => Target::Nats(args.target),
-        Backend::Memory => {
-            return Err(
-                "--backend memory runs in process; the consumer process is for kafka and nats"
-                    .into(),
-            )
-        }
-    };
+    if args.backend.in_process() {
+        return Err(
+            "--backend memory runs in process; the consumer process is for kafka and nats".into(),
+        );
+    }
+    let target = Target::new(args.backend, &args.target);
     let pool = backend::pool(args.pool).await.map_err(|e| e.to_string())?;
-    let (bus, nats): (SharedBus, _) = match (&target, args.partitions) {
-        (Target::Nats(url), Some(p)) => {
+    // `--partitions` is a NATS setting (checked with the arguments).
+    let (bus, nats): (SharedBus, _) = match args.partitions {
+        Some(p) => {
             let partitioned = [(args.envelope.clone(), p)];
-            let nats = backend::nats_bus(url, &args.group, pool, args.timeouts, &partitioned)
-                .await
-                .map_err(|e| format!("create bus: {e}"))?;
+            let nats = backend::nats_bus(
+                target.endpoint(),
+                &args.group,
+                pool,
+                args.timeouts,
+                &partitioned,
+            )
+            .await
+            .map_err(|e| format!("create bus: {e}"))?;
             (Arc::new(nats.clone()), Some(nats))
         }
-        _ => (
+        None => (
             backend::bus_with(&target, &args.group, pool, args.timeouts)
                 .await
                 .map_err(|e| format!("create bus: {e}"))?,

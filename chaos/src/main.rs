@@ -152,7 +152,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if opts.consumer_bin.is_none() && !matches!(opts.backend, Backend::Memory) {
+    if opts.consumer_bin.is_none() && !opts.backend.in_process() {
         eprintln!("chaos: cannot find this executable to start consumers from");
         return ExitCode::FAILURE;
     }

@@ -752,9 +752,9 @@ enum Broker {
 impl Broker {
     fn target(&self) -> Target {
         match self {
-            Broker::Memory(b) => Target::Memory(b.clone()),
-            Broker::Kafka(c) => Target::Kafka(c.brokers()),
-            Broker::Nats(s) => Target::Nats(s.lock().expect("server lock").url()),
+            Broker::Memory(b) => Target::memory(b.clone()),
+            Broker::Kafka(c) => Target::new(Backend::Kafka, &c.brokers()),
+            Broker::Nats(s) => Target::new(Backend::Nats, &s.lock().expect("server lock").url()),
         }
     }
 }
@@ -1161,135 +1161,133 @@ impl Ctx {
                 return Err("the partitioned rotation has no topic in this run".into())
             }
         };
-        match &self.target {
-            Target::Memory(_) => {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name(format!("chaos-{worker}"))
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("consumer runtime: {e}"))?;
-                let (target, group, topics) =
-                    (self.target.clone(), self.group.clone(), self.topics.clone());
-                let sink: Arc<dyn Sink> = Arc::new(LocalSink {
-                    checker: self.checker.clone(),
-                    fenced: self.fenced.clone(),
-                });
-                let bus = rt
-                    .spawn(async move {
-                        let pool = backend::pool(pool).await?;
-                        let bus = backend::bus_with(&target, &group, pool, timeouts).await?;
-                        handler::subscribe(&bus, &topics, profile, sink).await?;
-                        Ok::<_, eventbus_core::Error>(bus)
-                    })
-                    .await
-                    .map_err(|e| format!("consumer setup task: {e}"))
-                    .and_then(|r| r.map_err(|e| format!("consumer {worker}: {e}")));
-                match bus {
-                    Ok(bus) => Ok(Member::Memory {
-                        name: worker,
-                        rt,
-                        bus,
-                    }),
-                    Err(e) => {
-                        let _ = tokio::task::spawn_blocking(move || drop(rt)).await;
-                        Err(e)
-                    }
-                }
-            }
-            Target::Kafka(t) | Target::Nats(t) => {
-                let bin = self
-                    .opts
-                    .consumer_bin
-                    .clone()
-                    .ok_or("the consumer binary is needed for kafka and nats")?;
-                let log = std::fs::File::create(self.logs.join(format!("{worker}.log")))
-                    .map_err(|e| format!("consumer log: {e}"))?;
-                let mut cmd = tokio::process::Command::new(&bin);
-                cmd.args(&self.opts.consumer_args)
-                    .arg("--backend")
-                    .arg(self.opts.backend.to_string())
-                    .args(["--target", t])
-                    .args(&topics)
-                    .args(["--group", &self.group])
-                    .args(["--pool", &pool.to_string()])
-                    .args(profile.to_args())
-                    .args([
-                        "--drain-ms".to_owned(),
-                        timeouts.drain.as_millis().to_string(),
-                        "--handover-ms".to_owned(),
-                        timeouts.handover.as_millis().to_string(),
-                    ])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::from(log))
-                    .kill_on_drop(true);
-                if std::env::var_os("RUST_LOG").is_none() {
-                    // The log keeps the hand-overs: assignments, revokes, leases,
-                    // drains and fences that ran out of time.
-                    cmd.env("RUST_LOG", CONSUMER_LOG);
-                }
-                let mut child = cmd
-                    .spawn()
-                    .map_err(|e| format!("start {}: {e}", bin.display()))?;
-                let stdout = child.stdout.take().ok_or("consumer stdout")?;
-                let stdin = child.stdin.take();
-                let (checker, bad, fenced) = (
-                    self.checker.clone(),
-                    self.bad_lines.clone(),
-                    self.fenced.clone(),
-                );
-                let progress = Arc::new(Progress::default());
-                let seen = progress.clone();
-                let owned_changed = self.owned_changed.clone();
-                let duplicates = self.duplicates.clone();
-                let (hangs, hang_changed, counters, others) = (
-                    self.hangs.clone(),
-                    self.hang_changed.clone(),
-                    self.counters.clone(),
-                    self.others_delivered.clone(),
-                );
-                let reader = tokio::spawn(async move {
-                    let mut lines = tokio::io::BufReader::new(stdout).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        match parse_line(&line) {
-                            Some(Ok(Report::Delivered(d))) => {
-                                checker.delivered(&d);
-                                duplicates.lock().expect("duplicates").delivered(&d);
-                                seen.delivered.fetch_add(1, Ordering::Relaxed);
-                                if d.id.producer != HANG_PRODUCER {
-                                    others.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            Some(Ok(Report::Hang(h))) => {
-                                hangs.lock().expect("hang log").events.push(h);
-                                hang_changed.send_modify(|n| *n += 1);
-                            }
-                            Some(Ok(Report::Counters(worker, c))) => {
-                                counters.lock().expect("counters").insert(worker, c);
-                            }
-                            Some(Ok(Report::Subscribed)) => {
-                                seen.subscribed.store(true, Ordering::Relaxed);
-                            }
-                            Some(Ok(Report::Owned(p))) => {
-                                *seen.owned.lock().expect("owned partitions") = Some(p);
-                                owned_changed.send_modify(|n| *n += 1);
-                            }
-                            Some(Ok(Report::GivenUp(id))) => checker.given_up(id),
-                            Some(Ok(Report::StartedFenced(f))) => fenced.push(f),
-                            Some(Err(e)) => bad.lock().expect("bad lines").push(e),
-                            None => bad.lock().expect("bad lines").push(line),
-                        }
-                    }
-                });
-                Ok(Member::Child {
-                    name: worker,
-                    progress,
-                    child,
-                    stdin,
-                    reader,
+        if self.target.backend().in_process() {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name(format!("chaos-{worker}"))
+                .enable_all()
+                .build()
+                .map_err(|e| format!("consumer runtime: {e}"))?;
+            let (target, group, topics) =
+                (self.target.clone(), self.group.clone(), self.topics.clone());
+            let sink: Arc<dyn Sink> = Arc::new(LocalSink {
+                checker: self.checker.clone(),
+                fenced: self.fenced.clone(),
+            });
+            let bus = rt
+                .spawn(async move {
+                    let pool = backend::pool(pool).await?;
+                    let bus = backend::bus_with(&target, &group, pool, timeouts).await?;
+                    handler::subscribe(&bus, &topics, profile, sink).await?;
+                    Ok::<_, eventbus_core::Error>(bus)
                 })
+                .await
+                .map_err(|e| format!("consumer setup task: {e}"))
+                .and_then(|r| r.map_err(|e| format!("consumer {worker}: {e}")));
+            match bus {
+                Ok(bus) => Ok(Member::Memory {
+                    name: worker,
+                    rt,
+                    bus,
+                }),
+                Err(e) => {
+                    let _ = tokio::task::spawn_blocking(move || drop(rt)).await;
+                    Err(e)
+                }
             }
+        } else {
+            let t = self.target.endpoint();
+            let bin = self
+                .opts
+                .consumer_bin
+                .clone()
+                .ok_or("the consumer binary is needed for kafka and nats")?;
+            let log = std::fs::File::create(self.logs.join(format!("{worker}.log")))
+                .map_err(|e| format!("consumer log: {e}"))?;
+            let mut cmd = tokio::process::Command::new(&bin);
+            cmd.args(&self.opts.consumer_args)
+                .arg("--backend")
+                .arg(self.opts.backend.to_string())
+                .args(["--target", t])
+                .args(&topics)
+                .args(["--group", &self.group])
+                .args(["--pool", &pool.to_string()])
+                .args(profile.to_args())
+                .args([
+                    "--drain-ms".to_owned(),
+                    timeouts.drain.as_millis().to_string(),
+                    "--handover-ms".to_owned(),
+                    timeouts.handover.as_millis().to_string(),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(log))
+                .kill_on_drop(true);
+            if std::env::var_os("RUST_LOG").is_none() {
+                // The log keeps the hand-overs: assignments, revokes, leases,
+                // drains and fences that ran out of time.
+                cmd.env("RUST_LOG", CONSUMER_LOG);
+            }
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("start {}: {e}", bin.display()))?;
+            let stdout = child.stdout.take().ok_or("consumer stdout")?;
+            let stdin = child.stdin.take();
+            let (checker, bad, fenced) = (
+                self.checker.clone(),
+                self.bad_lines.clone(),
+                self.fenced.clone(),
+            );
+            let progress = Arc::new(Progress::default());
+            let seen = progress.clone();
+            let owned_changed = self.owned_changed.clone();
+            let duplicates = self.duplicates.clone();
+            let (hangs, hang_changed, counters, others) = (
+                self.hangs.clone(),
+                self.hang_changed.clone(),
+                self.counters.clone(),
+                self.others_delivered.clone(),
+            );
+            let reader = tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match parse_line(&line) {
+                        Some(Ok(Report::Delivered(d))) => {
+                            checker.delivered(&d);
+                            duplicates.lock().expect("duplicates").delivered(&d);
+                            seen.delivered.fetch_add(1, Ordering::Relaxed);
+                            if d.id.producer != HANG_PRODUCER {
+                                others.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Some(Ok(Report::Hang(h))) => {
+                            hangs.lock().expect("hang log").events.push(h);
+                            hang_changed.send_modify(|n| *n += 1);
+                        }
+                        Some(Ok(Report::Counters(worker, c))) => {
+                            counters.lock().expect("counters").insert(worker, c);
+                        }
+                        Some(Ok(Report::Subscribed)) => {
+                            seen.subscribed.store(true, Ordering::Relaxed);
+                        }
+                        Some(Ok(Report::Owned(p))) => {
+                            *seen.owned.lock().expect("owned partitions") = Some(p);
+                            owned_changed.send_modify(|n| *n += 1);
+                        }
+                        Some(Ok(Report::GivenUp(id))) => checker.given_up(id),
+                        Some(Ok(Report::StartedFenced(f))) => fenced.push(f),
+                        Some(Err(e)) => bad.lock().expect("bad lines").push(e),
+                        None => bad.lock().expect("bad lines").push(line),
+                    }
+                }
+            });
+            Ok(Member::Child {
+                name: worker,
+                progress,
+                child,
+                stdin,
+                reader,
+            })
         }
     }
 }
@@ -1483,10 +1481,11 @@ async fn setup(
     let pool = backend::pool(PoolChoice::Keyed)
         .await
         .map_err(|e| e.to_string())?;
-    let publisher: SharedBus = match (broker.target(), &partitioned) {
-        (Target::Nats(url), Some((topic, p))) => Arc::new(
+    let target = broker.target();
+    let publisher: SharedBus = match (target.backend(), &partitioned) {
+        (Backend::Nats, Some((topic, p))) => Arc::new(
             backend::nats_bus(
-                &url,
+                target.endpoint(),
                 "chaos-publisher",
                 pool,
                 HandoverTimeouts::default(),
@@ -1496,7 +1495,7 @@ async fn setup(
             .map_err(|e| format!("publisher bus: {e}"))?,
         ),
         (_, Some(_)) => return Err("the partitioned rotation needs the NATS backend".into()),
-        (target, None) => backend::bus(&target, "chaos-publisher", pool)
+        (_, None) => backend::bus(&target, "chaos-publisher", pool)
             .await
             .map_err(|e| format!("publisher bus: {e}"))?,
     };
@@ -1611,6 +1610,10 @@ async fn pause(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
+/// How long a member may take to leave, or to become ready, during a fault.
+const MEMBER_LIMIT: Duration = Duration::from_secs(30);
+
+/// Inject `fault` for one phase.
 async fn apply(
     fault: Fault,
     ctx: &Ctx,
@@ -1618,209 +1621,262 @@ async fn apply(
     primary: &mut Option<Member>,
     partitioned: &mut Vec<Member>,
 ) -> Result<(), String> {
-    let phase = ctx.opts.phase;
-    let limit = Duration::from_secs(30);
     match (fault, broker) {
-        (Fault::KillConsumer, _) => {
-            if let Some(m) = primary.take() {
-                m.kill().await;
-            }
-            *primary = Some(ctx.spawn().await?);
-            pause(phase).await;
-        }
-        (Fault::RestartConsumer, _) => {
-            if let Some(m) = primary.take() {
-                m.leave(limit).await?;
-            }
-            *primary = Some(ctx.spawn().await?);
-            pause(phase).await;
-        }
-        (Fault::SecondMember, _) => {
-            // Every other time the first member leaves instead, handing the group
-            // over to the second (on NATS: the standby takes the lease).
-            let second = ctx.spawn().await?;
-            pause(phase / 2).await;
-            if ctx.second_members.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
-                second.leave(limit).await?;
-            } else {
-                if let Some(first) = primary.take() {
-                    first.leave(limit).await?;
-                }
-                *primary = Some(second);
-            }
-            pause(phase / 2).await;
-        }
+        (Fault::KillConsumer, _) => kill_consumer(ctx, primary).await,
+        (Fault::RestartConsumer, _) => restart_consumer(ctx, primary).await,
+        (Fault::SecondMember, _) => second_member(ctx, primary).await,
         (Fault::RollingDeploy, _) => {
-            // As a Kubernetes rolling update: start the new member, wait until it
-            // is ready (Kafka: a rebalance moved partitions off the old member,
-            // fencing their queued work, and the new one handles messages; NATS:
-            // it stands by for the lease), let both run a little, then close the
-            // old one while its queues are still deep. The memory broker takes one
-            // member per group and topic, so there the old member closes first and
-            // the new one joins after it.
-            let one_at_a_time = matches!(broker, Broker::Memory(_));
-            let steps = ctx.opts.rolling_steps.max(1);
-            let step = phase / steps;
-            for i in 1..=steps {
-                let started = Instant::now();
-                let burst = ctx.burst();
-                pause(step / 10).await;
-                let next = if one_at_a_time {
-                    None
-                } else {
-                    let joined = Instant::now();
-                    let next = ctx.spawn_with(ctx.opts.rolling_timeouts).await?;
-                    let ready = next.ready(ctx.opts.backend, limit).await;
-                    let waited = joined.elapsed();
-                    pause(step / 4).await;
-                    Some((next, ready, waited))
-                };
-                let joined = match &next {
-                    Some((n, true, waited)) => format!("{} ready after {waited:.1?}; ", n.name()),
-                    Some((n, false, waited)) => {
-                        format!("{} NOT ready after {waited:.1?}; ", n.name())
-                    }
-                    None => String::new(),
-                };
-                ctx.say(&format!(
-                    "rolling {i}/{steps}: {joined}closing {} with {} envelope messages outstanding",
-                    primary.as_ref().map_or("-", |m| m.name()),
-                    ctx.checker.envelope_outstanding()
-                ));
-                if let Some(old) = primary.take() {
-                    old.leave(limit).await?;
-                }
-                *primary = Some(match next {
-                    Some((next, ..)) => next,
-                    None => ctx.spawn_with(ctx.opts.rolling_timeouts).await?,
-                });
-                burst.await.map_err(|e| format!("burst: {e}"))??;
-                pause(step.saturating_sub(started.elapsed())).await;
-            }
+            rolling_deploy(ctx, matches!(broker, Broker::Memory(_)), primary).await
         }
         (Fault::StuckKey | Fault::StuckKeyDeaf, Broker::Kafka(_) | Broker::Nats(_)) => {
-            ctx.stuck_key(fault == Fault::StuckKeyDeaf, primary, limit)
-                .await?;
+            ctx.stuck_key(fault == Fault::StuckKeyDeaf, primary, MEMBER_LIMIT)
+                .await
         }
         (_, Broker::Kafka(c)) if fault.needs_mock_cluster() && !c.is_mock() => {
-            return Err(format!("fault `{fault}` needs the mock cluster"));
+            Err(format!("fault `{fault}` needs the mock cluster"))
         }
         (Fault::CommitErrors | Fault::FetchErrors | Fault::HeartbeatErrors, Broker::Kafka(c)) => {
-            use RDKafkaRespErr::*;
-            let (api, errs) = match fault {
-                Fault::CommitErrors => (
-                    RDKafkaApiKey::OffsetCommit,
-                    vec![
-                        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
-                        RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
-                        RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
-                    ],
-                ),
-                Fault::FetchErrors => (
-                    RDKafkaApiKey::Fetch,
-                    vec![
-                        RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
-                        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
-                        RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
-                    ],
-                ),
-                _ => (
-                    RDKafkaApiKey::Heartbeat,
-                    vec![
-                        RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
-                        RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
-                        RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
-                    ],
-                ),
-            };
-            let burst: Vec<RDKafkaRespErr> = errs.iter().copied().cycle().take(12).collect();
-            c.request_errors(api, &burst);
-            pause(phase).await;
-            c.clear_errors(api);
+            request_errors(fault, ctx, c).await
         }
-        (Fault::BrokerDown, Broker::Kafka(c)) => {
-            c.broker_down(1);
-            pause(Duration::from_secs(3).min(phase)).await;
-            c.broker_up(1);
-            pause(phase.saturating_sub(Duration::from_secs(3))).await;
-        }
-        (Fault::ServerKilled, Broker::Nats(s)) => {
-            s.lock().expect("server lock").kill();
-            pause(Duration::from_secs(2).min(phase)).await;
-            let s = s.clone();
-            tokio::task::spawn_blocking(move || s.lock().expect("server lock").restart())
-                .await
-                .map_err(|e| format!("restart nats-server: {e}"))?;
-            pause(phase.saturating_sub(Duration::from_secs(2))).await;
-        }
-        (Fault::ServerPaused, Broker::Nats(s)) => {
-            s.lock().expect("server lock").pause();
-            pause(Duration::from_secs(3).min(phase)).await;
-            s.lock().expect("server lock").resume();
-            pause(phase.saturating_sub(Duration::from_secs(3))).await;
-        }
+        (Fault::BrokerDown, Broker::Kafka(c)) => broker_down(ctx, c).await,
+        (Fault::ServerKilled, Broker::Nats(s)) => server_killed(ctx, s).await,
+        (Fault::ServerPaused, Broker::Nats(s)) => server_paused(ctx, s).await,
         (Fault::PartitionedRotation, Broker::Nats(_)) => {
-            // Whatever the previous fault did (a server restart, say), the
-            // members share the partitions fairly before the first step.
-            ctx.settle_partitioned(
-                RotationStepKind::Settle,
-                "before the steps".into(),
-                partitioned,
-                Instant::now(),
-            )
-            .await;
-            let step = phase / 4;
-            for kind in [
-                RotationStepKind::Kill,
-                RotationStepKind::Restart,
-                RotationStepKind::Join,
-                RotationStepKind::Leave,
-            ] {
-                let started = Instant::now();
-                // The oldest member goes: over the rotation every member is
-                // replaced in turn.
-                let detail = match kind {
-                    RotationStepKind::Join => {
-                        let next = ctx.spawn_partitioned().await?;
-                        let detail = format!("{} joined", next.name());
-                        partitioned.push(next);
-                        detail
-                    }
-                    _ if partitioned.is_empty() => {
-                        return Err("the partitioned rotation has no member left".into())
-                    }
-                    RotationStepKind::Kill => {
-                        let victim = partitioned.remove(0);
-                        let name = victim.name().to_owned();
-                        victim.kill().await;
-                        let next = ctx.spawn_partitioned().await?;
-                        let detail = format!("{name} killed, {} started", next.name());
-                        partitioned.push(next);
-                        detail
-                    }
-                    RotationStepKind::Restart => {
-                        let victim = partitioned.remove(0);
-                        let name = victim.name().to_owned();
-                        victim.leave(limit).await?;
-                        let next = ctx.spawn_partitioned().await?;
-                        let detail = format!("{name} closed, {} started", next.name());
-                        partitioned.push(next);
-                        detail
-                    }
-                    RotationStepKind::Leave | RotationStepKind::Settle => {
-                        let victim = partitioned.remove(0);
-                        let name = victim.name().to_owned();
-                        victim.leave(limit).await?;
-                        format!("{name} left")
-                    }
-                };
-                ctx.settle_partitioned(kind, detail, partitioned, started)
-                    .await;
-                // Messages flow for a while under the new shares.
-                pause(step.saturating_sub(started.elapsed()).max(step / 4)).await;
-            }
+            partitioned_rotation(ctx, partitioned).await
         }
-        (f, _) => return Err(format!("fault `{f}` does not apply to this backend")),
+        (f, _) => Err(format!("fault `{f}` does not apply to this backend")),
+    }
+}
+
+/// [`Fault::KillConsumer`].
+async fn kill_consumer(ctx: &Ctx, primary: &mut Option<Member>) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    if let Some(m) = primary.take() {
+        m.kill().await;
+    }
+    *primary = Some(ctx.spawn().await?);
+    pause(phase).await;
+    Ok(())
+}
+
+/// [`Fault::RestartConsumer`].
+async fn restart_consumer(ctx: &Ctx, primary: &mut Option<Member>) -> Result<(), String> {
+    let (phase, limit) = (ctx.opts.phase, MEMBER_LIMIT);
+    if let Some(m) = primary.take() {
+        m.leave(limit).await?;
+    }
+    *primary = Some(ctx.spawn().await?);
+    pause(phase).await;
+    Ok(())
+}
+
+/// [`Fault::SecondMember`].
+async fn second_member(ctx: &Ctx, primary: &mut Option<Member>) -> Result<(), String> {
+    let (phase, limit) = (ctx.opts.phase, MEMBER_LIMIT);
+    // Every other time the first member leaves instead, handing the group
+    // over to the second (on NATS: the standby takes the lease).
+    let second = ctx.spawn().await?;
+    pause(phase / 2).await;
+    if ctx.second_members.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+        second.leave(limit).await?;
+    } else {
+        if let Some(first) = primary.take() {
+            first.leave(limit).await?;
+        }
+        *primary = Some(second);
+    }
+    pause(phase / 2).await;
+    Ok(())
+}
+
+/// [`Fault::RollingDeploy`]; `one_at_a_time` on a broker that takes one member
+/// per group and topic.
+async fn rolling_deploy(
+    ctx: &Ctx,
+    one_at_a_time: bool,
+    primary: &mut Option<Member>,
+) -> Result<(), String> {
+    // As a Kubernetes rolling update: start the new member, wait until it
+    // is ready (Kafka: a rebalance moved partitions off the old member,
+    // fencing their queued work, and the new one handles messages; NATS:
+    // it stands by for the lease), let both run a little, then close the
+    // old one while its queues are still deep. The memory broker takes one
+    // member per group and topic, so there the old member closes first and
+    // the new one joins after it.
+    let (phase, limit) = (ctx.opts.phase, MEMBER_LIMIT);
+    let steps = ctx.opts.rolling_steps.max(1);
+    let step = phase / steps;
+    for i in 1..=steps {
+        let started = Instant::now();
+        let burst = ctx.burst();
+        pause(step / 10).await;
+        let next = if one_at_a_time {
+            None
+        } else {
+            let joined = Instant::now();
+            let next = ctx.spawn_with(ctx.opts.rolling_timeouts).await?;
+            let ready = next.ready(ctx.opts.backend, limit).await;
+            let waited = joined.elapsed();
+            pause(step / 4).await;
+            Some((next, ready, waited))
+        };
+        let joined = match &next {
+            Some((n, true, waited)) => format!("{} ready after {waited:.1?}; ", n.name()),
+            Some((n, false, waited)) => {
+                format!("{} NOT ready after {waited:.1?}; ", n.name())
+            }
+            None => String::new(),
+        };
+        ctx.say(&format!(
+            "rolling {i}/{steps}: {joined}closing {} with {} envelope messages outstanding",
+            primary.as_ref().map_or("-", |m| m.name()),
+            ctx.checker.envelope_outstanding()
+        ));
+        if let Some(old) = primary.take() {
+            old.leave(limit).await?;
+        }
+        *primary = Some(match next {
+            Some((next, ..)) => next,
+            None => ctx.spawn_with(ctx.opts.rolling_timeouts).await?,
+        });
+        burst.await.map_err(|e| format!("burst: {e}"))??;
+        pause(step.saturating_sub(started.elapsed())).await;
+    }
+    Ok(())
+}
+
+/// [`Fault::CommitErrors`], [`Fault::FetchErrors`] or [`Fault::HeartbeatErrors`]:
+/// a burst of errors on that request of the mock cluster, for one phase.
+async fn request_errors(fault: Fault, ctx: &Ctx, c: &Cluster) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    use RDKafkaRespErr::*;
+    let (api, errs) = match fault {
+        Fault::CommitErrors => (
+            RDKafkaApiKey::OffsetCommit,
+            vec![
+                RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+                RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+            ],
+        ),
+        Fault::FetchErrors => (
+            RDKafkaApiKey::Fetch,
+            vec![
+                RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+            ],
+        ),
+        _ => (
+            RDKafkaApiKey::Heartbeat,
+            vec![
+                RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+                RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+                RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+            ],
+        ),
+    };
+    let burst: Vec<RDKafkaRespErr> = errs.iter().copied().cycle().take(12).collect();
+    c.request_errors(api, &burst);
+    pause(phase).await;
+    c.clear_errors(api);
+    Ok(())
+}
+
+/// [`Fault::BrokerDown`].
+async fn broker_down(ctx: &Ctx, c: &Cluster) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    c.broker_down(1);
+    pause(Duration::from_secs(3).min(phase)).await;
+    c.broker_up(1);
+    pause(phase.saturating_sub(Duration::from_secs(3))).await;
+    Ok(())
+}
+
+/// [`Fault::ServerKilled`].
+async fn server_killed(ctx: &Ctx, s: &Arc<Mutex<NatsServer>>) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    s.lock().expect("server lock").kill();
+    pause(Duration::from_secs(2).min(phase)).await;
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || s.lock().expect("server lock").restart())
+        .await
+        .map_err(|e| format!("restart nats-server: {e}"))?;
+    pause(phase.saturating_sub(Duration::from_secs(2))).await;
+    Ok(())
+}
+
+/// [`Fault::ServerPaused`].
+async fn server_paused(ctx: &Ctx, s: &Arc<Mutex<NatsServer>>) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    s.lock().expect("server lock").pause();
+    pause(Duration::from_secs(3).min(phase)).await;
+    s.lock().expect("server lock").resume();
+    pause(phase.saturating_sub(Duration::from_secs(3))).await;
+    Ok(())
+}
+
+/// [`Fault::PartitionedRotation`].
+async fn partitioned_rotation(ctx: &Ctx, partitioned: &mut Vec<Member>) -> Result<(), String> {
+    let (phase, limit) = (ctx.opts.phase, MEMBER_LIMIT);
+    // Whatever the previous fault did (a server restart, say), the
+    // members share the partitions fairly before the first step.
+    ctx.settle_partitioned(
+        RotationStepKind::Settle,
+        "before the steps".into(),
+        partitioned,
+        Instant::now(),
+    )
+    .await;
+    let step = phase / 4;
+    for kind in [
+        RotationStepKind::Kill,
+        RotationStepKind::Restart,
+        RotationStepKind::Join,
+        RotationStepKind::Leave,
+    ] {
+        let started = Instant::now();
+        // The oldest member goes: over the rotation every member is
+        // replaced in turn.
+        let detail = match kind {
+            RotationStepKind::Join => {
+                let next = ctx.spawn_partitioned().await?;
+                let detail = format!("{} joined", next.name());
+                partitioned.push(next);
+                detail
+            }
+            _ if partitioned.is_empty() => {
+                return Err("the partitioned rotation has no member left".into())
+            }
+            RotationStepKind::Kill => {
+                let victim = partitioned.remove(0);
+                let name = victim.name().to_owned();
+                victim.kill().await;
+                let next = ctx.spawn_partitioned().await?;
+                let detail = format!("{name} killed, {} started", next.name());
+                partitioned.push(next);
+                detail
+            }
+            RotationStepKind::Restart => {
+                let victim = partitioned.remove(0);
+                let name = victim.name().to_owned();
+                victim.leave(limit).await?;
+                let next = ctx.spawn_partitioned().await?;
+                let detail = format!("{name} closed, {} started", next.name());
+                partitioned.push(next);
+                detail
+            }
+            RotationStepKind::Leave | RotationStepKind::Settle => {
+                let victim = partitioned.remove(0);
+                let name = victim.name().to_owned();
+                victim.leave(limit).await?;
+                format!("{name} left")
+            }
+        };
+        ctx.settle_partitioned(kind, detail, partitioned, started)
+            .await;
+        // Messages flow for a while under the new shares.
+        pause(step.saturating_sub(started.elapsed()).max(step / 4)).await;
     }
     Ok(())
 }
@@ -1879,7 +1935,7 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         .lock()
         .expect("duplicates")
         .begin("start".into());
-    if ctx.opts.verbose && !matches!(ctx.opts.backend, Backend::Memory) {
+    if ctx.opts.verbose && !ctx.opts.backend.in_process() {
         eprintln!("consumer logs in {}", logs.display());
     }
     let mut primary = Some(ctx.spawn().await?);

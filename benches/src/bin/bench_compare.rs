@@ -426,11 +426,7 @@ fn messages_for(backend: Backend, handler: HandlerKind, dist: KeyDist, quick: bo
         (HandlerKind::Noop, _) => 40_000,
         (HandlerKind::Cpu | HandlerKind::Io | HandlerKind::IoSim, _) => 20_000,
     };
-    let base = if backend == Backend::Memory {
-        base
-    } else {
-        base / 2
-    };
+    let base = if backend.in_process() { base } else { base / 2 };
     if quick {
         base / 4
     } else {
@@ -654,18 +650,16 @@ fn mean(xs: &[f64]) -> f64 {
 /// the keyed bus and the actor bus, rotating; on memory (no bare client) the
 /// keyed and the actor bus, alternating which goes first.
 fn drain_sides(backend: Backend, round: usize) -> Vec<DrainSide> {
-    match backend {
-        Backend::Memory => order(round).into_iter().map(DrainSide::Bus).collect(),
-        Backend::Kafka | Backend::Nats => {
-            let mut sides = vec![
-                DrainSide::Bare,
-                DrainSide::Bus(PoolKind::Keyed),
-                DrainSide::Bus(PoolKind::Actor),
-            ];
-            sides.rotate_left(round % 3);
-            sides
-        }
+    if backend.in_process() {
+        return order(round).into_iter().map(DrainSide::Bus).collect();
     }
+    let mut sides = vec![
+        DrainSide::Bare,
+        DrainSide::Bus(PoolKind::Keyed),
+        DrainSide::Bus(PoolKind::Actor),
+    ];
+    sides.rotate_left(round % 3);
+    sides
 }
 
 /// Pools in the order of round `round`: alternating which goes first.
@@ -1094,7 +1088,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
         let ideal = workers * 1000.0 / io_ms;
         let (busiest, mean_load) = routing_spread(keys, conc_n, workers as usize);
         let spread = mean_load / busiest.max(1) as f64;
-        let (ceiling, against) = if backend != Backend::Memory && bare_rate < ideal {
+        let (ceiling, against) = if !backend.in_process() && bare_rate < ideal {
             (
                 bare_rate,
                 format!("the bare loop's {bare_rate:.0} msg/s (below workers ÷ handler time, {ideal:.0})"),
@@ -1111,7 +1105,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
                 kind.as_str(),
                 dist.name(),
                 100.0 * target,
-                if backend == Backend::Memory {
+                if backend.in_process() {
                     ""
                 } else {
                     " (or of the bare loop, if lower)"
@@ -1342,7 +1336,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
                 .map(DrainResult::cpu_us_per_message),
         )
     };
-    if !drains.is_empty() && backend == Backend::Memory {
+    if !drains.is_empty() && backend.in_process() {
         // No bare client in process: the floor is the keyed pool's own round trip
         // (submit + complete), measured in this run; the bus adds the broker, the
         // consumer loop, the dispatch and the commit on top of it.
@@ -1431,7 +1425,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
             }
         }
     }
-    if backend != Backend::Memory {
+    if !backend.in_process() {
         notes.push(
             "broker workloads publish in batches of 200 while consuming (each message stamped when its batch is built), after a warm-up message proved the subscription live; throughput there can be bounded by the producer, the same for both pools".into(),
         );

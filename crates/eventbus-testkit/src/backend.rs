@@ -25,6 +25,20 @@ impl Backend {
             Backend::Nats => "nats",
         }
     }
+
+    /// Whether the broker runs inside the process (memory): nothing to connect
+    /// to, no group to join before the first message.
+    pub fn in_process(self) -> bool {
+        self == Backend::Memory
+    }
+
+    /// Buses of this backend on the broker at `endpoint` (Kafka bootstrap
+    /// servers or a NATS URL; memory: none, the buses share a new broker), with
+    /// the testkit's client settings.
+    #[cfg(all(feature = "memory", feature = "kafka", feature = "nats"))]
+    pub fn factory(self, endpoint: &str) -> crate::factories::BusesAt {
+        crate::factories::BusesAt::new(self, endpoint)
+    }
 }
 
 impl fmt::Display for Backend {

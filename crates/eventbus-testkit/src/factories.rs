@@ -303,3 +303,112 @@ impl BusFactory for NatsBuses {
         .boxed()
     }
 }
+
+/// Buses of one backend on a broker already running at an endpoint, as a run
+/// that takes `--backend` and an address makes them ([`Backend::factory`]):
+/// on an in-process broker, on the Kafka cluster or NATS server its client
+/// settings name. The settings start as [`kafka_config`] and [`nats_config`];
+/// [`kafka`](Self::kafka), [`nats`](Self::nats) and [`memory`](Self::memory)
+/// change those of their own backend and leave the others alone.
+#[cfg(all(feature = "memory", feature = "kafka", feature = "nats"))]
+#[derive(Debug, Clone)]
+pub enum BusesAt {
+    /// On this in-process broker.
+    Memory(eventbus_memory::MemoryBroker),
+    /// On the Kafka cluster of these settings.
+    Kafka(eventbus_kafka::KafkaConfig),
+    /// On the NATS server of these settings.
+    Nats(eventbus_nats::NatsConfig),
+}
+
+#[cfg(all(feature = "memory", feature = "kafka", feature = "nats"))]
+impl BusesAt {
+    /// Buses of `backend` at `endpoint`: Kafka bootstrap servers or a NATS URL
+    /// (memory: ignored, the buses share a new broker).
+    pub fn new(backend: crate::Backend, endpoint: &str) -> Self {
+        match backend {
+            crate::Backend::Memory => Self::Memory(eventbus_memory::MemoryBroker::default()),
+            crate::Backend::Kafka => Self::Kafka(kafka_config(endpoint)),
+            crate::Backend::Nats => Self::Nats(nats_config(endpoint)),
+        }
+    }
+
+    /// On memory, buses on `broker` instead.
+    #[must_use]
+    pub fn memory(self, broker: eventbus_memory::MemoryBroker) -> Self {
+        match self {
+            Self::Memory(_) => Self::Memory(broker),
+            other => other,
+        }
+    }
+
+    /// On Kafka, the client settings `f` makes of the current ones.
+    #[must_use]
+    pub fn kafka(
+        self,
+        f: impl FnOnce(eventbus_kafka::KafkaConfig) -> eventbus_kafka::KafkaConfig,
+    ) -> Self {
+        match self {
+            Self::Kafka(c) => Self::Kafka(f(c)),
+            other => other,
+        }
+    }
+
+    /// On NATS, the client settings `f` makes of the current ones.
+    #[must_use]
+    pub fn nats(
+        self,
+        f: impl FnOnce(eventbus_nats::NatsConfig) -> eventbus_nats::NatsConfig,
+    ) -> Self {
+        match self {
+            Self::Nats(c) => Self::Nats(f(c)),
+            other => other,
+        }
+    }
+
+    /// The backend of these buses.
+    pub fn backend(&self) -> crate::Backend {
+        match self {
+            Self::Memory(_) => crate::Backend::Memory,
+            Self::Kafka(_) => crate::Backend::Kafka,
+            Self::Nats(_) => crate::Backend::Nats,
+        }
+    }
+}
+
+#[cfg(all(feature = "memory", feature = "kafka", feature = "nats"))]
+impl BusFactory for BusesAt {
+    fn name(&self) -> &str {
+        self.backend().as_str()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all().partitions(self.backend() != crate::Backend::Nats)
+    }
+
+    fn bus(
+        &self,
+        pool: Arc<dyn Pool>,
+        config: EventBusConfig,
+    ) -> BoxFuture<'_, Result<SharedBus, Error>> {
+        async move {
+            let bus: SharedBus = match self {
+                Self::Memory(broker) => Arc::new(eventbus_memory::MemoryEventBus::new(
+                    broker.clone(),
+                    pool,
+                    config,
+                )?),
+                Self::Kafka(kafka) => Arc::new(eventbus_kafka::KafkaEventBus::new(
+                    kafka.clone(),
+                    config,
+                    pool,
+                )?),
+                Self::Nats(nats) => Arc::new(
+                    eventbus_nats::NatsEventBus::connect(nats.clone(), config, pool).await?,
+                ),
+            };
+            Ok(bus)
+        }
+        .boxed()
+    }
+}

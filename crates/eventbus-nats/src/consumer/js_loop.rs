@@ -477,6 +477,7 @@ impl JsLoop {
 
 /// The client's next reconnect. Once the watch is closed (its sender lives in the
 /// client's event callback, dropped when the connection handler ends for good:
+/// come back, over and over.
 /// reconnects given up, or the client closed) no reconnect can come any more, and
 /// this never completes: a closed watch's `changed()` is ready at once on every
 /// poll, which would make the consume loop end its turn, re-take the consumer and

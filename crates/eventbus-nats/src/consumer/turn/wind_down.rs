@@ -237,7 +237,6 @@ impl ConsumeTurn<'_> {
     }
 }
 
-/// come back, over and over.
 /// A turn's work handed over (a move, a lease loss, a give-back, a close),
 /// through core's hand-over: what finishes meanwhile is settled, and what the
 /// open pull request still brings is registered, to be handed back in order

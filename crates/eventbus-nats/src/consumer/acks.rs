@@ -9,7 +9,6 @@ use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
 use futures::StreamExt;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eventbus_core::raw::{Completion, Disposition};
@@ -21,24 +20,32 @@ pub(super) struct Tracked {
     pub(super) last_signal: Instant,
 }
 
-pub(super) type Registry = Arc<Mutex<HashMap<u64, Tracked>>>;
+/// Every message of a turn not yet settled, by stream sequence: owned by the
+/// turn, which also sends their heartbeats.
+pub(super) type Registry = HashMap<u64, Tracked>;
 
-/// Ack, term or nak a finished message. With `hand_back_later`, an abandoned
+/// What to send the server for a finished message: ack, term or nak.
+#[derive(Debug)]
+pub(super) struct Settle {
+    seq: u64,
+    reply: Subject,
+    kind: AckKind,
+}
+
+/// Take a finished message out of `registry`: what to send for it, or `None`
+/// when it is not registered (any more). With `hand_back_later`, an abandoned
 /// message stays registered, to be handed back with the rest at the end of the
 /// turn, lowest sequence first and confirmed ([`hand_back`]).
-pub(super) async fn settle(
-    client: &Client,
-    registry: &Registry,
+pub(super) fn settle(
+    registry: &mut Registry,
     completion: Completion<u64>,
     hand_back_later: bool,
-) {
+) -> Option<Settle> {
     let seq = completion.token;
     if hand_back_later && completion.disposition == Disposition::Abandoned {
-        return;
+        return None;
     }
-    let Some(tracked) = registry.lock().expect("registry poisoned").remove(&seq) else {
-        return;
-    };
+    let tracked = registry.remove(&seq)?;
     let kind = match completion.disposition {
         Disposition::Handled | Disposition::Dropped => AckKind::Ack,
         // The dead letter is written: stop redelivery for good.
@@ -46,8 +53,20 @@ pub(super) async fn settle(
         Disposition::Abandoned => AckKind::Nak(None),
     };
     debug_assert_eq!(completion.should_ack(), !matches!(kind, AckKind::Nak(_)));
-    if let Err(e) = client.publish(tracked.reply, kind.into()).await {
-        tracing::warn!(seq, error = %e, "cannot send ack; the message will be redelivered");
+    Some(Settle {
+        seq,
+        reply: tracked.reply,
+        kind,
+    })
+}
+
+impl Settle {
+    /// Send the ack, term or nak.
+    pub(super) async fn send(self, client: &Client) {
+        let Self { seq, reply, kind } = self;
+        if let Err(e) = client.publish(reply, kind.into()).await {
+            tracing::warn!(seq, error = %e, "cannot send ack; the message will be redelivered");
+        }
     }
 }
 
@@ -62,16 +81,14 @@ pub(super) async fn settle(
 /// ahead of the one given back.
 pub(super) async fn hand_back(
     client: &Client,
-    registry: &Registry,
+    registry: &mut Registry,
     seqs: &[u64],
     timeout: Duration,
 ) -> bool {
-    let replies: Vec<Subject> = {
-        let mut reg = registry.lock().expect("registry poisoned");
-        seqs.iter()
-            .filter_map(|seq| reg.remove(seq).map(|t| t.reply))
-            .collect()
-    };
+    let replies: Vec<Subject> = seqs
+        .iter()
+        .filter_map(|seq| registry.remove(seq).map(|t| t.reply))
+        .collect();
     if replies.is_empty() {
         return true;
     }

@@ -415,7 +415,7 @@ impl JsLoop {
     pub(super) fn accept(
         &mut self,
         m: async_nats::Message,
-        registry: &Registry,
+        registry: &mut Registry,
         now: Instant,
     ) -> Option<Message> {
         let Some((reply, info)) = m
@@ -438,25 +438,22 @@ impl JsLoop {
             self.state.redeliveries.fetch_add(1, Ordering::Relaxed);
             self.state.redelivery_counter.increment(1);
         }
-        {
-            let mut reg = registry.lock().expect("registry poisoned");
-            if let Some(t) = reg.get_mut(&seq) {
-                // The server redelivered a message we are still handling: never run
-                // it twice at once; ack the newest delivery when the original ends.
-                tracing::debug!(topic = %self.state.topic, seq, attempt,
-                    "redelivery of a message still in flight; not dispatched again");
-                t.reply = reply;
-                t.last_signal = now;
-                return None;
-            }
-            reg.insert(
-                seq,
-                Tracked {
-                    reply,
-                    last_signal: now,
-                },
-            );
+        if let Some(t) = registry.get_mut(&seq) {
+            // The server redelivered a message we are still handling: never run
+            // it twice at once; ack the newest delivery when the original ends.
+            tracing::debug!(topic = %self.state.topic, seq, attempt,
+                "redelivery of a message still in flight; not dispatched again");
+            t.reply = reply;
+            t.last_signal = now;
+            return None;
         }
+        registry.insert(
+            seq,
+            Tracked {
+                reply,
+                last_signal: now,
+            },
+        );
         tracing::debug!(topic = %self.state.topic, seq, attempt, "delivery");
         let (headers, key) = from_header_map(m.headers.as_ref(), &mut self.chunks);
         let mut msg = Message::new(

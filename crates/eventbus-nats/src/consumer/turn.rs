@@ -7,9 +7,9 @@
 use async_nats::Client;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -18,7 +18,7 @@ use eventbus_core::raw::{Claim, Completion, Completions, Disposition, InFlight, 
 use eventbus_core::{CancellationToken, Message, Result};
 
 use super::acks::{settle, Registry};
-use super::heartbeats::heartbeats;
+use super::heartbeats::Heartbeats;
 use super::js_loop::{next_reconnect, JsLoop};
 use super::retry_delay;
 use crate::lease::LeaseClock;
@@ -51,6 +51,8 @@ pub(super) struct Submitted {
 enum Step {
     /// The turn ends: its stop token fired, or the in-flight limit is closed.
     Stop,
+    /// Time to send the in-progress heartbeats that are due.
+    Beat,
     /// A submitted message finished.
     Settled(Completion<u64>),
     /// The submission under way is done (accepted by the pool, or not).
@@ -80,9 +82,9 @@ pub(super) struct ConsumeTurn<'a> {
     client: Client,
     /// Every message of the turn not yet settled, by stream sequence.
     registry: Registry,
-    /// Stops `beats`, the task sending `+WPI` for what is in `registry`.
-    beats_stop: CancellationToken,
-    beats: tokio::task::JoinHandle<()>,
+    /// The `+WPI` heartbeats of what is in `registry`: a branch of the turn's
+    /// `select!`, and raced against every other wait of the turn.
+    beats: Heartbeats,
     /// Fetched and registered, waiting for submission, each with its permit.
     queue: VecDeque<(Message, OwnedSemaphorePermit)>,
     /// The submission under way (a batch of queued messages): one at a time, in
@@ -119,8 +121,8 @@ pub(super) struct ConsumeTurn<'a> {
 }
 
 impl<'a> ConsumeTurn<'a> {
-    /// Begin a turn: a new scope, the reconnects before it seen, and the heartbeat
-    /// task for its messages.
+    /// Begin a turn: a new scope, the reconnects before it seen, and the
+    /// heartbeats of its messages.
     pub(super) fn start(
         js: &'a mut JsLoop,
         clock: &'a LeaseClock,
@@ -132,14 +134,7 @@ impl<'a> ConsumeTurn<'a> {
             tracing::debug!(topic = %js.state.topic,
                 "the NATS client is gone for good: no reconnect to watch for");
         }
-        let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
-        let beats_stop = CancellationToken::new();
-        let beats = tokio::spawn(heartbeats(
-            registry.clone(),
-            js.shared.client.clone(),
-            js.shared.config.ack_wait,
-            beats_stop.clone(),
-        ));
+        let beats = Heartbeats::new(js.shared.client.clone(), js.shared.config.ack_wait);
         let client = js.shared.client.clone();
         let stopped = Box::pin(js.stop.clone().cancelled_owned());
         // A clone has seen what `js.reconnects` has seen (all of it, above).
@@ -151,8 +146,7 @@ impl<'a> ConsumeTurn<'a> {
             lost,
             scope: Scope::new(),
             client,
-            registry,
-            beats_stop,
+            registry: Registry::new(),
             beats,
             queue: VecDeque::new(),
             submitting: None,
@@ -178,6 +172,7 @@ impl<'a> ConsumeTurn<'a> {
         loop {
             match self.next_step().await {
                 Step::Stop => break,
+                Step::Beat => self.beats.beat(&mut self.registry).await,
                 Step::Settled(completion) => {
                     self.on_settled(completion, false).await;
                     self.settle_ready().await;
@@ -266,6 +261,7 @@ impl<'a> ConsumeTurn<'a> {
         tokio::select! {
             biased;
             _ = self.stopped.as_mut() => Step::Stop,
+            () = self.beats.tick() => Step::Beat,
             Some(((), completion)) = self.inflight.next(), if !self.inflight.is_empty() => {
                 Step::Settled(completion)
             }
@@ -301,13 +297,13 @@ impl<'a> ConsumeTurn<'a> {
         }
         if self.lost.is_cancelled() {
             // A lost lease commits nothing: the next holder re-reads it.
-            self.registry
-                .lock()
-                .expect("registry poisoned")
-                .remove(&completion.token);
+            self.registry.remove(&completion.token);
             return;
         }
-        settle(&self.client, &self.registry, completion, hand_back_later).await;
+        if let Some(settle) = settle(&mut self.registry, completion, hand_back_later) {
+            let sent = settle.send(&self.client);
+            self.beats.during(&mut self.registry, sent).await;
+        }
     }
 
     /// The submission under way is done: track each submitted job until it
@@ -399,7 +395,7 @@ impl<'a> ConsumeTurn<'a> {
                     .or_else(|| self.js.total.clone().try_acquire_owned().ok());
                 match permit {
                     Some(permit) => {
-                        if let Some(msg) = self.js.accept(m, &self.registry, now) {
+                        if let Some(msg) = self.js.accept(m, &mut self.registry, now) {
                             self.queue.push_back((msg, permit));
                         }
                     }
@@ -431,7 +427,8 @@ impl<'a> ConsumeTurn<'a> {
         if !self.needs_recreate {
             return;
         }
-        match (self.js.recreate)(None).await {
+        let recreate = (self.js.recreate)(None);
+        match self.beats.during(&mut self.registry, recreate).await {
             Ok(c) => {
                 self.js.consumer = c;
                 self.needs_recreate = false;
@@ -457,7 +454,8 @@ impl<'a> ConsumeTurn<'a> {
             n,
             self.js.shared.config.fetch_expires,
         );
-        match tokio::time::timeout(self.js.shared.config.request_timeout, request).await {
+        let request = tokio::time::timeout(self.js.shared.config.request_timeout, request);
+        match self.beats.during(&mut self.registry, request).await {
             Ok(Ok(b)) => self.batch = Some((b, permits)),
             Ok(Err(e)) => {
                 tracing::warn!(topic = %self.js.state.topic, error = %e, "cannot send pull request");

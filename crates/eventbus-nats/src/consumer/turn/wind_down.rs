@@ -20,6 +20,9 @@ enum Wind {
     Settled(Completion<u64>),
     /// The pull request still open brought a message, or ended (`None`, error).
     Late(Option<Delivery>),
+    /// Time to send the in-progress heartbeats that are due: the messages
+    /// registered keep them through the whole wind-down.
+    Beat,
 }
 
 impl ConsumeTurn<'_> {
@@ -28,7 +31,7 @@ impl ConsumeTurn<'_> {
     pub(in crate::consumer) async fn finish(mut self) -> TurnEnd {
         if self.lost.is_cancelled() {
             // Nothing is kept alive for a lease that is gone.
-            self.beats_stop.cancel();
+            self.beats.stop();
         }
         let (deadline, flush_by) = self.stop_fetching();
         self.read_inbox(flush_by).await;
@@ -116,9 +119,10 @@ impl ConsumeTurn<'_> {
     /// server sent before a flush round trip (bounded by `flush_by`) is in the
     /// inbox.
     async fn read_inbox(&mut self, flush_by: tokio::time::Instant) {
-        let (js, registry) = (&mut *self.js, &self.registry);
+        let (js, registry) = (&mut *self.js, &mut self.registry);
         let Some(b) = self.open.as_mut() else { return };
-        if let Ok(Ok(())) = tokio::time::timeout_at(flush_by, self.client.flush()).await {
+        let flushed = tokio::time::timeout_at(flush_by, self.client.flush());
+        if let Ok(Ok(())) = self.beats.during(registry, flushed).await {
             tokio::task::unconstrained(async {
                 while let Some(Some(Ok(m))) = b.next().now_or_never() {
                     let _ = js.accept(m, registry, Instant::now());
@@ -134,7 +138,8 @@ impl ConsumeTurn<'_> {
             // The turn has stopped, so the submission ends at once: the pool's
             // wait for room ends on the stop. Messages not submitted are handed
             // back with the rest.
-            match tokio::time::timeout_at(deadline, sub).await {
+            let submitted = tokio::time::timeout_at(deadline, sub);
+            match self.beats.during(&mut self.registry, submitted).await {
                 Ok(submitted) => {
                     self.track_submitted(submitted);
                 }
@@ -172,7 +177,7 @@ impl ConsumeTurn<'_> {
     fn on_late(&mut self, item: Option<Delivery>) {
         match item {
             Some(Ok(m)) => {
-                let _ = self.js.accept(m, &self.registry, Instant::now());
+                let _ = self.js.accept(m, &mut self.registry, Instant::now());
             }
             _ => self.open = None,
         }
@@ -187,10 +192,10 @@ impl ConsumeTurn<'_> {
         let Some(mut b) = self.open.take() else {
             return;
         };
-        let (js, registry) = (&mut *self.js, &self.registry);
+        let (js, registry, beats) = (&mut *self.js, &mut self.registry, &mut self.beats);
         let bound = js.shared.config.fetch_expires + Duration::from_secs(1);
         let ran_out = tokio::time::timeout(bound, async {
-            while let Some(item) = b.next().await {
+            while let Some(item) = beats.during(registry, b.next()).await {
                 if let Ok(m) = item {
                     let _ = js.accept(m, registry, Instant::now());
                 }
@@ -206,30 +211,22 @@ impl ConsumeTurn<'_> {
     /// first so the server redelivers it in stream order, waiting (bounded) for
     /// the server to confirm it: the lease is released only after that.
     async fn hand_back_all(&mut self) {
-        self.beats_stop.cancel();
-        let _ = (&mut self.beats).await;
+        self.beats.stop();
         if self.lost.is_cancelled() {
             // Another member may consume these already (re-read from the ack
             // floor): a `-NAK` now could redeliver one of them beside its copy
             // there. Nothing is given back; the lease is not released.
-            let mut reg = self.registry.lock().expect("registry poisoned");
-            tracing::debug!(topic = %self.js.state.topic, left = reg.len(),
+            tracing::debug!(topic = %self.js.state.topic, left = self.registry.len(),
                 "lease lost: unfinished messages left to the next holder");
-            reg.clear();
+            self.registry.clear();
             self.js.handed_back = false;
             return;
         }
-        let mut left: Vec<u64> = self
-            .registry
-            .lock()
-            .expect("registry poisoned")
-            .keys()
-            .copied()
-            .collect();
+        let mut left: Vec<u64> = self.registry.keys().copied().collect();
         left.sort_unstable();
         tracing::debug!(topic = %self.js.state.topic, released = ?left, "handing back unfinished messages");
         let bound = self.js.shared.config.request_timeout;
-        self.js.handed_back = hand_back(&self.client, &self.registry, &left, bound).await;
+        self.js.handed_back = hand_back(&self.client, &mut self.registry, &left, bound).await;
         if !self.js.handed_back {
             tracing::warn!(topic = %self.js.state.topic, partition = ?self.js.state.partition,
                 "the server did not confirm every message handed back in time");
@@ -274,10 +271,14 @@ impl HandOver for ConsumeTurn<'_> {
             item = async { open.as_mut().expect("guarded").next().await }, if open.is_some() => {
                 Wind::Late(item)
             }
+            // Last: a tick does not hold off what is ready (the hand-over takes
+            // what is ready after the wait), and comes once per tick anyway.
+            () = self.beats.tick() => Wind::Beat,
         };
         match wind {
             Wind::Settled(completion) => self.on_settled(completion, true).await,
             Wind::Late(item) => self.on_late(item),
+            Wind::Beat => self.beats.beat(&mut self.registry).await,
         }
     }
 }

@@ -22,13 +22,11 @@
 
 use eventbus::core::raw::{rollout_bucket, stable_hash};
 use eventbus::{
-    Envelope, Event, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError, MemoryBroker,
-    OpsServer, OpsServerConfig, Payload, Pool, PoolSwitch, SharedBus, TopicConfig,
+    Envelope, Event, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError, OpsServer,
+    OpsServerConfig, Payload, Pool, PoolSwitch, SharedBus, TopicConfig,
 };
 use eventbus_testkit::factories::{kafka_config, nats_config};
-use eventbus_testkit::kafka_cluster::Cluster;
-use eventbus_testkit::nats_server::NatsServer;
-use eventbus_testkit::{Backend, DeliveryChecker};
+use eventbus_testkit::{Backend, Broker, DeliveryChecker};
 use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -142,13 +140,6 @@ fn p99(samples: &mut [Duration]) -> Option<Duration> {
     Some(samples[i.clamp(1, samples.len()) - 1])
 }
 
-/// What keeps the broker alive for the run.
-enum Broker {
-    Memory(MemoryBroker),
-    Kafka(Cluster),
-    Nats(NatsServer),
-}
-
 async fn build_bus(
     broker: &Broker,
     topic: &str,
@@ -163,12 +154,10 @@ async fn build_bus(
     config.actor_pool.queue_size = 64;
     config.consumer.max_in_flight_per_partition = 500;
     let builder = EventBusBuilder::new().ignore_env().config(config);
+    broker.prepare(topic, partitions).await;
     let builder = match broker {
         Broker::Memory(b) => builder.memory(b.clone()),
-        Broker::Kafka(c) => {
-            c.create_topic(topic, partitions as i32).await;
-            builder.kafka(kafka_config(&c.brokers()))
-        }
+        Broker::Kafka(c) => builder.kafka(kafka_config(&c.brokers())),
         Broker::Nats(s) => builder.nats(nats_config(&s.url())),
     };
     let (bus, switch) = builder
@@ -224,11 +213,7 @@ async fn put_share(
 
 async fn run(o: Options) -> Result<bool, String> {
     let topic = format!("rollout-{:08x}", fastrand::u32(..));
-    let broker = match o.backend {
-        Backend::Memory => Broker::Memory(MemoryBroker::default()),
-        Backend::Kafka => Broker::Kafka(Cluster::start()),
-        Backend::Nats => Broker::Nats(NatsServer::try_start()?),
-    };
+    let broker = Broker::start(o.backend)?;
     let token: String = std::iter::repeat_with(fastrand::alphanumeric)
         .take(32)
         .collect();

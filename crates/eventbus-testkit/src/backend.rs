@@ -61,3 +61,88 @@ impl FromStr for Backend {
         }
     }
 }
+
+/// A broker of one backend started for a run (bench-compare, the rollout
+/// runner): what keeps it alive, and how to reach it. A new backend is one
+/// more variant here and in [`Backend`], not a match in every tool.
+#[cfg(all(feature = "memory", feature = "kafka", feature = "nats"))]
+#[derive(Debug)]
+pub enum Broker {
+    /// The in-process memory broker; every bus of the run shares it.
+    Memory(eventbus_memory::MemoryBroker),
+    /// librdkafka's mock cluster, or the cluster `KAFKA_BROKERS` names.
+    Kafka(crate::kafka_cluster::Cluster),
+    /// A `nats-server` process of the run's own.
+    Nats(crate::nats_server::NatsServer),
+}
+
+#[cfg(all(feature = "memory", feature = "kafka", feature = "nats"))]
+impl Broker {
+    /// Start a broker of `backend`; the error says which one could not start.
+    pub fn start(backend: Backend) -> Result<Self, String> {
+        Ok(match backend {
+            Backend::Memory => Broker::Memory(eventbus_memory::MemoryBroker::default()),
+            Backend::Kafka => Broker::Kafka(
+                std::panic::catch_unwind(crate::kafka_cluster::Cluster::start)
+                    .map_err(|_| "cannot start the Kafka mock cluster".to_owned())?,
+            ),
+            Backend::Nats => Broker::Nats(crate::nats_server::NatsServer::try_start()?),
+        })
+    }
+
+    /// The backend of this broker.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Broker::Memory(_) => Backend::Memory,
+            Broker::Kafka(_) => Backend::Kafka,
+            Broker::Nats(_) => Backend::Nats,
+        }
+    }
+
+    /// Where clients connect: Kafka bootstrap servers, a NATS URL, or nothing
+    /// (memory).
+    pub fn endpoint(&self) -> String {
+        match self {
+            Broker::Memory(_) => String::new(),
+            Broker::Kafka(c) => c.brokers(),
+            Broker::Nats(s) => s.url(),
+        }
+    }
+
+    /// Make `topic` ready where the broker needs it before a client uses it
+    /// (Kafka: create it with `partitions` partitions; the others create a
+    /// topic when the bus configures it).
+    pub async fn prepare(&self, topic: &str, partitions: u32) {
+        if let Broker::Kafka(c) = self {
+            c.create_topic(topic, partitions as i32).await;
+        }
+    }
+
+    /// The broker's process id, when it is a process of its own.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Broker::Nats(s) => s.pid(),
+            _ => None,
+        }
+    }
+
+    /// What the broker is, for a report: its kind, version and address.
+    pub fn describe(&self) -> String {
+        match self {
+            Broker::Memory(_) => "in-process memory broker".to_owned(),
+            Broker::Kafka(c) if c.is_mock() => "librdkafka mock cluster (1 broker)".to_owned(),
+            Broker::Kafka(c) => format!("Kafka at {}", c.brokers()),
+            Broker::Nats(s) => format!("{} at {}", s.version(), s.url()),
+        }
+    }
+
+    /// Buses on this broker, with the testkit's client settings (memory: on
+    /// this very broker).
+    pub fn buses(&self) -> crate::factories::BusesAt {
+        let at = self.backend().factory(&self.endpoint());
+        match self {
+            Broker::Memory(b) => at.memory(b.clone()),
+            _ => at,
+        }
+    }
+}

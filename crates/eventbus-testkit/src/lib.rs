@@ -26,6 +26,8 @@ pub mod shutdown;
 pub mod wait;
 
 pub use backend::Backend;
+#[cfg(all(feature = "memory", feature = "kafka", feature = "nats"))]
+pub use backend::Broker;
 pub use checker::{
     seq_of, Delivery, DeliveryChecker, DeliveryReport, LostSpread, MessageClass, MessageId, Stamp,
     STAMP_HEADER,

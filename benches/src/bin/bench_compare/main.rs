@@ -18,8 +18,7 @@ use eventbus_benches::{
     ChildJob, ChildOutput, DrainResult, DrainSide, DrainSpec, HandlerKind, KeyDist, RunResult,
     WorkloadSpec,
 };
-use eventbus_testkit::kafka_cluster::Cluster;
-use eventbus_testkit::nats_server::NatsServer;
+use eventbus_testkit::Broker;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -367,58 +366,6 @@ async fn run_process(
     .unwrap_or_else(|e| Err(format!("run thread: {e}")))
 }
 
-/// The broker a run talks to, alive for the whole run.
-enum Broker {
-    Memory,
-    Kafka(Cluster),
-    Nats(NatsServer),
-}
-
-impl Broker {
-    fn start(backend: Backend) -> Result<Self, String> {
-        Ok(match backend {
-            Backend::Memory => Broker::Memory,
-            Backend::Kafka => Broker::Kafka(
-                std::panic::catch_unwind(Cluster::start)
-                    .map_err(|_| "cannot start the Kafka mock cluster".to_owned())?,
-            ),
-            Backend::Nats => Broker::Nats(NatsServer::try_start()?),
-        })
-    }
-
-    fn endpoint(&self) -> String {
-        match self {
-            Broker::Memory => String::new(),
-            Broker::Kafka(c) => c.brokers(),
-            Broker::Nats(s) => s.url(),
-        }
-    }
-
-    /// Make `topic` ready (Kafka: create it with `partitions` partitions).
-    async fn prepare(&self, topic: &str, partitions: u32) {
-        if let Broker::Kafka(c) = self {
-            c.create_topic(topic, partitions as i32).await;
-        }
-    }
-
-    /// The broker's process id, when it is a process of its own.
-    fn pid(&self) -> Option<u32> {
-        match self {
-            Broker::Nats(s) => s.pid(),
-            _ => None,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Broker::Memory => "in-process memory broker".to_owned(),
-            Broker::Kafka(c) if c.is_mock() => "librdkafka mock cluster (1 broker)".to_owned(),
-            Broker::Kafka(c) => format!("Kafka at {}", c.brokers()),
-            Broker::Nats(s) => format!("{} at {}", s.version(), s.url()),
-        }
-    }
-}
-
 /// Messages per run of a workload.
 fn messages_for(backend: Backend, handler: HandlerKind, dist: KeyDist, quick: bool) -> usize {
     let base = match (handler, dist) {
@@ -595,10 +542,10 @@ impl Run {
             Broker::Nats(s) => publish_nats_backlog(&s.url(), &topic, messages)
                 .await
                 .map(|_| ()),
-            Broker::Memory if side == DrainSide::Bare => {
+            Broker::Memory(_) if side == DrainSide::Bare => {
                 Err("the memory backend has no bare client loop".to_owned())
             }
-            Broker::Memory => Ok(()),
+            Broker::Memory(_) => Ok(()),
         };
         if let Err(e) = published {
             self.progress.inc(1);

@@ -1,14 +1,13 @@
 //! Buses of each backend, set up the same way for the producer and every consumer.
 
 use eventbus_core::{
-    ActorPoolConfig, DeliveryPolicy, Error, EventBusConfig, KeyedPoolConfig, Pool, SharedBus,
+    ActorPoolConfig, DeliveryPolicy, Error, EventBusConfig, KeyedPoolConfig, Pool, PoolKind,
+    SharedBus,
 };
 use eventbus_memory::MemoryBroker;
 use eventbus_nats::NatsEventBus;
 use eventbus_testkit::conformance::BusFactory;
 use eventbus_testkit::factories::BusesAt;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,45 +50,13 @@ impl Target {
     }
 }
 
-/// Which pool a consumer uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PoolChoice {
-    /// `KeyedWorkerPool`.
-    Keyed,
-    /// `ActorPool`.
-    Actor,
-}
-
-impl FromStr for PoolChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "keyed" => Ok(PoolChoice::Keyed),
-            "actor" => Ok(PoolChoice::Actor),
-            other => Err(format!(
-                "--pool: expected keyed or actor, got `{}`",
-                other.escape_debug()
-            )),
-        }
-    }
-}
-
-impl fmt::Display for PoolChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PoolChoice::Keyed => "keyed",
-            PoolChoice::Actor => "actor",
-        })
-    }
-}
-
 /// A pool of this kind, small enough for a 2-core machine.
-pub async fn pool(choice: PoolChoice) -> Result<Arc<dyn Pool>, Error> {
-    Ok(match choice {
-        PoolChoice::Keyed => Arc::new(eventbus_keyed_pool::KeyedWorkerPool::new(
+pub async fn pool(kind: PoolKind) -> Result<Arc<dyn Pool>, Error> {
+    Ok(match kind {
+        PoolKind::Keyed => Arc::new(eventbus_keyed_pool::KeyedWorkerPool::new(
             &KeyedPoolConfig::default().workers(32).queue_size(64),
         )?),
-        PoolChoice::Actor => Arc::new(
+        PoolKind::Actor => Arc::new(
             eventbus_actor_pool::ActorPool::start(
                 // Induced plain panics restart actors; the limit is not under test.
                 &ActorPoolConfig::default()

@@ -20,9 +20,9 @@
 //!     [--slow-prefix PREFIX --slow-ms MS] [--hang-ms MS] [--drain-ms MS] [--handover-ms MS]
 //! ```
 
-use crate::backend::{self, Backend, HandoverTimeouts, PoolChoice, Target};
+use crate::backend::{self, Backend, HandoverTimeouts, Target};
 use crate::handler::{self, Profile, Sink, StdoutSink, Topics};
-use eventbus_core::SharedBus;
+use eventbus_core::{PoolKind, SharedBus};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +37,7 @@ struct Args {
     /// The envelope topic is partitioned into this many partitions (NATS).
     partitions: Option<u32>,
     group: String,
-    pool: PoolChoice,
+    pool: PoolKind,
     profile: Profile,
     timeouts: HandoverTimeouts,
 }
@@ -49,7 +49,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let mut plain = None;
     let mut partitions = None;
     let mut group = None;
-    let mut pool = PoolChoice::Keyed;
+    let mut pool = PoolKind::Keyed;
     let mut profile = Profile::calm("consumer");
     let mut timeouts = HandoverTimeouts::default();
     let mut args = args.into_iter();
@@ -81,7 +81,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
                 })?);
             }
             "--group" => group = Some(value()?),
-            "--pool" => pool = value()?.parse()?,
+            "--pool" => pool = value()?.parse().map_err(|e| format!("--pool: {e}"))?,
             "--worker" => profile.worker = value()?,
             "--error-rate" => profile.error_rate = float(value()?, "--error-rate")?,
             "--panic-rate" => profile.panic_rate = float(value()?, "--panic-rate")?,

@@ -1,7 +1,7 @@
 //! The run: a producer, consumer incarnations that are killed, restarted, joined
 //! and left, broker faults in rotation, and the delivery checker's verdict.
 
-use eventbus_core::{SharedBus, StorageKind, TopicConfig};
+use eventbus_core::{PoolKind, SharedBus, StorageKind, TopicConfig};
 use eventbus_memory::{BrokerConfig, MemoryBroker};
 use eventbus_testkit::kafka_cluster::{Cluster, RDKafkaApiKey, RDKafkaRespErr};
 use eventbus_testkit::nats_server::NatsServer;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 use tokio::task::JoinHandle;
 
-use crate::backend::{self, Backend, HandoverTimeouts, PoolChoice, Target};
+use crate::backend::{self, Backend, HandoverTimeouts, Target};
 use crate::handler::{
     self, parse_line, Counters, FencedStart, FencedStarts, Hang, HangEvent, LocalSink, Profile,
     Report, Sink, Topics, HANG_DEAF_PREFIX, HANG_PREFIX,
@@ -1133,9 +1133,9 @@ impl Ctx {
         };
         // Alternate the pools so both see every fault.
         let pool = if n % 2 == 1 {
-            PoolChoice::Keyed
+            PoolKind::Keyed
         } else {
-            PoolChoice::Actor
+            PoolKind::Actor
         };
         let mut profile = self.profile(&worker);
         let topics: Vec<String> = match (role, &self.partitioned) {
@@ -1211,7 +1211,7 @@ impl Ctx {
                 .args(["--target", t])
                 .args(&topics)
                 .args(["--group", &self.group])
-                .args(["--pool", &pool.to_string()])
+                .args(["--pool", pool.as_str()])
                 .args(profile.to_args())
                 .args([
                     "--drain-ms".to_owned(),
@@ -1478,7 +1478,7 @@ async fn setup(
         }
         Backend::Nats => Broker::Nats(Arc::new(Mutex::new(NatsServer::try_start()?))),
     };
-    let pool = backend::pool(PoolChoice::Keyed)
+    let pool = backend::pool(PoolKind::Keyed)
         .await
         .map_err(|e| e.to_string())?;
     let target = broker.target();

@@ -120,38 +120,10 @@ pub const PUBLISH_ERRORS: &str = "publish_errors_total";
 /// Histogram.
 pub const PUBLISH_DURATION: &str = "publish_duration_seconds";
 
-// --- one backend only ---------------------------------------------------------------
-
-/// Kafka: partitions paused because their in-flight bound was reached. Counter.
-pub const PARTITION_PAUSES: &str = "partition_pauses_total";
-/// Kafka: failed offset commits (retried by the next commit). Counter.
-pub const COMMIT_ERRORS: &str = "commit_errors_total";
-/// NATS: messages the server still holds for a consumer, by `topic`. Gauge.
-pub const CONSUMER_PENDING: &str = "consumer_pending";
-/// NATS: messages of a consumer fetched and not yet settled, by `topic`. Gauge.
-pub const IN_FLIGHT: &str = "in_flight";
-/// NATS: 1 while this member holds the lease of its group's consumer of `topic`
-/// and consumes it, 0 while it waits as a standby. Gauge.
-pub const CONSUMER_ACTIVE: &str = "consumer_active";
-/// NATS: deliveries the server marked as redeliveries, by `topic`. Counter.
-pub const REDELIVERIES: &str = "redeliveries_total";
-/// NATS: partitions of a partitioned `topic` this member consumes now. Gauge.
-pub const PARTITIONS_OWNED: &str = "partitions_owned";
-
-/// The metrics only Kafka records, without prefix.
-pub const KAFKA_ONLY: &[&str] = &[PARTITION_PAUSES, COMMIT_ERRORS];
-
-/// The metrics only NATS records, without prefix.
-pub const NATS_ONLY: &[&str] = &[
-    CONSUMER_PENDING,
-    IN_FLIGHT,
-    CONSUMER_ACTIVE,
-    REDELIVERIES,
-    PARTITIONS_OWNED,
-];
-
-/// Every metric every backend records, without prefix; the backend-specific ones
-/// are [`KAFKA_ONLY`] and [`NATS_ONLY`].
+/// Every metric every backend records, without prefix. The names only one backend
+/// records are that backend's (`eventbus_kafka::metric_names`,
+/// `eventbus_nats::metric_names`); the facade's `eventbus::metric_names` lists
+/// them beside these as `KAFKA_ONLY` and `NATS_ONLY`.
 pub const ALL: &[&str] = &[
     MESSAGES_SENT,
     MESSAGES_PROCESSED,

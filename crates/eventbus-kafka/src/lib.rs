@@ -4,6 +4,7 @@ mod bus;
 mod config;
 mod consumer;
 mod context;
+pub mod metric_names;
 mod metrics;
 mod publish;
 mod secret;

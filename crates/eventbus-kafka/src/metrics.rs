@@ -1,5 +1,5 @@
-//! Kafka metric names, in full: the names of [`eventbus_core::metrics`] with the
-//! `kafka_eventbus_` prefix, built once. Every name is defined there.
+//! Kafka metric names, in full: the names of [`eventbus_core::metrics`] and of
+//! [`crate::metric_names`] with the `kafka_eventbus_` prefix, built once.
 
 use eventbus_core::metrics as m;
 use std::sync::LazyLock;
@@ -8,8 +8,10 @@ static PARTITION_IN_FLIGHT: LazyLock<String> =
     LazyLock::new(|| m::name("kafka", m::PARTITION_IN_FLIGHT));
 static PARTITION_COMMITTED: LazyLock<String> =
     LazyLock::new(|| m::name("kafka", m::PARTITION_COMMITTED));
-static PARTITION_PAUSES: LazyLock<String> = LazyLock::new(|| m::name("kafka", m::PARTITION_PAUSES));
-static COMMIT_ERRORS: LazyLock<String> = LazyLock::new(|| m::name("kafka", m::COMMIT_ERRORS));
+static PARTITION_PAUSES: LazyLock<String> =
+    LazyLock::new(|| m::name("kafka", crate::metric_names::PARTITION_PAUSES));
+static COMMIT_ERRORS: LazyLock<String> =
+    LazyLock::new(|| m::name("kafka", crate::metric_names::COMMIT_ERRORS));
 
 pub(crate) fn committed_offset(topic: &str, partition: i32, offset: i64) {
     metrics::gauge!(PARTITION_COMMITTED.as_str(), "topic" => topic.to_owned(), "partition" => partition.to_string())

@@ -917,7 +917,7 @@ async fn start_of_missing(
     let stream_name = &info.config.name;
     let created = info.created.unix_timestamp_nanos();
     let recreated = |from: &'static str| {
-        metrics::counter!(crate::metric_names::DURABLES_RECREATED.as_str(),
+        metrics::counter!(crate::metric_names::DURABLES_RECREATED_NAME.as_str(),
             "topic" => spec.topic.clone(), "durable" => spec.durable.clone(), "from" => from)
         .increment(1);
     };

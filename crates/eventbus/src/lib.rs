@@ -24,19 +24,33 @@ pub use switch::{PoolSwitch, Side};
 /// dead-letter headers. Backend and pool implementers use [`core`] (its `raw`
 /// module).
 pub use eventbus_core::{
-    handler_fn, metrics as metric_names, ActorPoolConfig, AggregateIdConfig, BacklogConfig,
-    CancellationToken, ComponentHealth, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Envelope,
-    EnvelopeError, Error, ErrorKind, Event, EventBus, EventBusConfig, EventBusExt, Failure,
-    Handler, HandlerError, HandlerResult, Headers, HealthReport, HealthStatus, IdSource,
-    KeyedPoolConfig, Message, MetricsConfig, OffsetReset, OperationsConfig, Payload, Pool,
-    PoolKind, PoolStats, PublishReceipt, RateLimit, Record, Recovery, RecoveryChange, Result,
-    Routing, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
-    DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
-    DLQ_TOPIC_HEADER,
+    handler_fn, ActorPoolConfig, AggregateIdConfig, BacklogConfig, CancellationToken,
+    ComponentHealth, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Envelope, EnvelopeError,
+    Error, ErrorKind, Event, EventBus, EventBusConfig, EventBusExt, Failure, Handler, HandlerError,
+    HandlerResult, Headers, HealthReport, HealthStatus, IdSource, KeyedPoolConfig, Message,
+    MetricsConfig, OffsetReset, OperationsConfig, Payload, Pool, PoolKind, PoolStats,
+    PublishReceipt, RateLimit, Record, Recovery, RecoveryChange, Result, Routing, SharedBus,
+    StorageKind, SubscribeOptions, Subscription, TopicConfig, DLQ_ATTEMPTS_HEADER,
+    DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 
 /// The core crate, for everything not re-exported here.
 pub use eventbus_core as core;
+
+/// Every metric name, without its backend prefix: those every backend records
+/// (`eventbus_core::metrics`), and those only one records, from that backend's
+/// crate, listed in `KAFKA_ONLY` and `NATS_ONLY`. A backend adds its prefix with
+/// [`name`](metric_names::name). `docs/metrics.md` lists them with their labels.
+pub mod metric_names {
+    pub use eventbus_core::metrics::*;
+    #[cfg(feature = "kafka")]
+    pub use eventbus_kafka::metric_names::{ALL as KAFKA_ONLY, COMMIT_ERRORS, PARTITION_PAUSES};
+    #[cfg(feature = "nats")]
+    pub use eventbus_nats::metric_names::{
+        ALL as NATS_ONLY, CONSUMER_ACTIVE, CONSUMER_PENDING, DURABLES_RECREATED, IN_FLIGHT,
+        PARTITIONS_OWNED, REDELIVERIES,
+    };
+}
 
 #[cfg(feature = "keyed-pool")]
 pub use eventbus_keyed_pool::KeyedWorkerPool;

@@ -62,19 +62,19 @@ impl ConsumerState {
             holder: Mutex::new(None),
             position: Mutex::new(None),
             pending_gauge: metrics::gauge!(
-                crate::metric_names::CONSUMER_PENDING.as_str(),
+                crate::metric_names::CONSUMER_PENDING_NAME.as_str(),
                 labels.clone()
             ),
             active_gauge: metrics::gauge!(
-                crate::metric_names::CONSUMER_ACTIVE.as_str(),
+                crate::metric_names::CONSUMER_ACTIVE_NAME.as_str(),
                 labels.clone()
             ),
             in_flight_gauge: metrics::gauge!(
-                crate::metric_names::IN_FLIGHT.as_str(),
+                crate::metric_names::IN_FLIGHT_NAME.as_str(),
                 labels.clone()
             ),
             redelivery_counter: metrics::counter!(
-                crate::metric_names::REDELIVERIES.as_str(),
+                crate::metric_names::REDELIVERIES_NAME.as_str(),
                 labels
             ),
         }

@@ -1,0 +1,11 @@
+//! The metric names only the Kafka backend records, without prefix (the bus
+//! records them as `kafka_eventbus_…`, see [`eventbus_core::metrics::name`]).
+//! The names every backend records are in [`eventbus_core::metrics`].
+
+/// Partitions paused because their in-flight bound was reached. Counter.
+pub const PARTITION_PAUSES: &str = "partition_pauses_total";
+/// Failed offset commits (retried by the next commit). Counter.
+pub const COMMIT_ERRORS: &str = "commit_errors_total";
+
+/// Every metric only Kafka records, without prefix.
+pub const ALL: &[&str] = &[PARTITION_PAUSES, COMMIT_ERRORS];

@@ -153,7 +153,7 @@ async fn open_bus(spec: &WorkloadSpec, pool: Arc<dyn Pool>) -> Result<SharedBus,
     let mut config = EventBusConfig::default();
     config.consumer.group_id = format!("{}-group", spec.topic);
     let bus = buses(spec.backend, &spec.endpoint, spec.messages as u64 + 16)
-        .bus(pool, config)
+        .bus(pool, config.bus())
         .await
         .map_err(|e| match spec.backend.in_process() {
             true => format!("{} bus: {e}", spec.backend),

@@ -364,7 +364,7 @@ pub async fn run_drain(spec: &DrainSpec) -> Result<DrainResult, String> {
             let mut config = EventBusConfig::default();
             config.consumer.group_id = group;
             let bus = buses(backend, &spec.endpoint, spec.messages + 16)
-                .bus(pool, config)
+                .bus(pool, config.bus())
                 .await
                 .map_err(|e| format!("{backend} bus: {e}"))?;
             if backend.in_process() {

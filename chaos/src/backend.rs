@@ -1,9 +1,9 @@
 //! Buses of each backend, set up the same way for the producer and every consumer.
 
-use eventbus_core::{
-    ActorPoolConfig, DeliveryPolicy, Error, EventBusConfig, KeyedPoolConfig, Pool, PoolKind,
-    SharedBus,
-};
+use eventbus::PoolKind;
+use eventbus_actor_pool::ActorPoolConfig;
+use eventbus_core::{BusConfig, DeliveryPolicy, Error, Pool, SharedBus};
+use eventbus_keyed_pool::KeyedPoolConfig;
 use eventbus_memory::MemoryBroker;
 use eventbus_nats::NatsEventBus;
 use eventbus_testkit::conformance::BusFactory;
@@ -71,8 +71,8 @@ pub async fn pool(kind: PoolKind) -> Result<Arc<dyn Pool>, Error> {
 
 /// Bus settings of every chaos bus: quick retries that never run out for the
 /// induced failures (they stop after the second attempt), frequent commits.
-pub fn bus_config(group: &str) -> EventBusConfig {
-    let mut c = EventBusConfig::default();
+pub fn bus_config(group: &str) -> BusConfig {
+    let mut c = BusConfig::default();
     c.delivery = DeliveryPolicy::default()
         .max_attempts(6)
         .backoff(Duration::from_millis(5), Duration::from_millis(200));

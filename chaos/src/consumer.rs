@@ -22,7 +22,8 @@
 
 use crate::backend::{self, Backend, HandoverTimeouts, Target};
 use crate::handler::{self, Profile, Sink, StdoutSink, Topics};
-use eventbus_core::{PoolKind, SharedBus};
+use eventbus::PoolKind;
+use eventbus_core::SharedBus;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,8 @@
 //! The run: a producer, consumer incarnations that are killed, restarted, joined
 //! and left, broker faults in rotation, and the delivery checker's verdict.
 
-use eventbus_core::{PoolKind, SharedBus, StorageKind, TopicConfig};
+use eventbus::PoolKind;
+use eventbus_core::{SharedBus, StorageKind, TopicConfig};
 use eventbus_memory::{BrokerConfig, MemoryBroker};
 use eventbus_testkit::kafka_cluster::{Cluster, RDKafkaApiKey, RDKafkaRespErr};
 use eventbus_testkit::nats_server::NatsServer;

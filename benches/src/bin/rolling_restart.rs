@@ -17,7 +17,7 @@
 use eventbus::kafka::{AssignmentStrategy, KafkaEventBus};
 use eventbus::{Envelope, Event, EventBusExt, HandlerError, KeyedPoolConfig, KeyedWorkerPool};
 use eventbus_benches::bus::kafka_config;
-use eventbus_core::{EventBus, EventBusConfig};
+use eventbus_core::{BusConfig, EventBus};
 use eventbus_testkit::checker::DeliveryChecker;
 use eventbus_testkit::kafka_cluster::Cluster;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,7 +49,7 @@ fn arg(args: &[String], name: &str, default: u64) -> Result<u64, String> {
 async fn member(
     cluster: &Cluster,
     strategy: AssignmentStrategy,
-    config: &EventBusConfig,
+    config: &BusConfig,
     topic: &str,
     checker: &DeliveryChecker,
     calls: &Arc<AtomicU64>,
@@ -79,7 +79,7 @@ async fn round(strategy: AssignmentStrategy, messages: u64) -> Round {
     let cluster = Cluster::mock(1);
     let topic = format!("rolling-{:x}", fastrand::u64(..));
     cluster.create_topic(&topic, PARTITIONS).await;
-    let mut config = EventBusConfig::default();
+    let mut config = BusConfig::default();
     config.consumer.group_id = format!("rolling-{:x}", fastrand::u64(..));
     config.consumer.drain_timeout = Duration::from_millis(100);
     config.consumer.handover_timeout = Duration::from_millis(500);

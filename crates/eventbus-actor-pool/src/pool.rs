@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::ActorPoolConfig;
 use eventbus_core::raw::routes::Router;
 use eventbus_core::raw::{push_batch, Placement, PushError, RouteTable};
 use eventbus_core::raw::{Job, SubmitError, SubmitErrorKind};
-use eventbus_core::{
-    ActorPoolConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats, Routing,
-};
+use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats, Routing};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ractor::concurrency::JoinHandle;

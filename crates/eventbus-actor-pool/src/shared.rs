@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use eventbus_core::ActorPoolConfig;
+use crate::ActorPoolConfig;
 
 use eventbus_core::raw::routes::Router;
 use eventbus_core::raw::{less_loaded, Job, OutcomeKind, RouteTable};

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus_actor_pool::ActorPool;
-use eventbus_core::{ActorPoolConfig, Pool};
+use eventbus_actor_pool::ActorPoolConfig;
+use eventbus_core::Pool;
 use eventbus_testkit::factories::actor_pools_with_restarts;
 use eventbus_testkit::pool_suite;
 use proptest::prelude::*;

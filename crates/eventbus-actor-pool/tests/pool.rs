@@ -5,11 +5,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eventbus_actor_pool::ActorPoolConfig;
 use eventbus_actor_pool::{ActorPool, CoolDown, HEALTH_COMPONENT};
 use eventbus_core::raw::{
     FailureCause, Job, JobClass, Outcome, OutcomeReceiver, Place, RouteTable, SubmitErrorKind,
 };
-use eventbus_core::{ActorPoolConfig, ErrorKind, HealthStatus, Pool, Routing};
+use eventbus_core::{ErrorKind, HealthStatus, Pool, Routing};
 use futures::FutureExt;
 use tokio::sync::oneshot;
 

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus_actor_pool::ActorPool;
+use eventbus_actor_pool::ActorPoolConfig;
 use eventbus_core::raw::{Job, JobClass, Outcome, OutcomeReceiver};
-use eventbus_core::{ActorPoolConfig, Pool};
+use eventbus_core::Pool;
 use futures::FutureExt;
 use tokio::sync::oneshot;
 

@@ -1,7 +1,7 @@
 //! Configuration shared by every backend and pool.
 //!
 //! All structs deserialize with `#[serde(default)]`, durations are human-readable
-//! (`"500ms"`, `"10s"`), and [`EventBusConfig::validate`] names the key that is wrong.
+//! (`"500ms"`, `"10s"`), and [`BusConfig::validate`] names the key that is wrong.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -11,38 +11,6 @@ use std::time::Duration;
 use crate::aggregate::AggregateIdConfig;
 use crate::error::Error;
 use crate::policy::DeliveryPolicy;
-
-/// Which worker pool handles messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PoolKind {
-    /// `KeyedWorkerPool`: hash(key) % N workers, a bounded queue each.
-    #[default]
-    Keyed,
-    /// `ActorPool`: N supervised ractor actors, a bounded inbox each.
-    Actor,
-}
-
-impl PoolKind {
-    /// `keyed` or `actor`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PoolKind::Keyed => "keyed",
-            PoolKind::Actor => "actor",
-        }
-    }
-}
-
-impl std::str::FromStr for PoolKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "keyed" => Ok(PoolKind::Keyed),
-            "actor" => Ok(PoolKind::Actor),
-            other => Err(format!("expected `keyed` or `actor`, got `{other}`")),
-        }
-    }
-}
 
 /// How a pool chooses the worker of a job (`keyed_pool.routing`,
 /// `actor_pool.routing`).
@@ -71,233 +39,6 @@ impl Routing {
             Routing::WorkConserving => "work-conserving",
             Routing::Fixed => "fixed",
         }
-    }
-}
-
-/// Settings of the keyed worker pool (`keyed_pool.*`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
-pub struct KeyedPoolConfig {
-    /// Number of workers (`keyed_pool.workers`), default 256.
-    pub workers: usize,
-    /// Queue capacity of each worker (`keyed_pool.queue_size`), default 1000.
-    pub queue_size: usize,
-    /// How long a submission waits for room (`keyed_pool.wait_timeout`), default 500ms.
-    #[serde(with = "humantime_serde")]
-    pub wait_timeout: Duration,
-    /// How a job's worker is chosen (`keyed_pool.routing`), default
-    /// `work-conserving`.
-    pub routing: Routing,
-}
-
-impl Default for KeyedPoolConfig {
-    fn default() -> Self {
-        Self {
-            workers: 256,
-            queue_size: 1000,
-            wait_timeout: Duration::from_millis(500),
-            routing: Routing::WorkConserving,
-        }
-    }
-}
-
-impl KeyedPoolConfig {
-    /// Set the number of workers.
-    #[must_use]
-    pub fn workers(mut self, n: usize) -> Self {
-        self.workers = n;
-        self
-    }
-    /// Set the queue capacity of each worker.
-    #[must_use]
-    pub fn queue_size(mut self, n: usize) -> Self {
-        self.queue_size = n;
-        self
-    }
-    /// Set the submission wait timeout.
-    #[must_use]
-    pub fn wait_timeout(mut self, d: Duration) -> Self {
-        self.wait_timeout = d;
-        self
-    }
-    /// Set how a job's worker is chosen.
-    #[must_use]
-    pub fn routing(mut self, routing: Routing) -> Self {
-        self.routing = routing;
-        self
-    }
-    /// Check the values; the error names the key.
-    pub fn validate(&self) -> Result<(), Error> {
-        positive("keyed_pool.workers", self.workers)?;
-        positive("keyed_pool.queue_size", self.queue_size)
-    }
-}
-
-/// Settings of the actor pool (`actor_pool.*`), in the keyed pool's words: one
-/// actor per worker, one inbox per queue.
-///
-/// Earlier names still load, each with a deprecation warning: `size` and
-/// `pool_size` for `workers`, `inbox_size` for `queue_size`. One value given under
-/// two names that disagree is an error naming both.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "ActorPoolFile")]
-#[non_exhaustive]
-pub struct ActorPoolConfig {
-    /// Number of actors (`actor_pool.workers`), default 256.
-    pub workers: usize,
-    /// Inbox capacity of each actor (`actor_pool.queue_size`), default 1000.
-    pub queue_size: usize,
-    /// Restarts allowed per actor within `restart_window` (`actor_pool.max_restarts`), default 3.
-    pub max_restarts: u32,
-    /// Window over which restarts are counted (`actor_pool.restart_window`), default 60s.
-    #[serde(with = "humantime_serde")]
-    pub restart_window: Duration,
-    /// How long a submission waits for room (`actor_pool.wait_timeout`), default 500ms.
-    #[serde(with = "humantime_serde")]
-    pub wait_timeout: Duration,
-    /// Share of aggregate ids (by stable hash bucket, 0..=100) sent to the actor pool
-    /// while `pool = "keyed"` (`actor_pool.rollout_percent`), default 0.
-    pub rollout_percent: u8,
-    /// How a job's actor is chosen (`actor_pool.routing`), default
-    /// `work-conserving`.
-    pub routing: Routing,
-}
-
-impl Default for ActorPoolConfig {
-    fn default() -> Self {
-        Self {
-            workers: 256,
-            queue_size: 1000,
-            max_restarts: 3,
-            restart_window: Duration::from_secs(60),
-            wait_timeout: Duration::from_millis(500),
-            rollout_percent: 0,
-            routing: Routing::WorkConserving,
-        }
-    }
-}
-
-/// `actor_pool.*` as written in a file: today's names and the deprecated ones.
-#[derive(Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct ActorPoolFile {
-    workers: Option<usize>,
-    /// Deprecated: `workers`.
-    size: Option<usize>,
-    /// Deprecated (the original service's name): `workers`.
-    pool_size: Option<usize>,
-    queue_size: Option<usize>,
-    /// Deprecated: `queue_size`.
-    inbox_size: Option<usize>,
-    max_restarts: Option<u32>,
-    #[serde(with = "humantime_serde")]
-    restart_window: Option<Duration>,
-    #[serde(with = "humantime_serde")]
-    wait_timeout: Option<Duration>,
-    rollout_percent: Option<u8>,
-    routing: Option<Routing>,
-}
-
-/// The one value of a setting given under `names` (today's first), warning for
-/// each deprecated name used; an error naming both when two disagree.
-fn one_of<T: PartialEq + Copy + std::fmt::Display>(
-    names: &[(&str, Option<T>)],
-) -> Result<Option<T>, Error> {
-    let mut found: Option<(&str, T)> = None;
-    for (i, (name, value)) in names.iter().enumerate() {
-        let Some(value) = *value else { continue };
-        if i > 0 {
-            tracing::warn!(
-                "actor_pool.{name} is deprecated: it is read as actor_pool.{}; rename it",
-                names[0].0
-            );
-        }
-        match found {
-            Some((first, v)) if v != value => {
-                return Err(Error::config(format!(
-                    "actor_pool.{first} ({v}) and actor_pool.{name} ({value}) name one setting with two values; keep actor_pool.{}",
-                    names[0].0
-                )))
-            }
-            Some(_) => {}
-            None => found = Some((name, value)),
-        }
-    }
-    Ok(found.map(|(_, v)| v))
-}
-
-impl TryFrom<ActorPoolFile> for ActorPoolConfig {
-    type Error = Error;
-
-    fn try_from(f: ActorPoolFile) -> Result<Self, Error> {
-        let d = ActorPoolConfig::default();
-        Ok(Self {
-            workers: one_of(&[
-                ("workers", f.workers),
-                ("size", f.size),
-                ("pool_size", f.pool_size),
-            ])?
-            .unwrap_or(d.workers),
-            queue_size: one_of(&[("queue_size", f.queue_size), ("inbox_size", f.inbox_size)])?
-                .unwrap_or(d.queue_size),
-            max_restarts: f.max_restarts.unwrap_or(d.max_restarts),
-            restart_window: f.restart_window.unwrap_or(d.restart_window),
-            wait_timeout: f.wait_timeout.unwrap_or(d.wait_timeout),
-            rollout_percent: f.rollout_percent.unwrap_or(d.rollout_percent),
-            routing: f.routing.unwrap_or(d.routing),
-        })
-    }
-}
-
-impl ActorPoolConfig {
-    /// Set the number of actors.
-    #[must_use]
-    pub fn workers(mut self, n: usize) -> Self {
-        self.workers = n;
-        self
-    }
-    /// Set the inbox capacity of each actor.
-    #[must_use]
-    pub fn queue_size(mut self, n: usize) -> Self {
-        self.queue_size = n;
-        self
-    }
-    /// Set how long a submission waits for room.
-    #[must_use]
-    pub fn wait_timeout(mut self, d: Duration) -> Self {
-        self.wait_timeout = d;
-        self
-    }
-    /// Set the restart limit.
-    #[must_use]
-    pub fn max_restarts(mut self, n: u32) -> Self {
-        self.max_restarts = n;
-        self
-    }
-    /// Set the rollout percentage.
-    #[must_use]
-    pub fn rollout_percent(mut self, p: u8) -> Self {
-        self.rollout_percent = p;
-        self
-    }
-    /// Set how a job's actor is chosen.
-    #[must_use]
-    pub fn routing(mut self, routing: Routing) -> Self {
-        self.routing = routing;
-        self
-    }
-    /// Check the values; the error names the key.
-    pub fn validate(&self) -> Result<(), Error> {
-        positive("actor_pool.workers", self.workers)?;
-        positive("actor_pool.queue_size", self.queue_size)?;
-        if self.rollout_percent > 100 {
-            return Err(Error::config(format!(
-                "actor_pool.rollout_percent must be within 0..=100, got {}",
-                self.rollout_percent
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -632,17 +373,13 @@ impl RateLimit {
     }
 }
 
-/// The whole bus configuration.
+/// What every backend needs of the configuration: delivery, consumer, dead letters,
+/// operations, metrics and rate limits. The pools' settings are the pool crates'
+/// own, and the facade's `eventbus::EventBusConfig` holds them beside these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
-pub struct EventBusConfig {
-    /// Pool in force (`pool`), default `keyed`.
-    pub pool: PoolKind,
-    /// Keyed pool settings.
-    pub keyed_pool: KeyedPoolConfig,
-    /// Actor pool settings.
-    pub actor_pool: ActorPoolConfig,
+pub struct BusConfig {
     /// Retry and backoff of envelope subscriptions.
     pub delivery: DeliveryPolicy,
     /// Consumer settings.
@@ -659,11 +396,17 @@ pub struct EventBusConfig {
     pub rate_limits: BTreeMap<String, RateLimit>,
 }
 
-impl EventBusConfig {
+/// The bus configuration's former name. It held the pools' settings too; those
+/// are the pool crates' now, and `eventbus::EventBusConfig` holds both.
+#[deprecated(
+    since = "0.1.0",
+    note = "backends take `BusConfig`; the pools' settings are in `eventbus::EventBusConfig`"
+)]
+pub type EventBusConfig = BusConfig;
+
+impl BusConfig {
     /// Check every section; the error names the key.
     pub fn validate(&self) -> Result<(), Error> {
-        self.keyed_pool.validate()?;
-        self.actor_pool.validate()?;
         self.delivery.validate()?;
         self.consumer.validate()?;
         if self.aggregate_id.header.trim().is_empty() {
@@ -680,7 +423,9 @@ impl EventBusConfig {
     }
 }
 
-fn positive(key: &str, value: usize) -> Result<(), Error> {
+/// `value` must be at least 1: an error naming `key` otherwise. For a pool's or a
+/// backend's own settings too.
+pub fn positive(key: &str, value: usize) -> Result<(), Error> {
     if value == 0 {
         Err(Error::config(format!("{key} must be at least 1, got 0")))
     } else {
@@ -690,76 +435,37 @@ fn positive(key: &str, value: usize) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn actor_pool_speaks_the_keyed_pools_words_and_reads_the_old_ones() {
-        let load = |v: serde_json::Value| serde_json::from_value::<ActorPoolConfig>(v);
-        let c = load(serde_json::json!({ "workers": 8, "queue_size": 16 })).unwrap();
-        assert_eq!((c.workers, c.queue_size), (8, 16));
-        for old in ["size", "pool_size"] {
-            let c = load(serde_json::json!({ old: 4, "inbox_size": 2 })).unwrap();
-            assert_eq!((c.workers, c.queue_size), (4, 2), "{old}");
-        }
-        let c = load(serde_json::json!({ "workers": 4, "size": 4 })).unwrap();
-        assert_eq!(c.workers, 4, "the same value under two names is fine");
-        let e = load(serde_json::json!({ "workers": 4, "pool_size": 8 })).unwrap_err();
-        let e = e.to_string();
-        assert!(
-            e.contains("actor_pool.workers") && e.contains("actor_pool.pool_size"),
-            "{e}"
-        );
-        assert!(load(serde_json::json!({ "inbox": 1 }))
-            .unwrap_err()
-            .to_string()
-            .contains("inbox"));
-        let back = serde_json::to_value(ActorPoolConfig::default()).unwrap();
-        assert!(back.get("workers").is_some() && back.get("size").is_none());
-    }
-
     use super::*;
     use crate::error::ErrorKind;
 
     #[test]
     fn zero_sizes_name_the_key() {
-        let mut c = EventBusConfig::default();
-        c.keyed_pool.workers = 0;
+        let mut c = BusConfig::default();
+        c.delivery.max_attempts = 0;
         let e = c.validate().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config);
-        assert!(e.to_string().contains("keyed_pool.workers"), "{e}");
-        let mut c = EventBusConfig::default();
-        c.keyed_pool.queue_size = 0;
-        assert!(c
-            .validate()
+        assert!(e.to_string().contains("delivery.max_attempts"), "{e}");
+        assert!(positive("some.key", 0)
             .unwrap_err()
             .to_string()
-            .contains("keyed_pool.queue_size"));
-        let mut c = EventBusConfig::default();
-        c.actor_pool.queue_size = 0;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("actor_pool.queue_size"));
-        let mut c = EventBusConfig::default();
-        c.delivery.max_attempts = 0;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("delivery.max_attempts"));
+            .contains("some.key must be at least 1"));
     }
 
     #[test]
     fn deserializes_with_defaults_and_durations() {
-        let c: EventBusConfig = serde_json::from_str(
-            r#"{"pool":"actor","keyed_pool":{"wait_timeout":"250ms"},"delivery":{"max_attempts":7}}"#,
+        let c: BusConfig = serde_json::from_str(
+            r#"{"consumer":{"drain_timeout":"250ms"},"delivery":{"max_attempts":7}}"#,
         )
         .unwrap();
-        assert_eq!(c.pool, PoolKind::Actor);
-        assert_eq!(c.keyed_pool.wait_timeout, Duration::from_millis(250));
-        assert_eq!(c.keyed_pool.workers, 256);
+        assert_eq!(c.consumer.drain_timeout, Duration::from_millis(250));
         assert_eq!(c.delivery.max_attempts, 7);
-        let bad = serde_json::from_str::<EventBusConfig>(r#"{"keyed_pool":{"wokers":1}}"#);
+        let bad = serde_json::from_str::<BusConfig>(r#"{"consumer":{"wokers":1}}"#);
         assert!(bad.unwrap_err().to_string().contains("wokers"));
+        let pools = serde_json::from_str::<BusConfig>(r#"{"keyed_pool":{"workers":1}}"#);
+        assert!(
+            pools.unwrap_err().to_string().contains("keyed_pool"),
+            "the pools' sections are not the backends'"
+        );
     }
 
     #[test]
@@ -768,14 +474,14 @@ mod tests {
             ConsumerConfig::default().max_tracked_per_partition,
             1_000_000
         );
-        let c: EventBusConfig =
+        let c: BusConfig =
             serde_json::from_str(r#"{"consumer":{"max_tracked_per_partition":5000}}"#).unwrap();
         assert_eq!(c.consumer.max_tracked_per_partition, 5000);
         assert_eq!(
             c.consumer.max_in_flight_per_partition, 1000,
             "the other bound apart"
         );
-        let mut c = EventBusConfig::default();
+        let mut c = BusConfig::default();
         c.consumer = c.consumer.max_tracked_per_partition(0);
         let e = c.validate().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config);

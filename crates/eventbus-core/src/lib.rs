@@ -21,9 +21,11 @@ pub use bus::{
     EventBus, EventBusExt, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
     MAX_TOPIC_LEN,
 };
+#[allow(deprecated)]
+pub use config::EventBusConfig;
 pub use config::{
-    ActorPoolConfig, BacklogConfig, ConsumerConfig, DeadLetterConfig, EventBusConfig,
-    KeyedPoolConfig, MetricsConfig, OffsetReset, OperationsConfig, PoolKind, RateLimit, Routing,
+    positive, BacklogConfig, BusConfig, ConsumerConfig, DeadLetterConfig, MetricsConfig,
+    OffsetReset, OperationsConfig, RateLimit, Routing,
 };
 pub use envelope::{
     Envelope, EnvelopeError, Payload, MAX_AGGREGATE_ID_LEN, MAX_EVENT_TYPE_LEN, MAX_PAYLOAD_DEPTH,

@@ -10,9 +10,7 @@
 //!
 //! [`Completions`]: eventbus_core::raw::Completions
 
-use eventbus_core::{
-    CancellationToken, ErrorKind, EventBusConfig, HandlerError, Message, Subscription,
-};
+use eventbus_core::{BusConfig, CancellationToken, ErrorKind, HandlerError, Message, Subscription};
 
 use eventbus_core::raw::{
     Claim, Completion, Completions, Dispatcher, Disposition, InFlight, InFlightSet, Scope, Ticket,
@@ -61,7 +59,7 @@ struct Rig {
 impl Rig {
     fn new(posted: bool) -> Self {
         let pool = Arc::new(SteppedPool::default());
-        let dispatcher = Dispatcher::new("memory", pool.clone(), None, EventBusConfig::default());
+        let dispatcher = Dispatcher::new("memory", pool.clone(), None, BusConfig::default());
         let ran = Arc::new(Mutex::new(Vec::new()));
         let calls = Arc::new(AtomicU64::new(0));
         let (r, c) = (ran.clone(), calls.clone());
@@ -636,7 +634,7 @@ async fn a_claim_given_up_after_its_outcome_arrived_releases_its_guard() {
 #[tokio::test]
 async fn a_plain_handler_cancelled_by_a_fence_is_given_back_not_acknowledged() {
     let pool = Arc::new(SteppedPool::default());
-    let dispatcher = Dispatcher::new("memory", pool.clone(), None, EventBusConfig::default());
+    let dispatcher = Dispatcher::new("memory", pool.clone(), None, BusConfig::default());
     let sub = dispatcher
         .prepare(Subscription::plain(TOPIC, |_m: Message| async {
             let token = eventbus_core::cancellation().expect("inside a handler");
@@ -731,7 +729,7 @@ async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
     }
     let pool = Arc::new(SteppedPool::default());
     let sink = Arc::new(DownSink::default());
-    let mut config = EventBusConfig::default();
+    let mut config = BusConfig::default();
     config.delivery.initial_backoff = Duration::from_millis(5);
     let dispatcher = Dispatcher::new("memory", pool.clone(), Some(sink.clone()), config);
     let sub = dispatcher
@@ -771,7 +769,7 @@ async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
 #[tokio::test]
 async fn a_rewind_ends_the_retries_of_the_copy_it_supersedes() {
     let pool = Arc::new(SteppedPool::default());
-    let mut config = EventBusConfig::default();
+    let mut config = BusConfig::default();
     config.delivery.initial_backoff = Duration::from_millis(5);
     config.delivery.max_backoff = Duration::from_millis(20);
     config.delivery.max_attempts = u32::MAX;

@@ -4,7 +4,7 @@
 //! exists yet, leaving it disabled for the whole process.
 
 use eventbus_core::raw::{Dispatcher, Scope};
-use eventbus_core::{CancellationToken, EventBusConfig, HandlerError, Message, Subscription};
+use eventbus_core::{BusConfig, CancellationToken, HandlerError, Message, Subscription};
 use std::sync::{Arc, Mutex};
 
 mod support;
@@ -51,7 +51,7 @@ async fn the_handling_span_names_the_aggregate_id_the_message_is_routed_by() {
     let spans = Arc::new(Mutex::new(Vec::new()));
     let _thread = tracing::subscriber::set_default(HandleSpans(spans.clone()));
     let pool = Arc::new(SteppedPool::default());
-    let dispatcher = Dispatcher::new("memory", pool.clone(), None, EventBusConfig::default());
+    let dispatcher = Dispatcher::new("memory", pool.clone(), None, BusConfig::default());
     let plain = dispatcher
         .prepare(Subscription::plain(TOPIC, |_: Message| async {
             Ok::<(), HandlerError>(())

@@ -11,8 +11,8 @@ use eventbus_core::raw::{
     DeadLetter, DeadLetterSink, Dispatcher, Disposition, Job, Scope, SubmitError,
 };
 use eventbus_core::{
-    handler_fn, CancellationToken, ComponentHealth, DeliveryPolicy, Envelope, Event,
-    EventBusConfig, HandlerError, Message, Pool, PoolStats, Subscription,
+    handler_fn, BusConfig, CancellationToken, ComponentHealth, DeliveryPolicy, Envelope, Event,
+    HandlerError, Message, Pool, PoolStats, Subscription,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -114,7 +114,7 @@ impl Rig {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let pool = Arc::new(HeldPool::default());
-        let mut config = EventBusConfig::default();
+        let mut config = BusConfig::default();
         config.delivery = DeliveryPolicy::default()
             .max_attempts(MAX_ATTEMPTS)
             .backoff(Duration::from_millis(1), Duration::from_millis(1))

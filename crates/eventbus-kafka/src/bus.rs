@@ -1,7 +1,7 @@
 //! [`KafkaEventBus`]: the [`EventBus`] on Kafka.
 
 use eventbus_core::{
-    ComponentHealth, Error, ErrorKind, EventBusConfig, HealthStatus, Pool, PublishReceipt, Record,
+    BusConfig, ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PublishReceipt, Record,
     Result, TopicConfig,
 };
 
@@ -595,9 +595,10 @@ impl KafkaEventBus {
     /// first subscription.
     pub fn new(
         config: KafkaConfig,
-        bus_config: EventBusConfig,
+        bus_config: impl Into<BusConfig>,
         pool: Arc<dyn Pool>,
     ) -> Result<Self> {
+        let bus_config: BusConfig = bus_config.into();
         config.validate()?;
         bus_config.validate()?;
         check_handover_bound(&config, &bus_config)?;
@@ -698,7 +699,7 @@ impl LifecycleBus for KafkaEventBus {
 /// A revoke runs inside librdkafka's rebalance callback, which holds up polling:
 /// the whole hand-over (`drain_timeout + handover_timeout`) must end well before
 /// `max_poll_interval`, or librdkafka evicts the member while it hands over.
-fn check_handover_bound(config: &KafkaConfig, bus: &EventBusConfig) -> Result<()> {
+fn check_handover_bound(config: &KafkaConfig, bus: &BusConfig) -> Result<()> {
     let bound = bus.consumer.handover_bound();
     if bound.saturating_mul(2) > config.max_poll_interval {
         return Err(Error::config(format!(

@@ -2,10 +2,10 @@
 //! librdkafka properties as an escape hatch.
 //!
 //! Group id, in-flight bounds, commit interval, drain timeout, dead letters and the
-//! delivery policy come from [`eventbus_core::EventBusConfig`]; everything that is
+//! delivery policy come from [`eventbus_core::BusConfig`]; everything that is
 //! Kafka-only lives here.
 
-use eventbus_core::{Error, EventBusConfig, OffsetReset};
+use eventbus_core::{BusConfig, Error, OffsetReset};
 
 use eventbus_core::raw::validate_topic;
 use rdkafka::ClientConfig;
@@ -549,7 +549,7 @@ impl KafkaConfig {
     }
 
     /// librdkafka configuration of the consumer.
-    pub(crate) fn consumer_config(&self, bus: &EventBusConfig) -> ClientConfig {
+    pub(crate) fn consumer_config(&self, bus: &BusConfig) -> ClientConfig {
         let mut c = self.common();
         let reset = self
             .auto_offset_reset
@@ -716,7 +716,7 @@ mod tests {
         assert_eq!(c.producer.compression, Compression::Lz4);
         assert_eq!(c.producer.linger, Duration::from_millis(20));
         c.validate().unwrap();
-        let bus = EventBusConfig::default();
+        let bus = BusConfig::default();
         let cc = c.consumer_config(&bus);
         assert_eq!(cc.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(cc.get("security.protocol"), Some("sasl_ssl"));

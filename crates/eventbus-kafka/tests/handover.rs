@@ -62,7 +62,7 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, strategy: A
         queue: 256,
         wait_timeout: Duration::from_millis(100),
     };
-    let member = |cfg: eventbus_core::EventBusConfig| {
+    let member = |cfg: eventbus_core::BusConfig| {
         let (cluster, pools) = (&cluster, pools.clone());
         let (topic, checker, handled, gate) = (&topic, &checker, &handled, &gate);
         async move {

@@ -1,12 +1,14 @@
 #![doc = include_str!("../README.md")]
 
+mod config;
+
+pub use config::KeyedPoolConfig;
+
 use eventbus_core::raw::routes::victim;
 use eventbus_core::raw::routes::{Router, MAX_WORKERS};
 use eventbus_core::raw::{less_loaded, push_batch, JobQueue, Placement, PushError, RouteTable};
 use eventbus_core::raw::{Job, OutcomeKind, SubmitError, SubmitErrorKind};
-use eventbus_core::{
-    ComponentHealth, Error, HealthStatus, KeyedPoolConfig, Pool, PoolStats, Routing,
-};
+use eventbus_core::{ComponentHealth, Error, HealthStatus, Pool, PoolStats, Routing};
 use futures::future::BoxFuture;
 use std::fmt;
 use std::future::Future;

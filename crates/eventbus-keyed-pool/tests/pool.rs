@@ -1,6 +1,7 @@
 //! The pool contract and randomised workloads, on the keyed worker pool.
 
-use eventbus_core::{Error, ErrorKind, KeyedPoolConfig, Pool};
+use eventbus_core::{Error, ErrorKind, Pool};
+use eventbus_keyed_pool::KeyedPoolConfig;
 use eventbus_keyed_pool::KeyedWorkerPool;
 use eventbus_testkit::factories::keyed_pools;
 use eventbus_testkit::pool_suite;

@@ -1,8 +1,8 @@
 //! `MemoryEventBus`: the core pipeline and lifecycle over the in-process broker.
 
 use eventbus_core::{
-    CancellationToken, ComponentHealth, Error, ErrorKind, EventBusConfig, Pool, PublishReceipt,
-    Record, TopicConfig,
+    BusConfig, CancellationToken, ComponentHealth, Error, ErrorKind, Pool, PublishReceipt, Record,
+    TopicConfig,
 };
 
 use eventbus_core::raw::{
@@ -52,7 +52,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn config(&self) -> &EventBusConfig {
+    fn config(&self) -> &BusConfig {
         self.dispatcher.config()
     }
 }
@@ -173,7 +173,7 @@ impl BusBackend for Backend {
     }
 }
 
-/// An [`EventBus`] on a [`MemoryBroker`].
+/// An [`EventBus`](eventbus_core::EventBus) on a [`MemoryBroker`].
 #[derive(Clone)]
 pub struct MemoryEventBus {
     inner: Arc<Lifecycle<Backend>>,
@@ -190,12 +190,15 @@ impl fmt::Debug for MemoryEventBus {
 }
 
 impl MemoryEventBus {
-    /// A bus on `broker` handling through `pool`. Validates `config`.
+    /// A bus on `broker` handling through `pool`. Validates `config` (a
+    /// [`BusConfig`], or the facade's whole configuration, whose pool sections
+    /// the pool has taken already).
     pub fn new(
         broker: MemoryBroker,
         pool: Arc<dyn Pool>,
-        config: EventBusConfig,
+        config: impl Into<BusConfig>,
     ) -> Result<Self, Error> {
+        let config: BusConfig = config.into();
         config.validate()?;
         let sink: Arc<dyn DeadLetterSink> = Arc::new(Sink(broker.clone()));
         let total = Arc::new(Semaphore::new(config.consumer.max_in_flight_total));

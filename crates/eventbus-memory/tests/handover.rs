@@ -6,7 +6,7 @@
 //! pool that refuses every job. Each on both pools.
 
 use eventbus_core::{
-    Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError, Message, Pool, Record,
+    BusConfig, Envelope, Event, EventBus, EventBusExt, HandlerError, Message, Pool, Record,
     TopicConfig,
 };
 use eventbus_memory::{MemoryBroker, MemoryEventBus};
@@ -33,7 +33,7 @@ fn spec() -> PoolSpec {
     }
 }
 
-fn config() -> EventBusConfig {
+fn config() -> BusConfig {
     let mut c = eventbus_testkit::conformance::quick_config();
     c.consumer.group_id = format!("group-{:x}", fastrand::u64(..));
     c.consumer.drain_timeout = Duration::from_millis(30);
@@ -95,7 +95,7 @@ struct Handovers<'a> {
     name: &'a str,
     broker: &'a MemoryBroker,
     topic: &'a str,
-    config: &'a EventBusConfig,
+    config: &'a BusConfig,
     pools: &'a PoolFactory,
     checker: &'a DeliveryChecker,
     handled: &'a Handled,

@@ -1,6 +1,6 @@
 //! Topic settings the memory broker cannot honour are errors naming the field.
 
-use eventbus_core::{ErrorKind, EventBus, EventBusConfig, StorageKind, TopicConfig};
+use eventbus_core::{BusConfig, ErrorKind, EventBus, StorageKind, TopicConfig};
 use eventbus_memory::{MemoryBroker, MemoryEventBus};
 use eventbus_testkit::factories::keyed_pools;
 use eventbus_testkit::pool_suite::PoolSpec;
@@ -10,7 +10,7 @@ use std::time::Duration;
 async fn settings_the_memory_broker_cannot_honour_are_unsupported_errors_naming_the_field() {
     let pool = keyed_pools()(PoolSpec::default()).await;
     let bus =
-        MemoryEventBus::new(MemoryBroker::default(), pool, EventBusConfig::default()).expect("bus");
+        MemoryEventBus::new(MemoryBroker::default(), pool, BusConfig::default()).expect("bus");
     for (config, field) in [
         (TopicConfig::default().storage(StorageKind::File), "storage"),
         (

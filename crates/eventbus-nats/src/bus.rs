@@ -11,8 +11,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use eventbus_core::{
-    CancellationToken, ComponentHealth, Error, ErrorKind, EventBusConfig, HealthStatus,
-    OffsetReset, Pool, PublishReceipt, Record, Result, TopicConfig,
+    BusConfig, CancellationToken, ComponentHealth, Error, ErrorKind, HealthStatus, OffsetReset,
+    Pool, PublishReceipt, Record, Result, TopicConfig,
 };
 
 use eventbus_core::raw::{
@@ -93,7 +93,7 @@ impl fmt::Debug for Consumer {
 }
 
 impl Backend {
-    fn config(&self) -> &EventBusConfig {
+    fn config(&self) -> &BusConfig {
         self.dispatcher.config()
     }
 
@@ -686,9 +686,10 @@ impl NatsEventBus {
     /// runs the handlers.
     pub async fn connect(
         config: NatsConfig,
-        bus_config: EventBusConfig,
+        bus_config: impl Into<BusConfig>,
         pool: Arc<dyn Pool>,
     ) -> Result<Self> {
+        let bus_config: BusConfig = bus_config.into();
         config.validate()?;
         bus_config.validate()?;
         let (tx, reconnects) = watch::channel(0u64);

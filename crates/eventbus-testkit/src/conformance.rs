@@ -12,9 +12,7 @@
 //! This file holds what they share: the factory trait, the backend's
 //! [`Capabilities`], and the helpers that make buses, topics and envelopes.
 
-use eventbus_core::{
-    DeliveryPolicy, Envelope, Error, Event, EventBusConfig, SharedBus, TopicConfig,
-};
+use eventbus_core::{BusConfig, DeliveryPolicy, Envelope, Error, Event, SharedBus, TopicConfig};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,7 +80,7 @@ pub trait BusFactory: Send + Sync {
     fn bus(
         &self,
         pool: Arc<dyn eventbus_core::Pool>,
-        config: EventBusConfig,
+        config: BusConfig,
     ) -> BoxFuture<'_, Result<SharedBus, Error>>;
 }
 
@@ -94,8 +92,8 @@ pub fn random_topic(prefix: &str) -> String {
 }
 
 /// A configuration that retries quickly.
-pub fn quick_config() -> EventBusConfig {
-    let mut c = EventBusConfig::default();
+pub fn quick_config() -> BusConfig {
+    let mut c = BusConfig::default();
     c.delivery = DeliveryPolicy::default()
         .max_attempts(3)
         .backoff(Duration::from_millis(2), Duration::from_millis(20));
@@ -104,7 +102,7 @@ pub fn quick_config() -> EventBusConfig {
     c
 }
 
-async fn new_bus(bus: &dyn BusFactory, pools: &PoolFactory, config: EventBusConfig) -> SharedBus {
+async fn new_bus(bus: &dyn BusFactory, pools: &PoolFactory, config: BusConfig) -> SharedBus {
     let pool = pools(PoolSpec::default()).await;
     bus.bus(pool, config).await.expect("create bus")
 }

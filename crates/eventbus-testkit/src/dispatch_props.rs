@@ -13,7 +13,7 @@ use crate::pool_suite::{PoolFactory, PoolSpec};
 use crate::INDUCED_PANIC as INDUCED;
 use eventbus_core::raw::{DeadLetter, DeadLetterSink, Dispatcher, Disposition};
 use eventbus_core::{
-    handler_fn, CancellationToken, DeliveryPolicy, Envelope, Event, EventBusConfig, HandlerError,
+    handler_fn, BusConfig, CancellationToken, DeliveryPolicy, Envelope, Event, HandlerError,
     HealthStatus, Message, Subscription,
 };
 use futures::future::BoxFuture;
@@ -136,7 +136,7 @@ pub async fn run_case(pools: &PoolFactory, steps: Vec<Step>) {
     })
     .await;
     let is_actor = pool.kind() == "actor";
-    let mut config = EventBusConfig::default();
+    let mut config = BusConfig::default();
     config.delivery = DeliveryPolicy::default()
         .max_attempts(MAX_ATTEMPTS)
         .backoff(Duration::from_millis(1), Duration::from_millis(2))

@@ -10,7 +10,7 @@ use crate::conformance::{BusFactory, Capabilities};
 use crate::pool_suite::{PoolFactory, PoolSpec};
 use eventbus_core::Pool;
 #[cfg(any(feature = "memory", feature = "kafka", feature = "nats"))]
-use eventbus_core::{Error, EventBusConfig, SharedBus};
+use eventbus_core::{BusConfig, Error, SharedBus};
 #[cfg(any(feature = "memory", feature = "kafka", feature = "nats"))]
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub fn keyed_pools() -> PoolFactory {
     Arc::new(|spec: PoolSpec| {
         async move {
-            let cfg = eventbus_core::KeyedPoolConfig::default()
+            let cfg = eventbus_keyed_pool::KeyedPoolConfig::default()
                 .workers(spec.workers)
                 .queue_size(spec.queue)
                 .wait_timeout(spec.wait_timeout);
@@ -36,7 +36,7 @@ pub fn keyed_pools() -> PoolFactory {
 /// Actor pools of the requested size.
 #[cfg(feature = "actor-pool")]
 pub fn actor_pools() -> PoolFactory {
-    actor_pools_with_restarts(eventbus_core::ActorPoolConfig::default().max_restarts)
+    actor_pools_with_restarts(eventbus_actor_pool::ActorPoolConfig::default().max_restarts)
 }
 
 /// Actor pools of the requested size whose actors may restart `max_restarts`
@@ -50,7 +50,7 @@ pub fn actor_pools_with_restarts(max_restarts: u32) -> PoolFactory {
 
 #[cfg(feature = "actor-pool")]
 async fn actor_pool(spec: PoolSpec, max_restarts: u32) -> Arc<eventbus_actor_pool::ActorPool> {
-    let cfg = eventbus_core::ActorPoolConfig::default()
+    let cfg = eventbus_actor_pool::ActorPoolConfig::default()
         .workers(spec.workers)
         .queue_size(spec.queue)
         .wait_timeout(spec.wait_timeout)
@@ -71,8 +71,11 @@ pub fn switched_pools(actor_percent: u8) -> PoolFactory {
         let keyed = keyed.clone();
         async move {
             let keyed = keyed(spec).await;
-            let actor =
-                actor_pool(spec, eventbus_core::ActorPoolConfig::default().max_restarts).await;
+            let actor = actor_pool(
+                spec,
+                eventbus_actor_pool::ActorPoolConfig::default().max_restarts,
+            )
+            .await;
             Arc::new(
                 eventbus::PoolSwitch::with_actor_pool(keyed, actor, actor_percent)
                     .expect("valid actor share"),
@@ -100,7 +103,7 @@ impl BusFactory for MemoryBuses {
     fn bus(
         &self,
         pool: Arc<dyn Pool>,
-        config: EventBusConfig,
+        config: BusConfig,
     ) -> BoxFuture<'_, Result<SharedBus, Error>> {
         let broker = self.0.clone();
         async move {
@@ -168,7 +171,7 @@ impl BusFactory for KafkaBuses {
     fn bus(
         &self,
         pool: Arc<dyn Pool>,
-        config: EventBusConfig,
+        config: BusConfig,
     ) -> BoxFuture<'_, Result<SharedBus, Error>> {
         let cluster = self.0.clone();
         async move {
@@ -291,7 +294,7 @@ impl BusFactory for NatsBuses {
     fn bus(
         &self,
         pool: Arc<dyn Pool>,
-        config: EventBusConfig,
+        config: BusConfig,
     ) -> BoxFuture<'_, Result<SharedBus, Error>> {
         let nats = nats_config(&self.0.url());
         async move {
@@ -305,7 +308,7 @@ impl BusFactory for NatsBuses {
 }
 
 /// Buses of one backend on a broker already running at an endpoint, as a run
-/// that takes `--backend` and an address makes them ([`Backend::factory`]):
+/// that takes `--backend` and an address makes them ([`Backend::factory`](crate::Backend::factory)):
 /// on an in-process broker, on the Kafka cluster or NATS server its client
 /// settings name. The settings start as [`kafka_config`] and [`nats_config`];
 /// [`kafka`](Self::kafka), [`nats`](Self::nats) and [`memory`](Self::memory)
@@ -389,7 +392,7 @@ impl BusFactory for BusesAt {
     fn bus(
         &self,
         pool: Arc<dyn Pool>,
-        config: EventBusConfig,
+        config: BusConfig,
     ) -> BoxFuture<'_, Result<SharedBus, Error>> {
         async move {
             let bus: SharedBus = match self {

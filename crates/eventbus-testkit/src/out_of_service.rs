@@ -15,13 +15,13 @@ use crate::{
     quiet_deliberate_panics, Delivery, DeliveryChecker, MessageClass, Stamp, INDUCED_PANIC,
 };
 use eventbus::PoolSwitch;
-use eventbus_actor_pool::{ActorPool, CoolDown};
+use eventbus_actor_pool::{ActorPool, ActorPoolConfig, CoolDown};
 use eventbus_core::raw::stable_hash;
 use eventbus_core::{
-    ActorPoolConfig, DeliveryPolicy, EventBusExt, HandlerError, HealthStatus, KeyedPoolConfig,
-    Message, Pool, Record, SharedBus, TopicConfig,
+    DeliveryPolicy, EventBusExt, HandlerError, HealthStatus, Message, Pool, Record, SharedBus,
+    TopicConfig,
 };
-use eventbus_keyed_pool::KeyedWorkerPool;
+use eventbus_keyed_pool::{KeyedPoolConfig, KeyedWorkerPool};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

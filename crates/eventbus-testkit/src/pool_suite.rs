@@ -2,7 +2,7 @@
 //! workload through the real [`Dispatcher`] for property tests.
 
 use eventbus_core::{
-    DeliveryPolicy, Envelope, Error, EventBusConfig, HandlerError, Message, Pool, Subscription,
+    BusConfig, DeliveryPolicy, Envelope, Error, HandlerError, Message, Pool, Subscription,
 };
 
 use eventbus_core::raw::{
@@ -511,7 +511,7 @@ pub async fn random_workload(
     steps: &[Step],
     max_attempts: u32,
 ) -> WorkloadReport {
-    let mut config = EventBusConfig::default();
+    let mut config = BusConfig::default();
     config.delivery = DeliveryPolicy::default()
         .max_attempts(max_attempts)
         .backoff(Duration::from_micros(200), Duration::from_millis(2));

@@ -1,6 +1,7 @@
 //! `EventBusBuilder`: backend + pool + configuration.
 
-use eventbus_core::{Error, EventBusConfig, Pool, SharedBus};
+use crate::EventBusConfig;
+use eventbus_core::{Error, Pool, SharedBus};
 use std::ffi::OsString;
 use std::fmt;
 use std::sync::Arc;
@@ -207,20 +208,22 @@ impl EventBusBuilder {
             Some(pool) => pool,
             None => build_pool(&self.config).await?,
         };
+        // The pools took their sections; the backend reads the rest.
+        let config = self.config.bus();
         match backend {
             #[cfg(feature = "memory")]
             Backend::Memory(broker) => {
-                let bus = eventbus_memory::MemoryEventBus::new(broker, pool, self.config)?;
+                let bus = eventbus_memory::MemoryEventBus::new(broker, pool, config)?;
                 Ok(Arc::new(bus) as SharedBus)
             }
             #[cfg(feature = "kafka")]
             Backend::Kafka(kafka) => {
-                let bus = eventbus_kafka::KafkaEventBus::new(*kafka, self.config, pool)?;
+                let bus = eventbus_kafka::KafkaEventBus::new(*kafka, config, pool)?;
                 Ok(Arc::new(bus) as SharedBus)
             }
             #[cfg(feature = "nats")]
             Backend::Nats(nats) => {
-                let bus = eventbus_nats::NatsEventBus::connect(*nats, self.config, pool).await?;
+                let bus = eventbus_nats::NatsEventBus::connect(*nats, config, pool).await?;
                 Ok(Arc::new(bus) as SharedBus)
             }
         }

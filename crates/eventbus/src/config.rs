@@ -39,7 +39,8 @@
 //! errors naming the key, in every section. The environment overrides
 //! ([`crate::env`]) apply over the file when the bus is built.
 
-use eventbus_core::{Error, EventBusConfig, PoolKind};
+use crate::{EventBusConfig, PoolKind};
+use eventbus_core::Error;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};

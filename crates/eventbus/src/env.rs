@@ -25,7 +25,8 @@
 //! `KAFKA_USE_ACTOR_POOL=true`) it has no effect, every aggregate id goes to the
 //! actor pool, and a warning names it.
 
-use eventbus_core::{Error, EventBusConfig, PoolKind};
+use crate::{EventBusConfig, PoolKind};
+use eventbus_core::Error;
 use std::ffi::{OsStr, OsString};
 
 /// The variables read, in the order they are applied.
@@ -366,8 +367,10 @@ mod tests {
             assert_eq!(c.actor_pool.rollout_percent, 0, "{others:?}");
         }
         // Over a file that staged the actor pool, too.
-        let mut file = EventBusConfig::default();
-        file.pool = PoolKind::Actor;
+        let mut file = EventBusConfig {
+            pool: PoolKind::Actor,
+            ..Default::default()
+        };
         file.actor_pool.rollout_percent = 50;
         apply_overrides(&mut file, |n| {
             (n == "KAFKA_USE_ACTOR_POOL").then(|| "false".to_owned())
@@ -431,8 +434,10 @@ mod tests {
     #[test]
     fn rollout_percent_with_the_actor_pool_in_force_is_named_in_a_warning() {
         // Through each way of choosing the actor pool.
-        let mut actor_file = EventBusConfig::default();
-        actor_file.pool = PoolKind::Actor;
+        let actor_file = EventBusConfig {
+            pool: PoolKind::Actor,
+            ..Default::default()
+        };
         for (vars, file) in [
             (vec![("EVENTBUS_POOL", "actor")], EventBusConfig::default()),
             (
@@ -476,8 +481,10 @@ mod tests {
 
     #[test]
     fn the_rollback_floor_holds_for_every_spelling_and_every_other_setting() {
-        let mut staged = EventBusConfig::default();
-        staged.pool = PoolKind::Actor;
+        let mut staged = EventBusConfig {
+            pool: PoolKind::Actor,
+            ..Default::default()
+        };
         staged.actor_pool.rollout_percent = 100;
         for off in ["false", "FALSE", " false ", "0"] {
             for others in [

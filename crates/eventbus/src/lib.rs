@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod builder;
+mod bus_config;
 pub mod config;
 pub mod env;
 #[cfg(feature = "ops-server")]
@@ -10,6 +11,7 @@ pub mod prometheus;
 mod switch;
 
 pub use builder::{Backend, EventBusBuilder};
+pub use bus_config::{EventBusConfig, PoolKind};
 pub use config::{FileConfig, OpsServerConfig};
 #[cfg(feature = "ops-server")]
 pub use ops_server::{OpsServer, OpsServerHandle};
@@ -24,15 +26,20 @@ pub use switch::{PoolSwitch, Side};
 /// dead-letter headers. Backend and pool implementers use [`core`] (its `raw`
 /// module).
 pub use eventbus_core::{
-    handler_fn, ActorPoolConfig, AggregateIdConfig, BacklogConfig, CancellationToken,
-    ComponentHealth, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Envelope, EnvelopeError,
-    Error, ErrorKind, Event, EventBus, EventBusConfig, EventBusExt, Failure, Handler, HandlerError,
-    HandlerResult, Headers, HealthReport, HealthStatus, IdSource, KeyedPoolConfig, Message,
-    MetricsConfig, OffsetReset, OperationsConfig, Payload, Pool, PoolKind, PoolStats,
-    PublishReceipt, RateLimit, Record, Recovery, RecoveryChange, Result, Routing, SharedBus,
-    StorageKind, SubscribeOptions, Subscription, TopicConfig, DLQ_ATTEMPTS_HEADER,
-    DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+    handler_fn, AggregateIdConfig, BacklogConfig, BusConfig, CancellationToken, ComponentHealth,
+    ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Envelope, EnvelopeError, Error, ErrorKind,
+    Event, EventBus, EventBusExt, Failure, Handler, HandlerError, HandlerResult, Headers,
+    HealthReport, HealthStatus, IdSource, Message, MetricsConfig, OffsetReset, OperationsConfig,
+    Payload, Pool, PoolStats, PublishReceipt, RateLimit, Record, Recovery, RecoveryChange, Result,
+    Routing, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
+    DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
+    DLQ_TOPIC_HEADER,
 };
+
+/// The pools' settings: each pool crate's own, in every build (the `keyed-pool`
+/// and `actor-pool` features choose which pools can be built).
+pub use eventbus_actor_pool::ActorPoolConfig;
+pub use eventbus_keyed_pool::KeyedPoolConfig;
 
 /// The core crate, for everything not re-exported here.
 pub use eventbus_core as core;

@@ -1,6 +1,7 @@
 //! Building the pool the configuration asks for.
 
-use eventbus_core::{Error, EventBusConfig, Pool, PoolKind};
+use crate::{EventBusConfig, PoolKind};
+use eventbus_core::{Error, Pool};
 use std::sync::Arc;
 
 /// Build the pool the configuration names, logging the choice in force.

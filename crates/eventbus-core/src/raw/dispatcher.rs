@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::aggregate::AggregateIdConfig;
 use crate::bus::{Subscription, SubscriptionHandler};
-use crate::config::{DeadLetterConfig, EventBusConfig, RateLimit};
+use crate::config::{BusConfig, DeadLetterConfig, RateLimit};
 use crate::envelope::peek_id;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
@@ -404,7 +404,7 @@ struct Counters {
 
 struct Inner {
     pool: Arc<dyn Pool>,
-    config: EventBusConfig,
+    config: BusConfig,
     sink: Option<Arc<dyn DeadLetterSink>>,
     round_robin: AtomicU64,
     counters: Counters,
@@ -551,8 +551,9 @@ impl Dispatcher {
         backend: &str,
         pool: Arc<dyn Pool>,
         sink: Option<Arc<dyn DeadLetterSink>>,
-        config: EventBusConfig,
+        config: impl Into<BusConfig>,
     ) -> Self {
+        let config: BusConfig = config.into();
         let sink = if config.dead_letter.enabled {
             sink
         } else {
@@ -608,7 +609,7 @@ impl Dispatcher {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &EventBusConfig {
+    pub fn config(&self) -> &BusConfig {
         &self.inner.config
     }
 

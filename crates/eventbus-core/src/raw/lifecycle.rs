@@ -701,7 +701,7 @@ impl<B: BusBackend> Probe for Lifecycle<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::EventBusConfig;
+    use crate::config::BusConfig;
     use crate::pool::{Pool, PoolStats, SubmitError, SubmitErrorKind};
     use crate::raw::job::Job;
     use crate::{HandlerError, Message};
@@ -786,7 +786,7 @@ mod tests {
     }
 
     fn lifecycle() -> Arc<Lifecycle<Fake>> {
-        let config = EventBusConfig::default();
+        let config = BusConfig::default();
         let dispatcher = Dispatcher::new("fake", Arc::new(NoPool), None, config);
         let fake = Fake {
             log: Arc::default(),
@@ -922,7 +922,7 @@ mod tests {
                 self.0.lag(c)
             }
         }
-        let dispatcher = Dispatcher::new("slow", Arc::new(NoPool), None, EventBusConfig::default());
+        let dispatcher = Dispatcher::new("slow", Arc::new(NoPool), None, BusConfig::default());
         let release = Arc::new(Semaphore::new(0));
         let bus = Lifecycle::new(
             Slow(Fake {

@@ -2,8 +2,9 @@
 //! settings, pools, helpers.
 #![allow(dead_code)]
 
-use eventbus_core::{EventBusConfig, KeyedPoolConfig, Pool};
+use eventbus_core::{BusConfig, Pool};
 use eventbus_kafka::KafkaConfig;
+use eventbus_keyed_pool::KeyedPoolConfig;
 use eventbus_keyed_pool::KeyedWorkerPool;
 pub(crate) use eventbus_testkit::kafka_cluster::Cluster;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ impl ClusterExt for Cluster {
 }
 
 /// A fast-retrying bus configuration with a random group.
-pub(crate) fn bus_config() -> EventBusConfig {
+pub(crate) fn bus_config() -> BusConfig {
     let mut c = eventbus_testkit::conformance::quick_config();
     c.consumer.group_id = random("group");
     c

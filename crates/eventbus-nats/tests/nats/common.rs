@@ -1,6 +1,7 @@
 //! Shared helpers of the NATS tests.
 
-use eventbus_core::{DeliveryPolicy, Envelope, EventBusConfig, KeyedPoolConfig, Pool};
+use eventbus_core::{BusConfig, DeliveryPolicy, Envelope, Pool};
+use eventbus_keyed_pool::KeyedPoolConfig;
 use eventbus_keyed_pool::KeyedWorkerPool;
 use eventbus_nats::{NatsConfig, NatsEventBus};
 use std::future::Future;
@@ -33,8 +34,8 @@ pub(crate) fn keyed_pool(workers: usize, queue: usize) -> Arc<dyn Pool> {
 }
 
 /// Quick retries, a random group.
-pub(crate) fn bus_config() -> EventBusConfig {
-    let mut c = EventBusConfig::default();
+pub(crate) fn bus_config() -> BusConfig {
+    let mut c = BusConfig::default();
     c.delivery = DeliveryPolicy::default()
         .max_attempts(3)
         .backoff(Duration::from_millis(2), Duration::from_millis(20));
@@ -49,11 +50,7 @@ pub(crate) fn nats_config(server: &NatsServer) -> NatsConfig {
     eventbus_testkit::factories::nats_config(&server.url())
 }
 
-pub(crate) async fn connect(
-    nats: NatsConfig,
-    bus: EventBusConfig,
-    pool: Arc<dyn Pool>,
-) -> NatsEventBus {
+pub(crate) async fn connect(nats: NatsConfig, bus: BusConfig, pool: Arc<dyn Pool>) -> NatsEventBus {
     NatsEventBus::connect(nats, bus, pool)
         .await
         .expect("connect to the test nats-server")

@@ -5,7 +5,7 @@
 //! and the durable ends fully acknowledged. Also a pool that refuses every job.
 //! Each on both pools.
 
-use eventbus_core::{Event, EventBus, EventBusConfig, EventBusExt, HandlerError, Pool};
+use eventbus_core::{BusConfig, Event, EventBus, EventBusExt, HandlerError, Pool};
 use eventbus_nats::NatsEventBus;
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::nats_server::NatsServer;
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crate::common::*;
 
-fn short_config() -> EventBusConfig {
+fn short_config() -> BusConfig {
     let mut c = bus_config();
     c.consumer.drain_timeout = Duration::from_millis(30);
     c.consumer.handover_timeout = Duration::from_millis(200);
@@ -26,7 +26,7 @@ fn short_config() -> EventBusConfig {
 
 async fn member(
     server: &NatsServer,
-    config: &EventBusConfig,
+    config: &BusConfig,
     pools: &PoolFactory,
     topic: &str,
     checker: &DeliveryChecker,

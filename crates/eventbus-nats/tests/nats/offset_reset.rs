@@ -3,7 +3,7 @@
 //! the group consumed the stream before (the backlog would be skipped silently).
 
 use eventbus_core::{
-    ErrorKind, Event, EventBus, EventBusConfig, EventBusExt, HandlerError, OffsetReset,
+    BusConfig, ErrorKind, Event, EventBus, EventBusExt, HandlerError, OffsetReset,
 };
 use eventbus_nats::{NatsAuth, NatsConfig, NatsEventBus};
 use eventbus_testkit::nats_server::NatsServer;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::auth_server::AuthServer;
 use crate::common::*;
 
-fn latest(group: &str) -> EventBusConfig {
+fn latest(group: &str) -> BusConfig {
     let mut c = bus_config();
     c.consumer.group_id = group.to_owned();
     c.consumer.auto_offset_reset = OffsetReset::Latest;

@@ -2,27 +2,25 @@
 //! It waits for the lease (as a hot standby, or granted by the group's
 //! coordinator for a partition), makes the durable safe to consume (re-reading
 //! from the ack floor when the last holder left work unsettled), runs a
-//! [`ConsumeTurn`] while the lease holds, then releases it, hands the partition
+//! [`ConsumeTurn`](super::turn::ConsumeTurn) while the lease holds, then releases it, hands the partition
 //! over, or waits to hold it again.
 
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::future::BoxFuture;
-use futures::FutureExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use eventbus_core::{CancellationToken, ErrorKind, Message, Result};
 
-use eventbus_core::raw::{ByteChunks, Dispatcher, PreparedSubscription, Target};
+use eventbus_core::raw::{ByteChunks, Dispatcher, PreparedSubscription};
 
 use super::acks::{Registry, Tracked};
 use super::retry_delay;
 use super::slot::Slot;
 use super::state::ConsumerState;
-use super::turn::{ConsumeTurn, Submitted, Submitting};
-use crate::lease::{Lease, LeaseClock, Leases, Previous};
+use crate::lease::{Lease, Leases, Previous};
 use crate::publish::{from_header_map, Shared};
 use crate::pull::AckInfo;
 use crate::streams::{bounded, broker, pull_config_of, reread_durable};
@@ -374,42 +372,6 @@ impl JsLoop {
         Ok(())
     }
 
-    /// Consume while this member holds the lease (until `self.stop`), then drain
-    /// and hand back what is unfinished: one [`ConsumeTurn`]. When `lost` fires,
-    /// the turn fences at once and settles nothing more.
-    async fn consume(&mut self, clock: &LeaseClock, lost: &CancellationToken) -> TurnEnd {
-        let mut turn = ConsumeTurn::start(self, clock, lost.clone());
-        turn.run().await;
-        turn.finish().await
-    }
-
-    /// Submit `batch` (fetched messages in stream order, each with its permit and
-    /// the target its job posts its outcome to) as one batch.
-    pub(super) fn submit(&self, batch: Vec<(Message, OwnedSemaphorePermit, Target)>) -> Submitting {
-        let dispatcher = self.dispatcher.clone();
-        let prepared = self.prepared.clone();
-        let stop = self.stop.clone();
-        async move {
-            let mut permits = Vec::with_capacity(batch.len());
-            let mut messages = Vec::with_capacity(batch.len());
-            for (msg, permit, target) in batch {
-                let seq = msg.offset as u64;
-                messages.push((msg, seq, target));
-                permits.push(permit);
-            }
-            let mut inflights = Vec::with_capacity(permits.len());
-            let result = dispatcher
-                .submit_batch(&prepared, messages, &stop, &mut inflights)
-                .await;
-            Submitted {
-                inflights,
-                permits,
-                result,
-            }
-        }
-        .boxed()
-    }
-
     /// Turn a delivery into a message to dispatch, or `None` when it is a
     /// redelivery of a message still in flight (the original will be acked).
     pub(super) fn accept(
@@ -497,6 +459,7 @@ async fn consumer_info(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
 
     #[test]
     fn a_closed_reconnect_watch_never_fires() {

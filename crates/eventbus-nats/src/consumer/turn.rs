@@ -14,12 +14,12 @@ use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use eventbus_core::raw::{Claim, Completion, Completions, Disposition, InFlight, Scope};
+use eventbus_core::raw::{Claim, Completion, Completions, Disposition, InFlight, Scope, Target};
 use eventbus_core::{CancellationToken, Message, Result};
 
 use super::acks::{settle, Registry};
 use super::heartbeats::Heartbeats;
-use super::js_loop::{next_reconnect, JsLoop};
+use super::js_loop::{next_reconnect, JsLoop, TurnEnd};
 use super::retry_delay;
 use crate::lease::LeaseClock;
 use crate::pull::{Delivery, Inbox, Pull};
@@ -118,6 +118,50 @@ pub(super) struct ConsumeTurn<'a> {
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The next reconnect of the connection, likewise one wait for the turn.
     reconnect: BoxFuture<'static, ()>,
+}
+
+/// What a turn asks of the loop it is a turn of: the loop runs turns, a turn
+/// borrows the loop; both halves live here so the loop's file imports no turn.
+impl JsLoop {
+    /// Consume while this member holds the lease (until `self.stop`), then drain
+    /// and hand back what is unfinished: one [`ConsumeTurn`]. When `lost` fires,
+    /// the turn fences at once and settles nothing more.
+    pub(super) async fn consume(
+        &mut self,
+        clock: &LeaseClock,
+        lost: &CancellationToken,
+    ) -> TurnEnd {
+        let mut turn = ConsumeTurn::start(self, clock, lost.clone());
+        turn.run().await;
+        turn.finish().await
+    }
+
+    /// Submit `batch` (fetched messages in stream order, each with its permit and
+    /// the target its job posts its outcome to) as one batch.
+    pub(super) fn submit(&self, batch: Vec<(Message, OwnedSemaphorePermit, Target)>) -> Submitting {
+        let dispatcher = self.dispatcher.clone();
+        let prepared = self.prepared.clone();
+        let stop = self.stop.clone();
+        async move {
+            let mut permits = Vec::with_capacity(batch.len());
+            let mut messages = Vec::with_capacity(batch.len());
+            for (msg, permit, target) in batch {
+                let seq = msg.offset as u64;
+                messages.push((msg, seq, target));
+                permits.push(permit);
+            }
+            let mut inflights = Vec::with_capacity(permits.len());
+            let result = dispatcher
+                .submit_batch(&prepared, messages, &stop, &mut inflights)
+                .await;
+            Submitted {
+                inflights,
+                permits,
+                result,
+            }
+        }
+        .boxed()
+    }
 }
 
 impl<'a> ConsumeTurn<'a> {

@@ -19,7 +19,9 @@ pub use pools::build_pool;
 #[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
 pub use pools::build_switch;
 pub use prometheus::{install_prometheus, install_prometheus_recorder};
-pub use switch::{PoolSwitch, Side};
+pub use switch::PoolSwitch;
+#[allow(deprecated)]
+pub use switch::Side;
 
 /// What a service uses: messages and envelopes, handlers, the bus, its
 /// configuration, health and recovery mode, the pool trait and its counters, the

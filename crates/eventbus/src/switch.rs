@@ -45,6 +45,7 @@
 //! process ([`PoolSwitch::set_floor`]): raising it is a `Conflict` error naming the
 //! variable.
 
+use crate::PoolKind;
 use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats};
 
 use eventbus_core::raw::{rollout_bucket, Job, Place, PoolShare, SubmitError, SubmitErrorKind};
@@ -64,14 +65,10 @@ mod pins;
 #[cfg(test)]
 mod tests;
 
-/// Which side of the switch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Side {
-    /// The keyed worker pool.
-    Keyed,
-    /// The actor pool.
-    Actor,
-}
+/// Which side of the switch serves a route: its former name. A side is a pool
+/// kind, and one word serves both.
+#[deprecated(since = "0.1.0", note = "a side of the switch is a `PoolKind`")]
+pub type Side = PoolKind;
 
 /// What the switch asks of an actor pool beyond [`Pool`].
 trait ActorControl: Send + Sync {
@@ -360,8 +357,8 @@ impl PoolSwitch {
     /// and just after a rise from share 0 a route stays keyed until the steady
     /// submissions under way have ended: [`Pool::kind_for`] names the side a job
     /// submitted now goes to.)
-    pub fn side_for(&self, route: u64) -> Side {
-        Side::of(self.fresh(self.actor_percent(), route))
+    pub fn side_for(&self, route: u64) -> PoolKind {
+        PoolKind::of(self.fresh(self.actor_percent(), route))
     }
 
     /// Where a job of `route` whose cell has nothing in flight goes at share
@@ -373,11 +370,11 @@ impl PoolSwitch {
             match self.actor.placement() {
                 Some(actors) => {
                     if let Some(worker) = actors.pick() {
-                        return Side::Actor.place(Some(worker));
+                        return PoolKind::Actor.place(Some(worker));
                     }
                 }
                 None if self.control.as_ref().is_none_or(|c| c.in_service(route)) => {
-                    return Side::Actor.place(None);
+                    return PoolKind::Actor.place(None);
                 }
                 None => {}
             }
@@ -388,7 +385,7 @@ impl PoolSwitch {
     /// A keyed worker for a route with nothing in flight, when the keyed pool
     /// offers placement; otherwise the keyed pool places the job.
     fn keyed_place(&self) -> Place {
-        Side::Keyed.place(self.keyed.placement().and_then(|p| p.pick()))
+        PoolKind::Keyed.place(self.keyed.placement().and_then(|p| p.pick()))
     }
 
     /// Whether the switch counts each job in its route's pin cell now.
@@ -427,10 +424,10 @@ impl PoolSwitch {
         &self.actor
     }
 
-    fn pool(&self, side: Side) -> &Arc<dyn Pool> {
+    fn pool(&self, side: PoolKind) -> &Arc<dyn Pool> {
         match side {
-            Side::Keyed => &self.keyed,
-            Side::Actor => &self.actor,
+            PoolKind::Keyed => &self.keyed,
+            PoolKind::Actor => &self.actor,
         }
     }
 
@@ -477,11 +474,11 @@ impl PoolSwitch {
     fn submit_job(&self, mut job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         let route = job.route();
         let (side, cell, steady) = match self.route(route) {
-            Routed::Steady(guard) => (Side::Keyed, None, Some(guard)),
+            Routed::Steady(guard) => (PoolKind::Keyed, None, Some(guard)),
             Routed::Pinned { place, cell } => {
                 place_job(&mut job, place);
                 job.set_done_hook(self.pins.done_hook(cell));
-                (Side::of(place), Some(cell), None)
+                (PoolKind::of(place), Some(cell), None)
             }
         };
         let mut submitted = self.pool(side).submit(job);
@@ -512,12 +509,12 @@ impl PoolSwitch {
     async fn refused(
         &self,
         route: u64,
-        side: Side,
+        side: PoolKind,
         cell: usize,
         refused: SubmitError,
     ) -> Result<(), SubmitError> {
         let keyed = self.keyed_place();
-        let refused = if side == Side::Actor
+        let refused = if side == PoolKind::Actor
             && refused.kind() == SubmitErrorKind::Unavailable
             && self.pins.repin_alone(cell, keyed)
         {
@@ -586,8 +583,8 @@ impl Pool for PoolSwitch {
     fn kind_for(&self, route: u64) -> &'static str {
         let mode = self.current();
         let side = match mode.kind() {
-            Kind::Steady => Side::Keyed,
-            _ => Side::of(
+            Kind::Steady => PoolKind::Keyed,
+            _ => PoolKind::of(
                 self.pins
                     .place(self.pins.cell_of(route))
                     .unwrap_or_else(|| self.choose(mode, route)),
@@ -630,16 +627,16 @@ impl Pool for PoolSwitch {
         }
         let mut batch = std::mem::take(jobs).into_iter();
         let mut run: Vec<Job> = Vec::new();
-        let mut run_side = Side::Keyed;
+        let mut run_side = PoolKind::Keyed;
         let mut stopped = false;
         for mut job in batch.by_ref() {
             let side = match self.route(job.route()) {
                 // The mode became steady: covered by this call's count.
-                Routed::Steady(_) => Side::Keyed,
+                Routed::Steady(_) => PoolKind::Keyed,
                 Routed::Pinned { place, cell } => {
                     place_job(&mut job, place);
                     job.set_done_hook(self.pins.done_hook(cell));
-                    Side::of(place)
+                    PoolKind::of(place)
                 }
             };
             if side != run_side && !run.is_empty() {

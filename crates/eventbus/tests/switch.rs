@@ -238,7 +238,7 @@ async fn an_actor_side_refusing_a_route_as_unavailable_sends_it_to_the_keyed_poo
 #[cfg(feature = "actor-pool")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_of_an_actor_out_of_service_go_keyed_unless_held_and_a_rollback_releases_them() {
-    use eventbus::{ActorPool, ActorPoolConfig, Side};
+    use eventbus::{ActorPool, ActorPoolConfig, PoolKind};
     use eventbus_actor_pool::CoolDown;
     eventbus_testkit::quiet_deliberate_panics();
 
@@ -299,7 +299,7 @@ async fn routes_of_an_actor_out_of_service_go_keyed_unless_held_and_a_rollback_r
 
     // Route 2 (nothing in flight, no actor in service) goes to the keyed pool at
     // once.
-    assert_eq!(switch.side_for(2), Side::Keyed);
+    assert_eq!(switch.side_for(2), PoolKind::Keyed);
     assert_eq!(switch.kind_for(2), "keyed");
     let (job, rx) = plain_job(2, &log, 100);
     switch.submit(job).await.expect("route 2");

@@ -18,7 +18,7 @@
 //! one atomic subtraction (at share 0 the switch counts nothing itself, see
 //! `mode.rs`).
 
-use super::Side;
+use crate::PoolKind;
 use eventbus_core::raw::{DoneHook, Place, RouteTable};
 use std::fmt;
 use std::sync::Arc;
@@ -27,19 +27,19 @@ use std::sync::Arc;
 const KEYED: u8 = 0;
 const ACTOR: u8 = 1;
 
-impl Side {
+impl PoolKind {
     fn tag(self) -> u8 {
         match self {
-            Side::Keyed => KEYED,
-            Side::Actor => ACTOR,
+            PoolKind::Keyed => KEYED,
+            PoolKind::Actor => ACTOR,
         }
     }
 
-    pub(super) fn of(place: Place) -> Side {
+    pub(super) fn of(place: Place) -> PoolKind {
         if place.tag() == ACTOR {
-            Side::Actor
+            PoolKind::Actor
         } else {
-            Side::Keyed
+            PoolKind::Keyed
         }
     }
 
@@ -124,7 +124,9 @@ impl Pins {
     /// Whether some cell is pinned to the actor side with jobs in flight. A scan
     /// of every cell, each read on its own.
     pub(super) fn any_on_actor(&self) -> bool {
-        self.table.held().any(|p| Side::of(p) == Side::Actor)
+        self.table
+            .held()
+            .any(|p| PoolKind::of(p) == PoolKind::Actor)
     }
 
     /// Cells with jobs in flight: (keyed, actor). A scan of every cell, each read
@@ -132,9 +134,9 @@ impl Pins {
     pub(super) fn pinned(&self) -> (usize, usize) {
         let (mut keyed, mut actor) = (0, 0);
         for place in self.table.held() {
-            match Side::of(place) {
-                Side::Keyed => keyed += 1,
-                Side::Actor => actor += 1,
+            match PoolKind::of(place) {
+                PoolKind::Keyed => keyed += 1,
+                PoolKind::Actor => actor += 1,
             }
         }
         (keyed, actor)
@@ -183,18 +185,22 @@ mod tests {
         let pins = Pins::new(None);
         let shadow: Vec<[AtomicU32; 2]> = (0..8).map(|_| Default::default()).collect();
         let moves = AtomicU32::new(0);
-        let index = |side| usize::from(side == Side::Actor);
+        let index = |side| usize::from(side == PoolKind::Actor);
         std::thread::scope(|s| {
             for t in 0..4u64 {
                 let (pins, shadow, moves) = (&pins, &shadow, &moves);
                 s.spawn(move || {
                     let mut rng = fastrand::Rng::with_seed(t);
-                    let mut held: Vec<(usize, Side)> = Vec::new();
+                    let mut held: Vec<(usize, PoolKind)> = Vec::new();
                     for _ in 0..100_000 {
                         if held.len() < 4 && rng.bool() {
                             let cell = rng.usize(..8);
-                            let wanted = if rng.bool() { Side::Keyed } else { Side::Actor };
-                            let side = Side::of(pins.pin(cell, || wanted.place(None)));
+                            let wanted = if rng.bool() {
+                                PoolKind::Keyed
+                            } else {
+                                PoolKind::Actor
+                            };
+                            let side = PoolKind::of(pins.pin(cell, || wanted.place(None)));
                             let mine = index(side);
                             shadow[cell][mine].fetch_add(1, Ordering::SeqCst);
                             assert_eq!(

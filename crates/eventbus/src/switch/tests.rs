@@ -1,6 +1,6 @@
 //! The pin cells through the switch, on pools whose jobs run only when the test says.
 
-use super::{PoolSwitch, Side};
+use super::{PoolKind, PoolSwitch};
 use eventbus_core::raw::{rollout_bucket, Job, JobClass, Outcome, SubmitError, SubmitErrorKind};
 use eventbus_core::{ComponentHealth, Pool, PoolStats};
 use futures::future::BoxFuture;
@@ -137,8 +137,8 @@ async fn a_new_share_takes_effect_for_idle_cells_while_a_busy_cell_stays_pinned_
 
     switch.set_actor_percent(100).expect("share");
     // The share says actor for every route; the busy cell's routes stay keyed.
-    assert_eq!(switch.side_for(busy), Side::Actor);
-    assert_eq!(switch.side_for(mate), Side::Actor);
+    assert_eq!(switch.side_for(busy), PoolKind::Actor);
+    assert_eq!(switch.side_for(mate), PoolKind::Actor);
     assert_eq!(switch.kind_for(busy), "keyed");
     assert_eq!(switch.kind_for(mate), "keyed");
     switch.submit(job(busy)).await.expect("busy route again");

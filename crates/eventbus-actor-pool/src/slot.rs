@@ -43,7 +43,7 @@ fn bump(counter: &AtomicU64, order: Ordering) {
     counter.store(counter.load(Ordering::Relaxed) + 1, order);
 }
 
-/// The queue and state of one actor position (`slot(route, size)`).
+/// The queue and state of one actor position: the actor that routes placed there.
 pub(crate) struct Slot {
     /// Position of the actor, as named in logs and health reasons.
     pub(crate) index: usize,

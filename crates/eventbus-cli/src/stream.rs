@@ -16,10 +16,12 @@
 use crate::cli::{PublishArgs, TailArgs};
 use crate::settings::{Connection, Settings};
 use crate::{memory_backend, CliError};
+use chrono::SecondsFormat;
 use eventbus::nats::NatsEventBus;
 use eventbus::{
     Envelope, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError, KeyedPoolConfig, Message,
-    MetricsConfig, OffsetReset, PoolKind, SharedBus,
+    MetricsConfig, OffsetReset, PoolKind, SharedBus, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER,
+    DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 use serde_json::{json, Value};
 use std::io::Write;
@@ -121,6 +123,14 @@ fn render(m: &Message, json: bool) -> String {
             "partition": m.partition,
             "offset": m.offset,
         });
+        if !m.headers.is_empty() {
+            let headers: serde_json::Map<String, Value> = m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_owned(), json!(String::from_utf8_lossy(v))))
+                .collect();
+            line["headers"] = Value::Object(headers);
+        }
         match decoded {
             Ok(e) => line["envelope"] = serde_json::to_value(&e).unwrap_or(Value::Null),
             Err(e) => {
@@ -131,14 +141,28 @@ fn render(m: &Message, json: bool) -> String {
         return line.to_string();
     }
     let place = format!("{}[{}]@{}", m.topic, m.partition, m.offset);
-    match decoded {
+    // A dead letter says where it came from and why.
+    let origin = match (
+        m.headers.get_str(DLQ_TOPIC_HEADER),
+        m.headers.get_str(DLQ_ERROR_HEADER),
+    ) {
+        (Some(topic), error) => format!(
+            " [dead letter of {topic}[{}]@{} after {} attempt(s): {}]",
+            m.headers.get_str(DLQ_PARTITION_HEADER).unwrap_or("?"),
+            m.headers.get_str(DLQ_OFFSET_HEADER).unwrap_or("?"),
+            m.headers.get_str(DLQ_ATTEMPTS_HEADER).unwrap_or("?"),
+            error.unwrap_or("no error given"),
+        ),
+        (None, _) => String::new(),
+    };
+    let line = match decoded {
         Ok(e) => format!(
             "{place} {} {} v{}{} {}",
             e.aggregate_id,
             e.event_type,
             e.event_version,
             e.occurred_at
-                .map(|t| format!(" {}", t.to_rfc3339()))
+                .map(|t| format!(" {}", t.to_rfc3339_opts(SecondsFormat::Millis, true)))
                 .unwrap_or_default(),
             serde_json::to_string(&e.payload).unwrap_or_default(),
         ),
@@ -146,7 +170,8 @@ fn render(m: &Message, json: bool) -> String {
             "{place} not an envelope ({e}): {}",
             String::from_utf8_lossy(&m.payload)
         ),
-    }
+    };
+    line + &origin
 }
 
 /// `eventbus tail`.
@@ -209,7 +234,7 @@ async fn consume(bus: &SharedBus, args: &TailArgs) -> Result<(), CliError> {
         "tailing {} ({}); Ctrl-C to stop",
         args.topic,
         match (args.from_beginning, args.max) {
-            (true, Some(n)) => format!("from the beginning, at most {n} messages"),
+            (true, Some(n)) => format!("from the beginning, at most {n} message(s)"),
             (true, None) => "from the beginning".to_owned(),
             (false, Some(n)) => format!("new messages, at most {n}"),
             (false, None) => "new messages".to_owned(),
@@ -261,6 +286,21 @@ mod tests {
         let v: Value = serde_json::from_str(&render(&m, true)).unwrap();
         assert_eq!(v["envelope"]["aggregate_id"], "order-1");
         assert_eq!(v["offset"], 7);
+        let dead = Message::new("orders.dlq", 0, 3, e.encode().unwrap()).with_headers(
+            eventbus::Headers::new()
+                .with(DLQ_TOPIC_HEADER, "orders")
+                .with(DLQ_PARTITION_HEADER, "1")
+                .with(DLQ_OFFSET_HEADER, "41")
+                .with(DLQ_ATTEMPTS_HEADER, "5")
+                .with(DLQ_ERROR_HEADER, "boom"),
+        );
+        let line = render(&dead, false);
+        assert!(
+            line.ends_with(" [dead letter of orders[1]@41 after 5 attempt(s): boom]"),
+            "{line}"
+        );
+        let v: Value = serde_json::from_str(&render(&dead, true)).unwrap();
+        assert_eq!(v["headers"][DLQ_ERROR_HEADER], "boom");
         let bad = Message::new("orders", 0, 8, &b"not json"[..]);
         assert!(render(&bad, false).contains("not an envelope"));
         let v: Value = serde_json::from_str(&render(&bad, true)).unwrap();

@@ -542,3 +542,57 @@ async fn kafka_publish_tail_and_lag() {
         .await
         .fails_naming(1, &[&missing]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_dead_letters_show_in_tail() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let env = [("NATS_URL", url.as_str())];
+    let topic = random("orders");
+    let mut config = EventBusConfig::default();
+    config.consumer.group_id = random("svc");
+    let bus = EventBusBuilder::new()
+        .config(config)
+        .nats(NatsConfig::new([url.clone()]))
+        .ignore_env()
+        .build()
+        .await
+        .expect("service bus");
+    bus.subscribe_envelope(&topic, |e: Event| async move {
+        let reject = e
+            .envelope
+            .payload
+            .decode::<Value>()
+            .map(|p| p["reject"] == true)
+            .unwrap_or(false);
+        if reject {
+            Err(HandlerError::permanent("rejected by the test"))
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    eventbus(
+        &publish_args(&topic, "order-1", r#"{"reject": true}"#),
+        &env,
+    )
+    .await
+    .ok();
+    // Tail waits (bounded) until the dead letter is there.
+    let dlq = format!("{topic}.dlq");
+    let run = eventbus(&["tail", &dlq, "--from-beginning", "--max", "1"], &env).await;
+    let line = run.ok().stdout.trim().to_owned();
+    assert!(
+        line.starts_with(&format!("{dlq}[0]@1 order-1 order.placed v1 ")),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!(
+            "[dead letter of {topic}[0]@1 after 1 attempt(s): "
+        )),
+        "{line}"
+    );
+    assert!(line.contains("rejected by the test"), "{line}");
+    bus.close().await.expect("close");
+}

@@ -34,7 +34,7 @@ const PRINT_BUFFER: usize = 256;
 
 /// The service's configuration, for a bus of the command's own: one worker, no
 /// exporter, short waits on close.
-fn own_config(settings: &Settings) -> Result<EventBusConfig, CliError> {
+fn own_config(settings: &Settings) -> EventBusConfig {
     let mut config = settings.bus_config().clone();
     config.pool = PoolKind::Keyed;
     config.actor_pool.rollout_percent = 0;
@@ -45,7 +45,7 @@ fn own_config(settings: &Settings) -> Result<EventBusConfig, CliError> {
     config.metrics = MetricsConfig::default();
     config.consumer.drain_timeout = Duration::from_secs(2);
     config.consumer.handover_timeout = Duration::from_secs(2);
-    Ok(config)
+    config
 }
 
 async fn build(settings: &Settings, config: EventBusConfig) -> Result<SharedBus, CliError> {
@@ -86,7 +86,7 @@ pub(crate) async fn publish(settings: &Settings, args: &PublishArgs) -> Result<(
     envelope.validate().map_err(|e| {
         CliError::new("the envelope is invalid (--aggregate, --type)").with_source(e)
     })?;
-    let bus = build(settings, own_config(settings)?).await?;
+    let bus = build(settings, own_config(settings)).await?;
     let sent = bus.publish_envelope(&args.topic, &envelope).await;
     let closed = bus.close().await;
     let receipt = sent.map_err(|e| {
@@ -176,7 +176,7 @@ fn render(m: &Message, json: bool) -> String {
 
 /// `eventbus tail`.
 pub(crate) async fn tail(settings: &Settings, args: &TailArgs) -> Result<(), CliError> {
-    let mut config = own_config(settings)?;
+    let mut config = own_config(settings);
     config.consumer.group_id = format!("eventbus-tail-{:016x}", random());
     config.consumer.auto_offset_reset = if args.from_beginning {
         OffsetReset::Earliest

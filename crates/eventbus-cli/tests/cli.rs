@@ -596,3 +596,73 @@ async fn nats_dead_letters_show_in_tail() {
     assert!(line.contains("rejected by the test"), "{line}");
     bus.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_tail_prints_new_messages_until_ctrl_c_and_cleans_up() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let server = NatsServer::start();
+    let url = server.url();
+    let env = [("NATS_URL", url.as_str())];
+    let topic = random("orders");
+    // Before the tail starts: not printed without --from-beginning.
+    eventbus(&publish_args(&topic, "order-old", "{}"), &env)
+        .await
+        .ok();
+
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventbus"));
+    cmd.args(["tail", &topic, "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for v in CLEARED {
+        cmd.env_remove(v);
+    }
+    cmd.env("NATS_URL", &url);
+    let mut child = cmd.spawn().expect("start eventbus tail");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::time::timeout(COMMAND_LIMIT, async {
+        while let Some(line) = stderr.next_line().await.expect("read stderr") {
+            if line.starts_with("tailing ") {
+                return;
+            }
+        }
+        panic!("tail ended before saying it was tailing");
+    })
+    .await
+    .expect("tail did not say it was tailing in time");
+
+    eventbus(&publish_args(&topic, "order-new", r#"{"n": 1}"#), &env)
+        .await
+        .ok();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(COMMAND_LIMIT, stdout.next_line())
+        .await
+        .expect("tail printed nothing in time")
+        .expect("read stdout")
+        .expect("tail ended without printing");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["envelope"]["aggregate_id"], "order-new", "{line}");
+    assert_eq!(v["offset"], 2, "{line}");
+
+    // Ctrl-C: a clean stop, exit 0.
+    let pid = child.id().expect("tail is running").to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .await
+        .expect("run kill");
+    assert!(sent.success(), "kill -INT {pid}");
+    let status = tokio::time::timeout(COMMAND_LIMIT, child.wait())
+        .await
+        .expect("tail did not stop on Ctrl-C in time")
+        .expect("wait for tail");
+    assert!(status.success(), "tail after Ctrl-C: {status:?}");
+    // Its durable consumer is gone.
+    let run = eventbus(&["lag", "--group", "eventbus-tail", "--json"], &env).await;
+    assert_eq!(
+        run.ok().json_lines()[0]["consumers"],
+        serde_json::json!([]),
+        "{run:?}"
+    );
+}

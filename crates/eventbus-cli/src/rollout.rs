@@ -73,9 +73,11 @@ fn url(target: &OpsTarget, file: &FileConfig) -> Result<String, CliError> {
     let base = match &target.url {
         Some(u) => {
             let u = u.trim().trim_end_matches('/');
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
+            // The operations server speaks plain HTTP (this client has no TLS).
+            if !u.starts_with("http://") || u.len() == "http://".len() {
                 return Err(CliError::new(format!(
-                    "--url {u:?} is invalid: expected http://host:port"
+                    "--url {u:?} is invalid: expected http://host:port, the operations \
+                     server's address"
                 )));
             }
             u.to_owned()
@@ -233,14 +235,14 @@ mod tests {
             switch: Some("orders".into()),
         };
         assert_eq!(url(&target, &file).unwrap(), "http://ops:1/rollout/orders");
-        let target = OpsTarget {
-            url: Some("ops:1".into()),
-            switch: None,
-        };
-        assert!(url(&target, &file)
-            .unwrap_err()
-            .to_string()
-            .contains("--url"));
+        for bad in ["ops:1", "https://ops:1", "http://"] {
+            let target = OpsTarget {
+                url: Some(bad.into()),
+                switch: None,
+            };
+            let e = url(&target, &file).unwrap_err().to_string();
+            assert!(e.contains("--url") && e.contains(bad), "{e}");
+        }
         let target = OpsTarget {
             url: None,
             switch: Some("a/b".into()),

@@ -251,8 +251,11 @@ async fn nats_rows(
     config.consumer.group_id = group.to_owned();
     config.pool = eventbus::PoolKind::Keyed;
     config.keyed_pool = eventbus::KeyedPoolConfig::default().workers(1);
-    let pool = eventbus::build_pool(&config).await?;
-    let bus = NatsEventBus::connect(nats_config, config.bus(), pool).await?;
+    let context = |e| CliError::new("lag").with_source(e);
+    let pool = eventbus::build_pool(&config).await.map_err(context)?;
+    let bus = NatsEventBus::connect(nats_config, config.bus(), pool)
+        .await
+        .map_err(context)?;
     let result = nats_positions(&bus, topic).await;
     let _ = eventbus::EventBus::close(&bus).await;
     result

@@ -48,13 +48,18 @@ fn own_config(settings: &Settings) -> EventBusConfig {
     config
 }
 
-async fn build(settings: &Settings, config: EventBusConfig) -> Result<SharedBus, CliError> {
-    Ok(EventBusBuilder::new()
+async fn build(
+    what: &str,
+    settings: &Settings,
+    config: EventBusConfig,
+) -> Result<SharedBus, CliError> {
+    EventBusBuilder::new()
         .config(config)
         .backend(settings.backend())
         .ignore_env()
         .build()
-        .await?)
+        .await
+        .map_err(|e| CliError::new(what).with_source(e))
 }
 
 fn out(line: &str) -> Result<(), CliError> {
@@ -86,7 +91,7 @@ pub(crate) async fn publish(settings: &Settings, args: &PublishArgs) -> Result<(
     envelope.validate().map_err(|e| {
         CliError::new("the envelope is invalid (--aggregate, --type)").with_source(e)
     })?;
-    let bus = build(settings, own_config(settings)).await?;
+    let bus = build("publish", settings, own_config(settings)).await?;
     let sent = bus.publish_envelope(&args.topic, &envelope).await;
     let closed = bus.close().await;
     let receipt = sent.map_err(|e| {
@@ -189,11 +194,14 @@ pub(crate) async fn tail(settings: &Settings, args: &TailArgs) -> Result<(), Cli
         Connection::Memory => return Err(memory_backend("tail")),
         Connection::Nats { .. } => {
             let nats_config = settings.nats_config().expect("a NATS connection");
-            let pool = eventbus::build_pool(&config).await?;
-            let nats = NatsEventBus::connect(nats_config, config.bus(), pool).await?;
+            let context = |e| CliError::new("tail").with_source(e);
+            let pool = eventbus::build_pool(&config).await.map_err(context)?;
+            let nats = NatsEventBus::connect(nats_config, config.bus(), pool)
+                .await
+                .map_err(context)?;
             (Arc::new(nats.clone()) as SharedBus, Some(nats))
         }
-        Connection::Kafka { .. } => (build(settings, config).await?, None),
+        Connection::Kafka { .. } => (build("tail", settings, config).await?, None),
     };
     let result = consume(&bus, args).await;
     let _ = bus.unsubscribe(&args.topic).await;

@@ -194,6 +194,12 @@ async fn bad_input_is_one_line_naming_it() {
         .await
         .fails_naming(1, &["memory"]);
     // Nothing listens there: the cause is in the line.
+    eventbus(&publish("{}", "order-1"), &[])
+        .await
+        .fails_naming(1, &["publish", "nats://127.0.0.1:1"]);
+    eventbus(&["lag", "--nats-url", "nats://127.0.0.1:1"], &[])
+        .await
+        .fails_naming(1, &["lag", "nats://127.0.0.1:1"]);
     eventbus(&["rollout", "get", "--url", "http://127.0.0.1:1"], &[])
         .await
         .fails_naming(1, &["http://127.0.0.1:1/rollout"]);

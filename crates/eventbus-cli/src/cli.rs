@@ -1,0 +1,217 @@
+//! The command line's grammar (clap, derived) and what runs each command.
+
+use crate::settings::{Overrides, Settings};
+use crate::{lag, rollout, stream};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Inspect and steer services built on eventbus: lag, the pool rollout, publish
+/// and tail.
+///
+/// Reads the service's configuration file and environment: EVENTBUS_CONFIG (or
+/// --config), the facade's overrides (EVENTBUS_POOL, KAFKA_USE_ACTOR_POOL, ...),
+/// and the broker: EVENTBUS_BACKEND, KAFKA_BROKERS, NATS_URL.
+#[derive(Debug, Parser)]
+#[command(name = "eventbus", version)]
+#[non_exhaustive]
+pub struct Cli {
+    /// Where the bus is.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The options every command takes.
+#[derive(Debug, Clone, Args)]
+#[non_exhaustive]
+pub struct Global {
+    /// The service's configuration file, TOML or YAML [env: EVENTBUS_CONFIG]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// The broker: kafka, nats or memory; by default the one whose address is
+    /// given [env: EVENTBUS_BACKEND]
+    #[arg(long, global = true, value_name = "BACKEND")]
+    pub backend: Option<String>,
+    /// Kafka bootstrap servers, host:port,... [env: KAFKA_BROKERS]
+    #[arg(long, global = true, value_name = "LIST")]
+    pub brokers: Option<String>,
+    /// NATS server URLs, comma-separated [env: NATS_URL]
+    #[arg(long, global = true, value_name = "URLS")]
+    pub nats_url: Option<String>,
+}
+
+impl Global {
+    /// The settings these flags and the process environment give.
+    pub fn settings(&self) -> Result<Settings, eventbus::Error> {
+        let overrides = Overrides {
+            config: self.config.clone(),
+            backend: self.backend.clone(),
+            brokers: self.brokers.clone(),
+            nats_url: self.nats_url.clone(),
+        };
+        Settings::resolve(&overrides, |v| std::env::var_os(v))
+    }
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+#[non_exhaustive]
+pub enum Command {
+    /// Per partition: the group's committed offset, the end and the lag (Kafka);
+    /// per durable consumer: ack floor and pending (NATS).
+    Lag(LagArgs),
+    /// Read or change the actor pool's share through a service's operations
+    /// server.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Publish one envelope through the bus.
+    Publish(PublishArgs),
+    /// Print the envelopes of a topic as they arrive.
+    Tail(TailArgs),
+}
+
+/// `eventbus lag`.
+#[derive(Debug, Clone, Args)]
+#[non_exhaustive]
+pub struct LagArgs {
+    /// Only this topic (default: every topic the group has consumed)
+    #[arg(long, value_name = "TOPIC")]
+    pub topic: Option<String>,
+    /// The consumer group (default: the configuration's consumer.group_id)
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Print JSON (one document) instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where the operations server is.
+#[derive(Debug, Clone, Args)]
+#[non_exhaustive]
+pub struct OpsTarget {
+    /// The operations server, e.g. http://10.0.0.7:9464 (default: the
+    /// configuration's ops_server.listen)
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// The pool switch's name (default: the server's default switch)
+    #[arg(long, value_name = "NAME")]
+    pub switch: Option<String>,
+}
+
+/// `eventbus rollout ...`.
+#[derive(Debug, Subcommand)]
+#[non_exhaustive]
+pub enum RolloutCommand {
+    /// Show a switch: actor share, pool in force, pinned routes, floor.
+    Get {
+        /// Where the switch is.
+        #[command(flatten)]
+        target: OpsTarget,
+        /// Print the server's JSON answer
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the actor share, 0 to 100 percent; the bearer token is
+    /// EVENTBUS_ADMIN_TOKEN, else the configuration's ops_server.admin_token.
+    Set {
+        /// The share of aggregate ids on the actor pool, a whole number from 0 to 100
+        #[arg(value_name = "PERCENT", value_parser = parse_percent, allow_negative_numbers = true)]
+        percent: u8,
+        /// Where the switch is.
+        #[command(flatten)]
+        target: OpsTarget,
+        /// Print the server's JSON answer
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_percent(s: &str) -> Result<u8, String> {
+    match s.trim().trim_end_matches('%').parse::<u8>() {
+        Ok(p) if p <= 100 => Ok(p),
+        _ => Err(format!(
+            "PERCENT must be a whole number from 0 to 100, got {s:?}"
+        )),
+    }
+}
+
+/// `eventbus publish`.
+#[derive(Debug, Clone, Args)]
+#[non_exhaustive]
+pub struct PublishArgs {
+    /// The topic
+    #[arg(value_name = "TOPIC")]
+    pub topic: String,
+    /// The envelope's aggregate_id
+    #[arg(long, value_name = "ID")]
+    pub aggregate: String,
+    /// The envelope's event_type
+    #[arg(long = "type", value_name = "TYPE")]
+    pub event_type: String,
+    /// The envelope's payload: any JSON value
+    #[arg(long, value_name = "JSON")]
+    pub payload: String,
+    /// The envelope's event_version
+    #[arg(long = "event-version", value_name = "N", default_value_t = 1)]
+    pub event_version: u32,
+    /// The envelope's correlation_id
+    #[arg(long, value_name = "ID")]
+    pub correlation_id: Option<String>,
+    /// The envelope's trace_id
+    #[arg(long, value_name = "ID")]
+    pub trace_id: Option<String>,
+    /// Print the receipt as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `eventbus tail`.
+#[derive(Debug, Clone, Args)]
+#[non_exhaustive]
+pub struct TailArgs {
+    /// The topic
+    #[arg(value_name = "TOPIC")]
+    pub topic: String,
+    /// Start at the oldest message kept, not at the next one published
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Stop after this many messages (default: until Ctrl-C)
+    #[arg(long, value_name = "N")]
+    pub max: Option<u64>,
+    /// One JSON document per line instead of a readable line
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run a parsed command line; the error is what to print.
+pub async fn run(cli: Cli) -> Result<(), crate::CliError> {
+    match cli.command {
+        Command::Lag(args) => lag::run(&cli.global.settings()?, &args).await,
+        Command::Rollout(cmd) => rollout::run(&cli.global, cmd).await,
+        Command::Publish(args) => stream::publish(&cli.global.settings()?, &args).await,
+        Command::Tail(args) => stream::tail(&cli.global.settings()?, &args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn percents() {
+        assert_eq!(parse_percent("10"), Ok(10));
+        assert_eq!(parse_percent("100%"), Ok(100));
+        for bad in ["101", "-1", "ten", "2.5", ""] {
+            let e = parse_percent(bad).unwrap_err();
+            assert!(e.contains("PERCENT"), "{bad}: {e}");
+        }
+    }
+}

@@ -74,6 +74,9 @@ struct State {
     round: Option<usize>,
     /// The rate it reached.
     rate: Option<f64>,
+    /// The last rate a step reached, which the bar shows until the running
+    /// step has one.
+    last_rate: Option<f64>,
     /// When the run ends, as the tool said.
     ends_at: Option<Instant>,
 }
@@ -101,16 +104,22 @@ impl State {
         }
     }
 
-    /// `298 msg/s, 1m 05s left` (either part may be missing).
-    fn figures(&self, now: Instant) -> String {
-        let rate = self.rate.map(|r| format!("{r:.0} {}", self.unit));
+    /// `298 msg/s, 1m 05s left` (either part may be missing), with the rate
+    /// of this step, or with `latest` the last one known.
+    fn figures(&self, now: Instant, latest: bool) -> String {
+        let rate = if latest {
+            self.rate.or(self.last_rate)
+        } else {
+            self.rate
+        };
+        let rate = rate.map(|r| format!("{r:.0} {}", self.unit));
         let left = self.left(now).map(|l| format!("{} left", format_left(l)));
         rate.into_iter().chain(left).collect::<Vec<_>>().join(", ")
     }
 
     /// The plain line of the step just finished.
     fn line(&self, now: Instant) -> String {
-        let figures = self.figures(now);
+        let figures = self.figures(now, false);
         let mut line = format!(
             "{} [{}/{}] {}",
             self.tool,
@@ -165,7 +174,7 @@ impl Progress {
         .with_key(
             "figures",
             move |_: &ProgressState, w: &mut dyn fmt::Write| {
-                let figures = lock(&for_figures).figures(Instant::now());
+                let figures = lock(&for_figures).figures(Instant::now(), true);
                 if !figures.is_empty() {
                     let _ = write!(w, " · {figures}");
                 }
@@ -223,7 +232,10 @@ impl Progress {
 
     /// The rate the step reached, in the unit given at the start.
     pub fn set_rate(&self, rate: f64) {
-        self.state().rate = rate.is_finite().then_some(rate);
+        let mut s = self.state();
+        s.rate = rate.is_finite().then_some(rate);
+        s.last_rate = s.rate.or(s.last_rate);
+        drop(s);
         self.redraw();
     }
 
@@ -240,6 +252,16 @@ impl Progress {
         if let Output::Bar(bar) = &*self.out {
             bar.set_length(steps);
         }
+    }
+
+    /// `steps` of the planned steps will not run (a phase with nothing to do).
+    pub fn skip(&self, steps: u64) {
+        let left = {
+            let mut s = self.state();
+            s.steps = s.steps.saturating_sub(steps).max(s.done);
+            s.steps
+        };
+        self.set_steps(left);
     }
 
     /// The step finished: one more step done; a plain line says so.
@@ -301,6 +323,7 @@ impl State {
             step: String::new(),
             round: None,
             rate: None,
+            last_rate: None,
             ends_at: None,
         }
     }
@@ -389,6 +412,12 @@ mod tests {
         p.done();
         p.begin("one more than planned", None);
         p.done();
+        p.skip(5);
+        assert_eq!(
+            p.state().steps,
+            2,
+            "skipping never goes below the steps done"
+        );
         let lines = out.lines();
         // Time left is estimated from the steps done: none are left after the first.
         assert_eq!(lines[0], "rollout [1/1] 10% -> 50%: 0s left");

@@ -18,8 +18,8 @@ use eventbus_benches::{
     ChildJob, ChildOutput, DrainResult, DrainSide, DrainSpec, HandlerKind, KeyDist, RunResult,
     WorkloadSpec,
 };
+use eventbus_testkit::progress::Progress;
 use eventbus_testkit::Broker;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -424,11 +424,11 @@ const PACED_FRACTIONS: [f64; 2] = [0.5, 0.8];
 /// The workload of the paced phase.
 const PACED_WORKLOAD: (HandlerKind, KeyDist) = (HandlerKind::Cpu, KeyDist::Uniform(100));
 
-/// Everything measured so far, and the progress bar.
+/// Everything measured so far, and the progress.
 struct Run {
     args: Args,
     broker: Broker,
-    progress: ProgressBar,
+    progress: Progress,
     log: PathBuf,
     rounds: usize,
 }
@@ -462,13 +462,10 @@ impl Run {
         fixed: bool,
     ) -> RunResult {
         let backend = self.args.backend;
-        self.progress.set_message(format!(
-            "{} {} {} round {}",
-            kind.as_str(),
-            handler.name(),
-            dist.name(),
-            round + 1
-        ));
+        self.progress.begin(
+            format!("{} {} {}", kind.as_str(), handler.name(), dist.name()),
+            Some(round + 1),
+        );
         let topic = topic_name(&format!("{}-{}", kind.as_str(), handler.name()));
         self.broker.prepare(&topic, partitions).await;
         let limit = limit_for(handler, messages);
@@ -498,7 +495,10 @@ impl Run {
             &self.log,
         )
         .await;
-        self.progress.inc(1);
+        if let ChildOutput::Workload(r) = &out {
+            self.progress.set_rate(r.throughput);
+        }
+        self.progress.done();
         let failed = |e: String| {
             RunResult::failed(
                 kind.as_str(),
@@ -521,7 +521,7 @@ impl Run {
     async fn drain(&self, side: DrainSide, messages: u64, round: usize) -> DrainResult {
         let backend = self.args.backend;
         self.progress
-            .set_message(format!("drain {} round {}", side.name(), round + 1));
+            .begin(format!("drain {}", side.name()), Some(round + 1));
         let topic = topic_name(&format!("drain-{}", side.name()));
         let failed = |e: String| DrainResult {
             backend: backend.as_str().to_owned(),
@@ -548,7 +548,7 @@ impl Run {
             Broker::Memory(_) => Ok(()),
         };
         if let Err(e) = published {
-            self.progress.inc(1);
+            self.progress.done();
             return failed(e);
         }
         let limit = 60 + messages / 500;
@@ -568,21 +568,15 @@ impl Run {
             &self.log,
         )
         .await;
-        self.progress.inc(1);
+        if let ChildOutput::Drain(d) = &out {
+            self.progress.set_rate(d.throughput);
+        }
+        self.progress.done();
         match out {
             ChildOutput::Drain(d) => d,
             ChildOutput::Failed(e) => failed(e),
             _ => failed("an unexpected result for a drain".to_owned()),
         }
-    }
-}
-
-/// A line above the progress bar, or on stderr when the bar is hidden (no terminal).
-fn say(progress: &ProgressBar, line: String) {
-    if progress.is_hidden() {
-        eprintln!("{line}");
-    } else {
-        progress.println(line);
     }
 }
 
@@ -630,13 +624,8 @@ async fn compare(args: &Args) -> Result<Report, String> {
     let workloads = phases::live_workloads();
     let sizes = phases::Sizes::new(backend, args.quick);
     let steps = phases::steps(backend, args.quick, workloads.len(), rounds);
-    let progress = ProgressBar::new(steps as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
-            .map_err(|e| e.to_string())?,
-    );
-    progress.enable_steady_tick(Duration::from_millis(200));
-    say(&progress, format!(
+    let progress = Progress::new("bench-compare", steps as u64, "msg/s");
+    progress.say(format!(
         "bench-compare: {} workloads x 2 pools x {rounds} round(s) on the {}; each run in a fresh process",
         workloads.len(),
         broker.describe()
@@ -663,7 +652,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
     let slow = run.slow_keys(sizes.conc).await;
     let drains = run.drains(sizes.drain).await;
     let rt = run.round_trips().await?;
-    run.progress.finish_and_clear();
+    run.progress.finish();
 
     let mut verdict = Verdict::default();
     verdict.round_trips(&rt);
@@ -752,15 +741,8 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
         StorageKind::File => "file",
     };
     let sleep_ms = measured_sleep_ms().await;
-    let progress = ProgressBar::new((rounds * 2 * counts.len()) as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
-            .map_err(|e| e.to_string())?,
-    );
-    progress.enable_steady_tick(Duration::from_millis(200));
-    say(
-        &progress,
-        format!(
+    let progress = Progress::new("bench-compare", (rounds * 2 * counts.len()) as u64, "msg/s");
+    progress.say(format!(
             "bench-compare: NATS scale-out, groups of {counts:?} member(s) x 2 pools x {rounds} round(s) on the {}; a backlog of {messages} over {MEMBER_KEYS} aggregates on {MEMBER_PARTITIONS} partitions ({storage_name} storage), sleep-1ms handler (tokio::time::sleep), {MEMBER_WORKERS} workers per member; each run in a fresh process",
             broker.describe()
         ),
@@ -774,11 +756,10 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
         }
         for kind in order(round) {
             for &members in &sizes {
-                progress.set_message(format!(
-                    "{} pool, {members} member(s), round {}",
-                    kind.as_str(),
-                    round + 1
-                ));
+                progress.begin(
+                    format!("{} pool, {members} member(s)", kind.as_str()),
+                    Some(round + 1),
+                );
                 let spec = MembersSpec {
                     endpoint: broker.endpoint(),
                     topic: topic_name(&format!("scale-{}-{members}", kind.as_str())),
@@ -795,25 +776,20 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
                     server_pid: broker.pid(),
                 };
                 let r = run_members_child(&spec, Duration::from_secs(limit_secs + 180), &log).await;
-                progress.inc(1);
-                say(
-                    &progress,
-                    format!(
-                        "  {} pool, {members} member(s), round {}: {:.0} msg/s{}",
+                progress.set_rate(r.throughput);
+                progress.done();
+                if let Some(e) = &r.error {
+                    progress.say(format!(
+                        "  {} pool, {members} member(s), round {}: error: {e}",
                         r.pool,
                         round + 1,
-                        r.throughput,
-                        r.error
-                            .as_ref()
-                            .map(|e| format!("  error: {e}"))
-                            .unwrap_or_default()
-                    ),
-                );
+                    ));
+                }
                 results.push(r);
             }
         }
     }
-    progress.finish_and_clear();
+    progress.finish();
 
     let mut baselines = Vec::new();
     let mut bars = Vec::new();

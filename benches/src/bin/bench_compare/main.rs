@@ -9,11 +9,12 @@
 
 use eventbus::{PoolKind, StorageKind};
 use eventbus_benches::bus::Backend;
+use eventbus_benches::chart::chart;
 use eventbus_benches::drain::{publish_kafka_backlog, publish_nats_backlog};
 use eventbus_benches::members::{
     run_members, MembersResult, MembersSpec, MEMBER_KEYS, MEMBER_PARTITIONS, MEMBER_WORKERS,
 };
-use eventbus_benches::report::{chart, members_mean, summarize, Bar, Baseline, Report};
+use eventbus_benches::report::{members_mean, summarize, Bar, Baseline, Report};
 use eventbus_benches::{
     ChildJob, ChildOutput, DrainResult, DrainSide, DrainSpec, HandlerKind, KeyDist, RunResult,
     WorkloadSpec,
@@ -33,6 +34,7 @@ use verdict::Verdict;
 const USAGE: &str = "\
 bench-compare [--quick] [--backend memory|kafka|nats] [--rounds N] [--out DIR] [--no-fail]
               [--members LIST [--storage memory|file]]
+bench-compare --redraw REPORT.json [--out DIR]
 
 Runs the keyed and the actor pool on the same workloads in one run, alternating
 which goes first, each run in a fresh process; measures the baselines of the
@@ -56,6 +58,8 @@ writes DIR/report.json, DIR/report.md and DIR/chart.svg
                    file (nats-server 2.9.10 to 2.9.14 recount a filtered
                    consumer's pending messages per delivery on file storage,
                    which distorts the figures; see docs/benchmarks.md)
+  --redraw R       run nothing: draw the chart of the report R (a report.json
+                   of an earlier run) into DIR/chart.svg (default DIR: R's folder)
 
 Exit status: 0 every bar met, 1 a bar missed, 2 bad arguments or setup failure.";
 
@@ -70,6 +74,8 @@ struct Args {
     members: Option<Vec<usize>>,
     /// Stream storage of the scale-out topic (`--storage`).
     storage: Option<StorageKind>,
+    /// The report whose chart to draw again (`--redraw`), instead of a run.
+    redraw: Option<PathBuf>,
 }
 
 /// The group sizes of `--members`: comma-separated counts from 1 to the
@@ -106,7 +112,10 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             .join("target/bench-compare"),
         members: None,
         storage: None,
+        redraw: None,
     };
+    let mut out_given = false;
+    let mut run_flag = None;
     let mut it = argv.iter();
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -119,6 +128,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 .or_else(|| it.next().cloned())
                 .ok_or_else(|| format!("{name} needs a value (see --help)"))
         };
+        if !matches!(flag, "--out" | "--redraw") {
+            run_flag.get_or_insert_with(|| flag.to_owned());
+        }
         match flag {
             "--quick" => args.quick = true,
             "--no-fail" => args.no_fail = true,
@@ -130,7 +142,11 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                     _ => return Err(format!("--rounds: expected a positive integer, got `{v}`")),
                 });
             }
-            "--out" => args.out = value("--out")?.into(),
+            "--out" => {
+                args.out = value("--out")?.into();
+                out_given = true;
+            }
+            "--redraw" => args.redraw = Some(value("--redraw")?.into()),
             "--members" => args.members = Some(parse_members(&value("--members")?)?),
             "--storage" => {
                 let v = value("--storage")?;
@@ -141,6 +157,19 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 });
             }
             other => return Err(format!("unknown argument `{other}` (see --help)")),
+        }
+    }
+    if let Some(report) = &args.redraw {
+        if let Some(flag) = run_flag {
+            return Err(format!(
+                "--redraw draws the chart of an existing report and runs nothing: `{flag}` does not go with it (only --out does)"
+            ));
+        }
+        if !out_given {
+            args.out = match report.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+                _ => PathBuf::from("."),
+            };
         }
     }
     if args.storage.is_some() && args.members.is_none() {
@@ -173,6 +202,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(report) = &args.redraw {
+        return match redraw(report, &args.out) {
+            Ok(chart) => {
+                println!("bench-compare: {} written", chart.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bench-compare: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -204,6 +245,23 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Draw the chart of the report `report` (a `report.json`) into
+/// `out/chart.svg`; the chart's path.
+fn redraw(report: &Path, out: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(report)
+        .map_err(|e| format!("--redraw {}: {e}", report.display()))?;
+    let report_value: Report = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "--redraw {}: not a bench-compare report: {e}",
+            report.display()
+        )
+    })?;
+    std::fs::create_dir_all(out).map_err(|e| format!("--out {}: {e}", out.display()))?;
+    let path = out.join("chart.svg");
+    chart(&report_value, &path).map_err(|e| format!("--redraw {}: {e}", report.display()))?;
+    Ok(path)
 }
 
 /// The hidden first argument of a scale-out run process.
@@ -639,6 +697,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
             out: args.out.clone(),
             members: None,
             storage: None,
+            redraw: None,
         },
         broker,
         progress,
@@ -1055,6 +1114,50 @@ mod tests {
             e.contains("--members") && e.contains("--backend nats"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn redraw_takes_a_report_and_runs_nothing() {
+        let a = parse(&["--redraw", "/tmp/run/report.json"]).expect("valid");
+        assert_eq!(a.redraw, Some(PathBuf::from("/tmp/run/report.json")));
+        assert_eq!(a.out, PathBuf::from("/tmp/run"), "next to the report");
+        let a = parse(&["--redraw=report.json", "--out", "/tmp/x"]).expect("valid");
+        assert_eq!(a.out, PathBuf::from("/tmp/x"));
+        assert_eq!(
+            parse(&["--redraw", "report.json"]).expect("valid").out,
+            PathBuf::from(".")
+        );
+        let e = parse(&["--redraw", "r.json", "--quick"])
+            .err()
+            .expect("rejected");
+        assert!(e.contains("--redraw") && e.contains("`--quick`"), "{e}");
+        let e = parse(&["--redraw"]).err().expect("rejected");
+        assert!(e.contains("--redraw needs a value"), "{e}");
+    }
+
+    #[test]
+    fn redraw_names_the_report_it_cannot_read() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let bad = dir.path().join("report.json");
+        std::fs::write(&bad, "{\"backend\": 1}").expect("written");
+        let e = redraw(&bad, dir.path()).expect_err("rejected");
+        assert!(
+            e.contains("report.json") && e.contains("not a bench-compare report"),
+            "{e}"
+        );
+        let e = redraw(&dir.path().join("missing.json"), dir.path()).expect_err("rejected");
+        assert!(e.contains("missing.json"), "{e}");
+    }
+
+    #[test]
+    fn redraw_draws_the_chart_of_a_report() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let report =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/report-memory-quick.json");
+        let chart = redraw(&report, dir.path()).expect("drawn");
+        assert_eq!(chart, dir.path().join("chart.svg"));
+        let svg = std::fs::read_to_string(&chart).expect("written");
+        assert!(svg.starts_with("<svg") && svg.contains("verdict"), "{svg}");
     }
 
     #[test]

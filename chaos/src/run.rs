@@ -2004,7 +2004,7 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     while started.elapsed() < ctx.opts.duration || i < rotation.len() {
         let fault = rotation[i % rotation.len()];
         ctx.shown
-            .begin(format!("fault {fault}"), Some(i / rotation.len() + 1));
+            .begin(fault.to_string(), Some(i / rotation.len() + 1));
         let (began, handled) = (Instant::now(), ctx.checker.handled_distinct());
         i += 1;
         ctx.say(&format!("fault: {fault}"));

@@ -164,10 +164,15 @@ fn draw_metric(
         .collect();
     let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = values.iter().copied().fold(0.0, f64::max);
+    // Whole decades, so the log axis is marked at both ends however close the
+    // figures are; room below the lowest bar, so that it shows.
     let (lo, hi) = if values.is_empty() {
         (1.0, 10.0)
     } else {
-        ((lo / 2.0).max(1e-3), hi * 2.0)
+        (
+            10f64.powf((lo / 1.5).max(1e-3).log10().floor()),
+            10f64.powf((hi * 1.2).log10().ceil()),
+        )
     };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 16))

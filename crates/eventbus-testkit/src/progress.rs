@@ -452,6 +452,37 @@ mod tests {
     }
 
     #[test]
+    fn progress_is_shared_across_tasks_and_threads() {
+        fn send_sync<T: Send + Sync + Clone>() {}
+        send_sync::<Progress>();
+    }
+
+    #[test]
+    fn a_bar_counts_its_steps_and_keeps_the_last_rate_on_show() {
+        let p = Progress::bar("bench-compare", 2, "msg/s");
+        p.begin("keyed noop 1 keys", Some(1));
+        p.set_rate(1000.0);
+        p.done();
+        p.begin("actor noop 1 keys", Some(1));
+        {
+            let s = p.state();
+            assert_eq!((s.done, s.steps), (1, 2));
+            // The bar shows the last rate known while the step runs; its line
+            // would not.
+            let now = Instant::now();
+            assert!(
+                s.figures(now, true).starts_with("1000 msg/s, "),
+                "{}",
+                s.figures(now, true)
+            );
+            assert!(!s.figures(now, false).contains("msg/s"));
+        }
+        p.skip(1);
+        assert_eq!(p.state().steps, 1, "never below the steps done");
+        p.finish();
+    }
+
+    #[test]
     fn hidden_progress_writes_nothing_and_counts_anyway() {
         let p = Progress::hidden();
         assert!(p.is_hidden());

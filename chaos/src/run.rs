@@ -1967,6 +1967,10 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         ctx.shown
             .say(format!("consumer logs in {}", logs.display()));
     }
+    // Not a step: the consumers start, then run a phase before the first fault.
+    ctx.shown.begin("start", None);
+    ctx.shown
+        .set_left(time_left(&ctx.opts, Duration::ZERO, ctx.opts.faults.len()) + ctx.opts.phase);
     let mut primary = Some(ctx.spawn().await?);
     let mut partitioned = Vec::new();
     if rotating {
@@ -2005,6 +2009,11 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         let fault = rotation[i % rotation.len()];
         ctx.shown
             .begin(fault.to_string(), Some(i / rotation.len() + 1));
+        ctx.shown.set_left(time_left(
+            &ctx.opts,
+            started.elapsed(),
+            rotation.len().saturating_sub(i),
+        ));
         let (began, handled) = (Instant::now(), ctx.checker.handled_distinct());
         i += 1;
         ctx.say(&format!("fault: {fault}"));

@@ -501,3 +501,14 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::stage_label;
+
+    #[test]
+    fn a_stage_is_named_by_the_shares_it_goes_between() {
+        assert_eq!(stage_label(0, 0, 0), "start 0%");
+        assert_eq!(stage_label(2, 10, 50), "10% -> 50%");
+    }
+}

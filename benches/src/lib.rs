@@ -8,11 +8,13 @@
 //!   one or more members of a group;
 //! - [`baselines`]: the in-process floors (mpsc + oneshot, pool round trip,
 //!   one-at-a-time per partition);
-//! - [`report`]: the verdict's bars, the Markdown table and the SVG chart;
+//! - [`report`]: the verdict's bars and the Markdown tables;
+//! - [`chart`]: the SVG chart of a report (the workloads and the verdict);
 //! - [`rss`]: resident memory from `/proc`.
 
 pub mod baselines;
 pub mod bus;
+pub mod chart;
 pub mod drain;
 pub mod members;
 pub mod report;

@@ -1,14 +1,12 @@
-//! The report of a `bench-compare` run: per-workload means, the verdict's bars,
-//! Markdown, and an SVG chart of throughput and p99 per workload, keyed against actor.
+//! The report of a `bench-compare` run: per-workload means, the verdict's bars
+//! and Markdown (its chart is [`crate::chart`]).
 
 use crate::drain::DrainResult;
 use crate::members::MembersResult;
 use crate::workload::{HandlerKind, RunResult};
 use eventbus::StorageKind;
-use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// One bar of the verdict.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,6 +25,28 @@ pub struct Bar {
 }
 
 impl Bar {
+    /// How the measured figure stands to the goal, turned so that above 1 is
+    /// better: measured ÷ goal for a floor (`≥ 0.90×`, `> 5`), goal ÷
+    /// measured for a ceiling (`≤ 1.05×`, `< 5 ms`). Read from the leading
+    /// numbers of [`measured`](Self::measured) and [`target`](Self::target),
+    /// which share their unit. `None` for a goal of none (`0`, `0 failed`) or
+    /// figures that are not numbers. Whether the bar is met is
+    /// [`pass`](Self::pass), not this.
+    pub fn goal_ratio(&self) -> Option<f64> {
+        let target = self.target.trim_start();
+        let floor = target.starts_with(['≥', '>']);
+        let ceiling = target.starts_with(['≤', '<']);
+        let goal = leading_number(target)?;
+        let measured = leading_number(&self.measured)?;
+        let ratio = match (floor, ceiling) {
+            (true, _) if goal > 0.0 => measured / goal,
+            (_, true) if measured > 0.0 => goal / measured,
+            (_, true) if goal > 0.0 => f64::INFINITY,
+            _ => return None,
+        };
+        (!ratio.is_nan()).then_some(ratio)
+    }
+
     /// A bar met when `count` (of what `name` says there must be none of) is zero.
     pub fn zero(name: &str, count: u64) -> Self {
         Self {
@@ -48,6 +68,16 @@ pub struct Baseline {
     pub value: f64,
     /// Its unit.
     pub unit: String,
+}
+
+/// The first number of `s`, after a comparison sign and spaces: `0.48` of
+/// `0.48×`, `85` of `≥ 85%`.
+fn leading_number(s: &str) -> Option<f64> {
+    let s = s.trim_start_matches(['≥', '≤', '<', '>', '=', ' ']);
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    s[..end].parse().ok()
 }
 
 /// Means over a pool's rounds of one workload.
@@ -584,103 +614,6 @@ impl Report {
     }
 }
 
-/// A figure of a pool's means.
-type Metric = fn(&Means) -> f64;
-
-/// Draw throughput and p99 per workload, keyed against actor, into an SVG file.
-pub fn chart(report: &Report, path: &Path) -> Result<(), String> {
-    let ws = &report.workloads;
-    if ws.is_empty() {
-        return Err("no workload to chart".to_owned());
-    }
-    let root = SVGBackend::new(path, (1400, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let title = format!(
-        "bench-compare, {} backend{}: keyed (blue) against actor (red)",
-        report.backend,
-        if report.quick { ", quick" } else { "" }
-    );
-    let root = root
-        .titled(&title, ("sans-serif", 20))
-        .map_err(|e| e.to_string())?;
-    let panels = root.split_evenly((1, 2));
-    let metrics: [(&str, Metric); 2] = [
-        ("throughput, msg/s (log)", |m| m.throughput),
-        ("p99 latency, µs (log)", |m| m.p99_us),
-    ];
-    for (panel, (caption, value)) in panels.iter().zip(metrics) {
-        let values: Vec<f64> = ws
-            .iter()
-            .flat_map(|w| [value(&w.keyed), value(&w.actor)])
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .collect();
-        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = values.iter().copied().fold(0.0, f64::max);
-        let (lo, hi) = if values.is_empty() {
-            (1.0, 10.0)
-        } else {
-            ((lo / 2.0).max(1e-3), hi * 2.0)
-        };
-        let labels: Vec<String> = ws.iter().map(WorkloadSummary::label).collect();
-        let mut chart = ChartBuilder::on(panel)
-            .caption(caption, ("sans-serif", 16))
-            .margin(10)
-            .x_label_area_size(150)
-            .y_label_area_size(70)
-            .build_cartesian_2d(-0.5f64..(ws.len() as f64 - 0.5), (lo..hi).log_scale())
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(ws.len())
-            .x_label_formatter(&|x| {
-                let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 {
-                    labels.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
-            .x_label_style(
-                ("sans-serif", 11)
-                    .into_font()
-                    .transform(FontTransform::Rotate90),
-            )
-            .y_label_formatter(&|y| format!("{y:.0}"))
-            .draw()
-            .map_err(|e| e.to_string())?;
-        for (side, color, offset) in [("keyed", BLUE, -0.2f64), ("actor", RED, 0.2)] {
-            let bars: Vec<Rectangle<(f64, f64)>> = ws
-                .iter()
-                .enumerate()
-                .filter_map(|(i, w)| {
-                    let m = if side == "keyed" { &w.keyed } else { &w.actor };
-                    let v = value(m);
-                    (m.runs > 0 && v.is_finite() && v > 0.0).then(|| {
-                        let x = i as f64 + offset;
-                        Rectangle::new([(x - 0.18, lo), (x + 0.18, v)], color.mix(0.7).filled())
-                    })
-                })
-                .collect();
-            chart
-                .draw_series(bars)
-                .map_err(|e| e.to_string())?
-                .label(side)
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
-                });
-        }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(|e| e.to_string())?;
-    }
-    root.present().map_err(|e| e.to_string())?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,7 +738,32 @@ mod tests {
     }
 
     #[test]
-    fn the_report_renders_and_charts() {
+    fn the_goal_ratio_is_above_one_when_the_figure_is_on_the_better_side() {
+        let bar = |measured: &str, target: &str| Bar {
+            name: "b".into(),
+            measured: measured.into(),
+            target: target.into(),
+            pass: true,
+            note: String::new(),
+        };
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(close(bar("0.48×", "≥ 0.50×").goal_ratio(), 0.96));
+        assert!(close(
+            bar("86% (202044 of 234489 msg/s)", "≥ 85%").goal_ratio(),
+            86.0 / 85.0
+        ));
+        assert!(close(bar("1.10 ms", "< 5 ms").goal_ratio(), 5.0 / 1.1));
+        assert!(close(bar("1.117×", "≤ 1.10×").goal_ratio(), 1.1 / 1.117));
+        assert_eq!(bar("0 ms", "< 5 ms").goal_ratio(), Some(f64::INFINITY));
+        // A count that must be none has no ratio; nor have words.
+        assert_eq!(bar("0", "0").goal_ratio(), None);
+        assert_eq!(bar("0 failed", "0 failed").goal_ratio(), None);
+        assert_eq!(bar("n/a", "≥ 2×").goal_ratio(), None);
+        assert_eq!(bar("3×", "≥ 0×").goal_ratio(), None);
+    }
+
+    #[test]
+    fn the_report_renders() {
         let runs = vec![
             run("keyed", 100.0, 10.0, 1000),
             run("actor", 95.0, 11.0, 1050),
@@ -836,10 +794,5 @@ mod tests {
             md.contains("MISSED") && md.contains("missed: b: why"),
             "{md}"
         );
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let path = dir.path().join("chart.svg");
-        chart(&report, &path).expect("chart");
-        let svg = std::fs::read_to_string(&path).expect("chart written");
-        assert!(svg.starts_with("<svg") && svg.contains("noop / 1 keys"));
     }
 }

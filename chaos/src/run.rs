@@ -6,6 +6,7 @@ use eventbus_core::{SharedBus, StorageKind, TopicConfig};
 use eventbus_memory::{BrokerConfig, MemoryBroker};
 use eventbus_testkit::kafka_cluster::{Cluster, RDKafkaApiKey, RDKafkaRespErr};
 use eventbus_testkit::nats_server::NatsServer;
+use eventbus_testkit::progress::Progress as RunProgress;
 use eventbus_testkit::{Delivery, DeliveryChecker, DeliveryReport, MessageClass, MessageId, Stamp};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -73,7 +74,9 @@ pub struct Options {
     /// Arguments given to [`consumer_bin`](Self::consumer_bin) before the
     /// consumer's own.
     pub consumer_args: Vec<String>,
-    /// Print progress to standard error.
+    /// Print progress to standard error: a bar with the fault, its round of
+    /// the rotation, the handled rate and the time left on a terminal, a line
+    /// per fault and per event elsewhere.
     pub verbose: bool,
     /// The faults to rotate; default [`Fault::rotation`] of the backend.
     pub faults: Vec<Fault>,
@@ -830,6 +833,8 @@ struct Ctx {
     hang_rounds: AtomicU64,
     /// The stuck-key phases so far.
     stuck: Mutex<Vec<StuckPhase>>,
+    /// What the run shows of its progress (nothing unless verbose).
+    shown: RunProgress,
 }
 
 /// What a consumer process consumes.
@@ -860,14 +865,14 @@ impl Ctx {
     fn say(&self, what: &str) {
         if self.opts.verbose {
             let r = self.checker.report();
-            eprintln!(
+            self.shown.say(format!(
                 "[{:>5.1}s] {what}; produced {} handled {} outstanding {}; last consumer m{}",
                 self.started.elapsed().as_secs_f64(),
                 r.produced,
                 r.handled,
                 self.checker.outstanding(),
                 self.incarnation.load(Ordering::SeqCst)
-            );
+            ));
         }
     }
 
@@ -1882,6 +1887,23 @@ async fn partitioned_rotation(ctx: &Ctx, partitioned: &mut Vec<Member>) -> Resul
     Ok(())
 }
 
+/// Steps of a run as planned: the faults that fit in its duration (each phase
+/// about [`Options::phase`], after a first phase without a fault), every fault
+/// of the rotation at least once, then settling.
+fn planned_steps(opts: &Options) -> u64 {
+    let phase = opts.phase.as_secs_f64().max(1e-3);
+    let fit = (opts.duration.as_secs_f64() / phase - 1.0).ceil().max(0.0) as u64;
+    fit.max(opts.faults.len() as u64) + 1
+}
+
+/// Time left of a run `elapsed` into it, with `unrotated` faults of the first
+/// rotation still to apply: the rest of its duration, or those faults' phases
+/// if they take longer.
+fn time_left(opts: &Options, elapsed: Duration, unrotated: usize) -> Duration {
+    let rest = opts.duration.saturating_sub(elapsed);
+    rest.max(opts.phase * unrotated as u32)
+}
+
 /// Run the faults for `opts.duration`, then settle and judge.
 pub async fn run(opts: Options) -> Result<Outcome, String> {
     let real = opts.backend == Backend::Kafka && real_kafka();
@@ -1930,6 +1952,11 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         others_delivered: Arc::default(),
         hang_rounds: AtomicU64::new(0),
         stuck: Mutex::default(),
+        shown: if opts.verbose {
+            RunProgress::new("chaos", planned_steps(&opts), "msg/s handled")
+        } else {
+            RunProgress::hidden()
+        },
         opts,
     };
     ctx.duplicates
@@ -1937,8 +1964,13 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         .expect("duplicates")
         .begin("start".into());
     if ctx.opts.verbose && !ctx.opts.backend.in_process() {
-        eprintln!("consumer logs in {}", logs.display());
+        ctx.shown
+            .say(format!("consumer logs in {}", logs.display()));
     }
+    // Not a step: the consumers start, then run a phase before the first fault.
+    ctx.shown.begin("start", None);
+    ctx.shown
+        .set_left(time_left(&ctx.opts, Duration::ZERO, ctx.opts.faults.len()) + ctx.opts.phase);
     let mut primary = Some(ctx.spawn().await?);
     let mut partitioned = Vec::new();
     if rotating {
@@ -1975,6 +2007,14 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     let mut i = 0;
     while started.elapsed() < ctx.opts.duration || i < rotation.len() {
         let fault = rotation[i % rotation.len()];
+        ctx.shown
+            .begin(fault.to_string(), Some(i / rotation.len() + 1));
+        ctx.shown.set_left(time_left(
+            &ctx.opts,
+            started.elapsed(),
+            rotation.len().saturating_sub(i),
+        ));
+        let (began, handled) = (Instant::now(), ctx.checker.handled_distinct());
         i += 1;
         ctx.say(&format!("fault: {fault}"));
         let n = faults.get(&fault.to_string()).copied().unwrap_or(0) + 1;
@@ -1984,12 +2024,27 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
             .begin(format!("{fault} #{n}"));
         apply(fault, &ctx, &broker, &mut primary, &mut partitioned).await?;
         *faults.entry(fault.to_string()).or_insert(0) += 1;
+        let handled = ctx.checker.handled_distinct().saturating_sub(handled);
+        ctx.shown
+            .set_rate(handled as f64 / began.elapsed().as_secs_f64().max(1e-3));
+        ctx.shown.set_left(time_left(
+            &ctx.opts,
+            started.elapsed(),
+            rotation.len().saturating_sub(i),
+        ));
+        if started.elapsed() >= ctx.opts.duration && i >= rotation.len() {
+            // The last fault: what is left is settling.
+            ctx.shown.set_steps(i as u64 + 1);
+        }
+        ctx.shown.done();
     }
     stop.store(true, Ordering::Relaxed);
     producer
         .await
         .map_err(|e| format!("producer task: {e}"))??;
     ctx.say("faults over, producer stopped; settling");
+    ctx.shown.set_steps(i as u64 + 1);
+    ctx.shown.begin("settle", None);
     ctx.duplicates
         .lock()
         .expect("duplicates")
@@ -1998,6 +2053,8 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     if let Err(e) = &settled {
         ctx.say(e);
     }
+    ctx.shown.done();
+    ctx.shown.finish();
     if let Some(m) = primary.take() {
         if let Err(e) = m.leave(Duration::from_secs(30)).await {
             ctx.say(&format!("last consumer: {e}"));
@@ -2046,7 +2103,30 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::fair_shares;
+    use super::{fair_shares, planned_steps, time_left, Backend, Fault, Options};
+    use std::time::Duration;
+
+    #[test]
+    fn the_planned_steps_are_the_faults_that_fit_then_settling() {
+        let mut o = Options::new(Backend::Memory, Duration::from_secs(60));
+        o.phase = Duration::from_secs(15);
+        o.faults = vec![Fault::KillConsumer, Fault::RestartConsumer];
+        // A first phase without a fault, then three of 15 s; then settling.
+        assert_eq!(planned_steps(&o), 4);
+        // A short run still applies every fault of the rotation once.
+        o.duration = Duration::from_secs(5);
+        assert_eq!(planned_steps(&o), 3);
+    }
+
+    #[test]
+    fn time_left_is_the_rest_of_the_duration_or_the_unrotated_faults() {
+        let mut o = Options::new(Backend::Memory, Duration::from_secs(60));
+        o.phase = Duration::from_secs(15);
+        let s = Duration::from_secs;
+        assert_eq!(time_left(&o, s(20), 0), s(40));
+        assert_eq!(time_left(&o, s(20), 3), s(45));
+        assert_eq!(time_left(&o, s(90), 0), s(0));
+    }
 
     #[test]
     fn fair_shares_cover_every_partition_once_within_one_of_each_other() {

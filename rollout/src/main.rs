@@ -26,6 +26,7 @@ use eventbus::{
     OpsServerConfig, Payload, Pool, PoolSwitch, SharedBus, TopicConfig,
 };
 use eventbus_testkit::factories::{kafka_config, nats_config};
+use eventbus_testkit::progress::Progress;
 use eventbus_testkit::{Backend, Broker, DeliveryChecker};
 use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
@@ -325,7 +326,13 @@ async fn run(o: Options) -> Result<bool, String> {
         .map_err(|e| e.to_string())?;
     let mut stages = Vec::new();
     let mut previous = STAGES[0];
+    // A bar with the stage, its rate and the time left on a terminal; a line
+    // per stage elsewhere.
+    let progress = Progress::new("rollout", STAGES.len() as u64, "msg/s handled");
     for (i, &share) in STAGES.iter().enumerate() {
+        progress.begin(stage_label(i, previous, share), None);
+        progress.set_left(o.stage * (STAGES.len() - i) as u32);
+        let (began, handled) = (Instant::now(), checker.handled_distinct());
         if i == 0 {
             stages.push(Stage {
                 share,
@@ -364,9 +371,9 @@ async fn run(o: Options) -> Result<bool, String> {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
             if drained.is_none() {
-                eprintln!(
+                progress.say(format!(
                     "rollout: {previous}% -> {share}%: the {leaving} side still held moving routes after {DRAIN_LIMIT:?}"
-                );
+                ));
             }
             stages.push(Stage {
                 share,
@@ -376,7 +383,11 @@ async fn run(o: Options) -> Result<bool, String> {
         }
         previous = share;
         tokio::time::sleep(o.stage).await;
+        let handled = checker.handled_distinct().saturating_sub(handled);
+        progress.set_rate(handled as f64 / began.elapsed().as_secs_f64());
+        progress.done();
     }
+    progress.finish();
 
     stop.store(true, Ordering::Release);
     let sent = producer.await.map_err(|e| format!("producer: {e}"))??;
@@ -404,11 +415,7 @@ async fn run(o: Options) -> Result<bool, String> {
     let mut rollback_ok = true;
     let mut previous = STAGES[0];
     for (i, (stage, lat)) in stages.iter().zip(by_stage.iter_mut()).enumerate() {
-        let label = if i == 0 {
-            format!("start {}%", stage.share)
-        } else {
-            format!("{}% -> {}%", previous, stage.share)
-        };
+        let label = stage_label(i, previous, stage.share);
         let drained = stage.drained.map_or_else(
             || "-".to_owned(),
             |d| format!("{:.1} ms", d.as_secs_f64() * 1e3),
@@ -457,6 +464,16 @@ async fn run(o: Options) -> Result<bool, String> {
     Ok(report.is_clean() && rollback_ok)
 }
 
+/// The name of stage `i`, from share `previous` to `share`: `start 0%`,
+/// `10% -> 50%`.
+fn stage_label(i: usize, previous: u8, share: u8) -> String {
+    if i == 0 {
+        format!("start {share}%")
+    } else {
+        format!("{previous}% -> {share}%")
+    }
+}
+
 fn main() -> ExitCode {
     let options = match parse() {
         Ok(o) => o,
@@ -482,5 +499,16 @@ fn main() -> ExitCode {
             eprintln!("rollout: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stage_label;
+
+    #[test]
+    fn a_stage_is_named_by_the_shares_it_goes_between() {
+        assert_eq!(stage_label(0, 0, 0), "start 0%");
+        assert_eq!(stage_label(2, 10, 50), "10% -> 50%");
     }
 }

@@ -21,6 +21,8 @@ pub mod out_of_service;
 pub mod panics;
 pub mod poison;
 pub mod pool_suite;
+#[cfg(feature = "progress")]
+pub mod progress;
 pub mod resources;
 pub mod shutdown;
 pub mod wait;

@@ -9,17 +9,18 @@
 
 use eventbus::{PoolKind, StorageKind};
 use eventbus_benches::bus::Backend;
+use eventbus_benches::chart::chart;
 use eventbus_benches::drain::{publish_kafka_backlog, publish_nats_backlog};
 use eventbus_benches::members::{
     run_members, MembersResult, MembersSpec, MEMBER_KEYS, MEMBER_PARTITIONS, MEMBER_WORKERS,
 };
-use eventbus_benches::report::{chart, members_mean, summarize, Bar, Baseline, Report};
+use eventbus_benches::report::{members_mean, summarize, Bar, Baseline, Report};
 use eventbus_benches::{
     ChildJob, ChildOutput, DrainResult, DrainSide, DrainSpec, HandlerKind, KeyDist, RunResult,
     WorkloadSpec,
 };
+use eventbus_testkit::progress::Progress;
 use eventbus_testkit::Broker;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -33,6 +34,7 @@ use verdict::Verdict;
 const USAGE: &str = "\
 bench-compare [--quick] [--backend memory|kafka|nats] [--rounds N] [--out DIR] [--no-fail]
               [--members LIST [--storage memory|file]]
+bench-compare --redraw REPORT.json [--out DIR]
 
 Runs the keyed and the actor pool on the same workloads in one run, alternating
 which goes first, each run in a fresh process; measures the baselines of the
@@ -56,6 +58,8 @@ writes DIR/report.json, DIR/report.md and DIR/chart.svg
                    file (nats-server 2.9.10 to 2.9.14 recount a filtered
                    consumer's pending messages per delivery on file storage,
                    which distorts the figures; see docs/benchmarks.md)
+  --redraw R       run nothing: draw the chart of the report R (a report.json
+                   of an earlier run) into DIR/chart.svg (default DIR: R's folder)
 
 Exit status: 0 every bar met, 1 a bar missed, 2 bad arguments or setup failure.";
 
@@ -70,6 +74,8 @@ struct Args {
     members: Option<Vec<usize>>,
     /// Stream storage of the scale-out topic (`--storage`).
     storage: Option<StorageKind>,
+    /// The report whose chart to draw again (`--redraw`), instead of a run.
+    redraw: Option<PathBuf>,
 }
 
 /// The group sizes of `--members`: comma-separated counts from 1 to the
@@ -106,7 +112,10 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             .join("target/bench-compare"),
         members: None,
         storage: None,
+        redraw: None,
     };
+    let mut out_given = false;
+    let mut run_flag = None;
     let mut it = argv.iter();
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -119,6 +128,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 .or_else(|| it.next().cloned())
                 .ok_or_else(|| format!("{name} needs a value (see --help)"))
         };
+        if !matches!(flag, "--out" | "--redraw") {
+            run_flag.get_or_insert_with(|| flag.to_owned());
+        }
         match flag {
             "--quick" => args.quick = true,
             "--no-fail" => args.no_fail = true,
@@ -130,7 +142,11 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                     _ => return Err(format!("--rounds: expected a positive integer, got `{v}`")),
                 });
             }
-            "--out" => args.out = value("--out")?.into(),
+            "--out" => {
+                args.out = value("--out")?.into();
+                out_given = true;
+            }
+            "--redraw" => args.redraw = Some(value("--redraw")?.into()),
             "--members" => args.members = Some(parse_members(&value("--members")?)?),
             "--storage" => {
                 let v = value("--storage")?;
@@ -141,6 +157,19 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 });
             }
             other => return Err(format!("unknown argument `{other}` (see --help)")),
+        }
+    }
+    if let Some(report) = &args.redraw {
+        if let Some(flag) = run_flag {
+            return Err(format!(
+                "--redraw draws the chart of an existing report and runs nothing: `{flag}` does not go with it (only --out does)"
+            ));
+        }
+        if !out_given {
+            args.out = match report.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+                _ => PathBuf::from("."),
+            };
         }
     }
     if args.storage.is_some() && args.members.is_none() {
@@ -173,6 +202,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(report) = &args.redraw {
+        return match redraw(report, &args.out) {
+            Ok(chart) => {
+                println!("bench-compare: {} written", chart.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bench-compare: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -204,6 +245,23 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Draw the chart of the report `report` (a `report.json`) into
+/// `out/chart.svg`; the chart's path.
+fn redraw(report: &Path, out: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(report)
+        .map_err(|e| format!("--redraw {}: {e}", report.display()))?;
+    let report_value: Report = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "--redraw {}: not a bench-compare report: {e}",
+            report.display()
+        )
+    })?;
+    std::fs::create_dir_all(out).map_err(|e| format!("--out {}: {e}", out.display()))?;
+    let path = out.join("chart.svg");
+    chart(&report_value, &path).map_err(|e| format!("--redraw {}: {e}", report.display()))?;
+    Ok(path)
 }
 
 /// The hidden first argument of a scale-out run process.
@@ -424,11 +482,11 @@ const PACED_FRACTIONS: [f64; 2] = [0.5, 0.8];
 /// The workload of the paced phase.
 const PACED_WORKLOAD: (HandlerKind, KeyDist) = (HandlerKind::Cpu, KeyDist::Uniform(100));
 
-/// Everything measured so far, and the progress bar.
+/// Everything measured so far, and the progress.
 struct Run {
     args: Args,
     broker: Broker,
-    progress: ProgressBar,
+    progress: Progress,
     log: PathBuf,
     rounds: usize,
 }
@@ -462,13 +520,10 @@ impl Run {
         fixed: bool,
     ) -> RunResult {
         let backend = self.args.backend;
-        self.progress.set_message(format!(
-            "{} {} {} round {}",
-            kind.as_str(),
-            handler.name(),
-            dist.name(),
-            round + 1
-        ));
+        self.progress.begin(
+            format!("{} {} {}", kind.as_str(), handler.name(), dist.name()),
+            Some(round + 1),
+        );
         let topic = topic_name(&format!("{}-{}", kind.as_str(), handler.name()));
         self.broker.prepare(&topic, partitions).await;
         let limit = limit_for(handler, messages);
@@ -498,7 +553,10 @@ impl Run {
             &self.log,
         )
         .await;
-        self.progress.inc(1);
+        if let ChildOutput::Workload(r) = &out {
+            self.progress.set_rate(r.throughput);
+        }
+        self.progress.done();
         let failed = |e: String| {
             RunResult::failed(
                 kind.as_str(),
@@ -521,7 +579,7 @@ impl Run {
     async fn drain(&self, side: DrainSide, messages: u64, round: usize) -> DrainResult {
         let backend = self.args.backend;
         self.progress
-            .set_message(format!("drain {} round {}", side.name(), round + 1));
+            .begin(format!("drain {}", side.name()), Some(round + 1));
         let topic = topic_name(&format!("drain-{}", side.name()));
         let failed = |e: String| DrainResult {
             backend: backend.as_str().to_owned(),
@@ -548,7 +606,7 @@ impl Run {
             Broker::Memory(_) => Ok(()),
         };
         if let Err(e) = published {
-            self.progress.inc(1);
+            self.progress.done();
             return failed(e);
         }
         let limit = 60 + messages / 500;
@@ -568,21 +626,15 @@ impl Run {
             &self.log,
         )
         .await;
-        self.progress.inc(1);
+        if let ChildOutput::Drain(d) = &out {
+            self.progress.set_rate(d.throughput);
+        }
+        self.progress.done();
         match out {
             ChildOutput::Drain(d) => d,
             ChildOutput::Failed(e) => failed(e),
             _ => failed("an unexpected result for a drain".to_owned()),
         }
-    }
-}
-
-/// A line above the progress bar, or on stderr when the bar is hidden (no terminal).
-fn say(progress: &ProgressBar, line: String) {
-    if progress.is_hidden() {
-        eprintln!("{line}");
-    } else {
-        progress.println(line);
     }
 }
 
@@ -630,13 +682,8 @@ async fn compare(args: &Args) -> Result<Report, String> {
     let workloads = phases::live_workloads();
     let sizes = phases::Sizes::new(backend, args.quick);
     let steps = phases::steps(backend, args.quick, workloads.len(), rounds);
-    let progress = ProgressBar::new(steps as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
-            .map_err(|e| e.to_string())?,
-    );
-    progress.enable_steady_tick(Duration::from_millis(200));
-    say(&progress, format!(
+    let progress = Progress::new("bench-compare", steps as u64, "msg/s");
+    progress.say(format!(
         "bench-compare: {} workloads x 2 pools x {rounds} round(s) on the {}; each run in a fresh process",
         workloads.len(),
         broker.describe()
@@ -650,6 +697,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
             out: args.out.clone(),
             members: None,
             storage: None,
+            redraw: None,
         },
         broker,
         progress,
@@ -663,7 +711,7 @@ async fn compare(args: &Args) -> Result<Report, String> {
     let slow = run.slow_keys(sizes.conc).await;
     let drains = run.drains(sizes.drain).await;
     let rt = run.round_trips().await?;
-    run.progress.finish_and_clear();
+    run.progress.finish();
 
     let mut verdict = Verdict::default();
     verdict.round_trips(&rt);
@@ -752,15 +800,8 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
         StorageKind::File => "file",
     };
     let sleep_ms = measured_sleep_ms().await;
-    let progress = ProgressBar::new((rounds * 2 * counts.len()) as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
-            .map_err(|e| e.to_string())?,
-    );
-    progress.enable_steady_tick(Duration::from_millis(200));
-    say(
-        &progress,
-        format!(
+    let progress = Progress::new("bench-compare", (rounds * 2 * counts.len()) as u64, "msg/s");
+    progress.say(format!(
             "bench-compare: NATS scale-out, groups of {counts:?} member(s) x 2 pools x {rounds} round(s) on the {}; a backlog of {messages} over {MEMBER_KEYS} aggregates on {MEMBER_PARTITIONS} partitions ({storage_name} storage), sleep-1ms handler (tokio::time::sleep), {MEMBER_WORKERS} workers per member; each run in a fresh process",
             broker.describe()
         ),
@@ -774,11 +815,10 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
         }
         for kind in order(round) {
             for &members in &sizes {
-                progress.set_message(format!(
-                    "{} pool, {members} member(s), round {}",
-                    kind.as_str(),
-                    round + 1
-                ));
+                progress.begin(
+                    format!("{} pool, {members} member(s)", kind.as_str()),
+                    Some(round + 1),
+                );
                 let spec = MembersSpec {
                     endpoint: broker.endpoint(),
                     topic: topic_name(&format!("scale-{}-{members}", kind.as_str())),
@@ -795,25 +835,20 @@ async fn scale_out(args: &Args) -> Result<Report, String> {
                     server_pid: broker.pid(),
                 };
                 let r = run_members_child(&spec, Duration::from_secs(limit_secs + 180), &log).await;
-                progress.inc(1);
-                say(
-                    &progress,
-                    format!(
-                        "  {} pool, {members} member(s), round {}: {:.0} msg/s{}",
+                progress.set_rate(r.throughput);
+                progress.done();
+                if let Some(e) = &r.error {
+                    progress.say(format!(
+                        "  {} pool, {members} member(s), round {}: error: {e}",
                         r.pool,
                         round + 1,
-                        r.throughput,
-                        r.error
-                            .as_ref()
-                            .map(|e| format!("  error: {e}"))
-                            .unwrap_or_default()
-                    ),
-                );
+                    ));
+                }
                 results.push(r);
             }
         }
     }
-    progress.finish_and_clear();
+    progress.finish();
 
     let mut baselines = Vec::new();
     let mut bars = Vec::new();
@@ -1079,6 +1114,50 @@ mod tests {
             e.contains("--members") && e.contains("--backend nats"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn redraw_takes_a_report_and_runs_nothing() {
+        let a = parse(&["--redraw", "/tmp/run/report.json"]).expect("valid");
+        assert_eq!(a.redraw, Some(PathBuf::from("/tmp/run/report.json")));
+        assert_eq!(a.out, PathBuf::from("/tmp/run"), "next to the report");
+        let a = parse(&["--redraw=report.json", "--out", "/tmp/x"]).expect("valid");
+        assert_eq!(a.out, PathBuf::from("/tmp/x"));
+        assert_eq!(
+            parse(&["--redraw", "report.json"]).expect("valid").out,
+            PathBuf::from(".")
+        );
+        let e = parse(&["--redraw", "r.json", "--quick"])
+            .err()
+            .expect("rejected");
+        assert!(e.contains("--redraw") && e.contains("`--quick`"), "{e}");
+        let e = parse(&["--redraw"]).err().expect("rejected");
+        assert!(e.contains("--redraw needs a value"), "{e}");
+    }
+
+    #[test]
+    fn redraw_names_the_report_it_cannot_read() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let bad = dir.path().join("report.json");
+        std::fs::write(&bad, "{\"backend\": 1}").expect("written");
+        let e = redraw(&bad, dir.path()).expect_err("rejected");
+        assert!(
+            e.contains("report.json") && e.contains("not a bench-compare report"),
+            "{e}"
+        );
+        let e = redraw(&dir.path().join("missing.json"), dir.path()).expect_err("rejected");
+        assert!(e.contains("missing.json"), "{e}");
+    }
+
+    #[test]
+    fn redraw_draws_the_chart_of_a_report() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let report =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/report-memory-quick.json");
+        let chart = redraw(&report, dir.path()).expect("drawn");
+        assert_eq!(chart, dir.path().join("chart.svg"));
+        let svg = std::fs::read_to_string(&chart).expect("written");
+        assert!(svg.starts_with("<svg") && svg.contains("verdict"), "{svg}");
     }
 
     #[test]

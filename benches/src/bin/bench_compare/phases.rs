@@ -10,8 +10,8 @@ use eventbus_benches::{
 use std::time::Duration;
 
 use super::{
-    drain_sides, mean, messages_for, order, paced_rounds, run_child, say, Mode, Run,
-    CONCURRENCY_KEYS, PACED_FRACTIONS, PACED_WORKLOAD, SLOW_KEYS,
+    drain_sides, mean, messages_for, order, paced_rounds, run_child, Mode, Run, CONCURRENCY_KEYS,
+    PACED_FRACTIONS, PACED_WORKLOAD, SLOW_KEYS,
 };
 
 /// Every workload of phase 1: each handler on 1, 100 and 10 000 uniform keys,
@@ -68,7 +68,7 @@ pub(super) fn steps(backend: Backend, quick: bool, workloads: usize, rounds: usi
         + rounds * 2 * 6 // slow keys: both pools, both routings, with and without, paced
         + rounds * drain_sides(backend, 0).len()
         + paced_rounds(quick, rounds) * PACED_FRACTIONS.len()
-        + 2 // in-process baselines
+        + 1 // in-process baselines, one process
 }
 
 /// What the slow-key phase measured, each run with whether it ran under fixed
@@ -92,10 +92,12 @@ impl Run {
                         .workload(kind, (*handler, *dist), n, 4, Mode::Live, round)
                         .await;
                     if let Some(e) = &r.error {
-                        say(
-                            &self.progress,
-                            format!("  {} {} {}: {e}", r.pool, handler.name(), r.keys),
-                        );
+                        self.progress.say(format!(
+                            "  {} {} {}: {e}",
+                            r.pool,
+                            handler.name(),
+                            r.keys
+                        ));
                     }
                     runs.push(r);
                 }
@@ -109,16 +111,13 @@ impl Run {
                         .collect::<Vec<_>>(),
                 )
             };
-            say(
-                &self.progress,
-                format!(
-                    "  {:<9} {:<14} keyed {:>9.0} msg/s  actor {:>9.0} msg/s",
-                    handler.name(),
-                    dist.name(),
-                    side("keyed"),
-                    side("actor")
-                ),
-            );
+            self.progress.say(format!(
+                "  {:<9} {:<14} keyed {:>9.0} msg/s  actor {:>9.0} msg/s",
+                handler.name(),
+                dist.name(),
+                side("keyed"),
+                side("actor")
+            ));
         }
         runs
     }
@@ -150,7 +149,8 @@ impl Run {
             .fold(f64::INFINITY, f64::min);
         let p_rounds = paced_rounds(self.args.quick, self.rounds);
         if !(max_rate.is_finite() && max_rate > 0.0) {
-            self.progress.inc((p_rounds * PACED_FRACTIONS.len()) as u64);
+            self.progress
+                .skip((p_rounds * PACED_FRACTIONS.len()) as u64);
             return paced;
         }
         let secs = if self.args.quick { 0.3 } else { 1.0 };
@@ -169,7 +169,7 @@ impl Run {
                     )
                     .await;
                 if let Some(e) = &r.error {
-                    say(&self.progress, format!("  paced switch {rate:.0}: {e}"));
+                    self.progress.say(format!("  paced switch {rate:.0}: {e}"));
                 }
                 paced.push(r);
             }
@@ -177,9 +177,7 @@ impl Run {
                 paced_side_median(&paced, rate, 0),
                 paced_side_median(&paced, rate, 1),
             );
-            say(
-                &self.progress,
-                format!(
+            self.progress.say(format!(
                     "  paced {:>3.0}% ({rate:.0} msg/s), switch at 50%: p99 keyed {keyed:.0} µs  actor {actor:.0} µs  (median of {p_rounds} rounds)",
                     fraction * 100.0,
                 ),
@@ -261,7 +259,7 @@ impl Run {
     /// round; then the one-at-a-time-per-partition design with the 1 ms handler.
     pub(super) async fn round_trips(&self) -> Result<RoundTrips, String> {
         self.progress
-            .set_message("round trips and one-at-a-time per partition");
+            .begin("round trips and one-at-a-time per partition", None);
         let quick = self.args.quick;
         let job = ChildJob::RoundTrips {
             n: if quick { 100_000 } else { 400_000 },
@@ -273,7 +271,7 @@ impl Run {
             ChildOutput::Failed(e) => return Err(format!("in-process baselines: {e}")),
             _ => return Err("in-process baselines: an unexpected result".to_owned()),
         };
-        self.progress.inc(2);
+        self.progress.done();
         Ok(rt)
     }
 }

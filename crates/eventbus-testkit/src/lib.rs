@@ -21,6 +21,7 @@ pub mod out_of_service;
 pub mod panics;
 pub mod poison;
 pub mod pool_suite;
+pub mod redrive;
 pub mod resources;
 pub mod shutdown;
 pub mod wait;

@@ -239,7 +239,7 @@ impl RedriveOptions {
         self
     }
 
-    /// Publish at most `per_second` records a second.
+    /// Publish at most `per_second` records a second, evenly spaced (no burst).
     #[must_use]
     pub fn rate_limit(mut self, per_second: NonZeroU32) -> Self {
         self.per_second = Some(per_second);
@@ -620,9 +620,9 @@ where
     P: FnMut(String, i32, Record) -> BoxFuture<'p, Result<PublishReceipt>>,
 {
     let filter = Filter { options };
-    let limiter = options
-        .per_second
-        .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+    let limiter = options.per_second.map(|n| {
+        governor::RateLimiter::direct(governor::Quota::per_second(n).allow_burst(NonZeroU32::MIN))
+    });
     let mut report = RedriveReport {
         dead_letter_topic: dead_letter_topic.to_owned(),
         dry_run: options.dry_run,

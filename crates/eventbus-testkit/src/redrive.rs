@@ -493,12 +493,11 @@ pub const CHILD_PROGRESS_ENV: &str = "EVENTBUS_REDRIVE_PROGRESS";
 /// Environment variable giving the rate of a redrive child, records a second.
 pub const CHILD_RATE_ENV: &str = "EVENTBUS_REDRIVE_RATE";
 
-/// A redrive child's work: read its environment, redrive on a bus of
-/// `factory`, print the report, close. Panics (a failed child) on an error.
-pub async fn child_main(factory: &dyn BusFactory, pools: &PoolFactory) {
+/// A redrive child's work: read its environment, redrive on `bus`, close;
+/// the report. Panics (a failed child) on an error.
+pub async fn child_main(bus: SharedBus) -> eventbus_core::RedriveReport {
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
     let rate: u32 = var(CHILD_RATE_ENV).parse().expect("rate is a number");
-    let bus = new_bus(factory, pools).await;
     let report = bus
         .redrive(
             RedriveOptions::new(var(CHILD_DLQ_ENV))
@@ -507,7 +506,97 @@ pub async fn child_main(factory: &dyn BusFactory, pools: &PoolFactory) {
         )
         .await
         .expect("the child's redrive");
-    tracing::info!(moved = report.moved, "redrive child done");
+    bus.close().await.expect("close");
+    report
+}
+
+/// Key and payload of the record that shows the origin subscription consumes.
+const WARM_UP: &str = "warm-up";
+
+/// Whether this process is a redrive child (see [`CHILD_ENV`]).
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// Start a redrive child with these environment variables set (the caller adds
+/// how to reach the broker).
+pub type SpawnChild<'a> = &'a (dyn Fn(&[(&str, String)]) -> std::process::Child + Sync);
+
+/// A redrive is killed (SIGKILL) half-way through and started again: every
+/// record reaches its origin topic, at most the one unconfirmed record twice,
+/// each aggregate in dead-letter order.
+pub async fn killed_and_restarted(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+    spawn: SpawnChild<'_>,
+) {
+    let bus = new_bus(factory, pools).await;
+    let dlq = topic(&bus, factory, "redrive-crash-dlq").await;
+    let origin = topic(&bus, factory, "redrive-crash").await;
+    let received = Received::subscribe(&bus, &origin).await;
+    // The subscription consumes (its group joined) before the child starts.
+    bus.publish(&origin, Record::new(WARM_UP).with_key(WARM_UP))
+        .await
+        .expect("publish the warm-up record");
+    wait_until(
+        "the origin subscription receives the warm-up record",
+        WAIT,
+        || !received.is_empty(),
+    )
+    .await;
+    received.0.lock().expect("received").clear();
+    let written = write_crash_dead_letters(&bus, &dlq, &origin, 4, 15).await;
+    let total = written.len();
+    let env = [
+        (CHILD_ENV, "1".to_owned()),
+        (CHILD_DLQ_ENV, dlq.clone()),
+        (CHILD_PROGRESS_ENV, random_topic("crash").replace('-', "_")),
+        (CHILD_RATE_ENV, "10".to_owned()),
+    ];
+    let mut first = spawn(&env);
+    let mut exited = None;
+    wait_until(
+        "the first redrive child moves some records (and is still running)",
+        WAIT,
+        || {
+            // At 10 a second, 60 records take 6 s: it is killed well before.
+            if exited.is_none() {
+                exited = first.try_wait().expect("poll the child");
+            }
+            assert!(
+                exited.is_none(),
+                "the first redrive child exited before it was killed: {exited:?}"
+            );
+            received.len() >= 15
+        },
+    )
+    .await;
+    first.kill().expect("SIGKILL the first redrive child");
+    first.wait().expect("reap the first redrive child");
+    let moved = received.len();
+    assert!(
+        moved < total,
+        "the first child moved every record ({moved}) before it was killed"
+    );
+    let mut second = spawn(&env);
+    let status = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || second.wait()),
+    )
+    .await
+    .expect("the second redrive child ends within 120s")
+    .expect("join")
+    .expect("wait for the second redrive child");
+    assert!(
+        status.success(),
+        "the second redrive child failed: {status}"
+    );
+    wait_until("every record reaches the origin topic", WAIT, || {
+        let payloads: std::collections::HashSet<String> = received.payloads().into_iter().collect();
+        payloads.len() >= total
+    })
+    .await;
+    check_after_crash(&written, &received.all());
     bus.close().await.expect("close");
 }
 

@@ -35,7 +35,8 @@ struct Range {
 
 /// A reader of one Kafka dead-letter topic.
 pub(crate) struct Reader {
-    consumer: Arc<BaseConsumer>,
+    /// Taken only when the reader is dropped.
+    consumer: Option<Arc<BaseConsumer>>,
     topic: Arc<str>,
     durable: bool,
     todo: VecDeque<Range>,
@@ -132,12 +133,31 @@ impl Reader {
             .await?
         };
         Ok(Self {
-            consumer,
+            consumer: Some(consumer),
             topic,
             durable: options.durable,
             todo,
             current: None,
         })
+    }
+}
+
+impl Drop for Reader {
+    /// Closing a consumer with a group may wait on the coordinator: not on a
+    /// runtime's worker thread.
+    fn drop(&mut self) {
+        let consumer = self.consumer.take();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn_blocking(move || drop(consumer)));
+        }
+    }
+}
+
+impl Reader {
+    fn consumer(&self) -> &Arc<BaseConsumer> {
+        self.consumer
+            .as_ref()
+            .expect("the consumer is taken only when the reader is dropped")
     }
 }
 
@@ -154,14 +174,14 @@ impl DeadLetterReader for Reader {
                         let mut tpl = TopicPartitionList::new();
                         tpl.add_partition_offset(&self.topic, r.partition, Offset::Offset(r.next))
                             .map_err(|e| broker(format!("redrive: cannot assign `{}` partition {}", self.topic, r.partition), e))?;
-                        self.consumer.assign(&tpl).map_err(|e| {
+                        self.consumer().assign(&tpl).map_err(|e| {
                             broker(format!("redrive: cannot assign `{}` partition {}", self.topic, r.partition), e)
                         })?;
                         self.current = Some(r);
                         r
                     }
                 };
-                let consumer = self.consumer.clone();
+                let consumer = self.consumer().clone();
                 let topic = self.topic.clone();
                 let read = blocking(move || {
                     let started = Instant::now();
@@ -252,7 +272,7 @@ impl DeadLetterReader for Reader {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
                 .map_err(|e| broker(format!("redrive: cannot commit {id}"), e))?;
-            let consumer = self.consumer.clone();
+            let consumer = self.consumer().clone();
             let what = format!("redrive: commit of dead letter {id} failed");
             blocking(move || {
                 consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {

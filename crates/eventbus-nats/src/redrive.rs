@@ -46,16 +46,19 @@ pub(crate) struct Reader {
 }
 
 enum How {
-    /// Through the durable consumer: the message read last, until confirmed, and
-    /// the sequence read last.
-    Durable {
-        consumer: PullConsumer,
-        durable: String,
-        unconfirmed: Option<(u64, JsMessage)>,
-        last: u64,
-    },
+    /// Through the durable consumer.
+    Durable(Box<Durable>),
     /// By sequence, confirming nothing.
     BySequence { next: u64 },
+}
+
+/// The durable consumer of a redrive, the message read last until it is
+/// confirmed, and the sequence read last.
+struct Durable {
+    consumer: PullConsumer,
+    durable: String,
+    unconfirmed: Option<(u64, JsMessage)>,
+    last: u64,
 }
 
 fn ms_of(published_ns: i128) -> i64 {
@@ -106,12 +109,12 @@ impl Reader {
                         e,
                     )
                 })?;
-            How::Durable {
+            How::Durable(Box::new(Durable {
                 consumer,
                 durable,
                 unconfirmed: None,
                 last: 0,
-            }
+            }))
         } else {
             let next = if options.from_oldest {
                 first
@@ -171,12 +174,13 @@ impl DeadLetterReader for Reader {
                     }
                     Ok(None)
                 }
-                How::Durable {
-                    consumer,
-                    durable,
-                    unconfirmed,
-                    last,
-                } => {
+                How::Durable(d) => {
+                    let Durable {
+                        consumer,
+                        durable,
+                        unconfirmed,
+                        last,
+                    } = &mut **d;
                     if *last >= end {
                         return Ok(None);
                     }
@@ -259,14 +263,14 @@ impl DeadLetterReader for Reader {
                     format!("dead-letter id `{id}` is not a NATS id (`<sequence>`)"),
                 ));
             };
-            let How::Durable {
+            let How::Durable(d) = &mut self.how else {
+                return Ok(());
+            };
+            let Durable {
                 unconfirmed,
                 durable,
                 ..
-            } = &mut self.how
-            else {
-                return Ok(());
-            };
+            } = &mut **d;
             match unconfirmed.take() {
                 Some((s, m)) if s == *seq => {
                     m.double_ack().await.map_err(|e| {

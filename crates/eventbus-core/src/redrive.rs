@@ -420,7 +420,8 @@ pub struct RedriveReport {
     pub invalid: Vec<InvalidDeadLetter>,
     /// A dry run: the entries that would move, in order. Empty otherwise.
     pub entries: Vec<DeadLetterEntry>,
-    /// Whether the run stopped at `max_count` before the end.
+    /// Whether the run stopped because it moved (listed) `max_count` records;
+    /// records may remain after them, or not.
     pub stopped_at_max: bool,
 }
 
@@ -628,11 +629,16 @@ where
         dry_run: options.dry_run,
         ..RedriveReport::default()
     };
-    while let Some(raw) = reader.next().await? {
+    loop {
+        // Checked before reading: a record read is a record delivered (NATS), so
+        // none is read that the run will not settle.
         if options.max_count.is_some_and(|max| report.moved >= max) {
             report.stopped_at_max = true;
             break;
         }
+        let Some(raw) = reader.next().await? else {
+            break;
+        };
         report.read += 1;
         let id = raw.id.clone();
         let entry = match raw.entry(id_header) {

@@ -143,6 +143,24 @@ impl Reader {
     }
 }
 
+impl Drop for Reader {
+    /// A message read and not confirmed (its publish failed, or the redrive was
+    /// dropped) is given back at once rather than `ack_wait` later.
+    fn drop(&mut self) {
+        let How::Durable(d) = &mut self.how else {
+            return;
+        };
+        let Some((_, m)) = d.unconfirmed.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn(async move {
+                let _ = m.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+            }));
+        }
+    }
+}
+
 impl DeadLetterReader for Reader {
     fn next(&mut self) -> BoxFuture<'_, Result<Option<RawDeadLetter>>> {
         async move {

@@ -242,3 +242,46 @@ impl Dispatcher {
         Disposition::DeadLettered
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::HandlerError;
+
+    #[test]
+    fn failures_have_their_class() {
+        let of = |cause, attempts| DeadLetterKind::of(&cause, attempts);
+        let transient = || FailureCause::Error(HandlerError::transient("down"));
+        assert_eq!(of(transient(), 0), DeadLetterKind::Decode);
+        assert_eq!(of(transient(), 3), DeadLetterKind::Handler);
+        assert_eq!(
+            of(FailureCause::Error(HandlerError::permanent("bad")), 1),
+            DeadLetterKind::Permanent
+        );
+        assert_eq!(
+            of(FailureCause::Panic("boom".into()), 2),
+            DeadLetterKind::Panic
+        );
+        let timed_out = Error::new(ErrorKind::Timeout, "the store did not answer");
+        assert_eq!(
+            of(FailureCause::Error(HandlerError::transient(timed_out)), 3),
+            DeadLetterKind::Timeout
+        );
+    }
+
+    #[test]
+    fn the_record_carries_the_class() {
+        let letter = DeadLetter {
+            topic: "orders.dlq".into(),
+            message: Message::new("orders", 2, 7, "x"),
+            error: "boom".into(),
+            attempts: 3,
+            kind: DeadLetterKind::Panic,
+        };
+        let r = letter.record();
+        assert_eq!(r.headers.get_str(DLQ_ERROR_KIND_HEADER), Some("panic"));
+        assert_eq!(r.headers.get_str(DLQ_TOPIC_HEADER), Some("orders"));
+        assert_eq!(r.headers.get_str(DLQ_PARTITION_HEADER), Some("2"));
+        assert_eq!(r.headers.get_str(DLQ_OFFSET_HEADER), Some("7"));
+    }
+}

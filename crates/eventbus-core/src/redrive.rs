@@ -84,6 +84,32 @@ pub enum DeadLetterId {
     },
 }
 
+impl DeadLetterId {
+    /// Check that this id can name a record of `dead_letter_topic` on `backend`
+    /// (`kafka`, `nats` or `memory`): the backend's form, and on Kafka the same
+    /// topic. An `InvalidInput` error names the id and the form expected.
+    pub fn check_for(&self, backend: &str, dead_letter_topic: &str) -> Result<()> {
+        let expected = match (backend, self) {
+            ("kafka", DeadLetterId::Kafka { topic, .. }) if topic == dead_letter_topic => {
+                return Ok(())
+            }
+            ("nats", DeadLetterId::Sequence(_)) | ("memory", DeadLetterId::Partition { .. }) => {
+                return Ok(())
+            }
+            ("kafka", _) => format!("`{dead_letter_topic}/<partition>/<offset>`"),
+            ("nats", _) => "`<stream sequence>`".to_owned(),
+            ("memory", _) => "`<partition>/<offset>`".to_owned(),
+            _ => return Ok(()),
+        };
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "dead-letter id `{self}` does not name a record of `{dead_letter_topic}` on {backend}: expected {expected}"
+            ),
+        ))
+    }
+}
+
 impl fmt::Display for DeadLetterId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -565,7 +591,13 @@ pub struct ReaderOptions {
     pub from_oldest: bool,
 }
 
+/// The filters of a redrive's options.
+struct Filter<'a> {
+    options: &'a RedriveOptions,
+}
+
 impl Filter<'_> {
+    /// Whether `entry` passes every filter given.
     fn matches(&self, entry: &DeadLetterEntry) -> bool {
         let o = self.options;
         if o.id.as_ref().is_some_and(|id| *id != entry.id) {
@@ -601,10 +633,6 @@ impl Filter<'_> {
         }
         true
     }
-}
-
-struct Filter<'a> {
-    options: &'a RedriveOptions,
 }
 
 /// Run a redrive: read `reader` to its end, filter, publish each entry that moves
@@ -725,6 +753,17 @@ mod tests {
             assert_eq!(e.kind(), ErrorKind::InvalidInput);
             assert!(e.to_string().contains("dead-letter id"), "{e}");
         }
+    }
+
+    #[test]
+    fn ids_are_checked_against_the_backend() {
+        let kafka: DeadLetterId = "d/0/1".parse().unwrap();
+        assert!(kafka.check_for("kafka", "d").is_ok());
+        let e = kafka.check_for("kafka", "other").unwrap_err();
+        assert!(e.to_string().contains("other/<partition>/<offset>"), "{e}");
+        assert!(kafka.check_for("nats", "d").is_err());
+        assert!(DeadLetterId::Sequence(3).check_for("nats", "d").is_ok());
+        assert!(DeadLetterId::Sequence(3).check_for("memory", "d").is_err());
     }
 
     #[test]

@@ -243,6 +243,22 @@ pub async fn filters_and_dry_run(factory: &dyn BusFactory, pools: &PoolFactory) 
     assert_eq!(one.entries, vec![pick.clone()]);
     assert_eq!(one.skipped, 7);
 
+    // An id of another backend's form is refused, naming it.
+    let foreign = if factory.name() == "nats" {
+        DeadLetterId::Partition {
+            partition: 0,
+            offset: 0,
+        }
+    } else {
+        DeadLetterId::Sequence(1)
+    };
+    let e = bus
+        .redrive(base().id(foreign.clone()).dry_run(true))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains(&foreign.to_string()), "{e}");
+
     // Each filter.
     let by_origin = dry(base().origin_topic(origin_b.clone())).await;
     assert_eq!(by_origin.moved, 2, "{by_origin:#?}");

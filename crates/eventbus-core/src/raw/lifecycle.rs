@@ -425,6 +425,9 @@ impl<B: BusBackend> Lifecycle<B> {
                 ))
             }
         };
+        if let Some(id) = &options.id {
+            id.check_for(B::NAME, &topic)?;
+        }
         let mut reader = self
             .backend
             .open_dead_letters(ReaderOptions {

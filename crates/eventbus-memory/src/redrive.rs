@@ -1,6 +1,8 @@
 //! Reading a dead-letter topic for a redrive: partition by partition, from the
 //! position of the redrive's progress group (a group that keeps a position and
-//! has no member) up to each partition's end when the reader was opened.
+//! has no member) up to each partition's end when the reader was opened. Like
+//! any group of the memory broker, the progress group keeps the records after
+//! its position from being trimmed.
 
 use eventbus_core::redrive::DeadLetterId;
 use eventbus_core::{Error, ErrorKind};
@@ -31,7 +33,7 @@ impl Reader {
             )
         })?;
         let group = options.progress.clone();
-        let positions = (0..topic.partition_count() as i32)
+        let positions: Vec<(i64, i64)> = (0..topic.partition_count() as i32)
             .map(|p| {
                 let oldest = topic.oldest(p);
                 let start = if options.from_oldest {
@@ -42,6 +44,13 @@ impl Reader {
                 (start, topic.end(p))
             })
             .collect();
+        if options.durable {
+            // The group holds the topic's retention at its position (as every
+            // group of the memory broker does): at where it starts, not at 0.
+            for (p, (start, _)) in positions.iter().enumerate() {
+                topic.commit_position(&group, p as i32, *start);
+            }
+        }
         Ok(Self {
             topic,
             group,

@@ -15,6 +15,7 @@ use crate::health::HealthReport;
 use crate::message::{Message, PublishReceipt, Record};
 use crate::ops::Recovery;
 use crate::policy::DeliveryPolicy;
+use crate::redrive::{RedriveOptions, RedriveReport};
 
 /// Longest accepted topic name (Kafka's limit).
 pub const MAX_TOPIC_LEN: usize = 249;
@@ -345,6 +346,18 @@ pub trait EventBus: Send + Sync + fmt::Debug + 'static {
 
     /// Stop fetching, drain in-flight work within the drain timeout, commit, release.
     fn close(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// Read a dead-letter destination up to its end as it stands now and publish
+    /// each record the filters of `options` let through back to its origin topic
+    /// (on Kafka to its origin partition), one record at a time, confirming each
+    /// durably once its publish is acknowledged; or, in a dry run, list them.
+    ///
+    /// The dead-letter destination is `options.dead_letter_topic`, else the
+    /// dead-letter topic of `options.origin_topic` by the bus's
+    /// `dead_letter.suffix`; with neither, an `InvalidInput` error. A destination
+    /// that does not exist is `NotFound`, naming it. See
+    /// [`redrive`](crate::redrive) for what is confirmed and when.
+    fn redrive(&self, options: RedriveOptions) -> BoxFuture<'_, Result<RedriveReport>>;
 }
 
 /// Publish `records` one after the other with `publish`, in the order given; a

@@ -13,6 +13,7 @@ pub mod metrics;
 mod ops;
 mod policy;
 mod pool;
+pub mod redrive;
 
 // What a service uses: messages and envelopes, handlers, the bus and its
 // configuration, health, recovery mode, the pool trait and its counters.
@@ -38,8 +39,12 @@ pub use ops::{Recovery, RecoveryChange};
 pub use policy::DeliveryPolicy;
 pub use pool::{Pool, PoolStats};
 pub use raw::dispatcher::{
-    DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
-    DLQ_TOPIC_HEADER,
+    DeadLetterKind, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_ERROR_KIND_HEADER,
+    DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_REDRIVES_HEADER, DLQ_TOPIC_HEADER,
+};
+pub use redrive::{
+    DeadLetterEntry, DeadLetterId, InvalidDeadLetter, RedriveOptions, RedriveReport,
+    DEFAULT_REDRIVE_PROGRESS,
 };
 pub use tokio_util::sync::CancellationToken;
 
@@ -72,6 +77,7 @@ pub mod raw {
     pub use crate::hash::{rollout_bucket, slot, stable_hash};
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
     pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};
+    pub use crate::redrive::{DeadLetterReader, RawDeadLetter, ReaderOptions};
     pub use chunks::ByteChunks;
     pub use completions::{Claim, Completions};
     pub use dispatcher::{

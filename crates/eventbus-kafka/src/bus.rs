@@ -6,8 +6,8 @@ use eventbus_core::{
 };
 
 use eventbus_core::raw::{
-    BusBackend, Consumers, Dispatcher, Lifecycle, LifecycleBus, PartitionLag as CorePartitionLag,
-    PreparedSubscription,
+    BusBackend, Consumers, DeadLetterReader, Dispatcher, Lifecycle, LifecycleBus,
+    PartitionLag as CorePartitionLag, PreparedSubscription, ReaderOptions,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -383,6 +383,33 @@ impl BusBackend for Backend {
         config: TopicConfig,
     ) -> BoxFuture<'a, Result<()>> {
         self.create_or_check_topic(topic, config).boxed()
+    }
+
+    fn open_dead_letters<'a>(
+        &'a self,
+        options: ReaderOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn DeadLetterReader + 'a>>> {
+        async move {
+            let reader = crate::redrive::Reader::open(&self.config, options).await?;
+            Ok(Box::new(reader) as Box<dyn DeadLetterReader>)
+        }
+        .boxed()
+    }
+
+    /// To the origin partition: librdkafka's partitioner is not the one of every
+    /// client that may have produced the record first.
+    fn publish_redriven<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        async move {
+            self.producer
+                .publish_to_partition(topic, partition, &record)
+                .await
+        }
+        .boxed()
     }
 
     fn start(&self, prepared: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {

@@ -598,6 +598,17 @@ impl KafkaConfig {
         c
     }
 
+    /// librdkafka configuration of a redrive's consumer: the connection and
+    /// security settings, and the `properties` shared by every client; the
+    /// caller sets the group and the commit settings.
+    pub(crate) fn redrive_config(&self) -> ClientConfig {
+        let mut c = self.common();
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
     /// librdkafka configuration of the producer.
     pub(crate) fn producer_config(&self) -> ClientConfig {
         let p = &self.producer;

@@ -7,6 +7,7 @@ mod context;
 pub mod metric_names;
 mod metrics;
 mod publish;
+mod redrive;
 mod secret;
 
 #[allow(deprecated)]

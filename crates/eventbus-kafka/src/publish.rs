@@ -105,6 +105,26 @@ impl KafkaProducer {
     /// Enqueue many records, then await their deliveries, for throughput: librdkafka
     /// batches them (`linger`, `batch_size`).
     pub async fn enqueue(&self, topic: &str, record: &Record) -> Result<Delivery> {
+        self.enqueue_to(topic, None, record).await
+    }
+
+    /// Publish `record` to `partition` of `topic` (not the partition the key
+    /// hashes to) and wait for the broker's delivery report.
+    pub async fn publish_to_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        record: &Record,
+    ) -> Result<PublishReceipt> {
+        self.enqueue_to(topic, Some(partition), record).await?.await
+    }
+
+    async fn enqueue_to(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        record: &Record,
+    ) -> Result<Delivery> {
         validate_topic(topic)?;
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
@@ -112,6 +132,9 @@ impl KafkaProducer {
             let mut fr = FutureRecord::<[u8], [u8]>::to(topic).payload(record.payload.as_ref());
             if let Some(key) = &record.key {
                 fr = fr.key(key.as_ref());
+            }
+            if let Some(partition) = partition {
+                fr = fr.partition(partition);
             }
             if let Some(h) = owned_headers(&record.headers) {
                 fr = fr.headers(h);

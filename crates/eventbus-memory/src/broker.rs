@@ -261,6 +261,32 @@ impl Topic {
         self.space.notify_waiters();
     }
 
+    /// Commit `offset` for `group` on `partition`, making the group when new
+    /// (a group that only keeps a position, with no member: a redrive's progress).
+    pub(crate) fn commit_position(&self, group: &str, partition: i32, offset: i64) {
+        {
+            let mut groups = self.groups.lock().expect("group table poisoned");
+            let n = self.partitions.len();
+            let state = groups
+                .entry(group.to_owned())
+                .or_insert_with(|| GroupState {
+                    committed: vec![None; n],
+                    delivered: vec![0; n],
+                    member: None,
+                });
+            let c = &mut state.committed[partition as usize];
+            if c.is_none_or(|c| c < offset) {
+                *c = Some(offset);
+            }
+        }
+        self.space.notify_waiters();
+    }
+
+    /// Oldest offset of `partition` still kept.
+    pub(crate) fn oldest(&self, partition: i32) -> i64 {
+        self.start(partition)
+    }
+
     /// Committed offset of `group` on `partition`.
     pub(crate) fn committed(&self, group: &str, partition: i32) -> Option<i64> {
         let groups = self.groups.lock().expect("group table poisoned");
@@ -403,6 +429,16 @@ impl MemoryBroker {
         });
         topics.insert(topic.to_owned(), t.clone());
         Ok(t)
+    }
+
+    /// The topic, if it exists.
+    pub(crate) fn existing(&self, topic: &str) -> Option<Arc<Topic>> {
+        self.inner
+            .topics
+            .lock()
+            .expect("topic table poisoned")
+            .get(topic)
+            .cloned()
     }
 
     /// The topic, created with defaults when new.

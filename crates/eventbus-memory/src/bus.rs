@@ -6,8 +6,9 @@ use eventbus_core::{
 };
 
 use eventbus_core::raw::{
-    validate_topic, BusBackend, Consumers, DeadLetter, DeadLetterSink, Dispatcher, InFlightSet,
-    Lifecycle, LifecycleBus, PartitionLag, PreparedSubscription,
+    validate_topic, BusBackend, Consumers, DeadLetter, DeadLetterReader, DeadLetterSink,
+    Dispatcher, InFlightSet, Lifecycle, LifecycleBus, PartitionLag, PreparedSubscription,
+    ReaderOptions,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -145,6 +146,17 @@ impl BusBackend for Backend {
                 }
             }
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn open_dead_letters<'a>(
+        &'a self,
+        options: ReaderOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn DeadLetterReader + 'a>, Error>> {
+        async move {
+            let reader = crate::redrive::Reader::open(&self.broker, options)?;
+            Ok(Box::new(reader) as Box<dyn DeadLetterReader>)
         }
         .boxed()
     }

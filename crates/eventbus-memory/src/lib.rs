@@ -3,6 +3,7 @@
 mod broker;
 mod bus;
 mod consumer;
+mod redrive;
 
 pub use broker::{BrokerConfig, MemoryBroker};
 pub use bus::MemoryEventBus;

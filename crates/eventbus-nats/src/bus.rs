@@ -16,15 +16,17 @@ use eventbus_core::{
 };
 
 use eventbus_core::raw::{
-    BusBackend, ByteChunks, Consumers, DispatchStats, Dispatcher, Lifecycle, LifecycleBus,
-    PartitionLag as CorePartitionLag, PreparedSubscription,
+    BusBackend, ByteChunks, Consumers, DeadLetterReader, DispatchStats, Dispatcher, Lifecycle,
+    LifecycleBus, PartitionLag as CorePartitionLag, PreparedSubscription, ReaderOptions,
 };
 
 use crate::config::{validate_topic_config, NatsAuth, NatsConfig, Retention};
 use crate::consumer::{ConsumerState, CoreLoop, JsLoop, Recreate, Role, Slot};
 use crate::group::{Coordinator, Group};
 use crate::naming;
-use crate::publish::{NatsDeadLetterSink, Shared, TopicSettings};
+use crate::publish::{
+    NatsDeadLetterSink, Shared, TopicSettings, DLQ_STREAM_HEADER, DLQ_SUBJECT_HEADER,
+};
 use crate::streams::{bounded, broker};
 
 /// Server-side counters of one durable consumer.
@@ -314,6 +316,35 @@ impl BusBackend for Backend {
         topic: &'a str,
         record: Record,
     ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        self.shared.publish(topic, record, None).boxed()
+    }
+
+    fn open_dead_letters<'a>(
+        &'a self,
+        options: ReaderOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn DeadLetterReader + 'a>>> {
+        async move {
+            let reader = crate::redrive::Reader::open(&self.shared, options).await?;
+            Ok(Box::new(reader) as Box<dyn DeadLetterReader>)
+        }
+        .boxed()
+    }
+
+    /// By the key, as any publish (the partition of a partitioned topic is the
+    /// library's own hash of the aggregate id, the same as when it was first
+    /// published), without the NATS dead-letter headers.
+    fn publish_redriven<'a>(
+        &'a self,
+        topic: &'a str,
+        _partition: i32,
+        mut record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        record.headers = record
+            .headers
+            .iter()
+            .filter(|(name, _)| ![DLQ_SUBJECT_HEADER, DLQ_STREAM_HEADER].contains(name))
+            .map(|(name, value)| (name.to_owned(), value.clone()))
+            .collect();
         self.shared.publish(topic, record, None).boxed()
     }
 

@@ -9,6 +9,7 @@ mod naming;
 mod partition;
 mod publish;
 mod pull;
+mod redrive;
 mod streams;
 
 pub use bus::{ConsumerPending, NatsEventBus, PartitionStatus};

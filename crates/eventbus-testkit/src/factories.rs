@@ -249,6 +249,12 @@ impl eventbus_core::EventBus for OnMock {
     fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
         self.bus.close()
     }
+    fn redrive(
+        &self,
+        options: eventbus_core::RedriveOptions,
+    ) -> BoxFuture<'_, Result<eventbus_core::RedriveReport, Error>> {
+        self.bus.redrive(options)
+    }
 }
 
 /// NATS client settings for tests and runs on a local server: quick reconnects,

@@ -23,6 +23,7 @@ pub mod poison;
 pub mod pool_suite;
 #[cfg(feature = "progress")]
 pub mod progress;
+pub mod redrive;
 pub mod resources;
 pub mod shutdown;
 pub mod wait;

@@ -38,6 +38,12 @@ pub use eventbus_core::{
     DLQ_TOPIC_HEADER,
 };
 
+/// Dead-letter redrive (see [`EventBus::redrive`] and [`eventbus_core::redrive`]).
+pub use eventbus_core::{
+    DeadLetterEntry, DeadLetterId, DeadLetterKind, InvalidDeadLetter, RedriveOptions,
+    RedriveReport, DEFAULT_REDRIVE_PROGRESS, DLQ_ERROR_KIND_HEADER, DLQ_REDRIVES_HEADER,
+};
+
 /// The pools' settings: each pool crate's own, in every build (the `keyed-pool`
 /// and `actor-pool` features choose which pools can be built).
 pub use eventbus_actor_pool::ActorPoolConfig;

@@ -57,8 +57,9 @@ mod task;
 use task::{envelope_key, plain_key, Described, EnvelopeTask, PlainTask, TaskShared};
 
 pub use dead_letter::{
-    DeadLetter, DeadLetterSink, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
-    DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+    DeadLetter, DeadLetterKind, DeadLetterSink, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER,
+    DLQ_ERROR_KIND_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_REDRIVES_HEADER,
+    DLQ_TOPIC_HEADER,
 };
 pub use held::Held;
 use instruments::Metrics;
@@ -141,7 +142,7 @@ enum Finishing {
 #[allow(clippy::large_enum_variant)]
 enum Settled {
     Now(Disposition),
-    DeadLetter(Meta, String, u32),
+    DeadLetter(Meta, String, u32, DeadLetterKind),
 }
 
 impl Finishing {
@@ -191,12 +192,14 @@ impl Finishing {
         };
         match dispatcher.settle_now(outcome, meta) {
             Settled::Now(disposition) => Some((disposition, settling)),
-            Settled::DeadLetter(meta, cause, attempts) => {
+            Settled::DeadLetter(meta, cause, attempts, kind) => {
                 *self = Finishing::Boxed(
                     async move {
                         let (pool, submitted) = (meta.pool, meta.submitted);
                         let scope = settling.as_ref().map(|s| s.scope());
-                        let d = dispatcher.dead_letter(meta, cause, attempts, scope).await;
+                        let d = dispatcher
+                            .dead_letter(meta, cause, attempts, kind, scope)
+                            .await;
                         dispatcher.finished(pool, submitted, d);
                         drop(settling);
                         d

@@ -50,6 +50,7 @@ use crate::health::{ComponentHealth, HealthReport, HealthStatus};
 use crate::message::{PublishReceipt, Record};
 use crate::ops::{PartitionLag, Probe, PublishMetrics, Recovery};
 use crate::raw::dispatcher::{Dispatcher, MonitorHandle, PreparedSubscription};
+use crate::redrive::{DeadLetterReader, ReaderOptions, RedriveOptions, RedriveReport};
 
 /// The running consumers of a bus, by topic (sorted by topic).
 pub type Consumers<C> = [(Arc<str>, Arc<C>)];
@@ -154,6 +155,31 @@ pub trait BusBackend: Send + Sync + 'static {
         topic: &'a str,
         config: TopicConfig,
     ) -> BoxFuture<'a, Result<()>>;
+
+    /// Open a reader of the dead-letter destination `options.topic` for a redrive
+    /// (see [`crate::redrive`]): records in each partition's order up to the end
+    /// the destination has now, starting at the durable position of
+    /// `options.progress` (or the oldest record with `options.from_oldest`);
+    /// confirming durably when `options.durable`. A destination that does not
+    /// exist is `NotFound`, naming it.
+    fn open_dead_letters<'a>(
+        &'a self,
+        options: ReaderOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn DeadLetterReader + 'a>>>;
+
+    /// Publish a redriven record to `topic`, to `partition` where the backend's
+    /// partitioner may differ from the one that placed it first, and wait until
+    /// the broker has it. The default publishes as [`publish`](Self::publish)
+    /// does (the key picks the partition, with the library's own hash).
+    fn publish_redriven<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        record: Record,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        let _ = partition;
+        self.publish(topic, record)
+    }
 }
 
 /// A bus type made of a [`Lifecycle`]: its [`EventBus`] implementation is written
@@ -228,6 +254,10 @@ impl<T: LifecycleBus> EventBus for T {
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.lifecycle().close().boxed()
+    }
+
+    fn redrive(&self, options: RedriveOptions) -> BoxFuture<'_, Result<RedriveReport>> {
+        self.lifecycle().redrive(options).boxed()
     }
 }
 
@@ -376,6 +406,54 @@ impl<B: BusBackend> Lifecycle<B> {
     /// The pipeline (counters, pool, configuration, recovery mode).
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.dispatcher
+    }
+
+    /// Redrive dead letters (see [`EventBus::redrive`]): open the backend's
+    /// reader, run [`crate::redrive::run`] over it, publishing through
+    /// [`BusBackend::publish_redriven`] with the publish metrics recorded.
+    pub async fn redrive(&self, options: RedriveOptions) -> Result<RedriveReport> {
+        self.check_open()?;
+        options.validate()?;
+        let config = self.dispatcher.config();
+        let topic = match (&options.dead_letter_topic, &options.origin_topic) {
+            (Some(t), _) => t.clone(),
+            (None, Some(origin)) => config.dead_letter.topic_for(origin),
+            (None, None) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "redrive: name the dead-letter topic, or an origin topic whose dead-letter topic (by dead_letter.suffix) to read",
+                ))
+            }
+        };
+        if let Some(id) = &options.id {
+            id.check_for(B::NAME, &topic)?;
+        }
+        let mut reader = self
+            .backend
+            .open_dead_letters(ReaderOptions {
+                topic: topic.clone(),
+                progress: options.progress_name().to_owned(),
+                durable: !options.dry_run,
+                from_oldest: options.from_oldest,
+            })
+            .await?;
+        let id_header = config.aggregate_id.header.clone();
+        let backend = &self.backend;
+        crate::redrive::run(
+            &options,
+            &topic,
+            &id_header,
+            &mut *reader,
+            |origin, partition, record| {
+                async move {
+                    self.check_open()?;
+                    let send = backend.publish_redriven(&origin, partition, record);
+                    self.publish(&origin, send).await
+                }
+                .boxed()
+            },
+        )
+        .await
     }
 
     /// Whether [`close`](Self::close) has been called.
@@ -757,6 +835,19 @@ mod tests {
             async { Ok(()) }.boxed()
         }
 
+        fn open_dead_letters<'a>(
+            &'a self,
+            options: crate::redrive::ReaderOptions,
+        ) -> BoxFuture<'a, Result<Box<dyn crate::redrive::DeadLetterReader + 'a>>> {
+            async move {
+                Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("topic `{}` does not exist", options.topic),
+                ))
+            }
+            .boxed()
+        }
+
         fn start(&self, sub: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {
             self.log
                 .lock()
@@ -905,6 +996,12 @@ mod tests {
                 config: TopicConfig,
             ) -> BoxFuture<'a, Result<()>> {
                 self.0.configure_topic(topic, config)
+            }
+            fn open_dead_letters<'a>(
+                &'a self,
+                options: crate::redrive::ReaderOptions,
+            ) -> BoxFuture<'a, Result<Box<dyn crate::redrive::DeadLetterReader + 'a>>> {
+                self.0.open_dead_letters(options)
             }
             fn start(&self, sub: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {
                 self.0.start(sub)

@@ -16,6 +16,7 @@ mod offset_reset;
 mod out_of_service;
 mod partitioned;
 mod poison;
+mod redrive;
 mod restart;
 mod retention;
 mod streams;

@@ -14,6 +14,115 @@ pub const DLQ_OFFSET_HEADER: &str = "eventbus-original-offset";
 pub const DLQ_ERROR_HEADER: &str = "eventbus-error";
 /// Header carrying the number of handler calls made on a dead letter.
 pub const DLQ_ATTEMPTS_HEADER: &str = "eventbus-attempts";
+/// Header carrying the class of the failure on a dead letter, one of the names of
+/// [`DeadLetterKind`] (`decode`, `handler`, `permanent`, `panic`, `timeout`).
+pub const DLQ_ERROR_KIND_HEADER: &str = "eventbus-error-kind";
+/// Header counting how many times a record was redriven from a dead-letter
+/// destination to its origin topic (absent: never).
+pub const DLQ_REDRIVES_HEADER: &str = "eventbus-redrives";
+
+/// Why a message was given up, as a small stable set of class names: the value of
+/// the [`DLQ_ERROR_KIND_HEADER`] header, by which a redrive can filter.
+///
+/// The names are part of the wire format and never change; a class added later
+/// gets a new name. A header carrying a name this version does not know reads as
+/// [`DeadLetterKind::Other`] with that name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeadLetterKind {
+    /// `decode`: the payload is not a valid envelope; the handler was never called.
+    Decode,
+    /// `handler`: the handler returned a (transient) error on every attempt, up to
+    /// the policy's `max_attempts`.
+    Handler,
+    /// `permanent`: the handler returned a permanent error
+    /// ([`HandlerError::permanent`](crate::HandlerError::permanent)); not retried.
+    Permanent,
+    /// `panic`: the handler panicked on its last attempt.
+    Panic,
+    /// `timeout`: the handler's last error was an eventbus error of kind
+    /// [`ErrorKind::Timeout`].
+    Timeout,
+    /// A name this version does not know (written by a newer version).
+    Other(String),
+}
+
+impl DeadLetterKind {
+    /// Every class this version writes.
+    pub const ALL: [DeadLetterKind; 5] = [
+        DeadLetterKind::Decode,
+        DeadLetterKind::Handler,
+        DeadLetterKind::Permanent,
+        DeadLetterKind::Panic,
+        DeadLetterKind::Timeout,
+    ];
+
+    /// The stable name, as written in the header.
+    pub fn as_str(&self) -> &str {
+        match self {
+            DeadLetterKind::Decode => "decode",
+            DeadLetterKind::Handler => "handler",
+            DeadLetterKind::Permanent => "permanent",
+            DeadLetterKind::Panic => "panic",
+            DeadLetterKind::Timeout => "timeout",
+            DeadLetterKind::Other(name) => name,
+        }
+    }
+
+    /// The class of a failure that ended after `attempts` handler calls (0: the
+    /// payload did not decode).
+    pub(crate) fn of(cause: &FailureCause, attempts: u32) -> Self {
+        match cause {
+            FailureCause::Panic(_) => DeadLetterKind::Panic,
+            FailureCause::Error(_) if attempts == 0 => DeadLetterKind::Decode,
+            FailureCause::Error(e) => {
+                let timed_out = e
+                    .source()
+                    .downcast_ref::<Error>()
+                    .is_some_and(|e| e.kind() == ErrorKind::Timeout);
+                if timed_out {
+                    DeadLetterKind::Timeout
+                } else if e.is_permanent() {
+                    DeadLetterKind::Permanent
+                } else {
+                    DeadLetterKind::Handler
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeadLetterKind {
+    type Err = Error;
+
+    /// A known name, or [`DeadLetterKind::Other`] for any other non-empty name of
+    /// `a-z 0-9 _ -`; an empty or otherwise malformed name is `InvalidInput`.
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(k) = Self::ALL.iter().find(|k| k.as_str() == s) {
+            return Ok(k.clone());
+        }
+        if s.is_empty()
+            || !s
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "dead-letter error kind `{}` is invalid: expected one of decode, handler, permanent, panic, timeout",
+                    s.escape_debug()
+                ),
+            ));
+        }
+        Ok(DeadLetterKind::Other(s.to_owned()))
+    }
+}
 
 /// A message that is given up on, with why.
 #[derive(Debug, Clone)]
@@ -27,11 +136,13 @@ pub struct DeadLetter {
     pub error: String,
     /// Handler calls made (0 when the payload could not be decoded).
     pub attempts: u32,
+    /// The class of the failure.
+    pub kind: DeadLetterKind,
 }
 
 impl DeadLetter {
     /// The record to publish: original key, payload and headers, plus headers naming
-    /// the original topic, partition, offset, error and attempt count.
+    /// the original topic, partition, offset, error, error class and attempt count.
     pub fn record(&self) -> Record {
         let m = &self.message;
         let mut headers = m.headers.clone();
@@ -39,6 +150,10 @@ impl DeadLetter {
         headers.set(DLQ_PARTITION_HEADER, Bytes::from(m.partition.to_string()));
         headers.set(DLQ_OFFSET_HEADER, Bytes::from(m.offset.to_string()));
         headers.set(DLQ_ERROR_HEADER, Bytes::from(truncate(&self.error, 1024)));
+        headers.set(
+            DLQ_ERROR_KIND_HEADER,
+            Bytes::from(self.kind.as_str().to_owned()),
+        );
         headers.set(DLQ_ATTEMPTS_HEADER, Bytes::from(self.attempts.to_string()));
         Record {
             key: m.key.clone(),
@@ -75,6 +190,7 @@ impl Dispatcher {
         meta: Meta,
         error: String,
         attempts: u32,
+        kind: DeadLetterKind,
         scope: Option<&Scope>,
     ) -> Disposition {
         let inner = &self.inner;
@@ -92,6 +208,7 @@ impl Dispatcher {
             message: *message,
             error,
             attempts,
+            kind,
         };
         let mut retry = 0u32;
         loop {
@@ -117,10 +234,54 @@ impl Dispatcher {
             }
         }
         tracing::warn!(topic = %letter.message.topic, offset = letter.message.offset,
-            dead_letter_topic = %letter.topic, attempts, error = %letter.error, "message dead-lettered");
+            dead_letter_topic = %letter.topic, attempts, error_kind = %letter.kind,
+            error = %letter.error, "message dead-lettered");
         inner.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         inner.metrics.pool(meta.pool).dead_lettered.increment(1);
         inner.metrics.dead_letter(&meta.topic);
         Disposition::DeadLettered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::HandlerError;
+
+    #[test]
+    fn failures_have_their_class() {
+        let of = |cause, attempts| DeadLetterKind::of(&cause, attempts);
+        let transient = || FailureCause::Error(HandlerError::transient("down"));
+        assert_eq!(of(transient(), 0), DeadLetterKind::Decode);
+        assert_eq!(of(transient(), 3), DeadLetterKind::Handler);
+        assert_eq!(
+            of(FailureCause::Error(HandlerError::permanent("bad")), 1),
+            DeadLetterKind::Permanent
+        );
+        assert_eq!(
+            of(FailureCause::Panic("boom".into()), 2),
+            DeadLetterKind::Panic
+        );
+        let timed_out = Error::new(ErrorKind::Timeout, "the store did not answer");
+        assert_eq!(
+            of(FailureCause::Error(HandlerError::transient(timed_out)), 3),
+            DeadLetterKind::Timeout
+        );
+    }
+
+    #[test]
+    fn the_record_carries_the_class() {
+        let letter = DeadLetter {
+            topic: "orders.dlq".into(),
+            message: Message::new("orders", 2, 7, "x"),
+            error: "boom".into(),
+            attempts: 3,
+            kind: DeadLetterKind::Panic,
+        };
+        let r = letter.record();
+        assert_eq!(r.headers.get_str(DLQ_ERROR_KIND_HEADER), Some("panic"));
+        assert_eq!(r.headers.get_str(DLQ_TOPIC_HEADER), Some("orders"));
+        assert_eq!(r.headers.get_str(DLQ_PARTITION_HEADER), Some("2"));
+        assert_eq!(r.headers.get_str(DLQ_OFFSET_HEADER), Some("7"));
     }
 }

@@ -426,13 +426,14 @@ impl Dispatcher {
                     Disposition::Dropped
                 }
                 JobClass::Envelope => {
+                    let kind = DeadLetterKind::of(&cause, attempts);
                     let error = match &cause {
                         // 0 attempts: the envelope did not decode; its error is
                         // the reason, as it reads.
                         FailureCause::Error(e) if attempts == 0 => e.source().to_string(),
                         _ => cause.to_string(),
                     };
-                    return Settled::DeadLetter(meta, error, attempts);
+                    return Settled::DeadLetter(meta, error, attempts, kind);
                 }
             },
         };

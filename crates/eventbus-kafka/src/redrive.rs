@@ -1,0 +1,290 @@
+//! Reading a dead-letter topic for a redrive: a consumer of its own (group
+//! `<progress>.<dead-letter topic>`, no auto commit) reads each partition in turn
+//! from the group's committed offset up to the high watermark the partition had
+//! when the reader was opened, and commits each record's next offset
+//! synchronously once it is confirmed (after its publish was acknowledged).
+//! librdkafka's calls block: they run on the blocking pool.
+
+use eventbus_core::redrive::DeadLetterId;
+use eventbus_core::{Error, ErrorKind, Headers, Result};
+
+use bytes::Bytes;
+use eventbus_core::raw::{DeadLetterReader, RawDeadLetter, ReaderOptions};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::KafkaConfig;
+
+/// How long a read waits for a record the high watermark says is there.
+const READ_BOUND: Duration = Duration::from_secs(30);
+
+/// A partition still to read: its number, the next offset and the end.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    partition: i32,
+    next: i64,
+    end: i64,
+}
+
+/// A reader of one Kafka dead-letter topic.
+pub(crate) struct Reader {
+    /// Taken only when the reader is dropped.
+    consumer: Option<Arc<BaseConsumer>>,
+    topic: Arc<str>,
+    durable: bool,
+    todo: VecDeque<Range>,
+    current: Option<Range>,
+}
+
+fn broker(what: String, e: KafkaError) -> Error {
+    Error::new(ErrorKind::Broker, what).with_source(e)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Unavailable,
+            "redrive: a blocking Kafka call failed",
+        )
+        .with_source(e)
+    })?
+}
+
+impl Reader {
+    /// Open the reader: the group's committed offsets and the watermarks of every
+    /// partition of `options.topic`, read now.
+    pub(crate) async fn open(config: &KafkaConfig, options: ReaderOptions) -> Result<Self> {
+        let group = format!("{}.{}", options.progress, options.topic);
+        let mut client = config.redrive_config();
+        client
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest");
+        let consumer: BaseConsumer = client.create().map_err(|e| {
+            Error::config(format!(
+                "kafka: librdkafka refused the redrive consumer configuration: {e}"
+            ))
+        })?;
+        let consumer = Arc::new(consumer);
+        let timeout = config.operation_timeout;
+        let topic: Arc<str> = Arc::from(options.topic.as_str());
+        let todo = {
+            let consumer = consumer.clone();
+            let topic = topic.clone();
+            let from_oldest = options.from_oldest;
+            blocking(move || {
+                let metadata = consumer
+                    .fetch_metadata(Some(&topic), timeout)
+                    .map_err(|e| broker(format!("redrive: cannot read the metadata of dead-letter topic `{topic}`"), e))?;
+                let missing = || {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("dead-letter topic `{topic}` does not exist"),
+                    )
+                };
+                let t = metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == &*topic)
+                    .ok_or_else(missing)?;
+                if t.error().is_some() || t.partitions().is_empty() {
+                    return Err(missing());
+                }
+                let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+                partitions.sort_unstable();
+                let mut tpl = TopicPartitionList::new();
+                for p in &partitions {
+                    tpl.add_partition(&topic, *p);
+                }
+                let committed = consumer.committed_offsets(tpl, timeout).map_err(|e| {
+                    broker(
+                        format!("redrive: cannot read the offsets of group `{group}` on `{topic}`"),
+                        e,
+                    )
+                })?;
+                let mut todo = VecDeque::new();
+                for p in partitions {
+                    let (low, high) = consumer.fetch_watermarks(&topic, p, timeout).map_err(|e| {
+                        broker(format!("redrive: cannot read the watermarks of `{topic}` partition {p}"), e)
+                    })?;
+                    let done = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) if !from_oldest => o,
+                        _ => low,
+                    };
+                    let next = done.max(low);
+                    if next < high {
+                        todo.push_back(Range {
+                            partition: p,
+                            next,
+                            end: high,
+                        });
+                    }
+                }
+                Ok(todo)
+            })
+            .await?
+        };
+        Ok(Self {
+            consumer: Some(consumer),
+            topic,
+            durable: options.durable,
+            todo,
+            current: None,
+        })
+    }
+}
+
+impl Drop for Reader {
+    /// Closing a consumer with a group may wait on the coordinator: not on a
+    /// runtime's worker thread.
+    fn drop(&mut self) {
+        let consumer = self.consumer.take();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn_blocking(move || drop(consumer)));
+        }
+    }
+}
+
+impl Reader {
+    fn consumer(&self) -> &Arc<BaseConsumer> {
+        self.consumer
+            .as_ref()
+            .expect("the consumer is taken only when the reader is dropped")
+    }
+}
+
+impl DeadLetterReader for Reader {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<RawDeadLetter>>> {
+        async move {
+            loop {
+                let range = match self.current {
+                    Some(r) if r.next < r.end => r,
+                    _ => {
+                        let Some(r) = self.todo.pop_front() else {
+                            return Ok(None);
+                        };
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition_offset(&self.topic, r.partition, Offset::Offset(r.next))
+                            .map_err(|e| broker(format!("redrive: cannot assign `{}` partition {}", self.topic, r.partition), e))?;
+                        self.consumer().assign(&tpl).map_err(|e| {
+                            broker(format!("redrive: cannot assign `{}` partition {}", self.topic, r.partition), e)
+                        })?;
+                        self.current = Some(r);
+                        r
+                    }
+                };
+                let consumer = self.consumer().clone();
+                let topic = self.topic.clone();
+                let read = blocking(move || {
+                    let started = Instant::now();
+                    while started.elapsed() < READ_BOUND {
+                        match consumer.poll(Duration::from_millis(200)) {
+                            None => continue,
+                            Some(Err(KafkaError::PartitionEOF(_))) => continue,
+                            Some(Err(e)) => {
+                                return Err(broker(
+                                    format!("redrive: reading dead-letter topic `{topic}` partition {} failed", range.partition),
+                                    e,
+                                ))
+                            }
+                            Some(Ok(m)) => {
+                                if m.partition() != range.partition || m.offset() < range.next {
+                                    continue;
+                                }
+                                let headers: Headers = m
+                                    .headers()
+                                    .map(|h| {
+                                        h.iter()
+                                            .map(|h| {
+                                                (
+                                                    h.key.to_owned(),
+                                                    Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                                                )
+                                            })
+                                            .collect()
+                                    })
+                                    .unwrap_or_default();
+                                let id = DeadLetterId::Kafka {
+                                    topic: topic.to_string(),
+                                    partition: m.partition(),
+                                    offset: m.offset(),
+                                };
+                                let raw = RawDeadLetter::new(
+                                    id,
+                                    m.key().map(Bytes::copy_from_slice),
+                                    Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                                    headers,
+                                )
+                                .with_timestamp_ms(m.timestamp().to_millis());
+                                return Ok((m.offset(), raw));
+                            }
+                        }
+                    }
+                    Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "redrive: no record of dead-letter topic `{topic}` partition {} at offset {} within {READ_BOUND:?}, below its high watermark {}",
+                            range.partition, range.next, range.end
+                        ),
+                    ))
+                })
+                .await?;
+                let (offset, raw) = read;
+                if let Some(current) = &mut self.current {
+                    current.next = offset + 1;
+                }
+                if offset >= range.end {
+                    // Written after the reader opened: not this run's.
+                    continue;
+                }
+                return Ok(Some(raw));
+            }
+        }
+        .boxed()
+    }
+
+    fn confirm<'a>(&'a mut self, id: &'a DeadLetterId) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let DeadLetterId::Kafka {
+                topic,
+                partition,
+                offset,
+            } = id
+            else {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "dead-letter id `{id}` is not a Kafka id (`<topic>/<partition>/<offset>`)"
+                    ),
+                ));
+            };
+            if !self.durable {
+                return Ok(());
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
+                .map_err(|e| broker(format!("redrive: cannot commit {id}"), e))?;
+            let consumer = self.consumer().clone();
+            let what = format!("redrive: commit of dead letter {id} failed");
+            blocking(move || {
+                consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+                    let kind = match e.rdkafka_error_code() {
+                        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => ErrorKind::NotFound,
+                        _ => ErrorKind::Broker,
+                    };
+                    Error::new(kind, what).with_source(e)
+                })
+            })
+            .await
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,314 @@
+//! Reading a dead-letter stream for a redrive.
+//!
+//! A redrive that publishes reads through a durable pull consumer of its own on
+//! the dead-letter stream (`<progress>-<dead-letter topic>`, explicit acks, one
+//! message pending at a time) and acks each message, waiting for the server's
+//! confirmation, once it is confirmed (after its publish was acknowledged). A
+//! crash leaves at most that one message unacked: the server delivers it again,
+//! `ack_wait` later, to the next redrive under the same name.
+//!
+//! A dry run creates nothing: it reads the stream's messages by sequence, from
+//! the durable consumer's ack floor (or the stream's first message) on.
+//!
+//! Either stops at the stream's last sequence when the reader was opened.
+
+use eventbus_core::redrive::DeadLetterId;
+use eventbus_core::{Error, ErrorKind, Result};
+
+use async_nats::jetstream::consumer::{self, PullConsumer};
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::{ErrorCode, Message as JsMessage};
+use eventbus_core::raw::{ByteChunks, DeadLetterReader, RawDeadLetter, ReaderOptions};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::naming;
+use crate::publish::{from_header_map, Shared};
+use crate::pull::AckInfo;
+use crate::streams::broker;
+
+/// How long one fetch waits for a message.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+
+/// A reader of one NATS dead-letter stream.
+pub(crate) struct Reader {
+    stream: Stream,
+    stream_name: String,
+    /// The last sequence when opened: nothing after it is read.
+    end: u64,
+    how: How,
+    /// Bound on waiting for a message that is pending but not delivered (one
+    /// left unacked by a redrive that died waits out `ack_wait`).
+    idle_bound: Duration,
+}
+
+enum How {
+    /// Through the durable consumer.
+    Durable(Box<Durable>),
+    /// By sequence, confirming nothing.
+    BySequence { next: u64 },
+}
+
+/// The durable consumer of a redrive, the message read last until it is
+/// confirmed, and the sequence read last.
+struct Durable {
+    consumer: PullConsumer,
+    durable: String,
+    unconfirmed: Option<(u64, JsMessage)>,
+    last: u64,
+}
+
+fn ms_of(published_ns: i128) -> i64 {
+    (published_ns.div_euclid(1_000_000)) as i64
+}
+
+impl Reader {
+    pub(crate) async fn open(shared: &Arc<Shared>, options: ReaderOptions) -> Result<Self> {
+        let topic = &options.topic;
+        naming::validate_nats_topic(topic)?;
+        let stream_name = shared.stream_name(topic);
+        let mut stream = shared.js.get_stream(&stream_name).await.map_err(|e| {
+            let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND);
+            if missing {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("dead-letter topic `{topic}` does not exist (no stream `{stream_name}`)"),
+                )
+            } else {
+                broker(format!("cannot open stream `{stream_name}` of dead-letter topic `{topic}`"), e)
+            }
+        })?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| broker(format!("cannot read stream `{stream_name}`"), e))?;
+        let (first, end) = (info.state.first_sequence.max(1), info.state.last_sequence);
+        let durable = naming::durable_name(&options.progress, topic);
+        let ack_wait = shared.config.ack_wait;
+        let idle_bound = ack_wait.saturating_mul(2) + Duration::from_secs(10);
+        let how = if options.durable {
+            let config = consumer::pull::Config {
+                durable_name: Some(durable.clone()),
+                description: Some(format!("eventbus redrive of dead-letter topic {topic}")),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait,
+                max_deliver: -1,
+                max_ack_pending: 1,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            };
+            let consumer = stream
+                .get_or_create_consumer(&durable, config)
+                .await
+                .map_err(|e| {
+                    broker(
+                        format!("cannot open the redrive consumer `{durable}` on stream `{stream_name}`"),
+                        e,
+                    )
+                })?;
+            How::Durable(Box::new(Durable {
+                consumer,
+                durable,
+                unconfirmed: None,
+                last: 0,
+            }))
+        } else {
+            let next = if options.from_oldest {
+                first
+            } else {
+                match stream.consumer_info(&durable).await {
+                    Ok(info) => (info.ack_floor.stream_sequence + 1).max(first),
+                    Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => first,
+                    Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) => first,
+                    Err(e) => {
+                        return Err(broker(
+                            format!("cannot read the redrive consumer `{durable}` on stream `{stream_name}`"),
+                            e,
+                        ))
+                    }
+                }
+            };
+            How::BySequence { next }
+        };
+        Ok(Self {
+            stream,
+            stream_name,
+            end,
+            how,
+            idle_bound,
+        })
+    }
+}
+
+impl Drop for Reader {
+    /// A message read and not confirmed (its publish failed, or the redrive was
+    /// dropped) is given back at once rather than `ack_wait` later.
+    fn drop(&mut self) {
+        let How::Durable(d) = &mut self.how else {
+            return;
+        };
+        let Some((_, m)) = d.unconfirmed.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn(async move {
+                let _ = m.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+            }));
+        }
+    }
+}
+
+impl DeadLetterReader for Reader {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<RawDeadLetter>>> {
+        async move {
+            let end = self.end;
+            match &mut self.how {
+                How::BySequence { next } => {
+                    while *next <= end {
+                        let seq = *next;
+                        *next += 1;
+                        match self.stream.get_raw_message(seq).await {
+                            Ok(m) => {
+                                let ms = ms_of(m.time.unix_timestamp_nanos());
+                                let (headers, key) =
+                                    from_header_map(Some(&m.headers), &mut ByteChunks::default());
+                                return Ok(Some(
+                                    RawDeadLetter::new(DeadLetterId::Sequence(seq), key, m.payload, headers)
+                                        .with_timestamp_ms(Some(ms)),
+                                ));
+                            }
+                            // Deleted, or gone with the stream's limits.
+                            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+                            Err(e) => {
+                                return Err(broker(
+                                    format!("cannot read message {seq} of stream `{}`", self.stream_name),
+                                    e,
+                                ))
+                            }
+                        }
+                    }
+                    Ok(None)
+                }
+                How::Durable(d) => {
+                    let Durable {
+                        consumer,
+                        durable,
+                        unconfirmed,
+                        last,
+                    } = &mut **d;
+                    if *last >= end {
+                        return Ok(None);
+                    }
+                    let started = Instant::now();
+                    loop {
+                        let mut batch = consumer
+                            .fetch()
+                            .max_messages(1)
+                            .expires(FETCH_WAIT)
+                            .messages()
+                            .await
+                            .map_err(|e| broker(format!("cannot fetch from the redrive consumer `{durable}`"), e))?;
+                        if let Some(m) = batch.next().await {
+                            let m = m.map_err(|e| {
+                                Error::new(
+                                    ErrorKind::Broker,
+                                    format!("fetch from the redrive consumer `{durable}` failed"),
+                                )
+                                .with_source(e)
+                            })?;
+                            let info = m
+                                .reply
+                                .as_deref()
+                                .and_then(AckInfo::parse)
+                                .ok_or_else(|| {
+                                    Error::new(
+                                        ErrorKind::Broker,
+                                        format!("a message of the redrive consumer `{durable}` has no ack subject"),
+                                    )
+                                })?;
+                            let seq = info.stream_sequence;
+                            if seq > end {
+                                // Written after the redrive started: for the next
+                                // run, at once.
+                                let _ = m.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                                return Ok(None);
+                            }
+                            let (headers, key) =
+                                from_header_map(m.headers.as_ref(), &mut ByteChunks::default());
+                            let raw = RawDeadLetter::new(
+                                DeadLetterId::Sequence(seq),
+                                key,
+                                m.payload.clone(),
+                                headers,
+                            )
+                            .with_timestamp_ms(Some(info.published_ns.div_euclid(1_000_000)));
+                            *last = seq;
+                            *unconfirmed = Some((seq, m));
+                            return Ok(Some(raw));
+                        }
+                        let info = consumer.info().await.map_err(|e| {
+                            broker(format!("cannot read the redrive consumer `{durable}`"), e)
+                        })?;
+                        if info.ack_floor.stream_sequence >= end
+                            || (info.num_pending == 0 && info.num_ack_pending == 0)
+                        {
+                            return Ok(None);
+                        }
+                        if started.elapsed() > self.idle_bound {
+                            return Err(Error::new(
+                                ErrorKind::Timeout,
+                                format!(
+                                    "redrive: the consumer `{durable}` on stream `{}` delivered nothing within {:?} though {} message(s) are pending and {} unacked",
+                                    self.stream_name, self.idle_bound, info.num_pending, info.num_ack_pending
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn confirm<'a>(&'a mut self, id: &'a DeadLetterId) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let DeadLetterId::Sequence(seq) = id else {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("dead-letter id `{id}` is not a NATS id (`<sequence>`)"),
+                ));
+            };
+            let How::Durable(d) = &mut self.how else {
+                return Ok(());
+            };
+            let Durable {
+                unconfirmed,
+                durable,
+                ..
+            } = &mut **d;
+            match unconfirmed.take() {
+                Some((s, m)) if s == *seq => {
+                    m.double_ack().await.map_err(|e| {
+                        Error::new(
+                            ErrorKind::Broker,
+                            format!("redrive: the ack of dead letter {seq} on consumer `{durable}` was not confirmed"),
+                        )
+                        .with_source(e)
+                    })?;
+                    Ok(())
+                }
+                other => {
+                    *unconfirmed = other;
+                    Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("redrive: dead letter {seq} is not the one read last on consumer `{durable}`"),
+                    ))
+                }
+            }
+        }
+        .boxed()
+    }
+}

@@ -18,11 +18,19 @@
 //! eventbus publish orders --aggregate order-1 --type order.placed --payload '{"total": 12}'
 //! eventbus publish orders --aggregate order-2 --type order.placed --payload '{"reject": true}'
 //! eventbus tail orders.dlq --from-beginning --max 1
+//! eventbus dlq list --origin orders
 //! eventbus lag --topic orders
 //! eventbus rollout set 25
+//!
+//! # "deploy the fix": restart the service with --fixed, then put the dead
+//! # letters back
+//! cargo run -p eventbus-cli --example dead_letters -- orders --fixed
+//! eventbus dlq redrive --origin orders
 //! ```
 //!
-//! The first argument is the topic (default `orders`); it runs until Ctrl-C.
+//! The first argument is the topic (default `orders`); `--fixed` handles every
+//! envelope, rejected ones included (the handler after a fix). It runs until
+//! Ctrl-C.
 
 // An example program: it talks to the terminal.
 #![allow(clippy::print_stdout)]
@@ -32,8 +40,12 @@ use eventbus_cli::{BackendKind, Settings};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let topic = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let fixed = args.iter().any(|a| a == "--fixed");
+    let topic = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .cloned()
         .unwrap_or_else(|| "orders".to_owned());
     let settings = Settings::from_env()?;
     if settings.connection.kind() == BackendKind::Memory {
@@ -55,7 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     server.add_bus("default", bus.clone())?;
     server.add_switch("default", switch)?;
 
-    bus.subscribe_envelope(&topic, |e: Event| async move {
+    bus.subscribe_envelope(&topic, move |e: Event| async move {
         let envelope = &e.envelope;
         let reject = envelope
             .payload
@@ -63,7 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .ok()
             .and_then(|p| p.get("reject").and_then(serde_json::Value::as_bool))
             .unwrap_or(false);
-        if reject {
+        if reject && !fixed {
             println!(
                 "rejecting {} {} (offset {}): to the dead letters",
                 envelope.aggregate_id, envelope.event_type, e.message.offset

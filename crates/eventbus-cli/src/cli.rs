@@ -1,12 +1,12 @@
 //! The command line's grammar (clap, derived) and what runs each command.
 
 use crate::settings::{Overrides, Settings};
-use crate::{lag, rollout, stream};
+use crate::{dlq, lag, rollout, stream};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
-/// Inspect and steer services built on eventbus: lag, the pool rollout, publish
-/// and tail.
+/// Inspect and steer services built on eventbus: lag, the pool rollout, publish,
+/// tail and dead letters.
 ///
 /// Reads the service's configuration file and environment: EVENTBUS_CONFIG (or
 /// --config), the facade's overrides (EVENTBUS_POOL, KAFKA_USE_ACTOR_POOL, ...),
@@ -70,6 +70,9 @@ pub enum Command {
     Publish(PublishArgs),
     /// Print the envelopes of a topic as they arrive.
     Tail(TailArgs),
+    /// Dead letters: list them, show one, move them back to their origin topics.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
 }
 
 /// `eventbus lag`.
@@ -185,6 +188,98 @@ pub struct TailArgs {
     pub json: bool,
 }
 
+/// The filters of `eventbus dlq list` and `eventbus dlq redrive`; every filter
+/// given must match.
+#[derive(Debug, Clone, Default, Args)]
+#[non_exhaustive]
+pub struct DlqFilters {
+    /// Only dead letters consumed from this topic; without --topic, its
+    /// dead-letter topic is read (the configured suffix appended)
+    #[arg(long, value_name = "TOPIC")]
+    pub origin: Option<String>,
+    /// Only this error class: decode, handler, permanent, panic, timeout (repeat
+    /// for several)
+    #[arg(long, value_name = "KIND")]
+    pub kind: Vec<String>,
+    /// Only dead letters written at or after this time (RFC 3339)
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Only dead letters written before this time (RFC 3339)
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Only dead letters of this aggregate id
+    #[arg(long, value_name = "ID")]
+    pub aggregate: Option<String>,
+}
+
+/// `eventbus dlq ...`.
+#[derive(Debug, Subcommand)]
+#[non_exhaustive]
+pub enum DlqCommand {
+    /// List the dead letters kept, oldest first (reads from the oldest; moves
+    /// nothing).
+    List {
+        /// The dead-letter topic (default: --origin's, with the configured suffix)
+        #[arg(long, value_name = "TOPIC")]
+        topic: Option<String>,
+        /// Which dead letters.
+        #[command(flatten)]
+        filters: DlqFilters,
+        /// List at most this many
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        /// Print JSON (one document) instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter: its origin, error, headers and payload. ID is
+    /// <dead-letter topic>/<partition>/<offset> on Kafka, the stream sequence on
+    /// NATS (with --topic).
+    Show {
+        /// The entry, as `dlq list` prints it
+        #[arg(value_name = "ID")]
+        id: String,
+        /// The dead-letter topic (needed on NATS; on Kafka the id names it)
+        #[arg(long, value_name = "TOPIC")]
+        topic: Option<String>,
+        /// Print JSON instead of readable lines
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead letters back to their origin topics (each to its origin
+    /// partition on Kafka), in dead-letter order; resumes after the last one
+    /// confirmed under its --progress name.
+    Redrive(DlqRedriveArgs),
+}
+
+/// `eventbus dlq redrive`.
+#[derive(Debug, Clone, Args)]
+#[non_exhaustive]
+pub struct DlqRedriveArgs {
+    /// The dead-letter topic (default: --origin's, with the configured suffix)
+    #[arg(long, value_name = "TOPIC")]
+    pub topic: Option<String>,
+    /// Which dead letters.
+    #[command(flatten)]
+    pub filters: DlqFilters,
+    /// Publish at most this many records a second, evenly spaced
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<std::num::NonZeroU32>,
+    /// Move at most this many records
+    #[arg(long, value_name = "N")]
+    pub max: Option<u64>,
+    /// List what would move, from the redrive's position; move nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Name of the durable position (default: eventbus-redrive); a redrive
+    /// resumes after the last record confirmed under it
+    #[arg(long, value_name = "NAME")]
+    pub progress: Option<String>,
+    /// Print JSON (one document) instead of a summary line
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Run a parsed command line; the error is what to print.
 pub async fn run(cli: Cli) -> Result<(), crate::CliError> {
     match cli.command {
@@ -192,6 +287,7 @@ pub async fn run(cli: Cli) -> Result<(), crate::CliError> {
         Command::Rollout(cmd) => rollout::run(&cli.global, cmd).await,
         Command::Publish(args) => stream::publish(&cli.global.settings()?, &args).await,
         Command::Tail(args) => stream::tail(&cli.global.settings()?, &args).await,
+        Command::Dlq(cmd) => dlq::run(&cli.global.settings()?, cmd).await,
     }
 }
 

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod cli;
+mod dlq;
 mod lag;
 mod rollout;
 pub mod settings;

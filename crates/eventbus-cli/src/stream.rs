@@ -34,7 +34,7 @@ const PRINT_BUFFER: usize = 256;
 
 /// The service's configuration, for a bus of the command's own: one worker, no
 /// exporter, short waits on close.
-fn own_config(settings: &Settings) -> EventBusConfig {
+pub(crate) fn own_config(settings: &Settings) -> EventBusConfig {
     let mut config = settings.bus_config().clone();
     config.pool = PoolKind::Keyed;
     config.actor_pool.rollout_percent = 0;
@@ -48,7 +48,7 @@ fn own_config(settings: &Settings) -> EventBusConfig {
     config
 }
 
-async fn build(
+pub(crate) async fn build(
     what: &str,
     settings: &Settings,
     config: EventBusConfig,
@@ -62,14 +62,14 @@ async fn build(
         .map_err(|e| CliError::new(what).with_source(e))
 }
 
-fn out(line: &str) -> Result<(), CliError> {
+pub(crate) fn out(line: &str) -> Result<(), CliError> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")
         .and_then(|()| stdout.flush())
         .map_err(|e| CliError::new("cannot write to standard output").with_source(e))
 }
 
-fn note(line: &str) {
+pub(crate) fn note(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 

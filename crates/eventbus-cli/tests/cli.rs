@@ -12,8 +12,8 @@ use eventbus_testkit::nats_server::NatsServer;
 use serde_json::Value;
 use std::ffi::OsString;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Longest a command may run before the test fails.
@@ -129,6 +129,10 @@ async fn help_on_every_command() {
         (&["rollout", "set", "--help"], "PERCENT"),
         (&["publish", "--help"], "--aggregate"),
         (&["tail", "--help"], "--from-beginning"),
+        (&["dlq", "--help"], "redrive"),
+        (&["dlq", "list", "--help"], "--kind"),
+        (&["dlq", "show", "--help"], "stream sequence"),
+        (&["dlq", "redrive", "--help"], "--dry-run"),
     ] {
         let run = eventbus(args, &[]).await;
         run.ok();
@@ -549,11 +553,188 @@ async fn kafka_publish_tail_and_lag() {
         .fails_naming(1, &[&missing]);
 }
 
+/// A service that dead-letters every envelope whose payload says `"reject": true`
+/// until `fixed` is set, and records the `n` of each envelope it accepts.
+async fn rejecting_service(
+    bus: &SharedBus,
+    topic: &str,
+) -> (Arc<AtomicBool>, Arc<Mutex<Vec<i64>>>) {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let (is_fixed, seen) = (fixed.clone(), accepted.clone());
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let payload = e.envelope.payload.decode::<Value>().unwrap_or(Value::Null);
+        let reject = payload["reject"] == true && !is_fixed.load(Ordering::SeqCst);
+        if !reject {
+            seen.lock()
+                .unwrap()
+                .push(payload["n"].as_i64().unwrap_or(-1));
+        }
+        async move {
+            if reject {
+                Err(HandlerError::permanent("rejected by the test"))
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await
+    .expect("subscribe");
+    (fixed, accepted)
+}
+
+/// Two of three envelopes of `topic` dead-lettered by a [`rejecting_service`] on
+/// `bus`: tail shows them, `dlq list` and `dlq show` read them without moving
+/// them, and `dlq redrive` moves them back once, in order, to the fixed handler.
+/// `show` is the extra arguments `dlq show` needs beside the id.
+async fn dead_letters_listed_shown_and_redriven(
+    env: &[(&str, &str)],
+    bus: SharedBus,
+    topic: &str,
+    show: &[&str],
+) {
+    let (fixed, accepted) = rejecting_service(&bus, topic).await;
+    for (aggregate, payload) in [
+        ("order-1", r#"{"reject": true, "n": 1}"#),
+        ("order-2", r#"{"n": 7}"#),
+        ("order-1", r#"{"reject": true, "n": 2}"#),
+    ] {
+        eventbus(&publish_args(topic, aggregate, payload), env)
+            .await
+            .ok();
+    }
+    // Tail waits (bounded) until both dead letters are there.
+    let dlq = format!("{topic}.dlq");
+    let run = eventbus(&["tail", &dlq, "--from-beginning", "--max", "2"], env).await;
+    let line = run
+        .ok()
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(line.contains(" order-1 order.placed v1 "), "{line}");
+    assert!(
+        line.contains(&format!("[dead letter of {topic}["))
+            && line.contains("rejected by the test"),
+        "{line}"
+    );
+
+    let run = eventbus(&["dlq", "list", "--origin", topic, "--json"], env).await;
+    let listed = &run.ok().json_lines()[0];
+    let entries = listed["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 2, "{listed}");
+    for (entry, n) in entries.iter().zip([1, 2]) {
+        assert_eq!(entry["origin_topic"], topic, "{entry}");
+        assert_eq!(entry["error_kind"], "permanent", "{entry}");
+        assert_eq!(entry["aggregate_id"], "order-1", "{entry}");
+        assert_eq!(entry["payload"]["payload"]["n"], n, "{entry}");
+    }
+    let table = eventbus(
+        &["dlq", "list", "--topic", &dlq, "--kind", "permanent"],
+        env,
+    )
+    .await;
+    let lines: Vec<&str> = table.ok().stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("ERROR"),
+        "{table:?}"
+    );
+    assert_eq!(lines.len(), 3, "a header and two entries: {table:?}");
+    let none = eventbus(
+        &[
+            "dlq", "list", "--origin", topic, "--kind", "panic", "--json",
+        ],
+        env,
+    )
+    .await;
+    assert_eq!(
+        none.ok().json_lines()[0]["entries"],
+        serde_json::json!([]),
+        "{none:?}"
+    );
+
+    let first = entries[0]["id"].as_str().expect("id");
+    let mut args = vec!["dlq", "show", first];
+    args.extend_from_slice(show);
+    let shown = eventbus(&args, env).await;
+    let text = &shown.ok().stdout;
+    assert!(text.contains(&format!("id:         {first}")), "{text}");
+    assert!(text.contains("kind:       permanent"), "{text}");
+    assert!(text.contains("rejected by the test"), "{text}");
+    assert!(text.contains("\"reject\": true"), "{text}");
+    // The same form with an offset (sequence) past the end.
+    let missing = match first.rsplit_once('/') {
+        Some((place, _)) => format!("{place}/999999"),
+        None => "999999".to_owned(),
+    };
+    let mut args = vec!["dlq", "show", &missing];
+    args.extend_from_slice(show);
+    eventbus(&args, env)
+        .await
+        .fails_naming(1, &[&missing, "no such record"]);
+    eventbus(&["dlq", "show", "not/an/id/at/all"], env)
+        .await
+        .fails_naming(1, &["not/an/id/at/all"]);
+    eventbus(
+        &["dlq", "list", "--origin", topic, "--since", "yesterday"],
+        env,
+    )
+    .await
+    .fails_naming(1, &["--since", "yesterday", "RFC 3339"]);
+
+    // A dry run moves nothing; the service saw only the envelope it accepted.
+    let dry = eventbus(
+        &["dlq", "redrive", "--origin", topic, "--dry-run", "--json"],
+        env,
+    )
+    .await;
+    assert_eq!(
+        dry.ok().json_lines()[0]["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "{dry:?}"
+    );
+    assert_eq!(*accepted.lock().unwrap(), [7]);
+
+    fixed.store(true, Ordering::SeqCst);
+    let run = eventbus(
+        &[
+            "dlq",
+            "redrive",
+            "--origin",
+            topic,
+            "--kind",
+            "permanent",
+            "--json",
+        ],
+        env,
+    )
+    .await;
+    let report = &run.ok().json_lines()[0];
+    assert_eq!(report["moved"], 2, "{report}");
+    eventbus_testkit::wait_until(
+        "the fixed handler takes both redriven",
+        Duration::from_secs(60),
+        || accepted.lock().unwrap().len() >= 3,
+    )
+    .await;
+    assert_eq!(*accepted.lock().unwrap(), [7, 1, 2], "in dead-letter order");
+    // It resumes after what it moved: nothing is moved twice.
+    let again = eventbus(&["dlq", "redrive", "--origin", topic], env).await;
+    assert!(
+        again.ok().stdout.starts_with("moved 0 record(s)"),
+        "{again:?}"
+    );
+    bus.close().await.expect("close");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_dead_letters_show_in_tail() {
+async fn nats_dead_letters_listed_shown_and_redriven() {
     let server = NatsServer::start();
     let url = server.url();
-    let env = [("NATS_URL", url.as_str())];
     let topic = random("orders");
     let mut config = EventBusConfig::default();
     config.consumer.group_id = random("svc");
@@ -564,43 +745,40 @@ async fn nats_dead_letters_show_in_tail() {
         .build()
         .await
         .expect("service bus");
-    bus.subscribe_envelope(&topic, |e: Event| async move {
-        let reject = e
-            .envelope
-            .payload
-            .decode::<Value>()
-            .map(|p| p["reject"] == true)
-            .unwrap_or(false);
-        if reject {
-            Err(HandlerError::permanent("rejected by the test"))
-        } else {
-            Ok(())
-        }
-    })
-    .await
-    .expect("subscribe");
-    eventbus(
-        &publish_args(&topic, "order-1", r#"{"reject": true}"#),
-        &env,
-    )
-    .await
-    .ok();
-    // Tail waits (bounded) until the dead letter is there.
     let dlq = format!("{topic}.dlq");
-    let run = eventbus(&["tail", &dlq, "--from-beginning", "--max", "1"], &env).await;
-    let line = run.ok().stdout.trim().to_owned();
-    assert!(
-        line.starts_with(&format!("{dlq}[0]@1 order-1 order.placed v1 ")),
-        "{line}"
-    );
-    assert!(
-        line.contains(&format!(
-            "[dead letter of {topic}[0]@1 after 1 attempt(s): "
-        )),
-        "{line}"
-    );
-    assert!(line.contains("rejected by the test"), "{line}");
-    bus.close().await.expect("close");
+    let env = [("NATS_URL", url.as_str())];
+    dead_letters_listed_shown_and_redriven(&env, bus, &topic, &["--topic", &dlq]).await;
+    // On NATS an id does not name its stream.
+    eventbus(&["dlq", "show", "1"], &env)
+        .await
+        .fails_naming(1, &["--topic"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_dead_letters_listed_shown_and_redriven() {
+    let cluster = Cluster::start();
+    let brokers = cluster.brokers();
+    let topic = random("orders");
+    cluster.create_topic(&topic, 2).await;
+    cluster.create_topic(&format!("{topic}.dlq"), 1).await;
+    let mut config = EventBusConfig::default();
+    config.consumer.group_id = random("svc");
+    config.consumer.commit_interval = Duration::from_millis(50);
+    let bus = EventBusBuilder::new()
+        .config(config)
+        .kafka(eventbus_testkit::factories::kafka_config(&brokers))
+        .ignore_env()
+        .build()
+        .await
+        .expect("service bus");
+    // A Kafka id names its topic: `show` needs nothing else.
+    dead_letters_listed_shown_and_redriven(
+        &[("KAFKA_BROKERS", brokers.as_str())],
+        bus,
+        &topic,
+        &[],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

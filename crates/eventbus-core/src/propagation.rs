@@ -16,7 +16,9 @@
 //! - has the hook [`extract`](Propagation::extract) the context of each consumed
 //!   message into its handling span (`eventbus.handle`, named `process <topic>`)
 //!   right after the span is made, before it is entered, so the handler's
-//!   attempts and its own spans belong to the publisher's trace.
+//!   attempts and its own spans belong to the publisher's trace. The handling
+//!   span is then a root but for that context: the span a worker runs in (an
+//!   actor's, which lasts as long as the actor) is not the message's cause.
 //!
 //! Both spans carry OpenTelemetry's messaging attributes as `tracing` fields
 //! (`otel.name`, `otel.kind`, `messaging.system`, `messaging.destination.name`,
@@ -51,9 +53,10 @@ pub trait Propagation: Send + Sync + fmt::Debug + 'static {
     fn inject(&self, span: &tracing::Span, headers: &mut Headers);
 
     /// Make the context carried in `headers`, if any, the parent of `span`, the
-    /// handling span of a consumed message, just made and not yet entered. Where
-    /// `span` has a parent already (it was made inside another span), link it to
-    /// that context instead. Headers without a context leave `span` alone.
+    /// handling span of a consumed message: just made, a root (the bus gives it
+    /// no parent of its own), not yet entered. Where `span` cannot take a parent
+    /// (it was started already), link it to that context instead. Headers
+    /// without a context leave `span` alone.
     fn extract(&self, headers: &Headers, span: &tracing::Span);
 
     /// The trace id of `span`'s context, as text (W3C: 32 lowercase hex digits),

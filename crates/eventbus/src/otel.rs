@@ -16,8 +16,9 @@
 //! - **consume** reads the context from the message's headers with the same
 //!   propagator and makes it the parent of the consumer span `process <topic>`
 //!   (the `eventbus.handle` span every attempt and the handler's own spans run
-//!   in), so publish, retries and handler are one trace. Where the handling span
-//!   already has a parent, it is linked to the message's context instead.
+//!   in), so publish, retries and handler are one trace. The handling span has
+//!   no other parent (the span a pool's worker runs in is not the message's
+//!   cause); one that was started already is linked to the context instead.
 //!
 //! The spans are `tracing` spans: they reach OpenTelemetry through the
 //! `tracing-opentelemetry` layer the service installs (see `docs/operations.md`,
@@ -104,14 +105,15 @@ fn carried(propagator: &dyn TextMapPropagator, headers: &Headers) -> Option<Cont
     cx.span().span_context().is_valid().then_some(cx)
 }
 
-/// Whether a span made just now, here, has a parent: the current `tracing`
-/// span's, or OpenTelemetry's current context.
+/// Whether a span made just now, here, as a child of the current span has a
+/// parent: the current `tracing` span, or OpenTelemetry's current context.
 fn has_parent() -> bool {
     tracing::Span::current().context().has_active_span() || Context::current().has_active_span()
 }
 
-/// Make `cx` the parent of `span`, not yet entered; link them where `span` has a
-/// parent already (or was started meanwhile).
+/// Make `cx`, the context a record to publish carries already, the parent of
+/// `span`, its publish span (not yet entered); link them where `span` has a
+/// parent already, the span the publish was called in (or was started meanwhile).
 fn adopt(span: &tracing::Span, cx: Context) {
     let linked = cx.span().span_context().clone();
     if has_parent() || span.set_parent(cx).is_err() {
@@ -128,8 +130,13 @@ impl Propagation for OpenTelemetryPropagation {
     }
 
     fn extract(&self, headers: &Headers, span: &tracing::Span) {
+        // The handling span is a root the bus made just now: the context is its
+        // parent, unless it was started meanwhile.
         if let Some(cx) = with_propagator(|propagator| carried(propagator, headers)) {
-            adopt(span, cx);
+            let linked = cx.span().span_context().clone();
+            if span.set_parent(cx).is_err() {
+                span.add_link(linked);
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use eventbus::core::propagation::Propagation;
 use eventbus::otel::OpenTelemetryPropagation;
 use eventbus::{
     DeliveryPolicy, Envelope, Event, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError,
-    Headers, Message, Record, SharedBus, TopicConfig,
+    Headers, Message, PoolKind, Record, SharedBus, TopicConfig,
 };
 use eventbus_testkit::factories::BusesAt;
 use eventbus_testkit::{wait_until, Backend, Broker};
@@ -107,10 +107,12 @@ fn remote_ids() -> (TraceId, SpanId) {
     )
 }
 
-/// A bus of `broker`'s backend built by the facade's builder (which installs
-/// the OpenTelemetry hook), with a quick retry and consumer group `group`.
-async fn build_bus(broker: &Broker, group: &str) -> SharedBus {
+/// A bus of `broker`'s backend and a `pool` built by the facade's builder
+/// (which installs the OpenTelemetry hook), with a quick retry and consumer
+/// group `group`.
+async fn build_bus(broker: &Broker, group: &str, pool: PoolKind) -> SharedBus {
     let mut config = EventBusConfig::default();
+    config.pool = pool;
     config.consumer.group_id = group.to_owned();
     config.delivery = DeliveryPolicy::default()
         .max_attempts(3)
@@ -140,13 +142,13 @@ async fn prepare(broker: &Broker, bus: &SharedBus, topic: &str) {
 /// fails, the second succeeds), and publish a raw record carrying an outside
 /// producer's `traceparent`; check that each is one trace from producer to the
 /// handler's own spans, with the messaging span names, kinds and attributes.
-async fn trace_crosses_the_broker(backend: Backend) {
+async fn trace_crosses_the_broker(backend: Backend, pool: PoolKind) {
     exporter();
     let broker = Broker::start(backend).unwrap_or_else(|e| panic!("{e}"));
     let n = fastrand::u64(..);
     let group = format!("otel-group-{n}");
     let (events, raw) = (format!("otel-events-{n}"), format!("otel-raw-{n}"));
-    let bus = build_bus(&broker, &group).await;
+    let bus = build_bus(&broker, &group, pool).await;
     assert!(
         eventbus::core::propagation::installed().is_some(),
         "the builder installed the OpenTelemetry hook"
@@ -334,17 +336,24 @@ async fn trace_crosses_the_broker(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_publish_and_handling_are_one_trace() {
-    trace_crosses_the_broker(Backend::Memory).await;
+    trace_crosses_the_broker(Backend::Memory, PoolKind::Keyed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_publish_and_handling_are_one_trace() {
-    trace_crosses_the_broker(Backend::Kafka).await;
+    trace_crosses_the_broker(Backend::Kafka, PoolKind::Keyed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_publish_and_handling_are_one_trace() {
-    trace_crosses_the_broker(Backend::Nats).await;
+    trace_crosses_the_broker(Backend::Nats, PoolKind::Keyed).await;
+}
+
+/// The actor pool runs jobs inside its actors' own long-lived spans: the
+/// handling span is still a child of the message's context, not of those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_actor_pool_publish_and_handling_are_one_trace() {
+    trace_crosses_the_broker(Backend::Memory, PoolKind::Actor).await;
 }
 
 /// An envelope that has a trace id keeps it; the producer span's context still
@@ -354,7 +363,7 @@ async fn an_envelope_keeps_its_own_trace_id() {
     exporter();
     let broker = Broker::start(Backend::Memory).unwrap_or_else(|e| panic!("{e}"));
     let topic = format!("otel-own-id-{}", fastrand::u64(..));
-    let bus = build_bus(&broker, "otel-own-id").await;
+    let bus = build_bus(&broker, "otel-own-id", PoolKind::Keyed).await;
     prepare(&broker, &bus, &topic).await;
     let seen: Arc<Mutex<Vec<Event>>> = Arc::default();
     let s = seen.clone();
@@ -396,24 +405,51 @@ async fn an_envelope_keeps_its_own_trace_id() {
     bus.close().await.expect("the bus closes");
 }
 
-/// A handling span made inside another span keeps that parent and is linked to
-/// the message's context instead.
+/// A handling span started before the context is read from the message's
+/// headers cannot take it as its parent: it is linked to it.
 #[test]
-fn a_span_with_a_parent_is_linked_to_the_message_context() {
+fn a_started_span_is_linked_to_the_message_context() {
     exporter();
     let (trace, span_id) = remote_ids();
     let headers = Headers::new().with("traceparent", format!("00-{trace}-{span_id}-01"));
-    let name = format!("test.linked-{}", fastrand::u64(..));
+    let name = format!("test.started-{}", fastrand::u64(..));
+    let span = tracing::info_span!(parent: None, "test.started", otel.name = name.as_str());
+    let own = span.context().span().span_context().clone();
+    OpenTelemetryPropagation::new().extract(&headers, &span);
+    drop(span);
+    let started = one_span(&name);
+    assert_eq!(started.span_context.trace_id(), own.trace_id());
+    assert_eq!(started.parent_span_id, SpanId::INVALID, "still a root");
+    let links: Vec<_> = started
+        .links
+        .iter()
+        .map(|l| (l.span_context.trace_id(), l.span_context.span_id()))
+        .collect();
+    assert_eq!(links, [(trace, span_id)]);
+}
+
+/// A record that carries its own context, published inside a span: the
+/// producer span stays that span's child and is linked to the record's context,
+/// and the record's headers are left as they are.
+#[test]
+fn a_record_with_a_context_published_inside_a_span_is_linked_to_it() {
+    exporter();
+    let (trace, span_id) = remote_ids();
+    let traceparent = format!("00-{trace}-{span_id}-01");
+    let mut headers = Headers::new().with("traceparent", traceparent.clone());
+    let name = format!("test.send-{}", fastrand::u64(..));
     let outer = tracing::info_span!("test.outer");
     let outer_cx = outer.context().span().span_context().clone();
     outer.in_scope(|| {
-        let span = tracing::info_span!("test.linked", otel.name = name.as_str());
-        OpenTelemetryPropagation::new().extract(&headers, &span);
+        let span = tracing::info_span!("test.send", otel.name = name.as_str());
+        OpenTelemetryPropagation::new().inject(&span, &mut headers);
     });
-    let linked = one_span(&name);
-    assert_eq!(linked.span_context.trace_id(), outer_cx.trace_id());
-    assert_eq!(linked.parent_span_id, outer_cx.span_id());
-    let links: Vec<_> = linked
+    assert_eq!(headers.get_str("traceparent"), Some(traceparent.as_str()));
+    assert_eq!(headers.len(), 1, "nothing added: {headers:?}");
+    let send = one_span(&name);
+    assert_eq!(send.span_context.trace_id(), outer_cx.trace_id());
+    assert_eq!(send.parent_span_id, outer_cx.span_id());
+    let links: Vec<_> = send
         .links
         .iter()
         .map(|l| (l.span_context.trace_id(), l.span_context.span_id()))

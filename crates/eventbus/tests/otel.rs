@@ -15,8 +15,13 @@ use eventbus::{
 };
 use eventbus_testkit::factories::BusesAt;
 use eventbus_testkit::{wait_until, Backend, Broker};
+use opentelemetry::propagation::text_map_propagator::FieldIter;
+use opentelemetry::propagation::{
+    Extractor, Injector, TextMapCompositePropagator, TextMapPropagator,
+};
 use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry::Value;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -458,7 +463,8 @@ fn a_record_with_a_context_published_inside_a_span_is_linked_to_it() {
 }
 
 /// Headers without a context leave a span alone, and injecting writes W3C
-/// trace context (no global propagator is set in this binary).
+/// trace context (the default, and part of the global propagator another test
+/// of this binary sets).
 #[test]
 fn headers_without_context_change_nothing_and_injection_writes_w3c() {
     exporter();
@@ -481,4 +487,51 @@ fn headers_without_context_change_nothing_and_injection_writes_w3c() {
     let plain = one_span(&name);
     assert_eq!(plain.parent_span_id, SpanId::INVALID, "a root span");
     assert!(plain.links.is_empty());
+}
+
+/// A propagator of the test's own: the trace id in `x-test-trace`.
+#[derive(Debug)]
+struct TestPropagator(Vec<String>);
+
+impl TextMapPropagator for TestPropagator {
+    fn inject_context(&self, cx: &opentelemetry::Context, injector: &mut dyn Injector) {
+        let span = cx.span();
+        if span.span_context().is_valid() {
+            injector.set("x-test-trace", span.span_context().trace_id().to_string());
+        }
+    }
+
+    fn extract_with_context(
+        &self,
+        cx: &opentelemetry::Context,
+        _extractor: &dyn Extractor,
+    ) -> opentelemetry::Context {
+        cx.clone()
+    }
+
+    fn fields(&self) -> FieldIter<'_> {
+        FieldIter::new(&self.0)
+    }
+}
+
+/// With a global propagator set, the headers are the global propagator's.
+/// (It includes W3C trace context, so the other tests of this binary, which may
+/// run meanwhile, see the same `traceparent` as before.)
+#[test]
+fn the_global_propagator_writes_the_headers_once_set() {
+    exporter();
+    opentelemetry::global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(TestPropagator(vec!["x-test-trace".to_owned()])),
+    ]));
+    let span = tracing::info_span!("test.global");
+    let mut headers = Headers::new();
+    OpenTelemetryPropagation::new().inject(&span, &mut headers);
+    let cx = span.context().span().span_context().clone();
+    assert_eq!(
+        headers.get_str("x-test-trace"),
+        Some(cx.trace_id().to_string().as_str()),
+        "the global propagator's own header: {headers:?}"
+    );
+    assert!(headers.get("traceparent").is_some(), "{headers:?}");
 }

@@ -109,7 +109,7 @@ pub(crate) fn send_span(
         "error.type" = Empty,
     );
     if records != 1 {
-        span.record("messaging.batch.message_count", records);
+        span.record("messaging.batch.message_count", records as i64);
     }
     if system == "kafka" {
         if let Some(key) = key {

@@ -410,6 +410,41 @@ async fn an_envelope_keeps_its_own_trace_id() {
     bus.close().await.expect("the bus closes");
 }
 
+/// A publish or a batch whose future is awaited in a span is that span's child;
+/// a batch has one producer span whose context every record carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_awaited_in_a_span_are_its_children() {
+    exporter();
+    let broker = Broker::start(Backend::Memory).unwrap_or_else(|e| panic!("{e}"));
+    let n = fastrand::u64(..);
+    let (one, many) = (format!("otel-one-{n}"), format!("otel-many-{n}"));
+    let bus = build_bus(&broker, "otel-children", PoolKind::Keyed).await;
+    prepare(&broker, &bus, &one).await;
+    prepare(&broker, &bus, &many).await;
+    let request = tracing::info_span!("test.request");
+    let request_cx = request.context().span().span_context().clone();
+    bus.publish(&one, Record::new("one"))
+        .instrument(request.clone())
+        .await
+        .expect("publish");
+    let results = bus
+        .publish_batch(&many, vec![Record::new("a"), Record::new("b")])
+        .instrument(request.clone())
+        .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    drop(request);
+
+    let send = one_span(&format!("send {one}"));
+    assert_eq!(send.parent_span_id, request_cx.span_id());
+    assert_eq!(send.span_context.trace_id(), request_cx.trace_id());
+    let batch = one_span(&format!("send {many}"));
+    assert_eq!(batch.span_kind, SpanKind::Producer);
+    assert_eq!(batch.parent_span_id, request_cx.span_id());
+    assert_eq!(attr_i64(&batch, "messaging.batch.message_count"), 2);
+    assert_eq!(attr(&batch, "messaging.operation.type"), "send");
+    bus.close().await.expect("the bus closes");
+}
+
 /// A handling span started before the context is read from the message's
 /// headers cannot take it as its parent: it is linked to it.
 #[test]

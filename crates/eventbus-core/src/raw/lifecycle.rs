@@ -185,10 +185,13 @@ impl<T: LifecycleBus> EventBus for T {
             None => life
                 .publish(topic, life.backend().publish(topic, record))
                 .boxed(),
-            Some(hook) => {
+            // The span is made where the future runs, a child of the span the
+            // caller awaits it in.
+            Some(hook) => async move {
                 let span = propagation::send_span(T::Backend::NAME, topic, record.key.as_ref(), 1);
-                traced_publish(life, hook, span, topic, record).boxed()
+                traced_publish(life, hook, span, topic, record).await
             }
+            .boxed(),
         }
     }
 
@@ -204,24 +207,26 @@ impl<T: LifecycleBus> EventBus for T {
                 .publish_batch(topic, n, life.backend().publish_batch(topic, records))
                 .boxed();
         };
-        // One producer span for the batch; each record carries its context.
-        let key = match records.as_slice() {
-            [one] => one.key.clone(),
-            _ => None,
-        };
-        let span = propagation::send_span(T::Backend::NAME, topic, key.as_ref(), n);
-        for record in &mut records {
-            hook.inject(&span, &mut record.headers);
-        }
-        let send = life.publish_batch(topic, n, life.backend().publish_batch(topic, records));
+        // One producer span for the batch, made where the future runs; each
+        // record carries its context.
         async move {
-            let results = send.await;
+            let key = match records.as_slice() {
+                [one] => one.key.clone(),
+                _ => None,
+            };
+            let span = propagation::send_span(T::Backend::NAME, topic, key.as_ref(), n);
+            for record in &mut records {
+                hook.inject(&span, &mut record.headers);
+            }
+            let results = life
+                .publish_batch(topic, n, life.backend().publish_batch(topic, records))
+                .instrument(span.clone())
+                .await;
             if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-                propagation::record_sent(&tracing::Span::current(), T::Backend::NAME, Err(e));
+                propagation::record_sent(&span, T::Backend::NAME, Err(e));
             }
             results
         }
-        .instrument(span)
         .boxed()
     }
 

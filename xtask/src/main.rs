@@ -200,7 +200,8 @@ fn test(args: &[String]) -> Result {
 }
 
 /// Feature sets of the facade that matter beyond each one alone: a backend with
-/// each single pool, and both backends with both pools.
+/// each single pool, both backends with both pools, and trace propagation
+/// (`otel`) with both backends.
 const FEATURE_SETS: &[&str] = &[
     "memory,actor-pool",
     "kafka,keyed-pool",
@@ -208,6 +209,7 @@ const FEATURE_SETS: &[&str] = &[
     "nats,keyed-pool",
     "nats,actor-pool",
     "kafka,nats,keyed-pool,actor-pool",
+    "kafka,nats,keyed-pool,otel",
 ];
 
 /// The facade compiles with no feature, each feature alone (`cargo hack

@@ -13,6 +13,7 @@ pub mod metrics;
 mod ops;
 mod policy;
 mod pool;
+pub mod propagation;
 pub mod redrive;
 
 // What a service uses: messages and envelopes, handlers, the bus and its

@@ -217,6 +217,13 @@ impl eventbus_core::EventBus for OnMock {
     fn aggregate_id_header(&self) -> &str {
         self.bus.aggregate_id_header()
     }
+    fn publish_envelope<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: &'a eventbus_core::Envelope,
+    ) -> BoxFuture<'a, Result<eventbus_core::PublishReceipt, Error>> {
+        self.bus.publish_envelope(topic, envelope)
+    }
     fn subscribe_with(
         &self,
         subscription: eventbus_core::Subscription,

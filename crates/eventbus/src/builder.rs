@@ -189,6 +189,9 @@ impl EventBusBuilder {
     /// `KAFKA_ACTOR_POOL_SIZE`, `KAFKA_ACTOR_INBOX_SIZE`, `KAFKA_ACTOR_MAX_RESTARTS`
     /// (see [`crate::env`]) win over the configuration, and an unparsable value is an
     /// error naming the variable; only [`ignore_env`](Self::ignore_env) turns them off.
+    ///
+    /// With the `otel` feature it installs the OpenTelemetry trace propagation
+    /// hook for the process (`otel::install`), unless one is installed.
     #[cfg_attr(
         not(any(feature = "memory", feature = "kafka")),
         allow(unused_variables)
@@ -199,6 +202,8 @@ impl EventBusBuilder {
         }
         self.config.validate()?;
         crate::prometheus::warn_if_not_installed(&self.config.metrics);
+        #[cfg(feature = "otel")]
+        crate::otel::install();
         let backend = self.backend.ok_or_else(|| {
             Error::config(
                 "no backend chosen: call .memory(..), .kafka(..), .nats(..) or .backend(..)",

@@ -6,6 +6,8 @@ pub mod config;
 pub mod env;
 #[cfg(feature = "ops-server")]
 pub mod ops_server;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod pools;
 pub mod prometheus;
 mod switch;

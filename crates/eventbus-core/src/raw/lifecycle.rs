@@ -43,12 +43,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::bus::{publish_one_by_one, EventBus, Subscription, TopicConfig};
+use crate::bus::{envelope_record, publish_one_by_one, EventBus, Subscription, TopicConfig};
+use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::health::{ComponentHealth, HealthReport, HealthStatus};
 use crate::message::{PublishReceipt, Record};
 use crate::ops::{PartitionLag, Probe, PublishMetrics, Recovery};
+use crate::propagation::{self, Propagation};
 use crate::raw::dispatcher::{Dispatcher, MonitorHandle, PreparedSubscription};
 use crate::redrive::{DeadLetterReader, ReaderOptions, RedriveOptions, RedriveReport};
 
@@ -204,19 +207,95 @@ impl<T: LifecycleBus> EventBus for T {
         record: Record,
     ) -> BoxFuture<'a, Result<PublishReceipt>> {
         let life = self.lifecycle();
-        life.publish(topic, life.backend().publish(topic, record))
-            .boxed()
+        match propagation::installed() {
+            None => life
+                .publish(topic, life.backend().publish(topic, record))
+                .boxed(),
+            // The span is made where the future runs, a child of the span the
+            // caller awaits it in.
+            Some(hook) => async move {
+                let span = propagation::send_span(T::Backend::NAME, topic, record.key.as_ref(), 1);
+                traced_publish(life, hook, span, topic, record).await
+            }
+            .boxed(),
+        }
     }
 
     fn publish_batch<'a>(
         &'a self,
         topic: &'a str,
-        records: Vec<Record>,
+        mut records: Vec<Record>,
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
         let life = self.lifecycle();
         let n = records.len();
-        life.publish_batch(topic, n, life.backend().publish_batch(topic, records))
-            .boxed()
+        let Some(hook) = propagation::installed() else {
+            return life
+                .publish_batch(topic, n, life.backend().publish_batch(topic, records))
+                .boxed();
+        };
+        // One producer span for the batch, made where the future runs; each
+        // record carries its context.
+        async move {
+            let key = match records.as_slice() {
+                [one] => one.key.clone(),
+                _ => None,
+            };
+            let span = propagation::send_span(T::Backend::NAME, topic, key.as_ref(), n);
+            for record in &mut records {
+                hook.inject(&span, &mut record.headers);
+            }
+            let results = life
+                .publish_batch(topic, n, life.backend().publish_batch(topic, records))
+                .instrument(span.clone())
+                .await;
+            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                propagation::record_sent(&span, T::Backend::NAME, Err(e));
+            }
+            results
+        }
+        .boxed()
+    }
+
+    /// With a trace propagation hook installed, the envelope's empty `trace_id`
+    /// is filled from the publish span's trace before it is encoded; otherwise as
+    /// [`EventBus::publish_envelope`]'s default.
+    fn publish_envelope<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+        let Some(hook) = propagation::installed() else {
+            return async move {
+                let record = envelope_record(envelope, self.aggregate_id_header())?;
+                self.publish(topic, record).await
+            }
+            .boxed();
+        };
+        async move {
+            let key = bytes::Bytes::from(envelope.aggregate_id.clone());
+            let span = propagation::send_span(T::Backend::NAME, topic, Some(&key), 1);
+            let trace_id = match envelope.trace_id {
+                None => hook.trace_id(&span),
+                Some(_) => None,
+            };
+            let record = match trace_id {
+                Some(trace_id) => {
+                    let mut filled = envelope.clone();
+                    filled.trace_id = Some(trace_id);
+                    envelope_record(&filled, self.aggregate_id_header())
+                }
+                None => envelope_record(envelope, self.aggregate_id_header()),
+            };
+            let record = match record {
+                Ok(record) => record,
+                Err(e) => {
+                    propagation::record_sent(&span, T::Backend::NAME, Err(&e));
+                    return Err(e);
+                }
+            };
+            traced_publish(self.lifecycle(), hook, span, topic, record).await
+        }
+        .boxed()
     }
 
     fn aggregate_id_header(&self) -> &str {
@@ -259,6 +338,24 @@ impl<T: LifecycleBus> EventBus for T {
     fn redrive(&self, options: RedriveOptions) -> BoxFuture<'_, Result<RedriveReport>> {
         self.lifecycle().redrive(options).boxed()
     }
+}
+
+/// A publish inside its producer `span`: the span's context injected into the
+/// record's headers, the outcome recorded on the span.
+async fn traced_publish<B: BusBackend>(
+    life: &Lifecycle<B>,
+    hook: &dyn Propagation,
+    span: tracing::Span,
+    topic: &str,
+    mut record: Record,
+) -> Result<PublishReceipt> {
+    hook.inject(&span, &mut record.headers);
+    let result = life
+        .publish(topic, life.backend().publish(topic, record))
+        .instrument(span.clone())
+        .await;
+    propagation::record_sent(&span, B::NAME, result.as_ref());
+    result
 }
 
 /// One topic in the subscription table.

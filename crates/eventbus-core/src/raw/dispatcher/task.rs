@@ -177,6 +177,7 @@ impl PlainTask {
             scope,
         } = self;
         let span = handle_span(
+            &shared.inner,
             &message,
             || plain_key(&shared.ids, &message).unwrap_or_default(),
             Some(1),
@@ -224,7 +225,12 @@ impl EnvelopeTask {
             epoch,
         } = self;
         // Its attempts and trace id are recorded as they become known.
-        let span = handle_span(&message, || envelope_key(&shared.ids, &message), None);
+        let span = handle_span(
+            &shared.inner,
+            &message,
+            || envelope_key(&shared.ids, &message),
+            None,
+        );
         async move {
             let TaskShared {
                 inner,
@@ -382,21 +388,58 @@ impl EnvelopeCall<'_> {
 /// The span a message's handling runs in: its coordinates, its aggregate id, and
 /// the attempt when known up front (`None`: recorded later, or never).
 ///
-/// The id is read (`aggregate_id`) only when the span is enabled.
+/// The id is read (`aggregate_id`) only when the span is enabled. With a trace
+/// propagation hook installed ([`crate::propagation`]), the span is named and
+/// given its messaging attributes, and the message's trace context becomes its
+/// parent, here, before anything enters it. It is then made a root: the span a
+/// worker happens to run in (an actor's, for its whole life) is no cause of the
+/// message, its producer is. Without a hook, the span is the current span's
+/// child as ever, and its messaging fields stay empty and cost nothing.
 fn handle_span<'m>(
+    inner: &Inner,
     message: &Message,
     aggregate_id: impl FnOnce() -> Cow<'m, str>,
     attempt: Option<u32>,
 ) -> tracing::Span {
-    tracing::info_span!(
-        "eventbus.handle",
-        topic = %message.topic,
-        partition = message.partition,
-        offset = message.offset,
-        aggregate_id = &*aggregate_id(),
-        attempt,
-        trace_id = tracing::field::Empty,
-    )
+    // One field list for both parents.
+    macro_rules! span {
+        ($($parent:tt)*) => {
+            tracing::info_span!(
+                $($parent)*
+                "eventbus.handle",
+                topic = %message.topic,
+                partition = message.partition,
+                offset = message.offset,
+                aggregate_id = &*aggregate_id(),
+                attempt,
+                trace_id = tracing::field::Empty,
+                otel.name = tracing::field::Empty,
+                otel.kind = tracing::field::Empty,
+                messaging.system = tracing::field::Empty,
+                messaging.destination.name = tracing::field::Empty,
+                "messaging.operation.type" = tracing::field::Empty,
+                messaging.operation.name = tracing::field::Empty,
+                messaging.destination.partition.id = tracing::field::Empty,
+                messaging.kafka.offset = tracing::field::Empty,
+                messaging.kafka.message.key = tracing::field::Empty,
+                messaging.consumer.group.name = tracing::field::Empty,
+            )
+        };
+    }
+    let Some(hook) = crate::propagation::installed() else {
+        return span!();
+    };
+    let span = span!(parent: None,);
+    if !span.is_disabled() {
+        crate::propagation::process_span(
+            hook,
+            &span,
+            &inner.metrics.backend,
+            &inner.config.consumer.group_id,
+            message,
+        );
+    }
+    span
 }
 
 impl Dispatcher {

@@ -98,6 +98,17 @@ struct GroupState {
     member: Option<u64>,
 }
 
+impl GroupState {
+    /// A group with no member and no position on any of `partitions`.
+    fn new(partitions: usize) -> Self {
+        Self {
+            committed: vec![None; partitions],
+            delivered: vec![0; partitions],
+            member: None,
+        }
+    }
+}
+
 pub(crate) struct Topic {
     name: Arc<str>,
     partitions: Vec<Mutex<Log>>,
@@ -197,11 +208,7 @@ impl Topic {
         let n = self.partitions.len();
         let state = groups
             .entry(group.to_owned())
-            .or_insert_with(|| GroupState {
-                committed: vec![None; n],
-                delivered: vec![0; n],
-                member: None,
-            });
+            .or_insert_with(|| GroupState::new(n));
         if state.member.is_some() {
             return Err(Error::new(
                 ErrorKind::Conflict,
@@ -269,11 +276,7 @@ impl Topic {
             let n = self.partitions.len();
             let state = groups
                 .entry(group.to_owned())
-                .or_insert_with(|| GroupState {
-                    committed: vec![None; n],
-                    delivered: vec![0; n],
-                    member: None,
-                });
+                .or_insert_with(|| GroupState::new(n));
             let c = &mut state.committed[partition as usize];
             if c.is_none_or(|c| c < offset) {
                 *c = Some(offset);

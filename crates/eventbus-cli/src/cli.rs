@@ -225,9 +225,9 @@ pub enum DlqCommand {
         /// Which dead letters.
         #[command(flatten)]
         filters: DlqFilters,
-        /// List at most this many
-        #[arg(long, value_name = "N")]
-        max: Option<u64>,
+        /// List at most this many (the report is held in memory)
+        #[arg(long, value_name = "N", default_value_t = crate::dlq::LIST_LIMIT)]
+        max: u64,
         /// Print JSON (one document) instead of a table
         #[arg(long)]
         json: bool,
@@ -265,7 +265,8 @@ pub struct DlqRedriveArgs {
     /// Publish at most this many records a second, evenly spaced
     #[arg(long, value_name = "PER_SECOND")]
     pub rate: Option<std::num::NonZeroU32>,
-    /// Move at most this many records
+    /// Move at most this many records (with --dry-run, list at most this many:
+    /// 1000 unless given)
     #[arg(long, value_name = "N")]
     pub max: Option<u64>,
     /// List what would move, from the redrive's position; move nothing

@@ -19,6 +19,10 @@ use eventbus::{DeadLetterEntry, DeadLetterId, RedriveOptions, RedriveReport, Sha
 use serde_json::{json, Value};
 use std::time::SystemTime;
 
+/// The most entries `dlq list` (and a dry run) holds and prints unless `--max`
+/// says otherwise: a dry run's report keeps every entry in memory.
+pub(crate) const LIST_LIMIT: u64 = 1000;
+
 /// Characters of an error shown in a `list` line.
 const ERROR_WIDTH: usize = 60;
 
@@ -34,10 +38,11 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
             max,
             json,
         } => {
-            let mut options = filters.options(topic)?.dry_run(true).from_oldest(true);
-            if let Some(max) = max {
-                options = options.max_count(max);
-            }
+            let options = filters
+                .options(topic)?
+                .dry_run(true)
+                .from_oldest(true)
+                .max_count(max);
             let report = redrive(settings, "dlq list", options).await?;
             print_list(&report, json)
         }
@@ -93,7 +98,7 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
             if let Some(rate) = rate {
                 options = options.rate_limit(rate);
             }
-            if let Some(max) = max {
+            if let Some(max) = max.or(dry_run.then_some(LIST_LIMIT)) {
                 options = options.max_count(max);
             }
             if let Some(progress) = progress {

@@ -233,7 +233,7 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Show one dead letter: its origin, error, headers and payload. ID is
-    /// <dead-letter topic>/<partition>/<offset> on Kafka, the stream sequence on
+    /// TOPIC/PARTITION/OFFSET (the dead-letter topic) on Kafka, the stream sequence on
     /// NATS (with --topic).
     Show {
         /// The entry, as `dlq list` prints it

@@ -1,7 +1,6 @@
-//! The command line's grammar (clap, derived) and what runs each command.
+//! The command line's grammar (clap, derived); [`run`](crate::run) runs it.
 
 use crate::settings::{Overrides, Settings};
-use crate::{dlq, lag, rollout, stream};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -212,6 +211,10 @@ pub struct DlqFilters {
     pub aggregate: Option<String>,
 }
 
+/// The most entries `dlq list` (and a dry run) holds and prints unless `--max`
+/// says otherwise: a dry run's report keeps every entry in memory.
+pub const LIST_LIMIT: u64 = 1000;
+
 /// `eventbus dlq ...`.
 #[derive(Debug, Subcommand)]
 #[non_exhaustive]
@@ -226,7 +229,7 @@ pub enum DlqCommand {
         #[command(flatten)]
         filters: DlqFilters,
         /// List at most this many (the report is held in memory)
-        #[arg(long, value_name = "N", default_value_t = crate::dlq::LIST_LIMIT)]
+        #[arg(long, value_name = "N", default_value_t = LIST_LIMIT)]
         max: u64,
         /// Print JSON (one document) instead of a table
         #[arg(long)]
@@ -279,17 +282,6 @@ pub struct DlqRedriveArgs {
     /// Print JSON (one document) instead of a summary line
     #[arg(long)]
     pub json: bool,
-}
-
-/// Run a parsed command line; the error is what to print.
-pub async fn run(cli: Cli) -> Result<(), crate::CliError> {
-    match cli.command {
-        Command::Lag(args) => lag::run(&cli.global.settings()?, &args).await,
-        Command::Rollout(cmd) => rollout::run(&cli.global, cmd).await,
-        Command::Publish(args) => stream::publish(&cli.global.settings()?, &args).await,
-        Command::Tail(args) => stream::tail(&cli.global.settings()?, &args).await,
-        Command::Dlq(cmd) => dlq::run(&cli.global.settings()?, cmd).await,
-    }
 }
 
 #[cfg(test)]

@@ -10,18 +10,14 @@
 //! ([`DeadLetterId`]): `<dead-letter topic>/<partition>/<offset>` on Kafka, the
 //! stream sequence on NATS.
 
-use crate::cli::{DlqCommand, DlqFilters, DlqRedriveArgs};
+use crate::cli::{DlqCommand, DlqFilters, DlqRedriveArgs, LIST_LIMIT};
+use crate::error::{memory_backend, CliError};
 use crate::settings::{Connection, Settings};
 use crate::stream::{build, note, out, own_config};
-use crate::{memory_backend, CliError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use eventbus::{DeadLetterEntry, DeadLetterId, RedriveOptions, RedriveReport, SharedBus};
 use serde_json::{json, Value};
 use std::time::SystemTime;
-
-/// The most entries `dlq list` (and a dry run) holds and prints unless `--max`
-/// says otherwise: a dry run's report keeps every entry in memory.
-pub(crate) const LIST_LIMIT: u64 = 1000;
 
 /// Characters of an error shown in a `list` line.
 const ERROR_WIDTH: usize = 60;

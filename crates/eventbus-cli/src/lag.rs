@@ -16,8 +16,8 @@
 //! The memory backend lives inside the service's process: nothing to ask.
 
 use crate::cli::LagArgs;
+use crate::error::{memory_backend, CliError};
 use crate::settings::{Connection, Settings};
-use crate::{memory_backend, CliError};
 use eventbus::nats::NatsEventBus;
 use futures::TryStreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -9,8 +9,8 @@
 //! (400, 401, 403, 404, 409) is printed as one line with the server's reason.
 
 use crate::cli::{Global, OpsTarget, RolloutCommand};
+use crate::error::CliError;
 use crate::settings::file_config;
-use crate::CliError;
 use eventbus::FileConfig;
 use serde_json::{json, Value};
 use std::io::Write;

@@ -14,8 +14,8 @@
 //! a bounded channel: a slow terminal slows consumption.
 
 use crate::cli::{PublishArgs, TailArgs};
+use crate::error::{memory_backend, CliError};
 use crate::settings::{Connection, Settings};
-use crate::{memory_backend, CliError};
 use chrono::SecondsFormat;
 use eventbus::nats::NatsEventBus;
 use eventbus::{

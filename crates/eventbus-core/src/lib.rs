@@ -3,6 +3,7 @@
 mod aggregate;
 mod bus;
 mod config;
+mod dead_letter;
 mod envelope;
 mod error;
 mod handler;
@@ -15,6 +16,7 @@ mod policy;
 mod pool;
 pub mod propagation;
 pub mod redrive;
+mod topic;
 
 // What a service uses: messages and envelopes, handlers, the bus and its
 // configuration, health, recovery mode, the pool trait and its counters.
@@ -29,6 +31,10 @@ pub use config::{
     positive, BacklogConfig, BusConfig, ConsumerConfig, DeadLetterConfig, MetricsConfig,
     OffsetReset, OperationsConfig, RateLimit, Routing,
 };
+pub use dead_letter::{
+    DeadLetterKind, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_ERROR_KIND_HEADER,
+    DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_REDRIVES_HEADER, DLQ_TOPIC_HEADER,
+};
 pub use envelope::{
     Envelope, EnvelopeError, Payload, MAX_AGGREGATE_ID_LEN, MAX_EVENT_TYPE_LEN, MAX_PAYLOAD_DEPTH,
 };
@@ -39,10 +45,6 @@ pub use message::{Headers, Message, PublishReceipt, Record};
 pub use ops::{Recovery, RecoveryChange};
 pub use policy::DeliveryPolicy;
 pub use pool::{Pool, PoolStats};
-pub use raw::dispatcher::{
-    DeadLetterKind, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_ERROR_KIND_HEADER,
-    DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_REDRIVES_HEADER, DLQ_TOPIC_HEADER,
-};
 pub use redrive::{
     DeadLetterEntry, DeadLetterId, InvalidDeadLetter, RedriveOptions, RedriveReport,
     DEFAULT_REDRIVE_PROGRESS,

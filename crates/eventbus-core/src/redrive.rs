@@ -40,13 +40,13 @@ use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::envelope::peek_aggregate_id;
-use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Headers, PublishReceipt, Record};
-use crate::raw::dispatcher::{
+use crate::dead_letter::{
     DeadLetterKind, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_ERROR_KIND_HEADER,
     DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_REDRIVES_HEADER, DLQ_TOPIC_HEADER,
 };
+use crate::envelope::peek_aggregate_id;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Headers, PublishReceipt, Record};
 
 /// Default `progress` name of a redrive (see [`RedriveOptions::progress`]).
 pub const DEFAULT_REDRIVE_PROGRESS: &str = "eventbus-redrive";
@@ -164,7 +164,7 @@ impl FromStr for DeadLetterId {
                 offset: offset(o)?,
             }),
             [t, p, o] => {
-                crate::bus::validate_topic(t).map_err(|e| bad(e.message()))?;
+                crate::topic::validate_topic(t).map_err(|e| bad(e.message()))?;
                 Ok(DeadLetterId::Kafka {
                     topic: (*t).to_owned(),
                     partition: partition(p)?,
@@ -314,10 +314,10 @@ impl RedriveOptions {
     /// `from_oldest` only with a dry run.
     pub fn validate(&self) -> Result<()> {
         if let Some(t) = &self.dead_letter_topic {
-            crate::bus::validate_topic(t)?;
+            crate::topic::validate_topic(t)?;
         }
         if let Some(t) = &self.origin_topic {
-            crate::bus::validate_topic(t)?;
+            crate::topic::validate_topic(t)?;
         }
         if let (Some(since), Some(until)) = (self.since, self.until) {
             if since >= until {
@@ -508,7 +508,7 @@ impl RawDeadLetter {
                 .map_err(|_| invalid(format!("header `{name}` is `{v}`, not a number")))
         };
         let origin_topic = text(DLQ_TOPIC_HEADER)?.to_owned();
-        if let Err(e) = crate::bus::validate_topic(&origin_topic) {
+        if let Err(e) = crate::topic::validate_topic(&origin_topic) {
             return Err(invalid(format!(
                 "header `{DLQ_TOPIC_HEADER}`: {}",
                 e.message()

@@ -56,11 +56,8 @@ mod task;
 
 use task::{envelope_key, plain_key, Described, EnvelopeTask, PlainTask, TaskShared};
 
-pub use dead_letter::{
-    DeadLetter, DeadLetterKind, DeadLetterSink, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER,
-    DLQ_ERROR_KIND_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_REDRIVES_HEADER,
-    DLQ_TOPIC_HEADER,
-};
+use crate::dead_letter::DeadLetterKind;
+pub use dead_letter::{DeadLetter, DeadLetterSink};
 pub use held::Held;
 use instruments::Metrics;
 use limiter::Limiter;
@@ -618,7 +615,7 @@ impl Dispatcher {
 
     /// Resolve a subscription's options against the bus configuration.
     pub fn prepare(&self, sub: Subscription) -> Result<Arc<PreparedSubscription>> {
-        crate::bus::validate_topic(&sub.topic)?;
+        crate::topic::validate_topic(&sub.topic)?;
         let cfg = &self.inner.config;
         let policy = sub.options.delivery.unwrap_or_else(|| cfg.delivery.clone());
         policy.validate()?;
@@ -628,7 +625,7 @@ impl Dispatcher {
                 .options
                 .dead_letter_topic
                 .unwrap_or_else(|| dl.topic_for(&sub.topic));
-            crate::bus::validate_topic(&t)?;
+            crate::topic::validate_topic(&t)?;
             Some(t)
         } else {
             None

@@ -78,6 +78,7 @@ async fn serve(
     let slot = state.slot();
     let _serving = slot.serve().await;
     let shared = &state.shared;
+    let mut waited = false;
     loop {
         // Only from actors in service (the jobs held for one out of service wait
         // for its fresh actor), and only to actors serving already.
@@ -94,13 +95,13 @@ async fn serve(
             };
             shared
                 .router
-                .share(state.index, serving, |i| shared.slots[i].queue());
+                .share(state.index, waited, serving, |i| shared.slots[i].queue());
         }
         let Some(job) = slot.queue().pop().await else {
             break;
         };
         let class = job.class();
-        let kind = shared
+        let ran = shared
             .router
             .run(
                 job,
@@ -110,6 +111,8 @@ async fn serve(
                 |i| shared.slots[i].queue(),
             )
             .await;
+        let kind = ran.kind;
+        waited = ran.waited;
         shared.job_finished(slot, kind);
         if class == JobClass::Plain && kind == OutcomeKind::Panicked {
             return Err(format!("actor {}: plain handler panicked", slot.index).into());

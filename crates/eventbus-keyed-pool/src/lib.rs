@@ -249,6 +249,7 @@ async fn worker(shared: Arc<Shared>, index: usize) {
     let mine = &shared.counters.workers[index];
     // This task is the only writer of its counters: plain stores, no read-modify-write.
     let (mut completed, mut panicked) = (0u64, 0u64);
+    let mut waited = false;
     loop {
         // An idle worker looks for a queue to take half of; one with a backlog
         // looks for an idle worker to give half to.
@@ -256,12 +257,14 @@ async fn worker(shared: Arc<Shared>, index: usize) {
             let victim = victim(shared.queues.len(), index, |_| true);
             shared.router.steal(index, victim, |w| &shared.queues[w]);
         } else {
-            shared.router.share(index, |_| true, |w| &shared.queues[w]);
+            shared
+                .router
+                .share(index, waited, |_| true, |w| &shared.queues[w]);
         }
         let Some(job) = queue.pop().await else {
             break;
         };
-        let kind = shared
+        let ran = shared
             .router
             .run(
                 job,
@@ -271,10 +274,11 @@ async fn worker(shared: Arc<Shared>, index: usize) {
                 |w| &shared.queues[w],
             )
             .await;
+        waited = ran.waited;
         completed += 1;
         // Release: a reader of the counters that sees the count sees what the job did.
         mine.completed.store(completed, Ordering::Release);
-        if kind == OutcomeKind::Panicked {
+        if ran.kind == OutcomeKind::Panicked {
             panicked += 1;
             mine.panicked.store(panicked, Ordering::Relaxed);
         }

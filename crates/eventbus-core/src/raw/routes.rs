@@ -72,6 +72,14 @@ fn victim_of(n: usize, me: usize) -> Option<usize> {
 /// See [`victim`] and [`Router::share`].
 pub const STEAL_EVERY: u32 = 4;
 
+/// How many jobs fewer than a worker's queue another worker must hold (queued and
+/// running) before [`Router::share`] gives it some after a job that waited. At 3
+/// a move always leaves the giver at least one job ahead; below it, two workers
+/// one or two apart would trade cells back and forth for nothing (2 measured no
+/// better than sharing only with idle workers on the actor pool, 5 a little
+/// worse than 3).
+pub const SHARE_GAP: usize = 3;
+
 /// Whether this call is one in [`STEAL_EVERY`] on this thread, by `counter`.
 #[inline]
 fn due(counter: &'static std::thread::LocalKey<std::cell::Cell<u32>>) -> bool {
@@ -164,22 +172,34 @@ impl Router {
         }
     }
 
-    /// Worker `me`, about to take its next job with at least two queued, hands
-    /// half of its queue, whole route cells at a time, to a worker with nothing
-    /// queued or running that `eligible` allows, drawn at random on one call in
-    /// [`STEAL_EVERY`]. Returns how many jobs it handed over.
+    /// Worker `me`, about to take its next job with at least two queued, hands part
+    /// of its queue, whole route cells at a time, to a worker drawn at random on
+    /// one call in [`STEAL_EVERY`] that `eligible` allows. Returns how many jobs
+    /// it handed over. `waited`: the job it ran last did not finish on its first
+    /// poll (it waited on I/O, a timer, a lock).
     ///
     /// The other half of [`steal`](Self::steal): routes whose next job arrives
     /// while their last one still waits stay on their worker
     /// ([`route`](Self::route)); where many do (few keys, each with a job in flight
-    /// most of the time), a worker's queue grows while others sit idle, and an idle
-    /// worker, which looks only when it goes idle, would not look again until a
-    /// job reached it. With 1 000 keys on 256 workers and a 1 ms handler, sharing
-    /// raised the rate from about 60% to about 75% of workers ÷ handler time
-    /// (`docs/benchmarks.md`).
+    /// most of the time), a worker's queue grows while others hold less, and an
+    /// idle worker, which looks only when it goes idle, would not look again until
+    /// a job reached it.
+    ///
+    /// - After a job that waited, the queue waits in real time while other workers
+    ///   may have less to do: it gives to a worker holding at least [`SHARE_GAP`]
+    ///   jobs fewer, half the difference, so the two end level. With 1 000 keys on
+    ///   256 workers and a 1 ms handler, this raised the rate from about 70% to
+    ///   about 80% of workers ÷ handler time, where giving only to idle workers
+    ///   reached 60–75% (`docs/benchmarks.md`).
+    /// - After a job that ran through on its first poll (no-op, CPU-bound), its
+    ///   queue drains at the speed of the runtime's threads, which run whatever
+    ///   worker is ready: moving jobs between workers gains little and costs a
+    ///   hand-back on the hot path, so it gives only to a worker with nothing
+    ///   queued or running, half of its queue.
     pub fn share<'q>(
         &'q self,
         me: usize,
+        waited: bool,
         eligible: impl Fn(usize) -> bool,
         queue_of: impl Fn(usize) -> &'q JobQueue,
     ) -> usize {
@@ -194,10 +214,13 @@ impl Router {
         let Some(to) = victim_of(self.workers, me).filter(|to| eligible(*to)) else {
             return 0;
         };
-        if queue_of(to).load() != 0 {
-            return 0;
-        }
-        queue.hand_back(me, queued / 2, |j| self.table_of(j), || Some(to), &queue_of)
+        let theirs = queue_of(to).load();
+        let give = match waited {
+            true if theirs + SHARE_GAP <= queued => (queued - theirs) / 2,
+            false if theirs == 0 => queued / 2,
+            _ => return 0,
+        };
+        queue.hand_back(me, give, |j| self.table_of(j), || Some(to), &queue_of)
     }
 
     /// Whether routes go to a less-loaded worker (or to their fixed slot).
@@ -387,15 +410,17 @@ impl Router {
         queue: &'q JobQueue,
         mut target: impl FnMut() -> Option<usize>,
         queue_of: impl Fn(usize) -> &'q JobQueue,
-    ) -> OutcomeKind {
+    ) -> Ran {
         let counted = self.counted(&job);
         let watch = self.work_conserving || self.placed.get().is_some();
         let mut run = pin!(job.run());
         let mut timer = pin!(None::<tokio::time::Sleep>);
+        let mut waited = false;
         let kind = poll_fn(|cx| {
             if let Poll::Ready(kind) = run.as_mut().poll(cx) {
                 return Poll::Ready(kind);
             }
+            waited = true;
             if !watch {
                 return Poll::Pending;
             }
@@ -427,8 +452,19 @@ impl Router {
         })
         .await;
         self.leave(counted);
-        kind
+        Ran { kind, waited }
     }
+}
+
+/// What [`Router::run`] reports of a job it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ran {
+    /// How the job ended.
+    pub kind: OutcomeKind,
+    /// It did not finish on its first poll: it waited (on I/O, a timer, a lock),
+    /// and its worker's queue waited in real time behind it
+    /// ([`Router::share`]).
+    pub waited: bool,
 }
 
 /// What a pool offers a composite pool that places jobs itself (see the module
@@ -680,7 +716,7 @@ mod tests {
         // One call in STEAL_EVERY looks; with two workers it draws the other.
         let share = |eligible: bool| {
             (0..STEAL_EVERY)
-                .map(|_| router.share(0, |_| eligible, |w| &queues[w]))
+                .map(|_| router.share(0, false, |_| eligible, |w| &queues[w]))
                 .sum::<usize>()
         };
         assert_eq!(share(false), 0, "not to a worker out of service");
@@ -695,9 +731,45 @@ mod tests {
         one.route(&job, || 0);
         short[0].try_push(job).expect("room");
         let gave: usize = (0..STEAL_EVERY)
-            .map(|_| one.share(0, |_| true, |w| &short[w]))
+            .map(|_| one.share(0, false, |_| true, |w| &short[w]))
             .sum();
         assert_eq!(gave, 0, "a queue of one keeps its job");
+    }
+
+    #[test]
+    fn after_a_job_that_waited_a_backlog_levels_with_a_less_loaded_worker() {
+        // Worker 0 holds 8 cells, one job each; worker 1 holds 2 jobs.
+        let router = Router::new(2, true);
+        let queues: Vec<JobQueue> = (0..2).map(|_| JobQueue::new(16)).collect();
+        let cells = routes(10);
+        for (i, route) in cells.iter().enumerate() {
+            let w = usize::from(i >= 8);
+            let job = noop(*route);
+            router.route(&job, || w);
+            queues[w].try_push(job).expect("room");
+        }
+        let share = |waited: bool| {
+            (0..STEAL_EVERY)
+                .map(|_| router.share(0, waited, |_| true, |w| &queues[w]))
+                .sum::<usize>()
+        };
+        assert_eq!(
+            share(false),
+            0,
+            "after a job that ran through: only to an idle worker"
+        );
+        assert_eq!(share(true), 3, "half the difference of 8 and 2");
+        assert_eq!((queues[0].len(), queues[1].len()), (5, 5));
+        assert_eq!(share(true), 0, "5 against 5: within the gap");
+        // The moved cells' places moved with them, and their jobs kept their order.
+        for route in &cells[..3] {
+            let place = router.table().place(RouteTable::cell_of(*route));
+            assert_eq!(place.and_then(Place::worker), Some(1));
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| queues[1].try_pop())
+            .map(|j| j.route())
+            .collect();
+        assert_eq!(order, [cells[8], cells[9], cells[0], cells[1], cells[2]]);
     }
 
     #[test]

@@ -469,16 +469,25 @@ impl Pool for ActorPool {
         }
         // The job the batch stopped at was counted in its cell: take it back.
         let mut last = None;
-        push_batch(jobs, |job| {
-            let (index, cell) = shared.route(job);
-            let slot = &shared.slots[index];
-            last = cell;
-            // Should the supervisor stop meanwhile, the job waits in the queue, as
-            // every job queued for a supervisor that stopped does; the pool then
-            // reports unhealthy.
-            self.start_actor(slot);
-            (slot.queue(), shared.router.expect(job, index))
-        });
+        push_batch(
+            jobs,
+            |job| {
+                let (index, cell) = shared.route(job);
+                let slot = &shared.slots[index];
+                last = cell;
+                // Should the supervisor stop meanwhile, the job waits in the queue, as
+                // every job queued for a supervisor that stopped does; the pool then
+                // reports unhealthy.
+                self.start_actor(slot);
+                (slot.queue(), shared.router.expect(job, index))
+            },
+            |job| {
+                let index = shared.router.moved_to(job)?;
+                let slot = &shared.slots[index];
+                self.start_actor(slot);
+                Some((slot.queue(), shared.router.expect(job, index)))
+            },
+        );
         if !jobs.is_empty() {
             shared.router.leave(last);
         }

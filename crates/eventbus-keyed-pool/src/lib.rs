@@ -313,11 +313,18 @@ impl Pool for KeyedWorkerPool {
         let shared = &self.shared;
         // The job the batch stopped at was counted in its cell: take it back.
         let mut last = None;
-        push_batch(jobs, |job| {
-            let (index, cell) = shared.route(job);
-            last = cell;
-            (&shared.queues[index], shared.router.expect(job, index))
-        });
+        push_batch(
+            jobs,
+            |job| {
+                let (index, cell) = shared.route(job);
+                last = cell;
+                (&shared.queues[index], shared.router.expect(job, index))
+            },
+            |job| {
+                let index = shared.router.moved_to(job)?;
+                Some((&shared.queues[index], shared.router.expect(job, index)))
+            },
+        );
         if !jobs.is_empty() {
             shared.router.leave(last);
         }

@@ -472,30 +472,52 @@ impl JobQueue {
 
 /// Queue a batch of jobs into their workers' queues, in order and without waiting:
 /// `queue_of(job)` names a job's queue and what to check there (called once per job
-/// tried, in order).
+/// tried, in order); `follow(job)`, where a job's route cell places its jobs now
+/// when the push found it moved ([`PushError::Moved`]: a hand-back between the
+/// choice and the push), or `None` to stop there.
 ///
 /// Jobs are queued while each finds room in its queue now (and no submitter waits
 /// for it there); from the first that does not, the rest of the batch stays in
 /// `jobs`, in order. So what was taken is a prefix of the batch: submitting the
 /// rest in order keeps every route's order, and a consumer that stops there has
-/// nothing taken above what it did not submit.
+/// nothing taken above what it did not submit. A job whose cell moved is not such
+/// a stop: it follows the cell, as a single push does ([`Router::try_push`]), since
+/// a batch held back for that makes a Kafka consumer pause its partition and
+/// fetch again what it had prefetched.
 ///
 /// Consumers are woken after the batch is queued, each at most once, instead of
 /// once per job.
+///
+/// [`Router::try_push`]: crate::raw::routes::Router::try_push
 pub fn push_batch<'q>(
     jobs: &mut Vec<Job>,
     mut queue_of: impl FnMut(&Job) -> (&'q JobQueue, Option<Expect<'q>>),
+    mut follow: impl FnMut(&mut Job) -> Option<(&'q JobQueue, Option<Expect<'q>>)>,
 ) {
     let mut wake: Vec<Waker> = Vec::new();
     let mut batch = std::mem::take(jobs).into_iter();
     for job in batch.by_ref() {
-        let (queue, expect) = queue_of(&job);
-        match queue.push_deferred(job, false, expect) {
-            Ok(worker) => wake.extend(worker),
-            Err(left) => {
-                jobs.push(left.into_job());
-                break;
+        let (mut queue, mut expect) = queue_of(&job);
+        let mut job = job;
+        let left = loop {
+            match queue.push_deferred(job, false, expect) {
+                Ok(worker) => {
+                    wake.extend(worker);
+                    break None;
+                }
+                Err(PushError::Moved(mut moved)) => match follow(&mut moved) {
+                    Some((to, check)) => {
+                        (queue, expect) = (to, check);
+                        job = moved;
+                    }
+                    None => break Some(moved),
+                },
+                Err(left) => break Some(left.into_job()),
             }
+        };
+        if let Some(left) = left {
+            jobs.push(left);
+            break;
         }
     }
     jobs.extend(batch);
@@ -665,7 +687,11 @@ mod tests {
     async fn a_batch_stops_at_the_first_job_without_room() {
         let queues = [JobQueue::new(2), JobQueue::new(8)];
         let mut jobs: Vec<Job> = (0..8).map(job).collect();
-        push_batch(&mut jobs, |j| (&queues[(j.route() % 2) as usize], None));
+        push_batch(
+            &mut jobs,
+            |j| (&queues[(j.route() % 2) as usize], None),
+            |_| None,
+        );
         assert_eq!(
             routes(&jobs),
             [4, 5, 6, 7],
@@ -690,14 +716,53 @@ mod tests {
         assert!(futures::poll!(waiter.as_mut()).is_pending());
         assert_eq!(queues[0].try_pop().map(|j| j.route()), Some(100));
         let mut jobs: Vec<Job> = [1, 0, 3, 2].into_iter().map(job).collect();
-        push_batch(&mut jobs, |j| (&queues[(j.route() % 2) as usize], None));
+        push_batch(
+            &mut jobs,
+            |j| (&queues[(j.route() % 2) as usize], None),
+            |_| None,
+        );
         assert_eq!(routes(&jobs), [0, 3, 2]);
         assert_eq!(route(waiter.await), ("ok", 0));
         assert_eq!(queues[1].len(), 1);
         queues[0].close();
         let mut closed: Vec<Job> = [5, 4, 7].into_iter().map(job).collect();
-        push_batch(&mut closed, |j| (&queues[(j.route() % 2) as usize], None));
+        push_batch(
+            &mut closed,
+            |j| (&queues[(j.route() % 2) as usize], None),
+            |_| None,
+        );
         assert_eq!(routes(&closed), [4, 7], "a closed queue stops the batch");
+    }
+
+    #[tokio::test]
+    async fn a_batch_follows_a_cell_moved_between_the_choice_and_the_push() {
+        use crate::raw::route_table::{Place, RouteTable};
+        let table = RouteTable::new();
+        let queues = [JobQueue::new(8), JobQueue::new(8)];
+        let cell = RouteTable::cell_of(7);
+        // Jobs of the cell were placed on worker 0, then a hand-back moved the
+        // cell to worker 1 before the batch took worker 0's lock.
+        for _ in 0..3 {
+            table.enter(cell, || Place::new(0, 0));
+        }
+        assert!(table.move_worker(cell, 0, 1));
+        let follow = |_: &mut Job| Some((&queues[1], Some(Expect::new(&table, cell, 1))));
+        let mut jobs: Vec<Job> = [7, 7, 7].into_iter().map(job).collect();
+        push_batch(
+            &mut jobs,
+            |_| (&queues[0], Some(Expect::new(&table, cell, 0))),
+            follow,
+        );
+        assert!(jobs.is_empty(), "no job held back by the move");
+        assert_eq!((queues[0].len(), queues[1].len()), (0, 3));
+        // Told not to follow, the batch stops at the moved job, in order.
+        let mut jobs: Vec<Job> = [7, 8].into_iter().map(job).collect();
+        push_batch(
+            &mut jobs,
+            |_| (&queues[0], Some(Expect::new(&table, cell, 0))),
+            |_| None,
+        );
+        assert_eq!(routes(&jobs), [7, 8]);
     }
 
     #[tokio::test]
@@ -717,7 +782,7 @@ mod tests {
             .poll(&mut Context::from_waker(&waker))
             .is_pending());
         let mut jobs: Vec<Job> = (0..10).map(job).collect();
-        push_batch(&mut jobs, |_| (&q, None));
+        push_batch(&mut jobs, |_| (&q, None), |_| None);
         assert!(jobs.is_empty());
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(q.len(), 10);

@@ -73,11 +73,10 @@ fn victim_of(n: usize, me: usize) -> Option<usize> {
 pub const STEAL_EVERY: u32 = 4;
 
 /// How many jobs fewer than a worker's queue another worker must hold (queued and
-/// running) before [`Router::share`] gives it some after a job that waited. At 3
-/// a move always leaves the giver at least one job ahead; below it, two workers
-/// one or two apart would trade cells back and forth for nothing (2 measured no
-/// better than sharing only with idle workers on the actor pool, 5 a little
-/// worse than 3).
+/// running) before [`Router::share`] gives it some after a job that waited. A
+/// smaller gap moves cells more often for less: on the 1 000-key workload of
+/// `docs/benchmarks.md` ("Sharing by load"), two runs each on the actor pool,
+/// 2 gave 152k and 189k msg/s, 3 gave 189k and 188k, 5 gave 182k and 184k.
 pub const SHARE_GAP: usize = 3;
 
 /// Whether this call is one in [`STEAL_EVERY`] on this thread, by `counter`.

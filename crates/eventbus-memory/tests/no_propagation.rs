@@ -2,10 +2,10 @@
 //! makes no publish span, writes no header and names the handling span as ever,
 //! with every span enabled by the process's subscriber.
 
+mod common;
+
 use eventbus_core::propagation;
-use eventbus_core::{
-    Envelope, Event, EventBus, EventBusExt, HandlerError, Message, Record, TopicConfig,
-};
+use eventbus_core::{Envelope, EventBus, Record};
 use eventbus_keyed_pool::{KeyedPoolConfig, KeyedWorkerPool};
 use eventbus_memory::{MemoryBroker, MemoryEventBus};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -79,33 +79,10 @@ async fn without_a_hook_nothing_is_injected_and_no_publish_span_is_made() {
     )
     .expect("bus");
     let (events, raw) = ("plain-events", "plain-raw");
-    for topic in [events, raw] {
-        bus.configure_topic(topic, TopicConfig::default())
-            .await
-            .unwrap();
-    }
-    let seen_events: Arc<Mutex<Vec<Event>>> = Arc::default();
-    let s = seen_events.clone();
-    bus.subscribe_envelope(events, move |e: Event| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().push(e);
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .unwrap();
-    let seen_raw: Arc<Mutex<Vec<Message>>> = Arc::default();
-    let s = seen_raw.clone();
-    bus.subscribe(raw, move |m: Message| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().push(m);
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .unwrap();
+    let common::Seen {
+        events: seen_events,
+        raw: seen_raw,
+    } = common::collect(&bus, events, raw).await;
 
     bus.publish_envelope(events, &Envelope::new("a-1", "t", serde_json::json!({})))
         .await

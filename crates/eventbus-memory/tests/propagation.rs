@@ -4,10 +4,10 @@
 //!
 //! The hook is process-wide, so this binary installs one and keeps it.
 
+mod common;
+
 use eventbus_core::propagation::{self, Propagation};
-use eventbus_core::{
-    Envelope, Event, EventBus, EventBusExt, HandlerError, Headers, Message, Record, TopicConfig,
-};
+use eventbus_core::{Envelope, EventBus, Headers, Record};
 use eventbus_keyed_pool::{KeyedPoolConfig, KeyedWorkerPool};
 use eventbus_memory::{MemoryBroker, MemoryEventBus};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,33 +84,10 @@ async fn the_hook_injects_on_publish_extracts_on_consume_and_fills_trace_ids() {
     let calls = calls();
     let bus = bus().await;
     let (events, raw) = ("traced-events", "traced-raw");
-    for topic in [events, raw] {
-        bus.configure_topic(topic, TopicConfig::default())
-            .await
-            .unwrap();
-    }
-    let seen_events: Arc<Mutex<Vec<Event>>> = Arc::default();
-    let s = seen_events.clone();
-    bus.subscribe_envelope(events, move |e: Event| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().push(e);
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .unwrap();
-    let seen_raw: Arc<Mutex<Vec<Message>>> = Arc::default();
-    let s = seen_raw.clone();
-    bus.subscribe(raw, move |m: Message| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().push(m);
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .unwrap();
+    let common::Seen {
+        events: seen_events,
+        raw: seen_raw,
+    } = common::collect(&bus, events, raw).await;
 
     let before = calls.injected.load(Ordering::SeqCst);
     bus.publish_envelope(events, &Envelope::new("a-1", "t", serde_json::json!({})))

@@ -104,6 +104,14 @@ fn has_attr(span: &SpanData, key: &str) -> bool {
     span.attributes.iter().any(|kv| kv.key.as_str() == key)
 }
 
+/// The trace and span ids of what `span` links to.
+fn links(span: &SpanData) -> Vec<(TraceId, SpanId)> {
+    span.links
+        .iter()
+        .map(|l| (l.span_context.trace_id(), l.span_context.span_id()))
+        .collect()
+}
+
 /// A random W3C trace id and span id, as an outside producer makes them.
 fn remote_ids() -> (TraceId, SpanId) {
     (
@@ -460,12 +468,7 @@ fn a_started_span_is_linked_to_the_message_context() {
     let started = one_span(&name);
     assert_eq!(started.span_context.trace_id(), own.trace_id());
     assert_eq!(started.parent_span_id, SpanId::INVALID, "still a root");
-    let links: Vec<_> = started
-        .links
-        .iter()
-        .map(|l| (l.span_context.trace_id(), l.span_context.span_id()))
-        .collect();
-    assert_eq!(links, [(trace, span_id)]);
+    assert_eq!(links(&started), [(trace, span_id)]);
 }
 
 /// A record that carries its own context, published inside a span: the
@@ -489,12 +492,7 @@ fn a_record_with_a_context_published_inside_a_span_is_linked_to_it() {
     let send = one_span(&name);
     assert_eq!(send.span_context.trace_id(), outer_cx.trace_id());
     assert_eq!(send.parent_span_id, outer_cx.span_id());
-    let links: Vec<_> = send
-        .links
-        .iter()
-        .map(|l| (l.span_context.trace_id(), l.span_context.span_id()))
-        .collect();
-    assert_eq!(links, [(trace, span_id)]);
+    assert_eq!(links(&send), [(trace, span_id)]);
 }
 
 /// Headers without a context leave a span alone, and injecting writes W3C

@@ -70,6 +70,7 @@ pub mod raw {
     pub(crate) mod route_table;
     pub mod routes;
     pub(crate) mod task;
+    pub(crate) mod watch;
 
     pub use crate::bus::{
         batch_failed, envelope_record, publish_one_by_one, validate_topic, KeyStops,

@@ -36,6 +36,7 @@ use crate::raw::job::Job;
 use crate::raw::outcome::OutcomeKind;
 use crate::raw::queue::{Expect, JobQueue, PushError};
 pub use crate::raw::route_table::{Place, RouteTable, CELLS, CELL_BITS, MAX_WORKERS};
+use crate::raw::watch::Watch;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::{Arc, OnceLock};
@@ -135,11 +136,13 @@ thread_local! {
     static SHARE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-/// How long a worker's job runs before the worker hands the rest of its queue back
-/// ([`Router::run`]): a handler slower than this (a 100 ms call, a retry backing
-/// off, a hung one) no longer holds the routes queued behind it that have nothing
-/// running. Long enough that a job of a few milliseconds never pays for it (the
-/// watch starts only when a job does not finish on its first poll).
+/// How long, at least, a worker's job runs before the worker hands the rest of its
+/// queue back ([`Router::run`]; at most half as long again, the pool's watch
+/// checking every half period): a handler slower than this (a 100 ms call, a
+/// retry backing off, a hung one) no longer holds the routes queued behind it
+/// that have nothing running. Long enough that a job of a few milliseconds never
+/// pays for it (the watch starts only when a job does not finish on its first
+/// poll).
 pub const HAND_BACK_AFTER: Duration = Duration::from_millis(5);
 
 /// A pool's routing, written once for both pools: its route table, where the jobs a
@@ -156,6 +159,8 @@ pub struct Router {
     /// `workers - 1` when `workers` is a power of two.
     mask: Option<u64>,
     work_conserving: bool,
+    /// Which worker's job has run past [`HAND_BACK_AFTER`].
+    watch: Watch,
 }
 
 impl Router {
@@ -168,6 +173,7 @@ impl Router {
             workers,
             mask: workers.is_power_of_two().then(|| workers as u64 - 1),
             work_conserving,
+            watch: Watch::new(workers, HAND_BACK_AFTER / 2),
         }
     }
 
@@ -398,10 +404,11 @@ impl Router {
 
     /// Run `job` on worker `worker` (whose queue is `queue`), taking its count back
     /// when it has run. A job still running [`HAND_BACK_AFTER`] after it started
-    /// (and every such period after) hands the queued jobs of other cells to other
-    /// workers ([`JobQueue::hand_back`], to `target()`, queues by `queue_of`): they
-    /// have nothing running, so they may move, and a slow or hung handler holds only
-    /// its own cell.
+    /// (and every such period after; the pool's watch checks every half period,
+    /// `raw/watch.rs`) hands the queued jobs of other cells to
+    /// other workers ([`JobQueue::hand_back`], to `target()`, queues by
+    /// `queue_of`): they have nothing running, so they may move, and a slow or hung
+    /// handler holds only its own cell.
     pub async fn run<'q>(
         &'q self,
         job: Job,
@@ -413,7 +420,7 @@ impl Router {
         let counted = self.counted(&job);
         let watch = self.work_conserving || self.placed.get().is_some();
         let mut run = pin!(job.run());
-        let mut timer = pin!(None::<tokio::time::Sleep>);
+        let mut watched = None;
         let mut waited = false;
         let kind = poll_fn(|cx| {
             if let Poll::Ready(kind) = run.as_mut().poll(cx) {
@@ -423,14 +430,11 @@ impl Router {
             if !watch {
                 return Poll::Pending;
             }
-            loop {
-                if timer.is_none() {
-                    timer.set(Some(tokio::time::sleep(HAND_BACK_AFTER)));
-                }
-                let sleeping = timer.as_mut().as_pin_mut().expect("armed");
-                if sleeping.poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
+            let Some(watched) = &watched else {
+                watched = Some(self.watch.begin(worker, cx.waker()));
+                return Poll::Pending;
+            };
+            if watched.due(cx.waker()) {
                 queue.set_stalled();
                 let moved = queue.hand_back(
                     worker,
@@ -446,10 +450,11 @@ impl Router {
                         "a job ran past {HAND_BACK_AFTER:?}: its worker handed the routes queued behind it to other workers"
                     );
                 }
-                timer.set(None);
             }
+            Poll::Pending
         })
         .await;
+        drop(watched);
         self.leave(counted);
         Ran { kind, waited }
     }

@@ -178,8 +178,9 @@ impl Router {
     }
 
     /// Worker `me`, about to take its next job with at least two queued, hands part
-    /// of its queue, whole route cells at a time, to a worker drawn at random on
-    /// one call in [`STEAL_EVERY`] that `eligible` allows. Returns how many jobs
+    /// of its queue, whole route cells at a time, to a worker drawn at random that
+    /// `eligible` allows: after every job that waited, and on one call in
+    /// [`STEAL_EVERY`] after one that did not. Returns how many jobs
     /// it handed over. `waited`: the job it ran last did not finish on its first
     /// poll (it waited on I/O, a timer, a lock).
     ///
@@ -195,7 +196,11 @@ impl Router {
     ///   jobs fewer, half the difference, so the two end level. With 1 000 keys on
     ///   256 workers and a 1 ms handler, this raised the rate from about 70% to
     ///   about 80% of workers ÷ handler time, where giving only to idle workers
-    ///   reached 60–75% (`docs/benchmarks.md`).
+    ///   reached 60–75% (`docs/benchmarks.md`). It looks after every such job,
+    ///   not one in [`STEAL_EVERY`]: a look costs one other queue's cache line
+    ///   against a job's wait of a millisecond or so, and looking one job in four
+    ///   left the last jobs of a backlog in a few long queues (`docs/benchmarks.md`,
+    ///   "Sharing after every wait").
     /// - After a job that ran through on its first poll (no-op, CPU-bound), its
     ///   queue drains at the speed of the runtime's threads, which run whatever
     ///   worker is ready: moving jobs between workers gains little and costs a
@@ -213,7 +218,10 @@ impl Router {
         }
         let queue = queue_of(me);
         let queued = queue.queued();
-        if queued < 2 || !due(&SHARE) {
+        // After a job that waited, every time (a look costs a cache miss against
+        // a job's wait of a millisecond or so); otherwise one call in
+        // STEAL_EVERY, as an idle worker looks.
+        if queued < 2 || (!waited && !due(&SHARE)) {
             return 0;
         }
         let Some(to) = victim_of(self.workers, me).filter(|to| eligible(*to)) else {
@@ -762,7 +770,11 @@ mod tests {
             0,
             "after a job that ran through: only to an idle worker"
         );
-        assert_eq!(share(true), 3, "half the difference of 8 and 2");
+        assert_eq!(
+            router.share(0, true, |_| true, |w| &queues[w]),
+            3,
+            "after a job that waited it looks at once: half the difference of 8 and 2"
+        );
         assert_eq!((queues[0].len(), queues[1].len()), (5, 5));
         assert_eq!(share(true), 0, "5 against 5: within the gap");
         // The moved cells' places moved with them, and their jobs kept their order.

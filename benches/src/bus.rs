@@ -283,24 +283,27 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
         .map_err(|e| format!("subscribe to `{}`: {e}", spec.topic))
     };
     if !spec.prepublish {
-        if !spec.backend.in_process() {
-            // Join the group / create the consumer before the clock starts: one
-            // warm-up message, handled, proves the subscription is live.
-            let w = Envelope::new("warmup", WARMUP_TYPE, serde_json::json!({"warmup": true}));
-            publish(&bus, &spec.topic, vec![w]).await?;
+        let warmups = warmups(spec);
+        if warmups > 0 {
+            let w = (0..warmups)
+                .map(|j| {
+                    let id = format!("warmup-{j}");
+                    Envelope::new(id, WARMUP_TYPE, serde_json::json!({"warmup": true}))
+                })
+                .collect();
+            publish(&bus, &spec.topic, w).await?;
         }
         subscribe().await?;
-        if !spec.backend.in_process() {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while warm.load(Ordering::Acquire) == 0 {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(format!(
-                        "the warm-up message on `{}` was not handled within 60 s",
-                        spec.topic
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while warm.load(Ordering::Acquire) < warmups as u64 {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "{} of the {warmups} warm-up messages on `{}` were handled within 60 s",
+                    warm.load(Ordering::Acquire),
+                    spec.topic
+                ));
             }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     reset_peak_rss();
@@ -401,17 +404,61 @@ pub async fn run_workload(spec: &WorkloadSpec) -> Result<RunResult, String> {
     Ok(result)
 }
 
+/// Warm-up messages of a run that publishes as it goes, handled before its clock
+/// starts: on a broker, one proves the subscription live (the group joined, the
+/// consumer created). Through a pool switch, [`SWITCH_WARMUPS`], so that both
+/// pools start the clock with their workers started.
+fn warmups(spec: &WorkloadSpec) -> usize {
+    match (spec.switch_percent, spec.backend.in_process()) {
+        (Some(_), _) => SWITCH_WARMUPS,
+        (None, false) => 1,
+        (None, true) => 0,
+    }
+}
+
+/// Warm-up messages, each of its own aggregate id, before the clock of a run
+/// through a pool switch. The keyed pool starts its workers when it is built; the
+/// actor pool starts an actor with the first job routed to it, and routes with
+/// nothing in flight go round the actors, so a paced round's first thousand-odd
+/// messages on the actor side would each wait for an actor to start: about 1% of
+/// a 1 s round, where its p99 lies (`docs/benchmarks.md`, "Paced rate"). Some
+/// 2 000 of these land on each side, enough for the round robin of every
+/// submitting thread to pass each actor several times.
+const SWITCH_WARMUPS: usize = 4_096;
+
+/// The rollout bucket of the workload's key `k`: a pool switch at a share of
+/// `p` percent puts it on the actor pool when it is below `p`.
+fn bucket_of(k: usize) -> u8 {
+    let route = eventbus::core::raw::stable_hash(aggregate_id(k).as_bytes());
+    eventbus::core::raw::rollout_bucket(route)
+}
+
+/// The share of a pool switch that puts half of `dist`'s aggregate ids (at least
+/// half, the fewest buckets that do) on the actor pool. A share counts rollout
+/// buckets, not ids: with few ids the two differ (of the 100 ids `agg-0` to
+/// `agg-99`, a share of 50% puts 36 on the actor pool; 58% puts 50).
+pub fn even_share(dist: KeyDist) -> u8 {
+    let mut buckets: Vec<u8> = (0..dist.keys()).map(bucket_of).collect();
+    if buckets.is_empty() {
+        return 50;
+    }
+    buckets.sort_unstable();
+    // Ids with a bucket below the median one's + 1: at least half of them.
+    buckets[(buckets.len() - 1) / 2] + 1
+}
+
+/// How many of `dist`'s aggregate ids a pool switch at `percent` puts on the
+/// actor pool.
+pub fn ids_on_actor(dist: KeyDist, percent: u8) -> usize {
+    (0..dist.keys()).filter(|k| bucket_of(*k) < percent).count()
+}
+
 /// Each side's p99 latency, µs, of a run through a pool switch at `percent`:
 /// (keyed, actor), each from an HDR histogram of its own messages' latencies
 /// (from each message's intended send time to its handler's return), a message's
 /// side being its aggregate id's rollout bucket against the share.
 fn side_p99_us(tally: &Tally, dist: KeyDist, percent: u8) -> [f64; 2] {
-    let on_actor: Vec<bool> = (0..dist.keys())
-        .map(|k| {
-            let route = eventbus::core::raw::stable_hash(aggregate_id(k).as_bytes());
-            eventbus::core::raw::rollout_bucket(route) < percent
-        })
-        .collect();
+    let on_actor: Vec<bool> = (0..dist.keys()).map(|k| bucket_of(k) < percent).collect();
     let mut sides: [Vec<u64>; 2] = Default::default();
     for (i, latency) in tally.handled_latencies() {
         sides[usize::from(on_actor[dist.key(i)])].push(latency);
@@ -497,7 +544,23 @@ async fn publish_paced(
 
 #[cfg(test)]
 mod tests {
-    use super::routing_spread;
+    use super::{even_share, ids_on_actor, routing_spread};
+    use crate::KeyDist;
+
+    #[test]
+    fn the_even_share_puts_half_of_the_ids_on_each_pool() {
+        let dist = KeyDist::Uniform(100);
+        assert_eq!(ids_on_actor(dist, 50), 36, "50% of the buckets");
+        let share = even_share(dist);
+        assert_eq!((share, ids_on_actor(dist, share)), (58, 50));
+        assert!(
+            ids_on_actor(dist, share - 1) < 50,
+            "the fewest buckets that do"
+        );
+        let many = KeyDist::Uniform(10_000);
+        let half = ids_on_actor(many, even_share(many));
+        assert!((5_000..5_100).contains(&half), "{half}");
+    }
 
     #[test]
     fn the_routing_spread_counts_every_message_once() {

@@ -235,7 +235,8 @@ pub fn paced_median(runs: &[RunResult], pool: &str, rate: f64, f: fn(&RunResult)
 }
 
 /// Actor p99 ÷ keyed p99 of each completed round at `rate`, both pools serving
-/// in the same run (a pool switch at 50%, each side measured apart).
+/// in the same run (a pool switch with half the ids on each pool, each side
+/// measured apart).
 pub fn paced_p99_ratios(runs: &[RunResult], rate: f64) -> Vec<f64> {
     paced_runs(runs, "switch", rate)
         .into_iter()
@@ -403,7 +404,7 @@ impl Report {
     }
 
     /// The paced phase, as Markdown: per rate, both pools serving at once through
-    /// a pool switch at 50%, the medians over rounds, each side's p99, then actor
+    /// a pool switch with half the ids on each pool, the medians over rounds, each side's p99, then actor
     /// p99 ÷ keyed p99 per round and its median.
     pub fn paced_table(&self) -> String {
         let mut s = String::from(

@@ -8,7 +8,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use eventbus::{PoolKind, StorageKind};
-use eventbus_benches::bus::Backend;
+use eventbus_benches::bus::{even_share, Backend};
 use eventbus_benches::chart::chart;
 use eventbus_benches::drain::{publish_kafka_backlog, publish_nats_backlog};
 use eventbus_benches::members::{
@@ -465,8 +465,8 @@ enum Mode {
     /// At this fixed rate (msg/s), recording the pool's queue wait.
     SlowPaced(f64),
     /// At this fixed rate (msg/s), through a pool switch with half the aggregate
-    /// ids on each pool.
-    Switch50(f64),
+    /// ids on each pool (at [`even_share`]).
+    SwitchHalf(f64),
 }
 
 /// Partitions of a drain's topic (Kafka and memory; NATS has one stream): the
@@ -540,12 +540,12 @@ impl Run {
             round,
             limit_secs: limit,
             rate: match mode {
-                Mode::SlowPaced(rate) | Mode::Switch50(rate) => rate,
+                Mode::SlowPaced(rate) | Mode::SwitchHalf(rate) => rate,
                 _ => 0.0,
             },
             fixed_routing: fixed,
             record_queue_wait: matches!(mode, Mode::SlowKeys | Mode::SlowPaced(_)),
-            switch_percent: matches!(mode, Mode::Switch50(_)).then_some(50),
+            switch_percent: matches!(mode, Mode::SwitchHalf(_)).then(|| even_share(dist)),
         };
         let out = run_child(
             &ChildJob::Workload(spec),

@@ -2,7 +2,7 @@
 //! workloads run in fresh processes, alternating the pools within a round.
 
 use eventbus::PoolKind;
-use eventbus_benches::bus::Backend;
+use eventbus_benches::bus::{even_share, Backend};
 use eventbus_benches::report::paced_side_median;
 use eventbus_benches::{
     ChildJob, ChildOutput, DrainResult, HandlerKind, KeyDist, RoundTrips, RunResult,
@@ -122,8 +122,8 @@ impl Run {
         runs
     }
 
-    /// Phase 2, paced: both pools serving at once through a pool switch at 50%,
-    /// at one fixed absolute rate (each fraction of the slower pool's maximum on
+    /// Phase 2, paced: both pools serving at once through a pool switch with half
+    /// the workload's aggregate ids on each ([`even_share`]), at one fixed absolute rate (each fraction of the slower pool's maximum on
     /// that workload, measured in phase 1): a stall of the machine lands on both
     /// sides of a round alike. Each side's p99 from its own HDR histogram.
     pub(super) async fn paced(&self, live: &[RunResult]) -> Vec<RunResult> {
@@ -164,7 +164,7 @@ impl Run {
                         PACED_WORKLOAD,
                         n,
                         4,
-                        Mode::Switch50(rate),
+                        Mode::SwitchHalf(rate),
                         round,
                     )
                     .await;
@@ -178,8 +178,9 @@ impl Run {
                 paced_side_median(&paced, rate, 1),
             );
             self.progress.say(format!(
-                    "  paced {:>3.0}% ({rate:.0} msg/s), switch at 50%: p99 keyed {keyed:.0} µs  actor {actor:.0} µs  (median of {p_rounds} rounds)",
+                    "  paced {:>3.0}% ({rate:.0} msg/s), switch at {}% (half the ids on each pool): p99 keyed {keyed:.0} µs  actor {actor:.0} µs  (median of {p_rounds} rounds)",
                     fraction * 100.0,
+                    even_share(p_dist),
                 ),
             );
         }

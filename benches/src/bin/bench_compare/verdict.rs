@@ -3,7 +3,7 @@
 //! phase judged.
 
 use eventbus::{EventBusConfig, PoolKind};
-use eventbus_benches::bus::{routing_spread, Backend};
+use eventbus_benches::bus::{even_share, ids_on_actor, routing_spread, Backend};
 use eventbus_benches::report::{
     finite_mean, geomean, median, paced_median, paced_rates, paced_side_median, Bar, Baseline,
     WorkloadSummary,
@@ -380,6 +380,12 @@ impl Verdict {
             note: outside(|w| w.throughput_ratio < 0.95),
         });
         let rates = paced_rates(paced);
+        let share = even_share(p_dist);
+        let (ids, on_actor, at_50) = (
+            p_dist.keys(),
+            ids_on_actor(p_dist, share),
+            ids_on_actor(p_dist, 50),
+        );
         for (i, rate) in rates.iter().enumerate() {
             let ratios: Vec<f64> = paced
                 .iter()
@@ -392,7 +398,7 @@ impl Verdict {
             let fraction = PACED_FRACTIONS.get(i).copied().unwrap_or(f64::NAN);
             self.bars.push(Bar {
                 name: format!(
-                    "actor p99 ≤ keyed + 5%, both serving at once (switch at 50%), paced at {:.0}% of the slower pool's maximum ({rate:.0} msg/s, {} / {}; median of rounds)",
+                    "actor p99 ≤ keyed + 5%, both serving at once (switch with half the ids on each pool), paced at {:.0}% of the slower pool's maximum ({rate:.0} msg/s, {} / {}; median of rounds)",
                     fraction * 100.0,
                     p_handler.name(),
                     p_dist.name()
@@ -401,7 +407,7 @@ impl Verdict {
                 target: "≤ 1.05×".into(),
                 pass: med <= 1.05,
                 note: format!(
-                    "per round, actor ÷ keyed: {}; p99 median keyed {:.0} µs, actor {:.0} µs, each side from an HDR histogram of its own messages (latency from each message's intended send time to its handler's return; a message's side is its aggregate id's rollout bucket); the run's longest pause median {:.0} µs",
+                    "per round, actor ÷ keyed: {}; p99 median keyed {:.0} µs, actor {:.0} µs, each side from an HDR histogram of its own messages (latency from each message's intended send time to its handler's return; a message's side is its aggregate id's rollout bucket: the switch at {share}%, {on_actor} of the {ids} ids on the actor pool, where 50% would put {at_50}); the run's longest pause median {:.0} µs",
                     ratios
                         .iter()
                         .map(|r| format!("{r:.3}×"))

@@ -10,9 +10,9 @@
 //! its own task. The job clears the slot when it ends.
 //!
 //! What it replaces: a timer per waiting job, registered in and removed from
-//! tokio's timer wheel (a lock each way) on every job that waits, some 3% of the
-//! CPU of a 1 ms handler at 200 000 messages a second (`docs/benchmarks.md`, "One
-//! watch per pool"). A job now costs a few uncontended atomic operations on its
+//! tokio's timer wheel (a lock each way) on every job that waits: about 2% of the
+//! CPU per message of a 1 ms handler at 200 000 messages a second
+//! (`docs/benchmarks.md`, "One watch per pool"). A job now costs a few uncontended atomic operations on its
 //! worker's own cache line, and the pool a wake-up per tick while any job waits.
 
 use futures::task::AtomicWaker;

@@ -293,6 +293,10 @@ pub struct KafkaConfig {
     #[serde(with = "humantime_serde")]
     pub fetch_wait_max: Duration,
     /// `queued.max.messages.kbytes`: prefetched bytes kept per client, default 64 MB.
+    /// Lowered, it wants `fetch.queue.backoff.ms` (a consumer property) lowered
+    /// with it: while the prefetch is over this threshold librdkafka puts off the
+    /// partition's next fetch by that long (1 s by default), and a consumer that
+    /// drains its prefetch sooner waits out the rest.
     pub queued_max_kbytes: u32,
     /// `auto.offset.reset`; `None` takes `consumer.auto_offset_reset` of the bus config.
     pub auto_offset_reset: Option<OffsetReset>,

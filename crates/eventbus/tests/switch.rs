@@ -458,18 +458,17 @@ async fn a_rise_from_0_with_deep_queues_then_a_short_close_commits_only_what_ran
     // Every message handled is not every message settled: the second bus closes
     // with the same short drain timeout, so it closes once it has committed to
     // the end (each commit interval), not as soon as the last handler ran.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let lag = broker.lag("switch-close", "eventbus");
-        if lag.iter().all(|(_, lag)| *lag == 0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after 30s waiting for the second bus to commit every partition to its end: lag {lag:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventbus_testkit::wait_until(
+        "the second bus to commit every partition to its end",
+        Duration::from_secs(30),
+        || {
+            broker
+                .lag("switch-close", "eventbus")
+                .iter()
+                .all(|(_, lag)| *lag == 0)
+        },
+    )
+    .await;
     bus.close().await.expect("close");
     let report = checker.report();
     assert!(report.is_clean(), "{report}");

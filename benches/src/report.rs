@@ -404,8 +404,8 @@ impl Report {
     }
 
     /// The paced phase, as Markdown: per rate, both pools serving at once through
-    /// a pool switch with half the ids on each pool, the medians over rounds, each side's p99, then actor
-    /// p99 ÷ keyed p99 per round and its median.
+    /// a pool switch with half the ids on each pool, the medians over rounds, each
+    /// side's p99, then actor p99 ÷ keyed p99 per round and its median.
     pub fn paced_table(&self) -> String {
         let mut s = String::from(
             "| rate msg/s | rounds | msg/s | CPU µs/msg | p50 µs | keyed p99 µs | actor p99 µs | longest pause µs | actor/keyed p99 per round | median |\n\

@@ -123,8 +123,9 @@ impl Run {
     }
 
     /// Phase 2, paced: both pools serving at once through a pool switch with half
-    /// the workload's aggregate ids on each ([`even_share`]), at one fixed absolute rate (each fraction of the slower pool's maximum on
-    /// that workload, measured in phase 1): a stall of the machine lands on both
+    /// the workload's aggregate ids on each ([`even_share`]), at one fixed
+    /// absolute rate (each fraction of the slower pool's maximum on that
+    /// workload, measured in phase 1): a stall of the machine lands on both
     /// sides of a round alike. Each side's p99 from its own HDR histogram.
     pub(super) async fn paced(&self, live: &[RunResult]) -> Vec<RunResult> {
         let mut paced: Vec<RunResult> = Vec::new();

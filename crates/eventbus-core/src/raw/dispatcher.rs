@@ -949,6 +949,9 @@ impl Dispatcher {
             return Ok(());
         };
         let acquired = tokio::select! {
+            // Biased: the same branch wins on every run; a token taken by a
+            // fenced scope is caught by the fence check before submitting.
+            biased;
             a = limiter.acquire(stop) => a,
             _ = epoch.scope().fenced() => false,
         };
@@ -1115,6 +1118,9 @@ impl Dispatcher {
                     self.inner.metrics.pool(pool).submit_retries.increment(1);
                     job = e.into_job();
                     tokio::select! {
+                        // Biased: the same branch wins on every run; the loop's
+                        // checks at its top see a stop or fence either way.
+                        biased;
                         _ = stop.cancelled() => {}
                         _ = fence_of(epoch.as_ref()) => {}
                         _ = tokio::time::sleep(pause) => {}

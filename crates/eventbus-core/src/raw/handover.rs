@@ -66,6 +66,9 @@ pub async fn hand_over<H: HandOver>(
     let wait_ends = pin!(wait_ends);
     let idle = wind(h, |h| h.unsettled() > 0, async {
         tokio::select! {
+            // Biased: the same branch wins on every run (a seeded simulation
+            // replays), and a scope idle at the deadline counts as idle.
+            biased;
             () = idle => {}
             () = wait_ends => {}
         }

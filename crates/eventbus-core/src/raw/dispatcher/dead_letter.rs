@@ -135,6 +135,9 @@ impl Dispatcher {
                         }
                     };
                     tokio::select! {
+                        // Biased: a close or hand-over wins over the end of the
+                        // backoff at the same moment, the same on every run.
+                        biased;
                         _ = inner.cancel.cancelled() => return Disposition::Abandoned,
                         _ = handed_over => return Disposition::Abandoned,
                         _ = tokio::time::sleep(wait) => {}

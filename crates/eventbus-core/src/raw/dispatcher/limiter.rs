@@ -37,6 +37,9 @@ impl Limiter {
         self.limited.increment(1);
         let started = Instant::now();
         let acquired = tokio::select! {
+            // Biased: a stop wins over a token ready at the same moment, the
+            // same on every run.
+            biased;
             _ = stop.cancelled() => false,
             _ = self.bucket.until_ready() => true,
         };

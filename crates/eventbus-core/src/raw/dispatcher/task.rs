@@ -363,6 +363,9 @@ impl EnvelopeCall<'_> {
             inner.counters.retries.fetch_add(1, Ordering::Relaxed);
             self.metrics.retries.increment(1);
             tokio::select! {
+                // Biased: the same branch wins on every run (a seeded
+                // simulation replays); every branch leads to the checks below.
+                biased;
                 _ = inner.cancel.cancelled() => {}
                 _ = scope.fenced() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -516,6 +519,8 @@ async fn hold(
         "invalid envelope and no dead-letter destination: message held, key stuck");
     inner.mark_stuck(key);
     tokio::select! {
+        // Biased: both branches lead on alike; the same one wins on every run.
+        biased;
         _ = inner.cancel.cancelled() => {}
         _ = scope.fenced() => {}
     }

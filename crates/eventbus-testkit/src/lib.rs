@@ -23,6 +23,7 @@ pub mod poison;
 pub mod pool_suite;
 #[cfg(feature = "progress")]
 pub mod progress;
+pub mod proxy;
 pub mod redrive;
 pub mod resources;
 pub mod shutdown;
@@ -36,4 +37,5 @@ pub use checker::{
     STAMP_HEADER,
 };
 pub use panics::{quiet_deliberate_panics, INDUCED_PANIC};
+pub use proxy::{Direction, Fault, FaultProxy};
 pub use wait::{eventually, wait_until};

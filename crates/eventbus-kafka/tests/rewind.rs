@@ -9,14 +9,15 @@ mod cluster;
 mod gated;
 
 use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
-use eventbus_core::{EventBus, HealthStatus};
+use eventbus_core::{Event, EventBus, EventBusExt, HandlerError, HealthStatus};
 use eventbus_kafka::KafkaEventBus;
 use eventbus_testkit::checker::DeliveryChecker;
 use eventbus_testkit::factories::keyed_pools;
 use eventbus_testkit::pool_suite::PoolSpec;
 use gated::{env, open_gate, subscribe, Handled};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -92,6 +93,107 @@ async fn a_rewind_is_read_again_and_the_commit_goes_back_with_it() {
     assert!(report.lost.is_empty(), "{report}");
     assert!(report.order_violations.is_empty(), "{report}");
     bus.close().await.unwrap();
+}
+
+/// A rewind while the assignment's first message still runs: nothing has finished
+/// at the front of the assignment, so the tracker had no watermark yet. The
+/// group's offset still goes back to the rewind point before any re-read message
+/// is handled (were the member to leave or crash now, the next owner must read
+/// them again), and comes forward only as they finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_before_the_first_finished_message_is_made_durable() {
+    let cluster = Cluster::mock(1);
+    let topic = random("rewind-first");
+    cluster.create_topic(&topic, 1).await;
+    let cfg = bus_config();
+    let group = cfg.consumer.group_id.clone();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let gate = open_gate();
+    // A first member handles and commits everything, and leaves.
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let a = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), pool).unwrap();
+    subscribe(&a, &topic, &checker, &handled, &gate, Duration::ZERO).await;
+    let (n, m) = (100u64, 20u64);
+    for i in 0..n {
+        let key = format!("k{}", i % 10);
+        let seq = checker.produce(&key);
+        a.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+    }
+    wait_until("everything committed", WAIT, || {
+        cluster.committed(&group, &topic, 0) == Some(n as i64)
+    })
+    .await;
+    a.close().await.unwrap();
+    assert_eq!(cluster.committed(&group, &topic, 0), Some(n as i64));
+    // The next member starts at `n` with its handlers held: the first message of
+    // its assignment runs and does not finish.
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let b = KafkaEventBus::new(cluster.kafka_config(), cfg, pool).unwrap();
+    for i in n..n + m {
+        let key = format!("k{}", i % 10);
+        let seq = checker.produce(&key);
+        b.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+    }
+    gate.send_replace(false);
+    handled.lock().unwrap().clear();
+    let started: Arc<Mutex<HashSet<i64>>> = Arc::default();
+    {
+        let (c, h, s, g) = (
+            checker.clone(),
+            handled.clone(),
+            started.clone(),
+            gate.clone(),
+        );
+        b.subscribe_envelope(&topic, move |e: Event| {
+            let (c, h, s, mut g) = (c.clone(), h.clone(), s.clone(), g.subscribe());
+            async move {
+                s.lock().unwrap().insert(e.message.offset);
+                g.wait_for(|open| *open)
+                    .await
+                    .expect("the gate lives as long as the test");
+                let seq = eventbus_testkit::seq_of(&e).expect("seq");
+                c.handled(&e.envelope.aggregate_id, seq);
+                h.lock().unwrap().insert(e.message.offset);
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+    wait_until("the first message of the assignment runs", WAIT, || {
+        started.lock().unwrap().contains(&(n as i64))
+    })
+    .await;
+    // The broker sends the consumer back to the start.
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
+    );
+    wait_until(
+        "the committed offset goes back to the rewind point while the re-read messages wait",
+        WAIT,
+        || cluster.committed(&group, &topic, 0) == Some(0),
+    )
+    .await;
+    gate.send_replace(true);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let committed = committed_within_handled(&cluster, &group, &topic, &handled);
+        if committed == (n + m) as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the commit to reach {} again (at {committed})",
+            n + m
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    b.close().await.unwrap();
 }
 
 /// A rewind below the committed offset whose backward commit keeps failing

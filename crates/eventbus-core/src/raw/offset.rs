@@ -604,6 +604,42 @@ mod tests {
         assert_eq!(t.complete(1, 2), Some(3));
     }
 
+    /// A rewind while the assignment's first message still runs (nothing has
+    /// finished at its front, so there is no watermark yet): the watermark goes to
+    /// the lower of the rewind point and the lowest pending offset, so the caller
+    /// commits back to it.
+    #[test]
+    fn a_rewind_before_the_first_finished_message_sets_the_watermark() {
+        let mut t = OffsetTracker::new();
+        for o in 100..110 {
+            t.track(o);
+        }
+        for o in 101..110 {
+            assert_eq!(t.complete(0, o), None, "100 still runs");
+        }
+        assert_eq!(t.watermark(), None);
+        // Below everything tracked (an offset reset to the start, say).
+        assert_eq!(t.track(40).rewound_from, Some(40));
+        assert_eq!(t.watermark(), Some(40), "back to the rewind point");
+        assert_eq!(t.complete(0, 100), None, "superseded");
+        t.track(41);
+        assert_eq!(t.complete(1, 41), None, "40 holds it");
+        assert_eq!(t.complete(1, 40), Some(42));
+        // Above the lowest pending offset: that one holds the watermark.
+        let mut t = OffsetTracker::new();
+        for o in 100..110 {
+            t.track(o);
+        }
+        t.complete(0, 103);
+        assert_eq!(t.track(105).rewound_from, Some(105));
+        assert_eq!(t.watermark(), Some(100), "100 still runs");
+        for o in [101, 102, 104] {
+            assert_eq!(t.complete(0, o), None);
+        }
+        assert_eq!(t.complete(0, 100), Some(105), "105 runs in the new epoch");
+        assert_eq!(t.complete(1, 105), Some(106));
+    }
+
     #[test]
     fn an_abandoned_offset_holds_the_watermark_but_is_not_in_flight() {
         let mut t = OffsetTracker::new();

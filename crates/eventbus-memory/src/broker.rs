@@ -4,7 +4,7 @@ use eventbus_core::{Error, ErrorKind, Headers, Message, OffsetReset, PublishRece
 
 use bytes::Bytes;
 use eventbus_core::raw::{slot, stable_hash, validate_topic, ByteChunks};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,48 @@ pub struct BrokerConfig {
     /// the brokers (Kafka's `message.max.bytes`, NATS's `max_payload`): a larger
     /// one is an `InvalidInput` error naming the topic and both sizes.
     pub max_message_bytes: usize,
+    /// How a consumer group moves partitions when a member joins, leaves or loses
+    /// its assignment, default [`Rebalance::Eager`].
+    pub rebalance: Rebalance,
+}
+
+/// How a consumer group of the memory broker moves partitions between its
+/// members ([`BrokerConfig::rebalance`]).
+///
+/// Either way a partition goes to its next member only after its owner gave it
+/// up (handed over: drained, fenced, committed, released) or lost it
+/// ([`MemoryBroker::lose_assignment`]), and the next member starts at the
+/// committed offset: what was not committed is delivered again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rebalance {
+    /// Every member gives up every partition it holds, then the new assignment
+    /// is handed out (Kafka's classic protocol with the `range` or `roundrobin`
+    /// assignor).
+    #[default]
+    Eager,
+    /// Only the partitions that move are revoked, then assigned to their new
+    /// members; the others keep being consumed (Kafka's `cooperative-sticky`
+    /// assignor, and KIP-848's `consumer` protocol).
+    Cooperative,
+}
+
+/// A member of a consumer group on one topic, as [`MemoryBroker::members`] lists
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupMember {
+    /// The member's id, as [`MemoryEventBus::member`](crate::MemoryEventBus::member)
+    /// gives it for a subscription.
+    pub id: u64,
+    /// The partitions it holds, ascending, including those it is giving up.
+    pub partitions: Vec<i32>,
+    /// Among them, the partitions it was asked to give up and has not released
+    /// yet (a rebalance waiting for its hand-over).
+    pub revoking: Vec<i32>,
+    /// It lost its assignment ([`MemoryBroker::lose_assignment`]) and has not
+    /// rejoined yet: it holds nothing until it does.
+    pub lost: bool,
 }
 
 impl Default for BrokerConfig {
@@ -34,6 +76,7 @@ impl Default for BrokerConfig {
             retention_messages: 100_000,
             publish_timeout: Duration::from_secs(5),
             max_message_bytes: 1024 * 1024,
+            rebalance: Rebalance::Eager,
         }
     }
 }
@@ -61,6 +104,12 @@ impl BrokerConfig {
     #[must_use]
     pub fn max_message_bytes(mut self, n: usize) -> Self {
         self.max_message_bytes = n;
+        self
+    }
+    /// Set how consumer groups move partitions between members.
+    #[must_use]
+    pub fn rebalance(mut self, r: Rebalance) -> Self {
+        self.rebalance = r;
         self
     }
 }
@@ -91,11 +140,31 @@ impl Log {
     }
 }
 
+/// A member of a group on one topic.
+#[derive(Debug, Default)]
+struct Member {
+    /// Partitions granted to it, each with the generation of its grant: a
+    /// commit of a grant taken away since is refused.
+    granted: BTreeMap<i32, u64>,
+    /// Granted partitions it was asked to give up.
+    revoking: BTreeSet<i32>,
+    /// It lost its assignment and has not rejoined: it is given nothing.
+    lost: bool,
+}
+
 #[derive(Debug)]
 struct GroupState {
     committed: Vec<Option<i64>>,
     delivered: Vec<i64>,
-    member: Option<u64>,
+    /// By id: the order the assignment is computed in.
+    members: BTreeMap<u64, Member>,
+    /// An eager rebalance is under way: nothing is granted until every member
+    /// gave up everything.
+    eager_pending: bool,
+    /// Per partition, a rewind its owner has not taken up yet: the generation
+    /// of the grant it is for, and the offset.
+    rewinds: Vec<Option<(u64, i64)>>,
+    next_grant: u64,
 }
 
 impl GroupState {
@@ -104,9 +173,121 @@ impl GroupState {
         Self {
             committed: vec![None; partitions],
             delivered: vec![0; partitions],
-            member: None,
+            members: BTreeMap::new(),
+            eager_pending: false,
+            rewinds: vec![None; partitions],
+            next_grant: 1,
         }
     }
+
+    /// The member holding `partition`, and the generation of its grant.
+    fn owner(&self, partition: i32) -> Option<(u64, u64)> {
+        self.members
+            .iter()
+            .find_map(|(id, m)| m.granted.get(&partition).map(|g| (*id, *g)))
+    }
+
+    /// Move partitions after a change: `changed` when the members changed (a
+    /// join, a leave, a loss, a rejoin), which starts an eager rebalance over.
+    fn rebalance(&mut self, mode: Rebalance, changed: bool, partitions: usize) {
+        if changed && mode == Rebalance::Eager {
+            self.eager_pending = true;
+        }
+        if self.eager_pending {
+            let mut held = false;
+            for m in self.members.values_mut() {
+                let granted: Vec<i32> = m.granted.keys().copied().collect();
+                m.revoking.extend(granted.iter().copied());
+                held |= !granted.is_empty();
+            }
+            if held {
+                return;
+            }
+            self.eager_pending = false;
+        }
+        let target = self.target(partitions);
+        for (p, to) in target.into_iter().enumerate() {
+            let p = p as i32;
+            match (self.owner(p), to) {
+                (Some((o, _)), Some(t)) if o == t => {}
+                (Some((o, _)), _) => {
+                    if let Some(m) = self.members.get_mut(&o) {
+                        m.revoking.insert(p);
+                    }
+                }
+                (None, Some(t)) => {
+                    let generation = self.next_grant;
+                    self.next_grant += 1;
+                    self.rewinds[p as usize] = None;
+                    if let Some(m) = self.members.get_mut(&t) {
+                        m.granted.insert(p, generation);
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+    }
+
+    /// The balanced, sticky assignment of `partitions` over the members not
+    /// lost: each gets `partitions / n` or one more (those holding more now get
+    /// the extra ones), keeps what it holds up to that (its lowest partitions
+    /// first, none it is giving up), and the rest goes, ascending, to the members
+    /// with room, by id.
+    fn target(&self, partitions: usize) -> Vec<Option<u64>> {
+        let mut target = vec![None; partitions];
+        let active: Vec<(u64, Vec<i32>)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| !m.lost)
+            .map(|(id, m)| {
+                let kept = m
+                    .granted
+                    .keys()
+                    .copied()
+                    .filter(|p| !m.revoking.contains(p))
+                    .collect();
+                (*id, kept)
+            })
+            .collect();
+        if active.is_empty() {
+            return target;
+        }
+        let (base, extra) = (partitions / active.len(), partitions % active.len());
+        let mut by_holding: Vec<usize> = (0..active.len()).collect();
+        by_holding.sort_by_key(|&i| (std::cmp::Reverse(active[i].1.len()), active[i].0));
+        let mut quota = vec![base; active.len()];
+        for &i in by_holding.iter().take(extra) {
+            quota[i] += 1;
+        }
+        for (i, (id, kept)) in active.iter().enumerate() {
+            for &p in kept.iter().take(quota[i]) {
+                target[p as usize] = Some(*id);
+                quota[i] -= 1;
+            }
+        }
+        let mut i = 0;
+        for slot in target.iter_mut().filter(|t| t.is_none()) {
+            while quota[i] == 0 {
+                i += 1;
+            }
+            *slot = Some(active[i].0);
+            quota[i] -= 1;
+        }
+        target
+    }
+}
+
+/// What a member of a group is to do, as [`Topic::assignment`] reads it.
+#[derive(Debug, Default)]
+pub(crate) struct Assignment {
+    /// The partitions granted to it, each with the generation of its grant.
+    pub(crate) granted: BTreeMap<i32, u64>,
+    /// Among them, those to give up.
+    pub(crate) revoking: BTreeSet<i32>,
+    /// Rewinds to take up: partition, grant generation, offset.
+    pub(crate) rewinds: Vec<(i32, u64, i64)>,
+    /// It lost its assignment and is to rejoin once it dropped what it held.
+    pub(crate) lost: bool,
 }
 
 pub(crate) struct Topic {
@@ -117,7 +298,15 @@ pub(crate) struct Topic {
     appended: watch::Sender<u64>,
     space: Notify,
     retention: u64,
+    rebalance: Rebalance,
+    rebalanced: watch::Sender<u64>,
+    /// Per group, how many of its next commits fail.
+    commit_faults: CommitFaults,
 }
+
+/// Per group, how many of its next commits fail (shared by the topics of a
+/// broker).
+type CommitFaults = Arc<Mutex<HashMap<String, u64>>>;
 
 impl fmt::Debug for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -196,53 +385,187 @@ impl Topic {
             .base
     }
 
-    /// Join `group` as its only member; returns the member id and, per partition,
-    /// the start position and the offset below which records were delivered before.
-    pub(crate) fn join(
-        &self,
-        group: &str,
-        reset: OffsetReset,
-    ) -> Result<(u64, Vec<(i64, i64)>), Error> {
+    /// Join `group` as a new member; returns its id. Its partitions come with
+    /// the rebalance this starts ([`assignment`](Self::assignment)).
+    pub(crate) fn join(&self, group: &str) -> u64 {
         static MEMBER: AtomicU64 = AtomicU64::new(1);
-        let mut groups = self.groups.lock().expect("group table poisoned");
-        let n = self.partitions.len();
-        let state = groups
-            .entry(group.to_owned())
-            .or_insert_with(|| GroupState::new(n));
-        if state.member.is_some() {
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                format!(
-                    "consumer group `{group}` already has a member on topic `{}` (the memory broker allows one member per group and topic)",
-                    self.name
-                ),
-            ));
-        }
         let id = MEMBER.fetch_add(1, Ordering::Relaxed);
-        state.member = Some(id);
-        let positions = (0..n)
-            .map(|p| {
-                let start = match state.committed[p] {
-                    Some(c) => c,
-                    None => match reset {
-                        OffsetReset::Earliest => self.start(p as i32),
-                        OffsetReset::Latest => self.end(p as i32),
-                    },
-                };
-                (start, state.delivered[p])
-            })
-            .collect();
-        Ok((id, positions))
+        self.change_group(group, |state| {
+            state.members.insert(id, Member::default());
+            true
+        });
+        id
     }
 
-    /// Leave `group`.
-    pub(crate) fn leave(&self, group: &str, member: u64) {
+    /// Apply `change` to `group` (made when new), rebalance (`change` says
+    /// whether the members changed) and wake the members.
+    fn change_group(&self, group: &str, change: impl FnOnce(&mut GroupState) -> bool) {
+        {
+            let mut groups = self.groups.lock().expect("group table poisoned");
+            let n = self.partitions.len();
+            let state = groups
+                .entry(group.to_owned())
+                .or_insert_with(|| GroupState::new(n));
+            let changed = change(state);
+            state.rebalance(self.rebalance, changed, n);
+        }
+        self.rebalanced.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Watch that changes on every change of a group of this topic.
+    pub(crate) fn rebalanced(&self) -> watch::Receiver<u64> {
+        self.rebalanced.subscribe()
+    }
+
+    /// What `member` of `group` is to do now; the rewinds of its grants are taken.
+    pub(crate) fn assignment(&self, group: &str, member: u64) -> Assignment {
         let mut groups = self.groups.lock().expect("group table poisoned");
-        if let Some(state) = groups.get_mut(group) {
-            if state.member == Some(member) {
-                state.member = None;
+        // A member no longer in the group holds nothing.
+        let Some(state) = groups.get_mut(group) else {
+            return Assignment::default();
+        };
+        let Some(m) = state.members.get(&member) else {
+            return Assignment::default();
+        };
+        let mut a = Assignment {
+            granted: m.granted.clone(),
+            revoking: m.revoking.clone(),
+            rewinds: Vec::new(),
+            lost: m.lost,
+        };
+        for (&p, &generation) in &a.granted {
+            let r = &mut state.rewinds[p as usize];
+            if let Some((g, offset)) = *r {
+                if g == generation {
+                    a.rewinds.push((p, g, offset));
+                    *r = None;
+                }
             }
         }
+        a
+    }
+
+    /// Where `member` starts on `partition`: the committed offset, else `reset`;
+    /// and the offset below which records were delivered before.
+    pub(crate) fn start_position(
+        &self,
+        group: &str,
+        partition: i32,
+        reset: OffsetReset,
+    ) -> (i64, i64) {
+        let (committed, delivered) = {
+            let groups = self.groups.lock().expect("group table poisoned");
+            groups.get(group).map_or((None, 0), |g| {
+                (
+                    g.committed[partition as usize],
+                    g.delivered[partition as usize],
+                )
+            })
+        };
+        let start = committed.unwrap_or_else(|| match reset {
+            OffsetReset::Earliest => self.start(partition),
+            OffsetReset::Latest => self.end(partition),
+        });
+        (start, delivered)
+    }
+
+    /// `member` of `group` gave `partitions` up (handed over and committed).
+    pub(crate) fn release(&self, group: &str, member: u64, partitions: &[i32]) {
+        self.change_group(group, |state| {
+            if let Some(m) = state.members.get_mut(&member) {
+                for p in partitions {
+                    m.granted.remove(p);
+                    m.revoking.remove(p);
+                }
+            }
+            false
+        });
+    }
+
+    /// `member` of `group`, having lost its assignment and dropped what it held,
+    /// joins again.
+    pub(crate) fn rejoin(&self, group: &str, member: u64) {
+        self.change_group(group, |state| match state.members.get_mut(&member) {
+            Some(m) if m.lost => {
+                m.lost = false;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Leave `group`: what `member` still holds goes to the others.
+    pub(crate) fn leave(&self, group: &str, member: u64) {
+        let mut left = false;
+        {
+            let groups = self.groups.lock().expect("group table poisoned");
+            if groups
+                .get(group)
+                .is_some_and(|g| g.members.contains_key(&member))
+            {
+                left = true;
+            }
+        }
+        if left {
+            self.change_group(group, |state| state.members.remove(&member).is_some());
+        }
+    }
+
+    /// Take `member`'s partitions away at once, as a member stalled past its
+    /// session: they go to the others, and it is given nothing until it rejoins.
+    fn lose(&self, group: &str, member: u64) -> Option<Vec<i32>> {
+        let mut lost = None;
+        self.change_group(group, |state| match state.members.get_mut(&member) {
+            Some(m) => {
+                let parts: Vec<i32> = m.granted.keys().copied().collect();
+                m.granted.clear();
+                m.revoking.clear();
+                m.lost = true;
+                lost = Some(parts);
+                true
+            }
+            None => false,
+        });
+        lost
+    }
+
+    /// Members of `group`.
+    fn members(&self, group: &str) -> Vec<GroupMember> {
+        let groups = self.groups.lock().expect("group table poisoned");
+        groups.get(group).map_or_else(Vec::new, |g| {
+            g.members
+                .iter()
+                .map(|(id, m)| GroupMember {
+                    id: *id,
+                    partitions: m.granted.keys().copied().collect(),
+                    revoking: m.revoking.iter().copied().collect(),
+                    lost: m.lost,
+                })
+                .collect()
+        })
+    }
+
+    /// Ask the owner of `partition` in `group` to read it again from `offset`.
+    fn rewind(&self, group: &str, partition: i32, offset: i64) -> Result<u64, Error> {
+        let owner = {
+            let mut groups = self.groups.lock().expect("group table poisoned");
+            let owner = groups.get_mut(group).and_then(|state| {
+                let (member, generation) = state.owner(partition)?;
+                state.rewinds[partition as usize] = Some((generation, offset));
+                Some(member)
+            });
+            owner.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no member of group `{group}` holds partition {partition} of topic `{}`",
+                        self.name
+                    ),
+                )
+            })?
+        };
+        self.rebalanced.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(owner)
     }
 
     /// Note that records of `partition` below `next` were handed to a consumer.
@@ -254,18 +577,55 @@ impl Topic {
         }
     }
 
-    /// Commit `offset` (the next to consume) for `group` on `partition`.
-    pub(crate) fn commit(&self, group: &str, partition: i32, offset: i64) {
+    /// Commit `offset` (the next to consume) on `partition` for `member` of
+    /// `group`, holding it under the grant of `generation`. The offset is taken
+    /// as it is, lower than the committed one too (a rewind made durable). Fails
+    /// when the group's commits are set to fail
+    /// ([`MemoryBroker::fail_commits`]: `Broker`, retriable) or the grant was
+    /// taken away (`Fenced`).
+    pub(crate) fn commit(
+        &self,
+        group: &str,
+        member: u64,
+        partition: i32,
+        generation: u64,
+        offset: i64,
+    ) -> Result<(), Error> {
         {
-            let mut groups = self.groups.lock().expect("group table poisoned");
-            if let Some(state) = groups.get_mut(group) {
-                let c = &mut state.committed[partition as usize];
-                if c.is_none_or(|c| c < offset) {
-                    *c = Some(offset);
+            let mut faults = self.commit_faults.lock().expect("fault table poisoned");
+            if let Some(n) = faults.get_mut(group) {
+                *n -= 1;
+                if *n == 0 {
+                    faults.remove(group);
                 }
+                return Err(Error::new(
+                    ErrorKind::Broker,
+                    format!("commit of group `{group}` on topic `{}` partition {partition} failed (set to fail)", self.name),
+                )
+                .with_retryable(true));
             }
         }
+        {
+            let mut groups = self.groups.lock().expect("group table poisoned");
+            let held = groups.get_mut(group).filter(|state| {
+                state
+                    .members
+                    .get(&member)
+                    .is_some_and(|m| m.granted.get(&partition) == Some(&generation))
+            });
+            let Some(state) = held else {
+                return Err(Error::new(
+                    ErrorKind::Fenced,
+                    format!(
+                        "member {member} of group `{group}` no longer holds partition {partition} of topic `{}`: commit refused",
+                        self.name
+                    ),
+                ));
+            };
+            state.committed[partition as usize] = Some(offset);
+        }
         self.space.notify_waiters();
+        Ok(())
     }
 
     /// Commit `offset` for `group` on `partition`, making the group when new
@@ -348,6 +708,7 @@ impl Topic {
 struct Inner {
     topics: Mutex<HashMap<String, Arc<Topic>>>,
     config: BrokerConfig,
+    commit_faults: CommitFaults,
 }
 
 /// The in-process broker. Clones share it: several buses on one broker behave like
@@ -380,6 +741,7 @@ impl MemoryBroker {
             inner: Arc::new(Inner {
                 topics: Mutex::new(HashMap::new()),
                 config,
+                commit_faults: CommitFaults::default(),
             }),
         }
     }
@@ -429,6 +791,9 @@ impl MemoryBroker {
             appended: watch::Sender::new(0),
             space: Notify::new(),
             retention: retention.unwrap_or(self.inner.config.retention_messages),
+            rebalance: self.inner.config.rebalance,
+            rebalanced: watch::Sender::new(0),
+            commit_faults: self.inner.commit_faults.clone(),
         });
         topics.insert(topic.to_owned(), t.clone());
         Ok(t)
@@ -499,6 +864,108 @@ impl MemoryBroker {
                 ));
             }
         }
+    }
+
+    /// The topic, or a `NotFound` error naming it.
+    fn known(&self, topic: &str) -> Result<Arc<Topic>, Error> {
+        self.existing(topic)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no topic `{topic}`")))
+    }
+
+    /// The members of `group` on `topic`, by id, with the partitions each holds
+    /// (empty when there is no such topic or group).
+    pub fn members(&self, topic: &str, group: &str) -> Vec<GroupMember> {
+        self.existing(topic)
+            .map_or_else(Vec::new, |t| t.members(group))
+    }
+
+    /// Fault switch: `member` of `group` on `topic` stalled past its session.
+    /// Its partitions are taken from it at once and go to the other members
+    /// (with [`Rebalance::Eager`], once they gave up theirs for the rebalance
+    /// this starts). Its consumer learns of the loss at its next turn: it fences
+    /// the partitions' work (no queued job starts, running handlers are
+    /// cancelled, not awaited) and commits nothing more for them; the broker
+    /// refuses such a commit anyway. It then rejoins the group, which
+    /// rebalances again. Returns the partitions it held.
+    ///
+    /// Until the consumer has fenced, a handler of it may still run while the
+    /// next owner handles the same partition: the overlap a stalled member
+    /// causes on any broker.
+    pub fn lose_assignment(
+        &self,
+        topic: &str,
+        group: &str,
+        member: u64,
+    ) -> Result<Vec<i32>, Error> {
+        self.known(topic)?.lose(group, member).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no member {member} in group `{group}` on topic `{topic}`"),
+            )
+        })
+    }
+
+    /// Fault switch: the next fetch of `partition` of `topic` by the member of
+    /// `group` holding it restarts at `offset` (an offset reset, a truncation):
+    /// records from there are delivered again. An offset below the committed
+    /// one is allowed: the consumer then commits back to it (to the lowest
+    /// offset it has not finished, if lower) before anything it reads again is
+    /// committed. An offset at or above the consumer's next fetch changes
+    /// nothing. Returns the id of the member that rewinds; `NotFound` when no
+    /// member holds the partition, `InvalidInput` for a partition the topic does
+    /// not have or a negative offset.
+    pub fn rewind(
+        &self,
+        topic: &str,
+        group: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<u64, Error> {
+        let t = self.known(topic)?;
+        if partition < 0 || partition as usize >= t.partition_count() || offset < 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "topic `{topic}` has {} partitions: cannot rewind partition {partition} to offset {offset}",
+                    t.partition_count()
+                ),
+            ));
+        }
+        t.rewind(group, partition, offset)
+    }
+
+    /// Fault switch: the next `n` commits of `group`'s members, on any topic,
+    /// fail (a `Broker` error, retriable); 0 ends a run of failures. A consumer
+    /// keeps the offset and commits again later; a hand-over retries its final
+    /// commit within `consumer.handover_timeout`, and else leaves the
+    /// partition's messages since the last commit to be delivered again.
+    pub fn fail_commits(&self, group: &str, n: u64) {
+        let mut faults = self
+            .inner
+            .commit_faults
+            .lock()
+            .expect("fault table poisoned");
+        if n == 0 {
+            faults.remove(group);
+        } else {
+            faults.insert(group.to_owned(), n);
+        }
+    }
+
+    /// How many of the next commits of `group` are still to fail
+    /// ([`fail_commits`](Self::fail_commits)).
+    pub fn failing_commits(&self, group: &str) -> u64 {
+        let faults = self
+            .inner
+            .commit_faults
+            .lock()
+            .expect("fault table poisoned");
+        faults.get(group).copied().unwrap_or(0)
+    }
+
+    /// The setting of how groups move partitions.
+    pub fn rebalance(&self) -> Rebalance {
+        self.inner.config.rebalance
     }
 
     /// Committed offset of `group` on `topic` / `partition`.

@@ -41,6 +41,7 @@ pub struct Consumer {
     cancel: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
     in_flight: InFlightCounts,
+    member: u64,
 }
 
 /// The broker side of a [`MemoryEventBus`] (public to name the bus's
@@ -103,7 +104,7 @@ impl BusBackend for Backend {
         async move {
             let cfg = &self.config().consumer;
             let topic = self.broker.topic(sub.topic())?;
-            let (member, positions) = topic.join(&cfg.group_id, cfg.auto_offset_reset)?;
+            let member = topic.join(&cfg.group_id);
             let cancel = CancellationToken::new();
             let set = InFlightSet::new(cfg.max_in_flight_per_partition, self.total.clone())
                 .max_tracked(cfg.max_tracked_per_partition)
@@ -111,7 +112,6 @@ impl BusBackend for Backend {
             let run = ConsumeLoop::new(
                 topic,
                 member,
-                positions,
                 sub,
                 self.dispatcher.clone(),
                 set,
@@ -122,6 +122,7 @@ impl BusBackend for Backend {
                 cancel,
                 task: Mutex::new(Some(tokio::spawn(run.run()))),
                 in_flight,
+                member,
             })
         }
         .boxed()
@@ -233,6 +234,13 @@ impl MemoryEventBus {
     /// The pipeline (counters, pool).
     pub fn dispatcher(&self) -> &Dispatcher {
         self.inner.dispatcher()
+    }
+
+    /// The id of this bus's member of its consumer group on `topic`, while it is
+    /// subscribed to it: the id [`MemoryBroker::members`] lists and the fault
+    /// switches ([`MemoryBroker::lose_assignment`]) take.
+    pub fn member(&self, topic: &str) -> Option<u64> {
+        self.inner.consumer(topic).map(|c| c.member)
     }
 
     /// Lag of this bus's group on each partition of `topic`.

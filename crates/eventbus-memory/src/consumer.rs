@@ -1,26 +1,41 @@
-//! The consume loop of one memory subscription: every partition of one topic.
+//! The consume loop of one memory subscription: the partitions of one topic its
+//! group gives this member.
 //!
-//! Each turn of the loop first submits whatever is ready: partition by partition,
-//! it fetches from the broker into the partition's buffer and offers a batch of
-//! buffered messages to the pool ([`Dispatcher::offer_batch`]), as many as the
-//! partition's room in the [`InFlightSet`] and the shared bound allow, and goes
-//! round again until a pass submits nothing. It then waits, in one biased
-//! `select!`, for the first [`Step`]: the subscription stopping, progress of the
-//! work already submitted (a completion, or a partition's held jobs taken by the
-//! pool), or new records appended to the topic. One `on_*` method handles each.
+//! Each turn of the loop first takes up what the group changed
+//! ([`ConsumeLoop::reconcile`]): partitions lost, rewinds, partitions to give up,
+//! partitions granted. It then submits whatever is ready: partition by
+//! partition, it fetches from the broker into the partition's buffer and offers a
+//! batch of buffered messages to the pool ([`Dispatcher::offer_batch`]), as many
+//! as the partition's room in the [`InFlightSet`] and the shared bound allow, and
+//! goes round again until a pass submits nothing. It then waits, in one biased
+//! `select!`, for the first [`Step`]: the subscription stopping, a change of the
+//! group, progress of the work already submitted (a completion, or a partition's
+//! held jobs taken by the pool), a commit to try again, or new records appended
+//! to the topic. One `on_*` method handles each.
 //!
 //! The loop never waits on the pool: jobs the pool has no room for yet are kept as
 //! the partition's [`Held`] jobs, and the partition takes nothing more until they
 //! are in. Completions are settled as they land, and each partition's contiguous
-//! watermark is committed to the group.
+//! watermark is committed to the group; a commit that fails is kept and made
+//! again later, and a later watermark replaces it.
 //!
-//! On stop the loop hands over ([`ConsumeLoop::shutdown`]): held jobs are dropped
-//! unrun, what is in flight drains within the drain timeout and is committed as
-//! it lands, the rest is fenced and left uncommitted for redelivery, and the
-//! subscription leaves the group.
+//! Giving partitions up (a revoke, and at stop every partition) is core's
+//! hand-over ([`InFlightSet::hand_over`]): held jobs are dropped unrun, what is in
+//! flight drains within the drain timeout and is committed as it lands, the rest
+//! is fenced, its running handlers awaited within the hand-over timeout, and left
+//! uncommitted for redelivery; then the final commit (retried within the
+//! hand-over timeout), and the partitions are released (at stop, the member
+//! leaves the group). A lost partition is fenced and dropped with no commit.
+//!
+//! A rewind ([`MemoryBroker::rewind`](crate::MemoryBroker::rewind)) restarts the
+//! partition's fetch at the rewind point; the in-flight set fences the copies
+//! read before at and above it when the first message is read again. The commit
+//! point is then the lowest offset not finished of either reading: below the
+//! committed offset, it is committed back (retried, the partition reading nothing
+//! until it is) before anything read again is committed.
 
 use eventbus_core::raw::{Completion, Dispatcher, Held, InFlightSet, PreparedSubscription};
-use eventbus_core::{CancellationToken, Message};
+use eventbus_core::{CancellationToken, ErrorKind, Message, OffsetReset};
 use futures::future::poll_fn;
 use futures::FutureExt;
 use std::collections::VecDeque;
@@ -32,6 +47,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::time::Instant;
 
 use crate::broker::Topic;
 
@@ -39,6 +55,9 @@ const FETCH_BATCH: usize = 256;
 
 /// Messages of one partition submitted to the pool in one batch, at most.
 const SUBMIT_BATCH: usize = 64;
+
+/// How long a failed commit waits before it is made again.
+const COMMIT_RETRY: Duration = Duration::from_millis(10);
 
 /// Messages in flight per partition of one subscription.
 pub(crate) type InFlightCounts = Arc<Vec<AtomicUsize>>;
@@ -54,8 +73,12 @@ enum Progress {
 enum Step {
     /// The subscription stops (unsubscribe or close).
     Stop,
+    /// The group changed: partitions to give up, lost or granted, a rewind.
+    Rebalanced,
     /// Work already submitted moved on.
     Progress(Progress),
+    /// Commits that failed are due again.
+    Retry,
     /// New records on the topic: the next submission pass fetches them.
     Appended,
 }
@@ -72,8 +95,10 @@ enum Turn {
     Stop,
 }
 
-/// One partition's reading state.
+/// One partition's reading state, for one grant of it.
 struct Partition {
+    /// The generation of the grant: commits are made under it.
+    generation: u64,
     /// The next offset to fetch.
     next: i64,
     /// Records below this offset were delivered to a member before (they go out
@@ -84,14 +109,22 @@ struct Partition {
     /// Jobs the pool had no room for yet: the partition takes nothing more until
     /// they are in.
     held: Option<Held>,
+    /// A rewind whose first message is not tracked yet, and the commit point it
+    /// went back to: the partition commits nothing else until then.
+    rewound_to: Option<i64>,
+    /// A commit back to a rewind's commit point not made yet: the partition
+    /// reads nothing until it is.
+    back: Option<i64>,
+    /// A watermark whose commit failed, to make again.
+    unstored: Option<i64>,
 }
 
-/// One subscription's consume loop: all partitions of one topic; see the module
-/// docs.
+/// One subscription's consume loop; see the module docs.
 pub(crate) struct ConsumeLoop {
     topic: Arc<Topic>,
     group: String,
     member: u64,
+    reset: OffsetReset,
     sub: Arc<PreparedSubscription>,
     dispatcher: Dispatcher,
     set: InFlightSet<()>,
@@ -99,21 +132,24 @@ pub(crate) struct ConsumeLoop {
     drain_timeout: Duration,
     handover_timeout: Duration,
     in_flight: InFlightCounts,
-    partitions: Vec<Partition>,
+    /// By partition number: the partitions held now.
+    partitions: Vec<Option<Partition>>,
     appended: watch::Receiver<u64>,
+    rebalanced: watch::Receiver<u64>,
+    /// When the commits that failed are made again.
+    retry_at: Option<Instant>,
     /// Each partition's last new watermark within one settling pass (kept to
     /// reuse its allocation).
     marks: Vec<(i32, i64)>,
 }
 
 impl ConsumeLoop {
-    /// The loop of member `member` of the dispatcher's consumer group, reading
-    /// `topic` from `positions` (per partition, the start offset and the offset
-    /// below which records were delivered before), until `cancel`.
+    /// The loop of member `member` of the dispatcher's consumer group on
+    /// `topic`, starting where nothing is committed as `reset` says, until
+    /// `cancel`.
     pub(crate) fn new(
         topic: Arc<Topic>,
         member: u64,
-        positions: Vec<(i64, i64)>,
         sub: Arc<PreparedSubscription>,
         dispatcher: Dispatcher,
         set: InFlightSet<()>,
@@ -121,29 +157,23 @@ impl ConsumeLoop {
     ) -> Self {
         let c = &dispatcher.config().consumer;
         let n = topic.partition_count();
-        let partitions = positions
-            .iter()
-            .map(|&(next, redeliver_below)| Partition {
-                next,
-                redeliver_below,
-                buffer: VecDeque::new(),
-                held: None,
-            })
-            .collect();
         Self {
             group: c.group_id.clone(),
+            reset: c.auto_offset_reset,
             drain_timeout: c.drain_timeout,
             handover_timeout: c.handover_timeout,
             in_flight: Arc::new((0..n).map(|_| AtomicUsize::new(0)).collect()),
             appended: topic.appended(),
+            rebalanced: topic.rebalanced(),
             marks: Vec::with_capacity(n),
+            partitions: (0..n).map(|_| None).collect(),
+            retry_at: None,
             topic,
             member,
             sub,
             dispatcher,
             set,
             cancel,
-            partitions,
         }
     }
 
@@ -153,24 +183,38 @@ impl ConsumeLoop {
     }
 
     pub(crate) async fn run(mut self) {
-        for p in 0..self.partitions.len() {
-            self.set.assign(p as i32);
-        }
+        self.rebalanced.borrow_and_update();
+        self.reconcile().await;
         loop {
+            if self.rebalanced.has_changed().unwrap_or(false) {
+                self.rebalanced.borrow_and_update();
+                self.reconcile().await;
+            }
             self.appended.borrow_and_update();
             if self.submit_ready().await.is_break() {
                 break;
             }
+            let retry_at = self.retry_at;
             let step = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => Step::Stop,
+                _ = self.rebalanced.changed() => Step::Rebalanced,
                 pr = next_progress(&mut self.partitions, &mut self.set) => Step::Progress(pr),
+                _ = sleep_until(retry_at), if retry_at.is_some() => Step::Retry,
                 _ = self.appended.changed() => Step::Appended,
             };
             let flow = match step {
                 Step::Stop => ControlFlow::Break(()),
+                Step::Rebalanced => {
+                    self.reconcile().await;
+                    ControlFlow::Continue(())
+                }
                 Step::Progress(Progress::Settled(s)) => self.on_settled(s),
                 Step::Progress(Progress::Held(p, r)) => self.on_held(p, r),
+                Step::Retry => {
+                    self.on_retry();
+                    ControlFlow::Continue(())
+                }
                 Step::Appended => ControlFlow::Continue(()),
             };
             if flow.is_break() {
@@ -178,6 +222,168 @@ impl ConsumeLoop {
             }
         }
         self.shutdown().await;
+    }
+
+    /// Take up what the group says now: drop the partitions lost (and rejoin
+    /// after a loss), rewind, hand over the partitions to give up, and take up
+    /// the partitions granted.
+    async fn reconcile(&mut self) {
+        let a = self.topic.assignment(&self.group, self.member);
+        for p in 0..self.partitions.len() {
+            let Some(part) = &self.partitions[p] else {
+                continue;
+            };
+            if a.granted.get(&(p as i32)) != Some(&part.generation) {
+                self.on_lost(p);
+            }
+        }
+        if a.lost {
+            self.topic.rejoin(&self.group, self.member);
+        }
+        for (p, generation, offset) in a.rewinds {
+            if self.holds(p, generation) {
+                self.on_rewind(p as usize, offset);
+            }
+        }
+        let revoking: Vec<i32> = a
+            .revoking
+            .iter()
+            .copied()
+            .filter(|p| self.holds(*p, a.granted[p]))
+            .collect();
+        if !revoking.is_empty() {
+            self.hand_over(&revoking).await;
+            self.topic.release(&self.group, self.member, &revoking);
+        }
+        for (&p, &generation) in &a.granted {
+            if a.revoking.contains(&p) || self.partitions[p as usize].is_some() {
+                continue;
+            }
+            self.take_up(p, generation);
+        }
+    }
+
+    /// Whether partition `p` is held under the grant of `generation`.
+    fn holds(&self, p: i32, generation: u64) -> bool {
+        self.partitions
+            .get(p as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|part| part.generation == generation)
+    }
+
+    /// Start on partition `p`, granted under `generation`, at the committed
+    /// offset (or where `auto_offset_reset` says).
+    fn take_up(&mut self, p: i32, generation: u64) {
+        let (next, redeliver_below) = self.topic.start_position(&self.group, p, self.reset);
+        tracing::debug!(topic = %self.topic.name(), partition = p, member = self.member,
+            offset = next, "partition assigned");
+        self.set.assign(p);
+        self.in_flight[p as usize].store(0, Ordering::Relaxed);
+        self.partitions[p as usize] = Some(Partition {
+            generation,
+            next,
+            redeliver_below,
+            buffer: VecDeque::new(),
+            held: None,
+            rewound_to: None,
+            back: None,
+            unstored: None,
+        });
+    }
+
+    /// Partition `p` was taken away (this member stalled past its session): its
+    /// work is fenced (no queued job starts, running handlers are cancelled) and
+    /// nothing more is committed for it; another member may hold it already.
+    fn on_lost(&mut self, p: usize) {
+        self.partitions[p] = None;
+        let partition = p as i32;
+        let in_flight = self.set.in_flight(partition);
+        self.set.revoke(partition);
+        self.in_flight[p].store(0, Ordering::Relaxed);
+        tracing::warn!(topic = %self.topic.name(), partition, member = self.member, in_flight,
+            "assignment lost: the partition's work is fenced and nothing more is committed for it");
+    }
+
+    /// The broker rewinds partition `p` to `offset`: read again from there. The
+    /// commit point goes back to the lower of `offset` and the lowest offset not
+    /// finished; below the committed offset, it is committed back before the
+    /// partition reads on.
+    fn on_rewind(&mut self, p: usize, offset: i64) {
+        let partition = p as i32;
+        let lowest = self.set.lowest_pending(partition);
+        let Some(part) = self.partitions[p].as_mut() else {
+            return;
+        };
+        if offset >= part.next {
+            tracing::debug!(topic = %self.topic.name(), partition, offset, next = part.next,
+                "rewind to an offset not read yet: nothing to read again");
+            return;
+        }
+        self.dispatcher.count_rewind(self.topic.name());
+        part.buffer.clear();
+        part.redeliver_below = part.redeliver_below.max(part.next);
+        part.next = offset;
+        let to = lowest.map_or(offset, |l| l.min(offset));
+        let to = part.rewound_to.map_or(to, |t| t.min(to));
+        part.rewound_to = Some(to);
+        part.unstored = None;
+        let committed = self.topic.committed(&self.group, partition);
+        tracing::warn!(topic = %self.topic.name(), partition, offset, commit_point = to, ?committed,
+            "the broker rewound the partition: records from the offset are read again");
+        if committed.is_some_and(|c| to < c) {
+            part.back = Some(to);
+            self.commit_back(p);
+        }
+    }
+
+    /// Make partition `p`'s commit back to its rewind's commit point.
+    fn commit_back(&mut self, p: usize) {
+        let Some(part) = self.partitions[p].as_mut() else {
+            return;
+        };
+        let Some(to) = part.back else {
+            return;
+        };
+        match self
+            .topic
+            .commit(&self.group, self.member, p as i32, part.generation, to)
+        {
+            Ok(()) => {
+                part.back = None;
+                tracing::info!(topic = %self.topic.name(), partition = p, offset = to,
+                    "the group's offset went back to the rewind's commit point");
+            }
+            Err(e) if e.kind() == ErrorKind::Fenced => part.back = None,
+            Err(e) => {
+                tracing::warn!(topic = %self.topic.name(), partition = p, offset = to, error = %e,
+                    "commit back after a rewind failed; the partition reads nothing until it is made");
+                self.retry_soon();
+            }
+        }
+    }
+
+    /// Try the failed commits again in [`COMMIT_RETRY`], unless already due.
+    fn retry_soon(&mut self) {
+        if self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now() + COMMIT_RETRY);
+        }
+    }
+
+    /// Make the commits that failed again.
+    fn on_retry(&mut self) {
+        self.retry_at = None;
+        for p in 0..self.partitions.len() {
+            let Some(part) = self.partitions[p].as_mut() else {
+                continue;
+            };
+            if part.back.is_some() {
+                self.commit_back(p);
+            } else if let Some(w) = part.unstored {
+                if store(&self.topic, &self.group, self.member, p as i32, part, w) {
+                    self.retry_soon();
+                }
+            }
+        }
     }
 
     /// Submit whatever is ready on partitions with room, pass after pass, until
@@ -204,13 +410,19 @@ impl ConsumeLoop {
     /// allow now.
     async fn submit_partition(&mut self, p: usize) -> Turn {
         let partition = p as i32;
-        if self.partitions[p].held.is_some() || !self.set.has_room(partition) {
+        let Some(part) = &self.partitions[p] else {
+            return Turn::Idle;
+        };
+        if part.held.is_some() || part.back.is_some() || !self.set.has_room(partition) {
             return Turn::Idle;
         }
-        if self.partitions[p].buffer.is_empty() {
+        if part.buffer.is_empty() {
             self.fetch(p);
         }
-        if self.partitions[p].buffer.is_empty() {
+        if self.partitions[p]
+            .as_ref()
+            .is_none_or(|part| part.buffer.is_empty())
+        {
             return Turn::Idle;
         }
         let permits = self.reserve(p);
@@ -228,13 +440,24 @@ impl ConsumeLoop {
     /// Read the next records of partition `p` into its buffer.
     fn fetch(&mut self, p: usize) {
         let partition = p as i32;
-        let part = &mut self.partitions[p];
+        let Some(part) = self.partitions[p].as_mut() else {
+            return;
+        };
         let (batch, after) =
             self.topic
                 .fetch(partition, part.next, FETCH_BATCH, part.redeliver_below);
         if !batch.is_empty() {
             self.topic.mark_delivered(&self.group, partition, after);
+        } else if part.rewound_to.take().is_some() {
+            // Nothing left to read again (trimmed): the tracker's watermark
+            // stands.
+            if let Some(w) = self.set.watermark(partition) {
+                if store(&self.topic, &self.group, self.member, partition, part, w) {
+                    self.retry_soon();
+                }
+            }
         }
+        let part = self.partitions[p].as_mut().expect("held");
         part.next = after;
         part.buffer.extend(batch);
     }
@@ -243,11 +466,10 @@ impl ConsumeLoop {
     /// up to its room, its buffer and [`SUBMIT_BATCH`]; fewer (or none) when the
     /// shared bound is short.
     fn reserve(&self, p: usize) -> Vec<OwnedSemaphorePermit> {
-        let room = self
-            .set
-            .room(p as i32)
-            .min(self.partitions[p].buffer.len())
-            .min(SUBMIT_BATCH);
+        let buffered = self.partitions[p]
+            .as_ref()
+            .map_or(0, |part| part.buffer.len());
+        let room = self.set.room(p as i32).min(buffered).min(SUBMIT_BATCH);
         let mut permits = Vec::with_capacity(room);
         while permits.len() < room {
             match self.set.try_reserve() {
@@ -264,9 +486,12 @@ impl ConsumeLoop {
     /// kept as the partition's held jobs.
     async fn offer(&mut self, p: usize, permits: Vec<OwnedSemaphorePermit>) -> ControlFlow<()> {
         let partition = p as i32;
+        let Some(part) = self.partitions[p].as_mut() else {
+            return ControlFlow::Continue(());
+        };
         let mut tickets = Vec::with_capacity(permits.len());
         let mut messages = Vec::with_capacity(permits.len());
-        for msg in self.partitions[p].buffer.drain(..permits.len()) {
+        for msg in part.buffer.drain(..permits.len()) {
             let ticket = match self.set.begin(partition, msg.offset) {
                 Ok(t) => t,
                 Err(e) => {
@@ -277,6 +502,9 @@ impl ConsumeLoop {
             messages.push((msg, (), self.set.target(&ticket)));
             tickets.push(ticket);
         }
+        // The rewind's first message is tracked: the tracker knows the rewind
+        // now, and its watermark is the commit point again.
+        let rewound = part.rewound_to.take().is_some();
         let mut inflights = Vec::with_capacity(tickets.len());
         let offered = self
             .dispatcher
@@ -293,9 +521,20 @@ impl ConsumeLoop {
             }
             self.in_flight[p].fetch_add(1, Ordering::Relaxed);
         }
+        let part = self.partitions[p].as_mut().expect("held");
+        let failed = rewound
+            && self
+                .set
+                .watermark(partition)
+                .is_some_and(|w| store(&self.topic, &self.group, self.member, partition, part, w));
+        if failed {
+            self.retry_soon();
+        }
         match offered {
             Ok(h) => {
-                self.partitions[p].held = h;
+                if let Some(part) = self.partitions[p].as_mut() {
+                    part.held = h;
+                }
                 ControlFlow::Continue(())
             }
             Err(e) => {
@@ -316,7 +555,9 @@ impl ConsumeLoop {
     fn on_held(&mut self, p: usize, result: eventbus_core::Result<()>) -> ControlFlow<()> {
         match result {
             Ok(()) => {
-                self.partitions[p].held = None;
+                if let Some(part) = self.partitions[p].as_mut() {
+                    part.held = None;
+                }
                 ControlFlow::Continue(())
             }
             Err(e) => {
@@ -339,35 +580,53 @@ impl ConsumeLoop {
             .settle_ready(first, usize::MAX, &mut self.marks, |s| {
                 count_out(in_flight, &s)
             });
+        let mut failed = false;
         for (p, w) in self.marks.drain(..) {
-            self.topic.commit(&self.group, p, w);
+            if let Some(part) = self.partitions[p as usize].as_mut() {
+                failed |= store(&self.topic, &self.group, self.member, p, part, w);
+            }
+        }
+        if failed {
+            self.retry_soon();
         }
     }
 
-    /// Hand over and leave the group: drain within the bound, committing as work
-    /// lands; then fence what is left (no queued job of it starts) and wait,
-    /// bounded, for its running handlers before leaving.
-    async fn shutdown(&mut self) {
+    /// Core's hand-over of `partitions`: drain within the bound, committing as
+    /// work lands; then fence what is left (no queued job of it starts) and wait,
+    /// bounded, for its running handlers; then the final commit of each (retried
+    /// within the hand-over timeout). The partitions are dropped; the caller
+    /// releases them or leaves.
+    async fn hand_over(&mut self, partitions: &[i32]) {
         // Jobs the pool never took are dropped unrun: their entries settle
         // abandoned, uncommitted.
-        for part in &mut self.partitions {
-            part.held = None;
+        for p in partitions {
+            if let Some(part) = self.partitions[*p as usize].as_mut() {
+                part.held = None;
+            }
         }
-        let partitions: Vec<i32> = (0..self.partitions.len() as i32).collect();
-        let (topic, group, counts) = (
+        let (topic, group, member, counts) = (
             self.topic.clone(),
             self.group.clone(),
+            self.member,
             self.in_flight.clone(),
         );
+        let parts = &mut self.partitions;
+        let mut failed = false;
         let overruns = self
             .set
-            .hand_over(
-                &partitions,
-                self.drain_timeout,
-                self.handover_timeout,
-                |s| settle(&topic, &group, &counts, s),
-            )
+            .hand_over(partitions, self.drain_timeout, self.handover_timeout, |s| {
+                count_out(&counts, &s);
+                if let (Some(w), Some(part)) = (
+                    s.watermark,
+                    parts.get_mut(s.partition as usize).and_then(Option::as_mut),
+                ) {
+                    failed |= store(&topic, &group, member, s.partition, part, w);
+                }
+            })
             .await;
+        if failed {
+            self.retry_soon();
+        }
         let unfinished: usize = partitions.iter().map(|p| self.set.in_flight(*p)).sum();
         if unfinished > 0 {
             tracing::warn!(topic = %self.topic.name(), in_flight = unfinished,
@@ -379,19 +638,132 @@ impl ConsumeLoop {
                 "hand-over timeout: a handler still runs while its partitions are released");
             self.dispatcher.count_handover_overrun(self.topic.name());
         }
-        for p in partitions {
-            self.set.revoke(p);
+        let deadline = Instant::now() + self.handover_timeout;
+        for &p in partitions {
+            let watermark = self.set.revoke(p);
+            self.in_flight[p as usize].store(0, Ordering::Relaxed);
+            let Some(part) = self.partitions[p as usize].take() else {
+                continue;
+            };
+            // A rewind not read again yet commits its commit point: the
+            // records from it are read again by the next owner.
+            let last = match part.rewound_to {
+                Some(to) => Some(watermark.map_or(to, |w| w.min(to))),
+                None => watermark.or(part.unstored),
+            };
+            if let Some(offset) = last {
+                let topic = &*self.topic;
+                final_commit(
+                    topic,
+                    &self.group,
+                    self.member,
+                    p,
+                    part.generation,
+                    offset,
+                    deadline,
+                )
+                .await;
+            }
         }
+    }
+
+    /// Hand every partition over and leave the group.
+    async fn shutdown(&mut self) {
+        let partitions: Vec<i32> = (0..self.partitions.len())
+            .filter(|p| self.partitions[*p].is_some())
+            .map(|p| p as i32)
+            .collect();
+        self.hand_over(&partitions).await;
         self.topic.leave(&self.group, self.member);
     }
 }
 
-/// Poll every partition's held jobs, in partition order, then the in-flight set
-/// once; the first that is ready wins.
-async fn next_progress(partitions: &mut [Partition], set: &mut InFlightSet<()>) -> Progress {
+/// Commit `offset` of partition `p` (held under `generation`) for `member` on giving it
+/// up: a failure is retried until `deadline`, then left (the messages since
+/// the last commit are delivered again to the next owner).
+async fn final_commit(
+    topic: &Topic,
+    group: &str,
+    member: u64,
+    p: i32,
+    generation: u64,
+    offset: i64,
+    deadline: Instant,
+) {
+    loop {
+        match topic.commit(group, member, p, generation, offset) {
+            Ok(()) => return,
+            Err(e) if e.kind() == ErrorKind::Fenced => {
+                tracing::debug!(topic = %topic.name(), partition = p, error = %e,
+                    "final commit refused: the partition was taken away");
+                return;
+            }
+            Err(e) if Instant::now() >= deadline => {
+                tracing::warn!(topic = %topic.name(), partition = p, offset, error = %e,
+                    "final commit failed until the hand-over timeout; the messages since the \
+                     last commit are delivered again");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(topic = %topic.name(), partition = p, offset, error = %e,
+                    "final commit failed; retrying");
+                tokio::time::sleep(COMMIT_RETRY.min(deadline - Instant::now())).await;
+            }
+        }
+    }
+}
+
+/// Sleep until `at` (for ever when `None`).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Commit watermark `w` of `partition` (its state `part`) for `member`, unless
+/// a rewind's first message is not tracked yet. Returns whether the commit
+/// failed and is to be made again (kept in `part`).
+fn store(
+    topic: &Topic,
+    group: &str,
+    member: u64,
+    partition: i32,
+    part: &mut Partition,
+    w: i64,
+) -> bool {
+    if part.rewound_to.is_some() {
+        return false;
+    }
+    match topic.commit(group, member, partition, part.generation, w) {
+        Ok(()) => {
+            part.unstored = None;
+            false
+        }
+        Err(e) if e.kind() == ErrorKind::Fenced => {
+            tracing::debug!(topic = %topic.name(), partition, error = %e, "commit refused");
+            part.unstored = None;
+            false
+        }
+        Err(e) => {
+            tracing::debug!(topic = %topic.name(), partition, offset = w, error = %e,
+                "commit failed; made again shortly");
+            part.unstored = Some(w);
+            true
+        }
+    }
+}
+
+/// Poll every held partition's held jobs, in partition order, then the in-flight
+/// set once; the first that is ready wins.
+async fn next_progress(
+    partitions: &mut [Option<Partition>],
+    set: &mut InFlightSet<()>,
+) -> Progress {
     poll_fn(|cx| {
         for (p, part) in partitions.iter_mut().enumerate() {
-            if let Some(Poll::Ready(r)) = part.held.as_mut().map(|h| h.poll_submit(cx)) {
+            let held = part.as_mut().and_then(|part| part.held.as_mut());
+            if let Some(Poll::Ready(r)) = held.map(|h| h.poll_submit(cx)) {
                 return Poll::Ready(Progress::Held(p, r));
             }
         }
@@ -412,14 +784,6 @@ async fn next_progress(partitions: &mut [Partition], set: &mut InFlightSet<()>) 
 fn count_out(in_flight: &InFlightCounts, s: &Completion<()>) {
     if let Some(n) = in_flight.get(s.partition as usize) {
         n.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Count a completion out and commit the watermark it moved.
-fn settle(topic: &Topic, group: &str, in_flight: &InFlightCounts, s: Completion<()>) {
-    count_out(in_flight, &s);
-    if let Some(w) = s.watermark {
-        topic.commit(group, s.partition, w);
     }
 }
 

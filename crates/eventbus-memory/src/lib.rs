@@ -5,5 +5,5 @@ mod bus;
 mod consumer;
 mod redrive;
 
-pub use broker::{BrokerConfig, MemoryBroker};
+pub use broker::{BrokerConfig, GroupMember, MemoryBroker, Rebalance};
 pub use bus::MemoryEventBus;

@@ -509,8 +509,80 @@ impl ConsumerContext for ConsumerCtx {
 
 #[cfg(test)]
 mod tests {
-    use super::is_cooperative;
+    use super::{is_cooperative, ConsumerShared, Owned, Revoking, Transition};
     use crate::config::AssignmentStrategy;
+    use eventbus_core::raw::Scope;
+    use std::sync::mpsc as std_mpsc;
+    use std::time::{Duration, Instant};
+
+    fn revoking(owned: Vec<Owned>) -> (Transition, std_mpsc::Receiver<()>) {
+        let (reply, rx) = std_mpsc::sync_channel(1);
+        let now = Instant::now();
+        let revoke = Revoking {
+            owned,
+            drain_until: now + Duration::from_secs(1),
+            until: now + Duration::from_secs(2),
+            reply,
+        };
+        (Transition::Revoke(revoke), rx)
+    }
+
+    /// The scopes each queued transition names for `topic`/`p`, oldest first.
+    fn queued(shared: &ConsumerShared, topic: &str, p: i32) -> Vec<Scope> {
+        std::iter::from_fn(|| shared.take_transition())
+            .flat_map(|mut t| std::mem::take(t.owned_mut()))
+            .filter(|(t, q, _)| t == topic && *q == p)
+            .map(|(_, _, s)| s)
+            .collect()
+    }
+
+    /// A revoke the loop has not read yet (its callback gave up waiting and the
+    /// partition left, was assigned again and is revoked again): the loop may
+    /// still own the partition under the older assignment, so that revoke must
+    /// reach it. The newer one's assignment was never taken up by the loop (its
+    /// event is behind the older revoke): it is fenced and answered at once.
+    #[test]
+    fn a_queued_revoke_of_an_older_assignment_is_not_replaced() {
+        let shared = ConsumerShared::default();
+        let (older, newer) = (Scope::new(), Scope::new());
+        let (first, _first_reply) = revoking(vec![("t".to_owned(), 0, older.clone())]);
+        shared.push_transition(first);
+        let (second, second_reply) = revoking(vec![
+            ("t".to_owned(), 0, newer.clone()),
+            ("t".to_owned(), 1, Scope::new()),
+        ]);
+        shared.push_transition(second);
+        // Partition 1 was in the newer revoke only: that revoke still reaches the
+        // loop, which answers it; nothing is answered for it before.
+        assert_eq!(second_reply.try_recv(), Err(std_mpsc::TryRecvError::Empty));
+        let scopes = queued(&shared, "t", 0);
+        assert!(
+            scopes.iter().any(|s| s.same(&older)),
+            "the revoke of the older assignment reaches the loop"
+        );
+        assert_eq!(scopes.len(), 1, "one transition per partition queued");
+        assert!(newer.is_closed(), "the newer assignment is fenced");
+        // A loss of the newer assignment after the older revoke: the same.
+        let newer = Scope::new();
+        let (first, _first_reply) = revoking(vec![("t".to_owned(), 0, older.clone())]);
+        shared.push_transition(first);
+        shared.push_transition(Transition::Lost(vec![("t".to_owned(), 0, newer.clone())]));
+        let scopes = queued(&shared, "t", 0);
+        assert!(scopes.len() == 1 && scopes[0].same(&older));
+        assert!(newer.is_closed());
+        // A newer revoke that names only such partitions is answered at once.
+        let newer = Scope::new();
+        let (first, _first_reply) = revoking(vec![("t".to_owned(), 0, older.clone())]);
+        shared.push_transition(first);
+        let (second, second_reply) = revoking(vec![("t".to_owned(), 0, newer.clone())]);
+        shared.push_transition(second);
+        assert!(
+            second_reply.try_recv().is_ok(),
+            "nothing of it is left for the loop"
+        );
+        let scopes = queued(&shared, "t", 0);
+        assert!(scopes.len() == 1 && scopes[0].same(&older));
+    }
 
     #[test]
     fn the_rebalance_protocol_follows_the_assignment_strategy() {

@@ -1038,7 +1038,9 @@ impl ConsumeLoop {
 
     /// The broker went back within this assignment (offset reset, truncation, a
     /// seek): the watermark may have moved down, below what is stored or even
-    /// committed. librdkafka commits stored offsets only forwards, so the group's
+    /// committed. It exists after every rewind, also one that comes while the
+    /// assignment's first message still runs: it is then the lower of the rewind
+    /// point and the lowest pending offset. librdkafka commits stored offsets only forwards, so the group's
     /// offset is taken back explicitly, and the partition stays paused until the
     /// group confirms it: were the member to crash or lose the partition first,
     /// the next owner would start at the old committed offset and never handle

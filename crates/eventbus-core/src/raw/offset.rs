@@ -11,7 +11,10 @@
 //! (the caller fences them: see [`crate::raw::fence::Scope::rewind`]); messages below
 //! `R` still count until they finish. The watermark is the lowest unfinished offset
 //! of any epoch, or one past the last tracked offset when nothing is unfinished; it
-//! can move down at a rewind, and the caller then commits backwards explicitly.
+//! can move down at a rewind, and the caller then commits backwards explicitly. A
+//! rewind sets it even before anything finished: the offsets from the rewind
+//! point up to where the assignment started are read again, and must not stay
+//! behind the group's committed offset.
 //!
 //! # About a bit per offset
 //!
@@ -338,7 +341,8 @@ pub struct OffsetTracker {
     watermark: Option<i64>,
     /// Pending offsets across epochs.
     pending: usize,
-    /// Whether a first tracked offset finished: the watermark exists from then on.
+    /// Whether a first tracked offset finished, or a rewind came: the watermark
+    /// exists from then on.
     started: bool,
 }
 
@@ -379,8 +383,13 @@ impl OffsetTracker {
         self.last_tracked = Some(offset);
         self.current.push(offset, gap);
         self.pending += 1;
-        if rewound_from.is_some() && self.watermark.is_some() {
+        if rewound_from.is_some() {
+            // Also before anything finished: the offsets between the rewind point
+            // and where the assignment started (the group's committed offset) are
+            // read again, so the commit must go back to the lowest unfinished
+            // offset, the rewind point at most.
             self.watermark = Some(self.commit_point());
+            self.started = true;
         }
         Tracked {
             epoch: self.current.id,
@@ -474,7 +483,9 @@ impl OffsetTracker {
     }
 
     /// The offset to commit: every tracked offset below it has finished (in some
-    /// epoch). `None` until the first tracked offset finishes.
+    /// epoch). `None` until the first tracked offset finishes or a rewind comes
+    /// (then it is the lowest unfinished offset, the rewind point at most, even
+    /// while the first tracked offset still runs).
     pub fn watermark(&self) -> Option<i64> {
         self.watermark
     }
@@ -883,8 +894,9 @@ mod tests {
         assert_eq!(t.track(far / 2).rewound_from, Some(far / 2));
         assert_eq!(t.in_flight(), 3);
         assert_eq!(t.tracked(), 2 + 1);
+        assert_eq!(t.watermark(), Some(10), "10 still runs");
         assert_eq!(t.complete(0, 11), None);
-        assert_eq!(t.complete(1, far / 2), Some(10), "10 holds it");
+        assert_eq!(t.complete(1, far / 2), None, "10 holds it");
         assert_eq!(t.complete(0, 10), Some(far / 2 + 1));
         assert_eq!(t.tracked(), 0);
     }
@@ -950,8 +962,9 @@ mod tests {
             let (epoch, entries) = self.epochs.last_mut().expect("an epoch");
             entries.insert(offset, true);
             let epoch = *epoch;
-            if rewound_from.is_some() && self.watermark.is_some() {
+            if rewound_from.is_some() {
                 self.watermark = Some(self.commit_point());
+                self.started = true;
             }
             Tracked {
                 epoch,

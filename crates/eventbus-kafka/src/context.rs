@@ -94,6 +94,13 @@ impl std::fmt::Debug for Transition {
 }
 
 impl Transition {
+    fn owned(&self) -> &[Owned] {
+        match self {
+            Transition::Revoke(r) => &r.owned,
+            Transition::Lost(owned) => owned,
+        }
+    }
+
     fn owned_mut(&mut self) -> &mut Vec<Owned> {
         match self {
             Transition::Revoke(r) => &mut r.owned,
@@ -145,8 +152,9 @@ pub(crate) struct ConsumerShared {
     /// Revokes that went on while a handler of the revoked partitions still ran.
     pub(crate) handover_overruns: AtomicU64,
     /// Revokes and losses not yet taken by the loop, oldest first: at most one
-    /// per partition (a newer one for a partition replaces it), so bounded by the
-    /// partition count.
+    /// per partition (the one queued first; see
+    /// [`push_transition`](Self::push_transition)), so bounded by the partition
+    /// count.
     transitions: Mutex<VecDeque<Transition>>,
     /// Woken when a transition is pushed.
     pub(crate) transition_ready: Notify,
@@ -196,28 +204,36 @@ impl ConsumerShared {
             .is_ok()
     }
 
-    /// Hand a revoke or a loss to the loop, without waiting. The callbacks run
-    /// one at a time, and each has fenced its partitions' scopes before a later
-    /// one runs (a revoke when the loop did not answer in time, a loss at once),
-    /// so a queued transition of a partition that a newer one names again has
-    /// nothing left to do for it: it is dropped, and the queue holds at most one
-    /// per partition.
+    /// Hand a revoke or a loss to the loop, without waiting.
+    ///
+    /// The queue holds at most one transition per partition, so it is bounded by
+    /// the partition count. When a queued one names a partition already, the
+    /// queued one wins: the callbacks run one at a time and the loop reads every
+    /// transition before any assignment, so the loop has not taken up the newer
+    /// assignment (its event is behind the queued transition) and may still own
+    /// the partition under the older one, which only the queued transition takes
+    /// away. The newer assignment's scope is fenced here instead (the loop will
+    /// find it closed and ignore it), and a revoke left with no partition is
+    /// answered at once.
     pub(crate) fn push_transition(&self, transition: Transition) {
-        let mut names: Vec<(String, i32)> = Vec::new();
         let mut transition = transition;
-        names.extend(
-            transition
-                .owned_mut()
-                .iter()
-                .map(|(t, p, _)| (t.clone(), *p)),
-        );
         let mut queue = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
-        for queued in queue.iter_mut() {
-            queued
-                .owned_mut()
-                .retain(|(t, p, _)| !names.iter().any(|(nt, np)| nt == t && np == p));
+        transition.owned_mut().retain(|(t, p, scope)| {
+            let queued = queue
+                .iter()
+                .any(|q| q.owned().iter().any(|(qt, qp, _)| qt == t && qp == p));
+            if queued {
+                scope.fence();
+            }
+            !queued
+        });
+        if transition.owned().is_empty() {
+            drop(queue);
+            if let Transition::Revoke(r) = transition {
+                let _ = r.reply.send(());
+            }
+            return;
         }
-        queue.retain_mut(|queued| !queued.owned_mut().is_empty());
         queue.push_back(transition);
         drop(queue);
         self.transition_ready.notify_one();

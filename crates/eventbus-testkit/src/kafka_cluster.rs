@@ -5,7 +5,7 @@
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::mocking::MockCluster;
+use rdkafka::mocking::{MockCluster, MockCoordinator};
 pub use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::sync::mpsc;
@@ -17,6 +17,9 @@ enum Cmd {
     ClearErrors(RDKafkaApiKey, mpsc::SyncSender<()>),
     BrokerDown(i32, mpsc::SyncSender<Result<(), String>>),
     BrokerUp(i32, mpsc::SyncSender<Result<(), String>>),
+    Coordinator(String, i32, mpsc::SyncSender<Result<(), String>>),
+    PartitionLeader(String, i32, i32, mpsc::SyncSender<Result<(), String>>),
+    RoundTripTime(i32, Duration, mpsc::SyncSender<Result<(), String>>),
 }
 
 /// `KAFKA_BROKERS`, when set and not blank: the real broker [`Cluster::start`]
@@ -103,6 +106,18 @@ impl Cluster {
                         Cmd::BrokerUp(id, r) => {
                             let _ = r.send(mock.broker_up(id).map_err(|e| e.to_string()));
                         }
+                        Cmd::Coordinator(group, id, r) => {
+                            let set = mock.coordinator(MockCoordinator::Group(group), id);
+                            let _ = r.send(set.map_err(|e| e.to_string()));
+                        }
+                        Cmd::PartitionLeader(t, p, id, r) => {
+                            let set = mock.partition_leader(&t, p, Some(id));
+                            let _ = r.send(set.map_err(|e| e.to_string()));
+                        }
+                        Cmd::RoundTripTime(id, delay, r) => {
+                            let set = mock.broker_round_trip_time(id, delay);
+                            let _ = r.send(set.map_err(|e| e.to_string()));
+                        }
                     }
                 }
             })
@@ -187,6 +202,25 @@ impl Cluster {
     /// Bring broker `id` back.
     pub fn broker_up(&self, id: i32) {
         self.cmd(|r| Cmd::BrokerUp(id, r)).expect("broker up");
+    }
+
+    /// Make broker `id` the coordinator of `group` (the mock otherwise picks one
+    /// by hashing the group's name).
+    pub fn coordinator(&self, group: &str, id: i32) {
+        self.cmd(|r| Cmd::Coordinator(group.to_owned(), id, r))
+            .expect("set the group coordinator");
+    }
+
+    /// Make broker `id` the leader of `topic`/`partition`.
+    pub fn partition_leader(&self, topic: &str, partition: i32, id: i32) {
+        self.cmd(|r| Cmd::PartitionLeader(topic.to_owned(), partition, id, r))
+            .expect("set the partition leader");
+    }
+
+    /// Delay every answer of broker `id` by `delay` (zero: answer at once).
+    pub fn round_trip_time(&self, id: i32, delay: Duration) {
+        self.cmd(|r| Cmd::RoundTripTime(id, delay, r))
+            .expect("set the round-trip time");
     }
 
     /// The group's committed offset of `topic`/`partition`, read by an outside

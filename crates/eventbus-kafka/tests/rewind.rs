@@ -286,6 +286,94 @@ async fn a_rewind_below_the_committed_offset_is_durable_across_a_hand_over() {
     b.close().await.unwrap();
 }
 
+/// Whether `bus` reports its consumer Degraded, naming `topic`.
+fn degraded_naming(bus: &KafkaEventBus, topic: &str) -> bool {
+    let report = futures::executor::block_on(bus.health());
+    report.components.iter().any(|c| {
+        c.name == "consumer"
+            && c.status == HealthStatus::Degraded
+            && c.reason.as_deref().is_some_and(|r| r.contains(topic))
+    })
+}
+
+/// A rewind below the committed offset whose backward commit the group does not
+/// answer (the coordinator answers only after a long delay): the consumer
+/// reports Degraded once the operation timeout has passed without an answer,
+/// not only when an answer is an error; the late confirmation clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backward_commit_left_unanswered_reports_degraded() {
+    // The coordinator and the partition's leader on brokers of their own, so the
+    // coordinator can be slowed alone.
+    let (leader, coordinator) = (1, 2);
+    let cluster = Cluster::mock(3);
+    let topic = random("rewind-unanswered");
+    cluster.create_topic(&topic, 1).await;
+    cluster.partition_leader(&topic, 0, leader);
+    let cfg = bus_config();
+    let group = cfg.consumer.group_id.clone();
+    cluster.coordinator(&group, coordinator);
+    let mut kafka = cluster.kafka_config();
+    let operation_timeout = Duration::from_secs(1);
+    kafka.operation_timeout = operation_timeout;
+    // Longer than the coordinator's delay below: the member keeps its session.
+    kafka.session_timeout = Duration::from_secs(45);
+    let pool = keyed_pools()(PoolSpec::default()).await;
+    let bus = KafkaEventBus::new(kafka, cfg, pool).unwrap();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let gate = open_gate();
+    subscribe(&bus, &topic, &checker, &handled, &gate, Duration::ZERO).await;
+    let n = 50u64;
+    for i in 0..n {
+        let key = format!("k{}", i % 10);
+        let seq = checker.produce(&key);
+        bus.publish_envelope(&topic, &env(&key, seq)).await.unwrap();
+    }
+    wait_until("everything committed", WAIT, || {
+        cluster.committed(&group, &topic, 0) == Some(n as i64)
+    })
+    .await;
+    // Hold the handlers; make the coordinator answer only after a long delay;
+    // then send the consumer back to the start.
+    gate.send_replace(false);
+    handled.lock().unwrap().clear();
+    let delay = Duration::from_secs(20);
+    cluster.round_trip_time(coordinator, delay);
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
+    );
+    // Well within the coordinator's delay: the backward commit is unanswered.
+    wait_until(
+        "the consumer reports Degraded while the backward commit has no answer",
+        delay / 2,
+        || degraded_naming(&bus, &topic),
+    )
+    .await;
+    cluster.round_trip_time(coordinator, Duration::ZERO);
+    wait_until(
+        "the late confirmation of the backward commit clears Degraded",
+        WAIT,
+        || !degraded_naming(&bus, &topic),
+    )
+    .await;
+    wait_until(
+        "the committed offset is at the rewind point while the re-read messages wait",
+        WAIT,
+        || cluster.committed(&group, &topic, 0) == Some(0),
+    )
+    .await;
+    gate.send_replace(true);
+    wait_until("everything committed again", WAIT, || {
+        committed_within_handled(&cluster, &group, &topic, &handled) == n as i64
+    })
+    .await;
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    bus.close().await.unwrap();
+}
+
 /// Rewinds while messages are in flight: every message handled at least once, in
 /// order per key, and no sample of the committed offset ever passes an offset that
 /// was not handled.

@@ -262,6 +262,8 @@ struct BackCommit {
     answer: Option<oneshot::Receiver<Result<(), String>>>,
     /// Until when it may stay unconfirmed before the consumer reports Degraded.
     deadline: Instant,
+    /// Reported unconfirmed (past `deadline`).
+    reported: bool,
 }
 
 /// What the loop waits for besides events: a completion, or held jobs of a
@@ -485,7 +487,7 @@ impl ConsumeLoop {
                 }
                 Step::Tick => {
                     self.report_in_flight();
-                    self.retry_back_commits();
+                    self.check_back_commits();
                 }
             }
         }
@@ -1040,12 +1042,14 @@ impl ConsumeLoop {
     /// seek): the watermark may have moved down, below what is stored or even
     /// committed. It exists after every rewind, also one that comes while the
     /// assignment's first message still runs: it is then the lower of the rewind
-    /// point and the lowest pending offset. librdkafka commits stored offsets only forwards, so the group's
-    /// offset is taken back explicitly, and the partition stays paused until the
-    /// group confirms it: were the member to crash or lose the partition first,
-    /// the next owner would start at the old committed offset and never handle
-    /// the re-read messages below it. Not confirmed within the operation timeout,
-    /// it is retried every commit interval and the consumer reports Degraded.
+    /// point and the lowest pending offset. librdkafka commits stored offsets
+    /// only forwards, so the group's offset is taken back explicitly, and the
+    /// partition stays paused until the group confirms it: were the member to
+    /// crash or lose the partition first, the next owner would start at the old
+    /// committed offset and never handle the re-read messages below it. Not
+    /// confirmed within the operation timeout (an error, or no answer yet), the
+    /// consumer reports Degraded; a failed commit is retried every commit
+    /// interval.
     fn on_rewind(&mut self, topic: &str, p: i32) {
         self.dispatcher.count_rewind(topic);
         let Some(w) = self.topics.get(topic).and_then(|ts| ts.set.watermark(p)) else {
@@ -1065,6 +1069,7 @@ impl ConsumeLoop {
                 to: w,
                 answer: Some(answer),
                 deadline: Instant::now() + self.operation_timeout,
+                reported: false,
             },
         );
         self.pause(
@@ -1097,6 +1102,9 @@ impl ConsumeLoop {
                 );
             }
             Err(e) if Instant::now() >= back.deadline => {
+                if let Some(back) = ts.rewound.get_mut(&p) {
+                    back.reported = true;
+                }
                 self.shared.rewind_unconfirmed(topic, p, to);
                 tracing::error!(topic, partition = p, offset = to, error = %e,
                     "backward commit after a rewind not confirmed; the partition stays \
@@ -1107,10 +1115,23 @@ impl ConsumeLoop {
         }
     }
 
-    /// Send again the backward commits whose last try failed.
-    fn retry_back_commits(&mut self) {
+    /// Report the backward commits past their deadline, answered or not (a
+    /// commit to a coordinator that does not answer waits without a bound of its
+    /// own), and send again those whose last try failed.
+    fn check_back_commits(&mut self) {
+        let now = Instant::now();
         for (topic, ts) in self.topics.iter_mut() {
             for (p, back) in ts.rewound.iter_mut() {
+                if now >= back.deadline && !back.reported {
+                    back.reported = true;
+                    self.shared.rewind_unconfirmed(topic, *p, back.to);
+                    if back.answer.is_some() {
+                        tracing::error!(%topic, partition = p, offset = back.to,
+                            timeout = ?self.operation_timeout,
+                            "backward commit after a rewind not answered in time; the \
+                             partition stays paused until the group confirms it");
+                    }
+                }
                 if back.answer.is_some() {
                     continue;
                 }

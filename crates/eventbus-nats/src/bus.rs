@@ -671,6 +671,7 @@ async fn connect_options(cfg: &NatsConfig, tx: watch::Sender<u64>) -> Result<Con
         .name(&cfg.name)
         .connection_timeout(cfg.reconnect.connection_timeout)
         .request_timeout(Some(cfg.request_timeout))
+        .ping_interval(cfg.ping_interval)
         .max_reconnects(cfg.reconnect.max_reconnects)
         .reconnect_delay_callback(move |attempt| reconnect.delay_for(attempt))
         .event_callback(move |event| {

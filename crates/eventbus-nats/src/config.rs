@@ -161,6 +161,9 @@ pub enum Retention {
     WorkQueue,
 }
 
+/// Default of `NatsConfig::ping_interval`.
+const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Settings of the NATS backend.
 ///
 /// Deserializes with defaults; durations are human-readable (`"30s"`).
@@ -194,6 +197,14 @@ pub struct NatsConfig {
     /// Time bound of JetStream API calls and publish acks (`request_timeout`), default 5s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How often the client pings the server (`ping_interval`), default 5s. The
+    /// client declares the connection lost, and reconnects, when a third ping is
+    /// due with two still unanswered: a link cut without a reset (a network
+    /// partition, a server frozen) is noticed about three intervals after the
+    /// server last spoke. The NATS client's own default, 60s, would leave such a
+    /// connection for minutes. At least 100ms.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
     /// Per-topic settings (`topics.<topic>`), used when a topic's stream is created or
     /// checked. Topics not listed get [`TopicConfig::default`] (file storage).
     pub topics: HashMap<String, TopicConfig>,
@@ -235,6 +246,7 @@ impl Default for NatsConfig {
             fetch_batch: 256,
             fetch_expires: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            ping_interval: DEFAULT_PING_INTERVAL,
             topics: HashMap::new(),
             retention: HashMap::new(),
             partitions: HashMap::new(),
@@ -252,6 +264,13 @@ impl NatsConfig {
             urls: urls.into_iter().map(Into::into).collect(),
             ..Self::default()
         }
+    }
+
+    /// Set how often the client pings the server (`ping_interval`).
+    #[must_use]
+    pub fn ping_interval(mut self, d: Duration) -> Self {
+        self.ping_interval = d;
+        self
     }
 
     /// Set the authentication.
@@ -363,6 +382,12 @@ impl NatsConfig {
         }
         if self.request_timeout.is_zero() {
             return Err(Error::config("request_timeout must be above zero"));
+        }
+        if self.ping_interval < Duration::from_millis(100) {
+            return Err(Error::config(format!(
+                "ping_interval must be at least 100ms, got {:?}",
+                self.ping_interval
+            )));
         }
         let least = self.fetch_expires * 2 + Duration::from_secs(1);
         if self.lease_ttl < least {
@@ -538,6 +563,14 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("auth.token"), "{e}");
+        for bad in [Duration::ZERO, Duration::from_millis(99)] {
+            let e = NatsConfig::default()
+                .ping_interval(bad)
+                .validate()
+                .unwrap_err();
+            assert_eq!(e.kind(), eventbus_core::ErrorKind::Config, "{e}");
+            assert!(e.to_string().contains("ping_interval"), "{e}");
+        }
         let e = NatsConfig::default()
             .lease_ttl(Duration::from_secs(3))
             .validate()
@@ -591,6 +624,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.ack_wait, Duration::from_secs(2));
+        assert_eq!(c.ping_interval, DEFAULT_PING_INTERVAL);
+        let pings: NatsConfig = serde_json::from_str(r#"{"ping_interval":"750ms"}"#).unwrap();
+        assert_eq!(pings.ping_interval, Duration::from_millis(750));
         assert_eq!(c.retention_of("orders"), Retention::WorkQueue);
         assert_eq!(c.retention_of("other"), Retention::Limits);
         assert!(c.validate().is_ok());

@@ -14,6 +14,7 @@ mod liveness;
 mod members;
 mod offset_reset;
 mod out_of_service;
+mod partition_fault;
 mod partitioned;
 mod poison;
 mod redrive;

@@ -1401,8 +1401,69 @@ pub(crate) fn consumer_gone() -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::take_run;
-    use eventbus_core::Message;
+    use super::{commit_back_before_leaving, take_run, KConsumer};
+    use crate::context::{ConsumerCtx, ConsumerShared};
+    use eventbus_core::raw::Dispatcher;
+    use eventbus_core::{BusConfig, Message, Pool};
+    use eventbus_keyed_pool::{KeyedPoolConfig, KeyedWorkerPool};
+    use eventbus_testkit::kafka_cluster::Cluster;
+    use rdkafka::consumer::{CommitMode, Consumer};
+    use rdkafka::ClientConfig;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+    use tokio::time::Instant;
+
+    /// A consumer of `group` with the bus's callbacks, in no assignment: explicit
+    /// commits only.
+    fn group_consumer(cluster: &Cluster, group: &str) -> Arc<KConsumer> {
+        let pool: Arc<dyn Pool> =
+            Arc::new(KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(1)).unwrap());
+        let (events, _) = mpsc::channel(1);
+        let ctx = ConsumerCtx {
+            events,
+            shared: Arc::default(),
+            dispatcher: Dispatcher::new("kafka", pool, None, BusConfig::default()),
+            drain_timeout: Duration::from_secs(1),
+            handover_timeout: Duration::from_secs(1),
+            cooperative: false,
+        };
+        let consumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.brokers())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create_with_context(ctx)
+            .expect("consumer");
+        Arc::new(consumer)
+    }
+
+    /// The backward commit of a revoke whose deadline has passed (the revoke
+    /// callback gave up waiting, and the partition is leaving or has left):
+    /// nothing is committed. A commit then would land for a partition this
+    /// member no longer holds, maybe after its next owner started.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backward_commit_at_a_revoke_starts_nothing_past_its_deadline() {
+        let cluster = Cluster::mock(1);
+        let topic = format!("revoke-deadline-{:016x}", fastrand::u64(..));
+        let group = format!("group-{:016x}", fastrand::u64(..));
+        cluster.create_topic(&topic, 1).await;
+        let consumer = group_consumer(&cluster, &group);
+        let tpl = super::offsets(&[(&topic, 0, 10)]).expect("offsets");
+        let c = consumer.clone();
+        tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
+            .await
+            .unwrap()
+            .expect("the group's offset at 10");
+        assert_eq!(cluster.committed(&group, &topic, 0), Some(10));
+        let shared = ConsumerShared::default();
+        let back = [(topic.clone(), 0, 3)];
+        commit_back_before_leaving(consumer, &shared, &back, Instant::now()).await;
+        assert_eq!(
+            cluster.committed(&group, &topic, 0),
+            Some(10),
+            "nothing committed past the revoke's deadline"
+        );
+    }
 
     fn offsets(run: &[Message]) -> Vec<(i32, i64)> {
         run.iter().map(|m| (m.partition, m.offset)).collect()

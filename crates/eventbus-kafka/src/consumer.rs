@@ -257,13 +257,23 @@ struct TopicState {
 
 /// A backward commit after a rewind: the offset the group must go back to, and
 /// the answer of the commit under way (none between a failure and the retry).
+/// Dropped (confirmed, superseded by a later rewind, or the partition leaving),
+/// it stops its commit thread: no further attempt starts.
 struct BackCommit {
     to: i64,
     answer: Option<oneshot::Receiver<Result<(), String>>>,
+    /// Set on drop: the commit thread starts no further attempt.
+    stop: Arc<AtomicBool>,
     /// Until when it may stay unconfirmed before the consumer reports Degraded.
     deadline: Instant,
     /// Reported unconfirmed (past `deadline`).
     reported: bool,
+}
+
+impl Drop for BackCommit {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
 }
 
 /// What the loop waits for besides events: a completion, or held jobs of a
@@ -631,6 +641,18 @@ impl ConsumeLoop {
             .filter(|(t, p, scope)| self.owns_under(t, *p, scope))
             .map(|(t, p, _)| (t.clone(), *p))
             .collect();
+        // Partitions whose group offset is still above a rewind point: take it
+        // back now, so the commit has the whole revoke to be confirmed in, and
+        // is over by the callback's deadline, while they are still this
+        // member's (the rewind point is at most the watermark they leave with).
+        let back: Vec<(String, i32, i64)> = parts
+            .iter()
+            .filter_map(|(t, p)| {
+                let to = self.topics.get(t.as_str())?.rewound.get(p)?.to;
+                Some((t.clone(), *p, to))
+            })
+            .collect();
+        let going_back = LeavingCommit::start(self.consumer.clone(), back, until);
         let ended = hand_over(
             &mut Leaving {
                 lp: self,
@@ -650,17 +672,14 @@ impl ConsumeLoop {
             self.count_overruns(&parts);
         }
         let mut resume = TopicPartitionList::new();
-        let mut back: Vec<(String, i32, i64)> = Vec::new();
         for (topic, p) in &parts {
             let Some(ts) = self.topics.get_mut(topic.as_str()) else {
                 continue;
             };
-            let rewound = ts.rewound.remove(p);
+            // Its own commit thread, if still trying, stops here.
+            ts.rewound.remove(p);
             if let Some(w) = ts.set.revoke(*p) {
                 store_offset(&self.consumer, topic, *p, w);
-                if rewound.is_some() {
-                    back.push((topic.clone(), *p, w));
-                }
             }
             if ts.paused.remove(p) {
                 resume.add_partition(topic, *p);
@@ -672,7 +691,7 @@ impl ConsumeLoop {
         if resume.count() > 0 {
             let _ = self.consumer.resume(&resume);
         }
-        commit_back_before_leaving(self.consumer.clone(), &self.shared, &back, until).await;
+        going_back.finish(&self.shared).await;
         self.finish_removals();
     }
 
@@ -1059,16 +1078,21 @@ impl ConsumeLoop {
         let Some(tpl) = offsets(&[(topic, p, w)]) else {
             return;
         };
-        let answer = commit_on_thread(self.consumer.clone(), Some(tpl), self.operation_timeout);
+        let deadline = Instant::now() + self.operation_timeout;
+        let stop = Arc::new(AtomicBool::new(false));
+        let answer = commit_on_thread(self.consumer.clone(), Some(tpl), deadline, stop.clone());
         let Some(ts) = self.topics.get_mut(topic) else {
             return;
         };
+        // A backward commit of an earlier rewind still under way is dropped:
+        // its thread stops, and cannot take the group's offset above this one.
         ts.rewound.insert(
             p,
             BackCommit {
                 to: w,
                 answer: Some(answer),
-                deadline: Instant::now() + self.operation_timeout,
+                stop,
+                deadline,
                 reported: false,
             },
         );
@@ -1139,7 +1163,8 @@ impl ConsumeLoop {
                     back.answer = Some(commit_on_thread(
                         self.consumer.clone(),
                         Some(tpl),
-                        self.operation_timeout,
+                        Instant::now() + self.operation_timeout,
+                        back.stop.clone(),
                     ));
                 }
             }
@@ -1232,7 +1257,8 @@ impl ConsumeLoop {
         let answer = commit_on_thread(
             self.consumer.clone(),
             offsets(&back),
-            self.operation_timeout,
+            Instant::now() + self.operation_timeout,
+            Arc::new(AtomicBool::new(false)),
         );
         let result = match tokio::time::timeout(self.operation_timeout, answer).await {
             Ok(Ok(result)) => result,
@@ -1303,26 +1329,45 @@ impl HandOver for Leaving<'_> {
 }
 
 /// Commit `explicit` offsets when given (a backward commit), then the stored
-/// offsets, on a thread of its own, retrying what fails for at most `timeout`;
-/// the outcome comes on the returned channel. librdkafka's synchronous commit has
-/// no timeout of its own (with the coordinator gone it returns when librdkafka
-/// gives the group up, after the session timeout): the caller waits for the
-/// answer with its own deadline, and a thread still waiting then is left to
-/// finish. (An asynchronous commit's answer comes through the consumer's poll,
-/// which the fetching thread does not reach while a rebalance callback waits for
-/// the loop; a synchronous one on a thread of its own needs no poll.)
+/// offsets, on a thread of its own, retrying what fails; the outcome comes on
+/// the returned channel. No attempt starts at or after `deadline`, nor once
+/// `stop` is set: an error then. librdkafka's synchronous commit has no timeout
+/// of its own (with the coordinator gone it returns when librdkafka gives the
+/// group up, after the session timeout): the caller waits for the answer with
+/// its own deadline, and a thread still waiting then is left to finish (the
+/// one attempt it has under way cannot be recalled). (An asynchronous commit's
+/// answer comes through the consumer's poll, which the fetching thread does not
+/// reach while a rebalance callback waits for the loop; a synchronous one on a
+/// thread of its own needs no poll.)
 fn commit_on_thread(
     consumer: Arc<KConsumer>,
     explicit: Option<TopicPartitionList>,
-    timeout: Duration,
+    deadline: Instant,
+    stop: Arc<AtomicBool>,
 ) -> oneshot::Receiver<Result<(), String>> {
     let (tx, rx) = oneshot::channel();
+    let deadline = deadline.into_std();
     let spawned = std::thread::Builder::new()
         .name("eventbus-kafka-commit".to_owned())
         .spawn(move || {
-            let deadline = std::time::Instant::now() + timeout;
             let mut explicit = explicit;
+            // Whether explicit offsets were given and are committed: what is
+            // left, the stored offsets, librdkafka commits on its own too.
+            let mut explicit_done = false;
+            let mut last_error = None;
             let result = loop {
+                let stopped = stop.load(Ordering::Acquire);
+                if explicit_done && (stopped || std::time::Instant::now() >= deadline) {
+                    break Ok(());
+                }
+                if stopped {
+                    break Err(
+                        "stopped: the partition left or the commit was superseded".to_owned()
+                    );
+                }
+                if std::time::Instant::now() >= deadline {
+                    break Err(last_error.unwrap_or_else(|| "the deadline passed".to_owned()));
+                }
                 let r = match &explicit {
                     Some(tpl) => consumer.commit(tpl, CommitMode::Sync),
                     None => consumer.commit_consumer_state(CommitMode::Sync),
@@ -1332,12 +1377,13 @@ fn commit_on_thread(
                         if explicit.take().is_none() {
                             break Ok(());
                         }
+                        explicit_done = true;
                     }
-                    Err(e) if std::time::Instant::now() < deadline => {
+                    Err(e) => {
                         tracing::debug!(error = %e, "commit failed; retrying");
+                        last_error = Some(e.to_string());
                         std::thread::sleep(Duration::from_millis(50));
                     }
-                    Err(e) => break Err(e.to_string()),
                 }
             };
             let _ = tx.send(result);
@@ -1350,38 +1396,76 @@ fn commit_on_thread(
     rx
 }
 
-/// Partitions leaving this member while their group offset is still above
-/// their watermark (a rewind not confirmed): the commit librdkafka makes as
-/// they leave only goes forwards, so take the group's offset back here,
-/// waiting at most until `deadline`. A failure is loud: the next owner will
-/// start above messages that were read again and not handled.
-async fn commit_back_before_leaving(
-    consumer: Arc<KConsumer>,
-    shared: &ConsumerShared,
-    back: &[(String, i32, i64)],
+/// The backward commit of partitions leaving this member while their group
+/// offset is still above a rewind point (a rewind not confirmed): the commit
+/// librdkafka makes as they leave only goes forwards, so the group's offset is
+/// taken back explicitly, within the revoke: started at its beginning, no
+/// attempt after its deadline (the revoke callback's: the partitions leave
+/// then, and a commit landing later would move the offset of a partition this
+/// member no longer holds, maybe under its next owner), its answer awaited
+/// until then at most. A failure is loud: the next owner will start above
+/// messages that were read again and not handled.
+struct LeavingCommit {
+    back: Vec<(String, i32, i64)>,
+    answer: Option<oneshot::Receiver<Result<(), String>>>,
     deadline: Instant,
-) {
-    let marks: Vec<(&str, i32, i64)> = back.iter().map(|(t, p, w)| (t.as_str(), *p, *w)).collect();
-    let Some(tpl) = offsets(&marks) else {
-        return;
-    };
-    let timeout = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(100));
-    let answer = commit_on_thread(consumer, Some(tpl), timeout);
-    let result = tokio::time::timeout(timeout, answer)
-        .await
-        .map_err(|_| format!("no answer from the group coordinator within {timeout:?}"))
-        .and_then(|r| r.unwrap_or_else(|_| Err("the commit thread ended".to_owned())));
-    for (t, p, _) in back {
-        shared.rewind_confirmed(t, *p);
+    /// Set when the revoke is over: the commit thread starts no further attempt.
+    stop: Arc<AtomicBool>,
+}
+
+impl LeavingCommit {
+    /// Start taking the group's offsets of `back` back, to be over by `deadline`;
+    /// nothing starts when it has passed.
+    fn start(consumer: Arc<KConsumer>, back: Vec<(String, i32, i64)>, deadline: Instant) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let marks: Vec<(&str, i32, i64)> =
+            back.iter().map(|(t, p, w)| (t.as_str(), *p, *w)).collect();
+        let answer = match offsets(&marks) {
+            Some(tpl) if Instant::now() < deadline => Some(commit_on_thread(
+                consumer,
+                Some(tpl),
+                deadline,
+                stop.clone(),
+            )),
+            _ => None,
+        };
+        Self {
+            back,
+            answer,
+            deadline,
+            stop,
+        }
     }
-    match result {
-        Ok(()) => tracing::info!(partitions = ?back,
-            "the group's offsets went back to the rewind points before the hand-over"),
-        Err(e) => tracing::error!(partitions = ?back, error = %e,
-            "the group's offsets could not be taken back to the rewind points before \
-             the hand-over: the next owner starts above messages read again"),
+
+    /// Wait for the answer until the deadline at most, and report it.
+    async fn finish(self, shared: &ConsumerShared) {
+        let Self {
+            back,
+            answer,
+            deadline,
+            stop,
+        } = self;
+        if back.is_empty() {
+            return;
+        }
+        let result = match answer {
+            None => Err("the revoke's deadline had passed".to_owned()),
+            Some(answer) => tokio::time::timeout_at(deadline, answer)
+                .await
+                .map_err(|_| "no answer from the group coordinator within the revoke".to_owned())
+                .and_then(|r| r.unwrap_or_else(|_| Err("the commit thread ended".to_owned()))),
+        };
+        stop.store(true, Ordering::Release);
+        for (t, p, _) in &back {
+            shared.rewind_confirmed(t, *p);
+        }
+        match result {
+            Ok(()) => tracing::info!(partitions = ?back,
+                "the group's offsets went back to the rewind points before the hand-over"),
+            Err(e) => tracing::error!(partitions = ?back, error = %e,
+                "the group's offsets could not be taken back to the rewind points before \
+                 the hand-over: the next owner starts above messages read again"),
+        }
     }
 }
 
@@ -1401,7 +1485,7 @@ pub(crate) fn consumer_gone() -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::{commit_back_before_leaving, take_run, KConsumer};
+    use super::{take_run, KConsumer, LeavingCommit};
     use crate::context::{ConsumerCtx, ConsumerShared};
     use eventbus_core::raw::Dispatcher;
     use eventbus_core::{BusConfig, Message, Pool};
@@ -1456,8 +1540,10 @@ mod tests {
             .expect("the group's offset at 10");
         assert_eq!(cluster.committed(&group, &topic, 0), Some(10));
         let shared = ConsumerShared::default();
-        let back = [(topic.clone(), 0, 3)];
-        commit_back_before_leaving(consumer, &shared, &back, Instant::now()).await;
+        let back = vec![(topic.clone(), 0, 3)];
+        LeavingCommit::start(consumer, back, Instant::now())
+            .finish(&shared)
+            .await;
         assert_eq!(
             cluster.committed(&group, &topic, 0),
             Some(10),

@@ -245,15 +245,19 @@ impl ConsumeLoop {
                 self.on_rewind(p as usize, offset);
             }
         }
-        let revoking: Vec<i32> = a
+        // Partitions to give up that were never taken up (granted and revoked
+        // between two turns) have nothing to hand over.
+        let (revoking, untaken): (Vec<i32>, Vec<i32>) = a
             .revoking
             .iter()
             .copied()
-            .filter(|p| self.holds(*p, a.granted[p]))
-            .collect();
+            .partition(|p| self.holds(*p, a.granted[p]));
         if !revoking.is_empty() {
             self.hand_over(&revoking).await;
-            self.topic.release(&self.group, self.member, &revoking);
+        }
+        if !revoking.is_empty() || !untaken.is_empty() {
+            let released: Vec<i32> = revoking.into_iter().chain(untaken).collect();
+            self.topic.release(&self.group, self.member, &released);
         }
         for (&p, &generation) in &a.granted {
             if a.revoking.contains(&p) || self.partitions[p as usize].is_some() {

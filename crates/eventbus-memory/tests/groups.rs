@@ -60,10 +60,14 @@ type Handled = Arc<Mutex<HashMap<(i32, i64), u32>>>;
 /// held, and whether its cancellation was seen.
 #[derive(Clone, Default)]
 struct Gates {
-    gates: Arc<Mutex<HashMap<(i32, i64, u32), Arc<Semaphore>>>>,
-    started: Arc<Mutex<HashSet<(i32, i64, u32)>>>,
-    cancelled: Arc<Mutex<HashSet<(i32, i64, u32)>>>,
+    gates: Arc<Mutex<HashMap<Delivery, Arc<Semaphore>>>>,
+    started: Arc<Mutex<HashSet<Delivery>>>,
+    cancelled: Arc<Mutex<HashSet<Delivery>>>,
 }
+
+/// A delivery of a message: partition, offset, and which delivery (1 the
+/// first, counting the handlings that finished).
+type Delivery = (i32, i64, u32);
 
 impl Gates {
     /// Hold the `nth` delivery of `offset` of `partition`.

@@ -57,7 +57,8 @@ pub enum Rebalance {
 #[non_exhaustive]
 pub struct GroupMember {
     /// The member's id, as [`MemoryEventBus::member`](crate::MemoryEventBus::member)
-    /// gives it for a subscription.
+    /// gives it for a subscription: 1, 2, 3, … on each broker, in the order
+    /// members join (a member that leaves and subscribes again is a new one).
     pub id: u64,
     /// The partitions it holds, ascending, including those it is giving up.
     pub partitions: Vec<i32>,
@@ -302,6 +303,9 @@ pub(crate) struct Topic {
     rebalanced: watch::Sender<u64>,
     /// Per group, how many of its next commits fail.
     commit_faults: CommitFaults,
+    /// The last member id given out on the broker (ids start at 1 on each
+    /// broker, in the order members join).
+    members: Arc<AtomicU64>,
 }
 
 /// Per group, how many of its next commits fail (shared by the topics of a
@@ -388,8 +392,7 @@ impl Topic {
     /// Join `group` as a new member; returns its id. Its partitions come with
     /// the rebalance this starts ([`assignment`](Self::assignment)).
     pub(crate) fn join(&self, group: &str) -> u64 {
-        static MEMBER: AtomicU64 = AtomicU64::new(1);
-        let id = MEMBER.fetch_add(1, Ordering::Relaxed);
+        let id = self.members.fetch_add(1, Ordering::Relaxed) + 1;
         self.change_group(group, |state| {
             state.members.insert(id, Member::default());
             true
@@ -709,6 +712,7 @@ struct Inner {
     topics: Mutex<HashMap<String, Arc<Topic>>>,
     config: BrokerConfig,
     commit_faults: CommitFaults,
+    members: Arc<AtomicU64>,
 }
 
 /// The in-process broker. Clones share it: several buses on one broker behave like
@@ -742,6 +746,7 @@ impl MemoryBroker {
                 topics: Mutex::new(HashMap::new()),
                 config,
                 commit_faults: CommitFaults::default(),
+                members: Arc::default(),
             }),
         }
     }
@@ -794,6 +799,7 @@ impl MemoryBroker {
             rebalance: self.inner.config.rebalance,
             rebalanced: watch::Sender::new(0),
             commit_faults: self.inner.commit_faults.clone(),
+            members: self.inner.members.clone(),
         });
         topics.insert(topic.to_owned(), t.clone());
         Ok(t)

@@ -755,3 +755,36 @@ async fn members_joining_before_taking_up_their_partitions_settle() {
         }
     }
 }
+
+/// A rewind of a partition granted to a member whose loop has not taken it up
+/// yet is not dropped: the member starts at the committed offset, goes back to
+/// the rewind point, commits it back and reads everything from there again. On
+/// one thread, so the rewind comes before the loop first runs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_rewind_before_the_partition_is_taken_up_still_reads_again() {
+    for (name, pools) in pools() {
+        let what = name.to_owned();
+        let topic = "ledger";
+        let broker = broker(Rebalance::default(), topic, 1).await;
+        let cfg = config(Duration::from_secs(1));
+        let (checker, handled, gates) =
+            (DeliveryChecker::new(), Handled::default(), Gates::default());
+        publish(&broker, topic, &checker, 50).await;
+        let a = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        wait_until(&format!("{what}: the first fifty committed"), || {
+            broker.committed(topic, GROUP, 0) == Some(50)
+        })
+        .await;
+        a.bus.close().await.unwrap();
+        let b = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        assert_eq!(broker.rewind(topic, GROUP, 0, 10).unwrap(), b.id(topic));
+        wait_until(&format!("{what}: 10..50 read again and committed"), || {
+            let h = handled.lock().unwrap();
+            (10..50).all(|o| h.get(&(0, o)) == Some(&2))
+                && broker.committed(topic, GROUP, 0) == Some(50)
+        })
+        .await;
+        judge(&what, &checker, &broker, topic, &handled);
+        b.bus.close().await.unwrap();
+    }
+}

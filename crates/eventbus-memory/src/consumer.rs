@@ -2,8 +2,8 @@
 //! group gives this member.
 //!
 //! Each turn of the loop first takes up what the group changed
-//! ([`ConsumeLoop::reconcile`]): partitions lost, rewinds, partitions to give up,
-//! partitions granted. It then submits whatever is ready: partition by
+//! ([`ConsumeLoop::reconcile`]): partitions lost, partitions to give up,
+//! partitions granted, rewinds. It then submits whatever is ready: partition by
 //! partition, it fetches from the broker into the partition's buffer and offers a
 //! batch of buffered messages to the pool ([`Dispatcher::offer_batch`]), as many
 //! as the partition's room in the [`InFlightSet`] and the shared bound allow, and
@@ -225,45 +225,58 @@ impl ConsumeLoop {
     }
 
     /// Take up what the group says now: drop the partitions lost (and rejoin
-    /// after a loss), rewind, hand over the partitions to give up, and take up
-    /// the partitions granted.
+    /// after a loss), hand over the partitions to give up and release them
+    /// (then read the group again: it may have changed meanwhile), take up the
+    /// partitions granted, and rewind.
     async fn reconcile(&mut self) {
-        let a = self.topic.assignment(&self.group, self.member);
-        for p in 0..self.partitions.len() {
-            let Some(part) = &self.partitions[p] else {
-                continue;
-            };
-            if a.granted.get(&(p as i32)) != Some(&part.generation) {
-                self.on_lost(p);
+        loop {
+            let a = self.topic.assignment(&self.group, self.member);
+            for p in 0..self.partitions.len() {
+                let Some(part) = &self.partitions[p] else {
+                    continue;
+                };
+                if a.granted.get(&(p as i32)) != Some(&part.generation) {
+                    self.on_lost(p);
+                }
             }
+            if a.lost {
+                self.topic.rejoin(&self.group, self.member);
+            }
+            // Partitions to give up that were never taken up (granted and
+            // revoked between two turns) have nothing to hand over.
+            let (revoking, untaken): (Vec<i32>, Vec<i32>) = a
+                .revoking
+                .iter()
+                .copied()
+                .partition(|p| self.holds(*p, a.granted[p]));
+            if !revoking.is_empty() || !untaken.is_empty() {
+                if !revoking.is_empty() {
+                    self.hand_over(&revoking).await;
+                }
+                let released: Vec<i32> = revoking.into_iter().chain(untaken).collect();
+                self.topic.release(&self.group, self.member, &released);
+                self.rewind(&a.rewinds);
+                // The group may have changed during the hand-over: read it
+                // again before taking anything up.
+                continue;
+            }
+            for (&p, &generation) in &a.granted {
+                if self.partitions[p as usize].is_none() {
+                    self.take_up(p, generation);
+                }
+            }
+            self.rewind(&a.rewinds);
+            return;
         }
-        if a.lost {
-            self.topic.rejoin(&self.group, self.member);
-        }
-        for (p, generation, offset) in a.rewinds {
+    }
+
+    /// Take up `rewinds` (partition, grant generation, offset) of the
+    /// partitions still held under those grants.
+    fn rewind(&mut self, rewinds: &[(i32, u64, i64)]) {
+        for &(p, generation, offset) in rewinds {
             if self.holds(p, generation) {
                 self.on_rewind(p as usize, offset);
             }
-        }
-        // Partitions to give up that were never taken up (granted and revoked
-        // between two turns) have nothing to hand over.
-        let (revoking, untaken): (Vec<i32>, Vec<i32>) = a
-            .revoking
-            .iter()
-            .copied()
-            .partition(|p| self.holds(*p, a.granted[p]));
-        if !revoking.is_empty() {
-            self.hand_over(&revoking).await;
-        }
-        if !revoking.is_empty() || !untaken.is_empty() {
-            let released: Vec<i32> = revoking.into_iter().chain(untaken).collect();
-            self.topic.release(&self.group, self.member, &released);
-        }
-        for (&p, &generation) in &a.granted {
-            if a.revoking.contains(&p) || self.partitions[p as usize].is_some() {
-                continue;
-            }
-            self.take_up(p, generation);
         }
     }
 

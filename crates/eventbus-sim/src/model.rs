@@ -1,0 +1,427 @@
+//! What the simulation knows of every message and handler call, and the
+//! invariants it checks against the bus at every step.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use crate::plan::Act;
+
+/// The two topics of a run: one of envelopes (at least once), one of plain
+/// messages (at most once on failure). Both key their records by aggregate id,
+/// so one aggregate's jobs of both topics share a route.
+pub(crate) const TOPICS: [&str; 2] = ["sim.env", "sim.plain"];
+
+/// The dead-letter topic of the envelope topic (the default suffix).
+pub(crate) const DEAD_LETTERS: &str = "sim.env.dlq";
+
+/// The consumer group of every bus of a run.
+pub(crate) const GROUP: &str = "sim";
+
+/// How far a message got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Done {
+    /// Not finished yet.
+    No,
+    /// A handler call returned `Ok` (envelope), or returned at all (plain).
+    Handled,
+    /// Its last attempt failed (permanently, or the attempts ran out) while its
+    /// work was not handed over: the bus owes a dead letter.
+    DeadLetterDue,
+}
+
+/// One published message.
+#[derive(Debug)]
+pub(crate) struct Msg {
+    pub(crate) topic: usize,
+    pub(crate) key: u32,
+    pub(crate) seq: u32,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    /// What its handler does, call after call (then `Ok` at once).
+    pub(crate) plan: Vec<Act>,
+    calls: usize,
+    pub(crate) done: Done,
+}
+
+/// A handler call under way.
+#[derive(Debug)]
+struct Call {
+    msg: usize,
+    key: u32,
+    /// When its work was handed over (its cancellation fired), if it was.
+    cancelled_at: Option<Instant>,
+}
+
+/// Counters reported at the end of a run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    /// Messages published.
+    pub published: u64,
+    /// Handler calls started.
+    pub calls: u64,
+    /// Calls that started while a call of the same aggregate was still running
+    /// past its hand-over bound (the documented, counted overlap).
+    pub overrun_overlaps: u64,
+    /// Calls of a message handled before (a re-read or redelivery).
+    pub rereads: u64,
+    /// Messages dead-lettered (read back from the dead-letter topic).
+    pub dead_lettered: u64,
+}
+
+/// The model and the trace of one run, shared by the driver and the handlers.
+#[derive(Debug)]
+pub(crate) struct Model {
+    start: Instant,
+    handover_timeout: Duration,
+    max_attempts: u32,
+    msgs: Vec<Msg>,
+    /// Per (topic, key): its messages in publish order.
+    by_key: BTreeMap<(usize, u32), Vec<usize>>,
+    /// Per (topic, partition): offsets not finished, and the next offset.
+    open: BTreeMap<(usize, i32), (BTreeSet<i64>, i64)>,
+    /// Per (topic, key): the sequence number of the last call started.
+    last_started: BTreeMap<(usize, u32), u32>,
+    calls: BTreeMap<u64, Call>,
+    next_call: u64,
+    pub(crate) counts: Counts,
+    /// Dead letters read back: (origin topic, partition, offset).
+    pub(crate) dead_letters: BTreeSet<(String, i32, i64)>,
+    trace: Vec<String>,
+    violation: Option<String>,
+}
+
+/// The model behind a lock; every call site holds it briefly and never across
+/// an await.
+#[derive(Debug, Clone)]
+pub(crate) struct Shared(Arc<Mutex<Model>>);
+
+impl Shared {
+    pub(crate) fn new(handover_timeout: Duration, max_attempts: u32) -> Self {
+        Self(Arc::new(Mutex::new(Model {
+            start: Instant::now(),
+            handover_timeout,
+            max_attempts,
+            msgs: Vec::new(),
+            by_key: BTreeMap::new(),
+            open: BTreeMap::new(),
+            last_started: BTreeMap::new(),
+            calls: BTreeMap::new(),
+            next_call: 0,
+            counts: Counts::default(),
+            dead_letters: BTreeSet::new(),
+            trace: Vec::new(),
+            violation: None,
+        })))
+    }
+
+    /// Set the run's hand-over bound and attempts, and start its clock (called
+    /// on the run's runtime, whose clock is paused).
+    pub(crate) fn configure(&self, handover_timeout: Duration, max_attempts: u32) {
+        let mut m = self.lock();
+        m.start = Instant::now();
+        m.handover_timeout = handover_timeout;
+        m.max_attempts = max_attempts;
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Model> {
+        // A handler that panics on purpose never holds the lock.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What a handler call does, as the model hands it out at its start.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Started {
+    pub(crate) call: u64,
+    pub(crate) act: Act,
+}
+
+impl Model {
+    /// Milliseconds of simulated time since the run began.
+    pub(crate) fn now_ms(&self) -> u128 {
+        self.start.elapsed().as_millis()
+    }
+
+    /// Append a line to the trace, stamped with the simulated time.
+    pub(crate) fn note(&mut self, line: impl AsRef<str>) {
+        let stamped = format!("{:>8}ms {}", self.now_ms(), line.as_ref());
+        self.trace.push(stamped);
+    }
+
+    /// Record a broken invariant (the first one is kept).
+    pub(crate) fn violate(&mut self, what: String) {
+        self.note(format!("VIOLATION {what}"));
+        if self.violation.is_none() {
+            self.violation = Some(what);
+        }
+    }
+
+    pub(crate) fn violation(&self) -> Option<&str> {
+        self.violation.as_deref()
+    }
+
+    pub(crate) fn take_trace(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.trace)
+    }
+
+    pub(crate) fn msgs(&self) -> &[Msg] {
+        &self.msgs
+    }
+
+    /// A message of `topic` and `key` with its plan, before it is published: its
+    /// id (carried in its payload).
+    pub(crate) fn add(&mut self, topic: usize, key: u32, plan: Vec<Act>) -> usize {
+        let list = self.by_key.entry((topic, key)).or_default();
+        let seq = list.len() as u32;
+        let id = self.msgs.len();
+        list.push(id);
+        self.msgs.push(Msg {
+            topic,
+            key,
+            seq,
+            partition: -1,
+            offset: -1,
+            plan,
+            calls: 0,
+            done: Done::No,
+        });
+        id
+    }
+
+    /// Message `id` was stored at `partition` / `offset`.
+    pub(crate) fn published(&mut self, id: usize, partition: i32, offset: i64) {
+        self.counts.published += 1;
+        let m = &mut self.msgs[id];
+        m.partition = partition;
+        m.offset = offset;
+        let (topic, key, seq) = (m.topic, m.key, m.seq);
+        let open = self
+            .open
+            .entry((topic, partition))
+            .or_insert_with(|| (BTreeSet::new(), 0));
+        let expected = open.1;
+        open.0.insert(offset);
+        open.1 = offset + 1;
+        if expected != offset {
+            self.violate(format!(
+                "{} p{partition}: published at offset {offset}, expected {expected}",
+                TOPICS[topic]
+            ));
+        }
+        self.note(format!(
+            "publish {} k{key}#{seq} -> p{partition}@{offset}",
+            TOPICS[topic]
+        ));
+    }
+
+    /// A handler call of message `id` (at `partition` / `offset`, attempt
+    /// `attempt`) starts: check one job per aggregate, order, no gap, and the
+    /// committed offset; hand out what the call does.
+    pub(crate) fn start(
+        &mut self,
+        id: usize,
+        partition: i32,
+        offset: i64,
+        attempt: u32,
+        committed: Option<i64>,
+    ) -> Started {
+        let call = self.next_call;
+        self.next_call += 1;
+        self.counts.calls += 1;
+        let now = Instant::now();
+        let (topic, key, seq) = {
+            let m = &self.msgs[id];
+            (m.topic, m.key, m.seq)
+        };
+        let name = format!("{} k{key}#{seq}", TOPICS[topic]);
+        {
+            let m = &self.msgs[id];
+            if m.partition != partition || m.offset != offset {
+                let what = format!(
+                    "{name}: delivered as p{partition}@{offset}, published as p{}@{}",
+                    m.partition, m.offset
+                );
+                self.violate(what);
+            }
+        }
+        // One job per aggregate at a time, across topics, pools and buses; a
+        // call running past its hand-over bound is the documented overlap.
+        let mut overrun = false;
+        let mut clash = None;
+        for (other, c) in &self.calls {
+            if c.key != key {
+                continue;
+            }
+            match c.cancelled_at {
+                Some(t) if now >= t + self.handover_timeout => overrun = true,
+                _ => clash = Some((*other, c.msg)),
+            }
+        }
+        if let Some((other, msg)) = clash {
+            let o = &self.msgs[msg];
+            let what = format!(
+                "{name} (call {call}) started while call {other} of the same aggregate ({} k{}#{}) runs within its bound",
+                TOPICS[o.topic], o.key, o.seq
+            );
+            self.violate(what);
+        } else if overrun {
+            self.counts.overrun_overlaps += 1;
+        }
+        // Order and no gap: every earlier message of the key finished.
+        let list = self.by_key[&(topic, key)].clone();
+        if let Some(gap) = list[..seq as usize]
+            .iter()
+            .find(|&&j| self.msgs[j].done == Done::No)
+        {
+            let g = &self.msgs[*gap];
+            let what = format!(
+                "{name} started before {} k{}#{} (p{}@{}) finished: out of order or a gap",
+                TOPICS[g.topic], g.key, g.seq, g.partition, g.offset
+            );
+            self.violate(what);
+        }
+        // The committed offset never passes a message that is still to run.
+        if let Some(c) = committed {
+            if c > offset {
+                self.violate(format!(
+                    "{name} at p{partition}@{offset} starts while the committed offset is {c}"
+                ));
+            }
+        }
+        // A re-read restarts at the committed point: no earlier message of the
+        // key at or above it is skipped.
+        let last = self.last_started.insert((topic, key), seq);
+        if last.is_some_and(|l| seq < l) {
+            let c = committed.unwrap_or(0);
+            if let Some(skipped) = list[..seq as usize]
+                .iter()
+                .find(|&&j| self.msgs[j].offset >= c)
+            {
+                let s = &self.msgs[*skipped];
+                let what = format!(
+                    "{name}: a re-read from committed offset {c} skipped k{}#{} at p{}@{}",
+                    s.key, s.seq, s.partition, s.offset
+                );
+                self.violate(what);
+            }
+        }
+        let m = &mut self.msgs[id];
+        if m.done != Done::No || m.calls > 0 && attempt == 1 {
+            self.counts.rereads += 1;
+        }
+        let act = m.plan.get(m.calls).copied().unwrap_or(Act::Ok(0));
+        m.calls += 1;
+        self.calls.insert(
+            call,
+            Call {
+                msg: id,
+                key,
+                cancelled_at: None,
+            },
+        );
+        self.note(format!(
+            "start {name} p{partition}@{offset} attempt {attempt} call {call}: {act:?}"
+        ));
+        Started { call, act }
+    }
+
+    /// Call `call`'s work was handed over: its cancellation fired.
+    pub(crate) fn cancelled(&mut self, call: u64) {
+        if let Some(c) = self.calls.get_mut(&call) {
+            if c.cancelled_at.is_none() {
+                c.cancelled_at = Some(Instant::now());
+            }
+        }
+        self.note(format!("cancel call {call}"));
+    }
+
+    /// Call `call` ended: `ok`, or failed (`permanent`); `cancelled` when its
+    /// work was handed over meanwhile.
+    pub(crate) fn end(
+        &mut self,
+        call: u64,
+        attempt: u32,
+        result: Result<(), bool>,
+        cancelled: bool,
+    ) {
+        let Some(c) = self.calls.remove(&call) else {
+            return;
+        };
+        let plain = self.msgs[c.msg].topic == 1;
+        let done = match result {
+            Ok(()) => Done::Handled,
+            // At most once: a failed plain message is acknowledged.
+            Err(_) if plain => Done::Handled,
+            Err(_) if cancelled => Done::No,
+            Err(permanent) if permanent || attempt >= self.max_attempts => Done::DeadLetterDue,
+            Err(_) => Done::No,
+        };
+        let m = &mut self.msgs[c.msg];
+        let name = format!("{} k{}#{}", TOPICS[m.topic], m.key, m.seq);
+        if done != Done::No && m.done != Done::Handled {
+            m.done = done;
+        }
+        if m.done != Done::No {
+            let (topic, partition, offset) = (m.topic, m.partition, m.offset);
+            if let Some(open) = self.open.get_mut(&(topic, partition)) {
+                open.0.remove(&offset);
+            }
+        }
+        let how = match result {
+            Ok(()) => "ok",
+            Err(true) => "permanent error",
+            Err(false) => "error",
+        };
+        self.note(format!("end {name} call {call}: {how} -> {done:?}"));
+    }
+
+    /// The committed offset of every partition is at most its lowest offset not
+    /// finished: `committed(topic, partition)` reads the broker.
+    pub(crate) fn check_commits(&mut self, committed: impl Fn(&str, i32) -> Option<i64>) {
+        let mut bad = Vec::new();
+        for (&(topic, partition), (open, end)) in &self.open {
+            let lowest = open.first().copied().unwrap_or(*end);
+            if let Some(c) = committed(TOPICS[topic], partition) {
+                if c > lowest {
+                    bad.push(format!(
+                        "{} p{partition}: committed offset {c} passes unfinished offset {lowest}",
+                        TOPICS[topic]
+                    ));
+                }
+            }
+        }
+        for b in bad {
+            self.violate(b);
+        }
+    }
+
+    /// Whether every message is finished.
+    pub(crate) fn all_done(&self) -> bool {
+        self.open.values().all(|(open, _)| open.is_empty())
+    }
+
+    /// The first few unfinished messages, for a report.
+    pub(crate) fn unfinished(&self, max: usize) -> String {
+        let mut out = String::new();
+        let mut n = 0;
+        for m in self.msgs.iter().filter(|m| m.done == Done::No) {
+            n += 1;
+            if n <= max {
+                let _ = write!(
+                    out,
+                    "{} k{}#{} p{}@{} ({} calls); ",
+                    TOPICS[m.topic], m.key, m.seq, m.partition, m.offset, m.calls
+                );
+            }
+        }
+        format!("{n} unfinished: {out}")
+    }
+
+    /// Calls still running.
+    pub(crate) fn running(&self) -> usize {
+        self.calls.len()
+    }
+}

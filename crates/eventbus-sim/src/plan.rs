@@ -1,0 +1,179 @@
+//! Everything a run chooses, drawn from its seed: the settings of the bus and
+//! its pools, each message's handler behaviour, and the steps of the run.
+
+use fastrand::Rng;
+use std::time::Duration;
+
+/// What one handler call does. Times are simulated (`tokio::time::sleep`);
+/// a hang is a pending future, never a blocking call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Act {
+    /// Return `Ok` after this many ms.
+    Ok(u64),
+    /// Return a transient error after this many ms.
+    Transient(u64),
+    /// Return a permanent error after this many ms.
+    Permanent(u64),
+    /// Panic at once.
+    Panic,
+    /// Wait until the work is handed over (its cancellation fires), then return
+    /// a transient error.
+    HangHonour,
+    /// Run this many ms whatever happens, cancellation included, then return
+    /// `Ok`: past the drain and hand-over bounds when long enough.
+    HangIgnore(u64),
+}
+
+/// The settings of a run.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) partitions: u32,
+    pub(crate) keys: u32,
+    pub(crate) keyed_workers: usize,
+    pub(crate) keyed_queue: usize,
+    pub(crate) actor_workers: usize,
+    pub(crate) actor_inbox: usize,
+    pub(crate) max_restarts: u32,
+    pub(crate) restart_window: Duration,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) initial_backoff: Duration,
+    pub(crate) max_backoff: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) max_in_flight_per_partition: usize,
+    pub(crate) max_in_flight_total: usize,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) handover_timeout: Duration,
+    pub(crate) share: u8,
+    /// Per mille of calls that fail (transient, permanent), panic, hang
+    /// (honouring, ignoring) cancellation.
+    pub(crate) faults: [u32; 5],
+    /// The longest ordinary handler time, ms.
+    pub(crate) max_handler_ms: u64,
+    pub(crate) steps: usize,
+}
+
+impl Settings {
+    pub(crate) fn draw(rng: &mut Rng) -> Self {
+        let few_keys = rng.bool();
+        let calm = rng.u8(..4) == 0;
+        let faults = if calm {
+            [0; 5]
+        } else {
+            [
+                rng.u32(0..150),
+                rng.u32(0..40),
+                rng.u32(0..60),
+                rng.u32(0..15),
+                rng.u32(0..15),
+            ]
+        };
+        let max_backoff = Duration::from_millis(rng.u64(5..200));
+        Self {
+            partitions: rng.u32(1..=4),
+            keys: if few_keys {
+                rng.u32(1..=3)
+            } else {
+                rng.u32(8..=64)
+            },
+            keyed_workers: rng.usize(1..=4),
+            keyed_queue: rng.usize(1..=4),
+            actor_workers: rng.usize(1..=4),
+            actor_inbox: rng.usize(1..=4),
+            max_restarts: rng.u32(0..=2),
+            restart_window: Duration::from_millis(rng.u64(100..10_000)),
+            wait_timeout: Duration::from_millis(rng.u64(1..300)),
+            max_attempts: rng.u32(1..=4),
+            initial_backoff: Duration::from_millis(rng.u64(1..20)),
+            max_backoff,
+            jitter: f64::from(rng.u8(0..=5)) / 10.0,
+            max_in_flight_per_partition: rng.usize(1..=64),
+            max_in_flight_total: rng.usize(1..=256),
+            drain_timeout: Duration::from_millis(rng.u64(0..1_000)),
+            handover_timeout: Duration::from_millis(rng.u64(10..1_000)),
+            share: match rng.u8(..5) {
+                0 | 1 => 0,
+                2 => 100,
+                _ => rng.u8(0..=100),
+            },
+            faults,
+            max_handler_ms: [0, 1, 5, 50][rng.usize(..4)],
+            steps: rng.usize(5..30),
+        }
+    }
+
+    /// What the handler of a new message does, call after call.
+    pub(crate) fn plan(&self, rng: &mut Rng) -> Vec<Act> {
+        let mut plan = Vec::new();
+        // A message fails at most a few times before its calls succeed.
+        for _ in 0..6 {
+            let roll = rng.u32(0..1000);
+            let time = rng.u64(0..=self.max_handler_ms);
+            let [transient, permanent, panic, honour, ignore] = self.faults;
+            let edges = [
+                transient,
+                transient + permanent,
+                transient + permanent + panic,
+                transient + permanent + panic + honour,
+                transient + permanent + panic + honour + ignore,
+            ];
+            let act = match edges.iter().position(|&e| roll < e) {
+                Some(0) => Act::Transient(time),
+                Some(1) => Act::Permanent(time),
+                Some(2) => Act::Panic,
+                Some(3) => Act::HangHonour,
+                Some(_) => Act::HangIgnore(rng.u64(100..5_000)),
+                None => Act::Ok(time),
+            };
+            plan.push(act);
+            if let Act::Ok(_) = act {
+                break;
+            }
+        }
+        plan
+    }
+}
+
+/// One step of a run's driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Publish this many messages on random keys of the topic.
+    Publish { topic: usize, n: usize },
+    /// Set the actor share.
+    Share(u8),
+    /// A deep backlog on both topics, then the share at once to 0 (a rollback
+    /// with full queues).
+    RollbackUnderBacklog { n: usize },
+    /// Let simulated time pass.
+    Wait(u64),
+    /// Unsubscribe from the topic, wait, subscribe again.
+    Resubscribe { topic: usize, pause_ms: u64 },
+    /// Close the bus and build a new one on the same broker and group (a
+    /// process restart).
+    Restart,
+}
+
+impl Step {
+    pub(crate) fn draw(rng: &mut Rng) -> Self {
+        match rng.u8(..100) {
+            0..=39 => Step::Publish {
+                topic: usize::from(rng.u8(..4) == 0),
+                n: rng.usize(1..=40),
+            },
+            40..=54 => Step::Share(match rng.u8(..4) {
+                0 => 0,
+                1 => 100,
+                _ => rng.u8(0..=100),
+            }),
+            55..=61 => Step::RollbackUnderBacklog {
+                n: rng.usize(50..=300),
+            },
+            62..=81 => Step::Wait(rng.u64(0..300)),
+            82..=93 => Step::Resubscribe {
+                topic: usize::from(rng.bool()),
+                pause_ms: rng.u64(0..100),
+            },
+            _ => Step::Restart,
+        }
+    }
+}

@@ -63,6 +63,8 @@ struct Gates {
     gates: Arc<Mutex<HashMap<Delivery, Arc<Semaphore>>>>,
     started: Arc<Mutex<HashSet<Delivery>>>,
     cancelled: Arc<Mutex<HashSet<Delivery>>>,
+    /// Held deliveries that ignore their cancellation.
+    deaf: Arc<Mutex<HashSet<Delivery>>>,
 }
 
 /// A delivery of a message: partition, offset, and which delivery (1 the
@@ -76,6 +78,13 @@ impl Gates {
             .lock()
             .unwrap()
             .insert((partition, offset, nth), Arc::new(Semaphore::new(0)));
+    }
+
+    /// Hold the `nth` delivery of `offset` of `partition`, ignoring its
+    /// cancellation: a hung handler.
+    fn hang(&self, partition: i32, offset: i64, nth: u32) {
+        self.hold(partition, offset, nth);
+        self.deaf.lock().unwrap().insert((partition, offset, nth));
     }
 
     /// Let the `nth` delivery of `offset` of `partition` go on.
@@ -108,6 +117,10 @@ impl Gates {
         let Some(gate) = gate.filter(|_| self.started.lock().unwrap().insert(key)) else {
             return true;
         };
+        if self.deaf.lock().unwrap().contains(&key) {
+            let _ = gate.acquire().await;
+            return true;
+        }
         tokio::select! {
             biased;
             _ = gate.acquire() => true,
@@ -786,5 +799,65 @@ async fn a_rewind_before_the_partition_is_taken_up_still_reads_again() {
         .await;
         judge(&what, &checker, &broker, topic, &handled);
         b.bus.close().await.unwrap();
+    }
+}
+
+/// A revoke ends within `drain_timeout + handover_timeout`, its final commit
+/// included, even with a handler that ignores its cancellation and every commit
+/// failing: the rebalance a join starts settles within that bound. Then, with
+/// commits working again and the handler let go, nothing is lost. On one
+/// thread with paused time, so the bound is measured in the runtime's time.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_revoke_ends_within_its_bound_with_a_hung_handler_and_failing_commits() {
+    for mode in modes() {
+        for (name, pools) in pools() {
+            let what = format!("{name}, {mode:?}");
+            let topic = "orders";
+            let broker = broker(mode, topic, 2).await;
+            let cfg = config(Duration::from_secs(1));
+            let bound = cfg.consumer.drain_timeout + cfg.consumer.handover_timeout;
+            let (checker, handled, gates) =
+                (DeliveryChecker::new(), Handled::default(), Gates::default());
+            let a = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+            wait_until(
+                &format!("{what}: the first member holds everything"),
+                || settled(&broker.members(topic, GROUP), 1, 2),
+            )
+            .await;
+            let probe = publish(&broker, topic, &checker, 20).await;
+            let held = next_offsets(&probe, 2)[1];
+            gates.hang(1, held, 1);
+            publish_on(&broker, topic, &checker, &[1]).await;
+            wait_until(&format!("{what}: the hung handler started"), || {
+                gates.started(1, held, 1)
+            })
+            .await;
+            broker.fail_commits(GROUP, u64::MAX);
+            let start = tokio::time::Instant::now();
+            let b = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+            wait_until(&format!("{what}: the rebalance settled"), || {
+                settled(&broker.members(topic, GROUP), 2, 2)
+            })
+            .await;
+            let took = start.elapsed();
+            assert!(
+                took <= bound + Duration::from_millis(50),
+                "{what}: the revoke took {took:?}, past its bound of {bound:?}"
+            );
+            assert!(
+                !gates.cancelled(1, held, 1),
+                "{what}: the hung handler ignores its cancellation"
+            );
+            broker.fail_commits(GROUP, 0);
+            gates.open(1, held, 1);
+            wait_until(&format!("{what}: everything handled and committed"), || {
+                checker.handled_distinct() >= checker.produced()
+                    && committed_to_the_end(&broker, topic)
+            })
+            .await;
+            judge(&what, &checker, &broker, topic, &handled);
+            a.bus.close().await.unwrap();
+            b.bus.close().await.unwrap();
+        }
     }
 }

@@ -943,8 +943,9 @@ impl MemoryBroker {
     /// Fault switch: the next `n` commits of `group`'s members, on any topic,
     /// fail (a `Broker` error, retriable); 0 ends a run of failures. A consumer
     /// keeps the offset and commits again later; a hand-over retries its final
-    /// commit within `consumer.handover_timeout`, and else leaves the
-    /// partition's messages since the last commit to be delivered again.
+    /// commit until `consumer.drain_timeout + consumer.handover_timeout` have
+    /// passed since it started, and else leaves the partition's messages since
+    /// the last commit to be delivered again.
     pub fn fail_commits(&self, group: &str, n: u64) {
         let mut faults = self
             .inner

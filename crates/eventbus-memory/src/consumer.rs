@@ -23,8 +23,9 @@
 //! hand-over ([`InFlightSet::hand_over`]): held jobs are dropped unrun, what is in
 //! flight drains within the drain timeout and is committed as it lands, the rest
 //! is fenced, its running handlers awaited within the hand-over timeout, and left
-//! uncommitted for redelivery; then the final commit (retried within the
-//! hand-over timeout), and the partitions are released (at stop, the member
+//! uncommitted for redelivery; then the final commit (retried until the drain
+//! and hand-over timeouts have passed since the start), and the partitions are
+//! released (at stop, the member
 //! leaves the group). A lost partition is fenced and dropped with no commit.
 //!
 //! A rewind ([`MemoryBroker::rewind`](crate::MemoryBroker::rewind)) restarts the
@@ -610,9 +611,10 @@ impl ConsumeLoop {
 
     /// Core's hand-over of `partitions`: drain within the bound, committing as
     /// work lands; then fence what is left (no queued job of it starts) and wait,
-    /// bounded, for its running handlers; then the final commit of each (retried
-    /// within the hand-over timeout). The partitions are dropped; the caller
-    /// releases them or leaves.
+    /// bounded, for its running handlers; then the final commit of each (made
+    /// once, and retried until the drain and hand-over timeouts have passed
+    /// since the start). The partitions are dropped; the caller releases them or
+    /// leaves.
     async fn hand_over(&mut self, partitions: &[i32]) {
         // Jobs the pool never took are dropped unrun: their entries settle
         // abandoned, uncommitted.
@@ -621,6 +623,9 @@ impl ConsumeLoop {
                 part.held = None;
             }
         }
+        // The whole hand-over, final commits included, ends within the drain
+        // and the hand-over timeouts.
+        let until = Instant::now() + self.drain_timeout + self.handover_timeout;
         let (topic, group, member, counts) = (
             self.topic.clone(),
             self.group.clone(),
@@ -655,7 +660,6 @@ impl ConsumeLoop {
                 "hand-over timeout: a handler still runs while its partitions are released");
             self.dispatcher.count_handover_overrun(self.topic.name());
         }
-        let deadline = Instant::now() + self.handover_timeout;
         for &p in partitions {
             let watermark = self.set.revoke(p);
             self.in_flight[p as usize].store(0, Ordering::Relaxed);
@@ -677,7 +681,7 @@ impl ConsumeLoop {
                     p,
                     part.generation,
                     offset,
-                    deadline,
+                    until,
                 )
                 .await;
             }

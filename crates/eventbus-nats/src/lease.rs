@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use eventbus_core::raw::Scope;
 use eventbus_core::{CancellationToken, Error, ErrorKind, Result};
 
 use crate::config::NatsConfig;
@@ -518,16 +519,27 @@ impl Lease {
     /// Keep the lease until `stop` fires, refreshing it every quarter of its time
     /// to live. As soon as acting on it is no longer safe (another member took
     /// it, or refreshes failed until pull requests sent now could outlive it),
-    /// fire `lost`, then `turn` (the turn's stop): the turn sees the loss when it
-    /// sees its stop, and fences at once without acknowledging anything more.
-    /// Returns the lease, or `None` when another member took it.
+    /// fire `lost` (from then on the turn settles nothing, not even the outcome
+    /// of a handler the fence cancels), fence `work` (the turn's scope: from
+    /// that instant no queued job of it starts, and its running handlers see
+    /// their cancellation), then fire `turn` (the turn's stop). The fence is
+    /// raised here, in the keeper, not by the turn: the turn may be waiting on its connection (a
+    /// flush, an ack into a full command channel) when the lease runs out, and
+    /// the next holder may start as soon as it expires. Returns the lease, or
+    /// `None` when another member took it.
     pub(crate) async fn keep(
         mut self,
         fetch_expires: Duration,
         stop: CancellationToken,
+        work: Scope,
         lost: CancellationToken,
         turn: CancellationToken,
     ) -> Option<Self> {
+        let give_up = || {
+            lost.cancel();
+            work.fence();
+            turn.cancel();
+        };
         let every = self.leases.ttl / 4;
         let mut next = tokio::time::Instant::now() + every;
         loop {
@@ -536,10 +548,9 @@ impl Lease {
                 biased;
                 _ = stop.cancelled() => return Some(self),
                 _ = tokio::time::sleep_until(cutoff) => {
+                    give_up();
                     tracing::warn!(key = %self.key,
                         "lease not refreshed in time: this member stops consuming");
-                    lost.cancel();
-                    turn.cancel();
                     stop.cancelled().await;
                     return Some(self);
                 }
@@ -567,9 +578,8 @@ impl Lease {
             match refreshed {
                 Ok(()) => next = tokio::time::Instant::now() + every,
                 Err(RefreshError::Lost) => {
+                    give_up();
                     tracing::warn!(key = %self.key, "lease taken over by another member");
-                    lost.cancel();
-                    turn.cancel();
                     return None;
                 }
                 Err(RefreshError::Unavailable(e)) => {

@@ -17,6 +17,8 @@ use std::pin::pin;
 use std::time::{Duration, Instant};
 use tokio::time::{Interval, MissedTickBehavior};
 
+use eventbus_core::CancellationToken;
+
 use super::acks::Registry;
 
 /// The in-progress heartbeats of one turn.
@@ -28,13 +30,15 @@ pub(super) struct Heartbeats {
     threshold: Duration,
     /// Every quarter of `ack_wait` (at least 20 ms).
     tick: Interval,
-    /// Nothing more is kept alive: the lease is lost, or the turn hands its
-    /// work back.
+    /// Nothing more is kept alive: the turn hands its work back.
     stopped: bool,
+    /// Fired when the lease is lost: nothing more is kept alive either, even by
+    /// a beat under way.
+    lost: CancellationToken,
 }
 
 impl Heartbeats {
-    pub(super) fn new(client: Client, ack_wait: Duration) -> Self {
+    pub(super) fn new(client: Client, ack_wait: Duration, lost: CancellationToken) -> Self {
         let mut tick = tokio::time::interval((ack_wait / 4).max(Duration::from_millis(20)));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
@@ -42,6 +46,7 @@ impl Heartbeats {
             threshold: ack_wait / 2,
             tick,
             stopped: false,
+            lost,
         }
     }
 
@@ -51,9 +56,9 @@ impl Heartbeats {
     }
 
     /// The next tick, for a branch of a `select!` (cancel-safe); never, once
-    /// stopped.
+    /// stopped or the lease lost.
     pub(super) async fn tick(&mut self) {
-        if self.stopped {
+        if self.stopped || self.lost.is_cancelled() {
             std::future::pending::<()>().await;
         }
         self.tick.tick().await;
@@ -65,6 +70,9 @@ impl Heartbeats {
     pub(super) async fn beat(&self, registry: &mut Registry) {
         let now = Instant::now();
         for tracked in registry.values_mut() {
+            if self.lost.is_cancelled() {
+                return;
+            }
             if now.duration_since(tracked.last_signal) < self.threshold {
                 continue;
             }

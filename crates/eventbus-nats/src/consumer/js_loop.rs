@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use eventbus_core::{CancellationToken, ErrorKind, Message, Result};
 
-use eventbus_core::raw::{ByteChunks, Dispatcher, PreparedSubscription};
+use eventbus_core::raw::{ByteChunks, Dispatcher, PreparedSubscription, Scope};
 
 use super::acks::{Registry, Tracked};
 use super::retry_delay;
@@ -127,16 +127,19 @@ impl JsLoop {
             };
             let clock = lease.clock();
             let keeper_stop = CancellationToken::new();
-            // Fired by the keeper when the lease is lost, just before the turn's
-            // stop: the turn then fences at once and acknowledges nothing more.
+            // The turn's work: the keeper fences it the instant the lease is
+            // lost, then fires `lost` and the turn's stop; the turn then
+            // acknowledges nothing more and waits on its connection no more.
+            let work = Scope::new();
             let lost = CancellationToken::new();
             let keeper = tokio::spawn(lease.keep(
                 fetch_expires,
                 keeper_stop.clone(),
+                work.clone(),
                 lost.clone(),
                 self.stop.clone(),
             ));
-            let end = self.consume(&clock, &lost).await;
+            let end = self.consume(&clock, &lost, work).await;
             keeper_stop.cancel();
             let lease = keeper.await.ok().flatten();
             if lost.is_cancelled() {

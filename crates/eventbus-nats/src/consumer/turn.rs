@@ -124,14 +124,16 @@ pub(super) struct ConsumeTurn<'a> {
 /// borrows the loop; both halves live here so the loop's file imports no turn.
 impl JsLoop {
     /// Consume while this member holds the lease (until `self.stop`), then drain
-    /// and hand back what is unfinished: one [`ConsumeTurn`]. When `lost` fires,
-    /// the turn fences at once and settles nothing more.
+    /// and hand back what is unfinished: one [`ConsumeTurn`] of `work`. When
+    /// `lost` fires (after the lease keeper fenced `work`), the turn leaves the
+    /// step it is in, settles nothing more and waits on its connection no more.
     pub(super) async fn consume(
         &mut self,
         clock: &LeaseClock,
         lost: &CancellationToken,
+        work: Scope,
     ) -> TurnEnd {
-        let mut turn = ConsumeTurn::start(self, clock, lost.clone());
+        let mut turn = ConsumeTurn::start(self, clock, lost.clone(), work);
         turn.run().await;
         turn.finish().await
     }
@@ -165,12 +167,13 @@ impl JsLoop {
 }
 
 impl<'a> ConsumeTurn<'a> {
-    /// Begin a turn: a new scope, the reconnects before it seen, and the
+    /// Begin a turn of `scope` (new): the reconnects before it seen, and the
     /// heartbeats of its messages.
     pub(super) fn start(
         js: &'a mut JsLoop,
         clock: &'a LeaseClock,
         lost: CancellationToken,
+        scope: Scope,
     ) -> Self {
         // Reconnects before this turn are behind us (the take-over checked).
         js.reconnects.borrow_and_update();
@@ -178,7 +181,11 @@ impl<'a> ConsumeTurn<'a> {
             tracing::debug!(topic = %js.state.topic,
                 "the NATS client is gone for good: no reconnect to watch for");
         }
-        let beats = Heartbeats::new(js.shared.client.clone(), js.shared.config.ack_wait);
+        let beats = Heartbeats::new(
+            js.shared.client.clone(),
+            js.shared.config.ack_wait,
+            lost.clone(),
+        );
         let client = js.shared.client.clone();
         let stopped = Box::pin(js.stop.clone().cancelled_owned());
         // A clone has seen what `js.reconnects` has seen (all of it, above).
@@ -188,7 +195,7 @@ impl<'a> ConsumeTurn<'a> {
             js,
             clock,
             lost,
-            scope: Scope::new(),
+            scope,
             client,
             registry: Registry::new(),
             beats,
@@ -212,27 +219,48 @@ impl<'a> ConsumeTurn<'a> {
     /// Consume until the turn stops: each wake-up to its method. A wake-up for
     /// a delivery or an outcome also takes those that are ready behind it, up to
     /// [`READY_BURST`], before the loop looks at everything again.
+    ///
+    /// A step may wait on the connection (an ack into the client's full command
+    /// channel while it reconnects, a pull request): a lost lease ends the
+    /// step there. Its work is fenced already (by the lease keeper), and
+    /// nothing of it is to be settled any more.
     pub(super) async fn run(&mut self) {
+        let lost = self.lost.clone();
         loop {
-            match self.next_step().await {
-                Step::Stop => break,
-                Step::Beat => self.beats.beat(&mut self.registry).await,
-                Step::Settled(completion) => {
-                    self.on_settled(completion, false).await;
-                    self.settle_ready().await;
-                }
-                Step::Submitted(submitted) => self.on_submitted(submitted).await,
-                Step::Reconnected => self.on_reconnect(),
-                Step::Fetched(item) => {
-                    // One reading of the clock for the burst: the heartbeats
-                    // need the time of a delivery to within their tick.
-                    let now = Instant::now();
-                    self.on_fetched(item, now);
-                    self.accept_ready(now);
-                }
-                Step::BackedOff => self.on_backed_off().await,
-                Step::Room(permits) => self.on_room(permits).await,
+            let step = self.next_step().await;
+            if matches!(step, Step::Stop) {
+                break;
             }
+            tokio::select! {
+                // The step first: one that is done on its first poll (most
+                // are) is never cut short.
+                biased;
+                () = self.on_step(step) => {}
+                () = lost.cancelled() => break,
+            }
+        }
+    }
+
+    /// Hand one wake-up of the loop to its method.
+    async fn on_step(&mut self, step: Step) {
+        match step {
+            Step::Stop => {}
+            Step::Beat => self.beats.beat(&mut self.registry).await,
+            Step::Settled(completion) => {
+                self.on_settled(completion, false).await;
+                self.settle_ready().await;
+            }
+            Step::Submitted(submitted) => self.on_submitted(submitted).await,
+            Step::Reconnected => self.on_reconnect(),
+            Step::Fetched(item) => {
+                // One reading of the clock for the burst: the heartbeats
+                // need the time of a delivery to within their tick.
+                let now = Instant::now();
+                self.on_fetched(item, now);
+                self.accept_ready(now);
+            }
+            Step::BackedOff => self.on_backed_off().await,
+            Step::Room(permits) => self.on_room(permits).await,
         }
     }
 
@@ -330,6 +358,12 @@ impl<'a> ConsumeTurn<'a> {
     /// (`hand_back_later`: an abandoned one stays registered for the final
     /// hand-back).
     async fn on_settled(&mut self, completion: Completion<u64>, hand_back_later: bool) {
+        if self.lost.is_cancelled() {
+            // A lost lease commits nothing: the next holder re-reads it. (Its
+            // fence abandons the queued jobs: no give-back either.)
+            self.registry.remove(&completion.token);
+            return;
+        }
         if !hand_back_later && completion.disposition == Disposition::Abandoned {
             // Dropped unrun by the pool while the turn goes on: later messages of
             // its aggregate may be queued behind it. It stays registered and the
@@ -337,11 +371,6 @@ impl<'a> ConsumeTurn<'a> {
             tracing::warn!(topic = %self.js.state.topic, partition = ?self.js.state.partition,
                 seq = completion.token, "the pool dropped a message unrun: giving the turn's work back in order");
             self.give_back();
-            return;
-        }
-        if self.lost.is_cancelled() {
-            // A lost lease commits nothing: the next holder re-reads it.
-            self.registry.remove(&completion.token);
             return;
         }
         if let Some(settle) = settle(&mut self.registry, completion, hand_back_later) {

@@ -7,6 +7,7 @@ use futures::{Future, FutureExt, StreamExt};
 use std::time::{Duration, Instant};
 
 use eventbus_core::raw::{hand_over, Completion, HandOver};
+use eventbus_core::CancellationToken;
 
 use super::ConsumeTurn;
 use crate::consumer::acks::hand_back;
@@ -28,9 +29,16 @@ enum Wind {
 impl ConsumeTurn<'_> {
     /// Wind the turn down after the stop: register what the open pull request
     /// still brings, drain, fence, and hand back everything unfinished in order.
+    ///
+    /// A lost lease skips every wait on the connection: the lease keeper fenced
+    /// the work before it signalled the loss, nothing is settled or given back
+    /// any more, and the next holder re-reads from the ack floor. What is left
+    /// is waiting (within the hand-over timeout) for running handlers.
     pub(in crate::consumer) async fn finish(mut self) -> TurnEnd {
         if self.lost.is_cancelled() {
-            // Nothing is kept alive for a lease that is gone.
+            // Fenced by the keeper already (a fence is idempotent); nothing is
+            // kept alive for a lease that is gone.
+            self.scope.fence();
             self.beats.stop();
         }
         let (deadline, flush_by) = self.stop_fetching();
@@ -118,11 +126,14 @@ impl ConsumeTurn<'_> {
     /// Register what the open pull request already brought: everything the
     /// server sent before a flush round trip (bounded by `flush_by`) is in the
     /// inbox.
+    /// Nothing of it when the lease is lost, before or during the flush: a
+    /// flush waits while the client reconnects.
     async fn read_inbox(&mut self, flush_by: tokio::time::Instant) {
         let (js, registry) = (&mut *self.js, &mut self.registry);
         let Some(b) = self.open.as_mut() else { return };
         let flushed = tokio::time::timeout_at(flush_by, self.client.flush());
-        if let Ok(Ok(())) = self.beats.during(registry, flushed).await {
+        let flushed = unless_lost(&self.lost, self.beats.during(registry, flushed));
+        if let Some(Ok(Ok(()))) = flushed.await {
             tokio::task::unconstrained(async {
                 while let Some(Some(Ok(m))) = b.next().now_or_never() {
                     let _ = js.accept(m, registry, Instant::now());
@@ -184,7 +195,8 @@ impl ConsumeTurn<'_> {
     }
 
     /// Let the open pull request run out (at most `fetch_expires`), registering
-    /// whatever it still brings.
+    /// whatever it still brings; not at all once the lease is lost (nothing is
+    /// handed back then).
     async fn let_pull_run_out(&mut self) {
         // The server keeps a pull request until it is filled or expires; a message
         // handed back while one is still open could be delivered into it and, with
@@ -194,13 +206,16 @@ impl ConsumeTurn<'_> {
         };
         let (js, registry, beats) = (&mut *self.js, &mut self.registry, &mut self.beats);
         let bound = js.shared.config.fetch_expires + Duration::from_secs(1);
-        let ran_out = tokio::time::timeout(bound, async {
-            while let Some(item) = beats.during(registry, b.next()).await {
-                if let Ok(m) = item {
-                    let _ = js.accept(m, registry, Instant::now());
+        let ran_out = tokio::time::timeout(
+            bound,
+            unless_lost(&self.lost, async {
+                while let Some(item) = beats.during(registry, b.next()).await {
+                    if let Ok(m) = item {
+                        let _ = js.accept(m, registry, Instant::now());
+                    }
                 }
-            }
-        })
+            }),
+        )
         .await;
         if ran_out.is_err() {
             tracing::debug!(topic = %js.state.topic, "pull request still open at close");
@@ -226,11 +241,23 @@ impl ConsumeTurn<'_> {
         left.sort_unstable();
         tracing::debug!(topic = %self.js.state.topic, released = ?left, "handing back unfinished messages");
         let bound = self.js.shared.config.request_timeout;
-        self.js.handed_back = hand_back(&self.client, &mut self.registry, &left, bound).await;
+        let handed_back = hand_back(&self.client, &mut self.registry, &left, bound);
+        // A lease lost meanwhile: no more waiting for the server's answers.
+        self.js.handed_back = unless_lost(&self.lost, handed_back).await.unwrap_or(false);
         if !self.js.handed_back {
             tracing::warn!(topic = %self.js.state.topic, partition = ?self.js.state.partition,
                 "the server did not confirm every message handed back in time");
         }
+    }
+}
+
+/// `fut`, unless the lease is lost first (or was already): then `None`, and
+/// `fut` is dropped (not polled at all when the loss came before).
+async fn unless_lost<F: Future>(lost: &CancellationToken, fut: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        () = lost.cancelled() => None,
+        out = fut => Some(out),
     }
 }
 

@@ -378,6 +378,14 @@ impl Model {
         self.note(format!("end {name} call {call}: {how} -> {done:?}"));
     }
 
+    /// Call `call`'s future was dropped before it ended (its worker stopped
+    /// at a pool's close): its message is not finished by it.
+    pub(crate) fn dropped(&mut self, call: u64) {
+        if self.calls.remove(&call).is_some() {
+            self.note(format!("drop call {call}"));
+        }
+    }
+
     /// The committed offset of every partition is at most its lowest offset not
     /// finished: `committed(topic, partition)` reads the broker.
     pub(crate) fn check_commits(&mut self, committed: impl Fn(&str, i32) -> Option<i64>) {
@@ -396,6 +404,12 @@ impl Model {
         for b in bad {
             self.violate(b);
         }
+    }
+
+    /// How many messages are finished.
+    pub(crate) fn finished(&self) -> usize {
+        let open: usize = self.open.values().map(|(o, _)| o.len()).sum();
+        self.counts.published as usize - open
     }
 
     /// Whether every message is finished.

@@ -68,7 +68,8 @@ impl Settings {
                 rng.u32(0..15),
             ]
         };
-        let max_backoff = Duration::from_millis(rng.u64(5..200));
+        let initial_backoff = Duration::from_millis(rng.u64(1..20));
+        let max_backoff = initial_backoff + Duration::from_millis(rng.u64(0..200));
         Self {
             partitions: rng.u32(1..=4),
             keys: if few_keys {
@@ -84,7 +85,7 @@ impl Settings {
             restart_window: Duration::from_millis(rng.u64(100..10_000)),
             wait_timeout: Duration::from_millis(rng.u64(1..300)),
             max_attempts: rng.u32(1..=4),
-            initial_backoff: Duration::from_millis(rng.u64(1..20)),
+            initial_backoff,
             max_backoff,
             jitter: f64::from(rng.u8(0..=5)) / 10.0,
             max_in_flight_per_partition: rng.usize(1..=64),

@@ -21,12 +21,14 @@ use crate::plan::{Act, Settings, Step};
 /// return (simulated time).
 const SLACK: Duration = Duration::from_secs(1);
 
-/// How long the end of a run waits for every message, per round (simulated).
-const SETTLE_ROUND: Duration = Duration::from_secs(40);
+/// At the end of a run, how long a round waits for a message to finish before
+/// both topics are re-subscribed (which hands over handlers that wait for their
+/// cancellation), simulated.
+const SETTLE_ROUND: Duration = Duration::from_secs(10);
 
-/// Rounds of waiting at the end; between rounds both topics are re-subscribed,
-/// which hands over handlers that wait for their cancellation.
-const SETTLE_ROUNDS: usize = 10;
+/// Rounds in a row in which no message finishes, re-subscribing between them,
+/// before the run is declared stuck (past the longest actor cool-down).
+const STUCK_ROUNDS: usize = 5;
 
 /// What the handlers share: the model and the broker (to read committed
 /// offsets).
@@ -60,6 +62,11 @@ impl Ctx {
             started
         };
         let call = started.call;
+        // Ends the call in the model if its future is dropped before it ends.
+        let _guard = Dropped {
+            model: &self.model,
+            call,
+        };
         let result = match started.act {
             Act::Ok(ms) => {
                 self.sleep(ms, call, &cancel).await;
@@ -123,6 +130,19 @@ fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks()
+}
+
+/// Ends a call in the model when its future is dropped unfinished (a call that
+/// ends first has left the model already, and this does nothing).
+struct Dropped<'a> {
+    model: &'a Shared,
+    call: u64,
+}
+
+impl Drop for Dropped<'_> {
+    fn drop(&mut self) {
+        self.model.lock().dropped(self.call);
+    }
 }
 
 /// One run.
@@ -397,10 +417,26 @@ impl Sim {
     /// back, and check that nothing is left.
     async fn finish(mut self) -> Result<(), String> {
         self.note("finish: waiting for every message".to_owned());
+        let mut idle_rounds = 0;
         let mut round = 0;
         loop {
-            let deadline = tokio::time::Instant::now() + SETTLE_ROUND;
-            while !self.ctx.model.lock().all_done() && tokio::time::Instant::now() < deadline {
+            let before = self.ctx.model.lock().finished();
+            let mut progress_at = tokio::time::Instant::now();
+            let mut last = before;
+            loop {
+                let (done, finished) = {
+                    let m = self.ctx.model.lock();
+                    (m.all_done(), m.finished())
+                };
+                if done {
+                    break;
+                }
+                if finished != last {
+                    last = finished;
+                    progress_at = tokio::time::Instant::now();
+                } else if progress_at.elapsed() >= SETTLE_ROUND {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 self.check()?;
             }
@@ -408,9 +444,10 @@ impl Sim {
                 break;
             }
             round += 1;
-            if round == SETTLE_ROUNDS {
+            idle_rounds = if last == before { idle_rounds + 1 } else { 0 };
+            if idle_rounds == STUCK_ROUNDS {
                 let v = format!(
-                    "not every message handled or dead-lettered after {round} rounds of {SETTLE_ROUND:?}: {}",
+                    "stuck: no message finished in {STUCK_ROUNDS} rounds of {SETTLE_ROUND:?}, re-subscribing between them: {}",
                     self.ctx.model.lock().unfinished(8)
                 );
                 self.ctx.model.lock().violate(v.clone());

@@ -7,7 +7,7 @@ use eventbus_core::{
 
 use eventbus_core::raw::{
     DeadLetter, DeadLetterSink, Dispatcher, Disposition, FailureCause, InFlightSet, Job, JobClass,
-    Outcome, OutcomeReceiver, SubmitErrorKind,
+    Outcome, OutcomeReceiver, RouteTable, SubmitErrorKind,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -266,6 +266,82 @@ pub async fn full_queue_hands_job_back(factory: &PoolFactory) {
     pool.close(WAIT).await;
 }
 
+/// A submission waiting for room that is dropped (by a timeout around it, a
+/// fence, a stop), before its first poll or after it, takes its route's count
+/// back: once every job has finished, no cell counts a job, so the route's next
+/// job may go to any worker. Read through the pool's [`Placement`] (a pool that
+/// offers none fails the check).
+///
+/// [`Placement`]: eventbus_core::raw::Placement
+pub async fn a_dropped_waiting_submission_leaves_no_count(factory: &PoolFactory) {
+    let pool = factory(PoolSpec {
+        workers: 1,
+        queue: 1,
+        wait_timeout: WAIT,
+    })
+    .await;
+    let table = pool
+        .placement()
+        .expect("the check reads the route table of a pool that offers placement")
+        .routes()
+        .clone();
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let (started_tx, started_rx) = oneshot::channel::<()>();
+    let (blocker, blocker_rx) = job_with(
+        1,
+        async move {
+            started_tx.send(()).ok();
+            let _ = release_rx.await;
+            Outcome::Handled { attempts: 1 }
+        }
+        .boxed(),
+    );
+    pool.submit(blocker).await.expect("submit blocker");
+    expect("blocker to start", started_rx).await.ok();
+    let (filler, filler_rx) = job_with(2, async { Outcome::Handled { attempts: 1 } }.boxed());
+    expect("the filler queued", pool.submit(filler))
+        .await
+        .expect("room for the filler");
+    // Two submissions wait for room: one dropped after a poll (as a timeout
+    // around it drops it), one before its first poll.
+    let (polled, polled_rx) = job_with(3, async { Outcome::Handled { attempts: 1 } }.boxed());
+    let waiting = pool.submit(polled);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), waiting)
+            .await
+            .is_err(),
+        "a full queue of one took a second job"
+    );
+    let (unpolled, unpolled_rx) = job_with(4, async { Outcome::Handled { attempts: 1 } }.boxed());
+    drop(pool.submit(unpolled));
+    release_tx.send(()).ok();
+    expect("blocker outcome", blocker_rx)
+        .await
+        .expect("outcome");
+    expect("filler outcome", filler_rx).await.expect("outcome");
+    for (what, rx) in [("polled", polled_rx), ("unpolled", unpolled_rx)] {
+        assert!(
+            expect("the dropped job's receiver", rx).await.is_err(),
+            "the {what} job was dropped with its submission, never run"
+        );
+    }
+    // A worker takes a job's count back just after its outcome is delivered.
+    let counted = || -> Vec<(u64, u32)> {
+        (1..=4u64)
+            .map(|r| (r, table.in_flight(RouteTable::cell_of(r))))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    };
+    crate::wait_until(
+        "every route's count back to 0 after every job finished \
+         (a dropped waiting submission keeps its route's count)",
+        Duration::from_secs(5),
+        || counted().is_empty(),
+    )
+    .await;
+    pool.close(WAIT).await;
+}
+
 /// After close, submission hands the job back with kind `Closed`; queued jobs finished.
 pub async fn closed_pool_hands_job_back(factory: &PoolFactory) {
     let pool = factory(PoolSpec::default()).await;
@@ -398,6 +474,7 @@ macro_rules! pool_tests {
             same_route_runs_in_order,
             different_routes_run_concurrently,
             full_queue_hands_job_back,
+            a_dropped_waiting_submission_leaves_no_count,
             closed_pool_hands_job_back,
             panic_becomes_outcome,
         );

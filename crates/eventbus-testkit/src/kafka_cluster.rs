@@ -130,8 +130,11 @@ impl Cluster {
         })
     }
 
-    fn real(brokers: String) -> Self {
-        Cluster(Inner::Real { brokers })
+    /// A real broker at `brokers` (a broker a test started itself, say).
+    pub fn real(brokers: impl Into<String>) -> Self {
+        Cluster(Inner::Real {
+            brokers: brokers.into(),
+        })
     }
 
     /// Whether this is the mock cluster (fault injection works only there).

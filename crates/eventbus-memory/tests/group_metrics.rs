@@ -33,7 +33,7 @@ impl Counters {
             if let DebugValue::Counter(n) = value {
                 *totals
                     .entry((key.name().to_owned(), t.value().to_owned()))
-                    .or_default() = n;
+                    .or_default() += n;
             }
         }
         totals

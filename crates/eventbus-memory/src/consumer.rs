@@ -318,6 +318,7 @@ impl ConsumeLoop {
         let in_flight = self.set.in_flight(partition);
         self.set.revoke(partition);
         self.in_flight[p].store(0, Ordering::Relaxed);
+        self.dispatcher.count_assignment_lost(self.topic.name());
         tracing::warn!(topic = %self.topic.name(), partition, member = self.member, in_flight,
             "assignment lost: the partition's work is fenced and nothing more is committed for it");
     }

@@ -474,7 +474,11 @@ impl PoolSwitch {
     fn submit_job(&self, mut job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         let route = job.route();
         let (side, cell, steady) = match self.route(route) {
-            Routed::Steady(guard) => (PoolKind::Keyed, None, Some(guard)),
+            Routed::Steady(guard) => {
+                // The keyed pool places it and counts it itself.
+                job.unplace();
+                (PoolKind::Keyed, None, Some(guard))
+            }
             Routed::Pinned { place, cell } => {
                 place_job(&mut job, place);
                 job.set_done_hook(self.pins.done_hook(cell));
@@ -622,6 +626,7 @@ impl Pool for PoolSwitch {
     fn submit_batch(&self, jobs: &mut Vec<Job>) {
         let _steady = self.steady.enter();
         if self.current().kind() == Kind::Steady {
+            jobs.iter_mut().for_each(Job::unplace);
             self.keyed.submit_batch(jobs);
             return;
         }
@@ -632,7 +637,10 @@ impl Pool for PoolSwitch {
         for mut job in batch.by_ref() {
             let side = match self.route(job.route()) {
                 // The mode became steady: covered by this call's count.
-                Routed::Steady(_) => PoolKind::Keyed,
+                Routed::Steady(_) => {
+                    job.unplace();
+                    PoolKind::Keyed
+                }
                 Routed::Pinned { place, cell } => {
                     place_job(&mut job, place);
                     job.set_done_hook(self.pins.done_hook(cell));

@@ -4,7 +4,7 @@
 
 use eventbus::core::raw::{
     rollout_bucket, stable_hash, DoneHook, Job, JobClass, Outcome, OutcomeReceiver, Place,
-    Placement, RouteTable, SubmitErrorKind,
+    RouteTable, SubmitErrorKind,
 };
 use eventbus::{Pool, PoolSwitch};
 use eventbus_testkit::factories::{actor_pools, keyed_pools};

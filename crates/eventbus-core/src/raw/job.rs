@@ -285,8 +285,13 @@ impl Job {
         self.done = Some(hook);
     }
 
-    /// Remove the done hook without calling it.
+    /// Remove the done hook without calling it, and the job's placement with it:
+    /// a composite pool places a job on a worker only while it counts the job
+    /// until its done hook (see [`Job::place`]), and a pool trusts such a job to
+    /// be counted there. A composite taking its hook back takes its count back,
+    /// so a job it hands back leaves the choice of worker to the next pool.
     pub fn take_done_hook(&mut self) -> Option<DoneHook> {
+        self.placed = NOT_PLACED;
         self.done.take()
     }
 }

@@ -1,6 +1,7 @@
 //! [`ActorPool`]: the pool handle, the state it shares with its actors, and the
 //! [`Pool`] implementation.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -10,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::ActorPoolConfig;
-use eventbus_core::raw::routes::Router;
+use eventbus_core::raw::routes::{Counted, Router};
 use eventbus_core::raw::{push_batch, Placement, PushError, RouteTable};
 use eventbus_core::raw::{Job, SubmitError, SubmitErrorKind};
 use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats, Routing};
@@ -252,10 +253,10 @@ impl ActorPool {
     }
 
     /// Queue `job` if its actor's queue has room now. `Ok(None)`: queued;
-    /// `Ok(Some(job))`: the queue is full (the job stays counted in its cell, the
-    /// second value, while it waits for room); `Err`: refused for good.
+    /// `Ok(Some(..))`: the queue is full (the job stays counted in its cell, held
+    /// by the guard, while it waits for room); `Err`: refused for good.
     #[allow(clippy::type_complexity)]
-    fn try_submit(&self, job: Job) -> Result<Option<(usize, Option<usize>, Job)>, SubmitError> {
+    fn try_submit(&self, job: Job) -> Result<Option<(usize, Counted<'_>, Job)>, SubmitError> {
         let shared = &self.shared;
         if shared.is_closing() {
             return Err(self.reject(SubmitErrorKind::Closed, job));
@@ -267,20 +268,28 @@ impl ActorPool {
         // A slot cooling down still takes the jobs of the routes it holds: they
         // wait, in order, for its fresh actor.
         let (index, cell) = shared.route(&job);
+        let mut counted = shared.router.hold(cell);
         if !self.start_actor(&shared.slots[index]) {
-            shared.router.leave(cell);
             return Err(self.reject(SubmitErrorKind::Unavailable, job));
         }
         match shared
             .router
-            .try_push(index, job, |i| shared.slots[i].queue())
-        {
+            .try_push(index, job, &mut counted, self.picker(), |i| {
+                shared.slots[i].queue()
+            }) {
             Ok(()) => Ok(None),
-            Err((index, PushError::Full(job))) => Ok(Some((index, cell, job))),
-            Err((_, e)) => {
-                shared.router.leave(cell);
-                Err(self.refused_by_closed_queue(e.into_job()))
-            }
+            Err((index, PushError::Full(job))) => Ok(Some((index, counted, job))),
+            Err((_, e)) => Err(self.refused_by_closed_queue(e.into_job())),
+        }
+    }
+
+    /// An actor for a job routed afresh after its placement went stale (see
+    /// [`Router::follow`]), its first actor asked for.
+    fn picker(&self) -> impl Fn() -> usize + '_ {
+        || {
+            let index = self.shared.pick_any();
+            self.start_actor(&self.shared.slots[index]);
+            index
         }
     }
 
@@ -291,28 +300,32 @@ impl ActorPool {
     }
 
     /// Wait up to the wait timeout for room in `slot`'s queue; the job stays
-    /// counted in `cell` meanwhile, so later jobs of its route follow it there. The
-    /// wait ends early when the pool starts closing.
+    /// counted in its cell meanwhile (`counted`, given back unless it is queued,
+    /// also when this future is dropped), so later jobs of its route follow it
+    /// there. The wait ends early when the pool starts closing.
     async fn submit_waiting(
         &self,
         index: usize,
-        cell: Option<usize>,
+        counted: Counted<'_>,
         job: Job,
     ) -> Result<(), SubmitError> {
         let shared = &self.shared;
-        let refused = match shared
+        match shared
             .router
-            .push_waiting(index, job, shared.config.wait_timeout, |i| {
-                shared.slots[i].queue()
-            })
+            .push_waiting(
+                index,
+                job,
+                counted,
+                shared.config.wait_timeout,
+                self.picker(),
+                |i| shared.slots[i].queue(),
+            )
             .await
         {
-            Ok(()) => return Ok(()),
-            Err(PushError::Full(job)) => self.reject(SubmitErrorKind::Full, job),
-            Err(e) => self.refused_by_closed_queue(e.into_job()),
-        };
-        shared.router.leave(cell);
-        Err(refused)
+            Ok(()) => Ok(()),
+            Err(PushError::Full(job)) => Err(self.reject(SubmitErrorKind::Full, job)),
+            Err(e) => Err(self.refused_by_closed_queue(e.into_job())),
+        }
     }
 
     /// A slot's queue is closed only when the pool closes.
@@ -454,7 +467,7 @@ impl Pool for ActorPool {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         match self.try_submit(job) {
             Ok(None) => Box::pin(Accepted),
-            Ok(Some((index, cell, job))) => Box::pin(self.submit_waiting(index, cell, job)),
+            Ok(Some((index, counted, job))) => Box::pin(self.submit_waiting(index, counted, job)),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }
@@ -468,13 +481,14 @@ impl Pool for ActorPool {
             return;
         }
         // The job the batch stopped at was counted in its cell: take it back.
-        let mut last = None;
+        let last = RefCell::new(shared.router.hold(None));
         push_batch(
             jobs,
             |job| {
                 let (index, cell) = shared.route(job);
+                // The job before it was queued.
+                std::mem::replace(&mut *last.borrow_mut(), shared.router.hold(cell)).queued();
                 let slot = &shared.slots[index];
-                last = cell;
                 // Should the supervisor stop meanwhile, the job waits in the queue, as
                 // every job queued for a supervisor that stopped does; the pool then
                 // reports unhealthy.
@@ -482,14 +496,17 @@ impl Pool for ActorPool {
                 (slot.queue(), shared.router.expect(job, index))
             },
             |job| {
-                let index = shared.router.moved_to(job)?;
+                let index = shared
+                    .router
+                    .follow(job, &mut last.borrow_mut(), self.picker())?;
                 let slot = &shared.slots[index];
                 self.start_actor(slot);
                 Some((slot.queue(), shared.router.expect(job, index)))
             },
         );
-        if !jobs.is_empty() {
-            shared.router.leave(last);
+        let last = last.into_inner();
+        if jobs.is_empty() {
+            last.queued();
         }
     }
 

@@ -103,11 +103,15 @@ impl Shared {
     /// waits for a fresh one).
     #[inline]
     pub(crate) fn route(&self, job: &Job) -> (usize, Option<usize>) {
+        self.router.route(job, || self.pick_any())
+    }
+
+    /// An actor for a route with nothing in flight: [`pick`](Self::pick)'s, or
+    /// when every actor is out of service, any (the job waits for a fresh one).
+    pub(crate) fn pick_any(&self) -> usize {
         let n = self.slots.len();
-        self.router.route(job, || {
-            let any = || less_loaded(n, |i| self.slots[i].queue().rank(false));
-            self.pick(None).or_else(any).unwrap_or(0)
-        })
+        let any = || less_loaded(n, |i| self.slots[i].queue().rank(false));
+        self.pick(None).or_else(any).unwrap_or(0)
     }
 
     /// The slot a job of `route` submitted now would go to, when the pool knows it:

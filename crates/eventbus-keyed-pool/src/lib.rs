@@ -5,11 +5,12 @@ mod config;
 pub use config::KeyedPoolConfig;
 
 use eventbus_core::raw::routes::victim;
-use eventbus_core::raw::routes::{Router, MAX_WORKERS};
+use eventbus_core::raw::routes::{Counted, Router, MAX_WORKERS};
 use eventbus_core::raw::{less_loaded, push_batch, JobQueue, Placement, PushError, RouteTable};
 use eventbus_core::raw::{Job, OutcomeKind, SubmitError, SubmitErrorKind};
 use eventbus_core::{ComponentHealth, Error, HealthStatus, Pool, PoolStats, Routing};
 use futures::future::BoxFuture;
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
@@ -80,7 +81,12 @@ impl Shared {
 
     /// The worker of `job` and the cell of the pool's table it was counted in.
     fn route(&self, job: &Job) -> (usize, Option<usize>) {
-        self.router.route(job, || self.pick(None).unwrap_or(0))
+        self.router.route(job, self.picker())
+    }
+
+    /// A worker for a route with nothing in flight.
+    fn picker(&self) -> impl Fn() -> usize + '_ {
+        || self.pick(None).unwrap_or(0)
     }
 }
 
@@ -174,44 +180,54 @@ impl KeyedWorkerPool {
 
     /// Queue `job` if its worker's queue has room now. `Ok(None)`: queued;
     /// `Ok(Some(..))`: the queue of that worker is full (the job stays counted in
-    /// its cell, the second value, while it waits for room); `Err`: refused for good.
+    /// its cell, held by the guard, while it waits for room); `Err`: refused for
+    /// good.
     #[allow(clippy::type_complexity)]
-    fn try_submit(&self, job: Job) -> Result<Option<(usize, Option<usize>, Job)>, SubmitError> {
+    fn try_submit(&self, job: Job) -> Result<Option<(usize, Counted<'_>, Job)>, SubmitError> {
         if self.is_closed() {
             return Err(self.reject(SubmitErrorKind::Closed, job));
         }
-        let (index, cell) = self.shared.route(&job);
         let shared = &self.shared;
-        match shared.router.try_push(index, job, |w| &shared.queues[w]) {
+        let (index, cell) = shared.route(&job);
+        let mut counted = shared.router.hold(cell);
+        match shared
+            .router
+            .try_push(index, job, &mut counted, shared.picker(), |w| {
+                &shared.queues[w]
+            }) {
             Ok(()) => Ok(None),
-            Err((index, PushError::Full(job))) => Ok(Some((index, cell, job))),
-            Err((_, e)) => {
-                self.shared.router.leave(cell);
-                Err(self.reject(SubmitErrorKind::Closed, e.into_job()))
-            }
+            Err((index, PushError::Full(job))) => Ok(Some((index, counted, job))),
+            Err((_, e)) => Err(self.reject(SubmitErrorKind::Closed, e.into_job())),
         }
     }
 
     /// Wait up to the wait timeout for room in worker `index`'s queue; the job stays
-    /// counted in `cell` meanwhile, so later jobs of its route follow it there.
+    /// counted in its cell meanwhile (`counted`, given back unless it is queued,
+    /// also when this future is dropped), so later jobs of its route follow it
+    /// there.
     async fn submit_waiting(
         &self,
         index: usize,
-        cell: Option<usize>,
+        counted: Counted<'_>,
         job: Job,
     ) -> Result<(), SubmitError> {
         let shared = &self.shared;
-        let refused = match shared
+        match shared
             .router
-            .push_waiting(index, job, self.config.wait_timeout, |w| &shared.queues[w])
+            .push_waiting(
+                index,
+                job,
+                counted,
+                self.config.wait_timeout,
+                shared.picker(),
+                |w| &shared.queues[w],
+            )
             .await
         {
-            Ok(()) => return Ok(()),
-            Err(PushError::Full(job)) => self.reject(SubmitErrorKind::Full, job),
-            Err(e) => self.reject(SubmitErrorKind::Closed, e.into_job()),
-        };
-        self.shared.router.leave(cell);
-        Err(refused)
+            Ok(()) => Ok(()),
+            Err(PushError::Full(job)) => Err(self.reject(SubmitErrorKind::Full, job)),
+            Err(e) => Err(self.reject(SubmitErrorKind::Closed, e.into_job())),
+        }
     }
 
     async fn close_inner(&self, timeout: Duration) {
@@ -299,7 +315,7 @@ impl Pool for KeyedWorkerPool {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         match self.try_submit(job) {
             Ok(None) => Box::pin(Accepted),
-            Ok(Some((index, cell, job))) => Box::pin(self.submit_waiting(index, cell, job)),
+            Ok(Some((index, counted, job))) => Box::pin(self.submit_waiting(index, counted, job)),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }
@@ -312,21 +328,25 @@ impl Pool for KeyedWorkerPool {
         }
         let shared = &self.shared;
         // The job the batch stopped at was counted in its cell: take it back.
-        let mut last = None;
+        let last = RefCell::new(shared.router.hold(None));
         push_batch(
             jobs,
             |job| {
                 let (index, cell) = shared.route(job);
-                last = cell;
+                // The job before it was queued.
+                std::mem::replace(&mut *last.borrow_mut(), shared.router.hold(cell)).queued();
                 (&shared.queues[index], shared.router.expect(job, index))
             },
             |job| {
-                let index = shared.router.moved_to(job)?;
+                let index = shared
+                    .router
+                    .follow(job, &mut last.borrow_mut(), shared.picker())?;
                 Some((&shared.queues[index], shared.router.expect(job, index)))
             },
         );
-        if !jobs.is_empty() {
-            shared.router.leave(last);
+        let last = last.into_inner();
+        if jobs.is_empty() {
+            last.queued();
         }
     }
 

@@ -9,7 +9,6 @@ use eventbus_testkit::pool_suite::PoolSpec;
 use eventbus_testkit::wait_until;
 use futures::FutureExt;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 

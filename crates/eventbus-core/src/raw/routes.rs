@@ -314,24 +314,70 @@ impl Router {
         Some(worker)
     }
 
+    /// Where to push `job` after [`PushError::Moved`]: the worker its cell places
+    /// its jobs on now. A placed job whose cell names no worker (nothing in flight
+    /// there: nothing counts the job, its placement is stale) is routed afresh, as
+    /// the pool routes a job of its own, and counted in `counted`. `None`: the
+    /// job's own count holds a cell that names no worker of this pool, which no
+    /// move can change while it holds: push it where it is, unchecked. So a push
+    /// follows a cell only as often as a hand-back moves it, never in a loop.
+    pub fn follow(
+        &self,
+        job: &mut Job,
+        counted: &mut Counted<'_>,
+        pick: impl FnOnce() -> usize,
+    ) -> Option<usize> {
+        if let Some(worker) = self.moved_to(job) {
+            return Some(worker);
+        }
+        // Unplaced: its own count holds the cell.
+        job.placed()?;
+        job.unplace();
+        let (worker, cell) = self.route(job, pick);
+        debug_assert!(counted.cell.is_none(), "a placed job counted by the pool");
+        counted.cell = cell;
+        Some(worker)
+    }
+
+    /// The count `route` took in `cell` of the pool's own table for a job on its
+    /// way to a queue: taken back when the returned guard drops, unless the job
+    /// was queued ([`Counted::queued`]). A submission that waits for room owns it,
+    /// so a submission dropped while it waits (a fence, a stop, a timeout around
+    /// it) leaves nothing counted.
+    pub fn hold(&self, cell: Option<usize>) -> Counted<'_> {
+        Counted {
+            table: &self.own,
+            cell,
+        }
+    }
+
     /// Queue `job` on worker `index` (queues by `queue_of`) if it has room now,
-    /// following its cell wherever a hand-back moved it; on failure, the worker it
-    /// was last tried on. (The job comes back by value, as from
-    /// [`JobQueue::try_push`]: boxing it would allocate on the path of a full
-    /// queue.)
+    /// following its cell wherever a hand-back moved it ([`follow`](Self::follow),
+    /// `pick` choosing a worker should the job be routed afresh); on failure, the
+    /// worker it was last tried on, the job still counted in `counted`. (The job
+    /// comes back by value, as from [`JobQueue::try_push`]: boxing it would
+    /// allocate on the path of a full queue.)
     #[allow(clippy::result_large_err)]
     pub fn try_push<'q>(
         &self,
         mut index: usize,
         mut job: Job,
+        counted: &mut Counted<'_>,
+        pick: impl Fn() -> usize,
         queue_of: impl Fn(usize) -> &'q JobQueue,
     ) -> Result<(), (usize, PushError)> {
+        let mut expect = self.expect(&job, index);
         loop {
-            let expect = self.expect(&job, index);
             match queue_of(index).try_push_expecting(job, expect) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    counted.cell = None;
+                    return Ok(());
+                }
                 Err(PushError::Moved(mut moved)) => {
-                    index = self.moved_to(&mut moved).unwrap_or(index);
+                    (index, expect) = match self.follow(&mut moved, counted, &pick) {
+                        Some(to) => (to, self.expect(&moved, to)),
+                        None => (index, None),
+                    };
                     job = moved;
                 }
                 Err(e) => return Err((index, e)),
@@ -340,25 +386,36 @@ impl Router {
     }
 
     /// Queue `job` on worker `index`, waiting up to `timeout` for room, following
-    /// its cell wherever a hand-back moved it.
+    /// its cell wherever a hand-back moved it (see [`try_push`](Self::try_push)).
+    /// `counted` is given back unless the job was queued: on a refusal, and when
+    /// the returned future is dropped before it ends.
     pub async fn push_waiting<'q>(
         &self,
         mut index: usize,
         mut job: Job,
+        mut counted: Counted<'_>,
         timeout: Duration,
+        pick: impl Fn() -> usize,
         queue_of: impl Fn(usize) -> &'q JobQueue,
     ) -> Result<(), PushError> {
+        let mut expect = self.expect(&job, index);
         loop {
-            let expect = self.expect(&job, index);
             match queue_of(index)
                 .push_timeout_expecting(job, timeout, expect)
                 .await
             {
+                Ok(()) => {
+                    counted.queued();
+                    return Ok(());
+                }
                 Err(PushError::Moved(mut moved)) => {
-                    index = self.moved_to(&mut moved).unwrap_or(index);
+                    (index, expect) = match self.follow(&mut moved, &mut counted, &pick) {
+                        Some(to) => (to, self.expect(&moved, to)),
+                        None => (index, None),
+                    };
                     job = moved;
                 }
-                done => return done,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -477,6 +534,36 @@ pub struct Ran {
     /// and its worker's queue waited in real time behind it
     /// ([`Router::share`]).
     pub waited: bool,
+}
+
+/// A job's count in a cell of its pool's own table, held while the job is on its
+/// way to a queue ([`Router::hold`]): taken back on drop unless the job was
+/// queued.
+#[derive(Debug)]
+#[must_use = "dropping it takes the count back"]
+pub struct Counted<'r> {
+    table: &'r RouteTable,
+    cell: Option<usize>,
+}
+
+impl Counted<'_> {
+    /// The job was queued: its worker takes the count back once it has run.
+    pub fn queued(mut self) {
+        self.cell = None;
+    }
+
+    /// The cell counted, if any.
+    pub fn cell(&self) -> Option<usize> {
+        self.cell
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if let Some(cell) = self.cell.take() {
+            self.table.leave(cell);
+        }
+    }
 }
 
 /// What a pool offers a composite pool that places jobs itself (see the module

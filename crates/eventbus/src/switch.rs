@@ -453,8 +453,12 @@ impl PoolSwitch {
                 }
                 continue;
             }
+            #[cfg(test)]
+            tests::hook::at(tests::hook::Step::ModeRead);
             let cell = self.pins.cell_of(route);
             let place = self.pins.pin(cell, || self.choose(mode, route));
+            #[cfg(test)]
+            tests::hook::at(tests::hook::Step::Pinned);
             if self.current() == mode {
                 self.tick(mode);
                 return Routed::Pinned { place, cell };

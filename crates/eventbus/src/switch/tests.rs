@@ -231,3 +231,97 @@ async fn a_share_change_reaches_nearly_every_route_while_many_are_in_flight() {
     actor.run_all().await;
     assert_eq!(switch.pinned(), (0, 0));
 }
+
+/// Test hooks in [`PoolSwitch::route`]: a test runs switch calls of its own at a
+/// chosen step of a submission on its thread, to play an interleaving out
+/// deterministically.
+pub(super) mod hook {
+    use std::cell::RefCell;
+
+    /// Where in `route` the hook runs.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Step {
+        /// A pinning submission has read the mode word, before it pins its cell.
+        ModeRead,
+        /// It has pinned its cell, before it reads the mode word again.
+        Pinned,
+    }
+
+    type Hook = Box<dyn FnMut(Step)>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Run `f` at every step of this thread's submissions.
+    pub(crate) fn set(f: impl FnMut(Step) + 'static) {
+        HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    /// No hook on this thread.
+    pub(crate) fn clear() {
+        HOOK.with(|h| h.borrow_mut().take());
+    }
+
+    /// Run this thread's hook, if any; switch calls made within it run without.
+    pub(crate) fn at(step: Step) {
+        let Some(mut f) = HOOK.with(|h| h.borrow_mut().take()) else {
+            return;
+        };
+        f(step);
+        HOOK.with(|h| {
+            let mut h = h.borrow_mut();
+            if h.is_none() {
+                *h = Some(f);
+            }
+        });
+    }
+}
+
+/// A submission that read the pinned mode at share 50 takes an actor pin after
+/// a rollback to 0 (from another thread) found no actor pin and made the switch
+/// steady. A steady submission of the same cell, made while that pin is
+/// there, must not join it: the keyed pool would run its job counted under an
+/// actor tag, and once the share rises the route's next job would go to the
+/// actor pool while that one is still on the keyed pool.
+#[tokio::test]
+async fn a_steady_submission_never_adopts_a_transient_actor_pin() {
+    use eventbus_keyed_pool::{KeyedPoolConfig, KeyedWorkerPool};
+    let keyed =
+        Arc::new(KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(2)).expect("keyed pool"));
+    let actor = Manual::new("actor");
+    let switch = Arc::new(PoolSwitch::new(keyed.clone(), actor.clone(), 50).expect("share 50"));
+    let route = in_bucket(10, 7);
+    let (s, mut step, mut k) = (switch.clone(), 0, Some(job(route)));
+    hook::set(move |at| match (at, step) {
+        (hook::Step::ModeRead, 0) => {
+            // The rollback, between the submission's read and its pin.
+            s.set_actor_percent(0).expect("rollback");
+            step = 1;
+        }
+        (hook::Step::Pinned, 1) => {
+            // Another submission of the route while the pin is there.
+            let k = k.take().expect("K");
+            s.submit(k)
+                .now_or_never()
+                .expect("taken in the call")
+                .expect("K accepted");
+            step = 2;
+        }
+        _ => {}
+    });
+    let submitted = switch.submit(job(route)).await;
+    hook::clear();
+    submitted.expect("J accepted");
+    switch.set_actor_percent(100).expect("rise");
+    switch.submit(job(route)).await.expect("L accepted");
+    let (on_keyed, on_actor) = (keyed.stats().submitted, actor.len());
+    assert!(
+        on_keyed == 0 || on_actor == 0,
+        "route {route:#x} was sent to both pools: {on_keyed} jobs to the keyed pool, \
+         {on_actor} to the actor pool (a steady submission joined a transient actor pin)"
+    );
+    actor.run_all().await;
+    keyed.close(Duration::from_secs(5)).await;
+    assert_eq!(switch.pinned(), (0, 0));
+}

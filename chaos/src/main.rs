@@ -16,8 +16,8 @@ use std::time::Duration;
 fn usage() -> &'static str {
     "usage: chaos [--backend memory|kafka|nats] [--minutes N | --seconds N] [--rate MSGS_PER_S] \
      [--error-rate F] [--panic-rate F] [--faults kill,restart,member,rolling,partitioned,\
-     stuck-key,stuck-key-deaf,commit-errors,fetch-errors,heartbeat-errors,broker-down,\
-     server-kill,server-pause] [--quiet]\n\
+     stuck-key,stuck-key-deaf,partition,commit-errors,fetch-errors,heartbeat-errors,\
+     broker-down,server-kill,server-pause] [--quiet]\n\
      \n\
      kafka runs use KAFKA_BROKERS when it is set (`cargo xtask chaos --tansu` starts a\n\
      tansu broker and sets it), else librdkafka's mock cluster\n\
@@ -45,6 +45,11 @@ fn usage() -> &'static str {
      \x20 stuck-key-deaf  the same with handlers that ignore the token: the hand-over\n\
      \x20                 overruns counted are reported, those aggregates are left out of\n\
      \x20                 the order figure\n\
+     \x20 partition       (nats) the member is replaced by one connected through a TCP\n\
+     \x20                 fault proxy, a standby joins directly, and the proxied member's\n\
+     \x20                 link is blackholed for 5 s (past its 3 s lease, so the standby\n\
+     \x20                 takes over while it has work queued), then restored; the cut-off\n\
+     \x20                 member leaves and the standby carries on\n\
      \x20 commit-errors, fetch-errors, heartbeat-errors, broker-down   kafka mock cluster\n\
      \x20                 (left out on a real broker, KAFKA_BROKERS)\n\
      \x20 server-kill, server-pause                                    nats-server\n\

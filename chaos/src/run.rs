@@ -7,7 +7,9 @@ use eventbus_memory::{BrokerConfig, MemoryBroker};
 use eventbus_testkit::kafka_cluster::{Cluster, RDKafkaApiKey, RDKafkaRespErr};
 use eventbus_testkit::nats_server::NatsServer;
 use eventbus_testkit::progress::Progress as RunProgress;
-use eventbus_testkit::{Delivery, DeliveryChecker, DeliveryReport, MessageClass, MessageId, Stamp};
+use eventbus_testkit::{
+    Delivery, DeliveryChecker, DeliveryReport, FaultProxy, MessageClass, MessageId, Stamp,
+};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
@@ -226,7 +228,18 @@ pub enum Fault {
     /// (a call running past its fence is the overlap the hand-over timeout
     /// bounds, not a defect).
     StuckKeyDeaf,
+    /// A network partition of one member (NATS): the member is replaced by one
+    /// whose connection goes through the testkit's fault proxy, a standby joins
+    /// on a direct connection, then the proxied member's link is blackholed for
+    /// [`PARTITION_CUT`] (longer than the lease, so the standby takes over while
+    /// the cut-off member still has work queued) and restored; the cut-off
+    /// member then leaves and the standby carries on.
+    Partition,
 }
+
+/// How long [`Fault::Partition`] cuts the member's link: past the lease of the
+/// test settings (3s), short of the client's ping-based disconnect.
+pub const PARTITION_CUT: Duration = Duration::from_secs(5);
 
 impl Fault {
     /// The rotation of `backend`.
@@ -256,6 +269,7 @@ impl Fault {
                 StuckKeyDeaf,
                 RestartConsumer,
                 PartitionedRotation,
+                Partition,
             ],
         }
     }
@@ -304,11 +318,12 @@ impl std::str::FromStr for Fault {
             "partitioned" => PartitionedRotation,
             "stuck-key" => StuckKey,
             "stuck-key-deaf" => StuckKeyDeaf,
+            "partition" => Partition,
             other => {
                 return Err(format!(
                     "unknown fault `{}` (kill, restart, member, rolling, partitioned, \
-                     stuck-key, stuck-key-deaf, commit-errors, fetch-errors, heartbeat-errors, \
-                     broker-down, server-kill, server-pause)",
+                     stuck-key, stuck-key-deaf, partition, commit-errors, fetch-errors, \
+                     heartbeat-errors, broker-down, server-kill, server-pause)",
                     other.escape_debug()
                 ))
             }
@@ -332,6 +347,7 @@ impl fmt::Display for Fault {
             Fault::PartitionedRotation => "partitioned rotation (kill, restart, join, leave)",
             Fault::StuckKey => "stuck key during a rebalance (honours its token)",
             Fault::StuckKeyDeaf => "stuck key during a rebalance (ignores its token)",
+            Fault::Partition => "one member's link cut and restored",
         })
     }
 }
@@ -835,6 +851,18 @@ struct Ctx {
     stuck: Mutex<Vec<StuckPhase>>,
     /// What the run shows of its progress (nothing unless verbose).
     shown: RunProgress,
+    /// [`Fault::Partition`]: the fault proxy in front of the NATS server, for
+    /// the member whose link is cut.
+    link: Option<FaultProxy>,
+}
+
+/// How a consumer process reaches the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// The broker's own address.
+    Direct,
+    /// Through the run's fault proxy ([`Fault::Partition`]).
+    Proxied,
 }
 
 /// What a consumer process consumes.
@@ -1117,16 +1145,27 @@ impl Ctx {
     }
 
     async fn spawn_with(&self, timeouts: HandoverTimeouts) -> Result<Member, String> {
-        self.spawn_role(Role::Primary, timeouts).await
+        self.spawn_role(Role::Primary, timeouts, Link::Direct).await
+    }
+
+    /// Start a member connected through the fault proxy ([`Fault::Partition`]).
+    async fn spawn_proxied(&self) -> Result<Member, String> {
+        self.spawn_role(Role::Primary, HandoverTimeouts::default(), Link::Proxied)
+            .await
     }
 
     /// Start a member of the partitioned rotation (`q<n>`).
     async fn spawn_partitioned(&self) -> Result<Member, String> {
-        self.spawn_role(Role::Partitioned, HandoverTimeouts::default())
+        self.spawn_role(Role::Partitioned, HandoverTimeouts::default(), Link::Direct)
             .await
     }
 
-    async fn spawn_role(&self, role: Role, timeouts: HandoverTimeouts) -> Result<Member, String> {
+    async fn spawn_role(
+        &self,
+        role: Role,
+        timeouts: HandoverTimeouts,
+        link: Link,
+    ) -> Result<Member, String> {
         let (n, worker) = match role {
             Role::Primary => {
                 let n = self.incarnation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -1202,7 +1241,15 @@ impl Ctx {
                 }
             }
         } else {
-            let t = self.target.endpoint();
+            let proxied;
+            let t = match (link, &self.link) {
+                (Link::Direct, _) => self.target.endpoint(),
+                (Link::Proxied, Some(proxy)) => {
+                    proxied = format!("nats://{}", proxy.addr());
+                    proxied.as_str()
+                }
+                (Link::Proxied, None) => return Err("no fault proxy in this run".into()),
+            };
             let bin = self
                 .opts
                 .consumer_bin
@@ -1650,6 +1697,7 @@ async fn apply(
         (Fault::PartitionedRotation, Broker::Nats(_)) => {
             partitioned_rotation(ctx, partitioned).await
         }
+        (Fault::Partition, Broker::Nats(_)) => partition(ctx, primary).await,
         (f, _) => Err(format!("fault `{f}` does not apply to this backend")),
     }
 }
@@ -1799,6 +1847,30 @@ async fn broker_down(ctx: &Ctx, c: &Cluster) -> Result<(), String> {
     Ok(())
 }
 
+/// [`Fault::Partition`].
+async fn partition(ctx: &Ctx, primary: &mut Option<Member>) -> Result<(), String> {
+    let (phase, limit) = (ctx.opts.phase, MEMBER_LIMIT);
+    let proxy = ctx.link.as_ref().ok_or("no fault proxy in this run")?;
+    proxy.restore();
+    if let Some(m) = primary.take() {
+        m.leave(limit).await?;
+    }
+    let cut_off = ctx.spawn_proxied().await?;
+    pause(phase / 4).await;
+    let standby = ctx.spawn().await?;
+    pause(phase / 8).await;
+    ctx.say("partition: the member's link is cut");
+    proxy.blackhole();
+    pause(PARTITION_CUT).await;
+    proxy.restore();
+    ctx.say("partition: the member's link is restored");
+    pause(phase / 8).await;
+    cut_off.leave(limit).await?;
+    *primary = Some(standby);
+    pause(phase.saturating_sub(phase / 2 + PARTITION_CUT)).await;
+    Ok(())
+}
+
 /// [`Fault::ServerKilled`].
 async fn server_killed(ctx: &Ctx, s: &Arc<Mutex<NatsServer>>) -> Result<(), String> {
     let phase = ctx.opts.phase;
@@ -1928,7 +2000,20 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     // One folder per run: a test binary makes several runs.
     let logs = std::env::temp_dir().join(format!("eventbus-{group}"));
     std::fs::create_dir_all(&logs).map_err(|e| format!("log folder: {e}"))?;
+    let link = match &broker {
+        Broker::Nats(s) if opts.faults.contains(&Fault::Partition) => {
+            let port = s.lock().expect("server lock").port();
+            let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            Some(
+                FaultProxy::start(upstream)
+                    .await
+                    .map_err(|e| format!("fault proxy: {e}"))?,
+            )
+        }
+        _ => None,
+    };
     let ctx = Ctx {
+        link,
         checker: DeliveryChecker::new(),
         group,
         target: broker.target(),

@@ -103,7 +103,7 @@ pub struct PoolSwitch {
     /// The route table: a pin per cell of routes (the keyed pool's own table when
     /// it offers placement).
     pins: Pins,
-    /// Steady submissions under way.
+    /// Submissions under way (see `mode.rs`).
     steady: Steady,
     /// Whether the switch pins in the keyed pool's own table, so that it may stop
     /// counting jobs at share 0 (see `mode.rs`).
@@ -255,7 +255,14 @@ impl PoolSwitch {
                     Kind::Pinned
                 }
                 Kind::Pinned => {
-                    if mode.percent() != 0 || !self.can_stop_counting || self.pins.any_on_actor() {
+                    // No submission under way first, then the scan: one that
+                    // enters after its stripe was read reads share 0 and pins
+                    // no cell to the actor side (see `mode.rs`).
+                    if mode.percent() != 0
+                        || !self.can_stop_counting
+                        || !self.steady.quiescent()
+                        || self.pins.any_on_actor()
+                    {
                         return;
                     }
                     Kind::Steady
@@ -440,18 +447,19 @@ impl PoolSwitch {
     }
 
     /// Route a job of `route`: in steady mode uncounted to the keyed pool;
-    /// otherwise pin its cell and go to the cell's side. The mode word is read
-    /// before and after; if it changed meanwhile, the pin is given back and the job
-    /// routed again (see `mode.rs`).
+    /// otherwise pin its cell and go to the cell's side. The submission counts as
+    /// under way from before it reads the mode word until its job is placed; the
+    /// word is read again after the pin, and if it changed meanwhile, the pin is
+    /// given back and the job routed again (see `mode.rs`).
     fn route(&self, route: u64) -> Routed<'_> {
         loop {
+            // Under way before the mode word is read, until the job is placed: a
+            // change of mode waits for the submissions that may have read the
+            // one before (see `mode.rs`).
+            let under_way = self.steady.enter();
             let mode = self.current();
             if mode.kind() == Kind::Steady {
-                let guard = self.steady.enter();
-                if self.current() == mode {
-                    return Routed::Steady(guard);
-                }
-                continue;
+                return Routed::Steady(under_way);
             }
             #[cfg(test)]
             tests::hook::at(tests::hook::Step::ModeRead);
@@ -459,7 +467,9 @@ impl PoolSwitch {
             let place = self.pins.pin(cell, || self.choose(mode, route));
             #[cfg(test)]
             tests::hook::at(tests::hook::Step::Pinned);
-            if self.current() == mode {
+            let unchanged = self.current() == mode;
+            drop(under_way);
+            if unchanged {
                 self.tick(mode);
                 return Routed::Pinned { place, cell };
             }

@@ -17,19 +17,28 @@
 //!   the submitting thread, so it stays in that core's cache) until the keyed pool
 //!   has counted the job in its table.
 //! - **Waiting** (the share rose): every job pinned, and a cell with nothing in
-//!   flight goes to the keyed pool. Once no steady submission is under way, every
-//!   job the keyed pool placed itself is in the table, and the cells alone decide.
+//!   flight goes to the keyed pool. Once no submission is under way, every job the
+//!   keyed pool placed itself is in the table, and the cells alone decide.
 //! - **Pinned**: every job counted; a cell with nothing in flight goes to the side
-//!   the share gives its route. Back at share 0, once no cell has a job in flight
-//!   on the actor side, the switch is steady again.
+//!   the share gives its route. Back at share 0, once no submission is under way
+//!   and then no cell has a job in flight on the actor side, the switch is steady
+//!   again.
 //!
 //! The mode word holds the share, the mode and a generation that every change
-//! raises. A submission reads it, takes its pin (or enters its stripe), and reads it
-//! again: if it changed, it gives the pin back and starts over. So a job is always
-//! routed by one mode and share, and each change can check what it needs (no
-//! steady submission under way, no actor pin) knowing that nothing routed by the
-//! previous mode is still being placed. Every access to the word, the stripes and
-//! the pins' compare-and-swap is sequentially consistent for that.
+//! raises. A submission enters its stripe, reads the word, and in steady mode
+//! stays counted there until the keyed pool has counted its job; otherwise it
+//! takes its pin, reads the word again, and leaves its stripe: if the word
+//! changed, it gives the pin back and starts over. So a job is always routed by
+//! one mode and share, and each change can check what it needs knowing that
+//! nothing routed by the previous mode is still being placed: a stripe read at
+//! zero after the word changed stays clear of older modes, since a submission
+//! that enters it later reads the new word. That is why the change to steady
+//! checks the stripes before it scans for actor pins: a submission that read a
+//! share above 0 and pins a cell to the actor side after the scan read that cell
+//! is still in its stripe, and a steady submission of that cell would otherwise
+//! join the pin and run on the keyed pool under an actor tag. Every access to the
+//! word, the stripes and the pins' compare-and-swap is sequentially consistent
+//! for that.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -101,7 +110,8 @@ thread_local! {
     static TICKS: Cell<u32> = const { Cell::new(0) };
 }
 
-/// Steady submissions under way, striped by submitting thread.
+/// Submissions under way (steady ones until the keyed pool has counted their
+/// job, pinning ones until their pin is checked), striped by submitting thread.
 #[derive(Debug)]
 pub(super) struct Steady {
     stripes: Box<[Stripe]>,
@@ -124,16 +134,16 @@ impl Steady {
         }
     }
 
-    /// Count a submission under way (before reading the mode word).
+    /// Count a submission under way (before it reads the mode word).
     pub(super) fn enter(&self) -> SteadyGuard<'_> {
         let stripe = &self.stripes[STRIPE.with(|s| *s)].0;
         stripe.fetch_add(1, Ordering::SeqCst);
         SteadyGuard(stripe)
     }
 
-    /// No submission is under way. Read after the mode left steady, each stripe
-    /// at zero stays there for steady submissions: one that enters later reads the
-    /// new mode and places its job as that mode says.
+    /// No submission is under way. Read after the mode word changed, each stripe
+    /// at zero stays clear of the modes before: a submission that enters it later
+    /// reads the new word and places its job as that says.
     pub(super) fn quiescent(&self) -> bool {
         self.stripes.iter().all(|s| s.0.load(Ordering::SeqCst) == 0)
     }

@@ -51,6 +51,13 @@ pub(crate) struct Msg {
 struct Call {
     msg: usize,
     key: u32,
+    /// The bus (member) that runs it.
+    bus: usize,
+    topic: usize,
+    partition: i32,
+    /// Its member lost the partition's assignment while it ran: it may overlap
+    /// with the next owner's calls until its consumer fences (documented).
+    stalled: bool,
     /// When its work was handed over (its cancellation fired), if it was.
     cancelled_at: Option<Instant>,
 }
@@ -69,6 +76,18 @@ pub struct Counts {
     pub rereads: u64,
     /// Messages dead-lettered (read back from the dead-letter topic).
     pub dead_lettered: u64,
+    /// Calls that started while a call of the same aggregate ran on a member
+    /// that had lost its assignment (the documented overlap of a stalled
+    /// member).
+    pub stalled_overlaps: u64,
+    /// Assignments lost, rewinds and failing commits injected.
+    pub faults: u64,
+    /// Calls that started while a call of the same aggregate on the other
+    /// topic ran on another member (allowed: each topic is assigned apart).
+    pub cross_member_topics: u64,
+    /// Calls that started on a partition their member had lost, before its
+    /// consumer fenced it (rejoined).
+    pub stalled_starts: u64,
 }
 
 /// The model and the trace of one run, shared by the driver and the handlers.
@@ -86,6 +105,15 @@ pub(crate) struct Model {
     last_started: BTreeMap<(usize, u32), u32>,
     calls: BTreeMap<u64, Call>,
     next_call: u64,
+    /// Per (bus, topic): the member that lost its assignment and the partitions
+    /// it lost, until the broker lists it as having rejoined (its consumer has
+    /// fenced them by then).
+    lost: BTreeMap<(usize, usize), (u64, Vec<i32>)>,
+    /// Per (topic, partition): every offset it was rewound to.
+    rewinds: BTreeMap<(usize, i32), Vec<i64>>,
+    /// Per (topic, partition): a rewind below the committed offset whose
+    /// backward commit has not been seen yet.
+    rewinding: BTreeMap<(usize, i32), i64>,
     pub(crate) counts: Counts,
     /// Dead letters read back: (origin topic, partition, offset).
     pub(crate) dead_letters: BTreeSet<(String, i32, i64)>,
@@ -110,6 +138,9 @@ impl Shared {
             last_started: BTreeMap::new(),
             calls: BTreeMap::new(),
             next_call: 0,
+            lost: BTreeMap::new(),
+            rewinds: BTreeMap::new(),
+            rewinding: BTreeMap::new(),
             counts: Counts::default(),
             dead_letters: BTreeSet::new(),
             trace: Vec::new(),
@@ -220,8 +251,10 @@ impl Model {
     /// A handler call of message `id` (at `partition` / `offset`, attempt
     /// `attempt`) starts: check one job per aggregate, order, no gap, and the
     /// committed offset; hand out what the call does.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         &mut self,
+        bus: usize,
         id: usize,
         partition: i32,
         offset: i64,
@@ -249,26 +282,48 @@ impl Model {
         }
         // One job per aggregate at a time, across topics, pools and buses; a
         // call running past its hand-over bound is the documented overlap.
-        let mut overrun = false;
+        // A call that starts on a partition its member lost, before its
+        // consumer fenced it, is a stalled member's call too.
+        let stalled_start = self
+            .lost
+            .get(&(bus, topic))
+            .is_some_and(|(_, ps)| ps.contains(&partition));
+        if stalled_start {
+            self.counts.stalled_starts += 1;
+        }
+        let (mut overrun, mut stalled) = (false, false);
         let mut clash = None;
+        let mut cross = false;
         for (other, c) in &self.calls {
             if c.key != key {
                 continue;
             }
+            // Each topic's partitions are assigned apart: across topics one
+            // aggregate is handled one job at a time within a member only.
+            if c.topic != topic && c.bus != bus {
+                cross = true;
+                continue;
+            }
             match c.cancelled_at {
+                _ if c.stalled || stalled_start => stalled = true,
                 Some(t) if now >= t + self.handover_timeout => overrun = true,
-                _ => clash = Some((*other, c.msg)),
+                _ => clash = Some((*other, c.msg, c.bus)),
             }
         }
-        if let Some((other, msg)) = clash {
+        if let Some((other, msg, other_bus)) = clash {
             let o = &self.msgs[msg];
             let what = format!(
-                "{name} (call {call}) started while call {other} of the same aggregate ({} k{}#{}) runs within its bound",
+                "{name} (call {call} on bus {bus}) started while call {other} of the same aggregate ({} k{}#{}, on bus {other_bus}) runs within its bound",
                 TOPICS[o.topic], o.key, o.seq
             );
             self.violate(what);
+        } else if stalled {
+            self.counts.stalled_overlaps += 1;
         } else if overrun {
             self.counts.overrun_overlaps += 1;
+        }
+        if cross {
+            self.counts.cross_member_topics += 1;
         }
         // Order and no gap: every earlier message of the key finished.
         let list = self.by_key[&(topic, key)].clone();
@@ -284,7 +339,11 @@ impl Model {
             self.violate(what);
         }
         // The committed offset never passes a message that is still to run.
-        if let Some(c) = committed {
+        // (Unless a rewind below it is being committed back: handling may
+        // start before the backward commit lands.)
+        if let Some(c) = committed
+            .filter(|_| !stalled_start && !self.rewinding.contains_key(&(topic, partition)))
+        {
             if c > offset {
                 self.violate(format!(
                     "{name} at p{partition}@{offset} starts while the committed offset is {c}"
@@ -293,9 +352,20 @@ impl Model {
         }
         // A re-read restarts at the committed point: no earlier message of the
         // key at or above it is skipped.
-        let last = self.last_started.insert((topic, key), seq);
-        if last.is_some_and(|l| seq < l) {
-            let c = committed.unwrap_or(0);
+        // (A stalled member's call is of the epoch it lost: not a re-read.)
+        let last = if stalled_start {
+            None
+        } else {
+            self.last_started.insert((topic, key), seq)
+        };
+        if last.is_some_and(|l| seq < l) && !self.rewinding.contains_key(&(topic, partition)) {
+            // The restart point: the committed offset, or a rewind's point
+            // (the latest one at or below this message, the weakest claim).
+            let rewound = self
+                .rewinds
+                .get(&(topic, partition))
+                .and_then(|r| r.iter().filter(|&&r| r <= offset).max().copied());
+            let c = committed.unwrap_or(0).max(rewound.unwrap_or(0));
             if let Some(skipped) = list[..seq as usize]
                 .iter()
                 .find(|&&j| self.msgs[j].offset >= c)
@@ -319,13 +389,71 @@ impl Model {
             Call {
                 msg: id,
                 key,
+                bus,
+                topic,
+                partition,
+                stalled: stalled_start,
                 cancelled_at: None,
             },
         );
         self.note(format!(
-            "start {name} p{partition}@{offset} attempt {attempt} call {call}: {act:?}"
+            "start {name} p{partition}@{offset} attempt {attempt} call {call} bus {bus}: {act:?}"
         ));
         Started { call, act }
+    }
+
+    /// Bus `bus` lost its assignment of `partitions` of `topic`: its calls
+    /// running on them may overlap with the next owner's.
+    pub(crate) fn lost(&mut self, bus: usize, member: u64, topic: usize, partitions: &[i32]) {
+        self.counts.faults += 1;
+        let window = self
+            .lost
+            .entry((bus, topic))
+            .or_insert((member, Vec::new()));
+        window.0 = member;
+        window.1.extend_from_slice(partitions);
+        let mut stalled = Vec::new();
+        for (id, c) in self.calls.iter_mut() {
+            if c.bus == bus && c.topic == topic && partitions.contains(&c.partition) {
+                c.stalled = true;
+                stalled.push(*id);
+            }
+        }
+        self.note(format!(
+            "bus {bus} lost {} partitions {partitions:?}; its running calls {stalled:?} may overlap",
+            TOPICS[topic]
+        ));
+    }
+
+    /// End the lost windows of members that `still_lost` says have rejoined.
+    pub(crate) fn rejoined(&mut self, still_lost: impl Fn(usize, u64) -> bool) {
+        let before = self.lost.len();
+        self.lost
+            .retain(|&(_, topic), (member, _)| still_lost(topic, *member));
+        if self.lost.len() != before {
+            let open: Vec<_> = self.lost.keys().collect();
+            let line = format!("lost windows still open (bus, topic): {open:?}");
+            self.note(line);
+        }
+    }
+
+    /// `partition` of `topic` is rewound to `offset`, with `committed` the
+    /// committed offset now.
+    pub(crate) fn rewound(
+        &mut self,
+        topic: usize,
+        partition: i32,
+        offset: i64,
+        committed: Option<i64>,
+    ) {
+        self.counts.faults += 1;
+        self.rewinds
+            .entry((topic, partition))
+            .or_default()
+            .push(offset);
+        if committed.is_some_and(|c| c > offset) {
+            self.rewinding.insert((topic, partition), offset);
+        }
     }
 
     /// Call `call`'s work was handed over: its cancellation fired.
@@ -390,6 +518,9 @@ impl Model {
     /// finished: `committed(topic, partition)` reads the broker.
     pub(crate) fn check_commits(&mut self, committed: impl Fn(&str, i32) -> Option<i64>) {
         let mut bad = Vec::new();
+        self.rewinding.retain(|&(topic, partition), r| {
+            committed(TOPICS[topic], partition).is_some_and(|c| c > *r)
+        });
         for (&(topic, partition), (open, end)) in &self.open {
             let lowest = open.first().copied().unwrap_or(*end);
             if let Some(c) = committed(TOPICS[topic], partition) {

@@ -51,6 +51,10 @@ pub(crate) struct Settings {
     /// The longest ordinary handler time, ms.
     pub(crate) max_handler_ms: u64,
     pub(crate) steps: usize,
+    /// Members of the group at the start.
+    pub(crate) members: usize,
+    /// Rebalances revoke only the partitions that move.
+    pub(crate) cooperative: bool,
 }
 
 impl Settings {
@@ -100,6 +104,8 @@ impl Settings {
             faults,
             max_handler_ms: [0, 1, 5, 50][rng.usize(..4)],
             steps: rng.usize(5..30),
+            members: rng.usize(1..=3),
+            cooperative: rng.bool(),
         }
     }
 
@@ -149,32 +155,51 @@ pub(crate) enum Step {
     Wait(u64),
     /// Unsubscribe from the topic, wait, subscribe again.
     Resubscribe { topic: usize, pause_ms: u64 },
-    /// Close the bus and build a new one on the same broker and group (a
-    /// process restart).
+    /// Close a member's bus and build a new one on the same broker and group
+    /// (a process restart).
     Restart,
+    /// A new member joins (up to 3).
+    Join,
+    /// A member closes and leaves (one stays).
+    Leave,
+    /// A member holding partitions of the topic stalls past its session.
+    LoseAssignment { topic: usize },
+    /// A partition of the topic is rewound this many offsets below its end.
+    Rewind { topic: usize, back: i64 },
+    /// The group's next commits fail.
+    FailCommits(u64),
 }
 
 impl Step {
     pub(crate) fn draw(rng: &mut Rng) -> Self {
+        let topic = usize::from(rng.u8(..4) == 0);
         match rng.u8(..100) {
-            0..=39 => Step::Publish {
-                topic: usize::from(rng.u8(..4) == 0),
+            0..=31 => Step::Publish {
+                topic,
                 n: rng.usize(1..=40),
             },
-            40..=54 => Step::Share(match rng.u8(..4) {
+            32..=43 => Step::Share(match rng.u8(..4) {
                 0 => 0,
                 1 => 100,
                 _ => rng.u8(0..=100),
             }),
-            55..=61 => Step::RollbackUnderBacklog {
+            44..=49 => Step::RollbackUnderBacklog {
                 n: rng.usize(50..=300),
             },
-            62..=81 => Step::Wait(rng.u64(0..300)),
-            82..=93 => Step::Resubscribe {
+            50..=64 => Step::Wait(rng.u64(0..300)),
+            65..=72 => Step::Resubscribe {
                 topic: usize::from(rng.bool()),
                 pause_ms: rng.u64(0..100),
             },
-            _ => Step::Restart,
+            73..=76 => Step::Restart,
+            77..=82 => Step::Join,
+            83..=87 => Step::Leave,
+            88..=91 => Step::LoseAssignment { topic },
+            92..=95 => Step::Rewind {
+                topic,
+                back: rng.i64(1..100),
+            },
+            _ => Step::FailCommits(rng.u64(1..=5)),
         }
     }
 }

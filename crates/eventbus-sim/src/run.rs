@@ -4,11 +4,14 @@
 use eventbus::core::CancellationToken;
 use eventbus::{BrokerConfig, Pool};
 use eventbus::{
-    DeliveryPolicy, Envelope, Event, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError,
-    MemoryBroker, Message, PoolSwitch, Record, SharedBus, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
-    DLQ_TOPIC_HEADER,
+    DeliveryPolicy, Envelope, Event, EventBus, EventBusBuilder, EventBusConfig, EventBusExt,
+    HandlerError, MemoryBroker, MemoryEventBus, Message, PoolSwitch, Record, DLQ_OFFSET_HEADER,
+    DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
+// The facade re-exports the memory broker but not its rebalance setting.
+use eventbus_memory::Rebalance;
 use fastrand::Rng;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -36,6 +39,8 @@ const STUCK_ROUNDS: usize = 5;
 struct Ctx {
     model: Shared,
     broker: MemoryBroker,
+    /// The bus whose handlers these are.
+    bus: usize,
 }
 
 impl Ctx {
@@ -57,7 +62,7 @@ impl Ctx {
             let mut m = self.model.lock();
             let topic = m.msgs()[id].topic;
             let committed = self.committed(TOPICS[topic], partition);
-            let started = m.start(id, partition, offset, attempt, committed);
+            let started = m.start(self.bus, id, partition, offset, attempt, committed);
             m.check_commits(|t, p| self.committed(t, p));
             started
         };
@@ -145,17 +150,26 @@ impl Drop for Dropped<'_> {
     }
 }
 
+/// A member of the group: a bus of its own (a process), with its switch.
+struct Member {
+    /// Its number in the run, named in the trace.
+    index: usize,
+    bus: MemoryEventBus,
+    switch: Arc<PoolSwitch>,
+}
+
 /// One run.
 struct Sim {
     rng: Rng,
     s: Settings,
     ctx: Ctx,
-    bus: SharedBus,
-    switch: Arc<PoolSwitch>,
+    members: Vec<Member>,
     /// The switches of every bus of the run, closed ones included.
     switches: Vec<Arc<PoolSwitch>>,
     share: u8,
     buses: usize,
+    /// Partitions being revoked: (topic, member id, partition) and since when.
+    revoking: BTreeMap<(usize, u64, i32), tokio::time::Instant>,
 }
 
 /// Run the simulation of `seed`, recording into `model`. `Err` names the first
@@ -165,26 +179,38 @@ pub(crate) async fn simulate(seed: u64, model: Shared) -> Result<(), String> {
     let s = Settings::draw(&mut rng);
     model.configure(s.handover_timeout, s.max_attempts);
     model.lock().note(format!("seed {seed}: {s:?}"));
-    let broker = MemoryBroker::new(BrokerConfig::default().default_partitions(s.partitions));
-    let ctx = Ctx { model, broker };
-    let share = s.share;
+    let rebalance = if s.cooperative {
+        Rebalance::Cooperative
+    } else {
+        Rebalance::Eager
+    };
+    let broker = MemoryBroker::new(
+        BrokerConfig::default()
+            .default_partitions(s.partitions)
+            .rebalance(rebalance),
+    );
+    let ctx = Ctx {
+        model,
+        broker,
+        bus: 0,
+    };
     ctx.model.lock().note(format!(
         "tasks alive before the first bus: {}",
         alive_tasks()
     ));
-    let (bus, switch) = build(&s, &ctx, share, 0).await?;
+    let share = s.share;
     let mut sim = Sim {
         rng,
         s,
         ctx,
-        bus,
-        switches: vec![switch.clone()],
-        switch,
+        members: Vec::new(),
+        switches: Vec::new(),
         share,
-        buses: 1,
+        buses: 0,
+        revoking: BTreeMap::new(),
     };
-    for topic in 0..TOPICS.len() {
-        sim.subscribe(topic).await?;
+    for _ in 0..sim.s.members {
+        sim.join().await?;
     }
     for i in 0..sim.s.steps {
         let step = Step::draw(&mut sim.rng);
@@ -222,20 +248,16 @@ fn config(s: &Settings, share: u8) -> EventBusConfig {
 /// A bus on the run's broker with both pools behind a switch at `share`.
 async fn build(
     s: &Settings,
-    ctx: &Ctx,
+    broker: &MemoryBroker,
     share: u8,
-    n: usize,
-) -> Result<(SharedBus, Arc<PoolSwitch>), String> {
-    let built = EventBusBuilder::new()
-        .config(config(s, share))
-        .memory(ctx.broker.clone())
-        .ignore_env()
-        .build_with_switch()
-        .await;
-    ctx.model
-        .lock()
-        .note(format!("bus {n} built at share {share}"));
-    built.map_err(|e| format!("building bus {n}: {e}"))
+) -> Result<(MemoryEventBus, Arc<PoolSwitch>), String> {
+    let config = config(s, share);
+    let switch = eventbus::build_switch(&config)
+        .await
+        .map_err(|e| format!("building a switch: {e}"))?;
+    let bus = MemoryEventBus::new(broker.clone(), switch.clone(), config.bus())
+        .map_err(|e| format!("building a bus: {e}"))?;
+    Ok((bus, switch))
 }
 
 impl Sim {
@@ -243,9 +265,47 @@ impl Sim {
         self.ctx.model.lock().note(line);
     }
 
-    /// The invariants checked between steps.
-    fn check(&self) -> Result<(), String> {
+    /// The invariants checked between steps: the committed offsets, and every
+    /// revoke ends within its bound.
+    fn check(&mut self) -> Result<(), String> {
+        let now = tokio::time::Instant::now();
+        let bound = self.unsubscribe_bound();
+        let mut seen = BTreeMap::new();
+        for (topic, name) in TOPICS.iter().enumerate() {
+            for member in self.ctx.broker.members(name, GROUP) {
+                for p in member.revoking {
+                    let since = self
+                        .revoking
+                        .get(&(topic, member.id, p))
+                        .copied()
+                        .unwrap_or(now);
+                    seen.insert((topic, member.id, p), since);
+                }
+            }
+        }
+        self.revoking = seen;
+        let lost: Vec<Vec<u64>> = TOPICS
+            .iter()
+            .map(|t| {
+                let members = self.ctx.broker.members(t, GROUP);
+                members
+                    .into_iter()
+                    .filter(|m| m.lost)
+                    .map(|m| m.id)
+                    .collect()
+            })
+            .collect();
         let mut m = self.ctx.model.lock();
+        m.rejoined(|topic, member| lost[topic].contains(&member));
+        for (&(topic, member, p), &since) in &self.revoking {
+            if now.duration_since(since) > bound {
+                m.violate(format!(
+                    "member {member} has been giving up {} partition {p} for {:?}, past its bound of {bound:?}",
+                    TOPICS[topic],
+                    now.duration_since(since)
+                ));
+            }
+        }
         m.check_commits(|t, p| self.ctx.committed(t, p));
         match m.violation() {
             Some(v) => Err(v.to_owned()),
@@ -253,10 +313,45 @@ impl Sim {
         }
     }
 
-    async fn subscribe(&self, topic: usize) -> Result<(), String> {
-        let ctx = self.ctx.clone();
+    /// Let `ms` of simulated time pass, checking every 10 ms.
+    async fn wait(&mut self, ms: u64) -> Result<(), String> {
+        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+        while tokio::time::Instant::now() < end {
+            tokio::time::sleep_until(
+                end.min(tokio::time::Instant::now() + Duration::from_millis(10)),
+            )
+            .await;
+            self.check()?;
+        }
+        Ok(())
+    }
+
+    /// A new member: a bus of its own, subscribed to both topics.
+    async fn join(&mut self) -> Result<(), String> {
+        let (bus, switch) = build(&self.s, &self.ctx.broker, self.share).await?;
+        let index = self.buses;
+        self.buses += 1;
+        self.note(format!("bus {index} built at share {}", self.share));
+        self.switches.push(switch.clone());
+        let member = Member { index, bus, switch };
+        for topic in 0..TOPICS.len() {
+            self.subscribe(&member, topic).await?;
+        }
+        self.members.push(member);
+        Ok(())
+    }
+
+    /// A member of the run, drawn.
+    fn pick(&mut self) -> usize {
+        self.rng.usize(..self.members.len())
+    }
+
+    async fn subscribe(&self, member: &Member, topic: usize) -> Result<(), String> {
+        let mut ctx = self.ctx.clone();
+        ctx.bus = member.index;
         let result = if topic == 0 {
-            self.bus
+            member
+                .bus
                 .subscribe_envelope(TOPICS[0], move |e: Event| {
                     let ctx = ctx.clone();
                     async move {
@@ -273,7 +368,8 @@ impl Sim {
                 })
                 .await
         } else {
-            self.bus
+            member
+                .bus
                 .subscribe(TOPICS[1], move |m: Message| {
                     let ctx = ctx.clone();
                     async move {
@@ -287,8 +383,13 @@ impl Sim {
                 })
                 .await
         };
-        self.note(format!("subscribed {}", TOPICS[topic]));
-        result.map_err(|e| format!("subscribe {}: {e}", TOPICS[topic]))
+        self.note(format!(
+            "bus {} subscribed {} as member {:?}",
+            member.index,
+            TOPICS[topic],
+            member.bus.member(TOPICS[topic])
+        ));
+        result.map_err(|e| format!("bus {}: subscribe {}: {e}", member.index, TOPICS[topic]))
     }
 
     /// Run `what` and check it returns within `bound` of simulated time.
@@ -327,12 +428,13 @@ impl Sim {
             let plan = self.s.plan(&mut self.rng);
             let id = self.ctx.model.lock().add(topic, key, plan);
             let aggregate = format!("k{key}");
+            let bus = &self.members[0].bus;
             let receipt = if topic == 0 {
                 let env = Envelope::new(aggregate, "sim.event", serde_json::json!(id));
-                self.bus.publish_envelope(TOPICS[0], &env).await
+                bus.publish_envelope(TOPICS[0], &env).await
             } else {
                 let record = Record::new(id.to_string()).with_key(aggregate);
-                self.bus.publish(TOPICS[1], record).await
+                bus.publish(TOPICS[1], record).await
             }
             .map_err(|e| format!("publish to {}: {e}", TOPICS[topic]))?;
             self.ctx
@@ -343,15 +445,19 @@ impl Sim {
         Ok(())
     }
 
+    /// Set the share of every member's switch (a rollout changes them all).
     fn set_share(&mut self, share: u8) -> Result<(), String> {
-        self.switch
-            .set_actor_percent(share)
-            .map_err(|e| format!("set share {share}: {e}"))?;
         self.share = share;
-        let (keyed, actor) = self.switch.pinned();
-        self.note(format!(
-            "share {share}% (pinned keyed {keyed}, actor {actor})"
-        ));
+        for m in &self.members {
+            m.switch
+                .set_actor_percent(share)
+                .map_err(|e| format!("set share {share}: {e}"))?;
+            let (keyed, actor) = m.switch.pinned();
+            self.note(format!(
+                "bus {}: share {share}% (pinned keyed {keyed}, actor {actor})",
+                m.index
+            ));
+        }
         Ok(())
     }
 
@@ -365,51 +471,141 @@ impl Sim {
                 self.publish(0, n).await?;
                 self.publish(1, n / 4).await?;
                 let fill = self.rng.u64(0..20);
-                tokio::time::sleep(Duration::from_millis(fill)).await;
+                self.wait(fill).await?;
                 self.set_share(0)
             }
-            Step::Wait(ms) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+            Step::Wait(ms) => self.wait(ms).await,
+            Step::Resubscribe { topic, pause_ms } => {
+                let i = self.pick();
+                self.resubscribe(i, topic, pause_ms).await
+            }
+            Step::Restart => {
+                let i = self.pick();
+                self.leave(i).await?;
+                self.join().await
+            }
+            Step::Join => {
+                if self.members.len() < 3 {
+                    self.join().await
+                } else {
+                    Ok(())
+                }
+            }
+            Step::Leave => {
+                if self.members.len() > 1 {
+                    let i = self.pick();
+                    self.leave(i).await
+                } else {
+                    Ok(())
+                }
+            }
+            Step::LoseAssignment { topic } => self.lose(topic),
+            Step::Rewind { topic, back } => self.rewind(topic, back),
+            Step::FailCommits(n) => {
+                self.ctx.broker.fail_commits(GROUP, n);
+                self.ctx.model.lock().counts.faults += 1;
                 Ok(())
             }
-            Step::Resubscribe { topic, pause_ms } => self.resubscribe(topic, pause_ms).await,
-            Step::Restart => self.restart().await,
         }
     }
 
-    async fn resubscribe(&mut self, topic: usize, pause_ms: u64) -> Result<(), String> {
-        let what = format!("unsubscribe {}", TOPICS[topic]);
+    /// A member holding partitions of `topic` stalls past its session.
+    fn lose(&mut self, topic: usize) -> Result<(), String> {
+        let holders: Vec<u64> = self
+            .ctx
+            .broker
+            .members(TOPICS[topic], GROUP)
+            .into_iter()
+            .filter(|m| !m.partitions.is_empty() && !m.lost)
+            .map(|m| m.id)
+            .collect();
+        if holders.is_empty() {
+            self.note(format!("no member holds {}", TOPICS[topic]));
+            return Ok(());
+        }
+        let id = holders[self.rng.usize(..holders.len())];
+        let Some(bus) = self
+            .members
+            .iter()
+            .find(|m| m.bus.member(TOPICS[topic]) == Some(id))
+            .map(|m| m.index)
+        else {
+            self.note(format!(
+                "member {id} of {} is no bus of the run",
+                TOPICS[topic]
+            ));
+            return Ok(());
+        };
+        let partitions = self
+            .ctx
+            .broker
+            .lose_assignment(TOPICS[topic], GROUP, id)
+            .map_err(|e| format!("lose_assignment: {e}"))?;
+        self.ctx.model.lock().lost(bus, id, topic, &partitions);
+        Ok(())
+    }
+
+    /// Rewind a partition of `topic` by `back` offsets from its end.
+    fn rewind(&mut self, topic: usize, back: i64) -> Result<(), String> {
+        let partition = self.rng.i32(0..self.s.partitions as i32);
+        let end = self
+            .ctx
+            .broker
+            .lag(TOPICS[topic], GROUP)
+            .iter()
+            .find(|(p, _)| *p == partition)
+            .map(|&(_, lag)| lag + self.ctx.committed(TOPICS[topic], partition).unwrap_or(0))
+            .unwrap_or(0);
+        let offset = (end - back).max(0);
+        let committed = self.ctx.committed(TOPICS[topic], partition);
+        match self
+            .ctx
+            .broker
+            .rewind(TOPICS[topic], GROUP, partition, offset)
+        {
+            Ok(member) => {
+                self.note(format!(
+                    "rewind {} p{partition} to {offset} (committed {committed:?}) by member {member}",
+                    TOPICS[topic]
+                ));
+                self.ctx
+                    .model
+                    .lock()
+                    .rewound(topic, partition, offset, committed);
+            }
+            Err(e) => self.note(format!("rewind {} p{partition}: {e}", TOPICS[topic])),
+        }
+        Ok(())
+    }
+
+    async fn resubscribe(&mut self, i: usize, topic: usize, pause_ms: u64) -> Result<(), String> {
+        let what = format!(
+            "bus {}: unsubscribe {}",
+            self.members[i].index, TOPICS[topic]
+        );
+        let bus = self.members[i].bus.clone();
         self.bounded(
             &what,
             self.unsubscribe_bound(),
-            self.bus.unsubscribe(TOPICS[topic]),
+            bus.unsubscribe(TOPICS[topic]),
         )
         .await?;
         self.check()?;
-        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-        self.subscribe(topic).await
+        self.wait(pause_ms).await?;
+        let member = self.members.remove(i);
+        let subscribed = self.subscribe(&member, topic).await;
+        self.members.insert(i, member);
+        subscribed
     }
 
-    async fn close(&self) -> Result<(), String> {
-        let what = format!("close of bus {}", self.buses - 1);
-        self.bounded(&what, self.close_bound(), self.bus.close())
+    /// Member `i` closes and leaves.
+    async fn leave(&mut self, i: usize) -> Result<(), String> {
+        let member = self.members.remove(i);
+        let what = format!("close of bus {}", member.index);
+        self.bounded(&what, self.close_bound(), member.bus.close())
             .await?;
         self.note(format!("tasks alive after the close: {}", alive_tasks()));
-        Ok(())
-    }
-
-    async fn restart(&mut self) -> Result<(), String> {
-        self.close().await?;
-        self.check()?;
-        let (bus, switch) = build(&self.s, &self.ctx, self.share, self.buses).await?;
-        self.buses += 1;
-        self.bus = bus;
-        self.switch = switch.clone();
-        self.switches.push(switch);
-        for topic in 0..TOPICS.len() {
-            self.subscribe(topic).await?;
-        }
-        Ok(())
+        self.check()
     }
 
     /// Wait for every message (re-subscribing between rounds, which hands over
@@ -455,13 +651,16 @@ impl Sim {
             }
             let left = self.ctx.model.lock().unfinished(4);
             self.note(format!("finish round {round}: {left}; re-subscribing"));
-            for topic in 0..TOPICS.len() {
-                self.resubscribe(topic, 0).await?;
+            for i in 0..self.members.len() {
+                for topic in 0..TOPICS.len() {
+                    self.resubscribe(i, topic, 0).await?;
+                }
             }
         }
         self.note("finish: every message finished; closing".to_owned());
-        self.close().await?;
-        self.check()?;
+        while !self.members.is_empty() {
+            self.leave(0).await?;
+        }
         self.read_dead_letters().await?;
         // Past every handler that ignores its cancellation and every cool-down.
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -587,12 +786,11 @@ impl Sim {
         ));
         let Sim {
             ctx,
-            bus,
-            switch,
+            members,
             switches,
             ..
         } = self;
-        drop((bus, switch, switches));
+        drop((members, switches));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let tasks = alive_tasks();
         if tasks > 0 {

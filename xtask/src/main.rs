@@ -19,6 +19,9 @@
 //!   broker (`KAFKA_BROKERS`, or a tansu started here).
 //! - `cargo xtask rollout [args]`: the staged rollout run, 0 -> 10 -> 50 -> 100 -> 0 %
 //!   through the operations server under steady load (release build).
+//! - `cargo xtask sim [--seed S] [--seeds N] [--from S0] [--trace]`: the seeded,
+//!   deterministic simulation of the bus (release build); its slice of 500 seeds
+//!   runs with the workspace's tests under `test`.
 
 // A command-line tool: it talks to the terminal.
 #![allow(clippy::print_stderr, clippy::print_stdout)]
@@ -28,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod public_api;
+mod sim;
 mod tansu;
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -43,9 +47,10 @@ fn main() -> ExitCode {
         Some("install-deps") => install_deps(),
         Some("check-alerts") => check_alert_rules(),
         Some("public-api") => public_api::public_api(&args[1..]),
+        Some("sim") => sim::sim(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|test-real-broker|bench-compare|chaos|rollout|install-deps|check-alerts|public-api> [args]"
+                "usage: cargo xtask <test|test-real-broker|bench-compare|chaos|rollout|install-deps|check-alerts|public-api|sim> [args]"
             );
             eprintln!("  test            install what tests need, then fmt, clippy, alert rules, tests, real-broker tier, docs");
             eprintln!(
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
             eprintln!(
                 "  rollout         staged rollout run through the operations server (see --help)"
             );
+            eprintln!("  sim             the seeded simulation of the bus: [--seed S] [--seeds N] [--from S0] [--trace]");
             eprintln!("  install-deps    install nats-server and build tools (Debian, as root)");
             eprintln!("  public-api      list the public items in docs/public-api.md (--check: it is current)");
             eprintln!(

@@ -851,3 +851,32 @@ async fn close_with_a_full_queue_still_runs_the_queued_jobs() {
     let stats = pool.stats();
     assert_eq!((stats.submitted, stats.completed, stats.queued), (3, 3, 0));
 }
+
+/// The restart window runs on tokio's clock: under a paused clock (the
+/// deterministic simulation runs the bus so), a restart a window after the
+/// last one is within the limit again, however little real time passed.
+#[tokio::test(start_paused = true)]
+async fn the_restart_window_follows_a_paused_tokio_clock() {
+    quiet_deliberate_panics();
+    let mut cfg = config(1, 16).max_restarts(1);
+    cfg.restart_window = Duration::from_secs(60);
+    let pool = ActorPool::start_with_cool_down(&cfg, forever())
+        .await
+        .unwrap();
+    let (bad, bad_rx) = poison(0);
+    pool.submit(bad).await.unwrap();
+    outcome("the first poison job", bad_rx).await;
+    eventually("the first restart", || pool.stats().restarts == 1).await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let (bad, bad_rx) = poison(0);
+    pool.submit(bad).await.unwrap();
+    outcome("the second poison job", bad_rx).await;
+    eventually("the second restart", || pool.stats().restarts == 2).await;
+    assert_eq!(
+        pool.cool_downs(),
+        0,
+        "a restart 61 s (tokio time) after the last one is within a limit of 1 per 60 s"
+    );
+    assert!(pool.in_service(0));
+    pool.close(Duration::from_secs(5)).await;
+}

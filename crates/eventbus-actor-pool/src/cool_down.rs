@@ -1,7 +1,8 @@
 //! The cool-down of an actor past its restart limit: how long its slot waits before a
 //! fresh actor takes it over, growing while fresh actors keep failing.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use eventbus_core::Error;
 

@@ -3,8 +3,8 @@
 //! shared state a worker hands routes through, the supervisor) depends on them
 //! and not on the actor that receives them.
 
-use std::time::Instant;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// What the supervisor receives (besides supervision events).
 #[derive(Debug)]

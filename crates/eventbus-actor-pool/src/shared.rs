@@ -2,7 +2,7 @@
 //! (one per actor: queue, actor, service state) and the pool-wide counters.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use crate::ActorPoolConfig;
 
@@ -177,10 +177,7 @@ impl Shared {
             if self.is_idle() {
                 return true;
             }
-            if tokio::time::timeout_at(deadline.into(), notified)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.is_idle();
             }
         }

@@ -49,7 +49,9 @@ fn usage() -> &'static str {
      \x20                 fault proxy, a standby joins directly, and the proxied member's\n\
      \x20                 link is blackholed for 5 s (past its 3 s lease, so the standby\n\
      \x20                 takes over while it has work queued), then restored; the cut-off\n\
-     \x20                 member leaves and the standby carries on\n\
+     \x20                 member leaves and the standby carries on. kafka on the tansu of\n\
+     \x20                 `cargo xtask chaos --tansu` (which advertises the proxy's address):\n\
+     \x20                 every connection goes through the proxy, cut for 5 s and restored\n\
      \x20 commit-errors, fetch-errors, heartbeat-errors, broker-down   kafka mock cluster\n\
      \x20                 (left out on a real broker, KAFKA_BROKERS)\n\
      \x20 server-kill, server-pause                                    nats-server\n\

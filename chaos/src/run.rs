@@ -228,12 +228,16 @@ pub enum Fault {
     /// (a call running past its fence is the overlap the hand-over timeout
     /// bounds, not a defect).
     StuckKeyDeaf,
-    /// A network partition of one member (NATS): the member is replaced by one
+    /// A network partition of one member. NATS: the member is replaced by one
     /// whose connection goes through the testkit's fault proxy, a standby joins
     /// on a direct connection, then the proxied member's link is blackholed for
     /// [`PARTITION_CUT`] (longer than the lease, so the standby takes over while
     /// the cut-off member still has work queued) and restored; the cut-off
-    /// member then leaves and the standby carries on.
+    /// member then leaves and the standby carries on. Kafka, on a tansu that
+    /// `cargo xtask chaos --tansu` starts advertising the proxy's address (see
+    /// [`kafka_proxied`]): every connection goes through the proxy, and the
+    /// link is blackholed for [`PARTITION_CUT`] and restored, the run's one
+    /// member (and the run's publisher, whose publishes are retried) cut off.
     Partition,
 }
 
@@ -258,6 +262,7 @@ impl Fault {
                 StuckKeyDeaf,
                 HeartbeatErrors,
                 RestartConsumer,
+                Partition,
             ],
             Backend::Nats => vec![
                 KillConsumer,
@@ -275,11 +280,15 @@ impl Fault {
     }
 
     /// The rotation of `backend` on a real Kafka broker when `real_kafka`: the
-    /// faults that need the mock cluster left out.
+    /// faults that need the mock cluster left out; and on Kafka the partition
+    /// unless the broker is behind the run's fault proxy ([`kafka_proxied`]).
     pub fn rotation_on(backend: Backend, real_kafka: bool) -> Vec<Fault> {
         let mut faults = Self::rotation(backend);
         if real_kafka {
             faults.retain(|f| !f.needs_mock_cluster());
+        }
+        if backend == Backend::Kafka && !(real_kafka && kafka_proxied().is_some()) {
+            faults.retain(|f| *f != Fault::Partition);
         }
         faults
     }
@@ -292,6 +301,15 @@ impl Fault {
             Fault::CommitErrors | Fault::FetchErrors | Fault::HeartbeatErrors | Fault::BrokerDown
         )
     }
+}
+
+/// The address of the real Kafka broker behind the run's fault proxy
+/// (`EVENTBUS_KAFKA_UPSTREAM`, set by `cargo xtask chaos --tansu`, whose tansu
+/// advertises `KAFKA_BROKERS`, where the run starts the proxy).
+pub fn kafka_proxied() -> Option<String> {
+    std::env::var("EVENTBUS_KAFKA_UPSTREAM")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
 }
 
 /// Whether the Kafka runs go to a real broker (`KAFKA_BROKERS`, as the
@@ -1698,6 +1716,7 @@ async fn apply(
             partitioned_rotation(ctx, partitioned).await
         }
         (Fault::Partition, Broker::Nats(_)) => partition(ctx, primary).await,
+        (Fault::Partition, Broker::Kafka(_)) => kafka_partition(ctx).await,
         (f, _) => Err(format!("fault `{f}` does not apply to this backend")),
     }
 }
@@ -1871,6 +1890,23 @@ async fn partition(ctx: &Ctx, primary: &mut Option<Member>) -> Result<(), String
     Ok(())
 }
 
+/// [`Fault::Partition`] on Kafka: every connection goes through the proxy.
+async fn kafka_partition(ctx: &Ctx) -> Result<(), String> {
+    let phase = ctx.opts.phase;
+    let proxy = ctx
+        .link
+        .as_ref()
+        .ok_or("no fault proxy in front of the broker in this run")?;
+    pause(phase / 4).await;
+    ctx.say("partition: the link to the broker is cut");
+    proxy.blackhole();
+    pause(PARTITION_CUT).await;
+    proxy.restore();
+    ctx.say("partition: the link to the broker is restored");
+    pause(phase.saturating_sub(phase / 4 + PARTITION_CUT)).await;
+    Ok(())
+}
+
 /// [`Fault::ServerKilled`].
 async fn server_killed(ctx: &Ctx, s: &Arc<Mutex<NatsServer>>) -> Result<(), String> {
     let phase = ctx.opts.phase;
@@ -1993,6 +2029,27 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     }
     let started = Instant::now();
     let rotating = opts.faults.contains(&Fault::PartitionedRotation);
+    // Kafka behind the fault proxy: the broker advertises the proxy's address,
+    // so the proxy must listen before any client connects.
+    let kafka_link = match (
+        opts.backend,
+        kafka_proxied(),
+        eventbus_testkit::kafka_cluster::real_brokers(),
+    ) {
+        (Backend::Kafka, Some(upstream), Some(listen)) => {
+            let parse = |a: &str| {
+                a.trim()
+                    .parse::<std::net::SocketAddr>()
+                    .map_err(|e| format!("address `{a}`: {e}"))
+            };
+            Some(
+                FaultProxy::start_on(parse(&listen)?, parse(&upstream)?)
+                    .await
+                    .map_err(|e| format!("fault proxy on {listen}: {e}"))?,
+            )
+        }
+        _ => None,
+    };
     let (broker, publisher, topics, partitioned_topic) =
         setup(opts.backend, rotating.then_some(opts.partitions)).await?;
     let retries = Arc::new(AtomicU64::new(0));
@@ -2010,7 +2067,7 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
                     .map_err(|e| format!("fault proxy: {e}"))?,
             )
         }
-        _ => None,
+        _ => kafka_link,
     };
     let ctx = Ctx {
         link,

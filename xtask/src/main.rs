@@ -418,7 +418,7 @@ fn chaos(args: &[String]) -> Result {
     let args: Vec<String> = args.iter().filter(|a| *a != "--tansu").cloned().collect();
     let args = &args[..];
     let broker = if tansu {
-        Some(tansu::RealBroker::find("chaos")?.ok_or_else(tansu::no_tansu_for_chaos)?)
+        Some(tansu::RealBroker::find_behind_proxy("chaos")?.ok_or_else(tansu::no_tansu_for_chaos)?)
     } else {
         None
     };

@@ -128,6 +128,9 @@ pub(crate) struct RealBroker {
     brokers: String,
     /// `external` or `tansu`, for `EVENTBUS_REAL_BROKER`.
     kind: &'static str,
+    /// A tansu behind a proxy ([`RealBroker::find_behind_proxy`]): the address
+    /// tansu listens on, which the proxy at `brokers` forwards to.
+    upstream: Option<String>,
     _tansu: Option<Tansu>,
 }
 
@@ -135,27 +138,51 @@ impl RealBroker {
     /// `KAFKA_BROKERS` when set, else a tansu started on a free port; `None`
     /// when there is neither. `what` names the user in the line printed.
     pub(crate) fn find(what: &str) -> Result<Option<Self>> {
+        Self::find_advertising(what, false)
+    }
+
+    /// [`find`](Self::find) for a command that puts the testkit's fault proxy
+    /// between its clients and the broker (`chaos`, its `partition` fault): a
+    /// tansu started here advertises a free port on which the command starts
+    /// the proxy, so every connection a client opens goes through it.
+    /// `KAFKA_BROKERS` names the proxy's port, `EVENTBUS_KAFKA_UPSTREAM` tansu's.
+    /// An external broker (`KAFKA_BROKERS` already set) gets no proxy.
+    pub(crate) fn find_behind_proxy(what: &str) -> Result<Option<Self>> {
+        Self::find_advertising(what, true)
+    }
+
+    fn find_advertising(what: &str, behind_proxy: bool) -> Result<Option<Self>> {
         if let Some(brokers) = env_nonempty("KAFKA_BROKERS") {
             eprintln!("xtask: {what}: KAFKA_BROKERS={brokers}");
             return Ok(Some(Self {
                 brokers,
                 kind: "external",
+                upstream: None,
                 _tansu: None,
             }));
         }
         let Some(bin) = find_tansu()? else {
             return Ok(None);
         };
-        let tansu = Tansu::start(&bin)?;
+        let proxy_port = if behind_proxy {
+            Some(free_port()?)
+        } else {
+            None
+        };
+        let tansu = Tansu::start(&bin, proxy_port)?;
         eprintln!(
-            "xtask: {what}: tansu {} at {} ({})",
+            "xtask: {what}: tansu {} at {} ({}){}",
             tansu.version,
             tansu.address(),
-            bin.display()
+            bin.display(),
+            proxy_port.map_or_else(String::new, |p| format!(
+                ", advertising 127.0.0.1:{p} for the fault proxy"
+            ))
         );
         Ok(Some(Self {
-            brokers: tansu.address(),
+            brokers: proxy_port.map_or_else(|| tansu.address(), |p| format!("127.0.0.1:{p}")),
             kind: "tansu",
+            upstream: proxy_port.map(|_| tansu.address()),
             _tansu: Some(tansu),
         }))
     }
@@ -165,6 +192,9 @@ impl RealBroker {
     pub(crate) fn point(&self, cmd: &mut Command) {
         cmd.env("KAFKA_BROKERS", &self.brokers)
             .env("EVENTBUS_REAL_BROKER", self.kind);
+        if let Some(upstream) = &self.upstream {
+            cmd.env("EVENTBUS_KAFKA_UPSTREAM", upstream);
+        }
     }
 }
 
@@ -262,16 +292,17 @@ struct StartFailure {
 
 impl Tansu {
     /// Start tansu from `bin` on a free port and wait until it is ready; once more
-    /// on another port when the first one was taken in the meantime.
-    fn start(bin: &Path) -> Result<Self> {
-        match Self::start_once(bin) {
+    /// on another port when the first one was taken in the meantime. It
+    /// advertises its own port, or `advertised` (a proxy's) when given.
+    fn start(bin: &Path, advertised: Option<u16>) -> Result<Self> {
+        match Self::start_once(bin, advertised) {
             Ok(tansu) => Ok(tansu),
             Err(StartFailure {
                 port_taken: Some(port),
                 ..
             }) => {
                 eprintln!("xtask: real-broker tier: port {port} was taken; trying another one");
-                Self::start_once(bin).map_err(|e| e.message)
+                Self::start_once(bin, advertised).map_err(|e| e.message)
             }
             Err(failure) => Err(failure.message),
         }
@@ -280,7 +311,7 @@ impl Tansu {
     /// One attempt: spawn tansu, in memory, on a port free a moment ago, its stdout
     /// and stderr going to `target/tansu/tansu-PORT.log`, and wait at most
     /// [`READY_TIMEOUT`] for its ready line.
-    fn start_once(bin: &Path) -> std::result::Result<Self, StartFailure> {
+    fn start_once(bin: &Path, advertised: Option<u16>) -> std::result::Result<Self, StartFailure> {
         let fail = |message: String| StartFailure {
             port_taken: None,
             message,
@@ -296,9 +327,10 @@ impl Tansu {
             .try_clone()
             .map_err(|e| fail(format!("cannot reopen {}: {e}", log.display())))?;
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
         let mut cmd = Command::new(bin);
         cmd.args(["broker", "--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"])
             .current_dir(&dir)
             .stdin(Stdio::null())

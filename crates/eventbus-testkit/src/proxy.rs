@@ -112,7 +112,13 @@ impl FaultProxy {
     /// Listen on a free loopback port and forward every connection to
     /// `upstream`, both directions passing.
     pub async fn start(upstream: SocketAddr) -> io::Result<Self> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), upstream).await
+    }
+
+    /// [`start`](Self::start), listening on `listen`: an address a broker was
+    /// told to advertise before the proxy existed.
+    pub async fn start_on(listen: SocketAddr, upstream: SocketAddr) -> io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (faults, _) = watch::channel(Faults::default());
         let counts = Arc::new(Counts::default());

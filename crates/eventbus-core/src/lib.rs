@@ -69,6 +69,7 @@ pub mod raw {
     pub(crate) mod queue;
     pub(crate) mod route_table;
     pub mod routes;
+    pub(crate) mod sync;
     pub(crate) mod task;
     pub(crate) mod watch;
 

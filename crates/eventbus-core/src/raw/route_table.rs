@@ -6,10 +6,15 @@
 use crate::raw::job::DoneSink;
 use crate::raw::outcome::OutcomeKind;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::raw::sync::atomic::{AtomicU64, Ordering};
 
 /// Bits of a cell index.
+#[cfg(not(eventbus_loom))]
 pub const CELL_BITS: u32 = 14;
+/// Bits of a cell index: a table of two cells for the loom models, which read
+/// every cell of a scan.
+#[cfg(eventbus_loom)]
+pub const CELL_BITS: u32 = 1;
 /// Cells in a [`RouteTable`]; every table has as many, so that a route has the same
 /// cell in every table.
 pub const CELLS: usize = 1 << CELL_BITS;

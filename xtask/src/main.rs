@@ -22,6 +22,10 @@
 //! - `cargo xtask sim [--seed S] [--seeds N] [--from S0] [--trace]`: the seeded,
 //!   deterministic simulation of the bus (release build); its slice of 500 seeds
 //!   runs with the workspace's tests under `test`.
+//! - `cargo xtask mutations [--only NAME] [--seeds N] [--list]`: deliberate
+//!   mistakes in the transition code, each applied alone to a copy of the tree
+//!   (`target/mutations/`) and run against the simulation's slice; the table goes
+//!   to `target/mutations/report.md` (see `mutations.rs`).
 
 // A command-line tool: it talks to the terminal.
 #![allow(clippy::print_stderr, clippy::print_stdout)]
@@ -30,6 +34,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod mutations;
 mod public_api;
 mod sim;
 mod tansu;
@@ -48,6 +53,7 @@ fn main() -> ExitCode {
         Some("check-alerts") => check_alert_rules(),
         Some("public-api") => public_api::public_api(&args[1..]),
         Some("sim") => sim::sim(&args[1..]),
+        Some("mutations") => mutations::mutations(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <test|test-real-broker|bench-compare|chaos|rollout|install-deps|check-alerts|public-api|sim> [args]"
@@ -64,6 +70,7 @@ fn main() -> ExitCode {
                 "  rollout         staged rollout run through the operations server (see --help)"
             );
             eprintln!("  sim             the seeded simulation of the bus: [--seed S] [--seeds N] [--from S0] [--trace]");
+            eprintln!("  mutations       deliberate mistakes in the transition code, each run against the simulation's slice: [--only NAME] [--seeds N] [--list]");
             eprintln!("  install-deps    install nats-server and build tools (Debian, as root)");
             eprintln!("  public-api      list the public items in docs/public-api.md (--check: it is current)");
             eprintln!(

@@ -1,0 +1,719 @@
+//! `cargo xtask mutations [--only NAME]... [--seeds N] [--allow-baseline-failures]
+//! [--list]`: deliberate mistakes in the transition code, each applied alone to
+//! a copy of the tree, and whether the simulation's slice catches it.
+//!
+//! The copy is a detached git worktree of `HEAD` in `target/mutations/tree`
+//! (made once, then reset and moved to the current `HEAD` on every run), built
+//! in its own target directory, `target/mutations/target`, so the working
+//! tree's builds are left alone. The command first runs the unmutated copy and
+//! requires it to pass (`--allow-baseline-failures` instead leaves the seeds
+//! it fails out of every run, and the report names them); then, one mutation at a time, it resets the copy,
+//! applies the mutation (its text must occur exactly once in its file, so a
+//! refactor that moves the code is noticed), builds the simulation and runs the
+//! slice's seeds against it in the slice's profile, stopping at the first
+//! failing seed. That seed is run once more with its trace to find the step at
+//! which the simulation reported the failure.
+//!
+//! It prints a table and writes it to `target/mutations/report.md`. It exits
+//! non-zero when a mutation is missed, unless the mutation is marked
+//! `expected_missed` with the reason the simulation cannot reach it (those are
+//! reported apart).
+
+use crate::{cargo, project_root, Result};
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// The seeds of the simulation's slice in `cargo xtask test`
+/// (`crates/eventbus-sim/tests/slice.rs`): the first, and how many.
+const SLICE_FROM: u64 = 0;
+const SLICE_SEEDS: u64 = 500;
+
+/// A run of one seed still going after this many real seconds is a hang, as in
+/// the slice.
+const WALL_LIMIT_SECS: u64 = 120;
+
+/// One deliberate mistake: `find` (exactly once in `file`) becomes `replace`.
+struct Mutation {
+    name: &'static str,
+    file: &'static str,
+    find: &'static str,
+    replace: &'static str,
+    /// The defect it models.
+    models: &'static str,
+    /// Why the simulation cannot reach it, when it cannot.
+    expected_missed: Option<&'static str>,
+}
+
+const FENCE: &str = "crates/eventbus-core/src/raw/fence.rs";
+const HANDOVER: &str = "crates/eventbus-core/src/raw/handover.rs";
+const ROUTES: &str = "crates/eventbus-core/src/raw/routes.rs";
+const ROUTE_TABLE: &str = "crates/eventbus-core/src/raw/route_table.rs";
+const QUEUE: &str = "crates/eventbus-core/src/raw/queue.rs";
+const OFFSET: &str = "crates/eventbus-core/src/raw/offset.rs";
+const INFLIGHT: &str = "crates/eventbus-core/src/raw/inflight.rs";
+const DISPATCHER: &str = "crates/eventbus-core/src/raw/dispatcher.rs";
+const TASK: &str = "crates/eventbus-core/src/raw/dispatcher/task.rs";
+const SWITCH: &str = "crates/eventbus/src/switch.rs";
+const MEMORY: &str = "crates/eventbus-memory/src/consumer.rs";
+
+const MUTATIONS: &[Mutation] = &[
+    Mutation {
+        name: "fence-ignored",
+        file: FENCE,
+        find: "        if self.is_closed() {\n            return true;\n        }\n",
+        replace: "",
+        models: "a fence check removed: a queued job of a scope given up still starts",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "rewind-fence-off-by-one",
+        file: FENCE,
+        find: "e > epoch && offset >= from",
+        replace: "e > epoch && offset > from",
+        models: "a rewind fences the older copies above its point but not the one at it",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "handover-no-fence",
+        file: HANDOVER,
+        find: "    h.fence();\n",
+        replace: "",
+        models: "a hand-over that never raises the fence: queued jobs start after the release",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "handover-no-wait",
+        file: HANDOVER,
+        find: "            () = idle => {}\n",
+        replace: "            () = std::future::ready(()) => {}\n",
+        models: "a revoke that commits and releases before waiting for its running handlers",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "route-count-early",
+        file: ROUTES,
+        find: "        let counted = self.counted(&job);\n",
+        replace: "        let counted = self.counted(&job);\n        self.leave(counted);\n        let counted: Option<usize> = None;\n",
+        models: "a route count taken back before the job ran: the route's next job may go to another worker",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "hand-back-running-cell",
+        file: QUEUE,
+        find: "Some(table) if Some(cell) != keep =>",
+        replace: "Some(table) =>",
+        models: "a hand-back that moves the queued jobs of the cell whose job is running",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "push-ignores-move",
+        file: QUEUE,
+        find: "if expect.is_some_and(|e| !e.holds()) {",
+        replace: "if expect.is_some_and(|e| !e.holds() && e.holds()) {",
+        models: "a push that does not check its cell's place: it queues behind a worker the cell left",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "repin-busy-cell",
+        file: ROUTE_TABLE,
+        find: "            if current & COUNT != 1 {\n",
+        replace: "            if current & COUNT == 0 {\n",
+        models: "a cell moved to another worker or pool while other jobs of it are in flight",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "steady-submit-keeps-placement",
+        file: SWITCH,
+        find: "                job.unplace();\n                (PoolKind::Keyed, None, Some(guard))\n",
+        replace: "                (PoolKind::Keyed, None, Some(guard))\n",
+        models: "`unplace` skipped on a Steady submission: a job handed back keeps a stale placement (issue 47, defect 1)",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "steady-batch-keeps-placement",
+        file: SWITCH,
+        find: "            jobs.iter_mut().for_each(Job::unplace);\n",
+        replace: "",
+        models: "`unplace` skipped on a Steady batch: leftovers resubmitted after a rollback keep their placement (defect 1)",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "leftover-keeps-pin",
+        file: SWITCH,
+        find: "        for mut left in run {\n            if let Some(done) = left.take_done_hook() {\n                done.call(None);\n",
+        replace: "        for mut left in run {\n            if let Some(done) = left.take_done_hook() {\n                std::mem::forget(done);\n",
+        models: "a job a side handed back keeps its pin: the route's count leaks",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "steady-while-actor-pinned",
+        file: SWITCH,
+        find: "                        || self.pins.any_on_actor()\n",
+        replace: "",
+        models: "the switch enters Steady while routes are still pinned to the actor pool",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "steady-while-pinning",
+        file: SWITCH,
+        find: "                        || !self.steady.quiescent()\n",
+        replace: "",
+        models: "the switch enters Steady while a pinned submission is under way",
+        expected_missed: Some(
+            "the window is between a submitter reading the mode and taking its pin, with no \
+             await in between: on the simulation's single thread no other task runs there; the \
+             switch's loom model and its hook tests (switch/tests.rs) reach it",
+        ),
+    },
+    Mutation {
+        name: "watermark-off-by-one",
+        file: OFFSET,
+        find: "        self.lowest_pending()\n            .unwrap_or_else(|| self.last_tracked.map_or(0, |l| l + 1))\n",
+        replace: "        self.lowest_pending()\n            .map(|l| l + 1)\n            .unwrap_or_else(|| self.last_tracked.map_or(0, |l| l + 1))\n",
+        models: "the contiguous watermark one past the lowest unfinished offset",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "rewind-keeps-watermark",
+        file: OFFSET,
+        find: "            self.watermark = Some(self.commit_point());\n            self.started = true;\n",
+        replace: "",
+        models: "the tracker not lowered at a rewind: the old watermark stands above the messages read again",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "abandoned-acked",
+        file: DISPATCHER,
+        find: "        self.disposition != Disposition::Abandoned\n",
+        replace: "        true\n",
+        models: "a job fenced or handed back counted as finished: the commit passes it",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "in-flight-bound-unchecked",
+        file: INFLIGHT,
+        find: "            let in_flight = self.per_partition.saturating_sub(p.tracker.in_flight());\n",
+        replace: "            let in_flight = usize::MAX;\n",
+        models: "the per-partition in-flight bound not checked",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "retry-failure-acked",
+        file: TASK,
+        find: "                Err(c) => cause = c,\n",
+        replace: "                Err(_) => break Outcome::Handled { attempts: attempt },\n",
+        models: "a retry that acks before the handler's Ok: a failed retry counts as handled",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "retry-after-handover",
+        file: TASK,
+        find: "if inner.cancel.is_cancelled() || self.epoch.is_fenced(self.message.offset) {",
+        replace: "if inner.cancel.is_cancelled() {",
+        models: "a retry that goes on after its work was handed over (or superseded by a rewind)",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "lost-not-fenced",
+        file: MEMORY,
+        find: "        let in_flight = self.set.in_flight(partition);\n        self.set.revoke(partition);\n",
+        replace: "        let in_flight = self.set.in_flight(partition);\n",
+        models: "a lost assignment not fenced: its queued jobs still start while another member holds the partition",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "lost-commits",
+        file: MEMORY,
+        find: "        self.partitions[p] = None;\n        let partition = p as i32;\n        let in_flight = self.set.in_flight(partition);\n        self.set.revoke(partition);\n",
+        replace: "        let generation = self.partitions[p].take().map_or(0, |part| part.generation);\n        let partition = p as i32;\n        let in_flight = self.set.in_flight(partition);\n        if let Some(w) = self.set.revoke(partition) {\n            let _ = self.topic.commit(&self.group, self.member, partition, generation, w);\n        }\n",
+        models: "a lost assignment that commits its watermark",
+        expected_missed: Some(
+            "the memory broker refuses a commit from a member that no longer holds the partition \
+             under that generation (as Kafka refuses one of an old generation), so the commit \
+             never lands; the defence is the broker's, and the Kafka and NATS paths have their \
+             own targeted tests",
+        ),
+    },
+    Mutation {
+        name: "revoke-commits-read-position",
+        file: MEMORY,
+        find: "        for p in partitions {\n            if let Some(part) = self.partitions[*p as usize].as_mut() {\n                part.held = None;\n",
+        replace: "        for p in partitions {\n            if let Some(part) = self.partitions[*p as usize].as_mut() {\n                let _ = self.topic.commit(&self.group, self.member, *p, part.generation, part.next);\n                part.held = None;\n",
+        models: "a revoke that stores the read position before waiting for the drain",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "rewind-not-committed-back",
+        file: MEMORY,
+        find: "        if committed.is_some_and(|c| to < c) {\n",
+        replace: "        if committed.is_some_and(|c| to < c) && false {\n",
+        models: "a rewind below the committed offset that does not commit back",
+        expected_missed: None,
+    },
+];
+
+/// How one mutation came out.
+enum Verdict {
+    Caught {
+        seed: u64,
+        step: String,
+        invariant: &'static str,
+        failure: String,
+    },
+    Missed,
+}
+
+/// `cargo xtask mutations [--only NAME] [--seeds N]`.
+pub(crate) fn mutations(args: &[String]) -> Result {
+    let mut only: Vec<String> = Vec::new();
+    let mut seeds = SLICE_SEEDS;
+    let mut allow_baseline_failures = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--only" => only.push(it.next().ok_or("--only needs a mutation's name")?.clone()),
+            "--seeds" => {
+                seeds = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--seeds needs a number")?;
+            }
+            "--allow-baseline-failures" => allow_baseline_failures = true,
+            "--list" => {
+                for m in MUTATIONS {
+                    println!("{:<30} {}: {}", m.name, m.file, m.models);
+                }
+                return Ok(());
+            }
+            other => {
+                return Err(format!(
+                    "unknown argument `{other}`; usage: cargo xtask mutations [--only NAME]... [--seeds N] \
+                     [--allow-baseline-failures] [--list]"
+                ))
+            }
+        }
+    }
+    for name in &only {
+        if !MUTATIONS.iter().any(|m| m.name == name) {
+            return Err(format!(
+                "no mutation named `{name}` (cargo xtask mutations --list)"
+            ));
+        }
+    }
+    let chosen: Vec<&Mutation> = MUTATIONS
+        .iter()
+        .filter(|m| only.is_empty() || only.iter().any(|o| o == m.name))
+        .collect();
+
+    let dir = project_root().join("target").join("mutations");
+    let tree = dir.join("tree");
+    let target = dir.join("target");
+    prepare_tree(&tree)?;
+    // Every mutation must still apply, the ones not run included: a refactor
+    // that moved the code is noticed here.
+    for m in MUTATIONS {
+        mutated_text(&tree, m)?;
+    }
+
+    eprintln!("xtask: mutations: the unmutated copy first");
+    build(&tree, &target, "the unmutated copy")?;
+    let started = Instant::now();
+    let baseline = failures(&target, seeds, &BTreeSet::new(), false)?;
+    let secs = started.elapsed().as_secs_f64();
+    if !baseline.is_empty() {
+        let seeds: Vec<u64> = baseline.iter().map(|(s, _)| *s).collect();
+        let (seed, failure) = &baseline[0];
+        if !allow_baseline_failures {
+            return Err(format!(
+                "the unmutated copy fails {} seeds {seeds:?}, the first, {seed}: {failure}; fix the \
+                 simulation or the code first (or, to measure anyway, \
+                 --allow-baseline-failures leaves those seeds out)",
+                seeds.len()
+            ));
+        }
+        eprintln!(
+            "xtask: mutations: the unmutated copy fails {} seeds, left out of every run: {seeds:?}",
+            seeds.len()
+        );
+    }
+    eprintln!(
+        "xtask: mutations: the unmutated copy: {seeds} seeds in {secs:.0} s, {} failed",
+        baseline.len()
+    );
+    let skip: BTreeSet<u64> = baseline.iter().map(|(s, _)| *s).collect();
+
+    let mut rows = Vec::new();
+    for m in &chosen {
+        reset_tree(&tree)?;
+        let text = mutated_text(&tree, m)?;
+        let path = tree.join(m.file);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("xtask: mutations: {} ({})", m.name, m.file);
+        build(&tree, &target, m.name)?;
+        let t = Instant::now();
+        let verdict = match failures(&target, seeds, &skip, true)?.into_iter().next() {
+            Some((seed, failure)) => {
+                let step = step_of(&target, seed)?;
+                Verdict::Caught {
+                    seed,
+                    step,
+                    invariant: invariant_of(&failure),
+                    failure,
+                }
+            }
+            None => Verdict::Missed,
+        };
+        let secs = t.elapsed().as_secs_f64();
+        match &verdict {
+            Verdict::Caught {
+                seed,
+                step,
+                invariant,
+                ..
+            } => eprintln!(
+                "xtask: mutations: {}: caught at seed {seed}, {step}: {invariant} ({secs:.0} s)",
+                m.name
+            ),
+            Verdict::Missed => eprintln!(
+                "xtask: mutations: {}: MISSED by {seeds} seeds ({secs:.0} s)",
+                m.name
+            ),
+        }
+        rows.push((*m, verdict));
+    }
+    reset_tree(&tree)?;
+
+    let report = render(&rows, seeds, &baseline);
+    println!("{report}");
+    let file = dir.join("report.md");
+    std::fs::write(&file, &report).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    eprintln!("xtask: mutations: report written to {}", file.display());
+
+    let missed: Vec<&str> = rows
+        .iter()
+        .filter(|(m, v)| matches!(v, Verdict::Missed) && m.expected_missed.is_none())
+        .map(|(m, _)| m.name)
+        .collect();
+    if missed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("mutations missed by the simulation: {missed:?}"))
+    }
+}
+
+/// A git command on `dir`'s repository.
+fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "git {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Make `tree` a clean detached worktree at the project's `HEAD`.
+fn prepare_tree(tree: &Path) -> Result {
+    let root = project_root();
+    let head = git(&root, &["rev-parse", "HEAD"])?;
+    if !tree.join(".git").exists() {
+        // A worktree whose folder was deleted is still registered: forget it.
+        git(&root, &["worktree", "prune"])?;
+        let path = tree.to_str().ok_or("the tree's path is not UTF-8")?;
+        git(&root, &["worktree", "add", "--detach", path, &head])?;
+    }
+    reset_tree(tree)?;
+    git(tree, &["checkout", "--quiet", "--detach", &head])?;
+    eprintln!("xtask: mutations: copy of {head} in {}", tree.display());
+    Ok(())
+}
+
+/// Undo the last mutation.
+fn reset_tree(tree: &Path) -> Result {
+    git(tree, &["checkout", "--", "."]).map(drop)
+}
+
+/// `m`'s file in `tree` with the mutation applied; an error naming the
+/// mutation when its text does not occur exactly once.
+fn mutated_text(tree: &Path, m: &Mutation) -> Result<String> {
+    let path = tree.join(m.file);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("mutation `{}`: cannot read {}: {e}", m.name, m.file))?;
+    match text.matches(m.find).count() {
+        1 => Ok(text.replacen(m.find, m.replace, 1)),
+        n => Err(format!(
+            "mutation `{}`: its text occurs {n} times in {} (it must occur once; has the code \
+             moved?):\n{}",
+            m.name, m.file, m.find
+        )),
+    }
+}
+
+/// Build the simulation in `tree` (the slice's profile: tests build in `dev`).
+fn build(tree: &Path, target: &Path, what: &str) -> Result {
+    let mut cmd = cargo();
+    cmd.current_dir(tree).env("CARGO_TARGET_DIR", target).args([
+        "build",
+        "--quiet",
+        "-p",
+        "eventbus-sim",
+        "--bin",
+        "eventbus-sim",
+    ]);
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{what}: cannot start cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: the copy does not build ({status}); a mutation must compile"
+        ))
+    }
+}
+
+fn sim_binary(target: &Path) -> PathBuf {
+    target.join("debug").join("eventbus-sim")
+}
+
+/// Run the slice's seeds (`seeds` of them): the seeds that fail and how, those
+/// in `skip` left out; with `stop`, up to the first that fails.
+fn failures(
+    target: &Path,
+    seeds: u64,
+    skip: &BTreeSet<u64>,
+    stop: bool,
+) -> Result<Vec<(u64, String)>> {
+    let mut child = Command::new(sim_binary(target))
+        .args([
+            "--from",
+            &SLICE_FROM.to_string(),
+            "--seeds",
+            &seeds.to_string(),
+            "--wall-limit",
+            &WALL_LIMIT_SECS.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the simulation: {e}"))?;
+    let stdout = child.stdout.take().ok_or("the simulation's output")?;
+    let mut found = Vec::new();
+    let (mut hang, mut ended) = (false, false);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| format!("reading the simulation's output: {e}"))?;
+        if line.starts_with("stopping after a hang") {
+            hang = true;
+        }
+        if line.contains(" seeds in ") {
+            ended = true;
+        }
+        match failed_line(&line) {
+            Some((seed, _)) if skip.contains(&seed) => {}
+            Some(f) => {
+                found.push(f);
+                if stop {
+                    break;
+                }
+            }
+            None => {}
+        }
+    }
+    if stop && !found.is_empty() {
+        // Stop at the first failing seed; a hung seed's thread may still spin.
+        let _ = child.kill();
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for the simulation: {e}"))?;
+    if !found.is_empty() {
+        if hang && !stop {
+            return Err(format!(
+                "a seed hung, so the seeds after it did not run: {found:?}"
+            ));
+        }
+        return Ok(found);
+    }
+    if status.success() || ended && !hang {
+        Ok(found)
+    } else {
+        Err(format!(
+            "the simulation ended with {status} without naming a failing seed"
+        ))
+    }
+}
+
+/// `seed S failed: WHAT` -> (S, WHAT).
+fn failed_line(line: &str) -> Option<(u64, String)> {
+    let rest = line.strip_prefix("seed ")?;
+    let (seed, what) = rest.split_once(" failed: ")?;
+    Some((seed.parse().ok()?, what.to_owned()))
+}
+
+/// Where seed `seed` failed: the step of the run it was in when the first
+/// violation was recorded (or, for a hang or an error, the last step begun),
+/// with the simulated time of that line.
+fn step_of(target: &Path, seed: u64) -> Result<String> {
+    let out = Command::new(sim_binary(target))
+        .args([
+            "--seed",
+            &seed.to_string(),
+            "--trace",
+            "--wall-limit",
+            &WALL_LIMIT_SECS.to_string(),
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot start the simulation: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut step = None;
+    let mut at = None;
+    for line in text.lines() {
+        let Some((ms, what)) = line.trim_start().split_once("ms ") else {
+            continue;
+        };
+        if let Some(n) = what
+            .strip_prefix("step ")
+            .and_then(|s| s.split_once(':'))
+            .and_then(|(n, _)| n.parse::<u64>().ok())
+        {
+            step = Some(n);
+        }
+        at = Some(ms.to_owned());
+        if what.starts_with("VIOLATION") {
+            break;
+        }
+    }
+    Ok(match (step, at) {
+        (Some(s), Some(ms)) => format!("step {s} ({ms} ms)"),
+        (None, Some(ms)) => format!("set-up ({ms} ms)"),
+        _ => "before the first step".to_owned(),
+    })
+}
+
+/// The invariant a failure broke, from the simulation's wording.
+fn invariant_of(failure: &str) -> &'static str {
+    const KINDS: &[(&str, &str)] = &[
+        ("hang:", "liveness: the run never ended (a busy loop)"),
+        ("runs within its bound", "one job per aggregate at a time"),
+        ("out of order or a gap", "per-aggregate order"),
+        ("skipped", "a re-read restarts from the committed point"),
+        ("passes unfinished", "commit <= lowest unhandled"),
+        (
+            "starts while the committed offset",
+            "commit <= lowest unhandled",
+        ),
+        ("past its bound", "every hand-over bounded"),
+        ("within its bound", "every hand-over bounded"),
+        ("still counted", "route counts back to 0 at rest"),
+        ("unfinished", "nothing lost"),
+        ("stuck", "nothing lost (no progress)"),
+        ("panicked", "the simulation panicked"),
+    ];
+    KINDS
+        .iter()
+        .find(|(text, _)| failure.contains(text))
+        .map_or("other (see the failure)", |(_, kind)| kind)
+}
+
+fn render(rows: &[(&Mutation, Verdict)], seeds: u64, baseline: &[(u64, String)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Mutations and the simulation's slice\n\nSeeds {SLICE_FROM}..{} in the slice's profile \
+         (dev), stopping at the first failing seed; `cargo xtask mutations` writes this file.\n",
+        SLICE_FROM + seeds
+    );
+    if !baseline.is_empty() {
+        let seeds: Vec<u64> = baseline.iter().map(|(s, _)| *s).collect();
+        let _ = writeln!(
+            out,
+            "The unmutated copy fails {} of these seeds; they were left out of every run \
+             (`--allow-baseline-failures`): {seeds:?}\n",
+            seeds.len()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| mutation | file | models | result | seed | step | invariant broken |\n|---|---|---|---|---|---|---|"
+    );
+    let mut apart = Vec::new();
+    for (m, v) in rows {
+        let file = m.file.rsplit('/').next().unwrap_or(m.file);
+        match v {
+            Verdict::Caught {
+                seed,
+                step,
+                invariant,
+                ..
+            } => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {file} | {} | caught | {seed} | {step} | {invariant} |",
+                    m.name, m.models
+                );
+            }
+            Verdict::Missed => {
+                let result = if m.expected_missed.is_some() {
+                    apart.push(*m);
+                    "missed (expected)"
+                } else {
+                    "**MISSED**"
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {file} | {} | {result} | | | |",
+                    m.name, m.models
+                );
+            }
+        }
+    }
+    let caught = rows
+        .iter()
+        .filter(|(_, v)| matches!(v, Verdict::Caught { .. }))
+        .count();
+    let _ = writeln!(
+        out,
+        "\n{caught} of {} caught; {} missed as expected; {} missed.",
+        rows.len(),
+        apart.len(),
+        rows.len() - caught - apart.len()
+    );
+    let failures: Vec<_> = rows
+        .iter()
+        .filter_map(|(m, v)| match v {
+            Verdict::Caught { failure, .. } => Some((m.name, failure)),
+            Verdict::Missed => None,
+        })
+        .collect();
+    if !failures.is_empty() {
+        let _ = writeln!(out, "\n## What the simulation reported\n");
+        for (name, failure) in failures {
+            let short: String = failure.chars().take(300).collect();
+            let _ = writeln!(out, "- `{name}`: {short}");
+        }
+    }
+    let expected: Vec<_> = rows
+        .iter()
+        .filter_map(|(m, _)| m.expected_missed.map(|r| (m.name, r)))
+        .collect();
+    if !expected.is_empty() {
+        let _ = writeln!(out, "\n## Out of the simulation's reach\n");
+        for (name, reason) in expected {
+            let _ = writeln!(out, "- `{name}`: {reason}");
+        }
+    }
+    out
+}

@@ -1,0 +1,109 @@
+//! The slice of the simulation that `cargo xtask test` runs (with the
+//! workspace's tests): every invariant holds on each seed of a range, but for
+//! the seeds of [`KNOWN`], open defects found by the simulation, which may only
+//! fail the way recorded there (and may pass once fixed).
+
+use eventbus_sim::{run_seed, Report};
+use std::time::Duration;
+
+/// A run still going after this much real time is a hang.
+const WALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// Open defects the slice found, by seed, with the text their failure
+/// contains. Remove a seed once its defect is fixed (`docs/simulation.md`).
+const KNOWN: &[(u64, &str)] = &[
+    // The memory loop's rewind clears the partition's buffer: fetched messages
+    // below a rewind point above the committed offset are never handled, and
+    // the commit passes them (eventbus-memory, `ConsumeLoop::on_rewind`).
+    (13, GAP),
+    (33, GAP),
+    (40, GAP),
+    (132, GAP),
+    (148, PASSED),
+    (155, GAP),
+    (223, GAP),
+    (310, GAP),
+    (348, GAP),
+    (359, GAP),
+    (474, GAP),
+    // A pool's close that aborts a job still running past its drain leaves
+    // the job's route counted in the switch's table (and one seed without an
+    // aborted job).
+    (22, COUNTED),
+    (89, COUNTED),
+    (125, COUNTED),
+    (136, COUNTED),
+    (142, COUNTED),
+    (147, COUNTED),
+    (202, COUNTED),
+    (246, COUNTED),
+    (260, COUNTED),
+    (267, COUNTED),
+    (286, COUNTED),
+    (333, COUNTED),
+    (371, COUNTED),
+    (380, COUNTED),
+    (427, COUNTED),
+    (433, COUNTED),
+    (440, COUNTED),
+    (464, COUNTED),
+];
+
+const GAP: &str = "out of order or a gap";
+const PASSED: &str = "passes unfinished offset";
+const COUNTED: &str = "routes still counted in the switch";
+
+/// The seeds of the slice: `EVENTBUS_SIM_SLICE` as `FROM..TO`, else 0..500.
+fn slice() -> std::ops::Range<u64> {
+    std::env::var("EVENTBUS_SIM_SLICE")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once("..")?;
+            Some(a.parse().ok()?..b.parse().ok()?)
+        })
+        .unwrap_or(0..500)
+}
+
+fn failures(reports: &[Report]) -> String {
+    reports
+        .iter()
+        .filter_map(|r| r.failure_summary(40))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn every_invariant_holds_on_the_slice_of_seeds() {
+    let mut failed = Vec::new();
+    let mut known = Vec::new();
+    let mut calls = 0;
+    for seed in slice() {
+        let report = run_seed(seed, WALL_LIMIT);
+        calls += report.counts.calls;
+        let Some(failure) = report.failure.as_deref() else {
+            continue;
+        };
+        let expected = KNOWN
+            .iter()
+            .find(|(s, _)| *s == seed)
+            .is_some_and(|(_, text)| failure.contains(text));
+        if expected {
+            known.push(seed);
+            continue;
+        }
+        let hang = failure.starts_with("hang:");
+        failed.push(report);
+        if hang {
+            // Its thread still spins: stop here.
+            break;
+        }
+    }
+    assert!(calls > 0, "the slice called no handler");
+    assert!(
+        failed.is_empty(),
+        "{} seeds failed (and {} known ones: {known:?}):\n{}",
+        failed.len(),
+        known.len(),
+        failures(&failed)
+    );
+}

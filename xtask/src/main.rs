@@ -19,7 +19,7 @@
 //!   broker (`KAFKA_BROKERS`, or a tansu started here).
 //! - `cargo xtask rollout [args]`: the staged rollout run, 0 -> 10 -> 50 -> 100 -> 0 %
 //!   through the operations server under steady load (release build).
-//! - `cargo xtask sim [--seed S] [--seeds N] [--from S0] [--trace]`: the seeded,
+//! - `cargo xtask sim [--seed S] [--seeds N] [--from S0] [--trace] [--twice]`: the seeded,
 //!   deterministic simulation of the bus (release build); its slice of 500 seeds
 //!   runs with the workspace's tests under `test`.
 //! - `cargo xtask mutations [--only NAME] [--seeds N] [--list]`: deliberate

@@ -61,6 +61,12 @@ impl Report {
     }
 }
 
+/// Whether every run replays exactly: built with `--cfg tokio_unstable` (as
+/// `cargo xtask sim` builds it), tokio's own generator is seeded too. Without
+/// it, runs of one member replay, and runs of several members may not (see
+/// [`run_seed`]).
+pub const FULLY_SEEDED: bool = cfg!(tokio_unstable);
+
 /// The command that replays `seed`.
 pub fn replay_command(seed: u64) -> String {
     format!("cargo xtask sim --seed {seed}")
@@ -70,10 +76,21 @@ pub fn replay_command(seed: u64) -> String {
 /// switch start afresh) with a single-thread runtime whose clock is paused,
 /// `fastrand`'s thread-local generator seeded with the seed.
 ///
+/// Without `--cfg tokio_unstable` ([`FULLY_SEEDED`] false) tokio seeds its own
+/// generator at random: several receivers of one `watch` channel then wake in
+/// an order that differs from run to run, and a run with several members of
+/// the group may not replay.
+///
 /// A run that does not end within `wall_limit` of real time is reported as a
 /// hang (a future that never yields keeps the paused clock from moving); its
 /// thread is left behind, so a caller should stop after such a report.
 pub fn run_seed(seed: u64, wall_limit: Duration) -> Report {
+    run_seed_with(seed, wall_limit, 3)
+}
+
+/// [`run_seed`] with at most `max_members` members of the group (the run draws
+/// the same numbers; joins past the cap do nothing).
+pub fn run_seed_with(seed: u64, wall_limit: Duration, max_members: usize) -> Report {
     let model = model::Shared::new(Duration::ZERO, 1);
     let shared = model.clone();
     let (tx, rx) = mpsc::channel();
@@ -81,15 +98,21 @@ pub fn run_seed(seed: u64, wall_limit: Duration) -> Report {
         .name(format!("sim-{seed}"))
         .spawn(move || {
             fastrand::seed(seed);
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build();
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder.enable_time().start_paused(true);
+            // tokio draws from a generator of its own, seeded at random per
+            // runtime unless built with `--cfg tokio_unstable`: the shard a
+            // `watch` receiver waits on, hence the order in which several
+            // receivers wake (the memory broker's watches have one receiver
+            // per member). `cargo xtask sim` builds with the cfg.
+            #[cfg(tokio_unstable)]
+            builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+            let runtime = builder.build();
             let result = match runtime {
                 Ok(rt) => {
                     let model = shared.clone();
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        rt.block_on(run::simulate(seed, model))
+                        rt.block_on(run::simulate(seed, model, max_members))
                     }));
                     drop(rt);
                     match r {

@@ -13,6 +13,7 @@ const USAGE: &str =
   --seeds N    run N seeds, from S0 (default 0), default 1000
   --from S0    the first seed of --seeds
   --trace      print the whole trace of every seed run
+  --twice      run every seed twice: two traces that differ are a failure
   --wall-limit a run still going after this many real seconds is a hang (default 120)";
 
 fn main() -> ExitCode {
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
     let mut seeds = 1000u64;
     let mut from = 0u64;
     let mut trace = false;
+    let mut twice = false;
     let mut wall = 120u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -37,6 +39,10 @@ fn main() -> ExitCode {
             "--wall-limit" => value("--wall-limit").map(|v| wall = v),
             "--trace" => {
                 trace = true;
+                Some(())
+            }
+            "--twice" => {
+                twice = true;
                 Some(())
             }
             _ => {
@@ -57,8 +63,24 @@ fn main() -> ExitCode {
     let mut failed = Vec::new();
     let mut calls = 0u64;
     for s in range {
-        let report = eventbus_sim::run_seed(s, Duration::from_secs(wall));
+        let mut report = eventbus_sim::run_seed(s, Duration::from_secs(wall));
         n += 1;
+        if twice && report.failure.is_none() {
+            let again = eventbus_sim::run_seed(s, Duration::from_secs(wall));
+            if again.trace_hash() != report.trace_hash() {
+                let at = report
+                    .trace
+                    .iter()
+                    .zip(&again.trace)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                report.failure = Some(format!(
+                    "not replayed: the second run's trace differs from line {at}: {:?} / {:?}",
+                    report.trace.get(at),
+                    again.trace.get(at)
+                ));
+            }
+        }
         calls += report.counts.calls;
         if trace {
             for line in &report.trace {
@@ -86,6 +108,9 @@ fn main() -> ExitCode {
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    if !eventbus_sim::FULLY_SEEDED {
+        println!("built without --cfg tokio_unstable: runs of several members may not replay");
+    }
     println!(
         "{n} seeds in {secs:.1} s ({:.0} seeds/min, {calls} handler calls): {} failed {:?}",
         n as f64 / secs * 60.0,

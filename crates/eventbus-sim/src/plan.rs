@@ -53,6 +53,8 @@ pub(crate) struct Settings {
     pub(crate) steps: usize,
     /// Members of the group at the start.
     pub(crate) members: usize,
+    /// Members of the group at most (3 unless capped by the caller).
+    pub(crate) max_members: usize,
     /// Rebalances revoke only the partitions that move.
     pub(crate) cooperative: bool,
 }
@@ -105,6 +107,7 @@ impl Settings {
             max_handler_ms: [0, 1, 5, 50][rng.usize(..4)],
             steps: rng.usize(5..30),
             members: rng.usize(1..=3),
+            max_members: 3,
             cooperative: rng.bool(),
         }
     }

@@ -174,9 +174,11 @@ struct Sim {
 
 /// Run the simulation of `seed`, recording into `model`. `Err` names the first
 /// broken invariant.
-pub(crate) async fn simulate(seed: u64, model: Shared) -> Result<(), String> {
+pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Result<(), String> {
     let mut rng = Rng::with_seed(seed);
-    let s = Settings::draw(&mut rng);
+    let mut s = Settings::draw(&mut rng);
+    s.members = s.members.min(max_members).max(1);
+    s.max_members = max_members.max(1);
     model.configure(s.handover_timeout, s.max_attempts);
     model.lock().note(format!("seed {seed}: {s:?}"));
     let rebalance = if s.cooperative {
@@ -485,7 +487,7 @@ impl Sim {
                 self.join().await
             }
             Step::Join => {
-                if self.members.len() < 3 {
+                if self.members.len() < self.s.max_members {
                     self.join().await
                 } else {
                     Ok(())

@@ -55,13 +55,14 @@ use pins::Pins;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+use sync::{AtomicU64, Mutex, Ordering};
 
 mod mode;
 mod pins;
+mod sync;
 #[cfg(test)]
 mod tests;
 

@@ -40,8 +40,8 @@
 //! word, the stripes and the pins' compare-and-swap is sequentially consistent
 //! for that.
 
+use super::sync::{next_thread_number, seq_cst_point, thread_local, AtomicUsize, Ordering};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// What the switch does with a job's pin (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,20 +94,33 @@ impl Mode {
 }
 
 /// A counter on a cache line pair of its own.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[repr(align(128))]
 struct Stripe(AtomicUsize);
 
 /// Stripes: enough that two busy submitting threads rarely share one.
+#[cfg(not(eventbus_loom))]
 const STRIPES: usize = 16;
-
-static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+/// Stripes: two for the loom model, whose threads share them.
+#[cfg(eventbus_loom)]
+const STRIPES: usize = 2;
 
 thread_local! {
     /// This thread's stripe.
-    static STRIPE: usize = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    static STRIPE: usize = next_thread_number() % STRIPES;
+}
+
+#[cfg(not(eventbus_loom))]
+thread_local! {
     /// Submissions on this thread, for the periodic attempt to change mode.
     static TICKS: Cell<u32> = const { Cell::new(0) };
+}
+
+// loom's `thread_local!` takes no `const` initialiser.
+#[cfg(eventbus_loom)]
+thread_local! {
+    /// Submissions on this thread, for the periodic attempt to change mode.
+    static TICKS: Cell<u32> = Cell::new(0);
 }
 
 /// Submissions under way (steady ones until the keyed pool has counted their
@@ -130,7 +143,7 @@ impl Drop for SteadyGuard<'_> {
 impl Steady {
     pub(super) fn new() -> Self {
         Self {
-            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            stripes: (0..STRIPES).map(|_| Stripe(AtomicUsize::new(0))).collect(),
         }
     }
 
@@ -138,6 +151,7 @@ impl Steady {
     pub(super) fn enter(&self) -> SteadyGuard<'_> {
         let stripe = &self.stripes[STRIPE.with(|s| *s)].0;
         stripe.fetch_add(1, Ordering::SeqCst);
+        seq_cst_point();
         SteadyGuard(stripe)
     }
 
@@ -145,6 +159,7 @@ impl Steady {
     /// at zero stays clear of the modes before: a submission that enters it later
     /// reads the new word and places its job as that says.
     pub(super) fn quiescent(&self) -> bool {
+        seq_cst_point();
         self.stripes.iter().all(|s| s.0.load(Ordering::SeqCst) == 0)
     }
 }

@@ -20,8 +20,8 @@
 //! - `cargo xtask rollout [args]`: the staged rollout run, 0 -> 10 -> 50 -> 100 -> 0 %
 //!   through the operations server under steady load (release build).
 //! - `cargo xtask sim [--seed S] [--seeds N] [--from S0] [--trace] [--twice]`: the seeded,
-//!   deterministic simulation of the bus (release build); its slice of 500 seeds
-//!   runs with the workspace's tests under `test`.
+//!   deterministic simulation of the bus (release build, `--cfg tokio_unstable` in
+//!   `target/sim`); its slice of 500 seeds runs under `test` after the workspace's tests.
 //! - `cargo xtask mutations [--only NAME] [--seeds N] [--list]`: deliberate
 //!   mistakes in the transition code, each applied alone to a copy of the tree
 //!   (`target/mutations/`) and run against the simulation's slice; the table goes
@@ -194,6 +194,7 @@ fn test(args: &[String]) -> Result {
     tests.args(["test", "--workspace"]).args(args);
     point_at_nats_server(&mut tests)?;
     run(tests, "tests")?;
+    sim::slice()?;
     // The user's arguments were for the workspace run, not for this one.
     tansu::real_broker_tier(&[])?;
     let mut doc = cargo();

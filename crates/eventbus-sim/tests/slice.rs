@@ -3,14 +3,15 @@
 //! the seeds of [`KNOWN`], open defects found by the simulation, which may only
 //! fail the way recorded there (and may pass once fixed).
 
-use eventbus_sim::{run_seed, Report};
+use eventbus_sim::{run_seed_with, Report, FULLY_SEEDED};
 use std::time::Duration;
 
 /// A run still going after this much real time is a hang.
 const WALL_LIMIT: Duration = Duration::from_secs(120);
 
 /// Open defects the slice found, by seed, with the text their failure
-/// contains. Remove a seed once its defect is fixed (`docs/simulation.md`).
+/// contains, in runs of up to 3 members (built with `--cfg tokio_unstable`, as
+/// `cargo xtask test` runs the slice). Remove a seed once its defect is fixed.
 const KNOWN: &[(u64, &str)] = &[
     // The memory loop's rewind clears the partition's buffer: fetched messages
     // below a rewind point above the committed offset are never handled, and
@@ -27,8 +28,7 @@ const KNOWN: &[(u64, &str)] = &[
     (359, GAP),
     (474, GAP),
     // A pool's close that aborts a job still running past its drain leaves
-    // the job's route counted in the switch's table (and one seed without an
-    // aborted job).
+    // the job's route counted in the switch's table.
     (22, COUNTED),
     (89, COUNTED),
     (125, COUNTED),
@@ -40,6 +40,7 @@ const KNOWN: &[(u64, &str)] = &[
     (260, COUNTED),
     (267, COUNTED),
     (286, COUNTED),
+    (329, COUNTED),
     (333, COUNTED),
     (371, COUNTED),
     (380, COUNTED),
@@ -52,6 +53,7 @@ const KNOWN: &[(u64, &str)] = &[
 const GAP: &str = "out of order or a gap";
 const PASSED: &str = "passes unfinished offset";
 const COUNTED: &str = "routes still counted in the switch";
+const SKIPPED: &str = "skipped";
 
 /// The seeds of the slice: `EVENTBUS_SIM_SLICE` as `FROM..TO`, else 0..500.
 fn slice() -> std::ops::Range<u64> {
@@ -72,18 +74,53 @@ fn failures(reports: &[Report]) -> String {
         .join("\n")
 }
 
+/// The same in runs of one member (built without the cfg, as the workspace's
+/// tests run: runs of several members may not replay there, runs of one do).
+const KNOWN_ONE_MEMBER: &[(u64, &str)] = &[
+    // Rewinds (see KNOWN).
+    (40, GAP),
+    (101, GAP),
+    (132, GAP),
+    (155, GAP),
+    (234, GAP),
+    (310, GAP),
+    (348, GAP),
+    (359, GAP),
+    (148, PASSED),
+    (223, PASSED),
+    (246, SKIPPED),
+    (490, SKIPPED),
+    // Route counts left at a pool's close (see KNOWN).
+    (33, COUNTED),
+    (83, COUNTED),
+    (125, COUNTED),
+    (147, COUNTED),
+    (276, COUNTED),
+    (292, COUNTED),
+    (316, COUNTED),
+    (371, COUNTED),
+    (428, COUNTED),
+    (440, COUNTED),
+    (458, COUNTED),
+];
+
 #[test]
 fn every_invariant_holds_on_the_slice_of_seeds() {
+    let (members, known_failures) = if FULLY_SEEDED {
+        (3, KNOWN)
+    } else {
+        (1, KNOWN_ONE_MEMBER)
+    };
     let mut failed = Vec::new();
     let mut known = Vec::new();
     let mut calls = 0;
     for seed in slice() {
-        let report = run_seed(seed, WALL_LIMIT);
+        let report = run_seed_with(seed, WALL_LIMIT, members);
         calls += report.counts.calls;
         let Some(failure) = report.failure.as_deref() else {
             continue;
         };
-        let expected = KNOWN
+        let expected = known_failures
             .iter()
             .find(|(s, _)| *s == seed)
             .is_some_and(|(_, text)| failure.contains(text));

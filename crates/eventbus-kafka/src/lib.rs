@@ -6,6 +6,7 @@ mod consumer;
 mod context;
 pub mod metric_names;
 mod metrics;
+mod probe;
 mod publish;
 mod redrive;
 mod secret;
@@ -16,6 +17,7 @@ pub use config::{
     Acks, AssignmentStrategy, Compression, KafkaConfig, ProducerSettings, SecurityConfig,
     SecurityProtocol,
 };
+pub use probe::{probe, KafkaProbe};
 pub use publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 pub use secret::Secret;
 

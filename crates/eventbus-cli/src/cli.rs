@@ -3,6 +3,7 @@
 use crate::settings::{Overrides, Settings};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Inspect and steer services built on eventbus: lag, the pool rollout, publish,
 /// tail and dead letters.
@@ -39,6 +40,42 @@ pub struct Global {
     /// NATS server URLs, comma-separated [env: NATS_URL]
     #[arg(long, global = true, value_name = "URLS")]
     pub nats_url: Option<String>,
+    /// How long to wait for the broker: each request, and a publish's delivery,
+    /// e.g. 500ms, 10s, 2m. The check of the connection and the topic that runs
+    /// first waits at most 5s (less if --timeout is shorter)
+    #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    pub timeout: Duration,
+    /// Show the library's log on standard error; -v: warnings and librdkafka's
+    /// log, -vv: debug (RUST_LOG, when set, decides instead)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The longest the first check of the connection and the topic waits.
+pub const CHECK_LIMIT: Duration = Duration::from_secs(5);
+
+/// `500ms`, `10s`, `2m`, or a number of seconds; above zero.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("--timeout must be a duration such as 500ms, 10s or 2m, got {s:?}"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+        _ => {
+            return Err(format!(
+                "--timeout must be a duration such as 500ms, 10s or 2m, got {s:?}"
+            ))
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("--timeout must be above zero, got {s:?}"));
+    }
+    Ok(d)
 }
 
 impl Global {
@@ -50,7 +87,9 @@ impl Global {
             brokers: self.brokers.clone(),
             nats_url: self.nats_url.clone(),
         };
-        Settings::resolve(&overrides, |v| std::env::var_os(v))
+        let mut settings = Settings::resolve(&overrides, |v| std::env::var_os(v))?;
+        settings.timeout = self.timeout;
+        Ok(settings)
     }
 }
 
@@ -292,6 +331,18 @@ mod tests {
     #[test]
     fn the_grammar_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_timeout("3"), Ok(Duration::from_secs(3)));
+        for bad in ["0s", "soon", "-1s", "1h", ""] {
+            let e = parse_timeout(bad).unwrap_err();
+            assert!(e.contains("--timeout"), "{bad}: {e}");
+        }
     }
 
     #[test]

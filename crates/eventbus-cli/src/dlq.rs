@@ -27,6 +27,12 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
     if settings.connection == Connection::Memory {
         return Err(memory_backend("dlq"));
     }
+    let what = match &command {
+        DlqCommand::List { .. } => "dlq list",
+        DlqCommand::Show { .. } => "dlq show",
+        DlqCommand::Redrive(_) => "dlq redrive",
+    };
+    crate::check::kafka(settings, what, None).await?;
     match command {
         DlqCommand::List {
             topic,

@@ -27,9 +27,6 @@ use serde_json::json;
 use std::io::Write;
 use std::time::Duration;
 
-/// Bound of each broker request.
-const TIMEOUT: Duration = Duration::from_secs(10);
-
 /// One Kafka partition.
 #[derive(Debug, Clone, Serialize)]
 struct KafkaRow {
@@ -63,11 +60,14 @@ pub(crate) async fn run(settings: &Settings, args: &LagArgs) -> Result<(), CliEr
     match &settings.connection {
         Connection::Memory => Err(memory_backend("lag")),
         Connection::Kafka { brokers } => {
+            crate::check::kafka(settings, "lag", args.topic.as_deref()).await?;
             let (brokers, g, topic) = (brokers.clone(), group.clone(), args.topic.clone());
-            let rows =
-                tokio::task::spawn_blocking(move || kafka_rows(&brokers, &g, topic.as_deref()))
-                    .await
-                    .map_err(|e| CliError::new("lag: the Kafka query failed").with_source(e))??;
+            let timeout = settings.timeout;
+            let rows = tokio::task::spawn_blocking(move || {
+                kafka_rows(&brokers, &g, topic.as_deref(), timeout)
+            })
+            .await
+            .map_err(|e| CliError::new("lag: the Kafka query failed").with_source(e))??;
             if args.json {
                 return print(
                     &json!({ "backend": "kafka", "group": group, "partitions": rows }).to_string(),
@@ -143,7 +143,12 @@ fn kafka_error(what: String, e: rdkafka::error::KafkaError) -> CliError {
 
 /// Committed offset, end and lag of every partition of `topic` (or of every topic
 /// the group has committed on), without joining the group.
-fn kafka_rows(brokers: &str, group: &str, topic: Option<&str>) -> Result<Vec<KafkaRow>, CliError> {
+fn kafka_rows(
+    brokers: &str,
+    group: &str,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<KafkaRow>, CliError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -153,7 +158,7 @@ fn kafka_rows(brokers: &str, group: &str, topic: Option<&str>) -> Result<Vec<Kaf
         .set("allow.auto.create.topics", "false")
         .create()
         .map_err(|e| kafka_error(format!("cannot create a Kafka client for {brokers}"), e))?;
-    let metadata = consumer.fetch_metadata(topic, TIMEOUT).map_err(|e| {
+    let metadata = consumer.fetch_metadata(topic, timeout).map_err(|e| {
         kafka_error(
             format!("cannot read the topics of the brokers at {brokers}"),
             e,
@@ -186,7 +191,7 @@ fn kafka_rows(brokers: &str, group: &str, topic: Option<&str>) -> Result<Vec<Kaf
             None => Ok(Vec::new()),
         };
     }
-    let committed = consumer.committed_offsets(wanted, TIMEOUT).map_err(|e| {
+    let committed = consumer.committed_offsets(wanted, timeout).map_err(|e| {
         kafka_error(
             format!("cannot read the committed offsets of group {group:?}"),
             e,
@@ -195,7 +200,7 @@ fn kafka_rows(brokers: &str, group: &str, topic: Option<&str>) -> Result<Vec<Kaf
     let mut rows = Vec::new();
     for e in committed.elements() {
         let (low, high) = consumer
-            .fetch_watermarks(e.topic(), e.partition(), TIMEOUT)
+            .fetch_watermarks(e.topic(), e.partition(), timeout)
             .map_err(|err| {
                 kafka_error(
                     format!("cannot read the end of {}/{}", e.topic(), e.partition()),
@@ -227,14 +232,15 @@ fn kafka_rows(brokers: &str, group: &str, topic: Option<&str>) -> Result<Vec<Kaf
 }
 
 async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
+    timeout: Duration,
     what: impl Fn() -> String,
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, CliError> {
-    match tokio::time::timeout(TIMEOUT, f).await {
+    match tokio::time::timeout(timeout, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(CliError::new(format!("lag: {}", what())).with_source(e)),
         Err(_) => Err(CliError::new(format!(
-            "lag: {}: no answer within {TIMEOUT:?}",
+            "lag: {}: no answer within {timeout:?}",
             what()
         ))),
     }
@@ -256,18 +262,23 @@ async fn nats_rows(
     let bus = NatsEventBus::connect(nats_config, config.bus(), pool)
         .await
         .map_err(context)?;
-    let result = nats_positions(&bus, topic).await;
+    let result = nats_positions(&bus, topic, settings.timeout).await;
     let _ = eventbus::EventBus::close(&bus).await;
     result
 }
 
-async fn nats_positions(bus: &NatsEventBus, topic: Option<&str>) -> Result<Vec<NatsRow>, CliError> {
+async fn nats_positions(
+    bus: &NatsEventBus,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<NatsRow>, CliError> {
     let js = bus.jetstream();
     // `<group>-<topic>` (sanitized as the bus names it), and its partitions'.
     let (streams, base) = match topic {
         Some(t) => (vec![bus.stream_name(t)], bus.durable_name(t)),
         None => {
             let names: Vec<String> = bounded(
+                timeout,
                 || "cannot list the streams".to_owned(),
                 js.stream_names().try_collect(),
             )
@@ -288,11 +299,16 @@ async fn nats_positions(bus: &NatsEventBus, topic: Option<&str>) -> Result<Vec<N
             }
             Err(_) => continue,
         };
-        let last_sequence = bounded(|| format!("cannot read stream {name:?}"), stream.info())
-            .await?
-            .state
-            .last_sequence;
+        let last_sequence = bounded(
+            timeout,
+            || format!("cannot read stream {name:?}"),
+            stream.info(),
+        )
+        .await?
+        .state
+        .last_sequence;
         let infos: Vec<async_nats::jetstream::consumer::Info> = bounded(
+            timeout,
             || format!("cannot list the consumers of stream {name:?}"),
             stream.consumers().try_collect(),
         )

@@ -1,9 +1,11 @@
 #![doc = include_str!("../README.md")]
 
+mod check;
 pub mod cli;
 mod dlq;
 mod error;
 mod lag;
+pub mod logging;
 mod rollout;
 pub mod settings;
 mod stream;

@@ -1,8 +1,8 @@
 //! The `eventbus` command: see the `eventbus_cli` crate.
 
 use clap::Parser;
-use eventbus_cli::Cli;
-use std::io::Write;
+use eventbus_cli::{logging, Cli};
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -10,12 +10,20 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage(e),
     };
-    // The library's own logs (connection retries, say) only on request: the
-    // command's answer, or its one-line error, is what an operator reads.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    // The library's and librdkafka's logs only on request (-v, or RUST_LOG):
+    // the command's answer, or its one-line error, is what an operator reads.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(logging::filter(0))),
+        _ => tracing_subscriber::EnvFilter::new(logging::filter(cli.global.verbose)),
+    };
+    let ansi = logging::colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR"),
+    );
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -25,6 +25,7 @@ use eventbus::{Backend, Error, EventBusConfig, FileConfig, MemoryBroker};
 use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The configuration file's variable.
 pub const CONFIG_VARIABLE: &str = "EVENTBUS_CONFIG";
@@ -130,7 +131,14 @@ pub struct Settings {
     pub file: FileConfig,
     /// The broker.
     pub connection: Connection,
+    /// How long to wait for the broker (`--timeout`, default
+    /// [`DEFAULT_TIMEOUT`]): each request, a publish's delivery, and the
+    /// Kafka client's `operation_timeout`.
+    pub timeout: Duration,
 }
+
+/// How long a command waits for the broker unless `--timeout` says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The value of `var` through `lookup`: `None` when unset, an error naming it when
 /// set but empty or not UTF-8.
@@ -259,6 +267,7 @@ impl Settings {
             path,
             file,
             connection,
+            timeout: DEFAULT_TIMEOUT,
         })
     }
 
@@ -267,10 +276,18 @@ impl Settings {
         &self.file.bus
     }
 
-    /// Kafka client settings for the connection (`None` on another backend).
+    /// Kafka client settings for the connection (`None` on another backend):
+    /// its waits bounded by [`timeout`](Self::timeout) (a publish's delivery,
+    /// metadata and admin calls).
     pub fn kafka_config(&self) -> Option<KafkaConfig> {
         match &self.connection {
-            Connection::Kafka { brokers } => Some(KafkaConfig::new(brokers.clone())),
+            Connection::Kafka { brokers } => {
+                let mut config = KafkaConfig::new(brokers.clone());
+                config.operation_timeout = self.timeout;
+                config.producer.message_timeout = self.timeout;
+                config.producer.request_timeout = config.producer.request_timeout.min(self.timeout);
+                Some(config)
+            }
             _ => None,
         }
     }
@@ -288,9 +305,10 @@ impl Settings {
     pub fn backend(&self) -> Backend {
         match &self.connection {
             Connection::Memory => Backend::Memory(MemoryBroker::default()),
-            Connection::Kafka { brokers } => {
-                Backend::Kafka(Box::new(KafkaConfig::new(brokers.clone())))
-            }
+            Connection::Kafka { .. } => Backend::Kafka(Box::new(
+                self.kafka_config()
+                    .expect("a Kafka connection has a Kafka config"),
+            )),
             Connection::Nats { urls } => Backend::Nats(Box::new(NatsConfig::new(urls.clone()))),
         }
     }

@@ -91,6 +91,7 @@ pub(crate) async fn publish(settings: &Settings, args: &PublishArgs) -> Result<(
     envelope.validate().map_err(|e| {
         CliError::new("the envelope is invalid (--aggregate, --type)").with_source(e)
     })?;
+    crate::check::kafka(settings, "publish", Some(&args.topic)).await?;
     let bus = build("publish", settings, own_config(settings)).await?;
     let sent = bus.publish_envelope(&args.topic, &envelope).await;
     let closed = bus.close().await;
@@ -199,9 +200,16 @@ pub(crate) async fn tail(settings: &Settings, args: &TailArgs) -> Result<(), Cli
             let nats = NatsEventBus::connect(nats_config, config.bus(), pool)
                 .await
                 .map_err(context)?;
+            if let Err(e) = crate::check::nats_stream(settings, &nats, "tail", &args.topic).await {
+                let _ = eventbus::EventBus::close(&nats).await;
+                return Err(e);
+            }
             (Arc::new(nats.clone()) as SharedBus, Some(nats))
         }
-        Connection::Kafka { .. } => (build("tail", settings, config).await?, None),
+        Connection::Kafka { .. } => {
+            crate::check::kafka(settings, "tail", Some(&args.topic)).await?;
+            (build("tail", settings, config).await?, None)
+        }
     };
     let result = consume(&bus, args).await;
     let _ = bus.unsubscribe(&args.topic).await;

@@ -197,9 +197,12 @@ async fn verbose_shows_librdkafka_log_without_colour_on_a_pipe() {
     );
     // Without -v the same mistake is one line (see the tests above), also with
     // NO_COLOR set.
-    eventbus(&publish(&topic), &[("KAFKA_BROKERS", KAFKA_DOWN), ("NO_COLOR", "1")])
-        .await
-        .fails_naming(&[KAFKA_DOWN]);
+    eventbus(
+        &publish(&topic),
+        &[("KAFKA_BROKERS", KAFKA_DOWN), ("NO_COLOR", "1")],
+    )
+    .await
+    .fails_naming(&[KAFKA_DOWN]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,7 +40,7 @@ pub struct KafkaProbe {
 }
 
 /// librdkafka's logs to `tracing` (as every client of the bus), and its errors
-/// kept: the last transport failure's reason, and whether every broker is down.
+/// kept: the last error's reason, and whether every broker is down.
 struct ProbeContext {
     logs: TracingContext,
     seen: Mutex<Seen>,
@@ -62,13 +62,9 @@ impl ClientContext for ProbeContext {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             match error.rdkafka_error_code() {
                 Some(RDKafkaErrorCode::AllBrokersDown) => seen.all_down = true,
-                Some(
-                    RDKafkaErrorCode::BrokerTransportFailure
-                    | RDKafkaErrorCode::Resolve
-                    | RDKafkaErrorCode::Authentication
-                    | RDKafkaErrorCode::SSL,
-                ) => seen.reason = Some(reason.to_owned()),
-                _ => {}
+                // Why the connections failed: refused, not resolved, TLS or SASL,
+                // or a peer that does not speak Kafka.
+                _ => seen.reason = Some(reason.to_owned()),
             }
         }
         self.logs.error(error, reason);

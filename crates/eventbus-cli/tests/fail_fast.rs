@@ -161,6 +161,20 @@ async fn kafka_broker_that_is_down_is_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_broker_that_never_answers_is_named_when_the_check_ends() {
+    // Connections are taken (the backlog) and never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    let address = silent.local_addr().expect("its address").to_string();
+    let topic = random("orders");
+    let mut args = publish(&topic);
+    args.extend(["--timeout", "1s"]);
+    eventbus(&args, &[("KAFKA_BROKERS", address.as_str())])
+        .await
+        .fails_naming(&["publish", &address, "answered within 1s"]);
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_broker_taken_down_is_named() {
     // The mock cluster's only broker, down: its connections are refused.
     let cluster = Cluster::mock(1);

@@ -26,6 +26,9 @@
 //!   mistakes in the transition code, each applied alone to a copy of the tree
 //!   (`target/mutations/`) and run against the simulation's slice; the table goes
 //!   to `target/mutations/report.md` (see `mutations.rs`).
+//! - `cargo xtask loom [test args]`: the loom models of the route table's cells
+//!   and the switch's change between pinned and steady (`--cfg eventbus_loom`,
+//!   `target/loom`; see `loom.rs`); run under `test` after the workspace's tests.
 
 // A command-line tool: it talks to the terminal.
 #![allow(clippy::print_stderr, clippy::print_stdout)]
@@ -34,6 +37,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod loom;
 mod mutations;
 mod public_api;
 mod sim;
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         Some("public-api") => public_api::public_api(&args[1..]),
         Some("sim") => sim::sim(&args[1..]),
         Some("mutations") => mutations::mutations(&args[1..]),
+        Some("loom") => loom::loom(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <test|test-real-broker|bench-compare|chaos|rollout|install-deps|check-alerts|public-api|sim> [args]"
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
             );
             eprintln!("  sim             the seeded simulation of the bus: [--seed S] [--seeds N] [--from S0] [--trace]");
             eprintln!("  mutations       deliberate mistakes in the transition code, each run against the simulation's slice: [--only NAME] [--seeds N] [--list]");
+            eprintln!("  loom            the loom models of the route table and the switch's mode change ([test args])");
             eprintln!("  install-deps    install nats-server and build tools (Debian, as root)");
             eprintln!("  public-api      list the public items in docs/public-api.md (--check: it is current)");
             eprintln!(
@@ -195,6 +201,7 @@ fn test(args: &[String]) -> Result {
     point_at_nats_server(&mut tests)?;
     run(tests, "tests")?;
     sim::slice()?;
+    loom::loom(&[])?;
     // The user's arguments were for the workspace run, not for this one.
     tansu::real_broker_tier(&[])?;
     let mut doc = cargo();

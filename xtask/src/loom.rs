@@ -7,8 +7,10 @@
 //! the workspace's build keeps its artifacts. In release, as loom advises.
 //!
 //! `LOOM_MAX_PREEMPTIONS` bounds the preemptions explored per execution: 3
-//! unless set, which keeps the models, compile included, to about a minute
-//! once the dependencies are built (see the figures in `docs/pools.md`).
+//! unless set. The models then run in under a second; the build is what takes
+//! time (on the 2-core machine, shared: about 10 minutes cold, the facade's
+//! dev-dependencies in release, and 1 to 3 minutes after a change to a
+//! workspace crate; see `docs/pools.md`).
 
 use crate::{cargo, project_root, run, Result};
 use std::env;

@@ -352,13 +352,13 @@ impl Model {
         }
         // A re-read restarts at the committed point: no earlier message of the
         // key at or above it is skipped.
-        // (A stalled member's call is of the epoch it lost: not a re-read.)
-        let last = if stalled_start {
-            None
-        } else {
-            self.last_started.insert((topic, key), seq)
-        };
-        if last.is_some_and(|l| seq < l) && !self.rewinding.contains_key(&(topic, partition)) {
+        // (Not for a call in a lost window: it may be of the epoch the member
+        // lost, or of the next one, read again from the committed offset.)
+        let last = self.last_started.insert((topic, key), seq);
+        if !stalled_start
+            && last.is_some_and(|l| seq < l)
+            && !self.rewinding.contains_key(&(topic, partition))
+        {
             // The restart point: the committed offset, or a rewind's point
             // (the latest one at or below this message, the weakest claim).
             let rewound = self

@@ -5,8 +5,8 @@
 
 use crate::raw::job::DoneSink;
 use crate::raw::outcome::OutcomeKind;
-use std::fmt;
 use crate::raw::sync::atomic::{AtomicU64, Ordering};
+use std::fmt;
 
 /// Bits of a cell index.
 #[cfg(not(eventbus_loom))]

@@ -339,6 +339,10 @@ impl ConsumeLoop {
             return;
         }
         self.dispatcher.count_rewind(self.topic.name());
+        // Fetched records not offered yet are read again too, from the first of
+        // them when it lies below the rewind point: they are in no tracker, so
+        // dropping them would let the commit pass them unhandled.
+        let offset = part.buffer.front().map_or(offset, |m| m.offset.min(offset));
         part.buffer.clear();
         part.redeliver_below = part.redeliver_below.max(part.next);
         part.next = offset;

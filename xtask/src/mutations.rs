@@ -6,13 +6,16 @@
 //! (made once, then reset and moved to the current `HEAD` on every run), built
 //! in its own target directory, `target/mutations/target`, so the working
 //! tree's builds are left alone. The command first runs the unmutated copy and
-//! requires it to pass (`--allow-baseline-failures` instead leaves the seeds
-//! it fails out of every run, and the report names them); then, one mutation at a time, it resets the copy,
-//! applies the mutation (its text must occur exactly once in its file, so a
-//! refactor that moves the code is noticed), builds the simulation and runs the
-//! slice's seeds against it in the slice's profile, stopping at the first
-//! failing seed. That seed is run once more with its trace to find the step at
-//! which the simulation reported the failure.
+//! requires it to pass (`--allow-baseline-failures` instead leaves the seeds it
+//! fails out of every run, and the report names them). Then, one mutation at a
+//! time, it resets the copy, applies the mutation (the text of each edit must
+//! occur exactly once in its file, so a refactor that moves the code is
+//! noticed), builds the simulation as the slice of `cargo xtask test` is built
+//! (release, `--cfg tokio_unstable`, so that runs of several members replay)
+//! and runs the slice's seeds against it, stopping at the first failing seed
+//! that the unmutated copy passes when tried again. That seed is run once more
+//! with its trace to find the step at which the simulation reported the
+//! failure.
 //!
 //! It prints a table and writes it to `target/mutations/report.md`. It exits
 //! non-zero when a mutation is missed, unless the mutation is marked
@@ -37,7 +40,7 @@ const SLICE_SEEDS: u64 = 500;
 const WALL_LIMIT_SECS: u64 = 120;
 
 /// How often a mutant's failing seed is tried again on the unmutated copy.
-const UNMUTATED_TRIES: usize = 2;
+const UNMUTATED_TRIES: usize = 5;
 
 /// One edit of a mutation: `find` (exactly once in `file`) becomes `replace`.
 struct Edit {
@@ -588,11 +591,21 @@ fn mutated_files(tree: &Path, m: &Mutation) -> Result<Vec<(&'static str, String)
     Ok(files)
 }
 
-/// Build the simulation in `tree` (the slice's profile: tests build in `dev`).
+/// Build the simulation in `tree` as the slice is built (`xtask/src/sim.rs`):
+/// release, with `--cfg tokio_unstable`, under which every run of up to 3
+/// members replays.
 fn build(tree: &Path, target: &Path, what: &str) -> Result {
+    let flags = match std::env::var("RUSTFLAGS") {
+        Ok(f) if !f.is_empty() => format!("{f} --cfg tokio_unstable"),
+        _ => "--cfg tokio_unstable".to_owned(),
+    };
     let mut cmd = cargo();
-    cmd.current_dir(tree).env("CARGO_TARGET_DIR", target).args([
+    cmd.current_dir(tree)
+        .env("CARGO_TARGET_DIR", target)
+        .env("RUSTFLAGS", flags);
+    cmd.args([
         "build",
+        "--release",
         "--quiet",
         "-p",
         "eventbus-sim",
@@ -612,7 +625,7 @@ fn build(tree: &Path, target: &Path, what: &str) -> Result {
 }
 
 fn sim_binary(target: &Path) -> PathBuf {
-    target.join("debug").join("eventbus-sim")
+    target.join("release").join("eventbus-sim")
 }
 
 /// Run `seeds` with the simulation's `binary`: the seeds that fail and how,
@@ -701,7 +714,7 @@ fn first_own_failure(
         else {
             return Ok(None);
         };
-        // Twice: a seed that fails only now and then may pass once.
+        // A seed that fails only now and then may pass a few times.
         let mut again = None;
         for _ in 0..UNMUTATED_TRIES {
             again = failures(unmutated, seed..seed + 1, &BTreeSet::new(), true)?
@@ -809,8 +822,9 @@ fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Mutations and the simulation's slice\n\nSeeds {SLICE_FROM}..{} in the slice's profile \
-         (dev), stopping at the first failing seed; `cargo xtask mutations` writes this file.\n",
+        "# Mutations and the simulation's slice\n\nSeeds {SLICE_FROM}..{} built as the slice is \
+         (release, `--cfg tokio_unstable`, up to 3 members), stopping at the first failing \
+         seed; `cargo xtask mutations` writes this file.\n",
         SLICE_FROM + seeds
     );
     if !baseline.is_empty() {

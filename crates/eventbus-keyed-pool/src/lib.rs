@@ -253,6 +253,17 @@ impl KeyedWorkerPool {
             for a in aborts {
                 a.abort();
             }
+            // The jobs still queued behind them will not run: drop them (their
+            // waiters see them dropped, a composite's done hook fires) and take
+            // back the counts this pool's table holds for them, so no route stays
+            // counted on a worker that is gone.
+            for queue in self.shared.queues.iter() {
+                while let Some(job) = queue.try_pop() {
+                    let cell = self.shared.router.counted(&job);
+                    drop(job);
+                    self.shared.router.leave(cell);
+                }
+            }
         }
     }
 }

@@ -482,7 +482,9 @@ impl Router {
         mut target: impl FnMut() -> Option<usize>,
         queue_of: impl Fn(usize) -> &'q JobQueue,
     ) -> Ran {
-        let counted = self.counted(&job);
+        // Held in a guard: a worker aborted mid-job (a pool's close past its drain)
+        // drops the job first, then takes its count back.
+        let counted = self.hold(self.counted(&job));
         let watch = self.work_conserving || self.placed.get().is_some();
         let mut run = pin!(job.run());
         let mut watched = None;
@@ -520,7 +522,7 @@ impl Router {
         })
         .await;
         drop(watched);
-        self.leave(counted);
+        drop(counted);
         Ran { kind, waited }
     }
 }

@@ -14,6 +14,7 @@ use eventbus_testkit::checker::DeliveryChecker;
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::pool_suite::{PoolFactory, PoolSpec};
 use std::collections::{HashMap, HashSet};
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -859,5 +860,139 @@ async fn a_revoke_ends_within_its_bound_with_a_hung_handler_and_failing_commits(
             a.bus.close().await.unwrap();
             b.bus.close().await.unwrap();
         }
+    }
+}
+
+/// A partition lost while the loop hands over another one is fenced at the
+/// loss, not after that hand-over: no queued job of it starts while its member
+/// is lost (the next owner handles it meanwhile). Cooperative, two partitions:
+/// the first member's handler of partition 1 hangs (ignoring its cancellation),
+/// so a join's revoke of partition 1 waits out its hand-over; meanwhile a
+/// message of partition 0 runs (held, ignoring its cancellation: it runs on at
+/// the loss, the overlap any stalled member causes) with the next message of
+/// its key queued behind it. The member loses its assignment, the running
+/// message is let go: the queued one must not start on the lost member. On one
+/// thread with paused time.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_lost_partition_is_fenced_at_once_while_another_is_handed_over() {
+    for (name, pools) in pools() {
+        let what = name.to_owned();
+        let topic = "orders";
+        let broker = broker(Rebalance::Cooperative, topic, 2).await;
+        let cfg = config(Duration::from_secs(1));
+        let (checker, handled, gates) =
+            (DeliveryChecker::new(), Handled::default(), Gates::default());
+        // The first member: holds each message of `held` at its gate, ignoring
+        // its cancellation (which it records); records a start while it is lost.
+        let held: Arc<Mutex<HashMap<(i32, i64), Arc<Semaphore>>>> = Arc::default();
+        let cancelled: Arc<Mutex<HashSet<(i32, i64)>>> = Arc::default();
+        let violations: Arc<Mutex<Vec<(i32, i64)>>> = Arc::default();
+        let started: Arc<Mutex<HashSet<(i32, i64)>>> = Arc::default();
+        let me = Arc::new(AtomicU64::new(0));
+        let a = MemoryEventBus::new(broker.clone(), pools(spec()).await, cfg.clone()).unwrap();
+        {
+            let (br, hd, cn, vi, st, me) = (
+                broker.clone(),
+                held.clone(),
+                cancelled.clone(),
+                violations.clone(),
+                started.clone(),
+                me.clone(),
+            );
+            a.subscribe_envelope(topic, move |e: Event| {
+                let (br, hd, cn, vi, st, me) = (
+                    br.clone(),
+                    hd.clone(),
+                    cn.clone(),
+                    vi.clone(),
+                    st.clone(),
+                    me.clone(),
+                );
+                async move {
+                    let place = (e.message.partition, e.message.offset);
+                    st.lock().unwrap().insert(place);
+                    let id = me.load(Ordering::SeqCst);
+                    if br
+                        .members(topic, GROUP)
+                        .iter()
+                        .any(|m| m.id == id && m.lost)
+                    {
+                        vi.lock().unwrap().push(place);
+                    }
+                    let gate = hd.lock().unwrap().get(&place).cloned();
+                    if let Some(gate) = gate {
+                        let mut acquired = pin!(gate.acquire());
+                        tokio::select! {
+                            biased;
+                            _ = &mut acquired => {}
+                            () = e.cancellation().cancelled() => {
+                                cn.lock().unwrap().insert(place);
+                                let _ = acquired.await;
+                            }
+                        }
+                    }
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .await
+            .unwrap();
+        }
+        me.store(a.member(topic).unwrap(), Ordering::SeqCst);
+        wait_until(
+            &format!("{what}: the first member holds everything"),
+            || settled(&broker.members(topic, GROUP), 1, 2),
+        )
+        .await;
+        let probe = publish(&broker, topic, &checker, 16).await;
+        let key_on = |p: i32| {
+            let i = probe.iter().position(|(q, _)| *q == p).expect("a key");
+            format!("k{}", i as u64 % KEYS)
+        };
+        let (k0, k1) = (key_on(0), key_on(1));
+        let next = next_offsets(&probe, 2);
+        let (running, queued, hung) = ((0, next[0]), (0, next[0] + 1), (1, next[1]));
+        for place in [running, queued, hung] {
+            held.lock()
+                .unwrap()
+                .insert(place, Arc::new(Semaphore::new(0)));
+        }
+        for key in [&k0, &k0, &k1] {
+            publish_one(&broker, topic, &checker, key).await;
+        }
+        wait_until(&format!("{what}: the held messages started"), || {
+            let s = started.lock().unwrap();
+            s.contains(&running) && s.contains(&hung)
+        })
+        .await;
+        let b = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        // Partition 1's hand-over fences its hung handler after the drain
+        // timeout: the loop is in that hand-over now.
+        wait_until(
+            &format!("{what}: the revoke of partition 1 fenced its hung handler"),
+            || cancelled.lock().unwrap().contains(&hung),
+        )
+        .await;
+        let lost = broker
+            .lose_assignment(topic, GROUP, me.load(Ordering::SeqCst))
+            .unwrap();
+        assert_eq!(lost, vec![0, 1], "{what}");
+        held.lock().unwrap()[&running].add_permits(1);
+        wait_until(&format!("{what}: the lost member rejoined"), || {
+            let id = me.load(Ordering::SeqCst);
+            broker
+                .members(topic, GROUP)
+                .iter()
+                .any(|m| m.id == id && !m.lost)
+        })
+        .await;
+        assert!(
+            violations.lock().unwrap().is_empty(),
+            "{what}: jobs started on the member while its assignment was lost: {:?} \
+             (queued behind the running {running:?})",
+            violations.lock().unwrap()
+        );
+        held.lock().unwrap()[&hung].add_permits(1);
+        a.close().await.unwrap();
+        b.bus.close().await.unwrap();
     }
 }

@@ -3,7 +3,7 @@
 use eventbus_core::{Error, ErrorKind, Headers, Message, OffsetReset, PublishReceipt, Record};
 
 use bytes::Bytes;
-use eventbus_core::raw::{slot, stable_hash, validate_topic, ByteChunks};
+use eventbus_core::raw::{slot, stable_hash, validate_topic, ByteChunks, Scope};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,6 +165,9 @@ struct GroupState {
     /// Per partition, a rewind its owner has not taken up yet: the generation
     /// of the grant it is for, and the offset.
     rewinds: Vec<Option<(u64, i64)>>,
+    /// By member and partition: the scope of the work of a grant taken up,
+    /// with the grant's generation; fenced when the grant is lost.
+    fences: BTreeMap<(u64, i32), (u64, Scope)>,
     next_grant: u64,
 }
 
@@ -177,6 +180,7 @@ impl GroupState {
             members: BTreeMap::new(),
             eager_pending: false,
             rewinds: vec![None; partitions],
+            fences: BTreeMap::new(),
             next_grant: 1,
         }
     }
@@ -472,6 +476,35 @@ impl Topic {
         (start, delivered)
     }
 
+    /// `member` of `group` took up `partition` under the grant of `generation`,
+    /// its work under `scope`: the broker fences `scope` when it takes the
+    /// grant away ([`lose`](Self::lose)), at once, as a rebalance callback or a
+    /// lease keeper does. A grant taken away already fences it now.
+    pub(crate) fn take_up(
+        &self,
+        group: &str,
+        member: u64,
+        partition: i32,
+        generation: u64,
+        scope: Scope,
+    ) {
+        let mut groups = self.groups.lock().expect("group table poisoned");
+        let held = groups.get_mut(group).filter(|state| {
+            state
+                .members
+                .get(&member)
+                .is_some_and(|m| m.granted.get(&partition) == Some(&generation))
+        });
+        match held {
+            Some(state) => {
+                state
+                    .fences
+                    .insert((member, partition), (generation, scope));
+            }
+            None => scope.fence(),
+        }
+    }
+
     /// `member` of `group` gave `partitions` up (handed over and committed).
     pub(crate) fn release(&self, group: &str, member: u64, partitions: &[i32]) {
         self.change_group(group, |state| {
@@ -480,6 +513,9 @@ impl Topic {
                     m.granted.remove(p);
                     m.revoking.remove(p);
                 }
+            }
+            for p in partitions {
+                state.fences.remove(&(member, *p));
             }
             false
         });
@@ -510,7 +546,10 @@ impl Topic {
             }
         }
         if left {
-            self.change_group(group, |state| state.members.remove(&member).is_some());
+            self.change_group(group, |state| {
+                state.fences.retain(|(m, _), _| *m != member);
+                state.members.remove(&member).is_some()
+            });
         }
     }
 
@@ -521,6 +560,13 @@ impl Topic {
         self.change_group(group, |state| match state.members.get_mut(&member) {
             Some(m) => {
                 let parts: Vec<i32> = m.granted.keys().copied().collect();
+                // Fence the work of the grants taken away before anyone else
+                // can be granted them: no queued job of them starts from now.
+                for p in &parts {
+                    if let Some((_, scope)) = state.fences.remove(&(member, *p)) {
+                        scope.fence();
+                    }
+                }
                 m.granted.clear();
                 m.revoking.clear();
                 m.lost = true;
@@ -888,15 +934,17 @@ impl MemoryBroker {
     /// Fault switch: `member` of `group` on `topic` stalled past its session.
     /// Its partitions are taken from it at once and go to the other members
     /// (with [`Rebalance::Eager`], once they gave up theirs for the rebalance
-    /// this starts). Its consumer learns of the loss at its next turn: it fences
-    /// the partitions' work (no queued job starts, running handlers are
-    /// cancelled, not awaited) and commits nothing more for them; the broker
-    /// refuses such a commit anyway. It then rejoins the group, which
-    /// rebalances again. Returns the partitions it held.
+    /// this starts). The partitions' work on the member is fenced before this
+    /// returns, as a rebalance callback or a lease keeper fences it: no queued
+    /// job of them starts, running handlers are cancelled (not awaited). Its
+    /// consumer learns of the loss at its next turn (after a hand-over under
+    /// way): it drops the partitions, commits nothing more for them (the broker
+    /// refuses such a commit anyway) and rejoins the group, which rebalances
+    /// again. Returns the partitions it held.
     ///
-    /// Until the consumer has fenced, a handler of it may still run while the
-    /// next owner handles the same partition: the overlap a stalled member
-    /// causes on any broker.
+    /// A handler already running at the loss may still run while the next
+    /// owner handles the same partition: the overlap a stalled member causes
+    /// on any broker. Nothing of the member starts after the loss.
     pub fn lose_assignment(
         &self,
         topic: &str,

@@ -295,7 +295,10 @@ impl ConsumeLoop {
         let (next, redeliver_below) = self.topic.start_position(&self.group, p, self.reset);
         tracing::debug!(topic = %self.topic.name(), partition = p, member = self.member,
             offset = next, "partition assigned");
-        self.set.assign(p);
+        let scope = self.set.assign(p);
+        // The broker fences the scope itself when it takes the grant away.
+        self.topic
+            .take_up(&self.group, self.member, p, generation, scope);
         self.in_flight[p as usize].store(0, Ordering::Relaxed);
         self.partitions[p as usize] = Some(Partition {
             generation,

@@ -638,21 +638,30 @@ impl Pool for PoolSwitch {
     ///
     /// In steady mode the whole batch goes to the keyed pool, uncounted; the batch
     /// counts as one steady submission under way until the call returns.
+    /// Otherwise each job counts as under way while it is routed, as a single
+    /// submission does, so that a change of mode that waits for the submissions
+    /// under way can go through from inside the batch (a job routed steady keeps
+    /// the call counted until it returns).
     fn submit_batch(&self, jobs: &mut Vec<Job>) {
-        let _steady = self.steady.enter();
+        let under_way = self.steady.enter();
         if self.current().kind() == Kind::Steady {
             jobs.iter_mut().for_each(Job::unplace);
             self.keyed.submit_batch(jobs);
             return;
         }
+        // Not steady: each job is under way on its own while `route` places it.
+        drop(under_way);
+        let mut steady: Option<SteadyGuard<'_>> = None;
         let mut batch = std::mem::take(jobs).into_iter();
         let mut run: Vec<Job> = Vec::new();
         let mut run_side = PoolKind::Keyed;
         let mut stopped = false;
         for mut job in batch.by_ref() {
             let side = match self.route(job.route()) {
-                // The mode became steady: covered by this call's count.
-                Routed::Steady(_) => {
+                // The mode became steady: the call stays under way until it
+                // returns, after the keyed pool has counted the job.
+                Routed::Steady(guard) => {
+                    steady.get_or_insert(guard);
                     job.unplace();
                     PoolKind::Keyed
                 }
@@ -685,6 +694,7 @@ impl Pool for PoolSwitch {
             jobs.push(left);
         }
         jobs.extend(batch);
+        drop(steady);
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

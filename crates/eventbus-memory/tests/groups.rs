@@ -996,3 +996,88 @@ async fn a_lost_partition_is_fenced_at_once_while_another_is_handed_over() {
         b.bus.close().await.unwrap();
     }
 }
+
+/// A rewind of a partition granted while the member hands over another one is
+/// kept until the partition is taken up, not dropped with the revoke. Six
+/// partitions, cooperative: members 1 and 2 hold 0-2 and 3-5; member 3 joins,
+/// so member 2 gives up 5, whose handler hangs; member 1 loses its assignment
+/// (partition 0 goes to member 2 while it still gives up 5, and its rejoin has
+/// member 2 give up 4 too), and partition 0 is rewound to its start: member 2
+/// must read it all again. On one thread with paused time.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_rewind_granted_during_a_revoke_is_kept_until_taken_up() {
+    for (name, pools) in pools() {
+        let what = name.to_owned();
+        let topic = "orders";
+        let broker = broker(Rebalance::Cooperative, topic, 6).await;
+        let cfg = config(Duration::from_secs(1));
+        let (checker, handled, gates) =
+            (DeliveryChecker::new(), Handled::default(), Gates::default());
+        let m1 = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        wait_until(&format!("{what}: one member settled"), || {
+            settled(&broker.members(topic, GROUP), 1, 6)
+        })
+        .await;
+        let m2 = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        wait_until(&format!("{what}: two members settled"), || {
+            settled(&broker.members(topic, GROUP), 2, 6)
+        })
+        .await;
+        let members = broker.members(topic, GROUP);
+        assert_eq!(members[0].partitions, vec![0, 1, 2], "{what}: {members:?}");
+        assert_eq!(members[1].partitions, vec![3, 4, 5], "{what}: {members:?}");
+        let probe = publish(&broker, topic, &checker, 60).await;
+        wait_until(&format!("{what}: the first messages handled"), || {
+            checker.handled_distinct() >= 60 && committed_to_the_end(&broker, topic)
+        })
+        .await;
+        let next = next_offsets(&probe, 6);
+        let hung = next[5];
+        gates.hang(5, hung, 1);
+        publish_on(&broker, topic, &checker, &[5]).await;
+        wait_until(&format!("{what}: the hung handler started"), || {
+            gates.started(5, hung, 1)
+        })
+        .await;
+        let m3 = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        let (id1, id2, id3) = (m1.id(topic), m2.id(topic), m3.id(topic));
+        wait_until(
+            &format!("{what}: member 1 gave 2 up to member 3; member 2 gives 5 up"),
+            || {
+                let ms = broker.members(topic, GROUP);
+                ms.iter().any(|m| m.id == id3 && m.partitions == [2])
+                    && ms.iter().any(|m| m.id == id2 && m.revoking == [5])
+            },
+        )
+        .await;
+        assert_eq!(
+            broker.lose_assignment(topic, GROUP, id1).unwrap(),
+            vec![0, 1],
+            "{what}"
+        );
+        let members = broker.members(topic, GROUP);
+        assert!(
+            members
+                .iter()
+                .any(|m| m.id == id2 && m.partitions.contains(&0) && m.revoking == [5]),
+            "{what}: partition 0 granted to member 2 while it gives 5 up: {members:?}"
+        );
+        assert_eq!(broker.rewind(topic, GROUP, 0, 0).unwrap(), id2, "{what}");
+        wait_until(
+            &format!("{what}: partition 0 read again from its start after the rewind"),
+            || {
+                let h = handled.lock().unwrap();
+                (0..next[0]).all(|o| h.get(&(0, o)) == Some(&2))
+            },
+        )
+        .await;
+        gates.open(5, hung, 1);
+        wait_until(&format!("{what}: everything handled and committed"), || {
+            checker.handled_distinct() >= checker.produced() && committed_to_the_end(&broker, topic)
+        })
+        .await;
+        for m in [m1, m2, m3] {
+            m.bus.close().await.unwrap();
+        }
+    }
+}

@@ -230,8 +230,12 @@ impl ConsumeLoop {
     /// (then read the group again: it may have changed meanwhile), take up the
     /// partitions granted, and rewind.
     async fn reconcile(&mut self) {
+        // Rewinds read with a revoke for partitions granted and not taken up
+        // yet: the broker handed them over as it read them, so they are kept
+        // here until the partitions are taken up.
+        let mut kept: Vec<(i32, u64, i64)> = Vec::new();
         loop {
-            let a = self.topic.assignment(&self.group, self.member);
+            let mut a = self.topic.assignment(&self.group, self.member);
             for p in 0..self.partitions.len() {
                 let Some(part) = &self.partitions[p] else {
                     continue;
@@ -257,6 +261,9 @@ impl ConsumeLoop {
                 let released: Vec<i32> = revoking.into_iter().chain(untaken).collect();
                 self.topic.release(&self.group, self.member, &released);
                 self.rewind(&a.rewinds);
+                kept.extend(a.rewinds.iter().copied().filter(|&(p, generation, _)| {
+                    !self.holds(p, generation) && !released.contains(&p)
+                }));
                 // The group may have changed during the hand-over: read it
                 // again before taking anything up.
                 continue;
@@ -266,7 +273,9 @@ impl ConsumeLoop {
                     self.take_up(p, generation);
                 }
             }
-            self.rewind(&a.rewinds);
+            // Kept rewinds first: those read now are the later ones.
+            kept.append(&mut a.rewinds);
+            self.rewind(&kept);
             return;
         }
     }

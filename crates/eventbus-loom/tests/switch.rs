@@ -44,16 +44,12 @@ impl Pool for Keyed {
     }
 
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
-        if job.placed().is_none() {
-            let place = self
-                .table
-                .enter(RouteTable::cell_of(job.route()), || Place::new(0, 0));
-            if place.tag() != 0 {
-                *self.under_actor_tag.lock().unwrap() += 1;
-            }
-        }
-        self.jobs.lock().unwrap().push(job);
+        self.take(job);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        jobs.drain(..).for_each(|job| self.take(job));
     }
 
     fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
@@ -70,6 +66,21 @@ impl Pool for Keyed {
 
     fn placement(&self) -> Option<&dyn Placement> {
         Some(self)
+    }
+}
+
+impl Keyed {
+    /// Take `job`, counting it in its cell when it comes unplaced.
+    fn take(&self, job: Job) {
+        if job.placed().is_none() {
+            let place = self
+                .table
+                .enter(RouteTable::cell_of(job.route()), || Place::new(0, 0));
+            if place.tag() != 0 {
+                *self.under_actor_tag.lock().unwrap() += 1;
+            }
+        }
+        self.jobs.lock().unwrap().push(job);
     }
 }
 
@@ -107,6 +118,10 @@ impl Pool for Actor {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        self.jobs.lock().unwrap().append(jobs);
+    }
+
     fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
         Box::pin(std::future::ready(()))
     }
@@ -137,6 +152,40 @@ fn job(route: u64) -> Job {
 /// then have jobs on both pools once the share rises again.
 #[test]
 fn a_rollback_never_lets_a_steady_job_join_an_actor_pin() {
+    rollback_against_two_submissions(Submit::One);
+}
+
+/// The same with both submissions made as batches of one job, as the dispatcher
+/// makes them: outside steady mode a batch is under way only while it routes
+/// each job, as a single submission is.
+#[test]
+fn a_rollback_never_lets_a_steady_batch_job_join_an_actor_pin() {
+    rollback_against_two_submissions(Submit::Batch);
+}
+
+/// How the model's submissions are made.
+#[derive(Clone, Copy)]
+enum Submit {
+    /// `Pool::submit`.
+    One,
+    /// `Pool::submit_batch`, one job a batch.
+    Batch,
+}
+
+fn submit(switch: &PoolSwitch, how: Submit, job: Job) {
+    match how {
+        Submit::One => {
+            let _ = switch.submit(job).now_or_never();
+        }
+        Submit::Batch => {
+            let mut jobs = vec![job];
+            switch.submit_batch(&mut jobs);
+            assert!(jobs.is_empty(), "the stand-in pools take every job");
+        }
+    }
+}
+
+fn rollback_against_two_submissions(how: Submit) {
     // A route on the actor side at share 50.
     let route = (10u64 << 32) | 7;
     assert!(rollout_bucket(route) < 50);
@@ -150,15 +199,13 @@ fn a_rollback_never_lets_a_steady_job_join_an_actor_pin() {
         let switch = Arc::new(PoolSwitch::new(keyed.clone(), actor.clone(), 50).expect("share"));
         let submitter = {
             let switch = switch.clone();
-            thread::spawn(move || {
-                let _ = switch.submit(job(route)).now_or_never();
-            })
+            thread::spawn(move || submit(&switch, how, job(route)))
         };
         let rollback = {
             let switch = switch.clone();
             thread::spawn(move || switch.set_actor_percent(0).expect("rollback"))
         };
-        let _ = switch.submit(job(route)).now_or_never();
+        submit(&switch, how, job(route));
         submitter.join().unwrap();
         rollback.join().unwrap();
         assert_eq!(

@@ -66,6 +66,8 @@ struct Gates {
     cancelled: Arc<Mutex<HashSet<Delivery>>>,
     /// Held deliveries that ignore their cancellation.
     deaf: Arc<Mutex<HashSet<Delivery>>>,
+    /// Among them, those whose cancellation came (and was ignored).
+    ignored: Arc<Mutex<HashSet<Delivery>>>,
 }
 
 /// A delivery of a message: partition, offset, and which delivery (1 the
@@ -102,6 +104,14 @@ impl Gates {
             .contains(&(partition, offset, nth))
     }
 
+    /// Whether a hung delivery's cancellation came (it ignores it).
+    fn ignored(&self, partition: i32, offset: i64, nth: u32) -> bool {
+        self.ignored
+            .lock()
+            .unwrap()
+            .contains(&(partition, offset, nth))
+    }
+
     fn cancelled(&self, partition: i32, offset: i64, nth: u32) -> bool {
         self.cancelled
             .lock()
@@ -119,7 +129,15 @@ impl Gates {
             return true;
         };
         if self.deaf.lock().unwrap().contains(&key) {
-            let _ = gate.acquire().await;
+            let mut acquired = pin!(gate.acquire());
+            tokio::select! {
+                biased;
+                _ = &mut acquired => {}
+                () = e.cancellation().cancelled() => {
+                    self.ignored.lock().unwrap().insert(key);
+                    let _ = acquired.await;
+                }
+            }
             return true;
         }
         tokio::select! {
@@ -1079,5 +1097,61 @@ async fn a_rewind_granted_during_a_revoke_is_kept_until_taken_up() {
         for m in [m1, m2, m3] {
             m.bus.close().await.unwrap();
         }
+    }
+}
+
+/// An `unsubscribe` that arrives while the loop hands over a revoked partition
+/// ends within one drain and hand-over bound of its call: the stop shares the
+/// deadline of the hand-over under way, rather than waiting it out and then
+/// taking a bound of its own. Cooperative, two partitions, a handler of each
+/// hung (ignoring its cancellation); a join has the member give up partition
+/// 1, and the stop comes once that hand-over fenced its handler. On one thread
+/// with paused time.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_stop_during_a_revoke_ends_within_one_bound() {
+    for (name, pools) in pools() {
+        let what = name.to_owned();
+        let topic = "orders";
+        let broker = broker(Rebalance::Cooperative, topic, 2).await;
+        let cfg = config(Duration::from_secs(1));
+        let bound = cfg.consumer.drain_timeout + cfg.consumer.handover_timeout;
+        let (checker, handled, gates) =
+            (DeliveryChecker::new(), Handled::default(), Gates::default());
+        let a = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        wait_until(
+            &format!("{what}: the first member holds everything"),
+            || settled(&broker.members(topic, GROUP), 1, 2),
+        )
+        .await;
+        let probe = publish(&broker, topic, &checker, 20).await;
+        let next = next_offsets(&probe, 2);
+        gates.hang(0, next[0], 1);
+        gates.hang(1, next[1], 1);
+        publish_on(&broker, topic, &checker, &[0, 1]).await;
+        wait_until(&format!("{what}: both hung handlers started"), || {
+            gates.started(0, next[0], 1) && gates.started(1, next[1], 1)
+        })
+        .await;
+        let b = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        wait_until(
+            &format!("{what}: the revoke of partition 1 fenced its hung handler"),
+            || gates.ignored(1, next[1], 1),
+        )
+        .await;
+        let start = tokio::time::Instant::now();
+        a.bus.unsubscribe(topic).await.unwrap();
+        let took = start.elapsed();
+        assert!(
+            took <= bound + Duration::from_millis(50),
+            "{what}: the unsubscribe took {took:?}, past its bound of {bound:?}"
+        );
+        gates.open(0, next[0], 1);
+        gates.open(1, next[1], 1);
+        wait_until(&format!("{what}: everything handled and committed"), || {
+            checker.handled_distinct() >= checker.produced() && committed_to_the_end(&broker, topic)
+        })
+        .await;
+        a.bus.close().await.unwrap();
+        b.bus.close().await.unwrap();
     }
 }

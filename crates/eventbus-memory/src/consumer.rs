@@ -142,6 +142,10 @@ pub(crate) struct ConsumeLoop {
     /// Each partition's last new watermark within one settling pass (kept to
     /// reuse its allocation).
     marks: Vec<(i32, i64)>,
+    /// The deadline of a stop that came during a hand-over: that hand-over's
+    /// own. Every later hand-over (the stop's included) ends by then, so a
+    /// stop never waits out a revoke's bound and then takes one of its own.
+    stop_by: Option<Instant>,
 }
 
 impl ConsumeLoop {
@@ -169,6 +173,7 @@ impl ConsumeLoop {
             marks: Vec::with_capacity(n),
             partitions: (0..n).map(|_| None).collect(),
             retry_at: None,
+            stop_by: None,
             topic,
             member,
             sub,
@@ -641,8 +646,14 @@ impl ConsumeLoop {
             }
         }
         // The whole hand-over, final commits included, ends within the drain
-        // and the hand-over timeouts.
-        let until = Instant::now() + self.drain_timeout + self.handover_timeout;
+        // and the hand-over timeouts, and by the deadline of a stop that came
+        // during an earlier one: the drain first, the rest to the hand-over.
+        let now = Instant::now();
+        let until = now + self.drain_timeout + self.handover_timeout;
+        let until = self.stop_by.map_or(until, |s| s.min(until));
+        let left = until.saturating_duration_since(now);
+        let drain_timeout = self.drain_timeout.min(left);
+        let handover_timeout = left - drain_timeout;
         let (topic, group, member, counts) = (
             self.topic.clone(),
             self.group.clone(),
@@ -653,7 +664,7 @@ impl ConsumeLoop {
         let mut failed = false;
         let overruns = self
             .set
-            .hand_over(partitions, self.drain_timeout, self.handover_timeout, |s| {
+            .hand_over(partitions, drain_timeout, handover_timeout, |s| {
                 count_out(&counts, &s);
                 if let (Some(w), Some(part)) = (
                     s.watermark,
@@ -673,7 +684,7 @@ impl ConsumeLoop {
         }
         if !overruns.is_empty() {
             tracing::warn!(topic = %self.topic.name(), partitions = ?overruns,
-                timeout = ?self.handover_timeout,
+                timeout = ?handover_timeout,
                 "hand-over timeout: a handler still runs while its partitions are released");
             self.dispatcher.count_handover_overrun(self.topic.name());
         }
@@ -702,6 +713,10 @@ impl ConsumeLoop {
                 )
                 .await;
             }
+        }
+        // A stop that came meanwhile ends by this hand-over's deadline.
+        if self.cancel.is_cancelled() && self.stop_by.is_none() {
+            self.stop_by = Some(until);
         }
     }
 

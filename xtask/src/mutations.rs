@@ -71,6 +71,7 @@ const TASK: &str = "crates/eventbus-core/src/raw/dispatcher/task.rs";
 const JOB: &str = "crates/eventbus-core/src/raw/job.rs";
 const SWITCH: &str = "crates/eventbus/src/switch.rs";
 const MEMORY: &str = "crates/eventbus-memory/src/consumer.rs";
+const MEMORY_BROKER: &str = "crates/eventbus-memory/src/broker.rs";
 
 const MUTATIONS: &[Mutation] = &[
     Mutation {
@@ -304,11 +305,18 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         name: "lost-not-fenced",
-        edits: &[Edit {
-            file: MEMORY,
-            find: "        let in_flight = self.set.in_flight(partition);\n        self.set.revoke(partition);\n",
-            replace: "        let in_flight = self.set.in_flight(partition);\n",
-        }],
+        edits: &[
+            Edit {
+                file: MEMORY_BROKER,
+                find: "                    if let Some((_, scope)) = state.fences.remove(&(member, *p)) {\n                        scope.fence();\n                    }\n",
+                replace: "                    state.fences.remove(&(member, *p));\n",
+            },
+            Edit {
+                file: MEMORY,
+                find: "        let in_flight = self.set.in_flight(partition);\n        self.set.revoke(partition);\n",
+                replace: "        let in_flight = self.set.in_flight(partition);\n",
+            },
+        ],
         models: "a lost assignment not fenced: its queued jobs still start while another member holds the partition",
         expected_missed: None,
     },

@@ -85,9 +85,6 @@ pub struct Counts {
     /// Calls that started while a call of the same aggregate on the other
     /// topic ran on another member (allowed: each topic is assigned apart).
     pub cross_member_topics: u64,
-    /// Calls that started on a partition their member had lost, before its
-    /// consumer fenced it (rejoined).
-    pub stalled_starts: u64,
 }
 
 /// The model and the trace of one run, shared by the driver and the handlers.
@@ -281,15 +278,19 @@ impl Model {
             }
         }
         // One job per aggregate at a time, across topics, pools and buses; a
-        // call running past its hand-over bound is the documented overlap.
-        // A call that starts on a partition its member lost, before its
-        // consumer fenced it, is a stalled member's call too.
+        // call running past its hand-over bound is the documented overlap, and
+        // so is a call already running on a partition when its member lost it.
+        // The broker fences a lost partition's work as it takes the grant
+        // away: a call that starts on it after the loss, before the member
+        // rejoined, is a violation.
         let stalled_start = self
             .lost
             .get(&(bus, topic))
             .is_some_and(|(_, ps)| ps.contains(&partition));
         if stalled_start {
-            self.counts.stalled_starts += 1;
+            self.violate(format!(
+                "{name} (call {call} on bus {bus}) started on p{partition}, which its member lost: the loss did not fence it"
+            ));
         }
         let (mut overrun, mut stalled) = (false, false);
         let mut clash = None;

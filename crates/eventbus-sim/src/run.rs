@@ -62,6 +62,14 @@ impl Ctx {
             let mut m = self.model.lock();
             let topic = m.msgs()[id].topic;
             let committed = self.committed(TOPICS[topic], partition);
+            // A lost window ends when the member rejoins, as the broker says
+            // now: only starts before then are a lost partition's.
+            m.rejoined(|t, member| {
+                self.broker
+                    .members(TOPICS[t], GROUP)
+                    .iter()
+                    .any(|g| g.id == member && g.lost)
+            });
             let started = m.start(self.bus, id, partition, offset, attempt, committed);
             m.check_commits(|t, p| self.committed(t, p));
             started

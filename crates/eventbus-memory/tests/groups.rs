@@ -53,6 +53,9 @@ async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
     eventbus_testkit::wait_until(what, WAIT, cond).await
 }
 
+/// A message of the topic: partition, offset.
+type Place = (i32, i64);
+
 /// Handled messages of the topic, by (partition, offset).
 type Handled = Arc<Mutex<HashMap<(i32, i64), u32>>>;
 
@@ -902,7 +905,7 @@ async fn a_lost_partition_is_fenced_at_once_while_another_is_handed_over() {
             (DeliveryChecker::new(), Handled::default(), Gates::default());
         // The first member: holds each message of `held` at its gate, ignoring
         // its cancellation (which it records); records a start while it is lost.
-        let held: Arc<Mutex<HashMap<(i32, i64), Arc<Semaphore>>>> = Arc::default();
+        let held: Arc<Mutex<HashMap<Place, Arc<Semaphore>>>> = Arc::default();
         let cancelled: Arc<Mutex<HashSet<(i32, i64)>>> = Arc::default();
         let violations: Arc<Mutex<Vec<(i32, i64)>>> = Arc::default();
         let started: Arc<Mutex<HashSet<(i32, i64)>>> = Arc::default();

@@ -35,7 +35,7 @@
 //! committed offset, it is committed back (retried, the partition reading nothing
 //! until it is) before anything read again is committed.
 
-use eventbus_core::raw::{Completion, Dispatcher, Held, InFlightSet, PreparedSubscription};
+use eventbus_core::raw::{Completion, Dispatcher, Held, InFlightSet, PreparedSubscription, Scope};
 use eventbus_core::{CancellationToken, ErrorKind, Message, OffsetReset};
 use futures::future::poll_fn;
 use futures::FutureExt;
@@ -142,10 +142,12 @@ pub(crate) struct ConsumeLoop {
     /// Each partition's last new watermark within one settling pass (kept to
     /// reuse its allocation).
     marks: Vec<(i32, i64)>,
-    /// The deadline of a stop that came during a hand-over: that hand-over's
-    /// own. Every later hand-over (the stop's included) ends by then, so a
-    /// stop never waits out a revoke's bound and then takes one of its own.
-    stop_by: Option<Instant>,
+    /// When a stop came during a hand-over (a revoke's). The stop's own
+    /// hand-over runs on the same clock: the other partitions are fenced a
+    /// drain timeout after it (during the revoke's, if that still runs), and
+    /// every later hand-over ends a drain and a hand-over timeout after it, so
+    /// a stop never waits out a revoke's bound and then takes one of its own.
+    stopped_at: Option<Instant>,
 }
 
 impl ConsumeLoop {
@@ -173,7 +175,7 @@ impl ConsumeLoop {
             marks: Vec::with_capacity(n),
             partitions: (0..n).map(|_| None).collect(),
             retry_at: None,
-            stop_by: None,
+            stopped_at: None,
             topic,
             member,
             sub,
@@ -646,14 +648,31 @@ impl ConsumeLoop {
             }
         }
         // The whole hand-over, final commits included, ends within the drain
-        // and the hand-over timeouts, and by the deadline of a stop that came
-        // during an earlier one: the drain first, the rest to the hand-over.
+        // and the hand-over timeouts; after a stop that came during an earlier
+        // one, it drains until a drain timeout after the stop and ends a
+        // hand-over timeout later.
         let now = Instant::now();
-        let until = now + self.drain_timeout + self.handover_timeout;
-        let until = self.stop_by.map_or(until, |s| s.min(until));
-        let left = until.saturating_duration_since(now);
-        let drain_timeout = self.drain_timeout.min(left);
-        let handover_timeout = left - drain_timeout;
+        let (drain_until, until) = match self.stopped_at {
+            Some(at) => (
+                at + self.drain_timeout,
+                at + self.drain_timeout + self.handover_timeout,
+            ),
+            None => (
+                now + self.drain_timeout,
+                now + self.drain_timeout + self.handover_timeout,
+            ),
+        };
+        let drain_timeout = drain_until.saturating_duration_since(now);
+        let handover_timeout = until.saturating_duration_since(now) - drain_timeout;
+        // The partitions held besides these: a stop that comes during this
+        // hand-over fences them a drain timeout after it.
+        let others: Vec<Scope> = (0..self.partitions.len() as i32)
+            .filter(|p| self.partitions[*p as usize].is_some() && !partitions.contains(p))
+            .filter_map(|p| self.set.scope(p).cloned())
+            .collect();
+        let cancel = self.cancel.clone();
+        let mut stopped_at = self.stopped_at;
+        let mut others_fenced = stopped_at.is_some();
         let (topic, group, member, counts) = (
             self.topic.clone(),
             self.group.clone(),
@@ -662,18 +681,40 @@ impl ConsumeLoop {
         );
         let parts = &mut self.partitions;
         let mut failed = false;
-        let overruns = self
-            .set
-            .hand_over(partitions, drain_timeout, handover_timeout, |s| {
-                count_out(&counts, &s);
-                if let (Some(w), Some(part)) = (
-                    s.watermark,
-                    parts.get_mut(s.partition as usize).and_then(Option::as_mut),
-                ) {
-                    failed |= store(&topic, &group, member, s.partition, part, w);
+        let drain_after_stop = self.drain_timeout;
+        let overruns = {
+            let handing_over =
+                self.set
+                    .hand_over(partitions, drain_timeout, handover_timeout, |s| {
+                        count_out(&counts, &s);
+                        if let (Some(w), Some(part)) = (
+                            s.watermark,
+                            parts.get_mut(s.partition as usize).and_then(Option::as_mut),
+                        ) {
+                            failed |= store(&topic, &group, member, s.partition, part, w);
+                        }
+                    });
+            let mut handing_over = pin!(handing_over);
+            loop {
+                let fence_at = stopped_at
+                    .filter(|_| !others_fenced)
+                    .map(|at| at + drain_after_stop);
+                tokio::select! {
+                    biased;
+                    overruns = &mut handing_over => break overruns,
+                    _ = cancel.cancelled(), if stopped_at.is_none() => {
+                        stopped_at = Some(Instant::now());
+                    }
+                    _ = sleep_until(fence_at), if fence_at.is_some() => {
+                        for scope in &others {
+                            scope.fence();
+                        }
+                        others_fenced = true;
+                    }
                 }
-            })
-            .await;
+            }
+        };
+        self.stopped_at = stopped_at;
         if failed {
             self.retry_soon();
         }
@@ -713,10 +754,6 @@ impl ConsumeLoop {
                 )
                 .await;
             }
-        }
-        // A stop that came meanwhile ends by this hand-over's deadline.
-        if self.cancel.is_cancelled() && self.stop_by.is_none() {
-            self.stop_by = Some(until);
         }
     }
 

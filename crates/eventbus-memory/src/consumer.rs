@@ -579,6 +579,13 @@ impl ConsumeLoop {
                 }
                 ControlFlow::Continue(())
             }
+            // The partition's work was fenced while it was offered (the broker
+            // took it away): what was not submitted is left for redelivery.
+            Err(e) if e.kind() == ErrorKind::Fenced => {
+                tracing::debug!(error = %e, topic = %self.topic.name(), partition,
+                    "offer fenced: left for redelivery");
+                ControlFlow::Continue(())
+            }
             Err(e) => {
                 tracing::debug!(error = %e, topic = %self.topic.name(), "consumer stopping");
                 ControlFlow::Break(())
@@ -597,6 +604,17 @@ impl ConsumeLoop {
     fn on_held(&mut self, p: usize, result: eventbus_core::Result<()>) -> ControlFlow<()> {
         match result {
             Ok(()) => {
+                if let Some(part) = self.partitions[p].as_mut() {
+                    part.held = None;
+                }
+                ControlFlow::Continue(())
+            }
+            // The partition's work was fenced (the broker took it away, or a
+            // rewind superseded the jobs): the jobs are dropped unrun and the
+            // consumer goes on; the next turn drops a lost partition.
+            Err(e) if e.kind() == ErrorKind::Fenced => {
+                tracing::debug!(error = %e, topic = %self.topic.name(), partition = p,
+                    "held jobs fenced: dropped unrun");
                 if let Some(part) = self.partitions[p].as_mut() {
                     part.held = None;
                 }

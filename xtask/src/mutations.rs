@@ -123,8 +123,8 @@ const MUTATIONS: &[Mutation] = &[
         name: "route-count-early",
         edits: &[Edit {
             file: ROUTES,
-            find: "        let counted = self.counted(&job);\n",
-            replace: "        let counted = self.counted(&job);\n        self.leave(counted);\n        let counted: Option<usize> = None;\n",
+            find: "        let counted = self.hold(self.counted(&job));\n",
+            replace: "        self.leave(self.counted(&job));\n        let counted = self.hold(None);\n",
         }],
         models: "a route count taken back before the job ran: the route's next job may go to another worker",
         expected_missed: None,
@@ -206,8 +206,8 @@ const MUTATIONS: &[Mutation] = &[
             },
             Edit {
                 file: SWITCH,
-                find: "                Routed::Steady(_) => {\n                    job.unplace();\n",
-                replace: "                Routed::Steady(_) => {\n",
+                find: "                    steady.get_or_insert(guard);\n                    job.unplace();\n",
+                replace: "                    steady.get_or_insert(guard);\n",
             },
         ],
         models: "a job the switch hands back keeps its placement on every path, as before the fix of issue 47's defect 1 (rollback under backlog)",

@@ -3,7 +3,7 @@
 //! `--cfg tokio_unstable` (in `target/sim`, so the cfg reaches no other build),
 //! under which the simulation seeds tokio's own generator too and every run
 //! replays; `--twice` runs each seed twice and compares the traces. `cargo
-//! xtask test` runs the slice ([`slice`]) in that build too.
+//! xtask test` runs the slice ([`slice()`]) in that build too.
 //!
 //! A failing seed prints the command that replays it and the end of its trace;
 //! `--seed S --trace` prints the whole trace. The slice `cargo xtask test` runs

@@ -1,4 +1,4 @@
-//! `eventbus-sim [--seed S] [--seeds N] [--from S0] [--trace]`: run seeds of the
+//! `eventbus-sim [--seed S] [--seeds N] [--from S0] [--members M] [--trace]`: run seeds of the
 //! simulation (`cargo xtask sim` runs it in release).
 
 // A command-line tool: it talks to the terminal.
@@ -8,10 +8,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const USAGE: &str =
-    "usage: eventbus-sim [--seed S] [--seeds N] [--from S0] [--trace] [--wall-limit SECS]
+    "usage: eventbus-sim [--seed S] [--seeds N] [--from S0] [--members M] [--trace] [--wall-limit SECS]
   --seed S     run seed S alone (and print its trace with --trace)
   --seeds N    run N seeds, from S0 (default 0), default 1000
   --from S0    the first seed of --seeds
+  --members M  at most M members of the group (default 3; the workspace's own
+               test run of the slice uses 1)
   --trace      print the whole trace of every seed run
   --twice      run every seed twice: two traces that differ are a failure
   --wall-limit a run still going after this many real seconds is a hang (default 120)";
@@ -23,6 +25,7 @@ fn main() -> ExitCode {
     let mut trace = false;
     let mut twice = false;
     let mut wall = 120u64;
+    let mut members = 3u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> Option<u64> {
@@ -37,6 +40,9 @@ fn main() -> ExitCode {
             "--seeds" => value("--seeds").map(|v| seeds = v),
             "--from" => value("--from").map(|v| from = v),
             "--wall-limit" => value("--wall-limit").map(|v| wall = v),
+            "--members" => value("--members")
+                .filter(|&v| v >= 1)
+                .map(|v| members = v),
             "--trace" => {
                 trace = true;
                 Some(())
@@ -63,10 +69,10 @@ fn main() -> ExitCode {
     let mut failed = Vec::new();
     let mut calls = 0u64;
     for s in range {
-        let mut report = eventbus_sim::run_seed(s, Duration::from_secs(wall));
+        let mut report = eventbus_sim::run_seed_with(s, Duration::from_secs(wall), members as usize);
         n += 1;
         if twice && report.failure.is_none() {
-            let again = eventbus_sim::run_seed(s, Duration::from_secs(wall));
+            let again = eventbus_sim::run_seed_with(s, Duration::from_secs(wall), members as usize);
             if again.trace_hash() != report.trace_hash() {
                 let at = report
                     .trace

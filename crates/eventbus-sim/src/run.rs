@@ -625,8 +625,10 @@ impl Sim {
         self.note("finish: waiting for every message".to_owned());
         let mut idle_rounds = 0;
         let mut round = 0;
+        // Finished messages at the end of the previous round: what ran during the
+        // re-subscribing between rounds counts as that round's progress.
+        let mut before = self.ctx.model.lock().finished();
         loop {
-            let before = self.ctx.model.lock().finished();
             let mut progress_at = tokio::time::Instant::now();
             let mut last = before;
             loop {
@@ -651,6 +653,7 @@ impl Sim {
             }
             round += 1;
             idle_rounds = if last == before { idle_rounds + 1 } else { 0 };
+            before = last;
             if idle_rounds == STUCK_ROUNDS {
                 let v = format!(
                     "stuck: no message finished in {STUCK_ROUNDS} rounds of {SETTLE_ROUND:?}, re-subscribing between them: {}",

@@ -3,7 +3,7 @@
 //! it: a change to what a run draws may make one of these exercise something
 //! else (then find the defect's seed again with `cargo xtask sim`).
 
-use eventbus_sim::run_seed;
+use eventbus_sim::{run_seed, run_seed_with};
 use std::time::Duration;
 
 /// A run still going after this much real time is a hang.
@@ -11,6 +11,15 @@ const WALL_LIMIT: Duration = Duration::from_secs(120);
 
 fn holds(seed: u64) {
     let report = run_seed(seed, WALL_LIMIT);
+    if let Some(summary) = report.failure_summary(40) {
+        panic!("{summary}");
+    }
+}
+
+/// A seed run with one member, which replays with or without `--cfg
+/// tokio_unstable`.
+fn holds_alone(seed: u64) {
+    let report = run_seed_with(seed, WALL_LIMIT, 1);
     if let Some(summary) = report.failure_summary(40) {
         panic!("{summary}");
     }
@@ -33,4 +42,16 @@ fn seed_5_a_rollback_under_backlog_never_hangs() {
 #[test]
 fn seed_6_route_counts_are_back_to_0_at_rest() {
     holds(6);
+}
+
+/// A rewind of the plain topic below the committed offset while a handler that
+/// ignores its cancellation held a keyed worker: the copies queued behind it
+/// from before the rewind were fenced only once the first message read again
+/// was tracked, and that message waited for room, so an old copy of a key's
+/// later message ran before its earlier one was read again ("a re-read from
+/// committed offset … skipped"). The in-flight set now fences them when the
+/// consumer learns of the rewind. Seed 490 found the same.
+#[test]
+fn seed_246_a_rewind_fences_queued_copies_at_once() {
+    holds_alone(246);
 }

@@ -30,7 +30,9 @@
 //!
 //! A rewind ([`MemoryBroker::rewind`](crate::MemoryBroker::rewind)) restarts the
 //! partition's fetch at the rewind point; the in-flight set fences the copies
-//! read before at and above it when the first message is read again. The commit
+//! read before at and above it at once, before the first message read again
+//! finds room (queued behind a slow handler, an old copy must not run ahead of
+//! its key's earlier messages read again). The commit
 //! point is then the lowest offset not finished of either reading: below the
 //! committed offset, it is committed back (retried, the partition reading nothing
 //! until it is) before anything read again is committed.
@@ -363,6 +365,9 @@ impl ConsumeLoop {
         // dropping them would let the commit pass them unhandled.
         let offset = part.buffer.front().map_or(offset, |m| m.offset.min(offset));
         part.buffer.clear();
+        // Queued copies of what is read again do not start from now, though the
+        // first message read again may wait for room.
+        self.set.rewind(partition, offset);
         part.redeliver_below = part.redeliver_below.max(part.next);
         part.next = offset;
         let to = lowest.map_or(offset, |l| l.min(offset));

@@ -354,6 +354,8 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
         let tracked = slot.tracker.track(offset);
         at_tracked_bound(slot, partition, &self.topic, self.max_tracked);
         let epoch = match tracked.rewound_from {
+            // Announced before ([`rewind`](Self::rewind)): the scope is there.
+            Some(_) if slot.scope.current().id() == tracked.epoch => slot.scope.current(),
             Some(from) => {
                 tracing::warn!(
                     partition,
@@ -375,6 +377,23 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             rewound_from: tracked.rewound_from,
             claim: self.completions.claim(),
         })
+    }
+
+    /// The broker will read `partition` again from `offset`, known before the
+    /// first message read again can be [`begin`](Self::begin)-tracked (it may
+    /// wait for room): the queued copies of earlier work at or above `offset`
+    /// are fenced now (they will be delivered again), not when that message
+    /// comes. Returns whether anything tracked was superseded.
+    pub fn rewind(&mut self, partition: i32, offset: i64) -> bool {
+        let Some(slot) = self.partitions.get_mut(&partition) else {
+            return false;
+        };
+        let Some(epoch) = slot.tracker.rewind(offset) else {
+            return false;
+        };
+        let scope = slot.scope.rewind(offset);
+        debug_assert_eq!(scope.id(), epoch, "scope and tracker epochs agree");
+        true
     }
 
     /// Where to submit the job of `ticket`'s message
@@ -717,6 +736,31 @@ mod tests {
         assert_eq!(p.finish(100), Some(250));
         assert!(p.set.has_room(0));
         assert_eq!(hits(&snapshotter), 0);
+    }
+
+    /// A rewind the consumer learns of before its first message can be tracked
+    /// fences the queued copies at or above its point at once; those below still
+    /// start; the first message read again joins the rewind's epoch.
+    #[test]
+    fn an_announced_rewind_fences_the_copies_read_again_at_once() {
+        let mut p = Partition::new(100, 1000);
+        let old: Vec<Ticket> = (0..6)
+            .map(|o| p.set.begin(0, o).expect("partition 0 is owned"))
+            .collect();
+        assert!(p.set.rewind(0, 3));
+        let fenced: Vec<bool> = old
+            .iter()
+            .map(|t| t.epoch().is_fenced(t.offset))
+            .collect();
+        assert_eq!(fenced, [false, false, false, true, true, true]);
+        let first = p.set.begin(0, 3).expect("owned");
+        assert_eq!(first.rewound_from(), Some(3));
+        assert!(!first.epoch().is_fenced(3), "the rewind's own epoch runs");
+        assert!(old[3].epoch().is_fenced(3), "the old copy stays fenced");
+        for t in old.into_iter().chain([first]) {
+            p.set.give_up(t);
+        }
+        assert!(!p.set.rewind(0, 9), "nothing tracked at or above 9");
     }
 
     /// The in-flight bound still holds on its own, and a partition under both has

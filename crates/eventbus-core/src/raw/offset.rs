@@ -338,6 +338,9 @@ pub struct OffsetTracker {
     next_epoch: u64,
     /// Highest offset tracked in the current epoch.
     last_tracked: Option<i64>,
+    /// A rewind announced before its first message ([`rewind`](Self::rewind)):
+    /// its point, until that message is tracked.
+    rewound: Option<i64>,
     watermark: Option<i64>,
     /// Pending offsets across epochs.
     pending: usize,
@@ -353,6 +356,7 @@ impl Default for OffsetTracker {
             older: Vec::new(),
             next_epoch: 0,
             last_tracked: None,
+            rewound: None,
             watermark: None,
             pending: 0,
             started: false,
@@ -372,6 +376,14 @@ impl OffsetTracker {
         let mut rewound_from = None;
         let mut gap = None;
         match self.last_tracked {
+            // The first message of a rewind announced before: its epoch began
+            // then, unless it lies lower still.
+            None if self.rewound.is_some_and(|r| offset >= r) => rewound_from = self.rewound,
+            None if self.rewound.is_some() => {
+                rewound_from = Some(offset);
+                self.supersede_from(offset);
+                self.start_epoch();
+            }
             None => self.start_epoch(),
             Some(last) if offset <= last => {
                 rewound_from = Some(offset);
@@ -384,6 +396,7 @@ impl OffsetTracker {
         self.current.push(offset, gap);
         self.pending += 1;
         if rewound_from.is_some() {
+            self.rewound = None;
             // Also before anything finished: the offsets between the rewind point
             // and where the assignment started (the group's committed offset) are
             // read again, so the commit must go back to the lowest unfinished
@@ -395,6 +408,34 @@ impl OffsetTracker {
             epoch: self.current.id,
             rewound_from,
         }
+    }
+
+    /// The broker will read again from `offset`, announced before the first
+    /// message read again is tracked (the consumer knows the rewind point, and
+    /// that message may wait for room): everything tracked at or above it stops
+    /// counting now, and the new epoch begins now, so that the caller fences the
+    /// queued copies at once ([`crate::raw::fence::Scope::rewind`]). The
+    /// watermark becomes the lower of `offset` and the lowest unfinished offset.
+    /// The next [`track`](Self::track)ed offset is the rewind's first message:
+    /// it reports `rewound_from` with this epoch (or, lower still, a rewind of its
+    /// own). Returns the new epoch, or `None` when nothing at or above `offset`
+    /// was tracked (nothing to supersede: the caller's own commit point holds).
+    pub fn rewind(&mut self, offset: i64) -> Option<u64> {
+        let high = match (self.last_tracked, self.rewound) {
+            (Some(last), _) => last,
+            (None, Some(r)) => r - 1,
+            (None, None) => return None,
+        };
+        if offset > high {
+            return None;
+        }
+        self.supersede_from(offset);
+        self.start_epoch();
+        self.last_tracked = None;
+        self.rewound = Some(offset);
+        self.watermark = Some(self.commit_point());
+        self.started = true;
+        Some(self.current.id)
     }
 
     /// Begin a new current epoch; the one before stays while it holds an
@@ -478,8 +519,11 @@ impl OffsetTracker {
 
     /// The lowest unfinished offset of any epoch, or one past the last tracked.
     fn commit_point(&self) -> i64 {
-        self.lowest_pending()
-            .unwrap_or_else(|| self.last_tracked.map_or(0, |l| l + 1))
+        let lowest = self.lowest_pending();
+        match self.rewound {
+            Some(r) => lowest.map_or(r, |l| l.min(r)),
+            None => lowest.unwrap_or_else(|| self.last_tracked.map_or(0, |l| l + 1)),
+        }
     }
 
     /// The offset to commit: every tracked offset below it has finished (in some
@@ -649,6 +693,58 @@ mod tests {
         }
         assert_eq!(t.complete(0, 100), Some(105), "105 runs in the new epoch");
         assert_eq!(t.complete(1, 105), Some(106));
+    }
+
+    /// A rewind announced before its first message is tracked (it waits for
+    /// room): what is read again stops counting at once, the watermark goes to
+    /// the rewind point, and the first message read again joins the epoch that
+    /// began then, reporting the rewind without starting another.
+    #[test]
+    fn a_rewind_announced_before_its_first_message_begins_its_epoch_then() {
+        let mut t = OffsetTracker::new();
+        for o in 10..20 {
+            t.track(o);
+        }
+        for o in [10, 11, 15] {
+            t.complete(0, o);
+        }
+        assert_eq!(t.watermark(), Some(12));
+        assert_eq!(t.rewind(14), Some(1), "a new epoch begins now");
+        assert_eq!(t.in_flight(), 2, "12 and 13 still count; 14..19 are read again");
+        assert_eq!(t.watermark(), Some(12));
+        assert_eq!(t.complete(0, 16), None, "superseded");
+        assert_eq!(t.complete(0, 12), Some(13), "13 holds it");
+        assert_eq!(t.complete(0, 13), Some(14), "the rewind point holds it now");
+        assert_eq!(
+            t.track(14),
+            Tracked {
+                epoch: 1,
+                rewound_from: Some(14)
+            },
+            "the announced epoch, not a second one"
+        );
+        t.track(15);
+        assert_eq!(t.complete(1, 15), None, "14 holds it");
+        assert_eq!(t.complete(1, 14), Some(16));
+
+        // Announced twice, the second lower: what lies between goes too.
+        let mut t = OffsetTracker::new();
+        for o in 0..10 {
+            t.track(o);
+        }
+        assert_eq!(t.rewind(8), Some(1));
+        assert_eq!(t.rewind(9), None, "nothing tracked at or above 9 counts now");
+        assert_eq!(t.rewind(5), Some(2));
+        assert_eq!((t.in_flight(), t.watermark()), (5, Some(0)));
+        for o in 0..5 {
+            t.complete(0, o);
+        }
+        assert_eq!(t.watermark(), Some(5), "the second rewind's point");
+        // Its first message lower still: a rewind of its own.
+        assert_eq!(t.track(3).rewound_from, Some(3));
+        assert_eq!(t.watermark(), Some(3));
+        // Nothing tracked: nothing to announce.
+        assert_eq!(OffsetTracker::new().rewind(0), None);
     }
 
     #[test]

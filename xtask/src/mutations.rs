@@ -247,8 +247,8 @@ const MUTATIONS: &[Mutation] = &[
         name: "watermark-off-by-one",
         edits: &[Edit {
             file: OFFSET,
-            find: "        self.lowest_pending()\n            .unwrap_or_else(|| self.last_tracked.map_or(0, |l| l + 1))\n",
-            replace: "        self.lowest_pending()\n            .map(|l| l + 1)\n            .unwrap_or_else(|| self.last_tracked.map_or(0, |l| l + 1))\n",
+            find: "        let lowest = self.lowest_pending();\n        match self.rewound {\n",
+            replace: "        let lowest = self.lowest_pending().map(|l| l + 1);\n        match self.rewound {\n",
         }],
         models: "the contiguous watermark one past the lowest unfinished offset",
         expected_missed: None,

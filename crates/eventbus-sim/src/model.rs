@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::plan::Act;
+use eventbus::core::CancellationToken;
 
 /// The two topics of a run: one of envelopes (at least once), one of plain
 /// messages (at most once on failure). Both key their records by aggregate id,
@@ -60,6 +61,9 @@ struct Call {
     stalled: bool,
     /// When its work was handed over (its cancellation fired), if it was.
     cancelled_at: Option<Instant>,
+    /// Its cancellation: fired, its work is fenced and out of the in-flight
+    /// set (whether or not the handler honours it).
+    cancel: CancellationToken,
 }
 
 /// Counters reported at the end of a run.
@@ -93,6 +97,8 @@ pub(crate) struct Model {
     start: Instant,
     handover_timeout: Duration,
     max_attempts: u32,
+    /// `consumer.max_in_flight_per_partition`.
+    per_partition: usize,
     msgs: Vec<Msg>,
     /// Per (topic, key): its messages in publish order.
     by_key: BTreeMap<(usize, u32), Vec<usize>>,
@@ -111,6 +117,13 @@ pub(crate) struct Model {
     /// Per (topic, partition): a rewind below the committed offset whose
     /// backward commit has not been seen yet.
     rewinding: BTreeMap<(usize, i32), i64>,
+    /// Per (topic, partition): a rewind below the committed offset (the lowest
+    /// of those pending), the member that held the partition then, and when;
+    /// until a message read again starts with the committed offset at or below
+    /// it, or the member loses the partition.
+    backward: BTreeMap<(usize, i32), (i64, u64, Instant)>,
+    /// Per (bus, topic): the member its subscription is now.
+    members: BTreeMap<(usize, usize), u64>,
     pub(crate) counts: Counts,
     /// Dead letters read back: (origin topic, partition, offset).
     pub(crate) dead_letters: BTreeSet<(String, i32, i64)>,
@@ -129,6 +142,7 @@ impl Shared {
             start: Instant::now(),
             handover_timeout,
             max_attempts,
+            per_partition: usize::MAX,
             msgs: Vec::new(),
             by_key: BTreeMap::new(),
             open: BTreeMap::new(),
@@ -138,6 +152,8 @@ impl Shared {
             lost: BTreeMap::new(),
             rewinds: BTreeMap::new(),
             rewinding: BTreeMap::new(),
+            backward: BTreeMap::new(),
+            members: BTreeMap::new(),
             counts: Counts::default(),
             dead_letters: BTreeSet::new(),
             trace: Vec::new(),
@@ -147,11 +163,17 @@ impl Shared {
 
     /// Set the run's hand-over bound and attempts, and start its clock (called
     /// on the run's runtime, whose clock is paused).
-    pub(crate) fn configure(&self, handover_timeout: Duration, max_attempts: u32) {
+    pub(crate) fn configure(
+        &self,
+        handover_timeout: Duration,
+        max_attempts: u32,
+        per_partition: usize,
+    ) {
         let mut m = self.lock();
         m.start = Instant::now();
         m.handover_timeout = handover_timeout;
         m.max_attempts = max_attempts;
+        m.per_partition = per_partition;
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Model> {
@@ -257,6 +279,7 @@ impl Model {
         offset: i64,
         attempt: u32,
         committed: Option<i64>,
+        cancel: &CancellationToken,
     ) -> Started {
         let call = self.next_call;
         self.next_call += 1;
@@ -351,6 +374,51 @@ impl Model {
                 ));
             }
         }
+        // No call starts once its work is fenced (handed over, lost, or read
+        // again after a rewind): its cancellation fires at the fence.
+        if cancel.is_cancelled() {
+            self.violate(format!(
+                "{name} (call {call} on bus {bus}, attempt {attempt}) starts after its work was fenced"
+            ));
+        }
+        // A partition's work in flight on a member stays within
+        // `consumer.max_in_flight_per_partition`: running calls are part of it
+        // (but for those whose work was fenced, and a lost partition's).
+        let running = self
+            .calls
+            .values()
+            .filter(|c| {
+                c.bus == bus
+                    && c.topic == topic
+                    && c.partition == partition
+                    && !c.stalled
+                    && !c.cancel.is_cancelled()
+            })
+            .count();
+        if !stalled_start && !cancel.is_cancelled() && running >= self.per_partition {
+            self.violate(format!(
+                "{name} (call {call} on bus {bus}) starts with {running} calls of p{partition} running there: past consumer.max_in_flight_per_partition = {}",
+                self.per_partition
+            ));
+        }
+        // A rewind below the committed offset is durable: its member reads
+        // nothing again before the backward commit lands (DESIGN, durable
+        // rewinds), so a message read again starts with the committed offset at
+        // or below it.
+        if let Some(&(to, member, _)) = self.backward.get(&(topic, partition)) {
+            let ours = self.members.get(&(bus, topic)) == Some(&member);
+            match committed {
+                Some(c) if c <= to => {
+                    self.backward.remove(&(topic, partition));
+                }
+                Some(c) if ours && !stalled_start && offset >= to && c > offset => {
+                    self.violate(format!(
+                        "{name} at p{partition}@{offset}, read again after a rewind to {to}, starts on member {member} before the rewind was committed back (committed {c})"
+                    ));
+                }
+                _ => {}
+            }
+        }
         // A re-read restarts at the committed point: no earlier message of the
         // key at or above it is skipped.
         // (Not for a call in a lost window: it may be of the epoch the member
@@ -395,6 +463,7 @@ impl Model {
                 partition,
                 stalled: stalled_start,
                 cancelled_at: None,
+                cancel: cancel.clone(),
             },
         );
         self.note(format!(
@@ -407,6 +476,10 @@ impl Model {
     /// running on them may overlap with the next owner's.
     pub(crate) fn lost(&mut self, bus: usize, member: u64, topic: usize, partitions: &[i32]) {
         self.counts.faults += 1;
+        // A lost partition commits nothing: its rewind is not this member's to
+        // commit back any more.
+        self.backward
+            .retain(|&(t, p), b| !(t == topic && b.1 == member && partitions.contains(&p)));
         let window = self
             .lost
             .entry((bus, topic))
@@ -446,6 +519,7 @@ impl Model {
         partition: i32,
         offset: i64,
         committed: Option<i64>,
+        member: u64,
     ) {
         self.counts.faults += 1;
         self.rewinds
@@ -454,7 +528,19 @@ impl Model {
             .push(offset);
         if committed.is_some_and(|c| c > offset) {
             self.rewinding.insert((topic, partition), offset);
+            let earlier = self.backward.get(&(topic, partition)).map(|b| b.0);
+            let to = earlier.map_or(offset, |e| e.min(offset));
+            self.backward
+                .insert((topic, partition), (to, member, Instant::now()));
         }
+    }
+
+    /// Bus `bus` subscribed `topic` as `member`.
+    pub(crate) fn subscribed(&mut self, bus: usize, topic: usize, member: Option<u64>) {
+        match member {
+            Some(m) => self.members.insert((bus, topic), m),
+            None => self.members.remove(&(bus, topic)),
+        };
     }
 
     /// Call `call`'s work was handed over: its cancellation fired.

@@ -70,7 +70,7 @@ impl Ctx {
                     .iter()
                     .any(|g| g.id == member && g.lost)
             });
-            let started = m.start(self.bus, id, partition, offset, attempt, committed);
+            let started = m.start(self.bus, id, partition, offset, attempt, committed, &cancel);
             m.check_commits(|t, p| self.committed(t, p));
             started
         };
@@ -187,7 +187,11 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     let mut s = Settings::draw(&mut rng);
     s.members = s.members.min(max_members).max(1);
     s.max_members = max_members.max(1);
-    model.configure(s.handover_timeout, s.max_attempts);
+    model.configure(
+        s.handover_timeout,
+        s.max_attempts,
+        s.max_in_flight_per_partition,
+    );
     model.lock().note(format!("seed {seed}: {s:?}"));
     let rebalance = if s.cooperative {
         Rebalance::Cooperative
@@ -393,11 +397,11 @@ impl Sim {
                 })
                 .await
         };
+        let id = member.bus.member(TOPICS[topic]);
+        self.ctx.model.lock().subscribed(member.index, topic, id);
         self.note(format!(
-            "bus {} subscribed {} as member {:?}",
-            member.index,
-            TOPICS[topic],
-            member.bus.member(TOPICS[topic])
+            "bus {} subscribed {} as member {id:?}",
+            member.index, TOPICS[topic],
         ));
         result.map_err(|e| format!("bus {}: subscribe {}: {e}", member.index, TOPICS[topic]))
     }
@@ -581,7 +585,7 @@ impl Sim {
                 self.ctx
                     .model
                     .lock()
-                    .rewound(topic, partition, offset, committed);
+                    .rewound(topic, partition, offset, committed, member);
             }
             Err(e) => self.note(format!("rewind {} p{partition}: {e}", TOPICS[topic])),
         }

@@ -40,9 +40,7 @@ fn main() -> ExitCode {
             "--seeds" => value("--seeds").map(|v| seeds = v),
             "--from" => value("--from").map(|v| from = v),
             "--wall-limit" => value("--wall-limit").map(|v| wall = v),
-            "--members" => value("--members")
-                .filter(|&v| v >= 1)
-                .map(|v| members = v),
+            "--members" => value("--members").filter(|&v| v >= 1).map(|v| members = v),
             "--trace" => {
                 trace = true;
                 Some(())
@@ -69,7 +67,8 @@ fn main() -> ExitCode {
     let mut failed = Vec::new();
     let mut calls = 0u64;
     for s in range {
-        let mut report = eventbus_sim::run_seed_with(s, Duration::from_secs(wall), members as usize);
+        let mut report =
+            eventbus_sim::run_seed_with(s, Duration::from_secs(wall), members as usize);
         n += 1;
         if twice && report.failure.is_none() {
             let again = eventbus_sim::run_seed_with(s, Duration::from_secs(wall), members as usize);

@@ -15,6 +15,7 @@ use crate::error::{memory_backend, CliError};
 use crate::settings::{Connection, Settings};
 use crate::stream::{build, note, out, own_config};
 use chrono::{DateTime, SecondsFormat, Utc};
+use eventbus::kafka::DeadLetterPosition;
 use eventbus::{DeadLetterEntry, DeadLetterId, RedriveOptions, RedriveReport, SharedBus};
 use serde_json::{json, Value};
 use std::time::SystemTime;
@@ -52,15 +53,20 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
             let id: DeadLetterId = id
                 .parse()
                 .map_err(|e| CliError::new(format!("ID {id:?}")).with_source(e))?;
-            let topic = topic.or_else(|| match &id {
-                DeadLetterId::Kafka { topic, .. } => Some(topic.clone()),
-                _ => None,
-            });
-            let Some(topic) = topic else {
-                return Err(CliError::new(format!(
-                    "dlq show {id}: give the dead-letter topic with --topic (a NATS id is a \
-                     stream sequence and does not name it)"
-                )));
+            let topic = match (topic, &settings.connection) {
+                (Some(topic), _) => topic,
+                // A Kafka id names its dead-letter topic.
+                (None, Connection::Kafka { .. }) => {
+                    DeadLetterPosition::parse(&id)
+                        .map_err(|e| CliError::new(format!("dlq show {id}")).with_source(e))?
+                        .topic
+                }
+                (None, _) => {
+                    return Err(CliError::new(format!(
+                        "dlq show {id}: give the dead-letter topic with --topic (a NATS id is a \
+                         stream sequence and does not name it)"
+                    )))
+                }
             };
             let options = RedriveOptions::new(topic)
                 .id(id.clone())

@@ -51,9 +51,14 @@ use crate::message::{Headers, PublishReceipt, Record};
 /// Default `progress` name of a redrive (see [`RedriveOptions::progress`]).
 pub const DEFAULT_REDRIVE_PROGRESS: &str = "eventbus-redrive";
 
-/// Where a record sits in a dead-letter destination.
+/// Where a record sits in a dead-letter destination, in its backend's own
+/// text form.
 ///
-/// Its text form (`Display`, parsed back by `FromStr`) depends on the backend:
+/// Core carries the id as text and never reads it: the backend that reads the
+/// destination makes it (its `redrive` module), and checks one given back
+/// (`dlq show ID`, [`RedriveOptions::id`]) when it opens a reader, with an
+/// `InvalidInput` error naming the id and the form it expects. The forms of the
+/// backends of this workspace:
 ///
 /// | backend | form | example |
 /// |---|---|---|
@@ -61,118 +66,61 @@ pub const DEFAULT_REDRIVE_PROGRESS: &str = "eventbus-redrive";
 /// | NATS JetStream | `<stream sequence>` | `1041` |
 /// | memory | `<partition>/<offset>` | `2/1041` |
 ///
-/// Topic names cannot hold `/`, so the number of `/` tells the forms apart.
+/// Any position a broker prints fits (a Redis Streams entry id such as
+/// `1526919030474-55`, say): 1 to [`DeadLetterId::MAX_LEN`] printable ASCII
+/// characters, no space. Two ids are the same record when their texts are
+/// equal; a backend writes each position one way only.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DeadLetterId {
-    /// A Kafka record: topic, partition and offset.
-    Kafka {
-        /// The dead-letter topic.
-        topic: String,
-        /// Its partition.
-        partition: i32,
-        /// The record's offset.
-        offset: i64,
-    },
-    /// A JetStream message: its sequence in the dead-letter stream.
-    Sequence(u64),
-    /// A memory-broker record: partition and offset.
-    Partition {
-        /// The partition.
-        partition: i32,
-        /// The record's offset.
-        offset: i64,
-    },
-}
+pub struct DeadLetterId(String);
 
 impl DeadLetterId {
-    /// Check that this id can name a record of `dead_letter_topic` on `backend`
-    /// (`kafka`, `nats` or `memory`): the backend's form, and on Kafka the same
-    /// topic. An `InvalidInput` error names the id and the form expected.
-    pub fn check_for(&self, backend: &str, dead_letter_topic: &str) -> Result<()> {
-        let expected = match (backend, self) {
-            ("kafka", DeadLetterId::Kafka { topic, .. }) if topic == dead_letter_topic => {
-                return Ok(())
-            }
-            ("nats", DeadLetterId::Sequence(_)) | ("memory", DeadLetterId::Partition { .. }) => {
-                return Ok(())
-            }
-            ("kafka", _) => format!("`{dead_letter_topic}/<partition>/<offset>`"),
-            ("nats", _) => "`<stream sequence>`".to_owned(),
-            ("memory", _) => "`<partition>/<offset>`".to_owned(),
-            _ => return Ok(()),
+    /// The longest id, in bytes.
+    pub const MAX_LEN: usize = 512;
+
+    /// An id of text `text`; an empty or too long text, or one with a space or a
+    /// character that is not printable ASCII, is `InvalidInput` naming it.
+    pub fn new(text: impl Into<String>) -> Result<Self> {
+        let text = text.into();
+        let why = if text.is_empty() {
+            Some("it is empty".to_owned())
+        } else if text.len() > Self::MAX_LEN {
+            Some(format!("it is longer than {} bytes", Self::MAX_LEN))
+        } else if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            Some("it holds a space or a character that is not printable ASCII".to_owned())
+        } else {
+            None
         };
-        Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "dead-letter id `{self}` does not name a record of `{dead_letter_topic}` on {backend}: expected {expected}"
-            ),
-        ))
+        match why {
+            None => Ok(Self(text)),
+            Some(why) => Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "dead-letter id `{}` is invalid: {why} (expected `<topic>/<partition>/<offset>` on Kafka, `<sequence>` on NATS, `<partition>/<offset>` in memory)",
+                    text.escape_debug()
+                ),
+            )),
+        }
+    }
+
+    /// The text form.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
 impl fmt::Display for DeadLetterId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DeadLetterId::Kafka {
-                topic,
-                partition,
-                offset,
-            } => write!(f, "{topic}/{partition}/{offset}"),
-            DeadLetterId::Sequence(seq) => write!(f, "{seq}"),
-            DeadLetterId::Partition { partition, offset } => write!(f, "{partition}/{offset}"),
-        }
+        f.write_str(&self.0)
     }
 }
 
 impl FromStr for DeadLetterId {
     type Err = Error;
 
-    /// Parse the text form; a malformed id is `InvalidInput` naming it and the
-    /// forms expected.
+    /// [`DeadLetterId::new`]: whether the text names a record is the backend's
+    /// to say, when a reader is opened with it.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: &str| {
-            Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "dead-letter id `{}` is invalid: {why} (expected `<topic>/<partition>/<offset>` on Kafka, `<sequence>` on NATS, `<partition>/<offset>` in memory)",
-                    s.escape_debug()
-                ),
-            )
-        };
-        let partition = |p: &str| -> Result<i32> {
-            p.parse::<i32>()
-                .ok()
-                .filter(|p| *p >= 0)
-                .ok_or_else(|| bad(&format!("partition `{p}` is not a number of 0 or more")))
-        };
-        let offset = |o: &str| -> Result<i64> {
-            o.parse::<i64>()
-                .ok()
-                .filter(|o| *o >= 0)
-                .ok_or_else(|| bad(&format!("offset `{o}` is not a number of 0 or more")))
-        };
-        let parts: Vec<&str> = s.split('/').collect();
-        match parts.as_slice() {
-            [seq] => seq
-                .parse::<u64>()
-                .ok()
-                .filter(|s| *s > 0)
-                .map(DeadLetterId::Sequence)
-                .ok_or_else(|| bad("a stream sequence is a number above 0")),
-            [p, o] => Ok(DeadLetterId::Partition {
-                partition: partition(p)?,
-                offset: offset(o)?,
-            }),
-            [t, p, o] => {
-                crate::topic::validate_topic(t).map_err(|e| bad(e.message()))?;
-                Ok(DeadLetterId::Kafka {
-                    topic: (*t).to_owned(),
-                    partition: partition(p)?,
-                    offset: offset(o)?,
-                })
-            }
-            _ => Err(bad("too many `/`")),
-        }
+        Self::new(s)
     }
 }
 
@@ -589,6 +537,10 @@ pub struct ReaderOptions {
     pub durable: bool,
     /// Start from the oldest record kept, not the durable position.
     pub from_oldest: bool,
+    /// The one record wanted ([`RedriveOptions::id`]): the backend refuses, as
+    /// `InvalidInput` naming it and the form expected, an id that cannot name a
+    /// record of `topic`.
+    pub id: Option<DeadLetterId>,
 }
 
 /// The filters of a redrive's options.
@@ -722,48 +674,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_round_trip() {
-        for id in [
-            DeadLetterId::Kafka {
-                topic: "orders.dlq".into(),
-                partition: 2,
-                offset: 1041,
-            },
-            DeadLetterId::Sequence(7),
-            DeadLetterId::Partition {
-                partition: 0,
-                offset: 0,
-            },
-        ] {
-            let text = id.to_string();
-            assert_eq!(text.parse::<DeadLetterId>().unwrap(), id, "{text}");
+    fn ids_are_the_backends_text() {
+        for text in ["orders.dlq/2/1041", "7", "0/0", "1526919030474-55"] {
+            let id = text.parse::<DeadLetterId>().unwrap();
+            assert_eq!(id.to_string(), text);
+            assert_eq!(id.as_str(), text);
         }
-        assert_eq!(
-            "orders.dlq/2/1041".parse::<DeadLetterId>().unwrap(),
-            DeadLetterId::Kafka {
-                topic: "orders.dlq".into(),
-                partition: 2,
-                offset: 1041
-            }
-        );
-        for bad in [
-            "", "0", "-1/2", "a/1", "1/x", "a b/1/2", "t/1/2/3", "t/-1/0",
-        ] {
+        let long = "1".repeat(DeadLetterId::MAX_LEN + 1);
+        for bad in ["", "a b", "t/1\n", "é", long.as_str()] {
             let e = bad.parse::<DeadLetterId>().unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput);
             assert!(e.to_string().contains("dead-letter id"), "{e}");
         }
-    }
-
-    #[test]
-    fn ids_are_checked_against_the_backend() {
-        let kafka: DeadLetterId = "d/0/1".parse().unwrap();
-        assert!(kafka.check_for("kafka", "d").is_ok());
-        let e = kafka.check_for("kafka", "other").unwrap_err();
-        assert!(e.to_string().contains("other/<partition>/<offset>"), "{e}");
-        assert!(kafka.check_for("nats", "d").is_err());
-        assert!(DeadLetterId::Sequence(3).check_for("nats", "d").is_ok());
-        assert!(DeadLetterId::Sequence(3).check_for("memory", "d").is_err());
     }
 
     #[test]
@@ -781,7 +703,7 @@ mod tests {
 
     fn raw(headers: Headers) -> RawDeadLetter {
         RawDeadLetter::new(
-            DeadLetterId::Sequence(1),
+            DeadLetterId::new("1").unwrap(),
             Some(Bytes::from_static(b"k1")),
             Bytes::from_static(b"{}"),
             headers,

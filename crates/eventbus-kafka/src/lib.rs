@@ -19,6 +19,7 @@ pub use config::{
 };
 pub use probe::{probe, KafkaProbe};
 pub use publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};
+pub use redrive::DeadLetterPosition;
 pub use secret::Secret;
 
 #[cfg(test)]

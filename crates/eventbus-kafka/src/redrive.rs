@@ -4,6 +4,9 @@
 //! when the reader was opened, and commits each record's next offset
 //! synchronously once it is confirmed (after its publish was acknowledged).
 //! librdkafka's calls block: they run on the blocking pool.
+//!
+//! A record's [`DeadLetterId`] is `<dead-letter topic>/<partition>/<offset>`
+//! ([`DeadLetterPosition`]).
 
 use eventbus_core::redrive::DeadLetterId;
 use eventbus_core::{Error, ErrorKind, Headers, Result};
@@ -24,6 +27,79 @@ use crate::config::KafkaConfig;
 
 /// How long a read waits for a record the high watermark says is there.
 const READ_BOUND: Duration = Duration::from_secs(30);
+
+/// Where a record sits in a Kafka dead-letter topic: the text form of its
+/// [`DeadLetterId`] is `<dead-letter topic>/<partition>/<offset>`
+/// (`orders.dlq/2/1041`), numbers of 0 or more written without leading zeros.
+/// A topic name holds no `/`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct DeadLetterPosition {
+    /// The dead-letter topic.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// The record's offset.
+    pub offset: i64,
+}
+
+impl DeadLetterPosition {
+    /// The record at `offset` of `partition` of `topic`.
+    pub fn new(topic: impl Into<String>, partition: i32, offset: i64) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+            offset,
+        }
+    }
+
+    /// The id of the record at this position.
+    pub fn id(&self) -> DeadLetterId {
+        DeadLetterId::new(format!("{}/{}/{}", self.topic, self.partition, self.offset))
+            .expect("a topic name and two numbers make a valid id")
+    }
+
+    /// The position `id` names; an id of another form is `InvalidInput` naming
+    /// it and the form expected.
+    pub fn parse(id: &DeadLetterId) -> Result<Self> {
+        Self::parsed(id).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "dead-letter id `{id}` is not a Kafka id: expected `<dead-letter topic>/<partition>/<offset>`"
+                ),
+            )
+        })
+    }
+
+    fn parsed(id: &DeadLetterId) -> Option<Self> {
+        let (rest, offset) = id.as_str().rsplit_once('/')?;
+        let (topic, partition) = rest.rsplit_once('/')?;
+        eventbus_core::raw::validate_topic(topic).ok()?;
+        let position = Self::new(
+            topic,
+            partition.parse().ok().filter(|p| *p >= 0)?,
+            offset.parse().ok().filter(|o| *o >= 0)?,
+        );
+        // One text per position: `d/02/1` would match no record read.
+        (position.id() == *id).then_some(position)
+    }
+
+    /// The position `id` names in `dead_letter_topic`; an id of another form or
+    /// of another topic is `InvalidInput` naming it and the form expected.
+    pub(crate) fn of(id: &DeadLetterId, dead_letter_topic: &str) -> Result<Self> {
+        Self::parsed(id)
+            .filter(|p| p.topic == dead_letter_topic)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "dead-letter id `{id}` does not name a record of `{dead_letter_topic}` on kafka: expected `{dead_letter_topic}/<partition>/<offset>`"
+                    ),
+                )
+            })
+    }
+}
 
 /// A partition still to read: its number, the next offset and the end.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +137,9 @@ impl Reader {
     /// Open the reader: the group's committed offsets and the watermarks of every
     /// partition of `options.topic`, read now.
     pub(crate) async fn open(config: &KafkaConfig, options: ReaderOptions) -> Result<Self> {
+        if let Some(id) = &options.id {
+            DeadLetterPosition::of(id, &options.topic)?;
+        }
         let group = format!("{}.{}", options.progress, options.topic);
         let mut client = config.redrive_config();
         client
@@ -212,11 +291,7 @@ impl DeadLetterReader for Reader {
                                             .collect()
                                     })
                                     .unwrap_or_default();
-                                let id = DeadLetterId::Kafka {
-                                    topic: topic.to_string(),
-                                    partition: m.partition(),
-                                    offset: m.offset(),
-                                };
+                                let id = DeadLetterPosition::new(&*topic, m.partition(), m.offset()).id();
                                 let raw = RawDeadLetter::new(
                                     id,
                                     m.key().map(Bytes::copy_from_slice),
@@ -253,24 +328,16 @@ impl DeadLetterReader for Reader {
 
     fn confirm<'a>(&'a mut self, id: &'a DeadLetterId) -> BoxFuture<'a, Result<()>> {
         async move {
-            let DeadLetterId::Kafka {
+            let DeadLetterPosition {
                 topic,
                 partition,
                 offset,
-            } = id
-            else {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!(
-                        "dead-letter id `{id}` is not a Kafka id (`<topic>/<partition>/<offset>`)"
-                    ),
-                ));
-            };
+            } = DeadLetterPosition::of(id, &self.topic)?;
             if !self.durable {
                 return Ok(());
             }
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1))
                 .map_err(|e| broker(format!("redrive: cannot commit {id}"), e))?;
             let consumer = self.consumer().clone();
             let what = format!("redrive: commit of dead letter {id} failed");
@@ -286,5 +353,31 @@ impl DeadLetterReader for Reader {
             .await
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_topic_partition_and_offset() {
+        let p = DeadLetterPosition::new("orders.dlq", 2, 1041);
+        assert_eq!(p.id().as_str(), "orders.dlq/2/1041");
+        assert_eq!(DeadLetterPosition::parse(&p.id()).unwrap(), p);
+        assert_eq!(DeadLetterPosition::of(&p.id(), "orders.dlq").unwrap(), p);
+        let e = DeadLetterPosition::of(&p.id(), "other").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(
+            e.to_string().contains("`other/<partition>/<offset>`"),
+            "{e}"
+        );
+        for bad in ["7", "0/1", "d/-1/0", "d/0/x", "d/01/1", "t/1/2/3", "/0/1"] {
+            let id = DeadLetterId::new(bad).unwrap();
+            let e = DeadLetterPosition::of(&id, "d").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("`d/<partition>/<offset>`"), "{e}");
+            assert!(DeadLetterPosition::parse(&id).is_err(), "{bad}");
+        }
     }
 }

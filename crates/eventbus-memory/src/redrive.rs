@@ -3,6 +3,8 @@
 //! has no member) up to each partition's end when the reader was opened. Like
 //! any group of the memory broker, the progress group keeps the records after
 //! its position from being trimmed.
+//!
+//! A record's [`DeadLetterId`] is `<partition>/<offset>` ([`Position`]).
 
 use eventbus_core::redrive::DeadLetterId;
 use eventbus_core::{Error, ErrorKind};
@@ -13,6 +15,44 @@ use futures::FutureExt;
 use std::sync::Arc;
 
 use crate::broker::{MemoryBroker, Topic};
+
+/// Where a record sits in a dead-letter topic of the memory broker: the text
+/// form of its [`DeadLetterId`] is `<partition>/<offset>` (`2/1041`), numbers of
+/// 0 or more written without leading zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    partition: i32,
+    offset: i64,
+}
+
+impl Position {
+    /// The id of the record at this position.
+    pub(crate) fn id(self) -> DeadLetterId {
+        DeadLetterId::new(format!("{}/{}", self.partition, self.offset))
+            .expect("two numbers and a `/` make a valid id")
+    }
+
+    /// The position `id` names, in `dead_letter_topic`; an id of another form is
+    /// `InvalidInput` naming it and the form expected.
+    pub(crate) fn of(id: &DeadLetterId, dead_letter_topic: &str) -> Result<Self, Error> {
+        let parsed = id.as_str().split_once('/').and_then(|(p, o)| {
+            let position = Position {
+                partition: p.parse().ok().filter(|p| *p >= 0)?,
+                offset: o.parse().ok().filter(|o| *o >= 0)?,
+            };
+            // One text per position: `02/1` would match no record read.
+            (position.id() == *id).then_some(position)
+        });
+        parsed.ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "dead-letter id `{id}` does not name a record of `{dead_letter_topic}` on memory: expected `<partition>/<offset>`"
+                ),
+            )
+        })
+    }
+}
 
 /// A reader of one dead-letter topic of the memory broker.
 pub(crate) struct Reader {
@@ -26,6 +66,9 @@ pub(crate) struct Reader {
 
 impl Reader {
     pub(crate) fn open(broker: &MemoryBroker, options: ReaderOptions) -> Result<Self, Error> {
+        if let Some(id) = &options.id {
+            Position::of(id, &options.topic)?;
+        }
         let topic = broker.existing(&options.topic).ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
@@ -76,10 +119,11 @@ impl DeadLetterReader for Reader {
                     continue;
                 };
                 self.positions[self.partition].0 = after;
-                let id = DeadLetterId::Partition {
+                let id = Position {
                     partition,
                     offset: m.offset,
-                };
+                }
+                .id();
                 return Ok(Some(
                     RawDeadLetter::new(id, m.key, m.payload, m.headers)
                         .with_timestamp_ms(m.timestamp_ms),
@@ -92,20 +136,38 @@ impl DeadLetterReader for Reader {
 
     fn confirm<'a>(&'a mut self, id: &'a DeadLetterId) -> BoxFuture<'a, Result<(), Error>> {
         async move {
-            let DeadLetterId::Partition { partition, offset } = id else {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!(
-                        "dead-letter id `{id}` is not a memory-broker id (`<partition>/<offset>`)"
-                    ),
-                ));
-            };
+            let Position { partition, offset } = Position::of(id, self.topic.name())?;
             if self.durable {
                 self.topic
-                    .commit_position(&self.group, *partition, offset + 1);
+                    .commit_position(&self.group, partition, offset + 1);
             }
             Ok(())
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_partition_and_offset() {
+        let p = Position {
+            partition: 2,
+            offset: 1041,
+        };
+        assert_eq!(p.id().as_str(), "2/1041");
+        assert_eq!(Position::of(&p.id(), "d").unwrap(), p);
+        for bad in ["7", "d/0/1", "-1/2", "a/1", "1/x", "02/1", "1/-1"] {
+            let id = DeadLetterId::new(bad).unwrap();
+            let e = Position::of(&id, "d").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(
+                e.to_string().contains(&format!("`{bad}`"))
+                    && e.to_string().contains("`<partition>/<offset>`"),
+                "{e}"
+            );
+        }
     }
 }

@@ -11,6 +11,8 @@
 //! the durable consumer's ack floor (or the stream's first message) on.
 //!
 //! Either stops at the stream's last sequence when the reader was opened.
+//!
+//! A record's [`DeadLetterId`] is its stream sequence ([`sequence_id`]).
 
 use eventbus_core::redrive::DeadLetterId;
 use eventbus_core::{Error, ErrorKind, Result};
@@ -61,6 +63,28 @@ struct Durable {
     last: u64,
 }
 
+/// The id of the message at stream sequence `seq`: the sequence, as text.
+pub(crate) fn sequence_id(seq: u64) -> DeadLetterId {
+    DeadLetterId::new(seq.to_string()).expect("a number is a valid id")
+}
+
+/// The stream sequence `id` names, in the stream of `dead_letter_topic`; an id
+/// of another form is `InvalidInput` naming it and the form expected.
+pub(crate) fn sequence_of(id: &DeadLetterId, dead_letter_topic: &str) -> Result<u64> {
+    id.as_str()
+        .parse::<u64>()
+        .ok()
+        .filter(|seq| *seq > 0 && sequence_id(*seq) == *id)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "dead-letter id `{id}` does not name a record of `{dead_letter_topic}` on nats: expected `<stream sequence>`"
+                ),
+            )
+        })
+}
+
 fn ms_of(published_ns: i128) -> i64 {
     (published_ns.div_euclid(1_000_000)) as i64
 }
@@ -69,6 +93,9 @@ impl Reader {
     pub(crate) async fn open(shared: &Arc<Shared>, options: ReaderOptions) -> Result<Self> {
         let topic = &options.topic;
         naming::validate_nats_topic(topic)?;
+        if let Some(id) = &options.id {
+            sequence_of(id, topic)?;
+        }
         let stream_name = shared.stream_name(topic);
         let mut stream = shared.js.get_stream(&stream_name).await.map_err(|e| {
             let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND);
@@ -176,7 +203,7 @@ impl DeadLetterReader for Reader {
                                 let (headers, key) =
                                     from_header_map(Some(&m.headers), &mut ByteChunks::default());
                                 return Ok(Some(
-                                    RawDeadLetter::new(DeadLetterId::Sequence(seq), key, m.payload, headers)
+                                    RawDeadLetter::new(sequence_id(seq), key, m.payload, headers)
                                         .with_timestamp_ms(Some(ms)),
                                 ));
                             }
@@ -239,7 +266,7 @@ impl DeadLetterReader for Reader {
                             let (headers, key) =
                                 from_header_map(m.headers.as_ref(), &mut ByteChunks::default());
                             let raw = RawDeadLetter::new(
-                                DeadLetterId::Sequence(seq),
+                                sequence_id(seq),
                                 key,
                                 m.payload.clone(),
                                 headers,
@@ -275,12 +302,7 @@ impl DeadLetterReader for Reader {
 
     fn confirm<'a>(&'a mut self, id: &'a DeadLetterId) -> BoxFuture<'a, Result<()>> {
         async move {
-            let DeadLetterId::Sequence(seq) = id else {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("dead-letter id `{id}` is not a NATS id (`<sequence>`)"),
-                ));
-            };
+            let seq = &sequence_of(id, &self.stream_name)?;
             let How::Durable(d) = &mut self.how else {
                 return Ok(());
             };
@@ -310,5 +332,26 @@ impl DeadLetterReader for Reader {
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stream_sequences() {
+        assert_eq!(sequence_id(1041).as_str(), "1041");
+        assert_eq!(sequence_of(&sequence_id(1041), "d").unwrap(), 1041);
+        for bad in ["0", "01", "-1", "2/1041", "d/0/1", "x"] {
+            let id = DeadLetterId::new(bad).unwrap();
+            let e = sequence_of(&id, "d").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(
+                e.to_string().contains(&format!("`{bad}`"))
+                    && e.to_string().contains("`<stream sequence>`"),
+                "{e}"
+            );
+        }
     }
 }

@@ -522,9 +522,6 @@ impl<B: BusBackend> Lifecycle<B> {
                 ))
             }
         };
-        if let Some(id) = &options.id {
-            id.check_for(B::NAME, &topic)?;
-        }
         let mut reader = self
             .backend
             .open_dead_letters(ReaderOptions {
@@ -532,6 +529,7 @@ impl<B: BusBackend> Lifecycle<B> {
                 progress: options.progress_name().to_owned(),
                 durable: !options.dry_run,
                 from_oldest: options.from_oldest,
+                id: options.id.clone(),
             })
             .await?;
         let id_header = config.aggregate_id.header.clone();

@@ -25,12 +25,19 @@
 //! `messaging.operation.type`, …; see `docs/operations.md`), recorded only while a
 //! hook is installed.
 //!
+//! Attributes particular to one messaging system (OpenTelemetry's
+//! `messaging.kafka.offset`, say) are the backend's to name: it calls
+//! [`describe_system`] once, before its first span, and core records what it
+//! was told, never testing a system's name. Spans are made with their fields
+//! declared up front (a `tracing` callsite is static), so the names a backend
+//! gives must be among [`SYSTEM_FIELDS`]; another name records nothing.
+//!
 //! Without a hook, the message path is as it was: no publish span, no header
 //! written or read, no field recorded, no allocation; what is left is one atomic
 //! load per message ([`installed`]).
 
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, PoisonError, RwLock};
 
 use bytes::Bytes;
 use tracing::field::Empty;
@@ -80,6 +87,80 @@ pub fn installed() -> Option<&'static dyn Propagation> {
     INSTALLED.get().map(|p| &**p)
 }
 
+/// The system-particular fields the publish and handling spans declare: the
+/// names a [`SystemAttributes`] may use. A system whose attributes are not here
+/// adds them here and to the two spans' declarations.
+pub const SYSTEM_FIELDS: [&str; 2] = ["messaging.kafka.offset", "messaging.kafka.message.key"];
+
+/// The attributes particular to one messaging system that the publish and
+/// handling spans record, named by its backend through [`describe_system`].
+/// Each is a name of [`SYSTEM_FIELDS`], or `None`: not recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SystemAttributes {
+    /// Carries the message's offset (the publish receipt's, the consumed
+    /// message's): Kafka's `messaging.kafka.offset`.
+    pub offset: Option<&'static str>,
+    /// Carries the message key as text: Kafka's `messaging.kafka.message.key`.
+    pub key: Option<&'static str>,
+}
+
+impl SystemAttributes {
+    /// No attribute particular to the system.
+    pub const NONE: Self = Self {
+        offset: None,
+        key: None,
+    };
+
+    /// The offset recorded under `offset`, the key under `key`.
+    pub const fn new(offset: Option<&'static str>, key: Option<&'static str>) -> Self {
+        Self { offset, key }
+    }
+}
+
+/// The systems described, by `messaging.system` name.
+static SYSTEMS: RwLock<Vec<(&'static str, SystemAttributes)>> = RwLock::new(Vec::new());
+
+/// Name the attributes particular to `system` (the backend's name, the value of
+/// `messaging.system`); a backend calls this once, before its first span. A
+/// second description of the same system replaces the first. A system never
+/// described records the common attributes only.
+///
+/// # Panics
+///
+/// When an attribute is not a name of [`SYSTEM_FIELDS`]: a backend's bug, found
+/// by its first test.
+pub fn describe_system(system: &'static str, attributes: SystemAttributes) {
+    for name in [attributes.offset, attributes.key].into_iter().flatten() {
+        assert!(
+            SYSTEM_FIELDS.contains(&name),
+            "messaging system `{system}`: attribute `{name}` is not one the spans declare ({SYSTEM_FIELDS:?})"
+        );
+    }
+    let mut systems = SYSTEMS.write().unwrap_or_else(PoisonError::into_inner);
+    match systems.iter_mut().find(|(s, _)| *s == system) {
+        Some((_, a)) => *a = attributes,
+        None => systems.push((system, attributes)),
+    }
+}
+
+/// The attributes described for `system` ([`SystemAttributes::NONE`] if none).
+pub fn system_attributes(system: &str) -> SystemAttributes {
+    SYSTEMS
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .find(|(s, _)| *s == system)
+        .map_or(SystemAttributes::NONE, |(_, a)| *a)
+}
+
+/// Record `key` as text under the key attribute of `attributes`, if any.
+fn record_key(span: &tracing::Span, attributes: SystemAttributes, key: Option<&Bytes>) {
+    if let (Some(name), Some(key)) = (attributes.key, key) {
+        span.record(name, &*String::from_utf8_lossy(key));
+    }
+}
+
 /// `messaging.operation.type` and `messaging.operation.name` of a publish.
 const SEND: &str = "send";
 /// `messaging.operation.type` and `messaging.operation.name` of a handling.
@@ -111,14 +192,7 @@ pub(crate) fn send_span(
     if records != 1 {
         span.record("messaging.batch.message_count", records as i64);
     }
-    if system == "kafka" {
-        if let Some(key) = key {
-            span.record(
-                "messaging.kafka.message.key",
-                &*String::from_utf8_lossy(key),
-            );
-        }
-    }
+    record_key(&span, system_attributes(system), key);
     span
 }
 
@@ -135,8 +209,8 @@ pub(crate) fn record_sent(
                 "messaging.destination.partition.id",
                 tracing::field::display(receipt.partition),
             );
-            if system == "kafka" {
-                span.record("messaging.kafka.offset", receipt.offset);
+            if let Some(name) = system_attributes(system).offset {
+                span.record(name, receipt.offset);
             }
         }
         Err(e) => {
@@ -170,14 +244,35 @@ pub(crate) fn process_span(
         tracing::field::display(message.partition),
     );
     span.record("messaging.consumer.group.name", group);
-    if system == "kafka" {
-        span.record("messaging.kafka.offset", message.offset);
-        if let Some(key) = &message.key {
-            span.record(
-                "messaging.kafka.message.key",
-                &*String::from_utf8_lossy(key),
-            );
-        }
+    let attributes = system_attributes(system);
+    if let Some(name) = attributes.offset {
+        span.record(name, message.offset);
     }
+    record_key(span, attributes, message.key.as_ref());
     hook.extract(&message.headers, span);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_system_records_what_its_backend_described() {
+        assert_eq!(system_attributes("never-described"), SystemAttributes::NONE);
+        let offset_only = SystemAttributes::new(Some(SYSTEM_FIELDS[0]), None);
+        describe_system("described-once", offset_only);
+        assert_eq!(system_attributes("described-once"), offset_only);
+        let both = SystemAttributes::new(Some(SYSTEM_FIELDS[0]), Some(SYSTEM_FIELDS[1]));
+        describe_system("described-once", both);
+        assert_eq!(system_attributes("described-once"), both);
+    }
+
+    #[test]
+    #[should_panic(expected = "messaging.redis.entry_id")]
+    fn an_undeclared_attribute_is_refused() {
+        describe_system(
+            "undeclared",
+            SystemAttributes::new(Some("messaging.redis.entry_id"), None),
+        );
+    }
 }

@@ -19,6 +19,23 @@ use std::time::{Duration, Instant};
 use crate::config::KafkaConfig;
 use crate::context::TracingContext;
 
+/// Name OpenTelemetry's Kafka attributes (`messaging.kafka.offset`,
+/// `messaging.kafka.message.key`) for the spans of system `kafka` (the bus's
+/// `messaging.system`).
+fn describe_trace_attributes() {
+    use eventbus_core::propagation::{describe_system, SystemAttributes};
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    DESCRIBED.call_once(|| {
+        describe_system(
+            "kafka",
+            SystemAttributes::new(
+                Some("messaging.kafka.offset"),
+                Some("messaging.kafka.message.key"),
+            ),
+        )
+    });
+}
+
 /// A Kafka producer: idempotent, `acks=all` by default, bounded local queue.
 ///
 /// When the local queue is full, publishing waits up to
@@ -80,6 +97,8 @@ impl KafkaProducer {
     /// A producer with the producer settings of `config`.
     pub fn new(config: &KafkaConfig) -> Result<Self> {
         config.validate()?;
+        // Every Kafka bus makes its producer first, before any span of its own.
+        describe_trace_attributes();
         let inner: FutureProducer<TracingContext> = config
             .producer_config()
             .create_with_context(TracingContext::new("producer"))

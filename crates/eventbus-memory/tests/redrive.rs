@@ -10,6 +10,11 @@ async fn redrive_filters_dry_run_and_progress() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_earlier_versions_still_redrive() {
+    redrive::earlier_dead_letters_redrive(&MemoryBuses::default(), &keyed_pools()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_dead_letters_carry_their_error_kind_and_redrive_by_it() {
     redrive::error_kinds_of_real_dead_letters(&MemoryBuses::default(), &keyed_pools()).await;
 }

@@ -121,9 +121,8 @@ pub const PUBLISH_ERRORS: &str = "publish_errors_total";
 pub const PUBLISH_DURATION: &str = "publish_duration_seconds";
 
 /// Every metric every backend records, without prefix. The names only one backend
-/// records are that backend's (`eventbus_kafka::metric_names`,
-/// `eventbus_nats::metric_names`); the facade's `eventbus::metric_names` lists
-/// them beside these as `KAFKA_ONLY` and `NATS_ONLY`.
+/// records are that backend's (its crate's `metric_names` module); the facade's
+/// `eventbus::metric_names` lists them beside these (`KAFKA_ONLY`, `NATS_ONLY`).
 pub const ALL: &[&str] = &[
     MESSAGES_SENT,
     MESSAGES_PROCESSED,

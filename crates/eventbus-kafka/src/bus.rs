@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
 use crate::consumer::{consumer_gone, fetch_thread, ConsumeLoop, Control, KConsumer};
-use crate::context::{is_cooperative, ConsumerCtx, ConsumerShared, TracingContext};
+use crate::context::{rebalances_incrementally, ConsumerCtx, ConsumerShared, TracingContext};
 use crate::publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 
 /// Lag of one partition owned by this bus's consumer.
@@ -156,7 +156,7 @@ impl Backend {
     fn start_consumer(&self) -> Result<Running> {
         let consumer_cfg = &self.dispatcher.config().consumer;
         let (ev_tx, ev_rx) = mpsc::channel(self.config.fetch_buffer);
-        let shared = Arc::new(ConsumerShared::default());
+        let shared = Arc::new(ConsumerShared::for_member(self.config.instance_id.clone()));
         let client_config = self.config.consumer_config(self.dispatcher.config());
         let ctx = ConsumerCtx {
             events: ev_tx.clone(),
@@ -165,9 +165,7 @@ impl Backend {
             drain_timeout: consumer_cfg.drain_timeout,
             handover_timeout: consumer_cfg.handover_timeout,
             // The raw properties may have replaced the configured strategy.
-            cooperative: client_config
-                .get("partition.assignment.strategy")
-                .is_some_and(is_cooperative),
+            cooperative: rebalances_incrementally(&client_config),
         };
         let consumer: KConsumer = client_config.create_with_context(ctx).map_err(|e| {
             Error::config(format!(
@@ -211,7 +209,10 @@ impl Backend {
             done_tx,
         );
         let loop_task = tokio::spawn(lp.run());
-        tracing::info!(group_id = %consumer_cfg.group_id, "kafka consumer started");
+        tracing::info!(group_id = %consumer_cfg.group_id,
+            group_protocol = self.config.group_protocol.as_str(),
+            instance_id = self.config.instance_id.as_deref().unwrap_or("none (dynamic member)"),
+            "kafka consumer started");
         Ok(Running {
             consumer,
             shared,
@@ -522,9 +523,10 @@ impl BusBackend for Backend {
                     ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
                 }
             });
-            let unconfirmed: Vec<String> = {
+            let (unconfirmed, fatal): (Vec<String>, Option<String>) = {
                 let slot = self.consumer.lock().await;
-                slot.running.as_ref().map_or_else(Vec::new, |r| {
+                let fatal = slot.running.as_ref().and_then(|r| r.shared.fatal());
+                let unconfirmed = slot.running.as_ref().map_or_else(Vec::new, |r| {
                     r.shared
                         .unconfirmed_rewinds
                         .lock()
@@ -532,9 +534,24 @@ impl BusBackend for Backend {
                         .iter()
                         .map(|((t, p), o)| format!("{t}[{p}] to {o}"))
                         .collect()
-                })
+                });
+                (unconfirmed, fatal)
             };
-            components.push(if self.pool_closed.load(Ordering::Acquire) {
+            components.push(if let Some(fatal) = fatal {
+                ComponentHealth::with_status(
+                    "consumer",
+                    HealthStatus::Unhealthy,
+                    format!(
+                        "fatal consumer error: {fatal}; all work fenced, nothing more is \
+                         committed; restart the member{}",
+                        if self.config.instance_id.is_some() {
+                            " once no other member runs with its group.instance.id"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+            } else if self.pool_closed.load(Ordering::Acquire) {
                 ComponentHealth::with_status(
                     "consumer",
                     HealthStatus::Unhealthy,
@@ -620,12 +637,18 @@ impl KafkaEventBus {
     /// in-flight bounds, commit interval, drain timeout, dead letters and delivery
     /// policy from `bus_config`. Connects lazily; the consumer is created by the
     /// first subscription.
+    ///
+    /// The environment variables [`KAFKA_GROUP_PROTOCOL`](crate::GROUP_PROTOCOL_VARIABLE)
+    /// and [`KAFKA_GROUP_INSTANCE_ID`](crate::INSTANCE_ID_VARIABLE) override
+    /// `config` ([`KafkaConfig::apply_env`]).
     pub fn new(
         config: KafkaConfig,
         bus_config: impl Into<BusConfig>,
         pool: Arc<dyn Pool>,
     ) -> Result<Self> {
         let bus_config: BusConfig = bus_config.into();
+        let mut config = config;
+        config.apply_env(|var| std::env::var_os(var))?;
         config.validate()?;
         bus_config.validate()?;
         check_handover_bound(&config, &bus_config)?;
@@ -633,7 +656,9 @@ impl KafkaEventBus {
         let sink = Arc::new(KafkaDeadLetterSink::new(producer.clone()));
         let limit = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
         tracing::info!(pool = pool.kind(), group_id = %bus_config.consumer.group_id,
-            brokers = %config.brokers, "kafka event bus created");
+            brokers = %config.brokers, group_protocol = config.group_protocol.as_str(),
+            instance_id = config.instance_id.as_deref().unwrap_or("none"),
+            "kafka event bus created");
         let dispatcher = Dispatcher::new("kafka", pool, Some(sink), bus_config);
         let backend = Backend {
             config,
@@ -706,6 +731,16 @@ impl KafkaEventBus {
         slot.running
             .as_ref()
             .map_or(0, |r| r.shared.commit_errors.load(Ordering::Relaxed))
+    }
+
+    /// Rebalance events this member's consumer has seen so far: each assignment
+    /// and each revoke, however few partitions it moved. A static member that
+    /// restarts within the session timeout leaves the others' counts unchanged.
+    pub async fn rebalances(&self) -> u64 {
+        let slot = self.kafka().consumer.lock().await;
+        slot.running
+            .as_ref()
+            .map_or(0, |r| r.shared.rebalances.load(Ordering::Relaxed))
     }
 
     /// Lag of every owned partition: high watermark minus committed offset, asked

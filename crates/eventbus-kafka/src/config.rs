@@ -98,6 +98,97 @@ impl AssignmentStrategy {
     }
 }
 
+/// The consumer group protocol (`group.protocol`).
+///
+/// `classic` is the protocol of every Kafka release so far: the members agree on
+/// the assignment through a leader, with the client-side
+/// [`AssignmentStrategy`], [`session_timeout`](KafkaConfig::session_timeout) and
+/// [`heartbeat_interval`](KafkaConfig::heartbeat_interval). `consumer` is KIP-848's
+/// (brokers from Kafka 4.0, librdkafka 2.12): the broker assigns, every rebalance
+/// is incremental, and the session timeout and heartbeat interval are the
+/// group's, set on the broker. See `docs/kafka.md` for moving a running group
+/// from one to the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupProtocol {
+    /// `classic`, the default (as librdkafka's, until librdkafka changes it).
+    #[default]
+    Classic,
+    /// `consumer`: KIP-848, the broker assigns; incremental rebalances only.
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// The `group.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
+}
+
+impl std::str::FromStr for GroupProtocol {
+    type Err = Error;
+
+    /// `classic` or `consumer`, in any case; anything else is an error naming
+    /// `kafka.group_protocol`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "classic" => Ok(GroupProtocol::Classic),
+            "consumer" => Ok(GroupProtocol::Consumer),
+            _ => Err(Error::config(format!(
+                "kafka.group_protocol {s:?} is invalid: expected classic or consumer"
+            ))),
+        }
+    }
+}
+
+/// The environment variable that overrides [`KafkaConfig::group_protocol`]
+/// (`classic` or `consumer`), read when a [`KafkaEventBus`](crate::KafkaEventBus)
+/// is created.
+pub const GROUP_PROTOCOL_VARIABLE: &str = "KAFKA_GROUP_PROTOCOL";
+
+/// The environment variable that overrides [`KafkaConfig::instance_id`] (the
+/// member's `group.instance.id`), read when a
+/// [`KafkaEventBus`](crate::KafkaEventBus) is created. Deployments set it per
+/// pod, from a stable name (a StatefulSet's pod name).
+pub const INSTANCE_ID_VARIABLE: &str = "KAFKA_GROUP_INSTANCE_ID";
+
+/// The longest `group.instance.id` a broker accepts.
+const MAX_INSTANCE_ID_LEN: usize = 249;
+
+/// Check a `group.instance.id` with the broker's rules (Kafka's
+/// `JoinGroupRequest.validateGroupInstanceId`, the rules of a topic name): not
+/// empty, not `.` or `..`, at most 249 characters, only ASCII letters, digits,
+/// `.`, `_` and `-`. `source` names where the value came from.
+fn validate_instance_id(source: &str, id: &str) -> Result<(), Error> {
+    let why = if id.is_empty() {
+        Some("it is empty".to_owned())
+    } else if id == "." || id == ".." {
+        Some("it cannot be \".\" or \"..\"".to_owned())
+    } else if id.len() > MAX_INSTANCE_ID_LEN {
+        Some(format!(
+            "it is {} characters long, at most {MAX_INSTANCE_ID_LEN} are allowed",
+            id.len()
+        ))
+    } else {
+        id.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            .map(|c| {
+                format!(
+                    "it contains {c:?}: only ASCII letters, digits, '.', '_' and '-' are allowed"
+                )
+            })
+    };
+    match why {
+        Some(why) => Err(Error::config(format!(
+            "{source} {id:?} is not a valid group instance id: {why}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// How clients talk to brokers (`security.protocol`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -274,10 +365,23 @@ pub struct KafkaConfig {
     /// `kafka.topics`, the deprecated name of [`join_topics`](Self::join_topics).
     #[serde(rename = "topics", skip_serializing_if = "Vec::is_empty")]
     legacy_topics: Vec<String>,
-    /// `session.timeout.ms`, default 45s.
+    /// `group.protocol`, default `classic`; the environment variable
+    /// [`KAFKA_GROUP_PROTOCOL`](GROUP_PROTOCOL_VARIABLE) overrides it.
+    pub group_protocol: GroupProtocol,
+    /// `group.instance.id`: static membership. A member that comes back with the
+    /// same id within the session timeout gets its partitions back without a
+    /// rebalance. Two live members with one id fence one of them for good: give
+    /// each member its own, stable id. Default none (dynamic membership); the
+    /// environment variable [`KAFKA_GROUP_INSTANCE_ID`](INSTANCE_ID_VARIABLE)
+    /// overrides it.
+    pub instance_id: Option<String>,
+    /// `session.timeout.ms`, default 45s. Classic protocol only: under
+    /// `consumer` the broker sets it (`group.consumer.session.timeout.ms`), and
+    /// a value other than the default is an error.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
     /// `heartbeat.interval.ms`, default 3s; must be below the session timeout.
+    /// Classic protocol only, as [`session_timeout`](Self::session_timeout).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// `max.poll.interval.ms`, default 5min.
@@ -300,7 +404,8 @@ pub struct KafkaConfig {
     pub queued_max_kbytes: u32,
     /// `auto.offset.reset`; `None` takes `consumer.auto_offset_reset` of the bus config.
     pub auto_offset_reset: Option<OffsetReset>,
-    /// `partition.assignment.strategy`, default `cooperative_sticky`.
+    /// `partition.assignment.strategy`, default `cooperative_sticky`. Classic
+    /// protocol only: under `consumer` the broker assigns, and `eager` is an error.
     pub assignment_strategy: AssignmentStrategy,
     /// Producer settings.
     pub producer: ProducerSettings,
@@ -328,6 +433,8 @@ impl Default for KafkaConfig {
             client_id: "eventbus".to_owned(),
             join_topics: Vec::new(),
             legacy_topics: Vec::new(),
+            group_protocol: GroupProtocol::default(),
+            instance_id: None,
             session_timeout: Duration::from_secs(45),
             heartbeat_interval: Duration::from_secs(3),
             max_poll_interval: Duration::from_secs(300),
@@ -364,6 +471,8 @@ impl fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("client_id", &self.client_id)
             .field("join_topics", &self.join_topics)
+            .field("group_protocol", &self.group_protocol)
+            .field("instance_id", &self.instance_id)
             .field("session_timeout", &self.session_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("max_poll_interval", &self.max_poll_interval)
@@ -386,7 +495,30 @@ impl fmt::Debug for KafkaConfig {
 }
 
 /// Properties the consumer must own for the delivery guarantee to hold.
-const RESERVED_CONSUMER_KEYS: &[&str] = &["enable.auto.offset.store", "group.id"];
+const RESERVED_CONSUMER_KEYS: &[&str] = &[
+    "enable.auto.offset.store",
+    "group.id",
+    "group.protocol",
+    "group.instance.id",
+];
+
+/// Consumer properties of the classic protocol that librdkafka refuses under
+/// `group.protocol=consumer` (its `rd_kafka_conf_finalize`), each with the
+/// setting of this crate that sets it.
+const CLASSIC_ONLY_KEYS: &[(&str, &str)] = &[
+    ("session.timeout.ms", "kafka.session_timeout"),
+    ("heartbeat.interval.ms", "kafka.heartbeat_interval"),
+    ("partition.assignment.strategy", "kafka.assignment_strategy"),
+    ("group.protocol.type", ""),
+];
+
+/// Properties that make a client a member of the consumer group: kept off the
+/// clients that must not join it (the redrive reader, the probe).
+const GROUP_MEMBER_KEYS: &[&str] = &[
+    "group.protocol",
+    "group.instance.id",
+    "group.remote.assignor",
+];
 
 /// Properties the bus sets for the producer that a raw map must not contradict.
 const RESERVED_PRODUCER_KEYS: &[&str] = &[];
@@ -434,6 +566,62 @@ impl KafkaConfig {
         self.session_timeout = session_timeout;
         self.heartbeat_interval = heartbeat_interval;
         self
+    }
+
+    /// Set the consumer group protocol.
+    #[must_use]
+    pub fn group_protocol(mut self, protocol: GroupProtocol) -> Self {
+        self.group_protocol = protocol;
+        self
+    }
+
+    /// Set the static member id (`group.instance.id`).
+    #[must_use]
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// Apply the environment overrides found through `lookup` (a variable name
+    /// to its value, as [`std::env::var_os`] gives it):
+    /// [`KAFKA_GROUP_PROTOCOL`](GROUP_PROTOCOL_VARIABLE) and
+    /// [`KAFKA_GROUP_INSTANCE_ID`](INSTANCE_ID_VARIABLE). A value that is empty,
+    /// not UTF-8 or not valid is an error naming the variable.
+    pub fn apply_env(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<(), Error> {
+        let text = |var: &str| -> Result<Option<String>, Error> {
+            let Some(value) = lookup(var) else {
+                return Ok(None);
+            };
+            let value = value.into_string().map_err(|v| {
+                Error::config(format!(
+                    "environment variable {var}={} is not valid UTF-8",
+                    v.to_string_lossy().escape_debug()
+                ))
+            })?;
+            if value.trim().is_empty() {
+                return Err(Error::config(format!(
+                    "environment variable {var}={value:?} is set but empty; leave it unset \
+                     or give it a value"
+                )));
+            }
+            Ok(Some(value))
+        };
+        if let Some(v) = text(GROUP_PROTOCOL_VARIABLE)? {
+            self.group_protocol = v.parse().map_err(|_| {
+                Error::config(format!(
+                    "environment variable {GROUP_PROTOCOL_VARIABLE}={v:?} is invalid: \
+                     expected classic or consumer"
+                ))
+            })?;
+        }
+        if let Some(v) = text(INSTANCE_ID_VARIABLE)? {
+            validate_instance_id(&format!("environment variable {INSTANCE_ID_VARIABLE}"), &v)?;
+            self.instance_id = Some(v);
+        }
+        Ok(())
     }
 
     /// Set the producer settings.
@@ -491,6 +679,12 @@ impl KafkaConfig {
             validate_topic(topic)
                 .map_err(|e| Error::config(format!("kafka.join_topics: {}", e.message())))?;
         }
+        if let Some(id) = &self.instance_id {
+            validate_instance_id("kafka.instance_id", id)?;
+        }
+        if self.group_protocol == GroupProtocol::Consumer {
+            self.check_consumer_protocol()?;
+        }
         if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.session_timeout {
             return Err(Error::config(format!(
                 "kafka.heartbeat_interval ({:?}) must be above zero and below kafka.session_timeout ({:?})",
@@ -535,8 +729,61 @@ impl KafkaConfig {
                 if reserved.contains(&key.as_str()) {
                     return Err(Error::config(format!(
                         "{section}.{key} is managed by eventbus and cannot be set \
-                         (group.id comes from consumer.group_id; offsets are stored \
-                         only from the contiguous watermark)"
+                         (group.id comes from consumer.group_id, group.protocol from \
+                         kafka.group_protocol, group.instance.id from kafka.instance_id; \
+                         offsets are stored only from the contiguous watermark)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Under `group.protocol=consumer`, refuse the classic settings the user
+    /// set: a typed one away from its default, or a raw property. The bus sets
+    /// none of them itself under that protocol.
+    fn check_consumer_protocol(&self) -> Result<(), Error> {
+        let defaults = Self::default();
+        let typed = [
+            (
+                self.session_timeout != defaults.session_timeout,
+                "kafka.session_timeout",
+                "the broker sets it (group.consumer.session.timeout.ms)",
+            ),
+            (
+                self.heartbeat_interval != defaults.heartbeat_interval,
+                "kafka.heartbeat_interval",
+                "the broker sets it (group.consumer.heartbeat.interval.ms)",
+            ),
+            (
+                self.assignment_strategy != defaults.assignment_strategy,
+                "kafka.assignment_strategy",
+                "the broker assigns, and every rebalance is incremental",
+            ),
+        ];
+        for (set, key, why) in typed {
+            if set {
+                return Err(Error::config(format!(
+                    "{key} is a classic-protocol setting and cannot be set with \
+                     kafka.group_protocol = \"consumer\": {why}; remove it"
+                )));
+            }
+        }
+        for (section, map) in [
+            ("kafka.properties", &self.properties),
+            ("kafka.consumer_properties", &self.consumer_properties),
+        ] {
+            for (key, typed) in CLASSIC_ONLY_KEYS {
+                if map.contains_key(*key) {
+                    let instead = if typed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (as is {typed})")
+                    };
+                    return Err(Error::config(format!(
+                        "{section}.{key} is a classic-protocol property and cannot be set \
+                         with kafka.group_protocol = \"consumer\"{instead}: librdkafka \
+                         refuses it; remove it"
                     )));
                 }
             }
@@ -572,15 +819,7 @@ impl KafkaConfig {
                     OffsetReset::Latest => "latest",
                 },
             )
-            .set(
-                "partition.assignment.strategy",
-                self.assignment_strategy.as_str(),
-            )
-            .set("session.timeout.ms", ms(self.session_timeout).to_string())
-            .set(
-                "heartbeat.interval.ms",
-                ms(self.heartbeat_interval).to_string(),
-            )
+            .set("group.protocol", self.group_protocol.as_str())
             .set(
                 "max.poll.interval.ms",
                 ms(self.max_poll_interval).to_string(),
@@ -596,6 +835,20 @@ impl KafkaConfig {
                 "queued.max.messages.kbytes",
                 self.queued_max_kbytes.to_string(),
             );
+        if self.group_protocol == GroupProtocol::Classic {
+            c.set(
+                "partition.assignment.strategy",
+                self.assignment_strategy.as_str(),
+            )
+            .set("session.timeout.ms", ms(self.session_timeout).to_string())
+            .set(
+                "heartbeat.interval.ms",
+                ms(self.heartbeat_interval).to_string(),
+            );
+        }
+        if let Some(id) = &self.instance_id {
+            c.set("group.instance.id", id);
+        }
         for (k, v) in self.properties.iter().chain(&self.consumer_properties) {
             c.set(k, v);
         }
@@ -604,11 +857,15 @@ impl KafkaConfig {
 
     /// librdkafka configuration of a redrive's consumer: the connection and
     /// security settings, and the `properties` shared by every client; the
-    /// caller sets the group and the commit settings.
+    /// caller sets the group and the commit settings. It is never a member of
+    /// the bus's group: no group protocol, no instance id (a second member with
+    /// the bus's instance id would fence one of the two).
     pub(crate) fn redrive_config(&self) -> ClientConfig {
         let mut c = self.common();
         for (k, v) in &self.properties {
-            c.set(k, v);
+            if !GROUP_MEMBER_KEYS.contains(&k.as_str()) {
+                c.set(k, v);
+            }
         }
         c
     }
@@ -742,5 +999,185 @@ mod tests {
         );
         let bad = serde_json::from_str::<KafkaConfig>(r#"{"brokerz":"a"}"#);
         assert!(bad.unwrap_err().to_string().contains("brokerz"));
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| std::ffi::OsString::from(v))
+        }
+    }
+
+    fn error_of(c: &KafkaConfig) -> String {
+        c.validate().expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn a_bad_group_protocol_names_the_key_or_the_variable() {
+        let bad = toml::from_str::<KafkaConfig>("brokers = \"b:1\"\ngroup_protocol = \"kip848\"");
+        let e = bad.unwrap_err().to_string();
+        assert!(e.contains("group_protocol") && e.contains("kip848"), "{e}");
+        let c: KafkaConfig =
+            toml::from_str("brokers = \"b:1\"\ngroup_protocol = \"consumer\"").unwrap();
+        assert_eq!(c.group_protocol, GroupProtocol::Consumer);
+        let e = "kip848".parse::<GroupProtocol>().unwrap_err().to_string();
+        assert!(e.contains("kafka.group_protocol"), "{e}");
+        assert_eq!(
+            " Consumer ".parse::<GroupProtocol>().unwrap(),
+            GroupProtocol::Consumer
+        );
+        let mut c = KafkaConfig::new("b:1");
+        let e = c
+            .apply_env(env(&[("KAFKA_GROUP_PROTOCOL", "new")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("KAFKA_GROUP_PROTOCOL") && e.contains("\"new\""),
+            "{e}"
+        );
+        let e = c
+            .apply_env(env(&[("KAFKA_GROUP_PROTOCOL", " ")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("KAFKA_GROUP_PROTOCOL") && e.contains("empty"),
+            "{e}"
+        );
+        c.apply_env(env(&[("KAFKA_GROUP_PROTOCOL", "consumer")]))
+            .unwrap();
+        assert_eq!(c.group_protocol, GroupProtocol::Consumer);
+        c.apply_env(env(&[])).unwrap();
+        assert_eq!(
+            c.group_protocol,
+            GroupProtocol::Consumer,
+            "unset: unchanged"
+        );
+    }
+
+    #[test]
+    fn the_instance_id_follows_the_brokers_rules() {
+        let long = "a".repeat(250);
+        for (bad, why) in [
+            ("", "empty"),
+            (".", "cannot be"),
+            ("..", "cannot be"),
+            (long.as_str(), "at most 249"),
+            ("pod 0", "' '"),
+            ("pod/0", "'/'"),
+            ("pöd-0", "'ö'"),
+        ] {
+            let e = error_of(&KafkaConfig::new("b:1").instance_id(bad));
+            assert!(
+                e.contains("kafka.instance_id") && e.contains(why),
+                "{bad:?}: {e}"
+            );
+            let mut c = KafkaConfig::new("b:1");
+            if let Err(e) = c.apply_env(env(&[("KAFKA_GROUP_INSTANCE_ID", bad)])) {
+                assert!(
+                    e.to_string().contains("KAFKA_GROUP_INSTANCE_ID"),
+                    "{bad:?}: {e}"
+                );
+            } else {
+                panic!("{bad:?} accepted from the environment");
+            }
+        }
+        for good in ["pod-0", "orders.worker_7", &"a".repeat(249), "..a"] {
+            KafkaConfig::new("b:1")
+                .instance_id(good)
+                .validate()
+                .unwrap();
+        }
+        let mut c = KafkaConfig::new("b:1").instance_id("from-file");
+        c.apply_env(env(&[("KAFKA_GROUP_INSTANCE_ID", "orders-2")]))
+            .unwrap();
+        assert_eq!(c.instance_id.as_deref(), Some("orders-2"));
+        let cc = c.consumer_config(&BusConfig::default());
+        assert_eq!(cc.get("group.instance.id"), Some("orders-2"));
+        assert_eq!(cc.get("group.protocol"), Some("classic"));
+        // Set only through kafka.instance_id and kafka.group_protocol.
+        for key in ["group.instance.id", "group.protocol"] {
+            let e = error_of(&KafkaConfig::new("b:1").consumer_property(key, "x"));
+            assert!(
+                e.contains(&format!("kafka.consumer_properties.{key}")),
+                "{e}"
+            );
+            let e = error_of(&KafkaConfig::new("b:1").property(key, "x"));
+            assert!(e.contains(&format!("kafka.properties.{key}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_consumer_protocol_sets_and_takes_no_classic_setting() {
+        let c = KafkaConfig::new("b:1").group_protocol(GroupProtocol::Consumer);
+        c.validate().unwrap();
+        let cc = c.consumer_config(&BusConfig::default());
+        assert_eq!(cc.get("group.protocol"), Some("consumer"));
+        for key in [
+            "session.timeout.ms",
+            "heartbeat.interval.ms",
+            "partition.assignment.strategy",
+            "group.instance.id",
+        ] {
+            assert_eq!(cc.get(key), None, "{key} set under the consumer protocol");
+        }
+        // librdkafka takes that configuration.
+        cc.create::<rdkafka::consumer::BaseConsumer>()
+            .expect("librdkafka accepts the consumer protocol's configuration");
+        // What the user set: typed settings away from their defaults...
+        let e = error_of(
+            &c.clone()
+                .session(Duration::from_secs(6), Duration::from_millis(500)),
+        );
+        assert!(e.contains("kafka.session_timeout"), "{e}");
+        let mut h = c.clone();
+        h.heartbeat_interval = Duration::from_secs(1);
+        assert!(error_of(&h).contains("kafka.heartbeat_interval"));
+        let mut s = c.clone();
+        s.assignment_strategy = AssignmentStrategy::Eager;
+        assert!(error_of(&s).contains("kafka.assignment_strategy"));
+        // ...and raw properties, in either map.
+        for key in [
+            "session.timeout.ms",
+            "heartbeat.interval.ms",
+            "partition.assignment.strategy",
+            "group.protocol.type",
+        ] {
+            let e = error_of(&c.clone().consumer_property(key, "1"));
+            assert!(
+                e.contains(&format!("kafka.consumer_properties.{key}")),
+                "{e}"
+            );
+            let e = error_of(&c.clone().property(key, "1"));
+            assert!(e.contains(&format!("kafka.properties.{key}")), "{e}");
+            // The classic protocol takes them.
+            KafkaConfig::new("b:1")
+                .consumer_property(key, "consumer")
+                .validate()
+                .unwrap();
+        }
+        // The broker-side assignor is a consumer-protocol property.
+        c.clone()
+            .consumer_property("group.remote.assignor", "uniform")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn the_clients_outside_the_group_get_no_membership_settings() {
+        let c = KafkaConfig::new("b:1")
+            .group_protocol(GroupProtocol::Consumer)
+            .instance_id("pod-0")
+            .property("group.remote.assignor", "uniform")
+            .property("socket.timeout.ms", "1000");
+        let r = c.redrive_config();
+        for key in [
+            "group.protocol",
+            "group.instance.id",
+            "group.remote.assignor",
+        ] {
+            assert_eq!(r.get(key), None, "{key} on the redrive reader");
+        }
+        assert_eq!(r.get("socket.timeout.ms"), Some("1000"));
     }
 }

@@ -132,6 +132,12 @@ pub(crate) fn fetch_thread(
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                shared.fatal_error(consumer.client().fatal_error().map_or_else(
+                    || code.to_string(),
+                    |(code, reason)| format!("{code:?}: {reason}"),
+                ));
+            }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             Some(Ok(m)) => {
                 let msg = convert(&m, &mut names, &mut chunks);

@@ -161,6 +161,13 @@ pub(crate) struct ConsumerShared {
     /// Partitions whose group offset could not be taken back to a rewind point
     /// in time, with that offset: while any is left, the consumer is Degraded.
     pub(crate) unconfirmed_rewinds: Mutex<BTreeMap<(String, i32), i64>>,
+    /// The fatal error that ended the consumer (a fenced or unreleased static
+    /// member id, say), once librdkafka reported one: from then on nothing of
+    /// this member runs or commits, and the consumer is Unhealthy.
+    pub(crate) fatal: Mutex<Option<String>>,
+    /// This member's `group.instance.id`, if it is a static member: named by
+    /// a fatal error's report.
+    pub(crate) instance_id: Option<String>,
 }
 
 impl Default for ConsumerShared {
@@ -178,6 +185,8 @@ impl Default for ConsumerShared {
             transitions: Mutex::default(),
             transition_ready: Notify::new(),
             unconfirmed_rewinds: Mutex::default(),
+            fatal: Mutex::default(),
+            instance_id: None,
         }
     }
 }
@@ -187,6 +196,14 @@ impl Default for ConsumerShared {
 const HAND_OFF_POLL: Duration = Duration::from_millis(1);
 
 impl ConsumerShared {
+    /// The state of a member with this `group.instance.id` (none: a dynamic member).
+    pub(crate) fn for_member(instance_id: Option<String>) -> Self {
+        Self {
+            instance_id,
+            ..Self::default()
+        }
+    }
+
     /// Hand the polled messages to the loop, first taking one unit of the fetch
     /// buffer per message. Runs on the fetching thread. False when the loop is gone.
     pub(crate) fn flush_batch(&self, events: &mpsc::Sender<FetchEvent>) -> bool {
@@ -256,6 +273,46 @@ impl ConsumerShared {
             .remove(&(topic.to_owned(), p));
     }
 
+    /// librdkafka reported a fatal error: the client is done (no more commits,
+    /// no more fetches). Fence every owned partition's work at once and hand
+    /// the loop a loss of them all, so nothing more runs or commits (another
+    /// member, or the one that fenced this one, owns them); remember the
+    /// error for health. Runs on the fetching thread; only the first error is
+    /// kept.
+    pub(crate) fn fatal_error(&self, reason: String) {
+        let reason = match &self.instance_id {
+            Some(id) => format!("{reason} (group.instance.id `{id}`)"),
+            None => reason,
+        };
+        // Held while fencing: health sees the error only once all is fenced.
+        let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if fatal.is_some() {
+            return;
+        }
+        let owned: Vec<Owned> = self
+            .scopes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|((t, p), scope)| (t, p, scope))
+            .collect();
+        owned.iter().for_each(|(_, _, s)| s.fence());
+        self.drop_polled(&owned);
+        self.assignments_lost
+            .fetch_add(owned.len() as u64, Ordering::Relaxed);
+        tracing::error!(partitions = owned.len(), %reason,
+            "fatal consumer error: all work fenced, nothing more is committed");
+        if !owned.is_empty() {
+            self.push_transition(Transition::Lost(owned));
+        }
+        *fatal = Some(reason);
+    }
+
+    /// The fatal error that ended the consumer, if one did.
+    pub(crate) fn fatal(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The oldest revoke or loss the loop has not taken.
     pub(crate) fn take_transition(&self) -> Option<Transition> {
         self.transitions
@@ -302,7 +359,8 @@ pub(crate) struct ConsumerCtx {
     /// (`consumer.handover_timeout`).
     pub(crate) handover_timeout: Duration,
     /// The group's rebalance protocol is cooperative (incremental assign and
-    /// unassign), read from the consumer's final configuration.
+    /// unassign), read from the consumer's final configuration: always under
+    /// `group.protocol=consumer`, where `assign()` is not allowed.
     pub(crate) cooperative: bool,
 }
 
@@ -313,6 +371,19 @@ pub(crate) fn is_cooperative(strategy: &str) -> bool {
     strategy
         .split(',')
         .any(|s| s.trim() == "cooperative-sticky")
+}
+
+/// Whether a consumer of this final configuration rebalances incrementally:
+/// under `group.protocol=consumer` always (KIP-848 has no eager rebalance, and
+/// librdkafka refuses `assign()` there), under `classic` when the assignment
+/// strategy is cooperative.
+pub(crate) fn rebalances_incrementally(config: &rdkafka::ClientConfig) -> bool {
+    config
+        .get("group.protocol")
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("consumer"))
+        || config
+            .get("partition.assignment.strategy")
+            .is_some_and(is_cooperative)
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -525,8 +596,10 @@ impl ConsumerContext for ConsumerCtx {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_cooperative, ConsumerShared, Owned, Revoking, Transition};
-    use crate::config::AssignmentStrategy;
+    use super::{
+        is_cooperative, rebalances_incrementally, ConsumerShared, Owned, Revoking, Transition,
+    };
+    use crate::config::{AssignmentStrategy, GroupProtocol, KafkaConfig};
     use eventbus_core::raw::Scope;
     use std::sync::mpsc as std_mpsc;
     use std::time::{Duration, Instant};
@@ -610,5 +683,54 @@ mod tests {
         assert!(is_cooperative(" cooperative-sticky "));
         assert!(!is_cooperative("range"));
         assert!(!is_cooperative(""));
+    }
+
+    #[test]
+    fn every_rebalance_is_incremental_under_the_consumer_protocol() {
+        let bus = eventbus_core::BusConfig::default();
+        let mut c = KafkaConfig::new("b:1");
+        assert!(rebalances_incrementally(&c.consumer_config(&bus)));
+        c.assignment_strategy = AssignmentStrategy::Eager;
+        assert!(!rebalances_incrementally(&c.consumer_config(&bus)));
+        let c = KafkaConfig::new("b:1").group_protocol(GroupProtocol::Consumer);
+        let cc = c.consumer_config(&bus);
+        assert_eq!(cc.get("partition.assignment.strategy"), None);
+        assert!(
+            rebalances_incrementally(&cc),
+            "never assign() under KIP-848"
+        );
+    }
+
+    /// A fatal error fences every owned partition at once, hands the loop a
+    /// loss of them all (a loss commits nothing) and is kept for health; a
+    /// second one changes nothing.
+    #[test]
+    fn a_fatal_error_fences_every_partition_and_is_kept() {
+        let shared = ConsumerShared::for_member(Some("pod-0".to_owned()));
+        let scopes: Vec<Scope> = (0..3).map(|_| Scope::new()).collect();
+        for (p, s) in scopes.iter().enumerate() {
+            shared
+                .scopes
+                .lock()
+                .unwrap()
+                .insert(("t".to_owned(), p as i32), s.clone());
+        }
+        shared.fatal_error("FENCED_INSTANCE_ID".to_owned());
+        assert!(
+            scopes.iter().all(Scope::is_closed),
+            "every partition fenced"
+        );
+        assert!(shared.scopes.lock().unwrap().is_empty());
+        match shared.take_transition() {
+            Some(Transition::Lost(owned)) => assert_eq!(owned.len(), 3),
+            other => panic!("expected a loss of the 3 partitions, got {other:?}"),
+        }
+        assert!(shared.fatal().unwrap().contains("pod-0"));
+        shared.fatal_error("another".to_owned());
+        assert!(
+            shared.fatal().unwrap().contains("pod-0"),
+            "the first is kept"
+        );
+        assert!(shared.take_transition().is_none());
     }
 }

@@ -14,8 +14,8 @@ mod secret;
 #[allow(deprecated)]
 pub use bus::{KafkaEventBus, KafkaPartitionLag, PartitionLag};
 pub use config::{
-    Acks, AssignmentStrategy, Compression, KafkaConfig, ProducerSettings, SecurityConfig,
-    SecurityProtocol,
+    Acks, AssignmentStrategy, Compression, GroupProtocol, KafkaConfig, ProducerSettings,
+    SecurityConfig, SecurityProtocol, GROUP_PROTOCOL_VARIABLE, INSTANCE_ID_VARIABLE,
 };
 pub use probe::{probe, KafkaProbe};
 pub use publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};

@@ -11,7 +11,7 @@ mod cluster;
 #[path = "support/gated.rs"]
 mod gated;
 
-use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
+use cluster::{bus_config, random, wait_until, Cluster, ClusterExt, Membership};
 use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
 use eventbus_kafka::{AssignmentStrategy, KafkaEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
@@ -35,17 +35,21 @@ fn pools() -> [(&'static str, PoolFactory); 2] {
 /// group's committed offsets end at the end of every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_joining_and_leaving_with_deep_queues_keep_order() {
-    for strategy in [
-        AssignmentStrategy::CooperativeSticky,
-        AssignmentStrategy::Eager,
-    ] {
+    for membership in Membership::runnable(&MEMBERSHIPS) {
         for (name, pools) in pools() {
-            members_join_and_leave(&format!("{name}, {strategy:?}"), pools, strategy).await;
+            members_join_and_leave(&format!("{name}, {membership:?}"), pools, membership).await;
         }
     }
 }
 
-async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, strategy: AssignmentStrategy) {
+/// Every group membership the hand-over tests run under.
+const MEMBERSHIPS: [Membership; 3] = [
+    Membership::Classic(AssignmentStrategy::CooperativeSticky),
+    Membership::Classic(AssignmentStrategy::Eager),
+    Membership::Consumer,
+];
+
+async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, membership: Membership) {
     let cluster = Cluster::start();
     let topic = random("members");
     let partitions = 4;
@@ -67,7 +71,7 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, strategy: A
         let (topic, checker, handled, gate) = (&topic, &checker, &handled, &gate);
         async move {
             let mut kafka = cluster.kafka_config();
-            kafka.assignment_strategy = strategy;
+            membership.apply(&mut kafka);
             let bus = KafkaEventBus::new(kafka, cfg, pools(spec).await).unwrap();
             subscribe(
                 &bus,
@@ -188,17 +192,14 @@ fn rotation_size() -> (u64, usize) {
 /// partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_members_under_a_live_producer_never_commit_past_unhandled_work() {
-    for strategy in [
-        AssignmentStrategy::CooperativeSticky,
-        AssignmentStrategy::Eager,
-    ] {
+    for membership in Membership::runnable(&MEMBERSHIPS) {
         for (name, pools) in pools() {
-            rotate_members(&format!("{name}, {strategy:?}"), pools, strategy).await;
+            rotate_members(&format!("{name}, {membership:?}"), pools, membership).await;
         }
     }
 }
 
-async fn rotate_members(label: &str, pools: PoolFactory, strategy: AssignmentStrategy) {
+async fn rotate_members(label: &str, pools: PoolFactory, membership: Membership) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -224,7 +225,7 @@ async fn rotate_members(label: &str, pools: PoolFactory, strategy: AssignmentStr
         let (topic, checker, handled) = (&topic, &checker, &handled);
         async move {
             let mut kafka = cluster.kafka_config();
-            kafka.assignment_strategy = strategy;
+            membership.apply(&mut kafka);
             let bus = KafkaEventBus::new(kafka, cfg, pools(spec).await).unwrap();
             let (c, h) = (checker.clone(), handled.clone());
             bus.subscribe_envelope(topic, move |e: Event| {

@@ -148,14 +148,45 @@ pub fn tansu_broker() -> bool {
 /// no CreateTopics request); every other call goes to `KafkaEventBus` as is.
 #[cfg(feature = "kafka")]
 #[derive(Debug, Clone)]
-pub struct KafkaBuses(pub Arc<crate::kafka_cluster::Cluster>);
+pub struct KafkaBuses(
+    pub Arc<crate::kafka_cluster::Cluster>,
+    eventbus_kafka::GroupProtocol,
+);
 
 #[cfg(feature = "kafka")]
 impl KafkaBuses {
     /// Buses on a new cluster ([`Cluster::start`](crate::kafka_cluster::Cluster::start)).
     pub fn start() -> Self {
-        Self(Arc::new(crate::kafka_cluster::Cluster::start()))
+        Self(
+            Arc::new(crate::kafka_cluster::Cluster::start()),
+            eventbus_kafka::GroupProtocol::Classic,
+        )
     }
+
+    /// The same, with members of this group protocol ([`kafka_config_for`]).
+    pub fn start_with(protocol: eventbus_kafka::GroupProtocol) -> Self {
+        Self(Arc::new(crate::kafka_cluster::Cluster::start()), protocol)
+    }
+}
+
+/// [`kafka_config`] for members of `protocol`: under
+/// [`Consumer`](eventbus_kafka::GroupProtocol::Consumer) the session timeout and
+/// heartbeat interval are the broker's, so the quick values go back to the
+/// defaults (which the bus does not send).
+#[cfg(feature = "kafka")]
+pub fn kafka_config_for(
+    brokers: &str,
+    protocol: eventbus_kafka::GroupProtocol,
+) -> eventbus_kafka::KafkaConfig {
+    let mut c = kafka_config(brokers);
+    if protocol == eventbus_kafka::GroupProtocol::Consumer {
+        let defaults = eventbus_kafka::KafkaConfig::default();
+        c.session_timeout = defaults.session_timeout;
+        c.heartbeat_interval = defaults.heartbeat_interval;
+        c.assignment_strategy = defaults.assignment_strategy;
+    }
+    c.group_protocol = protocol;
+    c
 }
 
 #[cfg(feature = "kafka")]
@@ -173,10 +204,13 @@ impl BusFactory for KafkaBuses {
         pool: Arc<dyn Pool>,
         config: BusConfig,
     ) -> BoxFuture<'_, Result<SharedBus, Error>> {
-        let cluster = self.0.clone();
+        let (cluster, protocol) = (self.0.clone(), self.1);
         async move {
-            let bus =
-                eventbus_kafka::KafkaEventBus::new(kafka_config(&cluster.brokers()), config, pool)?;
+            let bus = eventbus_kafka::KafkaEventBus::new(
+                kafka_config_for(&cluster.brokers(), protocol),
+                config,
+                pool,
+            )?;
             if cluster.is_mock() {
                 Ok(Arc::new(OnMock { bus, cluster }) as SharedBus)
             } else {

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use eventbus_core::{BusConfig, Pool};
-use eventbus_kafka::KafkaConfig;
+use eventbus_kafka::{AssignmentStrategy, GroupProtocol, KafkaConfig};
 use eventbus_keyed_pool::KeyedPoolConfig;
 use eventbus_keyed_pool::KeyedWorkerPool;
 pub(crate) use eventbus_testkit::kafka_cluster::Cluster;
@@ -19,6 +19,56 @@ pub(crate) trait ClusterExt {
 impl ClusterExt for Cluster {
     fn kafka_config(&self) -> KafkaConfig {
         eventbus_testkit::factories::kafka_config(&self.brokers())
+    }
+}
+
+/// How a test's members join their group: the classic protocol with an
+/// assignment strategy, or KIP-848's consumer protocol (the broker assigns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Membership {
+    /// `group.protocol=classic` with this strategy.
+    Classic(AssignmentStrategy),
+    /// `group.protocol=consumer`.
+    Consumer,
+}
+
+impl Membership {
+    /// Set `kafka` up for this membership. Under the consumer protocol the
+    /// session timeout and heartbeat interval are the broker's: the quick
+    /// test values of the classic settings go back to their defaults (which
+    /// the bus does not send).
+    pub(crate) fn apply(self, kafka: &mut KafkaConfig) {
+        match self {
+            Membership::Classic(strategy) => kafka.assignment_strategy = strategy,
+            Membership::Consumer => {
+                let defaults = KafkaConfig::default();
+                kafka.group_protocol = GroupProtocol::Consumer;
+                kafka.session_timeout = defaults.session_timeout;
+                kafka.heartbeat_interval = defaults.heartbeat_interval;
+                kafka.assignment_strategy = defaults.assignment_strategy;
+            }
+        }
+    }
+
+    /// `memberships` without the consumer protocol where the cluster is a real
+    /// broker: tansu, the real-broker tier's, has no `ConsumerGroupHeartbeat`.
+    /// Says so when it leaves it out.
+    pub(crate) fn runnable(memberships: &[Membership]) -> Vec<Membership> {
+        let mock = eventbus_testkit::kafka_cluster::real_brokers().is_none();
+        memberships
+            .iter()
+            .copied()
+            .filter(|m| {
+                let keep = *m != Membership::Consumer || mock;
+                if !keep {
+                    tracing::warn!(
+                        "group.protocol=consumer not run: the real broker of this tier \
+                         does not serve KIP-848's ConsumerGroupHeartbeat"
+                    );
+                }
+                keep
+            })
+            .collect()
     }
 }
 

@@ -15,7 +15,7 @@ use crate::ActorPoolConfig;
 use eventbus_core::raw::routes::{Counted, Router};
 use eventbus_core::raw::{push_batch, Placement, PushError, RouteTable};
 use eventbus_core::raw::{Job, SubmitError, SubmitErrorKind};
-use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats, Routing};
+use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use ractor::concurrency::JoinHandle;
@@ -138,7 +138,7 @@ impl ActorPool {
             cool_down,
             releasing: AtomicBool::new(false),
             slots,
-            router: Router::new(config.workers, config.routing == Routing::WorkConserving),
+            router: Router::new(config.workers, config.routing),
             closing: AtomicBool::new(false),
             idle: Notify::new(),
             unavailable: AtomicUsize::new(0),
@@ -516,7 +516,7 @@ impl Pool for ActorPool {
     fn placement(&self) -> Option<&dyn Placement> {
         self.shared
             .router
-            .work_conserving()
+            .counts()
             .then_some(self as &dyn Placement)
     }
 

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use crate::ActorPoolConfig;
 
 use eventbus_core::raw::routes::Router;
-use eventbus_core::raw::{less_loaded, Job, OutcomeKind, RouteTable};
+use eventbus_core::raw::{less_loaded, Job, OutcomeKind};
 use ractor::ActorCell;
 use tokio::sync::Notify;
 
@@ -117,11 +117,7 @@ impl Shared {
     /// The slot a job of `route` submitted now would go to, when the pool knows it:
     /// its fixed slot, or the slot holding its cell's jobs.
     pub(crate) fn held_slot(&self, route: u64) -> Option<&Slot> {
-        if !self.router.work_conserving() {
-            return Some(&self.slots[self.router.fixed(route)]);
-        }
-        let place = self.router.table().place(RouteTable::cell_of(route))?;
-        Some(&self.slots[place.worker()? % self.slots.len()])
+        Some(&self.slots[self.router.held(route)?])
     }
 
     /// A job popped from `slot` ran to an outcome of `kind`.

@@ -69,6 +69,7 @@ pub mod raw {
     pub(crate) mod queue;
     pub(crate) mod route_table;
     pub mod routes;
+    pub mod routing;
     pub(crate) mod sync;
     pub(crate) mod task;
     pub(crate) mod watch;
@@ -79,7 +80,7 @@ pub mod raw {
     };
     pub use crate::envelope::{peek_aggregate_id, validate_aggregate_id};
     pub use crate::handler::{boxed, BoxHandler, DynHandler};
-    pub use crate::hash::{rollout_bucket, slot, stable_hash};
+    pub use crate::hash::{partition, rollout_bucket, stable_hash};
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
     pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};
     pub use crate::redrive::{DeadLetterReader, RawDeadLetter, ReaderOptions};
@@ -99,4 +100,5 @@ pub mod raw {
     pub use outcome::{panic_message, FailureCause, Outcome, OutcomeKind};
     pub use queue::{push_batch, Expect, JobQueue, PushError};
     pub use routes::{less_loaded, Place, Placement, RouteTable};
+    pub use routing::{slot, Fixed, Rule, Slots, WorkConserving};
 }

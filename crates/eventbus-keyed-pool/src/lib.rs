@@ -8,7 +8,7 @@ use eventbus_core::raw::routes::victim;
 use eventbus_core::raw::routes::{Counted, Router, MAX_WORKERS};
 use eventbus_core::raw::{less_loaded, push_batch, JobQueue, Placement, PushError, RouteTable};
 use eventbus_core::raw::{Job, OutcomeKind, SubmitError, SubmitErrorKind};
-use eventbus_core::{ComponentHealth, Error, HealthStatus, Pool, PoolStats, Routing};
+use eventbus_core::{ComponentHealth, Error, HealthStatus, Pool, PoolStats};
 use futures::future::BoxFuture;
 use std::cell::RefCell;
 use std::fmt;
@@ -93,7 +93,7 @@ impl Shared {
 /// A pool of workers with a bounded queue each. A route with a job queued or
 /// running sends its next job to that job's worker; a route with nothing in flight
 /// goes to the shorter queue of two drawn at random (see
-/// [`eventbus_core::raw::routes`]), or with [`Routing::Fixed`] to worker
+/// [`eventbus_core::raw::routes`]), or with [`Routing::Fixed`](eventbus_core::Routing::Fixed) to worker
 /// `slot(route, workers)`. A worker whose job runs long hands the routes queued
 /// behind it to other workers.
 pub struct KeyedWorkerPool {
@@ -144,7 +144,7 @@ impl KeyedWorkerPool {
             queues: (0..config.workers)
                 .map(|_| JobQueue::new(config.queue_size))
                 .collect(),
-            router: Router::new(config.workers, config.routing == Routing::WorkConserving),
+            router: Router::new(config.workers, config.routing),
             counters: Counters {
                 workers: (0..config.workers).map(|_| Padded::default()).collect(),
                 rejected: Padded::default(),
@@ -368,7 +368,10 @@ impl Pool for KeyedWorkerPool {
     /// Under work-conserving routing; under fixed routing a composite leaves every
     /// job to the pool.
     fn placement(&self) -> Option<&dyn Placement> {
-        (self.config.routing == Routing::WorkConserving).then_some(self as &dyn Placement)
+        self.shared
+            .router
+            .counts()
+            .then_some(self as &dyn Placement)
     }
 
     fn stats(&self) -> PoolStats {
@@ -469,7 +472,7 @@ mod tests {
         for workers in [1, 2, 3, 7, 64, 100, 256] {
             let config = KeyedPoolConfig::default()
                 .workers(workers)
-                .routing(Routing::Fixed);
+                .routing(eventbus_core::Routing::Fixed);
             let pool = KeyedWorkerPool::new(&config).expect("pool");
             assert!(pool.placement().is_none(), "a composite leaves jobs to it");
             for route in (0..2000u64).chain([u64::MAX, u64::MAX - 1, 1 << 63]) {

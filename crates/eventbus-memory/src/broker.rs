@@ -3,7 +3,7 @@
 use eventbus_core::{Error, ErrorKind, Headers, Message, OffsetReset, PublishReceipt, Record};
 
 use bytes::Bytes;
-use eventbus_core::raw::{slot, stable_hash, validate_topic, ByteChunks, Scope};
+use eventbus_core::raw::{stable_hash, validate_topic, ByteChunks, Scope};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -894,7 +894,7 @@ impl MemoryBroker {
         }
         let n = t.partitions.len();
         let partition = match &record.key {
-            Some(k) => slot(stable_hash(k), n),
+            Some(k) => eventbus_core::raw::partition(stable_hash(k), n),
             None => (t.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as usize,
         };
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_timeout;

@@ -26,16 +26,24 @@
 //! miss more often (each job touches its cell's line on the submitting core and
 //! again on the worker's).
 //!
+//! Where a job whose pool places it itself goes is the [`Router`]'s [`Rule`]
+//! ([`routing`](crate::raw::routing)): work-conserving as above, or fixed (each
+//! route on its slot, nothing counted, nothing moved). Everything else here (the
+//! counts, hand-backs, steals, shares, the watch, a composite's placements) is
+//! written once for every rule.
+//!
 //! A composite pool (the pool switch) keeps a table of its own with the same cells,
 //! tagging each with the pool its jobs went to, and hands each job to that pool
 //! already placed ([`Job::place`](crate::raw::Job::place)): one lookup per job for
 //! both choices. A pool counts in its own table only the jobs it placed itself;
 //! [`Placement`] is what it offers a composite.
 
+use crate::config::Routing;
 use crate::raw::job::Job;
 use crate::raw::outcome::OutcomeKind;
 use crate::raw::queue::{Expect, JobQueue, PushError};
 pub use crate::raw::route_table::{Place, RouteTable, CELLS, CELL_BITS, MAX_WORKERS};
+use crate::raw::routing::{Rule, Slots};
 use crate::raw::watch::Watch;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
@@ -146,34 +154,32 @@ thread_local! {
 pub const HAND_BACK_AFTER: Duration = Duration::from_millis(5);
 
 /// A pool's routing, written once for both pools: its route table, where the jobs a
-/// composite places on it are counted, and whether it routes at all
-/// (work-conserving) or sends each route to its fixed slot.
+/// composite places on it are counted, and its [`Rule`] for the jobs it places
+/// itself (by default the configuration's [`Routing`]; see
+/// [`routing`](crate::raw::routing)).
 #[derive(Debug)]
-pub struct Router {
+pub struct Router<R: Rule = Routing> {
     /// The pool's own table: the jobs it places itself.
     own: Arc<RouteTable>,
     /// Where a composite counts the jobs it places on this pool (the composite's
     /// table; the pool's own until told, see [`Placement::counted_in`]).
     placed: OnceLock<Arc<RouteTable>>,
-    workers: usize,
-    /// `workers - 1` when `workers` is a power of two.
-    mask: Option<u64>,
-    work_conserving: bool,
+    slots: Slots,
+    rule: R,
     /// Which worker's job has run past [`HAND_BACK_AFTER`].
     watch: Watch,
 }
 
-impl Router {
-    /// Routing over `workers` workers, work-conserving or fixed.
-    pub fn new(workers: usize, work_conserving: bool) -> Self {
-        let workers = workers.max(1);
+impl<R: Rule> Router<R> {
+    /// Routing over `workers` workers by `rule`.
+    pub fn new(workers: usize, rule: R) -> Self {
+        let slots = Slots::new(workers);
         Self {
             own: Arc::new(RouteTable::new()),
             placed: OnceLock::new(),
-            workers,
-            mask: workers.is_power_of_two().then(|| workers as u64 - 1),
-            work_conserving,
-            watch: Watch::new(workers, HAND_BACK_AFTER / 2),
+            slots,
+            rule,
+            watch: Watch::new(slots.len(), HAND_BACK_AFTER / 2),
         }
     }
 
@@ -213,7 +219,7 @@ impl Router {
         eligible: impl Fn(usize) -> bool,
         queue_of: impl Fn(usize) -> &'q JobQueue,
     ) -> usize {
-        if !self.work_conserving && self.placed.get().is_none() {
+        if !self.moves() {
             return 0;
         }
         let queue = queue_of(me);
@@ -224,7 +230,7 @@ impl Router {
         if queued < 2 || (!waited && !due(&SHARE)) {
             return 0;
         }
-        let Some(to) = victim_of(self.workers, me).filter(|to| eligible(*to)) else {
+        let Some(to) = victim_of(self.slots.len(), me).filter(|to| eligible(*to)) else {
             return 0;
         };
         let theirs = queue_of(to).load();
@@ -236,9 +242,30 @@ impl Router {
         queue.hand_back(me, give, |j| self.table_of(j), || Some(to), &queue_of)
     }
 
-    /// Whether routes go to a less-loaded worker (or to their fixed slot).
-    pub fn work_conserving(&self) -> bool {
-        self.work_conserving
+    /// Whether the rule counts the jobs the pool places itself
+    /// ([`Rule::counts`]): work-conserving routing does, fixed routing does not.
+    #[inline]
+    pub fn counts(&self) -> bool {
+        self.rule.counts()
+    }
+
+    /// Whether any of the pool's jobs may move between workers: its rule counts
+    /// them, or a composite places (and counts) jobs on it.
+    #[inline]
+    fn moves(&self) -> bool {
+        self.rule.counts() || self.placed.get().is_some()
+    }
+
+    /// The pool's rule.
+    pub fn rule(&self) -> &R {
+        &self.rule
+    }
+
+    /// The worker a job of `route` submitted now would go to, when the pool knows
+    /// it without choosing ([`Rule::held`]).
+    #[inline]
+    pub fn held(&self, route: u64) -> Option<usize> {
+        self.rule.held(route, self.slots, &self.own)
     }
 
     /// The pool's own table.
@@ -252,22 +279,13 @@ impl Router {
         Arc::ptr_eq(self.placed.get_or_init(|| table.clone()), table)
     }
 
-    /// The fixed slot of `route`: [`slot`](crate::raw::slot)`(route, workers)`.
-    #[inline]
-    pub fn fixed(&self, route: u64) -> usize {
-        match self.mask {
-            Some(mask) => (route & mask) as usize,
-            None => crate::hash::slot(route, self.workers),
-        }
-    }
-
     /// The table `job` is counted in: a composite's when it was placed, the pool's
-    /// own under work-conserving routing, none under fixed routing.
+    /// own when its rule counts (work-conserving routing), none otherwise (fixed).
     #[inline]
     pub fn table_of(&self, job: &Job) -> Option<&RouteTable> {
         if job.placed().is_some() {
             Some(self.placed.get().unwrap_or(&self.own))
-        } else if self.work_conserving {
+        } else if self.rule.counts() {
             Some(&self.own)
         } else {
             None
@@ -275,23 +293,15 @@ impl Router {
     }
 
     /// The worker of `job` and the cell it was counted in when the pool placed it:
-    /// the worker a composite placed it on; under fixed routing its slot; otherwise
-    /// the worker holding its cell's jobs, or `pick()`'s.
+    /// the worker a composite placed it on; otherwise the rule's
+    /// ([`Rule::place`]: under fixed routing its slot; under work-conserving
+    /// routing the worker holding its cell's jobs, or `pick()`'s).
     #[inline]
     pub fn route(&self, job: &Job, pick: impl FnOnce() -> usize) -> (usize, Option<usize>) {
         if let Some(worker) = job.placed() {
-            return (worker.min(self.workers - 1), None);
+            return (worker.min(self.slots.len() - 1), None);
         }
-        if !self.work_conserving {
-            return (self.fixed(job.route()), None);
-        }
-        let cell = RouteTable::cell_of(job.route());
-        let place = self.own.enter(cell, || Place::new(0, pick()));
-        // The pool's own table names only its workers: no division.
-        (
-            place.worker().unwrap_or(0).min(self.workers - 1),
-            Some(cell),
-        )
+        self.rule.place(job.route(), self.slots, &self.own, pick)
     }
 
     /// What a push of `job` to `worker` checks under the queue's lock.
@@ -307,7 +317,7 @@ impl Router {
             .table_of(job)?
             .place(RouteTable::cell_of(job.route()))?
             .worker()?
-            % self.workers;
+            % self.slots.len();
         if job.placed().is_some() {
             job.place(worker);
         }
@@ -432,7 +442,7 @@ impl Router {
     /// The cell of the pool's own table a job taken from a queue is counted in.
     #[inline]
     pub fn counted(&self, job: &Job) -> Option<usize> {
-        (self.work_conserving && job.placed().is_none()).then(|| RouteTable::cell_of(job.route()))
+        (self.rule.counts() && job.placed().is_none()).then(|| RouteTable::cell_of(job.route()))
     }
 
     /// Worker `me`, whose queue is empty, takes half of the queue of `victim` (see
@@ -447,7 +457,7 @@ impl Router {
         victim: Option<usize>,
         queue_of: impl Fn(usize) -> &'q JobQueue,
     ) -> usize {
-        if !self.work_conserving && self.placed.get().is_none() {
+        if !self.moves() {
             return 0;
         }
         let Some(victim) = victim.filter(|v| *v != me) else {
@@ -485,7 +495,7 @@ impl Router {
         // Held in a guard: a worker aborted mid-job (a pool's close past its drain)
         // drops the job first, then takes its count back.
         let counted = self.hold(self.counted(&job));
-        let watch = self.work_conserving || self.placed.get().is_some();
+        let watch = self.moves();
         let mut run = pin!(job.run());
         let mut watched = None;
         let mut waited = false;
@@ -700,7 +710,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_hand_back_moves_whole_cells_in_order_and_their_places_with_them() {
-        let router = Router::new(3, true);
+        let router = Router::new(3, Routing::WorkConserving);
         let queues: Vec<JobQueue> = (0..3).map(|_| JobQueue::new(8)).collect();
         let [keep, moving, other] = routes(3)[..] else {
             unreachable!()
@@ -766,7 +776,7 @@ mod tests {
 
     #[test]
     fn an_idle_worker_steals_half_of_a_queue_whole_cells_at_a_time() {
-        let router = Router::new(2, true);
+        let router = Router::new(2, Routing::WorkConserving);
         let queues: Vec<JobQueue> = (0..2).map(|_| JobQueue::new(16)).collect();
         let cells = routes(4);
         // Worker 0 holds two jobs each of four cells, and runs none of them.
@@ -800,13 +810,13 @@ mod tests {
             .collect();
         assert_eq!(workers, [Some(1), Some(1), Some(0), Some(0)]);
         // Under fixed routing nothing moves.
-        let fixed = Router::new(2, false);
+        let fixed = Router::new(2, Routing::Fixed);
         assert_eq!(fixed.steal(1, Some(0), |w| &queues[w]), 0);
     }
 
     #[test]
     fn a_worker_with_a_backlog_gives_half_to_an_idle_one() {
-        let router = Router::new(2, true);
+        let router = Router::new(2, Routing::WorkConserving);
         let queues: Vec<JobQueue> = (0..2).map(|_| JobQueue::new(16)).collect();
         let cells = routes(4);
         for route in &cells {
@@ -826,7 +836,7 @@ mod tests {
         // Worker 1 is no longer idle: nothing more moves.
         assert_eq!(share(true), 0, "the other has work");
         // An idle worker with a short queue gives nothing.
-        let one = Router::new(2, true);
+        let one = Router::new(2, Routing::WorkConserving);
         let short: Vec<JobQueue> = (0..2).map(|_| JobQueue::new(16)).collect();
         let job = noop(cells[0]);
         one.route(&job, || 0);
@@ -840,7 +850,7 @@ mod tests {
     #[test]
     fn after_a_job_that_waited_a_backlog_levels_with_a_less_loaded_worker() {
         // Worker 0 holds 8 cells, one job each; worker 1 holds 2 jobs.
-        let router = Router::new(2, true);
+        let router = Router::new(2, Routing::WorkConserving);
         let queues: Vec<JobQueue> = (0..2).map(|_| JobQueue::new(16)).collect();
         let cells = routes(10);
         for (i, route) in cells.iter().enumerate() {

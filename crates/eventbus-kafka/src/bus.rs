@@ -9,14 +9,13 @@ use eventbus_core::raw::{
     BusBackend, Consumers, DeadLetterReader, Dispatcher, Lifecycle, LifecycleBus,
     PartitionLag as CorePartitionLag, PreparedSubscription, ReaderOptions,
 };
-use futures::future::BoxFuture;
-use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::Offset;
 use std::collections::BTreeSet;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
@@ -362,83 +361,79 @@ impl BusBackend for Backend {
     type Consumer = ();
     const NAME: &'static str = "kafka";
 
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt>> {
-        async move { self.producer.publish(topic, &record).await }.boxed()
+    async fn publish(&self, topic: &str, record: Record) -> Result<PublishReceipt> {
+        self.producer.publish(topic, &record).await
     }
 
     fn publish_batch<'a>(
         &'a self,
         topic: &'a str,
         records: Vec<Record>,
-    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
-        self.producer.publish_batch(topic, records).boxed()
+    ) -> impl Future<Output = Vec<Result<PublishReceipt>>> + Send {
+        self.producer.publish_batch(topic, records)
     }
 
     fn configure_topic<'a>(
         &'a self,
         topic: &'a str,
         config: TopicConfig,
-    ) -> BoxFuture<'a, Result<()>> {
-        self.create_or_check_topic(topic, config).boxed()
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.create_or_check_topic(topic, config)
     }
 
-    fn open_dead_letters<'a>(
+    async fn open_dead_letters<'a>(
         &'a self,
         options: ReaderOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn DeadLetterReader + 'a>>> {
-        async move {
-            let reader = crate::redrive::Reader::open(&self.config, options).await?;
-            Ok(Box::new(reader) as Box<dyn DeadLetterReader>)
-        }
-        .boxed()
+    ) -> Result<Box<dyn DeadLetterReader + 'a>> {
+        let reader = crate::redrive::Reader::open(&self.config, options).await?;
+        Ok(Box::new(reader) as Box<dyn DeadLetterReader>)
     }
 
     /// To the origin partition: librdkafka's partitioner is not the one of every
     /// client that may have produced the record first.
-    fn publish_redriven<'a>(
+    async fn publish_redriven<'a>(
         &'a self,
         topic: &'a str,
         partition: i32,
         record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt>> {
-        async move {
-            self.producer
-                .publish_to_partition(topic, partition, &record)
-                .await
-        }
-        .boxed()
+    ) -> Result<PublishReceipt> {
+        self.producer
+            .publish_to_partition(topic, partition, &record)
+            .await
     }
 
-    fn start(&self, prepared: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {
-        async move {
-            let topic = prepared.topic().to_owned();
-            let mut slot = self.consumer.lock().await;
-            if slot.running.is_none() {
-                slot.running = Some(self.start_consumer()?);
-            }
-            Self::send_control(&slot, |tx| Control::Subscribe(prepared, tx))
-                .await?
-                .await
-                .map_err(gone)?;
-            slot.topics.insert(topic.clone());
-            if slot.joined || self.config.topics_to_join().all(|t| slot.topics.contains(t)) {
-                slot.joined = true;
-                Self::resubscribe(&slot)?;
-            } else {
-                tracing::info!(%topic, "subscribed; joining the group once every declared topic has a handler");
-            }
-            Ok(())
+    async fn start(&self, prepared: Arc<PreparedSubscription>) -> Result<()> {
+        let topic = prepared.topic().to_owned();
+        let mut slot = self.consumer.lock().await;
+        if slot.running.is_none() {
+            slot.running = Some(self.start_consumer()?);
         }
-        .boxed()
+        Self::send_control(&slot, |tx| Control::Subscribe(prepared, tx))
+            .await?
+            .await
+            .map_err(gone)?;
+        slot.topics.insert(topic.clone());
+        if slot.joined
+            || self
+                .config
+                .topics_to_join()
+                .all(|t| slot.topics.contains(t))
+        {
+            slot.joined = true;
+            Self::resubscribe(&slot)?;
+        } else {
+            tracing::info!(%topic, "subscribed; joining the group once every declared topic has a handler");
+        }
+        Ok(())
     }
 
     /// Stop handling `topic` once its partitions are revoked: the dispatch loop
     /// hands their work over (drain, fence, wait, store the watermark) first.
-    fn stop(&self, topic: &Arc<str>, _: Arc<()>) -> BoxFuture<'static, Result<()>> {
+    fn stop(
+        &self,
+        topic: &Arc<str>,
+        _: Arc<()>,
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
         let slot = self.consumer.clone();
         let topic = topic.to_string();
         async move {
@@ -454,34 +449,30 @@ impl BusBackend for Backend {
             let _ = released.await;
             Ok(())
         }
-        .boxed()
     }
 
     /// Close the consumer: the dispatch loop drains, fences, waits and commits
     /// every partition (see `consumer.rs`), then the fetching thread leaves the
     /// group.
-    fn stop_all(&self, _: Vec<(Arc<str>, Arc<()>)>) -> BoxFuture<'_, ()> {
-        async move {
-            let running = self.consumer.lock().await.running.take();
-            if let Some(mut r) = running {
-                r.fetch_stop.store(true, Ordering::Release);
-                r.stop.cancel();
-                let (task, thread) = (r.loop_task.take(), r.thread.take());
-                // The bus's handle of the consumer goes first: the last one, whose
-                // drop closes the consumer, is then the fetching thread's, which
-                // bounds that close (never this task, which must not block).
-                drop(r);
-                if let Some(task) = task {
-                    if let Err(e) = task.await {
-                        tracing::error!(error = %e, "kafka dispatch loop failed");
-                    }
-                }
-                if let Some(t) = thread {
-                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    async fn stop_all(&self, _: Vec<(Arc<str>, Arc<()>)>) -> () {
+        let running = self.consumer.lock().await.running.take();
+        if let Some(mut r) = running {
+            r.fetch_stop.store(true, Ordering::Release);
+            r.stop.cancel();
+            let (task, thread) = (r.loop_task.take(), r.thread.take());
+            // The bus's handle of the consumer goes first: the last one, whose
+            // drop closes the consumer, is then the fetching thread's, which
+            // bounds that close (never this task, which must not block).
+            drop(r);
+            if let Some(task) = task {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "kafka dispatch loop failed");
                 }
             }
+            if let Some(t) = thread {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
         }
-        .boxed()
     }
 
     /// A partition release needs a rebalance: twice the drain timeout plus a
@@ -490,7 +481,7 @@ impl BusBackend for Backend {
         Some(self.dispatcher.config().consumer.drain_timeout * 2 + self.config.operation_timeout)
     }
 
-    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send {
         let producer = self.producer.clone();
         let timeout = self.config.operation_timeout;
         async move {
@@ -500,114 +491,105 @@ impl BusBackend for Backend {
                     Error::new(ErrorKind::Unavailable, "flush task failed").with_source(e)
                 })?
         }
-        .boxed()
     }
 
-    fn health<'a>(&'a self, _: &'a Consumers<()>) -> BoxFuture<'a, Vec<ComponentHealth>> {
-        async move {
-            let mut components = Vec::new();
-            let producer = self.producer.clone();
-            let timeout = self.config.operation_timeout.min(Duration::from_secs(5));
-            let ping = tokio::task::spawn_blocking(move || producer.ping_blocking(timeout)).await;
-            components.push(match ping {
-                Ok(Ok(n)) if n > 0 => ComponentHealth::healthy("broker"),
-                Ok(Ok(_)) => ComponentHealth::with_status(
-                    "broker",
-                    HealthStatus::Unhealthy,
-                    "no broker known",
+    async fn health<'a>(&'a self, _: &'a Consumers<()>) -> Vec<ComponentHealth> {
+        let mut components = Vec::new();
+        let producer = self.producer.clone();
+        let timeout = self.config.operation_timeout.min(Duration::from_secs(5));
+        let ping = tokio::task::spawn_blocking(move || producer.ping_blocking(timeout)).await;
+        components.push(match ping {
+            Ok(Ok(n)) if n > 0 => ComponentHealth::healthy("broker"),
+            Ok(Ok(_)) => {
+                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, "no broker known")
+            }
+            Ok(Err(e)) => {
+                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
+            }
+            Err(e) => {
+                ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
+            }
+        });
+        let (unconfirmed, fatal): (Vec<String>, Option<String>) = {
+            let slot = self.consumer.lock().await;
+            let fatal = slot.running.as_ref().and_then(|r| r.shared.fatal());
+            let unconfirmed = slot.running.as_ref().map_or_else(Vec::new, |r| {
+                r.shared
+                    .unconfirmed_rewinds
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|((t, p), o)| format!("{t}[{p}] to {o}"))
+                    .collect()
+            });
+            (unconfirmed, fatal)
+        };
+        components.push(if let Some(fatal) = fatal {
+            ComponentHealth::with_status(
+                "consumer",
+                HealthStatus::Unhealthy,
+                format!(
+                    "fatal consumer error: {fatal}; all work fenced, nothing more is \
+                     committed; restart the member{}",
+                    if self.config.instance_id.is_some() {
+                        " once no other member runs with its group.instance.id"
+                    } else {
+                        ""
+                    }
                 ),
-                Ok(Err(e)) => {
-                    ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
-                }
-                Err(e) => {
-                    ComponentHealth::with_status("broker", HealthStatus::Unhealthy, e.to_string())
-                }
-            });
-            let (unconfirmed, fatal): (Vec<String>, Option<String>) = {
-                let slot = self.consumer.lock().await;
-                let fatal = slot.running.as_ref().and_then(|r| r.shared.fatal());
-                let unconfirmed = slot.running.as_ref().map_or_else(Vec::new, |r| {
-                    r.shared
-                        .unconfirmed_rewinds
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .map(|((t, p), o)| format!("{t}[{p}] to {o}"))
-                        .collect()
-                });
-                (unconfirmed, fatal)
-            };
-            components.push(if let Some(fatal) = fatal {
-                ComponentHealth::with_status(
-                    "consumer",
-                    HealthStatus::Unhealthy,
-                    format!(
-                        "fatal consumer error: {fatal}; all work fenced, nothing more is \
-                         committed; restart the member{}",
-                        if self.config.instance_id.is_some() {
-                            " once no other member runs with its group.instance.id"
-                        } else {
-                            ""
-                        }
-                    ),
-                )
-            } else if self.pool_closed.load(Ordering::Acquire) {
-                ComponentHealth::with_status(
-                    "consumer",
-                    HealthStatus::Unhealthy,
-                    "the pool refuses work; consumption halted",
-                )
-            } else if !unconfirmed.is_empty() {
-                ComponentHealth::with_status(
-                    "consumer",
-                    HealthStatus::Degraded,
-                    format!(
-                        "the group's offset is not back at the rewind point of {} (retrying; \
-                         these partitions stay paused)",
-                        unconfirmed.join(", ")
-                    ),
-                )
-            } else {
-                ComponentHealth::healthy("consumer")
-            });
-            match self.partition_lag().await {
-                Ok(lags) if !lags.is_empty() => {
-                    let total: i64 = lags.iter().map(|l| l.lag).sum();
-                    components.push(ComponentHealth::with_status(
-                        "consumer.lag",
-                        HealthStatus::Healthy,
-                        format!("total lag {total} over {} partition(s)", lags.len()),
-                    ));
-                }
-                Ok(_) => {}
-                Err(e) => components.push(ComponentHealth::with_status(
+            )
+        } else if self.pool_closed.load(Ordering::Acquire) {
+            ComponentHealth::with_status(
+                "consumer",
+                HealthStatus::Unhealthy,
+                "the pool refuses work; consumption halted",
+            )
+        } else if !unconfirmed.is_empty() {
+            ComponentHealth::with_status(
+                "consumer",
+                HealthStatus::Degraded,
+                format!(
+                    "the group's offset is not back at the rewind point of {} (retrying; \
+                     these partitions stay paused)",
+                    unconfirmed.join(", ")
+                ),
+            )
+        } else {
+            ComponentHealth::healthy("consumer")
+        });
+        match self.partition_lag().await {
+            Ok(lags) if !lags.is_empty() => {
+                let total: i64 = lags.iter().map(|l| l.lag).sum();
+                components.push(ComponentHealth::with_status(
                     "consumer.lag",
-                    HealthStatus::Degraded,
-                    e.to_string(),
-                )),
+                    HealthStatus::Healthy,
+                    format!("total lag {total} over {} partition(s)", lags.len()),
+                ));
             }
-            components
+            Ok(_) => {}
+            Err(e) => components.push(ComponentHealth::with_status(
+                "consumer.lag",
+                HealthStatus::Degraded,
+                e.to_string(),
+            )),
         }
-        .boxed()
+        components
     }
 
-    fn lag<'a>(&'a self, _: &'a Consumers<()>) -> BoxFuture<'a, Vec<CorePartitionLag>> {
-        async move {
-            match self.partition_lag().await {
-                Ok(lags) => lags
-                    .into_iter()
-                    .map(|l| {
-                        CorePartitionLag::new(l.topic, l.partition, l.lag.max(0) as u64)
-                            .committed(l.committed)
-                    })
-                    .collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "lag check failed");
-                    Vec::new()
-                }
+    async fn lag<'a>(&'a self, _: &'a Consumers<()>) -> Vec<CorePartitionLag> {
+        match self.partition_lag().await {
+            Ok(lags) => lags
+                .into_iter()
+                .map(|l| {
+                    CorePartitionLag::new(l.topic, l.partition, l.lag.max(0) as u64)
+                        .committed(l.committed)
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "lag check failed");
+                Vec::new()
             }
         }
-        .boxed()
     }
 }
 

@@ -13,6 +13,7 @@ use eventbus_core::raw::{
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
@@ -63,76 +64,65 @@ impl BusBackend for Backend {
     type Consumer = Consumer;
     const NAME: &'static str = "memory";
 
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt, Error>> {
-        async move {
-            validate_topic(topic)?;
-            self.broker.publish(topic, record).await
-        }
-        .boxed()
+    async fn publish(&self, topic: &str, record: Record) -> Result<PublishReceipt, Error> {
+        validate_topic(topic)?;
+        self.broker.publish(topic, record).await
     }
 
-    fn configure_topic<'a>(
-        &'a self,
-        topic: &'a str,
-        config: TopicConfig,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        async move {
-            if !config.is_persistent() {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("topic `{topic}`: the memory broker has no fire-and-forget topics (persistent = false)"),
-                ));
-            }
-            config.refuse(
-                "the memory broker",
-                topic,
-                &["storage", "max_bytes", "max_age", "replicas", "duplicate_window"],
-                "it keeps max_messages per partition in process",
-            )?;
-            self.broker
-                .create_topic(topic, config.partitions, config.max_messages)
-                .map(|_| ())
+    async fn configure_topic(&self, topic: &str, config: TopicConfig) -> Result<(), Error> {
+        if !config.is_persistent() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("topic `{topic}`: the memory broker has no fire-and-forget topics (persistent = false)"),
+            ));
         }
-        .boxed()
+        config.refuse(
+            "the memory broker",
+            topic,
+            &[
+                "storage",
+                "max_bytes",
+                "max_age",
+                "replicas",
+                "duplicate_window",
+            ],
+            "it keeps max_messages per partition in process",
+        )?;
+        self.broker
+            .create_topic(topic, config.partitions, config.max_messages)
+            .map(|_| ())
     }
 
-    fn start(&self, sub: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<Consumer, Error>> {
-        async move {
-            let cfg = &self.config().consumer;
-            let topic = self.broker.topic(sub.topic())?;
-            let member = topic.join(&cfg.group_id);
-            let cancel = CancellationToken::new();
-            let set = InFlightSet::new(cfg.max_in_flight_per_partition, self.total.clone())
-                .max_tracked(cfg.max_tracked_per_partition)
-                .labelled(Self::NAME, sub.topic());
-            let run = ConsumeLoop::new(
-                topic,
-                member,
-                sub,
-                self.dispatcher.clone(),
-                set,
-                cancel.clone(),
-            );
-            let in_flight = run.in_flight().clone();
-            Ok(Consumer {
-                cancel,
-                task: Mutex::new(Some(tokio::spawn(run.run()))),
-                in_flight,
-                member,
-            })
-        }
-        .boxed()
+    async fn start(&self, sub: Arc<PreparedSubscription>) -> Result<Consumer, Error> {
+        let cfg = &self.config().consumer;
+        let topic = self.broker.topic(sub.topic())?;
+        let member = topic.join(&cfg.group_id);
+        let cancel = CancellationToken::new();
+        let set = InFlightSet::new(cfg.max_in_flight_per_partition, self.total.clone())
+            .max_tracked(cfg.max_tracked_per_partition)
+            .labelled(Self::NAME, sub.topic());
+        let run = ConsumeLoop::new(
+            topic,
+            member,
+            sub,
+            self.dispatcher.clone(),
+            set,
+            cancel.clone(),
+        );
+        let in_flight = run.in_flight().clone();
+        Ok(Consumer {
+            cancel,
+            task: Mutex::new(Some(tokio::spawn(run.run()))),
+            in_flight,
+            member,
+        })
     }
 
     fn stop(
         &self,
         topic: &Arc<str>,
         consumer: Arc<Consumer>,
-    ) -> BoxFuture<'static, Result<(), Error>> {
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static + use<> {
         consumer.cancel.cancel();
         let task = consumer
             .task
@@ -148,25 +138,21 @@ impl BusBackend for Backend {
             }
             Ok(())
         }
-        .boxed()
     }
 
-    fn open_dead_letters<'a>(
+    async fn open_dead_letters<'a>(
         &'a self,
         options: ReaderOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn DeadLetterReader + 'a>, Error>> {
-        async move {
-            let reader = crate::redrive::Reader::open(&self.broker, options)?;
-            Ok(Box::new(reader) as Box<dyn DeadLetterReader>)
-        }
-        .boxed()
+    ) -> Result<Box<dyn DeadLetterReader + 'a>, Error> {
+        let reader = crate::redrive::Reader::open(&self.broker, options)?;
+        Ok(Box::new(reader) as Box<dyn DeadLetterReader>)
     }
 
-    fn health<'a>(&'a self, _: &'a Consumers<Consumer>) -> BoxFuture<'a, Vec<ComponentHealth>> {
-        async { vec![ComponentHealth::healthy("broker")] }.boxed()
+    async fn health(&self, _: &Consumers<Consumer>) -> Vec<ComponentHealth> {
+        vec![ComponentHealth::healthy("broker")]
     }
 
-    fn lag<'a>(&'a self, consumers: &'a Consumers<Consumer>) -> BoxFuture<'a, Vec<PartitionLag>> {
+    async fn lag(&self, consumers: &Consumers<Consumer>) -> Vec<PartitionLag> {
         let group = &self.config().consumer.group_id;
         let mut out = Vec::new();
         for (topic, consumer) in consumers {
@@ -182,7 +168,7 @@ impl BusBackend for Backend {
                 );
             }
         }
-        async move { out }.boxed()
+        out
     }
 }
 

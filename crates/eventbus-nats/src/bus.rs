@@ -2,9 +2,9 @@
 
 use async_nats::jetstream::{self, consumer};
 use async_nats::{ConnectOptions, Event as ClientEvent};
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{watch, Semaphore};
@@ -315,19 +315,16 @@ impl BusBackend for Backend {
         &'a self,
         topic: &'a str,
         record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt>> {
-        self.shared.publish(topic, record, None).boxed()
+    ) -> impl Future<Output = Result<PublishReceipt>> + Send {
+        self.shared.publish(topic, record, None)
     }
 
-    fn open_dead_letters<'a>(
+    async fn open_dead_letters<'a>(
         &'a self,
         options: ReaderOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn DeadLetterReader + 'a>>> {
-        async move {
-            let reader = crate::redrive::Reader::open(&self.shared, options).await?;
-            Ok(Box::new(reader) as Box<dyn DeadLetterReader>)
-        }
-        .boxed()
+    ) -> Result<Box<dyn DeadLetterReader + 'a>> {
+        let reader = crate::redrive::Reader::open(&self.shared, options).await?;
+        Ok(Box::new(reader) as Box<dyn DeadLetterReader>)
     }
 
     /// By the key, as any publish (the partition of a partitioned topic is the
@@ -338,14 +335,14 @@ impl BusBackend for Backend {
         topic: &'a str,
         _partition: i32,
         mut record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+    ) -> impl Future<Output = Result<PublishReceipt>> + Send {
         record.headers = record
             .headers
             .iter()
             .filter(|(name, _)| ![DLQ_SUBJECT_HEADER, DLQ_STREAM_HEADER].contains(name))
             .map(|(name, value)| (name.to_owned(), value.clone()))
             .collect();
-        self.shared.publish(topic, record, None).boxed()
+        self.shared.publish(topic, record, None)
     }
 
     /// Every record is sent before any acknowledgement is awaited (see
@@ -354,131 +351,132 @@ impl BusBackend for Backend {
         &'a self,
         topic: &'a str,
         records: Vec<Record>,
-    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
-        self.shared.publish_batch(topic, records).boxed()
+    ) -> impl Future<Output = Vec<Result<PublishReceipt>>> + Send {
+        self.shared.publish_batch(topic, records)
     }
 
     fn configure_topic<'a>(
         &'a self,
         topic: &'a str,
         config: TopicConfig,
-    ) -> BoxFuture<'a, Result<()>> {
+    ) -> impl Future<Output = Result<()>> + Send {
         let retention = self.shared.config.retention_of(topic);
-        self.configure_stream(topic, config, retention).boxed()
+        self.configure_stream(topic, config, retention)
     }
 
-    fn start(&self, prepared: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<Consumer>> {
-        async move {
-            let topic = prepared.topic().to_owned();
-            naming::validate_nats_topic(&topic)?;
-            let shared = self.shared.clone();
-            let stop = CancellationToken::new();
-            let cfg = &self.config().consumer;
-            let max_in_flight = self.max_ack_pending();
-            let persistent = shared.settings(&topic).config.is_persistent();
-            if let (true, Some(p)) = (persistent, shared.partitions(&topic)) {
-                if let Some(dlq) = prepared.dead_letter_topic() {
-                    naming::validate_nats_topic(dlq)?;
-                    shared.ensure_stream(dlq).await?;
-                }
-                return self.start_partitioned(prepared, p, stop).await;
+    async fn start(&self, prepared: Arc<PreparedSubscription>) -> Result<Consumer> {
+        let topic = prepared.topic().to_owned();
+        naming::validate_nats_topic(&topic)?;
+        let shared = self.shared.clone();
+        let stop = CancellationToken::new();
+        let cfg = &self.config().consumer;
+        let max_in_flight = self.max_ack_pending();
+        let persistent = shared.settings(&topic).config.is_persistent();
+        if let (true, Some(p)) = (persistent, shared.partitions(&topic)) {
+            if let Some(dlq) = prepared.dead_letter_topic() {
+                naming::validate_nats_topic(dlq)?;
+                shared.ensure_stream(dlq).await?;
             }
-            let consumer = if persistent {
-                if let Some(dlq) = prepared.dead_letter_topic() {
-                    naming::validate_nats_topic(dlq)?;
-                    shared.ensure_stream(dlq).await?;
-                }
-                let durable = self.durable_name(&topic);
-                let lease_key = naming::lease_key(&shared.stream_name(&topic), &durable);
-                let state = Arc::new(ConsumerState::new(&topic));
-                let spec = Arc::new(DurableSpec {
-                    topic: topic.clone(),
-                    durable,
-                    max_ack_pending: max_in_flight,
-                    reset: cfg.auto_offset_reset,
-                    filter_subject: None,
-                    lease_key: lease_key.clone(),
-                    state: state.clone(),
-                });
-                let consumer = open_consumer(shared.clone(), &spec, None).await?;
-                let leases = shared.leases().await?;
-                let recreate = recreate_of(&shared, &spec);
-                let run = JsLoop {
-                    shared: shared.clone(),
-                    dispatcher: self.dispatcher.clone(),
-                    prepared,
-                    consumer,
-                    closing: stop.clone(),
-                    stop: stop.child_token(),
-                    leases,
-                    lease_key,
-                    total: self.total.clone(),
-                    max_in_flight,
-                    state: state.clone(),
-                    drain_timeout: cfg.drain_timeout,
-                    handover_timeout: cfg.handover_timeout,
-                    reconnects: self.reconnects.clone(),
-                    recreate,
-                    partition: 0,
-                    role: Role::Standby,
-                    handed_back: true,
-                    chunks: ByteChunks::default(),
-                };
-                tracing::info!(topic = %topic, stream = %shared.stream_name(&topic),
-                    durable = %self.durable_name(&topic), max_ack_pending = max_in_flight,
-                    "JetStream subscription started");
-                Consumer {
-                    stop,
-                    task: Mutex::new(Some(tokio::spawn(run.run()))),
-                    state,
-                    group: None,
-                }
-            } else {
-                let subject = shared.subject(&topic);
-                let subscriber = shared
-                    .client
-                    .queue_subscribe(subject.clone(), cfg.group_id.clone())
-                    .await
-                    .map_err(|e| {
-                        broker(format!("cannot subscribe to core NATS topic `{topic}`"), e)
-                    })?;
-                // Make sure the server has the subscription before returning.
-                bounded(
-                    shared.config.request_timeout,
-                    || format!("subscription to `{subject}`"),
-                    async {
-                        shared.client.flush().await.map_err(|e| {
-                            broker(format!("cannot flush subscription to `{subject}`"), e)
-                        })
-                    },
-                )
-                .await?;
-                let state = Arc::new(ConsumerState::new(&topic));
-                let run = CoreLoop {
-                    dispatcher: self.dispatcher.clone(),
-                    prepared,
-                    subscriber,
-                    stop: stop.clone(),
-                    total: self.total.clone(),
-                    max_in_flight,
-                    state: state.clone(),
-                    drain_timeout: cfg.drain_timeout,
-                };
-                tracing::info!(topic = %topic, subject = %subject,
-                    "core NATS subscription started (at-most-once)");
-                Consumer {
-                    stop,
-                    task: Mutex::new(Some(tokio::spawn(run.run()))),
-                    state,
-                    group: None,
-                }
-            };
-            Ok(consumer)
+            return self.start_partitioned(prepared, p, stop).await;
         }
-        .boxed()
+        let consumer = if persistent {
+            if let Some(dlq) = prepared.dead_letter_topic() {
+                naming::validate_nats_topic(dlq)?;
+                shared.ensure_stream(dlq).await?;
+            }
+            let durable = self.durable_name(&topic);
+            let lease_key = naming::lease_key(&shared.stream_name(&topic), &durable);
+            let state = Arc::new(ConsumerState::new(&topic));
+            let spec = Arc::new(DurableSpec {
+                topic: topic.clone(),
+                durable,
+                max_ack_pending: max_in_flight,
+                reset: cfg.auto_offset_reset,
+                filter_subject: None,
+                lease_key: lease_key.clone(),
+                state: state.clone(),
+            });
+            let consumer = open_consumer(shared.clone(), &spec, None).await?;
+            let leases = shared.leases().await?;
+            let recreate = recreate_of(&shared, &spec);
+            let run = JsLoop {
+                shared: shared.clone(),
+                dispatcher: self.dispatcher.clone(),
+                prepared,
+                consumer,
+                closing: stop.clone(),
+                stop: stop.child_token(),
+                leases,
+                lease_key,
+                total: self.total.clone(),
+                max_in_flight,
+                state: state.clone(),
+                drain_timeout: cfg.drain_timeout,
+                handover_timeout: cfg.handover_timeout,
+                reconnects: self.reconnects.clone(),
+                recreate,
+                partition: 0,
+                role: Role::Standby,
+                handed_back: true,
+                chunks: ByteChunks::default(),
+            };
+            tracing::info!(topic = %topic, stream = %shared.stream_name(&topic),
+                durable = %self.durable_name(&topic), max_ack_pending = max_in_flight,
+                "JetStream subscription started");
+            Consumer {
+                stop,
+                task: Mutex::new(Some(tokio::spawn(run.run()))),
+                state,
+                group: None,
+            }
+        } else {
+            let subject = shared.subject(&topic);
+            let subscriber = shared
+                .client
+                .queue_subscribe(subject.clone(), cfg.group_id.clone())
+                .await
+                .map_err(|e| broker(format!("cannot subscribe to core NATS topic `{topic}`"), e))?;
+            // Make sure the server has the subscription before returning.
+            bounded(
+                shared.config.request_timeout,
+                || format!("subscription to `{subject}`"),
+                async {
+                    shared
+                        .client
+                        .flush()
+                        .await
+                        .map_err(|e| broker(format!("cannot flush subscription to `{subject}`"), e))
+                },
+            )
+            .await?;
+            let state = Arc::new(ConsumerState::new(&topic));
+            let run = CoreLoop {
+                dispatcher: self.dispatcher.clone(),
+                prepared,
+                subscriber,
+                stop: stop.clone(),
+                total: self.total.clone(),
+                max_in_flight,
+                state: state.clone(),
+                drain_timeout: cfg.drain_timeout,
+            };
+            tracing::info!(topic = %topic, subject = %subject,
+                "core NATS subscription started (at-most-once)");
+            Consumer {
+                stop,
+                task: Mutex::new(Some(tokio::spawn(run.run()))),
+                state,
+                group: None,
+            }
+        };
+        Ok(consumer)
     }
 
-    fn stop(&self, _: &Arc<str>, consumer: Arc<Consumer>) -> BoxFuture<'static, Result<()>> {
+    fn stop(
+        &self,
+        _: &Arc<str>,
+        consumer: Arc<Consumer>,
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
         consumer.stop.cancel();
         let task = consumer
             .task
@@ -494,28 +492,24 @@ impl BusBackend for Backend {
             }
             Ok(())
         }
-        .boxed()
     }
 
-    fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        async move {
-            let shared = &self.shared;
-            let flushed =
-                tokio::time::timeout(shared.config.request_timeout, shared.client.flush()).await;
-            if !matches!(flushed, Ok(Ok(()))) {
-                tracing::warn!(
-                    "could not flush the last acks before close; those messages will be redelivered"
-                );
-            }
-            Ok(())
+    async fn flush(&self) -> Result<()> {
+        let shared = &self.shared;
+        let flushed =
+            tokio::time::timeout(shared.config.request_timeout, shared.client.flush()).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!(
+                "could not flush the last acks before close; those messages will be redelivered"
+            );
         }
-        .boxed()
+        Ok(())
     }
 
     fn health<'a>(
         &'a self,
         consumers: &'a Consumers<Consumer>,
-    ) -> BoxFuture<'a, Vec<ComponentHealth>> {
+    ) -> impl Future<Output = Vec<ComponentHealth>> + Send {
         let mut components = vec![match self.shared.client.connection_state() {
             async_nats::connection::State::Connected => ComponentHealth::healthy("broker"),
             state => ComponentHealth::with_status(
@@ -567,64 +561,57 @@ impl BusBackend for Backend {
                 None => ComponentHealth::healthy(name),
             });
         }
-        async move { components }.boxed()
+        async move { components }
     }
 
     /// Pending plus unacknowledged messages of every JetStream subscription.
-    fn lag<'a>(
-        &'a self,
-        consumers: &'a Consumers<Consumer>,
-    ) -> BoxFuture<'a, Vec<CorePartitionLag>> {
-        async move {
-            let mut out = Vec::with_capacity(consumers.len());
-            for (topic, h) in consumers {
-                if !self.shared.settings(topic).config.is_persistent() {
-                    continue;
-                }
-                if let Some(group) = &h.group {
-                    let base = self.durable_name(topic);
-                    let mut pending = 0u64;
-                    for slot in group
-                        .slots
-                        .iter()
-                        .filter(|s| s.state.active.load(Ordering::Relaxed))
-                    {
-                        let durable = naming::partition_durable(&base, slot.partition);
-                        match self.durable_info(topic, &durable).await {
-                            Ok(info) => {
-                                slot.state.set_pending(info.num_pending);
-                                slot.state.set_ack_floor(info.ack_floor.stream_sequence);
-                                pending += info.num_pending;
-                                out.push(
-                                    CorePartitionLag::new(
-                                        &**topic,
-                                        slot.partition as i32,
-                                        info.num_pending
-                                            .saturating_add(info.num_ack_pending as u64),
-                                    )
-                                    .committed(Some(info.ack_floor.stream_sequence as i64))
-                                    .in_flight(slot.state.in_flight.load(Ordering::Relaxed)),
-                                );
-                            }
-                            Err(e) => tracing::warn!(%topic, partition = slot.partition,
-                                error = %e, "lag check failed"),
-                        }
-                    }
-                    h.state.set_pending(pending);
-                    continue;
-                }
-                let in_flight = h.state.in_flight.load(Ordering::Relaxed);
-                match self.consumer_pending(topic, Some(&h.state)).await {
-                    Ok(p) => out.push(
-                        CorePartitionLag::new(&**topic, 0, p.pending.saturating_add(p.ack_pending))
-                            .in_flight(in_flight),
-                    ),
-                    Err(e) => tracing::warn!(%topic, error = %e, "lag check failed"),
-                }
+    async fn lag<'a>(&'a self, consumers: &'a Consumers<Consumer>) -> Vec<CorePartitionLag> {
+        let mut out = Vec::with_capacity(consumers.len());
+        for (topic, h) in consumers {
+            if !self.shared.settings(topic).config.is_persistent() {
+                continue;
             }
-            out
+            if let Some(group) = &h.group {
+                let base = self.durable_name(topic);
+                let mut pending = 0u64;
+                for slot in group
+                    .slots
+                    .iter()
+                    .filter(|s| s.state.active.load(Ordering::Relaxed))
+                {
+                    let durable = naming::partition_durable(&base, slot.partition);
+                    match self.durable_info(topic, &durable).await {
+                        Ok(info) => {
+                            slot.state.set_pending(info.num_pending);
+                            slot.state.set_ack_floor(info.ack_floor.stream_sequence);
+                            pending += info.num_pending;
+                            out.push(
+                                CorePartitionLag::new(
+                                    &**topic,
+                                    slot.partition as i32,
+                                    info.num_pending.saturating_add(info.num_ack_pending as u64),
+                                )
+                                .committed(Some(info.ack_floor.stream_sequence as i64))
+                                .in_flight(slot.state.in_flight.load(Ordering::Relaxed)),
+                            );
+                        }
+                        Err(e) => tracing::warn!(%topic, partition = slot.partition,
+                            error = %e, "lag check failed"),
+                    }
+                }
+                h.state.set_pending(pending);
+                continue;
+            }
+            let in_flight = h.state.in_flight.load(Ordering::Relaxed);
+            match self.consumer_pending(topic, Some(&h.state)).await {
+                Ok(p) => out.push(
+                    CorePartitionLag::new(&**topic, 0, p.pending.saturating_add(p.ack_pending))
+                        .in_flight(in_flight),
+                ),
+                Err(e) => tracing::warn!(%topic, error = %e, "lag check failed"),
+            }
         }
-        .boxed()
+        out
     }
 }
 

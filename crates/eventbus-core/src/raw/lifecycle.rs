@@ -68,7 +68,10 @@ pub trait BusBackend: Send + Sync + 'static {
 
     /// Start consuming `sub`. The lifecycle has reserved the topic: no other
     /// consumer of it runs or is being stopped on this bus.
-    fn start(&self, sub: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<Self::Consumer>>;
+    fn start(
+        &self,
+        sub: Arc<PreparedSubscription>,
+    ) -> impl Future<Output = Result<Self::Consumer>> + Send;
 
     /// Stop `topic`'s consumer. The consumer hands its work over (drain, fence,
     /// wait, commit / release) and the returned future ends when that is done.
@@ -80,11 +83,14 @@ pub trait BusBackend: Send + Sync + 'static {
         &self,
         topic: &Arc<str>,
         consumer: Arc<Self::Consumer>,
-    ) -> BoxFuture<'static, Result<()>>;
+    ) -> impl Future<Output = Result<()>> + Send + 'static + use<Self>;
 
     /// Stop every consumer at close, all at once. The default starts every
     /// [`stop`](Self::stop) and waits for all of them, logging failures.
-    fn stop_all(&self, consumers: Vec<(Arc<str>, Arc<Self::Consumer>)>) -> BoxFuture<'_, ()> {
+    fn stop_all(
+        &self,
+        consumers: Vec<(Arc<str>, Arc<Self::Consumer>)>,
+    ) -> impl Future<Output = ()> + Send {
         let stops: Vec<_> = consumers
             .into_iter()
             .map(|(topic, consumer)| {
@@ -100,7 +106,6 @@ pub trait BusBackend: Send + Sync + 'static {
         async move {
             futures::future::join_all(stops).await;
         }
-        .boxed()
     }
 
     /// How long [`Lifecycle::unsubscribe`] waits for [`stop`](Self::stop) before it
@@ -113,8 +118,8 @@ pub trait BusBackend: Send + Sync + 'static {
 
     /// Flush at close, after the consumers stopped and the pool closed (the
     /// producer's queue, the connection's last acks). The default does nothing.
-    fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        async { Ok(()) }.boxed()
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
     }
 
     /// The backend's health components: the broker connection, and whatever its
@@ -122,13 +127,13 @@ pub trait BusBackend: Send + Sync + 'static {
     fn health<'a>(
         &'a self,
         consumers: &'a Consumers<Self::Consumer>,
-    ) -> BoxFuture<'a, Vec<ComponentHealth>>;
+    ) -> impl Future<Output = Vec<ComponentHealth>> + Send;
 
     /// Lag of every partition the consumers own.
     fn lag<'a>(
         &'a self,
         consumers: &'a Consumers<Self::Consumer>,
-    ) -> BoxFuture<'a, Vec<PartitionLag>>;
+    ) -> impl Future<Output = Vec<PartitionLag>> + Send;
 
     /// Publish a record to `topic` and wait until the broker has it (see
     /// [`EventBus::publish`]). The lifecycle has checked that the bus is open, and
@@ -137,7 +142,7 @@ pub trait BusBackend: Send + Sync + 'static {
         &'a self,
         topic: &'a str,
         record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt>>;
+    ) -> impl Future<Output = Result<PublishReceipt>> + Send;
 
     /// Publish `records` to `topic`, one result per record in the order given, by
     /// the order rule of [`EventBus::publish_batch`]. The default publishes one
@@ -146,8 +151,8 @@ pub trait BusBackend: Send + Sync + 'static {
         &'a self,
         topic: &'a str,
         records: Vec<Record>,
-    ) -> BoxFuture<'a, Vec<Result<PublishReceipt>>> {
-        publish_one_by_one(records, move |record| self.publish(topic, record)).boxed()
+    ) -> impl Future<Output = Vec<Result<PublishReceipt>>> + Send {
+        publish_one_by_one(records, move |record| self.publish(topic, record))
     }
 
     /// Create or check `topic` with these settings (see
@@ -157,7 +162,7 @@ pub trait BusBackend: Send + Sync + 'static {
         &'a self,
         topic: &'a str,
         config: TopicConfig,
-    ) -> BoxFuture<'a, Result<()>>;
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Open a reader of the dead-letter destination `options.topic` for a redrive
     /// (see [`crate::redrive`]): records in each partition's order up to the end
@@ -168,7 +173,7 @@ pub trait BusBackend: Send + Sync + 'static {
     fn open_dead_letters<'a>(
         &'a self,
         options: ReaderOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn DeadLetterReader + 'a>>>;
+    ) -> impl Future<Output = Result<Box<dyn DeadLetterReader + 'a>>> + Send;
 
     /// Publish a redriven record to `topic`, to `partition` where the backend's
     /// partitioner may differ from the one that placed it first, and wait until
@@ -179,7 +184,7 @@ pub trait BusBackend: Send + Sync + 'static {
         topic: &'a str,
         partition: i32,
         record: Record,
-    ) -> BoxFuture<'a, Result<PublishReceipt>> {
+    ) -> impl Future<Output = Result<PublishReceipt>> + Send {
         let _ = partition;
         self.publish(topic, record)
     }
@@ -922,36 +927,37 @@ mod tests {
         type Consumer = ();
         const NAME: &'static str = "fake";
 
-        fn publish<'a>(&'a self, _: &'a str, _: Record) -> BoxFuture<'a, Result<PublishReceipt>> {
-            async { Err(Error::new(ErrorKind::Unsupported, "fake: no publishing")) }.boxed()
+        async fn publish(&self, _: &str, _: Record) -> Result<PublishReceipt> {
+            Err(Error::new(ErrorKind::Unsupported, "fake: no publishing"))
         }
 
-        fn configure_topic<'a>(&'a self, _: &'a str, _: TopicConfig) -> BoxFuture<'a, Result<()>> {
-            async { Ok(()) }.boxed()
+        async fn configure_topic(&self, _: &str, _: TopicConfig) -> Result<()> {
+            Ok(())
         }
 
-        fn open_dead_letters<'a>(
+        async fn open_dead_letters<'a>(
             &'a self,
             options: crate::redrive::ReaderOptions,
-        ) -> BoxFuture<'a, Result<Box<dyn crate::redrive::DeadLetterReader + 'a>>> {
-            async move {
-                Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!("topic `{}` does not exist", options.topic),
-                ))
-            }
-            .boxed()
+        ) -> Result<Box<dyn crate::redrive::DeadLetterReader + 'a>> {
+            Err(Error::new(
+                ErrorKind::NotFound,
+                format!("topic `{}` does not exist", options.topic),
+            ))
         }
 
-        fn start(&self, sub: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {
+        async fn start(&self, sub: Arc<PreparedSubscription>) -> Result<()> {
             self.log
                 .lock()
                 .unwrap()
                 .push(format!("start {}", sub.topic()));
-            async { Ok(()) }.boxed()
+            Ok(())
         }
 
-        fn stop(&self, topic: &Arc<str>, _: Arc<()>) -> BoxFuture<'static, Result<()>> {
+        fn stop(
+            &self,
+            topic: &Arc<str>,
+            _: Arc<()>,
+        ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
             let (log, release, topic) = (self.log.clone(), self.release.clone(), topic.clone());
             log.lock().unwrap().push(format!("stop {topic}"));
             async move {
@@ -959,15 +965,14 @@ mod tests {
                 log.lock().unwrap().push(format!("stopped {topic}"));
                 Ok(())
             }
-            .boxed()
         }
 
-        fn health<'a>(&'a self, _: &'a Consumers<()>) -> BoxFuture<'a, Vec<ComponentHealth>> {
-            async { vec![ComponentHealth::healthy("broker")] }.boxed()
+        async fn health(&self, _: &Consumers<()>) -> Vec<ComponentHealth> {
+            vec![ComponentHealth::healthy("broker")]
         }
 
-        fn lag<'a>(&'a self, _: &'a Consumers<()>) -> BoxFuture<'a, Vec<PartitionLag>> {
-            async { Vec::new() }.boxed()
+        async fn lag(&self, _: &Consumers<()>) -> Vec<PartitionLag> {
+            Vec::new()
         }
     }
 
@@ -1078,40 +1083,36 @@ mod tests {
         impl BusBackend for Slow {
             type Consumer = ();
             const NAME: &'static str = "slow";
-            fn publish<'a>(
-                &'a self,
-                topic: &'a str,
-                record: Record,
-            ) -> BoxFuture<'a, Result<PublishReceipt>> {
-                self.0.publish(topic, record)
+            async fn publish(&self, topic: &str, record: Record) -> Result<PublishReceipt> {
+                self.0.publish(topic, record).await
             }
-            fn configure_topic<'a>(
-                &'a self,
-                topic: &'a str,
-                config: TopicConfig,
-            ) -> BoxFuture<'a, Result<()>> {
-                self.0.configure_topic(topic, config)
+            async fn configure_topic(&self, topic: &str, config: TopicConfig) -> Result<()> {
+                self.0.configure_topic(topic, config).await
             }
-            fn open_dead_letters<'a>(
+            async fn open_dead_letters<'a>(
                 &'a self,
                 options: crate::redrive::ReaderOptions,
-            ) -> BoxFuture<'a, Result<Box<dyn crate::redrive::DeadLetterReader + 'a>>> {
-                self.0.open_dead_letters(options)
+            ) -> Result<Box<dyn crate::redrive::DeadLetterReader + 'a>> {
+                self.0.open_dead_letters(options).await
             }
-            fn start(&self, sub: Arc<PreparedSubscription>) -> BoxFuture<'_, Result<()>> {
-                self.0.start(sub)
+            async fn start(&self, sub: Arc<PreparedSubscription>) -> Result<()> {
+                self.0.start(sub).await
             }
-            fn stop(&self, topic: &Arc<str>, c: Arc<()>) -> BoxFuture<'static, Result<()>> {
+            fn stop(
+                &self,
+                topic: &Arc<str>,
+                c: Arc<()>,
+            ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
                 self.0.stop(topic, c)
             }
             fn unsubscribe_timeout(&self) -> Option<Duration> {
                 Some(Duration::from_secs(1))
             }
-            fn health<'a>(&'a self, c: &'a Consumers<()>) -> BoxFuture<'a, Vec<ComponentHealth>> {
-                self.0.health(c)
+            async fn health(&self, c: &Consumers<()>) -> Vec<ComponentHealth> {
+                self.0.health(c).await
             }
-            fn lag<'a>(&'a self, c: &'a Consumers<()>) -> BoxFuture<'a, Vec<PartitionLag>> {
-                self.0.lag(c)
+            async fn lag(&self, c: &Consumers<()>) -> Vec<PartitionLag> {
+                self.0.lag(c).await
             }
         }
         let dispatcher = Dispatcher::new("slow", Arc::new(NoPool), None, BusConfig::default());

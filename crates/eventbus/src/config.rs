@@ -35,11 +35,13 @@
 //!     max_restarts: 3    # actor_pool.max_restarts
 //! ```
 //!
-//! Every section but `kafka` and `ops_server` is [`EventBusConfig`]. Unknown keys are
-//! errors naming the key, in every section. The environment overrides
+//! Every section but `kafka` and `ops_server` is [`EventBusConfig`]; the `kafka`
+//! block is the original service's, read by [`compat`](crate::compat) and folded
+//! into the model. Unknown keys are errors naming the key, in every section. The environment overrides
 //! ([`crate::env`]) apply over the file when the bus is built.
 
-use crate::{EventBusConfig, PoolKind};
+use crate::compat::FileSeed;
+use crate::EventBusConfig;
 use eventbus_core::Error;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -137,33 +139,6 @@ impl Format {
     }
 }
 
-/// The original service's `kafka` block: only `actor_pool` is read.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SeedKafka {
-    #[serde(default)]
-    actor_pool: Option<SeedActorPool>,
-}
-
-/// `kafka.actor_pool.{enabled,pool_size,inbox_size,max_restarts}`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SeedActorPool {
-    enabled: Option<bool>,
-    pool_size: Option<usize>,
-    inbox_size: Option<usize>,
-    max_restarts: Option<u32>,
-}
-
-/// Which keys the file sets itself (not by default), for conflicts with the seed block.
-#[derive(Debug, Default)]
-struct Explicit {
-    pool: bool,
-    actor_size: bool,
-    actor_inbox_size: bool,
-    actor_max_restarts: bool,
-}
-
 fn invalid(section: &str, e: impl fmt::Display) -> Error {
     if section.is_empty() {
         Error::config(format!("invalid configuration: {e}"))
@@ -174,18 +149,18 @@ fn invalid(section: &str, e: impl fmt::Display) -> Error {
 
 /// Parse and validate a configuration in `format`.
 pub fn from_str(text: &str, format: Format) -> Result<FileConfig, Error> {
-    let (mut bus, ops_server, seed, explicit) = match format {
+    let (mut bus, ops_server, seed) = match format {
         Format::Toml => parse_toml(text)?,
         Format::Yaml => parse_yaml(text)?,
     };
-    if let Some(seed) = seed.and_then(|k| k.actor_pool) {
-        apply_seed(&mut bus, &seed, &explicit)?;
-    }
+    seed.fold(&mut bus)?;
     bus.validate()?;
     Ok(FileConfig { bus, ops_server })
 }
 
-type Parsed = (EventBusConfig, OpsServerConfig, Option<SeedKafka>, Explicit);
+/// The bus's settings, the operations server's, and the original service's block
+/// ([`compat`](crate::compat)), still to be folded in.
+type Parsed = (EventBusConfig, OpsServerConfig, FileSeed);
 
 fn parse_toml(text: &str) -> Result<Parsed, Error> {
     let mut table: toml::Table = toml::from_str(text).map_err(|e| invalid("", e))?;
@@ -193,22 +168,11 @@ fn parse_toml(text: &str) -> Result<Parsed, Error> {
         Some(v) => v.try_into().map_err(|e| invalid("ops_server", e))?,
         None => OpsServerConfig::default(),
     };
-    let seed = match table.remove("kafka") {
-        Some(v) => Some(v.try_into().map_err(|e| invalid("kafka", seed_hint(e)))?),
-        None => None,
-    };
-    let actor = table.get("actor_pool").and_then(|v| v.as_table());
-    let has = |k: &str| actor.is_some_and(|t| t.contains_key(k));
-    let explicit = Explicit {
-        pool: table.contains_key("pool"),
-        actor_size: has("workers") || has("size") || has("pool_size"),
-        actor_inbox_size: has("inbox_size") || has("queue_size"),
-        actor_max_restarts: has("max_restarts"),
-    };
+    let seed = FileSeed::take_toml(&mut table)?;
     let bus = toml::Value::Table(table)
         .try_into()
         .map_err(|e| invalid("", e))?;
-    Ok((bus, ops, seed, explicit))
+    Ok((bus, ops, seed))
 }
 
 fn parse_yaml(text: &str) -> Result<Parsed, Error> {
@@ -228,20 +192,9 @@ fn parse_yaml(text: &str) -> Result<Parsed, Error> {
         Some(v) => serde_norway::from_value(v).map_err(|e| invalid("ops_server", e))?,
         None => OpsServerConfig::default(),
     };
-    let seed = match map.remove("kafka") {
-        Some(v) => Some(serde_norway::from_value(v).map_err(|e| invalid("kafka", seed_hint(e)))?),
-        None => None,
-    };
-    let actor = map.get("actor_pool").and_then(|v| v.as_mapping());
-    let has = |k: &str| actor.is_some_and(|t| t.contains_key(k));
-    let explicit = Explicit {
-        pool: map.contains_key("pool"),
-        actor_size: has("workers") || has("size") || has("pool_size"),
-        actor_inbox_size: has("inbox_size") || has("queue_size"),
-        actor_max_restarts: has("max_restarts"),
-    };
+    let seed = FileSeed::take_yaml(&mut map)?;
     let bus = serde_norway::from_value(Value::Mapping(map)).map_err(|e| invalid("", e))?;
-    Ok((bus, ops, seed, explicit))
+    Ok((bus, ops, seed))
 }
 
 fn yaml_kind(v: &serde_norway::Value) -> &'static str {
@@ -255,92 +208,6 @@ fn yaml_kind(v: &serde_norway::Value) -> &'static str {
         Value::Mapping(_) => "a mapping",
         Value::Tagged(_) => "a tagged value",
     }
-}
-
-fn seed_hint(e: impl fmt::Display) -> String {
-    format!(
-        "{e} (of the original service's `kafka` block only `actor_pool.{{enabled, pool_size, \
-         inbox_size, max_restarts}}` is read; the Kafka connection is configured with KafkaConfig)"
-    )
-}
-
-/// Fold the original service's `kafka.actor_pool` block into `bus`: `enabled` is
-/// `pool = "actor"` (true) or `pool = "keyed"` (false), `pool_size` is
-/// `actor_pool.workers`, `inbox_size` is `actor_pool.queue_size`, `max_restarts`
-/// keeps its name. A key set
-/// both ways with different values is an error naming both.
-fn apply_seed(
-    bus: &mut EventBusConfig,
-    seed: &SeedActorPool,
-    explicit: &Explicit,
-) -> Result<(), Error> {
-    fn conflict(seed_key: &str, key: &str, seed_value: String, value: String) -> Error {
-        Error::config(format!(
-            "invalid configuration: kafka.actor_pool.{seed_key} = {seed_value} and {key} = \
-             {value} disagree: set one of them"
-        ))
-    }
-    if let Some(enabled) = seed.enabled {
-        let kind = if enabled {
-            PoolKind::Actor
-        } else {
-            PoolKind::Keyed
-        };
-        if explicit.pool && bus.pool != kind {
-            return Err(conflict(
-                "enabled",
-                "pool",
-                enabled.to_string(),
-                format!("{:?}", bus.pool.as_str()),
-            ));
-        }
-        bus.pool = kind;
-    }
-    let sizes = [
-        (
-            "pool_size",
-            "actor_pool.workers",
-            seed.pool_size,
-            explicit.actor_size,
-            &mut bus.actor_pool.workers,
-        ),
-        (
-            "inbox_size",
-            "actor_pool.queue_size",
-            seed.inbox_size,
-            explicit.actor_inbox_size,
-            &mut bus.actor_pool.queue_size,
-        ),
-    ];
-    for (seed_key, key, value, set, field) in sizes {
-        let Some(value) = value else { continue };
-        if value == 0 {
-            return Err(Error::config(format!(
-                "invalid configuration: kafka.actor_pool.{seed_key} must be at least 1, got 0"
-            )));
-        }
-        if set && *field != value {
-            return Err(conflict(
-                seed_key,
-                key,
-                value.to_string(),
-                field.to_string(),
-            ));
-        }
-        *field = value;
-    }
-    if let Some(value) = seed.max_restarts {
-        if explicit.actor_max_restarts && bus.actor_pool.max_restarts != value {
-            return Err(conflict(
-                "max_restarts",
-                "actor_pool.max_restarts",
-                value.to_string(),
-                bus.actor_pool.max_restarts.to_string(),
-            ));
-        }
-        bus.actor_pool.max_restarts = value;
-    }
-    Ok(())
 }
 
 /// Parse and validate a TOML configuration. Unknown keys are errors naming the key.
@@ -377,6 +244,7 @@ pub fn from_toml_file(path: impl AsRef<Path>) -> Result<EventBusConfig, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PoolKind;
     use std::time::Duration;
 
     #[test]

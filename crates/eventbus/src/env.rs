@@ -24,18 +24,23 @@
 //! force is `"actor"` (from the file, `EVENTBUS_POOL=actor` or
 //! `KAFKA_USE_ACTOR_POOL=true`) it has no effect, every aggregate id goes to the
 //! actor pool, and a warning names it.
+//!
+//! The `KAFKA_*` variables are the original service's spellings: what each means
+//! in the model is [`compat`]'s; this module reads and checks them
+//! with the others, and orders them.
 
+use crate::compat::{self, ActorSetting, ACTOR_INBOX_SIZE, ACTOR_MAX_RESTARTS, ACTOR_POOL_SIZE};
 use crate::{EventBusConfig, PoolKind};
 use eventbus_core::Error;
 use std::ffi::{OsStr, OsString};
 
 /// The variables read, in the order they are applied.
 pub const VARIABLES: [&str; 6] = [
-    "KAFKA_USE_ACTOR_POOL",
+    ROLLBACK_VARIABLE,
     "EVENTBUS_POOL",
-    "KAFKA_ACTOR_POOL_SIZE",
-    "KAFKA_ACTOR_INBOX_SIZE",
-    "KAFKA_ACTOR_MAX_RESTARTS",
+    ACTOR_POOL_SIZE,
+    ACTOR_INBOX_SIZE,
+    ACTOR_MAX_RESTARTS,
     "EVENTBUS_ACTOR_ROLLOUT_PERCENT",
 ];
 
@@ -48,12 +53,9 @@ fn bad(var: &str, value: &str, expected: &str) -> Error {
 /// What each variable accepts, for error messages.
 fn expected(var: &str) -> &'static str {
     match var {
-        "KAFKA_USE_ACTOR_POOL" => "true or false",
         "EVENTBUS_POOL" => "keyed or actor",
-        "KAFKA_ACTOR_POOL_SIZE" | "KAFKA_ACTOR_INBOX_SIZE" => "a whole number ≥ 1",
-        "KAFKA_ACTOR_MAX_RESTARTS" => "a whole number ≥ 0",
         "EVENTBUS_ACTOR_ROLLOUT_PERCENT" => "a whole number from 0 to 100",
-        _ => "a value",
+        _ => compat::expected(var).unwrap_or("a value"),
     }
 }
 
@@ -132,7 +134,7 @@ fn overrides(
         <[Option<String>; 6]>::try_from(values).expect("one value per variable");
     let mut warnings = Vec::new();
     let rollback = match use_actor {
-        Some(v) => Some((!parse_bool("KAFKA_USE_ACTOR_POOL", &v)?, v)),
+        Some(v) => Some((!parse_bool(ROLLBACK_VARIABLE, &v)?, v)),
         None => None,
     };
     if let Some(v) = pool {
@@ -153,35 +155,20 @@ fn overrides(
         }
     }
     if let Some((is_rollback, _)) = rollback {
-        if is_rollback {
-            config.pool = PoolKind::Keyed;
-            config.actor_pool.rollout_percent = 0;
-        } else {
-            config.pool = PoolKind::Actor;
-        }
+        compat::use_actor_pool(config, !is_rollback);
     }
-    if let Some(v) = size {
-        config.actor_pool.workers = parse_num("KAFKA_ACTOR_POOL_SIZE", &v)?;
-        if config.actor_pool.workers == 0 {
-            return Err(bad(
-                "KAFKA_ACTOR_POOL_SIZE",
-                &v,
-                expected("KAFKA_ACTOR_POOL_SIZE"),
-            ));
+    let values = [size, inbox, restarts];
+    for ((var, field), value) in compat::actor_settings(config).into_iter().zip(values) {
+        let Some(v) = value else { continue };
+        match field {
+            ActorSetting::Size(field) => {
+                *field = parse_num(var, &v)?;
+                if *field == 0 {
+                    return Err(bad(var, &v, expected(var)));
+                }
+            }
+            ActorSetting::Restarts(field) => *field = parse_num(var, &v)?,
         }
-    }
-    if let Some(v) = inbox {
-        config.actor_pool.queue_size = parse_num("KAFKA_ACTOR_INBOX_SIZE", &v)?;
-        if config.actor_pool.queue_size == 0 {
-            return Err(bad(
-                "KAFKA_ACTOR_INBOX_SIZE",
-                &v,
-                expected("KAFKA_ACTOR_INBOX_SIZE"),
-            ));
-        }
-    }
-    if let Some(v) = restarts {
-        config.actor_pool.max_restarts = parse_num("KAFKA_ACTOR_MAX_RESTARTS", &v)?;
     }
     if let Some(v) = percent {
         let var = "EVENTBUS_ACTOR_ROLLOUT_PERCENT";
@@ -209,7 +196,7 @@ fn overrides(
 
 /// The rollback variable: `KAFKA_USE_ACTOR_POOL=false` at start-up holds the actor
 /// share at 0 for the life of the process (see [`rollback_floor`]).
-pub const ROLLBACK_VARIABLE: &str = "KAFKA_USE_ACTOR_POOL";
+pub use crate::compat::ROLLBACK_VARIABLE;
 
 /// Whether the rollback variable is set to `false` (or `0`) in what `lookup` finds:
 /// then a [`PoolSwitch`](crate::PoolSwitch) built from this environment keeps its

@@ -2,6 +2,7 @@
 
 mod builder;
 mod bus_config;
+pub mod compat;
 pub mod config;
 pub mod env;
 #[cfg(feature = "ops-server")]

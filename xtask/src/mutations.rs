@@ -820,6 +820,18 @@ fn step_of(binary: &Path, seed: u64) -> Result<String> {
 fn invariant_of(failure: &str) -> &'static str {
     const KINDS: &[(&str, &str)] = &[
         ("hang:", "liveness: the run never ended (a busy loop)"),
+        (
+            "after its work was fenced",
+            "no call starts after its fence",
+        ),
+        (
+            "max_in_flight_per_partition",
+            "in flight per partition within its bound",
+        ),
+        (
+            "before the rewind was committed back",
+            "a durable rewind is committed back first",
+        ),
         ("runs within its bound", "one job per aggregate at a time"),
         ("out of order or a gap", "per-aggregate order"),
         ("skipped", "a re-read restarts from the committed point"),

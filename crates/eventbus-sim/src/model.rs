@@ -383,7 +383,15 @@ impl Model {
         }
         // A partition's work in flight on a member stays within
         // `consumer.max_in_flight_per_partition`: running calls are part of it
-        // (but for those whose work was fenced, and a lost partition's).
+        // (but for those whose work was fenced, and a lost partition's). A
+        // rewind's point and above are left out: a copy already running when
+        // its message is read again no longer counts (DESIGN, rewinds), and a
+        // copy queued before may start until the consumer takes the rewind in.
+        let rewound = self
+            .rewinds
+            .get(&(topic, partition))
+            .and_then(|r| r.iter().min().copied())
+            .unwrap_or(i64::MAX);
         let running = self
             .calls
             .values()
@@ -393,9 +401,14 @@ impl Model {
                     && c.partition == partition
                     && !c.stalled
                     && !c.cancel.is_cancelled()
+                    && self.msgs[c.msg].offset < rewound
             })
             .count();
-        if !stalled_start && !cancel.is_cancelled() && running >= self.per_partition {
+        if !stalled_start
+            && !cancel.is_cancelled()
+            && offset < rewound
+            && running >= self.per_partition
+        {
             self.violate(format!(
                 "{name} (call {call} on bus {bus}) starts with {running} calls of p{partition} running there: past consumer.max_in_flight_per_partition = {}",
                 self.per_partition

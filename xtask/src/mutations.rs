@@ -12,8 +12,10 @@
 //! occur exactly once in its file, so a refactor that moves the code is
 //! noticed), builds the simulation as the slice of `cargo xtask test` is built
 //! (release, `--cfg tokio_unstable`, so that runs of several members replay)
-//! and runs the slice's seeds against it, stopping at the first failing seed
-//! that the unmutated copy passes when tried again. That seed is run once more
+//! and runs the slice's seeds against it, in runs of up to 3 members and then,
+//! if those pass, of one member (the slice runs both ways: the second with the
+//! workspace's tests), stopping at the first failing seed that the unmutated
+//! copy passes when tried again. That seed is run once more
 //! with its trace to find the step at which the simulation reported the
 //! failure.
 //!
@@ -23,7 +25,7 @@
 //! reported apart).
 
 use crate::{cargo, project_root, Result};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -34,6 +36,10 @@ use std::time::Instant;
 /// (`crates/eventbus-sim/tests/slice.rs`): the first, and how many.
 const SLICE_FROM: u64 = 0;
 const SLICE_SEEDS: u64 = 500;
+
+/// The members caps the slice runs its seeds under: up to 3 in `cargo xtask
+/// test`'s step, 1 with the workspace's tests.
+const MEMBERS: [u64; 2] = [3, 1];
 
 /// A run of one seed still going after this many real seconds is a hang, as in
 /// the slice.
@@ -393,6 +399,8 @@ impl Mutation {
 /// How one mutation came out.
 enum Verdict {
     Caught {
+        /// The runs' members cap the seed failed under.
+        members: u64,
         seed: u64,
         step: String,
         invariant: &'static str,
@@ -457,25 +465,38 @@ pub(crate) fn mutations(args: &[String]) -> Result {
     build(&tree, &target, "the unmutated copy")?;
     let started = Instant::now();
     let all = SLICE_FROM..SLICE_FROM + seeds;
-    let baseline = failures(&sim_binary(&target), all.clone(), &BTreeSet::new(), false)?;
+    let mut baseline = Vec::new();
+    for members in MEMBERS {
+        for (seed, failure) in failures(
+            &sim_binary(&target),
+            members,
+            all.clone(),
+            &BTreeSet::new(),
+            false,
+        )? {
+            baseline.push((members, seed, failure));
+        }
+    }
     // Kept to try a mutant's failing seed on the unmutated code again.
     let unmutated = dir.join("eventbus-sim.unmutated");
     std::fs::copy(sim_binary(&target), &unmutated)
         .map_err(|e| format!("cannot copy the unmutated simulation: {e}"))?;
     let secs = started.elapsed().as_secs_f64();
     if !baseline.is_empty() {
-        let seeds: Vec<u64> = baseline.iter().map(|(s, _)| *s).collect();
-        let (seed, failure) = &baseline[0];
+        let seeds: Vec<(u64, u64)> = baseline.iter().map(|(m, s, _)| (*m, *s)).collect();
+        let (members, seed, failure) = &baseline[0];
         if !allow_baseline_failures {
             return Err(format!(
-                "the unmutated copy fails {} seeds {seeds:?}, the first, {seed}: {failure}; fix the \
+                "the unmutated copy fails {} (members, seed) runs {seeds:?}, the first, seed {seed} \
+                 of up to {members} members: {failure}; fix the \
                  simulation or the code first (or, to measure anyway, \
                  --allow-baseline-failures leaves those seeds out)",
                 seeds.len()
             ));
         }
         eprintln!(
-            "xtask: mutations: the unmutated copy fails {} seeds, left out of every run: {seeds:?}",
+            "xtask: mutations: the unmutated copy fails {} (members, seed) runs, left out of \
+             every run: {seeds:?}",
             seeds.len()
         );
     }
@@ -483,7 +504,10 @@ pub(crate) fn mutations(args: &[String]) -> Result {
         "xtask: mutations: the unmutated copy: {seeds} seeds in {secs:.0} s, {} failed",
         baseline.len()
     );
-    let mut skip: BTreeSet<u64> = baseline.iter().map(|(s, _)| *s).collect();
+    let mut skip: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for (members, seed, _) in &baseline {
+        skip.entry(*members).or_default().insert(*seed);
+    }
     let mut unsteady = Vec::new();
 
     let mut rows = Vec::new();
@@ -497,11 +521,21 @@ pub(crate) fn mutations(args: &[String]) -> Result {
         eprintln!("xtask: mutations: {} ({})", m.name, m.files());
         build(&tree, &target, m.name)?;
         let t = Instant::now();
-        let verdict = match first_own_failure(&target, &unmutated, &all, &mut skip, &mut unsteady)?
-        {
-            Some((seed, failure)) => {
-                let step = step_of(&sim_binary(&target), seed)?;
+        let mut found = None;
+        for members in MEMBERS {
+            let skip = skip.entry(members).or_default();
+            if let Some(f) =
+                first_own_failure(&target, &unmutated, members, &all, skip, &mut unsteady)?
+            {
+                found = Some((members, f));
+                break;
+            }
+        }
+        let verdict = match found {
+            Some((members, (seed, failure))) => {
+                let step = step_of(&sim_binary(&target), members, seed)?;
                 Verdict::Caught {
+                    members,
                     seed,
                     step,
                     invariant: invariant_of(&failure),
@@ -513,12 +547,14 @@ pub(crate) fn mutations(args: &[String]) -> Result {
         let secs = t.elapsed().as_secs_f64();
         match &verdict {
             Verdict::Caught {
+                members,
                 seed,
                 step,
                 invariant,
                 ..
             } => eprintln!(
-                "xtask: mutations: {}: caught at seed {seed}, {step}: {invariant} ({secs:.0} s)",
+                "xtask: mutations: {}: caught at seed {seed} (up to {members} members), {step}: \
+                 {invariant} ({secs:.0} s)",
                 m.name
             ),
             Verdict::Missed => eprintln!(
@@ -660,6 +696,7 @@ fn sim_binary(target: &Path) -> PathBuf {
 /// those in `skip` left out; with `stop`, up to the first that fails.
 fn failures(
     binary: &Path,
+    members: u64,
     seeds: std::ops::Range<u64>,
     skip: &BTreeSet<u64>,
     stop: bool,
@@ -670,6 +707,8 @@ fn failures(
             &seeds.start.to_string(),
             "--seeds",
             &(seeds.end - seeds.start).to_string(),
+            "--members",
+            &members.to_string(),
             "--wall-limit",
             &WALL_LIMIT_SECS.to_string(),
         ])
@@ -730,22 +769,24 @@ fn failures(
 fn first_own_failure(
     target: &Path,
     unmutated: &Path,
+    members: u64,
     seeds: &std::ops::Range<u64>,
     skip: &mut BTreeSet<u64>,
-    unsteady: &mut Vec<(u64, String)>,
+    unsteady: &mut Vec<(u64, u64, String)>,
 ) -> Result<Option<(u64, String)>> {
     let mut from = seeds.start;
     while from < seeds.end {
-        let Some((seed, failure)) = failures(&sim_binary(target), from..seeds.end, skip, true)?
-            .into_iter()
-            .next()
+        let Some((seed, failure)) =
+            failures(&sim_binary(target), members, from..seeds.end, skip, true)?
+                .into_iter()
+                .next()
         else {
             return Ok(None);
         };
         // A seed that fails only now and then may pass a few times.
         let mut again = None;
         for _ in 0..UNMUTATED_TRIES {
-            again = failures(unmutated, seed..seed + 1, &BTreeSet::new(), true)?
+            again = failures(unmutated, members, seed..seed + 1, &BTreeSet::new(), true)?
                 .into_iter()
                 .next();
             if again.is_some() {
@@ -760,7 +801,7 @@ fn first_own_failure(
                      {unmutated_failure}; left out from now on"
                 );
                 skip.insert(seed);
-                unsteady.push((seed, unmutated_failure));
+                unsteady.push((members, seed, unmutated_failure));
                 from = seed + 1;
             }
         }
@@ -778,11 +819,13 @@ fn failed_line(line: &str) -> Option<(u64, String)> {
 /// Where seed `seed` failed: the step of the run it was in when the first
 /// violation was recorded (or, for a hang or an error, the last step begun),
 /// with the simulated time of that line.
-fn step_of(binary: &Path, seed: u64) -> Result<String> {
+fn step_of(binary: &Path, members: u64, seed: u64) -> Result<String> {
     let out = Command::new(binary)
         .args([
             "--seed",
             &seed.to_string(),
+            "--members",
+            &members.to_string(),
             "--trace",
             "--wall-limit",
             &WALL_LIMIT_SECS.to_string(),
@@ -856,23 +899,24 @@ fn invariant_of(failure: &str) -> &'static str {
 fn render(
     rows: &[(&Mutation, Verdict)],
     seeds: u64,
-    baseline: &[(u64, String)],
-    unsteady: &[(u64, String)],
+    baseline: &[(u64, u64, String)],
+    unsteady: &[(u64, u64, String)],
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "# Mutations and the simulation's slice\n\nSeeds {SLICE_FROM}..{} built as the slice is \
-         (release, `--cfg tokio_unstable`, up to 3 members), stopping at the first failing \
-         seed; `cargo xtask mutations` writes this file.\n",
+         (release, `--cfg tokio_unstable`), in runs of up to 3 members and then, for a \
+         mutation those miss, of one member (as the workspace's tests run the slice), \
+         stopping at the first failing seed; `cargo xtask mutations` writes this file.\n",
         SLICE_FROM + seeds
     );
     if !baseline.is_empty() {
-        let seeds: Vec<u64> = baseline.iter().map(|(s, _)| *s).collect();
+        let seeds: Vec<(u64, u64)> = baseline.iter().map(|(m, s, _)| (*m, *s)).collect();
         let _ = writeln!(
             out,
-            "The unmutated copy fails {} of these seeds; they were left out of every run \
-             (`--allow-baseline-failures`): {seeds:?}\n",
+            "The unmutated copy fails {} of these (members, seed) runs; they were left out of \
+             every run (`--allow-baseline-failures`): {seeds:?}\n",
             seeds.len()
         );
     }
@@ -882,9 +926,9 @@ fn render(
             "Seeds that passed the unmutated copy once but failed it when tried again (the \
              simulation is not deterministic there), left out from then on:\n"
         );
-        for (seed, failure) in unsteady {
+        for (members, seed, failure) in unsteady {
             let short: String = failure.chars().take(200).collect();
-            let _ = writeln!(out, "- seed {seed}: {short}");
+            let _ = writeln!(out, "- seed {seed} (up to {members} members): {short}");
         }
         let _ = writeln!(out);
     }
@@ -897,11 +941,17 @@ fn render(
         let file = m.files();
         match v {
             Verdict::Caught {
+                members,
                 seed,
                 step,
                 invariant,
                 ..
             } => {
+                let seed = if *members == 1 {
+                    format!("{seed} (1 member)")
+                } else {
+                    seed.to_string()
+                };
                 let _ = writeln!(
                     out,
                     "| {} | {file} | {} | caught | {seed} | {step} | {invariant} |",

@@ -868,6 +868,10 @@ fn invariant_of(failure: &str) -> &'static str {
             "no call starts after its fence",
         ),
         (
+            "the loss did not fence it",
+            "a lost partition's work is fenced",
+        ),
+        (
             "max_in_flight_per_partition",
             "in flight per partition within its bound",
         ),

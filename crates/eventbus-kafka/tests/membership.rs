@@ -22,9 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
+/// The operation timeout of the restart test's members (the testkit's).
+const OPERATION: Duration = Duration::from_secs(10);
+/// The fenced members': their close gives up the final commit's retries
+/// (librdkafka refuses every commit after a fatal error) after this long.
+const FENCED_OPERATION: Duration = Duration::from_secs(2);
 
 /// A member of `group` on `topic`, with `instance_id` when given, under
-/// `membership`.
+/// `membership`, its operations bounded by `operation_timeout`.
+#[allow(clippy::too_many_arguments)]
 async fn member(
     cluster: &Cluster,
     cfg: &eventbus_core::BusConfig,
@@ -33,9 +39,11 @@ async fn member(
     topic: &str,
     checker: &DeliveryChecker,
     work: Duration,
+    operation_timeout: Duration,
 ) -> KafkaEventBus {
     let mut kafka = cluster.kafka_config();
     membership.apply(&mut kafka);
+    kafka.operation_timeout = operation_timeout;
     kafka.instance_id = instance_id.map(str::to_owned);
     let bus = KafkaEventBus::new(kafka, cfg.clone(), cluster::keyed_pool(8)).unwrap();
     let handled: Handled = Arc::default();
@@ -71,8 +79,28 @@ async fn a_static_member_restarts_under_load_without_a_rebalance_for_the_others(
     let checker = DeliveryChecker::new();
     let work = Duration::from_millis(2);
     let m = Membership::Consumer;
-    let a = member(&cluster, &cfg, m, Some("orders-0"), &topic, &checker, work).await;
-    let b = member(&cluster, &cfg, m, Some("orders-1"), &topic, &checker, work).await;
+    let a = member(
+        &cluster,
+        &cfg,
+        m,
+        Some("orders-0"),
+        &topic,
+        &checker,
+        work,
+        OPERATION,
+    )
+    .await;
+    let b = member(
+        &cluster,
+        &cfg,
+        m,
+        Some("orders-1"),
+        &topic,
+        &checker,
+        work,
+        OPERATION,
+    )
+    .await;
     eventually(
         "the two members share the four partitions",
         WAIT,
@@ -109,7 +137,17 @@ async fn a_static_member_restarts_under_load_without_a_rebalance_for_the_others(
         "the restart must come under load"
     );
     a.close().await.unwrap();
-    let a = member(&cluster, &cfg, m, Some("orders-0"), &topic, &checker, work).await;
+    let a = member(
+        &cluster,
+        &cfg,
+        m,
+        Some("orders-0"),
+        &topic,
+        &checker,
+        work,
+        OPERATION,
+    )
+    .await;
     wait_until("every message handled after the restart", WAIT, || {
         checker.handled_distinct() == total
     })
@@ -159,6 +197,10 @@ async fn a_static_member_restarts_under_load_without_a_rebalance_for_the_others(
 /// into the offset commit (both protocols).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_instance_id_stops_all_work_and_is_reported_unhealthy() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let classic = Membership::Classic(eventbus_kafka::AssignmentStrategy::CooperativeSticky);
     for (membership, api) in [
         (classic, RDKafkaApiKey::Heartbeat),
@@ -187,6 +229,7 @@ async fn fenced(membership: Membership, api: RDKafkaApiKey) {
         &topic,
         &checker,
         Duration::ZERO,
+        FENCED_OPERATION,
     )
     .await;
     let publish = |n: usize| {

@@ -26,6 +26,9 @@
 //!   mistakes in the transition code, each applied alone to a copy of the tree
 //!   (`target/mutations/`) and run against the simulation's slice; the table goes
 //!   to `target/mutations/report.md` (see `mutations.rs`).
+//! - `cargo xtask mutants [--shard K/N] [--file PATH]...`: `cargo mutants` on the
+//!   transition code, judged by the simulation's crate, both pools and the facade
+//!   (hours; see `mutants.rs`).
 //! - `cargo xtask loom [test args]`: the loom models of the route table's cells
 //!   and the switch's change between pinned and steady (`--cfg eventbus_loom`,
 //!   `target/loom`; see `loom.rs`); run under `test` after the workspace's tests.
@@ -38,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod loom;
+mod mutants;
 mod mutations;
 mod public_api;
 mod sim;
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Some("public-api") => public_api::public_api(&args[1..]),
         Some("sim") => sim::sim(&args[1..]),
         Some("mutations") => mutations::mutations(&args[1..]),
+        Some("mutants") => mutants::mutants(&args[1..]),
         Some("loom") => loom::loom(&args[1..]),
         _ => {
             eprintln!(
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
             );
             eprintln!("  sim             the seeded simulation of the bus: [--seed S] [--seeds N] [--from S0] [--trace]");
             eprintln!("  mutations       deliberate mistakes in the transition code, each run against the simulation's slice: [--only NAME] [--seeds N] [--list]");
+            eprintln!("  mutants         cargo mutants on the transition code, judged by the simulation, the pools and the facade: [--shard K/N] [--file PATH]... (hours: a command of its own)");
             eprintln!("  loom            the loom models of the route table and the switch's mode change ([test args])");
             eprintln!("  install-deps    install nats-server and build tools (Debian, as root)");
             eprintln!("  public-api      list the public items in docs/public-api.md (--check: it is current)");

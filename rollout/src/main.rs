@@ -23,9 +23,8 @@
 use eventbus::core::raw::{rollout_bucket, stable_hash};
 use eventbus::{
     Envelope, Event, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError, OpsServer,
-    OpsServerConfig, Payload, Pool, PoolSwitch, SharedBus, TopicConfig,
+    OpsServerConfig, Payload, Pool, PoolSwitch, SharedBus,
 };
-use eventbus_testkit::factories::{kafka_config, nats_config};
 use eventbus_testkit::progress::Progress;
 use eventbus_testkit::{Backend, Broker, DeliveryChecker};
 use serde::{Deserialize, Serialize};
@@ -154,28 +153,15 @@ async fn build_bus(
     config.actor_pool.workers = 32;
     config.actor_pool.queue_size = 64;
     config.consumer.max_in_flight_per_partition = 500;
-    let builder = EventBusBuilder::new().ignore_env().config(config);
     broker.prepare(topic, partitions).await;
-    let builder = match broker {
-        Broker::Memory(b) => builder.memory(b.clone()),
-        Broker::Kafka(c) => builder.kafka(kafka_config(&c.brokers())),
-        Broker::Nats(s) => builder.nats(nats_config(&s.url())),
-    };
-    let (bus, switch) = builder
+    let (bus, switch) = EventBusBuilder::new()
+        .ignore_env()
+        .config(config)
+        .backend(broker.facade_backend())
         .build_with_switch()
         .await
         .map_err(|e| format!("bus: {e}"))?;
-    match broker {
-        Broker::Memory(_) => bus
-            .configure_topic(topic, TopicConfig::default().partitions(partitions))
-            .await
-            .map_err(|e| format!("topic {topic}: {e}"))?,
-        Broker::Nats(_) => bus
-            .configure_topic(topic, TopicConfig::default())
-            .await
-            .map_err(|e| format!("topic {topic}: {e}"))?,
-        Broker::Kafka(_) => {}
-    }
+    broker.configure_topic(&bus, topic, partitions).await?;
     Ok((bus, switch))
 }
 

@@ -17,6 +17,9 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Every backend, in the order runs and reports list them.
+    pub const ALL: [Backend; 3] = [Backend::Memory, Backend::Kafka, Backend::Nats];
+
     /// `memory`, `kafka` or `nats`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -30,6 +33,23 @@ impl Backend {
     /// to, no group to join before the first message.
     pub fn in_process(self) -> bool {
         self == Backend::Memory
+    }
+
+    /// Whether a topic can be consumed in leased partitions of its own
+    /// (`NatsConfig::topic_partitions`, the `--partitions` of the tools): NATS
+    /// only; Kafka and memory topics have their broker's partitions.
+    pub fn leased_partitions(self) -> bool {
+        self == Backend::Nats
+    }
+
+    /// What holds a run's messages besides the bus, for a report on peak
+    /// memory: the broker in process, or the client's own queues.
+    pub fn holds_messages(self) -> &'static str {
+        match self {
+            Backend::Memory => "the memory broker holding every message",
+            Backend::Kafka => "librdkafka's queues",
+            Backend::Nats => "the NATS client",
+        }
     }
 
     /// Buses of this backend on the broker at `endpoint` (Kafka bootstrap
@@ -50,15 +70,16 @@ impl fmt::Display for Backend {
 impl FromStr for Backend {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "memory" => Ok(Backend::Memory),
-            "kafka" => Ok(Backend::Kafka),
-            "nats" => Ok(Backend::Nats),
-            other => Err(format!(
-                "--backend: expected `memory`, `kafka` or `nats`, got `{}`",
-                other.escape_debug()
-            )),
-        }
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "--backend: expected {}, got `{}`",
+                    Backend::ALL.map(|b| format!("`{b}`")).join(", "),
+                    s.escape_debug()
+                )
+            })
     }
 }
 
@@ -118,6 +139,26 @@ impl Broker {
         }
     }
 
+    /// Configure `topic` on `bus`, a bus on this broker, as a run needs it
+    /// after [`prepare`](Self::prepare): memory, `partitions` partitions; NATS,
+    /// its stream with the default settings; Kafka, nothing (`prepare` created
+    /// it). The error names the topic.
+    pub async fn configure_topic(
+        &self,
+        bus: &eventbus_core::SharedBus,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<(), String> {
+        let config = match self {
+            Broker::Memory(_) => eventbus_core::TopicConfig::default().partitions(partitions),
+            Broker::Nats(_) => eventbus_core::TopicConfig::default(),
+            Broker::Kafka(_) => return Ok(()),
+        };
+        bus.configure_topic(topic, config)
+            .await
+            .map_err(|e| format!("topic {topic}: {e}"))
+    }
+
     /// The broker's process id, when it is a process of its own.
     pub fn pid(&self) -> Option<u32> {
         match self {
@@ -143,6 +184,30 @@ impl Broker {
         match self {
             Broker::Memory(b) => at.memory(b.clone()),
             _ => at,
+        }
+    }
+}
+
+/// The facade's backend for buses on a broker of the run.
+#[cfg(all(
+    feature = "memory",
+    feature = "kafka",
+    feature = "nats",
+    feature = "facade"
+))]
+impl Broker {
+    /// The facade's [`Backend`](eventbus::Backend) of a bus on this broker,
+    /// with the testkit's client settings (memory: on this very broker), for an
+    /// [`EventBusBuilder`](eventbus::EventBusBuilder).
+    pub fn facade_backend(&self) -> eventbus::Backend {
+        match self {
+            Broker::Memory(b) => eventbus::Backend::Memory(b.clone()),
+            Broker::Kafka(c) => {
+                eventbus::Backend::Kafka(Box::new(crate::factories::kafka_config(&c.brokers())))
+            }
+            Broker::Nats(s) => {
+                eventbus::Backend::Nats(Box::new(crate::factories::nats_config(&s.url())))
+            }
         }
     }
 }

@@ -104,7 +104,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     }
     let need = |v: Option<String>, flag: &str| v.ok_or_else(|| format!("{flag} is required"));
     let backend: Backend = backend.ok_or("--backend is required")?;
-    if partitions.is_some() && backend != Backend::Nats {
+    if partitions.is_some() && !backend.leased_partitions() {
         return Err("--partitions: partitioned topics are a NATS setting".into());
     }
     Ok(Args {

@@ -175,7 +175,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     if args.storage.is_some() && args.members.is_none() {
         return Err("--storage applies to the NATS scale-out: use it with --members".to_owned());
     }
-    if args.members.is_some() && args.backend != Backend::Nats {
+    if args.members.is_some() && !args.backend.leased_partitions() {
         return Err(format!(
             "--members needs --backend nats (the scale-out runs on a partitioned NATS topic), not `{}`",
             args.backend.as_str()

@@ -558,11 +558,7 @@ impl Verdict {
         }
         self.notes.push(format!(
             "each run is a fresh process; peak memory is that process's VmHWM (the pool, the bus, {} and the workload's own bookkeeping)",
-            match backend {
-                Backend::Memory => "the memory broker holding every message",
-                Backend::Kafka => "librdkafka's queues",
-                Backend::Nats => "the NATS client",
-            }
+            backend.holds_messages()
         ));
     }
 }

@@ -1,11 +1,11 @@
 //! Buses of each backend, set up the same way for the producer and every consumer.
 
+use eventbus::nats::NatsEventBus;
 use eventbus::PoolKind;
 use eventbus_actor_pool::ActorPoolConfig;
 use eventbus_core::{BusConfig, DeliveryPolicy, Error, Pool, SharedBus};
 use eventbus_keyed_pool::KeyedPoolConfig;
 use eventbus_memory::MemoryBroker;
-use eventbus_nats::NatsEventBus;
 use eventbus_testkit::conformance::BusFactory;
 use eventbus_testkit::factories::BusesAt;
 use std::sync::Arc;

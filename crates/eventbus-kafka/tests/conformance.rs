@@ -6,15 +6,15 @@ use eventbus_testkit::factories::KafkaBuses;
 eventbus_testkit::conformance_tests!(KafkaBuses::start());
 
 /// The same checks with members of KIP-848's consumer protocol (the broker
-/// assigns; every rebalance incremental), on the mock cluster: the real-broker
-/// tier's broker has no consumer protocol. The keyed pool only: the pools are
-/// checked against each other above, the protocol here.
+/// assigns; every rebalance incremental), always on the mock cluster: the
+/// real-broker tier's broker has no consumer protocol. The keyed pool only: the
+/// pools are checked against each other above, the protocol here.
 mod consumer_protocol {
     use eventbus_kafka::GroupProtocol;
     use eventbus_testkit::factories::KafkaBuses;
 
     eventbus_testkit::conformance_tests!(
-        KafkaBuses::start_with(GroupProtocol::Consumer);
+        KafkaBuses::mock_with(GroupProtocol::Consumer);
         keyed_pool => eventbus_testkit::factories::keyed_pools()
     );
 }

@@ -167,6 +167,13 @@ impl KafkaBuses {
     pub fn start_with(protocol: eventbus_kafka::GroupProtocol) -> Self {
         Self(Arc::new(crate::kafka_cluster::Cluster::start()), protocol)
     }
+
+    /// Buses on a new mock cluster, whatever `KAFKA_BROKERS` says, with members
+    /// of this group protocol: for what only the mock serves here (the consumer
+    /// protocol: the real-broker tier's tansu has no `ConsumerGroupHeartbeat`).
+    pub fn mock_with(protocol: eventbus_kafka::GroupProtocol) -> Self {
+        Self(Arc::new(crate::kafka_cluster::Cluster::mock(1)), protocol)
+    }
 }
 
 /// [`kafka_config`] for members of `protocol`: under

@@ -114,6 +114,9 @@ pub(crate) struct Model {
     lost: BTreeMap<(usize, usize), (u64, Vec<i32>)>,
     /// Per (topic, partition): every offset it was rewound to.
     rewinds: BTreeMap<(usize, i32), Vec<i64>>,
+    /// Per (topic, partition): the ranges rewinds read again, from the rewind
+    /// point to the partition's end when it came.
+    reread: BTreeMap<(usize, i32), Vec<(i64, i64)>>,
     /// Per (topic, partition): a rewind below the committed offset whose
     /// backward commit has not been seen yet.
     rewinding: BTreeMap<(usize, i32), i64>,
@@ -151,6 +154,7 @@ impl Shared {
             next_call: 0,
             lost: BTreeMap::new(),
             rewinds: BTreeMap::new(),
+            reread: BTreeMap::new(),
             rewinding: BTreeMap::new(),
             backward: BTreeMap::new(),
             members: BTreeMap::new(),
@@ -383,15 +387,13 @@ impl Model {
         }
         // A partition's work in flight on a member stays within
         // `consumer.max_in_flight_per_partition`: running calls are part of it
-        // (but for those whose work was fenced, and a lost partition's). A
-        // rewind's point and above are left out: a copy already running when
-        // its message is read again no longer counts (DESIGN, rewinds), and a
-        // copy queued before may start until the consumer takes the rewind in.
-        let rewound = self
-            .rewinds
-            .get(&(topic, partition))
-            .and_then(|r| r.iter().min().copied())
-            .unwrap_or(i64::MAX);
+        // (but for those whose work was fenced, and a lost partition's). What a
+        // rewind reads again is left out, from its point to the partition's end
+        // when it came: a copy already running when its message is read again
+        // no longer counts (DESIGN, rewinds), and a copy queued before may start
+        // until the consumer takes the rewind in.
+        let ranges = self.reread.get(&(topic, partition));
+        let rewound = |o: i64| ranges.is_some_and(|r| r.iter().any(|&(a, b)| a <= o && o < b));
         let running = self
             .calls
             .values()
@@ -401,12 +403,12 @@ impl Model {
                     && c.partition == partition
                     && !c.stalled
                     && !c.cancel.is_cancelled()
-                    && self.msgs[c.msg].offset < rewound
+                    && !rewound(self.msgs[c.msg].offset)
             })
             .count();
         if !stalled_start
             && !cancel.is_cancelled()
-            && offset < rewound
+            && !rewound(offset)
             && running >= self.per_partition
         {
             self.violate(format!(
@@ -539,6 +541,11 @@ impl Model {
             .entry((topic, partition))
             .or_default()
             .push(offset);
+        let end = self.open.get(&(topic, partition)).map_or(0, |o| o.1);
+        self.reread
+            .entry((topic, partition))
+            .or_default()
+            .push((offset, end));
         if committed.is_some_and(|c| c > offset) {
             self.rewinding.insert((topic, partition), offset);
             let earlier = self.backward.get(&(topic, partition)).map(|b| b.0);

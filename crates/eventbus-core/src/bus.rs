@@ -314,6 +314,11 @@ pub trait EventBus: Send + Sync + fmt::Debug + 'static {
     /// Recovery mode: read it, or register callbacks on enter and leave.
     fn recovery(&self) -> Arc<Recovery>;
 
+    /// What holds each partition's commit point (NATS: each durable's oldest
+    /// unacknowledged message), the longest held first; see
+    /// [`Dispatcher::commit_holds`](crate::raw::Dispatcher::commit_holds).
+    fn commit_holds(&self) -> Vec<crate::CommitHold>;
+
     /// Stop fetching, drain in-flight work within the drain timeout, commit, release.
     fn close(&self) -> BoxFuture<'_, Result<()>>;
 

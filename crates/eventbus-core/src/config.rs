@@ -57,6 +57,9 @@ pub enum OffsetReset {
 /// [`ConsumerConfig::max_tracked_per_partition`].
 pub(crate) const DEFAULT_MAX_TRACKED_PER_PARTITION: usize = 1_000_000;
 
+/// Default of `consumer.stall_threshold`: five minutes.
+pub(crate) const DEFAULT_STALL_THRESHOLD: Duration = Duration::from_secs(300);
+
 /// Consumer settings (`consumer.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -103,6 +106,12 @@ pub struct ConsumerConfig {
     pub handover_timeout: Duration,
     /// Where to start without a committed offset, default `earliest`.
     pub auto_offset_reset: OffsetReset,
+    /// How long one message may hold its partition's commit point before health
+    /// reports the partition stalled (Degraded, naming the partition and the
+    /// aggregate), default 5m. See `docs/operations.md`, "What holds each
+    /// commit point".
+    #[serde(with = "humantime_serde")]
+    pub stall_threshold: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -116,6 +125,7 @@ impl Default for ConsumerConfig {
             drain_timeout: Duration::from_secs(10),
             handover_timeout: Duration::from_secs(5),
             auto_offset_reset: OffsetReset::Earliest,
+            stall_threshold: DEFAULT_STALL_THRESHOLD,
         }
     }
 }
@@ -157,6 +167,12 @@ impl ConsumerConfig {
         self.handover_timeout = d;
         self
     }
+    /// Set the stall threshold (`consumer.stall_threshold`).
+    #[must_use]
+    pub fn stall_threshold(mut self, d: Duration) -> Self {
+        self.stall_threshold = d;
+        self
+    }
     /// The longest a hand-over (revoke, unsubscribe, close, lease release) waits
     /// for the work it gives up: `drain_timeout + handover_timeout`.
     pub fn handover_bound(&self) -> Duration {
@@ -178,6 +194,9 @@ impl ConsumerConfig {
         )?;
         if self.commit_interval.is_zero() {
             return Err(Error::config("consumer.commit_interval must be above zero"));
+        }
+        if self.stall_threshold.is_zero() {
+            return Err(Error::config("consumer.stall_threshold must be above zero"));
         }
         Ok(())
     }

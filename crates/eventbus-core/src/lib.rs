@@ -45,6 +45,7 @@ pub use message::{Headers, Message, PublishReceipt, Record};
 pub use ops::{Recovery, RecoveryChange};
 pub use policy::DeliveryPolicy;
 pub use pool::{Pool, PoolStats};
+pub use raw::{CommitHold, HoldError, HOLD_TEXT_LIMIT};
 pub use redrive::{
     DeadLetterEntry, DeadLetterId, InvalidDeadLetter, RedriveOptions, RedriveReport,
     DEFAULT_REDRIVE_PROGRESS,
@@ -86,9 +87,10 @@ pub mod raw {
     pub use crate::redrive::{DeadLetterReader, RawDeadLetter, ReaderOptions};
     pub use chunks::ByteChunks;
     pub use completions::{Claim, Completions};
+    pub use dispatcher::{CommitHold, HoldError, HOLD_TEXT_LIMIT};
     pub use dispatcher::{
         Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, Held,
-        InFlight, MonitorHandle, PreparedSubscription,
+        InFlight, MonitorHandle, PartitionHold, PreparedSubscription,
     };
     pub use fence::{Epoch, Scope};
     pub use handover::{hand_over, HandOver, HandedOver};

@@ -38,8 +38,6 @@ pub const MESSAGE_DURATION: &str = "message_duration_seconds";
 pub const RETRIES: &str = "retries_total";
 /// Messages written to a dead-letter topic, by `topic` (the original topic). Counter.
 pub const DEAD_LETTERS: &str = "dead_letters_total";
-/// Aggregate ids stuck in retry with no dead-letter destination. Gauge.
-pub const STUCK_KEYS: &str = "stuck_keys";
 /// Submissions refused by a full or unavailable pool, retried, by `pool`. Counter.
 pub const SUBMIT_RETRIES: &str = "pool_submit_retries_total";
 
@@ -74,6 +72,19 @@ pub const PARTITION_IN_FLIGHT: &str = "partition_in_flight";
 /// Last committed offset (Kafka, memory) of a partition, by `topic` and `partition`.
 /// Gauge.
 pub const PARTITION_COMMITTED: &str = "partition_committed_offset";
+/// How long the lowest unfinished message of a partition (NATS: the oldest
+/// unacknowledged message of a partition's durable) has held its commit point, in
+/// seconds, by `topic` and `partition`; 0 when nothing is unfinished. No key label:
+/// `GET /stuck` and `eventbus stuck` name the offset and the aggregate. Gauge.
+pub const PARTITION_OLDEST_UNFINISHED_AGE: &str = "partition_oldest_unfinished_age_seconds";
+/// Messages above a partition's lowest unfinished one that finished already (what
+/// a restart from the commit point would deliver again), by `topic` and
+/// `partition`. Gauge.
+pub const PARTITION_FINISHED_ABOVE_COMMIT: &str = "partition_finished_above_commit";
+/// Partitions whose commit point is stalled: held past `consumer.stall_threshold`,
+/// or by a message retrying with attempts used up and no dead-letter destination.
+/// Health is Degraded while it is above 0. Gauge.
+pub const STALLED_PARTITIONS: &str = "stalled_partitions";
 /// Total lag over every partition of every subscription. Gauge.
 pub const BACKLOG_MESSAGES: &str = "backlog_messages";
 /// Age in seconds of the oldest message dispatched in the last check interval
@@ -133,7 +144,6 @@ pub const ALL: &[&str] = &[
     MESSAGE_DURATION,
     RETRIES,
     DEAD_LETTERS,
-    STUCK_KEYS,
     SUBMIT_RETRIES,
     POOL_RESTARTS,
     POOL_UTILISATION,
@@ -144,6 +154,9 @@ pub const ALL: &[&str] = &[
     PARTITION_LAG,
     PARTITION_IN_FLIGHT,
     PARTITION_COMMITTED,
+    PARTITION_OLDEST_UNFINISHED_AGE,
+    PARTITION_FINISHED_ABOVE_COMMIT,
+    STALLED_PARTITIONS,
     BACKLOG_MESSAGES,
     BACKLOG_AGE,
     RECOVERING,

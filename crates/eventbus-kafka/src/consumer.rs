@@ -298,6 +298,8 @@ enum Step {
     Event(Option<FetchEvent>),
     Control(Option<Control>),
     Tick,
+    /// Time to report what holds each partition's commit point.
+    Report,
 }
 
 /// The dispatch loop; see the module docs.
@@ -455,6 +457,8 @@ impl ConsumeLoop {
     pub(crate) async fn run(mut self) {
         let mut tick = tokio::time::interval(self.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut report = tokio::time::interval(self.dispatcher.holds_interval());
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.run_transitions().await;
             self.admit_parked().await;
@@ -462,6 +466,7 @@ impl ConsumeLoop {
                 biased;
                 _ = self.stop.cancelled() => Step::Stop,
                 _ = self.shared.transition_ready.notified() => Step::Transitions,
+                _ = report.tick() => Step::Report,
                 pr = next_progress(&mut self.topics, &mut self.rotate) => Step::Progress(pr),
                 c = self.control.recv() => Step::Control(c),
                 e = self.events.recv() => Step::Event(e),
@@ -505,6 +510,7 @@ impl ConsumeLoop {
                     self.report_in_flight();
                     self.check_back_commits();
                 }
+                Step::Report => self.report_holds(),
             }
         }
         self.shutdown().await;
@@ -1182,6 +1188,14 @@ impl ConsumeLoop {
             for p in ts.set.partitions() {
                 km::in_flight(t, p, ts.set.in_flight(p));
             }
+        }
+    }
+
+    /// Tell the dispatcher what holds each owned partition's commit point.
+    fn report_holds(&self) {
+        for (t, ts) in &self.topics {
+            let owned: Vec<i32> = ts.set.partitions().collect();
+            self.dispatcher.report_holds(t, ts.set.holds(), &owned);
         }
     }
 

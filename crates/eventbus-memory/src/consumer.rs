@@ -84,6 +84,8 @@ enum Step {
     Retry,
     /// New records on the topic: the next submission pass fetches them.
     Appended,
+    /// Time to report what holds each partition's commit point.
+    Report,
 }
 
 /// What one partition's turn in a submission pass came to.
@@ -195,6 +197,8 @@ impl ConsumeLoop {
     pub(crate) async fn run(mut self) {
         self.rebalanced.borrow_and_update();
         self.reconcile().await;
+        let mut report = tokio::time::interval(self.dispatcher.holds_interval());
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.rebalanced.has_changed().unwrap_or(false) {
                 self.rebalanced.borrow_and_update();
@@ -209,6 +213,7 @@ impl ConsumeLoop {
                 biased;
                 _ = self.cancel.cancelled() => Step::Stop,
                 _ = self.rebalanced.changed() => Step::Rebalanced,
+                _ = report.tick() => Step::Report,
                 pr = next_progress(&mut self.partitions, &mut self.set) => Step::Progress(pr),
                 _ = sleep_until(retry_at), if retry_at.is_some() => Step::Retry,
                 _ = self.appended.changed() => Step::Appended,
@@ -226,12 +231,23 @@ impl ConsumeLoop {
                     ControlFlow::Continue(())
                 }
                 Step::Appended => ControlFlow::Continue(()),
+                Step::Report => {
+                    self.report_holds();
+                    ControlFlow::Continue(())
+                }
             };
             if flow.is_break() {
                 break;
             }
         }
         self.shutdown().await;
+    }
+
+    /// Tell the dispatcher what holds each owned partition's commit point.
+    fn report_holds(&self) {
+        let owned: Vec<i32> = self.set.partitions().collect();
+        self.dispatcher
+            .report_holds(self.sub.shared_topic(), self.set.holds(), &owned);
     }
 
     /// Take up what the group says now: drop the partitions lost (and rejoin

@@ -314,6 +314,7 @@ async fn a_stuck_key_without_dead_letters_holds_its_commit_across_hand_overs() {
         let topic = format!("stuck-{name}");
         let mut cfg = config();
         cfg.dead_letter.enabled = false;
+        cfg.operations.check_interval = Duration::from_millis(50);
         let group = cfg.consumer.group_id.clone();
         let spec = PoolSpec {
             workers: 16,
@@ -381,7 +382,13 @@ async fn a_stuck_key_without_dead_letters_holds_its_commit_across_hand_overs() {
             .await;
             wait_until(
                 &format!("{name}: the stuck key reported in round {round}"),
-                || bus.dispatcher().stats().stuck_keys == vec!["stuck".to_owned()],
+                || {
+                    bus.commit_holds().iter().any(|h| {
+                        h.offset == stuck_offset
+                            && h.aggregate_id.as_deref() == Some("stuck")
+                            && h.exhausted
+                    })
+                },
             )
             .await;
             if round == 2 {

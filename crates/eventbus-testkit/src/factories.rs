@@ -294,6 +294,9 @@ impl eventbus_core::EventBus for OnMock {
     fn recovery(&self) -> Arc<eventbus_core::Recovery> {
         self.bus.recovery()
     }
+    fn commit_holds(&self) -> Vec<eventbus_core::CommitHold> {
+        self.bus.commit_holds()
+    }
     fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
         self.bus.close()
     }

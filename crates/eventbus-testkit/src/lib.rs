@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod redrive;
 pub mod resources;
 pub mod shutdown;
+pub mod stuck;
 pub mod wait;
 
 pub use backend::Backend;

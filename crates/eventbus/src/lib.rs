@@ -31,13 +31,13 @@ pub use switch::Side;
 /// dead-letter headers. Backend and pool implementers use [`core`] (its `raw`
 /// module).
 pub use eventbus_core::{
-    handler_fn, AggregateIdConfig, BacklogConfig, BusConfig, CancellationToken, ComponentHealth,
-    ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Envelope, EnvelopeError, Error, ErrorKind,
-    Event, EventBus, EventBusExt, Failure, Handler, HandlerError, HandlerResult, Headers,
-    HealthReport, HealthStatus, IdSource, Message, MetricsConfig, OffsetReset, OperationsConfig,
-    Payload, Pool, PoolStats, PublishReceipt, RateLimit, Record, Recovery, RecoveryChange, Result,
-    Routing, SharedBus, StorageKind, SubscribeOptions, Subscription, TopicConfig,
-    DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
+    handler_fn, AggregateIdConfig, BacklogConfig, BusConfig, CancellationToken, CommitHold,
+    ComponentHealth, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Envelope, EnvelopeError,
+    Error, ErrorKind, Event, EventBus, EventBusExt, Failure, Handler, HandlerError, HandlerResult,
+    Headers, HealthReport, HealthStatus, HoldError, IdSource, Message, MetricsConfig, OffsetReset,
+    OperationsConfig, Payload, Pool, PoolStats, PublishReceipt, RateLimit, Record, Recovery,
+    RecoveryChange, Result, Routing, SharedBus, StorageKind, SubscribeOptions, Subscription,
+    TopicConfig, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
     DLQ_TOPIC_HEADER,
 };
 

@@ -239,7 +239,7 @@ async fn every_documented_metric_is_served_with_the_counts_handled() {
         (ENVELOPES + PLAIN) as f64,
         "one duration per finished message"
     );
-    assert_eq!(s.sum(&p(m::STUCK_KEYS), &[]), 0.0);
+    assert_eq!(s.sum(&p(m::STALLED_PARTITIONS), &[]), 0.0);
     // Both pools did work, each message counted once under the pool that ran it.
     for pool in ["keyed", "actor"] {
         assert!(

@@ -703,7 +703,7 @@ fn a_dashboard_query_without_a_metric_or_prefix_is_reported() {
             "is a gauge",
         ),
         (
-            "sum(${backend}_eventbus_stuck_keys{job=~\"$jobs\"})",
+            "sum(${backend}_eventbus_stalled_partitions{job=~\"$jobs\"})",
             "$jobs",
         ),
     ] {

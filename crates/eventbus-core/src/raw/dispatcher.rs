@@ -5,7 +5,7 @@
 //! `task` runs a message's attempts (retry with backoff, settling the outcome),
 //! `dead_letter` writes what is given up, `limiter` is a subscription's rate
 //! limit, `instruments` the pipeline's metrics, `monitor` the periodic check of lag,
-//! pools and health.
+//! pools and health, `holds` what holds each commit point.
 //!
 //! Backends feed consumed messages to [`Dispatcher::submit`] in delivery order and
 //! act on each [`Completion`]: ack / commit when [`Completion::should_ack`], leave the
@@ -49,6 +49,7 @@ use crate::raw::task::Task;
 
 mod dead_letter;
 mod held;
+mod holds;
 mod instruments;
 mod limiter;
 mod monitor;
@@ -59,6 +60,8 @@ use task::{envelope_key, plain_key, Described, EnvelopeTask, PlainTask, TaskShar
 use crate::dead_letter::DeadLetterKind;
 pub use dead_letter::{DeadLetter, DeadLetterSink};
 pub use held::Held;
+use holds::Holds;
+pub use holds::{CommitHold, HoldError, PartitionHold, HOLD_TEXT_LIMIT};
 use instruments::Metrics;
 use limiter::Limiter;
 pub use monitor::MonitorHandle;
@@ -388,8 +391,6 @@ pub struct DispatchStats {
     pub retries: u64,
     /// Dead letters written.
     pub dead_lettered: u64,
-    /// Aggregate ids stuck in retry now (no dead-letter destination).
-    pub stuck_keys: Vec<String>,
 }
 
 #[derive(Default)]
@@ -409,30 +410,12 @@ struct Inner {
     round_robin: AtomicU64,
     counters: Counters,
     metrics: Metrics,
-    stuck: Mutex<HashMap<String, u32>>,
+    /// What holds each commit point (see `holds`).
+    holds: Holds,
     cancel: CancellationToken,
     recovery: Arc<Recovery>,
     /// Age in ms of the oldest message dispatched since the monitor last looked.
     oldest_age_ms: AtomicU64,
-}
-
-impl Inner {
-    fn mark_stuck(&self, key: &str) {
-        let mut stuck = self.stuck.lock().expect("stuck-key registry poisoned");
-        *stuck.entry(key.to_owned()).or_insert(0) += 1;
-        self.metrics.stuck.set(stuck.len() as f64);
-    }
-
-    fn clear_stuck(&self, key: &str) {
-        let mut stuck = self.stuck.lock().expect("stuck-key registry poisoned");
-        if let Some(n) = stuck.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                stuck.remove(key);
-            }
-            self.metrics.stuck.set(stuck.len() as f64);
-        }
-    }
 }
 
 /// The pipeline shared by every backend. Cheap to clone.
@@ -569,7 +552,7 @@ impl Dispatcher {
                 round_robin: AtomicU64::new(0),
                 counters: Counters::default(),
                 metrics,
-                stuck: Mutex::new(HashMap::new()),
+                holds: Holds::default(),
                 cancel: CancellationToken::new(),
                 recovery,
                 oldest_age_ms: AtomicU64::new(0),
@@ -678,15 +661,6 @@ impl Dispatcher {
     /// Counters.
     pub fn stats(&self) -> DispatchStats {
         let c = &self.inner.counters;
-        let mut stuck_keys: Vec<String> = self
-            .inner
-            .stuck
-            .lock()
-            .expect("stuck-key registry poisoned")
-            .keys()
-            .cloned()
-            .collect();
-        stuck_keys.sort();
         DispatchStats {
             submitted: c.submitted.load(Ordering::Relaxed),
             handled: c.handled.load(Ordering::Relaxed),
@@ -694,7 +668,6 @@ impl Dispatcher {
             panicked: c.panicked.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
-            stuck_keys,
         }
     }
 

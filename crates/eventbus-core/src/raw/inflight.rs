@@ -300,6 +300,24 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             .and_then(|p| p.tracker.lowest_pending())
     }
 
+    /// What holds each owned partition's commit point now: per partition with an
+    /// unfinished message, its lowest unfinished offset and how many offsets
+    /// above it finished ([`OffsetTracker::finished_above`]). A read-only view
+    /// computed when asked, for [`Dispatcher::report_holds`]: a consume loop
+    /// hands it over at the report interval, never per message.
+    ///
+    /// [`Dispatcher::report_holds`]: crate::raw::Dispatcher::report_holds
+    pub fn holds(&self) -> impl Iterator<Item = crate::raw::PartitionHold> + '_ {
+        self.partitions.iter().filter_map(|(&partition, p)| {
+            let offset = p.tracker.lowest_pending()?;
+            Some(crate::raw::PartitionHold::new(
+                partition,
+                offset,
+                p.tracker.finished_above() as u64,
+            ))
+        })
+    }
+
     /// Messages in flight in total (this set).
     pub fn len(&self) -> usize {
         self.completions.len()
@@ -748,10 +766,7 @@ mod tests {
             .map(|o| p.set.begin(0, o).expect("partition 0 is owned"))
             .collect();
         assert!(p.set.rewind(0, 3));
-        let fenced: Vec<bool> = old
-            .iter()
-            .map(|t| t.epoch().is_fenced(t.offset))
-            .collect();
+        let fenced: Vec<bool> = old.iter().map(|t| t.epoch().is_fenced(t.offset)).collect();
         assert_eq!(fenced, [false, false, false, true, true, true]);
         let first = p.set.begin(0, 3).expect("owned");
         assert_eq!(first.rewound_from(), Some(3));

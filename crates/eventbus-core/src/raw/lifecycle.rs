@@ -336,6 +336,10 @@ impl<T: LifecycleBus> EventBus for T {
         self.lifecycle().dispatcher().recovery().clone()
     }
 
+    fn commit_holds(&self) -> Vec<crate::CommitHold> {
+        self.lifecycle().dispatcher().commit_holds()
+    }
+
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         self.lifecycle().close().boxed()
     }

@@ -18,11 +18,24 @@ use eventbus_core::raw::{Completion, Disposition};
 pub(super) struct Tracked {
     pub(super) reply: Subject,
     pub(super) last_signal: Instant,
+    /// Its place among the turn's deliveries (1 for the first): what finished
+    /// after it is counted from this when asked ([`oldest`]).
+    pub(super) index: u64,
 }
 
 /// Every message of a turn not yet settled, by stream sequence: owned by the
 /// turn, which also sends their heartbeats.
 pub(super) type Registry = HashMap<u64, Tracked>;
+
+/// The oldest message of `registry` (lowest stream sequence) and how many of the
+/// `accepted` deliveries after it settled already: what holds the durable's ack
+/// floor. Computed when asked, a pass over what is in flight.
+pub(super) fn oldest(registry: &Registry, accepted: u64) -> Option<(u64, u64)> {
+    let (&seq, first) = registry.iter().min_by_key(|(seq, _)| **seq)?;
+    let later = accepted.saturating_sub(first.index);
+    let unsettled = registry.values().filter(|t| t.index > first.index).count() as u64;
+    Some((seq, later.saturating_sub(unsettled)))
+}
 
 /// What to send the server for a finished message: ack, term or nak.
 #[derive(Debug)]

@@ -380,7 +380,7 @@ impl JsLoop {
     pub(super) fn accept(
         &mut self,
         m: async_nats::Message,
-        registry: &mut Registry,
+        (registry, accepted): (&mut Registry, &mut u64),
         now: Instant,
     ) -> Option<Message> {
         let Some((reply, info)) = m
@@ -412,11 +412,13 @@ impl JsLoop {
             t.last_signal = now;
             return None;
         }
+        *accepted += 1;
         registry.insert(
             seq,
             Tracked {
                 reply,
                 last_signal: now,
+                index: *accepted,
             },
         );
         tracing::debug!(topic = %self.state.topic, seq, attempt, "delivery");

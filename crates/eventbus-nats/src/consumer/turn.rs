@@ -14,7 +14,9 @@ use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use eventbus_core::raw::{Claim, Completion, Completions, Disposition, InFlight, Scope, Target};
+use eventbus_core::raw::{
+    Claim, Completion, Completions, Disposition, InFlight, PartitionHold, Scope, Target,
+};
 use eventbus_core::{CancellationToken, Message, Result};
 
 use super::acks::{settle, Registry};
@@ -53,6 +55,8 @@ enum Step {
     Stop,
     /// Time to send the in-progress heartbeats that are due.
     Beat,
+    /// Time to report what holds the durable's ack floor.
+    Report,
     /// A submitted message finished.
     Settled(Completion<u64>),
     /// The submission under way is done (accepted by the pool, or not).
@@ -82,6 +86,10 @@ pub(super) struct ConsumeTurn<'a> {
     client: Client,
     /// Every message of the turn not yet settled, by stream sequence.
     registry: Registry,
+    /// Deliveries the turn accepted (see [`acks::oldest`](super::acks::oldest)).
+    accepted: u64,
+    /// When to report what holds the durable's ack floor.
+    report: tokio::time::Interval,
     /// The `+WPI` heartbeats of what is in `registry`: a branch of the turn's
     /// `select!`, and raced against every other wait of the turn.
     beats: Heartbeats,
@@ -187,6 +195,8 @@ impl<'a> ConsumeTurn<'a> {
             lost.clone(),
         );
         let client = js.shared.client.clone();
+        let mut report = tokio::time::interval(js.dispatcher.holds_interval());
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stopped = Box::pin(js.stop.clone().cancelled_owned());
         // A clone has seen what `js.reconnects` has seen (all of it, above).
         let mut reconnects = js.reconnects.clone();
@@ -198,6 +208,8 @@ impl<'a> ConsumeTurn<'a> {
             scope,
             client,
             registry: Registry::new(),
+            accepted: 0,
+            report,
             beats,
             queue: VecDeque::new(),
             submitting: None,
@@ -246,6 +258,7 @@ impl<'a> ConsumeTurn<'a> {
         match step {
             Step::Stop => {}
             Step::Beat => self.beats.beat(&mut self.registry).await,
+            Step::Report => self.report_holds(),
             Step::Settled(completion) => {
                 self.on_settled(completion, false).await;
                 self.settle_ready().await;
@@ -262,6 +275,18 @@ impl<'a> ConsumeTurn<'a> {
             Step::BackedOff => self.on_backed_off().await,
             Step::Room(permits) => self.on_room(permits).await,
         }
+    }
+
+    /// Tell the dispatcher what holds the durable's ack floor: its oldest
+    /// unacknowledged message and how many after it were acknowledged.
+    fn report_holds(&self) {
+        let partition = self.js.partition;
+        let hold = super::acks::oldest(&self.registry, self.accepted).map(|(seq, above)| {
+            PartitionHold::new(partition, i64::try_from(seq).unwrap_or(i64::MAX), above)
+        });
+        self.js
+            .dispatcher
+            .report_holds(self.js.prepared.shared_topic(), hold, &[partition]);
     }
 
     /// Settle the outcomes already in the mailbox, up to [`READY_BURST`] less the
@@ -334,6 +359,7 @@ impl<'a> ConsumeTurn<'a> {
             biased;
             _ = self.stopped.as_mut() => Step::Stop,
             () = self.beats.tick() => Step::Beat,
+            _ = self.report.tick() => Step::Report,
             Some(((), completion)) = self.inflight.next(), if !self.inflight.is_empty() => {
                 Step::Settled(completion)
             }
@@ -468,7 +494,8 @@ impl<'a> ConsumeTurn<'a> {
                     .or_else(|| self.js.total.clone().try_acquire_owned().ok());
                 match permit {
                     Some(permit) => {
-                        if let Some(msg) = self.js.accept(m, &mut self.registry, now) {
+                        let registry = (&mut self.registry, &mut self.accepted);
+                        if let Some(msg) = self.js.accept(m, registry, now) {
                             self.queue.push_back((msg, permit));
                         }
                     }

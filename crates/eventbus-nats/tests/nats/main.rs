@@ -21,4 +21,5 @@ mod redrive;
 mod restart;
 mod retention;
 mod streams;
+mod stuck;
 mod takeover_failure;

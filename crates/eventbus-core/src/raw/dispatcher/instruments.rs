@@ -82,7 +82,6 @@ pub(super) struct Metrics {
     pub(super) actor: PoolMetrics,
     /// The pool's own kind when it is neither (a pool of the application's).
     pub(super) other: Option<PoolMetrics>,
-    pub(super) stuck: metrics::Gauge,
 }
 
 impl Metrics {
@@ -93,7 +92,6 @@ impl Metrics {
             actor: PoolMetrics::new(backend, "actor"),
             other: (!matches!(pool, "keyed" | "actor" | "switch"))
                 .then(|| PoolMetrics::new(backend, pool)),
-            stuck: metrics::gauge!(m::name(backend, m::STUCK_KEYS)),
         }
     }
 

@@ -32,6 +32,10 @@ pub(super) struct Sampler {
     pub(super) backlog_age: metrics::Gauge,
     pub(super) health: metrics::Gauge,
     pub(super) memory: metrics::Gauge,
+    pub(super) stalled: metrics::Gauge,
+    /// The partitions whose hold gauges were set at the last check, to zero them
+    /// when they hold nothing any more (bounded by the partitions consumed).
+    pub(super) held: Mutex<Vec<(String, i32)>>,
 }
 
 impl Sampler {
@@ -42,7 +46,60 @@ impl Sampler {
             backlog_age: metrics::gauge!(m::name(backend, m::BACKLOG_AGE)),
             health: metrics::gauge!(m::name(backend, m::HEALTH_STATUS)),
             memory: metrics::gauge!(m::name(backend, m::RESIDENT_MEMORY)),
+            stalled: metrics::gauge!(m::name(backend, m::STALLED_PARTITIONS)),
+            held: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Per-partition gauges of what holds each commit point (0 for a partition
+    /// of `lags` that holds nothing, so every consumed partition has its series),
+    /// and the count of stalled partitions.
+    pub(super) fn holds(
+        &self,
+        holds: &[CommitHold],
+        lags: &[crate::ops::PartitionLag],
+        stalled: usize,
+    ) {
+        let b = &self.backend;
+        let gauges = |topic: &str, partition: i32| {
+            let labels = [
+                ("topic", topic.to_owned()),
+                ("partition", partition.to_string()),
+            ];
+            (
+                metrics::gauge!(m::name(b, m::PARTITION_OLDEST_UNFINISHED_AGE), &labels),
+                metrics::gauge!(m::name(b, m::PARTITION_FINISHED_ABOVE_COMMIT), &labels),
+            )
+        };
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for (topic, partition) in held.iter() {
+            if !holds
+                .iter()
+                .any(|h| h.partition == *partition && h.topic == *topic)
+            {
+                let (age, above) = gauges(topic, *partition);
+                age.set(0.0);
+                above.set(0.0);
+            }
+        }
+        held.clear();
+        for l in lags {
+            if !holds
+                .iter()
+                .any(|h| h.partition == l.partition && h.topic == l.topic)
+            {
+                let (age, above) = gauges(&l.topic, l.partition);
+                age.set(0.0);
+                above.set(0.0);
+            }
+        }
+        for h in holds {
+            let (age, above) = gauges(&h.topic, h.partition);
+            age.set(h.held_for.as_secs_f64());
+            above.set(h.finished_above as f64);
+            held.push((h.topic.clone(), h.partition));
+        }
+        self.stalled.set(stalled as f64);
     }
 
     /// Per-partition gauges; returns the total lag.
@@ -88,21 +145,18 @@ impl Sampler {
 }
 
 impl Dispatcher {
-    /// The health components every backend reports: `dispatcher` (stuck keys), the
-    /// pool, and `backlog` (recovery mode).
+    /// The health components every backend reports: `dispatcher` (what holds
+    /// the commit points: Degraded while one is stalled, see
+    /// [`stalls`](Self::stalls)), the pool, and `backlog` (recovery mode).
     pub fn health_components(&self) -> Vec<ComponentHealth> {
-        let stuck = self.stats().stuck_keys;
-        let dispatcher = if stuck.is_empty() {
+        let stalls = self.stalls();
+        let dispatcher = if stalls.is_empty() {
             ComponentHealth::healthy("dispatcher")
         } else {
             ComponentHealth::with_status(
                 "dispatcher",
                 HealthStatus::Degraded,
-                format!(
-                    "{} aggregate id(s) stuck in retry with no dead-letter destination: {}",
-                    stuck.len(),
-                    stuck.join(", ")
-                ),
+                stall_reason(&stalls, self.inner.config.consumer.stall_threshold),
             )
         };
         vec![
@@ -148,7 +202,48 @@ impl Dispatcher {
             .recovery
             .observe(Backlog::new(total, oldest_age), Instant::now());
         sampler.pools(&*self.inner.pool);
+        let holds = self.commit_holds();
+        let stalled = holds.iter().filter(|h| h.stalled).count();
+        sampler.holds(&holds, &lags, stalled);
         let health = probe.health().await;
         sampler.health.set(crate::ops::status_value(health.status));
     }
+}
+
+/// Partitions named in a stall's health reason; the rest are counted.
+const NAMED_STALLS: usize = 3;
+
+/// The health reason of `stalls` (worst first): the partitions, their offsets
+/// and aggregates.
+fn stall_reason(stalls: &[CommitHold], threshold: Duration) -> String {
+    let named: Vec<String> = stalls
+        .iter()
+        .take(NAMED_STALLS)
+        .map(|h| {
+            let why = if h.exhausted {
+                "retrying with no dead-letter destination".to_owned()
+            } else {
+                format!(
+                    "held past {}",
+                    humantime_serde::re::humantime::format_duration(threshold)
+                )
+            };
+            format!(
+                "{}/{} at offset {} (aggregate {}, {} attempt(s), {} finished above; {})",
+                h.topic,
+                h.partition,
+                h.offset,
+                h.aggregate_id.as_deref().unwrap_or("unknown"),
+                h.attempts,
+                h.finished_above,
+                why
+            )
+        })
+        .collect();
+    let more = stalls.len().saturating_sub(NAMED_STALLS);
+    let mut reason = format!("commit point stalled: {}", named.join("; "));
+    if more > 0 {
+        reason.push_str(&format!("; and {more} more partition(s) (see GET /stuck)"));
+    }
+    reason
 }

@@ -1,6 +1,7 @@
 //! A message's attempts: the handler call, retry with backoff, and the outcome
 //! settled into a disposition.
 
+use super::holds::HoldError;
 use super::instruments::PoolMetrics;
 #[allow(clippy::wildcard_imports)]
 use super::*;
@@ -336,9 +337,13 @@ impl EnvelopeCall<'_> {
         } = self.shared;
         let scope = self.scope;
         let mut attempt = 1u32;
-        // The key, once this message made it stuck (read from the message then).
-        let mut stuck: Option<String> = None;
-        let outcome = loop {
+        // What the commit-point view knows of this message while it retries
+        // (a failure path: nothing of it runs for a message that succeeds).
+        let entry = inner
+            .holds
+            .failing(self.message, &envelope_key(ids, self.message));
+        let mut reported_exhausted = false;
+        loop {
             let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
             let exhausted = permanent || attempt >= policy.max_attempts;
             let wait = if exhausted {
@@ -348,10 +353,8 @@ impl EnvelopeCall<'_> {
                         cause,
                     };
                 }
-                if stuck.is_none() {
-                    let key = envelope_key(ids, self.message).into_owned();
-                    inner.mark_stuck(&key);
-                    stuck = Some(key);
+                if !reported_exhausted {
+                    reported_exhausted = true;
                     tracing::error!(error = %cause, attempts = attempt,
                         "no dead-letter destination: retrying with capped backoff, key is stuck");
                 }
@@ -360,6 +363,7 @@ impl EnvelopeCall<'_> {
                 tracing::warn!(error = %cause, attempt, "handler failed; retrying");
                 policy.backoff_for(attempt)
             };
+            entry.failed(attempt, HoldError::of(&cause), wait, exhausted);
             inner.counters.retries.fetch_add(1, Ordering::Relaxed);
             self.metrics.retries.increment(1);
             tokio::select! {
@@ -373,18 +377,14 @@ impl EnvelopeCall<'_> {
             if inner.cancel.is_cancelled() || self.epoch.is_fenced(self.message.offset) {
                 // Closing, handed over, or superseded by a rewind (its copy read
                 // again is handled instead): the message is delivered again.
-                break Outcome::Abandoned { attempts: attempt };
+                return Outcome::Abandoned { attempts: attempt };
             }
             attempt = attempt.saturating_add(1);
             match self.attempt(attempt, Instant::now()).await {
-                Ok(outcome) => break outcome,
+                Ok(outcome) => return outcome,
                 Err(c) => cause = c,
             }
-        };
-        if let Some(key) = &stuck {
-            inner.clear_stuck(key);
         }
-        outcome
     }
 }
 
@@ -517,13 +517,15 @@ async fn hold(
 ) -> Outcome {
     tracing::error!(topic = %message.topic, offset = message.offset, %error,
         "invalid envelope and no dead-letter destination: message held, key stuck");
-    inner.mark_stuck(key);
+    let entry = inner.holds.failing(message, key);
+    entry.failed(0, HoldError::invalid_envelope(&error), Duration::ZERO, true);
+    entry.held();
     tokio::select! {
         // Biased: both branches lead on alike; the same one wins on every run.
         biased;
         _ = inner.cancel.cancelled() => {}
         _ = scope.fenced() => {}
     }
-    inner.clear_stuck(key);
+    drop(entry);
     Outcome::Abandoned { attempts: 0 }
 }

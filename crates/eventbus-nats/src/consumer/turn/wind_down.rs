@@ -129,14 +129,14 @@ impl ConsumeTurn<'_> {
     /// Nothing of it when the lease is lost, before or during the flush: a
     /// flush waits while the client reconnects.
     async fn read_inbox(&mut self, flush_by: tokio::time::Instant) {
-        let (js, registry) = (&mut *self.js, &mut self.registry);
+        let (js, registry, accepted) = (&mut *self.js, &mut self.registry, &mut self.accepted);
         let Some(b) = self.open.as_mut() else { return };
         let flushed = tokio::time::timeout_at(flush_by, self.client.flush());
         let flushed = unless_lost(&self.lost, self.beats.during(registry, flushed));
         if let Some(Ok(Ok(()))) = flushed.await {
             tokio::task::unconstrained(async {
                 while let Some(Some(Ok(m))) = b.next().now_or_never() {
-                    let _ = js.accept(m, registry, Instant::now());
+                    let _ = js.accept(m, (&mut *registry, &mut *accepted), Instant::now());
                 }
             })
             .await;
@@ -188,7 +188,8 @@ impl ConsumeTurn<'_> {
     fn on_late(&mut self, item: Option<Delivery>) {
         match item {
             Some(Ok(m)) => {
-                let _ = self.js.accept(m, &mut self.registry, Instant::now());
+                let registry = (&mut self.registry, &mut self.accepted);
+                let _ = self.js.accept(m, registry, Instant::now());
             }
             _ => self.open = None,
         }
@@ -205,13 +206,14 @@ impl ConsumeTurn<'_> {
             return;
         };
         let (js, registry, beats) = (&mut *self.js, &mut self.registry, &mut self.beats);
+        let accepted = &mut self.accepted;
         let bound = js.shared.config.fetch_expires + Duration::from_secs(1);
         let ran_out = tokio::time::timeout(
             bound,
             unless_lost(&self.lost, async {
                 while let Some(item) = beats.during(registry, b.next()).await {
                     if let Ok(m) = item {
-                        let _ = js.accept(m, registry, Instant::now());
+                        let _ = js.accept(m, (&mut *registry, &mut *accepted), Instant::now());
                     }
                 }
             }),

@@ -111,6 +111,30 @@ pub enum Command {
     /// Dead letters: list them, show one, move them back to their origin topics.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// What holds each partition's commit point (NATS: each durable's oldest
+    /// unacknowledged message), the longest held first, through a service's
+    /// operations server.
+    Stuck(StuckArgs),
+}
+
+/// `eventbus stuck`.
+#[derive(Debug, Clone, Args)]
+#[non_exhaustive]
+pub struct StuckArgs {
+    /// Only this topic
+    #[arg(long, value_name = "TOPIC")]
+    pub topic: Option<String>,
+    /// At most this many partitions, the longest held first (1 to 1000)
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub limit: u16,
+    /// The operations server, e.g. http://10.0.0.7:9464 (default: the
+    /// configuration's ops_server.listen)
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Print the server's JSON answer instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `eventbus lag`.

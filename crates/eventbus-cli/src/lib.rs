@@ -9,6 +9,7 @@ pub mod logging;
 mod rollout;
 pub mod settings;
 mod stream;
+mod stuck;
 
 pub use cli::Cli;
 pub use error::CliError;
@@ -24,5 +25,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Publish(args) => stream::publish(&cli.global.settings()?, &args).await,
         Command::Tail(args) => stream::tail(&cli.global.settings()?, &args).await,
         Command::Dlq(cmd) => dlq::run(&cli.global.settings()?, cmd).await,
+        Command::Stuck(args) => stuck::run(&cli.global, &args).await,
     }
 }

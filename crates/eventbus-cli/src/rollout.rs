@@ -70,20 +70,7 @@ fn client() -> Result<reqwest::Client, CliError> {
 
 /// The `/rollout` URL of `target`.
 fn url(target: &OpsTarget, file: &FileConfig) -> Result<String, CliError> {
-    let base = match &target.url {
-        Some(u) => {
-            let u = u.trim().trim_end_matches('/');
-            // The operations server speaks plain HTTP (this client has no TLS).
-            if !u.starts_with("http://") || u.len() == "http://".len() {
-                return Err(CliError::new(format!(
-                    "--url {u:?} is invalid: expected http://host:port, the operations \
-                     server's address"
-                )));
-            }
-            u.to_owned()
-        }
-        None => format!("http://{}", loopback(file.ops_server.listen)),
-    };
+    let base = base_url(target.url.as_deref(), file)?;
     Ok(match &target.switch {
         Some(name) => {
             let ok = !name.is_empty()
@@ -99,6 +86,25 @@ fn url(target: &OpsTarget, file: &FileConfig) -> Result<String, CliError> {
             format!("{base}/rollout/{name}")
         }
         None => format!("{base}/rollout"),
+    })
+}
+
+/// The operations server's address: `--url`, else the configuration's
+/// `ops_server.listen` (on loopback when it listens everywhere).
+pub(crate) fn base_url(url: Option<&str>, file: &FileConfig) -> Result<String, CliError> {
+    Ok(match url {
+        Some(u) => {
+            let u = u.trim().trim_end_matches('/');
+            // The operations server speaks plain HTTP (this client has no TLS).
+            if !u.starts_with("http://") || u.len() == "http://".len() {
+                return Err(CliError::new(format!(
+                    "--url {u:?} is invalid: expected http://host:port, the operations \
+                     server's address"
+                )));
+            }
+            u.to_owned()
+        }
+        None => format!("http://{}", loopback(file.ops_server.listen)),
     })
 }
 

@@ -133,6 +133,7 @@ async fn help_on_every_command() {
         (&["dlq", "list", "--help"], "--kind"),
         (&["dlq", "show", "--help"], "stream sequence"),
         (&["dlq", "redrive", "--help"], "--dry-run"),
+        (&["stuck", "--help"], "--topic"),
     ] {
         let run = eventbus(args, &[]).await;
         run.ok();
@@ -849,4 +850,167 @@ async fn nats_tail_prints_new_messages_until_ctrl_c_and_cleans_up() {
         serde_json::json!([]),
         "{run:?}"
     );
+}
+
+/// `eventbus stuck` names what holds a partition's commit point on a service
+/// with one failing aggregate among many: its partition, offset, aggregate,
+/// attempts, error, and the count finished above it; `--json` is the server's
+/// `GET /stuck` answer; another topic holds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_names_the_failing_aggregate_through_the_operations_server() {
+    let mut config = EventBusConfig::default();
+    config.delivery = eventbus::DeliveryPolicy::default()
+        .max_attempts(1_000_000)
+        .backoff(Duration::from_millis(20), Duration::from_millis(40));
+    config.operations.check_interval = Duration::from_millis(50);
+    config.consumer.stall_threshold = Duration::from_millis(200);
+    config.consumer.drain_timeout = Duration::from_millis(100);
+    // The server first: it installs the metrics recorder the bus records into.
+    let server = OpsServer::new(OpsServerConfig::default().listen("127.0.0.1:0".parse().unwrap()))
+        .env_from(|_| None)
+        .start()
+        .await
+        .expect("operations server");
+    let bus = EventBusBuilder::new()
+        .memory(MemoryBroker::default())
+        .config(config)
+        .env_from(|_| None)
+        .build()
+        .await
+        .expect("bus");
+    server
+        .add_bus("default", bus.clone())
+        .expect("register the bus");
+    let url = format!("http://{}", server.local_addr());
+    let topic = "stuck-orders";
+    bus.configure_topic(topic, eventbus::TopicConfig::default().partitions(2))
+        .await
+        .unwrap();
+    let mut failing = None;
+    let mut receipts = Vec::new();
+    for i in 0..400u32 {
+        let key = if i == 100 {
+            "order-broken".to_owned()
+        } else {
+            format!("order-{}", i % 50)
+        };
+        let e = eventbus::Envelope::new(key, "order.placed", serde_json::json!({ "n": i }));
+        let r = bus.publish_envelope(topic, &e).await.unwrap();
+        if i == 100 {
+            failing = Some(r);
+        }
+        receipts.push(r);
+    }
+    let failing = failing.unwrap();
+    let above = receipts
+        .iter()
+        .filter(|r| r.partition == failing.partition && r.offset > failing.offset)
+        .count() as u64;
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = handled.clone();
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let h = h.clone();
+        async move {
+            if e.envelope.aggregate_id == "order-broken" {
+                return Err(HandlerError::transient(
+                    "inventory service refused the order",
+                ));
+            }
+            h.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    wait_for("every other order handled", &handled, 399).await;
+    eventbus_testkit::wait_until(
+        "the failing order stalls its partition",
+        Duration::from_secs(60),
+        || {
+            bus.commit_holds()
+                .iter()
+                .any(|h| h.offset == failing.offset && h.finished_above == above && h.stalled)
+        },
+    )
+    .await;
+
+    let run = eventbus(&["stuck", "--url", &url], &[]).await;
+    let out = &run.ok().stdout;
+    let row = out
+        .lines()
+        .find(|l| l.contains("order-broken"))
+        .unwrap_or_else(|| panic!("no row names the failing aggregate: {out}"));
+    for part in [
+        format!("{topic}/{}", failing.partition),
+        failing.offset.to_string(),
+        above.to_string(),
+        "STALLED".to_owned(),
+        "transient: inventory service refused the order".to_owned(),
+    ] {
+        assert!(row.contains(&part), "{part:?} missing from {row:?}");
+    }
+
+    let run = eventbus(&["stuck", "--url", &url, "--json", "--topic", topic], &[]).await;
+    let body = &run.ok().json_lines()[0];
+    assert_eq!(body["total"], 1, "{body}");
+    let hold = &body["holds"][0];
+    assert_eq!(hold["aggregate_id"], "order-broken", "{body}");
+    assert_eq!(hold["offset"], failing.offset, "{body}");
+    assert_eq!(hold["partition"], failing.partition, "{body}");
+    assert_eq!(hold["finished_above"], above, "{body}");
+    assert_eq!(hold["last_error"]["class"], "transient", "{body}");
+    assert!(hold["attempts"].as_u64().unwrap() >= 2, "{body}");
+
+    let run = eventbus(&["stuck", "--url", &url, "--topic", "payments"], &[]).await;
+    assert!(run.ok().stdout.starts_with("nothing holds"), "{run:?}");
+    eventbus(&["stuck", "--url", &url, "--limit", "0"], &[])
+        .await
+        .fails_naming(2, &["--limit"]);
+
+    // The metrics: per partition, no key label; the failing partition's hold and
+    // count above it, the other partition at 0; one stalled partition.
+    let series = |text: &str, name: &str, partition: i32| -> Option<f64> {
+        let labels = format!("{{topic=\"{topic}\",partition=\"{partition}\"}}");
+        text.lines()
+            .find(|l| l.starts_with(&format!("memory_eventbus_{name}{{")) && l.contains(&labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    let other = 1 - failing.partition;
+    let metrics = format!("{url}/metrics");
+    let shows_the_hold = |text: &str| {
+        let age = "partition_oldest_unfinished_age_seconds";
+        let above_name = "partition_finished_above_commit";
+        series(text, age, failing.partition).is_some_and(|v| v > 0.0)
+            && series(text, above_name, failing.partition) == Some(above as f64)
+            && series(text, age, other) == Some(0.0)
+            && series(text, above_name, other) == Some(0.0)
+            && text
+                .lines()
+                .any(|l| l.starts_with("memory_eventbus_stalled_partitions ") && l.ends_with(" 1"))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let last = loop {
+        let text = reqwest::get(&metrics)
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics text");
+        if shows_the_hold(&text) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hold gauges of both partitions and one stalled partition not shown: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        !last.contains("aggregate_id=") && !last.contains("order-broken"),
+        "no key label"
+    );
+
+    bus.close().await.unwrap();
+    server.shutdown().await;
 }

@@ -7,6 +7,7 @@
 //! | `GET /livez`, `GET /readyz` | the health of every registered bus, JSON; 503 only when one is `unhealthy` (`degraded`, e.g. recovery mode, is still live and ready) |
 //! | `GET /rollout`, `GET /rollout/{name}` | a pool switch: actor share, pool in force, routes pinned on each side, the floor |
 //! | `PUT /rollout`, `PUT /rollout/{name}` | change the actor share: a JSON body with exactly one of `actor_percent` (0..=100) or `use_actor_pool` (bool); needs `Authorization: Bearer <token>` |
+//! | `GET /stuck` | what holds each partition's commit point (NATS: each durable's oldest unacknowledged message) on every registered bus, the longest held first, at most `limit` entries (default 20, at most 1000); `?topic=` keeps one topic. See `docs/operations.md`, "What holds each commit point" |
 //!
 //! `PUT` answers: 403 when no admin token is configured (the endpoint is disabled),
 //! 401 with a missing or wrong token (nothing changes), 400 naming the field for a
@@ -355,6 +356,7 @@ fn router(state: AppState) -> Router {
             get(get_default_rollout).put(put_default_rollout),
         )
         .route("/rollout/{name}", get(get_rollout).put(put_rollout))
+        .route("/stuck", get(stuck))
         .with_state(state)
 }
 
@@ -401,6 +403,92 @@ async fn health(State(state): State<AppState>) -> Response {
         Json(json!({ "status": worst.to_string(), "buses": buses })),
     )
         .into_response()
+}
+
+/// Entries `GET /stuck` lists unless `limit` says otherwise.
+const STUCK_DEFAULT_LIMIT: usize = 20;
+/// The most entries `GET /stuck` lists.
+const STUCK_MAX_LIMIT: usize = 1000;
+
+/// What `GET /stuck` is asked for.
+#[derive(Debug, PartialEq, Eq)]
+struct StuckQuery {
+    topic: Option<String>,
+    limit: usize,
+}
+
+/// Parse `GET /stuck`'s query; the error names the parameter.
+fn parse_stuck_query(query: Option<&str>) -> Result<StuckQuery, String> {
+    let mut q = StuckQuery {
+        topic: None,
+        limit: STUCK_DEFAULT_LIMIT,
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "topic" if !value.is_empty() => q.topic = Some(value.to_owned()),
+            "topic" => return Err("parameter `topic` must not be empty".to_owned()),
+            "limit" => {
+                q.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=STUCK_MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "parameter `limit` must be a whole number from 1 to {STUCK_MAX_LIMIT}, not {value:?}"
+                        )
+                    })?;
+            }
+            other => {
+                return Err(format!(
+                    "unknown parameter `{other}`; known: `topic`, `limit`"
+                ))
+            }
+        }
+    }
+    Ok(q)
+}
+
+async fn stuck(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let q = match parse_stuck_query(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e, json!({})),
+    };
+    let registered = state.read().buses.clone();
+    let mut holds: Vec<(String, &'static str, eventbus_core::CommitHold)> = Vec::new();
+    for (name, bus) in &registered {
+        holds.extend(
+            bus.commit_holds()
+                .into_iter()
+                .filter(|h| q.topic.as_deref().is_none_or(|t| h.topic == t))
+                .map(|h| (name.clone(), bus.backend(), h)),
+        );
+    }
+    holds.sort_by_key(|h| std::cmp::Reverse(h.2.held_for));
+    let total = holds.len();
+    let stalled = holds.iter().filter(|(_, _, h)| h.stalled).count();
+    let listed: Vec<Value> = holds
+        .into_iter()
+        .take(q.limit)
+        .map(|(name, backend, h)| {
+            let mut v = serde_json::to_value(&h).unwrap_or(Value::Null);
+            if let Value::Object(o) = &mut v {
+                o.insert("bus".to_owned(), json!(name));
+                o.insert("backend".to_owned(), json!(backend));
+            }
+            v
+        })
+        .collect();
+    Json(json!({
+        "total": total,
+        "stalled": stalled,
+        "truncated": total > listed.len(),
+        "holds": listed,
+    }))
+    .into_response()
 }
 
 fn error(code: StatusCode, message: impl Into<String>, extra: Value) -> Response {
@@ -695,6 +783,34 @@ mod tests {
         }
         let (message, _) = parse_body(br#"{"actor_pct": 10}"#).unwrap_err();
         assert!(message.contains("actor_pct"), "{message}");
+    }
+
+    #[test]
+    fn stuck_queries() {
+        assert_eq!(
+            parse_stuck_query(None),
+            Ok(StuckQuery {
+                topic: None,
+                limit: STUCK_DEFAULT_LIMIT
+            })
+        );
+        assert_eq!(
+            parse_stuck_query(Some("topic=orders&limit=5")),
+            Ok(StuckQuery {
+                topic: Some("orders".to_owned()),
+                limit: 5
+            })
+        );
+        for (query, names) in [
+            ("limit=0", "`limit`"),
+            ("limit=1001", "`limit`"),
+            ("limit=many", "`limit`"),
+            ("topic=", "`topic`"),
+            ("partition=3", "`partition`"),
+        ] {
+            let e = parse_stuck_query(Some(query)).unwrap_err();
+            assert!(e.contains(names), "{query}: {e}");
+        }
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! This file is the run's driver: it checks the faults asked for, starts the
 //! broker, the fault proxy, the members and the producer, applies the faults
 //! in rotation for the run's duration (each at least once), settles, and
-//! assembles the [`Outcome`]. What a fault is ([`fault`](self)), the settings,
-//! the members, the publishing, each fault's procedure and the outcome are
-//! files of their own below it; none of them reaches back up here.
+//! assembles the [`Outcome`]. What a fault is, the settings, the members, the
+//! publishing, each fault's procedure and the outcome are files of their own
+//! below it; none of them reaches back up here.
 //!
 //! Layers, bottom up (a file uses only files below it): `fault`, `options`,
 //! `outcome`, `reports`, `broker`, `ctx`, `producer`, `members`, `stuck_key`
@@ -42,7 +42,7 @@ use crate::handler::FencedStarts;
 use broker::{setup, Broker};
 use ctx::{pause, Ctx};
 use inject::apply;
-use members::{spawn, spawn_partitioned};
+use members::{spawn, spawn_partitioned, Member};
 use partitioned::settle_partitioned;
 use producer::produce;
 
@@ -65,6 +65,44 @@ fn time_left(opts: &Options, elapsed: Duration, unrotated: usize) -> Duration {
 
 /// Run the faults for `opts.duration`, then settle and judge.
 pub async fn run(opts: Options) -> Result<Outcome, String> {
+    check_faults(&opts)?;
+    let started = Instant::now();
+    let rotating = opts.faults.contains(&Fault::PartitionedRotation);
+    let (ctx, broker) = stage(opts, started).await?;
+    let (mut primary, mut partitioned) = start_members(&ctx, rotating).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = produce(
+        &ctx.opts,
+        ctx.publisher.clone(),
+        ctx.topics.clone(),
+        ctx.partitioned.clone(),
+        ctx.checker.clone(),
+        stop.clone(),
+        ctx.retries.clone(),
+    );
+    let (faults, steps) = rotate(&ctx, &broker, &mut primary, &mut partitioned, started).await?;
+    stop.store(true, Ordering::Relaxed);
+    producer
+        .await
+        .map_err(|e| format!("producer task: {e}"))??;
+    let settled = settle(&ctx, steps).await;
+    stop_members(&ctx, primary, partitioned).await;
+    let _ = ctx.publisher.close().await;
+    let broker_name = broker.name();
+    drop(broker);
+    Ok(outcome(
+        &ctx,
+        faults,
+        started,
+        rotating,
+        settled,
+        broker_name,
+    ))
+}
+
+/// The faults asked for must all apply to the backend on the broker the run
+/// will find.
+fn check_faults(opts: &Options) -> Result<(), String> {
     let real = opts.backend == Backend::Kafka && real_kafka();
     let possible = Fault::rotation_on(opts.backend, real);
     if let Some(f) = opts.faults.iter().find(|f| !possible.contains(f)) {
@@ -78,32 +116,18 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
             opts.backend
         ));
     }
-    let started = Instant::now();
+    Ok(())
+}
+
+/// The run's stage: the fault proxy in front of a real Kafka broker (before
+/// any client connects), the broker with its publisher and topics, the group,
+/// the log folder, the fault proxy in front of nats-server, and the shared
+/// state.
+async fn stage(opts: Options, started: Instant) -> Result<(Ctx, Broker), String> {
     let rotating = opts.faults.contains(&Fault::PartitionedRotation);
-    // Kafka behind the fault proxy: the broker advertises the proxy's address,
-    // so the proxy must listen before any client connects.
-    let kafka_link = match (
-        opts.backend,
-        kafka_proxied(),
-        eventbus_testkit::kafka_cluster::real_brokers(),
-    ) {
-        (Backend::Kafka, Some(upstream), Some(listen)) => {
-            let parse = |a: &str| {
-                a.trim()
-                    .parse::<std::net::SocketAddr>()
-                    .map_err(|e| format!("address `{a}`: {e}"))
-            };
-            Some(
-                FaultProxy::start_on(parse(&listen)?, parse(&upstream)?)
-                    .await
-                    .map_err(|e| format!("fault proxy on {listen}: {e}"))?,
-            )
-        }
-        _ => None,
-    };
+    let kafka_link = kafka_link(opts.backend).await?;
     let (broker, publisher, topics, partitioned_topic) =
         setup(opts.backend, rotating.then_some(opts.partitions)).await?;
-    let retries = Arc::new(AtomicU64::new(0));
     let group = format!("chaos-{:08x}", fastrand::u32(..));
     // One folder per run: a test binary makes several runs.
     let logs = std::env::temp_dir().join(format!("eventbus-{group}"));
@@ -125,16 +149,16 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         checker: DeliveryChecker::new(),
         group,
         target: broker.target(),
-        topics: topics.clone(),
+        topics,
         incarnation: AtomicU64::new(0),
         second_members: AtomicU64::new(0),
         bad_lines: Arc::default(),
         fenced: FencedStarts::default(),
-        publisher: publisher.clone(),
-        retries: retries.clone(),
+        publisher,
+        retries: Arc::new(AtomicU64::new(0)),
         started,
-        logs: logs.clone(),
-        partitioned: partitioned_topic.clone(),
+        logs,
+        partitioned: partitioned_topic,
         partitioned_incarnation: AtomicU64::new(0),
         owned_changed: Arc::new(tokio::sync::watch::Sender::new(0)),
         rotation: Mutex::default(),
@@ -152,27 +176,57 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         },
         opts,
     };
+    Ok((ctx, broker))
+}
+
+/// Kafka behind the fault proxy: the broker advertises the proxy's address,
+/// so the proxy must listen before any client connects.
+async fn kafka_link(backend: Backend) -> Result<Option<FaultProxy>, String> {
+    match (
+        backend,
+        kafka_proxied(),
+        eventbus_testkit::kafka_cluster::real_brokers(),
+    ) {
+        (Backend::Kafka, Some(upstream), Some(listen)) => {
+            let parse = |a: &str| {
+                a.trim()
+                    .parse::<std::net::SocketAddr>()
+                    .map_err(|e| format!("address `{a}`: {e}"))
+            };
+            Ok(Some(
+                FaultProxy::start_on(parse(&listen)?, parse(&upstream)?)
+                    .await
+                    .map_err(|e| format!("fault proxy on {listen}: {e}"))?,
+            ))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The first phase, not a step: the primary member starts and, with the
+/// partitioned rotation, its members, which settle on fair shares.
+async fn start_members(ctx: &Ctx, rotating: bool) -> Result<(Option<Member>, Vec<Member>), String> {
     ctx.duplicates
         .lock()
         .expect("duplicates")
         .begin("start".into());
     if ctx.opts.verbose && !ctx.opts.backend.in_process() {
         ctx.shown
-            .say(format!("consumer logs in {}", logs.display()));
+            .say(format!("consumer logs in {}", ctx.logs.display()));
     }
     // Not a step: the consumers start, then run a phase before the first fault.
     ctx.shown.begin("start", None);
     ctx.shown
         .set_left(time_left(&ctx.opts, Duration::ZERO, ctx.opts.faults.len()) + ctx.opts.phase);
-    let mut primary = Some(spawn(&ctx).await?);
+    let primary = Some(spawn(ctx).await?);
     let mut partitioned = Vec::new();
     if rotating {
         let started = Instant::now();
         for _ in 0..ctx.opts.partitioned_members.max(1) {
-            partitioned.push(spawn_partitioned(&ctx).await?);
+            partitioned.push(spawn_partitioned(ctx).await?);
         }
         settle_partitioned(
-            &ctx,
+            ctx,
             RotationStepKind::Settle,
             format!("{} members started", partitioned.len()),
             &partitioned,
@@ -180,16 +234,19 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         )
         .await;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = produce(
-        &ctx.opts,
-        publisher.clone(),
-        topics,
-        partitioned_topic,
-        ctx.checker.clone(),
-        stop.clone(),
-        retries.clone(),
-    );
+    Ok((primary, partitioned))
+}
+
+/// The faults in rotation, each for a phase, until the run's duration is over
+/// and each fault was applied at least once; the faults applied by name, and
+/// the steps taken (the first phase included).
+async fn rotate(
+    ctx: &Ctx,
+    broker: &Broker,
+    primary: &mut Option<Member>,
+    partitioned: &mut Vec<Member>,
+    started: Instant,
+) -> Result<(BTreeMap<String, u32>, usize), String> {
     let mut faults: BTreeMap<String, u32> = BTreeMap::new();
     let rotation = ctx.opts.faults.clone();
     if rotation.is_empty() {
@@ -216,7 +273,7 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
             .lock()
             .expect("duplicates")
             .begin(format!("{fault} #{n}"));
-        apply(fault, &ctx, &broker, &mut primary, &mut partitioned).await?;
+        apply(fault, ctx, broker, primary, partitioned).await?;
         *faults.entry(fault.to_string()).or_insert(0) += 1;
         let handled = ctx.checker.handled_distinct().saturating_sub(handled);
         ctx.shown
@@ -232,12 +289,15 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
         }
         ctx.shown.done();
     }
-    stop.store(true, Ordering::Relaxed);
-    producer
-        .await
-        .map_err(|e| format!("producer task: {e}"))??;
+    Ok((faults, i))
+}
+
+/// With the producer stopped after `steps` faults, wait (up to
+/// [`Options::settle`]) until every message that must arrive did; whether it
+/// did.
+async fn settle(ctx: &Ctx, steps: usize) -> bool {
     ctx.say("faults over, producer stopped; settling");
-    ctx.shown.set_steps(i as u64 + 1);
+    ctx.shown.set_steps(steps as u64 + 1);
     ctx.shown.begin("settle", None);
     ctx.duplicates
         .lock()
@@ -249,7 +309,12 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     }
     ctx.shown.done();
     ctx.shown.finish();
-    if let Some(m) = primary.take() {
+    settled.is_ok()
+}
+
+/// The last members leave cleanly, the partitioned ones side by side.
+async fn stop_members(ctx: &Ctx, primary: Option<Member>, mut partitioned: Vec<Member>) {
+    if let Some(m) = primary {
         if let Err(e) = m.leave(Duration::from_secs(30)).await {
             ctx.say(&format!("last consumer: {e}"));
         }
@@ -262,37 +327,34 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
             ctx.say(&format!("partitioned member {name}: {e}"));
         }
     }
-    let _ = publisher.close().await;
-    let fenced_starts = ctx.fenced.all();
-    let stuck = std::mem::take(&mut *ctx.stuck.lock().expect("stuck phases"));
-    let broker_name = match &broker {
-        Broker::Memory(_) => "memory".to_owned(),
-        Broker::Kafka(c) if c.is_mock() => "kafka mock cluster".to_owned(),
-        Broker::Kafka(c) => format!("kafka at {}", c.brokers()),
-        Broker::Nats(_) => "nats-server".to_owned(),
-    };
-    drop(broker);
-    let bad_lines = ctx.bad_lines.lock().expect("bad lines").clone();
-    let rotation = ctx.rotation.lock().expect("rotation steps").clone();
-    let duplicates_by_phase =
-        std::mem::take(&mut ctx.duplicates.lock().expect("duplicates").phases);
-    Ok(Outcome {
+}
+
+/// What the run found, from its records.
+fn outcome(
+    ctx: &Ctx,
+    faults: BTreeMap<String, u32>,
+    started: Instant,
+    rotating: bool,
+    settled: bool,
+    broker: String,
+) -> Outcome {
+    Outcome {
         backend: ctx.opts.backend,
         report: ctx.checker.report(),
         faults,
-        publish_retries: retries.load(Ordering::Relaxed),
+        publish_retries: ctx.retries.load(Ordering::Relaxed),
         incarnations: ctx.incarnation.load(Ordering::SeqCst) as u32,
         partitioned_incarnations: ctx.partitioned_incarnation.load(Ordering::SeqCst) as u32,
         partitions: if rotating { ctx.opts.partitions } else { 0 },
-        rotation,
-        duplicates_by_phase,
-        bad_lines,
+        rotation: ctx.rotation.lock().expect("rotation steps").clone(),
+        duplicates_by_phase: std::mem::take(&mut ctx.duplicates.lock().expect("duplicates").phases),
+        bad_lines: ctx.bad_lines.lock().expect("bad lines").clone(),
         elapsed: started.elapsed(),
-        settled: settled.is_ok(),
-        fenced_starts,
-        stuck,
-        broker: broker_name,
-    })
+        settled,
+        fenced_starts: ctx.fenced.all(),
+        stuck: std::mem::take(&mut *ctx.stuck.lock().expect("stuck phases")),
+        broker,
+    }
 }
 
 #[cfg(test)]

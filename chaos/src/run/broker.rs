@@ -24,6 +24,17 @@ pub(super) enum Broker {
 }
 
 impl Broker {
+    /// The broker as the report names it: `memory`, `kafka mock cluster`,
+    /// `kafka at <brokers>`, `nats-server`.
+    pub(super) fn name(&self) -> String {
+        match self {
+            Broker::Memory(_) => "memory".to_owned(),
+            Broker::Kafka(c) if c.is_mock() => "kafka mock cluster".to_owned(),
+            Broker::Kafka(c) => format!("kafka at {}", c.brokers()),
+            Broker::Nats(_) => "nats-server".to_owned(),
+        }
+    }
+
     pub(super) fn target(&self) -> Target {
         match self {
             Broker::Memory(b) => Target::memory(b.clone()),

@@ -110,6 +110,8 @@ pub(super) async fn spawn_partitioned(ctx: &Ctx) -> Result<Member, String> {
     .await
 }
 
+/// Start a member of `role` (`m<n>` or `q<n>`, the pools alternating between
+/// incarnations) with the hand-over `timeouts`, reaching the broker over `link`.
 async fn spawn_role(
     ctx: &Ctx,
     role: Role,
@@ -157,140 +159,177 @@ async fn spawn_role(
         }
     };
     if ctx.target.backend().in_process() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name(format!("chaos-{worker}"))
-            .enable_all()
-            .build()
-            .map_err(|e| format!("consumer runtime: {e}"))?;
-        let (target, group, topics) = (ctx.target.clone(), ctx.group.clone(), ctx.topics.clone());
-        let sink: Arc<dyn Sink> = Arc::new(LocalSink {
-            checker: ctx.checker.clone(),
-            fenced: ctx.fenced.clone(),
-        });
-        let bus = rt
-            .spawn(async move {
-                let pool = backend::pool(pool).await?;
-                let bus = backend::bus_with(&target, &group, pool, timeouts).await?;
-                handler::subscribe(&bus, &topics, profile, sink).await?;
-                Ok::<_, eventbus_core::Error>(bus)
-            })
-            .await
-            .map_err(|e| format!("consumer setup task: {e}"))
-            .and_then(|r| r.map_err(|e| format!("consumer {worker}: {e}")));
-        match bus {
-            Ok(bus) => Ok(Member::Memory {
-                name: worker,
-                rt,
-                bus,
-            }),
-            Err(e) => {
-                let _ = tokio::task::spawn_blocking(move || drop(rt)).await;
-                Err(e)
-            }
-        }
+        start_local(ctx, worker, pool, profile, timeouts).await
     } else {
-        let proxied;
-        let t = match (link, &ctx.link) {
-            (Link::Direct, _) => ctx.target.endpoint(),
-            (Link::Proxied, Some(proxy)) => {
-                proxied = format!("nats://{}", proxy.addr());
-                proxied.as_str()
-            }
-            (Link::Proxied, None) => return Err("no fault proxy in this run".into()),
-        };
-        let bin = ctx
-            .opts
-            .consumer_bin
-            .clone()
-            .ok_or("the consumer binary is needed for kafka and nats")?;
-        let log = std::fs::File::create(ctx.logs.join(format!("{worker}.log")))
-            .map_err(|e| format!("consumer log: {e}"))?;
-        let mut cmd = tokio::process::Command::new(&bin);
-        cmd.args(&ctx.opts.consumer_args)
-            .arg("--backend")
-            .arg(ctx.opts.backend.to_string())
-            .args(["--target", t])
-            .args(&topics)
-            .args(["--group", &ctx.group])
-            .args(["--pool", pool.as_str()])
-            .args(profile.to_args())
-            .args([
-                "--drain-ms".to_owned(),
-                timeouts.drain.as_millis().to_string(),
-                "--handover-ms".to_owned(),
-                timeouts.handover.as_millis().to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true);
-        if std::env::var_os("RUST_LOG").is_none() {
-            // The log keeps the hand-overs: assignments, revokes, leases,
-            // drains and fences that ran out of time.
-            cmd.env("RUST_LOG", CONSUMER_LOG);
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", bin.display()))?;
-        let stdout = child.stdout.take().ok_or("consumer stdout")?;
-        let stdin = child.stdin.take();
-        let (checker, bad, fenced) = (
-            ctx.checker.clone(),
-            ctx.bad_lines.clone(),
-            ctx.fenced.clone(),
-        );
-        let progress = Arc::new(Progress::default());
-        let seen = progress.clone();
-        let owned_changed = ctx.owned_changed.clone();
-        let duplicates = ctx.duplicates.clone();
-        let (hangs, hang_changed, counters, others) = (
-            ctx.hangs.clone(),
-            ctx.hang_changed.clone(),
-            ctx.counters.clone(),
-            ctx.others_delivered.clone(),
-        );
-        let reader = tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                match parse_line(&line) {
-                    Some(Ok(Report::Delivered(d))) => {
-                        checker.delivered(&d);
-                        duplicates.lock().expect("duplicates").delivered(&d);
-                        seen.delivered.fetch_add(1, Ordering::Relaxed);
-                        if d.id.producer != HANG_PRODUCER {
-                            others.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Some(Ok(Report::Hang(h))) => {
-                        hangs.lock().expect("hang log").events.push(h);
-                        hang_changed.send_modify(|n| *n += 1);
-                    }
-                    Some(Ok(Report::Counters(worker, c))) => {
-                        counters.lock().expect("counters").insert(worker, c);
-                    }
-                    Some(Ok(Report::Subscribed)) => {
-                        seen.subscribed.store(true, Ordering::Relaxed);
-                    }
-                    Some(Ok(Report::Owned(p))) => {
-                        *seen.owned.lock().expect("owned partitions") = Some(p);
-                        owned_changed.send_modify(|n| *n += 1);
-                    }
-                    Some(Ok(Report::GivenUp(id))) => checker.given_up(id),
-                    Some(Ok(Report::StartedFenced(f))) => fenced.push(f),
-                    Some(Err(e)) => bad.lock().expect("bad lines").push(e),
-                    None => bad.lock().expect("bad lines").push(line),
-                }
-            }
-        });
-        Ok(Member::Child {
-            name: worker,
-            progress,
-            child,
-            stdin,
-            reader,
-        })
+        start_child(ctx, worker, pool, profile, &topics, timeouts, link).await
     }
+}
+
+/// Start a member as a bus on its own runtime in this process (memory).
+async fn start_local(
+    ctx: &Ctx,
+    worker: String,
+    pool: PoolKind,
+    profile: Profile,
+    timeouts: HandoverTimeouts,
+) -> Result<Member, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(format!("chaos-{worker}"))
+        .enable_all()
+        .build()
+        .map_err(|e| format!("consumer runtime: {e}"))?;
+    let (target, group, topics) = (ctx.target.clone(), ctx.group.clone(), ctx.topics.clone());
+    let sink: Arc<dyn Sink> = Arc::new(LocalSink {
+        checker: ctx.checker.clone(),
+        fenced: ctx.fenced.clone(),
+    });
+    let bus = rt
+        .spawn(async move {
+            let pool = backend::pool(pool).await?;
+            let bus = backend::bus_with(&target, &group, pool, timeouts).await?;
+            handler::subscribe(&bus, &topics, profile, sink).await?;
+            Ok::<_, eventbus_core::Error>(bus)
+        })
+        .await
+        .map_err(|e| format!("consumer setup task: {e}"))
+        .and_then(|r| r.map_err(|e| format!("consumer {worker}: {e}")));
+    match bus {
+        Ok(bus) => Ok(Member::Memory {
+            name: worker,
+            rt,
+            bus,
+        }),
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || drop(rt)).await;
+            Err(e)
+        }
+    }
+}
+
+/// Start a member as a consumer process (Kafka, NATS), its standard error
+/// going to `<worker>.log` in the run's log folder, its lines read by a task.
+async fn start_child(
+    ctx: &Ctx,
+    worker: String,
+    pool: PoolKind,
+    profile: Profile,
+    topics: &[String],
+    timeouts: HandoverTimeouts,
+    link: Link,
+) -> Result<Member, String> {
+    let proxied;
+    let t = match (link, &ctx.link) {
+        (Link::Direct, _) => ctx.target.endpoint(),
+        (Link::Proxied, Some(proxy)) => {
+            proxied = format!("nats://{}", proxy.addr());
+            proxied.as_str()
+        }
+        (Link::Proxied, None) => return Err("no fault proxy in this run".into()),
+    };
+    let bin = ctx
+        .opts
+        .consumer_bin
+        .clone()
+        .ok_or("the consumer binary is needed for kafka and nats")?;
+    let log = std::fs::File::create(ctx.logs.join(format!("{worker}.log")))
+        .map_err(|e| format!("consumer log: {e}"))?;
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.args(&ctx.opts.consumer_args)
+        .arg("--backend")
+        .arg(ctx.opts.backend.to_string())
+        .args(["--target", t])
+        .args(topics)
+        .args(["--group", &ctx.group])
+        .args(["--pool", pool.as_str()])
+        .args(profile.to_args())
+        .args([
+            "--drain-ms".to_owned(),
+            timeouts.drain.as_millis().to_string(),
+            "--handover-ms".to_owned(),
+            timeouts.handover.as_millis().to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true);
+    if std::env::var_os("RUST_LOG").is_none() {
+        // The log keeps the hand-overs: assignments, revokes, leases,
+        // drains and fences that ran out of time.
+        cmd.env("RUST_LOG", CONSUMER_LOG);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or("consumer stdout")?;
+    let stdin = child.stdin.take();
+    let progress = Arc::new(Progress::default());
+    let reader = read_reports(ctx, stdout, &progress);
+    Ok(Member::Child {
+        name: worker,
+        progress,
+        child,
+        stdin,
+        reader,
+    })
+}
+
+/// The task that reads a consumer process's lines and files each report:
+/// deliveries to the checker, the duplicates and the process's progress, hung
+/// calls to the hang log, counters, readiness, partitions owned, given-up and
+/// fenced starts; an unreadable line to the bad lines.
+fn read_reports(
+    ctx: &Ctx,
+    stdout: tokio::process::ChildStdout,
+    progress: &Arc<Progress>,
+) -> JoinHandle<()> {
+    let (checker, bad, fenced) = (
+        ctx.checker.clone(),
+        ctx.bad_lines.clone(),
+        ctx.fenced.clone(),
+    );
+    let seen = progress.clone();
+    let owned_changed = ctx.owned_changed.clone();
+    let duplicates = ctx.duplicates.clone();
+    let (hangs, hang_changed, counters, others) = (
+        ctx.hangs.clone(),
+        ctx.hang_changed.clone(),
+        ctx.counters.clone(),
+        ctx.others_delivered.clone(),
+    );
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match parse_line(&line) {
+                Some(Ok(Report::Delivered(d))) => {
+                    checker.delivered(&d);
+                    duplicates.lock().expect("duplicates").delivered(&d);
+                    seen.delivered.fetch_add(1, Ordering::Relaxed);
+                    if d.id.producer != HANG_PRODUCER {
+                        others.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Some(Ok(Report::Hang(h))) => {
+                    hangs.lock().expect("hang log").events.push(h);
+                    hang_changed.send_modify(|n| *n += 1);
+                }
+                Some(Ok(Report::Counters(worker, c))) => {
+                    counters.lock().expect("counters").insert(worker, c);
+                }
+                Some(Ok(Report::Subscribed)) => {
+                    seen.subscribed.store(true, Ordering::Relaxed);
+                }
+                Some(Ok(Report::Owned(p))) => {
+                    *seen.owned.lock().expect("owned partitions") = Some(p);
+                    owned_changed.send_modify(|n| *n += 1);
+                }
+                Some(Ok(Report::GivenUp(id))) => checker.given_up(id),
+                Some(Ok(Report::StartedFenced(f))) => fenced.push(f),
+                Some(Err(e)) => bad.lock().expect("bad lines").push(e),
+                None => bad.lock().expect("bad lines").push(line),
+            }
+        }
+    })
 }
 
 impl Member {

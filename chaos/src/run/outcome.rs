@@ -239,63 +239,51 @@ impl Outcome {
             .filter(|s| s.settled_after.is_none())
             .count()
     }
-}
 
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// The partitioned rotation: each kind of step with how long it took to
+    /// settle, and the steps that did not.
+    fn write_rotation(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.rotation.is_empty() {
+            return Ok(());
+        }
+        let mut by_kind: BTreeMap<RotationStepKind, Vec<Duration>> = BTreeMap::new();
+        for s in &self.rotation {
+            let times = by_kind.entry(s.kind).or_default();
+            times.extend(s.settled_after);
+        }
+        let kinds: Vec<String> = by_kind
+            .iter()
+            .map(|(k, t)| {
+                let n = self.rotation.iter().filter(|s| s.kind == *k).count();
+                match (t.iter().min(), t.iter().max()) {
+                    (Some(lo), Some(hi)) => {
+                        format!("{k} x{n} settled in {lo:.1?}..{hi:.1?}")
+                    }
+                    _ => format!("{k} x{n}"),
+                }
+            })
+            .collect();
         writeln!(
             f,
-            "chaos run on {} ({}): {:.0?}, {} consumer incarnations, {} publish retries, \
-             settled {}",
-            self.backend,
-            self.broker,
-            self.elapsed,
-            self.incarnations,
-            self.publish_retries,
-            self.settled
+            "partitioned rotation ({} partitions, {} members started): {}; \
+             {} steps not settled",
+            self.partitions,
+            self.partitioned_incarnations,
+            kinds.join(", "),
+            self.unsettled_steps()
         )?;
-        let faults: Vec<String> = self
-            .faults
-            .iter()
-            .map(|(k, n)| format!("{k} x{n}"))
-            .collect();
-        writeln!(f, "faults: {}", faults.join(", "))?;
-        if !self.rotation.is_empty() {
-            let mut by_kind: BTreeMap<RotationStepKind, Vec<Duration>> = BTreeMap::new();
-            for s in &self.rotation {
-                let times = by_kind.entry(s.kind).or_default();
-                times.extend(s.settled_after);
-            }
-            let kinds: Vec<String> = by_kind
-                .iter()
-                .map(|(k, t)| {
-                    let n = self.rotation.iter().filter(|s| s.kind == *k).count();
-                    match (t.iter().min(), t.iter().max()) {
-                        (Some(lo), Some(hi)) => {
-                            format!("{k} x{n} settled in {lo:.1?}..{hi:.1?}")
-                        }
-                        _ => format!("{k} x{n}"),
-                    }
-                })
-                .collect();
+        for s in self.rotation.iter().filter(|s| s.settled_after.is_none()) {
             writeln!(
                 f,
-                "partitioned rotation ({} partitions, {} members started): {}; \
-                 {} steps not settled",
-                self.partitions,
-                self.partitioned_incarnations,
-                kinds.join(", "),
-                self.unsettled_steps()
+                "  not settled after {} ({}), {} members: {}",
+                s.kind, s.detail, s.members, s.shares
             )?;
-            for s in self.rotation.iter().filter(|s| s.settled_after.is_none()) {
-                writeln!(
-                    f,
-                    "  not settled after {} ({}), {} members: {}",
-                    s.kind, s.detail, s.members, s.shares
-                )?;
-            }
         }
-        write!(f, "{}", self.report)?;
+        Ok(())
+    }
+
+    /// The duplicates by phase, and on the partitioned topic by partition.
+    fn write_duplicates(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let dup_phases: Vec<String> = self
             .duplicates_by_phase
             .iter()
@@ -328,6 +316,32 @@ impl fmt::Display for Outcome {
                 each.join(", ")
             )?;
         }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "chaos run on {} ({}): {:.0?}, {} consumer incarnations, {} publish retries, \
+             settled {}",
+            self.backend,
+            self.broker,
+            self.elapsed,
+            self.incarnations,
+            self.publish_retries,
+            self.settled
+        )?;
+        let faults: Vec<String> = self
+            .faults
+            .iter()
+            .map(|(k, n)| format!("{k} x{n}"))
+            .collect();
+        writeln!(f, "faults: {}", faults.join(", "))?;
+        self.write_rotation(f)?;
+        write!(f, "{}", self.report)?;
+        self.write_duplicates(f)?;
         for l in self.bad_lines.iter().take(5) {
             writeln!(f, "  unreadable consumer line: {l}")?;
         }

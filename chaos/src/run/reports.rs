@@ -1,6 +1,7 @@
-//! What the consumer processes report, gathered as it arrives: their hung
-//! calls, the duplicates by phase, and each process's own progress (handled,
-//! subscribed, partitions owned).
+//! The records of what the consumer processes report: their hung calls, the
+//! duplicates by phase, and each process's own progress (handled,
+//! subscribed, partitions owned). The task reading a process's lines into
+//! them is the members' (`members.rs`).
 //!
 //! Invariants: each record only grows while the run goes (a hang log in
 //! arrival order, a duplicate counted once against the phase it arrived in);

@@ -145,8 +145,17 @@ pub(super) async fn stuck_key(
         "{}{round}.",
         if deaf { HANG_DEAF_PREFIX } else { HANG_PREFIX }
     );
-    let events = &ctx.hangs.lock().expect("hang log").events[hangs_from..];
-    for h in events.iter().filter(|h| h.key.starts_with(&prefix)) {
+    count_hangs(ctx, &mut phase, &prefix, hangs_from);
+    ctx.say(&format!("stuck key: {phase}"));
+    ctx.stuck.lock().expect("stuck phases").push(phase);
+    Ok(())
+}
+
+/// Count into `phase` the hung calls reported since the `from`th event on the
+/// aggregates starting with `prefix`: begun, fenced, and run past the fence.
+fn count_hangs(ctx: &Ctx, phase: &mut StuckPhase, prefix: &str, from: usize) {
+    let events = &ctx.hangs.lock().expect("hang log").events[from..];
+    for h in events.iter().filter(|h| h.key.starts_with(prefix)) {
         match h.event {
             HangEvent::Began => phase.hangs_began += 1,
             HangEvent::Fenced => phase.fenced += 1,
@@ -159,7 +168,4 @@ pub(super) async fn stuck_key(
             HangEvent::RanOut { past_token: None } => {}
         }
     }
-    ctx.say(&format!("stuck key: {phase}"));
-    ctx.stuck.lock().expect("stuck phases").push(phase);
-    Ok(())
 }

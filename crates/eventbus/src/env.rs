@@ -1,4 +1,5 @@
-//! Environment overrides of the pool choice, applied over the file configuration.
+//! Environment overrides of the pool choice (and the stall threshold), applied over
+//! the file configuration.
 //!
 //! | variable | values | effect |
 //! |---|---|---|
@@ -8,6 +9,7 @@
 //! | `KAFKA_ACTOR_INBOX_SIZE` | integer ≥ 1 | `actor_pool.queue_size` |
 //! | `KAFKA_ACTOR_MAX_RESTARTS` | integer ≥ 0 | `actor_pool.max_restarts` |
 //! | `EVENTBUS_ACTOR_ROLLOUT_PERCENT` | 0..=100 | `actor_pool.rollout_percent` |
+//! | `EVENTBUS_CONSUMER_STALL_THRESHOLD` | a duration above zero (`90s`, `5m`) | `consumer.stall_threshold` |
 //!
 //! An unparsable value is an error naming the variable and the value; so is a
 //! variable set but empty (`KAFKA_USE_ACTOR_POOL=`), a value that is not UTF-8, and
@@ -35,14 +37,18 @@ use eventbus_core::Error;
 use std::ffi::{OsStr, OsString};
 
 /// The variables read, in the order they are applied.
-pub const VARIABLES: [&str; 6] = [
+pub const VARIABLES: [&str; 7] = [
     ROLLBACK_VARIABLE,
     "EVENTBUS_POOL",
     ACTOR_POOL_SIZE,
     ACTOR_INBOX_SIZE,
     ACTOR_MAX_RESTARTS,
     "EVENTBUS_ACTOR_ROLLOUT_PERCENT",
+    STALL_THRESHOLD,
 ];
+
+/// The variable of `consumer.stall_threshold`.
+const STALL_THRESHOLD: &str = "EVENTBUS_CONSUMER_STALL_THRESHOLD";
 
 fn bad(var: &str, value: &str, expected: &str) -> Error {
     Error::config(format!(
@@ -55,6 +61,7 @@ fn expected(var: &str) -> &'static str {
     match var {
         "EVENTBUS_POOL" => "keyed or actor",
         "EVENTBUS_ACTOR_ROLLOUT_PERCENT" => "a whole number from 0 to 100",
+        STALL_THRESHOLD => "a duration above zero, such as 90s or 5m",
         _ => compat::expected(var).unwrap_or("a value"),
     }
 }
@@ -130,8 +137,14 @@ fn overrides(
     for var in VARIABLES {
         values.push(text(var, lookup(var))?);
     }
-    let [use_actor, pool, size, inbox, restarts, percent] =
-        <[Option<String>; 6]>::try_from(values).expect("one value per variable");
+    let [use_actor, pool, size, inbox, restarts, percent, stall] =
+        <[Option<String>; 7]>::try_from(values).expect("one value per variable");
+    if let Some(v) = stall {
+        config.consumer.stall_threshold = humantime_serde::re::humantime::parse_duration(v.trim())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| bad(STALL_THRESHOLD, &v, expected(STALL_THRESHOLD)))?;
+    }
     let mut warnings = Vec::new();
     let rollback = match use_actor {
         Some(v) => Some((!parse_bool(ROLLBACK_VARIABLE, &v)?, v)),
@@ -231,6 +244,21 @@ mod tests {
         let mut c = EventBusConfig::default();
         apply_overrides(&mut c, |n| map.get(n).cloned())?;
         Ok(c)
+    }
+
+    #[test]
+    fn the_stall_threshold_is_a_duration_above_zero() {
+        assert_eq!(
+            with(&[(STALL_THRESHOLD, "90s")])
+                .unwrap()
+                .consumer
+                .stall_threshold,
+            std::time::Duration::from_secs(90)
+        );
+        for bad in ["0s", "soon", "5"] {
+            let e = with(&[(STALL_THRESHOLD, bad)]).unwrap_err().to_string();
+            assert!(e.contains(STALL_THRESHOLD) && e.contains(bad), "{e}");
+        }
     }
 
     #[test]

@@ -364,6 +364,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_stall_threshold_of_zero_is_refused_naming_the_key() {
+        let c = crate::config::ConsumerConfig::default();
+        assert_eq!(c.stall_threshold, Duration::from_secs(300));
+        let e = c.stall_threshold(Duration::ZERO).validate().unwrap_err();
+        assert!(e.to_string().contains("consumer.stall_threshold"), "{e}");
+    }
+
+    #[test]
     fn truncated_cuts_at_a_character_boundary() {
         assert_eq!(truncated("short"), "short");
         let long = "é".repeat(HOLD_TEXT_LIMIT);

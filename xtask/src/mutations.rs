@@ -271,11 +271,19 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         name: "rewind-keeps-watermark",
-        edits: &[Edit {
-            file: OFFSET,
-            find: "            self.watermark = Some(self.commit_point());\n            self.started = true;\n",
-            replace: "",
-        }],
+        edits: &[
+            Edit {
+                file: OFFSET,
+                find: "            self.watermark = Some(self.commit_point());\n            self.started = true;\n",
+                replace: "",
+            },
+            // The same where a rewind is announced before its first message.
+            Edit {
+                file: OFFSET,
+                find: "        self.watermark = Some(self.commit_point());\n        self.started = true;\n        Some(self.current.id)\n",
+                replace: "        Some(self.current.id)\n",
+            },
+        ],
         models: "the tracker not lowered at a rewind: the old watermark stands above the messages read again",
         expected_missed: None,
     },

@@ -5,10 +5,13 @@
 //!
 //! The files: the route table and its router, the offset tracker, the in-flight
 //! set and the hand-over in core, and the pool switch with its mode word and
-//! pins in the facade (`--file` names others instead). The simulation's tests
-//! run a shorter slice here (`EVENTBUS_SIM_SLICE=0..100`, one member, as the
-//! workspace's tests run it): a mutant is built and tested whole, about five
-//! minutes each on 2 shared cores, so several hundred take a day; `--shard K/N`
+//! pins in the facade (`--file` names others instead). The judges are those
+//! packages' unit tests (the switch's among them) and the simulation's slice
+//! and regression seeds, with a shorter slice (`EVENTBUS_SIM_SLICE=0..100`,
+//! one member, as the workspace's tests run it); the packages' other
+//! integration tests link every backend and would make each mutant's build
+//! several times longer. A mutant is built and tested whole, minutes each on
+//! 2 shared cores, so several hundred take days; `--shard K/N`
 //! runs the K-th of N parts (on N machines, or one after the other), and each
 //! part's results go to `target/mutants/shard-K-of-N`. It is a command of its
 //! own, never part of `test`.
@@ -90,5 +93,8 @@ pub(crate) fn mutants(args: &[String]) -> Result {
         c.args(["--shard", s]);
     }
     c.args(&rest);
+    if !rest.iter().any(|a| a == "--") {
+        c.args(["--", "--lib", "--test", "slice", "--test", "regressions"]);
+    }
     run(c, "cargo mutants on the transition code")
 }

@@ -14,7 +14,7 @@
 //! 2 shared cores, so several hundred take days; `--shard K/N`
 //! runs the K-th of N parts (on N machines, or one after the other), and each
 //! part's results go to `target/mutants/shard-K-of-N`. It is a command of its
-//! own, never part of `test`.
+//! own, never part of `test`, and `test` must pass first: it is the baseline.
 
 use crate::{cargo, cargo_has, project_root, run, Result};
 
@@ -75,8 +75,18 @@ pub(crate) fn mutants(args: &[String]) -> Result {
     std::fs::create_dir_all(project_root().join(&out))
         .map_err(|e| format!("cannot create {out}: {e}"))?;
     let mut c = cargo();
+    // No baseline run of cargo-mutants: it tests the mutated files' own
+    // packages, which have no slice to run; the unmutated tree's baseline is
+    // `cargo xtask test`, which must pass first.
     c.env("EVENTBUS_SIM_SLICE", "0..100")
-        .args(["mutants", "--no-shuffle", "--output", &out])
+        .args([
+            "mutants",
+            "--no-shuffle",
+            "--baseline",
+            "skip",
+            "--output",
+            &out,
+        ])
         .args(["--timeout", "900", "--build-timeout", "1800"]);
     for p in TEST_PACKAGES {
         c.args(["--test-package", p]);

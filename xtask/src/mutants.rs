@@ -87,7 +87,7 @@ pub(crate) fn mutants(args: &[String]) -> Result {
             "--output",
             &out,
         ])
-        .args(["--timeout", "900", "--build-timeout", "1800"]);
+        .args(["--timeout", "300", "--build-timeout", "1800"]);
     for p in TEST_PACKAGES {
         c.args(["--test-package", p]);
     }

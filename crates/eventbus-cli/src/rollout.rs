@@ -163,12 +163,7 @@ async fn answer_body(
             ))
         });
     }
-    let reason = body
-        .as_ref()
-        .and_then(|b| b.get("error"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_owned());
+    let reason = error_reason(body.as_ref(), &bytes);
     let hint = match status.as_u16() {
         401 => format!(
             " (the token is {ADMIN_TOKEN_VARIABLE}, else ops_server.admin_token in --config)"
@@ -184,6 +179,15 @@ async fn answer_body(
     Err(CliError::new(format!(
         "rollout: {method} {url}: {status}: {reason}{hint}"
     )))
+}
+
+/// Why the operations server refused a request: its JSON `error`, else the
+/// answer's text.
+pub(crate) fn error_reason(body: Option<&Value>, bytes: &[u8]) -> String {
+    body.and_then(|b| b.get("error"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(bytes).trim().to_owned())
 }
 
 fn text(body: &Value, key: &str) -> String {

@@ -7,7 +7,7 @@
 
 use crate::cli::{Global, StuckArgs};
 use crate::error::CliError;
-use crate::rollout::base_url;
+use crate::rollout::{base_url, error_reason};
 use crate::settings::file_config;
 use serde_json::Value;
 use std::io::Write;
@@ -37,12 +37,7 @@ pub(crate) async fn run(global: &Global, args: &StuckArgs) -> Result<(), CliErro
     let body = match body {
         Some(b) if status.is_success() => b,
         _ => {
-            let reason = body
-                .as_ref()
-                .and_then(|b| b.get("error"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_owned());
+            let reason = error_reason(body.as_ref(), &bytes);
             return Err(CliError::new(format!(
                 "stuck: GET {url}: {status}: {reason}"
             )));

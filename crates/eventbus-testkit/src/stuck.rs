@@ -5,7 +5,7 @@
 //! it; health turns Degraded naming the partition and the aggregate once the hold
 //! passes `consumer.stall_threshold`; the other partitions hold nothing.
 
-use crate::conformance::{quick_config, topic_config, BusFactory};
+use crate::conformance::{quick_config, random_topic, topic_config, BusFactory};
 use crate::pool_suite::{PoolFactory, PoolSpec};
 use crate::wait_until;
 use eventbus_core::{
@@ -23,7 +23,7 @@ pub const FAILING: &str = "failing-aggregate";
 const BOOM: &str = "boom: the aggregate's downstream refuses it";
 
 /// Publish `messages` envelopes over `keys` aggregates to a `partitions`-partition
-/// topic named `topic`, the one of [`FAILING`] a third of the way in, and check the
+/// topic of a random name starting with `topic`, the one of [`FAILING`] a third of the way in, and check the
 /// stuck view on a bus made by `factory`. Panics naming what did not happen within
 /// `wait`.
 pub async fn one_failing_key_among_many(
@@ -33,6 +33,8 @@ pub async fn one_failing_key_among_many(
     (partitions, keys, messages): (u32, usize, usize),
     wait: Duration,
 ) {
+    let topic = random_topic(topic);
+    let topic = topic.as_str();
     let mut config = quick_config();
     // Retries go on (a long way from the last attempt) at a short backoff, so the
     // view sees attempts, an error and a next retry.

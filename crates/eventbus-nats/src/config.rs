@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use eventbus_core::{Error, TopicConfig};
 
+use crate::naming;
+use crate::partition::MAX_PARTITIONS;
+
 /// How the client authenticates.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -424,7 +427,7 @@ impl NatsConfig {
             ));
         }
         if let Some(prefix) = &self.subject_prefix {
-            crate::naming::validate_prefix(prefix)?;
+            naming::validate_prefix(prefix)?;
         }
         match &self.auth {
             NatsAuth::Token { token } if token.is_empty() => {
@@ -439,17 +442,17 @@ impl NatsConfig {
             _ => {}
         }
         for (topic, cfg) in &self.topics {
-            crate::naming::validate_nats_topic(topic)
+            naming::validate_nats_topic(topic)
                 .map_err(|e| Error::config(format!("topics.{topic}: {}", e.message())))?;
             validate_topic_config(topic, cfg)?;
         }
         for (topic, &p) in &self.partitions {
-            crate::naming::validate_nats_topic(topic)
+            naming::validate_nats_topic(topic)
                 .map_err(|e| Error::config(format!("partitions.{topic}: {}", e.message())))?;
-            if !(1..=crate::partition::MAX_PARTITIONS).contains(&p) {
+            if !(1..=MAX_PARTITIONS).contains(&p) {
                 return Err(Error::config(format!(
                     "partitions.{topic} must be within 1..={}, got {p}",
-                    crate::partition::MAX_PARTITIONS
+                    MAX_PARTITIONS
                 )));
             }
             if self.topics.get(topic).is_some_and(|c| !c.is_persistent()) {

@@ -41,6 +41,7 @@ use eventbus_core::{CancellationToken, Error, ErrorKind, Result};
 
 use crate::consumer::{ConsumerState, JsLoop, Slot};
 use crate::lease::{Holder, Lease, Leases, Previous};
+use crate::metric_names;
 use crate::naming;
 
 /// Who holds what, as this member last saw it.
@@ -65,7 +66,7 @@ pub(crate) struct Group {
 
 impl Group {
     pub(crate) fn new(topic_state: Arc<ConsumerState>, slots: Vec<Arc<Slot>>) -> Self {
-        let owned_gauge = metrics::gauge!(crate::metric_names::PARTITIONS_OWNED_NAME.as_str(), "topic" => topic_state.topic.clone());
+        let owned_gauge = metrics::gauge!(metric_names::PARTITIONS_OWNED_NAME.as_str(), "topic" => topic_state.topic.clone());
         owned_gauge.set(0.0);
         Self {
             partitions: slots.len() as u32,

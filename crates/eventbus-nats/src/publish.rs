@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::config::{NatsConfig, Retention};
 use crate::lease::Leases;
 use crate::naming;
+use crate::partition::{partition_of, partition_subject};
 use crate::streams::{broker, StreamSpec, Streams};
 
 /// Header carrying the record key (NATS messages have no key of their own).
@@ -121,10 +122,10 @@ impl Shared {
             probe = probe.with_key(k.clone());
         }
         let n = match self.aggregate_id.extract(&probe, None) {
-            Some(id) => crate::partition::partition_of(&id, p),
+            Some(id) => partition_of(&id, p),
             None => (self.round_robin.fetch_add(1, Ordering::Relaxed) % u64::from(p)) as u32,
         };
-        crate::partition::partition_subject(&subject, n)
+        partition_subject(&subject, n)
     }
 
     /// The consumer lease bucket (opened or created on first use).
@@ -343,7 +344,7 @@ impl DeadLetterSink for NatsDeadLetterSink {
                 clean.insert(name.to_owned(), Bytes::from(text));
             }
             let subject = match shared.partitions(original) {
-                Some(_) => crate::partition::partition_subject(
+                Some(_) => partition_subject(
                     &shared.subject(original),
                     letter.message.partition.max(0) as u32,
                 ),

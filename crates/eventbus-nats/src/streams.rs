@@ -15,6 +15,7 @@ use tokio::sync::OnceCell;
 use eventbus_core::{Error, ErrorKind, Result, StorageKind, TopicConfig};
 
 use crate::config::Retention;
+use crate::partition::{describe_layout, partition_subjects};
 
 /// What a topic's stream must look like.
 #[derive(Debug, Clone)]
@@ -37,7 +38,7 @@ impl StreamSpec {
     /// The subjects the stream holds.
     fn subjects(&self) -> Vec<String> {
         match self.partitions {
-            Some(p) => crate::partition::partition_subjects(&self.subject, p),
+            Some(p) => partition_subjects(&self.subject, p),
             None => vec![self.subject.clone()],
         }
     }
@@ -73,16 +74,15 @@ impl StreamSpec {
             Some(_) => have != wanted,
             None => {
                 !existing.subjects.iter().any(|s| s == &self.subject)
-                    && crate::partition::describe_layout(&self.subject, &existing.subjects)
-                        .starts_with("partitioned")
+                    && describe_layout(&self.subject, &existing.subjects).starts_with("partitioned")
             }
         };
         if other_layout {
             diffs.push(format!(
                 "its layout is {}, configured {} (partitions.{}; to change it, drain the \
                  topic, then delete and re-create the stream: see docs/nats.md)",
-                crate::partition::describe_layout(&self.subject, &existing.subjects),
-                crate::partition::describe_layout(&self.subject, &want),
+                describe_layout(&self.subject, &existing.subjects),
+                describe_layout(&self.subject, &want),
                 self.topic
             ));
             return diffs;

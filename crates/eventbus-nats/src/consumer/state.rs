@@ -6,6 +6,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::metric_names;
+
 /// What health and metrics read about one consumer.
 #[derive(Debug)]
 pub(crate) struct ConsumerState {
@@ -62,21 +64,15 @@ impl ConsumerState {
             holder: Mutex::new(None),
             position: Mutex::new(None),
             pending_gauge: metrics::gauge!(
-                crate::metric_names::CONSUMER_PENDING_NAME.as_str(),
+                metric_names::CONSUMER_PENDING_NAME.as_str(),
                 labels.clone()
             ),
             active_gauge: metrics::gauge!(
-                crate::metric_names::CONSUMER_ACTIVE_NAME.as_str(),
+                metric_names::CONSUMER_ACTIVE_NAME.as_str(),
                 labels.clone()
             ),
-            in_flight_gauge: metrics::gauge!(
-                crate::metric_names::IN_FLIGHT_NAME.as_str(),
-                labels.clone()
-            ),
-            redelivery_counter: metrics::counter!(
-                crate::metric_names::REDELIVERIES_NAME.as_str(),
-                labels
-            ),
+            in_flight_gauge: metrics::gauge!(metric_names::IN_FLIGHT_NAME.as_str(), labels.clone()),
+            redelivery_counter: metrics::counter!(metric_names::REDELIVERIES_NAME.as_str(), labels),
         }
     }
 

@@ -1219,6 +1219,11 @@ impl ConsumeLoop {
         // next owner reads them. Then drain in-flight work within the bound.
         self.events.close();
         while self.events.try_recv().is_ok() {}
+        // A fatal error the fetching thread stopped before polling still ends
+        // the client: fence all its work at once, as the thread would have.
+        if let Some(reason) = client_fatal_error(&self.consumer) {
+            self.shared.fatal_error(reason);
+        }
         self.run_transitions().await;
         let parts: Vec<(String, i32)> = self
             .topics
@@ -1250,6 +1255,15 @@ impl ConsumeLoop {
         }
         if self.total_in_flight() > 0 {
             self.dispatcher.abandon_in_flight();
+        }
+        // After a fatal error the client commits nothing more (librdkafka
+        // refuses every commit): no final commit, and close goes on at once.
+        if let Some(fatal) = self.shared.fatal() {
+            tracing::warn!(error = %fatal,
+                "close: no final commit after the consumer's fatal error; messages past \
+                 the group's committed offsets will be redelivered to the next owner");
+            self.release_removals();
+            return;
         }
         // Final commit of the stored watermarks, confirmed within the operation
         // timeout: a commit to a coordinator that is gone would otherwise wait
@@ -1294,6 +1308,12 @@ impl ConsumeLoop {
                 "final commit not confirmed; messages past the group's committed offsets \
                  will be redelivered"),
         }
+        self.release_removals();
+    }
+
+    /// The end of `close`: answer the unsubscribes still waiting, forget every
+    /// topic.
+    fn release_removals(&mut self) {
         for ts in self.topics.values_mut() {
             for r in ts.removing.drain(..) {
                 let _ = r.send(());
@@ -1301,6 +1321,15 @@ impl ConsumeLoop {
         }
         self.topics.clear();
     }
+}
+
+/// The fatal error librdkafka raised on `consumer`'s client, if any, in the
+/// fetching thread's words.
+fn client_fatal_error(consumer: &KConsumer) -> Option<String> {
+    consumer
+        .client()
+        .fatal_error()
+        .map(|(code, reason)| format!("{code:?}: {reason}"))
 }
 
 /// Partitions of the loop being handed over (revoke, close), driven through
@@ -1398,6 +1427,11 @@ fn commit_on_thread(
                             break Ok(());
                         }
                         explicit_done = true;
+                    }
+                    // A fatal error ended the client: librdkafka refuses every
+                    // commit from now on, so no retry can succeed.
+                    Err(e) if consumer.client().fatal_error().is_some() => {
+                        break Err(format!("the consumer had a fatal error: {e}"));
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "commit failed; retrying");

@@ -24,9 +24,13 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(60);
 /// The operation timeout of the restart test's members (the testkit's).
 const OPERATION: Duration = Duration::from_secs(10);
-/// The fenced members': their close gives up the final commit's retries
-/// (librdkafka refuses every commit after a fatal error) after this long.
-const FENCED_OPERATION: Duration = Duration::from_secs(2);
+/// The fenced members': long, so that a close still retrying the final
+/// commit (librdkafka refuses every commit after a fatal error) until the
+/// operation timeout is told apart from one that stops at once.
+const FENCED_OPERATION: Duration = Duration::from_secs(60);
+/// How long a fenced member's close may take: a quarter of its operation
+/// timeout. Without handlers to drain it needs no broker round trip at all.
+const FENCED_CLOSE: Duration = Duration::from_secs(15);
 
 /// A member of `group` on `topic`, with `instance_id` when given, under
 /// `membership`, its operations bounded by `operation_timeout`.
@@ -187,7 +191,9 @@ async fn a_static_member_restarts_under_load_without_a_rebalance_for_the_others(
 /// and its commits; consumer protocol: the new one gets
 /// `UNRELEASED_INSTANCE_ID`, the old one `FENCED_INSTANCE_ID` on its commits).
 /// librdkafka makes each fatal: the bus fences all its work at once, commits
-/// nothing more, and reports Unhealthy naming the instance id.
+/// nothing more, and reports Unhealthy naming the instance id; its `close`
+/// ends without spending the operation timeout on a final commit that
+/// librdkafka refuses.
 ///
 /// The mock cluster does not detect duplicate ids itself (its classic groups
 /// know members by member id; its consumer groups answer `UNKNOWN_MEMBER_ID`,
@@ -286,7 +292,16 @@ async fn fenced(membership: Membership, api: RDKafkaApiKey) {
     // now is not handled, and the committed offsets stay where they are.
     let (handled, at_fence) = (checker.handled_distinct(), committed());
     publish(10).await;
-    bus.close().await.unwrap();
+    tokio::time::timeout(FENCED_CLOSE, bus.close())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{label}: close did not return within {FENCED_CLOSE:?} (operation timeout \
+                 {FENCED_OPERATION:?}) after the fatal error: it went on retrying the final \
+                 commit that librdkafka refuses"
+            )
+        })
+        .unwrap();
     assert_eq!(
         checker.handled_distinct(),
         handled,

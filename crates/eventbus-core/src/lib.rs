@@ -60,6 +60,7 @@ pub mod raw {
     pub mod completions;
     pub(crate) mod dispatcher;
     pub mod fence;
+    pub mod finished;
     pub mod handover;
     pub mod inflight;
     pub(crate) mod job;

@@ -1,22 +1,29 @@
 #![doc = include_str!("../README.md")]
 
+mod backend;
 mod bus;
 mod config;
+mod connect;
 mod consumer;
 mod group;
+mod health;
 mod lease;
 pub mod metric_names;
 mod naming;
+mod open;
 mod partition;
 mod publish;
 mod pull;
 mod redrive;
+mod start;
+mod status;
 mod streams;
 
-pub use bus::{ConsumerPending, NatsEventBus, PartitionStatus};
+pub use bus::NatsEventBus;
 pub use config::{NatsAuth, NatsConfig, NatsTlsConfig, ReconnectConfig, Retention};
 pub use partition::{partition_hash, partition_of, MAX_PARTITIONS};
 pub use publish::{DLQ_STREAM_HEADER, DLQ_SUBJECT_HEADER, KEY_HEADER, MSG_ID_HEADER};
+pub use status::{ConsumerPending, PartitionStatus};
 
 #[cfg(test)]
 mod tests {

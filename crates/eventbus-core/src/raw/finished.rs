@@ -22,7 +22,7 @@
 //! | leader epoch | when flagged, zigzag LEB128 |
 //! | span | LEB128: the offsets `base + 1 .. base + 1 + span` are described; the last of them is finished |
 //! | body | the rest but the last 8 bytes, raw deflate (RFC 1951) when flagged |
-//! | checksum | 8 bytes, little-endian: [`stable_hash`](crate::raw::stable_hash) of every byte before it |
+//! | checksum | 8 bytes, little-endian: [`stable_hash`] of every byte before it |
 //!
 //! The body (inflated) is one of:
 //!
@@ -756,7 +756,9 @@ mod tests {
 
     #[test]
     fn an_unknown_version_is_replayed() {
-        let text = encode(5, None, Some(7..9)).unwrap().replace("ebf1:", "ebf2:");
+        let text = encode(5, None, Some(7..9))
+            .unwrap()
+            .replace("ebf1:", "ebf2:");
         assert_eq!(
             decode(text.as_bytes(), 5, None),
             Err(Replay::UnknownVersion(2))

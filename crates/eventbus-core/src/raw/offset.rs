@@ -57,8 +57,41 @@
 //! emptied and the next offset starts again at the first bit, and a deque using
 //! under a quarter of its room gives half of it back, so a partition that spanned
 //! a million offsets behind one slow message does not keep their 128 KiB for ever.
+//!
+//! # Finished offsets across a hand-over
+//!
+//! The commit point is the lowest unfinished offset; what finished above it would
+//! be handed again to the partition's next owner. [`OffsetTracker::finished_runs`]
+//! reads those offsets, for the commit's metadata
+//! ([`finished::encode`](crate::raw::finished::encode)), and
+//! [`OffsetTracker::seed`] gives the next owner's tracker what it decoded
+//! ([`finished::decode`](crate::raw::finished::decode)). The invariants:
+//!
+//! - `finished_runs` names an offset only when it is above the commit point and
+//!   finished: its bit is clear in a live epoch, above that epoch's lowest
+//!   unfinished offset, within a segment (so a skipped offset up to 128 past the
+//!   one before counts, as it does for the watermark; a longer gap, and anything
+//!   between epochs, does not); or it is seeded and not yet delivered. A given-up
+//!   offset is unfinished. The runs come in increasing order, none overlapping;
+//!   walking them allocates nothing.
+//! - A seed applies only to a tracker that tracked nothing since it was made or
+//!   [`reset`](OffsetTracker::reset) (a new assignment). A delivered offset that is
+//!   seeded settles as finished when it is tracked ([`Tracked::finished`]): it is
+//!   never in flight, and the watermark passes it when it reaches it.
+//! - Seeded offsets are looked up in delivery order, a forward cursor over the
+//!   decoded runs: the seed keeps the decoded body (bounded by
+//!   [`finished::MAX_BODY`](crate::raw::finished::MAX_BODY)), no entry per
+//!   offset, and drops what the delivery has passed.
+//! - A rewind ends the seed at the rewind point: a message read again after a
+//!   rewind runs again, whether or not it was seeded. (Offsets below the rewind
+//!   point that settled as seeded stay finished, like any finished offset of an
+//!   older epoch.) A first offset delivered below the seed's base means the log
+//!   was read from elsewhere than the committed offset: the seed is dropped.
 
 use std::collections::VecDeque;
+use std::ops::Range;
+
+use crate::raw::finished::{FinishedOffsets, Runs};
 
 /// The longest run of skipped offsets stored as zero bits; a longer gap starts a
 /// new segment. 128 bits take the 16 bytes a segment record takes, so a gap costs
@@ -251,6 +284,25 @@ impl Epoch {
         s.bit.saturating_add(from.abs_diff(s.offset)).min(limit)
     }
 
+    /// The first bit at or above `from`, below `limit`, that is unfinished
+    /// (`set`) or finished (not `set`); `limit` when there is none. A word not
+    /// stored counts as unfinished.
+    fn next_bit(&self, from: u64, limit: u64, set: bool) -> u64 {
+        let mut bit = from.max(self.base);
+        while bit < limit {
+            let k = ((bit - self.base) / 64) as usize;
+            let word = self.unfinished.get(k).copied().unwrap_or(u64::MAX);
+            let word = if set { word } else { !word };
+            let masked = word & (u64::MAX << (bit % 64));
+            let first = bit - bit % 64;
+            if masked != 0 {
+                return (first + u64::from(masked.trailing_zeros())).min(limit);
+            }
+            bit = first + 64;
+        }
+        limit
+    }
+
     fn give_up(&mut self, k: usize, mask: u64) {
         if self.abandoned.len() <= k {
             self.abandoned.resize(k + 1, 0);
@@ -334,6 +386,150 @@ pub struct Tracked {
     /// `Some(R)` when this offset rewound the partition to `R`: tracked messages of
     /// earlier epochs at or above `R` no longer count and should be fenced.
     pub rewound_from: Option<i64>,
+    /// The offset finished before the partition was assigned here (it was
+    /// [`seed`](OffsetTracker::seed)ed): it settled as finished on the spot and is
+    /// not in flight. Do not run it.
+    pub finished: bool,
+    /// The new watermark when tracking this offset moved it (a rewind, or a
+    /// seeded offset settling at the front).
+    pub watermark: Option<i64>,
+}
+
+/// [`OffsetTracker::seed`] on a tracker that tracked an offset already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "finished offsets seed only a partition's tracker that tracked nothing yet (a new assignment)"
+)]
+#[non_exhaustive]
+pub struct AlreadyTracking;
+
+/// Offsets finished before the partition was assigned here, read from the
+/// commit's metadata ([`OffsetTracker::seed`]), from the next one to deliver on.
+#[derive(Debug, Clone)]
+struct Seed {
+    /// The committed offset they lie above.
+    base: i64,
+    /// The run the next delivered offset is looked up in.
+    run: Option<Range<i64>>,
+    /// The runs after it.
+    rest: Runs,
+    /// The rewind point, if any: seeded offsets at and above it are read again,
+    /// and run again.
+    limit: i64,
+}
+
+impl Seed {
+    /// Whether `offset`, above every offset looked up before, is seeded; the
+    /// runs wholly below it are dropped.
+    fn take(&mut self, offset: i64) -> bool {
+        while self.run.as_ref().is_some_and(|r| r.end <= offset) {
+            self.run = self.rest.next();
+        }
+        offset < self.limit && self.run.as_ref().is_some_and(|r| r.start <= offset)
+    }
+
+    /// Nothing seeded is left to deliver.
+    fn spent(&self) -> bool {
+        self.run.as_ref().is_none_or(|r| r.start >= self.limit)
+    }
+}
+
+/// The runs of finished offsets above a partition's commit point, in
+/// increasing order: see [`OffsetTracker::finished_runs`].
+#[derive(Debug, Clone)]
+pub struct FinishedRuns<'a> {
+    epochs: std::iter::Chain<std::slice::Iter<'a, Epoch>, std::option::IntoIter<&'a Epoch>>,
+    epoch: Option<EpochRuns<'a>>,
+    /// The seed's runs not yet delivered, above the last tracked offset.
+    seed: Option<(Option<Range<i64>>, Runs, i64)>,
+    /// Where the seed's runs start at the lowest.
+    seed_floor: i64,
+    /// Where the next run starts at the lowest.
+    floor: i64,
+}
+
+impl FinishedRuns<'_> {
+    /// `run` from the floor on, when anything of it is left; moves the floor past it.
+    fn clip(&mut self, run: Range<i64>) -> Option<Range<i64>> {
+        let run = run.start.max(self.floor)..run.end;
+        if run.is_empty() {
+            return None;
+        }
+        self.floor = run.end;
+        Some(run)
+    }
+}
+
+impl Iterator for FinishedRuns<'_> {
+    type Item = Range<i64>;
+
+    fn next(&mut self) -> Option<Range<i64>> {
+        loop {
+            if let Some(runs) = &mut self.epoch {
+                match runs.next() {
+                    Some(run) => match self.clip(run) {
+                        Some(run) => return Some(run),
+                        None => continue,
+                    },
+                    None => self.epoch = None,
+                }
+            }
+            if let Some(e) = self.epochs.next() {
+                self.epoch = e.lowest_bit().map(|lowest| EpochRuns {
+                    e,
+                    seg: 0,
+                    bit: lowest + 1,
+                });
+                continue;
+            }
+            let (run, rest, limit) = self.seed.as_mut()?;
+            let limit = *limit;
+            let Some(run) = run.take().or_else(|| rest.next()) else {
+                self.seed = None;
+                return None;
+            };
+            if run.start >= limit {
+                self.seed = None;
+                return None;
+            }
+            self.floor = self.floor.max(self.seed_floor);
+            if let Some(run) = self.clip(run.start..run.end.min(limit)) {
+                return Some(run);
+            }
+        }
+    }
+}
+
+/// The finished runs of one epoch above its lowest unfinished offset.
+#[derive(Debug, Clone)]
+struct EpochRuns<'a> {
+    e: &'a Epoch,
+    /// The segment looked at.
+    seg: usize,
+    /// The next bit to look at.
+    bit: u64,
+}
+
+impl Iterator for EpochRuns<'_> {
+    type Item = Range<i64>;
+
+    fn next(&mut self) -> Option<Range<i64>> {
+        let e = self.e;
+        loop {
+            let s = *e.segments.get(self.seg)?;
+            let limit = e.segments.get(self.seg + 1).map_or(e.end, |n| n.bit);
+            let start = e.next_bit(self.bit.max(s.bit), limit, false);
+            if start >= limit {
+                self.seg += 1;
+                self.bit = limit;
+                continue;
+            }
+            let stop = e.next_bit(start, limit, true);
+            self.bit = stop;
+            let at = |bit: u64| s.offset + (bit - s.bit) as i64;
+            return Some(at(start)..at(stop));
+        }
+    }
 }
 
 /// Tracks the offsets of one partition that are in flight; see the module docs.
@@ -357,6 +553,8 @@ pub struct OffsetTracker {
     /// Whether a first tracked offset finished, or a rewind came: the watermark
     /// exists from then on.
     started: bool,
+    /// Offsets finished before the assignment, not yet delivered.
+    seed: Option<Seed>,
 }
 
 impl Default for OffsetTracker {
@@ -370,6 +568,7 @@ impl Default for OffsetTracker {
             watermark: None,
             pending: 0,
             started: false,
+            seed: None,
         }
     }
 }
@@ -382,7 +581,11 @@ impl OffsetTracker {
 
     /// Start tracking `offset`. An offset at or below one tracked before starts a
     /// new epoch (see the module docs).
+    ///
+    /// A seeded offset ([`seed`](Self::seed)) settles as finished at once
+    /// ([`Tracked::finished`]).
     pub fn track(&mut self, offset: i64) -> Tracked {
+        let before = self.watermark;
         let mut rewound_from = None;
         let mut gap = None;
         match self.last_tracked {
@@ -414,9 +617,77 @@ impl OffsetTracker {
             self.watermark = Some(self.commit_point());
             self.started = true;
         }
+        let finished = self.seeded(offset);
+        if finished {
+            self.settle(self.current.id, offset, Settle::Done);
+        }
         Tracked {
             epoch: self.current.id,
             rewound_from,
+            finished,
+            watermark: self.watermark.filter(|_| self.watermark != before),
+        }
+    }
+
+    /// Whether `offset`, tracked now, is seeded; drops the seed when it is
+    /// spent, or when `offset` lies below its base (the log is read from
+    /// elsewhere than the committed offset it was written for).
+    fn seeded(&mut self, offset: i64) -> bool {
+        let Some(seed) = &mut self.seed else {
+            return false;
+        };
+        let hit = offset > seed.base && seed.take(offset);
+        if offset < seed.base || seed.spent() {
+            self.seed = None;
+        }
+        hit
+    }
+
+    /// Seed a newly assigned partition's tracker with the offsets that finished
+    /// before (decoded from the commit's metadata, above the committed offset the
+    /// partition starts from): each is settled as finished when it is delivered
+    /// ([`Tracked::finished`]), and the watermark passes it when it reaches it,
+    /// until a rewind (see the module docs). Refused once anything was tracked
+    /// since the tracker was made or [`reset`](Self::reset).
+    pub fn seed(&mut self, finished: &FinishedOffsets) -> Result<(), AlreadyTracking> {
+        if self.next_epoch > 0 || self.rewound.is_some() {
+            return Err(AlreadyTracking);
+        }
+        let mut rest = finished.runs();
+        let run = rest.next();
+        self.seed = Some(Seed {
+            base: finished.base(),
+            run,
+            rest,
+            limit: i64::MAX,
+        });
+        Ok(())
+    }
+
+    /// The offsets finished above the commit point (the lowest unfinished offset
+    /// of any epoch), as half-open runs in increasing order, none overlapping:
+    /// what the next owner need not run again
+    /// ([`finished::encode`](crate::raw::finished::encode) them with the
+    /// watermark). Seeded offsets not yet delivered are among them. Walking it
+    /// allocates nothing and looks at each word of the tracked window at most
+    /// twice.
+    pub fn finished_runs(&self) -> FinishedRuns<'_> {
+        let floor = self
+            .lowest_pending()
+            .map_or(i64::MIN, |l| l.saturating_add(1));
+        let seed_floor = self
+            .last_tracked
+            .map_or(i64::MIN, |l| l.saturating_add(1))
+            .max(floor);
+        FinishedRuns {
+            epochs: self.older.iter().chain(Some(&self.current)),
+            epoch: None,
+            seed: self
+                .seed
+                .as_ref()
+                .map(|s| (s.run.clone(), s.rest.clone(), s.limit)),
+            seed_floor,
+            floor,
         }
     }
 
@@ -461,6 +732,9 @@ impl OffsetTracker {
 
     /// Offsets at or above `from` in every epoch will be delivered again: drop them.
     fn supersede_from(&mut self, from: i64) {
+        if let Some(seed) = &mut self.seed {
+            seed.limit = seed.limit.min(from);
+        }
         for epoch in self.older.iter_mut().chain([&mut self.current]) {
             self.pending -= epoch.cut(from);
         }
@@ -675,7 +949,9 @@ mod tests {
             r,
             Tracked {
                 epoch: 1,
-                rewound_from: Some(14)
+                rewound_from: Some(14),
+                finished: false,
+                watermark: None,
             }
         );
         assert_eq!(t.in_flight(), 2, "12 of the old epoch and 14 of the new");
@@ -767,7 +1043,9 @@ mod tests {
             t.track(14),
             Tracked {
                 epoch: 1,
-                rewound_from: Some(14)
+                rewound_from: Some(14),
+                finished: false,
+                watermark: None,
             },
             "the announced epoch, not a second one"
         );
@@ -1068,6 +1346,280 @@ mod tests {
         assert!(words <= MIN_WORDS && segments <= MIN_SEGMENTS);
     }
 
+    // --- finished offsets across a hand-over ------------------------------------------
+
+    use crate::raw::finished;
+
+    fn runs(t: &OffsetTracker) -> Vec<Range<i64>> {
+        t.finished_runs().collect()
+    }
+
+    /// A tracker seeded with `runs` above `base`, as the next owner decodes them.
+    fn seeded(base: i64, runs: impl IntoIterator<Item = Range<i64>>) -> OffsetTracker {
+        let text = finished::encode(base, None, runs).expect("fits");
+        let set = finished::decode(text.as_bytes(), base, None).expect("decodes");
+        let mut t = OffsetTracker::new();
+        t.seed(&set).expect("a new tracker");
+        t
+    }
+
+    #[test]
+    fn finished_runs_name_what_finished_above_the_lowest_unfinished_offset() {
+        let mut t = OffsetTracker::new();
+        assert_eq!(runs(&t), vec![]);
+        for o in 10..20 {
+            t.track(o);
+        }
+        for o in [12, 13, 15, 19] {
+            t.complete(0, o);
+        }
+        assert_eq!(runs(&t), vec![12..14, 15..16, 19..20]);
+        t.complete(0, 10);
+        t.complete(0, 11);
+        assert_eq!(runs(&t), vec![15..16, 19..20], "14 holds now");
+        // A given-up offset is unfinished.
+        t.abandon(0, 16);
+        t.complete(0, 17);
+        assert_eq!(runs(&t), vec![15..16, 17..18, 19..20]);
+        for o in [14, 16, 18] {
+            t.complete(0, o);
+        }
+        t.abandon(0, 16);
+        assert_eq!(runs(&t), vec![17..20], "16 given up holds it");
+    }
+
+    #[test]
+    fn finished_runs_count_short_skips_as_finished_and_never_a_long_gap() {
+        let mut t = OffsetTracker::new();
+        let far = 1_000_000i64;
+        for o in [0, 5, 64, 200, 203, far, far + 1] {
+            t.track(o);
+        }
+        for o in [5, 203, far + 1] {
+            t.complete(0, o);
+        }
+        // 1..=4 were skipped, 6..=63 too (a gap of 58): finished, as for the
+        // watermark. 65..=199 is a gap past 128 (a segment of its own), and so is
+        // what lies below `far`: not named.
+        assert_eq!(runs(&t), vec![1..64, 201..204, far + 1..far + 2]);
+        t.complete(0, 0);
+        assert_eq!(runs(&t), vec![201..204, far + 1..far + 2], "64 holds now");
+        // Walking the words: runs that cross word boundaries.
+        let mut t = OffsetTracker::new();
+        for o in 0..1_000 {
+            t.track(o);
+            if o % 150 != 0 {
+                t.complete(0, o);
+            }
+        }
+        let mut expected: Vec<Range<i64>> = (0..6).map(|i| i * 150 + 1..i * 150 + 150).collect();
+        expected.push(901..1_000);
+        assert_eq!(runs(&t), expected);
+    }
+
+    #[test]
+    fn finished_runs_cover_the_epochs_a_rewind_left() {
+        let mut t = OffsetTracker::new();
+        for o in 10..20 {
+            t.track(o);
+        }
+        for o in [11, 13, 15, 16] {
+            t.complete(0, o);
+        }
+        assert_eq!(t.track(14).rewound_from, Some(14));
+        t.track(15);
+        t.track(16);
+        t.complete(1, 15);
+        // 10 and 12 still run in the old epoch; 15..=16 finished there is read
+        // again; 15 finished in the new one.
+        assert_eq!(runs(&t), vec![11..12, 13..14, 15..16]);
+        t.complete(0, 10);
+        t.complete(0, 12);
+        assert_eq!(runs(&t), vec![15..16], "14 holds it");
+    }
+
+    #[test]
+    fn a_seeded_offset_settles_when_delivered_and_the_watermark_passes_it() {
+        let mut t = seeded(100, [101..105, 107..110, 150..160]);
+        assert_eq!(
+            runs(&t),
+            vec![101..105, 107..110, 150..160],
+            "nothing tracked yet"
+        );
+        let first = t.track(100);
+        assert!(!first.finished, "the committed offset itself runs");
+        let finished: Vec<i64> = (101..=110).filter(|o| t.track(*o).finished).collect();
+        assert_eq!(finished, vec![101, 102, 103, 104, 107, 108, 109]);
+        assert_eq!(t.in_flight(), 4, "100, 105, 106 and 110 run");
+        assert_eq!(t.complete(0, 107), None, "settled already");
+        assert_eq!(
+            runs(&t),
+            vec![101..105, 107..110, 150..160],
+            "the seed's undelivered runs ride along"
+        );
+        assert_eq!(t.complete(0, 100), Some(105));
+        assert_eq!(t.complete(0, 105), Some(106));
+        assert_eq!(t.complete(0, 106), Some(110));
+        assert_eq!(runs(&t), vec![150..160]);
+        // Offsets skipped by the log: the seed's run is entered in its middle.
+        assert!(!t.track(140).finished);
+        assert!(t.track(155).finished);
+        // 111..=139 were skipped (finished, as for the watermark), 141..=154 too;
+        // the seed's run goes on past the last tracked offset.
+        assert_eq!(runs(&t), vec![111..140, 141..156, 156..160]);
+        assert!(t.track(159).finished);
+        assert_eq!(t.complete(0, 110), Some(140), "140 holds it");
+        assert_eq!(t.complete(0, 140), Some(160));
+        assert!(!t.track(160).finished, "past the seed");
+        assert_eq!(
+            t.seed.as_ref().map(|s| s.base),
+            None,
+            "a spent seed is dropped"
+        );
+    }
+
+    #[test]
+    fn a_seeded_offset_at_the_front_moves_the_watermark_when_tracked() {
+        // The committed offset 100 was compacted away: 101 comes first.
+        let mut t = seeded(100, Some(101..103));
+        let tr = t.track(101);
+        assert!(tr.finished);
+        assert_eq!(tr.watermark, Some(102));
+        assert_eq!(t.track(102).watermark, Some(103));
+        assert_eq!(t.in_flight(), 0);
+        let tr = t.track(103);
+        assert_eq!((tr.finished, tr.watermark), (false, None));
+        assert_eq!(t.complete(0, 103), Some(104));
+    }
+
+    #[test]
+    fn a_rewind_below_a_seeded_offset_runs_what_is_read_again() {
+        let mut t = seeded(100, Some(101..200));
+        for o in 100..=150 {
+            assert_eq!(t.track(o).finished, o > 100);
+        }
+        assert_eq!(t.in_flight(), 1);
+        // The broker goes back to 120: 120.. is read again and runs again,
+        // seeded or not.
+        let tr = t.track(120);
+        assert_eq!((tr.rewound_from, tr.finished), (Some(120), false));
+        for o in 121..=130 {
+            assert!(!t.track(o).finished, "{o} is read again: it runs");
+        }
+        assert!(!t.track(170).finished, "the seed ended at the rewind");
+        assert_eq!(t.in_flight(), 1 + 11 + 1);
+        // Below the rewind point the seeded offsets stay finished (and
+        // 131..=169, skipped before 170, count as finished too).
+        assert_eq!(runs(&t), vec![101..120, 131..170]);
+        assert_eq!(t.complete(0, 100), Some(120));
+
+        // Announced before its first message: the same.
+        let mut t = seeded(100, Some(101..200));
+        for o in 100..=150 {
+            t.track(o);
+        }
+        assert_eq!(t.rewind(140), Some(1));
+        assert_eq!(runs(&t), vec![101..140], "nothing at or above 140");
+        for o in 140..=160 {
+            assert!(!t.track(o).finished, "{o} is read again: it runs");
+        }
+        // A rewind below the seed's base drops everything.
+        let mut t = seeded(100, Some(101..200));
+        for o in 100..=110 {
+            t.track(o);
+        }
+        assert_eq!(t.track(50).rewound_from, Some(50));
+        assert_eq!(runs(&t), vec![]);
+        assert!((51..=120).all(|o| !t.track(o).finished));
+    }
+
+    #[test]
+    fn a_seed_is_dropped_when_delivery_starts_below_its_base() {
+        let mut t = seeded(100, Some(101..110));
+        assert!(
+            !t.track(50).finished,
+            "read from elsewhere than the committed offset"
+        );
+        assert!((51..=109).all(|o| !t.track(o).finished));
+        assert_eq!(runs(&t), vec![]);
+    }
+
+    #[test]
+    fn a_seed_goes_only_to_a_new_assignment_and_a_revoke_forgets_it() {
+        let text = finished::encode(100, None, Some(101..105)).expect("fits");
+        let set = finished::decode(text.as_bytes(), 100, None).expect("decodes");
+        let mut t = OffsetTracker::new();
+        t.track(100);
+        assert_eq!(t.seed(&set), Err(AlreadyTracking));
+        assert!(!t.track(101).finished);
+        // Revoked, then assigned again: the seed applies.
+        t.reset();
+        t.seed(&set).expect("a reset tracker takes a seed");
+        t.track(100);
+        assert!(t.track(101).finished);
+        // Revoked midway: the next assignment starts without it.
+        t.reset();
+        assert_eq!(runs(&t), vec![]);
+        t.track(100);
+        assert!(!t.track(102).finished, "the seed went with the revoke");
+        // An announced rewind counts as tracking.
+        let mut t = OffsetTracker::new();
+        t.track(5);
+        t.rewind(5);
+        assert_eq!(t.seed(&set), Err(AlreadyTracking));
+    }
+
+    proptest! {
+        /// A hand-over through the metadata, twice: the first owner finishes a
+        /// random part of what it was delivered, the second is seeded with it,
+        /// is delivered a prefix of the same log and hands over again, the third
+        /// is seeded with what the second wrote. Each next owner settles without
+        /// running exactly the offsets above the committed one that finished
+        /// before (or nothing, when they did not fit), and runs the rest.
+        #[test]
+        fn a_hand_over_skips_exactly_what_finished_before(
+            steps in proptest::collection::vec((0usize..GAPS.len(), 0u8..10), 1..400),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let mut a = OffsetTracker::new();
+            let mut log = Vec::new();
+            let mut done = BTreeSet::new();
+            let mut next = 1_000i64;
+            for (gap, fate) in &steps {
+                next += GAPS[*gap].min(300);
+                a.track(next);
+                log.push(next);
+                match fate {
+                    0..=5 => { a.complete(0, next); done.insert(next); }
+                    6 => a.abandon(0, next),
+                    _ => {}
+                }
+                next += 1;
+            }
+            let hand_over = |from: &OffsetTracker, base: i64| {
+                let text = finished::encode(base, None, from.finished_runs()).ok()?;
+                let mut to = OffsetTracker::new();
+                if let Ok(set) = finished::decode(text.as_bytes(), base, None) {
+                    to.seed(&set).expect("new");
+                }
+                Some(to)
+            };
+            let base = a.watermark().unwrap_or(log[0]);
+            prop_assert!(a.finished_runs().all(|r| r.start > base && !r.is_empty()));
+            let Some(mut b) = hand_over(&a, base) else { return Ok(()); };
+            let delivered: Vec<i64> = log.iter().copied().filter(|o| *o >= base).collect();
+            let prefix = &delivered[..cut.index(delivered.len() + 1)];
+            for o in prefix {
+                prop_assert_eq!(b.track(*o).finished, *o > base && done.contains(o), "offset {}", o);
+            }
+            let base_b = b.watermark().unwrap_or(base);
+            let Some(mut c) = hand_over(&b, base_b) else { return Ok(()); };
+            for o in delivered.iter().filter(|o| **o >= base_b) {
+                prop_assert_eq!(c.track(*o).finished, *o > base_b && done.contains(o), "offset {}", o);
+            }
+        }
+    }
+
     #[test]
     fn reset_forgets_everything() {
         let mut t = OffsetTracker::new();
@@ -1094,6 +1646,7 @@ mod tests {
 
     impl Model {
         fn track(&mut self, offset: i64) -> Tracked {
+            let before = self.watermark;
             let mut rewound_from = None;
             if self.last.is_some_and(|l| offset <= l) || self.epochs.is_empty() {
                 if !self.epochs.is_empty() {
@@ -1117,6 +1670,8 @@ mod tests {
             Tracked {
                 epoch,
                 rewound_from,
+                finished: false,
+                watermark: self.watermark.filter(|_| self.watermark != before),
             }
         }
 

@@ -65,6 +65,7 @@ pub mod raw {
     pub mod inflight;
     pub(crate) mod job;
     pub mod lifecycle;
+    pub mod log;
     pub(crate) mod mailbox;
     pub mod offset;
     pub(crate) mod outcome;
@@ -98,6 +99,7 @@ pub mod raw {
     pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};
     pub use job::{DoneHook, DoneSink, Job, JobClass};
     pub use lifecycle::{BusBackend, Consumers, Lifecycle, LifecycleBus};
+    pub use log::{Assignment, InFlightCounts, LogLoop, PartitionLog};
     pub use mailbox::OutcomeReceiver;
     pub use offset::{OffsetTracker, Tracked};
     pub use outcome::{panic_message, FailureCause, Outcome, OutcomeKind};

@@ -1,0 +1,123 @@
+//! What a partitioned log with a contiguous commit point brings to core's
+//! consume loop ([`LogLoop`](super::LogLoop)): broker calls only.
+//!
+//! Invariants a backend keeps:
+//!
+//! - **No call blocks.** Every method returns at once. What the loop waits
+//!   for comes as two signals, [`group_changes`](PartitionLog::group_changes)
+//!   and [`appends`](PartitionLog::appends): `watch` channels of a version
+//!   number, which coalesce (no queue) and whose `changed()` the loop polls
+//!   beside its other work in one `select!` and drops freely. A broker call that may block or hang (a synchronous commit, closing a client)
+//!   runs on a thread or task of the backend's own; the method starts it, or
+//!   reads its answer if it came, and returns.
+//! - **A commit not confirmed yet is an error.** [`commit`](PartitionLog::commit)
+//!   answers `Ok` once the group holds the offset, an error of kind
+//!   [`Fenced`](crate::ErrorKind::Fenced) when the partition is no longer this
+//!   member's (the loop drops the commit), and any other error when it is not
+//!   made (yet): the loop makes it again later, with the latest offset, and at a
+//!   hand-over until its deadline only.
+//! - **Grants carry a generation.** A partition granted again after it was taken
+//!   away has a new one; the loop drops whatever it holds under an older one.
+
+use crate::raw::Scope;
+use crate::{Message, Result};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// What the group asks of this member now, as [`PartitionLog::assignment`]
+/// reads it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Assignment {
+    /// The partitions granted to this member, each with the generation of its
+    /// grant.
+    pub granted: BTreeMap<i32, u64>,
+    /// Among them, those to give up: the loop hands them over, then
+    /// [`release`](PartitionLog::release)s them.
+    pub revoking: BTreeSet<i32>,
+    /// Rewinds to take up, each read once: partition, generation of the grant it
+    /// is for, and the offset to read again from.
+    pub rewinds: Vec<(i32, u64, i64)>,
+    /// This member lost its assignment (it stalled past its session): it is to
+    /// [`rejoin`](PartitionLog::rejoin) once it dropped what it held.
+    pub lost: bool,
+}
+
+impl Assignment {
+    /// An assignment granting nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The broker side of one subscription's consume loop on a partitioned log with
+/// a contiguous commit point (memory, Kafka). See the module docs of
+/// [`raw::log`](crate::raw::log) for how a backend maps onto it.
+pub trait PartitionLog: Send + 'static {
+    /// The topic read, for logs and metrics.
+    fn topic(&self) -> &Arc<str>;
+
+    /// Partitions the topic has now: the loop sizes its per-partition tables by
+    /// it (a grant above it still works; its in-flight count is not reported).
+    fn partitions(&self) -> usize;
+
+    /// A signal whose version moves whenever the group may have changed: the
+    /// loop then reads [`assignment`](Self::assignment). Taken once, when the
+    /// loop is made.
+    fn group_changes(&self) -> watch::Receiver<u64>;
+
+    /// A signal whose version moves whenever records may have come to fetch.
+    /// Taken once, when the loop is made.
+    fn appends(&self) -> watch::Receiver<u64>;
+
+    /// What the group asks of this member now. Rewinds are handed out once.
+    fn assignment(&mut self) -> Assignment;
+
+    /// Start on `partition`, granted under `generation`, its work under `scope`;
+    /// returns the offset to fetch from (the committed offset, else where the
+    /// configuration says). The broker fences `scope` at once when it takes the
+    /// grant away without a hand-over (a lost assignment), as a rebalance
+    /// callback or a lease keeper does; a grant already taken away fences it now.
+    fn take_up(&mut self, partition: i32, generation: u64, scope: Scope) -> i64;
+
+    /// Append up to `max` records of `partition` from offset `from` to `out`, in
+    /// offset order; returns the offset to fetch from next. Nothing appended:
+    /// nothing to read now. After a rewind, the records from its offset are
+    /// readable at once (nothing read then: nothing is left to read again).
+    fn fetch(&mut self, partition: i32, from: i64, max: usize, out: &mut VecDeque<Message>) -> i64;
+
+    /// The loop takes nothing of `partition` for now (its jobs are held by a
+    /// full pool, it has no room, or it waits for a commit back): a broker that
+    /// pushes records stops fetching it. A broker read on demand does nothing.
+    fn pause(&mut self, partition: i32) {
+        let _ = partition;
+    }
+
+    /// The loop takes `partition`'s records again after a
+    /// [`pause`](Self::pause).
+    fn resume(&mut self, partition: i32) {
+        let _ = partition;
+    }
+
+    /// Commit `offset` (the next to consume) of `partition`, held under the
+    /// grant of `generation`; lower than the group's offset too (a rewind made
+    /// durable). See the module docs for the answers.
+    fn commit(&mut self, partition: i32, generation: u64, offset: i64) -> Result<()>;
+
+    /// The group's committed offset of `partition`, as last known.
+    fn committed(&self, partition: i32) -> Option<i64>;
+
+    /// `partitions`, asked to be given up, are handed over and committed: the
+    /// group may give them to others now.
+    fn release(&mut self, partitions: &[i32]);
+
+    /// This member, having lost its assignment, dropped what it held: it joins
+    /// again.
+    fn rejoin(&mut self);
+
+    /// The loop ends: leave the group (what this member still holds goes to the
+    /// others). Returns at once: a client whose close may hang closes on a
+    /// thread of its own.
+    fn leave(&mut self);
+}

@@ -1,0 +1,77 @@
+//! One partition's reading state in the consume loop, for one grant of it.
+//!
+//! Invariants: a partition with held jobs, a commit back not made, or no room
+//! in the in-flight set reads nothing (it is paused); while a rewind's first
+//! message is not tracked yet (`rewound_to`), nothing but the commit back is
+//! committed; a watermark whose commit failed (`unstored`) is made again, and
+//! a later one replaces it.
+
+use super::PartitionLog;
+use crate::raw::Held;
+use crate::{ErrorKind, Message};
+use std::collections::VecDeque;
+
+/// One partition's reading state, for one grant of it.
+pub(super) struct Partition {
+    /// The generation of the grant: commits are made under it.
+    pub(super) generation: u64,
+    /// The next offset to fetch.
+    pub(super) next: i64,
+    /// Fetched messages not submitted yet.
+    pub(super) buffer: VecDeque<Message>,
+    /// Jobs the pool had no room for yet: the partition takes nothing more
+    /// until they are in.
+    pub(super) held: Option<Held>,
+    /// A rewind whose first message is not tracked yet, and the commit point
+    /// it went back to: the partition commits nothing else until then.
+    pub(super) rewound_to: Option<i64>,
+    /// A commit back to a rewind's commit point not made yet: the partition
+    /// reads nothing until it is.
+    pub(super) back: Option<i64>,
+    /// A watermark whose commit failed, to make again.
+    pub(super) unstored: Option<i64>,
+    /// The broker was told to stop fetching it ([`PartitionLog::pause`]).
+    pub(super) paused: bool,
+}
+
+impl Partition {
+    /// A partition granted under `generation`, read from `next`.
+    pub(super) fn new(generation: u64, next: i64) -> Self {
+        Self {
+            generation,
+            next,
+            buffer: VecDeque::new(),
+            held: None,
+            rewound_to: None,
+            back: None,
+            unstored: None,
+            paused: false,
+        }
+    }
+
+    /// Commit watermark `w` of `partition`, unless a rewind's first message is
+    /// not tracked yet. Returns whether the commit failed and is to be made
+    /// again (kept as `unstored`).
+    pub(super) fn store<L: PartitionLog>(&mut self, log: &mut L, partition: i32, w: i64) -> bool {
+        if self.rewound_to.is_some() {
+            return false;
+        }
+        match log.commit(partition, self.generation, w) {
+            Ok(()) => {
+                self.unstored = None;
+                false
+            }
+            Err(e) if e.kind() == ErrorKind::Fenced => {
+                tracing::debug!(topic = %log.topic(), partition, error = %e, "commit refused");
+                self.unstored = None;
+                false
+            }
+            Err(e) => {
+                tracing::debug!(topic = %log.topic(), partition, offset = w, error = %e,
+                    "commit failed; made again shortly");
+                self.unstored = Some(w);
+                true
+            }
+        }
+    }
+}

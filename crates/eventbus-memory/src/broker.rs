@@ -3,7 +3,7 @@
 use eventbus_core::{Error, ErrorKind, Headers, Message, OffsetReset, PublishReceipt, Record};
 
 use bytes::Bytes;
-use eventbus_core::raw::{stable_hash, validate_topic, ByteChunks, Scope};
+use eventbus_core::raw::{stable_hash, validate_topic, Assignment, ByteChunks, Scope};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -282,19 +282,6 @@ impl GroupState {
     }
 }
 
-/// What a member of a group is to do, as [`Topic::assignment`] reads it.
-#[derive(Debug, Default)]
-pub(crate) struct Assignment {
-    /// The partitions granted to it, each with the generation of its grant.
-    pub(crate) granted: BTreeMap<i32, u64>,
-    /// Among them, those to give up.
-    pub(crate) revoking: BTreeSet<i32>,
-    /// Rewinds to take up: partition, grant generation, offset.
-    pub(crate) rewinds: Vec<(i32, u64, i64)>,
-    /// It lost its assignment and is to rejoin once it dropped what it held.
-    pub(crate) lost: bool,
-}
-
 pub(crate) struct Topic {
     name: Arc<str>,
     partitions: Vec<Mutex<Log>>,
@@ -434,12 +421,10 @@ impl Topic {
         let Some(m) = state.members.get(&member) else {
             return Assignment::default();
         };
-        let mut a = Assignment {
-            granted: m.granted.clone(),
-            revoking: m.revoking.clone(),
-            rewinds: Vec::new(),
-            lost: m.lost,
-        };
+        let mut a = Assignment::new();
+        a.granted = m.granted.clone();
+        a.revoking = m.revoking.clone();
+        a.lost = m.lost;
         for (&p, &generation) in &a.granted {
             let r = &mut state.rewinds[p as usize];
             if let Some((g, offset)) = *r {

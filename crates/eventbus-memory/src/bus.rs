@@ -7,8 +7,8 @@ use eventbus_core::{
 
 use eventbus_core::raw::{
     validate_topic, BusBackend, Consumers, DeadLetter, DeadLetterReader, DeadLetterSink,
-    Dispatcher, InFlightSet, Lifecycle, LifecycleBus, PartitionLag, PreparedSubscription,
-    ReaderOptions,
+    Dispatcher, InFlightCounts, InFlightSet, Lifecycle, LifecycleBus, LogLoop, PartitionLag,
+    PreparedSubscription, ReaderOptions,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::broker::MemoryBroker;
-use crate::consumer::{ConsumeLoop, InFlightCounts};
+use crate::consumer::MemoryLog;
 
 struct Sink(MemoryBroker);
 
@@ -101,14 +101,8 @@ impl BusBackend for Backend {
         let set = InFlightSet::new(cfg.max_in_flight_per_partition, self.total.clone())
             .max_tracked(cfg.max_tracked_per_partition)
             .labelled(Self::NAME, sub.topic());
-        let run = ConsumeLoop::new(
-            topic,
-            member,
-            sub,
-            self.dispatcher.clone(),
-            set,
-            cancel.clone(),
-        );
+        let log = MemoryLog::new(topic, cfg.group_id.clone(), member, cfg.auto_offset_reset);
+        let run = LogLoop::new(log, sub, self.dispatcher.clone(), set, cancel.clone());
         let in_flight = run.in_flight().clone();
         Ok(Consumer {
             cancel,

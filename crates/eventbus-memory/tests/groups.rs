@@ -1158,3 +1158,115 @@ async fn a_stop_during_a_revoke_ends_within_one_bound() {
         b.bus.close().await.unwrap();
     }
 }
+
+/// The first of `prefix0`, `prefix1`, … whose records land on partition `p` of
+/// a topic of `partitions`.
+fn key_on(p: usize, partitions: usize, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|k| {
+            eventbus_core::raw::partition(eventbus_core::raw::stable_hash(k.as_bytes()), partitions)
+                == p
+        })
+        .expect("some key lands on every partition")
+}
+
+/// A rewind of a partition the member keeps, read while it hands over another
+/// one, is announced at once: the queued copies of what it reads again never
+/// start, though the hand-over still waits. Cooperative, two partitions: one
+/// member holds both; partition 0 has ten messages handled and committed, then
+/// message 10 held at its gate with 11, of the same key, queued behind it;
+/// partition 1 has a message whose handler hangs past every wait of the test.
+/// A second member joins: the first gives up 1, and its hand-over waits on the
+/// hung handler. Partition 0 is rewound to 5: its offset goes back to 5 at
+/// once (the rewind is taken up during the hand-over), and once 10 finishes,
+/// the queued copy of 11 does not start. After the hand-over, everything from 5
+/// is read again, and 11 is handled once. On one thread with paused time.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_rewind_read_during_a_hand_over_fences_the_kept_partition_at_once() {
+    for (name, pools) in pools() {
+        let what = name.to_owned();
+        let topic = "orders";
+        let broker = broker(Rebalance::Cooperative, topic, 2).await;
+        let mut cfg = config(Duration::from_secs(60));
+        cfg.consumer.handover_timeout = Duration::from_secs(60);
+        let (checker, handled, gates) =
+            (DeliveryChecker::new(), Handled::default(), Gates::default());
+        let a = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        wait_until(&format!("{what}: one member holds both partitions"), || {
+            settled(&broker.members(topic, GROUP), 1, 2)
+        })
+        .await;
+        let (k0, k1) = (key_on(0, 2, "a"), key_on(1, 2, "b"));
+        for o in 0..10 {
+            assert_eq!(publish_one(&broker, topic, &checker, &k0).await, (0, o));
+        }
+        wait_until(&format!("{what}: the first ten committed"), || {
+            broker.committed(topic, GROUP, 0) == Some(10)
+        })
+        .await;
+        gates.hold(0, 10, 1);
+        gates.hang(1, 0, 1);
+        assert_eq!(publish_one(&broker, topic, &checker, &k0).await, (0, 10));
+        assert_eq!(publish_one(&broker, topic, &checker, &k0).await, (0, 11));
+        assert_eq!(publish_one(&broker, topic, &checker, &k1).await, (1, 0));
+        wait_until(
+            &format!("{what}: 10 and partition 1's message held"),
+            || gates.started(0, 10, 1) && gates.started(1, 0, 1),
+        )
+        .await;
+
+        let b = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        let id_a = a.id(topic);
+        let handing_over = |broker: &MemoryBroker| {
+            broker
+                .members(topic, GROUP)
+                .iter()
+                .any(|m| m.id == id_a && m.partitions == [0, 1] && m.revoking == [1])
+        };
+        wait_until(
+            &format!("{what}: the first member gives partition 1 up"),
+            || handing_over(&broker),
+        )
+        .await;
+        assert_eq!(broker.rewind(topic, GROUP, 0, 5).unwrap(), id_a, "{what}");
+        wait_until(
+            &format!(
+                "{what}: the rewind of partition 0 taken up during the hand-over of 1 \
+                 (its offset committed back to 5)"
+            ),
+            || broker.committed(topic, GROUP, 0) == Some(5),
+        )
+        .await;
+        gates.open(0, 10, 1);
+        wait_until(&format!("{what}: 10 handled"), || {
+            handled.lock().unwrap().get(&(0, 10)) == Some(&1)
+        })
+        .await;
+        assert!(
+            handing_over(&broker),
+            "{what}: the hand-over of 1 still waits: {:?}",
+            broker.members(topic, GROUP)
+        );
+        assert!(
+            !handled.lock().unwrap().contains_key(&(0, 11)),
+            "{what}: the queued copy of 11 started after the rewind was read"
+        );
+
+        gates.open(1, 0, 1);
+        wait_until(&format!("{what}: everything handled and committed"), || {
+            checker.handled_distinct() >= checker.produced()
+                && committed_to_the_end(&broker, topic)
+                && handled.lock().unwrap().get(&(0, 10)) == Some(&2)
+        })
+        .await;
+        let h = handled.lock().unwrap().clone();
+        for o in 5..=10 {
+            assert_eq!(h.get(&(0, o)), Some(&2), "{what}: {o} read again once");
+        }
+        assert_eq!(h.get(&(0, 11)), Some(&1), "{what}: 11 handled once");
+        judge(&what, &checker, &broker, topic, &handled);
+        a.bus.close().await.unwrap();
+        b.bus.close().await.unwrap();
+    }
+}

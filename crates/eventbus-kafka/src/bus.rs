@@ -620,17 +620,16 @@ impl KafkaEventBus {
     /// policy from `bus_config`. Connects lazily; the consumer is created by the
     /// first subscription.
     ///
-    /// The environment variables [`KAFKA_GROUP_PROTOCOL`](crate::GROUP_PROTOCOL_VARIABLE)
-    /// and [`KAFKA_GROUP_INSTANCE_ID`](crate::INSTANCE_ID_VARIABLE) override
-    /// `config` ([`KafkaConfig::apply_env`]).
+    /// `config` is taken as it is: no environment variable is read here. The
+    /// facade's builder applies [`KAFKA_GROUP_PROTOCOL`](crate::GROUP_PROTOCOL_VARIABLE)
+    /// and [`KAFKA_GROUP_INSTANCE_ID`](crate::INSTANCE_ID_VARIABLE) with the
+    /// other overrides; to apply them here, call [`KafkaConfig::apply_env`] first.
     pub fn new(
         config: KafkaConfig,
         bus_config: impl Into<BusConfig>,
         pool: Arc<dyn Pool>,
     ) -> Result<Self> {
         let bus_config: BusConfig = bus_config.into();
-        let mut config = config;
-        config.apply_env(|var| std::env::var_os(var))?;
         config.validate()?;
         bus_config.validate()?;
         check_handover_bound(&config, &bus_config)?;

@@ -145,14 +145,16 @@ impl std::str::FromStr for GroupProtocol {
 }
 
 /// The environment variable that overrides [`KafkaConfig::group_protocol`]
-/// (`classic` or `consumer`), read when a [`KafkaEventBus`](crate::KafkaEventBus)
-/// is created.
+/// (`classic` or `consumer`). The facade's environment layer reads it, with
+/// every other variable, when it builds a bus ([`KafkaConfig::apply_env`]);
+/// [`KafkaEventBus::new`](crate::KafkaEventBus::new) reads no environment.
 pub const GROUP_PROTOCOL_VARIABLE: &str = "KAFKA_GROUP_PROTOCOL";
 
 /// The environment variable that overrides [`KafkaConfig::instance_id`] (the
-/// member's `group.instance.id`), read when a
-/// [`KafkaEventBus`](crate::KafkaEventBus) is created. Deployments set it per
-/// pod, from a stable name (a StatefulSet's pod name).
+/// member's `group.instance.id`). The facade's environment layer reads it, with
+/// every other variable, when it builds a bus ([`KafkaConfig::apply_env`]);
+/// [`KafkaEventBus::new`](crate::KafkaEventBus::new) reads no environment.
+/// Deployments set it per pod, from a stable name (a StatefulSet's pod name).
 pub const INSTANCE_ID_VARIABLE: &str = "KAFKA_GROUP_INSTANCE_ID";
 
 /// The longest `group.instance.id` a broker accepts.
@@ -366,14 +368,15 @@ pub struct KafkaConfig {
     #[serde(rename = "topics", skip_serializing_if = "Vec::is_empty")]
     legacy_topics: Vec<String>,
     /// `group.protocol`, default `classic`; the environment variable
-    /// [`KAFKA_GROUP_PROTOCOL`](GROUP_PROTOCOL_VARIABLE) overrides it.
+    /// [`KAFKA_GROUP_PROTOCOL`](GROUP_PROTOCOL_VARIABLE) overrides it when the
+    /// facade's builder makes the bus.
     pub group_protocol: GroupProtocol,
     /// `group.instance.id`: static membership. A member that comes back with the
     /// same id within the session timeout gets its partitions back without a
     /// rebalance. Two live members with one id fence one of them for good: give
     /// each member its own, stable id. Default none (dynamic membership); the
     /// environment variable [`KAFKA_GROUP_INSTANCE_ID`](INSTANCE_ID_VARIABLE)
-    /// overrides it.
+    /// overrides it when the facade's builder makes the bus.
     pub instance_id: Option<String>,
     /// `session.timeout.ms`, default 45s. Classic protocol only: under
     /// `consumer` the broker sets it (`group.consumer.session.timeout.ms`), and
@@ -587,6 +590,10 @@ impl KafkaConfig {
     /// [`KAFKA_GROUP_PROTOCOL`](GROUP_PROTOCOL_VARIABLE) and
     /// [`KAFKA_GROUP_INSTANCE_ID`](INSTANCE_ID_VARIABLE). A value that is empty,
     /// not UTF-8 or not valid is an error naming the variable.
+    ///
+    /// The facade's environment layer calls it with the other overrides; a
+    /// program that makes a [`KafkaEventBus`](crate::KafkaEventBus) itself and
+    /// wants these variables calls it with `|v| std::env::var_os(v)`.
     pub fn apply_env(
         &mut self,
         lookup: impl Fn(&str) -> Option<std::ffi::OsString>,

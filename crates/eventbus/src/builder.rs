@@ -111,9 +111,18 @@ impl EventBusBuilder {
 
     fn apply_env(&mut self) -> Result<(), Error> {
         match &self.env {
-            Some(lookup) => crate::env::apply_os_overrides(&mut self.config, |n| lookup(n)),
-            None => crate::env::apply_process_env(&mut self.config),
+            Some(lookup) => crate::env::apply_os_overrides(&mut self.config, |n| lookup(n))?,
+            None => crate::env::apply_process_env(&mut self.config)?,
         }
+        // The Kafka backend's variables, from the same place as the others.
+        #[cfg(feature = "kafka")]
+        if let Some(Backend::Kafka(kafka)) = &mut self.backend {
+            match &self.env {
+                Some(lookup) => crate::env::apply_kafka_overrides(kafka, |n| lookup(n))?,
+                None => crate::env::apply_kafka_process_env(kafka)?,
+            }
+        }
+        Ok(())
     }
 
     #[cfg(all(feature = "keyed-pool", feature = "actor-pool"))]
@@ -187,8 +196,10 @@ impl EventBusBuilder {
     ///
     /// The overrides are on by default: `KAFKA_USE_ACTOR_POOL`, `EVENTBUS_POOL`,
     /// `KAFKA_ACTOR_POOL_SIZE`, `KAFKA_ACTOR_INBOX_SIZE`, `KAFKA_ACTOR_MAX_RESTARTS`
-    /// (see [`crate::env`]) win over the configuration, and an unparsable value is an
-    /// error naming the variable; only [`ignore_env`](Self::ignore_env) turns them off.
+    /// (see [`crate::env`]) win over the configuration, and, on Kafka,
+    /// `KAFKA_GROUP_PROTOCOL` and `KAFKA_GROUP_INSTANCE_ID` over the `KafkaConfig`;
+    /// an unparsable value is an error naming the variable; only
+    /// [`ignore_env`](Self::ignore_env) turns them off.
     ///
     /// With the `otel` feature it installs the OpenTelemetry trace propagation
     /// hook for the process (`otel::install`), unless one is installed.

@@ -10,6 +10,13 @@
 //! | `KAFKA_ACTOR_MAX_RESTARTS` | integer ≥ 0 | `actor_pool.max_restarts` |
 //! | `EVENTBUS_ACTOR_ROLLOUT_PERCENT` | 0..=100 | `actor_pool.rollout_percent` |
 //! | `EVENTBUS_CONSUMER_STALL_THRESHOLD` | a duration above zero (`90s`, `5m`) | `consumer.stall_threshold` |
+//! | `KAFKA_GROUP_PROTOCOL` (feature `kafka`) | `classic` \| `consumer` | the Kafka backend's `KafkaConfig::group_protocol` |
+//! | `KAFKA_GROUP_INSTANCE_ID` (feature `kafka`) | a `group.instance.id` (the broker's rules) | the Kafka backend's `KafkaConfig::instance_id` |
+//!
+//! The two `KAFKA_GROUP_*` variables apply to the `KafkaConfig` given to the
+//! builder ([`apply_kafka_overrides`]), with the others: a `KafkaConfig` given
+//! to `KafkaEventBus::new` directly is taken as it is, and
+//! `EventBusBuilder::ignore_env` / `env_from` reach these two as well.
 //!
 //! An unparsable value is an error naming the variable and the value; so is a
 //! variable set but empty (`KAFKA_USE_ACTOR_POOL=`), a value that is not UTF-8, and
@@ -229,6 +236,41 @@ pub fn rollback_floor(lookup: impl Fn(&str) -> Option<OsString>) -> Result<bool,
 /// [`std::env::var_os`], so a value that is not UTF-8 is an error, not unset).
 pub fn apply_process_env(config: &mut EventBusConfig) -> Result<(), Error> {
     apply_os_overrides(config, |name| std::env::var_os(OsStr::new(name)))
+}
+
+/// The variables of the Kafka backend's settings, read by
+/// [`apply_kafka_overrides`].
+#[cfg(feature = "kafka")]
+pub const KAFKA_VARIABLES: [&str; 2] = [
+    eventbus_kafka::GROUP_PROTOCOL_VARIABLE,
+    eventbus_kafka::INSTANCE_ID_VARIABLE,
+];
+
+/// Apply the Kafka backend's overrides found through `lookup` (a variable name
+/// to its raw value) to `config`: `KAFKA_GROUP_PROTOCOL` (`classic` or
+/// `consumer`) and `KAFKA_GROUP_INSTANCE_ID` (checked with the broker's
+/// rules). A value that is empty, not UTF-8 or invalid is an error naming the
+/// variable; nothing is applied then.
+///
+/// `EventBusBuilder::build` applies them to the `KafkaConfig` it was given,
+/// unless `ignore_env`; `KafkaEventBus::new` reads no environment.
+#[cfg(feature = "kafka")]
+pub fn apply_kafka_overrides(
+    config: &mut eventbus_kafka::KafkaConfig,
+    lookup: impl Fn(&str) -> Option<OsString>,
+) -> Result<(), Error> {
+    // Checked on a copy: a bad second variable leaves the first unapplied.
+    let mut updated = config.clone();
+    updated.apply_env(lookup)?;
+    *config = updated;
+    Ok(())
+}
+
+/// [`apply_kafka_overrides`] from the process environment (read with
+/// [`std::env::var_os`], so a value that is not UTF-8 is an error, not unset).
+#[cfg(feature = "kafka")]
+pub fn apply_kafka_process_env(config: &mut eventbus_kafka::KafkaConfig) -> Result<(), Error> {
+    apply_kafka_overrides(config, |name| std::env::var_os(OsStr::new(name)))
 }
 
 #[cfg(test)]
@@ -492,6 +534,96 @@ mod tests {
         assert_eq!((c.pool, c.actor_pool.rollout_percent), (PoolKind::Keyed, 0));
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("rollback"), "{w:?}");
+    }
+
+    #[cfg(feature = "kafka")]
+    fn kafka_with(vars: &[(&str, &str)]) -> Result<eventbus_kafka::KafkaConfig, Error> {
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        let mut c = eventbus_kafka::KafkaConfig::new("b:1").instance_id("orders-0");
+        apply_kafka_overrides(&mut c, |n| map.get(n).cloned())?;
+        Ok(c)
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn the_kafka_variables_override_the_kafka_config() {
+        use eventbus_kafka::GroupProtocol;
+        let c = kafka_with(&[]).unwrap();
+        assert_eq!(
+            (c.group_protocol, c.instance_id.as_deref()),
+            (GroupProtocol::Classic, Some("orders-0")),
+            "no variable: the config as given"
+        );
+        let c = kafka_with(&[
+            ("KAFKA_GROUP_PROTOCOL", "Consumer"),
+            ("KAFKA_GROUP_INSTANCE_ID", "orders-3"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.group_protocol, c.instance_id.as_deref()),
+            (GroupProtocol::Consumer, Some("orders-3"))
+        );
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn a_bad_kafka_variable_is_an_error_naming_it_and_applies_nothing() {
+        for (vars, named) in [
+            (
+                vec![("KAFKA_GROUP_PROTOCOL", "new")],
+                "KAFKA_GROUP_PROTOCOL",
+            ),
+            (vec![("KAFKA_GROUP_PROTOCOL", " ")], "KAFKA_GROUP_PROTOCOL"),
+            (
+                vec![("KAFKA_GROUP_INSTANCE_ID", "a/b")],
+                "KAFKA_GROUP_INSTANCE_ID",
+            ),
+            (
+                vec![("KAFKA_GROUP_INSTANCE_ID", "")],
+                "KAFKA_GROUP_INSTANCE_ID",
+            ),
+            (
+                vec![
+                    ("KAFKA_GROUP_PROTOCOL", "consumer"),
+                    ("KAFKA_GROUP_INSTANCE_ID", ".."),
+                ],
+                "KAFKA_GROUP_INSTANCE_ID",
+            ),
+        ] {
+            let e = kafka_with(&vars).unwrap_err();
+            assert_eq!(e.kind(), eventbus_core::ErrorKind::Config, "{vars:?}");
+            assert!(e.to_string().contains(named), "{vars:?}: {e}");
+        }
+        // Nothing applied: the protocol stays as given beside a bad id.
+        let map: HashMap<&str, OsString> = [
+            ("KAFKA_GROUP_PROTOCOL", OsString::from("consumer")),
+            ("KAFKA_GROUP_INSTANCE_ID", OsString::from("..")),
+        ]
+        .into_iter()
+        .collect();
+        let mut c = eventbus_kafka::KafkaConfig::new("b:1");
+        apply_kafka_overrides(&mut c, |n| map.get(n).cloned()).unwrap_err();
+        assert_eq!(c, eventbus_kafka::KafkaConfig::new("b:1"));
+    }
+
+    #[cfg(all(feature = "kafka", unix))]
+    #[test]
+    fn a_kafka_variable_that_is_not_utf8_is_an_error_naming_it() {
+        use std::os::unix::ffi::OsStringExt;
+        for var in KAFKA_VARIABLES {
+            let mut c = eventbus_kafka::KafkaConfig::new("b:1");
+            let e = apply_kafka_overrides(&mut c, |n| {
+                (n == var).then(|| OsString::from_vec(vec![b'x', 0xff]))
+            })
+            .unwrap_err();
+            assert!(
+                e.to_string().contains(var) && e.to_string().contains("UTF-8"),
+                "{var}: {e}"
+            );
+        }
     }
 
     #[test]

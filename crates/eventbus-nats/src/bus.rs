@@ -4,7 +4,7 @@
 //!
 //! The bus is core's [`Lifecycle`] over the NATS [`Backend`]: this file builds
 //! it and reads through it; what each method does with the broker is in the
-//! file of its idea ([`backend`](crate::backend), [`status`](crate::status),
+//! file of its idea ([`backend`](crate::backend), [`status`],
 //! [`connect`](crate::connect)).
 
 use async_nats::jetstream;

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use eventbus_core::raw::{ByteChunks, Dispatcher, PreparedSubscription};
 use eventbus_core::{CancellationToken, Result};
 
-use crate::consumer::{ConsumerState, CoreLoop, JsLoop, Role, Slot};
+use crate::consumer::{ConsumerState, CoreLoop, Durable, JsLoop, Role, Slot};
 use crate::group::{Coordinator, Group};
 use crate::lease::Leases;
 use crate::naming;
@@ -178,25 +178,27 @@ impl Start<'_> {
             Role::Partition { slot, .. } => slot.partition as i32,
         };
         JsLoop {
-            shared: self.shared.clone(),
-            dispatcher: self.dispatcher.clone(),
-            prepared: prepared.clone(),
-            consumer,
-            closing: stop.clone(),
-            stop: stop.child_token(),
+            durable: Durable {
+                shared: self.shared.clone(),
+                dispatcher: self.dispatcher.clone(),
+                prepared: prepared.clone(),
+                consumer,
+                closing: stop.clone(),
+                stop: stop.child_token(),
+                total: self.total.clone(),
+                max_in_flight: spec.max_ack_pending,
+                state: spec.state.clone(),
+                drain_timeout: cfg.drain_timeout,
+                handover_timeout: cfg.handover_timeout,
+                reconnects: self.reconnects.clone(),
+                recreate: recreate_of(self.shared, spec),
+                partition,
+                handed_back: true,
+                chunks: ByteChunks::default(),
+            },
             leases,
             lease_key: spec.lease_key.clone(),
-            total: self.total.clone(),
-            max_in_flight: spec.max_ack_pending,
-            state: spec.state.clone(),
-            drain_timeout: cfg.drain_timeout,
-            handover_timeout: cfg.handover_timeout,
-            reconnects: self.reconnects.clone(),
-            recreate: recreate_of(self.shared, spec),
-            partition,
             role,
-            handed_back: true,
-            chunks: ByteChunks::default(),
         }
     }
 

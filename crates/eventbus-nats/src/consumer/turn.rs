@@ -1,8 +1,14 @@
 //! One turn as lease holder: the consume loop's state from the first pull
-//! request to the stop. Each wake-up of its `select!` is a [`Step`] handed to its
-//! method: pull requests sized by the room left under the in-flight limit,
-//! deliveries registered and queued, batches submitted to the pool in stream
-//! order, outcomes settled. The wind-down after the stop is in [`wind_down`].
+//! request to the stop, over the [`Durable`] its loop lends it. Each wake-up of
+//! its `select!` is a [`Step`] handed to its method: pull requests sized by the
+//! room left under the in-flight limit, deliveries registered and queued,
+//! batches submitted to the pool in stream order, outcomes settled. The
+//! wind-down after the stop is in [`wind_down`]; why the turn ended is a
+//! [`TurnEnd`].
+//!
+//! Invariants: one submission at a time, in stream order; messages in flight
+//! bounded by the durable's `max_in_flight` and the bus's total; once the
+//! lease is lost nothing more is acknowledged, given back or kept alive.
 
 use async_nats::Client;
 use futures::future::BoxFuture;
@@ -19,16 +25,30 @@ use eventbus_core::raw::{
 };
 use eventbus_core::{CancellationToken, Message, Result};
 
-use super::acks::{settle, Registry};
+use super::acks::{oldest, settle, Registry};
+use super::backoff::retry_delay;
+use super::durable::Durable;
 use super::heartbeats::Heartbeats;
-use super::js_loop::{next_reconnect, JsLoop, TurnEnd};
-use super::retry_delay;
+use super::reconnects::next_reconnect;
+use super::slot::Slot;
 use crate::lease::LeaseClock;
 use crate::pull::{Delivery, Inbox, Pull};
 
 mod wind_down;
 
 pub(super) type Submitting = BoxFuture<'static, Submitted>;
+
+/// Why a turn as lease holder ended.
+pub(super) enum TurnEnd {
+    /// The subscription ends, or the lease was lost.
+    Stopped,
+    /// The connection came back: re-read from the ack floor under the same lease.
+    Reconnected,
+    /// The pool refused a message for good, or dropped one unrun: the turn
+    /// handed everything unfinished back in order and starts again under the
+    /// same lease.
+    GaveBack,
+}
 
 /// Messages of one turn submitted to the pool at once, at most.
 const SUBMIT_BATCH: usize = 64;
@@ -76,7 +96,11 @@ enum Step {
 /// [`Step`] and hands it to its method; [`finish`](Self::finish) winds the turn
 /// down (drain, fence, hand back).
 pub(super) struct ConsumeTurn<'a> {
-    js: &'a mut JsLoop,
+    /// The durable consumed, lent by its loop for the turn.
+    durable: &'a mut Durable,
+    /// The partition's slot, for a partitioned topic: whether the group asks
+    /// for the partition back.
+    slot: Option<&'a Slot>,
     clock: &'a LeaseClock,
     /// Fired when the lease is lost: from then on nothing is acknowledged, given
     /// back or kept alive; the work is fenced at once.
@@ -128,81 +152,37 @@ pub(super) struct ConsumeTurn<'a> {
     reconnect: BoxFuture<'static, ()>,
 }
 
-/// What a turn asks of the loop it is a turn of: the loop runs turns, a turn
-/// borrows the loop; both halves live here so the loop's file imports no turn.
-impl JsLoop {
-    /// Consume while this member holds the lease (until `self.stop`), then drain
-    /// and hand back what is unfinished: one [`ConsumeTurn`] of `work`. When
-    /// `lost` fires (after the lease keeper fenced `work`), the turn leaves the
-    /// step it is in, settles nothing more and waits on its connection no more.
-    pub(super) async fn consume(
-        &mut self,
-        clock: &LeaseClock,
-        lost: &CancellationToken,
-        work: Scope,
-    ) -> TurnEnd {
-        let mut turn = ConsumeTurn::start(self, clock, lost.clone(), work);
-        turn.run().await;
-        turn.finish().await
-    }
-
-    /// Submit `batch` (fetched messages in stream order, each with its permit and
-    /// the target its job posts its outcome to) as one batch.
-    pub(super) fn submit(&self, batch: Vec<(Message, OwnedSemaphorePermit, Target)>) -> Submitting {
-        let dispatcher = self.dispatcher.clone();
-        let prepared = self.prepared.clone();
-        let stop = self.stop.clone();
-        async move {
-            let mut permits = Vec::with_capacity(batch.len());
-            let mut messages = Vec::with_capacity(batch.len());
-            for (msg, permit, target) in batch {
-                let seq = msg.offset as u64;
-                messages.push((msg, seq, target));
-                permits.push(permit);
-            }
-            let mut inflights = Vec::with_capacity(permits.len());
-            let result = dispatcher
-                .submit_batch(&prepared, messages, &stop, &mut inflights)
-                .await;
-            Submitted {
-                inflights,
-                permits,
-                result,
-            }
-        }
-        .boxed()
-    }
-}
-
 impl<'a> ConsumeTurn<'a> {
     /// Begin a turn of `scope` (new): the reconnects before it seen, and the
     /// heartbeats of its messages.
     pub(super) fn start(
-        js: &'a mut JsLoop,
+        durable: &'a mut Durable,
+        slot: Option<&'a Slot>,
         clock: &'a LeaseClock,
         lost: CancellationToken,
         scope: Scope,
     ) -> Self {
         // Reconnects before this turn are behind us (the take-over checked).
-        js.reconnects.borrow_and_update();
-        if js.reconnects.has_changed().is_err() {
-            tracing::debug!(topic = %js.state.topic,
+        durable.reconnects.borrow_and_update();
+        if durable.reconnects.has_changed().is_err() {
+            tracing::debug!(topic = %durable.state.topic,
                 "the NATS client is gone for good: no reconnect to watch for");
         }
         let beats = Heartbeats::new(
-            js.shared.client.clone(),
-            js.shared.config.ack_wait,
+            durable.shared.client.clone(),
+            durable.shared.config.ack_wait,
             lost.clone(),
         );
-        let client = js.shared.client.clone();
-        let mut report = tokio::time::interval(js.dispatcher.holds_interval());
+        let client = durable.shared.client.clone();
+        let mut report = tokio::time::interval(durable.dispatcher.holds_interval());
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let stopped = Box::pin(js.stop.clone().cancelled_owned());
-        // A clone has seen what `js.reconnects` has seen (all of it, above).
-        let mut reconnects = js.reconnects.clone();
+        let stopped = Box::pin(durable.stop.clone().cancelled_owned());
+        // A clone has seen what `durable.reconnects` has seen (all of it, above).
+        let mut reconnects = durable.reconnects.clone();
         let reconnect = async move { next_reconnect(&mut reconnects).await }.boxed();
         Self {
-            js,
+            durable,
+            slot,
             clock,
             lost,
             scope,
@@ -280,13 +260,42 @@ impl<'a> ConsumeTurn<'a> {
     /// Tell the dispatcher what holds the durable's ack floor: its oldest
     /// unacknowledged message and how many after it were acknowledged.
     fn report_holds(&self) {
-        let partition = self.js.partition;
-        let hold = super::acks::oldest(&self.registry, self.accepted).map(|(seq, above)| {
+        let partition = self.durable.partition;
+        let hold = oldest(&self.registry, self.accepted).map(|(seq, above)| {
             PartitionHold::new(partition, i64::try_from(seq).unwrap_or(i64::MAX), above)
         });
-        self.js
-            .dispatcher
-            .report_holds(self.js.prepared.shared_topic(), hold, &[partition]);
+        self.durable.dispatcher.report_holds(
+            self.durable.prepared.shared_topic(),
+            hold,
+            &[partition],
+        );
+    }
+
+    /// Submit `batch` (fetched messages in stream order, each with its permit and
+    /// the target its job posts its outcome to) as one batch.
+    fn submit(&self, batch: Vec<(Message, OwnedSemaphorePermit, Target)>) -> Submitting {
+        let dispatcher = self.durable.dispatcher.clone();
+        let prepared = self.durable.prepared.clone();
+        let stop = self.durable.stop.clone();
+        async move {
+            let mut permits = Vec::with_capacity(batch.len());
+            let mut messages = Vec::with_capacity(batch.len());
+            for (msg, permit, target) in batch {
+                let seq = msg.offset as u64;
+                messages.push((msg, seq, target));
+                permits.push(permit);
+            }
+            let mut inflights = Vec::with_capacity(permits.len());
+            let result = dispatcher
+                .submit_batch(&prepared, messages, &stop, &mut inflights)
+                .await;
+            Submitted {
+                inflights,
+                permits,
+                result,
+            }
+        }
+        .boxed()
     }
 
     /// Settle the outcomes already in the mailbox, up to [`READY_BURST`] less the
@@ -333,16 +342,16 @@ impl<'a> ConsumeTurn<'a> {
                     (msg, permit, target)
                 })
                 .collect();
-            self.submitting = Some(self.js.submit(batch));
+            self.submitting = Some(self.submit(batch));
         }
         let busy = self.inflight.len() + self.queue.len() + self.claims.len();
-        self.js.state.set_in_flight(busy);
-        let fetch_expires = self.js.shared.config.fetch_expires;
+        self.durable.state.set_in_flight(busy);
+        let fetch_expires = self.durable.shared.config.fetch_expires;
         let room = self
-            .js
+            .durable
             .max_in_flight
             .saturating_sub(busy)
-            .min(self.js.shared.config.fetch_batch);
+            .min(self.durable.shared.config.fetch_batch);
         // The next pull request goes out as soon as the last one is done, while
         // what it brought is still being submitted: its round trip overlaps that
         // work. Messages waiting for submission hold their permits, so the
@@ -372,7 +381,7 @@ impl<'a> ConsumeTurn<'a> {
             _ = async { backoff.as_mut().expect("guarded").await }, if backoff.is_some() => {
                 Step::BackedOff
             }
-            permits = acquire_up_to(&self.js.total, room), if may_fetch => match permits {
+            permits = acquire_up_to(&self.durable.total, room), if may_fetch => match permits {
                 Some(permits) => Step::Room(permits),
                 // The in-flight limit is closed: the bus is closing.
                 None => Step::Stop,
@@ -394,7 +403,7 @@ impl<'a> ConsumeTurn<'a> {
             // Dropped unrun by the pool while the turn goes on: later messages of
             // its aggregate may be queued behind it. It stays registered and the
             // turn gives everything back in order.
-            tracing::warn!(topic = %self.js.state.topic, partition = ?self.js.state.partition,
+            tracing::warn!(topic = %self.durable.state.topic, partition = ?self.durable.state.partition,
                 seq = completion.token, "the pool dropped a message unrun: giving the turn's work back in order");
             self.give_back();
             return;
@@ -410,7 +419,7 @@ impl<'a> ConsumeTurn<'a> {
     async fn on_submitted(&mut self, submitted: Submitted) {
         self.submitting = None;
         if let Err(e) = &submitted.result {
-            tracing::debug!(topic = %self.js.state.topic, error = %e,
+            tracing::debug!(topic = %self.durable.state.topic, error = %e,
                 "submission stopped; messages left for redelivery");
         }
         let left = self.track_submitted(submitted);
@@ -418,8 +427,8 @@ impl<'a> ConsumeTurn<'a> {
         // the rest, in stream order, when the turn ends. Handed back now, it
         // would be overtaken by later messages of its aggregate still queued in
         // this turn (and would overtake earlier ones still in flight).
-        if !left.is_empty() && !self.js.stop.is_cancelled() {
-            tracing::warn!(topic = %self.js.state.topic, partition = ?self.js.state.partition,
+        if !left.is_empty() && !self.durable.stop.is_cancelled() {
+            tracing::warn!(topic = %self.durable.state.topic, partition = ?self.durable.state.partition,
                 refused = left.len(), "the pool refused messages: giving the turn's work back in order");
             self.give_back();
         }
@@ -431,7 +440,7 @@ impl<'a> ConsumeTurn<'a> {
     /// under the same lease.
     fn give_back(&mut self) {
         self.gave_back = true;
-        self.js.stop.cancel();
+        self.durable.stop.cancel();
     }
 
     /// Track each message of a finished submission that the pool took; give up
@@ -460,7 +469,7 @@ impl<'a> ConsumeTurn<'a> {
         if let Err(e) = self.inflight.push(claim, (), inflight, permit) {
             // Not reachable: the claim is the one its job was submitted with. The
             // message stays registered and is handed back at the end of the turn.
-            tracing::error!(topic = %self.js.state.topic, error = %e,
+            tracing::error!(topic = %self.durable.state.topic, error = %e,
                 "in-flight tracking refused a message");
         }
     }
@@ -472,12 +481,12 @@ impl<'a> ConsumeTurn<'a> {
         // transit: they would come back only after `ack_wait`, after
         // later messages of their aggregates. End this turn (drain, hand
         // back) and re-read from the ack floor, as after a takeover.
-        tracing::info!(topic = %self.js.state.topic,
+        tracing::info!(topic = %self.durable.state.topic,
             "reconnected: draining, then re-reading from the ack floor");
         self.batch = None;
         self.inbox = None;
         self.reconnected = true;
-        self.js.stop.cancel();
+        self.durable.stop.cancel();
     }
 
     /// The open pull request brought a message (registered and queued for
@@ -491,30 +500,30 @@ impl<'a> ConsumeTurn<'a> {
                     .batch
                     .as_mut()
                     .and_then(|(_, p)| p.split(1))
-                    .or_else(|| self.js.total.clone().try_acquire_owned().ok());
+                    .or_else(|| self.durable.total.clone().try_acquire_owned().ok());
                 match permit {
                     Some(permit) => {
                         let registry = (&mut self.registry, &mut self.accepted);
-                        if let Some(msg) = self.js.accept(m, registry, now) {
+                        if let Some(msg) = self.durable.accept(m, registry, now) {
                             self.queue.push_back((msg, permit));
                         }
                     }
                     None => {
                         // More than asked for: leave it for redelivery.
-                        tracing::warn!(topic = %self.js.state.topic,
+                        tracing::warn!(topic = %self.durable.state.topic,
                             "server sent more messages than requested");
                     }
                 }
             }
             Some(Err(e)) => {
-                tracing::warn!(topic = %self.js.state.topic, error = %e, "pull request failed");
-                self.js.state.set_error(Some(e.to_string()));
+                tracing::warn!(topic = %self.durable.state.topic, error = %e, "pull request failed");
+                self.durable.state.set_error(Some(e.to_string()));
                 self.batch = None;
                 self.needs_recreate = true;
                 self.back_off();
             }
             None => {
-                tracing::debug!(topic = %self.js.state.topic, "pull request done");
+                tracing::debug!(topic = %self.durable.state.topic, "pull request done");
                 self.inbox = self.batch.take().and_then(|(pull, _)| pull.into_inbox());
             }
         }
@@ -527,17 +536,17 @@ impl<'a> ConsumeTurn<'a> {
         if !self.needs_recreate {
             return;
         }
-        let recreate = (self.js.recreate)(None);
+        let recreate = (self.durable.recreate)(None);
         match self.beats.during(&mut self.registry, recreate).await {
             Ok(c) => {
-                self.js.consumer = c;
+                self.durable.consumer = c;
                 self.needs_recreate = false;
-                self.js.state.set_error(None);
+                self.durable.state.set_error(None);
             }
             Err(e) => {
-                tracing::warn!(topic = %self.js.state.topic, error = %e,
+                tracing::warn!(topic = %self.durable.state.topic, error = %e,
                     "cannot re-create the durable consumer; retrying");
-                self.js.state.set_error(Some(e.to_string()));
+                self.durable.state.set_error(Some(e.to_string()));
                 self.back_off();
             }
         }
@@ -549,17 +558,17 @@ impl<'a> ConsumeTurn<'a> {
         let n = permits.num_permits();
         let request = Pull::request(
             &self.client,
-            &self.js.consumer,
+            &self.durable.consumer,
             self.inbox.take(),
             n,
-            self.js.shared.config.fetch_expires,
+            self.durable.shared.config.fetch_expires,
         );
-        let request = tokio::time::timeout(self.js.shared.config.request_timeout, request);
+        let request = tokio::time::timeout(self.durable.shared.config.request_timeout, request);
         match self.beats.during(&mut self.registry, request).await {
             Ok(Ok(b)) => self.batch = Some((b, permits)),
             Ok(Err(e)) => {
-                tracing::warn!(topic = %self.js.state.topic, error = %e, "cannot send pull request");
-                self.js.state.set_error(Some(e.to_string()));
+                tracing::warn!(topic = %self.durable.state.topic, error = %e, "cannot send pull request");
+                self.durable.state.set_error(Some(e.to_string()));
                 self.needs_recreate = true;
                 self.back_off();
             }

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 use eventbus_core::raw::{hand_over, Completion, HandOver};
 use eventbus_core::CancellationToken;
 
-use super::ConsumeTurn;
+use super::{ConsumeTurn, TurnEnd};
 use crate::consumer::acks::hand_back;
-use crate::consumer::js_loop::{Role, TurnEnd};
 use crate::pull::Delivery;
 
 /// What woke a turn's wind-down (after the stop).
@@ -51,7 +50,7 @@ impl ConsumeTurn<'_> {
         // the deadline (a lease lost meanwhile ends it at once), fence, wait for
         // running handlers within the hand-over timeout.
         let lost = self.lost.clone();
-        let handover_timeout = self.js.handover_timeout;
+        let handover_timeout = self.durable.handover_timeout;
         let ended = hand_over(
             &mut self,
             async move {
@@ -66,15 +65,15 @@ impl ConsumeTurn<'_> {
         .await;
         self.after_drain(ended.drained);
         if !ended.idle {
-            tracing::warn!(topic = %self.js.state.topic, timeout = ?self.js.handover_timeout,
+            tracing::warn!(topic = %self.durable.state.topic, timeout = ?self.durable.handover_timeout,
                 "a job is unsettled past the hand-over timeout (its handler runs, or its dead letter is being written); its message is handed back");
-            self.js
+            self.durable
                 .dispatcher
-                .count_handover_overrun(&self.js.state.topic);
+                .count_handover_overrun(&self.durable.state.topic);
         }
         self.let_pull_run_out().await;
         self.hand_back_all().await;
-        self.js.state.set_in_flight(0);
+        self.durable.state.set_in_flight(0);
         if self.reconnected {
             TurnEnd::Reconnected
         } else if self.gave_back {
@@ -97,7 +96,7 @@ impl ConsumeTurn<'_> {
         // are fenced at once (they do not start here) and handed back in order
         // for the next owner, so a move waits only for running handlers.
         let moving = self.moving() || self.lost.is_cancelled();
-        let drain_timeout = self.js.drain_timeout;
+        let drain_timeout = self.durable.drain_timeout;
         let deadline = started
             + if moving {
                 Duration::ZERO
@@ -106,7 +105,7 @@ impl ConsumeTurn<'_> {
             };
         let flush_by = started
             + if moving {
-                drain_timeout.min(self.js.shared.config.request_timeout)
+                drain_timeout.min(self.durable.shared.config.request_timeout)
             } else {
                 drain_timeout
             };
@@ -119,8 +118,8 @@ impl ConsumeTurn<'_> {
     /// given back).
     fn moving(&self) -> bool {
         self.gave_back
-            || (matches!(&self.js.role, Role::Partition { slot, .. } if slot.yield_requested())
-                && !self.js.closing.is_cancelled())
+            || (self.slot.is_some_and(|slot| slot.yield_requested())
+                && !self.durable.closing.is_cancelled())
     }
 
     /// Register what the open pull request already brought: everything the
@@ -129,14 +128,15 @@ impl ConsumeTurn<'_> {
     /// Nothing of it when the lease is lost, before or during the flush: a
     /// flush waits while the client reconnects.
     async fn read_inbox(&mut self, flush_by: tokio::time::Instant) {
-        let (js, registry, accepted) = (&mut *self.js, &mut self.registry, &mut self.accepted);
+        let (durable, registry, accepted) =
+            (&mut *self.durable, &mut self.registry, &mut self.accepted);
         let Some(b) = self.open.as_mut() else { return };
         let flushed = tokio::time::timeout_at(flush_by, self.client.flush());
         let flushed = unless_lost(&self.lost, self.beats.during(registry, flushed));
         if let Some(Ok(Ok(()))) = flushed.await {
             tokio::task::unconstrained(async {
                 while let Some(Some(Ok(m))) = b.next().now_or_never() {
-                    let _ = js.accept(m, (&mut *registry, &mut *accepted), Instant::now());
+                    let _ = durable.accept(m, (&mut *registry, &mut *accepted), Instant::now());
                 }
             })
             .await;
@@ -170,15 +170,15 @@ impl ConsumeTurn<'_> {
             return;
         }
         if self.lost.is_cancelled() {
-            tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
+            tracing::debug!(topic = %self.durable.state.topic, left = self.inflight.len(),
                 "lease lost: queued messages are fenced, not acknowledged");
-        } else if self.js.drain_timeout.is_zero() || self.moving() {
+        } else if self.durable.drain_timeout.is_zero() || self.moving() {
             // A move does not drain: the fence waits for running handlers,
             // the rest is handed back in order.
-            tracing::debug!(topic = %self.js.state.topic, left = self.inflight.len(),
+            tracing::debug!(topic = %self.durable.state.topic, left = self.inflight.len(),
                 "moving: queued messages are handed back");
         } else {
-            tracing::warn!(topic = %self.js.state.topic, left = self.inflight.len(),
+            tracing::warn!(topic = %self.durable.state.topic, left = self.inflight.len(),
                 "drain timeout: messages still in flight are left for redelivery");
         }
     }
@@ -189,7 +189,7 @@ impl ConsumeTurn<'_> {
         match item {
             Some(Ok(m)) => {
                 let registry = (&mut self.registry, &mut self.accepted);
-                let _ = self.js.accept(m, registry, Instant::now());
+                let _ = self.durable.accept(m, registry, Instant::now());
             }
             _ => self.open = None,
         }
@@ -205,22 +205,22 @@ impl ConsumeTurn<'_> {
         let Some(mut b) = self.open.take() else {
             return;
         };
-        let (js, registry, beats) = (&mut *self.js, &mut self.registry, &mut self.beats);
+        let (durable, registry, beats) = (&mut *self.durable, &mut self.registry, &mut self.beats);
         let accepted = &mut self.accepted;
-        let bound = js.shared.config.fetch_expires + Duration::from_secs(1);
+        let bound = durable.shared.config.fetch_expires + Duration::from_secs(1);
         let ran_out = tokio::time::timeout(
             bound,
             unless_lost(&self.lost, async {
                 while let Some(item) = beats.during(registry, b.next()).await {
                     if let Ok(m) = item {
-                        let _ = js.accept(m, (&mut *registry, &mut *accepted), Instant::now());
+                        let _ = durable.accept(m, (&mut *registry, &mut *accepted), Instant::now());
                     }
                 }
             }),
         )
         .await;
         if ran_out.is_err() {
-            tracing::debug!(topic = %js.state.topic, "pull request still open at close");
+            tracing::debug!(topic = %durable.state.topic, "pull request still open at close");
         }
     }
 
@@ -233,21 +233,21 @@ impl ConsumeTurn<'_> {
             // Another member may consume these already (re-read from the ack
             // floor): a `-NAK` now could redeliver one of them beside its copy
             // there. Nothing is given back; the lease is not released.
-            tracing::debug!(topic = %self.js.state.topic, left = self.registry.len(),
+            tracing::debug!(topic = %self.durable.state.topic, left = self.registry.len(),
                 "lease lost: unfinished messages left to the next holder");
             self.registry.clear();
-            self.js.handed_back = false;
+            self.durable.handed_back = false;
             return;
         }
         let mut left: Vec<u64> = self.registry.keys().copied().collect();
         left.sort_unstable();
-        tracing::debug!(topic = %self.js.state.topic, released = ?left, "handing back unfinished messages");
-        let bound = self.js.shared.config.request_timeout;
+        tracing::debug!(topic = %self.durable.state.topic, released = ?left, "handing back unfinished messages");
+        let bound = self.durable.shared.config.request_timeout;
         let handed_back = hand_back(&self.client, &mut self.registry, &left, bound);
         // A lease lost meanwhile: no more waiting for the server's answers.
-        self.js.handed_back = unless_lost(&self.lost, handed_back).await.unwrap_or(false);
-        if !self.js.handed_back {
-            tracing::warn!(topic = %self.js.state.topic, partition = ?self.js.state.partition,
+        self.durable.handed_back = unless_lost(&self.lost, handed_back).await.unwrap_or(false);
+        if !self.durable.handed_back {
+            tracing::warn!(topic = %self.durable.state.topic, partition = ?self.durable.state.partition,
                 "the server did not confirm every message handed back in time");
         }
     }

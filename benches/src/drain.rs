@@ -3,30 +3,26 @@
 //! on the memory backend, the bus alone (there is no bare client), judged by the
 //! caller against the pool's own round trip.
 //!
-//! - Kafka: a bare rdkafka `BaseConsumer` polled on its own thread, storing every
-//!   offset and letting librdkafka auto-commit (the bus's commit mode);
-//! - NATS: a bare async-nats durable pull consumer (`messages()`), acking each
-//!   message, with the bus's `max_ack_pending`;
-//! - memory (bus only): the drain process builds its own in-process broker and
-//!   bus (the broker lives in that process), publishes the backlog through the
-//!   bus, then subscribes.
+//! Each backend's bare loop is in its entry of the testkit's list of backends
+//! ([`BusesAt::bare_drain`](eventbus_testkit::factories::BusesAt::bare_drain)):
+//! Kafka, a bare rdkafka `BaseConsumer` polled on its own thread, storing every
+//! offset and letting librdkafka auto-commit (the bus's commit mode); NATS, a
+//! bare async-nats durable pull consumer acking each message, with the bus's
+//! `max_ack_pending`. On memory (bus only) the drain process builds its own
+//! in-process broker and bus (the broker lives in that process), publishes the
+//! backlog through the bus, then subscribes.
 //!
 //! All are timed from the first message read (or handled) to the last, so the
 //! consumer-group join (about 3 s on the mock cluster) counts on neither side.
 
-use crate::bus::{buses, kafka_config, make_pool, nats_config, Backend};
+use crate::bus::{buses, make_pool, Backend};
 use crate::workload::own_cpu_secs;
-use async_nats::jetstream::{self, consumer};
-use eventbus::kafka::{KafkaConfig, KafkaProducer};
-use eventbus::nats::NatsEventBus;
 use eventbus::{
-    Envelope, EventBus, EventBusConfig, EventBusExt, HandlerError, KeyedWorkerPool, Message, Pool,
-    PoolKind, Record, SharedBus, TopicConfig,
+    Envelope, EventBusConfig, EventBusExt, HandlerError, KeyedWorkerPool, Message, Pool, PoolKind,
+    Record, SharedBus, TopicConfig,
 };
+use eventbus_testkit::backend::BareDrain;
 use eventbus_testkit::conformance::BusFactory;
-use futures::StreamExt;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -130,29 +126,16 @@ fn records(n: u64, header: &str) -> Result<Vec<Record>, String> {
         .collect()
 }
 
-/// Pre-publish the backlog of `n` records to a Kafka topic (created beforehand).
-pub async fn publish_kafka_backlog(brokers: &str, topic: &str, n: u64) -> Result<(), String> {
-    let header = EventBusConfig::default().aggregate_id.header;
-    let producer = KafkaProducer::new(&kafka_config(brokers)).map_err(|e| e.to_string())?;
-    let records = records(n, &header)?;
-    let failed: Vec<_> = producer
-        .publish_batch(topic, records)
-        .await
-        .into_iter()
-        .filter_map(Result::err)
-        .collect();
-    match failed.first() {
-        None => Ok(()),
-        Some(e) => Err(format!(
-            "{} of {n} records not produced to `{topic}`: {e}",
-            failed.len()
-        )),
-    }
-}
-
-/// Pre-publish the backlog of `n` records to a NATS topic (its stream is created
-/// by the first publish). Returns the stream's name.
-pub async fn publish_nats_backlog(url: &str, topic: &str, n: u64) -> Result<String, String> {
+/// Pre-publish the backlog of `n` records to `topic` on the broker at
+/// `endpoint` (Kafka: the topic created beforehand; NATS: its stream is created
+/// by the first publish), through a bus with the run's client settings. Not
+/// for memory, whose broker lives in the drain's process.
+pub async fn publish_backlog(
+    backend: Backend,
+    endpoint: &str,
+    topic: &str,
+    n: u64,
+) -> Result<(), String> {
     let pool: Arc<dyn Pool> = Arc::new(
         KeyedWorkerPool::new(
             &eventbus::KeyedPoolConfig::default()
@@ -161,9 +144,10 @@ pub async fn publish_nats_backlog(url: &str, topic: &str, n: u64) -> Result<Stri
         )
         .map_err(|e| e.to_string())?,
     );
-    let publisher = NatsEventBus::connect(nats_config(url), EventBusConfig::default(), pool)
+    let publisher = buses(backend, endpoint, 0)
+        .bus(pool, EventBusConfig::default().bus())
         .await
-        .map_err(|e| format!("publisher on {url}: {e}"))?;
+        .map_err(|e| format!("{backend} publisher on {endpoint}: {e}"))?;
     let header = publisher.aggregate_id_header().to_owned();
     let all = records(n, &header)?;
     for chunk in all.chunks(1000) {
@@ -176,9 +160,8 @@ pub async fn publish_nats_backlog(url: &str, topic: &str, n: u64) -> Result<Stri
             return Err(format!("publish to `{topic}`: {e}"));
         }
     }
-    let stream = publisher.stream_name(topic);
     let _ = publisher.close().await;
-    Ok(stream)
+    Ok(())
 }
 
 /// Publish a backlog of `spec.messages` records on `spec.topic` (`spec.partitions`
@@ -203,36 +186,6 @@ async fn publish_memory_backlog(spec: &DrainSpec, bus: &SharedBus) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// The librdkafka consumer settings the bus derives from [`kafka_config`] (the
-/// bus's own are crate-private; these mirror them).
-fn bare_kafka_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
-    let ms = |d: Duration| d.as_millis().to_string();
-    let bus = EventBusConfig::default();
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &kafka.brokers)
-        .set("client.id", &kafka.client_id)
-        .set("group.id", group)
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", ms(bus.consumer.commit_interval))
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", ms(kafka.session_timeout))
-        .set("heartbeat.interval.ms", ms(kafka.heartbeat_interval))
-        .set("max.poll.interval.ms", ms(kafka.max_poll_interval))
-        .set("fetch.min.bytes", kafka.fetch_min_bytes.to_string())
-        .set("fetch.max.bytes", kafka.fetch_max_bytes.to_string())
-        .set(
-            "max.partition.fetch.bytes",
-            kafka.max_partition_fetch_bytes.to_string(),
-        )
-        .set("fetch.wait.max.ms", ms(kafka.fetch_wait_max))
-        .set(
-            "queued.max.messages.kbytes",
-            kafka.queued_max_kbytes.to_string(),
-        );
-    c
 }
 
 /// Times of the first and last message, and how many, since `start`.
@@ -315,45 +268,25 @@ pub async fn run_drain(spec: &DrainSpec) -> Result<DrainResult, String> {
     let limit = Duration::from_secs(spec.limit_secs);
     let group = format!("{}-{}-{}", spec.topic, spec.side.name(), spec.round);
     match (spec.backend, spec.side) {
-        (Backend::Memory, DrainSide::Bare) => {
-            Err("the memory backend has no bare client loop".to_owned())
+        (backend, DrainSide::Bare) if backend.in_process() => {
+            Err(format!("the {backend} backend has no bare client loop"))
         }
-        (Backend::Kafka, DrainSide::Bare) => {
-            let config = bare_kafka_config(&kafka_config(&spec.endpoint), &group);
-            let clock = Arc::new(Clock::new(spec.messages));
-            let (c, topic, n) = (clock.clone(), spec.topic.clone(), spec.messages);
-            let err = tokio::task::spawn_blocking(move || -> Option<String> {
-                let consumer: BaseConsumer = match config.create() {
-                    Ok(c) => c,
-                    Err(e) => return Some(format!("bare consumer: {e}")),
-                };
-                if let Err(e) = consumer.subscribe(&[&topic]) {
-                    return Some(format!("bare consumer subscribe: {e}"));
-                }
-                let deadline = Instant::now() + limit;
-                let mut seen = 0;
-                while seen < n && Instant::now() < deadline {
-                    match consumer.poll(Duration::from_millis(100)) {
-                        None => {}
-                        Some(Ok(m)) => {
-                            let _ = consumer.store_offset_from_message(&m);
-                            seen += 1;
-                            c.hit();
-                        }
-                        Some(Err(e)) => tracing::warn!(error = %e, "bare consumer error"),
-                    }
-                }
-                None
-            })
-            .await
-            .unwrap_or_else(|e| Some(format!("bare consumer thread: {e}")));
-            Ok(clock.result(spec, err))
-        }
-        (Backend::Nats, DrainSide::Bare) => {
-            let clock = Arc::new(Clock::new(spec.messages));
-            let err = tokio::time::timeout(limit, bare_nats(spec, &group, &clock))
+        (backend, DrainSide::Bare) => {
+            // The bus side's default keyed pool, which a client may be sized by.
+            let pool = make_pool(PoolKind::Keyed)
                 .await
-                .unwrap_or(Ok(()))
+                .map_err(|e| format!("keyed pool: {e}"))?;
+            let drain = BareDrain {
+                topic: spec.topic.clone(),
+                group,
+                messages: spec.messages,
+                limit,
+            };
+            let clock = Arc::new(Clock::new(spec.messages));
+            let c = clock.clone();
+            let err = buses(backend, &spec.endpoint, 0)
+                .bare_drain(&drain, pool, Arc::new(move || c.hit()))
+                .await
                 .err();
             Ok(clock.result(spec, err))
         }
@@ -392,62 +325,6 @@ pub async fn run_drain(spec: &DrainSpec) -> Result<DrainResult, String> {
             Ok(clock.result(spec, err))
         }
     }
-}
-
-/// The bare async-nats loop: a durable pull consumer like the bus's, ack each.
-async fn bare_nats(spec: &DrainSpec, group: &str, clock: &Clock) -> Result<(), String> {
-    let client = async_nats::connect(spec.endpoint.as_str())
-        .await
-        .map_err(|e| format!("connect {}: {e}", spec.endpoint))?;
-    let js = jetstream::new(client.clone());
-    // The bus names the stream from the topic; ask a bus for the name and its
-    // max_ack_pending with the default keyed pool, so the loop gets the same.
-    let probe_pool = make_pool(PoolKind::Keyed)
-        .await
-        .map_err(|e| format!("keyed pool: {e}"))?;
-    let probe = NatsEventBus::connect(
-        nats_config(&spec.endpoint),
-        EventBusConfig::default(),
-        probe_pool,
-    )
-    .await
-    .map_err(|e| format!("nats bus: {e}"))?;
-    let (stream_name, max_ack_pending) = (probe.stream_name(&spec.topic), probe.max_ack_pending());
-    let _ = probe.close().await;
-    let stream = js
-        .get_stream(&stream_name)
-        .await
-        .map_err(|e| format!("stream `{stream_name}`: {e}"))?;
-    let consumer: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(group.replace('.', "-")),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: max_ack_pending as i64,
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("bare consumer: {e}"))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| format!("bare pull: {e}"))?;
-    let mut acked = 0;
-    while acked < spec.messages {
-        match messages.next().await {
-            Some(Ok(m)) => {
-                m.ack().await.map_err(|e| format!("bare ack: {e}"))?;
-                acked += 1;
-                clock.hit();
-            }
-            Some(Err(e)) => return Err(format!("bare delivery: {e}")),
-            None => return Err("bare message stream ended".to_owned()),
-        }
-    }
-    drop(messages);
-    let _ = client.drain().await;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -4,13 +4,6 @@ pub mod backend;
 pub mod checker;
 pub mod conformance;
 pub mod dispatch_props;
-#[cfg(any(
-    feature = "keyed-pool",
-    feature = "actor-pool",
-    feature = "memory",
-    feature = "kafka",
-    feature = "nats"
-))]
 pub mod factories;
 #[cfg(feature = "kafka-mock")]
 pub mod kafka_cluster;
@@ -31,7 +24,7 @@ pub mod stuck;
 pub mod wait;
 
 pub use backend::Backend;
-#[cfg(all(feature = "memory", feature = "kafka", feature = "nats"))]
+#[cfg(feature = "backends")]
 pub use backend::Broker;
 pub use checker::{
     seq_of, Delivery, DeliveryChecker, DeliveryReport, LostSpread, MessageClass, MessageId, Stamp,

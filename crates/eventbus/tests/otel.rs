@@ -13,7 +13,6 @@ use eventbus::{
     DeliveryPolicy, Envelope, Event, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError,
     Headers, Message, PoolKind, Record, SharedBus, TopicConfig,
 };
-use eventbus_testkit::factories::BusesAt;
 use eventbus_testkit::{wait_until, Backend, Broker};
 use opentelemetry::propagation::text_map_propagator::FieldIter;
 use opentelemetry::propagation::{
@@ -130,13 +129,13 @@ async fn build_bus(broker: &Broker, group: &str, pool: PoolKind) -> SharedBus {
     config.delivery = DeliveryPolicy::default()
         .max_attempts(3)
         .backoff(Duration::from_millis(1), Duration::from_millis(5));
-    let builder = EventBusBuilder::new().ignore_env().config(config);
-    let builder = match broker.buses() {
-        BusesAt::Memory(b) => builder.memory(b),
-        BusesAt::Kafka(c) => builder.kafka(c),
-        BusesAt::Nats(c) => builder.nats(c),
-    };
-    builder.build().await.expect("the bus builds")
+    EventBusBuilder::new()
+        .ignore_env()
+        .config(config)
+        .backend(broker.facade_backend())
+        .build()
+        .await
+        .expect("the bus builds")
 }
 
 /// Make `topic` ready on `broker` (the mock cluster creates Kafka topics, the
@@ -347,19 +346,22 @@ async fn trace_crosses_the_broker(backend: Backend, pool: PoolKind) {
     bus.close().await.expect("the bus closes");
 }
 
+/// On every backend of the list, one after the other (each run names its own
+/// topics); a failure names the backend it happened on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_publish_and_handling_are_one_trace() {
-    trace_crosses_the_broker(Backend::Memory, PoolKind::Keyed).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_publish_and_handling_are_one_trace() {
-    trace_crosses_the_broker(Backend::Kafka, PoolKind::Keyed).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_publish_and_handling_are_one_trace() {
-    trace_crosses_the_broker(Backend::Nats, PoolKind::Keyed).await;
+async fn publish_and_handling_are_one_trace_on_every_backend() {
+    use futures::FutureExt;
+    for backend in Backend::ALL {
+        let run = std::panic::AssertUnwindSafe(trace_crosses_the_broker(backend, PoolKind::Keyed));
+        if let Err(panic) = run.catch_unwind().await {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic without a message");
+            panic!("on the {backend} backend: {why}");
+        }
+    }
 }
 
 /// The actor pool runs jobs inside its actors' own long-lived spans: the

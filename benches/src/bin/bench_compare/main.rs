@@ -10,7 +10,7 @@
 use eventbus::{PoolKind, StorageKind};
 use eventbus_benches::bus::{even_share, Backend};
 use eventbus_benches::chart::chart;
-use eventbus_benches::drain::{publish_kafka_backlog, publish_nats_backlog};
+use eventbus_benches::drain::publish_backlog;
 use eventbus_benches::members::{
     run_members, MembersResult, MembersSpec, MEMBER_KEYS, MEMBER_PARTITIONS, MEMBER_WORKERS,
 };
@@ -595,15 +595,12 @@ impl Run {
         // Pre-publish, untimed: several partitions on Kafka, one stream on NATS;
         // the memory broker lives in the drain's process, which publishes there.
         self.broker.prepare(&topic, DRAIN_PARTITIONS).await;
-        let published = match &self.broker {
-            Broker::Kafka(c) => publish_kafka_backlog(&c.brokers(), &topic, messages).await,
-            Broker::Nats(s) => publish_nats_backlog(&s.url(), &topic, messages)
-                .await
-                .map(|_| ()),
-            Broker::Memory(_) if side == DrainSide::Bare => {
-                Err("the memory backend has no bare client loop".to_owned())
+        let published = match backend.in_process() {
+            true if side == DrainSide::Bare => {
+                Err(format!("the {backend} backend has no bare client loop"))
             }
-            Broker::Memory(_) => Ok(()),
+            true => Ok(()),
+            false => publish_backlog(backend, &self.broker.endpoint(), &topic, messages).await,
         };
         if let Err(e) = published {
             self.progress.done();
@@ -1065,7 +1062,7 @@ mod tests {
     fn flags_parse_in_both_spellings() {
         let a = parse(&["--quick", "--backend=nats", "--rounds", "2", "--no-fail"]).expect("valid");
         assert!(a.quick && a.no_fail);
-        assert_eq!(a.backend, Backend::Nats);
+        assert_eq!(a.backend.as_str(), "nats");
         assert_eq!(a.rounds, Some(2));
         let a = parse(&["--backend", "kafka", "--out=/tmp/x"]).expect("valid");
         assert_eq!(a.backend, Backend::Kafka);

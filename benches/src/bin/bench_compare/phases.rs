@@ -43,13 +43,15 @@ pub(super) struct Sizes {
 
 impl Sizes {
     pub(super) fn new(backend: Backend, quick: bool) -> Self {
+        // Any other broker: the sizes of a broker in a process of its own
+        // whose client acks each message (NATS).
         let drain = match (backend, quick) {
             (Backend::Memory, true) => 50_000,
             (Backend::Memory, false) => 200_000,
             (Backend::Kafka, true) => 20_000,
-            (_, true) => 5_000,
             (Backend::Kafka, false) => 120_000,
-            (Backend::Nats, false) => 20_000,
+            (_, true) => 5_000,
+            (_, false) => 20_000,
         };
         let conc = match (backend, quick) {
             (_, true) => 10_000,

@@ -61,3 +61,6 @@ mod partition;
 
 pub use broker::{Assignment, PartitionLog};
 pub use consume::{InFlightCounts, LogLoop};
+
+#[cfg(test)]
+mod tests;

@@ -89,8 +89,11 @@ const KNOWN_FLAGS: u8 = BITMAP | DEFLATED | LEADER_EPOCH;
 
 const CHECKSUM: usize = 8;
 
-/// Deflate's level: the default of zlib.
+/// Deflate's level: the default of zlib, for a body up to [`FAST_ABOVE`] bytes;
+/// a longer one (up to a bitmap of a million offsets) is deflated at level 1,
+/// several times faster: encoding stays within milliseconds.
 const LEVEL: u8 = 6;
+const FAST_ABOVE: usize = 16 * 1024;
 
 /// Why the finished offsets in a commit's metadata are not to be trusted: replay
 /// from the committed offset, skip nothing.
@@ -204,7 +207,8 @@ pub fn encode(
     };
     let mut best: Option<(u8, Vec<u8>)> = None;
     for (flag, body) in bodies.finish() {
-        let deflated = miniz_oxide::deflate::compress_to_vec(&body, LEVEL);
+        let level = if body.len() <= FAST_ABOVE { LEVEL } else { 1 };
+        let deflated = miniz_oxide::deflate::compress_to_vec(&body, level);
         let shortest = if deflated.len() < body.len() {
             (flag | DEFLATED, deflated)
         } else {
@@ -286,9 +290,7 @@ impl Bodies {
         match &mut self.bitmap {
             Some(bits) if to.div_ceil(8) <= MAX_BODY as u64 => {
                 bits.resize(to.div_ceil(8) as usize, 0);
-                for i in from..to {
-                    bits[(i / 8) as usize] |= 1 << (i % 8);
-                }
+                set_bits(bits, from, to);
             }
             _ => self.bitmap = None,
         }
@@ -633,6 +635,22 @@ impl Reader<'_> {
     }
 }
 
+/// Set bits `from..to` (least significant first), whole bytes at once.
+fn set_bits(bits: &mut [u8], from: u64, to: u64) {
+    let mut i = from;
+    while i < to && i % 8 != 0 {
+        bits[(i / 8) as usize] |= 1 << (i % 8);
+        i += 1;
+    }
+    let whole = (to - i) / 8;
+    bits[(i / 8) as usize..][..whole as usize].fill(0xff);
+    i += whole * 8;
+    while i < to {
+        bits[(i / 8) as usize] |= 1 << (i % 8);
+        i += 1;
+    }
+}
+
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -918,6 +936,21 @@ mod tests {
             decode(sealed(p).as_bytes(), i64::MAX - 3, None),
             Err(Replay::Malformed("span past the last offset"))
         );
+    }
+
+    #[test]
+    fn bits_are_set_as_one_at_a_time_would() {
+        for from in 0..40u64 {
+            for to in from..48 {
+                let mut fast = vec![0u8; 6];
+                set_bits(&mut fast, from, to);
+                let mut slow = vec![0u8; 6];
+                for i in from..to {
+                    slow[(i / 8) as usize] |= 1 << (i % 8);
+                }
+                assert_eq!(fast, slow, "{from}..{to}");
+            }
+        }
     }
 
     #[test]

@@ -132,6 +132,14 @@ fn share_of(me: &str, counts: &BTreeMap<String, usize>, p: usize) -> usize {
     p / m + usize::from(rank < p % m)
 }
 
+/// One rebalance's reading of the clock, the lease time to live and this
+/// member's name.
+struct Round {
+    at: Instant,
+    ttl: Duration,
+    me: String,
+}
+
 /// The coordinator of one member's partitioned subscription (see the module docs).
 pub(crate) struct Coordinator {
     pub(crate) group: Arc<Group>,
@@ -335,20 +343,46 @@ impl Coordinator {
 
     /// Take or give back partitions until this member holds its share.
     async fn rebalance(&mut self) {
-        let now = Instant::now();
-        let ttl = self.leases.ttl();
-        let me = self.leases.member().to_owned();
+        let now = Round {
+            at: Instant::now(),
+            ttl: self.leases.ttl(),
+            me: self.leases.member().to_owned(),
+        };
         let p = self.group.slots.len();
+        let mut counts = self.live_members(&now).await;
+        let mut owners = self.owners(&now, &mut counts);
+        let members: Vec<String> = counts.keys().cloned().collect();
+        let m = members.len();
+        let target = share_of(&now.me, &counts, p);
+        let mine = counts[&now.me];
+        if mine > target {
+            self.hand_over(mine - target, m, target, &mut owners);
+        } else if mine < target {
+            self.claim_share(target - mine, &now, m, target, &mut owners)
+                .await;
+        }
+        let owned = self.group.slots.iter().filter(|s| s.owns()).count();
+        self.group.set_owned(owned);
+        for (slot, owner) in self.group.slots.iter().zip(&owners) {
+            slot.state
+                .set_holder(owner.as_deref().filter(|o| *o != now.me.as_str()));
+        }
+        *self.group.view.lock().unwrap_or_else(|p| p.into_inner()) = View { members, owners };
+    }
 
+    /// The live members (this one among them), each with no partition counted
+    /// yet; the key of a member gone without leaving (a crash) is deleted.
+    async fn live_members(&mut self, now: &Round) -> BTreeMap<String, usize> {
+        let me = &now.me;
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         counts.insert(me.clone(), 0);
         let mut dead = Vec::new();
         for (key, s) in &mut self.members {
-            match (s.live(now, ttl), &s.holder) {
+            match (s.live(now.at, now.ttl), &s.holder) {
                 (true, Some(h)) => {
                     counts.entry(h.member.clone()).or_insert(0);
                 }
-                (false, h) if !s.deleted && h.as_ref().is_none_or(|h| h.member != me) => {
+                (false, h) if !s.deleted && h.as_ref().is_none_or(|h| h.member != *me) => {
                     // A member gone without leaving (a crash): tidy its key up.
                     dead.push((key.clone(), s.revision));
                     s.deleted = true;
@@ -361,14 +395,22 @@ impl Coordinator {
                 "a member stopped heartbeating: it left the group");
             self.leases.delete_at(&key, revision).await;
         }
-        let mut owners: Vec<Option<String>> = Vec::with_capacity(p);
+        counts
+    }
+
+    /// The holder of each partition as seen now (`None`: free, or this
+    /// member's own lease not yet granted to its loop), counted in `counts`
+    /// for the live members.
+    fn owners(&self, now: &Round, counts: &mut BTreeMap<String, usize>) -> Vec<Option<String>> {
+        let me = &now.me;
+        let mut owners: Vec<Option<String>> = Vec::with_capacity(self.group.slots.len());
         for (n, slot) in self.group.slots.iter().enumerate() {
             let owner = if slot.owns() {
                 Some(me.clone())
             } else {
                 match &self.partitions[n] {
-                    Some(s) if s.live(now, ttl) => match &s.holder {
-                        Some(h) if h.member == me => None,
+                    Some(s) if s.live(now.at, now.ttl) => match &s.holder {
+                        Some(h) if h.member == *me => None,
                         Some(h) => Some(h.member.clone()),
                         None => Some("an unknown member".to_owned()),
                     },
@@ -382,96 +424,108 @@ impl Coordinator {
             }
             owners.push(owner);
         }
-        let members: Vec<String> = counts.keys().cloned().collect();
-        let m = members.len();
-        let target = share_of(&me, &counts, p);
-        let mine = counts[&me];
+        owners
+    }
 
-        if mine > target {
-            let excess = mine - target;
-            for slot in self
-                .group
-                .slots
-                .iter()
-                .rev()
-                .filter(|s| s.owns())
-                .take(excess)
-            {
-                tracing::info!(topic = %self.group.topic_state.topic, partition = slot.partition,
-                    members = m, share = target, "handing a partition over to the group");
-                slot.request_yield();
-                owners[slot.partition as usize] = None;
+    /// Ask the loops of this member's `excess` highest partitions to hand them
+    /// over to the group (`m` live members, a share of `share` each).
+    fn hand_over(&self, excess: usize, m: usize, share: usize, owners: &mut [Option<String>]) {
+        for slot in self
+            .group
+            .slots
+            .iter()
+            .rev()
+            .filter(|s| s.owns())
+            .take(excess)
+        {
+            tracing::info!(topic = %self.group.topic_state.topic, partition = slot.partition,
+                members = m, share, "handing a partition over to the group");
+            slot.request_yield();
+            owners[slot.partition as usize] = None;
+        }
+    }
+
+    /// Claim up to `want` free partitions and grant each to its loop (`m` live
+    /// members, a share of `share` each).
+    async fn claim_share(
+        &self,
+        mut want: usize,
+        now: &Round,
+        m: usize,
+        share: usize,
+        owners: &mut [Option<String>],
+    ) {
+        let me = &now.me;
+        let p = self.group.slots.len();
+        // Start looking at a point of this member's own, so members claiming at
+        // the same moment mostly go for different partitions.
+        let offset = (eventbus_core::raw::stable_hash(me.as_bytes()) % p as u64) as usize;
+        for i in 0..p {
+            if want == 0 || self.closing.is_cancelled() {
+                break;
             }
-        } else if mine < target {
-            let mut want = target - mine;
-            // Start looking at a point of this member's own, so members claiming at
-            // the same moment mostly go for different partitions.
-            let offset = (eventbus_core::raw::stable_hash(me.as_bytes()) % p as u64) as usize;
-            for i in 0..p {
-                if want == 0 || self.closing.is_cancelled() {
+            let n = (offset + i) % p;
+            let slot = &self.group.slots[n];
+            if slot.busy() {
+                continue;
+            }
+            let Some((revision, previous, reset_from)) = self.claimable(n, now) else {
+                continue;
+            };
+            let key = naming::partition_lease_key(&self.prefix, n as u32);
+            match self
+                .leases
+                .claim(&key, revision, previous, reset_from)
+                .await
+            {
+                Ok(Some(lease)) => {
+                    tracing::info!(topic = %self.group.topic_state.topic, partition = n,
+                        ?previous, members = m, share, "partition claimed");
+                    slot.grant();
+                    if let Err(e) = self.grants[n].try_send(lease) {
+                        // The loop is gone (the subscription ends): give it back
+                        // (released only if it needs no re-read: see
+                        // `Lease::release`).
+                        slot.end_hold();
+                        let lease = match e {
+                            mpsc::error::TrySendError::Full(l)
+                            | mpsc::error::TrySendError::Closed(l) => l,
+                        };
+                        lease.release().await;
+                        continue;
+                    }
+                    owners[n] = Some(me.clone());
+                    want -= 1;
+                }
+                // Someone else got there first; the watch will tell who.
+                Ok(None) => {
+                    tracing::debug!(%key, revision, "partition taken by another member first");
+                }
+                Err(e) => {
+                    tracing::debug!(%key, error = %e, "cannot claim a partition; retrying");
                     break;
                 }
-                let n = (offset + i) % p;
-                let slot = &self.group.slots[n];
-                if slot.busy() {
-                    continue;
-                }
-                let (revision, previous, reset_from) = match &self.partitions[n] {
-                    None => (0, Previous::Nobody, None),
-                    Some(s) if s.deleted => (s.revision, Previous::Released, None),
-                    Some(s) => match &s.holder {
-                        Some(h) if h.member == me => (s.revision, Previous::Own, h.reset_from),
-                        h if !s.live(now, ttl) => (
-                            s.revision,
-                            Previous::Expired,
-                            h.as_ref().and_then(|h| h.reset_from),
-                        ),
-                        _ => continue,
-                    },
-                };
-                let key = naming::partition_lease_key(&self.prefix, n as u32);
-                match self
-                    .leases
-                    .claim(&key, revision, previous, reset_from)
-                    .await
-                {
-                    Ok(Some(lease)) => {
-                        tracing::info!(topic = %self.group.topic_state.topic, partition = n,
-                            ?previous, members = m, share = target, "partition claimed");
-                        slot.grant();
-                        if let Err(e) = self.grants[n].try_send(lease) {
-                            // The loop is gone (the subscription ends): give it back
-                            // (released only if it needs no re-read: see
-                            // `Lease::release`).
-                            slot.end_hold();
-                            let lease = match e {
-                                mpsc::error::TrySendError::Full(l)
-                                | mpsc::error::TrySendError::Closed(l) => l,
-                            };
-                            lease.release().await;
-                            continue;
-                        }
-                        owners[n] = Some(me.clone());
-                        want -= 1;
-                    }
-                    // Someone else got there first; the watch will tell who.
-                    Ok(None) => {
-                        tracing::debug!(%key, revision, "partition taken by another member first");
-                    }
-                    Err(e) => {
-                        tracing::debug!(%key, error = %e, "cannot claim a partition; retrying");
-                        break;
-                    }
-                }
             }
         }
-        let owned = self.group.slots.iter().filter(|s| s.owns()).count();
-        self.group.set_owned(owned);
-        for (slot, owner) in self.group.slots.iter().zip(&owners) {
-            slot.state
-                .set_holder(owner.as_deref().filter(|o| *o != me.as_str()));
-        }
-        *self.group.view.lock().unwrap_or_else(|p| p.into_inner()) = View { members, owners };
+    }
+
+    /// Whether partition `n` may be claimed now (never written, released, held
+    /// by this member, or expired): the revision to claim it at, who held it
+    /// before, and where its next holder re-reads from.
+    fn claimable(&self, n: usize, now: &Round) -> Option<(u64, Previous, Option<u64>)> {
+        Some(match &self.partitions[n] {
+            None => (0, Previous::Nobody, None),
+            Some(s) if s.deleted => (s.revision, Previous::Released, None),
+            Some(s) => match &s.holder {
+                Some(h) if h.member == now.me => (s.revision, Previous::Own, h.reset_from),
+                h if !s.live(now.at, now.ttl) => (
+                    s.revision,
+                    Previous::Expired,
+                    h.as_ref().and_then(|h| h.reset_from),
+                ),
+                _ => return None,
+            },
+        })
     }
 }
 

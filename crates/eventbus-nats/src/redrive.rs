@@ -191,109 +191,12 @@ impl Drop for Reader {
 impl DeadLetterReader for Reader {
     fn next(&mut self) -> BoxFuture<'_, Result<Option<RawDeadLetter>>> {
         async move {
-            let end = self.end;
             match &mut self.how {
                 How::BySequence { next } => {
-                    while *next <= end {
-                        let seq = *next;
-                        *next += 1;
-                        match self.stream.get_raw_message(seq).await {
-                            Ok(m) => {
-                                let ms = ms_of(m.time.unix_timestamp_nanos());
-                                let (headers, key) =
-                                    from_header_map(Some(&m.headers), &mut ByteChunks::default());
-                                return Ok(Some(
-                                    RawDeadLetter::new(sequence_id(seq), key, m.payload, headers)
-                                        .with_timestamp_ms(Some(ms)),
-                                ));
-                            }
-                            // Deleted, or gone with the stream's limits.
-                            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
-                            Err(e) => {
-                                return Err(broker(
-                                    format!("cannot read message {seq} of stream `{}`", self.stream_name),
-                                    e,
-                                ))
-                            }
-                        }
-                    }
-                    Ok(None)
+                    next_by_sequence(&self.stream, &self.stream_name, next, self.end).await
                 }
                 How::Durable(d) => {
-                    let Durable {
-                        consumer,
-                        durable,
-                        unconfirmed,
-                        last,
-                    } = &mut **d;
-                    if *last >= end {
-                        return Ok(None);
-                    }
-                    let started = Instant::now();
-                    loop {
-                        let mut batch = consumer
-                            .fetch()
-                            .max_messages(1)
-                            .expires(FETCH_WAIT)
-                            .messages()
-                            .await
-                            .map_err(|e| broker(format!("cannot fetch from the redrive consumer `{durable}`"), e))?;
-                        if let Some(m) = batch.next().await {
-                            let m = m.map_err(|e| {
-                                Error::new(
-                                    ErrorKind::Broker,
-                                    format!("fetch from the redrive consumer `{durable}` failed"),
-                                )
-                                .with_source(e)
-                            })?;
-                            let info = m
-                                .reply
-                                .as_deref()
-                                .and_then(AckInfo::parse)
-                                .ok_or_else(|| {
-                                    Error::new(
-                                        ErrorKind::Broker,
-                                        format!("a message of the redrive consumer `{durable}` has no ack subject"),
-                                    )
-                                })?;
-                            let seq = info.stream_sequence;
-                            if seq > end {
-                                // Written after the redrive started: for the next
-                                // run, at once.
-                                let _ = m.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
-                                return Ok(None);
-                            }
-                            let (headers, key) =
-                                from_header_map(m.headers.as_ref(), &mut ByteChunks::default());
-                            let raw = RawDeadLetter::new(
-                                sequence_id(seq),
-                                key,
-                                m.payload.clone(),
-                                headers,
-                            )
-                            .with_timestamp_ms(Some(info.published_ns.div_euclid(1_000_000)));
-                            *last = seq;
-                            *unconfirmed = Some((seq, m));
-                            return Ok(Some(raw));
-                        }
-                        let info = consumer.info().await.map_err(|e| {
-                            broker(format!("cannot read the redrive consumer `{durable}`"), e)
-                        })?;
-                        if info.ack_floor.stream_sequence >= end
-                            || (info.num_pending == 0 && info.num_ack_pending == 0)
-                        {
-                            return Ok(None);
-                        }
-                        if started.elapsed() > self.idle_bound {
-                            return Err(Error::new(
-                                ErrorKind::Timeout,
-                                format!(
-                                    "redrive: the consumer `{durable}` on stream `{}` delivered nothing within {:?} though {} message(s) are pending and {} unacked",
-                                    self.stream_name, self.idle_bound, info.num_pending, info.num_ack_pending
-                                ),
-                            ));
-                        }
-                    }
+                    next_of_durable(d, &self.stream_name, self.end, self.idle_bound).await
                 }
             }
         }
@@ -332,6 +235,120 @@ impl DeadLetterReader for Reader {
             }
         }
         .boxed()
+    }
+}
+
+/// The next message of a dry run: the stream's message at `next` or the first
+/// after it still there, up to `end`.
+async fn next_by_sequence(
+    stream: &Stream,
+    stream_name: &str,
+    next: &mut u64,
+    end: u64,
+) -> Result<Option<RawDeadLetter>> {
+    while *next <= end {
+        let seq = *next;
+        *next += 1;
+        match stream.get_raw_message(seq).await {
+            Ok(m) => {
+                let ms = ms_of(m.time.unix_timestamp_nanos());
+                let (headers, key) = from_header_map(Some(&m.headers), &mut ByteChunks::default());
+                return Ok(Some(
+                    RawDeadLetter::new(sequence_id(seq), key, m.payload, headers)
+                        .with_timestamp_ms(Some(ms)),
+                ));
+            }
+            // Deleted, or gone with the stream's limits.
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+            Err(e) => {
+                return Err(broker(
+                    format!("cannot read message {seq} of stream `{}`", stream_name),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The next message of a redrive through its durable consumer, up to `end`,
+/// kept unconfirmed in `d`; an error after `idle_bound` without a delivery
+/// while messages are pending.
+async fn next_of_durable(
+    d: &mut Durable,
+    stream_name: &str,
+    end: u64,
+    idle_bound: Duration,
+) -> Result<Option<RawDeadLetter>> {
+    let Durable {
+        consumer,
+        durable,
+        unconfirmed,
+        last,
+    } = d;
+    if *last >= end {
+        return Ok(None);
+    }
+    let started = Instant::now();
+    loop {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await
+            .map_err(|e| {
+                broker(
+                    format!("cannot fetch from the redrive consumer `{durable}`"),
+                    e,
+                )
+            })?;
+        if let Some(m) = batch.next().await {
+            let m = m.map_err(|e| {
+                Error::new(
+                    ErrorKind::Broker,
+                    format!("fetch from the redrive consumer `{durable}` failed"),
+                )
+                .with_source(e)
+            })?;
+            let info = m.reply.as_deref().and_then(AckInfo::parse).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Broker,
+                    format!("a message of the redrive consumer `{durable}` has no ack subject"),
+                )
+            })?;
+            let seq = info.stream_sequence;
+            if seq > end {
+                // Written after the redrive started: for the next
+                // run, at once.
+                let _ = m.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                return Ok(None);
+            }
+            let (headers, key) = from_header_map(m.headers.as_ref(), &mut ByteChunks::default());
+            let raw = RawDeadLetter::new(sequence_id(seq), key, m.payload.clone(), headers)
+                .with_timestamp_ms(Some(info.published_ns.div_euclid(1_000_000)));
+            *last = seq;
+            *unconfirmed = Some((seq, m));
+            return Ok(Some(raw));
+        }
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| broker(format!("cannot read the redrive consumer `{durable}`"), e))?;
+        if info.ack_floor.stream_sequence >= end
+            || (info.num_pending == 0 && info.num_ack_pending == 0)
+        {
+            return Ok(None);
+        }
+        if started.elapsed() > idle_bound {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "redrive: the consumer `{durable}` on stream `{}` delivered nothing within {:?} though {} message(s) are pending and {} unacked",
+                    stream_name, idle_bound, info.num_pending, info.num_ack_pending
+                ),
+            ));
+        }
     }
 }
 

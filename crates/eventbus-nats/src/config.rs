@@ -360,6 +360,14 @@ impl NatsConfig {
 
     /// Check the values; the error names the key.
     pub fn validate(&self) -> Result<(), Error> {
+        self.validate_servers_and_timing()?;
+        self.validate_leases()?;
+        self.validate_access()?;
+        self.validate_topics()
+    }
+
+    /// `urls`, and the waits and timeouts of the connection and the fetches.
+    fn validate_servers_and_timing(&self) -> Result<(), Error> {
         if self.urls.is_empty() {
             return Err(Error::config("urls must list at least one server"));
         }
@@ -392,6 +400,12 @@ impl NatsConfig {
                 self.ping_interval
             )));
         }
+        Ok(())
+    }
+
+    /// `lease_ttl` (room for a pull request to run out within a lease),
+    /// `lease_bucket`, `lease_replicas`.
+    fn validate_leases(&self) -> Result<(), Error> {
         let least = self.fetch_expires * 2 + Duration::from_secs(1);
         if self.lease_ttl < least {
             return Err(Error::config(format!(
@@ -416,6 +430,11 @@ impl NatsConfig {
                 self.lease_replicas
             )));
         }
+        Ok(())
+    }
+
+    /// `reconnect`, `tls`, `subject_prefix`, `auth`.
+    fn validate_access(&self) -> Result<(), Error> {
         if self.reconnect.max_delay < self.reconnect.initial_delay {
             return Err(Error::config(
                 "reconnect.max_delay must not be below reconnect.initial_delay",
@@ -441,6 +460,11 @@ impl NatsConfig {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// `topics` and `partitions`: names, settings, partition counts.
+    fn validate_topics(&self) -> Result<(), Error> {
         for (topic, cfg) in &self.topics {
             naming::validate_nats_topic(topic)
                 .map_err(|e| Error::config(format!("topics.{topic}: {}", e.message())))?;

@@ -1,13 +1,13 @@
 //! Buses of each backend, set up the same way for the producer and every consumer.
 
-use eventbus::nats::NatsEventBus;
 use eventbus::PoolKind;
 use eventbus_actor_pool::ActorPoolConfig;
 use eventbus_core::{BusConfig, DeliveryPolicy, Error, Pool, SharedBus};
 use eventbus_keyed_pool::KeyedPoolConfig;
-use eventbus_memory::MemoryBroker;
+use eventbus_testkit::backend::OwnedPartitions;
 use eventbus_testkit::conformance::BusFactory;
 use eventbus_testkit::factories::BusesAt;
+use eventbus_testkit::Broker;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,11 +31,11 @@ impl Target {
         }
     }
 
-    /// Buses on a shared in-process broker.
-    pub fn memory(broker: MemoryBroker) -> Self {
+    /// Buses on a broker the run started (memory: on that very broker).
+    pub fn on(broker: &Broker) -> Self {
         Self {
-            buses: BusesAt::Memory(broker),
-            endpoint: String::new(),
+            buses: broker.buses(),
+            endpoint: broker.endpoint(),
         }
     }
 
@@ -84,8 +84,6 @@ pub fn bus_config(group: &str) -> BusConfig {
     c
 }
 
-use eventbus_testkit::factories::nats_config;
-
 /// How long a consumer drains, then waits for its fenced handlers, when it gives
 /// work up (`consumer.drain_timeout`, `consumer.handover_timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,21 +124,20 @@ pub async fn bus_with(
     target.buses.bus(pool, config).await
 }
 
-/// A NATS bus as [`bus_with`] makes it, with `partitioned` topics consumed in
-/// partitions (`partitions.<topic> = P`, see `docs/nats.md`). Every bus that
-/// publishes to or subscribes to such a topic needs the same setting.
-pub async fn nats_bus(
-    url: &str,
+/// A bus as [`bus_with`] makes it, with `partitioned` topics consumed in
+/// leased partitions (NATS: `partitions.<topic> = P`, see `docs/nats.md`), and
+/// what it owns of a topic. Every bus that publishes to or subscribes to such a
+/// topic needs the same setting; a backend without leased partitions is an
+/// error.
+pub async fn leased_bus(
+    target: &Target,
     group: &str,
     pool: Arc<dyn Pool>,
     timeouts: HandoverTimeouts,
     partitioned: &[(String, u32)],
-) -> Result<NatsEventBus, Error> {
+) -> Result<(SharedBus, OwnedPartitions), Error> {
     let mut config = bus_config(group);
     config.consumer.drain_timeout = timeouts.drain;
     config.consumer.handover_timeout = timeouts.handover;
-    let nats = partitioned.iter().fold(nats_config(url), |c, (topic, p)| {
-        c.topic_partitions(topic, *p)
-    });
-    NatsEventBus::connect(nats, config, pool).await
+    target.buses.leased_bus(partitioned, pool, config).await
 }

@@ -105,7 +105,9 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let need = |v: Option<String>, flag: &str| v.ok_or_else(|| format!("{flag} is required"));
     let backend: Backend = backend.ok_or("--backend is required")?;
     if partitions.is_some() && !backend.leased_partitions() {
-        return Err("--partitions: partitioned topics are a NATS setting".into());
+        return Err(format!(
+            "--partitions: the {backend} backend has no leased partitions"
+        ));
     }
     Ok(Args {
         backend,
@@ -195,20 +197,15 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let target = Target::new(args.backend, &args.target);
     let pool = backend::pool(args.pool).await.map_err(|e| e.to_string())?;
-    // `--partitions` is a NATS setting (checked with the arguments).
-    let (bus, nats): (SharedBus, _) = match args.partitions {
+    // `--partitions` needs leased partitions (checked with the arguments).
+    let (bus, owned): (SharedBus, _) = match args.partitions {
         Some(p) => {
             let partitioned = [(args.envelope.clone(), p)];
-            let nats = backend::nats_bus(
-                target.endpoint(),
-                &args.group,
-                pool,
-                args.timeouts,
-                &partitioned,
-            )
-            .await
-            .map_err(|e| format!("create bus: {e}"))?;
-            (Arc::new(nats.clone()), Some(nats))
+            let (bus, owned) =
+                backend::leased_bus(&target, &args.group, pool, args.timeouts, &partitioned)
+                    .await
+                    .map_err(|e| format!("create bus: {e}"))?;
+            (bus, Some(owned))
         }
         None => (
             backend::bus_with(&target, &args.group, pool, args.timeouts)
@@ -233,17 +230,17 @@ async fn run(args: Args) -> Result<(), String> {
     .map_err(|e| format!("subscribe: {e}"))?;
     handler::report_subscribed();
     // A partitioned member tells the run what it owns, each time that changes.
-    let reporter = nats.map(|nats| {
+    let reporter = owned.map(|owned| {
         let topic = args.envelope.clone();
         tokio::spawn(async move {
             let mut last = None;
             let mut tick = tokio::time::interval(OWNED_POLL);
             loop {
                 tick.tick().await;
-                let owned = nats.owned_partitions(&topic);
-                if last.as_ref() != Some(&owned) {
-                    handler::report_owned(&owned);
-                    last = Some(owned);
+                let now = owned(&topic);
+                if last.as_ref() != Some(&now) {
+                    handler::report_owned(&now);
+                    last = Some(now);
                 }
             }
         })

@@ -37,10 +37,11 @@ use std::time::{Duration, Instant};
 use eventbus_testkit::progress::Progress as RunProgress;
 use eventbus_testkit::{DeliveryChecker, FaultProxy};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Target};
 use crate::handler::FencedStarts;
-use broker::{setup, Broker};
+use broker::setup;
 use ctx::{pause, Ctx};
+use eventbus_testkit::Broker;
 use inject::apply;
 use members::{spawn, spawn_partitioned, Member};
 use partitioned::settle_partitioned;
@@ -88,7 +89,7 @@ pub async fn run(opts: Options) -> Result<Outcome, String> {
     let settled = settle(&ctx, steps).await;
     stop_members(&ctx, primary, partitioned).await;
     let _ = ctx.publisher.close().await;
-    let broker_name = broker.name();
+    let broker_name = broker.describe();
     drop(broker);
     Ok(outcome(
         &ctx,
@@ -121,8 +122,8 @@ fn check_faults(opts: &Options) -> Result<(), String> {
 
 /// The run's stage: the fault proxy in front of a real Kafka broker (before
 /// any client connects), the broker with its publisher and topics, the group,
-/// the log folder, the fault proxy in front of nats-server, and the shared
-/// state.
+/// the log folder, else the fault proxy in front of the broker's process for
+/// the members cut off by the partition, and the shared state.
 async fn stage(opts: Options, started: Instant) -> Result<(Ctx, Broker), String> {
     let rotating = opts.faults.contains(&Fault::PartitionedRotation);
     let kafka_link = kafka_link(opts.backend).await?;
@@ -132,9 +133,11 @@ async fn stage(opts: Options, started: Instant) -> Result<(Ctx, Broker), String>
     // One folder per run: a test binary makes several runs.
     let logs = std::env::temp_dir().join(format!("eventbus-{group}"));
     std::fs::create_dir_all(&logs).map_err(|e| format!("log folder: {e}"))?;
-    let link = match &broker {
-        Broker::Nats(s) if opts.faults.contains(&Fault::Partition) => {
-            let port = s.lock().expect("server lock").port();
+    let link_before_broker = kafka_link.is_some();
+    let link = match (kafka_link, broker.process()) {
+        (Some(link), _) => Some(link),
+        (None, Some(process)) if opts.faults.contains(&Fault::Partition) => {
+            let port = process.lock().expect("server lock").port();
             let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             Some(
                 FaultProxy::start(upstream)
@@ -142,13 +145,14 @@ async fn stage(opts: Options, started: Instant) -> Result<(Ctx, Broker), String>
                     .map_err(|e| format!("fault proxy: {e}"))?,
             )
         }
-        _ => kafka_link,
+        (None, _) => None,
     };
     let ctx = Ctx {
         link,
+        link_before_broker,
         checker: DeliveryChecker::new(),
         group,
-        target: broker.target(),
+        target: Target::on(&broker),
         topics,
         incarnation: AtomicU64::new(0),
         second_members: AtomicU64::new(0),

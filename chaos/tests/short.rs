@@ -1,7 +1,9 @@
-//! Short versions of the chaos run, one per backend, as ordinary tests: the same
-//! fault rotation with short phases, and on NATS the partitioned rotation alone
-//! too. Each must lose no envelope message and keep per-key order; the report is
-//! printed.
+//! Short versions of the chaos run on every backend of the testkit's list, as
+//! ordinary tests: the same fault rotation with short phases, the stuck-key
+//! faults alone on every backend with a broker of its own, and the partitioned
+//! rotation alone on every backend with leased partitions. Each run must lose
+//! no envelope message and keep per-key order; the report (naming the broker)
+//! is printed.
 
 // The report is printed so a run shows every outcome.
 #![allow(clippy::print_stdout)]
@@ -65,41 +67,52 @@ async fn check(o: Options) -> Outcome {
     outcome
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_survives_the_fault_rotation() {
-    check(options(Backend::Memory, 18)).await;
+/// How long a backend's short rotation runs: the first consumer's phase and
+/// one phase per fault (4 s each; the partitioned rotation's steps take about
+/// 8 s, the partition about 7 s), unless the backend's faults take longer
+/// (Kafka: group joins); a run applies each fault at least once.
+fn rotation_seconds(backend: Backend, faults: usize) -> u64 {
+    match backend {
+        Backend::Memory => 18,
+        Backend::Kafka => 55,
+        _ => 4 * (faults as u64 + 1),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_survives_the_fault_rotation() {
-    check(options(Backend::Kafka, 55)).await;
+async fn every_backend_survives_the_fault_rotation() {
+    for backend in Backend::ALL {
+        let faults = options(backend, 0).faults.len();
+        check(options(backend, rotation_seconds(backend, faults))).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_survives_the_fault_rotation() {
-    // Eight faults of 4 s (the partitioned rotation's steps take about 8 s, the
-    // partition about 7 s) after the first consumer's 4 s; a run applies each
-    // fault at least once.
-    check(options(Backend::Nats, 36)).await;
+async fn stuck_key_during_a_rebalance_on_every_broker_of_its_own() {
+    for backend in Backend::ALL.into_iter().filter(|b| !b.in_process()) {
+        assert_stuck_phases(&check(stuck_options(backend)).await);
+    }
 }
 
+/// Three members of a partitioned topic, on every backend with leased
+/// partitions: one killed and replaced, one closed and restarted, a fourth
+/// joining, one leaving; after each step the live members own the 12
+/// partitions in fair shares (a kill only once the dead member's leases
+/// expired), and nothing is lost or out of order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_stuck_key_during_a_rebalance() {
-    assert_stuck_phases(&check(stuck_options(Backend::Kafka)).await);
+async fn partitioned_members_survive_kill_restart_join_and_leave() {
+    let leased: Vec<Backend> = Backend::ALL
+        .into_iter()
+        .filter(|b| b.leased_partitions())
+        .collect();
+    assert!(!leased.is_empty(), "no backend has leased partitions");
+    for backend in leased {
+        partitioned_members_on(backend).await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_stuck_key_during_a_rebalance() {
-    assert_stuck_phases(&check(stuck_options(Backend::Nats)).await);
-}
-
-/// Three members of a partitioned topic: one killed and replaced, one closed and
-/// restarted, a fourth joining, one leaving; after each step the live members
-/// own the 12 partitions in fair shares (a kill only once the dead member's
-/// leases expired), and nothing is lost or out of order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_partitioned_members_survive_kill_restart_join_and_leave() {
-    let mut o = options(Backend::Nats, 12);
+async fn partitioned_members_on(backend: Backend) {
+    let mut o = options(backend, 12);
     o.faults = vec![Fault::PartitionedRotation];
     let outcome = check(o).await;
     for kind in [

@@ -1,52 +1,23 @@
-//! The broker of a run: starting it with the run's topics and publisher,
-//! the target its members connect to, and its name in the report.
+//! The broker of a run: starting it with the run's topics and publisher.
 //!
 //! Invariants: topic names are fresh for each run; every topic the members
 //! consume (and its dead-letter topic) exists or is configured before the
-//! first member starts; the partitioned topic is NATS-only.
-
-use std::sync::{Arc, Mutex};
+//! first member starts, kept across a restart of the broker's process; the
+//! partitioned topic needs a backend with leased partitions.
 
 use eventbus::PoolKind;
-use eventbus_core::{SharedBus, StorageKind, TopicConfig};
-use eventbus_memory::{BrokerConfig, MemoryBroker};
-use eventbus_testkit::kafka_cluster::Cluster;
-use eventbus_testkit::nats_server::NatsServer;
+use eventbus_core::SharedBus;
+use eventbus_testkit::Broker;
 
 use crate::backend::{self, Backend, HandoverTimeouts, Target};
 use crate::handler::Topics;
 
-/// The broker of a run and what can be done to it.
-pub(super) enum Broker {
-    Memory(MemoryBroker),
-    Kafka(Cluster),
-    Nats(Arc<Mutex<NatsServer>>),
-}
-
-impl Broker {
-    /// The broker as the report names it: `memory`, `kafka mock cluster`,
-    /// `kafka at <brokers>`, `nats-server`.
-    pub(super) fn name(&self) -> String {
-        match self {
-            Broker::Memory(_) => "memory".to_owned(),
-            Broker::Kafka(c) if c.is_mock() => "kafka mock cluster".to_owned(),
-            Broker::Kafka(c) => format!("kafka at {}", c.brokers()),
-            Broker::Nats(_) => "nats-server".to_owned(),
-        }
-    }
-
-    pub(super) fn target(&self) -> Target {
-        match self {
-            Broker::Memory(b) => Target::memory(b.clone()),
-            Broker::Kafka(c) => Target::new(Backend::Kafka, &c.brokers()),
-            Broker::Nats(s) => Target::new(Backend::Nats, &s.lock().expect("server lock").url()),
-        }
-    }
-}
+/// Messages the in-process broker retains per partition: a whole run's.
+const RETAINED: u64 = 1_000_000;
 
 /// The broker, the publisher and the topics of a run; with `partitions`, also
-/// the partitioned rotation's topic (NATS), which the publisher is configured
-/// to publish into that many partitions.
+/// the partitioned rotation's topic (leased partitions), which the publisher
+/// is configured to publish into that many partitions.
 pub(super) async fn setup(
     backend: Backend,
     partitions: Option<u32>,
@@ -57,66 +28,42 @@ pub(super) async fn setup(
     };
     let dlq = format!("{}.dlq", topics.envelope);
     let partitioned = partitions.map(|p| (format!("chaos-part-{:08x}", fastrand::u32(..)), p));
-    let broker = match backend {
-        Backend::Memory => Broker::Memory(MemoryBroker::new(
-            BrokerConfig::default().retention_messages(1_000_000),
-        )),
-        Backend::Kafka => {
-            // `KAFKA_BROKERS` names a real broker; else the mock cluster.
-            let c = Cluster::start();
-            c.create_topic(&topics.envelope, 4).await;
-            c.create_topic(&topics.plain, 2).await;
-            c.create_topic(&dlq, 1).await;
-            Broker::Kafka(c)
-        }
-        Backend::Nats => Broker::Nats(Arc::new(Mutex::new(NatsServer::try_start()?))),
-    };
+    // `KAFKA_BROKERS` names a real Kafka broker; else the mock cluster.
+    let broker = Broker::start_retaining(backend, RETAINED)?;
+    let topic_partitions = [(&topics.envelope, 4), (&topics.plain, 2), (&dlq, 1)];
+    for (t, p) in topic_partitions {
+        broker.prepare(t, p).await;
+    }
     let pool = backend::pool(PoolKind::Keyed)
         .await
         .map_err(|e| e.to_string())?;
-    let target = broker.target();
-    let publisher: SharedBus = match (target.backend(), &partitioned) {
-        (Backend::Nats, Some((topic, p))) => Arc::new(
-            backend::nats_bus(
-                target.endpoint(),
+    let target = Target::on(&broker);
+    let publisher: SharedBus = match &partitioned {
+        Some((topic, p)) => {
+            backend::leased_bus(
+                &target,
                 "chaos-publisher",
                 pool,
                 HandoverTimeouts::default(),
                 &[(topic.clone(), *p)],
             )
             .await
-            .map_err(|e| format!("publisher bus: {e}"))?,
-        ),
-        (_, Some(_)) => return Err("the partitioned rotation needs the NATS backend".into()),
-        (_, None) => backend::bus(&target, "chaos-publisher", pool)
+            .map_err(|e| format!("publisher bus: {e}"))?
+            .0
+        }
+        None => backend::bus(&target, "chaos-publisher", pool)
             .await
             .map_err(|e| format!("publisher bus: {e}"))?,
     };
-    match backend {
-        Backend::Memory => {
-            for (t, p) in [(&topics.envelope, 4), (&topics.plain, 2), (&dlq, 1)] {
-                publisher
-                    .configure_topic(t, TopicConfig::default().partitions(p))
-                    .await
-                    .map_err(|e| format!("topic {t}: {e}"))?;
-            }
-        }
-        Backend::Nats => {
-            let part: Vec<String> = partitioned
-                .iter()
-                .flat_map(|(t, _)| [t.clone(), format!("{t}.dlq")])
-                .collect();
-            for t in [&topics.envelope, &topics.plain, &dlq]
-                .into_iter()
-                .chain(&part)
-            {
-                publisher
-                    .configure_topic(t, TopicConfig::default().storage(StorageKind::File))
-                    .await
-                    .map_err(|e| format!("topic {t}: {e}"))?;
-            }
-        }
-        Backend::Kafka => {}
+    let part: Vec<String> = partitioned
+        .iter()
+        .flat_map(|(t, _)| [t.clone(), format!("{t}.dlq")])
+        .collect();
+    for (t, p) in topic_partitions
+        .into_iter()
+        .chain(part.iter().map(|t| (t, 1)))
+    {
+        broker.configure_lasting_topic(&publisher, t, p).await?;
     }
     Ok((broker, publisher, topics, partitioned.map(|(t, _)| t)))
 }

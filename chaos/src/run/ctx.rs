@@ -67,9 +67,13 @@ pub(super) struct Ctx {
     pub(super) stuck: Mutex<Vec<StuckPhase>>,
     /// What the run shows of its progress (nothing unless verbose).
     pub(super) shown: RunProgress,
-    /// [`Fault::Partition`](crate::Fault::Partition): the fault proxy in front of the NATS server, for
-    /// the member whose link is cut.
+    /// [`Fault::Partition`](crate::Fault::Partition): the fault proxy in front of the broker, for
+    /// the member whose link is cut, or for every client when
+    /// [`link_before_broker`](Self::link_before_broker).
     pub(super) link: Option<FaultProxy>,
+    /// The proxy was started before the broker, which advertises its address
+    /// (a real Kafka broker): every client's link goes through it.
+    pub(super) link_before_broker: bool,
 }
 
 impl Ctx {

@@ -1,6 +1,6 @@
 //! The faults a run can rotate: their names on the command line and in the
-//! report, the rotation of each backend, and which of them a real broker
-//! cannot be asked for.
+//! report, the rotation of each backend (its entry in the testkit's list of
+//! backends names it), and which of them a real broker cannot be asked for.
 //!
 //! Invariants: every fault has one command-line name ([`FromStr`](std::str::FromStr))
 //! and one report name ([`Display`](fmt::Display)); a backend's rotation holds
@@ -88,37 +88,17 @@ pub enum Fault {
 pub const PARTITION_CUT: Duration = Duration::from_secs(5);
 
 impl Fault {
-    /// The rotation of `backend`.
+    /// The rotation of `backend`: its entry in the testkit's list of backends
+    /// ([`Backend::chaos_rotation`]), by command-line name.
     pub fn rotation(backend: Backend) -> Vec<Fault> {
-        use Fault::*;
-        match backend {
-            Backend::Memory => vec![KillConsumer, RestartConsumer, RollingDeploy],
-            Backend::Kafka => vec![
-                KillConsumer,
-                CommitErrors,
-                SecondMember,
-                StuckKey,
-                FetchErrors,
-                RollingDeploy,
-                BrokerDown,
-                StuckKeyDeaf,
-                HeartbeatErrors,
-                RestartConsumer,
-                Partition,
-            ],
-            Backend::Nats => vec![
-                KillConsumer,
-                ServerKilled,
-                SecondMember,
-                StuckKey,
-                RollingDeploy,
-                ServerPaused,
-                StuckKeyDeaf,
-                RestartConsumer,
-                PartitionedRotation,
-                Partition,
-            ],
-        }
+        backend
+            .chaos_rotation()
+            .iter()
+            .map(|name| {
+                name.parse()
+                    .unwrap_or_else(|e| panic!("the {backend} backend's chaos rotation: {e}"))
+            })
+            .collect()
     }
 
     /// The rotation of `backend` on a real Kafka broker when `real_kafka`: the
@@ -209,5 +189,48 @@ impl fmt::Display for Fault {
             Fault::StuckKeyDeaf => "stuck key during a rebalance (ignores its token)",
             Fault::Partition => "one member's link cut and restored",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each backend's rotation, from the list of backends, names faults by
+    /// their command-line names, each once, and none that cannot apply to it:
+    /// no stuck key, cut link or broker process on the in-process broker, no
+    /// partitioned rotation without leased partitions.
+    #[test]
+    fn every_backend_rotates_faults_that_apply_to_it() {
+        for backend in Backend::ALL {
+            let rotation = Fault::rotation(backend);
+            assert!(
+                rotation.contains(&Fault::KillConsumer),
+                "{backend}: {rotation:?}"
+            );
+            let mut once = rotation.clone();
+            once.sort();
+            once.dedup();
+            assert_eq!(once.len(), rotation.len(), "{backend}: {rotation:?}");
+            if backend.in_process() {
+                assert!(
+                    !rotation.iter().any(|f| matches!(
+                        f,
+                        Fault::StuckKey
+                            | Fault::StuckKeyDeaf
+                            | Fault::Partition
+                            | Fault::ServerKilled
+                            | Fault::ServerPaused
+                    )),
+                    "{backend}: {rotation:?}"
+                );
+            }
+            if !backend.leased_partitions() {
+                assert!(
+                    !rotation.contains(&Fault::PartitionedRotation),
+                    "{backend}: {rotation:?}"
+                );
+            }
+        }
     }
 }

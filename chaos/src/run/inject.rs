@@ -1,8 +1,10 @@
 //! Applying one fault of the rotation for one phase: to the members (kill,
 //! restart, a second member, a rolling deploy, a cut link), or to the broker
-//! (mock-cluster request errors, a broker down, nats-server killed or
-//! paused); the stuck-key phase and the partitioned rotation have files of
-//! their own.
+//! (mock-cluster request errors, a broker down, the broker's process killed
+//! or paused); the stuck-key phase and the partitioned rotation have files of
+//! their own. Which faults a backend rotates is its entry in the testkit's
+//! list of backends; here a fault asks the broker for what it needs (its
+//! process, the mock cluster) and is an error where the broker has none.
 //!
 //! Invariants: a fault that does not apply to the run's broker is an error
 //! naming it, never a silent pass; each fault lasts about one phase and
@@ -10,13 +12,12 @@
 //! ([`MEMBER_LIMIT`]).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use eventbus_testkit::backend::SharedProcess;
 use eventbus_testkit::kafka_cluster::{Cluster, RDKafkaApiKey, RDKafkaRespErr};
-use eventbus_testkit::nats_server::NatsServer;
+use eventbus_testkit::Broker;
 
-use super::broker::Broker;
 use super::ctx::{pause, Ctx};
 use super::fault::{Fault, PARTITION_CUT};
 use super::members::{spawn, spawn_proxied, spawn_with, Member, MEMBER_LIMIT};
@@ -32,31 +33,37 @@ pub(super) async fn apply(
     primary: &mut Option<Member>,
     partitioned: &mut Vec<Member>,
 ) -> Result<(), String> {
-    match (fault, broker) {
-        (Fault::KillConsumer, _) => kill_consumer(ctx, primary).await,
-        (Fault::RestartConsumer, _) => restart_consumer(ctx, primary).await,
-        (Fault::SecondMember, _) => second_member(ctx, primary).await,
-        (Fault::RollingDeploy, _) => {
-            rolling_deploy(ctx, matches!(broker, Broker::Memory(_)), primary).await
-        }
-        (Fault::StuckKey | Fault::StuckKeyDeaf, Broker::Kafka(_) | Broker::Nats(_)) => {
+    let in_process = broker.backend().in_process();
+    let mock = || {
+        broker
+            .mock_cluster()
+            .ok_or_else(|| format!("fault `{fault}` needs the mock cluster"))
+    };
+    let process = || {
+        broker
+            .process()
+            .ok_or_else(|| format!("fault `{fault}` needs a broker process of the run's own"))
+    };
+    match fault {
+        Fault::KillConsumer => kill_consumer(ctx, primary).await,
+        Fault::RestartConsumer => restart_consumer(ctx, primary).await,
+        Fault::SecondMember => second_member(ctx, primary).await,
+        Fault::RollingDeploy => rolling_deploy(ctx, in_process, primary).await,
+        Fault::StuckKey | Fault::StuckKeyDeaf if !in_process => {
             stuck_key(ctx, fault == Fault::StuckKeyDeaf, primary, MEMBER_LIMIT).await
         }
-        (_, Broker::Kafka(c)) if fault.needs_mock_cluster() && !c.is_mock() => {
-            Err(format!("fault `{fault}` needs the mock cluster"))
+        Fault::CommitErrors | Fault::FetchErrors | Fault::HeartbeatErrors => {
+            request_errors(fault, ctx, mock()?).await
         }
-        (Fault::CommitErrors | Fault::FetchErrors | Fault::HeartbeatErrors, Broker::Kafka(c)) => {
-            request_errors(fault, ctx, c).await
-        }
-        (Fault::BrokerDown, Broker::Kafka(c)) => broker_down(ctx, c).await,
-        (Fault::ServerKilled, Broker::Nats(s)) => server_killed(ctx, s).await,
-        (Fault::ServerPaused, Broker::Nats(s)) => server_paused(ctx, s).await,
-        (Fault::PartitionedRotation, Broker::Nats(_)) => {
+        Fault::BrokerDown => broker_down(ctx, mock()?).await,
+        Fault::ServerKilled => server_killed(ctx, &process()?).await,
+        Fault::ServerPaused => server_paused(ctx, &process()?).await,
+        Fault::PartitionedRotation if broker.backend().leased_partitions() => {
             partitioned_rotation(ctx, partitioned).await
         }
-        (Fault::Partition, Broker::Nats(_)) => partition(ctx, primary).await,
-        (Fault::Partition, Broker::Kafka(_)) => kafka_partition(ctx).await,
-        (f, _) => Err(format!("fault `{f}` does not apply to this backend")),
+        Fault::Partition if ctx.link_before_broker => broker_partition(ctx).await,
+        Fault::Partition if !in_process => partition(ctx, primary).await,
+        f => Err(format!("fault `{f}` does not apply to this backend")),
     }
 }
 
@@ -232,8 +239,9 @@ pub(super) async fn partition(ctx: &Ctx, primary: &mut Option<Member>) -> Result
     Ok(())
 }
 
-/// [`Fault::Partition`] on Kafka: every connection goes through the proxy.
-pub(super) async fn kafka_partition(ctx: &Ctx) -> Result<(), String> {
+/// [`Fault::Partition`] with the run's proxy in front of the broker (a real
+/// Kafka broker advertising it): every connection goes through the proxy.
+pub(super) async fn broker_partition(ctx: &Ctx) -> Result<(), String> {
     let phase = ctx.opts.phase;
     let proxy = ctx
         .link
@@ -250,20 +258,20 @@ pub(super) async fn kafka_partition(ctx: &Ctx) -> Result<(), String> {
 }
 
 /// [`Fault::ServerKilled`].
-pub(super) async fn server_killed(ctx: &Ctx, s: &Arc<Mutex<NatsServer>>) -> Result<(), String> {
+pub(super) async fn server_killed(ctx: &Ctx, s: &SharedProcess) -> Result<(), String> {
     let phase = ctx.opts.phase;
     s.lock().expect("server lock").kill();
     pause(Duration::from_secs(2).min(phase)).await;
     let s = s.clone();
     tokio::task::spawn_blocking(move || s.lock().expect("server lock").restart())
         .await
-        .map_err(|e| format!("restart nats-server: {e}"))?;
+        .map_err(|e| format!("restart the broker: {e}"))?;
     pause(phase.saturating_sub(Duration::from_secs(2))).await;
     Ok(())
 }
 
 /// [`Fault::ServerPaused`].
-pub(super) async fn server_paused(ctx: &Ctx, s: &Arc<Mutex<NatsServer>>) -> Result<(), String> {
+pub(super) async fn server_paused(ctx: &Ctx, s: &SharedProcess) -> Result<(), String> {
     let phase = ctx.opts.phase;
     s.lock().expect("server lock").pause();
     pause(Duration::from_secs(3).min(phase)).await;

@@ -23,8 +23,16 @@ use super::reports::Progress;
 use crate::backend::{self, Backend, HandoverTimeouts};
 use crate::handler::{self, parse_line, LocalSink, Profile, Report, Sink};
 
-/// The log filter of consumer processes when `RUST_LOG` is not set.
-const CONSUMER_LOG: &str = "error,eventbus_kafka=info,eventbus_nats=info,eventbus_chaos=info";
+/// The log filter of consumer processes when `RUST_LOG` is not set: errors,
+/// and what every backend's crate and the consumer say at `info`.
+fn consumer_log() -> String {
+    Backend::ALL
+        .iter()
+        .filter(|b| !b.in_process())
+        .map(|b| format!(",{}=info", b.crate_name()))
+        .fold("error".to_owned(), |log, b| log + &b)
+        + ",eventbus_chaos=info"
+}
 
 /// How long a member may take to leave, or to become ready, during a fault.
 pub(super) const MEMBER_LIMIT: Duration = Duration::from_secs(30);
@@ -222,7 +230,7 @@ async fn start_child(
     let t = match (link, &ctx.link) {
         (Link::Direct, _) => ctx.target.endpoint(),
         (Link::Proxied, Some(proxy)) => {
-            proxied = format!("nats://{}", proxy.addr());
+            proxied = ctx.opts.backend.endpoint_at(proxy.addr());
             proxied.as_str()
         }
         (Link::Proxied, None) => return Err("no fault proxy in this run".into()),
@@ -256,7 +264,7 @@ async fn start_child(
     if std::env::var_os("RUST_LOG").is_none() {
         // The log keeps the hand-overs: assignments, revokes, leases,
         // drains and fences that ran out of time.
-        cmd.env("RUST_LOG", CONSUMER_LOG);
+        cmd.env("RUST_LOG", consumer_log());
     }
     let mut child = cmd
         .spawn()

@@ -28,7 +28,7 @@
 //! safe (a partition is consumed only under its lease) and every member
 //! re-evaluates on each change, so the shares settle.
 
-use async_nats::jetstream::kv::{Entry, Operation, Watch};
+use async_nats::jetstream::kv::{Entry, Operation, Watch, WatcherError};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -132,6 +132,35 @@ fn share_of(me: &str, counts: &BTreeMap<String, usize>, p: usize) -> usize {
     p / m + usize::from(rank < p % m)
 }
 
+/// The watch on the group's keys: when it was opened, how many keys its
+/// history holds (counted just before), the keys it delivered since, and
+/// whether it caught up.
+struct KeyWatch {
+    watch: Option<Watch>,
+    opened: Instant,
+    expected: Option<usize>,
+    delivered: HashSet<String>,
+    synced: bool,
+    last_entry: Instant,
+    /// When to try opening it again after it failed or ended.
+    retry_at: Instant,
+}
+
+impl KeyWatch {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            watch: None,
+            opened: now,
+            expected: None,
+            delivered: HashSet::new(),
+            synced: false,
+            last_entry: now,
+            retry_at: now,
+        }
+    }
+}
+
 /// One rebalance's reading of the clock, the lease time to live and this
 /// member's name.
 struct Round {
@@ -194,35 +223,9 @@ impl Coordinator {
         if let Err(e) = self.leases.heartbeat(&member_key).await {
             tracing::debug!(error = %e, "first heartbeat failed; retrying");
         }
-        let mut watch: Option<Watch> = None;
-        // When the watch was opened, how many keys its history holds (counted
-        // just before), the keys it delivered since, and whether it caught up.
-        let mut opened = Instant::now();
-        let mut expected: Option<usize> = None;
-        let mut delivered: HashSet<String> = HashSet::new();
-        let mut synced = false;
-        let mut last_entry = Instant::now();
-        let mut retry_at = Instant::now();
+        let mut keys = KeyWatch::new();
         loop {
-            if watch.is_none() && Instant::now() >= retry_at {
-                let filter = format!("{}.>", self.prefix);
-                expected = self.leases.count_keys(&filter).await.ok();
-                match self.open_watch().await {
-                    Ok(w) => {
-                        watch = Some(w);
-                        opened = Instant::now();
-                        last_entry = opened;
-                        delivered.clear();
-                        synced = expected == Some(0);
-                    }
-                    Err(e) => {
-                        tracing::debug!(topic = %self.group.topic_state.topic, error = %e,
-                            "cannot watch the partition group; retrying");
-                        self.leases.repair().await;
-                        retry_at = Instant::now() + poll * 4;
-                    }
-                }
-            }
+            self.open_if_due(&mut keys, poll).await;
             tokio::select! {
                 biased;
                 _ = self.closing.cancelled() => break,
@@ -232,37 +235,16 @@ impl Coordinator {
                         self.leases.repair().await;
                     }
                 }
-                entry = async { watch.as_mut().expect("guarded").next().await }, if watch.is_some() => {
-                    match entry {
-                        Some(Ok(e)) => {
-                            last_entry = Instant::now();
-                            if !synced {
-                                delivered.insert(e.key.clone());
-                                // Keys are never removed (a delete leaves a
-                                // marker), so the history holds at least the
-                                // keys counted before the watch was opened.
-                                synced = e.seen_current
-                                    || expected.is_some_and(|n| delivered.len() >= n);
-                            }
-                            self.apply(e);
-                        }
-                        other => {
-                            tracing::debug!(topic = %self.group.topic_state.topic,
-                                error = ?other.and_then(|r| r.err()).map(|e| e.to_string()),
-                                "partition group watch ended; opening it again");
-                            watch = None;
-                            retry_at = Instant::now() + poll;
-                        }
-                    }
-                }
+                entry = async { keys.watch.as_mut().expect("guarded").next().await },
+                    if keys.watch.is_some() => self.on_key(&mut keys, entry, poll),
                 _ = tick.tick() => {
                     // This member's own heartbeat comes through the watch every
                     // quarter of `lease_ttl`: a watch silent for a whole
                     // `lease_ttl` has stalled. Open it again.
-                    if watch.is_some() && last_entry.elapsed() > ttl {
+                    if keys.watch.is_some() && keys.last_entry.elapsed() > ttl {
                         tracing::debug!(topic = %self.group.topic_state.topic,
                             "partition group watch silent; opening it again");
-                        watch = None;
+                        keys.watch = None;
                     }
                 }
             }
@@ -270,13 +252,17 @@ impl Coordinator {
             // the group's history (or had ample time to: deciding on a partial
             // view is safe, the leases see to that, but may move partitions
             // twice).
-            if synced || opened.elapsed() >= poll * 4 {
+            if keys.synced || keys.opened.elapsed() >= poll * 4 {
                 self.rebalance().await;
             }
         }
-        // Leave: the others' shares grow at once, and they claim each partition
-        // as its loop releases it below.
-        self.leases.delete(&member_key).await;
+        self.leave(&member_key, loops).await;
+    }
+
+    /// Leave: the others' shares grow at once, and they claim each partition
+    /// as its loop releases it; wait for every loop to end.
+    async fn leave(&self, member_key: &str, loops: Vec<JoinHandle<()>>) {
+        self.leases.delete(member_key).await;
         for l in loops {
             if let Err(e) = l.await {
                 tracing::error!(topic = %self.group.topic_state.topic, error = %e,
@@ -284,6 +270,62 @@ impl Coordinator {
             }
         }
         self.group.set_owned(0);
+    }
+
+    /// Open the watch on the group's keys when it is closed and its retry is
+    /// due, counting the keys its history holds first.
+    async fn open_if_due(&self, keys: &mut KeyWatch, poll: Duration) {
+        if keys.watch.is_some() || Instant::now() < keys.retry_at {
+            return;
+        }
+        let filter = format!("{}.>", self.prefix);
+        keys.expected = self.leases.count_keys(&filter).await.ok();
+        match self.open_watch().await {
+            Ok(w) => {
+                keys.watch = Some(w);
+                keys.opened = Instant::now();
+                keys.last_entry = keys.opened;
+                keys.delivered.clear();
+                keys.synced = keys.expected == Some(0);
+            }
+            Err(e) => {
+                tracing::debug!(topic = %self.group.topic_state.topic, error = %e,
+                    "cannot watch the partition group; retrying");
+                self.leases.repair().await;
+                keys.retry_at = Instant::now() + poll * 4;
+            }
+        }
+    }
+
+    /// A key of the group came through the watch (recorded), or the watch
+    /// ended (opened again after `poll`).
+    fn on_key(
+        &mut self,
+        keys: &mut KeyWatch,
+        entry: Option<std::result::Result<Entry, WatcherError>>,
+        poll: Duration,
+    ) {
+        match entry {
+            Some(Ok(e)) => {
+                keys.last_entry = Instant::now();
+                if !keys.synced {
+                    keys.delivered.insert(e.key.clone());
+                    // Keys are never removed (a delete leaves a marker), so
+                    // the history holds at least the keys counted before the
+                    // watch was opened.
+                    keys.synced =
+                        e.seen_current || keys.expected.is_some_and(|n| keys.delivered.len() >= n);
+                }
+                self.apply(e);
+            }
+            other => {
+                tracing::debug!(topic = %self.group.topic_state.topic,
+                    error = ?other.and_then(|r| r.err()).map(|e| e.to_string()),
+                    "partition group watch ended; opening it again");
+                keys.watch = None;
+                keys.retry_at = Instant::now() + poll;
+            }
+        }
     }
 
     async fn open_watch(&self) -> Result<Watch> {

@@ -19,7 +19,10 @@
 //! - A rewind of a partition this member holds is announced before the loop
 //!   waits on anything else, a hand-over of other partitions included, and one
 //!   read during a hand-over is announced at once: no queued copy of what is
-//!   read again starts after the loop read the rewind.
+//!   read again starts after the loop read the rewind. A fetch that returns a
+//!   record at or below the last one read is a rewind the broker did not
+//!   announce (Kafka's offset reset, a truncation): it is announced the same
+//!   way as the fetch is read, before the record waits for room.
 //! - Nothing is committed for a partition under a grant taken away; a commit
 //!   the group refuses as fenced is dropped, any other failure is made again.
 //!
@@ -29,7 +32,7 @@
 //! |---|---|---|
 //! | [`group_changes`](PartitionLog::group_changes) | the topic's `rebalanced` watch | a watch the rebalance callbacks (`context.rs`) bump when they queue an assignment, a revoke or a loss |
 //! | [`appends`](PartitionLog::appends) | the topic's `appended` watch | a watch the fetch thread bumps when it hands a batch over |
-//! | [`assignment`](PartitionLog::assignment) | the group table's grants, revokes, rewinds and lost flag | the callbacks' state: partitions assigned (a generation per assignment), those a revoke callback waits on, lost ones gone from `granted`; no rewinds (Kafka announces none: the tracker sees a fetch go back at [`begin`](crate::raw::InFlightSet::begin)) |
+//! | [`assignment`](PartitionLog::assignment) | the group table's grants, revokes, rewinds and lost flag | the callbacks' state: partitions assigned (a generation per assignment), those a revoke callback waits on, lost ones gone from `granted`; no rewinds (Kafka announces none: the loop sees a fetch go back below the last record it read, and takes it as a rewind at once) |
 //! | [`take_up`](PartitionLog::take_up) | start position, and the scope the broker fences on a loss | keeps the scope the callback fences on a loss (today `Owned`); returns the fetch position |
 //! | [`fetch`](PartitionLog::fetch) | reads the partition log | takes the partition's records from what the fetch thread handed over (bounded channel, demultiplexed by partition) |
 //! | [`pause`](PartitionLog::pause) / [`resume`](PartitionLog::resume) | nothing (read on demand) | `consumer.pause` / `resume`, after waiting `ROOM_WAIT` for room as today |

@@ -25,7 +25,9 @@
 //!   in [`COMMIT_RETRY`], a later watermark replacing it.
 //! - A rewind is announced to the in-flight set as soon as the loop reads it
 //!   (its queued copies at and above the rewind point never start), also when
-//!   it is read during a hand-over of other partitions; the commit point is then
+//!   it is read during a hand-over of other partitions, and as soon as a fetch
+//!   returns a record at or below the last one read (a rewind the broker did not
+//!   announce); the commit point is then
 //!   the lowest offset not finished of either reading; below the group's
 //!   offset, it is committed back (retried, the partition reading nothing until
 //!   it is) before anything read again is committed.
@@ -35,9 +37,10 @@
 use super::partition::Partition;
 use super::PartitionLog;
 use crate::raw::{Completion, Dispatcher, Held, InFlightSet, PreparedSubscription};
-use crate::{CancellationToken, ErrorKind};
+use crate::{CancellationToken, ErrorKind, Message};
 use futures::future::poll_fn;
 use futures::FutureExt;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::ops::ControlFlow;
@@ -124,6 +127,9 @@ pub struct LogLoop<L: PartitionLog> {
     /// hands rewinds out as it reads them): kept until the partitions are taken
     /// up, in the order read.
     pub(super) kept: Vec<(i32, u64, i64)>,
+    /// Records of one fetch, before they are buffered (kept to reuse its
+    /// allocation).
+    pub(super) fetched: VecDeque<Message>,
 }
 
 impl<L: PartitionLog> fmt::Debug for LogLoop<L> {
@@ -159,6 +165,7 @@ impl<L: PartitionLog> LogLoop<L> {
             retry_at: None,
             stopped_at: None,
             kept: Vec::new(),
+            fetched: VecDeque::with_capacity(FETCH_BATCH),
             log,
             sub,
             dispatcher,
@@ -362,7 +369,6 @@ impl<L: PartitionLog> LogLoop<L> {
     /// partition reads on.
     pub(super) fn on_rewind(&mut self, p: usize, offset: i64) {
         let partition = p as i32;
-        let lowest = self.set.lowest_pending(partition);
         let Some(part) = self.partitions.get_mut(p).and_then(Option::as_mut) else {
             return;
         };
@@ -371,16 +377,31 @@ impl<L: PartitionLog> LogLoop<L> {
                 "rewind to an offset not read yet: nothing to read again");
             return;
         }
-        self.dispatcher.count_rewind(self.log.topic());
         // Fetched records not offered yet are read again too, from the first of
         // them when it lies below the rewind point: they are in no tracker, so
         // dropping them would let the commit pass them unhandled.
         let offset = part.buffer.front().map_or(offset, |m| m.offset.min(offset));
         part.buffer.clear();
-        // Queued copies of what is read again do not start from now, though the
-        // first message read again may wait for room.
-        self.set.rewind(partition, offset);
         part.next = offset;
+        // What the fetch returns from here on is the announced reading, not a
+        // fetch going back.
+        part.last = offset.checked_sub(1);
+        self.rewind_from(p, offset);
+    }
+
+    /// Partition `p` is read again from `offset` (announced, or a fetch that
+    /// went back): the queued copies of what is read again do not start from
+    /// now, though the first message read again may wait for room; nothing but
+    /// a commit back is committed until it is tracked, and below the group's
+    /// offset the commit point is committed back before the partition reads on.
+    fn rewind_from(&mut self, p: usize, offset: i64) {
+        let partition = p as i32;
+        let lowest = self.set.lowest_pending(partition);
+        self.dispatcher.count_rewind(self.log.topic());
+        self.set.rewind(partition, offset);
+        let Some(part) = self.partitions.get_mut(p).and_then(Option::as_mut) else {
+            return;
+        };
         let to = lowest.map_or(offset, |l| l.min(offset));
         let to = part.rewound_to.map_or(to, |t| t.min(to));
         part.rewound_to = Some(to);
@@ -500,17 +521,38 @@ impl<L: PartitionLog> LogLoop<L> {
         Turn::Submitted
     }
 
-    /// Read the next records of partition `p` into its buffer.
+    /// Read the next records of partition `p` into its buffer. A record at or
+    /// below the last one read means the broker went back without announcing
+    /// it (Kafka's offset reset, a truncation): it is taken as a rewind at once
+    /// ([`went_back`](Self::went_back)), before the record waits for room.
     fn fetch(&mut self, p: usize) {
         let partition = p as i32;
         let Some(part) = self.partitions[p].as_mut() else {
             return;
         };
-        let before = part.buffer.len();
+        let mut fresh = std::mem::take(&mut self.fetched);
         part.next = self
             .log
-            .fetch(partition, part.next, FETCH_BATCH, &mut part.buffer);
-        if part.buffer.len() == before && part.rewound_to.take().is_some() {
+            .fetch(partition, part.next, FETCH_BATCH, &mut fresh);
+        let read = !fresh.is_empty();
+        for msg in fresh.drain(..) {
+            let Some(part) = self.partitions[p].as_mut() else {
+                break;
+            };
+            if part.last.is_some_and(|last| msg.offset <= last) {
+                self.went_back(p, msg.offset);
+            }
+            let Some(part) = self.partitions[p].as_mut() else {
+                break;
+            };
+            part.last = Some(msg.offset);
+            part.buffer.push_back(msg);
+        }
+        self.fetched = fresh;
+        let Some(part) = self.partitions[p].as_mut() else {
+            return;
+        };
+        if !read && part.rewound_to.take().is_some() {
             // Nothing left to read again (trimmed): the tracker's watermark
             // stands.
             if let Some(w) = self.set.watermark(partition) {
@@ -519,6 +561,19 @@ impl<L: PartitionLog> LogLoop<L> {
                 }
             }
         }
+    }
+
+    /// A fetch of partition `p` returned `offset`, at or below a message read
+    /// before: the buffered messages at or above it are read again (dropped
+    /// here), and the rewind is announced as one the broker announced.
+    fn went_back(&mut self, p: usize, offset: i64) {
+        let Some(part) = self.partitions[p].as_mut() else {
+            return;
+        };
+        part.buffer.retain(|m| m.offset < offset);
+        tracing::debug!(topic = %self.log.topic(), partition = p, offset,
+            "a fetch went back below what was read: taken as a rewind");
+        self.rewind_from(p, offset);
     }
 
     /// Permits of the shared bound for a batch of partition `p`: one per message,

@@ -1,6 +1,7 @@
 //! One partition's reading state in the consume loop, for one grant of it.
 //!
-//! Invariants: a partition with held jobs, a commit back not made, or no room
+//! Invariants: a message read at or below `last` is a rewind, announced
+//! before the loop reads on; a partition with held jobs, a commit back not made, or no room
 //! in the in-flight set reads nothing (it is paused); while a rewind's first
 //! message is not tracked yet (`rewound_to`), nothing but the commit back is
 //! committed; a watermark whose commit failed (`unstored`) is made again, and
@@ -17,6 +18,9 @@ pub(super) struct Partition {
     pub(super) generation: u64,
     /// The next offset to fetch.
     pub(super) next: i64,
+    /// The offset of the last message read (buffered or tracked) in this
+    /// reading: a fetch that returns one at or below it went back.
+    pub(super) last: Option<i64>,
     /// Fetched messages not submitted yet.
     pub(super) buffer: VecDeque<Message>,
     /// Jobs the pool had no room for yet: the partition takes nothing more
@@ -40,6 +44,7 @@ impl Partition {
         Self {
             generation,
             next,
+            last: None,
             buffer: VecDeque::new(),
             held: None,
             rewound_to: None,

@@ -1,6 +1,7 @@
 //! The loop on a scripted log: one partition of records, commits that succeed
 //! or are never answered (as a commit waiting on a thread of a broker's own),
-//! a pool that runs each job on a task.
+//! a fetch that goes back unannounced (as Kafka's does), a pool that runs each
+//! job on a task, or queues them until the test lets them run.
 
 use super::{Assignment, LogLoop, PartitionLog};
 use crate::config::BusConfig;
@@ -44,6 +45,53 @@ impl Pool for TaskPool {
     }
 }
 
+/// Queues every job until [`open`](GatePool::open) lets them run (each on a
+/// task of its own), as a pool whose workers are busy.
+#[derive(Debug, Default)]
+struct GatePool {
+    queued: Mutex<Option<Vec<Job>>>,
+}
+
+impl GatePool {
+    fn shut() -> Self {
+        Self {
+            queued: Mutex::new(Some(Vec::new())),
+        }
+    }
+
+    /// Run the queued jobs, and every job submitted from now on.
+    fn open(&self) {
+        for job in self.queued.lock().unwrap().take().unwrap_or_default() {
+            tokio::spawn(job.run());
+        }
+    }
+}
+
+impl Pool for GatePool {
+    fn kind(&self) -> &'static str {
+        "gate"
+    }
+    fn workers(&self) -> usize {
+        1
+    }
+    fn submit(&self, job: Job) -> BoxFuture<'_, std::result::Result<(), SubmitError>> {
+        match self.queued.lock().unwrap().as_mut() {
+            Some(queued) => queued.push(job),
+            None => drop(tokio::spawn(job.run())),
+        }
+        async { Ok(()) }.boxed()
+    }
+    fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
+        async {}.boxed()
+    }
+    fn stats(&self) -> PoolStats {
+        PoolStats::default()
+    }
+    fn health(&self) -> ComponentHealth {
+        ComponentHealth::healthy("pool.gate")
+    }
+}
+
 /// What the scripted broker saw and is set to do.
 #[derive(Debug, Default)]
 struct Seen {
@@ -52,6 +100,11 @@ struct Seen {
     /// Commits are never answered: each is an error.
     unanswered: bool,
     left: bool,
+    /// The fetch went back.
+    went_back: bool,
+    /// Once a fetch is asked from the first offset, it returns records from the
+    /// second instead, unannounced (an offset reset, a truncation).
+    go_back: Option<(i64, i64)>,
 }
 
 /// Partition 0 of `orders`, granted under generation 1, holding `records`.
@@ -60,7 +113,9 @@ struct Script {
     records: usize,
     seen: Arc<Mutex<Seen>>,
     group: watch::Sender<u64>,
-    appended: watch::Sender<u64>,
+    appended: Arc<watch::Sender<u64>>,
+    /// Records one fetch returns, at most.
+    chunk: usize,
 }
 
 impl PartitionLog for Script {
@@ -87,7 +142,17 @@ impl PartitionLog for Script {
         0
     }
     fn fetch(&mut self, p: i32, from: i64, max: usize, out: &mut VecDeque<Message>) -> i64 {
-        let to = (from + max as i64).min(self.records as i64);
+        let mut seen = self.seen.lock().unwrap();
+        let from = match seen.go_back {
+            Some((at, back)) if at == from => {
+                seen.go_back = None;
+                seen.went_back = true;
+                back
+            }
+            _ => from,
+        };
+        drop(seen);
+        let to = (from + max.min(self.chunk) as i64).min(self.records as i64);
         out.extend((from..to).map(|o| Message::new(self.topic.clone(), p, o, "x")));
         to.max(from)
     }
@@ -151,7 +216,8 @@ fn looped(
         records,
         seen: seen.clone(),
         group: watch::channel(0).0,
-        appended: watch::channel(0).0,
+        appended: Arc::new(watch::channel(0).0),
+        chunk: usize::MAX,
     };
     let set = InFlightSet::new(64, Arc::new(Semaphore::new(1000)));
     let cancel = CancellationToken::new();
@@ -225,4 +291,99 @@ async fn a_commit_never_answered_holds_a_stop_no_longer_than_its_bounds() {
         seen.commits
     );
     assert!(seen.left, "the loop left the group at stop");
+}
+
+/// A fetch goes back (1, 2 read again after 0..=2) while the shared bound has
+/// no permit left for the first message read again, and the first reading's
+/// 1 and 2 wait queued in the pool: the loop takes the fetch as a rewind at
+/// once, so those queued copies never start, though the message read again is
+/// not tracked yet. Each offset is handled once, and the commit ends past the
+/// last record.
+#[tokio::test(start_paused = true)]
+async fn a_fetch_that_goes_back_fences_the_queued_copies_at_once() {
+    let handled = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let mut config = BusConfig::default();
+    config.consumer.drain_timeout = DRAIN;
+    config.consumer.handover_timeout = HANDOVER;
+    let pool = Arc::new(GatePool::shut());
+    let dispatcher = Dispatcher::new("script", pool.clone(), None, config);
+    let seen_by_handler = handled.clone();
+    let sub = dispatcher
+        .prepare(Subscription::plain(
+            "orders",
+            handler_fn(move |m: Message| {
+                let handled = seen_by_handler.clone();
+                async move {
+                    handled.lock().unwrap().push(m.offset);
+                    HandlerResult::Ok(())
+                }
+            }),
+        ))
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Seen {
+        go_back: Some((3, 1)),
+        ..Seen::default()
+    }));
+    let script = Script {
+        topic: Arc::from("orders"),
+        records: 4,
+        seen: seen.clone(),
+        group: watch::channel(0).0,
+        appended: Arc::new(watch::channel(0).0),
+        chunk: 3,
+    };
+    // Three permits in all: the first reading takes them, the one read again
+    // waits for one.
+    let set = InFlightSet::new(64, Arc::new(Semaphore::new(3)));
+    let cancel = CancellationToken::new();
+    let run = LogLoop::new(script, sub, dispatcher, set, cancel.clone());
+    let task = tokio::spawn(run.run());
+    wait_for("the fetch went back", || seen.lock().unwrap().went_back).await;
+    pool.open();
+    wait_for("every record handled and committed", || {
+        seen.lock().unwrap().commits.last() == Some(&(0, 4))
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+    let handled = handled.lock().unwrap();
+    let mut sorted = handled.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        vec![0, 1, 2, 3],
+        "each offset handled once: the queued copies of 1 and 2 started after the \
+         loop read the fetch go back (handled in order {handled:?})"
+    );
+}
+
+/// Every record handled and committed, the fetch goes back below the group's
+/// offset: the loop commits the offset back to the rewind point before the
+/// records read again are committed, so a member taking over reads them again
+/// too.
+#[tokio::test(start_paused = true)]
+async fn a_fetch_that_goes_back_below_the_committed_offset_is_committed_back() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (run, seen, cancel) = looped(4, false, handled.clone());
+    let appended = run.log.appended.clone();
+    let task = tokio::spawn(run.run());
+    wait_for("every record handled and committed", || {
+        handled.load(Ordering::SeqCst) == 4 && seen.lock().unwrap().commits.last() == Some(&(0, 4))
+    })
+    .await;
+    seen.lock().unwrap().go_back = Some((4, 1));
+    appended.send_modify(|v| *v += 1);
+    wait_for("the records read again handled and committed", || {
+        handled.load(Ordering::SeqCst) == 7 && seen.lock().unwrap().commits.last() == Some(&(0, 4))
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+    let seen = seen.lock().unwrap();
+    let back = seen.commits.iter().position(|c| *c == (0, 1));
+    assert!(
+        back.is_some_and(|i| seen.commits[i + 1..].contains(&(0, 4))),
+        "the group's offset went back to 1, then on to 4 again: {:?}",
+        seen.commits
+    );
 }

@@ -33,9 +33,11 @@ pub enum Fault {
     HeartbeatErrors,
     /// Mock cluster: the broker goes down and comes back.
     BrokerDown,
-    /// nats-server is killed and restarted (file storage kept).
+    /// The broker's process of the run's own (nats-server) is killed and
+    /// restarted (file storage kept).
     ServerKilled,
-    /// nats-server is frozen (`SIGSTOP`) and thawed (`SIGCONT`).
+    /// The broker's process of the run's own (nats-server) is frozen
+    /// (`SIGSTOP`) and thawed (`SIGCONT`).
     ServerPaused,
     /// Rolling deploy with deep queues: [`Options::rolling_steps`](crate::Options::rolling_steps) times, a burst
     /// deepens the backlogs of a few slow aggregates, a new member (short drain

@@ -24,9 +24,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
-use crate::consumer::{consumer_gone, fetch_thread, ConsumeLoop, Control, KConsumer};
-use crate::context::{rebalances_incrementally, ConsumerCtx, ConsumerShared, TracingContext};
+use crate::consumer::{consumer_gone, ConsumeLoop, Control};
+use crate::context::{rebalances_incrementally, ConsumerCtx, KConsumer, TracingContext};
+use crate::fetch::fetch_thread;
 use crate::publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};
+use crate::shared::ConsumerShared;
 
 /// Lag of one partition owned by this bus's consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]

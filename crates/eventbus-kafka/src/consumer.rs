@@ -1,5 +1,8 @@
 //! The consumer: one librdkafka consumer (one group member) for every subscribed
-//! topic, a fetching thread, and one dispatch loop.
+//! topic, a fetching thread, and one dispatch loop (this file). Beside it: the
+//! fetching thread (`fetch.rs`), the state it shares with the rebalance
+//! callbacks and the loop (`shared.rs`), the callbacks (`context.rs`), storing
+//! and committing offsets (`commit.rs`) and closing the consumer (`close.rs`).
 //!
 //! The fetching thread owns the polling of the consumer. It turns records into
 //! [`Message`]s and hands them, with assignments, to the dispatch loop over one
@@ -41,14 +44,11 @@
 use eventbus_core::{Error, ErrorKind, Message};
 
 use eventbus_core::raw::{
-    hand_over, ByteChunks, Completion, Dispatcher, HandOver, Held, InFlightSet,
-    PreparedSubscription, Scope,
+    hand_over, Completion, Dispatcher, HandOver, Held, InFlightSet, PreparedSubscription, Scope,
 };
 use futures::future::poll_fn;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::Consumer;
+use rdkafka::TopicPartitionList;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -60,10 +60,11 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{ConsumerCtx, ConsumerShared, FetchEvent, Owned, Revoking, Transition};
+use crate::commit::{client_fatal_error, commit_on_thread, offsets, store_offset, LeavingCommit};
+use crate::context::KConsumer;
+use crate::fetch::FETCH_BATCH;
 use crate::metrics as km;
-
-pub(crate) type KConsumer = BaseConsumer<ConsumerCtx>;
+use crate::shared::{ConsumerShared, FetchEvent, Owned, Revoking, Transition};
 
 /// Requests from the bus to the dispatch loop.
 pub(crate) enum Control {
@@ -72,9 +73,6 @@ pub(crate) enum Control {
     /// Stop handling a topic once its partitions are revoked.
     Unsubscribe(String, oneshot::Sender<()>),
 }
-
-/// How long one poll of the consumer blocks the fetching thread.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How long a message of a partition at its in-flight bound waits for room before
 /// the partition is paused (see the module docs).
@@ -86,166 +84,9 @@ pub(crate) fn resume_threshold(per_partition: usize) -> usize {
     per_partition / 2
 }
 
-/// Most messages the fetching thread hands over at once. It polls without waiting
-/// while librdkafka has messages ready, so a batch only forms under load and a lone
-/// message is handed over at once; one hand-over per batch instead of per message
-/// spares the wake-ups between the thread and the loop.
-const FETCH_BATCH: usize = 64;
-
 /// Most completions settled in one step of the loop; their watermarks are stored
 /// once per partition.
 const SETTLE_BATCH: usize = 256;
-
-/// The fetching thread: polls the consumer until `stop`, then waits for the dispatch
-/// loop to finish (`loop_done` disconnects) and closes the consumer on this thread.
-///
-/// Messages travel to the loop in batches of at most [`FETCH_BATCH`], and at most
-/// the channel's capacity of messages are between this thread and the loop at any
-/// time ([`ConsumerShared::fetch_room`]).
-pub(crate) fn fetch_thread(
-    consumer: Arc<KConsumer>,
-    events: mpsc::Sender<FetchEvent>,
-    shared: Arc<ConsumerShared>,
-    stop: Arc<AtomicBool>,
-    loop_done: std_mpsc::Receiver<()>,
-    close_timeout: Duration,
-) {
-    let capacity = events.max_capacity();
-    shared.fetch_room.add_permits(capacity);
-    let batch_max = FETCH_BATCH.min(capacity).max(1);
-    let mut names: HashMap<String, Arc<str>> = HashMap::new();
-    let mut chunks = ByteChunks::default();
-    let mut pending = 0usize;
-    while !stop.load(Ordering::Acquire) {
-        let wait = if pending == 0 {
-            POLL_INTERVAL
-        } else {
-            Duration::ZERO
-        };
-        match consumer.poll(wait) {
-            None => {
-                if pending > 0 {
-                    pending = 0;
-                    if !shared.flush_batch(&events) {
-                        break;
-                    }
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
-                shared.fatal_error(consumer.client().fatal_error().map_or_else(
-                    || code.to_string(),
-                    |(code, reason)| format!("{code:?}: {reason}"),
-                ));
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-            Some(Ok(m)) => {
-                let msg = convert(&m, &mut names, &mut chunks);
-                drop(m);
-                let len = {
-                    let mut batch = shared.batch.lock().unwrap_or_else(|p| p.into_inner());
-                    if batch.capacity() == 0 {
-                        batch.reserve_exact(batch_max);
-                    }
-                    batch.push(msg);
-                    batch.len()
-                };
-                // A rebalance callback may have handed earlier messages over.
-                pending = len;
-                if len >= batch_max {
-                    pending = 0;
-                    if !shared.flush_batch(&events) {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    // Stop fetching; let the loop drain and commit, then leave the group here.
-    shared
-        .batch
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clear();
-    drop(events);
-    let _ = loop_done.recv();
-    shared.closing.store(true, Ordering::Release);
-    leave_group(consumer, close_timeout);
-}
-
-/// Close the consumer (revoke, librdkafka's last commit, leave the group) and wait
-/// for it at most `timeout`. Dropping the last handle closes it, polling until it
-/// is closed however long that takes (with the coordinator gone, until librdkafka
-/// gives the group up: the session timeout); so the drop runs on a thread of its
-/// own, and one not done in time is left to finish there: `close()` returns on
-/// time, and that thread ends when librdkafka does.
-fn leave_group(consumer: Arc<KConsumer>, timeout: Duration) {
-    // Another holder (a final commit still waiting on its thread) closes it when
-    // it lets go; dropping this handle then only counts it down.
-    let last = Arc::strong_count(&consumer) == 1;
-    let (done, closed) = std_mpsc::sync_channel::<()>(1);
-    let spawned = std::thread::Builder::new()
-        .name("eventbus-kafka-leave".to_owned())
-        .spawn(move || {
-            drop(consumer);
-            let _ = done.send(());
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the thread that closes the consumer");
-        return;
-    }
-    match closed.recv_timeout(timeout) {
-        Ok(()) if last => tracing::debug!("consumer closed"),
-        Ok(()) => tracing::debug!("consumer handle released; its last holder closes it"),
-        Err(_) => tracing::warn!(
-            ?timeout,
-            "the consumer did not leave its group within the operation timeout (the \
-             coordinator is unreachable); librdkafka finishes on a thread of its own"
-        ),
-    }
-}
-
-/// A librdkafka record as a [`Message`]: payload, key and header values copied
-/// into `chunks`, shared by the records fetched around it (a record's copies
-/// are freed on the worker that handled it: one free per chunk, not three per
-/// record, on memory this thread allocated).
-fn convert(
-    m: &rdkafka::message::BorrowedMessage<'_>,
-    names: &mut HashMap<String, Arc<str>>,
-    chunks: &mut ByteChunks,
-) -> Message {
-    let topic = match names.get(m.topic()) {
-        Some(t) => t.clone(),
-        None => {
-            let t: Arc<str> = Arc::from(m.topic());
-            names.insert(m.topic().to_owned(), t.clone());
-            t
-        }
-    };
-    let mut msg = Message::new(
-        topic,
-        m.partition(),
-        m.offset(),
-        chunks.copy(m.payload().unwrap_or_default()),
-    );
-    if let Some(k) = m.key() {
-        msg = msg.with_key(chunks.copy(k));
-    }
-    if let Some(h) = m.headers() {
-        msg = msg.with_headers(
-            h.iter()
-                .map(|header| {
-                    let value = header.value.unwrap_or_default();
-                    (header.key.to_owned(), chunks.copy(value))
-                })
-                .collect(),
-        );
-    }
-    if let Some(ts) = m.timestamp().to_millis() {
-        msg = msg.with_timestamp_ms(ts);
-    }
-    msg
-}
 
 struct TopicState {
     sub: Arc<PreparedSubscription>,
@@ -748,20 +589,6 @@ impl ConsumeLoop {
 
     fn store(&self, topic: &str, partition: i32, watermark: i64) {
         store_offset(&self.consumer, topic, partition, watermark);
-    }
-}
-
-fn store_offset(consumer: &KConsumer, topic: &str, partition: i32, watermark: i64) {
-    {
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(topic, partition, Offset::Offset(watermark))
-            .is_ok()
-        {
-            if let Err(e) = consumer.store_offsets(&tpl) {
-                tracing::debug!(topic, partition, watermark, error = %e, "offset not stored");
-            }
-        }
     }
 }
 
@@ -1323,15 +1150,6 @@ impl ConsumeLoop {
     }
 }
 
-/// The fatal error librdkafka raised on `consumer`'s client, if any, in the
-/// fetching thread's words.
-fn client_fatal_error(consumer: &KConsumer) -> Option<String> {
-    consumer
-        .client()
-        .fatal_error()
-        .map(|(code, reason)| format!("{code:?}: {reason}"))
-}
-
 /// Partitions of the loop being handed over (revoke, close), driven through
 /// core's hand-over ([`hand_over`]).
 struct Leaving<'a> {
@@ -1377,161 +1195,6 @@ impl HandOver for Leaving<'_> {
     }
 }
 
-/// Commit `explicit` offsets when given (a backward commit), then the stored
-/// offsets, on a thread of its own, retrying what fails; the outcome comes on
-/// the returned channel. No attempt starts at or after `deadline`, nor once
-/// `stop` is set: an error then. librdkafka's synchronous commit has no timeout
-/// of its own (with the coordinator gone it returns when librdkafka gives the
-/// group up, after the session timeout): the caller waits for the answer with
-/// its own deadline, and a thread still waiting then is left to finish (the
-/// one attempt it has under way cannot be recalled). (An asynchronous commit's
-/// answer comes through the consumer's poll, which the fetching thread does not
-/// reach while a rebalance callback waits for the loop; a synchronous one on a
-/// thread of its own needs no poll.)
-fn commit_on_thread(
-    consumer: Arc<KConsumer>,
-    explicit: Option<TopicPartitionList>,
-    deadline: Instant,
-    stop: Arc<AtomicBool>,
-) -> oneshot::Receiver<Result<(), String>> {
-    let (tx, rx) = oneshot::channel();
-    let deadline = deadline.into_std();
-    let spawned = std::thread::Builder::new()
-        .name("eventbus-kafka-commit".to_owned())
-        .spawn(move || {
-            let mut explicit = explicit;
-            // Whether explicit offsets were given and are committed: what is
-            // left, the stored offsets, librdkafka commits on its own too.
-            let mut explicit_done = false;
-            let mut last_error = None;
-            let result = loop {
-                let stopped = stop.load(Ordering::Acquire);
-                if explicit_done && (stopped || std::time::Instant::now() >= deadline) {
-                    break Ok(());
-                }
-                if stopped {
-                    break Err(
-                        "stopped: the partition left or the commit was superseded".to_owned()
-                    );
-                }
-                if std::time::Instant::now() >= deadline {
-                    break Err(last_error.unwrap_or_else(|| "the deadline passed".to_owned()));
-                }
-                let r = match &explicit {
-                    Some(tpl) => consumer.commit(tpl, CommitMode::Sync),
-                    None => consumer.commit_consumer_state(CommitMode::Sync),
-                };
-                match r {
-                    Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
-                        if explicit.take().is_none() {
-                            break Ok(());
-                        }
-                        explicit_done = true;
-                    }
-                    // A fatal error ended the client: librdkafka refuses every
-                    // commit from now on, so no retry can succeed.
-                    Err(e) if consumer.client().fatal_error().is_some() => {
-                        break Err(format!("the consumer had a fatal error: {e}"));
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "commit failed; retrying");
-                        last_error = Some(e.to_string());
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                }
-            };
-            let _ = tx.send(result);
-        });
-    if let Err(e) = spawned {
-        let (tx, rx) = oneshot::channel();
-        let _ = tx.send(Err(format!("cannot start the commit thread: {e}")));
-        return rx;
-    }
-    rx
-}
-
-/// The backward commit of partitions leaving this member while their group
-/// offset is still above a rewind point (a rewind not confirmed): the commit
-/// librdkafka makes as they leave only goes forwards, so the group's offset is
-/// taken back explicitly, within the revoke: started at its beginning, no
-/// attempt after its deadline (the revoke callback's: the partitions leave
-/// then, and a commit landing later would move the offset of a partition this
-/// member no longer holds, maybe under its next owner), its answer awaited
-/// until then at most. A failure is loud: the next owner will start above
-/// messages that were read again and not handled.
-struct LeavingCommit {
-    back: Vec<(String, i32, i64)>,
-    answer: Option<oneshot::Receiver<Result<(), String>>>,
-    deadline: Instant,
-    /// Set when the revoke is over: the commit thread starts no further attempt.
-    stop: Arc<AtomicBool>,
-}
-
-impl LeavingCommit {
-    /// Start taking the group's offsets of `back` back, to be over by `deadline`;
-    /// nothing starts when it has passed.
-    fn start(consumer: Arc<KConsumer>, back: Vec<(String, i32, i64)>, deadline: Instant) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let marks: Vec<(&str, i32, i64)> =
-            back.iter().map(|(t, p, w)| (t.as_str(), *p, *w)).collect();
-        let answer = match offsets(&marks) {
-            Some(tpl) if Instant::now() < deadline => Some(commit_on_thread(
-                consumer,
-                Some(tpl),
-                deadline,
-                stop.clone(),
-            )),
-            _ => None,
-        };
-        Self {
-            back,
-            answer,
-            deadline,
-            stop,
-        }
-    }
-
-    /// Wait for the answer until the deadline at most, and report it.
-    async fn finish(self, shared: &ConsumerShared) {
-        let Self {
-            back,
-            answer,
-            deadline,
-            stop,
-        } = self;
-        if back.is_empty() {
-            return;
-        }
-        let result = match answer {
-            None => Err("the revoke's deadline had passed".to_owned()),
-            Some(answer) => tokio::time::timeout_at(deadline, answer)
-                .await
-                .map_err(|_| "no answer from the group coordinator within the revoke".to_owned())
-                .and_then(|r| r.unwrap_or_else(|_| Err("the commit thread ended".to_owned()))),
-        };
-        stop.store(true, Ordering::Release);
-        for (t, p, _) in &back {
-            shared.rewind_confirmed(t, *p);
-        }
-        match result {
-            Ok(()) => tracing::info!(partitions = ?back,
-                "the group's offsets went back to the rewind points before the hand-over"),
-            Err(e) => tracing::error!(partitions = ?back, error = %e,
-                "the group's offsets could not be taken back to the rewind points before \
-                 the hand-over: the next owner starts above messages read again"),
-        }
-    }
-}
-
-/// `marks` as a partition list for a commit; `None` when empty.
-fn offsets(marks: &[(&str, i32, i64)]) -> Option<TopicPartitionList> {
-    let mut tpl = TopicPartitionList::new();
-    for (t, p, w) in marks {
-        tpl.add_partition_offset(t, *p, Offset::Offset(*w)).ok()?;
-    }
-    (tpl.count() > 0).then_some(tpl)
-}
-
 /// Error for a consumer that is gone.
 pub(crate) fn consumer_gone() -> Error {
     Error::closed("the Kafka consumer is closed")
@@ -1539,71 +1202,8 @@ pub(crate) fn consumer_gone() -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::{take_run, KConsumer, LeavingCommit};
-    use crate::context::{ConsumerCtx, ConsumerShared};
-    use eventbus_core::raw::Dispatcher;
-    use eventbus_core::{BusConfig, Message, Pool};
-    use eventbus_keyed_pool::{KeyedPoolConfig, KeyedWorkerPool};
-    use eventbus_testkit::kafka_cluster::Cluster;
-    use rdkafka::consumer::{CommitMode, Consumer};
-    use rdkafka::ClientConfig;
-    use std::sync::Arc;
-    use std::time::Duration;
-    use tokio::sync::mpsc;
-    use tokio::time::Instant;
-
-    /// A consumer of `group` with the bus's callbacks, in no assignment: explicit
-    /// commits only.
-    fn group_consumer(cluster: &Cluster, group: &str) -> Arc<KConsumer> {
-        let pool: Arc<dyn Pool> =
-            Arc::new(KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(1)).unwrap());
-        let (events, _) = mpsc::channel(1);
-        let ctx = ConsumerCtx {
-            events,
-            shared: Arc::default(),
-            dispatcher: Dispatcher::new("kafka", pool, None, BusConfig::default()),
-            drain_timeout: Duration::from_secs(1),
-            handover_timeout: Duration::from_secs(1),
-            cooperative: false,
-        };
-        let consumer = ClientConfig::new()
-            .set("bootstrap.servers", cluster.brokers())
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .create_with_context(ctx)
-            .expect("consumer");
-        Arc::new(consumer)
-    }
-
-    /// The backward commit of a revoke whose deadline has passed (the revoke
-    /// callback gave up waiting, and the partition is leaving or has left):
-    /// nothing is committed. A commit then would land for a partition this
-    /// member no longer holds, maybe after its next owner started.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_backward_commit_at_a_revoke_starts_nothing_past_its_deadline() {
-        let cluster = Cluster::mock(1);
-        let topic = format!("revoke-deadline-{:016x}", fastrand::u64(..));
-        let group = format!("group-{:016x}", fastrand::u64(..));
-        cluster.create_topic(&topic, 1).await;
-        let consumer = group_consumer(&cluster, &group);
-        let tpl = super::offsets(&[(&topic, 0, 10)]).expect("offsets");
-        let c = consumer.clone();
-        tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
-            .await
-            .unwrap()
-            .expect("the group's offset at 10");
-        assert_eq!(cluster.committed(&group, &topic, 0), Some(10));
-        let shared = ConsumerShared::default();
-        let back = vec![(topic.clone(), 0, 3)];
-        LeavingCommit::start(consumer, back, Instant::now())
-            .finish(&shared)
-            .await;
-        assert_eq!(
-            cluster.committed(&group, &topic, 0),
-            Some(10),
-            "nothing committed past the revoke's deadline"
-        );
-    }
+    use super::take_run;
+    use eventbus_core::Message;
 
     fn offsets(run: &[Message]) -> Vec<(i32, i64)> {
         run.iter().map(|m| (m.partition, m.offset)).collect()

@@ -1,15 +1,19 @@
 #![doc = include_str!("../README.md")]
 
 mod bus;
+mod close;
+mod commit;
 mod config;
 mod consumer;
 mod context;
+mod fetch;
 pub mod metric_names;
 mod metrics;
 mod probe;
 mod publish;
 mod redrive;
 mod secret;
+mod shared;
 
 #[allow(deprecated)]
 pub use bus::{KafkaEventBus, KafkaPartitionLag, PartitionLag};

@@ -23,6 +23,7 @@ use crate::raw::Scope;
 use crate::{Message, Result};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// What the group asks of this member now, as [`PartitionLog::assignment`]
@@ -94,6 +95,15 @@ pub trait PartitionLog: Send + 'static {
         let _ = partition;
     }
 
+    /// How long a partition with no room in the in-flight set waits for room
+    /// before it is [`pause`](Self::pause)d; zero (the default): at once. A
+    /// broker that pushes records and refetches what it dropped for a paused
+    /// partition (Kafka) pauses dearly: a moment's wait for room is cheaper.
+    /// The loop goes on meanwhile; held jobs and a commit back pause at once.
+    fn pause_after(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// The loop takes `partition`'s records again after a
     /// [`pause`](Self::pause).
     fn resume(&mut self, partition: i32) {
@@ -107,6 +117,30 @@ pub trait PartitionLog: Send + 'static {
 
     /// The group's committed offset of `partition`, as last known.
     fn committed(&self, partition: i32) -> Option<i64>;
+
+    /// How long a commit back (a rewind below the group's offset made durable)
+    /// may stay unconfirmed before the loop reports it
+    /// ([`rewind_unconfirmed`](Self::rewind_unconfirmed)); `None` (the
+    /// default): never reported, as for a group that answers at once.
+    fn confirm_within(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The commit back of `partition` to `offset` has stayed unconfirmed for
+    /// [`confirm_within`](Self::confirm_within) (failed, or no answer yet): a
+    /// member that lost the partition now would leave its next owner above
+    /// records read again, so the backend reports itself degraded. The loop goes
+    /// on retrying; called once per commit back.
+    fn rewind_unconfirmed(&mut self, partition: i32, offset: i64) {
+        let _ = (partition, offset);
+    }
+
+    /// The commit back of `partition` reported by
+    /// [`rewind_unconfirmed`](Self::rewind_unconfirmed) is over: made, refused
+    /// as fenced, or the partition left this member.
+    fn rewind_confirmed(&mut self, partition: i32) {
+        let _ = partition;
+    }
 
     /// `partitions`, asked to be given up, are handed over and committed: the
     /// group may give them to others now.

@@ -84,6 +84,9 @@ enum Step {
     Retry,
     /// New records: the next submission pass fetches them.
     Appended,
+    /// A partition without room has waited for it long enough: the next
+    /// submission pass pauses it.
+    PauseDue,
     /// Time to report what holds each partition's commit point.
     Report,
 }
@@ -117,6 +120,9 @@ pub struct LogLoop<L: PartitionLog> {
     pub(super) rebalanced: watch::Receiver<u64>,
     /// When the commits that failed are made again.
     pub(super) retry_at: Option<Instant>,
+    /// When a partition without room is due to be paused
+    /// ([`PartitionLog::pause_after`]).
+    pub(super) pause_at: Option<Instant>,
     /// Each partition's last new watermark within one settling pass (kept to
     /// reuse its allocation).
     pub(super) marks: Vec<(i32, i64)>,
@@ -163,6 +169,7 @@ impl<L: PartitionLog> LogLoop<L> {
             marks: Vec::with_capacity(n),
             partitions: (0..n).map(|_| None).collect(),
             retry_at: None,
+            pause_at: None,
             stopped_at: None,
             kept: Vec::new(),
             fetched: VecDeque::with_capacity(FETCH_BATCH),
@@ -196,6 +203,7 @@ impl<L: PartitionLog> LogLoop<L> {
                 break;
             }
             let retry_at = self.retry_at;
+            let pause_at = self.pause_at;
             let step = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => Step::Stop,
@@ -203,6 +211,7 @@ impl<L: PartitionLog> LogLoop<L> {
                 _ = report.tick() => Step::Report,
                 pr = next_progress(&mut self.partitions, &mut self.set) => Step::Progress(pr),
                 _ = sleep_until(retry_at), if retry_at.is_some() => Step::Retry,
+                _ = sleep_until(pause_at), if pause_at.is_some() => Step::PauseDue,
                 _ = self.appended.changed() => Step::Appended,
             };
             let flow = match step {
@@ -218,6 +227,11 @@ impl<L: PartitionLog> LogLoop<L> {
                     ControlFlow::Continue(())
                 }
                 Step::Appended => ControlFlow::Continue(()),
+                // The next submission pass pauses what still has no room.
+                Step::PauseDue => {
+                    self.pause_at = None;
+                    ControlFlow::Continue(())
+                }
                 Step::Report => {
                     self.report_holds();
                     ControlFlow::Continue(())
@@ -347,8 +361,10 @@ impl<L: PartitionLog> LogLoop<L> {
     /// queued job starts, running handlers are cancelled) and nothing more is
     /// committed for it; another member may hold it already.
     pub(super) fn on_lost(&mut self, p: usize) {
-        self.partitions[p] = None;
         let partition = p as i32;
+        if let Some(mut part) = self.partitions[p].take() {
+            part.end_back(&mut self.log, partition);
+        }
         let in_flight = self.set.in_flight(partition);
         self.set.revoke(partition);
         self.set_in_flight(p, 0);
@@ -411,6 +427,7 @@ impl<L: PartitionLog> LogLoop<L> {
             "the broker rewound the partition: records from the offset are read again");
         if committed.is_some_and(|c| to < c) {
             part.back = Some(to);
+            part.back_since.get_or_insert((Instant::now(), false));
             self.commit_back(p);
         }
     }
@@ -425,14 +442,26 @@ impl<L: PartitionLog> LogLoop<L> {
         };
         match self.log.commit(p as i32, part.generation, to) {
             Ok(()) => {
-                part.back = None;
+                part.end_back(&mut self.log, p as i32);
+                if part.unstored.is_some() {
+                    self.retry_soon();
+                }
                 tracing::info!(topic = %self.log.topic(), partition = p, offset = to,
                     "the group's offset went back to the rewind's commit point");
             }
-            Err(e) if e.kind() == ErrorKind::Fenced => part.back = None,
+            Err(e) if e.kind() == ErrorKind::Fenced => part.end_back(&mut self.log, p as i32),
             Err(e) => {
                 tracing::warn!(topic = %self.log.topic(), partition = p, offset = to, error = %e,
                     "commit back after a rewind failed; the partition reads nothing until it is made");
+                let within = self.log.confirm_within();
+                if let Some((since, reported)) = part.back_since.as_mut() {
+                    if !*reported && within.is_some_and(|d| since.elapsed() >= d) {
+                        *reported = true;
+                        tracing::error!(topic = %self.log.topic(), partition = p, offset = to,
+                            "commit back after a rewind not confirmed in time; retrying");
+                        self.log.rewind_unconfirmed(p as i32, to);
+                    }
+                }
                 self.retry_soon();
             }
         }
@@ -490,12 +519,27 @@ impl<L: PartitionLog> LogLoop<L> {
             return Turn::Idle;
         };
         if part.held.is_some() || part.back.is_some() || !self.set.has_room(partition) {
-            if !part.paused {
+            if part.paused {
+                return Turn::Idle;
+            }
+            // No room only: wait a moment for it before pausing.
+            let now = Instant::now();
+            let wait = self.log.pause_after();
+            let due = if part.held.is_none() && part.back.is_none() && !wait.is_zero() {
+                *part.full_since.get_or_insert(now) + wait
+            } else {
+                now
+            };
+            if due <= now {
                 part.paused = true;
+                part.full_since = None;
                 self.log.pause(partition);
+            } else {
+                self.pause_at = Some(self.pause_at.map_or(due, |at| at.min(due)));
             }
             return Turn::Idle;
         }
+        part.full_since = None;
         if part.paused {
             part.paused = false;
             self.log.resume(partition);
@@ -503,10 +547,19 @@ impl<L: PartitionLog> LogLoop<L> {
         if part.buffer.is_empty() {
             self.fetch(p);
         }
-        if self.partitions[p]
-            .as_ref()
-            .is_none_or(|part| part.buffer.is_empty())
-        {
+        let Some(part) = self.partitions[p].as_mut() else {
+            return Turn::Idle;
+        };
+        if part.back.is_some() {
+            // The fetch went back below the group's offset: nothing read again
+            // goes to the pool before the commit back is made.
+            if !part.paused {
+                part.paused = true;
+                self.log.pause(partition);
+            }
+            return Turn::Idle;
+        }
+        if part.buffer.is_empty() {
             return Turn::Idle;
         }
         let permits = self.reserve(p);

@@ -200,7 +200,7 @@ impl<L: PartitionLog> LogLoop<L> {
             if let Ok(i) = usize::try_from(p) {
                 self.set_in_flight(i, 0);
             }
-            let Some(part) = usize::try_from(p)
+            let Some(mut part) = usize::try_from(p)
                 .ok()
                 .and_then(|i| self.partitions.get_mut(i))
                 .and_then(Option::take)
@@ -216,6 +216,7 @@ impl<L: PartitionLog> LogLoop<L> {
             if let Some(offset) = last {
                 final_commit(&mut self.log, p, part.generation, offset, until).await;
             }
+            part.end_back(&mut self.log, p);
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! Invariants: a message read at or below `last` is a rewind, announced
 //! before the loop reads on; a partition with held jobs, a commit back not made, or no room
-//! in the in-flight set reads nothing (it is paused); while a rewind's first
+//! in the in-flight set reads nothing (it is paused, when it only lacks room
+//! once it has waited [`PartitionLog::pause_after`] for it); while a rewind's first
 //! message is not tracked yet (`rewound_to`), nothing but the commit back is
 //! committed; a watermark whose commit failed (`unstored`) is made again, and
 //! a later one replaces it.
@@ -11,6 +12,7 @@ use super::PartitionLog;
 use crate::raw::Held;
 use crate::{ErrorKind, Message};
 use std::collections::VecDeque;
+use tokio::time::Instant;
 
 /// One partition's reading state, for one grant of it.
 pub(super) struct Partition {
@@ -32,10 +34,16 @@ pub(super) struct Partition {
     /// A commit back to a rewind's commit point not made yet: the partition
     /// reads nothing until it is.
     pub(super) back: Option<i64>,
+    /// Since when a commit back has been waited for, and whether the log was
+    /// told it stays unconfirmed ([`PartitionLog::rewind_unconfirmed`]).
+    pub(super) back_since: Option<(Instant, bool)>,
     /// A watermark whose commit failed, to make again.
     pub(super) unstored: Option<i64>,
     /// The broker was told to stop fetching it ([`PartitionLog::pause`]).
     pub(super) paused: bool,
+    /// Since when it has had no room, not paused yet
+    /// ([`PartitionLog::pause_after`]).
+    pub(super) full_since: Option<Instant>,
 }
 
 impl Partition {
@@ -49,8 +57,19 @@ impl Partition {
             held: None,
             rewound_to: None,
             back: None,
+            back_since: None,
             unstored: None,
             paused: false,
+            full_since: None,
+        }
+    }
+
+    /// The commit back is over (made, refused, or the partition leaves): a
+    /// commit back reported unconfirmed is reported over.
+    pub(super) fn end_back<L: PartitionLog>(&mut self, log: &mut L, partition: i32) {
+        self.back = None;
+        if let Some((_, true)) = self.back_since.take() {
+            log.rewind_confirmed(partition);
         }
     }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 
-/// Runs every job on a task of its own.
+/// Runs every job on a task of its own, taking every batch whole.
 #[derive(Debug)]
 struct TaskPool;
 
@@ -33,6 +33,11 @@ impl Pool for TaskPool {
     fn submit(&self, job: Job) -> BoxFuture<'_, std::result::Result<(), SubmitError>> {
         tokio::spawn(job.run());
         async { Ok(()) }.boxed()
+    }
+    fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        for job in jobs.drain(..) {
+            tokio::spawn(job.run());
+        }
     }
     fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
         async {}.boxed()
@@ -97,11 +102,24 @@ impl Pool for GatePool {
 struct Seen {
     commits: Vec<(i32, i64)>,
     commit_attempts: usize,
+    /// Every commit asked for, answered or not.
+    attempted: Vec<(i32, i64)>,
     /// Commits are never answered: each is an error.
     unanswered: bool,
     left: bool,
-    /// The fetch went back.
+    /// The fetch went back, and when.
     went_back: bool,
+    went_back_at: Option<tokio::time::Instant>,
+    /// What [`PartitionLog::confirm_within`] answers.
+    confirm_within: Option<Duration>,
+    /// Commits back reported unconfirmed, and when.
+    unconfirmed: Vec<(i32, i64, tokio::time::Instant)>,
+    /// Commits back reported over.
+    confirmed: Vec<i32>,
+    /// What [`PartitionLog::pause_after`] answers.
+    pause_after: Duration,
+    /// When the loop paused the partition.
+    pauses: Vec<tokio::time::Instant>,
     /// Once a fetch is asked from the first offset, it returns records from the
     /// second instead, unannounced (an offset reset, a truncation).
     go_back: Option<(i64, i64)>,
@@ -147,6 +165,7 @@ impl PartitionLog for Script {
             Some((at, back)) if at == from => {
                 seen.go_back = None;
                 seen.went_back = true;
+                seen.went_back_at = Some(tokio::time::Instant::now());
                 back
             }
             _ => from,
@@ -159,6 +178,7 @@ impl PartitionLog for Script {
     fn commit(&mut self, p: i32, _: u64, offset: i64) -> Result<()> {
         let mut seen = self.seen.lock().unwrap();
         seen.commit_attempts += 1;
+        seen.attempted.push((p, offset));
         if seen.unanswered {
             return Err(
                 Error::new(ErrorKind::Broker, "commit not answered yet").with_retryable(true)
@@ -174,6 +194,23 @@ impl PartitionLog for Script {
             .rev()
             .find(|(q, _)| *q == p)
             .map(|(_, o)| *o)
+    }
+    fn pause_after(&self) -> Duration {
+        self.seen.lock().unwrap().pause_after
+    }
+    fn pause(&mut self, _: i32) {
+        let at = tokio::time::Instant::now();
+        self.seen.lock().unwrap().pauses.push(at);
+    }
+    fn confirm_within(&self) -> Option<Duration> {
+        self.seen.lock().unwrap().confirm_within
+    }
+    fn rewind_unconfirmed(&mut self, p: i32, offset: i64) {
+        let at = tokio::time::Instant::now();
+        self.seen.lock().unwrap().unconfirmed.push((p, offset, at));
+    }
+    fn rewind_confirmed(&mut self, p: i32) {
+        self.seen.lock().unwrap().confirmed.push(p);
     }
     fn release(&mut self, _: &[i32]) {}
     fn rejoin(&mut self) {}
@@ -385,5 +422,151 @@ async fn a_fetch_that_goes_back_below_the_committed_offset_is_committed_back() {
         back.is_some_and(|i| seen.commits[i + 1..].contains(&(0, 4))),
         "the group's offset went back to 1, then on to 4 again: {:?}",
         seen.commits
+    );
+}
+
+/// A fetch goes back below the group's offset and the commit back is not
+/// answered: the loop reports it unconfirmed once, when it has waited
+/// [`PartitionLog::confirm_within`] (not before, and within one retry after),
+/// goes on retrying, and reports it over when the group answers.
+#[tokio::test(start_paused = true)]
+async fn a_commit_back_left_unconfirmed_is_reported_once_and_then_cleared() {
+    const WITHIN: Duration = Duration::from_millis(100);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (run, seen, cancel) = looped(4, false, handled.clone());
+    seen.lock().unwrap().confirm_within = Some(WITHIN);
+    let appended = run.log.appended.clone();
+    let task = tokio::spawn(run.run());
+    wait_for("every record handled and committed", || {
+        handled.load(Ordering::SeqCst) == 4 && seen.lock().unwrap().commits.last() == Some(&(0, 4))
+    })
+    .await;
+    let before = {
+        let mut seen = seen.lock().unwrap();
+        seen.unanswered = true;
+        seen.go_back = Some((4, 1));
+        seen.attempted.len()
+    };
+    appended.send_modify(|v| *v += 1);
+    wait_for("the commit back reported unconfirmed", || {
+        !seen.lock().unwrap().unconfirmed.is_empty()
+    })
+    .await;
+    let attempts = seen.lock().unwrap().commit_attempts;
+    wait_for("the commit back retried after the report", || {
+        seen.lock().unwrap().commit_attempts >= attempts + 3
+    })
+    .await;
+    {
+        let mut seen = seen.lock().unwrap();
+        let went_back_at = seen.went_back_at.expect("the fetch went back");
+        let (p, offset, at) = seen.unconfirmed[0];
+        assert_eq!((p, offset), (0, 1), "reported: partition 0, back to 1");
+        let waited = at - went_back_at;
+        assert!(
+            waited >= WITHIN && waited <= WITHIN + 2 * super::consume::COMMIT_RETRY,
+            "reported after {waited:?}, not once {WITHIN:?} had passed"
+        );
+        assert_eq!(seen.unconfirmed.len(), 1, "reported once");
+        assert!(seen.confirmed.is_empty(), "not over yet");
+        assert!(
+            seen.attempted[before..].iter().all(|c| *c == (0, 1)),
+            "nothing but the commit back is asked for until it is made: {:?}",
+            &seen.attempted[before..]
+        );
+        seen.unanswered = false;
+    }
+    wait_for("the commit back made and reported over", || {
+        let seen = seen.lock().unwrap();
+        seen.commits.contains(&(0, 1)) && seen.confirmed == [0]
+    })
+    .await;
+    wait_for("the records read again handled and committed", || {
+        handled.load(Ordering::SeqCst) == 7 && seen.lock().unwrap().commits.last() == Some(&(0, 4))
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+/// A loop whose handler takes `handler_time` for each of `records` records,
+/// two in flight at most, the log asking for [`PAUSE_AFTER`] before a pause.
+fn looped_full(
+    records: usize,
+    handler_time: Duration,
+) -> (LogLoop<Script>, Arc<Mutex<Seen>>, CancellationToken) {
+    let mut config = BusConfig::default();
+    config.consumer.drain_timeout = DRAIN;
+    config.consumer.handover_timeout = HANDOVER;
+    let dispatcher = Dispatcher::new("script", Arc::new(TaskPool), None, config);
+    let sub = dispatcher
+        .prepare(Subscription::plain(
+            "orders",
+            handler_fn(move |_: Message| async move {
+                tokio::time::sleep(handler_time).await;
+                HandlerResult::Ok(())
+            }),
+        ))
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Seen {
+        pause_after: PAUSE_AFTER,
+        ..Seen::default()
+    }));
+    let script = Script {
+        topic: Arc::from("orders"),
+        records,
+        seen: seen.clone(),
+        group: watch::channel(0).0,
+        appended: Arc::new(watch::channel(0).0),
+        chunk: usize::MAX,
+    };
+    let set = InFlightSet::new(2, Arc::new(Semaphore::new(1000)));
+    let cancel = CancellationToken::new();
+    let run = LogLoop::new(script, sub, dispatcher, set, cancel.clone());
+    (run, seen, cancel)
+}
+
+const PAUSE_AFTER: Duration = Duration::from_millis(50);
+
+/// A partition at its in-flight bound whose work finishes within
+/// [`PartitionLog::pause_after`] is never paused: room comes back first.
+#[tokio::test(start_paused = true)]
+async fn a_partition_whose_room_comes_back_in_time_is_not_paused() {
+    let (run, seen, cancel) = looped_full(6, Duration::from_millis(20));
+    let task = tokio::spawn(run.run());
+    wait_for("every record committed", || {
+        seen.lock().unwrap().commits.last() == Some(&(0, 6))
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.pauses.is_empty(),
+        "paused though room came back within the wait: {:?}",
+        seen.pauses
+    );
+}
+
+/// A partition at its in-flight bound whose work takes longer than
+/// [`PartitionLog::pause_after`] is paused once that wait has passed, not
+/// before.
+#[tokio::test(start_paused = true)]
+async fn a_partition_without_room_is_paused_after_the_wait() {
+    let start = tokio::time::Instant::now();
+    let (run, seen, cancel) = looped_full(4, Duration::from_millis(200));
+    let task = tokio::spawn(run.run());
+    wait_for("every record committed", || {
+        seen.lock().unwrap().commits.last() == Some(&(0, 4))
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+    let seen = seen.lock().unwrap();
+    let first = *seen.pauses.first().expect("the full partition was paused");
+    let waited = first - start;
+    assert!(
+        waited >= PAUSE_AFTER && waited < PAUSE_AFTER + Duration::from_millis(10),
+        "paused after {waited:?}, not once {PAUSE_AFTER:?} without room had passed"
     );
 }

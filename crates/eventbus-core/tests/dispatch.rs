@@ -536,6 +536,89 @@ async fn completions_without_offsets_give_each_message_its_own_outcome() {
 }
 
 #[tokio::test]
+async fn a_job_its_pool_drops_unrun_fences_the_jobs_after_it_when_asked() {
+    // The JetStream consumer gives a turn's work back at a message dropped unrun:
+    // a later job of its aggregate the pool already holds must not start first.
+    for fence_dropped in [true, false] {
+        let rig = Rig::new(true);
+        let scope = Scope::new();
+        let mut completions: Completions<u64> = if fence_dropped {
+            Completions::new().fence_dropped()
+        } else {
+            Completions::new()
+        };
+        let mut entries = Vec::new();
+        for seq in [1u64, 2] {
+            let claim = completions.claim();
+            let inflight = submit_claimed(&rig, &mut completions, &claim, &scope, seq).await;
+            let permit = rig.permits.clone().acquire_owned().await.expect("permit");
+            entries.push((claim, inflight, permit));
+        }
+        // The pool drops the first job unrun, holding the second behind it.
+        let dropped = rig.pool.queue.lock().expect("queue").pop_front();
+        drop(dropped);
+        assert_eq!(
+            scope.is_closed(),
+            fence_dropped,
+            "fence_dropped {fence_dropped}: the drop fences the scope as it happens"
+        );
+        rig.pool.run_next().await;
+        for (claim, inflight, permit) in entries {
+            completions.push(claim, (), inflight, permit).expect("push");
+        }
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let ((), c) = tokio::time::timeout(WAIT, completions.next())
+                .await
+                .expect("a completion")
+                .expect("in flight");
+            got.push((c.token, c.disposition));
+        }
+        got.sort_unstable_by_key(|(seq, _)| *seq);
+        let second = if fence_dropped {
+            Disposition::Abandoned
+        } else {
+            Disposition::Handled
+        };
+        assert_eq!(
+            got,
+            [(1, Disposition::Abandoned), (2, second)],
+            "fence_dropped {fence_dropped}"
+        );
+        assert_eq!(
+            rig.calls.load(Ordering::SeqCst),
+            u64::from(!fence_dropped),
+            "fence_dropped {fence_dropped}: the later job's handler ran"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_job_never_handed_to_the_pool_fences_nothing() {
+    // A submission stopped short drops its jobs itself: nothing later of their
+    // routes was submitted, so the scope's queued work still runs (a close drains).
+    let rig = Rig::new(true);
+    let scope = Scope::new();
+    let mut completions: Completions<u64> = Completions::new().fence_dropped();
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    let claim = completions.claim();
+    let target = completions.target(scope.current(), &claim);
+    let message = Message::new(TOPIC, 0, 1, "{}").with_key("k");
+    let mut out = Vec::new();
+    let e = rig
+        .dispatcher
+        .submit_batch(&rig.sub, [(message, 1u64, target)], &stopped, &mut out)
+        .await
+        .expect_err("a stopped consumer submits nothing");
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    assert!(!out.pop().expect("an entry").submitted());
+    completions.give_up(claim);
+    assert!(!scope.is_closed(), "a job not submitted fenced its scope");
+    assert_eq!(rig.pool.queued(), 0);
+}
+
+#[tokio::test]
 async fn a_claim_given_up_while_its_job_runs_does_not_hold_its_scope() {
     // The JetStream consumer's drain gives up the claims of a submission it
     // stopped waiting for: a job of it may be running then, and post later. Its

@@ -154,6 +154,26 @@ impl<T: Send + Unpin + 'static, L: Copy + Unpin> Completions<T, L> {
         Self::default()
     }
 
+    /// Have a job submitted with one of this set's targets fence its scope (the
+    /// [`Epoch`] of its target) the moment its pool drops it unrun: for a
+    /// consumer that gives back a scope's work, in order, at the first message
+    /// dropped unrun (NATS JetStream's turn). A pool runs a route's jobs one at a
+    /// time, in order, so the fence is raised before it can start a later job of
+    /// the dropped one's route, even one it was handed in the same submission:
+    /// no later message of the aggregate runs ahead of the one given back. The
+    /// completion of the dropped job still arrives here,
+    /// [`Abandoned`](crate::raw::Disposition::Abandoned).
+    ///
+    /// A job the dispatcher never handed to the pool (its submission stopped
+    /// short, or the pool refused it) fences nothing: no later job of its route
+    /// was submitted. Call before the first [`target`](Self::target).
+    #[must_use]
+    pub fn fence_dropped(mut self) -> Self {
+        debug_assert!(self.slots.is_empty(), "set up before the first claim");
+        self.mailbox = Arc::new(Mailbox::fencing_dropped());
+        self
+    }
+
     /// A vacant mailbox slot, claimed for a new use.
     pub fn claim(&mut self) -> Claim {
         let slot = self.free.pop().unwrap_or_else(|| {

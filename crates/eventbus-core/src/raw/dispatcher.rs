@@ -895,6 +895,7 @@ impl Dispatcher {
             let pool = self.inner.pool.kind_for(job.route());
             if result.is_err() {
                 batch.unsent(pool);
+                job.discard();
                 continue;
             }
             if let Err(e) = self.submit_waiting(job, pool, stop).await {
@@ -1063,15 +1064,20 @@ impl Dispatcher {
         let mut pause = Duration::from_millis(1);
         loop {
             if job.is_fenced() {
+                job.discard();
                 return Err(fenced());
             }
             if stop.is_cancelled() {
+                job.discard();
                 return Err(Error::closed(
                     "consumer stopping; message left for redelivery",
                 ));
             }
             // A stop or fence while the pool waits for room ends the wait: the job
-            // is dropped with the pool's submission, never queued.
+            // is dropped with the pool's submission, never queued. (A job of a
+            // consumer whose dropped jobs fence their scope fences it here too:
+            // nothing of the scope starts from then on, and what is queued is
+            // handed back in order rather than drained.)
             let epoch = job.epoch().cloned();
             let submitted = tokio::select! {
                 biased;
@@ -1084,6 +1090,7 @@ impl Dispatcher {
             match submitted {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == SubmitErrorKind::Closed => {
+                    e.into_job().discard();
                     return Err(Error::closed("pool is closed; message left for redelivery"));
                 }
                 Err(e) => {

@@ -6,7 +6,10 @@
 //! topic. It is routed by the stable hash of its key: a pool runs one route's jobs
 //! one at a time, in submission order (see [`crate::raw::routes`]). A job fenced
 //! by a scope's epoch (see [`crate::raw::fence`]) no longer starts once the scope
-//! is fenced at its offset, and ends abandoned. A composite pool may place a job on
+//! is fenced at its offset, and ends abandoned; one its pool drops unrun fences
+//! its scope at once when its consumer asks for that (a consumer that gives its
+//! work back at such a job, so no later job of the route may start before the
+//! give-back). A composite pool may place a job on
 //! a worker of the pool it hands it to, and learns when it ends by its done hook.
 //!
 //! A job moves by value through the queues, so it is kept small: its task's
@@ -102,6 +105,15 @@ impl fmt::Debug for DoneHook {
 
 impl Drop for Job {
     fn drop(&mut self) {
+        // Dropped unrun by its pool (a job that ran, or found its scope fenced,
+        // has no fence left): when its consumer asks for it, the scope is fenced
+        // here, before the pool can start a later job of the route, which runs
+        // only after this one ended (see `Completions::fence_dropped`).
+        if let (Some((epoch, _)), Some(Reply::Post(to))) = (&self.fence, &self.reply) {
+            if to.mailbox.fences_dropped() {
+                epoch.scope().fence();
+            }
+        }
         if let Some(done) = self.done.take() {
             done.call(None);
         }
@@ -228,6 +240,13 @@ impl Job {
     pub fn fenced_by(mut self, epoch: Epoch, offset: i64) -> Self {
         self.fence = Some((epoch, offset));
         self
+    }
+
+    /// Drop a job its submitter never handed to a pool (the submission stopped
+    /// short, or the pool refused it): it ends abandoned like any dropped job,
+    /// but fences nothing, since no later job of its route was submitted.
+    pub(crate) fn discard(mut self) {
+        self.fence = None;
     }
 
     /// The epoch the job is fenced by, if any.

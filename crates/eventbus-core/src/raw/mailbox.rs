@@ -123,9 +123,27 @@ pub(crate) struct Post {
 pub(crate) struct Mailbox {
     posts: Mutex<Vec<Post>>,
     consumer: futures::task::AtomicWaker,
+    /// Whether a job posting here that its pool drops unrun fences its scope as
+    /// it is dropped (see [`Completions::fence_dropped`]).
+    ///
+    /// [`Completions::fence_dropped`]: crate::raw::Completions::fence_dropped
+    fence_dropped: bool,
 }
 
 impl Mailbox {
+    /// A mailbox whose jobs, dropped unrun by their pool, fence their scope.
+    pub(crate) fn fencing_dropped() -> Self {
+        Self {
+            fence_dropped: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a job posting here fences its scope when its pool drops it unrun.
+    pub(crate) fn fences_dropped(&self) -> bool {
+        self.fence_dropped
+    }
+
     fn post(&self, post: Post) {
         let first = {
             let mut posts = self.posts.lock().unwrap_or_else(|p| p.into_inner());

@@ -194,7 +194,10 @@ impl<'a> ConsumeTurn<'a> {
             queue: VecDeque::new(),
             submitting: None,
             claims: Vec::new(),
-            inflight: Completions::new(),
+            // A job the pool drops unrun fences the turn's work at once: the
+            // turn gives it back, and no later message of its aggregate, even
+            // one submitted with it, may start first.
+            inflight: Completions::new().fence_dropped(),
             batch: None,
             inbox: None,
             backoff: None,

@@ -1,8 +1,9 @@
 //! A message the pool refuses, or takes and drops unrun, while later messages of
 //! its aggregate are queued behind it in the same turn: it is given back with
-//! them, in order, so its redelivery is not overtaken.
+//! them, in order, so its redelivery is not overtaken, even by a later message
+//! of its aggregate submitted to the pool with it.
 
-use eventbus_core::raw::{stable_hash, Job, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{stable_hash, DoneHook, Job, SubmitError, SubmitErrorKind};
 use eventbus_core::{Event, EventBus, EventBusExt, HandlerError, Pool};
 use eventbus_testkit::nats_server::NatsServer;
 use eventbus_testkit::DeliveryChecker;
@@ -135,4 +136,139 @@ async fn a_refused_or_dropped_message_is_given_back_with_the_later_ones_of_its_a
         .await;
         within("close", bus.close()).await.expect("close");
     }
+}
+
+/// A keyed pool that holds the first job of aggregate `x` until `open` is set
+/// (saying so on `held`), drops the second unrun, and returns from the submission of the third only
+/// once that job has ended (run, or abandoned unrun): whatever the pool was
+/// handed after the dropped job has had its chance to run before the turn can
+/// react to the drop.
+#[derive(Debug)]
+struct DropsTheSecond {
+    inner: Arc<dyn Pool>,
+    x_jobs: AtomicU64,
+    held: watch::Sender<bool>,
+    open: watch::Receiver<bool>,
+}
+
+impl Pool for DropsTheSecond {
+    fn kind(&self) -> &'static str {
+        "drops-the-second"
+    }
+    fn workers(&self) -> usize {
+        self.inner.workers()
+    }
+    fn submit(&self, mut job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
+        async move {
+            if job.route() != stable_hash(b"x") {
+                return self.inner.submit(job).await;
+            }
+            match self.x_jobs.fetch_add(1, Ordering::SeqCst) {
+                0 => {
+                    self.held.send_replace(true);
+                    let mut open = self.open.clone();
+                    within("the test opens the gate", open.wait_for(|o| *o))
+                        .await
+                        .expect("gate");
+                    self.inner.submit(job).await
+                }
+                1 => {
+                    drop(job);
+                    Ok(())
+                }
+                2 => {
+                    let (ended_tx, ended) = tokio::sync::oneshot::channel();
+                    job.set_done_hook(DoneHook::new(move |kind| {
+                        let _ = ended_tx.send(kind);
+                    }));
+                    self.inner.submit(job).await?;
+                    within("the job after the dropped one ends", ended)
+                        .await
+                        .expect("done hook");
+                    Ok(())
+                }
+                _ => self.inner.submit(job).await,
+            }
+        }
+        .boxed()
+    }
+    fn close(&self, timeout: std::time::Duration) -> BoxFuture<'_, ()> {
+        self.inner.close(timeout)
+    }
+    fn stats(&self) -> eventbus_core::PoolStats {
+        self.inner.stats()
+    }
+    fn health(&self) -> eventbus_core::ComponentHealth {
+        self.inner.health()
+    }
+}
+
+/// The pool drops a job unrun and then takes the next job of its aggregate in
+/// the same submission, before the turn has read the drop: that next job must
+/// not start (the drop fences the turn's work as it happens), so the message
+/// given back is handled first. The first message of `x` is submitted alone
+/// and held there until every later one is delivered, so the next submission
+/// holds the dropped job and those after it, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_dropped_unrun_is_not_overtaken_by_one_submitted_with_it() {
+    init_tracing();
+    let server = NatsServer::start();
+    let topic = topic("droppedunrun");
+    let checker = DeliveryChecker::new();
+    let (open_tx, open) = watch::channel(false);
+    let (held, mut first_held) = watch::channel(false);
+    let pool: Arc<dyn Pool> = Arc::new(DropsTheSecond {
+        inner: keyed_pool(4, 128),
+        x_jobs: AtomicU64::new(0),
+        held,
+        open,
+    });
+    let bus = connect(nats_config(&server), bus_config(), pool).await;
+    {
+        let checker = checker.clone();
+        bus.subscribe_envelope(&topic, move |e: Event| {
+            let checker = checker.clone();
+            async move {
+                let seq = eventbus_testkit::seq_of(&e).expect("seq");
+                checker.handled(&e.envelope.aggregate_id, seq);
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    }
+    eventually("the member consumes", || bus.is_consuming(&topic)).await;
+    let total = 10u64;
+    for i in 0..total {
+        let seq = checker.produce("x");
+        bus.publish_envelope(&topic, &env("x", seq))
+            .await
+            .expect("publish");
+        if i == 0 {
+            within(
+                "the first message's job held in the pool",
+                first_held.wait_for(|h| *h),
+            )
+            .await
+            .expect("held");
+        }
+    }
+    eventually("every message delivered", || async {
+        consumer_info(&bus, &topic).await.delivered.stream_sequence == total
+    })
+    .await;
+    open_tx.send_replace(true);
+    checker
+        .wait_all_handled(WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = checker.report();
+    assert!(r.lost.is_empty() && r.unexpected.is_empty(), "{r}");
+    assert!(r.order_violations.is_empty(), "{r}");
+    eventually("the durable is fully acknowledged", || async {
+        let info = consumer_info(&bus, &topic).await;
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+    within("close", bus.close()).await.expect("close");
 }

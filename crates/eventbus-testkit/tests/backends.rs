@@ -3,7 +3,7 @@
 //! backlog, and a bus on leased partitions is there exactly where the list
 //! says a backend has them.
 
-use eventbus_core::{BusConfig, EventBus, Pool, Record};
+use eventbus_core::{BusConfig, Pool, Record};
 use eventbus_testkit::backend::BareDrain;
 use eventbus_testkit::conformance::BusFactory;
 use eventbus_testkit::{Backend, Broker};

@@ -2,9 +2,10 @@
 //! run, bench-compare and the rollout runner), what each can do, the broker a
 //! run starts, and buses on it.
 //!
-//! Each backend has one entry here (a variant of [`Backend`], [`Broker`] and
-//! [`BusesAt`], whose arms call into its module) and one module of its own
-//! (`backend/<name>.rs`: its client settings, its buses, its bare client loop).
+//! Each backend has one entry here (a variant of [`Backend`], `Broker` and
+//! `BusesAt` (feature `backends`), whose arms call into its module) and one
+//! module of its own (`backend/<name>.rs`: its client settings, its buses, its
+//! bare client loop).
 //! The tools iterate [`Backend::ALL`] and ask for capabilities; none of them
 //! names a backend.
 

@@ -1,4 +1,5 @@
-//! Ready-made factories: the two pools sized by a [`PoolSpec`] (and the pool
+//! Ready-made factories: the two pools sized by a
+//! [pool spec](crate::pool_suite::PoolSpec) (and the pool
 //! switch over both), each behind the cargo feature of the same name; and,
 //! re-exported from each backend's entry in [the list of backends](crate::backend),
 //! buses of each backend (on one shared in-process broker, on a Kafka cluster,

@@ -5,9 +5,9 @@
 //! Each backend has one entry here (a variant of [`Backend`], `Broker` and
 //! `BusesAt` (feature `backends`), whose arms call into its module) and one
 //! module of its own (`backend/<name>.rs`: its client settings, its buses, its
-//! bare client loop).
-//! The tools iterate [`Backend::ALL`] and ask for capabilities; none of them
-//! names a backend.
+//! bare client loop). The tools iterate [`Backend::ALL`] and ask for
+//! capabilities instead of naming backends (what they still say of Kafka is
+//! Kafka's own: its mock cluster's faults, a real broker behind a proxy).
 
 #[cfg(feature = "kafka")]
 mod kafka;

@@ -118,6 +118,15 @@ pub trait PartitionLog: Send + 'static {
     /// The group's committed offset of `partition`, as last known.
     fn committed(&self, partition: i32) -> Option<i64>;
 
+    /// How long the loop waits before it makes a commit that failed, or is not
+    /// answered yet, again: 10 ms by default. A backend whose commits are
+    /// answered on a thread of its own may wait longer and bump
+    /// [`group_changes`](Self::group_changes) when an answer comes: the loop
+    /// then makes the commits it waits on again at once, reading the answer.
+    fn commit_retry(&self) -> Duration {
+        super::consume::COMMIT_RETRY
+    }
+
     /// How long a commit back (a rewind below the group's offset made durable)
     /// may stay unconfirmed before the loop reports it
     /// ([`rewind_unconfirmed`](Self::rewind_unconfirmed)); `None` (the

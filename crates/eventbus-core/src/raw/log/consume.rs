@@ -58,7 +58,8 @@ const FETCH_BATCH: usize = 256;
 /// Messages of one partition submitted to the pool in one batch, at most.
 const SUBMIT_BATCH: usize = 64;
 
-/// How long a failed commit waits before it is made again.
+/// How long a failed commit waits before it is made again, unless the log
+/// says otherwise ([`PartitionLog::commit_retry`]).
 pub(super) const COMMIT_RETRY: Duration = Duration::from_millis(10);
 
 /// Messages in flight per partition of one subscription, as its loop counts
@@ -218,6 +219,11 @@ impl<L: PartitionLog> LogLoop<L> {
                 Step::Stop => ControlFlow::Break(()),
                 Step::Rebalanced => {
                     self.reconcile().await;
+                    // The signal may bring a commit's answer (a commit made on
+                    // a thread of the broker's own): read it now.
+                    if self.retry_at.is_some() {
+                        self.on_retry();
+                    }
                     ControlFlow::Continue(())
                 }
                 Step::Progress(Progress::Settled(s)) => self.on_settled(s),
@@ -467,10 +473,12 @@ impl<L: PartitionLog> LogLoop<L> {
         }
     }
 
-    /// Try the failed commits again in [`COMMIT_RETRY`], unless already due.
+    /// Try the failed commits again after the log's
+    /// [`commit_retry`](PartitionLog::commit_retry), unless already due, or
+    /// when the group's signal moves.
     pub(super) fn retry_soon(&mut self) {
         if self.retry_at.is_none() {
-            self.retry_at = Some(Instant::now() + COMMIT_RETRY);
+            self.retry_at = Some(Instant::now() + self.log.commit_retry());
         }
     }
 

@@ -120,6 +120,10 @@ struct Seen {
     pause_after: Duration,
     /// When the loop paused the partition.
     pauses: Vec<tokio::time::Instant>,
+    /// What [`PartitionLog::commit_retry`] answers, when set.
+    commit_retry: Option<Duration>,
+    /// When the last commit was made.
+    committed_at: Option<tokio::time::Instant>,
     /// Once a fetch is asked from the first offset, it returns records from the
     /// second instead, unannounced (an offset reset, a truncation).
     go_back: Option<(i64, i64)>,
@@ -130,7 +134,7 @@ struct Script {
     topic: Arc<str>,
     records: usize,
     seen: Arc<Mutex<Seen>>,
-    group: watch::Sender<u64>,
+    group: Arc<watch::Sender<u64>>,
     appended: Arc<watch::Sender<u64>>,
     /// Records one fetch returns, at most.
     chunk: usize,
@@ -185,6 +189,7 @@ impl PartitionLog for Script {
             );
         }
         seen.commits.push((p, offset));
+        seen.committed_at = Some(tokio::time::Instant::now());
         Ok(())
     }
     fn committed(&self, p: i32) -> Option<i64> {
@@ -194,6 +199,10 @@ impl PartitionLog for Script {
             .rev()
             .find(|(q, _)| *q == p)
             .map(|(_, o)| *o)
+    }
+    fn commit_retry(&self) -> Duration {
+        let retry = self.seen.lock().unwrap().commit_retry;
+        retry.unwrap_or(super::consume::COMMIT_RETRY)
     }
     fn pause_after(&self) -> Duration {
         self.seen.lock().unwrap().pause_after
@@ -252,7 +261,7 @@ fn looped(
         topic: Arc::from("orders"),
         records,
         seen: seen.clone(),
-        group: watch::channel(0).0,
+        group: Arc::new(watch::channel(0).0),
         appended: Arc::new(watch::channel(0).0),
         chunk: usize::MAX,
     };
@@ -365,7 +374,7 @@ async fn a_fetch_that_goes_back_fences_the_queued_copies_at_once() {
         topic: Arc::from("orders"),
         records: 4,
         seen: seen.clone(),
-        group: watch::channel(0).0,
+        group: Arc::new(watch::channel(0).0),
         appended: Arc::new(watch::channel(0).0),
         chunk: 3,
     };
@@ -516,7 +525,7 @@ fn looped_full(
         topic: Arc::from("orders"),
         records,
         seen: seen.clone(),
-        group: watch::channel(0).0,
+        group: Arc::new(watch::channel(0).0),
         appended: Arc::new(watch::channel(0).0),
         chunk: usize::MAX,
     };
@@ -569,4 +578,35 @@ async fn a_partition_without_room_is_paused_after_the_wait() {
         waited >= PAUSE_AFTER && waited < PAUSE_AFTER + Duration::from_millis(10),
         "paused after {waited:?}, not once {PAUSE_AFTER:?} without room had passed"
     );
+}
+
+/// A broker whose commit answers come on a thread of its own asks for a long
+/// retry and bumps the group's signal when an answer comes: the loop makes
+/// the commit it waits on again at once, not a retry later.
+#[tokio::test(start_paused = true)]
+async fn a_commit_answered_on_the_group_signal_is_read_at_once() {
+    const RETRY: Duration = Duration::from_secs(3600);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (run, seen, cancel) = looped(10, true, handled.clone());
+    seen.lock().unwrap().commit_retry = Some(RETRY);
+    let group = run.log.group.clone();
+    let task = tokio::spawn(run.run());
+    wait_for("every record handled and a commit tried", || {
+        handled.load(Ordering::SeqCst) == 10 && seen.lock().unwrap().commit_attempts >= 1
+    })
+    .await;
+    seen.lock().unwrap().unanswered = false;
+    let answered = tokio::time::Instant::now();
+    group.send_modify(|v| *v += 1);
+    wait_for("the answered commit read", || {
+        seen.lock().unwrap().commits.last() == Some(&(0, 10))
+    })
+    .await;
+    let waited = seen.lock().unwrap().committed_at.expect("committed") - answered;
+    assert!(
+        waited < RETRY,
+        "the answer was read after {waited:?}, at the retry, not on the signal"
+    );
+    cancel.cancel();
+    task.await.unwrap();
 }

@@ -208,12 +208,15 @@ impl<L: PartitionLog> LogLoop<L> {
             let step = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => Step::Stop,
-                _ = self.rebalanced.changed() => Step::Rebalanced,
+                // A signal whose sender is gone (a broker's thread that ended)
+                // answers `Err` at once: matching `Ok` only disables its branch
+                // for this wait instead of waking the loop for ever.
+                Ok(()) = self.rebalanced.changed() => Step::Rebalanced,
                 _ = report.tick() => Step::Report,
                 pr = next_progress(&mut self.partitions, &mut self.set) => Step::Progress(pr),
                 _ = sleep_until(retry_at), if retry_at.is_some() => Step::Retry,
                 _ = sleep_until(pause_at), if pause_at.is_some() => Step::PauseDue,
-                _ = self.appended.changed() => Step::Appended,
+                Ok(()) = self.appended.changed() => Step::Appended,
             };
             let flow = match step {
                 Step::Stop => ControlFlow::Break(()),

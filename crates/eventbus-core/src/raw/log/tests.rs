@@ -124,6 +124,8 @@ struct Seen {
     commit_retry: Option<Duration>,
     /// When the last commit was made.
     committed_at: Option<tokio::time::Instant>,
+    /// Fetches asked for.
+    fetches: usize,
     /// Once a fetch is asked from the first offset, it returns records from the
     /// second instead, unannounced (an offset reset, a truncation).
     go_back: Option<(i64, i64)>,
@@ -165,6 +167,7 @@ impl PartitionLog for Script {
     }
     fn fetch(&mut self, p: i32, from: i64, max: usize, out: &mut VecDeque<Message>) -> i64 {
         let mut seen = self.seen.lock().unwrap();
+        seen.fetches += 1;
         let from = match seen.go_back {
             Some((at, back)) if at == from => {
                 seen.go_back = None;
@@ -609,4 +612,44 @@ async fn a_commit_answered_on_the_group_signal_is_read_at_once() {
     );
     cancel.cancel();
     task.await.unwrap();
+}
+
+/// A broker whose signals' senders are gone (its thread ended): the loop does
+/// not take each closed signal for news and go round for ever, fetching on
+/// every pass; it waits, commits, and still stops. On the real clock: a
+/// spinning loop would keep a paused clock from ever moving.
+#[tokio::test]
+async fn a_signal_whose_sender_is_gone_does_not_spin_the_loop() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (mut run, seen, cancel) = looped(10, false, handled.clone());
+    // The loop subscribed when it was made; dropping the script's senders
+    // closes both signals.
+    run.log.group = Arc::new(watch::channel(0).0);
+    run.log.appended = Arc::new(watch::channel(0).0);
+    let task = tokio::spawn(run.run());
+    wait_for("every record handled", || {
+        handled.load(Ordering::SeqCst) == 10
+    })
+    .await;
+    let before = seen.lock().unwrap().fetches;
+    // A thousand turns of the scheduler: a spinning loop fetches on every
+    // pass.
+    for _ in 0..1_000 {
+        tokio::task::yield_now().await;
+    }
+    let after = seen.lock().unwrap().fetches;
+    assert!(
+        after - before <= 2,
+        "the loop fetched {} times with nothing new: it takes a closed signal for news",
+        after - before
+    );
+    wait_for("every record committed", || {
+        seen.lock().unwrap().commits.last() == Some(&(0, 10))
+    })
+    .await;
+    cancel.cancel();
+    tokio::time::timeout(DRAIN + HANDOVER, task)
+        .await
+        .expect("the loop stops")
+        .unwrap();
 }

@@ -165,8 +165,10 @@ impl<T: Send + Unpin + 'static, L: Copy + Unpin> Completions<T, L> {
     /// [`Abandoned`](crate::raw::Disposition::Abandoned).
     ///
     /// A job the dispatcher never handed to the pool (its submission stopped
-    /// short, or the pool refused it) fences nothing: no later job of its route
-    /// was submitted. Call before the first [`target`](Self::target).
+    /// short, even while the pool waited for room, or the pool refused it)
+    /// fences nothing: no later job of its route was submitted, and the jobs
+    /// queued before it still run (a close drains them). Call before the first
+    /// [`target`](Self::target).
     #[must_use]
     pub fn fence_dropped(mut self) -> Self {
         debug_assert!(self.slots.is_empty(), "set up before the first claim");

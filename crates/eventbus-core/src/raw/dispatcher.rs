@@ -41,7 +41,7 @@ use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
 use crate::pool::{Pool, SubmitErrorKind};
 use crate::raw::fence::{Epoch, Scope, Settling};
-use crate::raw::job::{Job, JobClass};
+use crate::raw::job::{Job, JobClass, Submission};
 use crate::raw::mailbox::OutcomeReceiver;
 use crate::raw::mailbox::Target;
 use crate::raw::outcome::{panic_message, FailureCause, Outcome};
@@ -527,6 +527,33 @@ impl Batch {
     }
 }
 
+/// Jobs not handed to the pool yet are the submitter's: a batch dropped with
+/// them (its submission's future dropped midway) withdraws them, fencing nothing.
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.jobs.drain(..).for_each(Job::discard);
+    }
+}
+
+/// The jobs of a batch still to submit, in order, as its submission takes them:
+/// those left when it is dropped (the submission's future dropped midway) were
+/// never handed to the pool, and are withdrawn, fencing nothing.
+struct Unsubmitted(std::vec::IntoIter<Job>);
+
+impl Iterator for Unsubmitted {
+    type Item = Job;
+
+    fn next(&mut self) -> Option<Job> {
+        self.0.next()
+    }
+}
+
+impl Drop for Unsubmitted {
+    fn drop(&mut self) {
+        self.0.by_ref().for_each(Job::discard);
+    }
+}
+
 impl Dispatcher {
     /// A dispatcher submitting to `pool`, writing dead letters to `sink` (when
     /// `config.dead_letter.enabled`), with metrics named for `backend`.
@@ -814,7 +841,7 @@ impl Dispatcher {
             dispatcher: self.clone(),
             stop: stop.clone(),
             limited: limited.then(|| sub.clone()),
-            waiting: batch.jobs.into(),
+            waiting: std::mem::take(&mut batch.jobs).into(),
             head: None,
         }))
     }
@@ -891,7 +918,8 @@ impl Dispatcher {
         }
         let taken = total - batch.jobs.len();
         let mut result = Ok(());
-        for (k, job) in std::mem::take(&mut batch.jobs).into_iter().enumerate() {
+        let unsubmitted = Unsubmitted(std::mem::take(&mut batch.jobs).into_iter());
+        for (k, job) in unsubmitted.enumerate() {
             let pool = self.inner.pool.kind_for(job.route());
             if result.is_err() {
                 batch.unsent(pool);
@@ -1073,15 +1101,18 @@ impl Dispatcher {
                     "consumer stopping; message left for redelivery",
                 ));
             }
-            // A stop or fence while the pool waits for room ends the wait: the job
-            // is dropped with the pool's submission, never queued. (A job of a
-            // consumer whose dropped jobs fence their scope fences it here too:
-            // nothing of the scope starts from then on, and what is queued is
-            // handed back in order rather than drained.)
+            // A stop or fence while the pool waits for room ends the wait: the
+            // submission is dropped, withdrawing the job if the pool has not
+            // queued it. Withdrawn, it fences nothing (see `Submission`), so the
+            // jobs of its scope queued before it still run (a close drains them);
+            // one the pool did queue is the pool's, and fences if dropped unrun.
+            // Dropping this future while it waits withdraws the job the same way.
             let epoch = job.epoch().cloned();
+            let mut submission = Submission::new(job, |job| self.inner.pool.submit(job));
             let submitted = tokio::select! {
+                // Biased: a submission the pool finished is taken before a stop.
                 biased;
-                r = self.inner.pool.submit(job) => r,
+                r = &mut submission => r,
                 _ = stop.cancelled() => {
                     return Err(Error::closed("consumer stopping; message left for redelivery"));
                 }

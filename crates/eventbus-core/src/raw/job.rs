@@ -9,7 +9,8 @@
 //! is fenced at its offset, and ends abandoned; one its pool drops unrun fences
 //! its scope at once when its consumer asks for that (a consumer that gives its
 //! work back at such a job, so no later job of the route may start before the
-//! give-back). A composite pool may place a job on
+//! give-back). A job its submitter drops before a pool took it fences nothing
+//! (see [`Job::discard`] and [`Submission`]). A composite pool may place a job on
 //! a worker of the pool it hands it to, and learns when it ends by its done hook.
 //!
 //! A job moves by value through the queues, so it is kept small: its task's
@@ -18,9 +19,13 @@
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use std::cell::Cell;
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use super::fence::Epoch;
 use super::mailbox::{OutcomeReceiver, PostTo, Reply};
@@ -108,10 +113,14 @@ impl Drop for Job {
         // Dropped unrun by its pool (a job that ran, or found its scope fenced,
         // has no fence left): when its consumer asks for it, the scope is fenced
         // here, before the pool can start a later job of the route, which runs
-        // only after this one ended (see `Completions::fence_dropped`).
-        if let (Some((epoch, _)), Some(Reply::Post(to))) = (&self.fence, &self.reply) {
-            if to.mailbox.fences_dropped() {
-                epoch.scope().fence();
+        // only after this one ended (see `Completions::fence_dropped`). Not when
+        // its submitter withdraws it from a submission the pool never finished
+        // (see `Submission`): no later job of its route was submitted.
+        if let Some(key) = self.fence_key() {
+            if WITHDRAWING.get() != Some(key) {
+                if let Some((epoch, _)) = &self.fence {
+                    epoch.scope().fence();
+                }
             }
         }
         if let Some(done) = self.done.take() {
@@ -249,6 +258,19 @@ impl Job {
         self.fence = None;
     }
 
+    /// The key of a job that fences its scope when it is dropped unrun (one
+    /// posting to a mailbox that asks for it, not run yet); `None` for any other.
+    pub(crate) fn fence_key(&self) -> Option<FenceKey> {
+        match (&self.fence, &self.reply) {
+            (Some(_), Some(Reply::Post(to))) if to.mailbox.fences_dropped() => Some(FenceKey {
+                mailbox: Arc::as_ptr(&to.mailbox) as usize,
+                slot: to.slot,
+                tag: to.tag,
+            }),
+            _ => None,
+        }
+    }
+
     /// The epoch the job is fenced by, if any.
     pub(crate) fn epoch(&self) -> Option<&Epoch> {
         self.fence.as_ref().map(|(epoch, _)| epoch)
@@ -312,5 +334,107 @@ impl Job {
     pub fn take_done_hook(&mut self) -> Option<DoneHook> {
         self.placed = NOT_PLACED;
         self.done.take()
+    }
+}
+
+/// Names a job that fences its scope when dropped unrun ([`Job::fence_key`]):
+/// its mailbox and the slot and tag of its message there, unique among the jobs
+/// alive (the job holds its mailbox, and a slot's tag changes with each use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FenceKey {
+    mailbox: usize,
+    slot: u32,
+    tag: u32,
+}
+
+thread_local! {
+    /// The job this thread's submitter is withdrawing: the one a [`Submission`]
+    /// still held when it was dropped unfinished, for the length of that drop.
+    static WITHDRAWING: Cell<Option<FenceKey>> = const { Cell::new(None) };
+}
+
+/// A pool's submission of one job ([`Pool::submit`]), from its submitter's side:
+/// a future resolving when the pool took the job or refused it.
+///
+/// Dropped before it resolves (the submitter stops, its scope is fenced, or the
+/// submitter's own future is dropped), it withdraws the job if it still holds
+/// it: the job ends abandoned like any dropped job, but fences nothing (see
+/// [`Completions::fence_dropped`]), as [`Job::discard`] does for a job its
+/// submitter holds itself. No later job of its route was submitted, since a
+/// submitter submits the next only once the pool took this one; fenced, its
+/// scope would abandon the jobs queued before it, which a close drains.
+///
+/// Who owns the job decides, not a flag the job carries: until the pool queues
+/// the job, the pool's submission future holds it, and dropping that future
+/// drops the job on this thread, within this drop. So the job is marked as
+/// withdrawn in a thread-local slot only for the length of the drop, and only
+/// the job of this submission ([`FenceKey`]). A job the pool already queued
+/// (even in the instant before the stop, with its future not yet resolved) is
+/// not dropped here: the pool drops it later, on whatever thread, outside this
+/// window, and it fences its scope then, as it must (a later job of its route
+/// may be queued behind it by then). Nothing is allocated for it: the key is
+/// read before the job is handed over, and a submission the pool finishes at
+/// once holds nothing when it is dropped.
+///
+/// [`Pool::submit`]: crate::Pool::submit
+/// [`Completions::fence_dropped`]: crate::raw::Completions::fence_dropped
+pub(crate) struct Submission<'a, T> {
+    /// The pool's future, until it resolves.
+    submitting: Option<BoxFuture<'a, T>>,
+    /// The key of its job, if dropping the job unrun would fence its scope.
+    key: Option<FenceKey>,
+}
+
+impl<'a, T> Submission<'a, T> {
+    /// Hand `job` to the pool through `submit` (the pool's submit call).
+    pub(crate) fn new(job: Job, submit: impl FnOnce(Job) -> BoxFuture<'a, T>) -> Self {
+        let key = job.fence_key();
+        Self {
+            submitting: Some(submit(job)),
+            key,
+        }
+    }
+}
+
+impl<T> Future for Submission<'_, T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let submitting = self
+            .submitting
+            .as_mut()
+            .expect("a submission is not polled after it resolved");
+        let resolved = std::task::ready!(submitting.poll_unpin(cx));
+        // Resolved: the pool took the job, or handed it back in its error.
+        self.submitting = None;
+        Poll::Ready(resolved)
+    }
+}
+
+impl<T> Drop for Submission<'_, T> {
+    fn drop(&mut self) {
+        let Some(submitting) = self.submitting.take() else {
+            return;
+        };
+        let Some(key) = self.key else {
+            return;
+        };
+        /// Puts the slot back as it was, even if a drop panics.
+        struct Restore(Option<FenceKey>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                WITHDRAWING.set(self.0);
+            }
+        }
+        let _restore = Restore(WITHDRAWING.replace(Some(key)));
+        drop(submitting);
+    }
+}
+
+impl<T> fmt::Debug for Submission<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Submission")
+            .field("resolved", &self.submitting.is_none())
+            .finish()
     }
 }

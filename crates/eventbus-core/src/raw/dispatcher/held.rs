@@ -21,7 +21,10 @@ use std::sync::Arc;
 /// consumer stopping, the pool closed): that one and the rest are then dropped
 /// unrun, and their in-flight entries resolve
 /// [`Disposition::Abandoned`](super::Disposition::Abandoned). Dropping a `Held`
-/// does the same to every job still in it.
+/// does the same to every job still in it. The pool never had those jobs, so
+/// they fence nothing as they are dropped, even for a consumer whose jobs a
+/// pool drops unrun fence their scope
+/// ([`Completions::fence_dropped`](crate::raw::Completions::fence_dropped)).
 ///
 /// Polling it is the only wait on the pool: a consume loop polls it beside its
 /// other events and never blocks on a full worker queue.
@@ -58,7 +61,7 @@ impl Held {
                 let submitted = std::task::ready!(head.poll_unpin(cx));
                 self.head = None;
                 if let Err(e) = submitted {
-                    self.waiting.clear();
+                    self.waiting.drain(..).for_each(Job::discard);
                     return Poll::Ready(Err(e));
                 }
             }
@@ -101,6 +104,15 @@ impl Held {
     /// [`poll_submit`](Held::poll_submit) as a future.
     pub async fn submitted(&mut self) -> Result<()> {
         futures::future::poll_fn(|cx| self.poll_submit(cx)).await
+    }
+}
+
+/// The jobs still held were never handed to the pool: withdrawn, fencing
+/// nothing. (The one waiting for room is withdrawn by its submission, see
+/// `submit_waiting`.)
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.waiting.drain(..).for_each(Job::discard);
     }
 }
 

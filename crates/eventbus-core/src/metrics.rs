@@ -109,6 +109,19 @@ pub const ASSIGNMENTS_LOST: &str = "assignments_lost_total";
 /// Times the broker went back to an offset already tracked in the same assignment,
 /// by `topic`: messages at and above it are read again. Counter.
 pub const REWINDS: &str = "rewinds_total";
+/// Messages a partition's new owner did not run, by `topic`: they had finished
+/// above the committed offset before the hand-over, as the commit's metadata
+/// said (Kafka's offset commit, memory's group position). Counter.
+pub const FINISHED_SKIPPED: &str = "finished_skipped_total";
+/// Commits made with the watermark alone because the offsets finished above it
+/// did not fit in the commit's metadata, by `topic`: the next owner runs them
+/// again. Counter.
+pub const COMMIT_METADATA_TOO_LARGE: &str = "commit_metadata_too_large_total";
+/// Partitions taken up whose commit metadata was there but not trusted, by
+/// `topic` (the reason is logged: another client's metadata, an unknown
+/// version, unreadable, another base or leader epoch): the partition is read
+/// from its committed offset and nothing is skipped. Counter.
+pub const COMMIT_METADATA_REPLAYS: &str = "commit_metadata_replays_total";
 /// Times a partition reached its tracked bound (`consumer.max_tracked_per_partition`),
 /// by `topic` and `partition`: its offset tracker spanned that many offsets from
 /// the lowest unfinished message, which holds the commit, and the partition takes
@@ -166,6 +179,9 @@ pub const ALL: &[&str] = &[
     HANDOVER_OVERRUNS,
     ASSIGNMENTS_LOST,
     REWINDS,
+    FINISHED_SKIPPED,
+    COMMIT_METADATA_TOO_LARGE,
+    COMMIT_METADATA_REPLAYS,
     TRACKED_BOUND_HITS,
     HEALTH_STATUS,
     RESIDENT_MEMORY,

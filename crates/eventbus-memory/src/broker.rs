@@ -156,6 +156,9 @@ struct Member {
 #[derive(Debug)]
 struct GroupState {
     committed: Vec<Option<i64>>,
+    /// By partition: the metadata committed with the offset (the offsets
+    /// finished above it), empty when none.
+    metadata: Vec<Arc<str>>,
     delivered: Vec<i64>,
     /// By id: the order the assignment is computed in.
     members: BTreeMap<u64, Member>,
@@ -176,6 +179,7 @@ impl GroupState {
     fn new(partitions: usize) -> Self {
         Self {
             committed: vec![None; partitions],
+            metadata: vec![Arc::from(""); partitions],
             delivered: vec![0; partitions],
             members: BTreeMap::new(),
             eager_pending: false,
@@ -624,6 +628,7 @@ impl Topic {
         partition: i32,
         generation: u64,
         offset: i64,
+        metadata: &str,
     ) -> Result<(), Error> {
         {
             let mut faults = self.commit_faults.lock().expect("fault table poisoned");
@@ -657,6 +662,9 @@ impl Topic {
                 ));
             };
             state.committed[partition as usize] = Some(offset);
+            if *state.metadata[partition as usize] != *metadata {
+                state.metadata[partition as usize] = Arc::from(metadata);
+            }
         }
         self.space.notify_waiters();
         Ok(())
@@ -674,9 +682,23 @@ impl Topic {
             let c = &mut state.committed[partition as usize];
             if c.is_none_or(|c| c < offset) {
                 *c = Some(offset);
+                state.metadata[partition as usize] = Arc::from("");
             }
         }
         self.space.notify_waiters();
+    }
+
+    /// Committed offset of `group` on `partition`, with the metadata committed
+    /// with it.
+    pub(crate) fn committed_metadata(
+        &self,
+        group: &str,
+        partition: i32,
+    ) -> Option<(i64, Arc<str>)> {
+        let groups = self.groups.lock().expect("group table poisoned");
+        let g = groups.get(group)?;
+        let committed = g.committed[partition as usize]?;
+        Some((committed, g.metadata[partition as usize].clone()))
     }
 
     /// Oldest offset of `partition` still kept.

@@ -92,9 +92,27 @@ impl PartitionLog for MemoryLog {
         after
     }
 
-    fn commit(&mut self, partition: i32, generation: u64, offset: i64) -> Result<()> {
+    fn commit(
+        &mut self,
+        partition: i32,
+        generation: u64,
+        offset: i64,
+        metadata: &str,
+    ) -> Result<()> {
+        self.topic.commit(
+            &self.group,
+            self.member,
+            partition,
+            generation,
+            offset,
+            metadata,
+        )
+    }
+
+    fn committed_metadata(&self, partition: i32) -> Option<(i64, Vec<u8>)> {
         self.topic
-            .commit(&self.group, self.member, partition, generation, offset)
+            .committed_metadata(&self.group, partition)
+            .map(|(offset, metadata)| (offset, metadata.as_bytes().to_vec()))
     }
 
     fn committed(&self, partition: i32) -> Option<i64> {

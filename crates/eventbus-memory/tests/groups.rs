@@ -652,6 +652,7 @@ async fn a_rewind_below_the_committed_offset_is_committed_back_before_reading_on
         .await;
         assert_eq!(broker.committed(topic, GROUP, 0), Some(100));
 
+        let at_rewind: HashMap<(i32, i64), u32> = handled.lock().unwrap().clone();
         let member = broker.rewind(topic, GROUP, 0, 40).unwrap();
         assert_eq!(member, b.id(topic));
         wait_until(&format!("{what}: the offset committed back to 40"), || {
@@ -678,18 +679,19 @@ async fn a_rewind_below_the_committed_offset_is_committed_back_before_reading_on
             "{what}: the hand-over fenced both held copies"
         );
 
-        let before: HashMap<(i32, i64), u32> = handled.lock().unwrap().clone();
         let c = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
         wait_until(&format!("{what}: everything handled and committed"), || {
             checker.handled_distinct() >= checker.produced()
                 && broker.committed(topic, GROUP, 0) == Some(120)
         })
         .await;
+        // Read again from 40: by this member after the rewind, or by the next
+        // one (which skips what this one finished after the rewind).
         let after = handled.lock().unwrap().clone();
         for o in 40..120 {
             assert!(
-                after.get(&(0, o)) > before.get(&(0, o)),
-                "{what}: offset {o} was not read again by the next member"
+                after.get(&(0, o)) > at_rewind.get(&(0, o)),
+                "{what}: offset {o} was not handled again after the rewind"
             );
         }
         judge(&what, &checker, &broker, topic, &handled);
@@ -1267,6 +1269,66 @@ async fn a_rewind_read_during_a_hand_over_fences_the_kept_partition_at_once() {
         assert_eq!(h.get(&(0, 11)), Some(&1), "{what}: 11 handled once");
         judge(&what, &checker, &broker, topic, &handled);
         a.bus.close().await.unwrap();
+        b.bus.close().await.unwrap();
+    }
+}
+
+/// One slow message holds the commit point while the messages above it finish,
+/// and its member leaves: the offsets finished above the commit point go with
+/// the final commit, and the next member runs only what did not finish (the
+/// slow message and the messages of its aggregate queued behind it), not the
+/// ninety-odd messages handled already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_does_not_run_again_what_finished_above_the_commit_point() {
+    for (name, pools) in pools() {
+        let what = name.to_owned();
+        let topic = "ledger";
+        let broker = broker(Rebalance::default(), topic, 1).await;
+        let cfg = config(Duration::from_millis(200));
+        let (checker, handled, gates) =
+            (DeliveryChecker::new(), Handled::default(), Gates::default());
+        // Offset 0 (key k0) is held: k0's later messages wait behind it, every
+        // other key finishes above it.
+        gates.hold(0, 0, 1);
+        let n = 100u64;
+        publish(&broker, topic, &checker, n).await;
+        let behind: Vec<i64> = (0..n as i64).filter(|o| *o as u64 % KEYS == 0).collect();
+        let a = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        wait_until(
+            &format!("{what}: every key but the held one's handled"),
+            || gates.started(0, 0, 1) && handled.lock().unwrap().len() == n as usize - behind.len(),
+        )
+        .await;
+        a.bus.close().await.unwrap();
+        assert_eq!(
+            broker.committed(topic, GROUP, 0),
+            Some(0),
+            "{what}: the commit point stays at the slow message"
+        );
+
+        let b = Member::join(&broker, &pools, &cfg, topic, &checker, &handled, &gates).await;
+        wait_until(&format!("{what}: everything handled and committed"), || {
+            checker.handled_distinct() >= checker.produced()
+                && broker.committed(topic, GROUP, 0) == Some(n as i64)
+        })
+        .await;
+        let handled_twice: Vec<i64> = handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, times)| **times > 1)
+            .map(|((_, o), _)| *o)
+            .collect();
+        assert!(
+            handled_twice.is_empty(),
+            "{what}: the next member ran again offsets finished before the hand-over: {handled_twice:?}"
+        );
+        assert_eq!(
+            b.handled.load(Ordering::SeqCst),
+            behind.len() as u64,
+            "{what}: the next member runs the slow message and its aggregate's later ones only"
+        );
+        judge(&what, &checker, &broker, topic, &handled);
         b.bus.close().await.unwrap();
     }
 }

@@ -435,7 +435,10 @@ impl Model {
             }
         }
         // A re-read restarts at the committed point: no earlier message of the
-        // key at or above it is skipped.
+        // key at or above it is skipped, but one that finished before the
+        // hand-over (the commit's metadata names it, and the next owner does
+        // not run it again). A rewind's point restarts everything from it,
+        // finished or not.
         // (Not for a call in a lost window: it may be of the epoch the member
         // lost, or of the next one, read again from the committed offset.)
         let last = self.last_started.insert((topic, key), seq);
@@ -450,10 +453,10 @@ impl Model {
                 .get(&(topic, partition))
                 .and_then(|r| r.iter().filter(|&&r| r <= offset).max().copied());
             let c = committed.unwrap_or(0).max(rewound.unwrap_or(0));
-            if let Some(skipped) = list[..seq as usize]
-                .iter()
-                .find(|&&j| self.msgs[j].offset >= c)
-            {
+            let from_rewind = rewound.is_some_and(|r| r > committed.unwrap_or(0));
+            if let Some(skipped) = list[..seq as usize].iter().find(|&&j| {
+                self.msgs[j].offset >= c && (from_rewind || self.msgs[j].done == Done::No)
+            }) {
                 let s = &self.msgs[*skipped];
                 let what = format!(
                     "{name}: a re-read from committed offset {c} skipped k{}#{} at p{}@{}",

@@ -608,6 +608,25 @@ impl Dispatcher {
         self.topic_counter(m::REWINDS, topic);
     }
 
+    /// Count `n` messages of `topic` not run again: they finished before the
+    /// hand-over, as the commit's metadata said.
+    pub fn count_finished_skipped(&self, topic: &str, n: u64) {
+        metrics::counter!(m::name(&self.inner.metrics.backend, m::FINISHED_SKIPPED), "topic" => topic.to_owned())
+            .increment(n);
+    }
+
+    /// Count a commit of `topic` made with its watermark alone: the finished
+    /// offsets above it did not fit in the metadata.
+    pub fn count_commit_metadata_too_large(&self, topic: &str) {
+        self.topic_counter(m::COMMIT_METADATA_TOO_LARGE, topic);
+    }
+
+    /// Count a partition of `topic` taken up whose commit metadata was there
+    /// but not trusted (the reason goes in the log).
+    pub fn count_commit_metadata_replay(&self, topic: &str) {
+        self.topic_counter(m::COMMIT_METADATA_REPLAYS, topic);
+    }
+
     fn topic_counter(&self, metric: &str, topic: &str) {
         metrics::counter!(m::name(&self.inner.metrics.backend, metric), "topic" => topic.to_owned())
             .increment(1);
@@ -652,7 +671,14 @@ impl Dispatcher {
             None => None,
         };
         // The transition counters of the topic exist from the start, at zero.
-        for metric in [m::HANDOVER_OVERRUNS, m::ASSIGNMENTS_LOST, m::REWINDS] {
+        for metric in [
+            m::HANDOVER_OVERRUNS,
+            m::ASSIGNMENTS_LOST,
+            m::REWINDS,
+            m::FINISHED_SKIPPED,
+            m::COMMIT_METADATA_TOO_LARGE,
+            m::COMMIT_METADATA_REPLAYS,
+        ] {
             metrics::counter!(m::name(&self.inner.metrics.backend, metric), "topic" => sub.topic.clone())
                 .increment(0);
         }

@@ -59,6 +59,7 @@ pub use crate::raw::completions::Target;
 use crate::raw::completions::{Claim, Completions};
 use crate::raw::dispatcher::{Completion, InFlight};
 use crate::raw::fence::{Epoch, Scope};
+use crate::raw::finished::{FinishedOffsets, TooLarge};
 use crate::raw::offset::OffsetTracker;
 
 /// A shared bound on messages in flight across every consumer of a bus.
@@ -88,6 +89,8 @@ pub struct Ticket {
     generation: u64,
     epoch: Epoch,
     rewound_from: Option<i64>,
+    /// Finished before the partition was assigned here (seeded): not to run.
+    finished: bool,
     /// The mailbox slot its job posts to.
     claim: Claim,
 }
@@ -102,6 +105,13 @@ impl Ticket {
     /// back): the partition's watermark may have moved down; commit it explicitly.
     pub fn rewound_from(&self) -> Option<i64> {
         self.rewound_from
+    }
+
+    /// Whether the message finished before its partition was assigned here (its
+    /// offset was [`seed`](InFlightSet::seed)ed): it settled as finished when it
+    /// was tracked, and is not to run again. [`skip`](InFlightSet::skip) it.
+    pub fn finished(&self) -> bool {
+        self.finished
     }
 }
 
@@ -393,8 +403,46 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
             generation,
             epoch,
             rewound_from: tracked.rewound_from,
+            finished: tracked.finished,
             claim: self.completions.claim(),
         })
+    }
+
+    /// Drop the [`finished`](Ticket::finished) message of `ticket` unrun: it
+    /// settled as finished when it was tracked, and the watermark passes it.
+    pub fn skip(&mut self, ticket: Ticket) {
+        debug_assert!(
+            ticket.finished,
+            "only a message that finished before is skipped"
+        );
+        self.completions.give_up(ticket.claim);
+    }
+
+    /// Seed `partition`, assigned and nothing tracked yet, with the offsets that
+    /// finished above its committed offset before it was assigned here (decoded
+    /// from the commit's metadata): each settles as finished when it is tracked
+    /// ([`Ticket::finished`]). Returns whether it was seeded (not when not owned,
+    /// or when something was tracked already).
+    pub fn seed(&mut self, partition: i32, finished: &FinishedOffsets) -> bool {
+        self.partitions
+            .get_mut(&partition)
+            .is_some_and(|p| p.tracker.seed(finished).is_ok())
+    }
+
+    /// The offsets of `partition` finished above its commit point, as commit
+    /// metadata for a commit of `base` ([`finished::encode`]): the empty string
+    /// when none finished above it, [`TooLarge`] past the metadata's cap.
+    /// Computed when asked: nothing is walked when nothing finished above the
+    /// commit point.
+    ///
+    /// [`finished::encode`]: crate::raw::finished::encode
+    pub fn finished_metadata(&self, partition: i32, base: i64) -> Result<String, TooLarge> {
+        match self.partitions.get(&partition) {
+            Some(p) if p.tracker.finished_above() > 0 || p.tracker.has_seed() => {
+                crate::raw::finished::encode(base, None, p.tracker.finished_runs())
+            }
+            _ => Ok(String::new()),
+        }
     }
 
     /// The broker will read `partition` again from `offset`, known before the

@@ -867,6 +867,13 @@ impl OffsetTracker {
             .fold(self.current.finished_above(), usize::saturating_add)
     }
 
+    /// Whether offsets seeded ([`seed`](Self::seed)) are still to be delivered:
+    /// they are among [`finished_runs`](Self::finished_runs) although
+    /// [`finished_above`](Self::finished_above) does not count them.
+    pub fn has_seed(&self) -> bool {
+        self.seed.is_some()
+    }
+
     /// Forget everything (partition revoked).
     pub fn reset(&mut self) {
         *self = Self::default();

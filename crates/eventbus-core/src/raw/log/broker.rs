@@ -112,8 +112,28 @@ pub trait PartitionLog: Send + 'static {
 
     /// Commit `offset` (the next to consume) of `partition`, held under the
     /// grant of `generation`; lower than the group's offset too (a rewind made
-    /// durable). See the module docs for the answers.
-    fn commit(&mut self, partition: i32, generation: u64, offset: i64) -> Result<()>;
+    /// durable). `metadata` goes with it, replacing the one committed before:
+    /// the offsets finished above `offset`
+    /// ([`finished::encode`](crate::raw::finished::encode)), or empty. See the
+    /// module docs for the answers.
+    fn commit(
+        &mut self,
+        partition: i32,
+        generation: u64,
+        offset: i64,
+        metadata: &str,
+    ) -> Result<()>;
+
+    /// The group's committed offset of `partition` and the metadata committed
+    /// with it, as read when the partition was last
+    /// [`take_up`](Self::take_up)ed (the loop asks right after): the offsets
+    /// that finished above it under the previous owner, which the loop then
+    /// does not run again. `None` (the default): not known, nothing is skipped.
+    /// The bytes as the group keeps them, UTF-8 or not.
+    fn committed_metadata(&self, partition: i32) -> Option<(i64, Vec<u8>)> {
+        let _ = partition;
+        None
+    }
 
     /// The group's committed offset of `partition`, as last known.
     fn committed(&self, partition: i32) -> Option<i64>;

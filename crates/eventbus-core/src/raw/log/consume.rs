@@ -34,7 +34,7 @@
 //! - Giving partitions up, lost partitions and stopping: see
 //!   [`leaving`](super::leaving).
 
-use super::partition::Partition;
+use super::partition::{finished_metadata, Partition};
 use super::PartitionLog;
 use crate::raw::{Completion, Dispatcher, Held, InFlightSet, PreparedSubscription};
 use crate::{CancellationToken, ErrorKind, Message};
@@ -90,6 +90,9 @@ enum Step {
     PauseDue,
     /// Time to report what holds each partition's commit point.
     Report,
+    /// Time to commit the finished offsets of partitions whose commit point
+    /// stays.
+    CommitMetadata,
 }
 
 /// What one partition's turn in a submission pass came to.
@@ -194,6 +197,10 @@ impl<L: PartitionLog> LogLoop<L> {
         self.reconcile().await;
         let mut report = tokio::time::interval(self.dispatcher.holds_interval());
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let commit_every = self.dispatcher.config().consumer.commit_interval;
+        let mut metadata_tick =
+            tokio::time::interval_at(Instant::now() + commit_every, commit_every);
+        metadata_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.rebalanced.has_changed().unwrap_or(false) {
                 self.rebalanced.borrow_and_update();
@@ -213,6 +220,7 @@ impl<L: PartitionLog> LogLoop<L> {
                 // for this wait instead of waking the loop for ever.
                 Ok(()) = self.rebalanced.changed() => Step::Rebalanced,
                 _ = report.tick() => Step::Report,
+                _ = metadata_tick.tick() => Step::CommitMetadata,
                 pr = next_progress(&mut self.partitions, &mut self.set) => Step::Progress(pr),
                 _ = sleep_until(retry_at), if retry_at.is_some() => Step::Retry,
                 _ = sleep_until(pause_at), if pause_at.is_some() => Step::PauseDue,
@@ -243,6 +251,10 @@ impl<L: PartitionLog> LogLoop<L> {
                 }
                 Step::Report => {
                     self.report_holds();
+                    ControlFlow::Continue(())
+                }
+                Step::CommitMetadata => {
+                    self.commit_metadata();
                     ControlFlow::Continue(())
                 }
             };
@@ -361,8 +373,89 @@ impl<L: PartitionLog> LogLoop<L> {
         let scope = self.set.assign(p);
         let next = self.log.take_up(p, generation, scope);
         tracing::debug!(topic = %self.log.topic(), partition = p, offset = next, "partition assigned");
+        self.seed(p, next);
         self.set_in_flight(i, 0);
         self.partitions[i] = Some(Partition::new(generation, next));
+    }
+
+    /// Seed partition `p`, just taken up from `next`, with the offsets that
+    /// finished above the group's committed offset under its previous owner (the
+    /// commit's metadata): they are not run again. Metadata this member cannot
+    /// vouch for ([`Replay`](crate::raw::finished::Replay)) is counted and
+    /// skips nothing: the partition is read from its committed offset.
+    fn seed(&mut self, p: i32, next: i64) {
+        let Some((committed, metadata)) = self.log.committed_metadata(p) else {
+            return;
+        };
+        if committed != next {
+            return;
+        }
+        match crate::raw::finished::decode(&metadata, committed, None) {
+            Ok(finished) => {
+                if self.set.seed(p, &finished) {
+                    tracing::debug!(topic = %self.log.topic(), partition = p, offset = committed,
+                        finished = finished.offsets(),
+                        "offsets finished above the committed offset before: not run again");
+                }
+            }
+            Err(crate::raw::finished::Replay::Missing) => {}
+            Err(reason) => {
+                tracing::warn!(topic = %self.log.topic(), partition = p, offset = committed,
+                    %reason, reason_label = reason.label(), "commit metadata not trusted: the partition is read from its \
+                     committed offset and nothing is skipped");
+                self.dispatcher
+                    .count_commit_metadata_replay(self.log.topic());
+            }
+        }
+    }
+
+    /// The metadata to commit with `w` on partition `p`: the offsets finished
+    /// above it, when the partition vouches for its commit point
+    /// ([`Partition::vouches`]); empty otherwise.
+    pub(super) fn metadata(&self, p: i32, w: i64) -> String {
+        let vouches = usize::try_from(p)
+            .ok()
+            .and_then(|i| self.partitions.get(i))
+            .and_then(Option::as_ref)
+            .is_some_and(Partition::vouches);
+        if !vouches {
+            return String::new();
+        }
+        finished_metadata(&self.set, &self.dispatcher, self.log.topic(), p, w)
+    }
+
+    /// The commit point of partition `p` to write finished offsets above: its
+    /// watermark, or before anything finished at its front, its lowest
+    /// unfinished offset (where it was taken up from, or the first offset read).
+    pub(super) fn commit_point(&self, p: i32) -> Option<i64> {
+        self.set.watermark(p).or_else(|| self.set.lowest_pending(p))
+    }
+
+    /// Commit again the partitions whose finished offsets above the commit
+    /// point changed since their last commit while the commit point stayed
+    /// (one slow message holding it): the metadata alone goes out, once per
+    /// commit interval, so a hand-over or a crash does not run them again.
+    fn commit_metadata(&mut self) {
+        let mut failed = false;
+        for i in 0..self.partitions.len() {
+            let p = i as i32;
+            let due = self.partitions[i]
+                .as_ref()
+                .is_some_and(|part| part.vouches() && part.unstored.is_none());
+            let Some(w) = self.commit_point(p).filter(|_| due) else {
+                continue;
+            };
+            let metadata = self.metadata(p, w);
+            let Some(part) = self.partitions[i].as_mut() else {
+                continue;
+            };
+            if metadata != part.metadata {
+                failed |= part.store(&mut self.log, p, w, metadata);
+            }
+        }
+        if failed {
+            self.retry_soon();
+        }
     }
 
     /// Partition `p` was taken away without a hand-over (this member stalled
@@ -449,7 +542,8 @@ impl<L: PartitionLog> LogLoop<L> {
         let Some(to) = part.back else {
             return;
         };
-        match self.log.commit(p as i32, part.generation, to) {
+        // No finished offsets go with it: the commit point is a rewind's.
+        match self.log.commit(p as i32, part.generation, to, "") {
             Ok(()) => {
                 part.end_back(&mut self.log, p as i32);
                 if part.unstored.is_some() {
@@ -495,7 +589,9 @@ impl<L: PartitionLog> LogLoop<L> {
             if part.back.is_some() {
                 self.commit_back(p);
             } else if let Some(w) = part.unstored {
-                if part.store(&mut self.log, p as i32, w) {
+                let metadata = self.metadata(p as i32, w);
+                let part = self.partitions[p].as_mut().expect("held");
+                if part.store(&mut self.log, p as i32, w, metadata) {
                     self.retry_soon();
                 }
             }
@@ -620,7 +716,7 @@ impl<L: PartitionLog> LogLoop<L> {
             // Nothing left to read again (trimmed): the tracker's watermark
             // stands.
             if let Some(w) = self.set.watermark(partition) {
-                if part.store(&mut self.log, partition, w) {
+                if part.store(&mut self.log, partition, w, String::new()) {
                     self.retry_soon();
                 }
             }
@@ -662,13 +758,14 @@ impl<L: PartitionLog> LogLoop<L> {
     /// `p`. Every message gets its in-flight entry; one not submitted is given up
     /// (not committed, delivered again). Jobs the pool has no room for yet are
     /// kept as the partition's held jobs.
-    async fn offer(&mut self, p: usize, permits: Vec<OwnedSemaphorePermit>) -> ControlFlow<()> {
+    async fn offer(&mut self, p: usize, mut permits: Vec<OwnedSemaphorePermit>) -> ControlFlow<()> {
         let partition = p as i32;
         let Some(part) = self.partitions[p].as_mut() else {
             return ControlFlow::Continue(());
         };
         let mut tickets = Vec::with_capacity(permits.len());
         let mut messages = Vec::with_capacity(permits.len());
+        let mut skipped = 0;
         for msg in part.buffer.drain(..permits.len()) {
             let ticket = match self.set.begin(partition, msg.offset) {
                 Ok(t) => t,
@@ -677,17 +774,32 @@ impl<L: PartitionLog> LogLoop<L> {
                     return ControlFlow::Break(());
                 }
             };
+            // Finished under the partition's previous owner: settled as
+            // finished by tracking it, and not run again.
+            if ticket.finished() {
+                self.set.skip(ticket);
+                skipped += 1;
+                continue;
+            }
             messages.push((msg, (), self.set.target(&ticket)));
             tickets.push(ticket);
+        }
+        permits.truncate(tickets.len());
+        if skipped > 0 {
+            self.dispatcher
+                .count_finished_skipped(self.log.topic(), skipped);
         }
         // The rewind's first message is tracked: the tracker knows the rewind
         // now, and its watermark is the commit point again.
         let rewound = part.rewound_to.take().is_some();
         let mut inflights = Vec::with_capacity(tickets.len());
-        let offered = self
-            .dispatcher
-            .offer_batch(&self.sub, messages, &self.cancel, &mut inflights)
-            .await;
+        let offered = if messages.is_empty() {
+            Ok(None)
+        } else {
+            self.dispatcher
+                .offer_batch(&self.sub, messages, &self.cancel, &mut inflights)
+                .await
+        };
         let mut pushed = 0;
         for ((ticket, inflight), permit) in tickets.into_iter().zip(inflights).zip(permits) {
             if !inflight.submitted() {
@@ -703,12 +815,21 @@ impl<L: PartitionLog> LogLoop<L> {
         if let Some(c) = self.in_flight.get(p) {
             c.fetch_add(pushed, Ordering::Relaxed);
         }
+        // A skipped message at the front moved the watermark: commit it (it
+        // settled with no completion to carry it).
+        let moved = (skipped > 0 && !rewound)
+            .then(|| self.set.watermark(partition))
+            .flatten()
+            .map(|w| (w, self.metadata(partition, w)));
         let part = self.partitions[p].as_mut().expect("held");
-        let failed = rewound
+        let mut failed = rewound
             && self
                 .set
                 .watermark(partition)
-                .is_some_and(|w| part.store(&mut self.log, partition, w));
+                .is_some_and(|w| part.store(&mut self.log, partition, w, String::new()));
+        if let Some((w, metadata)) = moved {
+            failed |= part.store(&mut self.log, partition, w, metadata);
+        }
         if failed {
             self.retry_soon();
         }
@@ -781,15 +902,18 @@ impl<L: PartitionLog> LogLoop<L> {
                 count_out(in_flight, &s)
             });
         let mut failed = false;
-        for (p, w) in self.marks.drain(..) {
+        let mut marks = std::mem::take(&mut self.marks);
+        for (p, w) in marks.drain(..) {
+            let metadata = self.metadata(p, w);
             let part = usize::try_from(p)
                 .ok()
                 .and_then(|p| self.partitions.get_mut(p))
                 .and_then(Option::as_mut);
             if let Some(part) = part {
-                failed |= part.store(&mut self.log, p, w);
+                failed |= part.store(&mut self.log, p, w, metadata);
             }
         }
+        self.marks = marks;
         if failed {
             self.retry_soon();
         }

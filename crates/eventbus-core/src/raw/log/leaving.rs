@@ -88,7 +88,18 @@ impl<L: PartitionLog> HandOver for Leaving<'_, L> {
                     .and_then(|p| lp.partitions.get_mut(p))
                     .and_then(Option::as_mut);
                 if let (Some(w), Some(part)) = (s.watermark, part) {
-                    self.failed |= part.store(&mut lp.log, s.partition, w);
+                    let metadata = if part.vouches() {
+                        super::partition::finished_metadata(
+                            &lp.set,
+                            &lp.dispatcher,
+                            lp.log.topic(),
+                            s.partition,
+                            w,
+                        )
+                    } else {
+                        String::new()
+                    };
+                    self.failed |= part.store(&mut lp.log, s.partition, w, metadata);
                 }
             }
         }
@@ -196,6 +207,12 @@ impl<L: PartitionLog> LogLoop<L> {
             self.dispatcher.count_handover_overrun(self.log.topic());
         }
         for &p in partitions {
+            // The offsets finished above the commit point go with the final
+            // commit, read before the tracker goes: the next owner does not run
+            // them again. Before anything finished at the front, the commit
+            // point is where the partition was read from.
+            let point = self.commit_point(p);
+            let metadata = point.map(|w| self.metadata(p, w)).unwrap_or_default();
             let watermark = self.set.revoke(p);
             if let Ok(i) = usize::try_from(p) {
                 self.set_in_flight(i, 0);
@@ -210,11 +227,19 @@ impl<L: PartitionLog> LogLoop<L> {
             // A rewind not read again yet commits its commit point: the
             // records from it are read again by the next owner.
             let last = match part.rewound_to {
-                Some(to) => Some(watermark.map_or(to, |w| w.min(to))),
-                None => watermark.or(part.unstored),
+                Some(to) => Some((watermark.map_or(to, |w| w.min(to)), String::new())),
+                None => match (watermark.or(part.unstored), point) {
+                    (Some(w), Some(at)) if w == at => Some((w, metadata)),
+                    (Some(w), _) => Some((w, String::new())),
+                    // Nothing finished at the front: the commit point stays
+                    // where the partition was read from, and only what
+                    // finished above it needs committing.
+                    (None, Some(at)) if !metadata.is_empty() => Some((at, metadata)),
+                    (None, _) => None,
+                },
             };
-            if let Some(offset) = last {
-                final_commit(&mut self.log, p, part.generation, offset, until).await;
+            if let Some((offset, metadata)) = last {
+                final_commit(&mut self.log, p, part.generation, offset, &metadata, until).await;
             }
             part.end_back(&mut self.log, p);
         }
@@ -246,10 +271,11 @@ async fn final_commit<L: PartitionLog>(
     p: i32,
     generation: u64,
     offset: i64,
+    metadata: &str,
     deadline: Instant,
 ) {
     loop {
-        match log.commit(p, generation, offset) {
+        match log.commit(p, generation, offset, metadata) {
             Ok(()) => return,
             Err(e) if e.kind() == ErrorKind::Fenced => {
                 tracing::debug!(topic = %log.topic(), partition = p, error = %e,

@@ -9,7 +9,7 @@
 //! a later one replaces it.
 
 use super::PartitionLog;
-use crate::raw::Held;
+use crate::raw::{Dispatcher, Held, InFlightSet};
 use crate::{ErrorKind, Message};
 use std::collections::VecDeque;
 use tokio::time::Instant;
@@ -39,6 +39,9 @@ pub(super) struct Partition {
     pub(super) back_since: Option<(Instant, bool)>,
     /// A watermark whose commit failed, to make again.
     pub(super) unstored: Option<i64>,
+    /// The metadata of the last commit made: the offsets finished above it
+    /// ([`finished_metadata`]); committed again when only it changed.
+    pub(super) metadata: String,
     /// The broker was told to stop fetching it ([`PartitionLog::pause`]).
     pub(super) paused: bool,
     /// Since when it has had no room, not paused yet
@@ -59,6 +62,7 @@ impl Partition {
             back: None,
             back_since: None,
             unstored: None,
+            metadata: String::new(),
             paused: false,
             full_since: None,
         }
@@ -73,16 +77,24 @@ impl Partition {
         }
     }
 
-    /// Commit watermark `w` of `partition`, unless a rewind's first message is
-    /// not tracked yet. Returns whether the commit failed and is to be made
-    /// again (kept as `unstored`).
-    pub(super) fn store<L: PartitionLog>(&mut self, log: &mut L, partition: i32, w: i64) -> bool {
+    /// Commit watermark `w` of `partition` with `metadata` (the offsets
+    /// finished above it: [`finished_metadata`]), unless a rewind's first
+    /// message is not tracked yet. Returns whether the commit failed and is to
+    /// be made again (kept as `unstored`).
+    pub(super) fn store<L: PartitionLog>(
+        &mut self,
+        log: &mut L,
+        partition: i32,
+        w: i64,
+        metadata: String,
+    ) -> bool {
         if self.rewound_to.is_some() {
             return false;
         }
-        match log.commit(partition, self.generation, w) {
+        match log.commit(partition, self.generation, w, &metadata) {
             Ok(()) => {
                 self.unstored = None;
+                self.metadata = metadata;
                 false
             }
             Err(e) if e.kind() == ErrorKind::Fenced => {
@@ -96,6 +108,34 @@ impl Partition {
                 self.unstored = Some(w);
                 true
             }
+        }
+    }
+
+    /// Whether the offsets finished above the commit point may go with a
+    /// commit: not while a rewind's reading or its commit back is under way
+    /// (the commit point is in doubt; nothing is written, so nothing is
+    /// skipped).
+    pub(super) fn vouches(&self) -> bool {
+        self.rewound_to.is_none() && self.back.is_none()
+    }
+}
+
+/// The metadata for a commit of `w` on `partition` of `set`: the offsets
+/// finished above it ([`InFlightSet::finished_metadata`]), or empty when none
+/// did, or they do not fit (counted: the next owner runs them again).
+pub(super) fn finished_metadata(
+    set: &InFlightSet<()>,
+    dispatcher: &Dispatcher,
+    topic: &str,
+    partition: i32,
+    w: i64,
+) -> String {
+    match set.finished_metadata(partition, w) {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::debug!(topic, partition, offset = w, error = %e, "finished offsets not written");
+            dispatcher.count_commit_metadata_too_large(topic);
+            String::new()
         }
     }
 }

@@ -182,7 +182,7 @@ impl PartitionLog for Script {
         out.extend((from..to).map(|o| Message::new(self.topic.clone(), p, o, "x")));
         to.max(from)
     }
-    fn commit(&mut self, p: i32, _: u64, offset: i64) -> Result<()> {
+    fn commit(&mut self, p: i32, _: u64, offset: i64, _: &str) -> Result<()> {
         let mut seen = self.seen.lock().unwrap();
         seen.commit_attempts += 1;
         seen.attempted.push((p, offset));

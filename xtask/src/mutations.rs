@@ -78,6 +78,7 @@ const JOB: &str = "crates/eventbus-core/src/raw/job.rs";
 const SWITCH: &str = "crates/eventbus/src/switch.rs";
 const MEMORY: &str = "crates/eventbus-memory/src/consumer.rs";
 const MEMORY_BROKER: &str = "crates/eventbus-memory/src/broker.rs";
+const LOG_PARTITION: &str = "crates/eventbus-core/src/raw/log/partition.rs";
 
 const MUTATIONS: &[Mutation] = &[
     Mutation {
@@ -387,6 +388,36 @@ const MUTATIONS: &[Mutation] = &[
             replace: "",
         }],
         models: "a rewind's queued copies fenced only once its first message is tracked (it may wait for room)",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "seed-survives-rewind",
+        edits: &[Edit {
+            file: OFFSET,
+            find: "            seed.limit = seed.limit.min(from);\n",
+            replace: "",
+        }],
+        models: "a rewind leaves the seed of finished offsets whole: what is read again is skipped",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "seed-run-starts-early",
+        edits: &[Edit {
+            file: OFFSET,
+            find: "        offset < self.limit && self.run.as_ref().is_some_and(|r| r.start <= offset)\n",
+            replace: "        offset < self.limit && self.run.as_ref().is_some_and(|r| r.start <= offset + 1)\n",
+        }],
+        models: "the offset just below a run of finished offsets skipped too (it did not finish)",
+        expected_missed: None,
+    },
+    Mutation {
+        name: "finished-written-while-rewinding",
+        edits: &[Edit {
+            file: LOG_PARTITION,
+            find: "        self.rewound_to.is_none() && self.back.is_none()\n",
+            replace: "        true\n",
+        }],
+        models: "finished offsets committed while a rewind is read again or its commit back is not made",
         expected_missed: None,
     },
 ];

@@ -45,6 +45,10 @@ pub(crate) struct Msg {
     pub(crate) plan: Vec<Act>,
     calls: usize,
     pub(crate) done: Done,
+    /// A rewind read it again: from this call id on, a call must finish it
+    /// again before a re-read may skip it (what finished before a rewind runs
+    /// again, whatever the commit's metadata said).
+    rerun_after: Option<u64>,
 }
 
 /// A handler call under way.
@@ -241,6 +245,7 @@ impl Model {
             plan,
             calls: 0,
             done: Done::No,
+            rerun_after: None,
         });
         id
     }
@@ -437,8 +442,8 @@ impl Model {
         // A re-read restarts at the committed point: no earlier message of the
         // key at or above it is skipped, but one that finished before the
         // hand-over (the commit's metadata names it, and the next owner does
-        // not run it again). A rewind's point restarts everything from it,
-        // finished or not.
+        // not run it again). What a rewind reads again must finish again first,
+        // whatever finished before the rewind.
         // (Not for a call in a lost window: it may be of the epoch the member
         // lost, or of the next one, read again from the committed offset.)
         let last = self.last_started.insert((topic, key), seq);
@@ -453,9 +458,9 @@ impl Model {
                 .get(&(topic, partition))
                 .and_then(|r| r.iter().filter(|&&r| r <= offset).max().copied());
             let c = committed.unwrap_or(0).max(rewound.unwrap_or(0));
-            let from_rewind = rewound.is_some_and(|r| r > committed.unwrap_or(0));
             if let Some(skipped) = list[..seq as usize].iter().find(|&&j| {
-                self.msgs[j].offset >= c && (from_rewind || self.msgs[j].done == Done::No)
+                let m = &self.msgs[j];
+                m.offset >= c && (m.done == Done::No || m.rerun_after.is_some())
             }) {
                 let s = &self.msgs[*skipped];
                 let what = format!(
@@ -544,6 +549,12 @@ impl Model {
             .entry((topic, partition))
             .or_default()
             .push(offset);
+        let next_call = self.next_call;
+        for m in &mut self.msgs {
+            if m.topic == topic && m.partition == partition && m.offset >= offset {
+                m.rerun_after = Some(next_call);
+            }
+        }
         let end = self.open.get(&(topic, partition)).map_or(0, |o| o.1);
         self.reread
             .entry((topic, partition))
@@ -601,6 +612,11 @@ impl Model {
         let name = format!("{} k{}#{}", TOPICS[m.topic], m.key, m.seq);
         if done != Done::No && m.done != Done::Handled {
             m.done = done;
+        }
+        // Finished again by a call that started after the rewind and was not
+        // fenced: the tracker of the rewind's reading counts it.
+        if done != Done::No && !cancelled && m.rerun_after.is_some_and(|r| call >= r) {
+            m.rerun_after = None;
         }
         if m.done != Done::No {
             let (topic, partition, offset) = (m.topic, m.partition, m.offset);

@@ -589,9 +589,7 @@ impl<L: PartitionLog> LogLoop<L> {
             if part.back.is_some() {
                 self.commit_back(p);
             } else if let Some(w) = part.unstored {
-                let metadata = self.metadata(p as i32, w);
-                let part = self.partitions[p].as_mut().expect("held");
-                if part.store(&mut self.log, p as i32, w, metadata) {
+                if part.store(&mut self.log, p as i32, w, String::new()) {
                     self.retry_soon();
                 }
             }
@@ -819,16 +817,15 @@ impl<L: PartitionLog> LogLoop<L> {
         // settled with no completion to carry it).
         let moved = (skipped > 0 && !rewound)
             .then(|| self.set.watermark(partition))
-            .flatten()
-            .map(|w| (w, self.metadata(partition, w)));
+            .flatten();
         let part = self.partitions[p].as_mut().expect("held");
         let mut failed = rewound
             && self
                 .set
                 .watermark(partition)
                 .is_some_and(|w| part.store(&mut self.log, partition, w, String::new()));
-        if let Some((w, metadata)) = moved {
-            failed |= part.store(&mut self.log, partition, w, metadata);
+        if let Some(w) = moved {
+            failed |= part.store(&mut self.log, partition, w, String::new());
         }
         if failed {
             self.retry_soon();
@@ -901,19 +898,20 @@ impl<L: PartitionLog> LogLoop<L> {
             .settle_ready(first, usize::MAX, &mut self.marks, |s| {
                 count_out(in_flight, &s)
             });
+        // The watermark alone: the finished offsets above it go once per
+        // commit interval (`commit_metadata`) and with a hand-over's final
+        // commit, not at every settling pass (encoding them costs more than
+        // the pass).
         let mut failed = false;
-        let mut marks = std::mem::take(&mut self.marks);
-        for (p, w) in marks.drain(..) {
-            let metadata = self.metadata(p, w);
+        for (p, w) in self.marks.drain(..) {
             let part = usize::try_from(p)
                 .ok()
                 .and_then(|p| self.partitions.get_mut(p))
                 .and_then(Option::as_mut);
             if let Some(part) = part {
-                failed |= part.store(&mut self.log, p, w, metadata);
+                failed |= part.store(&mut self.log, p, w, String::new());
             }
         }
-        self.marks = marks;
         if failed {
             self.retry_soon();
         }

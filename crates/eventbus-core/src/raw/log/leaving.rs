@@ -87,19 +87,10 @@ impl<L: PartitionLog> HandOver for Leaving<'_, L> {
                     .ok()
                     .and_then(|p| lp.partitions.get_mut(p))
                     .and_then(Option::as_mut);
+                // The watermark alone: the final commit carries the finished
+                // offsets.
                 if let (Some(w), Some(part)) = (s.watermark, part) {
-                    let metadata = if part.vouches() {
-                        super::partition::finished_metadata(
-                            &lp.set,
-                            &lp.dispatcher,
-                            lp.log.topic(),
-                            s.partition,
-                            w,
-                        )
-                    } else {
-                        String::new()
-                    };
-                    self.failed |= part.store(&mut lp.log, s.partition, w, metadata);
+                    self.failed |= part.store(&mut lp.log, s.partition, w, String::new());
                 }
             }
         }

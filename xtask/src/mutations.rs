@@ -76,7 +76,8 @@ const DISPATCHER: &str = "crates/eventbus-core/src/raw/dispatcher.rs";
 const TASK: &str = "crates/eventbus-core/src/raw/dispatcher/task.rs";
 const JOB: &str = "crates/eventbus-core/src/raw/job.rs";
 const SWITCH: &str = "crates/eventbus/src/switch.rs";
-const MEMORY: &str = "crates/eventbus-memory/src/consumer.rs";
+const LOG_CONSUME: &str = "crates/eventbus-core/src/raw/log/consume.rs";
+const LOG_LEAVING: &str = "crates/eventbus-core/src/raw/log/leaving.rs";
 const MEMORY_BROKER: &str = "crates/eventbus-memory/src/broker.rs";
 const LOG_PARTITION: &str = "crates/eventbus-core/src/raw/log/partition.rs";
 
@@ -337,7 +338,7 @@ const MUTATIONS: &[Mutation] = &[
                 replace: "                    state.fences.remove(&(member, *p));\n",
             },
             Edit {
-                file: MEMORY,
+                file: LOG_CONSUME,
                 find: "        let in_flight = self.set.in_flight(partition);\n        self.set.revoke(partition);\n",
                 replace: "        let in_flight = self.set.in_flight(partition);\n",
             },
@@ -348,9 +349,9 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "lost-commits",
         edits: &[Edit {
-            file: MEMORY,
-            find: "        self.partitions[p] = None;\n        let partition = p as i32;\n        let in_flight = self.set.in_flight(partition);\n        self.set.revoke(partition);\n",
-            replace: "        let generation = self.partitions[p].take().map_or(0, |part| part.generation);\n        let partition = p as i32;\n        let in_flight = self.set.in_flight(partition);\n        if let Some(w) = self.set.revoke(partition) {\n            let _ = self.topic.commit(&self.group, self.member, partition, generation, w);\n        }\n",
+            file: LOG_CONSUME,
+            find: "        if let Some(mut part) = self.partitions[p].take() {\n            part.end_back(&mut self.log, partition);\n        }\n        let in_flight = self.set.in_flight(partition);\n        self.set.revoke(partition);\n",
+            replace: "        let generation = self.partitions[p].take().map_or(0, |part| part.generation);\n        let in_flight = self.set.in_flight(partition);\n        if let Some(w) = self.set.revoke(partition) {\n            let _ = self.log.commit(partition, generation, w, \"\");\n        }\n",
         }],
         models: "a lost assignment that commits its watermark",
         expected_missed: Some(
@@ -363,9 +364,9 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "revoke-commits-read-position",
         edits: &[Edit {
-            file: MEMORY,
-            find: "        for p in partitions {\n            if let Some(part) = self.partitions[*p as usize].as_mut() {\n                part.held = None;\n",
-            replace: "        for p in partitions {\n            if let Some(part) = self.partitions[*p as usize].as_mut() {\n                let _ = self.topic.commit(&self.group, self.member, *p, part.generation, part.next);\n                part.held = None;\n",
+            file: LOG_LEAVING,
+            find: "            if let Some(part) = self.partition_mut(*p) {\n                part.held = None;\n",
+            replace: "            if let Some(part) = self.partition_mut(*p) {\n                let _ = self.log.commit(*p, part.generation, part.next, \"\");\n                part.held = None;\n",
         }],
         models: "a revoke that stores the read position before waiting for the drain",
         expected_missed: None,
@@ -373,7 +374,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "rewind-not-committed-back",
         edits: &[Edit {
-            file: MEMORY,
+            file: LOG_CONSUME,
             find: "        if committed.is_some_and(|c| to < c) {\n",
             replace: "        if committed.is_some_and(|c| to < c) && false {\n",
         }],
@@ -383,7 +384,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "rewind-fenced-late",
         edits: &[Edit {
-            file: MEMORY,
+            file: LOG_CONSUME,
             find: "        self.set.rewind(partition, offset);\n",
             replace: "",
         }],

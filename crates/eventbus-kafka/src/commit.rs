@@ -13,24 +13,32 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::context::KConsumer;
+use crate::finished::offset_with;
 use crate::shared::ConsumerShared;
 
-/// Store `watermark` (the next offset to consume) of `partition` of `topic`:
-/// librdkafka commits stored offsets every commit interval, on revoke and on
-/// close, forwards only.
-pub(crate) fn store_offset(consumer: &KConsumer, topic: &str, partition: i32, watermark: i64) {
-    {
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(topic, partition, Offset::Offset(watermark))
-            .is_ok()
-        {
-            if let Err(e) = consumer.store_offsets(&tpl) {
-                tracing::debug!(topic, partition, watermark, error = %e, "offset not stored");
-            }
+/// Store `watermark` (the next offset to consume) of `partition` of `topic`,
+/// with `metadata` (the offsets finished above it, or empty): librdkafka
+/// commits stored offsets, with their metadata, every commit interval, on
+/// revoke and on close, forwards only.
+pub(crate) fn store_offset(
+    consumer: &KConsumer,
+    topic: &str,
+    partition: i32,
+    watermark: i64,
+    metadata: &str,
+) {
+    if let Some(tpl) = offset_with(topic, partition, watermark, metadata) {
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            tracing::debug!(topic, partition, watermark, error = %e, "offset not stored");
         }
     }
 }
+
+/// What [`commit_on_thread`] answers when the group refused the commit's
+/// metadata as too large (`OFFSET_METADATA_TOO_LARGE`), which no retry of the
+/// same commit gets past.
+pub(crate) const METADATA_TOO_LARGE: &str =
+    "the group refused the commit's metadata as too large (OFFSET_METADATA_TOO_LARGE)";
 
 /// The fatal error librdkafka raised on `consumer`'s client, if any, in the
 /// fetching thread's words.
@@ -91,6 +99,11 @@ pub(crate) fn commit_on_thread(
                             break Ok(());
                         }
                         explicit_done = true;
+                    }
+                    // The group refuses the metadata as too large: the same
+                    // commit is refused again, so it is not retried.
+                    Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::OffsetMetadataTooLarge)) => {
+                        break Err(METADATA_TOO_LARGE.to_owned());
                     }
                     // A fatal error ended the client: librdkafka refuses every
                     // commit from now on, so no retry can succeed.

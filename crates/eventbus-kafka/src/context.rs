@@ -5,7 +5,7 @@ use eventbus_core::raw::Scope;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use std::sync::atomic::Ordering;
@@ -13,6 +13,7 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+use crate::finished::read_committed;
 use crate::metrics as km;
 use crate::shared::{ConsumerShared, FetchEvent, Owned, Revoking, Transition};
 
@@ -257,7 +258,7 @@ impl ConsumerContext for ConsumerCtx {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.shared.rebalances.fetch_add(1, Ordering::Relaxed);
             let parts = partitions(tpl);
@@ -278,8 +279,14 @@ impl ConsumerContext for ConsumerCtx {
                     })
                     .collect()
             };
+            // The committed offsets with their finished offsets, read before
+            // the partitions' first messages are fetched (this thread fetches
+            // them), within the hand-over timeout.
+            let committed = read_committed(consumer, tpl, self.handover_timeout);
             if self.shared.flush_batch(&self.events) {
-                let _ = self.events.blocking_send(FetchEvent::Assigned(owned));
+                let _ = self
+                    .events
+                    .blocking_send(FetchEvent::Assigned(owned, committed));
             }
         }
     }
@@ -305,6 +312,20 @@ impl ConsumerContext for ConsumerCtx {
             Err(e) => {
                 self.shared.commit_errors.fetch_add(1, Ordering::Relaxed);
                 km::commit_error();
+                let refused = |e: &KafkaError| {
+                    e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetMetadataTooLarge)
+                };
+                let too_large = refused(&e)
+                    || offsets
+                        .elements()
+                        .iter()
+                        .any(|p| p.error().as_ref().is_err_and(refused));
+                if too_large && !self.shared.metadata_refused.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(error = %e,
+                        "the group refused the finished offsets above the commit point as too \
+                         large metadata: the watermark is committed alone from now on, and the \
+                         next owner of a partition runs what finished above it again");
+                }
                 tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
             }
         }

@@ -7,6 +7,7 @@ mod config;
 mod consumer;
 mod context;
 mod fetch;
+mod finished;
 pub mod metric_names;
 mod metrics;
 mod probe;

@@ -18,8 +18,9 @@ pub(crate) enum FetchEvent {
     /// buffer per message until the loop has taken them.
     Messages(Vec<Message>, Option<OwnedSemaphorePermit>),
     /// Partitions now owned by this member, each with the scope its work is
-    /// fenced by.
-    Assigned(Vec<Owned>),
+    /// fenced by, and the group's committed offsets of them with the offsets
+    /// finished above (read as they were assigned).
+    Assigned(Vec<Owned>, crate::finished::Committed),
 }
 
 /// A partition leaving this member, handed from a rebalance callback to the
@@ -121,6 +122,11 @@ pub(crate) struct ConsumerShared {
     /// This member's `group.instance.id`, if it is a static member: named by
     /// a fatal error's report.
     pub(crate) instance_id: Option<String>,
+    /// The group refused a commit's metadata as too large
+    /// (`OFFSET_METADATA_TOO_LARGE`: the broker's `offset.metadata.max.bytes`
+    /// is below what was written): from then on the watermark is committed
+    /// alone, so the commits never stall on it.
+    pub(crate) metadata_refused: AtomicBool,
 }
 
 impl Default for ConsumerShared {
@@ -140,6 +146,7 @@ impl Default for ConsumerShared {
             unconfirmed_rewinds: Mutex::default(),
             fatal: Mutex::default(),
             instance_id: None,
+            metadata_refused: AtomicBool::default(),
         }
     }
 }

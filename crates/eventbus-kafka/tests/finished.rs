@@ -1,0 +1,245 @@
+//! No replay of finished work after a hand-over, on Kafka: the offsets finished
+//! above the commit point go with the group's offset commits (as commit
+//! metadata), and the partition's next owner reads them with the committed
+//! offset and does not run them again. On librdkafka's mock cluster, which
+//! stores and returns an offset commit's metadata.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use cluster::{bus_config, keyed_pool, random, wait_until, Cluster, ClusterExt};
+use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
+use eventbus_kafka::KafkaEventBus;
+use eventbus_testkit::checker::DeliveryChecker;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Handler calls that returned `Ok`, by offset of partition 0.
+type Handled = Arc<Mutex<HashMap<i64, u32>>>;
+
+/// Subscribe `bus` to `topic`: a handler recording into `checker` and
+/// `handled`, except that the first call of `held` (if any) waits until its
+/// work is handed over, and fails then.
+async fn subscribe(
+    bus: &KafkaEventBus,
+    topic: &str,
+    checker: &DeliveryChecker,
+    handled: &Handled,
+    held: Option<i64>,
+) {
+    let (c, h) = (checker.clone(), handled.clone());
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let (c, h) = (c.clone(), h.clone());
+        async move {
+            if Some(e.message.offset) == held {
+                e.cancellation().cancelled().await;
+                return Err(HandlerError::transient("handed over while held"));
+            }
+            let seq = eventbus_testkit::seq_of(&e).expect("seq");
+            c.handled(&e.envelope.aggregate_id, seq);
+            *h.lock().unwrap().entry(e.message.offset).or_insert(0) += 1;
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// One slow message at the front of a partition holds the commit point while
+/// every other aggregate's messages finish above it; its member closes. The next
+/// member runs the slow message and the messages of its aggregate behind it,
+/// and nothing else again. Without the finished offsets in the commit, it would
+/// run the ninety messages above the commit point a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_owner_does_not_run_again_what_finished_above_the_commit_point() {
+    let cluster = Cluster::mock(1);
+    let topic = random("finished");
+    cluster.create_topic(&topic, 1).await;
+    let mut cfg = bus_config();
+    cfg.consumer.drain_timeout = Duration::from_millis(200);
+    cfg.consumer.handover_timeout = Duration::from_millis(500);
+    let group = cfg.consumer.group_id.clone();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let (n, keys) = (100u64, 10u64);
+    let a = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
+    for i in 0..n {
+        let key = format!("k{}", i % keys);
+        let seq = checker.produce(&key);
+        let e = eventbus_core::Envelope::new(&key, "test.event", serde_json::json!({ "seq": seq }));
+        a.publish_envelope(&topic, &e).await.unwrap();
+    }
+    // Offset 0 (k0) is held: k0's later messages wait behind it.
+    subscribe(&a, &topic, &checker, &handled, Some(0)).await;
+    let behind = n / keys;
+    wait_until("every aggregate but the held one's handled", WAIT, || {
+        handled.lock().unwrap().len() as u64 == n - behind
+    })
+    .await;
+    a.close().await.unwrap();
+    assert_eq!(
+        cluster.committed(&group, &topic, 0),
+        Some(0),
+        "the commit point stays at the held message"
+    );
+
+    let b = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
+    let before: HashMap<i64, u32> = handled.lock().unwrap().clone();
+    subscribe(&b, &topic, &checker, &handled, None).await;
+    wait_until("everything handled and committed", WAIT, || {
+        handled.lock().unwrap().len() as u64 == n
+            && cluster.committed(&group, &topic, 0) == Some(n as i64)
+    })
+    .await;
+    let after = handled.lock().unwrap().clone();
+    let again: Vec<i64> = before
+        .keys()
+        .copied()
+        .filter(|o| after.get(o) > before.get(o))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "the next member ran again offsets finished before the hand-over: {again:?}"
+    );
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    b.close().await.unwrap();
+}
+
+/// Commit `offset` of `topic`/0 for `group` with `metadata`, as another client
+/// of the group would.
+fn commit_as_another_client(
+    cluster: &Cluster,
+    group: &str,
+    topic: &str,
+    offset: i64,
+    metadata: &str,
+) {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(offset))
+        .expect("offset");
+    tpl.find_partition(topic, 0)
+        .expect("the partition just added")
+        .set_metadata(metadata);
+    c.commit(&tpl, CommitMode::Sync).expect("commit");
+}
+
+/// Metadata the member cannot vouch for skips nothing: another client's text,
+/// and finished offsets written above another offset than the one committed
+/// (the group's offset moved without them). Every message from the committed
+/// offset runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_that_is_not_trusted_skips_nothing() {
+    use eventbus_core::raw::finished;
+    let cases = [
+        ("another client's", "checkpoint=17".to_owned()),
+        (
+            "written above another offset",
+            finished::encode(5, None, std::iter::once(6..20)).expect("encode"),
+        ),
+    ];
+    for (what, metadata) in cases {
+        let cluster = Cluster::mock(1);
+        let topic = random("untrusted");
+        cluster.create_topic(&topic, 1).await;
+        let cfg = bus_config();
+        let group = cfg.consumer.group_id.clone();
+        let checker = DeliveryChecker::new();
+        let handled: Handled = Arc::default();
+        let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(2)).unwrap();
+        for i in 0..20u64 {
+            let key = format!("k{}", i % 4);
+            let seq = checker.produce(&key);
+            let e =
+                eventbus_core::Envelope::new(&key, "test.event", serde_json::json!({ "seq": seq }));
+            bus.publish_envelope(&topic, &e).await.unwrap();
+        }
+        commit_as_another_client(&cluster, &group, &topic, 10, &metadata);
+        subscribe(&bus, &topic, &checker, &handled, None).await;
+        wait_until(
+            &format!("{what}: offsets 10..20 handled and committed"),
+            WAIT,
+            || {
+                handled.lock().unwrap().len() == 10
+                    && cluster.committed(&group, &topic, 0) == Some(20)
+            },
+        )
+        .await;
+        let mut ran: Vec<i64> = handled.lock().unwrap().keys().copied().collect();
+        ran.sort_unstable();
+        assert_eq!(
+            ran,
+            (10..20).collect::<Vec<_>>(),
+            "{what}: every offset from the committed one runs"
+        );
+        bus.close().await.unwrap();
+    }
+}
+
+/// A broker that refuses the finished offsets as too large metadata
+/// (`OFFSET_METADATA_TOO_LARGE`: its `offset.metadata.max.bytes` is lower than
+/// what was written): from then on the watermark is committed alone, so the
+/// commits never stall on the metadata, and the next owner runs again what
+/// finished above the commit point, as without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = Cluster::mock(1);
+    let topic = random("too-large");
+    cluster.create_topic(&topic, 1).await;
+    let mut cfg = bus_config();
+    cfg.consumer.drain_timeout = Duration::from_millis(200);
+    cfg.consumer.handover_timeout = Duration::from_millis(500);
+    let group = cfg.consumer.group_id.clone();
+    let checker = DeliveryChecker::new();
+    let handled: Handled = Arc::default();
+    let (n, keys) = (100u64, 10u64);
+    let a = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
+    for i in 0..n {
+        let key = format!("k{}", i % keys);
+        let seq = checker.produce(&key);
+        let e = eventbus_core::Envelope::new(&key, "test.event", serde_json::json!({ "seq": seq }));
+        a.publish_envelope(&topic, &e).await.unwrap();
+    }
+    // Every commit is refused for a while: the first ones carry metadata.
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 5],
+    );
+    subscribe(&a, &topic, &checker, &handled, Some(0)).await;
+    let behind = n / keys;
+    wait_until("every aggregate but the held one's handled", WAIT, || {
+        handled.lock().unwrap().len() as u64 == n - behind
+    })
+    .await;
+    a.close().await.unwrap();
+
+    let b = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
+    subscribe(&b, &topic, &checker, &handled, None).await;
+    wait_until("everything handled and committed", WAIT, || {
+        handled.lock().unwrap().len() as u64 == n
+            && cluster.committed(&group, &topic, 0) == Some(n as i64)
+    })
+    .await;
+    let again = handled.lock().unwrap().values().filter(|t| **t > 1).count() as u64;
+    assert_eq!(
+        again,
+        n - behind,
+        "the finished offsets were dropped after the refusal: the next member runs them again"
+    );
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    b.close().await.unwrap();
+}

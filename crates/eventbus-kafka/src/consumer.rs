@@ -539,6 +539,7 @@ impl ConsumeLoop {
             &mut Leaving {
                 lp: self,
                 parts: &parts,
+                commit_until: Some(until),
             },
             tokio::time::sleep_until(drain_until),
             tokio::time::sleep_until(until),
@@ -600,20 +601,53 @@ impl ConsumeLoop {
     /// partitions leave): a commit landing later would write a partition this
     /// member no longer holds. Not made: the next owner runs them again.
     async fn commit_leaving(&mut self, finished: &[(String, i32, i64, String)], until: Instant) {
+        if self.start_leaving_commit(finished, until) {
+            self.wait_metadata_commit(until).await;
+        }
+    }
+
+    /// Start committing `finished` (topic, partition, commit point, finished
+    /// offsets) of partitions leaving, no attempt starting at or after
+    /// `until`; whether one started. One under way is given up: both name
+    /// finished offsets, and this one is the later.
+    fn start_leaving_commit(
+        &mut self,
+        finished: &[(String, i32, i64, String)],
+        until: Instant,
+    ) -> bool {
         let marks: Vec<(&str, i32, i64, &str)> = finished
             .iter()
             .map(|(t, p, o, m)| (t.as_str(), *p, *o, m.as_str()))
             .collect();
         if marks.is_empty() || Instant::now() >= until {
-            return;
+            return false;
         }
         let Some(commit) = MetadataCommit::start(self.consumer.clone(), &marks, until) else {
-            return;
+            return false;
         };
-        // One under way from the tick is given up: both name finished
-        // offsets, and this one is the later.
         self.metadata_commit = Some(commit);
-        self.wait_metadata_commit(until).await;
+        true
+    }
+
+    /// The finished offsets of `parts` at their commit points (the watermark,
+    /// or the lowest unfinished offset while nothing finished at the front),
+    /// for those that have any and no rewind under way.
+    fn finished_at_commit_points(
+        &self,
+        parts: &[(String, i32)],
+    ) -> Vec<(String, i32, i64, String)> {
+        parts
+            .iter()
+            .filter_map(|(t, p)| {
+                let ts = self.topics.get(t.as_str())?;
+                if ts.rewound.contains_key(p) {
+                    return None;
+                }
+                let at = ts.set.watermark(*p).or_else(|| ts.set.lowest_pending(*p))?;
+                let metadata = finished_metadata(&self.dispatcher, &self.shared, t, ts, *p, at);
+                (!metadata.is_empty()).then(|| (t.clone(), *p, at, metadata))
+            })
+            .collect()
     }
 
     /// Read the answer of the commit of finished offsets under way, if it came.
@@ -1262,6 +1296,7 @@ impl ConsumeLoop {
             &mut Leaving {
                 lp: self,
                 parts: &parts,
+                commit_until: None,
             },
             tokio::time::sleep(drain_timeout),
             // Measured from the fence: the sleep starts when first polled.
@@ -1322,21 +1357,7 @@ impl ConsumeLoop {
         // offsets under way, if any, so that none lands after a commit back.
         self.wait_metadata_commit(Instant::now() + self.operation_timeout)
             .await;
-        let finished: Vec<(String, i32, i64, String)> = self
-            .topics
-            .iter()
-            .flat_map(|(t, ts)| {
-                let (dispatcher, shared) = (&self.dispatcher, &self.shared);
-                ts.set.partitions().filter_map(move |p| {
-                    if ts.rewound.contains_key(&p) {
-                        return None;
-                    }
-                    let at = ts.set.watermark(p).or_else(|| ts.set.lowest_pending(p))?;
-                    let metadata = finished_metadata(dispatcher, shared, t, ts, p, at);
-                    (!metadata.is_empty()).then(|| (t.to_string(), p, at, metadata))
-                })
-            })
-            .collect();
+        let finished = self.finished_at_commit_points(&parts);
         let explicit: Vec<(&str, i32, i64, &str)> = back
             .iter()
             .map(|(t, p, w)| (*t, *p, *w, ""))
@@ -1386,6 +1407,12 @@ impl ConsumeLoop {
 struct Leaving<'a> {
     lp: &'a mut ConsumeLoop,
     parts: &'a [(String, i32)],
+    /// A revoke's deadline: at the fence, the finished offsets of the
+    /// partitions leaving are committed, no attempt starting after it (a
+    /// handler that runs on past its cancellation may hold the hand-over until
+    /// then, and the commit after it would come too late). `None` at close,
+    /// whose final commit carries them.
+    commit_until: Option<Instant>,
 }
 
 impl HandOver for Leaving<'_> {
@@ -1404,6 +1431,10 @@ impl HandOver for Leaving<'_> {
                 // Held jobs are dropped unrun: their entries settle abandoned.
                 ts.held.remove(p);
             }
+        }
+        if let Some(until) = self.commit_until {
+            let finished = self.lp.finished_at_commit_points(self.parts);
+            self.lp.start_leaving_commit(&finished, until);
         }
     }
 

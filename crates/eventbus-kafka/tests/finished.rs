@@ -243,3 +243,123 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
     assert!(report.order_violations.is_empty(), "{report}");
     b.close().await.unwrap();
 }
+
+/// Handler calls that returned `Ok`, by partition and offset.
+type HandledAt = Arc<Mutex<HashMap<(i32, i64), u32>>>;
+
+/// [`subscribe`] over every partition: the first message of each partition is
+/// held until its work is handed over when `hold_first`.
+async fn subscribe_all(
+    bus: &KafkaEventBus,
+    topic: &str,
+    checker: &DeliveryChecker,
+    handled: &HandledAt,
+    hold_first: bool,
+) {
+    let (c, h) = (checker.clone(), handled.clone());
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let (c, h) = (c.clone(), h.clone());
+        async move {
+            if hold_first && e.message.offset == 0 {
+                e.cancellation().cancelled().await;
+                return Err(HandlerError::transient("handed over while held"));
+            }
+            let seq = eventbus_testkit::seq_of(&e).expect("seq");
+            c.handled(&e.envelope.aggregate_id, seq);
+            let at = (e.message.partition, e.message.offset);
+            *h.lock().unwrap().entry(at).or_insert(0) += 1;
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// A rebalance in the middle: a slow message holds the commit point of each of
+/// two partitions while everything else finishes; a second member joins and
+/// takes a partition over (a revoke, committing the finished offsets within
+/// it), then the first member leaves and the second takes the other (a
+/// close). Each time the new owner runs only the held message and the
+/// messages of its aggregate behind it, nothing finished before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
+    let cluster = Cluster::mock(1);
+    let topic = random("finished-rebalance");
+    cluster.create_topic(&topic, 2).await;
+    let mut cfg = bus_config();
+    cfg.consumer.drain_timeout = Duration::from_millis(200);
+    cfg.consumer.handover_timeout = Duration::from_millis(500);
+    let group = cfg.consumer.group_id.clone();
+    let checker = DeliveryChecker::new();
+    let handled: HandledAt = Arc::default();
+    let (n, keys) = (200u64, 20u64);
+    let a = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
+    let mut placed: Vec<(String, i32, i64)> = Vec::new();
+    for i in 0..n {
+        let key = format!("k{}", i % keys);
+        let seq = checker.produce(&key);
+        let e = eventbus_core::Envelope::new(&key, "test.event", serde_json::json!({ "seq": seq }));
+        let r = a.publish_envelope(&topic, &e).await.unwrap();
+        placed.push((key, r.partition, r.offset));
+    }
+    // Per partition, the messages behind its held first one: its aggregate's.
+    let first_key = |p: i32| {
+        placed
+            .iter()
+            .find(|(_, q, o)| *q == p && *o == 0)
+            .map(|(k, ..)| k.clone())
+    };
+    let behind: Vec<Vec<i64>> = (0..2)
+        .map(|p| {
+            let k = first_key(p);
+            placed
+                .iter()
+                .filter(|(key, q, _)| *q == p && Some(key) == k.as_ref())
+                .map(|(_, _, o)| *o)
+                .collect()
+        })
+        .collect();
+    let all_behind = (behind[0].len() + behind[1].len()) as u64;
+    subscribe_all(&a, &topic, &checker, &handled, true).await;
+    wait_until("every aggregate but the held ones handled", WAIT, || {
+        handled.lock().unwrap().len() as u64 == n - all_behind
+    })
+    .await;
+
+    let b = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
+    subscribe_all(&b, &topic, &checker, &handled, false).await;
+    let behind_done = |p: usize| {
+        let h = handled.lock().unwrap();
+        behind[p].iter().all(|o| h.contains_key(&(p as i32, *o)))
+    };
+    wait_until(
+        "the joining member takes a partition over and finishes it",
+        WAIT,
+        || behind_done(0) || behind_done(1),
+    )
+    .await;
+    a.close().await.unwrap();
+    wait_until("everything handled and committed", WAIT, || {
+        handled.lock().unwrap().len() as u64 == n
+            && (0..2).all(|p| {
+                let end = placed.iter().filter(|(_, q, _)| *q == p).count() as i64;
+                cluster.committed(&group, &topic, p) == Some(end)
+            })
+    })
+    .await;
+    let again: Vec<(i32, i64)> = handled
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, t)| **t > 1)
+        .map(|(at, _)| *at)
+        .collect();
+    assert!(
+        again.is_empty(),
+        "ran again after a hand-over although finished before it: {again:?}"
+    );
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    b.close().await.unwrap();
+}

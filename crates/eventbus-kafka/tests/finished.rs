@@ -17,30 +17,31 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Handler calls that returned `Ok`, by offset of partition 0.
-type Handled = Arc<Mutex<HashMap<i64, u32>>>;
+/// Handler calls that returned `Ok`, by partition and offset.
+type Handled = Arc<Mutex<HashMap<(i32, i64), u32>>>;
 
 /// Subscribe `bus` to `topic`: a handler recording into `checker` and
-/// `handled`, except that the first call of `held` (if any) waits until its
-/// work is handed over, and fails then.
+/// `handled`; with `hold_first`, the first call of each partition's first
+/// message waits until its work is handed over, and fails then.
 async fn subscribe(
     bus: &KafkaEventBus,
     topic: &str,
     checker: &DeliveryChecker,
     handled: &Handled,
-    held: Option<i64>,
+    hold_first: bool,
 ) {
     let (c, h) = (checker.clone(), handled.clone());
     bus.subscribe_envelope(topic, move |e: Event| {
         let (c, h) = (c.clone(), h.clone());
         async move {
-            if Some(e.message.offset) == held {
+            if hold_first && e.message.offset == 0 {
                 e.cancellation().cancelled().await;
                 return Err(HandlerError::transient("handed over while held"));
             }
             let seq = eventbus_testkit::seq_of(&e).expect("seq");
             c.handled(&e.envelope.aggregate_id, seq);
-            *h.lock().unwrap().entry(e.message.offset).or_insert(0) += 1;
+            let at = (e.message.partition, e.message.offset);
+            *h.lock().unwrap().entry(at).or_insert(0) += 1;
             Ok::<(), HandlerError>(())
         }
     })
@@ -73,7 +74,7 @@ async fn the_next_owner_does_not_run_again_what_finished_above_the_commit_point(
         a.publish_envelope(&topic, &e).await.unwrap();
     }
     // Offset 0 (k0) is held: k0's later messages wait behind it.
-    subscribe(&a, &topic, &checker, &handled, Some(0)).await;
+    subscribe(&a, &topic, &checker, &handled, true).await;
     let behind = n / keys;
     wait_until("every aggregate but the held one's handled", WAIT, || {
         handled.lock().unwrap().len() as u64 == n - behind
@@ -87,15 +88,15 @@ async fn the_next_owner_does_not_run_again_what_finished_above_the_commit_point(
     );
 
     let b = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
-    let before: HashMap<i64, u32> = handled.lock().unwrap().clone();
-    subscribe(&b, &topic, &checker, &handled, None).await;
+    let before: HashMap<(i32, i64), u32> = handled.lock().unwrap().clone();
+    subscribe(&b, &topic, &checker, &handled, false).await;
     wait_until("everything handled and committed", WAIT, || {
         handled.lock().unwrap().len() as u64 == n
             && cluster.committed(&group, &topic, 0) == Some(n as i64)
     })
     .await;
     let after = handled.lock().unwrap().clone();
-    let again: Vec<i64> = before
+    let again: Vec<(i32, i64)> = before
         .keys()
         .copied()
         .filter(|o| after.get(o) > before.get(o))
@@ -166,7 +167,7 @@ async fn metadata_that_is_not_trusted_skips_nothing() {
             bus.publish_envelope(&topic, &e).await.unwrap();
         }
         commit_as_another_client(&cluster, &group, &topic, 10, &metadata);
-        subscribe(&bus, &topic, &checker, &handled, None).await;
+        subscribe(&bus, &topic, &checker, &handled, false).await;
         wait_until(
             &format!("{what}: offsets 10..20 handled and committed"),
             WAIT,
@@ -176,7 +177,7 @@ async fn metadata_that_is_not_trusted_skips_nothing() {
             },
         )
         .await;
-        let mut ran: Vec<i64> = handled.lock().unwrap().keys().copied().collect();
+        let mut ran: Vec<i64> = handled.lock().unwrap().keys().map(|(_, o)| *o).collect();
         ran.sort_unstable();
         assert_eq!(
             ran,
@@ -217,7 +218,7 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 5],
     );
-    subscribe(&a, &topic, &checker, &handled, Some(0)).await;
+    subscribe(&a, &topic, &checker, &handled, true).await;
     let behind = n / keys;
     wait_until("every aggregate but the held one's handled", WAIT, || {
         handled.lock().unwrap().len() as u64 == n - behind
@@ -226,7 +227,7 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
     a.close().await.unwrap();
 
     let b = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
-    subscribe(&b, &topic, &checker, &handled, None).await;
+    subscribe(&b, &topic, &checker, &handled, false).await;
     wait_until("everything handled and committed", WAIT, || {
         handled.lock().unwrap().len() as u64 == n
             && cluster.committed(&group, &topic, 0) == Some(n as i64)
@@ -242,37 +243,6 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
     assert!(report.lost.is_empty(), "{report}");
     assert!(report.order_violations.is_empty(), "{report}");
     b.close().await.unwrap();
-}
-
-/// Handler calls that returned `Ok`, by partition and offset.
-type HandledAt = Arc<Mutex<HashMap<(i32, i64), u32>>>;
-
-/// [`subscribe`] over every partition: the first message of each partition is
-/// held until its work is handed over when `hold_first`.
-async fn subscribe_all(
-    bus: &KafkaEventBus,
-    topic: &str,
-    checker: &DeliveryChecker,
-    handled: &HandledAt,
-    hold_first: bool,
-) {
-    let (c, h) = (checker.clone(), handled.clone());
-    bus.subscribe_envelope(topic, move |e: Event| {
-        let (c, h) = (c.clone(), h.clone());
-        async move {
-            if hold_first && e.message.offset == 0 {
-                e.cancellation().cancelled().await;
-                return Err(HandlerError::transient("handed over while held"));
-            }
-            let seq = eventbus_testkit::seq_of(&e).expect("seq");
-            c.handled(&e.envelope.aggregate_id, seq);
-            let at = (e.message.partition, e.message.offset);
-            *h.lock().unwrap().entry(at).or_insert(0) += 1;
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .unwrap();
 }
 
 /// A rebalance in the middle: a slow message holds the commit point of each of
@@ -291,7 +261,7 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
     cfg.consumer.handover_timeout = Duration::from_millis(500);
     let group = cfg.consumer.group_id.clone();
     let checker = DeliveryChecker::new();
-    let handled: HandledAt = Arc::default();
+    let handled: Handled = Arc::default();
     let (n, keys) = (200u64, 20u64);
     let a = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
     let mut placed: Vec<(String, i32, i64)> = Vec::new();
@@ -320,14 +290,14 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
         })
         .collect();
     let all_behind = (behind[0].len() + behind[1].len()) as u64;
-    subscribe_all(&a, &topic, &checker, &handled, true).await;
+    subscribe(&a, &topic, &checker, &handled, true).await;
     wait_until("every aggregate but the held ones handled", WAIT, || {
         handled.lock().unwrap().len() as u64 == n - all_behind
     })
     .await;
 
     let b = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
-    subscribe_all(&b, &topic, &checker, &handled, false).await;
+    subscribe(&b, &topic, &checker, &handled, false).await;
     let behind_done = |p: usize| {
         let h = handled.lock().unwrap();
         behind[p].iter().all(|o| h.contains_key(&(p as i32, *o)))

@@ -49,6 +49,60 @@ async fn subscribe(
     .unwrap();
 }
 
+/// A topic of `partitions` on a mock cluster with `n` envelopes over `keys`
+/// aggregates published, and the first member's bus (not subscribed yet).
+struct Setup {
+    cluster: Cluster,
+    topic: String,
+    cfg: eventbus_core::BusConfig,
+    group: String,
+    checker: DeliveryChecker,
+    handled: Handled,
+    first: KafkaEventBus,
+    /// Each envelope's aggregate, partition and offset, in publish order.
+    placed: Vec<(String, i32, i64)>,
+}
+
+impl Setup {
+    /// With a short drain and hand-over, so that a held message is handed
+    /// over soon.
+    async fn new(prefix: &str, partitions: i32, n: u64, keys: u64) -> Self {
+        let cluster = Cluster::mock(1);
+        let topic = random(prefix);
+        cluster.create_topic(&topic, partitions).await;
+        let mut cfg = bus_config();
+        cfg.consumer.drain_timeout = Duration::from_millis(200);
+        cfg.consumer.handover_timeout = Duration::from_millis(500);
+        let group = cfg.consumer.group_id.clone();
+        let checker = DeliveryChecker::new();
+        let first = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
+        let mut placed = Vec::new();
+        for i in 0..n {
+            let key = format!("k{}", i % keys);
+            let seq = checker.produce(&key);
+            let e =
+                eventbus_core::Envelope::new(&key, "test.event", serde_json::json!({ "seq": seq }));
+            let r = first.publish_envelope(&topic, &e).await.unwrap();
+            placed.push((key, r.partition, r.offset));
+        }
+        Self {
+            cluster,
+            topic,
+            cfg,
+            group,
+            checker,
+            handled: Handled::default(),
+            first,
+            placed,
+        }
+    }
+
+    /// A second member's bus.
+    fn next(&self) -> KafkaEventBus {
+        KafkaEventBus::new(self.cluster.kafka_config(), self.cfg.clone(), keyed_pool(4)).unwrap()
+    }
+}
+
 /// One slow message at the front of a partition holds the commit point while
 /// every other aggregate's messages finish above it; its member closes. The next
 /// member runs the slow message and the messages of its aggregate behind it,
@@ -56,25 +110,19 @@ async fn subscribe(
 /// run the ninety messages above the commit point a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_owner_does_not_run_again_what_finished_above_the_commit_point() {
-    let cluster = Cluster::mock(1);
-    let topic = random("finished");
-    cluster.create_topic(&topic, 1).await;
-    let mut cfg = bus_config();
-    cfg.consumer.drain_timeout = Duration::from_millis(200);
-    cfg.consumer.handover_timeout = Duration::from_millis(500);
-    let group = cfg.consumer.group_id.clone();
-    let checker = DeliveryChecker::new();
-    let handled: Handled = Arc::default();
     let (n, keys) = (100u64, 10u64);
-    let a = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
-    for i in 0..n {
-        let key = format!("k{}", i % keys);
-        let seq = checker.produce(&key);
-        let e = eventbus_core::Envelope::new(&key, "test.event", serde_json::json!({ "seq": seq }));
-        a.publish_envelope(&topic, &e).await.unwrap();
-    }
+    let setup = Setup::new("finished", 1, n, keys).await;
+    let Setup {
+        cluster,
+        topic,
+        group,
+        checker,
+        handled,
+        first: a,
+        ..
+    } = &setup;
     // Offset 0 (k0) is held: k0's later messages wait behind it.
-    subscribe(&a, &topic, &checker, &handled, true).await;
+    subscribe(a, topic, checker, handled, true).await;
     let behind = n / keys;
     wait_until("every aggregate but the held one's handled", WAIT, || {
         handled.lock().unwrap().len() as u64 == n - behind
@@ -82,17 +130,17 @@ async fn the_next_owner_does_not_run_again_what_finished_above_the_commit_point(
     .await;
     a.close().await.unwrap();
     assert_eq!(
-        cluster.committed(&group, &topic, 0),
+        cluster.committed(group, topic, 0),
         Some(0),
         "the commit point stays at the held message"
     );
 
-    let b = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
+    let b = setup.next();
     let before: HashMap<(i32, i64), u32> = handled.lock().unwrap().clone();
-    subscribe(&b, &topic, &checker, &handled, false).await;
+    subscribe(&b, topic, checker, handled, false).await;
     wait_until("everything handled and committed", WAIT, || {
         handled.lock().unwrap().len() as u64 == n
-            && cluster.committed(&group, &topic, 0) == Some(n as i64)
+            && cluster.committed(group, topic, 0) == Some(n as i64)
     })
     .await;
     let after = handled.lock().unwrap().clone();
@@ -196,29 +244,23 @@ async fn metadata_that_is_not_trusted_skips_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let cluster = Cluster::mock(1);
-    let topic = random("too-large");
-    cluster.create_topic(&topic, 1).await;
-    let mut cfg = bus_config();
-    cfg.consumer.drain_timeout = Duration::from_millis(200);
-    cfg.consumer.handover_timeout = Duration::from_millis(500);
-    let group = cfg.consumer.group_id.clone();
-    let checker = DeliveryChecker::new();
-    let handled: Handled = Arc::default();
     let (n, keys) = (100u64, 10u64);
-    let a = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
-    for i in 0..n {
-        let key = format!("k{}", i % keys);
-        let seq = checker.produce(&key);
-        let e = eventbus_core::Envelope::new(&key, "test.event", serde_json::json!({ "seq": seq }));
-        a.publish_envelope(&topic, &e).await.unwrap();
-    }
+    let setup = Setup::new("too-large", 1, n, keys).await;
+    let Setup {
+        cluster,
+        topic,
+        group,
+        checker,
+        handled,
+        first: a,
+        ..
+    } = &setup;
     // Every commit is refused for a while: the first ones carry metadata.
     cluster.request_errors(
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 5],
     );
-    subscribe(&a, &topic, &checker, &handled, true).await;
+    subscribe(a, topic, checker, handled, true).await;
     let behind = n / keys;
     wait_until("every aggregate but the held one's handled", WAIT, || {
         handled.lock().unwrap().len() as u64 == n - behind
@@ -226,11 +268,11 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
     .await;
     a.close().await.unwrap();
 
-    let b = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
-    subscribe(&b, &topic, &checker, &handled, false).await;
+    let b = setup.next();
+    subscribe(&b, topic, checker, handled, false).await;
     wait_until("everything handled and committed", WAIT, || {
         handled.lock().unwrap().len() as u64 == n
-            && cluster.committed(&group, &topic, 0) == Some(n as i64)
+            && cluster.committed(group, topic, 0) == Some(n as i64)
     })
     .await;
     let again = handled.lock().unwrap().values().filter(|t| **t > 1).count() as u64;
@@ -253,25 +295,18 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
 /// messages of its aggregate behind it, nothing finished before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
-    let cluster = Cluster::mock(1);
-    let topic = random("finished-rebalance");
-    cluster.create_topic(&topic, 2).await;
-    let mut cfg = bus_config();
-    cfg.consumer.drain_timeout = Duration::from_millis(200);
-    cfg.consumer.handover_timeout = Duration::from_millis(500);
-    let group = cfg.consumer.group_id.clone();
-    let checker = DeliveryChecker::new();
-    let handled: Handled = Arc::default();
     let (n, keys) = (200u64, 20u64);
-    let a = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
-    let mut placed: Vec<(String, i32, i64)> = Vec::new();
-    for i in 0..n {
-        let key = format!("k{}", i % keys);
-        let seq = checker.produce(&key);
-        let e = eventbus_core::Envelope::new(&key, "test.event", serde_json::json!({ "seq": seq }));
-        let r = a.publish_envelope(&topic, &e).await.unwrap();
-        placed.push((key, r.partition, r.offset));
-    }
+    let setup = Setup::new("finished-rebalance", 2, n, keys).await;
+    let Setup {
+        cluster,
+        topic,
+        group,
+        checker,
+        handled,
+        first: a,
+        placed,
+        ..
+    } = &setup;
     // Per partition, the messages behind its held first one: its aggregate's.
     let first_key = |p: i32| {
         placed
@@ -290,14 +325,14 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
         })
         .collect();
     let all_behind = (behind[0].len() + behind[1].len()) as u64;
-    subscribe(&a, &topic, &checker, &handled, true).await;
+    subscribe(a, topic, checker, handled, true).await;
     wait_until("every aggregate but the held ones handled", WAIT, || {
         handled.lock().unwrap().len() as u64 == n - all_behind
     })
     .await;
 
-    let b = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
-    subscribe(&b, &topic, &checker, &handled, false).await;
+    let b = setup.next();
+    subscribe(&b, topic, checker, handled, false).await;
     let behind_done = |p: usize| {
         let h = handled.lock().unwrap();
         behind[p].iter().all(|o| h.contains_key(&(p as i32, *o)))
@@ -313,7 +348,7 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
         handled.lock().unwrap().len() as u64 == n
             && (0..2).all(|p| {
                 let end = placed.iter().filter(|(_, q, _)| *q == p).count() as i64;
-                cluster.committed(&group, &topic, p) == Some(end)
+                cluster.committed(group, topic, p) == Some(end)
             })
     })
     .await;

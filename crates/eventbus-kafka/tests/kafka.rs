@@ -273,19 +273,29 @@ async fn restart_mid_stream_redelivers_only_uncommitted_in_order() {
         .await
         .unwrap();
     let highs: Vec<i64> = (0..2).map(|p| cluster.high_watermark(&topic, p)).collect();
-    // What the first run finished above the commit point went with its final
-    // commit: the second run does not run it again.
+    // What the first run finished above the commit point went with its
+    // hand-over's commit: the second run does not run it again, but for what
+    // ended after the fence (the commit is made there), at most what ran then:
+    // the pool's workers.
     let finished1: BTreeSet<(i32, i64)> = offsets1
         .iter()
         .copied()
         .filter(|(p, o)| *o >= committed[*p as usize])
         .collect();
-    let expect2: i64 =
-        (0..2).map(|p| highs[p] - committed[p]).sum::<i64>() - finished1.len() as i64;
+    let ran_at_the_fence = 8;
+    let unfinished: Vec<(i32, i64)> = (0..2)
+        .flat_map(|p| (committed[p]..highs[p]).map(move |o| (p as i32, o)))
+        .filter(|at| !finished1.contains(at))
+        .collect();
     wait_until(
         "second run handles everything uncommitted and unfinished",
         WAIT,
-        || run2.lock().unwrap().len() as i64 >= expect2,
+        || {
+            let run2 = run2.lock().unwrap();
+            unfinished
+                .iter()
+                .all(|at| run2.iter().any(|(_, _, p, o)| (*p, *o) == *at))
+        },
     )
     .await;
     second.close().await.unwrap();
@@ -302,22 +312,24 @@ async fn restart_mid_stream_redelivers_only_uncommitted_in_order() {
         );
         *seen2.entry((*p, *o)).or_default() += 1;
     }
-    for p in 0..2 {
-        for o in committed[p as usize]..highs[p as usize] {
-            let (expected, what) = if finished1.contains(&(p, o)) {
-                (None, "finished in run 1, skipped")
-            } else {
-                (Some(&1), "handled once")
-            };
-            assert_eq!(
-                seen2.get(&(p, o)),
-                expected,
-                "uncommitted {p}/{o}: {what} in run 2"
-            );
-        }
+    for at in &unfinished {
+        assert_eq!(
+            seen2.get(at),
+            Some(&1),
+            "uncommitted {at:?}, unfinished in run 1: handled once in run 2"
+        );
     }
+    let again: Vec<&(i32, i64)> = finished1
+        .iter()
+        .filter(|at| seen2.contains_key(at))
+        .collect();
+    assert!(
+        again.len() <= ran_at_the_fence && again.iter().all(|at| seen2[at] == 1),
+        "finished in run 1 above the commit and handled again in run 2: {again:?} (at most \
+         {ran_at_the_fence}, once each)"
+    );
     // Everything below the commit was handled by the first run, and what it
-    // finished above the commit is not handled again: no envelope twice.
+    // finished above the commit is handled again only as bounded above.
     let mut all: BTreeMap<(String, u64), usize> = BTreeMap::new();
     for (k, s, ..) in &run1 {
         *all.entry((k.clone(), *s)).or_default() += 1;
@@ -331,7 +343,7 @@ async fn restart_mid_stream_redelivers_only_uncommitted_in_order() {
         "every envelope handled at least once"
     );
     assert!(
-        all.values().all(|n| *n == 1),
+        all.values().filter(|n| **n > 1).count() <= again.len(),
         "a message finished in the first run was handled again"
     );
 }

@@ -273,16 +273,17 @@ async fn restart_mid_stream_redelivers_only_uncommitted_in_order() {
         .await
         .unwrap();
     let highs: Vec<i64> = (0..2).map(|p| cluster.high_watermark(&topic, p)).collect();
-    // What the first run finished above the commit point went with its
-    // hand-over's commit: the second run does not run it again, but for what
-    // ended after the fence (the commit is made there), at most what ran then:
-    // the pool's workers.
+    // What the first run finished above the commit point goes with its
+    // hand-over's commit, and the second run skips it; but not for certain:
+    // what ended after the fence is not in that commit, and librdkafka's own
+    // commit of the stored watermark (made without them) may land after it and
+    // clear them. So it may run again, once; `finished.rs` checks the skip where
+    // nothing races it.
     let finished1: BTreeSet<(i32, i64)> = offsets1
         .iter()
         .copied()
         .filter(|(p, o)| *o >= committed[*p as usize])
         .collect();
-    let ran_at_the_fence = 8;
     let unfinished: Vec<(i32, i64)> = (0..2)
         .flat_map(|p| (committed[p]..highs[p]).map(move |o| (p as i32, o)))
         .filter(|at| !finished1.contains(at))
@@ -324,12 +325,11 @@ async fn restart_mid_stream_redelivers_only_uncommitted_in_order() {
         .filter(|at| seen2.contains_key(at))
         .collect();
     assert!(
-        again.len() <= ran_at_the_fence && again.iter().all(|at| seen2[at] == 1),
-        "finished in run 1 above the commit and handled again in run 2: {again:?} (at most \
-         {ran_at_the_fence}, once each)"
+        again.iter().all(|at| seen2[at] == 1),
+        "finished in run 1 above the commit and handled more than once in run 2: {again:?}"
     );
     // Everything below the commit was handled by the first run, and what it
-    // finished above the commit is handled again only as bounded above.
+    // finished above the commit is handled again at most once, as above.
     let mut all: BTreeMap<(String, u64), usize> = BTreeMap::new();
     for (k, s, ..) in &run1 {
         *all.entry((k.clone(), *s)).or_default() += 1;

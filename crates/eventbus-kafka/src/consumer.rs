@@ -43,7 +43,6 @@
 
 use eventbus_core::{Error, ErrorKind, Message};
 
-use eventbus_core::raw::finished;
 use eventbus_core::raw::{
     hand_over, Completion, Dispatcher, HandOver, Held, InFlightSet, PreparedSubscription, Scope,
 };
@@ -431,7 +430,8 @@ impl ConsumeLoop {
             ts.rewound.remove(&p);
             ts.metadata.remove(&p);
             if let Some((offset, metadata)) = committed.get(&(topic.clone(), p)) {
-                seed(&self.dispatcher, &topic, ts, p, *offset, metadata);
+                self.dispatcher
+                    .seed_finished(&mut ts.set, &topic, p, *offset, metadata);
             }
             resume.add_partition(&topic, p);
         }
@@ -1462,42 +1462,9 @@ pub(crate) fn consumer_gone() -> Error {
     Error::closed("the Kafka consumer is closed")
 }
 
-/// Seed partition `p` of `topic`, just assigned, with the offsets that finished
-/// above its committed `offset` under its previous owner (`metadata`): they are
-/// not run again. Metadata this member cannot vouch for is counted and skips
-/// nothing.
-fn seed(
-    dispatcher: &Dispatcher,
-    topic: &str,
-    ts: &mut TopicState,
-    p: i32,
-    offset: i64,
-    metadata: &[u8],
-) {
-    match finished::decode(metadata, offset, None) {
-        Ok(f) => {
-            if ts.set.seed(p, &f) {
-                tracing::debug!(
-                    topic,
-                    partition = p,
-                    offset,
-                    finished = f.offsets(),
-                    "offsets finished above the committed offset before: not run again"
-                );
-            }
-        }
-        Err(finished::Replay::Missing) => {}
-        Err(reason) => {
-            tracing::warn!(topic, partition = p, offset, %reason, reason_label = reason.label(),
-                "commit metadata not trusted: the partition is read from its committed offset \
-                 and nothing is skipped");
-            dispatcher.count_commit_metadata_replay(topic);
-        }
-    }
-}
-
 /// The metadata for a commit of `w` on partition `p` of `topic`: the offsets
-/// finished above it, or empty when none did or they do not fit (counted).
+/// finished above it ([`Dispatcher::finished_metadata`]), or empty once the
+/// group refused them as too large.
 fn finished_metadata(
     dispatcher: &Dispatcher,
     shared: &ConsumerShared,
@@ -1506,15 +1473,10 @@ fn finished_metadata(
     p: i32,
     w: i64,
 ) -> String {
-    // The group refused them as too large once: the watermark goes alone.
     if shared.metadata_refused.load(Ordering::Acquire) {
         return String::new();
     }
-    ts.set.finished_metadata(p, w).unwrap_or_else(|e| {
-        tracing::debug!(topic, partition = p, offset = w, error = %e, "finished offsets not written");
-        dispatcher.count_commit_metadata_too_large(topic);
-        String::new()
-    })
+    dispatcher.finished_metadata(&ts.set, topic, p, w)
 }
 
 #[cfg(test)]

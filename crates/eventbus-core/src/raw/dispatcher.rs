@@ -627,6 +627,64 @@ impl Dispatcher {
         self.topic_counter(m::COMMIT_METADATA_REPLAYS, topic);
     }
 
+    /// Seed `partition` of `set` (`topic`), just taken up from the group's
+    /// `committed` offset, with the offsets finished above it under its previous
+    /// owner, read from the commit's `metadata`
+    /// ([`finished::decode`](crate::raw::finished::decode)): they are not run
+    /// again. Metadata that is there but not trusted skips nothing, and is
+    /// logged and counted.
+    pub fn seed_finished(
+        &self,
+        set: &mut crate::raw::InFlightSet<()>,
+        topic: &str,
+        partition: i32,
+        committed: i64,
+        metadata: &[u8],
+    ) {
+        use crate::raw::finished::{decode, Replay};
+        match decode(metadata, committed, None) {
+            Ok(finished) => {
+                if set.seed(partition, &finished) {
+                    tracing::debug!(
+                        topic,
+                        partition,
+                        offset = committed,
+                        finished = finished.offsets(),
+                        "offsets finished above the committed offset before: not run again"
+                    );
+                }
+            }
+            Err(Replay::Missing) => {}
+            Err(reason) => {
+                tracing::warn!(topic, partition, offset = committed, %reason,
+                    reason_label = reason.label(),
+                    "commit metadata not trusted: the partition is read from its committed \
+                     offset and nothing is skipped");
+                self.count_commit_metadata_replay(topic);
+            }
+        }
+    }
+
+    /// The metadata for a commit of `w` on `partition` of `set` (`topic`): the
+    /// offsets finished above it ([`InFlightSet::finished_metadata`]), or empty
+    /// when none did, or they do not fit (counted: the next owner runs them
+    /// again).
+    ///
+    /// [`InFlightSet::finished_metadata`]: crate::raw::InFlightSet::finished_metadata
+    pub fn finished_metadata(
+        &self,
+        set: &crate::raw::InFlightSet<()>,
+        topic: &str,
+        partition: i32,
+        w: i64,
+    ) -> String {
+        set.finished_metadata(partition, w).unwrap_or_else(|e| {
+            tracing::debug!(topic, partition, offset = w, error = %e, "finished offsets not written");
+            self.count_commit_metadata_too_large(topic);
+            String::new()
+        })
+    }
+
     fn topic_counter(&self, metric: &str, topic: &str) {
         metrics::counter!(m::name(&self.inner.metrics.backend, metric), "topic" => topic.to_owned())
             .increment(1);

@@ -34,7 +34,7 @@
 //! - Giving partitions up, lost partitions and stopping: see
 //!   [`leaving`](super::leaving).
 
-use super::partition::{finished_metadata, Partition};
+use super::partition::Partition;
 use super::PartitionLog;
 use crate::raw::{Completion, Dispatcher, Held, InFlightSet, PreparedSubscription};
 use crate::{CancellationToken, ErrorKind, Message};
@@ -387,25 +387,9 @@ impl<L: PartitionLog> LogLoop<L> {
         let Some((committed, metadata)) = self.log.committed_metadata(p) else {
             return;
         };
-        if committed != next {
-            return;
-        }
-        match crate::raw::finished::decode(&metadata, committed, None) {
-            Ok(finished) => {
-                if self.set.seed(p, &finished) {
-                    tracing::debug!(topic = %self.log.topic(), partition = p, offset = committed,
-                        finished = finished.offsets(),
-                        "offsets finished above the committed offset before: not run again");
-                }
-            }
-            Err(crate::raw::finished::Replay::Missing) => {}
-            Err(reason) => {
-                tracing::warn!(topic = %self.log.topic(), partition = p, offset = committed,
-                    %reason, reason_label = reason.label(), "commit metadata not trusted: the partition is read from its \
-                     committed offset and nothing is skipped");
-                self.dispatcher
-                    .count_commit_metadata_replay(self.log.topic());
-            }
+        if committed == next {
+            self.dispatcher
+                .seed_finished(&mut self.set, self.log.topic(), p, committed, &metadata);
         }
     }
 
@@ -421,7 +405,8 @@ impl<L: PartitionLog> LogLoop<L> {
         if !vouches {
             return String::new();
         }
-        finished_metadata(&self.set, &self.dispatcher, self.log.topic(), p, w)
+        self.dispatcher
+            .finished_metadata(&self.set, self.log.topic(), p, w)
     }
 
     /// The commit point of partition `p` to write finished offsets above: its

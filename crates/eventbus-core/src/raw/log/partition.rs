@@ -9,7 +9,7 @@
 //! a later one replaces it.
 
 use super::PartitionLog;
-use crate::raw::{Dispatcher, Held, InFlightSet};
+use crate::raw::Held;
 use crate::{ErrorKind, Message};
 use std::collections::VecDeque;
 use tokio::time::Instant;
@@ -40,7 +40,7 @@ pub(super) struct Partition {
     /// A watermark whose commit failed, to make again.
     pub(super) unstored: Option<i64>,
     /// The metadata of the last commit made: the offsets finished above it
-    /// ([`finished_metadata`]); committed again when only it changed.
+    /// ([`Dispatcher::finished_metadata`](crate::raw::Dispatcher::finished_metadata)); committed again when only it changed.
     pub(super) metadata: String,
     /// The broker was told to stop fetching it ([`PartitionLog::pause`]).
     pub(super) paused: bool,
@@ -78,7 +78,7 @@ impl Partition {
     }
 
     /// Commit watermark `w` of `partition` with `metadata` (the offsets
-    /// finished above it: [`finished_metadata`]), unless a rewind's first
+    /// finished above it: [`Dispatcher::finished_metadata`](crate::raw::Dispatcher::finished_metadata)), unless a rewind's first
     /// message is not tracked yet. Returns whether the commit failed and is to
     /// be made again (kept as `unstored`).
     pub(super) fn store<L: PartitionLog>(
@@ -117,25 +117,5 @@ impl Partition {
     /// skipped).
     pub(super) fn vouches(&self) -> bool {
         self.rewound_to.is_none() && self.back.is_none()
-    }
-}
-
-/// The metadata for a commit of `w` on `partition` of `set`: the offsets
-/// finished above it ([`InFlightSet::finished_metadata`]), or empty when none
-/// did, or they do not fit (counted: the next owner runs them again).
-pub(super) fn finished_metadata(
-    set: &InFlightSet<()>,
-    dispatcher: &Dispatcher,
-    topic: &str,
-    partition: i32,
-    w: i64,
-) -> String {
-    match set.finished_metadata(partition, w) {
-        Ok(text) => text,
-        Err(e) => {
-            tracing::debug!(topic, partition, offset = w, error = %e, "finished offsets not written");
-            dispatcher.count_commit_metadata_too_large(topic);
-            String::new()
-        }
     }
 }

@@ -10,6 +10,8 @@
 mod cluster;
 #[path = "support/gated.rs"]
 mod gated;
+#[path = "support/held.rs"]
+mod held;
 
 use cluster::{bus_config, random, wait_until, Cluster, ClusterExt, Membership};
 use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
@@ -369,4 +371,42 @@ async fn rotate_members(label: &str, pools: PoolFactory, membership: Membership)
     assert!(report.lost.is_empty(), "{label}: {report}");
     assert!(report.order_violations.is_empty(), "{label}: {report}");
     producer_bus.close().await.unwrap();
+}
+
+/// One slow message at the front of a partition holds the commit point while
+/// every other aggregate's messages finish above it; its member closes. The
+/// finished offsets go with the commit as its metadata, and the next member
+/// skips them only where the broker gives them back: on the mock cluster it
+/// runs the slow message and its aggregate's messages behind it, and nothing
+/// else again; on a broker that drops commit metadata (tansu 0.6 returns it
+/// empty) it runs every finished message again. Replay, never a skip, and
+/// nothing lost or reordered either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_owner_skips_finished_work_only_where_the_broker_keeps_commit_metadata() {
+    let (n, keys) = (100u64, 10u64);
+    let cluster = Cluster::start();
+    let keeps = held::keeps_commit_metadata(&cluster).await;
+    assert!(
+        keeps || !cluster.is_mock(),
+        "the mock cluster returns commit metadata"
+    );
+    let setup = held::Setup::new(cluster, "held-front", 1, n, keys).await;
+    let (again, finished) = setup.hand_over_a_held_front(keys).await;
+    assert_eq!(
+        finished as u64,
+        n - n / keys,
+        "what finished before the hand-over"
+    );
+    if keeps {
+        assert!(
+            again.is_empty(),
+            "the next member ran again offsets finished before the hand-over: {again:?}"
+        );
+    } else {
+        assert_eq!(
+            again.len(),
+            finished,
+            "the broker dropped the commit's metadata: every finished offset runs again"
+        );
+    }
 }

@@ -1,0 +1,222 @@
+//! A partition whose first message is held while everything above it finishes,
+//! then handed over: the scenario of the finished-offsets tests, on the mock
+//! cluster or a real broker. Also the commit metadata as an outside client of
+//! the group writes and reads it.
+#![allow(dead_code)]
+
+use crate::cluster::{bus_config, keyed_pool, wait_until, Cluster, ClusterExt};
+use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
+use eventbus_kafka::KafkaEventBus;
+use eventbus_testkit::checker::DeliveryChecker;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Handler calls that returned `Ok`, by partition and offset.
+pub(crate) type Handled = Arc<Mutex<HashMap<(i32, i64), u32>>>;
+
+/// Subscribe `bus` to `topic`: a handler recording into `checker` and
+/// `handled`; with `hold_first`, the first call of each partition's first
+/// message waits until its work is handed over, and fails then.
+pub(crate) async fn subscribe(
+    bus: &KafkaEventBus,
+    topic: &str,
+    checker: &DeliveryChecker,
+    handled: &Handled,
+    hold_first: bool,
+) {
+    let (c, h) = (checker.clone(), handled.clone());
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let (c, h) = (c.clone(), h.clone());
+        async move {
+            if hold_first && e.message.offset == 0 {
+                e.cancellation().cancelled().await;
+                return Err(HandlerError::transient("handed over while held"));
+            }
+            let seq = eventbus_testkit::seq_of(&e).expect("seq");
+            c.handled(&e.envelope.aggregate_id, seq);
+            let at = (e.message.partition, e.message.offset);
+            *h.lock().unwrap().entry(at).or_insert(0) += 1;
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// A topic of `partitions` with `n` envelopes over `keys` aggregates
+/// published, and the first member's bus (not subscribed yet).
+pub(crate) struct Setup {
+    pub(crate) cluster: Cluster,
+    pub(crate) topic: String,
+    pub(crate) cfg: eventbus_core::BusConfig,
+    pub(crate) group: String,
+    pub(crate) checker: DeliveryChecker,
+    pub(crate) handled: Handled,
+    pub(crate) first: KafkaEventBus,
+    /// Each envelope's aggregate, partition and offset, in publish order.
+    pub(crate) placed: Vec<(String, i32, i64)>,
+}
+
+impl Setup {
+    /// On `cluster`, with a short drain and hand-over, so that a held message
+    /// is handed over soon.
+    pub(crate) async fn new(
+        cluster: Cluster,
+        prefix: &str,
+        partitions: i32,
+        n: u64,
+        keys: u64,
+    ) -> Self {
+        let topic = crate::cluster::random(prefix);
+        cluster.create_topic(&topic, partitions).await;
+        let mut cfg = bus_config();
+        cfg.consumer.drain_timeout = Duration::from_millis(200);
+        cfg.consumer.handover_timeout = Duration::from_millis(500);
+        let group = cfg.consumer.group_id.clone();
+        let checker = DeliveryChecker::new();
+        let first = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
+        let mut placed = Vec::new();
+        for i in 0..n {
+            let key = format!("k{}", i % keys);
+            let seq = checker.produce(&key);
+            let e =
+                eventbus_core::Envelope::new(&key, "test.event", serde_json::json!({ "seq": seq }));
+            let r = first.publish_envelope(&topic, &e).await.unwrap();
+            placed.push((key, r.partition, r.offset));
+        }
+        Self {
+            cluster,
+            topic,
+            cfg,
+            group,
+            checker,
+            handled: Handled::default(),
+            first,
+            placed,
+        }
+    }
+
+    /// A second member's bus.
+    pub(crate) fn next(&self) -> KafkaEventBus {
+        KafkaEventBus::new(self.cluster.kafka_config(), self.cfg.clone(), keyed_pool(4)).unwrap()
+    }
+
+    /// One partition (the setup's must have one): its first message (of
+    /// aggregate `k0`) is held while every other aggregate's messages finish
+    /// above it, and its member closes with the commit point at the held
+    /// message. The next member handles everything. Returns the offsets
+    /// finished before the hand-over that it ran again, and how many had
+    /// finished before. Asserts that nothing was lost or reordered.
+    pub(crate) async fn hand_over_a_held_front(&self, keys: u64) -> (Vec<i64>, usize) {
+        let Setup {
+            cluster,
+            topic,
+            group,
+            checker,
+            handled,
+            first: a,
+            placed,
+            ..
+        } = self;
+        let n = placed.len() as u64;
+        subscribe(a, topic, checker, handled, true).await;
+        let behind = n / keys;
+        wait_until("every aggregate but the held one's handled", WAIT, || {
+            handled.lock().unwrap().len() as u64 == n - behind
+        })
+        .await;
+        a.close().await.unwrap();
+        assert_eq!(
+            cluster.committed(group, topic, 0),
+            Some(0),
+            "the commit point stays at the held message"
+        );
+
+        let b = self.next();
+        let before: HashMap<(i32, i64), u32> = handled.lock().unwrap().clone();
+        subscribe(&b, topic, checker, handled, false).await;
+        wait_until("everything handled and committed", WAIT, || {
+            handled.lock().unwrap().len() as u64 == n
+                && cluster.committed(group, topic, 0) == Some(n as i64)
+        })
+        .await;
+        let after = handled.lock().unwrap().clone();
+        let mut again: Vec<i64> = before
+            .keys()
+            .filter(|o| after.get(o) > before.get(o))
+            .map(|(_, o)| *o)
+            .collect();
+        again.sort_unstable();
+        let report = checker.report();
+        assert!(report.lost.is_empty(), "{report}");
+        assert!(report.order_violations.is_empty(), "{report}");
+        b.close().await.unwrap();
+        (again, before.len())
+    }
+}
+
+/// A client of `group` that never joins it (no subscription): it commits and
+/// reads committed offsets, as an outside tool does.
+pub(crate) fn client(cluster: &Cluster, group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", cluster.brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer")
+}
+
+/// Commit `offset` of `topic`/0 for `group` with `metadata`, as another client
+/// of the group would.
+pub(crate) fn commit_with_metadata(
+    cluster: &Cluster,
+    group: &str,
+    topic: &str,
+    offset: i64,
+    metadata: &str,
+) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(offset))
+        .expect("offset");
+    tpl.find_partition(topic, 0)
+        .expect("the partition just added")
+        .set_metadata(metadata);
+    client(cluster, group)
+        .commit(&tpl, CommitMode::Sync)
+        .expect("commit");
+}
+
+/// The committed offset of `topic`/0 for `group` and its metadata, read by a
+/// new client.
+pub(crate) fn committed_with_metadata(
+    cluster: &Cluster,
+    group: &str,
+    topic: &str,
+) -> (Offset, String) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let got = client(cluster, group)
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    let e = got
+        .find_partition(topic, 0)
+        .expect("the partition asked for");
+    (e.offset(), e.metadata().to_owned())
+}
+
+/// Whether `cluster` returns an offset commit's metadata with the committed
+/// offset: a probe commit on a topic and group of its own.
+pub(crate) async fn keeps_commit_metadata(cluster: &Cluster) -> bool {
+    let topic = crate::cluster::random("metadata-probe");
+    let group = crate::cluster::random("metadata-probe-group");
+    cluster.create_topic(&topic, 1).await;
+    commit_with_metadata(cluster, &group, &topic, 0, "probe");
+    let (offset, metadata) = committed_with_metadata(cluster, &group, &topic);
+    assert_eq!(offset, Offset::Offset(0), "the probe commit was not kept");
+    metadata == "probe"
+}

@@ -105,6 +105,11 @@ struct TopicState {
     /// Per partition, the finished offsets last committed on their own (the
     /// watermark staying): committed again once they change.
     metadata: HashMap<i32, String>,
+    /// Partitions fenced for a hand-over (revoke, close): each watermark of
+    /// theirs is stored with the offsets finished above it, so that
+    /// librdkafka's own commit of it, which may land after the hand-over's
+    /// explicit commit, carries them too instead of clearing them.
+    leaving: HashSet<i32>,
     removing: Vec<oneshot::Sender<()>>,
 }
 
@@ -392,6 +397,7 @@ impl ConsumeLoop {
                         held: HashMap::new(),
                         rewound: HashMap::new(),
                         metadata: HashMap::new(),
+                        leaving: HashSet::new(),
                         removing: Vec::new(),
                     },
                 );
@@ -581,6 +587,7 @@ impl ConsumeLoop {
                 finished.push((topic.clone(), *p, at, metadata));
             }
             ts.metadata.remove(p);
+            ts.leaving.remove(p);
             if ts.paused.remove(p) {
                 resume.add_partition(topic, *p);
             }
@@ -747,9 +754,23 @@ impl ConsumeLoop {
     /// commit of their own once per commit interval
     /// ([`commit_metadata`](Self::commit_metadata)) and with a hand-over's
     /// commits, not at every settling pass (encoding them costs more than the
-    /// pass).
+    /// pass). A partition being handed over is the exception
+    /// ([`TopicState::leaving`]): its watermark goes with them.
     fn store(&self, topic: &str, partition: i32, watermark: i64) {
-        store_offset(&self.consumer, topic, partition, watermark, "");
+        let metadata = match self.topics.get(topic) {
+            Some(ts) if ts.leaving.contains(&partition) && !ts.rewound.contains_key(&partition) => {
+                finished_metadata(
+                    &self.dispatcher,
+                    &self.shared,
+                    topic,
+                    ts,
+                    partition,
+                    watermark,
+                )
+            }
+            _ => String::new(),
+        };
+        store_offset(&self.consumer, topic, partition, watermark, &metadata);
     }
 
     /// Commit the finished offsets of the partitions whose commit point stays
@@ -1430,6 +1451,17 @@ impl HandOver for Leaving<'_> {
                 ts.set.fence(*p);
                 // Held jobs are dropped unrun: their entries settle abandoned.
                 ts.held.remove(p);
+                ts.leaving.insert(*p);
+            }
+            // The watermark stored last went alone: stored again with the
+            // finished offsets above it, before the hand-over's commit of them.
+            if let Some(w) = self
+                .lp
+                .topics
+                .get(t.as_str())
+                .and_then(|ts| ts.set.watermark(*p))
+            {
+                self.lp.store(t, *p, w);
             }
         }
         if let Some(until) = self.commit_until {

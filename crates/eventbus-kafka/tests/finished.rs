@@ -15,7 +15,7 @@ use cluster::{bus_config, keyed_pool, random, wait_until, Cluster, ClusterExt};
 use eventbus_core::EventBus;
 use eventbus_kafka::KafkaEventBus;
 use eventbus_testkit::checker::DeliveryChecker;
-use held::{commit_with_metadata, subscribe, Handled, Setup};
+use held::{commit_with_metadata, subscribe, Handled, Hold, Setup};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,7 +52,7 @@ async fn metadata_that_is_not_trusted_skips_nothing() {
             bus.publish_envelope(&topic, &e).await.unwrap();
         }
         commit_with_metadata(&cluster, &group, &topic, 10, &metadata);
-        subscribe(&bus, &topic, &checker, &handled, false).await;
+        subscribe(&bus, &topic, &checker, &handled, Hold::Nothing).await;
         wait_until(
             &format!("{what}: offsets 10..20 handled and committed"),
             WAIT,
@@ -97,7 +97,7 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 5],
     );
-    subscribe(a, topic, checker, handled, true).await;
+    subscribe(a, topic, checker, handled, Hold::Fails).await;
     let behind = n / keys;
     wait_until("every aggregate but the held one's handled", WAIT, || {
         handled.lock().unwrap().len() as u64 == n - behind
@@ -106,7 +106,7 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
     a.close().await.unwrap();
 
     let b = setup.next();
-    subscribe(&b, topic, checker, handled, false).await;
+    subscribe(&b, topic, checker, handled, Hold::Nothing).await;
     wait_until("everything handled and committed", WAIT, || {
         handled.lock().unwrap().len() as u64 == n
             && cluster.committed(group, topic, 0) == Some(n as i64)
@@ -162,14 +162,14 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
         })
         .collect();
     let all_behind = (behind[0].len() + behind[1].len()) as u64;
-    subscribe(a, topic, checker, handled, true).await;
+    subscribe(a, topic, checker, handled, Hold::Fails).await;
     wait_until("every aggregate but the held ones handled", WAIT, || {
         handled.lock().unwrap().len() as u64 == n - all_behind
     })
     .await;
 
     let b = setup.next();
-    subscribe(&b, topic, checker, handled, false).await;
+    subscribe(&b, topic, checker, handled, Hold::Nothing).await;
     let behind_done = |p: usize| {
         let h = handled.lock().unwrap();
         behind[p].iter().all(|o| h.contains_key(&(p as i32, *o)))
@@ -204,4 +204,25 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
     assert!(report.lost.is_empty(), "{report}");
     assert!(report.order_violations.is_empty(), "{report}");
     b.close().await.unwrap();
+}
+
+/// librdkafka commits a stored watermark on its own every commit interval
+/// until the group answers, and an answer may be slow. The watermark moves as
+/// the member closes (the held first message finishes when its work is handed
+/// over), and every answer of the broker is late: librdkafka's own commits of
+/// the new watermark then go out beside the close's commit of the finished
+/// offsets, and may land after it. They carry the finished offsets too, so the
+/// next member runs none of them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn librdkafkas_own_commits_at_a_close_keep_the_finished_offsets() {
+    let (n, keys) = (100u64, 10u64);
+    let setup = Setup::new(Cluster::mock(1), "finished-late-answers", 1, n, keys).await;
+    let (again, finished) = setup
+        .hand_over_a_held_front(keys, Hold::Finishes, Some(Duration::from_millis(500)))
+        .await;
+    assert_eq!(finished as u64, n - n / keys + 1);
+    assert!(
+        again.is_empty(),
+        "the next member ran again offsets finished before the hand-over: {again:?}"
+    );
 }

@@ -391,7 +391,9 @@ async fn the_next_owner_skips_finished_work_only_where_the_broker_keeps_commit_m
         "the mock cluster returns commit metadata"
     );
     let setup = held::Setup::new(cluster, "held-front", 1, n, keys).await;
-    let (again, finished) = setup.hand_over_a_held_front(keys).await;
+    let (again, finished) = setup
+        .hand_over_a_held_front(keys, held::Hold::Fails, None)
+        .await;
     assert_eq!(
         finished as u64,
         n - n / keys,

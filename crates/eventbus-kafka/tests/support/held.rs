@@ -19,23 +19,36 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Handler calls that returned `Ok`, by partition and offset.
 pub(crate) type Handled = Arc<Mutex<HashMap<(i32, i64), u32>>>;
 
+/// What a handler does with each partition's first message (offset 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// Nothing: it is handled as every other.
+    Nothing,
+    /// Its call waits until its work is handed over, and fails then.
+    Fails,
+    /// Its call waits until its work is handed over, and succeeds then: the
+    /// watermark moves at the hand-over.
+    Finishes,
+}
+
 /// Subscribe `bus` to `topic`: a handler recording into `checker` and
-/// `handled`; with `hold_first`, the first call of each partition's first
-/// message waits until its work is handed over, and fails then.
+/// `handled`, holding each partition's first message as `hold` says.
 pub(crate) async fn subscribe(
     bus: &KafkaEventBus,
     topic: &str,
     checker: &DeliveryChecker,
     handled: &Handled,
-    hold_first: bool,
+    hold: Hold,
 ) {
     let (c, h) = (checker.clone(), handled.clone());
     bus.subscribe_envelope(topic, move |e: Event| {
         let (c, h) = (c.clone(), h.clone());
         async move {
-            if hold_first && e.message.offset == 0 {
+            if hold != Hold::Nothing && e.message.offset == 0 {
                 e.cancellation().cancelled().await;
-                return Err(HandlerError::transient("handed over while held"));
+                if hold == Hold::Fails {
+                    return Err(HandlerError::transient("handed over while held"));
+                }
             }
             let seq = eventbus_testkit::seq_of(&e).expect("seq");
             c.handled(&e.envelope.aggregate_id, seq);
@@ -72,6 +85,10 @@ impl Setup {
         n: u64,
         keys: u64,
     ) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let topic = crate::cluster::random(prefix);
         cluster.create_topic(&topic, partitions).await;
         let mut cfg = bus_config();
@@ -107,12 +124,18 @@ impl Setup {
     }
 
     /// One partition (the setup's must have one): its first message (of
-    /// aggregate `k0`) is held while every other aggregate's messages finish
-    /// above it, and its member closes with the commit point at the held
-    /// message. The next member handles everything. Returns the offsets
-    /// finished before the hand-over that it ran again, and how many had
-    /// finished before. Asserts that nothing was lost or reordered.
-    pub(crate) async fn hand_over_a_held_front(&self, keys: u64) -> (Vec<i64>, usize) {
+    /// aggregate `k0`) is held as `hold` says while every other aggregate's
+    /// messages finish above it, and the member closes, with every answer of
+    /// the (mock) broker `late_at_close` late meanwhile when given.
+    /// The next member handles everything. Returns the offsets finished
+    /// before the hand-over that it ran again, and how many had finished
+    /// before. Asserts that nothing was lost or reordered.
+    pub(crate) async fn hand_over_a_held_front(
+        &self,
+        keys: u64,
+        hold: Hold,
+        late_at_close: Option<Duration>,
+    ) -> (Vec<i64>, usize) {
         let Setup {
             cluster,
             topic,
@@ -124,22 +147,30 @@ impl Setup {
             ..
         } = self;
         let n = placed.len() as u64;
-        subscribe(a, topic, checker, handled, true).await;
+        subscribe(a, topic, checker, handled, hold).await;
         let behind = n / keys;
         wait_until("every aggregate but the held one's handled", WAIT, || {
             handled.lock().unwrap().len() as u64 == n - behind
         })
         .await;
+        if let Some(late) = late_at_close {
+            cluster.round_trip_time(1, late);
+        }
         a.close().await.unwrap();
-        assert_eq!(
-            cluster.committed(group, topic, 0),
-            Some(0),
-            "the commit point stays at the held message"
-        );
+        if late_at_close.is_some() {
+            cluster.round_trip_time(1, Duration::ZERO);
+        }
+        if hold == Hold::Fails {
+            assert_eq!(
+                cluster.committed(group, topic, 0),
+                Some(0),
+                "the commit point stays at the held message"
+            );
+        }
 
         let b = self.next();
         let before: HashMap<(i32, i64), u32> = handled.lock().unwrap().clone();
-        subscribe(&b, topic, checker, handled, false).await;
+        subscribe(&b, topic, checker, handled, Hold::Nothing).await;
         wait_until("everything handled and committed", WAIT, || {
             handled.lock().unwrap().len() as u64 == n
                 && cluster.committed(group, topic, 0) == Some(n as i64)

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::context::KConsumer;
-use crate::finished::offset_with;
+use crate::finished::{offset_with, offsets_with};
 use crate::shared::ConsumerShared;
 
 /// Store `watermark` (the next offset to consume) of `partition` of `topic`,
@@ -211,6 +211,39 @@ pub(crate) fn offsets(marks: &[(&str, i32, i64)]) -> Option<TopicPartitionList> 
         tpl.add_partition_offset(t, *p, Offset::Offset(*w)).ok()?;
     }
     (tpl.count() > 0).then_some(tpl)
+}
+
+/// A commit of finished offsets on their own (the watermark staying), made on
+/// a thread of its own ([`commit_on_thread`]): synchronous there, so its answer
+/// comes only once librdkafka is done with it, its own retries included. The
+/// loop makes one at a time, and makes a commit back after a rewind only once
+/// it is answered: a metadata commit retried by librdkafka after the commit
+/// back would take the group's offset above the rewind point again.
+pub(crate) struct MetadataCommit {
+    pub(crate) answer: oneshot::Receiver<Result<(), String>>,
+    /// Set when it is given up: no further attempt starts.
+    stop: Arc<AtomicBool>,
+}
+
+impl MetadataCommit {
+    /// Commit each `(topic, partition, offset, metadata)` of `marks`, no attempt
+    /// starting at or after `deadline`; `None` when there is nothing to commit.
+    pub(crate) fn start(
+        consumer: Arc<KConsumer>,
+        marks: &[(&str, i32, i64, &str)],
+        deadline: Instant,
+    ) -> Option<Self> {
+        let tpl = offsets_with(marks)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let answer = commit_on_thread(consumer, Some(tpl), deadline, stop.clone());
+        Some(Self { answer, stop })
+    }
+}
+
+impl Drop for MetadataCommit {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
 }
 
 #[cfg(test)]

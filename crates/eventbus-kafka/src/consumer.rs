@@ -61,11 +61,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::{
-    client_fatal_error, commit_on_thread, offsets, store_offset, LeavingCommit, METADATA_TOO_LARGE,
+    client_fatal_error, commit_on_thread, offsets, store_offset, LeavingCommit, MetadataCommit,
+    METADATA_TOO_LARGE,
 };
 use crate::context::KConsumer;
 use crate::fetch::FETCH_BATCH;
-use crate::finished::{offsets_with, Committed, MetadataCommit};
+use crate::finished::{offsets_with, Committed};
 use crate::metrics as km;
 use crate::shared::{ConsumerShared, FetchEvent, Owned, Revoking, Transition};
 

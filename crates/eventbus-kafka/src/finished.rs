@@ -6,25 +6,18 @@
 //! librdkafka keeps the metadata stored with an offset (`store_offsets`) and
 //! commits it with that offset, but commits a stored offset only when it is
 //! above the committed one: while one slow message holds the watermark, the
-//! metadata alone goes out as an explicit commit ([`MetadataCommit`]), one at
-//! a time, and a commit back after a rewind waits for its answer.
+//! metadata alone goes out as an explicit commit (`commit::MetadataCommit`),
+//! one at a time, and a commit back after a rewind waits for its answer.
 //!
 //! Reading metadata that is not UTF-8 makes rust-rdkafka panic; the panic is
 //! caught, so in a build that aborts on panic no metadata is read at all (the
 //! partitions run everything above the committed offset again).
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
-use tokio::time::Instant;
-
-use crate::commit::commit_on_thread;
-use crate::context::KConsumer;
 
 /// By topic and partition: the group's committed offset and the metadata
 /// committed with it, as the broker returned them.
@@ -40,8 +33,8 @@ const NOT_TEXT: &[u8] = &[0xff];
 /// callback, before the partitions' first messages are fetched. Nothing on
 /// error or timeout: the partitions then run everything above the committed
 /// offset, as without metadata.
-pub(crate) fn read_committed(
-    consumer: &KConsumer,
+pub(crate) fn read_committed<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
     assigned: &TopicPartitionList,
     timeout: Duration,
 ) -> Committed {
@@ -70,39 +63,6 @@ pub(crate) fn read_committed(
         committed.insert((e.topic().to_owned(), e.partition()), (offset, metadata));
     }
     committed
-}
-
-/// A commit of finished offsets on their own (the watermark staying), made on
-/// a thread of its own ([`commit_on_thread`]): synchronous there, so its answer
-/// comes only once librdkafka is done with it, its own retries included. The
-/// loop makes one at a time, and makes a commit back after a rewind only once
-/// it is answered: a metadata commit retried by librdkafka after the commit
-/// back would take the group's offset above the rewind point again.
-pub(crate) struct MetadataCommit {
-    pub(crate) answer: oneshot::Receiver<Result<(), String>>,
-    /// Set when it is given up: no further attempt starts.
-    stop: Arc<AtomicBool>,
-}
-
-impl MetadataCommit {
-    /// Commit each `(topic, partition, offset, metadata)` of `marks`, no attempt
-    /// starting at or after `deadline`; `None` when there is nothing to commit.
-    pub(crate) fn start(
-        consumer: Arc<KConsumer>,
-        marks: &[(&str, i32, i64, &str)],
-        deadline: Instant,
-    ) -> Option<Self> {
-        let tpl = offsets_with(marks)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let answer = commit_on_thread(consumer, Some(tpl), deadline, stop.clone());
-        Some(Self { answer, stop })
-    }
-}
-
-impl Drop for MetadataCommit {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-    }
 }
 
 /// `marks` (topic, partition, offset, metadata) as a partition list for a

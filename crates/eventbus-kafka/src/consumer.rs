@@ -436,6 +436,7 @@ impl ConsumeLoop {
             ts.held.remove(&p);
             ts.rewound.remove(&p);
             ts.metadata.remove(&p);
+            ts.leaving.remove(&p);
             if let Some((offset, metadata)) = committed.get(&(topic.clone(), p)) {
                 self.dispatcher
                     .seed_finished(&mut ts.set, &topic, p, *offset, metadata);
@@ -727,6 +728,8 @@ impl ConsumeLoop {
                 ts.parked.remove(&p);
                 ts.held.remove(&p);
                 ts.rewound.remove(&p);
+                ts.metadata.remove(&p);
+                ts.leaving.remove(&p);
                 self.shared.rewind_confirmed(&topic, p);
                 km::in_flight(&topic, p, 0);
             }
@@ -1379,6 +1382,13 @@ impl ConsumeLoop {
         // offsets under way, if any, so that none lands after a commit back.
         self.wait_metadata_commit(Instant::now() + self.operation_timeout)
             .await;
+        // What finished above a watermark that stayed since it was last stored
+        // is not in the stored metadata yet: stored again with all of it, so
+        // that librdkafka's own commits of it, until the final commit's answer
+        // comes, carry it too.
+        for (t, p, w) in &marks {
+            self.store(t, *p, *w);
+        }
         let finished = self.finished_at_commit_points(&parts);
         let explicit: Vec<(&str, i32, i64, &str)> = back
             .iter()

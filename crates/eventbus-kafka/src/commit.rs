@@ -40,6 +40,27 @@ pub(crate) fn store_offset(
 pub(crate) const METADATA_TOO_LARGE: &str =
     "the group refused the commit's metadata as too large (OFFSET_METADATA_TOO_LARGE)";
 
+/// What [`commit_on_thread`] answers when it gave up on a group that is
+/// rebalancing ([`InRebalance::GiveUp`]).
+pub(crate) const REBALANCING: &str =
+    "the group is rebalancing (REBALANCE_IN_PROGRESS) while this member answers a revoke";
+
+/// What a commit on a thread of its own ([`commit_on_thread`]) does when the
+/// group answers that it is rebalancing (`REBALANCE_IN_PROGRESS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InRebalance {
+    /// Retry until the deadline: the rebalance ends without this commit's
+    /// member having to answer anything first.
+    Retry,
+    /// Give up at once. The commit is made while this member answers a
+    /// revoke, and the rebalance waits for that answer: a group that refuses
+    /// commits while it waits for its members (librdkafka's mock cluster
+    /// does while a classic group is joining) refuses every retry until the
+    /// revoke's deadline, and the member, late to join again, may be put out
+    /// of the group and lose its other partitions.
+    GiveUp,
+}
+
 /// The fatal error librdkafka raised on `consumer`'s client, if any, in the
 /// fetching thread's words.
 pub(crate) fn client_fatal_error(consumer: &KConsumer) -> Option<String> {
@@ -65,6 +86,7 @@ pub(crate) fn commit_on_thread(
     explicit: Option<TopicPartitionList>,
     deadline: Instant,
     stop: Arc<AtomicBool>,
+    in_rebalance: InRebalance,
 ) -> oneshot::Receiver<Result<(), String>> {
     let (tx, rx) = oneshot::channel();
     let deadline = deadline.into_std();
@@ -99,6 +121,13 @@ pub(crate) fn commit_on_thread(
                             break Ok(());
                         }
                         explicit_done = true;
+                    }
+                    // The group is rebalancing, and this member holds the
+                    // rebalance: see [`InRebalance::GiveUp`].
+                    Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::RebalanceInProgress))
+                        if in_rebalance == InRebalance::GiveUp =>
+                    {
+                        break Err(REBALANCING.to_owned());
                     }
                     // The group refuses the metadata as too large: the same
                     // commit is refused again, so it is not retried.
@@ -161,6 +190,7 @@ impl LeavingCommit {
                 Some(tpl),
                 deadline,
                 stop.clone(),
+                InRebalance::Retry,
             )),
             _ => None,
         };
@@ -232,10 +262,11 @@ impl MetadataCommit {
         consumer: Arc<KConsumer>,
         marks: &[(&str, i32, i64, &str)],
         deadline: Instant,
+        in_rebalance: InRebalance,
     ) -> Option<Self> {
         let tpl = offsets_with(marks)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let answer = commit_on_thread(consumer, Some(tpl), deadline, stop.clone());
+        let answer = commit_on_thread(consumer, Some(tpl), deadline, stop.clone(), in_rebalance);
         Some(Self { answer, stop })
     }
 }

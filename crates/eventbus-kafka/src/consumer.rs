@@ -61,8 +61,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::{
-    client_fatal_error, commit_on_thread, offsets, store_offset, LeavingCommit, MetadataCommit,
-    METADATA_TOO_LARGE,
+    client_fatal_error, commit_on_thread, offsets, store_offset, InRebalance, LeavingCommit,
+    MetadataCommit, METADATA_TOO_LARGE,
 };
 use crate::context::KConsumer;
 use crate::fetch::FETCH_BATCH;
@@ -631,7 +631,11 @@ impl ConsumeLoop {
         if marks.is_empty() || Instant::now() >= until {
             return false;
         }
-        let Some(commit) = MetadataCommit::start(self.consumer.clone(), &marks, until) else {
+        // Made while the revoke is answered: a group that refuses commits
+        // until this member joins again is not waited for.
+        let Some(commit) =
+            MetadataCommit::start(self.consumer.clone(), &marks, until, InRebalance::GiveUp)
+        else {
             return false;
         };
         self.metadata_commit = Some(commit);
@@ -824,7 +828,8 @@ impl ConsumeLoop {
             .map(|(t, p, o, m)| (&**t, *p, *o, m.as_str()))
             .collect();
         let deadline = Instant::now() + self.operation_timeout;
-        self.metadata_commit = MetadataCommit::start(self.consumer.clone(), &marks, deadline);
+        self.metadata_commit =
+            MetadataCommit::start(self.consumer.clone(), &marks, deadline, InRebalance::Retry);
     }
 }
 
@@ -1174,10 +1179,15 @@ impl ConsumeLoop {
         // A commit of finished offsets under way may still land (librdkafka
         // retries it): the commit back waits for its answer, and is made at
         // the tick after it ([`check_back_commits`](Self::check_back_commits)).
-        let answer = self
-            .metadata_commit
-            .is_none()
-            .then(|| commit_on_thread(self.consumer.clone(), Some(tpl), deadline, stop.clone()));
+        let answer = self.metadata_commit.is_none().then(|| {
+            commit_on_thread(
+                self.consumer.clone(),
+                Some(tpl),
+                deadline,
+                stop.clone(),
+                InRebalance::Retry,
+            )
+        });
         let Some(ts) = self.topics.get_mut(topic) else {
             return;
         };
@@ -1263,6 +1273,7 @@ impl ConsumeLoop {
                         Some(tpl),
                         Instant::now() + self.operation_timeout,
                         back.stop.clone(),
+                        InRebalance::Retry,
                     ));
                 }
             }
@@ -1404,6 +1415,7 @@ impl ConsumeLoop {
             offsets_with(&explicit),
             Instant::now() + self.operation_timeout,
             Arc::new(AtomicBool::new(false)),
+            InRebalance::Retry,
         );
         let result = match tokio::time::timeout(self.operation_timeout, answer).await {
             Ok(Ok(result)) => result,

@@ -145,22 +145,7 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
         ..
     } = &setup;
     // Per partition, the messages behind its held first one: its aggregate's.
-    let first_key = |p: i32| {
-        placed
-            .iter()
-            .find(|(_, q, o)| *q == p && *o == 0)
-            .map(|(k, ..)| k.clone())
-    };
-    let behind: Vec<Vec<i64>> = (0..2)
-        .map(|p| {
-            let k = first_key(p);
-            placed
-                .iter()
-                .filter(|(key, q, _)| *q == p && Some(key) == k.as_ref())
-                .map(|(_, _, o)| *o)
-                .collect()
-        })
-        .collect();
+    let behind: Vec<Vec<i64>> = (0..2).map(|p| setup.behind_first(p)).collect();
     let all_behind = (behind[0].len() + behind[1].len()) as u64;
     subscribe(a, topic, checker, handled, Hold::Fails).await;
     wait_until("every aggregate but the held ones handled", WAIT, || {
@@ -170,10 +155,7 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
 
     let b = setup.next();
     subscribe(&b, topic, checker, handled, Hold::Nothing).await;
-    let behind_done = |p: usize| {
-        let h = handled.lock().unwrap();
-        behind[p].iter().all(|o| h.contains_key(&(p as i32, *o)))
-    };
+    let behind_done = |p: usize| setup.all_handled(p as i32, &behind[p]);
     wait_until(
         "the joining member takes a partition over and finishes it",
         WAIT,
@@ -225,4 +207,69 @@ async fn librdkafkas_own_commits_at_a_close_keep_the_finished_offsets() {
         again.is_empty(),
         "the next member ran again offsets finished before the hand-over: {again:?}"
     );
+}
+
+/// A revoke commits the finished offsets of the partitions leaving while the
+/// rebalance waits for its answer. A group that refuses commits while it
+/// rebalances (librdkafka's mock cluster does while a classic group is
+/// joining; here every offset commit is refused so) is not waited for: the
+/// revoke is answered once its work is handed over, long before its
+/// hand-over deadline, and the joining member takes its partition over then.
+/// Waiting for the commit until that deadline held the rebalance, and the
+/// member, late to join again, was put out of the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_does_not_wait_for_a_group_that_refuses_commits_while_it_rebalances() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let (n, keys) = (200u64, 20u64);
+    // Far longer than the wait below: only a revoke that does not wait for
+    // the refused commit hands a partition over within it.
+    let handover = Duration::from_secs(60);
+    let setup =
+        Setup::with_handover(Cluster::mock(1), "finished-refused", 2, n, keys, handover).await;
+    let Setup {
+        cluster,
+        topic,
+        group,
+        checker,
+        handled,
+        first: a,
+        placed,
+        ..
+    } = &setup;
+    let behind: Vec<Vec<i64>> = (0..2).map(|p| setup.behind_first(p)).collect();
+    let all_behind = (behind[0].len() + behind[1].len()) as u64;
+    subscribe(a, topic, checker, handled, Hold::Fails).await;
+    wait_until("every aggregate but the held ones handled", WAIT, || {
+        handled.lock().unwrap().len() as u64 == n - all_behind
+    })
+    .await;
+
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 5000],
+    );
+    let b = setup.next();
+    subscribe(&b, topic, checker, handled, Hold::Nothing).await;
+    wait_until(
+        "the joining member takes a partition over and handles its held aggregate, \
+         well before the revoke's hand-over deadline",
+        Duration::from_secs(25),
+        || setup.all_handled(0, &behind[0]) || setup.all_handled(1, &behind[1]),
+    )
+    .await;
+    cluster.clear_errors(RDKafkaApiKey::OffsetCommit);
+
+    a.close().await.unwrap();
+    wait_until("everything handled and committed", WAIT, || {
+        handled.lock().unwrap().len() as u64 == n
+            && (0..2).all(|p| {
+                let end = placed.iter().filter(|(_, q, _)| *q == p).count() as i64;
+                cluster.committed(group, topic, p) == Some(end)
+            })
+    })
+    .await;
+    let report = checker.report();
+    assert!(report.lost.is_empty(), "{report}");
+    assert!(report.order_violations.is_empty(), "{report}");
+    b.close().await.unwrap();
 }

@@ -85,6 +85,27 @@ impl Setup {
         n: u64,
         keys: u64,
     ) -> Self {
+        Self::with_handover(
+            cluster,
+            prefix,
+            partitions,
+            n,
+            keys,
+            Duration::from_millis(500),
+        )
+        .await
+    }
+
+    /// As [`new`](Self::new), with `handover` as the members' hand-over
+    /// timeout.
+    pub(crate) async fn with_handover(
+        cluster: Cluster,
+        prefix: &str,
+        partitions: i32,
+        n: u64,
+        keys: u64,
+        handover: Duration,
+    ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -93,7 +114,7 @@ impl Setup {
         cluster.create_topic(&topic, partitions).await;
         let mut cfg = bus_config();
         cfg.consumer.drain_timeout = Duration::from_millis(200);
-        cfg.consumer.handover_timeout = Duration::from_millis(500);
+        cfg.consumer.handover_timeout = handover;
         let group = cfg.consumer.group_id.clone();
         let checker = DeliveryChecker::new();
         let first = KafkaEventBus::new(cluster.kafka_config(), cfg.clone(), keyed_pool(4)).unwrap();
@@ -116,6 +137,27 @@ impl Setup {
             first,
             placed,
         }
+    }
+
+    /// The offsets of partition `p` of the aggregate of its first message:
+    /// those held behind it while it is held.
+    pub(crate) fn behind_first(&self, p: i32) -> Vec<i64> {
+        let key = self
+            .placed
+            .iter()
+            .find(|(_, q, o)| *q == p && *o == 0)
+            .map(|(k, ..)| k.clone());
+        self.placed
+            .iter()
+            .filter(|(k, q, _)| *q == p && Some(k) == key.as_ref())
+            .map(|(_, _, o)| *o)
+            .collect()
+    }
+
+    /// Whether every offset of `offsets` of partition `p` was handled.
+    pub(crate) fn all_handled(&self, p: i32, offsets: &[i64]) -> bool {
+        let h = self.handled.lock().unwrap();
+        offsets.iter().all(|o| h.contains_key(&(p, *o)))
     }
 
     /// A second member's bus.

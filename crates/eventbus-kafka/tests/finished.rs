@@ -86,7 +86,6 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
     let Setup {
         cluster,
         topic,
-        group,
         checker,
         handled,
         first: a,
@@ -97,30 +96,18 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 5],
     );
-    subscribe(a, topic, checker, handled, Hold::Fails).await;
-    let behind = n / keys;
-    wait_until("every aggregate but the held one's handled", WAIT, || {
-        handled.lock().unwrap().len() as u64 == n - behind
-    })
-    .await;
+    let behind = setup.hold_the_fronts(Hold::Fails).await[0].len() as u64;
     a.close().await.unwrap();
 
     let b = setup.next();
     subscribe(&b, topic, checker, handled, Hold::Nothing).await;
-    wait_until("everything handled and committed", WAIT, || {
-        handled.lock().unwrap().len() as u64 == n
-            && cluster.committed(group, topic, 0) == Some(n as i64)
-    })
-    .await;
+    setup.wait_all_handled_and_committed().await;
     let again = handled.lock().unwrap().values().filter(|t| **t > 1).count() as u64;
     assert_eq!(
         again,
         n - behind,
         "the finished offsets were dropped after the refusal: the next member runs them again"
     );
-    let report = checker.report();
-    assert!(report.lost.is_empty(), "{report}");
-    assert!(report.order_violations.is_empty(), "{report}");
     b.close().await.unwrap();
 }
 
@@ -135,23 +122,14 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
     let (n, keys) = (200u64, 20u64);
     let setup = Setup::new(Cluster::mock(1), "finished-rebalance", 2, n, keys).await;
     let Setup {
-        cluster,
-        topic,
-        group,
         checker,
         handled,
         first: a,
-        placed,
+        topic,
         ..
     } = &setup;
     // Per partition, the messages behind its held first one: its aggregate's.
-    let behind: Vec<Vec<i64>> = (0..2).map(|p| setup.behind_first(p)).collect();
-    let all_behind = (behind[0].len() + behind[1].len()) as u64;
-    subscribe(a, topic, checker, handled, Hold::Fails).await;
-    wait_until("every aggregate but the held ones handled", WAIT, || {
-        handled.lock().unwrap().len() as u64 == n - all_behind
-    })
-    .await;
+    let behind = setup.hold_the_fronts(Hold::Fails).await;
 
     let b = setup.next();
     subscribe(&b, topic, checker, handled, Hold::Nothing).await;
@@ -163,14 +141,7 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
     )
     .await;
     a.close().await.unwrap();
-    wait_until("everything handled and committed", WAIT, || {
-        handled.lock().unwrap().len() as u64 == n
-            && (0..2).all(|p| {
-                let end = placed.iter().filter(|(_, q, _)| *q == p).count() as i64;
-                cluster.committed(group, topic, p) == Some(end)
-            })
-    })
-    .await;
+    setup.wait_all_handled_and_committed().await;
     let again: Vec<(i32, i64)> = handled
         .lock()
         .unwrap()
@@ -182,9 +153,6 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
         again.is_empty(),
         "ran again after a hand-over although finished before it: {again:?}"
     );
-    let report = checker.report();
-    assert!(report.lost.is_empty(), "{report}");
-    assert!(report.order_violations.is_empty(), "{report}");
     b.close().await.unwrap();
 }
 
@@ -229,20 +197,12 @@ async fn a_revoke_does_not_wait_for_a_group_that_refuses_commits_while_it_rebala
     let Setup {
         cluster,
         topic,
-        group,
         checker,
         handled,
         first: a,
-        placed,
         ..
     } = &setup;
-    let behind: Vec<Vec<i64>> = (0..2).map(|p| setup.behind_first(p)).collect();
-    let all_behind = (behind[0].len() + behind[1].len()) as u64;
-    subscribe(a, topic, checker, handled, Hold::Fails).await;
-    wait_until("every aggregate but the held ones handled", WAIT, || {
-        handled.lock().unwrap().len() as u64 == n - all_behind
-    })
-    .await;
+    let behind = setup.hold_the_fronts(Hold::Fails).await;
 
     cluster.request_errors(
         RDKafkaApiKey::OffsetCommit,
@@ -260,16 +220,6 @@ async fn a_revoke_does_not_wait_for_a_group_that_refuses_commits_while_it_rebala
     cluster.clear_errors(RDKafkaApiKey::OffsetCommit);
 
     a.close().await.unwrap();
-    wait_until("everything handled and committed", WAIT, || {
-        handled.lock().unwrap().len() as u64 == n
-            && (0..2).all(|p| {
-                let end = placed.iter().filter(|(_, q, _)| *q == p).count() as i64;
-                cluster.committed(group, topic, p) == Some(end)
-            })
-    })
-    .await;
-    let report = checker.report();
-    assert!(report.lost.is_empty(), "{report}");
-    assert!(report.order_violations.is_empty(), "{report}");
+    setup.wait_all_handled_and_committed().await;
     b.close().await.unwrap();
 }

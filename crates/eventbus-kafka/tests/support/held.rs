@@ -154,6 +154,51 @@ impl Setup {
             .collect()
     }
 
+    /// Subscribe the first member, holding each partition's first message as
+    /// `hold` says, and wait until every message but those of the held
+    /// aggregates is handled; returns, per partition, the offsets behind its
+    /// held first message ([`behind_first`](Self::behind_first)).
+    pub(crate) async fn hold_the_fronts(&self, hold: Hold) -> Vec<Vec<i64>> {
+        let partitions = self
+            .placed
+            .iter()
+            .map(|(_, p, _)| *p + 1)
+            .max()
+            .unwrap_or(0);
+        let behind: Vec<Vec<i64>> = (0..partitions).map(|p| self.behind_first(p)).collect();
+        let held = behind.iter().map(Vec::len).sum::<usize>();
+        subscribe(&self.first, &self.topic, &self.checker, &self.handled, hold).await;
+        wait_until(
+            "every message but the held aggregates' handled",
+            WAIT,
+            || self.handled.lock().unwrap().len() == self.placed.len() - held,
+        )
+        .await;
+        behind
+    }
+
+    /// Wait until every message is handled and the group's committed offset
+    /// of each partition stands one past its last message; then assert that
+    /// nothing was lost or reordered.
+    pub(crate) async fn wait_all_handled_and_committed(&self) {
+        let ends: HashMap<i32, i64> =
+            self.placed.iter().fold(HashMap::new(), |mut e, (_, p, o)| {
+                let end = e.entry(*p).or_default();
+                *end = (*end).max(o + 1);
+                e
+            });
+        wait_until("everything handled and committed", WAIT, || {
+            self.handled.lock().unwrap().len() == self.placed.len()
+                && ends.iter().all(|(p, end)| {
+                    self.cluster.committed(&self.group, &self.topic, *p) == Some(*end)
+                })
+        })
+        .await;
+        let report = self.checker.report();
+        assert!(report.lost.is_empty(), "{report}");
+        assert!(report.order_violations.is_empty(), "{report}");
+    }
+
     /// Whether every offset of `offsets` of partition `p` was handled.
     pub(crate) fn all_handled(&self, p: i32, offsets: &[i64]) -> bool {
         let h = self.handled.lock().unwrap();
@@ -185,16 +230,9 @@ impl Setup {
             checker,
             handled,
             first: a,
-            placed,
             ..
         } = self;
-        let n = placed.len() as u64;
-        subscribe(a, topic, checker, handled, hold).await;
-        let behind = n / keys;
-        wait_until("every aggregate but the held one's handled", WAIT, || {
-            handled.lock().unwrap().len() as u64 == n - behind
-        })
-        .await;
+        self.hold_the_fronts(hold).await;
         if let Some(late) = late_at_close {
             cluster.round_trip_time(1, late);
         }
@@ -221,11 +259,7 @@ impl Setup {
         let b = self.next();
         let before: HashMap<(i32, i64), u32> = handled.lock().unwrap().clone();
         subscribe(&b, topic, checker, handled, Hold::Nothing).await;
-        wait_until("everything handled and committed", WAIT, || {
-            handled.lock().unwrap().len() as u64 == n
-                && cluster.committed(group, topic, 0) == Some(n as i64)
-        })
-        .await;
+        self.wait_all_handled_and_committed().await;
         let after = handled.lock().unwrap().clone();
         let mut again: Vec<i64> = before
             .keys()
@@ -233,9 +267,6 @@ impl Setup {
             .map(|(_, o)| *o)
             .collect();
         again.sort_unstable();
-        let report = checker.report();
-        assert!(report.lost.is_empty(), "{report}");
-        assert!(report.order_violations.is_empty(), "{report}");
         b.close().await.unwrap();
         (again, before.len())
     }

@@ -48,7 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .cloned()
         .unwrap_or_else(|| "orders".to_owned());
     let settings = Settings::from_env()?;
-    if settings.connection.kind() == BackendKind::Memory {
+    if settings.kind() == BackendKind::Memory {
         println!(
             "note: no broker given (EVENTBUS_BACKEND, KAFKA_BROKERS, NATS_URL): the in-process \
              broker, which the command line cannot reach from another process"
@@ -92,7 +92,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "consuming {topic} on {} as group {:?}; dead letters go to {topic}{}; operations \
          server on http://{}; Ctrl-C to stop",
-        settings.connection.kind(),
+        settings.kind(),
         settings.file.bus.consumer.group_id,
         settings.file.bus.dead_letter.suffix,
         server.local_addr()

@@ -12,10 +12,11 @@
 
 use crate::cli::{DlqCommand, DlqFilters, DlqRedriveArgs, LIST_LIMIT};
 use crate::error::{memory_backend, CliError};
-use crate::settings::{Connection, Settings};
+use crate::settings::Settings;
 use crate::stream::{build, note, out, own_config};
 use chrono::{DateTime, SecondsFormat, Utc};
 use eventbus::kafka::DeadLetterPosition;
+use eventbus::{Backend, BackendKind};
 use eventbus::{DeadLetterEntry, DeadLetterId, RedriveOptions, RedriveReport, SharedBus};
 use serde_json::{json, Value};
 use std::time::SystemTime;
@@ -25,7 +26,7 @@ const ERROR_WIDTH: usize = 60;
 
 /// Run `eventbus dlq ...`.
 pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), CliError> {
-    if settings.connection == Connection::Memory {
+    if settings.kind() == BackendKind::Memory {
         return Err(memory_backend("dlq"));
     }
     let what = match &command {
@@ -56,7 +57,7 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
             let topic = match (topic, &settings.connection) {
                 (Some(topic), _) => topic,
                 // A Kafka id names its dead-letter topic.
-                (None, Connection::Kafka { .. }) => {
+                (None, Backend::Kafka(_)) => {
                     DeadLetterPosition::parse(&id)
                         .map_err(|e| CliError::new(format!("dlq show {id}")).with_source(e))?
                         .topic

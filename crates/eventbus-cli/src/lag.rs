@@ -16,9 +16,10 @@
 //! The memory backend lives inside the service's process: nothing to ask.
 
 use crate::cli::LagArgs;
-use crate::error::{memory_backend, CliError};
-use crate::settings::{Connection, Settings};
+use crate::error::{memory_backend, unknown_backend, CliError};
+use crate::settings::Settings;
 use eventbus::nats::NatsEventBus;
+use eventbus::Backend;
 use futures::TryStreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -58,10 +59,10 @@ pub(crate) async fn run(settings: &Settings, args: &LagArgs) -> Result<(), CliEr
         .clone()
         .unwrap_or_else(|| settings.bus_config().consumer.group_id.clone());
     match &settings.connection {
-        Connection::Memory => Err(memory_backend("lag")),
-        Connection::Kafka { brokers } => {
+        Backend::Memory(_) => Err(memory_backend("lag")),
+        Backend::Kafka(config) => {
             crate::check::kafka(settings, "lag", args.topic.as_deref()).await?;
-            let (brokers, g, topic) = (brokers.clone(), group.clone(), args.topic.clone());
+            let (brokers, g, topic) = (config.brokers.clone(), group.clone(), args.topic.clone());
             let timeout = settings.timeout;
             let rows = tokio::task::spawn_blocking(move || {
                 kafka_rows(&brokers, &g, topic.as_deref(), timeout)
@@ -92,7 +93,7 @@ pub(crate) async fn run(settings: &Settings, args: &LagArgs) -> Result<(), CliEr
             );
             print(&table)
         }
-        Connection::Nats { .. } => {
+        Backend::Nats(_) => {
             let rows = nats_rows(settings, &group, args.topic.as_deref()).await?;
             if args.json {
                 return print(
@@ -134,6 +135,7 @@ pub(crate) async fn run(settings: &Settings, args: &LagArgs) -> Result<(), CliEr
             );
             print(&table)
         }
+        other => Err(unknown_backend("lag", other.kind())),
     }
 }
 

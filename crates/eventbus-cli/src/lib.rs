@@ -13,7 +13,8 @@ mod stuck;
 
 pub use cli::Cli;
 pub use error::CliError;
-pub use settings::{BackendKind, Connection, Settings};
+pub use eventbus::{Backend, BackendKind};
+pub use settings::Settings;
 
 use cli::Command;
 

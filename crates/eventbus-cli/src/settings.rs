@@ -21,9 +21,8 @@
 
 use eventbus::kafka::KafkaConfig;
 use eventbus::nats::NatsConfig;
-use eventbus::{Backend, Error, EventBusConfig, FileConfig, MemoryBroker};
+use eventbus::{Backend, BackendKind, Error, EventBusConfig, FileConfig, MemoryBroker};
 use std::ffi::OsString;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,48 +34,6 @@ pub const BACKEND_VARIABLE: &str = "EVENTBUS_BACKEND";
 pub const KAFKA_BROKERS_VARIABLE: &str = "KAFKA_BROKERS";
 /// The NATS server URLs' variable.
 pub const NATS_URL_VARIABLE: &str = "NATS_URL";
-
-/// The broker a bus consumes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum BackendKind {
-    /// The in-process broker: it lives inside one process.
-    Memory,
-    /// Kafka.
-    Kafka,
-    /// NATS JetStream.
-    Nats,
-}
-
-impl BackendKind {
-    /// The name used in `EVENTBUS_BACKEND` and `--backend`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Memory => "memory",
-            BackendKind::Kafka => "kafka",
-            BackendKind::Nats => "nats",
-        }
-    }
-
-    /// Parse `kafka`, `nats` or `memory` (any case); `what` names the flag or
-    /// variable in the error.
-    pub fn parse(value: &str, what: &str) -> Result<Self, Error> {
-        match value.trim().to_ascii_lowercase().as_str() {
-            "kafka" => Ok(BackendKind::Kafka),
-            "nats" => Ok(BackendKind::Nats),
-            "memory" => Ok(BackendKind::Memory),
-            _ => Err(Error::config(format!(
-                "{what}={value:?} is invalid: expected kafka, nats or memory"
-            ))),
-        }
-    }
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What the flags say; `None` defers to the variable.
 #[derive(Debug, Clone, Default)]
@@ -92,35 +49,6 @@ pub struct Overrides {
     pub nats_url: Option<String>,
 }
 
-/// The connection to the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Connection {
-    /// The in-process broker.
-    Memory,
-    /// Kafka, at these bootstrap servers.
-    Kafka {
-        /// `host:port,...`.
-        brokers: String,
-    },
-    /// NATS, at these servers.
-    Nats {
-        /// Server URLs.
-        urls: Vec<String>,
-    },
-}
-
-impl Connection {
-    /// The backend it talks to.
-    pub fn kind(&self) -> BackendKind {
-        match self {
-            Connection::Memory => BackendKind::Memory,
-            Connection::Kafka { .. } => BackendKind::Kafka,
-            Connection::Nats { .. } => BackendKind::Nats,
-        }
-    }
-}
-
 /// The configuration file (after the environment overrides) and the connection.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -129,8 +57,11 @@ pub struct Settings {
     pub path: Option<PathBuf>,
     /// Its contents, with the facade's environment overrides applied to `bus`.
     pub file: FileConfig,
-    /// The broker.
-    pub connection: Connection,
+    /// The broker, with the connection settings read (the memory backend: a
+    /// broker of this process's own). Kafka's waits are bounded by
+    /// [`timeout`](Self::timeout) when read through
+    /// [`kafka_config`](Self::kafka_config) or [`backend`](Self::backend).
+    pub connection: Backend,
     /// How long to wait for the broker (`--timeout`, default
     /// [`DEFAULT_TIMEOUT`]): each request, a publish's delivery, and the
     /// Kafka client's `operation_timeout`.
@@ -240,7 +171,7 @@ impl Settings {
             (None, None, None) => BackendKind::Memory,
         };
         let connection = match kind {
-            BackendKind::Memory => Connection::Memory,
+            BackendKind::Memory => Backend::Memory(MemoryBroker::default()),
             BackendKind::Kafka => {
                 let Some((brokers, _)) = brokers else {
                     return Err(Error::config(format!(
@@ -248,7 +179,7 @@ impl Settings {
                          {KAFKA_BROKERS_VARIABLE}=host:port,... or give --brokers"
                     )));
                 };
-                Connection::Kafka { brokers }
+                Backend::Kafka(Box::new(KafkaConfig::new(brokers)))
             }
             BackendKind::Nats => {
                 let urls = match nats {
@@ -260,7 +191,12 @@ impl Settings {
                         .collect(),
                     None => NatsConfig::default().urls,
                 };
-                Connection::Nats { urls }
+                Backend::Nats(Box::new(NatsConfig::new(urls)))
+            }
+            other => {
+                return Err(Error::config(format!(
+                    "the command line has no connection settings for the {other} backend"
+                )))
             }
         };
         Ok(Settings {
@@ -281,8 +217,8 @@ impl Settings {
     /// metadata and admin calls).
     pub fn kafka_config(&self) -> Option<KafkaConfig> {
         match &self.connection {
-            Connection::Kafka { brokers } => {
-                let mut config = KafkaConfig::new(brokers.clone());
+            Backend::Kafka(config) => {
+                let mut config = (**config).clone();
                 config.operation_timeout = self.timeout;
                 config.producer.message_timeout = self.timeout;
                 config.producer.request_timeout = config.producer.request_timeout.min(self.timeout);
@@ -295,22 +231,23 @@ impl Settings {
     /// NATS client settings for the connection (`None` on another backend).
     pub fn nats_config(&self) -> Option<NatsConfig> {
         match &self.connection {
-            Connection::Nats { urls } => Some(NatsConfig::new(urls.clone())),
+            Backend::Nats(config) => Some((**config).clone()),
             _ => None,
         }
     }
 
-    /// The facade's backend for the connection (the memory backend: a new
-    /// broker of this process's own).
+    /// The facade's backend for the connection, Kafka's waits bounded by
+    /// [`timeout`](Self::timeout).
     pub fn backend(&self) -> Backend {
-        match &self.connection {
-            Connection::Memory => Backend::Memory(MemoryBroker::default()),
-            Connection::Kafka { .. } => Backend::Kafka(Box::new(
-                self.kafka_config()
-                    .expect("a Kafka connection has a Kafka config"),
-            )),
-            Connection::Nats { urls } => Backend::Nats(Box::new(NatsConfig::new(urls.clone()))),
+        match self.kafka_config() {
+            Some(config) => Backend::Kafka(Box::new(config)),
+            None => self.connection.clone(),
         }
+    }
+
+    /// The backend's name.
+    pub fn kind(&self) -> BackendKind {
+        self.connection.kind()
     }
 }
 
@@ -330,25 +267,18 @@ mod tests {
     #[test]
     fn the_backend_follows_the_address() {
         let s = resolve(Overrides::default(), &[("KAFKA_BROKERS", "k:9092")]).unwrap();
-        assert_eq!(
-            s.connection,
-            Connection::Kafka {
-                brokers: "k:9092".into()
-            }
-        );
+        assert_eq!(s.kafka_config().unwrap().brokers, "k:9092");
         let s = resolve(
             Overrides::default(),
             &[("NATS_URL", "nats://a:1, nats://b:2")],
         )
         .unwrap();
         assert_eq!(
-            s.connection,
-            Connection::Nats {
-                urls: vec!["nats://a:1".into(), "nats://b:2".into()]
-            }
+            s.nats_config().unwrap().urls,
+            vec!["nats://a:1".to_owned(), "nats://b:2".to_owned()]
         );
         let s = resolve(Overrides::default(), &[]).unwrap();
-        assert_eq!(s.connection, Connection::Memory);
+        assert_eq!(s.kind(), BackendKind::Memory);
         let e = resolve(
             Overrides::default(),
             &[("KAFKA_BROKERS", "k:9092"), ("NATS_URL", "nats://a:1")],
@@ -364,7 +294,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(s.connection.kind(), BackendKind::Nats);
+        assert_eq!(s.kind(), BackendKind::Nats);
     }
 
     #[test]
@@ -374,12 +304,7 @@ mod tests {
             ..Default::default()
         };
         let s = resolve(flags, &[("KAFKA_BROKERS", "var:1")]).unwrap();
-        assert_eq!(
-            s.connection,
-            Connection::Kafka {
-                brokers: "flag:1".into()
-            }
-        );
+        assert_eq!(s.kafka_config().unwrap().brokers, "flag:1");
         for (vars, name) in [
             (vec![("EVENTBUS_BACKEND", "rabbit")], "EVENTBUS_BACKEND"),
             (vec![("EVENTBUS_BACKEND", "kafka")], "KAFKA_BROKERS"),

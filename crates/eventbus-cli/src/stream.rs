@@ -14,10 +14,11 @@
 //! a bounded channel: a slow terminal slows consumption.
 
 use crate::cli::{PublishArgs, TailArgs};
-use crate::error::{memory_backend, CliError};
-use crate::settings::{Connection, Settings};
+use crate::error::{memory_backend, unknown_backend, CliError};
+use crate::settings::Settings;
 use chrono::SecondsFormat;
 use eventbus::nats::NatsEventBus;
+use eventbus::{Backend, BackendKind};
 use eventbus::{
     Envelope, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError, KeyedPoolConfig, Message,
     MetricsConfig, OffsetReset, PoolKind, SharedBus, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER,
@@ -75,7 +76,7 @@ pub(crate) fn note(line: &str) {
 
 /// `eventbus publish`.
 pub(crate) async fn publish(settings: &Settings, args: &PublishArgs) -> Result<(), CliError> {
-    if settings.connection == Connection::Memory {
+    if settings.kind() == BackendKind::Memory {
         return Err(memory_backend("publish"));
     }
     let payload: Value = serde_json::from_str(&args.payload)
@@ -192,8 +193,8 @@ pub(crate) async fn tail(settings: &Settings, args: &TailArgs) -> Result<(), Cli
     config.dead_letter.enabled = false;
     // On NATS the bus is kept by its own type, to delete the durable at the end.
     let (bus, nats) = match &settings.connection {
-        Connection::Memory => return Err(memory_backend("tail")),
-        Connection::Nats { .. } => {
+        Backend::Memory(_) => return Err(memory_backend("tail")),
+        Backend::Nats(_) => {
             let nats_config = settings.nats_config().expect("a NATS connection");
             let context = |e| CliError::new("tail").with_source(e);
             let pool = eventbus::build_pool(&config).await.map_err(context)?;
@@ -206,10 +207,11 @@ pub(crate) async fn tail(settings: &Settings, args: &TailArgs) -> Result<(), Cli
             }
             (Arc::new(nats.clone()) as SharedBus, Some(nats))
         }
-        Connection::Kafka { .. } => {
+        Backend::Kafka(_) => {
             crate::check::kafka(settings, "tail", Some(&args.topic)).await?;
             (build("tail", settings, config).await?, None)
         }
+        other => return Err(unknown_backend("tail", other.kind())),
     };
     let result = consume(&bus, args).await;
     let _ = bus.unsubscribe(&args.topic).await;

@@ -1,27 +1,12 @@
 //! `EventBusBuilder`: backend + pool + configuration.
 
-use crate::EventBusConfig;
+use crate::{Backend, EventBusConfig};
 use eventbus_core::{Error, Pool, SharedBus};
 use std::ffi::OsString;
 use std::fmt;
 use std::sync::Arc;
 
 use crate::pools::build_pool;
-
-/// Which broker the bus consumes.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum Backend {
-    /// The in-process broker.
-    #[cfg(feature = "memory")]
-    Memory(eventbus_memory::MemoryBroker),
-    /// Kafka, through rdkafka.
-    #[cfg(feature = "kafka")]
-    Kafka(Box<eventbus_kafka::KafkaConfig>),
-    /// NATS (JetStream and core NATS), through async-nats.
-    #[cfg(feature = "nats")]
-    Nats(Box<eventbus_nats::NatsConfig>),
-}
 
 /// Where the environment overrides are read from.
 type EnvLookup = Arc<dyn Fn(&str) -> Option<OsString> + Send + Sync>;

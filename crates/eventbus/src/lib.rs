@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod backend;
 mod builder;
 mod bus_config;
 pub mod compat;
@@ -13,7 +14,8 @@ mod pools;
 pub mod prometheus;
 mod switch;
 
-pub use builder::{Backend, EventBusBuilder};
+pub use backend::{Backend, BackendKind};
+pub use builder::EventBusBuilder;
 pub use bus_config::{EventBusConfig, PoolKind};
 pub use config::{FileConfig, OpsServerConfig};
 #[cfg(feature = "ops-server")]

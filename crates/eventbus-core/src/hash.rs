@@ -6,9 +6,9 @@
 //! fixed by this crate and never seeded, unlike `std`'s `RandomState`.
 //!
 //! Partitioning lives here, not beside routing: the memory broker's partition of a
-//! key ([`partition`]), the NATS backend's (`eventbus_nats::partition_of`, a mix of
-//! [`stable_hash`] of its own) and the rollout bucket ([`rollout_bucket`]) are
-//! functions of [`stable_hash`] alone. Which worker runs a route is the pools'
+//! key ([`partition`]), a backend's own partition of a key where it decides one
+//! (a mix of [`stable_hash`] of its own, pinned by its tests) and the rollout
+//! bucket ([`rollout_bucket`]) are functions of [`stable_hash`] alone. Which worker runs a route is the pools'
 //! routing rule ([`routing`](crate::raw::routing)), free to change without
 //! moving a key to another partition or another pool.
 

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::ActorPoolConfig;
 use eventbus_core::raw::routes::{Counted, Router};
-use eventbus_core::raw::{push_batch, Placement, PushError, RouteTable};
+use eventbus_core::raw::{push_batch, Placement, PushError, RouteTable, Submit};
 use eventbus_core::raw::{Job, SubmitError, SubmitErrorKind};
 use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats};
 use futures::future::BoxFuture;
@@ -454,15 +454,7 @@ impl ActorPool {
     }
 }
 
-impl Pool for ActorPool {
-    fn kind(&self) -> &'static str {
-        "actor"
-    }
-
-    fn workers(&self) -> usize {
-        self.shared.slots.len()
-    }
-
+impl Submit for ActorPool {
     /// Queues the job at once when its actor has room (the returned future is then
     /// already complete and allocates nothing); otherwise the future waits for room.
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
@@ -518,6 +510,16 @@ impl Pool for ActorPool {
             .router
             .counts()
             .then_some(self as &dyn Placement)
+    }
+}
+
+impl Pool for ActorPool {
+    fn kind(&self) -> &'static str {
+        "actor"
+    }
+
+    fn workers(&self) -> usize {
+        self.shared.slots.len()
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

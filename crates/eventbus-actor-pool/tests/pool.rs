@@ -8,7 +8,8 @@ use std::time::Duration;
 use eventbus_actor_pool::ActorPoolConfig;
 use eventbus_actor_pool::{ActorPool, CoolDown, HEALTH_COMPONENT};
 use eventbus_core::raw::{
-    FailureCause, Job, JobClass, Outcome, OutcomeReceiver, Place, RouteTable, SubmitErrorKind,
+    FailureCause, Job, JobClass, Outcome, OutcomeReceiver, Place, RouteTable, Submit,
+    SubmitErrorKind,
 };
 use eventbus_core::{ErrorKind, HealthStatus, Pool, Routing};
 use futures::FutureExt;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use eventbus_actor_pool::ActorPool;
 use eventbus_actor_pool::ActorPoolConfig;
-use eventbus_core::raw::{Job, JobClass, Outcome, OutcomeReceiver};
+use eventbus_core::raw::{Job, JobClass, Outcome, OutcomeReceiver, Submit};
 use eventbus_core::Pool;
 use futures::FutureExt;
 use tokio::sync::oneshot;

@@ -73,6 +73,7 @@ pub mod raw {
     pub(crate) mod route_table;
     pub mod routes;
     pub mod routing;
+    pub mod submit;
     pub(crate) mod sync;
     pub(crate) mod task;
     pub(crate) mod watch;
@@ -85,7 +86,7 @@ pub mod raw {
     pub use crate::handler::{boxed, BoxHandler, DynHandler};
     pub use crate::hash::{partition, rollout_bucket, stable_hash};
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
-    pub use crate::pool::{PoolShare, SubmitError, SubmitErrorKind};
+    pub use crate::pool::PoolShare;
     pub use crate::redrive::{DeadLetterReader, RawDeadLetter, ReaderOptions};
     pub use chunks::ByteChunks;
     pub use completions::{Claim, Completions};
@@ -106,4 +107,5 @@ pub mod raw {
     pub use queue::{push_batch, Expect, JobQueue, PushError};
     pub use routes::{less_loaded, Place, Placement, RouteTable};
     pub use routing::{slot, Fixed, Rule, Slots, WorkConserving};
+    pub use submit::{Submit, SubmitError, SubmitErrorKind};
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use eventbus_core::metrics as m;
 use eventbus_core::raw::{
-    DeadLetter, DeadLetterSink, Dispatcher, Disposition, Job, Scope, SubmitError,
+    DeadLetter, DeadLetterSink, Dispatcher, Disposition, Job, Scope, Submit, SubmitError,
 };
 use eventbus_core::{
     handler_fn, BusConfig, CancellationToken, ComponentHealth, DeliveryPolicy, Envelope, Event,
@@ -62,16 +62,19 @@ impl HeldPool {
     }
 }
 
+impl Submit for HeldPool {
+    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
+        self.held.lock().unwrap().push(job);
+        async { Ok(()) }.boxed()
+    }
+}
+
 impl Pool for HeldPool {
     fn kind(&self) -> &'static str {
         POOL
     }
     fn workers(&self) -> usize {
         1
-    }
-    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
-        self.held.lock().unwrap().push(job);
-        async { Ok(()) }.boxed()
     }
     fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
         async {}.boxed()

@@ -19,7 +19,7 @@
 
 use eventbus_core::raw::{
     Claim, Completions, Dispatcher, Disposition, InFlight, Job, JobQueue, PreparedSubscription,
-    PushError, Scope, SubmitError, SubmitErrorKind, Target,
+    PushError, Scope, Submit, SubmitError, SubmitErrorKind, Target,
 };
 use eventbus_core::{
     BusConfig, CancellationToken, ComponentHealth, ErrorKind, HandlerError, Message, Pool,
@@ -80,15 +80,7 @@ impl GatedPool {
     }
 }
 
-impl Pool for GatedPool {
-    fn kind(&self) -> &'static str {
-        "keyed"
-    }
-
-    fn workers(&self) -> usize {
-        1
-    }
-
+impl Submit for GatedPool {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         match self.queue.try_push(job) {
             Ok(()) if self.silent => std::future::pending().boxed(),
@@ -107,6 +99,16 @@ impl Pool for GatedPool {
                     .boxed()
             }
         }
+    }
+}
+
+impl Pool for GatedPool {
+    fn kind(&self) -> &'static str {
+        "keyed"
+    }
+
+    fn workers(&self) -> usize {
+        1
     }
 
     fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {

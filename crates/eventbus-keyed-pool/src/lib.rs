@@ -6,7 +6,9 @@ pub use config::KeyedPoolConfig;
 
 use eventbus_core::raw::routes::victim;
 use eventbus_core::raw::routes::{Counted, Router, MAX_WORKERS};
-use eventbus_core::raw::{less_loaded, push_batch, JobQueue, Placement, PushError, RouteTable};
+use eventbus_core::raw::{
+    less_loaded, push_batch, JobQueue, Placement, PushError, RouteTable, Submit,
+};
 use eventbus_core::raw::{Job, OutcomeKind, SubmitError, SubmitErrorKind};
 use eventbus_core::{ComponentHealth, Error, HealthStatus, Pool, PoolStats};
 use futures::future::BoxFuture;
@@ -312,15 +314,7 @@ async fn worker(shared: Arc<Shared>, index: usize) {
     }
 }
 
-impl Pool for KeyedWorkerPool {
-    fn kind(&self) -> &'static str {
-        "keyed"
-    }
-
-    fn workers(&self) -> usize {
-        self.config.workers
-    }
-
+impl Submit for KeyedWorkerPool {
     /// Queues the job at once when its worker has room (the returned future is then
     /// already complete and allocates nothing); otherwise the future waits for room.
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
@@ -361,10 +355,6 @@ impl Pool for KeyedWorkerPool {
         }
     }
 
-    fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(self.close_inner(timeout))
-    }
-
     /// Under work-conserving routing; under fixed routing a composite leaves every
     /// job to the pool.
     fn placement(&self) -> Option<&dyn Placement> {
@@ -372,6 +362,20 @@ impl Pool for KeyedWorkerPool {
             .router
             .counts()
             .then_some(self as &dyn Placement)
+    }
+}
+
+impl Pool for KeyedWorkerPool {
+    fn kind(&self) -> &'static str {
+        "keyed"
+    }
+
+    fn workers(&self) -> usize {
+        self.config.workers
+    }
+
+    fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(self.close_inner(timeout))
     }
 
     fn stats(&self) -> PoolStats {

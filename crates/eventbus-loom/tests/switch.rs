@@ -11,6 +11,7 @@ use eventbus::core::raw::{
 };
 use eventbus::core::{ComponentHealth, Pool, PoolStats};
 use eventbus::PoolSwitch;
+use eventbus_core::raw::Submit;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use loom::sync::Arc;
@@ -34,15 +35,7 @@ impl std::fmt::Debug for Keyed {
     }
 }
 
-impl Pool for Keyed {
-    fn kind(&self) -> &'static str {
-        "keyed"
-    }
-
-    fn workers(&self) -> usize {
-        1
-    }
-
+impl Submit for Keyed {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         self.take(job);
         Box::pin(std::future::ready(Ok(())))
@@ -50,6 +43,20 @@ impl Pool for Keyed {
 
     fn submit_batch(&self, jobs: &mut Vec<Job>) {
         jobs.drain(..).for_each(|job| self.take(job));
+    }
+
+    fn placement(&self) -> Option<&dyn Placement> {
+        Some(self)
+    }
+}
+
+impl Pool for Keyed {
+    fn kind(&self) -> &'static str {
+        "keyed"
+    }
+
+    fn workers(&self) -> usize {
+        1
     }
 
     fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
@@ -62,10 +69,6 @@ impl Pool for Keyed {
 
     fn health(&self) -> ComponentHealth {
         ComponentHealth::healthy("keyed")
-    }
-
-    fn placement(&self) -> Option<&dyn Placement> {
-        Some(self)
     }
 }
 
@@ -104,15 +107,7 @@ struct Actor {
     jobs: Mutex<Vec<Job>>,
 }
 
-impl Pool for Actor {
-    fn kind(&self) -> &'static str {
-        "actor"
-    }
-
-    fn workers(&self) -> usize {
-        1
-    }
-
+impl Submit for Actor {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         self.jobs.lock().unwrap().push(job);
         Box::pin(std::future::ready(Ok(())))
@@ -120,6 +115,16 @@ impl Pool for Actor {
 
     fn submit_batch(&self, jobs: &mut Vec<Job>) {
         self.jobs.lock().unwrap().append(jobs);
+    }
+}
+
+impl Pool for Actor {
+    fn kind(&self) -> &'static str {
+        "actor"
+    }
+
+    fn workers(&self) -> usize {
+        1
     }
 
     fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
@@ -152,7 +157,7 @@ fn job(route: u64) -> Job {
 /// then have jobs on both pools once the share rises again.
 #[test]
 fn a_rollback_never_lets_a_steady_job_join_an_actor_pin() {
-    rollback_against_two_submissions(Submit::One);
+    rollback_against_two_submissions(Submission::One);
 }
 
 /// The same with both submissions made as batches of one job, as the dispatcher
@@ -160,24 +165,24 @@ fn a_rollback_never_lets_a_steady_job_join_an_actor_pin() {
 /// each job, as a single submission is.
 #[test]
 fn a_rollback_never_lets_a_steady_batch_job_join_an_actor_pin() {
-    rollback_against_two_submissions(Submit::Batch);
+    rollback_against_two_submissions(Submission::Batch);
 }
 
 /// How the model's submissions are made.
 #[derive(Clone, Copy)]
-enum Submit {
-    /// `Pool::submit`.
+enum Submission {
+    /// `Submit::submit`.
     One,
-    /// `Pool::submit_batch`, one job a batch.
+    /// `Submit::submit_batch`, one job a batch.
     Batch,
 }
 
-fn submit(switch: &PoolSwitch, how: Submit, job: Job) {
+fn submit(switch: &PoolSwitch, how: Submission, job: Job) {
     match how {
-        Submit::One => {
+        Submission::One => {
             let _ = switch.submit(job).now_or_never();
         }
-        Submit::Batch => {
+        Submission::Batch => {
             let mut jobs = vec![job];
             switch.submit_batch(&mut jobs);
             assert!(jobs.is_empty(), "the stand-in pools take every job");
@@ -185,7 +190,7 @@ fn submit(switch: &PoolSwitch, how: Submit, job: Job) {
     }
 }
 
-fn rollback_against_two_submissions(how: Submit) {
+fn rollback_against_two_submissions(how: Submission) {
     // A route on the actor side at share 50.
     let route = (10u64 << 32) | 7;
     assert!(rollout_bucket(route) < 50);

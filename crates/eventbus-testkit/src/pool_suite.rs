@@ -7,7 +7,7 @@ use eventbus_core::{
 
 use eventbus_core::raw::{
     DeadLetter, DeadLetterSink, Dispatcher, Disposition, FailureCause, InFlightSet, Job, JobClass,
-    Outcome, OutcomeReceiver, RouteTable, SubmitErrorKind,
+    Outcome, OutcomeReceiver, RouteTable, Submit, SubmitErrorKind,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -779,13 +779,7 @@ pub async fn random_workload(
 #[derive(Debug, Default)]
 pub struct RefusingPool;
 
-impl eventbus_core::Pool for RefusingPool {
-    fn kind(&self) -> &'static str {
-        "refusing"
-    }
-    fn workers(&self) -> usize {
-        1
-    }
+impl Submit for RefusingPool {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), eventbus_core::raw::SubmitError>> {
         async move {
             Err(eventbus_core::raw::SubmitError::new(
@@ -794,6 +788,15 @@ impl eventbus_core::Pool for RefusingPool {
             ))
         }
         .boxed()
+    }
+}
+
+impl eventbus_core::Pool for RefusingPool {
+    fn kind(&self) -> &'static str {
+        "refusing"
+    }
+    fn workers(&self) -> usize {
+        1
     }
     fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
         async {}.boxed()

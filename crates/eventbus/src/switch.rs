@@ -18,7 +18,7 @@
 //! Submitting costs one compare-and-swap on the route's cell and the job's end one
 //! atomic subtraction.
 //!
-//! At share 0 over a keyed pool that offers placement ([`Pool::placement`]), the
+//! At share 0 over a keyed pool that offers placement ([`Submit::placement`](eventbus_core::raw::Submit::placement)), the
 //! switch pins in the keyed pool's own route table and counts nothing itself: each
 //! job goes to the keyed pool unplaced, which places and counts it there. When the
 //! share rises, a route follows its cell as soon as every steady submission under
@@ -48,7 +48,9 @@
 use crate::PoolKind;
 use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats};
 
-use eventbus_core::raw::{rollout_bucket, Job, Place, PoolShare, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{
+    rollout_bucket, Job, Place, PoolShare, Submit, SubmitError, SubmitErrorKind,
+};
 use futures::future::BoxFuture;
 use mode::{Kind, Mode, Steady, SteadyGuard};
 use pins::Pins;
@@ -399,7 +401,7 @@ impl PoolSwitch {
     /// Whether the switch counts each job in its route's pin cell now.
     ///
     /// It does not at share 0 over a keyed pool that offers placement
-    /// ([`Pool::placement`], as `KeyedWorkerPool` does under work-conserving
+    /// ([`Submit::placement`](eventbus_core::raw::Submit::placement), as `KeyedWorkerPool` does under work-conserving
     /// routing): every job then goes to the keyed pool unplaced, nothing can move,
     /// and the keyed pool counts each job in its own route table, which is also the
     /// switch's. When the share rises, routes follow it once the steady
@@ -590,43 +592,7 @@ fn check_percent(p: u8) -> Result<(), Error> {
     }
 }
 
-impl Pool for PoolSwitch {
-    fn kind(&self) -> &'static str {
-        match self.actor_percent() {
-            0 => self.keyed.kind(),
-            100 => self.actor.kind(),
-            _ => "switch",
-        }
-    }
-
-    fn kind_for(&self, route: u64) -> &'static str {
-        let mode = self.current();
-        let side = match mode.kind() {
-            Kind::Steady => PoolKind::Keyed,
-            _ => PoolKind::of(
-                self.pins
-                    .place(self.pins.cell_of(route))
-                    .unwrap_or_else(|| self.choose(mode, route)),
-            ),
-        };
-        self.pool(side).kind()
-    }
-
-    fn shares(&self) -> Vec<PoolShare> {
-        let actor = f64::from(self.actor_percent()) / 100.0;
-        vec![
-            PoolShare::new(self.keyed.kind(), 1.0 - actor, self.keyed.stats()),
-            PoolShare::new(self.actor.kind(), actor, self.actor.stats()),
-        ]
-    }
-
-    fn workers(&self) -> usize {
-        match self.actor_percent() {
-            100 => self.actor.workers(),
-            _ => self.keyed.workers(),
-        }
-    }
-
+impl Submit for PoolSwitch {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         self.submit_job(job)
     }
@@ -695,6 +661,44 @@ impl Pool for PoolSwitch {
         }
         jobs.extend(batch);
         drop(steady);
+    }
+}
+
+impl Pool for PoolSwitch {
+    fn kind(&self) -> &'static str {
+        match self.actor_percent() {
+            0 => self.keyed.kind(),
+            100 => self.actor.kind(),
+            _ => "switch",
+        }
+    }
+
+    fn kind_for(&self, route: u64) -> &'static str {
+        let mode = self.current();
+        let side = match mode.kind() {
+            Kind::Steady => PoolKind::Keyed,
+            _ => PoolKind::of(
+                self.pins
+                    .place(self.pins.cell_of(route))
+                    .unwrap_or_else(|| self.choose(mode, route)),
+            ),
+        };
+        self.pool(side).kind()
+    }
+
+    fn shares(&self) -> Vec<PoolShare> {
+        let actor = f64::from(self.actor_percent()) / 100.0;
+        vec![
+            PoolShare::new(self.keyed.kind(), 1.0 - actor, self.keyed.stats()),
+            PoolShare::new(self.actor.kind(), actor, self.actor.stats()),
+        ]
+    }
+
+    fn workers(&self) -> usize {
+        match self.actor_percent() {
+            100 => self.actor.workers(),
+            _ => self.keyed.workers(),
+        }
     }
 
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {

@@ -1,4 +1,4 @@
-//! Batch submission (`Dispatcher::submit_batch` over `Pool::submit_batch`) on the
+//! Batch submission (`Dispatcher::submit_batch` over `Submit::submit_batch`) on the
 //! real pools and the pool switch, at its transitions: queues far shorter than the
 //! batch with a wait timeout shorter than the backlog takes, and a fence while the
 //! batch still waits for room.

@@ -5,6 +5,7 @@ use eventbus::{
     Envelope, Event, EventBus, EventBusConfig, EventBusExt, HandlerError, MemoryBroker,
     MemoryEventBus, Pool, PoolSwitch, TopicConfig,
 };
+use eventbus_core::raw::Submit;
 use eventbus_testkit::factories::{actor_pools, keyed_pools, switched_pools, MemoryBuses};
 use eventbus_testkit::pool_suite::PoolSpec;
 use eventbus_testkit::DeliveryChecker;
@@ -142,15 +143,7 @@ async fn out_of_range_share_is_a_config_error() {
 #[derive(Debug)]
 struct OutOfService;
 
-impl Pool for OutOfService {
-    fn kind(&self) -> &'static str {
-        "actor"
-    }
-
-    fn workers(&self) -> usize {
-        1
-    }
-
+impl Submit for OutOfService {
     fn submit(
         &self,
         job: eventbus::core::raw::Job,
@@ -161,6 +154,16 @@ impl Pool for OutOfService {
                 job,
             ),
         )))
+    }
+}
+
+impl Pool for OutOfService {
+    fn kind(&self) -> &'static str {
+        "actor"
+    }
+
+    fn workers(&self) -> usize {
+        1
     }
 
     fn close(&self, _timeout: Duration) -> futures::future::BoxFuture<'_, ()> {

@@ -3,6 +3,7 @@
 //! dispatcher feeds it: a share rise reaches the actor pool, and a rollback stops
 //! counting jobs.
 
+use eventbus::core::raw::Submit;
 use eventbus::core::raw::{stable_hash, Job, JobClass, Outcome, OutcomeReceiver};
 use eventbus::{Pool, PoolSwitch};
 use eventbus_testkit::factories::{actor_pools, keyed_pools};

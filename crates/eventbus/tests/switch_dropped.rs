@@ -2,6 +2,7 @@
 //! a fence or stop, by a timeout around it), leaves no count in its route's cell:
 //! when the actor share rises later, the route follows it.
 
+use eventbus::core::raw::Submit;
 use eventbus::core::raw::{rollout_bucket, stable_hash, Job, JobClass, Outcome, RouteTable};
 use eventbus::{Pool, PoolSwitch};
 use eventbus_testkit::factories::{actor_pools, keyed_pools};

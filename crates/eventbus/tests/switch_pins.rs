@@ -9,6 +9,7 @@ use eventbus::core::raw::{
 };
 use eventbus::core::ComponentHealth;
 use eventbus::{Pool, PoolStats, PoolSwitch};
+use eventbus_core::raw::Submit;
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::pool_suite::PoolSpec;
 use futures::future::BoxFuture;
@@ -207,15 +208,7 @@ struct Booked {
     ledger: Arc<Ledger>,
 }
 
-impl Pool for Booked {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-
-    fn workers(&self) -> usize {
-        self.inner.workers()
-    }
-
+impl Submit for Booked {
     fn submit(&self, mut job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         let (route, side) = (job.route(), self.side);
         {
@@ -243,6 +236,20 @@ impl Pool for Booked {
         self.inner.submit(job)
     }
 
+    fn placement(&self) -> Option<&dyn Placement> {
+        self.inner.placement()
+    }
+}
+
+impl Pool for Booked {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn workers(&self) -> usize {
+        self.inner.workers()
+    }
+
     fn close(&self, timeout: Duration) -> BoxFuture<'_, ()> {
         self.inner.close(timeout)
     }
@@ -253,10 +260,6 @@ impl Pool for Booked {
 
     fn health(&self) -> ComponentHealth {
         self.inner.health()
-    }
-
-    fn placement(&self) -> Option<&dyn Placement> {
-        self.inner.placement()
     }
 }
 

@@ -2,6 +2,7 @@
 //! refusal) and that are submitted again after the actor share went to 0 never
 //! hang the submitter and never run beside, or after, a later job of their route.
 
+use eventbus::core::raw::Submit;
 use eventbus::core::raw::{
     rollout_bucket, stable_hash, DoneHook, Job, JobClass, Outcome, OutcomeReceiver, Place,
     RouteTable, SubmitErrorKind,

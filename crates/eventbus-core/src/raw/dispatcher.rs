@@ -39,12 +39,13 @@ use crate::message::{Message, Record};
 use crate::metrics as m;
 use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
-use crate::pool::{Pool, SubmitErrorKind};
+use crate::pool::Pool;
 use crate::raw::fence::{Epoch, Scope, Settling};
 use crate::raw::job::{Job, JobClass, Submission};
 use crate::raw::mailbox::OutcomeReceiver;
 use crate::raw::mailbox::Target;
 use crate::raw::outcome::{panic_message, FailureCause, Outcome};
+use crate::raw::submit::SubmitErrorKind;
 use crate::raw::task::Task;
 
 mod dead_letter;
@@ -827,7 +828,7 @@ impl Dispatcher {
     /// Submit consumed messages of one subscription, in delivery order, each with
     /// its token and the epoch it was consumed under (or the [`Target`] of its
     /// [`Ticket`], which carries that epoch): each as [`submit`] would, but
-    /// the pool takes the batch in one call ([`Pool::submit_batch`], waking each
+    /// the pool takes the batch in one call ([`Submit::submit_batch`](crate::raw::Submit::submit_batch), waking each
     /// worker at most once), and from the first job it has no room for on, the
     /// jobs wait for room one by one, in order. A rate-limited subscription
     /// submits one at a time.

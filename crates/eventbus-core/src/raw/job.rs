@@ -353,7 +353,7 @@ thread_local! {
     static WITHDRAWING: Cell<Option<FenceKey>> = const { Cell::new(None) };
 }
 
-/// A pool's submission of one job ([`Pool::submit`]), from its submitter's side:
+/// A pool's submission of one job ([`Submit::submit`]), from its submitter's side:
 /// a future resolving when the pool took the job or refused it.
 ///
 /// Dropped before it resolves (the submitter stops, its scope is fenced, or the
@@ -376,7 +376,7 @@ thread_local! {
 /// read before the job is handed over, and a submission the pool finishes at
 /// once holds nothing when it is dropped.
 ///
-/// [`Pool::submit`]: crate::Pool::submit
+/// [`Submit::submit`]: crate::raw::Submit::submit
 /// [`Completions::fence_dropped`]: crate::raw::Completions::fence_dropped
 pub(crate) struct Submission<'a, T> {
     /// The pool's future, until it resolves.

@@ -884,8 +884,10 @@ impl<B: BusBackend> Probe for Lifecycle<B> {
 mod tests {
     use super::*;
     use crate::config::BusConfig;
-    use crate::pool::{Pool, PoolStats, SubmitError, SubmitErrorKind};
+    use crate::pool::{Pool, PoolStats};
     use crate::raw::job::Job;
+    use crate::raw::submit::{SubmitError, SubmitErrorKind};
+    use crate::raw::Submit;
     use crate::{HandlerError, Message};
     use std::pin::pin;
     use tokio::sync::Semaphore;
@@ -893,15 +895,18 @@ mod tests {
     #[derive(Debug)]
     struct NoPool;
 
+    impl Submit for NoPool {
+        fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
+            async move { Err(SubmitError::new(SubmitErrorKind::Closed, job)) }.boxed()
+        }
+    }
+
     impl Pool for NoPool {
         fn kind(&self) -> &'static str {
             "none"
         }
         fn workers(&self) -> usize {
             0
-        }
-        fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
-            async move { Err(SubmitError::new(SubmitErrorKind::Closed, job)) }.boxed()
         }
         fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
             async {}.boxed()

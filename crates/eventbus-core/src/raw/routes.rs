@@ -579,7 +579,7 @@ impl Drop for Counted<'_> {
 }
 
 /// What a pool offers a composite pool that places jobs itself (see the module
-/// docs): a pool that returns it from [`Pool::placement`](crate::Pool::placement)
+/// docs): a pool that returns it from [`Submit::placement`](crate::raw::Submit::placement)
 /// runs a job given a worker ([`Job::place`](crate::raw::Job::place)) on that
 /// worker and counts it nowhere; the composite counts it until its done hook, in
 /// the table it names with [`counted_in`](Placement::counted_in).

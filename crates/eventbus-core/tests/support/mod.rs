@@ -2,7 +2,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use eventbus_core::raw::{Job, SubmitError};
+use eventbus_core::raw::{Job, Submit, SubmitError};
 use eventbus_core::{ComponentHealth, Pool, PoolStats};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -33,6 +33,13 @@ impl SteppedPool {
     }
 }
 
+impl Submit for SteppedPool {
+    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
+        self.queue.lock().expect("queue").push_back(job);
+        async { Ok(()) }.boxed()
+    }
+}
+
 impl Pool for SteppedPool {
     fn kind(&self) -> &'static str {
         "keyed"
@@ -40,11 +47,6 @@ impl Pool for SteppedPool {
 
     fn workers(&self) -> usize {
         1
-    }
-
-    fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
-        self.queue.lock().expect("queue").push_back(job);
-        async { Ok(()) }.boxed()
     }
 
     fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {

@@ -5,7 +5,7 @@
 //! still waited for room when the consumer closed is given back alone: the
 //! messages queued in the pool before it drain.
 
-use eventbus_core::raw::{stable_hash, DoneHook, Job, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{stable_hash, DoneHook, Job, Submit, SubmitError, SubmitErrorKind};
 use eventbus_core::{Event, EventBus, EventBusExt, HandlerError, Pool};
 use eventbus_keyed_pool::{KeyedPoolConfig, KeyedWorkerPool};
 use eventbus_testkit::nats_server::NatsServer;
@@ -37,13 +37,7 @@ struct OneFault {
     open: watch::Receiver<bool>,
 }
 
-impl Pool for OneFault {
-    fn kind(&self) -> &'static str {
-        "one-fault"
-    }
-    fn workers(&self) -> usize {
-        self.inner.workers()
-    }
+impl Submit for OneFault {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         async move {
             if job.route() == stable_hash(b"x") && self.x_jobs.fetch_add(1, Ordering::SeqCst) == 1 {
@@ -64,6 +58,15 @@ impl Pool for OneFault {
             self.inner.submit(job).await
         }
         .boxed()
+    }
+}
+
+impl Pool for OneFault {
+    fn kind(&self) -> &'static str {
+        "one-fault"
+    }
+    fn workers(&self) -> usize {
+        self.inner.workers()
     }
     fn close(&self, timeout: std::time::Duration) -> BoxFuture<'_, ()> {
         self.inner.close(timeout)
@@ -154,13 +157,7 @@ struct DropsTheSecond {
     open: watch::Receiver<bool>,
 }
 
-impl Pool for DropsTheSecond {
-    fn kind(&self) -> &'static str {
-        "drops-the-second"
-    }
-    fn workers(&self) -> usize {
-        self.inner.workers()
-    }
+impl Submit for DropsTheSecond {
     fn submit(&self, mut job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         async move {
             if job.route() != stable_hash(b"x") {
@@ -194,6 +191,15 @@ impl Pool for DropsTheSecond {
             }
         }
         .boxed()
+    }
+}
+
+impl Pool for DropsTheSecond {
+    fn kind(&self) -> &'static str {
+        "drops-the-second"
+    }
+    fn workers(&self) -> usize {
+        self.inner.workers()
     }
     fn close(&self, timeout: std::time::Duration) -> BoxFuture<'_, ()> {
         self.inner.close(timeout)
@@ -330,13 +336,7 @@ impl Drop for Watched<'_> {
     }
 }
 
-impl Pool for WatchedWaits {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    fn workers(&self) -> usize {
-        self.inner.workers()
-    }
+impl Submit for WatchedWaits {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         Box::pin(Watched {
             submitting: self.inner.submit(job),
@@ -346,8 +346,18 @@ impl Pool for WatchedWaits {
             done: false,
         })
     }
+
     fn submit_batch(&self, jobs: &mut Vec<Job>) {
         self.inner.submit_batch(jobs);
+    }
+}
+
+impl Pool for WatchedWaits {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn workers(&self) -> usize {
+        self.inner.workers()
     }
     fn close(&self, timeout: std::time::Duration) -> BoxFuture<'_, ()> {
         self.inner.close(timeout)

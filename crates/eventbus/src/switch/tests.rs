@@ -1,7 +1,9 @@
 //! The pin cells through the switch, on pools whose jobs run only when the test says.
 
 use super::{PoolKind, PoolSwitch};
-use eventbus_core::raw::{rollout_bucket, Job, JobClass, Outcome, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{
+    rollout_bucket, Job, JobClass, Outcome, Submit, SubmitError, SubmitErrorKind,
+};
 use eventbus_core::{ComponentHealth, Pool, PoolStats};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -49,15 +51,7 @@ impl Manual {
     }
 }
 
-impl Pool for Manual {
-    fn kind(&self) -> &'static str {
-        self.kind
-    }
-
-    fn workers(&self) -> usize {
-        1
-    }
-
+impl Submit for Manual {
     fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
         let result = if *self.closed.lock().unwrap() {
             Err(SubmitError::new(SubmitErrorKind::Closed, job))
@@ -66,6 +60,16 @@ impl Pool for Manual {
             Ok(())
         };
         Box::pin(std::future::ready(result))
+    }
+}
+
+impl Pool for Manual {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn workers(&self) -> usize {
+        1
     }
 
     fn close(&self, _timeout: Duration) -> BoxFuture<'_, ()> {

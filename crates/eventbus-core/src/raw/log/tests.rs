@@ -5,7 +5,9 @@
 
 use super::{Assignment, LogLoop, PartitionLog};
 use crate::config::BusConfig;
-use crate::pool::{Pool, PoolStats, SubmitError};
+use crate::pool::{Pool, PoolStats};
+use crate::raw::submit::SubmitError;
+use crate::raw::Submit;
 use crate::raw::{Dispatcher, InFlightSet, Job, Scope};
 use crate::{
     handler_fn, CancellationToken, ComponentHealth, Error, ErrorKind, HandlerResult, Message,
@@ -23,21 +25,25 @@ use tokio::sync::{watch, Semaphore};
 #[derive(Debug)]
 struct TaskPool;
 
+impl Submit for TaskPool {
+    fn submit(&self, job: Job) -> BoxFuture<'_, std::result::Result<(), SubmitError>> {
+        tokio::spawn(job.run());
+        async { Ok(()) }.boxed()
+    }
+
+    fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        for job in jobs.drain(..) {
+            tokio::spawn(job.run());
+        }
+    }
+}
+
 impl Pool for TaskPool {
     fn kind(&self) -> &'static str {
         "task"
     }
     fn workers(&self) -> usize {
         1
-    }
-    fn submit(&self, job: Job) -> BoxFuture<'_, std::result::Result<(), SubmitError>> {
-        tokio::spawn(job.run());
-        async { Ok(()) }.boxed()
-    }
-    fn submit_batch(&self, jobs: &mut Vec<Job>) {
-        for job in jobs.drain(..) {
-            tokio::spawn(job.run());
-        }
     }
     fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
         async {}.boxed()
@@ -72,19 +78,22 @@ impl GatePool {
     }
 }
 
-impl Pool for GatePool {
-    fn kind(&self) -> &'static str {
-        "gate"
-    }
-    fn workers(&self) -> usize {
-        1
-    }
+impl Submit for GatePool {
     fn submit(&self, job: Job) -> BoxFuture<'_, std::result::Result<(), SubmitError>> {
         match self.queued.lock().unwrap().as_mut() {
             Some(queued) => queued.push(job),
             None => drop(tokio::spawn(job.run())),
         }
         async { Ok(()) }.boxed()
+    }
+}
+
+impl Pool for GatePool {
+    fn kind(&self) -> &'static str {
+        "gate"
+    }
+    fn workers(&self) -> usize {
+        1
     }
     fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
         async {}.boxed()

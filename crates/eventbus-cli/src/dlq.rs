@@ -62,10 +62,17 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
                         .map_err(|e| CliError::new(format!("dlq show {id}")).with_source(e))?
                         .topic
                 }
-                (None, _) => {
+                (None, Backend::Nats(_)) => {
                     return Err(CliError::new(format!(
                         "dlq show {id}: give the dead-letter topic with --topic (a NATS id is a \
                          stream sequence and does not name it)"
+                    )))
+                }
+                (None, other) => {
+                    return Err(CliError::new(format!(
+                        "dlq show {id}: give the dead-letter topic with --topic (a {} id does \
+                         not name it)",
+                        other.kind()
                     )))
                 }
             };

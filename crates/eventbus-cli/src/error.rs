@@ -78,7 +78,6 @@ impl From<eventbus::Error> for CliError {
     }
 }
 
-/// The answer on the in-process broker, which only its own process can see.
 /// `what` meets a backend the command line does not reach (a backend added to
 /// the facade's list after this command was written).
 pub(crate) fn unknown_backend(what: &str, kind: eventbus::BackendKind) -> CliError {
@@ -87,6 +86,7 @@ pub(crate) fn unknown_backend(what: &str, kind: eventbus::BackendKind) -> CliErr
     ))
 }
 
+/// The answer on the in-process broker, which only its own process can see.
 pub(crate) fn memory_backend(what: &str) -> CliError {
     CliError::new(format!(
         "{what}: the backend is memory, the in-process broker, which lives inside the \

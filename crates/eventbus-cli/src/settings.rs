@@ -58,9 +58,11 @@ pub struct Settings {
     /// Its contents, with the facade's environment overrides applied to `bus`.
     pub file: FileConfig,
     /// The broker, with the connection settings read (the memory backend: a
-    /// broker of this process's own). Kafka's waits are bounded by
+    /// broker of this process's own, made once). Kafka's waits
+    /// (`operation_timeout`, the producer's `message_timeout`) are set to
     /// [`timeout`](Self::timeout) when read through
-    /// [`kafka_config`](Self::kafka_config) or [`backend`](Self::backend).
+    /// [`kafka_config`](Self::kafka_config) or [`backend`](Self::backend),
+    /// over what this field holds.
     pub connection: Backend,
     /// How long to wait for the broker (`--timeout`, default
     /// [`DEFAULT_TIMEOUT`]): each request, a publish's delivery, and the
@@ -237,7 +239,8 @@ impl Settings {
     }
 
     /// The facade's backend for the connection, Kafka's waits bounded by
-    /// [`timeout`](Self::timeout).
+    /// [`timeout`](Self::timeout). On the memory backend every call returns the
+    /// same broker (buses built on it share its topics and groups).
     pub fn backend(&self) -> Backend {
         match self.kafka_config() {
             Some(config) => Backend::Kafka(Box::new(config)),

@@ -49,7 +49,8 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// Every backend, in the order they are listed to users.
-    pub const ALL: [BackendKind; 3] = [BackendKind::Kafka, BackendKind::Nats, BackendKind::Memory];
+    pub const ALL: &'static [BackendKind] =
+        &[BackendKind::Kafka, BackendKind::Nats, BackendKind::Memory];
 
     /// Its name: `kafka`, `nats` or `memory` (as `EVENTBUS_BACKEND` and
     /// `--backend` spell it).
@@ -81,7 +82,8 @@ impl BackendKind {
     pub fn parse(value: &str, what: &str) -> Result<Self, Error> {
         let wanted = value.trim();
         let Some(kind) = Self::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|k| k.as_str().eq_ignore_ascii_case(wanted))
         else {
             let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
@@ -113,7 +115,7 @@ mod tests {
 
     #[test]
     fn a_name_parses_in_any_case_when_built_and_a_wrong_one_is_named() {
-        for kind in BackendKind::ALL {
+        for &kind in BackendKind::ALL {
             let upper = format!(" {} ", kind.as_str().to_ascii_uppercase());
             match BackendKind::parse(&upper, "--backend") {
                 Ok(parsed) => assert!(kind.compiled() && parsed == kind, "{upper}"),

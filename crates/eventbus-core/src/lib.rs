@@ -44,7 +44,7 @@ pub use health::{ComponentHealth, HealthReport, HealthStatus};
 pub use message::{Headers, Message, PublishReceipt, Record};
 pub use ops::{Recovery, RecoveryChange};
 pub use policy::DeliveryPolicy;
-pub use pool::{Pool, PoolStats};
+pub use pool::{Pool, PoolShare, PoolStats};
 pub use raw::{CommitHold, HoldError, HOLD_TEXT_LIMIT};
 pub use redrive::{
     DeadLetterEntry, DeadLetterId, InvalidDeadLetter, RedriveOptions, RedriveReport,
@@ -86,7 +86,6 @@ pub mod raw {
     pub use crate::handler::{boxed, BoxHandler, DynHandler};
     pub use crate::hash::{partition, rollout_bucket, stable_hash};
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
-    pub use crate::pool::PoolShare;
     pub use crate::redrive::{DeadLetterReader, RawDeadLetter, ReaderOptions};
     pub use chunks::ByteChunks;
     pub use completions::{Claim, Completions};

@@ -37,10 +37,10 @@ pub use eventbus_core::{
     ComponentHealth, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Envelope, EnvelopeError,
     Error, ErrorKind, Event, EventBus, EventBusExt, Failure, Handler, HandlerError, HandlerResult,
     Headers, HealthReport, HealthStatus, HoldError, IdSource, Message, MetricsConfig, OffsetReset,
-    OperationsConfig, Payload, Pool, PoolStats, PublishReceipt, RateLimit, Record, Recovery,
-    RecoveryChange, Result, Routing, SharedBus, StorageKind, SubscribeOptions, Subscription,
-    TopicConfig, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
-    DLQ_TOPIC_HEADER,
+    OperationsConfig, Payload, Pool, PoolShare, PoolStats, PublishReceipt, RateLimit, Record,
+    Recovery, RecoveryChange, Result, Routing, SharedBus, StorageKind, SubscribeOptions,
+    Subscription, TopicConfig, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
+    DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 
 /// Dead-letter redrive (see [`EventBus::redrive`] and [`eventbus_core::redrive`]).

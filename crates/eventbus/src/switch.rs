@@ -46,11 +46,9 @@
 //! variable.
 
 use crate::PoolKind;
-use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats};
+use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolShare, PoolStats};
 
-use eventbus_core::raw::{
-    rollout_bucket, Job, Place, PoolShare, Submit, SubmitError, SubmitErrorKind,
-};
+use eventbus_core::raw::{rollout_bucket, Job, Place, Submit, SubmitError, SubmitErrorKind};
 use futures::future::BoxFuture;
 use mode::{Kind, Mode, Steady, SteadyGuard};
 use pins::Pins;

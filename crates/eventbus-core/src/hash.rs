@@ -5,10 +5,11 @@
 //! FNV-1a (64 bit) followed by the MurmurHash3 64-bit finaliser for avalanche. It is
 //! fixed by this crate and never seeded, unlike `std`'s `RandomState`.
 //!
-//! Partitioning lives here, not beside routing: the memory broker's partition of a
-//! key ([`partition`]), a backend's own partition of a key where it decides one
-//! (a mix of [`stable_hash`] of its own, pinned by its tests) and the rollout
-//! bucket ([`rollout_bucket`]) are functions of [`stable_hash`] alone. Which worker runs a route is the pools'
+//! Partitioning is named apart from routing: the memory broker's partition of
+//! a key ([`partition`]) and the rollout bucket ([`rollout_bucket`]) are
+//! functions of [`stable_hash`] alone, as is a backend's own partition of a key
+//! where it decides one (a mix of [`stable_hash`] of its own, kept in the
+//! backend and pinned by its tests). Which worker runs a route is the pools'
 //! routing rule ([`routing`](crate::raw::routing)), free to change without
 //! moving a key to another partition or another pool.
 

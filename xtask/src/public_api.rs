@@ -8,18 +8,40 @@ use crate::{cargo, project_root, run, target_dir, Result};
 use std::collections::BTreeMap;
 use std::fs;
 
-/// The crates listed, with the features their docs are built with.
-/// Kafka's features only choose how librdkafka is built (TLS, SASL, zstd): they
-/// add no item.
-const CRATES: &[(&str, &str)] = &[
-    ("eventbus", "full"),
-    ("eventbus-core", ""),
-    ("eventbus-keyed-pool", ""),
-    ("eventbus-actor-pool", ""),
-    ("eventbus-memory", ""),
-    ("eventbus-kafka", ""),
-    ("eventbus-nats", ""),
-];
+/// The facade, documented with every feature on.
+const FACADE: (&str, &str) = ("eventbus", "full");
+
+/// The crates listed, with the features their docs are built with: the facade,
+/// then every crate of the workspace it depends on, core first, the others in
+/// its manifest's order (a backend or pool added to the facade is listed
+/// without a change here). Kafka's features only choose how librdkafka is built
+/// (TLS, SASL, zstd): they add no item.
+fn crates() -> Result<Vec<(String, &'static str)>> {
+    let manifest = project_root().join("crates/eventbus/Cargo.toml");
+    let text = fs::read_to_string(&manifest)
+        .map_err(|e| format!("cannot read {}: {e}", manifest.display()))?;
+    let mut listed = vec![(FACADE.0.to_owned(), FACADE.1)];
+    let mut in_dependencies = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_dependencies = line == "[dependencies]";
+            continue;
+        }
+        let name = line.split(['=', '.', ' ']).next().unwrap_or_default();
+        if in_dependencies && name.starts_with("eventbus-") {
+            listed.push((name.to_owned(), ""));
+        }
+    }
+    // Core first: everything else builds on it.
+    listed[1..].sort_by_key(|(name, _)| name != "eventbus-core");
+    if listed.len() < 2 {
+        return Err(format!(
+            "{} names no eventbus crate under [dependencies]",
+            manifest.display()
+        ));
+    }
+    Ok(listed)
+}
 
 const OUT: &str = "docs/public-api.md";
 
@@ -41,7 +63,8 @@ pub(crate) fn public_api(args: &[String]) -> Result {
          for backend and pool implementers; everything else is what a user of the bus\n\
          sees.\n",
     );
-    for (krate, features) in CRATES {
+    for (krate, features) in crates()? {
+        let krate = krate.as_str();
         let mut doc = cargo();
         doc.args(["doc", "--no-deps", "-p", krate]);
         if !features.is_empty() {

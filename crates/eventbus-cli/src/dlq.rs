@@ -15,8 +15,8 @@ use crate::error::{memory_backend, CliError};
 use crate::settings::Settings;
 use crate::stream::{build, note, out, own_config};
 use chrono::{DateTime, SecondsFormat, Utc};
-use eventbus::kafka::DeadLetterPosition;
-use eventbus::{Backend, BackendKind};
+use eventbus::core::inspect::{Access, Inspect};
+use eventbus::BackendKind;
 use eventbus::{DeadLetterEntry, DeadLetterId, RedriveOptions, RedriveReport, SharedBus};
 use serde_json::{json, Value};
 use std::time::SystemTime;
@@ -34,7 +34,7 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
         DlqCommand::Show { .. } => "dlq show",
         DlqCommand::Redrive(_) => "dlq redrive",
     };
-    crate::check::kafka(settings, what, None).await?;
+    crate::check::broker(settings, what, None, Access::Read).await?;
     match command {
         DlqCommand::List {
             topic,
@@ -54,27 +54,20 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
             let id: DeadLetterId = id
                 .parse()
                 .map_err(|e| CliError::new(format!("ID {id:?}")).with_source(e))?;
-            let topic = match (topic, &settings.connection) {
-                (Some(topic), _) => topic,
+            let topic = match topic {
+                Some(topic) => topic,
                 // A Kafka id names its dead-letter topic.
-                (None, Backend::Kafka(_)) => {
-                    DeadLetterPosition::parse(&id)
-                        .map_err(|e| CliError::new(format!("dlq show {id}")).with_source(e))?
-                        .topic
-                }
-                (None, Backend::Nats(_)) => {
-                    return Err(CliError::new(format!(
-                        "dlq show {id}: give the dead-letter topic with --topic (a NATS id is a \
-                         stream sequence and does not name it)"
-                    )))
-                }
-                (None, other) => {
-                    return Err(CliError::new(format!(
-                        "dlq show {id}: give the dead-letter topic with --topic (a {} id does \
-                         not name it)",
-                        other.kind()
-                    )))
-                }
+                None => match settings.backend().dead_letter_topic(&id) {
+                    Ok(Some(topic)) => topic,
+                    Ok(None) => {
+                        return Err(CliError::new(format!(
+                            "dlq show {id}: give the dead-letter topic with --topic (a {} id \
+                             does not name it)",
+                            settings.kind()
+                        )))
+                    }
+                    Err(e) => return Err(CliError::new(format!("dlq show {id}")).with_source(e)),
+                },
             };
             let options = RedriveOptions::new(topic)
                 .id(id.clone())

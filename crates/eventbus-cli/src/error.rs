@@ -78,14 +78,6 @@ impl From<eventbus::Error> for CliError {
     }
 }
 
-/// `what` meets a backend the command line does not reach (a backend added to
-/// the facade's list after this command was written).
-pub(crate) fn unknown_backend(what: &str, kind: eventbus::BackendKind) -> CliError {
-    CliError::new(format!(
-        "{what}: the command line does not reach the {kind} backend"
-    ))
-}
-
 /// The answer on the in-process broker, which only its own process can see.
 pub(crate) fn memory_backend(what: &str) -> CliError {
     CliError::new(format!(

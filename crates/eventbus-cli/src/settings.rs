@@ -230,14 +230,6 @@ impl Settings {
         }
     }
 
-    /// NATS client settings for the connection (`None` on another backend).
-    pub fn nats_config(&self) -> Option<NatsConfig> {
-        match &self.connection {
-            Backend::Nats(config) => Some((**config).clone()),
-            _ => None,
-        }
-    }
-
     /// The facade's backend for the connection, Kafka's waits bounded by
     /// [`timeout`](Self::timeout). On the memory backend every call returns the
     /// same broker (buses built on it share its topics and groups).
@@ -276,10 +268,10 @@ mod tests {
             &[("NATS_URL", "nats://a:1, nats://b:2")],
         )
         .unwrap();
-        assert_eq!(
-            s.nats_config().unwrap().urls,
-            vec!["nats://a:1".to_owned(), "nats://b:2".to_owned()]
-        );
+        match &s.connection {
+            Backend::Nats(c) => assert_eq!(c.urls, ["nats://a:1", "nats://b:2"]),
+            other => panic!("expected NATS, got {:?}", other.kind()),
+        }
         let s = resolve(Overrides::default(), &[]).unwrap();
         assert_eq!(s.kind(), BackendKind::Memory);
         let e = resolve(

@@ -14,11 +14,11 @@
 //! a bounded channel: a slow terminal slows consumption.
 
 use crate::cli::{PublishArgs, TailArgs};
-use crate::error::{memory_backend, unknown_backend, CliError};
+use crate::error::{memory_backend, CliError};
 use crate::settings::Settings;
 use chrono::SecondsFormat;
-use eventbus::nats::NatsEventBus;
-use eventbus::{Backend, BackendKind};
+use eventbus::core::inspect::{Access, Inspect};
+use eventbus::BackendKind;
 use eventbus::{
     Envelope, EventBusBuilder, EventBusConfig, EventBusExt, HandlerError, KeyedPoolConfig, Message,
     MetricsConfig, OffsetReset, PoolKind, SharedBus, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER,
@@ -26,7 +26,6 @@ use eventbus::{
 };
 use serde_json::{json, Value};
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -92,7 +91,7 @@ pub(crate) async fn publish(settings: &Settings, args: &PublishArgs) -> Result<(
     envelope.validate().map_err(|e| {
         CliError::new("the envelope is invalid (--aggregate, --type)").with_source(e)
     })?;
-    crate::check::kafka(settings, "publish", Some(&args.topic)).await?;
+    crate::check::broker(settings, "publish", Some(&args.topic), Access::Publish).await?;
     let bus = build("publish", settings, own_config(settings)).await?;
     let sent = bus.publish_envelope(&args.topic, &envelope).await;
     let closed = bus.close().await;
@@ -191,46 +190,26 @@ pub(crate) async fn tail(settings: &Settings, args: &TailArgs) -> Result<(), Cli
         OffsetReset::Latest
     };
     config.dead_letter.enabled = false;
-    // On NATS the bus is kept by its own type, to delete the durable at the end.
-    let (bus, nats) = match &settings.connection {
-        Backend::Memory(_) => return Err(memory_backend("tail")),
-        Backend::Nats(_) => {
-            let nats_config = settings.nats_config().expect("a NATS connection");
-            let context = |e| CliError::new("tail").with_source(e);
-            let pool = eventbus::build_pool(&config).await.map_err(context)?;
-            let nats = NatsEventBus::connect(nats_config, config.bus(), pool)
-                .await
-                .map_err(context)?;
-            if let Err(e) = crate::check::nats_stream(settings, &nats, "tail", &args.topic).await {
-                let _ = eventbus::EventBus::close(&nats).await;
-                return Err(e);
-            }
-            (Arc::new(nats.clone()) as SharedBus, Some(nats))
-        }
-        Backend::Kafka(_) => {
-            crate::check::kafka(settings, "tail", Some(&args.topic)).await?;
-            (build("tail", settings, config).await?, None)
-        }
-        other => return Err(unknown_backend("tail", other.kind())),
-    };
+    if settings.kind() == BackendKind::Memory {
+        return Err(memory_backend("tail"));
+    }
+    crate::check::broker(settings, "tail", Some(&args.topic), Access::Read).await?;
+    let group = config.consumer.group_id.clone();
+    let bus = build("tail", settings, config).await?;
     let result = consume(&bus, args).await;
     let _ = bus.unsubscribe(&args.topic).await;
-    if let Some(nats) = &nats {
-        let durable = nats.durable_name(&args.topic);
-        let stream = nats.stream_name(&args.topic);
-        if let Err(e) = nats
-            .jetstream()
-            .delete_consumer_from_stream(&durable, &stream)
-            .await
-        {
-            note(&format!(
-                "warning: cannot delete the tail's durable consumer {durable} of stream \
-                 {stream}: {e}"
-            ));
-        }
-    }
     if let Err(e) = bus.close().await {
         note(&format!("warning: closing the bus: {e}"));
+    }
+    // What the tail's own group left on the broker (a NATS durable consumer).
+    if let Err(e) = settings
+        .backend()
+        .forget(&group, &args.topic, settings.timeout)
+        .await
+    {
+        note(&format!(
+            "warning: cannot remove the tail's group {group} from the broker: {e}"
+        ));
     }
     result
 }

@@ -9,6 +9,7 @@ mod error;
 mod handler;
 mod hash;
 mod health;
+pub mod inspect;
 mod message;
 pub mod metrics;
 mod ops;

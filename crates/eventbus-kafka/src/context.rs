@@ -58,6 +58,10 @@ impl ClientContext for TracingContext {
     }
 }
 
+/// A consumer that never joins its group (a lag query) keeps rdkafka's
+/// defaults.
+impl ConsumerContext for TracingContext {}
+
 /// The consumer, with the bus's callbacks.
 pub(crate) type KConsumer = BaseConsumer<ConsumerCtx>;
 

@@ -8,6 +8,7 @@ mod consumer;
 mod context;
 mod fetch;
 mod finished;
+mod inspect;
 pub mod metric_names;
 mod metrics;
 mod probe;

@@ -7,6 +7,7 @@ mod connect;
 mod consumer;
 mod group;
 mod health;
+mod inspect;
 mod lease;
 pub mod metric_names;
 mod naming;

@@ -1,9 +1,12 @@
 //! The one list of backends a bus can consume: [`Backend`] carries a backend's
 //! connection settings, [`BackendKind`] names it (in configuration, flags,
-//! metrics and reports).
+//! metrics and reports), and [`Backend`] answers a tool's questions about its
+//! broker ([`Inspect`]) through the backend it holds.
 
-use eventbus_core::Error;
+use eventbus_core::inspect::{Access, GroupLag, Inspect};
+use eventbus_core::{DeadLetterId, Error, Result};
 use std::fmt;
+use std::time::Duration;
 
 /// Which broker the bus consumes, with what it needs to connect.
 #[derive(Debug, Clone)]
@@ -30,6 +33,65 @@ impl Backend {
             Backend::Kafka(_) => BackendKind::Kafka,
             #[cfg(feature = "nats")]
             Backend::Nats(_) => BackendKind::Nats,
+        }
+    }
+}
+
+/// Forwarded to the backend held. The memory broker lives inside its process:
+/// there is nothing to check or forget, and no group to read from outside it.
+impl Inspect for Backend {
+    async fn check(&self, topic: Option<&str>, access: Access, deadline: Duration) -> Result<()> {
+        // Unread in a build without a backend.
+        let _ = (&topic, &access, &deadline);
+        match *self {
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => Ok(()),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(ref c) => c.check(topic, access, deadline).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(ref c) => c.check(topic, access, deadline).await,
+        }
+    }
+
+    async fn lag(&self, group: &str, topic: Option<&str>, timeout: Duration) -> Result<GroupLag> {
+        let _ = (&group, &topic, &timeout);
+        match *self {
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => Err(Error::new(
+                eventbus_core::ErrorKind::Unsupported,
+                format!(
+                    "the memory backend lives inside its service's process: group \
+                     {group:?} cannot be read from outside it"
+                ),
+            )),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(ref c) => c.lag(group, topic, timeout).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(ref c) => c.lag(group, topic, timeout).await,
+        }
+    }
+
+    async fn forget(&self, group: &str, topic: &str, timeout: Duration) -> Result<()> {
+        let _ = (&group, &topic, &timeout);
+        match *self {
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => Ok(()),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(ref c) => c.forget(group, topic, timeout).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(ref c) => c.forget(group, topic, timeout).await,
+        }
+    }
+
+    fn dead_letter_topic(&self, id: &DeadLetterId) -> Result<Option<String>> {
+        let _ = id;
+        match *self {
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => Ok(None),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(ref c) => c.dead_letter_topic(id),
+            #[cfg(feature = "nats")]
+            Backend::Nats(ref c) => c.dead_letter_topic(id),
         }
     }
 }
@@ -129,5 +191,47 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("EVENTBUS_BACKEND=\"rabbit\""), "{text}");
         assert!(text.contains("kafka, nats, memory"), "{text}");
+    }
+
+    /// A Kafka id names its dead-letter topic and a NATS id does not; an id
+    /// of another backend's form is refused naming it.
+    #[cfg(all(feature = "kafka", feature = "nats"))]
+    #[test]
+    fn a_dead_letter_id_names_its_topic_where_the_backend_says_so() {
+        let kafka = Backend::Kafka(Box::new(eventbus_kafka::KafkaConfig::new("b:1")));
+        let id = DeadLetterId::new("orders.dlq/2/1041").unwrap();
+        assert_eq!(
+            kafka.dead_letter_topic(&id).unwrap().as_deref(),
+            Some("orders.dlq")
+        );
+        let sequence = DeadLetterId::new("17").unwrap();
+        let e = kafka.dead_letter_topic(&sequence).unwrap_err();
+        assert_eq!(e.kind(), eventbus_core::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("`17`"), "{e}");
+        let nats = Backend::Nats(Box::default());
+        assert_eq!(nats.dead_letter_topic(&sequence).unwrap(), None);
+    }
+
+    /// The in-process broker has no group to read from another process: the
+    /// error says so and names the group; checking it and forgetting a group
+    /// on it do nothing.
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn the_memory_backend_is_not_inspected_from_outside() {
+        let memory = Backend::Memory(eventbus_memory::MemoryBroker::default());
+        let e = memory
+            .lag("billing", None, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), eventbus_core::ErrorKind::Unsupported);
+        assert!(e.to_string().contains("\"billing\""), "{e}");
+        memory
+            .check(Some("orders"), Access::Read, Duration::from_secs(1))
+            .await
+            .unwrap();
+        memory
+            .forget("billing", "orders", Duration::from_secs(1))
+            .await
+            .unwrap();
     }
 }

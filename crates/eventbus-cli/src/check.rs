@@ -6,8 +6,8 @@
 //! The backend answers ([`Inspect::check`]): Kafka with a metadata request that
 //! fails as soon as librdkafka reports every bootstrap broker down; NATS by
 //! connecting, which fails at once when nothing listens, and, for a topic to be
-//! read, by finding its stream (reading would create it). Each waits at most
-//! [`CHECK_LIMIT`] (or `--timeout`, if shorter).
+//! read, by finding its stream (reading would create it). Each step waits at
+//! most [`CHECK_LIMIT`] (or `--timeout`, if shorter).
 
 use crate::cli::CHECK_LIMIT;
 use crate::error::CliError;

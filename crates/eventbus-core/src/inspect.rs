@@ -5,7 +5,8 @@
 //! A backend implements [`Inspect`] on its connection settings (Kafka's and
 //! NATS's configs); the facade's `Backend` forwards to the one it holds. Every
 //! call opens a client of its own and never joins the group, so asking causes
-//! no rebalance and takes nothing from the group's members.
+//! no rebalance; only [`forget`](Inspect::forget) changes anything on the
+//! broker, for a group made for one look.
 
 use crate::redrive::DeadLetterId;
 use crate::Result;
@@ -104,9 +105,9 @@ impl GroupLag {
 /// used as `dyn`: the facade's `Backend` picks the implementation.
 pub trait Inspect {
     /// Whether the broker answers, and `topic` (when given) can be used as
-    /// `access` says, within `deadline`: an error naming the broker (and the
-    /// topic) otherwise, within seconds rather than after a client's delivery
-    /// timeouts.
+    /// `access` says, each step (connecting, looking the topic up) within
+    /// `deadline`: an error naming the broker (and the topic) otherwise, within
+    /// seconds rather than after a client's delivery timeouts.
     fn check(
         &self,
         topic: Option<&str>,

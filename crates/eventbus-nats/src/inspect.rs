@@ -1,13 +1,14 @@
 //! NATS answering a tool outside the bus ([`Inspect`]): the server's check, a
-//! group's lag, and removing a one-look group's durable consumer.
+//! group's lag, and removing a one-look group's durable consumers.
 //!
 //! A group's lag is read from its durable consumers (`<group>-<topic>`, and
 //! `-p<n>` for each partition of a partitioned topic): ack floor (the stream
 //! sequence below which everything is acknowledged), pending (in the stream,
 //! not delivered yet), ack pending (delivered, not acknowledged) and
 //! redeliveries, from the server's consumer info. Every call opens a
-//! connection of its own and reads; nothing is created (a topic's stream
-//! comes into being on its first publish, never on a look).
+//! connection of its own, bounded as the call's deadline says; none creates
+//! anything (a topic's stream comes into being on its first publish, never on
+//! a look), and only [`forget`](Inspect::forget) deletes.
 
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::{self, ErrorCode};
@@ -22,6 +23,7 @@ use std::time::Duration;
 use crate::config::NatsConfig;
 use crate::connect::connect;
 use crate::naming;
+use crate::streams::{bounded, broker, delete_consumer};
 
 /// One durable consumer of a group's lag.
 #[derive(Debug, Clone, Serialize)]
@@ -51,7 +53,7 @@ impl Inspect for NatsConfig {
     /// Connecting fails at once when nothing listens; a topic to be read must
     /// have its stream (reading would create it). Publishing creates it.
     async fn check(&self, topic: Option<&str>, access: Access, deadline: Duration) -> Result<()> {
-        let js = self.open("check").await?;
+        let js = self.open("check", deadline).await?;
         match topic {
             Some(topic) if access == Access::Read => {
                 stream_exists(self, &js, topic, deadline).await
@@ -61,7 +63,7 @@ impl Inspect for NatsConfig {
     }
 
     async fn lag(&self, group: &str, topic: Option<&str>, timeout: Duration) -> Result<GroupLag> {
-        let js = self.open(group).await?;
+        let js = self.open(group, timeout).await?;
         let rows = rows(self, &js, group, topic, timeout).await?;
         let on = topic
             .map(|t| format!(" on topic {t:?}"))
@@ -74,18 +76,26 @@ impl Inspect for NatsConfig {
         ))
     }
 
-    /// Delete the group's durable consumer of `topic`.
+    /// Delete the group's durable consumer of `topic`, and those of its
+    /// partitions when it is partitioned here; a topic without a stream, or a
+    /// durable that is not there, leaves nothing to delete.
     async fn forget(&self, group: &str, topic: &str, timeout: Duration) -> Result<()> {
-        let js = self.open(group).await?;
-        let durable = naming::durable_name(group, topic);
-        let stream = naming::stream_name(self.subject_prefix.as_deref(), topic);
-        bounded(
-            timeout,
-            || format!("cannot delete durable consumer {durable} of stream {stream}"),
-            js.delete_consumer_from_stream(&durable, &stream),
-        )
-        .await
-        .map(|_| ())
+        let js = self.open(group, timeout).await?;
+        let name = naming::stream_name(self.subject_prefix.as_deref(), topic);
+        let stream = match tokio::time::timeout(timeout, js.get_stream(&name)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) if stream_not_found(&e) => return Ok(()),
+            Ok(Err(e)) => return Err(broker(format!("cannot read stream {name:?}"), e)),
+            Err(_) => return Err(late(&format!("reading stream {name:?}"), timeout)),
+        };
+        let base = naming::durable_name(group, topic);
+        let partitions = self.partitions_of(topic).unwrap_or(0);
+        let durables = std::iter::once(base.clone())
+            .chain((0..partitions).map(|n| naming::partition_durable(&base, n)));
+        for durable in durables {
+            delete_consumer(&stream, &durable, timeout).await?;
+        }
+        Ok(())
     }
 
     /// `None`: a NATS id is a stream sequence, and names no stream.
@@ -95,30 +105,48 @@ impl Inspect for NatsConfig {
 }
 
 impl NatsConfig {
-    /// A JetStream context on a connection of its own, named for `group`.
-    async fn open(&self, group: &str) -> Result<jetstream::Context> {
+    /// A JetStream context on a connection of its own, named for `group`,
+    /// connected within `within`.
+    async fn open(&self, group: &str, within: Duration) -> Result<jetstream::Context> {
         self.validate()?;
-        let (client, _) = connect(self, group, "inspect").await?;
+        let (client, _) = bounded(
+            within,
+            || format!("connecting to NATS at {:?}", self.urls),
+            connect(self, group, "inspect"),
+        )
+        .await?;
         Ok(jetstream::ContextBuilder::new()
-            .timeout(self.request_timeout)
+            .timeout(self.request_timeout.min(within))
             .build(client))
     }
 }
 
-/// Wait for `f` at most `timeout`; an error or no answer names `what`.
-async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
-    timeout: Duration,
+/// No answer to `what` within `d`.
+fn late(what: &str, d: Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("{what}: no answer within {d:?}"),
+    )
+}
+
+/// Wait for a JetStream call at most `d`; an error or no answer names `what`.
+async fn answer<T, E: std::error::Error + Send + Sync + 'static>(
+    d: Duration,
     what: impl Fn() -> String,
     f: impl Future<Output = std::result::Result<T, E>>,
 ) -> Result<T> {
-    match tokio::time::timeout(timeout, f).await {
+    match tokio::time::timeout(d, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Error::new(ErrorKind::Broker, what()).with_source(e)),
-        Err(_) => Err(Error::new(
-            ErrorKind::Timeout,
-            format!("{}: no answer within {timeout:?}", what()),
-        )),
+        Ok(Err(e)) => Err(broker(what(), e)),
+        Err(_) => Err(late(&what(), d)),
     }
+}
+
+fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND
+    )
 }
 
 /// Does `topic` have its stream on the server?
@@ -131,21 +159,14 @@ async fn stream_exists(
     let stream = naming::stream_name(config.subject_prefix.as_deref(), topic);
     match tokio::time::timeout(deadline, js.get_stream(&stream)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
-            Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "topic {topic:?} has no stream {stream:?} on the server (nothing was \
+        Ok(Err(e)) if stream_not_found(&e) => Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "topic {topic:?} has no stream {stream:?} on the server (nothing was \
                      published to it yet: check the name)"
-                ),
-            )
-            .with_source(e))
-        }
+            ),
+        )
+        .with_source(e)),
         Ok(Err(e)) => Err(Error::new(
             ErrorKind::Broker,
             format!("cannot read stream {stream:?} of topic {topic:?}"),
@@ -177,7 +198,7 @@ async fn rows(
             naming::durable_name(group, t),
         ),
         None => {
-            let names: Vec<String> = bounded(
+            let names: Vec<String> = answer(
                 timeout,
                 || "cannot list the streams".to_owned(),
                 js.stream_names().try_collect(),
@@ -188,9 +209,10 @@ async fn rows(
     };
     let mut rows = Vec::new();
     for name in streams {
-        let mut stream = match js.get_stream(&name).await {
-            Ok(s) => s,
-            Err(e) if topic.is_some() => {
+        let found = tokio::time::timeout(timeout, js.get_stream(&name)).await;
+        let mut stream = match found {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) if topic.is_some() => {
                 return Err(Error::new(
                     ErrorKind::NotFound,
                     format!(
@@ -200,9 +222,10 @@ async fn rows(
                 )
                 .with_source(e))
             }
-            Err(_) => continue,
+            Ok(Err(_)) => continue,
+            Err(_) => return Err(late(&format!("reading stream {name:?}"), timeout)),
         };
-        let last_sequence = bounded(
+        let last_sequence = answer(
             timeout,
             || format!("cannot read stream {name:?}"),
             stream.info(),
@@ -210,7 +233,7 @@ async fn rows(
         .await?
         .state
         .last_sequence;
-        let infos: Vec<jetstream::consumer::Info> = bounded(
+        let infos: Vec<jetstream::consumer::Info> = answer(
             timeout,
             || format!("cannot list the consumers of stream {name:?}"),
             stream.consumers().try_collect(),

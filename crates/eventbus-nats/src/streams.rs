@@ -342,7 +342,11 @@ async fn hold_interest(
 }
 
 /// Delete consumer `name` of `stream`; one that does not exist is fine.
-async fn delete_consumer(stream: &stream::Stream, name: &str, timeout: Duration) -> Result<()> {
+pub(crate) async fn delete_consumer(
+    stream: &stream::Stream,
+    name: &str,
+    timeout: Duration,
+) -> Result<()> {
     bounded(timeout, || format!("deleting consumer `{name}`"), async {
         match stream.delete_consumer(name).await {
             Ok(_) => Ok(()),

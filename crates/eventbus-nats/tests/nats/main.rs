@@ -9,6 +9,7 @@ mod dead_letters;
 mod given_back;
 mod handover;
 mod heartbeats;
+mod inspect;
 mod lease_loss;
 mod liveness;
 mod members;

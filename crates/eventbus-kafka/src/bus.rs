@@ -6,27 +6,28 @@ use eventbus_core::{
 };
 
 use eventbus_core::raw::{
-    BusBackend, Consumers, DeadLetterReader, Dispatcher, Lifecycle, LifecycleBus,
-    PartitionLag as CorePartitionLag, PreparedSubscription, ReaderOptions,
+    BusBackend, Consumers, DeadLetterReader, Dispatcher, InFlightCounts, InFlightSet, Lifecycle,
+    LifecycleBus, LogLoop, PartitionLag as CorePartitionLag, PreparedSubscription, ReaderOptions,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::Offset;
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Mutex, OnceCell, Semaphore};
+use tokio::sync::{Mutex, OnceCell, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
-use crate::consumer::{consumer_gone, ConsumeLoop, Control};
 use crate::context::{rebalances_incrementally, ConsumerCtx, KConsumer, TracingContext};
 use crate::fetch::fetch_thread;
+use crate::group::{FetchControl, TopicShare};
+use crate::log::KafkaLog;
 use crate::publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 use crate::shared::ConsumerShared;
 
@@ -54,18 +55,47 @@ pub type PartitionLag = KafkaPartitionLag;
 struct Running {
     consumer: Arc<KConsumer>,
     shared: Arc<ConsumerShared>,
-    control: mpsc::Sender<Control>,
+    /// Every topic's loop stops with it.
     stop: CancellationToken,
     fetch_stop: Arc<AtomicBool>,
-    loop_task: Option<JoinHandle<()>>,
+    /// Each loop task holds a clone: once the bus's and every loop's are
+    /// dropped, the fetching thread closes the consumer.
+    loops_done: Option<std_mpsc::SyncSender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // A bus dropped without close still stops its loop and thread.
+        // A bus dropped without close still stops its loops and thread.
         self.fetch_stop.store(true, Ordering::Release);
         self.stop.cancel();
+    }
+}
+
+/// One subscribed topic's consume loop.
+pub struct TopicLoop {
+    cancel: CancellationToken,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Messages in flight per partition, as the loop counts them.
+    in_flight: InFlightCounts,
+}
+
+impl fmt::Debug for TopicLoop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TopicLoop").finish_non_exhaustive()
+    }
+}
+
+impl TopicLoop {
+    /// Stop the loop (it hands its partitions over) and wait for it.
+    async fn stop(&self, topic: &str) {
+        self.cancel.cancel();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                tracing::error!(%topic, error = %e, "kafka consume loop failed");
+            }
+        }
     }
 }
 
@@ -95,8 +125,9 @@ impl fmt::Debug for Backend {
     }
 }
 
-fn gone<T>(_: T) -> Error {
-    consumer_gone()
+/// The consumer is closed.
+fn consumer_gone() -> Error {
+    Error::closed("the Kafka consumer is closed")
 }
 
 impl Backend {
@@ -156,11 +187,9 @@ impl Backend {
 
     fn start_consumer(&self) -> Result<Running> {
         let consumer_cfg = &self.dispatcher.config().consumer;
-        let (ev_tx, ev_rx) = mpsc::channel(self.config.fetch_buffer);
         let shared = Arc::new(ConsumerShared::for_member(self.config.instance_id.clone()));
         let client_config = self.config.consumer_config(self.dispatcher.config());
         let ctx = ConsumerCtx {
-            events: ev_tx.clone(),
             shared: shared.clone(),
             dispatcher: self.dispatcher.clone(),
             drain_timeout: consumer_cfg.drain_timeout,
@@ -174,9 +203,7 @@ impl Backend {
             ))
         })?;
         let consumer = Arc::new(consumer);
-        let (ctl_tx, ctl_rx) = mpsc::channel(16);
         let (done_tx, done_rx) = std_mpsc::sync_channel(1);
-        let stop = CancellationToken::new();
         let fetch_stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let consumer = consumer.clone();
@@ -185,9 +212,7 @@ impl Backend {
             let close_timeout = self.config.operation_timeout;
             std::thread::Builder::new()
                 .name("eventbus-kafka-fetch".to_owned())
-                .spawn(move || {
-                    fetch_thread(consumer, ev_tx, shared, fetch_stop, done_rx, close_timeout)
-                })
+                .spawn(move || fetch_thread(consumer, shared, fetch_stop, done_rx, close_timeout))
                 .map_err(|e| {
                     Error::new(
                         ErrorKind::Unavailable,
@@ -196,20 +221,6 @@ impl Backend {
                     .with_source(e)
                 })?
         };
-        let lp = ConsumeLoop::new(
-            consumer.clone(),
-            self.dispatcher.clone(),
-            ev_rx,
-            ctl_rx,
-            stop.clone(),
-            self.limit.clone(),
-            self.config.fetch_buffer + 2,
-            self.config.operation_timeout,
-            self.pool_closed.clone(),
-            shared.clone(),
-            done_tx,
-        );
-        let loop_task = tokio::spawn(lp.run());
         tracing::info!(group_id = %consumer_cfg.group_id,
             group_protocol = self.config.group_protocol.as_str(),
             instance_id = self.config.instance_id.as_deref().unwrap_or("none (dynamic member)"),
@@ -217,28 +228,98 @@ impl Backend {
         Ok(Running {
             consumer,
             shared,
-            control: ctl_tx,
-            stop,
+            stop: CancellationToken::new(),
             fetch_stop,
-            loop_task: Some(loop_task),
+            loops_done: Some(done_tx),
             thread: Some(thread),
         })
     }
 
-    /// Send the running consumer a control message; the receiver is told when it
-    /// has been carried out.
-    async fn send_control(
-        slot: &ConsumerSlot,
-        control: impl FnOnce(oneshot::Sender<()>) -> Control,
-    ) -> Result<oneshot::Receiver<()>> {
-        let sender = slot
-            .running
-            .as_ref()
-            .map(|r| r.control.clone())
-            .ok_or_else(consumer_gone)?;
-        let (tx, rx) = oneshot::channel();
-        sender.send(control(tx)).await.map_err(gone)?;
-        Ok(rx)
+    /// Start the consume loop of `prepared`'s topic on the running consumer.
+    async fn start_loop(
+        &self,
+        running: &Running,
+        prepared: Arc<PreparedSubscription>,
+    ) -> Result<TopicLoop> {
+        let cfg = &self.dispatcher.config().consumer;
+        let topic: Arc<str> = Arc::from(prepared.topic());
+        let partitions = {
+            let consumer = running.consumer.clone();
+            let name = topic.to_string();
+            let timeout = self.config.operation_timeout;
+            tokio::task::spawn_blocking(move || {
+                consumer
+                    .fetch_metadata(Some(&name), timeout)
+                    .ok()
+                    .and_then(|m| {
+                        m.topics()
+                            .iter()
+                            .find(|t| t.name() == name && t.error().is_none())
+                            .map(|t| t.partitions().len())
+                    })
+                    .unwrap_or(0)
+            })
+            .await
+            .unwrap_or(0)
+        };
+        // A weak handle: the consumer's callbacks hold the share, which must
+        // not keep the consumer from closing.
+        let consumer = Arc::downgrade(&running.consumer);
+        let name = topic.clone();
+        let fetch: FetchControl = Box::new(move |partition, on| {
+            let Some(consumer) = consumer.upgrade() else {
+                return;
+            };
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&name, partition);
+            let changed = if on {
+                consumer.resume(&tpl)
+            } else {
+                consumer.pause(&tpl)
+            };
+            if let Err(e) = changed {
+                tracing::debug!(topic = %name, partition, fetch = on, error = %e,
+                    "pause or resume failed");
+            }
+        });
+        let share = Arc::new(TopicShare::new(
+            topic.clone(),
+            self.config.fetch_buffer,
+            fetch,
+        ));
+        running.shared.shares.insert(share.clone());
+        let log = KafkaLog::new(
+            share,
+            running.consumer.clone(),
+            running.shared.clone(),
+            partitions,
+            self.config.operation_timeout,
+        );
+        let set = InFlightSet::new(cfg.max_in_flight_per_partition, self.limit.clone())
+            .max_tracked(cfg.max_tracked_per_partition)
+            .labelled(Self::NAME, &topic);
+        let cancel = running.stop.child_token();
+        let run = LogLoop::new(log, prepared, self.dispatcher.clone(), set, cancel.clone());
+        let in_flight = run.in_flight().clone();
+        let pool_closed = self.pool_closed.clone();
+        let stopped = cancel.clone();
+        // The fetching thread closes the consumer once every loop has ended
+        // (and dropped its handle of it), never before.
+        let done = running.loops_done.clone();
+        let task = tokio::spawn(async move {
+            let _done = done;
+            run.run().await;
+            if !stopped.is_cancelled() {
+                // The loop ended by itself: the pool refuses work.
+                tracing::error!(%topic, "pool refuses work; consumption halted, nothing more is committed");
+                pool_closed.store(true, Ordering::Release);
+            }
+        });
+        Ok(TopicLoop {
+            cancel,
+            task: std::sync::Mutex::new(Some(task)),
+            in_flight,
+        })
     }
 
     fn resubscribe(slot: &ConsumerSlot) -> Result<()> {
@@ -359,8 +440,8 @@ impl Backend {
 }
 
 impl BusBackend for Backend {
-    /// Topics share the one consumer: the table's entry is a marker.
-    type Consumer = ();
+    /// Topics share the one consumer; each has a loop of its own.
+    type Consumer = TopicLoop;
     const NAME: &'static str = "kafka";
 
     async fn publish(&self, topic: &str, record: Record) -> Result<PublishReceipt> {
@@ -404,16 +485,14 @@ impl BusBackend for Backend {
             .await
     }
 
-    async fn start(&self, prepared: Arc<PreparedSubscription>) -> Result<()> {
+    async fn start(&self, prepared: Arc<PreparedSubscription>) -> Result<TopicLoop> {
         let topic = prepared.topic().to_owned();
         let mut slot = self.consumer.lock().await;
         if slot.running.is_none() {
             slot.running = Some(self.start_consumer()?);
         }
-        Self::send_control(&slot, |tx| Control::Subscribe(prepared, tx))
-            .await?
-            .await
-            .map_err(gone)?;
+        let running = slot.running.as_ref().ok_or_else(consumer_gone)?;
+        let topic_loop = self.start_loop(running, prepared).await?;
         slot.topics.insert(topic.clone());
         if slot.joined
             || self
@@ -426,54 +505,51 @@ impl BusBackend for Backend {
         } else {
             tracing::info!(%topic, "subscribed; joining the group once every declared topic has a handler");
         }
-        Ok(())
+        Ok(topic_loop)
     }
 
-    /// Stop handling `topic` once its partitions are revoked: the dispatch loop
-    /// hands their work over (drain, fence, wait, store the watermark) first.
+    /// Stop handling `topic`: its loop hands its partitions over (drain, fence,
+    /// wait, store the watermark), then the consumer drops the topic from its
+    /// subscription (librdkafka commits the stored offsets as it revokes them).
     fn stop(
         &self,
         topic: &Arc<str>,
-        _: Arc<()>,
+        topic_loop: Arc<TopicLoop>,
     ) -> impl Future<Output = Result<()>> + Send + 'static + use<> {
         let slot = self.consumer.clone();
         let topic = topic.to_string();
         async move {
-            let released = {
-                let mut slot = slot.lock().await;
-                slot.topics.remove(&topic);
-                let rx = Self::send_control(&slot, |tx| Control::Unsubscribe(topic, tx)).await?;
-                if slot.joined {
-                    Self::resubscribe(&slot)?;
-                }
-                rx
-            };
-            let _ = released.await;
+            topic_loop.stop(&topic).await;
+            let mut slot = slot.lock().await;
+            slot.topics.remove(&topic);
+            if let Some(running) = &slot.running {
+                running.shared.shares.remove(&topic);
+            }
+            if slot.joined {
+                Self::resubscribe(&slot)?;
+            }
             Ok(())
         }
     }
 
-    /// Close the consumer: the dispatch loop drains, fences, waits and commits
-    /// every partition (see `consumer.rs`), then the fetching thread leaves the
-    /// group.
-    async fn stop_all(&self, _: Vec<(Arc<str>, Arc<()>)>) -> () {
+    /// Close the consumer: every topic's loop drains, fences, waits and
+    /// commits its partitions, then the fetching thread leaves the group.
+    async fn stop_all(&self, loops: Vec<(Arc<str>, Arc<TopicLoop>)>) {
         let running = self.consumer.lock().await.running.take();
-        if let Some(mut r) = running {
-            r.fetch_stop.store(true, Ordering::Release);
-            r.stop.cancel();
-            let (task, thread) = (r.loop_task.take(), r.thread.take());
-            // The bus's handle of the consumer goes first: the last one, whose
-            // drop closes the consumer, is then the fetching thread's, which
-            // bounds that close (never this task, which must not block).
-            drop(r);
-            if let Some(task) = task {
-                if let Err(e) = task.await {
-                    tracing::error!(error = %e, "kafka dispatch loop failed");
-                }
-            }
-            if let Some(t) = thread {
-                let _ = tokio::task::spawn_blocking(move || t.join()).await;
-            }
+        let Some(mut r) = running else {
+            return;
+        };
+        r.stop.cancel();
+        futures::future::join_all(loops.iter().map(|(topic, l)| l.stop(topic))).await;
+        r.fetch_stop.store(true, Ordering::Release);
+        let (done, thread) = (r.loops_done.take(), r.thread.take());
+        drop(done);
+        // The bus's handle of the consumer goes first: the last one, whose
+        // drop closes the consumer, is then the fetching thread's, which
+        // bounds that close (never this task, which must not block).
+        drop(r);
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
 
@@ -495,7 +571,7 @@ impl BusBackend for Backend {
         }
     }
 
-    async fn health<'a>(&'a self, _: &'a Consumers<()>) -> Vec<ComponentHealth> {
+    async fn health<'a>(&'a self, _: &'a Consumers<TopicLoop>) -> Vec<ComponentHealth> {
         let mut components = Vec::new();
         let producer = self.producer.clone();
         let timeout = self.config.operation_timeout.min(Duration::from_secs(5));
@@ -578,13 +654,19 @@ impl BusBackend for Backend {
         components
     }
 
-    async fn lag<'a>(&'a self, _: &'a Consumers<()>) -> Vec<CorePartitionLag> {
+    async fn lag<'a>(&'a self, loops: &'a Consumers<TopicLoop>) -> Vec<CorePartitionLag> {
         match self.partition_lag().await {
             Ok(lags) => lags
                 .into_iter()
                 .map(|l| {
+                    let in_flight = loops
+                        .iter()
+                        .find(|(t, _)| **t == *l.topic)
+                        .and_then(|(_, tl)| tl.in_flight.get(usize::try_from(l.partition).ok()?))
+                        .map_or(0, |n| n.load(Ordering::Relaxed));
                     CorePartitionLag::new(l.topic, l.partition, l.lag.max(0) as u64)
                         .committed(l.committed)
+                        .in_flight(in_flight)
                 })
                 .collect(),
             Err(e) => {

@@ -418,8 +418,9 @@ pub struct KafkaConfig {
     /// confirmation) and of the group leave after it, default 10s.
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
-    /// Capacity of the queue between the fetching thread and the dispatch loop,
-    /// default 256 messages.
+    /// Records of one topic polled and not yet taken by its consume loop, at
+    /// most (past it the fetching thread waits up to 50 ms for room, then
+    /// pauses the partition at the consumer), default 256 messages.
     pub fetch_buffer: usize,
     /// Raw librdkafka properties for every client, applied last (escape hatch).
     pub properties: BTreeMap<String, String>,

@@ -1,21 +1,20 @@
 //! librdkafka callbacks: logs and errors to `tracing`, and the consumer's
 //! rebalance and commit callbacks.
 
-use eventbus_core::raw::Scope;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 use crate::finished::read_committed;
 use crate::metrics as km;
-use crate::shared::{ConsumerShared, FetchEvent, Owned, Revoking, Transition};
+use crate::shared::ConsumerShared;
 
 fn log_to_tracing(client: &str, level: RDKafkaLogLevel, fac: &str, msg: &str) {
     match level {
@@ -67,7 +66,6 @@ pub(crate) type KConsumer = BaseConsumer<ConsumerCtx>;
 
 /// Consumer callbacks.
 pub(crate) struct ConsumerCtx {
-    pub(crate) events: mpsc::Sender<FetchEvent>,
     pub(crate) shared: Arc<ConsumerShared>,
     /// Counts hand-over overruns and lost assignments in the bus's metrics.
     pub(crate) dispatcher: eventbus_core::raw::Dispatcher,
@@ -120,86 +118,59 @@ impl ClientContext for ConsumerCtx {
     }
 }
 
-/// How often a revoke callback that stopped waiting for the loop looks again
-/// whether the revoked partitions' handlers are idle.
-const HAND_OFF_POLL: Duration = Duration::from_millis(1);
+/// How long a revoke callback waits for the loops past their own bound (the
+/// drain and hand-over timeouts from when a loop reads the revoke): the time a
+/// loop may take to read it.
+const REVOKE_MARGIN: Duration = Duration::from_millis(500);
 
 impl ConsumerCtx {
     /// Partitions taken away. Runs on the fetching thread (never inside the async
-    /// runtime), and returns within `drain_timeout + handover_timeout` whatever the
-    /// loop and the pool do: librdkafka is not polled meanwhile.
+    /// runtime), and returns within `drain_timeout + handover_timeout` and a
+    /// margin whatever the loops and the pool do: librdkafka is not polled
+    /// meanwhile.
     fn revoke(&self, consumer: &BaseConsumer<Self>, parts: Vec<(String, i32)>) {
-        let owned = self.shared.take_scopes(parts);
-        self.shared.drop_polled(&owned);
+        let shares = self.shared.shares.group(&parts);
         if consumer.assignment_lost() {
             // Evicted (session timeout, poll interval overrun): another member may
             // own these already. Fence at once; commit nothing.
-            owned.iter().for_each(|(_, _, s)| s.fence());
             self.shared
                 .assignments_lost
-                .fetch_add(owned.len() as u64, Ordering::Relaxed);
-            for (topic, _, _) in &owned {
-                self.dispatcher.count_assignment_lost(topic);
+                .fetch_add(parts.len() as u64, Ordering::Relaxed);
+            // Each loop counts its partitions lost as it drops them.
+            for (share, ps) in &shares {
+                share.take_away(ps);
             }
             tracing::warn!(
-                partitions = owned.len(),
+                partitions = parts.len(),
                 "assignment lost: work of these partitions fenced, nothing committed"
             );
-            self.shared.push_transition(Transition::Lost(owned));
             return;
         }
         let started = Instant::now();
-        let drain_until = started + self.drain_timeout;
-        let until = drain_until + self.handover_timeout;
-        let (reply, rx) = std_mpsc::sync_channel(1);
-        // The loop reads transitions before anything else and never waits on the
-        // pool, so it takes this one at once; it is gone only once it has ended.
-        let sent = !self.events.is_closed();
-        if sent {
-            self.shared.push_transition(Transition::Revoke(Revoking {
-                owned: owned.clone(),
-                drain_until,
-                until,
-                reply,
-            }));
-        }
-        if sent
-            && rx
-                .recv_timeout(drain_until.saturating_duration_since(Instant::now()))
-                .is_ok()
-        {
-            return;
-        }
-        // The drain time is up. The loop fences too when it carries the revoke
-        // out; raise the fence here, on time, whatever the loop is doing.
-        owned.iter().for_each(|(_, _, s)| s.fence());
-        // Running handlers get the hand-over time; the loop, once it has the
-        // revoke, stores the watermarks and answers. Idle as in the hand-over's
-        // step 3: no job of the partitions started and not yet settled, so a
-        // message whose handler returned is stored, not read again by the next
-        // owner.
-        let idle = loop {
-            if sent && rx.try_recv().is_ok() {
-                return;
+        let until = started + self.drain_timeout + self.handover_timeout + REVOKE_MARGIN;
+        // Every topic's loop hands its partitions over at once; the callback
+        // waits for them all.
+        let waiting: Vec<_> = shares
+            .into_iter()
+            .map(|(share, ps)| {
+                let w = share.revoke(&ps);
+                (share, w)
+            })
+            .collect();
+        for (share, w) in waiting {
+            if w.is_empty() || share.wait_released(&w, until) {
+                continue;
             }
-            let idle = owned.iter().all(|(_, _, s)| s.unsettled() == 0);
-            if (idle && !sent) || Instant::now() >= until {
-                break idle;
-            }
-            std::thread::sleep(HAND_OFF_POLL);
-        };
-        if !idle {
+            // The loop did not answer in time: its work of these partitions is
+            // fenced here, and they leave.
+            share.take_away(&w);
             self.shared
                 .handover_overruns
                 .fetch_add(1, Ordering::Relaxed);
-            for (topic, _, s) in &owned {
-                if s.running() > 0 {
-                    self.dispatcher.count_handover_overrun(topic);
-                }
-            }
+            self.dispatcher.count_handover_overrun(&share.topic);
+            tracing::warn!(topic = %share.topic, partitions = ?w, waited = ?started.elapsed(),
+                "the consume loop did not finish the revoke in time; work fenced, partitions released");
         }
-        tracing::warn!(partitions = owned.len(), waited = ?started.elapsed(), handlers_idle = idle,
-            "dispatch loop did not finish the revoke in time; work fenced, partitions released");
     }
 }
 
@@ -250,9 +221,10 @@ impl ConsumerContext for ConsumerCtx {
                     return;
                 }
                 if self.shared.closing.load(Ordering::Acquire) {
-                    // The loop has ended and handed everything over already.
-                    let owned = self.shared.take_scopes(parts);
-                    owned.iter().for_each(|(_, _, s)| s.fence());
+                    // The loops have ended and handed everything over already.
+                    for (share, ps) in self.shared.shares.group(&parts) {
+                        share.take_away(&ps);
+                    }
                     return;
                 }
                 self.revoke(consumer, parts);
@@ -270,27 +242,19 @@ impl ConsumerContext for ConsumerCtx {
             if parts.is_empty() || self.shared.closing.load(Ordering::Acquire) {
                 return;
             }
-            let owned: Vec<Owned> = {
-                let mut scopes = self.shared.scopes.lock().unwrap_or_else(|p| p.into_inner());
-                parts
-                    .into_iter()
-                    .map(|(t, p)| {
-                        let scope = Scope::new();
-                        if let Some(old) = scopes.insert((t.clone(), p), scope.clone()) {
-                            old.fence();
-                        }
-                        (t, p, scope)
-                    })
-                    .collect()
-            };
             // The committed offsets with their finished offsets, read before
             // the partitions' first messages are fetched (this thread fetches
             // them), within the hand-over timeout.
-            let committed = read_committed(consumer, tpl, self.handover_timeout);
-            if self.shared.flush_batch(&self.events) {
-                let _ = self
-                    .events
-                    .blocking_send(FetchEvent::Assigned(owned, committed));
+            let mut committed = read_committed(consumer, tpl, self.handover_timeout);
+            for (share, ps) in self.shared.shares.group(&parts) {
+                let mine: HashMap<i32, (i64, Vec<u8>)> = ps
+                    .iter()
+                    .filter_map(|p| {
+                        let c = committed.remove(&(share.topic.to_string(), *p))?;
+                        Some((*p, c))
+                    })
+                    .collect();
+                share.assign(&ps, mine);
             }
         }
     }

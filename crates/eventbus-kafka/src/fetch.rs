@@ -1,8 +1,10 @@
 //! The fetching thread: it owns the polling of the consumer, turns records into
-//! [`Message`]s and hands them to the dispatch loop in batches over one bounded
-//! channel (the hand-off state is [`ConsumerShared`]'s), so the loop sees them
-//! in fetch order. Rebalance callbacks run on this thread. At stop it waits for
-//! the loop, then closes the consumer ([`leave_group`]).
+//! [`Message`]s and queues each on its topic's share
+//! ([`TopicShare`](crate::group::TopicShare)), which wakes that topic's loop.
+//! Rebalance callbacks run on this thread. It never waits long on a loop: a
+//! record its share has no room for waits a moment for it ([`ROOM_WAIT`]),
+//! then is queued anyway and its partition paused at the consumer. At stop it
+//! waits for the loops, then closes the consumer ([`leave_group`]).
 
 use eventbus_core::raw::ByteChunks;
 use eventbus_core::Message;
@@ -13,56 +15,30 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 use crate::close::leave_group;
 use crate::context::KConsumer;
-use crate::shared::{ConsumerShared, FetchEvent};
+use crate::log::ROOM_WAIT;
+use crate::shared::ConsumerShared;
 
 /// How long one poll of the consumer blocks the fetching thread.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Most messages the fetching thread hands over at once. It polls without waiting
-/// while librdkafka has messages ready, so a batch only forms under load and a lone
-/// message is handed over at once; one hand-over per batch instead of per message
-/// spares the wake-ups between the thread and the loop.
-pub(crate) const FETCH_BATCH: usize = 64;
-
-/// The fetching thread: polls the consumer until `stop`, then waits for the dispatch
-/// loop to finish (`loop_done` disconnects) and closes the consumer on this thread.
-///
-/// Messages travel to the loop in batches of at most [`FETCH_BATCH`], and at most
-/// the channel's capacity of messages are between this thread and the loop at any
-/// time ([`ConsumerShared::fetch_room`]).
+/// The fetching thread: polls the consumer until `stop`, then waits for the
+/// consume loops to finish (`loops_done` disconnects) and closes the consumer
+/// on this thread.
 pub(crate) fn fetch_thread(
     consumer: Arc<KConsumer>,
-    events: mpsc::Sender<FetchEvent>,
     shared: Arc<ConsumerShared>,
     stop: Arc<AtomicBool>,
-    loop_done: std_mpsc::Receiver<()>,
+    loops_done: std_mpsc::Receiver<()>,
     close_timeout: Duration,
 ) {
-    let capacity = events.max_capacity();
-    shared.fetch_room.add_permits(capacity);
-    let batch_max = FETCH_BATCH.min(capacity).max(1);
     let mut names: HashMap<String, Arc<str>> = HashMap::new();
     let mut chunks = ByteChunks::default();
-    let mut pending = 0usize;
     while !stop.load(Ordering::Acquire) {
-        let wait = if pending == 0 {
-            POLL_INTERVAL
-        } else {
-            Duration::ZERO
-        };
-        match consumer.poll(wait) {
-            None => {
-                if pending > 0 {
-                    pending = 0;
-                    if !shared.flush_batch(&events) {
-                        break;
-                    }
-                }
-            }
+        match consumer.poll(POLL_INTERVAL) {
+            None => {}
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
                 shared.fatal_error(consumer.client().fatal_error().map_or_else(
@@ -74,33 +50,18 @@ pub(crate) fn fetch_thread(
             Some(Ok(m)) => {
                 let msg = convert(&m, &mut names, &mut chunks);
                 drop(m);
-                let len = {
-                    let mut batch = shared.batch.lock().unwrap_or_else(|p| p.into_inner());
-                    if batch.capacity() == 0 {
-                        batch.reserve_exact(batch_max);
-                    }
-                    batch.push(msg);
-                    batch.len()
+                // A topic no loop consumes (any more): its record is read again
+                // by whoever consumes it next.
+                let Some(share) = shared.shares.get(&msg.topic) else {
+                    continue;
                 };
-                // A rebalance callback may have handed earlier messages over.
-                pending = len;
-                if len >= batch_max {
-                    pending = 0;
-                    if !shared.flush_batch(&events) {
-                        break;
-                    }
-                }
+                share.wait_room(msg.partition, ROOM_WAIT);
+                share.push(msg);
             }
         }
     }
-    // Stop fetching; let the loop drain and commit, then leave the group here.
-    shared
-        .batch
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clear();
-    drop(events);
-    let _ = loop_done.recv();
+    // Stop fetching; let the loops drain and commit, then leave the group here.
+    let _ = loops_done.recv();
     shared.closing.store(true, Ordering::Release);
     leave_group(consumer, close_timeout);
 }

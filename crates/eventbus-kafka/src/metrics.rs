@@ -4,8 +4,6 @@
 use eventbus_core::metrics as m;
 use std::sync::LazyLock;
 
-static PARTITION_IN_FLIGHT: LazyLock<String> =
-    LazyLock::new(|| m::name("kafka", m::PARTITION_IN_FLIGHT));
 static PARTITION_COMMITTED: LazyLock<String> =
     LazyLock::new(|| m::name("kafka", m::PARTITION_COMMITTED));
 static PARTITION_PAUSES: LazyLock<String> =
@@ -16,11 +14,6 @@ static COMMIT_ERRORS: LazyLock<String> =
 pub(crate) fn committed_offset(topic: &str, partition: i32, offset: i64) {
     metrics::gauge!(PARTITION_COMMITTED.as_str(), "topic" => topic.to_owned(), "partition" => partition.to_string())
         .set(offset as f64);
-}
-
-pub(crate) fn in_flight(topic: &str, partition: i32, n: usize) {
-    metrics::gauge!(PARTITION_IN_FLIGHT.as_str(), "topic" => topic.to_owned(), "partition" => partition.to_string())
-        .set(n as f64);
 }
 
 pub(crate) fn pause() {

@@ -17,7 +17,6 @@ pub async fn eventually<F: Future<Output = bool>>(
     mut cond: impl FnMut() -> F,
 ) {
     let deadline = tokio::time::Instant::now() + limit;
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
     loop {
         if cond().await {
             return;
@@ -26,6 +25,11 @@ pub async fn eventually<F: Future<Output = bool>>(
             tokio::time::Instant::now() < deadline,
             "timed out after {limit:?} waiting for: {what}"
         );
-        tick.tick().await;
+        // A pause after each look, however long the look took: an interval
+        // behind its ticks answers at once, never giving the task back to the
+        // runtime, and a condition that blocks on a future of the runtime
+        // (`block_on` of a tokio lock, say) then finds the task's cooperative
+        // budget spent and spins for ever.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

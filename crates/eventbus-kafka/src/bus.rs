@@ -12,7 +12,7 @@ use eventbus_core::raw::{
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
@@ -142,44 +142,15 @@ impl Backend {
             }
         };
         let timeout = self.config.operation_timeout;
-        let broker = |what: &str, e: rdkafka::error::KafkaError| {
-            Error::new(ErrorKind::Broker, format!("lag: cannot read {what}")).with_source(e)
-        };
+        let group = self.dispatcher.config().consumer.group_id.clone();
         tokio::task::spawn_blocking(move || {
-            let assignment = consumer
-                .assignment()
-                .map_err(|e| broker("the assignment", e))?;
+            let assignment = consumer.assignment().map_err(|e| {
+                Error::new(ErrorKind::Broker, "lag: cannot read the assignment").with_source(e)
+            })?;
             if assignment.count() == 0 {
                 return Ok(Vec::new());
             }
-            let committed = consumer
-                .committed_offsets(assignment, timeout)
-                .map_err(|e| broker("committed offsets", e))?;
-            let mut out = Vec::new();
-            for e in committed.elements() {
-                let (low, high) = consumer
-                    .fetch_watermarks(e.topic(), e.partition(), timeout)
-                    .map_err(|err| {
-                        broker(
-                            &format!("watermarks of {}/{}", e.topic(), e.partition()),
-                            err,
-                        )
-                    })?;
-                let committed = match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                };
-                let lag = (high - committed.unwrap_or(low)).max(0);
-                out.push(KafkaPartitionLag {
-                    topic: e.topic().to_owned(),
-                    partition: e.partition(),
-                    high_watermark: high,
-                    committed,
-                    lag,
-                });
-            }
-            out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-            Ok(out)
+            crate::inspect::partition_lags(&consumer, assignment, &group, timeout)
         })
         .await
         .map_err(|e| Error::new(ErrorKind::Unavailable, "lag task failed").with_source(e))?

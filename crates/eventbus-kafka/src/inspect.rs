@@ -5,13 +5,13 @@
 //! `kafka-consumer-groups --describe` does) against each partition's end (high
 //! watermark), from a client that never joins the group: end minus committed,
 //! from the low watermark where nothing is committed. `KafkaEventBus::lag` is a
-//! member's own view of the partitions it owns; this is the same arithmetic for
-//! every partition, from outside.
+//! member's own view of the partitions it owns, by the same arithmetic
+//! ([`partition_lags`]).
 
 use eventbus_core::inspect::{Access, GroupLag, Inspect, LagColumn};
 use eventbus_core::redrive::DeadLetterId;
 use eventbus_core::{Error, ErrorKind, Result};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -19,6 +19,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
+use crate::bus::KafkaPartitionLag;
 use crate::config::KafkaConfig;
 use crate::context::TracingContext;
 use crate::redrive::DeadLetterPosition;
@@ -158,13 +159,46 @@ fn rows(
             None => Ok(Vec::new()),
         };
     }
-    let committed = consumer.committed_offsets(wanted, timeout).map_err(|e| {
-        broker_error(
-            format!("cannot read the committed offsets of group {group:?}"),
-            e,
-        )
-    })?;
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = partition_lags(&consumer, wanted, group, timeout)?
+        .into_iter()
+        .map(|l| Row {
+            topic: l.topic,
+            partition: l.partition,
+            committed: l.committed,
+            end: l.high_watermark,
+            lag: l.lag,
+        })
+        .collect();
+    if topic.is_none() {
+        let consumed: BTreeSet<String> = rows
+            .iter()
+            .filter(|r| r.committed.is_some())
+            .map(|r| r.topic.clone())
+            .collect();
+        rows.retain(|r| consumed.contains(&r.topic));
+    }
+    Ok(rows)
+}
+
+/// The lag of `group` on each of `partitions`, read through `consumer` (a
+/// member of the group or not), by topic and partition: the committed offset
+/// against the high watermark, from the low watermark where nothing is
+/// committed.
+pub(crate) fn partition_lags<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: TopicPartitionList,
+    group: &str,
+    timeout: Duration,
+) -> Result<Vec<KafkaPartitionLag>> {
+    let committed = consumer
+        .committed_offsets(partitions, timeout)
+        .map_err(|e| {
+            broker_error(
+                format!("cannot read the committed offsets of group {group:?}"),
+                e,
+            )
+        })?;
+    let mut lags = Vec::new();
     for e in committed.elements() {
         let (low, high) = consumer
             .fetch_watermarks(e.topic(), e.partition(), timeout)
@@ -178,22 +212,14 @@ fn rows(
             Offset::Offset(o) => Some(o),
             _ => None,
         };
-        rows.push(Row {
+        lags.push(KafkaPartitionLag {
             topic: e.topic().to_owned(),
             partition: e.partition(),
+            high_watermark: high,
             committed,
-            end: high,
             lag: (high - committed.unwrap_or(low)).max(0),
         });
     }
-    if topic.is_none() {
-        let consumed: BTreeSet<String> = rows
-            .iter()
-            .filter(|r| r.committed.is_some())
-            .map(|r| r.topic.clone())
-            .collect();
-        rows.retain(|r| consumed.contains(&r.topic));
-    }
-    rows.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-    Ok(rows)
+    lags.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok(lags)
 }

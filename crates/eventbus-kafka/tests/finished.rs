@@ -112,11 +112,16 @@ async fn metadata_refused_as_too_large_is_dropped_and_the_commits_go_on() {
 }
 
 /// A rebalance in the middle: a slow message holds the commit point of each of
-/// two partitions while everything else finishes; a second member joins and
-/// takes a partition over (a revoke, committing the finished offsets within
-/// it), then the first member leaves and the second takes the other (a
-/// close). Each time the new owner runs only the held message and the
-/// messages of its aggregate behind it, nothing finished before.
+/// two partitions while everything else finishes and is committed above it; a
+/// second member joins and takes a partition over (a revoke), then the first
+/// member leaves and the second takes the other (a close). Each time the new
+/// owner runs only the held message and the messages of its aggregate behind
+/// it, nothing finished before.
+///
+/// The second member joins once the finished offsets are in the group: one
+/// joining earlier races the first member's commit of them, which the mock
+/// cluster refuses while the group is joining, and which the first member then
+/// leaves to its revoke ([`a_revoke_commits_the_finished_offsets_it_hands_over`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
     let (n, keys) = (200u64, 20u64);
@@ -130,6 +135,12 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
     } = &setup;
     // Per partition, the messages behind its held first one: its aggregate's.
     let behind = setup.hold_the_fronts(Hold::Fails).await;
+    wait_until(
+        "the first member commits the offsets finished above each held front",
+        WAIT,
+        || (0..2).all(|p| setup.finished_in_group(p) == setup.finished_above_front(p)),
+    )
+    .await;
 
     let b = setup.next();
     subscribe(&b, topic, checker, handled, Hold::Nothing).await;
@@ -154,6 +165,60 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
         "ran again after a hand-over although finished before it: {again:?}"
     );
     b.close().await.unwrap();
+}
+
+/// A revoke carries the offsets finished above a held commit point to the
+/// next owner itself: the first member commits nothing on its own meanwhile
+/// (its commit interval outlasts the test), so only its hand-over's commit
+/// can. The member that takes the partition over runs the held aggregate's
+/// messages and nothing else of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_commits_the_finished_offsets_it_hands_over() {
+    let (n, keys) = (200u64, 20u64);
+    let setup = Setup::new(Cluster::mock(1), "finished-revoke", 2, n, keys).await;
+    let mut quiet = setup.cfg.clone();
+    quiet.consumer.commit_interval = Duration::from_secs(3600);
+    let a = setup.member(quiet);
+    let behind = setup.hold_the_fronts_on(&a, Hold::Fails).await;
+    assert_eq!(
+        (setup.finished_in_group(0), setup.finished_in_group(1)),
+        (0, 0),
+        "nothing committed before the revoke"
+    );
+    let Setup {
+        checker,
+        handled,
+        topic,
+        cluster,
+        group,
+        ..
+    } = &setup;
+    let b = setup.next();
+    subscribe(&b, topic, checker, handled, Hold::Nothing).await;
+    let taken_over = |p: i32| {
+        setup.all_handled(p, &behind[p as usize])
+            && cluster.committed(group, topic, p) == Some(setup.end_of(p))
+    };
+    wait_until(
+        "the joining member takes a partition over, finishes and commits it",
+        WAIT,
+        || taken_over(0) || taken_over(1),
+    )
+    .await;
+    let p = if taken_over(0) { 0 } else { 1 };
+    let again: Vec<i64> = handled
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|((q, _), t)| *q == p && **t > 1)
+        .map(|((_, o), _)| *o)
+        .collect();
+    assert!(
+        again.is_empty(),
+        "partition {p} ran again after the revoke although finished before it: {again:?}"
+    );
+    b.close().await.unwrap();
+    a.close().await.unwrap();
 }
 
 /// librdkafka commits a stored watermark on its own every commit interval

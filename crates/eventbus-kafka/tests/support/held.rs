@@ -107,7 +107,11 @@ impl Setup {
         handover: Duration,
     ) -> Self {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            // Warnings by default: a failure shows what the members saw.
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
             .with_test_writer()
             .try_init();
         let topic = crate::cluster::random(prefix);
@@ -159,6 +163,16 @@ impl Setup {
     /// aggregates is handled; returns, per partition, the offsets behind its
     /// held first message ([`behind_first`](Self::behind_first)).
     pub(crate) async fn hold_the_fronts(&self, hold: Hold) -> Vec<Vec<i64>> {
+        self.hold_the_fronts_on(&self.first, hold).await
+    }
+
+    /// As [`hold_the_fronts`](Self::hold_the_fronts), with `bus` as the first
+    /// member.
+    pub(crate) async fn hold_the_fronts_on(
+        &self,
+        bus: &KafkaEventBus,
+        hold: Hold,
+    ) -> Vec<Vec<i64>> {
         let partitions = self
             .placed
             .iter()
@@ -167,7 +181,7 @@ impl Setup {
             .unwrap_or(0);
         let behind: Vec<Vec<i64>> = (0..partitions).map(|p| self.behind_first(p)).collect();
         let held = behind.iter().map(Vec::len).sum::<usize>();
-        subscribe(&self.first, &self.topic, &self.checker, &self.handled, hold).await;
+        subscribe(bus, &self.topic, &self.checker, &self.handled, hold).await;
         wait_until(
             "every message but the held aggregates' handled",
             WAIT,
@@ -207,7 +221,47 @@ impl Setup {
 
     /// A second member's bus.
     pub(crate) fn next(&self) -> KafkaEventBus {
-        KafkaEventBus::new(self.cluster.kafka_config(), self.cfg.clone(), keyed_pool(4)).unwrap()
+        self.member(self.cfg.clone())
+    }
+
+    /// A member's bus with `cfg` (the setup's, changed).
+    pub(crate) fn member(&self, cfg: eventbus_core::BusConfig) -> KafkaEventBus {
+        KafkaEventBus::new(self.cluster.kafka_config(), cfg, keyed_pool(4)).unwrap()
+    }
+
+    /// The offsets of partition `p` finished above its held first message:
+    /// every one of its messages but those of that message's aggregate.
+    pub(crate) fn finished_above_front(&self, p: i32) -> u64 {
+        let all = self.placed.iter().filter(|(_, q, _)| *q == p).count();
+        (all - self.behind_first(p).len()) as u64
+    }
+
+    /// How many finished offsets the group's commit of partition `p` carries
+    /// (0 without a commit, or with metadata that is not finished offsets).
+    pub(crate) fn finished_in_group(&self, p: i32) -> u64 {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, p);
+        let got = client(&self.cluster, &self.group)
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        let Some(e) = got.find_partition(&self.topic, p) else {
+            return 0;
+        };
+        let Offset::Offset(offset) = e.offset() else {
+            return 0;
+        };
+        eventbus_core::raw::finished::decode(e.metadata().as_bytes(), offset, None)
+            .map_or(0, |f| f.offsets())
+    }
+
+    /// The end of partition `p`: one past its last message.
+    pub(crate) fn end_of(&self, p: i32) -> i64 {
+        self.placed
+            .iter()
+            .filter(|(_, q, _)| *q == p)
+            .map(|(_, _, o)| o + 1)
+            .max()
+            .unwrap_or(0)
     }
 
     /// One partition (the setup's must have one): its first message (of

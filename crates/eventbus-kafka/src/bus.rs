@@ -27,30 +27,10 @@ use crate::config::KafkaConfig;
 use crate::context::{rebalances_incrementally, ConsumerCtx, KConsumer, TracingContext};
 use crate::fetch::fetch_thread;
 use crate::group::{FetchControl, TopicShare};
+use crate::lag::{partition_lags, KafkaPartitionLag};
 use crate::log::KafkaLog;
 use crate::publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 use crate::shared::ConsumerShared;
-
-/// Lag of one partition owned by this bus's consumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct KafkaPartitionLag {
-    /// Topic.
-    pub topic: String,
-    /// Partition.
-    pub partition: i32,
-    /// Offset after the last record in the partition.
-    pub high_watermark: i64,
-    /// The group's committed offset (next offset to consume), if any.
-    pub committed: Option<i64>,
-    /// `high_watermark - committed` (from the low watermark without a commit).
-    pub lag: i64,
-}
-
-/// The former name of [`KafkaPartitionLag`], which the bus-wide
-/// `eventbus_core::raw::PartitionLag` shared.
-#[deprecated(note = "renamed KafkaPartitionLag: core has a PartitionLag of its own")]
-pub type PartitionLag = KafkaPartitionLag;
 
 struct Running {
     consumer: Arc<KConsumer>,
@@ -150,7 +130,7 @@ impl Backend {
             if assignment.count() == 0 {
                 return Ok(Vec::new());
             }
-            crate::inspect::partition_lags(&consumer, assignment, &group, timeout)
+            partition_lags(&consumer, assignment, &group, timeout)
         })
         .await
         .map_err(|e| Error::new(ErrorKind::Unavailable, "lag task failed").with_source(e))?

@@ -6,22 +6,22 @@
 //! watermark), from a client that never joins the group: end minus committed,
 //! from the low watermark where nothing is committed. `KafkaEventBus::lag` is a
 //! member's own view of the partitions it owns, by the same arithmetic
-//! ([`partition_lags`]).
+//! ([`partition_lags`](crate::lag::partition_lags)).
 
 use eventbus_core::inspect::{Access, GroupLag, Inspect, LagColumn};
 use eventbus_core::redrive::DeadLetterId;
 use eventbus_core::{Error, ErrorKind, Result};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::bus::KafkaPartitionLag;
 use crate::config::KafkaConfig;
 use crate::context::TracingContext;
+use crate::lag::partition_lags;
 use crate::redrive::DeadLetterPosition;
 
 /// One partition of a group's lag.
@@ -178,48 +178,4 @@ fn rows(
         rows.retain(|r| consumed.contains(&r.topic));
     }
     Ok(rows)
-}
-
-/// The lag of `group` on each of `partitions`, read through `consumer` (a
-/// member of the group or not), by topic and partition: the committed offset
-/// against the high watermark, from the low watermark where nothing is
-/// committed.
-pub(crate) fn partition_lags<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    partitions: TopicPartitionList,
-    group: &str,
-    timeout: Duration,
-) -> Result<Vec<KafkaPartitionLag>> {
-    let committed = consumer
-        .committed_offsets(partitions, timeout)
-        .map_err(|e| {
-            broker_error(
-                format!("cannot read the committed offsets of group {group:?}"),
-                e,
-            )
-        })?;
-    let mut lags = Vec::new();
-    for e in committed.elements() {
-        let (low, high) = consumer
-            .fetch_watermarks(e.topic(), e.partition(), timeout)
-            .map_err(|err| {
-                broker_error(
-                    format!("cannot read the end of {}/{}", e.topic(), e.partition()),
-                    err,
-                )
-            })?;
-        let committed = match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        };
-        lags.push(KafkaPartitionLag {
-            topic: e.topic().to_owned(),
-            partition: e.partition(),
-            high_watermark: high,
-            committed,
-            lag: (high - committed.unwrap_or(low)).max(0),
-        });
-    }
-    lags.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-    Ok(lags)
 }

@@ -9,6 +9,7 @@ mod fetch;
 mod finished;
 mod group;
 mod inspect;
+mod lag;
 mod log;
 pub mod metric_names;
 mod metrics;
@@ -18,12 +19,13 @@ mod redrive;
 mod secret;
 mod shared;
 
-#[allow(deprecated)]
-pub use bus::{KafkaEventBus, KafkaPartitionLag, PartitionLag};
+pub use bus::KafkaEventBus;
 pub use config::{
     Acks, AssignmentStrategy, Compression, GroupProtocol, KafkaConfig, ProducerSettings,
     SecurityConfig, SecurityProtocol, GROUP_PROTOCOL_VARIABLE, INSTANCE_ID_VARIABLE,
 };
+#[allow(deprecated)]
+pub use lag::{KafkaPartitionLag, PartitionLag};
 pub use probe::{probe, KafkaProbe};
 pub use publish::{Delivery, KafkaDeadLetterSink, KafkaProducer};
 pub use redrive::DeadLetterPosition;

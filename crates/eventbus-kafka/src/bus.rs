@@ -239,18 +239,17 @@ impl Backend {
             fetch,
         ));
         running.shared.shares.insert(share.clone());
-        let cancel = running.stop.child_token();
         let log = KafkaLog::new(
             share,
             running.consumer.clone(),
             running.shared.clone(),
             partitions,
             self.config.operation_timeout,
-            cancel.clone(),
         );
         let set = InFlightSet::new(cfg.max_in_flight_per_partition, self.limit.clone())
             .max_tracked(cfg.max_tracked_per_partition)
             .labelled(Self::NAME, &topic);
+        let cancel = running.stop.child_token();
         let run = LogLoop::new(log, prepared, self.dispatcher.clone(), set, cancel.clone());
         let in_flight = run.in_flight().clone();
         let pool_closed = self.pool_closed.clone();

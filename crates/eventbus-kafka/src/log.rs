@@ -7,8 +7,7 @@
 //! librdkafka commits every commit interval, on revoke and on close; a commit
 //! librdkafka would not make on its own — back below the group's offset (a
 //! rewind made durable), or the finished offsets alone while the watermark
-//! stays — or would make too late — the finished offsets of a partition being
-//! handed over — runs on a thread of its own ([`commit_on_thread`]): the first call
+//! stays — runs on a thread of its own ([`commit_on_thread`]): the first call
 //! starts it, later ones read its answer, and until it comes the commit is an
 //! error the loop makes again ([`commit_retry`](PartitionLog::commit_retry)).
 //!
@@ -24,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::commit::{commit_on_thread, store_offset, InRebalance, METADATA_TOO_LARGE, REBALANCING};
 use crate::context::KConsumer;
@@ -76,8 +74,6 @@ pub(crate) struct KafkaLog {
     confirmed: HashMap<i32, (i64, String)>,
     /// By partition: the generation of the grant it was taken up under.
     held: HashMap<i32, u64>,
-    /// The loop's stop: once set, every partition is being handed over.
-    stopping: CancellationToken,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -95,7 +91,6 @@ impl KafkaLog {
         shared: Arc<ConsumerShared>,
         partitions: usize,
         operation_timeout: Duration,
-        stopping: CancellationToken,
     ) -> Self {
         Self {
             share,
@@ -107,7 +102,6 @@ impl KafkaLog {
             stored: HashMap::new(),
             confirmed: HashMap::new(),
             held: HashMap::new(),
-            stopping,
         }
     }
 
@@ -333,24 +327,15 @@ impl PartitionLog for KafkaLog {
             }
         }
         let committed = self.committed(partition);
-        let last_stored = self.stored.get(&partition);
         // Back below the group's offset, or the finished offsets alone while
         // the watermark stays: librdkafka commits a stored offset only when it
-        // moved past the one it committed, so these are committed explicitly.
-        // The watermark stays when it is the group's offset, or the offset
-        // stored last: librdkafka may have committed that one already, with
-        // older finished offsets, before its answer reached this loop.
+        // moved forwards, so these are committed explicitly.
         let back = committed.is_some_and(|c| offset < c);
-        let stays = committed == Some(offset) || last_stored.is_some_and(|(o, _)| *o == offset);
-        let metadata_alone = stays && !metadata.is_empty();
-        // Finished offsets of a partition being handed over (a revoke, or the
-        // loop stopping) are in the group before it is released: librdkafka's
-        // own commit as a partition leaves is not awaited, and goes out beside
-        // this member's next join, which a group may answer first and then
-        // refuse the commit.
-        let handing_over = !metadata.is_empty()
-            && (self.stopping.is_cancelled() || self.share.lock().revoking.contains(&partition));
-        let unchanged = last_stored.is_some_and(|(o, m)| *o == offset && m == metadata);
+        let metadata_alone = committed == Some(offset) && !metadata.is_empty();
+        let unchanged = self
+            .stored
+            .get(&partition)
+            .is_some_and(|(o, m)| *o == offset && m == metadata);
         if !unchanged {
             // Stored first: librdkafka's own commits then carry it (and never
             // take a commit back forwards again with an older stored offset).
@@ -363,7 +348,7 @@ impl PartitionLog for KafkaLog {
             );
             self.stored.insert(partition, (offset, metadata.to_owned()));
         }
-        if back || metadata_alone || handing_over {
+        if back || metadata_alone {
             let done = self
                 .confirmed
                 .get(&partition)
@@ -437,162 +422,5 @@ impl Drop for KafkaLog {
     fn drop(&mut self) {
         // A loop task that is aborted leaves nothing waiting on it.
         self.share.end();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::KafkaLog;
-    use crate::context::{ConsumerCtx, KConsumer};
-    use crate::group::TopicShare;
-    use crate::shared::ConsumerShared;
-    use eventbus_core::raw::{Dispatcher, PartitionLog};
-    use eventbus_core::{BusConfig, ErrorKind, Pool};
-    use eventbus_keyed_pool::{KeyedPoolConfig, KeyedWorkerPool};
-    use eventbus_testkit::kafka_cluster::Cluster;
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-    use std::collections::HashMap;
-    use std::sync::Arc;
-    use std::time::Duration;
-    use tokio_util::sync::CancellationToken;
-
-    const WAIT: Duration = Duration::from_secs(30);
-
-    /// A consumer of a new group holding partition 0 of a new topic by a
-    /// manual assignment, with librdkafka's own commits of stored offsets far
-    /// apart (they never come within a test), and the topic's log over it.
-    async fn log_of(cluster: &Cluster) -> (KafkaLog, Arc<KConsumer>, String, String) {
-        let topic = format!("log-commit-{:016x}", fastrand::u64(..));
-        let group = format!("group-{:016x}", fastrand::u64(..));
-        cluster.create_topic(&topic, 1).await;
-        let pool: Arc<dyn Pool> =
-            Arc::new(KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(1)).unwrap());
-        let shared = Arc::new(ConsumerShared::default());
-        let ctx = ConsumerCtx {
-            shared: shared.clone(),
-            dispatcher: Dispatcher::new("kafka", pool, None, BusConfig::default()),
-            drain_timeout: Duration::from_secs(1),
-            handover_timeout: Duration::from_secs(1),
-            cooperative: false,
-        };
-        let consumer: KConsumer = ClientConfig::new()
-            .set("bootstrap.servers", cluster.brokers())
-            .set("group.id", &group)
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.commit.interval.ms", "3600000")
-            .create_with_context(ctx)
-            .expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
-            .unwrap();
-        consumer.assign(&tpl).expect("assign");
-        let consumer = Arc::new(consumer);
-        let share = Arc::new(TopicShare::new(
-            Arc::from(topic.as_str()),
-            16,
-            Box::new(|_, _| {}),
-        ));
-        share.assign(&[0], HashMap::new());
-        let log = KafkaLog::new(
-            share,
-            consumer.clone(),
-            shared,
-            1,
-            WAIT,
-            CancellationToken::new(),
-        );
-        (log, consumer, topic, group)
-    }
-
-    /// The group's committed offset of partition 0 and the metadata with it.
-    fn in_group(cluster: &Cluster, group: &str, topic: &str) -> Option<(i64, String)> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", cluster.brokers())
-            .set("group.id", group)
-            .create()
-            .expect("offset reader");
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, 0);
-        let got = c.committed_offsets(tpl, WAIT).expect("committed offsets");
-        let e = got.elements_for_topic(topic).into_iter().next()?;
-        match e.offset() {
-            Offset::Offset(o) => Some((o, e.metadata().to_owned())),
-            _ => None,
-        }
-    }
-
-    /// Commit until the log answers `Ok`, within a bound.
-    async fn commit_until_ok(log: &mut KafkaLog, generation: u64, offset: i64, metadata: &str) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match log.commit(0, generation, offset, metadata) {
-                Ok(()) => return,
-                Err(e) if e.kind() == ErrorKind::Unavailable => {}
-                Err(e) => panic!("commit of {offset} with {metadata:?} failed: {e}"),
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the commit of {offset} with {metadata:?} was not answered"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn generation(log: &KafkaLog) -> u64 {
-        log.share.lock().granted[&0]
-    }
-
-    /// librdkafka commits the stored offset on its own, and its answer has not
-    /// reached the loop; the loop then stores the same offset with more
-    /// finished offsets above it. librdkafka never commits that one (the
-    /// offset did not move past the one it committed): the log commits it
-    /// itself, and the group holds the newer finished offsets.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn finished_offsets_at_a_watermark_librdkafka_committed_unheard_reach_the_group() {
-        let cluster = Cluster::mock(1);
-        let (mut log, consumer, topic, group) = log_of(&cluster).await;
-        let generation = generation(&log);
-        log.commit(0, generation, 0, "first").expect("stored");
-        let c = consumer.clone();
-        tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync))
-            .await
-            .unwrap()
-            .expect("librdkafka's own commit of the stored offset");
-        assert_eq!(
-            in_group(&cluster, &group, &topic),
-            Some((0, "first".to_owned()))
-        );
-        commit_until_ok(&mut log, generation, 0, "second").await;
-        assert_eq!(
-            in_group(&cluster, &group, &topic),
-            Some((0, "second".to_owned())),
-            "the newer finished offsets did not reach the group"
-        );
-    }
-
-    /// A partition being handed over (asked back by a revoke, or its loop
-    /// stopping): a commit with finished offsets is in the group when the log
-    /// answers `Ok`, not left to librdkafka's commit as the partition leaves.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn finished_offsets_of_a_partition_handed_over_are_in_the_group_when_committed() {
-        let cluster = Cluster::mock(1);
-        for revoke in [true, false] {
-            let (mut log, _consumer, topic, group) = log_of(&cluster).await;
-            let generation = generation(&log);
-            if revoke {
-                log.share.revoke(&[0]);
-            } else {
-                log.stopping.cancel();
-            }
-            commit_until_ok(&mut log, generation, 3, "finished").await;
-            assert_eq!(
-                in_group(&cluster, &group, &topic),
-                Some((3, "finished".to_owned())),
-                "handed over by a {}: the finished offsets were not in the group",
-                if revoke { "revoke" } else { "stop" }
-            );
-        }
     }
 }

@@ -1,28 +1,37 @@
 //! The fetching thread: it owns the polling of the consumer, turns records into
-//! [`Message`]s and queues each on its topic's share
+//! [`Message`]s and queues them on their topic's share
 //! ([`TopicShare`](crate::group::TopicShare)), which wakes that topic's loop.
-//! Rebalance callbacks run on this thread. It never waits long on a loop: a
-//! record its share has no room for waits a moment for it ([`ROOM_WAIT`]),
-//! then is queued anyway and its partition paused at the consumer. At stop it
-//! waits for the loops, then closes the consumer ([`leave_group`]).
+//! Rebalance callbacks run on this thread. Records are handed over in
+//! batches: after a poll that returned one, the thread polls again without
+//! waiting, up to [`POLL_BATCH`] records or until none is ready, then queues
+//! each topic's records under one lock and wakes its loop once. It never waits
+//! long on a loop: a record its share has no room for waits a moment for it
+//! ([`ROOM_WAIT`]), then is queued anyway and its partition paused at the
+//! consumer. At stop it waits for the loops, then closes the consumer
+//! ([`leave_group`]).
 
 use eventbus_core::raw::ByteChunks;
 use eventbus_core::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers as _, Message as _};
-use std::collections::HashMap;
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
 
 use crate::close::leave_group;
 use crate::context::KConsumer;
+use crate::group::{Polled, Shares, TopicShare};
 use crate::log::ROOM_WAIT;
 use crate::shared::ConsumerShared;
 
 /// How long one poll of the consumer blocks the fetching thread.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Records polled in a row, at most, before they are queued on their shares:
+/// enough to make the lock and the wake-up of a loop a small part of a
+/// record's cost, few enough to keep a loop fed while the next are polled.
+const POLL_BATCH: usize = 256;
 
 /// The fetching thread: polls the consumer until `stop`, then waits for the
 /// consume loops to finish (`loops_done` disconnects) and closes the consumer
@@ -34,31 +43,25 @@ pub(crate) fn fetch_thread(
     loops_done: std_mpsc::Receiver<()>,
     close_timeout: Duration,
 ) {
-    let mut names: HashMap<String, Arc<str>> = HashMap::new();
-    let mut chunks = ByteChunks::default();
+    let mut polled = Batch::default();
     while !stop.load(Ordering::Acquire) {
-        match consumer.poll(POLL_INTERVAL) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
-                shared.fatal_error(consumer.client().fatal_error().map_or_else(
-                    || code.to_string(),
-                    |(code, reason)| format!("{code:?}: {reason}"),
-                ));
+        let mut timeout = POLL_INTERVAL;
+        while polled.len < POLL_BATCH {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                    shared.fatal_error(consumer.client().fatal_error().map_or_else(
+                        || code.to_string(),
+                        |(code, reason)| format!("{code:?}: {reason}"),
+                    ));
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Some(Ok(m)) => polled.add(&m, &shared.shares),
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-            Some(Ok(m)) => {
-                let msg = convert(&m, &mut names, &mut chunks);
-                drop(m);
-                // A topic no loop consumes (any more): its record is read again
-                // by whoever consumes it next.
-                let Some(share) = shared.shares.get(&msg.topic) else {
-                    continue;
-                };
-                share.wait_room(msg.partition, ROOM_WAIT);
-                share.push(msg);
-            }
+            timeout = Duration::ZERO;
         }
+        polled.hand_over();
     }
     // Stop fetching; let the loops drain and commit, then leave the group here.
     let _ = loops_done.recv();
@@ -66,23 +69,57 @@ pub(crate) fn fetch_thread(
     leave_group(consumer, close_timeout);
 }
 
+/// Records polled and not yet queued, by the share of their topic, each with
+/// the share's grant generation read right after its poll (the rebalance
+/// callbacks run inside a poll: a record returned by it was fetched under
+/// every grant the callbacks made).
+#[derive(Default)]
+struct Batch {
+    by_topic: Vec<(Arc<TopicShare>, Vec<Polled>)>,
+    len: usize,
+    chunks: ByteChunks,
+}
+
+impl Batch {
+    /// Convert `m` and keep it for its topic's share. A record of a topic no
+    /// loop consumes (any more) is left: whoever consumes the topic next reads
+    /// it again.
+    fn add(&mut self, m: &BorrowedMessage<'_>, shares: &Shares) {
+        let i = match self
+            .by_topic
+            .iter()
+            .position(|(share, _)| *share.topic == *m.topic())
+        {
+            Some(i) => i,
+            None => {
+                let Some(share) = shares.get(m.topic()) else {
+                    return;
+                };
+                self.by_topic.push((share, Vec::with_capacity(POLL_BATCH)));
+                self.by_topic.len() - 1
+            }
+        };
+        let (share, records) = &mut self.by_topic[i];
+        let msg = convert(m, share.topic.clone(), &mut self.chunks);
+        records.push((msg, share.generation()));
+        self.len += 1;
+    }
+
+    /// Queue every record kept on its share, in poll order.
+    fn hand_over(&mut self) {
+        for (share, records) in &mut self.by_topic {
+            share.push_batch(records, ROOM_WAIT);
+        }
+        self.by_topic.clear();
+        self.len = 0;
+    }
+}
+
 /// A librdkafka record as a [`Message`]: payload, key and header values copied
 /// into `chunks`, shared by the records fetched around it (a record's copies
 /// are freed on the worker that handled it: one free per chunk, not three per
 /// record, on memory this thread allocated).
-fn convert(
-    m: &rdkafka::message::BorrowedMessage<'_>,
-    names: &mut HashMap<String, Arc<str>>,
-    chunks: &mut ByteChunks,
-) -> Message {
-    let topic = match names.get(m.topic()) {
-        Some(t) => t.clone(),
-        None => {
-            let t: Arc<str> = Arc::from(m.topic());
-            names.insert(m.topic().to_owned(), t.clone());
-            t
-        }
-    };
+fn convert(m: &BorrowedMessage<'_>, topic: Arc<str>, chunks: &mut ByteChunks) -> Message {
     let mut msg = Message::new(
         topic,
         m.partition(),
@@ -93,14 +130,13 @@ fn convert(
         msg = msg.with_key(chunks.copy(k));
     }
     if let Some(h) = m.headers() {
-        msg = msg.with_headers(
-            h.iter()
-                .map(|header| {
-                    let value = header.value.unwrap_or_default();
-                    (header.key.to_owned(), chunks.copy(value))
-                })
-                .collect(),
-        );
+        let mut pairs = Vec::with_capacity(h.count());
+        pairs.extend(h.iter().map(|header| {
+            let value = header.value.unwrap_or_default();
+            (header.key.to_owned(), chunks.copy(value))
+        }));
+        // Collected in place: the pairs keep this one allocation.
+        msg = msg.with_headers(pairs.into_iter().collect());
     }
     if let Some(ts) = m.timestamp().to_millis() {
         msg = msg.with_timestamp_ms(ts);

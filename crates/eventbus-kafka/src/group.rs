@@ -11,8 +11,9 @@
 //!   its deadline, until the loop has released them; a loss (and a fatal error)
 //!   takes them away at once, fencing their work. The loop reads all of it as
 //!   one snapshot, and is told of each change by the `changes` signal.
-//! - **Records.** The fetching thread appends each polled record to its
-//!   partition's queue and bumps `appends`; the loop takes them in order. Each
+//! - **Records.** The fetching thread appends the records it polled in a row
+//!   to their partitions' queues under one lock and bumps `appends` once; the
+//!   loop takes them in order. Each
 //!   queue is bounded: a record with no room waits a moment for it
 //!   (under a steady backlog the loop frees room as fast as its work finishes),
 //!   then is queued anyway and its partition paused at the consumer
@@ -22,13 +23,16 @@
 //!   stalled partition holds itself only, never another partition, another
 //!   topic or a rebalance.
 //!
-//! Every lock here is held for a few map operations, never across a call out.
+//! Every lock here is held for map and queue operations (a batch of records
+//! at most), never across a call that can block, except the moment's wait
+//! for room, which releases it.
 
 use eventbus_core::raw::Scope;
 use eventbus_core::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// The state behind a [`TopicShare`]'s lock.
@@ -70,6 +74,8 @@ pub(crate) struct TopicShare {
     /// paused for lack of room.
     capacity: usize,
     state: Mutex<ShareState>,
+    /// `ShareState::next_generation`, read without the lock.
+    generation: AtomicU64,
     /// Told when the loop releases partitions (or ends).
     released: Condvar,
     /// Told when the loop takes records and the queues have room again.
@@ -77,6 +83,10 @@ pub(crate) struct TopicShare {
     changes: watch::Sender<u64>,
     appends: watch::Sender<u64>,
 }
+
+/// A polled record, with the share's [`generation`](TopicShare::generation)
+/// read right after its poll.
+pub(crate) type Polled = (Message, u64);
 
 /// A partition `(topic, partition)` as the callbacks name it.
 pub(crate) type Named = (String, i32);
@@ -98,6 +108,7 @@ impl TopicShare {
             fetch,
             capacity: capacity.max(1),
             state: Mutex::default(),
+            generation: AtomicU64::new(0),
             released: Condvar::new(),
             room: Condvar::new(),
             changes: watch::channel(0).0,
@@ -137,6 +148,7 @@ impl TopicShare {
             for &p in partitions {
                 s.next_generation += 1;
                 let generation = s.next_generation;
+                self.generation.store(generation, Ordering::Release);
                 s.granted.insert(p, generation);
                 s.revoking.remove(&p);
                 s.drop_records(p);
@@ -221,45 +233,76 @@ impl TopicShare {
         self.lock().granted.keys().copied().collect()
     }
 
-    /// Wait, at most `within`, until `partition`'s queue has room (one paused
-    /// for lack of room needs none: what still comes of it was polled before
-    /// the pause took hold). Runs on the fetching thread: under a steady
-    /// backlog the loop takes records as fast as its work finishes, and a
-    /// moment's wait here costs nothing, where a pause drops what librdkafka
-    /// prefetched and fetches it again.
-    pub(crate) fn wait_room(&self, partition: i32, within: std::time::Duration) {
-        let deadline = Instant::now() + within;
-        let mut s = self.lock();
-        while !s.ended && s.len(partition) >= self.capacity && !s.full.contains(&partition) {
-            let now = Instant::now();
-            if now >= deadline {
-                return;
-            }
-            s = self
-                .room
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+    /// The generation of the newest grant: read by the fetching thread right
+    /// after each poll, so a record polled before a later grant of its
+    /// partition (a revoke and a grant again between its poll and its
+    /// [`push_batch`](Self::push_batch)) is known as the older grant's.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
-    /// Queue a polled record; past the bound, its partition is paused at the
-    /// consumer. Runs on the fetching thread. A record of a partition not
-    /// granted is dropped (it is read again by whoever owns the partition).
-    pub(crate) fn push(&self, msg: Message) {
-        {
-            let mut s = self.lock();
+    /// Queue polled records, in poll order, each with the
+    /// [`generation`](Self::generation) read after its poll: one lock and one
+    /// wake of the loop for the whole batch. A record of a partition not
+    /// granted, asked back, or granted anew since its poll is dropped (it is
+    /// read again by whoever owns the partition): what a record pushed on its
+    /// own would have met, since the callback that revoked or granted its
+    /// partition runs on this thread and drops what is queued of it.
+    ///
+    /// A record whose partition's queue is full first waits, at most
+    /// `within`, for the loop to take some (the loop is woken for what this
+    /// batch queued before it); then it is queued anyway and its partition
+    /// paused at the consumer (one already paused for lack of room waits no
+    /// more: what still comes of it was polled before the pause took hold).
+    /// Under a steady backlog the loop takes records as fast as its work
+    /// finishes, and a moment's wait here costs nothing, where a pause drops
+    /// what librdkafka prefetched and fetches it again. Runs on the fetching
+    /// thread.
+    pub(crate) fn push_batch(&self, records: &mut Vec<Polled>, within: Duration) {
+        let mut s = self.lock();
+        let mut unannounced = false;
+        for (msg, polled_at) in records.drain(..) {
             let p = msg.partition;
-            if s.ended || !s.granted.contains_key(&p) || s.revoking.contains(&p) {
-                return;
+            if !s.ended && s.len(p) >= self.capacity && !s.full.contains(&p) {
+                if unannounced {
+                    self.bump_appends();
+                    unannounced = false;
+                }
+                let deadline = Instant::now() + within;
+                while !s.ended && s.len(p) >= self.capacity && !s.full.contains(&p) {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    s = self
+                        .room
+                        .wait_timeout(s, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+            let current = s.granted.get(&p).is_some_and(|&g| g <= polled_at);
+            if s.ended || !current || s.revoking.contains(&p) {
+                continue;
             }
             s.records.entry(p).or_default().push_back(msg);
+            unannounced = true;
             if s.len(p) > self.capacity && s.full.insert(p) && !s.held.contains(&p) {
                 crate::metrics::pause();
                 (self.fetch)(p, false);
             }
         }
-        self.bump_appends();
+        drop(s);
+        if unannounced {
+            self.bump_appends();
+        }
+    }
+
+    /// [`push_batch`](Self::push_batch) of one record polled now, waiting no
+    /// moment for room.
+    #[cfg(test)]
+    fn push(&self, msg: Message) {
+        self.push_batch(&mut vec![(msg, self.generation())], Duration::ZERO);
     }
 
     /// The loop takes nothing of `partition` for now: stop fetching it.
@@ -290,10 +333,9 @@ impl TopicShare {
         };
         let n = queue.len().min(max);
         out.extend(queue.drain(..n));
+        // An empty queue is kept, with its room, for the partition's next
+        // records; it goes with the partition.
         let left = queue.len();
-        if left == 0 {
-            s.records.remove(&partition);
-        }
         if n > 0 && left < self.capacity {
             self.room.notify_all();
         }
@@ -443,7 +485,6 @@ impl Shares {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use std::time::Duration;
 
     fn msg(p: i32, offset: i64) -> Message {
         Message::new("t", p, offset, Bytes::new())
@@ -511,6 +552,64 @@ mod tests {
         assert_eq!(took(), [(0, true)]);
         share.hold(1);
         assert_eq!(took(), [(1, false)], "the loop's own pause");
+    }
+
+    /// A record polled before its partition was asked back and granted again
+    /// belongs to the older grant: dropped, as the revoke's callback would
+    /// have dropped it from the queue; one polled after the new grant is kept.
+    #[test]
+    fn a_record_polled_before_a_newer_grant_is_dropped() {
+        let (share, _) = recorded(8);
+        share.assign(&[0], HashMap::new());
+        let before = share.generation();
+        share.revoke(&[0]);
+        share.take_away(&[0]);
+        share.assign(&[0], HashMap::new());
+        let after = share.generation();
+        assert!(after > before);
+        share.push_batch(
+            &mut vec![(msg(0, 7), before), (msg(0, 3), after)],
+            Duration::ZERO,
+        );
+        let mut out = VecDeque::new();
+        share.take(0, 10, &mut out);
+        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [3]);
+    }
+
+    /// A batch that meets a full queue wakes the loop for what it queued
+    /// before it waits for room: the loop takes them, and nothing is paused.
+    #[test]
+    fn a_batch_wakes_the_loop_before_it_waits_for_room() {
+        let (share, log) = recorded(2);
+        let share = Arc::new(share);
+        share.assign(&[0], HashMap::new());
+        let mut appends = share.appends();
+        let loop_side = share.clone();
+        let taker = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(20), appends.changed())
+                    .await
+                    .expect("the batch never woke the loop")
+                    .unwrap();
+            });
+            let mut out = VecDeque::new();
+            loop_side.take(0, 10, &mut out);
+            out.len()
+        });
+        let g = share.generation();
+        share.push_batch(
+            &mut (0..3).map(|o| (msg(0, o), g)).collect(),
+            Duration::from_secs(30),
+        );
+        assert_eq!(taker.join().unwrap(), 2, "the loop took the first two");
+        assert!(log.lock().unwrap().is_empty(), "room came: nothing paused");
+        let mut out = VecDeque::new();
+        share.take(0, 10, &mut out);
+        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [2]);
     }
 
     /// A release for a grant the callback already gave up on does not take

@@ -418,9 +418,11 @@ pub struct KafkaConfig {
     /// confirmation) and of the group leave after it, default 10s.
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
-    /// Records of one topic polled and not yet taken by its consume loop, at
-    /// most (past it the fetching thread waits up to 50 ms for room, then
-    /// pauses the partition at the consumer), default 256 messages.
+    /// Records of one partition polled and not yet taken by its topic's
+    /// consume loop, at most (past it the fetching thread waits up to 50 ms
+    /// for room, then pauses the partition at the consumer; what it polled in
+    /// the same batch, no more than this many, still goes in), default 256
+    /// messages.
     pub fetch_buffer: usize,
     /// Raw librdkafka properties for every client, applied last (escape hatch).
     pub properties: BTreeMap<String, String>,

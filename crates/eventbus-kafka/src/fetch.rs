@@ -3,12 +3,14 @@
 //! ([`TopicShare`](crate::group::TopicShare)), which wakes that topic's loop.
 //! Rebalance callbacks run on this thread. Records are handed over in
 //! batches: after a poll that returned one, the thread polls again without
-//! waiting, up to [`POLL_BATCH`] records or until none is ready, then queues
-//! each topic's records under one lock and wakes its loop once. It never waits
-//! long on a loop: a record its share has no room for waits a moment for it
-//! ([`ROOM_WAIT`]), then is queued anyway and its partition paused at the
-//! consumer. At stop it waits for the loops, then closes the consumer
-//! ([`leave_group`]).
+//! waiting, up to [`POLL_BATCH`] records (fewer for a share of a smaller
+//! bound) or until none is ready, then queues each topic's records under one
+//! lock and wakes its loop once. It never waits long on a loop: records their
+//! share has no room for wait a moment for it, [`ROOM_WAIT`] at most for the
+//! whole batch, then are queued anyway and their partitions paused at the
+//! consumer. So a partition's queue holds at most its bound and one batch, and
+//! the thread polls again within that moment. At stop it waits for the loops,
+//! then closes the consumer ([`leave_group`]).
 
 use eventbus_core::raw::ByteChunks;
 use eventbus_core::Message;
@@ -21,16 +23,17 @@ use std::time::Duration;
 
 use crate::close::leave_group;
 use crate::context::KConsumer;
-use crate::group::{Polled, Shares, TopicShare};
+use crate::group::{Polled, RoomWait, Shares, TopicShare};
 use crate::log::ROOM_WAIT;
 use crate::shared::ConsumerShared;
 
 /// How long one poll of the consumer blocks the fetching thread.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Records polled in a row, at most, before they are queued on their shares:
-/// enough to make the lock and the wake-up of a loop a small part of a
-/// record's cost, few enough to keep a loop fed while the next are polled.
+/// Records polled in a row, at most, before they are queued on their shares
+/// (and no more than the smallest bound of their shares): enough to make the
+/// lock and the wake-up of a loop a small part of a record's cost, few enough
+/// that a batch's first record waits little for its last.
 const POLL_BATCH: usize = 256;
 
 /// The fetching thread: polls the consumer until `stop`, then waits for the
@@ -46,7 +49,7 @@ pub(crate) fn fetch_thread(
     let mut polled = Batch::default();
     while !stop.load(Ordering::Acquire) {
         let mut timeout = POLL_INTERVAL;
-        while polled.len < POLL_BATCH {
+        while polled.len < polled.limit {
             match consumer.poll(timeout) {
                 None => break,
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
@@ -73,11 +76,27 @@ pub(crate) fn fetch_thread(
 /// the share's grant generation read right after its poll (the rebalance
 /// callbacks run inside a poll: a record returned by it was fetched under
 /// every grant the callbacks made).
-#[derive(Default)]
 struct Batch {
     by_topic: Vec<(Arc<TopicShare>, Vec<Polled>)>,
     len: usize,
+    /// Records to poll in a row, at most: [`POLL_BATCH`], or the smallest
+    /// bound of the shares in the batch.
+    limit: usize,
+    /// Emptied record lists, kept for the next batches.
+    spare: Vec<Vec<Polled>>,
     chunks: ByteChunks,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self {
+            by_topic: Vec::new(),
+            len: 0,
+            limit: POLL_BATCH,
+            spare: Vec::new(),
+            chunks: ByteChunks::default(),
+        }
+    }
 }
 
 impl Batch {
@@ -95,7 +114,9 @@ impl Batch {
                 let Some(share) = shares.get(m.topic()) else {
                     return;
                 };
-                self.by_topic.push((share, Vec::with_capacity(POLL_BATCH)));
+                self.limit = self.limit.min(share.capacity());
+                let records = self.spare.pop().unwrap_or_default();
+                self.by_topic.push((share, records));
                 self.by_topic.len() - 1
             }
         };
@@ -105,13 +126,16 @@ impl Batch {
         self.len += 1;
     }
 
-    /// Queue every record kept on its share, in poll order.
+    /// Queue every record kept on its share, in poll order, waiting for room
+    /// [`ROOM_WAIT`] at most in all.
     fn hand_over(&mut self) {
-        for (share, records) in &mut self.by_topic {
-            share.push_batch(records, ROOM_WAIT);
+        let mut wait = RoomWait::new(ROOM_WAIT);
+        for (share, mut records) in self.by_topic.drain(..) {
+            share.push_batch(&mut records, &mut wait);
+            self.spare.push(records);
         }
-        self.by_topic.clear();
         self.len = 0;
+        self.limit = POLL_BATCH;
     }
 }
 

@@ -18,10 +18,11 @@
 //!   (under a steady backlog the loop frees room as fast as its work finishes),
 //!   then is queued anyway and its partition paused at the consumer
 //!   (librdkafka then drops what it prefetched for it and fetches it again on
-//!   resume), so what goes past the bound is at most what was polled before
-//!   the pause took hold. The fetching thread never waits long on a loop: a
-//!   stalled partition holds itself only, never another partition, another
-//!   topic or a rebalance.
+//!   resume), so what goes past the bound is at most the rest of the batch it
+//!   came in (no larger than the bound). The fetching thread waits on the
+//!   loops a moment per batch at most, all partitions together: a stalled
+//!   partition holds itself only, never another partition, another topic or
+//!   a rebalance for longer than that.
 //!
 //! Every lock here is held for map and queue operations (a batch of records
 //! at most), never across a call that can block, except the moment's wait
@@ -87,6 +88,32 @@ pub(crate) struct TopicShare {
 /// A polled record, with the share's [`generation`](TopicShare::generation)
 /// read right after its poll.
 pub(crate) type Polled = (Message, u64);
+
+/// How long a batch of polled records may wait for room, all its partitions
+/// and topics together: the clock starts at its first wait, so the fetching
+/// thread waits at most this long between two polls.
+#[derive(Debug)]
+pub(crate) struct RoomWait {
+    within: Duration,
+    until: Option<Instant>,
+}
+
+impl RoomWait {
+    /// A batch's wait, at most `within`.
+    pub(crate) fn new(within: Duration) -> Self {
+        Self {
+            within,
+            until: None,
+        }
+    }
+
+    /// When the waiting ends, set at the first wait.
+    fn deadline(&mut self) -> Instant {
+        *self
+            .until
+            .get_or_insert_with(|| Instant::now() + self.within)
+    }
+}
 
 /// A partition `(topic, partition)` as the callbacks name it.
 pub(crate) type Named = (String, i32);
@@ -247,18 +274,20 @@ impl TopicShare {
     /// granted, asked back, or granted anew since its poll is dropped (it is
     /// read again by whoever owns the partition): what a record pushed on its
     /// own would have met, since the callback that revoked or granted its
-    /// partition runs on this thread and drops what is queued of it.
+    /// partition runs on this thread and drops what is queued of it. (The
+    /// client's poll returns no record after it served a callback, so a batch
+    /// ends at each callback; the generation keeps this right even if one
+    /// did.)
     ///
-    /// A record whose partition's queue is full first waits, at most
-    /// `within`, for the loop to take some (the loop is woken for what this
-    /// batch queued before it); then it is queued anyway and its partition
-    /// paused at the consumer (one already paused for lack of room waits no
-    /// more: what still comes of it was polled before the pause took hold).
-    /// Under a steady backlog the loop takes records as fast as its work
-    /// finishes, and a moment's wait here costs nothing, where a pause drops
-    /// what librdkafka prefetched and fetches it again. Runs on the fetching
-    /// thread.
-    pub(crate) fn push_batch(&self, records: &mut Vec<Polled>, within: Duration) {
+    /// A record whose partition's queue is full first waits for the loop to
+    /// take some, within what is left of the batch's `wait` (the loop is woken
+    /// for what this batch queued before it); then it is queued anyway and
+    /// its partition paused at the consumer (one already paused for lack of
+    /// room waits no more). Under a steady backlog the loop takes records as
+    /// fast as its work finishes, and a moment's wait here costs nothing,
+    /// where a pause drops what librdkafka prefetched and fetches it again.
+    /// Runs on the fetching thread.
+    pub(crate) fn push_batch(&self, records: &mut Vec<Polled>, wait: &mut RoomWait) {
         let mut s = self.lock();
         let mut unannounced = false;
         for (msg, polled_at) in records.drain(..) {
@@ -268,7 +297,7 @@ impl TopicShare {
                     self.bump_appends();
                     unannounced = false;
                 }
-                let deadline = Instant::now() + within;
+                let deadline = wait.deadline();
                 while !s.ended && s.len(p) >= self.capacity && !s.full.contains(&p) {
                     let now = Instant::now();
                     if now >= deadline {
@@ -298,11 +327,17 @@ impl TopicShare {
         }
     }
 
+    /// Records of one partition queued for the loop before it is paused.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// [`push_batch`](Self::push_batch) of one record polled now, waiting no
     /// moment for room.
     #[cfg(test)]
     fn push(&self, msg: Message) {
-        self.push_batch(&mut vec![(msg, self.generation())], Duration::ZERO);
+        let mut wait = RoomWait::new(Duration::ZERO);
+        self.push_batch(&mut vec![(msg, self.generation())], &mut wait);
     }
 
     /// The loop takes nothing of `partition` for now: stop fetching it.
@@ -569,11 +604,38 @@ mod tests {
         assert!(after > before);
         share.push_batch(
             &mut vec![(msg(0, 7), before), (msg(0, 3), after)],
-            Duration::ZERO,
+            &mut RoomWait::new(Duration::ZERO),
         );
         let mut out = VecDeque::new();
         share.take(0, 10, &mut out);
         assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [3]);
+    }
+
+    /// A batch waits for room once, all its partitions together: a record
+    /// that meets a full queue after the batch's wait is spent is queued and
+    /// its partition paused at once.
+    #[test]
+    fn a_spent_wait_pauses_at_once() {
+        let (share, log) = recorded(1);
+        share.assign(&[0, 1], HashMap::new());
+        let g = share.generation();
+        let mut wait = RoomWait::new(Duration::from_secs(60));
+        wait.until = Some(Instant::now());
+        let started = Instant::now();
+        share.push_batch(
+            &mut vec![
+                (msg(0, 0), g),
+                (msg(0, 1), g),
+                (msg(1, 0), g),
+                (msg(1, 1), g),
+            ],
+            &mut wait,
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a spent wait waited again"
+        );
+        assert_eq!(*log.lock().unwrap(), [(0, false), (1, false)]);
     }
 
     /// A batch that meets a full queue wakes the loop for what it queued
@@ -603,7 +665,7 @@ mod tests {
         let g = share.generation();
         share.push_batch(
             &mut (0..3).map(|o| (msg(0, o), g)).collect(),
-            Duration::from_secs(30),
+            &mut RoomWait::new(Duration::from_secs(30)),
         );
         assert_eq!(taker.join().unwrap(), 2, "the loop took the first two");
         assert!(log.lock().unwrap().is_empty(), "room came: nothing paused");

@@ -13,8 +13,8 @@
 //!   one snapshot, and is told of each change by the `changes` signal.
 //! - **Records.** The fetching thread appends the records it polled in a row
 //!   to their partitions' queues under one lock and bumps `appends` once; the
-//!   loop takes them in order. Each
-//!   queue is bounded: a record with no room waits a moment for it
+//!   loop takes them in order. Each queue is bounded: a record with no room
+//!   waits a moment for it
 //!   (under a steady backlog the loop frees room as fast as its work finishes),
 //!   then is queued anyway and its partition paused at the consumer
 //!   (librdkafka then drops what it prefetched for it and fetches it again on
@@ -25,8 +25,8 @@
 //!   a rebalance for longer than that.
 //!
 //! Every lock here is held for map and queue operations (a batch of records
-//! at most), never across a call that can block, except the moment's wait
-//! for room, which releases it.
+//! at most), never across a call that can block (the wait for room releases
+//! it).
 
 use eventbus_core::raw::Scope;
 use eventbus_core::Message;

@@ -271,6 +271,21 @@ impl Broker {
         }
     }
 
+    /// Records of `topic` the broker dropped before anyone read them, by
+    /// partition, over its `partitions`: a run that published more than the
+    /// broker keeps (the Kafka mock cluster keeps 5 MiB per partition) lost
+    /// them at the broker, not in the bus. Empty when none was dropped, and
+    /// always on the brokers that drop nothing here.
+    pub fn dropped(&self, topic: &str, partitions: u32) -> Vec<(i32, i64)> {
+        match self {
+            Broker::Kafka(c) => (0..partitions as i32)
+                .map(|p| (p, c.watermarks(topic, p).0))
+                .filter(|&(_, low)| low > 0)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Configure `topic` on `bus`, a bus on this broker, as a run needs it
     /// after [`prepare`](Self::prepare): memory, `partitions` partitions; NATS,
     /// its stream with the default settings; Kafka, nothing (`prepare` created

@@ -248,12 +248,19 @@ impl Cluster {
 
     /// High watermark of `topic`/`partition`.
     pub fn high_watermark(&self, topic: &str, partition: i32) -> i64 {
+        self.watermarks(topic, partition).1
+    }
+
+    /// Low and high watermarks of `topic`/`partition`: the first offset the
+    /// partition still holds and the next one it will write. The mock
+    /// cluster keeps 5 MiB of records per partition and drops the oldest
+    /// beyond that, which moves the low watermark up from 0.
+    pub fn watermarks(&self, topic: &str, partition: i32) -> (i64, i64) {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
             .create()
             .expect("watermark reader");
         c.fetch_watermarks(topic, partition, Duration::from_secs(10))
             .expect("watermarks")
-            .1
     }
 }

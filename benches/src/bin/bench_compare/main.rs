@@ -530,7 +530,7 @@ impl Run {
         let spec = WorkloadSpec {
             backend,
             endpoint: self.broker.endpoint(),
-            topic,
+            topic: topic.clone(),
             pool: kind,
             handler,
             dist,
@@ -568,7 +568,14 @@ impl Run {
                 e,
             )
         };
+        // Records the broker dropped unread would count as lost by the bus.
+        let dropped = self.broker.dropped(&topic, partitions);
         match out {
+            ChildOutput::Workload(_) if !dropped.is_empty() => failed(format!(
+                "the broker dropped the oldest records of `{topic}` before they were read \
+                 (partition, first offset kept: {dropped:?}): the run published more than \
+                 a partition holds, so its losses are not the bus's"
+            )),
             ChildOutput::Workload(r) => r,
             ChildOutput::Failed(e) => failed(e),
             _ => failed("an unexpected result for a workload".to_owned()),

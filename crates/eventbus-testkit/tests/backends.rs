@@ -118,3 +118,42 @@ async fn a_leased_bus_exactly_where_the_list_says() {
         }
     }
 }
+
+/// A broker that dropped records before anyone read them says so: a run that
+/// published more than a partition holds (the mock cluster keeps 5 MiB per
+/// partition) would otherwise count the broker's drop as the bus's loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_cut_by_the_broker_names_its_first_offset_kept() {
+    let broker = start(Backend::Kafka);
+    let topic = format!("cut-{:08x}", fastrand::u32(..));
+    broker.prepare(&topic, 2).await;
+    let bus = broker
+        .buses()
+        .bus(pool(), BusConfig::default())
+        .await
+        .expect("kafka: publisher");
+    // 7 MiB to one partition (64 KiB records, all of one key), nothing to the
+    // other.
+    let payload = "x".repeat(64 * 1024);
+    for _ in 0..4 {
+        let records = (0..28)
+            .map(|_| Record::new(payload.clone()).with_key("one"))
+            .collect();
+        for r in bus.publish_batch(&topic, records).await {
+            r.unwrap_or_else(|e| panic!("kafka: publish to {topic}: {e}"));
+        }
+    }
+    bus.close().await.expect("the publisher closes");
+    let dropped = broker.dropped(&topic, 2);
+    assert!(
+        matches!(dropped.as_slice(), [(_, low)] if *low > 0),
+        "one partition cut at its oldest records, the other not at all: {dropped:?}"
+    );
+    assert!(
+        Broker::start(Backend::Memory)
+            .expect("memory")
+            .dropped(&topic, 2)
+            .is_empty(),
+        "a broker that drops nothing reports nothing"
+    );
+}

@@ -271,11 +271,13 @@ impl Broker {
         }
     }
 
-    /// Records of `topic` the broker dropped before anyone read them, by
-    /// partition, over its `partitions`: a run that published more than the
-    /// broker keeps (the Kafka mock cluster keeps 5 MiB per partition) lost
-    /// them at the broker, not in the bus. Empty when none was dropped, and
-    /// always on the brokers that drop nothing here.
+    /// The partitions of `topic` (of its `partitions`) whose oldest records
+    /// the broker dropped before anyone read them, each with the first offset
+    /// it still holds (on a topic written from offset 0, how many it dropped):
+    /// a run that published more than the broker keeps (the Kafka mock cluster
+    /// keeps 5 MiB per partition) lost them at the broker, not in the bus.
+    /// Empty when none was dropped, and always on the brokers that drop
+    /// nothing here.
     pub fn dropped(&self, topic: &str, partitions: u32) -> Vec<(i32, i64)> {
         match self {
             Broker::Kafka(c) => (0..partitions as i32)

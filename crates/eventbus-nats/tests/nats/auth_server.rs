@@ -51,8 +51,14 @@ impl AuthServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Deny user `member` publishing to `subjects` (none: allow everything).
+    /// Deny user `member` publishing to `subjects` (none: allow everything),
+    /// and return once the server has reloaded its configuration. The reload
+    /// runs after the signal, on the server's own time, and while it re-creates
+    /// the accounts a JetStream request is answered "JetStream not enabled for
+    /// account": a test that went on at once would meet that, or the old
+    /// permissions.
     pub(crate) fn deny(&self, subjects: &[&str]) {
+        let reloads = self.reloads();
         write_config(&self.dir, self.port, subjects);
         let status = Command::new("kill")
             .arg("-HUP")
@@ -60,6 +66,23 @@ impl AuthServer {
             .status()
             .expect("kill -HUP");
         assert!(status.success(), "reload nats-server");
+        let started = Instant::now();
+        while self.reloads() == reloads {
+            assert!(
+                started.elapsed() < WAIT,
+                "nats-server did not log the reload of its configuration within {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Reloads of the configuration the server has finished, from its log.
+    fn reloads(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("server.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("Reloaded server configuration"))
+            .count()
     }
 
     /// Requests of user `member` to subjects containing `what` the server

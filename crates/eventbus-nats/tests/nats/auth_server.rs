@@ -78,21 +78,22 @@ impl AuthServer {
 
     /// Reloads of the configuration the server has finished, from its log.
     fn reloads(&self) -> usize {
+        self.logged(|l| l.contains("Reloaded server configuration"))
+    }
+
+    /// Lines of the server's log so far that `line` matches.
+    fn logged(&self, line: impl Fn(&str) -> bool) -> usize {
         std::fs::read_to_string(self.dir.join("server.log"))
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.contains("Reloaded server configuration"))
+            .filter(|l| line(l))
             .count()
     }
 
     /// Requests of user `member` to subjects containing `what` the server
     /// refused so far.
     pub(crate) fn refused(&self, what: &str) -> usize {
-        std::fs::read_to_string(self.dir.join("server.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("Publish Violation") && l.contains(what))
-            .count()
+        self.logged(|l| l.contains("Publish Violation") && l.contains(what))
     }
 }
 

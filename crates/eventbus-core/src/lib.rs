@@ -57,6 +57,7 @@ pub use tokio_util::sync::CancellationToken;
 /// in-flight set and offset tracker, the lifecycle a backend plugs into, jobs and
 /// their queue, the fence, the stable hash. A service needs none of it.
 pub mod raw {
+    pub mod acked;
     pub mod chunks;
     pub mod completions;
     pub(crate) mod dispatcher;
@@ -77,6 +78,8 @@ pub mod raw {
     pub mod submit;
     pub(crate) mod sync;
     pub(crate) mod task;
+    #[cfg(test)]
+    pub(crate) mod test_pools;
     pub(crate) mod watch;
 
     pub use crate::bus::{
@@ -88,6 +91,7 @@ pub mod raw {
     pub use crate::hash::{partition, rollout_bucket, stable_hash};
     pub use crate::ops::{Backlog, PartitionLag, Probe, PublishMetrics};
     pub use crate::redrive::{DeadLetterReader, RawDeadLetter, ReaderOptions};
+    pub use acked::{AckLog, AckTurn, Acks};
     pub use chunks::ByteChunks;
     pub use completions::{Claim, Completions};
     pub use dispatcher::{CommitHold, HoldError, HOLD_TEXT_LIMIT};

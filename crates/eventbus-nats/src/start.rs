@@ -172,7 +172,6 @@ impl Start<'_> {
         leases: Arc<Leases>,
         role: Role,
     ) -> JsLoop {
-        let cfg = &self.dispatcher.config().consumer;
         let partition = match &role {
             Role::Standby => 0,
             Role::Partition { slot, .. } => slot.partition as i32,
@@ -188,8 +187,6 @@ impl Start<'_> {
                 total: self.total.clone(),
                 max_in_flight: spec.max_ack_pending,
                 state: spec.state.clone(),
-                drain_timeout: cfg.drain_timeout,
-                handover_timeout: cfg.handover_timeout,
                 reconnects: self.reconnects.clone(),
                 recreate: recreate_of(self.shared, spec),
                 partition,

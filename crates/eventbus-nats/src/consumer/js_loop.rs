@@ -2,7 +2,7 @@
 //! It waits for the lease (as a hot standby, or granted by the group's
 //! coordinator for a partition), makes the durable safe to consume (re-reading
 //! from the ack floor when the last holder left work unsettled), runs a
-//! [`ConsumeTurn`] while the lease holds, then releases it, hands the
+//! turn (core's [`AckTurn`]) while the lease holds, then releases it, hands the
 //! partition over, or waits to hold it again.
 //!
 //! Invariants: a lease lost is never released (a release tells the next holder
@@ -15,13 +15,13 @@ use async_nats::jetstream::consumer::PullConsumer;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+use eventbus_core::raw::acked::{retry_delay, AckTurn, TurnEnd};
 use eventbus_core::raw::Scope;
 use eventbus_core::{CancellationToken, ErrorKind, Result};
 
-use super::backoff::retry_delay;
 use super::durable::Durable;
 use super::slot::Slot;
-use super::turn::{ConsumeTurn, TurnEnd};
+use super::source::JsSource;
 use crate::lease::{Lease, LeaseClock, Leases, Previous};
 use crate::streams::{bounded, broker, pull_config_of, reread_durable};
 
@@ -180,10 +180,10 @@ impl JsLoop {
         self.after_turn(end, lease, &clock, give_backs).await
     }
 
-    /// One turn as lease holder: a [`ConsumeTurn`] of `work` over the durable,
-    /// run, then wound down (drain, fence, hand back). When `lost` fires (after
-    /// the lease keeper fenced `work`), the turn leaves the step it is in,
-    /// settles nothing more and waits on its connection no more.
+    /// One turn as lease holder: core's [`AckTurn`] of `work` over the
+    /// durable, run, then wound down (drain, fence, hand back). When `lost`
+    /// fires (after the lease keeper fenced `work`), the turn leaves the step
+    /// it is in, settles nothing more and waits on its connection no more.
     async fn consume(
         &mut self,
         clock: &LeaseClock,
@@ -191,9 +191,28 @@ impl JsLoop {
         work: Scope,
     ) -> TurnEnd {
         let slot = self.role.slot().map(Arc::as_ref);
-        let mut turn = ConsumeTurn::start(&mut self.durable, slot, clock, lost.clone(), work);
+        let durable = &mut self.durable;
+        let (dispatcher, prepared) = (durable.dispatcher.clone(), durable.prepared.clone());
+        let (total, stop) = (durable.total.clone(), durable.stop.clone());
+        let source = JsSource {
+            durable,
+            slot,
+            clock,
+            inbox: None,
+        };
+        let mut turn = AckTurn::start(
+            source,
+            dispatcher,
+            prepared,
+            total,
+            stop,
+            lost.clone(),
+            work,
+        );
         turn.run().await;
-        turn.finish().await
+        let ended = turn.finish().await;
+        self.durable.handed_back = ended.handed_back;
+        ended.why
     }
 
     /// After a turn that kept its lease: another turn under it at once (the
@@ -212,7 +231,7 @@ impl JsLoop {
         }
         let fetch_expires = self.durable.shared.config.fetch_expires;
         match (end, lease) {
-            (TurnEnd::Reconnected, Some(mut lease)) if clock.may_pull(fetch_expires) => {
+            (TurnEnd::Interrupted, Some(mut lease)) if clock.may_pull(fetch_expires) => {
                 lease.reconnected();
                 Next::Keep(lease)
             }
@@ -286,7 +305,7 @@ impl JsLoop {
 
     /// Release the lease after a turn that handed everything back, unless the
     /// server did not confirm the messages given back
-    /// ([`hand_back`](super::acks::hand_back)): then the lease is left to expire
+    /// ([`Acks::give_back`](eventbus_core::raw::acked::Acks::give_back)): then the lease is left to expire
     /// and the next holder re-reads from the ack floor (duplicates, in order)
     /// instead of pulling before a `-NAK` is applied.
     async fn release_settled(&mut self, lease: Lease) {

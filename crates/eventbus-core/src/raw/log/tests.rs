@@ -5,106 +5,16 @@
 
 use super::{Assignment, LogLoop, PartitionLog};
 use crate::config::BusConfig;
-use crate::pool::{Pool, PoolStats};
-use crate::raw::submit::SubmitError;
-use crate::raw::Submit;
-use crate::raw::{Dispatcher, InFlightSet, Job, Scope};
+use crate::raw::test_pools::{GatePool, TaskPool};
+use crate::raw::{Dispatcher, InFlightSet, Scope};
 use crate::{
-    handler_fn, CancellationToken, ComponentHealth, Error, ErrorKind, HandlerResult, Message,
-    Result, Subscription,
+    handler_fn, CancellationToken, Error, ErrorKind, HandlerResult, Message, Result, Subscription,
 };
-use futures::future::BoxFuture;
-use futures::FutureExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
-
-/// Runs every job on a task of its own, taking every batch whole.
-#[derive(Debug)]
-struct TaskPool;
-
-impl Submit for TaskPool {
-    fn submit(&self, job: Job) -> BoxFuture<'_, std::result::Result<(), SubmitError>> {
-        tokio::spawn(job.run());
-        async { Ok(()) }.boxed()
-    }
-
-    fn submit_batch(&self, jobs: &mut Vec<Job>) {
-        for job in jobs.drain(..) {
-            tokio::spawn(job.run());
-        }
-    }
-}
-
-impl Pool for TaskPool {
-    fn kind(&self) -> &'static str {
-        "task"
-    }
-    fn workers(&self) -> usize {
-        1
-    }
-    fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
-        async {}.boxed()
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn health(&self) -> ComponentHealth {
-        ComponentHealth::healthy("pool.task")
-    }
-}
-
-/// Queues every job until [`open`](GatePool::open) lets them run (each on a
-/// task of its own), as a pool whose workers are busy.
-#[derive(Debug, Default)]
-struct GatePool {
-    queued: Mutex<Option<Vec<Job>>>,
-}
-
-impl GatePool {
-    fn shut() -> Self {
-        Self {
-            queued: Mutex::new(Some(Vec::new())),
-        }
-    }
-
-    /// Run the queued jobs, and every job submitted from now on.
-    fn open(&self) {
-        for job in self.queued.lock().unwrap().take().unwrap_or_default() {
-            tokio::spawn(job.run());
-        }
-    }
-}
-
-impl Submit for GatePool {
-    fn submit(&self, job: Job) -> BoxFuture<'_, std::result::Result<(), SubmitError>> {
-        match self.queued.lock().unwrap().as_mut() {
-            Some(queued) => queued.push(job),
-            None => drop(tokio::spawn(job.run())),
-        }
-        async { Ok(()) }.boxed()
-    }
-}
-
-impl Pool for GatePool {
-    fn kind(&self) -> &'static str {
-        "gate"
-    }
-    fn workers(&self) -> usize {
-        1
-    }
-    fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
-        async {}.boxed()
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn health(&self) -> ComponentHealth {
-        ComponentHealth::healthy("pool.gate")
-    }
-}
 
 /// What the scripted broker saw and is set to do.
 #[derive(Debug, Default)]

@@ -1,0 +1,451 @@
+//! The turn on a scripted log: deliveries handed out by fetches (an empty one
+//! stays open for its length, as a pull request does), settles, keep-alive
+//! signals and give-backs recorded, a partition asked back, a fetch that
+//! fails; pools that run each job on a task, queue them until the test lets
+//! them run, or drop one unrun.
+
+use super::{AckLog, AckTurn, Acks, Bounds, Received, Settle, TurnEnd};
+use crate::config::BusConfig;
+use crate::pool::Pool;
+use crate::raw::test_pools::{DropPool, GatePool, RefusePool, TaskPool};
+use crate::raw::{Dispatcher, PreparedSubscription, Scope};
+use crate::{
+    handler_fn, CancellationToken, Error, ErrorKind, HandlerResult, Message, Result, Subscription,
+};
+use futures::stream::{self, BoxStream, StreamExt};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// One item of a scripted fetch: a delivery (position, handle), or a failure.
+type Raw = std::result::Result<(u64, String), ()>;
+
+/// What the scripted broker holds, saw, and is set to do.
+#[derive(Debug, Default)]
+struct Broker {
+    /// Deliveries the next fetches hand out, in order.
+    ready: VecDeque<Raw>,
+    /// Every settle, in the order sent: position, handle, how.
+    settled: Vec<(u64, String, Settle)>,
+    /// Every keep-alive signal, by handle.
+    kept_alive: Vec<String>,
+    /// Every give-back, its handles in the order given.
+    given_back: Vec<Vec<String>>,
+    /// Recoveries asked for.
+    recovered: usize,
+    /// The broker does not confirm give-backs.
+    unconfirmed: bool,
+}
+
+const ACK_WAIT: Duration = Duration::from_secs(4);
+const FETCH_LASTS: Duration = Duration::from_millis(500);
+const DRAIN: Duration = Duration::from_secs(2);
+const HANDOVER: Duration = Duration::from_secs(3);
+
+#[derive(Clone)]
+struct ScriptAcks(Arc<Mutex<Broker>>);
+
+impl Acks for ScriptAcks {
+    type Handle = String;
+
+    async fn settle(&self, seq: u64, handle: String, how: Settle) {
+        self.0.lock().unwrap().settled.push((seq, handle, how));
+    }
+
+    async fn keep_alive(&self, handle: &String) {
+        self.0.lock().unwrap().kept_alive.push(handle.clone());
+    }
+
+    async fn give_back(&self, handles: Vec<String>) -> bool {
+        let mut broker = self.0.lock().unwrap();
+        broker.given_back.push(handles);
+        !broker.unconfirmed
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Partition 0 of `orders`: every message's key is `k` (one aggregate).
+struct Script {
+    topic: Arc<str>,
+    broker: Arc<Mutex<Broker>>,
+    moving: Arc<AtomicBool>,
+    /// Fires when the connection was interrupted and came back.
+    interruption: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl AckLog for Script {
+    type Acks = ScriptAcks;
+    type Raw = Raw;
+    type Fetch = BoxStream<'static, Raw>;
+
+    fn acks(&self) -> ScriptAcks {
+        ScriptAcks(self.broker.clone())
+    }
+
+    fn topic(&self) -> &Arc<str> {
+        &self.topic
+    }
+
+    fn partition(&self) -> i32 {
+        0
+    }
+
+    fn bounds(&self) -> Bounds {
+        Bounds::new(64, 16, FETCH_LASTS, Duration::from_secs(1), ACK_WAIT)
+    }
+
+    async fn fetch(&mut self, n: usize) -> Result<Self::Fetch> {
+        let mut broker = self.broker.lock().unwrap();
+        let take = n.min(broker.ready.len());
+        let items: Vec<Raw> = broker.ready.drain(..take).collect();
+        if items.is_empty() {
+            // Nothing to read: the fetch stays open for its length.
+            let open = tokio::time::sleep(FETCH_LASTS);
+            return Ok(stream::once(open).filter_map(|()| async { None }).boxed());
+        }
+        Ok(stream::iter(items).boxed())
+    }
+
+    fn receive(&mut self, raw: Raw) -> Result<Option<Received<String>>> {
+        let (seq, handle) = raw.map_err(|()| Error::new(ErrorKind::Broker, "fetch failed"))?;
+        let msg = Message::new(self.topic.clone(), 0, seq as i64, "x").with_key("k");
+        Ok(Some(Received::new(seq, handle, msg)))
+    }
+
+    async fn recover(&mut self) -> Result<()> {
+        self.broker.lock().unwrap().recovered += 1;
+        Ok(())
+    }
+
+    fn moving(&self) -> bool {
+        self.moving.load(Ordering::SeqCst)
+    }
+
+    fn interrupted(&mut self) -> futures::future::BoxFuture<'static, ()> {
+        let interruption = self.interruption.take().expect("taken once");
+        Box::pin(async move {
+            if interruption.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+}
+
+/// A turn of the script, the broker, the handler's log of positions run (in
+/// the order run), and the turn's stop, loss and scope.
+struct Setup {
+    turn: AckTurn<Script>,
+    broker: Arc<Mutex<Broker>>,
+    moving: Arc<AtomicBool>,
+    ran: Arc<Mutex<Vec<i64>>>,
+    interrupt: tokio::sync::oneshot::Sender<()>,
+    stop: CancellationToken,
+    lost: CancellationToken,
+    scope: Scope,
+}
+
+/// A turn over deliveries `seqs` (handle: the position as text), run by
+/// `pool`; a handler that takes `handling` of the test's clock.
+fn setup(pool: Arc<dyn Pool>, seqs: impl IntoIterator<Item = u64>, handling: Duration) -> Setup {
+    let mut config = BusConfig::default();
+    config.consumer.drain_timeout = DRAIN;
+    config.consumer.handover_timeout = HANDOVER;
+    let dispatcher = Dispatcher::new("script", pool, None, config);
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let sub: Arc<PreparedSubscription> = dispatcher
+        .prepare(Subscription::plain(
+            "orders",
+            handler_fn({
+                let ran = ran.clone();
+                move |m: Message| {
+                    let ran = ran.clone();
+                    async move {
+                        if !handling.is_zero() {
+                            tokio::time::sleep(handling).await;
+                        }
+                        ran.lock().unwrap().push(m.offset);
+                        HandlerResult::Ok(())
+                    }
+                }
+            }),
+        ))
+        .unwrap();
+    let broker = Arc::new(Mutex::new(Broker {
+        ready: seqs.into_iter().map(|s| Ok((s, s.to_string()))).collect(),
+        ..Broker::default()
+    }));
+    let moving = Arc::new(AtomicBool::new(false));
+    let (interrupt, interruption) = tokio::sync::oneshot::channel();
+    let script = Script {
+        topic: Arc::from("orders"),
+        broker: broker.clone(),
+        moving: moving.clone(),
+        interruption: Some(interruption),
+    };
+    let (stop, lost, scope) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        Scope::new(),
+    );
+    let turn = AckTurn::start(
+        script,
+        dispatcher,
+        sub,
+        Arc::new(Semaphore::new(1000)),
+        stop.clone(),
+        lost.clone(),
+        scope.clone(),
+    );
+    Setup {
+        turn,
+        broker,
+        moving,
+        ran,
+        interrupt,
+        stop,
+        lost,
+        scope,
+    }
+}
+
+/// Look every 5 ms of the test's clock, 10 s at most, until `cond` holds.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tick.tick().await;
+    }
+}
+
+/// Run the turn on a task until `stop`, then wind it down; its end.
+fn spawn_turn(mut turn: AckTurn<Script>) -> tokio::task::JoinHandle<super::TurnEnded> {
+    tokio::spawn(async move {
+        turn.run().await;
+        turn.finish().await
+    })
+}
+
+fn acked(broker: &Broker) -> Vec<(u64, String)> {
+    broker
+        .settled
+        .iter()
+        .filter(|(_, _, how)| *how == Settle::Ack)
+        .map(|(s, h, _)| (*s, h.clone()))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_delivery_is_acked_once_and_a_redelivery_in_flight_does_not_run_again() {
+    let pool = Arc::new(GatePool::shut());
+    let s = setup(pool.clone(), 1..=5, Duration::ZERO);
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    wait_for("the first fetch read", || {
+        broker.lock().unwrap().ready.is_empty()
+    })
+    .await;
+    // The broker delivers 3 again while its job waits in the pool.
+    broker
+        .lock()
+        .unwrap()
+        .ready
+        .push_back(Ok((3, "3-again".to_owned())));
+    wait_for("the redelivery read", || {
+        broker.lock().unwrap().ready.is_empty()
+    })
+    .await;
+    pool.open();
+    wait_for("every message settled", || {
+        broker.lock().unwrap().settled.len() == 5
+    })
+    .await;
+    s.stop.cancel();
+    let ended = task.await.unwrap();
+    assert_eq!(ended.why, TurnEnd::Stopped);
+    assert!(
+        ended.handed_back,
+        "nothing to give back counts as confirmed"
+    );
+    let broker = broker.lock().unwrap();
+    let mut acks = acked(&broker);
+    acks.sort();
+    assert_eq!(
+        acks,
+        [(1, "1"), (2, "2"), (3, "3-again"), (4, "4"), (5, "5")].map(|(s, h)| (s, h.to_owned())),
+        "each acked once, 3 through its newest delivery"
+    );
+    assert_eq!(*s.ran.lock().unwrap(), [1, 2, 3, 4, 5], "3 ran once");
+    assert!(broker.given_back.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_move_gives_everything_unfinished_back_in_order_without_a_drain() {
+    let pool = Arc::new(GatePool::shut());
+    // Positions whose order as numbers is not their order as text.
+    let s = setup(pool.clone(), [70, 9, 300, 25], Duration::ZERO);
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    wait_for("every delivery read", || {
+        broker.lock().unwrap().ready.is_empty()
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    s.moving.store(true, Ordering::SeqCst);
+    s.stop.cancel();
+    // The queued jobs come to run after the stop: fenced, they do not.
+    tokio::task::yield_now().await;
+    pool.open();
+    let ended = task.await.unwrap();
+    assert!(
+        started.elapsed() < DRAIN,
+        "a move does not drain: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(ended.why, TurnEnd::Stopped);
+    assert!(ended.handed_back);
+    let broker = broker.lock().unwrap();
+    assert!(broker.settled.is_empty(), "{:?}", broker.settled);
+    assert_eq!(
+        broker.given_back,
+        [vec!["9", "25", "70", "300"]],
+        "given back once, lowest position first"
+    );
+    assert!(s.ran.lock().unwrap().is_empty(), "fenced jobs did not run");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_turn_settles_nothing_and_gives_nothing_back() {
+    // Handlers run when the log is lost, and finish during the wind-down: what
+    // they did is not acknowledged (the next holder reads it again), and the
+    // one never started is not given back either.
+    let s = setup(Arc::new(TaskPool), 1..=3, Duration::from_secs(1));
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    wait_for("every delivery read", || {
+        broker.lock().unwrap().ready.is_empty()
+    })
+    .await;
+    tokio::task::yield_now().await;
+    // As a lease keeper does: fence the work, then say it is lost.
+    s.scope.fence();
+    s.lost.cancel();
+    s.stop.cancel();
+    let ended = task.await.unwrap();
+    assert_eq!(ended.why, TurnEnd::Stopped);
+    assert!(!ended.handed_back, "a lost turn confirms nothing");
+    assert!(
+        !s.ran.lock().unwrap().is_empty(),
+        "handlers were running at the loss"
+    );
+    let broker = broker.lock().unwrap();
+    assert!(broker.settled.is_empty(), "{:?}", broker.settled);
+    assert!(broker.given_back.is_empty(), "{:?}", broker.given_back);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_connection_drains_the_turn_and_ends_it() {
+    let pool = Arc::new(GatePool::shut());
+    let s = setup(pool.clone(), 1..=3, Duration::ZERO);
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    wait_for("every delivery read", || {
+        broker.lock().unwrap().ready.is_empty()
+    })
+    .await;
+    s.interrupt.send(()).unwrap();
+    tokio::task::yield_now().await;
+    // Not a move: what is queued is drained, not given back.
+    pool.open();
+    let ended = task.await.unwrap();
+    assert_eq!(ended.why, TurnEnd::Interrupted);
+    let broker = broker.lock().unwrap();
+    assert_eq!(acked(&broker).len(), 3, "{:?}", broker.settled);
+    assert!(broker.given_back.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_give_back_the_broker_does_not_confirm_is_reported() {
+    let pool = Arc::new(GatePool::shut());
+    let s = setup(pool.clone(), 1..=2, Duration::ZERO);
+    let broker = s.broker.clone();
+    broker.lock().unwrap().unconfirmed = true;
+    let task = spawn_turn(s.turn);
+    wait_for("every delivery read", || {
+        broker.lock().unwrap().ready.is_empty()
+    })
+    .await;
+    s.moving.store(true, Ordering::SeqCst);
+    s.stop.cancel();
+    tokio::task::yield_now().await;
+    pool.open();
+    let ended = task.await.unwrap();
+    assert!(
+        !ended.handed_back,
+        "an unconfirmed give-back must not let the log be released as settled"
+    );
+    assert_eq!(broker.lock().unwrap().given_back, [vec!["1", "2"]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_dropped_unrun_gives_it_back_with_everything_after_it_in_order() {
+    // The pool drops the second job: no later message of the aggregate may run
+    // before it, so the turn fences its work at once and gives it back with the
+    // rest. The first, waiting for its task when the second was dropped, is
+    // fenced too: given back, lowest position first.
+    let s = setup(Arc::new(DropPool::new(1)), 1..=5, Duration::ZERO);
+    let broker = s.broker.clone();
+    let ended = spawn_turn(s.turn).await.unwrap();
+    assert_eq!(ended.why, TurnEnd::GaveBack);
+    assert!(ended.handed_back);
+    let broker = broker.lock().unwrap();
+    assert!(broker.settled.is_empty(), "{:?}", broker.settled);
+    assert_eq!(broker.given_back, [vec!["1", "2", "3", "4", "5"]]);
+    assert!(s.ran.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_the_pool_refuses_gives_the_turn_back_in_order() {
+    let s = setup(Arc::new(RefusePool), [4, 2, 8], Duration::ZERO);
+    let broker = s.broker.clone();
+    let ended = spawn_turn(s.turn).await.unwrap();
+    assert_eq!(ended.why, TurnEnd::GaveBack);
+    let broker = broker.lock().unwrap();
+    assert!(broker.settled.is_empty(), "{:?}", broker.settled);
+    assert_eq!(broker.given_back, [vec!["2", "4", "8"]]);
+    assert!(s.ran.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_handler_is_kept_alive_and_a_failed_fetch_recovers() {
+    let s = setup(Arc::new(TaskPool), [1], ACK_WAIT * 2);
+    let broker = s.broker.clone();
+    // The fetch brings the message, then fails.
+    broker.lock().unwrap().ready.push_back(Err(()));
+    let task = spawn_turn(s.turn);
+    wait_for("the message settled", || {
+        !broker.lock().unwrap().settled.is_empty()
+    })
+    .await;
+    s.stop.cancel();
+    let ended = task.await.unwrap();
+    assert_eq!(ended.why, TurnEnd::Stopped);
+    let broker = broker.lock().unwrap();
+    assert_eq!(broker.recovered, 1, "recovered once after the failed fetch");
+    assert_eq!(acked(&broker), [(1, "1".to_owned())]);
+    // Handled for twice the wait: kept alive from half of it, every quarter.
+    assert!(
+        (2..=4).contains(&broker.kept_alive.len()),
+        "keep-alive signals: {:?}",
+        broker.kept_alive
+    );
+    assert!(broker.kept_alive.iter().all(|h| h == "1"));
+}

@@ -59,6 +59,7 @@ pub use tokio_util::sync::CancellationToken;
 pub mod raw {
     pub mod acked;
     pub mod chunks;
+    pub(crate) mod completion;
     pub mod completions;
     pub(crate) mod dispatcher;
     pub mod fence;
@@ -93,11 +94,12 @@ pub mod raw {
     pub use crate::redrive::{DeadLetterReader, RawDeadLetter, ReaderOptions};
     pub use acked::{AckLog, AckTurn, Acks};
     pub use chunks::ByteChunks;
+    pub use completion::{Completion, Disposition};
     pub use completions::{Claim, Completions};
     pub use dispatcher::{CommitHold, HoldError, HOLD_TEXT_LIMIT};
     pub use dispatcher::{
-        Completion, DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Disposition, Held,
-        InFlight, MonitorHandle, PartitionHold, PreparedSubscription,
+        DeadLetter, DeadLetterSink, DispatchStats, Dispatcher, Held, InFlight, MonitorHandle,
+        PartitionHold, PreparedSubscription,
     };
     pub use fence::{Epoch, Scope};
     pub use handover::{hand_over, HandOver, HandedOver};

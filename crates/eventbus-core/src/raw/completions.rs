@@ -26,7 +26,8 @@ use std::task::{Context, Poll};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::raw::dispatcher::{Completion, InFlight};
+use crate::raw::completion::Completion;
+use crate::raw::dispatcher::InFlight;
 use crate::raw::fence::{Epoch, Settling};
 pub use crate::raw::mailbox::Target;
 use crate::raw::mailbox::{Mailbox, Post, PostTo};

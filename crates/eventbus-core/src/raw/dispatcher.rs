@@ -18,10 +18,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -40,9 +38,9 @@ use crate::metrics as m;
 use crate::ops::{Backlog, Probe, Recovery};
 use crate::policy::DeliveryPolicy;
 use crate::pool::Pool;
-use crate::raw::fence::{Epoch, Scope, Settling};
+use crate::raw::completion::Disposition;
+use crate::raw::fence::{Epoch, Scope};
 use crate::raw::job::{Job, JobClass, Submission};
-use crate::raw::mailbox::OutcomeReceiver;
 use crate::raw::mailbox::Target;
 use crate::raw::outcome::{panic_message, FailureCause, Outcome};
 use crate::raw::submit::SubmitErrorKind;
@@ -54,6 +52,7 @@ mod holds;
 mod instruments;
 mod limiter;
 mod monitor;
+mod receipt;
 mod task;
 
 use task::{envelope_key, plain_key, Described, EnvelopeTask, PlainTask, TaskShared};
@@ -66,6 +65,8 @@ pub use holds::{CommitHold, HoldError, PartitionHold, HOLD_TEXT_LIMIT};
 use instruments::Metrics;
 use limiter::Limiter;
 pub use monitor::MonitorHandle;
+pub use receipt::InFlight;
+use receipt::{abandon_from, Finishing, Settled};
 
 fn fenced() -> Error {
     Error::new(
@@ -74,258 +75,11 @@ fn fenced() -> Error {
     )
 }
 
-/// How a message ended, and so whether to acknowledge it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Disposition {
-    /// The handler succeeded.
-    Handled,
-    /// Envelope message written to the dead-letter topic.
-    DeadLettered,
-    /// Plain message whose handler failed or panicked: acknowledged, not retried.
-    Dropped,
-    /// Not finished (bus closing, pool aborted it): do not acknowledge; it is redelivered.
-    Abandoned,
-}
-
-/// A finished message.
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct Completion<T> {
-    /// Partition of the message.
-    pub partition: i32,
-    /// Offset or stream sequence of the message.
-    pub offset: i64,
-    /// How it ended.
-    pub disposition: Disposition,
-    /// What the backend attached at submission (an ack handle, say).
-    pub token: T,
-    /// The partition's new watermark (the offset to commit) when this completion
-    /// moved it; set by the [`InFlightSet`](crate::raw::InFlightSet) that tracks the
-    /// message, `None` from an [`InFlight`] awaited on its own.
-    pub watermark: Option<i64>,
-}
-
-impl<T> Completion<T> {
-    /// Whether the backend should acknowledge / commit past this message.
-    pub fn should_ack(&self) -> bool {
-        self.disposition != Disposition::Abandoned
-    }
-}
-
-/// A submitted message; resolves to its [`Completion`].
-#[must_use = "an in-flight message must be awaited to learn whether to ack it"]
-pub struct InFlight<T> {
-    partition: i32,
-    offset: i64,
-    token: Option<T>,
-    fut: Finishing,
-}
-
-/// How an in-flight message comes to its disposition. The large variant is the
-/// common one: boxing its meta would cost the allocation it exists to avoid.
-#[allow(clippy::large_enum_variant)]
-enum Finishing {
-    /// Its job's outcome, settled when it arrives: at once, unless it must be
-    /// dead-lettered. No future of its own, so no allocation.
-    Outcome(OutcomeReceiver, Option<(Meta, Dispatcher)>),
-    /// Anything that waits (a dead letter being written, say).
-    Boxed(BoxFuture<'static, Disposition>),
-    /// Its job posts the outcome to the mailbox of the
-    /// [`InFlightSet`](crate::raw::InFlightSet) it was submitted for (at `slot`, in
-    /// its use `tag`); the set settles it ([`InFlight::settle_posted`]).
-    Posted(u32, u32, Option<(Meta, Dispatcher)>),
-    /// Not submitted (see [`Dispatcher::submit_batch`]): abandoned.
-    NotSubmitted,
-}
-
-/// An outcome settled at once, or what its dead letter needs: the message's meta,
-/// the failure and the calls made (moved, not boxed: it is handed on at once).
-#[allow(clippy::large_enum_variant)]
-enum Settled {
-    Now(Disposition),
-    DeadLetter(Meta, String, u32, DeadLetterKind),
-}
-
-impl Finishing {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Disposition> {
-        loop {
-            match self {
-                Finishing::NotSubmitted => return Poll::Ready(Disposition::Abandoned),
-                Finishing::Boxed(fut) => return fut.as_mut().poll(cx),
-                Finishing::Outcome(rx, _) => {
-                    let received = futures::ready!(rx.poll_settling(cx));
-                    if let Some((d, settling)) = self.settle(received.ok()) {
-                        drop(settling);
-                        return Poll::Ready(d);
-                    }
-                }
-                // Only its set hears the outcome: awaited on its own, the message
-                // is left unacknowledged, for redelivery.
-                Finishing::Posted(..) => {
-                    debug_assert!(false, "a posted in-flight message awaited outside its set");
-                    return Poll::Ready(Disposition::Abandoned);
-                }
-            }
-        }
-    }
-
-    /// Settle what the job delivered (`None`: it was dropped without running):
-    /// the disposition, or `None` when a dead letter is to be written first (this
-    /// becomes the future that writes it).
-    ///
-    /// The disposition comes with the job's [`Settling`] guard: the job counts as
-    /// unsettled in its scope until the caller drops it, once the completion is
-    /// taken.
-    fn settle(
-        &mut self,
-        received: Option<(Outcome, Option<Settling>)>,
-    ) -> Option<(Disposition, Option<Settling>)> {
-        let job = match self {
-            Finishing::Outcome(_, job) | Finishing::Posted(_, _, job) => job.take(),
-            Finishing::Boxed(_) | Finishing::NotSubmitted => None,
-        };
-        let (meta, dispatcher) = job.expect("settled once, while its outcome is awaited");
-        // The job counts as unsettled in its scope until `settling` drops, after
-        // the disposition is settled (a dead letter written): a hand-over that
-        // waits for the scope to be idle cannot give the message back meanwhile.
-        let Some((outcome, settling)) = received else {
-            return Some((Disposition::Abandoned, None));
-        };
-        match dispatcher.settle_now(outcome, meta) {
-            Settled::Now(disposition) => Some((disposition, settling)),
-            Settled::DeadLetter(meta, cause, attempts, kind) => {
-                *self = Finishing::Boxed(
-                    async move {
-                        let (pool, submitted) = (meta.pool, meta.submitted);
-                        let scope = settling.as_ref().map(|s| s.scope());
-                        let d = dispatcher
-                            .dead_letter(meta, cause, attempts, kind, scope)
-                            .await;
-                        dispatcher.finished(pool, submitted, d);
-                        drop(settling);
-                        d
-                    }
-                    .boxed(),
-                );
-                None
-            }
-        }
-    }
-}
-
-impl<T> fmt::Debug for InFlight<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("InFlight")
-            .field("partition", &self.partition)
-            .field("offset", &self.offset)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T> InFlight<T> {
-    /// Partition of the message.
-    pub fn partition(&self) -> i32 {
-        self.partition
-    }
-    /// Offset of the message.
-    pub fn offset(&self) -> i64 {
-        self.offset
-    }
-}
-
-impl<T> InFlight<T> {
-    /// A message that was not submitted: it resolves [`Disposition::Abandoned`].
-    fn abandoned(partition: i32, offset: i64, token: Option<T>) -> Self {
-        Self {
-            partition,
-            offset,
-            token,
-            fut: Finishing::NotSubmitted,
-        }
-    }
-
-    /// Whether the message was submitted. An entry [`Dispatcher::submit_batch`]
-    /// made for a message it did not submit is not, and resolves
-    /// [`Disposition::Abandoned`] at once: a consumer treats it as a failed
-    /// [`Dispatcher::submit`] (gives the message back, or leaves it for
-    /// redelivery).
-    pub fn submitted(&self) -> bool {
-        !matches!(self.fut, Finishing::NotSubmitted)
-    }
-
-    /// The mailbox slot and tag its job posts to, when it posts to one.
-    pub(crate) fn posted_to(&self) -> Option<(u32, u32)> {
-        match self.fut {
-            Finishing::Posted(slot, tag, _) => Some((slot, tag)),
-            _ => None,
-        }
-    }
-
-    /// Settle the outcome its job posted (`None`: dropped without running): the
-    /// completion, with the job's guard to drop once the completion is taken (see
-    /// [`Finishing::settle`]), or `None` when it still has to write a dead letter
-    /// (it is then a future to await like any other).
-    pub(crate) fn settle_posted(
-        &mut self,
-        received: Option<(Outcome, Option<Settling>)>,
-    ) -> Option<(Completion<T>, Option<Settling>)> {
-        let (disposition, settling) = self.fut.settle(received)?;
-        Some((self.complete(disposition), settling))
-    }
-
-    fn complete(&mut self, disposition: Disposition) -> Completion<T> {
-        Completion {
-            partition: self.partition,
-            offset: self.offset,
-            disposition,
-            token: self.token.take().expect("InFlight polled after completion"),
-            watermark: None,
-        }
-    }
-}
-
-#[cfg(test)]
-impl<T> InFlight<T> {
-    /// A message whose disposition is `fut`'s: for tests of what consumes
-    /// in-flight messages, without a pool.
-    pub(crate) fn resolving(
-        partition: i32,
-        offset: i64,
-        token: T,
-        fut: BoxFuture<'static, Disposition>,
-    ) -> Self {
-        Self {
-            partition,
-            offset,
-            token: Some(token),
-            fut: Finishing::Boxed(fut),
-        }
-    }
-}
-
 /// Resolves when the scope of `epoch` is fenced; never without an epoch.
 async fn fence_of(epoch: Option<&Epoch>) {
     match epoch {
         Some(epoch) => epoch.scope().fenced().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Turn the entries of `out` from `from` on into entries of messages not submitted:
-/// their jobs were never queued, and nothing else of theirs (a dead letter) may run.
-fn abandon_from<T>(out: &mut [InFlight<T>], from: usize) {
-    for entry in out.iter_mut().skip(from) {
-        if entry.submitted() {
-            *entry = InFlight::abandoned(entry.partition, entry.offset, entry.token.take());
-        }
-    }
-}
-
-impl<T: Unpin> Future for InFlight<T> {
-    type Output = Completion<T>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completion<T>> {
-        let disposition = futures::ready!(self.fut.poll(cx));
-        Poll::Ready(self.complete(disposition))
     }
 }
 

@@ -55,9 +55,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::DEFAULT_MAX_TRACKED_PER_PARTITION;
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics as m;
+use crate::raw::completion::Completion;
 pub use crate::raw::completions::Target;
 use crate::raw::completions::{Claim, Completions};
-use crate::raw::dispatcher::{Completion, InFlight};
+use crate::raw::dispatcher::InFlight;
 use crate::raw::fence::{Epoch, Scope};
 use crate::raw::finished::{FinishedOffsets, TooLarge};
 use crate::raw::offset::OffsetTracker;
@@ -679,7 +680,7 @@ impl<T: Send + Unpin + 'static, F: FnMut(Completion<T>) + Send> crate::raw::Hand
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raw::dispatcher::Disposition;
+    use crate::raw::completion::Disposition;
     use futures::FutureExt;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
     use tokio::sync::oneshot;

@@ -80,7 +80,7 @@ pub mod raw {
     pub(crate) mod sync;
     pub(crate) mod task;
     #[cfg(test)]
-    pub(crate) mod test_pools;
+    pub(crate) mod test_support;
     pub(crate) mod watch;
 
     pub use crate::bus::{

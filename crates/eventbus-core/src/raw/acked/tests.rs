@@ -7,7 +7,7 @@
 use super::{AckLog, AckTurn, Acks, Bounds, Received, Settle, TurnEnd};
 use crate::config::BusConfig;
 use crate::pool::Pool;
-use crate::raw::test_pools::{DropPool, GatePool, RefusePool, TaskPool};
+use crate::raw::test_support::{wait_for, DropPool, GatePool, RefusePool, TaskPool};
 use crate::raw::{Dispatcher, PreparedSubscription, Scope};
 use crate::{
     handler_fn, CancellationToken, Error, ErrorKind, HandlerResult, Message, Result, Subscription,
@@ -213,17 +213,12 @@ fn setup(pool: Arc<dyn Pool>, seqs: impl IntoIterator<Item = u64>, handling: Dur
     }
 }
 
-/// Look every 5 ms of the test's clock, 10 s at most, until `cond` holds.
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tick.tick().await;
-    }
+/// Wait until the turn's fetches have read every delivery the broker holds.
+async fn all_read(broker: &Arc<Mutex<Broker>>) {
+    wait_for("every delivery read", || {
+        broker.lock().unwrap().ready.is_empty()
+    })
+    .await;
 }
 
 /// Run the turn on a task until `stop`, then wind it down; its end.
@@ -249,20 +244,14 @@ async fn every_delivery_is_acked_once_and_a_redelivery_in_flight_does_not_run_ag
     let s = setup(pool.clone(), 1..=5, Duration::ZERO);
     let broker = s.broker.clone();
     let task = spawn_turn(s.turn);
-    wait_for("the first fetch read", || {
-        broker.lock().unwrap().ready.is_empty()
-    })
-    .await;
+    all_read(&broker).await;
     // The broker delivers 3 again while its job waits in the pool.
     broker
         .lock()
         .unwrap()
         .ready
         .push_back(Ok((3, "3-again".to_owned())));
-    wait_for("the redelivery read", || {
-        broker.lock().unwrap().ready.is_empty()
-    })
-    .await;
+    all_read(&broker).await;
     pool.open();
     wait_for("every message settled", || {
         broker.lock().unwrap().settled.len() == 5
@@ -294,10 +283,7 @@ async fn a_move_gives_everything_unfinished_back_in_order_without_a_drain() {
     let s = setup(pool.clone(), [70, 9, 300, 25], Duration::ZERO);
     let broker = s.broker.clone();
     let task = spawn_turn(s.turn);
-    wait_for("every delivery read", || {
-        broker.lock().unwrap().ready.is_empty()
-    })
-    .await;
+    all_read(&broker).await;
     let started = tokio::time::Instant::now();
     s.moving.store(true, Ordering::SeqCst);
     s.stop.cancel();
@@ -330,10 +316,7 @@ async fn a_lost_turn_settles_nothing_and_gives_nothing_back() {
     let s = setup(Arc::new(TaskPool), 1..=3, Duration::from_secs(1));
     let broker = s.broker.clone();
     let task = spawn_turn(s.turn);
-    wait_for("every delivery read", || {
-        broker.lock().unwrap().ready.is_empty()
-    })
-    .await;
+    all_read(&broker).await;
     tokio::task::yield_now().await;
     // As a lease keeper does: fence the work, then say it is lost.
     s.scope.fence();
@@ -357,10 +340,7 @@ async fn an_interrupted_connection_drains_the_turn_and_ends_it() {
     let s = setup(pool.clone(), 1..=3, Duration::ZERO);
     let broker = s.broker.clone();
     let task = spawn_turn(s.turn);
-    wait_for("every delivery read", || {
-        broker.lock().unwrap().ready.is_empty()
-    })
-    .await;
+    all_read(&broker).await;
     s.interrupt.send(()).unwrap();
     tokio::task::yield_now().await;
     // Not a move: what is queued is drained, not given back.
@@ -379,10 +359,7 @@ async fn a_give_back_the_broker_does_not_confirm_is_reported() {
     let broker = s.broker.clone();
     broker.lock().unwrap().unconfirmed = true;
     let task = spawn_turn(s.turn);
-    wait_for("every delivery read", || {
-        broker.lock().unwrap().ready.is_empty()
-    })
-    .await;
+    all_read(&broker).await;
     s.moving.store(true, Ordering::SeqCst);
     s.stop.cancel();
     tokio::task::yield_now().await;

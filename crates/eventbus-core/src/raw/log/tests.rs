@@ -5,7 +5,7 @@
 
 use super::{Assignment, LogLoop, PartitionLog};
 use crate::config::BusConfig;
-use crate::raw::test_pools::{GatePool, TaskPool};
+use crate::raw::test_support::{wait_for, GatePool, TaskPool};
 use crate::raw::{Dispatcher, InFlightSet, Scope};
 use crate::{
     handler_fn, CancellationToken, Error, ErrorKind, HandlerResult, Message, Result, Subscription,
@@ -191,19 +191,6 @@ fn looped(
     let cancel = CancellationToken::new();
     let run = LogLoop::new(script, sub, dispatcher, set, cancel.clone());
     (run, seen, cancel)
-}
-
-/// Look every 5 ms of the test's clock, 10 s at most, until `cond` holds.
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tick.tick().await;
-    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
-//! Pools for the tests of core's consume loops: one that runs each job on a
-//! task of its own, one that queues every job until the test lets them run,
-//! one that drops a job unrun, and one that refuses every job.
+//! What the tests of core's consume loops share: pools (one that runs each job
+//! on a task of its own, one that queues every job until the test lets them
+//! run, one that drops a job unrun, one that refuses every job) and a bounded
+//! wait on the test's clock.
 
 use crate::pool::{Pool, PoolStats};
 use crate::raw::submit::{SubmitError, SubmitErrorKind};
@@ -11,6 +12,29 @@ use futures::FutureExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+/// A test pool's [`Pool`] half: one worker, no counters, always healthy.
+macro_rules! test_pool {
+    ($pool:ty, $kind:literal) => {
+        impl Pool for $pool {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
+            fn workers(&self) -> usize {
+                1
+            }
+            fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
+                async {}.boxed()
+            }
+            fn stats(&self) -> PoolStats {
+                PoolStats::default()
+            }
+            fn health(&self) -> ComponentHealth {
+                ComponentHealth::healthy(concat!("pool.", $kind))
+            }
+        }
+    };
+}
 
 /// Runs every job on a task of its own, taking every batch whole.
 #[derive(Debug)]
@@ -26,24 +50,6 @@ impl Submit for TaskPool {
         for job in jobs.drain(..) {
             tokio::spawn(job.run());
         }
-    }
-}
-
-impl Pool for TaskPool {
-    fn kind(&self) -> &'static str {
-        "task"
-    }
-    fn workers(&self) -> usize {
-        1
-    }
-    fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
-        async {}.boxed()
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn health(&self) -> ComponentHealth {
-        ComponentHealth::healthy("pool.task")
     }
 }
 
@@ -79,24 +85,6 @@ impl Submit for GatePool {
     }
 }
 
-impl Pool for GatePool {
-    fn kind(&self) -> &'static str {
-        "gate"
-    }
-    fn workers(&self) -> usize {
-        1
-    }
-    fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
-        async {}.boxed()
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn health(&self) -> ComponentHealth {
-        ComponentHealth::healthy("pool.gate")
-    }
-}
-
 /// Drops the job at place `n` of those it is given (0 for the first) unrun,
 /// and runs every other on a task of its own, as a pool whose worker died with
 /// a job queued.
@@ -126,24 +114,6 @@ impl Submit for DropPool {
     }
 }
 
-impl Pool for DropPool {
-    fn kind(&self) -> &'static str {
-        "drop"
-    }
-    fn workers(&self) -> usize {
-        1
-    }
-    fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
-        async {}.boxed()
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn health(&self) -> ComponentHealth {
-        ComponentHealth::healthy("pool.drop")
-    }
-}
-
 /// Refuses every job, as a closed pool.
 #[derive(Debug)]
 pub(crate) struct RefusePool;
@@ -155,20 +125,20 @@ impl Submit for RefusePool {
     }
 }
 
-impl Pool for RefusePool {
-    fn kind(&self) -> &'static str {
-        "refuse"
-    }
-    fn workers(&self) -> usize {
-        1
-    }
-    fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
-        async {}.boxed()
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn health(&self) -> ComponentHealth {
-        ComponentHealth::healthy("pool.refuse")
+test_pool!(TaskPool, "task");
+test_pool!(GatePool, "gate");
+test_pool!(DropPool, "drop");
+test_pool!(RefusePool, "refuse");
+
+/// Look every 5 ms of the test's clock, 10 s at most, until `cond` holds.
+pub(crate) async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tick.tick().await;
     }
 }

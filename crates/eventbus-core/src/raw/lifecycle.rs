@@ -884,40 +884,10 @@ impl<B: BusBackend> Probe for Lifecycle<B> {
 mod tests {
     use super::*;
     use crate::config::BusConfig;
-    use crate::pool::{Pool, PoolStats};
-    use crate::raw::job::Job;
-    use crate::raw::submit::{SubmitError, SubmitErrorKind};
-    use crate::raw::Submit;
+    use crate::raw::test_support::RefusePool;
     use crate::{HandlerError, Message};
     use std::pin::pin;
     use tokio::sync::Semaphore;
-
-    #[derive(Debug)]
-    struct NoPool;
-
-    impl Submit for NoPool {
-        fn submit(&self, job: Job) -> BoxFuture<'_, Result<(), SubmitError>> {
-            async move { Err(SubmitError::new(SubmitErrorKind::Closed, job)) }.boxed()
-        }
-    }
-
-    impl Pool for NoPool {
-        fn kind(&self) -> &'static str {
-            "none"
-        }
-        fn workers(&self) -> usize {
-            0
-        }
-        fn close(&self, _: Duration) -> BoxFuture<'_, ()> {
-            async {}.boxed()
-        }
-        fn stats(&self) -> PoolStats {
-            PoolStats::default()
-        }
-        fn health(&self) -> ComponentHealth {
-            ComponentHealth::healthy("pool.none")
-        }
-    }
 
     /// A backend whose stops wait for a permit of `release`, and which logs what
     /// happens in order.
@@ -987,7 +957,7 @@ mod tests {
 
     fn lifecycle() -> Arc<Lifecycle<Fake>> {
         let config = BusConfig::default();
-        let dispatcher = Dispatcher::new("fake", Arc::new(NoPool), None, config);
+        let dispatcher = Dispatcher::new("fake", Arc::new(RefusePool), None, config);
         let fake = Fake {
             log: Arc::default(),
             release: Arc::new(Semaphore::new(0)),
@@ -1124,7 +1094,7 @@ mod tests {
                 self.0.lag(c).await
             }
         }
-        let dispatcher = Dispatcher::new("slow", Arc::new(NoPool), None, BusConfig::default());
+        let dispatcher = Dispatcher::new("slow", Arc::new(RefusePool), None, BusConfig::default());
         let release = Arc::new(Semaphore::new(0));
         let bus = Lifecycle::new(
             Slow(Fake {

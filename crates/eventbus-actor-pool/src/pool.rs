@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::cool_down::CoolDown;
 use crate::messages::SupervisorMsg;
-use crate::shared::{Counters, Shared};
+use crate::shared::{Counters, Shared, Warm};
 use crate::slot::Slot;
 use crate::supervisor::Supervisor;
 
@@ -63,9 +63,12 @@ impl Future for Accepted {
 /// actor.
 ///
 /// Routing is work-conserving: a route with a job queued or running sends its next
-/// job to the same actor, behind it; a route with nothing in flight goes to the
-/// shorter queue of two actors in service drawn at random (see
-/// [`eventbus_core::raw::routes`]; `actor_pool.routing = "fixed"`: actor
+/// job to the same actor, behind it; a route with nothing in flight goes to an
+/// actor started already while one takes it without making it wait behind jobs
+/// that wait, and otherwise starts the next (the shorter queue of two actors in
+/// service drawn at random once every actor has started; see
+/// [`eventbus_core::raw::routes`] and `docs/pools.md`, "New routes go to the
+/// actors warm already"; `actor_pool.routing = "fixed"`: actor
 /// `slot(route, size)`). So jobs of one aggregate run one at a time in submission
 /// order. See the crate documentation for the failure semantics.
 pub struct ActorPool {
@@ -87,6 +90,19 @@ impl fmt::Debug for ActorPool {
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
+}
+
+/// Actors kept warm per runtime thread before new routes queue behind a warm
+/// actor's jobs (see [`Warm`]): with a few per thread, a thread that has run one
+/// actor's queue dry finds another ready rather than park. On a no-op drain of
+/// the memory backend on 2 threads, 2 warm actors took 1.4–1.6× the CPU per
+/// message of 256, and 16 or more the same as 256 (`docs/benchmarks.md`).
+const WARM_PER_THREAD: usize = 8;
+
+/// The threads the current runtime runs tasks on: how many actors, kept busy,
+/// already use every one.
+fn runtime_threads() -> usize {
+    tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers())
 }
 
 /// Check what [`ActorPoolConfig::validate`] does not: the window and the upper bounds.
@@ -139,6 +155,7 @@ impl ActorPool {
             releasing: AtomicBool::new(false),
             slots,
             router: Router::new(config.workers, config.routing),
+            warm: Warm::new(runtime_threads() * WARM_PER_THREAD, config.workers),
             closing: AtomicBool::new(false),
             idle: Notify::new(),
             unavailable: AtomicUsize::new(0),
@@ -187,7 +204,7 @@ impl ActorPool {
         let shared = &self.shared;
         let available = match shared.held_slot(route) {
             Some(slot) => !slot.is_unavailable(),
-            None => shared.pick(None).is_some(),
+            None => shared.pick_among_all(None).is_some(),
         };
         available && !shared.is_closing() && self.supervisor_alive()
     }

@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use crate::ActorPoolConfig;
 
-use eventbus_core::raw::routes::Router;
+use eventbus_core::raw::routes::{other_than, Router, SHARE_GAP};
 use eventbus_core::raw::{less_loaded, Job, OutcomeKind};
 use ractor::ActorCell;
 use tokio::sync::Notify;
@@ -14,6 +14,56 @@ use tokio::sync::Notify;
 use crate::cool_down::CoolDown;
 use crate::messages::SupervisorMsg;
 use crate::slot::Slot;
+
+/// A warm actor whose jobs run through on their first poll takes a new route while
+/// fewer jobs than this are queued or running on it. Deeper queues keep fewer
+/// actors warm but leave the runtime's threads less to run at once: on a no-op
+/// drain of the memory backend on 2 threads, an unbounded depth kept 16 actors
+/// at 0.93× the rate of 256 actors, and 64 kept about 20 at the same rate as 256
+/// (`docs/benchmarks.md`).
+const WARM_DEPTH: usize = 64;
+
+/// Added to the rank of an actor whose job waits, above any queue's length (at
+/// most [`MAX_INBOX_SIZE`](crate::MAX_INBOX_SIZE), an eighth of `usize`'s range).
+const WAITS: usize = 1 << (usize::BITS - 2);
+
+/// The actors new routes prefer: the first [`count`](Warm::count) slots. An actor
+/// costs its ractor channels and task (about 9 KiB) from its first job for as long
+/// as the pool lives, and a route with nothing in flight, placed round the whole
+/// pool, would start every actor within the pool's first few hundred routes even
+/// where a few, kept busy, serve as fast: no-op and CPU-bound handlers run at the
+/// speed of the runtime's threads, whichever actors hold them. So a new route goes
+/// to a warm actor while one has room and is not waiting on its job, and one more
+/// actor becomes warm only when none is. Jobs that wait (I/O, a timer) make the
+/// pool warm up as far as they need; the count never falls.
+pub(crate) struct Warm {
+    count: AtomicUsize,
+    /// Below this many warm actors, only an idle one takes a new route: enough
+    /// to keep every runtime thread busy before queues form.
+    enough: usize,
+}
+
+impl Warm {
+    /// No actor warm yet; `enough` as [`Warm::enough`], at most `size`.
+    pub(crate) fn new(enough: usize, size: usize) -> Self {
+        Self {
+            count: AtomicUsize::new(0),
+            enough: enough.clamp(1, size.max(1)),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Make slot `from` warm, when `from` actors are warm now; otherwise the
+    /// count now.
+    fn grow(&self, from: usize) -> Result<(), usize> {
+        self.count
+            .compare_exchange(from, from + 1, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| ())
+    }
+}
 
 /// Pool-wide counters of rare events. Per-job counts live in the slots, each written
 /// by one side only (see [`Slot`]).
@@ -34,6 +84,8 @@ pub(crate) struct Shared {
     pub(crate) slots: Box<[Slot]>,
     /// Where routes go (see [`eventbus_core::raw::routes`]).
     pub(crate) router: Router,
+    /// The actors new routes prefer (see [`Warm`]).
+    pub(crate) warm: Warm,
     pub(crate) closing: AtomicBool,
     /// Notified, while closing, when a slot runs out of pending work or leaves service.
     pub(crate) idle: Notify,
@@ -47,16 +99,64 @@ impl Shared {
         self.closing.load(Ordering::SeqCst)
     }
 
-    /// An actor for a route with nothing in flight, other than `not`: the shorter
-    /// queue of two drawn at random among the actors in service with room in their
-    /// queue (when every such queue is full, among the actors in service: the job
-    /// waits for room); `None` when none is in service.
+    /// An actor for a route with nothing in flight, other than `not`, preferring
+    /// the actors serving already (see [`Warm`]): the better of two drawn among
+    /// the warm actors ([`less_loaded`]) when it has room in its queue and neither
+    /// its job nor the one before waited on I/O, a timer or a lock (or it is idle;
+    /// only an idle one, while fewer are warm
+    /// than the runtime has threads); otherwise the next actor, which the first job
+    /// routed to it starts; with every actor warm, the shorter queue of two drawn
+    /// among those in service with room (when every such queue is full, among
+    /// those in service: the job waits for room). `None` when none is in service.
     pub(crate) fn pick(&self, not: Option<usize>) -> Option<usize> {
         let n = self.slots.len();
-        let in_service = |i: usize| Some(i) != not && !self.slots[i].is_unavailable();
+        let mut warm = self.warm.count();
+        while warm < n {
+            if let Some(i) = self.warm_with_room(warm, not) {
+                return Some(i);
+            }
+            match self.warm.grow(warm) {
+                Ok(()) if self.takes(warm, not) => return Some(warm),
+                Ok(()) => warm += 1,
+                Err(now) => warm = now,
+            }
+        }
+        self.pick_among_all(not)
+    }
+
+    /// Among the first `warm` actors, one that takes a new route without making
+    /// it wait (see [`pick`](Self::pick)).
+    fn warm_with_room(&self, warm: usize, not: Option<usize>) -> Option<usize> {
+        if warm == 0 {
+            return None;
+        }
+        // An actor whose job waits, or whose last job did (its queue holds jobs
+        // that wait, most likely), ranks after every queue that drains at the
+        // runtime's speed, so that the second draw is taken when the first waits.
+        let rank = |i: usize| {
+            let slot = &self.slots[i];
+            let load = self.takes(i, not).then(|| slot.queue().rank(true))??;
+            let waits = self.router.waiting(i) || slot.last_waited();
+            Some(load + usize::from(waits) * WAITS)
+        };
+        let i = less_loaded(warm, rank)?;
+        let rank = rank(i)?;
+        let idle = rank & !WAITS == 0;
+        (idle || (rank < WARM_DEPTH && warm >= self.warm.enough)).then_some(i)
+    }
+
+    /// Whether actor `i` takes new routes: in service, and not `not`.
+    fn takes(&self, i: usize, not: Option<usize>) -> bool {
+        Some(i) != not && !self.slots[i].is_unavailable()
+    }
+
+    /// [`pick`](Self::pick) among every actor, warm or not, starting none on its
+    /// own account: whether any actor takes new routes now.
+    pub(crate) fn pick_among_all(&self, not: Option<usize>) -> Option<usize> {
+        let n = self.slots.len();
         let rank = |room: bool| {
             move |i: usize| {
-                in_service(i)
+                self.takes(i, not)
                     .then(|| self.slots[i].queue().rank(room))
                     .flatten()
             }
@@ -79,6 +179,50 @@ impl Shared {
         supervisor
             .is_some_and(|s| self.start_actor(to, s))
             .then_some(to)
+    }
+
+    /// Actor `me`, about to take its next job, hands part of its queue to another
+    /// ([`Router::share_to`]): when its last job waited and at least
+    /// [`SHARE_GAP`] jobs wait behind it while some actor is not warm yet, to the
+    /// first such, made warm and started for it (asking `supervisor`); otherwise
+    /// to one drawn among the warm actors serving. So routes placed on a few
+    /// actors before their jobs were seen to wait (see [`Warm`]) spread from
+    /// there as the jobs show it, each such actor starting one more at each job:
+    /// the pool warms up as fast as the waiting jobs need. Returns how many jobs
+    /// it handed over.
+    pub(crate) fn share(&self, me: usize, waited: bool, supervisor: Option<&ActorCell>) -> usize {
+        let n = self.slots.len();
+        let mut fresh = None;
+        let to = |queued: usize| {
+            let warm = self.warm.count();
+            if waited && queued >= SHARE_GAP && warm < n && supervisor.is_some() {
+                fresh = Some(warm);
+                return fresh;
+            }
+            let serving = |i: usize| {
+                let slot = &self.slots[i];
+                slot.is_started() && !slot.is_unavailable()
+            };
+            other_than(me, warm.max(me + 1)).filter(|i| serving(*i))
+        };
+        let moved = self
+            .router
+            .share_to(me, waited, to, |i| self.slots[i].queue());
+        // Only a slot given jobs becomes warm (a queue of one route, the one
+        // running, gives none).
+        if let (Some(i), Some(supervisor)) = (fresh.filter(|_| moved > 0), supervisor) {
+            let _ = self.warm.grow(i);
+            if !self.start_actor(i, supervisor) {
+                tracing::warn!(actor = i, moved, "actor pool: the supervisor could not be asked to start an actor given jobs; they wait for it");
+            }
+        }
+        moved
+    }
+
+    /// The actors an idle actor `me` may steal from are drawn among this many:
+    /// the warm ones (see [`Warm`]), and at least those up to `me`.
+    pub(crate) fn steal_among(&self, me: usize) -> usize {
+        self.warm.count().max(me + 1)
     }
 
     /// Make sure the first actor of slot `index` has been asked for: the first job

@@ -38,6 +38,9 @@ struct Served {
     panicked: AtomicU64,
     /// Jobs dropped from the queue unrun when the pool closed.
     dropped: AtomicU64,
+    /// The last job run waited (it did not finish on its first poll): the jobs
+    /// queued behind it are likely to wait too. Written when it changes only.
+    waited: AtomicBool,
 }
 
 fn bump(counter: &AtomicU64, order: Ordering) {
@@ -121,6 +124,19 @@ impl Slot {
         // Sequentially consistent, so that either this store is seen by a closing
         // pool's idle check or this actor sees the pool closing (and notifies it).
         bump(&self.served.0.finished, Ordering::SeqCst);
+    }
+
+    /// The job just run waited, or did not. Only the serving side calls it.
+    pub(crate) fn ran(&self, waited: bool) {
+        let last = &self.served.0.waited;
+        if last.load(Ordering::Relaxed) != waited {
+            last.store(waited, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the last job run waited (see [`Slot::ran`]).
+    pub(crate) fn last_waited(&self) -> bool {
+        self.served.0.waited.load(Ordering::Relaxed)
     }
 
     /// Jobs in the queue now.

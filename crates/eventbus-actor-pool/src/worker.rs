@@ -80,22 +80,18 @@ async fn serve(
     let shared = &state.shared;
     let mut waited = false;
     loop {
-        // Only from actors in service (the jobs held for one out of service wait
-        // for its fresh actor), and only to actors serving already.
+        // Only from warm actors in service (the jobs held for one out of service
+        // wait for its fresh actor), and only to actors serving already, or made
+        // warm for it.
         if slot.queue().queued() == 0 {
             let in_service = |i: usize| !shared.slots[i].is_unavailable();
-            let victim = victim(shared.slots.len(), state.index, in_service);
+            let among = shared.steal_among(state.index);
+            let victim = victim(among, state.index, in_service);
             shared
                 .router
                 .steal(state.index, victim, |i| shared.slots[i].queue());
         } else {
-            let serving = |i: usize| {
-                let slot = &shared.slots[i];
-                slot.is_started() && !slot.is_unavailable()
-            };
-            shared
-                .router
-                .share(state.index, waited, serving, |i| shared.slots[i].queue());
+            shared.share(state.index, waited, supervisor.as_ref());
         }
         let Some(job) = slot.queue().pop().await else {
             break;
@@ -113,6 +109,7 @@ async fn serve(
             .await;
         let kind = ran.kind;
         waited = ran.waited;
+        slot.ran(waited);
         shared.job_finished(slot, kind);
         if class == JobClass::Plain && kind == OutcomeKind::Panicked {
             return Err(format!("actor {}: plain handler panicked", slot.index).into());

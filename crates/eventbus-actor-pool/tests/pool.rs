@@ -289,6 +289,117 @@ async fn a_hand_back_starts_the_actor_it_hands_routes_to() {
     pool.close(Duration::from_secs(5)).await;
 }
 
+/// Submit `job`, waiting for room while its queue is full, as the dispatcher does.
+async fn submit_waiting_for_room(pool: &ActorPool, mut job: Job) {
+    loop {
+        match pool.submit(job).await {
+            Ok(()) => return,
+            Err(e) if e.kind() == SubmitErrorKind::Full => job = e.into_job(),
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+    }
+}
+
+/// New routes whose jobs finish on their first poll keep to the actors warm
+/// already: a pool of 256 serves a thousand routes with no more actors than
+/// keep the runtime's two threads busy (8 each), not one per slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_routes_whose_jobs_run_through_keep_to_the_warm_actors() {
+    let pool = ActorPool::start(&config(256, 1000)).await.unwrap();
+    for burst in 0..40u64 {
+        let mut receivers = Vec::new();
+        for i in 0..25u64 {
+            let route = burst * 25 + i;
+            let (j, rx) = job(route, JobClass::Plain, "k", async { handled() });
+            submit_waiting_for_room(&pool, j).await;
+            receivers.push(rx);
+        }
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let o = outcome(&format!("job {i} of burst {burst}"), rx).await;
+            assert!(matches!(o, Outcome::Handled { .. }), "{o:?}");
+        }
+    }
+    let actors = pool.live_actors() - 1;
+    assert!(
+        actors <= 16,
+        "1000 routes of no-op jobs started {actors} actors; at most 16 (8 per runtime thread) should serve them"
+    );
+    pool.close(Duration::from_secs(5)).await;
+}
+
+/// Routes whose jobs wait warm the pool up as far as they need: each of 40
+/// routes with a job waiting on a gate runs at once, on an actor of its own,
+/// past the 8 actors warm first (one runtime thread). On a paused clock, "at
+/// once" is exact: no time passes, so no job waited for a hand-back
+/// (`HAND_BACK_AFTER`) to leave a queue behind a waiting job.
+#[tokio::test(start_paused = true)]
+async fn routes_whose_jobs_wait_each_start_an_actor() {
+    let pool = ActorPool::start(&config(256, 1000)).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let mut running = Vec::new();
+    for route in 0..40u64 {
+        let (j, rx, started, gate) = gated(route);
+        pool.submit(j).await.unwrap();
+        within(
+            &format!("route {route}'s job to start while 0..{route} wait"),
+            started,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "route {route}'s job started only after a hand-back: it was queued behind a waiting job"
+        );
+        running.push((rx, gate));
+    }
+    assert!(
+        pool.live_actors() > 40,
+        "an actor per waiting job, and the supervisor"
+    );
+    for (route, (rx, gate)) in running.into_iter().enumerate() {
+        gate.send(()).unwrap();
+        let o = outcome(&format!("route {route}'s gated job"), rx).await;
+        assert!(matches!(o, Outcome::Handled { .. }), "{o:?}");
+    }
+    pool.close(Duration::from_secs(5)).await;
+}
+
+/// Routes placed in a burst on the warm actors, before their jobs were seen to
+/// wait, spread from there: an actor whose job waited with others queued behind
+/// it gives half of them to an actor not warm yet, which it starts. On one
+/// runtime thread the burst is placed before any actor runs: 160 routes of jobs
+/// that sleep a millisecond go to the 8 actors warm first, and without the
+/// spread no other actor would start.
+#[tokio::test]
+async fn routes_placed_behind_jobs_that_wait_spread_to_actors_not_warm_yet() {
+    let pool = ActorPool::start(&config(256, 1000)).await.unwrap();
+    let mut receivers = Vec::new();
+    for route in 0..160u64 {
+        let (j, rx) = job(route, JobClass::Plain, "sleeps", async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            handled()
+        });
+        pool.submit(j).await.unwrap();
+        receivers.push(rx);
+    }
+    assert_eq!(
+        pool.live_actors(),
+        1,
+        "no actor has run yet: the burst was placed without yielding"
+    );
+    for (route, rx) in receivers.into_iter().enumerate() {
+        let o = outcome(&format!("route {route}'s job"), rx).await;
+        assert!(matches!(o, Outcome::Handled { .. }), "{o:?}");
+    }
+    let actors = pool.live_actors() - 1;
+    assert!(
+        actors > 8,
+        "the queues of the 8 warm actors, 20 sleeping jobs each, spread to no other actor ({actors} live)"
+    );
+    pool.close(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn a_full_inbox_hands_the_job_back_after_the_wait() {
     let pool = ActorPool::start(&config(1, 1)).await.unwrap();

@@ -64,12 +64,13 @@ pub fn victim(n: usize, me: usize, eligible: impl Fn(usize) -> bool) -> Option<u
     if !due(&IDLE) {
         return None;
     }
-    victim_of(n, me).filter(|v| eligible(*v))
+    other_than(me, n).filter(|v| eligible(*v))
 }
 
-/// A worker among `n` drawn at random other than `me` (none when `n < 2`).
+/// A worker among `n` drawn at random other than `me` (none when `n < 2`;
+/// `me` at most `n - 1`).
 #[inline]
-fn victim_of(n: usize, me: usize) -> Option<usize> {
+pub fn other_than(me: usize, n: usize) -> Option<usize> {
     if n < 2 {
         return None;
     }
@@ -219,6 +220,22 @@ impl<R: Rule> Router<R> {
         eligible: impl Fn(usize) -> bool,
         queue_of: impl Fn(usize) -> &'q JobQueue,
     ) -> usize {
+        let n = self.slots.len();
+        let to = |_| other_than(me, n).filter(|to| eligible(*to));
+        self.share_to(me, waited, to, queue_of)
+    }
+
+    /// [`share`](Self::share), giving to the worker `to` names (if any), asked
+    /// with the number of jobs queued on `me` once a share is due: for a pool
+    /// that chooses where its queues spread itself (one that starts workers on
+    /// demand draws among those started, and may start one for the share).
+    pub fn share_to<'q>(
+        &'q self,
+        me: usize,
+        waited: bool,
+        to: impl FnOnce(usize) -> Option<usize>,
+        queue_of: impl Fn(usize) -> &'q JobQueue,
+    ) -> usize {
         if !self.moves() {
             return 0;
         }
@@ -230,7 +247,7 @@ impl<R: Rule> Router<R> {
         if queued < 2 || (!waited && !due(&SHARE)) {
             return 0;
         }
-        let Some(to) = victim_of(self.slots.len(), me).filter(|to| eligible(*to)) else {
+        let Some(to) = to(queued).filter(|to| *to != me && *to < self.slots.len()) else {
             return 0;
         };
         let theirs = queue_of(to).load();
@@ -266,6 +283,17 @@ impl<R: Rule> Router<R> {
     #[inline]
     pub fn held(&self, route: u64) -> Option<usize> {
         self.rule.held(route, self.slots, &self.own)
+    }
+
+    /// Whether worker `worker`'s job is waiting now: it did not finish on its
+    /// first poll and has not ended ([`run`](Self::run)). Known only while jobs
+    /// may move ([`counts`](Self::counts), or a composite places jobs here);
+    /// otherwise `false`. A read of the worker's own watch line, no lock: what
+    /// a pool that starts workers on demand asks before it queues a new route
+    /// behind a busy worker rather than start another.
+    #[inline]
+    pub fn waiting(&self, worker: usize) -> bool {
+        self.watch.waiting(worker)
     }
 
     /// The pool's own table.

@@ -94,6 +94,16 @@ impl Watch {
         Watched { watch: self, slot }
     }
 
+    /// Whether worker `worker`'s job waits now (between [`begin`](Self::begin)
+    /// and the end of its guard).
+    #[inline]
+    pub(crate) fn waiting(&self, worker: usize) -> bool {
+        self.inner
+            .slots
+            .get(worker)
+            .is_some_and(|slot| slot.since.load(Ordering::Relaxed) != 0)
+    }
+
     /// 1 + the current tick.
     fn now(&self) -> u64 {
         self.inner.epoch.load(Ordering::Relaxed) + 1

@@ -64,9 +64,10 @@ impl Future for Accepted {
 ///
 /// Routing is work-conserving: a route with a job queued or running sends its next
 /// job to the same actor, behind it; a route with nothing in flight goes to an
-/// actor started already while one takes it without making it wait behind jobs
-/// that wait, and otherwise starts the next (the shorter queue of two actors in
-/// service drawn at random once every actor has started; see
+/// actor started already while one of two drawn takes it without making it wait
+/// behind jobs that wait (idle, or with fewer than 64 jobs that run through on
+/// their first poll), and otherwise starts the next (once every slot has
+/// started, the shorter queue of two actors in service drawn at random; see
 /// [`eventbus_core::raw::routes`] and `docs/pools.md`, "New routes go to the
 /// actors warm already"; `actor_pool.routing = "fixed"`: actor
 /// `slot(route, size)`). So jobs of one aggregate run one at a time in submission

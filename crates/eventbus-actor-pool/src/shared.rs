@@ -8,7 +8,7 @@ use crate::ActorPoolConfig;
 
 use eventbus_core::raw::routes::{other_than, Router, SHARE_GAP};
 use eventbus_core::raw::{less_loaded, Job, OutcomeKind};
-use ractor::ActorCell;
+use ractor::{ActorCell, ActorStatus};
 use tokio::sync::Notify;
 
 use crate::cool_down::CoolDown;
@@ -27,15 +27,19 @@ const WARM_DEPTH: usize = 64;
 /// most [`MAX_INBOX_SIZE`](crate::MAX_INBOX_SIZE), an eighth of `usize`'s range).
 const WAITS: usize = 1 << (usize::BITS - 2);
 
-/// The actors new routes prefer: the first [`count`](Warm::count) slots. An actor
-/// costs its ractor channels and task (about 9 KiB) from its first job for as long
-/// as the pool lives, and a route with nothing in flight, placed round the whole
-/// pool, would start every actor within the pool's first few hundred routes even
-/// where a few, kept busy, serve as fast: no-op and CPU-bound handlers run at the
-/// speed of the runtime's threads, whichever actors hold them. So a new route goes
-/// to a warm actor while one has room and is not waiting on its job, and one more
-/// actor becomes warm only when none is. Jobs that wait (I/O, a timer) make the
-/// pool warm up as far as they need; the count never falls.
+/// The actors new routes prefer: the first [`count`](Warm::count) slots, up to the
+/// last whose actor has been asked for. An actor costs its ractor channels and
+/// task (about 9 KiB) from its first job for as long as the pool lives, and a
+/// route with nothing in flight, placed round the whole pool, would start every
+/// actor within the pool's first few hundred routes even where a few, kept busy,
+/// serve as fast: no-op and CPU-bound handlers run at the speed of the runtime's
+/// threads, whichever actors hold them. So a new route goes to one of two warm
+/// actors drawn when it takes the route without waiting behind jobs that wait
+/// (see [`Shared::pick`]), and otherwise to the first slot not warm yet, which
+/// becomes warm when its actor is asked for. Choosing a slot makes nothing warm:
+/// a choice may be only a question (a pool switch asks which pool a job would go
+/// to). Jobs that wait (I/O, a timer) make the pool warm up as far as they need
+/// ([`Shared::share`]); the count never falls.
 pub(crate) struct Warm {
     count: AtomicUsize,
     /// Below this many warm actors, only an idle one takes a new route: enough
@@ -56,12 +60,10 @@ impl Warm {
         self.count.load(Ordering::Acquire)
     }
 
-    /// Make slot `from` warm, when `from` actors are warm now; otherwise the
-    /// count now.
-    fn grow(&self, from: usize) -> Result<(), usize> {
-        self.count
-            .compare_exchange(from, from + 1, Ordering::AcqRel, Ordering::Acquire)
-            .map(|_| ())
+    /// Slot `index`'s actor has been asked for: it and every slot before it are
+    /// warm.
+    fn reach(&self, index: usize) {
+        self.count.fetch_max(index + 1, Ordering::AcqRel);
     }
 }
 
@@ -100,25 +102,27 @@ impl Shared {
     }
 
     /// An actor for a route with nothing in flight, other than `not`, preferring
-    /// the actors serving already (see [`Warm`]): the better of two drawn among
-    /// the warm actors ([`less_loaded`]) when it has room in its queue and neither
-    /// its job nor the one before waited on I/O, a timer or a lock (or it is idle;
-    /// only an idle one, while fewer are warm
-    /// than the runtime has threads); otherwise the next actor, which the first job
-    /// routed to it starts; with every actor warm, the shorter queue of two drawn
-    /// among those in service with room (when every such queue is full, among
-    /// those in service: the job waits for room). `None` when none is in service.
+    /// the warm actors (see [`Warm`]): the one [`less_loaded`] chooses among
+    /// them (the round-robin candidate when it holds at most one job, otherwise
+    /// the better of it and one drawn at random), ranking an actor whose job
+    /// waits on I/O, a timer or a lock, or whose last job did, or which has run
+    /// none yet, after every other,
+    /// when that actor is idle, or when its jobs run through, fewer than
+    /// [`WARM_DEPTH`] are queued or running on it and at least [`Warm::enough`]
+    /// actors are warm; otherwise the first slot not warm yet, whose actor the
+    /// job starts. Once every slot is warm, the shorter queue of two drawn among
+    /// those in service with room (when every such queue is full, among those in
+    /// service: the job waits for room). `None` when none is in service. Changes
+    /// nothing: a caller may only be asking.
     pub(crate) fn pick(&self, not: Option<usize>) -> Option<usize> {
         let n = self.slots.len();
-        let mut warm = self.warm.count();
-        while warm < n {
+        let warm = self.warm.count();
+        if warm < n {
             if let Some(i) = self.warm_with_room(warm, not) {
                 return Some(i);
             }
-            match self.warm.grow(warm) {
-                Ok(()) if self.takes(warm, not) => return Some(warm),
-                Ok(()) => warm += 1,
-                Err(now) => warm = now,
+            if self.takes(warm, not) {
+                return Some(warm);
             }
         }
         self.pick_among_all(not)
@@ -131,12 +135,14 @@ impl Shared {
             return None;
         }
         // An actor whose job waits, or whose last job did (its queue holds jobs
-        // that wait, most likely), ranks after every queue that drains at the
-        // runtime's speed, so that the second draw is taken when the first waits.
+        // that wait, most likely), or which has run none yet (a burst of new
+        // routes placed behind jobs not seen to run through may land behind
+        // jobs that wait) ranks after every queue that drains at the runtime's
+        // speed, so that the second draw is taken when the first waits.
         let rank = |i: usize| {
             let slot = &self.slots[i];
             let load = self.takes(i, not).then(|| slot.queue().rank(true))??;
-            let waits = self.router.waiting(i) || slot.last_waited();
+            let waits = self.router.waiting(i) || slot.may_wait();
             Some(load + usize::from(waits) * WAITS)
         };
         let i = less_loaded(warm, rank)?;
@@ -182,36 +188,44 @@ impl Shared {
     }
 
     /// Actor `me`, about to take its next job, hands part of its queue to another
-    /// ([`Router::share_to`]): when its last job waited and at least
-    /// [`SHARE_GAP`] jobs wait behind it while some actor is not warm yet, to the
-    /// first such, made warm and started for it (asking `supervisor`); otherwise
-    /// to one drawn among the warm actors serving. So routes placed on a few
-    /// actors before their jobs were seen to wait (see [`Warm`]) spread from
-    /// there as the jobs show it, each such actor starting one more at each job:
-    /// the pool warms up as fast as the waiting jobs need. Returns how many jobs
-    /// it handed over.
+    /// ([`Router::share_to`]), drawn among the warm actors serving. When its last
+    /// job waited and at least [`SHARE_GAP`] jobs wait behind it while some slot
+    /// is not warm yet, and the one drawn holds too many to take a share, it
+    /// gives to the first slot not warm yet instead, whose actor it then starts
+    /// (asking `supervisor`), when it gave any. So routes placed on a few actors
+    /// before their jobs were seen to wait (see [`Warm`]) spread from there as
+    /// the jobs show it, each such actor starting one more at each job: the pool
+    /// warms up as fast as the waiting jobs need. Returns how many jobs it handed
+    /// over.
     pub(crate) fn share(&self, me: usize, waited: bool, supervisor: Option<&ActorCell>) -> usize {
         let n = self.slots.len();
         let mut fresh = None;
         let to = |queued: usize| {
             let warm = self.warm.count();
-            if waited && queued >= SHARE_GAP && warm < n && supervisor.is_some() {
-                fresh = Some(warm);
-                return fresh;
-            }
-            let serving = |i: usize| {
-                let slot = &self.slots[i];
+            let serving = |i: &usize| {
+                let slot = &self.slots[*i];
                 slot.is_started() && !slot.is_unavailable()
             };
-            other_than(me, warm.max(me + 1)).filter(|i| serving(*i))
+            let drawn = other_than(me, warm.max(me + 1)).filter(serving);
+            let spreads = waited && queued >= SHARE_GAP && warm < n;
+            let supervising = supervisor.is_some_and(|s| s.get_status() <= ActorStatus::Running);
+            if !(spreads && supervising) {
+                return drawn;
+            }
+            // A warm actor that takes the share as it is, before a fresh one.
+            let takes = |i: &usize| self.slots[*i].queue().load() + SHARE_GAP <= queued;
+            if let Some(i) = drawn.filter(takes) {
+                return Some(i);
+            }
+            fresh = Some(warm);
+            fresh
         };
         let moved = self
             .router
             .share_to(me, waited, to, |i| self.slots[i].queue());
-        // Only a slot given jobs becomes warm (a queue of one route, the one
-        // running, gives none).
+        // Only a slot given jobs is started, and so becomes warm (a queue of one
+        // route, the one running, gives none).
         if let (Some(i), Some(supervisor)) = (fresh.filter(|_| moved > 0), supervisor) {
-            let _ = self.warm.grow(i);
             if !self.start_actor(i, supervisor) {
                 tracing::warn!(actor = i, moved, "actor pool: the supervisor could not be asked to start an actor given jobs; they wait for it");
             }
@@ -233,6 +247,7 @@ impl Shared {
         if slot.start_asked() {
             return true;
         }
+        self.warm.reach(index);
         let asked = supervisor
             .send_message(SupervisorMsg::Start { index })
             .is_ok();

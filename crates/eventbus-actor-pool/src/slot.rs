@@ -134,9 +134,11 @@ impl Slot {
         }
     }
 
-    /// Whether the last job run waited (see [`Slot::ran`]).
-    pub(crate) fn last_waited(&self) -> bool {
-        self.served.0.waited.load(Ordering::Relaxed)
+    /// Whether the jobs of this slot may wait: the last job run waited (see
+    /// [`Slot::ran`]), or none has run to an outcome yet.
+    pub(crate) fn may_wait(&self) -> bool {
+        let served = &self.served.0;
+        served.waited.load(Ordering::Relaxed) || served.finished.load(Ordering::Relaxed) == 0
     }
 
     /// Jobs in the queue now.

@@ -618,8 +618,10 @@ pub trait Placement: Send + Sync {
     fn counted_in(&self, table: &Arc<RouteTable>) -> bool;
 
     /// A worker for a route with nothing in flight: a less-loaded one among those
-    /// that take new routes ([`less_loaded`]); `None` when none does (every actor
-    /// out of service, say).
+    /// that take new routes ([`less_loaded`]; a pool that starts workers on
+    /// demand may prefer the ones started); `None` when none does (every actor
+    /// out of service, say). A question only: it changes nothing in the pool,
+    /// so a composite may ask it of a job it then sends elsewhere.
     fn pick(&self) -> Option<usize>;
 
     /// The pool's route table, where it counts the jobs it places itself, tagged

@@ -96,8 +96,9 @@ impl fmt::Debug for ActorPool {
 /// Actors kept warm per runtime thread before new routes queue behind a warm
 /// actor's jobs (see [`Warm`]): with a few per thread, a thread that has run one
 /// actor's queue dry finds another ready rather than park. On a no-op drain of
-/// the memory backend on 2 threads, 2 warm actors took 1.4–1.6× the CPU per
-/// message of 256, and 16 or more the same as 256 (`docs/benchmarks.md`).
+/// the memory backend on 2 threads, 2 warm actors drained at 0.62–0.90× the rate
+/// of 256 for 1.06–1.32× the CPU per message, and 16 at the same as 256
+/// (`docs/benchmarks.md`, "The actor pool's memory: warm actors first").
 const WARM_PER_THREAD: usize = 8;
 
 /// The threads the current runtime runs tasks on: how many actors, kept busy,

@@ -106,11 +106,10 @@ impl Shared {
     /// them (the round-robin candidate when it holds at most one job, otherwise
     /// the better of it and one drawn at random), ranking an actor whose job
     /// waits on I/O, a timer or a lock, or whose last job did, or which has run
-    /// none yet, after every other,
-    /// when that actor is idle, or when its jobs run through, fewer than
-    /// [`WARM_DEPTH`] are queued or running on it and at least [`Warm::enough`]
-    /// actors are warm; otherwise the first slot not warm yet, whose actor the
-    /// job starts. Once every slot is warm, the shorter queue of two drawn among
+    /// none yet, after every other. That actor takes the route when it is idle,
+    /// or when its jobs run through, fewer than [`WARM_DEPTH`] are queued or
+    /// running on it and at least [`Warm::enough`] actors are warm; otherwise
+    /// the first slot not warm yet does, whose actor the job starts. Once every slot is warm, the shorter queue of two drawn among
     /// those in service with room (when every such queue is full, among those in
     /// service: the job waits for room). `None` when none is in service. Changes
     /// nothing: a caller may only be asking.
@@ -207,9 +206,13 @@ impl Shared {
                 slot.is_started() && !slot.is_unavailable()
             };
             let drawn = other_than(me, warm.max(me + 1)).filter(serving);
-            let spreads = waited && queued >= SHARE_GAP && warm < n;
-            let supervising = supervisor.is_some_and(|s| s.get_status() <= ActorStatus::Running);
-            if !(spreads && supervising) {
+            // The supervisor's status is read only when a fresh actor may be
+            // wanted: not on the shares of jobs that ran through.
+            let spreads = waited
+                && queued >= SHARE_GAP
+                && warm < n
+                && supervisor.is_some_and(|s| s.get_status() <= ActorStatus::Running);
+            if !spreads {
                 return drawn;
             }
             // A warm actor that takes the share as it is, before a fresh one.

@@ -65,6 +65,10 @@ pub struct GroupMember {
     /// Among them, the partitions it was asked to give up and has not released
     /// yet (a rebalance waiting for its hand-over).
     pub revoking: Vec<i32>,
+    /// For each of `revoking`, in the same order, the generation of the grant
+    /// it is giving up: a partition granted again and asked back again is
+    /// another hand-over, with another generation.
+    pub revoking_grants: Vec<u64>,
     /// It lost its assignment ([`MemoryBroker::lose_assignment`]) and has not
     /// rejoined yet: it holds nothing until it does.
     pub lost: bool,
@@ -577,6 +581,11 @@ impl Topic {
                     id: *id,
                     partitions: m.granted.keys().copied().collect(),
                     revoking: m.revoking.iter().copied().collect(),
+                    revoking_grants: m
+                        .revoking
+                        .iter()
+                        .map(|p| m.granted.get(p).copied().unwrap_or_default())
+                        .collect(),
                     lost: m.lost,
                 })
                 .collect()

@@ -176,8 +176,9 @@ struct Sim {
     switches: Vec<Arc<PoolSwitch>>,
     share: u8,
     buses: usize,
-    /// Partitions being revoked: (topic, member id, partition) and since when.
-    revoking: BTreeMap<(usize, u64, i32), tokio::time::Instant>,
+    /// Partitions being revoked: (topic, member id, partition, generation of
+    /// the grant given up) and since when.
+    revoking: BTreeMap<(usize, u64, i32, u64), tokio::time::Instant>,
 }
 
 /// Run the simulation of `seed`, recording into `model`. `Err` names the first
@@ -287,13 +288,14 @@ impl Sim {
         let mut seen = BTreeMap::new();
         for (topic, name) in TOPICS.iter().enumerate() {
             for member in self.ctx.broker.members(name, GROUP) {
-                for p in member.revoking {
-                    let since = self
-                        .revoking
-                        .get(&(topic, member.id, p))
-                        .copied()
-                        .unwrap_or(now);
-                    seen.insert((topic, member.id, p), since);
+                // Keyed by the grant given up too: between two checks (a close
+                // spans many of the members' revokes) a partition may be handed
+                // over, granted again and asked back again, which is another
+                // revoke with a bound of its own.
+                for (p, grant) in member.revoking.into_iter().zip(member.revoking_grants) {
+                    let key = (topic, member.id, p, grant);
+                    let since = self.revoking.get(&key).copied().unwrap_or(now);
+                    seen.insert(key, since);
                 }
             }
         }
@@ -311,7 +313,7 @@ impl Sim {
             .collect();
         let mut m = self.ctx.model.lock();
         m.rejoined(|topic, member| lost[topic].contains(&member));
-        for (&(topic, member, p), &since) in &self.revoking {
+        for (&(topic, member, p, _), &since) in &self.revoking {
             if now.duration_since(since) > bound {
                 m.violate(format!(
                     "member {member} has been giving up {} partition {p} for {:?}, past its bound of {bound:?}",

@@ -55,3 +55,13 @@ fn seed_6_route_counts_are_back_to_0_at_rest() {
 fn seed_246_a_rewind_fences_queued_copies_at_once() {
     holds_alone(246);
 }
+
+/// A member's close spanning another member's two revokes of the same
+/// partitions (eager, a lost assignment, then a restart): the check between
+/// the steps saw the partitions being given up before the close and again
+/// after it, and took the two hand-overs for one past its bound. The check now
+/// tells revokes apart by the grant each gives up.
+#[test]
+fn seed_404383_two_revokes_of_a_partition_are_two_hand_overs() {
+    holds(404383);
+}

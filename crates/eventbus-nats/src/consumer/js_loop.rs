@@ -160,7 +160,7 @@ impl JsLoop {
         }
         if self.durable.closing.is_cancelled() {
             if let Some(lease) = lease {
-                self.release_settled(lease).await;
+                self.release_settled(lease, end).await;
             }
             return Next::End;
         }
@@ -171,7 +171,7 @@ impl JsLoop {
             tracing::info!(topic = %self.durable.state.topic, partition = ?self.durable.state.partition,
                 "partition handed over to the group");
             if let Some(lease) = lease {
-                self.release_settled(lease).await;
+                self.release_settled(lease, end).await;
             }
             self.durable.state.set_active(false);
             slot.end_hold();
@@ -246,7 +246,7 @@ impl JsLoop {
                     ?pause, "messages given back in order; consuming again");
                 tokio::select! {
                     _ = self.durable.closing.cancelled() => {
-                        self.release_settled(lease).await;
+                        self.release_settled(lease, end).await;
                         Next::End
                     }
                     _ = tokio::time::sleep(pause) => Next::Keep(lease),
@@ -305,10 +305,20 @@ impl JsLoop {
 
     /// Release the lease after a turn that handed everything back, unless the
     /// server did not confirm the messages given back
-    /// ([`Acks::give_back`](eventbus_core::raw::acked::Acks::give_back)): then the lease is left to expire
-    /// and the next holder re-reads from the ack floor (duplicates, in order)
-    /// instead of pulling before a `-NAK` is applied.
-    async fn release_settled(&mut self, lease: Lease) {
+    /// ([`Acks::give_back`](eventbus_core::raw::acked::Acks::give_back)), or the
+    /// connection came back during the turn (`end` says it ended on that, or
+    /// the stop came first): then the lease is left to expire and the next
+    /// holder re-reads from the ack floor (duplicates, in order) instead of
+    /// pulling before a `-NAK` is applied, or past messages the server sent
+    /// into the old connection, which come back only after `ack_wait`, behind
+    /// their aggregates' later messages.
+    async fn release_settled(&mut self, mut lease: Lease, end: TurnEnd) {
+        // Seen at the turn's start (`JsSource::interrupted`): changed since
+        // means a reconnect during the turn or its wind-down.
+        let reconnected = self.durable.reconnects.has_changed().unwrap_or(false);
+        if end == TurnEnd::Interrupted || reconnected {
+            lease.reconnected();
+        }
         if self.durable.handed_back {
             lease.release().await;
         } else {

@@ -1,9 +1,11 @@
 //! A lease taken away from a live member: the member fences its work at once (no
 //! drain: no queued job starts) and acknowledges nothing more; the next holder
 //! re-reads from the ack floor, so nothing is lost and every aggregate stays in
-//! order.
+//! order. And a lease a member must not release: its connection came back during
+//! the turn it closes in.
 
-use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
+use eventbus_core::{Event, EventBus, EventBusExt, HandlerError, HealthStatus};
+use eventbus_nats::ReconnectConfig;
 use eventbus_testkit::nats_server::NatsServer;
 use eventbus_testkit::DeliveryChecker;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -127,4 +129,92 @@ async fn a_lease_lost_while_alive_fences_at_once_and_acknowledges_nothing_more()
     })
     .await;
     within("close", bus.close()).await.expect("close");
+}
+
+/// The server restarts while handlers hold messages, and the member closes while
+/// the turn that the reconnect ended still drains: everything held is settled or
+/// given back, but the lease is not released. Messages the server sent into the
+/// old connection are ack-pending and unknown to the member; a released lease
+/// tells the next holder that everything was settled, and it would pull past
+/// them (they come back only after `ack_wait`, behind their aggregates' later
+/// messages). Left to expire, the lease makes the next holder re-read from the
+/// ack floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_after_a_reconnect_leaves_the_lease_to_a_re_read() {
+    init_tracing();
+    let mut server = NatsServer::start();
+    let mut config = bus_config();
+    // The turn the reconnect ends drains for this long at most: the close comes
+    // well within it, and opens the handlers' gate once it has begun.
+    config.consumer.drain_timeout = Duration::from_secs(20);
+    let mut reconnect = ReconnectConfig::default();
+    reconnect.initial_delay = Duration::from_millis(50);
+    reconnect.max_delay = Duration::from_millis(500);
+    let nats = nats_config(&server)
+        .ack_wait(Duration::from_secs(120))
+        .reconnect(reconnect);
+    let topic = topic("reconnectclose");
+    let bus = connect(nats, config, keyed_pool(4, 16)).await;
+    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let starts = Arc::new(AtomicU64::new(0));
+    {
+        let starts = starts.clone();
+        bus.subscribe_envelope(&topic, move |_e: Event| {
+            let (starts, mut gate) = (starts.clone(), gate_rx.clone());
+            async move {
+                starts.fetch_add(1, Ordering::SeqCst);
+                gate.wait_for(|open| *open).await.expect("gate");
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    }
+    eventually("the member consumes", || bus.is_consuming(&topic)).await;
+    let total = 12u64;
+    for i in 0..total {
+        bus.publish_envelope(&topic, &env(&format!("k{}", i % 3), i))
+            .await
+            .expect("publish");
+    }
+    eventually("handlers hold every message", || async {
+        starts.load(Ordering::SeqCst) >= 3
+            && consumer_info(&bus, &topic).await.num_ack_pending as u64 == total
+    })
+    .await;
+    let key = format!("{}.{}", bus.stream_name(&topic), bus.durable_name(&topic));
+
+    server.kill();
+    eventually("the bus notices the lost connection", || async {
+        bus.health().await.component("broker").map(|c| c.status) == Some(HealthStatus::Unhealthy)
+    })
+    .await;
+    server.restart();
+    eventually("the bus is connected again", || async {
+        bus.health().await.component("broker").map(|c| c.status) == Some(HealthStatus::Healthy)
+    })
+    .await;
+
+    // The handlers still hold their messages, so the turn is still running or
+    // draining: the close begins before anything is settled.
+    let close = bus.close();
+    tokio::pin!(close);
+    assert!(
+        futures::poll!(&mut close).is_pending(),
+        "the close waits for the handlers"
+    );
+    gate_tx.send(true).expect("handlers alive");
+    within("close", close).await.expect("close");
+
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let kv = async_nats::jetstream::new(client)
+        .get_key_value("eventbus_leases")
+        .await
+        .expect("lease bucket");
+    let lease = kv.get(&key).await.expect("read the lease");
+    assert!(
+        lease.is_some(),
+        "the lease {key} was released after a reconnect during the closing turn: the next \
+         holder would pull past what the server sent into the old connection"
+    );
 }

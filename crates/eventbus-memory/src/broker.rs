@@ -231,7 +231,12 @@ impl GroupState {
                 (None, Some(t)) => {
                     let generation = self.next_grant;
                     self.next_grant += 1;
-                    self.rewinds[p as usize] = None;
+                    // A rewind its last holder did not take up is the log's (an
+                    // offset reset, a truncation): the next holder reads again
+                    // from there, and ends there what it knows finished.
+                    if let Some((_, offset)) = self.rewinds[p as usize] {
+                        self.rewinds[p as usize] = Some((generation, offset));
+                    }
                     if let Some(m) = self.members.get_mut(&t) {
                         m.granted.insert(p, generation);
                     }
@@ -977,7 +982,8 @@ impl MemoryBroker {
 
     /// Fault switch: the next fetch of `partition` of `topic` by the member of
     /// `group` holding it restarts at `offset` (an offset reset, a truncation):
-    /// records from there are delivered again. An offset below the committed
+    /// records from there are delivered again. Should the partition change hands
+    /// before its holder takes the rewind up, the next holder takes it up. An offset below the committed
     /// one is allowed: the consumer then commits back to it (to the lowest
     /// offset it has not finished, if lower) before anything it reads again is
     /// committed. An offset at or above the consumer's next fetch changes

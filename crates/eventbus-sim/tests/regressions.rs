@@ -65,3 +65,15 @@ fn seed_246_a_rewind_fences_queued_copies_at_once() {
 fn seed_404383_two_revokes_of_a_partition_are_two_hand_overs() {
     holds(404383);
 }
+
+/// A rewind of a partition to an offset above its committed one, then the
+/// partition lost before its holder took the rewind up: the broker dropped the
+/// rewind at the next grant, and the next owner, reading from the committed
+/// offset, skipped what the commit's metadata named finished at and above the
+/// rewind point ("a re-read from committed offset 60 skipped"). A rewind not
+/// taken up now goes to the next holder, and a rewind above what was read ends
+/// the seed of finished offsets there.
+#[test]
+fn seed_528179_a_rewind_not_taken_up_ends_the_next_owners_seed() {
+    holds(528179);
+}

@@ -701,7 +701,12 @@ impl OffsetTracker {
     /// it reports `rewound_from` with this epoch (or, lower still, a rewind of its
     /// own). Returns the new epoch, or `None` when nothing at or above `offset`
     /// was tracked (nothing to supersede: the caller's own commit point holds).
+    /// Either way the seed of offsets finished before ends at `offset`: what is
+    /// delivered again from there runs again, whatever finished before.
     pub fn rewind(&mut self, offset: i64) -> Option<u64> {
+        if let Some(seed) = &mut self.seed {
+            seed.limit = seed.limit.min(offset);
+        }
         let high = match (self.last_tracked, self.rewound) {
             (Some(last), _) => last,
             (None, Some(r)) => r - 1,
@@ -1497,6 +1502,26 @@ mod tests {
         let tr = t.track(103);
         assert_eq!((tr.finished, tr.watermark), (false, None));
         assert_eq!(t.complete(0, 103), Some(104));
+    }
+
+    /// A rewind announced before anything at or above it was tracked (a new
+    /// owner told of a rewind to an offset it has not read yet) supersedes
+    /// nothing, but what the seed says finished from there on is read again
+    /// and runs again.
+    #[test]
+    fn a_rewind_above_what_was_tracked_still_ends_the_seed() {
+        let mut t = seeded(100, Some(101..200));
+        assert_eq!(t.rewind(160), None, "nothing tracked: no new epoch");
+        for o in 100..=170 {
+            assert_eq!(t.track(o).finished, o > 100 && o < 160, "offset {o}");
+        }
+        let mut t = seeded(100, Some(101..200));
+        for o in 100..=120 {
+            t.track(o);
+        }
+        assert_eq!(t.rewind(160), None, "nothing tracked at or above 160");
+        assert!(t.track(121).finished, "below the rewind the seed holds");
+        assert!(!t.track(160).finished, "from the rewind on it runs again");
     }
 
     #[test]

@@ -478,6 +478,9 @@ impl<L: PartitionLog> LogLoop<L> {
         if offset >= part.next {
             tracing::debug!(topic = %self.log.topic(), partition, offset, next = part.next,
                 "rewind to an offset not read yet: nothing to read again");
+            // Still, what finished there before this member took the partition
+            // up (the seed of finished offsets) is read again and runs again.
+            self.set.rewind(partition, offset);
             return;
         }
         // Fetched records not offered yet are read again too, from the first of

@@ -38,7 +38,7 @@ use super::partition::Partition;
 use super::PartitionLog;
 use crate::raw::{Completion, Dispatcher, Held, InFlightSet, PreparedSubscription};
 use crate::{CancellationToken, ErrorKind, Message};
-use futures::future::poll_fn;
+use futures::future::{poll_fn, OptionFuture};
 use futures::FutureExt;
 use std::collections::VecDeque;
 use std::fmt;
@@ -93,6 +93,9 @@ enum Step {
     /// Time to commit the finished offsets of partitions whose commit point
     /// stays.
     CommitMetadata,
+    /// A permit of the shared bound on messages in flight, waited for after a
+    /// pass that stopped for want of one.
+    Permit(OwnedSemaphorePermit),
 }
 
 /// What one partition's turn in a submission pass came to.
@@ -140,6 +143,13 @@ pub struct LogLoop<L: PartitionLog> {
     /// Records of one fetch, before they are buffered (kept to reuse its
     /// allocation).
     pub(super) fetched: VecDeque<Message>,
+    /// The last submission pass stopped for want of a permit of the bound on
+    /// messages in flight, which the loops of every topic share: the loop
+    /// waits for one as well, since another topic's completions free them and
+    /// nothing of this loop's own may come to wake it.
+    pub(super) wants_permit: bool,
+    /// The permit waited for, taken by the next reservation.
+    pub(super) spare: Option<OwnedSemaphorePermit>,
 }
 
 impl<L: PartitionLog> fmt::Debug for LogLoop<L> {
@@ -177,6 +187,8 @@ impl<L: PartitionLog> LogLoop<L> {
             stopped_at: None,
             kept: Vec::new(),
             fetched: VecDeque::with_capacity(FETCH_BATCH),
+            wants_permit: false,
+            spare: None,
             log,
             sub,
             dispatcher,
@@ -212,6 +224,9 @@ impl<L: PartitionLog> LogLoop<L> {
             }
             let retry_at = self.retry_at;
             let pause_at = self.pause_at;
+            let wants_permit = self.wants_permit;
+            // Made before the select: it holds no borrow of the set.
+            let permit = OptionFuture::from(wants_permit.then(|| self.set.reserve()));
             let step = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => Step::Stop,
@@ -225,6 +240,9 @@ impl<L: PartitionLog> LogLoop<L> {
                 _ = sleep_until(retry_at), if retry_at.is_some() => Step::Retry,
                 _ = sleep_until(pause_at), if pause_at.is_some() => Step::PauseDue,
                 Ok(()) = self.appended.changed() => Step::Appended,
+                // A closed bound (the bus closes) answers `Err` at once: only
+                // `Ok` is matched, as for the signals above.
+                Some(Ok(permit)) = permit, if wants_permit => Step::Permit(permit),
             };
             let flow = match step {
                 Step::Stop => ControlFlow::Break(()),
@@ -244,6 +262,10 @@ impl<L: PartitionLog> LogLoop<L> {
                     ControlFlow::Continue(())
                 }
                 Step::Appended => ControlFlow::Continue(()),
+                Step::Permit(permit) => {
+                    self.spare = Some(permit);
+                    ControlFlow::Continue(())
+                }
                 // The next submission pass pauses what still has no room.
                 Step::PauseDue => {
                     self.pause_at = None;
@@ -587,20 +609,28 @@ impl<L: PartitionLog> LogLoop<L> {
     /// Submit whatever is ready on partitions with room, pass after pass, until
     /// a pass submits nothing.
     async fn submit_ready(&mut self) -> ControlFlow<()> {
-        loop {
+        let flow = 'passes: loop {
             let mut submitted_any = false;
+            self.wants_permit = false;
             for p in 0..self.partitions.len() {
                 match self.submit_partition(p).await {
                     Turn::Idle => {}
                     Turn::Submitted => submitted_any = true,
-                    Turn::NoPermit => break,
-                    Turn::Stop => return ControlFlow::Break(()),
+                    Turn::NoPermit => {
+                        self.wants_permit = true;
+                        break;
+                    }
+                    Turn::Stop => break 'passes ControlFlow::Break(()),
                 }
             }
             if !submitted_any {
-                return ControlFlow::Continue(());
+                break ControlFlow::Continue(());
             }
-        }
+        };
+        // A permit waited for and not taken (the partition had no room left,
+        // or left) goes back to the bound.
+        self.spare = None;
+        flow
     }
 
     /// Partition `p`'s turn: fetch if its buffer is empty, then offer the pool a
@@ -725,12 +755,15 @@ impl<L: PartitionLog> LogLoop<L> {
     /// Permits of the shared bound for a batch of partition `p`: one per message,
     /// up to its room, its buffer and [`SUBMIT_BATCH`]; fewer (or none) when the
     /// shared bound is short.
-    fn reserve(&self, p: usize) -> Vec<OwnedSemaphorePermit> {
+    fn reserve(&mut self, p: usize) -> Vec<OwnedSemaphorePermit> {
         let buffered = self.partitions[p]
             .as_ref()
             .map_or(0, |part| part.buffer.len());
         let room = self.set.room(p as i32).min(buffered).min(SUBMIT_BATCH);
         let mut permits = Vec::with_capacity(room);
+        if room > 0 {
+            permits.extend(self.spare.take());
+        }
         while permits.len() < room {
             match self.set.try_reserve() {
                 Some(permit) => permits.push(permit),

@@ -159,6 +159,17 @@ fn looped(
     unanswered: bool,
     handled: Arc<AtomicUsize>,
 ) -> (LogLoop<Script>, Arc<Mutex<Seen>>, CancellationToken) {
+    looped_sharing(records, unanswered, handled, Arc::new(Semaphore::new(1000)))
+}
+
+/// [`looped`], its messages in flight bounded by `total`, which the loops of
+/// other topics may share.
+fn looped_sharing(
+    records: usize,
+    unanswered: bool,
+    handled: Arc<AtomicUsize>,
+    total: Arc<Semaphore>,
+) -> (LogLoop<Script>, Arc<Mutex<Seen>>, CancellationToken) {
     let mut config = BusConfig::default();
     config.consumer.drain_timeout = DRAIN;
     config.consumer.handover_timeout = HANDOVER;
@@ -187,10 +198,48 @@ fn looped(
         appended: Arc::new(watch::channel(0).0),
         chunk: usize::MAX,
     };
-    let set = InFlightSet::new(64, Arc::new(Semaphore::new(1000)));
+    let set = InFlightSet::new(64, total);
     let cancel = CancellationToken::new();
     let run = LogLoop::new(script, sub, dispatcher, set, cancel.clone());
     (run, seen, cancel)
+}
+
+/// The loops of other topics hold every permit of the bound on messages in
+/// flight that all topics share: this loop's submission stops for want of one,
+/// with nothing of its own in flight to wake it. Once another topic's work
+/// frees permits, it submits at once, not at its next tick.
+#[tokio::test(start_paused = true)]
+async fn a_loop_without_permits_submits_as_soon_as_another_topic_frees_some() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let total = Arc::new(Semaphore::new(4));
+    let others = total.clone().acquire_many_owned(4).await.unwrap();
+    let (run, seen, cancel) = looped_sharing(10, false, handled.clone(), total);
+    let task = tokio::spawn(run.run());
+    wait_for("the loop read the records", || {
+        seen.lock().unwrap().fetches > 0
+    })
+    .await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        0,
+        "no permit: nothing submitted"
+    );
+    let freed = tokio::time::Instant::now();
+    drop(others);
+    wait_for("every record handled", || {
+        handled.load(Ordering::SeqCst) == 10
+    })
+    .await;
+    let waited = freed.elapsed();
+    assert!(
+        waited < Duration::from_millis(100),
+        "the loop submitted {waited:?} after the permits were freed: it waited for a tick"
+    );
+    cancel.cancel();
+    task.await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]

@@ -172,8 +172,37 @@ async fn a_rebalance_in_the_middle_runs_nothing_finished_again() {
 /// (its commit interval outlasts the test), so only its hand-over's commit
 /// can. The member that takes the partition over runs the held aggregate's
 /// messages and nothing else of it.
+///
+/// librdkafka's mock cluster refuses offset commits while a classic group is
+/// joining (see the next test), and the hand-over's commit can meet that
+/// window when the joining member's own rejoin comes first: the finished
+/// offsets are then lost, as with any group that refuses the commit. Such a
+/// run shows nothing about the hand-over and is made again, up to
+/// [`REFUSED_RUNS`] times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_commits_the_finished_offsets_it_hands_over() {
+    for run in 1..=REFUSED_RUNS {
+        let refused = revoke_hands_over_the_finished_offsets().await;
+        if refused == 0 {
+            return;
+        }
+        tracing::warn!(
+            run,
+            refused,
+            "the group refused commits of the first member while joining; again"
+        );
+    }
+    panic!("the group refused the first member's commits in all {REFUSED_RUNS} runs");
+}
+
+/// Runs of [`a_revoke_commits_the_finished_offsets_it_hands_over`] whose
+/// hand-over commit the mock cluster may refuse before the test gives up.
+const REFUSED_RUNS: u32 = 3;
+
+/// One run of [`a_revoke_commits_the_finished_offsets_it_hands_over`]: how
+/// many commits of the first member the group refused (0: the assertions
+/// held).
+async fn revoke_hands_over_the_finished_offsets() -> u64 {
     let (n, keys) = (200u64, 20u64);
     let setup = Setup::new(Cluster::mock(1), "finished-revoke", 2, n, keys).await;
     let mut quiet = setup.cfg.clone();
@@ -213,12 +242,16 @@ async fn a_revoke_commits_the_finished_offsets_it_hands_over() {
         .filter(|((q, _), t)| *q == p && **t > 1)
         .map(|((_, o), _)| *o)
         .collect();
-    assert!(
-        again.is_empty(),
-        "partition {p} ran again after the revoke although finished before it: {again:?}"
-    );
+    let refused = a.commit_errors().await;
+    if refused == 0 {
+        assert!(
+            again.is_empty(),
+            "partition {p} ran again after the revoke although finished before it: {again:?}"
+        );
+    }
     b.close().await.unwrap();
     a.close().await.unwrap();
+    refused
 }
 
 /// librdkafka commits a stored watermark on its own every commit interval

@@ -69,7 +69,7 @@ pub(crate) fn fetch_thread(
     // Stop fetching; let the loops drain and commit, then leave the group here.
     let _ = loops_done.recv();
     shared.closing.store(true, Ordering::Release);
-    leave_group(consumer, close_timeout);
+    leave_group(consumer, close_timeout, shared.instance_id.is_some());
 }
 
 /// Records polled and not yet queued, by the share of their topic, each with

@@ -367,6 +367,14 @@ async fn rotate_members(label: &str, pools: PoolFactory, membership: Membership)
             || checker.handled_distinct() > seen + 200 || checker.handled_distinct() == total,
         )
         .await;
+        // No wait for the group to settle first, unlike the test above: on
+        // tansu 0.6 that timing makes the group complete generations without
+        // the member about to leave, whose partitions the leader then assigns
+        // to itself while their owner still handles them, and the broker takes
+        // the old owner's commits from outside the generation. Both owners
+        // commit one partition, and the last commit, the slower owner's, is
+        // far below the end. A broker that checks generations refuses the
+        // old owner's commits.
         members.pop_front().unwrap().close().await.unwrap();
         let seen = checker.handled_distinct();
         wait_until(

@@ -339,13 +339,9 @@ impl Leases {
         }
     }
 
-    /// One look at `key`: the lease, or the name of the member holding it.
-    async fn try_acquire(
-        self: &Arc<Self>,
-        key: &str,
-        seen: &mut Option<(u64, Instant)>,
-    ) -> Result<std::result::Result<Lease, String>> {
-        let entry = tokio::time::timeout(self.request_timeout, self.kv.entry(key))
+    /// The latest entry of `key`, within the request timeout.
+    async fn entry(&self, key: &str) -> Result<Option<async_nats::jetstream::kv::Entry>> {
+        tokio::time::timeout(self.request_timeout, self.kv.entry(key))
             .await
             .map_err(|_| {
                 Error::new(
@@ -353,7 +349,29 @@ impl Leases {
                     format!("reading lease `{key}` timed out"),
                 )
             })?
-            .map_err(|e| lease_error(format!("cannot read lease `{key}`"), e))?;
+            .map_err(|e| lease_error(format!("cannot read lease `{key}`"), e))
+    }
+
+    /// The latest revision of `key` with its holder (`None` for a deleted
+    /// key or a value this version cannot read); `None` when the key never
+    /// existed.
+    async fn latest(&self, key: &str) -> Result<Option<(u64, Option<Holder>)>> {
+        Ok(self.entry(key).await?.map(|e| {
+            let holder = match e.operation {
+                Operation::Put => serde_json::from_slice(&e.value).ok(),
+                Operation::Delete | Operation::Purge => None,
+            };
+            (e.revision, holder)
+        }))
+    }
+
+    /// One look at `key`: the lease, or the name of the member holding it.
+    async fn try_acquire(
+        self: &Arc<Self>,
+        key: &str,
+        seen: &mut Option<(u64, Instant)>,
+    ) -> Result<std::result::Result<Lease, String>> {
+        let entry = self.entry(key).await?;
         let (revision, previous, reset_from) = match entry {
             None => (0, Previous::Nobody, None),
             Some(e) if matches!(e.operation, Operation::Delete | Operation::Purge) => {
@@ -499,21 +517,71 @@ impl Lease {
         &mut self,
         reset_from: Option<u64>,
     ) -> std::result::Result<(), RefreshError> {
-        let sent = Instant::now();
-        match self
-            .leases
-            .write(&self.key, self.revision, reset_from)
-            .await
-        {
-            Ok(Some(rev)) => {
-                self.revision = rev;
-                self.reset_from = reset_from;
-                *self.clock.deadline.lock().expect("lease clock poisoned") = sent + self.leases.ttl;
-                Ok(())
+        // A second write only after adopting a landed write of this lease's.
+        for _ in 0..2 {
+            let sent = Instant::now();
+            match self
+                .leases
+                .write(&self.key, self.revision, reset_from)
+                .await
+            {
+                Ok(Some(rev)) => {
+                    self.revision = rev;
+                    self.reset_from = reset_from;
+                    *self.clock.deadline.lock().expect("lease clock poisoned") =
+                        sent + self.leases.ttl;
+                    return Ok(());
+                }
+                Ok(None) => match self.adopt_landed_write().await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(RefreshError::Lost),
+                    Err(e) => return Err(RefreshError::Unavailable(e)),
+                },
+                Err(e) => return Err(RefreshError::Unavailable(e)),
             }
-            Ok(None) => Err(RefreshError::Lost),
-            Err(e) => Err(RefreshError::Unavailable(e)),
         }
+        Err(RefreshError::Unavailable(Error::new(
+            ErrorKind::Unavailable,
+            format!("lease `{}` moved on twice during one refresh", self.key),
+        )))
+    }
+
+    /// The key moved on from this lease's revision: whether it was this
+    /// lease's own write, whose answer never came (a refresh that timed out,
+    /// or one dropped at the keeper's cutoff or stop, may land all the same).
+    /// Then the key's latest value names this member at a newer revision, and
+    /// no other member wrote in between: every write compares against the
+    /// revision its writer read, so one landing after this lease's revision
+    /// makes each later write of this lease fail, and one landing before it
+    /// makes this lease's fail. The lease goes on from that revision (`true`);
+    /// `false` when another member holds the key, or nobody does.
+    async fn adopt_landed_write(&mut self) -> Result<bool> {
+        let latest = self.leases.latest(&self.key).await?;
+        match latest {
+            Some((revision, Some(holder)))
+                if holder.member == self.leases.member && revision > self.revision =>
+            {
+                tracing::debug!(key = %self.key, from = self.revision, to = revision,
+                    "lease write landed without an answer; going on from its revision");
+                self.revision = revision;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Delete the key if it is still at this lease's revision.
+    async fn delete(
+        &self,
+    ) -> std::result::Result<
+        std::result::Result<(), async_nats::jetstream::kv::DeleteError>,
+        tokio::time::error::Elapsed,
+    > {
+        let delete = self
+            .leases
+            .kv
+            .delete_expect_revision(&self.key, Some(self.revision));
+        tokio::time::timeout(self.leases.request_timeout, delete).await
     }
 
     /// Keep the lease until `stop` fires, refreshing it every quarter of its time
@@ -595,17 +663,19 @@ impl Lease {
     /// that could not be delivered): then the lease is left as it is, so the
     /// next holder (this member, or another once it expires) re-reads from the
     /// ack floor, or from the unfinished re-read's start it records.
-    pub(crate) async fn release(self) {
+    pub(crate) async fn release(mut self) {
         if !self.settled {
             tracing::info!(key = %self.key, previous = ?self.previous, reset_from = ?self.reset_from,
                 "lease not released: the next holder re-reads from the ack floor");
             return;
         }
-        let delete = self
-            .leases
-            .kv
-            .delete_expect_revision(&self.key, Some(self.revision));
-        match tokio::time::timeout(self.leases.request_timeout, delete).await {
+        let mut answer = self.delete().await;
+        // A refresh dropped at the keeper's stop may have landed: the lease
+        // is then at a newer revision of this member's.
+        if matches!(answer, Ok(Err(_))) && matches!(self.adopt_landed_write().await, Ok(true)) {
+            answer = self.delete().await;
+        }
+        match answer {
             Ok(Ok(())) => tracing::debug!(key = %self.key, "lease released"),
             Ok(Err(e)) => tracing::debug!(key = %self.key, error = %e,
                 "lease not released; a standby takes over when it expires"),

@@ -218,3 +218,88 @@ async fn a_close_after_a_reconnect_leaves_the_lease_to_a_re_read() {
          holder would pull past what the server sent into the old connection"
     );
 }
+
+/// A lease refresh whose answer never came may land all the same: the lease is
+/// then at a newer revision that names this member. The member's next refresh,
+/// made against the revision it knew, is refused; it goes on from the newer
+/// revision instead of reading the refusal as a take-over, so it fences
+/// nothing: the handler running through it is not cancelled, and the lease
+/// moves on under this member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_landed_without_an_answer_keeps_the_lease() {
+    init_tracing();
+    let server = NatsServer::start();
+    let nats = nats_config(&server)
+        .lease_ttl(Duration::from_secs(3))
+        .ack_wait(Duration::from_secs(120));
+    let topic = topic("landed");
+    let bus = connect(nats, bus_config(), keyed_pool(2, 8)).await;
+    let (started_tx, mut started) = tokio::sync::mpsc::channel::<()>(1);
+    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let cancelled = Arc::new(AtomicBool::new(false));
+    {
+        let cancelled = cancelled.clone();
+        bus.subscribe_envelope(&topic, move |e: Event| {
+            let (started, mut gate, cancelled) =
+                (started_tx.clone(), gate_rx.clone(), cancelled.clone());
+            async move {
+                let _ = started.try_send(());
+                tokio::select! {
+                    _ = e.cancellation().cancelled() => cancelled.store(true, Ordering::SeqCst),
+                    _ = gate.wait_for(|open| *open) => {}
+                }
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    }
+    eventually("the member consumes", || bus.is_consuming(&topic)).await;
+    bus.publish_envelope(&topic, &env("k", 0))
+        .await
+        .expect("publish");
+    within("the handler starts", started.recv())
+        .await
+        .expect("handler started");
+
+    // What the lost answer's write left: the member's own value, one revision
+    // on from the one the member knows.
+    let kv = bus
+        .jetstream()
+        .get_key_value("eventbus_leases")
+        .await
+        .expect("lease bucket");
+    let key = format!("{}.{}", bus.stream_name(&topic), bus.durable_name(&topic));
+    let own = kv
+        .entry(&key)
+        .await
+        .expect("read the lease")
+        .expect("the member holds the lease");
+    let landed = kv
+        .put(&key, own.value.clone())
+        .await
+        .expect("rewrite the lease");
+    eventually(
+        "the member refreshes the lease past the write that landed",
+        || async {
+            kv.entry(&key)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|e| e.revision > landed && e.value == own.value)
+        },
+    )
+    .await;
+    assert!(
+        !cancelled.load(Ordering::SeqCst),
+        "the member read its own landed write as a take-over and fenced its work"
+    );
+    assert!(bus.is_consuming(&topic).await, "the member still consumes");
+    gate_tx.send(true).expect("handler alive");
+    eventually("the message is acknowledged", || async {
+        let info = consumer_info(&bus, &topic).await;
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+    within("close", bus.close()).await.expect("close");
+}

@@ -13,7 +13,7 @@ mod gated;
 #[path = "support/held.rs"]
 mod held;
 
-use cluster::{bus_config, random, wait_until, Cluster, ClusterExt, Membership};
+use cluster::{bus_config, eventually, random, wait_until, Cluster, ClusterExt, Membership};
 use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
 use eventbus_kafka::{AssignmentStrategy, KafkaEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
@@ -150,17 +150,17 @@ async fn members_join_and_leave(pool_name: &str, pools: PoolFactory, membership:
 /// rejoin for ever (each JoinGroup names the departed leader, each SyncGroup
 /// answers "rebalance in progress" or "unknown member") and hold nothing.
 async fn settled(pool_name: &str, round: usize, members: &[&KafkaEventBus], partitions: i32) {
-    wait_until(
+    eventually(
         &format!(
             "{pool_name}: each of {} members holds a partition, and together all {partitions} (round {round})",
             members.len()
         ),
         WAIT,
-        || {
-            let held: Vec<Vec<(String, i32)>> = members
-                .iter()
-                .map(|m| futures::executor::block_on(m.assignment()).unwrap_or_default())
-                .collect();
+        || async {
+            let mut held: Vec<Vec<(String, i32)>> = Vec::new();
+            for m in members {
+                held.push(m.assignment().await.unwrap_or_default());
+            }
             let all: HashSet<i32> = held.iter().flatten().map(|(_, p)| *p).collect();
             held.iter().all(|h| !h.is_empty()) && all.len() == partitions as usize
         },
@@ -190,8 +190,8 @@ async fn close_returns_in_time_with_a_pool_that_refuses_every_job() {
         bus.publish_envelope(&topic, &env("k", i)).await.unwrap();
     }
     // Let the consumer reach the refusing pool before closing.
-    wait_until("a partition assigned", WAIT, || {
-        futures::executor::block_on(bus.assignment()).is_ok_and(|a| !a.is_empty())
+    eventually("a partition assigned", WAIT, || async {
+        bus.assignment().await.is_ok_and(|a| !a.is_empty())
     })
     .await;
     tokio::time::timeout(bound + operation + Duration::from_secs(5), bus.close())

@@ -9,7 +9,7 @@ mod cluster;
 #[path = "support/gated.rs"]
 mod gated;
 
-use cluster::{bus_config, random, wait_until, Cluster, ClusterExt, Membership};
+use cluster::{bus_config, eventually, random, wait_until, Cluster, ClusterExt, Membership};
 use eventbus_core::{Event, EventBus, EventBusExt, HandlerError};
 use eventbus_kafka::{AssignmentStrategy, KafkaEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
@@ -159,10 +159,10 @@ async fn stuck_key(label: &str, pools: PoolFactory, membership: Membership) {
     let b = member().await;
     let joined = Instant::now();
     let within = bound + PROTOCOL_MARGIN;
-    wait_until(
+    eventually(
         &format!("{label}: the joining member gets partitions within {within:?}"),
         within,
-        || futures::executor::block_on(b.assignment()).is_ok_and(|p| !p.is_empty()),
+        || async { b.assignment().await.is_ok_and(|p| !p.is_empty()) },
     )
     .await;
     tracing::info!(label, took = ?joined.elapsed(), "the joining member got its partitions");

@@ -17,7 +17,7 @@
 #[path = "support/cluster.rs"]
 mod cluster;
 
-use cluster::{bus_config, random, wait_until, Cluster, ClusterExt, Membership};
+use cluster::{bus_config, eventually, random, wait_until, Cluster, ClusterExt, Membership};
 use eventbus_core::{BusConfig, Envelope, Event, EventBus, EventBusExt, HandlerError};
 use eventbus_kafka::{AssignmentStrategy, KafkaConfig, KafkaEventBus};
 use eventbus_testkit::checker::DeliveryChecker;
@@ -428,12 +428,12 @@ async fn cut_off_hand_over(membership: Membership, leave: Leave) {
     };
     let a = member("A").await;
     let b = member("B").await;
-    let assigned = |m: &Member| futures::executor::block_on(m.bus.assignment()).unwrap_or_default();
-    wait_until(
+    eventually(
         &format!("{label}: the two members share the {partitions} partitions"),
         WAIT,
-        || {
-            let (x, y) = (assigned(&a), assigned(&b));
+        || async {
+            let x = a.bus.assignment().await.unwrap_or_default();
+            let y = b.bus.assignment().await.unwrap_or_default();
             !x.is_empty() && !y.is_empty() && x.len() + y.len() == partitions as usize
         },
     )

@@ -8,7 +8,7 @@ mod cluster;
 #[path = "support/gated.rs"]
 mod gated;
 
-use cluster::{bus_config, random, wait_until, Cluster, ClusterExt};
+use cluster::{bus_config, eventually, random, wait_until, Cluster, ClusterExt};
 use eventbus_core::{Event, EventBus, EventBusExt, HandlerError, HealthStatus};
 use eventbus_kafka::KafkaEventBus;
 use eventbus_testkit::checker::DeliveryChecker;
@@ -245,17 +245,10 @@ async fn a_rewind_below_the_committed_offset_is_durable_across_a_hand_over() {
         RDKafkaApiKey::Fetch,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
     );
-    wait_until(
+    eventually(
         "the consumer reports Degraded: the group's offset is not back at the rewind point",
         WAIT,
-        || {
-            let report = futures::executor::block_on(a.health());
-            report.components.iter().any(|c| {
-                c.name == "consumer"
-                    && c.status == HealthStatus::Degraded
-                    && c.reason.as_deref().is_some_and(|r| r.contains(&topic))
-            })
-        },
+        || degraded_naming(&a, &topic),
     )
     .await;
     assert_eq!(
@@ -293,8 +286,8 @@ async fn a_rewind_below_the_committed_offset_is_durable_across_a_hand_over() {
 }
 
 /// Whether `bus` reports its consumer Degraded, naming `topic`.
-fn degraded_naming(bus: &KafkaEventBus, topic: &str) -> bool {
-    let report = futures::executor::block_on(bus.health());
+async fn degraded_naming(bus: &KafkaEventBus, topic: &str) -> bool {
+    let report = bus.health().await;
     report.components.iter().any(|c| {
         c.name == "consumer"
             && c.status == HealthStatus::Degraded
@@ -350,17 +343,17 @@ async fn a_backward_commit_left_unanswered_reports_degraded() {
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
     );
     // Well within the coordinator's delay: the backward commit is unanswered.
-    wait_until(
+    eventually(
         "the consumer reports Degraded while the backward commit has no answer",
         delay / 2,
         || degraded_naming(&bus, &topic),
     )
     .await;
     cluster.round_trip_time(coordinator, Duration::ZERO);
-    wait_until(
+    eventually(
         "the late confirmation of the backward commit clears Degraded",
         WAIT,
-        || !degraded_naming(&bus, &topic),
+        || async { !degraded_naming(&bus, &topic).await },
     )
     .await;
     wait_until(

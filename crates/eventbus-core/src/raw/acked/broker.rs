@@ -107,8 +107,9 @@ impl Bounds {
 /// Settling messages with the broker: shared by a turn and its keep-alive
 /// signals.
 pub trait Acks: Clone + Send + Sync + 'static {
-    /// Where to settle one delivery (NATS: its reply subject).
-    type Handle: Send + Sync + 'static;
+    /// Where to settle one delivery (NATS: its reply subject). Cloned for
+    /// each settle: the message stays registered until the settle is sent.
+    type Handle: Clone + Send + Sync + 'static;
 
     /// Settle the message at `seq` through `handle`. A failure is the
     /// backend's to log: the broker delivers the message again.

@@ -32,20 +32,22 @@ pub(super) fn oldest<H>(registry: &Registry<H>, accepted: u64) -> Option<(u64, u
     Some((seq, later.saturating_sub(unsettled)))
 }
 
-/// Take a finished message out of `registry`: its position, where and how to
-/// settle it, or `None` when it is not registered (any more). With
-/// `hand_back_later`, an abandoned message stays registered, to be given back
-/// with the rest at the end of the turn, lowest position first and confirmed.
-pub(super) fn settle<H>(
-    registry: &mut Registry<H>,
-    completion: Completion<u64>,
+/// How to settle a finished message of `registry`: its position, where and
+/// how, or `None` when it is not registered (any more). It stays registered:
+/// the caller takes it out once the settle is sent (see
+/// [`AckTurn::on_settled`](super::AckTurn)). With `hand_back_later`, an
+/// abandoned message is not settled at all: it is given back with the rest at
+/// the end of the turn, lowest position first and confirmed.
+pub(super) fn settle<H: Clone>(
+    registry: &Registry<H>,
+    completion: &Completion<u64>,
     hand_back_later: bool,
 ) -> Option<(u64, H, Settle)> {
     let seq = completion.token;
     if hand_back_later && completion.disposition == Disposition::Abandoned {
         return None;
     }
-    let pending = registry.remove(&seq)?;
+    let pending = registry.get(&seq)?;
     let how = match completion.disposition {
         Disposition::Handled | Disposition::Dropped => Settle::Ack,
         // The dead letter is written: stop redelivery for good.
@@ -53,7 +55,7 @@ pub(super) fn settle<H>(
         Disposition::Abandoned => Settle::Nak(None),
     };
     debug_assert_eq!(completion.should_ack(), !matches!(how, Settle::Nak(_)));
-    Some((seq, pending.handle, how))
+    Some((seq, pending.handle.clone(), how))
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ struct Broker {
     recovered: usize,
     /// The broker does not confirm give-backs.
     unconfirmed: bool,
+    /// Settles wait until this says `true` (a client whose command channel
+    /// is full); `None`: they go at once.
+    settles_open: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 const ACK_WAIT: Duration = Duration::from_secs(4);
@@ -51,6 +54,10 @@ impl Acks for ScriptAcks {
     type Handle = String;
 
     async fn settle(&self, seq: u64, handle: String, how: Settle) {
+        let gate = self.0.lock().unwrap().settles_open.clone();
+        if let Some(mut gate) = gate {
+            let _ = gate.wait_for(|open| *open).await;
+        }
         self.0.lock().unwrap().settled.push((seq, handle, how));
     }
 
@@ -425,4 +432,30 @@ async fn a_long_handler_is_kept_alive_and_a_failed_fetch_recovers() {
         broker.kept_alive
     );
     assert!(broker.kept_alive.iter().all(|h| h == "1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_settle_under_way_when_the_drain_ends_is_given_back_with_the_rest() {
+    // The handler finishes during the drain, and its acknowledgement cannot
+    // be sent (the client's command channel stays full) before the drain ends:
+    // the message is still the turn's to give back, not dropped between the
+    // two.
+    let s = setup(Arc::new(TaskPool), [1], Duration::from_secs(1));
+    let (_open, settles_open) = tokio::sync::watch::channel(false);
+    s.broker.lock().unwrap().settles_open = Some(settles_open);
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    all_read(&broker).await;
+    wait_for("the handler runs", || s.scope.unsettled() == 1).await;
+    s.stop.cancel();
+    let ended = task.await.unwrap();
+    assert_eq!(s.ran.lock().unwrap().as_slice(), [1], "the handler ran");
+    assert!(ended.handed_back);
+    let broker = broker.lock().unwrap();
+    assert!(broker.settled.is_empty(), "{:?}", broker.settled);
+    assert_eq!(
+        broker.given_back,
+        [vec!["1"]],
+        "the message whose acknowledgement was never sent is given back"
+    );
 }

@@ -432,9 +432,14 @@ impl<L: AckLog> AckTurn<L> {
             self.give_back();
             return;
         }
-        if let Some((seq, handle, how)) = settle(&mut self.registry, completion, hand_back_later) {
+        // Registered until the settle is sent: a wind-down that drops this
+        // future at its deadline (mid-send, while the client's command
+        // channel is full) leaves the message to the final give-back, in
+        // order with the rest, instead of neither settled nor given back.
+        if let Some((seq, handle, how)) = settle(&self.registry, &completion, hand_back_later) {
             let sent = self.acks.settle(seq, handle, how);
             self.beats.during(&mut self.registry, sent).await;
+            self.registry.remove(&seq);
         }
     }
 

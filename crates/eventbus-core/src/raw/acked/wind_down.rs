@@ -272,10 +272,11 @@ impl<L: AckLog> HandOver for AckTurn<L> {
         self.inflight.len()
     }
 
-    /// A job counts until its completion is settled here (see
+    /// A job counts until its completion is taken here (see
     /// [`Scope::unsettled`](crate::raw::Scope::unsettled)): once none is, every
-    /// message whose handler ran is acknowledged, and only the others are
-    /// given back.
+    /// message whose handler ran has its settle sent or under way, and the
+    /// others are given back. One under way when the wind-down drops it stays
+    /// registered and is given back with them, in order.
     fn unsettled(&self) -> usize {
         self.scope.unsettled()
     }

@@ -240,6 +240,15 @@ impl PartitionLog for KafkaLog {
     /// rewinds (librdkafka rejoins by itself and announces no rewind).
     fn assignment(&mut self) -> Assignment {
         let s = self.share.lock();
+        // A commit on its thread for a partition this log no longer holds
+        // under its current grant (lost, or granted anew) is over: dropping it
+        // stops its retries, which would otherwise go on into another owner's
+        // tenure (a commit back moving that owner's offset back). The loop
+        // makes no further commit for it: it drops the partition on this
+        // assignment.
+        let held = &self.held;
+        self.explicit
+            .retain(|p, _| held.get(p).is_some_and(|g| s.granted.get(p) == Some(g)));
         let mut a = Assignment::new();
         a.granted = s.granted.clone();
         a.revoking = s.revoking.clone();
@@ -422,5 +431,73 @@ impl Drop for KafkaLog {
     fn drop(&mut self) {
         // A loop task that is aborted leaves nothing waiting on it.
         self.share.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::ConsumerCtx;
+    use eventbus_core::raw::Dispatcher;
+    use eventbus_keyed_pool::{KeyedPoolConfig, KeyedWorkerPool};
+    use rdkafka::config::ClientConfig;
+
+    /// A log of topic `t` whose consumer never joins a group: each commit on
+    /// a thread of its own fails and is retried until its deadline.
+    fn log(share: Arc<TopicShare>) -> KafkaLog {
+        let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default()).expect("pool");
+        let dispatcher = Dispatcher::new(
+            "kafka",
+            Arc::new(pool),
+            None,
+            eventbus_core::BusConfig::default(),
+        );
+        let shared = Arc::new(ConsumerShared::for_member(None));
+        let ctx = ConsumerCtx {
+            shared: shared.clone(),
+            dispatcher,
+            drain_timeout: Duration::from_secs(1),
+            handover_timeout: Duration::from_secs(1),
+            cooperative: false,
+        };
+        let consumer: KConsumer = ClientConfig::new()
+            // Nothing listens there: the group is never reached.
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "g")
+            .create_with_context(ctx)
+            .expect("consumer");
+        KafkaLog::new(
+            share,
+            Arc::new(consumer),
+            shared,
+            1,
+            Duration::from_secs(30),
+        )
+    }
+
+    /// A partition lost while a commit back of it is under way on its thread:
+    /// the next look at the assignment drops that commit (its retries stop),
+    /// so it cannot land after another member took the partition over.
+    #[tokio::test]
+    async fn a_commit_under_way_for_a_lost_partition_stops() {
+        let share = Arc::new(TopicShare::new(Arc::from("t"), 16, Box::new(|_, _| {})));
+        let mut log = log(share.clone());
+        share.assign(&[0], HashMap::from([(0, (10, Vec::new()))]));
+        let generation = log.assignment().granted[&0];
+        log.take_up(0, generation, Scope::new());
+        // Back below the group's offset: committed on a thread of its own.
+        let under_way = log.commit(0, generation, 5, "");
+        assert!(under_way.is_err(), "a commit back is not answered at once");
+        assert!(
+            log.explicit.contains_key(&0),
+            "the commit back is under way"
+        );
+        share.take_away(&[0]);
+        let a = log.assignment();
+        assert!(!a.granted.contains_key(&0), "the partition is lost");
+        assert!(
+            log.explicit.is_empty(),
+            "the commit back of a lost partition goes on retrying"
+        );
     }
 }

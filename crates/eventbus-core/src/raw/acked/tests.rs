@@ -159,6 +159,18 @@ struct Setup {
 /// A turn over deliveries `seqs` (handle: the position as text), run by
 /// `pool`; a handler that takes `handling` of the test's clock.
 fn setup(pool: Arc<dyn Pool>, seqs: impl IntoIterator<Item = u64>, handling: Duration) -> Setup {
+    setup_timed(pool, seqs, Arc::new(move |_| handling))
+}
+
+/// How long the handler takes, by the message's position.
+type Handling = Arc<dyn Fn(i64) -> Duration + Send + Sync>;
+
+/// [`setup`] with a handler that takes `handling(position)`.
+fn setup_timed(
+    pool: Arc<dyn Pool>,
+    seqs: impl IntoIterator<Item = u64>,
+    handling: Handling,
+) -> Setup {
     let mut config = BusConfig::default();
     config.consumer.drain_timeout = DRAIN;
     config.consumer.handover_timeout = HANDOVER;
@@ -171,6 +183,7 @@ fn setup(pool: Arc<dyn Pool>, seqs: impl IntoIterator<Item = u64>, handling: Dur
                 let ran = ran.clone();
                 move |m: Message| {
                     let ran = ran.clone();
+                    let handling = handling(m.offset);
                     async move {
                         if !handling.is_zero() {
                             tokio::time::sleep(handling).await;
@@ -457,5 +470,50 @@ async fn a_settle_under_way_when_the_drain_ends_is_given_back_with_the_rest() {
         broker.given_back,
         [vec!["1"]],
         "the message whose acknowledgement was never sent is given back"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_settle_dropped_unsent_no_later_message_is_settled() {
+    // 1 finishes during the drain and its acknowledgement cannot be sent
+    // before the drain ends; 2, of the same aggregate, finishes during the
+    // wait, when the client could send again. Acknowledging 2 and giving 1
+    // back would have the next holder handle 1 after 2: both are given back,
+    // in order.
+    let s = setup_timed(
+        Arc::new(TaskPool),
+        [1, 2],
+        Arc::new(|offset| Duration::from_secs(if offset == 1 { 1 } else { 3 })),
+    );
+    let (open, settles_open) = tokio::sync::watch::channel(false);
+    s.broker.lock().unwrap().settles_open = Some(settles_open);
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    all_read(&broker).await;
+    wait_for("a handler runs", || s.scope.unsettled() >= 1).await;
+    let stopped = tokio::time::Instant::now();
+    s.stop.cancel();
+    // Within the wait after the drain, before 2 finishes.
+    tokio::spawn(async move {
+        tokio::time::sleep_until(stopped + DRAIN + Duration::from_millis(500)).await;
+        let _ = open.send(true);
+    });
+    let ended = task.await.unwrap();
+    assert_eq!(
+        s.ran.lock().unwrap().as_slice(),
+        [1, 2],
+        "both handlers ran"
+    );
+    assert!(ended.handed_back);
+    let broker = broker.lock().unwrap();
+    assert!(
+        broker.settled.is_empty(),
+        "nothing is acknowledged after the message whose acknowledgement was dropped: {:?}",
+        broker.settled
+    );
+    assert_eq!(
+        broker.given_back,
+        [vec!["1", "2"]],
+        "both given back, in order"
     );
 }

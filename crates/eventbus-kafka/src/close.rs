@@ -1,7 +1,7 @@
 //! Closing the consumer on a thread of its own, within a bound: librdkafka's
 //! close may wait without one.
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -22,30 +22,46 @@ const LEAVE_POLL: Duration = Duration::from_millis(50);
 /// requests in order, and a JoinGroup it holds until the group re-forms holds
 /// the commit behind it. Meanwhile the consumer, polled by no one, would stay
 /// in the group with its partitions (until `max.poll.interval.ms`), its final
-/// commit not made. So a dynamic member leaves now: unsubscribing revokes
-/// every partition (librdkafka commits the stored offsets as it unassigns
-/// them) and leaves the group. A static member (`static_member`) keeps its
-/// membership, as its close does (KIP-345: its successor with the same id
-/// takes its partitions without a rebalance). Either way this thread polls,
-/// serving the revoke and whatever rebalance the holder's answer waits for,
-/// until the holder lets go or the bound passes.
+/// commit not made. So the stored offsets are committed at once, and a
+/// dynamic member unsubscribes: it revokes every partition (librdkafka commits
+/// the stored offsets as it unassigns them) and leaves the group, as soon as
+/// the group lets it (librdkafka puts an unsubscribe off until a rebalance
+/// under way ends). A static member (`static_member`) keeps its membership, as
+/// its close does (KIP-345: its successor with the same id takes its
+/// partitions without a rebalance). Either way this thread polls, serving the
+/// revoke and whatever rebalance the holder's answer waits for, until the
+/// holder lets go or half the bound passes: the other half is the close's.
 pub(crate) fn leave_group<C>(consumer: Arc<BaseConsumer<C>>, timeout: Duration, static_member: bool)
 where
     C: ConsumerContext + 'static,
 {
     let deadline = Instant::now() + timeout;
     if Arc::strong_count(&consumer) > 1 {
+        let until = Instant::now() + timeout / 2;
+        // Answered through the polls below.
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
+            tracing::debug!(error = %e, "stored offsets not committed at close");
+        }
         if !static_member {
             consumer.unsubscribe();
         }
-        while Arc::strong_count(&consumer) > 1 && Instant::now() < deadline {
+        while Arc::strong_count(&consumer) > 1 && Instant::now() < until {
             // A record still fetched is dropped unhandled: nothing stores its
             // offset, so the next owner reads it again.
             let _ = consumer.poll(LEAVE_POLL);
         }
+        if Arc::strong_count(&consumer) > 1 {
+            // Dropping this handle only counts it down.
+            tracing::warn!(
+                ?timeout,
+                static_member,
+                "a commit still under way holds the consumer at close: it closes when that \
+                 commit is answered (a dynamic member has unsubscribed, a static one keeps \
+                 its membership)"
+            );
+            return;
+        }
     }
-    // A holder still there: dropping this handle then only counts it down.
-    let last = Arc::strong_count(&consumer) == 1;
     let (done, closed) = std_mpsc::sync_channel::<()>(1);
     let spawned = std::thread::Builder::new()
         .name("eventbus-kafka-leave".to_owned())
@@ -58,12 +74,7 @@ where
         return;
     }
     match closed.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Ok(()) if last => tracing::debug!("consumer closed"),
-        Ok(()) => tracing::warn!(
-            ?timeout,
-            "the consumer left its group, but a commit still under way holds it; \
-             it closes when that commit is answered"
-        ),
+        Ok(()) => tracing::debug!("consumer closed"),
         Err(_) => tracing::warn!(
             ?timeout,
             "the consumer did not leave its group within the operation timeout (the \

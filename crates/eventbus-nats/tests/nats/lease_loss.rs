@@ -70,12 +70,7 @@ async fn a_lease_lost_while_alive_fences_at_once_and_acknowledges_nothing_more()
     .await;
 
     // Take the lease away: another member's value, kept fresh until released.
-    let kv = bus
-        .jetstream()
-        .get_key_value("eventbus_leases")
-        .await
-        .expect("lease bucket");
-    let key = format!("{}.{}", bus.stream_name(&topic), bus.durable_name(&topic));
+    let (kv, key) = lease_of(&bus, &topic).await;
     let intruder = serde_json::json!({ "member": "intruder", "ttl_ms": 3000 }).to_string();
     kv.put(&key, intruder.clone().into())
         .await
@@ -264,12 +259,7 @@ async fn a_refresh_that_landed_without_an_answer_keeps_the_lease() {
 
     // What the lost answer's write left: the member's own value, one revision
     // on from the one the member knows.
-    let kv = bus
-        .jetstream()
-        .get_key_value("eventbus_leases")
-        .await
-        .expect("lease bucket");
-    let key = format!("{}.{}", bus.stream_name(&topic), bus.durable_name(&topic));
+    let (kv, key) = lease_of(&bus, &topic).await;
     let own = kv
         .entry(&key)
         .await
@@ -302,4 +292,18 @@ async fn a_refresh_that_landed_without_an_answer_keeps_the_lease() {
     })
     .await;
     within("close", bus.close()).await.expect("close");
+}
+
+/// The lease bucket of `bus` and the key of `topic`'s lease in it.
+async fn lease_of(
+    bus: &eventbus_nats::NatsEventBus,
+    topic: &str,
+) -> (async_nats::jetstream::kv::Store, String) {
+    let kv = bus
+        .jetstream()
+        .get_key_value("eventbus_leases")
+        .await
+        .expect("lease bucket");
+    let key = format!("{}.{}", bus.stream_name(topic), bus.durable_name(topic));
+    (kv, key)
 }

@@ -22,7 +22,6 @@ use futures::{FutureExt, StreamExt};
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -132,11 +131,12 @@ pub struct AckTurn<L: AckLog> {
     pub(super) handover_timeout: Duration,
     /// Every message of the turn not yet settled, by position.
     pub(super) registry: Registry<<L::Acks as Acks>::Handle>,
-    /// Set when a settle was dropped unsent (the wind-down ended it mid-send):
-    /// from then on the turn settles nothing, and gives everything registered
-    /// back in order, so no message is acknowledged after an earlier one left
-    /// unacknowledged (which the next holder would handle after it).
-    settles_held: Arc<AtomicBool>,
+    /// The position whose settle is being sent; still set after that send
+    /// returns only when the wind-down dropped it unsent: from then on the
+    /// turn settles nothing, and gives everything registered back in order, so
+    /// no message is acknowledged after an earlier one left unacknowledged
+    /// (which the next holder would handle after it).
+    settling: Option<u64>,
     /// Deliveries the turn accepted (see [`oldest`]).
     accepted: u64,
     /// When to report what holds the acknowledgement floor.
@@ -224,7 +224,7 @@ impl<L: AckLog> AckTurn<L> {
             total,
             bounds,
             registry: Registry::new(),
-            settles_held: Arc::default(),
+            settling: None,
             accepted: 0,
             report,
             beats,
@@ -439,7 +439,7 @@ impl<L: AckLog> AckTurn<L> {
             self.give_back();
             return;
         }
-        if self.settles_held.load(Ordering::Acquire) {
+        if self.settling.is_some() {
             // An earlier settle was dropped unsent: this message stays
             // registered and is given back after it.
             return;
@@ -448,12 +448,12 @@ impl<L: AckLog> AckTurn<L> {
         // future at its deadline (mid-send, while the client's command
         // channel is full) leaves the message to the final give-back, in
         // order with the rest, instead of neither settled nor given back;
-        // and holds every later settle of the turn (`settles_held`).
+        // and holds every later settle of the turn (`settling`).
         if let Some((seq, handle, how)) = settle(&self.registry, &completion, hand_back_later) {
-            let unsent = HoldOnDrop(Some(self.settles_held.clone()));
+            self.settling = Some(seq);
             let sent = self.acks.settle(seq, handle, how);
             self.beats.during(&mut self.registry, sent).await;
-            unsent.sent();
+            self.settling = None;
             self.registry.remove(&seq);
         }
     }
@@ -681,22 +681,4 @@ async fn acquire_up_to(total: &Arc<Semaphore>, n: usize) -> Option<OwnedSemaphor
         }
     }
     Some(permits)
-}
-
-/// Sets its flag when dropped before [`sent`](Self::sent): a settle dropped
-/// unsent (see [`AckTurn::on_settled`]).
-struct HoldOnDrop(Option<Arc<AtomicBool>>);
-
-impl HoldOnDrop {
-    fn sent(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for HoldOnDrop {
-    fn drop(&mut self) {
-        if let Some(held) = self.0.take() {
-            held.store(true, Ordering::Release);
-        }
-    }
 }

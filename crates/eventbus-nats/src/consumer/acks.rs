@@ -3,8 +3,11 @@
 //! when asked), `+WPI` to keep it alive; what a turn leaves unfinished is given
 //! back with `-NAK`, lowest sequence first, and the server's confirmation of
 //! each awaited, so the next holder of the lease never pulls before a message
-//! given back is redeliverable (see `docs/nats.md`).
+//! given back is redeliverable; and a give-back counts as done only when the
+//! durable holds nothing else for redelivery, which it would deliver first
+//! (see `docs/nats.md`).
 
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
 use futures::StreamExt;
@@ -14,10 +17,12 @@ use eventbus_core::Result;
 
 use crate::streams::broker;
 
-/// Settling a durable's messages: its client.
+/// Settling a durable's messages: its client, and the durable (to read what
+/// it holds after a give-back).
 #[derive(Debug, Clone)]
 pub(super) struct JsAcks {
     pub(super) client: Client,
+    pub(super) consumer: PullConsumer,
 }
 
 impl Acks for JsAcks {
@@ -50,6 +55,14 @@ impl Acks for JsAcks {
     /// later requests of the same connection: without the confirmation, the
     /// next holder of the lease could pull before a `-NAK` is applied and get
     /// later messages of an aggregate ahead of the one given back.
+    ///
+    /// Then the durable's count of messages pending acknowledgement: more than
+    /// were given back means it holds others for redelivery (given back by an
+    /// earlier holder and not pulled since, or redelivered after `ack_wait`
+    /// while no pull request was open). JetStream redelivers in the order it
+    /// queued them and does not move a message queued already when a `-NAK`
+    /// of it comes, so those would come first, ahead of the order given back
+    /// now: the next holder must read again from the ack floor instead.
     async fn give_back(&self, replies: Vec<Subject>) -> bool {
         let client = &self.client;
         let confirmed = async {
@@ -72,6 +85,16 @@ impl Acks for JsAcks {
                 left -= 1;
             }
             let _ = answers.unsubscribe().await;
+            let mut consumer = self.consumer.clone();
+            let pending = consumer.info().await.ok()?.num_ack_pending;
+            if pending > replies.len() {
+                tracing::warn!(
+                    pending,
+                    given_back = replies.len(),
+                    "the durable holds other messages for redelivery ahead of those given back"
+                );
+                return None;
+            }
             Some(())
         };
         confirmed.await.is_some()
@@ -82,5 +105,96 @@ impl Acks for JsAcks {
             .flush()
             .await
             .map_err(|e| broker("cannot flush the connection".to_owned(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::{self, consumer, stream};
+    use eventbus_testkit::nats_server::NatsServer;
+    use std::time::Duration;
+
+    /// Pull up to `n` messages: their stream sequences and reply subjects.
+    async fn pull(c: &PullConsumer, n: usize) -> Vec<(u64, Subject)> {
+        let mut batch = c
+            .batch()
+            .max_messages(n)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .expect("pull");
+        let mut got = Vec::new();
+        while let Some(m) = batch.next().await {
+            let m = m.expect("message");
+            let seq = m.info().expect("info").stream_sequence;
+            got.push((seq, m.reply.clone().expect("a reply subject")));
+        }
+        got
+    }
+
+    /// A holder that takes over cleanly and gives back before it pulled all
+    /// its predecessor gave back: the server queues its `-NAK`s behind those,
+    /// so their redelivery order is not the order given back. The give-back
+    /// says so (the next holder then reads from the ack floor).
+    #[tokio::test]
+    async fn a_give_back_behind_messages_still_queued_is_not_confirmed() {
+        let server = NatsServer::start();
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(server.url())
+            .await
+            .expect("connect");
+        let js = jetstream::new(client.clone());
+        js.create_stream(stream::Config {
+            name: "given".to_owned(),
+            subjects: vec!["given".to_owned()],
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+        for i in 1..=4u32 {
+            js.publish("given", i.to_string().into())
+                .await
+                .expect("publish")
+                .await
+                .expect("publish ack");
+        }
+        let durable = js
+            .create_consumer_on_stream(
+                consumer::pull::Config {
+                    durable_name: Some("holders".to_owned()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(120),
+                    ..Default::default()
+                },
+                "given",
+            )
+            .await
+            .expect("create durable");
+        let acks = JsAcks {
+            client,
+            consumer: durable.clone(),
+        };
+        // The first holder gives all four back: nothing else pending.
+        let first = pull(&durable, 4).await;
+        assert_eq!(first.iter().map(|m| m.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert!(
+            acks.give_back(first.into_iter().map(|m| m.1).collect())
+                .await,
+            "a give-back of everything pending is confirmed"
+        );
+        // The next holder pulls two of them and gives those back.
+        let second = pull(&durable, 2).await;
+        assert_eq!(second.iter().map(|m| m.0).collect::<Vec<_>>(), [1, 2]);
+        assert!(
+            !acks
+                .give_back(second.into_iter().map(|m| m.1).collect())
+                .await,
+            "a give-back with 3 and 4 still queued ahead of it is not confirmed"
+        );
+        // Why: the server delivers 3 and 4 first.
+        let third = pull(&durable, 4).await;
+        assert_eq!(third.iter().map(|m| m.0).collect::<Vec<_>>(), [3, 4, 1, 2]);
     }
 }

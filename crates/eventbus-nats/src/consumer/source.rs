@@ -85,6 +85,7 @@ impl AckLog for JsSource<'_> {
     fn acks(&self) -> JsAcks {
         JsAcks {
             client: self.durable.shared.client.clone(),
+            consumer: self.durable.consumer.clone(),
         }
     }
 

@@ -19,7 +19,9 @@
 //! - **A give-back is confirmed.** [`Acks::give_back`] answers `true` only once
 //!   the broker applied every one: the next holder must not read before a
 //!   message given back is deliverable again, or a later message of its
-//!   aggregate could overtake it.
+//!   aggregate could overtake it. And only when nothing else of the log waits
+//!   for redelivery: what does (given back by an earlier holder and not read
+//!   since) is delivered first, ahead of the order given back now.
 
 use crate::{Message, Result};
 use futures::future::BoxFuture;
@@ -124,7 +126,9 @@ pub trait Acks: Clone + Send + Sync + 'static {
     fn keep_alive(&self, handle: &Self::Handle) -> impl Future<Output = ()> + Send;
 
     /// Give every message of `handles` back, in this order, and wait until the
-    /// broker applied each: whether it did. The turn bounds the wait.
+    /// broker applied each: whether it did, and holds no other message of the
+    /// log for redelivery (which it would deliver first). The turn bounds the
+    /// wait.
     fn give_back(&self, handles: Vec<Self::Handle>) -> impl Future<Output = bool> + Send;
 
     /// Wait until everything the broker sent before now is readable from the

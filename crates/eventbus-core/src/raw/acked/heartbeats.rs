@@ -26,6 +26,8 @@ pub(super) struct Heartbeats<A> {
     /// Half of the wait: a message the broker has not heard of for this long
     /// is due.
     threshold: Duration,
+    /// Seven eighths of the wait: see [`lapsed`](Self::lapsed).
+    lapse: Duration,
     /// Every quarter of the wait (at least 20 ms).
     tick: Interval,
     /// Nothing more is kept alive: the turn gives its work back.
@@ -42,6 +44,7 @@ impl<A: Acks> Heartbeats<A> {
         Self {
             acks,
             threshold: ack_wait / 2,
+            lapse: ack_wait - ack_wait / 8,
             tick,
             stopped: false,
             lost,
@@ -75,8 +78,25 @@ impl<A: Acks> Heartbeats<A> {
                 continue;
             }
             self.acks.keep_alive(&pending.handle).await;
+            // Sent late (the command channel full, the loop held up): the
+            // wait may have run out before it arrived.
+            if self.lapsed(pending.last_signal, Instant::now()) {
+                pending.lapsed = true;
+            }
             pending.last_signal = now;
         }
+    }
+
+    /// Whether the broker may have given up waiting on a message it last
+    /// heard of at `last_signal`, by `now`: it then queues the message for
+    /// redelivery, and a `-NAK` of it later does not move it in that queue
+    /// (JetStream ignores a `-NAK` of a message queued already). Seven eighths
+    /// of the wait rather than all of it: the turn counts from when it read a
+    /// delivery or began a keep-alive signal, the broker from when it sent the
+    /// delivery or received the signal. A message kept alive on time is heard
+    /// of every three quarters of the wait at most.
+    pub(super) fn lapsed(&self, last_signal: Instant, now: Instant) -> bool {
+        now.duration_since(last_signal) >= self.lapse
     }
 
     /// Await `fut`, sending the signals of `registry` at every tick meanwhile:

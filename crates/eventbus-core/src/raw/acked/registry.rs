@@ -13,6 +13,10 @@ use tokio::time::Instant;
 pub(super) struct Pending<H> {
     pub(super) handle: H,
     pub(super) last_signal: Instant,
+    /// The broker may have queued it for redelivery: a keep-alive signal
+    /// came too late (see [`Heartbeats::lapsed`](super::heartbeats::Heartbeats)).
+    /// Cleared when the broker delivers it again (it left that queue).
+    pub(super) lapsed: bool,
     /// Its place among the turn's deliveries (1 for the first): what finished
     /// after it is counted from this when asked ([`oldest`]).
     pub(super) index: u64,
@@ -66,6 +70,7 @@ mod tests {
         Pending {
             handle: (),
             last_signal: Instant::now(),
+            lapsed: false,
             index,
         }
     }

@@ -40,6 +40,8 @@ struct Broker {
     /// Settles wait until this says `true` (a client whose command channel
     /// is full); `None`: they go at once.
     settles_open: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The same for keep-alive signals.
+    keep_alives_open: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 const ACK_WAIT: Duration = Duration::from_secs(4);
@@ -62,6 +64,10 @@ impl Acks for ScriptAcks {
     }
 
     async fn keep_alive(&self, handle: &String) {
+        let gate = self.0.lock().unwrap().keep_alives_open.clone();
+        if let Some(mut gate) = gate {
+            let _ = gate.wait_for(|open| *open).await;
+        }
         self.0.lock().unwrap().kept_alive.push(handle.clone());
     }
 
@@ -171,6 +177,16 @@ fn setup_timed(
     seqs: impl IntoIterator<Item = u64>,
     handling: Handling,
 ) -> Setup {
+    setup_bounded(pool, seqs, handling, Arc::new(Semaphore::new(1000)))
+}
+
+/// [`setup_timed`] under the bus's bound `total`.
+fn setup_bounded(
+    pool: Arc<dyn Pool>,
+    seqs: impl IntoIterator<Item = u64>,
+    handling: Handling,
+    total: Arc<Semaphore>,
+) -> Setup {
     let mut config = BusConfig::default();
     config.consumer.drain_timeout = DRAIN;
     config.consumer.handover_timeout = HANDOVER;
@@ -216,7 +232,7 @@ fn setup_timed(
         script,
         dispatcher,
         sub,
-        Arc::new(Semaphore::new(1000)),
+        total,
         stop.clone(),
         lost.clone(),
         scope.clone(),
@@ -516,4 +532,94 @@ async fn after_a_settle_dropped_unsent_no_later_message_is_settled() {
         [vec!["1", "2"]],
         "both given back, in order"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_whose_wait_may_have_run_out_is_not_handed_back_clean() {
+    // A handler runs on while its keep-alive signal cannot be sent (the
+    // client's command channel is full) for as long as the broker's wait: the
+    // broker may have queued the message for redelivery already, and a `-NAK`
+    // does not move it in that queue, so the order given back is not the
+    // order the next holder gets. The hand-back is not clean: the next holder
+    // reads from the first message not settled.
+    let s = setup(Arc::new(TaskPool), [1], Duration::from_secs(20));
+    let (open, keep_alives_open) = tokio::sync::watch::channel(false);
+    s.broker.lock().unwrap().keep_alives_open = Some(keep_alives_open);
+    s.moving.store(true, Ordering::SeqCst);
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    all_read(&broker).await;
+    wait_for("the handler runs", || s.scope.unsettled() == 1).await;
+    tokio::time::sleep(ACK_WAIT).await;
+    s.stop.cancel();
+    let _ = open.send(true);
+    let ended = task.await.unwrap();
+    assert!(
+        !ended.handed_back,
+        "a message not kept alive within the broker's wait is not handed back clean"
+    );
+    let broker = broker.lock().unwrap();
+    assert_eq!(
+        broker.given_back,
+        [vec!["1"]],
+        "it is given back all the same"
+    );
+    assert!(
+        !broker.kept_alive.is_empty(),
+        "its signals went, late: {:?}",
+        broker.kept_alive
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_kept_alive_on_time_is_handed_back_clean() {
+    // The same handler with its signals sent on time: clean.
+    let s = setup(Arc::new(TaskPool), [1], Duration::from_secs(20));
+    s.moving.store(true, Ordering::SeqCst);
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    all_read(&broker).await;
+    wait_for("the handler runs", || s.scope.unsettled() == 1).await;
+    tokio::time::sleep(3 * ACK_WAIT).await;
+    s.stop.cancel();
+    let ended = task.await.unwrap();
+    assert!(ended.handed_back);
+    let broker = broker.lock().unwrap();
+    assert_eq!(broker.given_back, [vec!["1"]]);
+    assert!(broker.kept_alive.len() >= 4, "{:?}", broker.kept_alive);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_turn_waiting_for_room_keeps_its_place_in_the_queue() {
+    // The bus's bound is held (another turn's open fetch, say); the turn
+    // queues for room, then someone else does. The turn's loop wakes many
+    // times meanwhile (keep-alive ticks, reports): it must stay ahead in the
+    // queue, or a turn woken often enough never gets the room.
+    let total = Arc::new(Semaphore::new(1));
+    let held = total.clone().acquire_owned().await.unwrap();
+    let s = setup_bounded(
+        Arc::new(TaskPool),
+        [1],
+        Arc::new(|_| Duration::ZERO),
+        total.clone(),
+    );
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let later = tokio::spawn({
+        let broker = broker.clone();
+        async move {
+            let _room = total.acquire_owned().await.unwrap();
+            broker.lock().unwrap().ready.len()
+        }
+    });
+    tokio::time::sleep(3 * ACK_WAIT).await;
+    drop(held);
+    assert_eq!(
+        later.await.unwrap(),
+        0,
+        "the turn, queued first, fetched before the one queued after it got the room"
+    );
+    s.stop.cancel();
+    task.await.unwrap();
 }

@@ -103,6 +103,9 @@ enum Step<R> {
     BackedOff,
     /// Room for a fetch: the permits of the messages to ask for.
     Room(OwnedSemaphorePermit),
+    /// The bus's bound on messages in flight is closed (the bus closes): the
+    /// turn stops.
+    Closed,
 }
 
 /// One turn on a log with per-message acknowledgement; see the module docs of
@@ -157,6 +160,13 @@ pub struct AckTurn<L: AckLog> {
     pub(super) inflight: Completions<u64>,
     /// The open fetch, with the permits of the messages it asked for.
     pub(super) batch: Option<(L::Fetch, OwnedSemaphorePermit)>,
+    /// The wait for room under the bus's bound for the next fetch: kept
+    /// across the loop's wake-ups (a keep-alive tick, a report, an outcome),
+    /// so the turn keeps its place in the bound's queue. Made anew at each
+    /// wake-up, it would go to the back of it every time, and on a bus whose
+    /// bound is held by other turns' open fetches this turn could wait for
+    /// ever while they take turns (found by the simulation).
+    room: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>>,
     /// The wait before the next fetch after a failure.
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Failures in a row, for the length of `backoff`.
@@ -236,6 +246,7 @@ impl<L: AckLog> AckTurn<L> {
             // one submitted with it, may start first.
             inflight: Completions::new().fence_dropped(),
             batch: None,
+            room: None,
             backoff: None,
             failures: 0,
             needs_recover: false,
@@ -274,7 +285,7 @@ impl<L: AckLog> AckTurn<L> {
     /// Hand one wake-up of the loop to its method.
     async fn on_step(&mut self, step: Step<L::Raw>) {
         match step {
-            Step::Stop => {}
+            Step::Stop | Step::Closed => {}
             Step::Beat => self.beats.beat(&mut self.registry).await,
             Step::Report => self.report_holds(),
             Step::Settled(completion) => {
@@ -392,10 +403,18 @@ impl<L: AckLog> AckTurn<L> {
         // bound on messages in flight is unchanged.
         let may_fetch =
             self.batch.is_none() && self.backoff.is_none() && room > 0 && self.log.may_fetch();
+        if !may_fetch {
+            self.room = None;
+        } else if self.room.is_none() {
+            // The room is only ever more when the wait ends: nothing is
+            // fetched meanwhile.
+            self.room = Some(Box::pin(acquire_up_to(self.total.clone(), room)));
+        }
+        let waiting = &mut self.room;
         let submitting = &mut self.submitting;
         let batch = &mut self.batch;
         let backoff = &mut self.backoff;
-        tokio::select! {
+        let step = tokio::select! {
             biased;
             _ = self.stopped.as_mut() => Step::Stop,
             () = self.beats.tick() => Step::Beat,
@@ -412,11 +431,22 @@ impl<L: AckLog> AckTurn<L> {
             _ = async { backoff.as_mut().expect("guarded").await }, if backoff.is_some() => {
                 Step::BackedOff
             }
-            permits = acquire_up_to(&self.total, room), if may_fetch => match permits {
-                Some(permits) => Step::Room(permits),
-                // The in-flight limit is closed: the bus is closing.
-                None => Step::Stop,
-            },
+            permits = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
+                // Done: never polled again.
+                match permits {
+                    Some(permits) => Step::Room(permits),
+                    // The in-flight limit is closed: the bus is closing.
+                    None => Step::Closed,
+                }
+            }
+        };
+        if matches!(step, Step::Room(_) | Step::Closed) {
+            self.room = None;
+        }
+        if matches!(step, Step::Closed) {
+            Step::Stop
+        } else {
+            step
         }
     }
 
@@ -554,6 +584,8 @@ impl<L: AckLog> AckTurn<L> {
                 "redelivery of a message still in flight; not dispatched again");
             pending.handle = handle;
             pending.last_signal = now;
+            // Delivered again: it is out of the broker's redelivery queue.
+            pending.lapsed = false;
             return None;
         }
         self.accepted += 1;
@@ -562,6 +594,7 @@ impl<L: AckLog> AckTurn<L> {
             Pending {
                 handle,
                 last_signal: now,
+                lapsed: false,
                 index: self.accepted,
             },
         );
@@ -672,7 +705,7 @@ impl<L: AckLog> AckTurn<L> {
 
 /// Wait for one permit of `total`, then take up to `n` without waiting.
 /// `None` when the limit is closed.
-async fn acquire_up_to(total: &Arc<Semaphore>, n: usize) -> Option<OwnedSemaphorePermit> {
+async fn acquire_up_to(total: Arc<Semaphore>, n: usize) -> Option<OwnedSemaphorePermit> {
     let mut permits = total.clone().acquire_owned().await.ok()?;
     while permits.num_permits() < n {
         match total.clone().try_acquire_owned() {

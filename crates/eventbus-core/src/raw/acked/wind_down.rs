@@ -123,17 +123,32 @@ impl<L: AckLog> AckTurn<L> {
         };
         let flushed = tokio::time::timeout_at(flush_by, self.acks.flush());
         let flushed = unless_lost(&self.lost, self.beats.during(&mut self.registry, flushed));
+        let mut ran_out = false;
         if let Some(Ok(Ok(()))) = flushed.await {
             tokio::task::unconstrained(async {
-                while let Some(Some(raw)) = open.next().now_or_never() {
-                    if !self.register_late(raw) {
-                        break;
+                loop {
+                    match open.next().now_or_never() {
+                        Some(Some(raw)) => {
+                            if !self.register_late(raw) {
+                                break;
+                            }
+                        }
+                        // Ran out: a stream is not polled again after its end.
+                        Some(None) => {
+                            ran_out = true;
+                            break;
+                        }
+                        None => break,
                     }
                 }
             })
             .await;
         }
-        self.open = Some(open);
+        if ran_out {
+            self.log.fetch_done(open);
+        } else {
+            self.open = Some(open);
+        }
     }
 
     /// Finish the submission under way, waiting at most until `deadline`.
@@ -235,6 +250,14 @@ impl<L: AckLog> AckTurn<L> {
         let mut left: Vec<u64> = self.registry.keys().copied().collect();
         left.sort_unstable();
         tracing::debug!(topic = %self.topic, released = ?left, "giving back unfinished messages");
+        // A message whose wait may have run out is queued for redelivery at
+        // the broker already, ahead of the order given back now: the next
+        // holder must read again from the first message not settled.
+        let now = Instant::now();
+        let lapsed = self
+            .registry
+            .values()
+            .any(|p| p.lapsed || self.beats.lapsed(p.last_signal, now));
         let handles: Vec<_> = left
             .iter()
             .filter_map(|seq| self.registry.remove(seq).map(|p| p.handle))
@@ -247,9 +270,13 @@ impl<L: AckLog> AckTurn<L> {
         let confirmed = matches!(unless_lost(&self.lost, given).await, Some(Ok(true)));
         if !confirmed {
             tracing::warn!(topic = %self.topic, partition = self.log.partition(),
-                "the broker did not confirm every message given back in time");
+                "the broker did not confirm every message given back in time, in order");
         }
-        confirmed
+        if lapsed {
+            tracing::warn!(topic = %self.topic, partition = self.log.partition(),
+                "a message given back was not kept alive within the broker's wait: it may be redelivered ahead of the order given back");
+        }
+        confirmed && !lapsed
     }
 }
 

@@ -1,8 +1,10 @@
 #![doc = include_str!("../README.md")]
 
+mod acked;
 mod model;
 mod plan;
 mod run;
+mod stream;
 
 pub use model::Counts;
 
@@ -20,6 +22,8 @@ pub struct Report {
     pub failure: Option<String>,
     /// Counts of the run.
     pub counts: Counts,
+    /// The loop it drove.
+    pub log: Log,
 }
 
 impl Report {
@@ -38,7 +42,7 @@ impl Report {
 
     /// The command that replays this seed.
     pub fn replay_command(&self) -> String {
-        replay_command(self.seed)
+        format!("cargo xtask sim{} --seed {}", self.log.flag(), self.seed)
     }
 
     /// The failure with the replay command and the last `lines` of the trace.
@@ -72,6 +76,29 @@ pub fn replay_command(seed: u64) -> String {
     format!("cargo xtask sim --seed {seed}")
 }
 
+/// Which consume loop a run drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Log {
+    /// The in-memory backend's bus: core's loop of a log with committed
+    /// offsets, with its rebalances, rewinds and commits.
+    #[default]
+    Committed,
+    /// Core's turn on a log with per-message acknowledgement (the NATS
+    /// backend's loop) over a JetStream-like broker, with leases moved,
+    /// released and lost, reconnects and the broker's faults.
+    Acked,
+}
+
+impl Log {
+    /// The flag that selects it on the command line (`--acked`), if any.
+    fn flag(self) -> &'static str {
+        match self {
+            Log::Committed => "",
+            Log::Acked => " --acked",
+        }
+    }
+}
+
 /// Run `seed` on a fresh thread (thread-locals of the route table and the
 /// switch start afresh) with a single-thread runtime whose clock is paused,
 /// `fastrand`'s thread-local generator seeded with the seed.
@@ -91,6 +118,11 @@ pub fn run_seed(seed: u64, wall_limit: Duration) -> Report {
 /// [`run_seed`] with at most `max_members` members of the group (the run draws
 /// the same numbers; joins past the cap do nothing).
 pub fn run_seed_with(seed: u64, wall_limit: Duration, max_members: usize) -> Report {
+    run_log_seed(Log::Committed, seed, wall_limit, max_members)
+}
+
+/// [`run_seed_with`] on the loop `log`.
+pub fn run_log_seed(log: Log, seed: u64, wall_limit: Duration, max_members: usize) -> Report {
     let model = model::Shared::new(Duration::ZERO, 1);
     let shared = model.clone();
     let (tx, rx) = mpsc::channel();
@@ -112,7 +144,12 @@ pub fn run_seed_with(seed: u64, wall_limit: Duration, max_members: usize) -> Rep
                 Ok(rt) => {
                     let model = shared.clone();
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        rt.block_on(run::simulate(seed, model, max_members))
+                        rt.block_on(async move {
+                            match log {
+                                Log::Committed => run::simulate(seed, model, max_members).await,
+                                Log::Acked => acked::simulate(seed, model, max_members).await,
+                            }
+                        })
                     }));
                     drop(rt);
                     match r {
@@ -144,6 +181,7 @@ pub fn run_seed_with(seed: u64, wall_limit: Duration, max_members: usize) -> Rep
         trace: m.take_trace(),
         failure,
         counts: m.counts,
+        log,
     }
 }
 

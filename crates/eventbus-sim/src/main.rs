@@ -1,4 +1,4 @@
-//! `eventbus-sim [--seed S] [--seeds N] [--from S0] [--members M] [--trace]`: run seeds of the
+//! `eventbus-sim [--acked] [--seed S] [--seeds N] [--from S0] [--members M] [--trace]`: run seeds of the
 //! simulation (`cargo xtask sim` runs it in release).
 
 // A command-line tool: it talks to the terminal.
@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const USAGE: &str =
-    "usage: eventbus-sim [--seed S] [--seeds N] [--from S0] [--members M] [--trace] [--wall-limit SECS]
+    "usage: eventbus-sim [--acked] [--seed S] [--seeds N] [--from S0] [--members M] [--trace] [--wall-limit SECS]
+  --acked      drive core's turn on a log with per-message acknowledgement (the
+               NATS loop) instead of the in-memory bus
   --seed S     run seed S alone (and print its trace with --trace)
   --seeds N    run N seeds, from S0 (default 0), default 1000
   --from S0    the first seed of --seeds
@@ -26,6 +28,7 @@ fn main() -> ExitCode {
     let mut twice = false;
     let mut wall = 120u64;
     let mut members = 3u64;
+    let mut log = eventbus_sim::Log::Committed;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> Option<u64> {
@@ -41,6 +44,10 @@ fn main() -> ExitCode {
             "--from" => value("--from").map(|v| from = v),
             "--wall-limit" => value("--wall-limit").map(|v| wall = v),
             "--members" => value("--members").filter(|&v| v >= 1).map(|v| members = v),
+            "--acked" => {
+                log = eventbus_sim::Log::Acked;
+                Some(())
+            }
             "--trace" => {
                 trace = true;
                 Some(())
@@ -68,10 +75,11 @@ fn main() -> ExitCode {
     let mut calls = 0u64;
     for s in range {
         let mut report =
-            eventbus_sim::run_seed_with(s, Duration::from_secs(wall), members as usize);
+            eventbus_sim::run_log_seed(log, s, Duration::from_secs(wall), members as usize);
         n += 1;
         if twice && report.failure.is_none() {
-            let again = eventbus_sim::run_seed_with(s, Duration::from_secs(wall), members as usize);
+            let again =
+                eventbus_sim::run_log_seed(log, s, Duration::from_secs(wall), members as usize);
             if again.trace_hash() != report.trace_hash() {
                 let at = report
                     .trace

@@ -112,10 +112,10 @@ pub(crate) struct Model {
     last_started: BTreeMap<(usize, u32), u32>,
     calls: BTreeMap<u64, Call>,
     next_call: u64,
-    /// Per (bus, topic): the member that lost its assignment and the partitions
-    /// it lost, until the broker lists it as having rejoined (its consumer has
+    /// Per (bus, topic, member that lost its assignment): the partitions it
+    /// lost, until the broker lists it as having rejoined (its consumer has
     /// fenced them by then).
-    lost: BTreeMap<(usize, usize), (u64, Vec<i32>)>,
+    lost: BTreeMap<(usize, usize, u64), Vec<i32>>,
     /// Per (topic, partition): every offset it was rewound to.
     rewinds: BTreeMap<(usize, i32), Vec<i64>>,
     /// Per (topic, partition): the ranges rewinds read again, from the rewind
@@ -317,8 +317,8 @@ impl Model {
         // rejoined, is a violation.
         let stalled_start = self
             .lost
-            .get(&(bus, topic))
-            .is_some_and(|(_, ps)| ps.contains(&partition));
+            .iter()
+            .any(|(&(b, t, _), ps)| b == bus && t == topic && ps.contains(&partition));
         if stalled_start {
             self.violate(format!(
                 "{name} (call {call} on bus {bus}) started on p{partition}, which its member lost: the loss did not fence it"
@@ -503,12 +503,10 @@ impl Model {
         // commit back any more.
         self.backward
             .retain(|&(t, p), b| !(t == topic && b.1 == member && partitions.contains(&p)));
-        let window = self
-            .lost
-            .entry((bus, topic))
-            .or_insert((member, Vec::new()));
-        window.0 = member;
-        window.1.extend_from_slice(partitions);
+        self.lost
+            .entry((bus, topic, member))
+            .or_default()
+            .extend_from_slice(partitions);
         let mut stalled = Vec::new();
         for (id, c) in self.calls.iter_mut() {
             if c.bus == bus && c.topic == topic && partitions.contains(&c.partition) {
@@ -526,10 +524,10 @@ impl Model {
     pub(crate) fn rejoined(&mut self, still_lost: impl Fn(usize, u64) -> bool) {
         let before = self.lost.len();
         self.lost
-            .retain(|&(_, topic), (member, _)| still_lost(topic, *member));
+            .retain(|&(_, topic, member), _| still_lost(topic, member));
         if self.lost.len() != before {
             let open: Vec<_> = self.lost.keys().collect();
-            let line = format!("lost windows still open (bus, topic): {open:?}");
+            let line = format!("lost windows still open (bus, topic, member): {open:?}");
             self.note(line);
         }
     }

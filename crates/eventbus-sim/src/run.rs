@@ -22,30 +22,77 @@ use crate::plan::{Act, Settings, Step};
 
 /// Slack on top of the configured bounds for an `unsubscribe` or a `close` to
 /// return (simulated time).
-const SLACK: Duration = Duration::from_secs(1);
+pub(crate) const SLACK: Duration = Duration::from_secs(1);
 
 /// At the end of a run, how long a round waits for a message to finish before
 /// both topics are re-subscribed (which hands over handlers that wait for their
 /// cancellation), simulated.
-const SETTLE_ROUND: Duration = Duration::from_secs(10);
+pub(crate) const SETTLE_ROUND: Duration = Duration::from_secs(10);
 
 /// Rounds in a row in which no message finishes, re-subscribing between them,
 /// before the run is declared stuck (past the longest actor cool-down).
-const STUCK_ROUNDS: usize = 5;
+pub(crate) const STUCK_ROUNDS: usize = 5;
+
+/// What a handler call reads of its broker for the model's checks.
+pub(crate) trait Source: Clone + Send + Sync + 'static {
+    /// The committed offset (the ack floor, on a log with per-message
+    /// acknowledgement) of `partition` of `topic`.
+    fn committed(&self, topic: &str, partition: i32) -> Option<i64>;
+
+    /// Whether `member` of `topic` is still cut off by the loss of its
+    /// assignment (its lost window is open).
+    fn still_lost(&self, topic: usize, member: u64) -> bool;
+}
+
+impl Source for MemoryBroker {
+    fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
+        MemoryBroker::committed(self, topic, GROUP, partition)
+    }
+
+    fn still_lost(&self, topic: usize, member: u64) -> bool {
+        // A lost window ends when the member rejoins, as the broker says.
+        self.members(TOPICS[topic], GROUP)
+            .iter()
+            .any(|g| g.id == member && g.lost)
+    }
+}
 
 /// What the handlers share: the model and the broker (to read committed
 /// offsets).
 #[derive(Debug, Clone)]
-struct Ctx {
-    model: Shared,
-    broker: MemoryBroker,
+pub(crate) struct Ctx<B = MemoryBroker> {
+    pub(crate) model: Shared,
+    pub(crate) broker: B,
     /// The bus whose handlers these are.
-    bus: usize,
+    pub(crate) bus: usize,
 }
 
-impl Ctx {
+impl<B: Source> Ctx<B> {
     fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.broker.committed(topic, GROUP, partition)
+        self.broker.committed(topic, partition)
+    }
+
+    /// The handler of the envelope topic: the message's id is its payload.
+    pub(crate) async fn on_event(&self, e: Event) -> Result<(), HandlerError> {
+        let id: usize = e
+            .envelope
+            .payload
+            .decode()
+            .map_err(HandlerError::permanent)?;
+        let cancel = e.cancellation().clone();
+        let m = &e.message;
+        self.handle(id, m.partition, m.offset, e.attempt, cancel)
+            .await
+    }
+
+    /// The handler of the plain topic: the message's id is its payload.
+    pub(crate) async fn on_message(&self, m: Message) -> Result<(), HandlerError> {
+        let id: usize = std::str::from_utf8(&m.payload)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| HandlerError::permanent("sim: bad payload"))?;
+        let cancel = eventbus::core::cancellation().unwrap_or_default();
+        self.handle(id, m.partition, m.offset, 1, cancel).await
     }
 
     /// One handler call of message `id`: checked at its start and end, and doing
@@ -62,14 +109,8 @@ impl Ctx {
             let mut m = self.model.lock();
             let topic = m.msgs()[id].topic;
             let committed = self.committed(TOPICS[topic], partition);
-            // A lost window ends when the member rejoins, as the broker says
-            // now: only starts before then are a lost partition's.
-            m.rejoined(|t, member| {
-                self.broker
-                    .members(TOPICS[t], GROUP)
-                    .iter()
-                    .any(|g| g.id == member && g.lost)
-            });
+            // Only starts before a lost window ends are a lost partition's.
+            m.rejoined(|t, member| self.broker.still_lost(t, member));
             let started = m.start(self.bus, id, partition, offset, attempt, committed, &cancel);
             m.check_commits(|t, p| self.committed(t, p));
             started
@@ -138,8 +179,27 @@ impl Ctx {
     }
 }
 
+/// What is left in `switches` (every bus's, by number) at rest: routes
+/// still counted, jobs still queued.
+pub(crate) fn not_at_rest(switches: &[Arc<PoolSwitch>]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (i, switch) in switches.iter().enumerate() {
+        let pinned = switch.pinned();
+        if pinned != (0, 0) {
+            problems.push(format!(
+                "bus {i}: routes still counted in the switch (keyed, actor) = {pinned:?}"
+            ));
+        }
+        let queued = switch.stats().queued;
+        if queued > 0 {
+            problems.push(format!("bus {i}: {queued} jobs still queued"));
+        }
+    }
+    problems
+}
+
 /// Tasks of the run's runtime not finished.
-fn alive_tasks() -> usize {
+pub(crate) fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks()
@@ -237,7 +297,7 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
 }
 
 /// The configuration of every bus of a run.
-fn config(s: &Settings, share: u8) -> EventBusConfig {
+pub(crate) fn config(s: &Settings, share: u8) -> EventBusConfig {
     let mut c = EventBusConfig::default();
     c.keyed_pool.workers = s.keyed_workers;
     c.keyed_pool.queue_size = s.keyed_queue;
@@ -370,17 +430,7 @@ impl Sim {
                 .bus
                 .subscribe_envelope(TOPICS[0], move |e: Event| {
                     let ctx = ctx.clone();
-                    async move {
-                        let id: usize = e
-                            .envelope
-                            .payload
-                            .decode()
-                            .map_err(HandlerError::permanent)?;
-                        let cancel = e.cancellation().clone();
-                        let m = &e.message;
-                        ctx.handle(id, m.partition, m.offset, e.attempt, cancel)
-                            .await
-                    }
+                    async move { ctx.on_event(e).await }
                 })
                 .await
         } else {
@@ -388,14 +438,7 @@ impl Sim {
                 .bus
                 .subscribe(TOPICS[1], move |m: Message| {
                     let ctx = ctx.clone();
-                    async move {
-                        let id: usize = std::str::from_utf8(&m.payload)
-                            .ok()
-                            .and_then(|s| s.parse().ok())
-                            .ok_or_else(|| HandlerError::permanent("sim: bad payload"))?;
-                        let cancel = eventbus::core::cancellation().unwrap_or_default();
-                        ctx.handle(id, m.partition, m.offset, 1, cancel).await
-                    }
+                    async move { ctx.on_message(m).await }
                 })
                 .await
         };
@@ -786,18 +829,7 @@ impl Sim {
         if running > 0 {
             problems.push(format!("{running} handler calls still running"));
         }
-        for (i, switch) in self.switches.iter().enumerate() {
-            let pinned = switch.pinned();
-            if pinned != (0, 0) {
-                problems.push(format!(
-                    "bus {i}: routes still counted in the switch (keyed, actor) = {pinned:?}"
-                ));
-            }
-            let queued = switch.stats().queued;
-            if queued > 0 {
-                problems.push(format!("bus {i}: {queued} jobs still queued"));
-            }
-        }
+        problems.extend(not_at_rest(&self.switches));
         // A keyed pool's watch task ends when its pool is dropped, not at close.
         self.note(format!(
             "tasks alive with the closed buses still held: {}",

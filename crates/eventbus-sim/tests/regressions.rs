@@ -3,7 +3,7 @@
 //! it: a change to what a run draws may make one of these exercise something
 //! else (then find the defect's seed again with `cargo xtask sim`).
 
-use eventbus_sim::{run_seed, run_seed_with};
+use eventbus_sim::{run_log_seed, run_seed, run_seed_with, Log};
 use std::time::Duration;
 
 /// A run still going after this much real time is a hang.
@@ -20,6 +20,14 @@ fn holds(seed: u64) {
 /// tokio_unstable`.
 fn holds_alone(seed: u64) {
     let report = run_seed_with(seed, WALL_LIMIT, 1);
+    if let Some(summary) = report.failure_summary(40) {
+        panic!("{summary}");
+    }
+}
+
+/// A seed of the acknowledged turn (`--acked`) run with one member.
+fn acked_holds_alone(seed: u64) {
+    let report = run_log_seed(Log::Acked, seed, WALL_LIMIT, 1);
     if let Some(summary) = report.failure_summary(40) {
         panic!("{summary}");
     }
@@ -76,4 +84,38 @@ fn seed_404383_two_revokes_of_a_partition_are_two_hand_overs() {
 #[test]
 fn seed_528179_a_rewind_not_taken_up_ends_the_next_owners_seed() {
     holds(528179);
+}
+
+/// The acknowledged turn: a holder that took a partition over cleanly gave it
+/// back before it had pulled everything its predecessor gave back. The
+/// durable queued the `-NAK`s behind the rest, so the next holder got a later
+/// message of an aggregate before the earlier one given back ("started before
+/// … finished"). A give-back now counts as confirmed only when the durable
+/// holds nothing else for redelivery (the NATS backend reads its
+/// `num_ack_pending`); otherwise the next holder reads from the ack floor.
+#[test]
+fn acked_seed_230_a_give_back_behind_queued_messages_is_not_clean() {
+    acked_holds_alone(230);
+}
+
+/// The acknowledged turn: a handler ran on while the keep-alive signals could
+/// not be sent (the client's command channel full) for as long as the
+/// broker's wait. The broker queued the message for redelivery, and the
+/// hand-back's `-NAK` did not move it in that queue: the next holder got it
+/// ahead of an earlier message of its aggregate. A hand-back with a message
+/// that may have lapsed is not clean now.
+#[test]
+fn acked_seed_2665_a_hand_back_after_a_lapsed_wait_is_not_clean() {
+    acked_holds_alone(2665);
+}
+
+/// The acknowledged turn: its wind-down read a fetch that had just ended
+/// while registering what the open fetch still brought, kept it, and polled
+/// it again while letting it run out. A `Stream` may panic there (the
+/// simulation's fetch, a `futures` unfold, does: "must not be polled after it
+/// returned `Poll::Ready(None)`"). A fetch that ran out is now handed back to
+/// the log then.
+#[test]
+fn acked_seed_1_a_fetch_that_ran_out_is_not_polled_again() {
+    acked_holds_alone(1);
 }

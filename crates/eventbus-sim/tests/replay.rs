@@ -1,6 +1,6 @@
 //! A seed run twice replays the same trace: the simulation is deterministic.
 
-use eventbus_sim::{run_seed_with, FULLY_SEEDED};
+use eventbus_sim::{run_log_seed, Log, FULLY_SEEDED};
 use std::time::Duration;
 
 /// A run still going after this much real time is a hang.
@@ -12,10 +12,20 @@ const WALL_LIMIT: Duration = Duration::from_secs(120);
 /// `cargo xtask sim --twice` replays everything.
 #[test]
 fn a_seed_run_twice_replays_the_same_trace() {
+    replays(Log::Committed);
+}
+
+/// The same on the loop of a log with per-message acknowledgement.
+#[test]
+fn an_acked_seed_run_twice_replays_the_same_trace() {
+    replays(Log::Acked);
+}
+
+fn replays(log: Log) {
     let members = if FULLY_SEEDED { 3 } else { 1 };
     for seed in [1, 7, 42, 1234, 99_999] {
-        let a = run_seed_with(seed, WALL_LIMIT, members);
-        let b = run_seed_with(seed, WALL_LIMIT, members);
+        let a = run_log_seed(log, seed, WALL_LIMIT, members);
+        let b = run_log_seed(log, seed, WALL_LIMIT, members);
         assert!(
             a.trace.len() > 10,
             "seed {seed}: a trace of {} lines",

@@ -56,35 +56,38 @@ impl Acks for JsAcks {
     /// next holder of the lease could pull before a `-NAK` is applied and get
     /// later messages of an aggregate ahead of the one given back.
     ///
-    /// Then the durable's count of messages pending acknowledgement: more than
-    /// were given back means it holds others for redelivery (given back by an
-    /// earlier holder and not pulled since, or redelivered after `ack_wait`
-    /// while no pull request was open). JetStream redelivers in the order it
+    /// Then (also with nothing to give back) the durable's count of messages
+    /// pending acknowledgement: more than were given back means it holds
+    /// others for redelivery (given back by an earlier holder and not pulled
+    /// since, queued after `ack_wait` while no pull request was open, sent
+    /// into a pull request nobody read to the end). JetStream redelivers in the order it
     /// queued them and does not move a message queued already when a `-NAK`
     /// of it comes, so those would come first, ahead of the order given back
     /// now: the next holder must read again from the ack floor instead.
     async fn give_back(&self, replies: Vec<Subject>) -> bool {
         let client = &self.client;
         let confirmed = async {
-            let inbox = client.new_inbox();
-            let mut answers = client.subscribe(format!("{inbox}.*")).await.ok()?;
-            for (i, reply) in replies.iter().enumerate() {
-                client
-                    .publish_with_reply(
-                        reply.clone(),
-                        format!("{inbox}.{i}"),
-                        AckKind::Nak(None).into(),
-                    )
-                    .await
-                    .ok()?;
+            if !replies.is_empty() {
+                let inbox = client.new_inbox();
+                let mut answers = client.subscribe(format!("{inbox}.*")).await.ok()?;
+                for (i, reply) in replies.iter().enumerate() {
+                    client
+                        .publish_with_reply(
+                            reply.clone(),
+                            format!("{inbox}.{i}"),
+                            AckKind::Nak(None).into(),
+                        )
+                        .await
+                        .ok()?;
+                }
+                client.flush().await.ok()?;
+                let mut left = replies.len();
+                while left > 0 {
+                    answers.next().await?;
+                    left -= 1;
+                }
+                let _ = answers.unsubscribe().await;
             }
-            client.flush().await.ok()?;
-            let mut left = replies.len();
-            while left > 0 {
-                answers.next().await?;
-                left -= 1;
-            }
-            let _ = answers.unsubscribe().await;
             let mut consumer = self.consumer.clone();
             let pending = consumer.info().await.ok()?.num_ack_pending;
             if pending > replies.len() {

@@ -33,6 +33,9 @@ struct Broker {
     kept_alive: Vec<String>,
     /// Every give-back, its handles in the order given.
     given_back: Vec<Vec<String>>,
+    /// Give-backs of nothing: the turn asks all the same, since the broker
+    /// may hold messages it never registered.
+    asked_empty: usize,
     /// Recoveries asked for.
     recovered: usize,
     /// The broker does not confirm give-backs.
@@ -42,6 +45,9 @@ struct Broker {
     settles_open: Option<tokio::sync::watch::Receiver<bool>>,
     /// The same for keep-alive signals.
     keep_alives_open: Option<tokio::sync::watch::Receiver<bool>>,
+    /// How long after a fetch its deliveries are read (sent at once, left in
+    /// the client's inbox meanwhile).
+    reads_late: Duration,
 }
 
 const ACK_WAIT: Duration = Duration::from_secs(4);
@@ -73,7 +79,12 @@ impl Acks for ScriptAcks {
 
     async fn give_back(&self, handles: Vec<String>) -> bool {
         let mut broker = self.0.lock().unwrap();
-        broker.given_back.push(handles);
+        if handles.is_empty() {
+            // Asked whether anything else waits, with nothing given back.
+            broker.asked_empty += 1;
+        } else {
+            broker.given_back.push(handles);
+        }
         !broker.unconfirmed
     }
 
@@ -120,6 +131,15 @@ impl AckLog for Script {
             // Nothing to read: the fetch stays open for its length.
             let open = tokio::time::sleep(FETCH_LASTS);
             return Ok(stream::once(open).filter_map(|()| async { None }).boxed());
+        }
+        if !broker.reads_late.is_zero() {
+            // Sent at once, read only that much later.
+            let late = tokio::time::sleep(broker.reads_late);
+            let then = stream::iter(items);
+            return Ok(stream::once(late)
+                .filter_map(|()| async { None })
+                .chain(then)
+                .boxed());
         }
         Ok(stream::iter(items).boxed())
     }
@@ -310,6 +330,7 @@ async fn every_delivery_is_acked_once_and_a_redelivery_in_flight_does_not_run_ag
     );
     assert_eq!(*s.ran.lock().unwrap(), [1, 2, 3, 4, 5], "3 ran once");
     assert!(broker.given_back.is_empty());
+    assert_eq!(broker.asked_empty, 1, "the broker is asked all the same");
 }
 
 #[tokio::test(start_paused = true)]
@@ -622,4 +643,62 @@ async fn a_turn_waiting_for_room_keeps_its_place_in_the_queue() {
     );
     s.stop.cancel();
     task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_turn_gives_up_its_place_in_the_queue_for_room() {
+    // The bus's bound is full (one permit the turn's running handler holds,
+    // one held elsewhere) and the turn waits for more room when it stops. Its
+    // wind-down takes seconds (the drain, the running handler); the next
+    // permit freed must go to whoever waits for it, not to the stopped turn,
+    // which fetches nothing any more.
+    let total = Arc::new(Semaphore::new(2));
+    let held = total.clone().acquire_owned().await.unwrap();
+    let s = setup_bounded(
+        Arc::new(TaskPool),
+        [1],
+        Arc::new(|_| Duration::from_secs(10)),
+        total.clone(),
+    );
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    all_read(&broker).await;
+    wait_for("the handler runs", || s.scope.unsettled() == 1).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    s.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let later = tokio::spawn(async move { total.acquire_owned().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    drop(held);
+    let got = tokio::time::timeout(Duration::from_secs(1), later).await;
+    assert!(
+        got.is_ok(),
+        "the permit freed went to the stopped turn's wait for room"
+    );
+    assert!(!task.is_finished(), "the turn still winds down");
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_counts_as_heard_of_from_its_fetch_not_from_its_reading() {
+    // The broker sends a delivery as soon as the fetch asks for it, and its
+    // wait runs from then; the turn reads it three quarters of the wait
+    // later. Counted from the reading, the message would look fresh when it
+    // may be queued for redelivery already by the hand-back: counted from
+    // the fetch, its first keep-alive goes out past seven eighths of the
+    // wait, and the hand-back is not clean.
+    let s = setup(Arc::new(TaskPool), [1], Duration::from_secs(20));
+    s.broker.lock().unwrap().reads_late = ACK_WAIT * 3 / 4;
+    s.moving.store(true, Ordering::SeqCst);
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    wait_for("the handler runs", || s.scope.unsettled() == 1).await;
+    tokio::time::sleep(ACK_WAIT / 2).await;
+    s.stop.cancel();
+    let ended = task.await.unwrap();
+    assert!(
+        !ended.handed_back,
+        "its wait may have run out before its first keep-alive"
+    );
+    assert_eq!(broker.lock().unwrap().given_back, [vec!["1"]]);
 }

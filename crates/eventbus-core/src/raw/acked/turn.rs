@@ -167,6 +167,10 @@ pub struct AckTurn<L: AckLog> {
     /// bound is held by other turns' open fetches this turn could wait for
     /// ever while they take turns (found by the simulation).
     room: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>>,
+    /// When the open fetch was asked for: the broker sent nothing of it
+    /// before, so its deliveries count as heard of from then (the turn may
+    /// read them later; the broker's wait runs from when it sent them).
+    fetched_at: Instant,
     /// The wait before the next fetch after a failure.
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Failures in a row, for the length of `backoff`.
@@ -247,6 +251,7 @@ impl<L: AckLog> AckTurn<L> {
             inflight: Completions::new().fence_dropped(),
             batch: None,
             room: None,
+            fetched_at: Instant::now(),
             backoff: None,
             failures: 0,
             needs_recover: false,
@@ -280,6 +285,9 @@ impl<L: AckLog> AckTurn<L> {
                 () = lost.cancelled() => break,
             }
         }
+        // No more fetches: a wait for room left queued would take the next
+        // permit freed, and hold it through the wind-down, from other turns.
+        self.room = None;
     }
 
     /// Hand one wake-up of the loop to its method.
@@ -295,11 +303,8 @@ impl<L: AckLog> AckTurn<L> {
             Step::Submitted(submitted) => self.on_submitted(submitted).await,
             Step::Interrupted => self.on_interrupted(),
             Step::Fetched(item) => {
-                // One reading of the clock for the burst: the keep-alive
-                // signals need the time of a delivery to within their tick.
-                let now = Instant::now();
-                self.on_fetched(item, now);
-                self.accept_ready(now);
+                self.on_fetched(item);
+                self.accept_ready();
             }
             Step::BackedOff => self.on_backed_off().await,
             Step::Room(permits) => self.on_room(permits).await,
@@ -358,13 +363,13 @@ impl<L: AckLog> AckTurn<L> {
 
     /// Take the items of the open fetch already received, up to
     /// [`READY_BURST`] less the one that woke the loop.
-    fn accept_ready(&mut self, now: Instant) {
+    fn accept_ready(&mut self) {
         for _ in 1..READY_BURST {
             let Some((batch, _)) = self.batch.as_mut() else {
                 return;
             };
             match batch.next().now_or_never() {
-                Some(item) => self.on_fetched(item, now),
+                Some(item) => self.on_fetched(item),
                 None => return,
             }
         }
@@ -563,13 +568,14 @@ impl<L: AckLog> AckTurn<L> {
         self.stop.cancel();
     }
 
-    /// Register a delivery: the message to queue for submission, or `None`
-    /// when it is a redelivery of one still in flight (the original settles
-    /// it, through the newest handle).
+    /// Register a delivery, sent by the broker no earlier than `sent_after`
+    /// (when its fetch was asked for): the message to queue for submission,
+    /// or `None` when it is a redelivery of one still in flight (the original
+    /// settles it, through the newest handle).
     pub(super) fn register(
         &mut self,
         received: Received<<L::Acks as Acks>::Handle>,
-        now: Instant,
+        sent_after: Instant,
     ) -> Option<Message> {
         let Received {
             seq,
@@ -583,7 +589,7 @@ impl<L: AckLog> AckTurn<L> {
             tracing::debug!(topic = %self.topic, seq,
                 "redelivery of a message still in flight; not dispatched again");
             pending.handle = handle;
-            pending.last_signal = now;
+            pending.last_signal = sent_after;
             // Delivered again: it is out of the broker's redelivery queue.
             pending.lapsed = false;
             return None;
@@ -593,7 +599,7 @@ impl<L: AckLog> AckTurn<L> {
             seq,
             Pending {
                 handle,
-                last_signal: now,
+                last_signal: sent_after,
                 lapsed: false,
                 index: self.accepted,
             },
@@ -606,7 +612,7 @@ impl<L: AckLog> AckTurn<L> {
     pub(super) fn register_late(&mut self, raw: L::Raw) -> bool {
         match self.log.receive(raw) {
             Ok(Some(received)) => {
-                let _ = self.register(received, Instant::now());
+                let _ = self.register(received, self.fetched_at);
                 true
             }
             Ok(None) => true,
@@ -617,7 +623,7 @@ impl<L: AckLog> AckTurn<L> {
     /// The open fetch brought an item (a delivery registered and queued for
     /// submission under one of the fetch's permits; a failure: back off, then
     /// recover), or ran out.
-    fn on_fetched(&mut self, item: Option<L::Raw>, now: Instant) {
+    fn on_fetched(&mut self, item: Option<L::Raw>) {
         let Some(raw) = item else {
             tracing::debug!(topic = %self.topic, "fetch done");
             if let Some((fetch, _)) = self.batch.take() {
@@ -635,7 +641,7 @@ impl<L: AckLog> AckTurn<L> {
                     .or_else(|| self.total.clone().try_acquire_owned().ok());
                 match permit {
                     Some(permit) => {
-                        if let Some(msg) = self.register(received, now) {
+                        if let Some(msg) = self.register(received, self.fetched_at) {
                             self.queue.push_back((msg, permit));
                         }
                     }
@@ -683,6 +689,7 @@ impl<L: AckLog> AckTurn<L> {
     /// the request timeout (backing off if it fails).
     async fn on_room(&mut self, permits: OwnedSemaphorePermit) {
         let n = permits.num_permits();
+        self.fetched_at = Instant::now();
         let request = tokio::time::timeout(self.bounds.request_timeout, self.log.fetch(n));
         match self.beats.during(&mut self.registry, request).await {
             Ok(Ok(fetch)) => self.batch = Some((fetch, permits)),

@@ -194,9 +194,18 @@ impl<L: AckLog> AckTurn<L> {
     /// The open fetch brought an item after the stop (registered, to be given
     /// back in order), or it ended.
     fn on_late(&mut self, item: Option<L::Raw>) {
-        let read = item.is_some_and(|raw| self.register_late(raw));
-        if !read {
-            self.open = None;
+        match item {
+            Some(raw) => {
+                if !self.register_late(raw) {
+                    // Broken: nothing more comes of it.
+                    self.open = None;
+                }
+            }
+            None => {
+                if let Some(open) = self.open.take() {
+                    self.log.fetch_done(open);
+                }
+            }
         }
     }
 
@@ -250,24 +259,30 @@ impl<L: AckLog> AckTurn<L> {
         let mut left: Vec<u64> = self.registry.keys().copied().collect();
         left.sort_unstable();
         tracing::debug!(topic = %self.topic, released = ?left, "giving back unfinished messages");
-        // A message whose wait may have run out is queued for redelivery at
-        // the broker already, ahead of the order given back now: the next
-        // holder must read again from the first message not settled.
-        let now = Instant::now();
-        let lapsed = self
-            .registry
-            .values()
-            .any(|p| p.lapsed || self.beats.lapsed(p.last_signal, now));
+        // A message whose wait may have run out (by the time the broker
+        // answers the give-back) is queued for redelivery at the broker
+        // already, ahead of the order given back now: the next holder must
+        // read again from the first message not settled.
+        let mut lapsed = false;
+        let mut oldest: Option<Instant> = None;
         let handles: Vec<_> = left
             .iter()
-            .filter_map(|seq| self.registry.remove(seq).map(|p| p.handle))
+            .filter_map(|seq| self.registry.remove(seq))
+            .map(|p| {
+                lapsed |= p.lapsed;
+                oldest = Some(oldest.map_or(p.last_signal, |o| o.min(p.last_signal)));
+                p.handle
+            })
             .collect();
-        if handles.is_empty() {
-            return true;
-        }
+        // Asked even with nothing to give back: the broker may hold messages
+        // of the log this turn never registered (sent into a fetch it did not
+        // read to the end, an acknowledgement that did not go out), which it
+        // would redeliver after their wait, behind later ones.
         let given = tokio::time::timeout(self.bounds.request_timeout, self.acks.give_back(handles));
         // A log lost meanwhile: no more waiting for the broker's answers.
         let confirmed = matches!(unless_lost(&self.lost, given).await, Some(Ok(true)));
+        let now = Instant::now();
+        lapsed |= oldest.is_some_and(|o| self.beats.lapsed(o, now));
         if !confirmed {
             tracing::warn!(topic = %self.topic, partition = self.log.partition(),
                 "the broker did not confirm every message given back in time, in order");

@@ -119,7 +119,7 @@ impl Step {
             54..=59 => Step::Release { topic },
             60..=67 => Step::Lose { topic },
             68..=72 => Step::Interrupt { topic },
-            73..=84 => Step::Faults(match rng.u8(..3) {
+            73..=84 => Step::Faults(match rng.u8(..4) {
                 0 => Faults {
                     settles_held: Duration::from_millis(
                         rng.u64(1..=k.slow_settle.as_millis() as u64),
@@ -128,6 +128,10 @@ impl Step {
                 },
                 1 => Faults {
                     failing_fetches: rng.u32(1..5),
+                    ..Faults::default()
+                },
+                2 => Faults {
+                    broken_fetches: rng.u32(1..5),
                     ..Faults::default()
                 },
                 _ => Faults {
@@ -263,10 +267,12 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     // A turn's messages in flight are bounded by its log's own bound (the
     // partition's share of `max_ack_pending`), not the Kafka-style setting.
     model.configure(s.handover_timeout, s.max_attempts, k.max_ack_pending);
+    model.acknowledged_per_message();
     model
         .lock()
         .note(format!("seed {seed} (acked): {s:?} {k:?}"));
     let streams = Streams::new(model.clone(), k.ack_wait, k.max_ack_pending);
+    streams.start_server();
     let source = AckSource {
         streams,
         lost: Arc::default(),

@@ -4,24 +4,30 @@
 //! NATS backend.
 //!
 //! Per (topic, partition): the stored records, and one durable: the next
-//! record to deliver, the deliveries pending acknowledgement (each redelivered
-//! once its wait runs out: `ack_wait`, or a `-NAK`'s delay), what was settled
-//! above the ack floor, and the floor. What it does as JetStream does:
+//! record to deliver, the deliveries pending acknowledgement, what was settled
+//! above the ack floor, the floor, and the pull requests waiting. The broker
+//! runs as a server of its own (a task), as nats-server does:
 //!
-//! - a fetch hands out redeliveries first, in the order of its redelivery
-//!   queue (a `-NAK` appends its message at once; deliveries whose wait ran
-//!   out are appended lowest position first), then new records while fewer
-//!   than `max_ack_pending` are pending;
-//!   it stays open for its length, handing out what becomes deliverable;
+//! - it sends deliveries into the oldest pull request waiting as soon as it
+//!   has them, whether or not the client reads them (a client reads its
+//!   request's deliveries later, or never);
+//! - redeliveries first, in the order of its redelivery queue (a `-NAK`
+//!   appends its message unless it is queued already; deliveries whose
+//!   `ack_wait` ran out are appended, lowest position first, by the server's
+//!   own timer), then new records while fewer than `max_ack_pending` are
+//!   pending;
+//! - a pull request ends when filled or when it expires; re-creating the
+//!   durable from its ack floor (a take-over, a re-read after a reconnect)
+//!   forgets every delivery, so everything from the floor on comes again in
+//!   order, and ends the requests of the old durable with an error (a
+//!   `409 Consumer Deleted`);
 //! - an acknowledgement (`+ACK`, `+TERM`, `-NAK`) names a position and applies
-//!   to the durable's delivery of it, whichever delivery it came from;
-//! - re-creating the durable from its ack floor (a take-over, a re-read after
-//!   a reconnect) forgets every delivery: everything from the floor on is
-//!   delivered again, in order; a fetch of the old durable ends.
+//!   to the durable's delivery of it, whichever delivery it came from.
 //!
 //! Faults it injects: settles and keep-alive signals held for a while (the
 //! client's command channel full), and for a number of operations the driver
-//! sets, failing fetches and give-backs the server does not confirm.
+//! sets, failing fetches, pull requests that break half-way and give-backs
+//! the server does not confirm.
 //!
 //! It checks, at each settle, what no consumer may do: acknowledge a message
 //! before it was handled, or `+TERM` one whose dead letter was not written.
@@ -31,7 +37,7 @@ use eventbus::core::raw::acked::{AckLog, Acks, Bounds, Received, Settle};
 use eventbus::{Headers, Message};
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -69,13 +75,54 @@ struct Part {
     /// Pending deliveries to deliver again, in this order (JetStream's
     /// redelivery queue): a `-NAK` without delay appends its message at
     /// once; those whose wait ran out are appended lowest position first.
-    redeliver: std::collections::VecDeque<u64>,
+    redeliver: VecDeque<u64>,
     /// Settled (acknowledged or terminated) at or above the floor.
     settled: BTreeSet<u64>,
     /// Every position below it is settled.
     floor: u64,
-    /// Bumped when the durable is re-created: a fetch of an earlier one ends.
-    incarnation: u64,
+    /// Pull requests waiting, oldest first.
+    requests: VecDeque<Arc<Request>>,
+}
+
+/// A pull request: what the server sent into it, until it is filled, expires,
+/// or breaks. The client reads it through its fetch.
+#[derive(Debug)]
+struct Request {
+    inbox: Mutex<Inbox>,
+    /// Woken when the server sent something or ended it.
+    sent: Notify,
+}
+
+#[derive(Debug)]
+struct Inbox {
+    /// Sent and not read yet.
+    items: VecDeque<Raw>,
+    /// Deliveries it still takes.
+    left: usize,
+    expires: Instant,
+    /// It takes nothing more: filled, expired, broken, or its durable is gone.
+    ended: bool,
+    /// Deliveries after which it breaks (a fault), if any.
+    breaks_after: Option<usize>,
+}
+
+impl Request {
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// End it, with an error item first when `broken`.
+    fn end(&self, broken: bool) {
+        let mut inbox = self.inbox();
+        if !inbox.ended {
+            inbox.ended = true;
+            if broken {
+                inbox.items.push_back(Err(()));
+            }
+        }
+        drop(inbox);
+        self.sent.notify_waiters();
+    }
 }
 
 impl Part {
@@ -99,6 +146,8 @@ pub(crate) struct Faults {
     pub(crate) failing_fetches: u32,
     /// Give-backs not confirmed (their `-NAK`s are applied all the same).
     pub(crate) unconfirmed_give_backs: u32,
+    /// Pull requests that break after a delivery or two.
+    pub(crate) broken_fetches: u32,
 }
 
 #[derive(Debug)]
@@ -177,6 +226,7 @@ impl Streams {
         let g = &mut s.faults;
         g.failing_fetches += f.failing_fetches;
         g.unconfirmed_give_backs += f.unconfirmed_give_backs;
+        g.broken_fetches += f.broken_fetches;
     }
 
     /// Stop every fault.
@@ -196,7 +246,9 @@ impl Streams {
             part.redeliver.clear();
             part.settled.clear();
             part.next = part.floor;
-            part.incarnation += 1;
+            for request in part.requests.drain(..) {
+                request.end(true);
+            }
             part.floor
         };
         self.changed.notify_waiters();
@@ -249,61 +301,113 @@ impl Streams {
             .insert((topic, partition, offset));
     }
 
-    /// The next delivery of the partition's durable of `incarnation`, if one is
-    /// deliverable now; else when one may be (a pending delivery's wait ends).
-    fn take(&self, topic: usize, partition: i32, incarnation: u64) -> Result<Raw, Option<Instant>> {
+    /// What the server does now, on every partition: queue the deliveries
+    /// whose wait ran out, end the pull requests that expired, and send what
+    /// it can into the oldest request waiting. When it next has something to
+    /// do by the clock.
+    fn serve(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut s = self.lock();
-        let part = s.parts.entry((topic, partition)).or_default();
-        if part.incarnation != incarnation {
-            // The durable this fetch was made on is gone.
-            return Err(None);
-        }
-        let expired: Vec<u64> = part
-            .pending
-            .iter()
-            .filter(|(seq, p)| p.due <= now && !part.redeliver.contains(seq))
-            .map(|(seq, _)| *seq)
-            .collect();
-        part.redeliver.extend(expired);
-        let mut due = None;
-        while let Some(seq) = part.redeliver.pop_front() {
-            if part.pending.contains_key(&seq) {
-                due = Some(seq);
-                break;
+        let mut next: Option<Instant> = None;
+        let mut soonest = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        let max_ack_pending = self.max_ack_pending;
+        let ack_wait = self.ack_wait;
+        for (&(topic, partition), part) in s.parts.iter_mut() {
+            let expired: Vec<u64> = part
+                .pending
+                .iter()
+                .filter(|(seq, p)| p.due <= now && !part.redeliver.contains(seq))
+                .map(|(seq, _)| *seq)
+                .collect();
+            part.redeliver.extend(expired);
+            for p in part.pending.values() {
+                if p.due > now {
+                    soonest(p.due);
+                }
+            }
+            part.requests.retain(|r| {
+                let inbox = r.inbox();
+                let live = !inbox.ended && inbox.expires > now;
+                drop(inbox);
+                if !live {
+                    r.end(false);
+                }
+                live
+            });
+            while let Some(request) = part.requests.front().cloned() {
+                let seq = loop {
+                    match part.redeliver.front().copied() {
+                        Some(seq) if !part.pending.contains_key(&seq) => {
+                            part.redeliver.pop_front();
+                        }
+                        Some(seq) => break Some(seq),
+                        None => break None,
+                    }
+                };
+                let seq = match seq {
+                    Some(seq) => {
+                        part.redeliver.pop_front();
+                        seq
+                    }
+                    None if part.pending.len() < max_ack_pending
+                        && (part.next as usize) < part.records.len() =>
+                    {
+                        part.next += 1;
+                        part.next - 1
+                    }
+                    None => break,
+                };
+                let p = part.pending.entry(seq).or_insert(Pending {
+                    due: now,
+                    deliveries: 0,
+                });
+                p.due = now + ack_wait;
+                p.deliveries += 1;
+                soonest(p.due);
+                let handle = Handle {
+                    topic,
+                    partition,
+                    seq,
+                    delivery: p.deliveries,
+                };
+                let stored = part.records[seq as usize].clone();
+                let mut inbox = request.inbox();
+                inbox.items.push_back(Ok((handle, stored)));
+                inbox.left -= 1;
+                let broken = inbox.breaks_after.is_some_and(|b| inbox.items.len() > b);
+                let filled = inbox.left == 0;
+                drop(inbox);
+                request.sent.notify_waiters();
+                if broken || filled {
+                    request.end(broken);
+                    part.requests.pop_front();
+                }
+            }
+            for r in &part.requests {
+                soonest(r.inbox().expires);
             }
         }
-        let seq = match due {
-            Some(seq) => seq,
-            None if part.pending.len() < self.max_ack_pending
-                && (part.next as usize) < part.records.len() =>
-            {
-                let seq = part.next;
-                part.next += 1;
-                seq
+        next
+    }
+
+    /// The server: serves whenever something changed or its clock says so.
+    /// Runs until the run's runtime ends.
+    pub(crate) fn start_server(&self) {
+        let streams = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let changed = streams.changed.clone();
+                let mut woken = std::pin::pin!(changed.notified());
+                woken.as_mut().enable();
+                let next = streams.serve();
+                let far = Instant::now() + Duration::from_secs(3_600);
+                tokio::select! {
+                    biased;
+                    () = woken => {}
+                    () = tokio::time::sleep_until(next.unwrap_or(far)) => {}
+                }
             }
-            None => {
-                return Err(part
-                    .pending
-                    .values()
-                    .map(|p| p.due)
-                    .min()
-                    .or(Some(now + Duration::from_secs(3600))))
-            }
-        };
-        let p = part.pending.entry(seq).or_insert(Pending {
-            due: now,
-            deliveries: 0,
         });
-        p.due = now + self.ack_wait;
-        p.deliveries += 1;
-        let handle = Handle {
-            topic,
-            partition,
-            seq,
-            delivery: p.deliveries,
-        };
-        Ok(Ok((handle, part.records[seq as usize].clone())))
     }
 
     /// Settle position `handle.seq` of its partition's durable.
@@ -347,15 +451,13 @@ impl Streams {
             _ => {}
         }
         drop(m);
-        if matches!(how, Settle::Nak(_)) {
-            self.changed.notify_waiters();
-        }
+        self.changed.notify_waiters();
     }
 }
 
 /// The settling side of a partition's durable.
 #[derive(Debug, Clone)]
-pub(crate) struct SimAcks(Streams);
+pub(crate) struct SimAcks(Streams, usize, i32);
 
 impl Acks for SimAcks {
     type Handle = Handle;
@@ -395,13 +497,12 @@ impl Acks for SimAcks {
             return false;
         }
         // As the NATS backend checks after its `-NAK`s: nothing else pending
-        // (given back earlier and not delivered since), which the durable
-        // would deliver first.
-        let pending = handles.first().map_or(0, |h| {
-            s.parts
-                .get(&(h.topic, h.partition))
-                .map_or(0, |p| p.pending.len())
-        });
+        // (given back earlier and not delivered since, sent into a request
+        // nobody read), which the durable would deliver first.
+        let pending = s
+            .parts
+            .get(&(self.1, self.2))
+            .map_or(0, |p| p.pending.len());
         pending <= handles.len()
     }
 
@@ -429,7 +530,7 @@ impl AckLog for SimLog {
     type Fetch = BoxStream<'static, Raw>;
 
     fn acks(&self) -> SimAcks {
-        SimAcks(self.streams.clone())
+        SimAcks(self.streams.clone(), self.topic, self.partition)
     }
 
     fn topic(&self) -> &Arc<str> {
@@ -445,7 +546,7 @@ impl AckLog for SimLog {
     }
 
     async fn fetch(&mut self, n: usize) -> eventbus::Result<Self::Fetch> {
-        let incarnation = {
+        let request = {
             let mut s = self.streams.lock();
             if s.faults.failing_fetches > 0 {
                 s.faults.failing_fetches -= 1;
@@ -454,40 +555,44 @@ impl AckLog for SimLog {
                     "sim: the fetch failed",
                 ));
             }
+            let breaks_after = (s.faults.broken_fetches > 0).then(|| {
+                s.faults.broken_fetches -= 1;
+                n / 2
+            });
+            let request = Arc::new(Request {
+                inbox: Mutex::new(Inbox {
+                    items: VecDeque::new(),
+                    left: n,
+                    expires: Instant::now() + self.bounds.fetch_lasts,
+                    ended: n == 0,
+                    breaks_after,
+                }),
+                sent: Notify::new(),
+            });
             s.parts
                 .entry((self.topic, self.partition))
                 .or_default()
-                .incarnation
+                .requests
+                .push_back(request.clone());
+            request
         };
-        let streams = self.streams.clone();
-        let (topic, partition) = (self.topic, self.partition);
-        let ends = Instant::now() + self.bounds.fetch_lasts;
-        let fetch = futures::stream::unfold(n, move |left| {
-            let streams = streams.clone();
-            async move {
-                if left == 0 {
-                    return None;
-                }
-                loop {
-                    let changed = streams.changed.clone();
-                    let mut woken = std::pin::pin!(changed.notified());
-                    woken.as_mut().enable();
-                    match streams.take(topic, partition, incarnation) {
-                        Ok(raw) => return Some((raw, left - 1)),
-                        Err(None) => return None,
-                        Err(Some(next)) => {
-                            if Instant::now() >= ends {
-                                return None;
-                            }
-                            tokio::select! {
-                                biased;
-                                () = woken => {}
-                                () = tokio::time::sleep_until(next.min(ends)) => {}
-                            }
-                        }
+        self.streams.changed.notify_waiters();
+        let fetch = futures::stream::unfold(request, |request| async move {
+            let item = loop {
+                let mut sent = std::pin::pin!(request.sent.notified());
+                sent.as_mut().enable();
+                {
+                    let mut inbox = request.inbox();
+                    if let Some(item) = inbox.items.pop_front() {
+                        break Some(item);
+                    }
+                    if inbox.ended {
+                        break None;
                     }
                 }
-            }
+                sent.await;
+            };
+            item.map(|item| (item, request))
         });
         Ok(fetch.boxed())
     }

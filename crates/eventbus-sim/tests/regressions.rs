@@ -94,8 +94,8 @@ fn seed_528179_a_rewind_not_taken_up_ends_the_next_owners_seed() {
 /// holds nothing else for redelivery (the NATS backend reads its
 /// `num_ack_pending`); otherwise the next holder reads from the ack floor.
 #[test]
-fn acked_seed_230_a_give_back_behind_queued_messages_is_not_clean() {
-    acked_holds_alone(230);
+fn acked_seed_197_a_give_back_behind_queued_messages_is_not_clean() {
+    acked_holds_alone(197);
 }
 
 /// The acknowledged turn: a handler ran on while the keep-alive signals could

@@ -193,7 +193,9 @@ pub struct NatsConfig {
     pub ack_wait: Duration,
     /// Most messages asked for in one pull request (`fetch_batch`), default 256.
     pub fetch_batch: usize,
-    /// How long an idle pull request waits on the server (`fetch_expires`), default 2s.
+    /// How long an idle pull request waits on the server (`fetch_expires`), default 2s,
+    /// and at most half of `ack_wait` (a delivery counts as sent when its pull
+    /// request went out; see `docs/nats.md`, hand-backs).
     /// Closing or unsubscribing waits for the last one to run out (at most this long).
     #[serde(with = "humantime_serde")]
     pub fetch_expires: Duration,
@@ -316,6 +318,15 @@ impl NatsConfig {
     pub fn fetch_batch(mut self, n: usize) -> Self {
         self.fetch_batch = n;
         self
+    }
+
+    /// How long a pull request lasts: `fetch_expires`, at most half of
+    /// `ack_wait`. The consume loop counts a delivery as heard of by the
+    /// server from when its pull request went out (the server sends nothing
+    /// of it before); a pull request longer than that would make a message
+    /// delivered at its end look close to its wait already.
+    pub(crate) fn pull_expires(&self) -> Duration {
+        self.fetch_expires.min(self.ack_wait / 2)
     }
 
     /// Set the idle pull expiry.

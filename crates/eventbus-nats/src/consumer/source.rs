@@ -102,14 +102,14 @@ impl AckLog for JsSource<'_> {
         Bounds::new(
             self.durable.max_in_flight,
             c.fetch_batch,
-            c.fetch_expires,
+            c.pull_expires(),
             c.request_timeout,
             c.ack_wait,
         )
     }
 
     async fn fetch(&mut self, n: usize) -> Result<Pull> {
-        let expires = self.durable.shared.config.fetch_expires;
+        let expires = self.durable.shared.config.pull_expires();
         Pull::request(
             &self.durable.shared.client,
             &self.durable.consumer,

@@ -60,6 +60,9 @@ pub struct TurnEnded {
     pub handed_back: bool,
 }
 
+/// Messages settled late a turn remembers at most (see `AckTurn::late`).
+const LATE_KEPT: usize = 1024;
+
 /// Messages of one turn submitted to the pool at once, at most.
 const SUBMIT_BATCH: usize = 64;
 
@@ -166,11 +169,22 @@ pub struct AckTurn<L: AckLog> {
     /// wake-up, it would go to the back of it every time, and on a bus whose
     /// bound is held by other turns' open fetches this turn could wait for
     /// ever while they take turns (found by the simulation).
-    room: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>>,
+    pub(super) room: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>>,
     /// When the open fetch was asked for: the broker sent nothing of it
     /// before, so its deliveries count as heard of from then (the turn may
     /// read them later; the broker's wait runs from when it sent them).
     fetched_at: Instant,
+    /// Messages settled late (see [`Heartbeats::lapsed`]), with when: the
+    /// broker may have sent one again before it applied the settle, and the
+    /// turn may read that delivery after the message left the registry. It
+    /// is dropped then, not run again after later messages of its aggregate.
+    /// Bounded: kept twice the broker's wait, at most [`LATE_KEPT`].
+    late: VecDeque<(u64, Instant)>,
+    /// The turn left a delivery unread or unregistered (more than asked for,
+    /// a fetch that failed or did not run out): the broker may hold messages
+    /// of the log the registry does not know, so a give-back of nothing asks
+    /// it all the same.
+    pub(super) left_behind: bool,
     /// The wait before the next fetch after a failure.
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Failures in a row, for the length of `backoff`.
@@ -252,6 +266,8 @@ impl<L: AckLog> AckTurn<L> {
             batch: None,
             room: None,
             fetched_at: Instant::now(),
+            late: VecDeque::new(),
+            left_behind: false,
             backoff: None,
             failures: 0,
             needs_recover: false,
@@ -489,8 +505,26 @@ impl<L: AckLog> AckTurn<L> {
             let sent = self.acks.settle(seq, handle, how);
             self.beats.during(&mut self.registry, sent).await;
             self.settling = None;
-            self.registry.remove(&seq);
+            if let Some(pending) = self.registry.remove(&seq) {
+                let now = Instant::now();
+                if pending.lapsed || self.beats.lapsed(pending.last_signal, now) {
+                    self.settled_late(seq, now);
+                }
+            }
         }
+    }
+
+    /// `seq` was settled late, at `now`: remember it (see `late`).
+    fn settled_late(&mut self, seq: u64, now: Instant) {
+        let kept = self.bounds.ack_wait * 2;
+        while self
+            .late
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) > kept || self.late.len() >= LATE_KEPT)
+        {
+            self.late.pop_front();
+        }
+        self.late.push_back((seq, now));
     }
 
     /// The submission under way is done: track each submitted job until it
@@ -582,6 +616,14 @@ impl<L: AckLog> AckTurn<L> {
             handle,
             message,
         } = received;
+        if !self.late.is_empty() && self.late.iter().any(|(late, _)| *late == seq) {
+            // Sent again before the broker applied its late settle: it is
+            // finished; running it again would follow later messages of its
+            // aggregate.
+            tracing::debug!(topic = %self.topic, seq,
+                "redelivery of a message settled late; not run again");
+            return None;
+        }
         if let Some(pending) = self.registry.get_mut(&seq) {
             // The broker delivered again a message still being handled: never
             // run it twice at once; settle the newest delivery when the
@@ -649,6 +691,7 @@ impl<L: AckLog> AckTurn<L> {
                         // More than asked for: leave it for redelivery.
                         tracing::warn!(topic = %self.topic,
                             "the broker sent more messages than asked for");
+                        self.left_behind = true;
                     }
                 }
             }
@@ -657,6 +700,7 @@ impl<L: AckLog> AckTurn<L> {
                 tracing::warn!(topic = %self.topic, error = %e, "fetch failed");
                 self.log.set_error(Some(e.to_string()));
                 self.batch = None;
+                self.left_behind = true;
                 self.needs_recover = true;
                 self.back_off();
             }

@@ -88,6 +88,8 @@ impl<L: AckLog> AckTurn<L> {
         // the broker's wait, when later messages of the same aggregate could
         // overtake them.
         self.open = self.batch.take().map(|(fetch, _permits)| fetch);
+        // No fetch after this (`run` drops the wait too, when it ends).
+        self.room = None;
         let started = Instant::now();
         // A log moving to another member is not drained: its queued jobs are
         // fenced at once (they do not start here) and given back in order for
@@ -199,6 +201,7 @@ impl<L: AckLog> AckTurn<L> {
                 if !self.register_late(raw) {
                     // Broken: nothing more comes of it.
                     self.open = None;
+                    self.left_behind = true;
                 }
             }
             None => {
@@ -237,8 +240,11 @@ impl<L: AckLog> AckTurn<L> {
             }),
         )
         .await;
-        if ran_out.is_err() {
+        if matches!(ran_out, Ok(Some(()))) {
+            self.log.fetch_done(open);
+        } else if ran_out.is_err() {
             tracing::debug!(topic = %self.topic, "fetch still open at the end of the turn");
+            self.left_behind = true;
         }
     }
 
@@ -274,10 +280,15 @@ impl<L: AckLog> AckTurn<L> {
                 p.handle
             })
             .collect();
-        // Asked even with nothing to give back: the broker may hold messages
-        // of the log this turn never registered (sent into a fetch it did not
-        // read to the end, an acknowledgement that did not go out), which it
-        // would redeliver after their wait, behind later ones.
+        // With nothing to give back the broker is asked only when it may hold
+        // messages of the log this turn never registered (sent into a fetch
+        // it did not read to the end, more than it asked for), which it would
+        // redeliver after their wait, behind later ones. Not otherwise: with
+        // no `-NAK` answered first, the answer could still count messages
+        // whose acknowledgements it has not applied yet.
+        if handles.is_empty() && !self.left_behind {
+            return true;
+        }
         let given = tokio::time::timeout(self.bounds.request_timeout, self.acks.give_back(handles));
         // A log lost meanwhile: no more waiting for the broker's answers.
         let confirmed = matches!(unless_lost(&self.lost, given).await, Some(Ok(true)));

@@ -70,7 +70,8 @@ impl Knobs {
         Bounds::new(
             self.max_ack_pending,
             self.fetch_batch,
-            self.fetch_lasts,
+            // As the NATS backend's pull requests: at most half the wait.
+            self.fetch_lasts.min(self.ack_wait / 2),
             self.request_timeout,
             self.ack_wait,
         )
@@ -254,6 +255,8 @@ struct AckSim {
     lost: Vec<Lease>,
     /// Partitions whose next holder re-creates the durable from its ack floor.
     unclean: BTreeSet<(usize, i32)>,
+    /// The broker's server task: it runs for the whole run.
+    server: JoinHandle<()>,
 }
 
 /// Run the simulation of `seed` on logs with per-message acknowledgement,
@@ -267,12 +270,11 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     // A turn's messages in flight are bounded by its log's own bound (the
     // partition's share of `max_ack_pending`), not the Kafka-style setting.
     model.configure(s.handover_timeout, s.max_attempts, k.max_ack_pending);
-    model.acknowledged_per_message();
     model
         .lock()
         .note(format!("seed {seed} (acked): {s:?} {k:?}"));
     let streams = Streams::new(model.clone(), k.ack_wait, k.max_ack_pending);
-    streams.start_server();
+    let server = streams.start_server();
     let source = AckSource {
         streams,
         lost: Arc::default(),
@@ -295,6 +297,7 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
         holders: BTreeMap::new(),
         lost: Vec::new(),
         unclean: BTreeSet::new(),
+        server,
     };
     for _ in 0..sim.s.members {
         sim.join().await?;
@@ -396,6 +399,11 @@ impl AckSim {
     /// The invariants that hold between steps: the ack floor passes no
     /// unfinished message, and a lost lease's turn ends within its bound.
     fn check(&mut self) -> Result<(), String> {
+        if self.server.is_finished() {
+            let v = "the broker's server stopped (it panicked)".to_owned();
+            self.ctx.model.lock().violate(v.clone());
+            return Err(v);
+        }
         let mut m = self.ctx.model.lock();
         m.check_commits(|t, p| self.ctx.broker.committed(t, p));
         let now = Instant::now();

@@ -103,10 +103,6 @@ pub(crate) struct Model {
     max_attempts: u32,
     /// `consumer.max_in_flight_per_partition`.
     per_partition: usize,
-    /// Acknowledged per message (the acknowledged turn's runs): a delivery
-    /// the broker sent before it applied the message's acknowledgement may
-    /// be read, and run again, after the ack floor passed it (a duplicate).
-    acked: bool,
     msgs: Vec<Msg>,
     /// Per (topic, key): its messages in publish order.
     by_key: BTreeMap<(usize, u32), Vec<usize>>,
@@ -154,7 +150,6 @@ impl Shared {
             handover_timeout,
             max_attempts,
             per_partition: usize::MAX,
-            acked: false,
             msgs: Vec::new(),
             by_key: BTreeMap::new(),
             open: BTreeMap::new(),
@@ -187,11 +182,6 @@ impl Shared {
         m.handover_timeout = handover_timeout;
         m.max_attempts = max_attempts;
         m.per_partition = per_partition;
-    }
-
-    /// The run is on a log acknowledged per message (see `Model::acked`).
-    pub(crate) fn acknowledged_per_message(&self) {
-        self.lock().acked = true;
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Model> {
@@ -383,13 +373,10 @@ impl Model {
         }
         // The committed offset never passes a message that is still to run.
         // (Unless a rewind below it is being committed back: handling may
-        // start before the backward commit lands. Nor, on a log acknowledged
-        // per message, a finished message delivered again before its
-        // acknowledgement was applied.)
-        let duplicate = self.acked && self.msgs[id].done != Done::No;
-        if let Some(c) = committed.filter(|_| {
-            !stalled_start && !duplicate && !self.rewinding.contains_key(&(topic, partition))
-        }) {
+        // start before the backward commit lands.)
+        if let Some(c) = committed
+            .filter(|_| !stalled_start && !self.rewinding.contains_key(&(topic, partition)))
+        {
             if c > offset {
                 self.violate(format!(
                     "{name} at p{partition}@{offset} starts while the committed offset is {c}"

@@ -99,6 +99,8 @@ struct Inbox {
     items: VecDeque<Raw>,
     /// Deliveries it still takes.
     left: usize,
+    /// Deliveries sent into it.
+    sent: usize,
     expires: Instant,
     /// It takes nothing more: filled, expired, broken, or its durable is gone.
     ended: bool,
@@ -374,7 +376,8 @@ impl Streams {
                 let mut inbox = request.inbox();
                 inbox.items.push_back(Ok((handle, stored)));
                 inbox.left -= 1;
-                let broken = inbox.breaks_after.is_some_and(|b| inbox.items.len() > b);
+                inbox.sent += 1;
+                let broken = inbox.breaks_after.is_some_and(|b| inbox.sent > b);
                 let filled = inbox.left == 0;
                 drop(inbox);
                 request.sent.notify_waiters();
@@ -391,8 +394,8 @@ impl Streams {
     }
 
     /// The server: serves whenever something changed or its clock says so.
-    /// Runs until the run's runtime ends.
-    pub(crate) fn start_server(&self) {
+    /// Runs until the run's runtime ends; the handle says if it stopped.
+    pub(crate) fn start_server(&self) -> tokio::task::JoinHandle<()> {
         let streams = self.clone();
         tokio::spawn(async move {
             loop {
@@ -407,7 +410,7 @@ impl Streams {
                     () = tokio::time::sleep_until(next.unwrap_or(far)) => {}
                 }
             }
-        });
+        })
     }
 
     /// Settle position `handle.seq` of its partition's durable.
@@ -563,6 +566,7 @@ impl AckLog for SimLog {
                 inbox: Mutex::new(Inbox {
                     items: VecDeque::new(),
                     left: n,
+                    sent: 0,
                     expires: Instant::now() + self.bounds.fetch_lasts,
                     ended: n == 0,
                     breaks_after,

@@ -40,7 +40,7 @@
 //!
 //! | trait method | NATS JetStream |
 //! |---|---|
-//! | [`AckLog::fetch`] | a pull request for `n` messages, expiring after `fetch_expires` |
+//! | [`AckLog::fetch`] | a pull request for `n` messages, expiring after `fetch_expires` (at most half of `ack_wait`) |
 //! | [`AckLog::receive`] | parse the reply subject (stream sequence, delivery count), the headers and key |
 //! | [`AckLog::recover`] | re-create the durable consumer after a failed pull |
 //! | [`AckLog::may_fetch`] | a pull request can run out before the lease does |

@@ -9,6 +9,11 @@
 //! - **A position is a message's for good.** [`Received::seq`] is unique per
 //!   message in the log, and a redelivery carries the one of its first
 //!   delivery (the turn runs a message at most once at a time by it).
+//! - **A fetch brings what the broker sent after it was asked for.** The turn
+//!   counts a delivery as heard of by the broker from when it called
+//!   [`AckLog::fetch`]; a fetch that yields a delivery sent before (reusing
+//!   an earlier request's inbox while the broker may still send into it)
+//!   would make that count too young.
 //! - **Waits are the turn's to end.** A method may wait on the broker; the
 //!   turn races each wait against the loss of the log (its stop is seen
 //!   between steps), and bounds the start of a fetch and a give-back by the

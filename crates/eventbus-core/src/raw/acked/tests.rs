@@ -734,3 +734,45 @@ async fn a_fetch_left_open_makes_a_give_back_of_nothing_ask_the_broker() {
     assert_eq!(broker.asked_empty, 1, "the broker is asked");
     assert!(!ended.handed_back);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_message_acknowledged_late_is_not_run_again_when_delivered_again() {
+    // The handler finishes at once, but the client's command channel stays
+    // full past the broker's wait: the acknowledgement (and every keep-alive
+    // signal) goes out late, and the broker has sent the message again
+    // meanwhile. That delivery, read after the message left the registry,
+    // is not run again (it would follow later messages of its aggregate):
+    // the acknowledgement goes out again through it.
+    let s = setup(Arc::new(TaskPool), [1], Duration::ZERO);
+    let (open, gate) = tokio::sync::watch::channel(false);
+    {
+        let mut broker = s.broker.lock().unwrap();
+        broker.settles_open = Some(gate.clone());
+        broker.keep_alives_open = Some(gate);
+    }
+    let broker = s.broker.clone();
+    let task = spawn_turn(s.turn);
+    wait_for("the handler ran", || s.ran.lock().unwrap().len() == 1).await;
+    tokio::time::sleep(ACK_WAIT).await;
+    let _ = open.send(true);
+    wait_for("the acknowledgement went out", || {
+        !broker.lock().unwrap().settled.is_empty()
+    })
+    .await;
+    broker
+        .lock()
+        .unwrap()
+        .ready
+        .push_back(Ok((1, "1-again".to_owned())));
+    wait_for("the second delivery is acknowledged", || {
+        acked(&broker.lock().unwrap()).len() == 2
+    })
+    .await;
+    assert_eq!(
+        acked(&broker.lock().unwrap()),
+        [(1, "1".to_owned()), (1, "1-again".to_owned())]
+    );
+    assert_eq!(*s.ran.lock().unwrap(), [1], "1 ran once");
+    s.stop.cancel();
+    task.await.unwrap();
+}

@@ -9,7 +9,7 @@
 //! flight bounded by the log's bound and the bus's total; once the log is
 //! lost nothing more is acknowledged, given back or kept alive.
 
-use super::broker::{AckLog, Acks, Received};
+use super::broker::{AckLog, Acks, Received, Settle};
 use super::heartbeats::Heartbeats;
 use super::registry::{oldest, settle, Pending, Registry};
 use crate::raw::{
@@ -174,12 +174,15 @@ pub struct AckTurn<L: AckLog> {
     /// before, so its deliveries count as heard of from then (the turn may
     /// read them later; the broker's wait runs from when it sent them).
     fetched_at: Instant,
-    /// Messages settled late (see [`Heartbeats::lapsed`]), with when: the
-    /// broker may have sent one again before it applied the settle, and the
-    /// turn may read that delivery after the message left the registry. It
-    /// is dropped then, not run again after later messages of its aggregate.
+    /// Messages acknowledged or terminated late (see [`Heartbeats::lapsed`]),
+    /// how, and when: the broker may have sent one again before it applied
+    /// the settle, and the turn may read that delivery after the message left
+    /// the registry. It is not run again (after later messages of its
+    /// aggregate): the same settle goes out through the new delivery.
     /// Bounded: kept twice the broker's wait, at most [`LATE_KEPT`].
-    late: VecDeque<(u64, Instant)>,
+    late: VecDeque<(u64, Settle, Instant)>,
+    /// Deliveries of messages settled late, to settle again (see `late`).
+    pub(super) resettle: Vec<(u64, <L::Acks as Acks>::Handle, Settle)>,
     /// The turn left a delivery unread or unregistered (more than asked for,
     /// a fetch that failed or did not run out): the broker may hold messages
     /// of the log the registry does not know, so a give-back of nothing asks
@@ -267,6 +270,7 @@ impl<L: AckLog> AckTurn<L> {
             room: None,
             fetched_at: Instant::now(),
             late: VecDeque::new(),
+            resettle: Vec::new(),
             left_behind: false,
             backoff: None,
             failures: 0,
@@ -321,6 +325,7 @@ impl<L: AckLog> AckTurn<L> {
             Step::Fetched(item) => {
                 self.on_fetched(item);
                 self.accept_ready();
+                self.resettle_late().await;
             }
             Step::BackedOff => self.on_backed_off().await,
             Step::Room(permits) => self.on_room(permits).await,
@@ -507,24 +512,37 @@ impl<L: AckLog> AckTurn<L> {
             self.settling = None;
             if let Some(pending) = self.registry.remove(&seq) {
                 let now = Instant::now();
-                if pending.lapsed || self.beats.lapsed(pending.last_signal, now) {
-                    self.settled_late(seq, now);
+                let finished = matches!(how, Settle::Ack | Settle::Term);
+                if finished && (pending.lapsed || self.beats.lapsed(pending.last_signal, now)) {
+                    self.forget_late(now);
+                    if self.late.len() >= LATE_KEPT {
+                        self.late.pop_front();
+                    }
+                    self.late.push_back((seq, how, now));
                 }
             }
         }
     }
 
-    /// `seq` was settled late, at `now`: remember it (see `late`).
-    fn settled_late(&mut self, seq: u64, now: Instant) {
+    /// Forget the messages settled late longer ago than twice the broker's
+    /// wait (see `late`): it applied their settle by then.
+    fn forget_late(&mut self, now: Instant) {
         let kept = self.bounds.ack_wait * 2;
         while self
             .late
             .front()
-            .is_some_and(|(_, at)| now.duration_since(*at) > kept || self.late.len() >= LATE_KEPT)
+            .is_some_and(|(_, _, at)| now.duration_since(*at) > kept)
         {
             self.late.pop_front();
         }
-        self.late.push_back((seq, now));
+    }
+
+    /// Settle again the deliveries of messages settled late (see `late`).
+    pub(super) async fn resettle_late(&mut self) {
+        for (seq, handle, how) in std::mem::take(&mut self.resettle) {
+            let sent = self.acks.settle(seq, handle, how);
+            self.beats.during(&mut self.registry, sent).await;
+        }
     }
 
     /// The submission under way is done: track each submitted job until it
@@ -616,13 +634,18 @@ impl<L: AckLog> AckTurn<L> {
             handle,
             message,
         } = received;
-        if !self.late.is_empty() && self.late.iter().any(|(late, _)| *late == seq) {
-            // Sent again before the broker applied its late settle: it is
-            // finished; running it again would follow later messages of its
-            // aggregate.
-            tracing::debug!(topic = %self.topic, seq,
-                "redelivery of a message settled late; not run again");
-            return None;
+        if !self.late.is_empty() {
+            self.forget_late(Instant::now());
+            if let Some((_, how, _)) = self.late.iter().find(|(late, _, _)| *late == seq) {
+                // Sent again before the broker applied its late settle: it is
+                // finished; running it again would follow later messages of
+                // its aggregate. The same settle goes out again through this
+                // delivery, in case the first did not land.
+                tracing::debug!(topic = %self.topic, seq,
+                    "redelivery of a message settled late; settled again, not run");
+                self.resettle.push((seq, handle, *how));
+                return None;
+            }
         }
         if let Some(pending) = self.registry.get_mut(&seq) {
             // The broker delivered again a message still being handled: never
@@ -658,7 +681,12 @@ impl<L: AckLog> AckTurn<L> {
                 true
             }
             Ok(None) => true,
-            Err(_) => false,
+            Err(_) => {
+                // Broken: what the broker sent into it after the failure is
+                // not read.
+                self.left_behind = true;
+                false
+            }
         }
     }
 
@@ -719,6 +747,10 @@ impl<L: AckLog> AckTurn<L> {
             Ok(()) => {
                 self.needs_recover = false;
                 self.log.set_error(None);
+                // The source may read from another start now (a durable
+                // created again): a position settled late may be another
+                // message.
+                self.late.clear();
             }
             Err(e) => {
                 tracing::warn!(topic = %self.topic, error = %e,

@@ -201,7 +201,6 @@ impl<L: AckLog> AckTurn<L> {
                 if !self.register_late(raw) {
                     // Broken: nothing more comes of it.
                     self.open = None;
-                    self.left_behind = true;
                 }
             }
             None => {
@@ -252,6 +251,10 @@ impl<L: AckLog> AckTurn<L> {
     /// position first so the broker delivers it again in order, waiting
     /// (bounded) for the broker to confirm it. Whether it did.
     async fn give_back_all(&mut self) -> bool {
+        if !self.lost.is_cancelled() {
+            // Deliveries of messages settled late, read during the wind-down.
+            self.resettle_late().await;
+        }
         self.beats.stop();
         if self.lost.is_cancelled() {
             // Another member may consume these already (read again from the

@@ -126,12 +126,16 @@ impl Leases {
             if let Ok(kv) = js.get_key_value(&bucket).await {
                 return Ok(kv);
             }
-            js.get_or_create_stream(stream.clone()).await.map_err(|e| {
-                lease_error(
-                    format!("lease_bucket: cannot create key-value bucket `{bucket}`"),
-                    e,
-                )
-            })?;
+            // Members starting together all create it; one creation wins and
+            // the others find the bucket it made.
+            crate::streams::create_or_find(js, stream.clone())
+                .await
+                .map_err(|e| {
+                    lease_error(
+                        format!("lease_bucket: cannot create key-value bucket `{bucket}`"),
+                        e,
+                    )
+                })?;
             js.get_key_value(&bucket).await.map_err(|e| {
                 lease_error(
                     format!("lease_bucket: cannot open key-value bucket `{bucket}`"),

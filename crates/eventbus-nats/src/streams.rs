@@ -17,6 +17,47 @@ use eventbus_core::{Error, ErrorKind, Result, StorageKind, TopicConfig};
 use crate::config::Retention;
 use crate::partition::{describe_layout, partition_subjects};
 
+/// What [`create_or_find`] did.
+#[derive(Debug)]
+pub(crate) enum Made {
+    /// The stream is new.
+    Created,
+    /// Another creator made the stream first; its settings as they are.
+    Found(Box<stream::Config>),
+}
+
+/// Create the stream of `config`, or find it made by another creator meanwhile.
+///
+/// Members starting together each find the stream missing and each ask to
+/// create it. The server makes it once and answers the creations that lost
+/// the race with an error: "name in use" (10058), or "subjects overlap"
+/// (10065) when its check of the subjects comes first and sees the stream just
+/// made. After either answer the stream of that name is looked up: found, it
+/// is the creator's to check; missing, the answer stands (the subjects are
+/// held by a stream of another name).
+pub(crate) async fn create_or_find(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> std::result::Result<Made, jetstream::context::CreateStreamError> {
+    let name = config.name.clone();
+    let refused = match js.create_stream(config).await {
+        Ok(_) => return Ok(Made::Created),
+        Err(e) => e,
+    };
+    let raced = matches!(
+        refused.kind(),
+        jetstream::context::CreateStreamErrorKind::JetStream(ref js)
+            if js.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+                || js.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP
+    );
+    if raced {
+        if let Ok(existing) = js.get_stream(&name).await {
+            return Ok(Made::Found(Box::new(existing.cached_info().config.clone())));
+        }
+    }
+    Err(refused)
+}
+
 /// What a topic's stream must look like.
 #[derive(Debug, Clone)]
 pub(crate) struct StreamSpec {
@@ -444,17 +485,12 @@ impl Streams {
         self.creations.fetch_add(1, Ordering::Relaxed);
         tracing::info!(stream = %spec.name, topic = %spec.topic, subject = %spec.subject,
             storage = ?spec.config.storage, "creating JetStream stream");
-        match self.js.create_stream(spec.to_stream_config()).await {
-            Ok(_) => Ok(()),
+        match create_or_find(&self.js, spec.to_stream_config()).await {
+            Ok(Made::Created) => Ok(()),
+            // Created by another member meanwhile, perhaps with other settings.
+            Ok(Made::Found(existing)) => self.check_existing(spec, &existing),
             Err(e) => {
                 if let jetstream::context::CreateStreamErrorKind::JetStream(js) = e.kind() {
-                    if js.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST {
-                        // Created by someone else meanwhile, with other settings.
-                        let existing = self.js.get_stream(&spec.name).await.map_err(|e| {
-                            broker(format!("cannot look up stream `{}`", spec.name), e)
-                        })?;
-                        return self.check_existing(spec, &existing.cached_info().config);
-                    }
                     if js.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP {
                         return Err(Error::new(
                             ErrorKind::Conflict,
@@ -523,6 +559,67 @@ pub(crate) async fn bounded<T>(
 mod tests {
     use super::*;
     use crate::config::validate_topic_config;
+
+    /// A creation that lost a race for its stream: nats-server made the stream
+    /// for another creator and answered this one "subjects overlap" (10065).
+    /// The race is the server's and rare; here it is played on an API prefix
+    /// of the test's own: each creation is first made on the server, then
+    /// answered with the loser's refusal; lookups go to the server as they are.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_creation_refused_for_a_stream_made_meanwhile_finds_it() {
+        use eventbus_testkit::nats_server::NatsServer;
+        use futures::StreamExt;
+        const LOST: &str = r#"{"type":"io.nats.jetstream.api.v1.stream_create_response","error":{"code":400,"err_code":10065,"description":"subjects overlap with an existing stream"}}"#;
+        let server = NatsServer::start();
+        let client = async_nats::connect(server.url()).await.expect("connect");
+        let mut requests = client.subscribe("RACE.API.>").await.expect("subscribe");
+        client.flush().await.expect("flush");
+        let relay = tokio::spawn({
+            let client = client.clone();
+            async move {
+                while let Some(m) = requests.next().await {
+                    let reply = m.reply.expect("an API request has a reply subject");
+                    let api = m.subject.trim_start_matches("RACE.API.");
+                    let answer = client
+                        .request(format!("$JS.API.{api}"), m.payload.clone())
+                        .await
+                        .expect("the server answers");
+                    let payload = if api.starts_with("STREAM.CREATE.") {
+                        LOST.into()
+                    } else {
+                        answer.payload
+                    };
+                    client.publish(reply, payload).await.expect("answer");
+                }
+            }
+        });
+        let racing = jetstream::with_prefix(client.clone(), "RACE.API");
+        let config = stream::Config {
+            name: "orders".into(),
+            subjects: vec!["orders".into()],
+            ..Default::default()
+        };
+        match create_or_find(&racing, config.clone()).await {
+            Ok(Made::Found(existing)) => assert_eq!(existing.subjects, config.subjects),
+            other => panic!("the stream made meanwhile was not found: {other:?}"),
+        }
+        // The same answer when the subjects are held by a stream of another
+        // name stands: there is no stream of this name to find.
+        let late = stream::Config {
+            name: "late".into(),
+            subjects: vec!["orders".into()],
+            ..Default::default()
+        };
+        match create_or_find(&racing, late).await {
+            Err(e) => assert!(
+                matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP),
+                "{e}"
+            ),
+            Ok(made) => panic!("subjects held by another stream were taken as made: {made:?}"),
+        }
+        relay.abort();
+    }
 
     fn spec(cfg: TopicConfig, explicit: bool) -> StreamSpec {
         StreamSpec {

@@ -1,7 +1,7 @@
 //! Stream creation: once under concurrent first publishes, conflicts reported.
 
 use async_nats::jetstream::stream;
-use eventbus_core::{ErrorKind, EventBus, Record, StorageKind, TopicConfig};
+use eventbus_core::{ErrorKind, EventBus, EventBusExt, Record, StorageKind, TopicConfig};
 use futures::StreamExt;
 use std::time::Duration;
 
@@ -133,4 +133,42 @@ async fn partitions_in_topic_settings_are_unsupported_naming_the_nats_opt_in() {
         "{text}"
     );
     bus.close().await.expect("close");
+}
+
+/// Members starting together (each with a connection of its own, as processes
+/// are) all find the topic's streams and the lease bucket missing and all create
+/// them. The server creates each once and may answer the other creations with
+/// an error (the name in use, or the subjects held by the stream just created):
+/// every member goes on with the stream another created, none fails to start.
+/// The race is the server's, most often on its first streams: several rounds,
+/// each on a new server, give it room to happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_starting_together_share_the_streams_they_all_create() {
+    init_tracing();
+    let config = bus_config();
+    for round in 0..ROUNDS {
+        let server = NatsServer::start();
+        let topic = topic("together");
+        let nats = nats_config(&server);
+        let buses = futures::future::join_all(
+            (0..MEMBERS).map(|_| connect(nats.clone(), config.clone(), keyed_pool(2, 8))),
+        )
+        .await;
+        let subscribed = futures::future::join_all(buses.iter().map(|bus| {
+            bus.subscribe_envelope(&topic, |_e: eventbus_core::Event| async {
+                Ok::<(), eventbus_core::HandlerError>(())
+            })
+        }))
+        .await;
+        for (i, s) in subscribed.into_iter().enumerate() {
+            if let Err(e) = s {
+                panic!("round {round}: member {i} of {MEMBERS} starting together could not subscribe: {e}");
+            }
+        }
+        for bus in buses {
+            within("close", bus.close()).await.expect("close");
+        }
+    }
+    const ROUNDS: usize = 3;
+    const MEMBERS: usize = 8;
 }

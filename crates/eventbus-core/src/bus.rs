@@ -58,6 +58,9 @@ pub struct SubscribeOptions {
     pub dead_letter_topic: Option<String>,
     /// Token-bucket rate limit for this subscription (default `rate_limits.<topic>`).
     pub rate_limit: Option<RateLimit>,
+    /// Whether this subscription's handlers are first polled on the consume
+    /// loop (default `consumer.inline_first_poll`).
+    pub inline_first_poll: Option<bool>,
 }
 
 impl SubscribeOptions {
@@ -83,6 +86,13 @@ impl SubscribeOptions {
     #[must_use]
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate_limit = Some(limit);
+        self
+    }
+    /// Poll this subscription's handlers on the consume loop first, or not,
+    /// whatever `consumer.inline_first_poll` says.
+    #[must_use]
+    pub fn inline_first_poll(mut self, on: bool) -> Self {
+        self.inline_first_poll = Some(on);
         self
     }
 }

@@ -112,6 +112,14 @@ pub struct ConsumerConfig {
     /// commit point".
     #[serde(with = "humantime_serde")]
     pub stall_threshold: Duration,
+    /// Poll a handler on its consume loop when its message is admitted and its
+    /// aggregate has nothing in flight; only a handler that does not finish on
+    /// that first poll goes to the pool, started. Default off. See
+    /// `docs/benchmarks.md`, "Run to completion"; a subscription may turn it
+    /// off for itself ([`SubscribeOptions::inline_first_poll`]).
+    ///
+    /// [`SubscribeOptions::inline_first_poll`]: crate::SubscribeOptions::inline_first_poll
+    pub inline_first_poll: bool,
 }
 
 impl Default for ConsumerConfig {
@@ -126,6 +134,7 @@ impl Default for ConsumerConfig {
             handover_timeout: Duration::from_secs(5),
             auto_offset_reset: OffsetReset::Earliest,
             stall_threshold: DEFAULT_STALL_THRESHOLD,
+            inline_first_poll: false,
         }
     }
 }
@@ -171,6 +180,12 @@ impl ConsumerConfig {
     #[must_use]
     pub fn stall_threshold(mut self, d: Duration) -> Self {
         self.stall_threshold = d;
+        self
+    }
+    /// Poll handlers on their consume loop first (`consumer.inline_first_poll`).
+    #[must_use]
+    pub fn inline_first_poll(mut self, on: bool) -> Self {
+        self.inline_first_poll = on;
         self
     }
     /// The longest a hand-over (revoke, unsubscribe, close, lease release) waits

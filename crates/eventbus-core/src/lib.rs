@@ -104,7 +104,7 @@ pub mod raw {
     pub use fence::{Epoch, Scope};
     pub use handover::{hand_over, HandOver, HandedOver};
     pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};
-    pub use job::{DoneHook, DoneSink, Job, JobClass};
+    pub use job::{DoneHook, DoneSink, FirstPoll, Job, JobClass};
     pub use lifecycle::{BusBackend, Consumers, Lifecycle, LifecycleBus};
     pub use log::{Assignment, InFlightCounts, LogLoop, PartitionLog};
     pub use mailbox::OutcomeReceiver;
@@ -113,5 +113,5 @@ pub mod raw {
     pub use queue::{push_batch, Expect, JobQueue, PushError};
     pub use routes::{less_loaded, Place, Placement, RouteTable};
     pub use routing::{slot, Fixed, Rule, Slots, WorkConserving};
-    pub use submit::{Submit, SubmitError, SubmitErrorKind};
+    pub use submit::{Inline, Submit, SubmitError, SubmitErrorKind};
 }

@@ -106,6 +106,10 @@ pub const HANDOVER_OVERRUNS: &str = "handover_overruns_total";
 /// overrun, a stalled member), by `topic`: their work is fenced, nothing is
 /// committed. Counter.
 pub const ASSIGNMENTS_LOST: &str = "assignments_lost_total";
+/// Times a handler's first poll on its consume loop ran longer than the
+/// inline bound, by `topic`: the subscription's jobs then go to the pool
+/// unpolled for a while (`consumer.inline_first_poll`). Counter.
+pub const INLINE_SLOW_POLLS: &str = "inline_slow_polls_total";
 /// Times the broker went back to an offset already tracked in the same assignment,
 /// by `topic`: messages at and above it are read again. Counter.
 pub const REWINDS: &str = "rewinds_total";
@@ -179,6 +183,7 @@ pub const ALL: &[&str] = &[
     HANDOVER_OVERRUNS,
     ASSIGNMENTS_LOST,
     REWINDS,
+    INLINE_SLOW_POLLS,
     FINISHED_SKIPPED,
     COMMIT_METADATA_TOO_LARGE,
     COMMIT_METADATA_REPLAYS,

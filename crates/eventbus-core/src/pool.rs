@@ -28,6 +28,10 @@ pub struct PoolStats {
     pub completed: u64,
     /// Jobs whose outcome was a panic.
     pub panicked: u64,
+    /// Of the completed jobs, those that ended on a first poll where they were
+    /// submitted, on the consume loop (`consumer.inline_first_poll`), or found
+    /// their scope fenced there.
+    pub ran_inline: u64,
     /// Submissions refused (full, closed or unavailable).
     pub rejected: u64,
     /// Worker restarts (actor pool).

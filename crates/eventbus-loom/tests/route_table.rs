@@ -1,7 +1,8 @@
 //! Loom models of the route table's cells: enter / leave and the count, a cell
 //! handed to another worker (a steal or a hand-back: `move_worker`), a job that
 //! alone in its cell moves it (`move_alone`), and what a push that finds its
-//! cell moved (`Moved`) reads. Built with `--cfg eventbus_loom` (a table of two
+//! cell moved (`Moved`) reads, and a cell held for a first poll where its job
+//! was submitted (`claim`, `settle`, `settled`). Built with `--cfg eventbus_loom` (a table of two
 //! cells), run by `cargo xtask loom`; the queue's waiting (tokio's `Notify`) is
 //! not modelled.
 #![cfg(eventbus_loom)]
@@ -137,4 +138,50 @@ fn a_job_moves_its_cell_only_when_alone() {
         table.leave(CELL);
         assert!(table.is_empty());
     });
+}
+
+/// A submitter claims the cell for a job it polls itself, on the idle worker
+/// 0 it holds (`claim`), while another job of the cell enters and a hand-back
+/// tries to move the cell to worker 1: the entering job goes to worker 0 if
+/// the claim came first (the hand-back refused while the cell is held), and
+/// the claim fails if the other job came first. The held job then ends
+/// (`settle`, ended) or goes on first in worker 0's queue (`settle`, not).
+#[test]
+fn a_job_entering_a_claimed_cell_goes_to_its_worker() {
+    for ended in [true, false] {
+        loom::model(move || {
+            let table = Arc::new(RouteTable::new());
+            let holder = {
+                let table = table.clone();
+                thread::spawn(move || {
+                    if !table.claim(CELL, Place::new(0, 0)) {
+                        return false;
+                    }
+                    assert_eq!(
+                        table.place(CELL).and_then(Place::worker),
+                        Some(0),
+                        "a held cell moved while its job was polled"
+                    );
+                    table.settle(CELL, ended);
+                    true
+                })
+            };
+            let mover = {
+                let table = table.clone();
+                thread::spawn(move || table.move_worker(CELL, 0, 1))
+            };
+            let got = table.enter(CELL, || Place::new(0, 1));
+            let claimed = holder.join().unwrap();
+            mover.join().unwrap();
+            if claimed && got.is_held() {
+                assert_eq!(got.worker(), Some(0), "it went where the cell was held");
+            }
+            table.leave(CELL);
+            if claimed && !ended {
+                // The held job's worker ran it.
+                table.leave(CELL);
+            }
+            assert!(table.is_empty());
+        });
+    }
 }

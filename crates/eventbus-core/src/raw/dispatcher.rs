@@ -43,7 +43,7 @@ use crate::raw::fence::{Epoch, Scope};
 use crate::raw::job::{Job, JobClass, Submission};
 use crate::raw::mailbox::Target;
 use crate::raw::outcome::{panic_message, FailureCause, Outcome};
-use crate::raw::submit::SubmitErrorKind;
+use crate::raw::submit::{Inline, SubmitErrorKind};
 use crate::raw::task::Task;
 
 mod dead_letter;
@@ -90,7 +90,26 @@ pub struct PreparedSubscription {
     tasks: SubTasks,
     dead_letter_topic: Option<String>,
     limiter: Option<Limiter>,
+    /// Whether its jobs are first polled where they are submitted, and until
+    /// when a slow first poll turned that off; `None`: never.
+    inline: Option<Mutex<Option<Instant>>>,
 }
+
+/// First polls on the consume loop per batch submitted: a burst of handlers
+/// holds the loop (its revokes, heartbeats and fetches) for at most so many.
+const INLINE_POLLS: usize = 64;
+
+/// A first poll on the consume loop longer than this (a CPU-bound handler, a
+/// blocking call) turns first polls there off for the subscription for
+/// [`INLINE_OFF_FOR`]: a budget counts polls, and cannot cut one short.
+const INLINE_SLOW_AFTER: Duration = Duration::from_micros(200);
+
+/// How long a slow first poll turns first polls on the loop off.
+const INLINE_OFF_FOR: Duration = Duration::from_secs(5);
+
+/// Whether to try a job's first poll where it is submitted: the simulation
+/// chooses per job ([`Dispatcher::choose_inline_with`]).
+type InlineChooser = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// What the tasks of a subscription's messages share, by kind of handler.
 enum SubTasks {
@@ -171,6 +190,8 @@ struct Inner {
     recovery: Arc<Recovery>,
     /// Age in ms of the oldest message dispatched since the monitor last looked.
     oldest_age_ms: AtomicU64,
+    /// Chooses per job whether to try its first poll on the loop.
+    choose_inline: std::sync::OnceLock<InlineChooser>,
 }
 
 /// The pipeline shared by every backend. Cheap to clone.
@@ -338,6 +359,7 @@ impl Dispatcher {
                 cancel: CancellationToken::new(),
                 recovery,
                 oldest_age_ms: AtomicU64::new(0),
+                choose_inline: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -516,11 +538,17 @@ impl Dispatcher {
                 can_dead_letter,
             )),
         };
+        let inline = sub
+            .options
+            .inline_first_poll
+            .unwrap_or(cfg.consumer.inline_first_poll)
+            .then(|| Mutex::new(None));
         Ok(Arc::new(PreparedSubscription {
             topic: Arc::from(sub.topic),
             tasks,
             dead_letter_topic,
             limiter,
+            inline,
         }))
     }
 
@@ -616,7 +644,7 @@ impl Dispatcher {
         let failed = self
             .prepare_batch(sub, messages, stop, out, &mut batch, true)
             .await;
-        let flushed = self.submit_jobs(&mut batch, stop, out).await;
+        let flushed = self.submit_jobs(sub, &mut batch, stop, out).await;
         match failed {
             Some(e) => Err(e),
             None => flushed,
@@ -662,7 +690,7 @@ impl Dispatcher {
         }
         let limited = sub.limiter.is_some();
         if !stop.is_cancelled() && !limited {
-            self.inner.pool.submit_batch(&mut batch.jobs);
+            self.to_pool(sub, &mut batch.jobs);
         }
         let unsent: Vec<&'static str> = batch
             .jobs
@@ -711,7 +739,7 @@ impl Dispatcher {
             let (partition, offset) = (message.partition, message.offset);
             if failed.is_none() {
                 if flush_each && sub.limiter.is_some() {
-                    failed = self.submit_jobs(batch, stop, out).await.err();
+                    failed = self.submit_jobs(sub, batch, stop, out).await.err();
                     if failed.is_none() {
                         failed = self.admit(sub, epoch, stop).await.err();
                         now = Now::new();
@@ -744,6 +772,7 @@ impl Dispatcher {
     /// submitted, and the error is returned.
     async fn submit_jobs<T>(
         &self,
+        sub: &PreparedSubscription,
         batch: &mut Batch,
         stop: &CancellationToken,
         out: &mut [InFlight<T>],
@@ -753,7 +782,7 @@ impl Dispatcher {
         }
         let total = batch.jobs.len();
         if !stop.is_cancelled() {
-            self.inner.pool.submit_batch(&mut batch.jobs);
+            self.to_pool(sub, &mut batch.jobs);
         }
         let taken = total - batch.jobs.len();
         let mut result = Ok(());
@@ -776,6 +805,59 @@ impl Dispatcher {
             self.count_sent(pool, n);
         }
         result
+    }
+
+    /// Hand `jobs` of `sub` to the pool as [`Submit::submit_batch`] takes them,
+    /// their first polls run here first where the subscription allows it
+    /// ([`Submit::submit_batch_inline`]). A first poll slower than
+    /// [`INLINE_SLOW_AFTER`] turns that off for [`INLINE_OFF_FOR`], counted.
+    ///
+    /// [`Submit::submit_batch`]: crate::raw::Submit::submit_batch
+    /// [`Submit::submit_batch_inline`]: crate::raw::Submit::submit_batch_inline
+    fn to_pool(&self, sub: &PreparedSubscription, jobs: &mut Vec<Job>) {
+        let pool = &self.inner.pool;
+        let Some(off_until) = &sub.inline else {
+            return pool.submit_batch(jobs);
+        };
+        {
+            let mut off = off_until.lock().expect("inline state poisoned");
+            match *off {
+                Some(until) if Instant::now() < until => {
+                    drop(off);
+                    return pool.submit_batch(jobs);
+                }
+                Some(_) => *off = None,
+                None => {}
+            }
+        }
+        let chooser = self.inner.choose_inline.get();
+        // A chosen run (the simulation) is not cut off by the wall clock,
+        // which its debug builds and paused time make meaningless.
+        let slow_after = match chooser {
+            Some(_) => Duration::MAX,
+            None => INLINE_SLOW_AFTER,
+        };
+        let mut inline = Inline::new(INLINE_POLLS, slow_after);
+        let mut choose = chooser.map(|c| move || c());
+        if let Some(c) = choose.as_mut() {
+            inline = inline.choosing(c);
+        }
+        pool.submit_batch_inline(jobs, &mut inline);
+        if inline.slow {
+            *off_until.lock().expect("inline state poisoned") =
+                Some(Instant::now() + INLINE_OFF_FOR);
+            self.topic_counter(m::INLINE_SLOW_POLLS, &sub.topic);
+            tracing::debug!(topic = %sub.topic, after = ?INLINE_SLOW_AFTER, off_for = ?INLINE_OFF_FOR,
+                "a handler's first poll on the consume loop ran long: its jobs go to the pool unpolled for a while");
+        }
+    }
+
+    /// Choose per job whether to try its first poll on the consume loop, for
+    /// subscriptions that allow it: the simulation's choice, so that its runs
+    /// see both paths (a first poll is then never cut off as slow). Set once;
+    /// later calls are ignored.
+    pub fn choose_inline_with(&self, choose: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.inner.choose_inline.set(Arc::new(choose));
     }
 
     /// Wait for the rate limit of `sub`, if any, unless `stop` is cancelled or the

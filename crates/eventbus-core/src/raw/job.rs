@@ -27,10 +27,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::fence::Epoch;
+use super::fence::{Epoch, Started};
 use super::mailbox::{OutcomeReceiver, PostTo, Reply};
 use super::outcome::{panic_message, FailureCause, Outcome, OutcomeKind};
-use super::task::Task;
+use super::task::{Task, TaskBox};
 
 /// Which delivery promise the job belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,6 +52,9 @@ pub struct Job {
     key: Option<Arc<str>>,
     // Both are `Some` until the job runs; `Drop` needs to move them out.
     task: Option<Task>,
+    /// The job was started where it was submitted ([`Job::poll_first`]) and did
+    /// not finish on its first poll: the rest of its run, for a worker.
+    begun: Option<Box<Begun>>,
     reply: Option<Reply>,
     done: Option<DoneHook>,
     /// The scope epoch the job was consumed under, and its offset there.
@@ -60,6 +63,32 @@ pub struct Job {
 
 /// [`Job::placed`] of a job no composite placed.
 const NOT_PLACED: u32 = u32::MAX;
+
+/// A started job's future and what it holds while it runs.
+struct Begun {
+    task: BoxFuture<'static, Outcome>,
+    /// Its count in its scope as running (none when the job is unfenced).
+    running: Option<Started>,
+    /// Its task's emptied box, for its consumer's mailbox.
+    spare: Option<TaskBox>,
+}
+
+/// What [`Job::poll_first`] did.
+#[derive(Debug)]
+pub enum FirstPoll {
+    /// The job ended on its first poll (or did not start, its scope fenced).
+    Done(OutcomeKind),
+    /// The job waits: started, it comes back for a worker to poll on.
+    Pending(Job),
+}
+
+/// A panic escaping a task, as its outcome.
+fn panicked(payload: Box<dyn std::any::Any + Send>) -> Outcome {
+    Outcome::Failed {
+        attempts: 1,
+        cause: FailureCause::Panic(panic_message(payload.as_ref())),
+    }
+}
 
 /// Called once when a job ends: with its outcome's kind after it ran, or with `None`
 /// when it was dropped without running (pool closed or aborted). A closure
@@ -128,10 +157,22 @@ impl Drop for Job {
         }
         // After the hook, as a dropped channel would tell its receiver.
         if let Some(reply) = self.reply.take() {
-            let spare = match self.task.take() {
-                Some(Task::Described(mut cell)) => {
+            let spare = match (self.task.take(), self.begun.take()) {
+                (Some(Task::Described(mut cell)), _) => {
                     cell.clear();
                     Some(cell)
+                }
+                // Started and dropped before it finished (its pool closed past
+                // its drain): the future goes first, then its waiter is told.
+                (_, Some(begun)) => {
+                    let Begun {
+                        task,
+                        running,
+                        spare,
+                    } = *begun;
+                    drop(task);
+                    drop(running);
+                    spare
                 }
                 _ => None,
             };
@@ -199,6 +240,7 @@ impl Job {
             class,
             key,
             task: Some(task),
+            begun: None,
             reply: Some(reply),
             done: None,
             fence,
@@ -290,22 +332,93 @@ impl Job {
     /// A panic escaping the task is caught and reported as
     /// [`OutcomeKind::Panicked`]; the caller (a worker) keeps running.
     pub async fn run(mut self) -> OutcomeKind {
+        let Begun {
+            task,
+            running,
+            spare,
+        } = match self.begin() {
+            Ok(begun) => begun,
+            Err(kind) => return kind,
+        };
+        let outcome = match AssertUnwindSafe(task).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(payload) => panicked(payload),
+        };
+        self.finish(outcome, running, spare)
+    }
+
+    /// Start the job (it enters its scope) and poll it once here, on the
+    /// submitter's thread, with `cx`: what a pool that runs a job's first poll
+    /// where it is submitted calls, once the job's route is held for it (see
+    /// [`crate::raw::routes`]).
+    ///
+    /// - [`FirstPoll::Done`]: the job ended on this poll; its outcome went to
+    ///   whoever waits for it, as from a worker (a panic is caught and reported
+    ///   as [`OutcomeKind::Panicked`]; a fenced scope ends it
+    ///   [`OutcomeKind::Abandoned`] without calling the handler).
+    /// - [`FirstPoll::Pending`]: the job's future waits (on I/O, a timer, a
+    ///   retry's back-off); the job comes back carrying it, for a worker to
+    ///   [`run`](Job::run) on, which polls it on from where it stopped. It
+    ///   counts as running in its scope meanwhile. The worker must poll it when
+    ///   it takes it, since a wake-up before then goes to `cx`'s waker.
+    pub fn poll_first(mut self, cx: &mut Context<'_>) -> FirstPoll {
+        let mut begun = match self.begin() {
+            Ok(begun) => begun,
+            Err(kind) => return FirstPoll::Done(kind),
+        };
+        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| begun.task.poll_unpin(cx)))
+        {
+            Ok(Poll::Pending) => {
+                self.begun = Some(Box::new(begun));
+                return FirstPoll::Pending(self);
+            }
+            Ok(Poll::Ready(outcome)) => outcome,
+            Err(payload) => panicked(payload),
+        };
+        let Begun {
+            task,
+            running,
+            spare,
+        } = begun;
+        drop(task);
+        FirstPoll::Done(self.finish(outcome, running, spare))
+    }
+
+    /// Whether the job was started where it was submitted and waits for a
+    /// worker to poll it on ([`FirstPoll::Pending`]).
+    pub fn is_begun(&self) -> bool {
+        self.begun.is_some()
+    }
+
+    /// The job's task, started: its future and its guard in its scope (none
+    /// when unfenced). `Err` with the job's end when its scope is fenced at its
+    /// offset (dropped here: the waiter and the done hook learn it did not run).
+    fn begin(&mut self) -> Result<Begun, OutcomeKind> {
+        if let Some(begun) = self.begun.take() {
+            return Ok(*begun);
+        }
         let running = match self.fence.take() {
             Some((epoch, offset)) => match epoch.enter(offset) {
                 Some(running) => Some(running),
-                // Dropping the job tells the waiter and the done hook it did not run.
-                None => return OutcomeKind::Abandoned,
+                None => return Err(OutcomeKind::Abandoned),
             },
             None => None,
         };
         let (task, spare) = self.task.take().expect("a job runs once").start();
-        let outcome = match AssertUnwindSafe(task).catch_unwind().await {
-            Ok(outcome) => outcome,
-            Err(payload) => Outcome::Failed {
-                attempts: 1,
-                cause: FailureCause::Panic(panic_message(payload.as_ref())),
-            },
-        };
+        Ok(Begun {
+            task,
+            running,
+            spare,
+        })
+    }
+
+    /// Deliver `outcome` to whoever waits for it and call the done hook.
+    fn finish(
+        &mut self,
+        outcome: Outcome,
+        running: Option<Started>,
+        spare: Option<TaskBox>,
+    ) -> OutcomeKind {
         let kind = outcome.kind();
         // The handler returned, but the job counts as unsettled in its scope until
         // its waiter has settled the outcome: the waiter gets the guard with it.
@@ -436,5 +549,141 @@ impl<T> fmt::Debug for Submission<'_, T> {
         f.debug_struct("Submission")
             .field("resolved", &self.submitting.is_none())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raw::fence::Scope;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn handled() -> Outcome {
+        Outcome::Handled { attempts: 1 }
+    }
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(futures::task::noop_waker_ref())
+    }
+
+    /// A job that ends on its first poll delivers its outcome there, as a
+    /// worker's run would: the waiter has it, the done hook is told.
+    #[tokio::test]
+    async fn a_job_ending_on_its_first_poll_delivers_its_outcome_there() {
+        let (mut job, rx) = Job::new(1, JobClass::Plain, None, async { handled() }.boxed());
+        let told = Arc::new(AtomicBool::new(false));
+        let t = told.clone();
+        job.set_done_hook(DoneHook::new(move |kind| {
+            assert_eq!(kind, Some(OutcomeKind::Handled));
+            t.store(true, Ordering::SeqCst);
+        }));
+        assert!(matches!(
+            job.poll_first(&mut cx()),
+            FirstPoll::Done(OutcomeKind::Handled)
+        ));
+        assert!(told.load(Ordering::SeqCst), "the done hook was called");
+        assert!(matches!(rx.await, Ok(Outcome::Handled { .. })));
+    }
+
+    /// A job that waits on its first poll comes back started; a worker's run
+    /// polls it on from where it stopped: its handler is not called twice, and
+    /// it counts as running in its scope until it returns.
+    #[tokio::test]
+    async fn a_job_waiting_on_its_first_poll_is_run_on_from_where_it_stopped() {
+        let scope = Scope::new();
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let c = calls.clone();
+        let (job, rx) = Job::new(
+            1,
+            JobClass::Plain,
+            None,
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                let _ = wait.await;
+                handled()
+            }
+            .boxed(),
+        );
+        let job = job.fenced_by(scope.current(), 7);
+        let FirstPoll::Pending(job) = job.poll_first(&mut cx()) else {
+            panic!("the job waits for its signal");
+        };
+        assert!(job.is_begun());
+        assert_eq!(scope.running(), 1, "started: running in its scope");
+        // Fenced now: a started job is past its fence and runs on.
+        scope.fence();
+        go.send(()).expect("the job waits");
+        assert_eq!(job.run().await, OutcomeKind::Handled);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+        assert!(matches!(rx.await, Ok(Outcome::Handled { .. })));
+        assert_eq!(scope.running(), 0);
+    }
+
+    /// A job whose scope is fenced at its offset does not start on a first poll
+    /// either: its handler is not called, and it ends abandoned.
+    #[tokio::test]
+    async fn a_fenced_job_does_not_start_on_its_first_poll() {
+        let scope = Scope::new();
+        let called = Arc::new(AtomicBool::new(false));
+        let c = called.clone();
+        let (job, rx) = Job::new(
+            1,
+            JobClass::Plain,
+            None,
+            async move {
+                c.store(true, Ordering::SeqCst);
+                handled()
+            }
+            .boxed(),
+        );
+        let job = job.fenced_by(scope.current(), 3);
+        scope.fence();
+        assert!(matches!(
+            job.poll_first(&mut cx()),
+            FirstPoll::Done(OutcomeKind::Abandoned)
+        ));
+        assert!(!called.load(Ordering::SeqCst));
+        assert!(rx.await.is_err(), "the waiter sees it dropped");
+        assert_eq!((scope.running(), scope.unsettled()), (0, 0));
+    }
+
+    /// A panic on the first poll is caught there and reported as a worker's
+    /// run reports it.
+    #[tokio::test]
+    async fn a_panic_on_the_first_poll_is_the_jobs_outcome() {
+        let (job, rx) = Job::new(
+            1,
+            JobClass::Plain,
+            None,
+            async { panic!("boom on the loop") }.boxed(),
+        );
+        assert!(matches!(
+            job.poll_first(&mut cx()),
+            FirstPoll::Done(OutcomeKind::Panicked)
+        ));
+        match rx.await {
+            Ok(Outcome::Failed {
+                cause: FailureCause::Panic(m),
+                ..
+            }) => assert!(m.contains("boom on the loop"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A started job dropped before it ended (its pool closed past its drain)
+    /// tells its waiter so and counts itself out of its scope.
+    #[tokio::test]
+    async fn a_started_job_dropped_unfinished_ends_abandoned() {
+        let scope = Scope::new();
+        let (job, rx) = Job::new(1, JobClass::Plain, None, futures::future::pending().boxed());
+        let job = job.fenced_by(scope.current(), 1);
+        let FirstPoll::Pending(job) = job.poll_first(&mut cx()) else {
+            panic!("it never ends");
+        };
+        drop(job);
+        assert!(rx.await.is_err());
+        assert_eq!((scope.running(), scope.unsettled()), (0, 0));
+        assert!(!scope.is_closed(), "a started job dropped fences nothing");
     }
 }

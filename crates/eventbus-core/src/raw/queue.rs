@@ -116,6 +116,9 @@ struct State {
     stalled: bool,
     /// The route cell of the job it runs: its jobs stay in a hand-back.
     running: Option<usize>,
+    /// Held for a job started where it was submitted ([`JobQueue::reserve`]):
+    /// the consumer, idle, takes no job until the holder fills or gives it up.
+    reserved: bool,
 }
 
 /// The load word's flags: the consumer runs a job, and that job has run long.
@@ -127,8 +130,8 @@ impl State {
     /// The load word: queued jobs, and the [`BUSY`] and [`STALLED`] flags.
     fn load(&self) -> usize {
         (self.jobs.len() << QUEUED_SHIFT)
-            | (usize::from(self.busy) * BUSY)
-            | (usize::from(self.stalled) * STALLED)
+            | (usize::from(self.busy || self.reserved) * BUSY)
+            | (usize::from(self.stalled || self.reserved) * STALLED)
     }
 }
 
@@ -160,6 +163,7 @@ impl JobQueue {
                 busy: false,
                 stalled: false,
                 running: None,
+                reserved: false,
             }),
             room: Notify::new(),
             capacity: capacity.max(1),
@@ -226,6 +230,67 @@ impl JobQueue {
         Ok(())
     }
 
+    /// Hold this queue's consumer, idle now (nothing queued, nothing running),
+    /// for a job started where it is submitted ([`Job::poll_first`]) that may
+    /// wait: until the holder [`fill`](Self::fill)s the queue with it or
+    /// [`unreserve`](Self::unreserve)s it, the consumer takes no job, so a job
+    /// that waits is polled next, on a consumer that runs nothing else, not
+    /// behind a job that may run long. Meanwhile the queue takes no new route
+    /// unless every queue is as loaded ([`rank`](Self::rank)), and the jobs of
+    /// the held cells placed on it wait there. `false`: it is not idle (or
+    /// held, or closed).
+    pub fn reserve(&self) -> bool {
+        let mut state = self.lock();
+        if state.closed || state.busy || state.reserved || !state.jobs.is_empty() {
+            return false;
+        }
+        state.reserved = true;
+        self.load.store(state.load(), Ordering::Relaxed);
+        true
+    }
+
+    /// The held consumer's job: `job`, started and waiting, first in the queue,
+    /// whatever the queue holds (its route is held for it, so it waits for no
+    /// room); then `queued()`, under the queue's lock, before the consumer can
+    /// take the job (the holder lets its route cell go there); the hold ends.
+    /// Fails only when the queue is closed: the hold ends, and the job comes
+    /// back, `queued` not called.
+    pub fn fill(&self, job: Job, queued: impl FnOnce()) -> Result<(), PushError> {
+        let mut state = self.lock();
+        state.reserved = false;
+        if state.closed {
+            self.load.store(state.load(), Ordering::Relaxed);
+            return Err(PushError::Closed(job));
+        }
+        state.jobs.push_front(job);
+        state.accepted += 1;
+        queued();
+        self.load.store(state.load(), Ordering::Relaxed);
+        let worker = state.worker.take();
+        drop(state);
+        if let Some(worker) = worker {
+            worker.wake();
+        }
+        Ok(())
+    }
+
+    /// End the hold on the consumer without a job: it takes what was queued
+    /// meanwhile.
+    pub fn unreserve(&self) {
+        let mut state = self.lock();
+        state.reserved = false;
+        self.load.store(state.load(), Ordering::Relaxed);
+        let worker = if state.jobs.is_empty() {
+            None
+        } else {
+            state.worker.take()
+        };
+        drop(state);
+        if let Some(worker) = worker {
+            worker.wake();
+        }
+    }
+
     /// Queue `job` without waking the consumer: its waker, when it waits, comes back
     /// to be woken by the caller (once, after the rest of a batch is queued).
     fn push_deferred(
@@ -257,7 +322,12 @@ impl JobQueue {
         poll_fn(|cx| {
             let coop = ready!(tokio::task::coop::poll_proceed(cx));
             let mut state = self.lock();
-            if let Some(job) = state.jobs.pop_front() {
+            let job = if state.reserved && !state.closed {
+                None
+            } else {
+                state.jobs.pop_front()
+            };
+            if let Some(job) = job {
                 state.busy = true;
                 state.stalled = false;
                 state.running = Some(RouteTable::cell_of(job.route()));
@@ -413,6 +483,14 @@ impl JobQueue {
             return 0;
         }
         let keep = state.running;
+        // A job started where it was submitted is this consumer's to poll next
+        // ([`JobQueue::fill`]): its cell stays, whole.
+        let begun: Vec<usize> = state
+            .jobs
+            .iter()
+            .filter(|j| j.is_begun())
+            .map(|j| RouteTable::cell_of(j.route()))
+            .collect();
         // The queued jobs by (table, cell), each group in queue order.
         let mut kept = VecDeque::new();
         let mut groups: Vec<(&RouteTable, usize, Vec<Job>)> = Vec::new();
@@ -420,7 +498,7 @@ impl JobQueue {
         for job in state.jobs.drain(..) {
             let cell = RouteTable::cell_of(job.route());
             match table_of(&job) {
-                Some(table) if Some(cell) != keep => {
+                Some(table) if Some(cell) != keep && !begun.contains(&cell) => {
                     let key = (table as *const RouteTable as usize, cell);
                     let i = *index.entry(key).or_insert_with(|| {
                         groups.push((table, cell, Vec::new()));

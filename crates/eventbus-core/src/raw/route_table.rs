@@ -29,6 +29,8 @@ const WORKER: u64 = (1 << 24) - 1;
 const TAG_SHIFT: u32 = 56;
 /// The worker of a place that names none (the job was not placed).
 const NO_WORKER: u32 = WORKER as u32;
+/// The tag bit of a cell held for a first poll ([`RouteTable::claim`]).
+const HELD: u8 = 0x80;
 
 /// Where the jobs of a cell go: a worker (or none: the pool places them itself),
 /// and a tag a composite pool uses to name which of its pools.
@@ -58,7 +60,14 @@ impl Place {
 
     /// The tag.
     pub fn tag(self) -> u8 {
-        self.tag
+        self.tag & !HELD
+    }
+
+    /// Whether the cell is held for a job polled where it was submitted
+    /// ([`RouteTable::claim`]): its jobs go to its worker, which runs none of
+    /// them before the held job, and no hand-back moves them.
+    pub fn is_held(self) -> bool {
+        self.tag & HELD != 0
     }
 
     /// The worker, when the place names one.
@@ -176,13 +185,72 @@ impl RouteTable {
         debug_assert!(before & COUNT > 0, "route cell left more than entered");
     }
 
+    /// Hold `cell` for a job polled where it is submitted (on the submitter's
+    /// thread), if the cell has nothing in flight: count the job and place the
+    /// cell on `place`'s worker, marked held. That worker is idle and held for
+    /// the job (see [`JobQueue::reserve`](crate::raw::JobQueue::reserve)): a
+    /// job of the cell submitted meanwhile goes there, as to any held cell, and
+    /// waits; no hand-back moves the cell ([`move_worker`](Self::move_worker))
+    /// until its holder [`settle`](Self::settle)s it. `false` (nothing counted)
+    /// when the cell has jobs in flight.
+    #[inline]
+    pub fn claim(&self, cell: usize, place: Place) -> bool {
+        let c = &self.cells[cell];
+        let held = Place {
+            tag: place.tag | HELD,
+            worker: place.worker,
+        };
+        let mut current = c.load(Ordering::Acquire);
+        loop {
+            if current & COUNT != 0 {
+                return false;
+            }
+            match c.compare_exchange_weak(
+                current,
+                held.bits() | 1,
+                Ordering::SeqCst,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// The holder of `cell` ([`claim`](Self::claim)) lets it go: the held job
+    /// has `ended` (its count is taken back; the jobs that came meanwhile stay
+    /// on the cell's worker), or it is queued first on the cell's worker, which
+    /// runs it next. Either way the cell is no longer held. Called once per
+    /// claim, while the held job still counts (for a job handed on, under its
+    /// queue's lock, before its worker can take it).
+    pub fn settle(&self, cell: usize, ended: bool) {
+        let c = &self.cells[cell];
+        let mut current = c.load(Ordering::Acquire);
+        loop {
+            let count = current & COUNT;
+            debug_assert!(
+                count > 0 && Place::of(current).is_held(),
+                "a held cell is settled once, by its holder, while its job counts"
+            );
+            let next = if ended && count == 1 {
+                0
+            } else {
+                (current & !(u64::from(HELD) << TAG_SHIFT)) - u64::from(ended)
+            };
+            match c.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
     /// Make `place` the place of `cell` if exactly one job is in flight in it (the
     /// one being submitted): then no other job of any of its routes is anywhere.
     pub fn move_alone(&self, cell: usize, place: Place) -> bool {
         let c = &self.cells[cell];
         let mut current = c.load(Ordering::Acquire);
         loop {
-            if current & COUNT != 1 {
+            if current & COUNT != 1 || Place::of(current).is_held() {
                 return false;
             }
             match c.compare_exchange_weak(
@@ -205,10 +273,11 @@ impl RouteTable {
         let mut current = c.load(Ordering::Acquire);
         loop {
             let place = Place::of(current);
-            if current & COUNT == 0 || place.worker() != Some(from) {
+            if current & COUNT == 0 || place.worker() != Some(from) || place.is_held() {
                 return false;
             }
             let next = Place::new(place.tag(), to).bits() | (current & COUNT);
+            debug_assert!(!place.is_held(), "a held cell does not move");
             match c.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::Acquire) {
                 Ok(_) => return true,
                 Err(seen) => current = seen,

@@ -693,6 +693,52 @@ mod tests {
         );
     }
 
+    /// A cell claimed for a first poll ([`RouteTable::claim`]) is placed on
+    /// the held worker and marked held: a job entering it meanwhile goes there,
+    /// no hand-back moves it, and its holder's settle lets it go, with its own
+    /// count when its job ended.
+    #[test]
+    fn a_claimed_cell_is_held_on_its_worker_until_settled() {
+        let t = RouteTable::new();
+        let w = |n| Place::new(0, n);
+        assert!(t.claim(5, w(3)));
+        assert!(!t.claim(5, w(1)), "a held cell is not free");
+        let held = t.place(5).expect("in flight");
+        assert!(held.is_held() && held.worker() == Some(3) && held.tag() == 0);
+        let entered = t.enter(5, || unreachable!("the cell is held"));
+        assert_eq!(
+            entered.worker(),
+            Some(3),
+            "a job entering goes where it is held"
+        );
+        assert!(
+            !t.move_worker(5, 3, 1),
+            "a held cell is not handed to another worker"
+        );
+        assert!(!t.move_alone(5, w(1)));
+        // The held job went on, first in worker 3's queue.
+        t.settle(5, false);
+        assert_eq!((t.place(5), t.in_flight(5)), (Some(w(3)), 2));
+        assert!(
+            t.move_worker(5, 3, 1),
+            "let go, the cell moves as any other"
+        );
+        t.leave(5);
+        t.leave(5);
+        assert!(t.is_empty());
+        // Claimed and ended with nothing else in flight: free again.
+        assert!(t.claim(5, w(2)));
+        t.settle(5, true);
+        assert!(t.is_empty());
+        // Claimed and ended with a job that came meanwhile: it keeps the place.
+        assert!(t.claim(5, w(2)));
+        t.enter(5, || unreachable!("the cell is held"));
+        t.settle(5, true);
+        assert_eq!((t.place(5), t.in_flight(5)), (Some(w(2)), 1));
+        t.leave(5);
+        assert!(t.is_empty());
+    }
+
     #[test]
     fn the_less_loaded_of_two_and_never_one_out_of_service() {
         for _ in 0..1000 {

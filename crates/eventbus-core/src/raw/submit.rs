@@ -4,6 +4,7 @@
 
 use futures::future::BoxFuture;
 use std::fmt;
+use std::time::Duration;
 
 use crate::raw::job::Job;
 use crate::raw::routes::Placement;
@@ -29,6 +30,22 @@ pub trait Submit {
     /// [`push_batch`](crate::raw::push_batch)). The default takes none.
     fn submit_batch(&self, jobs: &mut Vec<Job>) {
         let _ = jobs;
+    }
+
+    /// [`submit_batch`](Submit::submit_batch), first running jobs here, on the
+    /// caller's thread, as far as `inline` allows: a job whose route has nothing
+    /// in flight anywhere is polled once where it is submitted
+    /// ([`Job::poll_first`](crate::raw::Job::poll_first)); if it ends on that
+    /// poll, its outcome is delivered on the spot, with no queue and no
+    /// wake-up; if it waits, it goes on, started, to a worker, which polls it
+    /// from there. Its route is held meanwhile, so no other job of the route
+    /// runs anywhere before it (see [`crate::raw::routes`]). Jobs run here are
+    /// a prefix of the batch; the rest go as `submit_batch` takes them.
+    ///
+    /// The default runs none here.
+    fn submit_batch_inline(&self, jobs: &mut Vec<Job>, inline: &mut Inline<'_>) {
+        let _ = inline;
+        self.submit_batch(jobs);
     }
 
     /// What the pool offers a composite pool that chooses workers itself (the pool
@@ -104,3 +121,75 @@ impl fmt::Display for SubmitError {
 }
 
 impl std::error::Error for SubmitError {}
+
+/// How far a submitter lets a pool run jobs' first polls on its own thread
+/// ([`Submit::submit_batch_inline`]), and what the pool did.
+pub struct Inline<'a> {
+    /// First polls still allowed here: a budget per call, so a burst of handlers
+    /// cannot hold the submitter (a consume loop) from its other work.
+    pub polls: usize,
+    /// A first poll that ran longer than this ends the call's first polls here
+    /// and sets [`slow`](Inline::slow).
+    pub slow_after: Duration,
+    /// Whether to run the next job here, asked per job before its route is
+    /// tried (the simulation's choice); `None`: every job that can.
+    pub choose: Option<&'a mut (dyn FnMut() -> bool + Send)>,
+    /// A first poll ran longer than [`slow_after`](Inline::slow_after).
+    pub slow: bool,
+    /// Jobs polled here.
+    pub ran: usize,
+    /// Of those, the jobs that waited and went on to a worker.
+    pub handed: usize,
+}
+
+impl<'a> Inline<'a> {
+    /// Up to `polls` first polls here, the first one slower than `slow_after`
+    /// ending them.
+    pub fn new(polls: usize, slow_after: Duration) -> Self {
+        Self {
+            polls,
+            slow_after,
+            choose: None,
+            slow: false,
+            ran: 0,
+            handed: 0,
+        }
+    }
+
+    /// Ask `choose` before each job whether to try it here.
+    #[must_use]
+    pub fn choosing(mut self, choose: &'a mut (dyn FnMut() -> bool + Send)) -> Self {
+        self.choose = Some(choose);
+        self
+    }
+
+    /// Whether the next job may be tried here: budget left, and chosen.
+    pub fn wants(&mut self) -> bool {
+        self.polls > 0 && self.choose.as_mut().is_none_or(|c| c())
+    }
+
+    /// A job was polled here, for `took`: counted, and the budget spent; a slow
+    /// poll ends the first polls here.
+    pub fn polled(&mut self, took: Duration, handed: bool) {
+        self.ran += 1;
+        self.handed += usize::from(handed);
+        self.polls -= 1;
+        if took > self.slow_after {
+            self.slow = true;
+            self.polls = 0;
+        }
+    }
+}
+
+impl fmt::Debug for Inline<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inline")
+            .field("polls", &self.polls)
+            .field("slow_after", &self.slow_after)
+            .field("chosen", &self.choose.is_some())
+            .field("slow", &self.slow)
+            .field("ran", &self.ran)
+            .field("handed", &self.handed)
+            .finish()
+    }
+}

@@ -7,9 +7,9 @@ pub use config::KeyedPoolConfig;
 use eventbus_core::raw::routes::victim;
 use eventbus_core::raw::routes::{Counted, Router, MAX_WORKERS};
 use eventbus_core::raw::{
-    less_loaded, push_batch, JobQueue, Placement, PushError, RouteTable, Submit,
+    less_loaded, push_batch, JobQueue, Place, Placement, PushError, RouteTable, Submit,
 };
-use eventbus_core::raw::{Job, OutcomeKind, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{FirstPoll, Inline, Job, OutcomeKind, SubmitError, SubmitErrorKind};
 use eventbus_core::{ComponentHealth, Error, HealthStatus, Pool, PoolStats};
 use futures::future::BoxFuture;
 use std::cell::RefCell;
@@ -53,6 +53,9 @@ struct Counters {
     workers: Box<[Padded<WorkerCounters>]>,
     /// Refusals (rare).
     rejected: Padded<AtomicU64>,
+    /// Jobs that ended on a first poll where they were submitted, and of those
+    /// the panics: written by submitters.
+    inline: Padded<WorkerCounters>,
 }
 
 /// What the pool handle and its workers share.
@@ -79,6 +82,21 @@ impl Shared {
             }
         };
         less_loaded(n, rank(true)).or_else(|| less_loaded(n, rank(false)))
+    }
+
+    /// Hold an idle worker for a job started where it was submitted
+    /// ([`JobQueue::reserve`]): the first found, looking from a worker drawn at
+    /// random; `None` when every worker has work.
+    fn reserve_idle(&self) -> Option<Reserved<'_>> {
+        let n = self.queues.len();
+        let from = fastrand::usize(..n);
+        (0..n)
+            .map(|i| (from + i) % n)
+            .find(|&w| self.queues[w].load() == 0 && self.queues[w].reserve())
+            .map(|worker| Reserved {
+                queue: Some(&self.queues[worker]),
+                worker,
+            })
     }
 
     /// The worker of `job` and the cell of the pool's table it was counted in.
@@ -150,6 +168,7 @@ impl KeyedWorkerPool {
             counters: Counters {
                 workers: (0..config.workers).map(|_| Padded::default()).collect(),
                 rejected: Padded::default(),
+                inline: Padded::default(),
             },
         });
         let handles = (0..config.workers)
@@ -270,6 +289,61 @@ impl KeyedWorkerPool {
     }
 }
 
+/// A route cell claimed for a job polled where it was submitted
+/// ([`RouteTable::claim`]). Dropped, the job has ended (or was dropped): the
+/// cell is let go with its count taken back; the jobs that came meanwhile stay
+/// on its worker.
+struct Held<'a> {
+    table: &'a RouteTable,
+    cell: usize,
+    ended: bool,
+}
+
+impl Held<'_> {
+    /// The job waits: put it, started, first in the queue of the idle worker
+    /// held for it, letting the cell go under that queue's lock, before the
+    /// worker can take it. (A closed pool drops it: it ends abandoned.)
+    fn hand_on(mut self, job: Job, reserved: Reserved<'_>) {
+        let (table, cell) = (self.table, self.cell);
+        let filled = reserved
+            .take()
+            .fill(job, || table.settle(cell, false))
+            .is_ok();
+        self.ended = !filled;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            self.table.settle(self.cell, true);
+        }
+    }
+}
+
+/// An idle worker held for jobs polled where they are submitted
+/// ([`JobQueue::reserve`]); the hold ends when dropped, or when the worker is
+/// given its job ([`Reserved::take`]).
+struct Reserved<'a> {
+    queue: Option<&'a JobQueue>,
+    worker: usize,
+}
+
+impl<'a> Reserved<'a> {
+    /// The held queue, for its job: the hold is the job's to end.
+    fn take(mut self) -> &'a JobQueue {
+        self.queue.take().expect("held")
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if let Some(queue) = self.queue {
+            queue.unreserve();
+        }
+    }
+}
+
 /// Serve one queue: run its jobs one at a time, in order, until it is closed and
 /// empty. A job the pool placed itself leaves its route cell once it has run; a
 /// job that runs long hands the routes queued behind it to other workers.
@@ -355,6 +429,76 @@ impl Submit for KeyedWorkerPool {
         }
     }
 
+    /// Under work-conserving routing, the jobs of a prefix of the batch whose
+    /// route cells have nothing in flight, while a worker is idle. The idle
+    /// worker is held ([`JobQueue::reserve`]: it takes no job meanwhile), and
+    /// each job's cell is claimed for it ([`RouteTable::claim`]: placed on that
+    /// worker, marked held, so a job of the cell submitted meanwhile queues
+    /// there and waits) while the job is polled here. A job that ends lets its
+    /// cell go; one that waits goes, started, first into the held worker's
+    /// queue, its cell let go under that queue's lock, and the next job looks
+    /// for another idle worker. So a started job is polled next, by a worker
+    /// that runs nothing else, never behind a job that may hang. Without an
+    /// idle worker, or under fixed routing (a route's worker is fixed, nothing
+    /// counted to hold), none.
+    fn submit_batch_inline(&self, jobs: &mut Vec<Job>, inline: &mut Inline<'_>) {
+        let shared = &self.shared;
+        if self.is_closed() || !shared.router.counts() {
+            return self.submit_batch(jobs);
+        }
+        let table = shared.router.table();
+        let mut rest = std::collections::VecDeque::from(std::mem::take(jobs));
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        // The idle worker held for the jobs polled here.
+        let mut idle: Option<Reserved<'_>> = None;
+        while let Some(job) = rest.front() {
+            // A job a composite placed is counted in its table, not here.
+            if job.placed().is_some() || !inline.wants() {
+                break;
+            }
+            if idle.is_none() {
+                idle = shared.reserve_idle();
+            }
+            let Some(worker) = idle.as_ref().map(|r| r.worker) else {
+                break;
+            };
+            let cell = RouteTable::cell_of(job.route());
+            if !table.claim(cell, Place::new(0, worker)) {
+                break;
+            }
+            let job = rest.pop_front().expect("looked at");
+            let held = Held {
+                table,
+                cell,
+                ended: true,
+            };
+            let began = std::time::Instant::now();
+            // A wake-up before the worker polls the job on goes nowhere: the
+            // worker polls it first thing.
+            let polled = job.poll_first(&mut cx);
+            let took = began.elapsed();
+            match polled {
+                FirstPoll::Done(kind) => {
+                    inline.polled(took, false);
+                    let c = &shared.counters.inline;
+                    c.completed.fetch_add(1, Ordering::Relaxed);
+                    if kind == OutcomeKind::Panicked {
+                        c.panicked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(held);
+                }
+                FirstPoll::Pending(job) => {
+                    inline.polled(took, true);
+                    let reserved = idle.take().expect("an idle worker is held");
+                    held.hand_on(job, reserved);
+                }
+            }
+        }
+        drop(idle);
+        *jobs = rest.into();
+        self.submit_batch(jobs);
+    }
+
     /// Under work-conserving routing; under fixed routing a composite leaves every
     /// job to the pool.
     fn placement(&self) -> Option<&dyn Placement> {
@@ -393,18 +537,22 @@ impl Pool for KeyedWorkerPool {
         stats.queue_capacity = self.config.queue_size;
         stats.queued = queued;
         stats.max_queued = max_queued;
-        stats.submitted = shared.queues.iter().map(|q| q.accepted()).sum();
+        let inline = c.inline.completed.load(Ordering::Relaxed);
+        stats.submitted = shared.queues.iter().map(|q| q.accepted()).sum::<u64>() + inline;
         stats.completed = c
             .workers
             .iter()
             .map(|w| w.completed.load(Ordering::Relaxed))
-            .sum();
+            .sum::<u64>()
+            + inline;
         stats.panicked = c
             .workers
             .iter()
             .map(|w| w.panicked.load(Ordering::Relaxed))
-            .sum();
+            .sum::<u64>()
+            + c.inline.panicked.load(Ordering::Relaxed);
         stats.rejected = c.rejected.load(Ordering::Relaxed);
+        stats.ran_inline = inline;
         stats
     }
 
@@ -799,5 +947,208 @@ mod tests {
         assert_eq!(stats.completed, 100);
         assert_eq!(stats.panicked, 10);
         assert_eq!(stats.rejected, 0);
+    }
+
+    fn inline() -> Inline<'static> {
+        Inline::new(64, Duration::from_secs(60))
+    }
+
+    /// A job polled where it is submitted ends there when it can; one that
+    /// waits goes on, started, to a worker, and its route's next job queues
+    /// behind it there instead of running on the submitter's thread.
+    #[tokio::test]
+    async fn first_polls_end_here_and_waiting_jobs_go_on_to_a_worker() {
+        let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(2)).expect("pool");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let here = std::thread::current().id();
+        let record = |name: &'static str| {
+            let order = order.clone();
+            move || {
+                order
+                    .lock()
+                    .unwrap()
+                    .push((name, std::thread::current().id()))
+            }
+        };
+        let a = record("a");
+        let (ja, ra) = job(
+            1,
+            async move {
+                a();
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        );
+        let (go, wait) = oneshot::channel::<()>();
+        let b = record("b");
+        let (jb, rb) = job(
+            2,
+            async move {
+                let _ = wait.await;
+                b();
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        );
+        let c = record("c");
+        let (jc, mut rc) = job(
+            2,
+            async move {
+                c();
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        );
+        let mut jobs = vec![ja, jb, jc];
+        let mut first = inline();
+        pool.submit_batch_inline(&mut jobs, &mut first);
+        assert!(jobs.is_empty(), "the pool took the batch");
+        assert_eq!((first.ran, first.handed, first.slow), (2, 1, false));
+        assert_eq!(
+            order.lock().unwrap().clone(),
+            vec![("a", here)],
+            "a ended on the submitter's thread"
+        );
+        assert!(matches!(ra.await, Ok(Outcome::Handled { .. })));
+        let cell = RouteTable::cell_of(2);
+        assert_eq!(pool.shared.router.table().in_flight(cell), 2, "b and c");
+        assert!(rc.try_recv().is_err(), "c waits behind b");
+        go.send(()).expect("b waits");
+        rb.await.expect("b's outcome");
+        rc.await.expect("c's outcome");
+        let names: Vec<_> = order.lock().unwrap().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        pool.close(Duration::from_secs(5)).await;
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.submitted, stats.completed, stats.ran_inline),
+            (3, 3, 1)
+        );
+        assert!(pool.shared.router.table().is_empty());
+    }
+
+    /// While a job is polled where it was submitted, a job of its route
+    /// submitted from another thread (another topic's consume loop, the same
+    /// aggregate) goes to the worker held for it and waits in its queue: it
+    /// runs after the held job, which went on first in that queue, never
+    /// alongside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_of_a_held_route_waits_for_the_held_job() {
+        let pool =
+            Arc::new(KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(2)).expect("pool"));
+        let route = 9u64;
+        let cell = RouteTable::cell_of(route);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (polled_tx, polled_rx) = std::sync::mpsc::channel::<()>();
+        let (release, released) = oneshot::channel::<()>();
+        let (shared, o) = (pool.shared.clone(), order.clone());
+        let (held, held_rx) = job(
+            route,
+            async move {
+                let _ = polled_tx.send(());
+                // Until the other submission has entered the held cell.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while shared.router.table().in_flight(cell) < 2 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the other submission never entered the held cell"
+                    );
+                    std::thread::yield_now();
+                }
+                o.lock().unwrap().push("held waits");
+                let _ = released.await;
+                o.lock().unwrap().push("held ends");
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        );
+        let other = {
+            let (pool, order) = (pool.clone(), order.clone());
+            std::thread::spawn(move || {
+                polled_rx.recv().expect("the held job is polled");
+                let (j, rx) = job(
+                    route,
+                    async move {
+                        order.lock().unwrap().push("other runs");
+                        Outcome::Handled { attempts: 1 }
+                    }
+                    .boxed(),
+                );
+                futures::executor::block_on(pool.submit(j)).expect("submitted");
+                rx
+            })
+        };
+        let mut jobs = vec![held];
+        let mut first = inline();
+        pool.submit_batch_inline(&mut jobs, &mut first);
+        assert_eq!((first.ran, first.handed), (1, 1));
+        let mut other_rx = other.join().expect("the other submitter");
+        assert!(other_rx.try_recv().is_err(), "the other job waits its turn");
+        release.send(()).expect("the held job waits");
+        held_rx.await.expect("held outcome");
+        other_rx.await.expect("other outcome");
+        assert_eq!(
+            order.lock().unwrap().clone(),
+            ["held waits", "held ends", "other runs"]
+        );
+        pool.close(Duration::from_secs(5)).await;
+        assert!(pool.shared.router.table().is_empty());
+    }
+
+    /// A route with a job in flight is not polled where it is submitted: the
+    /// batch goes to the pool from there, in order.
+    #[tokio::test]
+    async fn a_busy_route_stops_the_first_polls_of_a_batch() {
+        let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(2)).expect("pool");
+        let (blocker, blocker_rx, started, release) = gated(4);
+        pool.submit(blocker).await.expect("blocker");
+        started.await.expect("blocker started");
+        let (ja, ra) = noop(4);
+        let (jb, rb) = noop(5);
+        let mut jobs = vec![ja, jb];
+        let mut first = inline();
+        pool.submit_batch_inline(&mut jobs, &mut first);
+        assert!(jobs.is_empty());
+        assert_eq!(first.ran, 0, "the batch stopped at the busy route");
+        release.send(()).expect("blocker waits");
+        blocker_rx.await.expect("blocker");
+        ra.await.expect("a");
+        rb.await.expect("b");
+        pool.close(Duration::from_secs(5)).await;
+    }
+
+    /// With every worker busy (one runs a job that hangs), no job is started
+    /// where it is submitted: a started job that waits would have no worker to
+    /// poll it on, and would sit unpolled behind the hung one, deaf to its
+    /// scope's fence. The batch goes to the queues, unstarted.
+    #[tokio::test]
+    async fn no_first_poll_here_without_an_idle_worker() {
+        let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(1)).expect("pool");
+        let (blocker, blocker_rx, started, release) = gated(4);
+        pool.submit(blocker).await.expect("blocker");
+        started.await.expect("blocker started");
+        let called = Arc::new(AtomicBool::new(false));
+        let c = called.clone();
+        let (j, rx) = job(
+            5,
+            async move {
+                c.store(true, Ordering::SeqCst);
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        );
+        let mut jobs = vec![j];
+        let mut first = inline();
+        pool.submit_batch_inline(&mut jobs, &mut first);
+        assert!(jobs.is_empty(), "queued");
+        assert_eq!(first.ran, 0);
+        assert!(
+            !called.load(Ordering::SeqCst),
+            "not started behind the hung job"
+        );
+        release.send(()).expect("blocker waits");
+        blocker_rx.await.expect("blocker");
+        rx.await.expect("the job ran after it");
+        pool.close(Duration::from_secs(5)).await;
     }
 }

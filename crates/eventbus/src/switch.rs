@@ -48,7 +48,9 @@
 use crate::PoolKind;
 use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolShare, PoolStats};
 
-use eventbus_core::raw::{rollout_bucket, Job, Place, Submit, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{
+    rollout_bucket, Inline, Job, Place, Submit, SubmitError, SubmitErrorKind,
+};
 use futures::future::BoxFuture;
 use mode::{Kind, Mode, Steady, SteadyGuard};
 use pins::Pins;
@@ -660,6 +662,23 @@ impl Submit for PoolSwitch {
         jobs.extend(batch);
         drop(steady);
     }
+    /// In steady mode (every job on the keyed pool, counted there) the keyed
+    /// pool's first polls where the batch is submitted, as
+    /// [`submit_batch`](Submit::submit_batch) hands it the batch; the batch
+    /// counts as one steady submission under way until the call returns, so a
+    /// change of mode waits for the first polls too, and a job that waits is
+    /// in flight on a keyed worker, counted in the shared table, as any steady
+    /// job. In the other modes, none: the batch goes as `submit_batch` sends it.
+    fn submit_batch_inline(&self, jobs: &mut Vec<Job>, inline: &mut Inline<'_>) {
+        let under_way = self.steady.enter();
+        if self.current().kind() != Kind::Steady {
+            drop(under_way);
+            return self.submit_batch(jobs);
+        }
+        jobs.iter_mut().for_each(Job::unplace);
+        self.keyed.submit_batch_inline(jobs, inline);
+        drop(under_way);
+    }
 }
 
 impl Pool for PoolSwitch {
@@ -714,6 +733,7 @@ impl Pool for PoolSwitch {
         s.submitted = k.submitted + a.submitted;
         s.completed = k.completed + a.completed;
         s.panicked = k.panicked + a.panicked;
+        s.ran_inline = k.ran_inline + a.ran_inline;
         s.rejected = k.rejected + a.rejected;
         s.restarts = k.restarts + a.restarts;
         s.unavailable_workers = k.unavailable_workers + a.unavailable_workers;

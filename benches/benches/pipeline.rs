@@ -386,11 +386,33 @@ fn dispatcher(c: &mut Criterion) {
             })
         });
     }
+    // The same with handlers first polled on the submitting thread
+    // (`consumer.inline_first_poll`): a no-op ends there, and never reaches a
+    // worker.
+    let mut inline_config = EventBusConfig::default();
+    inline_config.consumer.inline_first_poll = true;
+    let di = Dispatcher::new("bench", pool.clone(), None, inline_config.bus());
+    let plain_inline = di
+        .prepare(Subscription::plain("bench", |_m: Message| async {
+            Ok::<(), HandlerError>(())
+        }))
+        .expect("plain subscription");
+    let envelope_inline = di
+        .prepare(Subscription::envelope("bench", |_e: Event| async {
+            Ok::<(), HandlerError>(())
+        }))
+        .expect("envelope subscription");
     // The consumers' path (memory, Kafka): each message begun in an in-flight set
     // under a permit of its bound, submitted in batches of 64 with its ticket's
     // target (the job posts its outcome to the set's mailbox), its completion
-    // settled from the set, watermark and all.
-    for (name, sub) in [("plain_set", &plain), ("envelope_set", &envelope)] {
+    // settled from the set, watermark and all; handed to the workers, then
+    // first polled on the submitting thread.
+    for (name, d, sub) in [
+        ("plain_set", &d, &plain),
+        ("envelope_set", &d, &envelope),
+        ("plain_set_inline", &di, &plain_inline),
+        ("envelope_set_inline", &di, &envelope_inline),
+    ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 rt.block_on(async {

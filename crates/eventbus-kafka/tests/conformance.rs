@@ -18,3 +18,15 @@ mod consumer_protocol {
         keyed_pool => eventbus_testkit::factories::keyed_pools()
     );
 }
+
+/// The same checks with handlers first polled on the consume loop
+/// (`consumer.inline_first_poll`), on the keyed pool.
+mod first_poll_on_the_loop {
+    use eventbus_testkit::conformance::FirstPollOnLoop;
+    use eventbus_testkit::factories::KafkaBuses;
+
+    eventbus_testkit::conformance_tests!(
+        FirstPollOnLoop(KafkaBuses::start());
+        keyed_pool => eventbus_testkit::factories::keyed_pools()
+    );
+}

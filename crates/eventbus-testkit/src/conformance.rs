@@ -84,6 +84,30 @@ pub trait BusFactory: Send + Sync {
     ) -> BoxFuture<'_, Result<SharedBus, Error>>;
 }
 
+/// The buses of `F` with handlers first polled on their consume loop
+/// (`consumer.inline_first_poll`): the conformance suite with the fast path on.
+#[derive(Debug, Clone, Default)]
+pub struct FirstPollOnLoop<F>(pub F);
+
+impl<F: BusFactory> BusFactory for FirstPollOnLoop<F> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    fn bus(
+        &self,
+        pool: Arc<dyn eventbus_core::Pool>,
+        mut config: BusConfig,
+    ) -> BoxFuture<'_, Result<SharedBus, Error>> {
+        config.consumer.inline_first_poll = true;
+        self.0.bus(pool, config)
+    }
+}
+
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A random topic name unique to this run.

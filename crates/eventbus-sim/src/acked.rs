@@ -264,6 +264,8 @@ struct AckSim {
 pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Result<(), String> {
     let mut rng = Rng::with_seed(seed);
     let mut s = Settings::draw(&mut rng);
+    s.draw_inline(seed);
+    let instant = s.inline.is_some();
     s.members = s.members.min(max_members).max(1);
     s.max_members = max_members.max(1);
     let k = Knobs::draw(&mut rng);
@@ -288,6 +290,7 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
             model,
             broker: source,
             bus: 0,
+            instant,
         },
         members: Vec::new(),
         switches: Vec::new(),
@@ -463,6 +466,9 @@ impl AckSim {
         });
         let pool: Arc<dyn Pool> = switch.clone();
         let dispatcher = Dispatcher::new("sim", pool, Some(sink), config.bus());
+        if let Some(choose) = self.s.inline_chooser() {
+            dispatcher.choose_inline_with(choose);
+        }
         let mut ctx = self.ctx.clone();
         ctx.bus = index;
         let envelopes = Subscription::envelope(TOPICS[0], {

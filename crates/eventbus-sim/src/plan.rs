@@ -57,6 +57,10 @@ pub(crate) struct Settings {
     pub(crate) max_members: usize,
     /// Rebalances revoke only the partitions that move.
     pub(crate) cooperative: bool,
+    /// Handlers are first polled on their consume loop (a job at a time, each
+    /// chosen or not by a stream seeded with this), and a call of no time
+    /// returns on its first poll; `None`: every job goes to the pool.
+    pub(crate) inline: Option<u64>,
 }
 
 impl Settings {
@@ -109,7 +113,23 @@ impl Settings {
             members: rng.usize(1..=3),
             max_members: 3,
             cooperative: rng.bool(),
+            inline: None,
         }
+    }
+
+    /// Draw [`inline`](Self::inline) for the run of `seed` from a stream of its
+    /// own: the draws of the main stream, and so the runs with first polls on
+    /// the loop off, stay as they were.
+    pub(crate) fn draw_inline(&mut self, seed: u64) {
+        let mut own = Rng::with_seed(seed ^ 0x696e_6c69_6e65);
+        self.inline = own.bool().then(|| own.u64(..));
+    }
+
+    /// Whether to try the next job's first poll on its consume loop, job after
+    /// job, for [`inline`](Self::inline) runs.
+    pub(crate) fn inline_chooser(&self) -> Option<impl Fn() -> bool + Send + Sync + 'static> {
+        let rng = std::sync::Mutex::new(Rng::with_seed(self.inline?));
+        Some(move || rng.lock().expect("inline chooser").bool())
     }
 
     /// What the handler of a new message does, call after call.

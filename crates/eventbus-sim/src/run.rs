@@ -65,6 +65,8 @@ pub(crate) struct Ctx<B = MemoryBroker> {
     pub(crate) broker: B,
     /// The bus whose handlers these are.
     pub(crate) bus: usize,
+    /// A call of no time returns on its first poll, without a timer.
+    pub(crate) instant: bool,
 }
 
 impl<B: Source> Ctx<B> {
@@ -168,6 +170,9 @@ impl<B: Source> Ctx<B> {
     /// Sleep `ms` of simulated time whatever happens, noting when the call's
     /// work is handed over meanwhile.
     async fn sleep(&self, ms: u64, call: u64, cancel: &CancellationToken) {
+        if ms == 0 && self.instant {
+            return;
+        }
         let mut sleep = pin!(tokio::time::sleep(Duration::from_millis(ms)));
         tokio::select! {
             biased;
@@ -246,6 +251,7 @@ struct Sim {
 pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Result<(), String> {
     let mut rng = Rng::with_seed(seed);
     let mut s = Settings::draw(&mut rng);
+    s.draw_inline(seed);
     s.members = s.members.min(max_members).max(1);
     s.max_members = max_members.max(1);
     model.configure(
@@ -268,6 +274,7 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
         model,
         broker,
         bus: 0,
+        instant: s.inline.is_some(),
     };
     ctx.model.lock().note(format!(
         "tasks alive before the first bus: {}",
@@ -317,6 +324,7 @@ pub(crate) fn config(s: &Settings, share: u8) -> EventBusConfig {
     c.consumer.max_in_flight_total = s.max_in_flight_total;
     c.consumer.drain_timeout = s.drain_timeout;
     c.consumer.handover_timeout = s.handover_timeout;
+    c.consumer.inline_first_poll = s.inline.is_some();
     c
 }
 
@@ -332,6 +340,9 @@ async fn build(
         .map_err(|e| format!("building a switch: {e}"))?;
     let bus = MemoryEventBus::new(broker.clone(), switch.clone(), config.bus())
         .map_err(|e| format!("building a bus: {e}"))?;
+    if let Some(choose) = s.inline_chooser() {
+        bus.dispatcher().choose_inline_with(choose);
+    }
     Ok((bus, switch))
 }
 

@@ -510,6 +510,7 @@ impl Dispatcher {
             m::HANDOVER_OVERRUNS,
             m::ASSIGNMENTS_LOST,
             m::REWINDS,
+            m::INLINE_SLOW_POLLS,
             m::FINISHED_SKIPPED,
             m::COMMIT_METADATA_TOO_LARGE,
             m::COMMIT_METADATA_REPLAYS,

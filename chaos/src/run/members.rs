@@ -337,6 +337,9 @@ fn read_reports(
                 None => bad.lock().expect("bad lines").push(line),
             }
         }
+        // Its output ended: the process exited, killed or on its own.
+        seen.exited.store(true, Ordering::Relaxed);
+        owned_changed.send_modify(|n| *n += 1);
     })
 }
 
@@ -381,6 +384,14 @@ impl Member {
                 progress.owned.lock().expect("owned partitions").clone()
             }
             Member::Memory { .. } => None,
+        }
+    }
+
+    /// A consumer process whose output ended: it exited.
+    pub(super) fn exited(&self) -> bool {
+        match self {
+            Member::Child { progress, .. } => progress.exited.load(Ordering::Relaxed),
+            Member::Memory { .. } => false,
         }
     }
 

@@ -169,6 +169,11 @@ pub(super) fn shares_text(members: &[Member]) -> String {
                 let list: Vec<String> = o.iter().map(u32::to_string).collect();
                 format!("{} {}", m.name(), list.join(","))
             }
+            None if m.exited() => format!(
+                "{} (exited before its first report: see {}.log)",
+                m.name(),
+                m.name()
+            ),
             None => format!("{} (no report yet)", m.name()),
         })
         .collect();

@@ -80,4 +80,6 @@ pub(super) struct Progress {
     pub(super) subscribed: AtomicBool,
     /// A partitioned member: the partitions it last reported owning.
     pub(super) owned: Mutex<Option<Vec<u32>>>,
+    /// Its standard output ended: the process exited (its log says why).
+    pub(super) exited: AtomicBool,
 }

@@ -302,14 +302,12 @@ struct Held<'a> {
 impl Held<'_> {
     /// The job waits: put it, started, first in the queue of the idle worker
     /// held for it, letting the cell go under that queue's lock, before the
-    /// worker can take it. (A closed pool drops it: it ends abandoned.)
+    /// worker can take it (a closing pool's worker runs it as it runs what is
+    /// queued).
     fn hand_on(mut self, job: Job, reserved: Reserved<'_>) {
         let (table, cell) = (self.table, self.cell);
-        let filled = reserved
-            .take()
-            .fill(job, || table.settle(cell, false))
-            .is_ok();
-        self.ended = !filled;
+        reserved.take().fill(job, || table.settle(cell, false));
+        self.ended = false;
     }
 }
 
@@ -330,6 +328,11 @@ struct Reserved<'a> {
 }
 
 impl<'a> Reserved<'a> {
+    /// Jobs queued on the held worker.
+    fn queued(&self) -> usize {
+        self.queue.map_or(0, JobQueue::queued)
+    }
+
     /// The held queue, for its job: the hold is the job's to end.
     fn take(mut self) -> &'a JobQueue {
         self.queue.take().expect("held")
@@ -453,7 +456,7 @@ impl Submit for KeyedWorkerPool {
         let mut idle: Option<Reserved<'_>> = None;
         while let Some(job) = rest.front() {
             // A job a composite placed is counted in its table, not here.
-            if job.placed().is_some() || !inline.wants() {
+            if job.placed().is_some() || self.is_closed() || !inline.wants() {
                 break;
             }
             if idle.is_none() {
@@ -486,6 +489,11 @@ impl Submit for KeyedWorkerPool {
                         c.panicked.fetch_add(1, Ordering::Relaxed);
                     }
                     drop(held);
+                    // Jobs queued on the held worker meanwhile (of a held
+                    // cell, or handed to it) run now, not after the batch.
+                    if idle.as_ref().is_some_and(|r| r.queued() > 0) {
+                        idle = None;
+                    }
                 }
                 FirstPoll::Pending(job) => {
                     inline.polled(took, true);

@@ -251,17 +251,13 @@ impl JobQueue {
 
     /// The held consumer's job: `job`, started and waiting, first in the queue,
     /// whatever the queue holds (its route is held for it, so it waits for no
-    /// room); then `queued()`, under the queue's lock, before the consumer can
-    /// take the job (the holder lets its route cell go there); the hold ends.
-    /// Fails only when the queue is closed: the hold ends, and the job comes
-    /// back, `queued` not called.
-    pub fn fill(&self, job: Job, queued: impl FnOnce()) -> Result<(), PushError> {
+    /// room), closed or not (a started job is the pool's already, and a closed
+    /// queue's consumer still runs what is queued); then `queued()`, under the
+    /// queue's lock, before the consumer can take the job (the holder lets its
+    /// route cell go there); the hold ends.
+    pub fn fill(&self, job: Job, queued: impl FnOnce()) {
         let mut state = self.lock();
         state.reserved = false;
-        if state.closed {
-            self.load.store(state.load(), Ordering::Relaxed);
-            return Err(PushError::Closed(job));
-        }
         state.jobs.push_front(job);
         state.accepted += 1;
         queued();
@@ -271,20 +267,15 @@ impl JobQueue {
         if let Some(worker) = worker {
             worker.wake();
         }
-        Ok(())
     }
 
     /// End the hold on the consumer without a job: it takes what was queued
-    /// meanwhile.
+    /// meanwhile (or, closed and empty, ends).
     pub fn unreserve(&self) {
         let mut state = self.lock();
         state.reserved = false;
         self.load.store(state.load(), Ordering::Relaxed);
-        let worker = if state.jobs.is_empty() {
-            None
-        } else {
-            state.worker.take()
-        };
+        let worker = state.worker.take();
         drop(state);
         if let Some(worker) = worker {
             worker.wake();
@@ -322,7 +313,9 @@ impl JobQueue {
         poll_fn(|cx| {
             let coop = ready!(tokio::task::coop::poll_proceed(cx));
             let mut state = self.lock();
-            let job = if state.reserved && !state.closed {
+            // Held, closed or not: the holder's job comes first, or the hold
+            // ends without one (see `reserve`).
+            let job = if state.reserved {
                 None
             } else {
                 state.jobs.pop_front()
@@ -349,7 +342,7 @@ impl JobQueue {
                 state.running = None;
                 self.load.store(state.load(), Ordering::Relaxed);
             }
-            if state.closed {
+            if state.closed && !state.reserved {
                 coop.made_progress();
                 return Poll::Ready(None);
             }
@@ -648,6 +641,51 @@ mod tests {
             Err(PushError::Closed(j)) => ("closed", j.route()),
             Err(PushError::Moved(j)) => ("moved", j.route()),
         }
+    }
+
+    /// A queue held for a started job ([`JobQueue::reserve`]): its consumer
+    /// takes nothing, not even what is queued meanwhile, until the job comes
+    /// (first) or the hold ends; closing the queue does not end the hold.
+    #[tokio::test]
+    async fn a_held_queue_gives_its_consumer_the_held_job_first() {
+        let q = JobQueue::new(1);
+        assert!(q.reserve());
+        assert!(!q.reserve(), "held once");
+        assert!(q.rank(true).is_none(), "a held queue takes no new route");
+        q.try_push(job(1)).expect("room");
+        assert!(
+            q.pop().now_or_never().is_none(),
+            "held: the queued job waits"
+        );
+        let mut queued = false;
+        q.fill(job(2), || queued = true);
+        assert!(queued, "told under the lock");
+        assert_eq!(
+            q.pop().await.map(|j| j.route()),
+            Some(2),
+            "the held job first"
+        );
+        assert_eq!(q.pop().await.map(|j| j.route()), Some(1));
+        // Busy (the consumer took a job): not idle, not held.
+        assert!(!q.reserve());
+        assert!(q.pop().now_or_never().is_none(), "idle again");
+        // Held, then closed: the consumer still waits for the held job, runs
+        // it past the capacity, then ends.
+        assert!(q.reserve());
+        q.try_push(job(3)).expect("room");
+        q.close();
+        assert!(q.pop().now_or_never().is_none(), "closed, but held");
+        q.fill(job(4), || {});
+        assert_eq!(q.pop().await.map(|j| j.route()), Some(4));
+        assert_eq!(q.pop().await.map(|j| j.route()), Some(3));
+        assert!(q.pop().await.is_none(), "closed and empty");
+        // A hold given up lets the consumer take what came, or end.
+        let q = JobQueue::new(2);
+        assert!(q.reserve());
+        q.close();
+        assert!(q.pop().now_or_never().is_none());
+        q.unreserve();
+        assert!(q.pop().await.is_none());
     }
 
     #[tokio::test]

@@ -70,7 +70,16 @@ pub async fn pool(kind: PoolKind) -> Result<Arc<dyn Pool>, Error> {
 }
 
 /// Bus settings of every chaos bus: quick retries that never run out for the
-/// induced failures (they stop after the second attempt), frequent commits.
+/// induced failures (they stop after the second attempt), frequent commits,
+/// and a hand-over bounded under the Kafka session of the runs.
+///
+/// The bound of a revoke, `drain_timeout + handover_timeout`, stays under the
+/// 6 s `session.timeout.ms` of the runs' Kafka members: librdkafka's mock
+/// cluster expels a member whose revoke callback outlasts its session (a real
+/// broker waits for the rebalance timeout, `max.poll.interval.ms`), and a
+/// stuck aggregate that ignores its token (`Fault::StuckKeyDeaf`) makes a
+/// revoke last its whole bound whenever one of its calls starts during the
+/// drain. At 5 s + 5 s such a revoke lost its member's assignment.
 pub fn bus_config(group: &str) -> BusConfig {
     let mut c = BusConfig::default();
     c.delivery = DeliveryPolicy::default()
@@ -78,7 +87,8 @@ pub fn bus_config(group: &str) -> BusConfig {
         .backoff(Duration::from_millis(5), Duration::from_millis(200));
     c.consumer.group_id = group.to_owned();
     c.consumer.commit_interval = Duration::from_millis(200);
-    c.consumer.drain_timeout = Duration::from_secs(5);
+    c.consumer.drain_timeout = Duration::from_secs(4);
+    c.consumer.handover_timeout = Duration::from_secs(1);
     c.consumer.max_in_flight_per_partition = 200;
     c.consumer.max_in_flight_total = 2000;
     c
@@ -95,8 +105,7 @@ pub struct HandoverTimeouts {
 }
 
 impl Default for HandoverTimeouts {
-    /// What [`bus_config`] sets: a 5 s drain and the library's default hand-over
-    /// wait.
+    /// What [`bus_config`] sets: a 4 s drain and a 1 s hand-over wait.
     fn default() -> Self {
         let c = bus_config("default");
         Self {

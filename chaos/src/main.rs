@@ -38,7 +38,7 @@ fn usage() -> &'static str {
      \x20                 fourth joins (3/3/3/3), one leaves cleanly (4/4/4)\n\
      \x20 stuck-key       (kafka, nats) a stuck key during a rebalance: aggregates (2 at a\n\
      \x20                 time, 10 messages each) whose first message hangs 12 s, past the\n\
-     \x20                 5 s drain and hand-over, on every delivery, honouring the\n\
+     \x20                 4 s drain and 1 s hand-over, on every delivery, honouring the\n\
      \x20                 cancellation token; once one hangs, a second member joins; once\n\
      \x20                 one hangs again on the first member, it leaves. Other keys must\n\
      \x20                 go on, and nobody may lose an assignment\n\

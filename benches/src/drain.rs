@@ -39,6 +39,9 @@ pub enum DrainSide {
     Bare,
     /// The bus on this pool.
     Bus(PoolKind),
+    /// The bus on the keyed pool with the first poll on the consume loop
+    /// (`consumer.inline_first_poll`): a no-op handler completes there.
+    KeyedInline,
 }
 
 impl DrainSide {
@@ -47,6 +50,17 @@ impl DrainSide {
         match self {
             DrainSide::Bare => "bare",
             DrainSide::Bus(k) => k.as_str(),
+            DrainSide::KeyedInline => "keyed-inline",
+        }
+    }
+
+    /// The pool the bus side runs on, and whether it polls first on the loop
+    /// (`None` for the bare loop).
+    fn bus(self) -> Option<(PoolKind, bool)> {
+        match self {
+            DrainSide::Bare => None,
+            DrainSide::Bus(k) => Some((k, false)),
+            DrainSide::KeyedInline => Some((PoolKind::Keyed, true)),
         }
     }
 }
@@ -267,11 +281,11 @@ impl Clock {
 pub async fn run_drain(spec: &DrainSpec) -> Result<DrainResult, String> {
     let limit = Duration::from_secs(spec.limit_secs);
     let group = format!("{}-{}-{}", spec.topic, spec.side.name(), spec.round);
-    match (spec.backend, spec.side) {
-        (backend, DrainSide::Bare) if backend.in_process() => {
+    match (spec.backend, spec.side.bus()) {
+        (backend, None) if backend.in_process() => {
             Err(format!("the {backend} backend has no bare client loop"))
         }
-        (backend, DrainSide::Bare) => {
+        (backend, None) => {
             // The bus side's default keyed pool, which a client may be sized by.
             let pool = make_pool(PoolKind::Keyed)
                 .await
@@ -290,12 +304,13 @@ pub async fn run_drain(spec: &DrainSpec) -> Result<DrainResult, String> {
                 .err();
             Ok(clock.result(spec, err))
         }
-        (backend, DrainSide::Bus(kind)) => {
+        (backend, Some((kind, inline))) => {
             let pool = make_pool(kind)
                 .await
                 .map_err(|e| format!("{} pool: {e}", kind.as_str()))?;
             let mut config = EventBusConfig::default();
             config.consumer.group_id = group;
+            config.consumer.inline_first_poll = inline;
             let bus = buses(backend, &spec.endpoint, spec.messages + 16)
                 .bus(pool, config.bus())
                 .await
@@ -346,12 +361,16 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn memory_bus_drains_the_whole_backlog() {
-        for kind in [PoolKind::Keyed, PoolKind::Actor] {
-            let d = run_drain(&memory_spec(DrainSide::Bus(kind), 2_000))
+        for side in [
+            DrainSide::Bus(PoolKind::Keyed),
+            DrainSide::Bus(PoolKind::Actor),
+            DrainSide::KeyedInline,
+        ] {
+            let d = run_drain(&memory_spec(side, 2_000))
                 .await
                 .expect("the drain runs");
             assert_eq!(d.backend, "memory");
-            assert_eq!(d.side, kind.as_str());
+            assert_eq!(d.side, side.name());
             assert_eq!(d.consumed, 2_000, "{d:?}");
             assert!(d.error.is_none(), "{d:?}");
             assert!(d.throughput > 0.0, "{d:?}");

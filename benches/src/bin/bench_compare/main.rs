@@ -651,18 +651,20 @@ fn mean(xs: &[f64]) -> f64 {
 }
 
 /// Who drains a backlog in round `round`, in order: on a broker the bare loop,
-/// the keyed bus and the actor bus, rotating; on memory (no bare client) the
-/// keyed and the actor bus, alternating which goes first.
+/// the keyed bus, the actor bus and the keyed bus polling first on the loop,
+/// rotating; on memory (no bare client) the three buses, rotating.
 fn drain_sides(backend: Backend, round: usize) -> Vec<DrainSide> {
-    if backend.in_process() {
-        return order(round).into_iter().map(DrainSide::Bus).collect();
-    }
     let mut sides = vec![
         DrainSide::Bare,
         DrainSide::Bus(PoolKind::Keyed),
         DrainSide::Bus(PoolKind::Actor),
+        DrainSide::KeyedInline,
     ];
-    sides.rotate_left(round % 3);
+    if backend.in_process() {
+        sides.remove(0);
+    }
+    let n = sides.len();
+    sides.rotate_left(round % n);
     sides
 }
 

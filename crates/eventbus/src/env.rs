@@ -1,5 +1,5 @@
-//! Environment overrides of the pool choice (and the stall threshold), applied over
-//! the file configuration.
+//! Environment overrides of the pool choice (and of the consumer's stall threshold
+//! and first polls on the loop), applied over the file configuration.
 //!
 //! | variable | values | effect |
 //! |---|---|---|
@@ -10,6 +10,7 @@
 //! | `KAFKA_ACTOR_MAX_RESTARTS` | integer ≥ 0 | `actor_pool.max_restarts` |
 //! | `EVENTBUS_ACTOR_ROLLOUT_PERCENT` | 0..=100 | `actor_pool.rollout_percent` |
 //! | `EVENTBUS_CONSUMER_STALL_THRESHOLD` | a duration above zero (`90s`, `5m`) | `consumer.stall_threshold` |
+//! | `EVENTBUS_CONSUMER_INLINE_FIRST_POLL` | `true` \| `false` (`1` \| `0`) | `consumer.inline_first_poll` |
 //! | `KAFKA_GROUP_PROTOCOL` (feature `kafka`) | `classic` \| `consumer` | the Kafka backend's `KafkaConfig::group_protocol` |
 //! | `KAFKA_GROUP_INSTANCE_ID` (feature `kafka`) | a `group.instance.id` (the broker's rules) | the Kafka backend's `KafkaConfig::instance_id` |
 //!
@@ -44,7 +45,7 @@ use eventbus_core::Error;
 use std::ffi::{OsStr, OsString};
 
 /// The variables read, in the order they are applied.
-pub const VARIABLES: [&str; 7] = [
+pub const VARIABLES: [&str; 8] = [
     ROLLBACK_VARIABLE,
     "EVENTBUS_POOL",
     ACTOR_POOL_SIZE,
@@ -52,10 +53,15 @@ pub const VARIABLES: [&str; 7] = [
     ACTOR_MAX_RESTARTS,
     "EVENTBUS_ACTOR_ROLLOUT_PERCENT",
     STALL_THRESHOLD,
+    INLINE_FIRST_POLL,
 ];
 
 /// The variable of `consumer.stall_threshold`.
 const STALL_THRESHOLD: &str = "EVENTBUS_CONSUMER_STALL_THRESHOLD";
+
+/// The variable of `consumer.inline_first_poll`: a fast path staged by
+/// environment, as the pool is.
+const INLINE_FIRST_POLL: &str = "EVENTBUS_CONSUMER_INLINE_FIRST_POLL";
 
 fn bad(var: &str, value: &str, expected: &str) -> Error {
     Error::config(format!(
@@ -69,6 +75,7 @@ fn expected(var: &str) -> &'static str {
         "EVENTBUS_POOL" => "keyed or actor",
         "EVENTBUS_ACTOR_ROLLOUT_PERCENT" => "a whole number from 0 to 100",
         STALL_THRESHOLD => "a duration above zero, such as 90s or 5m",
+        INLINE_FIRST_POLL => "true or false",
         _ => compat::expected(var).unwrap_or("a value"),
     }
 }
@@ -144,8 +151,11 @@ fn overrides(
     for var in VARIABLES {
         values.push(text(var, lookup(var))?);
     }
-    let [use_actor, pool, size, inbox, restarts, percent, stall] =
-        <[Option<String>; 7]>::try_from(values).expect("one value per variable");
+    let [use_actor, pool, size, inbox, restarts, percent, stall, inline] =
+        <[Option<String>; 8]>::try_from(values).expect("one value per variable");
+    if let Some(v) = inline {
+        config.consumer.inline_first_poll = parse_bool(INLINE_FIRST_POLL, &v)?;
+    }
     if let Some(v) = stall {
         config.consumer.stall_threshold = humantime_serde::re::humantime::parse_duration(v.trim())
             .ok()
@@ -301,6 +311,23 @@ mod tests {
             let e = with(&[(STALL_THRESHOLD, bad)]).unwrap_err().to_string();
             assert!(e.contains(STALL_THRESHOLD) && e.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn first_polls_on_the_loop_are_turned_on_and_off() {
+        for (value, on) in [("true", true), ("1", true), ("FALSE", false), ("0", false)] {
+            let mut file = EventBusConfig::default();
+            file.consumer.inline_first_poll = !on;
+            let lookup = |var: &str| (var == INLINE_FIRST_POLL).then(|| value.to_owned());
+            apply_overrides(&mut file, lookup).unwrap();
+            assert_eq!(file.consumer.inline_first_poll, on, "{value}");
+        }
+        assert!(!with(&[]).unwrap().consumer.inline_first_poll);
+        let e = with(&[(INLINE_FIRST_POLL, "yes")]).unwrap_err().to_string();
+        assert!(
+            e.contains(INLINE_FIRST_POLL) && e.contains("yes") && e.contains("true or false"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -454,22 +454,40 @@ impl Submit for KeyedWorkerPool {
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
         // The idle worker held for the jobs polled here.
         let mut idle: Option<Reserved<'_>> = None;
-        while let Some(job) = rest.front() {
+        // Jobs left to the pool, in order, and their cells: a later job of a
+        // deferred job's cell is deferred too, so that it cannot run here
+        // before the earlier one reaches the pool.
+        let mut deferred: Vec<Job> = Vec::new();
+        let mut blocked: Vec<usize> = Vec::new();
+        while let Some(job) = rest.pop_front() {
             // A job a composite placed is counted in its table, not here.
-            if job.placed().is_some() || self.is_closed() || !inline.wants() {
+            if job.placed().is_some() || self.is_closed() || !inline.has_budget() {
+                rest.push_front(job);
                 break;
+            }
+            let cell = RouteTable::cell_of(job.route());
+            if blocked.contains(&cell) || !inline.wants() {
+                defer(&mut deferred, &mut blocked, job, cell);
+                if blocked.len() > MAX_DEFERRED_CELLS {
+                    break;
+                }
+                continue;
             }
             if idle.is_none() {
                 idle = shared.reserve_idle();
             }
             let Some(worker) = idle.as_ref().map(|r| r.worker) else {
+                rest.push_front(job);
                 break;
             };
-            let cell = RouteTable::cell_of(job.route());
+            // A cell with a job in flight: that job's worker takes this one.
             if !table.claim(cell, Place::new(0, worker)) {
-                break;
+                defer(&mut deferred, &mut blocked, job, cell);
+                if blocked.len() > MAX_DEFERRED_CELLS {
+                    break;
+                }
+                continue;
             }
-            let job = rest.pop_front().expect("looked at");
             let held = Held {
                 table,
                 cell,
@@ -503,7 +521,8 @@ impl Submit for KeyedWorkerPool {
             }
         }
         drop(idle);
-        *jobs = rest.into();
+        deferred.extend(rest);
+        *jobs = deferred;
         self.submit_batch(jobs);
     }
 
@@ -514,6 +533,20 @@ impl Submit for KeyedWorkerPool {
             .router
             .counts()
             .then_some(self as &dyn Placement)
+    }
+}
+
+/// Cells of deferred jobs a batch's first polls look past, at most: beyond,
+/// the rest of the batch goes to the pool as it is (a longer list would cost
+/// each later job more to check than its first poll saves).
+const MAX_DEFERRED_CELLS: usize = 32;
+
+/// Leave `job` (of `cell`) to the pool, after the jobs deferred before it, and
+/// keep its cell from first polls for the rest of the batch.
+fn defer(deferred: &mut Vec<Job>, blocked: &mut Vec<usize>, job: Job, cell: usize) {
+    deferred.push(job);
+    if !blocked.contains(&cell) {
+        blocked.push(cell);
     }
 }
 
@@ -1103,25 +1136,80 @@ mod tests {
         assert!(pool.shared.router.table().is_empty());
     }
 
-    /// A route with a job in flight is not polled where it is submitted: the
-    /// batch goes to the pool from there, in order.
+    /// A route with a job in flight is not polled where it is submitted: its
+    /// jobs go to the pool, in order, while the batch's jobs of other routes
+    /// are still polled here; a later job of the busy route never runs before
+    /// the earlier one.
     #[tokio::test]
-    async fn a_busy_route_stops_the_first_polls_of_a_batch() {
+    async fn a_busy_route_goes_to_the_pool_and_the_others_are_polled_here() {
         let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(2)).expect("pool");
         let (blocker, blocker_rx, started, release) = gated(4);
         pool.submit(blocker).await.expect("blocker");
         started.await.expect("blocker started");
-        let (ja, ra) = noop(4);
-        let (jb, rb) = noop(5);
-        let mut jobs = vec![ja, jb];
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let recorded = |route: u64, name: &'static str| {
+            let order = order.clone();
+            job(
+                route,
+                async move {
+                    order.lock().unwrap().push(name);
+                    Outcome::Handled { attempts: 1 }
+                }
+                .boxed(),
+            )
+        };
+        let (ja, ra) = recorded(4, "a");
+        let (jb, rb) = recorded(5, "b");
+        let (jc, rc) = recorded(4, "c");
+        let mut jobs = vec![ja, jb, jc];
         let mut first = inline();
         pool.submit_batch_inline(&mut jobs, &mut first);
         assert!(jobs.is_empty());
-        assert_eq!(first.ran, 0, "the batch stopped at the busy route");
+        assert_eq!(first.ran, 1, "the other route's job was polled here");
+        assert_eq!(*order.lock().unwrap(), ["b"], "the busy route's jobs wait");
         release.send(()).expect("blocker waits");
         blocker_rx.await.expect("blocker");
-        ra.await.expect("a");
-        rb.await.expect("b");
+        for rx in [ra, rb, rc] {
+            rx.await.expect("job");
+        }
+        assert_eq!(*order.lock().unwrap(), ["b", "a", "c"]);
+        pool.close(Duration::from_secs(5)).await;
+    }
+
+    /// A job not chosen for a first poll here goes to the pool, and a later job
+    /// of its route, chosen, follows it there instead of starting here first.
+    #[tokio::test]
+    async fn a_job_left_to_the_pool_keeps_its_route_from_first_polls() {
+        let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(2)).expect("pool");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let recorded = |route: u64, name: &'static str| {
+            let order = order.clone();
+            job(
+                route,
+                async move {
+                    order.lock().unwrap().push(name);
+                    Outcome::Handled { attempts: 1 }
+                }
+                .boxed(),
+            )
+        };
+        let (jx, rx) = recorded(6, "x");
+        let (jy, ry) = recorded(6, "y");
+        let (jz, rz) = recorded(7, "z");
+        let mut jobs = vec![jx, jy, jz];
+        let mut chosen = [false, true, true].into_iter();
+        let mut choose = move || chosen.next().unwrap_or(true);
+        let mut first = Inline::new(64, Duration::from_secs(60)).choosing(&mut choose);
+        pool.submit_batch_inline(&mut jobs, &mut first);
+        assert!(jobs.is_empty());
+        assert_eq!(first.ran, 1, "only the other route's job was polled here");
+        for rx in [rx, ry, rz] {
+            rx.await.expect("job");
+        }
+        let order = order.lock().unwrap().clone();
+        let at = |name| order.iter().position(|n| *n == name).expect("ran");
+        assert!(at("x") < at("y"), "{order:?}");
+        assert_eq!(order[0], "z", "polled here, before the pool ran the rest");
         pool.close(Duration::from_secs(5)).await;
     }
 

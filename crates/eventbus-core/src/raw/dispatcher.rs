@@ -90,22 +90,40 @@ pub struct PreparedSubscription {
     tasks: SubTasks,
     dead_letter_topic: Option<String>,
     limiter: Option<Limiter>,
-    /// Whether its jobs are first polled where they are submitted, and until
-    /// when a slow first poll turned that off; `None`: never.
-    inline: Option<Mutex<Option<Instant>>>,
+    /// Whether its jobs are first polled where they are submitted, and how
+    /// slow first polls stand; `None`: never.
+    inline: Option<Mutex<InlineState>>,
 }
 
-/// First polls on the consume loop per batch submitted: a burst of handlers
-/// holds the loop (its revokes, heartbeats and fetches) for at most so many.
-const INLINE_POLLS: usize = 64;
+/// First polls on the consume loop per batch submitted (a Kafka fetch batch is
+/// at most 256 records), and how long they may take in all: a burst of
+/// handlers holds the loop (its revokes, heartbeats and fetches) for at most so
+/// many, and so long (with one poll's overrun: a budget cannot cut a poll short).
+const INLINE_POLLS: usize = 256;
+const INLINE_TIME: Duration = Duration::from_millis(1);
 
 /// A first poll on the consume loop longer than this (a CPU-bound handler, a
 /// blocking call) turns first polls there off for the subscription for
 /// [`INLINE_OFF_FOR`]: a budget counts polls, and cannot cut one short.
 const INLINE_SLOW_AFTER: Duration = Duration::from_micros(200);
 
-/// How long a slow first poll turns first polls on the loop off.
+/// How long slow first polls turn first polls on the loop off.
 const INLINE_OFF_FOR: Duration = Duration::from_secs(5);
+
+/// Slow first polls, less one per batch of quick ones, that turn first polls on
+/// the loop off: a handler that is slow every time does so within three
+/// batches, while a quick one whose poll the scheduler happened to preempt
+/// (which a wall clock cannot tell from a slow handler) does not.
+const INLINE_STRIKES: u32 = 3;
+
+/// How a subscription's first polls on the loop stand.
+#[derive(Debug, Default)]
+struct InlineState {
+    /// Until when slow first polls turned them off.
+    off_until: Option<Instant>,
+    /// Slow first polls, less one per batch whose first polls were all quick.
+    strikes: u32,
+}
 
 /// Whether to try a job's first poll where it is submitted: the simulation
 /// chooses per job ([`Dispatcher::choose_inline_with`]).
@@ -543,7 +561,7 @@ impl Dispatcher {
             .options
             .inline_first_poll
             .unwrap_or(cfg.consumer.inline_first_poll)
-            .then(|| Mutex::new(None));
+            .then(|| Mutex::new(InlineState::default()));
         Ok(Arc::new(PreparedSubscription {
             topic: Arc::from(sub.topic),
             tasks,
@@ -811,45 +829,55 @@ impl Dispatcher {
     /// Hand `jobs` of `sub` to the pool as [`Submit::submit_batch`] takes them,
     /// their first polls run here first where the subscription allows it
     /// ([`Submit::submit_batch_inline`]). A first poll slower than
-    /// [`INLINE_SLOW_AFTER`] turns that off for [`INLINE_OFF_FOR`], counted.
+    /// [`INLINE_SLOW_AFTER`] is counted; [`INLINE_STRIKES`] of them (less one
+    /// per batch of quick ones) turn first polls off for [`INLINE_OFF_FOR`].
     ///
     /// [`Submit::submit_batch`]: crate::raw::Submit::submit_batch
     /// [`Submit::submit_batch_inline`]: crate::raw::Submit::submit_batch_inline
     fn to_pool(&self, sub: &PreparedSubscription, jobs: &mut Vec<Job>) {
         let pool = &self.inner.pool;
-        let Some(off_until) = &sub.inline else {
+        let Some(state) = &sub.inline else {
             return pool.submit_batch(jobs);
         };
         {
-            let mut off = off_until.lock().expect("inline state poisoned");
-            match *off {
+            let mut state = state.lock().expect("inline state poisoned");
+            match state.off_until {
                 Some(until) if Instant::now() < until => {
-                    drop(off);
+                    drop(state);
                     return pool.submit_batch(jobs);
                 }
-                Some(_) => *off = None,
+                Some(_) => state.off_until = None,
                 None => {}
             }
         }
         let chooser = self.inner.choose_inline.get();
         // A chosen run (the simulation) is not cut off by the wall clock,
         // which its debug builds and paused time make meaningless.
-        let slow_after = match chooser {
-            Some(_) => Duration::MAX,
-            None => INLINE_SLOW_AFTER,
+        let (slow_after, time) = match chooser {
+            Some(_) => (Duration::MAX, Duration::MAX),
+            None => (INLINE_SLOW_AFTER, INLINE_TIME),
         };
-        let mut inline = Inline::new(INLINE_POLLS, slow_after);
+        let mut inline = Inline::new(INLINE_POLLS, slow_after).within(time);
         let mut choose = chooser.map(|c| move || c());
         if let Some(c) = choose.as_mut() {
             inline = inline.choosing(c);
         }
         pool.submit_batch_inline(jobs, &mut inline);
-        if inline.slow {
-            *off_until.lock().expect("inline state poisoned") =
-                Some(Instant::now() + INLINE_OFF_FOR);
-            self.topic_counter(m::INLINE_SLOW_POLLS, &sub.topic);
+        if inline.ran == 0 {
+            return;
+        }
+        let mut state = state.lock().expect("inline state poisoned");
+        if !inline.slow {
+            state.strikes = state.strikes.saturating_sub(1);
+            return;
+        }
+        self.topic_counter(m::INLINE_SLOW_POLLS, &sub.topic);
+        state.strikes += 1;
+        if state.strikes >= INLINE_STRIKES {
+            state.strikes = 0;
+            state.off_until = Some(Instant::now() + INLINE_OFF_FOR);
             tracing::debug!(topic = %sub.topic, after = ?INLINE_SLOW_AFTER, off_for = ?INLINE_OFF_FOR,
-                "a handler's first poll on the consume loop ran long: its jobs go to the pool unpolled for a while");
+                "handlers' first polls on the consume loop ran long: its jobs go to the pool unpolled for a while");
         }
     }
 

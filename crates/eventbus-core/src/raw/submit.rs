@@ -131,6 +131,10 @@ pub struct Inline<'a> {
     /// A first poll that ran longer than this ends the call's first polls here
     /// and sets [`slow`](Inline::slow).
     pub slow_after: Duration,
+    /// How long the first polls here may take in all: spent, they end (a
+    /// budget of time beside the count, so that many quick handlers may run
+    /// here and few slower ones hold the submitter no longer).
+    pub time: Duration,
     /// Whether to run the next job here, asked per job before its route is
     /// tried (the simulation's choice); `None`: every job that can.
     pub choose: Option<&'a mut (dyn FnMut() -> bool + Send)>,
@@ -144,11 +148,12 @@ pub struct Inline<'a> {
 
 impl<'a> Inline<'a> {
     /// Up to `polls` first polls here, the first one slower than `slow_after`
-    /// ending them.
+    /// ending them; no budget of time (see [`within`](Inline::within)).
     pub fn new(polls: usize, slow_after: Duration) -> Self {
         Self {
             polls,
             slow_after,
+            time: Duration::MAX,
             choose: None,
             slow: false,
             ran: 0,
@@ -163,13 +168,25 @@ impl<'a> Inline<'a> {
         self
     }
 
+    /// First polls here end once they took `time` in all.
+    #[must_use]
+    pub fn within(mut self, time: Duration) -> Self {
+        self.time = time;
+        self
+    }
+
+    /// Whether any budget is left for first polls here.
+    pub fn has_budget(&self) -> bool {
+        self.polls > 0
+    }
+
     /// Whether the next job may be tried here: budget left, and chosen.
     pub fn wants(&mut self) -> bool {
         self.polls > 0 && self.choose.as_mut().is_none_or(|c| c())
     }
 
     /// A job was polled here, for `took`: counted, and the budget spent; a slow
-    /// poll ends the first polls here.
+    /// poll ends the first polls here, and so does the budget of time spent.
     pub fn polled(&mut self, took: Duration, handed: bool) {
         self.ran += 1;
         self.handed += usize::from(handed);
@@ -177,6 +194,13 @@ impl<'a> Inline<'a> {
         if took > self.slow_after {
             self.slow = true;
             self.polls = 0;
+        }
+        match self.time.checked_sub(took) {
+            Some(left) if !left.is_zero() => self.time = left,
+            _ => {
+                self.time = Duration::ZERO;
+                self.polls = 0;
+            }
         }
     }
 }
@@ -186,10 +210,44 @@ impl fmt::Debug for Inline<'_> {
         f.debug_struct("Inline")
             .field("polls", &self.polls)
             .field("slow_after", &self.slow_after)
+            .field("time", &self.time)
             .field("chosen", &self.choose.is_some())
             .field("slow", &self.slow)
             .field("ran", &self.ran)
             .field("handed", &self.handed)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Inline;
+    use std::time::Duration;
+
+    /// The count, the slow poll and the budget of time each end the first
+    /// polls of a call.
+    #[test]
+    fn first_polls_end_at_the_count_a_slow_poll_or_the_time_spent() {
+        let us = Duration::from_micros;
+        let mut by_count = Inline::new(2, us(200));
+        by_count.polled(us(1), false);
+        assert!(by_count.wants());
+        by_count.polled(us(1), true);
+        assert!(!by_count.has_budget() && !by_count.slow);
+        assert_eq!((by_count.ran, by_count.handed), (2, 1));
+
+        let mut slow = Inline::new(100, us(200));
+        slow.polled(us(201), false);
+        assert!(!slow.has_budget() && slow.slow);
+
+        let mut by_time = Inline::new(100, us(200)).within(us(250));
+        for _ in 0..2 {
+            assert!(by_time.wants());
+            by_time.polled(us(100), false);
+        }
+        assert!(by_time.has_budget(), "50 µs left");
+        by_time.polled(us(50), false);
+        assert!(!by_time.has_budget() && !by_time.slow, "the time is spent");
+        assert_eq!(by_time.ran, 3);
     }
 }

@@ -459,6 +459,9 @@ impl Submit for KeyedWorkerPool {
         // before the earlier one reaches the pool.
         let mut deferred: Vec<Job> = Vec::new();
         let mut blocked: Vec<usize> = Vec::new();
+        // When the last first poll ended: the next one's start, give or take
+        // the claim between them (one clock read per poll, not two).
+        let mut last_end: Option<std::time::Instant> = None;
         while let Some(job) = rest.pop_front() {
             // A job a composite placed is counted in its table, not here.
             if job.placed().is_some() || self.is_closed() || !inline.has_budget() {
@@ -493,11 +496,13 @@ impl Submit for KeyedWorkerPool {
                 cell,
                 ended: true,
             };
-            let began = std::time::Instant::now();
+            let began = last_end.unwrap_or_else(std::time::Instant::now);
             // A wake-up before the worker polls the job on goes nowhere: the
             // worker polls it first thing.
             let polled = job.poll_first(&mut cx);
-            let took = began.elapsed();
+            let ended = std::time::Instant::now();
+            let took = ended.saturating_duration_since(began);
+            last_end = Some(ended);
             match polled {
                 FirstPoll::Done(kind) => {
                     inline.polled(took, false);

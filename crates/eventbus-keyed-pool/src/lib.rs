@@ -1141,6 +1141,23 @@ mod tests {
         assert!(pool.shared.router.table().is_empty());
     }
 
+    /// A job of `route` that records `name` in `order` when it runs.
+    fn recording(
+        order: &Arc<Mutex<Vec<&'static str>>>,
+        route: u64,
+        name: &'static str,
+    ) -> (Job, OutcomeReceiver) {
+        let order = order.clone();
+        job(
+            route,
+            async move {
+                order.lock().unwrap().push(name);
+                Outcome::Handled { attempts: 1 }
+            }
+            .boxed(),
+        )
+    }
+
     /// A route with a job in flight is not polled where it is submitted: its
     /// jobs go to the pool, in order, while the batch's jobs of other routes
     /// are still polled here; a later job of the busy route never runs before
@@ -1152,17 +1169,7 @@ mod tests {
         pool.submit(blocker).await.expect("blocker");
         started.await.expect("blocker started");
         let order = Arc::new(Mutex::new(Vec::new()));
-        let recorded = |route: u64, name: &'static str| {
-            let order = order.clone();
-            job(
-                route,
-                async move {
-                    order.lock().unwrap().push(name);
-                    Outcome::Handled { attempts: 1 }
-                }
-                .boxed(),
-            )
-        };
+        let recorded = |route, name| recording(&order, route, name);
         let (ja, ra) = recorded(4, "a");
         let (jb, rb) = recorded(5, "b");
         let (jc, rc) = recorded(4, "c");
@@ -1187,17 +1194,7 @@ mod tests {
     async fn a_job_left_to_the_pool_keeps_its_route_from_first_polls() {
         let pool = KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(2)).expect("pool");
         let order = Arc::new(Mutex::new(Vec::new()));
-        let recorded = |route: u64, name: &'static str| {
-            let order = order.clone();
-            job(
-                route,
-                async move {
-                    order.lock().unwrap().push(name);
-                    Outcome::Handled { attempts: 1 }
-                }
-                .boxed(),
-            )
-        };
+        let recorded = |route, name| recording(&order, route, name);
         let (jx, rx) = recorded(6, "x");
         let (jy, ry) = recorded(6, "y");
         let (jz, rz) = recorded(7, "z");

@@ -455,12 +455,14 @@ impl Submit for KeyedWorkerPool {
         // The idle worker held for the jobs polled here.
         let mut idle: Option<Reserved<'_>> = None;
         // Jobs left to the pool, in order, and their cells: a later job of a
-        // deferred job's cell is deferred too, so that it cannot run here
-        // before the earlier one reaches the pool.
+        // deferred job's cell is deferred too, and the deferred jobs are
+        // queued before any later job is polled here, so that what the pool
+        // takes stays a prefix of the batch (`Submit::submit_batch`).
         let mut deferred: Vec<Job> = Vec::new();
         let mut blocked: Vec<usize> = Vec::new();
         // When the last first poll ended: the next one's start, give or take
-        // the claim between them (one clock read per poll, not two).
+        // the claim between them (one clock read per poll, not two); unset
+        // after anything longer (a hand-on, deferred jobs queued).
         let mut last_end: Option<std::time::Instant> = None;
         while let Some(job) = rest.pop_front() {
             // A job a composite placed is counted in its table, not here.
@@ -471,7 +473,7 @@ impl Submit for KeyedWorkerPool {
             let cell = RouteTable::cell_of(job.route());
             if blocked.contains(&cell) || !inline.wants() {
                 defer(&mut deferred, &mut blocked, job, cell);
-                if blocked.len() > MAX_DEFERRED_CELLS {
+                if blocked.len() >= MAX_DEFERRED_CELLS {
                     break;
                 }
                 continue;
@@ -486,7 +488,7 @@ impl Submit for KeyedWorkerPool {
             // A cell with a job in flight: that job's worker takes this one.
             if !table.claim(cell, Place::new(0, worker)) {
                 defer(&mut deferred, &mut blocked, job, cell);
-                if blocked.len() > MAX_DEFERRED_CELLS {
+                if blocked.len() >= MAX_DEFERRED_CELLS {
                     break;
                 }
                 continue;
@@ -496,6 +498,18 @@ impl Submit for KeyedWorkerPool {
                 cell,
                 ended: true,
             };
+            if !deferred.is_empty() {
+                self.submit_batch(&mut deferred);
+                last_end = None;
+                if !deferred.is_empty() {
+                    // No room for a deferred job: nothing after it runs here.
+                    // The cell is let go unpolled, the job goes back in line.
+                    drop(held);
+                    rest.push_front(job);
+                    break;
+                }
+                blocked.clear();
+            }
             let began = last_end.unwrap_or_else(std::time::Instant::now);
             // A wake-up before the worker polls the job on goes nowhere: the
             // worker polls it first thing.
@@ -522,6 +536,7 @@ impl Submit for KeyedWorkerPool {
                     inline.polled(took, true);
                     let reserved = idle.take().expect("an idle worker is held");
                     held.hand_on(job, reserved);
+                    last_end = None;
                 }
             }
         }
@@ -541,9 +556,10 @@ impl Submit for KeyedWorkerPool {
     }
 }
 
-/// Cells of deferred jobs a batch's first polls look past, at most: beyond,
-/// the rest of the batch goes to the pool as it is (a longer list would cost
-/// each later job more to check than its first poll saves).
+/// Cells of deferred jobs a batch's first polls look past between two first
+/// polls, at most: at the bound, the rest of the batch goes to the pool as it
+/// is (a longer list would cost each later job more to check than its first
+/// poll saves).
 const MAX_DEFERRED_CELLS: usize = 32;
 
 /// Leave `job` (of `cell`) to the pool, after the jobs deferred before it, and
@@ -1212,6 +1228,45 @@ mod tests {
         let at = |name| order.iter().position(|n| *n == name).expect("ran");
         assert!(at("x") < at("y"), "{order:?}");
         assert_eq!(order[0], "z", "polled here, before the pool ran the rest");
+        pool.close(Duration::from_secs(5)).await;
+    }
+
+    /// A job left to the pool that finds no room ends the batch's first polls:
+    /// no later job runs here above it, and what stays in the batch is the
+    /// rest from it on, in order (what the pool took is a prefix).
+    #[tokio::test]
+    async fn a_job_left_to_a_full_pool_ends_the_first_polls() {
+        let config = KeyedPoolConfig::default().workers(2).queue_size(1);
+        let pool = KeyedWorkerPool::new(&config).expect("pool");
+        let (blocker, blocker_rx, started, release) = gated(4);
+        pool.submit(blocker).await.expect("blocker");
+        started.await.expect("blocker started");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let recorded = |route, name| recording(&order, route, name);
+        // Fills the blocker's queue: the next job of route 4 finds no room.
+        let (queued, queued_rx) = recorded(4, "queued");
+        pool.submit(queued)
+            .await
+            .expect("queued behind the blocker");
+        let (jx, rx) = recorded(4, "x");
+        let (jy, ry) = recorded(5, "y");
+        let mut jobs = vec![jx, jy];
+        let mut first = inline();
+        pool.submit_batch_inline(&mut jobs, &mut first);
+        assert_eq!(first.ran, 0, "nothing ran here above the job left over");
+        assert_eq!(jobs.len(), 2, "the batch from the job left over stays");
+        assert!(order.lock().unwrap().is_empty());
+        release.send(()).expect("blocker waits");
+        blocker_rx.await.expect("blocker");
+        queued_rx.await.expect("queued");
+        for j in jobs {
+            pool.submit(j).await.expect("room now");
+        }
+        for rx in [rx, ry] {
+            rx.await.expect("job");
+        }
+        let order = order.lock().unwrap().clone();
+        assert_eq!(order[..2], ["queued", "x"], "{order:?}");
         pool.close(Duration::from_secs(5)).await;
     }
 

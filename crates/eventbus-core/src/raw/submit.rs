@@ -39,8 +39,11 @@ pub trait Submit {
     /// poll, its outcome is delivered on the spot, with no queue and no
     /// wake-up; if it waits, it goes on, started, to a worker, which polls it
     /// from there. Its route is held meanwhile, so no other job of the route
-    /// runs anywhere before it (see [`crate::raw::routes`]). Jobs run here are
-    /// a prefix of the batch; the rest go as `submit_batch` takes them.
+    /// runs anywhere before it (see [`crate::raw::routes`]). A job not run
+    /// here (its route busy, say) may be passed over for later jobs of other
+    /// routes, but it is queued before any of them runs here: the jobs taken,
+    /// run here or queued, are a prefix of the batch, as `submit_batch`'s are;
+    /// the rest stay in `jobs`.
     ///
     /// The default runs none here.
     fn submit_batch_inline(&self, jobs: &mut Vec<Job>, inline: &mut Inline<'_>) {

@@ -432,8 +432,10 @@ impl Submit for KeyedWorkerPool {
         }
     }
 
-    /// Under work-conserving routing, the jobs of a prefix of the batch whose
-    /// route cells have nothing in flight, while a worker is idle. The idle
+    /// Under work-conserving routing, the batch's jobs whose route cells have
+    /// nothing in flight, while a worker is idle (a job whose cell is busy goes
+    /// to the pool, queued before any later job is polled here, and its cell's
+    /// later jobs with it). The idle
     /// worker is held ([`JobQueue::reserve`]: it takes no job meanwhile), and
     /// each job's cell is claimed for it ([`RouteTable::claim`]: placed on that
     /// worker, marked held, so a job of the cell submitted meanwhile queues
@@ -472,11 +474,10 @@ impl Submit for KeyedWorkerPool {
             }
             let cell = RouteTable::cell_of(job.route());
             if blocked.contains(&cell) || !inline.wants() {
-                defer(&mut deferred, &mut blocked, job, cell);
-                if blocked.len() >= MAX_DEFERRED_CELLS {
-                    break;
+                if defer(&mut deferred, &mut blocked, job, cell) {
+                    continue;
                 }
-                continue;
+                break;
             }
             if idle.is_none() {
                 idle = shared.reserve_idle();
@@ -487,11 +488,10 @@ impl Submit for KeyedWorkerPool {
             };
             // A cell with a job in flight: that job's worker takes this one.
             if !table.claim(cell, Place::new(0, worker)) {
-                defer(&mut deferred, &mut blocked, job, cell);
-                if blocked.len() >= MAX_DEFERRED_CELLS {
-                    break;
+                if defer(&mut deferred, &mut blocked, job, cell) {
+                    continue;
                 }
-                continue;
+                break;
             }
             let held = Held {
                 table,
@@ -541,8 +541,12 @@ impl Submit for KeyedWorkerPool {
             }
         }
         drop(idle);
-        deferred.extend(rest);
-        *jobs = deferred;
+        // The caller's buffer, for the jobs left, unless some were deferred.
+        *jobs = rest.into();
+        if !deferred.is_empty() {
+            deferred.append(jobs);
+            *jobs = deferred;
+        }
         self.submit_batch(jobs);
     }
 
@@ -563,12 +567,14 @@ impl Submit for KeyedWorkerPool {
 const MAX_DEFERRED_CELLS: usize = 32;
 
 /// Leave `job` (of `cell`) to the pool, after the jobs deferred before it, and
-/// keep its cell from first polls for the rest of the batch.
-fn defer(deferred: &mut Vec<Job>, blocked: &mut Vec<usize>, job: Job, cell: usize) {
+/// keep its cell from first polls until they are queued; whether the batch's
+/// first polls may go on (fewer than [`MAX_DEFERRED_CELLS`] cells kept).
+fn defer(deferred: &mut Vec<Job>, blocked: &mut Vec<usize>, job: Job, cell: usize) -> bool {
     deferred.push(job);
     if !blocked.contains(&cell) {
         blocked.push(cell);
     }
+    blocked.len() < MAX_DEFERRED_CELLS
 }
 
 impl Pool for KeyedWorkerPool {

@@ -18,15 +18,17 @@ const N: u64 = 200;
 /// wait until each is handled in order; the pool's count of jobs that ended
 /// on the loop.
 async fn ran_inline(inline: bool, options: SubscribeOptions) -> u64 {
-    ran_inline_taking(inline, options, |_| Duration::ZERO).await
+    ran_inline_taking(inline, options, |_| Duration::ZERO, false).await
 }
 
 /// [`ran_inline`] with handlers that keep their thread busy, the `n`th call
-/// (from 0) for `busy(n)`.
+/// (from 0) for `busy(n)`; `paced`: each envelope published once the ones
+/// before it were handled (so each finds the workers idle).
 async fn ran_inline_taking(
     inline: bool,
     options: SubscribeOptions,
     busy: fn(u64) -> Duration,
+    paced: bool,
 ) -> u64 {
     let pool =
         Arc::new(KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(4)).expect("keyed pool"));
@@ -59,6 +61,12 @@ async fn ran_inline_taking(
         let seq = checker.produce(&key);
         let env = Envelope::new(&key, "test", serde_json::json!({ "seq": seq }));
         bus.publish_envelope(&topic, &env).await.expect("publish");
+        if paced {
+            checker
+                .wait_all_handled(Duration::from_secs(30))
+                .await
+                .expect("each envelope handled before the next is published");
+        }
     }
     checker
         .wait_all_handled(Duration::from_secs(30))
@@ -95,7 +103,7 @@ async fn a_subscription_can_turn_first_polls_on_the_loop_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_first_polls_turn_first_polls_on_the_loop_off() {
     let slow = |_| Duration::from_millis(2);
-    let n = ran_inline_taking(true, SubscribeOptions::default(), slow).await;
+    let n = ran_inline_taking(true, SubscribeOptions::default(), slow, false).await;
     // Each slow poll ends its batch's first polls; the first message finds
     // every worker idle, later ones may find them all busy.
     assert!(
@@ -112,7 +120,7 @@ async fn one_slow_first_poll_among_quick_ones_leaves_them_on() {
         0 => Duration::from_millis(2),
         _ => Duration::ZERO,
     };
-    let n = ran_inline_taking(true, SubscribeOptions::default(), first_slow).await;
+    let n = ran_inline_taking(true, SubscribeOptions::default(), first_slow, true).await;
     assert!(
         n > 1,
         "first polls went on after the slow one: {n} ended on the loop"

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use crate::ActorPoolConfig;
 use eventbus_core::raw::routes::{Counted, Router};
-use eventbus_core::raw::{push_batch, Placement, PushError, RouteTable, Submit};
-use eventbus_core::raw::{Job, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{own_first_polls, push_batch, Placement, PushError, RouteTable, Submit};
+use eventbus_core::raw::{Inline, Job, JobQueue, OutcomeKind, SubmitError, SubmitErrorKind};
 use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolStats};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -522,6 +522,19 @@ impl Submit for ActorPool {
         }
     }
 
+    /// Under work-conserving routing, [`own_first_polls`]: the batch's jobs
+    /// whose route cells have nothing in flight, while a warm actor in service
+    /// is idle (see [`Placement::reserve_idle`]); a job that waits goes on, started,
+    /// to that actor. A panic on a first poll is counted as an actor's is, and
+    /// fails no actor (none ran it). Under fixed routing, none.
+    fn submit_batch_inline(&self, jobs: &mut Vec<Job>, inline: &mut Inline<'_>) {
+        let closed = || self.shared.is_closing() || !self.supervisor_alive();
+        if closed() || !self.shared.router.counts() {
+            return self.submit_batch(jobs);
+        }
+        own_first_polls(self, closed, jobs, inline);
+    }
+
     /// Under work-conserving routing; under fixed routing a composite leaves every
     /// job to the pool.
     fn placement(&self) -> Option<&dyn Placement> {
@@ -555,9 +568,12 @@ impl Pool for ActorPool {
             stats.queued += queued;
             stats.max_queued = stats.max_queued.max(queued);
         }
-        stats.submitted = shared.slots.iter().map(Slot::accepted).sum();
-        stats.completed = shared.slots.iter().map(Slot::completed).sum();
-        stats.panicked = shared.slots.iter().map(Slot::panicked).sum();
+        let here = c.ran_here.load(Ordering::Relaxed);
+        stats.submitted = shared.slots.iter().map(Slot::accepted).sum::<u64>() + here;
+        stats.completed = shared.slots.iter().map(Slot::completed).sum::<u64>() + here;
+        stats.panicked = shared.slots.iter().map(Slot::panicked).sum::<u64>()
+            + c.panicked_here.load(Ordering::Relaxed);
+        stats.ran_inline = here;
         stats.rejected = c.rejected.load(Ordering::Relaxed);
         stats.restarts = c.restarts.load(Ordering::Relaxed);
         stats.unavailable_workers = shared.unavailable.load(Ordering::SeqCst);
@@ -585,6 +601,34 @@ impl Placement for ActorPool {
 
     fn routes(&self) -> &Arc<RouteTable> {
         self.shared.router.table()
+    }
+
+    /// An idle actor among the warm ones, those new routes prefer (asked
+    /// for already, in service); when none of them is idle (none warm yet, or
+    /// each busy or held by another submitter), the first slot not warm yet,
+    /// its actor asked for: so the pool starts an actor for first polls only
+    /// as it would for the jobs queued on it, one at a time, while every warm
+    /// one has work.
+    fn reserve_idle(&self) -> Option<(usize, &JobQueue)> {
+        if !self.supervisor_alive() {
+            return None;
+        }
+        let index = self.shared.reserve_idle().or_else(|| {
+            let cold = self.shared.first_cold()?;
+            let slot = &self.shared.slots[cold];
+            (self.start_actor(slot) && slot.queue().reserve()).then_some(cold)
+        })?;
+        Some((index, self.shared.slots[index].queue()))
+    }
+
+    /// Counted with the jobs the actors ran: a panic as an actor's is, though
+    /// no actor fails for it.
+    fn ran_here(&self, kind: OutcomeKind) {
+        let c = &self.shared.counters;
+        c.ran_here.fetch_add(1, Ordering::Relaxed);
+        if kind == OutcomeKind::Panicked {
+            c.panicked_here.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -74,6 +74,10 @@ pub(crate) struct Counters {
     pub(crate) rejected: AtomicU64,
     pub(crate) restarts: AtomicU64,
     pub(crate) cool_downs: AtomicU64,
+    /// Jobs that ended on a first poll where they were submitted, and of those
+    /// the panics: written by submitters.
+    pub(crate) ran_here: AtomicU64,
+    pub(crate) panicked_here: AtomicU64,
 }
 
 /// State shared by the pool handle, the supervisor and the workers.
@@ -148,6 +152,36 @@ impl Shared {
         let rank = rank(i)?;
         let idle = rank & !WAITS == 0;
         (idle || (rank < WARM_DEPTH && warm >= self.warm.enough)).then_some(i)
+    }
+
+    /// The first slot not warm yet (see [`Warm`]), when there is one and it
+    /// is in service.
+    pub(crate) fn first_cold(&self) -> Option<usize> {
+        let warm = self.warm.count();
+        (warm < self.slots.len() && self.takes(warm, None)).then_some(warm)
+    }
+
+    /// Hold an idle actor for a job started where it was submitted
+    /// ([`JobQueue::reserve`](eventbus_core::raw::JobQueue::reserve)): among the
+    /// warm actors (see [`Warm`]) whose first actor was asked for and which
+    /// are in service, the first idle one found, looking from one drawn at
+    /// random: a job that ends on its first poll needs no actor of its own,
+    /// and one that waits goes to an actor asked for already (or to its
+    /// successor, should it fail meanwhile). `None` when the pool is closing
+    /// or every such actor has work.
+    pub(crate) fn reserve_idle(&self) -> Option<usize> {
+        let warm = self.warm.count();
+        if warm == 0 || self.is_closing() {
+            return None;
+        }
+        let from = fastrand::usize(..warm);
+        (0..warm).map(|i| (from + i) % warm).find(|&i| {
+            let slot = &self.slots[i];
+            slot.is_started()
+                && !slot.is_unavailable()
+                && slot.queue().load() == 0
+                && slot.queue().reserve()
+        })
     }
 
     /// Whether actor `i` takes new routes: in service, and not `not`.

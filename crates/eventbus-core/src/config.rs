@@ -114,8 +114,9 @@ pub struct ConsumerConfig {
     pub stall_threshold: Duration,
     /// Poll a handler on its consume loop when its message is admitted, its
     /// route cell (shared by the aggregates whose hashes fall in it) has
-    /// nothing in flight and a keyed worker is idle; only a handler that does
-    /// not finish on that first poll goes to the pool, started. Default off. See
+    /// nothing in flight and a worker of its pool is idle; only a handler that
+    /// does not finish on that first poll goes to the pool, started. Default
+    /// off. See
     /// `docs/benchmarks.md`, "Run to completion"; a subscription may turn it
     /// off for itself ([`SubscribeOptions::inline_first_poll`]).
     ///

@@ -64,6 +64,7 @@ pub mod raw {
     pub(crate) mod dispatcher;
     pub mod fence;
     pub mod finished;
+    pub(crate) mod first_polls;
     pub mod handover;
     pub mod inflight;
     pub(crate) mod job;
@@ -102,6 +103,7 @@ pub mod raw {
         PartitionHold, PreparedSubscription,
     };
     pub use fence::{Epoch, Scope};
+    pub use first_polls::{first_polls, own_first_polls, FirstPollSite};
     pub use handover::{hand_over, HandOver, HandedOver};
     pub use inflight::{InFlightLimit, InFlightSet, Target, Ticket};
     pub use job::{DoneHook, DoneSink, FirstPoll, Job, JobClass};

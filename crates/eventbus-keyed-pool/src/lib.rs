@@ -7,9 +7,10 @@ pub use config::KeyedPoolConfig;
 use eventbus_core::raw::routes::victim;
 use eventbus_core::raw::routes::{Counted, Router, MAX_WORKERS};
 use eventbus_core::raw::{
-    less_loaded, push_batch, JobQueue, Place, Placement, PushError, RouteTable, Submit,
+    less_loaded, push_batch, JobQueue, Placement, PushError, RouteTable, Submit,
 };
-use eventbus_core::raw::{FirstPoll, Inline, Job, OutcomeKind, SubmitError, SubmitErrorKind};
+use eventbus_core::raw::{own_first_polls, Inline, Job, OutcomeKind};
+use eventbus_core::raw::{SubmitError, SubmitErrorKind};
 use eventbus_core::{ComponentHealth, Error, HealthStatus, Pool, PoolStats};
 use futures::future::BoxFuture;
 use std::cell::RefCell;
@@ -87,16 +88,13 @@ impl Shared {
     /// Hold an idle worker for a job started where it was submitted
     /// ([`JobQueue::reserve`]): the first found, looking from a worker drawn at
     /// random; `None` when every worker has work.
-    fn reserve_idle(&self) -> Option<Reserved<'_>> {
+    fn reserve_idle(&self) -> Option<(usize, &JobQueue)> {
         let n = self.queues.len();
         let from = fastrand::usize(..n);
         (0..n)
             .map(|i| (from + i) % n)
             .find(|&w| self.queues[w].load() == 0 && self.queues[w].reserve())
-            .map(|worker| Reserved {
-                queue: Some(&self.queues[worker]),
-                worker,
-            })
+            .map(|worker| (worker, &self.queues[worker]))
     }
 
     /// The worker of `job` and the cell of the pool's table it was counted in.
@@ -289,64 +287,6 @@ impl KeyedWorkerPool {
     }
 }
 
-/// A route cell claimed for a job polled where it was submitted
-/// ([`RouteTable::claim`]). Dropped, the job has ended (or was dropped): the
-/// cell is let go with its count taken back; the jobs that came meanwhile stay
-/// on its worker.
-struct Held<'a> {
-    table: &'a RouteTable,
-    cell: usize,
-    ended: bool,
-}
-
-impl Held<'_> {
-    /// The job waits: put it, started, first in the queue of the idle worker
-    /// held for it, letting the cell go under that queue's lock, before the
-    /// worker can take it (a closing pool's worker runs it as it runs what is
-    /// queued).
-    fn hand_on(mut self, job: Job, reserved: Reserved<'_>) {
-        let (table, cell) = (self.table, self.cell);
-        reserved.take().fill(job, || table.settle(cell, false));
-        self.ended = false;
-    }
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        if self.ended {
-            self.table.settle(self.cell, true);
-        }
-    }
-}
-
-/// An idle worker held for jobs polled where they are submitted
-/// ([`JobQueue::reserve`]); the hold ends when dropped, or when the worker is
-/// given its job ([`Reserved::take`]).
-struct Reserved<'a> {
-    queue: Option<&'a JobQueue>,
-    worker: usize,
-}
-
-impl<'a> Reserved<'a> {
-    /// Jobs queued on the held worker.
-    fn queued(&self) -> usize {
-        self.queue.map_or(0, JobQueue::queued)
-    }
-
-    /// The held queue, for its job: the hold is the job's to end.
-    fn take(mut self) -> &'a JobQueue {
-        self.queue.take().expect("held")
-    }
-}
-
-impl Drop for Reserved<'_> {
-    fn drop(&mut self) {
-        if let Some(queue) = self.queue {
-            queue.unreserve();
-        }
-    }
-}
-
 /// Serve one queue: run its jobs one at a time, in order, until it is closed and
 /// empty. A job the pool placed itself leaves its route cell once it has run; a
 /// job that runs long hands the routes queued behind it to other workers.
@@ -432,122 +372,14 @@ impl Submit for KeyedWorkerPool {
         }
     }
 
-    /// Under work-conserving routing, the batch's jobs whose route cells have
-    /// nothing in flight, while a worker is idle (a job whose cell is busy goes
-    /// to the pool, queued before any later job is polled here, and its cell's
-    /// later jobs with it). The idle
-    /// worker is held ([`JobQueue::reserve`]: it takes no job meanwhile), and
-    /// each job's cell is claimed for it ([`RouteTable::claim`]: placed on that
-    /// worker, marked held, so a job of the cell submitted meanwhile queues
-    /// there and waits) while the job is polled here. A job that ends lets its
-    /// cell go; one that waits goes, started, first into the held worker's
-    /// queue, its cell let go under that queue's lock, and the next job looks
-    /// for another idle worker. So a started job is polled next, by a worker
-    /// that runs nothing else, never behind a job that may hang. Without an
-    /// idle worker, or under fixed routing (a route's worker is fixed, nothing
-    /// counted to hold), none.
+    /// Under work-conserving routing, [`own_first_polls`]: the batch's jobs whose
+    /// route cells have nothing in flight, while a worker is idle. Under fixed
+    /// routing (a route's worker is fixed, nothing counted to hold), none.
     fn submit_batch_inline(&self, jobs: &mut Vec<Job>, inline: &mut Inline<'_>) {
-        let shared = &self.shared;
-        if self.is_closed() || !shared.router.counts() {
+        if self.is_closed() || !self.shared.router.counts() {
             return self.submit_batch(jobs);
         }
-        let table = shared.router.table();
-        let mut rest = std::collections::VecDeque::from(std::mem::take(jobs));
-        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        // The idle worker held for the jobs polled here.
-        let mut idle: Option<Reserved<'_>> = None;
-        // Jobs left to the pool, in order, and their cells: a later job of a
-        // deferred job's cell is deferred too, and the deferred jobs are
-        // queued before any later job is polled here, so that what the pool
-        // takes stays a prefix of the batch (`Submit::submit_batch`).
-        let mut deferred: Vec<Job> = Vec::new();
-        let mut blocked: Vec<usize> = Vec::new();
-        // When the last first poll ended: the next one's start, give or take
-        // the claim between them (one clock read per poll, not two); unset
-        // after anything longer (a hand-on, deferred jobs queued).
-        let mut last_end: Option<std::time::Instant> = None;
-        while let Some(job) = rest.pop_front() {
-            // A job a composite placed is counted in its table, not here.
-            if job.placed().is_some() || self.is_closed() || !inline.has_budget() {
-                rest.push_front(job);
-                break;
-            }
-            let cell = RouteTable::cell_of(job.route());
-            if blocked.contains(&cell) || !inline.wants() {
-                if defer(&mut deferred, &mut blocked, job, cell) {
-                    continue;
-                }
-                break;
-            }
-            if idle.is_none() {
-                idle = shared.reserve_idle();
-            }
-            let Some(worker) = idle.as_ref().map(|r| r.worker) else {
-                rest.push_front(job);
-                break;
-            };
-            // A cell with a job in flight: that job's worker takes this one.
-            if !table.claim(cell, Place::new(0, worker)) {
-                if defer(&mut deferred, &mut blocked, job, cell) {
-                    continue;
-                }
-                break;
-            }
-            let held = Held {
-                table,
-                cell,
-                ended: true,
-            };
-            if !deferred.is_empty() {
-                self.submit_batch(&mut deferred);
-                last_end = None;
-                if !deferred.is_empty() {
-                    // No room for a deferred job: nothing after it runs here.
-                    // The cell is let go unpolled, the job goes back in line.
-                    drop(held);
-                    rest.push_front(job);
-                    break;
-                }
-                blocked.clear();
-            }
-            let began = last_end.unwrap_or_else(std::time::Instant::now);
-            // A wake-up before the worker polls the job on goes nowhere: the
-            // worker polls it first thing.
-            let polled = job.poll_first(&mut cx);
-            let ended = std::time::Instant::now();
-            let took = ended.saturating_duration_since(began);
-            last_end = Some(ended);
-            match polled {
-                FirstPoll::Done(kind) => {
-                    inline.polled(took, false);
-                    let c = &shared.counters.inline;
-                    c.completed.fetch_add(1, Ordering::Relaxed);
-                    if kind == OutcomeKind::Panicked {
-                        c.panicked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    drop(held);
-                    // Jobs queued on the held worker meanwhile (of a held
-                    // cell, or handed to it) run now, not after the batch.
-                    if idle.as_ref().is_some_and(|r| r.queued() > 0) {
-                        idle = None;
-                    }
-                }
-                FirstPoll::Pending(job) => {
-                    inline.polled(took, true);
-                    let reserved = idle.take().expect("an idle worker is held");
-                    held.hand_on(job, reserved);
-                    last_end = None;
-                }
-            }
-        }
-        drop(idle);
-        // The caller's buffer, for the jobs left, unless some were deferred.
-        *jobs = rest.into();
-        if !deferred.is_empty() {
-            deferred.append(jobs);
-            *jobs = deferred;
-        }
-        self.submit_batch(jobs);
+        own_first_polls(self, || self.is_closed(), jobs, inline);
     }
 
     /// Under work-conserving routing; under fixed routing a composite leaves every
@@ -558,23 +390,6 @@ impl Submit for KeyedWorkerPool {
             .counts()
             .then_some(self as &dyn Placement)
     }
-}
-
-/// Cells of deferred jobs a batch's first polls look past between two first
-/// polls, at most: at the bound, the rest of the batch goes to the pool as it
-/// is (a longer list would cost each later job more to check than its first
-/// poll saves).
-const MAX_DEFERRED_CELLS: usize = 32;
-
-/// Leave `job` (of `cell`) to the pool, after the jobs deferred before it, and
-/// keep its cell from first polls until they are queued; whether the batch's
-/// first polls may go on (fewer than [`MAX_DEFERRED_CELLS`] cells kept).
-fn defer(deferred: &mut Vec<Job>, blocked: &mut Vec<usize>, job: Job, cell: usize) -> bool {
-    deferred.push(job);
-    if !blocked.contains(&cell) {
-        blocked.push(cell);
-    }
-    blocked.len() < MAX_DEFERRED_CELLS
 }
 
 impl Pool for KeyedWorkerPool {
@@ -658,6 +473,22 @@ impl Placement for KeyedWorkerPool {
 
     fn routes(&self) -> &Arc<RouteTable> {
         self.shared.router.table()
+    }
+
+    fn reserve_idle(&self) -> Option<(usize, &JobQueue)> {
+        if self.is_closed() {
+            return None;
+        }
+        self.shared.reserve_idle()
+    }
+
+    /// Counted with the jobs that ended on a first poll here.
+    fn ran_here(&self, kind: OutcomeKind) {
+        let c = &self.shared.counters.inline;
+        c.completed.fetch_add(1, Ordering::Relaxed);
+        if kind == OutcomeKind::Panicked {
+            c.panicked.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

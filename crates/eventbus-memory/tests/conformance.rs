@@ -5,14 +5,10 @@ use eventbus_testkit::factories::MemoryBuses;
 eventbus_testkit::conformance_tests!(MemoryBuses::default());
 
 /// The same checks with handlers first polled on the consume loop
-/// (`consumer.inline_first_poll`): on the keyed pool, where a first poll runs
-/// there; the actor pool takes every job as before.
+/// (`consumer.inline_first_poll`), on both pools.
 mod first_poll_on_the_loop {
     use eventbus_testkit::conformance::FirstPollOnLoop;
     use eventbus_testkit::factories::MemoryBuses;
 
-    eventbus_testkit::conformance_tests!(
-        FirstPollOnLoop(MemoryBuses::default());
-        keyed_pool => eventbus_testkit::factories::keyed_pools()
-    );
+    eventbus_testkit::conformance_tests!(FirstPollOnLoop(MemoryBuses::default()));
 }

@@ -18,20 +18,23 @@ const N: u64 = 200;
 /// wait until each is handled in order; the pool's count of jobs that ended
 /// on the loop.
 async fn ran_inline(inline: bool, options: SubscribeOptions) -> u64 {
-    ran_inline_taking(inline, options, |_| Duration::ZERO, false).await
+    ran_inline_taking(keyed(), inline, options, |_| Duration::ZERO, false).await
 }
 
-/// [`ran_inline`] with handlers that keep their thread busy, the `n`th call
-/// (from 0) for `busy(n)`; `paced`: each envelope published once the ones
-/// before it were handled (so each finds the workers idle).
+fn keyed() -> Arc<dyn Pool> {
+    Arc::new(KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(4)).expect("keyed pool"))
+}
+
+/// [`ran_inline`] on `pool`, with handlers that keep their thread busy, the
+/// `n`th call (from 0) for `busy(n)`; `paced`: each envelope published once
+/// the ones before it were handled (so each finds the workers idle).
 async fn ran_inline_taking(
+    pool: Arc<dyn Pool>,
     inline: bool,
     options: SubscribeOptions,
     busy: fn(u64) -> Duration,
     paced: bool,
 ) -> u64 {
-    let pool =
-        Arc::new(KeyedWorkerPool::new(&KeyedPoolConfig::default().workers(4)).expect("keyed pool"));
     let mut config = BusConfig::default();
     config.consumer.group_id = "first-poll".into();
     config.consumer.inline_first_poll = inline;
@@ -103,7 +106,7 @@ async fn a_subscription_can_turn_first_polls_on_the_loop_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_first_polls_turn_first_polls_on_the_loop_off() {
     let slow = |_| Duration::from_millis(2);
-    let n = ran_inline_taking(true, SubscribeOptions::default(), slow, false).await;
+    let n = ran_inline_taking(keyed(), true, SubscribeOptions::default(), slow, false).await;
     // Each slow poll ends its batch's first polls; the first message finds
     // every worker idle, later ones may find them all busy.
     assert!(
@@ -120,9 +123,28 @@ async fn one_slow_first_poll_among_quick_ones_leaves_them_on() {
         0 => Duration::from_millis(2),
         _ => Duration::ZERO,
     };
-    let n = ran_inline_taking(true, SubscribeOptions::default(), first_slow, true).await;
+    let n = ran_inline_taking(keyed(), true, SubscribeOptions::default(), first_slow, true).await;
     assert!(
         n > 1,
         "first polls went on after the slow one: {n} ended on the loop"
     );
+}
+
+/// On the actor pool too: handlers end on the loop, once an actor is warm
+/// and idle (each envelope published once the ones before it were handled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_end_on_the_loop_on_the_actor_pool_too() {
+    let config = eventbus_actor_pool::ActorPoolConfig::default().workers(4);
+    let pool = eventbus_actor_pool::ActorPool::start(&config)
+        .await
+        .expect("actor pool");
+    let n = ran_inline_taking(
+        Arc::new(pool),
+        true,
+        SubscribeOptions::default(),
+        |_| Duration::ZERO,
+        true,
+    )
+    .await;
+    assert!(n > 0, "no handler ended on the consume loop");
 }

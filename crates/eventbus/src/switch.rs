@@ -49,7 +49,8 @@ use crate::PoolKind;
 use eventbus_core::{ComponentHealth, Error, ErrorKind, HealthStatus, Pool, PoolShare, PoolStats};
 
 use eventbus_core::raw::{
-    rollout_bucket, Inline, Job, Place, Submit, SubmitError, SubmitErrorKind,
+    first_polls, rollout_bucket, FirstPollSite, Inline, Job, JobQueue, OutcomeKind, Place,
+    RouteTable, Submit, SubmitError, SubmitErrorKind,
 };
 use futures::future::BoxFuture;
 use mode::{Kind, Mode, Steady, SteadyGuard};
@@ -664,20 +665,88 @@ impl Submit for PoolSwitch {
     }
     /// In steady mode (every job on the keyed pool, counted there) the keyed
     /// pool's first polls where the batch is submitted, as
-    /// [`submit_batch`](Submit::submit_batch) hands it the batch; the batch
-    /// counts as one steady submission under way until the call returns, so a
-    /// change of mode waits for the first polls too, and a job that waits is
-    /// in flight on a keyed worker, counted in the shared table, as any steady
-    /// job. In the other modes, none: the batch goes as `submit_batch` sends it.
+    /// [`submit_batch`](Submit::submit_batch) hands it the batch. Pinned, the
+    /// switch's own ([`first_polls`]): each job's pin cell is claimed for an
+    /// idle worker of the side its route goes to now (both sides offering
+    /// placement), so a job that waits goes on to that worker placed and
+    /// pinned there, as any job the switch places. Either way the batch counts
+    /// as one steady submission under way until the call returns, so a change
+    /// of mode waits for the first polls too. While the mode waits for the
+    /// steady submissions to end, none: the batch goes as `submit_batch`
+    /// sends it.
     fn submit_batch_inline(&self, jobs: &mut Vec<Job>, inline: &mut Inline<'_>) {
         let under_way = self.steady.enter();
-        if self.current().kind() != Kind::Steady {
-            drop(under_way);
-            return self.submit_batch(jobs);
+        match self.current().kind() {
+            Kind::Steady => {
+                jobs.iter_mut().for_each(Job::unplace);
+                self.keyed.submit_batch_inline(jobs, inline);
+            }
+            Kind::Pinned
+                if self.keyed.placement().is_some() && self.actor.placement().is_some() =>
+            {
+                first_polls(&Pinned(self), jobs, inline);
+            }
+            _ => {
+                drop(under_way);
+                return self.submit_batch(jobs);
+            }
         }
-        jobs.iter_mut().for_each(Job::unplace);
-        self.keyed.submit_batch_inline(jobs, inline);
         drop(under_way);
+    }
+}
+
+/// The switch's first polls while it pins every job ([`Kind::Pinned`]): in its
+/// pin table, on the side each route goes to now. The caller holds a steady
+/// submission under way, so the mode stays pinned meanwhile (the share may
+/// change: each job reads it).
+struct Pinned<'a>(&'a PoolSwitch);
+
+impl Pinned<'_> {
+    /// The side a route with nothing in flight goes to now.
+    fn side(&self, job: &Job) -> PoolKind {
+        if rollout_bucket(job.route()) < self.0.actor_percent() {
+            PoolKind::Actor
+        } else {
+            PoolKind::Keyed
+        }
+    }
+}
+
+impl FirstPollSite for Pinned<'_> {
+    fn table(&self) -> &RouteTable {
+        self.0.pins.table()
+    }
+
+    /// The sides' idle workers say when they stop taking jobs.
+    fn is_closed(&self) -> bool {
+        false
+    }
+
+    fn reserve(&self, job: &Job) -> Option<(Place, &JobQueue)> {
+        let side = self.side(job);
+        let (worker, queue) = self.0.pool(side).placement()?.reserve_idle()?;
+        self.0.tick(self.0.current());
+        Some((side.place(Some(worker)), queue))
+    }
+
+    fn suits(&self, place: Place, job: &Job) -> bool {
+        PoolKind::of(place) == self.side(job)
+    }
+
+    /// Placed on the held worker, pinned in `cell` until its done hook.
+    fn hand_on(&self, job: &mut Job, place: Place, cell: usize) {
+        place_job(job, place);
+        job.set_done_hook(self.0.pins.done_hook(cell));
+    }
+
+    fn ran_here(&self, place: Place, kind: OutcomeKind) {
+        if let Some(side) = self.0.pool(PoolKind::of(place)).placement() {
+            side.ran_here(kind);
+        }
+    }
+
+    fn submit_batch(&self, jobs: &mut Vec<Job>) {
+        self.0.submit_batch(jobs);
     }
 }
 

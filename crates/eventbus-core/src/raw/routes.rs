@@ -629,6 +629,26 @@ pub trait Placement: Send + Sync {
     /// switch does, over its keyed pool), so that a route has one place whether
     /// the pool or the composite placed its jobs.
     fn routes(&self) -> &Arc<RouteTable>;
+
+    /// Hold an idle worker for a job the composite polls where it is submitted
+    /// ([`JobQueue::reserve`](crate::raw::JobQueue::reserve)): the worker and
+    /// its queue. The composite claims the job's cell for that worker
+    /// ([`RouteTable::claim`]) and either lets the hold go
+    /// ([`JobQueue::unreserve`](crate::raw::JobQueue::unreserve)) or, should
+    /// the job wait, fills the queue with it, placed there
+    /// ([`JobQueue::fill`](crate::raw::JobQueue::fill)); see
+    /// [`first_polls`](crate::raw::first_polls). `None`: no worker is idle, or
+    /// the pool offers no first polls (the default).
+    fn reserve_idle(&self) -> Option<(usize, &JobQueue)> {
+        None
+    }
+
+    /// A job the composite placed on this pool ended on its first poll where
+    /// it was submitted, with an outcome of `kind`: counted as the pool counts
+    /// the jobs its workers run.
+    fn ran_here(&self, kind: OutcomeKind) {
+        let _ = kind;
+    }
 }
 
 #[cfg(test)]

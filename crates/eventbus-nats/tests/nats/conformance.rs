@@ -9,16 +9,13 @@ eventbus_testkit::conformance_tests!({
 });
 
 /// The same checks with handlers first polled on the consume loop
-/// (`consumer.inline_first_poll`), on the keyed pool.
+/// (`consumer.inline_first_poll`), on both pools.
 mod first_poll_on_the_loop {
     use eventbus_testkit::conformance::FirstPollOnLoop;
     use eventbus_testkit::factories::NatsBuses;
 
-    eventbus_testkit::conformance_tests!(
-        {
-            crate::common::init_tracing();
-            FirstPollOnLoop(NatsBuses::start())
-        };
-        keyed_pool => eventbus_testkit::factories::keyed_pools()
-    );
+    eventbus_testkit::conformance_tests!({
+        crate::common::init_tracing();
+        FirstPollOnLoop(NatsBuses::start())
+    });
 }

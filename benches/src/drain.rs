@@ -39,18 +39,19 @@ pub enum DrainSide {
     Bare,
     /// The bus on this pool.
     Bus(PoolKind),
-    /// The bus on the keyed pool with the first poll on the consume loop
+    /// The bus on this pool with the first poll on the consume loop
     /// (`consumer.inline_first_poll`): a no-op handler completes there.
-    KeyedInline,
+    Inline(PoolKind),
 }
 
 impl DrainSide {
-    /// `bare`, `keyed` or `actor`.
+    /// `bare`, `keyed`, `actor`, `keyed-inline` or `actor-inline`.
     pub fn name(self) -> &'static str {
         match self {
             DrainSide::Bare => "bare",
             DrainSide::Bus(k) => k.as_str(),
-            DrainSide::KeyedInline => "keyed-inline",
+            DrainSide::Inline(PoolKind::Keyed) => "keyed-inline",
+            DrainSide::Inline(PoolKind::Actor) => "actor-inline",
         }
     }
 
@@ -60,7 +61,7 @@ impl DrainSide {
         match self {
             DrainSide::Bare => None,
             DrainSide::Bus(k) => Some((k, false)),
-            DrainSide::KeyedInline => Some((PoolKind::Keyed, true)),
+            DrainSide::Inline(k) => Some((k, true)),
         }
     }
 }
@@ -364,7 +365,8 @@ mod tests {
         for side in [
             DrainSide::Bus(PoolKind::Keyed),
             DrainSide::Bus(PoolKind::Actor),
-            DrainSide::KeyedInline,
+            DrainSide::Inline(PoolKind::Keyed),
+            DrainSide::Inline(PoolKind::Actor),
         ] {
             let d = run_drain(&memory_spec(side, 2_000))
                 .await

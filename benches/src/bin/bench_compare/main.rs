@@ -651,14 +651,15 @@ fn mean(xs: &[f64]) -> f64 {
 }
 
 /// Who drains a backlog in round `round`, in order: on a broker the bare loop,
-/// the keyed bus, the actor bus and the keyed bus polling first on the loop,
-/// rotating; on memory (no bare client) the three buses, rotating.
+/// the keyed bus, the actor bus and each polling first on the loop, rotating;
+/// on memory (no bare client) the four buses, rotating.
 fn drain_sides(backend: Backend, round: usize) -> Vec<DrainSide> {
     let mut sides = vec![
         DrainSide::Bare,
         DrainSide::Bus(PoolKind::Keyed),
         DrainSide::Bus(PoolKind::Actor),
-        DrainSide::KeyedInline,
+        DrainSide::Inline(PoolKind::Keyed),
+        DrainSide::Inline(PoolKind::Actor),
     ];
     if backend.in_process() {
         sides.remove(0);

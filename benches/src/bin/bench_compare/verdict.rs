@@ -550,39 +550,41 @@ impl Verdict {
         self.first_poll_drain(backend, drains, drain_n);
     }
 
-    /// The keyed bus polling first on the consume loop
+    /// Each bus polling first on the consume loop
     /// (`consumer.inline_first_poll`), against itself without it and the bare
     /// loop: a baseline and a note, not a bar while the setting is off by
     /// default.
     fn first_poll_drain(&mut self, backend: Backend, drains: &[DrainResult], drain_n: u64) {
-        let side = DrainSide::KeyedInline.name();
-        let (inline, keyed) = (drain_rate(drains, side), drain_rate(drains, "keyed"));
-        if !(inline > 0.0 && keyed > 0.0) {
-            return;
+        for kind in [PoolKind::Keyed, PoolKind::Actor] {
+            let (side, off) = (DrainSide::Inline(kind).name(), kind.as_str());
+            let (inline, without) = (drain_rate(drains, side), drain_rate(drains, off));
+            if !(inline > 0.0 && without > 0.0) {
+                continue;
+            }
+            let (inline_cpu, off_cpu) = (drain_cpu(drains, side), drain_cpu(drains, off));
+            self.baselines.push(Baseline {
+                name: format!(
+                    "{} bus, {off} pool polling first on the consume loop, no-op plain handler, backlog of {drain_n} (CPU {inline_cpu:.2} µs/msg)",
+                    backend.as_str()
+                ),
+                value: inline,
+                unit: "msg/s".into(),
+            });
+            let bare = drain_rate(drains, "bare");
+            let against_bare = if bare > 0.0 {
+                format!(
+                    "; {:.2}× the bare loop, {:+.2} core-µs per message over it",
+                    inline / bare,
+                    inline_cpu - drain_cpu(drains, "bare")
+                )
+            } else {
+                String::new()
+            };
+            self.notes.push(format!(
+                "first poll on the consume loop (consumer.inline_first_poll, off by default), {off} pool draining the backlog: {:.2}× its rate with the setting off ({inline:.0} against {without:.0} msg/s), CPU {inline_cpu:.2} against {off_cpu:.2} µs per message{against_bare}",
+                inline / without
+            ));
         }
-        let (inline_cpu, keyed_cpu) = (drain_cpu(drains, side), drain_cpu(drains, "keyed"));
-        self.baselines.push(Baseline {
-            name: format!(
-                "{} bus, keyed pool polling first on the consume loop, no-op plain handler, backlog of {drain_n} (CPU {inline_cpu:.2} µs/msg)",
-                backend.as_str()
-            ),
-            value: inline,
-            unit: "msg/s".into(),
-        });
-        let bare = drain_rate(drains, "bare");
-        let against_bare = if bare > 0.0 {
-            format!(
-                "; {:.2}× the bare loop, {:+.2} core-µs per message over it",
-                inline / bare,
-                inline_cpu - drain_cpu(drains, "bare")
-            )
-        } else {
-            String::new()
-        };
-        self.notes.push(format!(
-            "first poll on the consume loop (consumer.inline_first_poll, off by default), keyed pool draining the backlog: {:.2}× its rate with the setting off ({inline:.0} against {keyed:.0} msg/s), CPU {inline_cpu:.2} against {keyed_cpu:.2} µs per message{against_bare}",
-            inline / keyed
-        ));
     }
 
     /// How the backend's runs publish and what their peak memory holds.

@@ -253,7 +253,8 @@ impl ActorPool {
     }
 
     /// Actors (the supervisor and the workers started so far: a worker starts with
-    /// its slot's first job) whose task has not ended. Zero once [`Pool::close`] has
+    /// its slot's first job, or its first hold for a first poll) whose task has
+    /// not ended. Zero once [`Pool::close`] has
     /// returned.
     pub fn live_actors(&self) -> usize {
         let supervisor = usize::from(self.supervisor.get_status() != ActorStatus::Stopped);
@@ -523,8 +524,9 @@ impl Submit for ActorPool {
     }
 
     /// Under work-conserving routing, [`own_first_polls`]: the batch's jobs
-    /// whose route cells have nothing in flight, while a warm actor in service
-    /// is idle (see [`Placement::reserve_idle`]); a job that waits goes on, started,
+    /// whose route cells have nothing in flight, while an actor is idle (a
+    /// warm one, or the first not warm yet when every warm one has work: see
+    /// [`Placement::reserve_idle`]); a job that waits goes on, started,
     /// to that actor. A panic on a first poll is counted as an actor's is, and
     /// fails no actor (none ran it). Under fixed routing, none.
     fn submit_batch_inline(&self, jobs: &mut Vec<Job>, inline: &mut Inline<'_>) {
@@ -610,7 +612,7 @@ impl Placement for ActorPool {
     /// as it would for the jobs queued on it, one at a time, while every warm
     /// one has work.
     fn reserve_idle(&self) -> Option<(usize, &JobQueue)> {
-        if !self.supervisor_alive() {
+        if self.shared.is_closing() || !self.supervisor_alive() {
             return None;
         }
         let index = self.shared.reserve_idle().or_else(|| {

@@ -54,7 +54,8 @@ pub(crate) struct Slot {
     /// The bounded queue. It outlives the actors: a restart hands it, with every job
     /// still in it, to the successor. It counts the jobs it accepted.
     queue: JobQueue,
-    /// Set by the first submission to the slot, which asks the supervisor to start
+    /// Set by the first submission to the slot (or the first hold of it for a
+    /// job polled where it was submitted), which asks the supervisor to start
     /// its first actor: a slot no job was ever routed to has none.
     started: AtomicBool,
     /// Held by the actor serving the queue, so that at most one does, and so that

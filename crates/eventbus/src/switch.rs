@@ -665,50 +665,52 @@ impl Submit for PoolSwitch {
     }
     /// In steady mode (every job on the keyed pool, counted there) the keyed
     /// pool's first polls where the batch is submitted, as
-    /// [`submit_batch`](Submit::submit_batch) hands it the batch. Pinned, the
-    /// switch's own ([`first_polls`]): each job's pin cell is claimed for an
-    /// idle worker of the side its route goes to now (both sides offering
-    /// placement), so a job that waits goes on to that worker placed and
-    /// pinned there, as any job the switch places. Either way the batch counts
-    /// as one steady submission under way until the call returns, so a change
-    /// of mode waits for the first polls too. While the mode waits for the
-    /// steady submissions to end, none: the batch goes as `submit_batch`
-    /// sends it.
+    /// [`submit_batch`](Submit::submit_batch) hands it the batch; the batch
+    /// counts as one steady submission under way until the call returns, so a
+    /// change of mode waits for the first polls too. Pinned (both sides
+    /// offering placement), the switch's own ([`first_polls`]): each job's
+    /// pin cell is claimed for an idle worker of the side its route goes to
+    /// now, under way job by job as [`submit_batch`](Submit::submit_batch)'s
+    /// are (so a change of mode can go through from inside the batch), and a
+    /// job that waits goes on to that worker placed and pinned there, as any
+    /// job the switch places. Otherwise (waiting for the steady submissions
+    /// under way to end, after a rise from share 0), none: the batch goes as
+    /// `submit_batch` sends it.
     fn submit_batch_inline(&self, jobs: &mut Vec<Job>, inline: &mut Inline<'_>) {
         let under_way = self.steady.enter();
         match self.current().kind() {
             Kind::Steady => {
                 jobs.iter_mut().for_each(Job::unplace);
                 self.keyed.submit_batch_inline(jobs, inline);
+                drop(under_way);
             }
             Kind::Pinned
                 if self.keyed.placement().is_some() && self.actor.placement().is_some() =>
             {
+                drop(under_way);
                 first_polls(&Pinned(self), jobs, inline);
             }
             _ => {
                 drop(under_way);
-                return self.submit_batch(jobs);
+                self.submit_batch(jobs);
             }
         }
-        drop(under_way);
     }
 }
 
 /// The switch's first polls while it pins every job ([`Kind::Pinned`]): in its
-/// pin table, on the side each route goes to now. The caller holds a steady
-/// submission under way, so the mode stays pinned meanwhile (the share may
-/// change: each job reads it).
+/// pin table, on the side each route goes to by the share now. Each claim is
+/// made as [`PoolSwitch::route`] pins: under way, the mode word read before
+/// and after it; a claim whose word changed meanwhile is let go and the job
+/// routed by `submit_batch`, after the jobs before it.
 struct Pinned<'a>(&'a PoolSwitch);
 
-impl Pinned<'_> {
-    /// The side a route with nothing in flight goes to now.
-    fn side(&self, job: &Job) -> PoolKind {
-        if rollout_bucket(job.route()) < self.0.actor_percent() {
-            PoolKind::Actor
-        } else {
-            PoolKind::Keyed
-        }
+/// The side a route with nothing in flight goes to at share `percent`.
+fn side_at(percent: u8, job: &Job) -> PoolKind {
+    if rollout_bucket(job.route()) < percent {
+        PoolKind::Actor
+    } else {
+        PoolKind::Keyed
     }
 }
 
@@ -723,14 +725,36 @@ impl FirstPollSite for Pinned<'_> {
     }
 
     fn reserve(&self, job: &Job) -> Option<(Place, &JobQueue)> {
-        let side = self.side(job);
+        let mode = self.0.current();
+        self.0.tick(mode);
+        let side = side_at(mode.percent(), job);
         let (worker, queue) = self.0.pool(side).placement()?.reserve_idle()?;
-        self.0.tick(self.0.current());
         Some((side.place(Some(worker)), queue))
     }
 
     fn suits(&self, place: Place, job: &Job) -> bool {
-        PoolKind::of(place) == self.side(job)
+        PoolKind::of(place) == side_at(self.0.actor_percent(), job)
+    }
+
+    /// Under way from before the mode word is read until the cell is claimed,
+    /// and the word read again: still pinned, at a share that sends the route
+    /// to `place`'s side, unchanged across the claim (see `mode.rs`).
+    fn claim(&self, job: &Job, cell: usize, place: Place) -> bool {
+        let under_way = self.0.steady.enter();
+        let mode = self.0.current();
+        if mode.kind() != Kind::Pinned || side_at(mode.percent(), job) != PoolKind::of(place) {
+            return false;
+        }
+        let table = self.0.pins.table();
+        if !table.claim(cell, place) {
+            return false;
+        }
+        if self.0.current() != mode {
+            table.settle(cell, true);
+            return false;
+        }
+        drop(under_way);
+        true
     }
 
     /// Placed on the held worker, pinned in `cell` until its done hook.

@@ -1,10 +1,11 @@
 //! A change of mode that had to wait (a submission under way when the share
 //! changed) goes through on a switch fed only by `submit_batch`, as the
-//! dispatcher feeds it: a share rise reaches the actor pool, and a rollback stops
-//! counting jobs.
+//! dispatcher feeds it, or only by `submit_batch_inline`, as it feeds it with
+//! first polls on the loop: a share rise reaches the actor pool, and a
+//! rollback stops counting jobs.
 
-use eventbus::core::raw::Submit;
 use eventbus::core::raw::{stable_hash, Job, JobClass, Outcome, OutcomeReceiver};
+use eventbus::core::raw::{Inline, Submit};
 use eventbus::{Pool, PoolSwitch};
 use eventbus_testkit::factories::{actor_pools, keyed_pools};
 use eventbus_testkit::pool_suite::PoolSpec;
@@ -65,9 +66,23 @@ async fn switch(percent: u8) -> Arc<PoolSwitch> {
     Arc::new(PoolSwitch::new(keyed, actor, percent).expect("valid switch"))
 }
 
+/// How the batches are submitted.
+#[derive(Clone, Copy, Debug)]
+enum Batches {
+    /// `submit_batch`.
+    Queued,
+    /// `submit_batch_inline`, every job allowed a first poll here.
+    FirstPolls,
+}
+
 /// Submit one job a batch (each run to its end before the next) until `done`
 /// holds, at most [`BATCHES`] times; the number of batches it took.
-async fn batches_until(switch: &PoolSwitch, what: &str, done: impl Fn(&PoolSwitch) -> bool) -> u64 {
+async fn batches_until(
+    switch: &PoolSwitch,
+    how: Batches,
+    what: &str,
+    done: impl Fn(&PoolSwitch) -> bool,
+) -> u64 {
     for n in 0..BATCHES {
         if done(switch) {
             return n;
@@ -75,7 +90,13 @@ async fn batches_until(switch: &PoolSwitch, what: &str, done: impl Fn(&PoolSwitc
         let (job, outcome, _open, _started) =
             job(stable_hash(format!("batch {n}").as_bytes()), false);
         let mut jobs = vec![job];
-        switch.submit_batch(&mut jobs);
+        match how {
+            Batches::Queued => switch.submit_batch(&mut jobs),
+            Batches::FirstPolls => {
+                let mut first = Inline::new(64, Duration::from_secs(60));
+                switch.submit_batch_inline(&mut jobs, &mut first);
+            }
+        }
         assert!(jobs.is_empty(), "batch {n} was not taken whole");
         bounded("a batch's job", outcome)
             .await
@@ -86,6 +107,28 @@ async fn batches_until(switch: &PoolSwitch, what: &str, done: impl Fn(&PoolSwitc
 
 #[tokio::test]
 async fn a_share_rise_that_waited_takes_effect_under_batches_alone() {
+    share_rise_that_waited(Batches::Queued).await;
+}
+
+#[tokio::test]
+async fn a_share_rise_that_waited_takes_effect_under_first_polls_alone() {
+    share_rise_that_waited(Batches::FirstPolls).await;
+}
+
+#[tokio::test]
+async fn a_rollback_that_waited_stops_counting_under_batches_alone() {
+    rollback_that_waited(Batches::Queued).await;
+}
+
+/// The switch's first polls claim job by job, under way only meanwhile: a
+/// batch of first polls leaves the checks it makes free to find nothing
+/// under way.
+#[tokio::test]
+async fn a_rollback_that_waited_stops_counting_under_first_polls_alone() {
+    rollback_that_waited(Batches::FirstPolls).await;
+}
+
+async fn share_rise_that_waited(how: Batches) {
     let switch = switch(0).await;
     assert!(
         !switch.counts_jobs(),
@@ -134,14 +177,14 @@ async fn a_share_rise_that_waited_takes_effect_under_batches_alone() {
     let actor = switch.actor().kind();
     batches_until(
         &switch,
+        how,
         "a fresh cell going to the actor pool at share 100",
         |s| s.kind_for(probe) == actor,
     )
     .await;
 }
 
-#[tokio::test]
-async fn a_rollback_that_waited_stops_counting_under_batches_alone() {
+async fn rollback_that_waited(how: Batches) {
     let switch = switch(100).await;
     assert!(switch.counts_jobs());
 
@@ -166,8 +209,11 @@ async fn a_rollback_that_waited_stops_counting_under_batches_alone() {
         .await
         .expect("held job dropped");
 
-    batches_until(&switch, "the switch to stop counting at share 0", |s| {
-        !s.counts_jobs()
-    })
+    batches_until(
+        &switch,
+        how,
+        "the switch to stop counting at share 0",
+        |s| !s.counts_jobs(),
+    )
     .await;
 }

@@ -43,6 +43,17 @@ pub trait FirstPollSite {
         true
     }
 
+    /// Claim `cell` of [`table`](FirstPollSite::table) for `job`, on the idle
+    /// worker held at `place` ([`RouteTable::claim`]); `false` leaves the job
+    /// to [`submit_batch`](FirstPollSite::submit_batch), in order, as a cell
+    /// with jobs in flight does. A site that places jobs by a state of its own
+    /// (a composite's mode) checks it here, and lets the cell go
+    /// ([`RouteTable::settle`]) when it changed under the claim.
+    fn claim(&self, job: &Job, cell: usize, place: Place) -> bool {
+        let _ = job;
+        self.table().claim(cell, place)
+    }
+
     /// `job`, started, waits, and goes to the worker held at `place`, counted
     /// in `cell`: whatever that worker's pool needs of it first (a composite
     /// places it there, and counts it in `cell` until its done hook). Nothing,
@@ -179,7 +190,7 @@ pub fn first_polls<S: FirstPollSite + ?Sized>(
             break;
         };
         // A cell with a job in flight: that job's worker takes this one.
-        if !table.claim(cell, place) {
+        if !site.claim(&job, cell, place) {
             if defer(&mut deferred, &mut blocked, job, cell) {
                 continue;
             }

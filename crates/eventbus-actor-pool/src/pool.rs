@@ -254,8 +254,7 @@ impl ActorPool {
 
     /// Actors (the supervisor and the workers started so far: a worker starts with
     /// its slot's first job, or its first hold for a first poll) whose task has
-    /// not ended. Zero once [`Pool::close`] has
-    /// returned.
+    /// not ended. Zero once [`Pool::close`] has returned.
     pub fn live_actors(&self) -> usize {
         let supervisor = usize::from(self.supervisor.get_status() != ActorStatus::Stopped);
         supervisor + self.shared.slots.iter().filter(|s| s.actor_alive()).count()

@@ -784,10 +784,12 @@ async fn deliver_envelope(
     set.push(ticket, inflight, permit).expect("push");
 }
 
-/// A dead letter still being written (its sink failing, retried) when the
-/// message's scope is handed over is not written after the fence: the next owner
-/// has the message then, so it is given back rather than dead-lettered beside
-/// that owner's handling of it.
+/// A job given up writes its dead letter before it ends, so that its route
+/// holds the aggregate's next message until then. A dead letter still being
+/// written (its sink failing, retried) when the message's scope is handed over
+/// is not written after the fence: the next owner has the message then, so it is
+/// given back, before the aggregate's next message, rather than dead-lettered
+/// beside that owner's handling of it.
 #[tokio::test]
 async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
     #[derive(Default)]
@@ -824,20 +826,23 @@ async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
     let mut set = InFlightSet::new(10, Arc::new(Semaphore::new(10)));
     let scope = set.assign(0);
     deliver_envelope(&dispatcher, &sub, &mut set, 0).await;
-    pool.run_next().await;
-    let next = set.next();
-    tokio::pin!(next);
-    // The completion writes the dead letter; the sink keeps failing.
+    let running = pool.run_next();
+    tokio::pin!(running);
+    // The job writes the dead letter before it ends, so its route holds the
+    // aggregate's next message meanwhile; the sink keeps failing.
     let deadline = tokio::time::Instant::now() + WAIT;
     while sink.tries.load(Ordering::SeqCst) < 2 {
         tokio::select! {
-            _ = &mut next => panic!("the dead letter cannot be written, so the message does not settle"),
+            _ = &mut running => panic!("the job ended before its dead letter was written"),
             _ = tokio::time::sleep_until(deadline) => panic!("the dead-letter write was not retried"),
             _ = sink.tried.notified() => {}
         }
     }
     scope.fence();
-    let s = tokio::time::timeout(WAIT, next)
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("the write stops at the fence, and the job ends");
+    let s = tokio::time::timeout(WAIT, set.next())
         .await
         .expect("the write stops at the fence")
         .expect("a completion");

@@ -177,24 +177,49 @@ impl Source for AckSource {
     }
 }
 
-/// The dead-letter destination: recorded in the broker.
+/// The dead-letter destination: recorded in the broker. With
+/// [`Settings::dead_letter_delays`], a write may take a while (of the paused
+/// clock) or fail, as a stream of its own says.
 #[derive(Debug)]
 struct Sink {
     streams: Streams,
     model: Shared,
+    delays: Option<Mutex<Rng>>,
 }
 
 impl DeadLetterSink for Sink {
     fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, eventbus::Result<()>> {
-        let m = &letter.message;
-        if let Some(t) = TOPICS.iter().position(|n| **n == *m.topic) {
-            self.streams.write_dead_letter(t, m.partition, m.offset);
-        }
-        self.model.lock().note(format!(
-            "dead letter {} p{}@{}",
-            m.topic, m.partition, m.offset
-        ));
-        Box::pin(async { Ok(()) })
+        let roll = self.delays.as_ref().map(|rng| {
+            let mut rng = rng.lock().unwrap_or_else(|p| p.into_inner());
+            (rng.u8(..10), rng.u64(1..300))
+        });
+        Box::pin(async move {
+            let m = &letter.message;
+            match roll {
+                Some((8.., _)) => {
+                    self.model.lock().note(format!(
+                        "dead letter {} p{}@{} refused",
+                        m.topic, m.partition, m.offset
+                    ));
+                    return Err(eventbus::Error::new(
+                        eventbus::ErrorKind::Unavailable,
+                        "sim: the dead-letter destination is down",
+                    ));
+                }
+                Some((5.., ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                _ => {}
+            }
+            let mut model = self.model.lock();
+            if let Some(t) = TOPICS.iter().position(|n| **n == *m.topic) {
+                self.streams.write_dead_letter(t, m.partition, m.offset);
+                model.dead_letter_written(t, m.partition, m.offset);
+            }
+            model.note(format!(
+                "dead letter {} p{}@{}",
+                m.topic, m.partition, m.offset
+            ));
+            Ok(())
+        })
     }
 }
 
@@ -265,6 +290,7 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     let mut rng = Rng::with_seed(seed);
     let mut s = Settings::draw(&mut rng);
     s.draw_inline(seed);
+    s.draw_dead_letter_delays(seed);
     let instant = s.inline.is_some();
     s.members = s.members.min(max_members).max(1);
     s.max_members = max_members.max(1);
@@ -272,9 +298,11 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     // A turn's messages in flight are bounded by its log's own bound (the
     // partition's share of `max_ack_pending`), not the Kafka-style setting.
     model.configure(s.handover_timeout, s.max_attempts, k.max_ack_pending);
-    model
-        .lock()
-        .note(format!("seed {seed} (acked): {s:?} {k:?}"));
+    {
+        let mut m = model.lock();
+        m.watch_dead_letters();
+        m.note(format!("seed {seed} (acked): {s:?} {k:?}"));
+    }
     let streams = Streams::new(model.clone(), k.ack_wait, k.max_ack_pending);
     let server = streams.start_server();
     let source = AckSource {
@@ -463,6 +491,11 @@ impl AckSim {
         let sink = Arc::new(Sink {
             streams: self.ctx.broker.streams.clone(),
             model: self.ctx.model.clone(),
+            // Each member's destination answers by a stream of its own.
+            delays: self
+                .s
+                .dead_letter_delays
+                .map(|seed| Mutex::new(Rng::with_seed(seed ^ index as u64))),
         });
         let pool: Arc<dyn Pool> = switch.clone();
         let dispatcher = Dispatcher::new("sim", pool, Some(sink), config.bus());

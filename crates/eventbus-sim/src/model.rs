@@ -134,6 +134,12 @@ pub(crate) struct Model {
     pub(crate) counts: Counts,
     /// Dead letters read back: (origin topic, partition, offset).
     pub(crate) dead_letters: BTreeSet<(String, i32, i64)>,
+    /// The destination reports each dead letter as it is written (into
+    /// `written`): a message of an aggregate starts only once every earlier one
+    /// whose last attempt failed is written.
+    watch_dead_letters: bool,
+    /// Messages whose dead letter was written.
+    written: BTreeSet<usize>,
     trace: Vec<String>,
     violation: Option<String>,
 }
@@ -164,6 +170,8 @@ impl Shared {
             members: BTreeMap::new(),
             counts: Counts::default(),
             dead_letters: BTreeSet::new(),
+            watch_dead_letters: false,
+            written: BTreeSet::new(),
             trace: Vec::new(),
             violation: None,
         })))
@@ -370,6 +378,22 @@ impl Model {
                 TOPICS[g.topic], g.key, g.seq, g.partition, g.offset
             );
             self.violate(what);
+        }
+        // Nor before the dead letter of an earlier one is written: the route
+        // holds the aggregate until then, so that a dead letter given up at a
+        // hand-over sends its message to the next owner before the next one.
+        if self.watch_dead_letters {
+            if let Some(j) = list[..seq as usize]
+                .iter()
+                .find(|&&j| self.msgs[j].done == Done::DeadLetterDue && !self.written.contains(&j))
+            {
+                let g = &self.msgs[*j];
+                let what = format!(
+                    "{name} started before the dead letter of {} k{}#{} (p{}@{}) was written",
+                    TOPICS[g.topic], g.key, g.seq, g.partition, g.offset
+                );
+                self.violate(what);
+            }
         }
         // The committed offset never passes a message that is still to run.
         // (Unless a rewind below it is being committed back: handling may
@@ -628,6 +652,24 @@ impl Model {
             Err(false) => "error",
         };
         self.note(format!("end {name} call {call}: {how} -> {done:?}"));
+    }
+
+    /// Report dead letters as they are written ([`Model::dead_letter_written`])
+    /// and check that none is overtaken.
+    pub(crate) fn watch_dead_letters(&mut self) {
+        self.watch_dead_letters = true;
+    }
+
+    /// The dead letter of the message at `topic` / `partition` / `offset` is
+    /// written.
+    pub(crate) fn dead_letter_written(&mut self, topic: usize, partition: i32, offset: i64) {
+        if let Some(id) = self
+            .msgs
+            .iter()
+            .position(|m| m.topic == topic && m.partition == partition && m.offset == offset)
+        {
+            self.written.insert(id);
+        }
     }
 
     /// Call `call`'s future was dropped before it ended (its worker stopped

@@ -61,6 +61,11 @@ pub(crate) struct Settings {
     /// chosen or not by a stream seeded with this), and a call of no time
     /// returns on its first poll; `None`: every job goes to the pool.
     pub(crate) inline: Option<u64>,
+    /// The dead-letter destination answers late or fails, write by write, as a
+    /// stream seeded with this says; `None`: it takes every write at once.
+    /// (Runs on logs with per-message acknowledgement, whose destination the
+    /// simulation writes.)
+    pub(crate) dead_letter_delays: Option<u64>,
 }
 
 impl Settings {
@@ -114,6 +119,7 @@ impl Settings {
             max_members: 3,
             cooperative: rng.bool(),
             inline: None,
+            dead_letter_delays: None,
         }
     }
 
@@ -123,6 +129,13 @@ impl Settings {
     pub(crate) fn draw_inline(&mut self, seed: u64) {
         let mut own = Rng::with_seed(seed ^ 0x696e_6c69_6e65);
         self.inline = own.bool().then(|| own.u64(..));
+    }
+
+    /// Draw [`dead_letter_delays`](Self::dead_letter_delays) for the run of
+    /// `seed` from a stream of its own, as [`draw_inline`](Self::draw_inline).
+    pub(crate) fn draw_dead_letter_delays(&mut self, seed: u64) {
+        let mut own = Rng::with_seed(seed ^ 0x646c_7120_6c61_7465);
+        self.dead_letter_delays = own.bool().then(|| own.u64(..));
     }
 
     /// Whether to try the next job's first poll on its consume loop, job after

@@ -57,7 +57,6 @@ mod task;
 
 use task::{envelope_key, plain_key, Described, EnvelopeTask, PlainTask, TaskShared};
 
-use crate::dead_letter::DeadLetterKind;
 pub use dead_letter::{DeadLetter, DeadLetterSink};
 pub use held::Held;
 use holds::Holds;
@@ -540,21 +539,21 @@ impl Dispatcher {
             .options
             .aggregate_id
             .unwrap_or_else(|| cfg.aggregate_id.clone());
-        let (inner, can_dead_letter) = (self.inner.clone(), dead_letter_topic.is_some());
+        let inner = self.inner.clone();
         let tasks = match sub.handler {
             SubscriptionHandler::Plain(handler) => SubTasks::Plain(TaskShared::new(
                 inner,
                 handler,
                 ids,
                 policy,
-                can_dead_letter,
+                dead_letter_topic.clone(),
             )),
             SubscriptionHandler::Envelope(handler) => SubTasks::Envelope(TaskShared::new(
                 inner,
                 handler,
                 ids,
                 policy,
-                can_dead_letter,
+                dead_letter_topic.clone(),
             )),
         };
         let inline = sub
@@ -998,7 +997,7 @@ impl Dispatcher {
                 let route = stable_hash(envelope_key(&shared.ids, &message).as_bytes());
                 let mut meta = Meta::new(JobClass::Envelope, sub, &message, now);
                 meta.pool = self.inner.pool.kind_for(route);
-                meta.dead_letter = shared.can_dead_letter.then(|| Box::new(message.clone()));
+                meta.dead_letter = shared.can_dead_letter().then(|| Box::new(message.clone()));
                 let task = EnvelopeTask::described(
                     shared,
                     message,

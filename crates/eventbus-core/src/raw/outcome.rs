@@ -45,6 +45,15 @@ pub enum Outcome {
         /// The last failure.
         cause: FailureCause,
     },
+    /// Failed for good, like [`Outcome::Failed`], and its dead letter written
+    /// where it ran, before the job ended: so before its route let the next job
+    /// of the aggregate start.
+    DeadLettered {
+        /// Calls made (0 when the envelope did not decode).
+        attempts: u32,
+        /// The last failure.
+        cause: FailureCause,
+    },
     /// Not finished: its scope was fenced (handed over, closed) before or while it
     /// ran. Never acknowledged: the message is delivered again.
     Abandoned {
@@ -83,14 +92,10 @@ impl Outcome {
     pub fn kind(&self) -> OutcomeKind {
         match self {
             Outcome::Handled { .. } => OutcomeKind::Handled,
-            Outcome::Failed {
-                cause: FailureCause::Error(_),
-                ..
-            } => OutcomeKind::Failed,
-            Outcome::Failed {
-                cause: FailureCause::Panic(_),
-                ..
-            } => OutcomeKind::Panicked,
+            Outcome::Failed { cause, .. } | Outcome::DeadLettered { cause, .. } => match cause {
+                FailureCause::Error(_) => OutcomeKind::Failed,
+                FailureCause::Panic(_) => OutcomeKind::Panicked,
+            },
             Outcome::Abandoned { .. } => OutcomeKind::Abandoned,
         }
     }
@@ -100,6 +105,7 @@ impl Outcome {
         match self {
             Outcome::Handled { attempts }
             | Outcome::Failed { attempts, .. }
+            | Outcome::DeadLettered { attempts, .. }
             | Outcome::Abandoned { attempts } => *attempts,
         }
     }

@@ -89,45 +89,52 @@ pub trait DeadLetterSink: Send + Sync + 'static {
     fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, Result<()>>;
 }
 
-impl Dispatcher {
-    /// Write the dead letter of the message of `meta`, retrying until the sink
-    /// has it. Not once its `scope` is fenced (handed over): the next owner has
-    /// the message then, so it is given back (`Abandoned`) rather than written
-    /// beside that owner's handling of it.
-    pub(super) async fn dead_letter(
-        &self,
-        meta: Meta,
-        error: String,
-        attempts: u32,
-        kind: DeadLetterKind,
-        scope: Option<&Scope>,
-    ) -> Disposition {
-        let inner = &self.inner;
-        let fenced = || scope.is_some_and(Scope::is_closed);
-        if fenced() {
-            return Disposition::Abandoned;
-        }
-        let (Some(sink), Some(topic), Some(message)) =
-            (&inner.sink, &meta.sub.dead_letter_topic, meta.dead_letter)
-        else {
-            return Disposition::Abandoned;
+impl DeadLetter {
+    /// The dead letter to `topic` of `message`, given up after `attempts` calls
+    /// (0: it did not decode) with `cause`.
+    pub(super) fn of(topic: String, message: Message, cause: &FailureCause, attempts: u32) -> Self {
+        let error = match cause {
+            // 0 attempts: the envelope did not decode; its error is the reason,
+            // as it reads.
+            FailureCause::Error(e) if attempts == 0 => e.source().to_string(),
+            _ => cause.to_string(),
         };
-        let letter = DeadLetter {
-            topic: topic.clone(),
-            message: *message,
+        DeadLetter {
+            topic,
+            message,
             error,
             attempts,
-            kind,
+            kind: DeadLetterKind::of(cause, attempts),
+        }
+    }
+}
+
+impl Inner {
+    /// Write `letter`, retrying until the sink has it: `true` once written.
+    /// `false`, and nothing written, once the bus closes or `scope` is fenced
+    /// (handed over) before a write succeeded, or with no sink: the next owner
+    /// has the message then, so it is given back rather than written beside that
+    /// owner's handling of it.
+    pub(super) async fn write_dead_letter(
+        &self,
+        letter: &DeadLetter,
+        scope: Option<&Scope>,
+    ) -> bool {
+        if scope.is_some_and(Scope::is_closed) {
+            return false;
+        }
+        let Some(sink) = &self.sink else {
+            return false;
         };
         let mut retry = 0u32;
         loop {
-            match sink.dead_letter(&letter).await {
+            match sink.dead_letter(letter).await {
                 Ok(()) => break,
                 Err(e) => {
                     retry += 1;
                     tracing::warn!(dead_letter_topic = %letter.topic, error = %e,
                         "dead-letter write failed; retrying");
-                    let wait = inner.config.delivery.backoff_for(retry);
+                    let wait = self.config.delivery.backoff_for(retry);
                     let handed_over = async {
                         match scope {
                             Some(scope) => scope.fenced().await,
@@ -138,19 +145,48 @@ impl Dispatcher {
                         // Biased: a close or hand-over wins over the end of the
                         // backoff at the same moment, the same on every run.
                         biased;
-                        _ = inner.cancel.cancelled() => return Disposition::Abandoned,
-                        _ = handed_over => return Disposition::Abandoned,
+                        _ = self.cancel.cancelled() => return false,
+                        _ = handed_over => return false,
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
             }
         }
         tracing::warn!(topic = %letter.message.topic, offset = letter.message.offset,
-            dead_letter_topic = %letter.topic, attempts, error_kind = %letter.kind,
+            dead_letter_topic = %letter.topic, attempts = letter.attempts, error_kind = %letter.kind,
             error = %letter.error, "message dead-lettered");
-        inner.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        inner.metrics.pool(meta.pool).dead_lettered.increment(1);
-        inner.metrics.dead_letter(&meta.topic);
+        true
+    }
+
+    /// Count a message of `topic`, run on `pool`, dead-lettered.
+    pub(super) fn dead_lettered(&self, pool: &'static str, topic: &str) {
+        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.metrics.pool(pool).dead_lettered.increment(1);
+        self.metrics.dead_letter(topic);
+    }
+}
+
+impl Dispatcher {
+    /// Write the dead letter of the message of `meta`, given up with `cause`
+    /// after `attempts` calls, where its job did not write it itself (a panic
+    /// escaped its task). Not once its `scope` is fenced (see
+    /// [`Inner::write_dead_letter`]): the message is given back then.
+    pub(super) async fn dead_letter(
+        &self,
+        meta: Meta,
+        cause: FailureCause,
+        attempts: u32,
+        scope: Option<&Scope>,
+    ) -> Disposition {
+        let inner = &self.inner;
+        let (Some(topic), Some(message)) = (&meta.sub.dead_letter_topic, meta.dead_letter) else {
+            return Disposition::Abandoned;
+        };
+        let letter = DeadLetter::of(topic.clone(), *message, &cause, attempts);
+        if !inner.write_dead_letter(&letter, scope).await {
+            return Disposition::Abandoned;
+        }
+        inner.dead_lettered(meta.pool, &meta.topic);
         Disposition::DeadLettered
     }
 }

@@ -13,11 +13,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use super::{Dispatcher, Meta};
-use crate::dead_letter::DeadLetterKind;
 use crate::raw::completion::{Completion, Disposition};
 use crate::raw::fence::Settling;
 use crate::raw::mailbox::OutcomeReceiver;
-use crate::raw::outcome::Outcome;
+use crate::raw::outcome::{FailureCause, Outcome};
 
 /// A submitted message; resolves to its [`Completion`].
 #[must_use = "an in-flight message must be awaited to learn whether to ack it"]
@@ -50,7 +49,7 @@ pub(super) enum Finishing {
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Settled {
     Now(Disposition),
-    DeadLetter(Meta, String, u32, DeadLetterKind),
+    DeadLetter(Meta, FailureCause, u32),
 }
 
 impl Finishing {
@@ -100,14 +99,12 @@ impl Finishing {
         };
         match dispatcher.settle_now(outcome, meta) {
             Settled::Now(disposition) => Some((disposition, settling)),
-            Settled::DeadLetter(meta, cause, attempts, kind) => {
+            Settled::DeadLetter(meta, cause, attempts) => {
                 *self = Finishing::Boxed(
                     async move {
                         let (pool, submitted) = (meta.pool, meta.submitted);
                         let scope = settling.as_ref().map(|s| s.scope());
-                        let d = dispatcher
-                            .dead_letter(meta, cause, attempts, kind, scope)
-                            .await;
+                        let d = dispatcher.dead_letter(meta, cause, attempts, scope).await;
                         dispatcher.finished(pool, submitted, d);
                         drop(settling);
                         d

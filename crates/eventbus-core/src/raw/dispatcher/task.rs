@@ -22,7 +22,8 @@ pub(crate) struct TaskShared<T> {
     handler: BoxHandler<T>,
     pub(super) ids: AggregateIdConfig,
     policy: DeliveryPolicy,
-    pub(super) can_dead_letter: bool,
+    /// Where a message given up goes, if anywhere.
+    pub(super) dead_letter_topic: Option<String>,
 }
 
 impl<T> TaskShared<T> {
@@ -31,15 +32,42 @@ impl<T> TaskShared<T> {
         handler: BoxHandler<T>,
         ids: AggregateIdConfig,
         policy: DeliveryPolicy,
-        can_dead_letter: bool,
+        dead_letter_topic: Option<String>,
     ) -> Arc<Self> {
         Arc::new(Self {
             inner,
             handler,
             ids,
             policy,
-            can_dead_letter,
+            dead_letter_topic,
         })
+    }
+
+    /// Whether a message given up is dead-lettered.
+    pub(super) fn can_dead_letter(&self) -> bool {
+        self.dead_letter_topic.is_some()
+    }
+}
+
+/// Dead-letter `message`, given up with `cause` after `attempts` calls, here, on
+/// its job: its route holds the aggregate's next message until the dead letter is
+/// written (or given up: fenced or closing, the message is abandoned and read
+/// again by the next owner, before that next message).
+async fn dead_letter_here<T>(
+    shared: &TaskShared<T>,
+    message: &Message,
+    scope: &Scope,
+    attempts: u32,
+    cause: FailureCause,
+) -> Outcome {
+    let Some(topic) = &shared.dead_letter_topic else {
+        return Outcome::Abandoned { attempts };
+    };
+    let letter = DeadLetter::of(topic.clone(), message.clone(), &cause, attempts);
+    if shared.inner.write_dead_letter(&letter, Some(scope)).await {
+        Outcome::DeadLettered { attempts, cause }
+    } else {
+        Outcome::Abandoned { attempts }
     }
 }
 
@@ -233,20 +261,14 @@ impl EnvelopeTask {
             None,
         );
         async move {
-            let TaskShared {
-                inner,
-                ids,
-                can_dead_letter,
-                ..
-            } = &*shared;
-            let can_dead_letter = *can_dead_letter;
+            let TaskShared { inner, ids, .. } = &*shared;
             let envelope = match Envelope::decode(&message.payload) {
                 Ok(envelope) => Arc::new(envelope),
-                Err(e) if can_dead_letter => {
-                    return Outcome::Failed {
-                        attempts: 0,
-                        cause: FailureCause::Error(HandlerError::permanent(e)),
-                    }
+                Err(e) if shared.can_dead_letter() => {
+                    let cause = FailureCause::Error(HandlerError::permanent(e));
+                    // Boxed, as the retries below: a rare path's state.
+                    return Box::pin(dead_letter_here(&shared, &message, epoch.scope(), 0, cause))
+                        .await;
                 }
                 Err(e) => {
                     let key = envelope_key(ids, &message);
@@ -329,11 +351,7 @@ impl EnvelopeCall<'_> {
     /// (`Abandoned`: the message is delivered again).
     async fn retry(&self, mut cause: FailureCause) -> Outcome {
         let TaskShared {
-            inner,
-            ids,
-            policy,
-            can_dead_letter,
-            ..
+            inner, ids, policy, ..
         } = self.shared;
         let scope = self.scope;
         let mut attempt = 1u32;
@@ -347,11 +365,9 @@ impl EnvelopeCall<'_> {
             let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
             let exhausted = permanent || attempt >= policy.max_attempts;
             let wait = if exhausted {
-                if *can_dead_letter {
-                    return Outcome::Failed {
-                        attempts: attempt,
-                        cause,
-                    };
+                if self.shared.can_dead_letter() {
+                    return dead_letter_here(self.shared, self.message, scope, attempt, cause)
+                        .await;
                 }
                 if !reported_exhausted {
                     reported_exhausted = true;
@@ -471,17 +487,13 @@ impl Dispatcher {
                         error = %cause, "plain handler failed; message acknowledged (at-most-once)");
                     Disposition::Dropped
                 }
-                JobClass::Envelope => {
-                    let kind = DeadLetterKind::of(&cause, attempts);
-                    let error = match &cause {
-                        // 0 attempts: the envelope did not decode; its error is
-                        // the reason, as it reads.
-                        FailureCause::Error(e) if attempts == 0 => e.source().to_string(),
-                        _ => cause.to_string(),
-                    };
-                    return Settled::DeadLetter(meta, error, attempts, kind);
-                }
+                // A panic escaped the task, which writes its own dead letters.
+                JobClass::Envelope => return Settled::DeadLetter(meta, cause, attempts),
             },
+            Outcome::DeadLettered { .. } => {
+                inner.dead_lettered(meta.pool, &meta.topic);
+                Disposition::DeadLettered
+            }
         };
         self.finished(meta.pool, meta.submitted, disposition);
         Settled::Now(disposition)

@@ -77,6 +77,7 @@ pub mod raw {
     pub(crate) mod route_table;
     pub mod routes;
     pub mod routing;
+    pub mod sequence;
     pub mod submit;
     pub(crate) mod sync;
     pub(crate) mod task;

@@ -638,6 +638,17 @@ impl<L: PartitionLog> LogLoop<L> {
     /// allow now. A partition that can take nothing is paused.
     async fn submit_partition(&mut self, p: usize) -> Turn {
         let partition = p as i32;
+        // Its work is fenced (the broker took it away between two turns): an
+        // offer would give every message up at once and leave the room it
+        // took, so pass after pass would read the partition to its end. Nothing
+        // more is read; the next turn drops it.
+        if self
+            .set
+            .scope(partition)
+            .is_some_and(crate::raw::Scope::is_closed)
+        {
+            return Turn::Idle;
+        }
         let Some(part) = &mut self.partitions[p] else {
             return Turn::Idle;
         };

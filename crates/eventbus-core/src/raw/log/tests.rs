@@ -48,6 +48,11 @@ struct Seen {
     /// Once a fetch is asked from the first offset, it returns records from the
     /// second instead, unannounced (an offset reset, a truncation).
     go_back: Option<(i64, i64)>,
+    /// The scope the partition was taken up with.
+    scope: Option<Scope>,
+    /// The broker takes the partition away at this fetch: it fences the scope,
+    /// and the group's signal comes later.
+    fence_at_fetch: Option<usize>,
 }
 
 /// Partition 0 of `orders`, granted under generation 1, holding `records`.
@@ -81,12 +86,16 @@ impl PartitionLog for Script {
         }
         a
     }
-    fn take_up(&mut self, _: i32, _: u64, _: Scope) -> i64 {
+    fn take_up(&mut self, _: i32, _: u64, scope: Scope) -> i64 {
+        self.seen.lock().unwrap().scope = Some(scope);
         0
     }
     fn fetch(&mut self, p: i32, from: i64, max: usize, out: &mut VecDeque<Message>) -> i64 {
         let mut seen = self.seen.lock().unwrap();
         seen.fetches += 1;
+        if seen.fence_at_fetch == Some(seen.fetches) {
+            seen.scope.as_ref().expect("taken up").fence();
+        }
         let from = match seen.go_back {
             Some((at, back)) if at == from => {
                 seen.go_back = None;
@@ -237,6 +246,36 @@ async fn a_loop_without_permits_submits_as_soon_as_another_topic_frees_some() {
     assert!(
         waited < Duration::from_millis(100),
         "the loop submitted {waited:?} after the permits were freed: it waited for a tick"
+    );
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+/// The broker fences a partition's work between two turns of the loop (its
+/// signal comes later): the loop reads no more of it, rather than fetching
+/// batch after batch that every offer gives up at once, to the partition's end.
+#[tokio::test(start_paused = true)]
+async fn a_partition_fenced_between_turns_is_read_no_further() {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (run, seen, cancel) = looped(100_000, false, handled.clone());
+    seen.lock().unwrap().fence_at_fetch = Some(2);
+    let task = tokio::spawn(run.run());
+    wait_for("the fetch that the fence comes with", || {
+        seen.lock().unwrap().fetches >= 2
+    })
+    .await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    let fetches = seen.lock().unwrap().fetches;
+    assert!(
+        fetches <= 3,
+        "{fetches} fetches of a partition whose work was fenced at the second"
+    );
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        256,
+        "the first fetch's records handled, none after the fence"
     );
     cancel.cancel();
     task.await.unwrap();

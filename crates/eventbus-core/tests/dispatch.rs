@@ -784,6 +784,28 @@ async fn deliver_envelope(
     set.push(ticket, inflight, permit).expect("push");
 }
 
+/// A dead-letter destination that refuses every write, counting them.
+#[derive(Default)]
+struct DownSink {
+    tries: AtomicU64,
+    tried: tokio::sync::Notify,
+}
+impl eventbus_core::raw::DeadLetterSink for DownSink {
+    fn dead_letter<'a>(
+        &'a self,
+        _letter: &'a eventbus_core::raw::DeadLetter,
+    ) -> futures::future::BoxFuture<'a, eventbus_core::Result<()>> {
+        self.tries.fetch_add(1, Ordering::SeqCst);
+        self.tried.notify_one();
+        Box::pin(async {
+            Err(eventbus_core::Error::new(
+                ErrorKind::Broker,
+                "dead-letter topic unreachable",
+            ))
+        })
+    }
+}
+
 /// A job given up writes its dead letter before it ends, so that its route
 /// holds the aggregate's next message until then. A dead letter still being
 /// written (its sink failing, retried) when the message's scope is handed over
@@ -792,26 +814,6 @@ async fn deliver_envelope(
 /// beside that owner's handling of it.
 #[tokio::test]
 async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
-    #[derive(Default)]
-    struct DownSink {
-        tries: AtomicU64,
-        tried: tokio::sync::Notify,
-    }
-    impl eventbus_core::raw::DeadLetterSink for DownSink {
-        fn dead_letter<'a>(
-            &'a self,
-            _letter: &'a eventbus_core::raw::DeadLetter,
-        ) -> futures::future::BoxFuture<'a, eventbus_core::Result<()>> {
-            self.tries.fetch_add(1, Ordering::SeqCst);
-            self.tried.notify_one();
-            Box::pin(async {
-                Err(eventbus_core::Error::new(
-                    ErrorKind::Broker,
-                    "dead-letter topic unreachable",
-                ))
-            })
-        }
-    }
     let pool = Arc::new(SteppedPool::default());
     let sink = Arc::new(DownSink::default());
     let mut config = BusConfig::default();
@@ -848,6 +850,51 @@ async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
         .expect("a completion");
     assert_eq!(s.disposition, Disposition::Abandoned, "given back");
     assert_eq!(s.watermark, None, "nothing to commit past it");
+}
+
+/// A rewind that supersedes a message whose dead letter is still being written
+/// (its sink failing, retried) ends the write: the copy read again, queued on
+/// the route behind it, is the one handled, and no dead letter is written for
+/// the superseded copy.
+#[tokio::test]
+async fn a_rewind_ends_the_dead_letter_write_of_the_copy_it_supersedes() {
+    let pool = Arc::new(SteppedPool::default());
+    let sink = Arc::new(DownSink::default());
+    let mut config = BusConfig::default();
+    config.delivery.initial_backoff = Duration::from_millis(5);
+    config.delivery.max_backoff = Duration::from_millis(20);
+    let dispatcher = Dispatcher::new("memory", pool.clone(), Some(sink.clone()), config);
+    let sub = dispatcher
+        .prepare(Subscription::envelope(
+            TOPIC,
+            |_e: eventbus_core::Event| async { Err::<(), _>(HandlerError::permanent("rejected")) },
+        ))
+        .expect("prepare");
+    let mut set = InFlightSet::new(10, Arc::new(Semaphore::new(10)));
+    set.assign(0);
+    deliver_envelope(&dispatcher, &sub, &mut set, 5).await;
+    let running = pool.run_next();
+    tokio::pin!(running);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sink.tries.load(Ordering::SeqCst) < 2 {
+        tokio::select! {
+            _ = &mut running => panic!("the job ended before its dead letter was written"),
+            _ = tokio::time::sleep_until(deadline) => panic!("the dead-letter write was not retried"),
+            _ = sink.tried.notified() => {}
+        }
+    }
+    // The broker goes back to 3: offset 5 will be read again.
+    let ticket = set.begin(0, 3).expect("owned");
+    assert_eq!(ticket.rewound_from(), Some(3));
+    set.give_up(ticket);
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("the superseded copy's dead-letter write stops, and its job ends");
+    let s = tokio::time::timeout(WAIT, set.next())
+        .await
+        .expect("a completion within the wait")
+        .expect("something in flight");
+    assert_eq!((s.offset, s.disposition), (5, Disposition::Abandoned));
 }
 
 /// An envelope message retrying in place that a broker rewind supersedes (its

@@ -114,13 +114,20 @@ impl Inner {
     /// `false`, and nothing written, once the bus closes or `scope` is fenced
     /// (handed over) before a write succeeded, or with no sink: the next owner
     /// has the message then, so it is given back rather than written beside that
-    /// owner's handling of it.
+    /// owner's handling of it. `false` too once a rewind of `epoch` supersedes
+    /// the message: its copy read again, queued behind this write on its
+    /// route, is the one handled (and dead-lettered, if need be).
     pub(super) async fn write_dead_letter(
         &self,
         letter: &DeadLetter,
         scope: Option<&Scope>,
+        epoch: Option<&Epoch>,
     ) -> bool {
-        if scope.is_some_and(Scope::is_closed) {
+        let given_up = || {
+            scope.is_some_and(Scope::is_closed)
+                || epoch.is_some_and(|e| e.is_fenced(letter.message.offset))
+        };
+        if given_up() {
             return false;
         }
         let Some(sink) = &self.sink else {
@@ -148,6 +155,9 @@ impl Inner {
                         _ = self.cancel.cancelled() => return false,
                         _ = handed_over => return false,
                         _ = tokio::time::sleep(wait) => {}
+                    }
+                    if given_up() {
+                        return false;
                     }
                 }
             }
@@ -183,7 +193,7 @@ impl Dispatcher {
             return Disposition::Abandoned;
         };
         let letter = DeadLetter::of(topic.clone(), *message, &cause, attempts);
-        if !inner.write_dead_letter(&letter, scope).await {
+        if !inner.write_dead_letter(&letter, scope, None).await {
             return Disposition::Abandoned;
         }
         inner.dead_lettered(meta.pool, &meta.topic);

@@ -51,12 +51,14 @@ impl<T> TaskShared<T> {
 
 /// Dead-letter `message`, given up with `cause` after `attempts` calls, here, on
 /// its job: its route holds the aggregate's next message until the dead letter is
-/// written (or given up: fenced or closing, the message is abandoned and read
-/// again by the next owner, before that next message).
+/// written. Given up instead when its scope is fenced or the bus closes (the
+/// next owner reads it again, before that next message), or when a rewind of
+/// its `epoch` supersedes it (its copy read again is handled instead): the
+/// message is abandoned then.
 async fn dead_letter_here<T>(
     shared: &TaskShared<T>,
     message: &Message,
-    scope: &Scope,
+    epoch: &Epoch,
     attempts: u32,
     cause: FailureCause,
 ) -> Outcome {
@@ -64,7 +66,11 @@ async fn dead_letter_here<T>(
         return Outcome::Abandoned { attempts };
     };
     let letter = DeadLetter::of(topic.clone(), message.clone(), &cause, attempts);
-    if shared.inner.write_dead_letter(&letter, Some(scope)).await {
+    if shared
+        .inner
+        .write_dead_letter(&letter, Some(epoch.scope()), Some(epoch))
+        .await
+    {
         Outcome::DeadLettered { attempts, cause }
     } else {
         Outcome::Abandoned { attempts }
@@ -267,8 +273,7 @@ impl EnvelopeTask {
                 Err(e) if shared.can_dead_letter() => {
                     let cause = FailureCause::Error(HandlerError::permanent(e));
                     // Boxed, as the retries below: a rare path's state.
-                    return Box::pin(dead_letter_here(&shared, &message, epoch.scope(), 0, cause))
-                        .await;
+                    return Box::pin(dead_letter_here(&shared, &message, &epoch, 0, cause)).await;
                 }
                 Err(e) => {
                     let key = envelope_key(ids, &message);
@@ -366,7 +371,11 @@ impl EnvelopeCall<'_> {
             let exhausted = permanent || attempt >= policy.max_attempts;
             let wait = if exhausted {
                 if self.shared.can_dead_letter() {
-                    return dead_letter_here(self.shared, self.message, scope, attempt, cause)
+                    // The commit-point view says it is given up while its dead
+                    // letter is written (a destination that refuses it holds
+                    // the aggregate there).
+                    entry.failed(attempt, HoldError::of(&cause), Duration::ZERO, true);
+                    return dead_letter_here(self.shared, self.message, self.epoch, attempt, cause)
                         .await;
                 }
                 if !reported_exhausted {

@@ -393,18 +393,22 @@ impl SequenceRecord {
             },
             "lift" => {
                 let list = text(SEQUENCE_LIFTS_HEADER)?;
-                let heads = list
-                    .split(',')
-                    .map(|h| {
-                        h.parse::<HeadId>().map_err(|_| {
-                            invalid(
-                                SEQUENCE_LIFTS_HEADER,
-                                list,
-                                "expected <token>/<offset>, comma-separated",
-                            )
+                // A lift of no head is written as an empty list.
+                let heads = if list.is_empty() {
+                    Vec::new()
+                } else {
+                    list.split(',')
+                        .map(|h| {
+                            h.parse::<HeadId>().map_err(|_| {
+                                invalid(
+                                    SEQUENCE_LIFTS_HEADER,
+                                    list,
+                                    "expected <token>/<offset>, comma-separated",
+                                )
+                            })
                         })
-                    })
-                    .collect::<Result<_>>()?;
+                        .collect::<Result<_>>()?
+                };
                 SequenceKind::Lift { heads }
             }
             "epoch" => {
@@ -873,6 +877,7 @@ mod tests {
                     },
                 ],
             ),
+            s.lift(t, "a-1", vec![]),
             s.epoch(t, 6),
         ] {
             assert_eq!(round_trip(&record), record, "{}", record.kind().name());

@@ -73,6 +73,7 @@ pub mod raw {
     pub(crate) mod mailbox;
     pub mod offset;
     pub(crate) mod outcome;
+    pub(crate) mod parking;
     pub(crate) mod queue;
     pub(crate) mod route_table;
     pub mod routes;

@@ -38,6 +38,12 @@ pub const MESSAGE_DURATION: &str = "message_duration_seconds";
 pub const RETRIES: &str = "retries_total";
 /// Messages written to a dead-letter topic, by `topic` (the original topic). Counter.
 pub const DEAD_LETTERS: &str = "dead_letters_total";
+/// Of [`DEAD_LETTERS`], the envelopes written parked behind their aggregate's
+/// head, unrun (`dead_letter.sequence_by_aggregate`), by `topic`. Counter.
+pub const DEAD_LETTERS_PARKED: &str = "dead_letters_parked_total";
+/// Envelopes given up and held in place because their partition parks
+/// `dead_letter.max_parked` aggregates, by `topic`. Counter.
+pub const PARKED_OVERFLOW: &str = "parked_overflow_total";
 /// Submissions refused by a full or unavailable pool, retried, by `pool`. Counter.
 pub const SUBMIT_RETRIES: &str = "pool_submit_retries_total";
 
@@ -161,6 +167,8 @@ pub const ALL: &[&str] = &[
     MESSAGE_DURATION,
     RETRIES,
     DEAD_LETTERS,
+    DEAD_LETTERS_PARKED,
+    PARKED_OVERFLOW,
     SUBMIT_RETRIES,
     POOL_RESTARTS,
     POOL_UTILISATION,

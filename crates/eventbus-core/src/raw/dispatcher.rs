@@ -531,6 +531,8 @@ impl Dispatcher {
             m::FINISHED_SKIPPED,
             m::COMMIT_METADATA_TOO_LARGE,
             m::COMMIT_METADATA_REPLAYS,
+            m::DEAD_LETTERS_PARKED,
+            m::PARKED_OVERFLOW,
         ] {
             metrics::counter!(m::name(&self.inner.metrics.backend, metric), "topic" => sub.topic.clone())
                 .increment(0);
@@ -541,19 +543,23 @@ impl Dispatcher {
             .unwrap_or_else(|| cfg.aggregate_id.clone());
         let inner = self.inner.clone();
         let tasks = match sub.handler {
+            // A plain subscription has no order promise: never sequenced.
             SubscriptionHandler::Plain(handler) => SubTasks::Plain(TaskShared::new(
                 inner,
                 handler,
                 ids,
                 policy,
-                dead_letter_topic.clone(),
+                (dead_letter_topic.clone(), None),
             )),
             SubscriptionHandler::Envelope(handler) => SubTasks::Envelope(TaskShared::new(
                 inner,
                 handler,
                 ids,
                 policy,
-                dead_letter_topic.clone(),
+                (
+                    dead_letter_topic.clone(),
+                    dl.sequence_by_aggregate.then_some(dl.max_parked),
+                ),
             )),
         };
         let inline = sub

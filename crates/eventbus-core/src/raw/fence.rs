@@ -25,7 +25,9 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::raw::parking::Parking;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +61,10 @@ struct ScopeInner {
     /// A child of `cancel`, the token handlers see. A handler that cancels it
     /// neither fences the scope nor cuts the bus's waits short.
     handlers: CancellationToken,
+    /// The sequencing of its partition, made by its first envelope that needs
+    /// it (`dead_letter.sequence_by_aggregate`): it ends with the scope, as an
+    /// owner's token does.
+    parking: OnceLock<Parking>,
 }
 
 impl Default for ScopeInner {
@@ -73,6 +79,7 @@ impl Default for ScopeInner {
             closed: AtomicBool::new(false),
             handlers: cancel.child_token(),
             cancel,
+            parking: OnceLock::new(),
         }
     }
 }
@@ -210,6 +217,16 @@ impl Scope {
     /// [`idle`](Self::idle), waiting at most `timeout`; whether it became idle.
     pub async fn idle_within(&self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.idle()).await.is_ok()
+    }
+
+    /// The sequencing of its partition, made by `init` the first time.
+    pub(crate) fn parking_or(&self, init: impl FnOnce() -> Parking) -> &Parking {
+        self.inner.parking.get_or_init(init)
+    }
+
+    /// The sequencing of its partition, if any envelope made it.
+    pub(crate) fn parking(&self) -> Option<&Parking> {
+        self.inner.parking.get()
     }
 
     /// Whether `self` and `other` are the same scope.

@@ -596,6 +596,15 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
                 None
             };
         }
+        // Below a watermark, the outcomes sequencing recorded are let go: a
+        // copy read again there (a rewind to an older commit) runs as any
+        // redelivery, parked again behind its head or run again as the head,
+        // in order, written twice at worst.
+        for (p, w) in marks.iter() {
+            if let Some(parking) = self.partitions.get(p).and_then(|s| s.scope.parking()) {
+                parking.settled_below(*w);
+            }
+        }
     }
 }
 

@@ -54,6 +54,11 @@ pub enum Outcome {
         /// The last failure.
         cause: FailureCause,
     },
+    /// Not run: its aggregate is parked behind an earlier envelope given up
+    /// (`dead_letter.sequence_by_aggregate`), and it was written to the
+    /// dead-letter destination, parked behind that one, before the job ended (or
+    /// a copy of it read earlier was).
+    Parked,
     /// Not finished: its scope was fenced (handed over, closed) before or while it
     /// ran. Never acknowledged: the message is delivered again.
     Abandoned {
@@ -73,6 +78,9 @@ pub enum OutcomeKind {
     Panicked,
     /// Not finished: its scope was fenced (see [`Outcome::Abandoned`]).
     Abandoned,
+    /// Not run: written parked behind its aggregate's head (see
+    /// [`Outcome::Parked`]).
+    Parked,
 }
 
 impl OutcomeKind {
@@ -83,6 +91,7 @@ impl OutcomeKind {
             OutcomeKind::Failed => "failed",
             OutcomeKind::Panicked => "panicked",
             OutcomeKind::Abandoned => "abandoned",
+            OutcomeKind::Parked => "parked",
         }
     }
 }
@@ -97,6 +106,7 @@ impl Outcome {
                 FailureCause::Panic(_) => OutcomeKind::Panicked,
             },
             Outcome::Abandoned { .. } => OutcomeKind::Abandoned,
+            Outcome::Parked => OutcomeKind::Parked,
         }
     }
 
@@ -107,6 +117,7 @@ impl Outcome {
             | Outcome::Failed { attempts, .. }
             | Outcome::DeadLettered { attempts, .. }
             | Outcome::Abandoned { attempts } => *attempts,
+            Outcome::Parked => 0,
         }
     }
 }

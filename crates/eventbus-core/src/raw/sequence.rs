@@ -590,16 +590,28 @@ impl ParkedSet {
     /// envelope is to be written parked behind it, without a handler call);
     /// `None` when the aggregate is not parked (the envelope runs).
     pub fn follow(&mut self, aggregate: &str, offset: i64) -> Option<HeadId> {
-        let head = self.aggregates.get_mut(aggregate)?.last_mut()?;
-        head.parked += 1;
-        head.newest = head.newest.max(offset);
-        Some(head.id)
+        let behind = self.behind(aggregate, offset)?;
+        self.follow_behind(aggregate, behind, offset);
+        Some(behind)
+    }
+
+    /// The head the envelope at `offset` of `aggregate` would be parked behind:
+    /// the newest live head of the aggregate below `offset`. A head at or above
+    /// `offset` came after the envelope (read again after a rewind), which does
+    /// not wait behind it.
+    pub fn behind(&self, aggregate: &str, offset: i64) -> Option<HeadId> {
+        self.aggregates
+            .get(aggregate)?
+            .iter()
+            .rev()
+            .find(|h| h.id.offset < offset)
+            .map(|h| h.id)
     }
 
     /// A parked record read back: counted behind `behind`, which, when it is not
     /// a live head (its record is gone, or not read yet), becomes one, marked
     /// missing.
-    fn follow_behind(&mut self, aggregate: &str, behind: HeadId, offset: i64) {
+    pub(crate) fn follow_behind(&mut self, aggregate: &str, behind: HeadId, offset: i64) {
         let heads = self.aggregates.entry(aggregate.to_owned()).or_default();
         let head = match heads.iter().position(|h| h.id == behind) {
             Some(i) => &mut heads[i],

@@ -107,4 +107,17 @@ impl Metrics {
         metrics::counter!(m::name(&self.backend, m::DEAD_LETTERS), "topic" => topic.to_owned())
             .increment(1);
     }
+
+    /// Count an envelope of `topic` written parked behind its aggregate's head.
+    pub(super) fn parked(&self, topic: &str) {
+        metrics::counter!(m::name(&self.backend, m::DEAD_LETTERS_PARKED), "topic" => topic.to_owned())
+            .increment(1);
+    }
+
+    /// Count an envelope of `topic` held in place at the bound on parked
+    /// aggregates.
+    pub(super) fn parked_overflow(&self, topic: &str) {
+        metrics::counter!(m::name(&self.backend, m::PARKED_OVERFLOW), "topic" => topic.to_owned())
+            .increment(1);
+    }
 }

@@ -6,6 +6,8 @@ use super::instruments::PoolMetrics;
 #[allow(clippy::wildcard_imports)]
 use super::*;
 use crate::handler::HandlerError;
+use crate::raw::parking::{Arrival, Parking};
+use crate::raw::sequence::{Recorded, SequenceScope};
 use crate::raw::task::{DescribedTask, TaskBox};
 use std::any::Any;
 use std::borrow::Cow;
@@ -24,22 +26,29 @@ pub(crate) struct TaskShared<T> {
     policy: DeliveryPolicy,
     /// Where a message given up goes, if anywhere.
     pub(super) dead_letter_topic: Option<String>,
+    /// With a destination and `dead_letter.sequence_by_aggregate`: the bound on
+    /// parked aggregates per partition.
+    max_parked: Option<usize>,
 }
 
 impl<T> TaskShared<T> {
+    /// `dead_letters`: the destination, and with sequencing the bound on parked
+    /// aggregates.
     pub(super) fn new(
         inner: Arc<Inner>,
         handler: BoxHandler<T>,
         ids: AggregateIdConfig,
         policy: DeliveryPolicy,
-        dead_letter_topic: Option<String>,
+        (dead_letter_topic, max_parked): (Option<String>, Option<usize>),
     ) -> Arc<Self> {
+        let max_parked = max_parked.filter(|_| dead_letter_topic.is_some());
         Arc::new(Self {
             inner,
             handler,
             ids,
             policy,
             dead_letter_topic,
+            max_parked,
         })
     }
 
@@ -47,6 +56,62 @@ impl<T> TaskShared<T> {
     pub(super) fn can_dead_letter(&self) -> bool {
         self.dead_letter_topic.is_some()
     }
+
+    /// With sequencing on and an aggregate id to read: the sequencing of
+    /// `message`'s partition in `epoch`'s scope, and the id. The id is the
+    /// chain's, else the body's, never the message's coordinates: a message
+    /// with no id has no order promise and is never parked.
+    fn sequencing<'e>(&self, epoch: &'e Epoch, message: &Message) -> Option<(&'e Parking, String)> {
+        let max = self.max_parked?;
+        let aggregate = self
+            .ids
+            .find(message, None)
+            .or_else(|| peek_id(&message.payload))?
+            .into_owned();
+        let parking = epoch.scope().parking_or(|| {
+            let group = self.inner.config.consumer.group_id.clone();
+            let scope = SequenceScope::new(group, &*message.topic, message.partition);
+            Parking::new(scope, max)
+        });
+        Some((parking, aggregate))
+    }
+}
+
+/// With sequencing on, `message` arrives on its aggregate's route: `Some`
+/// outcome when it does not run. Parked: its aggregate has a head below it, and
+/// it is written behind that head before its job ends (given up, as a dead
+/// letter is, when its scope is fenced or a rewind supersedes it). A copy read
+/// again of a message written earlier takes that outcome, with no second write.
+async fn arrive<T>(shared: &TaskShared<T>, message: &Message, epoch: &Epoch) -> Option<Outcome> {
+    let (parking, aggregate) = shared.sequencing(epoch, message)?;
+    let behind = match parking.arrive(&aggregate, message.offset) {
+        Arrival::Runs => return None,
+        Arrival::Recorded(Recorded::Parked { .. }) => return Some(Outcome::Parked),
+        Arrival::Recorded(Recorded::Head { .. }) => {
+            // Its dead letter is written: it stays given up.
+            let cause = FailureCause::Error(HandlerError::permanent("dead-lettered earlier"));
+            return Some(Outcome::DeadLettered { attempts: 0, cause });
+        }
+        Arrival::Parks(head) => head,
+    };
+    let topic = shared.dead_letter_topic.as_ref()?;
+    let mut copy = message.clone();
+    parking
+        .parked_record(message.offset, &aggregate, behind)
+        .write(&mut copy.headers);
+    let cause = FailureCause::Error(HandlerError::permanent(format!(
+        "parked behind {behind}: an earlier envelope of aggregate {aggregate} was dead-lettered"
+    )));
+    let letter = DeadLetter::of(topic.clone(), copy, &cause, 0);
+    if !shared
+        .inner
+        .write_dead_letter(&letter, Some(epoch.scope()), Some(epoch))
+        .await
+    {
+        return Some(Outcome::Abandoned { attempts: 0 });
+    }
+    parking.parked(message.offset, &aggregate, behind);
+    Some(Outcome::Parked)
 }
 
 /// Dead-letter `message`, given up with `cause` after `attempts` calls, here, on
@@ -54,27 +119,93 @@ impl<T> TaskShared<T> {
 /// written. Given up instead when its scope is fenced or the bus closes (the
 /// next owner reads it again, before that next message), or when a rewind of
 /// its `epoch` supersedes it (its copy read again is handled instead): the
-/// message is abandoned then.
+/// message is abandoned then. With sequencing on, the dead letter is its
+/// aggregate's head, entered in the parked set once written; the cause given
+/// back, and nothing written, when the set is at its bound (the caller holds
+/// the message in place).
 async fn dead_letter_here<T>(
     shared: &TaskShared<T>,
     message: &Message,
     epoch: &Epoch,
     attempts: u32,
     cause: FailureCause,
-) -> Outcome {
+) -> Result<Outcome, FailureCause> {
     let Some(topic) = &shared.dead_letter_topic else {
-        return Outcome::Abandoned { attempts };
+        return Ok(Outcome::Abandoned { attempts });
     };
-    let letter = DeadLetter::of(topic.clone(), message.clone(), &cause, attempts);
-    if shared
+    let mut copy = message.clone();
+    let head = match shared.sequencing(epoch, message) {
+        Some((parking, aggregate)) => {
+            let Ok(room) = parking.reserve(&aggregate) else {
+                return Err(cause);
+            };
+            room.record(message.offset, &aggregate)
+                .write(&mut copy.headers);
+            Some((room, aggregate))
+        }
+        None => None,
+    };
+    let letter = DeadLetter::of(topic.clone(), copy, &cause, attempts);
+    if !shared
         .inner
         .write_dead_letter(&letter, Some(epoch.scope()), Some(epoch))
         .await
     {
-        Outcome::DeadLettered { attempts, cause }
-    } else {
-        Outcome::Abandoned { attempts }
+        return Ok(Outcome::Abandoned { attempts });
     }
+    if let Some((room, aggregate)) = head {
+        room.headed(message.offset, &aggregate);
+    }
+    Ok(Outcome::DeadLettered { attempts, cause })
+}
+
+/// Dead-letter an envelope that did not decode ([`dead_letter_here`]). Held in
+/// place while its partition parks `dead_letter.max_parked` aggregates: no
+/// handler call can mend it, so it waits the capped backoff between checks for
+/// room.
+async fn dead_letter_invalid(
+    shared: &TaskShared<Event>,
+    message: &Message,
+    epoch: &Epoch,
+    mut cause: FailureCause,
+) -> Outcome {
+    let inner = &shared.inner;
+    let mut entry = None;
+    loop {
+        match dead_letter_here(shared, message, epoch, 0, cause).await {
+            Ok(outcome) => return outcome,
+            Err(c) => cause = c,
+        }
+        let entry = entry.get_or_insert_with(|| {
+            overflowed(shared, message);
+            inner
+                .holds
+                .failing(message, &envelope_key(&shared.ids, message))
+        });
+        let wait = shared.policy.max_backoff;
+        entry.failed(0, HoldError::of(&cause), wait, true);
+        tokio::select! {
+            // Biased, as the retries' wait.
+            biased;
+            _ = inner.cancel.cancelled() => {}
+            _ = epoch.scope().fenced() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if inner.cancel.is_cancelled() || epoch.is_fenced(message.offset) {
+            return Outcome::Abandoned { attempts: 0 };
+        }
+    }
+}
+
+/// An envelope given up that cannot become a head, its partition parking
+/// `dead_letter.max_parked` aggregates: held in place, its aggregate's route
+/// and its partition's commit point with it, until room is made, the scope is
+/// fenced or the bus closes. Counted, and reported in the commit-point view.
+fn overflowed<T>(shared: &TaskShared<T>, message: &Message) {
+    tracing::warn!(topic = %message.topic, partition = message.partition,
+        offset = message.offset,
+        "dead_letter.max_parked aggregates are parked: envelope held in place");
+    shared.inner.metrics.parked_overflow(&message.topic);
 }
 
 /// The aggregate id a plain message is routed by, if it has one.
@@ -268,12 +399,18 @@ impl EnvelopeTask {
         );
         async move {
             let TaskShared { inner, ids, .. } = &*shared;
+            if shared.max_parked.is_some() {
+                // Boxed, as the retries below: the state of an opt-in.
+                if let Some(outcome) = Box::pin(arrive(&shared, &message, &epoch)).await {
+                    return outcome;
+                }
+            }
             let envelope = match Envelope::decode(&message.payload) {
                 Ok(envelope) => Arc::new(envelope),
                 Err(e) if shared.can_dead_letter() => {
                     let cause = FailureCause::Error(HandlerError::permanent(e));
                     // Boxed, as the retries below: a rare path's state.
-                    return Box::pin(dead_letter_here(&shared, &message, &epoch, 0, cause)).await;
+                    return Box::pin(dead_letter_invalid(&shared, &message, &epoch, cause)).await;
                 }
                 Err(e) => {
                     let key = envelope_key(ids, &message);
@@ -375,10 +512,19 @@ impl EnvelopeCall<'_> {
                     // letter is written (a destination that refuses it holds
                     // the aggregate there).
                     entry.failed(attempt, HoldError::of(&cause), Duration::ZERO, true);
-                    return dead_letter_here(self.shared, self.message, self.epoch, attempt, cause)
-                        .await;
-                }
-                if !reported_exhausted {
+                    let written =
+                        dead_letter_here(self.shared, self.message, self.epoch, attempt, cause);
+                    match written.await {
+                        Ok(outcome) => return outcome,
+                        // No room to park its aggregate: retried in place, as
+                        // with no destination, until there is.
+                        Err(c) => cause = c,
+                    }
+                    if !reported_exhausted {
+                        reported_exhausted = true;
+                        overflowed(self.shared, self.message);
+                    }
+                } else if !reported_exhausted {
                     reported_exhausted = true;
                     tracing::error!(error = %cause, attempts = attempt,
                         "no dead-letter destination: retrying with capped backoff, key is stuck");
@@ -501,6 +647,11 @@ impl Dispatcher {
             },
             Outcome::DeadLettered { .. } => {
                 inner.dead_lettered(meta.pool, &meta.topic);
+                Disposition::DeadLettered
+            }
+            Outcome::Parked => {
+                inner.dead_lettered(meta.pool, &meta.topic);
+                inner.metrics.parked(&meta.topic);
                 Disposition::DeadLettered
             }
         };

@@ -521,7 +521,8 @@ impl<L: PartitionLog> LogLoop<L> {
     /// went back): the queued copies of what is read again do not start from
     /// now, though the first message read again may wait for room; nothing but
     /// a commit back is committed until it is tracked, and below the group's
-    /// offset the commit point is committed back before the partition reads on.
+    /// offset, or an offset the log took and may still commit, the commit point
+    /// is committed back before the partition reads on.
     fn rewind_from(&mut self, p: usize, offset: i64) {
         let partition = p as i32;
         let lowest = self.set.lowest_pending(partition);
@@ -537,7 +538,12 @@ impl<L: PartitionLog> LogLoop<L> {
         let committed = self.log.committed(partition);
         tracing::warn!(topic = %self.log.topic(), partition, offset, commit_point = to, ?committed,
             "the broker rewound the partition: records from the offset are read again");
-        if committed.is_some_and(|c| to < c) {
+        // Below the group's offset, or below an offset the log took and may
+        // commit later without the loop (Kafka commits stored offsets on an
+        // interval): that commit would pass the records read again, which a
+        // truncated log holds anew, so the commit point goes back first.
+        let above = |o: Option<i64>| o.is_some_and(|o| to < o);
+        if above(committed) || above(part.stored) {
             part.back = Some(to);
             part.back_since.get_or_insert((Instant::now(), false));
             self.commit_back(p);
@@ -555,6 +561,7 @@ impl<L: PartitionLog> LogLoop<L> {
         // No finished offsets go with it: the commit point is a rewind's.
         match self.log.commit(p as i32, part.generation, to, "") {
             Ok(()) => {
+                part.stored = Some(to);
                 part.end_back(&mut self.log, p as i32);
                 if part.unstored.is_some() {
                     self.retry_soon();

@@ -39,6 +39,10 @@ pub(super) struct Partition {
     pub(super) back_since: Option<(Instant, bool)>,
     /// A watermark whose commit failed, to make again.
     pub(super) unstored: Option<i64>,
+    /// The last offset the log took from this grant ([`PartitionLog::commit`]
+    /// answered `Ok`): a broker that commits what it was given later (Kafka's
+    /// stored offsets) may not have told the group yet.
+    pub(super) stored: Option<i64>,
     /// The metadata of the last commit made: the offsets finished above it
     /// ([`Dispatcher::finished_metadata`](crate::raw::Dispatcher::finished_metadata)); committed again when only it changed.
     pub(super) metadata: String,
@@ -62,6 +66,7 @@ impl Partition {
             back: None,
             back_since: None,
             unstored: None,
+            stored: None,
             metadata: String::new(),
             paused: false,
             full_since: None,
@@ -94,6 +99,7 @@ impl Partition {
         match log.commit(partition, self.generation, w, &metadata) {
             Ok(()) => {
                 self.unstored = None;
+                self.stored = Some(w);
                 self.metadata = metadata;
                 false
             }

@@ -123,12 +123,13 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
             invalid_notes(&report);
             out(&format!(
                 "moved {} record(s) from {} to their origin topics; read {}, skipped {} by \
-                 the filters, {} cannot be redriven{}",
+                 the filters, {} cannot be redriven{}{}",
                 report.moved,
                 report.dead_letter_topic,
                 report.read,
                 report.skipped,
                 report.invalid.len(),
+                sequenced_note(&report),
                 if report.stopped_at_max {
                     " (stopped at --max)"
                 } else {
@@ -262,7 +263,7 @@ fn print_list(report: &RedriveReport, json: bool) -> Result<(), CliError> {
             format!(", {} skipped by the filters", report.skipped)
         } else {
             String::new()
-        },
+        } + &sequenced_note(report),
         if report.stopped_at_max {
             "; stopped at --max"
         } else {
@@ -270,6 +271,17 @@ fn print_list(report: &RedriveReport, json: bool) -> Result<(), CliError> {
         }
     ));
     Ok(())
+}
+
+/// How many records of sequenced dead letters the run passed, when any.
+fn sequenced_note(report: &RedriveReport) -> String {
+    if report.sequenced == 0 {
+        return String::new();
+    }
+    format!(
+        ", {} of sequenced dead letters passed (docs/sequencing.md)",
+        report.sequenced
+    )
 }
 
 fn invalid_notes(report: &RedriveReport) {
@@ -371,6 +383,7 @@ fn summary_json(r: &RedriveReport) -> Value {
         "read": r.read,
         "moved": r.moved,
         "skipped": r.skipped,
+        "sequenced": r.sequenced,
         "stopped_at_max": r.stopped_at_max,
         "invalid": r.invalid.iter().map(|i| json!({
             "id": i.id.to_string(),

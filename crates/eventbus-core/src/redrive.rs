@@ -339,6 +339,7 @@ impl DeadLetterEntry {
     /// headers (without the dead-letter headers), with `eventbus-redrives` raised
     /// by one.
     pub fn redrive_record(&self) -> Record {
+        use crate::raw::sequence as seq;
         let dead_letter_headers = [
             DLQ_TOPIC_HEADER,
             DLQ_PARTITION_HEADER,
@@ -347,6 +348,14 @@ impl DeadLetterEntry {
             DLQ_ERROR_KIND_HEADER,
             DLQ_ATTEMPTS_HEADER,
             DLQ_REDRIVES_HEADER,
+            seq::SEQUENCE_KIND_HEADER,
+            seq::SEQUENCE_GROUP_HEADER,
+            seq::SEQUENCE_AGGREGATE_HEADER,
+            seq::SEQUENCE_TOKEN_HEADER,
+            seq::PARKED_BEHIND_HEADER,
+            seq::SEQUENCE_LIFTS_HEADER,
+            seq::SEQUENCE_DUE_HEADER,
+            seq::SEQUENCE_PARTITIONS_HEADER,
         ];
         let mut headers: Headers = self
             .headers
@@ -390,6 +399,9 @@ pub struct RedriveReport {
     pub moved: u64,
     /// Records a filter skipped.
     pub skipped: u64,
+    /// Records of sequenced dead letters (`dead_letter.sequence_by_aggregate`:
+    /// heads, parked envelopes, markers), passed: not redriven one by one.
+    pub sequenced: u64,
     /// Records that cannot be redriven (missing or malformed origin headers).
     pub invalid: Vec<InvalidDeadLetter>,
     /// A dry run: the entries that would move, in order. Empty otherwise.
@@ -621,6 +633,20 @@ where
         };
         report.read += 1;
         let id = raw.id.clone();
+        if crate::raw::sequence::SequenceRecord::read(&raw.headers).is_ok_and(|r| r.is_some()) {
+            // A record of sequenced dead letters (`docs/sequencing.md`): moved
+            // back alone it would be parked again behind its aggregate's head,
+            // and a marker has no message. Passed, as a filter passes a record.
+            if report.sequenced == 0 {
+                tracing::info!(dead_letter_topic, id = %id,
+                    "records of sequenced dead letters are not redriven one by one: skipped");
+            }
+            report.sequenced += 1;
+            if !options.dry_run {
+                reader.confirm(&id).await?;
+            }
+            continue;
+        }
         let entry = match raw.entry(id_header) {
             Ok(entry) => entry,
             Err(invalid) => {

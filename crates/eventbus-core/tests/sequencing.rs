@@ -13,6 +13,7 @@ use eventbus_core::raw::{
 use eventbus_core::{BusConfig, CancellationToken, Envelope, Event, HandlerError, Message};
 use eventbus_core::{Result, Subscription};
 use futures::future::BoxFuture;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
@@ -21,14 +22,26 @@ mod support;
 use support::{SteppedPool, TOPIC, WAIT};
 
 /// A destination that keeps every record written, with its sequencing headers
-/// read back.
+/// read back; while `down`, it refuses every write.
 #[derive(Default)]
 struct Destination {
     written: Mutex<Vec<(i64, Option<SequenceRecord>)>>,
+    down: AtomicBool,
+    /// Notified at each write refused.
+    refused: Notify,
 }
 
 impl DeadLetterSink for Destination {
     fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, Result<()>> {
+        if self.down.load(Ordering::SeqCst) {
+            self.refused.notify_one();
+            return Box::pin(async {
+                Err(eventbus_core::Error::new(
+                    eventbus_core::ErrorKind::Broker,
+                    "dead-letter topic unreachable",
+                ))
+            });
+        }
         let record = SequenceRecord::read(&letter.record().headers).expect("well-formed headers");
         self.written
             .lock()
@@ -54,6 +67,8 @@ struct Rig {
     calls: Arc<Mutex<Vec<(String, i64)>>>,
     /// Notified at each handler call.
     called: Arc<Notify>,
+    /// Envelopes of aggregate `g` wait for a permit before they end.
+    gate: Arc<Semaphore>,
 }
 
 impl Rig {
@@ -71,7 +86,8 @@ impl Rig {
         let dispatcher = Dispatcher::new("memory", pool.clone(), Some(destination.clone()), config);
         let calls = Arc::new(Mutex::new(Vec::new()));
         let called = Arc::new(Notify::new());
-        let (c, n) = (calls.clone(), called.clone());
+        let gate = Arc::new(Semaphore::new(0));
+        let (c, n, g) = (calls.clone(), called.clone(), gate.clone());
         let sub = dispatcher
             .prepare(Subscription::envelope(TOPIC, move |e: Event| {
                 let aggregate = e.envelope.aggregate_id.clone();
@@ -79,7 +95,11 @@ impl Rig {
                     .expect("calls")
                     .push((aggregate.clone(), e.message.offset));
                 n.notify_one();
+                let g = g.clone();
                 async move {
+                    if aggregate == "g" {
+                        g.acquire().await.expect("gate open").forget();
+                    }
                     if failing.contains(&aggregate.as_str()) {
                         Err(HandlerError::permanent("rejected"))
                     } else {
@@ -98,6 +118,7 @@ impl Rig {
             destination,
             calls,
             called,
+            gate,
         }
     }
 
@@ -136,13 +157,24 @@ impl Rig {
             tokio::time::timeout(WAIT, self.pool.run_next())
                 .await
                 .expect("the job ends");
-            let s = tokio::time::timeout(WAIT, self.set.next())
-                .await
-                .expect("a completion within the wait")
-                .expect("something in flight");
-            settled.push((s.offset, s.disposition));
+            settled.push(self.settle().await);
         }
         settled
+    }
+
+    /// Take the next outcome as a consume loop does: its watermark lets go of
+    /// what sequencing recorded below it.
+    async fn settle(&mut self) -> (i64, Disposition) {
+        let first = tokio::time::timeout(WAIT, self.set.next())
+            .await
+            .expect("a completion within the wait")
+            .expect("something in flight");
+        let mut marks = Vec::new();
+        let mut settled = None;
+        self.set.settle_ready(first, 1, &mut marks, |s| {
+            settled = Some((s.offset, s.disposition))
+        });
+        settled.expect("one settled")
     }
 
     fn calls(&self) -> Vec<(String, i64)> {
@@ -206,43 +238,117 @@ async fn a_dead_lettered_envelope_parks_its_aggregate_and_only_its_aggregate() {
     }
 }
 
+/// A rewind above the watermark (an earlier message still runs): the copies of
+/// a head and of a parked envelope take their recorded outcomes, with no
+/// handler call and no second write.
 #[tokio::test]
 async fn a_copy_read_again_after_a_rewind_takes_its_recorded_outcome() {
     let mut rig = Rig::new(10, &["a"]);
-    for (aggregate, offset) in [("b", 0), ("a", 1), ("a", 2)] {
+    for (aggregate, offset) in [("g", 0), ("a", 1), ("a", 2)] {
         rig.deliver(aggregate, offset).await;
     }
+    // g@0 runs and waits: it holds the watermark at 0.
+    let job = rig
+        .pool
+        .queue
+        .lock()
+        .expect("queue")
+        .pop_front()
+        .expect("g's job");
+    let g = tokio::spawn(job.run());
     rig.run_all().await;
-    let calls = rig.calls().len();
-    let written = rig.destination.written().len();
     assert_eq!(
-        (calls, written),
-        (2, 2),
-        "b and a's head ran; head and parked written"
+        rig.destination.written().len(),
+        2,
+        "a's head and its parked follower"
     );
-    // The broker goes back to 0: every offset is read again.
-    for (aggregate, offset) in [("b", 0), ("a", 1), ("a", 2)] {
+    // The broker goes back to 1: a's two envelopes are read again.
+    for (aggregate, offset) in [("a", 1), ("a", 2)] {
         rig.deliver(aggregate, offset).await;
     }
     let settled = rig.run_all().await;
     assert_eq!(
-        rig.calls()[2..],
-        [call("b", 0)],
-        "before the head, b runs again (a redelivery); the head and the parked one do not"
-    );
-    assert_eq!(
-        rig.destination.written().len(),
-        written,
-        "no second record of the head or of the parked envelope"
-    );
-    assert_eq!(
         settled,
         vec![
-            (0, Disposition::Handled),
             (1, Disposition::DeadLettered),
-            (2, Disposition::DeadLettered),
+            (2, Disposition::DeadLettered)
         ]
     );
+    let of_a: Vec<_> = rig.calls().into_iter().filter(|(a, _)| a == "a").collect();
+    assert_eq!(of_a, vec![call("a", 1)], "the copies ran no handler");
+    assert_eq!(
+        rig.destination.written().len(),
+        2,
+        "no second record of the head or of the parked envelope"
+    );
+    rig.gate.add_permits(1);
+    tokio::time::timeout(WAIT, g)
+        .await
+        .expect("g ends")
+        .expect("g's job");
+    assert_eq!(rig.settle().await, (0, Disposition::Handled));
+}
+
+/// Below the watermark, what sequencing recorded is let go: a copy read again
+/// there (a rewind to an older commit) runs as any redelivery does, the head
+/// run again and parked again, its follower parked again behind it, in order.
+#[tokio::test]
+async fn below_the_watermark_a_copy_read_again_runs_as_any_redelivery() {
+    let mut rig = Rig::new(10, &["a"]);
+    for _ in 0..2 {
+        rig.deliver("a", 0).await;
+        rig.deliver("a", 1).await;
+        rig.run_all().await;
+    }
+    assert_eq!(rig.calls(), vec![call("a", 0), call("a", 0)]);
+    let kinds: Vec<(i64, SequenceKind)> = rig
+        .destination
+        .written()
+        .into_iter()
+        .map(|(o, r)| (o, r.expect("sequenced").kind().clone()))
+        .collect();
+    let head = rig.destination.written()[0]
+        .1
+        .as_ref()
+        .and_then(SequenceRecord::head_id)
+        .expect("a head");
+    let parked = SequenceKind::Parked { behind: head };
+    assert_eq!(
+        kinds,
+        vec![
+            (0, SequenceKind::Head),
+            (1, parked.clone()),
+            (0, SequenceKind::Head),
+            (1, parked)
+        ],
+        "written twice, in order, the head the same"
+    );
+}
+
+/// A parked envelope whose write still fails when its scope is handed over is
+/// given back unwritten, before the aggregate's next envelope: the next owner
+/// reads it again.
+#[tokio::test]
+async fn a_parked_write_not_made_by_the_fence_is_given_back() {
+    let mut rig = Rig::new(10, &["a"]);
+    rig.deliver("a", 0).await;
+    rig.deliver("a", 1).await;
+    rig.run_all().await.truncate(0);
+    assert_eq!(rig.destination.written().len(), 2, "a's head, and 1 parked");
+    rig.destination.down.store(true, Ordering::SeqCst);
+    rig.deliver("a", 2).await;
+    let pool = rig.pool.clone();
+    let job = tokio::spawn(async move { pool.run_next().await });
+    tokio::time::timeout(WAIT, rig.destination.refused.notified())
+        .await
+        .expect("the parked write was tried");
+    rig.set.scope(0).expect("assigned").fence();
+    tokio::time::timeout(WAIT, job)
+        .await
+        .expect("the write stops at the fence")
+        .expect("job");
+    assert_eq!(rig.settle().await, (2, Disposition::Abandoned));
+    assert_eq!(rig.destination.written().len(), 2, "2 not written");
 }
 
 #[tokio::test]

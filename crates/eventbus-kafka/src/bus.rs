@@ -667,6 +667,7 @@ impl KafkaEventBus {
         let bus_config: BusConfig = bus_config.into();
         config.validate()?;
         bus_config.validate()?;
+        bus_config.dead_letter.refuse_sequencing("kafka")?;
         check_handover_bound(&config, &bus_config)?;
         let producer = Arc::new(KafkaProducer::new(&config)?);
         let sink = Arc::new(KafkaDeadLetterSink::new(producer.clone()));

@@ -898,6 +898,26 @@ impl MemoryBroker {
 
     /// Append a record; waits for room up to the publish timeout.
     pub async fn publish(&self, topic: &str, record: Record) -> Result<PublishReceipt, Error> {
+        self.append(topic, None, record).await
+    }
+
+    /// Append a record to partition `partition` of `topic`, as
+    /// [`publish`](Self::publish) does to the partition of its key.
+    pub(crate) async fn publish_to(
+        &self,
+        topic: &str,
+        partition: i32,
+        record: Record,
+    ) -> Result<PublishReceipt, Error> {
+        self.append(topic, Some(partition), record).await
+    }
+
+    async fn append(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        record: Record,
+    ) -> Result<PublishReceipt, Error> {
         let t = self.topic(topic)?;
         let size = record.payload.len()
             + record.key.as_ref().map_or(0, |k| k.len())
@@ -914,9 +934,18 @@ impl MemoryBroker {
             ));
         }
         let n = t.partitions.len();
-        let partition = match &record.key {
-            Some(k) => eventbus_core::raw::partition(stable_hash(k), n),
-            None => (t.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as usize,
+        let partition = match (partition, &record.key) {
+            (Some(p), _) => match usize::try_from(p).ok().filter(|p| *p < n) {
+                Some(p) => p,
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("topic `{topic}` has no partition {p} (it has {n})"),
+                    ))
+                }
+            },
+            (None, Some(k)) => eventbus_core::raw::partition(stable_hash(k), n),
+            (None, None) => (t.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as usize,
         };
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_timeout;
         loop {

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::MemoryBroker;
 use crate::consumer::MemoryLog;
+use crate::sequence::Store;
 
 struct Sink(MemoryBroker);
 
@@ -102,7 +103,8 @@ impl BusBackend for Backend {
             .max_tracked(cfg.max_tracked_per_partition)
             .labelled(Self::NAME, sub.topic());
         let log = MemoryLog::new(topic, cfg.group_id.clone(), member, cfg.auto_offset_reset);
-        let run = LogLoop::new(log, sub, self.dispatcher.clone(), set, cancel.clone());
+        let run = LogLoop::new(log, sub, self.dispatcher.clone(), set, cancel.clone())
+            .sequence_store(Arc::new(Store(self.broker.clone())));
         let in_flight = run.in_flight().clone();
         Ok(Consumer {
             cancel,

@@ -4,6 +4,7 @@ mod broker;
 mod bus;
 mod consumer;
 mod redrive;
+mod sequence;
 
 pub use broker::{BrokerConfig, GroupMember, MemoryBroker, Rebalance};
 pub use bus::MemoryEventBus;

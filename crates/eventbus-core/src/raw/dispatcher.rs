@@ -494,6 +494,32 @@ impl Dispatcher {
         &self.inner.config
     }
 
+    /// Partition `partition` of `sub` is taken up under `scope`: with
+    /// sequencing on, its sequencing is made now (its owner's token drawn),
+    /// and what its rebuild needs is returned.
+    pub(crate) fn sequence_take_up(
+        &self,
+        sub: &PreparedSubscription,
+        scope: &Scope,
+        partition: i32,
+    ) -> Option<crate::raw::parking::TakenUp> {
+        let SubTasks::Envelope(shared) = &sub.tasks else {
+            return None;
+        };
+        let max = shared.max_parked()?;
+        let topic = sub.dead_letter_topic.clone()?;
+        let group = self.inner.config.consumer.group_id.clone();
+        let seq = crate::raw::sequence::SequenceScope::new(group, sub.topic(), partition);
+        let parking = scope.parking_or(|| {
+            crate::raw::parking::Parking::new(seq.clone(), max, scope.records_outcomes())
+        });
+        Some(crate::raw::parking::TakenUp {
+            topic,
+            scope: seq,
+            token: parking.token(),
+        })
+    }
+
     /// Resolve a subscription's options against the bus configuration.
     pub fn prepare(&self, sub: Subscription) -> Result<Arc<PreparedSubscription>> {
         crate::topic::validate_topic(&sub.topic)?;

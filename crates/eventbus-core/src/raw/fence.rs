@@ -65,6 +65,10 @@ struct ScopeInner {
     /// it (`dead_letter.sequence_by_aggregate`): it ends with the scope, as an
     /// owner's token does.
     parking: OnceLock<Parking>,
+    /// Sequencing keeps the outcomes it wrote by offset, for copies read again:
+    /// set by a holder that lets them go as its watermark passes them (the
+    /// in-flight set), and only then.
+    records: AtomicBool,
 }
 
 impl Default for ScopeInner {
@@ -80,6 +84,7 @@ impl Default for ScopeInner {
             handlers: cancel.child_token(),
             cancel,
             parking: OnceLock::new(),
+            records: AtomicBool::new(false),
         }
     }
 }
@@ -222,6 +227,17 @@ impl Scope {
     /// The sequencing of its partition, made by `init` the first time.
     pub(crate) fn parking_or(&self, init: impl FnOnce() -> Parking) -> &Parking {
         self.inner.parking.get_or_init(init)
+    }
+
+    /// Sequencing is to keep the outcomes it writes by offset: copies of them
+    /// may be read again, and the caller lets them go as its watermark passes.
+    pub(crate) fn record_outcomes(&self) {
+        self.inner.records.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`record_outcomes`](Self::record_outcomes) was asked.
+    pub(crate) fn records_outcomes(&self) -> bool {
+        self.inner.records.load(Ordering::Relaxed)
     }
 
     /// The sequencing of its partition, if any envelope made it.

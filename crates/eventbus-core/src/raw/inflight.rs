@@ -200,6 +200,9 @@ impl<T: Send + Unpin + 'static> InFlightSet<T> {
     /// [`assign`](Self::assign) under `scope`, made by whoever can fence it directly
     /// (a rebalance callback, say).
     pub fn assign_scoped(&mut self, partition: i32, scope: Scope) {
+        // Its watermarks let go of what sequencing records for copies read
+        // again ([`settle_ready`](Self::settle_ready)).
+        scope.record_outcomes();
         let generation = self.next_generation;
         self.next_generation += 1;
         let bound_hits = match &self.bound_hits {

@@ -59,6 +59,10 @@ pub enum Outcome {
     /// dead-letter destination, parked behind that one, before the job ended (or
     /// a copy of it read earlier was).
     Parked,
+    /// Not run: a copy read again (after a rewind) of a message whose dead
+    /// letter, as its aggregate's head or parked, was written before; finished
+    /// with no write, and counted as its first copy was.
+    Recorded,
     /// Not finished: its scope was fenced (handed over, closed) before or while it
     /// ran. Never acknowledged: the message is delivered again.
     Abandoned {
@@ -106,7 +110,7 @@ impl Outcome {
                 FailureCause::Panic(_) => OutcomeKind::Panicked,
             },
             Outcome::Abandoned { .. } => OutcomeKind::Abandoned,
-            Outcome::Parked => OutcomeKind::Parked,
+            Outcome::Parked | Outcome::Recorded => OutcomeKind::Parked,
         }
     }
 
@@ -117,7 +121,7 @@ impl Outcome {
             | Outcome::Failed { attempts, .. }
             | Outcome::DeadLettered { attempts, .. }
             | Outcome::Abandoned { attempts } => *attempts,
-            Outcome::Parked => 0,
+            Outcome::Parked | Outcome::Recorded => 0,
         }
     }
 }

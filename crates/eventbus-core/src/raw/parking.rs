@@ -10,10 +10,13 @@
 //! route keeps the aggregate's next message waiting meanwhile.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use crate::policy::DeliveryPolicy;
+use crate::raw::fence::Scope;
 use crate::raw::sequence::{
-    HeadId, Overflow, ParkedSet, Recorded, SequenceRecord, SequenceScope, Token,
+    rebuild, HeadId, Overflow, ParkedSet, Rebuilt, Recorded, SequenceRecord, SequenceScope,
+    SequenceStore, Token,
 };
 
 /// The sequencing of one origin partition for one owner (a [`Scope`]'s).
@@ -25,6 +28,11 @@ pub(crate) struct Parking {
     token: Token,
     /// `dead_letter.max_parked`: aggregates parked at most.
     max: usize,
+    /// Whether outcomes are kept by offset for copies read again: only where
+    /// a watermark lets them go ([`settled_below`](Self::settled_below)).
+    /// Elsewhere a copy read again (a redelivery whose acknowledgement was
+    /// lost) runs as any redelivery: parked again, or run again as a head.
+    records: bool,
     live: Mutex<Live>,
 }
 
@@ -61,14 +69,20 @@ pub(crate) struct Reserved<'a> {
 
 impl Parking {
     /// The sequencing of `scope`, parking at most `max` aggregates, with a token
-    /// of its own.
-    pub(crate) fn new(scope: SequenceScope, max: usize) -> Self {
+    /// of its own; keeping outcomes by offset when `records`.
+    pub(crate) fn new(scope: SequenceScope, max: usize, records: bool) -> Self {
         Self {
             scope,
             token: Token::random(),
             max,
+            records,
             live: Mutex::default(),
         }
+    }
+
+    /// The token of this owner.
+    pub(crate) fn token(&self) -> Token {
+        self.token
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -107,6 +121,9 @@ impl Parking {
     pub(crate) fn parked(&self, offset: i64, aggregate: &str, behind: HeadId) {
         let mut live = self.live();
         live.set.follow_behind(aggregate, behind, offset);
+        if !self.records {
+            return;
+        }
         live.written.insert(
             offset,
             Recorded::Parked {
@@ -133,6 +150,25 @@ impl Parking {
         })
     }
 
+    /// Take up the set a rebuild read from the destination (`docs/sequencing.md`,
+    /// 3): what the previous owners parked below the commit point, and what they
+    /// recorded at or above it, entered at once and kept by offset for the
+    /// copies read again. Entering a record above the commit point before its
+    /// offset is read again is sound: a head parks only the envelopes above
+    /// its own offset ([`ParkedSet::behind`]), and those the previous owner
+    /// reached take its recorded outcome; a record whose offset is never read
+    /// again (finished above the commit point, skipped) still parks what
+    /// follows it.
+    pub(crate) fn take_up(&self, rebuilt: Rebuilt) {
+        let Rebuilt { mut set, ahead, .. } = rebuilt;
+        for (offset, recorded) in &ahead {
+            recorded.apply(&mut set, *offset);
+        }
+        let mut live = self.live();
+        live.set = set;
+        live.written = ahead;
+    }
+
     /// Every offset below `watermark` is finished: no copy of them is read
     /// again in this assignment, so their recorded outcomes are let go.
     pub(crate) fn settled_below(&self, watermark: i64) {
@@ -150,6 +186,63 @@ impl Parking {
     #[cfg(test)]
     pub(crate) fn set(&self) -> ParkedSet {
         self.live().set.clone()
+    }
+}
+
+/// What the rebuild of a partition just taken up needs: its destination, its
+/// scope, and the token its new owner drew.
+#[derive(Debug, Clone)]
+pub(crate) struct TakenUp {
+    /// The dead-letter destination.
+    pub(crate) topic: String,
+    pub(crate) scope: SequenceScope,
+    pub(crate) token: Token,
+}
+
+/// Rebuild the parked set of the partition `up` names, read on from
+/// `committed`, and give it to the sequencing of `work`, its scope: retried
+/// with `policy`'s backoff while the destination cannot be read or written,
+/// until `work` is fenced (`false` then: nothing taken up).
+pub(crate) async fn rebuild_until(
+    store: Arc<dyn SequenceStore>,
+    up: TakenUp,
+    committed: i64,
+    work: Scope,
+    policy: DeliveryPolicy,
+) -> bool {
+    let mut attempt = 0u32;
+    loop {
+        let read = rebuild(&*store, &up.topic, &up.scope, up.token, committed);
+        let result = tokio::select! {
+            // Biased: a fence wins over a read that ends at the same moment.
+            biased;
+            _ = work.fenced() => return false,
+            result = read => result,
+        };
+        match result {
+            Ok(rebuilt) => {
+                tracing::debug!(dead_letter_topic = %up.topic, topic = %up.scope.topic,
+                    partition = up.scope.partition, parked = rebuilt.set.len(),
+                    recorded = rebuilt.ahead.len(), fenced = rebuilt.fenced,
+                    "parked set rebuilt");
+                let Some(parking) = work.parking() else {
+                    return false;
+                };
+                parking.take_up(rebuilt);
+                return true;
+            }
+            Err(e) => {
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(dead_letter_topic = %up.topic, topic = %up.scope.topic,
+                    partition = up.scope.partition, error = %e, attempt,
+                    "rebuilding the parked set failed; the partition waits and it is read again");
+                tokio::select! {
+                    biased;
+                    _ = work.fenced() => return false,
+                    _ = tokio::time::sleep(policy.backoff_for(attempt)) => {}
+                }
+            }
+        }
     }
 }
 
@@ -171,6 +264,9 @@ impl Reserved<'_> {
         let mut live = parking.live();
         // Reserved: within the bound.
         let _ = live.set.park(aggregate, id, None, None);
+        if !parking.records {
+            return;
+        }
         live.written.insert(
             offset,
             Recorded::Head {
@@ -197,7 +293,7 @@ mod tests {
     use super::*;
 
     fn parking(max: usize) -> Parking {
-        Parking::new(SequenceScope::new("g", "orders", 0), max)
+        Parking::new(SequenceScope::new("g", "orders", 0), max, true)
     }
 
     #[test]
@@ -227,6 +323,49 @@ mod tests {
             "let go below the watermark (the head's own offset is below itself)"
         );
         assert_eq!(p.set().heads("a")[0].parked, 1);
+    }
+
+    #[test]
+    fn a_rebuilt_set_parks_what_follows_each_head_and_answers_the_offsets_recorded() {
+        use crate::raw::sequence::Rebuild;
+        let scope = SequenceScope::new("g", "orders", 0);
+        let old = Token::from_raw(7);
+        let head = HeadId {
+            token: old,
+            offset: 5,
+        };
+        let mut rebuild = Rebuild::new(scope.clone(), 6);
+        rebuild.feed(0, &scope.epoch(old, 1));
+        rebuild.feed(0, &scope.head(old, 2, "x"));
+        // At and above the commit point (6): a head at 5 seen below, then a
+        // parked record at 8 and a head at 9 of another aggregate.
+        rebuild.feed(0, &scope.head(old, 5, "a"));
+        rebuild.feed(0, &scope.parked(old, 8, "a", head));
+        rebuild.feed(0, &scope.head(old, 9, "b"));
+        let p = parking(10);
+        p.take_up(rebuild.finish());
+        assert_eq!(p.arrive("x", 3), Arrival::Parks(p.set().heads("x")[0].id));
+        assert_eq!(
+            p.arrive("a", 7),
+            Arrival::Parks(head),
+            "not reached before: parks"
+        );
+        assert!(matches!(
+            p.arrive("a", 8),
+            Arrival::Recorded(Recorded::Parked { .. })
+        ));
+        assert_eq!(p.arrive("b", 7), Arrival::Runs, "below b's head: runs");
+        assert!(matches!(
+            p.arrive("b", 9),
+            Arrival::Recorded(Recorded::Head { .. })
+        ));
+        assert_eq!(
+            p.arrive("b", 10),
+            Arrival::Parks(HeadId {
+                token: old,
+                offset: 9
+            })
+        );
     }
 
     #[test]

@@ -23,7 +23,8 @@ use std::str::FromStr;
 
 use crate::dead_letter::{DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER};
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::Headers;
+use crate::message::{Headers, Record};
+use futures::future::BoxFuture;
 
 /// Header naming the kind of a protocol record: `head`, `parked`, `set-aside`,
 /// `lift` or `epoch`. A dead letter without it is a plain one and never parks
@@ -596,15 +597,16 @@ impl ParkedSet {
     }
 
     /// The head the envelope at `offset` of `aggregate` would be parked behind:
-    /// the newest live head of the aggregate below `offset`. A head at or above
-    /// `offset` came after the envelope (read again after a rewind), which does
-    /// not wait behind it.
+    /// the live head of the aggregate with the highest offset below `offset`
+    /// (heads are kept in the order parked, which a rewind can make differ
+    /// from their offsets' order). A head at or above `offset` came after the
+    /// envelope (read again after a rewind), which does not wait behind it.
     pub fn behind(&self, aggregate: &str, offset: i64) -> Option<HeadId> {
         self.aggregates
             .get(aggregate)?
             .iter()
-            .rev()
-            .find(|h| h.id.offset < offset)
+            .filter(|h| h.id.offset < offset)
+            .max_by_key(|h| h.id.offset)
             .map(|h| h.id)
     }
 
@@ -849,6 +851,70 @@ impl Rebuild {
     }
 }
 
+/// A backend's access to a dead-letter destination for sequencing: what the
+/// rebuild at assignment ([`rebuild`]) needs of the broker.
+pub trait SequenceStore: Send + Sync + 'static {
+    /// The partition count of `topic` (1 for a stream); the destination is
+    /// made as a dead letter's write would make it, or an error names it.
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32>>;
+
+    /// Write `record` to partition `partition` of `topic`: `Ok` once the
+    /// broker has it.
+    fn write<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        record: Record,
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// Read `topic` from its oldest record to its end as it stands when the
+    /// read starts, each partition in order, handing `each` every record's
+    /// partition and headers. No position is kept.
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        each: &'a mut (dyn FnMut(i32, &Headers) + Send),
+    ) -> BoxFuture<'a, Result<()>>;
+}
+
+/// The rebuild at assignment (`docs/sequencing.md`, 3 and 4) of `scope`, whose
+/// new owner drew `token` and reads on from `committed`: its epoch marker is
+/// written to every partition of the destination `topic` first, then the
+/// destination is read and folded ([`Rebuild`]). A record whose headers do not
+/// read is skipped, with a warning naming the header: it parks nothing.
+pub async fn rebuild(
+    store: &dyn SequenceStore,
+    topic: &str,
+    scope: &SequenceScope,
+    token: Token,
+    committed: i64,
+) -> Result<Rebuilt> {
+    let partitions = store.partitions(topic).await?;
+    let marker = scope.epoch(token, partitions);
+    for partition in 0..partitions {
+        let mut record = Record::new(bytes::Bytes::new());
+        marker.write(&mut record.headers);
+        store.write(topic, partition as i32, record).await?;
+    }
+    let mut fold = Rebuild::new(scope.clone(), committed);
+    let mut unreadable = 0u64;
+    let mut each = |partition: i32, headers: &Headers| match SequenceRecord::read(headers) {
+        Ok(Some(record)) => {
+            fold.feed(partition, &record);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            unreadable += 1;
+            if unreadable == 1 {
+                tracing::warn!(dead_letter_topic = %topic, partition, error = %e,
+                    "a sequencing record does not read: skipped");
+            }
+        }
+    };
+    store.read(topic, &mut each).await?;
+    Ok(fold.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -972,6 +1038,17 @@ mod tests {
         assert!(set.is_parked("a"), "still behind the replay's new head");
         assert_eq!(set.lift(&[h2]).unparked, vec!["a".to_owned()]);
         assert!(set.is_empty());
+        // A head parked after a higher one (read again after a rewind): what
+        // follows waits behind the highest head below it.
+        let h0 = HeadId {
+            token: Token::from_raw(3),
+            offset: 1,
+        };
+        set.park("a", h2, None, None).unwrap();
+        set.park("a", h0, None, None).unwrap();
+        assert_eq!(set.behind("a", 10), Some(h2));
+        assert_eq!(set.behind("a", 2), Some(h0));
+        assert_eq!(set.behind("a", 1), None);
     }
 
     /// What an owner does, in the model the rebuild is checked against: each step

@@ -7,7 +7,7 @@ use super::instruments::PoolMetrics;
 use super::*;
 use crate::handler::HandlerError;
 use crate::raw::parking::{Arrival, Parking};
-use crate::raw::sequence::{Recorded, SequenceScope};
+use crate::raw::sequence::SequenceScope;
 use crate::raw::task::{DescribedTask, TaskBox};
 use std::any::Any;
 use std::borrow::Cow;
@@ -52,6 +52,11 @@ impl<T> TaskShared<T> {
         })
     }
 
+    /// With sequencing on: the bound on parked aggregates.
+    pub(super) fn max_parked(&self) -> Option<usize> {
+        self.max_parked
+    }
+
     /// Whether a message given up is dead-lettered.
     pub(super) fn can_dead_letter(&self) -> bool {
         self.dead_letter_topic.is_some()
@@ -71,7 +76,7 @@ impl<T> TaskShared<T> {
         let parking = epoch.scope().parking_or(|| {
             let group = self.inner.config.consumer.group_id.clone();
             let scope = SequenceScope::new(group, &*message.topic, message.partition);
-            Parking::new(scope, max)
+            Parking::new(scope, max, epoch.scope().records_outcomes())
         });
         Some((parking, aggregate))
     }
@@ -86,12 +91,8 @@ async fn arrive<T>(shared: &TaskShared<T>, message: &Message, epoch: &Epoch) -> 
     let (parking, aggregate) = shared.sequencing(epoch, message)?;
     let behind = match parking.arrive(&aggregate, message.offset) {
         Arrival::Runs => return None,
-        Arrival::Recorded(Recorded::Parked { .. }) => return Some(Outcome::Parked),
-        Arrival::Recorded(Recorded::Head { .. }) => {
-            // Its dead letter is written: it stays given up.
-            let cause = FailureCause::Error(HandlerError::permanent("dead-lettered earlier"));
-            return Some(Outcome::DeadLettered { attempts: 0, cause });
-        }
+        // Its dead letter is written, as a head or parked: it stays so.
+        Arrival::Recorded(_) => return Some(Outcome::Recorded),
         Arrival::Parks(head) => head,
     };
     let topic = shared.dead_letter_topic.as_ref()?;
@@ -654,6 +655,8 @@ impl Dispatcher {
                 inner.metrics.parked(&meta.topic);
                 Disposition::DeadLettered
             }
+            // Written and counted as its first copy ended.
+            Outcome::Recorded => Disposition::DeadLettered,
         };
         self.finished(meta.pool, meta.submitted, disposition);
         Settled::Now(disposition)

@@ -36,6 +36,8 @@
 
 use super::partition::Partition;
 use super::PartitionLog;
+use crate::raw::parking::rebuild_until;
+use crate::raw::sequence::SequenceStore;
 use crate::raw::{Completion, Dispatcher, Held, InFlightSet, PreparedSubscription};
 use crate::{CancellationToken, ErrorKind, Message};
 use futures::future::{poll_fn, OptionFuture};
@@ -44,7 +46,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::ops::ControlFlow;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -71,6 +73,8 @@ pub type InFlightCounts = Arc<Vec<AtomicUsize>>;
 enum Progress {
     Settled(Completion<()>),
     Held(usize, crate::Result<()>),
+    /// A partition's parked set was rebuilt (or its rebuild ended).
+    Rebuilt(usize, Result<bool, tokio::task::JoinError>),
 }
 
 /// What woke the loop, in the order the `select!` checks.
@@ -150,6 +154,9 @@ pub struct LogLoop<L: PartitionLog> {
     pub(super) wants_permit: bool,
     /// The permit waited for, taken by the next reservation.
     pub(super) spare: Option<OwnedSemaphorePermit>,
+    /// Where a sequenced subscription's parked sets are rebuilt from at each
+    /// assignment (`docs/sequencing.md`); none: they start empty.
+    pub(super) sequence_store: Option<Arc<dyn SequenceStore>>,
 }
 
 impl<L: PartitionLog> fmt::Debug for LogLoop<L> {
@@ -189,12 +196,22 @@ impl<L: PartitionLog> LogLoop<L> {
             fetched: VecDeque::with_capacity(FETCH_BATCH),
             wants_permit: false,
             spare: None,
+            sequence_store: None,
             log,
             sub,
             dispatcher,
             set,
             cancel,
         }
+    }
+
+    /// Rebuild a sequenced subscription's parked set of each partition it takes
+    /// up from `store` before the partition is read
+    /// (`dead_letter.sequence_by_aggregate`, `docs/sequencing.md`).
+    #[must_use]
+    pub fn sequence_store(mut self, store: Arc<dyn SequenceStore>) -> Self {
+        self.sequence_store = Some(store);
+        self
     }
 
     /// Messages in flight per partition, as the loop counts them.
@@ -257,6 +274,10 @@ impl<L: PartitionLog> LogLoop<L> {
                 }
                 Step::Progress(Progress::Settled(s)) => self.on_settled(s),
                 Step::Progress(Progress::Held(p, r)) => self.on_held(p, r),
+                Step::Progress(Progress::Rebuilt(p, r)) => {
+                    self.on_rebuilt(p, r);
+                    ControlFlow::Continue(())
+                }
                 Step::Retry => {
                     self.on_retry();
                     ControlFlow::Continue(())
@@ -393,11 +414,39 @@ impl<L: PartitionLog> LogLoop<L> {
             self.partitions.resize_with(i + 1, || None);
         }
         let scope = self.set.assign(p);
-        let next = self.log.take_up(p, generation, scope);
+        let next = self.log.take_up(p, generation, scope.clone());
         tracing::debug!(topic = %self.log.topic(), partition = p, offset = next, "partition assigned");
         self.seed(p, next);
         self.set_in_flight(i, 0);
-        self.partitions[i] = Some(Partition::new(generation, next));
+        let mut part = Partition::new(generation, next);
+        if let Some(store) = &self.sequence_store {
+            if let Some(up) = self.dispatcher.sequence_take_up(&self.sub, &scope, p) {
+                let policy = self.dispatcher.config().delivery.clone();
+                part.rebuilding = Some(tokio::spawn(rebuild_until(
+                    store.clone(),
+                    up,
+                    next,
+                    scope,
+                    policy,
+                )));
+            }
+        }
+        self.partitions[i] = Some(part);
+    }
+
+    /// The rebuild of partition `p`'s parked set ended: it reads on. A rebuild
+    /// that panicked leaves no set to read by: its work is fenced, and the
+    /// partition reads nothing more until the group moves it.
+    fn on_rebuilt(&mut self, p: usize, result: Result<bool, tokio::task::JoinError>) {
+        let Some(part) = self.partitions.get_mut(p).and_then(Option::as_mut) else {
+            return;
+        };
+        part.rebuilding = None;
+        if let Err(e) = result {
+            tracing::error!(topic = %self.log.topic(), partition = p, error = %e,
+                "rebuilding the parked set failed: the partition is read no further here");
+            self.set.fence(p as i32);
+        }
     }
 
     /// Seed partition `p`, just taken up from `next`, with the offsets that
@@ -659,6 +708,15 @@ impl<L: PartitionLog> LogLoop<L> {
         let Some(part) = &mut self.partitions[p] else {
             return Turn::Idle;
         };
+        if part.rebuilding.is_some() {
+            // Nothing is read before the parked set is: a message of a parked
+            // aggregate would run.
+            if !part.paused {
+                part.paused = true;
+                self.log.pause(partition);
+            }
+            return Turn::Idle;
+        }
         if part.held.is_some() || part.back.is_some() || !self.set.has_room(partition) {
             if part.paused {
                 return Turn::Idle;
@@ -973,6 +1031,10 @@ async fn next_progress(
 ) -> Progress {
     poll_fn(|cx| {
         for (p, part) in partitions.iter_mut().enumerate() {
+            let rebuilding = part.as_mut().and_then(|part| part.rebuilding.as_mut());
+            if let Some(Poll::Ready(r)) = rebuilding.map(|h| Pin::new(h).poll(cx)) {
+                return Poll::Ready(Progress::Rebuilt(p, r));
+            }
             let held: Option<&mut Held> = part.as_mut().and_then(|part| part.held.as_mut());
             if let Some(Poll::Ready(r)) = held.map(|h| h.poll_submit(cx)) {
                 return Poll::Ready(Progress::Held(p, r));

@@ -46,6 +46,10 @@ pub(super) struct Partition {
     /// The metadata of the last commit made: the offsets finished above it
     /// ([`Dispatcher::finished_metadata`](crate::raw::Dispatcher::finished_metadata)); committed again when only it changed.
     pub(super) metadata: String,
+    /// Its parked set being rebuilt from the dead-letter destination
+    /// (`docs/sequencing.md`): it reads nothing until that ends (`true`: taken
+    /// up; `false`: its work was fenced first).
+    pub(super) rebuilding: Option<tokio::task::JoinHandle<bool>>,
     /// The broker was told to stop fetching it ([`PartitionLog::pause`]).
     pub(super) paused: bool,
     /// Since when it has had no room, not paused yet
@@ -67,6 +71,7 @@ impl Partition {
             back_since: None,
             unstored: None,
             stored: None,
+            rebuilding: None,
             metadata: String::new(),
             paused: false,
             full_since: None,

@@ -1118,4 +1118,17 @@ impl MemoryBroker {
             .get(topic)
             .map(|t| t.partition_count())
     }
+
+    /// Up to `max` records of `partition` of `topic` from offset `from` (the
+    /// oldest kept, when `from` is below it), as a consumer reads them, with no
+    /// group and nothing committed: for inspection and tests. Empty when there
+    /// is no such topic or partition.
+    pub fn read(&self, topic: &str, partition: i32, from: i64, max: usize) -> Vec<Message> {
+        match self.existing(topic) {
+            Some(t) if (0..t.partition_count() as i32).contains(&partition) => {
+                t.fetch(partition, from.max(t.oldest(partition)), max, 0).0
+            }
+            _ => Vec::new(),
+        }
+    }
 }

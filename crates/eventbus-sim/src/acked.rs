@@ -436,7 +436,7 @@ impl AckSim {
             return Err(v);
         }
         let mut m = self.ctx.model.lock();
-        m.check_commits(|t, p| self.ctx.broker.committed(t, p));
+        m.check_commits(|t, p| self.ctx.broker.committed(t, p), |_| {});
         let now = Instant::now();
         let bound = self.s.handover_timeout + SLACK;
         let mut ended = Vec::new();

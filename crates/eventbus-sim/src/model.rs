@@ -31,6 +31,9 @@ pub(crate) enum Done {
     /// Its last attempt failed (permanently, or the attempts ran out) while its
     /// work was not handed over: the bus owes a dead letter.
     DeadLetterDue,
+    /// Written to the dead-letter topic parked behind its aggregate's head,
+    /// unrun (`dead_letter.sequence_by_aggregate`).
+    Parked,
 }
 
 /// One published message.
@@ -93,6 +96,9 @@ pub struct Counts {
     /// Calls that started while a call of the same aggregate on the other
     /// topic ran on another member (allowed: each topic is assigned apart).
     pub cross_member_topics: u64,
+    /// Envelopes written parked behind their aggregate's head, unrun (runs
+    /// with sequencing).
+    pub parked: u64,
 }
 
 /// The model and the trace of one run, shared by the driver and the handlers.
@@ -140,6 +146,12 @@ pub(crate) struct Model {
     watch_dead_letters: bool,
     /// Messages whose dead letter was written.
     written: BTreeSet<usize>,
+    /// Dead letters are sequenced by aggregate: once an envelope is given up,
+    /// no later envelope of its aggregate runs.
+    sequencing: bool,
+    /// Per partition of the dead-letter topic: the next offset to read for
+    /// parked envelopes ([`Model::parked_read`]).
+    pub(crate) dead_letter_cursor: BTreeMap<i32, i64>,
     trace: Vec<String>,
     violation: Option<String>,
 }
@@ -172,6 +184,8 @@ impl Shared {
             dead_letters: BTreeSet::new(),
             watch_dead_letters: false,
             written: BTreeSet::new(),
+            sequencing: false,
+            dead_letter_cursor: BTreeMap::new(),
             trace: Vec::new(),
             violation: None,
         })))
@@ -378,6 +392,21 @@ impl Model {
                 TOPICS[g.topic], g.key, g.seq, g.partition, g.offset
             );
             self.violate(what);
+        }
+        // With sequencing, not at all once an earlier one is given up: the
+        // aggregate is parked behind it, on this member and on the next owner.
+        if self.sequencing && topic == 0 {
+            if let Some(j) = list[..seq as usize]
+                .iter()
+                .find(|&&j| self.msgs[j].done == Done::DeadLetterDue)
+            {
+                let g = &self.msgs[*j];
+                let what = format!(
+                    "{name} started after {} k{}#{} (p{}@{}) was given up: with sequencing its aggregate is parked behind it",
+                    TOPICS[g.topic], g.key, g.seq, g.partition, g.offset
+                );
+                self.violate(what);
+            }
         }
         // Nor before the dead letter of an earlier one is written: the route
         // holds the aggregate until then, so that a dead letter given up at a
@@ -654,6 +683,37 @@ impl Model {
         self.note(format!("end {name} call {call}: {how} -> {done:?}"));
     }
 
+    /// Dead letters are sequenced by aggregate in this run.
+    pub(crate) fn sequence(&mut self) {
+        self.sequencing = true;
+    }
+
+    /// The dead-letter topic holds the message at `topic` (by name) /
+    /// `partition` / `offset` parked behind its aggregate's head: it is
+    /// finished, unrun.
+    pub(crate) fn parked_read(&mut self, topic: &str, partition: i32, offset: i64) {
+        let Some(id) = self.msgs.iter().position(|m| {
+            TOPICS[m.topic] == topic && m.partition == partition && m.offset == offset
+        }) else {
+            return;
+        };
+        let m = &mut self.msgs[id];
+        let name = format!("{} k{}#{}", TOPICS[m.topic], m.key, m.seq);
+        let fresh = m.done == Done::No;
+        if fresh {
+            m.done = Done::Parked;
+        }
+        m.rerun_after = None;
+        let (t, p, o) = (m.topic, m.partition, m.offset);
+        if let Some(open) = self.open.get_mut(&(t, p)) {
+            open.0.remove(&o);
+        }
+        if fresh {
+            self.counts.parked += 1;
+        }
+        self.note(format!("parked {name} p{p}@{o}"));
+    }
+
     /// Report dead letters as they are written ([`Model::dead_letter_written`])
     /// and check that none is overtaken.
     pub(crate) fn watch_dead_letters(&mut self) {
@@ -682,14 +742,27 @@ impl Model {
 
     /// The committed offset of every partition is at most its lowest offset not
     /// finished: `committed(topic, partition)` reads the broker.
-    pub(crate) fn check_commits(&mut self, committed: impl Fn(&str, i32) -> Option<i64>) {
+    /// `sync` runs once the committed offsets are read, before they are
+    /// compared: what it learns of the dead-letter topic (parked envelopes,
+    /// written before their offsets were committed) counts.
+    pub(crate) fn check_commits(
+        &mut self,
+        committed: impl Fn(&str, i32) -> Option<i64>,
+        sync: impl FnOnce(&mut Self),
+    ) {
         let mut bad = Vec::new();
         self.rewinding.retain(|&(topic, partition), r| {
             committed(TOPICS[topic], partition).is_some_and(|c| c > *r)
         });
+        let read: BTreeMap<(usize, i32), Option<i64>> = self
+            .open
+            .keys()
+            .map(|&(topic, partition)| ((topic, partition), committed(TOPICS[topic], partition)))
+            .collect();
+        sync(self);
         for (&(topic, partition), (open, end)) in &self.open {
             let lowest = open.first().copied().unwrap_or(*end);
-            if let Some(c) = committed(TOPICS[topic], partition) {
+            if let Some(c) = read.get(&(topic, partition)).copied().flatten() {
                 if c > lowest {
                     bad.push(format!(
                         "{} p{partition}: committed offset {c} passes unfinished offset {lowest}",

@@ -66,6 +66,10 @@ pub(crate) struct Settings {
     /// (Runs on logs with per-message acknowledgement, whose destination the
     /// simulation writes.)
     pub(crate) dead_letter_delays: Option<u64>,
+    /// Dead letters are sequenced by aggregate
+    /// (`dead_letter.sequence_by_aggregate`; runs on logs with a commit
+    /// point, whose members rebuild parked sets at assignment).
+    pub(crate) sequencing: bool,
 }
 
 impl Settings {
@@ -120,6 +124,7 @@ impl Settings {
             cooperative: rng.bool(),
             inline: None,
             dead_letter_delays: None,
+            sequencing: false,
         }
     }
 
@@ -136,6 +141,13 @@ impl Settings {
     pub(crate) fn draw_dead_letter_delays(&mut self, seed: u64) {
         let mut own = Rng::with_seed(seed ^ 0x646c_7120_6c61_7465);
         self.dead_letter_delays = own.bool().then(|| own.u64(..));
+    }
+
+    /// Draw [`sequencing`](Self::sequencing) for the run of `seed` from a stream
+    /// of its own, as [`draw_inline`](Self::draw_inline).
+    pub(crate) fn draw_sequencing(&mut self, seed: u64) {
+        let mut own = Rng::with_seed(seed ^ 0x7365_7175_656e_6365);
+        self.sequencing = own.bool();
     }
 
     /// Whether to try the next job's first poll on its consume loop, job after

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crate::model::{Done, Shared, DEAD_LETTERS, GROUP, TOPICS};
 use crate::plan::{Act, Settings, Step};
+use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord};
 
 /// Slack on top of the configured bounds for an `unsubscribe` or a `close` to
 /// return (simulated time).
@@ -42,6 +43,15 @@ pub(crate) trait Source: Clone + Send + Sync + 'static {
     /// Whether `member` of `topic` is still cut off by the loss of its
     /// assignment (its lost window is open).
     fn still_lost(&self, topic: usize, member: u64) -> bool;
+
+    /// The envelopes written to the dead-letter topic parked behind their
+    /// aggregate's head since `cursor` (per partition of the dead-letter
+    /// topic, moved on): origin topic, partition and offset. None where the
+    /// simulation writes the destination itself.
+    fn parked(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<(String, i32, i64)> {
+        let _ = cursor;
+        Vec::new()
+    }
 }
 
 impl Source for MemoryBroker {
@@ -54,6 +64,29 @@ impl Source for MemoryBroker {
         self.members(TOPICS[topic], GROUP)
             .iter()
             .any(|g| g.id == member && g.lost)
+    }
+
+    fn parked(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<(String, i32, i64)> {
+        let mut out = Vec::new();
+        for p in 0..self.partitions(DEAD_LETTERS).unwrap_or(0) as i32 {
+            let next = cursor.entry(p).or_insert(0);
+            loop {
+                let read = self.read(DEAD_LETTERS, p, *next, 256);
+                let Some(last) = read.last() else {
+                    break;
+                };
+                *next = last.offset + 1;
+                for m in &read {
+                    let Ok(Some(r)) = SequenceRecord::read(&m.headers) else {
+                        continue;
+                    };
+                    if let (SequenceKind::Parked { .. }, Some(offset)) = (r.kind(), r.offset()) {
+                        out.push((r.topic().to_owned(), r.partition(), offset));
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -72,6 +105,21 @@ pub(crate) struct Ctx<B = MemoryBroker> {
 impl<B: Source> Ctx<B> {
     fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
         self.broker.committed(topic, partition)
+    }
+
+    /// Check that no committed offset passes an unfinished message, the
+    /// envelopes parked meanwhile finished first.
+    fn check_commits(&self, m: &mut crate::model::Model) {
+        m.check_commits(
+            |t, p| self.committed(t, p),
+            |m| {
+                let mut cursor = std::mem::take(&mut m.dead_letter_cursor);
+                for (topic, partition, offset) in self.broker.parked(&mut cursor) {
+                    m.parked_read(&topic, partition, offset);
+                }
+                m.dead_letter_cursor = cursor;
+            },
+        );
     }
 
     /// The handler of the envelope topic: the message's id is its payload.
@@ -114,7 +162,7 @@ impl<B: Source> Ctx<B> {
             // Only starts before a lost window ends are a lost partition's.
             m.rejoined(|t, member| self.broker.still_lost(t, member));
             let started = m.start(self.bus, id, partition, offset, attempt, committed, &cancel);
-            m.check_commits(|t, p| self.committed(t, p));
+            self.check_commits(&mut m);
             started
         };
         let call = started.call;
@@ -164,7 +212,7 @@ impl<B: Source> Ctx<B> {
     fn end(&self, call: u64, attempt: u32, result: Result<(), bool>, cancel: &CancellationToken) {
         let mut m = self.model.lock();
         m.end(call, attempt, result, cancel.is_cancelled());
-        m.check_commits(|t, p| self.committed(t, p));
+        self.check_commits(&mut m);
     }
 
     /// Sleep `ms` of simulated time whatever happens, noting when the call's
@@ -252,6 +300,7 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     let mut rng = Rng::with_seed(seed);
     let mut s = Settings::draw(&mut rng);
     s.draw_inline(seed);
+    s.draw_sequencing(seed);
     s.members = s.members.min(max_members).max(1);
     s.max_members = max_members.max(1);
     model.configure(
@@ -260,6 +309,9 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
         s.max_in_flight_per_partition,
     );
     model.lock().note(format!("seed {seed}: {s:?}"));
+    if s.sequencing {
+        model.lock().sequence();
+    }
     let rebalance = if s.cooperative {
         Rebalance::Cooperative
     } else {
@@ -325,6 +377,7 @@ pub(crate) fn config(s: &Settings, share: u8) -> EventBusConfig {
     c.consumer.drain_timeout = s.drain_timeout;
     c.consumer.handover_timeout = s.handover_timeout;
     c.consumer.inline_first_poll = s.inline.is_some();
+    c.dead_letter.sequence_by_aggregate = s.sequencing;
     c
 }
 
@@ -393,7 +446,7 @@ impl Sim {
                 ));
             }
         }
-        m.check_commits(|t, p| self.ctx.committed(t, p));
+        self.ctx.check_commits(&mut m);
         match m.violation() {
             Some(v) => Err(v.to_owned()),
             None => Ok(()),

@@ -633,7 +633,13 @@ where
         };
         report.read += 1;
         let id = raw.id.clone();
-        if crate::raw::sequence::SequenceRecord::read(&raw.headers).is_ok_and(|r| r.is_some()) {
+        // Its kind alone says so: one whose other headers do not read is not
+        // moved either (a head moved back would run after its followers).
+        if raw
+            .headers
+            .get(crate::raw::sequence::SEQUENCE_KIND_HEADER)
+            .is_some()
+        {
             // A record of sequenced dead letters (`docs/sequencing.md`): moved
             // back alone it would be parked again behind its aggregate's head,
             // and a marker has no message. Passed, as a filter passes a record.

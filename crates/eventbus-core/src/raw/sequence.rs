@@ -58,8 +58,8 @@ pub const CONTROL_HEADER: &str = "eventbus-control";
 pub const CONTROL_UNPARK: &str = "unpark";
 
 /// The token an owner draws for each assignment of an origin partition and writes
-/// on every record of it. A record counts only if its token is that of the latest
-/// epoch marker of its origin partition before it in its destination partition.
+/// on every record of it. A record counts unless the latest epoch marker of its
+/// origin partition before it in its destination partition has another token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Token(u64);
 
@@ -725,9 +725,10 @@ pub enum Fed {
 /// its group's records in the destination, read from the oldest to the end, each
 /// destination partition in order (partitions may interleave).
 ///
-/// - A record counts only if its token is that of the latest epoch marker of its
-///   origin partition before it in the same destination partition ([`Fed::Fenced`]
-///   otherwise).
+/// - A record counts unless the latest epoch marker of its origin partition
+///   before it in the same destination partition has another token
+///   ([`Fed::Fenced`] then). One with no marker before it (the destination's
+///   retention took its owner's) counts.
 /// - A head or parked record whose origin offset is below the committed offset is
 ///   folded into the set; one at or above it is kept by offset
 ///   ([`Rebuilt::take`]) and applied when the loop reads that offset again, so
@@ -796,7 +797,14 @@ impl Rebuild {
             self.partitions = Some(partitions);
             return Fed::Epoch;
         }
-        if self.epochs.get(&destination) != Some(&record.token) {
+        // Fenced: another owner's marker is the latest before it. With no
+        // marker before it (retention took its owner's), nothing says it is
+        // stale: it counts, rather than unpark what it parked.
+        if self
+            .epochs
+            .get(&destination)
+            .is_some_and(|t| *t != record.token)
+        {
             self.fenced += 1;
             return Fed::Fenced;
         }
@@ -1051,6 +1059,21 @@ mod tests {
         assert_eq!(set.behind("a", 1), None);
     }
 
+    /// A record whose owner's marker the destination's retention took counts:
+    /// nothing says it is stale. One after another owner's marker does not.
+    #[test]
+    fn a_record_without_its_marker_counts_and_one_after_another_marker_does_not() {
+        let s = scope();
+        let (old, new) = (Token::from_raw(1), Token::from_raw(2));
+        let mut rebuild = Rebuild::new(s.clone(), 0);
+        assert_eq!(rebuild.feed(0, &s.head(old, 3, "a")), Fed::Counted);
+        assert_eq!(rebuild.feed(0, &s.epoch(new, 1)), Fed::Epoch);
+        assert_eq!(rebuild.feed(0, &s.head(old, 4, "b")), Fed::Fenced);
+        let rebuilt = rebuild.finish();
+        assert_eq!(rebuilt.ahead.len(), 1);
+        assert_eq!(rebuilt.ahead[&3].aggregate(), "a");
+    }
+
     /// What an owner does, in the model the rebuild is checked against: each step
     /// is an envelope of an aggregate that succeeds or fails, a redrive of an
     /// aggregate (its heads lifted), or a hand-over (a new token and epoch).
@@ -1152,9 +1175,11 @@ mod tests {
             let end = written.sets.len() - 1;
             let committed = commit.min(end);
             let mut records = written.records.clone();
-            // A write from a fenced owner, landing anywhere among the records.
+            // A write from a fenced owner, landing anywhere after the first
+            // marker of its destination partition (before any marker it is a
+            // record whose marker retention took, which counts).
             let stale = Token::from_raw(1);
-            let at = late.min(records.len());
+            let at = late.min(records.len()).max(1);
             records.insert(at, (0, scope().head(stale, 0, "z")));
             let mut rebuild = Rebuild::new(scope(), committed as i64);
             rebuild.feed(0, &SequenceScope::new("other", "orders", 3).head(stale, 0, "y"));

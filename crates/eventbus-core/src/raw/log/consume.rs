@@ -309,10 +309,18 @@ impl<L: PartitionLog> LogLoop<L> {
     }
 
     /// Tell the dispatcher what holds each owned partition's commit point.
+    /// A partition whose parked set is being rebuilt holds its commit point
+    /// where it will read from: a rebuild that keeps failing stalls it, and
+    /// the stuck view and health say so past `consumer.stall_threshold`.
     fn report_holds(&self) {
         let owned: Vec<i32> = self.set.partitions().collect();
+        let rebuilding = self.partitions.iter().enumerate().filter_map(|(p, part)| {
+            let part = part.as_ref().filter(|part| part.rebuilding.is_some())?;
+            Some(crate::raw::PartitionHold::new(p as i32, part.next, 0))
+        });
+        let holds = self.set.holds().chain(rebuilding);
         self.dispatcher
-            .report_holds(self.sub.shared_topic(), self.set.holds(), &owned);
+            .report_holds(self.sub.shared_topic(), holds, &owned);
     }
 
     /// Take up what the group says now: drop the partitions lost (and rejoin

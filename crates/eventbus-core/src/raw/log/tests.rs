@@ -697,3 +697,118 @@ async fn a_signal_whose_sender_is_gone_does_not_spin_the_loop() {
         .expect("the loop stops")
         .unwrap();
 }
+
+/// A destination that cannot be read or written while `down`, counting tries.
+#[derive(Default)]
+struct DownStore {
+    down: std::sync::atomic::AtomicBool,
+    tries: AtomicUsize,
+}
+
+impl crate::raw::sequence::SequenceStore for DownStore {
+    fn partitions<'a>(&'a self, _: &'a str) -> futures::future::BoxFuture<'a, Result<u32>> {
+        self.tries.fetch_add(1, Ordering::SeqCst);
+        let down = self.down.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if down {
+                Err(Error::new(ErrorKind::Broker, "destination unreachable"))
+            } else {
+                Ok(1)
+            }
+        })
+    }
+    fn write<'a>(
+        &'a self,
+        _: &'a str,
+        _: i32,
+        _: crate::Record,
+    ) -> futures::future::BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn read<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a mut (dyn FnMut(i32, &crate::Headers) + Send),
+    ) -> futures::future::BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A dead-letter destination that takes every write.
+struct TakingSink;
+
+impl crate::raw::DeadLetterSink for TakingSink {
+    fn dead_letter<'a>(
+        &'a self,
+        _: &'a crate::raw::DeadLetter,
+    ) -> futures::future::BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// With dead letters sequenced, a partition taken up reads nothing until its
+/// parked set is rebuilt from the destination. A destination that cannot be
+/// read keeps it there, retried, and the partition is reported holding its
+/// commit point, stalled past the threshold; once the destination answers, it
+/// reads on.
+#[tokio::test(start_paused = true)]
+async fn a_partition_waits_for_its_parked_set_and_a_rebuild_that_fails_is_reported_stalled() {
+    let mut config = BusConfig::default();
+    config.dead_letter.sequence_by_aggregate = true;
+    // The view measures holds on the wall clock: any hold is past this.
+    config.consumer.stall_threshold = Duration::from_nanos(1);
+    config.operations.check_interval = Duration::from_millis(100);
+    let dispatcher = Dispatcher::new(
+        "script",
+        Arc::new(TaskPool),
+        Some(Arc::new(TakingSink)),
+        config,
+    );
+    let sub = dispatcher
+        .prepare(Subscription::envelope(
+            "orders",
+            handler_fn(|_: crate::Event| async { HandlerResult::Ok(()) }),
+        ))
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let script = Script {
+        topic: Arc::from("orders"),
+        records: 3,
+        seen: seen.clone(),
+        group: Arc::new(watch::channel(0).0),
+        appended: Arc::new(watch::channel(0).0),
+        chunk: usize::MAX,
+    };
+    let store = Arc::new(DownStore::default());
+    store.down.store(true, Ordering::SeqCst);
+    let set = InFlightSet::new(64, Arc::new(Semaphore::new(64)));
+    let cancel = CancellationToken::new();
+    let run = LogLoop::new(script, sub, dispatcher.clone(), set, cancel.clone())
+        .sequence_store(store.clone());
+    let task = tokio::spawn(run.run());
+    wait_for("the rebuild retried", || {
+        store.tries.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    assert_eq!(
+        seen.lock().unwrap().fetches,
+        0,
+        "nothing read before the set"
+    );
+    // A report or two of what holds the commit point.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalls = dispatcher.stalls();
+    assert!(
+        stalls
+            .iter()
+            .any(|h| h.topic == "orders" && h.partition == 0 && h.offset == 0),
+        "the partition is reported stalled: {stalls:?}"
+    );
+    store.down.store(false, Ordering::SeqCst);
+    wait_for("the partition read once its set is rebuilt", || {
+        seen.lock().unwrap().commits.last() == Some(&(0, 3))
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+}

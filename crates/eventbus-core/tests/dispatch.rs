@@ -806,18 +806,20 @@ impl eventbus_core::raw::DeadLetterSink for DownSink {
     }
 }
 
-/// A job given up writes its dead letter before it ends, so that its route
-/// holds the aggregate's next message until then. A dead letter still being
-/// written (its sink failing, retried) when the message's scope is handed over
-/// is not written after the fence: the next owner has the message then, so it is
-/// given back, before the aggregate's next message, rather than dead-lettered
-/// beside that owner's handling of it.
-#[tokio::test]
-async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
+/// A stepped pool and a dispatcher whose dead-letter destination refuses every
+/// write, with an envelope subscription whose handler rejects every message
+/// for good (retries 5 ms, then at most 20 ms, apart).
+fn rejecting_with_down_sink() -> (
+    Arc<SteppedPool>,
+    Arc<DownSink>,
+    Dispatcher,
+    Arc<eventbus_core::raw::PreparedSubscription>,
+) {
     let pool = Arc::new(SteppedPool::default());
     let sink = Arc::new(DownSink::default());
     let mut config = BusConfig::default();
     config.delivery.initial_backoff = Duration::from_millis(5);
+    config.delivery.max_backoff = Duration::from_millis(20);
     let dispatcher = Dispatcher::new("memory", pool.clone(), Some(sink.clone()), config);
     let sub = dispatcher
         .prepare(Subscription::envelope(
@@ -825,13 +827,15 @@ async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
             |_e: eventbus_core::Event| async { Err::<(), _>(HandlerError::permanent("rejected")) },
         ))
         .expect("prepare");
-    let mut set = InFlightSet::new(10, Arc::new(Semaphore::new(10)));
-    let scope = set.assign(0);
-    deliver_envelope(&dispatcher, &sub, &mut set, 0).await;
-    let running = pool.run_next();
-    tokio::pin!(running);
-    // The job writes the dead letter before it ends, so its route holds the
-    // aggregate's next message meanwhile; the sink keeps failing.
+    (pool, sink, dispatcher, sub)
+}
+
+/// Wait until `sink` was tried twice (the write is retried) while `running`,
+/// the job writing it, has not ended.
+async fn retried_write(
+    sink: &DownSink,
+    mut running: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while sink.tries.load(Ordering::SeqCst) < 2 {
         tokio::select! {
@@ -840,6 +844,25 @@ async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
             _ = sink.tried.notified() => {}
         }
     }
+}
+
+/// A job given up writes its dead letter before it ends, so that its route
+/// holds the aggregate's next message until then. A dead letter still being
+/// written (its sink failing, retried) when the message's scope is handed over
+/// is not written after the fence: the next owner has the message then, so it is
+/// given back, before the aggregate's next message, rather than dead-lettered
+/// beside that owner's handling of it.
+#[tokio::test]
+async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
+    let (pool, sink, dispatcher, sub) = rejecting_with_down_sink();
+    let mut set = InFlightSet::new(10, Arc::new(Semaphore::new(10)));
+    let scope = set.assign(0);
+    deliver_envelope(&dispatcher, &sub, &mut set, 0).await;
+    let running = pool.run_next();
+    tokio::pin!(running);
+    // The job writes the dead letter before it ends, so its route holds the
+    // aggregate's next message meanwhile; the sink keeps failing.
+    retried_write(&sink, running.as_mut()).await;
     scope.fence();
     tokio::time::timeout(WAIT, running)
         .await
@@ -858,31 +881,13 @@ async fn a_dead_letter_not_written_by_the_fence_is_given_back() {
 /// the superseded copy.
 #[tokio::test]
 async fn a_rewind_ends_the_dead_letter_write_of_the_copy_it_supersedes() {
-    let pool = Arc::new(SteppedPool::default());
-    let sink = Arc::new(DownSink::default());
-    let mut config = BusConfig::default();
-    config.delivery.initial_backoff = Duration::from_millis(5);
-    config.delivery.max_backoff = Duration::from_millis(20);
-    let dispatcher = Dispatcher::new("memory", pool.clone(), Some(sink.clone()), config);
-    let sub = dispatcher
-        .prepare(Subscription::envelope(
-            TOPIC,
-            |_e: eventbus_core::Event| async { Err::<(), _>(HandlerError::permanent("rejected")) },
-        ))
-        .expect("prepare");
+    let (pool, sink, dispatcher, sub) = rejecting_with_down_sink();
     let mut set = InFlightSet::new(10, Arc::new(Semaphore::new(10)));
     set.assign(0);
     deliver_envelope(&dispatcher, &sub, &mut set, 5).await;
     let running = pool.run_next();
     tokio::pin!(running);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while sink.tries.load(Ordering::SeqCst) < 2 {
-        tokio::select! {
-            _ = &mut running => panic!("the job ended before its dead letter was written"),
-            _ = tokio::time::sleep_until(deadline) => panic!("the dead-letter write was not retried"),
-            _ = sink.tried.notified() => {}
-        }
-    }
+    retried_write(&sink, running.as_mut()).await;
     // The broker goes back to 3: offset 5 will be read again.
     let ticket = set.begin(0, 3).expect("owned");
     assert_eq!(ticket.rewound_from(), Some(3));

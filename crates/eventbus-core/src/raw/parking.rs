@@ -119,18 +119,24 @@ impl Parking {
     /// The envelope at `offset` of `aggregate` was written parked behind
     /// `behind`.
     pub(crate) fn parked(&self, offset: i64, aggregate: &str, behind: HeadId) {
-        let mut live = self.live();
-        live.set.follow_behind(aggregate, behind, offset);
-        if !self.records {
-            return;
-        }
-        live.written.insert(
+        self.enter(
             offset,
             Recorded::Parked {
                 aggregate: aggregate.to_owned(),
                 behind,
             },
         );
+    }
+
+    /// `recorded` was written for the envelope at `offset`: entered in the set
+    /// as a rebuild enters it, and kept by offset where copies may be read
+    /// again.
+    fn enter(&self, offset: i64, recorded: Recorded) {
+        let mut live = self.live();
+        recorded.apply(&mut live.set, offset);
+        if self.records {
+            live.written.insert(offset, recorded);
+        }
     }
 
     /// Room for a head of `aggregate`: always when it is parked already, else
@@ -261,13 +267,8 @@ impl Reserved<'_> {
             token: parking.token,
             offset,
         };
-        let mut live = parking.live();
         // Reserved: within the bound.
-        let _ = live.set.park(aggregate, id, None, None);
-        if !parking.records {
-            return;
-        }
-        live.written.insert(
+        parking.enter(
             offset,
             Recorded::Head {
                 aggregate: aggregate.to_owned(),

@@ -48,8 +48,8 @@ pub use policy::DeliveryPolicy;
 pub use pool::{Pool, PoolShare, PoolStats};
 pub use raw::{CommitHold, HoldError, HOLD_TEXT_LIMIT};
 pub use redrive::{
-    DeadLetterEntry, DeadLetterId, InvalidDeadLetter, RedriveOptions, RedriveReport,
-    DEFAULT_REDRIVE_PROGRESS,
+    DeadLetterEntry, DeadLetterId, InvalidDeadLetter, ParkedAggregate, RedriveOptions,
+    RedriveReport, DEFAULT_REDRIVE_PROGRESS,
 };
 pub use tokio_util::sync::CancellationToken;
 

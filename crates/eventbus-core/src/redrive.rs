@@ -32,6 +32,17 @@
 //!
 //! A dry run opens the reader without durability: nothing is published, nothing
 //! confirmed, and the report lists each entry the run would move.
+//!
+//! # Parked aggregates
+//!
+//! With [`RedriveOptions::parked`], the records of sequenced dead letters
+//! (`dead_letter.sequence_by_aggregate`, `docs/sequencing.md`) are read from the
+//! oldest, without durability, and folded into each origin partition's parked
+//! set as a consumer's rebuild folds them. Nothing is moved back: for each
+//! parked aggregate the filters let through, one unpark control record is
+//! published to its origin partition, and the partition's owner replays the
+//! aggregate's records there, in order ([`ParkedAggregate`] in the report). A
+//! dry run lists the parked aggregates.
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -158,6 +169,9 @@ pub struct RedriveOptions {
     pub from_oldest: bool,
     /// Name of the durable position; `None`: [`DEFAULT_REDRIVE_PROGRESS`].
     pub progress: Option<String>,
+    /// Unpark the parked aggregates instead of moving records (see the
+    /// [module docs](self#parked-aggregates)).
+    pub parked: bool,
 }
 
 impl RedriveOptions {
@@ -243,6 +257,20 @@ impl RedriveOptions {
         self
     }
 
+    /// Unpark parked aggregates (`dead_letter.sequence_by_aggregate`): publish
+    /// one unpark control record per parked aggregate to its origin partition,
+    /// whose owner replays the aggregate there in order; a dry run lists them.
+    /// The destination is read from its oldest record and no position is kept.
+    /// Filters: [`origin_topic`](Self::origin_topic) and
+    /// [`aggregate_id`](Self::aggregate_id) (the id as the consumer read it);
+    /// [`max_count`](Self::max_count) counts aggregates. The other filters are
+    /// refused with it.
+    #[must_use]
+    pub fn parked(mut self, parked: bool) -> Self {
+        self.parked = parked;
+        self
+    }
+
     /// Name the durable position (default [`DEFAULT_REDRIVE_PROGRESS`]): a redrive
     /// resumes after the last record confirmed under its name. Kafka: the consumer
     /// group `<name>.<dead-letter topic>`; NATS: the durable consumer `<name>` on
@@ -289,6 +317,23 @@ impl RedriveOptions {
                     name.escape_debug()
                 ),
             ));
+        }
+        if self.parked {
+            let refused = [
+                ("error_kind", !self.error_kinds.is_empty()),
+                ("since", self.since.is_some()),
+                ("until", self.until.is_some()),
+                ("id", self.id.is_some()),
+            ];
+            if let Some((name, _)) = refused.iter().find(|(_, given)| *given) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "redrive: `{name}` does not select parked aggregates; with `parked`, filter by `origin_topic` and `aggregate_id`"
+                    ),
+                ));
+            }
+            return Ok(());
         }
         if self.from_oldest && !self.dry_run {
             return Err(Error::new(
@@ -339,30 +384,7 @@ impl DeadLetterEntry {
     /// headers (without the dead-letter headers), with `eventbus-redrives` raised
     /// by one.
     pub fn redrive_record(&self) -> Record {
-        use crate::raw::sequence as seq;
-        let dead_letter_headers = [
-            DLQ_TOPIC_HEADER,
-            DLQ_PARTITION_HEADER,
-            DLQ_OFFSET_HEADER,
-            DLQ_ERROR_HEADER,
-            DLQ_ERROR_KIND_HEADER,
-            DLQ_ATTEMPTS_HEADER,
-            DLQ_REDRIVES_HEADER,
-            seq::SEQUENCE_KIND_HEADER,
-            seq::SEQUENCE_GROUP_HEADER,
-            seq::SEQUENCE_AGGREGATE_HEADER,
-            seq::SEQUENCE_TOKEN_HEADER,
-            seq::PARKED_BEHIND_HEADER,
-            seq::SEQUENCE_LIFTS_HEADER,
-            seq::SEQUENCE_DUE_HEADER,
-            seq::SEQUENCE_PARTITIONS_HEADER,
-        ];
-        let mut headers: Headers = self
-            .headers
-            .iter()
-            .filter(|(name, _)| !dead_letter_headers.contains(name))
-            .map(|(name, value)| (name.to_owned(), value.clone()))
-            .collect();
+        let mut headers = original_headers(&self.headers);
         headers.set(
             DLQ_REDRIVES_HEADER,
             Bytes::from(self.redrives.saturating_add(1).to_string()),
@@ -373,6 +395,34 @@ impl DeadLetterEntry {
             headers,
         }
     }
+}
+
+/// The headers of a dead letter without those the bus wrote on it (its origin,
+/// its error, the records of sequencing): the original message's.
+pub(crate) fn original_headers(headers: &Headers) -> Headers {
+    use crate::raw::sequence as seq;
+    let dead_letter_headers = [
+        DLQ_TOPIC_HEADER,
+        DLQ_PARTITION_HEADER,
+        DLQ_OFFSET_HEADER,
+        DLQ_ERROR_HEADER,
+        DLQ_ERROR_KIND_HEADER,
+        DLQ_ATTEMPTS_HEADER,
+        DLQ_REDRIVES_HEADER,
+        seq::SEQUENCE_KIND_HEADER,
+        seq::SEQUENCE_GROUP_HEADER,
+        seq::SEQUENCE_AGGREGATE_HEADER,
+        seq::SEQUENCE_TOKEN_HEADER,
+        seq::PARKED_BEHIND_HEADER,
+        seq::SEQUENCE_LIFTS_HEADER,
+        seq::SEQUENCE_DUE_HEADER,
+        seq::SEQUENCE_PARTITIONS_HEADER,
+    ];
+    headers
+        .iter()
+        .filter(|(name, _)| !dead_letter_headers.contains(name))
+        .map(|(name, value)| (name.to_owned(), value.clone()))
+        .collect()
 }
 
 /// A dead-letter record that cannot be redriven, and why. It stays where it is.
@@ -402,13 +452,43 @@ pub struct RedriveReport {
     /// Records of sequenced dead letters (`dead_letter.sequence_by_aggregate`:
     /// heads, parked envelopes, markers), passed: not redriven one by one.
     pub sequenced: u64,
-    /// Records that cannot be redriven (missing or malformed origin headers).
+    /// Records that cannot be redriven (missing or malformed origin headers;
+    /// with [`RedriveOptions::parked`], protocol records whose headers do not
+    /// read).
     pub invalid: Vec<InvalidDeadLetter>,
+    /// With [`RedriveOptions::parked`]: the parked aggregates unparked (a dry
+    /// run: parked), each by one control record counted in `moved`.
+    pub parked: Vec<ParkedAggregate>,
     /// A dry run: the entries that would move, in order. Empty otherwise.
     pub entries: Vec<DeadLetterEntry>,
     /// Whether the run stopped because it moved (listed) `max_count` records;
     /// records may remain after them, or not.
     pub stopped_at_max: bool,
+}
+
+/// A parked aggregate of one origin partition, as the records of its dead-letter
+/// destination say (`dead_letter.sequence_by_aggregate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedAggregate {
+    /// The consumer group that parked it.
+    pub group: String,
+    /// The topic it was consumed from.
+    pub origin_topic: String,
+    /// Its partition there.
+    pub origin_partition: i32,
+    /// The aggregate id, as the consumer read it.
+    pub aggregate_id: String,
+    /// Its live heads: envelopes that failed for good.
+    pub heads: usize,
+    /// Envelopes parked behind them, not run.
+    pub parked: u64,
+    /// The origin offset of its oldest live head.
+    pub head_offset: i64,
+    /// The error of its newest live head (after a replay that failed again, the
+    /// new failure); `None` when that record is gone (the destination's
+    /// retention).
+    pub error: Option<String>,
 }
 
 /// A record read from a dead-letter destination, before its headers are read.
@@ -425,6 +505,9 @@ pub struct RawDeadLetter {
     pub headers: Headers,
     /// The broker's time of the record, in milliseconds since the Unix epoch.
     pub timestamp_ms: Option<i64>,
+    /// The destination partition it sits in, where the destination has
+    /// partitions (the fence of sequenced dead letters is per partition).
+    pub partition: Option<i32>,
 }
 
 impl RawDeadLetter {
@@ -436,7 +519,15 @@ impl RawDeadLetter {
             payload,
             headers,
             timestamp_ms: None,
+            partition: None,
         }
+    }
+
+    /// Set the destination partition.
+    #[must_use]
+    pub fn with_partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
     }
 
     /// Set the broker's time.
@@ -612,10 +703,11 @@ pub async fn run<'p, P>(
 where
     P: FnMut(String, i32, Record) -> BoxFuture<'p, Result<PublishReceipt>>,
 {
+    if options.parked {
+        return unpark(options, dead_letter_topic, reader, publish).await;
+    }
     let filter = Filter { options };
-    let limiter = options.per_second.map(|n| {
-        governor::RateLimiter::direct(governor::Quota::per_second(n).allow_burst(NonZeroU32::MIN))
-    });
+    let limiter = limiter(options);
     let mut report = RedriveReport {
         dead_letter_topic: dead_letter_topic.to_owned(),
         dry_run: options.dry_run,
@@ -697,6 +789,140 @@ where
         reader.confirm(&id).await?;
         tracing::debug!(dead_letter_topic, id = %id, origin_topic = %entry.origin_topic,
             "dead letter redriven");
+    }
+    Ok(report)
+}
+
+/// The rate limiter of `options`, if it has one.
+fn limiter(
+    options: &RedriveOptions,
+) -> Option<
+    governor::RateLimiter<
+        governor::state::NotKeyed,
+        governor::state::InMemoryState,
+        governor::clock::DefaultClock,
+    >,
+> {
+    options.per_second.map(|n| {
+        governor::RateLimiter::direct(governor::Quota::per_second(n).allow_burst(NonZeroU32::MIN))
+    })
+}
+
+/// A redrive with [`RedriveOptions::parked`]: fold every origin partition's
+/// records, then publish one unpark control record per parked aggregate the
+/// filters let through (a dry run: list them).
+async fn unpark<'p, P>(
+    options: &RedriveOptions,
+    dead_letter_topic: &str,
+    reader: &mut dyn DeadLetterReader,
+    mut publish: P,
+) -> Result<RedriveReport>
+where
+    P: FnMut(String, i32, Record) -> BoxFuture<'p, Result<PublishReceipt>>,
+{
+    use crate::raw::sequence::{HeadId, Rebuild, SequenceRecord, SequenceScope, Unpark};
+    use std::collections::HashMap;
+    let mut report = RedriveReport {
+        dead_letter_topic: dead_letter_topic.to_owned(),
+        dry_run: options.dry_run,
+        ..RedriveReport::default()
+    };
+    let mut folds: HashMap<SequenceScope, Rebuild> = HashMap::new();
+    let mut errors: HashMap<(SequenceScope, HeadId), String> = HashMap::new();
+    while let Some(raw) = reader.next().await? {
+        report.read += 1;
+        let record = match SequenceRecord::read(&raw.headers) {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                report.skipped += 1;
+                continue;
+            }
+            Err(e) => {
+                report.invalid.push(InvalidDeadLetter {
+                    id: raw.id,
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        report.sequenced += 1;
+        if options
+            .origin_topic
+            .as_ref()
+            .is_some_and(|t| t != record.topic())
+        {
+            continue;
+        }
+        let scope = SequenceScope::new(record.group(), record.topic(), record.partition());
+        if let (crate::raw::sequence::SequenceKind::Head, Some(id)) =
+            (record.kind(), record.head_id())
+        {
+            if let Some(error) = raw.headers.get(DLQ_ERROR_HEADER) {
+                let error = String::from_utf8_lossy(error).into_owned();
+                errors.insert((scope.clone(), id), error);
+            }
+        }
+        folds
+            .entry(scope.clone())
+            .or_insert_with(|| Rebuild::new(scope, i64::MAX))
+            .feed(raw.partition.unwrap_or(0), &record);
+    }
+    let mut folds: Vec<_> = folds.into_iter().collect();
+    folds.sort_by(|(a, _), (b, _)| {
+        (&a.group, &a.topic, a.partition).cmp(&(&b.group, &b.topic, b.partition))
+    });
+    let limiter = limiter(options);
+    for (scope, fold) in folds {
+        let rebuilt = fold.finish();
+        for (aggregate, heads) in rebuilt.set.iter() {
+            if options
+                .aggregate_id
+                .as_ref()
+                .is_some_and(|a| a != aggregate)
+            {
+                continue;
+            }
+            if options.max_count.is_some_and(|max| report.moved >= max) {
+                report.stopped_at_max = true;
+                return Ok(report);
+            }
+            let oldest = heads.iter().min_by_key(|h| h.id.offset);
+            // Heads are kept in the order they were parked.
+            let newest = heads.last();
+            let parked = ParkedAggregate {
+                group: scope.group.clone(),
+                origin_topic: scope.topic.clone(),
+                origin_partition: scope.partition,
+                aggregate_id: aggregate.to_owned(),
+                heads: heads.len(),
+                parked: heads.iter().map(|h| h.parked).sum(),
+                head_offset: oldest.map_or(0, |h| h.id.offset),
+                error: newest.and_then(|h| errors.get(&(scope.clone(), h.id)).cloned()),
+            };
+            if !options.dry_run {
+                if let Some(limiter) = &limiter {
+                    limiter.until_ready().await;
+                }
+                let record = Unpark::new(&scope.group, aggregate).record();
+                publish(scope.topic.clone(), scope.partition, record)
+                    .await
+                    .map_err(|e| {
+                        Error::new(
+                            e.kind(),
+                            format!(
+                                "unpark of aggregate `{aggregate}` to topic `{}` partition {} failed; it stays parked and a redrive of the parked aggregates publishes it again",
+                                scope.topic, scope.partition
+                            ),
+                        )
+                        .with_source(e)
+                    })?;
+                tracing::info!(dead_letter_topic, origin_topic = %scope.topic,
+                    partition = scope.partition, aggregate_id = %aggregate,
+                    "unpark published");
+            }
+            report.moved += 1;
+            report.parked.push(parked);
+        }
     }
     Ok(report)
 }
@@ -804,5 +1030,16 @@ mod tests {
             .until(t)
             .validate()
             .is_err());
+        assert!(RedriveOptions::new("d")
+            .parked(true)
+            .aggregate_id("a")
+            .validate()
+            .is_ok());
+        let e = RedriveOptions::new("d")
+            .parked(true)
+            .since(t)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("`since`"), "{e}");
     }
 }

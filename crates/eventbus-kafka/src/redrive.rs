@@ -298,7 +298,8 @@ impl DeadLetterReader for Reader {
                                     Bytes::copy_from_slice(m.payload().unwrap_or_default()),
                                     headers,
                                 )
-                                .with_timestamp_ms(m.timestamp().to_millis());
+                                .with_timestamp_ms(m.timestamp().to_millis())
+                                .with_partition(m.partition());
                                 return Ok((m.offset(), raw));
                             }
                         }

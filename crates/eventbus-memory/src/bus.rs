@@ -5,10 +5,11 @@ use eventbus_core::{
     TopicConfig,
 };
 
+use eventbus_core::raw::sequence::SEQUENCE_AGGREGATE_HEADER;
 use eventbus_core::raw::{
-    validate_topic, BusBackend, Consumers, DeadLetter, DeadLetterReader, DeadLetterSink,
-    Dispatcher, InFlightCounts, InFlightSet, Lifecycle, LifecycleBus, LogLoop, PartitionLag,
-    PreparedSubscription, ReaderOptions,
+    stable_hash, validate_topic, BusBackend, Consumers, DeadLetter, DeadLetterReader,
+    DeadLetterSink, Dispatcher, InFlightCounts, InFlightSet, Lifecycle, LifecycleBus, LogLoop,
+    PartitionLag, PreparedSubscription, ReaderOptions,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -26,12 +27,22 @@ use crate::sequence::Store;
 struct Sink(MemoryBroker);
 
 impl DeadLetterSink for Sink {
+    /// A record of sequenced dead letters goes to the destination partition
+    /// its aggregate id picks (`docs/sequencing.md`, 2): one aggregate's
+    /// records sit in one partition, in the order they were written, whatever
+    /// their keys. Any other by its key, as a publish.
     fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, Result<(), Error>> {
         async move {
-            self.0
-                .publish(&letter.topic, letter.record())
-                .await
-                .map(|_| ())
+            let record = letter.record();
+            let sent = match record.headers.get(SEQUENCE_AGGREGATE_HEADER) {
+                Some(aggregate) => {
+                    let n = self.0.topic(&letter.topic)?.partition_count();
+                    let p = eventbus_core::raw::partition(stable_hash(aggregate), n);
+                    self.0.publish_to(&letter.topic, p as i32, record).await
+                }
+                None => self.0.publish(&letter.topic, record).await,
+            };
+            sent.map(|_| ())
         }
         .boxed()
     }
@@ -68,6 +79,18 @@ impl BusBackend for Backend {
     async fn publish(&self, topic: &str, record: Record) -> Result<PublishReceipt, Error> {
         validate_topic(topic)?;
         self.broker.publish(topic, record).await
+    }
+
+    /// To the origin partition itself: a record redriven or an unpark control
+    /// record of sequenced dead letters lands where its aggregate was read.
+    async fn publish_redriven<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        record: Record,
+    ) -> Result<PublishReceipt, Error> {
+        validate_topic(topic)?;
+        self.broker.publish_to(topic, partition, record).await
     }
 
     async fn configure_topic(&self, topic: &str, config: TopicConfig) -> Result<(), Error> {

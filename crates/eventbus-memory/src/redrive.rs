@@ -126,7 +126,8 @@ impl DeadLetterReader for Reader {
                 .id();
                 return Ok(Some(
                     RawDeadLetter::new(id, m.key, m.payload, m.headers)
-                        .with_timestamp_ms(m.timestamp_ms),
+                        .with_timestamp_ms(m.timestamp_ms)
+                        .with_partition(m.partition),
                 ));
             }
             Ok(None)

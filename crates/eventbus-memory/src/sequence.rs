@@ -3,7 +3,7 @@
 //! partition from its oldest record to its end as it stands.
 
 use eventbus_core::raw::sequence::SequenceStore;
-use eventbus_core::{Error, Headers, Record};
+use eventbus_core::{Error, Message, Record};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
@@ -40,7 +40,7 @@ impl SequenceStore for Store {
     fn read<'a>(
         &'a self,
         topic: &'a str,
-        each: &'a mut (dyn FnMut(i32, &Headers) + Send),
+        each: &'a mut (dyn FnMut(i32, &Message) + Send),
     ) -> BoxFuture<'a, Result<(), Error>> {
         async move {
             let topic = self.0.topic(topic)?;
@@ -52,7 +52,7 @@ impl SequenceStore for Store {
                         break;
                     }
                     for m in &read {
-                        each(p, &m.headers);
+                        each(p, m);
                     }
                     next = after;
                 }

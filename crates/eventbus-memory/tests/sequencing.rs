@@ -3,7 +3,9 @@
 //! the member that takes a partition up rebuilds its parked set from the
 //! dead-letter destination before it reads the partition, so an aggregate
 //! parked by the previous owner stays parked, and its later envelopes are
-//! written behind its head without a handler call. Each on both pools.
+//! written behind its head without a handler call. An unpark replays a parked
+//! aggregate in order on the owner of its partition, also after a replay that
+//! failed again and a restart. Each on both pools.
 
 use eventbus_core::raw::sequence::{SequenceKind, SequenceRecord};
 use eventbus_core::{
@@ -32,6 +34,10 @@ fn config(group: &str) -> BusConfig {
 /// `(member, aggregate, sequence)` of each handler call.
 type Calls = Arc<Mutex<Vec<(usize, String, u64)>>>;
 
+/// Which envelopes of aggregate `a` fail for good: `None`, every one; else
+/// those of these sequence numbers.
+type Failing = Arc<Mutex<Option<Vec<u64>>>>;
+
 /// A bus on `broker` subscribed to `topic` as `member`: it fails every envelope
 /// of aggregate `a` for good and handles the others, recording each call.
 async fn member(
@@ -42,20 +48,46 @@ async fn member(
     member: usize,
     calls: &Calls,
 ) -> MemoryEventBus {
+    failing_member(
+        broker,
+        pools,
+        topic,
+        group,
+        member,
+        calls,
+        &Failing::default(),
+    )
+    .await
+}
+
+/// [`member`], failing the envelopes of `a` that `failing` names.
+async fn failing_member(
+    broker: &MemoryBroker,
+    pools: &PoolFactory,
+    topic: &str,
+    group: &str,
+    member: usize,
+    calls: &Calls,
+    failing: &Failing,
+) -> MemoryEventBus {
     let pool = pools(PoolSpec::default()).await;
     let bus = MemoryEventBus::new(broker.clone(), pool, config(group)).expect("bus");
     bus.configure_topic(topic, TopicConfig::default().partitions(1))
         .await
         .expect("one partition");
-    let calls = calls.clone();
+    let (calls, failing) = (calls.clone(), failing.clone());
     bus.subscribe_envelope(topic, move |e: Event| {
-        let calls = calls.clone();
+        let (calls, failing) = (calls.clone(), failing.clone());
         async move {
             let aggregate = e.envelope.aggregate_id.clone();
             let seq = eventbus_testkit::seq_of(&e).expect("seq");
             calls.lock().unwrap().push((member, aggregate.clone(), seq));
-            if aggregate == "a" {
-                Err(HandlerError::permanent("a is broken"))
+            let fails = match &*failing.lock().unwrap() {
+                None => true,
+                Some(seqs) => seqs.contains(&seq),
+            };
+            if aggregate == "a" && fails {
+                Err(HandlerError::permanent(format!("a{seq} is broken")))
             } else {
                 Ok(())
             }
@@ -211,6 +243,240 @@ async fn a_hand_over_keeps_an_aggregate_parked_behind_its_dead_letter() {
         assert_eq!(offsets, vec![0, 1, 2], "{written:?}");
         first.close().await.expect("close");
         second.close().await.expect("close");
+    })
+    .await;
+}
+
+/// The sequence numbers of `aggregate` that `member`'s handler was called with,
+/// in call order.
+fn calls_of(calls: &Calls, member: usize, aggregate: &str) -> Vec<u64> {
+    calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, a, _)| *m == member && a == aggregate)
+        .map(|(_, _, seq)| *seq)
+        .collect()
+}
+
+/// Unpark every parked aggregate of `topic`'s destination through `bus`.
+async fn unpark(bus: &MemoryEventBus, topic: &str) -> eventbus_core::RedriveReport {
+    bus.redrive(RedriveOptions::new(format!("{topic}.dlq")).parked(true))
+        .await
+        .expect("unpark")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpark_replays_a_parked_aggregate_in_order_and_its_next_envelope_runs() {
+    each_pool(|broker, pools, topic, group| async move {
+        let calls = Calls::default();
+        let failing = Failing::default();
+        let bus = failing_member(&broker, &pools, &topic, &group, 1, &calls, &failing).await;
+        publish(&bus, &topic, "a", 0).await;
+        publish(&bus, &topic, "b", 0).await;
+        publish(&bus, &topic, "a", 1).await;
+        publish(&bus, &topic, "a", 2).await;
+        committed(&broker, &topic, &group, 4).await;
+        assert_eq!(
+            calls_of(&calls, 1, "a"),
+            vec![0],
+            "a0 failed; a1 and a2 parked"
+        );
+
+        let listed = bus
+            .redrive(
+                RedriveOptions::new(format!("{topic}.dlq"))
+                    .parked(true)
+                    .dry_run(true),
+            )
+            .await
+            .expect("list");
+        assert_eq!(listed.parked.len(), 1, "{listed:?}");
+        let a = &listed.parked[0];
+        assert_eq!(
+            (
+                a.aggregate_id.as_str(),
+                a.origin_partition,
+                a.heads,
+                a.parked,
+                a.head_offset
+            ),
+            ("a", 0, 1, 2, 0),
+            "{a:?}"
+        );
+        assert!(
+            a.error
+                .as_deref()
+                .is_some_and(|e| e.contains("a0 is broken")),
+            "{a:?}"
+        );
+        assert_eq!(a.group, group);
+
+        // The fix, then the unpark: one control record at offset 4.
+        *failing.lock().unwrap() = Some(Vec::new());
+        let report = unpark(&bus, &topic).await;
+        assert_eq!((report.moved, report.parked.len()), (1, 1), "{report:?}");
+        committed(&broker, &topic, &group, 5).await;
+        assert_eq!(
+            calls_of(&calls, 1, "a"),
+            vec![0, 0, 1, 2],
+            "the replay runs a's parked envelopes in their order"
+        );
+        publish(&bus, &topic, "a", 3).await;
+        committed(&broker, &topic, &group, 6).await;
+        assert_eq!(
+            calls_of(&calls, 1, "a"),
+            vec![0, 0, 1, 2, 3],
+            "a is unparked"
+        );
+        let left = unpark(&bus, &topic).await;
+        assert_eq!(
+            (left.moved, left.parked.len()),
+            (0, 0),
+            "the lift is read: {left:?}"
+        );
+        bus.close().await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_fails_again_keeps_the_order_across_a_restart() {
+    each_pool(|broker, pools, topic, group| async move {
+        let calls = Calls::default();
+        let failing = Failing::default();
+        let first = failing_member(&broker, &pools, &topic, &group, 1, &calls, &failing).await;
+        for seq in 0..3 {
+            publish(&first, &topic, "a", seq).await;
+        }
+        committed(&broker, &topic, &group, 3).await;
+        // a0 is fixed, a1 is not: the replay stops at a1, which becomes a
+        // new head; a stays parked.
+        *failing.lock().unwrap() = Some(vec![1]);
+        assert_eq!(unpark(&first, &topic).await.moved, 1);
+        committed(&broker, &topic, &group, 4).await;
+        assert_eq!(calls_of(&calls, 1, "a"), vec![0, 0, 1]);
+        publish(&first, &topic, "a", 3).await;
+        committed(&broker, &topic, &group, 5).await;
+        assert_eq!(calls_of(&calls, 1, "a"), vec![0, 0, 1], "a3 is parked");
+        first.close().await.expect("close");
+
+        // A restart: the next owner rebuilds the set (two heads now), and an
+        // unpark replays all of a, in order, once everything is fixed.
+        *failing.lock().unwrap() = Some(Vec::new());
+        let second = failing_member(&broker, &pools, &topic, &group, 2, &calls, &failing).await;
+        let report = unpark(&second, &topic).await;
+        assert_eq!(report.parked.len(), 1, "{report:?}");
+        assert_eq!(report.parked[0].heads, 2, "{report:?}");
+        assert_eq!(report.parked[0].head_offset, 0, "{report:?}");
+        assert!(
+            report.parked[0]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("a1 is broken")),
+            "the newest failure: {report:?}"
+        );
+        committed(&broker, &topic, &group, 6).await;
+        assert_eq!(calls_of(&calls, 2, "a"), vec![0, 1, 2, 3]);
+        publish(&second, &topic, "a", 4).await;
+        committed(&broker, &topic, &group, 7).await;
+        assert_eq!(calls_of(&calls, 2, "a"), vec![0, 1, 2, 3, 4]);
+        second.close().await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_that_does_not_decode_is_replayed_as_a_plain_dead_letter_and_passed() {
+    each_pool(|broker, pools, topic, group| async move {
+        let calls = Calls::default();
+        let failing = Failing::default();
+        let bus = failing_member(&broker, &pools, &topic, &group, 1, &calls, &failing).await;
+        // Its id is read from the key: it parks `a` as a head no fix mends.
+        let broken = eventbus_core::Record::new("not an envelope").with_key("a");
+        bus.publish(&topic, broken).await.expect("publish");
+        publish(&bus, &topic, "a", 1).await;
+        committed(&broker, &topic, &group, 2).await;
+        assert_eq!(calls_of(&calls, 1, "a"), Vec::<u64>::new(), "a1 is parked");
+        *failing.lock().unwrap() = Some(Vec::new());
+        assert_eq!(unpark(&bus, &topic).await.moved, 1);
+        committed(&broker, &topic, &group, 3).await;
+        assert_eq!(
+            calls_of(&calls, 1, "a"),
+            vec![1],
+            "a1 ran; the broken one was passed"
+        );
+        publish(&bus, &topic, "a", 2).await;
+        committed(&broker, &topic, &group, 4).await;
+        assert_eq!(calls_of(&calls, 1, "a"), vec![1, 2], "a is unparked");
+        let plain = bus
+            .redrive(
+                RedriveOptions::new(format!("{topic}.dlq"))
+                    .dry_run(true)
+                    .from_oldest(true),
+            )
+            .await
+            .expect("list");
+        assert_eq!(plain.entries.len(), 1, "written again, plain: {plain:?}");
+        assert_eq!(plain.entries[0].origin_offset, 0);
+        bus.close().await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_record_is_passed_without_a_handler_call_where_nothing_is_parked() {
+    each_pool(|broker, pools, topic, group| async move {
+        let pool = pools(PoolSpec::default()).await;
+        let mut c = config(&group);
+        c.dead_letter.sequence_by_aggregate = false;
+        let bus = MemoryEventBus::new(broker.clone(), pool, c).expect("bus");
+        let plain_topic = format!("{topic}-plain");
+        for t in [&topic, &plain_topic] {
+            bus.configure_topic(t, TopicConfig::default().partitions(1))
+                .await
+                .expect("one partition");
+        }
+        let called = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c1 = called.clone();
+        bus.subscribe_envelope(&topic, move |_: Event| {
+            c1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .await
+        .expect("subscribe");
+        let c2 = called.clone();
+        bus.subscribe(&plain_topic, move |_: Message| {
+            c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .await
+        .expect("subscribe");
+        for t in [&topic, &plain_topic] {
+            let control = eventbus_core::raw::sequence::Unpark::new(&group, "a").record();
+            bus.publish(t, control).await.expect("publish");
+            let c = t.clone();
+            eventbus_testkit::wait_until(
+                &format!("the control record of {c} is committed"),
+                WAIT,
+                || broker.committed(&c, &group, 0) == Some(1),
+            )
+            .await;
+        }
+        assert_eq!(
+            called.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "no handler call"
+        );
+        let dead = bus
+            .redrive(
+                RedriveOptions::new(format!("{topic}.dlq"))
+                    .dry_run(true)
+                    .from_oldest(true),
+            )
+            .await;
+        assert!(dead.map_or(true, |r| r.read == 0), "nothing dead-lettered");
+        bus.close().await.expect("close");
     })
     .await;
 }

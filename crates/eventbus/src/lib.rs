@@ -45,8 +45,9 @@ pub use eventbus_core::{
 
 /// Dead-letter redrive (see [`EventBus::redrive`] and [`eventbus_core::redrive`]).
 pub use eventbus_core::{
-    DeadLetterEntry, DeadLetterId, DeadLetterKind, InvalidDeadLetter, RedriveOptions,
-    RedriveReport, DEFAULT_REDRIVE_PROGRESS, DLQ_ERROR_KIND_HEADER, DLQ_REDRIVES_HEADER,
+    DeadLetterEntry, DeadLetterId, DeadLetterKind, InvalidDeadLetter, ParkedAggregate,
+    RedriveOptions, RedriveReport, DEFAULT_REDRIVE_PROGRESS, DLQ_ERROR_KIND_HEADER,
+    DLQ_REDRIVES_HEADER,
 };
 
 /// The pools' settings: each pool crate's own, in every build (the `keyed-pool`

@@ -536,8 +536,10 @@ impl<B: BusBackend> Lifecycle<B> {
             .open_dead_letters(ReaderOptions {
                 topic: topic.clone(),
                 progress: options.progress_name().to_owned(),
-                durable: !options.dry_run,
-                from_oldest: options.from_oldest,
+                // Parked aggregates are found by reading every record of the
+                // protocol: from the oldest, and no position kept.
+                durable: !options.dry_run && !options.parked,
+                from_oldest: options.from_oldest || options.parked,
                 id: options.id.clone(),
             })
             .await?;

@@ -10,12 +10,13 @@
 //! route keeps the aggregate's next message waiting meanwhile.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::policy::DeliveryPolicy;
 use crate::raw::fence::Scope;
 use crate::raw::sequence::{
-    rebuild, HeadId, Overflow, ParkedSet, Rebuilt, Recorded, SequenceRecord, SequenceScope,
+    rebuild, HeadId, Lifted, Overflow, ParkedSet, Rebuilt, Recorded, SequenceRecord, SequenceScope,
     SequenceStore, Token,
 };
 
@@ -34,6 +35,24 @@ pub(crate) struct Parking {
     /// lost) runs as any redelivery: parked again, or run again as a head.
     records: bool,
     live: Mutex<Live>,
+    /// The destination, as the rebuild at assignment read it: what the replay
+    /// of an unpark reads and where it writes its lift.
+    destination: OnceLock<Destination>,
+}
+
+/// A dead-letter destination and the store that reads and writes it.
+#[derive(Clone)]
+pub(crate) struct Destination {
+    pub(crate) store: Arc<dyn SequenceStore>,
+    pub(crate) topic: String,
+}
+
+impl fmt::Debug for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Destination")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -77,7 +96,33 @@ impl Parking {
             max,
             records,
             live: Mutex::default(),
+            destination: OnceLock::new(),
         }
+    }
+
+    /// The origin partition it sequences.
+    pub(crate) fn scope(&self) -> &SequenceScope {
+        &self.scope
+    }
+
+    /// The destination the rebuild read, once taken up.
+    pub(crate) fn destination(&self) -> Option<&Destination> {
+        self.destination.get()
+    }
+
+    /// Whether `aggregate` is parked.
+    pub(crate) fn is_parked(&self, aggregate: &str) -> bool {
+        self.live().set.is_parked(aggregate)
+    }
+
+    /// `heads`, replayed, were lifted (their lift written): they leave the
+    /// set, and their outcomes kept by offset are let go, so that a copy read
+    /// again after a rewind runs as any redelivery does (`docs/sequencing.md`,
+    /// 3), as a rebuild that reads the lift would have it.
+    pub(crate) fn lift(&self, heads: &[HeadId]) -> Lifted {
+        let mut live = self.live();
+        live.written.retain(|_, r| !heads.contains(&r.head()));
+        live.set.lift(heads)
     }
 
     /// The token of this owner.
@@ -165,7 +210,9 @@ impl Parking {
     /// reached take its recorded outcome; a record whose offset is never read
     /// again (finished above the commit point, skipped) still parks what
     /// follows it.
-    pub(crate) fn take_up(&self, rebuilt: Rebuilt) {
+    /// `destination` is where it was read: an unpark's replay reads it again.
+    pub(crate) fn take_up(&self, rebuilt: Rebuilt, destination: Destination) {
+        let _ = self.destination.set(destination);
         let Rebuilt { mut set, ahead, .. } = rebuilt;
         for (offset, recorded) in &ahead {
             recorded.apply(&mut set, *offset);
@@ -234,7 +281,11 @@ pub(crate) async fn rebuild_until(
                 let Some(parking) = work.parking() else {
                     return false;
                 };
-                parking.take_up(rebuilt);
+                let destination = Destination {
+                    store,
+                    topic: up.topic,
+                };
+                parking.take_up(rebuilt, destination);
                 return true;
             }
             Err(e) => {
@@ -297,6 +348,54 @@ mod tests {
         Parking::new(SequenceScope::new("g", "orders", 0), max, true)
     }
 
+    /// A destination never read in these tests.
+    fn unread() -> Destination {
+        struct Unread;
+        impl SequenceStore for Unread {
+            fn partitions<'a>(
+                &'a self,
+                _: &'a str,
+            ) -> futures::future::BoxFuture<'a, crate::Result<u32>> {
+                unreachable!("not read")
+            }
+            fn write<'a>(
+                &'a self,
+                _: &'a str,
+                _: i32,
+                _: crate::Record,
+            ) -> futures::future::BoxFuture<'a, crate::Result<()>> {
+                unreachable!("not written")
+            }
+            fn read<'a>(
+                &'a self,
+                _: &'a str,
+                _: &'a mut (dyn FnMut(i32, &crate::Message) + Send),
+            ) -> futures::future::BoxFuture<'a, crate::Result<()>> {
+                unreachable!("not read")
+            }
+        }
+        Destination {
+            store: Arc::new(Unread),
+            topic: "orders.dlq".into(),
+        }
+    }
+
+    #[test]
+    fn a_lift_unparks_and_lets_go_of_what_was_recorded_behind_its_heads() {
+        let p = parking(10);
+        let room = p.reserve("a").expect("room");
+        room.headed(3, "a");
+        let head = p.set().heads("a")[0].id;
+        p.parked(5, "a", head);
+        let lifted = p.lift(&[head]);
+        assert_eq!(lifted.unparked, vec!["a".to_owned()]);
+        assert!(!p.is_parked("a"));
+        // Read again after a rewind: run, in order, as any redelivery.
+        assert_eq!(p.arrive("a", 3), Arrival::Runs);
+        assert_eq!(p.arrive("a", 5), Arrival::Runs);
+        assert_eq!(p.arrive("a", 6), Arrival::Runs);
+    }
+
     #[test]
     fn a_head_parks_its_later_envelopes_and_a_copy_read_again_takes_its_outcome() {
         let p = parking(10);
@@ -344,7 +443,7 @@ mod tests {
         rebuild.feed(0, &scope.parked(old, 8, "a", head));
         rebuild.feed(0, &scope.head(old, 9, "b"));
         let p = parking(10);
-        p.take_up(rebuild.finish());
+        p.take_up(rebuild.finish(), unread());
         assert_eq!(p.arrive("x", 3), Arrival::Parks(p.set().heads("x")[0].id));
         assert_eq!(
             p.arrive("a", 7),

@@ -23,7 +23,7 @@ use std::str::FromStr;
 
 use crate::dead_letter::{DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER};
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Headers, Record};
+use crate::message::{Headers, Message, Record};
 use futures::future::BoxFuture;
 
 /// Header naming the kind of a protocol record: `head`, `parked`, `set-aside`,
@@ -325,6 +325,14 @@ impl SequenceRecord {
                 token: self.token,
                 offset,
             }),
+            _ => None,
+        }
+    }
+
+    /// The head a parked record waits behind.
+    pub fn behind(&self) -> Option<HeadId> {
+        match self.kind {
+            SequenceKind::Parked { behind } => Some(behind),
             _ => None,
         }
     }
@@ -859,6 +867,179 @@ impl Rebuild {
     }
 }
 
+/// An unpark control record (`docs/sequencing.md`, 5): published to an origin
+/// partition, it asks the partition's owner to replay a parked aggregate there,
+/// in order, after every earlier envelope of the aggregate and before every
+/// later one. It has no payload and no key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpark {
+    /// The consumer group whose parked set it is for: another group passes it.
+    pub group: String,
+    /// The aggregate to replay.
+    pub aggregate: String,
+}
+
+impl Unpark {
+    /// The unpark of `aggregate` in `group`'s parked set.
+    pub fn new(group: impl Into<String>, aggregate: impl Into<String>) -> Self {
+        Self {
+            group: group.into(),
+            aggregate: aggregate.into(),
+        }
+    }
+
+    /// The record to publish to the origin partition.
+    pub fn record(&self) -> Record {
+        let mut record = Record::new(bytes::Bytes::new());
+        record.headers.set(CONTROL_HEADER, CONTROL_UNPARK);
+        record
+            .headers
+            .set(SEQUENCE_GROUP_HEADER, self.group.clone());
+        record
+            .headers
+            .set(SEQUENCE_AGGREGATE_HEADER, self.aggregate.clone());
+        record
+    }
+
+    /// Whether a message of `payload` and `headers` is a control record: no
+    /// payload (an envelope always has one), and [`CONTROL_HEADER`]. The
+    /// payload is looked at first: a message with one costs no header lookup.
+    pub fn is_control(payload: &[u8], headers: &Headers) -> bool {
+        payload.is_empty() && headers.get(CONTROL_HEADER).is_some()
+    }
+
+    /// The unpark `headers` ask for; `Ok(None)` without [`CONTROL_HEADER`]. An
+    /// `InvalidInput` error names the header missing or malformed (a control
+    /// of another kind included).
+    pub fn read(headers: &Headers) -> Result<Option<Self>> {
+        let Some(kind) = headers.get(CONTROL_HEADER) else {
+            return Ok(None);
+        };
+        if &kind[..] != CONTROL_UNPARK.as_bytes() {
+            let kind = String::from_utf8_lossy(kind);
+            return Err(invalid(CONTROL_HEADER, &kind, "expected `unpark`"));
+        }
+        let text = |name: &'static str| -> Result<String> {
+            let value = headers.get(name).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("control record without the header `{name}`"),
+                )
+            })?;
+            std::str::from_utf8(value)
+                .map(str::to_owned)
+                .map_err(|_| invalid(name, "<not UTF-8>", "expected text"))
+        };
+        Ok(Some(Self {
+            group: text(SEQUENCE_GROUP_HEADER)?,
+            aggregate: text(SEQUENCE_AGGREGATE_HEADER)?,
+        }))
+    }
+}
+
+/// The fold that finds what the replay of one parked aggregate runs
+/// (`docs/sequencing.md`, 5): the records of the aggregate below the control
+/// record's offset whose head is still live when the read ends. It is a
+/// rebuild's fold ([`Rebuild`]), so it fences and lifts as a rebuild does.
+#[derive(Debug)]
+pub struct Replay {
+    fold: Rebuild,
+    aggregate: String,
+    below: i64,
+    /// Counted records of the aggregate below `below`: destination
+    /// partition, record, copy.
+    records: Vec<(i32, SequenceRecord, Message)>,
+    /// Counted records of the aggregate at or above `below` (read again
+    /// after a rewind, parked behind a head the replay lifts): destination
+    /// partition and the head, for where the lift goes.
+    above: Vec<(i32, HeadId)>,
+}
+
+/// What a replay runs, and what it lifts once every record ran.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayPlan {
+    /// The aggregate's live heads.
+    pub heads: Vec<HeadId>,
+    /// The records behind those heads (theirs included), one per origin
+    /// offset, in origin order: each the dead-letter copy as read.
+    pub records: Vec<(i64, Message)>,
+    /// The destination partitions holding records behind those heads (those
+    /// at or above the control record too): the lift is written to each, so
+    /// that every later rebuild reads it after them.
+    pub destinations: std::collections::BTreeSet<i32>,
+    /// The latest epoch marker of the origin partition in some destination
+    /// partition is not the reader's: another owner took the partition up,
+    /// and a lift written now would be ignored by every later rebuild.
+    pub superseded: bool,
+}
+
+impl Replay {
+    /// The replay of `aggregate` of `scope`, by a control record at `below`.
+    pub fn new(scope: SequenceScope, aggregate: impl Into<String>, below: i64) -> Self {
+        Self {
+            fold: Rebuild::new(scope, below),
+            aggregate: aggregate.into(),
+            below,
+            records: Vec::new(),
+            above: Vec::new(),
+        }
+    }
+
+    /// Fold `record`, read from destination partition `destination` as `copy`.
+    pub fn feed(&mut self, destination: i32, record: &SequenceRecord, copy: &Message) {
+        let fed = self.fold.feed(destination, record);
+        let envelope = matches!(
+            record.kind,
+            SequenceKind::Head | SequenceKind::Parked { .. } | SequenceKind::SetAside { .. }
+        );
+        if fed != Fed::Counted
+            || !envelope
+            || record.aggregate.as_deref() != Some(self.aggregate.as_str())
+        {
+            return;
+        }
+        if record.offset.is_some_and(|o| o < self.below) {
+            self.records
+                .push((destination, record.clone(), copy.clone()));
+        } else if let Some(head) = record.behind().or_else(|| record.head_id()) {
+            self.above.push((destination, head));
+        }
+    }
+
+    /// What the replay by the owner that drew `ours` runs.
+    pub fn finish(self, ours: Token) -> ReplayPlan {
+        let superseded = self.fold.epochs.values().any(|t| *t != ours);
+        let rebuilt = self.fold.finish();
+        let heads: Vec<HeadId> = rebuilt
+            .set
+            .heads(&self.aggregate)
+            .iter()
+            .map(|h| h.id)
+            .collect();
+        let mut records = BTreeMap::new();
+        let mut destinations = std::collections::BTreeSet::new();
+        for (destination, record, copy) in self.records {
+            let head = record.behind().or_else(|| record.head_id());
+            if head.is_some_and(|h| heads.contains(&h)) {
+                destinations.insert(destination);
+                let offset = record.offset.unwrap_or_default();
+                records.entry(offset).or_insert(copy);
+            }
+        }
+        for (destination, head) in self.above {
+            if heads.contains(&head) {
+                destinations.insert(destination);
+            }
+        }
+        ReplayPlan {
+            heads,
+            records: records.into_iter().collect(),
+            destinations,
+            superseded,
+        }
+    }
+}
+
 /// A backend's access to a dead-letter destination for sequencing: what the
 /// rebuild at assignment ([`rebuild`]) needs of the broker.
 pub trait SequenceStore: Send + Sync + 'static {
@@ -877,11 +1058,11 @@ pub trait SequenceStore: Send + Sync + 'static {
 
     /// Read `topic` from its oldest record to its end as it stands when the
     /// read starts, each partition in order, handing `each` every record's
-    /// partition and headers. No position is kept.
+    /// partition and the record. No position is kept.
     fn read<'a>(
         &'a self,
         topic: &'a str,
-        each: &'a mut (dyn FnMut(i32, &Headers) + Send),
+        each: &'a mut (dyn FnMut(i32, &Message) + Send),
     ) -> BoxFuture<'a, Result<()>>;
 }
 
@@ -906,21 +1087,58 @@ pub async fn rebuild(
     }
     let mut fold = Rebuild::new(scope.clone(), committed);
     let mut unreadable = 0u64;
-    let mut each = |partition: i32, headers: &Headers| match SequenceRecord::read(headers) {
-        Ok(Some(record)) => {
+    let mut each = |partition: i32, message: &Message| {
+        if let Some(record) = readable(topic, partition, message, &mut unreadable) {
             fold.feed(partition, &record);
-        }
-        Ok(None) => {}
-        Err(e) => {
-            unreadable += 1;
-            if unreadable == 1 {
-                tracing::warn!(dead_letter_topic = %topic, partition, error = %e,
-                    "a sequencing record does not read: skipped");
-            }
         }
     };
     store.read(topic, &mut each).await?;
     Ok(fold.finish())
+}
+
+/// The protocol record of `message`, read from `topic`'s partition
+/// `partition`; `None` for a plain dead letter, and for a record whose headers
+/// do not read (counted in `unreadable`, the first one warned of, naming the
+/// header).
+fn readable(
+    topic: &str,
+    partition: i32,
+    message: &Message,
+    unreadable: &mut u64,
+) -> Option<SequenceRecord> {
+    match SequenceRecord::read(&message.headers) {
+        Ok(record) => record,
+        Err(e) => {
+            *unreadable += 1;
+            if *unreadable == 1 {
+                tracing::warn!(dead_letter_topic = %topic, partition, error = %e,
+                    "a sequencing record does not read: skipped");
+            }
+            None
+        }
+    }
+}
+
+/// Read from `store` what the replay of `aggregate` of `scope` runs, by a
+/// control record at offset `below`, for the owner that drew `ours`
+/// (`docs/sequencing.md`, 5): the destination `topic` read from its oldest
+/// record, as a rebuild reads it ([`Replay`]).
+pub async fn replay_plan(
+    store: &dyn SequenceStore,
+    topic: &str,
+    scope: &SequenceScope,
+    (aggregate, below): (&str, i64),
+    ours: Token,
+) -> Result<ReplayPlan> {
+    let mut fold = Replay::new(scope.clone(), aggregate, below);
+    let mut unreadable = 0u64;
+    let mut each = |partition: i32, message: &Message| {
+        if let Some(record) = readable(topic, partition, message, &mut unreadable) {
+            fold.feed(partition, &record, message);
+        }
+    };
+    store.read(topic, &mut each).await?;
+    Ok(fold.finish(ours))
 }
 
 #[cfg(test)]
@@ -970,6 +1188,86 @@ mod tests {
         }
         assert_eq!(s.head(t, 7, "a").head_id(), Some(head));
         assert_eq!(s.parked(t, 9, "a", head).head_id(), None);
+    }
+
+    #[test]
+    fn an_unpark_reads_back_and_a_bad_one_names_its_header() {
+        let unpark = Unpark::new("g", "a-1");
+        let record = unpark.record();
+        assert!(Unpark::is_control(&record.payload, &record.headers));
+        assert_eq!(Unpark::read(&record.headers).unwrap(), Some(unpark));
+        assert!(
+            !Unpark::is_control(b"{}", &record.headers),
+            "a message with a payload is no control record"
+        );
+        assert_eq!(Unpark::read(&Headers::new()).unwrap(), None);
+        let other = Headers::new().with(CONTROL_HEADER, "rewind");
+        let e = Unpark::read(&other).unwrap_err();
+        assert!(e.to_string().contains(CONTROL_HEADER), "{e}");
+        let no_group = Headers::new()
+            .with(CONTROL_HEADER, CONTROL_UNPARK)
+            .with(SEQUENCE_AGGREGATE_HEADER, "a");
+        let e = Unpark::read(&no_group).unwrap_err();
+        assert!(e.to_string().contains(SEQUENCE_GROUP_HEADER), "{e}");
+    }
+
+    #[test]
+    fn a_replay_runs_the_live_records_of_its_aggregate_below_the_control_in_order() {
+        let s = scope();
+        let (old, new) = (Token::from_raw(1), Token::from_raw(2));
+        let h0 = HeadId {
+            token: old,
+            offset: 2,
+        };
+        let h_lifted = HeadId {
+            token: old,
+            offset: 0,
+        };
+        let copy = |offset: i64| Message::new("orders.dlq", 0, offset, format!("{offset}"));
+        let mut replay = Replay::new(s.clone(), "a", 20);
+        let feed = |r: &mut Replay, d: i32, rec: SequenceRecord, o: i64| r.feed(d, &rec, &copy(o));
+        feed(&mut replay, 0, s.epoch(old, 2), 0);
+        feed(&mut replay, 1, s.epoch(old, 2), 0);
+        // A head lifted before: its records are not run again.
+        feed(&mut replay, 0, s.head(old, 0, "a"), 0);
+        feed(&mut replay, 0, s.parked(old, 1, "a", h_lifted), 1);
+        feed(&mut replay, 0, s.lift(old, "a", vec![h_lifted]), 0);
+        // The live head, its followers in two destination partitions, another
+        // aggregate, and one written after the control record.
+        feed(&mut replay, 1, s.head(old, 2, "a"), 2);
+        feed(&mut replay, 0, s.parked(old, 5, "a", h0), 5);
+        feed(&mut replay, 1, s.parked(old, 4, "a", h0), 4);
+        feed(&mut replay, 1, s.head(old, 3, "b"), 3);
+        feed(&mut replay, 1, s.parked(old, 21, "a", h0), 21);
+        // The next owner's marker in partition 0 fences a late write of the
+        // old owner there, and its own record counts.
+        feed(&mut replay, 0, s.epoch(new, 2), 0);
+        feed(&mut replay, 1, s.epoch(new, 2), 0);
+        feed(&mut replay, 0, s.parked(old, 6, "a", h0), 6);
+        feed(&mut replay, 0, s.parked(new, 7, "a", h0), 7);
+        // Above the control record, parked behind the head it lifts (read
+        // again after a rewind), alone in its partition: the lift goes there.
+        feed(&mut replay, 2, s.parked(new, 25, "a", h0), 25);
+        let plan = replay.finish(new);
+        assert!(
+            !plan.superseded,
+            "the latest marker in each partition is ours"
+        );
+        assert_eq!(plan.heads, vec![h0]);
+        let offsets: Vec<i64> = plan.records.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, vec![2, 4, 5, 7]);
+        assert_eq!(&plan.records[0].1.payload[..], b"2", "each with its copy");
+        assert_eq!(
+            plan.destinations.into_iter().collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        let mut stale = Replay::new(s.clone(), "a", 20);
+        stale.feed(0, &s.epoch(old, 1), &copy(0));
+        stale.feed(0, &s.epoch(new, 1), &copy(0));
+        assert!(
+            stale.finish(old).superseded,
+            "another owner's marker is the latest"
+        );
     }
 
     #[test]

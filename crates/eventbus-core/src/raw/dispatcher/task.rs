@@ -7,10 +7,12 @@ use super::instruments::PoolMetrics;
 use super::*;
 use crate::handler::HandlerError;
 use crate::raw::parking::{Arrival, Parking};
-use crate::raw::sequence::SequenceScope;
+use crate::raw::sequence::{SequenceScope, Unpark, SEQUENCE_AGGREGATE_HEADER};
 use crate::raw::task::{DescribedTask, TaskBox};
 use std::any::Any;
 use std::borrow::Cow;
+
+mod unpark;
 
 /// What every task of one subscription shares, behind one count: a message's task
 /// clones this once (a count raised on the consume loop's core and lowered on the
@@ -216,8 +218,18 @@ pub(super) fn plain_key<'m>(ids: &AggregateIdConfig, message: &'m Message) -> Op
 
 /// The aggregate id an envelope message is routed by: the chain's, else the body's
 /// `aggregate_id` (the chain may not name the envelope), else the message's
-/// coordinates, so that it still has a key of its own.
+/// coordinates, so that it still has a key of its own. A control record is
+/// routed by the aggregate it names: on that aggregate's route.
 pub(super) fn envelope_key<'m>(ids: &AggregateIdConfig, message: &'m Message) -> Cow<'m, str> {
+    if Unpark::is_control(&message.payload, &message.headers) {
+        if let Some(id) = message
+            .headers
+            .get(SEQUENCE_AGGREGATE_HEADER)
+            .and_then(|v| std::str::from_utf8(v).ok())
+        {
+            return Cow::Borrowed(id);
+        }
+    }
     ids.find(message, None)
         .or_else(|| peek_id(&message.payload))
         .unwrap_or_else(|| {
@@ -351,6 +363,11 @@ impl PlainTask {
         );
         async move {
             let inner = &shared.inner;
+            if Unpark::is_control(&message.payload, &message.headers) {
+                // A control record of sequenced dead letters: no order promise
+                // here, nothing parked, passed without a handler call.
+                return Outcome::Handled { attempts: 0 };
+            }
             let metrics = inner.metrics.pool(pool);
             let started = metrics.started(submitted);
             let call = in_scope_fenced(scope, shared.handler.call_boxed(message));
@@ -400,6 +417,10 @@ impl EnvelopeTask {
         );
         async move {
             let TaskShared { inner, ids, .. } = &*shared;
+            if Unpark::is_control(&message.payload, &message.headers) {
+                // Boxed, as the retries below: a rare path's state.
+                return Box::pin(unpark::control(&shared, &message, &epoch, pool)).await;
+            }
             if shared.max_parked.is_some() {
                 // Boxed, as the retries below: the state of an opt-in.
                 if let Some(outcome) = Box::pin(arrive(&shared, &message, &epoch)).await {
@@ -429,6 +450,7 @@ impl EnvelopeTask {
                 message: &message,
                 scope: epoch.scope(),
                 epoch: &epoch,
+                fence_at: message.offset,
                 metrics,
                 submitted,
             };
@@ -451,6 +473,9 @@ struct EnvelopeCall<'a> {
     message: &'a Message,
     scope: &'a Scope,
     epoch: &'a Epoch,
+    /// The offset a rewind of `epoch` supersedes the job at: the message's
+    /// own, or for a replayed one its control record's.
+    fence_at: i64,
     metrics: &'a PoolMetrics,
     submitted: Instant,
 }
@@ -546,7 +571,7 @@ impl EnvelopeCall<'_> {
                 _ = scope.fenced() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
-            if inner.cancel.is_cancelled() || self.epoch.is_fenced(self.message.offset) {
+            if inner.cancel.is_cancelled() || self.epoch.is_fenced(self.fence_at) {
                 // Closing, handed over, or superseded by a rewind (its copy read
                 // again is handled instead): the message is delivered again.
                 return Outcome::Abandoned { attempts: attempt };

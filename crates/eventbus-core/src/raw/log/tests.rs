@@ -728,7 +728,7 @@ impl crate::raw::sequence::SequenceStore for DownStore {
     fn read<'a>(
         &'a self,
         _: &'a str,
-        _: &'a mut (dyn FnMut(i32, &crate::Headers) + Send),
+        _: &'a mut (dyn FnMut(i32, &crate::Message) + Send),
     ) -> futures::future::BoxFuture<'a, Result<()>> {
         Box::pin(async { Ok(()) })
     }

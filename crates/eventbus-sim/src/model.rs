@@ -99,6 +99,11 @@ pub struct Counts {
     /// Envelopes written parked behind their aggregate's head, unrun (runs
     /// with sequencing).
     pub parked: u64,
+    /// Unpark control records published (runs with sequencing).
+    pub unparks: u64,
+    /// Calls of an envelope given up or parked, once an unpark of its
+    /// aggregate above it was published: its replay.
+    pub replays: u64,
 }
 
 /// The model and the trace of one run, shared by the driver and the handlers.
@@ -152,6 +157,9 @@ pub(crate) struct Model {
     /// Per partition of the dead-letter topic: the next offset to read for
     /// parked envelopes ([`Model::parked_read`]).
     pub(crate) dead_letter_cursor: BTreeMap<i32, i64>,
+    /// Per key of the envelope topic: the unpark control records published
+    /// for it, (partition, offset).
+    unparks: BTreeMap<u32, Vec<(i32, i64)>>,
     trace: Vec<String>,
     violation: Option<String>,
 }
@@ -186,6 +194,7 @@ impl Shared {
             written: BTreeSet::new(),
             sequencing: false,
             dead_letter_cursor: BTreeMap::new(),
+            unparks: BTreeMap::new(),
             trace: Vec::new(),
             violation: None,
         })))
@@ -279,23 +288,56 @@ impl Model {
         m.partition = partition;
         m.offset = offset;
         let (topic, key, seq) = (m.topic, m.key, m.seq);
-        let open = self
+        self.stored(topic, partition, offset, true);
+        self.note(format!(
+            "publish {} k{key}#{seq} -> p{partition}@{offset}",
+            TOPICS[topic]
+        ));
+    }
+
+    /// A record was stored at `partition` / `offset` of `topic`: the next
+    /// offset, or a violation. `open`: it is a message the model follows to
+    /// its end (not a control record).
+    fn stored(&mut self, topic: usize, partition: i32, offset: i64, open: bool) {
+        let entry = self
             .open
             .entry((topic, partition))
             .or_insert_with(|| (BTreeSet::new(), 0));
-        let expected = open.1;
-        open.0.insert(offset);
-        open.1 = offset + 1;
+        let expected = entry.1;
+        if open {
+            entry.0.insert(offset);
+        }
+        entry.1 = offset + 1;
         if expected != offset {
             self.violate(format!(
                 "{} p{partition}: published at offset {offset}, expected {expected}",
                 TOPICS[topic]
             ));
         }
-        self.note(format!(
-            "publish {} k{key}#{seq} -> p{partition}@{offset}",
-            TOPICS[topic]
-        ));
+    }
+
+    /// The keys of the envelope topic with an envelope given up or parked.
+    pub(crate) fn parked_keys(&self) -> Vec<u32> {
+        let keys: BTreeSet<u32> = self
+            .msgs
+            .iter()
+            .filter(|m| m.topic == 0 && matches!(m.done, Done::DeadLetterDue | Done::Parked))
+            .map(|m| m.key)
+            .collect();
+        keys.into_iter().collect()
+    }
+
+    /// An unpark control record of `key` was stored at `partition` /
+    /// `offset` of the envelope topic: the aggregate's envelopes given up or
+    /// parked below it may run again, replayed in their order.
+    pub(crate) fn unpark_published(&mut self, key: u32, partition: i32, offset: i64) {
+        self.counts.unparks += 1;
+        self.stored(0, partition, offset, false);
+        self.unparks
+            .entry(key)
+            .or_default()
+            .push((partition, offset));
+        self.note(format!("publish unpark k{key} -> p{partition}@{offset}"));
     }
 
     /// A handler call of message `id` (at `partition` / `offset`, attempt
@@ -321,6 +363,26 @@ impl Model {
             (m.topic, m.key, m.seq)
         };
         let name = format!("{} k{key}#{seq}", TOPICS[topic]);
+        // A call of an envelope finished before (given up, parked, or run by
+        // a replay cut short, which the next replay runs again from its
+        // start), once an unpark of its aggregate above it was published: its
+        // replay (or a run again after a rewind, which the checks below cannot
+        // tell from it). It runs below the committed offset, on the unpark's
+        // job. Its order is checked as any call's: every earlier envelope of
+        // the aggregate finished, and none given up (the sequencing check
+        // below).
+        let replay = {
+            let m = &self.msgs[id];
+            topic == 0
+                && m.done != Done::No
+                && self
+                    .unparks
+                    .get(&key)
+                    .is_some_and(|u| u.iter().any(|&(p, o)| p == m.partition && o > m.offset))
+        };
+        if replay {
+            self.counts.replays += 1;
+        }
         {
             let m = &self.msgs[id];
             if m.partition != partition || m.offset != offset {
@@ -427,9 +489,9 @@ impl Model {
         // The committed offset never passes a message that is still to run.
         // (Unless a rewind below it is being committed back: handling may
         // start before the backward commit lands.)
-        if let Some(c) = committed
-            .filter(|_| !stalled_start && !self.rewinding.contains_key(&(topic, partition)))
-        {
+        if let Some(c) = committed.filter(|_| {
+            !replay && !stalled_start && !self.rewinding.contains_key(&(topic, partition))
+        }) {
             if c > offset {
                 self.violate(format!(
                     "{name} at p{partition}@{offset} starts while the committed offset is {c}"
@@ -484,7 +546,7 @@ impl Model {
                 Some(c) if c <= to => {
                     self.backward.remove(&(topic, partition));
                 }
-                Some(c) if ours && !stalled_start && offset >= to && c > offset => {
+                Some(c) if ours && !replay && !stalled_start && offset >= to && c > offset => {
                     self.violate(format!(
                         "{name} at p{partition}@{offset}, read again after a rewind to {to}, starts on member {member} before the rewind was committed back (committed {c})"
                     ));
@@ -500,7 +562,8 @@ impl Model {
         // (Not for a call in a lost window: it may be of the epoch the member
         // lost, or of the next one, read again from the committed offset.)
         let last = self.last_started.insert((topic, key), seq);
-        if !stalled_start
+        if !replay
+            && !stalled_start
             && last.is_some_and(|l| seq < l)
             && !self.rewinding.contains_key(&(topic, partition))
         {

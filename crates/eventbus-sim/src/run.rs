@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::model::{Done, Shared, DEAD_LETTERS, GROUP, TOPICS};
 use crate::plan::{Act, Settings, Step};
-use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord};
+use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord, Unpark};
 
 /// Slack on top of the configured bounds for an `unsubscribe` or a `close` to
 /// return (simulated time).
@@ -29,6 +29,10 @@ pub(crate) const SLACK: Duration = Duration::from_secs(1);
 /// both topics are re-subscribed (which hands over handlers that wait for their
 /// cancellation), simulated.
 pub(crate) const SETTLE_ROUND: Duration = Duration::from_secs(10);
+
+/// In runs with sequencing, the chance after each step (in percent) that an
+/// aggregate with a dead letter is unparked.
+const UNPARK_PERCENT: u8 = 8;
 
 /// Rounds in a row in which no message finishes, re-subscribing between them,
 /// before the run is declared stuck (past the longest actor cool-down).
@@ -346,11 +350,22 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     for _ in 0..sim.s.members {
         sim.join().await?;
     }
+    // With sequencing, unparks of aggregates with a dead letter, drawn from a
+    // stream of their own so that the steps stay as they were.
+    let mut unparks = sim
+        .s
+        .sequencing
+        .then(|| Rng::with_seed(seed ^ 0x756e_7061_726b));
     for i in 0..sim.s.steps {
         let step = Step::draw(&mut sim.rng);
         sim.note(format!("step {i}: {step:?}"));
         sim.apply(step).await?;
         sim.check()?;
+        if let Some(rng) = unparks.as_mut() {
+            if rng.u8(..100) < UNPARK_PERCENT {
+                sim.unpark(rng).await?;
+            }
+        }
     }
     sim.finish().await
 }
@@ -543,6 +558,30 @@ impl Sim {
 
     fn close_bound(&self) -> Duration {
         2 * self.s.drain_timeout + self.s.handover_timeout + SLACK
+    }
+
+    /// Publish an unpark control record for one aggregate with an envelope
+    /// given up or parked, drawn with `rng`, as a redrive of the parked
+    /// aggregates does: to the aggregate's partition (the record is keyed by
+    /// its id, as its envelopes are).
+    async fn unpark(&mut self, rng: &mut Rng) -> Result<(), String> {
+        let keys = self.ctx.model.lock().parked_keys();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let key = keys[rng.usize(..keys.len())];
+        let aggregate = format!("k{key}");
+        let record = Unpark::new(GROUP, &aggregate).record().with_key(aggregate);
+        let receipt = self.members[0]
+            .bus
+            .publish(TOPICS[0], record)
+            .await
+            .map_err(|e| format!("publish an unpark to {}: {e}", TOPICS[0]))?;
+        self.ctx
+            .model
+            .lock()
+            .unpark_published(key, receipt.partition, receipt.offset);
+        Ok(())
     }
 
     async fn publish(&mut self, topic: usize, n: usize) -> Result<(), String> {

@@ -294,6 +294,12 @@ pub enum DlqCommand {
         /// List at most this many (the report is held in memory)
         #[arg(long, value_name = "N", default_value_t = LIST_LIMIT)]
         max: u64,
+        /// List the aggregates parked by sequenced dead letters
+        /// (dead_letter.sequence_by_aggregate) instead of dead letters: each
+        /// with its group, origin partition, heads, envelopes parked and its
+        /// newest head's error (filters: --origin, --aggregate)
+        #[arg(long)]
+        parked: bool,
         /// Print JSON (one document) instead of a table
         #[arg(long)]
         json: bool,
@@ -342,6 +348,12 @@ pub struct DlqRedriveArgs {
     /// resumes after the last record confirmed under it
     #[arg(long, value_name = "NAME")]
     pub progress: Option<String>,
+    /// Unpark the aggregates parked by sequenced dead letters instead of
+    /// moving records: one control record per aggregate to its origin
+    /// partition, whose owner replays the aggregate in order (filters:
+    /// --origin, --aggregate; --max counts aggregates; no position is kept)
+    #[arg(long, conflicts_with = "progress")]
+    pub parked: bool,
     /// Print JSON (one document) instead of a summary line
     #[arg(long)]
     pub json: bool,

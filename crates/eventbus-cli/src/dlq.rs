@@ -40,6 +40,7 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
             topic,
             filters,
             max,
+            parked,
             json,
         } => {
             let options = filters
@@ -47,6 +48,11 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
                 .dry_run(true)
                 .from_oldest(true)
                 .max_count(max);
+            if parked {
+                let options = filters.parked(options)?;
+                let report = redrive(settings, "dlq list --parked", options).await?;
+                return print_parked(&report, json);
+            }
             let report = redrive(settings, "dlq list", options).await?;
             print_list(&report, json)
         }
@@ -101,9 +107,13 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
                 max,
                 dry_run,
                 progress,
+                parked,
                 json,
             } = args;
             let mut options = filters.options(topic)?.dry_run(dry_run);
+            if parked {
+                options = filters.parked(options)?;
+            }
             if let Some(rate) = rate {
                 options = options.rate_limit(rate);
             }
@@ -114,6 +124,9 @@ pub(crate) async fn run(settings: &Settings, command: DlqCommand) -> Result<(), 
                 options = options.progress(progress);
             }
             let report = redrive(settings, "dlq redrive", options).await?;
+            if parked {
+                return unparked(&report, json);
+            }
             if dry_run {
                 return print_list(&report, json);
             }
@@ -175,6 +188,152 @@ impl DlqFilters {
     }
 }
 
+impl DlqFilters {
+    /// `options` for the parked aggregates (`--parked`): refused, naming the
+    /// flags, with a filter that does not select aggregates.
+    fn parked(&self, options: RedriveOptions) -> Result<RedriveOptions, CliError> {
+        let given = [
+            ("--kind", !self.kind.is_empty()),
+            ("--since", self.since.is_some()),
+            ("--until", self.until.is_some()),
+        ];
+        let refused: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();
+        if !refused.is_empty() {
+            return Err(CliError::new(format!(
+                "--parked selects aggregates by --origin and --aggregate; {} do(es) not apply",
+                refused.join(", ")
+            )));
+        }
+        Ok(options.parked(true))
+    }
+}
+
+/// What `dlq redrive --parked` did: a summary line, or the parked aggregates
+/// with `--dry-run`.
+fn unparked(report: &RedriveReport, json: bool) -> Result<(), CliError> {
+    if report.dry_run {
+        return print_parked(report, json);
+    }
+    if json {
+        return out(&parked_json(report).to_string());
+    }
+    invalid_notes(report);
+    out(&format!(
+        "unparked {} aggregate(s) from {}: one control record each to its origin partition,          whose owner replays the aggregate in order; read {}{}",
+        report.moved,
+        report.dead_letter_topic,
+        report.read,
+        if report.stopped_at_max {
+            " (stopped at --max)"
+        } else {
+            ""
+        }
+    ))
+}
+
+/// The parked aggregates of a `--parked` dry run, as a table or JSON.
+fn print_parked(report: &RedriveReport, json: bool) -> Result<(), CliError> {
+    if json {
+        return out(&parked_json(report).to_string());
+    }
+    invalid_notes(report);
+    if report.parked.is_empty() {
+        note(&format!(
+            "no parked aggregate in {} (read {}, {} of sequenced dead letters)",
+            report.dead_letter_topic, report.read, report.sequenced
+        ));
+        return Ok(());
+    }
+    let rows: Vec<[String; 7]> = report
+        .parked
+        .iter()
+        .map(|p| {
+            [
+                p.group.clone(),
+                format!("{}[{}]", p.origin_topic, p.origin_partition),
+                p.aggregate_id.clone(),
+                p.heads.to_string(),
+                p.parked.to_string(),
+                p.head_offset.to_string(),
+                p.error
+                    .as_deref()
+                    .map_or_else(|| "- (gone)".to_owned(), |e| shorten(e, ERROR_WIDTH)),
+            ]
+        })
+        .collect();
+    table(
+        [
+            "GROUP",
+            "ORIGIN",
+            "AGGREGATE",
+            "HEADS",
+            "PARKED",
+            "HEAD",
+            "ERROR",
+        ],
+        &rows,
+    )?;
+    note(&format!(
+        "{} parked aggregate(s); read {}{}",
+        report.parked.len(),
+        report.read,
+        if report.stopped_at_max {
+            "; stopped at --max"
+        } else {
+            ""
+        }
+    ));
+    Ok(())
+}
+
+fn parked_json(r: &RedriveReport) -> Value {
+    let mut doc = summary_json(r);
+    doc["parked"] = r
+        .parked
+        .iter()
+        .map(|p| {
+            json!({
+                "group": p.group,
+                "origin_topic": p.origin_topic,
+                "origin_partition": p.origin_partition,
+                "aggregate_id": p.aggregate_id,
+                "heads": p.heads,
+                "parked": p.parked,
+                "head_offset": p.head_offset,
+                "error": p.error,
+            })
+        })
+        .collect();
+    doc
+}
+
+/// Print `rows` under `header`, each column as wide as its widest cell but
+/// the last.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> Result<(), CliError> {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s
+    };
+    out(&line(header))?;
+    for row in rows {
+        out(&line(row.each_ref().map(String::as_str)))?;
+    }
+    Ok(())
+}
+
 /// An RFC 3339 time, named by its flag when it is not one.
 fn time(flag: &str, text: &str) -> Result<SystemTime, CliError> {
     DateTime::parse_from_rfc3339(text)
@@ -233,28 +392,10 @@ fn print_list(report: &RedriveReport, json: bool) -> Result<(), CliError> {
             ]
         })
         .collect();
-    let header = ["ID", "ORIGIN", "KIND", "AGGREGATE", "TIME", "ERROR"];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: [&str; 6]| {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        s
-    };
-    out(&line(header))?;
-    for row in &rows {
-        out(&line(row.each_ref().map(String::as_str)))?;
-    }
+    table(
+        ["ID", "ORIGIN", "KIND", "AGGREGATE", "TIME", "ERROR"],
+        &rows,
+    )?;
     note(&format!(
         "{} of {} read{}{}",
         report.entries.len(),

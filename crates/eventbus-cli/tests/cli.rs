@@ -784,6 +784,104 @@ async fn kafka_dead_letters_listed_shown_and_redriven() {
     .await;
 }
 
+/// `dlq list --parked` and `dlq redrive --parked` against Kafka: the parked
+/// aggregates a destination's sequencing records say (written here as a
+/// consumer with `dead_letter.sequence_by_aggregate` writes them), and one
+/// unpark control record published to the origin partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_parked_aggregates_listed_and_unparked() {
+    use eventbus::core::raw::sequence::{SequenceScope, Token};
+    use eventbus::Record;
+    let cluster = Cluster::start();
+    let brokers = cluster.brokers();
+    let topic = random("orders");
+    let dlq = format!("{topic}.dlq");
+    cluster.create_topic(&topic, 2).await;
+    cluster.create_topic(&dlq, 1).await;
+    let bus = EventBusBuilder::new()
+        .kafka(eventbus_testkit::factories::kafka_config(&brokers))
+        .ignore_env()
+        .build()
+        .await
+        .expect("a bus to write the destination");
+    let scope = SequenceScope::new("svc", &topic, 1);
+    let token = Token::from_raw(0xabc);
+    let head = scope.head(token, 4, "order-7");
+    let head_id = head.head_id().expect("a head");
+    for (record, error) in [
+        (scope.epoch(token, 1), None),
+        (head, Some("order-7 is broken")),
+        (scope.parked(token, 6, "order-7", head_id), Some("parked")),
+        (scope.parked(token, 9, "order-7", head_id), Some("parked")),
+    ] {
+        let mut r = Record::new(if error.is_some() { "{}" } else { "" });
+        record.write(&mut r.headers);
+        if let Some(error) = error {
+            r.headers.set(eventbus::DLQ_ERROR_HEADER, error);
+        }
+        bus.publish(&dlq, r).await.expect("write the destination");
+    }
+    bus.close().await.expect("close");
+    let env = [("KAFKA_BROKERS", brokers.as_str())];
+
+    let run = eventbus(
+        &["dlq", "list", "--topic", &dlq, "--parked", "--json"],
+        &env,
+    )
+    .await;
+    let doc = &run.ok().json_lines()[0];
+    let parked = doc["parked"].as_array().expect("parked aggregates");
+    assert_eq!(parked.len(), 1, "{doc}");
+    assert_eq!(parked[0]["aggregate_id"], "order-7", "{doc}");
+    assert_eq!(parked[0]["origin_partition"], 1, "{doc}");
+    assert_eq!(
+        (
+            &parked[0]["heads"],
+            &parked[0]["parked"],
+            &parked[0]["head_offset"]
+        ),
+        (&Value::from(1), &Value::from(2), &Value::from(4)),
+        "{doc}"
+    );
+    assert_eq!(parked[0]["error"], "order-7 is broken", "{doc}");
+    let run = eventbus(&["dlq", "list", "--topic", &dlq, "--parked"], &env).await;
+    let table = &run.ok().stdout;
+    assert!(table.starts_with("GROUP"), "{table}");
+    assert!(
+        table.contains("order-7") && table.contains(&format!("{topic}[1]")),
+        "{table}"
+    );
+    eventbus(
+        &[
+            "dlq",
+            "list",
+            "--topic",
+            &dlq,
+            "--parked",
+            "--since",
+            "2026-01-01T00:00:00Z",
+        ],
+        &env,
+    )
+    .await
+    .fails_naming(1, &["--parked", "--since"]);
+
+    assert_eq!(cluster.high_watermark(&topic, 1), 0);
+    let run = eventbus(&["dlq", "redrive", "--topic", &dlq, "--parked"], &env).await;
+    assert!(
+        run.ok().stdout.starts_with("unparked 1 aggregate(s)"),
+        "{run:?}"
+    );
+    assert_eq!(
+        (
+            cluster.high_watermark(&topic, 0),
+            cluster.high_watermark(&topic, 1)
+        ),
+        (0, 1),
+        "one control record, to the origin partition"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_tail_prints_new_messages_until_ctrl_c_and_cleans_up() {
     use tokio::io::{AsyncBufReadExt, BufReader};

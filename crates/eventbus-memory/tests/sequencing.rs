@@ -480,3 +480,58 @@ async fn a_control_record_is_passed_without_a_handler_call_where_nothing_is_park
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_point_view_names_a_replay_under_way() {
+    each_pool(|broker, pools, topic, group| async move {
+        let pool = pools(PoolSpec::default()).await;
+        let mut c = config(&group);
+        c.operations.check_interval = Duration::from_millis(10);
+        let bus = MemoryEventBus::new(broker.clone(), pool, c).expect("bus");
+        bus.configure_topic(&topic, TopicConfig::default().partitions(1))
+            .await
+            .expect("one partition");
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (b, g) = (broken.clone(), gate.clone());
+        bus.subscribe_envelope(&topic, move |e: Event| {
+            let (b, g) = (b.clone(), g.clone());
+            async move {
+                let seq = eventbus_testkit::seq_of(&e).expect("seq");
+                if b.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(HandlerError::permanent("broken"));
+                }
+                if seq == 1 {
+                    // The replay waits here until the test has looked.
+                    let _ = g.acquire().await.expect("gate").forget();
+                }
+                Ok(())
+            }
+        })
+        .await
+        .expect("subscribe");
+        publish(&bus, &topic, "a", 0).await;
+        publish(&bus, &topic, "a", 1).await;
+        committed(&broker, &topic, &group, 2).await;
+        broken.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(unpark(&bus, &topic).await.moved, 1);
+        eventbus_testkit::wait_until(
+            "the commit-point view names the replay at the control record",
+            WAIT,
+            || {
+                bus.commit_holds().iter().any(|h| {
+                    h.offset == 2
+                        && h.aggregate_id.as_deref() == Some("a")
+                        && h.last_error
+                            .as_ref()
+                            .is_some_and(|e| e.class == "replaying" && e.message.contains("1 run"))
+                })
+            },
+        )
+        .await;
+        gate.add_permits(1);
+        committed(&broker, &topic, &group, 3).await;
+        bus.close().await.expect("close");
+    })
+    .await;
+}

@@ -56,7 +56,9 @@ impl PartitionHold {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct HoldError {
-    /// `transient`, `permanent`, `panic` or `invalid_envelope`.
+    /// `transient`, `permanent`, `panic` or `invalid_envelope`; `replaying` for
+    /// an unpark control record whose replay runs its aggregate's parked
+    /// envelopes (`docs/sequencing.md`, 5), the message saying how far it got.
     pub class: &'static str,
     /// The error's message, at most [`HOLD_TEXT_LIMIT`] bytes.
     pub message: String,
@@ -173,6 +175,20 @@ impl FailingEntry<'_> {
             f.error = Some(error);
             f.next_retry = SystemTime::now().checked_add(wait);
             f.exhausted = exhausted;
+        }
+    }
+
+    /// An unpark's replay ran `done` of its `of` parked envelopes; the next is
+    /// at origin offset `next`.
+    pub(super) fn replaying(&self, done: usize, of: usize, next: i64) {
+        if let Some(f) = lock(&self.holds.failing).get_mut(&self.id) {
+            f.error = Some(HoldError {
+                class: "replaying",
+                message: format!(
+                    "replaying {of} parked envelope(s): {done} run, the next at offset {next}"
+                ),
+            });
+            f.next_retry = None;
         }
     }
 

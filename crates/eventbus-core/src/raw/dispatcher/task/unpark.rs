@@ -85,7 +85,10 @@ pub(super) async fn control(
     tracing::info!(topic = %message.topic, partition = message.partition,
         aggregate_id = %unpark.aggregate, records = records.len(), heads = heads.len(),
         "replaying a parked aggregate");
-    for (offset, copy) in &records {
+    // The commit-point view names the replay while it holds the partition.
+    let hold = shared.inner.holds.failing(message, &unpark.aggregate);
+    for (done, (offset, copy)) in records.iter().enumerate() {
+        hold.replaying(done, records.len(), *offset);
         // No call starts once the work is fenced: handed over (the next
         // owner replays), closing, or a rewind to the control record or
         // below it (its copy read again replays).

@@ -503,7 +503,7 @@ async fn the_commit_point_view_names_a_replay_under_way() {
                 }
                 if seq == 1 {
                     // The replay waits here until the test has looked.
-                    let _ = g.acquire().await.expect("gate").forget();
+                    g.acquire().await.expect("gate").forget();
                 }
                 Ok(())
             }

@@ -52,6 +52,12 @@ pub(crate) struct Msg {
     /// again before a re-read may skip it (what finished before a rewind runs
     /// again, whatever the commit's metadata said).
     rerun_after: Option<u64>,
+    /// It was given up or parked once (with sequencing): an unpark of its
+    /// aggregate above it replays it.
+    sidelined: bool,
+    /// Its last replay call failed its last attempt: the replay stopped at
+    /// it, a new head.
+    failed_in_replay: bool,
 }
 
 /// A handler call under way.
@@ -71,6 +77,9 @@ struct Call {
     /// Its cancellation: fired, its work is fenced and out of the in-flight
     /// set (whether or not the handler honours it).
     cancel: CancellationToken,
+    /// A replay's call (an unpark's): its outcome is its message's, whatever
+    /// a call before it ended in.
+    replay: bool,
 }
 
 /// Counters reported at the end of a run.
@@ -160,6 +169,10 @@ pub(crate) struct Model {
     /// Per key of the envelope topic: the unpark control records published
     /// for it, (partition, offset).
     unparks: BTreeMap<u32, Vec<(i32, i64)>>,
+    /// Unpark control records not committed past yet: (partition, offset).
+    /// Their own end is not seen: the committed offset passing one finishes
+    /// it, and [`Model::check_unparks`] checks at the end what it did.
+    pending_unparks: BTreeSet<(i32, i64)>,
     trace: Vec<String>,
     violation: Option<String>,
 }
@@ -195,6 +208,7 @@ impl Shared {
             sequencing: false,
             dead_letter_cursor: BTreeMap::new(),
             unparks: BTreeMap::new(),
+            pending_unparks: BTreeSet::new(),
             trace: Vec::new(),
             violation: None,
         })))
@@ -277,6 +291,8 @@ impl Model {
             calls: 0,
             done: Done::No,
             rerun_after: None,
+            sidelined: false,
+            failed_in_replay: false,
         });
         id
     }
@@ -316,6 +332,11 @@ impl Model {
         }
     }
 
+    /// The next offset of `partition` of `topic`, as published so far.
+    pub(crate) fn next_offset(&self, topic: usize, partition: i32) -> i64 {
+        self.open.get(&(topic, partition)).map_or(0, |o| o.1)
+    }
+
     /// The keys of the envelope topic with an envelope given up or parked.
     pub(crate) fn parked_keys(&self) -> Vec<u32> {
         let keys: BTreeSet<u32> = self
@@ -333,6 +354,7 @@ impl Model {
     pub(crate) fn unpark_published(&mut self, key: u32, partition: i32, offset: i64) {
         self.counts.unparks += 1;
         self.stored(0, partition, offset, false);
+        self.pending_unparks.insert((partition, offset));
         self.unparks
             .entry(key)
             .or_default()
@@ -363,18 +385,18 @@ impl Model {
             (m.topic, m.key, m.seq)
         };
         let name = format!("{} k{key}#{seq}", TOPICS[topic]);
-        // A call of an envelope finished before (given up, parked, or run by
+        // A call of an envelope given up or parked once (since run, maybe, by
         // a replay cut short, which the next replay runs again from its
         // start), once an unpark of its aggregate above it was published: its
         // replay (or a run again after a rewind, which the checks below cannot
         // tell from it). It runs below the committed offset, on the unpark's
         // job. Its order is checked as any call's: every earlier envelope of
-        // the aggregate finished, and none given up (the sequencing check
-        // below).
+        // the aggregate finished, and none given up or parked and not replayed
+        // yet (the sequencing check below).
         let replay = {
             let m = &self.msgs[id];
             topic == 0
-                && m.done != Done::No
+                && m.sidelined
                 && self
                     .unparks
                     .get(&key)
@@ -455,17 +477,24 @@ impl Model {
             );
             self.violate(what);
         }
-        // With sequencing, not at all once an earlier one is given up: the
-        // aggregate is parked behind it, on this member and on the next owner.
+        // With sequencing, not at all once an earlier one is given up or
+        // parked (and not replayed since): the aggregate is parked behind it,
+        // on this member and on the next owner; a replay runs its envelopes
+        // in their order.
         if self.sequencing && topic == 0 {
             if let Some(j) = list[..seq as usize]
                 .iter()
-                .find(|&&j| self.msgs[j].done == Done::DeadLetterDue)
+                .find(|&&j| matches!(self.msgs[j].done, Done::DeadLetterDue | Done::Parked))
             {
                 let g = &self.msgs[*j];
                 let what = format!(
-                    "{name} started after {} k{}#{} (p{}@{}) was given up: with sequencing its aggregate is parked behind it",
-                    TOPICS[g.topic], g.key, g.seq, g.partition, g.offset
+                    "{name} started after {} k{}#{} (p{}@{}) was {}: with sequencing its aggregate is parked behind it",
+                    TOPICS[g.topic],
+                    g.key,
+                    g.seq,
+                    g.partition,
+                    g.offset,
+                    if g.done == Done::Parked { "parked" } else { "given up" }
                 );
                 self.violate(what);
             }
@@ -603,6 +632,7 @@ impl Model {
                 stalled: stalled_start,
                 cancelled_at: None,
                 cancel: cancel.clone(),
+                replay,
             },
         );
         self.note(format!(
@@ -724,8 +754,16 @@ impl Model {
         };
         let m = &mut self.msgs[c.msg];
         let name = format!("{} k{}#{}", TOPICS[m.topic], m.key, m.seq);
-        if done != Done::No && m.done != Done::Handled {
+        // A replay's outcome is its message's: one run by a replay cut short
+        // that fails in the next is given up again.
+        if done != Done::No && (m.done != Done::Handled || c.replay) {
             m.done = done;
+        }
+        if done == Done::DeadLetterDue && self.sequencing && m.topic == 0 {
+            m.sidelined = true;
+        }
+        if c.replay && done != Done::No {
+            m.failed_in_replay = done == Done::DeadLetterDue;
         }
         // Finished again by a call that started after the rewind and was not
         // fenced: the tracker of the rewind's reading counts it.
@@ -765,6 +803,7 @@ impl Model {
         let fresh = m.done == Done::No;
         if fresh {
             m.done = Done::Parked;
+            m.sidelined = true;
         }
         m.rerun_after = None;
         let (t, p, o) = (m.topic, m.partition, m.offset);
@@ -823,6 +862,9 @@ impl Model {
             .map(|&(topic, partition)| ((topic, partition), committed(TOPICS[topic], partition)))
             .collect();
         sync(self);
+        // An unpark control record the committed offset passed is finished.
+        self.pending_unparks
+            .retain(|&(p, o)| read.get(&(0, p)).copied().flatten().is_none_or(|c| c <= o));
         for (&(topic, partition), (open, end)) in &self.open {
             let lowest = open.first().copied().unwrap_or(*end);
             if let Some(c) = read.get(&(topic, partition)).copied().flatten() {
@@ -842,18 +884,70 @@ impl Model {
     /// How many messages are finished.
     pub(crate) fn finished(&self) -> usize {
         let open: usize = self.open.values().map(|(o, _)| o.len()).sum();
-        self.counts.published as usize - open
+        let unparks = self.counts.unparks as usize - self.pending_unparks.len();
+        self.counts.published as usize - open + unparks
     }
 
-    /// Whether every message is finished.
+    /// Whether every message and unpark control record is finished.
     pub(crate) fn all_done(&self) -> bool {
-        self.open.values().all(|(open, _)| open.is_empty())
+        self.open.values().all(|(open, _)| open.is_empty()) && self.pending_unparks.is_empty()
     }
 
-    /// The first few unfinished messages, for a report.
+    /// At the end of a run, for the latest unpark of each aggregate the
+    /// committed offset passed: its replay ran every envelope of the
+    /// aggregate given up or parked below it, in order, up to one that failed
+    /// again in the replay (a new head, where the replay stopped). So an
+    /// unpark committed without its replay, or a replay that passed an
+    /// envelope it did not run, is caught.
+    pub(crate) fn check_unparks(&mut self) {
+        let mut bad = Vec::new();
+        for (&key, controls) in &self.unparks {
+            let mut latest: BTreeMap<i32, i64> = BTreeMap::new();
+            for &(p, o) in controls {
+                if !self.pending_unparks.contains(&(p, o)) {
+                    let l = latest.entry(p).or_insert(o);
+                    *l = (*l).max(o);
+                }
+            }
+            let list = &self.by_key[&(0, key)];
+            for (&partition, &offset) in &latest {
+                let stop = list.iter().map(|&j| &self.msgs[j]).find(|m| {
+                    m.sidelined
+                        && m.partition == partition
+                        && m.offset < offset
+                        && m.done != Done::Handled
+                });
+                if let Some(m) = stop {
+                    if m.done == Done::DeadLetterDue && m.failed_in_replay {
+                        continue;
+                    }
+                    bad.push(format!(
+                        "the unpark of k{key} at p{partition}@{offset} was committed, but k{key}#{} (p{}@{}) below it is {:?}{}",
+                        m.seq,
+                        m.partition,
+                        m.offset,
+                        m.done,
+                        if m.failed_in_replay { "" } else { ", not run by the replay" }
+                    ));
+                }
+            }
+        }
+        for b in bad {
+            self.violate(b);
+        }
+    }
+
+    /// The first few unfinished messages and unpark control records, for a
+    /// report.
     pub(crate) fn unfinished(&self, max: usize) -> String {
         let mut out = String::new();
         let mut n = 0;
+        for (p, o) in &self.pending_unparks {
+            n += 1;
+            if n <= max {
+                let _ = write!(out, "unpark p{p}@{o}; ");
+            }
+        }
         for m in self.msgs.iter().filter(|m| m.done == Done::No) {
             n += 1;
             if n <= max {

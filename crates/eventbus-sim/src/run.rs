@@ -5,8 +5,8 @@ use eventbus::core::CancellationToken;
 use eventbus::{BrokerConfig, Pool};
 use eventbus::{
     DeliveryPolicy, Envelope, Event, EventBus, EventBusBuilder, EventBusConfig, EventBusExt,
-    HandlerError, MemoryBroker, MemoryEventBus, Message, PoolSwitch, Record, DLQ_OFFSET_HEADER,
-    DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+    HandlerError, MemoryBroker, MemoryEventBus, Message, PoolSwitch, Record, RedriveOptions,
+    DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 // The facade re-exports the memory broker but not its rebalance setting.
 use eventbus_memory::Rebalance;
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::model::{Done, Shared, DEAD_LETTERS, GROUP, TOPICS};
 use crate::plan::{Act, Settings, Step};
-use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord, Unpark};
+use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord};
 
 /// Slack on top of the configured bounds for an `unsubscribe` or a `close` to
 /// return (simulated time).
@@ -560,27 +560,30 @@ impl Sim {
         2 * self.s.drain_timeout + self.s.handover_timeout + SLACK
     }
 
-    /// Publish an unpark control record for one aggregate with an envelope
-    /// given up or parked, drawn with `rng`, as a redrive of the parked
-    /// aggregates does: to the aggregate's partition (the record is keyed by
-    /// its id, as its envelopes are).
+    /// Unpark one aggregate with an envelope given up or parked, drawn with
+    /// `rng`, by a redrive of the parked aggregates: it reads the
+    /// destination and publishes a control record to the aggregate's
+    /// partition when the destination says it is parked there. The driver
+    /// alone publishes, so the record takes the partition's next offset.
     async fn unpark(&mut self, rng: &mut Rng) -> Result<(), String> {
         let keys = self.ctx.model.lock().parked_keys();
         if keys.is_empty() {
             return Ok(());
         }
         let key = keys[rng.usize(..keys.len())];
-        let aggregate = format!("k{key}");
-        let record = Unpark::new(GROUP, &aggregate).record().with_key(aggregate);
-        let receipt = self.members[0]
+        let options = RedriveOptions::new(DEAD_LETTERS)
+            .parked(true)
+            .aggregate_id(format!("k{key}"));
+        let report = self.members[0]
             .bus
-            .publish(TOPICS[0], record)
+            .redrive(options)
             .await
-            .map_err(|e| format!("publish an unpark to {}: {e}", TOPICS[0]))?;
-        self.ctx
-            .model
-            .lock()
-            .unpark_published(key, receipt.partition, receipt.offset);
+            .map_err(|e| format!("unpark k{key}: {e}"))?;
+        for parked in &report.parked {
+            let mut m = self.ctx.model.lock();
+            let offset = m.next_offset(0, parked.origin_partition);
+            m.unpark_published(key, parked.origin_partition, offset);
+        }
         Ok(())
     }
 
@@ -822,6 +825,7 @@ impl Sim {
                 }
             }
         }
+        self.ctx.model.lock().check_unparks();
         self.note("finish: every message finished; closing".to_owned());
         while !self.members.is_empty() {
             self.leave(0).await?;

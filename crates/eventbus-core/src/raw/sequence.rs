@@ -101,8 +101,11 @@ impl FromStr for Token {
 }
 
 /// A head's identity: the token of the assignment that dead-lettered it and its
-/// origin offset. The same offset can fail again after a rewind or a take-over and
-/// become a new head, under a new token.
+/// origin offset. The same offset can fail again after a take-over and become a
+/// new head, under the new owner's token. After a rewind within one assignment
+/// it fails under the same token: the same identity (a lift of the first names
+/// the second too; on memory both sit in the aggregate's one destination
+/// partition, where the lift is read before the later head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HeadId {
     /// The token of the assignment that wrote the head.

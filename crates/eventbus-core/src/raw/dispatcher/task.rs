@@ -495,7 +495,11 @@ impl EnvelopeCall<'_> {
         );
         let call = in_scope(self.scope.clone(), self.shared.handler.call_boxed(event));
         let result = AssertUnwindSafe(call).catch_unwind().await;
-        self.metrics.called(self.submitted, started, attempt == 1);
+        // A replayed envelope (fenced at its control record, not at its own
+        // offset) waited for no queue: it is no first attempt to compare the
+        // pools by.
+        let first = attempt == 1 && self.fence_at == self.message.offset;
+        self.metrics.called(self.submitted, started, first);
         if result.is_err() {
             // Every panic counts, that of a call handed over meanwhile too.
             inner.counters.panicked.fetch_add(1, Ordering::Relaxed);
@@ -533,6 +537,11 @@ impl EnvelopeCall<'_> {
             let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
             let exhausted = permanent || attempt >= policy.max_attempts;
             let wait = if exhausted {
+                // A replayed envelope whose control record a rewind read
+                // again: its copy replays, and no new head is written here.
+                if self.epoch.is_fenced(self.fence_at) {
+                    return Outcome::Abandoned { attempts: attempt };
+                }
                 if self.shared.can_dead_letter() {
                     // The commit-point view says it is given up while its dead
                     // letter is written (a destination that refuses it holds

@@ -189,7 +189,8 @@ async fn run(
 }
 
 /// The message a parked record `copy` was, at `offset` of the partition of
-/// `control`: its key, payload and original headers.
+/// `control`: its key, payload and original headers (its broker time is not
+/// kept).
 fn original(control: &Message, offset: i64, copy: &Message) -> Message {
     let mut origin = Message::new(
         control.topic.clone(),
@@ -199,7 +200,9 @@ fn original(control: &Message, offset: i64, copy: &Message) -> Message {
     );
     origin.key = copy.key.clone();
     origin.headers = crate::redrive::original_headers(&copy.headers);
-    origin.timestamp_ms = copy.timestamp_ms;
+    // The copy's time is when it was dead-lettered: the event's own is not
+    // kept.
+    origin.timestamp_ms = None;
     origin.recovering = control.recovering;
     origin
 }

@@ -263,39 +263,68 @@ pub(crate) async fn rebuild_until(
     work: Scope,
     policy: DeliveryPolicy,
 ) -> bool {
+    let read = || rebuild(&*store, &up.topic, &up.scope, up.token, committed);
+    let failed = |e: &crate::Error, attempt: u32| {
+        tracing::warn!(dead_letter_topic = %up.topic, topic = %up.scope.topic,
+            partition = up.scope.partition, error = %e, attempt,
+            "rebuilding the parked set failed; the partition waits and it is read again");
+    };
+    let Some(rebuilt) = until_fenced(&work, None, &policy, failed, read).await else {
+        return false;
+    };
+    tracing::debug!(dead_letter_topic = %up.topic, topic = %up.scope.topic,
+        partition = up.scope.partition, parked = rebuilt.set.len(),
+        recorded = rebuilt.ahead.len(), fenced = rebuilt.fenced,
+        "parked set rebuilt");
+    let Some(parking) = work.parking() else {
+        return false;
+    };
+    let destination = Destination {
+        store,
+        topic: up.topic,
+    };
+    parking.take_up(rebuilt, destination);
+    true
+}
+
+/// `op` until it succeeds, retried with `policy`'s backoff (`failed` told of
+/// each failure and its count): `None` once `work` is fenced, or `stop` is
+/// cancelled, first. A fence wins over an operation that ends at the same
+/// moment.
+pub(crate) async fn until_fenced<T, F, Fut>(
+    work: &Scope,
+    stop: Option<&tokio_util::sync::CancellationToken>,
+    policy: &DeliveryPolicy,
+    mut failed: impl FnMut(&crate::Error, u32),
+    mut op: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::Result<T>>,
+{
+    let stopped = || async {
+        match stop {
+            Some(stop) => stop.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
     let mut attempt = 0u32;
     loop {
-        let read = rebuild(&*store, &up.topic, &up.scope, up.token, committed);
         let result = tokio::select! {
-            // Biased: a fence wins over a read that ends at the same moment.
             biased;
-            _ = work.fenced() => return false,
-            result = read => result,
+            _ = stopped() => return None,
+            _ = work.fenced() => return None,
+            result = op() => result,
         };
         match result {
-            Ok(rebuilt) => {
-                tracing::debug!(dead_letter_topic = %up.topic, topic = %up.scope.topic,
-                    partition = up.scope.partition, parked = rebuilt.set.len(),
-                    recorded = rebuilt.ahead.len(), fenced = rebuilt.fenced,
-                    "parked set rebuilt");
-                let Some(parking) = work.parking() else {
-                    return false;
-                };
-                let destination = Destination {
-                    store,
-                    topic: up.topic,
-                };
-                parking.take_up(rebuilt, destination);
-                return true;
-            }
+            Ok(value) => return Some(value),
             Err(e) => {
                 attempt = attempt.saturating_add(1);
-                tracing::warn!(dead_letter_topic = %up.topic, topic = %up.scope.topic,
-                    partition = up.scope.partition, error = %e, attempt,
-                    "rebuilding the parked set failed; the partition waits and it is read again");
+                failed(&e, attempt);
                 tokio::select! {
                     biased;
-                    _ = work.fenced() => return false,
+                    _ = stopped() => return None,
+                    _ = work.fenced() => return None,
                     _ = tokio::time::sleep(policy.backoff_for(attempt)) => {}
                 }
             }

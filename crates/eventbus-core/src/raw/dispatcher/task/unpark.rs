@@ -11,7 +11,7 @@
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
-use crate::raw::parking::Destination;
+use crate::raw::parking::{until_fenced, Destination};
 use crate::raw::sequence::{replay_plan, ReplayPlan, Unpark};
 
 /// The control record's own outcome: finished, with no handler call on it.
@@ -227,35 +227,16 @@ async fn persist<T, F, Fut>(
     shared: &TaskShared<Event>,
     epoch: &Epoch,
     what: &str,
-    mut op: F,
+    op: F,
 ) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = crate::Result<T>>,
 {
-    let inner = &shared.inner;
-    let mut attempt = 0u32;
-    loop {
-        let result = tokio::select! {
-            // Biased: a fence wins over an operation that ends at once.
-            biased;
-            _ = inner.cancel.cancelled() => return None,
-            _ = epoch.scope().fenced() => return None,
-            result = op() => result,
-        };
-        match result {
-            Ok(value) => return Some(value),
-            Err(e) => {
-                attempt = attempt.saturating_add(1);
-                tracing::warn!(error = %e, attempt,
-                    "unpark: {what} failed; retried while the partition is held");
-                tokio::select! {
-                    biased;
-                    _ = inner.cancel.cancelled() => return None,
-                    _ = epoch.scope().fenced() => return None,
-                    _ = tokio::time::sleep(shared.policy.backoff_for(attempt)) => {}
-                }
-            }
-        }
-    }
+    let failed = |e: &crate::Error, attempt: u32| {
+        tracing::warn!(error = %e, attempt,
+            "unpark: {what} failed; retried while the partition is held");
+    };
+    let stop = Some(&shared.inner.cancel);
+    until_fenced(epoch.scope(), stop, &shared.policy, failed, op).await
 }

@@ -16,7 +16,13 @@ use crate::{cargo_bin_dir, find, project_root, run, target_dir, Result};
 
 /// The `eventbus-kafka` test binaries (`--test` names) of the real-broker tier.
 /// The injected rewinds and faults (`rewind`, `kafka`) need the mock cluster.
-pub(crate) const REAL_BROKER_TESTS: &[&str] = &["conformance", "handover", "liveness", "shutdown"];
+pub(crate) const REAL_BROKER_TESTS: &[&str] = &[
+    "conformance",
+    "handover",
+    "liveness",
+    "sequencing",
+    "shutdown",
+];
 
 /// How to get tansu when none is found.
 const GET_TANSU: &str =

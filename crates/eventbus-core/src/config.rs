@@ -564,16 +564,16 @@ mod tests {
         assert!(c.dead_letter.sequence_by_aggregate);
         assert_eq!(c.dead_letter.max_parked, 5);
         c.validate().expect("valid");
-        let e = c.dead_letter.refuse_sequencing("kafka").unwrap_err();
+        let e = c.dead_letter.refuse_sequencing("nats").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config);
         let text = e.to_string();
         assert!(
-            text.contains("dead_letter.sequence_by_aggregate") && text.contains("kafka"),
+            text.contains("dead_letter.sequence_by_aggregate") && text.contains("nats"),
             "{e}"
         );
         BusConfig::default()
             .dead_letter
-            .refuse_sequencing("kafka")
+            .refuse_sequencing("nats")
             .expect("off: nothing to refuse");
         let mut c = BusConfig::default();
         c.dead_letter.max_parked = 0;

@@ -97,6 +97,8 @@ pub struct Backend {
     pool_closed: Arc<AtomicBool>,
     limit: Arc<Semaphore>,
     admin: OnceCell<Arc<AdminClient<TracingContext>>>,
+    /// The dead-letter topics as sequencing reads and writes them.
+    sequence: Arc<crate::sequence::Store>,
 }
 
 impl fmt::Debug for Backend {
@@ -250,7 +252,8 @@ impl Backend {
             .max_tracked(cfg.max_tracked_per_partition)
             .labelled(Self::NAME, &topic);
         let cancel = running.stop.child_token();
-        let run = LogLoop::new(log, prepared, self.dispatcher.clone(), set, cancel.clone());
+        let run = LogLoop::new(log, prepared, self.dispatcher.clone(), set, cancel.clone())
+            .sequence_store(self.sequence.clone());
         let in_flight = run.in_flight().clone();
         let pool_closed = self.pool_closed.clone();
         let stopped = cancel.clone();
@@ -667,10 +670,12 @@ impl KafkaEventBus {
         let bus_config: BusConfig = bus_config.into();
         config.validate()?;
         bus_config.validate()?;
-        bus_config.dead_letter.refuse_sequencing("kafka")?;
         check_handover_bound(&config, &bus_config)?;
         let producer = Arc::new(KafkaProducer::new(&config)?);
-        let sink = Arc::new(KafkaDeadLetterSink::new(producer.clone()));
+        let sink = Arc::new(
+            KafkaDeadLetterSink::new(producer.clone()).metadata_timeout(config.operation_timeout),
+        );
+        let sequence = Arc::new(crate::sequence::Store::new(producer.clone(), &config));
         let limit = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
         tracing::info!(pool = pool.kind(), group_id = %bus_config.consumer.group_id,
             brokers = %config.brokers, group_protocol = config.group_protocol.as_str(),
@@ -685,6 +690,7 @@ impl KafkaEventBus {
             pool_closed: Arc::new(AtomicBool::new(false)),
             limit,
             admin: OnceCell::new(),
+            sequence,
         };
         Ok(Self {
             inner: Lifecycle::new(backend, dispatcher),

@@ -17,6 +17,7 @@ mod probe;
 mod publish;
 mod redrive;
 mod secret;
+mod sequence;
 mod shared;
 
 pub use bus::KafkaEventBus;

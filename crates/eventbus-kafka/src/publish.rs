@@ -12,7 +12,10 @@
 
 use eventbus_core::{Error, ErrorKind, Headers, PublishReceipt, Record, Result};
 
-use eventbus_core::raw::{validate_topic, DeadLetter, DeadLetterSink, KeyStops};
+use eventbus_core::raw::sequence::SEQUENCE_AGGREGATE_HEADER;
+use eventbus_core::raw::{
+    partition, stable_hash, validate_topic, DeadLetter, DeadLetterSink, KeyStops,
+};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
@@ -21,6 +24,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::Message as _;
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -230,6 +234,46 @@ impl KafkaProducer {
         self.enqueue_to(topic, None, record).await
     }
 
+    /// The partition count of `topic` in the cluster's metadata, read now
+    /// within `timeout`; `NotFound` naming the topic when it does not exist.
+    pub(crate) async fn partition_count(&self, topic: &str, timeout: Duration) -> Result<u32> {
+        validate_topic(topic)?;
+        let inner = self.inner.clone();
+        let name = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let metadata = inner
+                .client()
+                .fetch_metadata(Some(&name), timeout)
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Broker,
+                        format!("cannot read the metadata of topic `{name}`"),
+                    )
+                    .with_source(e)
+                })?;
+            metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none())
+                .map(|t| t.partitions().len() as u32)
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("topic `{name}` does not exist"),
+                    )
+                })
+        })
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("topic `{topic}`: the metadata read ended abnormally"),
+            )
+            .with_source(e)
+        })?
+    }
+
     /// Publish `record` to `partition` of `topic` (not the partition the key
     /// hashes to) and wait for the broker's delivery report.
     pub async fn publish_to_partition(
@@ -380,25 +424,66 @@ impl Future for Delivery {
 }
 
 /// Writes dead letters to Kafka topics and waits for the delivery report.
+///
+/// A record of sequenced dead letters (`dead_letter.sequence_by_aggregate`)
+/// goes to the partition its aggregate id picks, so that one aggregate's
+/// records sit in one partition in the order they were written, whatever their
+/// keys (`docs/sequencing.md`, 2); any other record to the partition its key
+/// picks, as a publish.
 #[derive(Debug, Clone)]
 pub struct KafkaDeadLetterSink {
     producer: Arc<KafkaProducer>,
+    /// The partition count of each dead-letter topic written by aggregate,
+    /// read once from the cluster's metadata.
+    counts: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    timeout: Duration,
 }
 
 impl KafkaDeadLetterSink {
     /// A sink writing through `producer`.
     pub fn new(producer: Arc<KafkaProducer>) -> Self {
-        Self { producer }
+        Self {
+            producer,
+            counts: Arc::default(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Read partition counts within `timeout` (the bus's
+    /// `kafka.operation_timeout`).
+    pub(crate) fn metadata_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32> {
+        let known = self.counts.lock().ok().and_then(|c| c.get(topic).copied());
+        if let Some(n) = known {
+            return Ok(n);
+        }
+        let n = self.producer.partition_count(topic, self.timeout).await?;
+        if let Ok(mut counts) = self.counts.lock() {
+            counts.insert(topic.to_owned(), n);
+        }
+        Ok(n)
     }
 }
 
 impl DeadLetterSink for KafkaDeadLetterSink {
     fn dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> BoxFuture<'a, Result<()>> {
         async move {
-            self.producer
-                .publish(&letter.topic, &letter.record())
-                .await
-                .map(|_| ())
+            let record = letter.record();
+            let sent = match record.headers.get(SEQUENCE_AGGREGATE_HEADER) {
+                Some(aggregate) => {
+                    let n = self.partition_count(&letter.topic).await?;
+                    let p = partition(stable_hash(aggregate), n as usize);
+                    self.producer
+                        .publish_to_partition(&letter.topic, p as i32, &record)
+                        .await
+                }
+                None => self.producer.publish(&letter.topic, &record).await,
+            };
+            sent.map(|_| ())
         }
         .boxed()
     }

@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -221,6 +221,22 @@ impl Reader {
     }
 }
 
+/// The headers of `m`, their values copied (a header with no value as empty).
+pub(crate) fn headers(m: &BorrowedMessage<'_>) -> Headers {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 impl Drop for Reader {
     /// Closing a consumer with a group may wait on the coordinator: not on a
     /// runtime's worker thread.
@@ -278,19 +294,7 @@ impl DeadLetterReader for Reader {
                                 if m.partition() != range.partition || m.offset() < range.next {
                                     continue;
                                 }
-                                let headers: Headers = m
-                                    .headers()
-                                    .map(|h| {
-                                        h.iter()
-                                            .map(|h| {
-                                                (
-                                                    h.key.to_owned(),
-                                                    Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                                                )
-                                            })
-                                            .collect()
-                                    })
-                                    .unwrap_or_default();
+                                let headers = headers(&m);
                                 let id = DeadLetterPosition::new(&*topic, m.partition(), m.offset()).id();
                                 let raw = RawDeadLetter::new(
                                     id,

@@ -19,6 +19,7 @@ pub mod progress;
 pub mod proxy;
 pub mod redrive;
 pub mod resources;
+pub mod sequencing;
 pub mod shutdown;
 pub mod stuck;
 pub mod wait;

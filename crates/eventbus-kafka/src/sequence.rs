@@ -1,0 +1,267 @@
+//! The dead-letter topic as sequencing reads and writes it
+//! (`docs/sequencing.md`): epoch markers and lifts written to a chosen
+//! partition through the bus's producer, and a read of every partition from
+//! its low watermark to its high watermark as they stand when the partition's
+//! read starts, by a consumer that joins no group (assigned, never subscribed,
+//! nothing committed). librdkafka's calls block: the read runs on the blocking pool and
+//! hands its records over in chunks through a bounded channel.
+
+use eventbus_core::raw::sequence::SequenceStore;
+use eventbus_core::{Error, ErrorKind, Message, Record, Result};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+use crate::config::KafkaConfig;
+use crate::publish::KafkaProducer;
+
+/// Records handed over at once.
+const CHUNK: usize = 256;
+
+/// Chunks read ahead of the fold: the read's memory is bounded by this many
+/// chunks, whatever the topic retains.
+const AHEAD: usize = 2;
+
+/// How long a read waits for the next record below the high watermark.
+const READ_BOUND: Duration = Duration::from_secs(30);
+
+/// How long one poll of the reading consumer waits.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The dead-letter topics of one Kafka bus, for sequencing.
+pub(crate) struct Store {
+    producer: Arc<KafkaProducer>,
+    /// The reading consumer's configuration: the redrive reader's, joining
+    /// no group.
+    client: ClientConfig,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// The store of the bus whose producer is `producer`, reading with the
+    /// connection settings of `config`.
+    pub(crate) fn new(producer: Arc<KafkaProducer>, config: &KafkaConfig) -> Self {
+        let mut client = config.redrive_config();
+        // librdkafka assigns partitions only to a consumer with a group id;
+        // this one never joins its group and commits nothing.
+        client
+            .set("group.id", "eventbus-sequence-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true");
+        Self {
+            producer,
+            client,
+            timeout: config.operation_timeout,
+        }
+    }
+}
+
+impl SequenceStore for Store {
+    /// The topic's partition count in the cluster's metadata now; `NotFound`
+    /// naming the topic when it does not exist (the bus creates no topic: a
+    /// dead letter's write to it would fail the same way).
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32>> {
+        self.producer.partition_count(topic, self.timeout).boxed()
+    }
+
+    fn write<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        record: Record,
+    ) -> BoxFuture<'a, Result<()>> {
+        async move {
+            self.producer
+                .publish_to_partition(topic, partition, &record)
+                .await
+                .map(|_| ())
+        }
+        .boxed()
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        each: &'a mut (dyn FnMut(i32, &Message) + Send),
+    ) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let (tx, mut rx) = mpsc::channel(AHEAD);
+            let client = self.client.clone();
+            let name: Arc<str> = Arc::from(topic);
+            let timeout = self.timeout;
+            let reader =
+                tokio::task::spawn_blocking(move || read_all(&client, &name, timeout, &tx));
+            while let Some(chunk) = rx.recv().await {
+                for m in &chunk {
+                    each(m.partition, m);
+                }
+            }
+            reader.await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("sequencing: the read of dead-letter topic `{topic}` ended abnormally"),
+                )
+                .with_source(e)
+            })?
+        }
+        .boxed()
+    }
+}
+
+fn broker(what: String, e: KafkaError) -> Error {
+    Error::new(ErrorKind::Broker, what).with_source(e)
+}
+
+/// Read every partition of `topic` in turn, from its low to its high
+/// watermark, sending the records in chunks; stops early, with `Ok`, when the
+/// receiving side is gone.
+fn read_all(
+    client: &ClientConfig,
+    topic: &Arc<str>,
+    timeout: Duration,
+    tx: &mpsc::Sender<Vec<Message>>,
+) -> Result<()> {
+    let consumer: BaseConsumer = client.create().map_err(|e| {
+        Error::config(format!(
+            "kafka: librdkafka refused the configuration of the dead-letter reader of sequencing: {e}"
+        ))
+    })?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| {
+        broker(
+            format!("sequencing: cannot read the metadata of dead-letter topic `{topic}`"),
+            e,
+        )
+    })?;
+    let missing = || {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("dead-letter topic `{topic}` does not exist"),
+        )
+    };
+    let t = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == &**topic)
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .ok_or_else(missing)?;
+    let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    partitions.sort_unstable();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| {
+            broker(
+                format!("sequencing: cannot read the watermarks of `{topic}` partition {p}"),
+                e,
+            )
+        })?;
+        if low >= high {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))
+            .and_then(|()| consumer.assign(&tpl))
+            .map_err(|e| {
+                broker(
+                    format!("sequencing: cannot assign `{topic}` partition {p}"),
+                    e,
+                )
+            })?;
+        if !read_partition(&consumer, topic, p, (low, high), tx)? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Read partition `p`, assigned from `low`, up to `high` (or the end the
+/// consumer reaches first: offsets below the high watermark that hold no
+/// record, a transaction's markers, are never read). `false` when the
+/// receiving side is gone.
+fn read_partition(
+    consumer: &BaseConsumer,
+    topic: &str,
+    p: i32,
+    (low, high): (i64, i64),
+    tx: &mpsc::Sender<Vec<Message>>,
+) -> Result<bool> {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut next = low;
+    let mut progress = Instant::now();
+    while next < high {
+        if tx.is_closed() {
+            return Ok(false);
+        }
+        match consumer.poll(POLL) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(at))) if at == p => break,
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => {
+                return Err(broker(
+                    format!("sequencing: reading dead-letter topic `{topic}` partition {p} failed"),
+                    e,
+                ))
+            }
+            Some(Ok(m)) if m.partition() != p || m.offset() < next => {}
+            Some(Ok(m)) => {
+                next = m.offset() + 1;
+                progress = Instant::now();
+                if m.offset() >= high {
+                    break;
+                }
+                chunk.push(owned(&m, topic));
+                if chunk.len() == CHUNK
+                    && tx
+                        .blocking_send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))
+                        .is_err()
+                {
+                    return Ok(false);
+                }
+                continue;
+            }
+        }
+        if progress.elapsed() > READ_BOUND {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "sequencing: no record of dead-letter topic `{topic}` partition {p} at offset {next} within {READ_BOUND:?}, below its high watermark {high}"
+                ),
+            ));
+        }
+    }
+    Ok(chunk.is_empty() || tx.blocking_send(chunk).is_ok())
+}
+
+/// `m` as a [`Message`] of `topic`, its bytes copied.
+fn owned(m: &BorrowedMessage<'_>, topic: &str) -> Message {
+    let mut msg = Message::new(
+        topic,
+        m.partition(),
+        m.offset(),
+        Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+    )
+    .with_headers(crate::redrive::headers(m));
+    if let Some(k) = m.key() {
+        msg = msg.with_key(Bytes::copy_from_slice(k));
+    }
+    if let Some(ts) = m.timestamp().to_millis() {
+        msg = msg.with_timestamp_ms(ts);
+    }
+    msg
+}

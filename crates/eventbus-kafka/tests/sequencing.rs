@@ -1,0 +1,21 @@
+//! Dead letters sequenced by aggregate on Kafka (librdkafka's mock cluster,
+//! or `KAFKA_BROKERS`): the parked set rebuilt from the dead-letter topic at
+//! assignment, the aggregate's records in one destination partition, and the
+//! unpark's replay in order; on both pools.
+
+use eventbus_testkit::factories::{actor_pools, keyed_pools, KafkaBuses};
+use eventbus_testkit::sequencing;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_stays_parked_across_a_restart_and_unparks_in_order_keyed() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    sequencing::parked_across_a_restart_then_unparked(&KafkaBuses::start(), &keyed_pools()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_stays_parked_across_a_restart_and_unparks_in_order_actor() {
+    sequencing::parked_across_a_restart_then_unparked(&KafkaBuses::start(), &actor_pools()).await;
+}

@@ -1,0 +1,209 @@
+//! Dead letters sequenced by aggregate (`dead_letter.sequence_by_aggregate`,
+//! `docs/sequencing.md`), the same on every backend whose consume loop
+//! rebuilds a parked set: an aggregate parked by one member stays parked after
+//! a restart (the next member rebuilds the set from the dead-letter topic
+//! before it reads the partition), every record of the aggregate sits in one
+//! destination partition, and an unpark replays the aggregate in its order,
+//! after which its next envelope runs.
+
+use eventbus_core::raw::sequence::{SequenceKind, SequenceRecord};
+use eventbus_core::{
+    BusConfig, Envelope, Event, EventBusExt, HandlerError, Message, RedriveOptions, SharedBus,
+};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::conformance::{quick_config, random_topic, topic_config, BusFactory};
+use crate::pool_suite::{PoolFactory, PoolSpec};
+use crate::wait::wait_until;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Partitions of the dead-letter topic: more than one, so that where an
+/// aggregate's records go is checked.
+const DESTINATION_PARTITIONS: u32 = 3;
+
+/// `(member, aggregate, sequence)` of each handler call.
+type Calls = Arc<Mutex<Vec<(usize, String, u64)>>>;
+
+fn config(group: &str) -> BusConfig {
+    let mut c = quick_config();
+    c.consumer.group_id = group.to_owned();
+    c.dead_letter.sequence_by_aggregate = true;
+    c
+}
+
+/// A member of `group` on `topic`: aggregate `a` fails for good while `broken`
+/// holds, every other envelope is handled; each call recorded in `calls`.
+async fn member(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+    (topic, group): (&str, &str),
+    member: usize,
+    calls: &Calls,
+    broken: &Arc<Mutex<bool>>,
+) -> SharedBus {
+    let pool = pools(PoolSpec::default()).await;
+    let bus = factory.bus(pool, config(group)).await.expect("create bus");
+    let (calls, broken) = (calls.clone(), broken.clone());
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let (calls, broken) = (calls.clone(), broken.clone());
+        async move {
+            let aggregate = e.envelope.aggregate_id.clone();
+            let seq = crate::seq_of(&e).expect("seq");
+            calls
+                .lock()
+                .expect("calls")
+                .push((member, aggregate.clone(), seq));
+            if aggregate == "a" && *broken.lock().expect("broken") {
+                Err(HandlerError::permanent(format!("a{seq} is broken")))
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await
+    .expect("subscribe");
+    bus
+}
+
+async fn publish(bus: &SharedBus, topic: &str, aggregate: &str, seq: u64) {
+    let envelope = Envelope::new(aggregate, "t", serde_json::json!({ "seq": seq }));
+    bus.publish_envelope(topic, &envelope)
+        .await
+        .expect("publish");
+}
+
+/// The sequence numbers of `aggregate` the handler of `member` ran, in order.
+fn calls_of(calls: &Calls, member: usize, aggregate: &str) -> Vec<u64> {
+    calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .filter(|(m, a, _)| *m == member && a == aggregate)
+        .map(|(_, _, seq)| *seq)
+        .collect()
+}
+
+async fn ran(calls: &Calls, member: usize, aggregate: &str, seqs: &[u64]) {
+    wait_until(
+        &format!("member {member} ran {aggregate} {seqs:?}"),
+        WAIT,
+        || calls_of(calls, member, aggregate) == seqs,
+    )
+    .await;
+}
+
+/// The records of the protocol in `destination`, epoch markers left out:
+/// `(destination partition, origin offset, kind)` in each partition's order,
+/// once `n` are there. Read by a plain subscription of a group of its own, as
+/// any reader of the destination.
+async fn records(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+    destination: &str,
+    n: usize,
+) -> Vec<(i32, i64, SequenceKind)> {
+    let pool = pools(PoolSpec::default()).await;
+    let mut c = config(&random_topic("reader"));
+    c.dead_letter.sequence_by_aggregate = false;
+    let reader = factory.bus(pool, c).await.expect("reader bus");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    reader
+        .subscribe(destination, move |m: Message| {
+            let r = SequenceRecord::read(&m.headers)
+                .expect("readable")
+                .expect("sequenced");
+            if !matches!(r.kind(), SequenceKind::Epoch { .. }) {
+                let offset = r.offset().expect("an envelope's record");
+                s.lock()
+                    .expect("seen")
+                    .push((m.partition, offset, r.kind().clone()));
+            }
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .await
+        .expect("subscribe to the destination");
+    wait_until(
+        &format!("{n} sequencing records in {destination}"),
+        WAIT,
+        || seen.lock().expect("seen").len() >= n,
+    )
+    .await;
+    reader.close().await.expect("close the reader");
+    let out = seen.lock().expect("seen").clone();
+    out
+}
+
+/// An aggregate parked by one member stays parked after a restart; its records
+/// sit in one destination partition; an unpark replays it in order and its
+/// next envelope runs.
+pub async fn parked_across_a_restart_then_unparked(factory: &dyn BusFactory, pools: &PoolFactory) {
+    let topic = random_topic("sequenced");
+    let destination = format!("{topic}.dlq");
+    let group = random_topic("group");
+    let setup = factory
+        .bus(pools(PoolSpec::default()).await, quick_config())
+        .await
+        .expect("create bus");
+    setup
+        .configure_topic(&topic, topic_config(factory, 1))
+        .await
+        .expect("origin topic");
+    setup
+        .configure_topic(&destination, topic_config(factory, DESTINATION_PARTITIONS))
+        .await
+        .expect("dead-letter topic");
+    setup.close().await.expect("close the set-up bus");
+    let (calls, broken) = (Calls::default(), Arc::new(Mutex::new(true)));
+    let first = member(factory, pools, (&topic, &group), 1, &calls, &broken).await;
+    for (aggregate, seq) in [("a", 0), ("b", 0), ("a", 1), ("a", 2)] {
+        publish(&first, &topic, aggregate, seq).await;
+    }
+    ran(&calls, 1, "b", &[0]).await;
+    let written = records(factory, pools, &destination, 3).await;
+    first.close().await.expect("close the first member");
+    assert_eq!(calls_of(&calls, 1, "a"), [0], "a0 failed; a1 and a2 parked");
+
+    let second = member(factory, pools, (&topic, &group), 2, &calls, &broken).await;
+    publish(&second, &topic, "a", 3).await;
+    publish(&second, &topic, "b", 1).await;
+    ran(&calls, 2, "b", &[1]).await;
+    let written_after = records(factory, pools, &destination, 4).await;
+    assert_eq!(
+        calls_of(&calls, 2, "a"),
+        [] as [u64; 0],
+        "a stays parked after the restart: its next envelope runs no handler"
+    );
+    let mut offsets: Vec<(i64, bool)> = written_after
+        .iter()
+        .map(|(_, o, k)| (*o, matches!(k, SequenceKind::Head)))
+        .collect();
+    offsets.sort_unstable();
+    assert_eq!(
+        offsets,
+        [(0, true), (2, false), (3, false), (4, false)],
+        "a0 is the head, a1, a2 and a3 parked behind it: {written_after:?}"
+    );
+    let partitions: std::collections::BTreeSet<i32> =
+        written_after.iter().map(|(p, _, _)| *p).collect();
+    assert_eq!(
+        partitions.len(),
+        1,
+        "one aggregate's records sit in one destination partition: {written_after:?}"
+    );
+    assert!(written.iter().all(|r| written_after.contains(r)));
+
+    // The fix, then the unpark through the running member.
+    *broken.lock().expect("broken") = false;
+    let report = second
+        .redrive(RedriveOptions::new(destination.as_str()).parked(true))
+        .await
+        .expect("unpark");
+    assert_eq!((report.moved, report.parked.len()), (1, 1), "{report:?}");
+    ran(&calls, 2, "a", &[0, 1, 2, 3]).await;
+    publish(&second, &topic, "a", 4).await;
+    ran(&calls, 2, "a", &[0, 1, 2, 3, 4]).await;
+    second.close().await.expect("close the second member");
+}

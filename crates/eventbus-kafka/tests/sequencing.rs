@@ -1,7 +1,8 @@
 //! Dead letters sequenced by aggregate on Kafka (librdkafka's mock cluster,
 //! or `KAFKA_BROKERS`): the parked set rebuilt from the dead-letter topic at
 //! assignment, the aggregate's records in one destination partition, and the
-//! unpark's replay in order; on both pools.
+//! unpark's replay in order, on both pools; and a hand-over between two
+//! running members.
 
 use eventbus_testkit::factories::{actor_pools, keyed_pools, KafkaBuses};
 use eventbus_testkit::sequencing;
@@ -18,4 +19,9 @@ async fn an_aggregate_stays_parked_across_a_restart_and_unparks_in_order_keyed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aggregate_stays_parked_across_a_restart_and_unparks_in_order_actor() {
     sequencing::parked_across_a_restart_then_unparked(&KafkaBuses::start(), &actor_pools()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_stays_parked_across_a_hand_over() {
+    sequencing::parked_across_a_hand_over(&KafkaBuses::start(), &keyed_pools()).await;
 }

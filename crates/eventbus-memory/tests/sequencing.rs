@@ -536,11 +536,12 @@ async fn the_commit_point_view_names_a_replay_under_way() {
     .await;
 }
 
-/// The scenario every backend with a rebuilding consume loop runs.
+/// The scenarios every backend with a rebuilding consume loop runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_restart_and_unpark_scenario() {
     for (_, pools) in pools() {
         let buses = eventbus_testkit::factories::MemoryBuses::default();
         eventbus_testkit::sequencing::parked_across_a_restart_then_unparked(&buses, &pools).await;
+        eventbus_testkit::sequencing::parked_across_a_hand_over(&buses, &pools).await;
     }
 }

@@ -4,7 +4,8 @@
 //! a restart (the next member rebuilds the set from the dead-letter topic
 //! before it reads the partition), every record of the aggregate sits in one
 //! destination partition, and an unpark replays the aggregate in its order,
-//! after which its next envelope runs.
+//! after which its next envelope runs. The same across a hand-over between two
+//! running members.
 
 use eventbus_core::raw::sequence::{SequenceKind, SequenceRecord};
 use eventbus_core::{
@@ -143,19 +144,7 @@ pub async fn parked_across_a_restart_then_unparked(factory: &dyn BusFactory, poo
     let topic = random_topic("sequenced");
     let destination = format!("{topic}.dlq");
     let group = random_topic("group");
-    let setup = factory
-        .bus(pools(PoolSpec::default()).await, quick_config())
-        .await
-        .expect("create bus");
-    setup
-        .configure_topic(&topic, topic_config(factory, 1))
-        .await
-        .expect("origin topic");
-    setup
-        .configure_topic(&destination, topic_config(factory, DESTINATION_PARTITIONS))
-        .await
-        .expect("dead-letter topic");
-    setup.close().await.expect("close the set-up bus");
+    topics(factory, pools, &topic, &destination).await;
     let (calls, broken) = (Calls::default(), Arc::new(Mutex::new(true)));
     let first = member(factory, pools, (&topic, &group), 1, &calls, &broken).await;
     for (aggregate, seq) in [("a", 0), ("b", 0), ("a", 1), ("a", 2)] {
@@ -205,5 +194,65 @@ pub async fn parked_across_a_restart_then_unparked(factory: &dyn BusFactory, poo
     ran(&calls, 2, "a", &[0, 1, 2, 3]).await;
     publish(&second, &topic, "a", 4).await;
     ran(&calls, 2, "a", &[0, 1, 2, 3, 4]).await;
+    second.close().await.expect("close the second member");
+}
+
+/// Create `topic` (one partition) and its dead-letter topic.
+async fn topics(factory: &dyn BusFactory, pools: &PoolFactory, topic: &str, destination: &str) {
+    let setup = factory
+        .bus(pools(PoolSpec::default()).await, quick_config())
+        .await
+        .expect("create bus");
+    setup
+        .configure_topic(topic, topic_config(factory, 1))
+        .await
+        .expect("origin topic");
+    setup
+        .configure_topic(destination, topic_config(factory, DESTINATION_PARTITIONS))
+        .await
+        .expect("dead-letter topic");
+    setup.close().await.expect("close the set-up bus");
+}
+
+/// An aggregate parked by one member stays parked on the member its partition
+/// is handed over to while the first one runs on: the next owner rebuilds the
+/// set before it reads, and its next envelope is written parked behind the
+/// same head, in the same destination partition.
+pub async fn parked_across_a_hand_over(factory: &dyn BusFactory, pools: &PoolFactory) {
+    let topic = random_topic("sequenced");
+    let destination = format!("{topic}.dlq");
+    let group = random_topic("group");
+    topics(factory, pools, &topic, &destination).await;
+    let (calls, broken) = (Calls::default(), Arc::new(Mutex::new(true)));
+    let first = member(factory, pools, (&topic, &group), 1, &calls, &broken).await;
+    publish(&first, &topic, "a", 0).await;
+    publish(&first, &topic, "a", 1).await;
+    records(factory, pools, &destination, 2).await;
+    // The second member joins, then the first leaves the topic: whichever
+    // held the partition meanwhile, the second reads what comes next.
+    let second = member(factory, pools, (&topic, &group), 2, &calls, &broken).await;
+    first.unsubscribe(&topic).await.expect("unsubscribe");
+    publish(&second, &topic, "a", 2).await;
+    publish(&second, &topic, "c", 0).await;
+    ran(&calls, 2, "c", &[0]).await;
+    let written = records(factory, pools, &destination, 3).await;
+    let ran_a: Vec<(usize, u64)> = calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .filter(|(_, a, _)| a == "a")
+        .map(|(m, _, seq)| (*m, *seq))
+        .collect();
+    assert_eq!(
+        ran_a,
+        [(1, 0)],
+        "only a's first envelope ran: the rest of a waits behind it, on either member"
+    );
+    let mut offsets: Vec<i64> = written.iter().map(|(_, o, _)| *o).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, [0, 1, 2], "{written:?}");
+    let partitions: std::collections::BTreeSet<i32> = written.iter().map(|(p, _, _)| *p).collect();
+    assert_eq!(partitions.len(), 1, "{written:?}");
+    first.close().await.expect("close the first member");
     second.close().await.expect("close the second member");
 }

@@ -29,8 +29,18 @@
 //! ```
 //!
 //! The first argument is the topic (default `orders`); `--fixed` handles every
-//! envelope, rejected ones included (the handler after a fix). It runs until
-//! Ctrl-C.
+//! envelope, rejected and failing ones included (the handler after a fix).
+//! An envelope whose payload has `"fail": true` fails with a transient error:
+//! it is retried in place (`delivery.*`), holding its partition's commit point
+//! meanwhile (`eventbus stuck`), and dead-lettered once its attempts run out.
+//! `--load N` makes the topic and its dead-letter topic (4 partitions each)
+//! when they are missing, publishes `N` envelopes, one to each of `N`
+//! aggregates (`order-0` …), and then one more each until stopped, five a
+//! second: a service busy with thousands of aggregates. It runs until Ctrl-C.
+//!
+//! With `dead_letter.sequence_by_aggregate = true` in the configuration file,
+//! the aggregate of a dead letter stays parked behind it until `eventbus dlq
+//! redrive --parked` replays it in order (`docs/sequencing.md`).
 
 // An example program: it talks to the terminal.
 #![allow(clippy::print_stdout)]
@@ -38,14 +48,34 @@
 use eventbus::{Event, EventBusBuilder, EventBusExt, HandlerError, OpsServer};
 use eventbus_cli::{BackendKind, Settings};
 
+/// The event type of the envelopes `--load` publishes; their handling is not
+/// printed.
+const LOAD_TYPE: &str = "order.updated";
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The library's log on standard error when RUST_LOG asks for it.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let fixed = args.iter().any(|a| a == "--fixed");
+    let load: Option<u64> = match args.iter().position(|a| a == "--load") {
+        Some(i) => Some(
+            args.get(i + 1)
+                .and_then(|n| n.parse().ok())
+                .ok_or("--load takes a number of aggregates")?,
+        ),
+        None => None,
+    };
     let topic = args
         .iter()
-        .find(|a| !a.starts_with("--"))
-        .cloned()
+        .enumerate()
+        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--load"))
+        .map(|(_, a)| a.clone())
         .unwrap_or_else(|| "orders".to_owned());
     let settings = Settings::from_env()?;
     if settings.kind() == BackendKind::Memory {
@@ -67,28 +97,78 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     server.add_bus("default", bus.clone())?;
     server.add_switch("default", switch)?;
 
+    if load.is_some() {
+        // The topic and its dead letters, made here when missing (checked
+        // when they exist).
+        let dead_letters = format!("{topic}{}", settings.file.bus.dead_letter.suffix);
+        for name in [&topic, &dead_letters] {
+            bus.configure_topic(name, eventbus::TopicConfig::default().partitions(4))
+                .await?;
+        }
+    }
     bus.subscribe_envelope(&topic, move |e: Event| async move {
         let envelope = &e.envelope;
-        let reject = envelope
-            .payload
-            .decode::<serde_json::Value>()
-            .ok()
-            .and_then(|p| p.get("reject").and_then(serde_json::Value::as_bool))
-            .unwrap_or(false);
-        if reject && !fixed {
+        let payload = envelope.payload.decode::<serde_json::Value>().ok();
+        let asks = |what: &str| {
+            payload
+                .as_ref()
+                .and_then(|p| p.get(what).and_then(serde_json::Value::as_bool))
+                .unwrap_or(false)
+        };
+        if asks("fail") && !fixed {
+            println!(
+                "failing {} {} (offset {}, attempt {}): retried in place",
+                envelope.aggregate_id, envelope.event_type, e.message.offset, e.attempt
+            );
+            return Err(HandlerError::transient("the payload asks to fail"));
+        }
+        if asks("reject") && !fixed {
             println!(
                 "rejecting {} {} (offset {}): to the dead letters",
                 envelope.aggregate_id, envelope.event_type, e.message.offset
             );
             return Err(HandlerError::permanent("the payload asks to be rejected"));
         }
-        println!(
-            "handled {} {} (offset {})",
-            envelope.aggregate_id, envelope.event_type, e.message.offset
-        );
+        if envelope.event_type != LOAD_TYPE || load.is_none() {
+            println!(
+                "handled {} {} (offset {})",
+                envelope.aggregate_id, envelope.event_type, e.message.offset
+            );
+        }
         Ok(())
     })
     .await?;
+    if let Some(n) = load {
+        let bus = bus.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut round = 0u64;
+            loop {
+                let batch: Vec<_> = (0..n)
+                    .map(|i| {
+                        eventbus::Envelope::new(
+                            format!("order-{i}"),
+                            LOAD_TYPE,
+                            serde_json::json!({ "round": round }),
+                        )
+                    })
+                    .collect();
+                for envelope in &batch {
+                    if let Err(e) = bus.publish_envelope(&topic, envelope).await {
+                        println!("load: publishing failed: {e}");
+                        return;
+                    }
+                    if round > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                }
+                if round == 0 {
+                    println!("load: {n} aggregates published; one update every 200 ms from now on");
+                }
+                round += 1;
+            }
+        });
+    }
     println!(
         "consuming {topic} on {} as group {:?}; dead letters go to {topic}{}; operations \
          server on http://{}; Ctrl-C to stop",

@@ -219,7 +219,7 @@ fn unparked(report: &RedriveReport, json: bool) -> Result<(), CliError> {
     }
     invalid_notes(report);
     out(&format!(
-        "unparked {} aggregate(s) from {}: one control record each to its origin partition,          whose owner replays the aggregate in order; read {}{}",
+        "unparked {} aggregate(s) from {}: one control record each to its origin partition, whose owner replays the aggregate in order; read {}{}",
         report.moved,
         report.dead_letter_topic,
         report.read,

@@ -672,10 +672,18 @@ impl KafkaEventBus {
         bus_config.validate()?;
         check_handover_bound(&config, &bus_config)?;
         let producer = Arc::new(KafkaProducer::new(&config)?);
+        let written = Arc::new(crate::sequence::Written::default());
         let sink = Arc::new(
-            KafkaDeadLetterSink::new(producer.clone()).metadata_timeout(config.operation_timeout),
+            KafkaDeadLetterSink::new(producer.clone())
+                .metadata_timeout(config.operation_timeout)
+                .noting(written.clone()),
         );
-        let sequence = Arc::new(crate::sequence::Store::new(producer.clone(), &config));
+        let sequence = Arc::new(crate::sequence::Store::new(
+            producer.clone(),
+            written,
+            &config,
+            &bus_config.consumer.group_id,
+        ));
         let limit = Arc::new(Semaphore::new(bus_config.consumer.max_in_flight_total));
         tracing::info!(pool = pool.kind(), group_id = %bus_config.consumer.group_id,
             brokers = %config.brokers, group_protocol = config.group_protocol.as_str(),

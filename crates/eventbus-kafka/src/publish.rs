@@ -437,6 +437,8 @@ pub struct KafkaDeadLetterSink {
     /// read once from the cluster's metadata.
     counts: Arc<std::sync::Mutex<HashMap<String, u32>>>,
     timeout: Duration,
+    /// Where each write landed, for the reads of sequencing.
+    written: Option<Arc<crate::sequence::Written>>,
 }
 
 impl KafkaDeadLetterSink {
@@ -446,7 +448,14 @@ impl KafkaDeadLetterSink {
             producer,
             counts: Arc::default(),
             timeout: Duration::from_secs(10),
+            written: None,
         }
+    }
+
+    /// Note where each write lands in `written`.
+    pub(crate) fn noting(mut self, written: Arc<crate::sequence::Written>) -> Self {
+        self.written = Some(written);
+        self
     }
 
     /// Read partition counts within `timeout` (the bus's
@@ -483,7 +492,11 @@ impl DeadLetterSink for KafkaDeadLetterSink {
                 }
                 None => self.producer.publish(&letter.topic, &record).await,
             };
-            sent.map(|_| ())
+            let receipt = sent?;
+            if let Some(written) = &self.written {
+                written.note(&letter.topic, receipt.partition, receipt.offset);
+            }
+            Ok(())
         }
         .boxed()
     }

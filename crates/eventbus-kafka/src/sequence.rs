@@ -1,10 +1,17 @@
 //! The dead-letter topic as sequencing reads and writes it
 //! (`docs/sequencing.md`): epoch markers and lifts written to a chosen
 //! partition through the bus's producer, and a read of every partition from
-//! its low watermark to its high watermark as they stand when the partition's
-//! read starts, by a consumer that joins no group (assigned, never subscribed,
-//! nothing committed). librdkafka's calls block: the read runs on the blocking pool and
-//! hands its records over in chunks through a bounded channel.
+//! its low watermark to its end, by a consumer that joins no group (assigned,
+//! never subscribed, nothing committed). librdkafka's calls block: the read
+//! runs on the blocking pool and hands its records over in chunks through a
+//! bounded channel.
+//!
+//! The end of a partition's read is the high watermark it had when its read
+//! began, and at least past every record this bus wrote there ([`Written`]):
+//! the fence and the replay rely on reading the owner's own marker and
+//! records, and a high watermark can stand below a record whose write was
+//! acknowledged (with `acks=1`, until the followers have it; on some
+//! Kafka-protocol brokers, for longer).
 
 use eventbus_core::raw::sequence::SequenceStore;
 use eventbus_core::{Error, ErrorKind, Message, Record, Result};
@@ -17,9 +24,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::KafkaConfig;
 use crate::publish::KafkaProducer;
@@ -37,9 +45,44 @@ const READ_BOUND: Duration = Duration::from_secs(30);
 /// How long one poll of the reading consumer waits.
 const POLL: Duration = Duration::from_millis(100);
 
+/// Reads under way at once: each is a client with its connections and its
+/// prefetched records; an assignment of many partitions reads in turns.
+const READS: usize = 4;
+
+/// The next offset past the last record this bus wrote to each partition of
+/// each dead-letter topic (through the sink or the store), as delivery
+/// reports say: bounded by the partitions of the dead-letter topics.
+#[derive(Debug, Default)]
+pub(crate) struct Written(std::sync::Mutex<HashMap<(String, i32), i64>>);
+
+impl Written {
+    /// A record was delivered at `offset` of `partition` of `topic`.
+    pub(crate) fn note(&self, topic: &str, partition: i32, offset: i64) {
+        if let Ok(mut ends) = self.0.lock() {
+            let end = ends.entry((topic.to_owned(), partition)).or_default();
+            *end = (*end).max(offset + 1);
+        }
+    }
+
+    /// The next offset past this bus's writes to each partition of `topic`.
+    fn ends(&self, topic: &str) -> HashMap<i32, i64> {
+        self.0.lock().map_or_else(
+            |_| HashMap::new(),
+            |ends| {
+                ends.iter()
+                    .filter(|((t, _), _)| t == topic)
+                    .map(|((_, p), end)| (*p, *end))
+                    .collect()
+            },
+        )
+    }
+}
+
 /// The dead-letter topics of one Kafka bus, for sequencing.
 pub(crate) struct Store {
     producer: Arc<KafkaProducer>,
+    written: Arc<Written>,
+    reads: Arc<Semaphore>,
     /// The reading consumer's configuration: the redrive reader's, joining
     /// no group.
     client: ClientConfig,
@@ -55,19 +98,36 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// The store of the bus whose producer is `producer`, reading with the
-    /// connection settings of `config`.
-    pub(crate) fn new(producer: Arc<KafkaProducer>, config: &KafkaConfig) -> Self {
+    /// The store of the bus of group `group` whose producer is `producer`,
+    /// reading with the connection settings of `config`; the bus's writes to
+    /// dead-letter topics are noted in `written`.
+    pub(crate) fn new(
+        producer: Arc<KafkaProducer>,
+        written: Arc<Written>,
+        config: &KafkaConfig,
+        group: &str,
+    ) -> Self {
         let mut client = config.redrive_config();
         // librdkafka assigns partitions only to a consumer with a group id;
-        // this one never joins its group and commits nothing.
+        // this one never joins its group and commits nothing. Named after the
+        // bus's group, so that ACLs on the group's prefix cover it.
         client
-            .set("group.id", "eventbus-sequence-reader")
+            .set("group.id", reader_group(group))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true");
+            .set("enable.partition.eof", "true")
+            // From the oldest record kept, should retention pass the reader.
+            .set("auto.offset.reset", "earliest")
+            // The bus writes no transaction: every record counts.
+            .set("isolation.level", "read_uncommitted")
+            // The read's end comes soon after the last record, and little is
+            // fetched ahead of the fold.
+            .set("fetch.wait.max.ms", "10")
+            .set("queued.max.messages.kbytes", "1024");
         Self {
             producer,
+            written,
+            reads: Arc::new(Semaphore::new(READS)),
             client,
             timeout: config.operation_timeout,
         }
@@ -89,10 +149,12 @@ impl SequenceStore for Store {
         record: Record,
     ) -> BoxFuture<'a, Result<()>> {
         async move {
-            self.producer
+            let receipt = self
+                .producer
                 .publish_to_partition(topic, partition, &record)
-                .await
-                .map(|_| ())
+                .await?;
+            self.written.note(topic, receipt.partition, receipt.offset);
+            Ok(())
         }
         .boxed()
     }
@@ -103,12 +165,17 @@ impl SequenceStore for Store {
         each: &'a mut (dyn FnMut(i32, &Message) + Send),
     ) -> BoxFuture<'a, Result<()>> {
         async move {
+            let _turn = self.reads.acquire().await.map_err(|_| {
+                Error::closed(format!("sequencing: the reader of `{topic}` is closed"))
+            })?;
             let (tx, mut rx) = mpsc::channel(AHEAD);
             let client = self.client.clone();
             let name: Arc<str> = Arc::from(topic);
             let timeout = self.timeout;
-            let reader =
-                tokio::task::spawn_blocking(move || read_all(&client, &name, timeout, &tx));
+            let written = self.written.ends(topic);
+            let reader = tokio::task::spawn_blocking(move || {
+                read_all(&client, &name, timeout, &written, &tx)
+            });
             while let Some(chunk) = rx.recv().await {
                 for m in &chunk {
                     each(m.partition, m);
@@ -130,13 +197,19 @@ fn broker(what: String, e: KafkaError) -> Error {
     Error::new(ErrorKind::Broker, what).with_source(e)
 }
 
-/// Read every partition of `topic` in turn, from its low to its high
-/// watermark, sending the records in chunks; stops early, with `Ok`, when the
-/// receiving side is gone.
+/// The group id of the dead-letter reader of the bus of group `group`.
+pub(crate) fn reader_group(group: &str) -> String {
+    format!("{group}.sequencing")
+}
+
+/// Read every partition of `topic` in turn, from its low watermark to its end
+/// (the high watermark, and at least `written`), sending the records in
+/// chunks; stops early, with `Ok`, when the receiving side is gone.
 fn read_all(
     client: &ClientConfig,
     topic: &Arc<str>,
     timeout: Duration,
+    written: &HashMap<i32, i64>,
     tx: &mpsc::Sender<Vec<Message>>,
 ) -> Result<()> {
     let consumer: BaseConsumer = client.create().map_err(|e| {
@@ -171,7 +244,11 @@ fn read_all(
                 e,
             )
         })?;
-        if low >= high {
+        let end = Ends {
+            high,
+            written: written.get(&p).copied().unwrap_or(0),
+        };
+        if low >= end.target() {
             continue;
         }
         let mut tpl = TopicPartitionList::new();
@@ -183,34 +260,56 @@ fn read_all(
                     e,
                 )
             })?;
-        if !read_partition(&consumer, topic, p, (low, high), tx)? {
+        if !read_partition(&consumer, topic, p, low, end, tx)? {
             return Ok(());
         }
     }
     Ok(())
 }
 
-/// Read partition `p`, assigned from `low`, up to `high` (or the end the
-/// consumer reaches first: offsets below the high watermark that hold no
-/// record, a transaction's markers, are never read). `false` when the
-/// receiving side is gone.
+/// Where the read of one partition ends.
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    /// The high watermark when the partition's read began.
+    high: i64,
+    /// The next offset past the bus's own writes there.
+    written: i64,
+}
+
+impl Ends {
+    fn target(self) -> i64 {
+        self.high.max(self.written)
+    }
+}
+
+/// Read partition `p`, assigned from `low`, up to its end: the high watermark
+/// or the end the consumer reaches first (offsets that hold no record, a
+/// transaction's markers, are never read), and past the bus's own writes in
+/// any case. `false` when the receiving side is gone.
 fn read_partition(
     consumer: &BaseConsumer,
     topic: &str,
     p: i32,
-    (low, high): (i64, i64),
+    low: i64,
+    end: Ends,
     tx: &mpsc::Sender<Vec<Message>>,
 ) -> Result<bool> {
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut next = low;
     let mut progress = Instant::now();
-    while next < high {
+    let mut eof = false;
+    while next < end.target() {
         if tx.is_closed() {
             return Ok(false);
         }
         match consumer.poll(POLL) {
             None => {}
-            Some(Err(KafkaError::PartitionEOF(at))) if at == p => break,
+            // The end as the broker's fetch answers it; a record of the bus's
+            // own past it is not readable yet: it is waited for.
+            Some(Err(KafkaError::PartitionEOF(at))) if at == p && next >= end.written => {
+                eof = true;
+                break;
+            }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => {
                 return Err(broker(
@@ -222,7 +321,7 @@ fn read_partition(
             Some(Ok(m)) => {
                 next = m.offset() + 1;
                 progress = Instant::now();
-                if m.offset() >= high {
+                if m.offset() >= end.target() {
                     break;
                 }
                 chunk.push(owned(&m, topic));
@@ -240,11 +339,24 @@ fn read_partition(
             return Err(Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "sequencing: no record of dead-letter topic `{topic}` partition {p} at offset {next} within {READ_BOUND:?}, below its high watermark {high}"
+                    "sequencing: no record of dead-letter topic `{topic}` partition {p} at offset {next} within {READ_BOUND:?}, below its end {} (high watermark {}; this bus wrote up to {})",
+                    end.target(),
+                    end.high,
+                    end.written
                 ),
             ));
         }
     }
+    tracing::debug!(
+        topic,
+        partition = p,
+        low,
+        high = end.high,
+        written = end.written,
+        next,
+        eof,
+        "dead-letter partition read for sequencing"
+    );
     Ok(chunk.is_empty() || tx.blocking_send(chunk).is_ok())
 }
 

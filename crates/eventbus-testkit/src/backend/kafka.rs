@@ -62,6 +62,8 @@ pub fn tansu_broker() -> bool {
 pub struct KafkaBuses(
     pub Arc<crate::kafka_cluster::Cluster>,
     eventbus_kafka::GroupProtocol,
+    /// Producer batches as configured, on tansu too ([`KafkaBuses::batched`]).
+    bool,
 );
 
 impl KafkaBuses {
@@ -70,19 +72,38 @@ impl KafkaBuses {
         Self(
             Arc::new(crate::kafka_cluster::Cluster::start()),
             eventbus_kafka::GroupProtocol::Classic,
+            false,
         )
+    }
+
+    /// The same buses with the producer's batches as the bus configures
+    /// them, on tansu too, where [`kafka_config`] writes one record per batch:
+    /// for a test of what only several records to a batch bring about (tansu's
+    /// high watermark lags the log end then). Its defect on a fetch from
+    /// inside a batch then applies to what the test reads.
+    pub fn batched(mut self) -> Self {
+        self.2 = true;
+        self
     }
 
     /// The same, with members of this group protocol ([`kafka_config_for`]).
     pub fn start_with(protocol: eventbus_kafka::GroupProtocol) -> Self {
-        Self(Arc::new(crate::kafka_cluster::Cluster::start()), protocol)
+        Self(
+            Arc::new(crate::kafka_cluster::Cluster::start()),
+            protocol,
+            false,
+        )
     }
 
     /// Buses on a new mock cluster, whatever `KAFKA_BROKERS` says, with members
     /// of this group protocol: for what only the mock serves here (the consumer
     /// protocol: the real-broker tier's tansu has no `ConsumerGroupHeartbeat`).
     pub fn mock_with(protocol: eventbus_kafka::GroupProtocol) -> Self {
-        Self(Arc::new(crate::kafka_cluster::Cluster::mock(1)), protocol)
+        Self(
+            Arc::new(crate::kafka_cluster::Cluster::mock(1)),
+            protocol,
+            false,
+        )
     }
 }
 
@@ -119,13 +140,15 @@ impl BusFactory for KafkaBuses {
         pool: Arc<dyn Pool>,
         config: BusConfig,
     ) -> BoxFuture<'_, Result<SharedBus, Error>> {
-        let (cluster, protocol) = (self.0.clone(), self.1);
+        let (cluster, protocol, batched) = (self.0.clone(), self.1, self.2);
         async move {
-            let bus = eventbus_kafka::KafkaEventBus::new(
-                kafka_config_for(&cluster.brokers(), protocol),
-                config,
-                pool,
-            )?;
+            let mut kafka = kafka_config_for(&cluster.brokers(), protocol);
+            if batched {
+                kafka.producer.batch_num_messages = eventbus_kafka::KafkaConfig::default()
+                    .producer
+                    .batch_num_messages;
+            }
+            let bus = eventbus_kafka::KafkaEventBus::new(kafka, config, pool)?;
             if cluster.is_mock() {
                 Ok(Arc::new(OnMock { bus, cluster }) as SharedBus)
             } else {

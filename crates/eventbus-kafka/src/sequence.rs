@@ -193,6 +193,23 @@ impl SequenceStore for Store {
     }
 }
 
+/// Whether `e` ends the read at once: retrying cannot mend it (the topic or
+/// the group refused, or a fatal error).
+fn lasting(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(e, KafkaError::MessageConsumptionFatal(_))
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                Code::TopicAuthorizationFailed
+                    | Code::GroupAuthorizationFailed
+                    | Code::UnknownTopicOrPartition
+                    | Code::UnknownTopic
+                    | Code::OffsetOutOfRange
+            )
+        )
+}
+
 fn broker(what: String, e: KafkaError) -> Error {
     Error::new(ErrorKind::Broker, what).with_source(e)
 }
@@ -298,6 +315,7 @@ fn read_partition(
     let mut next = low;
     let mut progress = Instant::now();
     let mut eof = false;
+    let mut last = None;
     while next < end.target() {
         if tx.is_closed() {
             return Ok(false);
@@ -311,12 +329,15 @@ fn read_partition(
                 break;
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(e)) => {
+            Some(Err(e)) if lasting(&e) => {
                 return Err(broker(
                     format!("sequencing: reading dead-letter topic `{topic}` partition {p} failed"),
                     e,
                 ))
             }
+            // librdkafka retries what passes (a connection lost, a leader
+            // moved); the bound on progress below ends a read it cannot.
+            Some(Err(e)) => last = Some(e),
             Some(Ok(m)) if m.partition() != p || m.offset() < next => {}
             Some(Ok(m)) => {
                 next = m.offset() + 1;
@@ -336,7 +357,7 @@ fn read_partition(
             }
         }
         if progress.elapsed() > READ_BOUND {
-            return Err(Error::new(
+            let stalled = Error::new(
                 ErrorKind::Timeout,
                 format!(
                     "sequencing: no record of dead-letter topic `{topic}` partition {p} at offset {next} within {READ_BOUND:?}, below its end {} (high watermark {}; this bus wrote up to {})",
@@ -344,7 +365,11 @@ fn read_partition(
                     end.high,
                     end.written
                 ),
-            ));
+            );
+            return Err(match last {
+                Some(e) => stalled.with_source(e),
+                None => stalled,
+            });
         }
     }
     tracing::debug!(

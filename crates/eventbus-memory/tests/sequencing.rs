@@ -28,6 +28,9 @@ fn config(group: &str) -> BusConfig {
     let mut c = eventbus_testkit::conformance::quick_config();
     c.consumer.group_id = group.to_owned();
     c.dead_letter.sequence_by_aggregate = true;
+    // A hand-over gives up soon what it cannot drain (a replay that waits).
+    c.consumer.drain_timeout = Duration::from_secs(1);
+    c.consumer.handover_timeout = Duration::from_secs(1);
     c
 }
 
@@ -532,6 +535,61 @@ async fn the_commit_point_view_names_a_replay_under_way() {
         gate.add_permits(1);
         committed(&broker, &topic, &group, 3).await;
         bus.close().await.expect("close");
+    })
+    .await;
+}
+
+/// A replay that reads another owner's epoch marker as the latest of its
+/// partition (a hand-over under way, or a former owner's marker landed late)
+/// waits, named by the commit-point view, instead of giving the control
+/// record up with nothing to say why the partition stands; once the partition
+/// is handed over, its next owner replays the aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_behind_another_owners_marker_waits_and_says_why() {
+    use eventbus_core::raw::sequence::{SequenceScope, Token};
+    each_pool(|broker, pools, topic, group| async move {
+        let calls = Calls::default();
+        let failing = Failing::default();
+        let first = failing_member(&broker, &pools, &topic, &group, 1, &calls, &failing).await;
+        let dlq = format!("{topic}.dlq");
+        first
+            .configure_topic(&dlq, TopicConfig::default().partitions(1))
+            .await
+            .expect("one destination partition");
+        publish(&first, &topic, "a", 0).await;
+        publish(&first, &topic, "a", 1).await;
+        committed(&broker, &topic, &group, 2).await;
+        // A marker of another owner of partition 0, landed after this one's.
+        let marker = SequenceScope::new(group.clone(), topic.clone(), 0).epoch(Token::random(), 1);
+        let mut record = eventbus_core::Record::new(bytes::Bytes::new());
+        marker.write(&mut record.headers);
+        first.publish(&dlq, record).await.expect("marker");
+        *failing.lock().unwrap() = Some(Vec::new());
+        assert_eq!(unpark(&first, &topic).await.moved, 1);
+        eventbus_testkit::wait_until(
+            "the commit-point view says the replay at the control record waits",
+            WAIT,
+            || {
+                first.commit_holds().iter().any(|h| {
+                    h.offset == 2
+                        && h.aggregate_id.as_deref() == Some("a")
+                        && h.last_error.as_ref().is_some_and(|e| {
+                            e.class == "replaying"
+                                && e.message.contains("waiting to replay")
+                                && e.message.contains("another owner's epoch marker")
+                        })
+                })
+            },
+        )
+        .await;
+        assert_eq!(calls_of(&calls, 1, "a"), vec![0], "nothing replayed");
+        // The hand-over: the next owner's marker is the latest, and it replays.
+        let second = failing_member(&broker, &pools, &topic, &group, 2, &calls, &failing).await;
+        first.unsubscribe(&topic).await.expect("unsubscribe");
+        committed(&broker, &topic, &group, 3).await;
+        assert_eq!(calls_of(&calls, 2, "a"), vec![0, 1], "replayed in order");
+        first.close().await.expect("close");
+        second.close().await.expect("close");
     })
     .await;
 }

@@ -192,6 +192,20 @@ impl FailingEntry<'_> {
         }
     }
 
+    /// An unpark's replay could not start: the read of its records failed
+    /// `attempts` times, the last with `error`; the next read is due after
+    /// `wait`.
+    pub(super) fn replay_waits(&self, attempts: u32, error: &crate::Error, wait: Duration) {
+        if let Some(f) = lock(&self.holds.failing).get_mut(&self.id) {
+            f.attempts = attempts;
+            f.error = Some(HoldError {
+                class: "replaying",
+                message: truncated(&format!("waiting to replay: {error}")),
+            });
+            f.next_retry = SystemTime::now().checked_add(wait);
+        }
+    }
+
     /// Held with no retry (an invalid envelope with no dead-letter destination).
     pub(super) fn held(&self) {
         if let Some(f) = lock(&self.holds.failing).get_mut(&self.id) {

@@ -56,37 +56,52 @@ pub(super) async fn control(
         return DONE;
     };
     let scope = parking.scope();
-    let read = || {
-        replay_plan(
+    // The commit-point view names the replay while it holds the partition,
+    // waiting to start included.
+    let hold = shared.inner.holds.failing(message, &unpark.aggregate);
+    let read = || async {
+        let plan = replay_plan(
             &*destination.store,
             &destination.topic,
             scope,
             (&unpark.aggregate, message.offset),
             parking.token(),
         )
+        .await?;
+        if plan.superseded {
+            // Another owner's marker is the latest: this scope is being
+            // handed over (its fence follows, and the next owner replays), or
+            // a former owner's marker landed late. A lift written now would
+            // count for no later reader: the replay waits.
+            return Err(crate::Error::new(
+                crate::ErrorKind::Unavailable,
+                format!(
+                    "another owner's epoch marker of {}[{}] is the latest in dead-letter topic `{}`: the partition is being handed over, or a former owner's marker landed late",
+                    message.topic, message.partition, destination.topic
+                ),
+            ));
+        }
+        Ok(plan)
     };
-    let Some(plan) = persist(shared, epoch, "reading the parked records", read).await else {
+    let failed = |e: &crate::Error, attempt: u32| {
+        tracing::warn!(topic = %message.topic, partition = message.partition,
+            aggregate_id = %unpark.aggregate, error = %e, attempt,
+            "unpark: reading the parked records failed; retried while the partition is held");
+        hold.replay_waits(attempt, e, shared.policy.backoff_for(attempt));
+    };
+    let stop = Some(&shared.inner.cancel);
+    let Some(plan) = until_fenced(epoch.scope(), stop, &shared.policy, failed, read).await else {
         return Outcome::Abandoned { attempts: 0 };
     };
     let ReplayPlan {
         heads,
         records,
         destinations,
-        superseded,
+        ..
     } = plan;
-    if superseded {
-        // Another owner's marker is the latest: this scope is being handed
-        // over, and a lift written now would count for no later reader.
-        tracing::info!(topic = %message.topic, partition = message.partition,
-            aggregate_id = %unpark.aggregate,
-            "unpark: the partition was taken up by another owner; left to it");
-        return Outcome::Abandoned { attempts: 0 };
-    }
     tracing::info!(topic = %message.topic, partition = message.partition,
         aggregate_id = %unpark.aggregate, records = records.len(), heads = heads.len(),
         "replaying a parked aggregate");
-    // The commit-point view names the replay while it holds the partition.
-    let hold = shared.inner.holds.failing(message, &unpark.aggregate);
     for (done, (offset, copy)) in records.iter().enumerate() {
         hold.replaying(done, records.len(), *offset);
         // No call starts once the work is fenced: handed over (the next

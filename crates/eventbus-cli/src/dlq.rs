@@ -239,7 +239,7 @@ fn print_parked(report: &RedriveReport, json: bool) -> Result<(), CliError> {
     invalid_notes(report);
     if report.parked.is_empty() {
         note(&format!(
-            "no parked aggregate in {} (read {}, {} of sequenced dead letters)",
+            "no parked aggregate in {} (read {} record(s), {} of them of sequenced dead letters)",
             report.dead_letter_topic, report.read, report.sequenced
         ));
         return Ok(());

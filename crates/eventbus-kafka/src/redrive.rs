@@ -160,25 +160,7 @@ impl Reader {
             let topic = topic.clone();
             let from_oldest = options.from_oldest;
             blocking(move || {
-                let metadata = consumer
-                    .fetch_metadata(Some(&topic), timeout)
-                    .map_err(|e| broker(format!("redrive: cannot read the metadata of dead-letter topic `{topic}`"), e))?;
-                let missing = || {
-                    Error::new(
-                        ErrorKind::NotFound,
-                        format!("dead-letter topic `{topic}` does not exist"),
-                    )
-                };
-                let t = metadata
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == &*topic)
-                    .ok_or_else(missing)?;
-                if t.error().is_some() || t.partitions().is_empty() {
-                    return Err(missing());
-                }
-                let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-                partitions.sort_unstable();
+                let partitions = partitions_of(&consumer, &topic, timeout, "redrive")?;
                 let mut tpl = TopicPartitionList::new();
                 for p in &partitions {
                     tpl.add_partition(&topic, *p);
@@ -219,6 +201,37 @@ impl Reader {
             current: None,
         })
     }
+}
+
+/// The partitions of dead-letter topic `topic` in `consumer`'s metadata,
+/// sorted; `NotFound` naming the topic when it does not exist. `reader` (the
+/// redrive, sequencing) begins each error.
+pub(crate) fn partitions_of(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+    reader: &str,
+) -> Result<Vec<i32>> {
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| {
+        broker(
+            format!("{reader}: cannot read the metadata of dead-letter topic `{topic}`"),
+            e,
+        )
+    })?;
+    let t = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("dead-letter topic `{topic}` does not exist"),
+            )
+        })?;
+    let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    partitions.sort_unstable();
+    Ok(partitions)
 }
 
 /// The headers of `m`, their values copied (a header with no value as empty).

@@ -234,26 +234,7 @@ fn read_all(
             "kafka: librdkafka refused the configuration of the dead-letter reader of sequencing: {e}"
         ))
     })?;
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| {
-        broker(
-            format!("sequencing: cannot read the metadata of dead-letter topic `{topic}`"),
-            e,
-        )
-    })?;
-    let missing = || {
-        Error::new(
-            ErrorKind::NotFound,
-            format!("dead-letter topic `{topic}` does not exist"),
-        )
-    };
-    let t = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == &**topic)
-        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-        .ok_or_else(missing)?;
-    let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-    partitions.sort_unstable();
+    let partitions = crate::redrive::partitions_of(&consumer, topic, timeout, "sequencing")?;
     for p in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| {
             broker(

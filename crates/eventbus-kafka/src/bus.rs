@@ -671,6 +671,7 @@ impl KafkaEventBus {
         config.validate()?;
         bus_config.validate()?;
         check_handover_bound(&config, &bus_config)?;
+        check_sequencing_acks(&config, &bus_config)?;
         let producer = Arc::new(KafkaProducer::new(&config)?);
         let written = Arc::new(crate::sequence::Written::default());
         let sink = Arc::new(
@@ -792,6 +793,21 @@ impl LifecycleBus for KafkaEventBus {
 /// A revoke runs inside librdkafka's rebalance callback, which holds up polling:
 /// the whole hand-over (`drain_timeout + handover_timeout`) must end well before
 /// `max_poll_interval`, or librdkafka evicts the member while it hands over.
+/// Sequenced dead letters need `acks=all`: a record the leader acknowledged
+/// before its followers have it stands above the high watermark, where the
+/// next owner's rebuild does not read it, and is lost with the leader.
+fn check_sequencing_acks(config: &KafkaConfig, bus: &BusConfig) -> Result<()> {
+    if bus.dead_letter.sequence_by_aggregate && config.producer.acks != crate::config::Acks::All {
+        return Err(Error::config(format!(
+            "dead_letter.sequence_by_aggregate needs kafka.producer.acks = all, not {}: a parked \
+             record acknowledged before the followers have it can be missed by the next owner's \
+             rebuild, or lost, and its aggregate's later events would run out of order",
+            config.producer.acks.as_str()
+        )));
+    }
+    Ok(())
+}
+
 fn check_handover_bound(config: &KafkaConfig, bus: &BusConfig) -> Result<()> {
     let bound = bus.consumer.handover_bound();
     if bound.saturating_mul(2) > config.max_poll_interval {

@@ -30,7 +30,7 @@ pub enum Acks {
 }
 
 impl Acks {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Acks::All => "all",
             Acks::Leader => "1",

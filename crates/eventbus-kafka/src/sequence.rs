@@ -39,8 +39,14 @@ const CHUNK: usize = 256;
 /// chunks, whatever the topic retains.
 const AHEAD: usize = 2;
 
-/// How long a read waits for the next record below the high watermark.
+/// How long a read waits for the next record below its end.
 const READ_BOUND: Duration = Duration::from_secs(30);
+
+/// How long a read that the broker says is at its end, short of an offset
+/// the bus noted a write at, waits for that record before it takes the
+/// broker's end for the partition's (the topic deleted and made again, or an
+/// acknowledged write lost).
+const GRACE: Duration = Duration::from_secs(3);
 
 /// How long one poll of the reading consumer waits.
 const POLL: Duration = Duration::from_millis(100);
@@ -61,6 +67,16 @@ impl Written {
         if let Ok(mut ends) = self.0.lock() {
             let end = ends.entry((topic.to_owned(), partition)).or_default();
             *end = (*end).max(offset + 1);
+        }
+    }
+
+    /// The broker says `partition` of `topic` ends at `end`, short of what
+    /// was noted: take its word from now on.
+    fn lower(&self, topic: &str, partition: i32, end: i64) {
+        if let Ok(mut ends) = self.0.lock() {
+            if let Some(noted) = ends.get_mut(&(topic.to_owned(), partition)) {
+                *noted = (*noted).min(end);
+            }
         }
     }
 
@@ -172,7 +188,7 @@ impl SequenceStore for Store {
             let client = self.client.clone();
             let name: Arc<str> = Arc::from(topic);
             let timeout = self.timeout;
-            let written = self.written.ends(topic);
+            let written = self.written.clone();
             let reader = tokio::task::spawn_blocking(move || {
                 read_all(&client, &name, timeout, &written, &tx)
             });
@@ -226,9 +242,10 @@ fn read_all(
     client: &ClientConfig,
     topic: &Arc<str>,
     timeout: Duration,
-    written: &HashMap<i32, i64>,
+    noted: &Written,
     tx: &mpsc::Sender<Vec<Message>>,
 ) -> Result<()> {
+    let written = noted.ends(topic);
     let consumer: BaseConsumer = client.create().map_err(|e| {
         Error::config(format!(
             "kafka: librdkafka refused the configuration of the dead-letter reader of sequencing: {e}"
@@ -258,7 +275,14 @@ fn read_all(
                     e,
                 )
             })?;
-        if !read_partition(&consumer, topic, p, low, end, tx)? {
+        let (more, short) = read_partition(&consumer, topic, p, low, end, tx)?;
+        if let Some(at) = short {
+            tracing::warn!(%topic, partition = p, end = at, written = end.written,
+                "sequencing: the dead-letter partition ends before a record this bus wrote there \
+                 (the topic made again, or a write lost); its end is taken as the broker says");
+            noted.lower(topic, p, at);
+        }
+        if !more {
             return Ok(());
         }
     }
@@ -283,7 +307,8 @@ impl Ends {
 /// Read partition `p`, assigned from `low`, up to its end: the high watermark
 /// or the end the consumer reaches first (offsets that hold no record, a
 /// transaction's markers, are never read), and past the bus's own writes in
-/// any case. `false` when the receiving side is gone.
+/// any case, unless the broker says it ends short of those for [`GRACE`]:
+/// then that end, returned. `false` when the receiving side is gone.
 fn read_partition(
     consumer: &BaseConsumer,
     topic: &str,
@@ -291,15 +316,17 @@ fn read_partition(
     low: i64,
     end: Ends,
     tx: &mpsc::Sender<Vec<Message>>,
-) -> Result<bool> {
+) -> Result<(bool, Option<i64>)> {
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut next = low;
     let mut progress = Instant::now();
     let mut eof = false;
     let mut last = None;
+    // Since when the broker says the partition ends short of the bus's writes.
+    let mut short: Option<Instant> = None;
     while next < end.target() {
         if tx.is_closed() {
-            return Ok(false);
+            return Ok((false, None));
         }
         match consumer.poll(POLL) {
             None => {}
@@ -308,6 +335,9 @@ fn read_partition(
             Some(Err(KafkaError::PartitionEOF(at))) if at == p && next >= end.written => {
                 eof = true;
                 break;
+            }
+            Some(Err(KafkaError::PartitionEOF(at))) if at == p => {
+                short.get_or_insert_with(Instant::now);
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) if lasting(&e) => {
@@ -323,6 +353,7 @@ fn read_partition(
             Some(Ok(m)) => {
                 next = m.offset() + 1;
                 progress = Instant::now();
+                short = None;
                 if m.offset() >= end.target() {
                     break;
                 }
@@ -332,10 +363,14 @@ fn read_partition(
                         .blocking_send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))
                         .is_err()
                 {
-                    return Ok(false);
+                    return Ok((false, None));
                 }
                 continue;
             }
+        }
+        if short.is_some_and(|since| since.elapsed() > GRACE) {
+            let more = chunk.is_empty() || tx.blocking_send(chunk).is_ok();
+            return Ok((more, Some(next)));
         }
         if progress.elapsed() > READ_BOUND {
             let stalled = Error::new(
@@ -363,7 +398,7 @@ fn read_partition(
         eof,
         "dead-letter partition read for sequencing"
     );
-    Ok(chunk.is_empty() || tx.blocking_send(chunk).is_ok())
+    Ok((chunk.is_empty() || tx.blocking_send(chunk).is_ok(), None))
 }
 
 /// `m` as a [`Message`] of `topic`, its bytes copied.
@@ -382,4 +417,36 @@ fn owned(m: &BorrowedMessage<'_>, topic: &str) -> Message {
         msg = msg.with_timestamp_ms(ts);
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    /// A write noted past where the partition now ends (the topic made again
+    /// after it, or the write lost) does not hold every later read at its
+    /// bound: after [`GRACE`] at the broker's end, that end is the
+    /// partition's, and the note is lowered to it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_noted_write_past_the_end_gives_way_to_the_brokers_end() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let topic = format!("orders-{:016x}.dlq", fastrand::u64(..));
+        mock.create_topic(&topic, 1, 1).expect("topic");
+        let config = KafkaConfig::new(mock.bootstrap_servers());
+        let producer = Arc::new(KafkaProducer::new(&config).expect("producer"));
+        let written = Arc::new(Written::default());
+        let store = Store::new(producer, written.clone(), &config, "g");
+        store
+            .write(&topic, 0, Record::new(Bytes::from_static(b"x")))
+            .await
+            .expect("write");
+        assert_eq!(written.ends(&topic).get(&0), Some(&1));
+        written.note(&topic, 0, 99);
+        let mut offsets = Vec::new();
+        let mut each = |_: i32, m: &Message| offsets.push(m.offset);
+        store.read(&topic, &mut each).await.expect("read");
+        assert_eq!(offsets, [0]);
+        assert_eq!(written.ends(&topic).get(&0), Some(&1), "lowered to the end");
+    }
 }

@@ -40,3 +40,27 @@ async fn an_aggregate_of_one_of_many_partitions_unparks_in_order() {
     )
     .await;
 }
+
+/// Sequencing on a producer that does not wait for every in-sync replica is
+/// refused, naming both keys: a parked record the leader alone had could be
+/// missed by the next owner's rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequencing_is_refused_unless_every_replica_acknowledges() {
+    let mut kafka = eventbus_testkit::factories::kafka_config("127.0.0.1:9");
+    kafka.producer.acks = eventbus_kafka::Acks::Leader;
+    kafka.producer.idempotence = false;
+    let mut bus = eventbus_testkit::conformance::quick_config();
+    bus.dead_letter.sequence_by_aggregate = true;
+    let pool = (keyed_pools())(Default::default()).await;
+    let e = eventbus_kafka::KafkaEventBus::new(kafka.clone(), bus.clone(), pool.clone())
+        .expect_err("refused");
+    assert_eq!(e.kind(), eventbus_core::ErrorKind::Config);
+    let text = e.to_string();
+    assert!(
+        text.contains("dead_letter.sequence_by_aggregate") && text.contains("kafka.producer.acks"),
+        "{e}"
+    );
+    bus.dead_letter.sequence_by_aggregate = false;
+    eventbus_kafka::KafkaEventBus::new(kafka, bus, pool)
+        .expect("without sequencing, acks=1 is taken");
+}

@@ -269,7 +269,7 @@ pub(crate) async fn rebuild_until(
             partition = up.scope.partition, error = %e, attempt,
             "rebuilding the parked set failed; the partition waits and it is read again");
     };
-    let Some(rebuilt) = until_fenced(&work, None, &policy, failed, read).await else {
+    let Some(rebuilt) = until_fenced(&work, (None, &|| false), &policy, failed, read).await else {
         return false;
     };
     tracing::debug!(dead_letter_topic = %up.topic, topic = %up.scope.topic,
@@ -289,11 +289,15 @@ pub(crate) async fn rebuild_until(
 
 /// `op` until it succeeds, retried with `policy`'s backoff (`failed` told of
 /// each failure and its count): `None` once `work` is fenced, or `stop` is
-/// cancelled, first. A fence wins over an operation that ends at the same
-/// moment.
+/// cancelled, or `gone` says so before an attempt after the first (a rewind
+/// past the caller's message), first. A fence wins over an operation that
+/// ends at the same moment.
 pub(crate) async fn until_fenced<T, F, Fut>(
     work: &Scope,
-    stop: Option<&tokio_util::sync::CancellationToken>,
+    (stop, gone): (
+        Option<&tokio_util::sync::CancellationToken>,
+        &(dyn Fn() -> bool + Sync),
+    ),
     policy: &DeliveryPolicy,
     mut failed: impl FnMut(&crate::Error, u32),
     mut op: F,
@@ -326,6 +330,9 @@ where
                     _ = stopped() => return None,
                     _ = work.fenced() => return None,
                     _ = tokio::time::sleep(policy.backoff_for(attempt)) => {}
+                }
+                if gone() {
+                    return None;
                 }
             }
         }
@@ -513,5 +520,38 @@ mod tests {
         let same = p.reserve("b").expect("a parked aggregate needs no room");
         drop(same);
         assert_eq!(p.set().len(), 1);
+    }
+
+    /// The retries of a write or a read end once the caller's message is
+    /// rewound past (`gone`), as at a fence or a stop: its copy read again
+    /// does the work.
+    #[tokio::test(start_paused = true)]
+    async fn retries_end_once_the_caller_is_gone() {
+        let work = Scope::new();
+        let epoch = work.current();
+        let policy = DeliveryPolicy::default();
+        let attempts = std::cell::Cell::new(0u32);
+        let gone = || epoch.is_fenced(5);
+        let op = || {
+            attempts.set(attempts.get() + 1);
+            if attempts.get() == 2 {
+                // A rewind to the message's offset, between two attempts.
+                work.rewind(5);
+            }
+            async { Err::<(), _>(crate::Error::new(crate::ErrorKind::Unavailable, "down")) }
+        };
+        let ended = until_fenced(&work, (None, &gone), &policy, |_, _| {}, op).await;
+        assert!(ended.is_none());
+        assert_eq!(attempts.get(), 2, "no attempt after the rewind");
+        let other = Scope::new();
+        let never = || false;
+        let fails =
+            || async { Err::<(), _>(crate::Error::new(crate::ErrorKind::Unavailable, "down")) };
+        other.fence();
+        assert!(
+            until_fenced(&other, (None, &never), &policy, |_, _| {}, fails)
+                .await
+                .is_none()
+        );
     }
 }

@@ -153,6 +153,10 @@ struct Failing {
 pub(super) struct Holds {
     partitions: Mutex<HashMap<(Arc<str>, i32), Reported>>,
     failing: Mutex<HashMap<u64, Failing>>,
+    /// Messages given up while their partition stays held
+    /// ([`FailingEntry::leave`]), one per partition at most, each kept while
+    /// its partition's commit point stands at it.
+    left: Mutex<HashMap<(Arc<str>, i32), Failing>>,
     next_id: AtomicU64,
 }
 
@@ -192,18 +196,20 @@ impl FailingEntry<'_> {
         }
     }
 
-    /// An unpark's replay could not start: the read of its records failed
-    /// `attempts` times, the last with `error`; the next read is due after
-    /// `wait`.
-    pub(super) fn replay_waits(&self, attempts: u32, error: &crate::Error, wait: Duration) {
-        if let Some(f) = lock(&self.holds.failing).get_mut(&self.id) {
-            f.attempts = attempts;
-            f.error = Some(HoldError {
-                class: "replaying",
-                message: truncated(&format!("waiting to replay: {error}")),
-            });
-            f.next_retry = SystemTime::now().checked_add(wait);
-        }
+    /// The message is given up while its partition stays held (an unpark's
+    /// replay left to the partition's next owner): the view keeps naming it,
+    /// with class `class` and `message`, for as long as its partition's
+    /// commit point stands at it.
+    pub(super) fn leave(self, class: &'static str, message: &str) {
+        let Some(mut f) = lock(&self.holds.failing).remove(&self.id) else {
+            return;
+        };
+        f.error = Some(HoldError {
+            class,
+            message: truncated(message),
+        });
+        f.next_retry = None;
+        lock(&self.holds.left).insert((f.topic.clone(), f.partition), f);
     }
 
     /// Held with no retry (an invalid envelope with no dead-letter destination).
@@ -308,6 +314,8 @@ impl Holds {
             }
             now.saturating_duration_since(r.reported) <= stale
         });
+        // A message left behind is named while its partition stands at it.
+        lock(&self.left).retain(|key, f| partitions.get(key).is_some_and(|r| r.offset == f.offset));
     }
 
     fn view(&self, interval: Duration, threshold: Duration) -> Vec<CommitHold> {
@@ -315,13 +323,20 @@ impl Holds {
         let stale = interval * STALE_AFTER_REPORTS;
         let partitions = lock(&self.partitions);
         let failing = lock(&self.failing);
+        let left = lock(&self.left);
         let mut out: Vec<CommitHold> = partitions
             .iter()
             .filter(|(_, r)| now.saturating_duration_since(r.reported) <= stale)
             .map(|((topic, partition), r)| {
-                let f = failing.values().find(|f| {
-                    f.partition == *partition && f.offset == r.offset && f.topic == *topic
-                });
+                let f = failing
+                    .values()
+                    .find(|f| {
+                        f.partition == *partition && f.offset == r.offset && f.topic == *topic
+                    })
+                    .or_else(|| {
+                        left.get(&(topic.clone(), *partition))
+                            .filter(|f| f.offset == r.offset)
+                    });
                 let held_for = now.saturating_duration_since(r.since);
                 let exhausted = f.is_some_and(|f| f.exhausted);
                 CommitHold {

@@ -56,49 +56,49 @@ pub(super) async fn control(
         return DONE;
     };
     let scope = parking.scope();
-    // The commit-point view names the replay while it holds the partition,
-    // waiting to start included.
+    // The commit-point view names the replay while it holds the partition.
     let hold = shared.inner.holds.failing(message, &unpark.aggregate);
-    let read = || async {
-        let plan = replay_plan(
+    let read = || {
+        replay_plan(
             &*destination.store,
             &destination.topic,
             scope,
             (&unpark.aggregate, message.offset),
             parking.token(),
         )
-        .await?;
-        if plan.superseded {
-            // Another owner's marker is the latest: this scope is being
-            // handed over (its fence follows, and the next owner replays), or
-            // a former owner's marker landed late. A lift written now would
-            // count for no later reader: the replay waits.
-            return Err(crate::Error::new(
-                crate::ErrorKind::Unavailable,
-                format!(
-                    "another owner's epoch marker of {}[{}] is the latest in dead-letter topic `{}`: the partition is being handed over, or a former owner's marker landed late",
-                    message.topic, message.partition, destination.topic
-                ),
-            ));
-        }
-        Ok(plan)
     };
-    let failed = |e: &crate::Error, attempt: u32| {
-        tracing::warn!(topic = %message.topic, partition = message.partition,
-            aggregate_id = %unpark.aggregate, error = %e, attempt,
-            "unpark: reading the parked records failed; retried while the partition is held");
-        hold.replay_waits(attempt, e, shared.policy.backoff_for(attempt));
-    };
-    let stop = Some(&shared.inner.cancel);
-    let Some(plan) = until_fenced(epoch.scope(), stop, &shared.policy, failed, read).await else {
+    let Some(plan) = persist(
+        shared,
+        (epoch, message.offset),
+        "reading the parked records",
+        read,
+    )
+    .await
+    else {
         return Outcome::Abandoned { attempts: 0 };
     };
     let ReplayPlan {
         heads,
         records,
         destinations,
-        ..
+        superseded,
     } = plan;
+    if superseded {
+        // Another owner's marker is the latest: this scope is being handed
+        // over, and a lift written now would count for no later reader. Left
+        // to the next owner, which reads the control record again; where no
+        // hand-over follows (a former owner's marker landed late), the
+        // partition stands at the control record, and the view says why.
+        let why = format!(
+            "left to the partition's next owner: another owner's epoch marker of {}[{}] is the latest in dead-letter topic `{}`",
+            message.topic, message.partition, destination.topic
+        );
+        tracing::warn!(topic = %message.topic, partition = message.partition,
+            offset = message.offset, aggregate_id = %unpark.aggregate,
+            "unpark: {why}; if no hand-over follows, restart this member");
+        hold.leave("replaying", &why);
+        return Outcome::Abandoned { attempts: 0 };
+    }
     tracing::info!(topic = %message.topic, partition = message.partition,
         aggregate_id = %unpark.aggregate, records = records.len(), heads = heads.len(),
         "replaying a parked aggregate");
@@ -118,7 +118,7 @@ pub(super) async fn control(
     let lift = scope.lift(parking.token(), &unpark.aggregate, heads.clone());
     for partition in destinations {
         let write = || write_lift(destination, partition, &lift);
-        if persist(shared, epoch, "writing the lift", write)
+        if persist(shared, (epoch, message.offset), "writing the lift", write)
             .await
             .is_none()
         {
@@ -240,7 +240,7 @@ async fn write_lift(
 /// scope is fenced or the bus closes first. `what` names it in the warnings.
 async fn persist<T, F, Fut>(
     shared: &TaskShared<Event>,
-    epoch: &Epoch,
+    (epoch, at): (&Epoch, i64),
     what: &str,
     op: F,
 ) -> Option<T>
@@ -253,5 +253,8 @@ where
             "unpark: {what} failed; retried while the partition is held");
     };
     let stop = Some(&shared.inner.cancel);
-    until_fenced(epoch.scope(), stop, &shared.policy, failed, op).await
+    // A rewind to the control record or below it ends the retries too: its
+    // copy read again replays.
+    let gone = || epoch.is_fenced(at);
+    until_fenced(epoch.scope(), (stop, &gone), &shared.policy, failed, op).await
 }

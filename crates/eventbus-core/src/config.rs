@@ -232,9 +232,9 @@ pub struct DeadLetterConfig {
     /// Keep an aggregate's order through its dead letters, default false: once an
     /// envelope of an aggregate is dead-lettered, the aggregate's later envelopes
     /// are written to the destination parked behind it, unrun
-    /// (`docs/sequencing.md`). The memory backend has it; Kafka and NATS refuse
-    /// it for now, naming it: their parked sets are not yet rebuilt at a
-    /// hand-over or a restart.
+    /// (`docs/sequencing.md`). The memory and Kafka backends have it (Kafka
+    /// with `acks=all`); NATS refuses it for now, naming it: its parked sets
+    /// are not yet rebuilt at a hand-over or a restart.
     pub sequence_by_aggregate: bool,
     /// Aggregates parked at most per partition with `sequence_by_aggregate`,
     /// default 10000: past it, a failing envelope of an aggregate not parked yet

@@ -790,24 +790,48 @@ impl LifecycleBus for KafkaEventBus {
     }
 }
 
-/// A revoke runs inside librdkafka's rebalance callback, which holds up polling:
-/// the whole hand-over (`drain_timeout + handover_timeout`) must end well before
-/// `max_poll_interval`, or librdkafka evicts the member while it hands over.
 /// Sequenced dead letters need `acks=all`: a record the leader acknowledged
 /// before its followers have it stands above the high watermark, where the
-/// next owner's rebuild does not read it, and is lost with the leader.
+/// next owner's rebuild does not read it, and is lost with the leader. Also
+/// where librdkafka's own key is set (`kafka.properties`,
+/// `kafka.producer_properties`), which overrides `kafka.producer.acks`.
 fn check_sequencing_acks(config: &KafkaConfig, bus: &BusConfig) -> Result<()> {
-    if bus.dead_letter.sequence_by_aggregate && config.producer.acks != crate::config::Acks::All {
-        return Err(Error::config(format!(
-            "dead_letter.sequence_by_aggregate needs kafka.producer.acks = all, not {}: a parked \
-             record acknowledged before the followers have it can be missed by the next owner's \
-             rebuild, or lost, and its aggregate's later events would run out of order",
-            config.producer.acks.as_str()
-        )));
+    if !bus.dead_letter.sequence_by_aggregate {
+        return Ok(());
+    }
+    let refuse = |key: &str, value: &str| {
+        Err(Error::config(format!(
+            "dead_letter.sequence_by_aggregate needs {key} = all, not {value}: a parked record \
+             acknowledged before the followers have it can be missed by the next owner's \
+             rebuild, or lost, and its aggregate's later events would run out of order"
+        )))
+    };
+    if config.producer.acks != crate::config::Acks::All {
+        let value = match config.producer.acks {
+            crate::config::Acks::Leader => "leader",
+            _ => "none",
+        };
+        return refuse("kafka.producer.acks", value);
+    }
+    for (section, properties) in [
+        ("kafka.properties", &config.properties),
+        ("kafka.producer_properties", &config.producer_properties),
+    ] {
+        for key in ["acks", "request.required.acks"] {
+            if let Some(value) = properties
+                .get(key)
+                .filter(|v| !matches!(v.as_str(), "all" | "-1"))
+            {
+                return refuse(&format!("{section}.\"{key}\""), value);
+            }
+        }
     }
     Ok(())
 }
 
+/// A revoke runs inside librdkafka's rebalance callback, which holds up polling:
+/// the whole hand-over (`drain_timeout + handover_timeout`) must end well before
+/// `max_poll_interval`, or librdkafka evicts the member while it hands over.
 fn check_handover_bound(config: &KafkaConfig, bus: &BusConfig) -> Result<()> {
     let bound = bus.consumer.handover_bound();
     if bound.saturating_mul(2) > config.max_poll_interval {

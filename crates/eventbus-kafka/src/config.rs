@@ -30,7 +30,7 @@ pub enum Acks {
 }
 
 impl Acks {
-    pub(crate) fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             Acks::All => "all",
             Acks::Leader => "1",

@@ -42,12 +42,6 @@ const AHEAD: usize = 2;
 /// How long a read waits for the next record below its end.
 const READ_BOUND: Duration = Duration::from_secs(30);
 
-/// How long a read that the broker says is at its end, short of an offset
-/// the bus noted a write at, waits for that record before it takes the
-/// broker's end for the partition's (the topic deleted and made again, or an
-/// acknowledged write lost).
-const GRACE: Duration = Duration::from_secs(3);
-
 /// How long one poll of the reading consumer waits.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -70,12 +64,15 @@ impl Written {
         }
     }
 
-    /// The broker says `partition` of `topic` ends at `end`, short of what
-    /// was noted: take its word from now on.
-    fn lower(&self, topic: &str, partition: i32, end: i64) {
+    /// The broker says `partition` of `topic` ends at `end`, short of the
+    /// `noted` end a read went by, for as long as a read waits: take its word
+    /// from now on, unless a write noted meanwhile moved the end.
+    fn lower(&self, topic: &str, partition: i32, noted: i64, end: i64) {
         if let Ok(mut ends) = self.0.lock() {
-            if let Some(noted) = ends.get_mut(&(topic.to_owned(), partition)) {
-                *noted = (*noted).min(end);
+            if let Some(now) = ends.get_mut(&(topic.to_owned(), partition)) {
+                if *now == noted {
+                    *now = end;
+                }
             }
         }
     }
@@ -99,6 +96,8 @@ pub(crate) struct Store {
     producer: Arc<KafkaProducer>,
     written: Arc<Written>,
     reads: Arc<Semaphore>,
+    /// How long a read waits for its next record ([`READ_BOUND`]).
+    bound: Duration,
     /// The reading consumer's configuration: the redrive reader's, joining
     /// no group.
     client: ClientConfig,
@@ -144,6 +143,7 @@ impl Store {
             producer,
             written,
             reads: Arc::new(Semaphore::new(READS)),
+            bound: READ_BOUND,
             client,
             timeout: config.operation_timeout,
         }
@@ -189,8 +189,9 @@ impl SequenceStore for Store {
             let name: Arc<str> = Arc::from(topic);
             let timeout = self.timeout;
             let written = self.written.clone();
+            let bounds = (timeout, self.bound);
             let reader = tokio::task::spawn_blocking(move || {
-                read_all(&client, &name, timeout, &written, &tx)
+                read_all(&client, &name, bounds, &written, &tx)
             });
             while let Some(chunk) = rx.recv().await {
                 for m in &chunk {
@@ -241,7 +242,7 @@ pub(crate) fn reader_group(group: &str) -> String {
 fn read_all(
     client: &ClientConfig,
     topic: &Arc<str>,
-    timeout: Duration,
+    (timeout, bound): (Duration, Duration),
     noted: &Written,
     tx: &mpsc::Sender<Vec<Message>>,
 ) -> Result<()> {
@@ -275,18 +276,29 @@ fn read_all(
                     e,
                 )
             })?;
-        let (more, short) = read_partition(&consumer, topic, p, low, end, tx)?;
-        if let Some(at) = short {
-            tracing::warn!(%topic, partition = p, end = at, written = end.written,
-                "sequencing: the dead-letter partition ends before a record this bus wrote there \
-                 (the topic made again, or a write lost); its end is taken as the broker says");
-            noted.lower(topic, p, at);
-        }
+        let read = Read {
+            topic,
+            p,
+            low,
+            end,
+            bound,
+        };
+        let more = read_partition(&consumer, &read, noted, tx)?;
         if !more {
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// One partition's read: where it starts and ends, and how long it waits for
+/// its next record.
+struct Read<'a> {
+    topic: &'a str,
+    p: i32,
+    low: i64,
+    end: Ends,
+    bound: Duration,
 }
 
 /// Where the read of one partition ends.
@@ -307,26 +319,33 @@ impl Ends {
 /// Read partition `p`, assigned from `low`, up to its end: the high watermark
 /// or the end the consumer reaches first (offsets that hold no record, a
 /// transaction's markers, are never read), and past the bus's own writes in
-/// any case, unless the broker says it ends short of those for [`GRACE`]:
-/// then that end, returned. `false` when the receiving side is gone.
+/// any case. `false` when the receiving side is gone. A read that waits its
+/// whole bound at a broker's end short of the bus's own writes (the topic
+/// made again, or a write lost) fails, and the note is lowered to that end for
+/// the reads after it.
 fn read_partition(
     consumer: &BaseConsumer,
-    topic: &str,
-    p: i32,
-    low: i64,
-    end: Ends,
+    &Read {
+        topic,
+        p,
+        low,
+        end,
+        bound,
+    }: &Read<'_>,
+    noted: &Written,
     tx: &mpsc::Sender<Vec<Message>>,
-) -> Result<(bool, Option<i64>)> {
+) -> Result<bool> {
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut next = low;
     let mut progress = Instant::now();
     let mut eof = false;
     let mut last = None;
-    // Since when the broker says the partition ends short of the bus's writes.
-    let mut short: Option<Instant> = None;
+    // Whether the broker said the partition ends short of the bus's writes
+    // since the last record.
+    let mut short = false;
     while next < end.target() {
         if tx.is_closed() {
-            return Ok((false, None));
+            return Ok(false);
         }
         match consumer.poll(POLL) {
             None => {}
@@ -336,9 +355,7 @@ fn read_partition(
                 eof = true;
                 break;
             }
-            Some(Err(KafkaError::PartitionEOF(at))) if at == p => {
-                short.get_or_insert_with(Instant::now);
-            }
+            Some(Err(KafkaError::PartitionEOF(at))) if at == p => short = true,
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) if lasting(&e) => {
                 return Err(broker(
@@ -353,7 +370,7 @@ fn read_partition(
             Some(Ok(m)) => {
                 next = m.offset() + 1;
                 progress = Instant::now();
-                short = None;
+                short = false;
                 if m.offset() >= end.target() {
                     break;
                 }
@@ -363,20 +380,28 @@ fn read_partition(
                         .blocking_send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))
                         .is_err()
                 {
-                    return Ok((false, None));
+                    return Ok(false);
                 }
                 continue;
             }
         }
-        if short.is_some_and(|since| since.elapsed() > GRACE) {
-            let more = chunk.is_empty() || tx.blocking_send(chunk).is_ok();
-            return Ok((more, Some(next)));
-        }
-        if progress.elapsed() > READ_BOUND {
+        if progress.elapsed() > bound {
+            if short {
+                tracing::warn!(
+                    topic,
+                    partition = p,
+                    end = next,
+                    written = end.written,
+                    "sequencing: the dead-letter partition ends before a record this bus wrote \
+                     there (the topic made again, or a write lost); its end is taken as the \
+                     broker says from the next read on"
+                );
+                noted.lower(topic, p, end.written, next);
+            }
             let stalled = Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "sequencing: no record of dead-letter topic `{topic}` partition {p} at offset {next} within {READ_BOUND:?}, below its end {} (high watermark {}; this bus wrote up to {})",
+                    "sequencing: no record of dead-letter topic `{topic}` partition {p} at offset {next} within {bound:?}, below its end {} (high watermark {}; this bus wrote up to {})",
                     end.target(),
                     end.high,
                     end.written
@@ -398,7 +423,7 @@ fn read_partition(
         eof,
         "dead-letter partition read for sequencing"
     );
-    Ok((chunk.is_empty() || tx.blocking_send(chunk).is_ok(), None))
+    Ok(chunk.is_empty() || tx.blocking_send(chunk).is_ok())
 }
 
 /// `m` as a [`Message`] of `topic`, its bytes copied.
@@ -425,9 +450,9 @@ mod tests {
     use rdkafka::mocking::MockCluster;
 
     /// A write noted past where the partition now ends (the topic made again
-    /// after it, or the write lost) does not hold every later read at its
-    /// bound: after [`GRACE`] at the broker's end, that end is the
-    /// partition's, and the note is lowered to it.
+    /// after it, or the write lost) does not fail every later read: the read
+    /// that waited its whole bound at the broker's end fails, the note is
+    /// lowered to that end, and the next read reads to it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_noted_write_past_the_end_gives_way_to_the_brokers_end() {
         let mock = MockCluster::new(1).expect("mock cluster");
@@ -436,7 +461,8 @@ mod tests {
         let config = KafkaConfig::new(mock.bootstrap_servers());
         let producer = Arc::new(KafkaProducer::new(&config).expect("producer"));
         let written = Arc::new(Written::default());
-        let store = Store::new(producer, written.clone(), &config, "g");
+        let mut store = Store::new(producer, written.clone(), &config, "g");
+        store.bound = Duration::from_secs(1);
         store
             .write(&topic, 0, Record::new(Bytes::from_static(b"x")))
             .await
@@ -445,8 +471,15 @@ mod tests {
         written.note(&topic, 0, 99);
         let mut offsets = Vec::new();
         let mut each = |_: i32, m: &Message| offsets.push(m.offset);
+        let e = store
+            .read(&topic, &mut each)
+            .await
+            .expect_err("waits for offset 99");
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert_eq!(written.ends(&topic).get(&0), Some(&1), "lowered to the end");
+        offsets.clear();
+        let mut each = |_: i32, m: &Message| offsets.push(m.offset);
         store.read(&topic, &mut each).await.expect("read");
         assert_eq!(offsets, [0]);
-        assert_eq!(written.ends(&topic).get(&0), Some(&1), "lowered to the end");
     }
 }

@@ -605,7 +605,11 @@ async fn a_replay_behind_another_owners_marker_is_left_to_the_next_owner_and_say
             .collect();
         // Whichever member the partition went to (the group may give it back
         // to the first, under a new marker).
-        assert_eq!(ran, vec![0, 0, 1], "a0 failed, then replayed in order");
+        // a0 failed, then the replay ran a0 and a1 in order (a replay cut by
+        // the hand-over runs again from its start: at least once).
+        assert_eq!(ran.first(), Some(&0), "{ran:?}");
+        assert!(ran.ends_with(&[0, 1]), "replayed in order: {ran:?}");
+        assert!(ran[1..].iter().all(|s| *s <= 1), "{ran:?}");
         first.close().await.expect("close");
         second.close().await.expect("close");
     })

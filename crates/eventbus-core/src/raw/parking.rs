@@ -538,7 +538,15 @@ mod tests {
                 // A rewind to the message's offset, between two attempts.
                 work.rewind(5);
             }
-            async { Err::<(), _>(crate::Error::new(crate::ErrorKind::Unavailable, "down")) }
+            // Up from the fifth: a retry past the rewind would end `Some`.
+            let up = attempts.get() >= 5;
+            async move {
+                if up {
+                    Ok(())
+                } else {
+                    Err(crate::Error::new(crate::ErrorKind::Unavailable, "down"))
+                }
+            }
         };
         let ended = until_fenced(&work, (None, &gone), &policy, |_, _| {}, op).await;
         assert!(ended.is_none());

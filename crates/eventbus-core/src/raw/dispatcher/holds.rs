@@ -14,6 +14,10 @@
 //!   aggregate id, attempts, last error and next retry. These entries are
 //!   messages in flight, so their number is bounded by
 //!   `consumer.max_in_flight_total`, never by the number of keys.
+//! - A message given up while its partition stays held (an unpark's replay
+//!   left to the partition's next owner) keeps its entry while its topic's
+//!   reports show the partition's commit point at or below it: bounded by the
+//!   offsets the in-flight set tracks.
 //!
 //! [`Dispatcher::commit_holds`] joins the two when asked.
 
@@ -148,15 +152,19 @@ struct Failing {
     exhausted: bool,
 }
 
+/// A message's topic, partition and offset.
+type Position = (Arc<str>, i32, i64);
+
 /// The registry [`Dispatcher::commit_holds`] reads; see the module docs.
 #[derive(Default)]
 pub(super) struct Holds {
     partitions: Mutex<HashMap<(Arc<str>, i32), Reported>>,
     failing: Mutex<HashMap<u64, Failing>>,
     /// Messages given up while their partition stays held
-    /// ([`FailingEntry::leave`]), one per partition at most, each kept while
-    /// its partition's commit point stands at it.
-    left: Mutex<HashMap<(Arc<str>, i32), Failing>>,
+    /// ([`FailingEntry::leave`]), by topic, partition and offset, each kept
+    /// while its topic's reports show the partition's commit point at or
+    /// below it.
+    left: Mutex<HashMap<Position, Failing>>,
     next_id: AtomicU64,
 }
 
@@ -209,7 +217,7 @@ impl FailingEntry<'_> {
             message: truncated(message),
         });
         f.next_retry = None;
-        lock(&self.holds.left).insert((f.topic.clone(), f.partition), f);
+        lock(&self.holds.left).insert((f.topic.clone(), f.partition, f.offset), f);
     }
 
     /// Held with no retry (an invalid envelope with no dead-letter destination).
@@ -254,6 +262,9 @@ impl Holds {
     /// Register `message` (routed by `key`) as failing; the entry goes when dropped.
     pub(super) fn failing(&self, message: &Message, key: &str) -> FailingEntry<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Read again (a new owner, a rewind): what was said of the copy given
+        // up no longer holds.
+        lock(&self.left).remove(&(message.topic.clone(), message.partition, message.offset));
         lock(&self.failing).insert(
             id,
             Failing {
@@ -314,8 +325,15 @@ impl Holds {
             }
             now.saturating_duration_since(r.reported) <= stale
         });
-        // A message left behind is named while its partition stands at it.
-        lock(&self.left).retain(|key, f| partitions.get(key).is_some_and(|r| r.offset == f.offset));
+        // A message left behind is named while its topic's partition stands
+        // at or below it; once the commit point passed it, or the partition
+        // holds nothing or is gone, it is no longer.
+        lock(&self.left).retain(|(t, p, offset), _| {
+            t != topic
+                || partitions
+                    .get(&(t.clone(), *p))
+                    .is_some_and(|r| r.offset <= *offset)
+        });
     }
 
     fn view(&self, interval: Duration, threshold: Duration) -> Vec<CommitHold> {
@@ -333,10 +351,7 @@ impl Holds {
                     .find(|f| {
                         f.partition == *partition && f.offset == r.offset && f.topic == *topic
                     })
-                    .or_else(|| {
-                        left.get(&(topic.clone(), *partition))
-                            .filter(|f| f.offset == r.offset)
-                    });
+                    .or_else(|| left.get(&(topic.clone(), *partition, r.offset)));
                 let held_for = now.saturating_duration_since(r.since);
                 let exhausted = f.is_some_and(|f| f.exhausted);
                 CommitHold {
@@ -423,6 +438,42 @@ mod tests {
         let cut = truncated(&long);
         assert!(cut.len() <= HOLD_TEXT_LIMIT, "{}", cut.len());
         assert!(cut.ends_with('…'));
+    }
+
+    /// A message given up while its partition stays held is named at its
+    /// offset while its own topic's reports show the commit point at or below
+    /// it, whatever other topics report, and whichever of several left in a
+    /// partition holds the commit point; once passed, it is gone.
+    #[test]
+    fn a_message_left_behind_is_named_while_its_partition_stands_at_or_below_it() {
+        let holds = Holds::default();
+        let topic: Arc<str> = Arc::from("orders");
+        let other: Arc<str> = Arc::from("payments");
+        let interval = Duration::from_secs(60);
+        let threshold = Duration::from_secs(300);
+        let at = |offset: i64| Message::new(topic.clone(), 0, offset, bytes::Bytes::new());
+        holds.failing(&at(10), "a").leave("replaying", "left: a");
+        holds.failing(&at(20), "b").leave("replaying", "left: b");
+        let named = |holds: &Holds| {
+            holds
+                .view(interval, threshold)
+                .into_iter()
+                .find(|h| h.topic == "orders")
+                .and_then(|h| h.aggregate_id)
+        };
+        // A slower message below both holds the commit point.
+        holds.report(&topic, [PartitionHold::new(0, 5, 0)], &[0], interval);
+        holds.report(&other, [PartitionHold::new(0, 9, 0)], &[0], interval);
+        assert_eq!(named(&holds), None);
+        holds.report(&topic, [PartitionHold::new(0, 10, 0)], &[0], interval);
+        holds.report(&other, [], &[0], interval);
+        assert_eq!(named(&holds).as_deref(), Some("a"));
+        holds.report(&topic, [PartitionHold::new(0, 20, 0)], &[0], interval);
+        assert_eq!(named(&holds).as_deref(), Some("b"));
+        assert_eq!(lock(&holds.left).len(), 1, "a, passed, is gone");
+        // Read again: the new copy's own entry speaks.
+        drop(holds.failing(&at(20), "b"));
+        assert!(lock(&holds.left).is_empty());
     }
 
     #[test]

@@ -254,20 +254,6 @@ impl Default for DeadLetterConfig {
 }
 
 impl DeadLetterConfig {
-    /// A config error naming `dead_letter.sequence_by_aggregate` when it is on,
-    /// for `backend`, which does not rebuild a parked set at a hand-over or a
-    /// restart yet (`docs/sequencing.md`).
-    pub fn refuse_sequencing(&self, backend: &str) -> Result<(), Error> {
-        if self.sequence_by_aggregate {
-            return Err(Error::config(format!(
-                "dead_letter.sequence_by_aggregate is not available on {backend} yet: its \
-                 parked sets are not rebuilt at a hand-over or a restart \
-                 (docs/sequencing.md); leave it false"
-            )));
-        }
-        Ok(())
-    }
-
     /// The dead-letter topic of `topic`.
     pub fn topic_for(&self, topic: &str) -> String {
         format!("{topic}{}", self.suffix)
@@ -556,7 +542,7 @@ mod tests {
     }
 
     #[test]
-    fn sequencing_is_read_and_refused_by_name_where_it_does_not_survive_a_hand_over() {
+    fn sequencing_and_its_bound_are_read_and_a_bound_of_zero_refused_by_name() {
         let c: BusConfig = serde_json::from_str(
             r#"{"dead_letter":{"sequence_by_aggregate":true,"max_parked":5}}"#,
         )
@@ -564,17 +550,6 @@ mod tests {
         assert!(c.dead_letter.sequence_by_aggregate);
         assert_eq!(c.dead_letter.max_parked, 5);
         c.validate().expect("valid");
-        let e = c.dead_letter.refuse_sequencing("nats").unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Config);
-        let text = e.to_string();
-        assert!(
-            text.contains("dead_letter.sequence_by_aggregate") && text.contains("nats"),
-            "{e}"
-        );
-        BusConfig::default()
-            .dead_letter
-            .refuse_sequencing("nats")
-            .expect("off: nothing to refuse");
         let mut c = BusConfig::default();
         c.dead_letter.max_parked = 0;
         let e = c.validate().unwrap_err();

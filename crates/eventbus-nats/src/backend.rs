@@ -19,6 +19,8 @@ use eventbus_core::raw::{
 };
 use eventbus_core::{BusConfig, ComponentHealth, PublishReceipt, Record, Result, TopicConfig};
 
+use eventbus_core::raw::sequence::Unpark;
+
 use crate::config::{validate_topic_config, Retention};
 use crate::health::health;
 use crate::naming;
@@ -117,20 +119,28 @@ impl BusBackend for Backend {
 
     /// By the key, as any publish (the partition of a partitioned topic is the
     /// library's own hash of the aggregate id, the same as when it was first
-    /// published), without the NATS dead-letter headers.
+    /// published), without the NATS dead-letter headers. An unpark control
+    /// record carries no envelope to read the aggregate id from: it goes to
+    /// the partition named, whose owner parked the aggregate.
     fn publish_redriven<'a>(
         &'a self,
         topic: &'a str,
-        _partition: i32,
+        partition: i32,
         mut record: Record,
     ) -> impl Future<Output = Result<PublishReceipt>> + Send {
+        let control = Unpark::is_control(&record.payload, &record.headers);
         record.headers = record
             .headers
             .iter()
             .filter(|(name, _)| ![DLQ_SUBJECT_HEADER, DLQ_STREAM_HEADER].contains(name))
             .map(|(name, value)| (name.to_owned(), value.clone()))
             .collect();
-        self.shared.publish(topic, record, None)
+        async move {
+            match u32::try_from(partition) {
+                Ok(p) if control => self.shared.publish_to_partition(topic, p, record).await,
+                _ => self.shared.publish(topic, record, None).await,
+            }
+        }
     }
 
     /// Every record is sent before any acknowledgement is awaited (see

@@ -56,7 +56,6 @@ impl NatsEventBus {
         let bus_config: BusConfig = bus_config.into();
         config.validate()?;
         bus_config.validate()?;
-        bus_config.dead_letter.refuse_sequencing("nats")?;
         let (client, reconnects) =
             connect(&config, &bus_config.consumer.group_id, pool.kind()).await?;
         let js = jetstream::ContextBuilder::new()

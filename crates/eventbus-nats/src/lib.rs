@@ -16,6 +16,7 @@ mod partition;
 mod publish;
 mod pull;
 mod redrive;
+mod sequence;
 mod start;
 mod status;
 mod streams;

@@ -18,7 +18,10 @@ use eventbus_core::{
     TopicConfig,
 };
 
-use eventbus_core::raw::{DeadLetter, DeadLetterSink};
+use eventbus_core::raw::sequence::{
+    SEQUENCE_AGGREGATE_HEADER, SEQUENCE_KIND_HEADER, SEQUENCE_TOKEN_HEADER,
+};
+use eventbus_core::raw::{stable_hash, DeadLetter, DeadLetterSink};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{NatsConfig, Retention};
@@ -116,6 +119,13 @@ impl Shared {
         let Some(p) = self.partitions(topic) else {
             return subject;
         };
+        // A record of sequencing goes by the aggregate id its writer read, to
+        // the partition every backend's sink picks for it: one aggregate's
+        // records share a subject.
+        if let Some(id) = record.headers.get(SEQUENCE_AGGREGATE_HEADER) {
+            let n = eventbus_core::raw::partition(stable_hash(id), p as usize) as u32;
+            return partition_subject(&subject, n);
+        }
         let mut probe =
             Message::new(topic, 0, 0, record.payload.clone()).with_headers(record.headers.clone());
         if let Some(k) = &record.key {
@@ -198,12 +208,37 @@ impl Shared {
         record: Record,
         msg_id: Option<&str>,
     ) -> Result<PublishReceipt> {
+        self.publish_to(topic, None, record, msg_id).await
+    }
+
+    /// [`publish`](Self::publish) to partition `partition` of a partitioned
+    /// topic (its subject), whatever the record's aggregate id; to the topic's
+    /// subject if it has no partitions.
+    pub(crate) async fn publish_to_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        record: Record,
+    ) -> Result<PublishReceipt> {
+        self.publish_to(topic, Some(partition), record, None).await
+    }
+
+    async fn publish_to(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        record: Record,
+        msg_id: Option<&str>,
+    ) -> Result<PublishReceipt> {
         naming::validate_nats_topic(topic)?;
         let headers = to_header_map(topic, &record, msg_id)?;
         if !self.ensure_stream(topic).await? {
             return self.publish_core(topic, headers, record.payload).await;
         }
-        let subject = self.subject_for(topic, &record);
+        let subject = match (partition, self.partitions(topic)) {
+            (Some(n), Some(_)) => partition_subject(&self.subject(topic), n),
+            _ => self.subject_for(topic, &record),
+        };
         let mut retried = false;
         loop {
             let ack = self
@@ -353,12 +388,10 @@ impl DeadLetterSink for NatsDeadLetterSink {
             clean.set(DLQ_SUBJECT_HEADER, Bytes::from(subject));
             clean.set(DLQ_STREAM_HEADER, Bytes::from(shared.stream_name(original)));
             record.headers = clean;
-            // One dead letter per original message, even if this write is retried or
-            // the original is delivered again: the server drops duplicates by id.
-            let id = format!(
-                "dlq:{}:{}",
-                shared.stream_name(original),
-                letter.message.offset
+            let id = dead_letter_id(
+                &shared.stream_name(original),
+                letter.message.offset,
+                &record.headers,
             );
             shared
                 .publish(&letter.topic, record, Some(&id))
@@ -366,6 +399,28 @@ impl DeadLetterSink for NatsDeadLetterSink {
                 .map(|_| ())
         }
         .boxed()
+    }
+}
+
+/// The message id of the dead letter of the message at `offset` of stream
+/// `stream`: one dead letter per original message, even if its write is
+/// retried or the original is delivered again (the server drops duplicates by
+/// id). A record of sequencing (`docs/sequencing.md`) is one per kind and
+/// owner's token: a new head at an offset written before (a copy read again
+/// after its head was lifted, under a new owner) is a record of its own, not a
+/// duplicate of the old one, which the server would drop.
+fn dead_letter_id(stream: &str, offset: i64, headers: &Headers) -> String {
+    let id = format!("dlq:{stream}:{offset}");
+    match (
+        headers.get(SEQUENCE_KIND_HEADER),
+        headers.get(SEQUENCE_TOKEN_HEADER),
+    ) {
+        (Some(kind), Some(token)) => format!(
+            "{id}:{}:{}",
+            String::from_utf8_lossy(kind),
+            String::from_utf8_lossy(token)
+        ),
+        _ => id,
     }
 }
 
@@ -482,5 +537,41 @@ mod tests {
         assert!(to_header_map("orders", &r, None).is_err());
         let r = Record::new("x").with_header("bad name:", "v");
         assert!(to_header_map("orders", &r, None).is_err());
+    }
+
+    #[test]
+    fn a_record_of_sequencing_has_an_id_per_kind_and_owner() {
+        use eventbus_core::raw::sequence::{SequenceScope, Token};
+        let plain = Headers::new();
+        assert_eq!(dead_letter_id("S", 7, &plain), "dlq:S:7");
+        let scope = SequenceScope::new("g", "orders", 0);
+        let ids: Vec<String> = [(1, 7), (2, 7)]
+            .into_iter()
+            .map(|(token, offset)| {
+                let mut h = Headers::new();
+                scope
+                    .head(Token::from_raw(token), offset, "a")
+                    .write(&mut h);
+                dead_letter_id("S", offset, &h)
+            })
+            .collect();
+        assert_ne!(
+            ids[0], ids[1],
+            "a new owner's head at the same offset: {ids:?}"
+        );
+        assert!(ids.iter().all(|id| id.starts_with("dlq:S:7:")), "{ids:?}");
+        let mut parked = Headers::new();
+        let head = scope
+            .head(Token::from_raw(1), 5, "a")
+            .head_id()
+            .expect("a head");
+        scope
+            .parked(Token::from_raw(1), 7, "a", head)
+            .write(&mut parked);
+        assert_ne!(
+            dead_letter_id("S", 7, &parked),
+            ids[0],
+            "a head and a parked record at one offset"
+        );
     }
 }

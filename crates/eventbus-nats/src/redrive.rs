@@ -96,26 +96,9 @@ impl Reader {
         if let Some(id) = &options.id {
             sequence_of(id, topic)?;
         }
-        let stream_name = shared.stream_name(topic);
-        let mut stream = shared.js.get_stream(&stream_name).await.map_err(|e| {
-            let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND);
-            if missing {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("dead-letter topic `{topic}` does not exist (no stream `{stream_name}`)"),
-                )
-            } else {
-                broker(format!("cannot open stream `{stream_name}` of dead-letter topic `{topic}`"), e)
-            }
-        })?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| broker(format!("cannot read stream `{stream_name}`"), e))?;
-        let (first, end) = (info.state.first_sequence.max(1), info.state.last_sequence);
+        let (stream, stream_name, first, end) = open_stream(shared, topic).await?;
         let durable = naming::durable_name(&options.progress, topic);
         let ack_wait = shared.config.ack_wait;
-        let idle_bound = ack_wait.saturating_mul(2) + Duration::from_secs(10);
         let how = if options.durable {
             let config = consumer::pull::Config {
                 durable_name: Some(durable.clone()),
@@ -165,9 +148,52 @@ impl Reader {
             stream_name,
             end,
             how,
-            idle_bound,
+            idle_bound: idle_bound(shared),
         })
     }
+
+    /// A reader of every message `topic`'s stream holds now, from its oldest
+    /// to its last, by sequence, confirming nothing and creating nothing.
+    pub(crate) async fn from_oldest(shared: &Arc<Shared>, topic: &str) -> Result<Self> {
+        naming::validate_nats_topic(topic)?;
+        let (stream, stream_name, first, end) = open_stream(shared, topic).await?;
+        Ok(Self {
+            stream,
+            stream_name,
+            end,
+            how: How::BySequence { next: first },
+            idle_bound: idle_bound(shared),
+        })
+    }
+}
+
+/// Bound on waiting for a message that is pending but not delivered (one
+/// left unacked by a redrive that died waits out `ack_wait`).
+fn idle_bound(shared: &Shared) -> Duration {
+    shared.config.ack_wait.saturating_mul(2) + Duration::from_secs(10)
+}
+
+/// The stream of dead-letter topic `topic`, its name, and its first and last
+/// sequences now; a stream that does not exist is `NotFound`, naming both.
+async fn open_stream(shared: &Shared, topic: &str) -> Result<(Stream, String, u64, u64)> {
+    let stream_name = shared.stream_name(topic);
+    let mut stream = shared.js.get_stream(&stream_name).await.map_err(|e| {
+        let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND);
+        if missing {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("dead-letter topic `{topic}` does not exist (no stream `{stream_name}`)"),
+            )
+        } else {
+            broker(format!("cannot open stream `{stream_name}` of dead-letter topic `{topic}`"), e)
+        }
+    })?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| broker(format!("cannot read stream `{stream_name}`"), e))?;
+    let (first, end) = (info.state.first_sequence.max(1), info.state.last_sequence);
+    Ok((stream, stream_name, first, end))
 }
 
 impl Drop for Reader {

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use eventbus_core::raw::{ByteChunks, Dispatcher, PreparedSubscription};
-use eventbus_core::{CancellationToken, Result};
+use eventbus_core::{CancellationToken, Error, Result};
 
 use crate::consumer::{ConsumerState, CoreLoop, Durable, JsLoop, Role, Slot};
 use crate::group::{Coordinator, Group};
@@ -60,12 +60,26 @@ impl Start<'_> {
         let topic = prepared.topic().to_owned();
         naming::validate_nats_topic(&topic)?;
         let shared = self.shared;
+        // Sequenced dead letters rebuild each holder's parked set from the
+        // dead-letter stream, and need a redelivery to park behind.
+        let sequenced = prepared.is_envelope()
+            && prepared.dead_letter_topic().is_some()
+            && self.dispatcher.config().dead_letter.sequence_by_aggregate;
         if !shared.settings(&topic).config.is_persistent() {
+            if sequenced {
+                return Err(Error::config(format!(
+                    "dead_letter.sequence_by_aggregate needs a persistent topic, but topic                      `{topic}` is core NATS (topics.{topic}.persistent = false)"
+                )));
+            }
             return self.core(prepared).await;
         }
         if let Some(dlq) = prepared.dead_letter_topic() {
             naming::validate_nats_topic(dlq)?;
-            shared.ensure_stream(dlq).await?;
+            if !shared.ensure_stream(dlq).await? && sequenced {
+                return Err(Error::config(format!(
+                    "dead_letter.sequence_by_aggregate needs a persistent dead-letter topic, but                      `{dlq}` of topic `{topic}` is core NATS (topics.{dlq}.persistent = false)"
+                )));
+            }
         }
         match shared.partitions(&topic) {
             Some(p) => self.partitioned(prepared, p).await,

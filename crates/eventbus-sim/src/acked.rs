@@ -21,6 +21,7 @@
 //! a pause, from the ack floor when the give-back was not confirmed.
 
 use eventbus::core::raw::acked::{retry_delay, AckTurn, Bounds, TurnEnd};
+use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord, SequenceStore};
 use eventbus::core::raw::{DeadLetter, DeadLetterSink, Dispatcher, PreparedSubscription, Scope};
 use eventbus::core::DEFAULT_AGGREGATE_ID_HEADER;
 use eventbus::core::{handler_fn, CancellationToken, Event, Subscription};
@@ -159,6 +160,8 @@ impl Step {
 #[derive(Debug, Clone)]
 struct AckSource {
     streams: Streams,
+    /// The dead-letter destination's records, with sequencing on.
+    destination: Arc<Destination>,
     /// (topic, lease) of the leases lost whose turn has not ended.
     lost: Arc<Mutex<BTreeSet<(usize, u64)>>>,
 }
@@ -177,12 +180,66 @@ impl Source for AckSource {
     }
 }
 
+/// The dead-letter destination as one stream (as a NATS dead-letter topic
+/// is): every record written, in order, its position its index. The sink
+/// writes dead letters to it, and sequencing its epoch markers and lifts; a
+/// rebuild reads it all.
+#[derive(Debug, Default)]
+struct Destination {
+    records: Mutex<Vec<eventbus::Record>>,
+}
+
+impl Destination {
+    fn push(&self, record: eventbus::Record) {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record);
+    }
+}
+
+impl SequenceStore for Destination {
+    fn partitions<'a>(&'a self, _: &'a str) -> BoxFuture<'a, eventbus::Result<u32>> {
+        Box::pin(async { Ok(1) })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _: &'a str,
+        _: i32,
+        record: eventbus::Record,
+    ) -> BoxFuture<'a, eventbus::Result<()>> {
+        self.push(record);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        each: &'a mut (dyn FnMut(i32, &Message) + Send),
+    ) -> BoxFuture<'a, eventbus::Result<()>> {
+        let records = self
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Box::pin(async move {
+            for (position, r) in records.into_iter().enumerate() {
+                let m = Message::new(topic, 0, position as i64, r.payload).with_headers(r.headers);
+                each(0, &m);
+            }
+            Ok(())
+        })
+    }
+}
+
 /// The dead-letter destination: recorded in the broker. With
 /// [`Settings::dead_letter_delays`], a write may take a while (of the paused
 /// clock) or fail, as a stream of its own says.
 #[derive(Debug)]
 struct Sink {
     streams: Streams,
+    destination: Arc<Destination>,
     model: Shared,
     delays: Option<Mutex<Rng>>,
 }
@@ -209,10 +266,20 @@ impl DeadLetterSink for Sink {
                 Some((5.., ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
                 _ => {}
             }
+            let record = letter.record();
+            let parked = matches!(
+                SequenceRecord::read(&record.headers),
+                Ok(Some(r)) if matches!(r.kind(), SequenceKind::Parked { .. })
+            );
+            self.destination.push(record);
             let mut model = self.model.lock();
             if let Some(t) = TOPICS.iter().position(|n| **n == *m.topic) {
                 self.streams.write_dead_letter(t, m.partition, m.offset);
                 model.dead_letter_written(t, m.partition, m.offset);
+                if parked {
+                    // Finished, unrun: written parked behind its aggregate's head.
+                    model.parked_read(&m.topic, m.partition, m.offset);
+                }
             }
             model.note(format!(
                 "dead letter {} p{}@{}",
@@ -261,6 +328,8 @@ struct Turns {
     sub: Arc<PreparedSubscription>,
     total: Arc<Semaphore>,
     bounds: Bounds,
+    /// With sequencing on: where each turn rebuilds its parked set from.
+    sequence: Option<Arc<dyn SequenceStore>>,
 }
 
 /// One run.
@@ -291,6 +360,7 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     let mut s = Settings::draw(&mut rng);
     s.draw_inline(seed);
     s.draw_dead_letter_delays(seed);
+    s.draw_sequencing(seed);
     let instant = s.inline.is_some();
     s.members = s.members.min(max_members).max(1);
     s.max_members = max_members.max(1);
@@ -302,11 +372,15 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
         let mut m = model.lock();
         m.watch_dead_letters();
         m.note(format!("seed {seed} (acked): {s:?} {k:?}"));
+        if s.sequencing {
+            m.sequence();
+        }
     }
     let streams = Streams::new(model.clone(), k.ack_wait, k.max_ack_pending);
     let server = streams.start_server();
     let source = AckSource {
         streams,
+        destination: Arc::default(),
         lost: Arc::default(),
     };
     let share = s.share;
@@ -392,6 +466,11 @@ async fn hold(
             lost.clone(),
             scope,
         );
+        if let Some(store) = &t.sequence {
+            // Read on from the ack floor, as the backend's take-over does.
+            let from = t.streams.floor(topic, partition).unwrap_or(0);
+            turn = turn.sequence_store(store.clone(), from);
+        }
         turn.run().await;
         let ended = turn.finish().await;
         t.model.lock().note(format!(
@@ -490,6 +569,7 @@ impl AckSim {
             .map_err(|e| format!("building a switch: {e}"))?;
         let sink = Arc::new(Sink {
             streams: self.ctx.broker.streams.clone(),
+            destination: self.ctx.broker.destination.clone(),
             model: self.ctx.model.clone(),
             // Each member's destination answers by a stream of its own.
             delays: self
@@ -577,6 +657,10 @@ impl AckSim {
             sub: member.subs[topic].clone(),
             total: member.total.clone(),
             bounds: self.k.bounds(),
+            sequence: self.s.sequencing.then(|| {
+                let store: Arc<dyn SequenceStore> = self.ctx.broker.destination.clone();
+                store
+            }),
         };
         let task = tokio::spawn(hold(
             turns,

@@ -12,10 +12,12 @@
 //! out before the lease does.
 
 use async_nats::jetstream::consumer::PullConsumer;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use eventbus_core::raw::acked::{retry_delay, AckTurn, TurnEnd};
+use eventbus_core::raw::sequence::SequenceStore;
 use eventbus_core::raw::Scope;
 use eventbus_core::{CancellationToken, ErrorKind, Result};
 
@@ -23,6 +25,7 @@ use super::durable::Durable;
 use super::slot::Slot;
 use super::source::JsSource;
 use crate::lease::{Lease, LeaseClock, Leases, Previous};
+use crate::sequence::Store;
 use crate::streams::{bounded, broker, pull_config_of, reread_durable};
 
 /// A JetStream consume loop: its durable, and how it comes by the lease.
@@ -194,6 +197,18 @@ impl JsLoop {
         let durable = &mut self.durable;
         let (dispatcher, prepared) = (durable.dispatcher.clone(), durable.prepared.clone());
         let (total, stop) = (durable.total.clone(), durable.stop.clone());
+        // With sequencing on, the parked set is rebuilt before the first fetch,
+        // from the first message not acknowledged on (as of the last reading of
+        // the ack floor: the take-over reads it when work may be unsettled).
+        let sequencing = dispatcher
+            .config()
+            .dead_letter
+            .sequence_by_aggregate
+            .then(|| {
+                let store: Arc<dyn SequenceStore> = Arc::new(Store(durable.shared.clone()));
+                let floor = durable.state.ack_floor.load(Ordering::Relaxed);
+                (store, i64::try_from(floor).unwrap_or(i64::MAX - 1) + 1)
+            });
         let source = JsSource {
             durable,
             slot,
@@ -209,6 +224,9 @@ impl JsLoop {
             lost.clone(),
             work,
         );
+        if let Some((store, from)) = sequencing {
+            turn = turn.sequence_store(store, from);
+        }
         turn.run().await;
         let ended = turn.finish().await;
         self.durable.handed_back = ended.handed_back;

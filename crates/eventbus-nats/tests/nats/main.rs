@@ -21,6 +21,7 @@ mod poison;
 mod redrive;
 mod restart;
 mod retention;
+mod sequencing;
 mod streams;
 mod stuck;
 mod takeover_failure;

@@ -14,7 +14,7 @@ use crate::{
 };
 use futures::stream::{self, BoxStream, StreamExt};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -102,6 +102,8 @@ struct Script {
     moving: Arc<AtomicBool>,
     /// Fires when the connection was interrupted and came back.
     interruption: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Deliveries carry an envelope of aggregate `k` (otherwise the body `x`).
+    envelopes: bool,
 }
 
 impl AckLog for Script {
@@ -152,7 +154,14 @@ impl AckLog for Script {
 
     fn receive(&mut self, raw: Raw) -> Result<Option<Received<String>>> {
         let (seq, handle) = raw.map_err(|()| Error::new(ErrorKind::Broker, "fetch failed"))?;
-        let msg = Message::new(self.topic.clone(), 0, seq as i64, "x").with_key("k");
+        let body = if self.envelopes {
+            crate::Envelope::new("k", "t", serde_json::json!({}))
+                .encode()
+                .expect("a valid envelope")
+        } else {
+            bytes::Bytes::from_static(b"x")
+        };
+        let msg = Message::new(self.topic.clone(), 0, seq as i64, body).with_key("k");
         Ok(Some(Received::new(seq, handle, msg)))
     }
 
@@ -248,6 +257,7 @@ fn setup_bounded(
         broker: broker.clone(),
         moving: moving.clone(),
         interruption: Some(interruption),
+        envelopes: false,
     };
     let (stop, lost, scope) = (
         CancellationToken::new(),
@@ -774,5 +784,168 @@ async fn a_message_acknowledged_late_is_not_run_again_when_delivered_again() {
     );
     assert_eq!(*s.ran.lock().unwrap(), [1], "1 ran once");
     s.stop.cancel();
+    task.await.unwrap();
+}
+
+/// A destination the test fills by hand: its reads wait until `open`, and its
+/// writes (the epoch markers, the dead letters) are kept.
+#[derive(Default)]
+struct Destination {
+    records: Mutex<Vec<crate::Record>>,
+    reads: AtomicUsize,
+    open: tokio::sync::Notify,
+    opened: AtomicBool,
+}
+
+impl crate::raw::sequence::SequenceStore for Destination {
+    fn partitions<'a>(&'a self, _: &'a str) -> futures::future::BoxFuture<'a, Result<u32>> {
+        Box::pin(async { Ok(1) })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _: &'a str,
+        _: i32,
+        record: crate::Record,
+    ) -> futures::future::BoxFuture<'a, Result<()>> {
+        self.records.lock().unwrap().push(record);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        each: &'a mut (dyn FnMut(i32, &Message) + Send),
+    ) -> futures::future::BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if !self.opened.load(Ordering::SeqCst) {
+                self.open.notified().await;
+            }
+            let records = self.records.lock().unwrap().clone();
+            for (offset, r) in records.into_iter().enumerate() {
+                let m = Message::new(topic, 0, offset as i64, r.payload).with_headers(r.headers);
+                each(0, &m);
+            }
+            Ok(())
+        })
+    }
+}
+
+impl crate::raw::DeadLetterSink for Destination {
+    fn dead_letter<'a>(
+        &'a self,
+        letter: &'a crate::raw::DeadLetter,
+    ) -> futures::future::BoxFuture<'a, Result<()>> {
+        self.records.lock().unwrap().push(letter.record());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// With sequencing on, a turn rebuilds the log's parked set from the
+/// dead-letter destination before its first fetch, the log reported as held
+/// where it is read on from meanwhile; then a delivery of an aggregate a
+/// former holder parked is written parked behind its head, unrun. Without the
+/// rebuild, the turn fetched at once and ran it.
+#[tokio::test(start_paused = true)]
+async fn a_sequenced_turn_rebuilds_its_parked_set_before_it_fetches() {
+    use crate::raw::sequence::{SequenceKind, SequenceRecord, SequenceScope, Token};
+    let destination = Arc::new(Destination::default());
+    // A former holder gave up aggregate `k` at position 3.
+    let scope = SequenceScope::new("eventbus", "orders", 0);
+    let mut head = crate::Record::new(bytes::Bytes::new());
+    scope
+        .head(Token::from_raw(7), 3, "k")
+        .write(&mut head.headers);
+    destination.records.lock().unwrap().push(head);
+
+    let mut config = BusConfig::default();
+    config.dead_letter.sequence_by_aggregate = true;
+    let sink: Arc<dyn crate::raw::DeadLetterSink> = destination.clone();
+    let dispatcher = Dispatcher::new("script", Arc::new(TaskPool), Some(sink), config);
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let r = ran.clone();
+    let sub = dispatcher
+        .prepare(Subscription::envelope("orders", move |e: crate::Event| {
+            r.lock().unwrap().push(e.message.offset);
+            async { HandlerResult::Ok(()) }
+        }))
+        .unwrap();
+    let broker = Arc::new(Mutex::new(Broker {
+        ready: [5u64].into_iter().map(|s| Ok((s, s.to_string()))).collect(),
+        ..Broker::default()
+    }));
+    let (_interrupt, interruption) = tokio::sync::oneshot::channel();
+    let script = Script {
+        topic: Arc::from("orders"),
+        broker: broker.clone(),
+        moving: Arc::new(AtomicBool::new(false)),
+        interruption: Some(interruption),
+        envelopes: true,
+    };
+    let stop = CancellationToken::new();
+    let store: Arc<dyn crate::raw::sequence::SequenceStore> = destination.clone();
+    let turn = AckTurn::start(
+        script,
+        dispatcher.clone(),
+        sub,
+        Arc::new(Semaphore::new(1000)),
+        stop.clone(),
+        CancellationToken::new(),
+        Scope::new(),
+    )
+    .sequence_store(store, 4);
+    let task = spawn_turn(turn);
+
+    wait_for("the rebuild's read", || {
+        destination.reads.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        broker.lock().unwrap().ready.len(),
+        1,
+        "nothing is fetched before the parked set is rebuilt"
+    );
+    let holds = dispatcher.commit_holds();
+    assert!(
+        holds
+            .iter()
+            .any(|h| h.topic == "orders" && h.partition == 0 && h.offset == 4),
+        "the log is held where it is read on from while it is rebuilt: {holds:?}"
+    );
+
+    destination.opened.store(true, Ordering::SeqCst);
+    destination.open.notify_waiters();
+    wait_for("position 5 settled", || {
+        broker
+            .lock()
+            .unwrap()
+            .settled
+            .iter()
+            .any(|(seq, _, _)| *seq == 5)
+    })
+    .await;
+    assert!(ran.lock().unwrap().is_empty(), "k is parked: nothing ran");
+    let kinds: Vec<(Option<i64>, SequenceKind)> = destination
+        .records
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| SequenceRecord::read(&r.headers).unwrap())
+        .map(|r| (r.offset(), r.kind().clone()))
+        .collect();
+    assert!(
+        matches!(
+            kinds.as_slice(),
+            [
+                (Some(3), SequenceKind::Head),
+                (None, SequenceKind::Epoch { .. }),
+                (Some(5), SequenceKind::Parked { .. })
+            ]
+        ),
+        "the epoch marker, then 5 written parked behind the head at 3: {kinds:?}"
+    );
+    stop.cancel();
     task.await.unwrap();
 }

@@ -12,6 +12,8 @@
 use super::broker::{AckLog, Acks, Received, Settle};
 use super::heartbeats::Heartbeats;
 use super::registry::{oldest, settle, Pending, Registry};
+use crate::raw::parking::rebuild_until;
+use crate::raw::sequence::SequenceStore;
 use crate::raw::{
     Claim, Completion, Completions, Dispatcher, Disposition, InFlight, PartitionHold,
     PreparedSubscription, Scope, Target,
@@ -200,6 +202,10 @@ pub struct AckTurn<L: AckLog> {
     pub(super) gave_back: bool,
     /// After the stop: the fetch still open, read until it runs out.
     pub(super) open: Option<L::Fetch>,
+    /// With sequencing on: where the log's parked set is rebuilt from before
+    /// its first fetch, and the position the log is read on from (see
+    /// [`AckTurn::sequence_store`]).
+    sequence: Option<(Arc<dyn SequenceStore>, i64)>,
     /// The turn's stop, as one wait for the whole turn: a wait made anew on
     /// every pass of the loop would join and leave the token's waiters (a lock
     /// each way) once per message.
@@ -278,9 +284,23 @@ impl<L: AckLog> AckTurn<L> {
             interrupted: false,
             gave_back: false,
             open: None,
+            sequence: None,
             stopped,
             interruption,
         }
+    }
+
+    /// Rebuild a sequenced subscription's parked set of the log from `store`
+    /// before the turn's first fetch (`dead_letter.sequence_by_aggregate`,
+    /// `docs/sequencing.md`), as the consume loop of a log does at each
+    /// assignment: the records the previous holders wrote for positions at or
+    /// above `from` (the first position not acknowledged, where the log is
+    /// read on from) are kept by position, and a copy of one delivered again
+    /// takes its recorded outcome. Nothing is fetched before the set is taken
+    /// up; meanwhile the log is reported as held at `from`.
+    pub fn sequence_store(mut self, store: Arc<dyn SequenceStore>, from: i64) -> Self {
+        self.sequence = Some((store, from));
+        self
     }
 
     /// Consume until the turn stops: each wake-up to its method. A wake-up for
@@ -292,6 +312,9 @@ impl<L: AckLog> AckTurn<L> {
     /// nothing of it is to be settled any more.
     pub async fn run(&mut self) {
         let lost = self.lost.clone();
+        if !self.rebuild().await {
+            return;
+        }
         loop {
             let step = self.next_step().await;
             if matches!(step, Step::Stop) {
@@ -308,6 +331,41 @@ impl<L: AckLog> AckTurn<L> {
         // No more fetches: a wait for room left queued would take the next
         // permit freed, and hold it through the wind-down, from other turns.
         self.room = None;
+    }
+
+    /// With sequencing on, rebuild the log's parked set before anything is
+    /// fetched, retried with the delivery backoff while the destination cannot
+    /// be read or written; the log reported as held where it is read on from
+    /// meanwhile (the stuck view names it, and health past
+    /// `consumer.stall_threshold`). `false`: the turn stopped or its work was
+    /// fenced first, and it fetches nothing.
+    async fn rebuild(&mut self) -> bool {
+        let Some((store, from)) = self.sequence.take() else {
+            return true;
+        };
+        let partition = self.log.partition();
+        let Some(up) = self
+            .dispatcher
+            .sequence_take_up(&self.sub, &self.scope, partition)
+        else {
+            return true;
+        };
+        let policy = self.dispatcher.config().delivery.clone();
+        let rebuild = rebuild_until(store, up, from, self.scope.clone(), policy);
+        tokio::pin!(rebuild);
+        loop {
+            tokio::select! {
+                biased;
+                taken_up = &mut rebuild => return taken_up,
+                _ = self.stopped.as_mut() => return false,
+                () = self.lost.cancelled() => return false,
+                _ = self.report.tick() => {
+                    let hold = PartitionHold::new(partition, from, 0);
+                    self.dispatcher
+                        .report_holds(self.sub.shared_topic(), Some(hold), &[partition]);
+                }
+            }
+        }
     }
 
     /// Hand one wake-up of the loop to its method.

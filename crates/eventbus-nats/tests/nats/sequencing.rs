@@ -1,0 +1,123 @@
+//! Dead letters sequenced by aggregate on NATS JetStream: the parked set
+//! rebuilt from the dead-letter stream before a lease holder's first fetch,
+//! and the unpark's replay in order, on both pools; and a hand-over between
+//! two running members.
+
+use eventbus_core::{BusConfig, Pool, Result, SharedBus};
+use eventbus_testkit::conformance::{random_topic, BusFactory, Capabilities};
+use eventbus_testkit::factories::{actor_pools, keyed_pools, nats_config, NatsBuses};
+use eventbus_testkit::nats_server::NatsServer;
+use eventbus_testkit::sequencing;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::sync::Arc;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_stays_parked_across_a_restart_and_unparks_in_order_keyed() {
+    init_tracing();
+    sequencing::parked_across_a_restart_then_unparked(&NatsBuses::start(), &keyed_pools()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_stays_parked_across_a_restart_and_unparks_in_order_actor() {
+    init_tracing();
+    sequencing::parked_across_a_restart_then_unparked(&NatsBuses::start(), &actor_pools()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_stays_parked_across_a_hand_over() {
+    init_tracing();
+    sequencing::parked_across_a_hand_over(&NatsBuses::start(), &keyed_pools()).await;
+}
+
+/// The buses of a nats-server of their own that consume one topic in
+/// partitions.
+struct Partitioned {
+    server: NatsServer,
+    topic: String,
+    partitions: u32,
+}
+
+impl BusFactory for Partitioned {
+    fn name(&self) -> &str {
+        "nats"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // A topic is one stream: no partitions of the broker's.
+        Capabilities::all().partitions(false)
+    }
+
+    fn bus(&self, pool: Arc<dyn Pool>, config: BusConfig) -> BoxFuture<'_, Result<SharedBus>> {
+        let nats = nats_config(&self.server.url()).topic_partitions(&self.topic, self.partitions);
+        async move {
+            let bus = eventbus_nats::NatsEventBus::connect(nats, config, pool).await?;
+            Ok(Arc::new(bus) as SharedBus)
+        }
+        .boxed()
+    }
+}
+
+/// An origin topic of four partitions, each its own durable and lease: the
+/// rebuilds of the four write their epoch markers to the one dead-letter
+/// stream side by side, and the unpark's control record goes to the
+/// partition subject whose holder parked the aggregate (it carries no
+/// envelope to pick a partition by).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_of_one_of_many_partitions_unparks_in_order() {
+    init_tracing();
+    let topic = random_topic("sequenced");
+    let factory = Partitioned {
+        server: NatsServer::start(),
+        topic: topic.clone(),
+        partitions: 4,
+    };
+    sequencing::parked_across_a_restart_then_unparked_on(&factory, &keyed_pools(), &topic, 4).await;
+}
+
+/// Sequencing on a core NATS topic (at most once: no redelivery, no stream to
+/// rebuild from) or with a core NATS dead-letter topic is refused at
+/// subscription, naming the key and the topic; a plain subscription of it is
+/// not sequenced and is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequencing_needs_persistent_topics_and_says_so() {
+    init_tracing();
+    let server = NatsServer::start();
+    let (core, durable) = (random_topic("core"), random_topic("durable"));
+    let core_dlq = format!("{durable}.dlq");
+    let nats = nats_config(&server.url())
+        .topic(
+            &core,
+            eventbus_core::TopicConfig::default().persistent(false),
+        )
+        .topic(
+            &core_dlq,
+            eventbus_core::TopicConfig::default().persistent(false),
+        );
+    let mut config = eventbus_testkit::conformance::quick_config();
+    config.dead_letter.sequence_by_aggregate = true;
+    let bus =
+        eventbus_nats::NatsEventBus::connect(nats, config, keyed_pools()(Default::default()).await)
+            .await
+            .expect("connect");
+    let handler = |_: eventbus_core::Event| async { Ok::<(), eventbus_core::HandlerError>(()) };
+    for (topic, named) in [(&core, &core), (&durable, &core_dlq)] {
+        let e = eventbus_core::EventBusExt::subscribe_envelope(&bus, topic, handler)
+            .await
+            .expect_err("refused");
+        assert_eq!(e.kind(), eventbus_core::ErrorKind::Config, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("dead_letter.sequence_by_aggregate") && text.contains(named.as_str()),
+            "{e}"
+        );
+    }
+    eventbus_core::EventBusExt::subscribe(&bus, &core, |_: eventbus_core::Message| async {
+        Ok::<(), eventbus_core::HandlerError>(())
+    })
+    .await
+    .expect("a plain subscription is not sequenced");
+    eventbus_core::EventBus::close(&bus).await.expect("close");
+}

@@ -21,7 +21,7 @@
 //! a pause, from the ack floor when the give-back was not confirmed.
 
 use eventbus::core::raw::acked::{retry_delay, AckTurn, Bounds, TurnEnd};
-use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord, SequenceStore};
+use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord, SequenceStore, Unpark};
 use eventbus::core::raw::{DeadLetter, DeadLetterSink, Dispatcher, PreparedSubscription, Scope};
 use eventbus::core::DEFAULT_AGGREGATE_ID_HEADER;
 use eventbus::core::{handler_fn, CancellationToken, Event, Subscription};
@@ -36,12 +36,13 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::model::{Done, Shared, TOPICS};
+use crate::model::{Done, Shared, GROUP, TOPICS};
 use crate::plan::Settings;
 use crate::run::{
     alive_tasks, config, not_at_rest, Ctx, Source, SETTLE_ROUND, SLACK, STUCK_ROUNDS,
+    UNPARK_PERCENT,
 };
-use crate::stream::{Faults, SimLog, Stored, Streams};
+use crate::stream::{Faults, SimLog, Stored, Streams, CONTROL};
 
 /// The settings of a run's logs, drawn after the bus's.
 #[derive(Debug, Clone, Copy)]
@@ -408,11 +409,22 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
         sim.join().await?;
     }
     sim.hold_all();
+    // With sequencing, unparks of aggregates with a dead letter, drawn from a
+    // stream of their own (as the runs of the log draw them).
+    let mut unparks = sim
+        .s
+        .sequencing
+        .then(|| Rng::with_seed(seed ^ 0x756e_7061_726b));
     for i in 0..sim.s.steps {
         let step = Step::draw(&mut sim.rng, &sim.k);
         sim.note(format!("step {i}: {step:?}"));
         sim.apply(step).await?;
         sim.check()?;
+        if let Some(rng) = unparks.as_mut() {
+            if rng.u8(..100) < UNPARK_PERCENT {
+                sim.unpark(rng);
+            }
+        }
     }
     sim.finish().await
 }
@@ -808,6 +820,33 @@ impl AckSim {
         self.lost.push(lease);
     }
 
+    /// Unpark an aggregate with a dead letter, as a redrive of the parked
+    /// aggregates does: an unpark control record stored to its partition.
+    fn unpark(&mut self, rng: &mut Rng) {
+        let keys = self.ctx.model.lock().parked_keys();
+        if keys.is_empty() {
+            return;
+        }
+        let key = keys[rng.usize(..keys.len())];
+        let aggregate = format!("k{key}");
+        let record = Unpark::new(GROUP, aggregate.clone()).record();
+        let partition = (key % self.s.partitions) as i32;
+        let offset = self.ctx.broker.streams.append(
+            0,
+            partition,
+            Stored {
+                id: CONTROL,
+                key: aggregate.into(),
+                payload: record.payload,
+                headers: record.headers,
+            },
+        );
+        self.ctx
+            .model
+            .lock()
+            .unpark_published(key, partition, offset);
+    }
+
     async fn publish(&mut self, topic: usize, n: usize) -> Result<(), String> {
         for _ in 0..n {
             let key = self.rng.u32(..self.s.keys);
@@ -1008,6 +1047,7 @@ impl AckSim {
             }
             self.hold_all();
         }
+        self.ctx.model.lock().check_unparks();
         self.note("finish: every message finished and settled; releasing".to_owned());
         let held: Vec<_> = self.holders.keys().copied().collect();
         for (topic, partition) in held {

@@ -32,7 +32,7 @@ pub(crate) const SETTLE_ROUND: Duration = Duration::from_secs(10);
 
 /// In runs with sequencing, the chance after each step (in percent) that an
 /// aggregate with a dead letter is unparked.
-const UNPARK_PERCENT: u8 = 8;
+pub(crate) const UNPARK_PERCENT: u8 = 8;
 
 /// Rounds in a row in which no message finishes, re-subscribing between them,
 /// before the run is declared stuck (past the longest actor cool-down).

@@ -46,10 +46,13 @@ use tokio::time::Instant;
 
 use crate::model::{Done, Shared, TOPICS};
 
+/// The [`Stored::id`] of a control record: no message of the model.
+pub(crate) const CONTROL: usize = usize::MAX;
+
 /// One stored record.
 #[derive(Debug, Clone)]
 pub(crate) struct Stored {
-    /// The model's id of the message.
+    /// The model's id of the message ([`CONTROL`] for a control record).
     pub(crate) id: usize,
     pub(crate) key: Bytes,
     pub(crate) payload: Bytes,
@@ -434,6 +437,15 @@ impl Streams {
             }
             (id, TOPICS[handle.topic])
         };
+        if id == CONTROL {
+            // Its settle is checked by the model as the ack floor passes it.
+            self.model.lock().note(format!(
+                "settle control record {name} p{}@{}: {how:?}",
+                handle.partition, handle.seq
+            ));
+            self.changed.notify_waiters();
+            return;
+        }
         let mut m = self.model.lock();
         let msg = &m.msgs()[id];
         let (key, kseq, done) = (msg.key, msg.seq, msg.done);

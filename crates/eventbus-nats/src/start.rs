@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use eventbus_core::raw::{ByteChunks, Dispatcher, PreparedSubscription};
 use eventbus_core::{CancellationToken, Error, Result};
 
+use crate::config::Retention;
 use crate::consumer::{ConsumerState, CoreLoop, Durable, JsLoop, Role, Slot};
 use crate::group::{Coordinator, Group};
 use crate::lease::Leases;
@@ -68,7 +69,8 @@ impl Start<'_> {
         if !shared.settings(&topic).config.is_persistent() {
             if sequenced {
                 return Err(Error::config(format!(
-                    "dead_letter.sequence_by_aggregate needs a persistent topic, but topic                      `{topic}` is core NATS (topics.{topic}.persistent = false)"
+                    "dead_letter.sequence_by_aggregate needs a persistent topic, but topic \
+                     `{topic}` is core NATS (topics.{topic}.persistent = false)"
                 )));
             }
             return self.core(prepared).await;
@@ -77,7 +79,23 @@ impl Start<'_> {
             naming::validate_nats_topic(dlq)?;
             if !shared.ensure_stream(dlq).await? && sequenced {
                 return Err(Error::config(format!(
-                    "dead_letter.sequence_by_aggregate needs a persistent dead-letter topic, but                      `{dlq}` of topic `{topic}` is core NATS (topics.{dlq}.persistent = false)"
+                    "dead_letter.sequence_by_aggregate needs a persistent dead-letter topic, but \
+                     `{dlq}` of topic `{topic}` is core NATS (topics.{dlq}.persistent = false)"
+                )));
+            }
+            // The parked sets are rebuilt from every record the dead-letter
+            // stream holds: a record acknowledged away (a redrive's reader acks
+            // what it passes) would unpark its aggregate at the next rebuild.
+            let retention = match shared.config.retention_of(dlq) {
+                Retention::Limits => None,
+                Retention::Interest => Some("interest"),
+                Retention::WorkQueue => Some("work_queue"),
+            };
+            if let Some(retention) = retention.filter(|_| sequenced) {
+                return Err(Error::config(format!(
+                    "dead_letter.sequence_by_aggregate needs the dead-letter topic `{dlq}` of \
+                     topic `{topic}` kept by limits, but retention.{dlq} is `{retention}`: a \
+                     record acknowledged away would unpark its aggregate"
                 )));
             }
         }

@@ -61,6 +61,9 @@ struct Live {
     /// What was recorded at each offset at or above the watermark: a copy read
     /// again takes it, without a handler call and without a second write.
     written: BTreeMap<i64, Recorded>,
+    /// The payloads' fingerprints of the outcomes in `written` that a
+    /// rebuild read ([`Rebuilt::copies`]).
+    copies: BTreeMap<i64, Vec<u64>>,
     /// Aggregates not parked yet whose head is being written: they count
     /// towards the bound.
     reserved: usize,
@@ -138,11 +141,29 @@ impl Parking {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The envelope at `offset` of `aggregate` arrives on its route.
-    pub(crate) fn arrive(&self, aggregate: &str, offset: i64) -> Arrival {
-        let live = self.live();
+    /// The envelope at `offset` of `aggregate`, of `payload`, arrives on its
+    /// route. An outcome kept by offset is its only if it is a copy of the
+    /// envelope recorded there: of the same aggregate, and of a payload the
+    /// rebuild saw there. Another envelope at that offset (the log was made
+    /// again and numbers its messages from its start) lets it go: it runs, or
+    /// follows its parked aggregate, as any message does.
+    pub(crate) fn arrive(&self, aggregate: &str, offset: i64, payload: &[u8]) -> Arrival {
+        let mut live = self.live();
         if let Some(recorded) = live.written.get(&offset) {
-            return Arrival::Recorded(recorded.clone());
+            let copy = recorded.aggregate() == aggregate
+                && live
+                    .copies
+                    .get(&offset)
+                    .is_none_or(|c| c.contains(&crate::raw::stable_hash(payload)));
+            if copy {
+                return Arrival::Recorded(recorded.clone());
+            }
+            tracing::warn!(topic = %self.scope.topic, partition = self.scope.partition, offset,
+                aggregate_id = aggregate, recorded = %recorded.head(),
+                "a message read at an offset with a recorded outcome is not the one recorded there \
+                 (the log was made again?): it is handled as any message");
+            live.written.remove(&offset);
+            live.copies.remove(&offset);
         }
         match live.set.behind(aggregate, offset) {
             Some(head) => Arrival::Parks(head),
@@ -181,6 +202,7 @@ impl Parking {
         recorded.apply(&mut live.set, offset);
         if self.records {
             live.written.insert(offset, recorded);
+            live.copies.remove(&offset);
         }
     }
 
@@ -213,13 +235,19 @@ impl Parking {
     /// `destination` is where it was read: an unpark's replay reads it again.
     pub(crate) fn take_up(&self, rebuilt: Rebuilt, destination: Destination) {
         let _ = self.destination.set(destination);
-        let Rebuilt { mut set, ahead, .. } = rebuilt;
+        let Rebuilt {
+            mut set,
+            ahead,
+            copies,
+            ..
+        } = rebuilt;
         for (offset, recorded) in &ahead {
             recorded.apply(&mut set, *offset);
         }
         let mut live = self.live();
         live.set = set;
         live.written = ahead;
+        live.copies = copies;
     }
 
     /// Every offset below `watermark` is finished: no copy of them is read
@@ -232,6 +260,7 @@ impl Parking {
             .is_some_and(|(o, _)| *o < watermark)
         {
             live.written = live.written.split_off(&watermark);
+            live.copies = live.copies.split_off(&watermark);
         }
     }
 
@@ -427,34 +456,42 @@ mod tests {
         assert_eq!(lifted.unparked, vec!["a".to_owned()]);
         assert!(!p.is_parked("a"));
         // Read again after a rewind: run, in order, as any redelivery.
-        assert_eq!(p.arrive("a", 3), Arrival::Runs);
-        assert_eq!(p.arrive("a", 5), Arrival::Runs);
-        assert_eq!(p.arrive("a", 6), Arrival::Runs);
+        assert_eq!(p.arrive("a", 3, b"x"), Arrival::Runs);
+        assert_eq!(p.arrive("a", 5, b"x"), Arrival::Runs);
+        assert_eq!(p.arrive("a", 6, b"x"), Arrival::Runs);
     }
 
     #[test]
     fn a_head_parks_its_later_envelopes_and_a_copy_read_again_takes_its_outcome() {
         let p = parking(10);
-        assert_eq!(p.arrive("a", 3), Arrival::Runs);
+        assert_eq!(p.arrive("a", 3, b"x"), Arrival::Runs);
         let room = p.reserve("a").expect("room");
         room.headed(3, "a");
         let head = p.set().heads("a")[0].id;
-        assert_eq!(p.arrive("b", 4), Arrival::Runs, "another aggregate runs");
-        assert_eq!(p.arrive("a", 5), Arrival::Parks(head));
+        assert_eq!(
+            p.arrive("b", 4, b"x"),
+            Arrival::Runs,
+            "another aggregate runs"
+        );
+        assert_eq!(p.arrive("a", 5, b"x"), Arrival::Parks(head));
         p.parked(5, "a", head);
         // Read again after a rewind to 2: each offset as it was.
-        assert_eq!(p.arrive("a", 2), Arrival::Runs, "before the head: runs");
+        assert_eq!(
+            p.arrive("a", 2, b"x"),
+            Arrival::Runs,
+            "before the head: runs"
+        );
         assert!(matches!(
-            p.arrive("a", 3),
+            p.arrive("a", 3, b"x"),
             Arrival::Recorded(Recorded::Head { .. })
         ));
         assert!(matches!(
-            p.arrive("a", 5),
+            p.arrive("a", 5, b"x"),
             Arrival::Recorded(Recorded::Parked { behind, .. }) if behind == head
         ));
         p.settled_below(4);
         assert_eq!(
-            p.arrive("a", 3),
+            p.arrive("a", 3, b"x"),
             Arrival::Runs,
             "let go below the watermark (the head's own offset is below itself)"
         );
@@ -480,27 +517,83 @@ mod tests {
         rebuild.feed(0, &scope.head(old, 9, "b"));
         let p = parking(10);
         p.take_up(rebuild.finish(), unread());
-        assert_eq!(p.arrive("x", 3), Arrival::Parks(p.set().heads("x")[0].id));
         assert_eq!(
-            p.arrive("a", 7),
+            p.arrive("x", 3, b"x"),
+            Arrival::Parks(p.set().heads("x")[0].id)
+        );
+        assert_eq!(
+            p.arrive("a", 7, b"x"),
             Arrival::Parks(head),
             "not reached before: parks"
         );
         assert!(matches!(
-            p.arrive("a", 8),
+            p.arrive("a", 8, b"x"),
             Arrival::Recorded(Recorded::Parked { .. })
         ));
-        assert_eq!(p.arrive("b", 7), Arrival::Runs, "below b's head: runs");
+        assert_eq!(
+            p.arrive("b", 7, b"x"),
+            Arrival::Runs,
+            "below b's head: runs"
+        );
         assert!(matches!(
-            p.arrive("b", 9),
+            p.arrive("b", 9, b"x"),
             Arrival::Recorded(Recorded::Head { .. })
         ));
         assert_eq!(
-            p.arrive("b", 10),
+            p.arrive("b", 10, b"x"),
             Arrival::Parks(HeadId {
                 token: old,
                 offset: 9
             })
+        );
+    }
+
+    /// A log made again numbers its new messages from its start: a message
+    /// read at an offset whose outcome a rebuild kept is taken for a copy of
+    /// the one recorded only if its aggregate and payload are that one's.
+    /// Before, a new message at such an offset took the old outcome: written
+    /// nowhere, settled unrun.
+    #[test]
+    fn an_outcome_kept_by_offset_is_taken_only_by_a_copy_of_its_message() {
+        use crate::raw::sequence::Rebuild;
+        let scope = SequenceScope::new("g", "orders", 0);
+        let old = Token::from_raw(7);
+        let copy = |payload: &'static str| {
+            crate::Message::new(
+                "orders.dlq",
+                0,
+                0,
+                bytes::Bytes::from_static(payload.as_bytes()),
+            )
+        };
+        let mut rebuild = Rebuild::new(scope.clone(), 1);
+        rebuild.feed_copy(0, &scope.epoch(old, 1), &copy(""));
+        rebuild.feed_copy(0, &scope.head(old, 3, "a"), &copy("a-3"));
+        rebuild.feed_copy(0, &scope.head(old, 5, "b"), &copy("b-5"));
+        let head_a = HeadId {
+            token: old,
+            offset: 3,
+        };
+        rebuild.feed_copy(0, &scope.parked(old, 4, "a", head_a), &copy("a-4"));
+        let p = parking(10);
+        p.take_up(rebuild.finish(), unread());
+        assert!(matches!(
+            p.arrive("a", 3, b"a-3"),
+            Arrival::Recorded(Recorded::Head { .. })
+        ));
+        assert_eq!(
+            p.arrive("a", 4, b"a-4 of a new log"),
+            Arrival::Parks(head_a),
+            "another envelope of a parked aggregate: parked, and written"
+        );
+        assert_eq!(
+            p.arrive("c", 5, b"b-5"),
+            Arrival::Runs,
+            "another aggregate's envelope at b's head: runs"
+        );
+        assert!(
+            p.is_parked("b"),
+            "the aggregate recorded stays parked behind its head"
         );
     }
 

@@ -755,6 +755,7 @@ pub struct Rebuild {
     epochs: HashMap<i32, Token>,
     set: ParkedSet,
     ahead: BTreeMap<i64, Recorded>,
+    copies: BTreeMap<i64, Vec<u64>>,
     fenced: u64,
     partitions: Option<u32>,
 }
@@ -766,6 +767,14 @@ pub struct Rebuilt {
     pub set: ParkedSet,
     /// Outcomes recorded at or above the commit point, by origin offset.
     pub ahead: BTreeMap<i64, Recorded>,
+    /// The payloads' fingerprints ([`stable_hash`](crate::raw::stable_hash))
+    /// of the records behind `ahead`, by origin offset, where the rebuild saw
+    /// them ([`Rebuild::feed_copy`]): a message read at such an offset is a
+    /// copy of the one recorded only if its payload is one of them. A log made
+    /// again (a topic deleted and made anew, a NATS memory stream lost in a
+    /// server restart) numbers new messages from its start, and the recorded
+    /// outcome is not theirs.
+    pub copies: BTreeMap<i64, Vec<u64>>,
     /// Records ignored by the fence.
     pub fenced: u64,
     /// The destination's partition count as the latest epoch marker read says.
@@ -793,9 +802,31 @@ impl Rebuild {
             epochs: HashMap::new(),
             set: ParkedSet::new(),
             ahead: BTreeMap::new(),
+            copies: BTreeMap::new(),
             fenced: 0,
             partitions: None,
         }
+    }
+
+    /// [`feed`](Self::feed) `record`, read in `copy` (the destination's
+    /// record: the envelope's payload): an outcome kept by offset keeps the
+    /// payload's fingerprint too ([`Rebuilt::copies`]).
+    pub fn feed_copy(&mut self, destination: i32, record: &SequenceRecord, copy: &Message) -> Fed {
+        let fed = self.feed(destination, record);
+        let envelope = matches!(
+            record.kind,
+            SequenceKind::Head | SequenceKind::Parked { .. } | SequenceKind::SetAside { .. }
+        );
+        if let (Fed::Counted, true, Some(offset)) = (fed, envelope, record.offset) {
+            if offset >= self.committed {
+                let copies = self.copies.entry(offset).or_default();
+                let fingerprint = crate::raw::stable_hash(&copy.payload);
+                if !copies.contains(&fingerprint) {
+                    copies.push(fingerprint);
+                }
+            }
+        }
+        fed
     }
 
     /// Fold `record`, read from destination partition `destination`.
@@ -864,6 +895,7 @@ impl Rebuild {
         Rebuilt {
             set: self.set,
             ahead: self.ahead,
+            copies: self.copies,
             fenced: self.fenced,
             partitions: self.partitions,
         }
@@ -1092,7 +1124,7 @@ pub async fn rebuild(
     let mut unreadable = 0u64;
     let mut each = |partition: i32, message: &Message| {
         if let Some(record) = readable(topic, partition, message, &mut unreadable) {
-            fold.feed(partition, &record);
+            fold.feed_copy(partition, &record, message);
         }
     };
     store.read(topic, &mut each).await?;

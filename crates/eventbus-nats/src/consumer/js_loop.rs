@@ -441,7 +441,13 @@ impl JsLoop {
         )
         .await;
         self.durable.consumer = match reread {
-            Ok(c) => c,
+            Ok(c) => {
+                // The durable reads on from `seq`: where a sequenced turn keeps
+                // outcomes by position from (a floor read earlier, of the
+                // consumer this one replaced, may stand higher).
+                self.durable.state.set_ack_floor(seq - 1);
+                c
+            }
             // The stream is gone (a memory stream lost in a server restart): there
             // is nothing left to re-read; open stream and consumer again.
             Err(e) if e.kind() == ErrorKind::NotFound => (self.durable.recreate)(None).await?,

@@ -78,24 +78,23 @@ async fn an_aggregate_of_one_of_many_partitions_unparks_in_order() {
 }
 
 /// Sequencing on a core NATS topic (at most once: no redelivery, no stream to
-/// rebuild from) or with a core NATS dead-letter topic is refused at
-/// subscription, naming the key and the topic; a plain subscription of it is
-/// not sequenced and is taken.
+/// rebuild from), with a core NATS dead-letter topic, or with a dead-letter
+/// topic whose records go once acknowledged (`interest`, `work_queue`), is
+/// refused at subscription, naming the key and the topic; a plain
+/// subscription of it is not sequenced and is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequencing_needs_persistent_topics_and_says_so() {
     init_tracing();
     let server = NatsServer::start();
     let (core, durable) = (random_topic("core"), random_topic("durable"));
+    let interest = random_topic("interest");
     let core_dlq = format!("{durable}.dlq");
+    let interest_dlq = format!("{interest}.dlq");
+    let not_persistent = eventbus_core::TopicConfig::default().persistent(false);
     let nats = nats_config(&server.url())
-        .topic(
-            &core,
-            eventbus_core::TopicConfig::default().persistent(false),
-        )
-        .topic(
-            &core_dlq,
-            eventbus_core::TopicConfig::default().persistent(false),
-        );
+        .topic(&core, not_persistent.clone())
+        .topic(&core_dlq, not_persistent)
+        .topic_retention(&interest_dlq, eventbus_nats::Retention::Interest);
     let mut config = eventbus_testkit::conformance::quick_config();
     config.dead_letter.sequence_by_aggregate = true;
     let bus =
@@ -103,7 +102,12 @@ async fn sequencing_needs_persistent_topics_and_says_so() {
             .await
             .expect("connect");
     let handler = |_: eventbus_core::Event| async { Ok::<(), eventbus_core::HandlerError>(()) };
-    for (topic, named) in [(&core, &core), (&durable, &core_dlq)] {
+    let refused = [
+        (&core, &core),
+        (&durable, &core_dlq),
+        (&interest, &interest_dlq),
+    ];
+    for (topic, named) in refused {
         let e = eventbus_core::EventBusExt::subscribe_envelope(&bus, topic, handler)
             .await
             .expect_err("refused");

@@ -91,7 +91,7 @@ impl<T> TaskShared<T> {
 /// again of a message written earlier takes that outcome, with no second write.
 async fn arrive<T>(shared: &TaskShared<T>, message: &Message, epoch: &Epoch) -> Option<Outcome> {
     let (parking, aggregate) = shared.sequencing(epoch, message)?;
-    let behind = match parking.arrive(&aggregate, message.offset) {
+    let behind = match parking.arrive(&aggregate, message.offset, &message.payload) {
         Arrival::Runs => return None,
         // Its dead letter is written, as a head or parked: it stays so.
         Arrival::Recorded(_) => return Some(Outcome::Recorded),

@@ -180,6 +180,24 @@ impl Leases {
         }
     }
 
+    /// The generation of a lease held at `revision`: the bucket's creation
+    /// time (seconds) above the revision, so that it grows with each new holder
+    /// of a key (a take is a write after every write of the holders before),
+    /// and across a bucket made again, whose revisions start over. `None` when
+    /// the bucket cannot be read now.
+    pub(crate) async fn generation(&self, revision: u64) -> Option<u128> {
+        let info = async {
+            let mut stream = self.js.get_stream(&self.kv.stream_name).await.ok()?;
+            stream.info().await.ok().map(|i| i.created)
+        };
+        let created = tokio::time::timeout(self.request_timeout, info)
+            .await
+            .ok()
+            .flatten()?;
+        let seconds = u64::try_from(created.unix_timestamp()).ok()?;
+        Some((u128::from(seconds) << 64) | u128::from(revision))
+    }
+
     /// This member's name in lease values.
     pub(crate) fn member(&self) -> &str {
         &self.member
@@ -501,6 +519,11 @@ impl From<RefreshError> for Error {
 impl Lease {
     pub(crate) fn clock(&self) -> Arc<LeaseClock> {
         self.clock.clone()
+    }
+
+    /// The revision of the key as this lease last wrote it.
+    pub(crate) fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// The take-over finished: the durable is safe to read on from.

@@ -481,7 +481,9 @@ async fn hold(
         if let Some(store) = &t.sequence {
             // Read on from the ack floor, as the backend's take-over does.
             let from = t.streams.floor(topic, partition).unwrap_or(0);
-            turn = turn.sequence_store(store.clone(), from);
+            // Leases are numbered in the order they are taken, as a NATS
+            // lease's revision grows.
+            turn = turn.sequence_store(store.clone(), from, Some(u128::from(id)));
         }
         turn.run().await;
         let ended = turn.finish().await;

@@ -494,14 +494,15 @@ impl Dispatcher {
         &self.inner.config
     }
 
-    /// Partition `partition` of `sub` is taken up under `scope`: with
-    /// sequencing on, its sequencing is made now (its owner's token drawn),
-    /// and what its rebuild needs is returned.
+    /// Partition `partition` of `sub` is taken up under `scope` (of the
+    /// assignment of `generation`, where the broker numbers them across
+    /// members): with sequencing on, its sequencing is made now (its owner's
+    /// token drawn), and what its rebuild needs is returned.
     pub(crate) fn sequence_take_up(
         &self,
         sub: &PreparedSubscription,
         scope: &Scope,
-        partition: i32,
+        (partition, generation): (i32, Option<u128>),
     ) -> Option<crate::raw::parking::TakenUp> {
         let SubTasks::Envelope(shared) = &sub.tasks else {
             return None;
@@ -517,6 +518,7 @@ impl Dispatcher {
             topic,
             scope: seq,
             token: parking.token(),
+            generation,
         })
     }
 

@@ -279,6 +279,9 @@ pub(crate) struct TakenUp {
     pub(crate) topic: String,
     pub(crate) scope: SequenceScope,
     pub(crate) token: Token,
+    /// The generation of the assignment, where the broker numbers them
+    /// across members (its epoch marker carries it).
+    pub(crate) generation: Option<u128>,
 }
 
 /// Rebuild the parked set of the partition `up` names, read on from
@@ -292,7 +295,15 @@ pub(crate) async fn rebuild_until(
     work: Scope,
     policy: DeliveryPolicy,
 ) -> bool {
-    let read = || rebuild(&*store, &up.topic, &up.scope, up.token, committed);
+    let read = || {
+        rebuild(
+            &*store,
+            &up.topic,
+            &up.scope,
+            (up.token, up.generation),
+            committed,
+        )
+    };
     let failed = |e: &crate::Error, attempt: u32| {
         tracing::warn!(dead_letter_topic = %up.topic, topic = %up.scope.topic,
             partition = up.scope.partition, error = %e, attempt,

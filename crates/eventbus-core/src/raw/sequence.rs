@@ -50,6 +50,9 @@ pub const SEQUENCE_DUE_HEADER: &str = "eventbus-sequence-due";
 /// Header on an epoch marker: the destination's partition count when it was
 /// written (a new count moves aggregates to partitions no marker fences).
 pub const SEQUENCE_PARTITIONS_HEADER: &str = "eventbus-sequence-partitions";
+/// Header of an epoch marker: the generation of its owner's assignment, where
+/// the broker numbers them across members (a NATS lease's revision).
+pub const SEQUENCE_GENERATION_HEADER: &str = "eventbus-sequence-generation";
 /// Header of a control record published to an origin partition; its value is
 /// [`CONTROL_UNPARK`].
 pub const CONTROL_HEADER: &str = "eventbus-control";
@@ -159,6 +162,11 @@ pub enum SequenceKind {
     Epoch {
         /// The destination's partition count when written.
         partitions: u32,
+        /// The generation of the owner's assignment, where the broker numbers
+        /// assignments across members: a marker of a lower generation than
+        /// one read before it is a former owner's, landed late, and fences
+        /// nothing.
+        generation: Option<u128>,
     },
 }
 
@@ -275,7 +283,26 @@ impl SequenceScope {
     /// The epoch marker of the assignment drawn `token`, the destination having
     /// `partitions` partitions.
     pub fn epoch(&self, token: Token, partitions: u32) -> SequenceRecord {
-        self.record(token, None, None, SequenceKind::Epoch { partitions })
+        self.epoch_of(token, partitions, None)
+    }
+
+    /// [`epoch`](Self::epoch), of the assignment of `generation` where the
+    /// broker numbers assignments across members.
+    pub fn epoch_of(
+        &self,
+        token: Token,
+        partitions: u32,
+        generation: Option<u128>,
+    ) -> SequenceRecord {
+        self.record(
+            token,
+            None,
+            None,
+            SequenceKind::Epoch {
+                partitions,
+                generation,
+            },
+        )
     }
 
     fn holds(&self, record: &SequenceRecord) -> bool {
@@ -366,8 +393,14 @@ impl SequenceRecord {
                 let list: Vec<String> = heads.iter().map(HeadId::to_string).collect();
                 headers.set(SEQUENCE_LIFTS_HEADER, list.join(","));
             }
-            SequenceKind::Epoch { partitions } => {
-                headers.set(SEQUENCE_PARTITIONS_HEADER, partitions.to_string())
+            SequenceKind::Epoch {
+                partitions,
+                generation,
+            } => {
+                headers.set(SEQUENCE_PARTITIONS_HEADER, partitions.to_string());
+                if let Some(g) = generation {
+                    headers.set(SEQUENCE_GENERATION_HEADER, g.to_string());
+                }
             }
         }
     }
@@ -425,6 +458,19 @@ impl SequenceRecord {
             }
             "epoch" => {
                 let count = text(SEQUENCE_PARTITIONS_HEADER)?;
+                let generation = match headers.get(SEQUENCE_GENERATION_HEADER) {
+                    None => None,
+                    Some(_) => {
+                        let g = text(SEQUENCE_GENERATION_HEADER)?;
+                        Some(g.parse().map_err(|_| {
+                            invalid(
+                                SEQUENCE_GENERATION_HEADER,
+                                g,
+                                "expected a generation number",
+                            )
+                        })?)
+                    }
+                };
                 SequenceKind::Epoch {
                     partitions: count.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
                         invalid(
@@ -433,6 +479,7 @@ impl SequenceRecord {
                             "expected a positive count",
                         )
                     })?,
+                    generation,
                 }
             }
             other => {
@@ -751,8 +798,8 @@ pub struct Rebuild {
     scope: SequenceScope,
     committed: i64,
     /// Per destination partition, the token of the latest epoch marker of this
-    /// origin partition read there.
-    epochs: HashMap<i32, Token>,
+    /// origin partition read there, and its generation.
+    epochs: HashMap<i32, (Token, Option<u128>)>,
     set: ParkedSet,
     ahead: BTreeMap<i64, Recorded>,
     copies: BTreeMap<i64, Vec<u64>>,
@@ -834,8 +881,22 @@ impl Rebuild {
         if !self.scope.holds(record) {
             return Fed::Other;
         }
-        if let SequenceKind::Epoch { partitions } = record.kind {
-            self.epochs.insert(destination, record.token);
+        if let SequenceKind::Epoch {
+            partitions,
+            generation,
+        } = record.kind
+        {
+            // A marker of an older generation than the latest one read is a
+            // former owner's, landed late (its write was under way when the
+            // partition moved): the latest owner's marker still stands.
+            let late = self.epochs.get(&destination).is_some_and(
+                |(_, latest)| matches!((latest, generation), (Some(l), Some(g)) if g < *l),
+            );
+            if late {
+                self.fenced += 1;
+                return Fed::Fenced;
+            }
+            self.epochs.insert(destination, (record.token, generation));
             self.partitions = Some(partitions);
             return Fed::Epoch;
         }
@@ -845,7 +906,7 @@ impl Rebuild {
         if self
             .epochs
             .get(&destination)
-            .is_some_and(|t| *t != record.token)
+            .is_some_and(|(t, _)| *t != record.token)
         {
             self.fenced += 1;
             return Fed::Fenced;
@@ -1043,7 +1104,7 @@ impl Replay {
 
     /// What the replay by the owner that drew `ours` runs.
     pub fn finish(self, ours: Token) -> ReplayPlan {
-        let superseded = self.fold.epochs.values().any(|t| *t != ours);
+        let superseded = self.fold.epochs.values().any(|(t, _)| *t != ours);
         let rebuilt = self.fold.finish();
         let heads: Vec<HeadId> = rebuilt
             .set
@@ -1102,19 +1163,20 @@ pub trait SequenceStore: Send + Sync + 'static {
 }
 
 /// The rebuild at assignment (`docs/sequencing.md`, 3 and 4) of `scope`, whose
-/// new owner drew `token` and reads on from `committed`: its epoch marker is
-/// written to every partition of the destination `topic` first, then the
-/// destination is read and folded ([`Rebuild`]). A record whose headers do not
+/// new owner drew `token` (under the assignment of `generation`, where the
+/// broker numbers them across members) and reads on from `committed`: its
+/// epoch marker is written to every partition of the destination `topic`
+/// first, then the destination is read and folded ([`Rebuild`]). A record whose headers do not
 /// read is skipped, with a warning naming the header: it parks nothing.
 pub async fn rebuild(
     store: &dyn SequenceStore,
     topic: &str,
     scope: &SequenceScope,
-    token: Token,
+    (token, generation): (Token, Option<u128>),
     committed: i64,
 ) -> Result<Rebuilt> {
     let partitions = store.partitions(topic).await?;
-    let marker = scope.epoch(token, partitions);
+    let marker = scope.epoch_of(token, partitions, generation);
     for partition in 0..partitions {
         let mut record = Record::new(bytes::Bytes::new());
         marker.write(&mut record.headers);
@@ -1447,11 +1509,15 @@ mod tests {
         }
     }
 
-    fn run(steps: &[Step]) -> Written {
+    /// The owners' writes over `steps`; with `generations`, each owner's
+    /// markers carry the generation of its assignment (its token's number).
+    fn run(steps: &[Step], generations: bool) -> Written {
         let s = scope();
         let dest = |aggregate: &str| i32::from(aggregate.as_bytes()[0] % 2);
         let mut token = Token::from_raw(100);
-        let mut records = vec![(0, s.epoch(token, 2)), (1, s.epoch(token, 2))];
+        let marker =
+            |token: Token| s.epoch_of(token, 2, generations.then(|| u128::from(token.get())));
+        let mut records = vec![(0, marker(token)), (1, marker(token))];
         let mut live = ParkedSet::new();
         let (mut sets, mut lifted) = (Vec::new(), Vec::new());
         for step in steps {
@@ -1479,8 +1545,8 @@ mod tests {
                 }
                 Step::HandOver => {
                     token = Token::from_raw(token.get() + 1);
-                    records.push((0, s.epoch(token, 2)));
-                    records.push((1, s.epoch(token, 2)));
+                    records.push((0, marker(token)));
+                    records.push((1, marker(token)));
                 }
             }
         }
@@ -1504,7 +1570,7 @@ mod tests {
             commit in 0usize..60,
             late in 0usize..80,
         ) {
-            let written = run(&steps);
+            let written = run(&steps, false);
             let end = written.sets.len() - 1;
             let committed = commit.min(end);
             let mut records = written.records.clone();
@@ -1528,5 +1594,63 @@ mod tests {
             }
             prop_assert_eq!(rebuilt.set, written.expected(end));
         }
+
+        /// With markers that carry their assignment's generation, a former
+        /// owner's marker landing late (after the next owner's), with a record
+        /// of its own after it, fences nothing: the set is the writer's. By
+        /// arrival alone, that marker fenced every later record of the next
+        /// owner in its destination partition.
+        #[test]
+        fn a_late_marker_of_an_older_generation_fences_nothing(
+            steps in proptest::collection::vec(step(), 1..60),
+            late in 0usize..80,
+        ) {
+            let written = run(&steps, true);
+            let end = written.sets.len() - 1;
+            let mut records = written.records.clone();
+            let stale = Token::from_raw(1);
+            let at = late.min(records.len()).max(2);
+            records.insert(at, (0, scope().head(stale, 0, "z")));
+            records.insert(at, (0, scope().epoch_of(stale, 2, Some(1))));
+            let mut rebuild = Rebuild::new(scope(), 0);
+            for (dest, record) in &records {
+                rebuild.feed(*dest, record);
+            }
+            let rebuilt = rebuild.finish();
+            prop_assert_eq!(rebuilt.fenced, 2, "the late marker and its record");
+            let mut set = rebuilt.set;
+            for (offset, recorded) in &rebuilt.ahead {
+                recorded.apply(&mut set, *offset);
+            }
+            prop_assert_eq!(set, written.expected(end));
+        }
+    }
+
+    #[test]
+    fn an_epoch_marker_reads_back_with_its_generation_and_a_bad_one_is_named() {
+        let s = scope();
+        let mut headers = Headers::new();
+        s.epoch_of(Token::from_raw(3), 4, Some(7 << 64 | 9))
+            .write(&mut headers);
+        let r = SequenceRecord::read(&headers).unwrap().unwrap();
+        assert_eq!(
+            r.kind(),
+            &SequenceKind::Epoch {
+                partitions: 4,
+                generation: Some(7 << 64 | 9)
+            }
+        );
+        headers.set(SEQUENCE_GENERATION_HEADER, "seven");
+        let e = SequenceRecord::read(&headers).unwrap_err();
+        assert!(e.to_string().contains(SEQUENCE_GENERATION_HEADER), "{e}");
+        let mut plain = Headers::new();
+        s.epoch(Token::from_raw(3), 4).write(&mut plain);
+        assert_eq!(
+            SequenceRecord::read(&plain).unwrap().unwrap().kind(),
+            &SequenceKind::Epoch {
+                partitions: 4,
+                generation: None
+            }
+        );
     }
 }

@@ -125,6 +125,25 @@ impl JsLoop {
             Some(slot) => slot.begin_turn(&self.durable.closing),
         };
         let clock = lease.clock();
+        // With sequencing on, the turn's epoch marker carries the lease's
+        // generation: a former holder's marker landing after it (a publish the
+        // client sent on reconnecting) then fences nothing.
+        let generation = if self
+            .durable
+            .dispatcher
+            .config()
+            .dead_letter
+            .sequence_by_aggregate
+        {
+            let g = self.leases.generation(lease.revision()).await;
+            if g.is_none() {
+                tracing::debug!(topic = %self.durable.state.topic, partition = ?self.durable.state.partition,
+                    "the lease bucket cannot be read: the epoch marker carries no generation");
+            }
+            g
+        } else {
+            None
+        };
         let keeper_stop = CancellationToken::new();
         // The turn's work: the keeper fences it the instant the lease is
         // lost, then fires `lost` and the turn's stop; the turn then
@@ -138,7 +157,7 @@ impl JsLoop {
             lost.clone(),
             self.durable.stop.clone(),
         ));
-        let end = self.consume(&clock, &lost, work).await;
+        let end = self.consume(&clock, &lost, (work, generation)).await;
         keeper_stop.cancel();
         let lease = keeper.await.ok().flatten();
         if lost.is_cancelled() {
@@ -191,7 +210,7 @@ impl JsLoop {
         &mut self,
         clock: &LeaseClock,
         lost: &CancellationToken,
-        work: Scope,
+        (work, generation): (Scope, Option<u128>),
     ) -> TurnEnd {
         let slot = self.role.slot().map(Arc::as_ref);
         let durable = &mut self.durable;
@@ -225,7 +244,7 @@ impl JsLoop {
             work,
         );
         if let Some((store, from)) = sequencing {
-            turn = turn.sequence_store(store, from);
+            turn = turn.sequence_store(store, from, generation);
         }
         turn.run().await;
         let ended = turn.finish().await;

@@ -894,7 +894,7 @@ async fn a_sequenced_turn_rebuilds_its_parked_set_before_it_fetches() {
         CancellationToken::new(),
         Scope::new(),
     )
-    .sequence_store(store, 4);
+    .sequence_store(store, 4, None);
     let task = spawn_turn(turn);
 
     wait_for("the rebuild's read", || {

@@ -205,7 +205,7 @@ pub struct AckTurn<L: AckLog> {
     /// With sequencing on: where the log's parked set is rebuilt from before
     /// its first fetch, and the position the log is read on from (see
     /// [`AckTurn::sequence_store`]).
-    sequence: Option<(Arc<dyn SequenceStore>, i64)>,
+    sequence: Option<(Arc<dyn SequenceStore>, i64, Option<u128>)>,
     /// The turn's stop, as one wait for the whole turn: a wait made anew on
     /// every pass of the loop would join and leave the token's waiters (a lock
     /// each way) once per message.
@@ -297,9 +297,17 @@ impl<L: AckLog> AckTurn<L> {
     /// above `from` (the first position not acknowledged, where the log is
     /// read on from) are kept by position, and a copy of one delivered again
     /// takes its recorded outcome. Nothing is fetched before the set is taken
-    /// up; meanwhile the log is reported as held at `from`.
-    pub fn sequence_store(mut self, store: Arc<dyn SequenceStore>, from: i64) -> Self {
-        self.sequence = Some((store, from));
+    /// up; meanwhile the log is reported as held at `from`. Where the broker
+    /// numbers its holders across members (`generation`, growing with each
+    /// new holder: a NATS lease's revision), the turn's epoch marker carries
+    /// it, and a former holder's marker that lands after it fences nothing.
+    pub fn sequence_store(
+        mut self,
+        store: Arc<dyn SequenceStore>,
+        from: i64,
+        generation: Option<u128>,
+    ) -> Self {
+        self.sequence = Some((store, from, generation));
         self
     }
 
@@ -340,13 +348,13 @@ impl<L: AckLog> AckTurn<L> {
     /// `consumer.stall_threshold`). `false`: the turn stopped or its work was
     /// fenced first, and it fetches nothing.
     async fn rebuild(&mut self) -> bool {
-        let Some((store, from)) = self.sequence.take() else {
+        let Some((store, from, generation)) = self.sequence.take() else {
             return true;
         };
         let partition = self.log.partition();
-        let Some(up) = self
-            .dispatcher
-            .sequence_take_up(&self.sub, &self.scope, partition)
+        let Some(up) =
+            self.dispatcher
+                .sequence_take_up(&self.sub, &self.scope, (partition, generation))
         else {
             return true;
         };

@@ -428,7 +428,12 @@ impl<L: PartitionLog> LogLoop<L> {
         self.set_in_flight(i, 0);
         let mut part = Partition::new(generation, next);
         if let Some(store) = &self.sequence_store {
-            if let Some(up) = self.dispatcher.sequence_take_up(&self.sub, &scope, p) {
+            // A grant's generation is this member's own count on Kafka:
+            // it orders no markers across members.
+            if let Some(up) = self
+                .dispatcher
+                .sequence_take_up(&self.sub, &scope, (p, None))
+            {
                 let policy = self.dispatcher.config().delivery.clone();
                 part.rebuilding = Some(tokio::spawn(rebuild_until(
                     store.clone(),

@@ -67,6 +67,12 @@ impl PartitionLog for MemoryLog {
         self.topic.assignment(&self.group, self.member)
     }
 
+    /// The broker numbers the grants of a topic's group in the order it
+    /// makes them, whichever member they go to.
+    fn generations_order_members(&self) -> bool {
+        true
+    }
+
     fn take_up(&mut self, partition: i32, generation: u64, scope: Scope) -> i64 {
         let (next, delivered) = self
             .topic

@@ -624,4 +624,10 @@ async fn the_shared_restart_and_unpark_scenario() {
         eventbus_testkit::sequencing::parked_across_a_restart_then_unparked(&buses, &pools).await;
         eventbus_testkit::sequencing::parked_across_a_hand_over(&buses, &pools).await;
     }
+    let buses = eventbus_testkit::factories::MemoryBuses::default();
+    eventbus_testkit::sequencing::epoch_markers_carry_growing_generations(
+        &buses,
+        &eventbus_testkit::factories::keyed_pools(),
+    )
+    .await;
 }

@@ -180,22 +180,35 @@ impl Leases {
         }
     }
 
-    /// The generation of a lease held at `revision`: the bucket's creation
-    /// time (seconds) above the revision, so that it grows with each new holder
-    /// of a key (a take is a write after every write of the holders before),
-    /// and across a bucket made again, whose revisions start over. `None` when
-    /// the bucket cannot be read now.
-    pub(crate) async fn generation(&self, revision: u64) -> Option<u128> {
-        let info = async {
+    /// The generation of this member's `turn` (its count of turns, any
+    /// number that grows from one turn to the next) under its lease of
+    /// `key`: the bucket's creation time (seconds), then the key's revision as
+    /// the bucket holds it now, then the turn's count. It grows with each new
+    /// holder of the key (a take is a write after every write of the holders
+    /// before), with each turn of one holder, and across a bucket made again,
+    /// whose revisions start over (the revision is read from the bucket as it
+    /// is now). `None` when the bucket cannot be read now, or the key is not
+    /// this member's there.
+    pub(crate) async fn generation(&self, key: &str, turn: u32) -> Option<u128> {
+        let read = async {
+            let (revision, holder) = self.latest(key).await.ok()??;
+            if holder?.member != self.member {
+                return None;
+            }
             let mut stream = self.js.get_stream(&self.kv.stream_name).await.ok()?;
-            stream.info().await.ok().map(|i| i.created)
+            let created = stream.info().await.ok()?.created;
+            Some((created, revision))
         };
-        let created = tokio::time::timeout(self.request_timeout, info)
+        let (created, revision) = tokio::time::timeout(self.request_timeout * 2, read)
             .await
             .ok()
             .flatten()?;
         let seconds = u64::try_from(created.unix_timestamp()).ok()?;
-        Some((u128::from(seconds) << 64) | u128::from(revision))
+        Some(
+            (u128::from(seconds) << 64)
+                | (u128::from(revision & 0xffff_ffff_ffff) << 16)
+                | u128::from(turn & 0xffff),
+        )
     }
 
     /// This member's name in lease values.
@@ -519,11 +532,6 @@ impl From<RefreshError> for Error {
 impl Lease {
     pub(crate) fn clock(&self) -> Arc<LeaseClock> {
         self.clock.clone()
-    }
-
-    /// The revision of the key as this lease last wrote it.
-    pub(crate) fn revision(&self) -> u64 {
-        self.revision
     }
 
     /// The take-over finished: the durable is safe to read on from.

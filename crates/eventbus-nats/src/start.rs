@@ -86,7 +86,7 @@ impl Start<'_> {
             // The parked sets are rebuilt from every record the dead-letter
             // stream holds: a record acknowledged away (a redrive's reader acks
             // what it passes) would unpark its aggregate at the next rebuild.
-            let retention = match shared.config.retention_of(dlq) {
+            let retention = match self.retention_on_server(dlq).await? {
                 Retention::Limits => None,
                 Retention::Interest => Some("interest"),
                 Retention::WorkQueue => Some("work_queue"),
@@ -103,6 +103,32 @@ impl Start<'_> {
             Some(p) => self.partitioned(prepared, p).await,
             None => self.durable(prepared).await,
         }
+    }
+
+    /// The retention of dead-letter topic `dlq`'s stream as the server has it
+    /// (an existing stream is taken as it is, whatever the configuration says).
+    async fn retention_on_server(&self, dlq: &str) -> Result<Retention> {
+        let name = self.shared.stream_name(dlq);
+        let timeout = self.shared.config.request_timeout;
+        let info = async {
+            let mut stream = self.shared.js.get_stream(&name).await.map_err(|e| {
+                broker(
+                    format!("cannot open stream `{name}` of dead-letter topic `{dlq}`"),
+                    e,
+                )
+            })?;
+            stream
+                .info()
+                .await
+                .map(|i| crate::streams::retention_of(&i.config))
+                .map_err(|e| broker(format!("cannot read stream `{name}`"), e))
+        };
+        bounded(
+            timeout,
+            || format!("stream `{name}` of dead-letter topic `{dlq}`"),
+            info,
+        )
+        .await
     }
 
     /// One durable consumer, consumed by one member of the group at a time:
@@ -228,6 +254,7 @@ impl Start<'_> {
             leases,
             lease_key: spec.lease_key.clone(),
             role,
+            turns: 0,
         }
     }
 

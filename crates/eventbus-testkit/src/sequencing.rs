@@ -336,3 +336,74 @@ pub async fn parked_across_a_hand_over(factory: &dyn BusFactory, pools: &PoolFac
     first.close().await.expect("close the first member");
     second.close().await.expect("close the second member");
 }
+
+/// Where the broker numbers its assignments across members, each owner's
+/// epoch marker carries its assignment's generation, and the next owner's is
+/// higher (`docs/sequencing.md`, 4): two members in turn take the topic up.
+pub async fn epoch_markers_carry_growing_generations(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+) {
+    let topic = random_topic("generations");
+    let destination = format!("{topic}.dlq");
+    let group = random_topic("group");
+    topics(factory, pools, (&topic, 1), &destination).await;
+    let calls = Calls::default();
+    for owner in 0..2 {
+        let bus = member(
+            factory,
+            pools,
+            (&topic, &group),
+            owner,
+            &calls,
+            &Arc::new(Mutex::new(false)),
+        )
+        .await;
+        // Run once the member took the partition up and rebuilt its set.
+        publish(&bus, (&topic, 1), "a", owner as u64).await;
+        ran_once(&calls, owner, "a", owner as u64).await;
+        bus.close().await.expect("close");
+    }
+    let pool = pools(PoolSpec::default()).await;
+    let mut c = config(&random_topic("reader"));
+    c.dead_letter.sequence_by_aggregate = false;
+    let reader = factory.bus(pool, c).await.expect("reader bus");
+    // Per destination partition, by offset: each marker's generation.
+    type Markers = Arc<Mutex<std::collections::BTreeMap<i32, Vec<(i64, Option<u128>)>>>>;
+    let seen: Markers = Arc::default();
+    let s = seen.clone();
+    reader
+        .subscribe(&destination, move |m: Message| {
+            if let Ok(Some(r)) = SequenceRecord::read(&m.headers) {
+                if let SequenceKind::Epoch { generation, .. } = r.kind() {
+                    s.lock()
+                        .expect("seen")
+                        .entry(m.partition)
+                        .or_default()
+                        .push((m.offset, *generation));
+                }
+            }
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .await
+        .expect("subscribe to the destination");
+    wait_until("two owners' epoch markers in a partition", WAIT, || {
+        seen.lock().expect("seen").values().any(|g| g.len() >= 2)
+    })
+    .await;
+    reader.close().await.expect("close the reader");
+    let mut seen = seen.lock().expect("seen").clone();
+    for markers in seen.values_mut() {
+        markers.sort_unstable();
+    }
+    for markers in seen.values().filter(|m| m.len() >= 2) {
+        let g: Vec<u128> = markers
+            .iter()
+            .map(|(_, g)| g.expect("a marker with a generation"))
+            .collect();
+        assert!(
+            g.windows(2).all(|w| w[0] < w[1]),
+            "each owner's generation above the last: {seen:?}"
+        );
+    }
+}

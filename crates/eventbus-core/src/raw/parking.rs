@@ -164,6 +164,11 @@ impl Parking {
                  (the log was made again?): it is handled as any message");
             live.written.remove(&offset);
             live.copies.remove(&offset);
+            // Offsets of the old log say nothing of this one's order: a parked
+            // aggregate's envelope parks behind its latest head.
+            if let Some(head) = live.set.heads(aggregate).last() {
+                return Arrival::Parks(head.id);
+            }
         }
         match live.set.behind(aggregate, offset) {
             Some(head) => Arrival::Parks(head),
@@ -596,6 +601,11 @@ mod tests {
             p.arrive("a", 4, b"a-4 of a new log"),
             Arrival::Parks(head_a),
             "another envelope of a parked aggregate: parked, and written"
+        );
+        assert_eq!(
+            p.arrive("a", 3, b"a-3 of a new log"),
+            Arrival::Parks(head_a),
+            "at its head's own offset too: parked behind that head"
         );
         assert_eq!(
             p.arrive("c", 5, b"b-5"),

@@ -36,6 +36,8 @@ pub(crate) struct JsLoop {
     pub(crate) lease_key: String,
     /// How this loop comes by its lease.
     pub(crate) role: Role,
+    /// Turns run, for the generation of each turn's epoch marker.
+    pub(crate) turns: u32,
 }
 
 /// How a consume loop comes by the lease of its durable consumer.
@@ -125,25 +127,6 @@ impl JsLoop {
             Some(slot) => slot.begin_turn(&self.durable.closing),
         };
         let clock = lease.clock();
-        // With sequencing on, the turn's epoch marker carries the lease's
-        // generation: a former holder's marker landing after it (a publish the
-        // client sent on reconnecting) then fences nothing.
-        let generation = if self
-            .durable
-            .dispatcher
-            .config()
-            .dead_letter
-            .sequence_by_aggregate
-        {
-            let g = self.leases.generation(lease.revision()).await;
-            if g.is_none() {
-                tracing::debug!(topic = %self.durable.state.topic, partition = ?self.durable.state.partition,
-                    "the lease bucket cannot be read: the epoch marker carries no generation");
-            }
-            g
-        } else {
-            None
-        };
         let keeper_stop = CancellationToken::new();
         // The turn's work: the keeper fences it the instant the lease is
         // lost, then fires `lost` and the turn's stop; the turn then
@@ -157,6 +140,7 @@ impl JsLoop {
             lost.clone(),
             self.durable.stop.clone(),
         ));
+        let generation = self.generation(&lost).await;
         let end = self.consume(&clock, &lost, (work, generation)).await;
         keeper_stop.cancel();
         let lease = keeper.await.ok().flatten();
@@ -200,6 +184,28 @@ impl JsLoop {
             return Next::Wait;
         }
         self.after_turn(end, lease, &clock, give_backs).await
+    }
+
+    /// With sequencing on, the generation the turn's epoch marker carries
+    /// (read while the keeper keeps the lease): a former holder's or turn's
+    /// marker landing after it (a publish the client sends on reconnecting)
+    /// then fences nothing (`docs/sequencing.md`, 4).
+    async fn generation(&mut self, lost: &CancellationToken) -> Option<u128> {
+        let config = self.durable.dispatcher.config();
+        if !config.dead_letter.sequence_by_aggregate {
+            return None;
+        }
+        self.turns = self.turns.wrapping_add(1);
+        let generation = tokio::select! {
+            g = self.leases.generation(&self.lease_key, self.turns) => g,
+            () = lost.cancelled() => return None,
+        };
+        if generation.is_none() {
+            tracing::warn!(topic = %self.durable.state.topic, partition = ?self.durable.state.partition,
+                "the lease cannot be read back: this turn's epoch marker carries no generation, \
+                 and a former holder's marker landing after it would fence its records");
+        }
+        generation
     }
 
     /// One turn as lease holder: core's [`AckTurn`] of `work` over the

@@ -131,64 +131,6 @@ async fn sequencing_needs_persistent_topics_and_says_so() {
 /// client sends on reconnecting) fences nothing in the next rebuild.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_holders_epoch_marker_carries_a_higher_generation() {
-    use eventbus_core::raw::sequence::{SequenceKind, SequenceRecord};
-    use eventbus_core::{EventBusExt, HandlerError, Message};
-    use std::sync::Mutex;
     init_tracing();
-    let factory = NatsBuses::start();
-    let topic = random_topic("generations");
-    let destination = format!("{topic}.dlq");
-    let mut config = eventbus_testkit::conformance::quick_config();
-    config.consumer.group_id = random_topic("group");
-    config.dead_letter.sequence_by_aggregate = true;
-    for _ in 0..2 {
-        let bus = factory
-            .bus(keyed_pools()(Default::default()).await, config.clone())
-            .await
-            .expect("bus");
-        bus.subscribe_envelope(&topic, |_: eventbus_core::Event| async {
-            Ok::<(), HandlerError>(())
-        })
-        .await
-        .expect("subscribe");
-        let envelope = eventbus_core::Envelope::new("a", "t", serde_json::json!({}));
-        bus.publish_envelope(&topic, &envelope)
-            .await
-            .expect("publish");
-        bus.close().await.expect("close");
-    }
-    let reader = factory
-        .bus(
-            keyed_pools()(Default::default()).await,
-            eventbus_testkit::conformance::quick_config(),
-        )
-        .await
-        .expect("reader");
-    let generations = Arc::new(Mutex::new(Vec::new()));
-    let seen = generations.clone();
-    reader
-        .subscribe(&destination, move |m: Message| {
-            if let Ok(Some(r)) = SequenceRecord::read(&m.headers) {
-                if let SequenceKind::Epoch { generation, .. } = r.kind() {
-                    seen.lock().unwrap().push(*generation);
-                }
-            }
-            async { Ok::<(), HandlerError>(()) }
-        })
-        .await
-        .expect("subscribe to the destination");
-    eventbus_testkit::wait::wait_until("two epoch markers", WAIT, || {
-        generations.lock().unwrap().len() >= 2
-    })
-    .await;
-    reader.close().await.expect("close the reader");
-    let generations = generations.lock().unwrap().clone();
-    let g: Vec<u128> = generations
-        .iter()
-        .map(|g| g.expect("a marker with a generation"))
-        .collect();
-    assert!(
-        g.windows(2).all(|w| w[0] < w[1]),
-        "each holder's generation above the last: {generations:?}"
-    );
+    sequencing::epoch_markers_carry_growing_generations(&NatsBuses::start(), &keyed_pools()).await;
 }

@@ -82,6 +82,16 @@ pub trait PartitionLog: Send + 'static {
     /// callback or a lease keeper does; a grant already taken away fences it now.
     fn take_up(&mut self, partition: i32, generation: u64, scope: Scope) -> i64;
 
+    /// Whether a partition's grant generations grow across the group's
+    /// members (each grant's above every earlier grant of it, whichever member
+    /// held that one): then a sequenced partition's epoch markers carry them,
+    /// and a former owner's marker landing late fences nothing
+    /// (`docs/sequencing.md`, 4). `false` (the default) where a generation is
+    /// this member's own count (Kafka: rdkafka exposes no group generation).
+    fn generations_order_members(&self) -> bool {
+        false
+    }
+
     /// Append up to `max` records of `partition` from offset `from` to `out`, in
     /// offset order; returns the offset to fetch from next. Nothing appended:
     /// nothing to read now. After a rewind, the records from its offset are

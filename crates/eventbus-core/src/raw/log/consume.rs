@@ -428,11 +428,13 @@ impl<L: PartitionLog> LogLoop<L> {
         self.set_in_flight(i, 0);
         let mut part = Partition::new(generation, next);
         if let Some(store) = &self.sequence_store {
-            // A grant's generation is this member's own count on Kafka:
-            // it orders no markers across members.
+            let ordered = self
+                .log
+                .generations_order_members()
+                .then(|| u128::from(generation));
             if let Some(up) = self
                 .dispatcher
-                .sequence_take_up(&self.sub, &scope, (p, None))
+                .sequence_take_up(&self.sub, &scope, (p, ordered))
             {
                 let policy = self.dispatcher.config().delivery.clone();
                 part.rebuilding = Some(tokio::spawn(rebuild_until(

@@ -33,10 +33,11 @@
 //! An envelope whose payload has `"fail": true` fails with a transient error:
 //! it is retried in place (`delivery.*`), holding its partition's commit point
 //! meanwhile (`eventbus stuck`), and dead-lettered once its attempts run out.
-//! `--load N` makes the topic and its dead-letter topic (4 partitions each)
-//! when they are missing, publishes `N` envelopes, one to each of `N`
-//! aggregates (`order-0` …), and then one more each until stopped, five a
-//! second: a service busy with thousands of aggregates. It runs until Ctrl-C.
+//! `--load N` makes the topic and its dead-letter topic (4 partitions each;
+//! on NATS, one stream each) when they are missing, publishes `N` envelopes,
+//! one to each of `N` aggregates (`order-0` …), and then one more each until
+//! stopped, five a second: a service busy with thousands of aggregates. It
+//! runs until Ctrl-C.
 //!
 //! With `dead_letter.sequence_by_aggregate = true` in the configuration file,
 //! the aggregate of a dead letter stays parked behind it until `eventbus dlq
@@ -100,10 +101,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if load.is_some() {
         // The topic and its dead letters, made here when missing (checked
         // when they exist).
+        // On NATS a topic is one stream, consumed in partitions only where
+        // the NATS settings opt in (`partitions.<topic>`).
+        let config = match settings.kind() {
+            BackendKind::Nats => eventbus::TopicConfig::default(),
+            _ => eventbus::TopicConfig::default().partitions(4),
+        };
         let dead_letters = format!("{topic}{}", settings.file.bus.dead_letter.suffix);
         for name in [&topic, &dead_letters] {
-            bus.configure_topic(name, eventbus::TopicConfig::default().partitions(4))
-                .await?;
+            bus.configure_topic(name, config.clone()).await?;
         }
     }
     bus.subscribe_envelope(&topic, move |e: Event| async move {

@@ -151,20 +151,6 @@ impl Reader {
             idle_bound: idle_bound(shared),
         })
     }
-
-    /// A reader of every message `topic`'s stream holds now, from its oldest
-    /// to its last, by sequence, confirming nothing and creating nothing.
-    pub(crate) async fn from_oldest(shared: &Arc<Shared>, topic: &str) -> Result<Self> {
-        naming::validate_nats_topic(topic)?;
-        let (stream, stream_name, first, end) = open_stream(shared, topic).await?;
-        Ok(Self {
-            stream,
-            stream_name,
-            end,
-            how: How::BySequence { next: first },
-            idle_bound: idle_bound(shared),
-        })
-    }
 }
 
 /// Bound on waiting for a message that is pending but not delivered (one
@@ -175,7 +161,10 @@ fn idle_bound(shared: &Shared) -> Duration {
 
 /// The stream of dead-letter topic `topic`, its name, and its first and last
 /// sequences now; a stream that does not exist is `NotFound`, naming both.
-async fn open_stream(shared: &Shared, topic: &str) -> Result<(Stream, String, u64, u64)> {
+pub(crate) async fn open_stream(
+    shared: &Shared,
+    topic: &str,
+) -> Result<(Stream, String, u64, u64)> {
     let stream_name = shared.stream_name(topic);
     let mut stream = shared.js.get_stream(&stream_name).await.map_err(|e| {
         let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND);

@@ -2,18 +2,20 @@
 //! (`docs/sequencing.md`): one stream, so one destination partition. Epoch
 //! markers and lifts are published to the dead-letter topic and awaited; a
 //! read takes every message the stream holds when it starts, from its oldest,
-//! by sequence (creating no consumer and confirming nothing), the stream's
+//! through an ordered consumer (ephemeral, confirming nothing), the stream's
 //! order being the order of every subject in it.
 
+use async_nats::jetstream::consumer;
 use eventbus_core::raw::sequence::SequenceStore;
-use eventbus_core::raw::DeadLetterReader;
+use eventbus_core::raw::ByteChunks;
 use eventbus_core::{Error, ErrorKind, Message, Record, Result};
 use futures::future::BoxFuture;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use std::sync::Arc;
 
-use crate::publish::Shared;
-use crate::redrive::{sequence_of, Reader};
+use crate::publish::{from_header_map, Shared};
+use crate::redrive::open_stream;
+use crate::streams::broker;
 
 /// The bus's dead-letter streams, for sequencing.
 pub(crate) struct Store(pub(crate) Arc<Shared>);
@@ -50,23 +52,90 @@ impl SequenceStore for Store {
         async move { self.0.publish(topic, record, None).await.map(|_| ()) }.boxed()
     }
 
+    /// Through an ordered consumer of the stream (ephemeral, no
+    /// acknowledgements, re-made by the client at a gap), from the stream's
+    /// first message to its last as the read starts: one stream of
+    /// deliveries, not a request per message.
     fn read<'a>(
         &'a self,
         topic: &'a str,
         each: &'a mut (dyn FnMut(i32, &Message) + Send),
     ) -> BoxFuture<'a, Result<()>> {
         async move {
-            let mut reader = Reader::from_oldest(&self.0, topic).await?;
-            while let Some(raw) = reader.next().await? {
-                let seq = sequence_of(&raw.id, topic)?;
-                let offset = i64::try_from(seq).unwrap_or(i64::MAX);
-                let mut m = Message::new(topic, 0, offset, raw.payload).with_headers(raw.headers);
-                if let Some(key) = raw.key {
-                    m = m.with_key(key);
-                }
-                each(0, &m);
+            crate::naming::validate_nats_topic(topic)?;
+            let shared = &self.0;
+            let (stream, name, first, end) = open_stream(shared, topic).await?;
+            if end < first {
+                return Ok(());
             }
-            Ok(())
+            let timeout = shared.config.request_timeout;
+            let config = consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                description: Some(format!("eventbus sequencing read of {topic}")),
+                ..Default::default()
+            };
+            let made = tokio::time::timeout(timeout, stream.create_consumer(config));
+            let reader = made
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("making a reader of stream `{name}` timed out after {timeout:?}"),
+                    )
+                })?
+                .map_err(|e| broker(format!("cannot make a reader of stream `{name}`"), e))?;
+            let mut messages = reader
+                .messages()
+                .await
+                .map_err(|e| broker(format!("cannot read stream `{name}`"), e))?;
+            let mut chunks = ByteChunks::default();
+            loop {
+                // A reader that hears nothing for this long, with messages
+                // left to read, fails: the rebuild is retried.
+                let next = tokio::time::timeout(timeout * 2, messages.next()).await;
+                let m = match next {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(e))) => {
+                        return Err(broker(format!("reading stream `{name}` failed"), e))
+                    }
+                    Ok(None) => {
+                        return Err(Error::new(
+                            ErrorKind::Broker,
+                            format!("the reader of stream `{name}` ended before its sequence {end}"),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "reading stream `{name}`: nothing came for {:?} before its sequence {end}",
+                                timeout * 2
+                            ),
+                        ))
+                    }
+                };
+                let info = m.info().map_err(|e| {
+                    Error::new(
+                        ErrorKind::Broker,
+                        format!("a message of stream `{name}` without its sequence: {e}"),
+                    )
+                })?;
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                if seq > end {
+                    return Ok(());
+                }
+                let (headers, key) = from_header_map(m.headers.as_ref(), &mut chunks);
+                let offset = i64::try_from(seq).unwrap_or(i64::MAX);
+                let mut copy =
+                    Message::new(topic, 0, offset, m.payload.clone()).with_headers(headers);
+                if let Some(key) = key {
+                    copy = copy.with_key(key);
+                }
+                each(0, &copy);
+                if seq >= end || pending == 0 {
+                    return Ok(());
+                }
+            }
         }
         .boxed()
     }

@@ -181,20 +181,24 @@ impl Leases {
     }
 
     /// The generation of this member's `turn` (its count of turns, any
-    /// number that grows from one turn to the next) under its lease of
-    /// `key`: the bucket's creation time (seconds), then the key's revision as
-    /// the bucket holds it now, then the turn's count. It grows with each new
+    /// number that grows from one turn to the next) under its lease of `key`,
+    /// written last at `revision`: the bucket's creation time (seconds), then
+    /// the key's revision, then the turn's count. It grows with each new
     /// holder of the key (a take is a write after every write of the holders
     /// before), with each turn of one holder, and across a bucket made again,
-    /// whose revisions start over (the revision is read from the bucket as it
-    /// is now). `None` when the bucket cannot be read now, or the key is not
-    /// this member's there.
-    pub(crate) async fn generation(&self, key: &str, turn: u32) -> Option<u128> {
+    /// whose revisions start over: the key is read back, and must be this
+    /// member's there (a bucket made again since the lease's last write has
+    /// not got it). The higher of `revision` and the revision read back
+    /// counts (a read served by a follower that lags can be older). `None`
+    /// when the bucket cannot be read now, or the key is not this member's
+    /// there.
+    pub(crate) async fn generation(&self, key: &str, revision: u64, turn: u32) -> Option<u128> {
         let read = async {
-            let (revision, holder) = self.latest(key).await.ok()??;
+            let (read_back, holder) = self.latest(key).await.ok()??;
             if holder?.member != self.member {
                 return None;
             }
+            let revision = revision.max(read_back);
             let mut stream = self.js.get_stream(&self.kv.stream_name).await.ok()?;
             let created = stream.info().await.ok()?.created;
             Some((created, revision))
@@ -532,6 +536,11 @@ impl From<RefreshError> for Error {
 impl Lease {
     pub(crate) fn clock(&self) -> Arc<LeaseClock> {
         self.clock.clone()
+    }
+
+    /// The key's revision as this lease last wrote it.
+    pub(crate) fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// The take-over finished: the durable is safe to read on from.

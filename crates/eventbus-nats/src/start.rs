@@ -77,7 +77,8 @@ impl Start<'_> {
         }
         if let Some(dlq) = prepared.dead_letter_topic() {
             naming::validate_nats_topic(dlq)?;
-            if !shared.ensure_stream(dlq).await? && sequenced {
+            let persistent = shared.ensure_stream(dlq).await?;
+            if !persistent && sequenced {
                 return Err(Error::config(format!(
                     "dead_letter.sequence_by_aggregate needs a persistent dead-letter topic, but \
                      `{dlq}` of topic `{topic}` is core NATS (topics.{dlq}.persistent = false)"
@@ -86,12 +87,16 @@ impl Start<'_> {
             // The parked sets are rebuilt from every record the dead-letter
             // stream holds: a record acknowledged away (a redrive's reader acks
             // what it passes) would unpark its aggregate at the next rebuild.
-            let retention = match self.retention_on_server(dlq).await? {
-                Retention::Limits => None,
-                Retention::Interest => Some("interest"),
-                Retention::WorkQueue => Some("work_queue"),
+            let retention = if sequenced {
+                match self.retention_on_server(dlq).await? {
+                    Retention::Limits => None,
+                    Retention::Interest => Some("interest"),
+                    Retention::WorkQueue => Some("work_queue"),
+                }
+            } else {
+                None
             };
-            if let Some(retention) = retention.filter(|_| sequenced) {
+            if let Some(retention) = retention {
                 return Err(Error::config(format!(
                     "dead_letter.sequence_by_aggregate needs the dead-letter topic `{dlq}` of \
                      topic `{topic}` kept by limits, but retention.{dlq} is `{retention}`: a \

@@ -127,6 +127,7 @@ impl JsLoop {
             Some(slot) => slot.begin_turn(&self.durable.closing),
         };
         let clock = lease.clock();
+        let revision = lease.revision();
         let keeper_stop = CancellationToken::new();
         // The turn's work: the keeper fences it the instant the lease is
         // lost, then fires `lost` and the turn's stop; the turn then
@@ -140,7 +141,7 @@ impl JsLoop {
             lost.clone(),
             self.durable.stop.clone(),
         ));
-        let generation = self.generation(&lost).await;
+        let generation = self.generation(revision, &lost).await;
         let end = self.consume(&clock, &lost, (work, generation)).await;
         keeper_stop.cancel();
         let lease = keeper.await.ok().flatten();
@@ -190,14 +191,14 @@ impl JsLoop {
     /// (read while the keeper keeps the lease): a former holder's or turn's
     /// marker landing after it (a publish the client sends on reconnecting)
     /// then fences nothing (`docs/sequencing.md`, 4).
-    async fn generation(&mut self, lost: &CancellationToken) -> Option<u128> {
+    async fn generation(&mut self, revision: u64, lost: &CancellationToken) -> Option<u128> {
         let config = self.durable.dispatcher.config();
         if !config.dead_letter.sequence_by_aggregate {
             return None;
         }
         self.turns = self.turns.wrapping_add(1);
         let generation = tokio::select! {
-            g = self.leases.generation(&self.lease_key, self.turns) => g,
+            g = self.leases.generation(&self.lease_key, revision, self.turns) => g,
             () = lost.cancelled() => return None,
         };
         if generation.is_none() {

@@ -97,10 +97,13 @@ async fn sequencing_needs_persistent_topics_and_says_so() {
         .topic_retention(&interest_dlq, eventbus_nats::Retention::Interest);
     let mut config = eventbus_testkit::conformance::quick_config();
     config.dead_letter.sequence_by_aggregate = true;
-    let bus =
-        eventbus_nats::NatsEventBus::connect(nats, config, keyed_pools()(Default::default()).await)
-            .await
-            .expect("connect");
+    let bus = eventbus_nats::NatsEventBus::connect(
+        nats.clone(),
+        config.clone(),
+        keyed_pools()(Default::default()).await,
+    )
+    .await
+    .expect("connect");
     let handler = |_: eventbus_core::Event| async { Ok::<(), eventbus_core::HandlerError>(()) };
     let refused = [
         (&core, &core),
@@ -123,6 +126,16 @@ async fn sequencing_needs_persistent_topics_and_says_so() {
     })
     .await
     .expect("a plain subscription is not sequenced");
+    eventbus_core::EventBus::close(&bus).await.expect("close");
+    // Without sequencing, a core NATS dead-letter topic is taken as before.
+    config.dead_letter.sequence_by_aggregate = false;
+    let bus =
+        eventbus_nats::NatsEventBus::connect(nats, config, keyed_pools()(Default::default()).await)
+            .await
+            .expect("connect");
+    eventbus_core::EventBusExt::subscribe_envelope(&bus, &durable, handler)
+        .await
+        .expect("unsequenced, a core NATS dead-letter topic is taken");
     eventbus_core::EventBus::close(&bus).await.expect("close");
 }
 

@@ -23,6 +23,10 @@ async fn an_aggregate_stays_parked_across_a_restart_and_unparks_in_order_actor()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aggregate_stays_parked_across_a_hand_over() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     sequencing::parked_across_a_hand_over(&KafkaBuses::start(), &keyed_pools()).await;
 }
 

@@ -232,9 +232,8 @@ pub struct DeadLetterConfig {
     /// Keep an aggregate's order through its dead letters, default false: once an
     /// envelope of an aggregate is dead-lettered, the aggregate's later envelopes
     /// are written to the destination parked behind it, unrun
-    /// (`docs/sequencing.md`). The memory and Kafka backends have it (Kafka
-    /// with `acks=all`); NATS refuses it for now, naming it: its parked sets
-    /// are not yet rebuilt at a hand-over or a restart.
+    /// (`docs/sequencing.md`). Every backend has it (Kafka with `acks=all`;
+    /// NATS for persistent topics with a persistent dead-letter topic).
     pub sequence_by_aggregate: bool,
     /// Aggregates parked at most per partition with `sequence_by_aggregate`,
     /// default 10000: past it, a failing envelope of an aggregate not parked yet
@@ -422,6 +421,72 @@ impl RateLimit {
     }
 }
 
+/// Retries out of line (`retry.*`; `docs/sequencing.md`, 7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RetryConfig {
+    /// The delays of the out-of-line rounds (`retry.out_of_line`, e.g.
+    /// `["30s", "5m"]`), default none. After the in-place attempts
+    /// (`delivery`), a failing envelope is set aside, its aggregate parked
+    /// behind it, and the partition's commit point moves on; the partition's
+    /// owner runs it again once the round's delay has passed, with the
+    /// in-place attempts again, and a success replays the aggregate's parked
+    /// envelopes in order. After the last round it is dead-lettered, parked
+    /// until a redrive. Needs `dead_letter.sequence_by_aggregate`; the memory
+    /// and Kafka backends have it, NATS refuses it for now, naming it.
+    #[serde(with = "durations")]
+    pub out_of_line: Vec<Duration>,
+}
+
+impl RetryConfig {
+    /// Set the delays of the out-of-line rounds.
+    #[must_use]
+    pub fn out_of_line(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
+        self.out_of_line = delays.into_iter().collect();
+        self
+    }
+
+    /// Check the delays against the dead-letter settings they need; the
+    /// error names the keys.
+    pub fn validate(&self, dead_letter: &DeadLetterConfig) -> Result<(), Error> {
+        if self.out_of_line.is_empty() {
+            return Ok(());
+        }
+        if !dead_letter.enabled || !dead_letter.sequence_by_aggregate {
+            return Err(Error::config(
+                "retry.out_of_line needs dead_letter.enabled and dead_letter.sequence_by_aggregate: a set-aside envelope's aggregate is parked behind it in the dead-letter topic",
+            ));
+        }
+        if let Some(i) = self.out_of_line.iter().position(Duration::is_zero) {
+            return Err(Error::config(format!(
+                "retry.out_of_line[{i}] must be longer than 0s"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A list of human-readable durations (`["30s", "5m"]`).
+mod durations {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        v.iter()
+            .map(|d| humantime_serde::Serde::from(*d))
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let v = Vec::<humantime_serde::Serde<Duration>>::deserialize(d)?;
+        Ok(v.into_iter()
+            .map(humantime_serde::Serde::into_inner)
+            .collect())
+    }
+}
+
 /// What every backend needs of the configuration: delivery, consumer, dead letters,
 /// operations, metrics and rate limits. The pools' settings are the pool crates'
 /// own, and the facade's `eventbus::EventBusConfig` holds them beside these.
@@ -437,6 +502,8 @@ pub struct BusConfig {
     pub aggregate_id: AggregateIdConfig,
     /// Dead-letter settings.
     pub dead_letter: DeadLetterConfig,
+    /// Retries out of line (`retry.*`).
+    pub retry: RetryConfig,
     /// Lag sampling and recovery mode.
     pub operations: OperationsConfig,
     /// Metrics export.
@@ -465,6 +532,7 @@ impl BusConfig {
             return Err(Error::config("dead_letter.suffix must not be empty"));
         }
         positive("dead_letter.max_parked", self.dead_letter.max_parked)?;
+        self.retry.validate(&self.dead_letter)?;
         self.operations.validate()?;
         for (topic, limit) in &self.rate_limits {
             limit.validate(&format!("rate_limits.{topic}"))?;
@@ -554,5 +622,39 @@ mod tests {
         c.dead_letter.max_parked = 0;
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("dead_letter.max_parked"), "{e}");
+    }
+
+    #[test]
+    fn out_of_line_delays_are_read_and_refused_by_name_without_sequencing_or_when_zero() {
+        let c: BusConfig = serde_json::from_str(
+            r#"{"dead_letter":{"sequence_by_aggregate":true},"retry":{"out_of_line":["30s","5m"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.retry.out_of_line,
+            vec![Duration::from_secs(30), Duration::from_secs(300)]
+        );
+        c.validate().expect("valid");
+        let back: BusConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c, "written as read");
+        let mut off = c.clone();
+        off.dead_letter.sequence_by_aggregate = false;
+        let e = off.validate().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(
+            e.to_string().contains("retry.out_of_line")
+                && e.to_string().contains("dead_letter.sequence_by_aggregate"),
+            "{e}"
+        );
+        let mut zero = c;
+        zero.retry.out_of_line[1] = Duration::ZERO;
+        let e = zero.validate().unwrap_err();
+        assert!(e.to_string().contains("retry.out_of_line[1]"), "{e}");
+        let bad =
+            serde_json::from_str::<BusConfig>(r#"{"retry":{"out_of_line":["soon"]}}"#).unwrap_err();
+        assert!(
+            bad.to_string().contains("soon") || bad.to_string().contains("duration"),
+            "{bad}"
+        );
     }
 }

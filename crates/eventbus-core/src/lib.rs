@@ -30,7 +30,7 @@ pub use bus::{
 pub use config::EventBusConfig;
 pub use config::{
     positive, BacklogConfig, BusConfig, ConsumerConfig, DeadLetterConfig, MetricsConfig,
-    OffsetReset, OperationsConfig, RateLimit, Routing,
+    OffsetReset, OperationsConfig, RateLimit, RetryConfig, Routing,
 };
 pub use dead_letter::{
     DeadLetterKind, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_ERROR_KIND_HEADER,

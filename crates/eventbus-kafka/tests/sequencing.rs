@@ -1,8 +1,8 @@
 //! Dead letters sequenced by aggregate on Kafka (librdkafka's mock cluster,
 //! or `KAFKA_BROKERS`): the parked set rebuilt from the dead-letter topic at
 //! assignment, the aggregate's records in one destination partition, and the
-//! unpark's replay in order, on both pools; and a hand-over between two
-//! running members.
+//! unpark's replay in order, on both pools; a hand-over between two running
+//! members; and out-of-line retries across a restart.
 
 use eventbus_testkit::factories::{actor_pools, keyed_pools, KafkaBuses};
 use eventbus_testkit::sequencing;
@@ -28,6 +28,19 @@ async fn an_aggregate_stays_parked_across_a_hand_over() {
         .with_test_writer()
         .try_init();
     sequencing::parked_across_a_hand_over(&KafkaBuses::start(), &keyed_pools()).await;
+}
+
+/// Out-of-line retries: set aside, run again when due by the partition's
+/// owner (after a restart, the next one), in order with the aggregate's
+/// parked envelopes (`docs/sequencing.md`, 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_line_retries_keep_order_across_a_restart() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    sequencing::retried_out_of_line_in_order_across_a_restart(&KafkaBuses::start(), &keyed_pools())
+        .await;
 }
 
 /// An origin topic of four partitions, with the producer's batches as the

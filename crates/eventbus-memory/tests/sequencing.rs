@@ -631,3 +631,112 @@ async fn the_shared_restart_and_unpark_scenario() {
     )
     .await;
 }
+
+/// Out-of-line retries keep the order of their aggregates across a restart,
+/// on both pools (`docs/sequencing.md`, 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_line_retries_keep_order_across_a_restart() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    for (_, pools) in pools() {
+        let buses = eventbus_testkit::factories::MemoryBuses::default();
+        eventbus_testkit::sequencing::retried_out_of_line_in_order_across_a_restart(&buses, &pools)
+            .await;
+    }
+}
+
+/// With out-of-line retries on (`docs/sequencing.md`, 7): an envelope failing
+/// for a reason that may pass is set aside for its first round, its
+/// aggregate's next envelope parked behind it; one failing permanently is
+/// dead-lettered at once, no round can fix it. A retry's control record of a
+/// round that is not the aggregate's due one (a second timer around a
+/// hand-over, after the round ran) replays nothing; the due one replays the
+/// aggregate in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_runs_only_in_its_due_round_and_a_permanent_failure_is_not_set_aside() {
+    use eventbus_core::raw::sequence::Unpark;
+    each_pool(|broker, pools, topic, group| async move {
+        let calls = Calls::default();
+        let broken = Arc::new(Mutex::new(true));
+        let mut c = config(&group);
+        // Never due while the test runs: the control records are its own.
+        c.retry = c.retry.out_of_line([Duration::from_secs(3600)]);
+        let attempts = c.delivery.max_attempts as usize;
+        let bus =
+            MemoryEventBus::new(broker.clone(), pools(PoolSpec::default()).await, c).expect("bus");
+        bus.configure_topic(&topic, TopicConfig::default().partitions(1))
+            .await
+            .expect("one partition");
+        let (k, b) = (calls.clone(), broken.clone());
+        bus.subscribe_envelope(&topic, move |e: Event| {
+            let (calls, broken) = (k.clone(), b.clone());
+            async move {
+                let aggregate = e.envelope.aggregate_id.clone();
+                let seq = eventbus_testkit::seq_of(&e).expect("seq");
+                calls.lock().unwrap().push((1, aggregate.clone(), seq));
+                match aggregate.as_str() {
+                    "a" if *broken.lock().unwrap() => Err(HandlerError::transient("a is down")),
+                    "p" => Err(HandlerError::permanent("p is malformed")),
+                    _ => Ok(()),
+                }
+            }
+        })
+        .await
+        .expect("subscribe");
+        for (aggregate, seq) in [("a", 0), ("p", 0), ("a", 1), ("p", 1), ("b", 0)] {
+            publish(&bus, &topic, aggregate, seq).await;
+        }
+        committed(&broker, &topic, &group, 5).await;
+        let written = records(&broker, &pools, &topic, 4).await;
+        let due = written
+            .iter()
+            .find_map(|(o, k)| match k {
+                SequenceKind::SetAside { due } if *o == 0 => Some(*due),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("a0 set aside: {written:?}"));
+        assert_eq!(due.round, 0, "{written:?}");
+        assert!(
+            written
+                .iter()
+                .any(|(o, k)| *o == 1 && matches!(k, SequenceKind::Head)),
+            "p0 dead-lettered, not set aside: {written:?}"
+        );
+        let ran = |aggregate: &str| -> Vec<u64> {
+            calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, a, _)| a == aggregate)
+                .map(|(_, _, s)| *s)
+                .collect()
+        };
+        assert_eq!(ran("a"), vec![0; attempts], "a1 parked behind a0");
+        *broken.lock().unwrap() = false;
+        // Another round's control record: passed, nothing replayed.
+        let stale = Unpark::new(group.as_str(), "a").due(eventbus_core::raw::sequence::Due {
+            at_ms: due.at_ms - 1,
+            round: 0,
+        });
+        bus.publish(&topic, stale.record()).await.expect("publish");
+        publish(&bus, &topic, "b", 1).await;
+        committed(&broker, &topic, &group, 7).await;
+        assert_eq!(ran("a"), vec![0; attempts], "a stale round replays nothing");
+        // The due round's: a0 runs again, then a1.
+        let due = Unpark::new(group.as_str(), "a").due(due);
+        bus.publish(&topic, due.record()).await.expect("publish");
+        committed(&broker, &topic, &group, 8).await;
+        let mut expected = vec![0; attempts + 1];
+        expected.push(1);
+        assert_eq!(ran("a"), expected, "replayed in order once due");
+        assert_eq!(
+            ran("p"),
+            vec![0; 1],
+            "p0 failed once, permanently; p1 parked"
+        );
+        bus.close().await.expect("close");
+    })
+    .await;
+}

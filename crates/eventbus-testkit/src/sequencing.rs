@@ -421,3 +421,239 @@ pub async fn epoch_markers_carry_growing_generations(
         );
     }
 }
+
+/// Out-of-line retries (`retry.out_of_line`, `docs/sequencing.md`, 7), the
+/// same on every backend that has them: a failing envelope is set aside after
+/// its in-place attempts and its aggregate's later envelopes are parked behind
+/// it, while other aggregates run on; the partition's owner runs it again at
+/// each round's due time, never before; a success replays the parked envelopes
+/// in order, and an envelope still failing after the last round is
+/// dead-lettered, parked until a redrive. The first member stops while the
+/// rounds are under way, and the second takes them up from the destination.
+pub async fn retried_out_of_line_in_order_across_a_restart(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+) {
+    /// Delays of the two rounds: long enough that the first member usually
+    /// stops before the first is due; the outcome is the same either way.
+    const DELAYS: [Duration; 2] = [Duration::from_millis(1_500), Duration::from_millis(500)];
+    let topic = random_topic("retried");
+    let destination = format!("{topic}.dlq");
+    let group = random_topic("group");
+    topics(factory, pools, (&topic, 1), &destination).await;
+    let origin = (topic.as_str(), 1);
+    let mut c = config(&group);
+    c.retry = c.retry.out_of_line(DELAYS);
+    let attempts = c.delivery.max_attempts as usize;
+    let calls = TimedCalls::default();
+    let of = |aggregate: &str| -> Vec<u64> {
+        calls
+            .lock()
+            .expect("calls")
+            .iter()
+            .filter(|(_, a, _, _)| a == aggregate)
+            .map(|(_, _, s, _)| *s)
+            .collect()
+    };
+
+    let first = retrying_member(factory, pools, (&topic, &c), 1, &calls).await;
+    for (aggregate, seq) in [("a", 0), ("b", 0), ("a", 1), ("c", 0), ("a", 2), ("b", 1)] {
+        publish(&first, origin, aggregate, seq).await;
+    }
+    // The first member stops once a0 and c0 are set aside (it may have run
+    // rounds by then, and a round cut short runs again on the next member).
+    wait_until("b0 and b1 ran while a0 and c0 failed", WAIT, || {
+        of("b") == [0, 1]
+    })
+    .await;
+    protocol(factory, pools, &destination, "a0 and c0 set aside", |r| {
+        ["a", "c"].iter().all(|x| {
+            r.iter().any(|(_, r)| {
+                r.aggregate() == Some(*x) && matches!(r.kind(), SequenceKind::SetAside { .. })
+            })
+        })
+    })
+    .await;
+    first.close().await.expect("close the first member");
+
+    let second = retrying_member(factory, pools, (&topic, &c), 2, &calls).await;
+    // a0 succeeds at its 2 × attempts + 1st call, in a round (the second, or
+    // the first run again after the restart); its parked envelopes follow.
+    wait_until("a0, a1 and a2 ran after a0's rounds", WAIT, || {
+        of("a").ends_with(&[0, 1, 2])
+    })
+    .await;
+    publish(&second, origin, "a", 3).await;
+    wait_until("a3 ran once a was unparked", WAIT, || {
+        of("a").ends_with(&[2, 3])
+    })
+    .await;
+    let ran_a = of("a");
+    let succeeded = ran_a
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| **s == 0)
+        .nth(2 * attempts)
+        .map(|(i, _)| i)
+        .unwrap_or_else(|| panic!("a0 succeeded at its call {}: {ran_a:?}", 2 * attempts + 1));
+    assert!(
+        ran_a[..succeeded].iter().all(|s| *s == 0),
+        "no later envelope of a ran before a0 succeeded, through its rounds and the restart: {ran_a:?}"
+    );
+    assert!(
+        ran_a[succeeded..]
+            .windows(2)
+            .all(|w| w[0] <= w[1] || w[1] == 0),
+        "a's replay in its order (a replay cut by the restart runs again from a0): {ran_a:?}"
+    );
+    // c0 runs its two rounds and is dead-lettered, parked until a redrive:
+    // its next envelope is parked behind it, unrun.
+    let all = protocol(
+        factory,
+        pools,
+        &destination,
+        "c0 dead-lettered after its rounds",
+        |r| {
+            r.iter()
+                .any(|(_, r)| r.aggregate() == Some("c") && matches!(r.kind(), SequenceKind::Head))
+        },
+    )
+    .await;
+    let dues_c: Vec<(u32, i64)> = all
+        .iter()
+        .filter(|(_, r)| r.aggregate() == Some("c"))
+        .filter_map(|(_, r)| match r.kind() {
+            SequenceKind::SetAside { due } => Some((due.round, due.at_ms)),
+            _ => None,
+        })
+        .collect();
+    let due = |round: u32| {
+        dues_c
+            .iter()
+            .filter(|(r, _)| *r == round)
+            .map(|(_, at)| *at)
+            .min()
+            .unwrap_or_else(|| panic!("c0 set aside for round {round}: {all:?}"))
+    };
+    let (first_due, last_due) = (due(0), due(1));
+    let calls_c: Vec<i64> = calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .filter(|(_, a, _, _)| a == "c")
+        .map(|(_, _, _, at)| *at)
+        .collect();
+    assert!(
+        calls_c.len() >= 3 * attempts,
+        "in place, then two rounds: {calls_c:?}"
+    );
+    assert!(
+        calls_c[attempts..].iter().all(|at| *at >= first_due),
+        "no round runs before its due time ({first_due}): {calls_c:?}"
+    );
+    assert!(
+        calls_c[calls_c.len() - attempts..]
+            .iter()
+            .all(|at| *at >= last_due),
+        "the last round's attempts at or after its due time ({last_due}): {calls_c:?}"
+    );
+    let n = calls_c.len();
+    publish(&second, origin, "c", 1).await;
+    publish(&second, origin, "b", 2).await;
+    wait_until("b2 ran", WAIT, || of("b").ends_with(&[2])).await;
+    assert_eq!(of("c").len(), n, "c1 parked behind the dead letter, unrun");
+    assert!(
+        !of("c").contains(&1),
+        "c1 waits for a redrive: {:?}",
+        of("c")
+    );
+    second.close().await.expect("close the second member");
+}
+
+/// `(member, aggregate, seq, wall clock in ms)` of each handler call.
+type TimedCalls = Arc<Mutex<Vec<(usize, String, u64, i64)>>>;
+
+/// A member of [`retried_out_of_line_in_order_across_a_restart`] on `topic`:
+/// a0 fails its in-place attempts and its first round and succeeds in its
+/// second; c0 always fails; every call recorded in `calls`.
+async fn retrying_member(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+    (topic, config): (&str, &BusConfig),
+    member: usize,
+    calls: &TimedCalls,
+) -> SharedBus {
+    let attempts = config.delivery.max_attempts as usize;
+    let bus = factory
+        .bus(pools(PoolSpec::default()).await, config.clone())
+        .await
+        .expect("create bus");
+    let calls = calls.clone();
+    bus.subscribe_envelope(topic, move |e: Event| {
+        let calls = calls.clone();
+        async move {
+            let aggregate = e.envelope.aggregate_id.clone();
+            let seq = crate::seq_of(&e).expect("seq");
+            let mut calls = calls.lock().expect("calls");
+            let earlier = calls
+                .iter()
+                .filter(|(_, a, s, _)| *a == aggregate && *s == seq)
+                .count();
+            calls.push((member, aggregate.clone(), seq, now_ms()));
+            let fails = match aggregate.as_str() {
+                "a" => seq == 0 && earlier < 2 * attempts,
+                "c" => true,
+                _ => false,
+            };
+            if fails {
+                Err(HandlerError::transient(format!("{aggregate}{seq} fails")))
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await
+    .expect("subscribe");
+    bus
+}
+
+/// Every record of the protocol in `destination` (epoch markers left out),
+/// with its destination partition, once `until` holds of them: read from the
+/// start by a plain subscription of a group of its own.
+async fn protocol(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+    destination: &str,
+    what: &str,
+    until: impl Fn(&[(i32, SequenceRecord)]) -> bool,
+) -> Vec<(i32, SequenceRecord)> {
+    let pool = pools(PoolSpec::default()).await;
+    let mut c = config(&random_topic("reader"));
+    c.dead_letter.sequence_by_aggregate = false;
+    let reader = factory.bus(pool, c).await.expect("reader bus");
+    let seen: Arc<Mutex<Vec<(i32, SequenceRecord)>>> = Arc::default();
+    let s = seen.clone();
+    reader
+        .subscribe(destination, move |m: Message| {
+            let r = SequenceRecord::read(&m.headers)
+                .expect("readable")
+                .expect("sequenced");
+            if !matches!(r.kind(), SequenceKind::Epoch { .. }) {
+                s.lock().expect("seen").push((m.partition, r));
+            }
+            async { Ok::<(), HandlerError>(()) }
+        })
+        .await
+        .expect("subscribe to the destination");
+    wait_until(what, WAIT, || until(&seen.lock().expect("seen"))).await;
+    reader.close().await.expect("close the reader");
+    let out = seen.lock().expect("seen").clone();
+    out
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

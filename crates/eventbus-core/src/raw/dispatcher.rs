@@ -519,6 +519,8 @@ impl Dispatcher {
             scope: seq,
             token: parking.token(),
             generation,
+            timers: (!self.inner.config.retry.out_of_line.is_empty())
+                .then(|| self.inner.cancel.clone()),
         })
     }
 

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::policy::DeliveryPolicy;
 use crate::raw::fence::Scope;
 use crate::raw::sequence::{
-    rebuild, HeadId, Lifted, Overflow, ParkedSet, Rebuilt, Recorded, SequenceRecord, SequenceScope,
-    SequenceStore, Token,
+    rebuild, Due, HeadId, Lifted, Overflow, ParkedSet, Rebuilt, Recorded, SequenceRecord,
+    SequenceScope, SequenceStore, Token, Unpark,
 };
 
 /// The sequencing of one origin partition for one owner (a [`Scope`]'s).
@@ -38,6 +38,8 @@ pub(crate) struct Parking {
     /// The destination, as the rebuild at assignment read it: what the replay
     /// of an unpark reads and where it writes its lift.
     destination: OnceLock<Destination>,
+    /// Told when a head is set aside: its owner's timers look again.
+    due_changed: tokio::sync::Notify,
 }
 
 /// A dead-letter destination and the store that reads and writes it.
@@ -100,6 +102,7 @@ impl Parking {
             records,
             live: Mutex::default(),
             destination: OnceLock::new(),
+            due_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -126,6 +129,17 @@ impl Parking {
         let mut live = self.live();
         live.written.retain(|_, r| !heads.contains(&r.head()));
         live.set.lift(heads)
+    }
+
+    /// The round of `retry.out_of_line` a failure of the envelope at `offset`
+    /// of `aggregate` begins ([`ParkedSet::next_round`]).
+    pub(crate) fn next_round(&self, aggregate: &str, offset: i64) -> Option<u32> {
+        self.live().set.next_round(aggregate, offset)
+    }
+
+    /// When `aggregate` runs again ([`ParkedSet::due`]).
+    pub(crate) fn due(&self, aggregate: &str) -> Option<Due> {
+        self.live().set.due(aggregate)
     }
 
     /// The token of this owner.
@@ -287,6 +301,9 @@ pub(crate) struct TakenUp {
     /// The generation of the assignment, where the broker numbers them
     /// across members (its epoch marker carries it).
     pub(crate) generation: Option<u128>,
+    /// With `retry.out_of_line`: the bus's stop, which ends the timers of the
+    /// set-aside heads ([`retry_when_due`]) with the fence.
+    pub(crate) timers: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// Rebuild the parked set of the partition `up` names, read on from
@@ -329,7 +346,97 @@ pub(crate) async fn rebuild_until(
         topic: up.topic,
     };
     parking.take_up(rebuilt, destination);
+    if let Some(stop) = up.timers {
+        tokio::spawn(retry_when_due(work, stop, policy));
+    }
     true
+}
+
+/// The timers of the set-aside heads of `work`'s partition while its owner
+/// holds it (`docs/sequencing.md`, 7): when an aggregate's newest head falls
+/// due, an unpark control record naming that due time is written to the
+/// origin partition, once; its job replays the aggregate on its route, in
+/// order. Ends when `work` is fenced (the next owner's rebuild reads the due
+/// times again, and one already passed fires at once) or `stop` is
+/// cancelled. A write that fails is retried with `policy`'s backoff.
+pub(crate) async fn retry_when_due(
+    work: Scope,
+    stop: tokio_util::sync::CancellationToken,
+    policy: DeliveryPolicy,
+) {
+    let mut fired: std::collections::HashMap<String, Due> = std::collections::HashMap::new();
+    loop {
+        let Some(parking) = work.parking() else {
+            return;
+        };
+        let Some(destination) = parking.destination() else {
+            return;
+        };
+        // Registered before the set is read: a head set aside meanwhile is
+        // not missed.
+        let changed = parking.due_changed.notified();
+        let due: Vec<(String, Due)> = parking
+            .live()
+            .set
+            .due_all()
+            .map(|(a, d)| (a.to_owned(), d))
+            .collect();
+        fired.retain(|a, d| due.iter().any(|(b, e)| a == b && d == e));
+        let now = now_ms();
+        let mut next: Option<i64> = None;
+        for (aggregate, due) in due {
+            if fired.get(&aggregate) == Some(&due) {
+                continue;
+            }
+            if due.at_ms > now {
+                next = Some(next.map_or(due.at_ms, |n| n.min(due.at_ms)));
+                continue;
+            }
+            let scope = parking.scope();
+            let control = Unpark::new(scope.group.clone(), aggregate.clone()).due(due);
+            let write = || {
+                destination
+                    .store
+                    .write(&scope.topic, scope.partition, control.record())
+            };
+            let failed = |e: &crate::Error, attempt: u32| {
+                tracing::warn!(topic = %scope.topic, partition = scope.partition,
+                    aggregate_id = %aggregate, error = %e, attempt,
+                    "writing the control record of a retry due failed; it is written again");
+            };
+            if until_fenced(&work, (Some(&stop), &|| false), &policy, failed, write)
+                .await
+                .is_none()
+            {
+                return;
+            }
+            tracing::info!(topic = %scope.topic, partition = scope.partition,
+                aggregate_id = %aggregate, round = due.round,
+                "a set-aside envelope is due: its aggregate replays");
+            fired.insert(aggregate, due);
+        }
+        let wait =
+            next.map(|n| std::time::Duration::from_millis(u64::try_from(n - now).unwrap_or(0)));
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = work.fenced() => return,
+            _ = changed => {}
+            _ = async {
+                match wait {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this member's clock.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `op` until it succeeds, retried with `policy`'s backoff (`failed` told of
@@ -385,15 +492,21 @@ where
 }
 
 impl Reserved<'_> {
-    /// The head record of the envelope at `offset` of `aggregate`.
-    pub(crate) fn record(&self, offset: i64, aggregate: &str) -> SequenceRecord {
+    /// The head record of the envelope at `offset` of `aggregate`: set aside
+    /// until `due` when given.
+    pub(crate) fn record(&self, offset: i64, aggregate: &str, due: Option<Due>) -> SequenceRecord {
         let parking = self.parking;
-        parking.scope.head(parking.token, offset, aggregate)
+        match due {
+            None => parking.scope.head(parking.token, offset, aggregate),
+            Some(due) => parking
+                .scope
+                .set_aside(parking.token, offset, aggregate, due),
+        }
     }
 
-    /// The head record of the envelope at `offset` of `aggregate` was written:
-    /// the aggregate is parked behind it.
-    pub(crate) fn headed(self, offset: i64, aggregate: &str) {
+    /// The head record of the envelope at `offset` of `aggregate` was written
+    /// (set aside until `due` when given): the aggregate is parked behind it.
+    pub(crate) fn headed(self, offset: i64, aggregate: &str, due: Option<Due>) {
         let parking = self.parking;
         let id = HeadId {
             token: parking.token,
@@ -405,9 +518,12 @@ impl Reserved<'_> {
             Recorded::Head {
                 aggregate: aggregate.to_owned(),
                 id,
-                due_ms: None,
+                due,
             },
         );
+        if due.is_some() {
+            parking.due_changed.notify_one();
+        }
         // `Drop` releases the reservation, now that the set counts the
         // aggregate.
     }
@@ -465,7 +581,7 @@ mod tests {
     fn a_lift_unparks_and_lets_go_of_what_was_recorded_behind_its_heads() {
         let p = parking(10);
         let room = p.reserve("a").expect("room");
-        room.headed(3, "a");
+        room.headed(3, "a", None);
         let head = p.set().heads("a")[0].id;
         p.parked(5, "a", head);
         let lifted = p.lift(&[head]);
@@ -482,7 +598,7 @@ mod tests {
         let p = parking(10);
         assert_eq!(p.arrive("a", 3, b"x"), Arrival::Runs);
         let room = p.reserve("a").expect("room");
-        room.headed(3, "a");
+        room.headed(3, "a", None);
         let head = p.set().heads("a")[0].id;
         assert_eq!(
             p.arrive("b", 4, b"x"),
@@ -629,7 +745,7 @@ mod tests {
         );
         drop(first);
         let again = p.reserve("b").expect("a gave its room up");
-        again.headed(7, "b");
+        again.headed(7, "b", None);
         assert_eq!(p.reserve("c").err(), Some(Overflow));
         let same = p.reserve("b").expect("a parked aggregate needs no room");
         drop(same);

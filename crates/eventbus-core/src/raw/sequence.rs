@@ -47,6 +47,8 @@ pub const SEQUENCE_LIFTS_HEADER: &str = "eventbus-sequence-lifts";
 /// Header on a set-aside record: when it is due again, in milliseconds since the
 /// Unix epoch, by the writer's clock.
 pub const SEQUENCE_DUE_HEADER: &str = "eventbus-sequence-due";
+/// Header of a set-aside record: its round of `retry.out_of_line`, from 0.
+pub const SEQUENCE_ROUND_HEADER: &str = "eventbus-sequence-round";
 /// Header on an epoch marker: the destination's partition count when it was
 /// written (a new count moves aggregates to partitions no marker fences).
 pub const SEQUENCE_PARTITIONS_HEADER: &str = "eventbus-sequence-partitions";
@@ -149,8 +151,8 @@ pub enum SequenceKind {
     },
     /// A head with a due time: run again by the origin partition's owner then.
     SetAside {
-        /// Due, in milliseconds since the Unix epoch.
-        due_ms: i64,
+        /// When, and in which round.
+        due: Due,
     },
     /// No payload: these heads ran again and are done; their aggregate is parked
     /// no more behind them.
@@ -259,19 +261,19 @@ impl SequenceScope {
         )
     }
 
-    /// The set-aside record of the envelope at `offset`, due at `due_ms`.
+    /// The set-aside record of the envelope at `offset`, `due`.
     pub fn set_aside(
         &self,
         token: Token,
         offset: i64,
         aggregate: &str,
-        due_ms: i64,
+        due: Due,
     ) -> SequenceRecord {
         self.record(
             token,
             Some(offset),
             Some(aggregate),
-            SequenceKind::SetAside { due_ms },
+            SequenceKind::SetAside { due },
         )
     }
 
@@ -386,8 +388,9 @@ impl SequenceRecord {
             SequenceKind::Parked { behind } => {
                 headers.set(PARKED_BEHIND_HEADER, behind.to_string())
             }
-            SequenceKind::SetAside { due_ms } => {
-                headers.set(SEQUENCE_DUE_HEADER, due_ms.to_string())
+            SequenceKind::SetAside { due } => {
+                headers.set(SEQUENCE_DUE_HEADER, due.at_ms.to_string());
+                headers.set(SEQUENCE_ROUND_HEADER, due.round.to_string());
             }
             SequenceKind::Lift { heads } => {
                 let list: Vec<String> = heads.iter().map(HeadId::to_string).collect();
@@ -434,7 +437,15 @@ impl SequenceRecord {
                 behind: text(PARKED_BEHIND_HEADER)?.parse()?,
             },
             "set-aside" => SequenceKind::SetAside {
-                due_ms: number(SEQUENCE_DUE_HEADER)?,
+                due: Due {
+                    at_ms: number(SEQUENCE_DUE_HEADER)?,
+                    round: {
+                        let value = text(SEQUENCE_ROUND_HEADER)?;
+                        value.parse().map_err(|_| {
+                            invalid(SEQUENCE_ROUND_HEADER, value, "expected a round number")
+                        })?
+                    },
+                },
             },
             "lift" => {
                 let list = text(SEQUENCE_LIFTS_HEADER)?;
@@ -531,6 +542,15 @@ fn invalid(header: &str, value: &str, expected: &str) -> Error {
     )
 }
 
+/// When a set-aside head runs again (`docs/sequencing.md`, 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Due {
+    /// Due, in milliseconds since the Unix epoch (the writer's clock).
+    pub at_ms: i64,
+    /// Its round of `retry.out_of_line`, from 0.
+    pub round: u32,
+}
+
 /// One live head of a parked aggregate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -541,8 +561,9 @@ pub struct Head {
     /// The newest origin offset of its aggregate written behind it (its own when
     /// none is parked).
     pub newest: i64,
-    /// Set aside: due then (milliseconds since the Unix epoch).
-    pub due_ms: Option<i64>,
+    /// Set aside: when it runs again; `None` for a dead letter, parked until
+    /// a redrive.
+    pub due: Option<Due>,
     /// Only its parked records were read: the head's own record is gone (deleted
     /// by the destination's retention). The aggregate stays parked behind the
     /// oldest record left.
@@ -555,6 +576,13 @@ pub struct Head {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParkedSet {
     aggregates: BTreeMap<String, Vec<Head>>,
+}
+
+/// The newest of live `heads`: the highest offset, of one offset the last
+/// written.
+fn newest(heads: &[Head]) -> Option<&Head> {
+    // `max_by_key` takes the last of equal keys.
+    heads.iter().max_by_key(|h| h.id.offset)
 }
 
 /// [`ParkedSet::park`] found the set at its bound (`dead_letter.max_parked`) and
@@ -597,6 +625,36 @@ impl ParkedSet {
         self.aggregates.get(aggregate).map_or(&[], Vec::as_slice)
     }
 
+    /// When `aggregate` runs again (`docs/sequencing.md`, 7): the due time of
+    /// its newest head (the highest offset; of one offset, the last written),
+    /// when that head is set aside. `None` when it is a dead letter, parked
+    /// until a redrive, or the aggregate is not parked.
+    pub fn due(&self, aggregate: &str) -> Option<Due> {
+        newest(self.aggregates.get(aggregate)?)?.due
+    }
+
+    /// Every parked aggregate that runs again, and when.
+    pub fn due_all(&self) -> impl Iterator<Item = (&str, Due)> {
+        self.aggregates
+            .iter()
+            .filter_map(|(a, heads)| Some((a.as_str(), newest(heads)?.due?)))
+    }
+
+    /// The round of `retry.out_of_line` a failure of the envelope at `offset`
+    /// of `aggregate` begins: 0 when it is no live head; the round after its
+    /// newest record's when that was set aside; `None` when it was
+    /// dead-lettered after its rounds (a redrive runs it once more).
+    pub fn next_round(&self, aggregate: &str, offset: i64) -> Option<u32> {
+        let heads = self
+            .aggregates
+            .get(aggregate)
+            .map_or(&[][..], Vec::as_slice);
+        match heads.iter().rev().find(|h| h.id.offset == offset) {
+            None => Some(0),
+            Some(head) => head.due.map(|d| d.round.saturating_add(1)),
+        }
+    }
+
     /// Every parked aggregate with its live heads.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[Head])> {
         self.aggregates
@@ -612,7 +670,7 @@ impl ParkedSet {
             .sum()
     }
 
-    /// Make `head` a live head of `aggregate` (set aside until `due_ms` when
+    /// Make `head` a live head of `aggregate` (set aside until `due` when
     /// given). A head already live keeps its count and takes the new due time (a
     /// set-aside head's next round). `max`: the bound on parked aggregates, which
     /// an aggregate not parked yet may not pass; `None` for a rebuild, which keeps
@@ -621,7 +679,7 @@ impl ParkedSet {
         &mut self,
         aggregate: &str,
         head: HeadId,
-        due_ms: Option<i64>,
+        due: Option<Due>,
         max: Option<usize>,
     ) -> std::result::Result<(), Overflow> {
         if !self.aggregates.contains_key(aggregate) && max.is_some_and(|m| self.len() >= m) {
@@ -630,14 +688,14 @@ impl ParkedSet {
         let heads = self.aggregates.entry(aggregate.to_owned()).or_default();
         match heads.iter_mut().find(|h| h.id == head) {
             Some(h) => {
-                h.due_ms = due_ms;
+                h.due = due;
                 h.missing = false;
             }
             None => heads.push(Head {
                 id: head,
                 parked: 0,
                 newest: head.offset,
-                due_ms,
+                due,
                 missing: false,
             }),
         }
@@ -680,7 +738,7 @@ impl ParkedSet {
                     id: behind,
                     parked: 0,
                     newest: behind.offset,
-                    due_ms: None,
+                    due: None,
                     missing: true,
                 });
                 heads.last_mut().expect("just pushed")
@@ -714,14 +772,14 @@ impl ParkedSet {
 /// without a handler call and without a second write ([`Recorded::apply`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recorded {
-    /// It became a head (set aside until `due_ms` when given).
+    /// It became a head (set aside until `due` when given).
     Head {
         /// Its aggregate.
         aggregate: String,
         /// Its identity.
         id: HeadId,
-        /// Its due time, when set aside.
-        due_ms: Option<i64>,
+        /// Its due time and round, when set aside.
+        due: Option<Due>,
     },
     /// It was parked behind `behind`.
     Parked {
@@ -751,13 +809,9 @@ impl Recorded {
     /// Apply it to `set` for the message at `offset`, read again.
     pub fn apply(&self, set: &mut ParkedSet, offset: i64) {
         match self {
-            Recorded::Head {
-                aggregate,
-                id,
-                due_ms,
-            } => {
+            Recorded::Head { aggregate, id, due } => {
                 // A rebuild keeps what the previous owner parked: no bound.
-                let _ = set.park(aggregate, *id, *due_ms, None);
+                let _ = set.park(aggregate, *id, *due, None);
             }
             Recorded::Parked { aggregate, behind } => set.follow_behind(aggregate, *behind, offset),
         }
@@ -926,8 +980,8 @@ impl Rebuild {
                         token: record.token,
                         offset,
                     },
-                    due_ms: match record.kind {
-                        SequenceKind::SetAside { due_ms } => Some(due_ms),
+                    due: match record.kind {
+                        SequenceKind::SetAside { due } => Some(due),
                         _ => None,
                     },
                 },
@@ -973,6 +1027,11 @@ pub struct Unpark {
     pub group: String,
     /// The aggregate to replay.
     pub aggregate: String,
+    /// Written by the partition's owner when a set-aside head fell due
+    /// (`docs/sequencing.md`, 7): the replay runs only while the aggregate's
+    /// newest head is still due so. `None` for a redrive's, which replays at
+    /// once.
+    pub due: Option<Due>,
 }
 
 impl Unpark {
@@ -981,7 +1040,15 @@ impl Unpark {
         Self {
             group: group.into(),
             aggregate: aggregate.into(),
+            due: None,
         }
+    }
+
+    /// The unpark of a set-aside head fallen `due`.
+    #[must_use]
+    pub fn due(mut self, due: Due) -> Self {
+        self.due = Some(due);
+        self
     }
 
     /// The record to publish to the origin partition.
@@ -994,6 +1061,14 @@ impl Unpark {
         record
             .headers
             .set(SEQUENCE_AGGREGATE_HEADER, self.aggregate.clone());
+        if let Some(due) = self.due {
+            record
+                .headers
+                .set(SEQUENCE_DUE_HEADER, due.at_ms.to_string());
+            record
+                .headers
+                .set(SEQUENCE_ROUND_HEADER, due.round.to_string());
+        }
         record
     }
 
@@ -1026,9 +1101,31 @@ impl Unpark {
                 .map(str::to_owned)
                 .map_err(|_| invalid(name, "<not UTF-8>", "expected text"))
         };
+        let due = match headers.get(SEQUENCE_DUE_HEADER) {
+            None => None,
+            Some(_) => {
+                let number = |name: &'static str| -> Result<i64> {
+                    let value = text(name)?;
+                    value
+                        .parse()
+                        .map_err(|_| invalid(name, &value, "expected an integer"))
+                };
+                Some(Due {
+                    at_ms: number(SEQUENCE_DUE_HEADER)?,
+                    round: u32::try_from(number(SEQUENCE_ROUND_HEADER)?).map_err(|_| {
+                        invalid(
+                            SEQUENCE_ROUND_HEADER,
+                            "<out of range>",
+                            "expected a round number",
+                        )
+                    })?,
+                })
+            }
+        };
         Ok(Some(Self {
             group: text(SEQUENCE_GROUP_HEADER)?,
             aggregate: text(SEQUENCE_AGGREGATE_HEADER)?,
+            due,
         }))
     }
 }
@@ -1266,7 +1363,15 @@ mod tests {
         for record in [
             s.head(t, 7, "a-1"),
             s.parked(t, 9, "a-1", head),
-            s.set_aside(t, 11, "a-1", 1_700_000_000_000),
+            s.set_aside(
+                t,
+                11,
+                "a-1",
+                Due {
+                    at_ms: 1_700_000_000_000,
+                    round: 2,
+                },
+            ),
             s.lift(
                 t,
                 "a-1",
@@ -1306,6 +1411,48 @@ mod tests {
             .with(SEQUENCE_AGGREGATE_HEADER, "a");
         let e = Unpark::read(&no_group).unwrap_err();
         assert!(e.to_string().contains(SEQUENCE_GROUP_HEADER), "{e}");
+        let due = Unpark::new("g", "a-1").due(Due {
+            at_ms: 1_700_000_000_000,
+            round: 1,
+        });
+        let mut record = due.record();
+        assert_eq!(Unpark::read(&record.headers).unwrap(), Some(due));
+        record.headers.set(SEQUENCE_ROUND_HEADER, "-1");
+        let e = Unpark::read(&record.headers).unwrap_err();
+        assert!(e.to_string().contains(SEQUENCE_ROUND_HEADER), "{e}");
+    }
+
+    #[test]
+    fn an_aggregate_is_due_as_its_newest_head_and_its_rounds_count_on_from_it() {
+        let (a, b) = (Token::from_raw(1), Token::from_raw(2));
+        let due = |at_ms, round| Due { at_ms, round };
+        let mut set = ParkedSet::new();
+        let h = |token, offset| HeadId { token, offset };
+        assert_eq!(set.next_round("x", 4), Some(0), "no head: the first round");
+        set.park("x", h(a, 4), Some(due(100, 0)), None).unwrap();
+        assert_eq!(set.due("x"), Some(due(100, 0)));
+        assert_eq!(set.next_round("x", 4), Some(1));
+        assert_eq!(
+            set.next_round("x", 9),
+            Some(0),
+            "another envelope starts at 0"
+        );
+        // The next owner sets the same envelope aside again: a second head at
+        // its offset, the newest.
+        set.park("x", h(b, 4), Some(due(300, 1)), None).unwrap();
+        assert_eq!(set.due("x"), Some(due(300, 1)));
+        assert_eq!(set.next_round("x", 4), Some(2));
+        // The same owner's next round moves its own head's due time.
+        set.park("x", h(b, 4), Some(due(500, 2)), None).unwrap();
+        assert_eq!(set.due("x"), Some(due(500, 2)));
+        // Dead-lettered after its rounds: no timer, no more rounds.
+        set.park("x", h(b, 4), None, None).unwrap();
+        assert_eq!(set.due("x"), None);
+        assert_eq!(set.next_round("x", 4), None);
+        // A later envelope set aside is the newest head.
+        set.park("x", h(b, 7), Some(due(900, 0)), None).unwrap();
+        set.park("y", h(b, 5), None, None).unwrap();
+        assert_eq!(set.due_all().collect::<Vec<_>>(), vec![("x", due(900, 0))]);
     }
 
     #[test]

@@ -127,6 +127,28 @@ async fn sequencing_needs_persistent_topics_and_says_so() {
     .await
     .expect("a plain subscription is not sequenced");
     eventbus_core::EventBus::close(&bus).await.expect("close");
+    // Out-of-line retries are not built on NATS: refused, naming the key and
+    // the topic.
+    let mut retrying = config.clone();
+    retrying.retry = retrying
+        .retry
+        .out_of_line([std::time::Duration::from_secs(1)]);
+    let bus = eventbus_nats::NatsEventBus::connect(
+        nats.clone(),
+        retrying,
+        keyed_pools()(Default::default()).await,
+    )
+    .await
+    .expect("connect");
+    let e = eventbus_core::EventBusExt::subscribe_envelope(&bus, &interest, handler)
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind(), eventbus_core::ErrorKind::Config, "{e}");
+    assert!(
+        e.to_string().contains("retry.out_of_line") && e.to_string().contains(interest.as_str()),
+        "{e}"
+    );
+    eventbus_core::EventBus::close(&bus).await.expect("close");
     // Without sequencing, a core NATS dead-letter topic is taken as before.
     config.dead_letter.sequence_by_aggregate = false;
     let bus =

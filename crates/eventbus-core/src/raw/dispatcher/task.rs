@@ -142,9 +142,14 @@ async fn dead_letter_here<T>(
             let Ok(room) = parking.reserve(&aggregate) else {
                 return Err(cause);
             };
-            room.record(message.offset, &aggregate)
+            // A permanent failure is one no round can fix: dead-lettered.
+            let permanent = matches!(&cause, FailureCause::Error(e) if e.is_permanent());
+            let due = (!permanent)
+                .then(|| set_aside(shared, parking, &aggregate, message.offset))
+                .flatten();
+            room.record(message.offset, &aggregate, due)
                 .write(&mut copy.headers);
-            Some((room, aggregate))
+            Some((room, aggregate, due))
         }
         None => None,
     };
@@ -156,10 +161,40 @@ async fn dead_letter_here<T>(
     {
         return Ok(Outcome::Abandoned { attempts });
     }
-    if let Some((room, aggregate)) = head {
-        room.headed(message.offset, &aggregate);
+    if let Some((room, aggregate, due)) = head {
+        room.headed(message.offset, &aggregate, due);
+        if let Some(due) = due {
+            tracing::warn!(topic = %message.topic, partition = message.partition,
+                offset = message.offset, aggregate_id = %aggregate, round = due.round,
+                due_ms = due.at_ms, "set aside out of line: its aggregate is parked behind it until then");
+        }
     }
     Ok(Outcome::DeadLettered { attempts, cause })
+}
+
+/// With `retry.out_of_line`, when the envelope at `offset` of `aggregate`,
+/// given up in place after a failure that is not permanent, runs again
+/// (`docs/sequencing.md`, 7): the round it
+/// begins is the one after its newest record's, and it is due that round's
+/// delay from now. `None` once its rounds are over: it is dead-lettered,
+/// parked until a redrive.
+fn set_aside<T>(
+    shared: &TaskShared<T>,
+    parking: &crate::raw::parking::Parking,
+    aggregate: &str,
+    offset: i64,
+) -> Option<crate::raw::sequence::Due> {
+    let delays = &shared.inner.config.retry.out_of_line;
+    if delays.is_empty() {
+        return None;
+    }
+    let round = parking.next_round(aggregate, offset)?;
+    let delay = delays.get(usize::try_from(round).ok()?)?;
+    let delay = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+    Some(crate::raw::sequence::Due {
+        at_ms: crate::raw::parking::now_ms().saturating_add(delay),
+        round,
+    })
 }
 
 /// Dead-letter an envelope that did not decode ([`dead_letter_here`]). Held in

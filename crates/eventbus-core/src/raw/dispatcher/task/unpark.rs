@@ -48,6 +48,18 @@ pub(super) async fn control(
             aggregate_id = %unpark.aggregate, "unpark of an aggregate not parked: nothing to replay");
         return DONE;
     }
+    if let Some(due) = unpark.due {
+        // A set-aside head's timer: it stands only while that head is still
+        // the aggregate's newest and due so. A second timer of the same round
+        // (written by this owner and by the one before it, around a
+        // hand-over) finds it replayed, or set aside again for a later round.
+        if parking.due(&unpark.aggregate) != Some(due) {
+            tracing::debug!(topic = %message.topic, partition = message.partition,
+                aggregate_id = %unpark.aggregate, round = due.round,
+                "a retry's control record of a round no longer due: nothing to replay");
+            return DONE;
+        }
+    }
     let Some(destination) = parking.destination() else {
         // Sequencing runs only where the consume loop has a store: not reached.
         tracing::warn!(topic = %message.topic, partition = message.partition,

@@ -41,6 +41,9 @@ pub const DEAD_LETTERS: &str = "dead_letters_total";
 /// Of [`DEAD_LETTERS`], the envelopes written parked behind their aggregate's
 /// head, unrun (`dead_letter.sequence_by_aggregate`), by `topic`. Counter.
 pub const DEAD_LETTERS_PARKED: &str = "dead_letters_parked_total";
+/// Of [`DEAD_LETTERS`], the envelopes set aside for a round of
+/// `retry.out_of_line`, by `topic`. Counter.
+pub const SET_ASIDE: &str = "set_aside_total";
 /// Envelopes given up and held in place because their partition parks
 /// `dead_letter.max_parked` aggregates, by `topic`. Counter.
 pub const PARKED_OVERFLOW: &str = "parked_overflow_total";

@@ -846,7 +846,7 @@ impl AckSim {
         self.ctx
             .model
             .lock()
-            .unpark_published(key, partition, offset);
+            .unpark_published(key, partition, offset, false);
     }
 
     async fn publish(&mut self, topic: usize, n: usize) -> Result<(), String> {

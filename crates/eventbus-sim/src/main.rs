@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut calls = 0u64;
-    let (mut parked, mut replays) = (0u64, 0u64);
+    let (mut parked, mut replays, mut set_aside) = (0u64, 0u64, 0u64);
     for s in range {
         let mut report =
             eventbus_sim::run_log_seed(log, s, Duration::from_secs(wall), members as usize);
@@ -98,6 +98,7 @@ fn main() -> ExitCode {
         calls += report.counts.calls;
         parked += report.counts.parked;
         replays += report.counts.replays;
+        set_aside += report.counts.set_aside;
         if trace {
             for line in &report.trace {
                 println!("{line}");
@@ -128,7 +129,7 @@ fn main() -> ExitCode {
         println!("built without --cfg tokio_unstable: runs of several members may not replay");
     }
     println!(
-        "{n} seeds in {secs:.1} s ({:.0} seeds/min, {calls} handler calls, {parked} parked, {replays} replayed): {} failed {:?}",
+        "{n} seeds in {secs:.1} s ({:.0} seeds/min, {calls} handler calls, {parked} parked, {set_aside} set aside, {replays} replayed): {} failed {:?}",
         n as f64 / secs * 60.0,
         failed.len(),
         failed

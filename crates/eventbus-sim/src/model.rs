@@ -113,6 +113,9 @@ pub struct Counts {
     /// Calls of an envelope given up or parked, once an unpark of its
     /// aggregate above it was published: its replay.
     pub replays: u64,
+    /// Set-aside records read from the dead-letter topic (runs with
+    /// out-of-line retries).
+    pub set_aside: u64,
 }
 
 /// The model and the trace of one run, shared by the driver and the handlers.
@@ -166,6 +169,13 @@ pub(crate) struct Model {
     /// Per partition of the dead-letter topic: the next offset to read for
     /// parked envelopes ([`Model::parked_read`]).
     pub(crate) dead_letter_cursor: BTreeMap<i32, i64>,
+    /// Per partition of the envelope topic: the next offset to read for
+    /// control records ([`Model::unpark_published`]), which the driver's
+    /// redrive and, with out-of-line retries, the partition's owner write.
+    pub(crate) control_cursor: BTreeMap<i32, i64>,
+    /// Every offset stored, per (topic, partition): a record the model learns
+    /// of late (a control record the bus wrote) fills its own place.
+    stored_at: BTreeMap<(usize, i32), BTreeSet<i64>>,
     /// Per key of the envelope topic: the unpark control records published
     /// for it, (partition, offset).
     unparks: BTreeMap<u32, Vec<(i32, i64)>>,
@@ -173,6 +183,16 @@ pub(crate) struct Model {
     /// Their own end is not seen: the committed offset passing one finishes
     /// it, and [`Model::check_unparks`] checks at the end what it did.
     pending_unparks: BTreeSet<(i32, i64)>,
+    /// Of the unparks, the control records a partition's owner wrote for a
+    /// set-aside head fallen due (out-of-line retries): each replays only
+    /// while its round is its aggregate's due one, so none is an obligation
+    /// of [`Model::check_unparks`]; the end of a run checks instead that no
+    /// aggregate is left set aside.
+    due_unparks: BTreeSet<(i32, i64)>,
+    /// Per origin (partition, offset) of the envelope topic: the due time of
+    /// its newest set-aside record read from the dead-letter topic, in
+    /// milliseconds by the bus's clock.
+    set_aside_due: BTreeMap<(i32, i64), (u32, i64)>,
     trace: Vec<String>,
     violation: Option<String>,
 }
@@ -207,8 +227,12 @@ impl Shared {
             written: BTreeSet::new(),
             sequencing: false,
             dead_letter_cursor: BTreeMap::new(),
+            control_cursor: BTreeMap::new(),
+            stored_at: BTreeMap::new(),
             unparks: BTreeMap::new(),
             pending_unparks: BTreeSet::new(),
+            due_unparks: BTreeSet::new(),
+            set_aside_due: BTreeMap::new(),
             trace: Vec::new(),
             violation: None,
         })))
@@ -311,30 +335,54 @@ impl Model {
         ));
     }
 
-    /// A record was stored at `partition` / `offset` of `topic`: the next
-    /// offset, or a violation. `open`: it is a message the model follows to
-    /// its end (not a control record).
+    /// A record was stored at `partition` / `offset` of `topic`: a place of
+    /// its own, or a violation. `open`: it is a message the model follows to
+    /// its end (not a control record). The model learns of a control record
+    /// the bus wrote when it reads the partition, maybe after a message
+    /// stored above it; [`Model::check_offsets`] checks at the end that no
+    /// place is left out.
     fn stored(&mut self, topic: usize, partition: i32, offset: i64, open: bool) {
         let entry = self
             .open
             .entry((topic, partition))
             .or_insert_with(|| (BTreeSet::new(), 0));
-        let expected = entry.1;
         if open {
             entry.0.insert(offset);
         }
-        entry.1 = offset + 1;
-        if expected != offset {
+        entry.1 = entry.1.max(offset + 1);
+        let fresh = self
+            .stored_at
+            .entry((topic, partition))
+            .or_default()
+            .insert(offset);
+        if !fresh {
             self.violate(format!(
-                "{} p{partition}: published at offset {offset}, expected {expected}",
+                "{} p{partition}: two records stored at offset {offset}",
                 TOPICS[topic]
             ));
         }
     }
 
-    /// The next offset of `partition` of `topic`, as published so far.
-    pub(crate) fn next_offset(&self, topic: usize, partition: i32) -> i64 {
-        self.open.get(&(topic, partition)).map_or(0, |o| o.1)
+    /// At the end of a run: every offset below each partition's end holds a
+    /// record the model knows (a message published, or a control record).
+    pub(crate) fn check_offsets(&mut self) {
+        let mut bad = Vec::new();
+        for (&(topic, partition), (_, end)) in &self.open {
+            let known = self.stored_at.get(&(topic, partition));
+            let missing: Vec<i64> = (0..*end)
+                .filter(|o| !known.is_some_and(|k| k.contains(o)))
+                .take(5)
+                .collect();
+            if !missing.is_empty() {
+                bad.push(format!(
+                    "{} p{partition}: no record known at offsets {missing:?} below {end}",
+                    TOPICS[topic]
+                ));
+            }
+        }
+        for b in bad {
+            self.violate(b);
+        }
     }
 
     /// The keys of the envelope topic with an envelope given up or parked.
@@ -351,15 +399,21 @@ impl Model {
     /// An unpark control record of `key` was stored at `partition` /
     /// `offset` of the envelope topic: the aggregate's envelopes given up or
     /// parked below it may run again, replayed in their order.
-    pub(crate) fn unpark_published(&mut self, key: u32, partition: i32, offset: i64) {
+    /// `due`: written by the partition's owner for a set-aside head fallen
+    /// due.
+    pub(crate) fn unpark_published(&mut self, key: u32, partition: i32, offset: i64, due: bool) {
         self.counts.unparks += 1;
+        if due {
+            self.due_unparks.insert((partition, offset));
+        }
         self.stored(0, partition, offset, false);
         self.pending_unparks.insert((partition, offset));
         self.unparks
             .entry(key)
             .or_default()
             .push((partition, offset));
-        self.note(format!("publish unpark k{key} -> p{partition}@{offset}"));
+        let what = if due { "due retry" } else { "unpark" };
+        self.note(format!("publish {what} k{key} -> p{partition}@{offset}"));
     }
 
     /// A handler call of message `id` (at `partition` / `offset`, attempt
@@ -404,6 +458,7 @@ impl Model {
         };
         if replay {
             self.counts.replays += 1;
+            self.check_due(key, partition, offset, &name);
         }
         {
             let m = &self.msgs[id];
@@ -789,6 +844,51 @@ impl Model {
         self.sequencing = true;
     }
 
+    /// The dead-letter topic holds the envelope at `partition` / `offset` of
+    /// the envelope topic set aside for `round`, due at `due_ms`.
+    pub(crate) fn set_aside_read(&mut self, partition: i32, offset: i64, round: u32, due_ms: i64) {
+        let entry = self
+            .set_aside_due
+            .entry((partition, offset))
+            .or_insert((round, due_ms));
+        if round >= entry.0 {
+            *entry = (round, due_ms);
+        }
+        self.counts.set_aside += 1;
+    }
+
+    /// A replay's call of the envelope `name` at `partition` / `offset` of
+    /// aggregate `key` starts: when it was set aside, not before its due
+    /// time, unless an unpark of a redrive above it is under way (a redrive
+    /// replays at once) or the partition was rewound to it (a run again).
+    fn check_due(&mut self, key: u32, partition: i32, offset: i64, name: &str) {
+        let Some(&(round, due)) = self.set_aside_due.get(&(partition, offset)) else {
+            return;
+        };
+        let now = eventbus::core::raw::sequence::now_ms();
+        if now >= due {
+            return;
+        }
+        let redrive = self.unparks.get(&key).is_some_and(|u| {
+            u.iter().any(|&(p, o)| {
+                p == partition
+                    && o > offset
+                    && self.pending_unparks.contains(&(p, o))
+                    && !self.due_unparks.contains(&(p, o))
+            })
+        });
+        let rewound = self
+            .rewinds
+            .get(&(0, partition))
+            .is_some_and(|r| r.iter().any(|&o| o <= offset));
+        if !redrive && !rewound {
+            self.violate(format!(
+                "{name}: replayed {} ms before the due time of its round {round}",
+                due - now
+            ));
+        }
+    }
+
     /// The dead-letter topic holds the message at `topic` (by name) /
     /// `partition` / `offset` parked behind its aggregate's head: it is
     /// finished, unrun.
@@ -904,7 +1004,7 @@ impl Model {
         for (&key, controls) in &self.unparks {
             let mut latest: BTreeMap<i32, i64> = BTreeMap::new();
             for &(p, o) in controls {
-                if !self.pending_unparks.contains(&(p, o)) {
+                if !self.pending_unparks.contains(&(p, o)) && !self.due_unparks.contains(&(p, o)) {
                     let l = latest.entry(p).or_insert(o);
                     *l = (*l).max(o);
                 }

@@ -70,6 +70,9 @@ pub(crate) struct Settings {
     /// (`dead_letter.sequence_by_aggregate`; runs on logs with a commit
     /// point, whose members rebuild parked sets at assignment).
     pub(crate) sequencing: bool,
+    /// With sequencing, the delays of the out-of-line rounds
+    /// (`retry.out_of_line`), simulated; empty: off.
+    pub(crate) out_of_line: Vec<Duration>,
 }
 
 impl Settings {
@@ -125,6 +128,7 @@ impl Settings {
             inline: None,
             dead_letter_delays: None,
             sequencing: false,
+            out_of_line: Vec::new(),
         }
     }
 
@@ -143,11 +147,17 @@ impl Settings {
         self.dead_letter_delays = own.bool().then(|| own.u64(..));
     }
 
-    /// Draw [`sequencing`](Self::sequencing) for the run of `seed` from a stream
+    /// Draw [`sequencing`](Self::sequencing), and with it on half the runs
+    /// [`out_of_line`](Self::out_of_line), for the run of `seed` from a stream
     /// of its own, as [`draw_inline`](Self::draw_inline).
     pub(crate) fn draw_sequencing(&mut self, seed: u64) {
         let mut own = Rng::with_seed(seed ^ 0x7365_7175_656e_6365);
         self.sequencing = own.bool();
+        if self.sequencing && own.bool() {
+            self.out_of_line = (0..own.usize(1..=3))
+                .map(|_| Duration::from_millis(own.u64(1..300)))
+                .collect();
+        }
     }
 
     /// Whether to try the next job's first poll on its consume loop, job after

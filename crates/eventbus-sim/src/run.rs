@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::model::{Done, Shared, DEAD_LETTERS, GROUP, TOPICS};
 use crate::plan::{Act, Settings, Step};
-use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord};
+use eventbus::core::raw::sequence::{Rebuild, SequenceKind, SequenceRecord, SequenceScope, Unpark};
 
 /// Slack on top of the configured bounds for an `unsubscribe` or a `close` to
 /// return (simulated time).
@@ -38,6 +38,10 @@ pub(crate) const UNPARK_PERCENT: u8 = 8;
 /// before the run is declared stuck (past the longest actor cool-down).
 pub(crate) const STUCK_ROUNDS: usize = 5;
 
+/// An envelope read from the dead-letter topic: its origin topic, partition
+/// and offset, and when set aside its round and due time (else parked).
+pub(crate) type Sidelined = (String, i32, i64, Option<(u32, i64)>);
+
 /// What a handler call reads of its broker for the model's checks.
 pub(crate) trait Source: Clone + Send + Sync + 'static {
     /// The committed offset (the ack floor, on a log with per-message
@@ -49,10 +53,19 @@ pub(crate) trait Source: Clone + Send + Sync + 'static {
     fn still_lost(&self, topic: usize, member: u64) -> bool;
 
     /// The envelopes written to the dead-letter topic parked behind their
-    /// aggregate's head since `cursor` (per partition of the dead-letter
-    /// topic, moved on): origin topic, partition and offset. None where the
-    /// simulation writes the destination itself.
-    fn parked(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<(String, i32, i64)> {
+    /// aggregate's head, or set aside for a round of out-of-line retries,
+    /// since `cursor` (per partition of the dead-letter topic, moved on).
+    /// None where the simulation writes the destination itself.
+    fn parked(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<Sidelined> {
+        let _ = cursor;
+        Vec::new()
+    }
+
+    /// The control records stored in the envelope topic since `cursor` (per
+    /// partition, moved on): the key each unparks, its partition and
+    /// offset, and whether a partition's owner wrote it for a set-aside head
+    /// fallen due. None where the simulation has no log of the topic to read.
+    fn controls(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<(u32, i32, i64, bool)> {
         let _ = cursor;
         Vec::new()
     }
@@ -70,7 +83,39 @@ impl Source for MemoryBroker {
             .any(|g| g.id == member && g.lost)
     }
 
-    fn parked(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<(String, i32, i64)> {
+    fn controls(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<(u32, i32, i64, bool)> {
+        let mut out = Vec::new();
+        for p in 0..self.partitions(TOPICS[0]).unwrap_or(0) as i32 {
+            let next = cursor.entry(p).or_insert(0);
+            loop {
+                let read = self.read(TOPICS[0], p, *next, 256);
+                let Some(last) = read.last() else {
+                    break;
+                };
+                *next = last.offset + 1;
+                for m in &read {
+                    if !Unpark::is_control(&m.payload, &m.headers) {
+                        continue;
+                    }
+                    let unpark = Unpark::read(&m.headers).ok().flatten();
+                    let key = unpark
+                        .as_ref()
+                        .and_then(|u| u.aggregate.strip_prefix('k')?.parse().ok());
+                    let due = unpark.is_some_and(|u| u.due.is_some());
+                    match key {
+                        Some(key) => out.push((key, p, m.offset, due)),
+                        None => panic!(
+                            "a control record the simulation cannot read at p{p}@{}",
+                            m.offset
+                        ),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn parked(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<Sidelined> {
         let mut out = Vec::new();
         for p in 0..self.partitions(DEAD_LETTERS).unwrap_or(0) as i32 {
             let next = cursor.entry(p).or_insert(0);
@@ -84,8 +129,19 @@ impl Source for MemoryBroker {
                     let Ok(Some(r)) = SequenceRecord::read(&m.headers) else {
                         continue;
                     };
-                    if let (SequenceKind::Parked { .. }, Some(offset)) = (r.kind(), r.offset()) {
-                        out.push((r.topic().to_owned(), r.partition(), offset));
+                    match (r.kind(), r.offset()) {
+                        (SequenceKind::Parked { .. }, Some(offset)) => {
+                            out.push((r.topic().to_owned(), r.partition(), offset, None));
+                        }
+                        (SequenceKind::SetAside { due }, Some(offset)) => {
+                            out.push((
+                                r.topic().to_owned(),
+                                r.partition(),
+                                offset,
+                                Some((due.round, due.at_ms)),
+                            ));
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -111,19 +167,34 @@ impl<B: Source> Ctx<B> {
         self.broker.committed(topic, partition)
     }
 
+    /// Tell the model of the control records stored since it last looked:
+    /// before a call starts (a replay's call runs after its control record
+    /// was stored), and at each check.
+    pub(crate) fn sync_controls(&self, m: &mut crate::model::Model) {
+        let mut cursor = std::mem::take(&mut m.control_cursor);
+        for (key, partition, offset, due) in self.broker.controls(&mut cursor) {
+            m.unpark_published(key, partition, offset, due);
+        }
+        m.control_cursor = cursor;
+    }
+
+    /// Tell the model of the envelopes parked or set aside since it last
+    /// read the dead-letter topic.
+    fn sync_dead_letters(&self, m: &mut crate::model::Model) {
+        let mut cursor = std::mem::take(&mut m.dead_letter_cursor);
+        for (topic, partition, offset, set_aside) in self.broker.parked(&mut cursor) {
+            match set_aside {
+                None => m.parked_read(&topic, partition, offset),
+                Some((round, due)) => m.set_aside_read(partition, offset, round, due),
+            }
+        }
+        m.dead_letter_cursor = cursor;
+    }
+
     /// Check that no committed offset passes an unfinished message, the
     /// envelopes parked meanwhile finished first.
     fn check_commits(&self, m: &mut crate::model::Model) {
-        m.check_commits(
-            |t, p| self.committed(t, p),
-            |m| {
-                let mut cursor = std::mem::take(&mut m.dead_letter_cursor);
-                for (topic, partition, offset) in self.broker.parked(&mut cursor) {
-                    m.parked_read(&topic, partition, offset);
-                }
-                m.dead_letter_cursor = cursor;
-            },
-        );
+        m.check_commits(|t, p| self.committed(t, p), |m| self.sync_dead_letters(m));
     }
 
     /// The handler of the envelope topic: the message's id is its payload.
@@ -165,6 +236,8 @@ impl<B: Source> Ctx<B> {
             let committed = self.committed(TOPICS[topic], partition);
             // Only starts before a lost window ends are a lost partition's.
             m.rejoined(|t, member| self.broker.still_lost(t, member));
+            self.sync_controls(&mut m);
+            self.sync_dead_letters(&mut m);
             let started = m.start(self.bus, id, partition, offset, attempt, committed, &cancel);
             self.check_commits(&mut m);
             started
@@ -393,6 +466,7 @@ pub(crate) fn config(s: &Settings, share: u8) -> EventBusConfig {
     c.consumer.handover_timeout = s.handover_timeout;
     c.consumer.inline_first_poll = s.inline.is_some();
     c.dead_letter.sequence_by_aggregate = s.sequencing;
+    c.retry = c.retry.out_of_line(s.out_of_line.iter().copied());
     c
 }
 
@@ -451,6 +525,7 @@ impl Sim {
             })
             .collect();
         let mut m = self.ctx.model.lock();
+        self.ctx.sync_controls(&mut m);
         m.rejoined(|topic, member| lost[topic].contains(&member));
         for (&(topic, member, p, _), &since) in &self.revoking {
             if now.duration_since(since) > bound {
@@ -579,11 +654,10 @@ impl Sim {
             .redrive(options)
             .await
             .map_err(|e| format!("unpark k{key}: {e}"))?;
-        for parked in &report.parked {
-            let mut m = self.ctx.model.lock();
-            let offset = m.next_offset(0, parked.origin_partition);
-            m.unpark_published(key, parked.origin_partition, offset);
-        }
+        let mut m = self.ctx.model.lock();
+        self.ctx.sync_controls(&mut m);
+        let line = format!("unpark k{key}: {} control records", report.parked.len());
+        m.note(line);
         Ok(())
     }
 
@@ -791,6 +865,10 @@ impl Sim {
                     let m = self.ctx.model.lock();
                     (m.all_done(), m.finished())
                 };
+                // Out-of-line retries: every set-aside envelope runs again
+                // (the aggregate then unparked, or its envelope set aside
+                // for a later round, or dead-lettered after the last).
+                let done = done && self.set_aside().is_empty();
                 if done {
                     break;
                 }
@@ -803,7 +881,7 @@ impl Sim {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 self.check()?;
             }
-            if self.ctx.model.lock().all_done() {
+            if self.ctx.model.lock().all_done() && self.set_aside().is_empty() {
                 break;
             }
             round += 1;
@@ -811,8 +889,9 @@ impl Sim {
             before = last;
             if idle_rounds == STUCK_ROUNDS {
                 let v = format!(
-                    "stuck: no message finished in {STUCK_ROUNDS} rounds of {SETTLE_ROUND:?}, re-subscribing between them: {}",
-                    self.ctx.model.lock().unfinished(8)
+                    "stuck: no message finished in {STUCK_ROUNDS} rounds of {SETTLE_ROUND:?}, re-subscribing between them: {}; set aside: {:?}",
+                    self.ctx.model.lock().unfinished(8),
+                    self.set_aside()
                 );
                 self.ctx.model.lock().violate(v.clone());
                 return Err(v);
@@ -825,7 +904,12 @@ impl Sim {
                 }
             }
         }
-        self.ctx.model.lock().check_unparks();
+        {
+            let mut m = self.ctx.model.lock();
+            self.ctx.sync_controls(&mut m);
+            m.check_unparks();
+            m.check_offsets();
+        }
         self.note("finish: every message finished; closing".to_owned());
         while !self.members.is_empty() {
             self.leave(0).await?;
@@ -834,6 +918,48 @@ impl Sim {
         // Past every handler that ignores its cancellation and every cool-down.
         tokio::time::sleep(Duration::from_secs(60)).await;
         self.at_rest().await
+    }
+
+    /// The aggregates whose newest head is set aside for a round of
+    /// `retry.out_of_line`, as a rebuild of each origin partition folds the
+    /// dead-letter topic now: `k<key> p<partition> round <r>`.
+    fn set_aside(&self) -> Vec<String> {
+        if self.s.out_of_line.is_empty() {
+            return Vec::new();
+        }
+        let broker = &self.ctx.broker;
+        let mut records = Vec::new();
+        for d in 0..broker.partitions(DEAD_LETTERS).unwrap_or(0) as i32 {
+            let mut next = 0;
+            loop {
+                let read = broker.read(DEAD_LETTERS, d, next, 256);
+                let Some(last) = read.last() else {
+                    break;
+                };
+                next = last.offset + 1;
+                records.extend(
+                    read.iter()
+                        .filter_map(|m| SequenceRecord::read(&m.headers).ok().flatten())
+                        .map(|r| (d, r)),
+                );
+            }
+        }
+        let mut out = Vec::new();
+        for p in 0..broker.partitions(TOPICS[0]).unwrap_or(0) as i32 {
+            let scope = SequenceScope::new(GROUP, TOPICS[0], p);
+            let mut fold = Rebuild::new(scope, i64::MAX);
+            for (d, r) in &records {
+                fold.feed(*d, r);
+            }
+            let rebuilt = fold.finish();
+            out.extend(
+                rebuilt
+                    .set
+                    .due_all()
+                    .map(|(a, due)| format!("{a} p{p} round {}", due.round)),
+            );
+        }
+        out
     }
 
     /// Read the dead-letter topic back with a bus of its own and check that

@@ -10,7 +10,7 @@
 use eventbus_actor_pool::ActorPoolConfig;
 use eventbus_core::{
     AggregateIdConfig, BusConfig, ConsumerConfig, DeadLetterConfig, DeliveryPolicy, Error,
-    MetricsConfig, OperationsConfig, RateLimit,
+    MetricsConfig, OperationsConfig, RateLimit, RetryConfig,
 };
 use eventbus_keyed_pool::KeyedPoolConfig;
 use serde::{Deserialize, Serialize};
@@ -72,6 +72,8 @@ pub struct EventBusConfig {
     pub aggregate_id: AggregateIdConfig,
     /// Dead-letter settings.
     pub dead_letter: DeadLetterConfig,
+    /// Retries out of line (`retry.*`).
+    pub retry: RetryConfig,
     /// Lag sampling and recovery mode.
     pub operations: OperationsConfig,
     /// Metrics export.
@@ -95,6 +97,7 @@ impl EventBusConfig {
         bus.consumer = self.consumer.clone();
         bus.aggregate_id = self.aggregate_id.clone();
         bus.dead_letter = self.dead_letter.clone();
+        bus.retry = self.retry.clone();
         bus.operations = self.operations.clone();
         bus.metrics = self.metrics.clone();
         bus.rate_limits = self.rate_limits.clone();
@@ -108,6 +111,7 @@ impl EventBusConfig {
             consumer: bus.consumer,
             aggregate_id: bus.aggregate_id,
             dead_letter: bus.dead_letter,
+            retry: bus.retry,
             operations: bus.operations,
             metrics: bus.metrics,
             rate_limits: bus.rate_limits,

@@ -38,9 +38,9 @@ pub use eventbus_core::{
     Error, ErrorKind, Event, EventBus, EventBusExt, Failure, Handler, HandlerError, HandlerResult,
     Headers, HealthReport, HealthStatus, HoldError, IdSource, Message, MetricsConfig, OffsetReset,
     OperationsConfig, Payload, Pool, PoolShare, PoolStats, PublishReceipt, RateLimit, Record,
-    Recovery, RecoveryChange, Result, Routing, SharedBus, StorageKind, SubscribeOptions,
-    Subscription, TopicConfig, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER,
-    DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+    Recovery, RecoveryChange, Result, RetryConfig, Routing, SharedBus, StorageKind,
+    SubscribeOptions, Subscription, TopicConfig, DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER,
+    DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
 };
 
 /// Dead-letter redrive (see [`EventBus::redrive`] and [`eventbus_core::redrive`]).

@@ -562,6 +562,7 @@ impl Dispatcher {
             m::COMMIT_METADATA_TOO_LARGE,
             m::COMMIT_METADATA_REPLAYS,
             m::DEAD_LETTERS_PARKED,
+            m::SET_ASIDE,
             m::PARKED_OVERFLOW,
         ] {
             metrics::counter!(m::name(&self.inner.metrics.backend, metric), "topic" => sub.topic.clone())

@@ -382,7 +382,7 @@ pub(crate) async fn retry_when_due(
             .map(|(a, d)| (a.to_owned(), d))
             .collect();
         fired.retain(|a, d| due.iter().any(|(b, e)| a == b && d == e));
-        let now = now_ms();
+        let now = crate::raw::sequence::now_ms();
         let mut next: Option<i64> = None;
         for (aggregate, due) in due {
             if fired.get(&aggregate) == Some(&due) {
@@ -430,13 +430,6 @@ pub(crate) async fn retry_when_due(
             } => {}
         }
     }
-}
-
-/// Milliseconds since the Unix epoch, by this member's clock.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `op` until it succeeds, retried with `policy`'s backoff (`failed` told of

@@ -542,6 +542,29 @@ fn invalid(header: &str, value: &str, expected: &str) -> Error {
     )
 }
 
+/// Milliseconds since the Unix epoch, by this member's clock: the wall clock
+/// read once, moved on by the runtime's clock since. Due times are written
+/// for other members to read, so they are wall-clock times; the timers that
+/// wait for them run on the runtime's clock, and so does this (a paused
+/// runtime, as the simulation's, moves both together).
+pub fn now_ms() -> i64 {
+    static BASE: std::sync::OnceLock<(tokio::time::Instant, i64)> = std::sync::OnceLock::new();
+    let (at, wall) = *BASE.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        (tokio::time::Instant::now(), wall)
+    });
+    // Signed: another runtime's clock (a test's, paused) may stand before
+    // the one the base was read on.
+    let now = tokio::time::Instant::now();
+    let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    match now.checked_duration_since(at) {
+        Some(since) => wall.saturating_add(ms(since)),
+        None => wall.saturating_sub(ms(at.duration_since(now))),
+    }
+}
+
 /// When a set-aside head runs again (`docs/sequencing.md`, 7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Due {

@@ -114,6 +114,13 @@ impl Metrics {
             .increment(1);
     }
 
+    /// Count an envelope of `topic` set aside for a round of
+    /// `retry.out_of_line`.
+    pub(super) fn set_aside(&self, topic: &str) {
+        metrics::counter!(m::name(&self.backend, m::SET_ASIDE), "topic" => topic.to_owned())
+            .increment(1);
+    }
+
     /// Count an envelope of `topic` held in place at the bound on parked
     /// aggregates.
     pub(super) fn parked_overflow(&self, topic: &str) {

@@ -164,6 +164,7 @@ async fn dead_letter_here<T>(
     if let Some((room, aggregate, due)) = head {
         room.headed(message.offset, &aggregate, due);
         if let Some(due) = due {
+            shared.inner.metrics.set_aside(&message.topic);
             tracing::warn!(topic = %message.topic, partition = message.partition,
                 offset = message.offset, aggregate_id = %aggregate, round = due.round,
                 due_ms = due.at_ms, "set aside out of line: its aggregate is parked behind it until then");
@@ -192,7 +193,7 @@ fn set_aside<T>(
     let delay = delays.get(usize::try_from(round).ok()?)?;
     let delay = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
     Some(crate::raw::sequence::Due {
-        at_ms: crate::raw::parking::now_ms().saturating_add(delay),
+        at_ms: crate::raw::sequence::now_ms().saturating_add(delay),
         round,
     })
 }

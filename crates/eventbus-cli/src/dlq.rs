@@ -244,7 +244,7 @@ fn print_parked(report: &RedriveReport, json: bool) -> Result<(), CliError> {
         ));
         return Ok(());
     }
-    let rows: Vec<[String; 7]> = report
+    let rows: Vec<[String; 8]> = report
         .parked
         .iter()
         .map(|p| {
@@ -255,6 +255,10 @@ fn print_parked(report: &RedriveReport, json: bool) -> Result<(), CliError> {
                 p.heads.to_string(),
                 p.parked.to_string(),
                 p.head_offset.to_string(),
+                p.retry.map_or_else(
+                    || "-".to_owned(),
+                    |due| format!("round {} at {}", due.round, due_time(due.at_ms)),
+                ),
                 p.error
                     .as_deref()
                     .map_or_else(|| "- (gone)".to_owned(), |e| shorten(e, ERROR_WIDTH)),
@@ -269,6 +273,7 @@ fn print_parked(report: &RedriveReport, json: bool) -> Result<(), CliError> {
             "HEADS",
             "PARKED",
             "HEAD",
+            "RETRY",
             "ERROR",
         ],
         &rows,
@@ -300,6 +305,10 @@ fn parked_json(r: &RedriveReport) -> Value {
                 "heads": p.heads,
                 "parked": p.parked,
                 "head_offset": p.head_offset,
+                "retry": p.retry.map(|due| json!({
+                    "round": due.round,
+                    "due": due_time(due.at_ms),
+                })),
                 "error": p.error,
             })
         })
@@ -432,6 +441,15 @@ fn invalid_notes(report: &RedriveReport) {
             invalid.id, invalid.reason
         ));
     }
+}
+
+/// A due time of out-of-line retries (milliseconds since the Unix epoch) in
+/// RFC 3339.
+fn due_time(at_ms: i64) -> String {
+    let t = u64::try_from(at_ms).map_or(SystemTime::UNIX_EPOCH, |ms| {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+    });
+    rfc3339(t)
 }
 
 fn rfc3339(t: SystemTime) -> String {

@@ -786,11 +786,12 @@ async fn kafka_dead_letters_listed_shown_and_redriven() {
 
 /// `dlq list --parked` and `dlq redrive --parked` against Kafka: the parked
 /// aggregates a destination's sequencing records say (written here as a
-/// consumer with `dead_letter.sequence_by_aggregate` writes them), and one
+/// consumer with `dead_letter.sequence_by_aggregate` writes them), with the
+/// round and due time of a head set aside by `retry.out_of_line`, and one
 /// unpark control record published to the origin partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_parked_aggregates_listed_and_unparked() {
-    use eventbus::core::raw::sequence::{SequenceScope, Token};
+    use eventbus::core::raw::sequence::{Due, SequenceScope, Token};
     use eventbus::Record;
     let cluster = Cluster::start();
     let brokers = cluster.brokers();
@@ -813,6 +814,18 @@ async fn kafka_parked_aggregates_listed_and_unparked() {
         (head, Some("order-7 is broken")),
         (scope.parked(token, 6, "order-7", head_id), Some("parked")),
         (scope.parked(token, 9, "order-7", head_id), Some("parked")),
+        (
+            scope.set_aside(
+                token,
+                11,
+                "order-7",
+                Due {
+                    at_ms: 1_800_000_000_000,
+                    round: 1,
+                },
+            ),
+            Some("order-7 times out"),
+        ),
     ] {
         let mut r = Record::new(if error.is_some() { "{}" } else { "" });
         record.write(&mut r.headers);
@@ -840,15 +853,22 @@ async fn kafka_parked_aggregates_listed_and_unparked() {
             &parked[0]["parked"],
             &parked[0]["head_offset"]
         ),
-        (&Value::from(1), &Value::from(2), &Value::from(4)),
+        (&Value::from(2), &Value::from(2), &Value::from(4)),
         "{doc}"
     );
-    assert_eq!(parked[0]["error"], "order-7 is broken", "{doc}");
+    assert_eq!(parked[0]["error"], "order-7 times out", "{doc}");
+    assert_eq!(
+        parked[0]["retry"],
+        serde_json::json!({"round": 1, "due": "2027-01-15T08:00:00.000Z"}),
+        "the newest head is set aside: its round and due time, {doc}"
+    );
     let run = eventbus(&["dlq", "list", "--topic", &dlq, "--parked"], &env).await;
     let table = &run.ok().stdout;
     assert!(table.starts_with("GROUP"), "{table}");
     assert!(
-        table.contains("order-7") && table.contains(&format!("{topic}[1]")),
+        table.contains("order-7")
+            && table.contains(&format!("{topic}[1]"))
+            && table.contains("round 1 at 2027-01-15T08:00:00.000Z"),
         "{table}"
     );
     eventbus(

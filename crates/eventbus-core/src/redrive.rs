@@ -489,6 +489,9 @@ pub struct ParkedAggregate {
     /// new failure); `None` when that record is gone (the destination's
     /// retention).
     pub error: Option<String>,
+    /// With `retry.out_of_line`: when its newest head, set aside, runs again
+    /// (and in which round); `None` for a dead letter, parked until a redrive.
+    pub retry: Option<crate::raw::sequence::Due>,
 }
 
 /// A record read from a dead-letter destination, before its headers are read.
@@ -854,9 +857,8 @@ where
             continue;
         }
         let scope = SequenceScope::new(record.group(), record.topic(), record.partition());
-        if let (crate::raw::sequence::SequenceKind::Head, Some(id)) =
-            (record.kind(), record.head_id())
-        {
+        // A head's record, or a set-aside head's (its newest round's error).
+        if let Some(id) = record.head_id() {
             if let Some(error) = raw.headers.get(DLQ_ERROR_HEADER) {
                 let error = String::from_utf8_lossy(error).into_owned();
                 errors.insert((scope.clone(), id), error);
@@ -898,6 +900,7 @@ where
                 parked: heads.iter().map(|h| h.parked).sum(),
                 head_offset: oldest.map_or(0, |h| h.id.offset),
                 error: newest.and_then(|h| errors.get(&(scope.clone(), h.id)).cloned()),
+                retry: rebuilt.set.due(aggregate),
             };
             if !options.dry_run {
                 if let Some(limiter) = &limiter {

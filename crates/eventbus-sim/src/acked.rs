@@ -362,6 +362,8 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     s.draw_inline(seed);
     s.draw_dead_letter_delays(seed);
     s.draw_sequencing(seed);
+    // Out-of-line retries are built on the consume loop of a log only.
+    s.out_of_line.clear();
     let instant = s.inline.is_some();
     s.members = s.members.min(max_members).max(1);
     s.max_members = max_members.max(1);

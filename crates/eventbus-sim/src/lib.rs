@@ -130,6 +130,8 @@ pub fn run_log_seed(log: Log, seed: u64, wall_limit: Duration, max_members: usiz
         .name(format!("sim-{seed}"))
         .spawn(move || {
             fastrand::seed(seed);
+            // Due times of out-of-line retries move with the paused clock.
+            eventbus::core::raw::sequence::due_times_on_runtime_clock();
             let mut builder = tokio::runtime::Builder::new_current_thread();
             builder.enable_time().start_paused(true);
             // tokio draws from a generator of its own, seeded at random per

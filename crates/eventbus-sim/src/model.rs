@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::plan::Act;
+use eventbus::core::raw::sequence::Due;
 use eventbus::core::CancellationToken;
 
 /// The two topics of a run: one of envelopes (at least once), one of plain
@@ -58,6 +59,13 @@ pub(crate) struct Msg {
     /// Its last replay call failed its last attempt: the replay stopped at
     /// it, a new head.
     failed_in_replay: bool,
+}
+
+impl Msg {
+    /// Whether it was given up or parked once (with sequencing).
+    pub(crate) fn sidelined(&self) -> bool {
+        self.sidelined
+    }
 }
 
 /// A handler call under way.
@@ -189,10 +197,9 @@ pub(crate) struct Model {
     /// of [`Model::check_unparks`]; the end of a run checks instead that no
     /// aggregate is left set aside.
     due_unparks: BTreeSet<(i32, i64)>,
-    /// Per origin (partition, offset) of the envelope topic: the due time of
-    /// its newest set-aside record read from the dead-letter topic, in
-    /// milliseconds by the bus's clock.
-    set_aside_due: BTreeMap<(i32, i64), (u32, i64)>,
+    /// The due time of the aggregate of the call that starts next
+    /// ([`Model::due_now`]).
+    next_due: Option<Due>,
     trace: Vec<String>,
     violation: Option<String>,
 }
@@ -232,7 +239,7 @@ impl Shared {
             unparks: BTreeMap::new(),
             pending_unparks: BTreeSet::new(),
             due_unparks: BTreeSet::new(),
-            set_aside_due: BTreeMap::new(),
+            next_due: None,
             trace: Vec::new(),
             violation: None,
         })))
@@ -460,6 +467,7 @@ impl Model {
             self.counts.replays += 1;
             self.check_due(key, partition, offset, &name);
         }
+        self.next_due = None;
         {
             let m = &self.msgs[id];
             if m.partition != partition || m.offset != offset {
@@ -844,29 +852,30 @@ impl Model {
         self.sequencing = true;
     }
 
-    /// The dead-letter topic holds the envelope at `partition` / `offset` of
-    /// the envelope topic set aside for `round`, due at `due_ms`.
-    pub(crate) fn set_aside_read(&mut self, partition: i32, offset: i64, round: u32, due_ms: i64) {
-        let entry = self
-            .set_aside_due
-            .entry((partition, offset))
-            .or_insert((round, due_ms));
-        if round >= entry.0 {
-            *entry = (round, due_ms);
-        }
+    /// The dead-letter topic holds a set-aside record (counted).
+    pub(crate) fn set_aside_read(&mut self) {
         self.counts.set_aside += 1;
     }
 
+    /// The due time of the aggregate of the call that starts next, when its
+    /// envelope was given up or parked once: its newest head's, when set
+    /// aside, as the dead-letter topic folds now (what its owner's replay
+    /// checks before it runs).
+    pub(crate) fn due_now(&mut self, due: Option<Due>) {
+        self.next_due = due;
+    }
+
     /// A replay's call of the envelope `name` at `partition` / `offset` of
-    /// aggregate `key` starts: when it was set aside, not before its due
-    /// time, unless an unpark of a redrive above it is under way (a redrive
-    /// replays at once) or the partition was rewound to it (a run again).
+    /// aggregate `key` starts: not before its aggregate's due time
+    /// ([`due_now`](Self::due_now)), unless an unpark of a redrive above it is
+    /// under way (a redrive replays at once) or the partition was rewound to
+    /// it (a run again).
     fn check_due(&mut self, key: u32, partition: i32, offset: i64, name: &str) {
-        let Some(&(round, due)) = self.set_aside_due.get(&(partition, offset)) else {
+        let Some(due) = self.next_due.take() else {
             return;
         };
         let now = eventbus::core::raw::sequence::now_ms();
-        if now >= due {
+        if now >= due.at_ms {
             return;
         }
         let redrive = self.unparks.get(&key).is_some_and(|u| {
@@ -883,8 +892,9 @@ impl Model {
             .is_some_and(|r| r.iter().any(|&o| o <= offset));
         if !redrive && !rewound {
             self.violate(format!(
-                "{name}: replayed {} ms before the due time of its round {round}",
-                due - now
+                "{name}: replayed {} ms before the due time of its aggregate's round {}",
+                due.at_ms - now,
+                due.round
             ));
         }
     }

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use crate::model::{Done, Shared, DEAD_LETTERS, GROUP, TOPICS};
 use crate::plan::{Act, Settings, Step};
-use eventbus::core::raw::sequence::{Rebuild, SequenceKind, SequenceRecord, SequenceScope, Unpark};
+use eventbus::core::raw::sequence::{
+    ParkedSet, Rebuild, SequenceKind, SequenceRecord, SequenceScope, Unpark,
+};
 
 /// Slack on top of the configured bounds for an `unsubscribe` or a `close` to
 /// return (simulated time).
@@ -39,8 +41,8 @@ pub(crate) const UNPARK_PERCENT: u8 = 8;
 pub(crate) const STUCK_ROUNDS: usize = 5;
 
 /// An envelope read from the dead-letter topic: its origin topic, partition
-/// and offset, and when set aside its round and due time (else parked).
-pub(crate) type Sidelined = (String, i32, i64, Option<(u32, i64)>);
+/// and offset, and whether it was set aside (else parked).
+pub(crate) type Sidelined = (String, i32, i64, bool);
 
 /// What a handler call reads of its broker for the model's checks.
 pub(crate) trait Source: Clone + Send + Sync + 'static {
@@ -59,6 +61,14 @@ pub(crate) trait Source: Clone + Send + Sync + 'static {
     fn parked(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<Sidelined> {
         let _ = cursor;
         Vec::new()
+    }
+
+    /// The parked set of `partition` of the envelope topic as a rebuild at
+    /// assignment would fold the dead-letter topic now; empty where the
+    /// simulation has no destination to read.
+    fn parked_set(&self, partition: i32) -> ParkedSet {
+        let _ = partition;
+        ParkedSet::new()
     }
 
     /// The control records stored in the envelope topic since `cursor` (per
@@ -81,6 +91,27 @@ impl Source for MemoryBroker {
         self.members(TOPICS[topic], GROUP)
             .iter()
             .any(|g| g.id == member && g.lost)
+    }
+
+    fn parked_set(&self, partition: i32) -> ParkedSet {
+        let scope = SequenceScope::new(GROUP, TOPICS[0], partition);
+        let mut fold = Rebuild::new(scope, i64::MAX);
+        for d in 0..self.partitions(DEAD_LETTERS).unwrap_or(0) as i32 {
+            let mut next = 0;
+            loop {
+                let read = self.read(DEAD_LETTERS, d, next, 256);
+                let Some(last) = read.last() else {
+                    break;
+                };
+                next = last.offset + 1;
+                for m in &read {
+                    if let Ok(Some(r)) = SequenceRecord::read(&m.headers) {
+                        fold.feed(d, &r);
+                    }
+                }
+            }
+        }
+        fold.finish().set
     }
 
     fn controls(&self, cursor: &mut BTreeMap<i32, i64>) -> Vec<(u32, i32, i64, bool)> {
@@ -131,15 +162,10 @@ impl Source for MemoryBroker {
                     };
                     match (r.kind(), r.offset()) {
                         (SequenceKind::Parked { .. }, Some(offset)) => {
-                            out.push((r.topic().to_owned(), r.partition(), offset, None));
+                            out.push((r.topic().to_owned(), r.partition(), offset, false));
                         }
-                        (SequenceKind::SetAside { due }, Some(offset)) => {
-                            out.push((
-                                r.topic().to_owned(),
-                                r.partition(),
-                                offset,
-                                Some((due.round, due.at_ms)),
-                            ));
+                        (SequenceKind::SetAside { .. }, Some(offset)) => {
+                            out.push((r.topic().to_owned(), r.partition(), offset, true));
                         }
                         _ => {}
                     }
@@ -183,9 +209,10 @@ impl<B: Source> Ctx<B> {
     fn sync_dead_letters(&self, m: &mut crate::model::Model) {
         let mut cursor = std::mem::take(&mut m.dead_letter_cursor);
         for (topic, partition, offset, set_aside) in self.broker.parked(&mut cursor) {
-            match set_aside {
-                None => m.parked_read(&topic, partition, offset),
-                Some((round, due)) => m.set_aside_read(partition, offset, round, due),
+            if set_aside {
+                m.set_aside_read();
+            } else {
+                m.parked_read(&topic, partition, offset);
             }
         }
         m.dead_letter_cursor = cursor;
@@ -238,6 +265,14 @@ impl<B: Source> Ctx<B> {
             m.rejoined(|t, member| self.broker.still_lost(t, member));
             self.sync_controls(&mut m);
             self.sync_dead_letters(&mut m);
+            // A set-aside envelope's replay: when its aggregate's newest head
+            // runs again, as its owner's parked set says.
+            let msg = &m.msgs()[id];
+            let due = (msg.topic == 0 && msg.sidelined()).then(|| {
+                let aggregate = format!("k{}", msg.key);
+                self.broker.parked_set(partition).due(&aggregate)
+            });
+            m.due_now(due.flatten());
             let started = m.start(self.bus, id, partition, offset, attempt, committed, &cancel);
             self.check_commits(&mut m);
             started
@@ -928,33 +963,11 @@ impl Sim {
             return Vec::new();
         }
         let broker = &self.ctx.broker;
-        let mut records = Vec::new();
-        for d in 0..broker.partitions(DEAD_LETTERS).unwrap_or(0) as i32 {
-            let mut next = 0;
-            loop {
-                let read = broker.read(DEAD_LETTERS, d, next, 256);
-                let Some(last) = read.last() else {
-                    break;
-                };
-                next = last.offset + 1;
-                records.extend(
-                    read.iter()
-                        .filter_map(|m| SequenceRecord::read(&m.headers).ok().flatten())
-                        .map(|r| (d, r)),
-                );
-            }
-        }
         let mut out = Vec::new();
         for p in 0..broker.partitions(TOPICS[0]).unwrap_or(0) as i32 {
-            let scope = SequenceScope::new(GROUP, TOPICS[0], p);
-            let mut fold = Rebuild::new(scope, i64::MAX);
-            for (d, r) in &records {
-                fold.feed(*d, r);
-            }
-            let rebuilt = fold.finish();
             out.extend(
-                rebuilt
-                    .set
+                broker
+                    .parked_set(p)
                     .due_all()
                     .map(|(a, due)| format!("{a} p{p} round {}", due.round)),
             );

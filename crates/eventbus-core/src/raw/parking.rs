@@ -348,6 +348,14 @@ pub(crate) async fn rebuild_until(
     parking.take_up(rebuilt, destination);
     if let Some(stop) = up.timers {
         tokio::spawn(retry_when_due(work, stop, policy));
+    } else {
+        let set_aside = parking.live().set.due_all().count();
+        if set_aside > 0 {
+            tracing::warn!(topic = %up.scope.topic,
+                partition = up.scope.partition, set_aside,
+                "aggregates set aside by retry.out_of_line are parked, but it is off here: \
+                 they wait for a redrive of the parked aggregates");
+        }
     }
     true
 }

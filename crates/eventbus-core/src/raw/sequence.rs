@@ -542,26 +542,41 @@ fn invalid(header: &str, value: &str, expected: &str) -> Error {
     )
 }
 
-/// Milliseconds since the Unix epoch, by this member's clock: the wall clock
-/// read once, moved on by the runtime's clock since. Due times are written
-/// for other members to read, so they are wall-clock times; the timers that
-/// wait for them run on the runtime's clock, and so does this (a paused
-/// runtime, as the simulation's, moves both together).
+/// Due times are read off the runtime's clock ([`due_times_on_runtime_clock`]).
+static RUNTIME_CLOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, in this process, read due times ([`now_ms`]) as the wall
+/// clock read once, moved on by the runtime's clock: for a test on a paused
+/// runtime (the simulation's), whose timers wait on its clock while the wall
+/// clock stands still. Not for a service: its members compare due times
+/// written by each other, so each writes its own wall clock, which a
+/// monotonic clock would leave behind across a suspend or a clock step.
+pub fn due_times_on_runtime_clock() {
+    RUNTIME_CLOCK.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Milliseconds since the Unix epoch by this member's wall clock: the clock of
+/// the due times of out-of-line retries (`docs/sequencing.md`, 7), which other
+/// members read after a hand-over. On the runtime's clock after
+/// [`due_times_on_runtime_clock`].
 pub fn now_ms() -> i64 {
-    static BASE: std::sync::OnceLock<(tokio::time::Instant, i64)> = std::sync::OnceLock::new();
-    let (at, wall) = *BASE.get_or_init(|| {
-        let wall = std::time::SystemTime::now()
+    let wall = || {
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        (tokio::time::Instant::now(), wall)
-    });
-    // Signed: another runtime's clock (a test's, paused) may stand before
-    // the one the base was read on.
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    };
+    if !RUNTIME_CLOCK.load(std::sync::atomic::Ordering::Relaxed) {
+        return wall();
+    }
+    static BASE: std::sync::OnceLock<(tokio::time::Instant, i64)> = std::sync::OnceLock::new();
+    let (at, base) = *BASE.get_or_init(|| (tokio::time::Instant::now(), wall()));
+    // Signed: another runtime's clock (another test's, paused) may stand
+    // before the one the base was read on.
     let now = tokio::time::Instant::now();
     let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     match now.checked_duration_since(at) {
-        Some(since) => wall.saturating_add(ms(since)),
-        None => wall.saturating_sub(ms(at.duration_since(now))),
+        Some(since) => base.saturating_add(ms(since)),
+        None => base.saturating_sub(ms(at.duration_since(now))),
     }
 }
 

@@ -138,36 +138,15 @@ async fn records(
     destination: &str,
     n: usize,
 ) -> Vec<(i32, i64, SequenceKind)> {
-    let pool = pools(PoolSpec::default()).await;
-    let mut c = config(&random_topic("reader"));
-    c.dead_letter.sequence_by_aggregate = false;
-    let reader = factory.bus(pool, c).await.expect("reader bus");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    reader
-        .subscribe(destination, move |m: Message| {
-            let r = SequenceRecord::read(&m.headers)
-                .expect("readable")
-                .expect("sequenced");
-            if !matches!(r.kind(), SequenceKind::Epoch { .. }) {
-                let offset = r.offset().expect("an envelope's record");
-                s.lock()
-                    .expect("seen")
-                    .push((m.partition, offset, r.kind().clone()));
-            }
-            async { Ok::<(), HandlerError>(()) }
-        })
+    let what = format!("{n} sequencing records in {destination}");
+    protocol(factory, pools, destination, &what, |r| r.len() >= n)
         .await
-        .expect("subscribe to the destination");
-    wait_until(
-        &format!("{n} sequencing records in {destination}"),
-        WAIT,
-        || seen.lock().expect("seen").len() >= n,
-    )
-    .await;
-    reader.close().await.expect("close the reader");
-    let out = seen.lock().expect("seen").clone();
-    out
+        .into_iter()
+        .map(|(p, r)| {
+            let offset = r.offset().expect("an envelope's record");
+            (p, offset, r.kind().clone())
+        })
+        .collect()
 }
 
 /// An aggregate parked by one member stays parked after a restart; its records

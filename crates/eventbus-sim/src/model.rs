@@ -465,7 +465,7 @@ impl Model {
         };
         if replay {
             self.counts.replays += 1;
-            self.check_due(key, partition, offset, &name);
+            self.check_due(id, &name);
         }
         self.next_due = None;
         {
@@ -865,12 +865,16 @@ impl Model {
         self.next_due = due;
     }
 
-    /// A replay's call of the envelope `name` at `partition` / `offset` of
-    /// aggregate `key` starts: not before its aggregate's due time
-    /// ([`due_now`](Self::due_now)), unless an unpark of a redrive above it is
-    /// under way (a redrive replays at once) or the partition was rewound to
-    /// it (a run again).
-    fn check_due(&mut self, key: u32, partition: i32, offset: i64, name: &str) {
+    /// A replay's call of message `id` (`name`) starts: not before its
+    /// aggregate's due time ([`due_now`](Self::due_now)), unless an unpark of
+    /// a redrive above it is under way (a redrive replays at once) or a
+    /// rewind read it again and it has not finished since (a run again in
+    /// place).
+    fn check_due(&mut self, id: usize, name: &str) {
+        let (key, partition, offset) = {
+            let m = &self.msgs[id];
+            (m.key, m.partition, m.offset)
+        };
         let Some(due) = self.next_due.take() else {
             return;
         };
@@ -886,10 +890,7 @@ impl Model {
                     && !self.due_unparks.contains(&(p, o))
             })
         });
-        let rewound = self
-            .rewinds
-            .get(&(0, partition))
-            .is_some_and(|r| r.iter().any(|&o| o <= offset));
+        let rewound = self.msgs[id].rerun_after.is_some();
         if !redrive && !rewound {
             self.violate(format!(
                 "{name}: replayed {} ms before the due time of its aggregate's round {}",

@@ -465,9 +465,10 @@ impl Model {
         };
         if replay {
             self.counts.replays += 1;
-            self.check_due(id, &name);
         }
-        self.next_due = None;
+        // A replay, or a copy read again in place after a rewind: neither
+        // before the due time of a set-aside head.
+        self.check_due(id, &name);
         {
             let m = &self.msgs[id];
             if m.partition != partition || m.offset != offset {
@@ -865,11 +866,11 @@ impl Model {
         self.next_due = due;
     }
 
-    /// A replay's call of message `id` (`name`) starts: not before its
+    /// A call of message `id` (`name`), given up or parked once, starts: not before its
     /// aggregate's due time ([`due_now`](Self::due_now)), unless an unpark of
-    /// a redrive above it is under way (a redrive replays at once) or a
-    /// rewind read it again and it has not finished since (a run again in
-    /// place).
+    /// a redrive above it is under way (a redrive replays at once). A copy
+    /// read again after a rewind is held to it too: a set-aside head read
+    /// again stays set aside.
     fn check_due(&mut self, id: usize, name: &str) {
         let (key, partition, offset) = {
             let m = &self.msgs[id];
@@ -890,10 +891,9 @@ impl Model {
                     && !self.due_unparks.contains(&(p, o))
             })
         });
-        let rewound = self.msgs[id].rerun_after.is_some();
-        if !redrive && !rewound {
+        if !redrive {
             self.violate(format!(
-                "{name}: replayed {} ms before the due time of its aggregate's round {}",
+                "{name}: runs {} ms before the due time of its aggregate's round {}",
                 due.at_ms - now,
                 due.round
             ));

@@ -64,6 +64,15 @@ fn seed_246_a_rewind_fences_queued_copies_at_once() {
     holds_alone(246);
 }
 
+/// A rewind below the committed offset read an envelope set aside out of
+/// line again once its outcome kept by offset was let go: its copy ran in
+/// place 2 ms before its due time. A copy of a live set-aside head now stays
+/// set aside until its timer's replay.
+#[test]
+fn seed_349_a_set_aside_envelope_read_again_waits_for_its_due_time() {
+    holds(349);
+}
+
 /// A member's close spanning another member's two revokes of the same
 /// partitions (eager, a lost assignment, then a restart): the check between
 /// the steps saw the partitions being given up before the close and again

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::policy::DeliveryPolicy;
 use crate::raw::fence::Scope;
 use crate::raw::sequence::{
-    rebuild, Due, HeadId, Lifted, Overflow, ParkedSet, Rebuilt, Recorded, SequenceRecord,
-    SequenceScope, SequenceStore, Token, Unpark,
+    fingerprint_at, rebuild, Due, HeadId, Lifted, Overflow, ParkedSet, Rebuilt, Recorded,
+    SequenceRecord, SequenceScope, SequenceStore, Token, Unpark,
 };
 
 /// The sequencing of one origin partition for one owner (a [`Scope`]'s).
@@ -66,6 +66,11 @@ struct Live {
     /// The payloads' fingerprints of the outcomes in `written` that a
     /// rebuild read ([`Rebuilt::copies`]).
     copies: BTreeMap<i64, Vec<u64>>,
+    /// The payloads' fingerprints of the set-aside heads, by offset, kept
+    /// while a set-aside head is live there, below the watermark too: a copy
+    /// read again after a rewind below it stays set aside
+    /// ([`Parking::arrive`]).
+    aside: BTreeMap<i64, Vec<u64>>,
     /// Aggregates not parked yet whose head is being written: they count
     /// towards the bound.
     reserved: usize,
@@ -128,7 +133,9 @@ impl Parking {
     pub(crate) fn lift(&self, heads: &[HeadId]) -> Lifted {
         let mut live = self.live();
         live.written.retain(|_, r| !heads.contains(&r.head()));
-        live.set.lift(heads)
+        let lifted = live.set.lift(heads);
+        live.keep_aside_of_live_heads();
+        lifted
     }
 
     /// The round of `retry.out_of_line` a failure of the envelope at `offset`
@@ -161,6 +168,11 @@ impl Parking {
     /// rebuild saw there. Another envelope at that offset (the log was made
     /// again and numbers its messages from its start) lets it go: it runs, or
     /// follows its parked aggregate, as any message does.
+    ///
+    /// A copy of a live set-aside head read again once its kept outcome was
+    /// let go (a rewind below the watermark) stays set aside: it runs when its
+    /// timer's replay does, never before its due time (`docs/sequencing.md`,
+    /// 7).
     pub(crate) fn arrive(&self, aggregate: &str, offset: i64, payload: &[u8]) -> Arrival {
         let mut live = self.live();
         if let Some(recorded) = live.written.get(&offset) {
@@ -183,6 +195,9 @@ impl Parking {
             if let Some(head) = live.set.heads(aggregate).last() {
                 return Arrival::Parks(head.id);
             }
+        }
+        if let Some(head) = live.aside_head(aggregate, offset, payload) {
+            return Arrival::Recorded(head);
         }
         match live.set.behind(aggregate, offset) {
             Some(head) => Arrival::Parks(head),
@@ -258,6 +273,7 @@ impl Parking {
             mut set,
             ahead,
             copies,
+            aside,
             ..
         } = rebuilt;
         for (offset, recorded) in &ahead {
@@ -267,6 +283,8 @@ impl Parking {
         live.set = set;
         live.written = ahead;
         live.copies = copies;
+        live.aside = aside;
+        live.keep_aside_of_live_heads();
     }
 
     /// Every offset below `watermark` is finished: no copy of them is read
@@ -507,7 +525,8 @@ impl Reserved<'_> {
 
     /// The head record of the envelope at `offset` of `aggregate` was written
     /// (set aside until `due` when given): the aggregate is parked behind it.
-    pub(crate) fn headed(self, offset: i64, aggregate: &str, due: Option<Due>) {
+    /// `payload` is the envelope's, fingerprinted when set aside.
+    pub(crate) fn headed(self, offset: i64, aggregate: &str, due: Option<Due>, payload: &[u8]) {
         let parking = self.parking;
         let id = HeadId {
             token: parking.token,
@@ -523,10 +542,49 @@ impl Reserved<'_> {
             },
         );
         if due.is_some() {
+            let fingerprint = crate::raw::stable_hash(payload);
+            fingerprint_at(&mut parking.live().aside, offset, fingerprint);
             parking.due_changed.notify_one();
         }
         // `Drop` releases the reservation, now that the set counts the
         // aggregate.
+    }
+}
+
+impl Live {
+    /// The outcome of a copy of `aggregate`'s set-aside head at `offset`, of
+    /// `payload`: its newest head there, when that one is set aside and the
+    /// payload is one written for it. `None` for any other message: it runs,
+    /// or parks, as any message does.
+    fn aside_head(&self, aggregate: &str, offset: i64, payload: &[u8]) -> Option<Recorded> {
+        let head = self
+            .set
+            .heads(aggregate)
+            .iter()
+            .rev()
+            .find(|h| h.id.offset == offset)?;
+        let due = head.due?;
+        let copy = self
+            .aside
+            .get(&offset)?
+            .contains(&crate::raw::stable_hash(payload));
+        copy.then(|| Recorded::Head {
+            aggregate: aggregate.to_owned(),
+            id: head.id,
+            due: Some(due),
+        })
+    }
+
+    /// Let go of the fingerprints of offsets with no live set-aside head.
+    fn keep_aside_of_live_heads(&mut self) {
+        let live: std::collections::BTreeSet<i64> = self
+            .set
+            .iter()
+            .flat_map(|(_, heads)| heads.iter())
+            .filter(|h| h.due.is_some())
+            .map(|h| h.id.offset)
+            .collect();
+        self.aside.retain(|offset, _| live.contains(offset));
     }
 }
 
@@ -582,7 +640,7 @@ mod tests {
     fn a_lift_unparks_and_lets_go_of_what_was_recorded_behind_its_heads() {
         let p = parking(10);
         let room = p.reserve("a").expect("room");
-        room.headed(3, "a", None);
+        room.headed(3, "a", None, b"x");
         let head = p.set().heads("a")[0].id;
         p.parked(5, "a", head);
         let lifted = p.lift(&[head]);
@@ -599,7 +657,7 @@ mod tests {
         let p = parking(10);
         assert_eq!(p.arrive("a", 3, b"x"), Arrival::Runs);
         let room = p.reserve("a").expect("room");
-        room.headed(3, "a", None);
+        room.headed(3, "a", None, b"x");
         let head = p.set().heads("a")[0].id;
         assert_eq!(
             p.arrive("b", 4, b"x"),
@@ -681,6 +739,79 @@ mod tests {
         );
     }
 
+    /// A set-aside head read again after a rewind below the watermark (its
+    /// kept outcome let go) stays set aside until its timer's replay: before,
+    /// it ran in place before its due time, and a failure there began its
+    /// next round early. Another message at its offset runs; once lifted, a
+    /// copy runs as any redelivery.
+    #[test]
+    fn a_set_aside_head_read_again_below_the_watermark_stays_set_aside() {
+        use crate::raw::sequence::Rebuild;
+        let due = Due {
+            at_ms: i64::MAX,
+            round: 0,
+        };
+        let p = parking(10);
+        let room = p.reserve("a").expect("room");
+        room.headed(3, "a", Some(due), b"a3");
+        let head = p.set().heads("a")[0].id;
+        p.parked(5, "a", head);
+        p.settled_below(9);
+        assert_eq!(
+            p.arrive("a", 3, b"a3"),
+            Arrival::Recorded(Recorded::Head {
+                aggregate: "a".into(),
+                id: head,
+                due: Some(due)
+            }),
+            "a copy of the set-aside head stays set aside"
+        );
+        assert_eq!(p.arrive("a", 5, b"a5"), Arrival::Parks(head));
+        assert_eq!(
+            p.arrive("a", 3, b"other"),
+            Arrival::Runs,
+            "another message at its offset (a log made again) runs"
+        );
+        assert_eq!(p.arrive("b", 3, b"a3"), Arrival::Runs);
+
+        // Taken up from a rebuild, with the head below the commit point.
+        let scope = SequenceScope::new("g", "orders", 0);
+        let old = Token::from_raw(7);
+        let copy = |payload: &'static str| {
+            crate::Message::new(
+                "orders.dlq",
+                0,
+                0,
+                bytes::Bytes::from_static(payload.as_bytes()),
+            )
+        };
+        let mut rebuild = Rebuild::new(scope.clone(), 9);
+        rebuild.feed_copy(0, &scope.epoch(old, 1), &copy(""));
+        rebuild.feed_copy(0, &scope.set_aside(old, 3, "a", due), &copy("a3"));
+        rebuild.feed_copy(0, &scope.head(old, 4, "c"), &copy("c4"));
+        let taken = parking(10);
+        taken.take_up(rebuild.finish(), unread());
+        let old_head = HeadId {
+            token: old,
+            offset: 3,
+        };
+        assert_eq!(
+            taken.arrive("a", 3, b"a3"),
+            Arrival::Recorded(Recorded::Head {
+                aggregate: "a".into(),
+                id: old_head,
+                due: Some(due)
+            })
+        );
+        assert_eq!(
+            taken.arrive("c", 4, b"c4"),
+            Arrival::Runs,
+            "a plain head read again below the commit point runs, as any redelivery"
+        );
+        taken.lift(&[old_head]);
+        assert_eq!(taken.arrive("a", 3, b"a3"), Arrival::Runs, "lifted: runs");
+    }
+
     /// A log made again numbers its new messages from its start: a message
     /// read at an offset whose outcome a rebuild kept is taken for a copy of
     /// the one recorded only if its aggregate and payload are that one's.
@@ -746,7 +877,7 @@ mod tests {
         );
         drop(first);
         let again = p.reserve("b").expect("a gave its room up");
-        again.headed(7, "b", None);
+        again.headed(7, "b", None, b"x");
         assert_eq!(p.reserve("c").err(), Some(Overflow));
         let same = p.reserve("b").expect("a parked aggregate needs no room");
         drop(same);

@@ -895,6 +895,7 @@ pub struct Rebuild {
     set: ParkedSet,
     ahead: BTreeMap<i64, Recorded>,
     copies: BTreeMap<i64, Vec<u64>>,
+    aside: BTreeMap<i64, Vec<u64>>,
     fenced: u64,
     partitions: Option<u32>,
 }
@@ -914,6 +915,12 @@ pub struct Rebuilt {
     /// server restart) numbers new messages from its start, and the recorded
     /// outcome is not theirs.
     pub copies: BTreeMap<i64, Vec<u64>>,
+    /// The payloads' fingerprints of the set-aside records read, by origin
+    /// offset, below the commit point too: a copy of a set-aside head read
+    /// again after a rewind below the commit point stays set aside until its
+    /// due time, where a copy of another message at that offset runs
+    /// ([`Rebuild::feed_copy`]).
+    pub aside: BTreeMap<i64, Vec<u64>>,
     /// Records ignored by the fence.
     pub fenced: u64,
     /// The destination's partition count as the latest epoch marker read says.
@@ -942,6 +949,7 @@ impl Rebuild {
             set: ParkedSet::new(),
             ahead: BTreeMap::new(),
             copies: BTreeMap::new(),
+            aside: BTreeMap::new(),
             fenced: 0,
             partitions: None,
         }
@@ -949,7 +957,8 @@ impl Rebuild {
 
     /// [`feed`](Self::feed) `record`, read in `copy` (the destination's
     /// record: the envelope's payload): an outcome kept by offset keeps the
-    /// payload's fingerprint too ([`Rebuilt::copies`]).
+    /// payload's fingerprint too ([`Rebuilt::copies`]), and so does a
+    /// set-aside record at any offset ([`Rebuilt::aside`]).
     pub fn feed_copy(&mut self, destination: i32, record: &SequenceRecord, copy: &Message) -> Fed {
         let fed = self.feed(destination, record);
         let envelope = matches!(
@@ -957,12 +966,12 @@ impl Rebuild {
             SequenceKind::Head | SequenceKind::Parked { .. } | SequenceKind::SetAside { .. }
         );
         if let (Fed::Counted, true, Some(offset)) = (fed, envelope, record.offset) {
+            let fingerprint = crate::raw::stable_hash(&copy.payload);
             if offset >= self.committed {
-                let copies = self.copies.entry(offset).or_default();
-                let fingerprint = crate::raw::stable_hash(&copy.payload);
-                if !copies.contains(&fingerprint) {
-                    copies.push(fingerprint);
-                }
+                fingerprint_at(&mut self.copies, offset, fingerprint);
+            }
+            if matches!(record.kind, SequenceKind::SetAside { .. }) {
+                fingerprint_at(&mut self.aside, offset, fingerprint);
             }
         }
         fed
@@ -1049,9 +1058,18 @@ impl Rebuild {
             set: self.set,
             ahead: self.ahead,
             copies: self.copies,
+            aside: self.aside,
             fenced: self.fenced,
             partitions: self.partitions,
         }
+    }
+}
+
+/// Note `fingerprint` among the payloads' fingerprints kept at `offset`.
+pub(crate) fn fingerprint_at(at: &mut BTreeMap<i64, Vec<u64>>, offset: i64, fingerprint: u64) {
+    let kept = at.entry(offset).or_default();
+    if !kept.contains(&fingerprint) {
+        kept.push(fingerprint);
     }
 }
 

@@ -162,7 +162,7 @@ async fn dead_letter_here<T>(
         return Ok(Outcome::Abandoned { attempts });
     }
     if let Some((room, aggregate, due)) = head {
-        room.headed(message.offset, &aggregate, due);
+        room.headed(message.offset, &aggregate, due, &message.payload);
         if let Some(due) = due {
             shared.inner.metrics.set_aside(&message.topic);
             tracing::warn!(topic = %message.topic, partition = message.partition,

@@ -197,9 +197,9 @@ pub(crate) struct Model {
     /// of [`Model::check_unparks`]; the end of a run checks instead that no
     /// aggregate is left set aside.
     due_unparks: BTreeSet<(i32, i64)>,
-    /// The due time of the aggregate of the call that starts next
-    /// ([`Model::due_now`]).
-    next_due: Option<Due>,
+    /// The due time of the aggregate of the call that starts next, and the
+    /// offset of the set-aside head it is due by ([`Model::due_now`]).
+    next_due: Option<(Due, i64)>,
     trace: Vec<String>,
     violation: Option<String>,
 }
@@ -861,24 +861,30 @@ impl Model {
     /// The due time of the aggregate of the call that starts next, when its
     /// envelope was given up or parked once: its newest head's, when set
     /// aside, as the dead-letter topic folds now (what its owner's replay
-    /// checks before it runs).
-    pub(crate) fn due_now(&mut self, due: Option<Due>) {
+    /// checks before it runs), with that head's offset.
+    pub(crate) fn due_now(&mut self, due: Option<(Due, i64)>) {
         self.next_due = due;
     }
 
     /// A call of message `id` (`name`), given up or parked once, starts: not before its
     /// aggregate's due time ([`due_now`](Self::due_now)), unless an unpark of
     /// a redrive above it is under way (a redrive replays at once). A copy
-    /// read again after a rewind is held to it too: a set-aside head read
-    /// again stays set aside.
+    /// read again after a rewind is held to it too, from the head's offset
+    /// on: a set-aside head read again stays set aside, and what follows it
+    /// parks behind it. (An earlier envelope of the aggregate, its head
+    /// lifted by a replay that ran it, runs again in place as any
+    /// redelivery does.)
     fn check_due(&mut self, id: usize, name: &str) {
         let (key, partition, offset) = {
             let m = &self.msgs[id];
             (m.key, m.partition, m.offset)
         };
-        let Some(due) = self.next_due.take() else {
+        let Some((due, head)) = self.next_due.take() else {
             return;
         };
+        if offset < head {
+            return;
+        }
         let now = eventbus::core::raw::sequence::now_ms();
         if now >= due.at_ms {
             return;

@@ -270,7 +270,10 @@ impl<B: Source> Ctx<B> {
             let msg = &m.msgs()[id];
             let due = (msg.topic == 0 && msg.sidelined()).then(|| {
                 let aggregate = format!("k{}", msg.key);
-                self.broker.parked_set(partition).due(&aggregate)
+                let set = self.broker.parked_set(partition);
+                // The newest head: the highest offset, of one offset the last.
+                let head = set.heads(&aggregate).iter().max_by_key(|h| h.id.offset)?;
+                Some((set.due(&aggregate)?, head.id.offset))
             });
             m.due_now(due.flatten());
             let started = m.start(self.bus, id, partition, offset, attempt, committed, &cancel);

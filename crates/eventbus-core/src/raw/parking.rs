@@ -138,6 +138,19 @@ impl Parking {
         lifted
     }
 
+    /// A replay ran the records behind `heads` below origin offset `below`
+    /// and stopped at one that failed again (its `ran` record written): they
+    /// leave the set ([`ParkedSet::ran`]), and their outcomes kept by offset
+    /// are let go, as a rebuild that reads the record would have it.
+    pub(crate) fn ran(&self, heads: &[HeadId], below: i64) -> Lifted {
+        let mut live = self.live();
+        live.written
+            .retain(|o, r| !(heads.contains(&r.head()) && *o < below));
+        let ran = live.set.ran(heads, below);
+        live.keep_aside_of_live_heads();
+        ran
+    }
+
     /// The round of `retry.out_of_line` a failure of the envelope at `offset`
     /// of `aggregate` begins ([`ParkedSet::next_round`]).
     pub(crate) fn next_round(&self, aggregate: &str, offset: i64) -> Option<u32> {

@@ -44,6 +44,9 @@ pub const SEQUENCE_TOKEN_HEADER: &str = "eventbus-sequence-token";
 pub const PARKED_BEHIND_HEADER: &str = "eventbus-parked-behind";
 /// Header on a lift naming the heads it unparks, comma-separated [`HeadId`]s.
 pub const SEQUENCE_LIFTS_HEADER: &str = "eventbus-sequence-lifts";
+/// Header on a `ran` record: the origin offset below which the records
+/// behind its heads ran.
+pub const SEQUENCE_RAN_BELOW_HEADER: &str = "eventbus-sequence-ran-below";
 /// Header on a set-aside record: when it is due again, in milliseconds since the
 /// Unix epoch, by the writer's clock.
 pub const SEQUENCE_DUE_HEADER: &str = "eventbus-sequence-due";
@@ -160,6 +163,18 @@ pub enum SequenceKind {
         /// The heads lifted.
         heads: Vec<HeadId>,
     },
+    /// No payload: a replay ran these heads' records below origin offset
+    /// `below` and stopped at a record that failed again (written as a head
+    /// of its own): those records do not run again, and a head left with no
+    /// record at or above it is parked behind no more. Its own kind, not a
+    /// lift's: a reader that does not know it skips it and replays the
+    /// records again, where a full lift would drop the rest.
+    Ran {
+        /// The heads whose records ran below `below`.
+        heads: Vec<HeadId>,
+        /// The origin offset of the record that failed again.
+        below: i64,
+    },
     /// Written by an owner at each assignment before any other record: the fence.
     Epoch {
         /// The destination's partition count when written.
@@ -180,6 +195,7 @@ impl SequenceKind {
             SequenceKind::Parked { .. } => "parked",
             SequenceKind::SetAside { .. } => "set-aside",
             SequenceKind::Lift { .. } => "lift",
+            SequenceKind::Ran { .. } => "ran",
             SequenceKind::Epoch { .. } => "epoch",
         }
     }
@@ -280,6 +296,23 @@ impl SequenceScope {
     /// A lift of `heads` of `aggregate`.
     pub fn lift(&self, token: Token, aggregate: &str, heads: Vec<HeadId>) -> SequenceRecord {
         self.record(token, None, Some(aggregate), SequenceKind::Lift { heads })
+    }
+
+    /// A `ran` record: a replay ran the records behind `heads` of `aggregate`
+    /// below origin offset `below`.
+    pub fn ran(
+        &self,
+        token: Token,
+        aggregate: &str,
+        heads: Vec<HeadId>,
+        below: i64,
+    ) -> SequenceRecord {
+        self.record(
+            token,
+            None,
+            Some(aggregate),
+            SequenceKind::Ran { heads, below },
+        )
     }
 
     /// The epoch marker of the assignment drawn `token`, the destination having
@@ -393,8 +426,11 @@ impl SequenceRecord {
                 headers.set(SEQUENCE_ROUND_HEADER, due.round.to_string());
             }
             SequenceKind::Lift { heads } => {
-                let list: Vec<String> = heads.iter().map(HeadId::to_string).collect();
-                headers.set(SEQUENCE_LIFTS_HEADER, list.join(","));
+                headers.set(SEQUENCE_LIFTS_HEADER, head_list(heads));
+            }
+            SequenceKind::Ran { heads, below } => {
+                headers.set(SEQUENCE_LIFTS_HEADER, head_list(heads));
+                headers.set(SEQUENCE_RAN_BELOW_HEADER, below.to_string());
             }
             SequenceKind::Epoch {
                 partitions,
@@ -447,26 +483,23 @@ impl SequenceRecord {
                     },
                 },
             },
-            "lift" => {
-                let list = text(SEQUENCE_LIFTS_HEADER)?;
-                // A lift of no head is written as an empty list.
-                let heads = if list.is_empty() {
-                    Vec::new()
-                } else {
-                    list.split(',')
-                        .map(|h| {
-                            h.parse::<HeadId>().map_err(|_| {
-                                invalid(
-                                    SEQUENCE_LIFTS_HEADER,
-                                    list,
-                                    "expected <token>/<offset>, comma-separated",
-                                )
-                            })
-                        })
-                        .collect::<Result<_>>()?
-                };
-                SequenceKind::Lift { heads }
-            }
+            "lift" => SequenceKind::Lift {
+                heads: read_head_list(text(SEQUENCE_LIFTS_HEADER)?)?,
+            },
+            "ran" => SequenceKind::Ran {
+                heads: read_head_list(text(SEQUENCE_LIFTS_HEADER)?)?,
+                below: {
+                    let below = number(SEQUENCE_RAN_BELOW_HEADER)?;
+                    if below < 0 {
+                        return Err(invalid(
+                            SEQUENCE_RAN_BELOW_HEADER,
+                            &below.to_string(),
+                            "expected an offset",
+                        ));
+                    }
+                    below
+                },
+            },
             "epoch" => {
                 let count = text(SEQUENCE_PARTITIONS_HEADER)?;
                 let generation = match headers.get(SEQUENCE_GENERATION_HEADER) {
@@ -514,7 +547,9 @@ impl SequenceRecord {
             })?;
         let (offset, aggregate) = match &kind {
             SequenceKind::Epoch { .. } => (None, None),
-            SequenceKind::Lift { .. } => (None, Some(text(SEQUENCE_AGGREGATE_HEADER)?.to_owned())),
+            SequenceKind::Lift { .. } | SequenceKind::Ran { .. } => {
+                (None, Some(text(SEQUENCE_AGGREGATE_HEADER)?.to_owned()))
+            }
             _ => (
                 Some(number(DLQ_OFFSET_HEADER)?),
                 Some(text(SEQUENCE_AGGREGATE_HEADER)?.to_owned()),
@@ -530,6 +565,31 @@ impl SequenceRecord {
             kind,
         }))
     }
+}
+
+/// `heads` as [`SEQUENCE_LIFTS_HEADER`] lists them.
+fn head_list(heads: &[HeadId]) -> String {
+    let list: Vec<String> = heads.iter().map(HeadId::to_string).collect();
+    list.join(",")
+}
+
+/// The heads [`SEQUENCE_LIFTS_HEADER`] lists in `list`.
+fn read_head_list(list: &str) -> Result<Vec<HeadId>> {
+    // A lift of no head is written as an empty list.
+    if list.is_empty() {
+        return Ok(Vec::new());
+    }
+    list.split(',')
+        .map(|h| {
+            h.parse::<HeadId>().map_err(|_| {
+                invalid(
+                    SEQUENCE_LIFTS_HEADER,
+                    list,
+                    "expected <token>/<offset>, comma-separated",
+                )
+            })
+        })
+        .collect()
 }
 
 fn invalid(header: &str, value: &str, expected: &str) -> Error {
@@ -606,6 +666,12 @@ pub struct Head {
     /// by the destination's retention). The aggregate stays parked behind the
     /// oldest record left.
     pub missing: bool,
+    /// A replay ran its records below this origin offset (its own among
+    /// them when below it) and stopped at a record that failed again: those
+    /// are not parked any more, and run no more.
+    pub ran_below: Option<i64>,
+    /// The origin offsets parked behind it.
+    offsets: std::collections::BTreeSet<i64>,
 }
 
 /// The parked aggregates of one origin partition: per aggregate its live heads, in
@@ -735,6 +801,8 @@ impl ParkedSet {
                 newest: head.offset,
                 due,
                 missing: false,
+                ran_below: None,
+                offsets: Default::default(),
             }),
         }
         Ok(())
@@ -778,12 +846,49 @@ impl ParkedSet {
                     newest: behind.offset,
                     due: None,
                     missing: true,
+                    ran_below: None,
+                    offsets: Default::default(),
                 });
                 heads.last_mut().expect("just pushed")
             }
         };
-        head.parked += 1;
+        // A copy parked again of a record a replay ran (read again after a
+        // rewind) is not parked any more.
+        if head.ran_below.is_some_and(|b| offset < b) {
+            return;
+        }
+        // Two records of one offset (parked again after a rewind) count once.
+        if head.offsets.insert(offset) {
+            head.parked += 1;
+        }
         head.newest = head.newest.max(offset);
+    }
+
+    /// A replay ran the records behind `heads` below origin offset `below`
+    /// ([`SequenceKind::Ran`]): they leave the set, and a head left with
+    /// neither its own record nor a parked one at or above `below` leaves it
+    /// too; an aggregate left without a live head is unparked.
+    pub fn ran(&mut self, heads: &[HeadId], below: i64) -> Lifted {
+        let mut lifted = Lifted::default();
+        self.aggregates.retain(|aggregate, live| {
+            let before = live.len();
+            for head in live.iter_mut().filter(|h| heads.contains(&h.id)) {
+                head.offsets = head.offsets.split_off(&below);
+                head.parked = head.offsets.len() as u64;
+                head.ran_below = Some(head.ran_below.map_or(below, |b| b.max(below)));
+            }
+            live.retain(|h| {
+                !(heads.contains(&h.id) && h.id.offset < below && h.offsets.is_empty())
+            });
+            lifted.heads += before - live.len();
+            if live.is_empty() {
+                lifted.unparked.push(aggregate.clone());
+                false
+            } else {
+                true
+            }
+        });
+        lifted
     }
 
     /// Remove `heads` (of any aggregate); an aggregate left without a live head is
@@ -1017,6 +1122,12 @@ impl Rebuild {
             (SequenceKind::Lift { heads }, _) => {
                 self.set.lift(heads);
                 self.ahead.retain(|_, r| !heads.contains(&r.head()));
+                return Fed::Counted;
+            }
+            (SequenceKind::Ran { heads, below }, _) => {
+                self.set.ran(heads, *below);
+                self.ahead
+                    .retain(|o, r| !(heads.contains(&r.head()) && o < below));
                 return Fed::Counted;
             }
             (SequenceKind::Head | SequenceKind::SetAside { .. }, Some(offset)) => (
@@ -1259,19 +1370,23 @@ impl Replay {
     pub fn finish(self, ours: Token) -> ReplayPlan {
         let superseded = self.fold.epochs.values().any(|(t, _)| *t != ours);
         let rebuilt = self.fold.finish();
-        let heads: Vec<HeadId> = rebuilt
-            .set
-            .heads(&self.aggregate)
-            .iter()
-            .map(|h| h.id)
-            .collect();
+        let live = rebuilt.set.heads(&self.aggregate);
+        let heads: Vec<HeadId> = live.iter().map(|h| h.id).collect();
+        // A record behind a live head, and not below what a replay ran of it.
+        let waits = |head: HeadId, offset: i64| {
+            live.iter()
+                .any(|h| h.id == head && h.ran_below.is_none_or(|b| offset >= b))
+        };
         let mut records = BTreeMap::new();
         let mut destinations = std::collections::BTreeSet::new();
         for (destination, record, copy) in self.records {
             let head = record.behind().or_else(|| record.head_id());
+            let offset = record.offset.unwrap_or_default();
             if head.is_some_and(|h| heads.contains(&h)) {
+                // What ran needs the lift as much as what waits.
                 destinations.insert(destination);
-                let offset = record.offset.unwrap_or_default();
+            }
+            if head.is_some_and(|h| waits(h, offset)) {
                 records.entry(offset).or_insert(copy);
             }
         }
@@ -1440,6 +1555,7 @@ mod tests {
                 ],
             ),
             s.lift(t, "a-1", vec![]),
+            s.ran(t, "a-1", vec![head], 9),
             s.epoch(t, 6),
         ] {
             assert_eq!(round_trip(&record), record, "{}", record.kind().name());
@@ -1570,6 +1686,61 @@ mod tests {
         );
     }
 
+    /// A replay ran a's records at 2 and 3 and stopped at 4, which failed
+    /// again and became a head of its own: the `ran` record leaves 2 and 3
+    /// out of every later replay and count, a copy of 3 parked again after
+    /// a rewind included, and the next replay starts at 4. A head with
+    /// nothing left at or above the bound leaves the set.
+    #[test]
+    fn a_ran_record_leaves_what_ran_and_the_next_replay_starts_where_it_stopped() {
+        let s = scope();
+        let t = Token::from_raw(1);
+        let h = HeadId {
+            token: t,
+            offset: 2,
+        };
+        let failed = HeadId {
+            token: t,
+            offset: 4,
+        };
+        let copy = |offset: i64| Message::new("orders.dlq", 0, offset, format!("{offset}"));
+        let records = [
+            s.epoch(t, 1),
+            s.head(t, 2, "a"),
+            s.parked(t, 3, "a", h),
+            s.parked(t, 4, "a", h),
+            s.parked(t, 5, "a", h),
+            s.head(t, 4, "a"),
+            s.ran(t, "a", vec![h], 4),
+            s.parked(t, 3, "a", h),
+            s.parked(t, 6, "a", failed),
+        ];
+        let mut replay = Replay::new(s.clone(), "a", 20);
+        let mut rebuild = Rebuild::new(s.clone(), 20);
+        for (i, record) in records.iter().enumerate() {
+            let at = record.offset().unwrap_or(i as i64);
+            replay.feed(0, record, &copy(at));
+            rebuild.feed(0, record);
+        }
+        let plan = replay.finish(t);
+        assert_eq!(plan.heads, vec![h, failed]);
+        let offsets: Vec<i64> = plan.records.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, vec![4, 5, 6], "what ran is not replayed");
+        let mut set = rebuild.finish().set;
+        let heads = set.heads("a");
+        assert_eq!(
+            heads
+                .iter()
+                .map(|h| (h.id, h.parked, h.ran_below))
+                .collect::<Vec<_>>(),
+            vec![(h, 2, Some(4)), (failed, 1, None)],
+            "4 and 5 wait behind the first head, 6 behind the second"
+        );
+        assert_eq!(set.due("a"), None);
+        let gone = set.ran(&[h, failed], 7);
+        assert_eq!((gone.heads, gone.unparked), (2, vec!["a".to_owned()]));
+    }
+
     #[test]
     fn a_plain_dead_letter_is_no_record() {
         let headers = Headers::new().with(DLQ_TOPIC_HEADER, "orders");
@@ -1611,6 +1782,14 @@ mod tests {
         }
         let err = SequenceRecord::read(&h).expect_err("no group");
         assert!(err.to_string().contains(SEQUENCE_GROUP_HEADER), "{err}");
+        let mut ran = Headers::new();
+        scope().ran(t, "a", vec![], 3).write(&mut ran);
+        for value in ["-1", "x"] {
+            let mut h = ran.clone();
+            h.set(SEQUENCE_RAN_BELOW_HEADER, value);
+            let err = SequenceRecord::read(&h).expect_err(value);
+            assert!(err.to_string().contains(SEQUENCE_RAN_BELOW_HEADER), "{err}");
+        }
     }
 
     #[test]

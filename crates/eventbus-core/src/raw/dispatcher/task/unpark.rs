@@ -7,12 +7,14 @@
 //! it. The job reads the aggregate's live records below its offset from the
 //! destination, runs the handler on each in origin order with the in-place
 //! retries of any job, and once every one succeeded writes a lift naming the
-//! heads it replayed and unparks the aggregate; then its offset commits.
+//! heads it replayed and unparks the aggregate; then its offset commits. One
+//! that fails again becomes a head of its own, and a `ran` record says what
+//! ran before it, so that the next replay starts there.
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
 use crate::raw::parking::{until_fenced, Destination};
-use crate::raw::sequence::{replay_plan, ReplayPlan, Unpark};
+use crate::raw::sequence::{replay_plan, ReplayPlan, SequenceRecord, Unpark};
 
 /// The control record's own outcome: finished, with no handler call on it.
 const DONE: Outcome = Outcome::Handled { attempts: 0 };
@@ -124,18 +126,34 @@ pub(super) async fn control(
         }
         let origin = original(message, *offset, copy);
         if let Some(stop) = run(shared, &origin, (epoch, message.offset), pool).await {
+            if done == 0 || matches!(stop, Outcome::Abandoned { .. }) {
+                return stop;
+            }
+            // What ran before the record that failed again (now a head of
+            // its own) runs no more: a `ran` record says so, so that the
+            // aggregate's next replay starts at that record.
+            let ran = scope.ran(parking.token(), &unpark.aggregate, heads.clone(), *offset);
+            let at = (epoch, message.offset);
+            if write_all(shared, at, (destination, &destinations), &ran)
+                .await
+                .is_none()
+            {
+                return Outcome::Abandoned { attempts: 0 };
+            }
+            let ran = parking.ran(&heads, *offset);
+            tracing::info!(topic = %message.topic, partition = message.partition,
+                aggregate_id = %unpark.aggregate, ran = done, heads_left = ran.heads,
+                "the replay ran its first records and stopped at one that failed again: the next starts there");
             return stop;
         }
     }
     let lift = scope.lift(parking.token(), &unpark.aggregate, heads.clone());
-    for partition in destinations {
-        let write = || write_lift(destination, partition, &lift);
-        if persist(shared, (epoch, message.offset), "writing the lift", write)
-            .await
-            .is_none()
-        {
-            return Outcome::Abandoned { attempts: 0 };
-        }
+    let at = (epoch, message.offset);
+    if write_all(shared, at, (destination, &destinations), &lift)
+        .await
+        .is_none()
+    {
+        return Outcome::Abandoned { attempts: 0 };
     }
     let lifted = parking.lift(&heads);
     if lifted.unparked.contains(&unpark.aggregate) {
@@ -234,11 +252,27 @@ fn original(control: &Message, offset: i64, copy: &Message) -> Message {
     origin
 }
 
+/// Write `record` (a lift, or what a replay ran) to each partition of
+/// `destinations`, retried while the work is held: `None` once it is fenced
+/// at `at` or the bus closes.
+async fn write_all(
+    shared: &TaskShared<Event>,
+    at: (&Epoch, i64),
+    (destination, destinations): (&Destination, &std::collections::BTreeSet<i32>),
+    record: &SequenceRecord,
+) -> Option<()> {
+    for &partition in destinations {
+        let write = || write_lift(destination, partition, record);
+        persist(shared, at, "writing the lift", write).await?;
+    }
+    Some(())
+}
+
 /// Write `lift` to partition `partition` of the destination.
 async fn write_lift(
     destination: &Destination,
     partition: i32,
-    lift: &crate::raw::sequence::SequenceRecord,
+    lift: &SequenceRecord,
 ) -> crate::Result<()> {
     let mut record = crate::Record::new(bytes::Bytes::new());
     lift.write(&mut record.headers);

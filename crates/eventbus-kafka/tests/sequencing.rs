@@ -43,6 +43,22 @@ async fn out_of_line_retries_keep_order_across_a_restart() {
         .await;
 }
 
+/// Out-of-line retries across a hand-over, a producer publishing all along:
+/// order kept, no round early, and the group's offset committed past
+/// everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_line_retries_keep_order_across_a_hand_over_under_load() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    sequencing::retried_out_of_line_across_a_hand_over_under_load(
+        &KafkaBuses::start(),
+        &keyed_pools(),
+    )
+    .await;
+}
+
 /// An origin topic of four partitions, with the producer's batches as the
 /// bus configures them: the four rebuilds at each take-up write their epoch
 /// markers side by side, several to a batch. On tansu, whose high watermark

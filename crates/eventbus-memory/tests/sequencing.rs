@@ -650,6 +650,17 @@ async fn out_of_line_retries_keep_order_across_a_restart() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_line_retries_keep_order_across_a_hand_over_under_load() {
+    for (_, pools) in pools() {
+        let buses = eventbus_testkit::factories::MemoryBuses::default();
+        eventbus_testkit::sequencing::retried_out_of_line_across_a_hand_over_under_load(
+            &buses, &pools,
+        )
+        .await;
+    }
+}
+
 /// With out-of-line retries on (`docs/sequencing.md`, 7): an envelope failing
 /// for a reason that may pass is set aside for its first round, its
 /// aggregate's next envelope parked behind it; one failing permanently is

@@ -549,6 +549,159 @@ pub async fn retried_out_of_line_in_order_across_a_restart(
     second.close().await.expect("close the second member");
 }
 
+/// Out-of-line retries across a hand-over, with a producer publishing all
+/// along: aggregate `a`'s first envelope is set aside (it succeeds in its
+/// second round), twenty other aggregates and `a`'s later envelopes are
+/// published before a second member joins, while it joins, and while the
+/// first leaves the topic, so the partition changes hands in the middle of
+/// `a`'s rounds. Every aggregate runs in its order (a re-run after the
+/// hand-over aside), no later envelope of `a` runs before `a0` succeeds, no
+/// round before its due time, and once both members are closed the group's
+/// committed offset is past everything: a third member runs only what is
+/// published after them.
+pub async fn retried_out_of_line_across_a_hand_over_under_load(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+) {
+    const DELAYS: [Duration; 2] = [Duration::from_millis(1_000), Duration::from_millis(500)];
+    const KEYS: u64 = 20;
+    const PER_KEY: u64 = 9;
+    let topic = random_topic("handed");
+    let destination = format!("{topic}.dlq");
+    let group = random_topic("group");
+    topics(factory, pools, (&topic, 1), &destination).await;
+    let origin = (topic.as_str(), 1);
+    let mut c = config(&group);
+    c.retry = c.retry.out_of_line(DELAYS);
+    let attempts = c.delivery.max_attempts as usize;
+    let calls = TimedCalls::default();
+    let of = |aggregate: &str| -> Vec<u64> {
+        calls
+            .lock()
+            .expect("calls")
+            .iter()
+            .filter(|(_, a, _, _)| a == aggregate)
+            .map(|(_, _, s, _)| *s)
+            .collect()
+    };
+    let publisher = factory
+        .bus(pools(PoolSpec::default()).await, quick_config())
+        .await
+        .expect("publisher bus");
+    // Round `i` of the load: envelope `i` of every other aggregate, and
+    // a's envelope `i` (from 1).
+    let load = |rounds: std::ops::Range<u64>| {
+        let publisher = publisher.clone();
+        async move {
+            for i in rounds {
+                for k in 0..KEYS {
+                    publish(&publisher, origin, &format!("k{k}"), i).await;
+                }
+                if i > 0 {
+                    publish(&publisher, origin, "a", i).await;
+                }
+            }
+        }
+    };
+
+    let first = retrying_member(factory, pools, (&topic, &c), 1, &calls).await;
+    publish(&publisher, origin, "a", 0).await;
+    load(0..3).await;
+    protocol(factory, pools, &destination, "a0 set aside", |r| {
+        r.iter().any(|(_, r)| {
+            r.aggregate() == Some("a") && matches!(r.kind(), SequenceKind::SetAside { .. })
+        })
+    })
+    .await;
+    let (second, ()) = tokio::join!(
+        retrying_member(factory, pools, (&topic, &c), 2, &calls),
+        load(3..6)
+    );
+    // The first leaves once the group's rebalance for the join is over
+    // (an envelope of the last round ran on either member; see
+    // `parked_across_a_hand_over`), while the producer publishes on.
+    wait_until("k0 5 ran after the join", WAIT, || of("k0").contains(&5)).await;
+    let (left, ()) = tokio::join!(first.unsubscribe(&topic), load(6..PER_KEY));
+    left.expect("unsubscribe the first member");
+    let everything: Vec<u64> = (0..PER_KEY).collect();
+    wait_until("every envelope ran", WAIT, || {
+        (0..KEYS).all(|k| firsts(&of(&format!("k{k}"))) == everything)
+            && firsts(&of("a")) == everything
+    })
+    .await;
+
+    for k in 0..KEYS {
+        let ran = of(&format!("k{k}"));
+        assert_eq!(firsts(&ran), everything, "k{k} in its order: {ran:?}");
+    }
+    let ran_a = of("a");
+    let succeeded = ran_a
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| **s == 0)
+        .nth(2 * attempts)
+        .map(|(i, _)| i)
+        .unwrap_or_else(|| panic!("a0 succeeded at its call {}: {ran_a:?}", 2 * attempts + 1));
+    assert!(
+        ran_a[..succeeded].iter().all(|s| *s == 0),
+        "no later envelope of a ran before a0 succeeded, across the hand-over: {ran_a:?}"
+    );
+    assert_eq!(firsts(&ran_a[succeeded..]), everything, "{ran_a:?}");
+    let all = protocol(factory, pools, &destination, "a's records", |r| {
+        r.iter().any(|(_, r)| r.aggregate() == Some("a"))
+    })
+    .await;
+    let first_due = all
+        .iter()
+        .filter_map(|(_, r)| match r.kind() {
+            SequenceKind::SetAside { due } if r.aggregate() == Some("a") && due.round == 0 => {
+                Some(due.at_ms)
+            }
+            _ => None,
+        })
+        .min()
+        .unwrap_or_else(|| panic!("a0 set aside for round 0: {all:?}"));
+    let calls_a0: Vec<i64> = calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .filter(|(_, a, s, _)| a == "a" && *s == 0)
+        .map(|(_, _, _, at)| *at)
+        .collect();
+    assert!(
+        calls_a0[attempts..].iter().all(|at| *at >= first_due),
+        "no round of a0 before its due time ({first_due}): {calls_a0:?}"
+    );
+
+    // The committed offset: a member of the group started now reads only
+    // what comes after.
+    first.close().await.expect("close the first member");
+    second.close().await.expect("close the second member");
+    let third = retrying_member(factory, pools, (&topic, &c), 3, &calls).await;
+    publish(&publisher, origin, "z", 0).await;
+    wait_until("z0 ran on the third member", WAIT, || of("z") == [0]).await;
+    let third_ran: Vec<(String, u64)> = calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .filter(|(m, _, _, _)| *m == 3)
+        .map(|(_, a, s, _)| (a.clone(), *s))
+        .collect();
+    assert_eq!(
+        third_ran,
+        [("z".to_owned(), 0)],
+        "the group committed past every envelope before the third member joined"
+    );
+    third.close().await.expect("close the third member");
+    publisher.close().await.expect("close the publisher");
+}
+
+/// `seqs` with each one's repeats left out, in the order first seen.
+fn firsts(seqs: &[u64]) -> Vec<u64> {
+    let mut seen = std::collections::BTreeSet::new();
+    seqs.iter().copied().filter(|s| seen.insert(*s)).collect()
+}
+
 /// `(member, aggregate, seq, wall clock in ms)` of each handler call.
 type TimedCalls = Arc<Mutex<Vec<(usize, String, u64, i64)>>>;
 

@@ -871,9 +871,9 @@ impl Model {
     /// a redrive above it is under way (a redrive replays at once). A copy
     /// read again after a rewind is held to it too, from the head's offset
     /// on: a set-aside head read again stays set aside, and what follows it
-    /// parks behind it. (An earlier envelope of the aggregate, its head
-    /// lifted by a replay that ran it, runs again in place as any
-    /// redelivery does.)
+    /// parks behind it. (An earlier envelope of the aggregate read again,
+    /// its head lifted or its run recorded by a replay that stopped further
+    /// on, runs again in place as any redelivery does.)
     fn check_due(&mut self, id: usize, name: &str) {
         let (key, partition, offset) = {
             let m = &self.msgs[id];
@@ -882,7 +882,10 @@ impl Model {
         let Some((due, head)) = self.next_due.take() else {
             return;
         };
-        if offset < head {
+        // A copy read again by a rewind, below the head: it ran once (its
+        // head lifted, or a replay ran it before stopping further on) and
+        // runs again in place as any redelivery.
+        if offset < head && self.msgs[id].rerun_after.is_some() {
             return;
         }
         let now = eventbus::core::raw::sequence::now_ms();

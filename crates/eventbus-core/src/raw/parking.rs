@@ -140,15 +140,14 @@ impl Parking {
 
     /// A replay ran the records behind `heads` below origin offset `below`
     /// and stopped at one that failed again (its `ran` record written): they
-    /// leave the set ([`ParkedSet::ran`]), and their outcomes kept by offset
-    /// are let go, as a rebuild that reads the record would have it.
-    pub(crate) fn ran(&self, heads: &[HeadId], below: i64) -> Lifted {
+    /// are replayed no more ([`ParkedSet::ran`]), and their outcomes kept by
+    /// offset are let go, as a rebuild that reads the record would have it:
+    /// a copy read again runs, as after a lift.
+    pub(crate) fn ran(&self, heads: &[HeadId], below: i64) {
         let mut live = self.live();
         live.written
             .retain(|o, r| !(heads.contains(&r.head()) && *o < below));
-        let ran = live.set.ran(heads, below);
-        live.keep_aside_of_live_heads();
-        ran
+        live.set.ran(heads, below);
     }
 
     /// The round of `retry.out_of_line` a failure of the envelope at `offset`
@@ -576,6 +575,10 @@ impl Live {
             .iter()
             .rev()
             .find(|h| h.id.offset == offset)?;
+        // Its own record ran in a replay that stopped further on.
+        if head.ran_below.is_some_and(|b| offset < b) {
+            return None;
+        }
         let due = head.due?;
         let copy = self
             .aside
@@ -823,6 +826,29 @@ mod tests {
         );
         taken.lift(&[old_head]);
         assert_eq!(taken.arrive("a", 3, b"a3"), Arrival::Runs, "lifted: runs");
+    }
+
+    /// A replay ran a's records at 2 and 3 and stopped at 4, which failed
+    /// again: once its `ran` record is written, a copy of 2 or 3 read again
+    /// (a rewind below the watermark) runs, as after a lift, and what follows
+    /// the failed record still waits. Before, 2 ran and 3 was parked behind
+    /// a head whose records at 3 no replay would run again.
+    #[test]
+    fn after_a_replay_stopped_short_what_ran_runs_again_in_place() {
+        let p = parking(10);
+        p.reserve("a").expect("room").headed(2, "a", None, b"a2");
+        let h = p.set().heads("a")[0].id;
+        for offset in [3, 4, 5] {
+            p.parked(offset, "a", h);
+        }
+        p.reserve("a").expect("room").headed(4, "a", None, b"a4");
+        let failed = p.set().heads("a")[1].id;
+        p.ran(&[h], 4);
+        p.settled_below(9);
+        assert_eq!(p.arrive("a", 2, b"a2"), Arrival::Runs);
+        assert_eq!(p.arrive("a", 3, b"a3"), Arrival::Runs);
+        assert_eq!(p.arrive("a", 5, b"a5"), Arrival::Parks(failed));
+        assert_eq!(p.arrive("a", 9, b"a9"), Arrival::Parks(failed));
     }
 
     /// A log made again numbers its new messages from its start: a message

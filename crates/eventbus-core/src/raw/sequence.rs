@@ -530,7 +530,7 @@ impl SequenceRecord {
                 return Err(invalid(
                     SEQUENCE_KIND_HEADER,
                     other,
-                    "expected one of head, parked, set-aside, lift, epoch",
+                    "expected one of head, parked, set-aside, lift, ran, epoch",
                 ))
             }
         };
@@ -668,10 +668,18 @@ pub struct Head {
     pub missing: bool,
     /// A replay ran its records below this origin offset (its own among
     /// them when below it) and stopped at a record that failed again: those
-    /// are not parked any more, and run no more.
+    /// are replayed no more, and a copy of one read again (a rewind) runs as
+    /// after a lift. `parked` still counts them. The head stays live until a
+    /// lift names it.
     pub ran_below: Option<i64>,
-    /// The origin offsets parked behind it.
-    offsets: std::collections::BTreeSet<i64>,
+}
+
+impl Head {
+    /// Whether the envelope at `offset` waits behind it: above it, and not
+    /// below what a replay ran of it.
+    fn holds(&self, offset: i64) -> bool {
+        self.id.offset < offset && self.ran_below.is_none_or(|b| offset >= b)
+    }
 }
 
 /// The parked aggregates of one origin partition: per aggregate its live heads, in
@@ -802,7 +810,6 @@ impl ParkedSet {
                 due,
                 missing: false,
                 ran_below: None,
-                offsets: Default::default(),
             }),
         }
         Ok(())
@@ -827,7 +834,7 @@ impl ParkedSet {
         self.aggregates
             .get(aggregate)?
             .iter()
-            .filter(|h| h.id.offset < offset)
+            .filter(|h| h.holds(offset))
             .max_by_key(|h| h.id.offset)
             .map(|h| h.id)
     }
@@ -847,48 +854,29 @@ impl ParkedSet {
                     due: None,
                     missing: true,
                     ran_below: None,
-                    offsets: Default::default(),
                 });
                 heads.last_mut().expect("just pushed")
             }
         };
-        // A copy parked again of a record a replay ran (read again after a
-        // rewind) is not parked any more.
-        if head.ran_below.is_some_and(|b| offset < b) {
-            return;
-        }
-        // Two records of one offset (parked again after a rewind) count once.
-        if head.offsets.insert(offset) {
-            head.parked += 1;
-        }
+        head.parked += 1;
         head.newest = head.newest.max(offset);
     }
 
     /// A replay ran the records behind `heads` below origin offset `below`
-    /// ([`SequenceKind::Ran`]): they leave the set, and a head left with
-    /// neither its own record nor a parked one at or above `below` leaves it
-    /// too; an aggregate left without a live head is unparked.
-    pub fn ran(&mut self, heads: &[HeadId], below: i64) -> Lifted {
-        let mut lifted = Lifted::default();
-        self.aggregates.retain(|aggregate, live| {
-            let before = live.len();
-            for head in live.iter_mut().filter(|h| heads.contains(&h.id)) {
-                head.offsets = head.offsets.split_off(&below);
-                head.parked = head.offsets.len() as u64;
-                head.ran_below = Some(head.ran_below.map_or(below, |b| b.max(below)));
-            }
-            live.retain(|h| {
-                !(heads.contains(&h.id) && h.id.offset < below && h.offsets.is_empty())
-            });
-            lifted.heads += before - live.len();
-            if live.is_empty() {
-                lifted.unparked.push(aggregate.clone());
-                false
-            } else {
-                true
-            }
-        });
-        lifted
+    /// ([`SequenceKind::Ran`]): they are replayed no more, and an envelope
+    /// below it read again waits behind none of them. The heads stay live
+    /// (the record that failed again, a head of its own at `below`, keeps
+    /// the aggregate parked) until a lift names them: whether records at or
+    /// above `below` wait behind them is not kept, only counted.
+    pub fn ran(&mut self, heads: &[HeadId], below: i64) {
+        for head in self
+            .aggregates
+            .values_mut()
+            .flat_map(|live| live.iter_mut())
+            .filter(|h| heads.contains(&h.id))
+        {
+            head.ran_below = Some(head.ran_below.map_or(below, |b| b.max(below)));
+        }
     }
 
     /// Remove `heads` (of any aggregate); an aggregate left without a live head is
@@ -1125,6 +1113,14 @@ impl Rebuild {
                 return Fed::Counted;
             }
             (SequenceKind::Ran { heads, below }, _) => {
+                // A head kept by offset (at or above the commit point) enters
+                // the set now, so that the bound stays with it when its
+                // followers kept by offset are applied.
+                for (offset, recorded) in &self.ahead {
+                    if matches!(recorded, Recorded::Head { id, .. } if heads.contains(id)) {
+                        recorded.apply(&mut self.set, *offset);
+                    }
+                }
                 self.set.ran(heads, *below);
                 self.ahead
                     .retain(|o, r| !(heads.contains(&r.head()) && o < below));
@@ -1377,6 +1373,8 @@ impl Replay {
             live.iter()
                 .any(|h| h.id == head && h.ran_below.is_none_or(|b| offset >= b))
         };
+        // (A head's own record, at its offset, is behind no head: `holds`
+        // does not serve here.)
         let mut records = BTreeMap::new();
         let mut destinations = std::collections::BTreeSet::new();
         for (destination, record, copy) in self.records {
@@ -1731,14 +1729,53 @@ mod tests {
         assert_eq!(
             heads
                 .iter()
-                .map(|h| (h.id, h.parked, h.ran_below))
+                .map(|h| (h.id, h.ran_below))
                 .collect::<Vec<_>>(),
-            vec![(h, 2, Some(4)), (failed, 1, None)],
-            "4 and 5 wait behind the first head, 6 behind the second"
+            vec![(h, Some(4)), (failed, None)],
+            "both stay live until a lift"
         );
+        assert_eq!(set.behind("a", 3), None, "3 ran: read again, it runs");
+        assert_eq!(set.behind("a", 5), Some(failed));
         assert_eq!(set.due("a"), None);
-        let gone = set.ran(&[h, failed], 7);
-        assert_eq!((gone.heads, gone.unparked), (2, vec!["a".to_owned()]));
+        let gone = set.lift(&[h, failed]);
+        assert_eq!(gone.unparked, vec!["a".to_owned()]);
+    }
+
+    /// With the commit point below every record (a new owner whose commit
+    /// point lags), the head kept by offset takes the bound too: its
+    /// followers kept by offset find it, not a head made up as missing.
+    #[test]
+    fn a_ran_record_binds_a_head_kept_by_offset() {
+        let s = scope();
+        let t = Token::from_raw(1);
+        let h = HeadId {
+            token: t,
+            offset: 2,
+        };
+        let mut rebuild = Rebuild::new(s.clone(), 1);
+        for record in [
+            s.epoch(t, 1),
+            s.head(t, 2, "a"),
+            s.parked(t, 3, "a", h),
+            s.parked(t, 5, "a", h),
+            s.head(t, 4, "a"),
+            s.ran(t, "a", vec![h], 4),
+        ] {
+            rebuild.feed(0, &record);
+        }
+        let mut rebuilt = rebuild.finish();
+        assert_eq!(
+            rebuilt.ahead.keys().copied().collect::<Vec<_>>(),
+            vec![4, 5],
+            "what ran is let go"
+        );
+        for offset in [4, 5] {
+            rebuilt.take(offset);
+        }
+        let heads = rebuilt.set.heads("a");
+        assert!(heads.iter().all(|x| !x.missing), "{heads:?}");
+        assert_eq!(heads[0].ran_below, Some(4), "{heads:?}");
+        assert_eq!(rebuilt.set.behind("a", 3), None);
     }
 
     #[test]

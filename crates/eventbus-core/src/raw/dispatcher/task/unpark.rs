@@ -140,9 +140,9 @@ pub(super) async fn control(
             {
                 return Outcome::Abandoned { attempts: 0 };
             }
-            let ran = parking.ran(&heads, *offset);
+            parking.ran(&heads, *offset);
             tracing::info!(topic = %message.topic, partition = message.partition,
-                aggregate_id = %unpark.aggregate, ran = done, heads_left = ran.heads,
+                aggregate_id = %unpark.aggregate, ran = done,
                 "the replay ran its first records and stopped at one that failed again: the next starts there");
             return stop;
         }

@@ -832,7 +832,8 @@ mod tests {
     /// again: once its `ran` record is written, a copy of 2 or 3 read again
     /// (a rewind below the watermark) runs, as after a lift, and what follows
     /// the failed record still waits. Before, 2 ran and 3 was parked behind
-    /// a head whose records at 3 no replay would run again.
+    /// a head whose records at 3 no replay would run again. A copy of 2 that
+    /// fails again parks what follows it again.
     #[test]
     fn after_a_replay_stopped_short_what_ran_runs_again_in_place() {
         let p = parking(10);
@@ -849,6 +850,12 @@ mod tests {
         assert_eq!(p.arrive("a", 3, b"a3"), Arrival::Runs);
         assert_eq!(p.arrive("a", 5, b"a5"), Arrival::Parks(failed));
         assert_eq!(p.arrive("a", 9, b"a9"), Arrival::Parks(failed));
+        // The copy of 2 run again fails again (the same head, under the
+        // same token): it waits again, and 3 behind it, as before the
+        // replay.
+        p.reserve("a").expect("room").headed(2, "a", None, b"a2");
+        assert_eq!(p.set().heads("a")[0].ran_below, None);
+        assert_eq!(p.arrive("a", 3, b"a3"), Arrival::Parks(h));
     }
 
     /// A log made again numbers its new messages from its start: a message

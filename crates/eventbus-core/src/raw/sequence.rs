@@ -802,6 +802,13 @@ impl ParkedSet {
             Some(h) => {
                 h.due = due;
                 h.missing = false;
+                // Its own record failed again after a replay had run it (a
+                // copy read again after a rewind, under the same token): it
+                // waits again, and what follows it with it, as before the
+                // replay.
+                if h.ran_below.is_some_and(|b| h.id.offset < b) {
+                    h.ran_below = None;
+                }
             }
             None => heads.push(Head {
                 id: head,
@@ -978,6 +985,9 @@ pub enum Fed {
 ///   the set is, at each offset, the one the previous owner had.
 /// - A lift removes its heads, from the set and from what is kept by offset (a
 ///   lifted head's records read again run as any redelivery: in order, again).
+/// - A `ran` record ([`SequenceKind::Ran`]) bounds its heads: what is behind
+///   them below its offset is replayed no more, and what is kept by offset
+///   there is let go; a head kept by offset enters the set first.
 #[derive(Debug)]
 pub struct Rebuild {
     scope: SequenceScope,
@@ -1295,7 +1305,8 @@ impl Unpark {
 
 /// The fold that finds what the replay of one parked aggregate runs
 /// (`docs/sequencing.md`, 5): the records of the aggregate below the control
-/// record's offset whose head is still live when the read ends. It is a
+/// record's offset whose head is still live when the read ends, less those
+/// a replay ran before it stopped further on ([`Head::ran_below`]). It is a
 /// rebuild's fold ([`Rebuild`]), so it fences and lifts as a rebuild does.
 #[derive(Debug)]
 pub struct Replay {
@@ -1366,7 +1377,15 @@ impl Replay {
     pub fn finish(self, ours: Token) -> ReplayPlan {
         let superseded = self.fold.epochs.values().any(|(t, _)| *t != ours);
         let rebuilt = self.fold.finish();
-        let live = rebuilt.set.heads(&self.aggregate);
+        // Heads below the control record: one above it (a `ran` record takes
+        // a head kept by offset into the set) is read again after it.
+        let below = self.below;
+        let live: Vec<&Head> = rebuilt
+            .set
+            .heads(&self.aggregate)
+            .iter()
+            .filter(|h| h.id.offset < below)
+            .collect();
         let heads: Vec<HeadId> = live.iter().map(|h| h.id).collect();
         // A record behind a live head, and not below what a replay ran of it.
         let waits = |head: HeadId, offset: i64| {

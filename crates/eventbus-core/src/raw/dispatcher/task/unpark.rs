@@ -174,7 +174,8 @@ pub(super) async fn control(
 /// handler took it, else the control record's outcome, the replay stopping
 /// there. A record that fails its attempts again is written as a new head of
 /// its aggregate, which stays parked (the control record ends dead-lettered,
-/// counted as one: a later unpark replays from the start). One that does not
+/// counted as one: a later unpark replays from it, once the `ran` record of
+/// what ran before it is written). One that does not
 /// decode can never run, whatever is fixed: it is written to the destination
 /// again as a plain dead letter (which `dlq list` shows and no rebuild parks
 /// behind) and passed, so that it does not hold its aggregate for good.

@@ -433,8 +433,9 @@ pub struct RetryConfig {
     /// owner runs it again once the round's delay has passed, with the
     /// in-place attempts again, and a success replays the aggregate's parked
     /// envelopes in order. After the last round it is dead-lettered, parked
-    /// until a redrive. Needs `dead_letter.sequence_by_aggregate`; the memory
-    /// and Kafka backends have it, NATS refuses it for now, naming it.
+    /// until a redrive. Needs `dead_letter.sequence_by_aggregate`; every
+    /// backend has it (on NATS the set-aside message is acknowledged, not
+    /// NAKed: `docs/sequencing.md`, 7).
     #[serde(with = "durations")]
     pub out_of_line: Vec<Duration>,
 }

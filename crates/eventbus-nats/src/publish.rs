@@ -19,7 +19,8 @@ use eventbus_core::{
 };
 
 use eventbus_core::raw::sequence::{
-    SEQUENCE_AGGREGATE_HEADER, SEQUENCE_KIND_HEADER, SEQUENCE_TOKEN_HEADER,
+    SequenceKind, SequenceRecord, SEQUENCE_AGGREGATE_HEADER, SEQUENCE_KIND_HEADER,
+    SEQUENCE_TOKEN_HEADER,
 };
 use eventbus_core::raw::{stable_hash, DeadLetter, DeadLetterSink};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -408,18 +409,29 @@ impl DeadLetterSink for NatsDeadLetterSink {
 /// id). A record of sequencing (`docs/sequencing.md`) is one per kind and
 /// owner's token: a new head at an offset written before (a copy read again
 /// after its head was lifted, under a new owner) is a record of its own, not a
-/// duplicate of the old one, which the server would drop.
+/// duplicate of the old one, which the server would drop. So is each round of
+/// a set-aside head (`retry.out_of_line`): the same owner's next round of the
+/// same head, or a new owner's replay that sets the head aside again under
+/// the head's own token, is a new due time, which the server would drop
+/// within its duplicate window as a copy of the round before.
 fn dead_letter_id(stream: &str, offset: i64, headers: &Headers) -> String {
     let id = format!("dlq:{stream}:{offset}");
     match (
         headers.get(SEQUENCE_KIND_HEADER),
         headers.get(SEQUENCE_TOKEN_HEADER),
     ) {
-        (Some(kind), Some(token)) => format!(
-            "{id}:{}:{}",
-            String::from_utf8_lossy(kind),
-            String::from_utf8_lossy(token)
-        ),
+        (Some(kind), Some(token)) => {
+            let id = format!(
+                "{id}:{}:{}",
+                String::from_utf8_lossy(kind),
+                String::from_utf8_lossy(token)
+            );
+            let record = SequenceRecord::read(headers).ok().flatten();
+            match record.as_ref().map(SequenceRecord::kind) {
+                Some(SequenceKind::SetAside { due }) => format!("{id}:{}", due.round),
+                _ => id,
+            }
+        }
         _ => id,
     }
 }
@@ -457,6 +469,13 @@ fn to_header_map(topic: &str, record: &Record, msg_id: Option<&str>) -> Result<H
         Ok(())
     };
     for (name, value) in record.headers.iter() {
+        // An id given here replaces one the record carries: a dead letter
+        // made from a record read back from a stream (a replay's copy) holds
+        // that record's id, and the server, taking the first, would drop the
+        // new record as its duplicate.
+        if msg_id.is_some() && name.eq_ignore_ascii_case(MSG_ID_HEADER) {
+            continue;
+        }
         add(name, value)?;
     }
     if let Some(key) = &record.key {
@@ -524,6 +543,24 @@ mod tests {
         );
     }
 
+    /// A record read back from a stream carries its id: a new record made
+    /// of it (a dead letter of a replay's copy) is published under the id
+    /// given, not the old one, which the server would take as a duplicate.
+    #[test]
+    fn an_id_given_replaces_the_id_a_record_carries() {
+        let r = Record::new("x").with_header(MSG_ID_HEADER, "old");
+        let map = to_header_map("t", &r, Some("new")).unwrap();
+        let ids: Vec<&str> = map.get_all(MSG_ID_HEADER).map(|v| v.as_str()).collect();
+        assert_eq!(ids, ["new"]);
+        let kept = to_header_map("t", &r, None).unwrap();
+        let ids: Vec<&str> = kept.get_all(MSG_ID_HEADER).map(|v| v.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["old"],
+            "without an id given, the record's own is kept"
+        );
+    }
+
     #[test]
     fn bad_headers_are_typed_errors() {
         let r = Record::new("x").with_header("a", "line\nbreak");
@@ -572,6 +609,27 @@ mod tests {
             dead_letter_id("S", 7, &parked),
             ids[0],
             "a head and a parked record at one offset"
+        );
+        // Each round of a set-aside head is a record of its own, under one
+        // token: the next round is a new due time, not a copy.
+        let rounds: Vec<String> = [0, 1]
+            .into_iter()
+            .map(|round| {
+                let mut h = Headers::new();
+                let due = eventbus_core::raw::sequence::Due {
+                    at_ms: 1_700_000_000_000,
+                    round,
+                };
+                scope
+                    .set_aside(Token::from_raw(1), 7, "a", due)
+                    .write(&mut h);
+                dead_letter_id("S", 7, &h)
+            })
+            .collect();
+        assert_ne!(rounds[0], rounds[1], "two rounds of one head: {rounds:?}");
+        assert!(
+            rounds.iter().all(|id| id != &ids[0]),
+            "a set-aside head and a head at one offset: {rounds:?}"
         );
     }
 }

@@ -6,7 +6,7 @@
 //! order being the order of every subject in it.
 
 use async_nats::jetstream::consumer;
-use eventbus_core::raw::sequence::SequenceStore;
+use eventbus_core::raw::sequence::{SequenceStore, Unpark};
 use eventbus_core::raw::ByteChunks;
 use eventbus_core::{Error, ErrorKind, Message, Record, Result};
 use futures::future::BoxFuture;
@@ -43,13 +43,28 @@ impl SequenceStore for Store {
         .boxed()
     }
 
+    /// A record of the destination (one stream) is published to its
+    /// topic. An unpark control record that a partition's owner writes when
+    /// a set-aside head falls due (`docs/sequencing.md`, 7) goes to the
+    /// origin partition named, its partition subject: it carries no envelope
+    /// whose aggregate id would pick the partition.
     fn write<'a>(
         &'a self,
         topic: &'a str,
-        _partition: i32,
+        partition: i32,
         record: Record,
     ) -> BoxFuture<'a, Result<()>> {
-        async move { self.0.publish(topic, record, None).await.map(|_| ()) }.boxed()
+        async move {
+            let to = u32::try_from(partition)
+                .ok()
+                .filter(|_| Unpark::is_control(&record.payload, &record.headers));
+            match to {
+                Some(p) => self.0.publish_to_partition(topic, p, record).await,
+                None => self.0.publish(topic, record, None).await,
+            }
+            .map(|_| ())
+        }
+        .boxed()
     }
 
     /// Through an ordered consumer of the stream (ephemeral, no

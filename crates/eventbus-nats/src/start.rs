@@ -66,14 +66,6 @@ impl Start<'_> {
         let sequenced = prepared.is_envelope()
             && prepared.dead_letter_topic().is_some()
             && self.dispatcher.config().dead_letter.sequence_by_aggregate;
-        if sequenced && !self.dispatcher.config().retry.out_of_line.is_empty() {
-            // Designed in docs/sequencing.md, 7 (a NAK with the round's delay,
-            // bounded below the partition's share of max_ack_pending).
-            return Err(Error::config(format!(
-                "retry.out_of_line is not available on NATS yet: unset it for topic `{topic}`, \
-                 or use dead_letter.sequence_by_aggregate alone"
-            )));
-        }
         if !shared.settings(&topic).config.is_persistent() {
             if sequenced {
                 return Err(Error::config(format!(

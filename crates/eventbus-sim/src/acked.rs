@@ -21,7 +21,9 @@
 //! a pause, from the ack floor when the give-back was not confirmed.
 
 use eventbus::core::raw::acked::{retry_delay, AckTurn, Bounds, TurnEnd};
-use eventbus::core::raw::sequence::{SequenceKind, SequenceRecord, SequenceStore, Unpark};
+use eventbus::core::raw::sequence::{
+    ParkedSet, Rebuild, SequenceKind, SequenceRecord, SequenceScope, SequenceStore, Unpark,
+};
 use eventbus::core::raw::{DeadLetter, DeadLetterSink, Dispatcher, PreparedSubscription, Scope};
 use eventbus::core::DEFAULT_AGGREGATE_ID_HEADER;
 use eventbus::core::{handler_fn, CancellationToken, Event, Subscription};
@@ -39,7 +41,7 @@ use tokio::time::Instant;
 use crate::model::{Done, Shared, GROUP, TOPICS};
 use crate::plan::Settings;
 use crate::run::{
-    alive_tasks, config, not_at_rest, Ctx, Source, SETTLE_ROUND, SLACK, STUCK_ROUNDS,
+    alive_tasks, config, not_at_rest, set_aside, Ctx, Source, SETTLE_ROUND, SLACK, STUCK_ROUNDS,
     UNPARK_PERCENT,
 };
 use crate::stream::{Faults, SimLog, Stored, Streams, CONTROL};
@@ -179,15 +181,26 @@ impl Source for AckSource {
             .unwrap_or_else(|p| p.into_inner())
             .contains(&(topic, member))
     }
+
+    fn parked_set(&self, partition: i32) -> ParkedSet {
+        self.destination.parked_set(partition)
+    }
 }
 
 /// The dead-letter destination as one stream (as a NATS dead-letter topic
 /// is): every record written, in order, its position its index. The sink
 /// writes dead letters to it, and sequencing its epoch markers and lifts; a
 /// rebuild reads it all.
-#[derive(Debug, Default)]
+///
+/// With `retry.out_of_line`, a partition's owner writes the unpark control
+/// record of a set-aside head fallen due through it to the origin partition
+/// (as the NATS store publishes it to the partition's subject): stored in
+/// the origin's stream, and the model told at once.
+#[derive(Debug)]
 struct Destination {
     records: Mutex<Vec<eventbus::Record>>,
+    origin: Streams,
+    model: Shared,
 }
 
 impl Destination {
@@ -196,6 +209,20 @@ impl Destination {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(record);
+    }
+
+    /// The parked set of `partition` of the envelope topic as a rebuild
+    /// folds the destination now.
+    fn parked_set(&self, partition: i32) -> ParkedSet {
+        let scope = SequenceScope::new(GROUP, TOPICS[0], partition);
+        let mut fold = Rebuild::new(scope, i64::MAX);
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records.iter() {
+            if let Ok(Some(r)) = SequenceRecord::read(&r.headers) {
+                fold.feed(0, &r);
+            }
+        }
+        fold.finish().set
     }
 }
 
@@ -206,11 +233,34 @@ impl SequenceStore for Destination {
 
     fn write<'a>(
         &'a self,
-        _: &'a str,
-        _: i32,
+        topic: &'a str,
+        partition: i32,
         record: eventbus::Record,
     ) -> BoxFuture<'a, eventbus::Result<()>> {
-        self.push(record);
+        if topic != TOPICS[0] || !Unpark::is_control(&record.payload, &record.headers) {
+            self.push(record);
+            return Box::pin(async { Ok(()) });
+        }
+        let unpark = Unpark::read(&record.headers).ok().flatten();
+        let key: Option<u32> = unpark
+            .as_ref()
+            .and_then(|u| u.aggregate.strip_prefix('k')?.parse().ok());
+        let (Some(unpark), Some(key)) = (unpark, key) else {
+            panic!("a control record the simulation cannot read for p{partition}");
+        };
+        let offset = self.origin.append(
+            0,
+            partition,
+            Stored {
+                id: CONTROL,
+                key: unpark.aggregate.into(),
+                payload: record.payload,
+                headers: record.headers,
+            },
+        );
+        self.model
+            .lock()
+            .unpark_published(key, partition, offset, unpark.due.is_some());
         Box::pin(async { Ok(()) })
     }
 
@@ -268,10 +318,12 @@ impl DeadLetterSink for Sink {
                 _ => {}
             }
             let record = letter.record();
-            let parked = matches!(
-                SequenceRecord::read(&record.headers),
-                Ok(Some(r)) if matches!(r.kind(), SequenceKind::Parked { .. })
-            );
+            let kind = SequenceRecord::read(&record.headers)
+                .ok()
+                .flatten()
+                .map(|r| r.kind().clone());
+            let parked = matches!(kind, Some(SequenceKind::Parked { .. }));
+            let set_aside = matches!(kind, Some(SequenceKind::SetAside { .. }));
             self.destination.push(record);
             let mut model = self.model.lock();
             if let Some(t) = TOPICS.iter().position(|n| **n == *m.topic) {
@@ -280,6 +332,9 @@ impl DeadLetterSink for Sink {
                 if parked {
                     // Finished, unrun: written parked behind its aggregate's head.
                     model.parked_read(&m.topic, m.partition, m.offset);
+                }
+                if set_aside {
+                    model.set_aside_read();
                 }
             }
             model.note(format!(
@@ -362,8 +417,6 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     s.draw_inline(seed);
     s.draw_dead_letter_delays(seed);
     s.draw_sequencing(seed);
-    // Out-of-line retries are built on the consume loop of a log only.
-    s.out_of_line.clear();
     let instant = s.inline.is_some();
     s.members = s.members.min(max_members).max(1);
     s.max_members = max_members.max(1);
@@ -382,8 +435,12 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
     let streams = Streams::new(model.clone(), k.ack_wait, k.max_ack_pending);
     let server = streams.start_server();
     let source = AckSource {
+        destination: Arc::new(Destination {
+            records: Mutex::default(),
+            origin: streams.clone(),
+            model: model.clone(),
+        }),
         streams,
-        destination: Arc::default(),
         lost: Arc::default(),
     };
     let share = s.share;
@@ -1016,8 +1073,14 @@ impl AckSim {
         self.note("finish: waiting for every message".to_owned());
         let mut idle = 0;
         let mut round = 0;
-        let all_done =
-            |s: &Self| s.ctx.model.lock().all_done() && s.ctx.broker.streams.unsettled() == 0;
+        // Out-of-line retries: every set-aside envelope runs again (its
+        // aggregate then unparked, or set aside for a later round, or
+        // dead-lettered after the last).
+        let all_done = |s: &Self| {
+            s.ctx.model.lock().all_done()
+                && s.ctx.broker.streams.unsettled() == 0
+                && set_aside(&s.ctx.broker, &s.s, s.s.partitions).is_empty()
+        };
         let progress = |s: &Self| {
             s.ctx.model.lock().finished() as u64 * 1_000_000 + s.ctx.broker.streams.settled()
         };
@@ -1034,9 +1097,10 @@ impl AckSim {
             before = now;
             if idle == STUCK_ROUNDS {
                 let v = format!(
-                    "stuck: nothing finished or settled in {STUCK_ROUNDS} rounds of {SETTLE_ROUND:?}, moving every partition between them: {}; {} records not settled",
+                    "stuck: nothing finished or settled in {STUCK_ROUNDS} rounds of {SETTLE_ROUND:?}, moving every partition between them: {}; {} records not settled; set aside: {:?}",
                     self.ctx.model.lock().unfinished(8),
                     self.ctx.broker.streams.unsettled(),
+                    set_aside(&self.ctx.broker, &self.s, self.s.partitions),
                 );
                 self.ctx.model.lock().violate(v.clone());
                 return Err(v);

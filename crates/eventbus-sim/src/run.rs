@@ -176,6 +176,26 @@ impl Source for MemoryBroker {
     }
 }
 
+/// With `retry.out_of_line` (of `s`), the aggregates whose newest head is set
+/// aside for a round, as a rebuild of each of the envelope topic's
+/// `partitions` folds the dead-letter destination of `broker` now:
+/// `k<key> p<partition> round <r>`.
+pub(crate) fn set_aside<B: Source>(broker: &B, s: &Settings, partitions: u32) -> Vec<String> {
+    if s.out_of_line.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for p in 0..partitions as i32 {
+        out.extend(
+            broker
+                .parked_set(p)
+                .due_all()
+                .map(|(a, due)| format!("{a} p{p} round {}", due.round)),
+        );
+    }
+    out
+}
+
 /// What the handlers share: the model and the broker (to read committed
 /// offsets).
 #[derive(Debug, Clone)]
@@ -962,20 +982,8 @@ impl Sim {
     /// `retry.out_of_line`, as a rebuild of each origin partition folds the
     /// dead-letter topic now: `k<key> p<partition> round <r>`.
     fn set_aside(&self) -> Vec<String> {
-        if self.s.out_of_line.is_empty() {
-            return Vec::new();
-        }
-        let broker = &self.ctx.broker;
-        let mut out = Vec::new();
-        for p in 0..broker.partitions(TOPICS[0]).unwrap_or(0) as i32 {
-            out.extend(
-                broker
-                    .parked_set(p)
-                    .due_all()
-                    .map(|(a, due)| format!("{a} p{p} round {}", due.round)),
-            );
-        }
-        out
+        let partitions = self.ctx.broker.partitions(TOPICS[0]).unwrap_or(0);
+        set_aside(&self.ctx.broker, &self.s, partitions as u32)
     }
 
     /// Read the dead-letter topic back with a bus of its own and check that

@@ -413,14 +413,28 @@ pub async fn retried_out_of_line_in_order_across_a_restart(
     factory: &dyn BusFactory,
     pools: &PoolFactory,
 ) {
+    retried_out_of_line_in_order_across_a_restart_on(factory, pools, &random_topic("retried"), 1)
+        .await;
+}
+
+/// [`retried_out_of_line_in_order_across_a_restart`] on `topic`, which the
+/// factory's buses consume in `partitions` partitions (made so where the
+/// broker has partitions; a NATS factory names it in its `partitions`): each
+/// timer's control record goes to the partition of its set-aside envelope.
+pub async fn retried_out_of_line_in_order_across_a_restart_on(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+    topic: &str,
+    partitions: u32,
+) {
     /// Delays of the two rounds: long enough that the first member usually
     /// stops before the first is due; the outcome is the same either way.
     const DELAYS: [Duration; 2] = [Duration::from_millis(1_500), Duration::from_millis(500)];
-    let topic = random_topic("retried");
+    let topic = topic.to_owned();
     let destination = format!("{topic}.dlq");
     let group = random_topic("group");
-    topics(factory, pools, (&topic, 1), &destination).await;
-    let origin = (topic.as_str(), 1);
+    topics(factory, pools, (&topic, partitions), &destination).await;
+    let origin = (topic.as_str(), partitions);
     let mut c = config(&group);
     c.retry = c.retry.out_of_line(DELAYS);
     let attempts = c.delivery.max_attempts as usize;

@@ -127,28 +127,6 @@ async fn sequencing_needs_persistent_topics_and_says_so() {
     .await
     .expect("a plain subscription is not sequenced");
     eventbus_core::EventBus::close(&bus).await.expect("close");
-    // Out-of-line retries are not built on NATS: refused, naming the key and
-    // the topic.
-    let mut retrying = config.clone();
-    retrying.retry = retrying
-        .retry
-        .out_of_line([std::time::Duration::from_secs(1)]);
-    let bus = eventbus_nats::NatsEventBus::connect(
-        nats.clone(),
-        retrying,
-        keyed_pools()(Default::default()).await,
-    )
-    .await
-    .expect("connect");
-    let e = eventbus_core::EventBusExt::subscribe_envelope(&bus, &interest, handler)
-        .await
-        .expect_err("refused");
-    assert_eq!(e.kind(), eventbus_core::ErrorKind::Config, "{e}");
-    assert!(
-        e.to_string().contains("retry.out_of_line") && e.to_string().contains(interest.as_str()),
-        "{e}"
-    );
-    eventbus_core::EventBus::close(&bus).await.expect("close");
     // Without sequencing, a core NATS dead-letter topic is taken as before.
     config.dead_letter.sequence_by_aggregate = false;
     let bus =
@@ -159,6 +137,58 @@ async fn sequencing_needs_persistent_topics_and_says_so() {
         .await
         .expect("unsequenced, a core NATS dead-letter topic is taken");
     eventbus_core::EventBus::close(&bus).await.expect("close");
+}
+
+/// Out-of-line retries (`docs/sequencing.md`, 7): the set-aside envelope is
+/// acknowledged once its record is in the dead-letter stream, and the lease
+/// holder's timer publishes the round's control record to the partition's
+/// subject when it falls due; the second member takes the rounds up from the
+/// dead-letter stream after the first stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_out_of_line_in_order_across_a_restart_keyed() {
+    init_tracing();
+    sequencing::retried_out_of_line_in_order_across_a_restart(&NatsBuses::start(), &keyed_pools())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_out_of_line_in_order_across_a_restart_actor() {
+    init_tracing();
+    sequencing::retried_out_of_line_in_order_across_a_restart(&NatsBuses::start(), &actor_pools())
+        .await;
+}
+
+/// The lease changes holders in the middle of a set-aside envelope's rounds,
+/// with a producer publishing all along; the durable's ack floor ends past
+/// everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_out_of_line_across_a_hand_over_under_load() {
+    init_tracing();
+    sequencing::retried_out_of_line_across_a_hand_over_under_load(
+        &NatsBuses::start(),
+        &keyed_pools(),
+    )
+    .await;
+}
+
+/// On a topic of four partitions, the timer's control record goes to the
+/// partition subject of the set-aside envelope, not to one picked by a hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_out_of_line_on_one_of_many_partitions() {
+    init_tracing();
+    let topic = random_topic("retried");
+    let factory = Partitioned {
+        server: NatsServer::start(),
+        topic: topic.clone(),
+        partitions: 4,
+    };
+    sequencing::retried_out_of_line_in_order_across_a_restart_on(
+        &factory,
+        &keyed_pools(),
+        &topic,
+        4,
+    )
+    .await;
 }
 
 /// Each holder's epoch marker carries its lease's generation, and the next

@@ -352,16 +352,12 @@ impl<L: AckLog> AckTurn<L> {
             return true;
         };
         let partition = self.log.partition();
-        let Some(mut up) =
+        let Some(up) =
             self.dispatcher
                 .sequence_take_up(&self.sub, &self.scope, (partition, generation))
         else {
             return true;
         };
-        // Out-of-line retries are built on the consume loop of a log only
-        // (`docs/sequencing.md`, 7): a backend of acknowledged turns refuses
-        // the key at subscription (NATS), and no turn runs their timers.
-        up.timers = None;
         let policy = self.dispatcher.config().delivery.clone();
         let rebuild = rebuild_until(store, up, from, self.scope.clone(), policy);
         tokio::pin!(rebuild);

@@ -479,11 +479,14 @@ pub struct ParkedAggregate {
     pub origin_partition: i32,
     /// The aggregate id, as the consumer read it.
     pub aggregate_id: String,
-    /// Its live heads: envelopes that failed for good.
+    /// Its live heads that hold it back: envelopes that failed for good. A
+    /// head whose own record a replay ran before it stopped at one that
+    /// failed again (a `ran` record) is not counted: the failed one is.
     pub heads: usize,
-    /// Envelopes parked behind them, not run.
+    /// Envelopes parked behind them, not run (what such a replay ran is not
+    /// counted).
     pub parked: u64,
-    /// The origin offset of its oldest live head.
+    /// The origin offset of its oldest live head that holds it back.
     pub head_offset: i64,
     /// The error of its newest live head (after a replay that failed again, the
     /// new failure); `None` when that record is gone (the destination's
@@ -823,7 +826,7 @@ async fn unpark<'p, P>(
 where
     P: FnMut(String, i32, Record) -> BoxFuture<'p, Result<PublishReceipt>>,
 {
-    use crate::raw::sequence::{HeadId, Rebuild, SequenceRecord, SequenceScope, Unpark};
+    use crate::raw::sequence::{Fed, Head, HeadId, Rebuild, SequenceRecord, SequenceScope, Unpark};
     use std::collections::HashMap;
     let mut report = RedriveReport {
         dead_letter_topic: dead_letter_topic.to_owned(),
@@ -832,6 +835,10 @@ where
     };
     let mut folds: HashMap<SequenceScope, Rebuild> = HashMap::new();
     let mut errors: HashMap<(SequenceScope, HeadId), String> = HashMap::new();
+    // The origin offsets written behind each head: what a replay that stopped
+    // short ran of them (a `ran` record) is not counted as waiting.
+    let mut behind: HashMap<(SequenceScope, HeadId), std::collections::BTreeSet<i64>> =
+        HashMap::new();
     while let Some(raw) = reader.next().await? {
         report.read += 1;
         let record = match SequenceRecord::read(&raw.headers) {
@@ -864,10 +871,13 @@ where
                 errors.insert((scope.clone(), id), error);
             }
         }
-        folds
+        let fed = folds
             .entry(scope.clone())
-            .or_insert_with(|| Rebuild::new(scope, i64::MAX))
+            .or_insert_with(|| Rebuild::new(scope.clone(), i64::MAX))
             .feed(raw.partition.unwrap_or(0), &record);
+        if let (Fed::Counted, Some(head), Some(offset)) = (fed, record.behind(), record.offset()) {
+            behind.entry((scope, head)).or_default().insert(offset);
+        }
     }
     let mut folds: Vec<_> = folds.into_iter().collect();
     folds.sort_by(|(a, _), (b, _)| {
@@ -888,16 +898,37 @@ where
                 report.stopped_at_max = true;
                 return Ok(report);
             }
-            let oldest = heads.iter().min_by_key(|h| h.id.offset);
+            // A head whose own record a replay ran (a `ran` record below
+            // which it sits) stays live until a lift, but holds nothing
+            // back: neither it nor what ran behind it is listed as waiting.
+            let waiting: Vec<&Head> = heads
+                .iter()
+                .filter(|h| h.ran_below.is_none_or(|b| h.id.offset >= b))
+                .collect();
+            let listed = if waiting.is_empty() {
+                heads.iter().collect()
+            } else {
+                waiting
+            };
+            let oldest = listed.iter().min_by_key(|h| h.id.offset);
             // Heads are kept in the order they were parked.
             let newest = heads.last();
+            // Behind a head that ran below `b`: what is above `b` (the
+            // record at `b` failed again, and is a head of its own).
+            let parked_behind = |h: &Head| match h.ran_below {
+                None => h.parked,
+                Some(b) => behind.get(&(scope.clone(), h.id)).map_or(0, |o| {
+                    o.range((std::ops::Bound::Excluded(b), std::ops::Bound::Unbounded))
+                        .count() as u64
+                }),
+            };
             let parked = ParkedAggregate {
                 group: scope.group.clone(),
                 origin_topic: scope.topic.clone(),
                 origin_partition: scope.partition,
                 aggregate_id: aggregate.to_owned(),
-                heads: heads.len(),
-                parked: heads.iter().map(|h| h.parked).sum(),
+                heads: listed.len(),
+                parked: heads.iter().map(parked_behind).sum(),
                 head_offset: oldest.map_or(0, |h| h.id.offset),
                 error: newest.and_then(|h| errors.get(&(scope.clone(), h.id)).cloned()),
                 retry: rebuilt.set.due(aggregate),

@@ -266,6 +266,21 @@ async fn unpark(bus: &MemoryEventBus, topic: &str) -> eventbus_core::RedriveRepo
         .expect("unpark")
 }
 
+/// The parked aggregates of `topic`'s destination, listed (a dry run of an
+/// unpark); there must be one, which is returned.
+async fn the_parked_one(bus: &MemoryEventBus, topic: &str) -> eventbus_core::ParkedAggregate {
+    let listed = bus
+        .redrive(
+            RedriveOptions::new(format!("{topic}.dlq"))
+                .parked(true)
+                .dry_run(true),
+        )
+        .await
+        .expect("list the parked aggregates");
+    assert_eq!(listed.parked.len(), 1, "{listed:?}");
+    listed.parked[0].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpark_replays_a_parked_aggregate_in_order_and_its_next_envelope_runs() {
     each_pool(|broker, pools, topic, group| async move {
@@ -283,16 +298,7 @@ async fn an_unpark_replays_a_parked_aggregate_in_order_and_its_next_envelope_run
             "a0 failed; a1 and a2 parked"
         );
 
-        let listed = bus
-            .redrive(
-                RedriveOptions::new(format!("{topic}.dlq"))
-                    .parked(true)
-                    .dry_run(true),
-            )
-            .await
-            .expect("list");
-        assert_eq!(listed.parked.len(), 1, "{listed:?}");
-        let a = &listed.parked[0];
+        let a = the_parked_one(&bus, &topic).await;
         assert_eq!(
             (
                 a.aggregate_id.as_str(),
@@ -365,13 +371,14 @@ async fn a_replay_that_fails_again_keeps_the_order_across_a_restart() {
         // which ran, still holds a1 and a2, parked behind it; a1 is a head
         // too, with a3 behind it), and an unpark replays
         // a from a1, in order, once everything is fixed: a0 does not run
-        // again.
+        // again. The list names what waits: one head (a1), and a2 and a3
+        // behind it; a0's head, which ran, holds nothing back.
         *failing.lock().unwrap() = Some(Vec::new());
         let second = failing_member(&broker, &pools, &topic, &group, 2, &calls, &failing).await;
+        let a = the_parked_one(&second, &topic).await;
+        assert_eq!((a.heads, a.parked, a.head_offset), (1, 2, 1), "{a:?}");
         let report = unpark(&second, &topic).await;
         assert_eq!(report.parked.len(), 1, "{report:?}");
-        assert_eq!(report.parked[0].heads, 2, "{report:?}");
-        assert_eq!(report.parked[0].head_offset, 0, "{report:?}");
         assert!(
             report.parked[0]
                 .error

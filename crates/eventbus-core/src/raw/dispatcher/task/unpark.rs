@@ -262,9 +262,10 @@ async fn write_all(
     (destination, destinations): (&Destination, &std::collections::BTreeSet<i32>),
     record: &SequenceRecord,
 ) -> Option<()> {
+    let what = format!("writing the {} record", record.kind().name());
     for &partition in destinations {
         let write = || write_lift(destination, partition, record);
-        persist(shared, at, "writing the lift", write).await?;
+        persist(shared, at, &what, write).await?;
     }
     Some(())
 }

@@ -434,8 +434,8 @@ pub struct RetryConfig {
     /// in-place attempts again, and a success replays the aggregate's parked
     /// envelopes in order. After the last round it is dead-lettered, parked
     /// until a redrive. Needs `dead_letter.sequence_by_aggregate`; every
-    /// backend has it (on NATS the set-aside message is acknowledged, not
-    /// NAKed: `docs/sequencing.md`, 7).
+    /// backend has it (on NATS the set-aside message is settled as a dead
+    /// letter is, not NAKed: `docs/sequencing.md`, 7).
     #[serde(with = "durations")]
     pub out_of_line: Vec<Duration>,
 }

@@ -131,6 +131,8 @@ impl NatsEventBus {
     /// Publish and wait for the server's ack, with a message id for the stream's
     /// duplicate window: a second publish with the same id within the window is
     /// dropped by the server (the receipt then names the first one's sequence).
+    /// `msg_id` replaces a `Nats-Msg-Id` header the record carries (one copied
+    /// from a message consumed, for one).
     pub async fn publish_with_id(
         &self,
         topic: &str,

@@ -196,11 +196,18 @@ impl Source for AckSource {
 /// record of a set-aside head fallen due through it to the origin partition
 /// (as the NATS store publishes it to the partition's subject): stored in
 /// the origin's stream, and the model told at once.
+///
+/// With [`Settings::dead_letter_delays`], each write by sequencing (a marker,
+/// a lift, a `ran` record, a timer's control record) may take a while (of the
+/// paused clock) or fail, as a stream of its own says: the rebuild, the
+/// replay and the timer retry it, and a write that lands late lands after
+/// whatever happened meanwhile (a fence, a hand-over).
 #[derive(Debug)]
 struct Destination {
     records: Mutex<Vec<eventbus::Record>>,
     origin: Streams,
     model: Shared,
+    faults: Option<Mutex<Rng>>,
 }
 
 impl Destination {
@@ -209,6 +216,36 @@ impl Destination {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(record);
+    }
+
+    /// Store `record`, written by sequencing to `topic`: a timer's control
+    /// record to `partition` of the envelope topic (the model told at once),
+    /// anything else to the destination.
+    fn store(&self, topic: &str, partition: i32, record: eventbus::Record) {
+        if topic != TOPICS[0] || !Unpark::is_control(&record.payload, &record.headers) {
+            self.push(record);
+            return;
+        }
+        let unpark = Unpark::read(&record.headers).ok().flatten();
+        let key: Option<u32> = unpark
+            .as_ref()
+            .and_then(|u| u.aggregate.strip_prefix('k')?.parse().ok());
+        let (Some(unpark), Some(key)) = (unpark, key) else {
+            panic!("a control record the simulation cannot read for p{partition}");
+        };
+        let offset = self.origin.append(
+            0,
+            partition,
+            Stored {
+                id: CONTROL,
+                key: unpark.aggregate.into(),
+                payload: record.payload,
+                headers: record.headers,
+            },
+        );
+        self.model
+            .lock()
+            .unpark_published(key, partition, offset, unpark.due.is_some());
     }
 
     /// The parked set of `partition` of the envelope topic as a rebuild
@@ -237,31 +274,27 @@ impl SequenceStore for Destination {
         partition: i32,
         record: eventbus::Record,
     ) -> BoxFuture<'a, eventbus::Result<()>> {
-        if topic != TOPICS[0] || !Unpark::is_control(&record.payload, &record.headers) {
-            self.push(record);
-            return Box::pin(async { Ok(()) });
-        }
-        let unpark = Unpark::read(&record.headers).ok().flatten();
-        let key: Option<u32> = unpark
-            .as_ref()
-            .and_then(|u| u.aggregate.strip_prefix('k')?.parse().ok());
-        let (Some(unpark), Some(key)) = (unpark, key) else {
-            panic!("a control record the simulation cannot read for p{partition}");
-        };
-        let offset = self.origin.append(
-            0,
-            partition,
-            Stored {
-                id: CONTROL,
-                key: unpark.aggregate.into(),
-                payload: record.payload,
-                headers: record.headers,
-            },
-        );
-        self.model
-            .lock()
-            .unpark_published(key, partition, offset, unpark.due.is_some());
-        Box::pin(async { Ok(()) })
+        let roll = self.faults.as_ref().map(|rng| {
+            let mut rng = rng.lock().unwrap_or_else(|p| p.into_inner());
+            (rng.u8(..10), rng.u64(1..300))
+        });
+        Box::pin(async move {
+            match roll {
+                Some((9.., _)) => {
+                    self.model
+                        .lock()
+                        .note(format!("sequencing write to {topic} p{partition} refused"));
+                    return Err(eventbus::Error::new(
+                        eventbus::ErrorKind::Unavailable,
+                        "sim: the destination is down",
+                    ));
+                }
+                Some((6.., ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                _ => {}
+            }
+            self.store(topic, partition, record);
+            Ok(())
+        })
     }
 
     fn read<'a>(
@@ -439,6 +472,9 @@ pub(crate) async fn simulate(seed: u64, model: Shared, max_members: usize) -> Re
             records: Mutex::default(),
             origin: streams.clone(),
             model: model.clone(),
+            faults: s
+                .dead_letter_delays
+                .map(|seed| Mutex::new(Rng::with_seed(seed.rotate_left(17)))),
         }),
         streams,
         lost: Arc::default(),

@@ -411,9 +411,8 @@ impl DeadLetterSink for NatsDeadLetterSink {
 /// after its head was lifted, under a new owner) is a record of its own, not a
 /// duplicate of the old one, which the server would drop. So is each round of
 /// a set-aside head (`retry.out_of_line`): the same owner's next round of the
-/// same head, or a new owner's replay that sets the head aside again under
-/// the head's own token, is a new due time, which the server would drop
-/// within its duplicate window as a copy of the round before.
+/// same head is a new due time, which the server would drop within its
+/// duplicate window as a copy of the round before.
 fn dead_letter_id(stream: &str, offset: i64, headers: &Headers) -> String {
     let id = format!("dlq:{stream}:{offset}");
     match (

@@ -29,8 +29,21 @@ const STUCK: &str = "stuck";
 
 /// Room for the group protocol itself (join, sync, the first fetch) on top of
 /// the hand-over bound: far below the poll interval a blocked member would
-/// make the group wait for.
-const PROTOCOL_MARGIN: Duration = Duration::from_secs(15);
+/// make the group wait for ([`POLL_INTERVAL`]).
+///
+/// The mock cluster's classic group waits `session.timeout.ms` − 1 s (5 s
+/// here) for members to join: one round for an eager rebalance, two for a
+/// cooperative one. And it may take more rounds: it ends a round's sync once
+/// the leader's SyncGroup has brought every member's assignment, so a follower
+/// whose own SyncGroup arrives after the leader's is refused (INVALID_REQUEST),
+/// joins again, and starts a new round. A round loses that race by chance
+/// (about one in five here, sometimes several in a row); the margin allows
+/// seven such rounds past the two of a cooperative rebalance.
+const PROTOCOL_MARGIN: Duration = Duration::from_secs(45);
+
+/// `max.poll.interval.ms` of the members: a member that stops polling holds a
+/// rebalance up this long, far past [`PROTOCOL_MARGIN`].
+const POLL_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Partition and offset of each handled message.
 type Seen = Arc<Mutex<HashSet<(i32, i64)>>>;
@@ -94,8 +107,7 @@ async fn stuck_key(label: &str, pools: PoolFactory, membership: Membership) {
         async move {
             let mut kafka = cluster.kafka_config();
             membership.apply(&mut kafka);
-            // A member that stops polling holds a rebalance up this long.
-            kafka.max_poll_interval = Duration::from_secs(60);
+            kafka.max_poll_interval = POLL_INTERVAL;
             let bus = KafkaEventBus::new(kafka, cfg, pools(spec).await).unwrap();
             let (c, s) = (checker.clone(), seen.clone());
             bus.subscribe_envelope(topic, move |e: Event| {

@@ -416,7 +416,13 @@ pub(crate) fn original_headers(headers: &Headers) -> Headers {
         seq::PARKED_BEHIND_HEADER,
         seq::SEQUENCE_LIFTS_HEADER,
         seq::SEQUENCE_DUE_HEADER,
+        seq::SEQUENCE_ROUND_HEADER,
+        seq::SEQUENCE_RAN_BELOW_HEADER,
         seq::SEQUENCE_PARTITIONS_HEADER,
+        seq::SEQUENCE_GENERATION_HEADER,
+        // Never on a dead letter the bus wrote; a record that carried it back
+        // to its origin would be read there as a request, not handled.
+        seq::CONTROL_HEADER,
     ];
     headers
         .iter()
@@ -1028,6 +1034,39 @@ mod tests {
         assert_eq!(r.headers.get_str("trace"), Some("t1"));
         assert!(r.headers.get(DLQ_TOPIC_HEADER).is_none());
         assert!(r.headers.get(DLQ_ERROR_HEADER).is_none());
+    }
+
+    /// A redriven or replayed record carries none of the headers of sequencing:
+    /// a set-aside record's round, for one, would otherwise reach the handler
+    /// and ride along into the record's next dead letter.
+    #[test]
+    fn the_original_headers_keep_no_header_of_sequencing() {
+        use crate::raw::sequence as seq;
+        let ours = [
+            seq::SEQUENCE_KIND_HEADER,
+            seq::SEQUENCE_GROUP_HEADER,
+            seq::SEQUENCE_AGGREGATE_HEADER,
+            seq::SEQUENCE_TOKEN_HEADER,
+            seq::PARKED_BEHIND_HEADER,
+            seq::SEQUENCE_LIFTS_HEADER,
+            seq::SEQUENCE_RAN_BELOW_HEADER,
+            seq::SEQUENCE_DUE_HEADER,
+            seq::SEQUENCE_ROUND_HEADER,
+            seq::SEQUENCE_PARTITIONS_HEADER,
+            seq::SEQUENCE_GENERATION_HEADER,
+            seq::CONTROL_HEADER,
+        ];
+        let mut headers = Headers::new()
+            .with(DLQ_TOPIC_HEADER, "orders")
+            .with(DLQ_PARTITION_HEADER, "3")
+            .with(DLQ_OFFSET_HEADER, "17")
+            .with("trace", "t1");
+        for name in ours {
+            headers.set(name, "1");
+        }
+        let kept = original_headers(&headers);
+        let names: Vec<&str> = kept.iter().map(|(name, _)| name).collect();
+        assert_eq!(names, ["trace"]);
     }
 
     #[test]

@@ -197,6 +197,12 @@ pub(crate) struct Model {
     /// of [`Model::check_unparks`]; the end of a run checks instead that no
     /// aggregate is left set aside.
     due_unparks: BTreeSet<(i32, i64)>,
+    /// Redrive unparks (not [`due_unparks`](Self::due_unparks)) the committed
+    /// offset had passed, read again after a rewind to them or below: each
+    /// replays its aggregate again at once, as when it was first read
+    /// (`docs/sequencing.md`, 5), so it is under way again until the
+    /// committed offset passes it once more.
+    reread_unparks: BTreeSet<(i32, i64)>,
     /// The due time of the aggregate of the call that starts next, and the
     /// offset of the set-aside head it is due by ([`Model::due_now`]).
     next_due: Option<(Due, i64)>,
@@ -239,6 +245,7 @@ impl Shared {
             unparks: BTreeMap::new(),
             pending_unparks: BTreeSet::new(),
             due_unparks: BTreeSet::new(),
+            reread_unparks: BTreeSet::new(),
             next_due: None,
             trace: Vec::new(),
             violation: None,
@@ -768,6 +775,15 @@ impl Model {
             .entry((topic, partition))
             .or_default()
             .push((offset, end));
+        if topic == 0 {
+            let reread = self.unparks.values().flatten().filter(|&&(p, o)| {
+                p == partition
+                    && o >= offset
+                    && !self.pending_unparks.contains(&(p, o))
+                    && !self.due_unparks.contains(&(p, o))
+            });
+            self.reread_unparks.extend(reread);
+        }
         if committed.is_some_and(|c| c > offset) {
             self.rewinding.insert((topic, partition), offset);
             let earlier = self.backward.get(&(topic, partition)).map(|b| b.0);
@@ -868,7 +884,8 @@ impl Model {
 
     /// A call of message `id` (`name`), given up or parked once, starts: not before its
     /// aggregate's due time ([`due_now`](Self::due_now)), unless an unpark of
-    /// a redrive above it is under way (a redrive replays at once). A copy
+    /// a redrive above it is under way (a redrive replays at once), read for
+    /// the first time or again after a rewind. A copy
     /// read again after a rewind is held to it too, from the head's offset
     /// on: a set-aside head read again stays set aside, and what follows it
     /// parks behind it. (An earlier envelope of the aggregate read again,
@@ -896,7 +913,8 @@ impl Model {
             u.iter().any(|&(p, o)| {
                 p == partition
                     && o > offset
-                    && self.pending_unparks.contains(&(p, o))
+                    && (self.pending_unparks.contains(&(p, o))
+                        || self.reread_unparks.contains(&(p, o)))
                     && !self.due_unparks.contains(&(p, o))
             })
         });
@@ -985,6 +1003,13 @@ impl Model {
         // An unpark control record the committed offset passed is finished.
         self.pending_unparks
             .retain(|&(p, o)| read.get(&(0, p)).copied().flatten().is_none_or(|c| c <= o));
+        // One read again after a rewind, once the commit went back and then
+        // passed it again.
+        let rewinding = &self.rewinding;
+        self.reread_unparks.retain(|&(p, o)| {
+            rewinding.contains_key(&(0, p))
+                || read.get(&(0, p)).copied().flatten().is_none_or(|c| c <= o)
+        });
         for (&(topic, partition), (open, end)) in &self.open {
             let lowest = open.first().copied().unwrap_or(*end);
             if let Some(c) = read.get(&(topic, partition)).copied().flatten() {

@@ -59,6 +59,22 @@ async fn out_of_line_retries_keep_order_across_a_hand_over_under_load() {
     .await;
 }
 
+/// The same with deep queues, slow handlers and a short hand-over bound: what
+/// the member giving the partition up cannot finish in time is fenced and run
+/// again by the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_line_retries_keep_order_across_a_hand_over_with_deep_queues() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    sequencing::retried_out_of_line_across_a_hand_over_with_deep_queues(
+        &KafkaBuses::start(),
+        &keyed_pools(),
+    )
+    .await;
+}
+
 /// An origin topic of four partitions, with the producer's batches as the
 /// bus configures them: the four rebuilds at each take-up write their epoch
 /// markers side by side, several to a batch. On tansu, whose high watermark

@@ -668,6 +668,20 @@ async fn out_of_line_retries_keep_order_across_a_hand_over_under_load() {
     }
 }
 
+/// The same with deep queues, slow handlers and a short hand-over bound: what
+/// the member giving the partition up cannot finish in time is fenced and run
+/// again by the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_line_retries_keep_order_across_a_hand_over_with_deep_queues() {
+    for (_, pools) in pools() {
+        let buses = eventbus_testkit::factories::MemoryBuses::default();
+        eventbus_testkit::sequencing::retried_out_of_line_across_a_hand_over_with_deep_queues(
+            &buses, &pools,
+        )
+        .await;
+    }
+}
+
 /// With out-of-line retries on (`docs/sequencing.md`, 7): an envelope failing
 /// for a reason that may pass is set aside for its first round, its
 /// aggregate's next envelope parked behind it; one failing permanently is

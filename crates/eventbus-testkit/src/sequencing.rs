@@ -449,7 +449,15 @@ pub async fn retried_out_of_line_in_order_across_a_restart_on(
             .collect()
     };
 
-    let first = retrying_member(factory, pools, (&topic, &c), 1, &calls).await;
+    let first = retrying_member(
+        factory,
+        pools,
+        (&topic, &c),
+        1,
+        &calls,
+        Depth::Shallow.pools_and_work(),
+    )
+    .await;
     for (aggregate, seq) in [("a", 0), ("b", 0), ("a", 1), ("c", 0), ("a", 2), ("b", 1)] {
         publish(&first, origin, aggregate, seq).await;
     }
@@ -469,7 +477,15 @@ pub async fn retried_out_of_line_in_order_across_a_restart_on(
     .await;
     first.close().await.expect("close the first member");
 
-    let second = retrying_member(factory, pools, (&topic, &c), 2, &calls).await;
+    let second = retrying_member(
+        factory,
+        pools,
+        (&topic, &c),
+        2,
+        &calls,
+        Depth::Shallow.pools_and_work(),
+    )
+    .await;
     // a0 succeeds at its 2 × attempts + 1st call, in a round (the second, or
     // the first run again after the restart); its parked envelopes follow.
     wait_until("a0, a1 and a2 ran after a0's rounds", WAIT, || {
@@ -577,6 +593,57 @@ pub async fn retried_out_of_line_across_a_hand_over_under_load(
     factory: &dyn BusFactory,
     pools: &PoolFactory,
 ) {
+    handed_over_under_load(factory, pools, Depth::Shallow).await;
+}
+
+/// [`retried_out_of_line_across_a_hand_over_under_load`] with the work behind
+/// the hand-over deeper than its bound: two workers with deep queues, every
+/// other aggregate's envelope 40 ms of work, and a drain and hand-over of
+/// 100 ms each. A member giving the partition up (at the join, or as it
+/// leaves) may hold more queued and running work than its bound lets it
+/// finish: that work is fenced, the partition released, and the next holder
+/// runs it again, in order, without running anything of `a` early.
+pub async fn retried_out_of_line_across_a_hand_over_with_deep_queues(
+    factory: &dyn BusFactory,
+    pools: &PoolFactory,
+) {
+    handed_over_under_load(factory, pools, Depth::Deep).await;
+}
+
+/// How much work waits behind a hand-over.
+#[derive(Debug, Clone, Copy)]
+enum Depth {
+    /// The default pools, no-op handlers, the quick hand-over bound.
+    Shallow,
+    /// Few workers with deep queues, handlers that take time, a short bound.
+    Deep,
+}
+
+impl Depth {
+    /// The members' pools and the time each envelope of the load takes.
+    fn pools_and_work(self) -> (PoolSpec, Duration) {
+        match self {
+            Depth::Shallow => (PoolSpec::default(), Duration::ZERO),
+            Depth::Deep => (
+                PoolSpec {
+                    workers: 2,
+                    queue: 256,
+                    ..PoolSpec::default()
+                },
+                Duration::from_millis(40),
+            ),
+        }
+    }
+
+    fn configure(self, c: &mut BusConfig) {
+        if let Depth::Deep = self {
+            c.consumer.drain_timeout = Duration::from_millis(100);
+            c.consumer.handover_timeout = Duration::from_millis(100);
+        }
+    }
+}
+
+async fn handed_over_under_load(factory: &dyn BusFactory, pools: &PoolFactory, depth: Depth) {
     const DELAYS: [Duration; 2] = [Duration::from_millis(1_000), Duration::from_millis(500)];
     const KEYS: u64 = 20;
     const PER_KEY: u64 = 9;
@@ -587,6 +654,8 @@ pub async fn retried_out_of_line_across_a_hand_over_under_load(
     let origin = (topic.as_str(), 1);
     let mut c = config(&group);
     c.retry = c.retry.out_of_line(DELAYS);
+    depth.configure(&mut c);
+    let shape = depth.pools_and_work();
     let attempts = c.delivery.max_attempts as usize;
     let calls = TimedCalls::default();
     let of = |aggregate: &str| -> Vec<u64> {
@@ -618,7 +687,7 @@ pub async fn retried_out_of_line_across_a_hand_over_under_load(
         }
     };
 
-    let first = retrying_member(factory, pools, (&topic, &c), 1, &calls).await;
+    let first = retrying_member(factory, pools, (&topic, &c), 1, &calls, shape).await;
     publish(&publisher, origin, "a", 0).await;
     load(0..3).await;
     protocol(factory, pools, &destination, "a0 set aside", |r| {
@@ -628,7 +697,7 @@ pub async fn retried_out_of_line_across_a_hand_over_under_load(
     })
     .await;
     let (second, ()) = tokio::join!(
-        retrying_member(factory, pools, (&topic, &c), 2, &calls),
+        retrying_member(factory, pools, (&topic, &c), 2, &calls, shape),
         load(3..6)
     );
     // The first leaves once the group's rebalance for the join is over
@@ -691,7 +760,7 @@ pub async fn retried_out_of_line_across_a_hand_over_under_load(
     // what comes after.
     first.close().await.expect("close the first member");
     second.close().await.expect("close the second member");
-    let third = retrying_member(factory, pools, (&topic, &c), 3, &calls).await;
+    let third = retrying_member(factory, pools, (&topic, &c), 3, &calls, shape).await;
     publish(&publisher, origin, "z", 0).await;
     wait_until("z0 ran on the third member", WAIT, || of("z") == [0]).await;
     let third_ran: Vec<(String, u64)> = calls
@@ -728,10 +797,11 @@ async fn retrying_member(
     (topic, config): (&str, &BusConfig),
     member: usize,
     calls: &TimedCalls,
+    (spec, work): (PoolSpec, Duration),
 ) -> SharedBus {
     let attempts = config.delivery.max_attempts as usize;
     let bus = factory
-        .bus(pools(PoolSpec::default()).await, config.clone())
+        .bus(pools(spec).await, config.clone())
         .await
         .expect("create bus");
     let calls = calls.clone();
@@ -740,17 +810,22 @@ async fn retrying_member(
         async move {
             let aggregate = e.envelope.aggregate_id.clone();
             let seq = crate::seq_of(&e).expect("seq");
-            let mut calls = calls.lock().expect("calls");
-            let earlier = calls
-                .iter()
-                .filter(|(_, a, s, _)| *a == aggregate && *s == seq)
-                .count();
-            calls.push((member, aggregate.clone(), seq, now_ms()));
-            let fails = match aggregate.as_str() {
-                "a" => seq == 0 && earlier < 2 * attempts,
-                "c" => true,
-                _ => false,
+            let fails = {
+                let mut calls = calls.lock().expect("calls");
+                let earlier = calls
+                    .iter()
+                    .filter(|(_, a, s, _)| *a == aggregate && *s == seq)
+                    .count();
+                calls.push((member, aggregate.clone(), seq, now_ms()));
+                match aggregate.as_str() {
+                    "a" => seq == 0 && earlier < 2 * attempts,
+                    "c" => true,
+                    _ => false,
+                }
             };
+            if aggregate.starts_with('k') && !work.is_zero() {
+                tokio::time::sleep(work).await;
+            }
             if fails {
                 Err(HandlerError::transient(format!("{aggregate}{seq} fails")))
             } else {

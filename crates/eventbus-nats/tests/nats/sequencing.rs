@@ -171,6 +171,19 @@ async fn retried_out_of_line_across_a_hand_over_under_load() {
     .await;
 }
 
+/// The same with deep queues, slow handlers and a short hand-over bound: what
+/// the member giving the partition up cannot finish in time is fenced and run
+/// again by the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_out_of_line_across_a_hand_over_with_deep_queues() {
+    init_tracing();
+    sequencing::retried_out_of_line_across_a_hand_over_with_deep_queues(
+        &NatsBuses::start(),
+        &keyed_pools(),
+    )
+    .await;
+}
+
 /// On a topic of four partitions, the timer's control record goes to the
 /// partition subject of the set-aside envelope, not to one picked by a hash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

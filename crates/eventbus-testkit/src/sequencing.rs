@@ -757,24 +757,38 @@ async fn handed_over_under_load(factory: &dyn BusFactory, pools: &PoolFactory, d
     );
 
     // The committed offset: a member of the group started now reads only
-    // what comes after.
+    // what comes after. With deep queues and a short drain, the closes may
+    // leave work queued behind a run again for redelivery: the third member
+    // may run that again, but nothing that had not run.
     first.close().await.expect("close the first member");
     second.close().await.expect("close the second member");
     let third = retrying_member(factory, pools, (&topic, &c), 3, &calls, shape).await;
     publish(&publisher, origin, "z", 0).await;
     wait_until("z0 ran on the third member", WAIT, || of("z") == [0]).await;
+    let calls = calls.lock().expect("calls").clone();
     let third_ran: Vec<(String, u64)> = calls
-        .lock()
-        .expect("calls")
         .iter()
         .filter(|(m, _, _, _)| *m == 3)
         .map(|(_, a, s, _)| (a.clone(), *s))
         .collect();
-    assert_eq!(
-        third_ran,
-        [("z".to_owned(), 0)],
-        "the group committed past every envelope before the third member joined"
-    );
+    match depth {
+        Depth::Shallow => assert_eq!(
+            third_ran,
+            [("z".to_owned(), 0)],
+            "the group committed past every envelope before the third member joined"
+        ),
+        Depth::Deep => {
+            let ran_before = |(a, s): &(String, u64)| {
+                calls.iter().any(|(m, b, t, _)| *m != 3 && b == a && t == s)
+            };
+            assert!(
+                third_ran
+                    .iter()
+                    .all(|call| call.0 == "z" || ran_before(call)),
+                "the third member ran only z0 and envelopes that had run before: {third_ran:?}"
+            );
+        }
+    }
     third.close().await.expect("close the third member");
     publisher.close().await.expect("close the publisher");
 }

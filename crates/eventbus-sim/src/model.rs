@@ -197,11 +197,13 @@ pub(crate) struct Model {
     /// of [`Model::check_unparks`]; the end of a run checks instead that no
     /// aggregate is left set aside.
     due_unparks: BTreeSet<(i32, i64)>,
-    /// Redrive unparks (not [`due_unparks`](Self::due_unparks)) the committed
-    /// offset had passed, read again after a rewind to them or below: each
-    /// replays its aggregate again at once, as when it was first read
-    /// (`docs/sequencing.md`, 5), so it is under way again until the
-    /// committed offset passes it once more.
+    /// Redrive unparks (not [`due_unparks`](Self::due_unparks)) read again
+    /// after a rewind to them or below: each replays its aggregate again at
+    /// once, as when it was first read (`docs/sequencing.md`, 5), so it is
+    /// under way again until the committed offset, gone back, passes it once
+    /// more. (Where the commit goes back and passes it again between two
+    /// looks, the partition's `rewinding` stays and so does this: the check
+    /// exempts its aggregate for the rest of the run.)
     reread_unparks: BTreeSet<(i32, i64)>,
     /// The due time of the aggregate of the call that starts next, and the
     /// offset of the set-aside head it is due by ([`Model::due_now`]).
@@ -776,11 +778,10 @@ impl Model {
             .or_default()
             .push((offset, end));
         if topic == 0 {
+            // Pending ones too: the committed offset may have passed one
+            // since it was last looked at.
             let reread = self.unparks.values().flatten().filter(|&&(p, o)| {
-                p == partition
-                    && o >= offset
-                    && !self.pending_unparks.contains(&(p, o))
-                    && !self.due_unparks.contains(&(p, o))
+                p == partition && o >= offset && !self.due_unparks.contains(&(p, o))
             });
             self.reread_unparks.extend(reread);
         }

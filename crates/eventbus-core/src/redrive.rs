@@ -420,9 +420,6 @@ pub(crate) fn original_headers(headers: &Headers) -> Headers {
         seq::SEQUENCE_RAN_BELOW_HEADER,
         seq::SEQUENCE_PARTITIONS_HEADER,
         seq::SEQUENCE_GENERATION_HEADER,
-        // Never on a dead letter the bus wrote; a record that carried it back
-        // to its origin would be read there as a request, not handled.
-        seq::CONTROL_HEADER,
     ];
     headers
         .iter()
@@ -1054,7 +1051,6 @@ mod tests {
             seq::SEQUENCE_ROUND_HEADER,
             seq::SEQUENCE_PARTITIONS_HEADER,
             seq::SEQUENCE_GENERATION_HEADER,
-            seq::CONTROL_HEADER,
         ];
         let mut headers = Headers::new()
             .with(DLQ_TOPIC_HEADER, "orders")

@@ -28,8 +28,10 @@ const WORKERS: usize = 4;
 const STUCK: &str = "stuck";
 
 /// Room for the group protocol itself (join, sync, the first fetch) on top of
-/// the hand-over bound: far below the poll interval a blocked member would
-/// make the group wait for ([`POLL_INTERVAL`]).
+/// the hand-over bound: far below the poll interval a real broker's group
+/// waits for a member that stopped polling ([`POLL_INTERVAL`]). That is what
+/// the real-broker tier checks; the mock cluster puts such a member out after
+/// its session timeout instead, within the margin.
 ///
 /// The mock cluster's classic group waits `session.timeout.ms` − 1 s (5 s
 /// here) for members to join: one round for an eager rebalance, two for a
@@ -38,7 +40,7 @@ const STUCK: &str = "stuck";
 /// whose own SyncGroup arrives after the leader's is refused (INVALID_REQUEST),
 /// joins again, and starts a new round. A round loses that race by chance
 /// (about one in five here, sometimes several in a row); the margin allows
-/// seven such rounds past the two of a cooperative rebalance.
+/// about six such rounds past the two of a cooperative rebalance.
 const PROTOCOL_MARGIN: Duration = Duration::from_secs(45);
 
 /// `max.poll.interval.ms` of the members: a member that stops polling holds a

@@ -449,15 +449,7 @@ pub async fn retried_out_of_line_in_order_across_a_restart_on(
             .collect()
     };
 
-    let first = retrying_member(
-        factory,
-        pools,
-        (&topic, &c),
-        1,
-        &calls,
-        Depth::Shallow.pools_and_work(),
-    )
-    .await;
+    let first = retrying_member(factory, pools, (&topic, &c), 1, &calls, Depth::Shallow).await;
     for (aggregate, seq) in [("a", 0), ("b", 0), ("a", 1), ("c", 0), ("a", 2), ("b", 1)] {
         publish(&first, origin, aggregate, seq).await;
     }
@@ -477,15 +469,7 @@ pub async fn retried_out_of_line_in_order_across_a_restart_on(
     .await;
     first.close().await.expect("close the first member");
 
-    let second = retrying_member(
-        factory,
-        pools,
-        (&topic, &c),
-        2,
-        &calls,
-        Depth::Shallow.pools_and_work(),
-    )
-    .await;
+    let second = retrying_member(factory, pools, (&topic, &c), 2, &calls, Depth::Shallow).await;
     // a0 succeeds at its 2 × attempts + 1st call, in a round (the second, or
     // the first run again after the restart); its parked envelopes follow.
     wait_until("a0, a1 and a2 ran after a0's rounds", WAIT, || {
@@ -655,7 +639,6 @@ async fn handed_over_under_load(factory: &dyn BusFactory, pools: &PoolFactory, d
     let mut c = config(&group);
     c.retry = c.retry.out_of_line(DELAYS);
     depth.configure(&mut c);
-    let shape = depth.pools_and_work();
     let attempts = c.delivery.max_attempts as usize;
     let calls = TimedCalls::default();
     let of = |aggregate: &str| -> Vec<u64> {
@@ -687,7 +670,7 @@ async fn handed_over_under_load(factory: &dyn BusFactory, pools: &PoolFactory, d
         }
     };
 
-    let first = retrying_member(factory, pools, (&topic, &c), 1, &calls, shape).await;
+    let first = retrying_member(factory, pools, (&topic, &c), 1, &calls, depth).await;
     publish(&publisher, origin, "a", 0).await;
     load(0..3).await;
     protocol(factory, pools, &destination, "a0 set aside", |r| {
@@ -697,7 +680,7 @@ async fn handed_over_under_load(factory: &dyn BusFactory, pools: &PoolFactory, d
     })
     .await;
     let (second, ()) = tokio::join!(
-        retrying_member(factory, pools, (&topic, &c), 2, &calls, shape),
+        retrying_member(factory, pools, (&topic, &c), 2, &calls, depth),
         load(3..6)
     );
     // The first leaves once the group's rebalance for the join is over
@@ -762,7 +745,7 @@ async fn handed_over_under_load(factory: &dyn BusFactory, pools: &PoolFactory, d
     // may run that again, but nothing that had not run.
     first.close().await.expect("close the first member");
     second.close().await.expect("close the second member");
-    let third = retrying_member(factory, pools, (&topic, &c), 3, &calls, shape).await;
+    let third = retrying_member(factory, pools, (&topic, &c), 3, &calls, depth).await;
     publish(&publisher, origin, "z", 0).await;
     wait_until("z0 ran on the third member", WAIT, || of("z") == [0]).await;
     let calls = calls.lock().expect("calls").clone();
@@ -811,8 +794,9 @@ async fn retrying_member(
     (topic, config): (&str, &BusConfig),
     member: usize,
     calls: &TimedCalls,
-    (spec, work): (PoolSpec, Duration),
+    depth: Depth,
 ) -> SharedBus {
+    let (spec, work) = depth.pools_and_work();
     let attempts = config.delivery.max_attempts as usize;
     let bus = factory
         .bus(pools(spec).await, config.clone())

@@ -835,15 +835,20 @@ impl Model {
         };
         let m = &mut self.msgs[c.msg];
         let name = format!("{} k{}#{}", TOPICS[m.topic], m.key, m.seq);
+        // The bus acts on no outcome of a call whose work was handed over. One
+        // that ends after a later replay of its message failed again (a call
+        // of the former owner's replay that ignored its cancellation) leaves
+        // the message where that replay stopped: its aggregate's head again.
+        let late = cancelled && m.failed_in_replay;
         // A replay's outcome is its message's: one run by a replay cut short
         // that fails in the next is given up again.
-        if done != Done::No && (m.done != Done::Handled || c.replay) {
+        if !late && done != Done::No && (m.done != Done::Handled || c.replay) {
             m.done = done;
         }
         if done == Done::DeadLetterDue && self.sequencing && m.topic == 0 {
             m.sidelined = true;
         }
-        if c.replay && done != Done::No {
+        if !late && c.replay && done != Done::No {
             m.failed_in_replay = done == Done::DeadLetterDue;
         }
         // Finished again by a call that started after the rewind and was not

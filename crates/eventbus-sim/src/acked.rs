@@ -1151,7 +1151,11 @@ impl AckSim {
             }
             self.hold_all();
         }
-        self.ctx.model.lock().check_unparks();
+        {
+            let mut m = self.ctx.model.lock();
+            m.check_unparks();
+            m.check_heads(|p, a| self.ctx.broker.parked_set(p).is_parked(a));
+        }
         self.note("finish: every message finished and settled; releasing".to_owned());
         let held: Vec<_> = self.holders.keys().copied().collect();
         for (topic, partition) in held {

@@ -835,10 +835,11 @@ impl Model {
         };
         let m = &mut self.msgs[c.msg];
         let name = format!("{} k{}#{}", TOPICS[m.topic], m.key, m.seq);
-        // The bus acts on no outcome of a call whose work was handed over. One
-        // that ends after a later replay of its message failed again (a call
-        // of the former owner's replay that ignored its cancellation) leaves
-        // the message where that replay stopped: its aggregate's head again.
+        // A replay acts on no outcome of a call whose work was handed over: it
+        // stops at the fence and writes no lift. Such a call that ends after
+        // a later replay of its message failed again (the former owner's,
+        // ignoring its cancellation) leaves the message where that replay
+        // stopped: its aggregate's head again ([`check_heads`](Self::check_heads)).
         let late = cancelled && m.failed_in_replay;
         // A replay's outcome is its message's: one run by a replay cut short
         // that fails in the next is given up again.
@@ -1042,6 +1043,28 @@ impl Model {
     /// Whether every message and unpark control record is finished.
     pub(crate) fn all_done(&self) -> bool {
         self.open.values().all(|(open, _)| open.is_empty()) && self.pending_unparks.is_empty()
+    }
+
+    /// At the end of a run, every envelope whose last replay failed again
+    /// (and that nothing ran since) is its aggregate's head, as the owner's
+    /// parked set (`parked`: partition, aggregate) says: no replay that
+    /// stopped, nor any call fenced meanwhile, lifted it.
+    pub(crate) fn check_heads(&mut self, parked: impl Fn(i32, &str) -> bool) {
+        let bad: Vec<String> = self
+            .msgs
+            .iter()
+            .filter(|m| m.topic == 0 && m.done == Done::DeadLetterDue && m.failed_in_replay)
+            .filter(|m| !parked(m.partition, &format!("k{}", m.key)))
+            .map(|m| {
+                format!(
+                    "k{}#{} (p{}@{}) failed again in its replay, but k{} is not parked",
+                    m.key, m.seq, m.partition, m.offset, m.key
+                )
+            })
+            .collect();
+        for b in bad {
+            self.violate(b);
+        }
     }
 
     /// At the end of a run, for the latest unpark of each aggregate the

@@ -966,6 +966,7 @@ impl Sim {
             let mut m = self.ctx.model.lock();
             self.ctx.sync_controls(&mut m);
             m.check_unparks();
+            m.check_heads(|p, a| self.ctx.broker.parked_set(p).is_parked(a));
             m.check_offsets();
         }
         self.note("finish: every message finished; closing".to_owned());

@@ -35,6 +35,7 @@ const USAGE: &str = "\
 bench-compare [--quick] [--backend memory|kafka|nats] [--rounds N] [--out DIR] [--no-fail]
               [--members LIST [--storage memory|file]]
 bench-compare --redraw REPORT.json [--out DIR]
+bench-compare --drain SIDE [--backend B] [--messages N] [--under CMD] [--out DIR]
 
 Runs the keyed and the actor pool on the same workloads in one run, alternating
 which goes first, each run in a fresh process; measures the baselines of the
@@ -60,8 +61,16 @@ writes DIR/report.json, DIR/report.md and DIR/chart.svg
                    which distorts the figures; see docs/benchmarks.md)
   --redraw R       run nothing: draw the chart of the report R (a report.json
                    of an earlier run) into DIR/chart.svg (default DIR: R's folder)
+  --drain SIDE     one backlog drain and nothing else, to profile it: SIDE is bare
+                   (a broker's bare client loop), keyed, actor, keyed-inline or
+                   actor-inline; prints its result (no report, no verdict)
+  --messages N     the drain's backlog (default: the full run's)
+  --under CMD      run the drain's process under CMD (split at spaces), such as
+                   `perf record -g -o drain.data`; the process's own command line
+                   follows CMD
 
-Exit status: 0 every bar met, 1 a bar missed, 2 bad arguments or setup failure.";
+Exit status: 0 every bar met, 1 a bar missed, 2 bad arguments or setup failure;
+with --drain: 0 the drain completed, 1 it failed, 2 bad arguments.";
 
 /// Command-line arguments.
 struct Args {
@@ -76,6 +85,28 @@ struct Args {
     storage: Option<StorageKind>,
     /// The report whose chart to draw again (`--redraw`), instead of a run.
     redraw: Option<PathBuf>,
+    /// One drain by this side instead of a comparison (`--drain`).
+    drain: Option<DrainSide>,
+    /// The backlog of `--drain` (`--messages`).
+    messages: Option<u64>,
+    /// The command the drain's process runs under (`--under`), split at spaces.
+    under: Vec<String>,
+}
+
+/// The side `--drain` names.
+fn parse_side(v: &str) -> Result<DrainSide, String> {
+    [
+        DrainSide::Bare,
+        DrainSide::Bus(PoolKind::Keyed),
+        DrainSide::Bus(PoolKind::Actor),
+        DrainSide::Inline(PoolKind::Keyed),
+        DrainSide::Inline(PoolKind::Actor),
+    ]
+    .into_iter()
+    .find(|side| side.name() == v)
+    .ok_or_else(|| {
+        format!("--drain: expected bare, keyed, actor, keyed-inline or actor-inline, got `{v}`")
+    })
 }
 
 /// The group sizes of `--members`: comma-separated counts from 1 to the
@@ -113,6 +144,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         members: None,
         storage: None,
         redraw: None,
+        drain: None,
+        messages: None,
+        under: Vec::new(),
     };
     let mut out_given = false;
     let mut run_flag = None;
@@ -156,6 +190,25 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                     _ => return Err(format!("--storage: expected memory or file, got `{v}`")),
                 });
             }
+            "--drain" => args.drain = Some(parse_side(&value("--drain")?)?),
+            "--messages" => {
+                let v = value("--messages")?;
+                args.messages = Some(match v.parse::<u64>() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        return Err(format!(
+                            "--messages: expected a positive integer, got `{v}`"
+                        ))
+                    }
+                });
+            }
+            "--under" => {
+                let v = value("--under")?;
+                args.under = v.split_whitespace().map(str::to_owned).collect();
+                if args.under.is_empty() {
+                    return Err("--under: expected a command, got an empty one".to_owned());
+                }
+            }
             other => return Err(format!("unknown argument `{other}` (see --help)")),
         }
     }
@@ -171,6 +224,28 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 _ => PathBuf::from("."),
             };
         }
+    }
+    if let Some(side) = args.drain {
+        for (given, flag) in [
+            (args.quick, "--quick"),
+            (args.rounds.is_some(), "--rounds"),
+            (args.members.is_some(), "--members"),
+            (args.no_fail, "--no-fail"),
+        ] {
+            if given {
+                return Err(format!(
+                    "--drain runs one drain and judges nothing: `{flag}` does not go with it"
+                ));
+            }
+        }
+        if side == DrainSide::Bare && args.backend.in_process() {
+            return Err(format!(
+                "--drain bare: the {} backend has no bare client loop (use --backend kafka or nats)",
+                args.backend.as_str()
+            ));
+        }
+    } else if args.messages.is_some() || !args.under.is_empty() {
+        return Err("--messages and --under apply to one drain: use them with --drain".to_owned());
     }
     if args.storage.is_some() && args.members.is_none() {
         return Err("--storage applies to the NATS scale-out: use it with --members".to_owned());
@@ -224,6 +299,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(side) = args.drain {
+        return match runtime.block_on(one_drain(&args, side)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench-compare: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let run = async {
         if args.members.is_some() {
             scale_out(&args).await
@@ -330,11 +414,22 @@ fn child(job: &str) -> ExitCode {
 
 /// Run `job` in a fresh process of this binary; its stderr goes to `log`.
 async fn run_child(job: &ChildJob, limit: Duration, log: &Path) -> ChildOutput {
+    run_child_under(job, limit, log, &[]).await
+}
+
+/// [`run_child`], the process started by the command `under` (none when
+/// empty) followed by this binary's command line.
+async fn run_child_under(
+    job: &ChildJob,
+    limit: Duration,
+    log: &Path,
+    under: &[String],
+) -> ChildOutput {
     let job = match serde_json::to_string(job) {
         Ok(j) => j,
         Err(e) => return ChildOutput::Failed(format!("cannot encode the job: {e}")),
     };
-    run_process("--child", job, limit, log)
+    run_process("--child", job, limit, log, under)
         .await
         .and_then(|line| {
             serde_json::from_str::<ChildOutput>(&line)
@@ -349,7 +444,7 @@ async fn run_members_child(spec: &MembersSpec, limit: Duration, log: &Path) -> M
         Ok(j) => j,
         Err(e) => return MembersResult::failed(spec, format!("cannot encode the run: {e}")),
     };
-    run_process(MEMBERS_CHILD, job, limit, log)
+    run_process(MEMBERS_CHILD, job, limit, log, &[])
         .await
         .and_then(|line| {
             serde_json::from_str::<MembersResult>(&line)
@@ -359,19 +454,23 @@ async fn run_members_child(spec: &MembersSpec, limit: Duration, log: &Path) -> M
 }
 
 /// Run this binary with `flag job` in a fresh process, its stderr going to
-/// `log`, killed after `limit`; the last line it printed.
+/// `log`, killed after `limit`; the last line it printed. With a command
+/// `under`, that command runs, this binary's command line after its own.
 async fn run_process(
     flag: &'static str,
     job: String,
     limit: Duration,
     log: &Path,
+    under: &[String],
 ) -> Result<String, String> {
     let log = log.to_owned();
+    let under = under.to_vec();
     tokio::task::spawn_blocking(move || {
         // `/proc/self/exe` is this very binary even if the file was rebuilt or
-        // replaced meanwhile, so every run executes the same code.
+        // replaced meanwhile, so every run executes the same code. A command
+        // run in between would read its own there: it gets the binary's path.
         let exe = match Path::new("/proc/self/exe") {
-            p if p.exists() => p.to_owned(),
+            p if p.exists() && under.is_empty() => p.to_owned(),
             _ => std::env::current_exe().map_err(|e| format!("own executable: {e}"))?,
         };
         let stderr = std::fs::File::options()
@@ -379,13 +478,24 @@ async fn run_process(
             .append(true)
             .open(&log)
             .map_err(|e| format!("{}: {e}", log.display()))?;
-        let mut child = Command::new(exe)
+        let mut command = match under.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .args([flag, &job])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| format!("cannot start a run process: {e}"))?;
+            .map_err(|e| match under.first() {
+                Some(program) => format!("cannot start a run process under `{program}`: {e}"),
+                None => format!("cannot start a run process: {e}"),
+            })?;
         let mut stdout = child.stdout.take().ok_or("no stdout of the run process")?;
         let reader = std::thread::spawn(move || {
             let mut s = String::new();
@@ -624,10 +734,11 @@ impl Run {
             round,
             limit_secs: limit,
         };
-        let out = run_child(
+        let out = run_child_under(
             &ChildJob::Drain(spec),
             Duration::from_secs(limit + 180),
             &self.log,
+            &self.args.under,
         )
         .await;
         if let ChildOutput::Drain(d) = &out {
@@ -705,6 +816,9 @@ async fn compare(args: &Args) -> Result<Report, String> {
             members: None,
             storage: None,
             redraw: None,
+            drain: None,
+            messages: None,
+            under: Vec::new(),
         },
         broker,
         progress,
@@ -787,6 +901,60 @@ async fn measured_sleep_ms() -> f64 {
         HandlerKind::Io.run().await;
     }
     t.elapsed().as_secs_f64() * 1000.0 / f64::from(n)
+}
+
+/// One backlog drain by `side` (`--drain`), its process under `args.under`:
+/// the broker started and the backlog published as in a comparison, the
+/// drain's result printed, its process's log in `args.out`.
+async fn one_drain(args: &Args, side: DrainSide) -> Result<(), String> {
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("--out {}: {e}", args.out.display()))?;
+    let log = args.out.join("drain.log");
+    let _ = std::fs::write(&log, "");
+    let backend = args.backend;
+    let messages = args
+        .messages
+        .unwrap_or(phases::Sizes::new(backend, false).drain);
+    let progress = Progress::new("bench-compare", 1, "msg/s");
+    let run = Run {
+        args: Args {
+            quick: false,
+            no_fail: false,
+            backend,
+            rounds: Some(1),
+            out: args.out.clone(),
+            members: None,
+            storage: None,
+            redraw: None,
+            drain: Some(side),
+            messages: Some(messages),
+            under: args.under.clone(),
+        },
+        broker: Broker::start(backend)?,
+        progress,
+        log: log.clone(),
+        rounds: 1,
+    };
+    let d = run.drain(side, messages, 0).await;
+    run.progress.finish();
+    if let Some(e) = &d.error {
+        return Err(format!(
+            "drain {}: {e} (log: {})",
+            side.name(),
+            log.display()
+        ));
+    }
+    println!(
+        "drain {} on {}: {} of {} messages, {:.0} msg/s, CPU {:.2} µs per message, first message after {:.2} s (log: {})",
+        d.side,
+        backend.as_str(),
+        d.consumed,
+        d.messages,
+        d.throughput,
+        d.cpu_us_per_message(),
+        d.first_secs,
+        log.display()
+    );
+    Ok(())
 }
 
 /// The NATS scale-out (`--members`): for each pool and group size, a fresh
@@ -1090,6 +1258,50 @@ mod tests {
         assert!(e.contains("--out needs a value"), "{e}");
         let e = parse(&["--fast"]).err().expect("rejected");
         assert!(e.contains("--fast"), "{e}");
+    }
+
+    #[test]
+    fn drain_takes_a_side_a_backlog_and_a_command() {
+        let a = parse(&[
+            "--drain",
+            "keyed-inline",
+            "--backend=kafka",
+            "--messages",
+            "5000",
+            "--under",
+            "perf record  -g",
+        ])
+        .expect("valid");
+        assert_eq!(a.drain, Some(DrainSide::Inline(PoolKind::Keyed)));
+        assert_eq!(a.messages, Some(5000));
+        assert_eq!(a.under, ["perf", "record", "-g"]);
+        let a = parse(&["--drain=bare", "--backend", "nats"]).expect("valid");
+        assert_eq!(a.drain, Some(DrainSide::Bare));
+        assert_eq!((a.messages, a.under.len()), (None, 0));
+    }
+
+    #[test]
+    fn bad_drains_name_the_flag() {
+        let e = parse(&["--drain", "fast"]).err().expect("rejected");
+        assert!(e.contains("--drain") && e.contains("`fast`"), "{e}");
+        let e = parse(&["--drain", "bare"]).err().expect("rejected");
+        assert!(e.contains("--drain bare") && e.contains("memory"), "{e}");
+        let e = parse(&["--drain", "keyed", "--quick"])
+            .err()
+            .expect("rejected");
+        assert!(e.contains("--drain") && e.contains("`--quick`"), "{e}");
+        let e = parse(&["--drain", "keyed", "--messages", "0"])
+            .err()
+            .expect("rejected");
+        assert!(e.contains("--messages") && e.contains("`0`"), "{e}");
+        let e = parse(&["--drain", "keyed", "--under", " "])
+            .err()
+            .expect("rejected");
+        assert!(e.contains("--under"), "{e}");
+        for flag in ["--messages", "--under"] {
+            let e = parse(&[flag, "1"]).err().expect("rejected");
+            assert!(e.contains("use them with --drain"), "{e}");
+        }
     }
 
     #[test]

@@ -9,9 +9,36 @@ use std::sync::Arc;
 /// Cloning is cheap: the pairs are shared, and copied only when a clone is
 /// changed. A consumed message is cloned on its way through the bus (out of a
 /// broker's buffer, for each handler attempt, for its dead letter), and none of
-/// those copies allocates.
+/// those copies allocates. A consumed message's pairs are one allocation, their
+/// names and values slices of the buffer its client copied them into
+/// ([`crate::raw::chunks::shared_headers`]).
 #[derive(Clone, Default)]
-pub struct Headers(Option<Arc<Vec<(String, Bytes)>>>);
+pub struct Headers(Option<Arc<[(Name, Bytes)]>>);
+
+/// A header's name: UTF-8 text (every way in checks it), its bytes shared with
+/// the buffer they were copied into, or an owned string's.
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Name(Bytes);
+
+impl Name {
+    fn owned(name: String) -> Self {
+        Self(Bytes::from(name))
+    }
+
+    /// `bytes` as a name: kept as they are when UTF-8, else made so (each
+    /// invalid sequence replaced by U+FFFD).
+    fn checked(bytes: Bytes) -> Self {
+        match std::str::from_utf8(&bytes) {
+            Ok(_) => Self(bytes),
+            Err(_) => Self::owned(String::from_utf8_lossy(&bytes).into_owned()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Every name was made of UTF-8 (`owned`, `checked`): never the default.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
 
 impl Headers {
     /// No headers.
@@ -19,18 +46,41 @@ impl Headers {
         Self(None)
     }
 
-    /// The pairs, to change: copied first when a clone shares them.
-    fn pairs_mut(&mut self) -> &mut Vec<(String, Bytes)> {
-        Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    /// Pairs of names (each UTF-8, else made so) and values, as one allocation;
+    /// `pairs` is left empty, to be filled again.
+    pub(crate) fn from_shared(pairs: &mut Vec<(Bytes, Bytes)>) -> Self {
+        if pairs.is_empty() {
+            return Self(None);
+        }
+        Self(Some(
+            pairs
+                .drain(..)
+                .map(|(name, value)| (Name::checked(name), value))
+                .collect(),
+        ))
     }
 
-    fn pairs(&self) -> &[(String, Bytes)] {
-        self.0.as_deref().map_or(&[], Vec::as_slice)
+    /// Change the pairs: moved out when no clone shares them, copied otherwise.
+    fn change(&mut self, f: impl FnOnce(&mut Vec<(Name, Bytes)>)) {
+        let mut pairs: Vec<(Name, Bytes)> = match self.0.as_mut() {
+            None => Vec::new(),
+            Some(shared) => match Arc::get_mut(shared) {
+                Some(own) => own.iter_mut().map(std::mem::take).collect(),
+                None => shared.to_vec(),
+            },
+        };
+        f(&mut pairs);
+        self.0 = (!pairs.is_empty()).then(|| pairs.into());
+    }
+
+    fn pairs(&self) -> &[(Name, Bytes)] {
+        self.0.as_deref().unwrap_or_default()
     }
 
     /// Append a header, keeping any earlier one of the same name.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
-        self.pairs_mut().push((name.into(), value.into()));
+        let pair = (Name::owned(name.into()), value.into());
+        self.change(|pairs| pairs.push(pair));
     }
 
     /// Builder form of [`Headers::insert`].
@@ -42,10 +92,12 @@ impl Headers {
 
     /// Replace every header of this name by one with `value`.
     pub fn set(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
-        let name = name.into();
-        let pairs = self.pairs_mut();
-        pairs.retain(|(n, _)| *n != name);
-        pairs.push((name, value.into()));
+        let name = Name::owned(name.into());
+        let value = value.into();
+        self.change(|pairs| {
+            pairs.retain(|(n, _)| *n != name);
+            pairs.push((name, value));
+        });
     }
 
     /// The last value of the header `name`, if any.
@@ -53,7 +105,7 @@ impl Headers {
         self.pairs()
             .iter()
             .rev()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| n.0 == name.as_bytes())
             .map(|(_, v)| v)
     }
 
@@ -88,14 +140,17 @@ impl Eq for Headers {}
 
 impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.pairs()).finish()
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
 impl FromIterator<(String, Bytes)> for Headers {
     fn from_iter<T: IntoIterator<Item = (String, Bytes)>>(iter: T) -> Self {
-        let pairs: Vec<_> = iter.into_iter().collect();
-        Self((!pairs.is_empty()).then(|| Arc::new(pairs)))
+        let pairs: Vec<_> = iter
+            .into_iter()
+            .map(|(name, value)| (Name::owned(name), value))
+            .collect();
+        Self((!pairs.is_empty()).then(|| pairs.into()))
     }
 }
 
@@ -247,6 +302,29 @@ mod tests {
         );
         assert_ne!(original, copy);
         assert_eq!(original, original.clone());
+    }
+
+    #[test]
+    fn shared_headers_are_one_allocation_of_checked_names() {
+        let mut pairs = vec![
+            (Bytes::from_static(b"a"), Bytes::from_static(b"1")),
+            (Bytes::from_static(b"b\xff"), Bytes::from_static(b"2")),
+            (Bytes::from_static(b"a"), Bytes::from_static(b"3")),
+        ];
+        let mut headers = Headers::from_shared(&mut pairs);
+        assert!(pairs.is_empty(), "the buffer is left to be filled again");
+        assert_eq!(
+            headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            ["a", "b\u{fffd}", "a"]
+        );
+        assert_eq!(headers.get_str("a"), Some("3"));
+        assert_eq!(headers.get_str("b\u{fffd}"), Some("2"));
+        let before = headers.clone();
+        headers.set("a", "4");
+        assert_eq!(headers.iter().count(), 2);
+        assert_eq!(headers.get_str("a"), Some("4"));
+        assert_eq!(before.get_str("a"), Some("3"), "a clone keeps its pairs");
+        assert_eq!(Headers::from_shared(&mut pairs), Headers::new());
     }
 
     #[test]

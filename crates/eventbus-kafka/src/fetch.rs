@@ -12,6 +12,8 @@
 //! the thread polls again within that moment. At stop it waits for the loops,
 //! then closes the consumer ([`leave_group`]).
 
+use bytes::Bytes;
+use eventbus_core::raw::chunks::shared_headers;
 use eventbus_core::raw::ByteChunks;
 use eventbus_core::Message;
 use rdkafka::consumer::Consumer;
@@ -85,6 +87,8 @@ struct Batch {
     /// Emptied record lists, kept for the next batches.
     spare: Vec<Vec<Polled>>,
     chunks: ByteChunks,
+    /// A record's header names and values, before they become its headers.
+    pairs: Vec<(Bytes, Bytes)>,
 }
 
 impl Default for Batch {
@@ -95,6 +99,7 @@ impl Default for Batch {
             limit: POLL_BATCH,
             spare: Vec::new(),
             chunks: ByteChunks::default(),
+            pairs: Vec::new(),
         }
     }
 }
@@ -121,7 +126,7 @@ impl Batch {
             }
         };
         let (share, records) = &mut self.by_topic[i];
-        let msg = convert(m, share.topic.clone(), &mut self.chunks);
+        let msg = convert(m, share.topic.clone(), &mut self.chunks, &mut self.pairs);
         records.push((msg, share.generation()));
         self.len += 1;
     }
@@ -139,11 +144,17 @@ impl Batch {
     }
 }
 
-/// A librdkafka record as a [`Message`]: payload, key and header values copied
-/// into `chunks`, shared by the records fetched around it (a record's copies
-/// are freed on the worker that handled it: one free per chunk, not three per
-/// record, on memory this thread allocated).
-fn convert(m: &BorrowedMessage<'_>, topic: Arc<str>, chunks: &mut ByteChunks) -> Message {
+/// A librdkafka record as a [`Message`]: payload, key, header names and values
+/// copied into `chunks`, shared by the records fetched around it (a record's
+/// copies are freed on the worker that handled it: one free per chunk, not one
+/// per key, payload and header, on memory this thread allocated). Its headers
+/// are one allocation, gathered in `pairs`.
+fn convert(
+    m: &BorrowedMessage<'_>,
+    topic: Arc<str>,
+    chunks: &mut ByteChunks,
+    pairs: &mut Vec<(Bytes, Bytes)>,
+) -> Message {
     let mut msg = Message::new(
         topic,
         m.partition(),
@@ -154,13 +165,11 @@ fn convert(m: &BorrowedMessage<'_>, topic: Arc<str>, chunks: &mut ByteChunks) ->
         msg = msg.with_key(chunks.copy(k));
     }
     if let Some(h) = m.headers() {
-        let mut pairs = Vec::with_capacity(h.count());
         pairs.extend(h.iter().map(|header| {
             let value = header.value.unwrap_or_default();
-            (header.key.to_owned(), chunks.copy(value))
+            (chunks.copy(header.key.as_bytes()), chunks.copy(value))
         }));
-        // Collected in place: the pairs keep this one allocation.
-        msg = msg.with_headers(pairs.into_iter().collect());
+        msg = msg.with_headers(shared_headers(pairs));
     }
     if let Some(ts) = m.timestamp().to_millis() {
         msg = msg.with_timestamp_ms(ts);

@@ -12,6 +12,7 @@ use std::future::IntoFuture;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
+use eventbus_core::raw::chunks::shared_headers;
 use eventbus_core::raw::{batch_failed, ByteChunks, KeyStops};
 use eventbus_core::{
     AggregateIdConfig, Error, ErrorKind, Headers, Message, PublishReceipt, Record, Result,
@@ -488,8 +489,8 @@ fn to_header_map(topic: &str, record: &Record, msg_id: Option<&str>) -> Result<H
 
 /// NATS headers as eventbus headers (sorted by name, values in order) and the key.
 ///
-/// Values and the key are copied into `chunks`: a message's copies share a
-/// chunk with its neighbours' instead of an allocation each, made on the
+/// Names, values and the key are copied into `chunks`: a message's copies share
+/// a chunk with its neighbours' instead of an allocation each, made on the
 /// consume loop and freed on a worker.
 pub(crate) fn from_header_map(
     map: Option<&HeaderMap>,
@@ -506,14 +507,15 @@ pub(crate) fn from_header_map(
             key = values.last().map(|v| chunks.copy(v.as_str().as_bytes()));
             continue;
         }
+        let name = chunks.copy(name.as_bytes());
         for v in values {
-            headers.push((name.to_owned(), chunks.copy(v.as_str().as_bytes())));
+            headers.push((name.clone(), chunks.copy(v.as_str().as_bytes())));
         }
     }
-    // The map's order is a hash's: sort by name. The sort is stable, so a name's
-    // values keep their order.
+    // The map's order is a hash's: sort by name (UTF-8's byte order is its
+    // characters' order). The sort is stable, so a name's values keep their order.
     headers.sort_by(|a, b| a.0.cmp(&b.0));
-    (headers.into_iter().collect(), key)
+    (shared_headers(&mut headers), key)
 }
 
 #[cfg(test)]

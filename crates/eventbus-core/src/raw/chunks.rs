@@ -2,6 +2,8 @@
 
 use bytes::{Bytes, BytesMut};
 
+use crate::message::Headers;
+
 /// Bytes of a chunk unless [`ByteChunks::new`] says otherwise.
 pub const DEFAULT_CHUNK: usize = 16 * 1024;
 
@@ -45,6 +47,14 @@ impl ByteChunks {
         self.chunk.extend_from_slice(bytes);
         self.chunk.split().freeze()
     }
+}
+
+/// A consumed record's headers from `pairs` of names and values (copied by a
+/// [`ByteChunks`]), as one allocation: no string per name, no list besides the
+/// pairs. `pairs` is left empty, a buffer for the next record's. A name that is
+/// not UTF-8 is made so (each invalid sequence replaced by U+FFFD).
+pub fn shared_headers(pairs: &mut Vec<(Bytes, Bytes)>) -> Headers {
+    Headers::from_shared(pairs)
 }
 
 #[cfg(test)]

@@ -60,15 +60,17 @@ impl Headers {
         ))
     }
 
-    /// Change the pairs: moved out when no clone shares them, copied otherwise.
+    /// Change the pairs: moved out when no clone shares them, copied otherwise,
+    /// into a list made a slice again (two allocations; [`Headers::insert`]
+    /// makes one).
     fn change(&mut self, f: impl FnOnce(&mut Vec<(Name, Bytes)>)) {
-        let mut pairs: Vec<(Name, Bytes)> = match self.0.as_mut() {
-            None => Vec::new(),
-            Some(shared) => match Arc::get_mut(shared) {
-                Some(own) => own.iter_mut().map(std::mem::take).collect(),
-                None => shared.to_vec(),
-            },
-        };
+        let mut pairs = Vec::with_capacity(self.len() + 1);
+        if let Some(shared) = self.0.as_mut() {
+            match Arc::get_mut(shared) {
+                Some(own) => pairs.extend(own.iter_mut().map(std::mem::take)),
+                None => pairs.extend_from_slice(shared),
+            }
+        }
         f(&mut pairs);
         self.0 = (!pairs.is_empty()).then(|| pairs.into());
     }
@@ -79,8 +81,16 @@ impl Headers {
 
     /// Append a header, keeping any earlier one of the same name.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
-        let pair = (Name::owned(name.into()), value.into());
-        self.change(|pairs| pairs.push(pair));
+        let pair = std::iter::once((Name::owned(name.into()), value.into()));
+        // Iterators of known length: the new slice is the one allocation.
+        let pairs: Arc<[(Name, Bytes)]> = match self.0.as_mut() {
+            None => pair.collect(),
+            Some(shared) => match Arc::get_mut(shared) {
+                Some(own) => own.iter_mut().map(std::mem::take).chain(pair).collect(),
+                None => shared.iter().cloned().chain(pair).collect(),
+            },
+        };
+        self.0 = Some(pairs);
     }
 
     /// Builder form of [`Headers::insert`].

@@ -64,13 +64,16 @@ writes DIR/report.json, DIR/report.md and DIR/chart.svg
   --drain SIDE     one backlog drain and nothing else, to profile it: SIDE is bare
                    (a broker's bare client loop), keyed, actor, keyed-inline or
                    actor-inline; prints its result (no report, no verdict)
-  --messages N     the drain's backlog (default: the full run's)
+  --messages N     the drain's backlog (default: the full run's; on Kafka's mock
+                   cluster at most 160000)
   --under CMD      run the drain's process under CMD (split at spaces), such as
                    `perf record -g -o drain.data`; the process's own command line
-                   follows CMD
+                   follows CMD, whose standard error goes to DIR/drain.log (its
+                   standard output must not follow the drain's result line)
 
 Exit status: 0 every bar met, 1 a bar missed, 2 bad arguments or setup failure;
-with --drain: 0 the drain completed, 1 it failed, 2 bad arguments.";
+with --drain: 0 the drain completed, 1 it failed or could not be set up,
+2 bad arguments.";
 
 /// Command-line arguments.
 struct Args {
@@ -237,6 +240,16 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                     "--drain runs one drain and judges nothing: `{flag}` does not go with it"
                 ));
             }
+        }
+        let mock = args.backend == Backend::Kafka
+            && eventbus_testkit::kafka_cluster::real_brokers().is_none();
+        match args.messages {
+            Some(n) if mock && n > MOCK_DRAIN_MAX => {
+                return Err(format!(
+                    "--messages: the mock cluster keeps at most {MOCK_DRAIN_MAX} of these records over the drain's {DRAIN_PARTITIONS} partitions (5 MiB each, the oldest dropped beyond), got {n}"
+                ))
+            }
+            _ => {}
         }
         if side == DrainSide::Bare && args.backend.in_process() {
             return Err(format!(
@@ -584,6 +597,10 @@ enum Mode {
 /// partition holds at most 5 MiB, about 25 000 of these records) and the drain
 /// outlasts the fetch timers; the memory drain uses as many, to stay comparable.
 const DRAIN_PARTITIONS: u32 = 8;
+
+/// The largest `--drain` backlog on the mock cluster: 20 000 of the drain's
+/// records per partition leave a fifth of a partition's 5 MiB free.
+const MOCK_DRAIN_MAX: u64 = 20_000 * DRAIN_PARTITIONS as u64;
 
 /// The paced rates, as fractions of the slower pool's maximum on the paced
 /// workload.

@@ -18,7 +18,7 @@ use eventbus_core::raw::ByteChunks;
 use eventbus_core::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
@@ -26,6 +26,7 @@ use std::time::Duration;
 use crate::close::leave_group;
 use crate::context::KConsumer;
 use crate::group::{Polled, RoomWait, Shares, TopicShare};
+use crate::headers::each_header;
 use crate::log::ROOM_WAIT;
 use crate::shared::ConsumerShared;
 
@@ -148,7 +149,8 @@ impl Batch {
 /// copied into `chunks`, shared by the records fetched around it (a record's
 /// copies are freed on the worker that handled it: one free per chunk, not one
 /// per key, payload and header, on memory this thread allocated). Its headers
-/// are one allocation, gathered in `pairs`.
+/// are one allocation, gathered in `pairs`; a header whose name is not UTF-8
+/// is left out ([`each_header`]).
 fn convert(
     m: &BorrowedMessage<'_>,
     topic: Arc<str>,
@@ -164,11 +166,10 @@ fn convert(
     if let Some(k) = m.key() {
         msg = msg.with_key(chunks.copy(k));
     }
-    if let Some(h) = m.headers() {
-        pairs.extend(h.iter().map(|header| {
-            let value = header.value.unwrap_or_default();
-            (chunks.copy(header.key.as_bytes()), chunks.copy(value))
-        }));
+    each_header(m, |name, value| {
+        pairs.push((chunks.copy(name.as_bytes()), chunks.copy(value)));
+    });
+    if !pairs.is_empty() {
         msg = msg.with_headers(shared_headers(pairs));
     }
     if let Some(ts) = m.timestamp().to_millis() {

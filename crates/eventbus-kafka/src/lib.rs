@@ -8,6 +8,7 @@ mod context;
 mod fetch;
 mod finished;
 mod group;
+mod headers;
 mod inspect;
 mod lag;
 mod log;

@@ -10,6 +10,8 @@ static PARTITION_PAUSES: LazyLock<String> =
     LazyLock::new(|| m::name("kafka", crate::metric_names::PARTITION_PAUSES));
 static COMMIT_ERRORS: LazyLock<String> =
     LazyLock::new(|| m::name("kafka", crate::metric_names::COMMIT_ERRORS));
+static UNREADABLE_HEADERS: LazyLock<String> =
+    LazyLock::new(|| m::name("kafka", crate::metric_names::UNREADABLE_HEADERS));
 
 pub(crate) fn committed_offset(topic: &str, partition: i32, offset: i64) {
     metrics::gauge!(PARTITION_COMMITTED.as_str(), "topic" => topic.to_owned(), "partition" => partition.to_string())
@@ -22,4 +24,8 @@ pub(crate) fn pause() {
 
 pub(crate) fn commit_error() {
     metrics::counter!(COMMIT_ERRORS.as_str()).increment(1);
+}
+
+pub(crate) fn unreadable_header() {
+    metrics::counter!(UNREADABLE_HEADERS.as_str()).increment(1);
 }

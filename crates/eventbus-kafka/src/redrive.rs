@@ -17,13 +17,14 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::KafkaConfig;
+use crate::headers::each_header;
 
 /// How long a read waits for a record the high watermark says is there.
 const READ_BOUND: Duration = Duration::from_secs(30);
@@ -234,20 +235,14 @@ pub(crate) fn partitions_of(
     Ok(partitions)
 }
 
-/// The headers of `m`, their values copied (a header with no value as empty).
+/// The headers of `m`, their values copied (a header with no value as empty;
+/// one whose name is not UTF-8 left out, see [`each_header`]).
 pub(crate) fn headers(m: &BorrowedMessage<'_>) -> Headers {
-    m.headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        h.key.to_owned(),
-                        Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    let mut pairs = Vec::new();
+    each_header(m, |name, value| {
+        pairs.push((name.to_owned(), Bytes::copy_from_slice(value)));
+    });
+    pairs.into_iter().collect()
 }
 
 impl Drop for Reader {

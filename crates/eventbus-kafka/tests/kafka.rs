@@ -5,6 +5,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/raw_produce.rs"]
+mod raw_produce;
 
 use bytes::Bytes;
 use cluster::{bus_config, eventually, keyed_pool, random, wait_until, Cluster, ClusterExt};
@@ -13,6 +15,7 @@ use eventbus_core::{
     DLQ_OFFSET_HEADER, DLQ_TOPIC_HEADER,
 };
 use eventbus_kafka::KafkaEventBus;
+use raw_produce::RawRecord;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
@@ -473,6 +476,80 @@ async fn poison_input_dead_lettered_once_and_offset_moves_past() {
         assert_eq!(m.headers.get_str(DLQ_ATTEMPTS_HEADER), Some("0"));
         assert!(poison.contains(&m.payload), "payload kept intact");
     }
+}
+
+/// A header whose name is not UTF-8, which another client may write (the
+/// protocol allows any bytes) and rust-rdkafka panics reading: the record is
+/// delivered without that header, with its other headers in order, and the
+/// consumer goes on: the record after it is handled and the offset commits past
+/// both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_left_out_and_its_record_delivered() {
+    let cluster = Cluster::start();
+    let topic = random("header-names");
+    cluster.create_topic(&topic, 1).await;
+    let cfg = bus_config();
+    let group = cfg.consumer.group_id.clone();
+    let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
+    let got: Arc<Mutex<Vec<Message>>> = Arc::default();
+    let g = got.clone();
+    bus.subscribe(&topic, move |m: Message| {
+        let g = g.clone();
+        async move {
+            g.lock().unwrap().push(m);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .unwrap();
+    let (brokers, t) = (cluster.brokers(), topic.clone());
+    let first = tokio::task::spawn_blocking(move || {
+        let record = RawRecord {
+            key: Some(b"a1"),
+            value: b"first",
+            headers: &[(b"before", b"1"), (b"\xff\xfename", b"2"), (b"after", b"3")],
+        };
+        raw_produce::produce(&brokers, &t, 0, &[record])
+    })
+    .await
+    .unwrap();
+    let last = bus
+        .publish(
+            &topic,
+            Record::new("second").with_key("a1").with_header("ok", "4"),
+        )
+        .await
+        .unwrap();
+    wait_until("both records handled", WAIT, || {
+        got.lock().unwrap().len() >= 2
+    })
+    .await;
+    wait_until("the offset committed past both records", WAIT, || {
+        cluster.committed(&group, &topic, 0) == Some(last.offset + 1)
+    })
+    .await;
+    bus.close().await.unwrap();
+    let got = got.lock().unwrap();
+    assert_eq!(got.len(), 2, "each record handled once");
+    let headers = |m: &Message| -> Vec<(String, Bytes)> {
+        m.headers
+            .iter()
+            .map(|(name, value)| (name.to_owned(), value.clone()))
+            .collect()
+    };
+    assert_eq!((got[0].offset, &got[0].payload[..]), (first, &b"first"[..]));
+    assert_eq!(
+        headers(&got[0]),
+        [
+            ("before".to_owned(), Bytes::from_static(b"1")),
+            ("after".to_owned(), Bytes::from_static(b"3"))
+        ]
+    );
+    assert_eq!(&got[1].payload[..], b"second");
+    assert_eq!(
+        headers(&got[1]),
+        [("ok".to_owned(), Bytes::from_static(b"4"))]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

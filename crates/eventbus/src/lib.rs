@@ -65,7 +65,9 @@ pub use eventbus_core as core;
 pub mod metric_names {
     pub use eventbus_core::metrics::*;
     #[cfg(feature = "kafka")]
-    pub use eventbus_kafka::metric_names::{ALL as KAFKA_ONLY, COMMIT_ERRORS, PARTITION_PAUSES};
+    pub use eventbus_kafka::metric_names::{
+        ALL as KAFKA_ONLY, COMMIT_ERRORS, PARTITION_PAUSES, UNREADABLE_HEADERS,
+    };
     #[cfg(feature = "nats")]
     pub use eventbus_nats::metric_names::{
         ALL as NATS_ONLY, CONSUMER_ACTIVE, CONSUMER_PENDING, DURABLES_RECREATED, IN_FLIGHT,

@@ -14,7 +14,9 @@ use eventbus_core::{
     Envelope, Event, EventBus, EventBusExt, HandlerError, Message, Record, DLQ_ATTEMPTS_HEADER,
     DLQ_OFFSET_HEADER, DLQ_TOPIC_HEADER,
 };
+use eventbus_kafka::metric_names::UNREADABLE_HEADERS;
 use eventbus_kafka::KafkaEventBus;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use raw_produce::RawRecord;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -482,9 +484,15 @@ async fn poison_input_dead_lettered_once_and_offset_moves_past() {
 /// protocol allows any bytes) and rust-rdkafka panics reading: the record is
 /// delivered without that header, with its other headers in order, and the
 /// consumer goes on: the record after it is handled and the offset commits past
-/// both.
+/// both. The header left out is counted. The only test of this binary that
+/// installs a metrics recorder (the fetch thread records on its own thread).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_name_that_is_not_utf8_is_left_out_and_its_record_delivered() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder of this test binary");
     let cluster = Cluster::start();
     let topic = random("header-names");
     cluster.create_topic(&topic, 1).await;
@@ -545,6 +553,18 @@ async fn a_header_name_that_is_not_utf8_is_left_out_and_its_record_delivered() {
             ("after".to_owned(), Bytes::from_static(b"3"))
         ]
     );
+    let counter = eventbus_core::metrics::name("kafka", UNREADABLE_HEADERS);
+    let unreadable: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == counter)
+        .map(|(.., value)| match value {
+            DebugValue::Counter(n) => n,
+            other => panic!("{counter} is a counter, recorded as {other:?}"),
+        })
+        .sum();
+    assert_eq!(unreadable, 1, "{counter}: the one header left out");
     assert_eq!(&got[1].payload[..], b"second");
     assert_eq!(
         headers(&got[1]),

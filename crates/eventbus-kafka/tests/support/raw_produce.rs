@@ -14,6 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How long the metadata request, the connection and the answer may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The correlation id of the one request a connection sends.
+const CORRELATION: i32 = 1;
+
 /// A record as the batch carries it: any bytes in its key, value and header
 /// names.
 pub(crate) struct RawRecord<'a> {
@@ -32,6 +35,7 @@ pub(crate) fn produce(
     partition: i32,
     records: &[RawRecord<'_>],
 ) -> i64 {
+    assert!(!records.is_empty(), "a batch holds one record at least");
     let leader = leader(brokers, topic, partition);
     let mut stream = TcpStream::connect(&leader)
         .unwrap_or_else(|e| panic!("connecting to {leader}, leader of {topic}/{partition}: {e}"));
@@ -90,7 +94,7 @@ fn produce_request(topic: &str, partition: i32, batch: &[u8]) -> Vec<u8> {
     let mut r = Vec::new();
     r.extend(0i16.to_be_bytes()); // Produce
     r.extend(3i16.to_be_bytes()); // version
-    r.extend(1i32.to_be_bytes()); // correlation id
+    r.extend(CORRELATION.to_be_bytes());
     string(&mut r, b"eventbus-raw-produce"); // client id
     r.extend((-1i16).to_be_bytes()); // transactional id: none
     r.extend((-1i16).to_be_bytes()); // acks: all replicas
@@ -109,7 +113,8 @@ fn produce_request(topic: &str, partition: i32, batch: &[u8]) -> Vec<u8> {
 /// The error code and base offset a Produce v3 response gives
 /// `topic`/`partition`.
 fn produce_response(mut r: &[u8], topic: &str, partition: i32) -> (i16, i64) {
-    let _correlation = i32::from_be_bytes(take(&mut r));
+    let correlation = i32::from_be_bytes(take(&mut r));
+    assert_eq!(correlation, CORRELATION, "the answer to another request");
     let topics = i32::from_be_bytes(take(&mut r));
     for _ in 0..topics {
         let len = i16::from_be_bytes(take(&mut r)) as usize;
@@ -171,8 +176,9 @@ fn record_batch(records: &[RawRecord<'_>]) -> Vec<u8> {
         body.extend(rec);
     }
     let mut batch = Vec::new();
-    batch.extend(0i64.to_be_bytes()); // base offset: the broker's to set
-                                      // The length from the partition leader epoch on: epoch, magic, CRC, body.
+    // The base offset is the broker's to set; the length counts from the
+    // partition leader epoch on: epoch, magic, CRC, body.
+    batch.extend(0i64.to_be_bytes());
     batch.extend(((4 + 1 + 4 + body.len()) as i32).to_be_bytes());
     batch.extend((-1i32).to_be_bytes()); // partition leader epoch
     batch.push(2); // magic

@@ -11,8 +11,9 @@ mod raw_produce;
 use bytes::Bytes;
 use cluster::{bus_config, eventually, keyed_pool, random, wait_until, Cluster, ClusterExt};
 use eventbus_core::{
-    Envelope, Event, EventBus, EventBusExt, HandlerError, Message, Record, DLQ_ATTEMPTS_HEADER,
-    DLQ_OFFSET_HEADER, DLQ_TOPIC_HEADER,
+    Envelope, Event, EventBus, EventBusExt, HandlerError, Message, Record, RedriveOptions,
+    DLQ_ATTEMPTS_HEADER, DLQ_ERROR_HEADER, DLQ_OFFSET_HEADER, DLQ_PARTITION_HEADER,
+    DLQ_TOPIC_HEADER,
 };
 use eventbus_kafka::metric_names::UNREADABLE_HEADERS;
 use eventbus_kafka::KafkaEventBus;
@@ -484,10 +485,11 @@ async fn poison_input_dead_lettered_once_and_offset_moves_past() {
 /// protocol allows any bytes) and rust-rdkafka panics reading: the record is
 /// delivered without that header, with its other headers in order, and the
 /// consumer goes on: the record after it is handled and the offset commits past
-/// both. The header left out is counted. The only test of this binary that
-/// installs a metrics recorder (the fetch thread records on its own thread).
+/// both. A dead letter with such a header redrives without it. Each header left
+/// out is counted. The only test of this binary that installs a metrics
+/// recorder (the fetch thread records on its own thread).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_header_name_that_is_not_utf8_is_left_out_and_its_record_delivered() {
+async fn a_header_name_that_is_not_utf8_is_left_out_when_consumed_and_redriven() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder
@@ -495,7 +497,9 @@ async fn a_header_name_that_is_not_utf8_is_left_out_and_its_record_delivered() {
         .expect("the only recorder of this test binary");
     let cluster = Cluster::start();
     let topic = random("header-names");
+    let dlq = format!("{topic}.dlq");
     cluster.create_topic(&topic, 1).await;
+    cluster.create_topic(&dlq, 1).await;
     let cfg = bus_config();
     let group = cfg.consumer.group_id.clone();
     let bus = KafkaEventBus::new(cluster.kafka_config(), cfg, keyed_pool(4)).unwrap();
@@ -536,9 +540,43 @@ async fn a_header_name_that_is_not_utf8_is_left_out_and_its_record_delivered() {
         cluster.committed(&group, &topic, 0) == Some(last.offset + 1)
     })
     .await;
+    // A dead letter of the first record, written by another client with the
+    // same header: the redrive reader leaves it out too.
+    let (brokers, d, origin) = (cluster.brokers(), dlq.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || {
+        let origin_offset = first.to_string();
+        let record = RawRecord {
+            key: Some(b"a1"),
+            value: b"dead",
+            headers: &[
+                (DLQ_TOPIC_HEADER.as_bytes(), origin.as_bytes()),
+                (DLQ_PARTITION_HEADER.as_bytes(), b"0"),
+                (DLQ_OFFSET_HEADER.as_bytes(), origin_offset.as_bytes()),
+                (DLQ_ERROR_HEADER.as_bytes(), b"boom"),
+                (b"\xffname", b"5"),
+                (b"kept", b"6"),
+            ],
+        };
+        raw_produce::produce(&brokers, &d, 0, &[record])
+    })
+    .await
+    .unwrap();
+    let report = bus
+        .redrive(RedriveOptions::new(dlq.clone()))
+        .await
+        .expect("a redrive of the dead letter");
+    assert_eq!(
+        (report.moved, report.invalid.len()),
+        (1, 0),
+        "the dead letter moved back: {report:#?}"
+    );
+    wait_until("the redriven record handled", WAIT, || {
+        got.lock().unwrap().len() >= 3
+    })
+    .await;
     bus.close().await.unwrap();
     let got = got.lock().unwrap();
-    assert_eq!(got.len(), 2, "each record handled once");
+    assert_eq!(got.len(), 3, "each record handled once");
     let headers = |m: &Message| -> Vec<(String, Bytes)> {
         m.headers
             .iter()
@@ -564,11 +602,29 @@ async fn a_header_name_that_is_not_utf8_is_left_out_and_its_record_delivered() {
             other => panic!("{counter} is a counter, recorded as {other:?}"),
         })
         .sum();
-    assert_eq!(unreadable, 1, "{counter}: the one header left out");
+    assert_eq!(
+        unreadable, 2,
+        "{counter}: the header left out of the record and of its dead letter"
+    );
     assert_eq!(&got[1].payload[..], b"second");
     assert_eq!(
         headers(&got[1]),
         [("ok".to_owned(), Bytes::from_static(b"4"))]
+    );
+    assert_eq!(&got[2].payload[..], b"dead");
+    assert_eq!(
+        got[2].headers.get_str("kept"),
+        Some("6"),
+        "{:?}",
+        got[2].headers
+    );
+    assert!(
+        got[2]
+            .headers
+            .iter()
+            .all(|(name, _)| !name.contains('\u{FFFD}')),
+        "no header made of the unreadable name: {:?}",
+        got[2].headers
     );
 }
 

@@ -3,10 +3,9 @@
 //!
 //! The protocol lets a producer write any bytes as a header's name, and
 //! librdkafka's producer (so the clients built on it) takes them; Java's takes
-//! names as text. rust-rdkafka (0.39)
-//! reads every name with `CStr::to_str().unwrap()` inside its accessor, before
-//! the bytes reach the bus, and no accessor of its safe interface returns them
-//! otherwise. Unread, such a header would panic the fetching thread and stop
+//! names as text. rust-rdkafka (0.39) reads every name with
+//! `CStr::to_str().unwrap()` inside its accessor, before the bytes reach the
+//! bus, and no accessor of its safe interface returns them otherwise. Unread, such a header would panic the fetching thread and stop
 //! every subscription of the consumer. So each header is read on its own with
 //! the panic caught: a header whose name cannot be read is left out of the
 //! record (its value is behind the same accessor), counted, and reported with

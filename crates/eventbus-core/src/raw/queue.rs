@@ -270,12 +270,19 @@ impl JobQueue {
     }
 
     /// End the hold on the consumer without a job: it takes what was queued
-    /// meanwhile (or, closed and empty, ends).
+    /// meanwhile (or, closed and empty, ends). A consumer with nothing to take
+    /// is not woken: it waits on, its waker kept for the next job (a hold that
+    /// ends this way after every batch of first polls would otherwise wake a
+    /// parked worker thread for nothing each time).
     pub fn unreserve(&self) {
         let mut state = self.lock();
         state.reserved = false;
         self.load.store(state.load(), Ordering::Relaxed);
-        let worker = state.worker.take();
+        let worker = if state.closed || !state.jobs.is_empty() {
+            state.worker.take()
+        } else {
+            None
+        };
         drop(state);
         if let Some(worker) = worker {
             worker.wake();
@@ -686,6 +693,64 @@ mod tests {
         assert!(q.pop().now_or_never().is_none());
         q.unreserve();
         assert!(q.pop().await.is_none());
+    }
+
+    /// A waker that counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A hold given up wakes a waiting consumer only when it has something to
+    /// take (a job queued meanwhile) or to end on (the queue closed); else it
+    /// waits on, and the next job wakes it.
+    #[test]
+    fn a_hold_given_up_wakes_the_consumer_only_for_something_to_take() {
+        let count = Arc::new(Count(Default::default()));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let wakes = || count.0.load(Ordering::Relaxed);
+        let q = JobQueue::new(2);
+        let mut pop = Box::pin(q.pop());
+        assert!(pop.as_mut().poll(&mut cx).is_pending(), "nothing queued");
+        assert!(q.reserve());
+        q.unreserve();
+        assert_eq!(wakes(), 0, "nothing came meanwhile: not woken");
+        q.try_push(job(1)).expect("room");
+        assert_eq!(wakes(), 1, "the waker was kept for the next job");
+        assert_eq!(
+            pop.as_mut().poll(&mut cx).map(|j| j.map(|j| j.route())),
+            Poll::Ready(Some(1))
+        );
+        // A job queued while held: the consumer is woken once the hold ends.
+        let mut pop = Box::pin(q.pop());
+        assert!(pop.as_mut().poll(&mut cx).is_pending(), "idle again");
+        assert!(q.reserve());
+        q.try_push(job(2)).expect("room");
+        assert!(pop.as_mut().poll(&mut cx).is_pending(), "held");
+        let before = wakes();
+        q.unreserve();
+        assert_eq!(wakes(), before + 1, "woken for the job queued meanwhile");
+        assert_eq!(
+            pop.as_mut().poll(&mut cx).map(|j| j.map(|j| j.route())),
+            Poll::Ready(Some(2))
+        );
+        // Closed while held: woken to end.
+        let mut pop = Box::pin(q.pop());
+        assert!(pop.as_mut().poll(&mut cx).is_pending(), "idle again");
+        assert!(q.reserve());
+        q.close();
+        assert!(pop.as_mut().poll(&mut cx).is_pending(), "closed, but held");
+        let before = wakes();
+        q.unreserve();
+        assert_eq!(wakes(), before + 1, "woken to end");
+        assert_eq!(
+            pop.as_mut().poll(&mut cx).map(|j| j.map(|j| j.route())),
+            Poll::Ready(None)
+        );
     }
 
     #[tokio::test]

@@ -348,6 +348,22 @@ impl Topic {
         max: usize,
         redeliver_below: i64,
     ) -> (Vec<Message>, i64) {
+        let mut out = Vec::new();
+        let next = self.fetch_into(partition, from, max, redeliver_below, &mut out);
+        (out, next)
+    }
+
+    /// [`fetch`](Self::fetch) into `out` (a consume loop's buffer, reused from
+    /// fetch to fetch): each message is built where `out` keeps it, with no
+    /// list of its own per fetch. Returns the next position.
+    pub(crate) fn fetch_into(
+        &self,
+        partition: i32,
+        from: i64,
+        max: usize,
+        redeliver_below: i64,
+        out: &mut impl Extend<Message>,
+    ) -> i64 {
         let log = self.partitions[partition as usize]
             .lock()
             .expect("partition log poisoned");
@@ -358,24 +374,27 @@ impl Topic {
             pos = log.base;
         }
         let start = (pos - log.base) as usize;
-        let out: Vec<Message> = log
-            .records
-            .iter()
-            .skip(start)
-            .take(max)
-            .enumerate()
-            .map(|(i, r)| {
-                let offset = pos + i as i64;
-                let mut m = Message::new(self.name.clone(), partition, offset, r.payload.clone())
-                    .with_headers(r.headers.clone())
-                    .with_timestamp_ms(r.timestamp_ms)
-                    .with_delivery_attempt(if offset < redeliver_below { 2 } else { 1 });
-                m.key = r.key.clone();
-                m
-            })
-            .collect();
-        let next = pos + out.len() as i64;
-        (out, next)
+        let n = log.records.len().saturating_sub(start).min(max);
+        if n == 0 {
+            return pos;
+        }
+        out.extend(
+            log.records
+                .range(start..start + n)
+                .zip(pos..)
+                .map(|(r, offset)| {
+                    // Fields set in place: the builder methods would move the whole
+                    // message once per call.
+                    let mut m =
+                        Message::new(self.name.clone(), partition, offset, r.payload.clone());
+                    m.key = r.key.clone();
+                    m.headers = r.headers.clone();
+                    m.timestamp_ms = Some(r.timestamp_ms);
+                    m.delivery_attempt = if offset < redeliver_below { 2 } else { 1 };
+                    m
+                }),
+        );
+        pos + n as i64
     }
 
     /// Next offset of `partition` (its high watermark).

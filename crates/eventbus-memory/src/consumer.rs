@@ -89,12 +89,12 @@ impl PartitionLog for MemoryLog {
         let Some(below) = self.redeliver_below.get_mut(partition as usize) else {
             return from;
         };
-        let (batch, after) = self.topic.fetch(partition, from, max, *below);
-        if !batch.is_empty() {
+        let before = out.len();
+        let after = self.topic.fetch_into(partition, from, max, *below, out);
+        if out.len() > before {
             self.topic.mark_delivered(&self.group, partition, after);
             *below = (*below).max(after);
         }
-        out.extend(batch);
         after
     }
 
